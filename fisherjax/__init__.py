@@ -1,0 +1,26 @@
+"""fisherjax: where a language model stores a task, and where two tasks collide.
+
+Per-sample gradients, diagonal Fisher information reduced to heads and channels, pruning masks
+and their overlap, sample-level conflict forensics and QK-OV interference, as pure JAX functions.
+"""
+
+from fisherjax.config import DecoderConfig
+from fisherjax.errors import CheckpointError, ConfigError, DataError, FisherjaxError, NumericalError
+from fisherjax.layout import ModelLayout, Role
+from fisherjax.models import Model, load_pretrained, save_pretrained
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DecoderConfig",
+    "FisherjaxError",
+    "Model",
+    "ModelLayout",
+    "NumericalError",
+    "Role",
+    "load_pretrained",
+    "save_pretrained",
+]

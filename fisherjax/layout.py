@@ -1,0 +1,392 @@
+"""ModelLayout: where every attention head lives in a parameter pytree.
+
+For each parameter path the layout knows its role (q, k, v, o, fused qkv, mlp in / gate / out,
+embedding, position embedding, unembedding, norm, other bias), its kind (kernel, bias, scale,
+embedding), whether it carries a leading layer axis, and how to view it with explicit head axes.
+Everything downstream slices heads through :meth:`ModelLayout.attention`, which works on any
+params-shaped pytree — parameters, a diagonal Fisher, per-sample gradients with a leading sample
+axis — and returns arrays with named axes:
+
+=============  ===============================================
+(q, kernel)    ``[..., layer, d_in, heads, head_dim]``
+(k|v, kernel)  ``[..., layer, d_in, kv_heads, head_dim]``
+(o, kernel)    ``[..., layer, heads, head_dim, d_out]``
+(q, bias)      ``[..., layer, heads, head_dim]``
+(k|v, bias)    ``[..., layer, kv_heads, head_dim]``
+=============  ===============================================
+
+Kernels are Flax ``[in, out]``. Fused projections are split here and nowhere else: GPT-2's
+``c_attn`` has ``[Q | K | V]`` output blocks, GPT-NeoX's ``query_key_value`` interleaves
+``[head, (q, k, v), head_dim]``. Under grouped-query attention query head ``h`` reads kv head
+``h // (heads / kv_heads)`` (:attr:`ModelLayout.kv_head_of`).
+
+A layout is built from rules (regex → role), so a user's own Flax model gets one with
+:meth:`ModelLayout.from_rules`; per-layer (unstacked) parameter trees are supported by a
+``(?P<layer>\\d+)`` group in the rule's regex.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fisherjax.errors import ConfigError
+
+
+class Role(str, enum.Enum):
+    Q = "q"
+    K = "k"
+    V = "v"
+    O = "o"  # noqa: E741 - the attention output projection is called O everywhere
+    QKV = "qkv"
+    MLP_IN = "mlp_in"
+    MLP_GATE = "mlp_gate"
+    MLP_OUT = "mlp_out"
+    EMBED = "embed"
+    POS_EMBED = "pos_embed"
+    UNEMBED = "unembed"
+    NORM = "norm"
+    BIAS = "bias"
+
+
+ATTENTION_BLOCKS = ("q", "k", "v", "o")
+KINDS = ("kernel", "bias", "scale", "embedding")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One parameter leaf.
+
+    ``layer`` is the layer index of an unstacked leaf; ``layered`` marks a leading layer axis.
+    ``fused`` is ``"gpt2"`` or ``"neox"`` for a fused QKV projection. ``tied`` marks an embedding
+    that is also the unembedding.
+    """
+
+    path: str
+    role: Role
+    kind: str
+    shape: tuple[int, ...]
+    layered: bool = False
+    layer: int | None = None
+    fused: str | None = None
+    tied: bool = False
+
+
+Params = Mapping[str, Any]
+
+
+def flatten(tree: Params, sep: str = "/") -> dict[str, Any]:
+    """Nested dict → ``{"a/b/c": leaf}``."""
+    out = {}
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, f"{prefix}{sep}{key}" if prefix else str(key))
+        else:
+            out[prefix] = node
+
+    walk(tree, "")
+    return out
+
+
+def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict:
+    """``{"a/b/c": leaf}`` → nested dict (inverse of :func:`flatten`)."""
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split(sep)
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLayout:
+    """Roles and head views of a model's parameters (see module docstring)."""
+
+    specs: Mapping[str, ParamSpec]
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    # ---- queries ------------------------------------------------------------------------
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"heads={self.num_heads} is not a multiple of kv_heads={self.num_kv_heads}")
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def kv_head_of(self) -> np.ndarray:
+        """``[heads]``: the kv head each query head reads, ``h // (heads / kv_heads)``."""
+        return np.arange(self.num_heads) // self.kv_groups
+
+    def spec(self, path: str) -> ParamSpec:
+        if path not in self.specs:
+            raise KeyError(f"{path!r} is not a parameter of this layout")
+        return self.specs[path]
+
+    def paths(self, role: Role | str | None = None, kind: str | None = None) -> list[str]:
+        """Parameter paths with the given role and/or kind, in layer order."""
+        role = Role(role) if role is not None else None
+        chosen = [s for s in self.specs.values() if (role is None or s.role == role) and (kind is None or s.kind == kind)]
+        return [s.path for s in sorted(chosen, key=lambda s: (s.layer or 0, s.path))]
+
+    def heads_of(self, block: str) -> int:
+        """Number of heads along the head axis of a block's view."""
+        return self.num_kv_heads if block in ("k", "v") else self.num_heads
+
+    def block_sources(self, block: str, kind: str) -> list[str]:
+        """Paths whose view contributes to (block, kind), in layer order."""
+        if block not in ATTENTION_BLOCKS:
+            raise ValueError(f"block must be one of {ATTENTION_BLOCKS}, got {block!r}")
+        own = self.paths(Role(block), kind)
+        fused = self.paths(Role.QKV, kind) if block != "o" else []
+        if own and fused:
+            raise ConfigError(f"block {block} has both separate ({own}) and fused ({fused}) {kind}s")
+        return own or fused
+
+    def attention_blocks(self) -> list[tuple[str, str]]:
+        """The (block, kind) pairs present: kernels of q/k/v/o and any per-head q/k/v biases."""
+        pairs = []
+        for kind in ("kernel", "bias"):
+            for block in ATTENTION_BLOCKS:
+                if kind == "bias" and block == "o":
+                    continue  # output-projection biases are not per head
+                if self.block_sources(block, kind):
+                    pairs.append((block, kind))
+        return pairs
+
+    # ---- head views ---------------------------------------------------------------------
+    def view(self, path: str, x, block: str | None = None):
+        """View one leaf (any leading axes) with explicit head axes, see the module table.
+
+        A stacked leaf keeps its layer axis; an unstacked one gets none (see :meth:`attention`).
+        """
+        spec = self.spec(path)
+        lead = x.ndim - len(spec.shape)
+        if lead < 0 or tuple(x.shape[lead:]) != spec.shape:
+            raise ValueError(f"{path}: expected trailing shape {spec.shape}, got {x.shape}")
+        hd = self.head_dim
+        if spec.role == Role.QKV:
+            if block not in ("q", "k", "v"):
+                raise ValueError(f"{path} is a fused QKV projection: pass block='q', 'k' or 'v'")
+            x = _split_fused(x, spec.fused, block, self.num_heads, self.num_kv_heads, hd, spec.kind)
+        elif spec.role.value != (block or spec.role.value):
+            raise ValueError(f"{path} has role {spec.role.value}, not {block}")
+        block = block or spec.role.value
+        if block == "o":
+            if spec.kind != "kernel":
+                raise ValueError(f"{path}: output-projection {spec.kind} has no head axis")
+            return x.reshape(*x.shape[:-2], self.num_heads, hd, x.shape[-1])
+        heads = self.heads_of(block)
+        if block in ("q", "k", "v") and spec.role != Role.QKV:
+            x = x.reshape(*x.shape[:-1], heads, hd)
+        return x
+
+    def unview(self, path: str, views: Mapping[str, Any]):
+        """Inverse of :meth:`view`: write head views back into the leaf's own layout.
+
+        ``views`` maps block → view (all three for a fused QKV leaf).
+        """
+        spec = self.spec(path)
+        if spec.role == Role.QKV:
+            return _merge_fused(views, spec.fused, self.num_heads, self.num_kv_heads, self.head_dim, spec.kind)
+        (block, v), = views.items()
+        if block == "o":
+            return v.reshape(*v.shape[:-3], -1, v.shape[-1])
+        return v.reshape(*v.shape[:-2], -1)
+
+    def attention(self, tree: Params, *, stack_layers: bool = True) -> dict[tuple[str, str], Any]:
+        """All attention blocks of a params-shaped tree as head views keyed by (block, kind).
+
+        Unstacked per-layer leaves are stacked along a new layer axis so every value has one.
+        """
+        flat = tree if _is_flat(tree) else flatten(tree)
+        out = {}
+        for block, kind in self.attention_blocks():
+            sources = self.block_sources(block, kind)
+            views = [self.view(p, flat[p], block) for p in sources]
+            if len(sources) == 1 and self.specs[sources[0]].layered:
+                out[block, kind] = views[0]
+            elif stack_layers:
+                lead = views[0].ndim - _view_rank(block, kind)
+                out[block, kind] = jnp.stack(views, axis=lead) if isinstance(views[0], jax.Array) else np.stack(views, axis=lead)
+            else:
+                out[block, kind] = views
+        return out
+
+    def head_axis(self, block: str, kind: str) -> int:
+        """Position of the head axis in a view, counted from the end."""
+        return -3 if block == "o" else -2
+
+    def per_head(self, block: str, kind: str, view):
+        """Sum a view over everything but its leading, layer and head axes: ``[..., layer, heads]``."""
+        if kind == "bias":
+            return view.sum(axis=-1)
+        return view.sum(axis=(-2, -1) if block == "o" else (-3, -1))
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_rules(
+        cls,
+        params: Params,
+        rules: Sequence[tuple[str, Role | str] | tuple[str, Role | str, dict]],
+        *,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int,
+        num_layers: int | None = None,
+        layered: str | None = None,
+        tied_embedding: bool = False,
+    ) -> ModelLayout:
+        """Build a layout by matching every leaf path against ``(regex, role[, options])`` rules.
+
+        The first rule whose regex fully matches a path decides its role; ``options`` may give
+        ``fused="gpt2" | "neox"``. Kind is the leaf name (kernel, bias, scale, embedding; ``weight``
+        is read as kernel). A ``(?P<layer>\\d+)`` group gives the layer of unstacked leaves;
+        leaves whose path starts with ``layered`` carry a leading layer axis. Paths no rule
+        matches are an error, so a new parameter is never silently ignored.
+        """
+        flat = flatten(params) if not _is_flat(params) else dict(params)
+        compiled = [(re.compile(r[0]), Role(r[1]), r[2] if len(r) > 2 else {}) for r in rules]
+        specs, unmatched, layers_seen = {}, [], set()
+        for path, leaf in flat.items():
+            for regex, role, options in compiled:
+                m = regex.fullmatch(path)
+                if not m:
+                    continue
+                leaf_name = path.rsplit("/", 1)[-1]
+                kind = {"weight": "kernel", "w": "kernel", "b": "bias"}.get(leaf_name, leaf_name)
+                if kind not in KINDS:
+                    kind = "kernel" if np.ndim(leaf) >= 2 else "bias"
+                layer = int(m.group("layer")) if "layer" in regex.groupindex else None
+                is_layered = bool(layered) and path.startswith(layered)
+                if layer is not None:
+                    layers_seen.add(layer)
+                specs[path] = ParamSpec(
+                    path=path,
+                    role=role,
+                    kind=kind,
+                    shape=tuple(np.shape(leaf)),
+                    layered=is_layered,
+                    layer=layer,
+                    fused=options.get("fused"),
+                    tied=tied_embedding and role == Role.EMBED,
+                )
+                break
+            else:
+                unmatched.append(path)
+        if unmatched:
+            raise ConfigError(f"no layout rule matches these parameters: {', '.join(sorted(unmatched))}")
+        if num_layers is None:
+            stacked = [s.shape[0] for s in specs.values() if s.layered]
+            num_layers = stacked[0] if stacked else (max(layers_seen) + 1 if layers_seen else 0)
+        return cls(specs, num_layers, num_heads, num_kv_heads or num_heads, head_dim)
+
+
+def _is_flat(tree) -> bool:
+    return isinstance(tree, Mapping) and all(not isinstance(v, Mapping) for v in tree.values())
+
+
+def _view_rank(block: str, kind: str) -> int:
+    """Rank of an unstacked view (no layer axis)."""
+    return 3 if kind == "kernel" else 2
+
+
+def _split_fused(x, order: str, block: str, heads: int, kv_heads: int, hd: int, kind: str):
+    """One of q/k/v from a fused projection's last axis, as ``[..., heads_of_block, head_dim]``."""
+    index = "qkv".index(block)
+    if order == "gpt2":
+        widths = (heads * hd, kv_heads * hd, kv_heads * hd)
+        start = sum(widths[:index])
+        part = x[..., start : start + widths[index]]
+        return part.reshape(*part.shape[:-1], widths[index] // hd, hd)
+    if order == "neox":
+        if heads != kv_heads:
+            raise ConfigError("an interleaved (NeoX) fused QKV projection cannot have grouped kv heads")
+        grouped = x.reshape(*x.shape[:-1], heads, 3, hd)
+        return grouped[..., index, :]
+    raise ConfigError(f"unknown fused QKV order {order!r} (expected 'gpt2' or 'neox')")
+
+
+def _merge_fused(views: Mapping[str, Any], order: str, heads: int, kv_heads: int, hd: int, kind: str):
+    xp = jnp if any(isinstance(v, jax.Array) for v in views.values()) else np
+    q, k, v = (views[b] for b in "qkv")
+    if order == "gpt2":
+        flat = [t.reshape(*t.shape[:-2], -1) for t in (q, k, v)]
+        return xp.concatenate(flat, axis=-1)
+    stacked = xp.stack([q, k, v], axis=-2)
+    return stacked.reshape(*stacked.shape[:-3], -1)
+
+
+# ---- the families' rules --------------------------------------------------------------------
+
+_COMMON_TAIL = [
+    (r"embed/embedding", Role.EMBED),
+    (r"pos_embed/embedding", Role.POS_EMBED),
+    (r"final_norm/(scale|bias)", Role.NORM),
+    (r"lm_head/kernel", Role.UNEMBED),
+]
+
+FAMILY_RULES: dict[str, list] = {
+    "gpt2": [
+        (r"layers/attn/c_attn/(kernel|bias)", Role.QKV, {"fused": "gpt2"}),
+        (r"layers/attn/c_proj/kernel", Role.O),
+        (r"layers/attn/c_proj/bias", Role.BIAS),
+        (r"layers/mlp/c_fc/kernel", Role.MLP_IN),
+        (r"layers/mlp/c_proj/kernel", Role.MLP_OUT),
+        (r"layers/mlp/c_(fc|proj)/bias", Role.BIAS),
+        (r"layers/ln_[12]/(scale|bias)", Role.NORM),
+        *_COMMON_TAIL,
+    ],
+    "llama": [
+        (r"layers/self_attn/q_proj/(kernel|bias)", Role.Q),
+        (r"layers/self_attn/k_proj/(kernel|bias)", Role.K),
+        (r"layers/self_attn/v_proj/(kernel|bias)", Role.V),
+        (r"layers/self_attn/o_proj/kernel", Role.O),
+        (r"layers/self_attn/o_proj/bias", Role.BIAS),
+        (r"layers/mlp/gate_proj/kernel", Role.MLP_GATE),
+        (r"layers/mlp/up_proj/kernel", Role.MLP_IN),
+        (r"layers/mlp/down_proj/kernel", Role.MLP_OUT),
+        (r"layers/mlp/\w+/bias", Role.BIAS),
+        (r"layers/\w*layernorm/scale", Role.NORM),
+        *_COMMON_TAIL,
+    ],
+    "gpt_neox": [
+        (r"layers/attention/query_key_value/(kernel|bias)", Role.QKV, {"fused": "neox"}),
+        (r"layers/attention/dense/kernel", Role.O),
+        (r"layers/attention/dense/bias", Role.BIAS),
+        (r"layers/mlp/dense_h_to_4h/kernel", Role.MLP_IN),
+        (r"layers/mlp/dense_4h_to_h/kernel", Role.MLP_OUT),
+        (r"layers/mlp/\w+/bias", Role.BIAS),
+        (r"layers/\w*layernorm/(scale|bias)", Role.NORM),
+        *_COMMON_TAIL,
+    ],
+}
+
+
+def layout_for(config, params: Params) -> ModelLayout:
+    """The layout of one of fisherjax's own decoders."""
+    return ModelLayout.from_rules(
+        params,
+        FAMILY_RULES[config.family],
+        num_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        num_layers=config.num_layers,
+        layered="layers/",
+        tied_embedding=config.tie_word_embeddings,
+    )

@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints built with transformers' PyTorch classes.
+
+Each family gets a checkpoint that exercises what makes it different: GPT-2's fused c_attn and
+tied head, Llama's grouped-query attention with llama3 rope scaling and a head_dim unequal to
+hidden/heads, Mistral's sliding window (shorter than the test sequences), Qwen2's q/k/v biases,
+and GPT-NeoX's partial rotary with interleaved fused QKV.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 97
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox")
+
+
+def hf_config(kind: str):
+    """A tiny transformers config of the given model_type."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "gpt2":
+        return tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, **common)
+    if kind == "llama":
+        return tf.LlamaConfig(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+            intermediate_size=48, max_position_embeddings=64, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 4.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+            **common,
+        )
+    if kind == "mistral":
+        return tf.MistralConfig(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=48, max_position_embeddings=64, sliding_window=5, **common,
+        )
+    if kind == "qwen2":
+        return tf.Qwen2Config(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=1,
+            intermediate_size=48, max_position_embeddings=64, **common,
+        )
+    if kind == "gpt_neox":
+        return tf.GPTNeoXConfig(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=64, rotary_pct=0.5, **common,
+        )
+    raise ValueError(kind)
+
+
+def build_torch_model(kind: str, seed: int = 0):
+    """A random HF causal LM in eval mode, float32, eager attention (vmappable by torch.func)."""
+    import torch
+    import transformers as tf
+
+    classes = {
+        "gpt2": tf.GPT2LMHeadModel,
+        "llama": tf.LlamaForCausalLM,
+        "mistral": tf.MistralForCausalLM,
+        "qwen2": tf.Qwen2ForCausalLM,
+        "gpt_neox": tf.GPTNeoXForCausalLM,
+    }
+    torch.manual_seed(seed)
+    config = hf_config(kind)
+    config._attn_implementation = "eager"
+    model = classes[kind](config).eval()
+    # Random init leaves biases and norms at 0 / 1; perturb every parameter so that a wrong
+    # mapping of any tensor shows up in the logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """``hf_checkpoint(kind) -> (directory, torch_model)``, built once per session."""
+    pytest.importorskip("torch")
+    cache: dict[str, tuple[Path, object]] = {}
+
+    def make(kind: str):
+        if kind not in cache:
+            model = build_torch_model(kind)
+            directory = tmp_path_factory.mktemp(f"hf-{kind}")
+            model.save_pretrained(directory)
+            cache[kind] = (directory, model)
+        return cache[kind]
+
+    return make
+
+
+def padded_batch(rng: np.random.Generator, lengths, seq: int, side: str):
+    """Random token ids with the given real lengths, padded (with id 0) on ``side``."""
+    ids = np.zeros((len(lengths), seq), np.int32)
+    mask = np.zeros((len(lengths), seq), np.int32)
+    for i, n in enumerate(lengths):
+        tokens = rng.integers(3, VOCAB, size=n)
+        sl = slice(seq - n, seq) if side == "left" else slice(0, n)
+        ids[i, sl] = tokens
+        mask[i, sl] = 1
+    return ids, mask
