@@ -1,0 +1,35 @@
+"""Phase 1: diagonal Fisher information from per-sample gradients, reduced to groups."""
+
+from fisherjax.fisher.accumulate import (
+    EMAState,
+    WelfordState,
+    ema_init,
+    ema_update,
+    ema_value,
+    welford_batch,
+    welford_init,
+    welford_interval,
+    welford_merge,
+    welford_stderr,
+    welford_update,
+    welford_variance,
+)
+from fisherjax.fisher.state import Contributions, GroupFisher, TaskFisher
+
+__all__ = [
+    "Contributions",
+    "EMAState",
+    "GroupFisher",
+    "TaskFisher",
+    "WelfordState",
+    "ema_init",
+    "ema_update",
+    "ema_value",
+    "welford_batch",
+    "welford_init",
+    "welford_interval",
+    "welford_merge",
+    "welford_stderr",
+    "welford_update",
+    "welford_variance",
+]

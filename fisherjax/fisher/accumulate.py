@@ -1,0 +1,141 @@
+"""Streaming mean/variance over samples as pure ``init`` / ``update`` pairs over pytrees.
+
+Welford state ``(count, mean, m2)`` is updated a whole batch at a time with Chan et al.'s
+parallel merge: a batch's own mean and M2 (computed with a masked two-pass, so filler rows and
+skipped samples drop out) are merged into the running state in one step. The same merge combines
+partial states from several devices or resumed runs, and its result does not depend on sample
+order beyond rounding.
+
+EMA state ``(count, value)`` applies ``v ← d·v + (1 − d)·x`` per sample in order; the bias
+corrected estimate is ``v / (1 − d^count)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, PyTree
+
+_Z95 = 1.959963984540054
+
+
+def _acc_dtype():
+    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+class WelfordState(NamedTuple):
+    """Running count, mean and sum of squared deviations (M2) of a pytree of values."""
+
+    count: Float[Array, ""]
+    mean: PyTree
+    m2: PyTree
+
+
+class EMAState(NamedTuple):
+    """Exponential moving average (biased) and the number of samples it has seen."""
+
+    count: Float[Array, ""]
+    value: PyTree
+    decay: float = 0.99
+
+
+def welford_init(like: PyTree) -> WelfordState:
+    """Empty state shaped like one sample of ``like`` (arrays or ShapeDtypeStructs)."""
+    zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), _acc_dtype()), like)
+    return WelfordState(jnp.zeros((), _acc_dtype()), zeros, zeros)
+
+
+def welford_merge(a: WelfordState, b: WelfordState) -> WelfordState:
+    """Chan's parallel merge: ``n = nₐ + n_b``, ``δ = μ_b − μₐ``, ``μ = μₐ + δ n_b/n``,
+    ``M2 = M2ₐ + M2_b + δ² nₐ n_b / n``. Empty sides are exact no-ops."""
+    n = a.count + b.count
+    safe_n = jnp.maximum(n, 1)
+
+    def mean(ma, mb):
+        return ma + (mb - ma) * (b.count / safe_n)
+
+    def m2(ma, mb, qa, qb):
+        delta = mb - ma
+        return qa + qb + delta * delta * (a.count * b.count / safe_n)
+
+    return WelfordState(n, jax.tree.map(mean, a.mean, b.mean), jax.tree.map(m2, a.mean, b.mean, a.m2, b.m2))
+
+
+def welford_batch(values: PyTree, valid: Bool[Array, " n"]) -> WelfordState:
+    """The state of one batch: masked mean and M2 over the leading sample axis of ``values``."""
+    w = valid.astype(_acc_dtype())
+    count = w.sum()
+    safe = jnp.maximum(count, 1)
+
+    def stats(x):
+        x = x.astype(_acc_dtype())
+        wx = w.reshape((-1,) + (1,) * (x.ndim - 1))
+        mu = (x * wx).sum(0) / safe
+        return mu, (jnp.square(x - mu) * wx).sum(0)
+
+    pairs = jax.tree.map(stats, values)
+    is_pair = lambda p: isinstance(p, tuple)  # noqa: E731
+    return WelfordState(
+        count,
+        jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair),
+        jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair),
+    )
+
+
+def welford_update(state: WelfordState, values: PyTree, valid: Bool[Array, " n"]) -> WelfordState:
+    """Add a batch of per-sample values (leading axis ``n``; rows with ``valid=False`` ignored)."""
+    return welford_merge(state, welford_batch(values, valid))
+
+
+def welford_variance(state: WelfordState, ddof: int = 1) -> PyTree:
+    """Per-element sample variance ``M2 / (n − ddof)`` (0 where fewer than ddof + 1 samples)."""
+    denom = state.count - ddof
+    return jax.tree.map(lambda q: jnp.where(denom > 0, q / jnp.maximum(denom, 1), 0.0), state.m2)
+
+
+def welford_stderr(state: WelfordState) -> PyTree:
+    """Standard error of the mean, ``sqrt(var / n)``."""
+    n = jnp.maximum(state.count, 1)
+    return jax.tree.map(lambda v: jnp.sqrt(v / n), welford_variance(state))
+
+
+def welford_interval(state: WelfordState, z: float = _Z95) -> tuple[PyTree, PyTree]:
+    """Normal-approximation interval ``mean ± z·stderr`` (95 % by default)."""
+    se = welford_stderr(state)
+    lo = jax.tree.map(lambda m, s: m - z * s, state.mean, se)
+    hi = jax.tree.map(lambda m, s: m + z * s, state.mean, se)
+    return lo, hi
+
+
+def ema_init(like: PyTree, decay: float = 0.99) -> EMAState:
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+    zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), _acc_dtype()), like)
+    return EMAState(jnp.zeros((), _acc_dtype()), zeros, decay)
+
+
+def ema_update(state: EMAState, values: PyTree, valid: Bool[Array, " n"]) -> EMAState:
+    """Apply ``v ← d·v + (1 − d)·x_i`` for each valid sample in order, in one vectorised step.
+
+    With ``k`` valid samples after position ``i``, sample ``i`` enters with weight
+    ``(1 − d)·d^k`` and the old value is scaled by ``d^m`` (``m`` valid samples in the batch).
+    """
+    d = state.decay
+    w = valid.astype(_acc_dtype())
+    later = jnp.cumsum(w[::-1])[::-1] - w  # valid samples after each one
+    weights = jnp.where(valid, (1 - d) * d**later, 0.0)
+    m = w.sum()
+
+    def step(v, x):
+        wx = weights.reshape((-1,) + (1,) * (x.ndim - 1))
+        return v * d**m + (x.astype(_acc_dtype()) * wx).sum(0)
+
+    return EMAState(state.count + m, jax.tree.map(step, state.value, values), d)
+
+
+def ema_value(state: EMAState) -> PyTree:
+    """Bias-corrected EMA ``v / (1 − d^count)`` (zeros before any sample)."""
+    correction = 1 - state.decay**state.count
+    return jax.tree.map(lambda v: jnp.where(state.count > 0, v / jnp.maximum(correction, 1e-30), 0.0), state.value)

@@ -1,0 +1,135 @@
+"""What Phase 1 produces and every later phase reads: :class:`TaskFisher` and :class:`Contributions`.
+
+Both are immutable data (host numpy arrays). Parameters are addressed by their flat path
+(``"layers/self_attn/q_proj/kernel"``, see :func:`fisherjax.layout.flatten`); layer-stacked
+parameters keep their leading layer axis everywhere, so a per-head group value of a stacked
+``q_proj`` kernel is ``[layer, heads]``.
+
+Group types (``GroupFisher`` keys, second level):
+
+* ``head``      — Q per query head, K/V per kv head, O per head along its input axis, q/k/v
+  biases per head; a fused QKV leaf has ``head_q``, ``head_k``, ``head_v`` instead;
+* ``channel``   — other dense kernels per output channel;
+* ``neuron``    — MLP down/out kernels per input neuron (a second view of the same leaf);
+* ``row``       — embeddings and the unembedding per vocabulary row (buckets of 1000 rows above
+  50k rows);
+* ``element``   — norms and other biases, one group per element.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+from fisherjax.fisher.accumulate import EMAState, WelfordState
+
+GroupFisher = dict[str, dict[str, np.ndarray]]
+"""``{param_path: {group_type: values}}``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Contributions:
+    """Per-sample contributions and signed gradients for selected parameters.
+
+    Attributes:
+      sample_ids: ``[n]`` the task's sample ids (file line numbers), in stored order.
+      tokens: ``[n]`` active tokens ``T_i`` of each sample.
+      contributions: ``{path: [n, *param_shape]}`` with ``C_i = g_i² / T_i``.
+      grads: ``{path: [n, *param_shape]}`` signed token-sum gradients ``g_i``.
+    """
+
+    sample_ids: np.ndarray
+    tokens: np.ndarray
+    contributions: Mapping[str, np.ndarray]
+    grads: Mapping[str, np.ndarray]
+
+    def __post_init__(self):
+        n = len(self.sample_ids)
+        for name, tree in (("contributions", self.contributions), ("grads", self.grads)):
+            for path, value in tree.items():
+                if value.shape[0] != n:
+                    raise ValueError(f"{name}[{path!r}] has {value.shape[0]} samples, sample_ids has {n}")
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.grads or self.contributions)
+
+    def select(self, index) -> Contributions:
+        """The samples at positions ``index`` (an int array or slice)."""
+        return Contributions(
+            self.sample_ids[index],
+            self.tokens[index],
+            {p: v[index] for p, v in self.contributions.items()},
+            {p: v[index] for p, v in self.grads.items()},
+        )
+
+    @classmethod
+    def from_grads(cls, grads, tokens, sample_ids, *, dtype=np.float32) -> Contributions:
+        """Build from signed per-sample gradients ``{path: [n, ...]}``: ``C_i = g_i² / T_i``.
+
+        Samples with ``T_i = 0`` are dropped (they carry no contribution).
+        """
+        tokens = np.asarray(tokens)
+        keep = tokens > 0
+        grads = {p: np.asarray(g)[keep] for p, g in grads.items()}
+        t = tokens[keep].astype(np.float64)
+        contributions = {
+            p: (np.square(g.astype(np.float64)) / t.reshape((-1,) + (1,) * (g.ndim - 1))).astype(dtype)
+            for p, g in grads.items()
+        }
+        return cls(np.asarray(sample_ids)[keep], tokens[keep], contributions, {p: g.astype(dtype) for p, g in grads.items()})
+
+    def fisher(self) -> dict[str, np.ndarray]:
+        """Diagonal Fisher of the stored parameters from these samples: mean of ``C_i`` (float32)."""
+        return {p: v.astype(np.float32).mean(0) for p, v in self.contributions.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFisher:
+    """Phase 1 result for one task.
+
+    Attributes:
+      task: task name.
+      group_fisher: ``{path: {group_type: [.., groups]}}`` mean over samples of the per-sample
+        group sums of ``C_i`` (square, then reduce; head additivity is exact).
+      group_sizes: same keys, number of parameters in each group.
+      welford: Welford state over the per-sample group values (same tree as ``group_fisher``)
+        in ``welford`` mode; variance, standard errors and intervals come from it.
+      ema: EMA state over the same values in ``ema`` mode (its bias-corrected value is
+        ``group_fisher``).
+      diagonal: ``{path: param-shaped}`` full diagonal Fisher ``Î = mean_i C_i`` when requested.
+      contributions: per-sample ``C_i`` and ``g_i`` for selected parameters when requested.
+      per_sample_groups: ``{path: {group_type: [n, ..]}}`` per-sample group values (for bootstrap
+        intervals), with ``sample_ids`` giving their order, when kept.
+      n_samples: samples that entered the Fisher; n_skipped: samples with ``T_i = 0``.
+      n_tokens: total active tokens.
+      fisher_type: ``"empirical"``, ``"true"`` or ``"per_token"``; mode: ``"welford"`` or ``"ema"``.
+    """
+
+    task: str
+    group_fisher: GroupFisher
+    group_sizes: GroupFisher
+    n_samples: int
+    n_skipped: int = 0
+    n_tokens: int = 0
+    welford: WelfordState | None = None
+    ema: EMAState | None = None
+    diagonal: Mapping[str, np.ndarray] | None = None
+    contributions: Contributions | None = None
+    per_sample_groups: GroupFisher | None = None
+    sample_ids: np.ndarray | None = None
+    fisher_type: str = "empirical"
+    mode: str = "welford"
+
+    def keys(self) -> list[tuple[str, str]]:
+        """All (param_path, group_type) pairs."""
+        return [(p, g) for p, groups in self.group_fisher.items() for g in groups]
+
+    def flat_groups(self) -> dict[str, np.ndarray]:
+        """``{"task|param_path|group_type": values}`` — the layout of ``group_fisher.npz``."""
+        return {f"{self.task}|{p}|{g}": np.asarray(v) for p, groups in self.group_fisher.items() for g, v in groups.items()}

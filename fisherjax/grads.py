@@ -1,0 +1,143 @@
+"""Per-sample losses and gradients.
+
+For sample ``i`` with labels ``y`` (``-100`` ignored, Hugging Face's one-token shift):
+``L_i = Σ_t −log p(y_{t+1} | x_≤t, θ)``, ``T_i`` = number of predicted tokens,
+``g_i = ∇_θ L_i`` (token sum, signed).
+
+:func:`per_sample_grads` is the direct definition, ``jax.vmap(jax.grad(L_i))``, processed in
+chunks of samples (``jax.lax.map`` with ``batch_size``) so a batch never holds more per-sample
+gradients than its memory budget allows. Phase 1 uses a faster route for the same numbers
+(:mod:`fisherjax.fisher.sites`); this one is the definition it is tested against and the way to
+get full per-sample gradients of arbitrary parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, PyTree
+
+from fisherjax.data import IGNORE, Batch
+from fisherjax.layout import flatten, unflatten
+
+
+class PerSample(NamedTuple):
+    """Per-sample results with a leading sample axis ``n``."""
+
+    grads: PyTree  # params-shaped (or the selected subset), each leaf [n, *shape]
+    losses: Float[Array, " n"]
+    tokens: Int[Array, " n"]
+
+
+def token_nll(logits: Float[Array, "batch seq vocab"], labels: Int[Array, "batch seq"]) -> Float[Array, "batch seq_1"]:
+    """``−log p(labels[t+1] | ≤ t)`` per position, 0 where the label is ``-100``; ``[batch, seq − 1]``."""
+    targets = labels[:, 1:]
+    valid = targets != IGNORE
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, -picked, 0.0)
+
+
+def sample_losses(model, params, input_ids, attention_mask, labels) -> tuple[Float[Array, " batch"], Int[Array, " batch"]]:
+    """Token-sum loss ``L_i`` and active-token count ``T_i`` of every sample of a batch."""
+    logits = model.apply(params, input_ids, attention_mask)
+    return token_nll(logits, labels).sum(-1), (labels[:, 1:] != IGNORE).sum(-1)
+
+
+def _split(params: PyTree, paths: Sequence[str] | None):
+    flat = flatten(params)
+    if paths is None:
+        return flat, {}
+    missing = [p for p in paths if p not in flat]
+    if missing:
+        raise KeyError(f"not parameters of this model: {missing}")
+    chosen = {p: flat[p] for p in paths}
+    return chosen, {p: v for p, v in flat.items() if p not in chosen}
+
+
+def chunk_size_for(budget_bytes: float, bytes_per_sample: float, batch: int) -> int:
+    """Largest chunk of samples whose per-sample arrays fit the budget (at least 1, at most batch)."""
+    return int(max(1, min(batch, budget_bytes // max(bytes_per_sample, 1))))
+
+
+def per_sample_grads(
+    model,
+    params: PyTree,
+    batch: Batch,
+    *,
+    paths: Sequence[str] | None = None,
+    chunk_size: int | None = None,
+    memory_budget_bytes: float = 2e9,
+) -> PerSample:
+    """``jax.vmap(jax.grad(L_i))`` over a batch, chunked.
+
+    Args:
+      model: a :class:`~fisherjax.models.Model`.
+      params: its parameters.
+      batch: a :class:`~fisherjax.data.Batch` (filler rows give zero gradients).
+      paths: restrict to these flat parameter paths (default: all parameters).
+      chunk_size: samples per vmapped chunk; by default the most that fit ``memory_budget_bytes``.
+
+    Returns:
+      :class:`PerSample` with ``grads`` as a flat ``{path: [n, *shape]}`` dict when ``paths`` is
+      given, else a params-shaped pytree.
+    """
+    chosen, rest = _split(params, paths)
+    n = batch.input_ids.shape[0]
+    if chunk_size is None:
+        per_sample_bytes = sum(4 * np.prod(np.shape(v)) for v in chosen.values())
+        chunk_size = chunk_size_for(memory_budget_bytes, per_sample_bytes, n)
+    grads, losses, tokens = _per_sample_grads(model, chosen, rest, batch.input_ids, batch.attention_mask, batch.labels, chunk_size)
+    return PerSample(grads if paths is not None else unflatten(grads), losses, tokens)
+
+
+@jax.jit(static_argnums=(0, 6))
+def _per_sample_grads(model, chosen, rest, input_ids, attention_mask, labels, chunk_size):
+    def loss(selected, ids, mask, lab):
+        full = unflatten({**rest, **selected})
+        losses, tokens = sample_losses(model, full, ids[None], mask[None], lab[None])
+        return losses[0], tokens[0]
+
+    def one(xs):
+        ids, mask, lab = xs
+        (value, tokens), g = jax.value_and_grad(loss, has_aux=True)(chosen, ids, mask, lab)
+        return g, value, tokens
+
+    return jax.lax.map(one, (input_ids, attention_mask, labels), batch_size=chunk_size)
+
+
+class SiteGrads(NamedTuple):
+    """Per-site inputs and output gradients of one batched backward pass.
+
+    ``inputs[site]``: what the site records (dense input ``a``, normalised input ``x̂``, or token
+    ids); ``deltas[site]``: ``δ = ∂(Σ_i L_i)/∂(site output)``, which for sample ``i`` equals
+    ``∂L_i/∂(output of sample i)`` because samples do not interact. Layer sites (under
+    ``"layers"``) carry a leading layer axis: ``[layer, batch, seq, width]``.
+    """
+
+    inputs: dict
+    deltas: dict
+    losses: Float[Array, " batch"]
+    tokens: Int[Array, " batch"]
+
+
+def site_grads(model, params: PyTree, input_ids, attention_mask, labels, *, remat: bool = False) -> SiteGrads:
+    """One forward and backward pass that differentiates the zero taps instead of the weights.
+
+    The per-sample gradient of a dense kernel is then ``g_i = Σ_t a_{i,t} δ_{i,t}ᵀ`` (and of its
+    bias ``Σ_t δ_{i,t}``), computable without ``vmap`` over samples or a weight-gradient GEMM.
+    """
+    batch, seq = input_ids.shape
+    taps = model.zero_taps(batch, seq)
+
+    def total_loss(taps):
+        out = model.forward(params, input_ids, attention_mask, taps=taps, remat=remat)
+        nll = token_nll(out.logits, labels)
+        return nll.sum(), (out.recorded, nll.sum(-1))
+
+    deltas, (inputs, losses) = jax.grad(total_loss, has_aux=True)(taps)
+    return SiteGrads(inputs, deltas, losses, (labels[:, 1:] != IGNORE).sum(-1))
