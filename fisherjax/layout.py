@@ -196,6 +196,26 @@ class ModelLayout:
             x = x.reshape(*x.shape[:-1], heads, hd)
         return x
 
+    def output_heads(self, path: str, x, block: str | None = None):
+        """View a vector along a leaf's output axis (last axis of a kernel, or a bias) with heads.
+
+        ``x[..., d_out] -> [..., heads_of_block, head_dim]``; for fused QKV leaves pass ``block``.
+        Used for marginals such as per-output-channel sums of squared gradients.
+        """
+        spec = self.spec(path)
+        if spec.role == Role.QKV:
+            return _split_fused(x, spec.fused, block, self.num_heads, self.num_kv_heads, self.head_dim, "bias")
+        if spec.role not in (Role.Q, Role.K, Role.V):
+            raise ValueError(f"{path} ({spec.role.value}) has no heads on its output axis")
+        return x.reshape(*x.shape[:-1], self.heads_of(spec.role.value), self.head_dim)
+
+    def input_heads(self, path: str, x):
+        """View a vector along an O kernel's input axis with heads: ``[..., H·hd] -> [..., H, hd]``."""
+        spec = self.spec(path)
+        if spec.role != Role.O or spec.kind != "kernel":
+            raise ValueError(f"{path} ({spec.role.value} {spec.kind}) has no heads on its input axis")
+        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
     def unview(self, path: str, views: Mapping[str, Any]):
         """Inverse of :meth:`view`: write head views back into the leaf's own layout.
 

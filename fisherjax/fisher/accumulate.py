@@ -43,8 +43,10 @@ class EMAState(NamedTuple):
 
 def welford_init(like: PyTree) -> WelfordState:
     """Empty state shaped like one sample of ``like`` (arrays or ShapeDtypeStructs)."""
-    zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), _acc_dtype()), like)
-    return WelfordState(jnp.zeros((), _acc_dtype()), zeros, zeros)
+    def zeros():
+        return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), _acc_dtype()), like)
+
+    return WelfordState(jnp.zeros((), _acc_dtype()), zeros(), zeros())
 
 
 def welford_merge(a: WelfordState, b: WelfordState) -> WelfordState:
