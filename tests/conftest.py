@@ -104,3 +104,39 @@ def padded_batch(rng: np.random.Generator, lengths, seq: int, side: str):
         ids[i, sl] = tokens
         mask[i, sl] = 1
     return ids, mask
+
+
+def tiny_config(family: str = "llama", **changes):
+    """A small DecoderConfig (no checkpoint needed)."""
+    from fisherjax.config import DecoderConfig, RopeConfig
+
+    base = dict(
+        model_type=family,
+        family=family,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2 if family == "llama" else 4,
+        head_dim=8,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        norm_eps=1e-5,
+        activation="silu" if family == "llama" else "gelu_new",
+        tie_word_embeddings=family == "gpt2",
+        qkv_bias=family != "llama",
+        o_bias=family != "llama",
+        mlp_bias=family != "llama",
+        rope=RopeConfig(10000.0, 8) if family != "gpt2" else None,
+    )
+    base.update(changes)
+    return DecoderConfig(**base)
+
+
+def random_task(name: str, n: int, seed: int = 0, min_len: int = 4, max_len: int = 14, prompt: int = 0):
+    """Random token sequences as a task (ids 0..n-1); ``prompt`` leading tokens are not predicted."""
+    from fisherjax.data import task_from_tokens
+
+    rng = np.random.default_rng(seed)
+    tokens = [rng.integers(3, VOCAB, size=rng.integers(min_len, max_len + 1)).tolist() for _ in range(n)]
+    return task_from_tokens(name, tokens, prompt_lens=[min(prompt, len(t)) for t in tokens])

@@ -72,10 +72,10 @@ def welford_batch(values: PyTree, valid: Bool[Array, " n"]) -> WelfordState:
     safe = jnp.maximum(count, 1)
 
     def stats(x):
-        x = x.astype(_acc_dtype())
-        wx = w.reshape((-1,) + (1,) * (x.ndim - 1))
-        mu = (x * wx).sum(0) / safe
-        return mu, (jnp.square(x - mu) * wx).sum(0)
+        keep = valid.reshape((-1,) + (1,) * (x.ndim - 1))
+        x = jnp.where(keep, x.astype(_acc_dtype()), 0.0)  # NaN × 0 would still be NaN
+        mu = x.sum(0) / safe
+        return mu, jnp.where(keep, jnp.square(x - mu), 0.0).sum(0)
 
     pairs = jax.tree.map(stats, values)
     is_pair = lambda p: isinstance(p, tuple)  # noqa: E731
@@ -131,8 +131,9 @@ def ema_update(state: EMAState, values: PyTree, valid: Bool[Array, " n"]) -> EMA
     m = w.sum()
 
     def step(v, x):
-        wx = weights.reshape((-1,) + (1,) * (x.ndim - 1))
-        return v * d**m + (x.astype(_acc_dtype()) * wx).sum(0)
+        keep = valid.reshape((-1,) + (1,) * (x.ndim - 1))
+        x = jnp.where(keep, x.astype(_acc_dtype()), 0.0)  # NaN × 0 would still be NaN
+        return v * d**m + (x * weights.reshape(keep.shape)).sum(0)
 
     return EMAState(state.count + m, jax.tree.map(step, state.value, values), d)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -92,6 +93,17 @@ def _sample_labels(key, logits, labels):
     draws = jax.random.categorical(key, jax.lax.stop_gradient(logits[:, :-1]).astype(jnp.float32), axis=-1)
     shifted = jnp.where(labels[:, 1:] != IGNORE, draws, IGNORE)
     return jnp.concatenate([jnp.full_like(labels[:, :1], IGNORE), shifted], axis=1)
+
+
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _step_for(model, plan: _Plan):
+    """The jitted step of ``(model, plan)``, built once so repeated collections reuse compilations."""
+    steps = _STEPS.setdefault(model, {})
+    if plan not in steps:
+        steps[plan] = _make_step(model, discover_sites(model.layout, _site_names(model)), plan)
+    return steps[plan]
 
 
 def _make_step(model, sites, plan: _Plan):
@@ -266,7 +278,7 @@ def collect(
         storage=contribution_dtype,
         remat=remat,
     )
-    step = _make_step(model, discover_sites(layout, _site_names(model)), plan)
+    step = _step_for(model, plan)
     key = key if key is not None else jax.random.key(0)
 
     state = _initial_state(model, plan, ema_decay)
@@ -316,7 +328,7 @@ def collect(
     if log.n_skipped:
         warnings.warn(
             f"task {task!r}: {log.n_skipped} sample(s) with no predicted tokens were skipped "
-            f"(ids {log.skipped_ids[:10]})",
+            f"(ids {list(log.skipped_ids[:10])})",
             stacklevel=2,
         )
     return _finish(model, task, plan, state, log, spill)
