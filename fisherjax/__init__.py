@@ -6,6 +6,8 @@ and their overlap, sample-level conflict forensics and QK-OV interference, as pu
 
 from fisherjax.config import DecoderConfig
 from fisherjax.errors import CheckpointError, ConfigError, DataError, FisherjaxError, NumericalError
+from fisherjax.fisher import Contributions, TaskFisher
+from fisherjax.fisher.collect import collect
 from fisherjax.layout import ModelLayout, Role
 from fisherjax.models import Model, load_pretrained, save_pretrained
 
@@ -14,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "Contributions",
     "DataError",
     "DecoderConfig",
     "FisherjaxError",
@@ -21,6 +24,8 @@ __all__ = [
     "ModelLayout",
     "NumericalError",
     "Role",
+    "TaskFisher",
+    "collect",
     "load_pretrained",
     "save_pretrained",
 ]

@@ -80,6 +80,7 @@ def save_progress(manager, batches_done: int, state: dict, log) -> None:
         "n_seen": log.n_seen,
         "n_skipped": log.n_skipped,
         "n_tokens": log.n_tokens,
+        "total_loss": log.total_loss,
         "skipped_ids": list(log.skipped_ids),
         "kept_bytes": log.kept_bytes,
         "spilled": [jax.tree.map(str, k) for k in log.kept] if spilled else None,
@@ -113,6 +114,7 @@ def restore_progress(manager, like_state: dict):
         n_seen=meta["n_seen"],
         n_skipped=meta["n_skipped"],
         n_tokens=meta["n_tokens"],
+        total_loss=meta["total_loss"],
         skipped_ids=tuple(meta["skipped_ids"]),
         sample_ids=(arrays["sample_ids"],) if "sample_ids" in arrays else (),
         tokens=(arrays["tokens"],) if "tokens" in arrays else (),
@@ -124,7 +126,7 @@ def restore_progress(manager, like_state: dict):
 
 
 _ARRAY_FIELDS = ("group_fisher", "group_sizes", "diagonal", "per_sample_groups", "sample_ids")
-_SCALAR_FIELDS = ("task", "n_samples", "n_skipped", "n_tokens", "fisher_type", "mode")
+_SCALAR_FIELDS = ("task", "n_samples", "n_skipped", "n_tokens", "total_loss", "fisher_type", "mode")
 
 
 def save_task_fisher(fisher: TaskFisher, directory: str | Path) -> Path:

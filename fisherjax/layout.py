@@ -291,7 +291,7 @@ class ModelLayout:
                 leaf_name = path.rsplit("/", 1)[-1]
                 kind = {"weight": "kernel", "w": "kernel", "b": "bias"}.get(leaf_name, leaf_name)
                 if kind not in KINDS:
-                    kind = "kernel" if np.ndim(leaf) >= 2 else "bias"
+                    kind = "kernel" if len(_shape(leaf)) >= 2 else "bias"
                 layer = int(m.group("layer")) if "layer" in regex.groupindex else None
                 is_layered = bool(layered) and path.startswith(layered)
                 if layer is not None:
@@ -300,7 +300,7 @@ class ModelLayout:
                     path=path,
                     role=role,
                     kind=kind,
-                    shape=tuple(np.shape(leaf)),
+                    shape=_shape(leaf),
                     layered=is_layered,
                     layer=layer,
                     fused=options.get("fused"),
@@ -315,6 +315,11 @@ class ModelLayout:
             stacked = [s.shape[0] for s in specs.values() if s.layered]
             num_layers = stacked[0] if stacked else (max(layers_seen) + 1 if layers_seen else 0)
         return cls(specs, num_layers, num_heads, num_kv_heads or num_heads, head_dim)
+
+
+def _shape(leaf) -> tuple[int, ...]:
+    """Shape of an array or of an abstract ``jax.ShapeDtypeStruct``."""
+    return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
 
 
 def _is_flat(tree) -> bool:

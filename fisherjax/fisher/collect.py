@@ -188,6 +188,50 @@ def _make_step(model, sites, plan: _Plan):
     return jax.jit(step, donate_argnums=(1,))
 
 
+def _make_plan(layout, contributions, diagonal, fisher_type, true_samples, mode, ghost, contribution_dtype, remat) -> _Plan:
+    keep = tuple(attention_paths(layout) if contributions is True else (contributions or ()))
+    unknown = [p for p in keep if p not in layout.specs]
+    if unknown:
+        raise KeyError(f"contributions asked for unknown parameters: {unknown}")
+    return _Plan(
+        materialise=tuple(layout.paths()) if diagonal else keep,
+        keep=keep,
+        diagonal=diagonal,
+        fisher_type=fisher_type,
+        true_samples=true_samples,
+        mode=mode,
+        ghost=ghost,
+        storage=contribution_dtype,
+        remat=remat,
+    )
+
+
+def lower_step(
+    model,
+    batch_size: int,
+    seq_len: int,
+    *,
+    contributions: bool | Sequence[str] = False,
+    diagonal: bool = False,
+    fisher_type: str = "empirical",
+    true_samples: int = 1,
+    mode: str = "welford",
+    ghost: str = "auto",
+    contribution_dtype: str = "float32",
+    remat: bool = False,
+):
+    """The lowered per-batch step for abstract inputs, e.g. to read XLA's memory analysis.
+
+    ``model.params`` may be ``jax.ShapeDtypeStruct`` leaves, so a 7B-parameter configuration can
+    be checked without allocating weights: ``lower_step(...).compile().memory_analysis()``.
+    """
+    plan = _make_plan(model.layout, contributions, diagonal, fisher_type, true_samples, mode, ghost, contribution_dtype, remat)
+    state = jax.eval_shape(lambda: _initial_state(model, plan, 0.99))
+    ints = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    ids = jax.ShapeDtypeStruct((batch_size,), jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+    return _step_for(model, plan).lower(model.params, state, ints, ints, ints, ids, jax.random.key(0))
+
+
 def _initial_state(model, plan: _Plan, ema_decay: float) -> dict:
     layout = model.layout
     group_like = {
@@ -263,21 +307,8 @@ def collect(
         raise ValueError("fisher_type='true' needs a PRNG key")
     params = model.params if params is None else params
     layout = model.layout
-    keep = tuple(attention_paths(layout) if contributions is True else (contributions or ()))
-    unknown = [p for p in keep if p not in layout.specs]
-    if unknown:
-        raise KeyError(f"contributions asked for unknown parameters: {unknown}")
-    plan = _Plan(
-        materialise=tuple(layout.paths()) if diagonal else keep,
-        keep=keep,
-        diagonal=diagonal,
-        fisher_type=fisher_type,
-        true_samples=true_samples,
-        mode=mode,
-        ghost=ghost,
-        storage=contribution_dtype,
-        remat=remat,
-    )
+    plan = _make_plan(layout, contributions, diagonal, fisher_type, true_samples, mode, ghost, contribution_dtype, remat)
+    keep = plan.keep
     step = _step_for(model, plan)
     key = key if key is not None else jax.random.key(0)
 
@@ -308,7 +339,7 @@ def collect(
         )
         _raise_if_nonfinite(np.asarray(finite), batch.sample_ids, layout.paths(), task)
         state = new_state
-        log = log.add(batch, np.asarray(tokens), groups if keep_per_sample_groups else None, kept if keep else None,
+        log = log.add(batch, np.asarray(tokens), np.asarray(losses), groups if keep_per_sample_groups else None, kept if keep else None,
                       budget=contribution_budget_bytes, spill=spill, task=task)
         if manager is not None and (index + 1) % checkpoint_every == 0:
             io.save_progress(manager, index + 1, state, log)
@@ -344,6 +375,7 @@ class _Log:
     n_seen: int = 0
     n_skipped: int = 0
     n_tokens: int = 0
+    total_loss: float = 0.0
     skipped_ids: tuple[int, ...] = ()
     sample_ids: tuple[np.ndarray, ...] = ()
     tokens: tuple[np.ndarray, ...] = ()
@@ -351,7 +383,7 @@ class _Log:
     kept: tuple[dict, ...] = ()
     kept_bytes: int = 0
 
-    def add(self, batch: Batch, tokens: np.ndarray, groups, kept, *, budget: float, spill, task: str) -> _Log:
+    def add(self, batch: Batch, tokens: np.ndarray, losses: np.ndarray, groups, kept, *, budget: float, spill, task: str) -> _Log:
         real = batch.sample_ids >= 0
         active = real & (tokens > 0)
         idx = np.flatnonzero(active)
@@ -377,6 +409,7 @@ class _Log:
             n_seen=self.n_seen + len(idx),
             n_skipped=self.n_skipped + len(skipped),
             n_tokens=self.n_tokens + int(tokens[active].sum()),
+            total_loss=self.total_loss + float(np.asarray(losses, np.float64)[active].sum()),
             skipped_ids=self.skipped_ids + skipped,
             sample_ids=self.sample_ids + (batch.sample_ids[idx],),
             tokens=self.tokens + (tokens[idx],),
@@ -473,6 +506,7 @@ def _finish(model, task: str, plan: _Plan, state: dict, log: _Log, spill) -> Tas
         n_samples=log.n_seen,
         n_skipped=log.n_skipped,
         n_tokens=log.n_tokens,
+        total_loss=log.total_loss,
         welford=welford,
         ema=ema,
         diagonal=diagonal,

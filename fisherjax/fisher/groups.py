@@ -111,6 +111,18 @@ def groups_of_elementwise(layout: ModelLayout, path: str, squares) -> dict:
 
 
 def group_sizes(layout: ModelLayout, path: str) -> dict[str, np.ndarray]:
-    """Number of parameters in each group of ``path`` (same shapes as its group values)."""
+    """Number of parameters in each group of ``path`` (same shapes as its group values).
+
+    Built from the marginals of an all-ones array (a column holds ``d_in`` parameters, a row
+    ``d_out``) without allocating the parameter itself.
+    """
     spec = layout.spec(path)
-    return {k: np.asarray(v).astype(np.int64) for k, v in groups_of_elementwise(layout, path, np.ones(spec.shape, np.float32)).items()}
+    shape = spec.shape
+    if spec.kind == "embedding":
+        col, row = None, np.full(shape[:-1], shape[-1], np.int64)
+    elif spec.kind == "kernel":
+        col = np.full(shape[:-2] + shape[-1:], shape[-2], np.int64)
+        row = np.full(shape[:-1], shape[-1], np.int64)
+    else:
+        col, row = np.ones(shape, np.int64), None
+    return {k: np.asarray(v).astype(np.int64) for k, v in reduce_groups(layout, path, col, row).items()}

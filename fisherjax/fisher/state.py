@@ -107,7 +107,8 @@ class TaskFisher:
       per_sample_groups: ``{path: {group_type: [n, ..]}}`` per-sample group values (for bootstrap
         intervals), with ``sample_ids`` giving their order, when kept.
       n_samples: samples that entered the Fisher; n_skipped: samples with ``T_i = 0``.
-      n_tokens: total active tokens.
+      n_tokens: total active tokens; total_loss: sum of the token-sum losses of the kept samples
+        (``total_loss / n_tokens`` is the task's mean token loss).
       fisher_type: ``"empirical"``, ``"true"`` or ``"per_token"``; mode: ``"welford"`` or ``"ema"``.
     """
 
@@ -117,6 +118,7 @@ class TaskFisher:
     n_samples: int
     n_skipped: int = 0
     n_tokens: int = 0
+    total_loss: float = 0.0
     welford: WelfordState | None = None
     ema: EMAState | None = None
     diagonal: Mapping[str, np.ndarray] | None = None
@@ -125,6 +127,10 @@ class TaskFisher:
     sample_ids: np.ndarray | None = None
     fisher_type: str = "empirical"
     mode: str = "welford"
+
+    @property
+    def loss_per_token(self) -> float:
+        return self.total_loss / max(self.n_tokens, 1)
 
     def keys(self) -> list[tuple[str, str]]:
         """All (param_path, group_type) pairs."""

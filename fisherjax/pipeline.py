@@ -1,0 +1,261 @@
+"""The seven phases end to end, from one :class:`AnalysisConfig` to an output directory.
+
+Each phase is a function ``phase(ctx, out) -> dict``: it reads the immutable :class:`Context`
+(model, tasks, batches, Phase 1 Fisher of every task), writes its files under ``out`` and returns
+its section of ``results.json``. :func:`analyze` runs them into a temporary directory next to the
+destination and moves it into place only when every phase has succeeded, so a failed run never
+leaves a half-written output directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from fisherjax import io
+from fisherjax.data import Batch, Task, batches, load_task
+from fisherjax.errors import DataError, FisherjaxError
+from fisherjax.fisher.collect import collect
+from fisherjax.fisher.state import TaskFisher
+from fisherjax.models import Model, load_pretrained
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisConfig:
+    """Everything ``fisherjax analyze`` can be told.
+
+    ``model`` / ``tasks`` default to the shipped demo model and its two tasks.
+    """
+
+    out: Path = Path("fisherjax-out")
+    model: Path | None = None
+    tasks: tuple[tuple[str, Path], ...] = ()
+    batch_size: int = 16
+    max_length: int = 256
+    max_samples: int | None = None
+    fisher_type: str = "empirical"
+    mode: str = "welford"
+    contribution_dtype: str = "float32"
+    diagonal: bool = True
+    sparsities: tuple[float, ...] = (0.5, 0.7, 0.9)
+    top_k: int = 20
+    seed: int = 0
+    allow_pickle: bool = False
+    save_contributions: bool = False
+    progress: bool = True
+    phases: tuple[str, ...] = ("fisher", "importance", "masks", "conflicts", "qkov")
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every phase reads: the run's config, model, tasks, their batches and Phase 1 Fisher."""
+
+    config: AnalysisConfig
+    model: Model
+    tasks: dict[str, Task]
+    batches: dict[str, list[Batch]]
+    fishers: dict[str, TaskFisher]
+
+
+def load_inputs(config: AnalysisConfig) -> tuple[Model, dict[str, Task]]:
+    """The model and tasks named by the config (the demo ones by default)."""
+    if config.model is None:
+        from fisherjax import demo
+
+        model_dir = demo.checkpoint_dir()
+        task_files = tuple(demo.task_files().items()) if not config.tasks else config.tasks
+    else:
+        model_dir, task_files = Path(config.model), config.tasks
+    if not task_files:
+        raise DataError("no tasks given: pass --task NAME=FILE (at least one)")
+    names = [n for n, _ in task_files]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(f"task names must be unique, repeated: {', '.join(duplicates)}")
+    model = load_pretrained(model_dir, allow_pickle=config.allow_pickle)
+    if model.tokenizer is None:
+        raise DataError(f"{model_dir}: the checkpoint has no tokenizer files, so text tasks cannot be encoded")
+    tasks = {}
+    for name, file in task_files:
+        task = load_task(file, model.tokenizer, name=name, max_length=config.max_length)
+        if config.max_samples is not None:
+            task = dataclasses.replace(task, examples=task.examples[: config.max_samples])
+        tasks[name] = task
+    return model, tasks
+
+
+def model_info(model: Model) -> dict:
+    """Architecture summary (also printed by ``fisherjax info``)."""
+    cfg = model.config
+    by_role: dict[str, int] = {}
+    for spec in model.layout.specs.values():
+        by_role[spec.role.value] = by_role.get(spec.role.value, 0) + int(np.prod(spec.shape))
+    return {
+        "source": model.source,
+        "model_type": cfg.model_type,
+        "family": cfg.family,
+        "layers": cfg.num_layers,
+        "heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size,
+        "tied_embeddings": cfg.tie_word_embeddings,
+        "rope": None if cfg.rope is None else {"theta": cfg.rope.theta, "type": cfg.rope.rope_type, "rotary_dim": cfg.rope.rotary_dim},
+        "parameters": model.num_params,
+        "parameters_by_role": by_role,
+    }
+
+
+# ---- phases ------------------------------------------------------------------------------------
+
+
+def phase_fisher(ctx: Context, out: Path) -> dict:
+    """Phase 1 outputs: ``group_fisher.npz`` (keys ``task|param_path|group_type``) and the orbax state."""
+    arrays, section = {}, {}
+    for name, fisher in ctx.fishers.items():
+        arrays.update(fisher.flat_groups())
+        state = fisher if ctx.config.save_contributions else dataclasses.replace(fisher, contributions=None)
+        io.save_task_fisher(state, out / "fisher_state" / name)
+        section[name] = {
+            "samples": fisher.n_samples,
+            "skipped_samples": fisher.n_skipped,
+            "tokens": fisher.n_tokens,
+            "loss_per_token": fisher.loss_per_token,
+            "fisher_type": fisher.fisher_type,
+            "mode": fisher.mode,
+            "total_fisher": float(sum(float(np.sum(v)) for groups in fisher.group_fisher.values() for v in groups.values())),
+        }
+    np.savez(out / "group_fisher.npz", **arrays)
+    return section
+
+
+PHASES: dict[str, Callable[[Context, Path], dict]] = {"fisher": phase_fisher}
+"""Phase name → phase function; analysis modules register theirs below."""
+
+
+def _register_analysis_phases() -> None:
+    from fisherjax import report
+
+    PHASES.update(report.ANALYSIS_PHASES)
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+
+def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig) -> tuple[dict, dict]:
+    """Batches and Phase 1 Fisher (with attention contributions) of every task."""
+    all_batches = {
+        name: list(batches(task, config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
+        for name, task in tasks.items()
+    }
+    fishers = {}
+    for name in tasks:
+        fishers[name] = collect(
+            model,
+            all_batches[name],
+            task=name,
+            mode=config.mode,
+            contributions=True,
+            contribution_dtype=config.contribution_dtype,
+            diagonal=config.diagonal,
+            fisher_type=config.fisher_type,
+            key=jax.random.key(config.seed),
+            progress=config.progress,
+            total=len(all_batches[name]),
+        )
+    return all_batches, fishers
+
+
+def analyze(config: AnalysisConfig) -> dict:
+    """Run the configured phases and write the output directory; returns results.json's content."""
+    _register_analysis_phases()
+    unknown = [p for p in config.phases if p not in PHASES]
+    if unknown:
+        raise FisherjaxError(f"unknown phase(s) {unknown}; available: {', '.join(PHASES)}")
+    started = time.time()
+    model, tasks = load_inputs(config)
+    all_batches, fishers = collect_all(model, tasks, config)
+    ctx = Context(config, model, tasks, all_batches, fishers)
+
+    destination = Path(config.out).absolute()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        (staging / "figures").mkdir()
+        results = {
+            "fisherjax": _version(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"platform": platform.platform(), "jax_backend": jax.default_backend()},
+            "config": _jsonable(dataclasses.asdict(config)),
+            "model": model_info(model),
+            "tasks": {name: {"file": task.source, "samples": len(task)} for name, task in tasks.items()},
+        }
+        for phase in dict.fromkeys(("fisher", *config.phases)):
+            results[phase] = PHASES[phase](ctx, staging)
+        results["seconds"] = round(time.time() - started, 1)
+        (staging / "results.json").write_text(json.dumps(_jsonable(results), indent=2))
+        from fisherjax import report
+
+        report.write_report(results, staging)
+        _replace_directory(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return results
+
+
+def _replace_directory(staging: Path, destination: Path) -> None:
+    """Move the finished output into place; an older output is removed only after that."""
+    old = None
+    if destination.exists():
+        old = destination.with_name(f".{destination.name}.old-{time.time_ns()}")
+        destination.rename(old)
+    staging.rename(destination)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _version() -> str:
+    from fisherjax import __version__
+
+    return __version__
+
+
+def _jsonable(value):
+    """Convert numpy scalars/arrays, paths and tuples to plain JSON types."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def parse_task_args(values: Sequence[str]) -> tuple[tuple[str, Path], ...]:
+    """``["math=tasks/math.jsonl", ...]`` → ``(("math", Path(...)), ...)``."""
+    out = []
+    for v in values:
+        name, sep, file = v.partition("=")
+        if not sep or not name or not file:
+            raise DataError(f"--task expects NAME=FILE, got {v!r}")
+        out.append((name, Path(file)))
+    return tuple(out)

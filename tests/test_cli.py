@@ -1,0 +1,109 @@
+"""The command line: outputs of ``analyze``, ``info``, and exit code 2 with one line for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fisherjax.cli import main
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A random Llama checkpoint (GQA) with the demo's character tokenizer, and two task files."""
+    import transformers
+
+    from fisherjax.demo.tokenizer import build_tokenizer, vocabulary
+
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(vocabulary()), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
+    build_tokenizer().save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    with open(root / "add.jsonl", "w") as f:
+        for _ in range(12):
+            a, b = rng.integers(0, 99, size=2)
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n")
+    with open(root / "words.txt", "w") as f:
+        for _ in range(10):
+            f.write("".join(rng.choice(list("abcdefgh"), size=rng.integers(3, 9))) + "\n")
+    return root
+
+
+def _analyze(root, out, *extra):
+    return main(["analyze", "--model", str(root / "model"), "--task", f"add={root / 'add.jsonl'}",
+                 "--task", f"words={root / 'words.txt'}", "--out", str(out), "--no-progress", "--batch-size", "8", *extra])
+
+
+def test_analyze_writes_the_output_directory(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _analyze(tiny_checkpoint, out, "--phases", "fisher") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"]["layers"] == 2 and results["model"]["kv_heads"] == 2
+    assert results["fisher"]["add"]["samples"] == 12 and results["fisher"]["words"]["samples"] == 10
+    assert 0 < results["fisher"]["add"]["loss_per_token"] < 10
+    groups = np.load(out / "group_fisher.npz")
+    assert groups["add|layers/self_attn/k_proj/kernel|head"].shape == (2, 2)
+    assert groups["words|layers/mlp/down_proj/kernel|neuron"].shape == (2, 48)
+    assert (out / "fisher_state" / "add").is_dir() and (out / "report.md").exists()
+    restored = __import__("fisherjax").io.load_task_fisher(out / "fisher_state" / "add")
+    np.testing.assert_array_equal(restored.group_fisher["layers/self_attn/k_proj/kernel"]["head"], groups["add|layers/self_attn/k_proj/kernel|head"])
+    assert "add: 12 samples" in capsys.readouterr().out
+
+
+def test_info(tiny_checkpoint, capsys):
+    assert main(["info", str(tiny_checkpoint / "model")]) == 0
+    text = capsys.readouterr().out
+    assert "llama" in text and "kv heads" in text
+    assert main(["info", str(tiny_checkpoint / "model"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["heads"], info["kv_heads"], info["head_dim"]) == (4, 2, 8)
+
+
+@pytest.mark.parametrize(
+    "task_arg, message",
+    [
+        ("add={root}/missing.jsonl", "missing.jsonl: task file does not exist"),
+        ("add", "--task expects NAME=FILE"),
+        ("bad={root}/bad.jsonl", r"bad.jsonl:2: malformed JSON"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, capsys, task_arg, message):
+    (tiny_checkpoint / "bad.jsonl").write_text('{"text": "ab"}\n{oops\n')
+    out = tmp_path / "out"
+    code = main(["analyze", "--model", str(tiny_checkpoint / "model"), "--task", task_arg.format(root=tiny_checkpoint),
+                 "--out", str(out), "--no-progress", "--phases", "fisher"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("fisherjax: error:") and "Traceback" not in err
+    assert __import__("re").search(message, err), err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_failed_run_keeps_the_previous_output(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    bad = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint / "model", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "rwkv"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    proc = subprocess.run([sys.executable, "-m", "fisherjax.cli", "analyze", "--model", str(bad), "--task",
+                           f"add={tiny_checkpoint / 'add.jsonl'}", "--out", str(out), "--no-progress", "--phases", "fisher"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown architecture model_type='rwkv'" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "keep.txt").read_text() == "old"
