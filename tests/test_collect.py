@@ -222,3 +222,16 @@ def test_killed_collection_resumes_to_identical_numbers(tmp_path):
     for key in a.files:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert len(a["ids"]) == 22
+
+
+def test_memory_budget_splits_batches_into_micro_batches(model, task):
+    from fisherjax.fisher.collect import _make_plan, micro_batch_size
+
+    plan = _make_plan(model.layout, True, True, "empirical", 1, "welford", "auto", "float32", False)
+    assert micro_batch_size(model, plan, 8, 16, 1e6) < 8
+    whole = collect(model, batches(task, 8), task="rand", contributions=True, diagonal=True, progress=False)
+    split = collect(model, batches(task, 8), task="rand", contributions=True, diagonal=True, progress=False, memory_budget_bytes=1e6)
+    np.testing.assert_array_equal(whole.contributions.sample_ids, split.contributions.sample_ids)
+    _assert_groups_close(split.group_fisher, whole.group_fisher, rtol=1e-5)
+    q = "layers/self_attn/q_proj/kernel"
+    np.testing.assert_allclose(split.contributions.grads[q], whole.contributions.grads[q], rtol=1e-4, atol=1e-7)

@@ -262,6 +262,7 @@ def collect(
     ghost: str = "auto",
     keep_per_sample_groups: bool = True,
     remat: bool = False,
+    memory_budget_bytes: float = 4e9,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 10,
     resume: bool = False,
@@ -287,6 +288,9 @@ def collect(
       ghost: ``"auto"`` chooses ghost norms per layer when cheaper, ``"always"`` / ``"never"`` force.
       keep_per_sample_groups: keep per-sample group values (for bootstrap intervals).
       remat: recompute each block in the backward pass (less memory, ~30 % more time).
+      memory_budget_bytes: device memory one step may use for per-sample arrays (materialised
+        gradients and the activations the backward pass keeps); larger batches are processed in
+        micro-batches of the size that fits (see :func:`micro_batch_size`).
       checkpoint_dir, checkpoint_every, resume: save the accumulation state with orbax every N
         batches; with ``resume=True`` skip the batches already accumulated and continue.
       progress: show a progress bar with samples/s.
@@ -328,19 +332,21 @@ def collect(
         if index < start_batch:
             continue
         check_token_ids(batch.input_ids, model.config.vocab_size)
-        new_state, groups, kept, losses, tokens, finite = step(
-            params,
-            state,
-            batch.input_ids,
-            batch.attention_mask,
-            batch.labels,
-            batch.sample_ids,
-            jax.random.fold_in(key, index),
-        )
-        _raise_if_nonfinite(np.asarray(finite), batch.sample_ids, layout.paths(), task)
-        state = new_state
-        log = log.add(batch, np.asarray(tokens), np.asarray(losses), groups if keep_per_sample_groups else None, kept if keep else None,
-                      budget=contribution_budget_bytes, spill=spill, task=task)
+        chunk = micro_batch_size(model, plan, *batch.input_ids.shape, memory_budget_bytes)
+        for part, micro in enumerate(_micro_batches(batch, chunk)):
+            new_state, groups, kept, losses, tokens, finite = step(
+                params,
+                state,
+                micro.input_ids,
+                micro.attention_mask,
+                micro.labels,
+                micro.sample_ids,
+                jax.random.fold_in(jax.random.fold_in(key, index), part),
+            )
+            _raise_if_nonfinite(np.asarray(finite), micro.sample_ids, layout.paths(), task)
+            state = new_state
+            log = log.add(micro, np.asarray(tokens), np.asarray(losses), groups if keep_per_sample_groups else None,
+                          kept if keep else None, budget=contribution_budget_bytes, spill=spill, task=task)
         if manager is not None and (index + 1) % checkpoint_every == 0:
             io.save_progress(manager, index + 1, state, log)
         if bar is not None:
@@ -363,6 +369,36 @@ def collect(
             stacklevel=2,
         )
     return _finish(model, task, plan, state, log, spill)
+
+
+def micro_batch_size(model, plan: _Plan, batch: int, seq: int, budget_bytes: float) -> int:
+    """Samples per step so that per-sample arrays fit ``budget_bytes`` (at least 1, at most ``batch``).
+
+    Per sample: the materialised gradients (and their squares, and the stored copies when kept)
+    plus the activations a backward pass keeps, estimated as ``4 bytes × layers × seq ×
+    (12·d_model + 3·d_ff)`` and the ``[seq, vocab]`` logits with their gradient.
+    """
+    cfg = model.config
+    grads = sum(int(np.prod(model.layout.specs[p].shape)) for p in plan.materialise)
+    kept = sum(int(np.prod(model.layout.specs[p].shape)) for p in plan.keep)
+    activations = cfg.num_layers * seq * (12 * cfg.hidden_size + 3 * cfg.intermediate_size) + 2 * seq * cfg.vocab_size
+    per_sample = 4 * (2 * grads + 2 * kept + activations)
+    return int(max(1, min(batch, budget_bytes // max(per_sample, 1))))
+
+
+def _micro_batches(batch: Batch, size: int):
+    """Split a batch into consecutive micro-batches of ``size`` rows (the last padded with filler)."""
+    n = batch.input_ids.shape[0]
+    if size >= n:
+        yield batch
+        return
+    for start in range(0, n, size):
+        rows = np.arange(start, min(start + size, n))
+        if np.all(batch.sample_ids[rows] < 0):
+            continue
+        pad = size - len(rows)
+        take = lambda x, fill: np.concatenate([x[rows], np.full((pad, *x.shape[1:]), fill, x.dtype)])  # noqa: E731
+        yield Batch(take(batch.input_ids, 0), take(batch.attention_mask, 0), take(batch.labels, IGNORE), take(batch.sample_ids, -1))
 
 
 # ---- host-side bookkeeping ---------------------------------------------------------------------
