@@ -1,0 +1,389 @@
+"""Phase 3 (pruning masks): thresholds, exact sparsity, params-shaped trees built by hand, and
+the head-pruning experiment on a tiny random Llama with grouped-query attention."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from fisherjax.analysis import masks
+from fisherjax.config import DecoderConfig, RopeConfig
+from fisherjax.data import batches, task_from_tokens
+from fisherjax.errors import ConfigError, DataError, NumericalError
+from fisherjax.fisher.groups import group_sizes, groups_of_elementwise
+from fisherjax.fisher.state import TaskFisher
+from fisherjax.layout import ModelLayout, flatten, layout_for
+
+HD = 8
+VOCAB = 61
+
+
+def config(family: str, layers: int = 3) -> DecoderConfig:
+    return DecoderConfig(
+        model_type=family,
+        family=family,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=layers,
+        num_heads=4,
+        num_kv_heads=2 if family == "llama" else 4,
+        head_dim=HD,
+        intermediate_size=24,
+        max_position_embeddings=64,
+        norm_eps=1e-5,
+        activation="silu" if family == "llama" else "gelu_new",
+        tie_word_embeddings=family == "gpt2",
+        qkv_bias=family != "llama",
+        o_bias=family != "llama",
+        mlp_bias=family != "llama",
+        rope=RopeConfig(10000.0, HD) if family != "gpt2" else None,
+    )
+
+
+def layout_of(family: str) -> ModelLayout:
+    from flax import nnx
+
+    from fisherjax.models.decoder import Decoder
+
+    cfg = config(family)
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0)))))
+    return layout_for(cfg, jax.tree.map(lambda s: np.zeros(s.shape, np.float32), abstract))
+
+
+def fisher_from_diagonal(layout: ModelLayout, task: str, diag) -> TaskFisher:
+    groups = {p: {k: np.asarray(v) for k, v in groups_of_elementwise(layout, p, np.asarray(d, np.float64)).items()} for p, d in diag.items()}
+    return TaskFisher(task, groups, {p: group_sizes(layout, p) for p in diag}, n_samples=8, diagonal=diag)
+
+
+def random_fisher(layout: ModelLayout, task: str, seed: int) -> TaskFisher:
+    rng = np.random.default_rng(seed)
+    return fisher_from_diagonal(layout, task, {p: rng.gamma(0.5, 1.0, size=s.shape) for p, s in layout.specs.items()})
+
+
+@pytest.fixture(scope="module")
+def layouts():
+    return {f: layout_of(f) for f in ("llama", "gpt2", "gpt_neox")}
+
+
+# ---- thresholds ------------------------------------------------------------------------------
+
+
+def reference_keep(scores, groups, sparsity):
+    """Per group: prune the k = floor(s·n + 1/2) smallest (distinct) scores, with a sort per group."""
+    keep = np.ones(len(scores), bool)
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        k = int(np.floor(sparsity * len(idx) + 0.5))
+        if k:
+            threshold = np.sort(scores[idx])[k - 1]
+            keep[idx] = scores[idx] > threshold
+    return keep
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.7, 0.9, 1.0])
+def test_keep_highest_matches_sorting(sparsity):
+    rng = np.random.default_rng(0)
+    scores = rng.random(300)
+    groups = rng.integers(0, 5, 300)
+    np.testing.assert_array_equal(masks.keep_highest(scores, groups, sparsity), reference_keep(scores, groups, sparsity))
+    global_keep = masks.keep_highest(scores, np.zeros(300, int), sparsity)
+    k = int(np.floor(sparsity * 300 + 0.5))
+    assert (~global_keep).sum() == k
+    if 0 < k < 300:
+        # The quantile threshold: numpy's 'lower' quantile at k/n is the k-th smallest score.
+        np.testing.assert_array_equal(global_keep, scores > np.quantile(scores, k / 300, method="lower"))
+
+
+def test_ties_and_degenerate_scores():
+    scores = np.array([1.0, 2.0, 2.0, 2.0, 3.0, 4.0])
+    keep = masks.keep_highest(scores, np.zeros(6, int), 0.5)
+    assert (~keep).sum() == 3  # exact count even with ties at the threshold
+    np.testing.assert_array_equal(keep, [False, False, False, True, True, True])  # ties broken by position
+    with pytest.raises(NumericalError, match="all equal"):
+        masks.keep_highest(np.zeros(6), np.zeros(6, int), 0.5)
+    assert masks.keep_highest(np.zeros(6), np.zeros(6, int), 0.0).all()
+    assert not masks.keep_highest(np.zeros(6), np.zeros(6, int), 1.0).any()
+    # One group per layer: round half up prunes it at s = 0.5, keeps it below.
+    assert not masks.keep_highest(np.array([1.0, 2.0]), np.array([0, 1]), 0.5).any()
+    assert masks.keep_highest(np.array([1.0, 2.0]), np.array([0, 1]), 0.49).all()
+    with pytest.raises(ConfigError, match="sparsity"):
+        masks.keep_highest(scores, np.zeros(6, int), 1.5)
+    with pytest.raises(NumericalError, match="NaN"):
+        masks.keep_highest(np.array([np.nan, 1.0]), np.zeros(2, int), 0.5)
+
+
+# ---- structured masks built by hand ------------------------------------------------------------
+
+
+def head_cols(layout: ModelLayout, path: str, block: str, h: int) -> slice:
+    spec = layout.spec(path)
+    H, Hkv = layout.num_heads, layout.num_kv_heads
+    if spec.fused == "gpt2":
+        start = {"q": 0, "k": H * HD, "v": (H + Hkv) * HD}[block]
+        return slice(start + h * HD, start + (h + 1) * HD)
+    if spec.fused == "neox":
+        offset = "qkv".index(block)
+        return slice(h * 3 * HD + offset * HD, h * 3 * HD + (offset + 1) * HD)
+    return slice(h * HD, (h + 1) * HD)
+
+
+def reference_head_tree(layout: ModelLayout, head_keep: np.ndarray) -> dict:
+    """Flat bool tree with pruned heads' slices set False by hand (GQA: a kv head goes when all its heads go)."""
+    tree = {p: np.ones(s.shape, bool) for p, s in layout.specs.items()}
+    G = layout.kv_groups
+    for layer, h in zip(*np.nonzero(~head_keep), strict=True):
+        for path, spec in layout.specs.items():
+            name = spec.role.value
+            if name in ("q", "qkv"):
+                tree[path][layer][..., head_cols(layout, path, "q", h)] = False
+            if name == "o" and spec.kind == "kernel":
+                tree[path][layer][h * HD : (h + 1) * HD, :] = False
+        j = h // G
+        if not head_keep[layer, j * G : (j + 1) * G].any():
+            for path, spec in layout.specs.items():
+                for block in "kv":
+                    if spec.role.value in (block, "qkv"):
+                        tree[path][layer][..., head_cols(layout, path, block, j)] = False
+    return tree
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_head_mask_tree_by_hand(layouts, family, scope):
+    layout = layouts[family]
+    fisher = random_fisher(layout, "a", 1)
+    mask = masks.structured_mask(fisher, layout, 0.5, unit="head", scope=scope)
+    keep = mask.keep["head"]
+    assert keep.shape == (3, 4)
+    assert mask.n_pruned == 6
+    if scope == "layer":
+        assert ((~keep).sum(1) == 2).all()
+    scores = mask.scores["head"]
+    # Every pruned head scores no higher than every kept head (per layer for the layer scope).
+    if scope == "global":
+        assert scores[~keep].max() <= scores[keep].min()
+    else:
+        assert all(scores[layer][~keep[layer]].max() <= scores[layer][keep[layer]].min() for layer in range(3))
+    flat = flatten(mask.tree)
+    ref = reference_head_tree(layout, keep)
+    assert set(flat) == set(ref)
+    for path in ref:
+        np.testing.assert_array_equal(flat[path], ref[path], err_msg=path)
+
+
+def test_gqa_kv_head_pruned_only_with_all_its_heads(layouts):
+    layout = layouts["llama"]
+    keep = np.ones((3, 4), bool)
+    keep[0, [0, 1]] = False  # all query heads of kv head 0 in layer 0
+    keep[1, [0, 2]] = False  # one query head of each kv head in layer 1
+    tree = flatten(masks.mask_tree(layout, "head", {"head": keep}))
+    k = tree["layers/self_attn/k_proj/kernel"]
+    assert not k[0][:, :HD].any() and k[0][:, HD:].all()
+    assert k[1].all() and k[2].all()
+    # kv_head unit: GQA group j removes kv head j and its query heads.
+    kv_keep = np.array([[False, True], [True, True], [True, False]])
+    tree = flatten(masks.mask_tree(layout, "kv_head", {"kv_head": kv_keep}))
+    ref = reference_head_tree(layout, kv_keep[:, layout.kv_head_of])
+    for path in ref:
+        np.testing.assert_array_equal(tree[path], ref[path], err_msg=path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_neuron_and_channel_masks_by_hand(layouts, family):
+    layout = layouts[family]
+    fisher = random_fisher(layout, "a", 2)
+    mask = masks.structured_mask(fisher, layout, 0.7, unit="neuron", scope="layer")
+    keep = mask.keep["neuron"]
+    assert keep.shape == (3, 24) and ((~keep).sum(1) == 17).all()
+    names = {"llama": ("layers/mlp/up_proj", "layers/mlp/gate_proj", "layers/mlp/down_proj"), "gpt2": ("layers/mlp/c_fc", None, "layers/mlp/c_proj")}[family]
+    up, gate, down = names
+    diag = fisher.diagonal
+    score = diag[f"{up}/kernel"].sum(1) + diag[f"{down}/kernel"].sum(2)
+    if gate:
+        score = score + diag[f"{gate}/kernel"].sum(1)
+    if family == "gpt2":
+        score = score + diag[f"{up}/bias"]
+    np.testing.assert_allclose(mask.scores["neuron"], score, rtol=1e-10)
+    flat = flatten(mask.tree)
+    for layer in range(3):
+        np.testing.assert_array_equal(flat[f"{up}/kernel"][layer], np.broadcast_to(keep[layer], (32, 24)))
+        np.testing.assert_array_equal(flat[f"{down}/kernel"][layer], np.broadcast_to(keep[layer][:, None], (24, 32)))
+        if gate:
+            np.testing.assert_array_equal(flat[f"{gate}/kernel"][layer], np.broadcast_to(keep[layer], (32, 24)))
+        if family == "gpt2":
+            np.testing.assert_array_equal(flat[f"{up}/bias"][layer], keep[layer])
+            assert flat[f"{down}/bias"].all()
+    assert flat["layers/attn/c_attn/kernel" if family == "gpt2" else "layers/self_attn/q_proj/kernel"].all()
+    channel = masks.structured_mask(fisher, layout, 0.5, unit="channel")
+    total = sum(k.size for k in channel.keep.values())
+    assert channel.n_pruned == int(np.floor(0.5 * total + 0.5))
+    cflat = flatten(channel.tree)
+    for path, k in channel.keep.items():
+        np.testing.assert_array_equal(cflat[path], np.broadcast_to(k[:, None, :], layout.spec(path).shape))
+
+
+def test_unstructured_mask_exact(layouts):
+    layout = layouts["llama"]
+    fisher = random_fisher(layout, "a", 3)
+    n = sum(s.size for s in fisher.diagonal.values())
+    for sparsity in (0.0, 0.5, 0.7, 0.9, 1.0):
+        mask = masks.unstructured_mask(fisher, layout, sparsity)
+        pruned = sum(int((~np.asarray(x)).sum()) for x in jax.tree.leaves(mask.tree))
+        assert pruned == int(np.floor(sparsity * n + 0.5))
+        assert abs(mask.param_sparsity - sparsity) <= 0.5 / n
+    mask = masks.unstructured_mask(fisher, layout, 0.5)
+    values = np.concatenate([d.reshape(-1) for d in fisher.diagonal.values()])
+    threshold = np.sort(values)[int(np.floor(0.5 * n + 0.5)) - 1]
+    for path, keep in flatten(mask.tree).items():
+        np.testing.assert_array_equal(keep, fisher.diagonal[path] > threshold)
+    per_layer = masks.unstructured_mask(fisher, layout, 0.7, scope="layer")
+    stats = masks.sparsity_stats(per_layer, layout)
+    assert stats.layers.tolist() == [-1, 0, 1, 2]
+    for layer, pruned, total in zip(stats.layers, stats.pruned, stats.total, strict=True):
+        expected_total = sum((d.size if layer < 0 else d[0].size) for p, d in fisher.diagonal.items() if layout.spec(p).layered == (layer >= 0))
+        assert total == expected_total and pruned == int(np.floor(0.7 * total + 0.5))
+    no_diag = TaskFisher("a", fisher.group_fisher, fisher.group_sizes, n_samples=8)
+    with pytest.raises(DataError, match="diagonal"):
+        masks.unstructured_mask(no_diag, layout, 0.5)
+
+
+def test_saliency_criterion(layouts):
+    layout = layouts["llama"]
+    fisher = random_fisher(layout, "a", 9)
+    rng = np.random.default_rng(9)
+    params = {p: rng.normal(size=s.shape) for p, s in layout.specs.items()}
+    mask = masks.structured_mask(fisher, layout, 0.5, criterion="saliency", params=params)
+    sal = {p: 0.5 * fisher.diagonal[p] * params[p] ** 2 for p in params}
+    G = layout.kv_groups
+    expected = np.zeros((3, 4))
+    for layer in range(3):
+        for h in range(4):
+            j = h // G
+            q = sal["layers/self_attn/q_proj/kernel"][layer][:, h * HD : (h + 1) * HD].sum()
+            o = sal["layers/self_attn/o_proj/kernel"][layer][h * HD : (h + 1) * HD].sum()
+            k = sal["layers/self_attn/k_proj/kernel"][layer][:, j * HD : (j + 1) * HD].sum()
+            v = sal["layers/self_attn/v_proj/kernel"][layer][:, j * HD : (j + 1) * HD].sum()
+            expected[layer, h] = q + o + (k + v) / G
+    np.testing.assert_allclose(mask.scores["head"], expected, rtol=1e-10)
+    with pytest.raises(ConfigError, match="params"):
+        masks.structured_mask(fisher, layout, 0.5, criterion="saliency")
+    no_diag = TaskFisher("a", fisher.group_fisher, fisher.group_sizes, n_samples=8)
+    with pytest.raises(DataError, match="diagonal"):
+        masks.structured_mask(no_diag, layout, 0.5, criterion="saliency", params=params)
+
+
+def test_apply_mask_and_stats(layouts):
+    layout = layouts["gpt2"]
+    rng = np.random.default_rng(4)
+    params = {p: rng.normal(size=s.shape).astype(np.float32) for p, s in layout.specs.items()}
+    from fisherjax.layout import unflatten
+
+    nested = unflatten(params)
+    mask = masks.structured_mask(random_fisher(layout, "a", 5), layout, 0.5, unit="head")
+    masked = flatten(masks.apply_mask(nested, mask))
+    for path, keep in flatten(mask.tree).items():
+        np.testing.assert_array_equal(np.asarray(masked[path]), np.where(keep, params[path], 0.0))
+    stats = masks.sparsity_stats(mask, layout)
+    pruned_q = (~flatten(mask.tree)["layers/attn/c_attn/kernel"]).sum() + (~flatten(mask.tree)["layers/attn/c_attn/bias"]).sum()
+    pruned_o = (~flatten(mask.tree)["layers/attn/c_proj/kernel"]).sum()
+    assert stats.by_role["qkv"][0] == pruned_q and stats.by_role["o"][0] == pruned_o
+    assert stats.pruned.sum() == pruned_q + pruned_o
+    with pytest.raises(ConfigError, match="structure"):
+        masks.apply_mask({"a": np.ones(3)}, mask)
+
+
+def test_bad_choices(layouts):
+    fisher = random_fisher(layouts["llama"], "a", 6)
+    with pytest.raises(ConfigError, match="unit"):
+        masks.structured_mask(fisher, layouts["llama"], 0.5, unit="row")
+    with pytest.raises(ConfigError, match="scope"):
+        masks.structured_mask(fisher, layouts["llama"], 0.5, scope="block")
+    zero = TaskFisher("z", {p: {k: np.zeros_like(v) for k, v in g.items()} for p, g in fisher.group_fisher.items()}, fisher.group_sizes, n_samples=1)
+    with pytest.raises(NumericalError, match="all equal"):
+        masks.structured_mask(zero, layouts["llama"], 0.5)
+    assert masks.structured_mask(zero, layouts["llama"], 0.0).n_pruned == 0
+    assert masks.structured_mask(zero, layouts["llama"], 1.0).sparsity == 1.0
+
+
+def test_summarize(layouts):
+    layout = layouts["llama"]
+    summary = masks.summarize({"a": random_fisher(layout, "a", 7), "b": random_fisher(layout, "b", 8)}, layout)
+    json.dumps(summary)
+    head = summary["tasks"]["a"]["head"]
+    assert set(head) == {"0.5", "0.7", "0.9"}
+    assert head["0.5"]["n_pruned"] == 6 and len(head["0.5"]["pruned_units"]) == 6
+    assert summary["tasks"]["a"]["parameter"]["0.9"]["achieved_sparsity"] == pytest.approx(0.9, abs=1e-4)
+
+
+# ---- head-pruning experiment on a tiny random Llama (GQA) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from fisherjax.grads import per_sample_grads
+    from fisherjax.models import Model
+
+    model = Model.init(config("llama", layers=2), seed=0)
+    rng = np.random.default_rng(0)
+    task_batches, fishers = {}, {}
+    for name, low in (("low", 3), ("high", 30)):
+        # Two token ranges, so the tasks lean on the model differently.
+        tokens = [rng.integers(low, low + 28, size=rng.integers(6, 14)).tolist() for _ in range(8)]
+        task = task_from_tokens(name, tokens)
+        bs = list(batches(task, 8))  # one [8, 16] batch per task: one compilation serves both
+        task_batches[name] = bs
+        grads, counts = [], []
+        for b in bs:
+            ps = per_sample_grads(model, model.params, b, paths=list(model.layout.specs))
+            real = b.sample_ids >= 0
+            grads.append({p: np.asarray(g, np.float64)[real] for p, g in ps.grads.items()})
+            counts.append(np.asarray(ps.tokens)[real])
+        t = np.concatenate(counts).astype(np.float64)
+        diag = {p: (np.concatenate([g[p] for g in grads]) ** 2 / t.reshape((-1,) + (1,) * (grads[0][p].ndim - 1))).mean(0) for p in grads[0]}
+        fishers[name] = fisher_from_diagonal(model.layout, name, diag)
+    return model, task_batches, fishers
+
+
+def token_mean_loss(model, params, batch_list) -> float:
+    """Σ token NLL / Σ tokens with numpy log-softmax of the model's logits."""
+    total, count = 0.0, 0
+    apply = jax.jit(model.apply)
+    for b in batch_list:
+        logits = np.asarray(apply(params, b.input_ids, b.attention_mask), np.float64)[:, :-1]
+        targets = b.labels[:, 1:]
+        logp = logits - logits.max(-1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        valid = targets != -100
+        picked = np.take_along_axis(logp, np.where(valid, targets, 0)[..., None], -1)[..., 0]
+        total += -(picked * valid).sum()
+        count += valid.sum()
+    return total / count
+
+
+def test_head_pruning_experiment(tiny_llama):
+    model, task_batches, fishers = tiny_llama
+    result = masks.head_pruning_experiment(model, model.params, task_batches, fishers, sparsity=0.5, n_random=3, seed=0)
+    json.dumps(result)
+    assert result["n_units"] == 8 and result["n_pruned"] == 4
+    layout = model.layout
+    for name, r in result["tasks"].items():
+        np.testing.assert_allclose(r["loss_before"], token_mean_loss(model, model.params, task_batches[name]), rtol=1e-5)
+        # Zero the pruned heads by hand (Q columns, O rows; a kv head only when both its query heads go).
+        keep = np.ones((2, 4), bool)
+        for layer, h in r["pruned"]:
+            keep[layer, h] = False
+        ref_tree = reference_head_tree(layout, keep)
+        params = {p: np.where(ref_tree[p], np.asarray(v), 0.0).astype(np.float32) for p, v in flatten(model.params).items()}
+        from fisherjax.layout import unflatten
+
+        np.testing.assert_allclose(r["loss_fisher"], token_mean_loss(model, unflatten(params), task_batches[name]), rtol=1e-5)
+        assert r["pruned"] == np.argwhere(~masks.structured_mask(fishers[name], layout, 0.5).keep["head"]).tolist()
+        assert len(r["loss_random"]) == 3
+        np.testing.assert_allclose(r["loss_random_mean"], np.mean(r["loss_random"]), rtol=1e-12)
+        np.testing.assert_allclose(r["loss_random_sd"], np.std(r["loss_random"], ddof=1), rtol=1e-12)
+        assert result["cross"][name][name] == r["loss_fisher"]
+    with pytest.raises(DataError, match="batches"):
+        masks.head_pruning_experiment(model, model.params, {"low": task_batches["low"]}, fishers)
