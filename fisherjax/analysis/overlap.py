@@ -1,0 +1,328 @@
+"""Phase 4: mask overlap — do two tasks keep the same parameters?
+
+For the *kept* sets ``A`` and ``B`` of two tasks' masks (:mod:`fisherjax.analysis.masks`) the
+Jaccard overlap is ``J = |A ∩ B| / |A ∪ B|``; the shared region is ``A ∩ B``, the A-only region
+``A \\ B``, the B-only region ``B \\ A``. Two empty sets are identical, so ``J(∅, ∅) = 1`` (as
+``1 − scipy.spatial.distance.jaccard`` of two all-false vectors; the union size is reported beside
+it and the figure marks such layers). Overlap is measured over whichever elements the masks decide:
+
+* ``level="unit"`` — heads, kv heads, neurons or channels (``Mask.keep``, ``[L, units]``): the
+  decision itself, each unit counted once;
+* ``level="parameter"`` — parameters of the params-shaped trees (``Mask.tree``); a head counts
+  with its size. Needed for unstructured masks, and for masks of different units.
+
+Per layer the same counts are taken within each layer (``-1`` = parameters outside the layer
+stack). :func:`merge_advice` turns ``J`` into advice with the original system's thresholds:
+``J > 0.7`` high, ``0.4 ≤ J ≤ 0.7`` moderate, ``J < 0.4`` low.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fisherjax.analysis.masks import Mask
+from fisherjax.errors import ConfigError, DataError
+from fisherjax.layout import ModelLayout, flatten
+
+LEVELS = ("auto", "unit", "parameter")
+HIGH, LOW = 0.7, 0.4
+
+
+def jaccard(a, b) -> float:
+    """``|A ∩ B| / |A ∪ B|`` of two boolean arrays of one shape; 1.0 when both are empty."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if a.shape != b.shape:
+        raise DataError(f"masks of shapes {a.shape} and {b.shape} cannot be compared")
+    union = int((a | b).sum())
+    return 1.0 if union == 0 else int((a & b).sum()) / union
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeAdvice:
+    """``level`` is ``high`` / ``moderate`` / ``low``; ``text`` states the advice with its numbers."""
+
+    level: str
+    jaccard: float
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskOverlap:
+    """Overlap of two tasks' kept sets, overall and per layer.
+
+    Attributes:
+      task_a, task_b: names; level: ``unit`` or ``parameter``; unit: the masks' unit.
+      jaccard: ``|A∩B| / |A∪B|``; shared, only_a, only_b, neither, total: element counts.
+      layers: ``[n]`` layer ids (``-1`` = outside the layer stack); layer_jaccard, layer_shared,
+        layer_only_a, layer_only_b, layer_total: ``[n]`` per layer.
+      sparsity: the masks' target sparsity (None when they differ).
+      advice: :func:`merge_advice` of this overlap.
+    """
+
+    task_a: str
+    task_b: str
+    level: str
+    unit: str
+    jaccard: float
+    shared: int
+    only_a: int
+    only_b: int
+    neither: int
+    total: int
+    layers: np.ndarray
+    layer_jaccard: np.ndarray
+    layer_shared: np.ndarray
+    layer_only_a: np.ndarray
+    layer_only_b: np.ndarray
+    layer_total: np.ndarray
+    sparsity: float | None
+    advice: MergeAdvice
+
+    def to_json(self) -> dict:
+        """JSON-ready dict of every field."""
+        return {
+            "task_a": self.task_a,
+            "task_b": self.task_b,
+            "level": self.level,
+            "unit": self.unit,
+            "sparsity": self.sparsity,
+            "jaccard": self.jaccard,
+            "shared": self.shared,
+            "only_a": self.only_a,
+            "only_b": self.only_b,
+            "neither": self.neither,
+            "total": self.total,
+            "layers": {
+                "layer": self.layers.tolist(),
+                "jaccard": self.layer_jaccard.tolist(),
+                "shared": self.layer_shared.tolist(),
+                "only_a": self.layer_only_a.tolist(),
+                "only_b": self.layer_only_b.tolist(),
+                "total": self.layer_total.tolist(),
+            },
+            "advice": {"level": self.advice.level, "text": self.advice.text},
+        }
+
+
+def _unit_elements(mask: Mask) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{name: (keep, layer ids)}`` of a structured mask's unit decisions ``[L, units]``."""
+    return {
+        name: (np.asarray(keep, bool), np.broadcast_to(np.arange(keep.shape[0])[:, None], keep.shape))
+        for name, keep in mask.keep.items()
+    }
+
+
+def _parameter_elements(tree, layout: ModelLayout) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{path: (keep, layer ids)}`` of a params-shaped bool tree."""
+    out = {}
+    for path, keep in flatten(tree).items():
+        keep = np.asarray(keep, bool)
+        spec = layout.spec(path)
+        if spec.layered:
+            layers = np.broadcast_to(np.arange(keep.shape[0]).reshape((-1,) + (1,) * (keep.ndim - 1)), keep.shape)
+        else:
+            layers = np.full(keep.shape, -1 if spec.layer is None else spec.layer)
+        out[path] = (keep, layers)
+    return out
+
+
+def _tree_of(mask) -> object:
+    return mask.tree if isinstance(mask, Mask) else mask
+
+
+def mask_overlap(
+    a: Mask | Mapping,
+    b: Mask | Mapping,
+    layout: ModelLayout | None = None,
+    *,
+    level: str = "auto",
+    names: tuple[str, str] | None = None,
+) -> MaskOverlap:
+    """Jaccard overlap, shared / A-only / B-only counts, overall and per layer (module docstring).
+
+    Args:
+      a, b: two :class:`~fisherjax.analysis.masks.Mask` values, or params-shaped bool trees.
+      layout: the model's layout (needed for ``level="parameter"``: it knows each leaf's layer).
+      level: ``unit``, ``parameter`` or ``auto`` (``unit`` when both are structured masks of one
+        unit, else ``parameter``).
+      names: task names (default: the masks' tasks, or ``A`` / ``B``).
+
+    Raises:
+      DataError: the masks cover different units, parameters or shapes.
+    """
+    if level not in LEVELS:
+        raise ConfigError(f"overlap level must be one of {LEVELS}, got {level!r}")
+    both_masks = isinstance(a, Mask) and isinstance(b, Mask)
+    same_unit = both_masks and a.unit == b.unit and a.unit != "parameter"
+    if level == "auto":
+        level = "unit" if same_unit else "parameter"
+    if level == "unit" and not same_unit:
+        raise DataError("unit-level overlap needs two structured masks of the same unit; use level='parameter'")
+    if names is None:
+        names = (getattr(a, "task", None) or "A", getattr(b, "task", None) or "B")
+    if level == "unit":
+        elements_a, elements_b = _unit_elements(a), _unit_elements(b)
+    else:
+        if layout is None:
+            raise ConfigError("parameter-level overlap needs the model's layout (each leaf's layer)")
+        elements_a, elements_b = _parameter_elements(_tree_of(a), layout), _parameter_elements(_tree_of(b), layout)
+    if set(elements_a) != set(elements_b):
+        raise DataError(
+            f"masks of {names[0]!r} and {names[1]!r} cover different elements: "
+            f"only in {names[0]!r} {sorted(set(elements_a) - set(elements_b))}, only in {names[1]!r} {sorted(set(elements_b) - set(elements_a))}"
+        )
+    bad = [k for k in elements_a if elements_a[k][0].shape != elements_b[k][0].shape]
+    if bad:
+        raise DataError(f"masks of {names[0]!r} and {names[1]!r} have different shapes for {bad}")
+    keys = sorted(elements_a)
+    keep_a = np.concatenate([elements_a[k][0].reshape(-1) for k in keys])
+    keep_b = np.concatenate([elements_b[k][0].reshape(-1) for k in keys])
+    layer = np.concatenate([elements_a[k][1].reshape(-1) for k in keys])
+    layers, position = np.unique(layer, return_inverse=True)
+
+    def per_layer(x):
+        return np.bincount(position, weights=x, minlength=len(layers)).astype(np.int64)
+
+    shared, only_a, only_b = keep_a & keep_b, keep_a & ~keep_b, ~keep_a & keep_b
+    layer_shared, layer_only_a, layer_only_b = per_layer(shared), per_layer(only_a), per_layer(only_b)
+    layer_union = layer_shared + layer_only_a + layer_only_b
+    layer_jaccard = np.divide(layer_shared, layer_union, out=np.ones(len(layers)), where=layer_union > 0)
+    sparsity = a.target_sparsity if both_masks and a.target_sparsity == b.target_sparsity else None
+    unit = a.unit if same_unit else "parameter"
+    j = jaccard(keep_a, keep_b)
+    fields = dict(
+        task_a=names[0],
+        task_b=names[1],
+        level=level,
+        unit=unit if level == "unit" else "parameter",
+        jaccard=j,
+        shared=int(shared.sum()),
+        only_a=int(only_a.sum()),
+        only_b=int(only_b.sum()),
+        neither=int((~keep_a & ~keep_b).sum()),
+        total=int(keep_a.size),
+        layers=layers,
+        layer_jaccard=layer_jaccard,
+        layer_shared=layer_shared,
+        layer_only_a=layer_only_a,
+        layer_only_b=layer_only_b,
+        layer_total=np.bincount(position, minlength=len(layers)).astype(np.int64),
+        sparsity=sparsity,
+    )
+    return MaskOverlap(**fields, advice=merge_advice(fields))
+
+
+def merge_advice(overlap: MaskOverlap | Mapping) -> MergeAdvice:
+    """Advice from the Jaccard overlap of the kept sets: ``> 0.7`` high, ``0.4–0.7`` moderate, ``< 0.4`` low.
+
+    The text names the numbers behind it: J, the shared / A-only / B-only counts, and the layers
+    with the highest and lowest overlap.
+    """
+    o = overlap if isinstance(overlap, Mapping) else dataclasses.asdict(overlap)
+    j, a, b = o["jaccard"], o["task_a"], o["task_b"]
+    what = f"{o['unit']}s" if o["level"] == "unit" else "parameters"
+    union = o["shared"] + o["only_a"] + o["only_b"]
+    numbers = (
+        f"Jaccard overlap of the kept {what} is {j:.2f} ({o['shared']} shared, {o['only_a']} only {a}, "
+        f"{o['only_b']} only {b}, of {union} kept by either and {o['total']} in all)"
+    )
+    layers, layer_j = np.asarray(o["layers"]), np.asarray(o["layer_jaccard"])
+    if len(layers) > 1:
+        hi, lo = int(np.argmax(layer_j)), int(np.argmin(layer_j))
+        numbers += f"; by layer from {layer_j[lo]:.2f} (layer {layers[lo]}) to {layer_j[hi]:.2f} (layer {layers[hi]})"
+    if j > HIGH:
+        level = "high"
+        advice = (
+            f"{a} and {b} rely largely on the same {what}. Fine-tunes for the two tasks would compete for them: "
+            "prefer joint training, or a Fisher-weighted merge followed by a check of both tasks; plain averaging is risky."
+        )
+    elif j >= LOW:
+        level = "moderate"
+        advice = (
+            f"{a} and {b} share part of their important {what}. Merging is possible with care: use Fisher-weighted "
+            "merging (each task keeps weight on its own parameters) and watch the layers with the highest overlap."
+        )
+    else:
+        level = "low"
+        advice = (
+            f"{a} and {b} rely mostly on different {what}. A merge should interfere little; "
+            "task-specific updates confined to each task's kept set could be combined."
+        )
+    return MergeAdvice(level, float(j), f"{numbers}. {advice}")
+
+
+# ---- results.json and figure ---------------------------------------------------------------
+
+
+def summarize(
+    masks: Mapping[str, Mask | Sequence[Mask]], layout: ModelLayout | None = None, *, level: str = "auto"
+) -> dict:
+    """Phase 4 section of ``results.json``.
+
+    ``masks`` maps each task to one mask or a list of masks (e.g. one per sparsity level and unit);
+    masks at the same position are compared for every pair of tasks. Returns
+    ``{"pairs": {"A|B": [MaskOverlap.to_json(), ...]}}``.
+    """
+    lists = {t: ([m] if isinstance(m, Mask) else list(m)) for t, m in masks.items()}
+    lengths = {len(v) for v in lists.values()}
+    if len(lengths) > 1:
+        raise DataError(f"every task needs the same number of masks, got {({t: len(v) for t, v in lists.items()})}")
+    pairs = {}
+    for (ta, ma), (tb, mb) in itertools.combinations(lists.items(), 2):
+        pairs[f"{ta}|{tb}"] = [mask_overlap(x, y, layout, level=level, names=(ta, tb)).to_json() for x, y in zip(ma, mb, strict=True)]
+    return {"thresholds": {"high": HIGH, "low": LOW}, "pairs": pairs}
+
+
+def plot_overlap(overlaps: Sequence[MaskOverlap] | MaskOverlap):
+    """Figure: per-layer Jaccard bars (one bar per overlap in each layer group, with the 0.4 / 0.7
+    advice thresholds), and beside them the shared / A-only / B-only counts per layer of the first
+    overlap as stacked bars. Matplotlib's object API (no pyplot state).
+    """
+    from matplotlib.figure import Figure
+
+    overlaps = [overlaps] if isinstance(overlaps, MaskOverlap) else list(overlaps)
+    if not overlaps:
+        raise DataError("no overlaps to plot")
+    layers = overlaps[0].layers
+    if any(not np.array_equal(o.layers, layers) for o in overlaps):
+        raise DataError("overlaps to plot side by side need the same layers")
+    labels = [str(int(x)) if x >= 0 else "other" for x in layers]
+    x = np.arange(len(layers))
+    fig = Figure(figsize=(max(6.0, 0.55 * len(layers) * (1 + 0.3 * len(overlaps))) + 4.0, 3.6), constrained_layout=True)
+    ax_j, ax_c = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(overlaps)
+    for i, o in enumerate(overlaps):
+        label = f"s={o.sparsity:g}" if o.sparsity is not None else f"{o.unit}"
+        if len({(p.unit, p.level) for p in overlaps}) > 1:
+            label = f"{o.unit} {label}" if o.sparsity is not None else label
+        ax_j.bar(x + (i - (len(overlaps) - 1) / 2) * width, o.layer_jaccard, width, label=f"{label} (J={o.jaccard:.2f})")
+        # A layer where neither task keeps anything has J = 1 by convention; mark it rather than let it read as agreement.
+        empty = (o.layer_shared + o.layer_only_a + o.layer_only_b) == 0
+        for xe in (x + (i - (len(overlaps) - 1) / 2) * width)[empty]:
+            ax_j.bar(xe, 1.0, width, color="0.85", hatch="//", edgecolor="0.5")
+            ax_j.text(xe, 0.5, "nothing kept", rotation=90, ha="center", va="center", fontsize=7)
+    ax_j.axhline(HIGH, color="0.3", linestyle="--", linewidth=0.8, label=f"high > {HIGH}")
+    ax_j.axhline(LOW, color="0.3", linestyle=":", linewidth=0.8, label=f"low < {LOW}")
+    ax_j.set_xticks(x, labels)
+    ax_j.set_ylim(0, 1.05)
+    ax_j.set_xlabel("layer")
+    ax_j.set_ylabel("Jaccard |A∩B| / |A∪B|")
+    ax_j.set_title(f"Kept-set overlap per layer: {overlaps[0].task_a} vs {overlaps[0].task_b}", fontsize=10)
+    ax_j.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    first = overlaps[0]
+    ax_c.bar(x, first.layer_shared, 0.7, label="shared", color="tab:purple")
+    ax_c.bar(x, first.layer_only_a, 0.7, bottom=first.layer_shared, label=f"only {first.task_a}", color="tab:blue")
+    ax_c.bar(x, first.layer_only_b, 0.7, bottom=first.layer_shared + first.layer_only_a, label=f"only {first.task_b}", color="tab:orange")
+    ax_c.set_xticks(x, labels)
+    ax_c.set_xlabel("layer")
+    what = f"{first.unit}s" if first.level == "unit" else "parameters"
+    ax_c.set_ylabel(f"kept {what}")
+    title = f"Kept {what}" + (f" at s={first.sparsity:g}" if first.sparsity is not None else "")
+    ax_c.set_title(title, fontsize=10)
+    ax_c.yaxis.get_major_locator().set_params(integer=True)
+    ax_c.legend(fontsize=7)
+    return fig
