@@ -1,0 +1,344 @@
+"""Phase 7: using the Fisher in training and merging — diagonal Fisher scaling, EWC, Fisher merging.
+
+All three take a per-parameter Fisher ``F`` shaped like the parameters.
+:func:`parameter_fisher` makes one from a :class:`~fisherjax.fisher.TaskFisher`: its full diagonal
+``Î`` where collected, otherwise each group's *mean* Fisher per parameter ``F_g / |g|`` spread over
+the group's parameters through the layout (:func:`~fisherjax.analysis.importance.spread_groups`;
+the leaf's primary groups, so an MLP out kernel uses its output ``channel`` groups).
+
+* :func:`scale_by_fisher` — optax transformation ``u ← u / (F + ε)``, a diagonal natural-gradient
+  preconditioner: chain it before a learning-rate transformation,
+  ``optax.chain(scale_by_fisher(F, 1e-8), optax.sgd(lr))``.
+* :func:`ewc_penalty` — elastic weight consolidation (Kirkpatrick et al. 2017)
+  ``Ω(θ) = λ/2 Σ_k F_k (θ_k − θ*_k)²``; :func:`ewc_regulariser` adds its gradient
+  ``λ F ⊙ (θ − θ*)`` to the updates inside an optax chain (like ``optax.add_decayed_weights``).
+* :func:`fisher_merge` — Fisher-weighted averaging (Matena & Raffel 2022)
+  ``θ = Σ_k c_k F̃_k θ_k / Σ_k c_k F̃_k`` with ``F̃_k = max(F_k, floor)`` (the floor makes a
+  parameter no model has Fisher for fall back to the ``c``-weighted mean) and optional model
+  coefficients ``c_k``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, PyTree
+
+from fisherjax.analysis.importance import primary_group_types, spread_groups
+from fisherjax.errors import ConfigError, DataError, NumericalError
+from fisherjax.fisher.groups import group_sizes
+from fisherjax.fisher.state import TaskFisher
+from fisherjax.layout import ModelLayout, flatten, unflatten
+
+SOURCES = ("auto", "diagonal", "groups")
+
+
+# ---- per-parameter Fisher -----------------------------------------------------------------
+
+
+_GROUP_TYPES = frozenset({"head", "head_q", "head_k", "head_v", "channel", "neuron", "row", "element"})
+
+
+def _is_group_fisher(tree) -> bool:
+    """``{path: {group_type: values}}`` (second-level keys are group types), as opposed to a nested params tree."""
+    if not isinstance(tree, Mapping) or not tree:
+        return False
+    return all(isinstance(v, Mapping) and v and set(v) <= _GROUP_TYPES for v in tree.values())
+
+
+def group_means_to_params(
+    group_fisher: Mapping[str, Mapping[str, Any]], layout: ModelLayout, sizes: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, np.ndarray]:
+    """``{path: param-shaped}`` where each parameter holds its group's mean ``F_g / |g|``.
+
+    Uses each leaf's primary group types (fused QKV: ``head_q/k/v``; else the first of head,
+    channel, row, element). ``sizes`` defaults to :func:`fisherjax.fisher.groups.group_sizes`.
+    """
+    out = {}
+    for path, groups in group_fisher.items():
+        if path not in layout.specs:
+            raise DataError(f"group Fisher has a parameter the model does not: {path!r}")
+        leaf_sizes = (sizes or {}).get(path) or group_sizes(layout, path)
+        means = {}
+        for group_type in primary_group_types(layout, path, list(groups)):
+            values = np.asarray(groups[group_type], np.float64)
+            means[group_type] = values / np.maximum(np.asarray(leaf_sizes[group_type], np.float64), 1.0)
+        out[path] = np.asarray(spread_groups(layout, path, means), np.float32)
+    return out
+
+
+def parameter_fisher(
+    fisher: TaskFisher | Mapping, layout: ModelLayout | None = None, *, like: PyTree | None = None, source: str = "auto"
+) -> PyTree:
+    """A params-shaped per-parameter Fisher.
+
+    Args:
+      fisher: a :class:`TaskFisher`; a group Fisher ``{path: {group_type: values}}``; or a
+        per-parameter Fisher already (flat ``{path: array}`` or nested), returned nested.
+      layout: needed for group Fisher.
+      like: a params tree; the result is checked to have its paths and shapes.
+      source: for a TaskFisher, ``diagonal`` (its full diagonal ``Î``), ``groups`` (group means,
+        see the module docstring) or ``auto`` (the diagonal where it has the leaf, else groups).
+
+    Returns:
+      nested dict of float32 arrays, ``F_k ≥ 0``.
+
+    Raises:
+      DataError: a parameter of ``like`` without Fisher, or shapes that differ.
+      NumericalError: NaN, inf or negative Fisher.
+    """
+    if source not in SOURCES:
+        raise ConfigError(f"source must be one of {SOURCES}, got {source!r}")
+    if isinstance(fisher, TaskFisher):
+        diagonal = dict(fisher.diagonal or {})
+        if source == "diagonal" and not diagonal:
+            raise DataError(f"task {fisher.task!r} has no diagonal Fisher (collect it with diagonal=True)")
+        flat = {} if source == "diagonal" else _groups_to_params(fisher.group_fisher, fisher.group_sizes, layout)
+        if source != "groups":
+            flat.update({p: np.asarray(v, np.float32) for p, v in diagonal.items()})
+        name = f"task {fisher.task!r}"
+    elif _is_group_fisher(fisher):
+        flat = _groups_to_params(fisher, None, layout)
+        name = "the group Fisher"
+    else:
+        flat = flatten(fisher)
+        name = "the Fisher"
+    for path, value in flat.items():
+        value = np.asarray(value)
+        if not np.all(np.isfinite(value)) or np.any(value < 0):
+            raise NumericalError(f"{name}: {path} has NaN, inf or negative values (a Fisher is finite and ≥ 0)")
+    if like is not None:
+        _check_same_leaves(flatten(like), flat, "parameters", name)
+    return unflatten(flat)
+
+
+def _groups_to_params(group_fisher, sizes, layout):
+    if layout is None:
+        raise ConfigError("a group Fisher needs the model's layout to be spread over parameters")
+    return group_means_to_params(group_fisher, layout, sizes)
+
+
+def _check_same_leaves(reference: Mapping[str, Any], other: Mapping[str, Any], ref_name: str, other_name: str) -> None:
+    missing = sorted(set(reference) - set(other))
+    extra = sorted(set(other) - set(reference))
+    if missing or extra:
+        raise DataError(f"{other_name} and the {ref_name} differ: missing {missing}, not in the {ref_name} {extra}")
+    bad = [f"{p}: {np.shape(other[p])} vs {np.shape(reference[p])}" for p in reference if np.shape(other[p]) != np.shape(reference[p])]
+    if bad:
+        raise DataError(f"{other_name} has shapes unlike the {ref_name}: {bad}")
+
+
+def _as_tree_like(tree: PyTree, reference: PyTree, name: str) -> PyTree:
+    """``tree`` (flat or nested) restructured like ``reference`` after checking paths and shapes."""
+    flat_tree, flat_ref = flatten(tree), flatten(reference)
+    _check_same_leaves(flat_ref, flat_tree, "parameters", name)
+    return jax.tree.unflatten(jax.tree.structure(reference), [flat_tree[p] for p in _leaf_paths(reference)])
+
+
+def _leaf_paths(tree: PyTree) -> list[str]:
+    """Flat '/' paths of a nested dict in ``jax.tree.leaves`` order."""
+    paths, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return ["/".join(str(getattr(k, "key", k)) for k in keys) for keys, _ in paths]
+
+
+# ---- scale_by_fisher ----------------------------------------------------------------------
+
+
+def scale_by_fisher(fisher: PyTree, eps: float = 1e-8) -> optax.GradientTransformation:
+    """Optax transformation ``u ← u / (F + ε)`` (diagonal Fisher preconditioning).
+
+    Args:
+      fisher: per-parameter Fisher ``F ≥ 0`` shaped like the parameters (nested like them or flat
+        ``{path: array}``; see :func:`parameter_fisher`).
+      eps: ``ε > 0`` damping; a parameter with ``F = 0`` has its update scaled by ``1/ε``.
+
+    Returns:
+      ``optax.GradientTransformation`` with ``optax.EmptyState``. ``init`` checks that ``F`` has
+      the parameters' paths and shapes.
+    """
+    if not eps > 0:
+        raise ConfigError(f"scale_by_fisher needs eps > 0 (it keeps u / (F + eps) finite where F = 0), got {eps}")
+    host = {p: np.asarray(v, np.float32) for p, v in flatten(fisher).items()}
+    for path, value in host.items():
+        if not np.all(np.isfinite(value)) or np.any(value < 0):
+            raise NumericalError(f"scale_by_fisher: Fisher {path} has NaN, inf or negative values")
+    fisher_flat = {p: jnp.asarray(v) for p, v in host.items()}
+
+    def init_fn(params):
+        _check_same_leaves(flatten(params), fisher_flat, "parameters", "the Fisher")
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        denominators = _as_tree_like(fisher_flat, updates, "the Fisher")
+        return jax.tree.map(lambda u, f: (u / (f + eps)).astype(u.dtype), updates, denominators), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---- EWC ----------------------------------------------------------------------------------
+
+
+def ewc_penalty(params: PyTree, anchor: PyTree, fisher: PyTree, lam: float) -> Float[Array, ""]:
+    """``Ω(θ) = λ/2 Σ_k F_k (θ_k − θ*_k)²`` over every leaf (a scalar; differentiable, jittable).
+
+    ``params`` θ, ``anchor`` θ* and ``fisher`` F share one structure (``fisher`` may be flat).
+    ``∇Ω = λ F ⊙ (θ − θ*)``.
+    """
+    fisher = _as_tree_like(fisher, params, "the Fisher")
+    anchor = _as_tree_like(anchor, params, "the anchor")
+    terms = jax.tree.map(lambda p, a, f: jnp.sum(f * jnp.square(p - a)), params, anchor, fisher)
+    return 0.5 * lam * sum(jax.tree.leaves(terms))
+
+
+def ewc_regulariser(anchor: PyTree, fisher: PyTree, lam: float) -> optax.GradientTransformation:
+    """Optax transformation ``u ← u + λ F ⊙ (θ − θ*)``, the gradient of :func:`ewc_penalty`.
+
+    Put it first in a chain so the optimiser sees ``∇(L + Ω)``:
+    ``optax.chain(ewc_regulariser(θ*, F, λ), optax.adam(lr))``. Its ``update`` needs ``params``.
+    """
+    if lam < 0:
+        raise ConfigError(f"the EWC strength λ must be ≥ 0, got {lam}")
+
+    def init_fn(params):
+        _check_same_leaves(flatten(params), flatten(fisher), "parameters", "the Fisher")
+        _check_same_leaves(flatten(params), flatten(anchor), "parameters", "the anchor")
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ConfigError("ewc_regulariser needs params: call update(updates, state, params)")
+        f = _as_tree_like(fisher, updates, "the Fisher")
+        a = _as_tree_like(anchor, updates, "the anchor")
+        new = jax.tree.map(lambda u, p, a_, f_: (u + lam * f_ * (p - a_)).astype(u.dtype), updates, params, a, f)
+        return new, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---- Fisher merging -----------------------------------------------------------------------
+
+
+def fisher_merge(
+    params_list: Sequence[PyTree],
+    fishers: Sequence[TaskFisher | Mapping | PyTree],
+    *,
+    layout: ModelLayout | None = None,
+    floor: float = 1e-8,
+    coefficients: Sequence[float] | None = None,
+    normalise: bool = False,
+    source: str = "auto",
+) -> PyTree:
+    """Fisher-weighted average of models: ``θ = Σ_k c_k F̃_k θ_k / Σ_k c_k F̃_k``, ``F̃_k = max(F_k, floor)``.
+
+    Args:
+      params_list: ``K ≥ 1`` parameter trees of one architecture.
+      fishers: ``K`` Fishers — each a :class:`TaskFisher`, a group Fisher ``{path: {group_type: values}}``
+        (spread to group means; needs ``layout``) or a per-parameter tree (see :func:`parameter_fisher`).
+      floor: ``> 0``; keeps the denominator positive, so where all ``F_k`` are below it the merge is
+        the ``c``-weighted mean.
+      coefficients: model weights ``c_k ≥ 0`` (default all 1).
+      normalise: divide each ``F_k`` by its sum over all parameters first, so no model dominates by
+        the overall scale of its Fisher.
+      source: how a TaskFisher becomes per-parameter (:func:`parameter_fisher`).
+
+    Returns:
+      the merged parameters, structured and typed like ``params_list[0]``.
+    """
+    if not params_list:
+        raise ConfigError("fisher_merge needs at least one model")
+    if len(fishers) != len(params_list):
+        raise ConfigError(f"fisher_merge got {len(params_list)} models and {len(fishers)} Fishers")
+    if not floor > 0:
+        raise ConfigError(f"fisher_merge needs floor > 0 (it keeps Σ F positive), got {floor}")
+    coefficients = np.ones(len(params_list)) if coefficients is None else np.asarray(coefficients, np.float64)
+    if coefficients.shape != (len(params_list),) or np.any(coefficients < 0) or coefficients.sum() <= 0:
+        raise ConfigError(f"coefficients must be {len(params_list)} non-negative numbers, not all zero; got {coefficients}")
+    reference = params_list[0]
+    structure = jax.tree.structure(reference)
+    for k, params in enumerate(params_list[1:], start=1):
+        if jax.tree.structure(params) != structure:
+            _check_same_leaves(flatten(reference), flatten(params), "parameters of model 0", f"model {k}")
+            raise DataError(f"model {k} is nested differently from model 0")
+        _check_same_leaves(flatten(reference), flatten(params), "parameters of model 0", f"model {k}")
+    weights = []
+    for fisher in fishers:
+        tree = _as_tree_like(parameter_fisher(fisher, layout, like=reference, source=source), reference, "the Fisher")
+        if normalise:
+            total = sum(float(np.sum(x, dtype=np.float64)) for x in jax.tree.leaves(tree))
+            if total <= 0:
+                raise NumericalError("cannot normalise a Fisher that is zero everywhere")
+            tree = jax.tree.map(lambda x, t=total: x / t, tree)
+        weights.append(tree)
+    return _merge(tuple(params_list), tuple(weights), jnp.asarray(coefficients, jnp.float32), floor)
+
+
+@jax.jit
+def _merge(params_list, weights, coefficients, floor):
+    def leaf(*pairs):
+        k = len(pairs) // 2
+        thetas = jnp.stack([p.astype(jnp.float32) for p in pairs[:k]])
+        fisher = jnp.maximum(jnp.stack([jnp.asarray(f, jnp.float32) for f in pairs[k:]]), floor)
+        w = coefficients.reshape((-1,) + (1,) * (thetas.ndim - 1)) * fisher
+        return ((w * thetas).sum(0) / w.sum(0)).astype(pairs[0].dtype)
+
+    return jax.tree.map(leaf, *params_list, *weights)
+
+
+# ---- results.json -------------------------------------------------------------------------
+
+
+def summarize(fishers: Mapping[str, TaskFisher], layout: ModelLayout, *, eps: float = 1e-8, floor: float = 1e-8, dominance: float = 0.9) -> dict:
+    """Phase 7 section of ``results.json``.
+
+    Per task: quantiles (0, 1, 50, 99, 100 %) of the per-parameter Fisher (:func:`parameter_fisher`)
+    and the fraction of parameters below ``eps`` (where :func:`scale_by_fisher` amplifies updates
+    by about ``1/ε``). Per pair of tasks: the Fisher-merge weight of the first task
+    ``w_A = F̃_A / (F̃_A + F̃_B)`` — its mean, and the fractions of parameters with ``w_A > dominance``
+    or ``w_A < 1 − dominance`` (parameters a merge would take from one task almost alone), over the
+    model and per layer.
+    """
+    per_param = {name: flatten(parameter_fisher(f, layout)) for name, f in fishers.items()}
+    tasks = {}
+    for name, flat in per_param.items():
+        values = np.concatenate([np.asarray(v, np.float64).reshape(-1) for v in flat.values()])
+        tasks[name] = {
+            "n_parameters": int(values.size),
+            "quantiles": dict(zip(("0", "1", "50", "99", "100"), np.quantile(values, [0, 0.01, 0.5, 0.99, 1]).tolist(), strict=True)),
+            "fraction_below_eps": float((values < eps).mean()),
+            "eps": eps,
+        }
+    pairs = {}
+    for (a, fa), (b, fb) in itertools.combinations(per_param.items(), 2):
+        common = [p for p in fa if p in fb]
+        w_parts, layer_parts = [], []
+        for path in common:
+            xa = np.maximum(np.asarray(fa[path], np.float64), floor)
+            xb = np.maximum(np.asarray(fb[path], np.float64), floor)
+            w_parts.append((xa / (xa + xb)).reshape(-1))
+            spec = layout.spec(path)
+            if spec.layered:
+                layer_parts.append(np.repeat(np.arange(xa.shape[0]), xa[0].size))
+            else:
+                layer_parts.append(np.full(xa.size, -1 if spec.layer is None else spec.layer))
+        w, layer = np.concatenate(w_parts), np.concatenate(layer_parts)
+        layers, position = np.unique(layer, return_inverse=True)
+        count = np.bincount(position)
+        pairs[f"{a}|{b}"] = {
+            "mean_weight_a": float(w.mean()),
+            "fraction_dominated_by_a": float((w > dominance).mean()),
+            "fraction_dominated_by_b": float((w < 1 - dominance).mean()),
+            "per_layer": {
+                "layer": layers.tolist(),
+                "mean_weight_a": (np.bincount(position, weights=w) / count).tolist(),
+                "fraction_dominated_by_a": (np.bincount(position, weights=w > dominance) / count).tolist(),
+                "fraction_dominated_by_b": (np.bincount(position, weights=w < 1 - dominance) / count).tolist(),
+            },
+        }
+    return {"tasks": tasks, "merge_weights": pairs, "floor": floor, "dominance": dominance}
