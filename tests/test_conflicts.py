@@ -1,0 +1,551 @@
+"""Phase 5: cross-task sample conflicts (fisherjax.analysis.conflicts) and gradient projections
+(fisherjax.analysis.projection).
+
+References are independent: numpy dot products on flattened (and hand-sliced) gradients, the
+whitening formula written out, scipy's BH/BY, loops over np.median / np.delete for the null,
+explicit ``R_inᵀ g R_out`` from vmapped per-sample gradients, and numpy least squares for the
+Kronecker whitening fit. Calibration runs detection on many random half-splits of one task
+(synthetic and through a tiny GPT-2); the planted test flips one head's gradients.
+"""
+
+from __future__ import annotations
+
+import json
+
+import chex
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from fisherjax import ConfigError, DataError, DecoderConfig, Model, NumericalError
+from fisherjax.analysis import conflicts as C
+from fisherjax.analysis import projection as P
+from fisherjax.config import RopeConfig
+from fisherjax.data import batches, task_from_tokens
+from fisherjax.fisher.state import Contributions, TaskFisher
+from fisherjax.grads import per_sample_grads
+
+VOCAB = 97
+GPT2 = DecoderConfig(
+    model_type="gpt2", family="gpt2", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4,
+    head_dim=8, intermediate_size=64, max_position_embeddings=64, norm_eps=1e-5, activation="gelu_new",
+    tie_word_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True,
+)
+LLAMA = DecoderConfig(
+    model_type="llama", family="llama", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+    head_dim=12, intermediate_size=48, max_position_embeddings=64, norm_eps=1e-5, activation="silu",
+    tie_word_embeddings=False, rope=RopeConfig(10000.0, 12),
+)
+
+
+def attention_paths(model: Model) -> list[str]:
+    """Phase 1's default selection: attention q/k/v/o kernels and per-head q/k/v biases."""
+    lay = model.layout
+    return [p for block, kind in lay.attention_blocks() for p in lay.block_sources(block, kind)]
+
+
+def random_token_batches(n: int, seed: int, batch_size: int = 16):
+    rng = np.random.default_rng(seed)
+    task = task_from_tokens("random", [rng.integers(3, VOCAB, size=rng.integers(8, 16)) for _ in range(n)])
+    return list(batches(task, batch_size))
+
+
+def task_grads(model: Model, n: int, seed: int, paths=None, id_offset: int = 0):
+    """Per-sample gradients of ``n`` random-token samples: ({path: [n, ...]}, tokens, sample_ids)."""
+    paths = sorted(set(paths or attention_paths(model)))
+    grads, tokens, ids = {p: [] for p in paths}, [], []
+    for batch in random_token_batches(n, seed):
+        out = per_sample_grads(model, model.params, batch, paths=paths)
+        keep = batch.sample_ids >= 0
+        for p in paths:
+            grads[p].append(np.asarray(out.grads[p])[keep])
+        tokens.append(np.asarray(out.tokens)[keep])
+        ids.append(batch.sample_ids[keep] + id_offset)
+    return {p: np.concatenate(v) for p, v in grads.items()}, np.concatenate(tokens), np.concatenate(ids)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return Model.init(GPT2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return Model.init(LLAMA, seed=1)
+
+
+def dense_and_attention_paths(model: Model) -> list[str]:
+    return sorted(set(attention_paths(model)) | {p for role in P.DENSE_ROLES for p in model.layout.paths(role, "kernel")})
+
+
+@pytest.fixture(scope="module")
+def gpt2_grads(gpt2):
+    """Gradients of 96 random-token samples for every dense kernel and the q/k/v biases (one compile)."""
+    return task_grads(gpt2, 96, seed=0, paths=dense_and_attention_paths(gpt2))
+
+
+@pytest.fixture(scope="module")
+def llama_grads(llama):
+    return task_grads(llama, 12, seed=4, paths=dense_and_attention_paths(llama))
+
+
+@pytest.fixture(scope="module")
+def gpt2_task(gpt2, gpt2_grads):
+    """Phase 1's default selection (attention kernels and q/k/v biases) of the 96 samples, with
+    sample ids 1000, 1007, ... (so positions and ids differ)."""
+    grads, tokens, ids = gpt2_grads
+    return Contributions.from_grads({p: grads[p] for p in attention_paths(gpt2)}, tokens, 1000 + 7 * ids)
+
+
+def halves(task: Contributions) -> tuple[Contributions, Contributions]:
+    """Samples 0–23 and 24–47: most tests share these shapes, so jitted code compiles once."""
+    return task.select(np.arange(0, 24)), task.select(np.arange(24, 48))
+
+
+def numpy_flat(contributions: Contributions, fisher=None, eps=0.0) -> np.ndarray:
+    parts = []
+    for p in sorted(contributions.grads):
+        g = contributions.grads[p].astype(np.float64)
+        if fisher is not None:
+            g = g / np.sqrt(fisher[p].astype(np.float64) + eps)
+        parts.append(g.reshape(len(g), -1))
+    return np.concatenate(parts, 1)
+
+
+def numpy_cosines(x, y):
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    y = y / np.linalg.norm(y, axis=1, keepdims=True)
+    return x @ y.T
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [5, 64])
+def test_cosines_match_numpy(gpt2, gpt2_task, chunk_size):
+    a, b = halves(gpt2_task)
+    gram = C.pairwise_cosines(a, b, layout=gpt2.layout, chunk_size=chunk_size)
+    chex.assert_trees_all_close(gram.cosines, numpy_cosines(numpy_flat(a), numpy_flat(b)), atol=1e-5)
+    np.testing.assert_array_equal(gram.sample_ids_a, a.sample_ids)
+    np.testing.assert_array_equal(gram.sample_ids_b, b.sample_ids)
+    # Groups partition the parameters: contributions add up to the cosine.
+    chex.assert_trees_all_close(gram.group_contributions.sum(0), gram.cosines, atol=1e-5)
+
+
+def test_group_scores_match_hand_sliced_heads(gpt2, gpt2_task):
+    """GPT-2's fused c_attn [Q|K|V] columns and c_proj rows, sliced by hand per head."""
+    a, b = halves(gpt2_task)
+    gram = C.pairwise_cosines(a, b, layout=gpt2.layout, chunk_size=5)
+    hd, heads = GPT2.head_dim, GPT2.num_heads
+    kernel, bias, out = "layers/attn/c_attn/kernel", "layers/attn/c_attn/bias", "layers/attn/c_proj/kernel"
+    for block, offset in (("q", 0), ("k", heads * hd), ("v", 2 * heads * hd)):
+        for layer, head in ((0, 1), (1, 3)):
+            cols = slice(offset + head * hd, offset + (head + 1) * hd)
+
+            def piece(c):
+                k = c.grads[kernel][:, layer, :, cols].reshape(len(c), -1)
+                return np.concatenate([k, c.grads[bias][:, layer, cols]], 1).astype(np.float64)
+
+            g = gram.groups.labels.index(f"L{layer}.{block}.h{head}")
+            chex.assert_trees_all_close(gram.group_dots[g], piece(a) @ piece(b).T, rtol=1e-4, atol=1e-6)
+            chex.assert_trees_all_close(gram.group_cosines[g], numpy_cosines(piece(a), piece(b)), atol=1e-5)
+    rows = slice(2 * hd, 3 * hd)
+    piece = lambda c: c.grads[out][:, 1, rows, :].reshape(len(c), -1).astype(np.float64)  # noqa: E731
+    g = gram.groups.labels.index("L1.o.h2")
+    chex.assert_trees_all_close(gram.group_cosines[g], numpy_cosines(piece(a), piece(b)), atol=1e-5)
+
+
+def test_gqa_groups_follow_kv_heads(llama, llama_grads):
+    grads, tokens, ids = llama_grads
+    c = Contributions.from_grads({p: grads[p] for p in attention_paths(llama)}, tokens, ids)
+    gram = C.pairwise_cosines(c, c, layout=llama.layout)
+    labels = set(gram.groups.labels)
+    assert {"L1.k.h1", "L1.v.h1", "L1.q.h3", "L1.o.h3"} <= labels and "L0.k.h2" not in labels
+    kv = slice(1 * LLAMA.head_dim, 2 * LLAMA.head_dim)  # kv head 1 of k_proj
+    piece = c.grads["layers/self_attn/k_proj/kernel"][:, 1, :, kv].reshape(len(c), -1).astype(np.float64)
+    chex.assert_trees_all_close(gram.group_dots[gram.groups.labels.index("L1.k.h1")], piece @ piece.T, rtol=1e-4, atol=1e-7)
+
+
+def test_whiten_matches_formula(gpt2_task):
+    rng = np.random.default_rng(0)
+    fisher = {p: rng.gamma(2.0, 1e-3, size=v.shape[1:]).astype(np.float32) for p, v in gpt2_task.grads.items()}
+    out = C.whiten(gpt2_task.grads, fisher, 1e-4)
+    expected = {p: g / np.sqrt(fisher[p] + 1e-4) for p, g in gpt2_task.grads.items()}
+    chex.assert_trees_all_close(jax.tree.map(np.asarray, out), expected, rtol=1e-5)
+
+
+def test_detect_whitens_with_the_pooled_fisher(gpt2, gpt2_task):
+    a, b = halves(gpt2_task)
+    report = C.detect(a, b, layout=gpt2.layout, relative_eps=1e-3)
+    # Pooled Fisher of the 48 samples, written out: mean of g² / T.
+    both = gpt2_task.select(np.arange(48))
+    fisher = {
+        p: (np.square(g.astype(np.float64)) / both.tokens.reshape((-1,) + (1,) * (g.ndim - 1))).mean(0)
+        for p, g in both.grads.items()
+    }
+    eps = max(1e-8, 1e-3 * np.mean(np.concatenate([f.ravel() for f in fisher.values()])))
+    assert report.settings["eps"] == pytest.approx(eps, rel=1e-5)
+    x, y = numpy_flat(a, fisher, eps), numpy_flat(b, fisher, eps)
+    chex.assert_trees_all_close(report.cosines, numpy_cosines(x, y), atol=1e-5)
+    unit_x, unit_y = x / np.linalg.norm(x, axis=1, keepdims=True), y / np.linalg.norm(y, axis=1, keepdims=True)
+    effect = np.linalg.norm(unit_x[:, None, :] - unit_y[None, :, :], axis=-1) / 2
+    chex.assert_trees_all_close(report.effect_sizes, effect, atol=1e-5)
+
+
+def test_streamed_chunks_equal_stored(gpt2, gpt2_task):
+    a, b = halves(gpt2_task)
+
+    def stream(c, size):
+        return lambda: (C.GradChunk(c.sample_ids[s : s + size], {p: g[s : s + size] for p, g in c.grads.items()}) for s in range(0, len(c), size))
+
+    stored = C.pairwise_cosines(a, b, layout=gpt2.layout)
+    streamed = C.pairwise_cosines(stream(a, 4), stream(b, 5), layout=gpt2.layout, chunk_size=5)
+    chex.assert_trees_all_close(streamed.cosines, stored.cosines, atol=1e-6)
+    chex.assert_trees_all_close(streamed.group_dots, stored.group_dots, rtol=1e-5, atol=1e-6)
+    fisher = a.fisher()
+    r_stream = C.detect(stream(a, 4), stream(b, 5), layout=gpt2.layout, fisher=fisher, chunk_size=5, reference="a")
+    r_stored = C.detect(a, b, layout=gpt2.layout, fisher=fisher, reference="a")
+    chex.assert_trees_all_close(r_stream.cosines, r_stored.cosines, atol=1e-6)
+    chex.assert_trees_all_close(r_stream.pvalues, r_stored.pvalues, atol=1e-9)
+    with pytest.raises(ConfigError, match="fisher="):
+        C.detect(stream(a, 4), stream(b, 5), layout=gpt2.layout)
+    with pytest.raises(ConfigError, match="fresh iterator"):
+        C.detect(iter([]), b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Significance
+# ---------------------------------------------------------------------------------------------
+
+
+def loop_pvalues(test, ref, null, exclude_self):
+    """Straight loops: leave-one-out robust standardisation, pooled null / rank / Student t."""
+    n, m_test = test.shape
+    rows = [np.delete(ref[i], i) if exclude_self else ref[i] for i in range(n)]
+    p = np.zeros_like(test)
+    if null == "row":
+        for i in range(n):
+            for j in range(m_test):
+                p[i, j] = (1 + np.sum(rows[i] <= test[i, j])) / (1 + len(rows[i]))
+        return p
+    if null == "normal":
+        for i in range(n):
+            m = len(rows[i])
+            s = np.std(rows[i], ddof=1) * np.sqrt(1 + 1 / m)
+            p[i] = stats.t.cdf((test[i] - np.mean(rows[i])) / s, df=m - 1)
+        return p
+    null_z = []
+    for r in rows:
+        for l in range(len(r)):
+            rest = np.delete(r, l)
+            med = np.median(rest)
+            null_z.append((r[l] - med) / np.median(np.abs(rest - med)))
+    null_z = np.array(null_z)
+    for i in range(n):
+        med = np.median(rows[i])
+        z = (test[i] - med) / np.median(np.abs(rows[i] - med))
+        p[i] = [(1 + np.sum(null_z <= v)) / (1 + len(null_z)) for v in z]
+    return p
+
+
+@pytest.mark.parametrize("null", ["pooled", "normal", "row"])
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_pvalues_match_loops(null, exclude_self):
+    rng = np.random.default_rng(5)
+    n, m, r = 9, 7, 9 if exclude_self else 11
+    ref = np.tanh(rng.normal(0, 0.4, size=(n, r)) + rng.normal(0, 0.2, size=(n, 1)))
+    test = np.tanh(rng.normal(-0.2, 0.5, size=(n, m)))
+    got = C.conflict_pvalues(test, ref, exclude_self=exclude_self, null=null, tail=None)
+    chex.assert_trees_all_close(got, loop_pvalues(test, ref, null, exclude_self), atol=1e-12)
+    # Leading group axes are tested alongside (the pooled null pools over them).
+    stacked = C.conflict_pvalues(np.stack([test, test]), np.stack([ref, ref]), exclude_self=exclude_self, null=null, tail=None)
+    if null != "pooled":
+        chex.assert_trees_all_close(stacked[1], got, atol=1e-12)
+
+
+def test_pvalues_untested_where_nan():
+    rng = np.random.default_rng(1)
+    ref, test = rng.normal(0, 0.2, size=(6, 6)), rng.normal(0, 0.2, size=(6, 4))
+    ref[2] = np.nan
+    test[0, 1] = np.nan
+    p = C.conflict_pvalues(test, ref, exclude_self=True)
+    assert np.isnan(p[2]).all() and np.isnan(p[0, 1]) and np.isfinite(np.delete(p, 2, 0)[[0, 0, 0, 1], [0, 2, 3, 0]]).all()
+
+
+def test_pooled_tail_is_calibrated():
+    """Test and reference from one distribution: P(p ≤ t) ≈ t down into the GPD-fitted tail."""
+    rng = np.random.default_rng(0)
+    rows, m = 400, 60
+    loc, scale = rng.normal(0, 0.1, size=(rows, 1)), rng.uniform(0.05, 0.2, size=(rows, 1))
+    draw = lambda k: np.tanh(loc + scale * rng.standard_t(6, size=(rows, k)))  # noqa: E731
+    p = C.conflict_pvalues(draw(200), draw(m)).ravel()
+    for t in (1e-2, 1e-3, 2e-4):
+        k = int(np.sum(p <= t))
+        assert stats.binomtest(k, p.size, t, alternative="greater").pvalue > 1e-3, (t, k / p.size)  # not anti-conservative
+        assert k / p.size > t / 3, (t, k / p.size)  # and not uselessly conservative
+    assert p.min() < 1.0 / (rows * m)  # below the empirical resolution
+
+
+def test_qvalues_are_scipy_bh_and_by(gpt2, gpt2_task):
+    a, b = halves(gpt2_task)
+    for method in ("bh", "by"):
+        report = C.detect(a, b, layout=gpt2.layout, fdr_method=method)
+        expected = stats.false_discovery_control(report.pvalues.ravel(), method=method).reshape(report.pvalues.shape)
+        chex.assert_trees_all_close(report.qvalues, expected, atol=1e-12)
+        np.testing.assert_array_equal(report.significant, (report.qvalues <= 0.05) & (report.effect_sizes > C.ORTHOGONAL_EFFECT))
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_problem(gpt2, gpt2_task):
+    a, b = halves(gpt2_task)
+    with pytest.raises(DataError, match="at least two"):
+        C.detect(gpt2_task.select(np.arange(1)), b, layout=gpt2.layout)
+    with pytest.raises(DataError, match="fewer than 4 samples"):
+        C.detect(gpt2_task.select(np.arange(3)), b, layout=gpt2.layout, reference="a")
+    fewer = Contributions(b.sample_ids, b.tokens, {}, {p: g for p, g in b.grads.items() if "c_proj" not in p})
+    with pytest.raises(DataError, match="different parameters.*c_proj"):
+        C.detect(a, fewer, layout=gpt2.layout)
+    reshaped = Contributions(b.sample_ids, b.tokens, {}, {p: (g[:, :1] if "c_proj" in p else g) for p, g in b.grads.items()})
+    with pytest.raises(DataError, match="different shapes"):
+        C.detect(a, reshaped, layout=gpt2.layout, whiten=False)
+    poisoned = {p: g.copy() for p, g in b.grads.items()}
+    poisoned["layers/attn/c_proj/kernel"][4, 1, 0, 0] = np.nan
+    bad = Contributions(b.sample_ids, b.tokens, {}, poisoned)
+    with pytest.raises(NumericalError, match=f"sample {int(b.sample_ids[4])} on 'layers/attn/c_proj/kernel'"):
+        C.detect(a, bad, layout=gpt2.layout, fisher=a.fisher())
+    with pytest.raises(DataError, match="no stored per-sample gradients"):
+        C.detect(TaskFisher("math", {}, {}, n_samples=3), b)
+    zero = {p: g.copy() for p, g in b.grads.items()}
+    for g in zero.values():
+        g[2] = 0
+    with pytest.raises(DataError, match=f"samples \\[{int(b.sample_ids[2])}\\] have a zero gradient"):
+        C.detect(a, Contributions(b.sample_ids, b.tokens, {}, zero), layout=gpt2.layout, whiten=False)
+    with pytest.raises(ConfigError, match="scope"):
+        C.detect(a, b, scope="heads")
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: no true conflict between two halves of one task
+# ---------------------------------------------------------------------------------------------
+
+
+def synthetic_task(n: int, seed: int, dims=(40, 60, 100, 30)) -> Contributions:
+    """Gradients with task structure: 3 sub-clusters, a decaying anisotropic spectrum, t(4)
+    heavy-tailed noise and log-normal per-sample scales, over four leaves (four groups)."""
+    rng = np.random.default_rng(seed)
+    cluster = rng.integers(0, 3, size=n)
+    scale = np.exp(rng.normal(0, 0.5, size=n))
+    grads = {}
+    for k, d in enumerate(dims):
+        fixed = np.random.default_rng(1000 + k)
+        means = fixed.normal(0, 0.6, size=(3, d))
+        basis = np.linalg.qr(fixed.normal(size=(d, d)))[0]
+        noise = rng.standard_t(4, size=(n, d)) / np.sqrt(1 + np.arange(d))
+        grads[f"leaf{k}"] = (scale[:, None] * (means[cluster] + noise @ basis.T)).astype(np.float32)
+    return Contributions.from_grads(grads, rng.integers(5, 20, size=n), np.arange(n))
+
+
+def any_false_discovery_rate(task: Contributions, runs: int, seed: int, **kwargs) -> tuple[int, float]:
+    n = len(task)
+    hits = 0
+    for r in range(runs):
+        order = np.random.default_rng(seed + r).permutation(n)
+        hits += C.detect(task.select(order[: n // 2]), task.select(order[n // 2 :]), **kwargs).n_significant > 0
+    return hits, stats.binomtest(hits, runs, 0.05, alternative="greater").pvalue
+
+
+@pytest.mark.parametrize("scope", ["overall", "groups"])
+def test_calibration_synthetic_half_splits(scope):
+    # reference="a" is the least conservative choice ("both" takes the larger of two p-values).
+    hits, p = any_false_discovery_rate(synthetic_task(60, 0), 100, 10, scope=scope, reference="a")
+    assert p > 0.01, f"{hits}/100 runs with a false discovery at alpha=0.05"
+
+
+def test_calibration_through_a_model(gpt2, gpt2_task):
+    task = gpt2_task.select(np.arange(48))
+    hits, p = any_false_discovery_rate(task, 30, 20, layout=gpt2.layout, scope="groups", reference="a")
+    assert p > 0.01, f"{hits}/30 runs with a false discovery"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("null", ["pooled", "normal"])
+@pytest.mark.parametrize("reference", ["a", "both"])
+@pytest.mark.parametrize("scope", ["overall", "groups"])
+def test_calibration_synthetic_many_runs(scope, reference, null):
+    hits, p = any_false_discovery_rate(synthetic_task(80, 1), 400, 1000, scope=scope, reference=reference, null=null)
+    assert p > 0.01, f"{hits}/400 runs with a false discovery"
+
+
+@pytest.mark.slow
+def test_calibration_through_a_model_many_runs(gpt2, gpt2_task):
+    for scope in ("overall", "groups"):
+        hits, p = any_false_discovery_rate(gpt2_task, 200, 50, layout=gpt2.layout, scope=scope, reference="a")
+        assert p > 0.01, f"{scope}: {hits}/200 runs with a false discovery"
+
+
+# ---------------------------------------------------------------------------------------------
+# Planted conflict on one head
+# ---------------------------------------------------------------------------------------------
+
+PLANT_LAYER, PLANT_HEAD = 1, 2
+
+
+def plant(task: Contributions, a_pos, b_pos, strength: float, seed: int) -> Contributions:
+    """Add ``+u`` to the A samples' and ``−u`` to the B samples' gradients on head
+    (q, PLANT_LAYER, PLANT_HEAD) of GPT-2's fused c_attn; ``‖u‖ = strength ×`` a typical head norm."""
+    path, hd = "layers/attn/c_attn/kernel", GPT2.head_dim
+    grads = {p: g.copy() for p, g in task.grads.items()}
+    cols = slice(PLANT_HEAD * hd, (PLANT_HEAD + 1) * hd)
+    head = grads[path][:, PLANT_LAYER, :, cols]
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal(head.shape[1:]) * head.std(0)
+    u *= strength * np.linalg.norm(head.reshape(len(head), -1), axis=1).mean() / np.linalg.norm(u)
+    grads[path][a_pos, PLANT_LAYER, :, cols] += u
+    grads[path][b_pos, PLANT_LAYER, :, cols] -= u
+    return Contributions.from_grads(grads, task.tokens, task.sample_ids)
+
+
+def test_planted_head_conflict_is_found(gpt2, gpt2_task):
+    n, k = len(gpt2_task), 8
+    powers, false_props = [], []
+    for rep in range(8):
+        order = np.random.default_rng(100 + rep).permutation(n)
+        a_pos, b_pos = order[: n // 2], order[n // 2 :]
+        task = plant(gpt2_task, a_pos[:k], b_pos[:k], strength=2.0, seed=rep)
+        report = C.detect(task.select(a_pos), task.select(b_pos), layout=gpt2.layout, scope="groups")
+        truth = np.zeros(report.significant.shape, bool)
+        truth[:k, :k] = True
+        powers.append(report.significant[truth].mean())
+        false_props.append((report.significant & ~truth).sum() / max(report.n_significant, 1))
+        if report.n_significant:
+            assert report.recommendations["hotspots"][0]["group"] == f"L{PLANT_LAYER}.q.h{PLANT_HEAD}"
+            top = report.top_pairs[0]
+            assert top.groups[0][0] == f"L{PLANT_LAYER}.q.h{PLANT_HEAD}" and top.groups[0][2] < -0.5
+            assert top.sample_a in task.sample_ids[a_pos[:k]] and top.sample_b in task.sample_ids[b_pos[:k]]
+            biggest = report.clusters[0]
+            assert set(biggest.samples_a) <= set(task.sample_ids[a_pos[:k]]) and len(biggest.samples_a) >= k // 2
+    assert np.mean(powers) > 0.8, powers
+    assert np.mean(false_props) <= 0.05 + 0.05, false_props
+
+
+# ---------------------------------------------------------------------------------------------
+# Report, JSON, figure
+# ---------------------------------------------------------------------------------------------
+
+
+def test_summary_is_json_with_true_sample_ids(gpt2, gpt2_task, tmp_path):
+    n = len(gpt2_task)
+    order = np.random.default_rng(3).permutation(n)
+    task = plant(gpt2_task, order[:8], order[n // 2 : n // 2 + 8], strength=3.0, seed=0)
+    report = C.detect(task.select(order[: n // 2]), task.select(order[n // 2 :]), layout=gpt2.layout, scope="groups", names=("math", "copy"))
+    summary = json.loads(json.dumps(C.summarize(report)))
+    assert summary["task_a"] == "math" and summary["n_significant"] == report.n_significant > 0
+    ids_a, ids_b = task.sample_ids[order[: n // 2]], task.sample_ids[order[n // 2 :]]
+    for pair in summary["top_pairs"]:
+        i, j = list(ids_a).index(pair["sample_a"]), list(ids_b).index(pair["sample_b"])
+        assert pair["cosine"] == pytest.approx(report.cosines[i, j])
+    assert summary["head_map"]["blocks"] == ["q", "k", "v", "o"]
+    hmap = np.array(summary["head_map"]["values"], dtype=float)
+    assert hmap.shape == (4, 2, 4) and np.nanargmax(hmap[0]) == PLANT_LAYER * 4 + PLANT_HEAD
+    removal = summary["recommendations"]["removal"]
+    assert removal["fraction_of_conflicts_removed"] >= 0.8 and removal["samples"]
+    fig = C.plot_conflicts(report)
+    assert len(fig.axes) == 6  # histogram, four head maps, colour bar
+    fig.savefig(tmp_path / "conflicts.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Projection
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_kronecker_projection_equals_explicit(which, request):
+    model = request.getfixturevalue(which)
+    grads, tokens, ids = request.getfixturevalue(f"{which}_grads")
+    n = 12
+    grads, tokens, ids = {p: g[:n] for p, g in grads.items()}, tokens[:n], ids[:n]
+    seed = 0 if which == "gpt2" else 4
+    for fisher in (None, Contributions.from_grads(grads, tokens, ids).fisher()):
+        projection = P.make_projection(model.layout, 64, paths="dense", seed=2, fisher=fisher)
+        chunks = [P.project_batch(model, model.params, b, projection) for b in random_token_batches(n, seed)]
+        features = {k: np.concatenate([c.grads[k] for c in chunks])[:n] for k in chunks[0].grads}
+        # Explicit R_inᵀ g R_out (whitening factors folded into R) from vmapped per-sample gradients.
+        for kp in projection.kernels:
+            g = grads[kp.path].astype(np.float64)
+            if kp.out_index is not None:
+                g = np.moveaxis(g[..., kp.out_index], -3, -2)
+            elif kp.in_index is not None:
+                g = g[:, :, kp.in_index, :]
+            else:
+                g = g[:, :, None]
+            expected = np.einsum("nlgde,lgdi,lgek->nlgik", g, np.asarray(kp.r_in, np.float64), np.asarray(kp.r_out, np.float64))
+            chex.assert_trees_all_close(features[kp.key], expected.reshape(features[kp.key].shape), rtol=2e-4, atol=1e-6 * np.abs(expected).max())
+        np.testing.assert_array_equal(np.concatenate([c.sample_ids for c in chunks])[:n], ids)
+
+
+def test_projected_inner_products_are_unbiased(llama, llama_grads):
+    paths = ["layers/self_attn/q_proj/kernel", "layers/self_attn/o_proj/kernel"]
+    grads = {p: llama_grads[0][p][:4].astype(np.float64) for p in paths}
+    exact = sum(g.reshape(4, -1) @ g.reshape(4, -1).T for g in grads.values())
+    draws = []
+    for seed in range(100):
+        projection = P.make_projection(llama.layout, 16, paths=paths, seed=seed)
+        f = P.project_grads(grads, projection)
+        draws.append(sum(np.einsum("igd,jgd->ij", np.asarray(v, np.float64), np.asarray(v, np.float64)) for v in f.values()))
+    draws = np.array(draws)
+    error = np.abs(draws.mean(0) - exact)
+    assert (error < 4.5 * draws.std(0) / np.sqrt(len(draws))).all(), error / (draws.std(0) / np.sqrt(len(draws)))
+    assert (draws.std(0) > 1e-3 * np.abs(exact)).any()  # really random, not the identity
+
+
+def test_projection_with_full_width_is_exact(gpt2, gpt2_task):
+    kernels = ["layers/attn/c_attn/kernel", "layers/attn/c_proj/kernel"]
+    c = Contributions(gpt2_task.sample_ids[:12], gpt2_task.tokens[:12], {}, {p: gpt2_task.grads[p][:12] for p in kernels})
+    exact = C.pairwise_cosines(c, c, layout=gpt2.layout)
+    projection = P.make_projection(gpt2.layout, 10**6, paths=kernels)
+    projected = C.GroupedGrads("t", c.sample_ids, P.project_grads(c.grads, projection), projection.grouping)
+    gram = C.pairwise_cosines(projected, projected)
+    assert gram.groups.labels == exact.groups.labels
+    chex.assert_trees_all_close(gram.group_cosines, exact.group_cosines, atol=1e-5)
+    # A rank-one multiplicative Fisher is whitened exactly by the Kronecker factors.
+    rng = np.random.default_rng(0)
+    fisher = {p: np.einsum("la,lb->lab", rng.gamma(2, size=gpt2.layout.spec(p).shape[:2]), rng.gamma(2, size=(2, gpt2.layout.spec(p).shape[2]))).astype(np.float32) for p in kernels}
+    white = P.make_projection(gpt2.layout, 10**6, paths=kernels, fisher=fisher, eps=0.0)
+    projected = C.GroupedGrads("t", c.sample_ids, P.project_grads(c.grads, white), white.grouping, whitened=True)
+    expected = numpy_cosines(numpy_flat(c, fisher), numpy_flat(c, fisher))
+    chex.assert_trees_all_close(C.pairwise_cosines(projected, projected).cosines, expected, atol=1e-5)
+
+
+def test_kronecker_whitening_is_the_log_least_squares_fit():
+    rng = np.random.default_rng(0)
+    fisher, eps = rng.gamma(1.5, 1e-3, size=(5, 7)), 1e-5
+    w_in, w_out = P.kronecker_whitening(fisher, eps)
+    log_w = -0.5 * np.log(fisher + eps)
+    design = np.concatenate([np.kron(np.eye(5), np.ones((7, 1))), np.kron(np.ones((5, 1)), np.eye(7))], 1)
+    fit = design @ np.linalg.lstsq(design, log_w.ravel(), rcond=None)[0]
+    chex.assert_trees_all_close(np.log(np.outer(w_in, w_out)).ravel(), fit, atol=1e-5)
+    assert 0 < P.whitening_fit_error(fisher, eps) < 1
+
+
+def test_detect_on_projected_gradients(gpt2):
+    projection = P.make_projection(gpt2.layout, 64, paths="dense", seed=0)  # the explicit test's compiled shapes
+    task = P.project_task(gpt2, gpt2.params, random_token_batches(24, seed=9), projection, name="proj")
+    assert len(task) == 24 and not task.whitened
+
+    def part(name, rows):
+        return C.GroupedGrads(name, task.sample_ids[rows], {k: v[rows] for k, v in task.features.items()}, task.grouping)
+
+    report = C.detect(part("a", slice(0, 12)), part("b", slice(12, 24)))
+    assert report.cosines.shape == (12, 12) and not report.settings["whiten"]
+    with pytest.raises(ConfigError, match="not whitened"):
+        C.detect(task, task, whiten=True)
+    same = P.agreement(report.cosines, report.cosines)
+    assert same["pearson"] == pytest.approx(1.0) and same["max_abs_error"] == 0 and same["top_overlap"] == 1.0
