@@ -487,16 +487,22 @@ def summarize(
     units: Sequence[str] = ("head", "kv_head", "neuron"),
     scope: str = "global",
     unstructured: bool = True,
+    criterion: str = "fisher",
+    params: PyTree | None = None,
 ) -> dict:
     """Phase 3 section of ``results.json``: per task, unit and sparsity level, the achieved unit and
     parameter sparsity, per-layer and per-role pruned counts, the score threshold, and the pruned
     heads. Unstructured masks are added when the TaskFisher has a diagonal and ``unstructured``.
+    ``criterion`` / ``params`` as in :func:`structured_mask`.
     """
-    out: dict = {"sparsities": list(sparsities), "scope": scope, "tasks": {}}
+    out: dict = {"sparsities": list(sparsities), "scope": scope, "criterion": criterion, "tasks": {}}
     for name, fisher in fishers.items():
         per_task = {}
         for unit in units:
-            per_task[unit] = {f"{s:g}": _mask_summary(structured_mask(fisher, layout, s, unit=unit, scope=scope), layout) for s in sparsities}
+            per_task[unit] = {
+                f"{s:g}": _mask_summary(structured_mask(fisher, layout, s, unit=unit, scope=scope, criterion=criterion, params=params), layout)
+                for s in sparsities
+            }
         if unstructured and fisher.diagonal:
             per_task["parameter"] = {f"{s:g}": _mask_summary(unstructured_mask(fisher, layout, s, scope=scope), layout) for s in sparsities}
         out["tasks"][name] = per_task

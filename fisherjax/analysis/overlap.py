@@ -299,9 +299,11 @@ def plot_overlap(overlaps: Sequence[MaskOverlap] | MaskOverlap):
         label = f"s={o.sparsity:g}" if o.sparsity is not None else f"{o.unit}"
         if len({(p.unit, p.level) for p in overlaps}) > 1:
             label = f"{o.unit} {label}" if o.sparsity is not None else label
-        ax_j.bar(x + (i - (len(overlaps) - 1) / 2) * width, o.layer_jaccard, width, label=f"{label} (J={o.jaccard:.2f})")
+        bars = ax_j.bar(x + (i - (len(overlaps) - 1) / 2) * width, o.layer_jaccard, width, label=f"{label} (J={o.jaccard:.2f})")
         # A layer where neither task keeps anything has J = 1 by convention; mark it rather than let it read as agreement.
         empty = (o.layer_shared + o.layer_only_a + o.layer_only_b) == 0
+        if len(layers) * len(overlaps) <= 24:  # values on the bars, so J = 0 reads as 0 rather than as a missing bar
+            ax_j.bar_label(bars, labels=["" if e else f"{v:.2f}" for e, v in zip(empty, o.layer_jaccard, strict=True)], fontsize=6, padding=1)
         for xe in (x + (i - (len(overlaps) - 1) / 2) * width)[empty]:
             ax_j.bar(xe, 1.0, width, color="0.85", hatch="//", edgecolor="0.5")
             ax_j.text(xe, 0.5, "nothing kept", rotation=90, ha="center", va="center", fontsize=7)
