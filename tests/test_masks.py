@@ -447,7 +447,7 @@ def test_demo_fisher_pruning_beats_random():
     from fisherjax import demo
 
     model = demo.load()
-    fit, held_out, fishers = {}, {}, {}
+    held_out, fishers = {}, {}
     for name, task in demo.load_tasks(model.tokenizer).items():
         fit_task, eval_task = task.split(0.5, seed=0)
         held_out[name] = list(batches(eval_task, 32, buckets=demo.EVAL_BUCKETS))
