@@ -53,7 +53,7 @@ class AnalysisConfig:
     allow_pickle: bool = False
     save_contributions: bool = False
     progress: bool = True
-    phases: tuple[str, ...] = ("fisher", "importance", "masks", "conflicts", "qkov")
+    phases: tuple[str, ...] = ("fisher", "importance", "masks", "natural", "conflicts", "qkov")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,14 +141,96 @@ def phase_fisher(ctx: Context, out: Path) -> dict:
     return section
 
 
-PHASES: dict[str, Callable[[Context, Path], dict]] = {"fisher": phase_fisher}
-"""Phase name → phase function; analysis modules register theirs below."""
+def _top_heads_lines(section: dict, k: int = 5) -> list[str]:
+    lines = ["| task | layer | head | kv head | share of model Fisher |", "|---|---|---|---|---|"]
+    for name, task in section["tasks"].items():
+        for row in task["heads"]["top"][:k]:
+            lines.append(f"| {name} | {row['layer']} | {row['head']} | {row['kv_head']} | {row['share']:.3f} |")
+    return lines
 
 
-def _register_analysis_phases() -> None:
-    from fisherjax import report
+def phase_importance(ctx: Context, out: Path) -> dict:
+    """Phase 2: group and head importance per task, and how the tasks' rankings compare."""
+    from fisherjax.analysis import importance
+    from fisherjax.report import save_figure
 
-    PHASES.update(report.ANALYSIS_PHASES)
+    layout = ctx.model.layout
+    section = importance.summarize(ctx.fishers, layout, k=ctx.config.top_k)
+    heads = {name: importance.head_importance(f, layout) for name, f in ctx.fishers.items()}
+    figure = save_figure(importance.plot_head_importance(heads), out, "importance_heads")
+    lines = ["## Phase 2 — Importance", "", f"![head importance]({figure})", "", "Most important heads (combined Q/K/V/O Fisher):", ""]
+    lines += _top_heads_lines(section)
+    for pair, c in section["comparisons"].items():
+        lines += ["", f"Rank correlation of group importance, {pair.replace('|', ' vs ')}: Spearman "
+                  f"{c['spearman']:.3f} over {c['n_groups']} groups (attention heads only: {c['attention_spearman']:.3f})."]
+    section["report"] = lines
+    section["figures"] = [figure]
+    return section
+
+
+def phase_masks(ctx: Context, out: Path) -> dict:
+    """Phases 3 and 4: pruning masks at each sparsity, their overlap between tasks, merge advice,
+    and each task's loss after pruning half of the heads by Fisher versus at random."""
+    from fisherjax.analysis import masks, overlap
+    from fisherjax.report import save_figure
+
+    layout, config = ctx.model.layout, ctx.config
+    section = {"masks": masks.summarize(ctx.fishers, layout, sparsities=config.sparsities)}
+    head_masks = {name: [masks.structured_mask(f, layout, s, unit="head") for s in config.sparsities] for name, f in ctx.fishers.items()}
+    section["overlap"] = {"head": overlap.summarize(head_masks, layout)}
+    figures = []
+    lines = ["## Phases 3–4 — Pruning masks and their overlap", ""]
+    if all(f.diagonal is not None for f in ctx.fishers.values()):
+        param_masks = {name: [masks.unstructured_mask(f, layout, s) for s in config.sparsities] for name, f in ctx.fishers.items()}
+        section["overlap"]["parameter"] = overlap.summarize(param_masks, layout)
+    for level, summary in section["overlap"].items():
+        for pair, overlaps in summary["pairs"].items():
+            lines.append(f"**{pair.replace('|', ' vs ')}, {level} masks**")
+            lines.append("")
+            for o in overlaps:
+                lines.append(f"- sparsity {o['sparsity']:g}: Jaccard {o['jaccard']:.3f} — {o['advice']['text']}")
+            lines.append("")
+    if len(ctx.fishers) >= 2:
+        names = list(ctx.fishers)
+        pair_overlaps = [
+            overlap.mask_overlap(a, b, layout, names=(names[0], names[1]))
+            for a, b in zip(head_masks[names[0]], head_masks[names[1]], strict=True)
+        ]
+        figures.append(save_figure(overlap.plot_overlap(pair_overlaps), out, "overlap_heads"))
+        lines += [f"![head-mask overlap]({figures[-1]})", ""]
+    experiment = masks.head_pruning_experiment(
+        ctx.model, ctx.model.params, ctx.batches, ctx.fishers, sparsity=0.5, n_random=10, seed=config.seed, scope="layer"
+    )
+    section["head_pruning"] = experiment
+    lines += ["Loss per token after pruning half of each layer's heads (Fisher-guided vs 10 random draws):", "",
+              "| task | before | Fisher mask | random mean ± sd |", "|---|---|---|---|"]
+    for name, r in experiment["tasks"].items():
+        lines.append(f"| {name} | {r['loss_before']:.4f} | {r['loss_fisher']:.4f} | {r['loss_random_mean']:.4f} ± {r['loss_random_sd']:.4f} |")
+    section["report"] = lines
+    section["figures"] = figures
+    return section
+
+
+def phase_natural(ctx: Context, out: Path) -> dict:
+    """Phase 7: per-parameter Fisher statistics behind scale_by_fisher / EWC, and merge weights."""
+    from fisherjax.analysis import natural
+
+    section = natural.summarize(ctx.fishers, ctx.model.layout)
+    lines = ["## Phase 7 — Fisher-scaled updates and merging", ""]
+    for name, t in section["tasks"].items():
+        lines.append(f"- {name}: median per-parameter Fisher {t['quantiles']['50']:.3g}, "
+                     f"{100 * t['fraction_below_eps']:.1f} % of parameters below ε = {t['eps']:g}")
+    section["report"] = lines
+    return section
+
+
+PHASES: dict[str, Callable[[Context, Path], dict]] = {
+    "fisher": phase_fisher,
+    "importance": phase_importance,
+    "masks": phase_masks,
+    "natural": phase_natural,
+}
+"""Phase name → phase function, in the order they run."""
 
 
 # ---- driver ------------------------------------------------------------------------------------
@@ -180,7 +262,6 @@ def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig) ->
 
 def analyze(config: AnalysisConfig) -> dict:
     """Run the configured phases and write the output directory; returns results.json's content."""
-    _register_analysis_phases()
     unknown = [p for p in config.phases if p not in PHASES]
     if unknown:
         raise FisherjaxError(f"unknown phase(s) {unknown}; available: {', '.join(PHASES)}")

@@ -8,12 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-ANALYSIS_PHASES: dict = {}
-"""Analysis phase functions by name, filled in by :mod:`fisherjax.pipeline`'s registration."""
-
-
 def figure_canvas():
     """A pyplot module with the non-interactive Agg backend selected."""
     import matplotlib
@@ -26,10 +20,10 @@ def figure_canvas():
 
 def save_figure(fig, out: Path, name: str) -> str:
     """Save under ``out/figures/name.png``; returns the relative path for the report."""
-    plt = figure_canvas()
     path = out / "figures" / f"{name}.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    if fig.canvas.manager is not None:  # a pyplot figure: release it
+        figure_canvas().close(fig)
     return f"figures/{name}.png"
 
 
@@ -69,13 +63,10 @@ def write_report(results: dict, out: Path) -> Path:
     for extra in ("qkov.npz", "conflicts.json"):
         if (out / extra).exists():
             lines.append(f"- `{extra}`")
-    figures = sorted((out / "figures").glob("*.png"))
-    if figures:
-        lines += ["", "## Figures", ""] + [f"![{f.stem}](figures/{f.name})" for f in figures]
+    shown = "\n".join(lines)
+    others = [f for f in sorted((out / "figures").glob("*.png")) if f"figures/{f.name}" not in shown]
+    if others:
+        lines += ["", "## More figures", ""] + [f"![{f.stem}](figures/{f.name})" for f in others]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def nonzero(values) -> bool:
-    return bool(np.any(np.asarray(values)))
