@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the recorded numbers are CPU numbers
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +44,9 @@ TRAIN_BUCKETS = (24,)  # every training batch has one shape: copy needs ≤ 22 t
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "fisherjax" / "demo", help="writes checkpoint/, tasks/, TRAINING.md here")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "fisherjax" / "demo", help="writes checkpoint/, tasks/, TRAINING.md here"
+    )
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--intermediate", type=int, default=384)
@@ -53,7 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--math-fraction", type=float, default=0.9, help="share of math samples in the training stream")
     parser.add_argument("--pool", type=int, default=100_000, help="training samples drawn (reshuffled each epoch)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.warmup < args.steps:
+        parser.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
+    return args
 
 
 def hf_config_dict(args, vocab_size: int) -> dict:
@@ -122,7 +130,7 @@ def epochs(task: Task, batch_size: int, seed: int):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    started = time.time()
+    started, cpu_started, load_before = time.time(), time.process_time(), os.getloadavg()[0]
     checkpoint, task_dir = args.out / "checkpoint", args.out / "tasks"
     checkpoint.mkdir(parents=True, exist_ok=True)
     tokenizer = save_tokenizer(checkpoint)
@@ -163,7 +171,8 @@ def main(argv=None) -> dict:
     }
     (checkpoint / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     wall = time.time() - started
-    _write_training_md(args, argv, metrics, train_seconds, wall)
+    usage = {"cpu_seconds": time.process_time() - cpu_started, "load_before": load_before, "load_after": os.getloadavg()[0]}
+    _write_training_md(args, argv, metrics, train_seconds, wall, usage)
     print(json.dumps({**metrics, "wall_seconds": round(wall, 1)}, indent=2))
     return metrics
 
@@ -172,7 +181,7 @@ def _held_out_task(model, task_dir: Path, name: str) -> Task:
     return load_task(task_dir / f"{name}.jsonl", model.tokenizer, name=name)
 
 
-def _write_training_md(args, argv, metrics: dict, train_seconds: float, wall: float) -> None:
+def _write_training_md(args, argv, metrics: dict, train_seconds: float, wall: float, usage: dict) -> None:
     command = "python scripts/train_demo.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     rows = "\n".join(
         f"| {name} | {r['num_samples']} | {r['accuracy']:.4f} | {r['token_accuracy']:.4f} | {r['loss_per_token']:.4f} |"
@@ -183,8 +192,9 @@ def _write_training_md(args, argv, metrics: dict, train_seconds: float, wall: fl
 
 - Date: {datetime.date.today().isoformat()}
 - Command: `{command.strip()}`
-- Machine: CPU only, {jax.device_count()} JAX device(s) ({jax.devices()[0].platform}), jax {jax.__version__}
-- Wall time: {wall:.0f} s in total, {train_seconds:.0f} s until the end of training
+- Machine: CPU only ({os.cpu_count()} cores, shared with other jobs), jax {jax.__version__} on {jax.devices()[0].platform}
+- Wall time: {wall:.0f} s in total, {train_seconds:.0f} s until the end of training; {usage['cpu_seconds']:.0f} CPU-seconds
+  used by this process; 1-minute load average {usage['load_before']:.1f} at the start and {usage['load_after']:.1f} at the end
 - Model: Llama, {config['layers']} layers, d_model {config['hidden']}, 4 query heads / 2 kv heads, MLP {config['intermediate']}, untied head, {metrics['num_params']:,} parameters
 - Training: {config['steps']} steps of {config['batch_size']} samples ({config['math_fraction']:.0%} math), AdamW peak lr {config['lr']} (warmup {config['warmup']}, cosine to 1%), weight decay {config['weight_decay']}, clip 1.0, seed {config['seed']}
 - Final training loss (mean NLL per completion token, last 100 steps): {metrics['final_train_loss']:.4f}

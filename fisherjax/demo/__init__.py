@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,9 @@ from jaxtyping import Array, Bool, Float, Int
 from fisherjax.data import IGNORE, Task, batches, load_task
 from fisherjax.errors import DataError
 from fisherjax.grads import token_nll
+
+if TYPE_CHECKING:
+    from fisherjax.models import Model
 
 TASK_NAMES = ("math", "copy")
 EVAL_BUCKETS = (16, 32, 64)
@@ -37,7 +41,7 @@ def task_files() -> dict[str, Path]:
     return {name: _HERE / "tasks" / f"{name}.jsonl" for name in TASK_NAMES}
 
 
-def load():
+def load() -> Model:
     """The shipped model (``fisherjax.load_pretrained`` of :func:`checkpoint_dir`), with its tokenizer."""
     from fisherjax.models import load_pretrained
 
@@ -77,7 +81,7 @@ def _score_batch(model, params, input_ids, attention_mask, labels):
     return completion_scores(model.apply(params, input_ids, attention_mask), labels)
 
 
-def evaluate(model, params, task: Task | str, batch_size: int = 64) -> dict:
+def evaluate(model: Model, params: dict, task: Task | str, batch_size: int = 64) -> dict[str, float]:
     """Exact-match accuracy and loss of ``model`` on a task's completions, teacher-forced.
 
     Args:
