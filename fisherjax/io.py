@@ -143,9 +143,10 @@ def save_task_fisher(fisher: TaskFisher, directory: str | Path) -> Path:
         arrays["contributions"] = {
             "sample_ids": c.sample_ids,
             "tokens": c.tokens,
-            "contributions": {k: np.asarray(v) for k, v in c.contributions.items()},
             "grads": {k: np.asarray(v) for k, v in c.grads.items()},
         }
+        if not c.derived:
+            arrays["contributions"]["contributions"] = {k: np.asarray(v) for k, v in c.contributions.items()}
     arrays = _host(arrays)
     meta = {f: getattr(fisher, f) for f in _SCALAR_FIELDS}
     meta["ema_decay"] = fisher.ema.decay if fisher.ema is not None else None
@@ -172,7 +173,7 @@ def load_task_fisher(directory: str | Path) -> TaskFisher:
         fields["ema"] = EMAState(arrays["ema"]["count"], arrays["ema"]["value"], meta["ema_decay"])
     if "contributions" in arrays:
         c = arrays["contributions"]
-        fields["contributions"] = Contributions(c["sample_ids"], c["tokens"], c["contributions"], c["grads"])
+        fields["contributions"] = Contributions(c["sample_ids"], c["tokens"], c.get("contributions"), c["grads"])
     return TaskFisher(**fields)
 
 

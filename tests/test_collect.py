@@ -110,7 +110,7 @@ def test_true_fisher_uses_labels_sampled_from_the_model(model):
     fisher = collect(model, batches(task, 4), task="small", fisher_type="true", true_samples=2, key=key, progress=False)
     batch = next(batches(task, 4))
     logits = model.apply(model.params, batch.input_ids, batch.attention_mask)
-    draws = jax.random.split(jax.random.fold_in(key, 0), 2)
+    draws = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, 0), 0), 2)  # batch 0, micro-batch 0
     per_draw = [_vmap_contributions(model, task, labels_fn=lambda b, k=k: np.asarray(_sample_labels(k, logits, b.labels))) for k in draws]
     mean = {p: (per_draw[0][p] + per_draw[1][p]) / 2 for p in per_draw[0]}
     _assert_groups_close(fisher.group_fisher, _reference_groups(model, mean))

@@ -118,8 +118,9 @@ def _make_step(model, sites, plan: _Plan):
         marginals = squared_marginals_from_sites(layout, sites, recorded, deltas, seq=seq, ghost=plan.ghost, skip=mat)
         return grads, squares, marginals
 
-    def step(params, state, ids, mask, labels, sample_ids, key):
+    def step(params, state, ids, mask, labels, sample_ids, key, position):
         batch, seq = ids.shape
+        key = jax.random.fold_in(jax.random.fold_in(key, position[0]), position[1])
         taps = model.zero_taps(batch, seq)
 
         def forward(taps):
@@ -179,11 +180,13 @@ def _make_step(model, sites, plan: _Plan):
         if plan.diagonal:
             state = {**state, "diagonal": welford_update(state["diagonal"], contributions, valid)}
         storage = STORAGE_DTYPES[plan.storage]
-        kept = {
-            "contributions": {p: contributions[p].astype(storage) for p in plan.keep},
-            "grads": {p: grads[p].astype(storage) for p in plan.keep},
-        }
-        return state, groups, kept, losses, tokens, finite
+        kept = {"grads": {p: grads[p].astype(storage) for p in plan.keep}}
+        if plan.fisher_type != "empirical":  # otherwise C = g²/T is derived from the grads on the host
+            kept["contributions"] = {p: contributions[p].astype(storage) for p in plan.keep}
+        # One array per batch for the host: a transfer per leaf would cost more than the step.
+        packed_groups = jnp.concatenate([v.reshape(batch, -1).astype(jnp.float32) for v in jax.tree.leaves(groups)], axis=1)
+        packed_scalars = jnp.concatenate([losses[:, None], tokens[:, None].astype(jnp.float32), finite.astype(jnp.float32)], axis=1)
+        return state, packed_groups, kept, packed_scalars
 
     return jax.jit(step, donate_argnums=(1,))
 
@@ -229,7 +232,8 @@ def lower_step(
     state = jax.eval_shape(lambda: _initial_state(model, plan, 0.99))
     ints = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
     ids = jax.ShapeDtypeStruct((batch_size,), jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
-    return _step_for(model, plan).lower(model.params, state, ints, ints, ints, ids, jax.random.key(0))
+    position = jax.ShapeDtypeStruct((2,), jnp.int32)
+    return _step_for(model, plan).lower(model.params, state, ints, ints, ints, ids, jax.random.key(0), position)
 
 
 def _initial_state(model, plan: _Plan, ema_decay: float) -> dict:
@@ -317,6 +321,7 @@ def collect(
     key = key if key is not None else jax.random.key(0)
 
     state = _initial_state(model, plan, ema_decay)
+    group_like = state["groups"].mean if mode == "welford" else state["groups"].value
     log = _Log()
     start_batch = 0
     manager = io.progress_manager(checkpoint_dir) if checkpoint_dir is not None else None
@@ -328,31 +333,47 @@ def collect(
 
     bar = _progress_bar(progress, total, task)
     t0, seen_at_start = time.perf_counter(), log.n_seen
+    pending = None  # (micro-batch, outputs) of the last step, still being copied to the host
+
+    def settle(log: _Log, pending) -> _Log:
+        micro, outputs = pending
+        groups, kept, scalars = jax.device_get(outputs)
+        losses, tokens, finite = scalars[:, 0], scalars[:, 1].astype(np.int64), scalars[:, 2:] > 0.5
+        _raise_if_nonfinite(finite, micro.sample_ids, layout.paths(), task)
+        groups = None if groups is None else _unpack(groups, group_like)
+        return log.add(micro, tokens, losses, groups, kept, budget=contribution_budget_bytes, spill=spill, task=task)
+
     for index, batch in enumerate(batches):
         if index < start_batch:
             continue
         check_token_ids(batch.input_ids, model.config.vocab_size)
         chunk = micro_batch_size(model, plan, *batch.input_ids.shape, memory_budget_bytes)
         for part, micro in enumerate(_micro_batches(batch, chunk)):
-            new_state, groups, kept, losses, tokens, finite = step(
+            state, groups, kept, scalars = step(
                 params,
                 state,
                 micro.input_ids,
                 micro.attention_mask,
                 micro.labels,
                 micro.sample_ids,
-                jax.random.fold_in(jax.random.fold_in(key, index), part),
+                key,
+                np.array([index, part], np.int32),
             )
-            _raise_if_nonfinite(np.asarray(finite), micro.sample_ids, layout.paths(), task)
-            state = new_state
-            log = log.add(micro, np.asarray(tokens), np.asarray(losses), groups if keep_per_sample_groups else None,
-                          kept if keep else None, budget=contribution_budget_bytes, spill=spill, task=task)
+            outputs = (groups if keep_per_sample_groups else None, kept if keep else None, scalars)
+            for leaf in jax.tree.leaves(outputs):
+                leaf.copy_to_host_async()  # overlaps the transfer with the next step's compute
+            if pending is not None:
+                log = settle(log, pending)
+            pending = (micro, outputs)
         if manager is not None and (index + 1) % checkpoint_every == 0:
+            log, pending = settle(log, pending), None
             io.save_progress(manager, index + 1, state, log)
         if bar is not None:
             bar.update(1)
             rate = (log.n_seen - seen_at_start) / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(samples=log.n_seen, samples_per_s=f"{rate:.1f}")
+    if pending is not None:
+        log = settle(log, pending)
     if bar is not None:
         bar.close()
     if manager is not None:
@@ -426,10 +447,10 @@ class _Log:
         skipped = tuple(int(i) for i in batch.sample_ids[real & (tokens == 0)])
         new_groups = self.groups
         if groups is not None:
-            new_groups += (jax.tree.map(lambda v: np.asarray(v)[idx], groups),)
+            new_groups += (jax.tree.map(lambda v: _rows(v, idx), groups),)
         new_kept, kept_bytes = self.kept, self.kept_bytes
         if kept is not None:
-            host = jax.tree.map(lambda v: np.asarray(v)[idx], kept)
+            host = jax.tree.map(lambda v: _rows(v, idx), kept)
             kept_bytes += sum(v.nbytes for v in jax.tree.leaves(host))
             if spill is not None:
                 host = spill.write(len(self.kept), host)
@@ -453,6 +474,20 @@ class _Log:
             kept=new_kept,
             kept_bytes=kept_bytes,
         )
+
+
+def _rows(values, idx: np.ndarray) -> np.ndarray:
+    """``values[idx]`` on the host, without a copy when every row is kept."""
+    values = np.asarray(values)
+    return values if len(idx) == values.shape[0] and np.array_equal(idx, np.arange(len(idx))) else values[idx]
+
+
+def _unpack(packed: np.ndarray, like) -> dict:
+    """Split a ``[batch, total]`` array back into a tree shaped like ``like`` (plus the batch axis)."""
+    leaves, treedef = jax.tree.flatten(like)
+    sizes = [int(np.prod(np.shape(x))) for x in leaves]
+    parts = np.split(packed, np.cumsum(sizes)[:-1], axis=1)
+    return jax.tree.unflatten(treedef, [p.reshape(packed.shape[0], *np.shape(x)) for p, x in zip(parts, leaves)])
 
 
 class _Spill:
@@ -527,8 +562,8 @@ def _finish(model, task: str, plan: _Plan, state: dict, log: _Log, spill) -> Tas
         per_sample = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *log.groups)
     contributions = None
     if plan.keep:
-        kinds = {}
-        for kind in ("contributions", "grads"):
+        kinds = {"contributions": None}
+        for kind in log.kept[0]:
             if spill is not None:
                 kinds[kind] = {p: spill.concatenate([k[kind][p] for k in log.kept], f"{kind}.{p.replace('/', '.')}") for p in plan.keep}
             else:

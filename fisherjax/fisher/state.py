@@ -19,7 +19,7 @@ Group types (``GroupFisher`` keys, second level):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -29,6 +29,28 @@ GroupFisher = dict[str, dict[str, np.ndarray]]
 """``{param_path: {group_type: values}}``."""
 
 
+class DerivedContributions(Mapping):
+    """``{path: C}`` computed on access from signed gradients: ``C_i = g_i² / T_i`` (float32).
+
+    For the empirical Fisher the contributions are a function of the stored gradients, so they
+    are never stored or transferred twice; each access computes one parameter's array.
+    """
+
+    def __init__(self, grads: Mapping[str, np.ndarray], tokens: np.ndarray):
+        self._grads = grads
+        self._inv_tokens = np.where(tokens > 0, 1.0 / np.maximum(tokens, 1), 0.0).astype(np.float32)
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        g = np.asarray(self._grads[path], np.float32)
+        return np.square(g) * self._inv_tokens.reshape((-1,) + (1,) * (g.ndim - 1))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._grads)
+
+    def __len__(self) -> int:
+        return len(self._grads)
+
+
 @dataclasses.dataclass(frozen=True)
 class Contributions:
     """Per-sample contributions and signed gradients for selected parameters.
@@ -36,16 +58,25 @@ class Contributions:
     Attributes:
       sample_ids: ``[n]`` the task's sample ids (file line numbers), in stored order.
       tokens: ``[n]`` active tokens ``T_i`` of each sample.
-      contributions: ``{path: [n, *param_shape]}`` with ``C_i = g_i² / T_i``.
+      contributions: ``{path: [n, *param_shape]}`` with ``C_i = g_i² / T_i``. Pass ``None`` to
+        derive them from ``grads`` on access (:class:`DerivedContributions`), as the empirical
+        Fisher does; true and per-token Fisher store their own.
       grads: ``{path: [n, *param_shape]}`` signed token-sum gradients ``g_i``.
     """
 
     sample_ids: np.ndarray
     tokens: np.ndarray
-    contributions: Mapping[str, np.ndarray]
+    contributions: Mapping[str, np.ndarray] | None
     grads: Mapping[str, np.ndarray]
 
+    @property
+    def derived(self) -> bool:
+        """Whether ``contributions`` are computed from ``grads`` rather than stored."""
+        return isinstance(self.contributions, DerivedContributions)
+
     def __post_init__(self):
+        if self.contributions is None:
+            object.__setattr__(self, "contributions", DerivedContributions(self.grads, np.asarray(self.tokens)))
         n = len(self.sample_ids)
         for name, tree in (("contributions", self.contributions), ("grads", self.grads)):
             for path, value in tree.items():
@@ -64,7 +95,7 @@ class Contributions:
         return Contributions(
             self.sample_ids[index],
             self.tokens[index],
-            {p: v[index] for p, v in self.contributions.items()},
+            None if self.derived else {p: v[index] for p, v in self.contributions.items()},
             {p: v[index] for p, v in self.grads.items()},
         )
 

@@ -1,0 +1,81 @@
+"""Where the Phase 1 step spends its time: steady-state timings of its pieces on one model.
+
+Prints milliseconds per batch for: the plain batched gradient; the forward + pullback to the
+taps alone; the full step (group Fisher) with ghost norms chosen automatically, forced on and
+forced off; and the step with attention contributions. Usage:
+python benchmarks/profile_phase1.py [--batch 16] [--seq 128] [--model gpt2-small|tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fisherjax.fisher.collect import _initial_state, _make_plan, _step_for
+from fisherjax.grads import sample_losses, site_grads
+
+
+def build(name: str):
+    import transformers
+
+    from fisherjax.config import from_hf_dict
+    from fisherjax.models import Model
+
+    if name == "gpt2-small":
+        hf = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+    else:
+        hf = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=500, n_positions=256)
+    return Model.init(from_hf_dict(hf.to_dict()), seed=0)
+
+
+def per_batch_ms(fn, args_list, repeats: int) -> float:
+    jax.block_until_ready(fn(*args_list[0]))
+    start = time.perf_counter()
+    for i in range(repeats):
+        out = fn(*args_list[i % len(args_list)])
+    jax.block_until_ready(out)
+    return 1e3 * (time.perf_counter() - start) / repeats
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--model", default="gpt2-small")
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args()
+    model = build(args.model)
+    rng = np.random.default_rng(0)
+    ids = [jnp.asarray(rng.integers(0, model.config.vocab_size, (args.batch, args.seq)), jnp.int32) for _ in range(2)]
+    mask = jnp.ones((args.batch, args.seq), jnp.int32)
+    sample_ids = jnp.arange(args.batch)
+    key = jax.random.key(0)
+    results = {}
+
+    grad = jax.jit(jax.grad(lambda p, i, m: sample_losses(model, p, i, m, i)[0].mean()))
+    results["batched_grad"] = per_batch_ms(grad, [(model.params, i, mask) for i in ids], args.repeats)
+    taps = jax.jit(lambda p, i, m: site_grads(model, p, i, m, i).deltas)
+    results["forward_and_pullback_to_taps"] = per_batch_ms(taps, [(model.params, i, mask) for i in ids], args.repeats)
+    for label, options in {
+        "step_ghost_auto": dict(contributions=False, ghost="auto"),
+        "step_ghost_always": dict(contributions=False, ghost="always"),
+        "step_ghost_never": dict(contributions=False, ghost="never"),
+        "step_attention_contributions": dict(contributions=True, ghost="auto"),
+    }.items():
+        plan = _make_plan(model.layout, options["contributions"], False, "empirical", 1, "welford", options["ghost"], "float32", False)
+        step = _step_for(model, plan)
+        state = _initial_state(model, plan, 0.99)
+        fn = lambda p, s, i: step(p, jax.tree.map(jnp.copy, s), i, mask, i, sample_ids, key, jnp.zeros(2, jnp.int32))  # noqa: E731
+        results[label] = per_batch_ms(fn, [(model.params, state, i) for i in ids], args.repeats)
+    results = {k: round(v, 2) for k, v in results.items()}
+    results["samples_per_s"] = {k: round(args.batch / v * 1e3, 1) for k, v in results.items() if isinstance(v, float)}
+    print(json.dumps({"backend": jax.default_backend(), "batch": args.batch, "seq": args.seq, "ms_per_batch": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
