@@ -224,11 +224,65 @@ def phase_natural(ctx: Context, out: Path) -> dict:
     return section
 
 
+def phase_qkov(ctx: Context, out: Path) -> dict:
+    """Phase 6: QK-OV interference of each task on each other task, per block, layer and head.
+
+    For every ordered pair (A, B): the heatmap with Î from A, bootstrap intervals of its
+    layer × head averages, and a permutation test of A-vs-B against A-vs-A' (A split in two
+    halves, BH FDR across cells). Writes ``qkov.npz`` (keys ``A|B|array``) and one figure per
+    block and pair.
+    """
+    import itertools
+
+    from fisherjax.analysis import qkov
+    from fisherjax.report import save_figure
+
+    layout, seed = ctx.model.layout, ctx.config.seed
+    arrays, section, figures = {}, {"pairs": {}}, []
+    lines = ["## Phase 6 — QK-OV interference", ""]
+    for name_a, name_b in itertools.permutations(ctx.fishers, 2):
+        fa, fb = ctx.fishers[name_a], ctx.fishers[name_b]
+        result = qkov.heatmap(fa, fb, layout, top_k=ctx.config.top_k)
+        arrays.update({f"{name_a}|{name_b}|{k}": v for k, v in qkov.to_arrays(result).items()})
+        summary = qkov.summarize(result)
+        interval = qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=seed)
+        summary["bootstrap"] = {"level": interval.level, "low": interval.low.tolist(), "high": interval.high.tolist()}
+        fit, heldout = qkov.heldout_split(fa, 0.5, seed=seed)
+        test = qkov.permutation_test(fit, fb, heldout, layout, n_permutations=1000, seed=seed)
+        summary["permutation_test"] = {
+            "null": f"{name_b} samples and held-out {name_a} samples are exchangeable partners of {name_a}'s samples",
+            "observed": test.observed.tolist(),
+            "pvalues": test.pvalues.tolist(),
+            "qvalues": test.qvalues.tolist(),
+            "significant_cells": [
+                {"block": result.blocks[b], "layer": int(layer), "head": int(h), "q": float(test.qvalues[b, layer, h])}
+                for b, layer, h in np.argwhere(test.significant)
+            ],
+        }
+        section["pairs"][f"{name_a}|{name_b}"] = summary
+        for block, fig in qkov.plot_heatmaps(result).items():
+            figures.append(save_figure(fig, out, f"qkov_{name_b}_on_{name_a}_{block}"))
+        top = summary["top_conflicts"][:5] if "top_conflicts" in summary else []
+        n_sig = len(summary["permutation_test"]["significant_cells"])
+        lines += [f"**{name_b} → {name_a}** ({len(result.sample_ids_a)} × {len(result.sample_ids_b)} samples): "
+                  f"{n_sig} (block, layer, head) cells interfere more than {name_a}'s own held-out half (BH q ≤ 0.05).", ""]
+        if top:
+            lines += ["| block | layer | head | kv head | sample A | sample B | score |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {t['block']} | {t['layer']} | {t['head']} | {t['kv_head']} | {t['sample_a']} | {t['sample_b']} | {t['score']:.4g} |" for t in top]
+            lines.append("")
+        lines += [f"![{name_b} → {name_a} {b}]({f})" for f, b in zip(figures[-4:], result.blocks)] + [""]
+    np.savez(out / "qkov.npz", **arrays)
+    section["report"] = lines
+    section["figures"] = figures
+    return section
+
+
 PHASES: dict[str, Callable[[Context, Path], dict]] = {
     "fisher": phase_fisher,
     "importance": phase_importance,
     "masks": phase_masks,
     "natural": phase_natural,
+    "qkov": phase_qkov,
 }
 """Phase name → phase function, in the order they run."""
 
