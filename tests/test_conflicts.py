@@ -266,6 +266,23 @@ def test_pvalues_match_loops(null, exclude_self):
         chex.assert_trees_all_close(stacked[1], got, atol=1e-12)
 
 
+def test_reference_sides_and_external_split(gpt2, gpt2_task):
+    """p-values of detect() against loops over numpy cosines, for each reference choice."""
+    a, b = halves(gpt2_task)
+    split = gpt2_task.select(np.arange(48, 72))
+    x, y, r = numpy_flat(a), numpy_flat(b), numpy_flat(split)
+    cross = numpy_cosines(x, y)
+    kwargs = dict(layout=gpt2.layout, whiten=False, null="row", by_group=False)
+    p_a = loop_pvalues(cross, numpy_cosines(x, x), "row", True)
+    p_b = loop_pvalues(cross.T, numpy_cosines(y, y), "row", True).T
+    chex.assert_trees_all_close(C.detect(a, b, reference="a", **kwargs).pvalues, p_a, atol=1e-9)
+    chex.assert_trees_all_close(C.detect(a, b, reference="b", **kwargs).pvalues, p_b, atol=1e-9)
+    chex.assert_trees_all_close(C.detect(a, b, reference="both", **kwargs).pvalues, np.maximum(p_a, p_b), atol=1e-9)
+    external = C.detect(a, b, reference=split, **kwargs)
+    chex.assert_trees_all_close(external.pvalues, loop_pvalues(cross, numpy_cosines(x, r), "row", False), atol=1e-9)
+    assert set(external.null_cosines) == {"reference"}
+
+
 def test_pvalues_untested_where_nan():
     rng = np.random.default_rng(1)
     ref, test = rng.normal(0, 0.2, size=(6, 6)), rng.normal(0, 0.2, size=(6, 4))
@@ -281,7 +298,7 @@ def test_pooled_tail_is_calibrated():
     rows, m = 400, 60
     loc, scale = rng.normal(0, 0.1, size=(rows, 1)), rng.uniform(0.05, 0.2, size=(rows, 1))
     draw = lambda k: np.tanh(loc + scale * rng.standard_t(6, size=(rows, k)))  # noqa: E731
-    p = C.conflict_pvalues(draw(200), draw(m)).ravel()
+    p = C.conflict_pvalues(draw(200), draw(m), tail="gpd").ravel()
     for t in (1e-2, 1e-3, 2e-4):
         k = int(np.sum(p <= t))
         assert stats.binomtest(k, p.size, t, alternative="greater").pvalue > 1e-3, (t, k / p.size)  # not anti-conservative
@@ -375,19 +392,21 @@ def test_calibration_through_a_model(gpt2, gpt2_task):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("null", ["pooled", "normal"])
+@pytest.mark.parametrize("null,tail", [("pooled", None), ("pooled", "gpd"), ("normal", None)])
 @pytest.mark.parametrize("reference", ["a", "both"])
 @pytest.mark.parametrize("scope", ["overall", "groups"])
-def test_calibration_synthetic_many_runs(scope, reference, null):
-    hits, p = any_false_discovery_rate(synthetic_task(80, 1), 400, 1000, scope=scope, reference=reference, null=null)
+def test_calibration_synthetic_many_runs(scope, reference, null, tail):
+    hits, p = any_false_discovery_rate(synthetic_task(80, 1), 400, 1000, scope=scope, reference=reference, null=null, tail=tail)
     assert p > 0.01, f"{hits}/400 runs with a false discovery"
 
 
 @pytest.mark.slow
-def test_calibration_through_a_model_many_runs(gpt2, gpt2_task):
-    for scope in ("overall", "groups"):
-        hits, p = any_false_discovery_rate(gpt2_task, 200, 50, layout=gpt2.layout, scope=scope, reference="a")
-        assert p > 0.01, f"{scope}: {hits}/200 runs with a false discovery"
+@pytest.mark.parametrize("scope", ["overall", "groups"])
+def test_calibration_through_a_model_many_runs(gpt2, gpt2_task, scope):
+    # The defaults (empirical pooled null). tail="gpd" and null="normal" fail here: the task holds
+    # one idiosyncratic pair far beyond the fitted tails (see the module docstring).
+    hits, p = any_false_discovery_rate(gpt2_task, 200, 50, layout=gpt2.layout, scope=scope, reference="a")
+    assert p > 0.01, f"{scope}: {hits}/200 runs with a false discovery"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,8 +492,8 @@ def test_kronecker_projection_equals_explicit(which, request):
     n = 12
     grads, tokens, ids = {p: g[:n] for p, g in grads.items()}, tokens[:n], ids[:n]
     seed = 0 if which == "gpt2" else 4
-    for fisher in (None, Contributions.from_grads(grads, tokens, ids).fisher()):
-        projection = P.make_projection(model.layout, 64, paths="dense", seed=2, fisher=fisher)
+    for fisher, side in ((None, 1), (Contributions.from_grads(grads, tokens, ids).fisher(), 1), (None, None)):
+        projection = P.make_projection(model.layout, 64, paths="dense", seed=2, fisher=fisher, side=side)
         chunks = [P.project_batch(model, model.params, b, projection) for b in random_token_batches(n, seed)]
         features = {k: np.concatenate([c.grads[k] for c in chunks])[:n] for k in chunks[0].grads}
         # Explicit R_inᵀ g R_out (whitening factors folded into R) from vmapped per-sample gradients.
@@ -486,7 +505,7 @@ def test_kronecker_projection_equals_explicit(which, request):
                 g = g[:, :, kp.in_index, :]
             else:
                 g = g[:, :, None]
-            expected = np.einsum("nlgde,lgdi,lgek->nlgik", g, np.asarray(kp.r_in, np.float64), np.asarray(kp.r_out, np.float64))
+            expected = np.einsum("nlgde,lgmdi,lgmek->nlgmik", g, np.asarray(kp.r_in, np.float64), np.asarray(kp.r_out, np.float64))
             chex.assert_trees_all_close(features[kp.key], expected.reshape(features[kp.key].shape), rtol=2e-4, atol=1e-6 * np.abs(expected).max())
         np.testing.assert_array_equal(np.concatenate([c.sample_ids for c in chunks])[:n], ids)
 

@@ -2,28 +2,37 @@
 
 For a dense kernel ``[d_in, d_out]`` the per-sample gradient is ``g_i = Σ_t a_t δ_tᵀ`` (input
 ``a_t``, output gradient ``δ_t``, both from one batched backward pass,
-:func:`fisherjax.grads.site_grads`). With Gaussian ``R_in [d_in, k1]``, ``R_out [d_out, k2]``
-whose entries are ``N(0, 1/k1)`` and ``N(0, 1/k2)``
+:func:`fisherjax.grads.site_grads`). A Kronecker-structured Gaussian sketch projects it with
+``m`` independent pairs ``R_in^(c) [d_in, k1]``, ``R_out^(c) [d_out, k2]`` (entries ``N(0, 1/k1)``,
+``N(0, 1/k2)``):
 
-    P(g_i) = R_inᵀ g_i R_out = Σ_t (R_inᵀ a_t)(R_outᵀ δ_t)ᵀ          [k1, k2]
+    P_c(g_i) = R_in^(c)ᵀ g_i R_out^(c) = Σ_t (R_in^(c)ᵀ a_t)(R_out^(c)ᵀ δ_t)ᵀ      [k1, k2],  c = 1..m
 
-costs ``T·(d_in·k1 + d_out·k2 + k1·k2)`` per sample instead of ``T·d_in·d_out`` and
-``⟨P(g), P(h)⟩_F = tr(R_outᵀ gᵀ R_in R_inᵀ h R_out)`` has expectation ``⟨g, h⟩_F`` because
-``E[R Rᵀ] = I`` for each independent factor (Johnson–Lindenstrauss scaling): projected inner
-products, and so cosines, are unbiased up to the normalisation, with variance falling as
-``1/k``. A side whose ``k`` reaches its width uses the identity instead (exact on that side).
+scaled by ``1/sqrt(m)`` and concatenated (``m·k1·k2`` dimensions). It costs
+``T·m·(d_in·k1 + d_out·k2 + k1·k2)`` per sample and never forms the ``d_in × d_out`` gradient.
+Because ``E[R Rᵀ] = I`` for each independent factor (Johnson–Lindenstrauss scaling),
+``E⟨P(g), P(h)⟩ = ⟨g, h⟩``: projected inner products are unbiased. Their variance is not that of
+a dense Gaussian projection (relative variance about ``2/k`` for ``k`` dimensions): one outer
+product multiplies two independent estimates, each with relative variance about ``2/k1``, which
+is large for the low-rank (rank ``≤ T``) per-sample gradients. With ``m`` copies of side
+``s = k1 = k2`` the relative variance is about ``4s / k`` and the first-stage cost
+``T·(k/s)·(d_in + d_out)``: ``side=1`` (each coordinate ``Σ_t (r_cᵀ a_t)(q_cᵀ δ_t)``, a Khatri–Rao
+sketch; the default) is within about a factor two of the dense projection's variance, larger
+sides trade accuracy for speed, and ``side=None`` takes one outer product with ``k1 ≈ k2``. A
+side whose ``k`` reaches its width uses the identity (exact on that side).
+``benchmarks/phase5.py`` measures the agreement.
 
 Groups. Projections are per (block, layer, head) for attention kernels — the head's slice
 of the output axis for q/k/v (fused QKV split through :meth:`~fisherjax.layout.ModelLayout.view`),
 of the input axis for o — and per layer for any other dense kernel, so projected features carry
 the same :class:`~fisherjax.analysis.conflicts.Grouping` as exact gradients and per-head
 conflict scores survive projection. ``k`` is the number of dimensions per (block or kernel,
-layer), shared evenly among its heads: ``k_g = k // heads = k1 · k2`` with ``k1 ≈ k2``.
+layer), shared evenly among its heads: ``k_g = k // heads = m · k1 · k2``.
 
 Whitening. The exact whitening ``g ⊙ W``, ``W = (Î + ε)^{-1/2}``, is elementwise and breaks
 the Kronecker structure. Here each group's ``W_g [d_in_g, d_out_g]`` is replaced by its best
 rank-one *multiplicative* fit ``W_g ≈ w_in w_outᵀ`` (least squares on ``log W``:
-``log w_in = rowmean(log W) − m/2``, ``log w_out = colmean(log W) − m/2``, ``m`` the grand mean),
+``log w_in = rowmean(log W) − μ/2``, ``log w_out = colmean(log W) − μ/2``, ``μ`` the grand mean),
 so ``g ⊙ (w_in w_outᵀ) = Σ_t (w_in ⊙ a_t)(w_out ⊙ δ_t)ᵀ`` stays a sum of outer products and the
 whitening folds into ``R_in`` and ``R_out``. It is exact when ``Î_g`` is itself rank-one
 multiplicative (e.g. K-FAC-like ``E[a²] E[δ²]``); :func:`whitening_fit_error` measures the
@@ -60,8 +69,9 @@ class KernelProjection:
     ``key``: its feature key in the grouping; ``path``: the kernel; ``site``: the site whose
     ``a`` / ``δ`` feed it; ``layered``: the site has a leading layer axis.
     ``in_index [G, d_in_g]`` / ``out_index [G, d_out_g]``: each group's slice of the input /
-    output axis (None: the whole axis, shared by the groups). ``r_in [L, G, d_in_g, k1]``,
-    ``r_out [L, G, d_out_g, k2]``: the (whitening-scaled) projection factors.
+    output axis (None: the whole axis, shared by the groups). ``r_in [L, G, m, d_in_g, k1]``,
+    ``r_out [L, G, m, d_out_g, k2]``: the (whitening-scaled) projection factors of the ``m``
+    copies, with the ``1/sqrt(m)`` of the concatenation folded into ``r_in``.
     """
 
     key: str
@@ -86,8 +96,8 @@ class Projection:
 
     @property
     def dims(self) -> dict[str, tuple[int, int]]:
-        """``{key: (k1, k2)}`` per feature."""
-        return {p.key: (int(p.r_in.shape[-1]), int(p.r_out.shape[-1])) for p in self.kernels}
+        """``{key: (m, k1, k2)}`` per feature."""
+        return {p.key: (int(p.r_in.shape[-3]), int(p.r_in.shape[-1]), int(p.r_out.shape[-1])) for p in self.kernels}
 
 
 def _site_of(path: str, layered: bool) -> str:
@@ -97,19 +107,27 @@ def _site_of(path: str, layered: bool) -> str:
     return site[len("layers/") :] if layered else site
 
 
-def split_dims(k_group: int, d_in: int, d_out: int) -> tuple[int, int]:
-    """``(k1, k2)`` with ``k1 · k2 ≈ k_group``, ``k1 ≈ k2``, each at most its side's width."""
-    k1 = min(d_in, max(1, int(round(math.sqrt(k_group)))))
-    k2 = min(d_out, max(1, k_group // k1))
-    k1 = min(d_in, max(1, k_group // k2))
-    return k1, k2
+def split_dims(k_group: int, d_in: int, d_out: int, side: int | None = 1) -> tuple[int, int, int]:
+    """``(m, k1, k2)`` with ``m · k1 · k2 ≈ k_group``, each ``k`` at most its side's width.
+
+    ``side``: ``k1 = k2 = side`` and ``m = k_group // side²`` copies; None: one copy, ``k1 ≈ k2``.
+    A request as wide as the gradient itself gets the identity (``m = 1``, full widths).
+    """
+    if k_group >= d_in * d_out:
+        return 1, d_in, d_out
+    if side is None:
+        k1 = min(d_in, max(1, int(round(math.sqrt(k_group)))))
+        k2 = min(d_out, max(1, k_group // k1))
+        return 1, min(d_in, max(1, k_group // k2)), k2
+    k1, k2 = min(side, d_in), min(side, d_out)
+    return max(1, k_group // (k1 * k2)), k1, k2
 
 
-def _factor(rng: np.random.Generator, layers: int, groups: int, width: int, k: int) -> np.ndarray:
-    """``[L, G, width, k]`` with N(0, 1/k) entries (``E[R Rᵀ] = I``), or the identity when ``k ≥ width``."""
+def _factor(rng: np.random.Generator, layers: int, groups: int, copies: int, width: int, k: int) -> np.ndarray:
+    """``[L, G, m, width, k]`` with N(0, 1/k) entries (``E[R Rᵀ] = I``), or the identity when ``k ≥ width``."""
     if k >= width:
-        return np.broadcast_to(np.eye(width, dtype=np.float32), (layers, groups, width, width)).copy()
-    return (rng.standard_normal((layers, groups, width, k), dtype=np.float32) / np.float32(math.sqrt(k)))
+        return np.broadcast_to(np.eye(width, dtype=np.float32), (layers, groups, copies, width, width)).copy()
+    return rng.standard_normal((layers, groups, copies, width, k), dtype=np.float32) / np.float32(math.sqrt(k))
 
 
 def group_fisher_blocks(fisher: np.ndarray, in_index, out_index) -> np.ndarray:
@@ -126,7 +144,7 @@ def kronecker_whitening(
 ) -> tuple[Float[np.ndarray, "*lead d_in"], Float[np.ndarray, "*lead d_out"]]:
     """Rank-one multiplicative fit of ``W = (Î + ε)^{-1/2}``: ``W ≈ w_in w_outᵀ``.
 
-    ``log w_in = rowmean(log W) − m/2``, ``log w_out = colmean(log W) − m/2`` (``m`` the mean of
+    ``log w_in = rowmean(log W) − μ/2``, ``log w_out = colmean(log W) − μ/2`` (``μ`` the mean of
     ``log W``), the least-squares fit of ``log W_ab ≈ u_a + v_b``.
     """
     log_w = -0.5 * np.log(np.asarray(fisher_blocks, np.float64) + eps)
@@ -152,6 +170,7 @@ def make_projection(
     fisher: Mapping[str, np.ndarray] | None = None,
     eps: float | None = None,
     relative_eps: float = 1e-3,
+    side: int | None = 1,
 ) -> Projection:
     """Draw the projections of the chosen dense kernels.
 
@@ -160,6 +179,8 @@ def make_projection(
       k: projected dimensions per (attention block or dense kernel, layer), split among heads.
       paths: ``"attention"`` (q/k/v/o kernels), ``"dense"`` (plus MLP kernels) or explicit paths.
       seed: seed of the Gaussian factors (``numpy.random.default_rng``).
+      side: ``k1 = k2`` of each of the ``m = k_g / side²`` copies (default 1, the Khatri–Rao
+        sketch, most accurate); None for one ``k1 × k2`` outer product per group (cheapest).
       fisher: ``{path: [L, d_in, d_out]}`` diagonal Fisher; when given, the projections include
         the Kronecker-factored whitening (module docstring) with damping ``eps`` (default
         ``max(1e-8, relative_eps · mean Î)`` over the chosen kernels, as in
@@ -199,13 +220,13 @@ def make_projection(
         groups = len(grouping.members[view.key]) // layers
         width_in = in_index.shape[-1] if in_index is not None else d_in
         width_out = out_index.shape[-1] if out_index is not None else d_out
-        k1, k2 = split_dims(max(1, k // groups), width_in, width_out)
-        r_in = _factor(rng, layers, groups, width_in, k1)
-        r_out = _factor(rng, layers, groups, width_out, k2)
+        copies, k1, k2 = split_dims(max(1, k // groups), width_in, width_out, side)
+        r_in = _factor(rng, layers, groups, copies, width_in, k1) / np.float32(math.sqrt(copies))
+        r_out = _factor(rng, layers, groups, copies, width_out, k2)
         if fisher is not None:
             f = np.asarray(fisher[view.path], np.float32).reshape(shape)
-            w_in, w_out = kronecker_whitening(group_fisher_blocks(f, in_index, out_index), eps)
-            r_in, r_out = w_in[..., None] * r_in, w_out[..., None] * r_out
+            w_in, w_out = kronecker_whitening(group_fisher_blocks(f, in_index, out_index), eps)  # [L, G, d]
+            r_in, r_out = w_in[:, :, None, :, None] * r_in, w_out[:, :, None, :, None] * r_out
         kernels.append(
             KernelProjection(view.key, view.path, _site_of(view.path, spec.layered), spec.layered, in_index, out_index, jnp.asarray(r_in), jnp.asarray(r_out))
         )
@@ -213,19 +234,20 @@ def make_projection(
     return Projection(tuple(kernels), projected, k, fisher is not None, eps)
 
 
-def _project_factors(a, delta, kp_in_index, kp_out_index, r_in, r_out):
-    """``Σ_t (R_inᵀ a_t)(R_outᵀ δ_t)ᵀ`` per group: ``a [L,B,T,d_in]``, ``δ [L,B,T,d_out]`` → ``[B, L·G, k1·k2]``."""
+def _project_factors(a, delta, in_index, out_index, r_in, r_out):
+    """``Σ_t (R_inᵀ a_t)(R_outᵀ δ_t)ᵀ`` per group and copy: ``a [L,B,T,d_in]``, ``δ [L,B,T,d_out]``
+    → ``[B, L·G, m·k1·k2]``."""
     hi = jax.lax.Precision.HIGHEST
-    if kp_in_index is not None:
-        a_in = jnp.einsum("lbtge,lgei->lbtgi", a[..., kp_in_index], r_in, precision=hi)
+    if in_index is not None:
+        a_in = jnp.einsum("lbtge,lgmei->lbtgmi", a[..., in_index], r_in, precision=hi)
     else:
-        a_in = jnp.einsum("lbtd,lgdi->lbtgi", a, r_in, precision=hi)
-    if kp_out_index is not None:
-        d_out = jnp.einsum("lbtge,lgek->lbtgk", delta[..., kp_out_index], r_out, precision=hi)
+        a_in = jnp.einsum("lbtd,lgmdi->lbtgmi", a, r_in, precision=hi)
+    if out_index is not None:
+        d_out = jnp.einsum("lbtge,lgmek->lbtgmk", delta[..., out_index], r_out, precision=hi)
     else:
-        d_out = jnp.einsum("lbtd,lgdk->lbtgk", delta, r_out, precision=hi)
-    p = jnp.einsum("lbtgi,lbtgk->blgik", a_in, d_out, precision=hi)
-    return p.reshape(p.shape[0], -1, p.shape[-2] * p.shape[-1])
+        d_out = jnp.einsum("lbtd,lgmdk->lbtgmk", delta, r_out, precision=hi)
+    p = jnp.einsum("lbtgmi,lbtgmk->blgmik", a_in, d_out, precision=hi)
+    return p.reshape(p.shape[0], p.shape[1] * p.shape[2], -1)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "plan"))
@@ -251,7 +273,7 @@ def project_batch(model, params, batch: Batch, projection: Projection) -> GradCh
     """Projected per-sample gradients of one batch from one backward pass (filler rows dropped).
 
     Returns a :class:`~fisherjax.analysis.conflicts.GradChunk` whose ``grads`` are features
-    ``{key: [c, G_leaf, k1·k2]}``.
+    ``{key: [c, G_leaf, m·k1·k2]}``.
     """
     plan = tuple((p.key, p.site, p.layered) for p in projection.kernels)
     features = _project_batch(model, params, batch.input_ids, batch.attention_mask, batch.labels, _factors(projection), plan)
@@ -298,8 +320,8 @@ def project_grads(grads: Mapping[str, Float[Array, "n *shape"]], projection: Pro
             sliced = g[:, :, jnp.asarray(p.in_index), :]  # [n, L, G, hd, d_out]
         else:
             sliced = g[:, :, None]
-        proj = jnp.einsum("nlgde,lgdi,lgek->nlgik", sliced, p.r_in, p.r_out, precision=hi)
-        out[p.key] = proj.reshape(proj.shape[0], -1, proj.shape[-2] * proj.shape[-1])
+        proj = jnp.einsum("nlgde,lgmdi,lgmek->nlgmik", sliced, p.r_in, p.r_out, precision=hi)
+        out[p.key] = proj.reshape(proj.shape[0], proj.shape[1] * proj.shape[2], -1)
     return out
 
 
