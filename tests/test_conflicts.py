@@ -169,6 +169,26 @@ def test_gqa_groups_follow_kv_heads(llama, llama_grads):
     chex.assert_trees_all_close(gram.group_dots[gram.groups.labels.index("L1.k.h1")], piece @ piece.T, rtol=1e-4, atol=1e-7)
 
 
+def test_interleaved_neox_heads_match_hand_slices():
+    """GPT-NeoX's query_key_value interleaves [head, (q, k, v), head_dim]: gathered, not sliced."""
+    config = DecoderConfig(
+        model_type="gpt_neox", family="gpt_neox", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+        num_kv_heads=4, head_dim=8, intermediate_size=48, max_position_embeddings=64, norm_eps=1e-5,
+        activation="gelu", tie_word_embeddings=False, qkv_bias=True, o_bias=True, mlp_bias=True, rope=RopeConfig(10000.0, 4),
+    )
+    layout = Model.init(config, seed=0).layout
+    path = "layers/attention/query_key_value/kernel"
+    rng = np.random.default_rng(0)
+    grads = {path: rng.normal(size=(5,) + layout.spec(path).shape).astype(np.float32)}
+    c = Contributions(np.arange(5), np.ones(5, int), {}, grads)
+    gram = C.pairwise_cosines(c, c, layout=layout)
+    for block, offset in (("q", 0), ("k", 1), ("v", 2)):
+        head, layer = 3, 1
+        cols = slice(head * 24 + offset * 8, head * 24 + offset * 8 + 8)
+        piece = grads[path][:, layer, :, cols].reshape(5, -1).astype(np.float64)
+        chex.assert_trees_all_close(gram.group_dots[gram.groups.labels.index(f"L{layer}.{block}.h{head}")], piece @ piece.T, rtol=1e-5)
+
+
 def test_whiten_matches_formula(gpt2_task):
     rng = np.random.default_rng(0)
     fisher = {p: rng.gamma(2.0, 1e-3, size=v.shape[1:]).astype(np.float32) for p, v in gpt2_task.grads.items()}
