@@ -10,7 +10,7 @@ from fisherjax.fisher import Contributions, TaskFisher
 from fisherjax.fisher.collect import collect
 from fisherjax.layout import ModelLayout, Role
 from fisherjax.models import Model, load_pretrained, save_pretrained
-from fisherjax.analysis import qkov  # noqa: E402  (DESIGN.md's fisherjax.qkov.heatmap)
+from fisherjax.analysis import conflicts, qkov  # noqa: E402  (DESIGN.md's fisherjax.qkov / fisherjax.conflicts)
 
 __version__ = "0.1.0"
 

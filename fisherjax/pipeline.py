@@ -224,6 +224,52 @@ def phase_natural(ctx: Context, out: Path) -> dict:
     return section
 
 
+def phase_conflicts(ctx: Context, out: Path) -> dict:
+    """Phase 5: sample-level conflicts between every pair of tasks, per attention head.
+
+    Fisher-whitened cosines of all cross-task sample pairs, tested per (block, layer, head)
+    group against each task's own within-task cosines (BH FDR); writes ``conflicts.json`` and a
+    figure per pair.
+    """
+    import itertools
+
+    from fisherjax.analysis import conflicts
+    from fisherjax.report import save_figure
+
+    layout, section, figures = ctx.model.layout, {"pairs": {}}, []
+    lines = ["## Phase 5 — Sample conflicts", ""]
+    for name_a, name_b in itertools.combinations(ctx.fishers, 2):
+        report = conflicts.detect(
+            ctx.fishers[name_a], ctx.fishers[name_b], layout=layout, scope="groups", top_k=ctx.config.top_k, names=(name_a, name_b)
+        )
+        summary = conflicts.summarize(report)
+        section["pairs"][f"{name_a}|{name_b}"] = summary
+        figures.append(save_figure(conflicts.plot_conflicts(report), out, f"conflicts_{name_a}_{name_b}"))
+        n_sig = int(np.sum(report.group_significant)) if report.group_significant is not None else int(np.sum(report.significant))
+        lines += [f"**{name_a} vs {name_b}**: {report.cosines.size} sample pairs, {n_sig} significant (pair, head) "
+                  f"conflicts at FDR {report.settings.get('alpha', 0.05)}; median cross-task cosine "
+                  f"{float(np.median(report.cosines)):.3f}.", ""]
+        for pair in report.top_pairs[:5]:
+            lines.append(f"- {name_a} sample {pair.sample_a} vs {name_b} sample {pair.sample_b}: " + _pair_text(pair))
+        advice = report.recommendations
+        for sample in advice.get("samples", [])[:5]:
+            side = name_a if sample.get("task") == "a" else name_b
+            lines.append(f"- {sample.get('action', 'review')} {side} sample {sample.get('sample_id')}: "
+                         f"in {sample.get('conflicts')} significant conflicts (mean cosine {sample.get('mean_conflict_cosine', float('nan')):.3f})")
+        for hot in advice.get("hotspots", []):
+            lines.append(f"- hotspot {hot['group']}: {100 * hot['share']:.0f} % of the conflict pull")
+        lines += ["", f"![conflicts {name_a} vs {name_b}]({figures[-1]})", ""]
+    (out / "conflicts.json").write_text(json.dumps(_jsonable(section), indent=2))
+    section["report"] = lines
+    section["figures"] = figures
+    return section
+
+
+def _pair_text(pair) -> str:
+    groups = ", ".join(f"{label} ({contribution:+.3f})" for label, contribution, *_ in pair.groups[:3])
+    return f"cosine {pair.cosine:+.3f}, effect size {pair.effect_size:.3f}, q {pair.qvalue:.3g}; most of it from {groups}"
+
+
 def phase_qkov(ctx: Context, out: Path) -> dict:
     """Phase 6: QK-OV interference of each task on each other task, per block, layer and head.
 
@@ -282,6 +328,7 @@ PHASES: dict[str, Callable[[Context, Path], dict]] = {
     "importance": phase_importance,
     "masks": phase_masks,
     "natural": phase_natural,
+    "conflicts": phase_conflicts,
     "qkov": phase_qkov,
 }
 """Phase name → phase function, in the order they run."""

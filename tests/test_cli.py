@@ -107,3 +107,23 @@ def test_failed_run_keeps_the_previous_output(tiny_checkpoint, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "unknown architecture model_type='rwkv'" in proc.stderr and "Traceback" not in proc.stderr
     assert (out / "keep.txt").read_text() == "old"
+
+
+def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["analyze", "--no-progress"]) == 0
+    out = tmp_path / "fisherjax-out"
+    results = json.loads((out / "results.json").read_text())
+    for phase in ("fisher", "importance", "masks", "natural", "conflicts", "qkov"):
+        assert phase in results, phase
+    assert set(results["fisher"]) == {"math", "copy"} and results["fisher"]["math"]["samples"] == 128
+    for name in ("group_fisher.npz", "qkov.npz", "conflicts.json", "report.md"):
+        assert (out / name).exists(), name
+    assert len(list((out / "figures").glob("*.png"))) >= 11
+    qkov = np.load(out / "qkov.npz")
+    assert qkov["math|copy|scores"].shape == (4, 2, 128, 128, 4)
+    assert json.loads((out / "conflicts.json").read_text())["pairs"]["math|copy"]["n_pairs"] == 128 * 128
+    # Pruning the least important half of each layer's heads must hurt each task less than
+    # pruning as many random heads (shipped demo model, 10 random draws).
+    for task, r in results["masks"]["head_pruning"]["tasks"].items():
+        assert r["loss_before"] < r["loss_fisher"] < r["loss_random_mean"], (task, r)
