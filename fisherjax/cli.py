@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from fisherjax.errors import FisherjaxError
+from fisherjax.pipeline import AnalysisConfig
 
 EXIT_INPUT_ERROR = 2
 
@@ -45,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--no-diagonal", action="store_true", help="skip the full per-parameter diagonal (no unstructured masks)")
     a.add_argument("--sparsity", type=float, action="append", help="pruning sparsity level (repeat; default 0.5 0.7 0.9)")
     a.add_argument("--top-k", type=int, default=20, help="rows in the top-k tables (default 20)")
-    a.add_argument("--phases", default="fisher,importance,masks,conflicts,qkov",
-                   help="comma-separated phases to run (default: all)")
+    a.add_argument("--phases", default=",".join(AnalysisConfig.phases),
+                   help=f"comma-separated phases to run (default: all of {','.join(AnalysisConfig.phases)})")
     a.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     a.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin weights (unsafe for untrusted files)")
     a.add_argument("--save-contributions", action="store_true", help="also store per-sample contributions in fisher_state/")
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _analyze(args) -> int:
-    from fisherjax.pipeline import AnalysisConfig, analyze, parse_task_args
+    from fisherjax.pipeline import analyze, parse_task_args
 
     config = AnalysisConfig(
         out=args.out,
