@@ -140,3 +140,11 @@ def random_task(name: str, n: int, seed: int = 0, min_len: int = 4, max_len: int
     rng = np.random.default_rng(seed)
     tokens = [rng.integers(3, VOCAB, size=rng.integers(min_len, max_len + 1)).tolist() for _ in range(n)]
     return task_from_tokens(name, tokens, prompt_lens=[min(prompt, len(t)) for t in tokens])
+
+
+def abstract_layout(config):
+    """The layout of a decoder built from abstract parameter shapes (nothing initialised)."""
+    from fisherjax.layout import layout_for
+    from fisherjax.models.hf import abstract_params
+
+    return layout_for(config, abstract_params(config))

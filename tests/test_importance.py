@@ -8,48 +8,22 @@ import numpy as np
 import pytest
 
 from fisherjax.analysis import importance
-from fisherjax.config import DecoderConfig, RopeConfig
 from fisherjax.errors import DataError, NumericalError
 from fisherjax.fisher.groups import group_sizes, groups_of_elementwise
 from fisherjax.fisher.state import TaskFisher
-from fisherjax.layout import ModelLayout, Role, layout_for
+from fisherjax.layout import ModelLayout, Role
+
+from conftest import abstract_layout, tiny_config
 
 HD = 8
 
 
-def config(family: str) -> DecoderConfig:
-    return DecoderConfig(
-        model_type=family,
-        family=family,
-        vocab_size=61,
-        hidden_size=32,
-        num_layers=3,
-        num_heads=4,
-        num_kv_heads=2 if family == "llama" else 4,
-        head_dim=HD,
-        intermediate_size=24,
-        max_position_embeddings=64,
-        norm_eps=1e-5,
-        activation="silu" if family == "llama" else "gelu_new",
-        tie_word_embeddings=family == "gpt2",
-        qkv_bias=family != "llama",
-        o_bias=family != "llama",
-        mlp_bias=family != "llama",
-        rope=RopeConfig(10000.0, HD) if family != "gpt2" else None,
-    )
+def config(family: str):
+    return tiny_config(family, vocab_size=61, num_layers=3, intermediate_size=24, head_dim=HD)
 
 
 def layout_of(family: str) -> ModelLayout:
-    """The layout of a decoder, from abstract parameter shapes (no initialisation)."""
-    from flax import nnx
-
-    from fisherjax.models.decoder import Decoder
-
-    cfg = config(family)
-    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0)))))
-    import jax
-
-    return layout_for(cfg, jax.tree.map(lambda s: np.zeros(s.shape, np.float32), abstract))
+    return abstract_layout(config(family))
 
 
 def random_fisher(layout: ModelLayout, task: str, seed: int, *, diagonal: bool = True) -> TaskFisher:

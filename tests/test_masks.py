@@ -10,47 +10,24 @@ import numpy as np
 import pytest
 
 from fisherjax.analysis import masks
-from fisherjax.config import DecoderConfig, RopeConfig
 from fisherjax.data import batches, task_from_tokens
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.groups import group_sizes, groups_of_elementwise
 from fisherjax.fisher.state import TaskFisher
-from fisherjax.layout import ModelLayout, flatten, layout_for
+from fisherjax.layout import ModelLayout, flatten
+
+from conftest import abstract_layout, tiny_config
 
 HD = 8
 VOCAB = 61
 
 
-def config(family: str, layers: int = 3) -> DecoderConfig:
-    return DecoderConfig(
-        model_type=family,
-        family=family,
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=layers,
-        num_heads=4,
-        num_kv_heads=2 if family == "llama" else 4,
-        head_dim=HD,
-        intermediate_size=24,
-        max_position_embeddings=64,
-        norm_eps=1e-5,
-        activation="silu" if family == "llama" else "gelu_new",
-        tie_word_embeddings=family == "gpt2",
-        qkv_bias=family != "llama",
-        o_bias=family != "llama",
-        mlp_bias=family != "llama",
-        rope=RopeConfig(10000.0, HD) if family != "gpt2" else None,
-    )
+def config(family: str, layers: int = 3):
+    return tiny_config(family, vocab_size=VOCAB, num_layers=layers, intermediate_size=24, head_dim=HD)
 
 
 def layout_of(family: str) -> ModelLayout:
-    from flax import nnx
-
-    from fisherjax.models.decoder import Decoder
-
-    cfg = config(family)
-    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0)))))
-    return layout_for(cfg, jax.tree.map(lambda s: np.zeros(s.shape, np.float32), abstract))
+    return abstract_layout(config(family))
 
 
 def fisher_from_diagonal(layout: ModelLayout, task: str, diag) -> TaskFisher:
