@@ -10,7 +10,7 @@ from fisherjax.fisher import Contributions, TaskFisher
 from fisherjax.fisher.collect import collect
 from fisherjax.layout import ModelLayout, Role
 from fisherjax.models import Model, load_pretrained, save_pretrained
-from fisherjax.analysis import conflicts, qkov  # noqa: E402  (DESIGN.md's fisherjax.qkov / fisherjax.conflicts)
+from fisherjax.analysis import conflicts, qkov  # DESIGN.md promises fisherjax.qkov and fisherjax.conflicts
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,8 @@ __all__ = [
     "Role",
     "TaskFisher",
     "collect",
+    "conflicts",
     "load_pretrained",
+    "qkov",
     "save_pretrained",
 ]

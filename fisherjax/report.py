@@ -53,7 +53,7 @@ def write_report(results: dict, out: Path) -> Path:
             f"| {name} | {r['samples']} | {r['skipped_samples']} | {r['tokens']} | {_fmt(r['loss_per_token'])} | {_fmt(r['total_fisher'])} |"
         )
     lines.append("")
-    for phase, section in results.items():
+    for section in results.values():
         if not isinstance(section, dict) or "report" not in section:
             continue
         lines += section["report"]

@@ -93,7 +93,7 @@ class EMATest(chex.TestCase):
         decay = 0.9
         state = acc.ema_init(np.zeros(3), decay)
         update = self.variant(acc.ema_update)
-        v, count, reference = np.zeros(3), 0, []
+        v, count = np.zeros(3), 0
         for values, valid in _batches(rng, 4, 5):
             values = values["b"][:, :3]
             state = update(state, jnp.asarray(values), jnp.asarray(valid))

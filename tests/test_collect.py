@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import jax
@@ -16,7 +15,7 @@ import pytest
 
 from conftest import random_task, tiny_config
 from fisherjax import DataError, FisherjaxError, Model, NumericalError
-from fisherjax.data import IGNORE, Batch, batches, make_batch
+from fisherjax.data import IGNORE, batches
 from fisherjax.fisher.collect import _sample_labels, collect, group_intervals
 from fisherjax.fisher.groups import groups_of_elementwise
 from fisherjax.grads import per_sample_grads, token_nll

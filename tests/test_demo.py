@@ -8,7 +8,6 @@ over the attention probabilities.
 
 from __future__ import annotations
 
-import json
 
 import chex
 import jax

@@ -84,7 +84,7 @@ def test_ablating_a_head_through_the_layout_matches_hf(kind, hf_checkpoint):
         flat[path] = layout.unview(path, parts)
     params = unflatten(flat)
 
-    H, K, hd, d = (model.config.num_heads, model.config.num_kv_heads, model.config.head_dim, model.config.hidden_size)
+    hd, d = model.config.head_dim, model.config.hidden_size
     with torch.no_grad():
         sd = {k: v.clone() for k, v in torch_model.state_dict().items()}
         if kind == "gpt2":

@@ -6,7 +6,6 @@ unlike GPT-2's ``[Q | K | V]`` blocks; :mod:`fisherjax.layout` knows both orders
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 from flax import nnx
 
 from fisherjax.config import DecoderConfig
