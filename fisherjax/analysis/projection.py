@@ -52,7 +52,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from fisherjax.analysis.conflicts import GradChunk, GroupedGrads, Grouping, damping, grouping_for, input_head_index, output_head_index
+from fisherjax.analysis.conflicts import damping
+from fisherjax.analysis.gradgroups import (
+    GradChunk,
+    GroupedGrads,
+    Grouping,
+    grouping_for,
+    input_head_index,
+    output_head_index,
+)
 from fisherjax.data import Batch
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.grads import site_grads

@@ -1,0 +1,360 @@
+"""Per-sample gradients, grouped and streamed: the data layout of Phase 5.
+
+A :class:`Grouping` assigns every scalar of the selected parameters to a group — one per
+(block, layer, head) for attention kernels and biases, viewed through
+:meth:`~fisherjax.layout.ModelLayout.view`, and one per (parameter, layer) otherwise — so Gram
+matrices can be accumulated per group. Per-sample gradients arrive as :class:`GradChunk`
+values from stored :class:`~fisherjax.fisher.Contributions`, from projected
+:class:`GroupedGrads` (:mod:`fisherjax.analysis.projection`), or from a callable that yields
+chunks on demand, so a task's gradients never have to be held at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from fisherjax.errors import ConfigError, DataError
+from fisherjax.fisher.state import Contributions, TaskFisher
+from fisherjax.layout import ModelLayout, Role
+
+ATTENTION_ORDER = ("q", "k", "v", "o")
+
+# ---------------------------------------------------------------------------------------------
+# Parameter groups
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupIndex:
+    """The parameter groups a cosine is split into, ``G`` of them.
+
+    Attributes:
+      labels: ``[G]`` names, ``"L3.q.h5"`` for an attention head, ``"path@L3"`` for a layer of
+        any other leaf, ``"path"`` for an unstacked leaf.
+      block: ``[G]`` ``"q" | "k" | "v" | "o"`` for attention heads, ``""`` otherwise.
+      layer: ``[G]`` layer index, ``-1`` where unknown.
+      head: ``[G]`` head index (kv head for k/v), ``-1`` for non-head groups.
+      source: ``[G]`` the parameter path the group comes from (the first one for attention heads
+        that several leaves feed, e.g. a q kernel and its bias).
+    """
+
+    labels: tuple[str, ...]
+    block: np.ndarray
+    layer: np.ndarray
+    head: np.ndarray
+    source: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def is_head(self) -> np.ndarray:
+        return self.head >= 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureView:
+    """How one feature array ``[n, G_leaf, D]`` is read from a parameter leaf ``[n, *shape]``.
+
+    ``kind``: ``"in_heads"`` (q/k/v kernel: ``index [H, hd]`` picks each head's columns of the
+    output axis, features ``[.., H, d_in·hd]``), ``"bias_heads"`` (q/k/v bias, same ``index``),
+    ``"out_heads"`` (o kernel: ``index`` picks each head's rows of the input axis), ``"layered"``
+    (one group per layer), ``"whole"`` (one group). ``index`` is a nested tuple, so a view is
+    hashable and the jitted chunk preparation compiles once per model.
+    """
+
+    key: str
+    path: str
+    block: str | None
+    kind: str
+    index: tuple[tuple[int, ...], ...] | None = None
+
+    def _heads(self, x, axis: int):
+        """``x`` with ``axis`` replaced by ``[H, hd]`` head axes: a slice and a reshape when the
+        heads are contiguous (separate and GPT-2-fused projections), a gather otherwise (NeoX)."""
+        index = np.array(self.index)
+        axis = axis % x.ndim
+        if np.array_equal(index.ravel(), index.flat[0] + np.arange(index.size)):
+            x = jax.lax.slice_in_dim(x, int(index.flat[0]), int(index.flat[0]) + index.size, axis=axis)
+            return x.reshape(*x.shape[:axis], *index.shape, *x.shape[axis + 1 :])
+        return jnp.take(x, index, axis=axis)
+
+    def apply(self, x: Float[Array, "c *shape"]) -> Float[Array, "c groups dim"]:
+        c = x.shape[0]
+        if self.kind == "in_heads":
+            v = jnp.moveaxis(self._heads(x, -1), -2, -3)  # [c, (L), H, d_in, hd]
+            return v.reshape(c, -1, v.shape[-2] * v.shape[-1])
+        if self.kind == "bias_heads":
+            return self._heads(x, -1).reshape(c, -1, len(self.index[0]))
+        if self.kind == "out_heads":
+            v = self._heads(x, -2)  # [c, (L), H, hd, d_out]
+            return v.reshape(c, -1, v.shape[-2] * v.shape[-1])
+        if self.kind == "layered":
+            return x.reshape(c, x.shape[1], -1)
+        return x.reshape(c, 1, -1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Grouping:
+    """Maps per-sample gradients to group-major features and features to global groups.
+
+    Attributes:
+      index: the :class:`GroupIndex`.
+      members: ``{feature key: [G_leaf] global group ids}``.
+      views: how each feature is read from raw gradients ``{path: [n, *shape]}``; ``None`` when
+        the inputs already are features ``{key: [n, G_leaf, D]}`` (projected gradients).
+    """
+
+    index: GroupIndex
+    members: Mapping[str, np.ndarray]
+    views: tuple[FeatureView, ...] | None = None
+
+    @functools.cached_property
+    def static_members(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        return tuple((k, tuple(int(i) for i in v)) for k, v in self.members.items())
+
+    def features(self, grads: Mapping[str, Array]) -> dict[str, Array]:
+        """``{path: [c, *shape]}`` → ``{key: [c, G_leaf, D]}`` (identity for pre-grouped inputs)."""
+        if self.views is None:
+            return {k: grads[k] for k in self.members}
+        return {view.key: view.apply(grads[view.path]) for view in self.views}
+
+
+def output_head_index(layout: ModelLayout, path: str, block: str) -> np.ndarray:
+    """``[H_block, hd]``: each head's positions along a q/k/v kernel's (or bias's) output axis,
+    read through :meth:`ModelLayout.view` (so fused QKV orders are decided by the layout alone)."""
+    spec = layout.spec(path)
+    width = spec.shape[-1]
+    along = dataclasses.replace(spec, shape=(width,), kind="bias", layered=False)
+    return np.asarray(dataclasses.replace(layout, specs={path: along}).view(path, np.arange(width), block))
+
+
+def input_head_index(layout: ModelLayout, path: str) -> np.ndarray:
+    """``[H, hd]``: each head's positions along an o kernel's input axis."""
+    spec = layout.spec(path)
+    width = spec.shape[-2]
+    along = dataclasses.replace(spec, shape=(width, 1), layered=False)
+    return np.asarray(dataclasses.replace(layout, specs={path: along}).view(path, np.arange(width)[:, None], "o"))[..., 0]
+
+
+def _nested(index: np.ndarray) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(int(v) for v in row) for row in index)
+
+
+def _head_label(block: str, layer: int, head: int) -> str:
+    return f"L{layer}.{block}.h{head}"
+
+
+def _leaf_label(path: str, layer: int) -> str:
+    return f"{path}@L{layer}" if layer >= 0 else path
+
+
+def _build_index(keys: Sequence[tuple]) -> GroupIndex:
+    """A :class:`GroupIndex` from group keys ``("head", block, layer, head, source)`` or
+    ``("leaf", path, layer)``, in the given order."""
+    labels, block, layer, head, source = [], [], [], [], []
+    for key in keys:
+        if key[0] == "head":
+            _, b, lay, h, src = key
+            labels.append(_head_label(b, lay, h))
+            block.append(b), layer.append(lay), head.append(h), source.append(src)
+        else:
+            _, path, lay = key
+            labels.append(_leaf_label(path, lay))
+            block.append(""), layer.append(lay), head.append(-1), source.append(path)
+    return GroupIndex(tuple(labels), np.array(block, dtype=object), np.array(layer, int), np.array(head, int), np.array(source, dtype=object))
+
+
+class _GroupTable:
+    """Assigns consecutive ids to group keys (a construction-time helper, never stored)."""
+
+    def __init__(self):
+        self.ids: dict[tuple, int] = {}
+        self.sources: dict[tuple, str] = {}
+
+    def head(self, block: str, layers: Sequence[int], heads: int, source: str) -> np.ndarray:
+        """Ids of ``[len(layers) * heads]`` head groups, layer-major (the feature order)."""
+        out = []
+        for lay in layers:
+            for h in range(heads):
+                key = ("head", block, lay, h)
+                self.sources.setdefault(key, source)
+                out.append(self.ids.setdefault(key, len(self.ids)))
+        return np.array(out, int)
+
+    def leaf(self, path: str, layers: Sequence[int]) -> np.ndarray:
+        return np.array([self.ids.setdefault(("leaf", path, lay), len(self.ids)) for lay in layers], int)
+
+    def index(self) -> GroupIndex:
+        keys = [k + (self.sources[k],) if k[0] == "head" else k for k in self.ids]
+        return _build_index(keys)
+
+
+def _layers_of(spec, shape) -> list[int]:
+    if spec.layered:
+        return list(range(shape[0]))
+    return [spec.layer if spec.layer is not None else -1]
+
+
+def grouping_for(shapes: Mapping[str, tuple[int, ...]], layout: ModelLayout | None = None) -> Grouping:
+    """Groups for raw per-sample gradients of the given parameter shapes.
+
+    With a layout: q/k/v kernels and biases and o kernels split per (block, layer, head) (a fused
+    QKV leaf feeds three blocks; a kernel and its bias feed the same head group); every other
+    leaf per layer (stacked leaves) or whole. Without a layout: one group per leaf.
+    """
+    table = _GroupTable()
+    views, members = [], {}
+    for path, shape in shapes.items():
+        spec = layout.spec(path) if layout is not None and path in layout.specs else None
+        if layout is not None and spec is None:
+            raise DataError(f"gradient {path!r} is not a parameter of this model's layout")
+        if spec is not None and tuple(shape) != spec.shape:
+            raise DataError(f"gradient {path!r} has shape {tuple(shape)}, the parameter has {spec.shape}")
+        if spec is None:
+            views.append(FeatureView(path, path, None, "whole"))
+            members[path] = table.leaf(path, [-1])
+            continue
+        layers = _layers_of(spec, shape)
+        head_kind = {"kernel": "in_heads", "bias": "bias_heads"}.get(spec.kind)
+        if spec.role in (Role.Q, Role.K, Role.V, Role.QKV) and head_kind:
+            blocks = ("q", "k", "v") if spec.role == Role.QKV else (spec.role.value,)
+            for block in blocks:
+                key = f"{path}#{block}" if spec.role == Role.QKV else path
+                views.append(FeatureView(key, path, block, head_kind, _nested(output_head_index(layout, path, block))))
+                members[key] = table.head(block, layers, layout.heads_of(block), path)
+        elif spec.role == Role.O and spec.kind == "kernel":
+            views.append(FeatureView(path, path, "o", "out_heads", _nested(input_head_index(layout, path))))
+            members[path] = table.head("o", layers, layout.num_heads, path)
+        elif spec.layered:
+            views.append(FeatureView(path, path, None, "layered"))
+            members[path] = table.leaf(path, layers)
+        else:
+            views.append(FeatureView(path, path, None, "whole"))
+            members[path] = table.leaf(path, layers)
+    return Grouping(table.index(), members, tuple(views))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources of per-sample gradients
+# ---------------------------------------------------------------------------------------------
+
+
+class GradChunk(NamedTuple):
+    """A chunk of per-sample gradients: ``sample_ids [c]`` and ``grads {path: [c, *shape]}``
+    (or, for pre-grouped sources, features ``{key: [c, G_leaf, D]}``)."""
+
+    sample_ids: np.ndarray
+    grads: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GroupedGrads:
+    """Per-sample features already split by group, e.g. projected gradients (:mod:`.projection`).
+
+    ``features``: ``{key: [n, G_leaf, D]}``; ``grouping``: their :class:`Grouping` (``views`` None);
+    ``whitened``: whether the Fisher whitening was applied when they were made. Tasks compared
+    with each other must come from the same projection (same random factors).
+    """
+
+    name: str
+    sample_ids: np.ndarray
+    features: Mapping[str, Any]
+    grouping: Grouping
+    whitened: bool = False
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+
+Source = TaskFisher | Contributions | GroupedGrads | Callable[[], Iterable[GradChunk]]
+"""What :func:`pairwise_cosines` and :func:`detect` read: stored gradients (a TaskFisher with
+contributions, Contributions, GroupedGrads), or a function returning a fresh iterator of
+:class:`GradChunk` (gradients computed on the fly; called once per pass)."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Stream:
+    name: str
+    chunks: Callable[[int], Iterator[GradChunk]]
+    shapes: dict[str, tuple[int, ...]]
+    size: int | None
+    grouping: Grouping | None
+    whitened: bool
+    fisher: Callable[[], dict[str, np.ndarray]] | None
+
+
+def _stored_chunks(sample_ids, arrays):
+    def chunks(size: int) -> Iterator[GradChunk]:
+        for start in range(0, len(sample_ids), size):
+            yield GradChunk(sample_ids[start : start + size], {k: v[start : start + size] for k, v in arrays.items()})
+
+    return chunks
+
+
+def _stream(source, name: str | None, default: str = "task") -> _Stream:
+    """Wrap a :data:`Source`; ``name`` overrides the source's own (a TaskFisher's task), then ``default``."""
+    if isinstance(source, TaskFisher):
+        if source.contributions is None or not source.contributions.grads:
+            raise DataError(
+                f"task {source.task!r} has no stored per-sample gradients; collect it with signed gradients kept "
+                "(TaskFisher.contributions.grads)"
+            )
+        contributions = source.contributions
+
+        def fisher():
+            if source.diagonal is not None and all(p in source.diagonal for p in contributions.grads):
+                return {p: np.asarray(source.diagonal[p], np.float32) for p in contributions.grads}
+            return contributions.fisher()
+
+        inner = _stream(contributions, name or source.task, default)
+        return dataclasses.replace(inner, fisher=fisher)
+    if isinstance(source, Contributions):
+        if not source.grads:
+            raise DataError(f"task {name!r}: its Contributions hold no signed gradients")
+        ids = np.asarray(source.sample_ids)
+        shapes = {p: tuple(np.shape(g)[1:]) for p, g in source.grads.items()}
+        return _Stream(name or default, _stored_chunks(ids, source.grads), shapes, len(ids), None, False, source.fisher)
+    if isinstance(source, GroupedGrads):
+        ids = np.asarray(source.sample_ids)
+        shapes = {k: tuple(np.shape(v)[1:]) for k, v in source.features.items()}
+        return _Stream(name or source.name, _stored_chunks(ids, source.features), shapes, len(ids), source.grouping, source.whitened, None)
+    if callable(source):
+        first = next(iter(source()), None)
+        if first is None:
+            raise DataError(f"task {name!r}: its gradient stream yielded no chunks")
+        shapes = {p: tuple(np.shape(g)[1:]) for p, g in first.grads.items()}
+
+        def chunks(size: int) -> Iterator[GradChunk]:
+            del size  # the producer decides its chunk size
+            return iter(source())
+
+        return _Stream(name or default, chunks, shapes, None, None, False, None)
+    if isinstance(source, Iterator):
+        raise ConfigError("pass a function returning a fresh iterator of GradChunk, not an iterator (sources are read more than once)")
+    raise ConfigError(f"cannot read per-sample gradients from {type(source).__name__}")
+
+
+def _check_same_parameters(streams: Sequence[_Stream]) -> None:
+    first = streams[0]
+    for other in streams[1:]:
+        if other.shapes != first.shapes:
+            only_a = sorted(set(first.shapes) - set(other.shapes))
+            only_b = sorted(set(other.shapes) - set(first.shapes))
+            shape_diff = sorted(p for p in set(first.shapes) & set(other.shapes) if first.shapes[p] != other.shapes[p])
+            raise DataError(
+                f"tasks {first.name!r} and {other.name!r} store gradients of different parameters: "
+                f"only in {first.name!r}: {only_a}; only in {other.name!r}: {only_b}; different shapes: {shape_diff}"
+            )
+        if (first.grouping is None) != (other.grouping is None):
+            raise DataError(f"tasks {first.name!r} and {other.name!r} mix raw and pre-grouped (projected) gradients")
+        if first.grouping is not None and first.grouping.index.labels != other.grouping.index.labels:
+            raise DataError(f"tasks {first.name!r} and {other.name!r} were projected with different groupings")
