@@ -2,7 +2,7 @@
 
     python benchmarks/phase5.py agreement                 # demo model: projected vs exact cosines
     python benchmarks/phase5.py speed --mode exact        # one mode, prints a JSON line
-    python benchmarks/phase5.py all --out benchmarks/phase5_RESULTS.md   # everything, markdown
+    python benchmarks/phase5.py all --out /tmp/phase5.md   # everything, markdown
 
 ``speed`` builds a GPT-2-small-shaped model (12 layers, d 768, 12 heads, vocab 50257) with random
 weights (``Model.init``), two tasks of random token sequences of length T = 128, and scores all

@@ -21,7 +21,7 @@ Usage::
 
     python benchmarks/phase6.py                                   # both configs, 64 x 64 samples
     python benchmarks/phase6.py --config gpt2-small --n-a 16 --n-b 16 --memory-budget 2e9
-    python benchmarks/phase6.py --end-to-end --markdown benchmarks/phase6_RESULTS.md
+    python benchmarks/phase6.py --end-to-end --markdown /tmp/phase6.md   # tables for benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
