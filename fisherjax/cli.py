@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--mode", choices=("welford", "ema"), default="welford", help="accumulation (default welford)")
     a.add_argument("--contribution-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="storage dtype of per-sample contributions (default float32)")
+    a.add_argument("--contribution-budget-gb", type=float, default=8.0,
+                   help="host memory allowed for per-sample contributions per task (default 8 GB)")
+    a.add_argument("--spill-dir", type=Path,
+                   help="write per-sample contributions beyond the budget to this directory (memory-mapped)")
     a.add_argument("--no-diagonal", action="store_true", help="skip the full per-parameter diagonal (no unstructured masks)")
     a.add_argument("--sparsity", type=float, action="append", help="pruning sparsity level (repeat; default 0.5 0.7 0.9)")
     a.add_argument("--top-k", type=int, default=20, help="rows in the top-k tables (default 20)")
@@ -74,6 +78,8 @@ def _analyze(args) -> int:
         fisher_type=args.fisher_type,
         mode=args.mode,
         contribution_dtype=args.contribution_dtype,
+        contribution_budget_gb=args.contribution_budget_gb,
+        spill_dir=args.spill_dir,
         diagonal=not args.no_diagonal,
         sparsities=tuple(args.sparsity) if args.sparsity else (0.5, 0.7, 0.9),
         top_k=args.top_k,

@@ -52,6 +52,8 @@ class AnalysisConfig:
     seed: int = 0
     allow_pickle: bool = False
     save_contributions: bool = False
+    contribution_budget_gb: float = 8.0
+    spill_dir: Path | None = None
     progress: bool = True
     phases: tuple[str, ...] = ("fisher", "importance", "masks", "natural", "conflicts", "qkov")
 
@@ -270,6 +272,30 @@ def _pair_text(pair) -> str:
     return f"cosine {pair.cosine:+.3f}, effect size {pair.effect_size:.3f}, q {pair.qvalue:.3g}; most of it from {groups}"
 
 
+def _qkov_permutation_summary(qkov, result, fa, fb, layout, name_a: str, name_b: str, seed: int) -> dict:
+    """A-vs-B against A-vs-A' (A split in halves) as JSON, or why it was skipped.
+
+    The fit half carries the Fisher, so a task with fewer than ``2 × min_fisher_samples``
+    samples cannot be tested; its heatmap is still reported.
+    """
+    fit, heldout = qkov.heldout_split(fa, 0.5, seed=seed)
+    needed = qkov.QKOVOptions().min_fisher_samples
+    if len(fit) < needed:
+        return {"skipped": f"{name_a} has {len(fit) + len(heldout)} samples with active tokens; its fit half "
+                           f"({len(fit)}) needs at least {needed} for a stable Fisher"}
+    test = qkov.permutation_test(fit, fb, heldout, layout, n_permutations=1000, seed=seed)
+    return {
+        "null": f"{name_b} samples and held-out {name_a} samples are exchangeable partners of {name_a}'s samples",
+        "observed": test.observed.tolist(),
+        "pvalues": test.pvalues.tolist(),
+        "qvalues": test.qvalues.tolist(),
+        "significant_cells": [
+            {"block": result.blocks[b], "layer": int(layer), "head": int(h), "q": float(test.qvalues[b, layer, h])}
+            for b, layer, h in np.argwhere(test.significant)
+        ],
+    }
+
+
 def phase_qkov(ctx: Context, out: Path) -> dict:
     """Phase 6: QK-OV interference of each task on each other task, per block, layer and head.
 
@@ -293,25 +319,16 @@ def phase_qkov(ctx: Context, out: Path) -> dict:
         summary = qkov.summarize(result)
         interval = qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=seed)
         summary["bootstrap"] = {"level": interval.level, "low": interval.low.tolist(), "high": interval.high.tolist()}
-        fit, heldout = qkov.heldout_split(fa, 0.5, seed=seed)
-        test = qkov.permutation_test(fit, fb, heldout, layout, n_permutations=1000, seed=seed)
-        summary["permutation_test"] = {
-            "null": f"{name_b} samples and held-out {name_a} samples are exchangeable partners of {name_a}'s samples",
-            "observed": test.observed.tolist(),
-            "pvalues": test.pvalues.tolist(),
-            "qvalues": test.qvalues.tolist(),
-            "significant_cells": [
-                {"block": result.blocks[b], "layer": int(layer), "head": int(h), "q": float(test.qvalues[b, layer, h])}
-                for b, layer, h in np.argwhere(test.significant)
-            ],
-        }
+        summary["permutation_test"] = _qkov_permutation_summary(qkov, result, fa, fb, layout, name_a, name_b, seed)
         section["pairs"][f"{name_a}|{name_b}"] = summary
         for block, fig in qkov.plot_heatmaps(result).items():
             figures.append(save_figure(fig, out, f"qkov_{name_b}_on_{name_a}_{block}"))
         top = summary["top_conflicts"][:5] if "top_conflicts" in summary else []
-        n_sig = len(summary["permutation_test"]["significant_cells"])
-        lines += [f"**{name_b} → {name_a}** ({len(result.sample_ids_a)} × {len(result.sample_ids_b)} samples): "
-                  f"{n_sig} (block, layer, head) cells interfere more than {name_a}'s own held-out half (BH q ≤ 0.05).", ""]
+        test = summary["permutation_test"]
+        verdict = (f"permutation test skipped: {test['skipped']}." if "skipped" in test else
+                   f"{len(test['significant_cells'])} (block, layer, head) cells interfere more than {name_a}'s own "
+                   "held-out half (BH q ≤ 0.05).")
+        lines += [f"**{name_b} → {name_a}** ({len(result.sample_ids_a)} × {len(result.sample_ids_b)} samples): {verdict}", ""]
         if top:
             lines += ["| block | layer | head | kv head | sample A | sample B | score |", "|---|---|---|---|---|---|---|"]
             lines += [f"| {t['block']} | {t['layer']} | {t['head']} | {t['kv_head']} | {t['sample_a']} | {t['sample_b']} | {t['score']:.4g} |" for t in top]
@@ -352,6 +369,8 @@ def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig) ->
             mode=config.mode,
             contributions=True,
             contribution_dtype=config.contribution_dtype,
+            contribution_budget_bytes=config.contribution_budget_gb * 1e9,
+            spill_dir=None if config.spill_dir is None else Path(config.spill_dir) / name,
             diagonal=config.diagonal,
             fisher_type=config.fisher_type,
             key=jax.random.key(config.seed),

@@ -127,3 +127,16 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
     # pruning as many random heads (shipped demo model, 10 random draws).
     for task, r in results["masks"]["head_pruning"]["tasks"].items():
         assert r["loss_before"] < r["loss_fisher"] < r["loss_random_mean"], (task, r)
+
+
+def test_contribution_budget_and_spill_from_the_command_line(tiny_checkpoint, tmp_path, capsys):
+    code = _analyze(tiny_checkpoint, tmp_path / "a", "--phases", "fisher", "--contribution-budget-gb", "1e-6")
+    assert code == 2 and "spill_dir" in capsys.readouterr().err
+    assert _analyze(tiny_checkpoint, tmp_path / "b", "--phases", "fisher,qkov", "--contribution-budget-gb", "1e-6",
+                    "--spill-dir", str(tmp_path / "spill")) == 0
+    assert list((tmp_path / "spill" / "add").glob("grads.*.npy"))
+    assert np.load(tmp_path / "b" / "qkov.npz")["add|words|scores"].shape[2:4] == (12, 10)
+    # 12 samples split in halves leave 6 for the fit half's Fisher: the test is skipped, with the reason.
+    test = json.loads((tmp_path / "b" / "results.json").read_text())["qkov"]["pairs"]["add|words"]["permutation_test"]
+    assert "fit half (6) needs at least 8" in test["skipped"]
+    assert "permutation test skipped" in (tmp_path / "b" / "report.md").read_text()
