@@ -5,7 +5,7 @@ Llama-shaped GQA config (16 layers, d 2048, 32 heads / 8 kv heads) it times, on 
 contributions and gradients of the right shapes (no model forward needed):
 
 * the kernel as :func:`fisherjax.analysis.qkov.heatmap` runs it — operand preparation
-  (``_operand_a``: ``C/(Î+λ)``, ``_operand_b``: ``|g|``, head-major) and the batched GEMMs
+  (``_operand``: ``C/(Î+λ)`` for task A, ``|g|`` for task B, head-major) and the batched GEMMs
   (``_slice_products``) — on device-resident inputs, layer chunk by layer chunk (each chunk's data
   is generated on the device before its timing starts, so only ``n × layer_chunk`` samples of one
   chunk are ever in memory);
@@ -164,6 +164,7 @@ def bench_kernel(name: str, args) -> list[dict]:
     totals = {k: dict(operand_a=0.0, operand_b=0.0, gemm=0.0, fused=0.0) for k in splits}
     loop_per_pair, max_rel = 0.0, 0.0
     p = args.loop_samples
+    ones_a, ones_b = jnp.ones(args.n_a), jnp.ones(args.n_b)
     for l0 in range(0, L, c_l):
         width = min(c_l, L - l0)
         make = {k: jax.ShapeDtypeStruct((args.n_a, width, *s), jnp.float32) for k, s in shapes.items()}
@@ -171,8 +172,8 @@ def bench_kernel(name: str, args) -> list[dict]:
         fisher_shapes = {k: jax.ShapeDtypeStruct((width, *s), jnp.float32) for k, s in shapes.items()}
         C, g, weights, fisher = jax.block_until_ready(_make_chunk(jax.random.PRNGKey(l0), make, make_b, fisher_shapes, ridge))
         for k in splits:
-            t_a, a_op = _timed(qkov._operand_a, C, weights, variant="unsigned", split_k=k, repeats=args.repeats)
-            t_b, b_op = _timed(qkov._operand_b, g, variant="unsigned", split_k=k, repeats=args.repeats)
+            t_a, a_op = _timed(qkov._operand, C, ones_a, weights, transform="identity", split_k=k, repeats=args.repeats)
+            t_b, b_op = _timed(qkov._operand, g, ones_b, None, transform="abs", split_k=k, repeats=args.repeats)
             t_g, raw = _timed(qkov._slice_products, a_op, b_op, precision=args.precision, repeats=args.repeats)
             del a_op, b_op
             t_f, _ = _timed(_fused, C, g, weights, split_k=k, precision=args.precision, repeats=args.repeats) if args.fused else (float("nan"), None)
@@ -209,28 +210,37 @@ def bench_kernel(name: str, args) -> list[dict]:
 @functools.partial(jax.jit, static_argnames=("split_k", "precision"))
 def _fused(C, g, weights, *, split_k, precision):
     """The three kernel pieces under one jit (XLA may fuse the operand passes into the GEMM)."""
-    a = qkov._operand_a(C, weights, variant="unsigned", split_k=split_k)
-    b = qkov._operand_b(g, variant="unsigned", split_k=split_k)
+    a = qkov._operand(C, jnp.ones(next(iter(C.values())).shape[0]), weights, transform="identity", split_k=split_k)
+    b = qkov._operand(g, jnp.ones(next(iter(g.values())).shape[0]), None, transform="abs", split_k=split_k)
     return qkov._slice_products(a, b, precision=precision)
 
 
-def bench_end_to_end(name: str, args) -> float:
-    """Seconds of the public ``heatmap`` on host numpy Contributions (second call; the first compiles)."""
+def bench_end_to_end(name: str, args) -> str:
+    """Seconds of the public ``heatmap`` on host numpy Contributions (second call; the first compiles).
+
+    Two inputs: task A with stored ``C`` (true or per-token Fisher), and with ``C`` derived from
+    ``g`` (the empirical Fisher, which is what ``collect`` stores by default).
+    """
     layout = synthetic_layout(name, args.layers)
     key = jax.random.PRNGKey(7)
     paths = sorted(layout.specs)
-    grads_b, contrib_a = {}, {}
+    grads_a, grads_b = {}, {}
     for n, path in enumerate(paths):  # drawn on the device, copied to host numpy
         shape = layout.spec(path).shape
+        grads_a[path] = np.asarray(jax.random.normal(jax.random.fold_in(key, 2 * n + 1), (args.n_a, *shape)))
         grads_b[path] = np.asarray(jax.random.normal(jax.random.fold_in(key, 2 * n), (args.n_b, *shape)))
-        contrib_a[path] = np.asarray(jnp.square(jax.random.normal(jax.random.fold_in(key, 2 * n + 1), (args.n_a, *shape))) / 7.0)
-    A = Contributions(np.arange(args.n_a), np.full(args.n_a, 7), contrib_a, {})
-    B = Contributions(np.arange(args.n_b), np.full(args.n_b, 7), {}, grads_b)
+    tokens_a, tokens_b = np.full(args.n_a, 7), np.full(args.n_b, 7)
+    B = Contributions(np.arange(args.n_b), tokens_b, None, grads_b)
     options = dict(min_fisher_samples=1, precision=args.precision, memory_budget_bytes=args.memory_budget)
-    qkov.heatmap(A, B, layout, **options)
-    start = time.perf_counter()
-    qkov.heatmap(A, B, layout, **options)
-    return time.perf_counter() - start
+    seconds = {}
+    for label, A in (("stored C", Contributions.from_grads(grads_a, tokens_a, np.arange(args.n_a))),
+                     ("derived C", Contributions(np.arange(args.n_a), tokens_a, None, grads_a))):
+        qkov.heatmap(A, B, layout, **options)
+        start = time.perf_counter()
+        qkov.heatmap(A, B, layout, **options)
+        seconds[label] = time.perf_counter() - start
+        del A
+    return ", ".join(f"{s:.2f} ({label})" for label, s in seconds.items())
 
 
 def main(argv=None):
@@ -264,7 +274,7 @@ def main(argv=None):
     ]
     for name in args.config or sorted(CONFIGS):
         rows = bench_kernel(name, args)
-        e2e = f"{bench_end_to_end(name, args):.2f}" if name in args.end_to_end else "—"
+        e2e = bench_end_to_end(name, args) if name in args.end_to_end else "—"
         for r in rows:
             gflops = r["gflop"] / r["kernel_s"]
             fused = f"{r['fused_s']:.4f}" if args.fused else "—"

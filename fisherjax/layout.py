@@ -124,6 +124,10 @@ class ModelLayout:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"heads={self.num_heads} is not a multiple of kv_heads={self.num_kv_heads}")
 
+    def __hash__(self) -> int:
+        # A layout is immutable data; hashing it lets jitted code take it as a static argument.
+        return hash((tuple(self.specs.items()), self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim))
+
     @property
     def kv_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
@@ -170,15 +174,18 @@ class ModelLayout:
         return pairs
 
     # ---- head views ---------------------------------------------------------------------
-    def view(self, path: str, x, block: str | None = None):
+    def view(self, path: str, x, block: str | None = None, *, per_layer: bool = False):
         """View one leaf (any leading axes) with explicit head axes, see the module table.
 
         A stacked leaf keeps its layer axis; an unstacked one gets none (see :meth:`attention`).
+        ``per_layer=True`` views arrays whose trailing axes are one layer's slice of the leaf (any
+        number of layers of a stacked leaf, taken out along with other leading axes).
         """
         spec = self.spec(path)
-        lead = x.ndim - len(spec.shape)
-        if lead < 0 or tuple(x.shape[lead:]) != spec.shape:
-            raise ValueError(f"{path}: expected trailing shape {spec.shape}, got {x.shape}")
+        expected = spec.shape[1:] if per_layer and spec.layered else spec.shape
+        lead = x.ndim - len(expected)
+        if lead < 0 or tuple(x.shape[lead:]) != expected:
+            raise ValueError(f"{path}: expected trailing shape {expected}, got {x.shape}")
         hd = self.head_dim
         if spec.role == Role.QKV:
             if block not in ("q", "k", "v"):

@@ -5,6 +5,7 @@ head additivity, scale, ablations, symmetry, ridge robustness; and the statistic
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import chex
@@ -19,7 +20,7 @@ from fisherjax.data import IGNORE, Batch
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.state import Contributions
 from fisherjax.grads import per_sample_grads
-from fisherjax.layout import flatten, unflatten
+from fisherjax.layout import ModelLayout, flatten, unflatten
 
 N_A, N_B = 6, 4
 MIN = dict(min_fisher_samples=3)
@@ -200,6 +201,43 @@ def test_options_match_bruteforce(family, kind, opts):
     model, _, A, B = family(kind)
     result = qkov.heatmap(A, B, model.layout, **MIN, **opts)
     _close(result.scores, _reference(A, B, kind, _dims(model.layout), model.layout.num_layers, **opts))
+
+
+def _per_layer(layout, c: Contributions):
+    """The same model with one leaf per layer (a hand-built layout), and its contributions."""
+    specs, grads = {}, {}
+    for path, spec in layout.specs.items():
+        if not spec.layered:
+            specs[path] = spec
+            continue
+        for layer in range(layout.num_layers):
+            name = path.replace("layers/", f"layers_{layer}/", 1)
+            specs[name] = dataclasses.replace(spec, path=name, shape=spec.shape[1:], layered=False, layer=layer)
+            if path in c.grads:
+                grads[name] = np.ascontiguousarray(c.grads[path][:, layer])
+    per_layer = ModelLayout(specs, layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim)
+    return per_layer, Contributions.from_grads(grads, c.tokens, c.sample_ids)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("variant", qkov.VARIANTS)
+def test_derived_contributions_and_per_layer_leaves_give_the_same_scores(family, kind, variant):
+    """The empirical Fisher stores only ``g`` (``C = g²/T`` formed on the device), and a hand-built
+    layout may have one leaf per layer (stacked on the device): both must give the stored-C scores."""
+    model, _, A, B = family(kind)
+    options = dict(MIN, variant=variant, fisher_pool="pooled")
+    expected = qkov.heatmap(A, B, model.layout, **options).scores
+
+    def derived(c):
+        return Contributions(c.sample_ids, c.tokens, None, c.grads)
+
+    assert derived(A).derived
+    _close(qkov.heatmap(derived(A), derived(B), model.layout, **options).scores, expected, rtol=1e-5)
+    (layout, A1), (_, B1) = _per_layer(model.layout, A), _per_layer(model.layout, B)
+    # a budget of one layer per tile makes the per-layer leaves go through several layer chunks
+    attention_floats = sum(int(np.prod(layout.spec(p).shape)) for p in _attention_paths(layout) if layout.spec(p).layer == 0)
+    small = 3 * 4 * (len(A) + len(B) + 1) * attention_floats
+    _close(qkov.heatmap(A1, B1, layout, memory_budget_bytes=small, **options).scores, expected, rtol=1e-5)
 
 
 def test_sample_pair_and_tiling_agree_with_heatmap(family):

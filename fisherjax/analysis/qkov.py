@@ -234,17 +234,14 @@ def _check_paths(store: Mapping[str, Any], needed: Sequence[str], what: str, tas
         raise DataError(f"qkov: task {task!r} stores no {what} for {missing}; collect them{hint}")
 
 
-def _block_view(layout: ModelLayout, flat: Mapping[str, Any], block: str, kind: str, sample_axes: int):
-    """Head view of one (block, kind) with a layer axis after ``sample_axes`` leading axes."""
-    sources = layout.block_sources(block, kind)
-    views = [layout.view(p, flat[p], block) for p in sources]
-    if len(sources) == 1 and layout.specs[sources[0]].layered:
-        return views[0]
-    return np.stack([np.asarray(v) for v in views], axis=sample_axes)
-
-
-def _views(layout: ModelLayout, flat: Mapping[str, Any], pairs, sample_axes: int) -> dict[str, Any]:
-    return {_key(b, k): _block_view(layout, flat, b, k, sample_axes) for b, k in pairs}
+def _views(layout: ModelLayout, flat: Mapping[str, np.ndarray], pairs) -> dict[str, np.ndarray]:
+    """``{block/kind: [layer, *view]}`` head views of unbatched leaves (per-layer leaves stacked)."""
+    out = {}
+    for block, kind in pairs:
+        sources = layout.block_sources(block, kind)
+        views = [np.asarray(layout.view(p, flat[p], block)) for p in sources]
+        out[_key(block, kind)] = views[0] if len(sources) == 1 and layout.specs[sources[0]].layered else np.stack(views)
+    return out
 
 
 def _slice_matrix(view: np.ndarray, block: str, kind: str) -> np.ndarray:
@@ -293,13 +290,13 @@ def _fisher_views(a: Contributions, b: Contributions, layout, pairs, options: QK
             f"Fisher needs at least min_fisher_samples={options.min_fisher_samples}"
         )
     paths = _required_paths(layout, pairs)
-    means = [Contributions(c.sample_ids, c.tokens, {p: c.contributions[p] for p in paths}, {}).fisher() for c in pool if len(c)]
+    means = [c.fisher(paths) for c in pool if len(c)]
     counts = [len(c) for c in pool if len(c)]
     fisher = {p: (sum(n * m[p].astype(np.float64) for n, m in zip(counts, means)) / sum(counts)).astype(np.float32) for p in paths}
     for p, value in fisher.items():
         if not np.isfinite(value).all():
             raise NumericalError(f"qkov: the contributions of {label!r} for {p!r} contain NaN or inf")
-    return _views(layout, fisher, pairs, sample_axes=0)
+    return _views(layout, fisher, pairs)
 
 
 def _prepare(task_a, task_b, layout: ModelLayout, options: QKOVOptions) -> _Prepared:
@@ -372,33 +369,89 @@ def _head_major(x: Array, block: str, kind: str, split_k: int) -> Array:
     return moved.reshape(*moved.shape[:4], -1)
 
 
-@functools.partial(jax.jit, static_argnames=("variant", "split_k"))
-def _operand_a(source: dict, weights: dict, *, variant: str, split_k: int = 1) -> dict[str, Array]:
-    """Task A's side of the GEMM, ``A[i,k] = C_{i,k} / (Î_k + λ)`` (``g_i`` for signed, ``sqrt(C_i)``
-    for symmetric; ``(Î+λ)^(-3/2)`` for natural), head-major (:func:`_head_major`).
+class _Side(NamedTuple):
+    """Where one side of the GEMM comes from: ``x_i = transform(store_i) · scale_i``."""
 
-    ``source``: ``{block/kind: [c_a, layer, *view]}``; ``weights``: ``{block/kind: [layer, *view]}``.
+    store: Mapping[str, np.ndarray]  # {path: [n, *shape]} stored per-sample arrays
+    transform: str  # "identity" | "abs" | "sqrt" | "square"
+    scale: np.ndarray  # [n] float32 per-sample factor
+
+
+def _side(c: Contributions, role: str, variant: str) -> _Side:
+    """Task A's (``role="a"``) or B's factor of the slice product, read from what is stored.
+
+    A: ``C_i`` (``g_i`` for signed, ``sqrt(C_i)`` for symmetric); B: ``|g_j|`` (``g_j`` for signed,
+    ``sqrt(C_j)`` for symmetric). Contributions derived from gradients (the empirical Fisher
+    stores only ``g``) are formed on the device from ``g`` and ``1/T``, so ``g²`` is never built on
+    the host: ``C = g² · (1/T)``, ``sqrt(C) = |g| · sqrt(1/T)``.
+    """
+    ones = np.ones(len(c), np.float32)
+    wants = "grads" if variant == "signed" or (role == "b" and variant != "symmetric") else "contributions"
+    if wants == "grads":
+        return _Side(c.grads, "identity" if variant == "signed" else "abs", ones)
+    if c.derived:
+        inv_tokens = c.contributions.inv_tokens
+        if variant == "symmetric":
+            return _Side(c.grads, "abs", np.sqrt(inv_tokens))
+        return _Side(c.grads, "square", inv_tokens)
+    return _Side(c.contributions, "sqrt" if variant == "symmetric" else "identity", ones)
+
+
+def _leaf_sources(layout: ModelLayout, pairs) -> dict[str, tuple[str, ...]]:
+    """``{leaf key: source paths in layer order}``: the stored leaves the blocks are viewed from.
+
+    The key is the first source path; a layer-stacked leaf is its own single source, a model with
+    one leaf per layer has one source per layer. Q, K and V of a fused projection share a leaf,
+    which is therefore moved to the device once.
+    """
+    return {sources[0]: tuple(sources) for sources in (tuple(layout.block_sources(b, k)) for b, k in pairs)}
+
+
+def _device_leaves(store, layout: ModelLayout, sources: dict[str, tuple[str, ...]], samples, layers) -> dict[str, Array]:
+    """``{leaf key: [c, layer, *shape]}`` on the device for the selected samples and layers.
+
+    Contiguous runs are copied as plain slices of the stored arrays (no host gather); per-layer
+    leaves are stacked on the device.
     """
     out = {}
-    for key, x in source.items():
-        block, kind = key.split("/")
-        x = x.astype(jnp.float32)
-        if variant == "symmetric":
-            x = jnp.sqrt(x)
-        out[key] = _head_major(x * weights[key][None], block, kind, split_k)
+    for key, paths in sources.items():
+        if layout.spec(key).layered:
+            out[key] = jnp.asarray(_take(store[key], samples, layers))
+        else:
+            rows = slice(samples[0], samples[-1] + 1) if _is_run(samples) else samples
+            out[key] = jnp.stack([jnp.asarray(store[paths[layer]][rows]) for layer in layers], axis=1)
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("variant", "split_k"))
-def _operand_b(source: dict, *, variant: str, split_k: int = 1) -> dict[str, Array]:
-    """Task B's side, ``G[j,k] = |g_{j,k}|`` (``g_j`` for signed, ``sqrt(C_j)`` for symmetric), head-major."""
+_TRANSFORMS = {"identity": lambda x: x, "abs": jnp.abs, "sqrt": jnp.sqrt, "square": jnp.square}
+
+
+@functools.partial(jax.jit, static_argnames=("transform", "split_k"))
+def _operand(views: dict, scale: Array, weights: dict | None, *, transform: str, split_k: int = 1) -> dict[str, Array]:
+    """One side of the GEMM, head-major: ``transform(x_i) · scale_i · w`` (:func:`_head_major`).
+
+    ``views``: ``{block/kind: [c, layer, *view]}``; ``scale``: ``[c]``; ``weights``: ``{block/kind:
+    [layer, *view]}`` — ``1/(Î+λ)`` (or its 3/2 power) on task A's side, ``None`` on task B's.
+    """
     out = {}
-    for key, x in source.items():
+    for key, x in views.items():
         block, kind = key.split("/")
-        x = x.astype(jnp.float32)
-        x = x if variant == "signed" else (jnp.sqrt(x) if variant == "symmetric" else jnp.abs(x))
+        x = _TRANSFORMS[transform](x.astype(jnp.float32)) * scale.reshape((-1,) + (1,) * (x.ndim - 1))
+        if weights is not None:
+            x = x * weights[key][None]
         out[key] = _head_major(x, block, kind, split_k)
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "pairs", "transform", "split_k"))
+def _operand_from_leaves(leaves: dict, scale: Array, weights: dict | None, *, layout: ModelLayout, pairs, transform: str, split_k: int):
+    """:func:`_operand` of the layout's head views of stored leaves ``{leaf key: [c, layer, *shape]}``;
+    views, weighting and the move to head-major fuse into one pass over the leaves."""
+    views = {}
+    for block, kind in pairs:
+        key = layout.block_sources(block, kind)[0]
+        views[_key(block, kind)] = layout.view(key, leaves[key], block, per_layer=True)
+    return _operand(views, scale, weights, transform=transform, split_k=split_k)
 
 
 _PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH, "default": jax.lax.Precision.DEFAULT}
@@ -467,31 +520,30 @@ def _raw_scores(
     GEMM operand once per tile row / column (B's once per layer chunk when it fits in one chunk),
     so the per-tile work is the batched GEMM alone.
     """
-    variant = options.variant
-    a_store = prep.a.grads if variant == "signed" else prep.a.contributions
-    b_store = prep.b.contributions if variant == "symmetric" else prep.b.grads
-    a_views = _views(layout, a_store, prep.pairs, sample_axes=1)
-    b_views = _views(layout, b_store, prep.pairs, sample_axes=1)
+    a_side, b_side = _side(prep.a, "a", options.variant), _side(prep.b, "b", options.variant)
+    sources = _leaf_sources(layout, prep.pairs)
     n_a, n_b, n_l = len(a_positions), len(b_positions), len(layers)
     out = {block: np.zeros((n_l, n_a, n_b, layout.heads_of(block)), np.float32) for block in BLOCKS}
     if n_a == 0 or n_b == 0:
         return out
     floats_per_layer = sum(int(np.prod(w.shape[1:])) for w in prep.weights.values())
     c_a, c_b, c_l = tile_plan(n_a, n_b, n_l, floats_per_layer, memory_budget_bytes)
+    statics = dict(layout=layout, pairs=prep.pairs, split_k=options.split_k)
+
+    def operand(side: _Side, positions, layer_index, weights):
+        leaves = _device_leaves(side.store, layout, sources, positions, layer_index)
+        return _operand_from_leaves(leaves, jnp.asarray(side.scale[positions]), weights, transform=side.transform, **statics)
+
     b_chunks = range(0, n_b, c_b)
     for l0 in range(0, n_l, c_l):
         lsel = layers[_chunk_index(l0, c_l, n_l)]
         weights = {k: jnp.asarray(w[lsel]) for k, w in prep.weights.items()}
         b_cached = None
         for i0 in range(0, n_a, c_a):
-            isel = a_positions[_chunk_index(i0, c_a, n_a)]
-            a_source = {k: jnp.asarray(_take(v, isel, lsel)) for k, v in a_views.items()}
-            a_operand = _operand_a(a_source, weights, variant=variant, split_k=options.split_k)
+            a_operand = operand(a_side, a_positions[_chunk_index(i0, c_a, n_a)], lsel, weights)
             for j0 in b_chunks:
                 if b_cached is None or len(b_chunks) > 1:
-                    jsel = b_positions[_chunk_index(j0, c_b, n_b)]
-                    b_source = {k: jnp.asarray(_take(v, jsel, lsel)) for k, v in b_views.items()}
-                    b_cached = _operand_b(b_source, variant=variant, split_k=options.split_k)
+                    b_cached = operand(b_side, b_positions[_chunk_index(j0, c_b, n_b)], lsel, None)
                 tile = _slice_products(a_operand, b_cached, precision=options.precision)
                 li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
                 for block, value in tile.items():
@@ -677,10 +729,11 @@ def _concat(first: Contributions, second: Contributions) -> Contributions:
     def join(x, y):
         return {p: np.concatenate([np.asarray(x[p]), np.asarray(y[p])]) for p in x if p in y}
 
+    both_derived = first.derived and second.derived  # then C stays derived: never built on the host
     return Contributions(
         np.concatenate([first.sample_ids, second.sample_ids]),
         np.concatenate([first.tokens, second.tokens]),
-        join(first.contributions, second.contributions),
+        None if both_derived else join(first.contributions, second.contributions),
         join(first.grads, second.grads),
     )
 

@@ -19,7 +19,7 @@ Group types (``GroupFisher`` keys, second level):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -44,11 +44,35 @@ class DerivedContributions(Mapping):
         g = np.asarray(self._grads[path], np.float32)
         return np.square(g) * self._inv_tokens.reshape((-1,) + (1,) * (g.ndim - 1))
 
+    def __contains__(self, path: object) -> bool:  # Mapping's default would compute the array
+        return path in self._grads
+
+    @property
+    def grads(self) -> Mapping[str, np.ndarray]:
+        """The signed gradients the contributions are computed from."""
+        return self._grads
+
+    @property
+    def inv_tokens(self) -> np.ndarray:
+        """``[n]`` float32 ``1 / T_i`` (0 where ``T_i = 0``)."""
+        return self._inv_tokens
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._grads)
 
     def __len__(self) -> int:
         return len(self._grads)
+
+
+def _mean_of_weighted_squares(g: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``mean_i w_i · g_i²`` over the leading axis, in float32, with one sample-sized scratch buffer."""
+    total = np.zeros(g.shape[1:], np.float32)
+    scratch = np.empty_like(total)
+    for row, weight in zip(g, weights):
+        np.square(row, out=scratch, dtype=np.float32)
+        scratch *= weight
+        total += scratch
+    return total / max(len(g), 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +139,18 @@ class Contributions:
         }
         return cls(np.asarray(sample_ids)[keep], tokens[keep], contributions, {p: g.astype(dtype) for p, g in grads.items()})
 
-    def fisher(self) -> dict[str, np.ndarray]:
-        """Diagonal Fisher of the stored parameters from these samples: mean of ``C_i`` (float32)."""
-        return {p: v.astype(np.float32).mean(0) for p, v in self.contributions.items()}
+    def fisher(self, paths: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Diagonal Fisher of the stored parameters (or of ``paths``) from these samples: mean of
+        ``C_i`` (float32).
+
+        Derived contributions are accumulated sample by sample (``Σ_i g_i² / T_i``) into one
+        parameter-sized buffer, so no ``[n, ...]`` array of squares is ever allocated.
+        """
+        paths = list(self.contributions) if paths is None else paths
+        if not self.derived:
+            return {p: np.mean(self.contributions[p], axis=0, dtype=np.float32) for p in paths}
+        inv_tokens = self.contributions.inv_tokens
+        return {p: _mean_of_weighted_squares(self.grads[p], inv_tokens) for p in paths}
 
 
 @dataclasses.dataclass(frozen=True)
