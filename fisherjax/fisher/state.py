@@ -48,11 +48,6 @@ class DerivedContributions(Mapping):
         return path in self._grads
 
     @property
-    def grads(self) -> Mapping[str, np.ndarray]:
-        """The signed gradients the contributions are computed from."""
-        return self._grads
-
-    @property
     def inv_tokens(self) -> np.ndarray:
         """``[n]`` float32 ``1 / T_i`` (0 where ``T_i = 0``)."""
         return self._inv_tokens
