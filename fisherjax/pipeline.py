@@ -24,8 +24,8 @@ import numpy as np
 
 from fisherjax import io
 from fisherjax.data import Batch, Task, batches, load_task
-from fisherjax.errors import DataError, FisherjaxError
-from fisherjax.fisher.collect import collect
+from fisherjax.errors import ConfigError, DataError, FisherjaxError
+from fisherjax.fisher.collect import FISHER_TYPES, STORAGE_DTYPES, collect
 from fisherjax.fisher.state import TaskFisher
 from fisherjax.models import Model, load_pretrained
 
@@ -56,6 +56,25 @@ class AnalysisConfig:
     spill_dir: Path | None = None
     progress: bool = True
     phases: tuple[str, ...] = ("fisher", "importance", "masks", "natural", "conflicts", "qkov")
+
+    def __post_init__(self):
+        """Reject bad options before anything is loaded or computed (one line each, exit code 2)."""
+        checks = [
+            (self.batch_size >= 1, f"batch size must be ≥ 1 (--batch-size), got {self.batch_size}"),
+            (self.max_length >= 2, f"max length must be ≥ 2 tokens (--max-length), got {self.max_length}"),
+            (self.max_samples is None or self.max_samples >= 1, f"max samples must be ≥ 1 (--max-samples), got {self.max_samples}"),
+            (self.fisher_type in FISHER_TYPES, f"fisher type must be one of {FISHER_TYPES}, got {self.fisher_type!r}"),
+            (self.mode in ("welford", "ema"), f"mode must be 'welford' or 'ema', got {self.mode!r}"),
+            (self.contribution_dtype in STORAGE_DTYPES, f"contribution dtype must be one of {tuple(STORAGE_DTYPES)}, got {self.contribution_dtype!r}"),
+            (self.top_k >= 0, f"top-k must be ≥ 0 (--top-k), got {self.top_k}"),
+            (self.contribution_budget_gb > 0, f"contribution budget must be > 0 GB (--contribution-budget-gb), got {self.contribution_budget_gb}"),
+            (self.spill_dir is None or not Path(self.spill_dir).exists() or Path(self.spill_dir).is_dir(),
+             f"{self.spill_dir}: --spill-dir exists and is not a directory"),
+        ]
+        checks += [(0.0 <= s <= 1.0, f"sparsity must be in [0, 1] (--sparsity), got {s}") for s in self.sparsities]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,6 +92,29 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_checkpoint, tmp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--batch-size", "0"], r"batch size must be ≥ 1 \(--batch-size\), got 0"),
+        (["--max-length", "1"], "max length must be ≥ 2 tokens"),
+        (["--max-samples", "0"], "max samples must be ≥ 1"),
+        (["--sparsity", "1.5"], r"sparsity must be in \[0, 1\] \(--sparsity\), got 1.5"),
+        (["--top-k", "-1"], "top-k must be ≥ 0"),
+        (["--contribution-budget-gb", "0"], "contribution budget must be > 0 GB"),
+        (["--contribution-budget-gb", "1e-6", "--spill-dir", "{file}"], "--spill-dir exists and is not a directory"),
+        (["--contribution-budget-gb", "1e-6", "--spill-dir", "{file}/sub"], "spill_dir .*/sub/add: cannot create it"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line_and_write_nothing(tiny_checkpoint, tmp_path, capsys, options, message):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "out"
+    code = _analyze(tiny_checkpoint, out, "--phases", "fisher", *[o.format(file=tmp_path / "a_file") for o in options])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("fisherjax: error:") and "Traceback" not in err, err
+    assert __import__("re").search(message, err), err
+    assert not out.exists()
+
+
 def test_failed_run_keeps_the_previous_output(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -161,6 +161,12 @@ def test_contribution_storage_budget_and_spill(model, task, tmp_path):
     np.testing.assert_allclose(np.asarray(half.contributions.grads[q], np.float32), full.contributions.grads[q], rtol=1e-2, atol=1e-6)
     with pytest.raises(FisherjaxError, match="spill_dir"):
         collect(model, batches(task, 4), task="rand", contributions=True, contribution_budget_bytes=1e3, progress=False)
+    with pytest.raises(ValueError, match="contribution_budget_bytes must be > 0"):
+        collect(model, batches(task, 4), task="rand", contributions=True, contribution_budget_bytes=0, progress=False)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(FisherjaxError, match="cannot create it"):
+        collect(model, batches(task, 4), task="rand", contributions=True, contribution_budget_bytes=1e3,
+                spill_dir=tmp_path / "a_file" / "spill", progress=False)
     spilled = collect(model, batches(task, 4), task="rand", contributions=True, contribution_budget_bytes=1e3,
                       spill_dir=tmp_path / "spill", progress=False)
     assert isinstance(spilled.contributions.grads[q], np.memmap)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fisherjax.data import IGNORE, Batch
-from fisherjax.errors import DataError, FisherjaxError, NumericalError
+from fisherjax.errors import ConfigError, DataError, FisherjaxError, NumericalError
 from fisherjax.fisher.accumulate import (
     EMAState,
     WelfordState,
@@ -311,6 +311,8 @@ def collect(
         raise ValueError(f"mode must be 'welford' or 'ema', got {mode!r}")
     if contribution_dtype not in STORAGE_DTYPES:
         raise ValueError(f"contribution_dtype must be one of {tuple(STORAGE_DTYPES)}")
+    if contribution_budget_bytes <= 0:
+        raise ValueError(f"contribution_budget_bytes must be > 0, got {contribution_budget_bytes}")
     if fisher_type == "true" and key is None:
         raise ValueError("fisher_type='true' needs a PRNG key")
     params = model.params if params is None else params
@@ -495,7 +497,10 @@ class _Spill:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"spill_dir {directory}: cannot create it ({err.strerror})") from err
 
     def write(self, index: int, host: dict) -> dict:
         out = {}
