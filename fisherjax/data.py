@@ -124,7 +124,12 @@ def load_task(path: str | Path, tokenizer, *, name: str | None = None, max_lengt
     name = name or path.stem
     if not path.exists():
         raise DataError(f"{path}: task file does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    if not path.is_file():
+        raise DataError(f"{path}: task file is a directory, not a file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: task file is not UTF-8 text (byte {err.start})") from None
     examples, truncated = [], 0
     for number, line in enumerate(lines):
         if not line.strip():

@@ -407,11 +407,12 @@ def analyze(config: AnalysisConfig) -> dict:
     if unknown:
         raise FisherjaxError(f"unknown phase(s) {unknown}; available: {', '.join(PHASES)}")
     started = time.time()
+    destination = Path(config.out).absolute()
+    _check_destination(destination)
     model, tasks = load_inputs(config)
     all_batches, fishers = collect_all(model, tasks, config)
     ctx = Context(config, model, tasks, all_batches, fishers)
 
-    destination = Path(config.out).absolute()
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     try:
@@ -436,6 +437,20 @@ def analyze(config: AnalysisConfig) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return results
+
+
+def _check_destination(destination: Path) -> None:
+    """The output directory may be new, empty, or an earlier fisherjax output (it is replaced whole,
+    so anything else — a file, a project folder — is refused rather than deleted)."""
+    if not destination.exists():
+        return
+    if not destination.is_dir():
+        raise ConfigError(f"{destination}: --out exists and is not a directory")
+    if any(destination.iterdir()) and not (destination / "results.json").is_file():
+        raise ConfigError(
+            f"{destination}: --out is a non-empty directory that is not a fisherjax output (no results.json); "
+            "it would be replaced whole, so choose a new directory"
+        )
 
 
 def _replace_directory(staging: Path, destination: Path) -> None:

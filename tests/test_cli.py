@@ -77,6 +77,8 @@ def test_info(tiny_checkpoint, capsys):
         ("add={root}/missing.jsonl", "missing.jsonl: task file does not exist"),
         ("add", "--task expects NAME=FILE"),
         ("bad={root}/bad.jsonl", r"bad.jsonl:2: malformed JSON"),
+        ("dir={root}/model", "model: task file is a directory"),
+        ("bin={root}/model/model.safetensors", "model.safetensors: task file is not UTF-8 text"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, capsys, task_arg, message):
@@ -115,9 +117,27 @@ def test_bad_options_exit_2_with_one_line_and_write_nothing(tiny_checkpoint, tmp
     assert not out.exists()
 
 
+def test_out_that_is_not_a_fisherjax_output_is_refused_not_replaced(tiny_checkpoint, tmp_path, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    assert _analyze(tiny_checkpoint, project, "--phases", "fisher") == 2
+    assert "not a fisherjax output" in capsys.readouterr().err
+    assert (project / "notes.txt").read_text() == "mine"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    assert _analyze(tiny_checkpoint, a_file, "--phases", "fisher") == 2
+    assert "exists and is not a directory" in capsys.readouterr().err and a_file.read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _analyze(tiny_checkpoint, empty, "--phases", "fisher") == 0
+    assert _analyze(tiny_checkpoint, empty, "--phases", "fisher") == 0  # its own earlier output is replaced
+
+
 def test_failed_run_keeps_the_previous_output(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "results.json").write_text("{}")  # an earlier run's output
     (out / "keep.txt").write_text("old")
     bad = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint / "model", bad)
