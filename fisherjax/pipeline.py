@@ -333,8 +333,14 @@ def phase_qkov(ctx: Context, out: Path) -> dict:
     layout, seed = ctx.model.layout, ctx.config.seed
     arrays, section, figures = {}, {"pairs": {}}, []
     lines = ["## Phase 6 — QK-OV interference", ""]
+    needed = qkov.QKOVOptions().min_fisher_samples
     for name_a, name_b in itertools.permutations(ctx.fishers, 2):
         fa, fb = ctx.fishers[name_a], ctx.fishers[name_b]
+        if len(fa.contributions) < needed:  # a quick run on a few samples still gets the other phases
+            reason = f"{name_a} has {len(fa.contributions)} samples with active tokens; its Fisher needs at least {needed}"
+            section["pairs"][f"{name_a}|{name_b}"] = {"skipped": reason}
+            lines += [f"**{name_b} → {name_a}**: skipped: {reason}.", ""]
+            continue
         result = qkov.heatmap(fa, fb, layout, top_k=ctx.config.top_k)
         arrays.update({f"{name_a}|{name_b}|{k}": v for k, v in qkov.to_arrays(result).items()})
         summary = qkov.summarize(result)

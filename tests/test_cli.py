@@ -183,3 +183,11 @@ def test_contribution_budget_and_spill_from_the_command_line(tiny_checkpoint, tm
     test = json.loads((tmp_path / "b" / "results.json").read_text())["qkov"]["pairs"]["add|words"]["permutation_test"]
     assert "fit half (6) needs at least 8" in test["skipped"]
     assert "permutation test skipped" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_tasks_too_small_for_qkov_are_skipped_with_the_reason(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    assert _analyze(tiny_checkpoint, out, "--phases", "fisher,qkov", "--max-samples", "4") == 0
+    pairs = json.loads((out / "results.json").read_text())["qkov"]["pairs"]
+    assert pairs["add|words"] == {"skipped": "add has 4 samples with active tokens; its Fisher needs at least 8"}
+    assert "skipped: words has 4 samples" in (out / "report.md").read_text()
