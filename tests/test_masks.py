@@ -74,6 +74,35 @@ def test_keep_highest_matches_sorting(sparsity):
         np.testing.assert_array_equal(global_keep, scores > np.quantile(scores, k / 300, method="lower"))
 
 
+@pytest.mark.parametrize("n_groups", [1, 3, 40])
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_selection_and_sorting_prune_the_same_parameters(n_groups, sparsity):
+    """Large diagonals are pruned by selection per group, small ones by one stable sort: the same
+    mask, including ties at the threshold (scores from 50 values) and flat groups."""
+    rng = np.random.default_rng(n_groups)
+    scores = rng.integers(0, 50, 5000).astype(float)
+    groups = rng.integers(0, n_groups, 5000)
+    by_sorting, _ = masks._pruned_by_sorting(scores, groups, sparsity)
+    by_selection, _ = masks._pruned_by_selection(scores, groups, sparsity)
+    np.testing.assert_array_equal(by_selection, by_sorting)
+    np.testing.assert_array_equal(~by_sorting, reference_keep(scores, groups, sparsity) | _tie_survivors(scores, groups, sparsity))
+    flat = np.where(groups == 0, 7.0, scores)
+    assert bool(masks._pruned_by_sorting(flat, groups, 0.5)[1]) == bool(masks._pruned_by_selection(flat, groups, 0.5)[1])
+
+
+def _tie_survivors(scores, groups, sparsity):
+    """Scores equal to their group's threshold that survive because earlier ties were pruned first."""
+    keep = np.zeros(len(scores), bool)
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        k = int(np.floor(sparsity * len(idx) + 0.5))
+        if 0 < k < len(idx):
+            threshold = np.sort(scores[idx])[k - 1]
+            ties = idx[scores[idx] == threshold]
+            keep[ties[k - int((scores[idx] < threshold).sum()):]] = True
+    return keep
+
+
 def test_ties_and_degenerate_scores():
     scores = np.array([1.0, 2.0, 2.0, 2.0, 3.0, 4.0])
     keep = masks.keep_highest(scores, np.zeros(6, int), 0.5)

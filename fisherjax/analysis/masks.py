@@ -118,13 +118,19 @@ def pruned_count(sparsity: float, n: np.ndarray | int) -> np.ndarray:
     return np.floor(sparsity * np.asarray(n) + 0.5).astype(np.int64)
 
 
+_SELECTION_ABOVE = 1 << 20  # scores; above this, selection (O(n) per group) beats one stable sort
+
+
 def keep_highest(
     scores: Float[Array, " n"], groups: np.ndarray, sparsity: float, *, what: str = "scores"
 ) -> Bool[Array, " n"]:
     """Keep all but the ``⌊s·n_g + ½⌋`` lowest scores within each group ``g``.
 
     ``groups`` ``[n]`` int labels (e.g. layer, or one label for a global threshold). Ties are broken
-    by position (``np.lexsort`` is stable), so each group loses exactly its count.
+    by position (the earlier of two equal scores is pruned first), so each group loses exactly its
+    count. Small inputs (many small groups: random draws × layers × heads) are ranked with one
+    stable ``np.lexsort``; large ones (a diagonal Fisher of every parameter) by selection per group
+    (``np.partition`` finds the k-th smallest score in O(n)), which gives the same mask.
 
     Raises:
       ConfigError: ``s`` outside ``[0, 1]``.
@@ -136,24 +142,66 @@ def keep_highest(
     groups = np.asarray(groups).reshape(-1)
     if np.isnan(scores).any():
         raise NumericalError(f"{what} contain NaN")
+    prune = _pruned_by_sorting if len(scores) <= _SELECTION_ABOVE else _pruned_by_selection
+    pruned, flat = prune(scores, groups, sparsity)
+    if flat:
+        value, size, k = flat
+        raise NumericalError(
+            f"{what} are all equal ({value}) within a group of {size}; "
+            f"pruning {k} of them would be arbitrary (an all-zero Fisher has no ranking)"
+        )
+    return ~pruned
+
+
+def _pruned_by_sorting(scores: np.ndarray, groups: np.ndarray, sparsity: float):
+    """``(pruned [n] bool, flat)`` from one stable sort by (group, score); ``flat`` names the first
+    group whose scores are all equal but must be split (``()`` if none)."""
     order = np.lexsort((scores, groups))
-    labels, starts, counts = np.unique(groups[order], return_index=True, return_counts=True)
+    _, starts, counts = np.unique(groups[order], return_index=True, return_counts=True)
     k = pruned_count(sparsity, counts)
     split = (k > 0) & (k < counts)
     if split.any():
         lo = np.minimum.reduceat(scores[order], starts)
         hi = np.maximum.reduceat(scores[order], starts)
-        flat = split & (lo == hi)
-        if flat.any():
-            raise NumericalError(
-                f"{what} are all equal ({lo[flat][0]}) within {int(flat.sum())} group(s) of {counts[flat][0]}; "
-                f"pruning {k[flat][0]} of them would be arbitrary (an all-zero Fisher has no ranking)"
-            )
-    group_of = np.repeat(np.arange(len(labels)), counts)
+        flat = np.flatnonzero(split & (lo == hi))
+        if len(flat):
+            return None, (lo[flat[0]], counts[flat[0]], k[flat[0]])
+    group_of = np.repeat(np.arange(len(counts)), counts)
     position = np.arange(len(order)) - starts[group_of]
-    keep = np.empty(len(order), bool)
-    keep[order] = position >= k[group_of]
-    return keep
+    pruned = np.empty(len(order), bool)
+    pruned[order] = position < k[group_of]
+    return pruned, ()
+
+
+def _pruned_by_selection(scores: np.ndarray, groups: np.ndarray, sparsity: float):
+    """The same as :func:`_pruned_by_sorting`, group by group: the k-th smallest score ``t`` by
+    selection; every score below ``t`` is pruned, and of those equal to ``t`` the earliest."""
+    single = bool(np.all(groups == groups[0])) if len(groups) else True
+    members = [np.arange(len(scores))] if single else np.split(*_grouped_positions(groups))
+    pruned = np.zeros(len(scores), bool)
+    for index in members:
+        group_scores = scores[index]
+        k = int(pruned_count(sparsity, len(index)))
+        if k == 0:
+            continue
+        if k == len(index):
+            pruned[index] = True
+            continue
+        threshold = np.partition(group_scores, k - 1)[k - 1]
+        if group_scores.min() == group_scores.max():
+            return None, (threshold, len(index), k)
+        below = group_scores < threshold
+        ties = np.flatnonzero(group_scores == threshold)[: k - int(below.sum())]
+        below[ties] = True
+        pruned[index[below]] = True
+    return pruned, ()
+
+
+def _grouped_positions(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ordered by group (increasing within a group), and where each group after the first starts."""
+    order = np.argsort(groups, kind="stable")
+    starts = np.flatnonzero(np.diff(groups[order])) + 1
+    return order, starts
 
 
 def _keep_matrix(scores: np.ndarray, sparsity: float, scope: str, what: str) -> np.ndarray:
