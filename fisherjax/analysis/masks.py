@@ -485,22 +485,28 @@ class SparsityStats:
 
 
 def sparsity_stats(mask: Mask | PyTree, layout: ModelLayout) -> SparsityStats:
-    """Per-layer and per-role parameter sparsity of a mask (``np.bincount`` over leaves)."""
+    """Per-layer and per-role parameter sparsity of a mask.
+
+    Counted leaf by leaf: a layer-stacked leaf adds one count per layer (``np.count_nonzero``
+    along its flattened rest), any other leaf one count to its layer (``-1`` outside the stack);
+    the counts are then summed per layer with ``np.bincount``. No per-parameter index is built.
+    """
     flat = flatten(mask.tree if isinstance(mask, Mask) else mask)
-    layer_ids, pruned, by_role = [], [], {}
+    layer_ids, pruned, total, by_role = [], [], [], {}
     for path, keep in flat.items():
         keep = np.asarray(keep)
-        ids = _param_layer_ids(layout, path, keep.shape)
-        layer_ids.append(ids)
-        pruned.append(~keep.reshape(-1))
-        role = layout.spec(path).role.value
-        p, t = by_role.get(role, (0, 0))
-        by_role[role] = (p + int((~keep).sum()), t + keep.size)
-    layer_ids, pruned = np.concatenate(layer_ids), np.concatenate(pruned)
-    layers, position = np.unique(layer_ids, return_inverse=True)
-    total = np.bincount(position)
-    n_pruned = np.bincount(position, weights=pruned).astype(np.int64)
-    return SparsityStats(layers, n_pruned, total, n_pruned / total, by_role)
+        spec = layout.spec(path)
+        rows = keep.reshape(keep.shape[0], -1) if spec.layered and keep.ndim else keep.reshape(1, -1)
+        dropped = rows.shape[1] - np.count_nonzero(rows, axis=1)
+        layer_ids.append(np.arange(len(rows)) if spec.layered and keep.ndim else np.array([-1 if spec.layer is None else spec.layer]))
+        pruned.append(dropped)
+        total.append(np.full(len(rows), rows.shape[1]))
+        p, t = by_role.get(spec.role.value, (0, 0))
+        by_role[spec.role.value] = (p + int(dropped.sum()), t + keep.size)
+    layers, position = np.unique(np.concatenate(layer_ids), return_inverse=True)
+    n_total = np.bincount(position, weights=np.concatenate(total)).astype(np.int64)
+    n_pruned = np.bincount(position, weights=np.concatenate(pruned)).astype(np.int64)
+    return SparsityStats(layers, n_pruned, n_total, n_pruned / n_total, by_role)
 
 
 def _mask_summary(mask: Mask, layout: ModelLayout) -> dict:

@@ -108,25 +108,36 @@ class MaskOverlap:
         }
 
 
+def _row_counts(keep_a: np.ndarray, keep_b: np.ndarray, row_layers: np.ndarray) -> np.ndarray:
+    """``[rows, 5]`` int64: layer id, shared, A-only, B-only and neither counts of each row.
+
+    A mask is cut into rows that each lie in one layer (a layer-stacked leaf: one row per layer),
+    so per-layer totals need no per-element layer index.
+    """
+    a = keep_a.reshape(len(row_layers), -1)
+    b = keep_b.reshape(len(row_layers), -1)
+    shared = np.count_nonzero(a & b, axis=1)
+    in_a, in_b = np.count_nonzero(a, axis=1), np.count_nonzero(b, axis=1)
+    neither = a.shape[1] - in_a - in_b + shared
+    return np.stack([row_layers, shared, in_a - shared, in_b - shared, neither], axis=1).astype(np.int64)
+
+
 def _unit_elements(mask: Mask) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{name: (keep, layer ids)}`` of a structured mask's unit decisions ``[L, units]``."""
-    return {
-        name: (np.asarray(keep, bool), np.broadcast_to(np.arange(keep.shape[0])[:, None], keep.shape))
-        for name, keep in mask.keep.items()
-    }
+    """``{name: (keep [L, units], row layer ids [L])}`` of a structured mask's unit decisions."""
+    return {name: (np.asarray(keep, bool), np.arange(np.shape(keep)[0])) for name, keep in mask.keep.items()}
 
 
 def _parameter_elements(tree, layout: ModelLayout) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{path: (keep, layer ids)}`` of a params-shaped bool tree."""
+    """``{path: (keep, row layer ids)}`` of a params-shaped bool tree: a layer-stacked leaf has one
+    row per layer, any other leaf one row in its layer (``-1`` outside the stack)."""
     out = {}
     for path, keep in flatten(tree).items():
         keep = np.asarray(keep, bool)
         spec = layout.spec(path)
-        if spec.layered:
-            layers = np.broadcast_to(np.arange(keep.shape[0]).reshape((-1,) + (1,) * (keep.ndim - 1)), keep.shape)
+        if spec.layered and keep.ndim:
+            out[path] = (keep, np.arange(keep.shape[0]))
         else:
-            layers = np.full(keep.shape, -1 if spec.layer is None else spec.layer)
-        out[path] = (keep, layers)
+            out[path] = (keep, np.array([-1 if spec.layer is None else spec.layer]))
     return out
 
 
@@ -179,38 +190,34 @@ def mask_overlap(
     if bad:
         raise DataError(f"masks of {names[0]!r} and {names[1]!r} have different shapes for {bad}")
     keys = sorted(elements_a)
-    keep_a = np.concatenate([elements_a[k][0].reshape(-1) for k in keys])
-    keep_b = np.concatenate([elements_b[k][0].reshape(-1) for k in keys])
-    layer = np.concatenate([elements_a[k][1].reshape(-1) for k in keys])
-    layers, position = np.unique(layer, return_inverse=True)
-
-    def per_layer(x):
-        return np.bincount(position, weights=x, minlength=len(layers)).astype(np.int64)
-
-    shared, only_a, only_b = keep_a & keep_b, keep_a & ~keep_b, ~keep_a & keep_b
-    layer_shared, layer_only_a, layer_only_b = per_layer(shared), per_layer(only_a), per_layer(only_b)
+    counts = np.concatenate([_row_counts(elements_a[k][0], elements_b[k][0], elements_a[k][1]) for k in keys])
+    layers, position = np.unique(counts[:, 0], return_inverse=True)
+    layer_shared, layer_only_a, layer_only_b, layer_neither = (
+        np.bincount(position, weights=counts[:, c], minlength=len(layers)).astype(np.int64) for c in range(1, 5)
+    )
     layer_union = layer_shared + layer_only_a + layer_only_b
     layer_jaccard = np.divide(layer_shared, layer_union, out=np.ones(len(layers)), where=layer_union > 0)
+    shared, only_a, only_b, neither = (int(counts[:, c].sum()) for c in range(1, 5))
     sparsity = a.target_sparsity if both_masks and a.target_sparsity == b.target_sparsity else None
     unit = a.unit if same_unit else "parameter"
-    j = jaccard(keep_a, keep_b)
+    j = 1.0 if shared + only_a + only_b == 0 else shared / (shared + only_a + only_b)
     fields = dict(
         task_a=names[0],
         task_b=names[1],
         level=level,
         unit=unit if level == "unit" else "parameter",
         jaccard=j,
-        shared=int(shared.sum()),
-        only_a=int(only_a.sum()),
-        only_b=int(only_b.sum()),
-        neither=int((~keep_a & ~keep_b).sum()),
-        total=int(keep_a.size),
+        shared=shared,
+        only_a=only_a,
+        only_b=only_b,
+        neither=neither,
+        total=shared + only_a + only_b + neither,
         layers=layers,
         layer_jaccard=layer_jaccard,
         layer_shared=layer_shared,
         layer_only_a=layer_only_a,
         layer_only_b=layer_only_b,
-        layer_total=np.bincount(position, minlength=len(layers)).astype(np.int64),
+        layer_total=layer_union + layer_neither,
         sparsity=sparsity,
     )
     return MaskOverlap(**fields, advice=merge_advice(fields))
