@@ -196,13 +196,14 @@ def phase_masks(ctx: Context, out: Path) -> dict:
     from fisherjax.report import save_figure
 
     layout, config = ctx.model.layout, ctx.config
-    section = {"masks": masks.summarize(ctx.fishers, layout, sparsities=config.sparsities)}
+    with_diagonal = all(f.diagonal for f in ctx.fishers.values())
+    param_masks = {name: [masks.unstructured_mask(f, layout, s) for s in config.sparsities] for name, f in ctx.fishers.items()} if with_diagonal else None
+    section = {"masks": masks.summarize(ctx.fishers, layout, sparsities=config.sparsities, unstructured_masks=param_masks)}
     head_masks = {name: [masks.structured_mask(f, layout, s, unit="head") for s in config.sparsities] for name, f in ctx.fishers.items()}
     section["overlap"] = {"head": overlap.summarize(head_masks, layout)}
     figures = []
     lines = ["## Phases 3–4 — Pruning masks and their overlap", ""]
-    if all(f.diagonal is not None for f in ctx.fishers.values()):
-        param_masks = {name: [masks.unstructured_mask(f, layout, s) for s in config.sparsities] for name, f in ctx.fishers.items()}
+    if param_masks is not None:
         section["overlap"]["parameter"] = overlap.summarize(param_masks, layout)
     for level, summary in section["overlap"].items():
         for pair, overlaps in summary["pairs"].items():

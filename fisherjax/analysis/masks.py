@@ -543,11 +543,14 @@ def summarize(
     unstructured: bool = True,
     criterion: str = "fisher",
     params: PyTree | None = None,
+    unstructured_masks: Mapping[str, Sequence[Mask]] | None = None,
 ) -> dict:
     """Phase 3 section of ``results.json``: per task, unit and sparsity level, the achieved unit and
     parameter sparsity, per-layer and per-role pruned counts, the score threshold, and the pruned
-    heads. Unstructured masks are added when the TaskFisher has a diagonal and ``unstructured``.
-    ``criterion`` / ``params`` as in :func:`structured_mask`.
+    heads. Unstructured masks are added when the TaskFisher has a diagonal and ``unstructured``;
+    pass ``unstructured_masks`` (per task, one per sparsity) when they were already built — for a
+    diagonal of every parameter they are the expensive part. ``criterion`` / ``params`` as in
+    :func:`structured_mask`.
     """
     out: dict = {"sparsities": list(sparsities), "scope": scope, "criterion": criterion, "tasks": {}}
     for name, fisher in fishers.items():
@@ -558,7 +561,8 @@ def summarize(
                 for s in sparsities
             }
         if unstructured and fisher.diagonal:
-            per_task["parameter"] = {f"{s:g}": _mask_summary(unstructured_mask(fisher, layout, s, scope=scope), layout) for s in sparsities}
+            built = (unstructured_masks or {}).get(name) or [unstructured_mask(fisher, layout, s, scope=scope) for s in sparsities]
+            per_task["parameter"] = {f"{s:g}": _mask_summary(m, layout) for s, m in zip(sparsities, built, strict=True)}
         out["tasks"][name] = per_task
     return out
 
