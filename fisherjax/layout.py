@@ -223,6 +223,18 @@ class ModelLayout:
             raise ValueError(f"{path} ({spec.role.value} {spec.kind}) has no heads on its input axis")
         return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
 
+    def layer_rows(self, path: str, x) -> tuple[Any, np.ndarray]:
+        """A leaf-shaped array as rows that each lie in one layer, and the rows' layer ids.
+
+        A layer-stacked leaf gives ``[layers, rest]`` rows ``0 … L-1``; any other leaf one row
+        ``[1, size]`` in its layer (``-1`` outside the layer stack). Per-layer counts then need no
+        per-parameter layer index.
+        """
+        spec = self.spec(path)
+        if spec.layered and x.ndim:
+            return x.reshape(x.shape[0], -1), np.arange(x.shape[0])
+        return x.reshape(1, -1), np.array([-1 if spec.layer is None else spec.layer])
+
     def unview(self, path: str, views: Mapping[str, Any]):
         """Inverse of :meth:`view`: write head views back into the leaf's own layout.
 

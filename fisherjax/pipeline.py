@@ -292,16 +292,15 @@ def _pair_text(pair) -> str:
     return f"cosine {pair.cosine:+.3f}, effect size {pair.effect_size:.3f}, q {pair.qvalue:.3g}; most of it from {groups}"
 
 
-def _qkov_permutation_summary(result, fa, fb, layout, name_a: str, name_b: str, seed: int) -> dict:
+def _qkov_permutation_summary(result, fa, fb, layout, name_a: str, name_b: str, seed: int, needed: int) -> dict:
     """A-vs-B against A-vs-A' (A split in halves) as JSON, or why it was skipped.
 
-    The fit half carries the Fisher, so a task with fewer than ``2 × min_fisher_samples``
-    samples cannot be tested; its heatmap is still reported.
+    The fit half carries the Fisher, so a task with fewer than ``2 × needed`` samples
+    (``min_fisher_samples``) cannot be tested; its heatmap is still reported.
     """
     from fisherjax.analysis import qkov
 
     fit, heldout = qkov.heldout_split(fa, 0.5, seed=seed)
-    needed = qkov.QKOVOptions().min_fisher_samples
     if len(fit) < needed:
         return {"skipped": f"{name_a} has {len(fit) + len(heldout)} samples with active tokens; its fit half "
                            f"({len(fit)}) needs at least {needed} for a stable Fisher"}
@@ -347,7 +346,7 @@ def phase_qkov(ctx: Context, out: Path) -> dict:
         summary = qkov.summarize(result)
         interval = qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=seed)
         summary["bootstrap"] = {"level": interval.level, "low": interval.low.tolist(), "high": interval.high.tolist()}
-        summary["permutation_test"] = _qkov_permutation_summary(result, fa, fb, layout, name_a, name_b, seed)
+        summary["permutation_test"] = _qkov_permutation_summary(result, fa, fb, layout, name_a, name_b, seed, needed)
         section["pairs"][f"{name_a}|{name_b}"] = summary
         for block, fig in qkov.plot_heatmaps(result).items():
             figures.append(save_figure(fig, out, f"qkov_{name_b}_on_{name_a}_{block}"))

@@ -415,13 +415,6 @@ def structured_mask(
     return Mask(mask_tree(layout, unit, keep), unit, scope, float(sparsity), keep, scores, fisher.task)
 
 
-def _param_layer_ids(layout: ModelLayout, path: str, shape: tuple[int, ...]) -> np.ndarray:
-    spec = layout.spec(path)
-    if spec.layered:
-        return np.repeat(np.arange(shape[0]), int(np.prod(shape[1:], dtype=np.int64)))
-    return np.full(int(np.prod(shape, dtype=np.int64)), -1 if spec.layer is None else spec.layer)
-
-
 def unstructured_mask(fisher: TaskFisher, layout: ModelLayout, sparsity: float, *, scope: str = "global") -> Mask:
     """Prune single parameters with the lowest diagonal Fisher ``Î`` (``fisher.diagonal``).
 
@@ -444,7 +437,7 @@ def unstructured_mask(fisher: TaskFisher, layout: ModelLayout, sparsity: float, 
             raise DataError(f"task {fisher.task!r}: diagonal Fisher {p} has shape {v.shape}, the parameter {layout.spec(p).shape}")
     flat_scores = np.concatenate([v.reshape(-1) for v in values.values()])
     if scope == "layer":
-        groups = np.concatenate([_param_layer_ids(layout, p, v.shape) for p, v in values.items()])
+        groups = np.concatenate([np.repeat(ids, rows.shape[1]) for rows, ids in (layout.layer_rows(p, v) for p, v in values.items())])
     else:
         groups = np.zeros(len(flat_scores), np.int64)
     keep_flat = keep_highest(flat_scores, groups, sparsity, what=f"task {fisher.task!r} diagonal Fisher")
@@ -487,22 +480,21 @@ class SparsityStats:
 def sparsity_stats(mask: Mask | PyTree, layout: ModelLayout) -> SparsityStats:
     """Per-layer and per-role parameter sparsity of a mask.
 
-    Counted leaf by leaf: a layer-stacked leaf adds one count per layer (``np.count_nonzero``
-    along its flattened rest), any other leaf one count to its layer (``-1`` outside the stack);
-    the counts are then summed per layer with ``np.bincount``. No per-parameter index is built.
+    Counted per layer row of each leaf (:meth:`~fisherjax.layout.ModelLayout.layer_rows`,
+    ``np.count_nonzero``), then summed per layer with ``np.bincount``.
     """
     flat = flatten(mask.tree if isinstance(mask, Mask) else mask)
     layer_ids, pruned, total, by_role = [], [], [], {}
     for path, keep in flat.items():
         keep = np.asarray(keep)
-        spec = layout.spec(path)
-        rows = keep.reshape(keep.shape[0], -1) if spec.layered and keep.ndim else keep.reshape(1, -1)
+        rows, ids = layout.layer_rows(path, keep)
         dropped = rows.shape[1] - np.count_nonzero(rows, axis=1)
-        layer_ids.append(np.arange(len(rows)) if spec.layered and keep.ndim else np.array([-1 if spec.layer is None else spec.layer]))
+        layer_ids.append(ids)
         pruned.append(dropped)
         total.append(np.full(len(rows), rows.shape[1]))
-        p, t = by_role.get(spec.role.value, (0, 0))
-        by_role[spec.role.value] = (p + int(dropped.sum()), t + keep.size)
+        role = layout.spec(path).role.value
+        p, t = by_role.get(role, (0, 0))
+        by_role[role] = (p + int(dropped.sum()), t + keep.size)
     layers, position = np.unique(np.concatenate(layer_ids), return_inverse=True)
     n_total = np.bincount(position, weights=np.concatenate(total)).astype(np.int64)
     n_pruned = np.bincount(position, weights=np.concatenate(pruned)).astype(np.int64)

@@ -37,8 +37,12 @@ def jaccard(a, b) -> float:
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     if a.shape != b.shape:
         raise DataError(f"masks of shapes {a.shape} and {b.shape} cannot be compared")
-    union = int((a | b).sum())
-    return 1.0 if union == 0 else int((a & b).sum()) / union
+    return float(_jaccard_of_counts(int((a & b).sum()), int((a | b).sum())))
+
+
+def _jaccard_of_counts(shared, union):
+    """``shared / union``, 1 where the union is empty (two empty masks agree)."""
+    return np.divide(shared, union, out=np.ones(np.shape(union)), where=np.asarray(union) > 0)[()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +137,7 @@ def _parameter_elements(tree, layout: ModelLayout) -> dict[str, tuple[np.ndarray
     out = {}
     for path, keep in flatten(tree).items():
         keep = np.asarray(keep, bool)
-        spec = layout.spec(path)
-        if spec.layered and keep.ndim:
-            out[path] = (keep, np.arange(keep.shape[0]))
-        else:
-            out[path] = (keep, np.array([-1 if spec.layer is None else spec.layer]))
+        out[path] = (keep, layout.layer_rows(path, keep)[1])
     return out
 
 
@@ -196,11 +196,11 @@ def mask_overlap(
         np.bincount(position, weights=counts[:, c], minlength=len(layers)).astype(np.int64) for c in range(1, 5)
     )
     layer_union = layer_shared + layer_only_a + layer_only_b
-    layer_jaccard = np.divide(layer_shared, layer_union, out=np.ones(len(layers)), where=layer_union > 0)
+    layer_jaccard = _jaccard_of_counts(layer_shared, layer_union)
     shared, only_a, only_b, neither = (int(counts[:, c].sum()) for c in range(1, 5))
     sparsity = a.target_sparsity if both_masks and a.target_sparsity == b.target_sparsity else None
     unit = a.unit if same_unit else "parameter"
-    j = 1.0 if shared + only_a + only_b == 0 else shared / (shared + only_a + only_b)
+    j = float(_jaccard_of_counts(shared, shared + only_a + only_b))
     fields = dict(
         task_a=names[0],
         task_b=names[1],
