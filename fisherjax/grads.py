@@ -34,12 +34,43 @@ class PerSample(NamedTuple):
 
 
 def token_nll(logits: Float[Array, "batch seq vocab"], labels: Int[Array, "batch seq"]) -> Float[Array, "batch seq_1"]:
-    """``−log p(labels[t+1] | ≤ t)`` per position, 0 where the label is ``-100``; ``[batch, seq − 1]``."""
-    targets = labels[:, 1:]
+    """``−log p(labels[t+1] | ≤ t)`` per position, 0 where the label is ``-100``; ``[batch, seq − 1]``.
+
+    The targets are shifted rather than the logits, so the ``[batch, seq, vocab]`` array is never
+    sliced or copied; the gradient is :func:`_position_nll`'s fused ``softmax − one_hot``.
+    """
+    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], axis=1)
+    return _position_nll(logits, targets)[:, :-1]
+
+
+@jax.custom_vjp
+def _position_nll(logits: Float[Array, "b t v"], targets: Int[Array, "b t"]) -> Float[Array, "b t"]:
+    """``logsumexp(logits_t) − logits_t[target_t]`` per position, 0 where the target is ``-100``.
+
+    A custom VJP because autodiff of ``log_softmax`` + ``take_along_axis`` writes a zero
+    ``[b, t, v]`` array, scatters the one-hot into it and keeps ``log p`` as a second copy of the
+    logits; ``∂/∂logits = (softmax − one_hot(target)) · ct`` is one elementwise pass instead.
+    """
+    return _position_nll_fwd(logits, targets)[0]
+
+
+def _position_nll_fwd(logits, targets):
+    x = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(x, axis=-1)
     valid = targets != IGNORE
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(valid, -picked, 0.0)
+    picked = jnp.take_along_axis(x, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, lse - picked, 0.0), (logits, lse, targets)
+
+
+def _position_nll_bwd(residuals, cotangent):
+    logits, lse, targets = residuals
+    weight = jnp.where(targets != IGNORE, cotangent, 0.0)[..., None]
+    one_hot = targets[..., None] == jnp.arange(logits.shape[-1])
+    softmax = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    return ((softmax - one_hot) * weight).astype(logits.dtype), None
+
+
+_position_nll.defvjp(_position_nll_fwd, _position_nll_bwd)
 
 
 def sample_losses(model, params, input_ids, attention_mask, labels) -> tuple[Float[Array, " batch"], Int[Array, " batch"]]:
