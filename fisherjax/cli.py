@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from fisherjax.errors import FisherjaxError
+from fisherjax.fisher.collect import FISHER_TYPES, MODES, STORAGE_DTYPES
 from fisherjax.pipeline import AnalysisConfig
 
 EXIT_INPUT_ERROR = 2
@@ -38,10 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=16, help="samples per batch (default 16)")
     a.add_argument("--max-length", type=int, default=256, help="truncate samples to this many tokens (default 256)")
     a.add_argument("--max-samples", type=int, help="use at most this many samples per task")
-    a.add_argument("--fisher-type", choices=("empirical", "true", "per_token"), default="empirical",
+    a.add_argument("--fisher-type", choices=FISHER_TYPES, default="empirical",
                    help="empirical (data labels), true (labels sampled from the model) or per_token (default empirical)")
-    a.add_argument("--mode", choices=("welford", "ema"), default="welford", help="accumulation (default welford)")
-    a.add_argument("--contribution-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    a.add_argument("--mode", choices=MODES, default="welford", help="accumulation (default welford)")
+    a.add_argument("--contribution-dtype", choices=tuple(STORAGE_DTYPES), default="float32",
                    help="storage dtype of per-sample contributions (default float32)")
     a.add_argument("--contribution-budget-gb", type=float, default=8.0,
                    help="host memory allowed for per-sample contributions per task (default 8 GB)")

@@ -25,7 +25,7 @@ import numpy as np
 from fisherjax import io
 from fisherjax.data import Batch, Task, batches, load_task
 from fisherjax.errors import ConfigError, DataError, FisherjaxError
-from fisherjax.fisher.collect import FISHER_TYPES, STORAGE_DTYPES, collect
+from fisherjax.fisher.collect import FISHER_TYPES, MODES, STORAGE_DTYPES, collect
 from fisherjax.fisher.state import TaskFisher
 from fisherjax.models import Model, load_pretrained
 
@@ -64,7 +64,7 @@ class AnalysisConfig:
             (self.max_length >= 2, f"max length must be ≥ 2 tokens (--max-length), got {self.max_length}"),
             (self.max_samples is None or self.max_samples >= 1, f"max samples must be ≥ 1 (--max-samples), got {self.max_samples}"),
             (self.fisher_type in FISHER_TYPES, f"fisher type must be one of {FISHER_TYPES}, got {self.fisher_type!r}"),
-            (self.mode in ("welford", "ema"), f"mode must be 'welford' or 'ema', got {self.mode!r}"),
+            (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
             (self.contribution_dtype in STORAGE_DTYPES, f"contribution dtype must be one of {tuple(STORAGE_DTYPES)}, got {self.contribution_dtype!r}"),
             (self.top_k >= 0, f"top-k must be ≥ 0 (--top-k), got {self.top_k}"),
             (self.contribution_budget_gb > 0, f"contribution budget must be > 0 GB (--contribution-budget-gb), got {self.contribution_budget_gb}"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_checkpoint, tmp
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("fisherjax: error:") and "Traceback" not in err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
@@ -113,7 +114,7 @@ def test_bad_options_exit_2_with_one_line_and_write_nothing(tiny_checkpoint, tmp
     code = _analyze(tiny_checkpoint, out, "--phases", "fisher", *[o.format(file=tmp_path / "a_file") for o in options])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("fisherjax: error:") and "Traceback" not in err, err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert not out.exists()
 
 

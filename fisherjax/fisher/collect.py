@@ -54,6 +54,7 @@ from fisherjax.layout import Role
 from fisherjax.models.model import check_token_ids
 
 FISHER_TYPES = ("empirical", "true", "per_token")
+MODES = ("welford", "ema")
 STORAGE_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
 
 
@@ -307,8 +308,8 @@ def collect(
 
     if fisher_type not in FISHER_TYPES:
         raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
-    if mode not in ("welford", "ema"):
-        raise ValueError(f"mode must be 'welford' or 'ema', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if contribution_dtype not in STORAGE_DTYPES:
         raise ValueError(f"contribution_dtype must be one of {tuple(STORAGE_DTYPES)}")
     if contribution_budget_bytes <= 0:
