@@ -17,6 +17,7 @@ from conftest import random_task, tiny_config
 from fisherjax import DataError, FisherjaxError, Model, NumericalError
 from fisherjax.data import IGNORE, batches
 from fisherjax.fisher.collect import _sample_labels, collect, group_intervals
+from fisherjax.fisher.state import HOST_ALIGNMENT
 from fisherjax.fisher.groups import groups_of_elementwise
 from fisherjax.grads import per_sample_grads, token_nll
 from fisherjax.layout import flatten, unflatten
@@ -156,6 +157,8 @@ def test_contribution_storage_budget_and_spill(model, task, tmp_path):
     full = collect(model, batches(task, 4), task="rand", contributions=True, progress=False)
     assert full.contributions.paths == sorted(full.contributions.paths) or full.contributions.paths
     half = collect(model, batches(task, 4), task="rand", contributions=True, contribution_dtype="bfloat16", progress=False)
+    for kept in (full, half):  # aligned, so the CPU backend reads them in place (qkov)
+        assert all(np.asarray(g).ctypes.data % HOST_ALIGNMENT == 0 and g.flags.c_contiguous for g in kept.contributions.grads.values())
     q = "layers/self_attn/q_proj/kernel"
     assert half.contributions.grads[q].dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(half.contributions.grads[q], np.float32), full.contributions.grads[q], rtol=1e-2, atol=1e-6)

@@ -48,7 +48,7 @@ from fisherjax.fisher.accumulate import (
 )
 from fisherjax.fisher.groups import group_sizes, marginals_of, reduce_groups
 from fisherjax.fisher.sites import discover_sites, per_sample_grads_from_sites, squared_marginals_from_sites
-from fisherjax.fisher.state import Contributions, TaskFisher
+from fisherjax.fisher.state import Contributions, TaskFisher, host_concatenate
 from fisherjax.grads import token_nll
 from fisherjax.layout import Role
 from fisherjax.models.model import check_token_ids
@@ -573,7 +573,7 @@ def _finish(model, task: str, plan: _Plan, state: dict, log: _Log, spill) -> Tas
             if spill is not None:
                 kinds[kind] = {p: spill.concatenate([k[kind][p] for k in log.kept], f"{kind}.{p.replace('/', '.')}") for p in plan.keep}
             else:
-                kinds[kind] = {p: np.concatenate([k[kind][p] for k in log.kept], axis=0) for p in plan.keep}
+                kinds[kind] = {p: host_concatenate([k[kind][p] for k in log.kept]) for p in plan.keep}
         contributions = Contributions(sample_ids, tokens, kinds["contributions"], kinds["grads"])
     diagonal = {p: np.asarray(v, np.float32) for p, v in host["diagonal"].mean.items()} if plan.diagonal else None
     return TaskFisher(

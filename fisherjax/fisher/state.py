@@ -28,6 +28,33 @@ from fisherjax.fisher.accumulate import EMAState, WelfordState
 GroupFisher = dict[str, dict[str, np.ndarray]]
 """``{param_path: {group_type: values}}``."""
 
+HOST_ALIGNMENT = 64
+"""Byte alignment of the per-sample host arrays: XLA:CPU uses a C-contiguous numpy array this
+aligned in place (``jax.device_put(x, may_alias=True)``) instead of copying it, which on a CPU is
+most of the cost of handing gigabytes of stored gradients to a jitted kernel."""
+
+
+def host_empty(shape: Sequence[int], dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a :data:`HOST_ALIGNMENT` boundary
+    (numpy's allocator guarantees only 16 bytes)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + HOST_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def host_concatenate(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """``np.concatenate(parts, axis=0)`` into a :func:`host_empty` array."""
+    out = host_empty((sum(len(x) for x in parts), *parts[0].shape[1:]), np.result_type(*parts))
+    return np.concatenate(parts, axis=0, out=out)
+
+
+def host_take(x: np.ndarray, index) -> np.ndarray:
+    """``x[index]`` along the first axis (an int array or a slice) into a :func:`host_empty` array."""
+    rows = np.arange(len(x))[index]
+    return np.take(x, rows, axis=0, out=host_empty((len(rows), *x.shape[1:]), x.dtype))
+
 
 class DerivedContributions(Mapping):
     """``{path: C}`` computed on access from signed gradients: ``C_i = g_i² / T_i`` (float32).
@@ -114,8 +141,8 @@ class Contributions:
         return Contributions(
             self.sample_ids[index],
             self.tokens[index],
-            None if self.derived else {p: v[index] for p, v in self.contributions.items()},
-            {p: v[index] for p, v in self.grads.items()},
+            None if self.derived else {p: host_take(v, index) for p, v in self.contributions.items()},
+            {p: host_take(v, index) for p, v in self.grads.items()},
         )
 
     @classmethod
