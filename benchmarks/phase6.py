@@ -4,10 +4,12 @@ For a GPT-2-small-shaped config (12 layers, d 768, 12 heads, fused QKV with bias
 Llama-shaped GQA config (16 layers, d 2048, 32 heads / 8 kv heads) it times, on synthetic
 contributions and gradients of the right shapes (no model forward needed):
 
-* the kernel as :func:`fisherjax.analysis.qkov.heatmap` runs it — operand preparation
-  (``_operand``: ``C/(Î+λ)`` for task A, ``|g|`` for task B, head-major) and the batched GEMMs
-  (``_slice_products``) — on device-resident inputs, layer chunk by layer chunk (each chunk's data
-  is generated on the device before its timing starts, so only ``n × layer_chunk`` samples of one
+* the kernel as :func:`fisherjax.analysis.qkov.heatmap` runs it, both ways of evaluating the
+  contraction (``QKOVOptions.contraction``): batched — operand preparation (``_operand``:
+  ``C/(Î+λ)`` for task A, ``|g|`` for task B, head-major) then the batched split-K GEMMs
+  (``_slice_products``) — and looped (``_looped_products``: the same work in cache-sized pieces,
+  one jitted call) — on device-resident inputs, layer chunk by layer chunk (each chunk's data is
+  generated on the device before its timing starts, so only ``n × layer_chunk`` samples of one
   chunk are ever in memory);
 * its achieved GFLOP/s against ``2 · n_A · n_B · P_attn`` (:func:`fisherjax.analysis.qkov.flops`)
   and against this machine's measured matmul peak (a jitted square ``jnp.dot`` at the same
@@ -21,6 +23,7 @@ Usage::
 
     python benchmarks/phase6.py                                   # both configs, 64 x 64 samples
     python benchmarks/phase6.py --config gpt2-small --n-a 16 --n-b 16 --memory-budget 2e9
+    python benchmarks/phase6.py --split-k 8,32 --piece-floats 65536,262144     # both contractions
     python benchmarks/phase6.py --end-to-end --markdown /tmp/phase6.md   # tables for benchmarks/RESULTS.md
 """
 
@@ -149,7 +152,7 @@ def loop_scores(C, g, fisher, ridge, layout: ModelLayout) -> np.ndarray:
 
 
 def bench_kernel(name: str, args) -> list[dict]:
-    """Per split-K setting: seconds of the kernel pieces over all layer chunks, and the loop baseline."""
+    """Per split-K setting and piece size: seconds of the kernel over all layer chunks, and the loop baseline."""
     layout = synthetic_layout(name, args.layers)
     shapes = _view_shapes(layout)
     L = layout.num_layers
@@ -160,8 +163,10 @@ def bench_kernel(name: str, args) -> list[dict]:
     if c_l < 1:
         raise SystemExit(f"{name}: {args.n_a}+{args.n_b} samples of one layer exceed --memory-budget; raise it or lower --n-a/--n-b")
     ridge = 1e-3
-    splits = [int(k) for k in args.split_k.split(",")]
+    splits = [int(k) for k in args.split_k.split(",") if k]
+    pieces = [int(float(k)) for k in args.piece_floats.split(",") if k]
     totals = {k: dict(operand_a=0.0, operand_b=0.0, gemm=0.0, fused=0.0) for k in splits}
+    looped_s = {k: 0.0 for k in pieces}
     loop_per_pair, max_rel = 0.0, 0.0
     p = args.loop_samples
     ones_a, ones_b = jnp.ones(args.n_a), jnp.ones(args.n_b)
@@ -171,39 +176,49 @@ def bench_kernel(name: str, args) -> list[dict]:
         make_b = {k: jax.ShapeDtypeStruct((args.n_b, width, *s), jnp.float32) for k, s in shapes.items()}
         fisher_shapes = {k: jax.ShapeDtypeStruct((width, *s), jnp.float32) for k, s in shapes.items()}
         C, g, weights, fisher = jax.block_until_ready(_make_chunk(jax.random.PRNGKey(l0), make, make_b, fisher_shapes, ridge))
+        raws = {}
         for k in splits:
             t_a, a_op = _timed(qkov._operand, C, ones_a, weights, transform="identity", split_k=k, repeats=args.repeats)
             t_b, b_op = _timed(qkov._operand, g, ones_b, None, transform="abs", split_k=k, repeats=args.repeats)
-            t_g, raw = _timed(qkov._slice_products, a_op, b_op, precision=args.precision, repeats=args.repeats)
+            t_g, raws[f"split-K {k}"] = _timed(qkov._slice_products, a_op, b_op, precision=args.precision, repeats=args.repeats)
             del a_op, b_op
             t_f, _ = _timed(_fused, C, g, weights, split_k=k, precision=args.precision, repeats=args.repeats) if args.fused else (float("nan"), None)
             totals[k]["operand_a"] += t_a
             totals[k]["operand_b"] += t_b
             totals[k]["gemm"] += t_g
             totals[k]["fused"] += t_f
+        for k in pieces:
+            t_l, raws[f"looped {k}"] = _timed(qkov._looped_products, C, ones_a, weights, g, ones_b, transform_a="identity", transform_b="abs",
+                              piece_floats=k, precision=args.precision, repeats=args.repeats)
+            looped_s[k] += t_l
         if p:
             host_C = {k: np.asarray(v[:p]) for k, v in C.items()}
             host_g = {k: np.asarray(v[:p]) for k, v in g.items()}
             host_f = {k: np.asarray(v) for k, v in fisher.items()}
             start = time.perf_counter()
-            looped = loop_scores(host_C, host_g, host_f, ridge, layout)
+            reference = loop_scores(host_C, host_g, host_f, ridge, layout)
             loop_per_pair += (time.perf_counter() - start) / (p * p)
             kv = layout.kv_head_of
-            kernel = np.stack([np.asarray(raw[b])[:, :p, :p][..., kv if b in ("k", "v") else slice(None)] for b in qkov.BLOCKS])
-            max_rel = max(max_rel, float(np.max(np.abs(kernel - looped) / np.maximum(np.abs(looped), 1e-30))))
-        del C, g, weights, fisher, raw
+            for raw in raws.values():
+                kernel = np.stack([np.asarray(raw[b])[:, :p, :p][..., kv if b in ("k", "v") else slice(None)] for b in qkov.BLOCKS])
+                max_rel = max(max_rel, float(np.max(np.abs(kernel - reference) / np.maximum(np.abs(reference), 1e-30))))
+        del C, g, weights, fisher, raws
     flops = qkov.flops(args.n_a, args.n_b, layout)
+    common = dict(
+        config=name, layers=L, n_a=args.n_a, n_b=args.n_b, layer_chunk=c_l, p_attn=int(flops / (2 * args.n_a * args.n_b)),
+        gflop=flops / 1e9, loop_s=loop_per_pair * args.n_a * args.n_b if p else float("nan"), loop_pairs=p * p,
+        loop_max_rel_err=max_rel if p else float("nan"),
+    )
     rows = []
     for k in splits:
         t = totals[k]
         kernel_s = t["operand_a"] + t["operand_b"] + t["gemm"]
         rows.append(dict(
-            config=name, split_k=k, layers=L, n_a=args.n_a, n_b=args.n_b, layer_chunk=c_l,
-            p_attn=int(flops / (2 * args.n_a * args.n_b)), gflop=flops / 1e9,
-            kernel_s=kernel_s, gemm_s=t["gemm"], operands_s=t["operand_a"] + t["operand_b"], fused_s=t["fused"],
-            loop_s=loop_per_pair * args.n_a * args.n_b if p else float("nan"), loop_pairs=p * p,
-            loop_max_rel_err=max_rel if p else float("nan"),
+            common, contraction=f"batched, split-K {k}", kernel_s=kernel_s, gemm_s=t["gemm"],
+            operands_s=t["operand_a"] + t["operand_b"], fused_s=t["fused"],
         ))
+    for k in pieces:
+        rows.append(dict(common, contraction=f"looped, {k} floats", kernel_s=looped_s[k], gemm_s=float("nan"), operands_s=float("nan"), fused_s=float("nan")))
     return rows
 
 
@@ -254,7 +269,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-samples", type=int, default=2, help="p: the loop runs p x p pairs and is scaled")
     parser.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak (default: 8192 on GPU, 2048 on CPU)")
-    parser.add_argument("--split-k", default="1,8", help="comma-separated split-K settings to time")
+    parser.add_argument("--split-k", default="8,32", help="comma-separated split-K settings of batched contraction to time")
+    parser.add_argument("--piece-floats", default="262144", help="comma-separated piece sizes of looped contraction to time")
     parser.add_argument("--fused", action="store_true", help="also time the three kernel pieces under one jit")
     parser.add_argument("--end-to-end", action="append", default=[], choices=sorted(CONFIGS),
                         help="also time the public heatmap on host numpy inputs for this config (repeatable)")
@@ -268,7 +284,7 @@ def main(argv=None):
         f"Device: {device.device_kind} ({device.platform}), jax {jax.__version__}, precision {args.precision}; "
         f"matmul peak {peak:.1f} GFLOP/s (jitted {peak_size}² float32 jnp.dot, same precision).",
         "",
-        "| config | layers (chunk) | n_A × n_B | P_attn | GFLOP | split-K | kernel s (operands + GEMM) | GFLOP/s | % peak "
+        "| config | layers (chunk) | n_A × n_B | P_attn | GFLOP | contraction | kernel s (operands + GEMM) | GFLOP/s | % peak "
         "| GEMM-only s | GEMM % peak | one-jit s | loop s (scaled) | speed-up vs loop | end-to-end heatmap s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -277,13 +293,15 @@ def main(argv=None):
         e2e = bench_end_to_end(name, args) if name in args.end_to_end else "—"
         for r in rows:
             gflops = r["gflop"] / r["kernel_s"]
-            fused = f"{r['fused_s']:.4f}" if args.fused else "—"
+            fused = f"{r['fused_s']:.4f}" if args.fused and r["fused_s"] == r["fused_s"] else "—"
+            parts = f" ({r['operands_s']:.4f} + {r['gemm_s']:.4f})" if r["gemm_s"] == r["gemm_s"] else ""
+            gemm = f"{r['gemm_s']:.4f} | {100 * r['gflop'] / r['gemm_s'] / peak:.0f} %" if parts else "— | —"
             loop = f"{r['loop_s']:.0f} ({r['loop_pairs']} pairs, max rel err {r['loop_max_rel_err']:.1e})" if args.loop_samples else "—"
             speedup = f"{r['loop_s'] / r['kernel_s']:.0f}×" if args.loop_samples else "—"
             lines.append(
                 f"| {name} | {r['layers']} ({r['layer_chunk']}) | {r['n_a']} × {r['n_b']} | {r['p_attn'] / 1e6:.1f} M | {r['gflop']:.0f} "
-                f"| {r['split_k']} | {r['kernel_s']:.4f} ({r['operands_s']:.4f} + {r['gemm_s']:.4f}) | {gflops:.0f} | {100 * gflops / peak:.0f} % "
-                f"| {r['gemm_s']:.4f} | {100 * r['gflop'] / r['gemm_s'] / peak:.0f} % | {fused} | {loop} | {speedup} | {e2e} |"
+                f"| {r['contraction']} | {r['kernel_s']:.4f}{parts} | {gflops:.0f} | {100 * gflops / peak:.0f} % "
+                f"| {gemm} | {fused} | {loop} | {speedup} | {e2e} |"
             )
             print(lines[-1], flush=True)
     text = "\n".join(lines)

@@ -24,6 +24,13 @@ from fisherjax.layout import ModelLayout, flatten, unflatten
 
 N_A, N_B = 6, 4
 MIN = dict(min_fisher_samples=3)
+# Both ways of evaluating a slice's contraction, each cut into several pieces (the default piece
+# size would hold these tiny models' whole slices): the scores may differ only by rounding.
+COMPUTE_IDS = {
+    "batched-split4": dict(contraction="batched", split_k=4),
+    "looped-pieces": dict(contraction="looped", piece_floats=64),
+}
+COMPUTE = list(COMPUTE_IDS.values())
 
 # Raw parameter names per family: q/k/v kernel (fused or not), q/k/v bias (None: no bias), o kernel.
 _GPT2 = ("layers/attn/c_attn/kernel", "layers/attn/c_attn/bias", "layers/attn/c_proj/kernel")
@@ -170,11 +177,12 @@ def family(hf_checkpoint):
     # Mistral shares Llama's layout (separate q/k/v, GQA, no bias): slow only to keep the default run short.
     [pytest.param(k, marks=pytest.mark.slow) if k == "mistral" else k for k in FAMILIES],
 )
-def test_heatmap_matches_bruteforce(family, kind):
+@pytest.mark.parametrize("compute", COMPUTE, ids=list(COMPUTE_IDS))
+def test_heatmap_matches_bruteforce(family, kind, compute):
     model, _, A, B = family(kind)
     layout = model.layout
     H, Hkv, _ = dims = _dims(layout)
-    result = qkov.heatmap(A, B, layout, **MIN)
+    result = qkov.heatmap(A, B, layout, **MIN, **compute)
     chex.assert_shape(result.scores, (4, layout.num_layers, N_A, N_B, H))
     _close(result.scores, _reference(A, B, kind, dims, layout.num_layers))
     _close(result.layer_head_avg, result.scores.mean(axis=(2, 3)))
@@ -197,9 +205,10 @@ def test_heatmap_matches_bruteforce(family, kind):
         ("gpt2", dict(variant="symmetric", aggregate="sum")),
     ],
 )
-def test_options_match_bruteforce(family, kind, opts):
+@pytest.mark.parametrize("compute", COMPUTE, ids=list(COMPUTE_IDS))
+def test_options_match_bruteforce(family, kind, opts, compute):
     model, _, A, B = family(kind)
-    result = qkov.heatmap(A, B, model.layout, **MIN, **opts)
+    result = qkov.heatmap(A, B, model.layout, **MIN, **opts, **compute)
     _close(result.scores, _reference(A, B, kind, _dims(model.layout), model.layout.num_layers, **opts))
 
 
@@ -240,17 +249,53 @@ def test_derived_contributions_and_per_layer_leaves_give_the_same_scores(family,
     _close(qkov.heatmap(A1, B1, layout, memory_budget_bytes=small, **options).scores, expected, rtol=1e-5)
 
 
-def test_sample_pair_and_tiling_agree_with_heatmap(family):
+def _misaligned(c: Contributions) -> Contributions:
+    """The same contributions in arrays that start 4 bytes past a 64-byte boundary (the CPU
+    backend must copy them rather than read them in place)."""
+
+    def shift(x):
+        raw = np.empty(x.nbytes + 128, np.uint8)
+        start = -raw.ctypes.data % 64 + 4
+        out = raw[start : start + x.nbytes].view(x.dtype).reshape(x.shape)
+        out[...] = x
+        return out
+
+    return Contributions(
+        c.sample_ids, c.tokens, None if c.derived else {p: shift(v) for p, v in c.contributions.items()},
+        {p: shift(v) for p, v in c.grads.items()},
+    )
+
+
+@pytest.mark.parametrize("compute", COMPUTE, ids=list(COMPUTE_IDS))
+def test_sample_pair_and_tiling_agree_with_heatmap(family, compute):
     model, _, A, B = family("llama")  # GQA: head 3 reads kv head 1
     layout = model.layout
     full = qkov.heatmap(A, B, layout, **MIN)
-    pair = qkov.sample_pair(A, B, layout, 102, 107, 1, 3, **MIN)
+    pair = qkov.sample_pair(A, B, layout, 102, 107, 1, 3, **MIN, **compute)
     _close(np.array([pair[b] for b in "qkvo"]), full.scores[:, 1, 2, 1, 3])
     floats_per_layer = sum(np.prod(np.shape(v)[2:]) for v in A.contributions.values())
     budget = 4 * 3 * floats_per_layer * 4  # room for a handful of samples of one layer
     assert qkov.tile_plan(N_A, N_B, layout.num_layers, floats_per_layer, budget)[2] == 1
-    tiled = qkov.heatmap(A, B, layout, memory_budget_bytes=budget, **MIN)
+    # misaligned inputs are copied tile by tile, so the budget applies to looped contraction too
+    tiled = qkov.heatmap(_misaligned(A), _misaligned(B), layout, memory_budget_bytes=budget, **MIN, **compute)
     _close(tiled.scores, full.scores, rtol=1e-5)
+
+
+def test_stored_leaves_are_read_in_place_on_cpu(family):
+    """Aligned, contiguous layer-stacked leaves (what ``collect`` and ``select`` produce) are used by
+    the CPU kernel without a copy; misaligned ones are copied, with the same scores."""
+    model, _, A, B = family("gpt2")
+    layout = model.layout
+    pairs = qkov._block_kinds(layout, True)
+    sources = qkov._leaf_sources(layout, pairs)
+    assert qkov._in_place(A.grads, layout, sources) and qkov._in_place(B.contributions, layout, sources)
+    leaves = qkov._device_leaves(A.grads, layout, sources, np.arange(len(A)), np.arange(layout.num_layers))
+    for key, leaf in leaves.items():
+        assert leaf.unsafe_buffer_pointer() == A.grads[key].ctypes.data
+    assert not qkov._in_place(_misaligned(A).grads, layout, sources)
+    in_place = qkov.heatmap(A, B, layout, **MIN, contraction="looped").scores
+    copied = qkov.heatmap(_misaligned(A), _misaligned(B), layout, **MIN, contraction="looped").scores
+    np.testing.assert_array_equal(in_place, copied)
 
 
 # ---------------------------------------------------------------------------------------------

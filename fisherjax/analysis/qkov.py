@@ -8,11 +8,13 @@ Score. For sample ``i`` of task A, sample ``j`` of task B, layer ``ℓ``, head `
 with ``C_i = g_i² / T_i`` task A's per-sample contributions, ``g_j`` task B's signed token-sum
 gradients and ``Î = mean_i C_i`` the diagonal Fisher of task A on the *full* parameter tensors
 (float32), never a group-reduced Fisher. Per slice the sum is a matrix product,
-``M = A · Gᵀ`` with ``A[i,k] = C_{i,k}/(Î_k+λ)`` and ``G[j,k] = |g_{j,k}|``. Each side is moved
-once into a head-major operand ``[layer, head, sample, slice]`` (weighting, ``|·|`` and the
-transpose in one jitted pass), and every block is then one batched GEMM over (layer, head),
-``einsum('lhcs,lhbs->lcbh')``, tiled over chunks of samples and layers so the arrays on the
-device stay within a memory budget.
+``M = A · Gᵀ`` with ``A[i,k] = C_{i,k}/(Î_k+λ)`` and ``G[j,k] = |g_{j,k}|``: one batched GEMM
+over (layer, head) per block, ``einsum('lhcs,lhbs->lcbh')`` on head-major operands
+``[layer, head, sample, slice]`` (weighting, ``|·|`` and the transpose fused into the pass that
+builds them). On a GPU each side is built whole once and the contraction is cut into split-K pieces
+that run as one batched GEMM; on a CPU the contraction is walked in cache-sized pieces, each built
+and multiplied in one loop step, and stored leaves are read in place (``QKOVOptions.contraction``).
+Tiles over chunks of samples and layers keep the arrays on the device within a memory budget.
 
 Slices. Heads are read only through :class:`~fisherjax.layout.ModelLayout` views (Flax ``[in, out]``
 kernels, GPT-2's ``[Q|K|V]`` and GPT-NeoX's per-head interleaved fused QKV). The slice of
@@ -73,7 +75,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from fisherjax.errors import ConfigError, DataError, NumericalError
-from fisherjax.fisher.state import Contributions, TaskFisher
+from fisherjax.fisher.state import HOST_ALIGNMENT, Contributions, TaskFisher, host_concatenate
 from fisherjax.layout import ModelLayout
 from fisherjax.stats import bootstrap_indices, fdr_qvalues, percentile_interval, permutation_pvalue
 
@@ -82,6 +84,7 @@ VARIANTS = ("unsigned", "signed", "symmetric", "natural")
 AGGREGATES = ("mean", "sum")
 NORMALIZE_GJ = ("none", "per_token_mean", "per_token_sum")
 FISHER_POOLS = ("A", "B", "pooled")
+CONTRACTIONS = ("auto", "batched", "looped")
 
 
 
@@ -90,8 +93,12 @@ class QKOVOptions:
     """Settings of the score (see the module docstring for their meaning).
 
     ``precision`` (``"highest"``: true float32 GEMMs; ``"default"`` lets a GPU use TF32) and
-    ``split_k`` (the contraction axis of each slice is cut into up to this many pieces that run as
-    separate GEMMs, so ``layer · heads`` small GEMMs fill a GPU; 32 measured best on an H100, see
+    ``contraction`` (how each slice's contraction is evaluated: ``"batched"`` builds whole head-major
+    operands and cuts the contraction into ``split_k`` pieces that run as one batched GEMM, so
+    ``layer · heads`` small GEMMs fill a GPU — 32 measured best on an H100; ``"looped"`` walks the
+    contraction in pieces of about ``piece_floats`` floats per side (1 MiB: a piece and its
+    head-major copy stay in a core's L2), each weighted, moved head-major and multiplied in one loop
+    step, which a CPU needs (3–5× faster there); ``"auto"``: looped on CPU, batched elsewhere; see
     ``benchmarks/RESULTS.md``) are compute settings: they change the scores only by rounding.
     """
 
@@ -107,6 +114,8 @@ class QKOVOptions:
     top_k: int = 20
     precision: str = "highest"
     split_k: int = 32
+    contraction: str = "auto"
+    piece_floats: int = 2**18
 
     def __post_init__(self):
         for name, allowed in (
@@ -115,6 +124,7 @@ class QKOVOptions:
             ("fisher_pool", FISHER_POOLS),
             ("variant", VARIANTS),
             ("precision", ("highest", "high", "default")),
+            ("contraction", CONTRACTIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"qkov {name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -124,10 +134,15 @@ class QKOVOptions:
             raise ConfigError(f"qkov ridges must be ≥ 0, got ridge_lambda={self.ridge_lambda}, ridge_lambda_rel={self.ridge_lambda_rel}")
         if self.min_fisher_samples < 1:
             raise ConfigError(f"qkov min_fisher_samples must be ≥ 1, got {self.min_fisher_samples}")
-        if self.split_k < 1:
-            raise ConfigError(f"qkov split_k must be ≥ 1, got {self.split_k}")
+        if self.split_k < 1 or self.piece_floats < 1:
+            raise ConfigError(f"qkov split_k and piece_floats must be ≥ 1, got {self.split_k} and {self.piece_floats}")
         if self.top_k < 0:
             raise ConfigError(f"qkov top_k must be ≥ 0, got {self.top_k}")
+
+    @property
+    def looped(self) -> bool:
+        """Whether the kernel walks each contraction in pieces (:func:`_looped_products`)."""
+        return self.contraction == "looped" or (self.contraction == "auto" and jax.default_backend() == "cpu")
 
 
 class SliceDiagnostics(NamedTuple):
@@ -410,17 +425,32 @@ def _leaf_sources(layout: ModelLayout, pairs) -> dict[str, tuple[str, ...]]:
 def _device_leaves(store, layout: ModelLayout, sources: dict[str, tuple[str, ...]], samples, layers) -> dict[str, Array]:
     """``{leaf key: [c, layer, *shape]}`` on the device for the selected samples and layers.
 
-    Contiguous runs are copied as plain slices of the stored arrays (no host gather); per-layer
-    leaves are stacked on the device.
+    Contiguous runs are moved as plain slices of the stored arrays (no host gather) and, on a CPU,
+    used in place where :func:`_in_place` allows; per-layer leaves are stacked on the device.
     """
     out = {}
     for key, paths in sources.items():
         if layout.spec(key).layered:
-            out[key] = jnp.asarray(_take(store[key], samples, layers))
+            out[key] = jax.device_put(_take(store[key], samples, layers), may_alias=True)
         else:
             rows = slice(samples[0], samples[-1] + 1) if _is_run(samples) else samples
             out[key] = jnp.stack([jnp.asarray(store[paths[layer]][rows]) for layer in layers], axis=1)
     return out
+
+
+def _in_place(store, layout: ModelLayout, sources: dict[str, tuple[str, ...]]) -> bool:
+    """Whether the CPU backend can read every stored leaf in place (layer-stacked, C-contiguous,
+    :data:`~fisherjax.fisher.state.HOST_ALIGNMENT`-aligned, as :func:`~fisherjax.fisher.collect`
+    stores them): then a tile of whole sample runs over all layers costs no copy at all."""
+    if jax.default_backend() != "cpu":
+        return False
+    for key in sources:
+        x = store[key]
+        if not (layout.spec(key).layered and isinstance(x, np.ndarray) and x.flags.c_contiguous):
+            return False
+        if x.ctypes.data % HOST_ALIGNMENT:
+            return False
+    return True
 
 
 _TRANSFORMS = {"identity": lambda x: x, "abs": jnp.abs, "sqrt": jnp.sqrt, "square": jnp.square}
@@ -447,11 +477,16 @@ def _operand(views: dict, scale: Array, weights: dict | None, *, transform: str,
 def _operand_from_leaves(leaves: dict, scale: Array, weights: dict | None, *, layout: ModelLayout, pairs, transform: str, split_k: int):
     """:func:`_operand` of the layout's head views of stored leaves ``{leaf key: [c, layer, *shape]}``;
     views, weighting and the move to head-major fuse into one pass over the leaves."""
+    return _operand(_views_of(layout, leaves, pairs), scale, weights, transform=transform, split_k=split_k)
+
+
+def _views_of(layout: ModelLayout, leaves: dict, pairs) -> dict[str, Array]:
+    """``{block/kind: [c, layer, *view]}``: the layout's head views of ``{leaf key: [c, layer, *shape]}``."""
     views = {}
     for block, kind in pairs:
         key = layout.block_sources(block, kind)[0]
         views[_key(block, kind)] = layout.view(key, leaves[key], block, per_layer=True)
-    return _operand(views, scale, weights, transform=transform, split_k=split_k)
+    return views
 
 
 _PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH, "default": jax.lax.Precision.DEFAULT}
@@ -470,14 +505,95 @@ def _slice_products(a: dict, b: dict, *, precision: str) -> dict[str, Array]:
     return {block: jnp.transpose(value, (0, 2, 3, 1)) for block, value in out.items()}
 
 
-def tile_plan(n_a: int, n_b: int, n_layers: int, floats_per_layer: int, memory_budget_bytes: float) -> tuple[int, int, int]:
+def _piece_axis(block: str, kind: str) -> int | None:
+    """The axis of a ``[c, layer, *view]`` view that :func:`_looped_products` walks: ``d_in`` of a
+    q/k/v kernel ``[c, l, d_in, h, e]``, ``e`` of the o kernel ``[c, l, h, e, d_out]`` (each piece
+    then holds long contiguous runs); biases are small and are taken whole."""
+    if kind == "bias":
+        return None
+    return 3 if block == "o" else 2
+
+
+def _piece_size(shape: tuple[int, ...], axis: int, target_floats: int) -> int:
+    """The largest divisor ``r`` of ``shape[axis]`` whose piece ``shape[:axis] · r · shape[axis+1:]``
+    holds at most ``target_floats`` (at least 1)."""
+    per_row = math.prod(shape) // shape[axis]
+    fits = [r for r in range(1, shape[axis] + 1) if shape[axis] % r == 0 and r * per_row <= target_floats]
+    return max(fits, default=1)
+
+
+@functools.partial(jax.jit, static_argnames=("transform_a", "transform_b", "piece_floats", "precision"))
+def _looped_products(
+    views_a: dict, scale_a: Array, weights: dict, views_b: dict, scale_b: Array, *,
+    transform_a: str, transform_b: str, piece_floats: int, precision: str,
+) -> dict[str, Array]:
+    """``M = A · Gᵀ`` per (layer, head) slice, walking each slice's contraction in pieces.
+
+    The same sums as :func:`_operand` + :func:`_slice_products` (``{block: [layer, c_a, c_b,
+    heads]}``), for backends where a pass that writes whole head-major operands costs more than the
+    GEMMs (a CPU: fresh operand buffers fault page by page and XLA's transposing copies run far
+    below memory bandwidth). Per view a ``fori_loop`` cuts the contraction axis (:func:`_piece_axis`)
+    into pieces of about ``piece_floats`` floats per side; each piece is weighted, moved head-major
+    ``[layer, head, c, piece]`` into a buffer that stays in cache, and its GEMM is added to the sum.
+    """
+    out: dict[str, Array] = {}
+
+    def side(x, transform, scale, weight):
+        x = _TRANSFORMS[transform](x.astype(jnp.float32)) * scale.reshape((-1,) + (1,) * (x.ndim - 1))
+        return x if weight is None else x * weight[None]
+
+    def product(a, b, block, kind):
+        a, b = _head_major(a, block, kind, 1)[:, :, 0], _head_major(b, block, kind, 1)[:, :, 0]
+        return jnp.einsum("lhcs,lhbs->lhcb", a, b, precision=_PRECISIONS[precision], preferred_element_type=jnp.float32)
+
+    for key in sorted(views_a):
+        block, kind = key.split("/")
+        xa, xb, w = views_a[key], views_b[key], weights.get(key) if weights is not None else None
+        axis = _piece_axis(block, kind)
+        if axis is None:
+            term = product(side(xa, transform_a, scale_a, w), side(xb, transform_b, scale_b, None), block, kind)
+        else:
+            r = _piece_size(xa.shape, axis, piece_floats)
+
+            def body(k, acc, xa=xa, xb=xb, w=w, axis=axis, r=r, block=block, kind=kind):
+                piece = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=k * r, slice_size=r)
+                pa = side(piece(xa, axis=axis), transform_a, scale_a, None if w is None else piece(w, axis=axis - 1))
+                pb = side(piece(xb, axis=axis), transform_b, scale_b, None)
+                return acc + product(pa, pb, block, kind)
+
+            layers, heads = xa.shape[1], xa.shape[2 if block == "o" else 3]
+            zero = jnp.zeros((layers, heads, xa.shape[0], xb.shape[0]), jnp.float32)
+            term = jax.lax.fori_loop(0, xa.shape[axis] // r, body, zero)
+        out[block] = out[block] + term if block in out else term
+    return {block: jnp.transpose(value, (0, 2, 3, 1)) for block, value in out.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "pairs", "transform_a", "transform_b", "piece_floats", "precision"))
+def _looped_from_leaves(
+    leaves_a: dict, scale_a: Array, weights: dict, leaves_b: dict, scale_b: Array, *,
+    layout: ModelLayout, pairs, transform_a: str, transform_b: str, piece_floats: int, precision: str,
+) -> dict[str, Array]:
+    """:func:`_looped_products` of the layout's head views of both tasks' stored leaves."""
+    return _looped_products(
+        _views_of(layout, leaves_a, pairs), scale_a, weights, _views_of(layout, leaves_b, pairs), scale_b,
+        transform_a=transform_a, transform_b=transform_b, piece_floats=piece_floats, precision=precision,
+    )
+
+
+def tile_plan(
+    n_a: int, n_b: int, n_layers: int, floats_per_layer: int, memory_budget_bytes: float, copies: int = 3
+) -> tuple[int, int, int]:
     """Sample chunks ``(c_a, c_b)`` and layer chunk ``c_l`` whose tile fits the memory budget.
 
-    A tile holds ``c_a + c_b`` samples of ``c_l`` layers, about three float32 copies of each
-    (input, head-major operand, slack for the GEMM) plus the weights. All layers are kept
-    together as long as at least ``min(n, 32)`` samples of each task fit; otherwise layers are split.
+    A tile holds ``c_a + c_b`` samples of ``c_l`` layers, ``copies`` float32 copies of each (three
+    for batched contraction: input, head-major operand, slack for the GEMM; one for looped
+    contraction, whose pieces are small; none when the inputs are read in place, so everything is
+    one tile) plus the weights. All layers are kept together as long as at least ``min(n, 32)``
+    samples of each task fit; otherwise layers are split.
     """
-    per_sample_layer = 3 * 4 * max(floats_per_layer, 1)
+    if copies == 0:
+        return max(n_a, 1), max(n_b, 1), n_layers
+    per_sample_layer = copies * 4 * max(floats_per_layer, 1)
     want = max(1, min(max(n_a, n_b), 32))
     for c_l in range(n_layers, 0, -1):
         fit = int(memory_budget_bytes // (c_l * per_sample_layer) - 1)  # one slot for the weights
@@ -516,9 +632,12 @@ def _raw_scores(
 ) -> dict[str, np.ndarray]:
     """``{block: [layer, n_a, n_b, heads_of_block]}`` slice sums for the selected samples and layers.
 
-    Tiles: chunks of layers × chunks of A × chunks of B. Each side is turned into its head-major
-    GEMM operand once per tile row / column (B's once per layer chunk when it fits in one chunk),
-    so the per-tile work is the batched GEMM alone.
+    Tiles: chunks of layers × chunks of A × chunks of B. Each side's stored leaves are moved to the
+    device once per tile row / column (B's once per layer chunk when it fits in one chunk); with
+    looped contraction on a CPU whose stored leaves can be read in place (:func:`_in_place`) the
+    whole problem is one tile and nothing is copied. Batched
+    contraction turns them there into head-major GEMM operands, so the per-tile work is the batched
+    GEMM alone; looped contraction does weighting, head-major pieces and GEMMs in one loop per tile.
     """
     a_side, b_side = _side(prep.a, "a", options.variant), _side(prep.b, "b", options.variant)
     sources = _leaf_sources(layout, prep.pairs)
@@ -527,12 +646,29 @@ def _raw_scores(
     if n_a == 0 or n_b == 0:
         return out
     floats_per_layer = sum(int(np.prod(w.shape[1:])) for w in prep.weights.values())
-    c_a, c_b, c_l = tile_plan(n_a, n_b, n_l, floats_per_layer, memory_budget_bytes)
-    statics = dict(layout=layout, pairs=prep.pairs, split_k=options.split_k)
+    looped = options.looped
+    if looped and _in_place(a_side.store, layout, sources) and _in_place(b_side.store, layout, sources):
+        copies = 0
+    else:
+        copies = 1 if looped else 3
+    c_a, c_b, c_l = tile_plan(n_a, n_b, n_l, floats_per_layer, memory_budget_bytes, copies=copies)
+    statics = dict(layout=layout, pairs=prep.pairs)
 
     def operand(side: _Side, positions, layer_index, weights):
+        """The side's stored leaves on the device (looped) or its head-major operand (batched)."""
         leaves = _device_leaves(side.store, layout, sources, positions, layer_index)
-        return _operand_from_leaves(leaves, jnp.asarray(side.scale[positions]), weights, transform=side.transform, **statics)
+        scale = jnp.asarray(side.scale[positions])
+        if looped:
+            return leaves, scale
+        return _operand_from_leaves(leaves, scale, weights, transform=side.transform, split_k=options.split_k, **statics)
+
+    def products(a_operand, b_operand, weights):
+        if looped:
+            return _looped_from_leaves(
+                *a_operand, weights, *b_operand, transform_a=a_side.transform, transform_b=b_side.transform,
+                piece_floats=options.piece_floats, precision=options.precision, **statics,
+            )
+        return _slice_products(a_operand, b_operand, precision=options.precision)
 
     b_chunks = range(0, n_b, c_b)
     for l0 in range(0, n_l, c_l):
@@ -544,7 +680,7 @@ def _raw_scores(
             for j0 in b_chunks:
                 if b_cached is None or len(b_chunks) > 1:
                     b_cached = operand(b_side, b_positions[_chunk_index(j0, c_b, n_b)], lsel, None)
-                tile = _slice_products(a_operand, b_cached, precision=options.precision)
+                tile = products(a_operand, b_cached, weights)
                 li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
                 for block, value in tile.items():
                     out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji] = np.asarray(value)[:li, :ii, :ji]
@@ -727,7 +863,7 @@ def heldout_split(task: TaskFisher | Contributions, fraction: float = 0.5, seed:
 
 def _concat(first: Contributions, second: Contributions) -> Contributions:
     def join(x, y):
-        return {p: np.concatenate([np.asarray(x[p]), np.asarray(y[p])]) for p in x if p in y}
+        return {p: host_concatenate([np.asarray(x[p]), np.asarray(y[p])]) for p in x if p in y}
 
     both_derived = first.derived and second.derived  # then C stays derived: never built on the host
     return Contributions(
