@@ -159,7 +159,7 @@ def bench_kernel(name: str, args) -> list[dict]:
     floats_per_layer = sum(int(np.prod(s)) for s in shapes.values())
     # All samples of both tasks in one tile; as many layers per tile as the budget allows (the
     # same per-sample cost model as qkov.tile_plan: three float32 copies, plus the weights).
-    c_l = min(L, int(args.memory_budget // (3 * 4 * floats_per_layer * (args.n_a + args.n_b + 1))))
+    c_l = args.layer_chunk or min(L, int(args.memory_budget // (3 * 4 * floats_per_layer * (args.n_a + args.n_b + 1))))
     if c_l < 1:
         raise SystemExit(f"{name}: {args.n_a}+{args.n_b} samples of one layer exceed --memory-budget; raise it or lower --n-a/--n-b")
     ridge = 1e-3
@@ -265,6 +265,9 @@ def main(argv=None):
     parser.add_argument("--n-b", type=int, default=64)
     parser.add_argument("--layers", type=int, default=None, help="override the config's layer count")
     parser.add_argument("--memory-budget", type=float, default=8e9, help="bytes per tile (qkov.tile_plan)")
+    parser.add_argument("--layer-chunk", type=int, default=None,
+                        help="layers per tile instead of the budget's choice (looped contraction on a CPU reads "
+                             "aligned inputs in place, so heatmap runs all layers as one tile)")
     parser.add_argument("--precision", default="highest", choices=["highest", "high", "default"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-samples", type=int, default=2, help="p: the loop runs p x p pairs and is scaled")

@@ -514,12 +514,20 @@ def _piece_axis(block: str, kind: str) -> int | None:
     return 3 if block == "o" else 2
 
 
-def _piece_size(shape: tuple[int, ...], axis: int, target_floats: int) -> int:
-    """The largest divisor ``r`` of ``shape[axis]`` whose piece ``shape[:axis] · r · shape[axis+1:]``
-    holds at most ``target_floats`` (at least 1)."""
-    per_row = math.prod(shape) // shape[axis]
-    fits = [r for r in range(1, shape[axis] + 1) if shape[axis] % r == 0 and r * per_row <= target_floats]
-    return max(fits, default=1)
+def _piece_plan(shape: tuple[int, ...], axis: int, target_floats: int) -> tuple[int, int]:
+    """Layers ``lr`` and rows ``r`` of one piece of a ``[c, layer, *view]`` view cut along ``axis``:
+    all layers and the most rows that keep ``c · lr · r · (other view axes)`` within
+    ``target_floats``; when even one row of all layers is larger, one row of the most layers that
+    fit (both at least 1, and divisors of their axes)."""
+    layers, rows = shape[1], shape[axis]
+    per_row_layer = math.prod(shape) // (layers * rows)
+
+    def largest_divisor(n: int, fits) -> int:
+        return max((d for d in range(1, n + 1) if n % d == 0 and fits(d)), default=1)
+
+    if layers * per_row_layer <= target_floats:
+        return layers, largest_divisor(rows, lambda r: r * layers * per_row_layer <= target_floats)
+    return largest_divisor(layers, lambda lr: lr * per_row_layer <= target_floats), 1
 
 
 @functools.partial(jax.jit, static_argnames=("transform_a", "transform_b", "piece_floats", "precision"))
@@ -532,9 +540,10 @@ def _looped_products(
     The same sums as :func:`_operand` + :func:`_slice_products` (``{block: [layer, c_a, c_b,
     heads]}``), for backends where a pass that writes whole head-major operands costs more than the
     GEMMs (a CPU: fresh operand buffers fault page by page and XLA's transposing copies run far
-    below memory bandwidth). Per view a ``fori_loop`` cuts the contraction axis (:func:`_piece_axis`)
-    into pieces of about ``piece_floats`` floats per side; each piece is weighted, moved head-major
-    ``[layer, head, c, piece]`` into a buffer that stays in cache, and its GEMM is added to the sum.
+    below memory bandwidth). Per view a ``fori_loop`` walks (layer block, row block) pieces of about
+    ``piece_floats`` floats per side (:func:`_piece_plan`, rows along :func:`_piece_axis`); each
+    piece is weighted, moved head-major ``[layer, head, c, piece]`` into a buffer that stays in
+    cache, and its GEMM is added to its layers' sums.
     """
     out: dict[str, Array] = {}
 
@@ -546,6 +555,26 @@ def _looped_products(
         a, b = _head_major(a, block, kind, 1)[:, :, 0], _head_major(b, block, kind, 1)[:, :, 0]
         return jnp.einsum("lhcs,lhbs->lhcb", a, b, precision=_PRECISIONS[precision], preferred_element_type=jnp.float32)
 
+    def walk(xa, xb, w, block, kind, axis):
+        lr, r = _piece_plan(xa.shape, axis, piece_floats)
+        row_blocks = xa.shape[axis] // r
+
+        def body(k, acc):
+            layer, row = (k // row_blocks) * lr, (k % row_blocks) * r
+
+            def piece(x, offset):  # offset: 1 for views [c, layer, ...], 0 for weights [layer, ...]
+                x = jax.lax.dynamic_slice_in_dim(x, layer, lr, axis=1 - offset)
+                return jax.lax.dynamic_slice_in_dim(x, row, r, axis=axis - offset)
+
+            pa = side(piece(xa, 0), transform_a, scale_a, None if w is None else piece(w, 1))
+            pb = side(piece(xb, 0), transform_b, scale_b, None)
+            total = jax.lax.dynamic_slice_in_dim(acc, layer, lr, axis=0) + product(pa, pb, block, kind)
+            return jax.lax.dynamic_update_slice_in_dim(acc, total, layer, axis=0)
+
+        heads = xa.shape[2 if block == "o" else 3]
+        zero = jnp.zeros((xa.shape[1], heads, xa.shape[0], xb.shape[0]), jnp.float32)
+        return jax.lax.fori_loop(0, (xa.shape[1] // lr) * row_blocks, body, zero)
+
     for key in sorted(views_a):
         block, kind = key.split("/")
         xa, xb, w = views_a[key], views_b[key], weights.get(key) if weights is not None else None
@@ -553,17 +582,7 @@ def _looped_products(
         if axis is None:
             term = product(side(xa, transform_a, scale_a, w), side(xb, transform_b, scale_b, None), block, kind)
         else:
-            r = _piece_size(xa.shape, axis, piece_floats)
-
-            def body(k, acc, xa=xa, xb=xb, w=w, axis=axis, r=r, block=block, kind=kind):
-                piece = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=k * r, slice_size=r)
-                pa = side(piece(xa, axis=axis), transform_a, scale_a, None if w is None else piece(w, axis=axis - 1))
-                pb = side(piece(xb, axis=axis), transform_b, scale_b, None)
-                return acc + product(pa, pb, block, kind)
-
-            layers, heads = xa.shape[1], xa.shape[2 if block == "o" else 3]
-            zero = jnp.zeros((layers, heads, xa.shape[0], xb.shape[0]), jnp.float32)
-            term = jax.lax.fori_loop(0, xa.shape[axis] // r, body, zero)
+            term = walk(xa, xb, w, block, kind, axis)
         out[block] = out[block] + term if block in out else term
     return {block: jnp.transpose(value, (0, 2, 3, 1)) for block, value in out.items()}
 
