@@ -243,3 +243,19 @@ def test_memory_budget_splits_batches_into_micro_batches(model, task):
     _assert_groups_close(split.group_fisher, whole.group_fisher, rtol=1e-5)
     q = "layers/self_attn/q_proj/kernel"
     np.testing.assert_allclose(split.contributions.grads[q], whole.contributions.grads[q], rtol=1e-4, atol=1e-7)
+
+
+def test_derived_contributions_are_not_computed_to_build_or_select(monkeypatch):
+    """The empirical Fisher's ``C = g²/T`` is derived on access; building, validating and selecting
+    a :class:`Contributions` must not compute it (it did, for every parameter, on every build)."""
+    from fisherjax.fisher.state import Contributions, DerivedContributions
+
+    def refuse(self, path):
+        raise AssertionError(f"contributions of {path!r} computed")
+
+    monkeypatch.setattr(DerivedContributions, "__getitem__", refuse)
+    grads = {"a/kernel": np.ones((4, 3, 2), np.float32), "b/bias": np.ones((4, 5), np.float32)}
+    c = Contributions(np.arange(4), np.array([1, 2, 0, 3]), None, grads)
+    assert c.derived and len(c.select(np.array([0, 3]))) == 2
+    with pytest.raises(ValueError, match="has 3 samples"):
+        Contributions(np.arange(4), np.arange(4), None, {"a/kernel": np.ones((3, 2), np.float32)})

@@ -124,7 +124,9 @@ class Contributions:
         if self.contributions is None:
             object.__setattr__(self, "contributions", DerivedContributions(self.grads, np.asarray(self.tokens)))
         n = len(self.sample_ids)
-        for name, tree in (("contributions", self.contributions), ("grads", self.grads)):
+        # Derived contributions share the grads' shapes; reading them would compute every g²/T.
+        trees = (("grads", self.grads),) + (() if self.derived else (("contributions", self.contributions),))
+        for name, tree in trees:
             for path, value in tree.items():
                 if value.shape[0] != n:
                     raise ValueError(f"{name}[{path!r}] has {value.shape[0]} samples, sample_ids has {n}")
