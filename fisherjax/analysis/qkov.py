@@ -652,11 +652,11 @@ def _raw_scores(
     """``{block: [layer, n_a, n_b, heads_of_block]}`` slice sums for the selected samples and layers.
 
     Tiles: chunks of layers × chunks of A × chunks of B. Each side's stored leaves are moved to the
-    device once per tile row / column (B's once per layer chunk when it fits in one chunk); with
-    looped contraction on a CPU whose stored leaves can be read in place (:func:`_in_place`) the
-    whole problem is one tile and nothing is copied. Batched
+    device once per tile row / column (B's once per layer chunk when it fits in one chunk). Batched
     contraction turns them there into head-major GEMM operands, so the per-tile work is the batched
-    GEMM alone; looped contraction does weighting, head-major pieces and GEMMs in one loop per tile.
+    GEMM alone; looped contraction does weighting, head-major pieces and GEMMs in one loop per
+    tile, and when a CPU can read the stored leaves in place (:func:`_in_place`) the whole problem
+    is one tile and nothing is copied.
     """
     a_side, b_side = _side(prep.a, "a", options.variant), _side(prep.b, "b", options.variant)
     sources = _leaf_sources(layout, prep.pairs)
