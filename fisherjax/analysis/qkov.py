@@ -456,6 +456,21 @@ def _in_place(store, layout: ModelLayout, sources: dict[str, tuple[str, ...]]) -
 _TRANSFORMS = {"identity": lambda x: x, "abs": jnp.abs, "sqrt": jnp.sqrt, "square": jnp.square}
 
 
+def _weighted(x: Array, transform: str, scale: Array, weight: Array | None) -> Array:
+    """``transform(x_i) · scale_i · w`` in float32: ``x`` ``[c, ...]``, ``scale`` ``[c]``, ``weight``
+    ``x.shape[1:]`` (``1/(Î+λ)`` on task A's side) or ``None``."""
+    x = _TRANSFORMS[transform](x.astype(jnp.float32)) * scale.reshape((-1,) + (1,) * (x.ndim - 1))
+    return x if weight is None else x * weight[None]
+
+
+def _per_block(terms) -> dict[str, Array]:
+    """Sum ``(block, [layer, head, c_a, c_b])`` terms (kernel, bias) per block: ``{block: [layer, c_a, c_b, heads]}``."""
+    out: dict[str, Array] = {}
+    for block, term in terms:
+        out[block] = out[block] + term if block in out else term
+    return {block: jnp.transpose(value, (0, 2, 3, 1)) for block, value in out.items()}
+
+
 @functools.partial(jax.jit, static_argnames=("transform", "split_k"))
 def _operand(views: dict, scale: Array, weights: dict | None, *, transform: str, split_k: int = 1) -> dict[str, Array]:
     """One side of the GEMM, head-major: ``transform(x_i) · scale_i · w`` (:func:`_head_major`).
@@ -466,10 +481,7 @@ def _operand(views: dict, scale: Array, weights: dict | None, *, transform: str,
     out = {}
     for key, x in views.items():
         block, kind = key.split("/")
-        x = _TRANSFORMS[transform](x.astype(jnp.float32)) * scale.reshape((-1,) + (1,) * (x.ndim - 1))
-        if weights is not None:
-            x = x * weights[key][None]
-        out[key] = _head_major(x, block, kind, split_k)
+        out[key] = _head_major(_weighted(x, transform, scale, None if weights is None else weights[key]), block, kind, split_k)
     return out
 
 
@@ -496,13 +508,11 @@ _PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.H
 def _slice_products(a: dict, b: dict, *, precision: str) -> dict[str, Array]:
     """``M = A · Gᵀ`` per (layer, head) slice: per (block, kind) one batched GEMM over (layer, head,
     split) and a sum over the split and the kinds: ``{block: [layer, c_a, c_b, heads]}``."""
-    out: dict[str, Array] = {}
-    for key in sorted(a):
-        block = key.split("/")[0]
+    def term(key):
         partial = jnp.einsum("lhkcs,lhkbs->lhkcb", a[key], b[key], precision=_PRECISIONS[precision], preferred_element_type=jnp.float32)
-        term = partial.sum(axis=2)
-        out[block] = out[block] + term if block in out else term
-    return {block: jnp.transpose(value, (0, 2, 3, 1)) for block, value in out.items()}
+        return partial.sum(axis=2)
+
+    return _per_block((key.split("/")[0], term(key)) for key in sorted(a))
 
 
 def _piece_axis(block: str, kind: str) -> int | None:
@@ -545,12 +555,6 @@ def _looped_products(
     piece is weighted, moved head-major ``[layer, head, c, piece]`` into a buffer that stays in
     cache, and its GEMM is added to its layers' sums.
     """
-    out: dict[str, Array] = {}
-
-    def side(x, transform, scale, weight):
-        x = _TRANSFORMS[transform](x.astype(jnp.float32)) * scale.reshape((-1,) + (1,) * (x.ndim - 1))
-        return x if weight is None else x * weight[None]
-
     def product(a, b, block, kind):
         a, b = _head_major(a, block, kind, 1)[:, :, 0], _head_major(b, block, kind, 1)[:, :, 0]
         return jnp.einsum("lhcs,lhbs->lhcb", a, b, precision=_PRECISIONS[precision], preferred_element_type=jnp.float32)
@@ -566,8 +570,8 @@ def _looped_products(
                 x = jax.lax.dynamic_slice_in_dim(x, layer, lr, axis=1 - offset)
                 return jax.lax.dynamic_slice_in_dim(x, row, r, axis=axis - offset)
 
-            pa = side(piece(xa, 0), transform_a, scale_a, None if w is None else piece(w, 1))
-            pb = side(piece(xb, 0), transform_b, scale_b, None)
+            pa = _weighted(piece(xa, 0), transform_a, scale_a, None if w is None else piece(w, 1))
+            pb = _weighted(piece(xb, 0), transform_b, scale_b, None)
             total = jax.lax.dynamic_slice_in_dim(acc, layer, lr, axis=0) + product(pa, pb, block, kind)
             return jax.lax.dynamic_update_slice_in_dim(acc, total, layer, axis=0)
 
@@ -575,16 +579,15 @@ def _looped_products(
         zero = jnp.zeros((xa.shape[1], heads, xa.shape[0], xb.shape[0]), jnp.float32)
         return jax.lax.fori_loop(0, (xa.shape[1] // lr) * row_blocks, body, zero)
 
-    for key in sorted(views_a):
+    def term(key):
         block, kind = key.split("/")
         xa, xb, w = views_a[key], views_b[key], weights.get(key) if weights is not None else None
         axis = _piece_axis(block, kind)
         if axis is None:
-            term = product(side(xa, transform_a, scale_a, w), side(xb, transform_b, scale_b, None), block, kind)
-        else:
-            term = walk(xa, xb, w, block, kind, axis)
-        out[block] = out[block] + term if block in out else term
-    return {block: jnp.transpose(value, (0, 2, 3, 1)) for block, value in out.items()}
+            return product(_weighted(xa, transform_a, scale_a, w), _weighted(xb, transform_b, scale_b, None), block, kind)
+        return walk(xa, xb, w, block, kind, axis)
+
+    return _per_block((key.split("/")[0], term(key)) for key in sorted(views_a))
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "pairs", "transform_a", "transform_b", "piece_floats", "precision"))
