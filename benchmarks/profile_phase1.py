@@ -1,8 +1,9 @@
 """Where the Phase 1 step spends its time: steady-state timings of its pieces on one model.
 
 Prints milliseconds per batch for: the plain batched gradient; the forward + pullback to the
-taps alone; the full step (group Fisher) with ghost norms chosen automatically, forced on and
-forced off; and the step with attention contributions. Usage:
+taps alone; the full step (group Fisher) with ghost norms chosen automatically (with the
+backend's default per-sample mapping and with one vmap), forced on and forced off; and the step
+with attention contributions. Usage:
 python benchmarks/profile_phase1.py [--batch 16] [--seq 128] [--model gpt2-small|tiny]
 """
 
@@ -63,11 +64,12 @@ def main():
     results["forward_and_pullback_to_taps"] = per_batch_ms(taps, [(model.params, i, mask) for i in ids], args.repeats)
     for label, options in {
         "step_ghost_auto": dict(contributions=False, ghost="auto"),
+        "step_ghost_auto_vmapped": dict(contributions=False, ghost="auto", sample_loop=False),
         "step_ghost_always": dict(contributions=False, ghost="always"),
         "step_ghost_never": dict(contributions=False, ghost="never"),
         "step_attention_contributions": dict(contributions=True, ghost="auto"),
     }.items():
-        plan = _make_plan(model.layout, options["contributions"], False, "empirical", 1, "welford", options["ghost"], "float32", False)
+        plan = _make_plan(model.layout, options["contributions"], False, "empirical", 1, "welford", options["ghost"], "float32", False, options.get("sample_loop"))
         step = _step_for(model, plan)
         state = _initial_state(model, plan, 0.99)
         fn = lambda p, s, i: step(p, jax.tree.map(jnp.copy, s), i, mask, i, sample_ids, key, jnp.zeros(2, jnp.int32))  # noqa: E731

@@ -3,6 +3,7 @@ and group Fisher re-derived from them with numpy."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -110,3 +111,34 @@ def test_ghost_norms_agree_with_materialised(kind, reference):
     for path, groups in plain.group_fisher.items():
         for group_type, values in groups.items():
             np.testing.assert_allclose(ghost.group_fisher[path][group_type], values, rtol=1e-5, atol=1e-7 * scale)
+
+
+@pytest.mark.parametrize("ghost", ["always", "never"])
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_looped_site_work_equals_vmapped(kind, ghost, reference, monkeypatch):
+    """The per-sample work from the sites gives the same numbers looped over (sample, layer)
+    pieces (the CPU default) as in one vmap, with the vocabulary walked in chunks that do not
+    divide it (97 = 7 × 13 + 6, so the last chunk overlaps the one before)."""
+    from fisherjax.fisher import sites
+    from fisherjax.fisher.collect import _site_names
+    from fisherjax.grads import site_grads
+
+    monkeypatch.setattr(sites, "VOCAB_CHUNK", 13)
+    model, batch, _, _ = reference(kind)
+    layout = model.layout
+    found = sites.discover_sites(layout, _site_names(model))
+    recorded = site_grads(model, model.params, batch.input_ids, batch.attention_mask, batch.labels)
+
+    def both(fn, **kwargs):
+        return [jax.tree.map(np.asarray, fn(layout, found, recorded.inputs, recorded.deltas, loop=loop, **kwargs)) for loop in (True, False)]
+
+    looped, vmapped = both(sites.squared_marginals_from_sites, seq=batch.input_ids.shape[1], ghost=ghost)
+    assert set(looped) == set(vmapped) == set(layout.specs)
+    for path in vmapped:
+        for ours, ref in zip(looped[path], vmapped[path]):
+            assert (ours is None) == (ref is None), path
+            if ref is not None:
+                np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max(), err_msg=path)
+    looped, vmapped = both(sites.per_sample_grads_from_sites)
+    assert set(looped) == set(vmapped) == set(layout.specs)
+    assert _norm_weighted_error(looped, vmapped) <= 1e-6

@@ -47,7 +47,12 @@ from fisherjax.fisher.accumulate import (
     welford_update,
 )
 from fisherjax.fisher.groups import group_sizes, marginals_of, reduce_groups
-from fisherjax.fisher.sites import discover_sites, per_sample_grads_from_sites, squared_marginals_from_sites
+from fisherjax.fisher.sites import (
+    default_sample_loop,
+    discover_sites,
+    per_sample_grads_from_sites,
+    squared_marginals_from_sites,
+)
 from fisherjax.fisher.state import Contributions, TaskFisher, host_concatenate
 from fisherjax.grads import token_nll
 from fisherjax.layout import Role
@@ -77,6 +82,7 @@ class _Plan:
     ghost: str
     storage: str
     remat: bool
+    sample_loop: bool  # per-sample site work as a loop over pieces (CPU) or one vmap
 
 
 def _site_names(model) -> list[str]:
@@ -114,9 +120,10 @@ def _make_step(model, sites, plan: _Plan):
     mat = plan.materialise
 
     def squares_and_marginals(recorded, deltas, seq):
-        grads = per_sample_grads_from_sites(layout, sites, recorded, deltas, paths=mat) if mat else {}
+        loop = plan.sample_loop
+        grads = per_sample_grads_from_sites(layout, sites, recorded, deltas, paths=mat, loop=loop) if mat else {}
         squares = {p: jnp.square(g) for p, g in grads.items()}
-        marginals = squared_marginals_from_sites(layout, sites, recorded, deltas, seq=seq, ghost=plan.ghost, skip=mat)
+        marginals = squared_marginals_from_sites(layout, sites, recorded, deltas, seq=seq, ghost=plan.ghost, skip=mat, loop=loop)
         return grads, squares, marginals
 
     def step(params, state, ids, mask, labels, sample_ids, key, position):
@@ -152,7 +159,8 @@ def _make_step(model, sites, plan: _Plan):
             zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
             (squares, marginals), _ = jax.lax.scan(accumulate, zero, xs)
             squares, marginals = jax.tree.map(lambda v: v * scale, (squares, marginals))
-            grads = per_sample_grads_from_sites(layout, sites, recorded, pullback(data_cotangent)[0], paths=plan.keep) if plan.keep else {}
+            deltas = pullback(data_cotangent)[0]
+            grads = per_sample_grads_from_sites(layout, sites, recorded, deltas, paths=plan.keep, loop=plan.sample_loop) if plan.keep else {}
 
         inv_t = jnp.where(tokens > 0, 1.0 / jnp.maximum(tokens, 1), 0.0).astype(jnp.float32)
 
@@ -192,7 +200,9 @@ def _make_step(model, sites, plan: _Plan):
     return jax.jit(step, donate_argnums=(1,))
 
 
-def _make_plan(layout, contributions, diagonal, fisher_type, true_samples, mode, ghost, contribution_dtype, remat) -> _Plan:
+def _make_plan(
+    layout, contributions, diagonal, fisher_type, true_samples, mode, ghost, contribution_dtype, remat, sample_loop=None
+) -> _Plan:
     keep = tuple(attention_paths(layout) if contributions is True else (contributions or ()))
     unknown = [p for p in keep if p not in layout.specs]
     if unknown:
@@ -207,6 +217,7 @@ def _make_plan(layout, contributions, diagonal, fisher_type, true_samples, mode,
         ghost=ghost,
         storage=contribution_dtype,
         remat=remat,
+        sample_loop=default_sample_loop() if sample_loop is None else sample_loop,
     )
 
 
@@ -223,13 +234,14 @@ def lower_step(
     ghost: str = "auto",
     contribution_dtype: str = "float32",
     remat: bool = False,
+    sample_loop: bool | None = None,
 ):
     """The lowered per-batch step for abstract inputs, e.g. to read XLA's memory analysis.
 
     ``model.params`` may be ``jax.ShapeDtypeStruct`` leaves, so a 7B-parameter configuration can
     be checked without allocating weights: ``lower_step(...).compile().memory_analysis()``.
     """
-    plan = _make_plan(model.layout, contributions, diagonal, fisher_type, true_samples, mode, ghost, contribution_dtype, remat)
+    plan = _make_plan(model.layout, contributions, diagonal, fisher_type, true_samples, mode, ghost, contribution_dtype, remat, sample_loop)
     state = jax.eval_shape(lambda: _initial_state(model, plan, 0.99))
     ints = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
     ids = jax.ShapeDtypeStruct((batch_size,), jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
@@ -267,6 +279,7 @@ def collect(
     ghost: str = "auto",
     keep_per_sample_groups: bool = True,
     remat: bool = False,
+    sample_loop: bool | None = None,
     memory_budget_bytes: float = 4e9,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 10,
@@ -293,6 +306,9 @@ def collect(
       ghost: ``"auto"`` chooses ghost norms per layer when cheaper, ``"always"`` / ``"never"`` force.
       keep_per_sample_groups: keep per-sample group values (for bootstrap intervals).
       remat: recompute each block in the backward pass (less memory, ~30 % more time).
+      sample_loop: compute the per-sample norms and gradients from the sites one (sample, layer)
+        piece at a time instead of in one vmap; None: on CPU only (see
+        :func:`~fisherjax.fisher.sites.default_sample_loop`). Same numbers either way.
       memory_budget_bytes: device memory one step may use for per-sample arrays (materialised
         gradients and the activations the backward pass keeps); larger batches are processed in
         micro-batches of the size that fits (see :func:`micro_batch_size`).
@@ -318,7 +334,7 @@ def collect(
         raise ValueError("fisher_type='true' needs a PRNG key")
     params = model.params if params is None else params
     layout = model.layout
-    plan = _make_plan(layout, contributions, diagonal, fisher_type, true_samples, mode, ghost, contribution_dtype, remat)
+    plan = _make_plan(layout, contributions, diagonal, fisher_type, true_samples, mode, ghost, contribution_dtype, remat, sample_loop)
     keep = plan.keep
     step = _step_for(model, plan)
     key = key if key is not None else jax.random.key(0)
