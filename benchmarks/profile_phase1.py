@@ -1,7 +1,8 @@
 """Where the Phase 1 step spends its time: steady-state timings of its pieces on one model.
 
 Prints milliseconds per batch for: the plain batched gradient; the forward + pullback to the
-taps alone; the full step (group Fisher) with ghost norms chosen automatically (with the
+taps alone; the per-sample norms from the recorded sites alone (looped over (sample, layer)
+pieces and vmapped); the full step (group Fisher) with ghost norms chosen automatically (with the
 backend's default per-sample mapping and with one vmap), forced on and forced off; and the step
 with attention contributions. Usage:
 python benchmarks/profile_phase1.py [--batch 16] [--seq 128] [--model gpt2-small|tiny]
@@ -17,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fisherjax.fisher.collect import _initial_state, _make_plan, _step_for
+from fisherjax.fisher.collect import _initial_state, _make_plan, _site_names, _step_for
+from fisherjax.fisher.sites import discover_sites, squared_marginals_from_sites
 from fisherjax.grads import sample_losses, site_grads
 
 
@@ -62,6 +64,14 @@ def main():
     results["batched_grad"] = per_batch_ms(grad, [(model.params, i, mask) for i in ids], args.repeats)
     taps = jax.jit(lambda p, i, m: site_grads(model, p, i, m, i).deltas)
     results["forward_and_pullback_to_taps"] = per_batch_ms(taps, [(model.params, i, mask) for i in ids], args.repeats)
+    sites = discover_sites(model.layout, _site_names(model))
+    recorded = [jax.jit(lambda p, i, m: site_grads(model, p, i, m, i))(model.params, i, mask) for i in ids]
+    for label, loop in {"ghost_norms_alone_looped": True, "ghost_norms_alone_vmapped": False}.items():
+        norms = jax.jit(
+            lambda x, d, loop=loop: squared_marginals_from_sites(model.layout, sites, x, d, seq=args.seq, loop=loop)
+        )
+        results[label] = per_batch_ms(norms, [(r.inputs, r.deltas) for r in recorded], args.repeats)
+    del recorded
     for label, options in {
         "step_ghost_auto": dict(contributions=False, ghost="auto"),
         "step_ghost_auto_vmapped": dict(contributions=False, ghost="auto", sample_loop=False),
