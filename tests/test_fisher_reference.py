@@ -142,3 +142,22 @@ def test_looped_site_work_equals_vmapped(kind, ghost, reference, monkeypatch):
     looped, vmapped = both(sites.per_sample_grads_from_sites)
     assert set(looped) == set(vmapped) == set(layout.specs)
     assert _norm_weighted_error(looped, vmapped) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_diagonal_walked_in_small_pieces_equals_torch(kind, reference, hf_checkpoint, monkeypatch):
+    """The full diagonal accumulated a layer, 3 table rows or 3 unembedding columns at a time
+    (97 rows: a shorter last piece) still equals the diagonal of torch.func's gradients."""
+    from fisherjax.fisher import diagonal
+
+    _, batch, ref, _ = reference(kind)
+    monkeypatch.setattr(diagonal, "PIECE_BYTES", 2000)
+    model = fisherjax.load_pretrained(hf_checkpoint(kind)[0])  # a new model: no cached step
+    pieces = collect(model, [batch], task="t", diagonal=True, progress=False)
+    tokens = (batch.labels[:, 1:] != IGNORE).sum(-1).astype(np.float64)
+    diagonals = {name: (g**2 / tokens.reshape((-1,) + (1,) * (g.ndim - 1))).mean(0) for name, g in ref.items()}
+    scale = max(float(c.max()) for c in diagonals.values())
+    for name, c in diagonals.items():
+        path, layer, transposed = our_location(kind, name)
+        ours = pieces.diagonal[path][layer] if layer is not None else pieces.diagonal[path]
+        np.testing.assert_allclose(ours.T if transposed else ours, c, rtol=1e-4, atol=1e-6 * scale, err_msg=name)

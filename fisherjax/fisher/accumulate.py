@@ -65,6 +65,16 @@ def welford_merge(a: WelfordState, b: WelfordState) -> WelfordState:
     return WelfordState(n, jax.tree.map(mean, a.mean, b.mean), jax.tree.map(m2, a.mean, b.mean, a.m2, b.m2))
 
 
+def sample_sum(weights: Float[Array, " n"], x: Float[Array, "n ..."]) -> Float[Array, "..."]:
+    """``Σ_i w_i x_i`` over the leading (sample) axis, as a matrix-vector product.
+
+    XLA:CPU reduces over an array's major axis 20–40× slower than over a minor one (an
+    ``[8, 768, 3072]`` ``x.sum(0)``: 80–100 ms against 3–4 ms as a product); ``HIGHEST`` keeps
+    float32 sums exact on GPUs, whose default matmul precision is TF32.
+    """
+    return jnp.tensordot(weights.astype(x.dtype), x, axes=1, precision=jax.lax.Precision.HIGHEST)
+
+
 def welford_batch(values: PyTree, valid: Bool[Array, " n"]) -> WelfordState:
     """The state of one batch: masked mean and M2 over the leading sample axis of ``values``."""
     w = valid.astype(_acc_dtype())
@@ -74,8 +84,8 @@ def welford_batch(values: PyTree, valid: Bool[Array, " n"]) -> WelfordState:
     def stats(x):
         keep = valid.reshape((-1,) + (1,) * (x.ndim - 1))
         x = jnp.where(keep, x.astype(_acc_dtype()), 0.0)  # NaN × 0 would still be NaN
-        mu = x.sum(0) / safe
-        return mu, jnp.where(keep, jnp.square(x - mu), 0.0).sum(0)
+        mu = sample_sum(w, x) / safe
+        return mu, sample_sum(w, jnp.square(x - mu))
 
     pairs = jax.tree.map(stats, values)
     is_pair = lambda p: isinstance(p, tuple)  # noqa: E731
@@ -133,7 +143,7 @@ def ema_update(state: EMAState, values: PyTree, valid: Bool[Array, " n"]) -> EMA
     def step(v, x):
         keep = valid.reshape((-1,) + (1,) * (x.ndim - 1))
         x = jnp.where(keep, x.astype(_acc_dtype()), 0.0)  # NaN × 0 would still be NaN
-        return v * d**m + (x * weights.reshape(keep.shape)).sum(0)
+        return v * d**m + sample_sum(weights, x)
 
     return EMAState(state.count + m, jax.tree.map(step, state.value, values), d)
 

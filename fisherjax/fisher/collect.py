@@ -46,10 +46,12 @@ from fisherjax.fisher.accumulate import (
     welford_init,
     welford_update,
 )
+from fisherjax.fisher.diagonal import diagonal_update
 from fisherjax.fisher.groups import group_sizes, marginals_of, reduce_groups
 from fisherjax.fisher.sites import (
     default_sample_loop,
     discover_sites,
+    grad_walks,
     per_sample_grads_from_sites,
     squared_marginals_from_sites,
 )
@@ -139,9 +141,10 @@ def _make_step(model, sites, plan: _Plan):
         tokens = (labels[:, 1:] != IGNORE).sum(-1)
         losses = token_nll(logits, labels).sum(-1)
         data_cotangent = _dlogits(logits, labels)
+        deltas = pullback(data_cotangent)[0]
 
         if plan.fisher_type == "empirical":
-            grads, squares, marginals = squares_and_marginals(recorded, pullback(data_cotangent)[0], seq)
+            grads, squares, marginals = squares_and_marginals(recorded, deltas, seq)
         else:
             if plan.fisher_type == "true":
                 keys = jax.random.split(key, plan.true_samples)
@@ -155,11 +158,10 @@ def _make_step(model, sites, plan: _Plan):
                 _, sq, mg = squares_and_marginals(recorded, pullback(cotangent_of(x))[0], seq)
                 return jax.tree.map(jnp.add, total, (sq, mg)), None
 
-            zero = jax.eval_shape(lambda: squares_and_marginals(recorded, pullback(data_cotangent)[0], seq)[1:])
+            zero = jax.eval_shape(lambda: squares_and_marginals(recorded, deltas, seq)[1:])
             zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
             (squares, marginals), _ = jax.lax.scan(accumulate, zero, xs)
             squares, marginals = jax.tree.map(lambda v: v * scale, (squares, marginals))
-            deltas = pullback(data_cotangent)[0]
             grads = per_sample_grads_from_sites(layout, sites, recorded, deltas, paths=plan.keep, loop=plan.sample_loop) if plan.keep else {}
 
         inv_t = jnp.where(tokens > 0, 1.0 / jnp.maximum(tokens, 1), 0.0).astype(jnp.float32)
@@ -186,7 +188,10 @@ def _make_step(model, sites, plan: _Plan):
             state = {**state, "groups": welford_update(state["groups"], groups, valid)}
         else:
             state = {**state, "groups": ema_update(state["groups"], groups, valid)}
-        if plan.diagonal:
+        if plan.diagonal and plan.fisher_type == "empirical":
+            walks = grad_walks(layout, sites, recorded, deltas, loop=plan.sample_loop)
+            state = {**state, "diagonal": diagonal_update(state["diagonal"], walks, inv_t, valid)}
+        elif plan.diagonal:  # C_i averages squares over draws or positions: materialised above
             state = {**state, "diagonal": welford_update(state["diagonal"], contributions, valid)}
         storage = STORAGE_DTYPES[plan.storage]
         kept = {"grads": {p: grads[p].astype(storage) for p in plan.keep}}
@@ -208,7 +213,8 @@ def _make_plan(
     if unknown:
         raise KeyError(f"contributions asked for unknown parameters: {unknown}")
     return _Plan(
-        materialise=tuple(layout.paths()) if diagonal else keep,
+        # the empirical diagonal is walked piece by piece (fisher.diagonal), never materialised
+        materialise=tuple(layout.paths()) if diagonal and fisher_type != "empirical" else keep,
         keep=keep,
         diagonal=diagonal,
         fisher_type=fisher_type,

@@ -30,7 +30,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,8 +108,9 @@ def dense_row_squares(a: Float[Array, "t i"], delta: Float[Array, "t o"], ghost:
 
 
 def embedding_grad(ids: Int[Array, " t"], delta: Float[Array, "t d"], rows: int) -> Float[Array, "rows d"]:
-    """Table gradient: ``δ_t`` added to row ``id_t``."""
-    return jnp.zeros((rows, delta.shape[-1]), delta.dtype).at[ids].add(delta)
+    """Table gradient: ``δ_t`` added to row ``id_t`` (ids outside ``[0, rows)`` are dropped)."""
+    ids = jnp.where((ids >= 0) & (ids < rows), ids, rows)  # negative ids would wrap around
+    return jnp.zeros((rows, delta.shape[-1]), delta.dtype).at[ids].add(delta, mode="drop")
 
 
 def embedding_row_squares(ids: Int[Array, " t"], delta: Float[Array, "t d"], rows: int) -> Float[Array, " rows"]:
@@ -213,6 +215,86 @@ def _layer_site(tree: dict, name: str):
     return tree["layers"][name[len("layers/") :]] if name.startswith("layers/") else tree[name]
 
 
+class GradWalk(NamedTuple):
+    """Per-sample gradients of one parameter, formed a piece at a time along one of its axes.
+
+    ``grads(start, width)`` returns ``[batch, *piece]``: the parameter's per-sample gradients
+    restricted to ``start : start + width`` along ``axis`` (``width`` static, ``start`` may be
+    traced). Layer-stacked parameters are walked along their layer axis, embedding tables along
+    their rows, other kernels along their output columns.
+    """
+
+    axis: int
+    size: int
+    grads: Callable[[Array, int], Array]
+
+
+def grad_walks(layout: ModelLayout, sites, inputs: dict, deltas: dict, *, loop: bool | None = None) -> dict[str, GradWalk]:
+    """A :class:`GradWalk` for every parameter (nothing is computed until a walk is called).
+
+    ``loop``: see :func:`over_samples` (default :func:`default_sample_loop`).
+    """
+    loop = default_sample_loop() if loop is None else loop
+    tied = next((s for s in sites if s.kind == "unembed" and s.tied), None)
+    walks: dict[str, GradWalk] = {}
+
+    def layer_walk(fn, *arrays) -> GradWalk:
+        """Walk a layer-stacked parameter along its layer axis (the arrays' axis 0)."""
+        mapped = over_samples(fn, True, loop)
+
+        def grads(start, width):
+            return mapped(*(jax.lax.dynamic_slice_in_dim(a, start, width, 0) for a in arrays))
+
+        return GradWalk(0, arrays[0].shape[0], grads)
+
+    def column_walk(axis, fn, whole: tuple, sliced: tuple) -> GradWalk:
+        """Walk ``axis`` of a parameter of a non-layer site: each piece reads ``whole`` as they
+        are and the matching columns (last axis) of ``sliced``."""
+        mapped = over_samples(fn, False, loop)
+
+        def grads(start, width):
+            return mapped(*whole, *(jax.lax.dynamic_slice_in_dim(a, start, width, a.ndim - 1) for a in sliced))
+
+        return GradWalk(axis, sliced[0].shape[-1], grads)
+
+    for site in sites:
+        x, d = _layer_site(inputs, site.name), _layer_site(deltas, site.name)
+        p = site.params
+        if site.layered:
+            if site.kind == "dense":
+                walks[p["kernel"]] = layer_walk(dense_grad, x, d)
+            if site.kind == "norm":
+                walks[p["scale"]] = layer_walk(lambda x, d: (x * d).sum(0), x, d)
+            if "bias" in p:
+                walks[p["bias"]] = layer_walk(lambda d: d.sum(0), d)
+        elif site.kind in ("dense", "unembed") and not site.tied:
+            walks[p["kernel"]] = column_walk(1, dense_grad, (x,), (d,))
+            if "bias" in p:
+                walks[p["bias"]] = column_walk(0, lambda d: d.sum(0), (), (d,))
+        elif site.kind == "norm":
+            walks[p["scale"]] = column_walk(0, lambda x, d: (x * d).sum(0), (), (x, d))
+            if "bias" in p:
+                walks[p["bias"]] = column_walk(0, lambda d: d.sum(0), (), (d,))
+        elif site.kind == "embed":
+            table = p["embedding"]
+            unembedded = tied is not None and tied.params["embedding"] == table
+            h, e = (inputs[tied.name], deltas[tied.name]) if unembedded else (None, None)
+            rows = layout.specs[table].shape[0]
+            walks[table] = GradWalk(0, rows, functools.partial(_table_rows, x, d, h, e, loop=loop))
+    return walks
+
+
+def _table_rows(ids, delta_in, h, e, start, width: int, *, loop: bool):
+    """Per-sample gradients of table rows ``start : start + width``: the embedding's scattered
+    ``δ`` plus, for a tied table, the unembedding's ``(hᵀ e)ᵀ`` on those vocabulary columns."""
+
+    rows = over_samples(lambda ids, delta: embedding_grad(ids - start, delta, width), False, loop)(ids, delta_in)
+    if h is None:
+        return rows
+    columns = jax.lax.dynamic_slice_in_dim(e, start, width, e.ndim - 1)
+    return rows + over_samples(lambda h, e: unembed_grad(h, e).T, False, loop)(h, columns)
+
+
 def per_sample_grads_from_sites(
     layout: ModelLayout, sites, inputs: dict, deltas: dict, paths=None, *, loop: bool | None = None
 ) -> dict[str, Float[Array, "b ..."]]:
@@ -220,37 +302,9 @@ def per_sample_grads_from_sites(
 
     ``loop``: see :func:`over_samples` (default :func:`default_sample_loop`).
     """
-    want = set(paths) if paths is not None else set(layout.specs)
-    loop = default_sample_loop() if loop is None else loop
-    out: dict[str, Array] = {}
-
-    def add(path, value):
-        out[path] = out[path] + value if path in out else value
-
-    for site in sites:
-        x, d = _layer_site(inputs, site.name), _layer_site(deltas, site.name)
-        p = site.params
-
-        def each(fn):
-            return over_samples(fn, site.layered, loop)
-
-        if site.kind in ("dense", "unembed") and not site.tied:
-            if p["kernel"] in want:
-                add(p["kernel"], each(dense_grad)(x, d))
-            if "bias" in p and p["bias"] in want:
-                add(p["bias"], each(lambda d: d.sum(0))(d))
-        elif site.kind == "unembed":  # tied: lm_head is the embedding transposed
-            if p["embedding"] in want:
-                add(p["embedding"], each(lambda h, e: unembed_grad(h, e).T)(x, d))
-        elif site.kind == "norm":
-            if p["scale"] in want:
-                add(p["scale"], each(lambda x, d: (x * d).sum(0))(x, d))
-            if "bias" in p and p["bias"] in want:
-                add(p["bias"], each(lambda d: d.sum(0))(d))
-        elif site.kind == "embed" and p["embedding"] in want:
-            rows = layout.specs[p["embedding"]].shape[0]
-            add(p["embedding"], each(lambda i, d: embedding_grad(i, d, rows))(x, d))
-    return out
+    walks = grad_walks(layout, sites, inputs, deltas, loop=loop)
+    want = walks if paths is None else paths
+    return {path: walks[path].grads(0, walks[path].size) for path in want}
 
 
 def squared_marginals_from_sites(
