@@ -5,7 +5,8 @@ taps of every site), pulls back the loss cotangent(s) to get each site's output 
 and turns ``(input, δ)`` pairs into per-sample contributions ``C_i = g_i² / T_i`` reduced to
 groups (:mod:`fisherjax.fisher.sites`, :mod:`fisherjax.fisher.groups`). No weight-gradient GEMM
 and no ``vmap`` over samples is needed; full per-sample gradients are formed only for the
-parameters whose contributions or diagonal were asked for.
+parameters whose contributions were asked for, and for the full diagonal one piece of a
+parameter at a time (:mod:`fisherjax.fisher.diagonal`).
 
 Fisher variants (``fisher_type``):
 
@@ -305,8 +306,9 @@ def collect(
       contribution_dtype: storage dtype of kept arrays: float32, bfloat16 or float16.
       contribution_budget_bytes: host memory allowed for kept arrays; beyond it, an error — or,
         with ``spill_dir``, the arrays are written to disk and returned memory-mapped.
-      diagonal: also accumulate the full diagonal Fisher of every parameter (materialises
-        per-sample gradients of all parameters, batch by batch).
+      diagonal: also accumulate the full diagonal Fisher of every parameter (per-sample
+        gradients formed a layer or a block of table rows at a time; for ``"true"`` and
+        ``"per_token"`` the whole batch's, as those average squares over several pullbacks).
       fisher_type: ``"empirical"``, ``"true"`` (``true_samples`` draws, PRNG ``key``) or
         ``"per_token"``.
       ghost: ``"auto"`` chooses ghost norms per layer when cheaper, ``"always"`` / ``"never"`` force.
