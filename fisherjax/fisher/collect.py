@@ -47,7 +47,7 @@ from fisherjax.fisher.accumulate import (
     welford_init,
     welford_update,
 )
-from fisherjax.fisher.diagonal import diagonal_update
+from fisherjax.fisher.diagonal import diagonal_update, materialised_walk
 from fisherjax.fisher.groups import group_sizes, marginals_of, reduce_groups
 from fisherjax.fisher.sites import (
     default_sample_loop,
@@ -191,6 +191,7 @@ def _make_step(model, sites, plan: _Plan):
             state = {**state, "groups": ema_update(state["groups"], groups, valid)}
         if plan.diagonal and plan.fisher_type == "empirical":
             walks = grad_walks(layout, sites, recorded, deltas, loop=plan.sample_loop)
+            walks.update({p: materialised_walk(grads[p]) for p in plan.keep})
             state = {**state, "diagonal": diagonal_update(state["diagonal"], walks, inv_t, valid)}
         elif plan.diagonal:  # C_i averages squares over draws or positions: materialised above
             state = {**state, "diagonal": welford_update(state["diagonal"], contributions, valid)}

@@ -30,6 +30,12 @@ def piece_width(walk: GradWalk, shape: tuple[int, ...], batch: int, piece_bytes:
     return int(max(1, min(walk.size, piece_bytes // (4 * batch * slice_floats))))
 
 
+def materialised_walk(grads: Float[Array, "batch ..."]) -> GradWalk:
+    """A :class:`GradWalk` over per-sample gradients already formed (``[batch, *shape]``), along
+    the parameter's first axis: kept contributions need them anyway, so they are not formed twice."""
+    return GradWalk(0, grads.shape[1], lambda start, width: jax.lax.dynamic_slice_in_dim(grads, start, width, 1))
+
+
 def diagonal_update(
     state: WelfordState,
     walks: dict[str, GradWalk],
@@ -56,9 +62,7 @@ def _merge_walk(count, mean, m2, walk: GradWalk, width: int, inv_tokens, valid):
     """Chan-merge the batch into ``(mean, m2)`` of one parameter, ``width`` slices at a time."""
 
     def merge(start, width, mean, m2):
-        # The barrier keeps XLA from fusing the gradient GEMM into both Welford reductions, which
-        # computed it twice, each time inside a slow fused loop.
-        g = jax.lax.optimization_barrier(walk.grads(start, width))
+        g = walk.grads(start, width)
         values = jnp.square(g) * inv_tokens.reshape((-1,) + (1,) * (g.ndim - 1))
 
         def take(x):
