@@ -104,6 +104,16 @@ def dense_row_squares(a: Float[Array, "t i"], delta: Float[Array, "t o"], ghost:
     return ((delta @ delta.T) @ a * a).sum(0)
 
 
+def bias_grad(delta: Float[Array, "t o"]) -> Float[Array, " o"]:
+    """Bias gradient ``Σ_t δ_t`` (dense and norm biases)."""
+    return delta.sum(0)
+
+
+def scale_grad(x_hat: Float[Array, "t d"], delta: Float[Array, "t d"]) -> Float[Array, " d"]:
+    """Norm scale gradient ``Σ_t x̂_t ⊙ δ_t``."""
+    return (x_hat * delta).sum(0)
+
+
 # ---- one sample's embeddings and unembedding ---------------------------------------------------
 
 
@@ -211,6 +221,11 @@ def over_samples(fn, layered: bool, loop: bool):
     return looped
 
 
+def _tied_unembedding(sites) -> Site | None:
+    """The unembedding site that reads the embedding table transposed, if the model ties them."""
+    return next((s for s in sites if s.kind == "unembed" and s.tied), None)
+
+
 def _layer_site(tree: dict, name: str):
     return tree["layers"][name[len("layers/") :]] if name.startswith("layers/") else tree[name]
 
@@ -235,7 +250,7 @@ def grad_walks(layout: ModelLayout, sites, inputs: dict, deltas: dict, *, loop: 
     ``loop``: see :func:`over_samples` (default :func:`default_sample_loop`).
     """
     loop = default_sample_loop() if loop is None else loop
-    tied = next((s for s in sites if s.kind == "unembed" and s.tied), None)
+    tied = _tied_unembedding(sites)
     walks: dict[str, GradWalk] = {}
 
     def layer_walk(fn, *arrays) -> GradWalk:
@@ -264,17 +279,17 @@ def grad_walks(layout: ModelLayout, sites, inputs: dict, deltas: dict, *, loop: 
             if site.kind == "dense":
                 walks[p["kernel"]] = layer_walk(dense_grad, x, d)
             if site.kind == "norm":
-                walks[p["scale"]] = layer_walk(lambda x, d: (x * d).sum(0), x, d)
+                walks[p["scale"]] = layer_walk(scale_grad, x, d)
             if "bias" in p:
-                walks[p["bias"]] = layer_walk(lambda d: d.sum(0), d)
+                walks[p["bias"]] = layer_walk(bias_grad, d)
         elif site.kind in ("dense", "unembed") and not site.tied:
             walks[p["kernel"]] = column_walk(1, dense_grad, (x,), (d,))
             if "bias" in p:
-                walks[p["bias"]] = column_walk(0, lambda d: d.sum(0), (), (d,))
+                walks[p["bias"]] = column_walk(0, bias_grad, (), (d,))
         elif site.kind == "norm":
-            walks[p["scale"]] = column_walk(0, lambda x, d: (x * d).sum(0), (), (x, d))
+            walks[p["scale"]] = column_walk(0, scale_grad, (), (x, d))
             if "bias" in p:
-                walks[p["bias"]] = column_walk(0, lambda d: d.sum(0), (), (d,))
+                walks[p["bias"]] = column_walk(0, bias_grad, (), (d,))
         elif site.kind == "embed":
             table = p["embedding"]
             unembedded = tied is not None and tied.params["embedding"] == table
@@ -332,9 +347,9 @@ def squared_marginals_from_sites(
         return {"auto": use_ghost(seq, d_in, d_out), "always": True, "never": False}[ghost]
 
     def bias_squares(x, d):
-        return jnp.square(d.sum(0)), None
+        return jnp.square(bias_grad(d)), None
 
-    tied = next((s for s in sites if s.kind == "unembed" and s.tied), None)
+    tied = _tied_unembedding(sites)
     tied_table = tied.params["embedding"] if tied is not None else None
     out: dict[str, tuple] = {}
     for site in sites:
@@ -357,7 +372,7 @@ def squared_marginals_from_sites(
                 marginals[p["bias"]] = bias_squares
         elif site.kind == "norm":
             if p["scale"] not in skip:
-                marginals[p["scale"]] = lambda x, d: (jnp.square((x * d).sum(0)), None)
+                marginals[p["scale"]] = lambda x, d: (jnp.square(scale_grad(x, d)), None)
             if "bias" in p and p["bias"] not in skip:
                 marginals[p["bias"]] = bias_squares
         elif site.kind == "embed" and p["embedding"] not in skip and p["embedding"] != tied_table:
