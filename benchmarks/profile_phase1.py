@@ -3,8 +3,8 @@
 Prints milliseconds per batch for: the plain batched gradient; the forward + pullback to the
 taps alone; the per-sample norms from the recorded sites alone (looped over (sample, layer)
 pieces and vmapped); the full step (group Fisher) with ghost norms chosen automatically (with the
-backend's default per-sample mapping and with one vmap), forced on and forced off; and the step
-with attention contributions. Usage:
+backend's default per-sample mapping and with one vmap), forced on and forced off; the step
+with attention contributions; and the step with the full diagonal, without and with them. Usage:
 python benchmarks/profile_phase1.py [--batch 16] [--seq 128] [--model gpt2-small|tiny]
 """
 
@@ -78,8 +78,10 @@ def main():
         "step_ghost_always": dict(contributions=False, ghost="always"),
         "step_ghost_never": dict(contributions=False, ghost="never"),
         "step_attention_contributions": dict(contributions=True, ghost="auto"),
+        "step_diagonal": dict(contributions=False, ghost="auto", diagonal=True),
+        "step_diagonal_and_attention_contributions": dict(contributions=True, ghost="auto", diagonal=True),
     }.items():
-        plan = _make_plan(model.layout, options["contributions"], False, "empirical", 1, "welford", options["ghost"], "float32", False, options.get("sample_loop"))
+        plan = _make_plan(model.layout, options["contributions"], options.get("diagonal", False), "empirical", 1, "welford", options["ghost"], "float32", False, options.get("sample_loop"))
         step = _step_for(model, plan)
         state = _initial_state(model, plan, 0.99)
         fn = lambda p, s, i: step(p, jax.tree.map(jnp.copy, s), i, mask, i, sample_ids, key, jnp.zeros(2, jnp.int32))  # noqa: E731
