@@ -8,7 +8,7 @@ contributions and gradients of the right shapes (no model forward needed):
   contraction (``QKOVOptions.contraction``): batched — operand preparation (``_operand``:
   ``C/(Î+λ)`` for task A, ``|g|`` for task B, head-major) then the batched split-K GEMMs
   (``_slice_products``) — and looped (``_looped_products``: the same work in cache-sized pieces,
-  one jitted call) — on device-resident inputs, layer chunk by layer chunk (each chunk's data is
+  one jitted call per block and layer range, run by ``--workers`` threads) — on device-resident inputs, layer chunk by layer chunk (each chunk's data is
   generated on the device before its timing starts, so only ``n × layer_chunk`` samples of one
   chunk are ever in memory);
 * its achieved GFLOP/s against ``2 · n_A · n_B · P_attn`` (:func:`fisherjax.analysis.qkov.flops`)
@@ -166,7 +166,8 @@ def bench_kernel(name: str, args) -> list[dict]:
     splits = [int(k) for k in args.split_k.split(",") if k]
     pieces = [int(float(k)) for k in args.piece_floats.split(",") if k]
     totals = {k: dict(operand_a=0.0, operand_b=0.0, gemm=0.0, fused=0.0) for k in splits}
-    looped_s = {k: 0.0 for k in pieces}
+    workers = [int(w) if w else qkov.QKOVOptions().concurrency for w in args.workers.split(",")]
+    looped_s = {(k, w): 0.0 for k in pieces for w in workers}
     loop_per_pair, max_rel = 0.0, 0.0
     p = args.loop_samples
     ones_a, ones_b = jnp.ones(args.n_a), jnp.ones(args.n_b)
@@ -187,10 +188,11 @@ def bench_kernel(name: str, args) -> list[dict]:
             totals[k]["operand_b"] += t_b
             totals[k]["gemm"] += t_g
             totals[k]["fused"] += t_f
-        for k in pieces:
-            t_l, raws[f"looped {k}"] = _timed(qkov._looped_products, C, ones_a, weights, g, ones_b, transform_a="identity", transform_b="abs",
-                              piece_floats=k, precision=args.precision, repeats=args.repeats)
-            looped_s[k] += t_l
+        for k, n_workers in looped_s:
+            t_l, raws[f"looped {k} x{n_workers}"] = _timed(
+                _looped, C, ones_a, weights, g, ones_b, piece_floats=k, workers=n_workers, precision=args.precision, repeats=args.repeats
+            )
+            looped_s[k, n_workers] += t_l
         if p:
             host_C = {k: np.asarray(v[:p]) for k, v in C.items()}
             host_g = {k: np.asarray(v[:p]) for k, v in g.items()}
@@ -217,9 +219,27 @@ def bench_kernel(name: str, args) -> list[dict]:
             common, contraction=f"batched, split-K {k}", kernel_s=kernel_s, gemm_s=t["gemm"],
             operands_s=t["operand_a"] + t["operand_b"], fused_s=t["fused"],
         ))
-    for k in pieces:
-        rows.append(dict(common, contraction=f"looped, {k} floats", kernel_s=looped_s[k], gemm_s=float("nan"), operands_s=float("nan"), fused_s=float("nan")))
+    for (k, n_workers), seconds in looped_s.items():
+        rows.append(dict(
+            common, contraction=f"looped, {k} floats, {n_workers} worker{'s' if n_workers > 1 else ''}", kernel_s=seconds,
+            gemm_s=float("nan"), operands_s=float("nan"), fused_s=float("nan"),
+        ))
     return rows
+
+
+def _looped(C, ones_a, weights, g, ones_b, *, piece_floats, workers, precision):
+    """Looped contraction as ``heatmap`` runs it: (block, layer range) computations on ``workers`` threads."""
+    pairs = tuple(tuple(key.split("/")) for key in sorted(C))
+    cost = {b: sum(int(np.prod(v.shape[2:])) for key, v in C.items() if key.startswith(b + "/")) for b in qkov.BLOCKS}
+
+    def work(block_pairs, first, count):
+        keys = ["/".join(p) for p in block_pairs]
+        return qkov._looped_products(
+            {k: C[k] for k in keys}, ones_a, weights, {k: g[k] for k in keys}, ones_b, first, n_layers=count,
+            transform_a="identity", transform_b="abs", piece_floats=piece_floats, precision=precision,
+        )
+
+    return qkov._in_parallel(work, pairs, next(iter(C.values())).shape[1], workers, cost.get)
 
 
 @functools.partial(jax.jit, static_argnames=("split_k", "precision"))
@@ -274,6 +294,8 @@ def main(argv=None):
     parser.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak (default: 8192 on GPU, 2048 on CPU)")
     parser.add_argument("--split-k", default="8,32", help="comma-separated split-K settings of batched contraction to time")
     parser.add_argument("--piece-floats", default="262144", help="comma-separated piece sizes of looped contraction to time")
+    parser.add_argument("--workers", default="1,", help="comma-separated concurrent computations of looped contraction to time "
+                                                          "(empty: QKOVOptions' default, the cores available)")
     parser.add_argument("--fused", action="store_true", help="also time the three kernel pieces under one jit")
     parser.add_argument("--end-to-end", action="append", default=[], choices=sorted(CONFIGS),
                         help="also time the public heatmap on host numpy inputs for this config (repeatable)")

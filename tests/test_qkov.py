@@ -25,10 +25,12 @@ from fisherjax.layout import ModelLayout, flatten, unflatten
 N_A, N_B = 6, 4
 MIN = dict(min_fisher_samples=3)
 # Both ways of evaluating a slice's contraction, each cut into several pieces (the default piece
-# size would hold these tiny models' whole slices): the scores may differ only by rounding.
+# size would hold these tiny models' whole slices), looped both on one thread and as concurrent
+# (block, layer range) computations: the scores may differ only by rounding.
 COMPUTE_IDS = {
     "batched-split4": dict(contraction="batched", split_k=4),
-    "looped-pieces": dict(contraction="looped", piece_floats=64),
+    "looped-pieces": dict(contraction="looped", piece_floats=64, workers=1),
+    "looped-concurrent": dict(contraction="looped", piece_floats=64, workers=3),
 }
 COMPUTE = list(COMPUTE_IDS.values())
 
@@ -296,6 +298,26 @@ def test_stored_leaves_are_read_in_place_on_cpu(family):
     in_place = qkov.heatmap(A, B, layout, **MIN, contraction="looped").scores
     copied = qkov.heatmap(_misaligned(A), _misaligned(B), layout, **MIN, contraction="looped").scores
     np.testing.assert_array_equal(in_place, copied)
+
+
+@pytest.mark.parametrize("n_layers, workers", [(7, 3), (2, 5), (4, 4), (5, 1)])
+def test_layer_ranges_cover_every_layer_once_and_reassemble_in_order(n_layers, workers):
+    ranges = qkov._layer_ranges(n_layers, workers)
+    assert len(ranges) == min(n_layers, workers)
+    np.testing.assert_array_equal(np.concatenate([np.arange(f, f + c) for f, c in ranges]), np.arange(n_layers))
+    assert max(c for _, c in ranges) - min(c for _, c in ranges) <= 1
+    pairs = (("k", "kernel"), ("o", "kernel"), ("q", "bias"), ("q", "kernel"))
+    calls = []
+
+    def work(block_pairs, first, count):  # each block's value records the layer it was computed for
+        calls.append((block_pairs, first, count))
+        return {b: np.arange(first, first + count)[:, None] * 10 + "qkvo".index(b) for b, _ in block_pairs}
+
+    out = qkov._in_parallel(work, pairs, n_layers, workers, cost={"q": 4, "k": 1, "o": 2}.get)
+    for block in "qko":
+        np.testing.assert_array_equal(out[block][:, 0], np.arange(n_layers) * 10 + "qkvo".index(block))
+    if workers > 1:  # one computation per block and range, each given only its block's pairs
+        assert sorted((p, f) for p, f, _ in calls) == sorted((tuple(x for x in pairs if x[0] == b), f) for b in "qko" for f, _ in ranges)
 
 
 # ---------------------------------------------------------------------------------------------

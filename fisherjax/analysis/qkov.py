@@ -65,8 +65,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import warnings
-from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -99,7 +101,10 @@ class QKOVOptions:
     contraction in pieces of about ``piece_floats`` floats per side (1 MiB: a piece and its
     head-major copy stay in a core's L2), each weighted, moved head-major and multiplied in one loop
     step, which a CPU needs (3–5× faster there); ``"auto"``: looped on CPU, batched elsewhere; see
-    ``benchmarks/RESULTS.md``) are compute settings: they change the scores only by rounding.
+    ``benchmarks/RESULTS.md``) and ``workers`` (looped contraction runs its blocks and layer ranges
+    as this many concurrent computations; ``None``: the cores this process may use — XLA:CPU runs a
+    GEMM with a small ``c_a × c_b`` output on about one core) are compute settings: they change the
+    scores only by rounding.
     """
 
     eps: float = 1e-10
@@ -116,6 +121,7 @@ class QKOVOptions:
     split_k: int = 32
     contraction: str = "auto"
     piece_floats: int = 2**18
+    workers: int | None = None
 
     def __post_init__(self):
         for name, allowed in (
@@ -138,11 +144,25 @@ class QKOVOptions:
             raise ConfigError(f"qkov split_k and piece_floats must be ≥ 1, got {self.split_k} and {self.piece_floats}")
         if self.top_k < 0:
             raise ConfigError(f"qkov top_k must be ≥ 0, got {self.top_k}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"qkov workers must be ≥ 1 or None (the cores available), got {self.workers}")
 
     @property
     def looped(self) -> bool:
         """Whether the kernel walks each contraction in pieces (:func:`_looped_products`)."""
         return self.contraction == "looped" or (self.contraction == "auto" and jax.default_backend() == "cpu")
+
+    @property
+    def concurrency(self) -> int:
+        """How many computations of looped contraction run at once (:func:`_in_parallel`)."""
+        return self.workers if self.workers is not None else _available_cores()
+
+
+def _available_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 class SliceDiagnostics(NamedTuple):
@@ -540,34 +560,41 @@ def _piece_plan(shape: tuple[int, ...], axis: int, target_floats: int) -> tuple[
     return largest_divisor(layers, lambda lr: lr * per_row_layer <= target_floats), 1
 
 
-@functools.partial(jax.jit, static_argnames=("transform_a", "transform_b", "piece_floats", "precision"))
+@functools.partial(jax.jit, static_argnames=("n_layers", "transform_a", "transform_b", "piece_floats", "precision"))
 def _looped_products(
-    views_a: dict, scale_a: Array, weights: dict, views_b: dict, scale_b: Array, *,
-    transform_a: str, transform_b: str, piece_floats: int, precision: str,
+    views_a: dict, scale_a: Array, weights: dict, views_b: dict, scale_b: Array, first_layer: Int[Array, ""] | int = 0, *,
+    n_layers: int | None = None, transform_a: str, transform_b: str, piece_floats: int, precision: str,
 ) -> dict[str, Array]:
-    """``M = A · Gᵀ`` per (layer, head) slice, walking each slice's contraction in pieces.
+    """``M = A · Gᵀ`` per (layer, head) slice of layers ``[first_layer, first_layer + n_layers)``
+    (all by default), walking each slice's contraction in pieces.
 
-    The same sums as :func:`_operand` + :func:`_slice_products` (``{block: [layer, c_a, c_b,
+    The same sums as :func:`_operand` + :func:`_slice_products` (``{block: [n_layers, c_a, c_b,
     heads]}``), for backends where a pass that writes whole head-major operands costs more than the
     GEMMs (a CPU: fresh operand buffers fault page by page and XLA's transposing copies run far
     below memory bandwidth). Per view a ``fori_loop`` walks (layer block, row block) pieces of about
     ``piece_floats`` floats per side (:func:`_piece_plan`, rows along :func:`_piece_axis`); each
     piece is weighted, moved head-major ``[layer, head, c, piece]`` into a buffer that stays in
-    cache, and its GEMM is added to its layers' sums.
+    cache, and its GEMM is added to its layers' sums. ``first_layer`` is traced, so every layer
+    range of one length shares a compilation.
     """
+    n_layers = n_layers or next(iter(views_a.values())).shape[1]
+
     def product(a, b, block, kind):
         a, b = _head_major(a, block, kind, 1)[:, :, 0], _head_major(b, block, kind, 1)[:, :, 0]
         return jnp.einsum("lhcs,lhbs->lhcb", a, b, precision=_PRECISIONS[precision], preferred_element_type=jnp.float32)
 
+    def layers_of(x, offset):  # offset: 1 for views [c, layer, ...], 0 for weights [layer, ...]
+        return jax.lax.dynamic_slice_in_dim(x, first_layer, n_layers, axis=1 - offset)
+
     def walk(xa, xb, w, block, kind, axis):
-        lr, r = _piece_plan(xa.shape, axis, piece_floats)
+        lr, r = _piece_plan((xa.shape[0], n_layers, *xa.shape[2:]), axis, piece_floats)
         row_blocks = xa.shape[axis] // r
 
         def body(k, acc):
             layer, row = (k // row_blocks) * lr, (k % row_blocks) * r
 
-            def piece(x, offset):  # offset: 1 for views [c, layer, ...], 0 for weights [layer, ...]
-                x = jax.lax.dynamic_slice_in_dim(x, layer, lr, axis=1 - offset)
+            def piece(x, offset):
+                x = jax.lax.dynamic_slice_in_dim(x, first_layer + layer, lr, axis=1 - offset)
                 return jax.lax.dynamic_slice_in_dim(x, row, r, axis=axis - offset)
 
             pa = _weighted(piece(xa, 0), transform_a, scale_a, None if w is None else piece(w, 1))
@@ -576,30 +603,71 @@ def _looped_products(
             return jax.lax.dynamic_update_slice_in_dim(acc, total, layer, axis=0)
 
         heads = xa.shape[2 if block == "o" else 3]
-        zero = jnp.zeros((xa.shape[1], heads, xa.shape[0], xb.shape[0]), jnp.float32)
-        return jax.lax.fori_loop(0, (xa.shape[1] // lr) * row_blocks, body, zero)
+        zero = jnp.zeros((n_layers, heads, xa.shape[0], xb.shape[0]), jnp.float32)
+        return jax.lax.fori_loop(0, (n_layers // lr) * row_blocks, body, zero)
 
     def term(key):
         block, kind = key.split("/")
         xa, xb, w = views_a[key], views_b[key], weights.get(key) if weights is not None else None
         axis = _piece_axis(block, kind)
         if axis is None:
-            return product(_weighted(xa, transform_a, scale_a, w), _weighted(xb, transform_b, scale_b, None), block, kind)
+            w = None if w is None else layers_of(w, 1)
+            return product(_weighted(layers_of(xa, 0), transform_a, scale_a, w), _weighted(layers_of(xb, 0), transform_b, scale_b, None), block, kind)
         return walk(xa, xb, w, block, kind, axis)
 
     return _per_block((key.split("/")[0], term(key)) for key in sorted(views_a))
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "pairs", "transform_a", "transform_b", "piece_floats", "precision"))
+@functools.partial(jax.jit, static_argnames=("layout", "pairs", "n_layers", "transform_a", "transform_b", "piece_floats", "precision"))
 def _looped_from_leaves(
-    leaves_a: dict, scale_a: Array, weights: dict, leaves_b: dict, scale_b: Array, *,
-    layout: ModelLayout, pairs, transform_a: str, transform_b: str, piece_floats: int, precision: str,
+    leaves_a: dict, scale_a: Array, weights: dict, leaves_b: dict, scale_b: Array, first_layer: Int[Array, ""] | int = 0, *,
+    layout: ModelLayout, pairs, n_layers: int | None = None, transform_a: str, transform_b: str, piece_floats: int, precision: str,
 ) -> dict[str, Array]:
     """:func:`_looped_products` of the layout's head views of both tasks' stored leaves."""
     return _looped_products(
-        _views_of(layout, leaves_a, pairs), scale_a, weights, _views_of(layout, leaves_b, pairs), scale_b,
-        transform_a=transform_a, transform_b=transform_b, piece_floats=piece_floats, precision=precision,
+        _views_of(layout, leaves_a, pairs), scale_a, weights, _views_of(layout, leaves_b, pairs), scale_b, first_layer,
+        n_layers=n_layers, transform_a=transform_a, transform_b=transform_b, piece_floats=piece_floats, precision=precision,
     )
+
+
+def _layer_ranges(n_layers: int, parts: int) -> list[tuple[int, int]]:
+    """``(first, count)`` of at most ``parts`` contiguous layer ranges covering ``n_layers``, sizes
+    differing by at most one (so at most two lengths, i.e. two compilations per block)."""
+    parts = max(1, min(parts, n_layers))
+    sizes = [n_layers // parts + (p < n_layers % parts) for p in range(parts)]
+    starts = np.cumsum([0] + sizes[:-1])
+    return [(int(first), count) for first, count in zip(starts, sizes)]
+
+
+def _in_parallel(
+    work: Callable[[tuple, int, int], dict[str, Array]],
+    pairs: tuple[tuple[str, str], ...],
+    n_layers: int,
+    workers: int,
+    cost: Callable[[str], float] = lambda block: 1.0,
+) -> dict[str, np.ndarray]:
+    """``{block: [n_layers, c_a, c_b, heads]}``: ``work(block_pairs, first_layer, count)`` for every
+    block and layer range, as ``workers`` concurrent computations.
+
+    Why threads: XLA:CPU runs a GEMM with a small output (``c_a × c_b`` = 64 × 64) on about one
+    core, and runs the computations dispatched from one thread one after another, so a second core
+    only helps when a second thread runs a computation of its own (2 cores: 1.8× measured). Each
+    block is cut into ``workers`` layer ranges; the pieces are handed to a thread pool (the standard
+    library's ``ThreadPoolExecutor``), largest ``cost`` first so the pool ends evenly.
+    """
+    if workers <= 1:
+        return {block: np.asarray(value) for block, value in work(pairs, 0, n_layers).items()}
+    blocks = {block: tuple(p for p in pairs if p[0] == block) for block, _ in pairs}
+    ranges = _layer_ranges(n_layers, workers)
+    units = sorted(((block, first, count) for block in blocks for first, count in ranges), key=lambda u: cost(u[0]) * u[2], reverse=True)
+
+    def run(unit):
+        block, first, count = unit
+        return unit, np.asarray(work(blocks[block], first, count)[block])  # waits for it on this thread
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        parts = dict(pool.map(run, units))
+    return {block: np.concatenate([parts[block, first, count] for first, count in ranges]) for block in blocks}
 
 
 def tile_plan(
@@ -667,7 +735,8 @@ def _raw_scores(
     out = {block: np.zeros((n_l, n_a, n_b, layout.heads_of(block)), np.float32) for block in BLOCKS}
     if n_a == 0 or n_b == 0:
         return out
-    floats_per_layer = sum(int(np.prod(w.shape[1:])) for w in prep.weights.values())
+    block_floats = {block: sum(int(np.prod(w.shape[1:])) for key, w in prep.weights.items() if key.startswith(block + "/")) for block in BLOCKS}
+    floats_per_layer = sum(block_floats.values())
     looped = options.looped
     if looped and _in_place(a_side.store, layout, sources) and _in_place(b_side.store, layout, sources):
         copies = 0
@@ -684,13 +753,18 @@ def _raw_scores(
             return leaves, scale
         return _operand_from_leaves(leaves, scale, weights, transform=side.transform, split_k=options.split_k, **statics)
 
-    def products(a_operand, b_operand, weights):
-        if looped:
+    def products(a_operand, b_operand, weights, n_layers):
+        if not looped:
+            return _slice_products(a_operand, b_operand, precision=options.precision)
+
+        def work(pairs, first, count):
             return _looped_from_leaves(
-                *a_operand, weights, *b_operand, transform_a=a_side.transform, transform_b=b_side.transform,
-                piece_floats=options.piece_floats, precision=options.precision, **statics,
+                *a_operand, weights, *b_operand, first, layout=layout, pairs=pairs, n_layers=count,
+                transform_a=a_side.transform, transform_b=b_side.transform, piece_floats=options.piece_floats,
+                precision=options.precision,
             )
-        return _slice_products(a_operand, b_operand, precision=options.precision)
+
+        return _in_parallel(work, prep.pairs, n_layers, options.concurrency, block_floats.get)
 
     b_chunks = range(0, n_b, c_b)
     for l0 in range(0, n_l, c_l):
@@ -702,7 +776,7 @@ def _raw_scores(
             for j0 in b_chunks:
                 if b_cached is None or len(b_chunks) > 1:
                     b_cached = operand(b_side, b_positions[_chunk_index(j0, c_b, n_b)], lsel, None)
-                tile = products(a_operand, b_cached, weights)
+                tile = products(a_operand, b_cached, weights, len(lsel))
                 li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
                 for block, value in tile.items():
                     out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji] = np.asarray(value)[:li, :ii, :ji]
