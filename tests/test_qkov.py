@@ -26,10 +26,11 @@ N_A, N_B = 6, 4
 MIN = dict(min_fisher_samples=3)
 # Both ways of evaluating a slice's contraction, each cut into several pieces (the default piece
 # size would hold these tiny models' whole slices), looped both on one thread and as concurrent
-# (block, layer range) computations: the scores may differ only by rounding.
+# (block, layer range) computations: the scores may differ only by rounding. 1000 floats: pieces
+# of 2-4 stacked q/k/v rows and 4 o rows; 64: one row each.
 COMPUTE_IDS = {
     "batched-split4": dict(contraction="batched", split_k=4),
-    "looped-pieces": dict(contraction="looped", piece_floats=64, workers=1),
+    "looped-pieces": dict(contraction="looped", piece_floats=1000, workers=1),
     "looped-concurrent": dict(contraction="looped", piece_floats=64, workers=3),
 }
 COMPUTE = list(COMPUTE_IDS.values())

@@ -98,9 +98,10 @@ class QKOVOptions:
     ``contraction`` (how each slice's contraction is evaluated: ``"batched"`` builds whole head-major
     operands and cuts the contraction into ``split_k`` pieces that run as one batched GEMM, so
     ``layer · heads`` small GEMMs fill a GPU — 32 measured best on an H100; ``"looped"`` walks the
-    contraction in pieces of about ``piece_floats`` floats per side (1 MiB: a piece and its
-    head-major copy stay in a core's L2), each weighted, moved head-major and multiplied in one loop
-    step, which a CPU needs (3–5× faster there); ``"auto"``: looped on CPU, batched elsewhere; see
+    contraction in pieces of about ``piece_floats`` floats per side (2 MiB, measured best of 1–4 MiB
+    at 64 samples per task: 8 rows of a GPT-2-small q/k/v kernel or of one head's o rows), each
+    weighted, made a GEMM operand and multiplied in one loop step, which a CPU needs (3–5× faster
+    there); ``"auto"``: looped on CPU, batched elsewhere; see
     ``benchmarks/RESULTS.md``) and ``workers`` (looped contraction runs its blocks and layer ranges
     as this many concurrent computations; ``None``: the cores this process may use — XLA:CPU runs a
     GEMM with a small ``c_a × c_b`` output on about one core) are compute settings: they change the
@@ -120,7 +121,7 @@ class QKOVOptions:
     precision: str = "highest"
     split_k: int = 32
     contraction: str = "auto"
-    piece_floats: int = 2**18
+    piece_floats: int = 2**19
     workers: int | None = None
 
     def __post_init__(self):
@@ -535,29 +536,14 @@ def _slice_products(a: dict, b: dict, *, precision: str) -> dict[str, Array]:
     return _per_block((key.split("/")[0], term(key)) for key in sorted(a))
 
 
-def _piece_axis(block: str, kind: str) -> int | None:
-    """The axis of a ``[c, layer, *view]`` view that :func:`_looped_products` walks: ``d_in`` of a
-    q/k/v kernel ``[c, l, d_in, h, e]``, ``e`` of the o kernel ``[c, l, h, e, d_out]`` (each piece
-    then holds long contiguous runs); biases are small and are taken whole."""
-    if kind == "bias":
-        return None
-    return 3 if block == "o" else 2
+_MAX_STACKED_ROWS = 8  # a q/k/v piece's rows are moved head-major one by one, unrolled in the loop body
 
 
-def _piece_plan(shape: tuple[int, ...], axis: int, target_floats: int) -> tuple[int, int]:
-    """Layers ``lr`` and rows ``r`` of one piece of a ``[c, layer, *view]`` view cut along ``axis``:
-    all layers and the most rows that keep ``c · lr · r · (other view axes)`` within
-    ``target_floats``; when even one row of all layers is larger, one row of the most layers that
-    fit (both at least 1, and divisors of their axes)."""
-    layers, rows = shape[1], shape[axis]
-    per_row_layer = math.prod(shape) // (layers * rows)
-
-    def largest_divisor(n: int, fits) -> int:
-        return max((d for d in range(1, n + 1) if n % d == 0 and fits(d)), default=1)
-
-    if layers * per_row_layer <= target_floats:
-        return layers, largest_divisor(rows, lambda r: r * layers * per_row_layer <= target_floats)
-    return largest_divisor(layers, lambda lr: lr * per_row_layer <= target_floats), 1
+def _rows_per_piece(rows: int, floats_per_row: int, target_floats: int, most: int | None = None) -> int:
+    """The most rows ``r`` (a divisor of ``rows``, at most ``most``) with ``r · floats_per_row ≤
+    target_floats``; at least 1."""
+    fits = [r for r in range(1, (most or rows) + 1) if rows % r == 0 and r * floats_per_row <= target_floats]
+    return max(fits, default=1)
 
 
 @functools.partial(jax.jit, static_argnames=("n_layers", "transform_a", "transform_b", "piece_floats", "precision"))
@@ -571,49 +557,78 @@ def _looped_products(
     The same sums as :func:`_operand` + :func:`_slice_products` (``{block: [n_layers, c_a, c_b,
     heads]}``), for backends where a pass that writes whole head-major operands costs more than the
     GEMMs (a CPU: fresh operand buffers fault page by page and XLA's transposing copies run far
-    below memory bandwidth). Per view a ``fori_loop`` walks (layer block, row block) pieces of about
-    ``piece_floats`` floats per side (:func:`_piece_plan`, rows along :func:`_piece_axis`); each
-    piece is weighted, moved head-major ``[layer, head, c, piece]`` into a buffer that stays in
-    cache, and its GEMM is added to its layers' sums. ``first_layer`` is traced, so every layer
-    range of one length shares a compilation.
+    below memory bandwidth). A ``fori_loop`` per kernel walks pieces of about ``piece_floats``
+    floats per side, each weighted, made a GEMM operand while it is in cache, multiplied and added
+    to its slice's sum:
+
+    * q/k/v kernels ``[c, layer, d_in, h, e]``: ``r`` rows of ``d_in`` of one layer, every head.
+      Each row's ``[c, h, e] → [h, c, e]`` is a small 3-D transpose, which XLA:CPU does at cache
+      speed (a 4-D ``[c, r, h, e] → [h, c, r, e]`` ran at ≈ 4 GB/s); ``r`` of them stacked give
+      every head one GEMM with a contraction of ``r · e`` (one GEMM per row, 64 long, was dominated
+      by per-call cost).
+    * o kernels ``[c, layer, h, e, d_out]``: ``r`` rows of ``e`` of one head and layer — ``r ·
+      d_out`` contiguous floats per sample, already the GEMM operand ``[c, r · d_out]``.
+    * biases ``[c, layer, h, e]`` are small and taken whole.
+
+    ``first_layer`` is traced, so every layer range of one length shares a compilation.
     """
     n_layers = n_layers or next(iter(views_a.values())).shape[1]
-
-    def product(a, b, block, kind):
-        a, b = _head_major(a, block, kind, 1)[:, :, 0], _head_major(b, block, kind, 1)[:, :, 0]
-        return jnp.einsum("lhcs,lhbs->lhcb", a, b, precision=_PRECISIONS[precision], preferred_element_type=jnp.float32)
+    dot = functools.partial(jnp.einsum, precision=_PRECISIONS[precision], preferred_element_type=jnp.float32)
 
     def layers_of(x, offset):  # offset: 1 for views [c, layer, ...], 0 for weights [layer, ...]
         return jax.lax.dynamic_slice_in_dim(x, first_layer, n_layers, axis=1 - offset)
 
-    def walk(xa, xb, w, block, kind, axis):
-        lr, r = _piece_plan((xa.shape[0], n_layers, *xa.shape[2:]), axis, piece_floats)
-        row_blocks = xa.shape[axis] // r
+    def take(x, start, sizes):  # x[:, first_layer + start[0], ...] of a view; weights: without the sample axis
+        lead = x.ndim - len(start)
+        return jax.lax.dynamic_slice(x, (0,) * lead + (first_layer + start[0], *start[1:]), x.shape[:lead] + sizes)
+
+    def all_heads_walk(xa, xb, w):
+        c, _, d_in, heads, e = xa.shape
+        r = _rows_per_piece(d_in, c * heads * e, piece_floats, _MAX_STACKED_ROWS)
+
+        def operand(x, layer, row, transform, scale, weighted):
+            rows = []
+            for i in range(r):
+                xi = take(x, (layer, row + i, 0, 0), (1, 1, heads, e)).reshape(x.shape[0], heads, e)
+                wi = take(w, (layer, row + i, 0, 0), (1, 1, heads, e)).reshape(heads, e) if weighted else None
+                rows.append(jnp.transpose(_weighted(xi, transform, scale, wi), (1, 0, 2)))
+            return jnp.stack(rows, axis=2).reshape(heads, x.shape[0], r * e)
 
         def body(k, acc):
-            layer, row = (k // row_blocks) * lr, (k % row_blocks) * r
+            layer, row = k // (d_in // r), (k % (d_in // r)) * r
+            m = dot("hcs,hbs->hcb", operand(xa, layer, row, transform_a, scale_a, w is not None),
+                    operand(xb, layer, row, transform_b, scale_b, False))
+            return jax.lax.dynamic_update_index_in_dim(acc, acc[layer] + m, layer, axis=0)
 
-            def piece(x, offset):
-                x = jax.lax.dynamic_slice_in_dim(x, first_layer + layer, lr, axis=1 - offset)
-                return jax.lax.dynamic_slice_in_dim(x, row, r, axis=axis - offset)
+        zero = jnp.zeros((n_layers, heads, c, xb.shape[0]), jnp.float32)
+        return jax.lax.fori_loop(0, n_layers * (d_in // r), body, zero)
 
-            pa = _weighted(piece(xa, 0), transform_a, scale_a, None if w is None else piece(w, 1))
-            pb = _weighted(piece(xb, 0), transform_b, scale_b, None)
-            total = jax.lax.dynamic_slice_in_dim(acc, layer, lr, axis=0) + product(pa, pb, block, kind)
-            return jax.lax.dynamic_update_slice_in_dim(acc, total, layer, axis=0)
+    def one_head_walk(xa, xb, w):
+        c, _, heads, e, d_out = xa.shape
+        r = _rows_per_piece(e, c * d_out, piece_floats)
+        pieces = e // r
 
-        heads = xa.shape[2 if block == "o" else 3]
-        zero = jnp.zeros((n_layers, heads, xa.shape[0], xb.shape[0]), jnp.float32)
-        return jax.lax.fori_loop(0, (n_layers // lr) * row_blocks, body, zero)
+        def operand(x, layer, head, row, transform, scale, weighted):
+            x = take(x, (layer, head, row, 0), (1, 1, r, d_out)).reshape(x.shape[0], r * d_out)
+            return _weighted(x, transform, scale, take(w, (layer, head, row, 0), (1, 1, r, d_out)).reshape(-1) if weighted else None)
+
+        def body(k, acc):
+            layer, head, row = k // (heads * pieces), (k // pieces) % heads, (k % pieces) * r
+            m = dot("cs,bs->cb", operand(xa, layer, head, row, transform_a, scale_a, w is not None),
+                    operand(xb, layer, head, row, transform_b, scale_b, False))
+            return jax.lax.dynamic_update_slice(acc, (acc[layer, head] + m)[None, None], (layer, head, 0, 0))
+
+        zero = jnp.zeros((n_layers, heads, c, xb.shape[0]), jnp.float32)
+        return jax.lax.fori_loop(0, n_layers * heads * pieces, body, zero)
 
     def term(key):
         block, kind = key.split("/")
         xa, xb, w = views_a[key], views_b[key], weights.get(key) if weights is not None else None
-        axis = _piece_axis(block, kind)
-        if axis is None:
-            w = None if w is None else layers_of(w, 1)
-            return product(_weighted(layers_of(xa, 0), transform_a, scale_a, w), _weighted(layers_of(xb, 0), transform_b, scale_b, None), block, kind)
-        return walk(xa, xb, w, block, kind, axis)
+        if kind == "bias":
+            a = _head_major(_weighted(layers_of(xa, 0), transform_a, scale_a, None if w is None else layers_of(w, 1)), block, kind, 1)
+            b = _head_major(_weighted(layers_of(xb, 0), transform_b, scale_b, None), block, kind, 1)
+            return dot("lhcs,lhbs->lhcb", a[:, :, 0], b[:, :, 0])
+        return (one_head_walk if block == "o" else all_heads_walk)(xa, xb, w)
 
     return _per_block((key.split("/")[0], term(key)) for key in sorted(views_a))
 
@@ -651,7 +666,7 @@ def _in_parallel(
 
     Why threads: XLA:CPU runs a GEMM with a small output (``c_a × c_b`` = 64 × 64) on about one
     core, and runs the computations dispatched from one thread one after another, so a second core
-    only helps when a second thread runs a computation of its own (2 cores: 1.8× measured). Each
+    only helps when a second thread runs a computation of its own (2 cores: 1.5–1.8× measured). Each
     block is cut into ``workers`` layer ranges; the pieces are handed to a thread pool (the standard
     library's ``ThreadPoolExecutor``), largest ``cost`` first so the pool ends evenly.
     """
