@@ -109,15 +109,18 @@ def matmul_peak(size: int, precision: str, repeats: int = 5) -> float:
     return 2 * size**3 / seconds / 1e9
 
 
-def _make_chunk(key, shapes_a: dict, shapes_b: dict, fisher_shapes: dict, ridge):
-    """Synthetic ``C`` (A: squares / T), ``g`` (B) and ``1/(Î+λ)`` of one layer chunk, on the device."""
+def _make_chunk(key, leaves_a: dict, leaves_b: dict, fisher_shapes: dict, ridge):
+    """Synthetic stored leaves ``{path: [n, layer, *shape]}`` of one layer chunk — ``C`` (A: squares / T)
+    and ``g`` (B), as ``collect`` stores them (GPT-2's fused ``c_attn``) — and ``1/(Î+λ)`` per head
+    view ``{block/kind: [layer, *view]}``, on the device."""
     out_a, out_b, weights, fisher = {}, {}, {}, {}
-    for n, key_name in enumerate(sorted(shapes_a)):
-        ka, kb, kf = jax.random.split(jax.random.fold_in(key, n), 3)
-        out_a[key_name] = jnp.square(jax.random.normal(ka, shapes_a[key_name].shape)) / 7.0
-        out_b[key_name] = jax.random.normal(kb, shapes_b[key_name].shape)
-        fisher[key_name] = jax.random.uniform(kf, fisher_shapes[key_name].shape, minval=0.0, maxval=2.0)
-        weights[key_name] = 1.0 / (fisher[key_name] + ridge)
+    for n, path in enumerate(sorted(leaves_a)):
+        ka, kb = jax.random.split(jax.random.fold_in(key, n))
+        out_a[path] = jnp.square(jax.random.normal(ka, leaves_a[path].shape)) / 7.0
+        out_b[path] = jax.random.normal(kb, leaves_b[path].shape)
+    for n, view in enumerate(sorted(fisher_shapes)):
+        fisher[view] = jax.random.uniform(jax.random.fold_in(key, 1000 + n), fisher_shapes[view].shape, minval=0.0, maxval=2.0)
+        weights[view] = 1.0 / (fisher[view] + ridge)
     return out_a, out_b, weights, fisher
 
 
@@ -173,11 +176,23 @@ def bench_kernel(name: str, args) -> list[dict]:
     ones_a, ones_b = jnp.ones(args.n_a), jnp.ones(args.n_b)
     for l0 in range(0, L, c_l):
         width = min(c_l, L - l0)
-        make = {k: jax.ShapeDtypeStruct((args.n_a, width, *s), jnp.float32) for k, s in shapes.items()}
-        make_b = {k: jax.ShapeDtypeStruct((args.n_b, width, *s), jnp.float32) for k, s in shapes.items()}
+        make = {path: jax.ShapeDtypeStruct((args.n_a, width, *spec.shape[1:]), jnp.float32) for path, spec in layout.specs.items()}
+        make_b = {path: jax.ShapeDtypeStruct((args.n_b, width, *spec.shape[1:]), jnp.float32) for path, spec in layout.specs.items()}
         fisher_shapes = {k: jax.ShapeDtypeStruct((width, *s), jnp.float32) for k, s in shapes.items()}
-        C, g, weights, fisher = jax.block_until_ready(_make_chunk(jax.random.PRNGKey(l0), make, make_b, fisher_shapes, ridge))
+        leaves_a, leaves_b, weights, fisher = jax.block_until_ready(_make_chunk(jax.random.PRNGKey(l0), make, make_b, fisher_shapes, ridge))
         raws = {}
+        for k, n_workers in looped_s:
+            t_l, raws[f"looped {k} x{n_workers}"] = _timed(
+                _looped, leaves_a, ones_a, weights, leaves_b, ones_b, layout=layout, piece_floats=k, workers=n_workers,
+                precision=args.precision, repeats=args.repeats,
+            )
+            looped_s[k, n_workers] += t_l
+        if p:  # the loop baseline's samples, as head views on the host
+            host_C, host_g = ({k: np.asarray(v) for k, v in _views(layout, {path: x[:p] for path, x in leaves.items()}).items()}
+                              for leaves in (leaves_a, leaves_b))
+        # the batched path's inputs are whole head views (for GPT-2 a copy of the fused QKV, made outside its timing)
+        C, g = (_views(layout, leaves_a), _views(layout, leaves_b)) if splits else (None, None)
+        leaves_a = leaves_b = None
         for k in splits:
             t_a, a_op = _timed(qkov._operand, C, ones_a, weights, transform="identity", split_k=k, repeats=args.repeats)
             t_b, b_op = _timed(qkov._operand, g, ones_b, None, transform="abs", split_k=k, repeats=args.repeats)
@@ -188,14 +203,7 @@ def bench_kernel(name: str, args) -> list[dict]:
             totals[k]["operand_b"] += t_b
             totals[k]["gemm"] += t_g
             totals[k]["fused"] += t_f
-        for k, n_workers in looped_s:
-            t_l, raws[f"looped {k} x{n_workers}"] = _timed(
-                _looped, C, ones_a, weights, g, ones_b, piece_floats=k, workers=n_workers, precision=args.precision, repeats=args.repeats
-            )
-            looped_s[k, n_workers] += t_l
         if p:
-            host_C = {k: np.asarray(v[:p]) for k, v in C.items()}
-            host_g = {k: np.asarray(v[:p]) for k, v in g.items()}
             host_f = {k: np.asarray(v) for k, v in fisher.items()}
             start = time.perf_counter()
             reference = loop_scores(host_C, host_g, host_f, ridge, layout)
@@ -227,19 +235,24 @@ def bench_kernel(name: str, args) -> list[dict]:
     return rows
 
 
-def _looped(C, ones_a, weights, g, ones_b, *, piece_floats, workers, precision):
-    """Looped contraction as ``heatmap`` runs it: (block, layer range) computations on ``workers`` threads."""
-    pairs = tuple(tuple(key.split("/")) for key in sorted(C))
-    cost = {b: sum(int(np.prod(v.shape[2:])) for key, v in C.items() if key.startswith(b + "/")) for b in qkov.BLOCKS}
+def _views(layout: ModelLayout, leaves: dict) -> dict:
+    """``{block/kind: [n, layer, *view]}`` head views of stored leaves, materialised."""
+    return jax.jit(lambda x: qkov._views_of(layout, x, tuple(layout.attention_blocks())))(leaves)
+
+
+def _looped(leaves_a, ones_a, weights, leaves_b, ones_b, *, layout, piece_floats, workers, precision):
+    """Looped contraction exactly as ``heatmap`` runs it on stored leaves: (block, layer range)
+    computations of :func:`qkov._looped_from_leaves` on ``workers`` threads."""
+    pairs = tuple(layout.attention_blocks())
+    cost = {b: sum(int(np.prod(w.shape[1:])) for key, w in weights.items() if key.startswith(b + "/")) for b in qkov.BLOCKS}
 
     def work(block_pairs, first, count):
-        keys = ["/".join(p) for p in block_pairs]
-        return qkov._looped_products(
-            {k: C[k] for k in keys}, ones_a, weights, {k: g[k] for k in keys}, ones_b, first, n_layers=count,
+        return qkov._looped_from_leaves(
+            leaves_a, ones_a, weights, leaves_b, ones_b, first, layout=layout, pairs=block_pairs, n_layers=count,
             transform_a="identity", transform_b="abs", piece_floats=piece_floats, precision=precision,
         )
 
-    return qkov._in_parallel(work, pairs, next(iter(C.values())).shape[1], workers, cost.get)
+    return qkov._in_parallel(work, pairs, next(iter(leaves_a.values())).shape[1], workers, cost.get)
 
 
 @functools.partial(jax.jit, static_argnames=("split_k", "precision"))
@@ -293,7 +306,7 @@ def main(argv=None):
     parser.add_argument("--loop-samples", type=int, default=2, help="p: the loop runs p x p pairs and is scaled")
     parser.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak (default: 8192 on GPU, 2048 on CPU)")
     parser.add_argument("--split-k", default="8,32", help="comma-separated split-K settings of batched contraction to time")
-    parser.add_argument("--piece-floats", default="262144", help="comma-separated piece sizes of looped contraction to time")
+    parser.add_argument("--piece-floats", default=str(qkov.QKOVOptions.piece_floats), help="comma-separated piece sizes of looped contraction to time")
     parser.add_argument("--workers", default="1,", help="comma-separated concurrent computations of looped contraction to time "
                                                           "(empty: QKOVOptions' default, the cores available)")
     parser.add_argument("--fused", action="store_true", help="also time the three kernel pieces under one jit")
