@@ -109,6 +109,17 @@ def matmul_peak(size: int, precision: str, repeats: int = 5) -> float:
     return 2 * size**3 / seconds / 1e9
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "square"))
+def _draw(key, shape, square):
+    """Standard normal draws (``x² / 7`` with ``square``), one sample at a time into the stacked
+    output, so that drawing a multi-GB leaf needs no temporaries of its size."""
+    def one(k):
+        x = jax.random.normal(k, shape[1:])
+        return jnp.square(x) / 7.0 if square else x
+
+    return jax.lax.map(one, jax.random.split(key, shape[0]))
+
+
 def _make_chunk(key, leaves_a: dict, leaves_b: dict, fisher_shapes: dict, ridge):
     """Synthetic stored leaves ``{path: [n, layer, *shape]}`` of one layer chunk — ``C`` (A: squares / T)
     and ``g`` (B), as ``collect`` stores them (GPT-2's fused ``c_attn``) — and ``1/(Î+λ)`` per head
@@ -116,8 +127,8 @@ def _make_chunk(key, leaves_a: dict, leaves_b: dict, fisher_shapes: dict, ridge)
     out_a, out_b, weights, fisher = {}, {}, {}, {}
     for n, path in enumerate(sorted(leaves_a)):
         ka, kb = jax.random.split(jax.random.fold_in(key, n))
-        out_a[path] = jnp.square(jax.random.normal(ka, leaves_a[path].shape)) / 7.0
-        out_b[path] = jax.random.normal(kb, leaves_b[path].shape)
+        out_a[path] = _draw(ka, leaves_a[path].shape, square=True)
+        out_b[path] = _draw(kb, leaves_b[path].shape, square=False)
     for n, view in enumerate(sorted(fisher_shapes)):
         fisher[view] = jax.random.uniform(jax.random.fold_in(key, 1000 + n), fisher_shapes[view].shape, minval=0.0, maxval=2.0)
         weights[view] = 1.0 / (fisher[view] + ridge)
