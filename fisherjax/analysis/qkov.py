@@ -13,7 +13,8 @@ over (layer, head) per block, ``einsum('lhcs,lhbs->lcbh')`` on head-major operan
 ``[layer, head, sample, slice]`` (weighting, ``|·|`` and the transpose fused into the pass that
 builds them). On a GPU each side is built whole once and the contraction is cut into split-K pieces
 that run as one batched GEMM; on a CPU the contraction is walked in cache-sized pieces, each built
-and multiplied in one loop step, and stored leaves are read in place (``QKOVOptions.contraction``).
+and multiplied in one loop step, stored leaves are read in place (``QKOVOptions.contraction``) and
+blocks and layer ranges run as concurrent computations, one per core (``QKOVOptions.workers``).
 Tiles over chunks of samples and layers keep the arrays on the device within a memory budget.
 
 Slices. Heads are read only through :class:`~fisherjax.layout.ModelLayout` views (Flax ``[in, out]``
