@@ -501,6 +501,8 @@ def test_bad_inputs_raise(family):
         qkov.heatmap(A, B, model.layout, variant="bogus")
     with pytest.raises(ConfigError, match="unknown options"):
         qkov.heatmap(A, B, model.layout, ridge=1.0)
+    with pytest.raises(ConfigError, match="workers"):
+        qkov.heatmap(A, B, model.layout, workers=0)
     no_bias = Contributions(
         A.sample_ids, A.tokens,
         {p: v for p, v in A.contributions.items() if not p.endswith("bias")},
