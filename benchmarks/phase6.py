@@ -7,10 +7,11 @@ contributions and gradients of the right shapes (no model forward needed):
 * the kernel as :func:`fisherjax.analysis.qkov.heatmap` runs it, both ways of evaluating the
   contraction (``QKOVOptions.contraction``): batched — operand preparation (``_operand``:
   ``C/(Î+λ)`` for task A, ``|g|`` for task B, head-major) then the batched split-K GEMMs
-  (``_slice_products``) — and looped (``_looped_products``: the same work in cache-sized pieces,
-  one jitted call per block and layer range, run by ``--workers`` threads) — on device-resident inputs, layer chunk by layer chunk (each chunk's data is
-  generated on the device before its timing starts, so only ``n × layer_chunk`` samples of one
-  chunk are ever in memory);
+  (``_slice_products``) — and looped (``_looped_tile``: the same work in cache-sized pieces read
+  straight from the stored leaves, one jitted call per block and layer range, run by ``--workers``
+  threads) — on device-resident inputs, layer chunk by layer chunk (each chunk's data is generated
+  on the device before its timing starts, so only ``n × layer_chunk`` samples of one chunk are
+  ever in memory);
 * its achieved GFLOP/s against ``2 · n_A · n_B · P_attn`` (:func:`fisherjax.analysis.qkov.flops`)
   and against this machine's measured matmul peak (a jitted square ``jnp.dot`` at the same
   precision, timed in the same run);
@@ -194,8 +195,9 @@ def bench_kernel(name: str, args) -> list[dict]:
         raws = {}
         for k, n_workers in looped_s:
             t_l, raws[f"looped {k} x{n_workers}"] = _timed(
-                _looped, leaves_a, ones_a, weights, leaves_b, ones_b, layout=layout, piece_floats=k, workers=n_workers,
-                precision=args.precision, repeats=args.repeats,
+                qkov._looped_tile, leaves_a, ones_a, weights, leaves_b, ones_b, layout=layout, pairs=tuple(layout.attention_blocks()),
+                workers=n_workers, transform_a="identity", transform_b="abs", piece_floats=k, precision=args.precision,
+                repeats=args.repeats,
             )
             looped_s[k, n_workers] += t_l
         if p:  # the loop baseline's samples, as head views on the host
@@ -249,21 +251,6 @@ def bench_kernel(name: str, args) -> list[dict]:
 def _views(layout: ModelLayout, leaves: dict) -> dict:
     """``{block/kind: [n, layer, *view]}`` head views of stored leaves, materialised."""
     return jax.jit(lambda x: qkov._views_of(layout, x, tuple(layout.attention_blocks())))(leaves)
-
-
-def _looped(leaves_a, ones_a, weights, leaves_b, ones_b, *, layout, piece_floats, workers, precision):
-    """Looped contraction exactly as ``heatmap`` runs it on stored leaves: (block, layer range)
-    computations of :func:`qkov._looped_from_leaves` on ``workers`` threads."""
-    pairs = tuple(layout.attention_blocks())
-    cost = {b: sum(int(np.prod(w.shape[1:])) for key, w in weights.items() if key.startswith(b + "/")) for b in qkov.BLOCKS}
-
-    def work(block_pairs, first, count):
-        return qkov._looped_from_leaves(
-            leaves_a, ones_a, weights, leaves_b, ones_b, first, layout=layout, pairs=block_pairs, n_layers=count,
-            transform_a="identity", transform_b="abs", piece_floats=piece_floats, precision=precision,
-        )
-
-    return qkov._in_parallel(work, pairs, next(iter(leaves_a.values())).shape[1], workers, cost.get)
 
 
 @functools.partial(jax.jit, static_argnames=("split_k", "precision"))

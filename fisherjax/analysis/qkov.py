@@ -151,7 +151,7 @@ class QKOVOptions:
 
     @property
     def looped(self) -> bool:
-        """Whether the kernel walks each contraction in pieces (:func:`_looped_products`)."""
+        """Whether the kernel walks each contraction in pieces (:func:`_looped_sums`)."""
         return self.contraction == "looped" or (self.contraction == "auto" and jax.default_backend() == "cpu")
 
     @property
@@ -547,18 +547,6 @@ def _rows_per_piece(rows: int, floats_per_row: int, target_floats: int, most: in
     return max(fits, default=1)
 
 
-@functools.partial(jax.jit, static_argnames=("n_layers", "transform_a", "transform_b", "piece_floats", "precision"))
-def _looped_products(
-    views_a: dict, scale_a: Array, weights: dict, views_b: dict, scale_b: Array, first_layer: Int[Array, ""] | int = 0, *,
-    n_layers: int | None = None, transform_a: str, transform_b: str, piece_floats: int, precision: str,
-) -> dict[str, Array]:
-    """:func:`_looped_sums` of head views ``{block/kind: [c, layer, *view]}``, jitted."""
-    return _looped_sums(
-        views_a, scale_a, weights, views_b, scale_b, first_layer, n_layers=n_layers, transform_a=transform_a,
-        transform_b=transform_b, piece_floats=piece_floats, precision=precision,
-    )
-
-
 def _looped_sums(
     views_a: dict, scale_a: Array, weights: dict, views_b: dict, scale_b: Array, first_layer: Int[Array, ""] | int = 0, *,
     n_layers: int | None = None, transform_a: str, transform_b: str, piece_floats: int, precision: str,
@@ -715,6 +703,25 @@ def _in_parallel(
     return {block: np.concatenate([parts[block, first, count] for first, count in ranges]) for block in blocks}
 
 
+def _looped_tile(
+    leaves_a: dict, scale_a: Array, weights: dict, leaves_b: dict, scale_b: Array, *,
+    layout: ModelLayout, pairs, workers: int, transform_a: str, transform_b: str, piece_floats: int, precision: str,
+) -> dict[str, np.ndarray]:
+    """Looped contraction of one tile (``weights``: ``{block/kind: [layer, *view]}``): the
+    (block, layer range) computations of :func:`_looped_from_leaves`, run by :func:`_in_parallel`
+    with each block's cost its number of weights."""
+    cost = {block: sum(int(np.prod(w.shape[1:])) for key, w in weights.items() if key.startswith(block + "/")) for block in BLOCKS}
+
+    def work(block_pairs, first, count):
+        return _looped_from_leaves(
+            leaves_a, scale_a, weights, leaves_b, scale_b, first, layout=layout, pairs=block_pairs, n_layers=count,
+            transform_a=transform_a, transform_b=transform_b, piece_floats=piece_floats, precision=precision,
+        )
+
+    n_layers = next(iter(weights.values())).shape[0]
+    return _in_parallel(work, pairs, n_layers, workers, cost.get)
+
+
 def tile_plan(
     n_a: int, n_b: int, n_layers: int, floats_per_layer: int, memory_budget_bytes: float, copies: int = 3
 ) -> tuple[int, int, int]:
@@ -780,8 +787,7 @@ def _raw_scores(
     out = {block: np.zeros((n_l, n_a, n_b, layout.heads_of(block)), np.float32) for block in BLOCKS}
     if n_a == 0 or n_b == 0:
         return out
-    block_floats = {block: sum(int(np.prod(w.shape[1:])) for key, w in prep.weights.items() if key.startswith(block + "/")) for block in BLOCKS}
-    floats_per_layer = sum(block_floats.values())
+    floats_per_layer = sum(int(np.prod(w.shape[1:])) for w in prep.weights.values())
     looped = options.looped
     if looped and _in_place(a_side.store, layout, sources) and _in_place(b_side.store, layout, sources):
         copies = 0
@@ -798,18 +804,13 @@ def _raw_scores(
             return leaves, scale
         return _operand_from_leaves(leaves, scale, weights, transform=side.transform, split_k=options.split_k, **statics)
 
-    def products(a_operand, b_operand, weights, n_layers):
-        if not looped:
-            return _slice_products(a_operand, b_operand, precision=options.precision)
-
-        def work(pairs, first, count):
-            return _looped_from_leaves(
-                *a_operand, weights, *b_operand, first, layout=layout, pairs=pairs, n_layers=count,
-                transform_a=a_side.transform, transform_b=b_side.transform, piece_floats=options.piece_floats,
-                precision=options.precision,
+    def products(a_operand, b_operand, weights):
+        if looped:
+            return _looped_tile(
+                *a_operand, weights, *b_operand, workers=options.concurrency, transform_a=a_side.transform,
+                transform_b=b_side.transform, piece_floats=options.piece_floats, precision=options.precision, **statics,
             )
-
-        return _in_parallel(work, prep.pairs, n_layers, options.concurrency, block_floats.get)
+        return _slice_products(a_operand, b_operand, precision=options.precision)
 
     b_chunks = range(0, n_b, c_b)
     for l0 in range(0, n_l, c_l):
@@ -821,7 +822,7 @@ def _raw_scores(
             for j0 in b_chunks:
                 if b_cached is None or len(b_chunks) > 1:
                     b_cached = operand(b_side, b_positions[_chunk_index(j0, c_b, n_b)], lsel, None)
-                tile = products(a_operand, b_cached, weights, len(lsel))
+                tile = products(a_operand, b_cached, weights)
                 li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
                 for block, value in tile.items():
                     out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji] = np.asarray(value)[:li, :ii, :ji]
