@@ -197,8 +197,8 @@ def phase_masks(ctx: Context, out: Path) -> dict:
 
     layout, config = ctx.model.layout, ctx.config
     with_diagonal = all(f.diagonal for f in ctx.fishers.values())
-    param_masks = {name: [masks.unstructured_mask(f, layout, s) for s in config.sparsities] for name, f in ctx.fishers.items()} if with_diagonal else None
-    section = {"masks": masks.summarize(ctx.fishers, layout, sparsities=config.sparsities, unstructured_masks=param_masks)}
+    param_masks = {name: masks.unstructured_masks(f, layout, config.sparsities) for name, f in ctx.fishers.items()} if with_diagonal else None
+    section = {"masks": masks.summarize(ctx.fishers, layout, sparsities=config.sparsities, parameter_masks=param_masks)}
     head_masks = {name: [masks.structured_mask(f, layout, s, unit="head") for s in config.sparsities] for name, f in ctx.fishers.items()}
     section["overlap"] = {"head": overlap.summarize(head_masks, layout)}
     figures = []

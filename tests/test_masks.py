@@ -74,20 +74,28 @@ def test_keep_highest_matches_sorting(sparsity):
         np.testing.assert_array_equal(global_keep, scores > np.quantile(scores, k / 300, method="lower"))
 
 
+LEVELS = (0.0, 0.1, 0.5, 0.9, 1.0)
+
+
 @pytest.mark.parametrize("n_groups", [1, 3, 40])
-@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 1.0])
-def test_selection_and_sorting_prune_the_same_parameters(n_groups, sparsity):
-    """Large diagonals are pruned by selection per group, small ones by one stable sort: the same
-    mask, including ties at the threshold (scores from 50 values) and flat groups."""
+def test_selection_and_sorting_prune_the_same_parameters_at_every_level(n_groups):
+    """Large diagonals are pruned by selection per group, small ones by one stable sort, every
+    sparsity level from one ranking: the same masks as one level at a time, including ties at the
+    threshold (scores from 50 values) and flat groups."""
     rng = np.random.default_rng(n_groups)
-    scores = rng.integers(0, 50, 5000).astype(float)
+    scores = rng.integers(0, 50, 5000).astype(np.float32)
     groups = rng.integers(0, n_groups, 5000)
-    by_sorting, _ = masks._pruned_by_sorting(scores, groups, sparsity)
-    by_selection, _ = masks._pruned_by_selection(scores, groups, sparsity)
+    by_sorting, _ = masks._pruned_by_sorting(scores, groups, LEVELS)
+    by_selection, _ = masks._pruned_by_selection(scores, groups, LEVELS)
     np.testing.assert_array_equal(by_selection, by_sorting)
-    np.testing.assert_array_equal(~by_sorting, reference_keep(scores, groups, sparsity) | _tie_survivors(scores, groups, sparsity))
+    for level, sparsity in enumerate(LEVELS):
+        expected_keep = reference_keep(scores, groups, sparsity) | _tie_survivors(scores, groups, sparsity)
+        np.testing.assert_array_equal(~by_sorting[level], expected_keep)
+        np.testing.assert_array_equal(masks.keep_highest(scores, groups, sparsity), expected_keep)
     flat = np.where(groups == 0, 7.0, scores)
-    assert bool(masks._pruned_by_sorting(flat, groups, 0.5)[1]) == bool(masks._pruned_by_selection(flat, groups, 0.5)[1])
+    assert bool(masks._pruned_by_sorting(flat, groups, (0.5,))[1]) == bool(masks._pruned_by_selection(flat, groups, (0.5,))[1])
+    with pytest.raises(NumericalError, match="all equal"):  # a level that splits the flat group is enough
+        masks.keep_highest_each(np.where(groups == 0, 7.0, scores), groups, (0.0, 0.5))
 
 
 def _tie_survivors(scores, groups, sparsity):
@@ -245,6 +253,11 @@ def test_unstructured_mask_exact(layouts):
     threshold = np.sort(values)[int(np.floor(0.5 * n + 0.5)) - 1]
     for path, keep in flatten(mask.tree).items():
         np.testing.assert_array_equal(keep, fisher.diagonal[path] > threshold)
+    levels = masks.unstructured_masks(fisher, layout, (0.9, 0.5), scope="global")
+    for level in levels:
+        single = masks.unstructured_mask(fisher, layout, level.target_sparsity)
+        for path in single.keep:
+            np.testing.assert_array_equal(level.keep[path], single.keep[path])
     per_layer = masks.unstructured_mask(fisher, layout, 0.7, scope="layer")
     stats = masks.sparsity_stats(per_layer, layout)
     assert stats.layers.tolist() == [-1, 0, 1, 2]

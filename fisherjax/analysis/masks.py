@@ -128,22 +128,41 @@ def keep_highest(
 
     ``groups`` ``[n]`` int labels (e.g. layer, or one label for a global threshold). Ties are broken
     by position (the earlier of two equal scores is pruned first), so each group loses exactly its
-    count. Small inputs (many small groups: random draws × layers × heads) are ranked with one
-    stable ``np.lexsort``; large ones (a diagonal Fisher of every parameter) by selection per group
-    (``np.partition`` finds the k-th smallest score in O(n)), which gives the same mask.
+    count. :func:`keep_highest_each` at one sparsity.
 
     Raises:
       ConfigError: ``s`` outside ``[0, 1]``.
       NumericalError: NaN scores, or scores that are all equal in a group that must be split.
     """
-    if not 0.0 <= sparsity <= 1.0:
-        raise ConfigError(f"sparsity must be in [0, 1], got {sparsity}")
-    scores = np.asarray(scores, np.float64).reshape(-1)
+    return keep_highest_each(scores, groups, (sparsity,), what=what)[0]
+
+
+def keep_highest_each(
+    scores: Float[Array, " n"], groups: np.ndarray, sparsities: Sequence[float], *, what: str = "scores"
+) -> Bool[np.ndarray, "levels n"]:
+    """:func:`keep_highest` at every sparsity in ``sparsities`` from one ranking.
+
+    Small inputs (many small groups: random draws × layers × heads) are ranked with one stable
+    ``np.lexsort``; large ones (a diagonal Fisher of every parameter) by one selection per group
+    (``np.partition`` with every level's k finds all k-th smallest scores in one O(n) pass), which
+    gives the same masks. Scores are ranked in their own dtype (float32 or float64; an upcast
+    changes no order), so a diagonal of every parameter is not copied to float64.
+
+    Raises:
+      ConfigError: a sparsity outside ``[0, 1]``.
+      NumericalError: NaN scores, or scores that are all equal in a group that some level must split.
+    """
+    for sparsity in sparsities:
+        if not 0.0 <= sparsity <= 1.0:
+            raise ConfigError(f"sparsity must be in [0, 1], got {sparsity}")
+    scores = np.asarray(scores).reshape(-1)
+    if scores.dtype not in (np.float32, np.float64):
+        scores = scores.astype(np.float64)
     groups = np.asarray(groups).reshape(-1)
     if np.isnan(scores).any():
         raise NumericalError(f"{what} contain NaN")
     prune = _pruned_by_sorting if len(scores) <= _SELECTION_ABOVE else _pruned_by_selection
-    pruned, flat = prune(scores, groups, sparsity)
+    pruned, flat = prune(scores, groups, tuple(sparsities))
     if flat:
         value, size, k = flat
         raise NumericalError(
@@ -153,47 +172,55 @@ def keep_highest(
     return ~pruned
 
 
-def _pruned_by_sorting(scores: np.ndarray, groups: np.ndarray, sparsity: float):
-    """``(pruned [n] bool, flat)`` from one stable sort by (group, score); ``flat`` names the first
-    group whose scores are all equal but must be split (``()`` if none)."""
+def _pruned_by_sorting(scores: np.ndarray, groups: np.ndarray, sparsities: tuple[float, ...]):
+    """``(pruned [levels, n] bool, flat)`` from one stable sort by (group, score); ``flat`` names the
+    first group whose scores are all equal but must be split at some level (``()`` if none)."""
     order = np.lexsort((scores, groups))
     _, starts, counts = np.unique(groups[order], return_index=True, return_counts=True)
-    k = pruned_count(sparsity, counts)
-    split = (k > 0) & (k < counts)
+    k = np.stack([pruned_count(s, counts) for s in sparsities])  # [levels, groups]
+    split = ((k > 0) & (k < counts)).any(0)
     if split.any():
         lo = np.minimum.reduceat(scores[order], starts)
         hi = np.maximum.reduceat(scores[order], starts)
         flat = np.flatnonzero(split & (lo == hi))
         if len(flat):
-            return None, (lo[flat[0]], counts[flat[0]], k[flat[0]])
+            g = flat[0]
+            return None, (lo[g], counts[g], k[:, g][(k[:, g] > 0) & (k[:, g] < counts[g])][0])
     group_of = np.repeat(np.arange(len(counts)), counts)
     position = np.arange(len(order)) - starts[group_of]
-    pruned = np.empty(len(order), bool)
-    pruned[order] = position < k[group_of]
+    pruned = np.empty((len(sparsities), len(order)), bool)
+    pruned[:, order] = position[None] < k[:, group_of]
     return pruned, ()
 
 
-def _pruned_by_selection(scores: np.ndarray, groups: np.ndarray, sparsity: float):
-    """The same as :func:`_pruned_by_sorting`, group by group: the k-th smallest score ``t`` by
-    selection; every score below ``t`` is pruned, and of those equal to ``t`` the earliest."""
+def _pruned_by_selection(scores: np.ndarray, groups: np.ndarray, sparsities: tuple[float, ...]):
+    """The same as :func:`_pruned_by_sorting`, group by group: the k-th smallest score ``t`` of
+    every level by one selection; every score below ``t`` is pruned, and of those equal to ``t``
+    the earliest."""
     single = bool(np.all(groups == groups[0])) if len(groups) else True
-    members = [np.arange(len(scores))] if single else np.split(*_grouped_positions(groups))
-    pruned = np.zeros(len(scores), bool)
+    members = [None] if single else np.split(*_grouped_positions(groups))
+    pruned = np.zeros((len(sparsities), len(scores)), bool)
     for index in members:
-        group_scores = scores[index]
-        k = int(pruned_count(sparsity, len(index)))
-        if k == 0:
-            continue
-        if k == len(index):
-            pruned[index] = True
-            continue
-        threshold = np.partition(group_scores, k - 1)[k - 1]
-        if group_scores.min() == group_scores.max():
-            return None, (threshold, len(index), k)
-        below = group_scores < threshold
-        ties = np.flatnonzero(group_scores == threshold)[: k - int(below.sum())]
-        below[ties] = True
-        pruned[index[below]] = True
+        group_scores = scores if index is None else scores[index]
+        size = len(group_scores)
+        ks = [int(pruned_count(s, size)) for s in sparsities]
+        interior = sorted({k - 1 for k in ks if 0 < k < size})
+        if interior and group_scores.min() == group_scores.max():
+            return None, (group_scores[0], size, next(k for k in ks if 0 < k < size))
+        thresholds = dict(zip(interior, np.partition(group_scores, interior)[interior], strict=True)) if interior else {}
+        for level, k in enumerate(ks):
+            if k == 0:
+                continue
+            if k == size:
+                below = np.ones(size, bool)
+            else:
+                below = group_scores < thresholds[k - 1]
+                ties = np.flatnonzero(group_scores == thresholds[k - 1])[: k - int(np.count_nonzero(below))]
+                below[ties] = True
+            if index is None:
+                pruned[level] = below
+            else:
+                pruned[level, index[below]] = True
     return pruned, ()
 
 
@@ -420,9 +447,19 @@ def unstructured_mask(fisher: TaskFisher, layout: ModelLayout, sparsity: float, 
 
     ``k = ⌊s·N + ½⌋`` of the ``N`` parameters in the diagonal (per layer with ``scope="layer"``,
     the non-layer parameters being one more group). Leaves absent from the diagonal are kept.
+    :func:`unstructured_masks` at one sparsity.
 
     Raises:
       DataError: the TaskFisher has no diagonal (collect it with ``diagonal=True``).
+    """
+    return unstructured_masks(fisher, layout, (sparsity,), scope=scope)[0]
+
+
+def unstructured_masks(fisher: TaskFisher, layout: ModelLayout, sparsities: Sequence[float], *, scope: str = "global") -> tuple[Mask, ...]:
+    """:func:`unstructured_mask` at every sparsity in ``sparsities``, from one ranking of the
+    diagonal (:func:`keep_highest_each`); the masks share one ``scores`` mapping (the diagonal as
+    stored, not a copy). For a diagonal of every parameter this is the expensive part of Phase 3:
+    GPT-2-small's 124 M entries cost one selection per task here instead of one per sparsity.
     """
     _check_choice("scope", scope, SCOPES)
     if not fisher.diagonal:
@@ -431,7 +468,7 @@ def unstructured_mask(fisher: TaskFisher, layout: ModelLayout, sparsity: float, 
     unknown = sorted(set(fisher.diagonal) - set(layout.specs))
     if unknown:
         raise DataError(f"task {fisher.task!r}: diagonal Fisher has parameters the model does not: {unknown}")
-    values = {p: np.asarray(fisher.diagonal[p], np.float64) for p in paths}
+    values = {p: np.asarray(fisher.diagonal[p]) for p in paths}
     for p, v in values.items():
         if v.shape != layout.spec(p).shape:
             raise DataError(f"task {fisher.task!r}: diagonal Fisher {p} has shape {v.shape}, the parameter {layout.spec(p).shape}")
@@ -439,11 +476,15 @@ def unstructured_mask(fisher: TaskFisher, layout: ModelLayout, sparsity: float, 
     if scope == "layer":
         groups = np.concatenate([np.repeat(ids, rows.shape[1]) for rows, ids in (layout.layer_rows(p, v) for p, v in values.items())])
     else:
-        groups = np.zeros(len(flat_scores), np.int64)
-    keep_flat = keep_highest(flat_scores, groups, sparsity, what=f"task {fisher.task!r} diagonal Fisher")
+        groups = np.zeros(len(flat_scores), np.int8)
+    keep_levels = keep_highest_each(flat_scores, groups, sparsities, what=f"task {fisher.task!r} diagonal Fisher")
+    del flat_scores, groups
     sizes = np.cumsum([v.size for v in values.values()])[:-1]
-    keep = {p: k.reshape(values[p].shape) for p, k in zip(paths, np.split(keep_flat, sizes), strict=True)}
-    return Mask(mask_tree(layout, "parameter", keep), "parameter", scope, float(sparsity), keep, values, fisher.task)
+    out = []
+    for sparsity, keep_flat in zip(sparsities, keep_levels, strict=True):
+        keep = {p: k.reshape(values[p].shape) for p, k in zip(paths, np.split(keep_flat, sizes), strict=True)}
+        out.append(Mask(mask_tree(layout, "parameter", keep), "parameter", scope, float(sparsity), keep, values, fisher.task))
+    return tuple(out)
 
 
 def apply_mask(params: PyTree, mask: Mask | PyTree) -> PyTree:
@@ -535,12 +576,12 @@ def summarize(
     unstructured: bool = True,
     criterion: str = "fisher",
     params: PyTree | None = None,
-    unstructured_masks: Mapping[str, Sequence[Mask]] | None = None,
+    parameter_masks: Mapping[str, Sequence[Mask]] | None = None,
 ) -> dict:
     """Phase 3 section of ``results.json``: per task, unit and sparsity level, the achieved unit and
     parameter sparsity, per-layer and per-role pruned counts, the score threshold, and the pruned
     heads. Unstructured masks are added when the TaskFisher has a diagonal and ``unstructured``;
-    pass ``unstructured_masks`` (per task, one per sparsity) when they were already built — for a
+    pass ``parameter_masks`` (per task, one per sparsity) when they were already built — for a
     diagonal of every parameter they are the expensive part. ``criterion`` / ``params`` as in
     :func:`structured_mask`.
     """
@@ -553,7 +594,7 @@ def summarize(
                 for s in sparsities
             }
         if unstructured and fisher.diagonal:
-            built = (unstructured_masks or {}).get(name) or [unstructured_mask(fisher, layout, s, scope=scope) for s in sparsities]
+            built = (parameter_masks or {}).get(name) or unstructured_masks(fisher, layout, sparsities, scope=scope)
             per_task["parameter"] = {f"{s:g}": _mask_summary(m, layout) for s, m in zip(sparsities, built, strict=True)}
         out["tasks"][name] = per_task
     return out
