@@ -232,3 +232,10 @@ def test_summarize(layout):
     w = np.concatenate([(np.maximum(a[k], 1e-8) / (np.maximum(a[k], 1e-8) + np.maximum(b[k], 1e-8))).reshape(-1) for k in a])
     assert pair["mean_weight_a"] == pytest.approx(w.mean(), rel=1e-6)
     assert pair["fraction_dominated_by_a"] == pytest.approx((w > 0.9).mean())
+    # Per layer, against weights labelled element by element (non-layer leaves are layer -1).
+    label = np.concatenate([
+        np.repeat(np.arange(a[k].shape[0]), a[k][0].size) if layout.spec(k).layered else np.full(a[k].size, -1) for k in a
+    ])
+    for i, layer in enumerate(pair["per_layer"]["layer"]):
+        assert pair["per_layer"]["mean_weight_a"][i] == pytest.approx(w[label == layer].mean(), rel=1e-9)
+        assert pair["per_layer"]["fraction_dominated_by_b"][i] == pytest.approx((w[label == layer] < 0.1).mean(), rel=1e-9)

@@ -316,29 +316,31 @@ def summarize(fishers: Mapping[str, TaskFisher], layout: ModelLayout, *, eps: fl
         }
     pairs = {}
     for (a, fa), (b, fb) in itertools.combinations(per_param.items(), 2):
-        common = [p for p in fa if p in fb]
-        w_parts, layer_parts = [], []
-        for path in common:
+        # Per layer: [Σ w, #(w > dominance), #(w < 1 − dominance), #parameters], summed leaf by
+        # leaf so no model-sized array of weights or layer labels is ever built.
+        per_layer: dict[int, np.ndarray] = {}
+        for path in (p for p in fa if p in fb):
             xa = np.maximum(np.asarray(fa[path], np.float64), floor)
             xb = np.maximum(np.asarray(fb[path], np.float64), floor)
-            w_parts.append((xa / (xa + xb)).reshape(-1))
+            w = xa / (xa + xb)
             spec = layout.spec(path)
-            if spec.layered:
-                layer_parts.append(np.repeat(np.arange(xa.shape[0]), xa[0].size))
-            else:
-                layer_parts.append(np.full(xa.size, -1 if spec.layer is None else spec.layer))
-        w, layer = np.concatenate(w_parts), np.concatenate(layer_parts)
-        layers, position = np.unique(layer, return_inverse=True)
-        count = np.bincount(position)
+            rows = w.reshape(w.shape[0], -1) if spec.layered else w.reshape(1, -1)
+            row_layers = range(w.shape[0]) if spec.layered else [-1 if spec.layer is None else spec.layer]
+            tallies = np.stack([rows.sum(1), (rows > dominance).sum(1), (rows < 1 - dominance).sum(1), np.full(len(rows), rows.shape[1])], 1)
+            for layer, tally in zip(row_layers, tallies, strict=True):
+                per_layer[layer] = per_layer.get(layer, 0) + tally
+        layers = sorted(per_layer)
+        table = np.stack([per_layer[layer] for layer in layers])
+        total = table.sum(0)
         pairs[f"{a}|{b}"] = {
-            "mean_weight_a": float(w.mean()),
-            "fraction_dominated_by_a": float((w > dominance).mean()),
-            "fraction_dominated_by_b": float((w < 1 - dominance).mean()),
+            "mean_weight_a": float(total[0] / total[3]),
+            "fraction_dominated_by_a": float(total[1] / total[3]),
+            "fraction_dominated_by_b": float(total[2] / total[3]),
             "per_layer": {
-                "layer": layers.tolist(),
-                "mean_weight_a": (np.bincount(position, weights=w) / count).tolist(),
-                "fraction_dominated_by_a": (np.bincount(position, weights=w > dominance) / count).tolist(),
-                "fraction_dominated_by_b": (np.bincount(position, weights=w < 1 - dominance) / count).tolist(),
+                "layer": layers,
+                "mean_weight_a": (table[:, 0] / table[:, 3]).tolist(),
+                "fraction_dominated_by_a": (table[:, 1] / table[:, 3]).tolist(),
+                "fraction_dominated_by_b": (table[:, 2] / table[:, 3]).tolist(),
             },
         }
     return {"tasks": tasks, "merge_weights": pairs, "floor": floor, "dominance": dominance}
