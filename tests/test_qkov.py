@@ -582,6 +582,11 @@ def test_permutation_test_finds_planted_head_and_controls_the_rest(family):
     B = _synthetic(layout, 12, 3, boost=(kernel, 1, _columns("llama", "q", 2, H, Hkv, hd), 4.0))
     test = qkov.permutation_test(A, B, A_held, layout, n_permutations=500, **MIN)
     chex.assert_shape(test.pvalues, (4, 2, H))
+    # The statistic against the brute force: mean over A×B minus mean over A×A', Î from A alone.
+    dims = (H, Hkv, hd)
+    expected = (_reference(A, B, "llama", dims, layout.num_layers).mean(axis=(2, 3))
+                - _reference(A, A_held, "llama", dims, layout.num_layers).mean(axis=(2, 3)))
+    _close(test.observed, expected)
     assert test.significant[0, 1, 2] and test.observed[0, 1, 2] > 0
     others = np.ones_like(test.significant)
     others[0, 1, 2] = False

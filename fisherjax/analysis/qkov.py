@@ -78,7 +78,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from fisherjax.errors import ConfigError, DataError, NumericalError
-from fisherjax.fisher.state import HOST_ALIGNMENT, Contributions, TaskFisher, host_concatenate
+from fisherjax.fisher.state import HOST_ALIGNMENT, Contributions, TaskFisher
 from fisherjax.layout import ModelLayout
 from fisherjax.stats import bootstrap_indices, fdr_qvalues, percentile_interval, permutation_pvalue
 
@@ -1003,19 +1003,6 @@ def heldout_split(task: TaskFisher | Contributions, fraction: float = 0.5, seed:
     return contributions.select(np.sort(order[n_held:])), contributions.select(np.sort(order[:n_held]))
 
 
-def _concat(first: Contributions, second: Contributions) -> Contributions:
-    def join(x, y):
-        return {p: host_concatenate([np.asarray(x[p]), np.asarray(y[p])]) for p in x if p in y}
-
-    both_derived = first.derived and second.derived  # then C stays derived: never built on the host
-    return Contributions(
-        np.concatenate([first.sample_ids, second.sample_ids]),
-        np.concatenate([first.tokens, second.tokens]),
-        None if both_derived else join(first.contributions, second.contributions),
-        join(first.grads, second.grads),
-    )
-
-
 class PermutationResult(NamedTuple):
     """A-vs-B against A-vs-A' per cell ``[block, layer, head]``.
 
@@ -1065,8 +1052,10 @@ def permutation_test(
     held, _ = _active(held, f"{name_a} (held out)")
     if not len(b) or not len(held):
         raise DataError("qkov permutation_test needs samples in both task B and the held-out split A'")
-    result = heatmap(a, _concat(b, held), layout, options=options, memory_budget_bytes=memory_budget_bytes)
-    column_means = result.scores.astype(np.float64).mean(axis=2)  # [block, layer, n_b + n_held, head]
+    # Î is A's alone (fisher_pool="A"), so a column's scores do not depend on the other columns:
+    # one heatmap per partner set, not one over a host copy of B and A' joined (GB per task).
+    scores = [heatmap(a, partners, layout, options=options, memory_budget_bytes=memory_budget_bytes).scores for partners in (b, held)]
+    column_means = np.concatenate([s.astype(np.float64).mean(axis=2) for s in scores], axis=2)  # [block, layer, n_b + n_held, head]
     is_b = np.r_[np.ones(len(b), bool), np.zeros(len(held), bool)]
 
     def contrast(labels):  # [..., n] bool -> weights giving mean over B minus mean over A'
