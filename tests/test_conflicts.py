@@ -135,6 +135,21 @@ def test_cosines_match_numpy(gpt2, gpt2_task, chunk_size):
     chex.assert_trees_all_close(gram.group_contributions.sum(0), gram.cosines, atol=1e-5)
 
 
+def test_group_dots_mapped_over_groups_equal_the_batched_einsum(gpt2, gpt2_task):
+    """The CPU walks a leaf's groups with lax.map, other backends batch them in one einsum."""
+    from fisherjax.analysis.gradgroups import _stream, grouping_for
+
+    a, b = halves(gpt2_task)
+    sa, sb = _stream(a, "a"), _stream(b, "b")
+    grouping = grouping_for(sa.shapes, gpt2.layout)
+    ((_, fa, _, _),), ((_, fb, _, _),) = (list(C._prepared_chunks(s, grouping, None, 24)) for s in (sa, sb))
+    args = (fa, fb, grouping.static_members, len(grouping.index), True)
+    mapped, batched = C._block_gram(*args, mapped=True), C._block_gram(*args, mapped=False)
+    scale = float(np.abs(np.asarray(batched[1])).max())
+    np.testing.assert_allclose(mapped[1], batched[1], rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(mapped[0], batched[0], rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_group_scores_match_hand_sliced_heads(gpt2, gpt2_task):
     """GPT-2's fused c_attn [Q|K|V] columns and c_proj rows, sliced by hand per head."""
     a, b = halves(gpt2_task)

@@ -203,15 +203,16 @@ class Gram:
         return np.divide(self.group_dots, denom, out=np.zeros_like(self.group_dots), where=denom > 0)
 
 
-@functools.partial(jax.jit, static_argnames=("members", "n_groups", "by_group"))
-def _block_gram(features_a, features_b, members, n_groups, by_group):
+@functools.partial(jax.jit, static_argnames=("members", "n_groups", "by_group", "mapped"))
+def _block_gram(features_a, features_b, members, n_groups, by_group, mapped=None):
     """Dots of one chunk pair of features ``{key: [c, G_leaf, D]}``: ``[c_a, c_b]`` and (by_group)
     ``[G, c_a, c_b]``.
 
-    Per group one GEMM ``[c_a, D] · [D, c_b]``, walked with ``lax.map`` over the leaf's groups: each
-    group's rows are contiguous runs of ``D`` floats, so its slice is a cheap copy, where one
-    batched einsum over groups made XLA:CPU move both sides group-major first (GPT-2-small
-    attention, 16 × 16 samples: 1.5–2.4 s a Gram, 7 s on first use, vs 0.25–0.8 s; bitwise equal).
+    Per group one GEMM ``[c_a, D] · [D, c_b]``. ``mapped`` (default: on a CPU) walks a leaf's
+    groups with ``lax.map``: each group's rows are contiguous runs of ``D`` floats, so its slice is
+    a cheap copy, where one einsum batched over groups made XLA:CPU move both sides group-major
+    first (GPT-2-small attention, 16 × 16 samples: 1.5–2.4 s a Gram, 7 s on first use, vs
+    0.25–0.8 s; bitwise equal). Elsewhere the batched einsum keeps a GPU's GEMMs wide.
     """
     hi = jax.lax.Precision.HIGHEST
     if not by_group:
@@ -220,17 +221,23 @@ def _block_gram(features_a, features_b, members, n_groups, by_group):
             for k, _ in members
         )
         return total, None
-    ca, cb = next(iter(features_a.values())).shape[0], next(iter(features_b.values())).shape[0]
-    grouped = jnp.zeros((n_groups, ca, cb), jnp.float32)
-    for key, ids in members:
-        xa, xb = features_a[key], features_b[key]
+    mapped = jax.default_backend() == "cpu" if mapped is None else mapped
 
-        def group_dots(g, xa=xa, xb=xb):
+    def leaf_dots(xa, xb):  # [c_a, G_leaf, D], [c_b, G_leaf, D] -> [G_leaf, c_a, c_b]
+        if not mapped:
+            return jnp.einsum("cgd,egd->gce", xa, xb, precision=hi)
+
+        def group_dots(g):
             a = jax.lax.dynamic_index_in_dim(xa, g, axis=1, keepdims=False)
             b = jax.lax.dynamic_index_in_dim(xb, g, axis=1, keepdims=False)
             return jnp.dot(a, b.T, precision=hi)
 
-        grouped = grouped.at[np.array(ids)].add(jax.lax.map(group_dots, jnp.arange(xa.shape[1])))
+        return jax.lax.map(group_dots, jnp.arange(xa.shape[1]))
+
+    ca, cb = next(iter(features_a.values())).shape[0], next(iter(features_b.values())).shape[0]
+    grouped = jnp.zeros((n_groups, ca, cb), jnp.float32)
+    for key, ids in members:
+        grouped = grouped.at[np.array(ids)].add(leaf_dots(features_a[key], features_b[key]))
     return grouped.sum(0), grouped
 
 
