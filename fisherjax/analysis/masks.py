@@ -178,14 +178,14 @@ def _pruned_by_sorting(scores: np.ndarray, groups: np.ndarray, sparsities: tuple
     order = np.lexsort((scores, groups))
     _, starts, counts = np.unique(groups[order], return_index=True, return_counts=True)
     k = np.stack([pruned_count(s, counts) for s in sparsities])  # [levels, groups]
-    split = ((k > 0) & (k < counts)).any(0)
-    if split.any():
+    splits = (k > 0) & (k < counts)  # levels that must divide a group
+    if splits.any():
         lo = np.minimum.reduceat(scores[order], starts)
         hi = np.maximum.reduceat(scores[order], starts)
-        flat = np.flatnonzero(split & (lo == hi))
+        flat = np.flatnonzero(splits.any(0) & (lo == hi))
         if len(flat):
             g = flat[0]
-            return None, (lo[g], counts[g], k[:, g][(k[:, g] > 0) & (k[:, g] < counts[g])][0])
+            return None, (lo[g], counts[g], k[splits[:, g], g][0])
     group_of = np.repeat(np.arange(len(counts)), counts)
     position = np.arange(len(order)) - starts[group_of]
     pruned = np.empty((len(sparsities), len(order)), bool)
@@ -204,9 +204,10 @@ def _pruned_by_selection(scores: np.ndarray, groups: np.ndarray, sparsities: tup
         group_scores = scores if index is None else scores[index]
         size = len(group_scores)
         ks = [int(pruned_count(s, size)) for s in sparsities]
-        interior = sorted({k - 1 for k in ks if 0 < k < size})
-        if interior and group_scores.min() == group_scores.max():
-            return None, (group_scores[0], size, next(k for k in ks if 0 < k < size))
+        splits = [k for k in ks if 0 < k < size]  # levels that must divide the group
+        if splits and group_scores.min() == group_scores.max():
+            return None, (group_scores[0], size, splits[0])
+        interior = sorted({k - 1 for k in splits})
         thresholds = dict(zip(interior, np.partition(group_scores, interior)[interior], strict=True)) if interior else {}
         for level, k in enumerate(ks):
             if k == 0:
