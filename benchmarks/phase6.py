@@ -183,6 +183,8 @@ def bench_kernel(name: str, args) -> list[dict]:
     totals = {k: dict(operand_a=0.0, operand_b=0.0, gemm=0.0, fused=0.0) for k in splits}
     workers = [int(w) if w else qkov.QKOVOptions().concurrency for w in args.workers.split(",")]
     looped_s = {(k, w): 0.0 for k in pieces for w in workers}
+    pallas_splits = [int(k) for k in args.pallas_split_k.split(",") if k]
+    pallas_s = {k: 0.0 for k in pallas_splits}
     loop_per_pair, max_rel = 0.0, 0.0
     p = args.loop_samples
     ones_a, ones_b = jnp.ones(args.n_a), jnp.ones(args.n_b)
@@ -200,6 +202,12 @@ def bench_kernel(name: str, args) -> list[dict]:
                 repeats=args.repeats,
             )
             looped_s[k, n_workers] += t_l
+        for k in pallas_splits:
+            t_p, raws[f"pallas {k}"] = _timed(
+                qkov._pallas_tile, leaves_a, ones_a, weights, leaves_b, ones_b, layout=layout, pairs=tuple(layout.attention_blocks()),
+                transform_a="identity", transform_b="abs", split_k=k, precision=args.precision, repeats=args.repeats,
+            )
+            pallas_s[k] += t_p
         if p:  # the loop baseline's samples, as head views on the host
             host_C, host_g = ({k: np.asarray(v) for k, v in _views(layout, {path: x[:p] for path, x in leaves.items()}).items()}
                               for leaves in (leaves_a, leaves_b))
@@ -244,6 +252,10 @@ def bench_kernel(name: str, args) -> list[dict]:
         rows.append(dict(
             common, contraction=f"looped, {k} floats, {n_workers} worker{'s' if n_workers > 1 else ''}", kernel_s=seconds,
             gemm_s=float("nan"), operands_s=float("nan"), fused_s=float("nan"),
+        ))
+    for k, seconds in pallas_s.items():
+        rows.append(dict(
+            common, contraction=f"pallas, split-K {k}", kernel_s=seconds, gemm_s=float("nan"), operands_s=float("nan"), fused_s=float("nan"),
         ))
     return rows
 
@@ -307,6 +319,8 @@ def main(argv=None):
     parser.add_argument("--piece-floats", default=str(qkov.QKOVOptions.piece_floats), help="comma-separated piece sizes of looped contraction to time")
     parser.add_argument("--workers", default="1,", help="comma-separated concurrent computations of looped contraction to time "
                                                           "(empty: QKOVOptions' default, the cores available)")
+    parser.add_argument("--pallas-split-k", default="", help="comma-separated split-K settings of the Pallas kernel to time "
+                        "(contraction='pallas'; interpret mode off a GPU)")
     parser.add_argument("--fused", action="store_true", help="also time the three kernel pieces under one jit")
     parser.add_argument("--end-to-end", action="append", default=[], choices=sorted(CONFIGS),
                         help="also time the public heatmap on host numpy inputs for this config (repeatable)")

@@ -24,14 +24,17 @@ from fisherjax.layout import ModelLayout, flatten, unflatten
 
 N_A, N_B = 6, 4
 MIN = dict(min_fisher_samples=3)
-# Both ways of evaluating a slice's contraction, each cut into several pieces (the default piece
+# Every way of evaluating a slice's contraction, each cut into several pieces (the default piece
 # size would hold these tiny models' whole slices), looped both on one thread and as concurrent
 # (block, layer range) computations: the scores may differ only by rounding. 1000 floats: pieces
-# of 2-4 stacked q/k/v rows and 4 o rows; 64: one row each.
+# of 2-4 stacked q/k/v rows and 4 o rows; 64: one row each. The Pallas kernel runs in interpret
+# mode here, with its samples padded to 16 and rows cut into 2 programs (split-K) of 4- or
+# 8-float tiles (head_dim 8 and 12, hidden 32).
 COMPUTE_IDS = {
     "batched-split4": dict(contraction="batched", split_k=4),
     "looped-pieces": dict(contraction="looped", piece_floats=1000, workers=1),
     "looped-concurrent": dict(contraction="looped", piece_floats=64, workers=3),
+    "pallas-split2": dict(contraction="pallas", split_k=2),
 }
 COMPUTE = list(COMPUTE_IDS.values())
 

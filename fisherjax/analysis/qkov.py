@@ -15,6 +15,8 @@ builds them). On a GPU each side is built whole once and the contraction is cut 
 that run as one batched GEMM; on a CPU the contraction is walked in cache-sized pieces, each built
 and multiplied in one loop step, stored leaves are read in place (``QKOVOptions.contraction``) and
 blocks and layer ranges run as concurrent computations, one per core (``QKOVOptions.workers``).
+``contraction="pallas"`` instead reads each head's strided slice of the stored leaves inside the
+GEMM, one pass over the inputs (:mod:`fisherjax.analysis.qkov_pallas`, a Triton kernel for GPUs).
 Tiles over chunks of samples and layers keep the arrays on the device within a memory budget.
 
 Slices. Heads are read only through :class:`~fisherjax.layout.ModelLayout` views (Flax ``[in, out]``
@@ -77,6 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from fisherjax.analysis import qkov_pallas
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.state import HOST_ALIGNMENT, Contributions, TaskFisher
 from fisherjax.layout import ModelLayout
@@ -87,7 +90,7 @@ VARIANTS = ("unsigned", "signed", "symmetric", "natural")
 AGGREGATES = ("mean", "sum")
 NORMALIZE_GJ = ("none", "per_token_mean", "per_token_sum")
 FISHER_POOLS = ("A", "B", "pooled")
-CONTRACTIONS = ("auto", "batched", "looped")
+CONTRACTIONS = ("auto", "batched", "looped", "pallas")
 
 
 
@@ -102,7 +105,9 @@ class QKOVOptions:
     contraction in pieces of about ``piece_floats`` floats per side (2 MiB, measured best of 1–4 MiB
     at 64 samples per task: 8 rows of a GPT-2-small q/k/v kernel or of one head's o rows), each
     weighted, made a GEMM operand and multiplied in one loop step, which a CPU needs (3–5× faster
-    there); ``"auto"``: looped on CPU, batched elsewhere; see
+    there); ``"pallas"`` reads each head's strided slice of the stored leaves inside the GEMM, one
+    pass over the inputs (:mod:`fisherjax.analysis.qkov_pallas`, a Triton kernel for GPUs; elsewhere
+    it runs in Pallas' interpret mode, for tests); ``"auto"``: looped on CPU, batched elsewhere; see
     ``benchmarks/RESULTS.md``) and ``workers`` (looped contraction runs its blocks and layer ranges
     as this many concurrent computations; ``None``: the cores this process may use — XLA:CPU runs a
     GEMM with a small ``c_a × c_b`` output on about one core) are compute settings: they change the
@@ -722,6 +727,27 @@ def _looped_tile(
     return _in_parallel(work, pairs, n_layers, workers, cost.get)
 
 
+def _pallas_tile(
+    leaves_a: dict, scale_a: Array, weights: dict, leaves_b: dict, scale_b: Array, *,
+    layout: ModelLayout, pairs, transform_a: str, transform_b: str, split_k: int, precision: str,
+) -> dict[str, Array]:
+    """One tile by :func:`~fisherjax.analysis.qkov_pallas.kernel_products` (kernels, read in place
+    from the stored leaves) plus the q/k/v biases, which are small, by the batched path."""
+    kernels = tuple(p for p in pairs if p[1] == "kernel")
+    biases = tuple(p for p in pairs if p[1] == "bias")
+    out = qkov_pallas.kernel_products(
+        leaves_a, scale_a, weights, leaves_b, scale_b, layout=layout, pairs=kernels, transform_a=transform_a,
+        transform_b=transform_b, split_k=split_k, precision=precision, interpret=jax.default_backend() != "gpu",
+    )
+    if biases:
+        side = functools.partial(_operand_from_leaves, layout=layout, pairs=biases, split_k=1)
+        bias = _slice_products(
+            side(leaves_a, scale_a, weights, transform=transform_a), side(leaves_b, scale_b, None, transform=transform_b), precision=precision
+        )
+        out = {block: out[block] + bias[block] if block in bias else out[block] for block in out}
+    return out
+
+
 def tile_plan(
     n_a: int, n_b: int, n_layers: int, floats_per_layer: int, memory_budget_bytes: float, copies: int = 3
 ) -> tuple[int, int, int]:
@@ -729,8 +755,8 @@ def tile_plan(
 
     A tile holds ``c_a + c_b`` samples of ``c_l`` layers, ``copies`` float32 copies of each (three
     for batched contraction: input, head-major operand, slack for the GEMM; one for looped
-    contraction, whose pieces are small; none when the inputs are read in place, so everything is
-    one tile) plus the weights. All layers are kept together as long as at least ``min(n, 32)``
+    contraction, whose pieces are small, and for the Pallas kernel, which reads the stored leaves
+    themselves; none when the inputs are read in place, so everything is one tile) plus the weights. All layers are kept together as long as at least ``min(n, 32)``
     samples of each task fit; otherwise layers are split.
     """
     if copies == 0:
@@ -788,28 +814,33 @@ def _raw_scores(
     if n_a == 0 or n_b == 0:
         return out
     floats_per_layer = sum(int(np.prod(w.shape[1:])) for w in prep.weights.values())
-    looped = options.looped
-    if looped and _in_place(a_side.store, layout, sources) and _in_place(b_side.store, layout, sources):
+    looped, pallas = options.looped, options.contraction == "pallas"
+    if (looped or pallas) and _in_place(a_side.store, layout, sources) and _in_place(b_side.store, layout, sources):
         copies = 0
     else:
-        copies = 1 if looped else 3
+        copies = 1 if looped or pallas else 3
     c_a, c_b, c_l = tile_plan(n_a, n_b, n_l, floats_per_layer, memory_budget_bytes, copies=copies)
+    if pallas:
+        c_a, c_b = qkov_pallas.sample_chunk(c_a, n_a), qkov_pallas.sample_chunk(c_b, n_b)
     statics = dict(layout=layout, pairs=prep.pairs)
 
     def operand(side: _Side, positions, layer_index, weights):
-        """The side's stored leaves on the device (looped) or its head-major operand (batched)."""
+        """The side's stored leaves on the device (looped, pallas) or its head-major operand (batched)."""
         leaves = _device_leaves(side.store, layout, sources, positions, layer_index)
         scale = jnp.asarray(side.scale[positions])
-        if looped:
+        if looped or pallas:
             return leaves, scale
         return _operand_from_leaves(leaves, scale, weights, transform=side.transform, split_k=options.split_k, **statics)
 
     def products(a_operand, b_operand, weights):
+        transforms = dict(transform_a=a_side.transform, transform_b=b_side.transform)
         if looped:
             return _looped_tile(
-                *a_operand, weights, *b_operand, workers=options.concurrency, transform_a=a_side.transform,
-                transform_b=b_side.transform, piece_floats=options.piece_floats, precision=options.precision, **statics,
+                *a_operand, weights, *b_operand, workers=options.concurrency, piece_floats=options.piece_floats,
+                precision=options.precision, **transforms, **statics,
             )
+        if pallas:
+            return _pallas_tile(*a_operand, weights, *b_operand, split_k=options.split_k, precision=options.precision, **transforms, **statics)
         return _slice_products(a_operand, b_operand, precision=options.precision)
 
     b_chunks = range(0, n_b, c_b)

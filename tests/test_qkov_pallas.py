@@ -1,0 +1,102 @@
+"""The Pallas slice-product kernel beyond what the brute-force tests of test_qkov.py cover (there it
+runs in interpret mode on every family): that it lowers to Triton for a GPU — checked on this
+machine by lowering for CUDA without one — on each fused layout and GQA, and its tile rules."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fisherjax.analysis import qkov, qkov_pallas
+from fisherjax.errors import ConfigError
+from fisherjax.layout import FAMILY_RULES, ModelLayout
+
+FAMILY_SHAPES = {  # family: (paths and per-layer shapes of the attention kernels, heads, kv heads)
+    "gpt2": ({"layers/attn/c_attn/kernel": (64, 192), "layers/attn/c_proj/kernel": (64, 64)}, 4, 4),
+    "gpt_neox": ({"layers/attention/query_key_value/kernel": (64, 192), "layers/attention/dense/kernel": (64, 64)}, 4, 4),
+    "llama": (
+        {
+            "layers/self_attn/q_proj/kernel": (64, 64),
+            "layers/self_attn/k_proj/kernel": (64, 32),
+            "layers/self_attn/v_proj/kernel": (64, 32),
+            "layers/self_attn/o_proj/kernel": (64, 64),
+        },
+        4,
+        2,
+    ),
+}
+
+
+def _layout(family: str, head_dim: int = 16, layers: int = 2) -> ModelLayout:
+    shapes, heads, kv_heads = FAMILY_SHAPES[family]
+    scale = head_dim // 16
+    params = {p: np.broadcast_to(np.float32(0), (layers, s[0] * scale, s[1] * scale)) for p, s in shapes.items()}
+    return ModelLayout.from_rules(
+        params, FAMILY_RULES[family], num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, num_layers=layers, layered="layers/"
+    )
+
+
+def _abstract_inputs(layout: ModelLayout, n: int):
+    pairs = tuple(p for p in layout.attention_blocks() if p[1] == "kernel")
+    leaves = {path: jax.ShapeDtypeStruct((n, *spec.shape), jnp.float32) for path, spec in layout.specs.items()}
+    weights = {}
+    for block, kind in pairs:
+        path = layout.block_sources(block, kind)[0]
+        view = jax.eval_shape(lambda x, b=block, p=path: layout.view(p, x, b, per_layer=True), jax.ShapeDtypeStruct(layout.spec(path).shape[1:], jnp.float32))
+        weights[f"{block}/{kind}"] = jax.ShapeDtypeStruct((layout.num_layers, *view.shape), jnp.float32)
+    return pairs, leaves, weights, jax.ShapeDtypeStruct((n,), jnp.float32)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
+def test_kernel_lowers_to_triton_for_every_layout(family):
+    layout = _layout(family)
+    pairs, leaves, weights, scale = _abstract_inputs(layout, n=16)
+
+    def products(a, sa, w, b, sb):
+        return qkov_pallas.kernel_products(
+            a, sa, w, b, sb, layout=layout, pairs=pairs, transform_a="square", transform_b="abs", split_k=2, precision="highest",
+            interpret=False,
+        )
+
+    lowered = jax.jit(products).trace(leaves, scale, weights, leaves, scale).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("xla.gpu.triton") == 4  # one kernel per block, no other pass over the leaves
+
+
+def test_tiles_are_the_largest_power_of_two_dividing_a_row():
+    assert qkov_pallas._tile_chunk(24, 1) == 8 and qkov_pallas._tile_chunk(768, 16) == 256 and qkov_pallas._tile_chunk(80, 16) == 16
+    with pytest.raises(ConfigError, match="factor 16"):  # Triton's smallest dot side
+        qkov_pallas._tile_chunk(24, 16)
+
+
+@pytest.mark.parametrize("planned, n, expected", [(64, 64, 64), (100, 50, 64), (6, 6, 16), (3, 6, 16), (40, 100, 32), (64, 300, 64)])
+def test_sample_chunks_are_powers_of_two(planned, n, expected):
+    assert qkov_pallas.sample_chunk(planned, n) == expected
+
+
+@pytest.mark.parametrize("family, block, expected", [
+    ("gpt2", "q", (1, 0)), ("gpt2", "k", (1, 4)), ("gpt2", "v", (1, 8)), ("gpt2", "o", (1, 0)),
+    ("gpt_neox", "q", (3, 0)), ("gpt_neox", "k", (3, 1)), ("gpt_neox", "v", (3, 2)),
+    ("llama", "k", (1, 0)), ("llama", "o", (1, 0)),
+])
+def test_head_blocks_follow_the_fused_layouts(family, block, expected):
+    """GPT-2: [Q|K|V] columns, each block H heads wide; NeoX: [head, (q, k, v), head_dim]."""
+    layout = _layout(family)
+    assert qkov_pallas.head_blocks(layout, layout.block_sources(block, "kernel")[0], block) == expected
+
+
+def test_interpret_mode_matches_looped_on_the_synthetic_shapes():
+    """Stored leaves with head_dim 16 (the Triton tile) and a split of 4: same sums as the CPU kernel."""
+    layout = _layout("gpt_neox")
+    pairs, leaves, weights, _ = _abstract_inputs(layout, n=16)
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 16))
+    a = {p: jax.random.normal(next(keys), s.shape) for p, s in leaves.items()}
+    b = {p: jax.random.normal(next(keys), s.shape) for p, s in leaves.items()}
+    w = {k: jax.random.uniform(next(keys), s.shape) for k, s in weights.items()}
+    sa, sb = jax.random.uniform(next(keys), (16,)), jax.random.uniform(next(keys), (16,))
+    common = dict(layout=layout, pairs=pairs, transform_a="square", transform_b="abs", precision="highest")
+    got = qkov_pallas.kernel_products(a, sa, w, b, sb, split_k=4, interpret=True, **common)
+    expected = qkov._looped_from_leaves(a, sa, w, b, sb, 0, piece_floats=2**19, **common)
+    for block in qkov.BLOCKS:
+        np.testing.assert_allclose(np.asarray(got[block]), np.asarray(expected[block]), rtol=2e-5, atol=1e-6)
