@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fisherjax.errors import FisherjaxError
 from fisherjax.fisher.collect import FISHER_TYPES, MODES, STORAGE_DTYPES
-from fisherjax.pipeline import AnalysisConfig
+from fisherjax.pipeline import QKOV_CONTRACTIONS, AnalysisConfig
 
 EXIT_INPUT_ERROR = 2
 
@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin weights (unsafe for untrusted files)")
     a.add_argument("--save-contributions", action="store_true", help="also store per-sample contributions in fisher_state/")
     a.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a.add_argument("--qkov-contraction", choices=QKOV_CONTRACTIONS, default="auto",
+                   help="how the QK-OV kernel evaluates a slice's contraction: auto (looped on CPU, batched elsewhere), "
+                        "batched, looped, or pallas (one pass over the inputs, a Triton kernel for GPUs)")
 
     i = sub.add_parser("info", help="describe a checkpoint: architecture, layers, heads, parameter counts",
                        description="Print the architecture, layers, heads, kv heads, head_dim and parameter counts.")
@@ -89,6 +92,7 @@ def _analyze(args) -> int:
         save_contributions=args.save_contributions,
         progress=not args.no_progress,
         phases=tuple(p.strip() for p in args.phases.split(",") if p.strip()),
+        qkov_contraction=args.qkov_contraction,
     )
     if args.model is not None and not args.task:
         raise FisherjaxError("--model needs at least one --task NAME=FILE")

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from fisherjax import io
+from fisherjax.analysis.qkov import CONTRACTIONS as QKOV_CONTRACTIONS
 from fisherjax.data import Batch, Task, batches, load_task
 from fisherjax.errors import ConfigError, DataError, FisherjaxError
 from fisherjax.fisher.collect import FISHER_TYPES, MODES, STORAGE_DTYPES, collect
@@ -56,6 +57,7 @@ class AnalysisConfig:
     spill_dir: Path | None = None
     progress: bool = True
     phases: tuple[str, ...] = ("fisher", "importance", "masks", "natural", "conflicts", "qkov")
+    qkov_contraction: str = "auto"
 
     def __post_init__(self):
         """Reject bad options before anything is loaded or computed (one line each, exit code 2)."""
@@ -72,6 +74,8 @@ class AnalysisConfig:
              f"{self.spill_dir}: --spill-dir exists and is not a directory"),
         ]
         checks += [(0.0 <= s <= 1.0, f"sparsity must be in [0, 1] (--sparsity), got {s}") for s in self.sparsities]
+        checks.append((self.qkov_contraction in QKOV_CONTRACTIONS,
+                       f"qkov contraction must be one of {QKOV_CONTRACTIONS} (--qkov-contraction), got {self.qkov_contraction!r}"))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -292,7 +296,7 @@ def _pair_text(pair) -> str:
     return f"cosine {pair.cosine:+.3f}, effect size {pair.effect_size:.3f}, q {pair.qvalue:.3g}; most of it from {groups}"
 
 
-def _qkov_permutation_summary(result, fa, fb, layout, name_a: str, name_b: str, seed: int, needed: int) -> dict:
+def _qkov_permutation_summary(result, fa, fb, layout, name_a: str, name_b: str, seed: int, needed: int, options) -> dict:
     """A-vs-B against A-vs-A' (A split in halves) as JSON, or why it was skipped.
 
     The fit half carries the Fisher, so a task with fewer than ``2 × needed`` samples
@@ -304,7 +308,7 @@ def _qkov_permutation_summary(result, fa, fb, layout, name_a: str, name_b: str, 
     if len(fit) < needed:
         return {"skipped": f"{name_a} has {len(fit) + len(heldout)} samples with active tokens; its fit half "
                            f"({len(fit)}) needs at least {needed} for a stable Fisher"}
-    test = qkov.permutation_test(fit, fb, heldout, layout, n_permutations=1000, seed=seed)
+    test = qkov.permutation_test(fit, fb, heldout, layout, n_permutations=1000, seed=seed, options=options)
     return {
         "null": f"{name_b} samples and held-out {name_a} samples are exchangeable partners of {name_a}'s samples",
         "observed": test.observed.tolist(),
@@ -333,7 +337,8 @@ def phase_qkov(ctx: Context, out: Path) -> dict:
     layout, seed = ctx.model.layout, ctx.config.seed
     arrays, section, figures = {}, {"pairs": {}}, []
     lines = ["## Phase 6 — QK-OV interference", ""]
-    needed = qkov.QKOVOptions().min_fisher_samples
+    options = qkov.QKOVOptions(top_k=ctx.config.top_k, contraction=ctx.config.qkov_contraction)
+    needed = options.min_fisher_samples
     for name_a, name_b in itertools.permutations(ctx.fishers, 2):
         fa, fb = ctx.fishers[name_a], ctx.fishers[name_b]
         if len(fa.contributions) < needed:  # a quick run on a few samples still gets the other phases
@@ -341,12 +346,12 @@ def phase_qkov(ctx: Context, out: Path) -> dict:
             section["pairs"][f"{name_a}|{name_b}"] = {"skipped": reason}
             lines += [f"**{name_b} → {name_a}**: skipped: {reason}.", ""]
             continue
-        result = qkov.heatmap(fa, fb, layout, top_k=ctx.config.top_k)
+        result = qkov.heatmap(fa, fb, layout, options=options)
         arrays.update({f"{name_a}|{name_b}|{k}": v for k, v in qkov.to_arrays(result).items()})
         summary = qkov.summarize(result)
         interval = qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=seed)
         summary["bootstrap"] = {"level": interval.level, "low": interval.low.tolist(), "high": interval.high.tolist()}
-        summary["permutation_test"] = _qkov_permutation_summary(result, fa, fb, layout, name_a, name_b, seed, needed)
+        summary["permutation_test"] = _qkov_permutation_summary(result, fa, fb, layout, name_a, name_b, seed, needed, options)
         section["pairs"][f"{name_a}|{name_b}"] = summary
         for block, fig in qkov.plot_heatmaps(result).items():
             figures.append(save_figure(fig, out, f"qkov_{name_b}_on_{name_a}_{block}"))

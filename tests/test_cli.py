@@ -192,3 +192,19 @@ def test_tasks_too_small_for_qkov_are_skipped_with_the_reason(tiny_checkpoint, t
     pairs = json.loads((out / "results.json").read_text())["qkov"]["pairs"]
     assert pairs["add|words"] == {"skipped": "add has 4 samples with active tokens; its Fisher needs at least 8"}
     assert "skipped: words has 4 samples" in (out / "report.md").read_text()
+
+
+def test_qkov_contraction_from_the_command_line(tiny_checkpoint, tmp_path, capsys):
+    """``--qkov-contraction`` reaches the heatmap: the Pallas kernel (interpret mode here) writes the
+    scores of the default kernel, up to rounding."""
+    scores = {}
+    for contraction in ("auto", "pallas"):
+        out = tmp_path / contraction
+        assert _analyze(tiny_checkpoint, out, "--phases", "fisher,qkov", "--qkov-contraction", contraction) == 0
+        scores[contraction] = np.load(out / "qkov.npz")["add|words|scores"]
+        options = json.loads((out / "results.json").read_text())["qkov"]["pairs"]["add|words"]["options"]
+        assert options["contraction"] == contraction
+    np.testing.assert_allclose(scores["pallas"], scores["auto"], rtol=1e-4, atol=1e-12)
+    with pytest.raises(SystemExit) as exit_info:
+        _analyze(tiny_checkpoint, tmp_path / "bad", "--qkov-contraction", "tiled")
+    assert exit_info.value.code == 2 and "invalid choice: 'tiled'" in capsys.readouterr().err
