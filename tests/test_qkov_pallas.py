@@ -86,6 +86,19 @@ def test_head_blocks_follow_the_fused_layouts(family, block, expected):
     assert qkov_pallas.head_blocks(layout, layout.block_sources(block, "kernel")[0], block) == expected
 
 
+def test_heatmap_warns_that_pallas_is_interpreted_off_a_gpu(hf_checkpoint):
+    import fisherjax
+    from fisherjax.fisher.state import Contributions
+
+    model = fisherjax.load_pretrained(hf_checkpoint("gpt2")[0])
+    rng = np.random.default_rng(0)
+    paths = [p for b, k in model.layout.attention_blocks() for p in model.layout.block_sources(b, k)]
+    grads = {p: rng.standard_normal((4, *model.layout.spec(p).shape)).astype(np.float32) for p in set(paths)}
+    task = Contributions.from_grads(grads, np.full(4, 3), np.arange(4))
+    with pytest.warns(UserWarning, match="interpret mode"):
+        qkov.heatmap(task, task, model.layout, min_fisher_samples=1, contraction="pallas")
+
+
 def test_interpret_mode_matches_looped_on_the_synthetic_shapes():
     """Stored leaves with head_dim 16 (the Triton tile) and a split of 4: same sums as the CPU kernel."""
     layout = _layout("gpt_neox")

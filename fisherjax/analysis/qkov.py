@@ -822,6 +822,12 @@ def _raw_scores(
     c_a, c_b, c_l = tile_plan(n_a, n_b, n_l, floats_per_layer, memory_budget_bytes, copies=copies)
     if pallas:
         c_a, c_b = qkov_pallas.sample_chunk(c_a, n_a), qkov_pallas.sample_chunk(c_b, n_b)
+        if jax.default_backend() != "gpu":
+            warnings.warn(
+                f"qkov: contraction='pallas' is a GPU (Triton) kernel; on {jax.default_backend()} it runs in Pallas' "
+                "interpret mode, which is slow (contraction='auto' picks the fast path here)",
+                stacklevel=3,
+            )
     statics = dict(layout=layout, pairs=prep.pairs)
 
     def operand(side: _Side, positions, layer_index, weights):
