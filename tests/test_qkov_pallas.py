@@ -99,13 +99,15 @@ def test_heatmap_warns_that_pallas_is_interpreted_off_a_gpu(hf_checkpoint):
         qkov.heatmap(task, task, model.layout, min_fisher_samples=1, contraction="pallas")
 
 
-def test_interpret_mode_matches_looped_on_the_synthetic_shapes():
-    """Stored leaves with head_dim 16 (the Triton tile) and a split of 4: same sums as the CPU kernel."""
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_interpret_mode_matches_looped_on_the_synthetic_shapes(dtype):
+    """Stored leaves with head_dim 16 (the Triton tile) and a split of 4, float32 or stored in
+    bfloat16 (``--contribution-dtype``; tiles are widened as they are loaded): same sums as the CPU kernel."""
     layout = _layout("gpt_neox")
     pairs, leaves, weights, _ = _abstract_inputs(layout, n=16)
     keys = iter(jax.random.split(jax.random.PRNGKey(0), 16))
-    a = {p: jax.random.normal(next(keys), s.shape) for p, s in leaves.items()}
-    b = {p: jax.random.normal(next(keys), s.shape) for p, s in leaves.items()}
+    a = {p: jax.random.normal(next(keys), s.shape).astype(dtype) for p, s in leaves.items()}
+    b = {p: jax.random.normal(next(keys), s.shape).astype(dtype) for p, s in leaves.items()}
     w = {k: jax.random.uniform(next(keys), s.shape) for k, s in weights.items()}
     sa, sb = jax.random.uniform(next(keys), (16,)), jax.random.uniform(next(keys), (16,))
     common = dict(layout=layout, pairs=pairs, transform_a="square", transform_b="abs", precision="highest")

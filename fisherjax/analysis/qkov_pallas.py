@@ -91,8 +91,8 @@ def _slice_kernel(x_ref, w_ref, y_ref, out_ref, *, transform_a: str, transform_b
     """One program: ``out = Σ_tiles (f_a(x) · w) · f_b(y)ᵀ`` over a slice's rows and column tiles.
 
     ``x_ref [c_a, rows, cols]``, ``y_ref [c_b, rows, cols]`` are the two tasks' slices of the
-    stored leaves (strided in memory), ``w_ref [rows, cols]`` the slice's ``1/(Î+λ)``,
-    ``out_ref [c_a, c_b]``.
+    stored leaves (strided in memory, in their stored dtype: tiles become float32 as they are
+    loaded), ``w_ref [rows, cols]`` the slice's ``1/(Î+λ)``, ``out_ref [c_a, c_b]``.
     """
     rows, cols = w_ref.shape
     per_row = cols // chunk
@@ -101,8 +101,8 @@ def _slice_kernel(x_ref, w_ref, y_ref, out_ref, *, transform_a: str, transform_b
         # lax.div/rem, not // and %: jnp's floor division lowers to ops Pallas' Triton backend rejects
         row, column = jax.lax.div(t, per_row), jax.lax.rem(t, per_row) * chunk
         columns = pl.ds(pl.multiple_of(column, chunk), chunk)
-        a = _TRANSFORMS[transform_a](x_ref[:, row, columns]) * w_ref[row, columns][None, :]
-        b = _TRANSFORMS[transform_b](y_ref[:, row, columns])
+        a = _TRANSFORMS[transform_a](x_ref[:, row, columns].astype(jnp.float32)) * w_ref[row, columns][None, :]
+        b = _TRANSFORMS[transform_b](y_ref[:, row, columns].astype(jnp.float32))
         return acc + jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
 
     out_ref[...] = jax.lax.fori_loop(0, rows * per_row, body, jnp.zeros(out_ref.shape, jnp.float32))
@@ -138,10 +138,9 @@ def _block_products(
         from jax.experimental.pallas import triton as pallas_triton
 
         call_kwargs["compiler_params"] = pallas_triton.CompilerParams(num_warps=4, num_stages=3)
+    chunk = _tile_chunk(cols, 1 if interpret else _MIN_TILE)
     partial = pl.pallas_call(
-        functools.partial(
-            _slice_kernel, transform_a=transform_a, transform_b=transform_b, chunk=_tile_chunk(cols, 1 if interpret else _MIN_TILE), precision=_PRECISIONS[precision]
-        ),
+        functools.partial(_slice_kernel, transform_a=transform_a, transform_b=transform_b, chunk=chunk, precision=_PRECISIONS[precision]),
         out_shape=jax.ShapeDtypeStruct((split, layers, heads, c_a, c_b), jnp.float32),
         grid=(layers, heads, split),
         in_specs=[
@@ -153,7 +152,7 @@ def _block_products(
         interpret=interpret,
         name="qkov_slice_products",
         **call_kwargs,
-    )(x.astype(jnp.float32), w, y.astype(jnp.float32))
+    )(x, w, y)
     return partial.sum(axis=0)
 
 
