@@ -378,10 +378,26 @@ def _prepare(task_a, task_b, layout: ModelLayout, options: QKOVOptions) -> _Prep
             denominator = fisher[_key(block, kind)] + _ridge_shape(block, kind, ridge)
             weights[_key(block, kind)] = (denominator ** -power).astype(np.float32)
 
-    scale_b = np.ones(len(b), np.float32)
+    return _Prepared(a, b, name_a, name_b, dropped_a, dropped_b, pairs, weights, diagnostics, slice_sizes, _partner_scale(b, options))
+
+
+def _partner_scale(b: Contributions, options: QKOVOptions) -> np.ndarray:
+    """``[n_b]`` per-sample factor of ``g_j``: ``1/T_j`` for ``normalize_gj="per_token_mean"``, else 1."""
     if options.normalize_gj == "per_token_mean" and options.variant != "symmetric":
-        scale_b = (1.0 / np.asarray(b.tokens, np.float64)).astype(np.float32)
-    return _Prepared(a, b, name_a, name_b, dropped_a, dropped_b, pairs, weights, diagnostics, slice_sizes, scale_b)
+        return (1.0 / np.asarray(b.tokens, np.float64)).astype(np.float32)
+    return np.ones(len(b), np.float32)
+
+
+def _with_partner(prep: _Prepared, task_b, layout: ModelLayout, options: QKOVOptions, default_name: str = "B") -> _Prepared:
+    """``prep`` with another task B: valid as long as the Fisher is A's alone (``fisher_pool="A"``),
+    so A's Fisher, weights and diagnostics are computed once for several partner sets."""
+    if options.fisher_pool != "A":
+        raise ConfigError("qkov: swapping task B keeps A's Fisher, which needs fisher_pool='A'")
+    b, name_b = _contributions_of(task_b, default_name)
+    b, dropped_b = _active(b, name_b)
+    b_side = "contributions" if options.variant == "symmetric" else "grads"
+    _check_paths(getattr(b, b_side), _required_paths(layout, prep.pairs), b_side, name_b, options.include_bias)
+    return prep._replace(b=b, name_b=name_b, dropped_b=dropped_b, scale_b=_partner_scale(b, options))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -885,6 +901,13 @@ def _finish(raw: dict[str, np.ndarray], prep: _Prepared, layout: ModelLayout, op
     return scores
 
 
+def _scores(prep: _Prepared, layout: ModelLayout, options: QKOVOptions, memory_budget_bytes: float) -> np.ndarray:
+    """``[block, layer, n_a, n_b, head]`` scores of every sample pair (:func:`_raw_scores`, :func:`_finish`)."""
+    a_pos, b_pos = np.arange(len(prep.a)), np.arange(len(prep.b))
+    raw = _raw_scores(prep, layout, options, a_pos, b_pos, np.arange(layout.num_layers), memory_budget_bytes)
+    return _finish(raw, prep, layout, options, b_pos)
+
+
 def _stack_diagnostics(prep: _Prepared, layout: ModelLayout) -> SliceDiagnostics:
     kv = layout.kv_head_of
 
@@ -939,9 +962,7 @@ def heatmap(
     n_a, n_b = len(prep.a), len(prep.b)
     if n_b == 0:
         warnings.warn(f"qkov: task {prep.name_b!r} has no samples; its interference scores are all zero", stacklevel=2)
-    a_pos, b_pos = np.arange(n_a), np.arange(n_b)
-    raw = _raw_scores(prep, layout, options, a_pos, b_pos, np.arange(layout.num_layers), memory_budget_bytes)
-    scores = _finish(raw, prep, layout, options, b_pos)
+    scores = _scores(prep, layout, options, memory_budget_bytes)
     avg = scores.mean(axis=(2, 3)) if n_a and n_b else np.zeros(scores.shape[:2] + scores.shape[-1:], np.float32)
     ids_a, ids_b = np.asarray(prep.a.sample_ids), np.asarray(prep.b.sample_ids)
     return QKOVResult(
@@ -1082,16 +1103,15 @@ def permutation_test(
     options = _options(options, overrides)
     if options.fisher_pool != "A":
         raise ConfigError("qkov permutation_test compares B with A' against A's own Fisher: use fisher_pool='A'")
-    a, name_a = _contributions_of(task_a, "A")
-    b, name_b = _contributions_of(task_b, "B")
-    held, _ = _contributions_of(task_a_heldout, "A'")
-    b, _ = _active(b, name_b)
-    held, _ = _active(held, f"{name_a} (held out)")
+    # Î is A's alone (fisher_pool="A"), so a column's scores do not depend on the other columns:
+    # A's Fisher once, then one score array per partner set (not one over a host copy of B and
+    # A' joined, GB per task).
+    with_b = _prepare(task_a, task_b, layout, options)
+    with_held = _with_partner(with_b, task_a_heldout, layout, options, default_name=f"{with_b.name_a} (held out)")
+    b, held = with_b.b, with_held.b
     if not len(b) or not len(held):
         raise DataError("qkov permutation_test needs samples in both task B and the held-out split A'")
-    # Î is A's alone (fisher_pool="A"), so a column's scores do not depend on the other columns:
-    # one heatmap per partner set, not one over a host copy of B and A' joined (GB per task).
-    scores = [heatmap(a, partners, layout, options=options, memory_budget_bytes=memory_budget_bytes).scores for partners in (b, held)]
+    scores = [_scores(prep, layout, options, memory_budget_bytes) for prep in (with_b, with_held)]
     column_means = np.concatenate([s.astype(np.float64).mean(axis=2) for s in scores], axis=2)  # [block, layer, n_b + n_held, head]
     is_b = np.r_[np.ones(len(b), bool), np.zeros(len(held), bool)]
 
