@@ -79,7 +79,6 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from fisherjax.analysis import qkov_pallas
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.state import HOST_ALIGNMENT, Contributions, TaskFisher
 from fisherjax.layout import ModelLayout
@@ -749,6 +748,8 @@ def _pallas_tile(
 ) -> dict[str, Array]:
     """One tile by :func:`~fisherjax.analysis.qkov_pallas.kernel_products` (kernels, read in place
     from the stored leaves) plus the q/k/v biases, which are small, by the batched path."""
+    from fisherjax.analysis import qkov_pallas  # it imports this module
+
     kernels = tuple(p for p in pairs if p[1] == "kernel")
     biases = tuple(p for p in pairs if p[1] == "bias")
     out = qkov_pallas.kernel_products(
@@ -837,7 +838,9 @@ def _raw_scores(
         copies = 1 if looped or pallas else 3
     c_a, c_b, c_l = tile_plan(n_a, n_b, n_l, floats_per_layer, memory_budget_bytes, copies=copies)
     if pallas:
-        c_a, c_b = qkov_pallas.sample_chunk(c_a, n_a), qkov_pallas.sample_chunk(c_b, n_b)
+        from fisherjax.analysis.qkov_pallas import sample_chunk  # it imports this module
+
+        c_a, c_b = sample_chunk(c_a, n_a), sample_chunk(c_b, n_b)
         if jax.default_backend() != "gpu":
             warnings.warn(
                 f"qkov: contraction='pallas' is a GPU (Triton) kernel; on {jax.default_backend()} it runs in Pallas' "

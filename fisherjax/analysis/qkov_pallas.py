@@ -34,11 +34,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
+from fisherjax.analysis.qkov import _PRECISIONS, _TRANSFORMS
 from fisherjax.errors import ConfigError
 from fisherjax.layout import ModelLayout
 
-_TRANSFORMS = {"identity": lambda x: x, "abs": jnp.abs, "sqrt": jnp.sqrt, "square": jnp.square}
-_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH, "default": jax.lax.Precision.DEFAULT}
 _MIN_TILE = 16  # Triton's smallest dot operand side
 _MAX_CHUNK = 256
 
