@@ -773,8 +773,9 @@ def tile_plan(
     A tile holds ``c_a + c_b`` samples of ``c_l`` layers, ``copies`` float32 copies of each (three
     for batched contraction: input, head-major operand, slack for the GEMM; one for looped
     contraction, whose pieces are small, and for the Pallas kernel, which reads the stored leaves
-    themselves; none when the inputs are read in place, so everything is one tile) plus the weights. All layers are kept together as long as at least ``min(n, 32)``
-    samples of each task fit; otherwise layers are split.
+    themselves; none when the inputs are read in place, so everything is one tile) plus the
+    weights. All layers are kept together as long as at least ``min(n, 32)`` samples of each task
+    fit; otherwise layers are split.
     """
     if copies == 0:
         return max(n_a, 1), max(n_b, 1), n_layers
