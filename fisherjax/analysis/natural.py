@@ -322,12 +322,9 @@ def summarize(fishers: Mapping[str, TaskFisher], layout: ModelLayout, *, eps: fl
         for path in (p for p in fa if p in fb):
             xa = np.maximum(np.asarray(fa[path], np.float64), floor)
             xb = np.maximum(np.asarray(fb[path], np.float64), floor)
-            w = xa / (xa + xb)
-            spec = layout.spec(path)
-            rows = w.reshape(w.shape[0], -1) if spec.layered else w.reshape(1, -1)
-            row_layers = range(w.shape[0]) if spec.layered else [-1 if spec.layer is None else spec.layer]
+            rows, row_layers = layout.layer_rows(path, xa / (xa + xb))
             tallies = np.stack([rows.sum(1), (rows > dominance).sum(1), (rows < 1 - dominance).sum(1), np.full(len(rows), rows.shape[1])], 1)
-            for layer, tally in zip(row_layers, tallies, strict=True):
+            for layer, tally in zip(row_layers.tolist(), tallies, strict=True):
                 per_layer[layer] = per_layer.get(layer, 0) + tally
         layers = sorted(per_layer)
         table = np.stack([per_layer[layer] for layer in layers])
