@@ -342,15 +342,13 @@ def _fisher_views(a: Contributions, b: Contributions, layout, pairs, options: QK
 
 def _prepare(task_a, task_b, layout: ModelLayout, options: QKOVOptions) -> _Prepared:
     a, name_a = _contributions_of(task_a, "A")
-    b, name_b = _contributions_of(task_b, "B")
     a, dropped_a = _active(a, name_a)
-    b, dropped_b = _active(b, name_b)
+    b, name_b, dropped_b = _partner(task_b, "B")
     pairs = tuple(_block_kinds(layout, options.include_bias))
     paths = _required_paths(layout, pairs)
     a_side = "grads" if options.variant == "signed" else "contributions"
-    b_side = "contributions" if options.variant == "symmetric" else "grads"
     _check_paths(getattr(a, a_side), paths, a_side, name_a, options.include_bias)
-    _check_paths(getattr(b, b_side), paths, b_side, name_b, options.include_bias)
+    _check_partner(b, name_b, paths, options)
     pool_tasks = {"A": ((a, name_a),), "B": ((b, name_b),), "pooled": ((a, name_a), (b, name_b))}[options.fisher_pool]
     for c, name in pool_tasks:
         _check_paths(c.contributions, paths, "contributions", name, options.include_bias)
@@ -387,15 +385,26 @@ def _partner_scale(b: Contributions, options: QKOVOptions) -> np.ndarray:
     return np.ones(len(b), np.float32)
 
 
+def _partner(task_b, default_name: str) -> tuple[Contributions, str, tuple[int, ...]]:
+    """Task B's contributions with samples of no active tokens dropped, its name and the dropped ids."""
+    b, name_b = _contributions_of(task_b, default_name)
+    b, dropped_b = _active(b, name_b)
+    return b, name_b, dropped_b
+
+
+def _check_partner(b: Contributions, name_b: str, paths: Sequence[str], options: QKOVOptions) -> None:
+    """Task B stores what its side of the product reads (``C`` for the symmetric variant, else ``g``)."""
+    b_side = "contributions" if options.variant == "symmetric" else "grads"
+    _check_paths(getattr(b, b_side), paths, b_side, name_b, options.include_bias)
+
+
 def _with_partner(prep: _Prepared, task_b, layout: ModelLayout, options: QKOVOptions, default_name: str = "B") -> _Prepared:
     """``prep`` with another task B: valid as long as the Fisher is A's alone (``fisher_pool="A"``),
     so A's Fisher, weights and diagnostics are computed once for several partner sets."""
     if options.fisher_pool != "A":
         raise ConfigError("qkov: swapping task B keeps A's Fisher, which needs fisher_pool='A'")
-    b, name_b = _contributions_of(task_b, default_name)
-    b, dropped_b = _active(b, name_b)
-    b_side = "contributions" if options.variant == "symmetric" else "grads"
-    _check_paths(getattr(b, b_side), _required_paths(layout, prep.pairs), b_side, name_b, options.include_bias)
+    b, name_b, dropped_b = _partner(task_b, default_name)
+    _check_partner(b, name_b, _required_paths(layout, prep.pairs), options)
     return prep._replace(b=b, name_b=name_b, dropped_b=dropped_b, scale_b=_partner_scale(b, options))
 
 
