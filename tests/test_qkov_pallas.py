@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fisherjax
 from fisherjax.analysis import qkov, qkov_pallas
 from fisherjax.errors import ConfigError
+from fisherjax.fisher.state import Contributions
 from fisherjax.layout import FAMILY_RULES, ModelLayout
 
 FAMILY_SHAPES = {  # family: (paths and per-layer shapes of the attention kernels, heads, kv heads)
@@ -29,12 +31,12 @@ FAMILY_SHAPES = {  # family: (paths and per-layer shapes of the attention kernel
 }
 
 
-def _layout(family: str, head_dim: int = 16, layers: int = 2) -> ModelLayout:
+def _layout(family: str, layers: int = 2) -> ModelLayout:
+    """Shape-only attention kernels of a family with head_dim 16 (Triton's smallest tile)."""
     shapes, heads, kv_heads = FAMILY_SHAPES[family]
-    scale = head_dim // 16
-    params = {p: np.broadcast_to(np.float32(0), (layers, s[0] * scale, s[1] * scale)) for p, s in shapes.items()}
+    params = {p: np.broadcast_to(np.float32(0), (layers, *s)) for p, s in shapes.items()}
     return ModelLayout.from_rules(
-        params, FAMILY_RULES[family], num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, num_layers=layers, layered="layers/"
+        params, FAMILY_RULES[family], num_heads=heads, num_kv_heads=kv_heads, head_dim=16, num_layers=layers, layered="layers/"
     )
 
 
@@ -87,9 +89,6 @@ def test_head_blocks_follow_the_fused_layouts(family, block, expected):
 
 
 def test_heatmap_warns_that_pallas_is_interpreted_off_a_gpu(hf_checkpoint):
-    import fisherjax
-    from fisherjax.fisher.state import Contributions
-
     model = fisherjax.load_pretrained(hf_checkpoint("gpt2")[0])
     rng = np.random.default_rng(0)
     paths = [p for b, k in model.layout.attention_blocks() for p in model.layout.block_sources(b, k)]
