@@ -29,7 +29,8 @@ import numpy as np
 
 import fisherjax
 from fisherjax.data import Batch
-from fisherjax.fisher.collect import collect, lower_step
+from fisherjax.fisher.collect import collect
+from fisherjax.fisher.step import lower_step
 from fisherjax.grads import sample_losses
 
 
@@ -79,7 +80,7 @@ def jax_rates(model, batches) -> dict:
     return {
         "a_batched_grad": timed(lambda b: grad_fn(model.params, b.input_ids, b.attention_mask, b.labels), batches),
         "b_group_fisher": collect_rate(model, batches),
-        "c_with_attention_contributions": collect_rate(model, batches, contributions=True),
+        "c_with_attention_contributions": collect_rate(model, batches, keep_sample_grads=True),
     }
 
 

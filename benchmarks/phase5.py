@@ -43,7 +43,7 @@ from fisherjax.analysis import conflicts as C
 from fisherjax.analysis import projection as P
 from fisherjax.config import RopeConfig
 from fisherjax.data import Batch, batches, task_from_tokens
-from fisherjax.fisher.state import Contributions
+from fisherjax.fisher.state import SampleGrads
 from fisherjax.grads import per_sample_grads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def demo_model_and_tasks(n_per_task: int):
     return model, task_batches, source
 
 
-def exact_task(model, task_batches, paths) -> Contributions:
+def exact_task(model, task_batches, paths) -> SampleGrads:
     grads, tokens, ids = {p: [] for p in paths}, [], []
     for batch in task_batches:
         out = per_sample_grads(model, model.params, batch, paths=paths)
@@ -168,12 +168,12 @@ def exact_task(model, task_batches, paths) -> Contributions:
             grads[p].append(np.asarray(out.grads[p])[keep])
         tokens.append(np.asarray(out.tokens)[keep])
         ids.append(batch.sample_ids[keep])
-    return Contributions.from_grads({p: np.concatenate(v) for p, v in grads.items()}, np.concatenate(tokens), np.concatenate(ids))
+    return SampleGrads.from_grads({p: np.concatenate(v) for p, v in grads.items()}, np.concatenate(tokens), np.concatenate(ids))
 
 
-def _joined(parts: list[Contributions]) -> Contributions:
-    return Contributions(
-        np.concatenate([p.sample_ids for p in parts]), np.concatenate([p.tokens for p in parts]), {},
+def _joined(parts: list[SampleGrads]) -> SampleGrads:
+    return SampleGrads(
+        np.concatenate([p.sample_ids for p in parts]), np.concatenate([p.tokens for p in parts]),
         {path: np.concatenate([p.grads[path] for p in parts]) for path in parts[0].grads},
     )
 

@@ -17,7 +17,7 @@ contributions and gradients of the right shapes (no model forward needed):
   precision, timed in the same run);
 * a straightforward numpy loop over (i, j, layer, head, block) on the same data, timed on a few
   sample pairs and scaled to ``n_A · n_B`` pairs (its results are checked against the kernel's);
-* optionally (``--end-to-end``) the public ``heatmap`` on host numpy ``Contributions``, which adds
+* optionally (``--end-to-end``) the public ``heatmap`` on host numpy ``SampleGrads``, which adds
   the Fisher, its per-slice medians and diagnostics, and the host → device copies.
 
 Usage::
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fisherjax.analysis import qkov
-from fisherjax.fisher.state import Contributions
+from fisherjax.fisher.state import SampleGrads
 from fisherjax.layout import FAMILY_RULES, ModelLayout
 
 CONFIGS = {
@@ -274,7 +274,7 @@ def _fused(C, g, weights, *, split_k, precision):
 
 
 def bench_end_to_end(name: str, args) -> str:
-    """Seconds of the public ``heatmap`` on host numpy Contributions (second call; the first compiles).
+    """Seconds of the public ``heatmap`` on host numpy SampleGrads (second call; the first compiles).
 
     Two inputs: task A with stored ``C`` (true or per-token Fisher), and with ``C`` derived from
     ``g`` (the empirical Fisher, which is what ``collect`` stores by default).
@@ -288,11 +288,11 @@ def bench_end_to_end(name: str, args) -> str:
         grads_a[path] = np.asarray(jax.random.normal(jax.random.fold_in(key, 2 * n + 1), (args.n_a, *shape)))
         grads_b[path] = np.asarray(jax.random.normal(jax.random.fold_in(key, 2 * n), (args.n_b, *shape)))
     tokens_a, tokens_b = np.full(args.n_a, 7), np.full(args.n_b, 7)
-    B = Contributions(np.arange(args.n_b), tokens_b, None, grads_b)
+    B = SampleGrads(np.arange(args.n_b), tokens_b, grads_b)
     options = dict(min_fisher_samples=1, precision=args.precision, memory_budget_bytes=args.memory_budget)
     seconds = {}
-    for label, A in (("stored C", Contributions.from_grads(grads_a, tokens_a, np.arange(args.n_a))),
-                     ("derived C", Contributions(np.arange(args.n_a), tokens_a, None, grads_a))):
+    for label, A in (("stored C", SampleGrads.from_grads(grads_a, tokens_a, np.arange(args.n_a))),
+                     ("derived C", SampleGrads(np.arange(args.n_a), tokens_a, grads_a))):
         qkov.heatmap(A, B, layout, **options)
         start = time.perf_counter()
         qkov.heatmap(A, B, layout, **options)

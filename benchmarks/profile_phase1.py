@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fisherjax.fisher.collect import _initial_state, _make_plan, _site_names, _step_for
+from fisherjax.fisher.options import CollectOptions
+from fisherjax.fisher.step import compiled_step, initial_state, make_plan, site_names
 from fisherjax.fisher.sites import discover_sites, squared_marginals_from_sites
 from fisherjax.grads import sample_losses, site_grads
 
@@ -64,7 +65,7 @@ def main():
     results["batched_grad"] = per_batch_ms(grad, [(model.params, i, mask) for i in ids], args.repeats)
     taps = jax.jit(lambda p, i, m: site_grads(model, p, i, m, i).deltas)
     results["forward_and_pullback_to_taps"] = per_batch_ms(taps, [(model.params, i, mask) for i in ids], args.repeats)
-    sites = discover_sites(model.layout, _site_names(model))
+    sites = discover_sites(model.layout, site_names(model))
     recorded = [jax.jit(lambda p, i, m: site_grads(model, p, i, m, i))(model.params, i, mask) for i in ids]
     for label, loop in {"ghost_norms_alone_looped": True, "ghost_norms_alone_vmapped": False}.items():
         norms = jax.jit(
@@ -73,17 +74,17 @@ def main():
         results[label] = per_batch_ms(norms, [(r.inputs, r.deltas) for r in recorded], args.repeats)
     del recorded
     for label, options in {
-        "step_ghost_auto": dict(contributions=False, ghost="auto"),
-        "step_ghost_auto_vmapped": dict(contributions=False, ghost="auto", sample_loop=False),
-        "step_ghost_always": dict(contributions=False, ghost="always"),
-        "step_ghost_never": dict(contributions=False, ghost="never"),
-        "step_attention_contributions": dict(contributions=True, ghost="auto"),
-        "step_diagonal": dict(contributions=False, ghost="auto", diagonal=True),
-        "step_diagonal_and_attention_contributions": dict(contributions=True, ghost="auto", diagonal=True),
+        "step_ghost_auto": dict(ghost="auto"),
+        "step_ghost_auto_vmapped": dict(ghost="auto", sample_loop=False),
+        "step_ghost_always": dict(ghost="always"),
+        "step_ghost_never": dict(ghost="never"),
+        "step_attention_contributions": dict(keep_sample_grads=True, ghost="auto"),
+        "step_diagonal": dict(ghost="auto", diagonal=True),
+        "step_diagonal_and_attention_contributions": dict(keep_sample_grads=True, ghost="auto", diagonal=True),
     }.items():
-        plan = _make_plan(model.layout, options["contributions"], options.get("diagonal", False), "empirical", 1, "welford", options["ghost"], "float32", False, options.get("sample_loop"))
-        step = _step_for(model, plan)
-        state = _initial_state(model, plan, 0.99)
+        plan = make_plan(model.layout, CollectOptions(**options))
+        step = compiled_step(model, plan)
+        state = initial_state(model, plan)
         fn = lambda p, s, i: step(p, jax.tree.map(jnp.copy, s), i, mask, i, sample_ids, key, jnp.zeros(2, jnp.int32))  # noqa: E731
         results[label] = per_batch_ms(fn, [(model.params, state, i) for i in ids], args.repeats)
     results = {k: round(v, 2) for k, v in results.items()}

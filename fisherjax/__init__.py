@@ -6,7 +6,7 @@ and their overlap, sample-level conflict forensics and QK-OV interference, as pu
 
 from fisherjax.config import DecoderConfig
 from fisherjax.errors import CheckpointError, ConfigError, DataError, FisherjaxError, NumericalError
-from fisherjax.fisher import Contributions, TaskFisher
+from fisherjax.fisher import CollectOptions, SampleGrads, TaskFisher
 from fisherjax.fisher.collect import collect
 from fisherjax.layout import ModelLayout, Role
 from fisherjax.models import Model, load_pretrained, save_pretrained
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "ConfigError",
-    "Contributions",
+    "CollectOptions",
     "DataError",
     "DecoderConfig",
     "FisherjaxError",
@@ -25,6 +25,7 @@ __all__ = [
     "ModelLayout",
     "NumericalError",
     "Role",
+    "SampleGrads",
     "TaskFisher",
     "collect",
     "conflicts",

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from fisherjax.errors import FisherjaxError
-from fisherjax.fisher.collect import FISHER_TYPES, MODES, STORAGE_DTYPES
+from fisherjax.fisher.options import FISHER_TYPES, MODES, STORAGE_DTYPES
 from fisherjax.pipeline import QKOV_CONTRACTIONS, AnalysisConfig
 
 EXIT_INPUT_ERROR = 2

@@ -13,8 +13,9 @@ class FisherjaxError(Exception):
     """Base class for errors caused by the user's input rather than by fisherjax."""
 
 
-class ConfigError(FisherjaxError):
-    """A model config that fisherjax cannot interpret (unknown architecture, bad values)."""
+class ConfigError(FisherjaxError, ValueError):
+    """A config or option fisherjax cannot use (unknown architecture, a value out of range); also a
+    ``ValueError``, as Python code expects of a bad argument."""
 
 
 class CheckpointError(FisherjaxError):

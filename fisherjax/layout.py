@@ -57,7 +57,12 @@ class Role(str, enum.Enum):
 
 
 ATTENTION_BLOCKS = ("q", "k", "v", "o")
+"""The attention blocks, in the order every per-block array and table uses."""
+
 KINDS = ("kernel", "bias", "scale", "embedding")
+
+OUTSIDE_LAYERS = -1
+"""Layer id of parameters outside the layer stack (embeddings, final norm, unembedding)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,17 +228,44 @@ class ModelLayout:
             raise ValueError(f"{path} ({spec.role.value} {spec.kind}) has no heads on its input axis")
         return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
 
+    def head_index(self, path: str, block: str | None = None) -> np.ndarray:
+        """``[heads_of(block), head_dim]``: where each head of ``block`` sits along the leaf's head
+        axis — the output axis of a q/k/v kernel or bias (fused QKV included), the input axis of
+        an O kernel. The one map from heads to positions; everything that slices a head out of a
+        stored leaf without a full :meth:`view` (gathers, strided kernels) reads it here.
+        """
+        spec = self.spec(path)
+        if spec.role == Role.O:
+            width = spec.shape[-2]
+            return np.asarray(self.input_heads(path, np.arange(width)))
+        return np.asarray(self.output_heads(path, np.arange(spec.shape[-1]), block))
+
+    def stack_layers(self, paths: Sequence[str], value_of, axis: int = 0) -> Any:
+        """Values of leaves that together cover the layers, with one layer axis: ``value_of(path)``
+        of a single layer-stacked leaf as it is, or the per-layer leaves' values (``paths`` in
+        layer order, e.g. :meth:`block_sources`) stacked along a new ``axis`` (0: leading;
+        negative to stack behind leading sample axes).
+
+        The one way to assemble per-layer leaves (head views, group values, Fisher slices);
+        works on numpy and jax arrays.
+        """
+        values = [value_of(p) for p in paths]
+        if len(paths) == 1 and self.specs[paths[0]].layered:
+            return values[0]
+        xp = jnp if isinstance(values[0], jax.Array) else np
+        return xp.stack(values, axis=axis)
+
     def layer_rows(self, path: str, x) -> tuple[Any, np.ndarray]:
         """A leaf-shaped array as rows that each lie in one layer, and the rows' layer ids.
 
         A layer-stacked leaf gives ``[layers, rest]`` rows ``0 … L-1``; any other leaf one row
-        ``[1, size]`` in its layer (``-1`` outside the layer stack). Per-layer counts then need no
-        per-parameter layer index.
+        ``[1, size]`` in its layer (:data:`OUTSIDE_LAYERS` outside the layer stack). Per-layer
+        counts then need no per-parameter layer index.
         """
         spec = self.spec(path)
         if spec.layered and x.ndim:
             return x.reshape(x.shape[0], -1), np.arange(x.shape[0])
-        return x.reshape(1, -1), np.array([-1 if spec.layer is None else spec.layer])
+        return x.reshape(1, -1), np.array([OUTSIDE_LAYERS if spec.layer is None else spec.layer])
 
     def unview(self, path: str, views: Mapping[str, Any]):
         """Inverse of :meth:`view`: write head views back into the leaf's own layout.
@@ -248,24 +280,18 @@ class ModelLayout:
             return v.reshape(*v.shape[:-3], -1, v.shape[-1])
         return v.reshape(*v.shape[:-2], -1)
 
-    def attention(self, tree: Params, *, stack_layers: bool = True) -> dict[tuple[str, str], Any]:
+    def attention(self, tree: Params) -> dict[tuple[str, str], Any]:
         """All attention blocks of a params-shaped tree as head views keyed by (block, kind).
 
         Unstacked per-layer leaves are stacked along a new layer axis so every value has one.
         """
         flat = tree if _is_flat(tree) else flatten(tree)
-        out = {}
-        for block, kind in self.attention_blocks():
-            sources = self.block_sources(block, kind)
-            views = [self.view(p, flat[p], block) for p in sources]
-            if len(sources) == 1 and self.specs[sources[0]].layered:
-                out[block, kind] = views[0]
-            elif stack_layers:
-                lead = views[0].ndim - _view_rank(block, kind)
-                out[block, kind] = jnp.stack(views, axis=lead) if isinstance(views[0], jax.Array) else np.stack(views, axis=lead)
-            else:
-                out[block, kind] = views
-        return out
+        return {
+            (block, kind): self.stack_layers(
+                self.block_sources(block, kind), lambda p, block=block: self.view(p, flat[p], block), axis=-(_view_rank(block, kind) + 1)
+            )
+            for block, kind in self.attention_blocks()
+        }
 
     def head_axis(self, block: str, kind: str) -> int:
         """Position of the head axis in a view, counted from the end."""

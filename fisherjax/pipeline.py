@@ -26,7 +26,8 @@ from fisherjax import io
 from fisherjax.analysis.qkov import CONTRACTIONS as QKOV_CONTRACTIONS
 from fisherjax.data import Batch, Task, batches, load_task
 from fisherjax.errors import ConfigError, DataError, FisherjaxError
-from fisherjax.fisher.collect import FISHER_TYPES, MODES, STORAGE_DTYPES, collect
+from fisherjax.fisher.collect import collect
+from fisherjax.fisher.options import FISHER_TYPES, MODES, STORAGE_DTYPES
 from fisherjax.fisher.state import TaskFisher
 from fisherjax.models import Model, load_pretrained
 
@@ -151,7 +152,7 @@ def phase_fisher(ctx: Context, out: Path) -> dict:
     arrays, section = {}, {}
     for name, fisher in ctx.fishers.items():
         arrays.update(fisher.flat_groups())
-        state = fisher if ctx.config.save_contributions else dataclasses.replace(fisher, contributions=None)
+        state = fisher if ctx.config.save_contributions else dataclasses.replace(fisher, sample_grads=None)
         io.save_task_fisher(state, out / "fisher_state" / name)
         section[name] = {
             "samples": fisher.n_samples,
@@ -341,8 +342,8 @@ def phase_qkov(ctx: Context, out: Path) -> dict:
     needed = options.min_fisher_samples
     for name_a, name_b in itertools.permutations(ctx.fishers, 2):
         fa, fb = ctx.fishers[name_a], ctx.fishers[name_b]
-        if len(fa.contributions) < needed:  # a quick run on a few samples still gets the other phases
-            reason = f"{name_a} has {len(fa.contributions)} samples with active tokens; its Fisher needs at least {needed}"
+        if len(fa.sample_grads) < needed:  # a quick run on a few samples still gets the other phases
+            reason = f"{name_a} has {len(fa.sample_grads)} samples with active tokens; its Fisher needs at least {needed}"
             section["pairs"][f"{name_a}|{name_b}"] = {"skipped": reason}
             lines += [f"**{name_b} → {name_a}**: skipped: {reason}.", ""]
             continue
@@ -399,9 +400,9 @@ def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig) ->
             all_batches[name],
             task=name,
             mode=config.mode,
-            contributions=True,
-            contribution_dtype=config.contribution_dtype,
-            contribution_budget_bytes=config.contribution_budget_gb * 1e9,
+            keep_sample_grads=True,
+            sample_grads_dtype=config.contribution_dtype,
+            sample_grads_budget_bytes=config.contribution_budget_gb * 1e9,
             spill_dir=None if config.spill_dir is None else Path(config.spill_dir) / name,
             diagonal=config.diagonal,
             fisher_type=config.fisher_type,

@@ -148,3 +148,28 @@ def abstract_layout(config):
     from fisherjax.models.hf import abstract_params
 
     return layout_for(config, abstract_params(config))
+
+
+class compilations:
+    """Context manager counting XLA backend compilations (``jax.monitoring`` events) inside it:
+    ``with compilations() as c: ...; assert c.count == 0``."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __enter__(self):
+        import jax
+
+        self.count = 0
+
+        def listener(event, duration, **kwargs):
+            if event == self.EVENT:
+                self.count += 1
+
+        self._listener = listener
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        return self
+
+    def __exit__(self, *exc):
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._listener)

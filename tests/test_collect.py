@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from conftest import random_task, tiny_config
-from fisherjax import DataError, FisherjaxError, Model, NumericalError
-from fisherjax.data import IGNORE, batches
-from fisherjax.fisher.collect import _sample_labels, collect, group_intervals
-from fisherjax.fisher.state import HOST_ALIGNMENT
+from fisherjax import ConfigError, DataError, FisherjaxError, Model, NumericalError
+from fisherjax.data import IGNORE, Batch, batches
+from fisherjax.backend import HOST_ALIGNMENT
+from fisherjax.fisher.collect import collect, group_intervals
+from fisherjax.fisher.step import sample_labels
 from fisherjax.fisher.groups import groups_of_elementwise
 from fisherjax.grads import per_sample_grads, token_nll
 from fisherjax.layout import flatten, unflatten
@@ -104,17 +105,54 @@ def test_per_token_fisher_equals_squared_token_gradients(model):
     _assert_groups_close(fisher.group_fisher, _reference_groups(model, per_sample))
 
 
-def test_true_fisher_uses_labels_sampled_from_the_model(model):
-    task = random_task("small", 4, seed=3)
-    key = jax.random.key(7)
-    fisher = collect(model, batches(task, 4), task="small", fisher_type="true", true_samples=2, key=key, progress=False)
-    batch = next(batches(task, 4))
+def test_sampled_labels_follow_the_model_distribution(model):
+    """The true Fisher's labels are draws from softmax(logits) at the predicted positions only."""
+    batch = next(batches(random_task("small", 2, seed=3, prompt=3), 2))
     logits = model.apply(model.params, batch.input_ids, batch.attention_mask)
-    draws = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, 0), 0), 2)  # batch 0, micro-batch 0
-    per_draw = [_vmap_contributions(model, task, labels_fn=lambda b, k=k: np.asarray(_sample_labels(k, logits, b.labels))) for k in draws]
-    mean = {p: (per_draw[0][p] + per_draw[1][p]) / 2 for p in per_draw[0]}
-    _assert_groups_close(fisher.group_fisher, _reference_groups(model, mean))
-    empirical = collect(model, batches(task, 4), task="small", progress=False)
+    draws = np.stack([np.asarray(sample_labels(k, logits, batch.labels)) for k in jax.random.split(jax.random.key(11), 4000)])
+    predicted = batch.labels != IGNORE
+    assert np.all(draws[:, ~predicted] == IGNORE) and np.all(draws[:, predicted] >= 0)
+    row, col = np.argwhere(predicted)[0]  # the first predicted position, drawn from position col - 1's logits
+    z = np.asarray(logits[row, col - 1], np.float64)
+    probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    counts = np.bincount(draws[:, row, col], minlength=probs.size)
+    common = probs * len(draws) >= 5  # the chi-square approximation's rule of thumb; the rest pooled
+    rest = [probs[~common].sum()] if (~common).any() else []
+    expected = np.r_[probs[common], rest] * len(draws)
+    observed = np.r_[counts[common], [counts[~common].sum()] if rest else []]
+    from scipy import stats
+
+    assert stats.chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_true_fisher_is_the_expectation_over_model_labels(model):
+    """With one predicted token per sample the true Fisher is exactly ``Σ_y p(y) g(y)²``
+    (enumerating the vocabulary); many draws must agree with it within Monte-Carlo error."""
+    task = random_task("one", 3, seed=5, min_len=5, max_len=7, prompt=100)  # every token a prompt ...
+    task = type(task)("one", tuple(type(e)(e.tokens, len(e.tokens) - 1, e.sample_id) for e in task.examples))  # ... but the last
+    draws = 256
+    fisher = collect(model, batches(task, 4), task="one", fisher_type="true", true_samples=draws, key=jax.random.key(3), progress=False)
+    batch = next(batches(task, 4))
+    logits = np.asarray(model.apply(model.params, batch.input_ids, batch.attention_mask), np.float64)
+    vocab = model.config.vocab_size
+    totals, probs = [], []
+    for row in range(3):
+        col = int(np.flatnonzero(batch.labels[row] != IGNORE)[0])
+        p = np.exp(logits[row, col - 1] - logits[row, col - 1].max())
+        probs.append(p / p.sum())
+        labels = np.full((vocab, batch.labels.shape[1]), IGNORE, np.int32)
+        labels[:, col] = np.arange(vocab)
+        every = Batch(np.repeat(batch.input_ids[row : row + 1], vocab, 0), np.repeat(batch.attention_mask[row : row + 1], vocab, 0), labels, np.arange(vocab))
+        grads = per_sample_grads(model, model.params, every).grads
+        totals.append(sum(np.square(np.asarray(g, np.float64)).reshape(vocab, -1).sum(1) for g in flatten(grads).values()))
+    # total Fisher (every group of every parameter): exact mean and the standard error of `draws` draws per sample
+    means = np.array([p @ t for p, t in zip(probs, totals)])
+    variances = np.array([p @ (t - m) ** 2 for p, t, m in zip(probs, totals, means)])
+    exact, stderr = means.mean(), np.sqrt(variances.sum() / draws) / 3
+    ours = sum(float(np.sum(v)) for path, groups in fisher.group_fisher.items() for g, v in groups.items()
+               if g in ("head", "head_q", "head_k", "head_v", "channel", "row", "element"))
+    assert abs(ours - exact) <= 4.5 * stderr, (ours, exact, stderr)
+    empirical = collect(model, batches(task, 4), task="one", progress=False)
     assert not np.allclose(empirical.group_fisher["embed/embedding"]["row"], fisher.group_fisher["embed/embedding"]["row"])
 
 
@@ -124,9 +162,9 @@ def test_samples_without_predicted_tokens_are_skipped_and_counted(model):
     examples[2] = type(examples[2])(examples[2].tokens, len(examples[2].tokens), examples[2].sample_id)
     task = type(task)("t", tuple(examples))
     with pytest.warns(UserWarning, match=r"1 sample\(s\) with no predicted tokens.*\[2\]"):
-        fisher = collect(model, batches(task, 8), task="t", contributions=True, progress=False)
+        fisher = collect(model, batches(task, 8), task="t", keep_sample_grads=True, progress=False)
     assert fisher.n_samples == 4 and fisher.n_skipped == 1
-    assert 2 not in fisher.sample_ids and 2 not in fisher.contributions.sample_ids
+    assert 2 not in fisher.sample_ids and 2 not in fisher.sample_grads.sample_ids
     for groups in fisher.group_fisher.values():
         for v in groups.values():
             assert np.all(np.isfinite(v))
@@ -149,32 +187,32 @@ def test_bad_input_errors(model, task):
     bad.input_ids[0, 0] = model.config.vocab_size + 3
     with pytest.raises(DataError, match=f"token id {model.config.vocab_size + 3}"):
         collect(model, [bad], task="rand", progress=False)
-    with pytest.raises(KeyError, match="unknown parameters"):
-        collect(model, batches(task, 4), task="rand", contributions=["nope/kernel"], progress=False)
+    with pytest.raises(ConfigError, match="does not have"):
+        collect(model, batches(task, 4), task="rand", keep_sample_grads=["nope/kernel"], progress=False)
 
 
 def test_contribution_storage_budget_and_spill(model, task, tmp_path):
-    full = collect(model, batches(task, 4), task="rand", contributions=True, progress=False)
-    assert full.contributions.paths == sorted(full.contributions.paths) or full.contributions.paths
-    half = collect(model, batches(task, 4), task="rand", contributions=True, contribution_dtype="bfloat16", progress=False)
+    full = collect(model, batches(task, 4), task="rand", keep_sample_grads=True, progress=False)
+    assert full.sample_grads.paths == sorted(full.sample_grads.paths) or full.sample_grads.paths
+    half = collect(model, batches(task, 4), task="rand", keep_sample_grads=True, sample_grads_dtype="bfloat16", progress=False)
     for kept in (full, half):  # aligned, so the CPU backend reads them in place (qkov)
-        assert all(np.asarray(g).ctypes.data % HOST_ALIGNMENT == 0 and g.flags.c_contiguous for g in kept.contributions.grads.values())
+        assert all(np.asarray(g).ctypes.data % HOST_ALIGNMENT == 0 and g.flags.c_contiguous for g in kept.sample_grads.grads.values())
     q = "layers/self_attn/q_proj/kernel"
-    assert half.contributions.grads[q].dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(half.contributions.grads[q], np.float32), full.contributions.grads[q], rtol=1e-2, atol=1e-6)
+    assert half.sample_grads.grads[q].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(half.sample_grads.grads[q], np.float32), full.sample_grads.grads[q], rtol=1e-2, atol=1e-6)
     with pytest.raises(FisherjaxError, match="spill_dir"):
-        collect(model, batches(task, 4), task="rand", contributions=True, contribution_budget_bytes=1e3, progress=False)
-    with pytest.raises(ValueError, match="contribution_budget_bytes must be > 0"):
-        collect(model, batches(task, 4), task="rand", contributions=True, contribution_budget_bytes=0, progress=False)
+        collect(model, batches(task, 4), task="rand", keep_sample_grads=True, sample_grads_budget_bytes=1e3, progress=False)
+    with pytest.raises(ValueError, match="sample_grads_budget_bytes must be > 0"):
+        collect(model, batches(task, 4), task="rand", keep_sample_grads=True, sample_grads_budget_bytes=0, progress=False)
     (tmp_path / "a_file").write_text("")
     with pytest.raises(FisherjaxError, match="cannot create it"):
-        collect(model, batches(task, 4), task="rand", contributions=True, contribution_budget_bytes=1e3,
+        collect(model, batches(task, 4), task="rand", keep_sample_grads=True, sample_grads_budget_bytes=1e3,
                 spill_dir=tmp_path / "a_file" / "spill", progress=False)
-    spilled = collect(model, batches(task, 4), task="rand", contributions=True, contribution_budget_bytes=1e3,
+    spilled = collect(model, batches(task, 4), task="rand", keep_sample_grads=True, sample_grads_budget_bytes=1e3,
                       spill_dir=tmp_path / "spill", progress=False)
-    assert isinstance(spilled.contributions.grads[q], np.memmap)
-    np.testing.assert_array_equal(np.asarray(spilled.contributions.grads[q]), full.contributions.grads[q])
-    np.testing.assert_array_equal(spilled.contributions.sample_ids, np.arange(12))
+    assert isinstance(spilled.sample_grads.grads[q], np.memmap)
+    np.testing.assert_array_equal(np.asarray(spilled.sample_grads.grads[q]), full.sample_grads.grads[q])
+    np.testing.assert_array_equal(spilled.sample_grads.sample_ids, np.arange(12))
 
 
 RESUME_SCRIPT = textwrap.dedent(
@@ -198,11 +236,11 @@ RESUME_SCRIPT = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)  # die mid-run, after the save at batch 4
             yield b
 
-    fisher = collect(model, feed(), task="r", contributions=True, checkpoint_dir=out + "/ckpt",
+    fisher = collect(model, feed(), task="r", keep_sample_grads=True, checkpoint_dir=out + "/ckpt",
                      checkpoint_every=2, resume=(mode == "resume"), progress=False)
     arrays = {{"w|" + k: v for k, v in flatten(fisher.welford.m2).items()}}
     arrays.update({{"g|" + k: v for k, v in flatten(fisher.group_fisher).items()}})
-    arrays.update({{"c|" + k: np.asarray(v) for k, v in fisher.contributions.grads.items()}})
+    arrays.update({{"c|" + k: np.asarray(v) for k, v in fisher.sample_grads.grads.items()}})
     arrays["ids"] = fisher.sample_ids
     np.savez(out + "/result.npz", **arrays)
     """
@@ -233,29 +271,53 @@ def test_killed_collection_resumes_to_identical_numbers(tmp_path):
 
 
 def test_memory_budget_splits_batches_into_micro_batches(model, task):
-    from fisherjax.fisher.collect import _make_plan, micro_batch_size
+    from fisherjax.fisher.options import CollectOptions
+    from fisherjax.fisher.step import make_plan, micro_batch_size
 
-    plan = _make_plan(model.layout, True, True, "empirical", 1, "welford", "auto", "float32", False)
+    plan = make_plan(model.layout, CollectOptions(keep_sample_grads=True, diagonal=True))
     assert micro_batch_size(model, plan, 8, 16, 1e6) < 8
-    whole = collect(model, batches(task, 8), task="rand", contributions=True, diagonal=True, progress=False)
-    split = collect(model, batches(task, 8), task="rand", contributions=True, diagonal=True, progress=False, memory_budget_bytes=1e6)
-    np.testing.assert_array_equal(whole.contributions.sample_ids, split.contributions.sample_ids)
+    whole = collect(model, batches(task, 8), task="rand", keep_sample_grads=True, diagonal=True, progress=False)
+    split = collect(model, batches(task, 8), task="rand", keep_sample_grads=True, diagonal=True, progress=False, memory_budget_bytes=1e6)
+    np.testing.assert_array_equal(whole.sample_grads.sample_ids, split.sample_grads.sample_ids)
     _assert_groups_close(split.group_fisher, whole.group_fisher, rtol=1e-5)
     q = "layers/self_attn/q_proj/kernel"
-    np.testing.assert_allclose(split.contributions.grads[q], whole.contributions.grads[q], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(split.sample_grads.grads[q], whole.sample_grads.grads[q], rtol=1e-4, atol=1e-7)
 
 
 def test_derived_contributions_are_not_computed_to_build_or_select(monkeypatch):
     """The empirical Fisher's ``C = g²/T`` is derived on access; building, validating and selecting
-    a :class:`Contributions` must not compute it (it did, for every parameter, on every build)."""
-    from fisherjax.fisher.state import Contributions, DerivedContributions
+    a :class:`SampleGrads` must not compute it (it did, for every parameter, on every build)."""
+    from fisherjax.fisher.state import DerivedContributions, SampleGrads
 
     def refuse(self, path):
         raise AssertionError(f"contributions of {path!r} computed")
 
     monkeypatch.setattr(DerivedContributions, "__getitem__", refuse)
     grads = {"a/kernel": np.ones((4, 3, 2), np.float32), "b/bias": np.ones((4, 5), np.float32)}
-    c = Contributions(np.arange(4), np.array([1, 2, 0, 3]), None, grads)
+    c = SampleGrads(np.arange(4), np.array([1, 2, 0, 3]), grads)
     assert c.derived and len(c.select(np.array([0, 3]))) == 2
     with pytest.raises(ValueError, match="has 3 samples"):
-        Contributions(np.arange(4), np.arange(4), None, {"a/kernel": np.ones((3, 2), np.float32)})
+        SampleGrads(np.arange(4), np.arange(4), {"a/kernel": np.ones((3, 2), np.float32)})
+
+
+def test_the_step_traces_once_and_a_second_collection_compiles_nothing(model, task):
+    """Batches of one bucket shape reuse one trace of the step, and a repeated collection with
+    the same shapes reuses the library's compiled step."""
+    import chex
+
+    from conftest import compilations
+    from fisherjax.fisher.options import CollectOptions
+    from fisherjax.fisher.step import initial_state, make_plan, step_function
+
+    plan = make_plan(model.layout, CollectOptions(keep_sample_grads=True, diagonal=True))
+    step = jax.jit(chex.assert_max_traces(step_function(model, plan), n=1))
+    state = initial_state(model, plan)
+    for index, batch in enumerate(batches(task, 4)):  # 12 samples of ≤ 14 tokens: one bucket, three batches
+        state, *_ = step(model.params, state, batch.input_ids, batch.attention_mask, batch.labels, batch.sample_ids,
+                         jax.random.key(0), np.array([index, 0], np.int32))
+    options = dict(task="rand", keep_sample_grads=True, diagonal=True, progress=False)
+    first = collect(model, batches(task, 4), **options)
+    with compilations() as compiled:
+        again = collect(model, batches(task, 4), **options)
+    assert compiled.count == 0
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, again.group_fisher), jax.tree.map(np.asarray, first.group_fisher))

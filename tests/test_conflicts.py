@@ -23,7 +23,7 @@ from fisherjax.analysis import conflicts as C
 from fisherjax.analysis import projection as P
 from fisherjax.config import RopeConfig
 from fisherjax.data import batches, task_from_tokens
-from fisherjax.fisher.state import Contributions, TaskFisher
+from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.grads import per_sample_grads
 
 VOCAB = 97
@@ -95,15 +95,15 @@ def gpt2_task(gpt2, gpt2_grads):
     """Phase 1's default selection (attention kernels and q/k/v biases) of the 96 samples, with
     sample ids 1000, 1007, ... (so positions and ids differ)."""
     grads, tokens, ids = gpt2_grads
-    return Contributions.from_grads({p: grads[p] for p in attention_paths(gpt2)}, tokens, 1000 + 7 * ids)
+    return SampleGrads.from_grads({p: grads[p] for p in attention_paths(gpt2)}, tokens, 1000 + 7 * ids)
 
 
-def halves(task: Contributions) -> tuple[Contributions, Contributions]:
+def halves(task: SampleGrads) -> tuple[SampleGrads, SampleGrads]:
     """Samples 0–23 and 24–47: most tests share these shapes, so jitted code compiles once."""
     return task.select(np.arange(0, 24)), task.select(np.arange(24, 48))
 
 
-def numpy_flat(contributions: Contributions, fisher=None, eps=0.0) -> np.ndarray:
+def numpy_flat(contributions: SampleGrads, fisher=None, eps=0.0) -> np.ndarray:
     parts = []
     for p in sorted(contributions.grads):
         g = contributions.grads[p].astype(np.float64)
@@ -175,7 +175,7 @@ def test_group_scores_match_hand_sliced_heads(gpt2, gpt2_task):
 
 def test_gqa_groups_follow_kv_heads(llama, llama_grads):
     grads, tokens, ids = llama_grads
-    c = Contributions.from_grads({p: grads[p] for p in attention_paths(llama)}, tokens, ids)
+    c = SampleGrads.from_grads({p: grads[p] for p in attention_paths(llama)}, tokens, ids)
     gram = C.pairwise_cosines(c, c, layout=llama.layout)
     labels = set(gram.groups.labels)
     assert {"L1.k.h1", "L1.v.h1", "L1.q.h3", "L1.o.h3"} <= labels and "L0.k.h2" not in labels
@@ -195,7 +195,7 @@ def test_interleaved_neox_heads_match_hand_slices():
     path = "layers/attention/query_key_value/kernel"
     rng = np.random.default_rng(0)
     grads = {path: rng.normal(size=(5,) + layout.spec(path).shape).astype(np.float32)}
-    c = Contributions(np.arange(5), np.ones(5, int), {}, grads)
+    c = SampleGrads(np.arange(5), np.ones(5, int), grads)
     gram = C.pairwise_cosines(c, c, layout=layout)
     for block, offset in (("q", 0), ("k", 1), ("v", 2)):
         head, layer = 3, 1
@@ -361,15 +361,15 @@ def test_errors_name_the_problem(gpt2, gpt2_task):
         C.detect(gpt2_task.select(np.arange(1)), b, layout=gpt2.layout)
     with pytest.raises(DataError, match="fewer than 4 samples"):
         C.detect(gpt2_task.select(np.arange(3)), b, layout=gpt2.layout, reference="a")
-    fewer = Contributions(b.sample_ids, b.tokens, {}, {p: g for p, g in b.grads.items() if "c_proj" not in p})
+    fewer = SampleGrads(b.sample_ids, b.tokens, {p: g for p, g in b.grads.items() if "c_proj" not in p})
     with pytest.raises(DataError, match="different parameters.*c_proj"):
         C.detect(a, fewer, layout=gpt2.layout)
-    reshaped = Contributions(b.sample_ids, b.tokens, {}, {p: (g[:, :1] if "c_proj" in p else g) for p, g in b.grads.items()})
+    reshaped = SampleGrads(b.sample_ids, b.tokens, {p: (g[:, :1] if "c_proj" in p else g) for p, g in b.grads.items()})
     with pytest.raises(DataError, match="different shapes"):
         C.detect(a, reshaped, layout=gpt2.layout, whiten=False)
     poisoned = {p: g.copy() for p, g in b.grads.items()}
     poisoned["layers/attn/c_proj/kernel"][4, 1, 0, 0] = np.nan
-    bad = Contributions(b.sample_ids, b.tokens, {}, poisoned)
+    bad = SampleGrads(b.sample_ids, b.tokens, poisoned)
     with pytest.raises(NumericalError, match=f"sample {int(b.sample_ids[4])} on 'layers/attn/c_proj/kernel'"):
         C.detect(a, bad, layout=gpt2.layout, fisher=a.fisher())
     with pytest.raises(DataError, match="no stored per-sample gradients"):
@@ -378,7 +378,7 @@ def test_errors_name_the_problem(gpt2, gpt2_task):
     for g in zero.values():
         g[2] = 0
     with pytest.raises(DataError, match=f"samples \\[{int(b.sample_ids[2])}\\] have a zero gradient"):
-        C.detect(a, Contributions(b.sample_ids, b.tokens, {}, zero), layout=gpt2.layout, whiten=False)
+        C.detect(a, SampleGrads(b.sample_ids, b.tokens, zero), layout=gpt2.layout, whiten=False)
     with pytest.raises(ConfigError, match="scope"):
         C.detect(a, b, scope="heads")
 
@@ -388,7 +388,7 @@ def test_errors_name_the_problem(gpt2, gpt2_task):
 # ---------------------------------------------------------------------------------------------
 
 
-def synthetic_task(n: int, seed: int, dims=(40, 60, 100, 30)) -> Contributions:
+def synthetic_task(n: int, seed: int, dims=(40, 60, 100, 30)) -> SampleGrads:
     """Gradients with task structure: 3 sub-clusters, a decaying anisotropic spectrum, t(4)
     heavy-tailed noise and log-normal per-sample scales, over four leaves (four groups)."""
     rng = np.random.default_rng(seed)
@@ -401,10 +401,10 @@ def synthetic_task(n: int, seed: int, dims=(40, 60, 100, 30)) -> Contributions:
         basis = np.linalg.qr(fixed.normal(size=(d, d)))[0]
         noise = rng.standard_t(4, size=(n, d)) / np.sqrt(1 + np.arange(d))
         grads[f"leaf{k}"] = (scale[:, None] * (means[cluster] + noise @ basis.T)).astype(np.float32)
-    return Contributions.from_grads(grads, rng.integers(5, 20, size=n), np.arange(n))
+    return SampleGrads.from_grads(grads, rng.integers(5, 20, size=n), np.arange(n))
 
 
-def any_false_discovery_rate(task: Contributions, runs: int, seed: int, **kwargs) -> tuple[int, float]:
+def any_false_discovery_rate(task: SampleGrads, runs: int, seed: int, **kwargs) -> tuple[int, float]:
     n = len(task)
     hits = 0
     for r in range(runs):
@@ -451,7 +451,7 @@ def test_calibration_through_a_model_many_runs(gpt2, gpt2_task, scope):
 PLANT_LAYER, PLANT_HEAD = 1, 2
 
 
-def plant(task: Contributions, a_pos, b_pos, strength: float, seed: int) -> Contributions:
+def plant(task: SampleGrads, a_pos, b_pos, strength: float, seed: int) -> SampleGrads:
     """Add ``+u`` to the A samples' and ``−u`` to the B samples' gradients on head
     (q, PLANT_LAYER, PLANT_HEAD) of GPT-2's fused c_attn; ``‖u‖ = strength ×`` a typical head norm."""
     path, hd = "layers/attn/c_attn/kernel", GPT2.head_dim
@@ -463,7 +463,7 @@ def plant(task: Contributions, a_pos, b_pos, strength: float, seed: int) -> Cont
     u *= strength * np.linalg.norm(head.reshape(len(head), -1), axis=1).mean() / np.linalg.norm(u)
     grads[path][a_pos, PLANT_LAYER, :, cols] += u
     grads[path][b_pos, PLANT_LAYER, :, cols] -= u
-    return Contributions.from_grads(grads, task.tokens, task.sample_ids)
+    return SampleGrads.from_grads(grads, task.tokens, task.sample_ids)
 
 
 def test_planted_head_conflict_is_found(gpt2, gpt2_task):
@@ -527,7 +527,7 @@ def test_kronecker_projection_equals_explicit(which, request):
     n = 12
     grads, tokens, ids = {p: g[:n] for p, g in grads.items()}, tokens[:n], ids[:n]
     seed = 0 if which == "gpt2" else 4
-    for fisher, side in ((None, 1), (Contributions.from_grads(grads, tokens, ids).fisher(), 1), (None, None)):
+    for fisher, side in ((None, 1), (SampleGrads.from_grads(grads, tokens, ids).fisher(), 1), (None, None)):
         projection = P.make_projection(model.layout, 64, paths="dense", seed=2, fisher=fisher, side=side)
         chunks = [P.project_batch(model, model.params, b, projection) for b in random_token_batches(n, seed)]
         features = {k: np.concatenate([c.grads[k] for c in chunks])[:n] for k in chunks[0].grads}
@@ -562,7 +562,7 @@ def test_projected_inner_products_are_unbiased(llama, llama_grads):
 
 def test_projection_with_full_width_is_exact(gpt2, gpt2_task):
     kernels = ["layers/attn/c_attn/kernel", "layers/attn/c_proj/kernel"]
-    c = Contributions(gpt2_task.sample_ids[:12], gpt2_task.tokens[:12], {}, {p: gpt2_task.grads[p][:12] for p in kernels})
+    c = SampleGrads(gpt2_task.sample_ids[:12], gpt2_task.tokens[:12], {p: gpt2_task.grads[p][:12] for p in kernels})
     exact = C.pairwise_cosines(c, c, layout=gpt2.layout)
     projection = P.make_projection(gpt2.layout, 10**6, paths=kernels)
     projected = C.GroupedGrads("t", c.sample_ids, P.project_grads(c.grads, projection), projection.grouping)

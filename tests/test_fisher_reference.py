@@ -53,7 +53,7 @@ def reference(hf_checkpoint):
             model = fisherjax.load_pretrained(directory)
             batch = _batch()
             ref = torch_per_sample_grads(torch_model, batch.input_ids, batch.labels)
-            fisher = collect(model, [batch], task="t", contributions=model.layout.paths(), diagonal=True, progress=False)
+            fisher = collect(model, [batch], task="t", keep_sample_grads=model.layout.paths(), diagonal=True, progress=False)
             cache[kind] = (model, batch, ref, fisher)
         return cache[kind]
 
@@ -63,10 +63,10 @@ def reference(hf_checkpoint):
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_site_gradients_equal_torch_func(kind, reference):
     model, batch, ref, fisher = reference(kind)
-    ours = _ours_in_hf_space(kind, {p: np.asarray(v, np.float64) for p, v in fisher.contributions.grads.items()}, ref)
+    ours = _ours_in_hf_space(kind, {p: np.asarray(v, np.float64) for p, v in fisher.sample_grads.grads.items()}, ref)
     err = _norm_weighted_error(ours, ref)
     assert err <= 1e-4, f"{kind}: norm-weighted relative error {err:.2e}"
-    np.testing.assert_array_equal(fisher.contributions.sample_ids, batch.sample_ids)
+    np.testing.assert_array_equal(fisher.sample_grads.sample_ids, batch.sample_ids)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -120,13 +120,13 @@ def test_looped_site_work_equals_vmapped(kind, ghost, reference, monkeypatch):
     pieces (the CPU default) as in one vmap, with the vocabulary walked in chunks that do not
     divide it (97 = 7 × 13 + 6, so the last chunk overlaps the one before)."""
     from fisherjax.fisher import sites
-    from fisherjax.fisher.collect import _site_names
+    from fisherjax.fisher.step import site_names
     from fisherjax.grads import site_grads
 
     monkeypatch.setattr(sites, "VOCAB_CHUNK", 13)
     model, batch, _, _ = reference(kind)
     layout = model.layout
-    found = sites.discover_sites(layout, _site_names(model))
+    found = sites.discover_sites(layout, site_names(model))
     recorded = site_grads(model, model.params, batch.input_ids, batch.attention_mask, batch.labels)
 
     def both(fn, **kwargs):

@@ -18,7 +18,7 @@ import fisherjax
 from fisherjax.analysis import qkov
 from fisherjax.data import IGNORE, Batch
 from fisherjax.errors import ConfigError, DataError, NumericalError
-from fisherjax.fisher.state import Contributions
+from fisherjax.fisher.state import SampleGrads
 from fisherjax.grads import per_sample_grads
 from fisherjax.layout import ModelLayout, flatten, unflatten
 
@@ -143,13 +143,13 @@ def _batch(n=N_A + N_B, seq=8, seed=0):
     return Batch(ids, mask, labels, np.arange(100, 100 + n))
 
 
-def _contributions(model, params, batch) -> Contributions:
+def _contributions(model, params, batch) -> SampleGrads:
     ps = per_sample_grads(model, params, batch, paths=_attention_paths(model.layout))
     grads = {p: np.asarray(v) for p, v in ps.grads.items()}
-    return Contributions.from_grads(grads, np.asarray(ps.tokens), batch.sample_ids)
+    return SampleGrads.from_grads(grads, np.asarray(ps.tokens), batch.sample_ids)
 
 
-def _split(c: Contributions):
+def _split(c: SampleGrads):
     return c.select(np.arange(N_A)), c.select(np.arange(N_A, len(c)))
 
 
@@ -218,7 +218,7 @@ def test_options_match_bruteforce(family, kind, opts, compute):
     _close(result.scores, _reference(A, B, kind, _dims(model.layout), model.layout.num_layers, **opts))
 
 
-def _per_layer(layout, c: Contributions):
+def _per_layer(layout, c: SampleGrads):
     """The same model with one leaf per layer (a hand-built layout), and its contributions."""
     specs, grads = {}, {}
     for path, spec in layout.specs.items():
@@ -231,7 +231,7 @@ def _per_layer(layout, c: Contributions):
             if path in c.grads:
                 grads[name] = np.ascontiguousarray(c.grads[path][:, layer])
     per_layer = ModelLayout(specs, layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim)
-    return per_layer, Contributions.from_grads(grads, c.tokens, c.sample_ids)
+    return per_layer, SampleGrads.from_grads(grads, c.tokens, c.sample_ids)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -244,7 +244,7 @@ def test_derived_contributions_and_per_layer_leaves_give_the_same_scores(family,
     expected = qkov.heatmap(A, B, model.layout, **options).scores
 
     def derived(c):
-        return Contributions(c.sample_ids, c.tokens, None, c.grads)
+        return SampleGrads(c.sample_ids, c.tokens, c.grads)
 
     assert derived(A).derived
     _close(qkov.heatmap(derived(A), derived(B), model.layout, **options).scores, expected, rtol=1e-5)
@@ -255,7 +255,7 @@ def test_derived_contributions_and_per_layer_leaves_give_the_same_scores(family,
     _close(qkov.heatmap(A1, B1, layout, memory_budget_bytes=small, **options).scores, expected, rtol=1e-5)
 
 
-def _misaligned(c: Contributions) -> Contributions:
+def _misaligned(c: SampleGrads) -> SampleGrads:
     """The same contributions in arrays that start 4 bytes past a 64-byte boundary (the CPU
     backend must copy them rather than read them in place)."""
 
@@ -266,9 +266,9 @@ def _misaligned(c: Contributions) -> Contributions:
         out[...] = x
         return out
 
-    return Contributions(
-        c.sample_ids, c.tokens, None if c.derived else {p: shift(v) for p, v in c.contributions.items()},
-        {p: shift(v) for p, v in c.grads.items()},
+    return SampleGrads(
+        c.sample_ids, c.tokens, {p: shift(v) for p, v in c.grads.items()},
+        None if c.derived else {p: shift(v) for p, v in c.stored_contributions.items()},
     )
 
 
@@ -351,7 +351,7 @@ def test_scale_invariance(family):
     a = 3.0
 
     def scaled(c):
-        return Contributions.from_grads({p: a * g for p, g in c.grads.items()}, c.tokens, c.sample_ids)
+        return SampleGrads.from_grads({p: a * g for p, g in c.grads.items()}, c.tokens, c.sample_ids)
 
     A2, B2 = scaled(A), scaled(B)
     relative = dict(ridge_lambda=0.0, ridge_lambda_rel=1e-2)
@@ -384,7 +384,7 @@ def test_ridge_bounds_near_zero_fisher(family):
     def shrink(c, factor):
         grads = {p: np.array(g) for p, g in c.grads.items()}
         grads[kernel][:, 0][..., cols] *= factor
-        return Contributions.from_grads(grads, c.tokens, c.sample_ids)
+        return SampleGrads.from_grads(grads, c.tokens, c.sample_ids)
 
     tiny_A = shrink(A, 1e-18)  # Î ~ 1e-36 on that slice: far below any ridge
     lam = 1e-6
@@ -474,11 +474,11 @@ def test_zeroing_kv_head_values_silences_every_head_that_reads_it(family):
 
 def test_inactive_samples_dropped_with_warning(family):
     model, _, A, B = family("gpt2")
-    extra = Contributions(
+    extra = SampleGrads(
         np.r_[A.sample_ids, 999],
         np.r_[A.tokens, 0],
-        {p: np.concatenate([v, 1e6 * np.ones_like(v[:1])]) for p, v in A.contributions.items()},
         {p: np.concatenate([v, 1e3 * np.ones_like(v[:1])]) for p, v in A.grads.items()},
+        {p: np.concatenate([v, 1e6 * np.ones_like(v[:1])]) for p, v in A.contributions.items()},
     )
     with pytest.warns(UserWarning, match="T_i = 0"):
         result = qkov.heatmap(extra, B, model.layout, **MIN)
@@ -506,16 +506,16 @@ def test_bad_inputs_raise(family):
         qkov.heatmap(A, B, model.layout, ridge=1.0)
     with pytest.raises(ConfigError, match="workers"):
         qkov.heatmap(A, B, model.layout, workers=0)
-    no_bias = Contributions(
+    no_bias = SampleGrads(
         A.sample_ids, A.tokens,
-        {p: v for p, v in A.contributions.items() if not p.endswith("bias")},
         {p: v for p, v in A.grads.items() if not p.endswith("bias")},
+        {p: v for p, v in A.contributions.items() if not p.endswith("bias")},
     )
     with pytest.raises(DataError, match="include_bias=False"):
         qkov.heatmap(no_bias, B, model.layout, **MIN)
     kept = qkov.heatmap(no_bias, B, model.layout, include_bias=False, **MIN)
     _close(kept.scores, qkov.heatmap(A, B, model.layout, include_bias=False, **MIN).scores, rtol=1e-6)
-    nan_b = Contributions(B.sample_ids, B.tokens, B.contributions, {p: np.full_like(v, np.nan) for p, v in B.grads.items()})
+    nan_b = SampleGrads(B.sample_ids, B.tokens, {p: np.full_like(v, np.nan) for p, v in B.grads.items()}, B.stored_contributions)
     with pytest.raises(NumericalError):
         qkov.heatmap(A, nan_b, model.layout, **MIN)
 
@@ -573,7 +573,7 @@ def _synthetic(layout, n, seed, boost=None):
         path, layer, cols, factor = boost
         grads[path][:, layer][..., cols] *= factor
     tokens = rng.integers(3, 9, size=n)
-    return Contributions.from_grads(grads, tokens, np.arange(seed * 1000, seed * 1000 + n))
+    return SampleGrads.from_grads(grads, tokens, np.arange(seed * 1000, seed * 1000 + n))
 
 
 def test_permutation_test_finds_planted_head_and_controls_the_rest(family):

@@ -12,7 +12,7 @@ import pytest
 import fisherjax
 from fisherjax.analysis import qkov, qkov_pallas
 from fisherjax.errors import ConfigError
-from fisherjax.fisher.state import Contributions
+from fisherjax.fisher.state import SampleGrads
 from fisherjax.layout import FAMILY_RULES, ModelLayout
 
 FAMILY_SHAPES = {  # family: (paths and per-layer shapes of the attention kernels, heads, kv heads)
@@ -93,7 +93,7 @@ def test_heatmap_warns_that_pallas_is_interpreted_off_a_gpu(hf_checkpoint):
     rng = np.random.default_rng(0)
     paths = [p for b, k in model.layout.attention_blocks() for p in model.layout.block_sources(b, k)]
     grads = {p: rng.standard_normal((4, *model.layout.spec(p).shape)).astype(np.float32) for p in set(paths)}
-    task = Contributions.from_grads(grads, np.full(4, 3), np.arange(4))
+    task = SampleGrads.from_grads(grads, np.full(4, 3), np.arange(4))
     with pytest.warns(UserWarning, match="interpret mode"):
         qkov.heatmap(task, task, model.layout, min_fisher_samples=1, contraction="pallas")
 

@@ -1,6 +1,6 @@
 """Phase 5: which sample of task A pulls against which sample of task B, where, and is it more than noise.
 
-Scores. For sample ``i`` with signed token-sum gradient ``g_i`` (:class:`~fisherjax.fisher.Contributions`
+Scores. For sample ``i`` with signed token-sum gradient ``g_i`` (:class:`~fisherjax.fisher.SampleGrads`
 ``grads``) and a diagonal Fisher ``Î`` (one task's, or both pooled), the whitened gradient is
 ``g̃_i = g_i / sqrt(Î + ε)`` and for every ``i ∈ A``, ``j ∈ B``
 

@@ -4,7 +4,7 @@ A :class:`Grouping` assigns every scalar of the selected parameters to a group â
 (block, layer, head) for attention kernels and biases, viewed through
 :meth:`~fisherjax.layout.ModelLayout.view`, and one per (parameter, layer) otherwise â€” so Gram
 matrices can be accumulated per group. Per-sample gradients arrive as :class:`GradChunk`
-values from stored :class:`~fisherjax.fisher.Contributions`, from projected
+values from stored :class:`~fisherjax.fisher.SampleGrads`, from projected
 :class:`GroupedGrads` (:mod:`fisherjax.analysis.projection`), or from a callable that yields
 chunks on demand, so a task's gradients never have to be held at once.
 """
@@ -22,7 +22,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from fisherjax.errors import ConfigError, DataError
-from fisherjax.fisher.state import Contributions, TaskFisher
+from fisherjax.fisher.state import SampleGrads, TaskFisher, sample_grads_of
 from fisherjax.layout import ModelLayout, Role
 
 ATTENTION_ORDER = ("q", "k", "v", "o")
@@ -275,9 +275,9 @@ class GroupedGrads:
         return len(self.sample_ids)
 
 
-Source = TaskFisher | Contributions | GroupedGrads | Callable[[], Iterable[GradChunk]]
+Source = TaskFisher | SampleGrads | GroupedGrads | Callable[[], Iterable[GradChunk]]
 """What :func:`pairwise_cosines` and :func:`detect` read: stored gradients (a TaskFisher with
-contributions, Contributions, GroupedGrads), or a function returning a fresh iterator of
+contributions, SampleGrads, GroupedGrads), or a function returning a fresh iterator of
 :class:`GradChunk` (gradients computed on the fly; called once per pass)."""
 
 
@@ -303,12 +303,7 @@ def _stored_chunks(sample_ids, arrays):
 def _stream(source, name: str | None, default: str = "task") -> _Stream:
     """Wrap a :data:`Source`; ``name`` overrides the source's own (a TaskFisher's task), then ``default``."""
     if isinstance(source, TaskFisher):
-        if source.contributions is None or not source.contributions.grads:
-            raise DataError(
-                f"task {source.task!r} has no stored per-sample gradients; collect it with signed gradients kept "
-                "(TaskFisher.contributions.grads)"
-            )
-        contributions = source.contributions
+        contributions, _ = sample_grads_of(source)
 
         def fisher():
             if source.diagonal is not None and all(p in source.diagonal for p in contributions.grads):
@@ -317,9 +312,9 @@ def _stream(source, name: str | None, default: str = "task") -> _Stream:
 
         inner = _stream(contributions, name or source.task, default)
         return dataclasses.replace(inner, fisher=fisher)
-    if isinstance(source, Contributions):
+    if isinstance(source, SampleGrads):
         if not source.grads:
-            raise DataError(f"task {name!r}: its Contributions hold no signed gradients")
+            raise DataError(f"task {name!r}: its SampleGrads hold no signed gradients")
         ids = np.asarray(source.sample_ids)
         shapes = {p: tuple(np.shape(g)[1:]) for p, g in source.grads.items()}
         return _Stream(name or default, _stored_chunks(ids, source.grads), shapes, len(ids), None, False, source.fisher)

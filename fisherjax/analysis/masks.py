@@ -285,7 +285,7 @@ def saliency_fisher(fisher: TaskFisher, params: PyTree, layout: ModelLayout) -> 
             raise DataError(f"task {fisher.task!r}: diagonal Fisher {path} has no parameter of its shape")
         elementwise = 0.5 * np.asarray(diag, np.float64) * np.square(np.asarray(flat[path], np.float64))
         groups[path] = {k: np.asarray(v) for k, v in groups_of_elementwise(layout, path, elementwise).items()}
-    return dataclasses.replace(fisher, group_fisher=groups, diagonal=None, contributions=None, per_sample_groups=None)
+    return dataclasses.replace(fisher, group_fisher=groups, diagonal=None, sample_grads=None, per_sample_groups=None)
 
 
 def _criterion_fisher(fisher: TaskFisher, layout: ModelLayout, criterion: str, params) -> TaskFisher:

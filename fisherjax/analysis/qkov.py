@@ -80,7 +80,8 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from fisherjax.errors import ConfigError, DataError, NumericalError
-from fisherjax.fisher.state import HOST_ALIGNMENT, Contributions, TaskFisher
+from fisherjax.backend import HOST_ALIGNMENT
+from fisherjax.fisher.state import SampleGrads, TaskFisher, sample_grads_of
 from fisherjax.layout import ModelLayout
 from fisherjax.stats import bootstrap_indices, fdr_qvalues, percentile_interval, permutation_pvalue
 
@@ -227,20 +228,13 @@ class QKOVResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def _contributions_of(task, default_name: str) -> tuple[Contributions, str]:
+def _contributions_of(task, default_name: str) -> tuple[SampleGrads, str]:
     if isinstance(task, TaskFisher):
-        if task.contributions is None:
-            raise DataError(
-                f"task {task.task!r} has no per-sample contributions; collect it with the attention "
-                "parameters' contributions and signed gradients kept (TaskFisher.contributions)"
-            )
-        return task.contributions, task.task
-    if isinstance(task, Contributions):
-        return task, default_name
-    raise TypeError(f"expected a TaskFisher or Contributions, got {type(task).__name__}")
+        return sample_grads_of(task)
+    return sample_grads_of(task, default_name)
 
 
-def _active(contributions: Contributions, name: str) -> tuple[Contributions, tuple[int, ...]]:
+def _active(contributions: SampleGrads, name: str) -> tuple[SampleGrads, tuple[int, ...]]:
     """Drop samples with ``T_i = 0`` (they carry no contribution), with a warning."""
     tokens = np.asarray(contributions.tokens)
     keep = tokens > 0
@@ -307,8 +301,8 @@ def _ridge_shape(block: str, kind: str, ridge: np.ndarray) -> np.ndarray:
 class _Prepared(NamedTuple):
     """Everything the tiles need, computed once per heatmap."""
 
-    a: Contributions
-    b: Contributions
+    a: SampleGrads
+    b: SampleGrads
     name_a: str
     name_b: str
     dropped_a: tuple[int, ...]
@@ -320,7 +314,7 @@ class _Prepared(NamedTuple):
     scale_b: np.ndarray  # [n_b] per-sample factor of g_j (normalize_gj)
 
 
-def _fisher_views(a: Contributions, b: Contributions, layout, pairs, options: QKOVOptions, names) -> dict[str, np.ndarray]:
+def _fisher_views(a: SampleGrads, b: SampleGrads, layout, pairs, options: QKOVOptions, names) -> dict[str, np.ndarray]:
     """Head views of ``Î`` (float32 mean of C over the pool's samples) on the full tensors."""
     pool = {"A": (a,), "B": (b,), "pooled": (a, b)}[options.fisher_pool]
     label = {"A": names[0], "B": names[1], "pooled": f"{names[0]}+{names[1]}"}[options.fisher_pool]
@@ -378,21 +372,21 @@ def _prepare(task_a, task_b, layout: ModelLayout, options: QKOVOptions) -> _Prep
     return _Prepared(a, b, name_a, name_b, dropped_a, dropped_b, pairs, weights, diagnostics, slice_sizes, _partner_scale(b, options))
 
 
-def _partner_scale(b: Contributions, options: QKOVOptions) -> np.ndarray:
+def _partner_scale(b: SampleGrads, options: QKOVOptions) -> np.ndarray:
     """``[n_b]`` per-sample factor of ``g_j``: ``1/T_j`` for ``normalize_gj="per_token_mean"``, else 1."""
     if options.normalize_gj == "per_token_mean" and options.variant != "symmetric":
         return (1.0 / np.asarray(b.tokens, np.float64)).astype(np.float32)
     return np.ones(len(b), np.float32)
 
 
-def _partner(task_b, default_name: str) -> tuple[Contributions, str, tuple[int, ...]]:
+def _partner(task_b, default_name: str) -> tuple[SampleGrads, str, tuple[int, ...]]:
     """Task B's contributions with samples of no active tokens dropped, its name and the dropped ids."""
     b, name_b = _contributions_of(task_b, default_name)
     b, dropped_b = _active(b, name_b)
     return b, name_b, dropped_b
 
 
-def _check_partner(b: Contributions, name_b: str, paths: Sequence[str], options: QKOVOptions) -> None:
+def _check_partner(b: SampleGrads, name_b: str, paths: Sequence[str], options: QKOVOptions) -> None:
     """Task B stores what its side of the product reads (``C`` for the symmetric variant, else ``g``)."""
     b_side = "contributions" if options.variant == "symmetric" else "grads"
     _check_paths(getattr(b, b_side), paths, b_side, name_b, options.include_bias)
@@ -443,11 +437,11 @@ class _Side(NamedTuple):
     scale: np.ndarray  # [n] float32 per-sample factor
 
 
-def _side(c: Contributions, role: str, variant: str) -> _Side:
+def _side(c: SampleGrads, role: str, variant: str) -> _Side:
     """Task A's (``role="a"``) or B's factor of the slice product, read from what is stored.
 
     A: ``C_i`` (``g_i`` for signed, ``sqrt(C_i)`` for symmetric); B: ``|g_j|`` (``g_j`` for signed,
-    ``sqrt(C_j)`` for symmetric). Contributions derived from gradients (the empirical Fisher
+    ``sqrt(C_j)`` for symmetric). SampleGrads derived from gradients (the empirical Fisher
     stores only ``g``) are formed on the device from ``g`` and ``1/T``, so ``g²`` is never built on
     the host: ``C = g² · (1/T)``, ``sqrt(C) = |g| · sqrt(1/T)``.
     """
@@ -944,8 +938,8 @@ def _options(options: QKOVOptions | None, overrides: Mapping[str, Any]) -> QKOVO
 
 
 def heatmap(
-    task_a: TaskFisher | Contributions,
-    task_b: TaskFisher | Contributions,
+    task_a: TaskFisher | SampleGrads,
+    task_b: TaskFisher | SampleGrads,
     layout: ModelLayout,
     *,
     options: QKOVOptions | None = None,
@@ -960,7 +954,7 @@ def heatmap(
 
     Args:
       task_a, task_b: :class:`~fisherjax.fisher.TaskFisher` values with contributions and signed
-        gradients of the attention parameters (or :class:`~fisherjax.fisher.Contributions`).
+        gradients of the attention parameters (or :class:`~fisherjax.fisher.SampleGrads`).
       layout: the model's :class:`~fisherjax.layout.ModelLayout`; all head slicing goes through it.
       options: a :class:`QKOVOptions`; keyword ``overrides`` replace its fields
         (``variant="signed"``, ``ridge_lambda_rel=0.0``, ...).
@@ -996,8 +990,8 @@ def heatmap(
 
 
 def sample_pair(
-    task_a: TaskFisher | Contributions,
-    task_b: TaskFisher | Contributions,
+    task_a: TaskFisher | SampleGrads,
+    task_b: TaskFisher | SampleGrads,
     layout: ModelLayout,
     sample_a: int,
     sample_b: int,
@@ -1063,7 +1057,7 @@ def _top_conflicts(scores, ids_a, ids_b, layout: ModelLayout, options: QKOVOptio
 # ---------------------------------------------------------------------------------------------
 
 
-def heldout_split(task: TaskFisher | Contributions, fraction: float = 0.5, seed: int = 0) -> tuple[Contributions, Contributions]:
+def heldout_split(task: TaskFisher | SampleGrads, fraction: float = 0.5, seed: int = 0) -> tuple[SampleGrads, SampleGrads]:
     """Split a task's samples at random into ``(A, A')`` with ``A'`` holding ``fraction`` of them."""
     contributions, name = _contributions_of(task, "A")
     n = len(contributions)
@@ -1091,9 +1085,9 @@ class PermutationResult(NamedTuple):
 
 
 def permutation_test(
-    task_a: TaskFisher | Contributions,
-    task_b: TaskFisher | Contributions,
-    task_a_heldout: TaskFisher | Contributions,
+    task_a: TaskFisher | SampleGrads,
+    task_b: TaskFisher | SampleGrads,
+    task_a_heldout: TaskFisher | SampleGrads,
     layout: ModelLayout,
     *,
     n_permutations: int = 2000,

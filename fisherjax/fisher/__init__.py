@@ -14,17 +14,20 @@ from fisherjax.fisher.accumulate import (
     welford_update,
     welford_variance,
 )
-from fisherjax.fisher.state import Contributions, GroupFisher, TaskFisher
+from fisherjax.fisher.options import CollectOptions
+from fisherjax.fisher.state import GroupFisher, SampleGrads, TaskFisher, sample_grads_of
 
 __all__ = [
-    "Contributions",
+    "CollectOptions",
     "EMAState",
     "GroupFisher",
+    "SampleGrads",
     "TaskFisher",
     "WelfordState",
     "ema_init",
     "ema_update",
     "ema_value",
+    "sample_grads_of",
     "welford_batch",
     "welford_init",
     "welford_interval",

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from fisherjax import backend
 from fisherjax.fisher.groups import needed_marginals
 from fisherjax.layout import ModelLayout, Role
 
@@ -185,17 +186,6 @@ def tied_cross_term(ids, delta_in, h, e, rows: int) -> Float[Array, " rows"]:
 VOCAB_CHUNK = 1024  # unembedding columns per piece on the looped path (measured best on CPU)
 
 
-def default_sample_loop() -> bool:
-    """Loop over (sample, layer) pieces on CPU, vmap elsewhere.
-
-    XLA:CPU runs one batched ``dot_general`` over ``[layer, batch]`` at about half the speed of
-    the same GEMMs issued one sample at a time, and writes each ``G δ`` to memory before reading
-    it back; a loop keeps every piece in cache (GPT-2-small, T = 128: the ghost norms of the
-    layers take 0.58 s per batch of 8 vmapped, ≈ 0.2 s looped). GPUs want the one big kernel.
-    """
-    return jax.default_backend() == "cpu"
-
-
 def over_samples(fn, layered: bool, loop: bool):
     """Map a one-sample function over a site's leading axes: ``[(layer,) batch, ...]`` in,
     ``[batch, (layer,) ...]`` out (the sample axis first, as for per-sample pytrees everywhere).
@@ -247,9 +237,9 @@ class GradWalk(NamedTuple):
 def grad_walks(layout: ModelLayout, sites, inputs: dict, deltas: dict, *, loop: bool | None = None) -> dict[str, GradWalk]:
     """A :class:`GradWalk` for every parameter (nothing is computed until a walk is called).
 
-    ``loop``: see :func:`over_samples` (default :func:`default_sample_loop`).
+    ``loop``: see :func:`over_samples` (default :func:`fisherjax.backend.sample_loop`).
     """
-    loop = default_sample_loop() if loop is None else loop
+    loop = backend.sample_loop() if loop is None else loop
     tied = _tied_unembedding(sites)
     walks: dict[str, GradWalk] = {}
 
@@ -315,7 +305,7 @@ def per_sample_grads_from_sites(
 ) -> dict[str, Float[Array, "b ..."]]:
     """Full per-sample gradients ``{path: [batch, *param_shape]}`` (all parameters, or ``paths``).
 
-    ``loop``: see :func:`over_samples` (default :func:`default_sample_loop`).
+    ``loop``: see :func:`over_samples` (default :func:`fisherjax.backend.sample_loop`).
     """
     walks = grad_walks(layout, sites, inputs, deltas, loop=loop)
     want = walks if paths is None else paths
@@ -336,11 +326,11 @@ def squared_marginals_from_sites(
     """Per-sample ``(col, row)`` marginals of ``g²`` for every parameter not in ``skip``.
 
     ``ghost``: ``"auto"`` (cheaper per site, see :func:`use_ghost`), ``"always"`` or ``"never"``;
-    ``loop``: see :func:`over_samples` (default :func:`default_sample_loop`; the looped path also
+    ``loop``: see :func:`over_samples` (default :func:`fisherjax.backend.sample_loop`; the looped path also
     walks the vocabulary in chunks of :data:`VOCAB_CHUNK`). Marginals a parameter's groups do not
     use are None. Not yet divided by ``T_i``.
     """
-    loop = default_sample_loop() if loop is None else loop
+    loop = backend.sample_loop() if loop is None else loop
     vocab_chunk = VOCAB_CHUNK if loop else None
 
     def decide(d_in, d_out):

@@ -1,6 +1,8 @@
-"""What Phase 1 produces and every later phase reads: :class:`TaskFisher` and :class:`Contributions`.
+"""What Phase 1 produces and every later phase reads: :class:`TaskFisher` and :class:`SampleGrads`.
 
-Both are immutable data (host numpy arrays). Parameters are addressed by their flat path
+Both are immutable data (host numpy arrays) registered as pytrees (``jax.tree_util.register_dataclass``):
+``jax.tree.map`` reaches every array and ``jax.jit`` takes them; names, counts and the kind of
+Fisher are static metadata. Parameters are addressed by their flat path
 (``"layers/self_attn/q_proj/kernel"``, see :func:`fisherjax.layout.flatten`); layer-stacked
 parameters keep their leading layer axis everywhere, so a per-head group value of a stacked
 ``q_proj`` kernel is ``[layer, heads]``.
@@ -21,39 +23,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 
+from fisherjax.backend import host_take
+from fisherjax.errors import DataError
 from fisherjax.fisher.accumulate import EMAState, WelfordState
+
+_STATIC = dict(static=True)  # dataclass field metadata: pytree metadata, not a leaf
 
 GroupFisher = dict[str, dict[str, np.ndarray]]
 """``{param_path: {group_type: values}}``."""
-
-HOST_ALIGNMENT = 64
-"""Byte alignment of the per-sample host arrays: XLA:CPU uses a C-contiguous numpy array this
-aligned in place (``jax.device_put(x, may_alias=True)``) instead of copying it, which on a CPU is
-most of the cost of handing gigabytes of stored gradients to a jitted kernel."""
-
-
-def host_empty(shape: Sequence[int], dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on a :data:`HOST_ALIGNMENT` boundary
-    (numpy's allocator guarantees only 16 bytes)."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + HOST_ALIGNMENT, np.uint8)
-    start = -raw.ctypes.data % HOST_ALIGNMENT
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
-
-
-def host_concatenate(parts: Sequence[np.ndarray]) -> np.ndarray:
-    """``np.concatenate(parts, axis=0)`` into a :func:`host_empty` array."""
-    out = host_empty((sum(len(x) for x in parts), *parts[0].shape[1:]), np.result_type(*parts))
-    return np.concatenate(parts, axis=0, out=out)
-
-
-def host_take(x: np.ndarray, index) -> np.ndarray:
-    """``x[index]`` along the first axis (an int array or a slice) into a :func:`host_empty` array."""
-    rows = np.arange(len(x))[index]
-    return np.take(x, rows, axis=0, out=host_empty((len(rows), *x.shape[1:]), x.dtype))
 
 
 class DerivedContributions(Mapping):
@@ -97,39 +77,49 @@ def _mean_of_weighted_squares(g: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return total / max(len(g), 1)
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Contributions:
-    """Per-sample contributions and signed gradients for selected parameters.
+class SampleGrads:
+    """Per-sample signed gradients, and their contributions, of selected parameters.
 
     Attributes:
       sample_ids: ``[n]`` the task's sample ids (file line numbers), in stored order.
       tokens: ``[n]`` active tokens ``T_i`` of each sample.
-      contributions: ``{path: [n, *param_shape]}`` with ``C_i = g_i² / T_i``. Pass ``None`` to
-        derive them from ``grads`` on access (:class:`DerivedContributions`), as the empirical
-        Fisher does; true and per-token Fisher store their own.
       grads: ``{path: [n, *param_shape]}`` signed token-sum gradients ``g_i``.
+      stored_contributions: ``{path: [n, *param_shape]}`` contributions ``C_i`` when they are
+        not a function of ``g_i`` (true and per-token Fisher average squares over several
+        pullbacks); ``None`` for the empirical Fisher, whose ``C_i = g_i² / T_i`` is derived from
+        ``grads`` on access (:attr:`contributions`), never stored or transferred twice.
     """
 
     sample_ids: np.ndarray
     tokens: np.ndarray
-    contributions: Mapping[str, np.ndarray] | None
     grads: Mapping[str, np.ndarray]
+    stored_contributions: Mapping[str, np.ndarray] | None = None
+
+    def __post_init__(self):
+        n = np.shape(self.sample_ids)[0] if hasattr(self.sample_ids, "shape") else None
+        if n is None:  # a pytree transformation rebuilding the value with non-array leaves
+            return
+        # Derived contributions share the grads' shapes; reading them would compute every g²/T.
+        trees = (("grads", self.grads),) + ((("stored_contributions", self.stored_contributions),) if not self.derived else ())
+        for name, tree in trees:
+            for path, value in tree.items():
+                if hasattr(value, "shape") and value.shape[0] != n:
+                    raise ValueError(f"{name}[{path!r}] has {value.shape[0]} samples, sample_ids has {n}")
 
     @property
     def derived(self) -> bool:
-        """Whether ``contributions`` are computed from ``grads`` rather than stored."""
-        return isinstance(self.contributions, DerivedContributions)
+        """Whether the contributions are computed from ``grads`` rather than stored."""
+        return self.stored_contributions is None
 
-    def __post_init__(self):
-        if self.contributions is None:
-            object.__setattr__(self, "contributions", DerivedContributions(self.grads, np.asarray(self.tokens)))
-        n = len(self.sample_ids)
-        # Derived contributions share the grads' shapes; reading them would compute every g²/T.
-        trees = (("grads", self.grads),) + (() if self.derived else (("contributions", self.contributions),))
-        for name, tree in trees:
-            for path, value in tree.items():
-                if value.shape[0] != n:
-                    raise ValueError(f"{name}[{path!r}] has {value.shape[0]} samples, sample_ids has {n}")
+    @property
+    def contributions(self) -> Mapping[str, np.ndarray]:
+        """``{path: [n, *param_shape]}`` contributions ``C_i``: the stored ones, or
+        :class:`DerivedContributions` (``g_i² / T_i``, one parameter computed per access)."""
+        if self.stored_contributions is not None:
+            return self.stored_contributions
+        return DerivedContributions(self.grads, np.asarray(self.tokens))
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -138,18 +128,15 @@ class Contributions:
     def paths(self) -> list[str]:
         return list(self.grads or self.contributions)
 
-    def select(self, index) -> Contributions:
+    def select(self, index) -> SampleGrads:
         """The samples at positions ``index`` (an int array or slice)."""
-        return Contributions(
-            self.sample_ids[index],
-            self.tokens[index],
-            None if self.derived else {p: host_take(v, index) for p, v in self.contributions.items()},
-            {p: host_take(v, index) for p, v in self.grads.items()},
-        )
+        stored = None if self.derived else {p: host_take(v, index) for p, v in self.stored_contributions.items()}
+        return SampleGrads(self.sample_ids[index], self.tokens[index], {p: host_take(v, index) for p, v in self.grads.items()}, stored)
 
     @classmethod
-    def from_grads(cls, grads, tokens, sample_ids, *, dtype=np.float32) -> Contributions:
-        """Build from signed per-sample gradients ``{path: [n, ...]}``: ``C_i = g_i² / T_i``.
+    def from_grads(cls, grads, tokens, sample_ids, *, dtype=np.float32) -> SampleGrads:
+        """Build from signed per-sample gradients ``{path: [n, ...]}`` with the contributions
+        ``C_i = g_i² / T_i`` stored (in ``dtype``, computed in float64).
 
         Samples with ``T_i = 0`` are dropped (they carry no contribution).
         """
@@ -161,7 +148,7 @@ class Contributions:
             p: (np.square(g.astype(np.float64)) / t.reshape((-1,) + (1,) * (g.ndim - 1))).astype(dtype)
             for p, g in grads.items()
         }
-        return cls(np.asarray(sample_ids)[keep], tokens[keep], contributions, {p: g.astype(dtype) for p, g in grads.items()})
+        return cls(np.asarray(sample_ids)[keep], tokens[keep], {p: g.astype(dtype) for p, g in grads.items()}, contributions)
 
     def fisher(self, paths: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Diagonal Fisher of the stored parameters (or of ``paths``) from these samples: mean of
@@ -170,13 +157,15 @@ class Contributions:
         Derived contributions are accumulated sample by sample (``Σ_i g_i² / T_i``) into one
         parameter-sized buffer, so no ``[n, ...]`` array of squares is ever allocated.
         """
-        paths = list(self.contributions) if paths is None else paths
+        if paths is None:
+            paths = list(self.grads) if self.derived else list(self.stored_contributions)
         if not self.derived:
-            return {p: np.mean(self.contributions[p], axis=0, dtype=np.float32) for p in paths}
+            return {p: np.mean(self.stored_contributions[p], axis=0, dtype=np.float32) for p in paths}
         inv_tokens = self.contributions.inv_tokens
         return {p: _mean_of_weighted_squares(self.grads[p], inv_tokens) for p in paths}
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TaskFisher:
     """Phase 1 result for one task.
@@ -191,30 +180,34 @@ class TaskFisher:
       ema: EMA state over the same values in ``ema`` mode (its bias-corrected value is
         ``group_fisher``).
       diagonal: ``{path: param-shaped}`` full diagonal Fisher ``Î = mean_i C_i`` when requested.
-      contributions: per-sample ``C_i`` and ``g_i`` for selected parameters when requested.
+      sample_grads: per-sample ``g_i`` (and ``C_i``) of selected parameters when kept
+        (:class:`SampleGrads`).
       per_sample_groups: ``{path: {group_type: [n, ..]}}`` per-sample group values (for bootstrap
         intervals), with ``sample_ids`` giving their order, when kept.
       n_samples: samples that entered the Fisher; n_skipped: samples with ``T_i = 0``.
       n_tokens: total active tokens; total_loss: sum of the token-sum losses of the kept samples
         (``total_loss / n_tokens`` is the task's mean token loss).
       fisher_type: ``"empirical"``, ``"true"`` or ``"per_token"``; mode: ``"welford"`` or ``"ema"``.
+
+    Arrays are pytree leaves; ``task``, the counts, ``total_loss``, ``fisher_type`` and ``mode``
+    are static metadata.
     """
 
-    task: str
+    task: str = dataclasses.field(metadata=_STATIC)
     group_fisher: GroupFisher
     group_sizes: GroupFisher
-    n_samples: int
-    n_skipped: int = 0
-    n_tokens: int = 0
-    total_loss: float = 0.0
+    n_samples: int = dataclasses.field(metadata=_STATIC)
+    n_skipped: int = dataclasses.field(default=0, metadata=_STATIC)
+    n_tokens: int = dataclasses.field(default=0, metadata=_STATIC)
+    total_loss: float = dataclasses.field(default=0.0, metadata=_STATIC)
     welford: WelfordState | None = None
     ema: EMAState | None = None
     diagonal: Mapping[str, np.ndarray] | None = None
-    contributions: Contributions | None = None
+    sample_grads: SampleGrads | None = None
     per_sample_groups: GroupFisher | None = None
     sample_ids: np.ndarray | None = None
-    fisher_type: str = "empirical"
-    mode: str = "welford"
+    fisher_type: str = dataclasses.field(default="empirical", metadata=_STATIC)
+    mode: str = dataclasses.field(default="welford", metadata=_STATIC)
 
     @property
     def loss_per_token(self) -> float:
@@ -227,3 +220,25 @@ class TaskFisher:
     def flat_groups(self) -> dict[str, np.ndarray]:
         """``{"task|param_path|group_type": values}`` — the layout of ``group_fisher.npz``."""
         return {f"{self.task}|{p}|{g}": np.asarray(v) for p, groups in self.group_fisher.items() for g, v in groups.items()}
+
+
+def sample_grads_of(task: TaskFisher | SampleGrads, name: str | None = None) -> tuple[SampleGrads, str]:
+    """The per-sample arrays of a task and its name: the one adapter Phases 5 and 6 read tasks
+    through.
+
+    ``task``: a :class:`TaskFisher` with kept per-sample gradients (named by its ``task``
+    unless ``name`` is given) or :class:`SampleGrads` (named ``name``, default ``"task"``).
+
+    Raises:
+      DataError: a TaskFisher collected without per-sample gradients.
+    """
+    if isinstance(task, TaskFisher):
+        if task.sample_grads is None or not task.sample_grads.grads:
+            raise DataError(
+                f"task {task.task!r} has no stored per-sample gradients; collect it with keep_sample_grads=True "
+                "(the attention parameters) or a list of parameter paths"
+            )
+        return task.sample_grads, name or task.task
+    if isinstance(task, SampleGrads):
+        return task, name or "task"
+    raise TypeError(f"expected a TaskFisher or SampleGrads, got {type(task).__name__}")

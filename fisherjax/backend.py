@@ -1,0 +1,118 @@
+"""The one place that decides between the CPU and accelerator code paths.
+
+Several kernels have two shapes: one for a GPU or TPU (a few wide, batched operations), one for
+XLA:CPU (small pieces that stay in cache, read host memory in place, run on several threads).
+Every such choice asks this module, so a reader finds all of them here and a test can see them
+side by side:
+
+===============================  ==========================  ==============================
+choice                           CPU                         GPU / TPU
+===============================  ==========================  ==============================
+:func:`sample_loop`              loop over (sample, layer)   one ``vmap``
+:func:`qkov_contraction`         ``"looped"``                ``"batched"``
+:func:`pallas_interpret`         interpret mode              Triton (GPU) / interpret (TPU)
+:func:`map_groups`               ``lax.map`` over groups     one batched ``einsum``
+:func:`reads_in_place`           aligned host arrays         never (device memory)
+===============================  ==========================  ==============================
+
+The reasons, with their measurements, are in ``docs/DECISIONS.md`` and
+``benchmarks/RESULTS.md``. The host-memory helpers live here too: XLA:CPU uses a C-contiguous
+numpy array in place (``jax.device_put(x, may_alias=True)``) only when its data starts on a
+:data:`HOST_ALIGNMENT` boundary, which numpy's allocator does not promise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+HOST_ALIGNMENT = 64
+"""Byte alignment of the per-sample host arrays that XLA:CPU reads without copying."""
+
+
+def platform() -> str:
+    """The default backend's platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``."""
+    return jax.default_backend()
+
+
+def is_cpu() -> bool:
+    return platform() == "cpu"
+
+
+def is_gpu() -> bool:
+    return platform() == "gpu"
+
+
+def sample_loop() -> bool:
+    """Per-sample work from the sites as a loop over (sample, layer) pieces (CPU) or one vmap.
+
+    XLA:CPU runs one batched ``dot_general`` over ``[layer, batch]`` well below the speed of the
+    same GEMMs issued one piece at a time and writes each intermediate to memory; a loop keeps
+    every piece in cache. Accelerators want the one big kernel.
+    """
+    return is_cpu()
+
+
+def qkov_contraction(choice: str = "auto") -> str:
+    """The QK-OV kernel that ``choice`` selects: ``"auto"`` is ``"looped"`` on a CPU and
+    ``"batched"`` elsewhere; any other choice is returned as it is."""
+    if choice != "auto":
+        return choice
+    return "looped" if is_cpu() else "batched"
+
+
+def pallas_interpret() -> bool:
+    """Whether a Pallas kernel runs in interpret mode: everywhere but a GPU (it is written for
+    Pallas' Triton backend)."""
+    return not is_gpu()
+
+
+def map_groups() -> bool:
+    """Per-group dot products as a ``lax.map`` over contiguous group slices (CPU) rather than one
+    einsum batched over groups, which made XLA:CPU transpose whole feature tensors."""
+    return is_cpu()
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+# ---- host memory that XLA:CPU reads in place --------------------------------------------------
+
+
+def host_empty(shape: Sequence[int], dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a :data:`HOST_ALIGNMENT` boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + HOST_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def host_concatenate(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """``np.concatenate(parts, axis=0)`` into a :func:`host_empty` array."""
+    out = host_empty((sum(len(x) for x in parts), *parts[0].shape[1:]), np.result_type(*parts))
+    return np.concatenate(parts, axis=0, out=out)
+
+
+def host_take(x: np.ndarray, index) -> np.ndarray:
+    """``x[index]`` along the first axis (an int array or a slice) into a :func:`host_empty` array."""
+    rows = np.arange(len(x))[index]
+    return np.take(x, rows, axis=0, out=host_empty((len(rows), *x.shape[1:]), x.dtype))
+
+
+def is_aligned(x) -> bool:
+    """A C-contiguous numpy array whose data starts on a :data:`HOST_ALIGNMENT` boundary."""
+    return isinstance(x, np.ndarray) and x.flags.c_contiguous and x.ctypes.data % HOST_ALIGNMENT == 0
+
+
+def reads_in_place(x) -> bool:
+    """Whether the default backend can use host array ``x`` without copying it: a CPU backend and
+    an :func:`is_aligned` array."""
+    return is_cpu() and is_aligned(x)

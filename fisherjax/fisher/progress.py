@@ -1,0 +1,221 @@
+"""What a running collection keeps on the host, and how it survives being killed.
+
+* :class:`CollectionLog`: the samples seen so far — ids, token counts, losses, per-sample group
+  values and kept gradients — an immutable record that :meth:`~CollectionLog.add` extends batch
+  by batch;
+* :class:`Spill`: kept per-sample arrays written to disk batch by batch (``.npy``) and read back
+  memory-mapped when they exceed their host-memory budget;
+* :func:`progress_manager`, :func:`save_progress`, :func:`restore_progress`: the accumulation
+  state and the log saved with an orbax ``CheckpointManager`` (atomic writes, the last two steps
+  kept), so ``collect(..., resume=True)`` continues after the last save with bitwise-identical
+  numbers on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from fisherjax.data import Batch
+from fisherjax.errors import CheckpointError, ConfigError, FisherjaxError
+from fisherjax.fisher.accumulate import EMAState, WelfordState
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionLog:
+    """Host-side record of the samples seen so far (immutable; :meth:`add` returns a new one)."""
+
+    n_seen: int = 0
+    n_skipped: int = 0
+    n_tokens: int = 0
+    total_loss: float = 0.0
+    skipped_ids: tuple[int, ...] = ()
+    sample_ids: tuple[np.ndarray, ...] = ()
+    tokens: tuple[np.ndarray, ...] = ()
+    groups: tuple[dict, ...] = ()
+    kept: tuple[dict, ...] = ()
+    kept_bytes: int = 0
+
+    def add(self, batch: Batch, tokens: np.ndarray, losses: np.ndarray, groups, kept, *, budget: float, spill, task: str) -> CollectionLog:
+        """The log with one (micro-)batch's outputs added: samples with ``T_i > 0`` are kept, the
+        others counted as skipped. Kept arrays beyond ``budget`` bytes go to ``spill`` or raise."""
+        real = batch.sample_ids >= 0
+        active = real & (tokens > 0)
+        idx = np.flatnonzero(active)
+        skipped = tuple(int(i) for i in batch.sample_ids[real & (tokens == 0)])
+        new_groups = self.groups
+        if groups is not None:
+            new_groups += (jax.tree.map(lambda v: _rows(v, idx), groups),)
+        new_kept, kept_bytes = self.kept, self.kept_bytes
+        if kept is not None:
+            host = jax.tree.map(lambda v: _rows(v, idx), kept)
+            kept_bytes += sum(v.nbytes for v in jax.tree.leaves(host))
+            if spill is not None:
+                host = spill.write(len(self.kept), host)
+            elif kept_bytes > budget:
+                raise FisherjaxError(
+                    f"task {task!r}: kept per-sample gradients need more than {budget / 1e9:.3g} GB of host memory "
+                    f"after {self.n_seen + len(idx)} samples; give a spill directory (spill_dir=..., --spill-dir) to "
+                    "write them to disk, keep fewer parameters, or store them as bfloat16"
+                )
+            new_kept += (host,)
+        return dataclasses.replace(
+            self,
+            n_seen=self.n_seen + len(idx),
+            n_skipped=self.n_skipped + len(skipped),
+            n_tokens=self.n_tokens + int(tokens[active].sum()),
+            total_loss=self.total_loss + float(np.asarray(losses, np.float64)[active].sum()),
+            skipped_ids=self.skipped_ids + skipped,
+            sample_ids=self.sample_ids + (batch.sample_ids[idx],),
+            tokens=self.tokens + (tokens[idx],),
+            groups=new_groups,
+            kept=new_kept,
+            kept_bytes=kept_bytes,
+        )
+
+    @property
+    def spilled(self) -> bool:
+        """Whether the kept arrays were written to disk (the log then holds their file names)."""
+        return bool(self.kept) and isinstance(jax.tree.leaves(self.kept[0])[0], Path)
+
+
+def _rows(values, idx: np.ndarray) -> np.ndarray:
+    """``values[idx]`` on the host, without a copy when every row is kept."""
+    values = np.asarray(values)
+    return values if len(idx) == values.shape[0] and np.array_equal(idx, np.arange(len(idx))) else values[idx]
+
+
+class Spill:
+    """Writes kept per-sample arrays batch by batch as ``.npy`` files and reads them memory-mapped."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"spill_dir {directory}: cannot create it ({err.strerror})") from err
+
+    def write(self, index: int, host: dict) -> dict:
+        """``{kind: {path: array}}`` of one batch written to disk; returns the same tree of file names."""
+        out = {}
+        for kind, tree in host.items():
+            out[kind] = {}
+            for path, value in tree.items():
+                file = self.directory / f"{kind}.{path.replace('/', '.')}.{index:06d}.npy"
+                np.save(file, np.asarray(value))
+                out[kind][path] = file
+        return out
+
+    def concatenate(self, files: Sequence[Path], name: str) -> np.ndarray:
+        """One memory-mapped array of all chunks, copied chunk by chunk (bounded memory)."""
+        chunks = [np.load(f, mmap_mode="r") for f in files]
+        total = sum(c.shape[0] for c in chunks)
+        out = np.lib.format.open_memmap(self.directory / f"{name}.npy", mode="w+", dtype=chunks[0].dtype, shape=(total, *chunks[0].shape[1:]))
+        at = 0
+        for c in chunks:
+            out[at : at + c.shape[0]] = c
+            at += c.shape[0]
+        out.flush()
+        for f in files:
+            Path(f).unlink()
+        return np.load(self.directory / f"{name}.npy", mmap_mode="r")
+
+
+# ---- resumable state (orbax) --------------------------------------------------------------------
+
+
+def progress_manager(directory: str | Path):
+    """A checkpoint manager for resumable collection (keeps the two most recent saves)."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def _state_to_tree(state: dict) -> dict:
+    out = {}
+    for name, value in state.items():
+        if isinstance(value, WelfordState):
+            out[name] = {"count": np.asarray(value.count), "mean": _host(value.mean), "m2": _host(value.m2)}
+        elif isinstance(value, EMAState):
+            out[name] = {"count": np.asarray(value.count), "value": _host(value.value), "decay": np.asarray(value.decay)}
+        else:
+            raise TypeError(f"cannot checkpoint state entry {name!r} of type {type(value).__name__}")
+    return out
+
+
+def _tree_to_state(tree: dict, like: dict) -> dict:
+    out = {}
+    for name, template in like.items():
+        t = tree[name]
+        if isinstance(template, WelfordState):
+            out[name] = WelfordState(t["count"], t["mean"], t["m2"])
+        else:
+            out[name] = EMAState(t["count"], t["value"], float(t["decay"]))
+    return out
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def save_progress(manager, batches_done: int, state: dict, log: CollectionLog) -> None:
+    """Save the accumulation state and the host log after ``batches_done`` batches."""
+    import orbax.checkpoint as ocp
+
+    arrays = {"state": _state_to_tree(state)}
+    if log.sample_ids:
+        arrays["sample_ids"] = np.concatenate(log.sample_ids)
+        arrays["tokens"] = np.concatenate(log.tokens)
+    if log.groups:
+        arrays["groups"] = jax.tree.map(lambda *xs: np.concatenate(xs), *log.groups)
+    if log.kept and not log.spilled:
+        arrays["kept"] = jax.tree.map(lambda *xs: np.concatenate(xs), *log.kept)
+    meta = {
+        "batches_done": batches_done,
+        "n_seen": log.n_seen,
+        "n_skipped": log.n_skipped,
+        "n_tokens": log.n_tokens,
+        "total_loss": log.total_loss,
+        "skipped_ids": list(log.skipped_ids),
+        "kept_bytes": log.kept_bytes,
+        "spilled": [jax.tree.map(str, k) for k in log.kept] if log.spilled else None,
+    }
+    manager.save(batches_done, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+
+
+def restore_progress(manager, like_state: dict) -> tuple[dict, CollectionLog, int] | None:
+    """``(state, log, batches_done)`` from the latest save, or None when there is none."""
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        return None
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    except Exception as err:  # orbax raises several types for damaged directories
+        raise CheckpointError(f"{manager.directory}: cannot restore collection state at step {step} ({err})") from None
+    arrays, meta = restored["arrays"], restored["meta"]
+    kept = ()
+    if meta.get("spilled"):
+        kept = tuple(jax.tree.map(Path, k) for k in meta["spilled"])
+    elif "kept" in arrays:
+        kept = (arrays["kept"],)
+    log = CollectionLog(
+        n_seen=meta["n_seen"],
+        n_skipped=meta["n_skipped"],
+        n_tokens=meta["n_tokens"],
+        total_loss=meta["total_loss"],
+        skipped_ids=tuple(meta["skipped_ids"]),
+        sample_ids=(arrays["sample_ids"],) if "sample_ids" in arrays else (),
+        tokens=(arrays["tokens"],) if "tokens" in arrays else (),
+        groups=(arrays["groups"],) if "groups" in arrays else (),
+        kept=kept,
+        kept_bytes=meta["kept_bytes"],
+    )
+    return _tree_to_state(arrays["state"], like_state), log, int(meta["batches_done"])

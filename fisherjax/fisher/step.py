@@ -1,0 +1,260 @@
+"""The jitted Phase 1 step: one batch in, the updated accumulation state and per-sample values out.
+
+Per batch the step runs the decoder forward once (``jax.vjp`` with respect to the zero taps of
+every site), pulls back the loss cotangent(s) to get each site's output gradient ``δ``, and turns
+``(input, δ)`` pairs into per-sample contributions ``C_i = g_i² / T_i`` reduced to groups
+(:mod:`fisherjax.fisher.sites`, :mod:`fisherjax.fisher.groups`). No weight-gradient GEMM and no
+``vmap`` over samples is needed; full per-sample gradients are formed only for the parameters
+whose gradients are kept, and for the full diagonal one piece of a parameter at a time
+(:mod:`fisherjax.fisher.diagonal`).
+
+Fisher variants (``fisher_type``): ``"empirical"`` (data labels); ``"true"`` (labels drawn from
+the model at every predicted position, ``C_i`` averaged over ``true_samples`` draws);
+``"per_token"`` (``C_i = Σ_t ‖∇ℓ_{i,t}‖² / T_i``, one pullback per position). Kept signed
+gradients ``g_i`` are always those of the data labels.
+
+What is static about a run is a :class:`StepPlan` (hashable, part of the jit cache key);
+:func:`compiled_step` keeps one compiled step per (model, plan), so repeated collections with
+the same shapes compile nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fisherjax import backend
+from fisherjax.data import IGNORE, Batch
+from fisherjax.fisher.accumulate import ema_init, ema_update, welford_init, welford_update
+from fisherjax.fisher.diagonal import diagonal_update, materialised_walk
+from fisherjax.fisher.groups import group_sizes, marginals_of, reduce_groups
+from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, kept_paths
+from fisherjax.settings import with_overrides
+from fisherjax.fisher.sites import discover_sites, grad_walks, per_sample_grads_from_sites, squared_marginals_from_sites
+from fisherjax.grads import token_nll
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """Static choices of one collection run (hashable, part of the jit cache key)."""
+
+    materialise: tuple[str, ...]  # paths whose full per-sample gradients are formed
+    keep: tuple[str, ...]  # paths whose g_i (and, unless derived, C_i) are returned
+    diagonal: bool
+    fisher_type: str
+    true_samples: int
+    mode: str
+    ghost: str
+    storage: str
+    remat: bool
+    sample_loop: bool  # per-sample site work as a loop over pieces (CPU) or one vmap
+
+
+def make_plan(layout, options: CollectOptions) -> StepPlan:
+    """The :class:`StepPlan` of ``options`` for a model's layout."""
+    keep = kept_paths(layout, options.keep_sample_grads)
+    empirical = options.fisher_type == "empirical"
+    return StepPlan(
+        # the empirical diagonal is walked piece by piece (fisher.diagonal), never materialised
+        materialise=tuple(layout.paths()) if options.diagonal and not empirical else keep,
+        keep=keep,
+        diagonal=options.diagonal,
+        fisher_type=options.fisher_type,
+        true_samples=options.true_samples,
+        mode=options.mode,
+        ghost=options.ghost,
+        storage=options.sample_grads_dtype,
+        remat=options.remat,
+        sample_loop=backend.sample_loop() if options.sample_loop is None else options.sample_loop,
+    )
+
+
+def site_names(model) -> list[str]:
+    """The model's site names (``embed``, ``layers/attn/c_attn``, ...), in forward order."""
+    shapes = model.tap_shapes(1, 2)
+    return [k for k in shapes if k != "layers"] + [f"layers/{k}" for k in shapes["layers"]]
+
+
+def data_cotangent(logits, labels):
+    """``∂(Σ_{i,t} −log p)/∂logits`` for the given labels (zero where the label is ignored)."""
+    return jax.grad(lambda z: token_nll(z, labels).sum())(logits)
+
+
+def sample_labels(key, logits, labels):
+    """Labels drawn from the model's predictive distribution ``softmax(logits)`` at the positions
+    the data predicts (``IGNORE`` elsewhere), aligned like ``labels``."""
+    draws = jax.random.categorical(key, jax.lax.stop_gradient(logits[:, :-1]).astype(jnp.float32), axis=-1)
+    shifted = jnp.where(labels[:, 1:] != IGNORE, draws, IGNORE)
+    return jnp.concatenate([jnp.full_like(labels[:, :1], IGNORE), shifted], axis=1)
+
+
+def initial_state(model, plan: StepPlan, ema_decay: float = 0.99) -> dict:
+    """The empty accumulation state: ``{"groups": Welford | EMA, "diagonal": Welford}``."""
+    layout = model.layout
+    group_like = {p: {k: np.zeros(v.shape, np.float32) for k, v in group_sizes(layout, p).items()} for p in layout.paths()}
+    state = {"groups": welford_init(group_like) if plan.mode == "welford" else ema_init(group_like, ema_decay)}
+    if plan.diagonal:
+        state["diagonal"] = welford_init({p: np.zeros(layout.specs[p].shape, np.float32) for p in layout.paths()})
+    return state
+
+
+def step_function(model, plan: StepPlan) -> Callable:
+    """The pure per-batch step ``step(params, state, ids, mask, labels, sample_ids, key, position)
+    -> (state, packed_groups, kept, packed_scalars)`` (jit it, or use :func:`compiled_step`).
+
+    ``position`` ``[2]`` (batch index, micro-batch index) is folded into ``key`` for the true
+    Fisher's draws. ``packed_groups`` ``[batch, Σ groups]`` and ``packed_scalars`` ``[batch, 2 +
+    parameters]`` (loss, ``T_i``, finite flags) are one array each, because a transfer per leaf
+    would cost more than the step; ``kept`` is ``{"grads": {path: [batch, ...]}}`` (plus
+    ``"contributions"`` unless they are derived from the gradients).
+    """
+    layout = model.layout
+    sites = discover_sites(layout, site_names(model))
+    paths = layout.paths()
+    mat = plan.materialise
+
+    def squares_and_marginals(recorded, deltas, seq):
+        loop = plan.sample_loop
+        grads = per_sample_grads_from_sites(layout, sites, recorded, deltas, paths=mat, loop=loop) if mat else {}
+        squares = {p: jnp.square(g) for p, g in grads.items()}
+        marginals = squared_marginals_from_sites(layout, sites, recorded, deltas, seq=seq, ghost=plan.ghost, skip=mat, loop=loop)
+        return grads, squares, marginals
+
+    def step(params, state, ids, mask, labels, sample_ids, key, position):
+        batch, seq = ids.shape
+        key = jax.random.fold_in(jax.random.fold_in(key, position[0]), position[1])
+        taps = model.zero_taps(batch, seq)
+
+        def forward(taps):
+            out = model.forward(params, ids, mask, taps=taps, remat=plan.remat)
+            return out.logits, out.recorded
+
+        logits, pullback, recorded = jax.vjp(forward, taps, has_aux=True)
+        tokens = (labels[:, 1:] != IGNORE).sum(-1)
+        losses = token_nll(logits, labels).sum(-1)
+        cotangent = data_cotangent(logits, labels)
+        deltas = pullback(cotangent)[0]
+
+        if plan.fisher_type == "empirical":
+            grads, squares, marginals = squares_and_marginals(recorded, deltas, seq)
+        else:
+            if plan.fisher_type == "true":
+                keys = jax.random.split(key, plan.true_samples)
+                cotangent_of = lambda k: data_cotangent(logits, sample_labels(k, logits, labels))  # noqa: E731
+                xs, scale = keys, 1.0 / plan.true_samples
+            else:  # per_token: the cotangent of one position's loss at a time
+                cotangent_of = lambda t: jnp.where((jnp.arange(seq) == t)[None, :, None], cotangent, 0.0)  # noqa: E731
+                xs, scale = jnp.arange(seq - 1), 1.0
+
+            def accumulate(total, x):
+                _, sq, mg = squares_and_marginals(recorded, pullback(cotangent_of(x))[0], seq)
+                return jax.tree.map(jnp.add, total, (sq, mg)), None
+
+            zero = jax.eval_shape(lambda: squares_and_marginals(recorded, deltas, seq)[1:])
+            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+            (squares, marginals), _ = jax.lax.scan(accumulate, zero, xs)
+            squares, marginals = jax.tree.map(lambda v: v * scale, (squares, marginals))
+            grads = per_sample_grads_from_sites(layout, sites, recorded, deltas, paths=plan.keep, loop=plan.sample_loop) if plan.keep else {}
+
+        inv_t = jnp.where(tokens > 0, 1.0 / jnp.maximum(tokens, 1), 0.0).astype(jnp.float32)
+
+        def per_sample(x):
+            return x * inv_t.reshape((-1,) + (1,) * (x.ndim - 1))
+
+        contributions = {p: per_sample(v) for p, v in squares.items()}
+        groups = {}
+        for path in paths:
+            if path in contributions:
+                col, row = marginals_of(layout.specs[path], contributions[path])
+            else:
+                col, row = (None if m is None else per_sample(m) for m in marginals[path])
+            groups[path] = reduce_groups(layout, path, col, row)
+
+        finite = jnp.stack(
+            [jnp.isfinite(losses)]
+            + [jnp.stack([jnp.isfinite(v).reshape(batch, -1).all(-1) for v in groups[p].values()]).all(0) for p in paths],
+            axis=1,
+        )
+        valid = (sample_ids >= 0) & (tokens > 0)
+        if plan.mode == "welford":
+            state = {**state, "groups": welford_update(state["groups"], groups, valid)}
+        else:
+            state = {**state, "groups": ema_update(state["groups"], groups, valid)}
+        if plan.diagonal and plan.fisher_type == "empirical":
+            walks = grad_walks(layout, sites, recorded, deltas, loop=plan.sample_loop)
+            walks.update({p: materialised_walk(grads[p]) for p in plan.keep})
+            state = {**state, "diagonal": diagonal_update(state["diagonal"], walks, inv_t, valid)}
+        elif plan.diagonal:  # C_i averages squares over draws or positions: materialised above
+            state = {**state, "diagonal": welford_update(state["diagonal"], contributions, valid)}
+        storage = STORAGE_DTYPES[plan.storage]
+        kept = {"grads": {p: grads[p].astype(storage) for p in plan.keep}}
+        if plan.fisher_type != "empirical":  # otherwise C = g²/T is derived from the grads on the host
+            kept["contributions"] = {p: contributions[p].astype(storage) for p in plan.keep}
+        packed_groups = jnp.concatenate([v.reshape(batch, -1).astype(jnp.float32) for v in jax.tree.leaves(groups)], axis=1)
+        packed_scalars = jnp.concatenate([losses[:, None], tokens[:, None].astype(jnp.float32), finite.astype(jnp.float32)], axis=1)
+        return state, packed_groups, kept, packed_scalars
+
+    return step
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model, plan: StepPlan):
+    """``jax.jit`` of :func:`step_function` (state donated), built once per (model, plan) so
+    repeated collections reuse its compilations."""
+    steps = _COMPILED.setdefault(model, {})
+    if plan not in steps:
+        steps[plan] = jax.jit(step_function(model, plan), donate_argnums=(1,))
+    return steps[plan]
+
+
+def lower_step(model, batch_size: int, seq_len: int, options: CollectOptions | None = None, **overrides):
+    """The lowered per-batch step for abstract inputs, e.g. to read XLA's memory analysis.
+
+    ``model.params`` may be ``jax.ShapeDtypeStruct`` leaves, so a 7B-parameter configuration can
+    be checked without allocating weights: ``lower_step(...).compile().memory_analysis()``.
+    ``options`` / ``overrides`` as for :func:`fisherjax.collect`.
+    """
+    options = with_overrides(options or CollectOptions(), overrides)
+    plan = make_plan(model.layout, options)
+    state = jax.eval_shape(lambda: initial_state(model, plan, options.ema_decay))
+    ints = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    ids = jax.ShapeDtypeStruct((batch_size,), jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+    position = jax.ShapeDtypeStruct((2,), jnp.int32)
+    return compiled_step(model, plan).lower(model.params, state, ints, ints, ints, ids, jax.random.key(0), position)
+
+
+def micro_batch_size(model, plan: StepPlan, batch: int, seq: int, budget_bytes: float) -> int:
+    """Samples per step so that per-sample arrays fit ``budget_bytes`` (at least 1, at most ``batch``).
+
+    Per sample: the materialised gradients (and their squares, and the stored copies when kept)
+    plus the activations a backward pass keeps, estimated as ``4 bytes × layers × seq ×
+    (12·d_model + 3·d_ff)`` and the ``[seq, vocab]`` logits with their gradient.
+    """
+    cfg = model.config
+    grads = sum(int(np.prod(model.layout.specs[p].shape)) for p in plan.materialise)
+    kept = sum(int(np.prod(model.layout.specs[p].shape)) for p in plan.keep)
+    activations = cfg.num_layers * seq * (12 * cfg.hidden_size + 3 * cfg.intermediate_size) + 2 * seq * cfg.vocab_size
+    per_sample = 4 * (2 * grads + 2 * kept + activations)
+    return int(max(1, min(batch, budget_bytes // max(per_sample, 1))))
+
+
+def micro_batches(batch: Batch, size: int):
+    """Split a batch into consecutive micro-batches of ``size`` rows (the last padded with filler)."""
+    n = batch.input_ids.shape[0]
+    if size >= n:
+        yield batch
+        return
+    for start in range(0, n, size):
+        rows = np.arange(start, min(start + size, n))
+        if np.all(batch.sample_ids[rows] < 0):
+            continue
+        pad = size - len(rows)
+        take = lambda x, fill: np.concatenate([x[rows], np.full((pad, *x.shape[1:]), fill, x.dtype)])  # noqa: E731
+        yield Batch(take(batch.input_ids, 0), take(batch.attention_mask, 0), take(batch.labels, IGNORE), take(batch.sample_ids, -1))
