@@ -1,4 +1,4 @@
-"""Figures and the human-readable report of ``fisherjax analyze``.
+"""INTERIM (removed when pipeline.py moves to report sections): the old report writer.
 
 matplotlib (Agg backend) draws the figures; the report is Markdown with the numbers of
 results.json and links to the figures.

@@ -1,0 +1,17 @@
+"""Everything a reader of ``fisherjax analyze`` sees: ``results.json`` sections, figures and the
+lines of ``report.md``.
+
+The analysis modules compute numbers (pytrees of arrays); this package turns them into what is
+shown, one module per phase (:mod:`.fisher`, :mod:`.importance`, :mod:`.masks`,
+:mod:`.natural`, :mod:`.conflicts`, :mod:`.qkov`), each with a ``section(...) ->``
+:class:`Section`. :func:`write` saves a run's sections — figures under ``figures/``,
+``results.json`` and ``report.md`` in phase order. No module here changes a number.
+"""
+
+from __future__ import annotations
+
+from fisherjax.report.base import Section, jsonable, write
+from fisherjax.report.figures import new_figure
+from fisherjax.report.legacy import save_figure, write_report  # INTERIM: until pipeline.py uses sections
+
+__all__ = ["Section", "jsonable", "new_figure", "save_figure", "write", "write_report"]
