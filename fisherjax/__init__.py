@@ -2,22 +2,27 @@
 
 Per-sample gradients, diagonal Fisher information reduced to heads and channels, pruning masks
 and their overlap, sample-level conflict forensics and QK-OV interference, as pure JAX functions.
+
+The phases are importable from the top: ``fisherjax.collect`` (Phase 1), ``fisherjax.importance``
+(2), ``fisherjax.masks`` (3), ``fisherjax.overlap`` (4), ``fisherjax.conflicts`` (5),
+``fisherjax.qkov`` (6), ``fisherjax.natural`` (7), and ``fisherjax.data`` for task files.
 """
 
+from fisherjax import data
+from fisherjax.analysis import conflicts, importance, masks, natural, overlap, qkov
 from fisherjax.config import DecoderConfig
 from fisherjax.errors import CheckpointError, ConfigError, DataError, FisherjaxError, NumericalError
 from fisherjax.fisher import CollectOptions, SampleGrads, TaskFisher
 from fisherjax.fisher.collect import collect
 from fisherjax.layout import ModelLayout, Role
 from fisherjax.models import Model, load_pretrained, save_pretrained
-from fisherjax.analysis import conflicts, qkov  # DESIGN.md promises fisherjax.qkov and fisherjax.conflicts
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
-    "ConfigError",
     "CollectOptions",
+    "ConfigError",
     "DataError",
     "DecoderConfig",
     "FisherjaxError",
@@ -29,7 +34,12 @@ __all__ = [
     "TaskFisher",
     "collect",
     "conflicts",
+    "data",
+    "importance",
     "load_pretrained",
+    "masks",
+    "natural",
+    "overlap",
     "qkov",
     "save_pretrained",
 ]

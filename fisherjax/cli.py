@@ -13,12 +13,21 @@ from pathlib import Path
 
 from fisherjax.errors import FisherjaxError
 from fisherjax.fisher.options import FISHER_TYPES, MODES, STORAGE_DTYPES
-from fisherjax.pipeline import QKOV_CONTRACTIONS, AnalysisConfig
 
 EXIT_INPUT_ERROR = 2
 
+CONTRACTIONS = ("auto", "batched", "looped", "pallas")  # fisherjax.analysis.qkov.CONTRACTIONS, without importing the analysis
+
+
+def _defaults():
+    """AnalysisConfig's defaults: the command line restates none of them."""
+    from fisherjax.pipeline import AnalysisConfig
+
+    return AnalysisConfig
+
 
 def _parser() -> argparse.ArgumentParser:
+    d = _defaults()
     parser = argparse.ArgumentParser(
         prog="fisherjax",
         description="Where a language model stores a task, and where two tasks collide.",
@@ -29,37 +38,39 @@ def _parser() -> argparse.ArgumentParser:
         "analyze",
         help="run every phase on a model and its tasks (the shipped demo by default)",
         description="Collect per-sample Fisher information for each task, then importance, pruning masks, "
-        "mask overlap, sample conflicts and QK-OV interference. With no arguments it runs on the shipped "
-        "demo model and its 'math' and 'copy' tasks.",
+        "mask overlap, sample conflicts, QK-OV interference and Fisher-scaled updates. With no arguments it runs "
+        "on the shipped demo model and its 'math' and 'copy' tasks.",
     )
     a.add_argument("--model", type=Path, help="Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer)")
     a.add_argument("--task", action="append", default=[], metavar="NAME=FILE",
                    help="a task: .jsonl with 'text' or 'prompt'+'completion' per line, or .txt with one text per line (repeat)")
-    a.add_argument("--out", type=Path, default=Path("fisherjax-out"), help="output directory (default: ./fisherjax-out)")
-    a.add_argument("--batch-size", type=int, default=16, help="samples per batch (default 16)")
-    a.add_argument("--max-length", type=int, default=256, help="truncate samples to this many tokens (default 256)")
-    a.add_argument("--max-samples", type=int, help="use at most this many samples per task")
-    a.add_argument("--fisher-type", choices=FISHER_TYPES, default="empirical",
-                   help="empirical (data labels), true (labels sampled from the model) or per_token (default empirical)")
-    a.add_argument("--mode", choices=MODES, default="welford", help="accumulation (default welford)")
-    a.add_argument("--contribution-dtype", choices=tuple(STORAGE_DTYPES), default="float32",
-                   help="storage dtype of per-sample contributions (default float32)")
-    a.add_argument("--contribution-budget-gb", type=float, default=8.0,
-                   help="host memory allowed for per-sample contributions per task (default 8 GB)")
-    a.add_argument("--spill-dir", type=Path,
-                   help="write per-sample contributions beyond the budget to this directory (memory-mapped)")
+    a.add_argument("--out", type=Path, default=d.out, help=f"output directory (default: ./{d.out})")
+    a.add_argument("--batch-size", type=int, default=d.batch_size, help=f"samples per batch (default {d.batch_size})")
+    a.add_argument("--max-length", type=int, default=d.max_length, help=f"truncate samples to this many tokens (default {d.max_length})")
+    a.add_argument("--max-samples", type=int, default=d.max_samples, help="use at most this many samples per task (default: all)")
+    a.add_argument("--fisher-type", choices=FISHER_TYPES, default=d.fisher_type,
+                   help=f"empirical (data labels), true (labels sampled from the model) or per_token (default {d.fisher_type})")
+    a.add_argument("--mode", choices=MODES, default=d.mode, help=f"accumulation (default {d.mode})")
+    a.add_argument("--sample-grads-dtype", "--contribution-dtype", dest="sample_grads_dtype", choices=tuple(STORAGE_DTYPES),
+                   default=d.sample_grads_dtype, help=f"storage dtype of the kept per-sample gradients (default {d.sample_grads_dtype})")
+    a.add_argument("--sample-grads-budget-gb", "--contribution-budget-gb", dest="sample_grads_budget_gb", type=float,
+                   default=d.sample_grads_budget_gb,
+                   help=f"host memory allowed for the kept per-sample gradients per task (default {d.sample_grads_budget_gb:g} GB)")
+    a.add_argument("--spill-dir", type=Path, default=d.spill_dir,
+                   help="write kept per-sample gradients beyond the budget to this directory (memory-mapped)")
     a.add_argument("--no-diagonal", action="store_true", help="skip the full per-parameter diagonal (no unstructured masks)")
-    a.add_argument("--sparsity", type=float, action="append", help="pruning sparsity level (repeat; default 0.5 0.7 0.9)")
-    a.add_argument("--top-k", type=int, default=20, help="rows in the top-k tables (default 20)")
-    a.add_argument("--phases", default=",".join(AnalysisConfig.phases),
-                   help=f"comma-separated phases to run (default: all of {','.join(AnalysisConfig.phases)})")
-    a.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    a.add_argument("--sparsity", type=float, action="append",
+                   help=f"pruning sparsity level (repeat; default {' '.join(f'{s:g}' for s in d.sparsities)})")
+    a.add_argument("--top-k", type=int, default=d.top_k, help=f"rows in the top-k tables (default {d.top_k})")
+    a.add_argument("--phases", default=",".join(d.phases), help=f"comma-separated phases to run (default: all of {','.join(d.phases)})")
+    a.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
     a.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin weights (unsafe for untrusted files)")
-    a.add_argument("--save-contributions", action="store_true", help="also store per-sample contributions in fisher_state/")
+    a.add_argument("--save-sample-grads", "--save-contributions", dest="save_sample_grads", action="store_true",
+                   help="also store the per-sample gradients in fisher_state/")
     a.add_argument("--no-progress", action="store_true", help="no progress bars")
-    a.add_argument("--qkov-contraction", choices=QKOV_CONTRACTIONS, default="auto",
+    a.add_argument("--qkov-contraction", choices=CONTRACTIONS, default=d.qkov_contraction,
                    help="how the QK-OV kernel evaluates a slice's contraction: auto (looped on CPU, batched elsewhere), "
-                        "batched, looped, or pallas (one pass over the inputs, a Triton kernel for GPUs)")
+                        f"batched, looped, or pallas (one pass over the inputs, a Triton kernel for GPUs; default {d.qkov_contraction})")
 
     i = sub.add_parser("info", help="describe a checkpoint: architecture, layers, heads, parameter counts",
                        description="Print the architecture, layers, heads, kv heads, head_dim and parameter counts.")
@@ -70,8 +81,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _analyze(args) -> int:
-    from fisherjax.pipeline import analyze, parse_task_args
+    from fisherjax.pipeline import AnalysisConfig, analyze, parse_task_args
 
+    if args.model is not None and not args.task:
+        raise FisherjaxError("--model needs at least one --task NAME=FILE")
     config = AnalysisConfig(
         out=args.out,
         model=args.model,
@@ -81,21 +94,19 @@ def _analyze(args) -> int:
         max_samples=args.max_samples,
         fisher_type=args.fisher_type,
         mode=args.mode,
-        contribution_dtype=args.contribution_dtype,
-        contribution_budget_gb=args.contribution_budget_gb,
+        sample_grads_dtype=args.sample_grads_dtype,
+        sample_grads_budget_gb=args.sample_grads_budget_gb,
         spill_dir=args.spill_dir,
         diagonal=not args.no_diagonal,
-        sparsities=tuple(args.sparsity) if args.sparsity else (0.5, 0.7, 0.9),
+        sparsities=tuple(args.sparsity) if args.sparsity else AnalysisConfig.sparsities,
         top_k=args.top_k,
         seed=args.seed,
         allow_pickle=args.allow_pickle,
-        save_contributions=args.save_contributions,
+        save_sample_grads=args.save_sample_grads,
         progress=not args.no_progress,
         phases=tuple(p.strip() for p in args.phases.split(",") if p.strip()),
         qkov_contraction=args.qkov_contraction,
     )
-    if args.model is not None and not args.task:
-        raise FisherjaxError("--model needs at least one --task NAME=FILE")
     results = analyze(config)
     out = Path(config.out).absolute()
     print(f"wrote {out}  ({results['seconds']} s)")

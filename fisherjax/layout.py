@@ -64,6 +64,15 @@ KINDS = ("kernel", "bias", "scale", "embedding")
 OUTSIDE_LAYERS = -1
 """Layer id of parameters outside the layer stack (embeddings, final norm, unembedding)."""
 
+OUTSIDE_LAYERS_NAME = "outside the layers"
+"""What reports call the parameters of :data:`OUTSIDE_LAYERS` (embeddings, position embeddings,
+final norm, unembedding)."""
+
+
+def layer_name(layer: int) -> str:
+    """``"layer 3"``, or :data:`OUTSIDE_LAYERS_NAME` for the parameters outside the layer stack."""
+    return OUTSIDE_LAYERS_NAME if int(layer) == OUTSIDE_LAYERS else f"layer {int(layer)}"
+
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:

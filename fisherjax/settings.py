@@ -18,6 +18,10 @@ from fisherjax.errors import ConfigError
 
 T = TypeVar("T")
 
+STATIC = {"static": True}
+"""Dataclass field metadata marking a result type's field as pytree metadata rather than a leaf
+(``jax.tree_util.register_dataclass``): names, units and other hashable labels."""
+
 
 def check_choice(owner: str, name: str, value, allowed: Iterable) -> None:
     """Raise a :class:`ConfigError` naming ``owner.name`` unless ``value`` is one of ``allowed``."""

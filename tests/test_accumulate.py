@@ -45,19 +45,23 @@ class WelfordTest(chex.TestCase):
         a, b = run(values), run(values[order])
         assert np.max(np.abs(a - b) / np.abs(a)) <= 1e-6
 
+    @chex.variants(with_jit=True, without_jit=True)
     def test_merge_of_partial_states_equals_one_pass(self):
         rng = np.random.default_rng(2)
         x = rng.normal(size=(30, 5))
         valid = jnp.ones(30, bool)
+        update, merge = self.variant(acc.welford_update), self.variant(acc.welford_merge)
         whole = acc.welford_update(acc.welford_init(np.zeros(5)), jnp.asarray(x), valid)
-        left = acc.welford_update(acc.welford_init(np.zeros(5)), jnp.asarray(x[:11]), valid[:11])
-        right = acc.welford_update(acc.welford_init(np.zeros(5)), jnp.asarray(x[11:]), valid[11:])
-        merged = acc.welford_merge(left, right)
+        left = update(acc.welford_init(np.zeros(5)), jnp.asarray(x[:11]), valid[:11])
+        right = update(acc.welford_init(np.zeros(5)), jnp.asarray(x[11:]), valid[11:])
+        merged = merge(left, right)
         chex.assert_trees_all_close(merged, whole, rtol=1e-5, atol=1e-6)
 
+    @chex.variants(with_jit=True, without_jit=True)
     def test_empty_batch_is_a_no_op_and_interval_is_finite(self):
-        state = acc.welford_update(acc.welford_init(np.zeros(2)), jnp.ones((3, 2)), jnp.array([True, False, True]))
-        same = acc.welford_update(state, jnp.full((3, 2), jnp.nan), jnp.zeros(3, bool))
+        update = self.variant(acc.welford_update)
+        state = update(acc.welford_init(np.zeros(2)), jnp.ones((3, 2)), jnp.array([True, False, True]))
+        same = update(state, jnp.full((3, 2), jnp.nan), jnp.zeros(3, bool))
         chex.assert_trees_all_close(same.mean, state.mean)
         lo, hi = acc.welford_interval(state)
         assert np.all(np.isfinite(lo)) and np.all(np.asarray(lo) <= np.asarray(hi))
@@ -108,3 +112,24 @@ class EMATest(chex.TestCase):
     def test_decay_out_of_range_is_an_error(self):
         with self.assertRaises(ValueError):
             acc.ema_init(np.zeros(1), 1.0)
+
+
+class DiagonalTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_walked_pieces_merge_like_one_welford_update(self):
+        """The full diagonal's accumulator merges a parameter piece by piece (uneven last piece)
+        into the same state as one Welford update of the materialised C = g² / T."""
+        from fisherjax.fisher.diagonal import diagonal_update, materialised_walk
+
+        rng = np.random.default_rng(4)
+        state = acc.welford_init({"w": np.zeros((5, 3))})
+        expected = acc.welford_init({"w": np.zeros((5, 3))})
+        update = self.variant(lambda s, g, inv, valid: diagonal_update(s, {"w": materialised_walk(g)}, inv, valid, piece_bytes=4 * 4 * 6))
+        for _ in range(3):
+            g = jnp.asarray(rng.normal(size=(4, 5, 3)), jnp.float32)
+            tokens = rng.integers(1, 6, size=4)
+            valid = jnp.asarray(rng.random(4) > 0.2)
+            inv = jnp.asarray(1.0 / tokens, jnp.float32)
+            state = update(state, g, inv, valid)
+            expected = acc.welford_update(expected, {"w": jnp.square(g) * inv[:, None, None]}, valid)
+        chex.assert_trees_all_close(state, expected, rtol=1e-5, atol=1e-7)

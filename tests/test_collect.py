@@ -321,3 +321,21 @@ def test_the_step_traces_once_and_a_second_collection_compiles_nothing(model, ta
         again = collect(model, batches(task, 4), **options)
     assert compiled.count == 0
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, again.group_fisher), jax.tree.map(np.asarray, first.group_fisher))
+
+
+def test_task_fisher_is_a_pytree_that_jit_and_tree_map_take(model, task):
+    """State is data: every array of a TaskFisher (and its SampleGrads) is a leaf, names and counts
+    are static metadata, and jax.jit takes the whole value."""
+    fisher = collect(model, batches(task, 4), task="rand", keep_sample_grads=True, diagonal=True, progress=False)
+    leaves = jax.tree.leaves(fisher)
+    assert all(isinstance(x, np.ndarray) for x in leaves) and len(leaves) > len(fisher.group_fisher)
+    doubled = jax.tree.map(lambda x: 2 * x, fisher)
+    assert doubled.task == "rand" and doubled.n_samples == fisher.n_samples
+    q = "layers/self_attn/q_proj/kernel"
+    np.testing.assert_array_equal(doubled.sample_grads.grads[q], 2 * fisher.sample_grads.grads[q])
+    assert doubled.sample_grads.derived  # still derives C = g²/T from the (doubled) gradients
+    total = jax.jit(lambda f: sum(jnp.sum(v) for groups in f.group_fisher.values() for v in groups.values()))(fisher)
+    expected = sum(float(np.sum(v, dtype=np.float64)) for groups in fisher.group_fisher.values() for v in groups.values())
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+    sliced = jax.jit(lambda c: jax.tree.map(lambda x: x[:3], c))(fisher.sample_grads)
+    np.testing.assert_allclose(sliced.grads[q], fisher.sample_grads.grads[q][:3])

@@ -295,13 +295,34 @@ def test_spread_bucketed_rows():
 def test_summarize_and_plot(layouts, tmp_path):
     layout = layouts["llama"]
     a, b = random_fisher(layout, "a", 11), random_fisher(layout, "b", 12)
-    summary = importance.summarize([a, b], layout, k=4)
+    from fisherjax.report import importance as importance_report
+
+    summary = importance_report.summary([a, b], layout, k=4)
     json.dumps(summary)
     assert set(summary["tasks"]) == {"a", "b"} and "a|b" in summary["comparisons"]
     assert len(summary["tasks"]["a"]["top_groups"]) == 4
     assert np.asarray(summary["tasks"]["a"]["heads"]["head"]).shape == (3, 4)
     heads = [importance.head_importance(f, layout) for f in (a, b)]
-    fig = importance.plot_head_importance(heads)
+    fig = importance_report.figure(heads)
     assert len(fig.axes) == 2 * 5 * 2  # panels and their colour bars
     fig.savefig(tmp_path / "heads.png")
     assert (tmp_path / "heads.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_head_importance_intervals_bootstrap_each_samples_heads(layouts, family):
+    """The interval of F_head is the percentile bootstrap of the mean of each sample's own F_head
+    (F_head is linear in the block values), recomputed here sample by sample with head_importance."""
+    layout = layouts[family]
+    samples = [random_fisher(layout, "s", 100 + i, diagonal=False) for i in range(7)]
+    per_sample = {p: {g: np.stack([f.group_fisher[p][g] for f in samples]) for g in samples[0].group_fisher[p]} for p in samples[0].group_fisher}
+    mean = {p: {g: v.mean(0) for g, v in groups.items()} for p, groups in per_sample.items()}
+    fisher = TaskFisher("t", mean, samples[0].group_sizes, n_samples=7, per_sample_groups=per_sample)
+    low, high = importance.head_importance_intervals(fisher, layout, n_bootstrap=300, seed=4)
+    each = np.stack([importance.head_importance(f, layout).head for f in samples])  # [n, L, H]
+    draws = np.random.default_rng(4).integers(0, 7, size=(300, 7))  # fisherjax.stats.bootstrap_indices
+    replicates = each[draws].mean(1)
+    np.testing.assert_allclose(low, np.quantile(replicates, 0.025, axis=0), rtol=1e-9)
+    np.testing.assert_allclose(high, np.quantile(replicates, 0.975, axis=0), rtol=1e-9)
+    head = importance.head_importance(fisher, layout).head
+    assert np.all(low <= head * (1 + 1e-12)) and np.all(head <= high * (1 + 1e-12))

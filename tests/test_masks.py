@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from fisherjax.analysis import masks
+from fisherjax.analysis import _ranking, experiments, masks
 from fisherjax.data import batches, task_from_tokens
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.groups import group_sizes, groups_of_elementwise
@@ -85,15 +85,15 @@ def test_selection_and_sorting_prune_the_same_parameters_at_every_level(n_groups
     rng = np.random.default_rng(n_groups)
     scores = rng.integers(0, 50, 5000).astype(np.float32)
     groups = rng.integers(0, n_groups, 5000)
-    by_sorting, _ = masks._pruned_by_sorting(scores, groups, LEVELS)
-    by_selection, _ = masks._pruned_by_selection(scores, groups, LEVELS)
+    by_sorting, _ = _ranking.pruned_by_sorting(scores, groups, LEVELS)
+    by_selection, _ = _ranking.pruned_by_selection(scores, groups, LEVELS)
     np.testing.assert_array_equal(by_selection, by_sorting)
     for level, sparsity in enumerate(LEVELS):
         expected_keep = reference_keep(scores, groups, sparsity) | _tie_survivors(scores, groups, sparsity)
         np.testing.assert_array_equal(~by_sorting[level], expected_keep)
         np.testing.assert_array_equal(masks.keep_highest(scores, groups, sparsity), expected_keep)
     flat = np.where(groups == 0, 7.0, scores)
-    assert bool(masks._pruned_by_sorting(flat, groups, (0.5,))[1]) == bool(masks._pruned_by_selection(flat, groups, (0.5,))[1])
+    assert bool(_ranking.pruned_by_sorting(flat, groups, (0.5,))[1]) == bool(_ranking.pruned_by_selection(flat, groups, (0.5,))[1])
     with pytest.raises(NumericalError, match="all equal"):  # a level that splits the flat group is enough
         masks.keep_highest_each(np.where(groups == 0, 7.0, scores), groups, (0.0, 0.5))
 
@@ -362,7 +362,9 @@ def test_bad_choices(layouts):
 
 def test_summarize(layouts):
     layout = layouts["llama"]
-    summary = masks.summarize({"a": random_fisher(layout, "a", 7), "b": random_fisher(layout, "b", 8)}, layout)
+    from fisherjax.report import masks as masks_report
+
+    summary = masks_report.masks_summary({"a": random_fisher(layout, "a", 7), "b": random_fisher(layout, "b", 8)}, layout)
     json.dumps(summary)
     head = summary["tasks"]["a"]["head"]
     assert set(head) == {"0.5", "0.7", "0.9"}
@@ -417,7 +419,7 @@ def token_mean_loss(model, params, batch_list) -> float:
 
 def test_head_pruning_experiment(tiny_llama):
     model, task_batches, fishers = tiny_llama
-    result = masks.head_pruning_experiment(model, model.params, task_batches, fishers, sparsity=0.5, n_random=3, seed=0)
+    result = experiments.head_pruning_experiment(model, model.params, task_batches, fishers, sparsity=0.5, n_random=3, seed=0)
     json.dumps(result)
     assert result["n_units"] == 8 and result["n_pruned"] == 4
     layout = model.layout
@@ -438,7 +440,7 @@ def test_head_pruning_experiment(tiny_llama):
         np.testing.assert_allclose(r["loss_random_sd"], np.std(r["loss_random"], ddof=1), rtol=1e-12)
         assert result["cross"][name][name] == r["loss_fisher"]
     with pytest.raises(DataError, match="batches"):
-        masks.head_pruning_experiment(model, model.params, {"low": task_batches["low"]}, fishers)
+        experiments.head_pruning_experiment(model, model.params, {"low": task_batches["low"]}, fishers)
 
 
 # ---- the shipped demo model ------------------------------------------------------------------
@@ -471,7 +473,25 @@ def test_demo_fisher_pruning_beats_random():
         fit_task, eval_task = task.split(0.5, seed=0)
         held_out[name] = list(batches(eval_task, 32, buckets=demo.EVAL_BUCKETS))
         fishers[name] = fisher_from_per_sample_grads(model, list(batches(fit_task, 32, buckets=demo.EVAL_BUCKETS)), name)
-    result = masks.head_pruning_experiment(model, model.params, held_out, fishers, sparsity=0.5, n_random=20, seed=0, scope="layer")
+    result = experiments.head_pruning_experiment(model, model.params, held_out, fishers, sparsity=0.5, n_random=20, seed=0, scope="layer")
     for name, r in result["tasks"].items():
         assert r["loss_before"] < r["loss_fisher"] < r["loss_random_mean"], (name, r)
         assert r["fraction_random_worse"] >= 0.75, (name, r)
+
+
+def test_mask_results_are_pytrees(layouts):
+    """Masks, head importance and overlaps are data: tree_map reaches their arrays, labels stay."""
+    import jax
+
+    from fisherjax.analysis import importance, overlap
+
+    layout = layouts["llama"]
+    fa, fb = random_fisher(layout, "a", 3), random_fisher(layout, "b", 4)
+    mask = masks.structured_mask(fa, layout, 0.5)
+    flipped = jax.tree.map(lambda x: ~x if x.dtype == bool else x, mask)
+    assert flipped.unit == "head" and flipped.task == "a"
+    np.testing.assert_array_equal(flipped.keep["head"], ~mask.keep["head"])
+    heads = importance.head_importance(fa, layout)
+    assert jax.tree.map(lambda x: x * 0, heads).task == "a"
+    o = overlap.mask_overlap(mask, masks.structured_mask(fb, layout, 0.5), layout)
+    assert jax.tree.map(np.asarray, o).jaccard == o.jaccard

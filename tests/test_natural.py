@@ -223,7 +223,9 @@ def test_per_group_fisher_spreads_group_means(layout):
 def test_summarize(layout):
     fa = group_fisher_of(layout, random_tree(layout, 40, positive=True), "a")
     fb = group_fisher_of(layout, random_tree(layout, 41, positive=True), "b")
-    summary = natural.summarize({"a": fa, "b": fb}, layout)
+    from fisherjax.report import natural as natural_report
+
+    summary = natural_report.summary({"a": fa, "b": fb}, layout)
     json.dumps(summary)
     pair = summary["merge_weights"]["a|b"]
     assert 0 < pair["mean_weight_a"] < 1

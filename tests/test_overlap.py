@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fisherjax.analysis import masks, overlap
+from fisherjax.report import masks as overlap_report
 from fisherjax.config import DecoderConfig, RopeConfig
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.groups import group_sizes, groups_of_elementwise
@@ -136,14 +137,30 @@ def test_summarize_and_plot(setup, tmp_path):
     layout, fa, fb = setup
     levels = (0.5, 0.7, 0.9)
     per_task = {f.task: [masks.structured_mask(f, layout, s) for s in levels] for f in (fa, fb)}
-    summary = overlap.summarize(per_task, layout)
+    summary = overlap_report.overlap_summary(per_task, layout)
     json.dumps(summary)
     entries = summary["pairs"]["math|copy"]
     assert [e["sparsity"] for e in entries] == list(levels)
     assert entries[0]["advice"]["level"] in ("high", "moderate", "low")
     overlaps = [overlap.mask_overlap(a, b) for a, b in zip(*per_task.values(), strict=True)]
-    fig = overlap.plot_overlap(overlaps)
+    fig = overlap_report.overlap_figure(overlaps)
     fig.savefig(tmp_path / "overlap.png")
     assert (tmp_path / "overlap.png").stat().st_size > 0
     with pytest.raises(DataError, match="same number"):
-        overlap.summarize({"math": per_task["math"], "copy": per_task["copy"][:1]}, layout)
+        overlap_report.overlap_summary({"math": per_task["math"], "copy": per_task["copy"][:1]}, layout)
+
+
+def test_advice_text_names_layers_a_reader_can_use():
+    """No "from 1.00 (layer 0) to 1.00 (layer 0)", no "layer -1", and a layer where neither task
+    keeps anything is said to keep nothing rather than counted as agreement."""
+    base = dict(task_a="math", task_b="copy", level="unit", unit="head", neither=4, total=12)
+    same = overlap.merge_advice(dict(base, jaccard=1.0, shared=4, only_a=0, only_b=0, layers=np.array([0, 1]), layer_jaccard=np.array([1.0, 1.0]),
+                                     layer_shared=np.array([2, 2]), layer_only_a=np.array([0, 0]), layer_only_b=np.array([0, 0])))
+    assert "by layer" not in same.text
+    empty_layer = overlap.merge_advice(dict(base, jaccard=0.5, shared=2, only_a=1, only_b=1, layers=np.array([-1, 0, 1]),
+                                            layer_jaccard=np.array([0.2, 1.0, 0.8]), layer_shared=np.array([1, 0, 1]),
+                                            layer_only_a=np.array([1, 0, 0]), layer_only_b=np.array([1, 0, 0])))
+    assert "from 0.20 (outside the layers) to 0.80 (layer 1)" in empty_layer.text
+    assert "nothing kept by either task in layer 0" in empty_layer.text and "layer -1" not in empty_layer.text
+    nothing = overlap.merge_advice(dict(base, jaccard=1.0, shared=0, only_a=0, only_b=0, neither=12, layers=np.array([0]), layer_jaccard=np.array([1.0])))
+    assert nothing.level == "none" and "nothing to compare" in nothing.text

@@ -50,12 +50,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from fisherjax import stats
+from fisherjax.settings import STATIC
 from fisherjax.errors import DataError, NumericalError
 from fisherjax.fisher.groups import ROW_BUCKET_SIZE, ROW_BUCKET_THRESHOLD, group_sizes
 from fisherjax.fisher.state import TaskFisher
-from fisherjax.layout import ModelLayout, Role
+from fisherjax.layout import ATTENTION_BLOCKS, OUTSIDE_LAYERS, ModelLayout, Role
 
-BLOCKS = ("q", "k", "v", "o")
 PRIMARY_ORDER = ("head", "channel", "row", "element")
 SHARES = ("global_share", "layer_share", "value")
 _FUSED_TYPES = ("head_q", "head_k", "head_v")
@@ -154,6 +155,7 @@ def _broadcast_head(v, view_shape, kind: str, block: str):
 # ---- the group table ----------------------------------------------------------------------
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class GroupTable:
     """All groups of one task, one row each (columns are ``[G]`` arrays).
@@ -169,7 +171,7 @@ class GroupTable:
       global_share: ``F_g / F_tot``; layer_share: ``F_g / F_ℓ`` (module docstring).
     """
 
-    task: str
+    task: str = dataclasses.field(metadata=STATIC)
     path: np.ndarray
     group_type: np.ndarray
     role: np.ndarray
@@ -236,7 +238,7 @@ def _leaf_layers(layout: ModelLayout, path: str, values: np.ndarray) -> tuple[np
         layer = np.repeat(np.arange(values.shape[0]), per_layer)
         index = np.tile(np.arange(per_layer), values.shape[0])
     else:
-        layer = np.full(values.size, -1 if spec.layer is None else spec.layer)
+        layer = np.full(values.size, OUTSIDE_LAYERS if spec.layer is None else spec.layer)
         index = np.arange(values.size)
     return layer, index
 
@@ -303,6 +305,7 @@ def group_table(fisher: TaskFisher, layout: ModelLayout) -> GroupTable:
 # ---- layer totals -------------------------------------------------------------------------
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerTotals:
     """Fisher per layer and role (primary groups only).
@@ -313,9 +316,9 @@ class LayerTotals:
       total: ``[n]`` ``F_ℓ``; share: ``[n]`` ``F_ℓ / F_tot``; by_role: ``[n, roles]``.
     """
 
-    task: str
+    task: str = dataclasses.field(metadata=STATIC)
     layers: np.ndarray
-    roles: tuple[str, ...]
+    roles: tuple[str, ...] = dataclasses.field(metadata=STATIC)
     total: np.ndarray
     share: np.ndarray
     by_role: np.ndarray
@@ -335,6 +338,7 @@ def layer_totals(table: GroupTable) -> LayerTotals:
 # ---- heads --------------------------------------------------------------------------------
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class HeadImportance:
     """Attention Fisher per layer and head of one task.
@@ -346,31 +350,29 @@ class HeadImportance:
       kv_head_of: ``[H]`` the kv head each query head reads.
     """
 
-    task: str
+    task: str = dataclasses.field(metadata=STATIC)
     blocks: Mapping[str, np.ndarray]
     head: np.ndarray
     kv_head: np.ndarray
     kv_head_of: np.ndarray
 
 
-def _stack_layers(layout: ModelLayout, sources: Sequence[str], get) -> np.ndarray:
-    """Values of a block's source leaves as ``[L, ...]`` (stacked leaves as is, per-layer ones stacked)."""
-    if len(sources) == 1 and layout.spec(sources[0]).layered:
-        return np.asarray(get(sources[0]), np.float64)
-    return np.stack([np.asarray(get(p), np.float64) for p in sources])
-
-
-def block_group_values(fisher: TaskFisher, layout: ModelLayout, block: str, kind: str) -> np.ndarray:
-    """Group Fisher of (block, kind) as ``[L, heads_of(block)]`` (``head`` or fused ``head_<block>`` groups)."""
+def block_group_values(fisher: TaskFisher, layout: ModelLayout, block: str, kind: str, *, per_sample: bool = False) -> np.ndarray:
+    """Group Fisher of (block, kind) as ``[L, heads_of(block)]`` (``head`` or fused ``head_<block>``
+    groups); with ``per_sample``, each sample's group values ``[n, L, heads_of(block)]`` from
+    ``fisher.per_sample_groups``."""
+    tree = fisher.per_sample_groups if per_sample else fisher.group_fisher
+    if tree is None:
+        raise DataError(f"task {fisher.task!r} kept no per-sample group values (collect with keep_per_sample_groups=True)")
 
     def get(path):
-        groups = fisher.group_fisher.get(path)
+        groups = tree.get(path)
         key = f"head_{block}" if layout.spec(path).role == Role.QKV else "head"
         if groups is None or key not in groups:
             raise DataError(f"task {fisher.task!r} has no {key!r} group Fisher for {path} (needed for {block} heads)")
-        return groups[key]
+        return np.asarray(groups[key], np.float64)
 
-    return _stack_layers(layout, layout.block_sources(block, kind), get)
+    return layout.stack_layers(layout.block_sources(block, kind), get, axis=-2)
 
 
 def kv_onehot(layout: ModelLayout) -> np.ndarray:
@@ -401,16 +403,33 @@ def head_importance(fisher: TaskFisher, layout: ModelLayout) -> HeadImportance:
         values = block_group_values(fisher, layout, block, kind)
         _check_finite(fisher.task, f"{block} {kind}", "head", values)
         blocks[block] = blocks.get(block, 0.0) + values
-    missing = [b for b in BLOCKS if b not in blocks]
+    missing = [b for b in ATTENTION_BLOCKS if b not in blocks]
     if missing:
         raise DataError(f"the model's layout has no attention kernels for blocks {missing}")
     head, kv_head = combine_heads(blocks, layout)
     return HeadImportance(fisher.task, blocks, head, kv_head, layout.kv_head_of)
 
 
+def head_importance_intervals(
+    fisher: TaskFisher, layout: ModelLayout, *, level: float = 0.95, n_bootstrap: int = 1000, seed: int = 0
+) -> tuple[Float[np.ndarray, "layer heads"], Float[np.ndarray, "layer heads"]]:
+    """Percentile bootstrap interval ``(low, high)`` of ``F_head [L, H]`` over resampled samples.
+
+    ``F_head`` is linear in the per-block values, so each sample's combined head value is
+    :func:`combine_heads` of its own block values (``per_sample_groups``); the interval is that of
+    their mean (:func:`fisherjax.stats.bootstrap_mean_interval`).
+    """
+    blocks: dict[str, np.ndarray] = {}
+    for block, kind in layout.attention_blocks():
+        blocks[block] = blocks.get(block, 0.0) + block_group_values(fisher, layout, block, kind, per_sample=True)
+    per_sample, _ = combine_heads(blocks, layout)
+    return stats.bootstrap_mean_interval(per_sample, n_bootstrap=n_bootstrap, level=level, seed=seed)
+
+
 # ---- comparing tasks ----------------------------------------------------------------------
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TaskComparison:
     """Two tasks' importances over the same groups.
@@ -424,10 +443,10 @@ class TaskComparison:
       differences: the groups whose shares differ most, ``share_a − share_b`` largest in magnitude.
     """
 
-    task_a: str
-    task_b: str
-    by: str
-    n_groups: int
+    task_a: str = dataclasses.field(metadata=STATIC)
+    task_b: str = dataclasses.field(metadata=STATIC)
+    by: str = dataclasses.field(metadata=STATIC)
+    n_groups: int = dataclasses.field(metadata=STATIC)
     spearman: float
     spearman_p: float
     by_role: Mapping[str, tuple[float, int]]
@@ -504,103 +523,3 @@ def compare_tasks(
         for name in ("value", "global_share", "layer_share"):
             row.pop(name)
     return TaskComparison(a.task, b.task, by, len(share_a), float(rho), float(p), by_role, table_a, table_b, differences)
-
-
-# ---- results.json and figure ---------------------------------------------------------------
-
-
-def summarize(fishers: Mapping[str, TaskFisher] | Sequence[TaskFisher], layout: ModelLayout, *, k: int = 10) -> dict:
-    """Phase 2 section of ``results.json``.
-
-    Per task: total Fisher, per-layer totals and shares (by role), the top-``k`` groups by global
-    share and by layer share, head importance ``[L, H]`` / ``[L, H_kv]`` with per-block values, and
-    the top-``k`` heads. Per pair of tasks: :func:`compare_tasks` overall and over attention heads.
-    """
-    fishers = _by_name(fishers)
-    tasks = {}
-    for name, fisher in fishers.items():
-        table = group_table(fisher, layout)
-        totals = layer_totals(table)
-        heads = head_importance(fisher, layout)
-        head_share = heads.head / heads.head.sum() if heads.head.sum() > 0 else np.zeros_like(heads.head)
-        top_heads = np.argsort(-heads.head, axis=None, kind="stable")[:k]
-        tasks[name] = {
-            "total_fisher": float(table.value[table.primary].sum()),
-            "n_groups": len(table),
-            "layers": {
-                "layer": totals.layers.tolist(),
-                "total": totals.total.tolist(),
-                "share": totals.share.tolist(),
-                "roles": list(totals.roles),
-                "by_role": totals.by_role.tolist(),
-            },
-            "top_groups": table.top(k, "global_share").rows(),
-            "top_groups_in_layer": table.top(k, "layer_share").rows(),
-            "heads": {
-                "head": heads.head.tolist(),
-                "kv_head": heads.kv_head.tolist(),
-                "blocks": {b: v.tolist() for b, v in heads.blocks.items()},
-                "top": [
-                    {"layer": int(layer), "head": int(h), "kv_head": int(layout.kv_head_of[h]), "value": float(heads.head[layer, h]), "share": float(head_share[layer, h])}
-                    for layer, h in zip(*np.unravel_index(top_heads, heads.head.shape), strict=True)
-                ],
-            },
-        }
-    comparisons = {}
-    for (name_a, fa), (name_b, fb) in itertools.combinations(fishers.items(), 2):
-        overall = compare_tasks(fa, fb, layout, k=k, intersect=True)
-        attention = compare_tasks(fa, fb, layout, k=k, intersect=True, roles=BLOCKS)
-        comparisons[f"{name_a}|{name_b}"] = {
-            "spearman": overall.spearman,
-            "spearman_p": overall.spearman_p,
-            "n_groups": overall.n_groups,
-            "by_role": {r: {"spearman": rho, "n_groups": n} for r, (rho, n) in overall.by_role.items()},
-            "attention_spearman": attention.spearman,
-            "most_different": overall.differences,
-        }
-    return {"tasks": tasks, "comparisons": comparisons}
-
-
-def _by_name(fishers) -> dict[str, TaskFisher]:
-    if isinstance(fishers, Mapping):
-        return dict(fishers)
-    named = {f.task: f for f in fishers}
-    if len(named) != len(fishers):
-        raise DataError("two TaskFisher values have the same task name")
-    return named
-
-
-def plot_head_importance(heads: Sequence[HeadImportance] | Mapping[str, HeadImportance], *, blocks: Sequence[str] = (*BLOCKS, "head")):
-    """Figure: one row of panels per task, one panel per block (Q, K, V, O, combined head).
-
-    Each panel is a layer × head heat map of the block's Fisher as a share of the task's total
-    attention Fisher (``Σ F_head``), so colours compare across blocks of a task. Matplotlib's
-    object API (no pyplot state).
-    """
-    from matplotlib.figure import Figure
-
-    heads = list(heads.values()) if isinstance(heads, Mapping) else list(heads)
-    if not heads:
-        raise DataError("no tasks to plot")
-    rows, cols = len(heads), len(blocks)
-    layers = heads[0].head.shape[0]
-    fig = Figure(figsize=(2.6 * cols + 0.6, 0.25 * layers * rows + 1.4 * rows + 0.4), constrained_layout=True)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for row, task in enumerate(heads):
-        total = task.head.sum()
-        scale = 1.0 / total if total > 0 else 0.0
-        for col, block in enumerate(blocks):
-            values = (task.head if block == "head" else task.blocks[block]) * scale
-            ax = axes[row, col]
-            image = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
-            fig.colorbar(image, ax=ax, shrink=0.9, format="%.2g")
-            ax.set_title(f"{task.task} · {block.upper() if block != 'head' else 'head (Q+K+V+O)'}", fontsize=9)
-            ax.set_xlabel("kv head" if block in ("k", "v") else "head", fontsize=8)
-            ax.set_ylabel("layer", fontsize=8)
-            if values.shape[1] <= 16:
-                ax.set_xticks(range(values.shape[1]))
-            if values.shape[0] <= 24:
-                ax.set_yticks(range(values.shape[0]))
-            ax.tick_params(labelsize=7)
-    fig.suptitle("Attention Fisher per layer and head (share of the task's attention Fisher)", fontsize=10)
-    return fig

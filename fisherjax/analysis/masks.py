@@ -36,7 +36,7 @@ are their own "layer" ``-1`` for ``parameter`` masks). ``s = 0`` keeps everythin
 everything; a Fisher that is constant over the units to rank (e.g. all zero) has no ranking and
 is an error for ``0 < k < n``.
 
-:func:`head_pruning_experiment` measures what Fisher-guided head pruning costs each task, against
+:func:`fisherjax.analysis.experiments.head_pruning_experiment` measures what Fisher-guided head pruning costs each task, against
 random pruning of the same number of heads.
 """
 
@@ -51,10 +51,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, PyTree
 
-from fisherjax.analysis.importance import _stack_layers, head_importance, spread_groups
+from fisherjax.analysis._ranking import keep_highest, keep_highest_each, keep_matrix, pruned_count
+from fisherjax.analysis.importance import head_importance, spread_groups
+from fisherjax.settings import STATIC
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.state import TaskFisher
 from fisherjax.layout import ModelLayout, Role, flatten, unflatten
+from fisherjax.settings import check_choice
 
 UNITS = ("head", "kv_head", "neuron", "channel", "parameter")
 STRUCTURED_UNITS = ("head", "kv_head", "neuron", "channel")
@@ -64,6 +67,7 @@ DEFAULT_SPARSITIES = (0.5, 0.7, 0.9)
 _MLP_INPUT_ROLES = (Role.MLP_IN, Role.MLP_GATE)
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Mask:
     """A pruning mask and the unit decisions behind it.
@@ -78,12 +82,12 @@ class Mask:
     """
 
     tree: dict
-    unit: str
-    scope: str
-    target_sparsity: float
+    unit: str = dataclasses.field(metadata=STATIC)
+    scope: str = dataclasses.field(metadata=STATIC)
+    target_sparsity: float = dataclasses.field(metadata=STATIC)
     keep: Mapping[str, np.ndarray]
     scores: Mapping[str, np.ndarray]
-    task: str | None = None
+    task: str | None = dataclasses.field(default=None, metadata=STATIC)
 
     @property
     def n_units(self) -> int:
@@ -103,144 +107,6 @@ class Mask:
         """Achieved sparsity in parameters over the whole tree."""
         leaves = jax.tree.leaves(self.tree)
         return float(sum(int((~np.asarray(x)).sum()) for x in leaves) / max(sum(x.size for x in leaves), 1))
-
-
-# ---- thresholds ---------------------------------------------------------------------------
-
-
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"mask {name} must be one of {allowed}, got {value!r}")
-
-
-def pruned_count(sparsity: float, n: np.ndarray | int) -> np.ndarray:
-    """``k = ⌊s·n + ½⌋`` units to prune of ``n`` (round half up)."""
-    return np.floor(sparsity * np.asarray(n) + 0.5).astype(np.int64)
-
-
-_SELECTION_ABOVE = 1 << 20  # scores; above this, selection (O(n) per group) beats one stable sort
-
-
-def keep_highest(
-    scores: Float[Array, " n"], groups: np.ndarray, sparsity: float, *, what: str = "scores"
-) -> Bool[Array, " n"]:
-    """Keep all but the ``⌊s·n_g + ½⌋`` lowest scores within each group ``g``.
-
-    ``groups`` ``[n]`` int labels (e.g. layer, or one label for a global threshold). Ties are broken
-    by position (the earlier of two equal scores is pruned first), so each group loses exactly its
-    count. :func:`keep_highest_each` at one sparsity.
-
-    Raises:
-      ConfigError: ``s`` outside ``[0, 1]``.
-      NumericalError: NaN scores, or scores that are all equal in a group that must be split.
-    """
-    return keep_highest_each(scores, groups, (sparsity,), what=what)[0]
-
-
-def keep_highest_each(
-    scores: Float[Array, " n"], groups: np.ndarray, sparsities: Sequence[float], *, what: str = "scores"
-) -> Bool[np.ndarray, "levels n"]:
-    """:func:`keep_highest` at every sparsity in ``sparsities`` from one ranking.
-
-    Small inputs (many small groups: random draws × layers × heads) are ranked with one stable
-    ``np.lexsort``; large ones (a diagonal Fisher of every parameter) by one selection per group
-    (``np.partition`` with every level's k finds all k-th smallest scores in one O(n) pass), which
-    gives the same masks. Scores are ranked in their own dtype (float32 or float64; an upcast
-    changes no order), so a diagonal of every parameter is not copied to float64.
-
-    Raises:
-      ConfigError: a sparsity outside ``[0, 1]``.
-      NumericalError: NaN scores, or scores that are all equal in a group that some level must split.
-    """
-    for sparsity in sparsities:
-        if not 0.0 <= sparsity <= 1.0:
-            raise ConfigError(f"sparsity must be in [0, 1], got {sparsity}")
-    scores = np.asarray(scores).reshape(-1)
-    if scores.dtype not in (np.float32, np.float64):
-        scores = scores.astype(np.float64)
-    groups = np.asarray(groups).reshape(-1)
-    if np.isnan(scores).any():
-        raise NumericalError(f"{what} contain NaN")
-    prune = _pruned_by_sorting if len(scores) <= _SELECTION_ABOVE else _pruned_by_selection
-    pruned, flat = prune(scores, groups, tuple(sparsities))
-    if flat:
-        value, size, k = flat
-        raise NumericalError(
-            f"{what} are all equal ({value}) within a group of {size}; "
-            f"pruning {k} of them would be arbitrary (an all-zero Fisher has no ranking)"
-        )
-    return ~pruned
-
-
-def _pruned_by_sorting(scores: np.ndarray, groups: np.ndarray, sparsities: tuple[float, ...]):
-    """``(pruned [levels, n] bool, flat)`` from one stable sort by (group, score); ``flat`` names the
-    first group whose scores are all equal but must be split at some level (``()`` if none)."""
-    order = np.lexsort((scores, groups))
-    _, starts, counts = np.unique(groups[order], return_index=True, return_counts=True)
-    k = np.stack([pruned_count(s, counts) for s in sparsities])  # [levels, groups]
-    splits = (k > 0) & (k < counts)  # levels that must divide a group
-    if splits.any():
-        lo = np.minimum.reduceat(scores[order], starts)
-        hi = np.maximum.reduceat(scores[order], starts)
-        flat = np.flatnonzero(splits.any(0) & (lo == hi))
-        if len(flat):
-            g = flat[0]
-            return None, (lo[g], counts[g], k[splits[:, g], g][0])
-    group_of = np.repeat(np.arange(len(counts)), counts)
-    position = np.arange(len(order)) - starts[group_of]
-    pruned = np.empty((len(sparsities), len(order)), bool)
-    pruned[:, order] = position[None] < k[:, group_of]
-    return pruned, ()
-
-
-def _pruned_by_selection(scores: np.ndarray, groups: np.ndarray, sparsities: tuple[float, ...]):
-    """The same as :func:`_pruned_by_sorting`, group by group: the k-th smallest score ``t`` of
-    every level by one selection; every score below ``t`` is pruned, and of those equal to ``t``
-    the earliest."""
-    single = bool(np.all(groups == groups[0])) if len(groups) else True
-    members = [None] if single else np.split(*_grouped_positions(groups))
-    pruned = np.zeros((len(sparsities), len(scores)), bool)
-    for index in members:
-        group_scores = scores if index is None else scores[index]
-        size = len(group_scores)
-        ks = [int(pruned_count(s, size)) for s in sparsities]
-        splits = [k for k in ks if 0 < k < size]  # levels that must divide the group
-        if splits and group_scores.min() == group_scores.max():
-            return None, (group_scores[0], size, splits[0])
-        interior = sorted({k - 1 for k in splits})
-        thresholds = dict(zip(interior, np.partition(group_scores, interior)[interior], strict=True)) if interior else {}
-        for level, k in enumerate(ks):
-            if k == 0:
-                continue
-            if k == size:
-                below = np.ones(size, bool)
-            else:
-                below = group_scores < thresholds[k - 1]
-                ties = np.flatnonzero(group_scores == thresholds[k - 1])[: k - int(np.count_nonzero(below))]
-                below[ties] = True
-            if index is None:
-                pruned[level] = below
-            else:
-                pruned[level, index[below]] = True
-    return pruned, ()
-
-
-def _grouped_positions(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions ordered by group (increasing within a group), and where each group after the first starts."""
-    order = np.argsort(groups, kind="stable")
-    starts = np.flatnonzero(np.diff(groups[order])) + 1
-    return order, starts
-
-
-def _keep_matrix(scores: np.ndarray, sparsity: float, scope: str, what: str) -> np.ndarray:
-    """``keep_highest`` on ``[..., L, U]`` scores: per layer, or over all units; leading axes are independent draws."""
-    lead = scores.shape[:-2]
-    draws = int(np.prod(lead, dtype=np.int64))
-    layers, units = scores.shape[-2:]
-    draw_id = np.repeat(np.arange(draws), layers * units)
-    layer_id = np.tile(np.repeat(np.arange(layers), units), draws)
-    groups = draw_id * layers + layer_id if scope == "layer" else draw_id
-    return keep_highest(scores, groups, sparsity, what=what).reshape(scores.shape)
 
 
 # ---- unit scores --------------------------------------------------------------------------
@@ -289,7 +155,7 @@ def saliency_fisher(fisher: TaskFisher, params: PyTree, layout: ModelLayout) -> 
 
 
 def _criterion_fisher(fisher: TaskFisher, layout: ModelLayout, criterion: str, params) -> TaskFisher:
-    _check_choice("criterion", criterion, CRITERIA)
+    check_choice("mask", "criterion", criterion, CRITERIA)
     if criterion == "fisher":
         return fisher
     if params is None:
@@ -304,19 +170,19 @@ def unit_scores(fisher: TaskFisher, layout: ModelLayout, unit: str) -> dict[str,
     ``{"neuron": Σ_in/gate channel + out neuron + in/gate bias}``, ``channel`` → ``{path: channel}``
     for each MLP kernel.
     """
-    _check_choice("unit", unit, STRUCTURED_UNITS)
+    check_choice("mask", "unit", unit, STRUCTURED_UNITS)
     if unit in ("head", "kv_head"):
         heads = head_importance(fisher, layout)
         return {unit: heads.head if unit == "head" else heads.kv_head}
     paths = _mlp_paths(layout)
     if unit == "neuron":
-        total = _stack_layers(layout, paths[Role.MLP_OUT], lambda p: _group(fisher, p, "neuron"))
+        total = layout.stack_layers(paths[Role.MLP_OUT], lambda p: _group(fisher, p, "neuron"))
         for role in _MLP_INPUT_ROLES:
             if paths[role]:
-                total = total + _stack_layers(layout, paths[role], lambda p: _group(fisher, p, "channel"))
+                total = total + layout.stack_layers(paths[role], lambda p: _group(fisher, p, "channel"))
                 biases = [_mlp_bias_of(layout, p) for p in paths[role]]
                 if all(biases):
-                    total = total + _stack_layers(layout, biases, lambda p: _group(fisher, p, "element"))
+                    total = total + layout.stack_layers(biases, lambda p: _group(fisher, p, "element"))
         return {"neuron": total}
     kernels = [p for role in (*_MLP_INPUT_ROLES, Role.MLP_OUT) for p in paths[role]]
     if not all(layout.spec(p).layered for p in kernels):
@@ -351,7 +217,7 @@ def mask_tree(layout: ModelLayout, unit: str, keep: Mapping[str, object]) -> dic
     ``[n, L, H]``), which every leaf of the returned tree then carries too. Works on numpy and jax
     arrays (inside ``jit``). Leaves no unit touches are all ``True``.
     """
-    _check_choice("unit", unit, UNITS)
+    check_choice("mask", "unit", unit, UNITS)
     if unit == "parameter":
         first_path, first = next(iter(keep.items()))
         lead = first.shape[: first.ndim - len(layout.spec(first_path).shape)]
@@ -406,7 +272,7 @@ def _keep_units(scores: Mapping[str, np.ndarray], sparsity: float, scope: str, w
     names = list(scores)
     widths = np.cumsum([scores[n].shape[-1] for n in names])[:-1]
     joined = np.concatenate([np.asarray(scores[n], np.float64) for n in names], axis=-1)
-    keep = _keep_matrix(joined, sparsity, scope, what)
+    keep = keep_matrix(joined, sparsity, scope, what)
     return dict(zip(names, np.split(keep, widths, axis=-1), strict=True))
 
 
@@ -436,8 +302,8 @@ def structured_mask(
     Returns:
       :class:`Mask` with ``tree`` params-shaped, ``keep`` / ``scores`` ``[L, units]`` per unit family.
     """
-    _check_choice("unit", unit, STRUCTURED_UNITS)
-    _check_choice("scope", scope, SCOPES)
+    check_choice("mask", "unit", unit, STRUCTURED_UNITS)
+    check_choice("mask", "scope", scope, SCOPES)
     scores = unit_scores(_criterion_fisher(fisher, layout, criterion, params), layout, unit)
     keep = _keep_units(scores, sparsity, scope, f"task {fisher.task!r} {unit} Fisher scores")
     return Mask(mask_tree(layout, unit, keep), unit, scope, float(sparsity), keep, scores, fisher.task)
@@ -459,10 +325,10 @@ def unstructured_mask(fisher: TaskFisher, layout: ModelLayout, sparsity: float, 
 def unstructured_masks(fisher: TaskFisher, layout: ModelLayout, sparsities: Sequence[float], *, scope: str = "global") -> tuple[Mask, ...]:
     """:func:`unstructured_mask` at every sparsity in ``sparsities``, from one ranking of the
     diagonal (:func:`keep_highest_each`); the masks share one ``scores`` mapping (the diagonal as
-    stored, not a copy). For a diagonal of every parameter this is the expensive part of Phase 3:
-    GPT-2-small's 124 M entries cost one selection per task here instead of one per sparsity.
+    stored, not a copy). For a diagonal of every parameter this is the expensive part of Phase 3,
+    so every level shares one selection instead of one per sparsity.
     """
-    _check_choice("scope", scope, SCOPES)
+    check_choice("mask", "scope", scope, SCOPES)
     if not fisher.diagonal:
         raise DataError(f"task {fisher.task!r} has no diagonal Fisher; unstructured masks need it (collect with diagonal=True)")
     paths = [p for p in layout.specs if p in fisher.diagonal]
@@ -503,6 +369,7 @@ def apply_mask(params: PyTree, mask: Mask | PyTree) -> PyTree:
 # ---- statistics ---------------------------------------------------------------------------
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SparsityStats:
     """Pruned parameters per layer and per role.
@@ -541,173 +408,3 @@ def sparsity_stats(mask: Mask | PyTree, layout: ModelLayout) -> SparsityStats:
     n_total = np.bincount(position, weights=np.concatenate(total)).astype(np.int64)
     n_pruned = np.bincount(position, weights=np.concatenate(pruned)).astype(np.int64)
     return SparsityStats(layers, n_pruned, n_total, n_pruned / n_total, by_role)
-
-
-def _mask_summary(mask: Mask, layout: ModelLayout) -> dict:
-    stats = sparsity_stats(mask, layout)
-    out = {
-        "unit": mask.unit,
-        "scope": mask.scope,
-        "target_sparsity": mask.target_sparsity,
-        "achieved_sparsity": mask.sparsity,
-        "param_sparsity": mask.param_sparsity,
-        "n_units": mask.n_units,
-        "n_pruned": mask.n_pruned,
-        "layers": {"layer": stats.layers.tolist(), "pruned": stats.pruned.tolist(), "total": stats.total.tolist(), "fraction": stats.fraction.tolist()},
-        "by_role": {r: {"pruned": p, "total": t, "fraction": p / t if t else 0.0} for r, (p, t) in stats.by_role.items()},
-    }
-    if mask.unit != "parameter":
-        out["units_pruned_per_layer"] = np.sum([(~k).sum(-1) for k in mask.keep.values()], axis=0).tolist()
-        kept_scores = np.concatenate([np.asarray(s)[k] for s, k in zip(mask.scores.values(), mask.keep.values(), strict=True)])
-        pruned_scores = np.concatenate([np.asarray(s)[~k] for s, k in zip(mask.scores.values(), mask.keep.values(), strict=True)])
-        out["threshold"] = float(pruned_scores.max()) if pruned_scores.size else None
-        out["lowest_kept"] = float(kept_scores.min()) if kept_scores.size else None
-    if mask.unit in ("head", "kv_head"):
-        out["pruned_units"] = np.argwhere(~mask.keep[mask.unit]).tolist()
-    return out
-
-
-def summarize(
-    fishers: Mapping[str, TaskFisher],
-    layout: ModelLayout,
-    *,
-    sparsities: Sequence[float] = DEFAULT_SPARSITIES,
-    units: Sequence[str] = ("head", "kv_head", "neuron"),
-    scope: str = "global",
-    unstructured: bool = True,
-    criterion: str = "fisher",
-    params: PyTree | None = None,
-    parameter_masks: Mapping[str, Sequence[Mask]] | None = None,
-) -> dict:
-    """Phase 3 section of ``results.json``: per task, unit and sparsity level, the achieved unit and
-    parameter sparsity, per-layer and per-role pruned counts, the score threshold, and the pruned
-    heads. Unstructured masks are added when the TaskFisher has a diagonal and ``unstructured``;
-    pass ``parameter_masks`` (per task, one per sparsity) when they were already built — for a
-    diagonal of every parameter they are the expensive part. ``criterion`` / ``params`` as in
-    :func:`structured_mask`.
-    """
-    out: dict = {"sparsities": list(sparsities), "scope": scope, "criterion": criterion, "tasks": {}}
-    for name, fisher in fishers.items():
-        per_task = {}
-        for unit in units:
-            per_task[unit] = {
-                f"{s:g}": _mask_summary(structured_mask(fisher, layout, s, unit=unit, scope=scope, criterion=criterion, params=params), layout)
-                for s in sparsities
-            }
-        if unstructured and fisher.diagonal:
-            built = (parameter_masks or {}).get(name) or unstructured_masks(fisher, layout, sparsities, scope=scope)
-            per_task["parameter"] = {f"{s:g}": _mask_summary(m, layout) for s, m in zip(sparsities, built, strict=True)}
-        out["tasks"][name] = per_task
-    return out
-
-
-# ---- the head-pruning experiment ----------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _masked_loss_sums(model, unit: str, params, head_keeps, input_ids, attention_mask, labels):
-    """Token-sum loss of a batch under each of ``head_keeps`` ``[m, L, units]`` (``lax.map``, one mask at a time)."""
-    from fisherjax.grads import sample_losses
-
-    def one(keep):
-        masked = apply_mask(params, mask_tree(model.layout, unit, {unit: keep}))
-        losses, _ = sample_losses(model, masked, input_ids, attention_mask, labels)
-        return losses.sum()
-
-    return jax.lax.map(one, head_keeps)
-
-
-def head_pruning_experiment(
-    model,
-    params: PyTree,
-    task_batches: Mapping[str, Sequence],
-    fishers: Mapping[str, TaskFisher],
-    sparsity: float = 0.5,
-    n_random: int = 10,
-    seed: int = 0,
-    *,
-    unit: str = "head",
-    scope: str = "global",
-    criterion: str = "fisher",
-) -> dict:
-    """Each task's loss before pruning, after Fisher-guided pruning and after random pruning.
-
-    For every task ``t`` with a Fisher, the mask :func:`structured_mask` ``(fishers[t], s, unit,
-    scope)`` prunes ``k`` heads; ``n_random`` random masks prune the same number of heads (the same
-    number per layer with ``scope="layer"``), drawn once (``numpy`` generator ``seed``) and shared by
-    all tasks. Losses are token means over all of the task's batches,
-    ``Σ_i L_i / Σ_i T_i`` (:func:`fisherjax.grads.sample_losses`); every mask of a batch is
-    evaluated in one jitted ``lax.map``.
-
-    Args:
-      model: a :class:`~fisherjax.models.Model`; params: its parameters.
-      task_batches: ``{task: [Batch, ...]}`` evaluation batches (ideally held out from the Fisher's).
-      fishers: ``{task: TaskFisher}``; every task here needs batches.
-      sparsity: fraction of units to prune; n_random: random masks; seed: their generator seed.
-      unit: ``head`` or ``kv_head``; scope: ``global`` or ``layer``; criterion: ``fisher`` or
-        ``saliency`` (:func:`structured_mask`).
-
-    Returns:
-      JSON-ready dict: ``n_units``, ``n_pruned``, and per task ``loss_before``, ``loss_fisher``,
-      ``loss_random_mean``, ``loss_random_sd`` (ddof 1), ``loss_random``, ``fraction_random_worse``
-      (random masks that hurt more than the Fisher mask), ``pruned`` ``[[layer, head], ...]``; and
-      ``cross[mask_task][eval_task]``, each task's loss under every task's Fisher mask.
-    """
-    from fisherjax.data import num_active_tokens
-
-    if unit not in ("head", "kv_head"):
-        raise ConfigError(f"the head-pruning experiment prunes 'head' or 'kv_head' units, got {unit!r}")
-    if n_random < 2:
-        raise ConfigError(f"n_random must be at least 2 for a standard deviation, got {n_random}")
-    missing = [t for t in fishers if t not in task_batches or not len(task_batches[t])]
-    if missing:
-        raise DataError(f"no evaluation batches for tasks {missing}")
-    names = list(fishers)
-    fisher_masks = {
-        t: structured_mask(fishers[t], model.layout, sparsity, unit=unit, scope=scope, criterion=criterion, params=params) for t in names
-    }
-    shape = fisher_masks[names[0]].keep[unit].shape
-    rng = np.random.default_rng(seed)
-    random_keep = _keep_matrix(rng.random((n_random, *shape)), sparsity, scope, "random scores")
-    keeps = np.concatenate(
-        [np.ones((1, *shape), bool), np.stack([fisher_masks[t].keep[unit] for t in names]), random_keep]
-    )
-    tasks, cross = {}, {t: {} for t in names}
-    for task in names:
-        sums = np.zeros(len(keeps))
-        tokens = 0
-        for batch in task_batches[task]:
-            sums += np.asarray(
-                _masked_loss_sums(model, unit, params, jnp.asarray(keeps), batch.input_ids, batch.attention_mask, batch.labels),
-                np.float64,
-            )
-            tokens += int(num_active_tokens(batch.labels).sum())
-        if tokens == 0:
-            raise DataError(f"task {task!r} has no predicted tokens in its evaluation batches")
-        losses = sums / tokens
-        before, by_fisher, by_random = losses[0], losses[1 : 1 + len(names)], losses[1 + len(names) :]
-        for mask_task, loss in zip(names, by_fisher, strict=True):
-            cross[mask_task][task] = float(loss)
-        own = float(by_fisher[names.index(task)])
-        tasks[task] = {
-            "loss_before": float(before),
-            "loss_fisher": own,
-            "loss_random_mean": float(by_random.mean()),
-            "loss_random_sd": float(by_random.std(ddof=1)),
-            "loss_random": by_random.tolist(),
-            "fraction_random_worse": float((by_random > own).mean()),
-            "pruned": np.argwhere(~fisher_masks[task].keep[unit]).tolist(),
-            "n_tokens": tokens,
-        }
-    return {
-        "unit": unit,
-        "scope": scope,
-        "criterion": criterion,
-        "sparsity": float(sparsity),
-        "n_random": n_random,
-        "seed": seed,
-        "n_units": int(np.prod(shape)),
-        "n_pruned": fisher_masks[names[0]].n_pruned,
-        "tasks": tasks,
-        "cross": cross,
-    }

@@ -20,9 +20,8 @@ the leaf's primary groups, so an MLP out kernel uses its output ``channel`` grou
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -291,53 +290,48 @@ def _merge(params_list, weights, coefficients, floor):
     return jax.tree.map(leaf, *params_list, *weights)
 
 
-# ---- results.json -------------------------------------------------------------------------
+# ---- per-layer merge weights ---------------------------------------------------------------
 
 
-def summarize(fishers: Mapping[str, TaskFisher], layout: ModelLayout, *, eps: float = 1e-8, floor: float = 1e-8, dominance: float = 0.9) -> dict:
-    """Phase 7 section of ``results.json``.
+class MergeWeights(NamedTuple):
+    """How a Fisher-weighted merge of two tasks would split each layer's parameters.
 
-    Per task: quantiles (0, 1, 50, 99, 100 %) of the per-parameter Fisher (:func:`parameter_fisher`)
-    and the fraction of parameters below ``eps`` (where :func:`scale_by_fisher` amplifies updates
-    by about ``1/ε``). Per pair of tasks: the Fisher-merge weight of the first task
-    ``w_A = F̃_A / (F̃_A + F̃_B)`` — its mean, and the fractions of parameters with ``w_A > dominance``
-    or ``w_A < 1 − dominance`` (parameters a merge would take from one task almost alone), over the
-    model and per layer.
+    ``layers [n]`` layer ids (:data:`~fisherjax.layout.OUTSIDE_LAYERS` for the parameters outside
+    the stack); per layer ``mean_weight_a`` (mean of ``w_A = F̃_A / (F̃_A + F̃_B)``),
+    ``dominated_by_a`` / ``dominated_by_b`` (fractions with ``w_A > dominance`` / ``w_A < 1 −
+    dominance``) and ``count`` (parameters); ``total`` the same four over the whole model
+    (``[mean_weight_a, dominated_by_a, dominated_by_b, count]``).
     """
-    per_param = {name: flatten(parameter_fisher(f, layout)) for name, f in fishers.items()}
-    tasks = {}
-    for name, flat in per_param.items():
-        values = np.concatenate([np.asarray(v, np.float64).reshape(-1) for v in flat.values()])
-        tasks[name] = {
-            "n_parameters": int(values.size),
-            "quantiles": dict(zip(("0", "1", "50", "99", "100"), np.quantile(values, [0, 0.01, 0.5, 0.99, 1]).tolist(), strict=True)),
-            "fraction_below_eps": float((values < eps).mean()),
-            "eps": eps,
-        }
-    pairs = {}
-    for (a, fa), (b, fb) in itertools.combinations(per_param.items(), 2):
-        # Per layer: [Σ w, #(w > dominance), #(w < 1 − dominance), #parameters], summed leaf by
-        # leaf so no model-sized array of weights or layer labels is ever built.
-        per_layer: dict[int, np.ndarray] = {}
-        for path in (p for p in fa if p in fb):
-            xa = np.maximum(np.asarray(fa[path], np.float64), floor)
-            xb = np.maximum(np.asarray(fb[path], np.float64), floor)
-            rows, row_layers = layout.layer_rows(path, xa / (xa + xb))
-            tallies = np.stack([rows.sum(1), (rows > dominance).sum(1), (rows < 1 - dominance).sum(1), np.full(len(rows), rows.shape[1])], 1)
-            for layer, tally in zip(row_layers.tolist(), tallies, strict=True):
-                per_layer[layer] = per_layer.get(layer, 0) + tally
-        layers = sorted(per_layer)
-        table = np.stack([per_layer[layer] for layer in layers])
-        total = table.sum(0)
-        pairs[f"{a}|{b}"] = {
-            "mean_weight_a": float(total[0] / total[3]),
-            "fraction_dominated_by_a": float(total[1] / total[3]),
-            "fraction_dominated_by_b": float(total[2] / total[3]),
-            "per_layer": {
-                "layer": layers,
-                "mean_weight_a": (table[:, 0] / table[:, 3]).tolist(),
-                "fraction_dominated_by_a": (table[:, 1] / table[:, 3]).tolist(),
-                "fraction_dominated_by_b": (table[:, 2] / table[:, 3]).tolist(),
-            },
-        }
-    return {"tasks": tasks, "merge_weights": pairs, "floor": floor, "dominance": dominance}
+
+    layers: np.ndarray
+    mean_weight_a: np.ndarray
+    dominated_by_a: np.ndarray
+    dominated_by_b: np.ndarray
+    count: np.ndarray
+    total: np.ndarray
+
+
+def merge_weights(
+    fisher_a: Mapping[str, np.ndarray], fisher_b: Mapping[str, np.ndarray], layout: ModelLayout, *, floor: float = 1e-8, dominance: float = 0.9
+) -> MergeWeights:
+    """Per-layer statistics of the merge weight ``w_A = F̃_A / (F̃_A + F̃_B)``, ``F̃ = max(F, floor)``,
+    of two flat per-parameter Fishers (``{path: param-shaped}``, the paths both have).
+
+    Tallied leaf row by leaf row (:meth:`~fisherjax.layout.ModelLayout.layer_rows`): no model-sized
+    array of weights or layer labels is ever built.
+    """
+    per_layer: dict[int, np.ndarray] = {}
+    for path in (p for p in fisher_a if p in fisher_b):
+        xa = np.maximum(np.asarray(fisher_a[path], np.float64), floor)
+        xb = np.maximum(np.asarray(fisher_b[path], np.float64), floor)
+        rows, row_layers = layout.layer_rows(path, xa / (xa + xb))
+        tallies = np.stack([rows.sum(1), (rows > dominance).sum(1), (rows < 1 - dominance).sum(1), np.full(len(rows), rows.shape[1])], 1)
+        for layer, tally in zip(row_layers.tolist(), tallies, strict=True):
+            per_layer[layer] = per_layer.get(layer, 0) + tally
+    layers = sorted(per_layer)
+    table = np.stack([per_layer[layer] for layer in layers]).astype(np.float64)
+    total = table.sum(0)
+    return MergeWeights(
+        np.array(layers), table[:, 0] / table[:, 3], table[:, 1] / table[:, 3], table[:, 2] / table[:, 3], table[:, 3].astype(np.int64),
+        np.array([total[0] / total[3], total[1] / total[3], total[2] / total[3], total[3]]),
+    )

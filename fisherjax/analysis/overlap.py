@@ -19,14 +19,15 @@ stack). :func:`merge_advice` turns ``J`` into advice with the original system's 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
 
 from fisherjax.analysis.masks import Mask
+from fisherjax.settings import STATIC
 from fisherjax.errors import ConfigError, DataError
-from fisherjax.layout import ModelLayout, flatten
+from fisherjax.layout import ModelLayout, flatten, layer_name
 
 LEVELS = ("auto", "unit", "parameter")
 HIGH, LOW = 0.7, 0.4
@@ -45,15 +46,17 @@ def _jaccard_of_counts(shared, union):
     return np.divide(shared, union, out=np.ones(np.shape(union)), where=np.asarray(union) > 0)[()]
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MergeAdvice:
     """``level`` is ``high`` / ``moderate`` / ``low``; ``text`` states the advice with its numbers."""
 
-    level: str
-    jaccard: float
-    text: str
+    level: str = dataclasses.field(metadata=STATIC)
+    jaccard: float = dataclasses.field(metadata=STATIC)
+    text: str = dataclasses.field(metadata=STATIC)
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MaskOverlap:
     """Overlap of two tasks' kept sets, overall and per layer.
@@ -67,49 +70,24 @@ class MaskOverlap:
       advice: :func:`merge_advice` of this overlap.
     """
 
-    task_a: str
-    task_b: str
-    level: str
-    unit: str
-    jaccard: float
-    shared: int
-    only_a: int
-    only_b: int
-    neither: int
-    total: int
+    task_a: str = dataclasses.field(metadata=STATIC)
+    task_b: str = dataclasses.field(metadata=STATIC)
+    level: str = dataclasses.field(metadata=STATIC)
+    unit: str = dataclasses.field(metadata=STATIC)
+    jaccard: float = dataclasses.field(metadata=STATIC)
+    shared: int = dataclasses.field(metadata=STATIC)
+    only_a: int = dataclasses.field(metadata=STATIC)
+    only_b: int = dataclasses.field(metadata=STATIC)
+    neither: int = dataclasses.field(metadata=STATIC)
+    total: int = dataclasses.field(metadata=STATIC)
     layers: np.ndarray
     layer_jaccard: np.ndarray
     layer_shared: np.ndarray
     layer_only_a: np.ndarray
     layer_only_b: np.ndarray
     layer_total: np.ndarray
-    sparsity: float | None
+    sparsity: float | None = dataclasses.field(metadata=STATIC)
     advice: MergeAdvice
-
-    def to_json(self) -> dict:
-        """JSON-ready dict of every field."""
-        return {
-            "task_a": self.task_a,
-            "task_b": self.task_b,
-            "level": self.level,
-            "unit": self.unit,
-            "sparsity": self.sparsity,
-            "jaccard": self.jaccard,
-            "shared": self.shared,
-            "only_a": self.only_a,
-            "only_b": self.only_b,
-            "neither": self.neither,
-            "total": self.total,
-            "layers": {
-                "layer": self.layers.tolist(),
-                "jaccard": self.layer_jaccard.tolist(),
-                "shared": self.layer_shared.tolist(),
-                "only_a": self.layer_only_a.tolist(),
-                "only_b": self.layer_only_b.tolist(),
-                "total": self.layer_total.tolist(),
-            },
-            "advice": {"level": self.advice.level, "text": self.advice.text},
-        }
 
 
 def _row_counts(keep_a: np.ndarray, keep_b: np.ndarray, row_layers: np.ndarray) -> np.ndarray:
@@ -226,21 +204,32 @@ def mask_overlap(
 def merge_advice(overlap: MaskOverlap | Mapping) -> MergeAdvice:
     """Advice from the Jaccard overlap of the kept sets: ``> 0.7`` high, ``0.4–0.7`` moderate, ``< 0.4`` low.
 
-    The text names the numbers behind it: J, the shared / A-only / B-only counts, and the layers
-    with the highest and lowest overlap.
+    The text names the numbers behind it: J, the shared / A-only / B-only counts, the layers with
+    the highest and lowest overlap (only layers where either task keeps something, and only when
+    they differ), and the layers where neither keeps anything. When neither task keeps anything at
+    all the level is ``"none"``: there is nothing to compare.
     """
     o = overlap if isinstance(overlap, Mapping) else dataclasses.asdict(overlap)
     j, a, b = o["jaccard"], o["task_a"], o["task_b"]
     what = f"{o['unit']}s" if o["level"] == "unit" else "parameters"
     union = o["shared"] + o["only_a"] + o["only_b"]
+    if union == 0:
+        return MergeAdvice("none", float(j), f"Neither {a} nor {b} keeps any of the {o['total']} {what}: nothing to compare.")
     numbers = (
         f"Jaccard overlap of the kept {what} is {j:.2f} ({o['shared']} shared, {o['only_a']} only {a}, "
         f"{o['only_b']} only {b}, of {union} kept by either and {o['total']} in all)"
     )
     layers, layer_j = np.asarray(o["layers"]), np.asarray(o["layer_jaccard"])
-    if len(layers) > 1:
-        hi, lo = int(np.argmax(layer_j)), int(np.argmin(layer_j))
-        numbers += f"; by layer from {layer_j[lo]:.2f} (layer {layers[lo]}) to {layer_j[hi]:.2f} (layer {layers[hi]})"
+    if "layer_shared" in o:
+        kept = (np.asarray(o["layer_shared"]) + np.asarray(o["layer_only_a"]) + np.asarray(o["layer_only_b"])) > 0
+    else:
+        kept = np.ones(len(layers), bool)
+    if kept.sum() > 1 and np.ptp(layer_j[kept]) > 0:
+        candidates = np.flatnonzero(kept)
+        hi, lo = candidates[np.argmax(layer_j[kept])], candidates[np.argmin(layer_j[kept])]
+        numbers += f"; by layer from {layer_j[lo]:.2f} ({layer_name(layers[lo])}) to {layer_j[hi]:.2f} ({layer_name(layers[hi])})"
+    if not kept.all():
+        numbers += f"; nothing kept by either task in {', '.join(layer_name(x) for x in layers[~kept])}"
     if j > HIGH:
         level = "high"
         advice = (
@@ -260,78 +249,3 @@ def merge_advice(overlap: MaskOverlap | Mapping) -> MergeAdvice:
             "task-specific updates confined to each task's kept set could be combined."
         )
     return MergeAdvice(level, float(j), f"{numbers}. {advice}")
-
-
-# ---- results.json and figure ---------------------------------------------------------------
-
-
-def summarize(
-    masks: Mapping[str, Mask | Sequence[Mask]], layout: ModelLayout | None = None, *, level: str = "auto"
-) -> dict:
-    """Phase 4 section of ``results.json``.
-
-    ``masks`` maps each task to one mask or a list of masks (e.g. one per sparsity level and unit);
-    masks at the same position are compared for every pair of tasks. Returns
-    ``{"pairs": {"A|B": [MaskOverlap.to_json(), ...]}}``.
-    """
-    lists = {t: ([m] if isinstance(m, Mask) else list(m)) for t, m in masks.items()}
-    lengths = {len(v) for v in lists.values()}
-    if len(lengths) > 1:
-        raise DataError(f"every task needs the same number of masks, got {({t: len(v) for t, v in lists.items()})}")
-    pairs = {}
-    for (ta, ma), (tb, mb) in itertools.combinations(lists.items(), 2):
-        pairs[f"{ta}|{tb}"] = [mask_overlap(x, y, layout, level=level, names=(ta, tb)).to_json() for x, y in zip(ma, mb, strict=True)]
-    return {"thresholds": {"high": HIGH, "low": LOW}, "pairs": pairs}
-
-
-def plot_overlap(overlaps: Sequence[MaskOverlap] | MaskOverlap):
-    """Figure: per-layer Jaccard bars (one bar per overlap in each layer group, with the 0.4 / 0.7
-    advice thresholds), and beside them the shared / A-only / B-only counts per layer of the first
-    overlap as stacked bars. Matplotlib's object API (no pyplot state).
-    """
-    from matplotlib.figure import Figure
-
-    overlaps = [overlaps] if isinstance(overlaps, MaskOverlap) else list(overlaps)
-    if not overlaps:
-        raise DataError("no overlaps to plot")
-    layers = overlaps[0].layers
-    if any(not np.array_equal(o.layers, layers) for o in overlaps):
-        raise DataError("overlaps to plot side by side need the same layers")
-    labels = [str(int(x)) if x >= 0 else "other" for x in layers]
-    x = np.arange(len(layers))
-    fig = Figure(figsize=(max(6.0, 0.55 * len(layers) * (1 + 0.3 * len(overlaps))) + 4.0, 3.6), constrained_layout=True)
-    ax_j, ax_c = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
-    width = 0.8 / len(overlaps)
-    for i, o in enumerate(overlaps):
-        label = f"s={o.sparsity:g}" if o.sparsity is not None else f"{o.unit}"
-        if len({(p.unit, p.level) for p in overlaps}) > 1:
-            label = f"{o.unit} {label}" if o.sparsity is not None else label
-        bars = ax_j.bar(x + (i - (len(overlaps) - 1) / 2) * width, o.layer_jaccard, width, label=f"{label} (J={o.jaccard:.2f})")
-        # A layer where neither task keeps anything has J = 1 by convention; mark it rather than let it read as agreement.
-        empty = (o.layer_shared + o.layer_only_a + o.layer_only_b) == 0
-        if len(layers) * len(overlaps) <= 24:  # values on the bars, so J = 0 reads as 0 rather than as a missing bar
-            ax_j.bar_label(bars, labels=["" if e else f"{v:.2f}" for e, v in zip(empty, o.layer_jaccard, strict=True)], fontsize=6, padding=1)
-        for xe in (x + (i - (len(overlaps) - 1) / 2) * width)[empty]:
-            ax_j.bar(xe, 1.0, width, color="0.85", hatch="//", edgecolor="0.5")
-            ax_j.text(xe, 0.5, "nothing kept", rotation=90, ha="center", va="center", fontsize=7)
-    ax_j.axhline(HIGH, color="0.3", linestyle="--", linewidth=0.8, label=f"high > {HIGH}")
-    ax_j.axhline(LOW, color="0.3", linestyle=":", linewidth=0.8, label=f"low < {LOW}")
-    ax_j.set_xticks(x, labels)
-    ax_j.set_ylim(0, 1.05)
-    ax_j.set_xlabel("layer")
-    ax_j.set_ylabel("Jaccard |A∩B| / |A∪B|")
-    ax_j.set_title(f"Kept-set overlap per layer: {overlaps[0].task_a} vs {overlaps[0].task_b}", fontsize=10)
-    ax_j.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    first = overlaps[0]
-    ax_c.bar(x, first.layer_shared, 0.7, label="shared", color="tab:purple")
-    ax_c.bar(x, first.layer_only_a, 0.7, bottom=first.layer_shared, label=f"only {first.task_a}", color="tab:blue")
-    ax_c.bar(x, first.layer_only_b, 0.7, bottom=first.layer_shared + first.layer_only_a, label=f"only {first.task_b}", color="tab:orange")
-    ax_c.set_xticks(x, labels)
-    ax_c.set_xlabel("layer")
-    what = f"{first.unit}s" if first.level == "unit" else "parameters"
-    ax_c.set_ylabel(f"kept {what}")
-    title = f"Kept {what}" + (f" at s={first.sparsity:g}" if first.sparsity is not None else "")
-    ax_c.set_title(title, fontsize=10)
-    ax_c.yaxis.get_major_locator().set_params(integer=True)
-    ax_c.legend(fontsize=7)
-    return fig

@@ -2,8 +2,8 @@
 
 ``Î = mean_i g_i² / T_i`` over all parameters from materialised per-sample gradients holds
 ``[batch, P]`` arrays: the gradients, their squares and the Welford deviations, each several times
-the model per sample (GPT-2-small at batch 8 wrote about 22 GB of fresh memory per step, and
-spent most of the step in page faults on CPU). Here every parameter is walked along one axis
+the model per sample, all written to fresh memory every step (docs/DECISIONS.md, "The full
+diagonal"). Here every parameter is walked along one axis
 (:class:`~fisherjax.fisher.sites.GradWalk`: layers, table rows or output columns); a piece's
 per-sample gradients are formed, squared, divided by ``T_i`` and Chan-merged into the same piece
 of the running state inside a ``fori_loop``, so only one piece is live at a time. The result is

@@ -29,8 +29,8 @@ import numpy as np
 from fisherjax.backend import host_take
 from fisherjax.errors import DataError
 from fisherjax.fisher.accumulate import EMAState, WelfordState
+from fisherjax.settings import STATIC
 
-_STATIC = dict(static=True)  # dataclass field metadata: pytree metadata, not a leaf
 
 GroupFisher = dict[str, dict[str, np.ndarray]]
 """``{param_path: {group_type: values}}``."""
@@ -193,21 +193,21 @@ class TaskFisher:
     are static metadata.
     """
 
-    task: str = dataclasses.field(metadata=_STATIC)
+    task: str = dataclasses.field(metadata=STATIC)
     group_fisher: GroupFisher
     group_sizes: GroupFisher
-    n_samples: int = dataclasses.field(metadata=_STATIC)
-    n_skipped: int = dataclasses.field(default=0, metadata=_STATIC)
-    n_tokens: int = dataclasses.field(default=0, metadata=_STATIC)
-    total_loss: float = dataclasses.field(default=0.0, metadata=_STATIC)
+    n_samples: int = dataclasses.field(metadata=STATIC)
+    n_skipped: int = dataclasses.field(default=0, metadata=STATIC)
+    n_tokens: int = dataclasses.field(default=0, metadata=STATIC)
+    total_loss: float = dataclasses.field(default=0.0, metadata=STATIC)
     welford: WelfordState | None = None
     ema: EMAState | None = None
     diagonal: Mapping[str, np.ndarray] | None = None
     sample_grads: SampleGrads | None = None
     per_sample_groups: GroupFisher | None = None
     sample_ids: np.ndarray | None = None
-    fisher_type: str = dataclasses.field(default="empirical", metadata=_STATIC)
-    mode: str = dataclasses.field(default="welford", metadata=_STATIC)
+    fisher_type: str = dataclasses.field(default="empirical", metadata=STATIC)
+    mode: str = dataclasses.field(default="welford", metadata=STATIC)
 
     @property
     def loss_per_token(self) -> float:

@@ -11,7 +11,6 @@ shown, one module per phase (:mod:`.fisher`, :mod:`.importance`, :mod:`.masks`,
 from __future__ import annotations
 
 from fisherjax.report.base import Section, jsonable, write
-from fisherjax.report.figures import new_figure
-from fisherjax.report.legacy import save_figure, write_report  # INTERIM: until pipeline.py uses sections
+from fisherjax.report.figures import new_figure, save_figure
 
-__all__ = ["Section", "jsonable", "new_figure", "save_figure", "write", "write_report"]
+__all__ = ["Section", "jsonable", "new_figure", "save_figure", "write"]

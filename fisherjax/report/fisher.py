@@ -1,0 +1,49 @@
+"""Phase 1 as a reader sees it: what each task's Fisher rests on (samples, tokens, loss) and how
+large it is; and the run's heading (model, machine)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from fisherjax.fisher.state import TaskFisher
+from fisherjax.report.base import Section
+
+
+def summary(fishers: Mapping[str, TaskFisher]) -> dict:
+    """The ``results.json["fisher"]`` section: per task its samples, skipped samples, tokens, loss
+    per token, Fisher type, accumulation mode and the sum of every group value (``total_fisher``;
+    a leaf with two views, such as an MLP out kernel's channels and neurons, counts in both — the
+    trace of the diagonal Fisher is Phase 2's ``total_fisher``)."""
+    return {
+        name: {
+            "samples": f.n_samples,
+            "skipped_samples": f.n_skipped,
+            "tokens": f.n_tokens,
+            "loss_per_token": f.loss_per_token,
+            "fisher_type": f.fisher_type,
+            "mode": f.mode,
+            "total_fisher": float(sum(float(np.sum(v)) for groups in f.group_fisher.values() for v in groups.values())),
+        }
+        for name, f in fishers.items()
+    }
+
+
+def section(fishers: Mapping[str, TaskFisher]) -> Section:
+    data = summary(fishers)
+    lines = ["| task | samples | skipped | tokens | loss / token | total group Fisher |", "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['samples']} | {r['skipped_samples']} | {r['tokens']} | {r['loss_per_token']:.4g} | {r['total_fisher']:.4g} |"
+              for name, r in data.items()]
+    return Section("fisher", "Phase 1 — Fisher information", data, lines)
+
+
+def heading(model: Mapping, created: str, machine: Mapping, seconds: float | None) -> list[str]:
+    """The lines under the report's title: the model and where and when the run happened."""
+    took = f", {seconds} s" if seconds is not None else ""
+    return [
+        f"Model: `{model['source']}` — {model['model_type']} ({model['family']}), {model['layers']} layers, "
+        f"{model['heads']} heads / {model['kv_heads']} kv heads, head_dim {model['head_dim']}, {model['parameters']:,} parameters.",
+        f"Created {created} on {machine['platform']} ({machine['jax_backend']}){took}.",
+        "",
+    ]
