@@ -40,9 +40,10 @@ import numpy as np
 
 from fisherjax import DecoderConfig, Model
 from fisherjax.analysis import conflicts as C
-from fisherjax.analysis import projection as P
+from fisherjax.analysis.conflicts import projection as P
 from fisherjax.config import RopeConfig
 from fisherjax.data import Batch, batches, task_from_tokens
+from fisherjax.fisher.pool import pool_fisher
 from fisherjax.fisher.state import SampleGrads
 from fisherjax.grads import per_sample_grads
 
@@ -190,7 +191,7 @@ def agreement(ks=(256, 1024, 4096), seeds=(0, 1, 2), sides=(1, None), n_per_task
     exact = [exact_task(model, b, paths) for b in task_batches.values()]
     n_a = len(exact[0])
     both = _joined(exact)
-    fisher = C.pooled_fisher(exact[0].fisher(), len(exact[0]), exact[1].fisher(), len(exact[1]))
+    fisher = pool_fisher("pooled", exact[0].fisher(), len(exact[0]), exact[1].fisher(), len(exact[1]))  # (Î_A + Î_B) / 2
     eps = C.damping(fisher)
     exact_cos = {
         False: C.pairwise_cosines(both, both, layout=model.layout).cosines,

@@ -5,11 +5,12 @@ Llama-shaped GQA config (16 layers, d 2048, 32 heads / 8 kv heads) it times, on 
 contributions and gradients of the right shapes (no model forward needed):
 
 * the kernel as :func:`fisherjax.analysis.qkov.heatmap` runs it, both ways of evaluating the
-  contraction (``QKOVOptions.contraction``): batched — operand preparation (``_operand``:
+  contraction (``KernelOptions.contraction``): batched — operand preparation (``_batched.operand``:
   ``C/(Î+λ)`` for task A, ``|g|`` for task B, head-major) then the batched split-K GEMMs
-  (``_slice_products``) — and looped (``_looped_tile``: the same work in cache-sized pieces read
-  straight from the stored leaves, one jitted call per block and layer range, run by ``--workers``
-  threads) — on device-resident inputs, layer chunk by layer chunk (each chunk's data is generated
+  (``_batched.products``) — and looped (``_looped.looped_tile``: the same work in cache-sized pieces
+  read straight from the stored leaves, one jitted call per block and layer range, run by
+  ``--workers`` threads) — and optionally the Pallas kernel (``_pallas.pallas_tile``) — on
+  device-resident inputs, layer chunk by layer chunk (each chunk's data is generated
   on the device before its timing starts, so only ``n × layer_chunk`` samples of one chunk are
   ever in memory);
 * its achieved GFLOP/s against ``2 · n_A · n_B · P_attn`` (:func:`fisherjax.analysis.qkov.flops`)
@@ -38,7 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fisherjax import backend
 from fisherjax.analysis import qkov
+from fisherjax.analysis.qkov import _batched, _looped, _operands, _pallas
 from fisherjax.fisher.state import SampleGrads
 from fisherjax.layout import FAMILY_RULES, ModelLayout
 
@@ -105,7 +108,7 @@ def matmul_peak(size: int, precision: str, repeats: int = 5) -> float:
     key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
     a = jax.random.normal(key_a, (size, size), jnp.float32)
     b = jax.random.normal(key_b, (size, size), jnp.float32)
-    dot = jax.jit(lambda x, y: jnp.dot(x, y, precision=qkov._PRECISIONS[precision]))
+    dot = jax.jit(lambda x, y: jnp.dot(x, y, precision=_operands.PRECISIONS[precision]))
     seconds, _ = _timed(dot, a, b, repeats=repeats)
     return 2 * size**3 / seconds / 1e9
 
@@ -181,7 +184,7 @@ def bench_kernel(name: str, args) -> list[dict]:
     splits = [int(k) for k in args.split_k.split(",") if k]
     pieces = [int(float(k)) for k in args.piece_floats.split(",") if k]
     totals = {k: dict(operand_a=0.0, operand_b=0.0, gemm=0.0, fused=0.0) for k in splits}
-    workers = [int(w) if w else qkov.QKOVOptions().concurrency for w in args.workers.split(",")]
+    workers = [int(w) if w else backend.available_cores() for w in args.workers.split(",")]
     looped_s = {(k, w): 0.0 for k in pieces for w in workers}
     pallas_splits = [int(k) for k in args.pallas_split_k.split(",") if k]
     pallas_s = {k: 0.0 for k in pallas_splits}
@@ -197,15 +200,16 @@ def bench_kernel(name: str, args) -> list[dict]:
         raws = {}
         for k, n_workers in looped_s:
             t_l, raws[f"looped {k} x{n_workers}"] = _timed(
-                qkov._looped_tile, leaves_a, ones_a, weights, leaves_b, ones_b, layout=layout, pairs=tuple(layout.attention_blocks()),
+                _looped.looped_tile, leaves_a, ones_a, weights, leaves_b, ones_b, layout=layout, kinds=tuple(layout.attention_blocks()),
                 workers=n_workers, transform_a="identity", transform_b="abs", piece_floats=k, precision=args.precision,
                 repeats=args.repeats,
             )
             looped_s[k, n_workers] += t_l
         for k in pallas_splits:
             t_p, raws[f"pallas {k}"] = _timed(
-                qkov._pallas_tile, leaves_a, ones_a, weights, leaves_b, ones_b, layout=layout, pairs=tuple(layout.attention_blocks()),
-                transform_a="identity", transform_b="abs", split_k=k, precision=args.precision, repeats=args.repeats,
+                _pallas.pallas_tile, leaves_a, ones_a, weights, leaves_b, ones_b, layout=layout, kinds=tuple(layout.attention_blocks()),
+                transform_a="identity", transform_b="abs", split_k=k, precision=args.precision, interpret=backend.pallas_interpret(),
+                repeats=args.repeats,
             )
             pallas_s[k] += t_p
         if p:  # the loop baseline's samples, as head views on the host
@@ -215,9 +219,9 @@ def bench_kernel(name: str, args) -> list[dict]:
         C, g = (_views(layout, leaves_a), _views(layout, leaves_b)) if splits else (None, None)
         leaves_a = leaves_b = None
         for k in splits:
-            t_a, a_op = _timed(qkov._operand, C, ones_a, weights, transform="identity", split_k=k, repeats=args.repeats)
-            t_b, b_op = _timed(qkov._operand, g, ones_b, None, transform="abs", split_k=k, repeats=args.repeats)
-            t_g, raws[f"split-K {k}"] = _timed(qkov._slice_products, a_op, b_op, precision=args.precision, repeats=args.repeats)
+            t_a, a_op = _timed(_batched.operand_jit, C, ones_a, weights, transform="identity", split_k=k, repeats=args.repeats)
+            t_b, b_op = _timed(_batched.operand_jit, g, ones_b, None, transform="abs", split_k=k, repeats=args.repeats)
+            t_g, raws[f"split-K {k}"] = _timed(_batched.products_jit, a_op, b_op, precision=args.precision, repeats=args.repeats)
             del a_op, b_op
             t_f, _ = _timed(_fused, C, g, weights, split_k=k, precision=args.precision, repeats=args.repeats) if args.fused else (float("nan"), None)
             totals[k]["operand_a"] += t_a
@@ -262,15 +266,15 @@ def bench_kernel(name: str, args) -> list[dict]:
 
 def _views(layout: ModelLayout, leaves: dict) -> dict:
     """``{block/kind: [n, layer, *view]}`` head views of stored leaves, materialised."""
-    return jax.jit(lambda x: qkov._views_of(layout, x, tuple(layout.attention_blocks())))(leaves)
+    return jax.jit(lambda x: _operands.views_of(layout, x, tuple(layout.attention_blocks())))(leaves)
 
 
 @functools.partial(jax.jit, static_argnames=("split_k", "precision"))
 def _fused(C, g, weights, *, split_k, precision):
     """The three kernel pieces under one jit (XLA may fuse the operand passes into the GEMM)."""
-    a = qkov._operand(C, jnp.ones(next(iter(C.values())).shape[0]), weights, transform="identity", split_k=split_k)
-    b = qkov._operand(g, jnp.ones(next(iter(g.values())).shape[0]), None, transform="abs", split_k=split_k)
-    return qkov._slice_products(a, b, precision=precision)
+    a = _batched.operand(C, jnp.ones(next(iter(C.values())).shape[0]), weights, transform="identity", split_k=split_k)
+    b = _batched.operand(g, jnp.ones(next(iter(g.values())).shape[0]), None, transform="abs", split_k=split_k)
+    return _batched.products(a, b, precision=precision)
 
 
 def bench_end_to_end(name: str, args) -> str:
@@ -316,9 +320,9 @@ def main(argv=None):
     parser.add_argument("--loop-samples", type=int, default=2, help="p: the loop runs p x p pairs and is scaled")
     parser.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak (default: 8192 on GPU, 2048 on CPU)")
     parser.add_argument("--split-k", default="8,32", help="comma-separated split-K settings of batched contraction to time")
-    parser.add_argument("--piece-floats", default=str(qkov.QKOVOptions.piece_floats), help="comma-separated piece sizes of looped contraction to time")
+    parser.add_argument("--piece-floats", default=str(qkov.KernelOptions.piece_floats), help="comma-separated piece sizes of looped contraction to time")
     parser.add_argument("--workers", default="1,", help="comma-separated concurrent computations of looped contraction to time "
-                                                          "(empty: QKOVOptions' default, the cores available)")
+                                                          "(empty: KernelOptions' default, the cores available)")
     parser.add_argument("--pallas-split-k", default="", help="comma-separated split-K settings of the Pallas kernel to time "
                         "(contraction='pallas'; interpret mode off a GPU)")
     parser.add_argument("--fused", action="store_true", help="also time the three kernel pieces under one jit")

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 from fisherjax.errors import FisherjaxError
+from fisherjax.analysis.qkov import CONTRACTIONS
 from fisherjax.fisher.options import FISHER_TYPES, MODES, STORAGE_DTYPES
 
 EXIT_INPUT_ERROR = 2
 
-CONTRACTIONS = ("auto", "batched", "looped", "pallas")  # fisherjax.analysis.qkov.CONTRACTIONS, without importing the analysis
 
 
 def _defaults():

@@ -59,6 +59,9 @@ class Role(str, enum.Enum):
 ATTENTION_BLOCKS = ("q", "k", "v", "o")
 """The attention blocks, in the order every per-block array and table uses."""
 
+QKV_BLOCKS = ATTENTION_BLOCKS[:3]
+"""The blocks a fused QKV projection holds (and whose heads sit on a kernel's output axis)."""
+
 KINDS = ("kernel", "bias", "scale", "embedding")
 
 OUTSIDE_LAYERS = -1
@@ -202,8 +205,8 @@ class ModelLayout:
             raise ValueError(f"{path}: expected trailing shape {expected}, got {x.shape}")
         hd = self.head_dim
         if spec.role == Role.QKV:
-            if block not in ("q", "k", "v"):
-                raise ValueError(f"{path} is a fused QKV projection: pass block='q', 'k' or 'v'")
+            if block not in QKV_BLOCKS:
+                raise ValueError(f"{path} is a fused QKV projection: pass block= one of {QKV_BLOCKS}")
             x = _split_fused(x, spec.fused, block, self.num_heads, self.num_kv_heads, hd, spec.kind)
         elif spec.role.value != (block or spec.role.value):
             raise ValueError(f"{path} has role {spec.role.value}, not {block}")
@@ -213,7 +216,7 @@ class ModelLayout:
                 raise ValueError(f"{path}: output-projection {spec.kind} has no head axis")
             return x.reshape(*x.shape[:-2], self.num_heads, hd, x.shape[-1])
         heads = self.heads_of(block)
-        if block in ("q", "k", "v") and spec.role != Role.QKV:
+        if block in QKV_BLOCKS and spec.role != Role.QKV:
             x = x.reshape(*x.shape[:-1], heads, hd)
         return x
 

@@ -238,25 +238,29 @@ def phase_qkov(ctx: Context, out: Path) -> report.Section:
     layout, config = ctx.model.layout, ctx.config
     score, kernel = qkov.ScoreOptions(), config.kernel_options()
     needed = score.min_fisher_samples
-    arrays, pairs = {}, {}
+    arrays, summaries, results = {}, {}, {}
     for name_a, name_b in itertools.permutations(ctx.fishers, 2):
         fa, fb = ctx.fishers[name_a], ctx.fishers[name_b]
         n_a = len(fa.sample_grads)
         if n_a < needed:  # a quick run on a few samples still gets the other phases
-            pairs[name_a, name_b] = f"{name_a} has {n_a} samples with active tokens; its Fisher needs at least {needed}"
+            summaries[name_a, name_b] = {"skipped": f"{name_a} has {n_a} samples with active tokens; its Fisher needs at least {needed}"}
             continue
         result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress)
         arrays.update({f"{name_a}|{name_b}|{k}": v for k, v in qkov.to_arrays(result).items()})
-        interval = qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=config.seed)
+        summary = qkov_report.summary(result, top_k=config.top_k)
+        summary["kernel"] = dataclasses.asdict(kernel)
+        summary["bootstrap"] = qkov_report.bootstrap_summary(qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=config.seed))
         fit, heldout = qkov.heldout_split(fa, 0.5, seed=config.seed)
         if len(fit) < needed:
-            test = (f"{name_a} has {len(fit) + len(heldout)} samples with active tokens; its fit half "
-                    f"({len(fit)}) needs at least {needed} for a stable Fisher")
+            summary["permutation_test"] = {"skipped": f"{name_a} has {len(fit) + len(heldout)} samples with active tokens; its fit half "
+                                                      f"({len(fit)}) needs at least {needed} for a stable Fisher"}
         else:
-            test = qkov.permutation_test(fit, fb, heldout, layout, n_permutations=1000, seed=config.seed, score=score, kernel=kernel)
-        pairs[name_a, name_b] = (result, interval, test)
+            test = qkov.permutation_test(fit, fb, heldout, layout, n_permutations=1000, seed=config.seed, score=score, kernel=kernel,
+                                         progress=config.progress)
+            summary["permutation_test"] = qkov_report.permutation_summary(test, result)
+        summaries[name_a, name_b], results[name_a, name_b] = summary, result
     np.savez(out / "qkov.npz", **arrays)
-    return qkov_report.section(pairs, top_k=config.top_k)
+    return qkov_report.section(summaries, results)
 
 
 PHASES: dict[str, Callable[[Context, Path], report.Section]] = {

@@ -103,7 +103,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_checkpoint, tmp
         (["--max-samples", "0"], "max samples must be ≥ 1"),
         (["--sparsity", "1.5"], r"sparsity must be in \[0, 1\] \(--sparsity\), got 1.5"),
         (["--top-k", "-1"], "top-k must be ≥ 0"),
-        (["--contribution-budget-gb", "0"], "contribution budget must be > 0 GB"),
+        (["--sample-grads-budget-gb", "0"], r"sample-gradient budget must be > 0 GB \(--sample-grads-budget-gb\)"),
+        (["--contribution-budget-gb", "0"], "sample-gradient budget must be > 0 GB"),  # the flag's former name still works
         (["--contribution-budget-gb", "1e-6", "--spill-dir", "{file}"], "--spill-dir exists and is not a directory"),
         (["--contribution-budget-gb", "1e-6", "--spill-dir", "{file}/sub"], "spill_dir .*/sub/add: cannot create it"),
     ],
@@ -202,7 +203,7 @@ def test_qkov_contraction_from_the_command_line(tiny_checkpoint, tmp_path, capsy
         out = tmp_path / contraction
         assert _analyze(tiny_checkpoint, out, "--phases", "fisher,qkov", "--qkov-contraction", contraction) == 0
         scores[contraction] = np.load(out / "qkov.npz")["add|words|scores"]
-        options = json.loads((out / "results.json").read_text())["qkov"]["pairs"]["add|words"]["options"]
+        options = json.loads((out / "results.json").read_text())["qkov"]["pairs"]["add|words"]["kernel"]
         assert options["contraction"] == contraction
     np.testing.assert_allclose(scores["pallas"], scores["auto"], rtol=1e-4, atol=1e-12)
     with pytest.raises(SystemExit) as exit_info:

@@ -109,7 +109,7 @@ def test_sampled_labels_follow_the_model_distribution(model):
     """The true Fisher's labels are draws from softmax(logits) at the predicted positions only."""
     batch = next(batches(random_task("small", 2, seed=3, prompt=3), 2))
     logits = model.apply(model.params, batch.input_ids, batch.attention_mask)
-    draws = np.stack([np.asarray(sample_labels(k, logits, batch.labels)) for k in jax.random.split(jax.random.key(11), 4000)])
+    draws = np.asarray(jax.vmap(lambda k: sample_labels(k, logits, batch.labels))(jax.random.split(jax.random.key(11), 4000)))
     predicted = batch.labels != IGNORE
     assert np.all(draws[:, ~predicted] == IGNORE) and np.all(draws[:, predicted] >= 0)
     row, col = np.argwhere(predicted)[0]  # the first predicted position, drawn from position col - 1's logits

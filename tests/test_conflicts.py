@@ -1,5 +1,5 @@
-"""Phase 5: cross-task sample conflicts (fisherjax.analysis.conflicts) and gradient projections
-(fisherjax.analysis.projection).
+"""Phase 5: cross-task sample conflicts (fisherjax.analysis.conflicts), gradient projections
+(fisherjax.analysis.conflicts.projection) and their report (fisherjax.report.conflicts).
 
 References are independent: numpy dot products on flattened (and hand-sliced) gradients, the
 whitening formula written out, scipy's BH/BY, loops over np.median / np.delete for the null,
@@ -20,11 +20,14 @@ from scipy import stats
 
 from fisherjax import ConfigError, DataError, DecoderConfig, Model, NumericalError
 from fisherjax.analysis import conflicts as C
-from fisherjax.analysis import projection as P
+from fisherjax.analysis.conflicts import _kernels as K  # private by purpose: the two group-dot paths
+from fisherjax.analysis.conflicts import projection as P
+from fisherjax.analysis.conflicts.sources import as_stream
 from fisherjax.config import RopeConfig
 from fisherjax.data import batches, task_from_tokens
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.grads import per_sample_grads
+from fisherjax.report import conflicts as R
 
 VOCAB = 97
 GPT2 = DecoderConfig(
@@ -137,14 +140,12 @@ def test_cosines_match_numpy(gpt2, gpt2_task, chunk_size):
 
 def test_group_dots_mapped_over_groups_equal_the_batched_einsum(gpt2, gpt2_task):
     """The CPU walks a leaf's groups with lax.map, other backends batch them in one einsum."""
-    from fisherjax.analysis.gradgroups import _stream, grouping_for
-
     a, b = halves(gpt2_task)
-    sa, sb = _stream(a, "a"), _stream(b, "b")
-    grouping = grouping_for(sa.shapes, gpt2.layout)
-    ((_, fa, _, _),), ((_, fb, _, _),) = (list(C._prepared_chunks(s, grouping, None, 24)) for s in (sa, sb))
+    sa, sb = as_stream(a, "a"), as_stream(b, "b")
+    grouping = C.grouping_for(sa.shapes, gpt2.layout)
+    ((_, fa, _, _),), ((_, fb, _, _),) = (list(K.prepared_chunks(s, grouping, None, 24)) for s in (sa, sb))
     args = (fa, fb, grouping.static_members, len(grouping.index), True)
-    mapped, batched = C._block_gram(*args, mapped=True), C._block_gram(*args, mapped=False)
+    mapped, batched = K.block_gram(*args, mapped=True), K.block_gram(*args, mapped=False)
     scale = float(np.abs(np.asarray(batched[1])).max())
     np.testing.assert_allclose(mapped[1], batched[1], rtol=1e-5, atol=1e-6 * scale)
     np.testing.assert_allclose(mapped[0], batched[0], rtol=1e-5, atol=1e-6 * scale)
@@ -230,6 +231,24 @@ def test_detect_whitens_with_the_pooled_fisher(gpt2, gpt2_task):
     chex.assert_trees_all_close(report.effect_sizes, effect, atol=1e-5)
 
 
+def test_fisher_pool_weights_the_tasks_equally_or_by_count(gpt2, gpt2_task):
+    """"pooled" is (Î_A + Î_B) / 2 whatever the sample counts (the original system's definition);
+    "pooled_by_count" weights each task by its samples; "A" / "B" take one task's Fisher."""
+    a, b = gpt2_task.select(np.arange(24)), gpt2_task.select(np.arange(24, 36))
+
+    def fisher_of(c):
+        return {p: (np.square(g.astype(np.float64)) / c.tokens.reshape((-1,) + (1,) * (g.ndim - 1))).mean(0) for p, g in c.grads.items()}
+
+    fa, fb = fisher_of(a), fisher_of(b)
+    for pool, (wa, wb) in (("pooled", (0.5, 0.5)), ("pooled_by_count", (24 / 36, 12 / 36)), ("A", (1.0, 0.0)), ("B", (0.0, 1.0))):
+        fisher = {p: wa * fa[p] + wb * fb[p] for p in fa}
+        eps = max(1e-8, 1e-3 * np.mean(np.concatenate([f.ravel() for f in fisher.values()])))
+        report = C.detect(a, b, layout=gpt2.layout, fisher_pool=pool, reference="a")
+        assert report.settings["fisher_pool"] == pool and report.settings["eps"] == pytest.approx(eps, rel=1e-5)
+        expected = numpy_cosines(numpy_flat(a, fisher, eps), numpy_flat(b, fisher, eps))
+        chex.assert_trees_all_close(report.cosines, expected, atol=1e-5)
+
+
 def test_streamed_chunks_equal_stored(gpt2, gpt2_task):
     a, b = halves(gpt2_task)
 
@@ -313,7 +332,7 @@ def test_reference_sides_and_external_split(gpt2, gpt2_task):
     chex.assert_trees_all_close(C.detect(a, b, reference="a", **kwargs).pvalues, p_a, atol=1e-9)
     chex.assert_trees_all_close(C.detect(a, b, reference="b", **kwargs).pvalues, p_b, atol=1e-9)
     chex.assert_trees_all_close(C.detect(a, b, reference="both", **kwargs).pvalues, np.maximum(p_a, p_b), atol=1e-9)
-    external = C.detect(a, b, reference=split, **kwargs)
+    external = C.detect(a, b, reference_split=split, **kwargs)
     chex.assert_trees_all_close(external.pvalues, loop_pvalues(cross, numpy_cosines(x, r), "row", False), atol=1e-9)
     assert set(external.null_cosines) == {"reference"}
 
@@ -381,6 +400,22 @@ def test_errors_name_the_problem(gpt2, gpt2_task):
         C.detect(a, SampleGrads(b.sample_ids, b.tokens, zero), layout=gpt2.layout, whiten=False)
     with pytest.raises(ConfigError, match="scope"):
         C.detect(a, b, scope="heads")
+
+
+def test_options_are_checked_once_with_clear_errors(gpt2_task):
+    a, b = halves(gpt2_task)
+    with pytest.raises(ConfigError, match="fisher_pool"):
+        C.ConflictOptions(fisher_pool="a")  # one spelling across phases: "A", "B", "pooled", "pooled_by_count"
+    with pytest.raises(ConfigError, match="needs by_group"):
+        C.ConflictOptions(scope="groups", by_group=False)
+    with pytest.raises(ConfigError, match="alpha"):
+        C.detect(a, b, alpha=1.5)
+    with pytest.raises(ConfigError, match="unknown ConflictOptions field.*refrence"):
+        C.detect(a, b, refrence="a")
+    with pytest.raises(ConfigError, match="reference_split="):
+        C.detect(a, b, reference=b)
+    options = C.ConflictOptions(scope="groups", null="row")
+    assert options == C.ConflictOptions(null="row", scope="groups") and hash(options) == hash(C.ConflictOptions(null="row", scope="groups"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,7 +534,7 @@ def test_summary_is_json_with_true_sample_ids(gpt2, gpt2_task, tmp_path):
     order = np.random.default_rng(3).permutation(n)
     task = plant(gpt2_task, order[:8], order[n // 2 : n // 2 + 8], strength=3.0, seed=0)
     report = C.detect(task.select(order[: n // 2]), task.select(order[n // 2 :]), layout=gpt2.layout, scope="groups", names=("math", "copy"))
-    summary = json.loads(json.dumps(C.summarize(report)))
+    summary = json.loads(json.dumps(R.summary(report)))
     assert summary["task_a"] == "math" and summary["n_significant"] == report.n_significant > 0
     ids_a, ids_b = task.sample_ids[order[: n // 2]], task.sample_ids[order[n // 2 :]]
     for pair in summary["top_pairs"]:
@@ -510,9 +545,56 @@ def test_summary_is_json_with_true_sample_ids(gpt2, gpt2_task, tmp_path):
     assert hmap.shape == (4, 2, 4) and np.nanargmax(hmap[0]) == PLANT_LAYER * 4 + PLANT_HEAD
     removal = summary["recommendations"]["removal"]
     assert removal["fraction_of_conflicts_removed"] >= 0.8 and removal["samples"]
-    fig = C.plot_conflicts(report)
+    fig = R.figure(report)
     assert len(fig.axes) == 6  # histogram, four head maps, colour bar
     fig.savefig(tmp_path / "conflicts.png")
+    lines = R.markdown(report, summary, figure_link="figures/x.png")
+    assert lines[0].startswith("**math vs copy**") and lines[-2] == "![conflicts math vs copy](figures/x.png)"
+    assert any("0.71" in line and "orthogonal" in line for line in lines)  # the effect size explained
+    section = R.section({("math", "copy"): report})
+    assert section.key == "conflicts" and section.json["pairs"]["math|copy"]["n_significant"] == report.n_significant
+    assert any("{figure:conflicts_math_copy}" in line for line in section.lines) and set(section.figures) == {"conflicts_math_copy"}
+
+
+def test_gqa_head_maps_have_kv_head_columns(llama, llama_grads):
+    grads, tokens, ids = llama_grads
+    c = SampleGrads.from_grads({p: grads[p] for p in attention_paths(llama)}, tokens, ids)
+    report = C.detect(c, c, layout=llama.layout, scope="groups")  # the shapes test_gqa_groups_follow_kv_heads compiled
+    shapes = [(LLAMA.num_layers, LLAMA.num_heads), (LLAMA.num_layers, LLAMA.num_kv_heads), (LLAMA.num_layers, LLAMA.num_kv_heads), (LLAMA.num_layers, LLAMA.num_heads)]
+    maps = C.head_map(report)
+    assert list(maps) == ["q", "k", "v", "o"] and [m.shape for m in maps.values()] == shapes
+    assert [np.shape(v) for v in R.summary(report)["head_map"]["values"]] == shapes
+    fig = R.figure(report)
+    head_axes = fig.axes[1:5]
+    assert [ax.images[0].get_array().shape for ax in head_axes] == shapes
+    assert [ax.get_xlabel() for ax in head_axes] == ["head", "kv head", "kv head", "head"]
+
+
+def test_results_are_pytrees(gpt2, gpt2_task):
+    a, b = halves(gpt2_task)
+    report = C.detect(a, b, layout=gpt2.layout, scope="groups", whiten=False)
+    leaves = jax.tree.leaves(report)
+    assert any(x is report.cosines for x in leaves) and any(x is report.gram.group_dots for x in leaves)
+    assert all(isinstance(x, (np.ndarray, np.generic, float, int)) for x in leaves)  # names, labels, settings: metadata
+    copied = jax.tree.map(np.array, report)
+    assert jax.tree.structure(copied) == jax.tree.structure(report) and copied.cosines is not report.cosines
+    np.testing.assert_array_equal(copied.gram.group_dots, report.gram.group_dots)
+    for got, want in zip(copied.clusters, report.clusters, strict=True):
+        np.testing.assert_array_equal(got.samples_a, want.samples_a)
+    assert copied.top_pairs[0].groups == report.top_pairs[0].groups and copied.groups.labels == report.groups.labels
+    assert copied.settings == report.settings and copied.recommendations == report.recommendations
+    assert float(jax.jit(lambda r: r.cosines.min())(report)) == pytest.approx(report.cosines.min(), abs=1e-6)
+    grouping = C.grouping_for({"leaf": (3,)})
+    grouped = C.GroupedGrads("t", np.arange(2), {"leaf": np.ones((2, 1, 3), np.float32)}, C.Grouping(grouping.index, grouping.members))
+    doubled = jax.tree.map(lambda x: x * 2, grouped)
+    assert len(jax.tree.leaves(grouped)) == 2 and doubled.features["leaf"].sum() == 12 and doubled.grouping is grouped.grouping
+
+
+def test_progress_bar_counts_chunk_pairs(gpt2, gpt2_task, capsys):
+    a, b = halves(gpt2_task)
+    C.detect(a, b, layout=gpt2.layout, scope="groups", whiten=False, chunk_size=5, progress=True)
+    err = capsys.readouterr().err
+    assert "chunk pair" in err and "/75" in err  # 5 chunks a side: A × B, A × A and B × B
 
 
 # ---------------------------------------------------------------------------------------------

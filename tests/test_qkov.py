@@ -1,7 +1,8 @@
-"""Phase 6 (QK-OV interference) against a brute-force numpy evaluation that slices the raw
-parameter arrays with its own index arithmetic (GPT-2's [Q|K|V] columns, NeoX's per-head
-interleave, GQA's kv head h // (H/H_kv)), plus the invariants of the score on real models:
-head additivity, scale, ablations, symmetry, ridge robustness; and the statistics."""
+"""Phase 6 (QK-OV interference) against a brute-force float64 numpy evaluation of the original
+system's formulas that slices the raw parameter arrays with its own index arithmetic (GPT-2's
+[Q|K|V] columns, NeoX's per-head interleave, GQA's kv head h // (H/H_kv)), plus the invariants of
+the score on real models: head additivity, scale, ablations, symmetry, ridge robustness; the
+statistics; results as pytrees; and kernels that trace and compile once."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import dataclasses
 import json
 
 import chex
+import jax
 import numpy as np
 import pytest
 
-from conftest import FAMILIES, padded_batch
+from conftest import FAMILIES, compilations, padded_batch
 
 import fisherjax
 from fisherjax.analysis import qkov
+from fisherjax.analysis.qkov import _batched, _looped, _operands, _prepare, _tiles
+from fisherjax.report import qkov as report_qkov
 from fisherjax.data import IGNORE, Batch
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.state import SampleGrads
@@ -94,11 +98,17 @@ def _raw_slice(store, kind, block, layer, h, dims, include_bias=True, whole=Fals
 
 
 def _reference(A, B, kind, dims, layers, *, variant="unsigned", aggregate="mean", normalize_gj="none",
-               fisher_pool="A", ridge_lambda=1e-8, ridge_lambda_rel=1e-3, eps=1e-10, include_bias=True,
+               fisher_pool="A", ridge_lambda=1e-8, ridge_lambda_rel=1e-6, eps=1e-10, include_bias=True,
                whole=False) -> np.ndarray:
-    """Brute force ``[block, layer, n_a, n_b, head]`` (``whole``: one unsliced block per layer, head axis 1)."""
+    """Brute force ``[block, layer, n_a, n_b, head]`` (``whole``: one unsliced block per layer, head axis 1)
+    of the original system's formulas: ``g_j`` normalised first (``s_j g_j`` with ``s_j`` = 1, ``1/T_j``
+    or ``1/Σ_B T``), ``C_j = (s_j g_j)² / T_j``; ``Î`` of A, of B, ``(Î_A + Î_B)/2`` (pooled) or the
+    mean over both tasks' samples (pooled_by_count); ``λ = max(λ_min, λ_rel·median(Î), ε)``."""
     H = dims[0]
     heads = 1 if whole else H
+    tokens_b = np.asarray(B.tokens, np.float64)
+    s = {"none": np.ones_like(tokens_b), "per_token_mean": 1.0 / tokens_b,
+         "per_token_sum": np.full_like(tokens_b, 1.0 / tokens_b.sum())}[normalize_gj][:, None]
     out = np.zeros((4, layers, len(A), len(B), heads))
     for b, block in enumerate("qkvo"):
         for layer in range(layers):
@@ -107,19 +117,20 @@ def _reference(A, B, kind, dims, layers, *, variant="unsigned", aggregate="mean"
                     return _raw_slice(store, kind, block, layer, h, dims, include_bias, whole)
 
                 Ca, Cb = cut(A.contributions), cut(B.contributions)
-                pool = {"A": Ca, "B": Cb, "pooled": np.concatenate([Ca, Cb])}[fisher_pool]
-                F = pool.mean(0)
+                pool = {"A": Ca.mean(0), "B": Cb.mean(0), "pooled": (Ca.mean(0) + Cb.mean(0)) / 2,
+                        "pooled_by_count": np.concatenate([Ca, Cb]).mean(0)}
+                F = pool[fisher_pool]
                 lam = max(ridge_lambda, ridge_lambda_rel * np.median(F), eps)
+                gb = s * cut(B.grads)  # the seed normalises g_j before every variant
+                cb = gb**2 / tokens_b[:, None]
                 if variant == "unsigned":
-                    M = (Ca / (F + lam)) @ np.abs(cut(B.grads)).T
+                    M = (Ca / (F + lam)) @ np.abs(gb).T
                 elif variant == "natural":
-                    M = (Ca / (F + lam)) @ (np.abs(cut(B.grads)) / np.sqrt(F + lam)).T
+                    M = (Ca / (F + lam)) @ (np.abs(gb) / np.sqrt(F + lam)).T
                 elif variant == "signed":
-                    M = (cut(A.grads) / (F + lam)) @ cut(B.grads).T
+                    M = (cut(A.grads) / (F + lam)) @ gb.T
                 else:
-                    M = (np.sqrt(Ca) / (F + lam)) @ np.sqrt(Cb).T
-                if normalize_gj == "per_token_mean" and variant != "symmetric":
-                    M = M / np.asarray(B.tokens)[None, :]
+                    M = (np.sqrt(Ca) / (F + lam)) @ np.sqrt(cb).T
                 if aggregate == "mean":
                     M = M / Ca.shape[1]
                 out[b, layer, :, :, h] = M
@@ -218,6 +229,61 @@ def test_options_match_bruteforce(family, kind, opts, compute):
     _close(result.scores, _reference(A, B, kind, _dims(model.layout), model.layout.num_layers, **opts))
 
 
+# The original system's conventions (see the qkov package docstring). They act outside the kernels
+# (on the Fisher, the ridge and the finished sums), so the default kernel checks them.
+SEED = dict(ridge_lambda=1e-8, ridge_lambda_rel=1e-6, eps=1e-10)
+
+
+@pytest.mark.parametrize(
+    "kind, opts",
+    [
+        ("gpt_neox", dict(variant="unsigned", normalize_gj="per_token_sum")),
+        ("qwen2", dict(variant="signed", normalize_gj="per_token_sum", fisher_pool="pooled")),
+        ("gpt2", dict(variant="symmetric", normalize_gj="per_token_mean")),
+        ("llama", dict(variant="symmetric", normalize_gj="per_token_sum", aggregate="sum")),
+        ("llama", dict(variant="natural", fisher_pool="pooled_by_count")),
+        ("gpt2", dict(variant="unsigned", fisher_pool="pooled_by_count", normalize_gj="per_token_sum")),
+        ("qwen2", dict()),  # the defaults: the seed's ridge
+    ],
+)
+def test_seed_conventions_match_bruteforce(family, kind, opts):
+    model, _, A, B = family(kind)
+    result = qkov.heatmap(A, B, model.layout, **MIN, **opts)
+    _close(result.scores, _reference(A, B, kind, _dims(model.layout), model.layout.num_layers, **{**SEED, **opts}))
+
+
+def test_defaults_are_the_seeds():
+    options = qkov.ScoreOptions()
+    assert (options.ridge_lambda, options.ridge_lambda_rel, options.eps) == (1e-8, 1e-6, 1e-10)
+    assert (options.fisher_pool, options.normalize_gj, options.variant, options.aggregate) == ("A", "none", "unsigned", "mean")
+
+
+def test_pooled_weighs_the_tasks_equally_and_pooled_by_count_by_their_samples(family):
+    """Repeating B's samples leaves ``Î = (Î_A + Î_B)/2`` and so the "pooled" scores unchanged (each
+    copy's column equals the original's); the count-weighted pool moves towards B and changes them."""
+    model, _, A, B = family("llama")
+    twice = B.select(np.r_[np.arange(len(B)), np.arange(len(B))])
+    for pool, unchanged in (("pooled", True), ("pooled_by_count", False)):
+        once = qkov.heatmap(A, B, model.layout, fisher_pool=pool, **MIN).scores
+        repeated = qkov.heatmap(A, twice, model.layout, fisher_pool=pool, **MIN).scores
+        np.testing.assert_array_equal(repeated[..., :N_B, :], repeated[..., N_B:, :])
+        if unchanged:
+            _close(repeated[..., :N_B, :], once, rtol=1e-6)
+        else:
+            assert not np.allclose(repeated[..., :N_B, :], once, rtol=1e-3)
+
+
+def test_per_token_sum_is_token_invariant_per_task(family):
+    """``s_j = 1/Σ_B T``: the same factor for every sample of B, so per_token_sum scores are the
+    "none" scores over B's total tokens; the symmetric variant follows normalize_gj too."""
+    model, _, A, B = family("gpt2")
+    total = float(np.sum(B.tokens))
+    for variant in ("unsigned", "symmetric"):
+        plain = qkov.heatmap(A, B, model.layout, variant=variant, **MIN).scores
+        summed = qkov.heatmap(A, B, model.layout, variant=variant, normalize_gj="per_token_sum", **MIN).scores
+        _close(summed, plain / total, rtol=1e-5)
+
+
 def _per_layer(layout, c: SampleGrads):
     """The same model with one leaf per layer (a hand-built layout), and its contributions."""
     specs, grads = {}, {}
@@ -292,13 +358,13 @@ def test_stored_leaves_are_read_in_place_on_cpu(family):
     the CPU kernel without a copy; misaligned ones are copied, with the same scores."""
     model, _, A, B = family("gpt2")
     layout = model.layout
-    pairs = qkov._block_kinds(layout, True)
-    sources = qkov._leaf_sources(layout, pairs)
-    assert qkov._in_place(A.grads, layout, sources) and qkov._in_place(B.contributions, layout, sources)
-    leaves = qkov._device_leaves(A.grads, layout, sources, np.arange(len(A)), np.arange(layout.num_layers))
+    kinds = _operands.block_kinds(layout, True)
+    sources = _operands.leaf_sources(layout, kinds)
+    assert _tiles.in_place(A.grads, layout, sources) and _tiles.in_place(B.contributions, layout, sources)
+    leaves = _tiles.device_leaves(A.grads, layout, sources, np.arange(len(A)), np.arange(layout.num_layers))
     for key, leaf in leaves.items():
         assert leaf.unsafe_buffer_pointer() == A.grads[key].ctypes.data
-    assert not qkov._in_place(_misaligned(A).grads, layout, sources)
+    assert not _tiles.in_place(_misaligned(A).grads, layout, sources)
     in_place = qkov.heatmap(A, B, layout, **MIN, contraction="looped").scores
     copied = qkov.heatmap(_misaligned(A), _misaligned(B), layout, **MIN, contraction="looped").scores
     np.testing.assert_array_equal(in_place, copied)
@@ -306,22 +372,22 @@ def test_stored_leaves_are_read_in_place_on_cpu(family):
 
 @pytest.mark.parametrize("n_layers, workers", [(7, 3), (2, 5), (4, 4), (5, 1)])
 def test_layer_ranges_cover_every_layer_once_and_reassemble_in_order(n_layers, workers):
-    ranges = qkov._layer_ranges(n_layers, workers)
+    ranges = _looped.layer_ranges(n_layers, workers)
     assert len(ranges) == min(n_layers, workers)
     np.testing.assert_array_equal(np.concatenate([np.arange(f, f + c) for f, c in ranges]), np.arange(n_layers))
     assert max(c for _, c in ranges) - min(c for _, c in ranges) <= 1
-    pairs = (("k", "kernel"), ("o", "kernel"), ("q", "bias"), ("q", "kernel"))
+    kinds = (("k", "kernel"), ("o", "kernel"), ("q", "bias"), ("q", "kernel"))
     calls = []
 
-    def work(block_pairs, first, count):  # each block's value records the layer it was computed for
-        calls.append((block_pairs, first, count))
-        return {b: np.arange(first, first + count)[:, None] * 10 + "qkvo".index(b) for b, _ in block_pairs}
+    def work(block_kinds, first, count):  # each block's value records the layer it was computed for
+        calls.append((block_kinds, first, count))
+        return {b: np.arange(first, first + count)[:, None] * 10 + "qkvo".index(b) for b, _ in block_kinds}
 
-    out = qkov._in_parallel(work, pairs, n_layers, workers, cost={"q": 4, "k": 1, "o": 2}.get)
+    out = _looped.in_parallel(work, kinds, n_layers, workers, cost={"q": 4, "k": 1, "o": 2}.get)
     for block in "qko":
         np.testing.assert_array_equal(out[block][:, 0], np.arange(n_layers) * 10 + "qkvo".index(block))
-    if workers > 1:  # one computation per block and range, each given only its block's pairs
-        assert sorted((p, f) for p, f, _ in calls) == sorted((tuple(x for x in pairs if x[0] == b), f) for b in "qko" for f, _ in ranges)
+    if workers > 1:  # one computation per block and range, each given only its block's kinds
+        assert sorted((p, f) for p, f, _ in calls) == sorted((tuple(x for x in kinds if x[0] == b), f) for b in "qko" for f, _ in ranges)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,8 +558,8 @@ def test_empty_task_b_gives_zeros(family):
         result = qkov.heatmap(A, B.select(np.arange(0)), model.layout, **MIN)
     assert result.scores.shape[3] == 0
     assert np.all(result.layer_head_avg == 0.0) and np.isfinite(result.layer_head_avg).all()
-    assert result.top_conflicts == ()
-    json.dumps(qkov.summarize(result))
+    assert qkov.top_conflicts(result) == ()
+    json.dumps(report_qkov.summary(result))
 
 
 def test_bad_inputs_raise(family):
@@ -502,7 +568,7 @@ def test_bad_inputs_raise(family):
         qkov.heatmap(A.select(np.arange(2)), B, model.layout)
     with pytest.raises(ConfigError, match="variant"):
         qkov.heatmap(A, B, model.layout, variant="bogus")
-    with pytest.raises(ConfigError, match="unknown options"):
+    with pytest.raises(ConfigError, match="unknown option"):
         qkov.heatmap(A, B, model.layout, ridge=1.0)
     with pytest.raises(ConfigError, match="workers"):
         qkov.heatmap(A, B, model.layout, workers=0)
@@ -522,8 +588,8 @@ def test_bad_inputs_raise(family):
 
 def test_top_conflicts_summary_and_figures(family, tmp_path):
     model, _, A, B = family("llama")
-    result = qkov.heatmap(A, B, model.layout, top_k=7, **MIN)
-    top = result.top_conflicts
+    result = qkov.heatmap(A, B, model.layout, **MIN)
+    top = qkov.top_conflicts(result, k=7)
     assert len(top) == 7
     assert [c["score"] for c in top] == sorted((c["score"] for c in top), reverse=True)
     assert top[0]["score"] == pytest.approx(float(result.scores.max()))
@@ -534,26 +600,80 @@ def test_top_conflicts_summary_and_figures(family, tmp_path):
         assert c["kv_head"] == c["head"] // 2
     keys = {(c["block"], c["layer"], c["sample_a"], c["sample_b"], c["kv_head"]) for c in top if c["block"] in "kv"}
     assert len(keys) == sum(c["block"] in "kv" for c in top)  # each kv head once
-    summary = json.loads(json.dumps(qkov.summarize(result)))
+    summary = json.loads(json.dumps(report_qkov.summary(result, top_k=7)))
+    assert summary["top_conflicts"] == json.loads(json.dumps(top))
     assert summary["top_conflicts"][0]["sample_a"] in range(100, 100 + N_A)
     assert np.array(summary["blocks"]["v"]["layer_head_avg"]).shape == (2, 4)
     assert set(summary["blocks"]["q"]["diagnostics"]) == {"fisher_min", "fisher_median", "fisher_max", "share_below_eps", "ridge"}
     qkov.save_npz(result, tmp_path / "qkov.npz")
     with np.load(tmp_path / "qkov.npz") as saved:
         np.testing.assert_array_equal(saved["scores"], result.scores)
-    figures = qkov.plot_heatmaps(result)
+    figures = report_qkov.figures(result)
     assert sorted(figures) == ["k", "o", "q", "v"]
+    assert figures["v"].axes[0].get_xlabel() == "kv head" and len(figures["v"].axes[0].get_xticks()) == 2  # 2 kv heads
     for fig in figures.values():
         fig.savefig(tmp_path / "f.png")
-    import matplotlib.pyplot as plt
-
-    plt.close("all")
+    summary["permutation_test"] = {"skipped": "too few samples"}
+    lines = report_qkov.markdown("A", "B", summary)
+    assert lines[0].startswith("**B → A** (6 × 4 samples): permutation test skipped")
+    assert sum(line.startswith("| ") for line in lines) == 1 + 5  # the header and the top 5
+    assert "{figure:qkov_B_on_A_v}" in "\n".join(lines)
+    assert report_qkov.markdown("A", "B", {"skipped": "A is empty"}) == ["**B → A**: skipped: A is empty.", ""]
 
 
 def test_flops_counts_every_attention_parameter(family):
     model, _, _, _ = family("qwen2")
     n_params = sum(np.prod(np.shape(v)) for p, v in flatten(model.params).items() if p in _attention_paths(model.layout))
     assert qkov.flops(3, 5, model.layout) == 2 * 3 * 5 * n_params
+
+
+def test_results_are_pytrees(family):
+    """Arrays are leaves (jax.tree.map reaches them, jax.jit takes the result); options, names and
+    dropped ids are static metadata."""
+    model, _, A, B = family("gpt2")
+    result = qkov.heatmap(A, B, model.layout, **MIN)
+    assert len(jax.tree.leaves(result)) == 6 + 5  # scores, avg, two id arrays, kv map, sizes + 5 diagnostics
+    doubled = jax.tree.map(lambda x: 2 * x, result)
+    assert isinstance(doubled, qkov.QKOVResult) and doubled.options == result.options and doubled.task_b == result.task_b
+    np.testing.assert_array_equal(doubled.scores, 2 * result.scores)
+    np.testing.assert_array_equal(doubled.diagnostics.ridge, 2 * result.diagnostics.ridge)
+    averaged = jax.jit(lambda r: r.scores.mean(axis=(2, 3)) - r.layer_head_avg)(result)
+    np.testing.assert_allclose(averaged, 0.0, atol=1e-6 * float(np.abs(result.layer_head_avg).max()))
+    interval = qkov.bootstrap_layer_head_avg(result, n_bootstrap=10)
+    assert len(jax.tree.leaves(interval)) == 2 and jax.jit(lambda i: i.high - i.low)(interval).shape == result.layer_head_avg.shape
+
+
+def test_kernels_trace_once_and_a_second_heatmap_compiles_nothing(family):
+    model, _, A, B = family("gpt2")
+    layout = model.layout
+    prep = _prepare.prepare(A, B, layout, qkov.ScoreOptions(**MIN))
+    sources = _operands.leaf_sources(layout, prep.kinds)
+    layers = np.arange(layout.num_layers)
+    weights = {k: jax.numpy.asarray(w) for k, w in prep.weights.items()}
+
+    def leaves(c, factor):
+        return {k: factor * v for k, v in _tiles.device_leaves(c.grads, layout, sources, np.arange(len(c)), layers).items()}
+
+    ones_a, ones_b = jax.numpy.ones(len(A)), jax.numpy.ones(len(B))
+    common = dict(layout=layout, kinds=prep.kinds)
+    looped = jax.jit(chex.assert_max_traces(_looped.leaf_sums, n=1), static_argnames=_looped.LEAF_SUMS_STATIC)
+    chex.clear_trace_counter()
+    # two traces of the operand, one per side (they differ in shape and transform), then none
+    operand = jax.jit(chex.assert_max_traces(_batched.leaf_operand, n=2), static_argnames=("layout", "kinds", "transform", "split_k"))
+    products = jax.jit(chex.assert_max_traces(_batched.products, n=1), static_argnames=("precision",))
+    for factor in (1.0, 2.0):  # same shapes, other values
+        looped(leaves(A, factor), ones_a, weights, leaves(B, factor), ones_b, 0, transform_a="square", transform_b="abs",
+               piece_floats=1000, precision="highest", n_layers=layout.num_layers, **common)
+        a = operand(leaves(A, factor), ones_a, weights, transform="square", split_k=4, **common)
+        b = operand(leaves(B, factor), ones_b, None, transform="abs", split_k=4, **common)
+        products(a, b, precision="highest")
+    reversed_a, reversed_b = A.select(np.arange(len(A))[::-1]), B.select(np.arange(len(B))[::-1])
+    for contraction in ("looped", "batched"):
+        first = qkov.heatmap(A, B, layout, contraction=contraction, **MIN)
+        with compilations() as compiled:  # same shapes, other values (the samples in reverse order)
+            again = qkov.heatmap(reversed_a, reversed_b, layout, contraction=contraction, **MIN)
+        assert compiled.count == 0, contraction
+        _close(again.scores, first.scores[:, :, ::-1, ::-1], rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

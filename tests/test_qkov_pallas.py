@@ -4,13 +4,15 @@ machine by lowering for CUDA without one — on each fused layout and GQA, and i
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import fisherjax
-from fisherjax.analysis import qkov, qkov_pallas
+from fisherjax.analysis import qkov
+from fisherjax.analysis.qkov import _looped, _pallas
 from fisherjax.errors import ConfigError
 from fisherjax.fisher.state import SampleGrads
 from fisherjax.layout import FAMILY_RULES, ModelLayout
@@ -41,24 +43,24 @@ def _layout(family: str, layers: int = 2) -> ModelLayout:
 
 
 def _abstract_inputs(layout: ModelLayout, n: int):
-    pairs = tuple(p for p in layout.attention_blocks() if p[1] == "kernel")
+    kinds = tuple(p for p in layout.attention_blocks() if p[1] == "kernel")
     leaves = {path: jax.ShapeDtypeStruct((n, *spec.shape), jnp.float32) for path, spec in layout.specs.items()}
     weights = {}
-    for block, kind in pairs:
+    for block, kind in kinds:
         path = layout.block_sources(block, kind)[0]
         view = jax.eval_shape(lambda x, b=block, p=path: layout.view(p, x, b, per_layer=True), jax.ShapeDtypeStruct(layout.spec(path).shape[1:], jnp.float32))
         weights[f"{block}/{kind}"] = jax.ShapeDtypeStruct((layout.num_layers, *view.shape), jnp.float32)
-    return pairs, leaves, weights, jax.ShapeDtypeStruct((n,), jnp.float32)
+    return kinds, leaves, weights, jax.ShapeDtypeStruct((n,), jnp.float32)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
 def test_kernel_lowers_to_triton_for_every_layout(family):
     layout = _layout(family)
-    pairs, leaves, weights, scale = _abstract_inputs(layout, n=16)
+    kinds, leaves, weights, scale = _abstract_inputs(layout, n=16)
 
     def products(a, sa, w, b, sb):
-        return qkov_pallas.kernel_products(
-            a, sa, w, b, sb, layout=layout, pairs=pairs, transform_a="square", transform_b="abs", split_k=2, precision="highest",
+        return _pallas.kernel_products(
+            a, sa, w, b, sb, layout=layout, kinds=kinds, transform_a="square", transform_b="abs", split_k=2, precision="highest",
             interpret=False,
         )
 
@@ -67,14 +69,14 @@ def test_kernel_lowers_to_triton_for_every_layout(family):
 
 
 def test_tiles_are_the_largest_power_of_two_dividing_a_row():
-    assert qkov_pallas._tile_chunk(24, 1) == 8 and qkov_pallas._tile_chunk(768, 16) == 256 and qkov_pallas._tile_chunk(80, 16) == 16
+    assert _pallas.tile_chunk(24, 1) == 8 and _pallas.tile_chunk(768, 16) == 256 and _pallas.tile_chunk(80, 16) == 16
     with pytest.raises(ConfigError, match="factor 16"):  # Triton's smallest dot side
-        qkov_pallas._tile_chunk(24, 16)
+        _pallas.tile_chunk(24, 16)
 
 
 @pytest.mark.parametrize("planned, n, expected", [(64, 64, 64), (100, 50, 64), (6, 6, 16), (3, 6, 16), (40, 100, 32), (64, 300, 64)])
 def test_sample_chunks_are_powers_of_two(planned, n, expected):
-    assert qkov_pallas.sample_chunk(planned, n) == expected
+    assert _pallas.sample_chunk(planned, n) == expected
 
 
 @pytest.mark.parametrize("family, block, expected", [
@@ -85,7 +87,7 @@ def test_sample_chunks_are_powers_of_two(planned, n, expected):
 def test_head_blocks_follow_the_fused_layouts(family, block, expected):
     """GPT-2: [Q|K|V] columns, each block H heads wide; NeoX: [head, (q, k, v), head_dim]."""
     layout = _layout(family)
-    assert qkov_pallas.head_blocks(layout, layout.block_sources(block, "kernel")[0], block) == expected
+    assert _pallas.head_blocks(layout, layout.block_sources(block, "kernel")[0], block) == expected
 
 
 def test_heatmap_warns_that_pallas_is_interpreted_off_a_gpu(hf_checkpoint):
@@ -101,16 +103,20 @@ def test_heatmap_warns_that_pallas_is_interpreted_off_a_gpu(hf_checkpoint):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_interpret_mode_matches_looped_on_the_synthetic_shapes(dtype):
     """Stored leaves with head_dim 16 (the Triton tile) and a split of 4, float32 or stored in
-    bfloat16 (``--contribution-dtype``; tiles are widened as they are loaded): same sums as the CPU kernel."""
+    bfloat16 (``--contribution-dtype``; tiles are widened as they are loaded): same sums as the CPU
+    kernel; a second call with the same shapes (the tasks swapped) does not retrace."""
     layout = _layout("gpt_neox")
-    pairs, leaves, weights, _ = _abstract_inputs(layout, n=16)
+    kinds, leaves, weights, _ = _abstract_inputs(layout, n=16)
     keys = iter(jax.random.split(jax.random.PRNGKey(0), 16))
     a = {p: jax.random.normal(next(keys), s.shape).astype(dtype) for p, s in leaves.items()}
     b = {p: jax.random.normal(next(keys), s.shape).astype(dtype) for p, s in leaves.items()}
     w = {k: jax.random.uniform(next(keys), s.shape) for k, s in weights.items()}
     sa, sb = jax.random.uniform(next(keys), (16,)), jax.random.uniform(next(keys), (16,))
-    common = dict(layout=layout, pairs=pairs, transform_a="square", transform_b="abs", precision="highest")
-    got = qkov_pallas.kernel_products(a, sa, w, b, sb, split_k=4, interpret=True, **common)
-    expected = qkov._looped_from_leaves(a, sa, w, b, sb, 0, piece_floats=2**19, **common)
-    for block in qkov.BLOCKS:
-        np.testing.assert_allclose(np.asarray(got[block]), np.asarray(expected[block]), rtol=2e-5, atol=1e-6)
+    common = dict(layout=layout, kinds=kinds, transform_a="square", transform_b="abs", precision="highest")
+    chex.clear_trace_counter()
+    products = jax.jit(chex.assert_max_traces(_pallas.kernel_products, n=1), static_argnames=_pallas.KERNEL_PRODUCTS_STATIC)
+    for x, sx, y, sy in ((a, sa, b, sb), (b, sb, a, sa)):
+        got = products(x, sx, w, y, sy, split_k=4, interpret=True, **common)
+        expected = _looped.leaf_sums_jit(x, sx, w, y, sy, 0, piece_floats=2**19, **common)
+        for block in qkov.BLOCKS:
+            np.testing.assert_allclose(np.asarray(got[block]), np.asarray(expected[block]), rtol=2e-5, atol=1e-6)

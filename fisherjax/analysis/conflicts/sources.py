@@ -1,12 +1,17 @@
-"""Per-sample gradients, grouped and streamed: the data layout of Phase 5.
+"""Per-sample gradients, grouped and streamed: where Phase 5 reads its inputs.
 
 A :class:`Grouping` assigns every scalar of the selected parameters to a group — one per
-(block, layer, head) for attention kernels and biases, viewed through
-:meth:`~fisherjax.layout.ModelLayout.view`, and one per (parameter, layer) otherwise — so Gram
-matrices can be accumulated per group. Per-sample gradients arrive as :class:`GradChunk`
-values from stored :class:`~fisherjax.fisher.SampleGrads`, from projected
-:class:`GroupedGrads` (:mod:`fisherjax.analysis.projection`), or from a callable that yields
-chunks on demand, so a task's gradients never have to be held at once.
+(block, layer, head) for attention kernels and biases, one per (parameter, layer) otherwise — so
+Gram matrices can be accumulated per group. Where head ``h`` sits along a leaf is
+:meth:`~fisherjax.layout.ModelLayout.head_index`'s answer (fused QKV orders and GQA included),
+never re-derived here.
+
+Per-sample gradients arrive from a :data:`Source`: stored :class:`~fisherjax.fisher.SampleGrads`
+(or a :class:`~fisherjax.fisher.TaskFisher` holding them, read through
+:func:`fisherjax.fisher.state.sample_grads_of`), projected :class:`GroupedGrads`
+(:mod:`.projection`), or a callable yielding :class:`GradChunk` values on demand, so a task's
+gradients never have to be held at once. :func:`as_stream` turns any of them into one
+:class:`Stream` shape that the Gram code reads chunk by chunk.
 """
 
 from __future__ import annotations
@@ -23,16 +28,29 @@ from jaxtyping import Array, Float
 
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.state import SampleGrads, TaskFisher, sample_grads_of
-from fisherjax.layout import ModelLayout, Role
+from fisherjax.layout import QKV_BLOCKS, ModelLayout, Role
 
-ATTENTION_ORDER = ("q", "k", "v", "o")
+__all__ = [
+    "FeatureView",
+    "GradChunk",
+    "GroupIndex",
+    "GroupedGrads",
+    "Grouping",
+    "Source",
+    "Stream",
+    "as_stream",
+    "check_same_parameters",
+    "grouping_for",
+]
+
+_STATIC = dict(static=True)  # dataclass field metadata: pytree metadata, not a leaf
 
 # ---------------------------------------------------------------------------------------------
 # Parameter groups
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class GroupIndex:
     """The parameter groups a cosine is split into, ``G`` of them.
 
@@ -44,6 +62,8 @@ class GroupIndex:
       head: ``[G]`` head index (kv head for k/v), ``-1`` for non-head groups.
       source: ``[G]`` the parameter path the group comes from (the first one for attention heads
         that several leaves feed, e.g. a q kernel and its bias).
+
+    Equal (and hashed) by content, so it can be static pytree metadata of a :class:`Gram`.
     """
 
     labels: tuple[str, ...]
@@ -54,6 +74,16 @@ class GroupIndex:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __hash__(self) -> int:
+        return hash(self.labels)
+
+    def __eq__(self, other) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, GroupIndex) or self.labels != other.labels:
+            return False
+        return all(np.array_equal(getattr(self, f), getattr(other, f)) for f in ("block", "layer", "head", "source"))
 
     @property
     def is_head(self) -> np.ndarray:
@@ -67,8 +97,9 @@ class FeatureView:
     ``kind``: ``"in_heads"`` (q/k/v kernel: ``index [H, hd]`` picks each head's columns of the
     output axis, features ``[.., H, d_in·hd]``), ``"bias_heads"`` (q/k/v bias, same ``index``),
     ``"out_heads"`` (o kernel: ``index`` picks each head's rows of the input axis), ``"layered"``
-    (one group per layer), ``"whole"`` (one group). ``index`` is a nested tuple, so a view is
-    hashable and the jitted chunk preparation compiles once per model.
+    (one group per layer), ``"whole"`` (one group). ``index`` is
+    :meth:`~fisherjax.layout.ModelLayout.head_index` as a nested tuple, so a view is hashable and
+    the jitted chunk preparation compiles once per model.
     """
 
     key: str
@@ -111,6 +142,8 @@ class Grouping:
       members: ``{feature key: [G_leaf] global group ids}``.
       views: how each feature is read from raw gradients ``{path: [n, *shape]}``; ``None`` when
         the inputs already are features ``{key: [n, G_leaf, D]}`` (projected gradients).
+
+    Hashed by identity (static pytree metadata of :class:`GroupedGrads`).
     """
 
     index: GroupIndex
@@ -119,6 +152,7 @@ class Grouping:
 
     @functools.cached_property
     def static_members(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """``members`` as nested tuples (a static argument of the jitted kernels)."""
         return tuple((k, tuple(int(i) for i in v)) for k, v in self.members.items())
 
     def features(self, grads: Mapping[str, Array]) -> dict[str, Array]:
@@ -126,23 +160,6 @@ class Grouping:
         if self.views is None:
             return {k: grads[k] for k in self.members}
         return {view.key: view.apply(grads[view.path]) for view in self.views}
-
-
-def output_head_index(layout: ModelLayout, path: str, block: str) -> np.ndarray:
-    """``[H_block, hd]``: each head's positions along a q/k/v kernel's (or bias's) output axis,
-    read through :meth:`ModelLayout.view` (so fused QKV orders are decided by the layout alone)."""
-    spec = layout.spec(path)
-    width = spec.shape[-1]
-    along = dataclasses.replace(spec, shape=(width,), kind="bias", layered=False)
-    return np.asarray(dataclasses.replace(layout, specs={path: along}).view(path, np.arange(width), block))
-
-
-def input_head_index(layout: ModelLayout, path: str) -> np.ndarray:
-    """``[H, hd]``: each head's positions along an o kernel's input axis."""
-    spec = layout.spec(path)
-    width = spec.shape[-2]
-    along = dataclasses.replace(spec, shape=(width, 1), layered=False)
-    return np.asarray(dataclasses.replace(layout, specs={path: along}).view(path, np.arange(width)[:, None], "o"))[..., 0]
 
 
 def _nested(index: np.ndarray) -> tuple[tuple[int, ...], ...]:
@@ -205,11 +222,12 @@ def _layers_of(spec, shape) -> list[int]:
 
 
 def grouping_for(shapes: Mapping[str, tuple[int, ...]], layout: ModelLayout | None = None) -> Grouping:
-    """Groups for raw per-sample gradients of the given parameter shapes.
+    """Groups for raw per-sample gradients of the given parameter shapes ``{path: shape}``.
 
     With a layout: q/k/v kernels and biases and o kernels split per (block, layer, head) (a fused
-    QKV leaf feeds three blocks; a kernel and its bias feed the same head group); every other
-    leaf per layer (stacked leaves) or whole. Without a layout: one group per leaf.
+    QKV leaf feeds three blocks; a kernel and its bias feed the same head group; k/v have
+    ``kv_heads`` groups per layer); every other leaf per layer (stacked leaves) or whole. Without
+    a layout: one group per leaf.
     """
     table = _GroupTable()
     views, members = [], {}
@@ -226,14 +244,14 @@ def grouping_for(shapes: Mapping[str, tuple[int, ...]], layout: ModelLayout | No
         layers = _layers_of(spec, shape)
         head_kind = {"kernel": "in_heads", "bias": "bias_heads"}.get(spec.kind)
         if spec.role in (Role.Q, Role.K, Role.V, Role.QKV) and head_kind:
-            blocks = ("q", "k", "v") if spec.role == Role.QKV else (spec.role.value,)
+            blocks = QKV_BLOCKS if spec.role == Role.QKV else (spec.role.value,)
             for block in blocks:
                 key = f"{path}#{block}" if spec.role == Role.QKV else path
-                views.append(FeatureView(key, path, block, head_kind, _nested(output_head_index(layout, path, block))))
+                views.append(FeatureView(key, path, block, head_kind, _nested(layout.head_index(path, block))))
                 members[key] = table.head(block, layers, layout.heads_of(block), path)
         elif spec.role == Role.O and spec.kind == "kernel":
-            views.append(FeatureView(path, path, "o", "out_heads", _nested(input_head_index(layout, path))))
-            members[path] = table.head("o", layers, layout.num_heads, path)
+            views.append(FeatureView(path, path, "o", "out_heads", _nested(layout.head_index(path))))
+            members[path] = table.head("o", layers, layout.heads_of("o"), path)
         elif spec.layered:
             views.append(FeatureView(path, path, None, "layered"))
             members[path] = table.leaf(path, layers)
@@ -256,33 +274,51 @@ class GradChunk(NamedTuple):
     grads: Mapping[str, Any]
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
 class GroupedGrads:
     """Per-sample features already split by group, e.g. projected gradients (:mod:`.projection`).
 
-    ``features``: ``{key: [n, G_leaf, D]}``; ``grouping``: their :class:`Grouping` (``views`` None);
-    ``whitened``: whether the Fisher whitening was applied when they were made. Tasks compared
-    with each other must come from the same projection (same random factors).
+    ``sample_ids [n]``; ``features``: ``{key: [n, G_leaf, D]}``; ``grouping``: their
+    :class:`Grouping` (``views`` None); ``whitened``: whether the Fisher whitening was applied
+    when they were made. Tasks compared with each other must come from the same projection (same
+    random factors). A pytree: the arrays are leaves, ``name``, ``grouping`` and ``whitened``
+    static metadata.
     """
 
-    name: str
+    name: str = dataclasses.field(metadata=_STATIC)
     sample_ids: np.ndarray
     features: Mapping[str, Any]
-    grouping: Grouping
-    whitened: bool = False
+    grouping: Grouping = dataclasses.field(metadata=_STATIC)
+    whitened: bool = dataclasses.field(default=False, metadata=_STATIC)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
 
 
 Source = TaskFisher | SampleGrads | GroupedGrads | Callable[[], Iterable[GradChunk]]
-"""What :func:`pairwise_cosines` and :func:`detect` read: stored gradients (a TaskFisher with
-contributions, SampleGrads, GroupedGrads), or a function returning a fresh iterator of
+"""What :func:`~fisherjax.analysis.conflicts.pairwise_cosines` and
+:func:`~fisherjax.analysis.conflicts.detect` read: stored gradients (a TaskFisher with kept
+per-sample gradients, SampleGrads, GroupedGrads), or a function returning a fresh iterator of
 :class:`GradChunk` (gradients computed on the fly; called once per pass)."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _Stream:
+class Stream:
+    """One task's per-sample gradients as the Gram code reads them.
+
+    Attributes:
+      name: the task's name (for messages and the report).
+      chunks: ``chunks(size)`` returns a fresh iterator of :class:`GradChunk` of at most ``size``
+        samples (a callable source decides its own chunk size).
+      shapes: ``{path or feature key: per-sample shape}``.
+      size: the number of samples when known (stored sources), else None.
+      grouping: the :class:`Grouping` of pre-grouped features, None for raw gradients.
+      whitened: pre-grouped features were whitened when made.
+      fisher: returns the task's own diagonal Fisher ``{path: param-shaped}``, None when the
+        source has none (streams, projections).
+    """
+
     name: str
     chunks: Callable[[int], Iterator[GradChunk]]
     shapes: dict[str, tuple[int, ...]]
@@ -300,45 +336,56 @@ def _stored_chunks(sample_ids, arrays):
     return chunks
 
 
-def _stream(source, name: str | None, default: str = "task") -> _Stream:
-    """Wrap a :data:`Source`; ``name`` overrides the source's own (a TaskFisher's task), then ``default``."""
+def as_stream(source: Source, name: str | None = None, default: str = "task") -> Stream:
+    """Wrap a :data:`Source` as a :class:`Stream`.
+
+    ``name`` overrides the source's own (a TaskFisher's task, a GroupedGrads' name), then
+    ``default``. A TaskFisher's Fisher is its stored full diagonal when that covers the stored
+    gradients, else the mean of its per-sample contributions.
+
+    Raises:
+      DataError: a TaskFisher without kept per-sample gradients, empty SampleGrads, a stream
+        that yields nothing. ConfigError: an iterator (sources are read more than once) or an
+        unknown type.
+    """
     if isinstance(source, TaskFisher):
-        contributions, _ = sample_grads_of(source)
+        sample_grads, task_name = sample_grads_of(source, name)
 
         def fisher():
-            if source.diagonal is not None and all(p in source.diagonal for p in contributions.grads):
-                return {p: np.asarray(source.diagonal[p], np.float32) for p in contributions.grads}
-            return contributions.fisher()
+            if source.diagonal is not None and all(p in source.diagonal for p in sample_grads.grads):
+                return {p: np.asarray(source.diagonal[p], np.float32) for p in sample_grads.grads}
+            return sample_grads.fisher()
 
-        inner = _stream(contributions, name or source.task, default)
-        return dataclasses.replace(inner, fisher=fisher)
+        return dataclasses.replace(as_stream(sample_grads, task_name, default), fisher=fisher)
     if isinstance(source, SampleGrads):
         if not source.grads:
-            raise DataError(f"task {name!r}: its SampleGrads hold no signed gradients")
+            raise DataError(f"task {name or default!r}: its SampleGrads hold no signed gradients")
         ids = np.asarray(source.sample_ids)
         shapes = {p: tuple(np.shape(g)[1:]) for p, g in source.grads.items()}
-        return _Stream(name or default, _stored_chunks(ids, source.grads), shapes, len(ids), None, False, source.fisher)
+        return Stream(name or default, _stored_chunks(ids, source.grads), shapes, len(ids), None, False, source.fisher)
     if isinstance(source, GroupedGrads):
         ids = np.asarray(source.sample_ids)
         shapes = {k: tuple(np.shape(v)[1:]) for k, v in source.features.items()}
-        return _Stream(name or source.name, _stored_chunks(ids, source.features), shapes, len(ids), source.grouping, source.whitened, None)
+        return Stream(name or source.name, _stored_chunks(ids, source.features), shapes, len(ids), source.grouping, source.whitened, None)
     if callable(source):
         first = next(iter(source()), None)
         if first is None:
-            raise DataError(f"task {name!r}: its gradient stream yielded no chunks")
+            raise DataError(f"task {name or default!r}: its gradient stream yielded no chunks")
         shapes = {p: tuple(np.shape(g)[1:]) for p, g in first.grads.items()}
 
         def chunks(size: int) -> Iterator[GradChunk]:
             del size  # the producer decides its chunk size
             return iter(source())
 
-        return _Stream(name or default, chunks, shapes, None, None, False, None)
+        return Stream(name or default, chunks, shapes, None, None, False, None)
     if isinstance(source, Iterator):
         raise ConfigError("pass a function returning a fresh iterator of GradChunk, not an iterator (sources are read more than once)")
     raise ConfigError(f"cannot read per-sample gradients from {type(source).__name__}")
 
 
-def _check_same_parameters(streams: Sequence[_Stream]) -> None:
+def check_same_parameters(streams: Sequence[Stream]) -> None:
+    """Raise a DataError unless every stream holds gradients of the same parameters and shapes,
+    all raw or all pre-grouped with the same groups."""
     first = streams[0]
     for other in streams[1:]:
         if other.shapes != first.shapes:

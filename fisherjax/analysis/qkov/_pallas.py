@@ -1,25 +1,23 @@
-"""QK-OV slice products in one pass over the stored leaves: a Pallas kernel that reads each head's
-strided slice inside the GEMM (``QKOVOptions.contraction="pallas"``).
+"""The Pallas kernel: QK-OV slice products in one pass over the stored leaves, reading each head's
+strided slice inside the GEMM (``KernelOptions.contraction="pallas"``).
 
-The batched contraction (:func:`fisherjax.analysis.qkov._operand` + ``_slice_products``) first
-writes head-major copies of both tasks' operands, then multiplies them. At 64 samples per task
-the problem is memory-bound on a GPU and that copy — one extra read and write of both tasks — is
-60 % of the kernel's time on an H100 (``benchmarks/RESULTS.md``). Here each program of the grid
-``(layer, head, split)`` walks its head's slice of the stored leaves tile by tile — the head's
-``head_dim`` output columns of a q/k/v kernel ``[d_in, columns]`` (wherever a fused QKV puts
-them), or its ``head_dim`` input rows of an o kernel ``[H·hd, d_out]`` — weights each
-``[samples, chunk]`` tile of task A by ``1/(Î+λ)``, takes ``|·|`` (or the variant's transform) and
-accumulates ``A_tile · G_tileᵀ`` in registers. The inputs are read once; nothing else is written
-but the ``[split, layer, head, c_a, c_b]`` partial sums.
+The batched kernel first writes head-major copies of both tasks' operands, then multiplies them;
+on a GPU, where the problem is memory-bound, that copy is most of the kernel's time
+(``benchmarks/RESULTS.md``). Here each program of the grid ``(layer, head, split)`` walks its
+head's slice of the stored leaves tile by tile — the head's ``head_dim`` output columns of a
+q/k/v kernel ``[d_in, columns]`` (wherever a fused QKV puts them), or its ``head_dim`` input rows
+of an o kernel ``[H·hd, d_out]`` — weights each ``[samples, chunk]`` tile of task A by
+``1/(Î+λ)``, applies the transforms and accumulates ``A_tile · G_tileᵀ`` in registers. The inputs
+are read once; nothing else is written but the ``[split, layer, head, c_a, c_b]`` partial sums.
 
-The kernel is written for Pallas' Triton backend (GPUs): the loaded tiles ``[c, chunk]`` must
-have power-of-two sides of at least 16 (:func:`sample_chunk` rounds the sample chunks;
-``chunk`` is the largest power of two ≤ 256 dividing the slice's row length, so ``head_dim``
-must have a power-of-two factor ≥ 16). On any other backend it runs in Pallas' interpret mode:
-the same program, evaluated by XLA — correct and slow, for tests.
+Written for Pallas' Triton backend (GPUs): the loaded tiles ``[c, chunk]`` must have power-of-two
+sides of at least 16 (:func:`sample_chunk` rounds the sample chunks; ``chunk`` is the largest
+power of two ≤ 256 dividing the slice's row length, :func:`tile_chunk`, so ``head_dim`` must have
+a power-of-two factor ≥ 16). Elsewhere it runs in Pallas' interpret mode
+(:func:`fisherjax.backend.pallas_interpret`): the same program evaluated by XLA, correct and slow.
 
-Per-sample factors (``1/T_i``, ``normalize_gj``) are applied to the ``[c_a, c_b]`` results, not
-to the tiles: ``Σ_k s_i x_ik · t_j y_jk = s_i t_j Σ_k x_ik y_jk``.
+Per-sample factors are applied to the ``[c_a, c_b]`` results, not to the tiles:
+``Σ_k s_i x_ik · t_j y_jk = s_i t_j Σ_k x_ik y_jk``.
 """
 
 from __future__ import annotations
@@ -34,12 +32,15 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from fisherjax.analysis.qkov import _PRECISIONS, _TRANSFORMS
+from fisherjax.analysis.qkov._batched import leaf_operand_jit, products_jit
+from fisherjax.analysis.qkov._operands import PRECISIONS, TRANSFORMS, BlockKinds, slice_key
 from fisherjax.errors import ConfigError
 from fisherjax.layout import ModelLayout
 
-_MIN_TILE = 16  # Triton's smallest dot operand side
-_MAX_CHUNK = 256
+MIN_TILE = 16
+"""Triton's smallest dot operand side."""
+MAX_CHUNK = 256
+"""The widest tile along a slice row."""
 
 
 def sample_chunk(planned: int, n: int) -> int:
@@ -47,24 +48,20 @@ def sample_chunk(planned: int, n: int) -> int:
     samples (rounded up; the padding repeats the last sample and is discarded) when the plan
     holds them all, otherwise the plan rounded down, so the tile stays within its budget."""
     if planned >= n:
-        return max(_MIN_TILE, 1 << max(n - 1, 0).bit_length())
-    return max(_MIN_TILE, 1 << (planned.bit_length() - 1))
+        return max(MIN_TILE, 1 << max(n - 1, 0).bit_length())
+    return max(MIN_TILE, 1 << (planned.bit_length() - 1))
 
 
 def head_blocks(layout: ModelLayout, path: str, block: str) -> tuple[int, int]:
     """``(stride, offset)``: head ``h`` of ``block`` in leaf ``path`` occupies the ``head_dim``-wide
     block ``stride · h + offset`` of the leaf's head axis (output columns of a q/k/v kernel, input
-    rows of an o kernel).
+    rows of an o kernel), read off :meth:`ModelLayout.head_index`.
 
-    Read off the layout's own head views (:meth:`ModelLayout.output_heads`,
-    :meth:`ModelLayout.input_heads`) applied to column indices, so GPT-2's ``[Q|K|V]`` (offset
-    ``index(block) · H``), GPT-NeoX's per-head interleaving (stride 3) and separate projections
-    (stride 1) need no case of their own here.
+    GPT-2's ``[Q|K|V]`` (offset ``index(block) · H``), GPT-NeoX's per-head interleaving (stride 3)
+    and separate projections (stride 1) need no case of their own here.
     """
-    spec, hd = layout.spec(path), layout.head_dim
-    width = spec.shape[-2] if block == "o" else spec.shape[-1]
-    index = np.arange(width)
-    heads = np.asarray(layout.input_heads(path, index) if block == "o" else layout.output_heads(path, index, block=block))
+    hd = layout.head_dim
+    heads = layout.head_index(path, block)
     starts = heads[:, 0]
     stride = int(starts[1] - starts[0]) // hd if len(starts) > 1 else 1
     offset = int(starts[0]) // hd
@@ -74,10 +71,10 @@ def head_blocks(layout: ModelLayout, path: str, block: str) -> tuple[int, int]:
     return stride, offset
 
 
-def _tile_chunk(row_length: int, smallest: int) -> int:
+def tile_chunk(row_length: int, smallest: int) -> int:
     """The largest power of two ≤ 256 that divides a slice row (the tile width); Triton needs at
     least ``smallest`` = 16, interpret mode takes any."""
-    chunk = min(_MAX_CHUNK, row_length & -row_length)
+    chunk = min(MAX_CHUNK, row_length & -row_length)
     if chunk < smallest:
         raise ConfigError(
             f"qkov pallas: a slice row of {row_length} floats has no power-of-two tile ≥ {smallest} "
@@ -100,8 +97,8 @@ def _slice_kernel(x_ref, w_ref, y_ref, out_ref, *, transform_a: str, transform_b
         # lax.div/rem, not // and %: jnp's floor division lowers to ops Pallas' Triton backend rejects
         row, column = jax.lax.div(t, per_row), jax.lax.rem(t, per_row) * chunk
         columns = pl.ds(pl.multiple_of(column, chunk), chunk)
-        a = _TRANSFORMS[transform_a](x_ref[:, row, columns].astype(jnp.float32)) * w_ref[row, columns][None, :]
-        b = _TRANSFORMS[transform_b](y_ref[:, row, columns].astype(jnp.float32))
+        a = TRANSFORMS[transform_a](x_ref[:, row, columns].astype(jnp.float32)) * w_ref[row, columns][None, :]
+        b = TRANSFORMS[transform_b](y_ref[:, row, columns].astype(jnp.float32))
         return acc + jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
 
     out_ref[...] = jax.lax.fori_loop(0, rows * per_row, body, jnp.zeros(out_ref.shape, jnp.float32))
@@ -134,12 +131,12 @@ def _block_products(
         w_map = lambda l, h, s: (l, s, h)  # noqa: E731
     call_kwargs = {}
     if not interpret:
-        from jax.experimental.pallas import triton as pallas_triton
+        from jax.experimental.pallas import triton as pallas_triton  # GPU-only dependency
 
         call_kwargs["compiler_params"] = pallas_triton.CompilerParams(num_warps=4, num_stages=3)
-    chunk = _tile_chunk(cols, 1 if interpret else _MIN_TILE)
+    chunk = tile_chunk(cols, 1 if interpret else MIN_TILE)
     partial = pl.pallas_call(
-        functools.partial(_slice_kernel, transform_a=transform_a, transform_b=transform_b, chunk=chunk, precision=_PRECISIONS[precision]),
+        functools.partial(_slice_kernel, transform_a=transform_a, transform_b=transform_b, chunk=chunk, precision=PRECISIONS[precision]),
         out_shape=jax.ShapeDtypeStruct((split, layers, heads, c_a, c_b), jnp.float32),
         grid=(layers, heads, split),
         in_specs=[
@@ -155,22 +152,20 @@ def _block_products(
     return partial.sum(axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "pairs", "transform_a", "transform_b", "split_k", "precision", "interpret"))
 def kernel_products(
     leaves_a: Mapping[str, Array], scale_a: Array, weights: Mapping[str, Array], leaves_b: Mapping[str, Array], scale_b: Array, *,
-    layout: ModelLayout, pairs: tuple[tuple[str, str], ...], transform_a: str, transform_b: str, split_k: int, precision: str,
-    interpret: bool,
+    layout: ModelLayout, kinds: BlockKinds, transform_a: str, transform_b: str, split_k: int, precision: str, interpret: bool,
 ) -> dict[str, Float[Array, "layer c_a c_b heads"]]:
     """``{block: [layer, c_a, c_b, heads]}``: ``Σ_k f_a(x_ik)·s_i·w_k · f_b(y_jk)·t_j`` over each
-    (layer, head) slice of the q/k/v/o kernels in ``pairs``, read from the stored leaves
+    (layer, head) slice of the q/k/v/o kernels in ``kinds``, read from the stored leaves
     ``{leaf key: [c, layer, *shape]}`` (``weights``: ``{block/kind: [layer, *view]}``)."""
     out = {}
-    for block, kind in pairs:
+    for block, kind in kinds:
         if kind != "kernel":
             raise ConfigError(f"qkov pallas: the kernel reads kernels only, got ({block}, {kind})")
         path = layout.block_sources(block, kind)[0]
         stride, offset = head_blocks(layout, path, block)
-        w = weights[f"{block}/{kind}"]
+        w = weights[slice_key(block, kind)]
         flat_w = w.reshape(w.shape[0], -1, w.shape[-1]) if block == "o" else w.reshape(*w.shape[:2], -1)
         sums = _block_products(
             leaves_a[path], flat_w, leaves_b[path], heads=layout.heads_of(block), hd=layout.head_dim, stride=stride,
@@ -179,4 +174,30 @@ def kernel_products(
         )
         sums = sums * scale_a[None, None, :, None] * scale_b[None, None, None, :]
         out[block] = jnp.transpose(sums, (0, 2, 3, 1))
+    return out
+
+
+KERNEL_PRODUCTS_STATIC = ("layout", "kinds", "transform_a", "transform_b", "split_k", "precision", "interpret")
+"""The static arguments of :func:`kernel_products`."""
+
+kernel_products_jit = jax.jit(kernel_products, static_argnames=KERNEL_PRODUCTS_STATIC)
+""":func:`kernel_products`, jitted."""
+
+
+def pallas_tile(
+    leaves_a: Mapping[str, Array], scale_a: Array, weights: Mapping[str, Array], leaves_b: Mapping[str, Array], scale_b: Array, *,
+    layout: ModelLayout, kinds: BlockKinds, transform_a: str, transform_b: str, split_k: int, precision: str, interpret: bool,
+) -> dict[str, Array]:
+    """One tile by :func:`kernel_products_jit` (kernels, read in place from the stored leaves)
+    plus the q/k/v biases, which are small, by the batched kernel."""
+    kernels = tuple(p for p in kinds if p[1] == "kernel")
+    biases = tuple(p for p in kinds if p[1] == "bias")
+    out = kernel_products_jit(
+        leaves_a, scale_a, weights, leaves_b, scale_b, layout=layout, kinds=kernels, transform_a=transform_a,
+        transform_b=transform_b, split_k=split_k, precision=precision, interpret=interpret,
+    )
+    if biases:
+        side = functools.partial(leaf_operand_jit, layout=layout, kinds=biases, split_k=1)
+        bias = products_jit(side(leaves_a, scale_a, weights, transform=transform_a), side(leaves_b, scale_b, None, transform=transform_b), precision=precision)
+        out = {block: out[block] + bias[block] if block in bias else out[block] for block in out}
     return out

@@ -22,12 +22,13 @@ sides trade accuracy for speed, and ``side=None`` takes one outer product with `
 side whose ``k`` reaches its width uses the identity (exact on that side).
 ``benchmarks/phase5.py`` measures the agreement.
 
-Groups. Projections are per (block, layer, head) for attention kernels — the head's slice
-of the output axis for q/k/v (fused QKV split through :meth:`~fisherjax.layout.ModelLayout.view`),
-of the input axis for o — and per layer for any other dense kernel, so projected features carry
-the same :class:`~fisherjax.analysis.conflicts.Grouping` as exact gradients and per-head
-conflict scores survive projection. ``k`` is the number of dimensions per (block or kernel,
-layer), shared evenly among its heads: ``k_g = k // heads = m · k1 · k2``.
+Groups. Projections are per (block, layer, head) for attention kernels — the head's slice of
+the output axis for q/k/v and of the input axis for o, where
+:meth:`~fisherjax.layout.ModelLayout.head_index` puts it (fused QKV included) — and per layer
+for any other dense kernel, so projected features carry the same :class:`~.sources.Grouping` as
+exact gradients and per-head conflict scores survive projection. ``k`` is the number of
+dimensions per (block or kernel, layer), shared evenly among its heads:
+``k_g = k // heads = m · k1 · k2``.
 
 Whitening. The exact whitening ``g ⊙ W``, ``W = (Î + ε)^{-1/2}``, is elementwise and breaks
 the Kronecker structure. Here each group's ``W_g [d_in_g, d_out_g]`` is replaced by its best
@@ -52,19 +53,29 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from fisherjax.analysis.conflicts import damping
-from fisherjax.analysis.gradgroups import (
-    GradChunk,
-    GroupedGrads,
-    Grouping,
-    grouping_for,
-    input_head_index,
-    output_head_index,
-)
+from fisherjax.analysis.conflicts.gram import damping
+from fisherjax.analysis.conflicts.sources import GradChunk, GroupedGrads, Grouping, grouping_for
 from fisherjax.data import Batch
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.grads import site_grads
 from fisherjax.layout import ModelLayout, Role
+
+__all__ = [
+    "ATTENTION_ROLES",
+    "DENSE_ROLES",
+    "KernelProjection",
+    "Projection",
+    "agreement",
+    "group_fisher_blocks",
+    "kronecker_whitening",
+    "make_projection",
+    "project_batch",
+    "project_grads",
+    "project_stream",
+    "project_task",
+    "split_dims",
+    "whitening_fit_error",
+]
 
 ATTENTION_ROLES = (Role.Q, Role.K, Role.V, Role.QKV, Role.O)
 DENSE_ROLES = ATTENTION_ROLES + (Role.MLP_IN, Role.MLP_GATE, Role.MLP_OUT)
@@ -192,7 +203,7 @@ def make_projection(
       fisher: ``{path: [L, d_in, d_out]}`` diagonal Fisher; when given, the projections include
         the Kronecker-factored whitening (module docstring) with damping ``eps`` (default
         ``max(1e-8, relative_eps · mean Î)`` over the chosen kernels, as in
-        :func:`~fisherjax.analysis.conflicts.damping`).
+        :func:`~.gram.damping`).
     """
     if k < 1:
         raise ConfigError(f"k must be positive, got {k}")
@@ -222,9 +233,9 @@ def make_projection(
         layers, d_in, d_out = shape
         in_index = out_index = None
         if view.kind == "in_heads":
-            out_index = output_head_index(layout, view.path, view.block)
+            out_index = layout.head_index(view.path, view.block)
         elif view.kind == "out_heads":
-            in_index = input_head_index(layout, view.path)
+            in_index = layout.head_index(view.path)
         groups = len(grouping.members[view.key]) // layers
         width_in = in_index.shape[-1] if in_index is not None else d_in
         width_out = out_index.shape[-1] if out_index is not None else d_out
@@ -280,7 +291,7 @@ def _factors(projection: Projection):
 def project_batch(model, params, batch: Batch, projection: Projection) -> GradChunk:
     """Projected per-sample gradients of one batch from one backward pass (filler rows dropped).
 
-    Returns a :class:`~fisherjax.analysis.conflicts.GradChunk` whose ``grads`` are features
+    Returns a :class:`~.sources.GradChunk` whose ``grads`` are features
     ``{key: [c, G_leaf, m·k1·k2]}``.
     """
     plan = tuple((p.key, p.site, p.layered) for p in projection.kernels)
@@ -290,7 +301,7 @@ def project_batch(model, params, batch: Batch, projection: Projection) -> GradCh
 
 
 def project_stream(model, params, make_batches: Callable[[], Iterable[Batch]], projection: Projection) -> Callable[[], Iterator[GradChunk]]:
-    """A re-iterable :data:`~fisherjax.analysis.conflicts.Source`: projects each batch on the fly."""
+    """A re-iterable :data:`~.sources.Source`: projects each batch on the fly."""
 
     def chunks() -> Iterator[GradChunk]:
         for batch in make_batches():

@@ -1,0 +1,57 @@
+"""Phase 5: cross-task sample conflicts — which sample of task A pulls against which sample of
+task B, where (layer, block, head), and whether it is more than noise.
+
+Fisher-whitened cosines of every cross-task pair of per-sample gradients, split by parameter
+group; p-values against the tasks' own within-task cosines; Benjamini–Hochberg FDR; effect
+sizes, top pairs, clusters and recommendations. One concept per module, each importing only
+the ones above it:
+
+=====================  ====================================================================
+:mod:`.sources`        per-sample gradients as grouped, chunked streams (TaskFisher,
+                       SampleGrads, projected GroupedGrads, callables)
+:mod:`._kernels`       the jitted chunk preparation and chunk-pair Gram (private by purpose)
+:mod:`.gram`           whitening, damping, the :class:`Gram` and :func:`pairwise_cosines`,
+                       effect sizes — the scores and their formulas
+:mod:`.null`           :func:`conflict_pvalues`: the null hypothesis and its three tests
+:mod:`.projection`     Kronecker random projections for models too large for exact Grams
+:mod:`.options`        :class:`ConflictOptions`, checked once
+:mod:`.findings`       top pairs, clusters, recommendations
+:mod:`.detect`         :func:`detect` as named steps, :class:`ConflictReport`, :func:`head_map`
+=====================  ====================================================================
+
+``conflicts.json``, the figure and the report's Markdown are :mod:`fisherjax.report.conflicts`.
+"""
+
+from fisherjax.analysis.conflicts import projection
+from fisherjax.analysis.conflicts.detect import ConflictReport, detect, head_map
+from fisherjax.analysis.conflicts.findings import ConflictCluster, ConflictPair
+from fisherjax.analysis.conflicts.gram import Gram, damping, effect_sizes, pairwise_cosines, whiten
+from fisherjax.analysis.conflicts.null import NULLS, conflict_pvalues
+from fisherjax.analysis.conflicts.options import ORTHOGONAL_EFFECT, REFERENCES, SCOPES, ConflictOptions
+from fisherjax.analysis.conflicts.sources import GradChunk, GroupedGrads, GroupIndex, Grouping, Source, grouping_for
+
+__all__ = [
+    "NULLS",
+    "ORTHOGONAL_EFFECT",
+    "REFERENCES",
+    "SCOPES",
+    "ConflictCluster",
+    "ConflictOptions",
+    "ConflictPair",
+    "ConflictReport",
+    "GradChunk",
+    "Gram",
+    "GroupIndex",
+    "GroupedGrads",
+    "Grouping",
+    "Source",
+    "conflict_pvalues",
+    "damping",
+    "detect",
+    "effect_sizes",
+    "grouping_for",
+    "head_map",
+    "pairwise_cosines",
+    "projection",
+    "whiten",
+]

@@ -1,0 +1,148 @@
+"""Private by purpose: the jitted pieces of a Gram, for :mod:`.gram` (and tests/benchmarks that
+check one path against another).
+
+A chunk of per-sample gradients is whitened, viewed as group-major features
+``{key: [c, G_leaf, D]}`` (:class:`~.sources.Grouping`), padded to the chunk size (one compile
+per model and chunk size) and reduced to squared group norms in one jitted pass
+(:func:`prepare_chunk`); a chunk pair's dot products are one GEMM ``[c_a, D] · [D, c_b]`` per
+group (:func:`block_gram`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from fisherjax import backend
+from fisherjax.analysis.conflicts.sources import Grouping, Stream
+from fisherjax.errors import ConfigError, DataError, NumericalError
+
+__all__ = ["PreparedChunk", "block_gram", "prepare_chunk", "prepared", "prepared_chunks"]
+
+PreparedChunk = tuple[np.ndarray, dict[str, Array], np.ndarray, int]
+"""``(sample_ids [c], features {key: [size, G_leaf, D]} padded to the chunk size, squared group
+norms [G, c], real count c)``."""
+
+
+@functools.partial(jax.jit, static_argnames=("members", "n_groups", "by_group", "mapped"))
+def _block_gram(features_a, features_b, members, n_groups, by_group, mapped):
+    hi = jax.lax.Precision.HIGHEST
+    if not by_group:
+        total = sum(
+            jnp.dot(features_a[k].reshape(features_a[k].shape[0], -1), features_b[k].reshape(features_b[k].shape[0], -1).T, precision=hi)
+            for k, _ in members
+        )
+        return total, None
+
+    def leaf_dots(xa, xb):  # [c_a, G_leaf, D], [c_b, G_leaf, D] -> [G_leaf, c_a, c_b]
+        if not mapped:
+            return jnp.einsum("cgd,egd->gce", xa, xb, precision=hi)
+
+        def group_dots(g):
+            a = jax.lax.dynamic_index_in_dim(xa, g, axis=1, keepdims=False)
+            b = jax.lax.dynamic_index_in_dim(xb, g, axis=1, keepdims=False)
+            return jnp.dot(a, b.T, precision=hi)
+
+        return jax.lax.map(group_dots, jnp.arange(xa.shape[1]))
+
+    ca, cb = next(iter(features_a.values())).shape[0], next(iter(features_b.values())).shape[0]
+    grouped = jnp.zeros((n_groups, ca, cb), jnp.float32)
+    for key, ids in members:
+        grouped = grouped.at[np.array(ids)].add(leaf_dots(features_a[key], features_b[key]))
+    return grouped.sum(0), grouped
+
+
+def block_gram(
+    features_a: Mapping[str, Float[Array, "c_a g d"]],
+    features_b: Mapping[str, Float[Array, "c_b g d"]],
+    members: tuple[tuple[str, tuple[int, ...]], ...],
+    n_groups: int,
+    by_group: bool,
+    *,
+    mapped: bool | None = None,
+) -> tuple[Float[Array, "c_a c_b"], Float[Array, "groups c_a c_b"] | None]:
+    """Dot products of one chunk pair of features ``{key: [c, G_leaf, D]}``: the total
+    ``[c_a, c_b]`` and, ``by_group``, per global group ``[G, c_a, c_b]`` (else None).
+
+    ``members``: :attr:`Grouping.static_members`, ``n_groups`` the number of global groups.
+    Per group one GEMM ``[c_a, D] · [D, c_b]``. ``mapped`` (default
+    :func:`fisherjax.backend.map_groups`) walks a leaf's groups with ``lax.map``: each group's
+    rows are contiguous runs of ``D`` floats, so its slice is a cheap copy, where one einsum
+    batched over groups made XLA:CPU move both sides group-major first (docs/DECISIONS.md).
+    Otherwise the batched einsum keeps a GPU's GEMMs wide. Both give the same numbers.
+    """
+    mapped = backend.map_groups() if mapped is None else bool(mapped)
+    return _block_gram(features_a, features_b, members, n_groups, by_group, mapped)
+
+
+@functools.partial(jax.jit, static_argnames=("whitened_paths", "views", "members", "n_groups", "size"))
+def prepare_chunk(grads, inv_sqrt, whitened_paths, views, members, n_groups, size):
+    """One chunk: nonfinite flags ``{path: [c]}``, whitened group features padded to ``size``
+    samples ``{key: [size, G_leaf, D]}``, and squared group norms ``[G, size]``.
+
+    ``grads``: ``{path: [c, *shape]}`` float32 (or features, ``views`` None); ``inv_sqrt``:
+    ``{path: (Î + ε)^{-1/2}}`` for the ``whitened_paths``; ``views``, ``members``, ``n_groups``:
+    the :class:`~.sources.Grouping`'s (static).
+    """
+    bad = {p: ~jnp.all(jnp.isfinite(g.reshape(g.shape[0], -1)), axis=1) for p, g in grads.items()}
+    grads = {p: (g * inv_sqrt[p] if p in whitened_paths else g) for p, g in grads.items()}
+    features = {v.key: v.apply(grads[v.path]) for v in views} if views is not None else grads
+    c = next(iter(features.values())).shape[0]
+    features = {k: jnp.pad(v, [(0, size - c)] + [(0, 0)] * (v.ndim - 1)) for k, v in features.items()}
+    norms = jnp.zeros((n_groups, size), jnp.float32)
+    for key, ids in members:
+        norms = norms.at[np.array(ids)].add(jnp.sum(jnp.square(features[key]), -1).T)
+    return bad, features, norms
+
+
+def prepared_chunks(stream: Stream, grouping: Grouping, inv_sqrt: Mapping[str, Array] | None, chunk_size: int) -> Iterator[PreparedChunk]:
+    """Yields a :data:`PreparedChunk` per chunk of ``stream``, whitened with ``inv_sqrt``
+    (``{path: (Î + ε)^{-1/2}}``, None: not whitened).
+
+    Raises:
+      NumericalError: a NaN/inf gradient (naming the sample and parameter). DataError: a chunk
+        with other parameters than the stream's first. ConfigError: a chunk larger than
+        ``chunk_size``.
+    """
+    paths = tuple(sorted(inv_sqrt)) if inv_sqrt else ()
+    for chunk in stream.chunks(chunk_size):
+        if set(chunk.grads) != set(stream.shapes):
+            raise DataError(f"task {stream.name!r}: a chunk holds gradients of {sorted(chunk.grads)}, expected {sorted(stream.shapes)}")
+        ids = np.asarray(chunk.sample_ids)
+        c = len(ids)
+        if c > chunk_size:
+            raise ConfigError(f"task {stream.name!r}: a chunk of {c} samples exceeds chunk_size={chunk_size}")
+        grads = {p: jnp.asarray(g, jnp.float32) for p, g in chunk.grads.items()}
+        bad, features, norms = prepare_chunk(
+            grads, {p: inv_sqrt[p] for p in paths}, paths, grouping.views, grouping.static_members, len(grouping.index), chunk_size
+        )
+        for path, flags in bad.items():
+            flags = np.asarray(flags)
+            if flags.any():
+                raise NumericalError(f"task {stream.name!r}: gradient of sample {int(ids[np.argmax(flags)])} on {path!r} is NaN or inf")
+        yield ids, features, np.asarray(norms)[:, :c], c
+
+
+def prepared(stream: Stream, grouping: Grouping, inv_sqrt: Mapping[str, Array] | None, chunk_size: int) -> Callable[[], Iterator[PreparedChunk]]:
+    """A function returning a fresh iterator of :func:`prepared_chunks`.
+
+    A stored stream that fits in one chunk (the usual case: ``n ≤ chunk_size``) is prepared once
+    and its chunk kept, so the Grams :func:`~fisherjax.analysis.conflicts.detect` builds from it
+    (A·B, A·A, B·B) whiten and view it once instead of once per side per Gram. Memory is what
+    one Gram already holds: one chunk of each side.
+    """
+    if stream.size is None or stream.size > chunk_size:
+        return lambda: prepared_chunks(stream, grouping, inv_sqrt, chunk_size)
+    kept: list = []
+
+    def chunks():
+        if not kept:
+            kept.extend(prepared_chunks(stream, grouping, inv_sqrt, chunk_size))
+        return iter(kept)
+
+    return chunks

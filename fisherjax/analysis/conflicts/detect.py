@@ -1,0 +1,399 @@
+"""Phase 5 end to end: which sample of task A pulls against which sample of task B, where, and
+is it more than noise.
+
+:func:`detect` runs named steps, each a function of this module:
+
+1. :func:`_read_sources` — the tasks (and an optional reference split) as :class:`~.sources.Stream` values;
+2. :func:`_whitening` — the Fisher that whitens (:mod:`fisherjax.fisher.pool`) and its damping;
+3. :func:`_grams` — the A × B Gram and the within-task reference Grams (:mod:`.gram`);
+4. :func:`_pvalues` — p-values of every (group-)pair against the reference (:mod:`.null`);
+5. :func:`_significance` — q-values (Benjamini–Hochberg / –Yekutieli over all tests) and the
+   conflicts: ``q ≤ alpha`` and effect size ``> min_effect_size``;
+6. :func:`_report` — top pairs, clusters, hotspots and recommendations (:mod:`.findings`) in a
+   :class:`ConflictReport`.
+
+The maths of each step is stated once, in its module; the settings are a
+:class:`~.options.ConflictOptions`. What a reader sees (``conflicts.json``, the figure, the
+Markdown) is :mod:`fisherjax.report.conflicts`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jaxtyping import Float
+
+from fisherjax.analysis.conflicts._kernels import prepared
+from fisherjax.analysis.conflicts.findings import ConflictCluster, ConflictPair, clusters, recommendations, top_pairs
+from fisherjax.analysis.conflicts.gram import Gram, chunk_count, chunk_size_for, damping, effect_sizes, gram_matrix, inverse_sqrt
+from fisherjax.analysis.conflicts.null import conflict_pvalues
+from fisherjax.analysis.conflicts.options import ConflictOptions
+from fisherjax.analysis.conflicts.sources import GroupIndex, Grouping, Source, Stream, as_stream, check_same_parameters, grouping_for
+from fisherjax.errors import ConfigError, DataError
+from fisherjax.fisher.pool import pool_fisher, pool_weights
+from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
+from fisherjax.progressbar import progress_bar
+from fisherjax.settings import with_overrides
+from fisherjax.stats import fdr_qvalues
+
+__all__ = ["ConflictReport", "detect", "head_map"]
+
+_STATIC = dict(static=True)
+
+
+class _FrozenMapping(Mapping):
+    """A read-only mapping equal and hashed by content (JSON-like values), so a report's
+    ``settings`` and ``recommendations`` can be static pytree metadata."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping):
+        self._data = dict(data)
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Mapping) and self._data == dict(other)
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self._data, sort_keys=True, default=repr))
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ConflictReport:
+    """Everything :func:`detect` found for tasks A and B.
+
+    Arrays are ``[n_a, n_b]`` over pairs (rows = A's samples in ``sample_ids_a`` order):
+    ``cosines``, ``effect_sizes``, ``pvalues``, ``qvalues``, ``significant``. With
+    ``scope="groups"`` the tests are per (group, pair): ``group_pvalues``, ``group_qvalues``,
+    ``group_significant`` are ``[G, n_a, n_b]`` and the pair arrays hold the smallest p- and
+    q-value over groups, a pair being significant when any of its groups is. ``gram`` keeps the
+    dot products (per group too, when computed); ``null_cosines`` the distinct within-task
+    reference cosines per side (``{"a": [...], "b": [...]}`` or ``{"reference": [...]}``), and
+    ``null_group_cosines`` the same per group (``[G, pairs]``, per-group scope only).
+    ``hotspots [G]``: net conflict of each group over what was found,
+    ``−Σ contribution_g`` over significant pairs (or significant group-pairs); positive = the
+    group pulls them apart. ``settings``: what produced it (the options as applied: reference
+    ``"external split"``, ``fisher_pool`` ``"given"`` for an explicit Fisher, the damping ``eps``
+    used); ``options``: the :class:`~.options.ConflictOptions`.
+
+    A pytree: arrays, the Gram, pairs and clusters are leaves (or subtrees); task names,
+    ``settings``, ``recommendations`` and ``options`` are static metadata.
+    """
+
+    task_a: str = dataclasses.field(metadata=_STATIC)
+    task_b: str = dataclasses.field(metadata=_STATIC)
+    sample_ids_a: np.ndarray
+    sample_ids_b: np.ndarray
+    cosines: np.ndarray
+    effect_sizes: np.ndarray
+    pvalues: np.ndarray
+    qvalues: np.ndarray
+    significant: np.ndarray
+    gram: Gram
+    null_cosines: Mapping[str, np.ndarray]
+    hotspots: np.ndarray | None
+    top_pairs: tuple[ConflictPair, ...]
+    clusters: tuple[ConflictCluster, ...]
+    recommendations: Mapping[str, Any] = dataclasses.field(metadata=_STATIC)
+    settings: Mapping[str, Any] = dataclasses.field(metadata=_STATIC)
+    group_pvalues: np.ndarray | None = None
+    group_qvalues: np.ndarray | None = None
+    group_significant: np.ndarray | None = None
+    null_group_cosines: Mapping[str, np.ndarray] | None = None
+    options: ConflictOptions | None = dataclasses.field(default=None, metadata=_STATIC)
+
+    @property
+    def groups(self) -> GroupIndex:
+        return self.gram.groups
+
+    @property
+    def n_significant(self) -> int:
+        return int(self.significant.sum())
+
+
+def detect(
+    task_a: Source,
+    task_b: Source,
+    *,
+    layout: ModelLayout | None = None,
+    options: ConflictOptions | None = None,
+    fisher: Mapping[str, Any] | None = None,
+    reference_split: Source | None = None,
+    names: tuple[str, str] | None = None,
+    progress: bool = False,
+    **overrides,
+) -> ConflictReport:
+    """Find the sample pairs of tasks A and B whose whitened gradients conflict.
+
+    Scores: :mod:`~fisherjax.analysis.conflicts.gram`; null hypothesis and tests:
+    :mod:`~fisherjax.analysis.conflicts.null`; settings: :class:`~.options.ConflictOptions`
+    (``options``, and/or its fields as keyword ``overrides``:
+    ``detect(a, b, layout=layout, scope="groups", null="row")``).
+
+    Args:
+      task_a, task_b: per-sample gradients (:data:`~.sources.Source`), e.g. TaskFisher values
+        with kept per-sample gradients, or GroupedGrads from :mod:`.projection`.
+      layout: the model's layout, for per-head groups (without it, one group per leaf).
+      options: a :class:`~.options.ConflictOptions` (default: its defaults), updated by
+        ``overrides``.
+      fisher: an explicit ``{path: param-shaped}`` Fisher to whiten with, overriding
+        ``fisher_pool`` (needed for streamed sources, which store none).
+      reference_split: a source holding a held-out reference split of task A (same parameters,
+        disjoint samples), used instead of the within-task reference sides.
+      names: task names for the report (default: from the sources).
+      progress: show a progress bar over the Gram chunk pairs.
+
+    Raises:
+      DataError: a task with fewer than two samples (or too few for the reference), different
+        parameter sets, a zero gradient, a missing Fisher. NumericalError: NaN/inf gradients.
+      ConfigError: a bad option value or unknown option name.
+    """
+    options = _options(options, overrides)
+    a, b, external = _read_sources(task_a, task_b, reference_split, names)
+    grouping = a.grouping or grouping_for(a.shapes, layout)
+    inv_sqrt, eps_used, whitened = _whitening(options, fisher, a, b)
+    cross, references = _grams(a, b, external, grouping, inv_sqrt, options, progress)
+    per_group = options.scope == "groups"
+    scores = _nan_group_cosines(cross) if per_group else cross.cosines
+    pvalues, null_cosines, null_group_cosines = _pvalues(scores, references, options)
+    significance = _significance(cross, scores, pvalues, options)
+    whitened_with = None if not whitened or a.grouping is not None else "given" if fisher is not None else options.fisher_pool
+    settings = dict(
+        scope=options.scope, reference="external split" if external is not None else options.reference,
+        null=options.null, tail=options.tail if options.null == "pooled" else None, whiten=whitened,
+        fisher_pool=whitened_with, eps=eps_used, alpha=options.alpha, fdr_method=options.fdr_method,
+        min_effect_size=options.min_effect_size,
+    )
+    return _report(a.name, b.name, cross, scores, significance, null_cosines, null_group_cosines, settings, options)
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps
+# ---------------------------------------------------------------------------------------------
+
+
+def _options(options: ConflictOptions | None, overrides: Mapping) -> ConflictOptions:
+    """The options in force: ``options`` (default :class:`~.options.ConflictOptions`) with the
+    keyword ``overrides`` applied (checked once, by the options class)."""
+    if options is not None and not isinstance(options, ConflictOptions):
+        raise ConfigError(f"options must be a ConflictOptions, got {type(options).__name__}")
+    if "reference" in overrides and not isinstance(overrides["reference"], str):
+        raise ConfigError("pass a reference split of task A as reference_split=, not reference=")
+    return with_overrides(options or ConflictOptions(), overrides)
+
+
+class _Sources(NamedTuple):
+    a: Stream
+    b: Stream
+    external: Stream | None
+
+
+def _read_sources(task_a: Source, task_b: Source, reference_split: Source | None, names) -> _Sources:
+    """Step 1: the tasks as streams, with the same parameters and at least two samples each."""
+    names = names or (None, None)
+    a, b = as_stream(task_a, names[0], "A"), as_stream(task_b, names[1], "B")
+    external = as_stream(reference_split, None, "reference") if reference_split is not None else None
+    streams = [a, b] + ([external] if external is not None else [])
+    check_same_parameters(streams)
+    for s in streams:
+        if s.size is not None and s.size < 2:
+            raise DataError(f"task {s.name!r} has {s.size} sample(s); conflict detection needs at least two per task")
+    return _Sources(a, b, external)
+
+
+def _whitening(options: ConflictOptions, fisher, a: Stream, b: Stream) -> tuple[dict | None, float | None, bool]:
+    """Step 2: ``((Î + ε)^{-1/2} per path or None, ε or None, whitened)``.
+
+    Raw gradients are whitened unless ``whiten=False``, with ``fisher`` or the ``fisher_pool``
+    of the two tasks' own Fishers; pre-grouped (projected) gradients are used as they were
+    projected, and asking to whiten unwhitened ones is an error.
+    """
+    if a.grouping is not None:
+        if options.whiten and not a.whitened:
+            raise ConfigError("these projected gradients were not whitened; project them with a Fisher to whiten")
+        return None, None, a.whitened if options.whiten is None else bool(options.whiten)
+    if options.whiten is False:
+        return None, None, False
+    pool = fisher if fisher is not None else _pooled(options.fisher_pool, a, b)
+    eps = damping(pool, eps=options.eps, relative_eps=options.relative_eps)
+    return inverse_sqrt(pool, eps, a), eps, True
+
+
+def _pooled(fisher_pool: str, a: Stream, b: Stream) -> dict[str, np.ndarray]:
+    """The tasks' own Fishers pooled as ``fisher_pool`` says (:func:`fisherjax.fisher.pool.pool_fisher`)."""
+    used = [s for s, w in zip((a, b), pool_weights(fisher_pool, 1, 1)) if w > 0]  # which sides, whatever the counts
+    for stream in used:
+        if stream.fisher is None:
+            raise ConfigError(f"task {stream.name!r} is a stream without a stored Fisher; pass fisher= to whiten")
+    fisher_a = a.fisher() if a in used else None
+    fisher_b = b.fisher() if b in used else None
+    return pool_fisher(fisher_pool, fisher_a, a.size, fisher_b, b.size)
+
+
+def _grams(a: Stream, b: Stream, external: Stream | None, grouping: Grouping, inv_sqrt, options: ConflictOptions, progress: bool):
+    """Step 3: the A × B :class:`~.gram.Gram` (per group when ``by_group``) and the reference
+    Grams ``{side: Gram}`` (``"a"``: A × A, ``"b"``: B × B, or ``"reference"``: A × split), per
+    group in the per-group scope. Each task is prepared (whitened, viewed) once when it fits a
+    chunk."""
+    per_group = options.scope == "groups"
+    size = chunk_size_for(options.chunk_size, *(s for s in (a, b, external) if s is not None))
+    chunks = {"a": prepared(a, grouping, inv_sqrt, size), "b": prepared(b, grouping, inv_sqrt, size)}
+    if external is not None:
+        chunks["reference"] = prepared(external, grouping, inv_sqrt, size)
+        pairs = [("a", "reference")]
+    else:
+        pairs = [(side, side) for side in ("a", "b") if options.reference in (side, "both")]
+    counts = {"a": chunk_count(a, size), "b": chunk_count(b, size), "reference": external and chunk_count(external, size)}
+    work = [("a", "b")] + pairs
+    total = None if any(counts[x] is None or counts[y] is None for x, y in work) else sum(counts[x] * counts[y] for x, y in work)
+    with progress_bar(progress, total=total, desc=f"conflicts {a.name} × {b.name}", unit="chunk pair") as bar:
+        cross = gram_matrix(chunks["a"], chunks["b"], grouping, options.by_group, bar)
+        _check_sizes(cross, a.name, b.name)
+        references = {}
+        for x, y in pairs:
+            references[y] = gram_matrix(chunks[x], chunks[y], grouping, per_group, bar)
+            if y == "reference":
+                _check_sizes(references[y], a.name, "reference")
+    return cross, references
+
+
+def _pvalues(scores, references: Mapping[str, Gram], options: ConflictOptions):
+    """Step 4: p-values ``[n_a, n_b]`` (``[G, n_a, n_b]`` per group) of ``scores`` against each
+    reference Gram, the larger where both sides are used; and the distinct reference cosines
+    (and per-group cosines) kept for the figure."""
+    per_group = options.scope == "groups"
+    null_cosines: dict[str, np.ndarray] = {}
+    null_group_cosines: dict[str, np.ndarray] | None = {} if per_group else None
+    pvalues = []
+    for side, ref in references.items():
+        square = side != "reference"
+        pairs = np.triu_indices(len(ref.sample_ids_a), 1) if square else (slice(None), slice(None))
+        null_cosines[side] = ref.cosines[pairs].ravel()
+        ref_scores = ref.cosines
+        if per_group:
+            ref_scores = _nan_group_cosines(ref)
+            null_group_cosines[side] = ref_scores[(slice(None),) + pairs].reshape(len(ref_scores), -1)
+        test = np.swapaxes(scores, -1, -2) if side == "b" else scores
+        p = conflict_pvalues(test, ref_scores, exclude_self=square, null=options.null, tail=options.tail)
+        pvalues.append(np.swapaxes(p, -1, -2) if side == "b" else p)
+    pvalues = np.fmax.reduce(pvalues) if len(pvalues) > 1 else pvalues[0]
+    return pvalues, null_cosines, null_group_cosines
+
+
+class _Significance(NamedTuple):
+    effects: np.ndarray
+    pvalues: np.ndarray
+    qvalues: np.ndarray
+    significant: np.ndarray
+    group_p: np.ndarray | None
+    group_q: np.ndarray | None
+    group_sig: np.ndarray | None
+
+
+def _significance(cross: Gram, scores, pvalues, options: ConflictOptions) -> _Significance:
+    """Step 5: q-values over all tests and the conflicts (``q ≤ alpha`` and effect size
+    ``> min_effect_size``); per group, a pair's p/q are the smallest over its groups and it is
+    significant when any group is."""
+    qvalues = fdr_qvalues(pvalues, options.fdr_method)
+    effects = effect_sizes(cross.cosines)
+    if options.scope != "groups":
+        significant = (np.nan_to_num(qvalues, nan=1.0) <= options.alpha) & (effects > options.min_effect_size)
+        return _Significance(effects, pvalues, qvalues, significant, None, None, None)
+    group_sig = (np.nan_to_num(qvalues, nan=1.0) <= options.alpha) & (effect_sizes(np.nan_to_num(scores, nan=1.0)) > options.min_effect_size)
+    return _Significance(
+        effects, np.fmin.reduce(pvalues, axis=0), np.fmin.reduce(qvalues, axis=0), group_sig.any(0), pvalues, qvalues, group_sig
+    )
+
+
+def _report(name_a, name_b, gram: Gram, scores, sig: _Significance, null_cosines, null_group_cosines, settings, options) -> ConflictReport:
+    """Step 6: hotspots, top pairs, clusters and recommendations, in a :class:`ConflictReport`."""
+    hotspots = None
+    if options.by_group:
+        weight = 1.0 / np.sqrt(np.outer(gram.sq_norms_a, gram.sq_norms_b))
+        if sig.group_sig is not None:
+            hotspots = -np.einsum("gij,gij,ij->g", gram.group_dots, sig.group_sig.astype(np.float32), weight.astype(np.float32), dtype=np.float64)
+        else:
+            hotspots = -np.einsum("gij,ij->g", gram.group_dots, (sig.significant * weight).astype(np.float32), dtype=np.float64)
+    cosines = gram.cosines
+    top = top_pairs(gram, cosines, sig.effects, sig.pvalues, sig.qvalues, sig.significant, sig.group_sig, options.top_k, options.top_groups, sig.group_q)
+    found = clusters(gram, cosines, sig.significant, sig.group_sig, options.max_clusters, options.top_groups)
+    if sig.group_sig is not None:  # a pair's conflict strength: its most negative significant group cosine
+        pair_scores = np.nanmin(np.where(sig.group_sig, scores, np.inf), axis=0)
+    else:
+        pair_scores = cosines
+    advice = recommendations(gram, pair_scores, sig.significant, hotspots, options.filter_fraction)
+    return ConflictReport(
+        name_a, name_b, gram.sample_ids_a, gram.sample_ids_b, cosines, sig.effects, sig.pvalues, sig.qvalues,
+        sig.significant, gram, null_cosines, hotspots, top, found, _FrozenMapping(advice), _FrozenMapping(settings),
+        sig.group_p, sig.group_q, sig.group_sig, null_group_cosines, options,
+    )
+
+
+def _nan_group_cosines(gram: Gram) -> np.ndarray:
+    """Per-group cosines with NaN (untested) where either side's group gradient is zero."""
+    denom = np.sqrt(gram.group_sq_norms_a[:, :, None].astype(np.float64) * gram.group_sq_norms_b[:, None, :])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, gram.group_dots / denom, np.nan)
+
+
+def _check_sizes(gram: Gram, name_a: str, name_b: str) -> None:
+    for name, ids, norms in ((name_a, gram.sample_ids_a, gram.sq_norms_a), (name_b, gram.sample_ids_b, gram.sq_norms_b)):
+        if len(ids) < 2:
+            raise DataError(f"task {name!r} has {len(ids)} sample(s); conflict detection needs at least two per task")
+        if (norms <= 0).any():
+            bad = ids[norms <= 0]
+            raise DataError(f"task {name!r}: samples {bad[:5].tolist()} have a zero gradient; their cosine is undefined")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-head view of a report
+# ---------------------------------------------------------------------------------------------
+
+
+def head_map(report: ConflictReport) -> dict[str, Float[np.ndarray, "layers heads_of_block"]]:
+    """Mean net conflict per conflict of each (block, layer, head) group, per attention block:
+    ``{block: [layers, heads_of(block)]}`` for the blocks present, in q, k, v, o order — k and v
+    have the model's ``kv_heads`` columns under grouped-query attention. Empty without per-group
+    scores or attention heads.
+
+    With significant pairs: ``hotspots / n_significant``. Without any, a descriptive stand-in:
+    ``−mean contribution_g`` over the ``top_pairs`` (the most opposed pairs, none significant).
+    """
+    groups = report.groups
+    heads = groups.is_head
+    if report.hotspots is None or not heads.any():
+        return {}
+    if report.n_significant:
+        values = report.hotspots / report.n_significant
+    else:
+        i = np.array([p.index_a for p in report.top_pairs], int)
+        j = np.array([p.index_b for p in report.top_pairs], int)
+        g = report.gram
+        values = -(g.group_dots[:, i, j] / np.sqrt(g.sq_norms_a[i] * g.sq_norms_b[j])[None]).mean(1) if len(i) else np.zeros(len(groups))
+    n_layers = int(groups.layer[heads].max()) + 1
+    out = {}
+    for block in ATTENTION_BLOCKS:
+        mask = heads & (groups.block == block)
+        if not mask.any():
+            continue
+        block_map = np.full((n_layers, int(groups.head[mask].max()) + 1), np.nan)
+        block_map[groups.layer[mask], groups.head[mask]] = values[mask]
+        out[block] = block_map
+    return out

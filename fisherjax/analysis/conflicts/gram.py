@@ -1,0 +1,247 @@
+"""Whitened all-pairs Gram matrices of per-sample gradients, overall and per parameter group.
+
+For sample ``i`` with signed token-sum gradient ``g_i`` and a diagonal Fisher ``Î`` the whitened
+gradient is ``g̃_i = g_i / sqrt(Î + ε)`` (:func:`whiten`, damping :func:`damping`), and for every
+``i ∈ A``, ``j ∈ B``
+
+    cos_ij = ⟨g̃_i, g̃_j⟩ / (‖g̃_i‖ ‖g̃_j‖)            effect_ij = ‖ĝ_i − ĝ_j‖ / 2 = sqrt((1 − cos_ij) / 2)
+
+(``ĝ`` the unit vectors; effect 0 = same direction, 1/√2 = orthogonal, 1 = opposite,
+:func:`effect_sizes`). Whitening measures directions in the Fisher metric, so parameters the
+tasks barely use do not dominate a cosine merely because their gradients are large.
+
+The dot products are one Gram matrix (:class:`Gram`), accumulated over chunk pairs of samples:
+per parameter leaf one GEMM ``[c_a, D] × [D, c_b]`` per parameter *group* (attention head per
+(block, layer, head), every other leaf per layer; :class:`~.sources.Grouping`), so per-sample
+gradients stream through in chunks and a chunk pair is the most that is ever on the device.
+Because groups partition the parameters, ``cos_ij = Σ_g ⟨g̃_i,g, g̃_j,g⟩ / (‖g̃_i‖ ‖g̃_j‖)``: the
+per-group *contributions* say which layer, block and head carry a conflict; per-group cosines
+are kept too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from fisherjax.analysis.conflicts._kernels import PreparedChunk, block_gram, prepared
+from fisherjax.analysis.conflicts.sources import GroupIndex, Grouping, Source, Stream, as_stream, check_same_parameters, grouping_for
+from fisherjax.errors import ConfigError, DataError, NumericalError
+from fisherjax.layout import ModelLayout
+from fisherjax.progressbar import progress_bar
+
+__all__ = [
+    "Gram",
+    "chunk_count",
+    "chunk_size_for",
+    "damping",
+    "effect_sizes",
+    "gram_matrix",
+    "inverse_sqrt",
+    "pairwise_cosines",
+    "whiten",
+]
+
+_STATIC = dict(static=True)
+
+# ---------------------------------------------------------------------------------------------
+# Whitening
+# ---------------------------------------------------------------------------------------------
+
+
+def damping(fisher: Mapping[str, Any], *, eps: float = 1e-8, relative_eps: float = 1e-3) -> float:
+    """The whitening damping ``ε = max(eps, relative_eps · mean(Î))``, mean over every stored entry.
+
+    A relative floor keeps parameters the Fisher barely saw from being amplified without bound.
+    """
+    total = sum(float(np.sum(np.asarray(v, np.float64))) for v in fisher.values())
+    count = sum(int(np.size(v)) for v in fisher.values())
+    return max(eps, relative_eps * total / max(count, 1))
+
+
+def whiten(
+    grads: Mapping[str, Float[Array, "n *shape"]],
+    fisher: Mapping[str, Float[Array, "*shape"]],
+    eps: float,
+) -> dict[str, Float[Array, "n *shape"]]:
+    """``g̃ = g / sqrt(Î + ε)`` for every leaf; ``grads`` ``{path: [n, *shape]}``, ``fisher`` ``{path: shape}``."""
+    missing = sorted(set(grads) - set(fisher))
+    if missing:
+        raise DataError(f"no Fisher for the gradients of {missing}")
+    out = {}
+    for path, g in grads.items():
+        f = fisher[path]
+        if tuple(np.shape(f)) != tuple(np.shape(g)[1:]):
+            raise DataError(f"Fisher of {path!r} has shape {tuple(np.shape(f))}, its gradients {tuple(np.shape(g)[1:])}")
+        out[path] = g * jax.lax.rsqrt(jnp.asarray(f, jnp.float32) + eps)
+    return out
+
+
+def inverse_sqrt(fisher: Mapping[str, Any], eps: float, stream: Stream) -> dict[str, Array]:
+    """``{path: (Î + ε)^{-1/2}}`` for the parameters of a raw-gradient stream, on the device.
+
+    Raises:
+      ConfigError: a pre-grouped (projected) stream, whitened when it was projected.
+      DataError: a missing Fisher or one of the wrong shape. NumericalError: NaN, inf or
+        negative Fisher entries.
+    """
+    if stream.grouping is not None:
+        raise ConfigError("pre-grouped (projected) gradients are whitened when they are projected; pass fisher there")
+    missing = sorted(set(stream.shapes) - set(fisher))
+    if missing:
+        raise DataError(f"no Fisher for the gradients of {missing}")
+    out = {}
+    for path, shape in stream.shapes.items():
+        f = np.asarray(fisher[path], np.float32)
+        if f.shape != shape:
+            raise DataError(f"Fisher of {path!r} has shape {f.shape}, its gradients {shape}")
+        if not np.all(np.isfinite(f)) or (f < 0).any():
+            raise NumericalError(f"Fisher of {path!r} has NaN, inf or negative entries")
+        out[path] = jax.lax.rsqrt(jnp.asarray(f) + eps)
+    return out
+
+
+def effect_sizes(cosines: Float[np.ndarray, "*pairs"]) -> Float[np.ndarray, "*pairs"]:
+    """``‖ĝ_a − ĝ_b‖ / 2 = sqrt((1 − cos) / 2)`` for unit vectors; 0 aligned, 1/√2 orthogonal, 1 opposite."""
+    return np.sqrt(np.clip((1.0 - np.asarray(cosines, np.float64)) / 2.0, 0.0, 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gram matrices
+# ---------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Gram:
+    """Dot products of every pair and squared norms, overall and per group.
+
+    ``dots [n_a, n_b]``, ``sq_norms_a [n_a]``, ``sq_norms_b [n_b]`` (float64 on the host);
+    ``group_dots [G, n_a, n_b]``, ``group_sq_norms_a [G, n_a]``, ``group_sq_norms_b [G, n_b]``
+    (float32, None unless computed ``by_group``); ``groups`` the :class:`~.sources.GroupIndex`.
+    A pytree: arrays are leaves, ``groups`` static metadata.
+    """
+
+    sample_ids_a: np.ndarray
+    sample_ids_b: np.ndarray
+    dots: np.ndarray
+    sq_norms_a: np.ndarray
+    sq_norms_b: np.ndarray
+    groups: GroupIndex = dataclasses.field(metadata=_STATIC)
+    group_dots: np.ndarray | None = None
+    group_sq_norms_a: np.ndarray | None = None
+    group_sq_norms_b: np.ndarray | None = None
+
+    @property
+    def cosines(self) -> Float[np.ndarray, "n_a n_b"]:
+        """``⟨g_i, g_j⟩ / (‖g_i‖ ‖g_j‖)``."""
+        return self.dots / np.sqrt(np.outer(self.sq_norms_a, self.sq_norms_b))
+
+    @property
+    def group_contributions(self) -> Float[np.ndarray, "groups n_a n_b"]:
+        """``⟨g_i,g, g_j,g⟩ / (‖g_i‖ ‖g_j‖)``: sums over groups to :attr:`cosines`."""
+        return self.group_dots / np.sqrt(np.outer(self.sq_norms_a, self.sq_norms_b))[None].astype(np.float32)
+
+    @property
+    def group_cosines(self) -> Float[np.ndarray, "groups n_a n_b"]:
+        """``⟨g_i,g, g_j,g⟩ / (‖g_i,g‖ ‖g_j,g‖)`` (0 where a group's gradient is zero)."""
+        denom = np.sqrt(self.group_sq_norms_a[:, :, None] * self.group_sq_norms_b[:, None, :])
+        return np.divide(self.group_dots, denom, out=np.zeros_like(self.group_dots), where=denom > 0)
+
+
+def gram_matrix(
+    chunks_a: Callable[[], Iterator[PreparedChunk]],
+    chunks_b: Callable[[], Iterator[PreparedChunk]],
+    grouping: Grouping,
+    by_group: bool,
+    bar=None,
+) -> Gram:
+    """The :class:`Gram` of two sides' prepared chunks (:func:`~._kernels.prepared`), one chunk
+    pair at a time; ``bar`` (a :func:`fisherjax.progressbar.progress_bar`) advances once per
+    chunk pair."""
+    members, n_groups = grouping.static_members, len(grouping.index)
+    rows, group_rows, norms_a, norms_b, ids_a, ids_b = [], [], [], [], [], []
+    for first_a, (sid_a, feat_a, norm_a, ca) in enumerate(chunks_a()):
+        ids_a.append(sid_a)
+        norms_a.append(norm_a)
+        row, group_row = [], []
+        for sid_b, feat_b, norm_b, cb in chunks_b():
+            if first_a == 0:
+                ids_b.append(sid_b)
+                norms_b.append(norm_b)
+            total, grouped = block_gram(feat_a, feat_b, members, n_groups, by_group)
+            row.append(np.asarray(total, np.float64)[:ca, :cb])
+            if by_group:
+                group_row.append(np.asarray(grouped)[:, :ca, :cb])
+            if bar is not None:
+                bar.update(1)
+        rows.append(np.concatenate(row, 1))
+        if by_group:
+            group_rows.append(np.concatenate(group_row, 2))
+    group_sq_a, group_sq_b = np.concatenate(norms_a, 1), np.concatenate(norms_b, 1)
+    return Gram(
+        np.concatenate(ids_a),
+        np.concatenate(ids_b),
+        np.concatenate(rows, 0),
+        group_sq_a.astype(np.float64).sum(0),
+        group_sq_b.astype(np.float64).sum(0),
+        grouping.index,
+        np.concatenate(group_rows, 1) if by_group else None,
+        group_sq_a if by_group else None,
+        group_sq_b if by_group else None,
+    )
+
+
+def chunk_size_for(chunk_size: int, *streams: Stream) -> int:
+    """The chunk size used: ``chunk_size``, or the largest stored task when every task is stored
+    and smaller (no padding beyond the data)."""
+    sizes = [s.size for s in streams if s.size is not None]
+    return min(chunk_size, max(sizes)) if sizes and len(sizes) == len(streams) else chunk_size
+
+
+def chunk_count(stream: Stream, chunk_size: int) -> int | None:
+    """Chunks a stream is read in (None for a callable source, whose producer decides)."""
+    return None if stream.size is None else math.ceil(stream.size / chunk_size)
+
+
+def pairwise_cosines(
+    grads_a: Source,
+    grads_b: Source,
+    *,
+    layout: ModelLayout | None = None,
+    fisher: Mapping[str, Any] | None = None,
+    eps: float = 0.0,
+    chunk_size: int = 64,
+    by_group: bool = True,
+    progress: bool = False,
+) -> Gram:
+    """All-pairs dot products (and so cosines) of per-sample gradients, chunked.
+
+    ``Gram.dots[i, j] = Σ_leaves Σ_groups ⟨g̃_i,g, g̃_j,g⟩`` with ``g̃ = g / sqrt(Î + ε)`` when
+    ``fisher`` is given (else ``g̃ = g``). Memory holds one chunk of each side. Use
+    :attr:`Gram.cosines` for ``[n_a, n_b]`` cosines.
+
+    Args:
+      grads_a, grads_b: sources (stored gradients or chunk streams, see :data:`~.sources.Source`).
+      layout: the :class:`~fisherjax.layout.ModelLayout` for per-head groups (else one group per leaf).
+      fisher: ``{path: param-shaped}`` diagonal Fisher to whiten with, and ``eps`` its damping.
+      chunk_size: samples per chunk (stored sources); a stream's chunks must not exceed it.
+      by_group: also keep ``[G, n_a, n_b]`` per-group dot products.
+      progress: show a progress bar over the chunk pairs.
+    """
+    stream_a, stream_b = as_stream(grads_a, None, "A"), as_stream(grads_b, None, "B")
+    check_same_parameters([stream_a, stream_b])
+    grouping = stream_a.grouping or grouping_for(stream_a.shapes, layout)
+    inv_sqrt = inverse_sqrt(fisher, eps, stream_a) if fisher is not None else None
+    size = chunk_size_for(chunk_size, stream_a, stream_b)
+    counts = [chunk_count(s, size) for s in (stream_a, stream_b)]
+    total = None if None in counts else counts[0] * counts[1]
+    with progress_bar(progress, total=total, desc=f"Gram {stream_a.name} × {stream_b.name}", unit="chunk pair") as bar:
+        return gram_matrix(prepared(stream_a, grouping, inv_sqrt, size), prepared(stream_b, grouping, inv_sqrt, size), grouping, by_group, bar)

@@ -1,0 +1,203 @@
+"""From two tasks to what the tiles need: the samples with active tokens, the pooled Fisher's
+head views, the ridge weights ``1/(Î+λ)`` per part, the per-slice diagnostics and task B's
+per-sample factor ``s_j`` (``normalize_gj``). Computed once per heatmap.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from fisherjax.analysis.qkov._operands import BlockKinds, block_kinds, slice_key
+from fisherjax.analysis.qkov.options import ScoreOptions
+from fisherjax.analysis.qkov.results import SliceDiagnostics
+from fisherjax.errors import ConfigError, DataError, NumericalError
+from fisherjax.fisher.pool import pool_fisher, pool_weights
+from fisherjax.fisher.state import SampleGrads, TaskFisher, sample_grads_of
+from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
+
+
+class Prepared(NamedTuple):
+    """Everything the tiles need, computed once per heatmap."""
+
+    a: SampleGrads
+    b: SampleGrads
+    name_a: str
+    name_b: str
+    dropped_a: tuple[int, ...]
+    dropped_b: tuple[int, ...]
+    kinds: BlockKinds
+    weights: dict[str, np.ndarray]
+    """``{block/kind: [layer, *view]}`` float32 ``1/(Î+λ)`` (its 3/2 power for the natural variant)."""
+    diagnostics: SliceDiagnostics
+    slice_sizes: np.ndarray
+    """``[block]`` parameters per slice."""
+    scale_b: np.ndarray
+    """``[n_b]`` float32 factor ``s_j`` of task B's samples (``normalize_gj``)."""
+
+
+def task_samples(task: TaskFisher | SampleGrads, default_name: str) -> tuple[SampleGrads, str]:
+    """A task's per-sample arrays and name (a TaskFisher's own name, else ``default_name``)."""
+    return sample_grads_of(task, None if isinstance(task, TaskFisher) else default_name)
+
+
+def active(samples: SampleGrads, name: str) -> tuple[SampleGrads, tuple[int, ...]]:
+    """Drop samples with ``T_i = 0`` (they carry no contribution), with a warning; returns the
+    kept samples and the dropped ids."""
+    tokens = np.asarray(samples.tokens)
+    keep = tokens > 0
+    if keep.all():
+        return samples, ()
+    dropped = tuple(int(s) for s in np.asarray(samples.sample_ids)[~keep])
+    warnings.warn(
+        f"qkov: task {name!r} has {len(dropped)} sample(s) with no active tokens (T_i = 0); they carry no "
+        f"contribution and are dropped (sample ids {list(dropped[:10])})",
+        stacklevel=4,
+    )
+    return samples.select(np.flatnonzero(keep)), dropped
+
+
+def required_paths(layout: ModelLayout, kinds: BlockKinds) -> list[str]:
+    """The stored parameter paths the parts are read from."""
+    return sorted({p for b, k in kinds for p in layout.block_sources(b, k)})
+
+
+def _check_paths(store: Mapping, needed: Sequence[str], what: str, task: str, include_bias: bool) -> None:
+    missing = [p for p in needed if p not in store]
+    if missing:
+        hint = " (or pass include_bias=False)" if any(p.endswith("bias") for p in missing) and include_bias else ""
+        raise DataError(f"qkov: task {task!r} stores no {what} for {missing}; collect them{hint}")
+
+
+def _views(layout: ModelLayout, flat: Mapping[str, np.ndarray], kinds: BlockKinds) -> dict[str, np.ndarray]:
+    """``{block/kind: [layer, *view]}`` head views of unbatched leaves (per-layer leaves stacked)."""
+    return {
+        slice_key(block, kind): layout.stack_layers(layout.block_sources(block, kind), lambda p, b=block: np.asarray(layout.view(p, flat[p], b)))
+        for block, kind in kinds
+    }
+
+
+def _slice_matrix(view: np.ndarray, block: str, kind: str) -> np.ndarray:
+    """``[layer, heads, slice]`` of an unbatched Fisher view (head axis moved before the rest)."""
+    if kind == "bias":
+        return view
+    if block == "o":
+        return view.reshape(view.shape[0], view.shape[1], -1)
+    moved = np.moveaxis(view, -2, 1)  # [L, H, d_in, hd]
+    return moved.reshape(moved.shape[0], moved.shape[1], -1)
+
+
+def _ridge_shape(block: str, kind: str, ridge: np.ndarray) -> np.ndarray:
+    """Broadcast a per-(layer, head) ridge ``[L, H]`` against a view of (block, kind)."""
+    if kind == "bias":
+        return ridge[:, :, None]
+    if block == "o":
+        return ridge[:, :, None, None]
+    return ridge[:, None, :, None]
+
+
+def _pooled(score: ScoreOptions, a: SampleGrads, b: SampleGrads, names: tuple[str, str]) -> tuple[bool, bool]:
+    """Whether task A's and task B's Fisher enter ``Î`` (weight > 0); each that does must have
+    samples, and together at least ``min_fisher_samples``."""
+    n_a, n_b = len(a), len(b)
+    weights = pool_weights(score.fisher_pool, n_a, n_b) if n_a + n_b else pool_weights(score.fisher_pool, 1, 1)
+    used = (weights[0] > 0, weights[1] > 0)
+    members = [(name, n) for use, name, n in zip(used, names, (n_a, n_b)) if use]
+    n_pool = sum(n for _, n in members)
+    if n_pool < score.min_fisher_samples:
+        raise DataError(
+            f"qkov: the Fisher of {'+'.join(name for name, _ in members)!r} would rest on {n_pool} sample(s) with active "
+            f"tokens; a stable Fisher needs at least min_fisher_samples={score.min_fisher_samples}"
+        )
+    for name, n in members:
+        if not n:
+            raise DataError(f"qkov: fisher_pool={score.fisher_pool!r} needs the Fisher of task {name!r}, which has no samples")
+    return used
+
+
+def fisher_views(
+    a: SampleGrads, b: SampleGrads, layout: ModelLayout, kinds: BlockKinds, score: ScoreOptions, names: tuple[str, str]
+) -> dict[str, np.ndarray]:
+    """Head views ``{block/kind: [layer, *view]}`` of ``Î`` on the full tensors: each task's float32
+    mean of ``C``, pooled by :func:`fisherjax.fisher.pool.pool_fisher` (``fisher_pool``)."""
+    use_a, use_b = _pooled(score, a, b, names)
+    paths = required_paths(layout, kinds)
+    fisher = pool_fisher(score.fisher_pool, a.fisher(paths) if use_a else None, len(a), b.fisher(paths) if use_b else None, len(b))
+    label = "+".join(name for use, name in zip((use_a, use_b), names) if use)
+    for p, value in fisher.items():
+        if not np.isfinite(value).all():
+            raise NumericalError(f"qkov: the contributions of {label!r} for {p!r} contain NaN or inf")
+    return _views(layout, fisher, kinds)
+
+
+def partner(task_b: TaskFisher | SampleGrads, default_name: str) -> tuple[SampleGrads, str, tuple[int, ...]]:
+    """Task B's samples with active tokens, its name and the dropped ids."""
+    b, name_b = task_samples(task_b, default_name)
+    b, dropped_b = active(b, name_b)
+    return b, name_b, dropped_b
+
+
+def check_partner(b: SampleGrads, name_b: str, paths: Sequence[str], score: ScoreOptions) -> None:
+    """Task B stores what its side of the product reads (``C`` for the symmetric variant, else ``g``)."""
+    b_side = "contributions" if score.variant == "symmetric" else "grads"
+    _check_paths(getattr(b, b_side), paths, b_side, name_b, score.include_bias)
+
+
+def partner_scale(b: SampleGrads, score: ScoreOptions) -> np.ndarray:
+    """``[n_b]`` float32 factor ``s_j`` of task B's samples, applied to the score in every variant:
+    1 (``"none"``), ``1/T_j`` (``"per_token_mean"``) or ``1/Σ_{j'∈B} T_{j'}`` (``"per_token_sum"``)."""
+    tokens = np.asarray(b.tokens, np.float64)
+    if score.normalize_gj == "per_token_mean":
+        return (1.0 / tokens).astype(np.float32)
+    if score.normalize_gj == "per_token_sum":
+        return np.full(len(b), 1.0 / tokens.sum() if len(b) else 1.0, np.float32)
+    return np.ones(len(b), np.float32)
+
+
+def prepare(task_a: TaskFisher | SampleGrads, task_b: TaskFisher | SampleGrads, layout: ModelLayout, score: ScoreOptions) -> Prepared:
+    """Both tasks' samples with active tokens, checked for what the variant reads, and the Fisher's
+    weights, diagnostics and slice sizes."""
+    a, name_a = task_samples(task_a, "A")
+    a, dropped_a = active(a, name_a)
+    b, name_b, dropped_b = partner(task_b, "B")
+    kinds = block_kinds(layout, score.include_bias)
+    paths = required_paths(layout, kinds)
+    a_side = "grads" if score.variant == "signed" else "contributions"
+    _check_paths(getattr(a, a_side), paths, a_side, name_a, score.include_bias)
+    check_partner(b, name_b, paths, score)
+    for use, samples, name in zip(_pooled(score, a, b, (name_a, name_b)), (a, b), (name_a, name_b)):
+        if use:
+            _check_paths(samples.contributions, paths, "contributions", name, score.include_bias)
+
+    fisher = fisher_views(a, b, layout, kinds, score, (name_a, name_b))
+    weights, stats, sizes = {}, [], []
+    power = 1.5 if score.variant == "natural" else 1.0
+    kv = layout.kv_head_of
+    for block in ATTENTION_BLOCKS:
+        parts = [k for bb, k in kinds if bb == block]
+        if not parts:
+            raise DataError(f"qkov: the layout has no {block} block")
+        slices = np.concatenate([_slice_matrix(fisher[slice_key(block, k)], block, k) for k in parts], axis=-1)
+        median = np.median(slices, axis=-1)
+        ridge = np.maximum(np.maximum(score.ridge_lambda, score.ridge_lambda_rel * median), score.eps).astype(np.float32)
+        block_stats = (slices.min(-1), median, slices.max(-1), (slices < score.eps).mean(-1), ridge)
+        stats.append([s[:, kv] if block in ("k", "v") else s for s in block_stats])  # K/V: per query head
+        sizes.append(int(slices.shape[-1]))
+        for kind in parts:
+            denominator = fisher[slice_key(block, kind)] + _ridge_shape(block, kind, ridge)
+            weights[slice_key(block, kind)] = (denominator ** -power).astype(np.float32)
+    diagnostics = SliceDiagnostics(*(np.stack(column).astype(np.float64) for column in zip(*stats)))
+    return Prepared(a, b, name_a, name_b, dropped_a, dropped_b, kinds, weights, diagnostics, np.array(sizes), partner_scale(b, score))
+
+
+def with_partner(prep: Prepared, task_b: TaskFisher | SampleGrads, layout: ModelLayout, score: ScoreOptions, default_name: str = "B") -> Prepared:
+    """``prep`` with another task B: valid as long as the Fisher is A's alone (``fisher_pool="A"``),
+    so A's Fisher, weights and diagnostics are computed once for several partner sets."""
+    if score.fisher_pool != "A":
+        raise ConfigError("qkov: swapping task B keeps A's Fisher, which needs fisher_pool='A'")
+    b, name_b, dropped_b = partner(task_b, default_name)
+    check_partner(b, name_b, required_paths(layout, prep.kinds), score)
+    return prep._replace(b=b, name_b=name_b, dropped_b=dropped_b, scale_b=partner_scale(b, score))

@@ -1,0 +1,206 @@
+"""The tile loop: which kernel computes the slice sums (chosen once per heatmap), how the samples
+and layers are cut into tiles that fit a memory budget, and how each tile's stored leaves reach
+the device (plain slices, read in place where the backend allows).
+
+Tiles are chunks of layers × chunks of A × chunks of B. Each side's stored leaves go to the
+device once per tile row / column (B's once per layer chunk when it fits in one chunk). The
+batched kernel turns them there into head-major operands, so the per-tile work is its GEMM
+alone; the looped and Pallas kernels read the leaves themselves, and when a CPU can read them in
+place (:func:`in_place`) the whole problem is one tile and nothing is copied.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array
+
+from fisherjax import backend
+from fisherjax.analysis.qkov._batched import leaf_operand_jit, products_jit
+from fisherjax.analysis.qkov._looped import looped_tile
+from fisherjax.analysis.qkov._operands import BlockKinds, Side, leaf_sources, side_of
+from fisherjax.analysis.qkov._pallas import pallas_tile, sample_chunk
+from fisherjax.analysis.qkov._prepare import Prepared
+from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
+from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
+from fisherjax.progressbar import progress_bar
+
+
+def tile_plan(
+    n_a: int, n_b: int, n_layers: int, floats_per_layer: int, memory_budget_bytes: float, copies: int = 3
+) -> tuple[int, int, int]:
+    """Sample chunks ``(c_a, c_b)`` and layer chunk ``c_l`` whose tile fits the memory budget.
+
+    A tile holds ``c_a + c_b`` samples of ``c_l`` layers, ``copies`` float32 copies of each (three
+    for the batched kernel: input, head-major operand, slack for the GEMM; one for the looped
+    kernel, whose pieces are small, and for the Pallas kernel, which reads the stored leaves
+    themselves; none when the inputs are read in place, so everything is one tile) plus the
+    weights. All layers are kept together as long as at least ``min(n, 32)`` samples of each task
+    fit; otherwise layers are split.
+    """
+    if copies == 0:
+        return max(n_a, 1), max(n_b, 1), n_layers
+    per_sample_layer = copies * 4 * max(floats_per_layer, 1)
+    want = max(1, min(max(n_a, n_b), 32))
+    for c_l in range(n_layers, 0, -1):
+        fit = int(memory_budget_bytes // (c_l * per_sample_layer) - 1)  # one slot for the weights
+        if fit >= 2 * want or c_l == 1:
+            c_a = max(1, min(n_a, fit // 2 if n_b else fit))
+            c_b = max(1, min(n_b, fit - c_a))
+            return c_a, c_b, c_l
+    raise AssertionError("unreachable")
+
+
+def _is_run(index: np.ndarray) -> bool:
+    return bool(len(index)) and bool(np.all(np.diff(index) == 1))
+
+
+def _take(x, samples: np.ndarray, layers: np.ndarray):
+    """``x[samples][:, layers]``, as a plain slice (no gather) when both index runs are contiguous."""
+    if _is_run(samples) and _is_run(layers):
+        return x[samples[0] : samples[-1] + 1, layers[0] : layers[-1] + 1]
+    return x[samples[:, None], layers[None, :]]
+
+
+def _chunk_index(start: int, size: int, n: int) -> np.ndarray:
+    """``size`` positions from ``start``; past the end the last one repeats (results are discarded),
+    so every tile has one shape and the jitted kernel compiles once."""
+    return np.minimum(np.arange(start, start + size), n - 1)
+
+
+def device_leaves(
+    store: Mapping[str, np.ndarray], layout: ModelLayout, sources: Mapping[str, tuple[str, ...]], samples: np.ndarray, layers: np.ndarray
+) -> dict[str, Array]:
+    """``{leaf key: [c, layer, *shape]}`` on the device for the selected samples and layers.
+
+    Contiguous runs are moved as plain slices of the stored arrays (no host gather) and used in
+    place where the backend allows (:func:`in_place`); per-layer leaves are stacked on the device
+    (:meth:`ModelLayout.stack_layers`).
+    """
+    out = {}
+    rows = slice(samples[0], samples[-1] + 1) if _is_run(samples) else samples
+    for key, paths in sources.items():
+        if layout.spec(key).layered:
+            out[key] = jax.device_put(_take(store[key], samples, layers), may_alias=True)
+        else:
+            out[key] = layout.stack_layers([paths[layer] for layer in layers], lambda p: jnp.asarray(store[p][rows]), axis=1)
+    return out
+
+
+def in_place(store: Mapping[str, np.ndarray], layout: ModelLayout, sources: Mapping[str, tuple[str, ...]]) -> bool:
+    """Whether the backend can read every stored leaf in place: layer-stacked and
+    :func:`fisherjax.backend.reads_in_place` (a CPU and a C-contiguous, aligned host array, as
+    :func:`~fisherjax.collect` stores them). Then a tile of whole sample runs over all layers
+    costs no copy at all."""
+    return all(layout.spec(key).layered and backend.reads_in_place(store[key]) for key in sources)
+
+
+class TileKernel(NamedTuple):
+    """The kernel of every tile of one heatmap, chosen once by :func:`select_kernel`."""
+
+    name: str
+    """``"batched"``, ``"looped"`` or ``"pallas"``."""
+    copies: int
+    """Float32 copies of a tile's inputs it holds (:func:`tile_plan`) when they are not read in place."""
+    reads_in_place: bool
+    """Whether it works on the stored leaves themselves, so leaves read in place cost no copy."""
+    sample_chunk: Callable[[int, int], int]
+    """``(planned, n) -> samples per tile`` it accepts."""
+    operand: Callable[[dict, Array, Any, str], Any]
+    """``(leaves, scale, weights or None, transform) ->`` what :attr:`products` takes for one side."""
+    products: Callable[[Any, Any, dict], Mapping[str, Any]]
+    """``(a_operand, b_operand, weights) -> {block: [layer, c_a, c_b, heads]}``."""
+
+
+def select_kernel(kernel: KernelOptions, layout: ModelLayout, kinds: BlockKinds, transform_a: str, transform_b: str) -> TileKernel:
+    """The tile kernel of ``kernel.contraction`` (``"auto"`` decided by
+    :func:`fisherjax.backend.qkov_contraction`) with its settings bound."""
+    contraction = backend.qkov_contraction(kernel.contraction)
+    statics = dict(layout=layout, kinds=kinds, transform_a=transform_a, transform_b=transform_b, precision=kernel.precision)
+
+    def leaves_as_they_are(leaves, scale, weights, transform):
+        return leaves, scale
+
+    if contraction == "looped":
+        workers = kernel.workers if kernel.workers is not None else backend.available_cores()
+        products = functools.partial(looped_tile, workers=workers, piece_floats=kernel.piece_floats, **statics)
+        return TileKernel("looped", 1, True, lambda planned, n: planned, leaves_as_they_are, lambda a, b, w: products(*a, w, *b))
+    if contraction == "pallas":
+        interpret = backend.pallas_interpret()
+        if interpret:
+            warnings.warn(
+                f"qkov: contraction='pallas' is a GPU (Triton) kernel; on {backend.platform()} it runs in Pallas' "
+                "interpret mode, which is slow (contraction='auto' picks the fast path here)",
+                stacklevel=5,
+            )
+        products = functools.partial(pallas_tile, split_k=kernel.split_k, interpret=interpret, **statics)
+        return TileKernel("pallas", 1, True, sample_chunk, leaves_as_they_are, lambda a, b, w: products(*a, w, *b))
+
+    def head_major_operand(leaves, scale, weights, transform):
+        return leaf_operand_jit(leaves, scale, weights, layout=layout, kinds=kinds, transform=transform, split_k=kernel.split_k)
+
+    return TileKernel(
+        "batched", 3, False, lambda planned, n: planned, head_major_operand, lambda a, b, w: products_jit(a, b, precision=kernel.precision)
+    )
+
+
+def raw_scores(
+    prep: Prepared,
+    layout: ModelLayout,
+    score: ScoreOptions,
+    kernel: KernelOptions,
+    a_positions: np.ndarray,
+    b_positions: np.ndarray,
+    layers: np.ndarray,
+    *,
+    progress: bool = False,
+    desc: str = "QK-OV",
+) -> dict[str, np.ndarray]:
+    """``{block: [layer, n_a, n_b, heads_of_block]}`` slice sums ``Σ_k a_ik b_jk`` (before the
+    partner factor and the aggregation) for the selected samples and layers, tile by tile.
+
+    ``progress``: a bar over the tiles (``desc``).
+    """
+    a_side: Side = side_of(prep.a, "a", score.variant)
+    b_side: Side = side_of(prep.b, "b", score.variant)
+    sources = leaf_sources(layout, prep.kinds)
+    n_a, n_b, n_l = len(a_positions), len(b_positions), len(layers)
+    out = {block: np.zeros((n_l, n_a, n_b, layout.heads_of(block)), np.float32) for block in ATTENTION_BLOCKS}
+    if n_a == 0 or n_b == 0:
+        return out
+    tiles = select_kernel(kernel, layout, prep.kinds, a_side.transform, b_side.transform)
+    floats_per_layer = sum(int(np.prod(w.shape[1:])) for w in prep.weights.values())
+    copies = tiles.copies
+    if tiles.reads_in_place and in_place(a_side.store, layout, sources) and in_place(b_side.store, layout, sources):
+        copies = 0
+    c_a, c_b, c_l = tile_plan(n_a, n_b, n_l, floats_per_layer, kernel.memory_budget_bytes, copies=copies)
+    c_a, c_b = tiles.sample_chunk(c_a, n_a), tiles.sample_chunk(c_b, n_b)
+
+    def operand(side: Side, positions, layer_index, weights):
+        leaves = device_leaves(side.store, layout, sources, positions, layer_index)
+        return tiles.operand(leaves, jnp.asarray(side.scale[positions]), weights, side.transform)
+
+    layer_starts, a_starts, b_starts = range(0, n_l, c_l), range(0, n_a, c_a), range(0, n_b, c_b)
+    total = len(layer_starts) * len(a_starts) * len(b_starts)
+    with progress_bar(progress, total=total, desc=desc, unit="tile") as bar:
+        for l0 in layer_starts:
+            lsel = layers[_chunk_index(l0, c_l, n_l)]
+            weights = {k: jnp.asarray(w[lsel]) for k, w in prep.weights.items()}
+            b_cached = None
+            for i0 in a_starts:
+                a_operand = operand(a_side, a_positions[_chunk_index(i0, c_a, n_a)], lsel, weights)
+                for j0 in b_starts:
+                    if b_cached is None or len(b_starts) > 1:
+                        b_cached = operand(b_side, b_positions[_chunk_index(j0, c_b, n_b)], lsel, None)
+                    tile = tiles.products(a_operand, b_cached, weights)
+                    li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
+                    for block, value in tile.items():
+                        out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji] = np.asarray(value)[:li, :ii, :ji]
+                    bar.update()
+    return out

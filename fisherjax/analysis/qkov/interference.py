@@ -1,0 +1,157 @@
+"""The public entry points of the score: :func:`heatmap` (every sample pair, layer, head and
+block), :func:`sample_pair` (one pair, layer and head), :func:`top_conflicts` (the strongest
+entries of a result) and :func:`flops` (the GEMM work of a heatmap)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from fisherjax.analysis.qkov._operands import block_kinds
+from fisherjax.analysis.qkov._prepare import prepare
+from fisherjax.analysis.qkov._scores import all_scores, finish
+from fisherjax.analysis.qkov._tiles import raw_scores
+from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions, resolve
+from fisherjax.analysis.qkov.results import QKOVResult
+from fisherjax.errors import DataError
+from fisherjax.fisher.state import SampleGrads, TaskFisher
+from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
+
+
+def heatmap(
+    task_a: TaskFisher | SampleGrads,
+    task_b: TaskFisher | SampleGrads,
+    layout: ModelLayout,
+    *,
+    score: ScoreOptions | None = None,
+    kernel: KernelOptions | None = None,
+    progress: bool = False,
+    **overrides,
+) -> QKOVResult:
+    """QK-OV interference of task B on task A for every sample pair, layer, head and block.
+
+    ``M^B_{ij,ℓ,h} = s_j · Σ_{k∈slice(B,ℓ,h)} C_{i,k}/(Î_k+λ) · |g_{j,k}|`` (or a variant, see
+    :mod:`fisherjax.analysis.qkov`), divided by the slice size for ``aggregate="mean"``.
+
+    Args:
+      task_a, task_b: :class:`~fisherjax.fisher.TaskFisher` values with per-sample gradients of the
+        attention parameters (or :class:`~fisherjax.fisher.SampleGrads`).
+      layout: the model's :class:`~fisherjax.layout.ModelLayout`; all head slicing goes through it.
+      score, kernel: :class:`ScoreOptions` / :class:`KernelOptions`; keyword ``overrides`` replace
+        fields of either (``variant="signed"``, ``contraction="looped"``, ``memory_budget_bytes=1e9``).
+      progress: a progress bar over the tiles.
+
+    Returns:
+      :class:`QKOVResult` with ``scores [block, layer, n_a, n_b, head]``, ``layer_head_avg
+      [block, layer, head]``, true sample ids and per-slice diagnostics.
+    """
+    score, kernel = resolve(score, kernel, overrides)
+    prep = prepare(task_a, task_b, layout, score)
+    n_a, n_b = len(prep.a), len(prep.b)
+    if n_b == 0:
+        warnings.warn(f"qkov: task {prep.name_b!r} has no samples; its interference scores are all zero", stacklevel=2)
+    scores = all_scores(prep, layout, score, kernel, progress=progress, desc=f"QK-OV {prep.name_b} → {prep.name_a}")
+    avg = scores.mean(axis=(2, 3)) if n_a and n_b else np.zeros(scores.shape[:2] + scores.shape[-1:], np.float32)
+    return QKOVResult(
+        scores=scores,
+        layer_head_avg=avg.astype(np.float32),
+        sample_ids_a=np.asarray(prep.a.sample_ids),
+        sample_ids_b=np.asarray(prep.b.sample_ids),
+        kv_head_of=np.asarray(layout.kv_head_of),
+        slice_sizes=prep.slice_sizes,
+        diagnostics=prep.diagnostics,
+        options=score,
+        task_a=prep.name_a,
+        task_b=prep.name_b,
+        dropped_a=prep.dropped_a,
+        dropped_b=prep.dropped_b,
+    )
+
+
+def sample_pair(
+    task_a: TaskFisher | SampleGrads,
+    task_b: TaskFisher | SampleGrads,
+    layout: ModelLayout,
+    sample_a: int,
+    sample_b: int,
+    layer: int,
+    head: int,
+    *,
+    score: ScoreOptions | None = None,
+    kernel: KernelOptions | None = None,
+    **overrides,
+) -> dict[str, float]:
+    """The four block scores ``{q, k, v, o: M^B_{ij,ℓ,h}}`` of one sample pair, layer and query head.
+
+    ``sample_a`` / ``sample_b`` are true sample ids. The Fisher, the ridges and ``s_j`` come from
+    the whole tasks exactly as in :func:`heatmap`; only the one pair and layer go through the kernel.
+    """
+    score, kernel = resolve(score, kernel, overrides)
+    prep = prepare(task_a, task_b, layout, score)
+    positions = []
+    for ids, sample, name in ((prep.a.sample_ids, sample_a, prep.name_a), (prep.b.sample_ids, sample_b, prep.name_b)):
+        found = np.flatnonzero(np.asarray(ids) == sample)
+        if not len(found):
+            raise DataError(f"qkov: task {name!r} has no sample with id {sample} (among samples with active tokens)")
+        positions.append(found[:1])
+    if not 0 <= layer < layout.num_layers or not 0 <= head < layout.num_heads:
+        raise DataError(f"qkov: layer {layer} / head {head} outside the model's {layout.num_layers} layers × {layout.num_heads} heads")
+    raw = raw_scores(prep, layout, score, kernel, positions[0], positions[1], np.array([layer]))
+    scores = finish(raw, prep, layout, score, positions[1])
+    return {block: float(scores[n, 0, 0, 0, head]) for n, block in enumerate(ATTENTION_BLOCKS)}
+
+
+def top_conflicts(result: QKOVResult, k: int = 20) -> tuple[dict, ...]:
+    """The ``k`` strongest entries of ``result.scores`` (largest first; most negative first for the
+    signed variant), each a dict with the true sample ids of both tasks (``sample_a``,
+    ``sample_b``), ``block``, ``layer``, ``head``, ``kv_head`` and ``score``. A K/V entry appears
+    once per kv head (at its first query head), with ``query_heads`` listing the heads that read it.
+    """
+    scores = np.asarray(result.scores)
+    if k <= 0 or scores.size == 0:
+        return ()
+    kv = np.asarray(result.kv_head_of)
+    first_of_group = np.r_[True, kv[1:] != kv[:-1]]
+    candidate = np.ones(scores.shape[0:1] + (1, 1, 1) + scores.shape[-1:], bool)
+    for n, block in enumerate(result.blocks):
+        if block in ("k", "v"):
+            candidate[n, ..., ~first_of_group] = False
+    sign = -1.0 if result.options.variant == "signed" else 1.0
+    key = np.where(candidate, sign * scores, -np.inf).ravel()
+    k = min(k, int(candidate.sum()) * scores.shape[1] * scores.shape[2] * scores.shape[3])
+    top = np.argpartition(-key, k - 1)[:k]
+    top = top[np.argsort(-key[top], kind="stable")]
+    ids_a, ids_b = np.asarray(result.sample_ids_a), np.asarray(result.sample_ids_b)
+    out = []
+    for flat in top:
+        b, layer, i, j, h = np.unravel_index(flat, scores.shape)
+        block = result.blocks[b]
+        entry = {
+            "block": block,
+            "layer": int(layer),
+            "head": int(h),
+            "kv_head": int(kv[h]),
+            "sample_a": int(ids_a[i]),
+            "sample_b": int(ids_b[j]),
+            "score": float(scores[b, layer, i, j, h]),
+        }
+        if block in ("k", "v"):
+            entry["query_heads"] = [int(q) for q in np.flatnonzero(kv == kv[h])]
+        out.append(entry)
+    return tuple(out)
+
+
+def flops(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool = True) -> float:
+    """FLOPs of the GEMMs of one heatmap: ``2 · n_a · n_b · P_attn`` (``P_attn``: the parameters in
+    all slices, K/V counted once per kv head)."""
+    per_layer = 0
+    for block, kind in block_kinds(layout, include_bias):
+        heads = layout.heads_of(block)
+        if kind == "bias":
+            per_layer += heads * layout.head_dim
+        else:
+            spec = layout.spec(layout.block_sources(block, kind)[0])
+            other = spec.shape[-1] if block == "o" else spec.shape[-2]
+            per_layer += heads * layout.head_dim * other
+    return 2.0 * n_a * n_b * per_layer * layout.num_layers

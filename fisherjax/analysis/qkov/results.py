@@ -1,0 +1,124 @@
+"""What the QK-OV entry points return, as pytrees of arrays with hashable metadata.
+
+Every type here is a frozen dataclass registered with ``jax.tree_util.register_dataclass``:
+arrays are leaves (``jax.tree.map`` reaches them, ``jax.jit`` takes the value); options, names,
+dropped sample ids, block names and counts are static metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jaxtyping import Bool, Float, Int
+
+from fisherjax.analysis.qkov.options import ScoreOptions
+from fisherjax.layout import ATTENTION_BLOCKS
+
+_STATIC = dict(static=True)  # dataclass field metadata: pytree metadata, not a leaf
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class SliceDiagnostics:
+    """Numerical health of the Fisher per slice, each ``[block, layer, head]`` (K/V rows describe
+    the kv head that query head ``h`` reads): min / median / max of ``Î`` over the slice, the share
+    of its entries below ``ε``, and the ridge ``λ`` actually applied."""
+
+    fisher_min: Float[np.ndarray, "block layer heads"]
+    fisher_median: Float[np.ndarray, "block layer heads"]
+    fisher_max: Float[np.ndarray, "block layer heads"]
+    share_below_eps: Float[np.ndarray, "block layer heads"]
+    ridge: Float[np.ndarray, "block layer heads"]
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """``{name: [block, layer, head]}`` in field order."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class QKOVResult:
+    """The interference of task B on task A per (block, layer, sample pair, head).
+
+    Attributes:
+      scores: ``[block, layer, n_a, n_b, head]`` float32, blocks in ``blocks`` order; K/V entries
+        of query head ``h`` are those of kv head ``kv_head_of[h]``.
+      layer_head_avg: ``[block, layer, head]`` mean of ``scores`` over all sample pairs.
+      sample_ids_a, sample_ids_b: ``[n_a]``, ``[n_b]`` true sample ids of the rows / columns.
+      kv_head_of: ``[head]`` the kv head each query head reads.
+      slice_sizes: ``[block]`` parameters per slice (the divisor of ``aggregate="mean"``).
+      diagnostics: :class:`SliceDiagnostics` of the Fisher used.
+      options: the :class:`~fisherjax.analysis.qkov.ScoreOptions` of the score (static).
+      task_a, task_b: task names; dropped_a, dropped_b: sample ids dropped for ``T_i = 0``;
+      blocks: the block names (all static).
+    """
+
+    scores: Float[np.ndarray, "block layer n_a n_b heads"]
+    layer_head_avg: Float[np.ndarray, "block layer heads"]
+    sample_ids_a: Int[np.ndarray, " n_a"]
+    sample_ids_b: Int[np.ndarray, " n_b"]
+    kv_head_of: Int[np.ndarray, " heads"]
+    slice_sizes: Int[np.ndarray, " block"]
+    diagnostics: SliceDiagnostics
+    options: ScoreOptions = dataclasses.field(metadata=_STATIC)
+    task_a: str = dataclasses.field(default="A", metadata=_STATIC)
+    task_b: str = dataclasses.field(default="B", metadata=_STATIC)
+    dropped_a: tuple[int, ...] = dataclasses.field(default=(), metadata=_STATIC)
+    dropped_b: tuple[int, ...] = dataclasses.field(default=(), metadata=_STATIC)
+    blocks: tuple[str, ...] = dataclasses.field(default=ATTENTION_BLOCKS, metadata=_STATIC)
+
+    def block(self, name: str) -> Float[np.ndarray, "layer n_a n_b heads"]:
+        """Scores of one block."""
+        return self.scores[self.blocks.index(name)]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class PermutationResult:
+    """A-vs-B against A-vs-A' per cell ``[block, layer, head]``.
+
+    ``observed``: mean score over A×B minus mean over A×A'; ``pvalues``: one-sided permutation
+    p-values (B's interference exceeds A''s); ``qvalues``: Benjamini–Hochberg over all distinct
+    cells (K/V once per kv head, then gathered to query heads); ``significant``: ``q ≤ alpha``.
+    """
+
+    observed: Float[np.ndarray, "block layer heads"]
+    pvalues: Float[np.ndarray, "block layer heads"]
+    qvalues: Float[np.ndarray, "block layer heads"]
+    significant: Bool[np.ndarray, "block layer heads"]
+    n_permutations: int = dataclasses.field(metadata=_STATIC)
+    alpha: float = dataclasses.field(metadata=_STATIC)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class BootstrapInterval:
+    """Percentile bootstrap interval of ``layer_head_avg``, each ``[block, layer, head]``."""
+
+    low: Float[np.ndarray, "block layer heads"]
+    high: Float[np.ndarray, "block layer heads"]
+    level: float = dataclasses.field(metadata=_STATIC)
+    n_bootstrap: int = dataclasses.field(metadata=_STATIC)
+
+
+def to_arrays(result: QKOVResult) -> dict[str, np.ndarray]:
+    """The arrays of ``qkov.npz``: scores, layer_head_avg, block names, sample ids, kv map, slice
+    sizes and the diagnostics (``fisher_min``, ``fisher_median``, ``fisher_max``,
+    ``share_below_eps``, ``ridge``)."""
+    return {
+        "scores": np.asarray(result.scores),
+        "layer_head_avg": np.asarray(result.layer_head_avg),
+        "blocks": np.array(result.blocks),
+        "sample_ids_a": np.asarray(result.sample_ids_a),
+        "sample_ids_b": np.asarray(result.sample_ids_b),
+        "kv_head_of": np.asarray(result.kv_head_of),
+        "slice_sizes": np.asarray(result.slice_sizes),
+        **{name: np.asarray(value) for name, value in result.diagnostics.as_dict().items()},
+    }
+
+
+def save_npz(result: QKOVResult, path) -> None:
+    """Write :func:`to_arrays` to ``path`` (``numpy.savez_compressed``)."""
+    np.savez_compressed(path, **to_arrays(result))

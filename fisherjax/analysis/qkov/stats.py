@@ -1,0 +1,129 @@
+"""Statistics of the score: :func:`heldout_split`, :func:`permutation_test` (does A-vs-B
+interference on a (block, layer, head) exceed A-vs-A', a held-out split of A?) with
+Benjamini–Hochberg q-values over all distinct cells, and :func:`bootstrap_layer_head_avg`
+(percentile intervals under resampling of both tasks' samples)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fisherjax.analysis.qkov._prepare import prepare, task_samples, with_partner
+from fisherjax.analysis.qkov._scores import all_scores
+from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions, resolve
+from fisherjax.analysis.qkov.results import BootstrapInterval, PermutationResult, QKOVResult
+from fisherjax.errors import ConfigError, DataError
+from fisherjax.fisher.state import SampleGrads, TaskFisher
+from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
+from fisherjax.stats import bootstrap_indices, fdr_qvalues, percentile_interval, permutation_pvalue
+
+
+def heldout_split(task: TaskFisher | SampleGrads, fraction: float = 0.5, seed: int = 0) -> tuple[SampleGrads, SampleGrads]:
+    """Split a task's samples at random into ``(A, A')`` with ``A'`` holding ``fraction`` of them."""
+    samples, name = task_samples(task, "A")
+    n = len(samples)
+    n_held = int(round(fraction * n))
+    if not 0 < n_held < n:
+        raise DataError(f"qkov: cannot hold out {fraction:.0%} of the {n} samples of task {name!r}")
+    order = np.random.default_rng(seed).permutation(n)
+    return samples.select(np.sort(order[n_held:])), samples.select(np.sort(order[:n_held]))
+
+
+def permutation_test(
+    task_a: TaskFisher | SampleGrads,
+    task_b: TaskFisher | SampleGrads,
+    task_a_heldout: TaskFisher | SampleGrads,
+    layout: ModelLayout,
+    *,
+    n_permutations: int = 2000,
+    alpha: float = 0.05,
+    fdr_method: str = "bh",
+    seed: int = 0,
+    score: ScoreOptions | None = None,
+    kernel: KernelOptions | None = None,
+    progress: bool = False,
+    **overrides,
+) -> PermutationResult:
+    """Does task B interfere with task A on a (block, layer, head) more than A's own held-out samples?
+
+    Statistic per cell: ``mean_{i∈A, j∈B} M_ij − mean_{i∈A, j∈A'} M_ij`` with ``Î`` from A
+    (``fisher_pool="A"``; ``s_j`` of each partner set from its own samples). Null: the B and A'
+    samples are exchangeable as partners of A's samples; the column means ``m_j = mean_i M_ij`` of
+    the pooled ``B ∪ A'`` are relabelled at random ``n_permutations`` times (all permutations at
+    once, one matrix product), and ``p = (1 + #{null ≥ observed}) / (1 + n_permutations)``
+    (:func:`fisherjax.stats.permutation_pvalue`). q-values by :func:`fisherjax.stats.fdr_qvalues`
+    (scipy's Benjamini–Hochberg, or BY) over distinct cells (K/V once per kv head).
+
+    ``progress``: a progress bar over the tiles of each of the two score computations.
+    """
+    score, kernel = resolve(score, kernel, overrides)
+    if score.fisher_pool != "A":
+        raise ConfigError("qkov permutation_test compares B with A' against A's own Fisher: use fisher_pool='A'")
+    # Î is A's alone, so a column's scores do not depend on the other columns: A's Fisher once, then
+    # one score array per partner set (not one over a host copy of B and A' joined).
+    with_b = prepare(task_a, task_b, layout, score)
+    with_held = with_partner(with_b, task_a_heldout, layout, score, default_name=f"{with_b.name_a} (held out)")
+    b, held = with_b.b, with_held.b
+    if not len(b) or not len(held):
+        raise DataError("qkov permutation_test needs samples in both task B and the held-out split A'")
+    scores = [
+        all_scores(prep, layout, score, kernel, progress=progress, desc=f"QK-OV {prep.name_b} → {prep.name_a}")
+        for prep in (with_b, with_held)
+    ]
+    column_means = np.concatenate([s.astype(np.float64).mean(axis=2) for s in scores], axis=2)  # [block, layer, n_b + n_held, head]
+    is_b = np.r_[np.ones(len(b), bool), np.zeros(len(held), bool)]
+
+    def contrast(labels):  # [..., n] bool -> weights giving mean over B minus mean over A'
+        return labels / labels.sum(-1, keepdims=True) - ~labels / (~labels).sum(-1, keepdims=True)
+
+    observed = np.einsum("j,kljh->klh", contrast(is_b), column_means)
+    shuffled = np.random.default_rng(seed).permuted(np.tile(is_b, (n_permutations, 1)), axis=1)
+    null = np.einsum("pj,kljh->pklh", contrast(shuffled), column_means)
+    pvalues = permutation_pvalue(observed, null, alternative="greater")
+    qvalues = _qvalues_distinct(pvalues, layout, fdr_method)
+    return PermutationResult(observed, pvalues, qvalues, qvalues <= alpha, n_permutations, alpha)
+
+
+def _qvalues_distinct(pvalues: np.ndarray, layout: ModelLayout, method: str) -> np.ndarray:
+    """FDR over distinct cells: Q/O per query head, K/V per kv head (their query heads share one test)."""
+    kv = np.asarray(layout.kv_head_of)
+    first = np.array([np.flatnonzero(kv == g)[0] for g in range(layout.num_kv_heads)])
+    parts = [pvalues[n][:, first] if block in ("k", "v") else pvalues[n] for n, block in enumerate(ATTENTION_BLOCKS)]
+    sizes = [p.size for p in parts]
+    q_flat = fdr_qvalues(np.concatenate([p.ravel() for p in parts]), method=method)
+    out, start = [], 0
+    for n, block in enumerate(ATTENTION_BLOCKS):
+        q = q_flat[start : start + sizes[n]].reshape(parts[n].shape)
+        start += sizes[n]
+        out.append(q[:, kv] if block in ("k", "v") else q)
+    return np.stack(out)
+
+
+def bootstrap_layer_head_avg(
+    result: QKOVResult, *, n_bootstrap: int = 1000, level: float = 0.95, seed: int = 0, chunk: int = 64
+) -> BootstrapInterval:
+    """Percentile intervals of the mean score per cell under resampling of samples of *both* tasks.
+
+    Replicate ``r`` draws samples of A and of B with replacement (counts ``u_r [n_a]``, ``v_r [n_b]``)
+    and takes ``Σ_ij u_ri v_rj M_ij / (n_a n_b)`` — two contractions, no loop over pairs; replicates
+    go in chunks of ``chunk`` to bound memory. Indices from :func:`fisherjax.stats.bootstrap_indices`,
+    intervals from :func:`fisherjax.stats.percentile_interval`.
+    """
+    scores = np.asarray(result.scores)
+    n_a, n_b = scores.shape[2], scores.shape[3]
+    if n_a == 0 or n_b == 0:
+        zeros = np.zeros(np.shape(result.layer_head_avg), np.float64)
+        return BootstrapInterval(zeros, zeros, level, n_bootstrap)
+    u = _counts(bootstrap_indices(n_a, n_bootstrap, seed), n_a) / n_a
+    v = _counts(bootstrap_indices(n_b, n_bootstrap, seed + 1), n_b) / n_b
+    replicates = np.empty((n_bootstrap,) + np.shape(result.layer_head_avg))
+    for r0 in range(0, n_bootstrap, chunk):
+        over_b = np.einsum("rj,klijh->rklih", v[r0 : r0 + chunk], scores, optimize=True)
+        replicates[r0 : r0 + chunk] = np.einsum("ri,rklih->rklh", u[r0 : r0 + chunk], over_b, optimize=True)
+    low, high = percentile_interval(replicates, level)
+    return BootstrapInterval(low, high, level, n_bootstrap)
+
+
+def _counts(indices: np.ndarray, n: int) -> np.ndarray:
+    """``[replicates, n]`` resampling indices → how often each sample was drawn."""
+    rows = np.repeat(np.arange(indices.shape[0]), indices.shape[1])
+    return np.bincount(rows * n + indices.ravel(), minlength=indices.shape[0] * n).reshape(indices.shape[0], n).astype(np.float64)
