@@ -17,29 +17,8 @@ torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A random Llama checkpoint (GQA) with the demo's character tokenizer, and two task files."""
-    import transformers
-
-    from fisherjax.demo.tokenizer import build_tokenizer, vocabulary
-
-    root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(vocabulary()), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
-    build_tokenizer().save_pretrained(root / "model")
-    rng = np.random.default_rng(0)
-    with open(root / "add.jsonl", "w") as f:
-        for _ in range(12):
-            a, b = rng.integers(0, 99, size=2)
-            f.write(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n")
-    with open(root / "words.txt", "w") as f:
-        for _ in range(10):
-            f.write("".join(rng.choice(list("abcdefgh"), size=rng.integers(3, 9))) + "\n")
-    return root
+def tiny_checkpoint(cli_checkpoint):
+    return cli_checkpoint
 
 
 def _analyze(root, out, *extra):
