@@ -26,9 +26,16 @@ def _defaults():
     return AnalysisConfig
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with fisherjax's error format: one line, exit code 2 (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_INPUT_ERROR, f"fisherjax: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     d = _defaults()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fisherjax",
         description="Where a language model stores a task, and where two tasks collide.",
     )
@@ -68,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--save-sample-grads", "--save-contributions", dest="save_sample_grads", action="store_true",
                    help="also store the per-sample gradients in fisher_state/")
     a.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when fisherjax did not write it (by default only a new or empty directory, "
+                        "or an earlier fisherjax output, is replaced)")
+    a.add_argument("--truncate", action="store_true",
+                   help="cut samples longer than the model's maximum positions instead of refusing them "
+                        "(the count of cut samples is in results.json)")
     a.add_argument("--qkov-contraction", choices=CONTRACTIONS, default=d.qkov_contraction,
                    help="how the QK-OV kernel evaluates a slice's contraction: auto (looped on CPU, batched elsewhere), "
                         f"batched, looped, or pallas (one pass over the inputs, a Triton kernel for GPUs; default {d.qkov_contraction})")
@@ -106,6 +119,8 @@ def _analyze(args) -> int:
         progress=not args.no_progress,
         phases=tuple(p.strip() for p in args.phases.split(",") if p.strip()),
         qkov_contraction=args.qkov_contraction,
+        overwrite=args.overwrite,
+        truncate=args.truncate,
     )
     results = analyze(config)
     out = Path(config.out).absolute()
@@ -144,16 +159,66 @@ def _info(args) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
+    """Run a command; input errors and disk errors print one line and return 2, Ctrl-C and SIGTERM
+    return 130 after the run's staging directory is removed."""
+    import signal
+
+    from fisherjax.errors import disk_errno, disk_error
+
     args = _parser().parse_args(argv)
+    _quiet_background_logs()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
     try:
         return {"analyze": _analyze, "info": _info}[args.command](args)
     except FisherjaxError as err:
-        print(f"fisherjax: error: {err}", file=sys.stderr)
+        print(f"fisherjax: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except OSError as err:
+        if not disk_errno(err):
+            raise
+        print(f"fisherjax: error: {_one_line(disk_error(err, getattr(args, 'out', Path('.')), 'the output'))}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         print("fisherjax: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet_background_logs() -> None:
+    """orbax reports a failed background write (a full disk) again from its own threads — absl and
+    asyncio log records with tracebacks, and "Event loop is closed" from tensorstore callbacks that
+    fire after orbax's loop has shut down — after the error has reached the caller; the command
+    line reports it once, itself. Any other uncaught exception keeps its traceback."""
+    import logging
+
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    original = sys.unraisablehook
+
+    def unraisablehook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        original(unraisable)
+
+    sys.unraisablehook = unraisablehook
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _one_line(err: Exception) -> str:
+    """The error's message on one line (a message with line breaks is joined with '; ')."""
+    return "; ".join(part.strip() for part in str(err).splitlines() if part.strip())
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ traceback.
 
 from __future__ import annotations
 
+import errno
+import re
+from pathlib import Path
+
 
 class FisherjaxError(Exception):
     """Base class for errors caused by the user's input rather than by fisherjax."""
@@ -28,3 +32,33 @@ class DataError(FisherjaxError):
 
 class NumericalError(FisherjaxError):
     """NaN or inf in parameters, losses or gradients."""
+
+
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG})
+"""``OSError`` numbers a user's disk causes: full, read-only, not permitted, over quota, file too large."""
+
+_WHAT = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "a file grew beyond the allowed file size",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def disk_errno(err: BaseException) -> int | None:
+    """The disk error number behind ``err``: an ``OSError``'s own, or the ``os_error_code`` that
+    tensorstore (orbax's storage layer) writes into its messages; None when it is not one."""
+    if isinstance(err, OSError):
+        return err.errno if err.errno in DISK_ERRNOS else None
+    found = re.search(r"os_error_code='?(\d+)", str(err))
+    code = int(found.group(1)) if found else None
+    return code if code in DISK_ERRNOS else None
+
+
+def disk_error(err: BaseException, where: Path | str, what: str) -> FisherjaxError:
+    """A one-line :class:`FisherjaxError` for a disk problem met while writing ``what`` at ``where``."""
+    number = disk_errno(err)
+    reason = _WHAT.get(number, getattr(err, "strerror", None) or "a write failed")
+    return FisherjaxError(f"{where}: cannot write {what}: {reason}; nothing was kept, free space or choose another location")

@@ -9,11 +9,12 @@ collection is :mod:`fisherjax.fisher.progress`'s.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
 
-from fisherjax.errors import CheckpointError
+from fisherjax.errors import CheckpointError, disk_errno
 from fisherjax.fisher.accumulate import EMAState, WelfordState
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 
@@ -31,11 +32,14 @@ def _host(tree):
 
 
 _ARRAY_FIELDS = ("group_fisher", "group_sizes", "diagonal", "per_sample_groups", "sample_ids")
-_SCALAR_FIELDS = ("task", "n_samples", "n_skipped", "n_tokens", "total_loss", "fisher_type", "mode")
+_SCALAR_FIELDS = ("task", "n_samples", "n_skipped", "n_tokens", "total_loss", "fisher_type", "mode", "skipped_ids")
 
 
 def save_task_fisher(fisher: TaskFisher, directory: str | Path) -> Path:
-    """Write a TaskFisher as an orbax checkpoint (arrays) plus JSON metadata."""
+    """Write a TaskFisher as an orbax checkpoint (arrays) plus JSON metadata.
+
+    A full or read-only disk raises ``OSError`` with its number (tensorstore reports it inside a
+    ``ValueError``), whatever layer of orbax met it."""
     ocp = _ocp()
     directory = Path(directory).absolute()
     arrays = {f: getattr(fisher, f) for f in _ARRAY_FIELDS if getattr(fisher, f) is not None}
@@ -54,32 +58,67 @@ def save_task_fisher(fisher: TaskFisher, directory: str | Path) -> Path:
             arrays["sample_grads"]["stored_contributions"] = {k: np.asarray(v) for k, v in c.stored_contributions.items()}
     arrays = _host(arrays)
     meta = {f: getattr(fisher, f) for f in _SCALAR_FIELDS}
+    meta["skipped_ids"] = [int(i) for i in fisher.skipped_ids]
     meta["ema_decay"] = fisher.ema.decay if fisher.ema is not None else None
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-        ckpt.save(directory, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+            ckpt.save(directory, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as err:  # tensorstore reports disk errors as ValueError with the OS error code
+        number = disk_errno(err)
+        if number:
+            raise OSError(number, os.strerror(number), str(directory)) from None
+        raise
     return directory
 
 
 def load_task_fisher(directory: str | Path) -> TaskFisher:
-    """Read a TaskFisher written by :func:`save_task_fisher`."""
+    """Read a TaskFisher written by :func:`save_task_fisher`.
+
+    Raises:
+      CheckpointError: one line naming ``directory`` when it does not exist, is not a saved
+        TaskFisher (no orbax ``arrays`` and ``meta`` items, or items that do not hold a TaskFisher's
+        fields), or cannot be restored (damaged files).
+    """
     ocp = _ocp()
     directory = Path(directory).absolute()
     if not directory.exists():
         raise CheckpointError(f"{directory}: no saved Fisher state")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-        restored = ckpt.restore(directory, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    remedy = "pass a directory written by save_task_fisher (fisherjax analyze writes them to OUT/fisher_state/TASK)"
+    if not all((directory / item).is_dir() for item in ("arrays", "meta")):
+        raise CheckpointError(f"{directory}: not a saved Fisher state (no orbax 'arrays' and 'meta' items); {remedy}")
+
+    def unusable(reason: str) -> CheckpointError:
+        reason = " ".join(reason.split())
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        return CheckpointError(f"{directory}: not a usable saved Fisher state ({reason}); {remedy}, or collect it again")
+
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+            restored = ckpt.restore(directory, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    except Exception as err:  # orbax, tensorstore and JSON errors of every kind for damaged or foreign files
+        raise unusable(f"orbax cannot restore it: {type(err).__name__}: {err}") from None
     arrays, meta = restored["arrays"], restored["meta"]
-    fields = {f: arrays.get(f) for f in _ARRAY_FIELDS}
-    fields.update({f: meta[f] for f in _SCALAR_FIELDS})
-    if "welford" in arrays:
-        w = arrays["welford"]
-        fields["welford"] = WelfordState(w["count"], w["mean"], w["m2"])
-    if "ema" in arrays:
-        fields["ema"] = EMAState(arrays["ema"]["count"], arrays["ema"]["value"], meta["ema_decay"])
-    if "sample_grads" in arrays:
-        c = arrays["sample_grads"]
-        fields["sample_grads"] = SampleGrads(c["sample_ids"], c["tokens"], c["grads"], c.get("stored_contributions"))
-    return TaskFisher(**fields)
+    if not isinstance(arrays, dict) or not isinstance(meta, dict):
+        raise unusable("its items are not a TaskFisher's arrays and metadata")
+    missing = [f for f in ("group_fisher", "group_sizes") if not isinstance(arrays.get(f), dict)]
+    missing += [f for f in ("task", "n_samples") if f not in meta]
+    if missing:
+        raise unusable(f"no {', '.join(missing)}")
+    try:
+        fields = {f: arrays.get(f) for f in _ARRAY_FIELDS}
+        fields.update({f: meta[f] for f in _SCALAR_FIELDS if f in meta})
+        fields["skipped_ids"] = tuple(int(i) for i in meta.get("skipped_ids", ()))
+        if "welford" in arrays:
+            w = arrays["welford"]
+            fields["welford"] = WelfordState(w["count"], w["mean"], w["m2"])
+        if "ema" in arrays:
+            fields["ema"] = EMAState(arrays["ema"]["count"], arrays["ema"]["value"], meta["ema_decay"])
+        if "sample_grads" in arrays:
+            c = arrays["sample_grads"]
+            fields["sample_grads"] = SampleGrads(c["sample_ids"], c["tokens"], c["grads"], c.get("stored_contributions"))
+        return TaskFisher(**fields)
+    except (KeyError, TypeError, ValueError) as err:  # a field missing or of the wrong kind
+        raise unusable(f"{type(err).__name__}: {err}") from None
 
 
 def _fields():  # keeps the field lists honest against the dataclass

@@ -12,6 +12,7 @@ succeeded, so a failed run never leaves a half-written output directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -26,12 +27,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fisherjax import backend, io, report
+from fisherjax import backend, io, outdir, report
 from fisherjax.analysis import conflicts, experiments, masks, qkov
 from fisherjax.data import Batch, Task, batches, load_task
-from fisherjax.errors import ConfigError, DataError
+from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
 from fisherjax.fisher.collect import collect
-from fisherjax.fisher.options import CollectOptions
+from fisherjax.fisher.groups import group_sizes
+from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, attention_paths
 from fisherjax.fisher.state import TaskFisher
 from fisherjax.models import Model, load_pretrained
 from fisherjax.report import conflicts as conflicts_report
@@ -73,6 +75,8 @@ class AnalysisConfig:
     progress: bool = True
     phases: tuple[str, ...] = ("fisher", "importance", "masks", "conflicts", "qkov", "natural")
     qkov_contraction: str = "auto"
+    overwrite: bool = False
+    truncate: bool = False
 
     def __post_init__(self):
         """Reject bad options before anything is loaded or computed (one line each, exit code 2)."""
@@ -80,6 +84,8 @@ class AnalysisConfig:
         check(self.max_length >= 2, f"max length must be ≥ 2 tokens (--max-length), got {self.max_length}")
         check(self.max_samples is None or self.max_samples >= 1, f"max samples must be ≥ 1 (--max-samples), got {self.max_samples}")
         check(self.top_k >= 0, f"top-k must be ≥ 0 (--top-k), got {self.top_k}")
+        check(0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63) (--seed), got {self.seed}")
+        outdir.check_task_names([name for name, _ in self.tasks])
         check(self.sample_grads_budget_gb > 0,
               f"sample-gradient budget must be > 0 GB (--sample-grads-budget-gb), got {self.sample_grads_budget_gb}")
         check(self.spill_dir is None or not Path(self.spill_dir).exists() or Path(self.spill_dir).is_dir(),
@@ -133,10 +139,7 @@ def load_inputs(config: AnalysisConfig) -> tuple[Model, dict[str, Task]]:
         model_dir, task_files = Path(config.model), config.tasks
     if not task_files:
         raise DataError("no tasks given: pass --task NAME=FILE (at least one)")
-    names = [n for n, _ in task_files]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise DataError(f"task names must be unique, repeated: {', '.join(duplicates)}")
+    outdir.check_task_names([n for n, _ in task_files])
     model = load_pretrained(model_dir, allow_pickle=config.allow_pickle)
     if model.tokenizer is None:
         raise DataError(f"{model_dir}: the checkpoint has no tokenizer files, so text tasks cannot be encoded")
@@ -277,8 +280,9 @@ PHASES: dict[str, Callable[[Context, Path], report.Section]] = {
 # ---- driver ------------------------------------------------------------------------------------
 
 
-def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig) -> tuple[dict, dict]:
-    """Batches and Phase 1 Fisher (with attention gradients kept) of every task."""
+def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig, *, spill_root: Path | None = None) -> tuple[dict, dict]:
+    """Batches and Phase 1 Fisher (with attention gradients kept) of every task; kept gradients
+    beyond their budget spill to ``spill_root/<task>``."""
     all_batches = {
         name: list(batches(task, config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
         for name, task in tasks.items()
@@ -291,68 +295,148 @@ def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig) ->
             all_batches[name],
             task=name,
             options=options,
-            spill_dir=None if config.spill_dir is None else Path(config.spill_dir) / name,
+            spill_dir=None if spill_root is None else spill_root / name,
             key=jax.random.key(config.seed),
             progress=config.progress,
         )
     return all_batches, fishers
 
 
+def estimate_output_bytes(model: Model, task_sizes: dict[str, int], config: AnalysisConfig) -> tuple[float, float]:
+    """``(output, spill)``: a generous estimate of the bytes the output directory and a spill
+    directory will need. Output: per task the orbax state (group Fisher, its Welford state and
+    per-sample values, the diagonal, and the kept gradients with ``--save-sample-grads``); per
+    ordered pair of tasks the QK-OV scores; figures and JSON. Spill: the kept attention gradients."""
+    layout = model.layout
+    groups = sum(int(np.size(v)) for p in layout.paths() for v in group_sizes(layout, p).values())
+    attention = sum(int(np.prod(layout.spec(p).shape)) for p in attention_paths(layout))
+    width = np.dtype(STORAGE_DTYPES[config.sample_grads_dtype]).itemsize
+    output, spill = 50e6, 0.0
+    for n in task_sizes.values():
+        output += 4 * (4 * groups + n * groups + (model.num_params if config.diagonal else 0))
+        kept = n * attention * width
+        spill += kept
+        output += kept if config.save_sample_grads else 0
+    if "qkov" in config.phases:
+        sizes = list(task_sizes.values())
+        output += sum(4 * 4 * layout.num_layers * layout.num_heads * a * b for i, a in enumerate(sizes) for j, b in enumerate(sizes) if i != j)
+    return 1.2 * output, 1.2 * spill
+
+
+def environment() -> dict:
+    """What a number was computed with: package versions, the git commit when fisherjax runs from a
+    checkout, the backend and its devices."""
+    from importlib import metadata
+
+    versions = {}
+    for package in ("fisherjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy", "scipy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    devices = jax.devices()
+    return {
+        "versions": versions,
+        "git": _git_commit(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "backend": backend.platform(),
+        "devices": [{"kind": d.device_kind, "platform": d.platform} for d in devices],
+    }
+
+
+def _git_commit() -> dict | None:
+    """``{"commit", "dirty"}`` of the checkout fisherjax runs from, or None when it is installed."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
 def analyze(config: AnalysisConfig) -> dict:
-    """Run the configured phases and write the output directory; returns results.json's content."""
+    """Run the configured phases and write the output directory; returns results.json's content.
+
+    Nothing is written outside the output directory (:mod:`fisherjax.outdir`): the destination is
+    checked first (a new path, an empty directory, an earlier fisherjax output, or ``overwrite``),
+    its filesystem and the spill directory's are checked for room before Phase 1, the run is
+    written into a staging directory that replaces the destination only when every phase
+    succeeded, and kept gradients spilled to disk live in a private folder of the spill directory
+    that is removed at the end, whatever happens.
+    """
     started = time.time()
     destination = Path(config.out).absolute()
-    _check_destination(destination)
+    outdir.check_destination(destination, overwrite=config.overwrite)
+    outdir.remove_stale_staging(destination)
     model, tasks = load_inputs(config)
-    all_batches, fishers = collect_all(model, tasks, config)
-    ctx = Context(config, model, tasks, all_batches, fishers)
-
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    try:
-        (staging / "figures").mkdir()
-        header = {
-            "fisherjax": _version(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"platform": platform.platform(), "jax_backend": backend.platform()},
-            "config": dataclasses.asdict(config),
-            "model": model_info(model),
-            "tasks": {name: {"file": task.source, "samples": len(task)} for name, task in tasks.items()},
-        }
-        sections = [PHASES[phase](ctx, staging) for phase in config.phase_order()]
-        header["seconds"] = round(time.time() - started, 1)
-        heading = fisher_report.heading(header["model"], header["created"], header["machine"], header["seconds"])
-        results = report.write(staging, header, sections, heading=heading)
-        _replace_directory(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    output_bytes, spill_bytes = estimate_output_bytes(model, {n: len(t) for n, t in tasks.items()}, config)
+    outdir.check_writable(destination, output_bytes, option="--out")
+    if config.spill_dir is not None:
+        outdir.check_writable(Path(config.spill_dir), spill_bytes, option="--spill-dir")
+    with _private_spill(config.spill_dir) as spill_root:
+        try:
+            all_batches, fishers = collect_all(model, tasks, config, spill_root=spill_root)
+        except OSError as err:
+            if disk_errno(err):
+                raise disk_error(err, Path(config.spill_dir or destination), "--spill-dir") from None
+            raise
+        ctx = Context(config, model, tasks, all_batches, fishers)
+        with outdir.staging(destination) as out:
+            (out / "figures").mkdir()
+            header = {
+                "fisherjax": _version(),
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "machine": {"platform": platform.platform(), "jax_backend": backend.platform()},
+                "environment": environment(),
+                "config": dataclasses.asdict(config),
+                "model": model_info(model),
+                "tasks": {name: {"file": task.source, "samples": len(task), **_truncation(task)} for name, task in tasks.items()},
+            }
+            sections = [PHASES[phase](ctx, out) for phase in config.phase_order()]
+            header["seconds"] = round(time.time() - started, 1)
+            heading = fisher_report.heading(header["model"], header["created"], header["machine"], header["seconds"])
+            results = report.write(out, header, sections, heading=heading)
+            outdir.write_marker(out, {"fisherjax": header["fisherjax"], "created": header["created"], "config": results["config"]})
     return results
 
 
-def _check_destination(destination: Path) -> None:
-    """The output directory may be new, empty, or an earlier fisherjax output (it is replaced whole,
-    so anything else — a file, a project folder — is refused rather than deleted)."""
-    if not destination.exists():
+def _truncation(task: Task) -> dict:
+    """The task's truncated samples, for results.json (when the task records them)."""
+    truncated = getattr(task, "truncated", None)
+    if truncated is None:
+        return {}
+    ids = [int(i) for i in truncated]
+    return {"truncated_samples": len(ids), "truncated_ids": ids}
+
+
+@contextlib.contextmanager
+def _private_spill(spill_dir: Path | None):
+    """A folder of this run's own inside ``spill_dir`` (removed on exit, whatever happens), or None."""
+    if spill_dir is None:
+        yield None
         return
-    if not destination.is_dir():
-        raise ConfigError(f"{destination}: --out exists and is not a directory")
-    if any(destination.iterdir()) and not (destination / "results.json").is_file():
-        raise ConfigError(
-            f"{destination}: --out is a non-empty directory that is not a fisherjax output (no results.json); "
-            "it would be replaced whole, so choose a new directory"
-        )
-
-
-def _replace_directory(staging: Path, destination: Path) -> None:
-    """Move the finished output into place; an older output is removed only after that."""
-    old = None
-    if destination.exists():
-        old = destination.with_name(f".{destination.name}.old-{time.time_ns()}")
-        destination.rename(old)
-    staging.rename(destination)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    spill_dir = Path(spill_dir)
+    created = not spill_dir.exists()
+    try:
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix=".fisherjax-spill-", dir=spill_dir))
+    except OSError as err:
+        raise ConfigError(f"{spill_dir}: --spill-dir cannot be created ({err.strerror})") from None
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                spill_dir.rmdir()
 
 
 def _version() -> str:
@@ -362,13 +446,14 @@ def _version() -> str:
 
 
 def parse_task_args(values: Sequence[str]) -> tuple[tuple[str, Path], ...]:
-    """``["math=tasks/math.jsonl", ...]`` → ``(("math", Path(...)), ...)``."""
+    """``["math=tasks/math.jsonl", ...]`` → ``(("math", Path(...)), ...)``; names checked
+    (:func:`fisherjax.outdir.check_task_name`)."""
     out = []
     for v in values:
         name, sep, file = v.partition("=")
         if not sep or not name or not file:
             raise DataError(f"--task expects NAME=FILE, got {v!r}")
-        out.append((name, Path(file)))
+        out.append((outdir.check_task_name(name), Path(file)))
     return tuple(out)
 
 

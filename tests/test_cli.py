@@ -118,7 +118,7 @@ def test_out_that_is_not_a_fisherjax_output_is_refused_not_replaced(tiny_checkpo
 def test_failed_run_keeps_the_previous_output(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "results.json").write_text("{}")  # an earlier run's output
+    (out / "fisherjax-output.json").write_text('{"fisherjax": "0.1.0"}')  # an earlier run's output
     (out / "keep.txt").write_text("old")
     bad = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint / "model", bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -339,3 +340,29 @@ def test_task_fisher_is_a_pytree_that_jit_and_tree_map_take(model, task):
     assert float(total) == pytest.approx(expected, rel=1e-5)
     sliced = jax.jit(lambda c: jax.tree.map(lambda x: x[:3], c))(fisher.sample_grads)
     np.testing.assert_allclose(sliced.grads[q], fisher.sample_grads.grads[q][:3])
+
+
+def test_resume_refuses_a_checkpoint_of_another_collection(model, task, tmp_path):
+    """The checkpoint records what it was made from; resuming with another task name, other data,
+    another batch size, other options or other weights names the difference instead of returning
+    the other collection's Fisher."""
+    from fisherjax import CheckpointError
+
+    directory = tmp_path / "ckpt"
+    common = dict(checkpoint_dir=directory, checkpoint_every=1, progress=False)
+    first = collect(model, batches(task, 4), task="rand", **common)
+    again = collect(model, batches(task, 4), task="rand", resume=True, **common)  # the same run resumes
+    np.testing.assert_array_equal(again.group_fisher["embed/embedding"]["row"], first.group_fisher["embed/embedding"]["row"])
+    other = random_task("rand", 12, seed=99, prompt=2)
+    params = jax.tree.map(lambda x: x * 1.01, model.params)
+    cases = [
+        (dict(batches=batches(task, 4), task="other"), "task 'rand' there, 'other' here"),
+        (dict(batches=batches(other, 4), task="rand"), "the first 3 batches differ"),
+        (dict(batches=batches(task, 3), task="rand"), "batch size 4, this run's is 3"),
+        (dict(batches=batches(task, 4), task="rand", diagonal=True), "option diagonal=False there, True here"),
+        (dict(batches=batches(task, 4), task="rand", params=params), "different model parameters"),
+        (dict(batches=list(batches(task, 4))[:1], task="rand"), "the task now has only 1"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            collect(model, kwargs.pop("batches"), resume=True, **common, **kwargs)

@@ -19,12 +19,20 @@ import numpy as np
 
 from fisherjax.backend import host_concatenate
 from fisherjax.data import Batch
-from fisherjax.errors import ConfigError, DataError, FisherjaxError, NumericalError
+from fisherjax.errors import CheckpointError, ConfigError, DataError, FisherjaxError, NumericalError
 from fisherjax.fisher.accumulate import EMAState, WelfordState, ema_value, welford_interval
 from fisherjax.fisher.groups import group_sizes
 from fisherjax.fisher.options import CollectOptions
 from fisherjax.settings import with_overrides
-from fisherjax.fisher.progress import CollectionLog, Spill, progress_manager, restore_progress, save_progress
+from fisherjax.fisher.progress import (
+    CollectionLog,
+    DataDigest,
+    Fingerprint,
+    Spill,
+    progress_manager,
+    restore_progress,
+    save_progress,
+)
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.fisher.step import StepPlan, compiled_step, initial_state, make_plan, micro_batch_size, micro_batches
 from fisherjax.models.model import check_token_ids
@@ -79,12 +87,14 @@ def collect(
     state = initial_state(model, plan, options.ema_decay)
     group_like = state["groups"].mean if plan.mode == "welford" else state["groups"].value
     log = CollectionLog()
-    start_batch = 0
+    start_batch, saved = 0, None
     manager = progress_manager(checkpoint_dir) if checkpoint_dir is not None else None
+    fingerprint = Fingerprint.of(task, options, params) if manager is not None else None
+    data = DataDigest()
     if manager is not None and resume:
-        restored = restore_progress(manager, state)
+        restored = restore_progress(manager, state, fingerprint)
         if restored is not None:
-            state, log, start_batch = restored
+            state, log, start_batch, saved = restored
     spill = Spill(Path(spill_dir)) if spill_dir is not None else None
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)
@@ -101,8 +111,13 @@ def collect(
     dispatched = log.n_seen + log.n_skipped
     with progress_bar(progress, total=total, desc=f"Fisher[{task}]", unit="batch") as bar:
         bar.update(start_batch)
+        batch_size = None
         for index, batch in enumerate(batches):
+            batch_size = batch_size or batch.input_ids.shape[0]
+            data.update(batch)
             if index < start_batch:
+                if index == start_batch - 1:
+                    _check_resumed_data(saved, data, batch_size, checkpoint_dir, start_batch)
                 continue
             check_token_ids(batch.input_ids, model.config.vocab_size)
             chunk = micro_batch_size(model, plan, *batch.input_ids.shape, options.memory_budget_bytes)
@@ -120,7 +135,7 @@ def collect(
             dispatched += batch.num_real
             if manager is not None and (index + 1) % options.checkpoint_every == 0:
                 log, pending = settle(log, pending), None
-                save_progress(manager, index + 1, state, log)
+                save_progress(manager, index + 1, state, log, fingerprint=fingerprint, data=data, batch_size=batch_size)
             bar.update(1)
             bar.set_postfix(samples=dispatched)
         if pending is not None:
@@ -128,6 +143,9 @@ def collect(
     if manager is not None:
         manager.wait_until_finished()
         manager.close()
+    if data.batches < start_batch:
+        raise CheckpointError(f"{checkpoint_dir}: the checkpoint holds {start_batch} batches of task {task!r}, but the task now "
+                              f"has only {data.batches}; resume with the same data, or use another checkpoint directory")
     if log.n_seen == 0 and log.n_skipped == 0:
         raise DataError(f"task {task!r} has no samples")
     if log.n_seen == 0:
@@ -138,6 +156,16 @@ def collect(
             stacklevel=2,
         )
     return _finish(model, task, plan, state, log, spill)
+
+
+def _check_resumed_data(saved: dict, data: DataDigest, batch_size: int, checkpoint_dir, start_batch: int) -> None:
+    """The batches a resumed run skips must be those the checkpoint accumulated."""
+    if saved.get("batch_size") != batch_size:
+        raise CheckpointError(f"{checkpoint_dir}: the checkpoint was made with batch size {saved.get('batch_size')}, this run's "
+                              f"is {batch_size}; resume with the same batch size, or use another checkpoint directory")
+    if saved.get("data") != data.hexdigest():
+        raise CheckpointError(f"{checkpoint_dir}: the first {start_batch} batches differ from those the checkpoint holds (other "
+                              "samples, tokens or order); resume with the same data, or use another checkpoint directory")
 
 
 def _unpack(packed: np.ndarray, like) -> dict:
@@ -201,6 +229,7 @@ def _finish(model, task: str, plan: StepPlan, state: dict, log: CollectionLog, s
         sample_ids=sample_ids,
         fisher_type=plan.fisher_type,
         mode=plan.mode,
+        skipped_ids=tuple(int(i) for i in log.skipped_ids),
     )
 
 

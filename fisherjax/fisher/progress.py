@@ -8,13 +8,18 @@
 * :func:`progress_manager`, :func:`save_progress`, :func:`restore_progress`: the accumulation
   state and the log saved with an orbax ``CheckpointManager`` (atomic writes, the last two steps
   kept), so ``collect(..., resume=True)`` continues after the last save with bitwise-identical
-  numbers on CPU.
+  numbers on CPU;
+* :class:`Fingerprint` and :class:`DataDigest`: what a checkpoint was made from — the task's
+  name, the collection options, the parameters and every batch's sample ids and tokens — saved
+  with it and checked on resume, so a checkpoint of another task, other data, other options or
+  other weights is refused with what differs, never silently continued.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -125,6 +130,75 @@ class Spill:
         return np.load(self.directory / f"{name}.npy", mmap_mode="r")
 
 
+# ---- what a checkpoint was made from ------------------------------------------------------------
+
+_SAMPLED_VALUES = 1 << 16  # values per parameter leaf that enter its digest
+
+
+def params_digest(params) -> str:
+    """sha256 over every parameter leaf's path, shape, dtype and a strided sample of at most 2^16 of
+    its values (every value of small leaves): changed weights change it, and a 7B model is
+    fingerprinted without reading every byte."""
+    digest = hashlib.sha256()
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    for path, leaf in leaves:
+        array = np.asarray(leaf).reshape(-1)
+        step = max(1, array.size // _SAMPLED_VALUES)
+        digest.update(f"{jax.tree_util.keystr(path)}|{np.shape(leaf)}|{array.dtype}|".encode())
+        digest.update(np.ascontiguousarray(array[::step]).tobytes())
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """What a collection computes from, besides its batches: the task name, the options that
+    change its numbers (:class:`~fisherjax.fisher.options.CollectOptions` without
+    ``checkpoint_every``) and the parameters (:func:`params_digest`)."""
+
+    task: str
+    options: Mapping
+    params: str
+
+    @classmethod
+    def of(cls, task: str, options, params) -> Fingerprint:
+        settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(options).items() if k != "checkpoint_every"}
+        return cls(task, settings, params_digest(params))
+
+    def as_json(self) -> dict:
+        return {"task": self.task, "options": dict(self.options), "params": self.params}
+
+    def differences(self, saved: Mapping) -> list[str]:
+        """What differs from a saved fingerprint, in words (empty when nothing does)."""
+        out = []
+        if saved.get("task") != self.task:
+            out.append(f"task {saved.get('task')!r} there, {self.task!r} here")
+        saved_options = saved.get("options") or {}
+        changed = sorted(k for k in set(saved_options) | set(self.options) if saved_options.get(k) != self.options.get(k))
+        out += [f"option {k}={saved_options.get(k)!r} there, {self.options.get(k)!r} here" for k in changed]
+        if saved.get("params") != self.params:
+            out.append("different model parameters")
+        return out
+
+
+class DataDigest:
+    """A running sha256 over the batches seen, in order: their shapes, sample ids, tokens, masks
+    and labels (mutable, host-side bookkeeping of the driver loop)."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+        self.batches = 0
+
+    def update(self, batch: Batch) -> None:
+        for array in (batch.sample_ids, batch.input_ids, batch.attention_mask, batch.labels):
+            array = np.ascontiguousarray(array)
+            self._hash.update(f"{array.shape}{array.dtype}".encode())
+            self._hash.update(array.tobytes())
+        self.batches += 1
+
+    def hexdigest(self) -> str:
+        return self._hash.copy().hexdigest()
+
+
 # ---- resumable state (orbax) --------------------------------------------------------------------
 
 
@@ -163,8 +237,10 @@ def _host(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def save_progress(manager, batches_done: int, state: dict, log: CollectionLog) -> None:
-    """Save the accumulation state and the host log after ``batches_done`` batches."""
+def save_progress(manager, batches_done: int, state: dict, log: CollectionLog, *, fingerprint: Fingerprint, data: DataDigest,
+                  batch_size: int) -> None:
+    """Save the accumulation state and the host log after ``batches_done`` batches, with what they
+    were made from (the fingerprint, the digest of those batches and the batch size)."""
     import orbax.checkpoint as ocp
 
     arrays = {"state": _state_to_tree(state)}
@@ -184,13 +260,21 @@ def save_progress(manager, batches_done: int, state: dict, log: CollectionLog) -
         "skipped_ids": list(log.skipped_ids),
         "kept_bytes": log.kept_bytes,
         "spilled": [jax.tree.map(str, k) for k in log.kept] if log.spilled else None,
+        "fingerprint": fingerprint.as_json(),
+        "data": data.hexdigest(),
+        "batch_size": batch_size,
     }
     manager.save(batches_done, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
 
 
-def restore_progress(manager, like_state: dict) -> tuple[dict, CollectionLog, int] | None:
-    """``(state, log, batches_done)`` from the latest save, or None when there is none."""
+def restore_progress(manager, like_state: dict, fingerprint: Fingerprint) -> tuple[dict, CollectionLog, int, dict] | None:
+    """``(state, log, batches_done, meta)`` from the latest save, or None when there is none.
+
+    Raises:
+      CheckpointError: the save is damaged, or was made for another task, other options or other
+        parameters (``fingerprint``; the message lists what differs).
+    """
     import orbax.checkpoint as ocp
 
     step = manager.latest_step()
@@ -201,6 +285,13 @@ def restore_progress(manager, like_state: dict) -> tuple[dict, CollectionLog, in
     except Exception as err:  # orbax raises several types for damaged directories
         raise CheckpointError(f"{manager.directory}: cannot restore collection state at step {step} ({err})") from None
     arrays, meta = restored["arrays"], restored["meta"]
+    if "fingerprint" not in meta:
+        raise CheckpointError(f"{manager.directory}: the checkpoint records no fingerprint of what it holds (an older "
+                              "fisherjax wrote it); remove it to collect again")
+    differences = fingerprint.differences(meta["fingerprint"])
+    if differences:
+        raise CheckpointError(f"{manager.directory}: the checkpoint was made for another collection ({'; '.join(differences)}); "
+                              "resume with the same task, options and model, or use another checkpoint directory")
     kept = ()
     if meta.get("spilled"):
         kept = tuple(jax.tree.map(Path, k) for k in meta["spilled"])
@@ -218,4 +309,4 @@ def restore_progress(manager, like_state: dict) -> tuple[dict, CollectionLog, in
         kept=kept,
         kept_bytes=meta["kept_bytes"],
     )
-    return _tree_to_state(arrays["state"], like_state), log, int(meta["batches_done"])
+    return _tree_to_state(arrays["state"], like_state), log, int(meta["batches_done"]), meta

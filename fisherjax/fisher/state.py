@@ -184,7 +184,8 @@ class TaskFisher:
         (:class:`SampleGrads`).
       per_sample_groups: ``{path: {group_type: [n, ..]}}`` per-sample group values (for bootstrap
         intervals), with ``sample_ids`` giving their order, when kept.
-      n_samples: samples that entered the Fisher; n_skipped: samples with ``T_i = 0``.
+      n_samples: samples that entered the Fisher; n_skipped: samples with ``T_i = 0`` (no
+        predicted token), whose ids are ``skipped_ids``.
       n_tokens: total active tokens; total_loss: sum of the token-sum losses of the kept samples
         (``total_loss / n_tokens`` is the task's mean token loss).
       fisher_type: ``"empirical"``, ``"true"`` or ``"per_token"``; mode: ``"welford"`` or ``"ema"``.
@@ -208,6 +209,7 @@ class TaskFisher:
     sample_ids: np.ndarray | None = None
     fisher_type: str = dataclasses.field(default="empirical", metadata=STATIC)
     mode: str = dataclasses.field(default="welford", metadata=STATIC)
+    skipped_ids: tuple[int, ...] = dataclasses.field(default=(), metadata=STATIC)
 
     @property
     def loss_per_token(self) -> float:

@@ -20,6 +20,7 @@ def summary(fishers: Mapping[str, TaskFisher]) -> dict:
         name: {
             "samples": f.n_samples,
             "skipped_samples": f.n_skipped,
+            "skipped_ids": list(f.skipped_ids),
             "tokens": f.n_tokens,
             "loss_per_token": f.loss_per_token,
             "fisher_type": f.fisher_type,
