@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from fisherjax.errors import FisherjaxError
+from fisherjax.errors import FisherjaxError, one_line
 from fisherjax.analysis.qkov import CONTRACTIONS
 from fisherjax.fisher.options import FISHER_TYPES, MODES, STORAGE_DTYPES
 
@@ -176,12 +176,12 @@ def main(argv=None) -> int:
     try:
         return {"analyze": _analyze, "info": _info}[args.command](args)
     except FisherjaxError as err:
-        print(f"fisherjax: error: {_one_line(err)}", file=sys.stderr)
+        print(f"fisherjax: error: {one_line(err)}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except OSError as err:
         if not disk_errno(err):
             raise
-        print(f"fisherjax: error: {_one_line(disk_error(err, getattr(args, 'out', Path('.')), 'the output'))}", file=sys.stderr)
+        print(f"fisherjax: error: {one_line(disk_error(err, getattr(args, 'out', Path('.')), 'the output'))}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         print("fisherjax: interrupted", file=sys.stderr)
@@ -214,11 +214,6 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def _one_line(err: Exception) -> str:
-    """The error's message on one line (a message with line breaks is joined with '; ')."""
-    return "; ".join(part.strip() for part in str(err).splitlines() if part.strip())
 
 
 if __name__ == "__main__":

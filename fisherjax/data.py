@@ -8,28 +8,37 @@ filtering and reordering.
 
 Labels follow Hugging Face's convention: ``labels`` is aligned with ``input_ids`` and the loss
 shifts by one (position ``t`` predicts ``labels[t + 1]``); ``-100`` marks tokens that are not
-predicted (prompt and padding). Sequences are padded to a few fixed bucket lengths and every
-batch to the full batch size with filler rows (``sample_id = -1``, no real tokens), so a jitted
-function sees a handful of shapes, not one per length.
+predicted (prompt and padding). A label counts only when the position that predicts it is a real
+token (:func:`predicted_labels`), so the first token of a sample is never a target and left
+padding, right padding and no padding give the same losses, ``T_i`` and Fisher. Sequences are
+padded to a few fixed bucket lengths and every batch to the full batch size with filler rows
+(``sample_id = -1``, no real tokens), so a jitted function sees a handful of shapes, not one per
+length.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from fisherjax.errors import DataError
+from fisherjax.errors import ConfigError, DataError
 
 IGNORE = -100
 """Label value of tokens that carry no loss."""
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+TASK_FORMATS = (".jsonl", ".txt")
+"""Suffixes of task files :func:`load_task` reads (in any case)."""
 
 
 class Batch(NamedTuple):
@@ -51,11 +60,13 @@ class Batch(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One sample: its tokens, the number of leading prompt tokens (not predicted), its id."""
+    """One sample: its tokens, the number of leading prompt tokens (not predicted), its id, and
+    whether its tokens were cut to a length limit (:func:`load_task`)."""
 
     tokens: tuple[int, ...]
     prompt_len: int
     sample_id: int
+    truncated: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +79,11 @@ class Task:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    @property
+    def truncated(self) -> tuple[int, ...]:
+        """Sample ids of the examples whose tokens were cut to a length limit (for results.json)."""
+        return tuple(e.sample_id for e in self.examples if e.truncated)
 
     def subset(self, sample_ids: Sequence[int], name: str | None = None) -> Task:
         """The examples with the given sample ids, in that order."""
@@ -91,18 +107,91 @@ def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _truncate(tokens: list[int], max_length: int | None) -> list[int]:
-    return tokens if max_length is None else tokens[:max_length]
+_LINE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f]")
+"""C0 control characters a line of a task file may not hold (tab is text)."""
+_STRING_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+"""C0 control characters a JSON string may not hold (tab, newline and carriage return are text)."""
 
 
-def task_from_texts(name: str, texts: Sequence[str], tokenizer, *, max_length: int | None = None) -> Task:
-    """A task whose every token after the first is predicted."""
+def _check_controls(text: str, pattern: re.Pattern, where: str, what: str, allowed: str) -> None:
+    found = pattern.search(text)
+    if found is None:
+        return
+    char = found.group()
+    kind = "a NUL byte" if char == "\x00" else f"control character U+{ord(char):04X}"
+    raise DataError(f"{where}: {what} contains {kind} (character {found.start() + 1}); task text may hold no control characters but {allowed}, so remove it")
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _string_field(record: dict, key: str, where: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {_json_type(value)}; write it as a JSON string")
+    _check_controls(value, _STRING_CONTROL, where, f"field {key!r}", "tab, newline and carriage return")
+    return value
+
+
+def _check_limits(max_length: int | None, max_positions: int | None) -> None:
+    for option, value in (("max_length", max_length), ("max_positions", max_positions)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise ConfigError(f"{option} must be a positive number of tokens, got {value!r}")
+
+
+def _fit(tokens: list[int], where: str, *, max_length: int | None, max_positions: int | None, truncate: bool) -> tuple[list[int], bool]:
+    """``tokens`` cut to ``max_length``, then checked against ``max_positions`` (see :func:`load_task`);
+    returns the tokens and whether they were cut."""
+    cut = False
+    if max_length is not None and len(tokens) > max_length:
+        tokens, cut = tokens[:max_length], True
+    if max_positions is not None and len(tokens) > max_positions:
+        if not truncate:
+            raise DataError(
+                f"{where}: the sample has {len(tokens)} tokens, more than the model's {max_positions} positions; "
+                "shorten it, or allow cutting it (--truncate, truncate=True)"
+            )
+        tokens, cut = tokens[:max_positions], True
+    return tokens, cut
+
+
+def _warn_truncated(source: str, examples: Sequence[Example]) -> None:
+    ids = [e.sample_id for e in examples if e.truncated]
+    if ids:
+        more = ", ..." if len(ids) > 10 else ""
+        warnings.warn(f"{source}: {len(ids)} sample(s) cut to the length limit (ids {', '.join(map(str, ids[:10]))}{more})", stacklevel=3)
+
+
+def task_from_texts(
+    name: str,
+    texts: Sequence[str],
+    tokenizer,
+    *,
+    max_length: int | None = None,
+    max_positions: int | None = None,
+    truncate: bool = False,
+) -> Task:
+    """A task whose every token after the first is predicted; lengths as in :func:`load_task`."""
+    _check_limits(max_length, max_positions)
     if not texts:
         raise DataError(f"task {name!r} is empty")
-    examples = tuple(
-        Example(tuple(_truncate(_encode(tokenizer, t, special=True), max_length)), 0, i) for i, t in enumerate(texts)
-    )
-    return Task(name, examples)
+    examples = []
+    for i, text in enumerate(texts):
+        where = f"task {name!r}, text {i}"
+        if not isinstance(text, str):
+            raise DataError(f"{where}: must be a string, got {type(text).__name__}")
+        _check_controls(text, _STRING_CONTROL, where, "the text", "tab, newline and carriage return")
+        tokens, cut = _fit(_encode(tokenizer, text, special=True), where, max_length=max_length, max_positions=max_positions, truncate=truncate)
+        examples.append(Example(tuple(tokens), 0, i, cut))
+    _warn_truncated(f"task {name!r}", examples)
+    return Task(name, tuple(examples))
 
 
 def task_from_tokens(name: str, tokens: Sequence[Sequence[int]], *, prompt_lens: Sequence[int] | None = None) -> Task:
@@ -113,52 +202,92 @@ def task_from_tokens(name: str, tokens: Sequence[Sequence[int]], *, prompt_lens:
     return Task(name, tuple(Example(tuple(int(t) for t in seq), int(p), i) for i, (seq, p) in enumerate(zip(tokens, prompt_lens))))
 
 
-def load_task(path: str | Path, tokenizer, *, name: str | None = None, max_length: int | None = None) -> Task:
-    """Read a ``.jsonl`` (``text`` or ``prompt`` + ``completion`` per line) or ``.txt`` task file.
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines (split at ``\\n`` only, a trailing ``\\r`` dropped, a UTF-8 BOM ignored)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the task file ({err.strerror}); check its permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {err.start}); save the task file as UTF-8") from None
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
-    Blank lines are skipped; sample ids are 0-based line numbers. A malformed line, a record
-    without usable fields, or a file with no samples raises :class:`DataError` naming the file
-    and line.
+
+def load_task(
+    path: str | Path,
+    tokenizer,
+    *,
+    name: str | None = None,
+    max_length: int | None = None,
+    max_positions: int | None = None,
+    truncate: bool = False,
+) -> Task:
+    """Read a task file: ``.jsonl`` or ``.txt`` (suffix in any case); nothing else is accepted.
+
+    ``.jsonl``: one JSON object per line with a ``text`` string, or ``prompt`` and ``completion``
+    strings (the prompt encoded with special tokens and not predicted, the completion without).
+    ``.txt``: one text per line. Lines are split at ``\\n`` only (``\\r\\n`` endings and a UTF-8
+    BOM are accepted); blank lines are skipped; sample ids are 0-based line numbers.
+
+    Lengths: a sample is first cut to ``max_length`` tokens (the user's own limit,
+    ``--max-length``). If it is then still longer than ``max_positions`` (the model's maximum
+    positions, ``model.config.max_position_embeddings``), it is refused naming its line, unless
+    ``truncate=True``, which cuts it to ``max_positions``. So ``max_length`` never hides the
+    model's limit; samples cut by either rule are marked (``Example.truncated``,
+    :attr:`Task.truncated` lists their ids) and a warning counts them.
+
+    Raises:
+      DataError: with a one-line message naming the file (and ``file:line``): a missing,
+        unreadable or non-UTF-8 file; another suffix; malformed JSON, a line that is not an
+        object, a missing field, a field that is not a string; a NUL byte or another C0 control
+        character (tab is allowed, and newline and carriage return inside JSON strings); a sample
+        longer than ``max_positions`` without ``truncate``; a file with no samples.
+      ConfigError: ``max_length`` or ``max_positions`` not a positive integer.
     """
+    _check_limits(max_length, max_positions)
     path = Path(path)
     name = name or path.stem
     if not path.exists():
-        raise DataError(f"{path}: task file does not exist")
-    if not path.is_file():
-        raise DataError(f"{path}: task file is a directory, not a file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: task file is not UTF-8 text (byte {err.start})") from None
-    examples, truncated = [], 0
-    for number, line in enumerate(lines):
+        raise DataError(f"{path}: task file does not exist; check the path")
+    if path.is_dir():
+        raise DataError(f"{path}: task file is a directory; give a .jsonl or .txt file")
+    suffix = path.suffix.lower()
+    if suffix not in TASK_FORMATS:
+        raise DataError(
+            f"{path}: unsupported task file format {repr(path.suffix) if path.suffix else '(no suffix)'}; use .jsonl (one JSON object per line "
+            "with 'text', or 'prompt' and 'completion') or .txt (one text per line)"
+        )
+    examples = []
+    for number, line in enumerate(_read_lines(path)):
+        where = f"{path}:{number + 1}"
+        _check_controls(line, _LINE_CONTROL, where, "the line", "tab")
         if not line.strip():
             continue
-        if path.suffix == ".jsonl":
+        if suffix == ".jsonl":
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number + 1}: malformed JSON ({err.msg})") from None
+                raise DataError(f"{where}: malformed JSON ({err.msg}, column {err.colno}); write one JSON object per line") from None
             if not isinstance(record, dict):
-                raise DataError(f"{path}:{number + 1}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(f"{where}: expected a JSON object, got {_json_type(record)}; write one object per line")
             if "prompt" in record and "completion" in record:
-                prompt = _encode(tokenizer, str(record["prompt"]), special=True)
-                completion = _encode(tokenizer, str(record["completion"]), special=False)
+                prompt = _encode(tokenizer, _string_field(record, "prompt", where), special=True)
+                completion = _encode(tokenizer, _string_field(record, "completion", where), special=False)
                 tokens, prompt_len = prompt + completion, len(prompt)
             elif "text" in record:
-                tokens, prompt_len = _encode(tokenizer, str(record["text"]), special=True), 0
+                tokens, prompt_len = _encode(tokenizer, _string_field(record, "text", where), special=True), 0
             else:
-                raise DataError(f"{path}:{number + 1}: needs a 'text' field or 'prompt' and 'completion' fields")
+                raise DataError(f"{where}: needs a 'text' field or 'prompt' and 'completion' fields")
         else:
             tokens, prompt_len = _encode(tokenizer, line, special=True), 0
-        if max_length is not None and len(tokens) > max_length:
-            truncated += 1
-            tokens = tokens[:max_length]
-        examples.append(Example(tuple(tokens), min(prompt_len, len(tokens)), number))
+        tokens, cut = _fit(tokens, where, max_length=max_length, max_positions=max_positions, truncate=truncate)
+        examples.append(Example(tuple(tokens), min(prompt_len, len(tokens)), number, cut))
     if not examples:
-        raise DataError(f"{path}: task file is empty")
-    if truncated:
-        warnings.warn(f"{path}: {truncated} samples truncated to {max_length} tokens", stacklevel=2)
+        raise DataError(f"{path}: task file is empty (no non-blank lines); add one sample per line")
+    _warn_truncated(str(path), examples)
     return Task(name, tuple(examples), str(path))
 
 
@@ -171,19 +300,28 @@ def bucket_length(length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
 
 
 def make_batch(examples: Sequence[Example], batch_size: int, seq_len: int, *, pad_id: int = 0, side: str = "right") -> Batch:
-    """Pad examples to ``[batch_size, seq_len]``; rows beyond ``len(examples)`` are filler."""
+    """Pad examples to ``[batch_size, seq_len]``; rows beyond ``len(examples)`` are filler.
+
+    The labels of a sample are its tokens after the prompt, except its first token, which no real
+    token predicts: the labels are the same whichever ``side`` the padding is on.
+    """
     if side not in ("left", "right"):
         raise ValueError("side must be 'left' or 'right'")
+    if len(examples) > batch_size:
+        raise ValueError(f"{len(examples)} examples do not fit a batch of {batch_size}")
     ids = np.full((batch_size, seq_len), pad_id, np.int32)
     mask = np.zeros((batch_size, seq_len), np.int32)
     labels = np.full((batch_size, seq_len), IGNORE, np.int32)
     sample_ids = np.full((batch_size,), -1, np.int64)
     for row, ex in enumerate(examples):
         n = len(ex.tokens)
+        if n > seq_len:
+            raise ValueError(f"sample {ex.sample_id} has {n} tokens, more than the batch's {seq_len} positions")
         start = seq_len - n if side == "left" else 0
+        first = max(ex.prompt_len, 1)
         ids[row, start : start + n] = ex.tokens
         mask[row, start : start + n] = 1
-        labels[row, start + ex.prompt_len : start + n] = ex.tokens[ex.prompt_len :]
+        labels[row, start + first : start + n] = ex.tokens[first:]
         sample_ids[row] = ex.sample_id
     return Batch(ids, mask, labels, sample_ids)
 
@@ -218,6 +356,31 @@ def batches(
         yield make_batch(chunk, batch_size, bucket_length(longest, buckets), pad_id=pad_id, side=side)
 
 
-def num_active_tokens(labels: np.ndarray) -> np.ndarray:
-    """``T_i``: predicted tokens per sample, i.e. labels ≠ -100 after the one-token shift."""
-    return (np.asarray(labels)[..., 1:] != IGNORE).sum(-1)
+def predicted_labels(labels, attention_mask):
+    """The labels that count: ``labels[t]`` where positions ``t − 1`` and ``t`` are both real tokens
+    (``attention_mask`` 1), ``IGNORE`` elsewhere (so always at ``t = 0``).
+
+    A target predicted from a padding position, or a label on a padding position, never counts;
+    this makes left, right and no padding give the same losses, ``T_i`` and Fisher, also for a
+    :class:`Batch` built by hand. ``labels``, ``attention_mask``: ``[..., seq]`` numpy or jax arrays
+    (inside ``jit`` too); the result has the type and dtype of ``labels``.
+    """
+    xp = jnp if isinstance(labels, jax.Array) or isinstance(attention_mask, jax.Array) else np
+    labels = xp.asarray(labels)
+    real = xp.asarray(attention_mask) != 0
+    keep = xp.concatenate([xp.zeros_like(real[..., :1]), real[..., 1:] & real[..., :-1]], axis=-1)
+    return xp.where(keep, labels, xp.full_like(labels, IGNORE))
+
+
+def num_active_tokens(labels, attention_mask=None):
+    """``T_i``: predicted tokens per sample, i.e. labels ≠ -100 after the one-token shift.
+
+    With ``attention_mask``, only the labels that count (:func:`predicted_labels`); without it the
+    labels are taken as they are (e.g. already masked, or from :func:`make_batch`). Numpy or jax
+    arrays (inside ``jit`` too).
+    """
+    if attention_mask is not None:
+        labels = predicted_labels(labels, attention_mask)
+    elif not isinstance(labels, jax.Array):
+        labels = np.asarray(labels)
+    return (labels[..., 1:] != IGNORE).sum(-1)

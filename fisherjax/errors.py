@@ -34,6 +34,14 @@ class NumericalError(FisherjaxError):
     """NaN or inf in parameters, losses or gradients."""
 
 
+def one_line(text, limit: int | None = None) -> str:
+    """A message (or an exception's text) on one line — whitespace runs, line breaks included,
+    become one space — shortened to ``limit`` characters when given. Messages quote other
+    libraries' errors, which may run over many lines; the command line prints one."""
+    text = " ".join(str(text).split()) or (type(text).__name__ if isinstance(text, BaseException) else "")
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG})
 """``OSError`` numbers a user's disk causes: full, read-only, not permitted, over quota, file too large."""
 

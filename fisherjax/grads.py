@@ -2,7 +2,9 @@
 
 For sample ``i`` with labels ``y`` (``-100`` ignored, Hugging Face's one-token shift):
 ``L_i = Σ_t −log p(y_{t+1} | x_≤t, θ)``, ``T_i`` = number of predicted tokens,
-``g_i = ∇_θ L_i`` (token sum, signed).
+``g_i = ∇_θ L_i`` (token sum, signed). A label counts only when the position that predicts it is
+a real token (:func:`fisherjax.data.predicted_labels`, applied by every function here that takes
+an attention mask), so a hand-built left-padded batch gives the same numbers as a right-padded one.
 
 :func:`per_sample_grads` is the direct definition, ``jax.vmap(jax.grad(L_i))``, processed in
 chunks of samples (``jax.lax.map`` with ``batch_size``) so a batch never holds more per-sample
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PyTree
 
-from fisherjax.data import IGNORE, Batch
+from fisherjax.data import IGNORE, Batch, num_active_tokens, predicted_labels
 from fisherjax.layout import flatten, unflatten
 
 
@@ -74,9 +76,11 @@ _position_nll.defvjp(_position_nll_fwd, _position_nll_bwd)
 
 
 def sample_losses(model, params, input_ids, attention_mask, labels) -> tuple[Float[Array, " batch"], Int[Array, " batch"]]:
-    """Token-sum loss ``L_i`` and active-token count ``T_i`` of every sample of a batch."""
+    """Token-sum loss ``L_i`` and active-token count ``T_i`` of every sample of a batch (only the
+    labels :func:`~fisherjax.data.predicted_labels` keeps)."""
+    labels = predicted_labels(labels, attention_mask)
     logits = model.apply(params, input_ids, attention_mask)
-    return token_nll(logits, labels).sum(-1), (labels[:, 1:] != IGNORE).sum(-1)
+    return token_nll(logits, labels).sum(-1), num_active_tokens(labels)
 
 
 def _split(params: PyTree, paths: Sequence[str] | None):
@@ -163,6 +167,7 @@ def site_grads(model, params: PyTree, input_ids, attention_mask, labels, *, rema
     bias ``Σ_t δ_{i,t}``), computable without ``vmap`` over samples or a weight-gradient GEMM.
     """
     batch, seq = input_ids.shape
+    labels = predicted_labels(labels, attention_mask)
     taps = model.zero_taps(batch, seq)
 
     def total_loss(taps):
@@ -171,4 +176,4 @@ def site_grads(model, params: PyTree, input_ids, attention_mask, labels, *, rema
         return nll.sum(), (out.recorded, nll.sum(-1))
 
     deltas, (inputs, losses) = jax.grad(total_loss, has_aux=True)(taps)
-    return SiteGrads(inputs, deltas, losses, (labels[:, 1:] != IGNORE).sum(-1))
+    return SiteGrads(inputs, deltas, losses, num_active_tokens(labels))

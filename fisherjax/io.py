@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fisherjax.errors import CheckpointError, disk_errno
+from fisherjax.errors import CheckpointError, disk_errno, one_line
 from fisherjax.fisher.accumulate import EMAState, WelfordState
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 
@@ -88,8 +88,7 @@ def load_task_fisher(directory: str | Path) -> TaskFisher:
         raise CheckpointError(f"{directory}: not a saved Fisher state (no orbax 'arrays' and 'meta' items); {remedy}")
 
     def unusable(reason: str) -> CheckpointError:
-        reason = " ".join(reason.split())
-        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        reason = one_line(reason, 200)
         return CheckpointError(f"{directory}: not a usable saved Fisher state ({reason}); {remedy}, or collect it again")
 
     try:

@@ -145,7 +145,8 @@ def load_inputs(config: AnalysisConfig) -> tuple[Model, dict[str, Task]]:
         raise DataError(f"{model_dir}: the checkpoint has no tokenizer files, so text tasks cannot be encoded")
     tasks = {}
     for name, file in task_files:
-        task = load_task(file, model.tokenizer, name=name, max_length=config.max_length)
+        task = load_task(file, model.tokenizer, name=name, max_length=config.max_length,
+                         max_positions=model.config.max_position_embeddings, truncate=config.truncate)
         if config.max_samples is not None:
             task = dataclasses.replace(task, examples=task.examples[: config.max_samples])
         tasks[name] = task

@@ -202,3 +202,21 @@ def cli_checkpoint(tmp_path_factory):
         for _ in range(10):
             f.write("".join(rng.choice(list("abcdefgh"), size=rng.integers(3, 9))) + "\n")
     return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compilations():
+    """Free every module's compiled executables when it is done.
+
+    Each XLA:CPU executable keeps its code in memory maps of its own, and one pytest process
+    compiles thousands of them: the default run passed Linux's per-process limit
+    (``vm.max_map_count`` = 65530) and XLA's next mmap failed with a segmentation fault.
+    ``jax.clear_caches`` drops the executables (a later module recompiles what it needs).
+    """
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
-from fisherjax import DataError
+from fisherjax import ConfigError, DataError
 from fisherjax.data import (
     IGNORE,
+    Example,
     batches,
     bucket_length,
     load_task,
+    make_batch,
     num_active_tokens,
+    predicted_labels,
     task_from_texts,
     task_from_tokens,
 )
@@ -95,3 +99,89 @@ def test_token_ids_outside_the_vocabulary(tmp_path):
         load_task(tmp_path / "missing.jsonl", CharTokenizer())
     with pytest.raises(DataError, match="is empty"):
         task_from_texts("x", [], CharTokenizer())
+
+
+# --- targets predicted from padding ---------------------------------------------------------------
+
+
+def test_the_first_token_is_never_a_target_whatever_the_side():
+    examples = [Example((5, 6, 7), 0, 0), Example((9,), 0, 1)]
+    for side in ("right", "left"):
+        batch = make_batch(examples, 2, 6, side=side)
+        np.testing.assert_array_equal(num_active_tokens(batch.labels), [2, 0], err_msg=side)
+        np.testing.assert_array_equal(num_active_tokens(batch.labels, batch.attention_mask), [2, 0], err_msg=side)
+        real = batch.labels[batch.labels != IGNORE]
+        np.testing.assert_array_equal(real, [6, 7])
+    right, left = (make_batch(examples, 2, 6, side=s) for s in ("right", "left"))
+    np.testing.assert_array_equal(right.labels[0, :3], left.labels[0, 3:])
+
+
+def test_predicted_labels_need_a_real_token_before_them():
+    labels = np.array([[4, 5, 6, 7, 8, 9], [4, 5, 6, 7, 8, 9]], np.int32)
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 0, 1, 1, 0]], np.int32)  # left padding; a hole and right padding
+    want = np.array([[IGNORE, IGNORE, IGNORE, 7, 8, 9], [IGNORE, 5, IGNORE, IGNORE, 8, IGNORE]], np.int32)
+    ours = predicted_labels(labels, mask)
+    assert isinstance(ours, np.ndarray) and ours.dtype == np.int32
+    np.testing.assert_array_equal(ours, want)
+    in_jit = jax.jit(predicted_labels)(labels, mask)
+    assert isinstance(in_jit, jax.Array) and in_jit.dtype == np.int32
+    np.testing.assert_array_equal(in_jit, want)
+    np.testing.assert_array_equal(num_active_tokens(labels, mask), [3, 2])
+    np.testing.assert_array_equal(jax.jit(num_active_tokens)(labels, mask), [3, 2])
+
+
+# --- task files -----------------------------------------------------------------------------------
+
+
+def test_suffix_in_any_case_and_line_endings(tmp_path):
+    f = tmp_path / "T.JSONL"
+    f.write_bytes(b'\xef\xbb\xbf{"text": "ab"}\r\n{"prompt": "1+1=", "completion": "2\\n"}\r\n')
+    task = load_task(f, CharTokenizer())
+    assert task.name == "T" and [len(e.tokens) for e in task.examples] == [3, 7] and task.examples[1].prompt_len == 5
+    assert task.examples[1].tokens[-1] == ord("\n") + 3  # an escaped newline inside a JSON string is text
+    g = tmp_path / "t.TXT"
+    g.write_bytes(b"a\tb\r\n\r\nc\n")
+    assert [(e.tokens, e.sample_id) for e in load_task(g, CharTokenizer()).examples] == [
+        ((1, ord("a") + 3, ord("\t") + 3, ord("b") + 3), 0),
+        ((1, ord("c") + 3), 2),
+    ]
+
+
+@pytest.mark.parametrize(
+    "file, content, message",
+    [
+        ("t.json", b'{"text": "a"}\n', r"t\.json: unsupported task file format '\.json'; use \.jsonl .* or \.txt"),
+        ("t", b"abc\n", r"t: unsupported task file format \(no suffix\)"),
+        ("t.jsonl", b'{"text": null}\n', r"t\.jsonl:1: field 'text' must be a string, got null"),
+        ("t.jsonl", b'{"text": 12345}\n', r"t\.jsonl:1: field 'text' must be a string, got a number"),
+        ("t.jsonl", b'{"text": "a"}\n{"prompt": "x", "completion": ["a"]}\n', r"t\.jsonl:2: field 'completion' must be a string, got an array"),
+        ("t.jsonl", b'{"text": "a\\u0000b"}\n', r"t\.jsonl:1: field 'text' contains a NUL byte"),
+        ("t.txt", b"ok\nx\x00y\n", r"t\.txt:2: the line contains a NUL byte"),
+        ("t.txt", b"a\x0bb\n", r"t\.txt:1: the line contains control character U\+000B"),
+        ("t.txt", b"ok\n\xff\n", r"t\.txt:2: not UTF-8 text \(byte 3\)"),
+    ],
+)
+def test_refused_task_files(tmp_path, file, content, message):
+    (tmp_path / file).write_bytes(content)
+    with pytest.raises(DataError, match=message) as err:
+        load_task(tmp_path / file, CharTokenizer())
+    assert "\n" not in str(err.value)
+
+
+def test_longer_than_the_model_is_refused_unless_truncating(tmp_path):
+    f = _write(tmp_path / "t.jsonl", [json.dumps({"text": "abc"}), json.dumps({"text": "x" * 20}), json.dumps({"prompt": "p" * 9, "completion": "c" * 3})])
+    with pytest.raises(DataError, match=r"t\.jsonl:2: the sample has 21 tokens, more than the model's 10 positions; .*--truncate"):
+        load_task(f, CharTokenizer(), max_positions=10)
+    with pytest.raises(DataError, match=r"t\.jsonl:2: .* 12 tokens, more than the model's 10"):  # max_length hides nothing
+        load_task(f, CharTokenizer(), max_positions=10, max_length=12)
+    with pytest.warns(UserWarning, match=r"t\.jsonl: 2 sample\(s\) cut to the length limit \(ids 1, 2\)"):
+        task = load_task(f, CharTokenizer(), max_positions=10, truncate=True)
+    assert [len(e.tokens) for e in task.examples] == [4, 10, 10] and task.truncated == (1, 2)
+    assert [e.prompt_len for e in task.examples] == [0, 0, 10]  # all prompt after the cut: skipped when collected
+    with pytest.warns(UserWarning, match="2 sample"):
+        cut = load_task(f, CharTokenizer(), max_positions=10, max_length=8)  # the user's own cut, within the model
+    assert [len(e.tokens) for e in cut.examples] == [4, 8, 8] and cut.truncated == (1, 2)
+    assert cut.subset([2, 0]).truncated == (2,)
+    assert load_task(f, CharTokenizer(), max_positions=21).truncated == ()
+    with pytest.raises(ConfigError, match="max_positions must be a positive number"):
+        load_task(f, CharTokenizer(), max_positions=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +171,135 @@ def test_nan_weights_and_oversized_tokenizer(hf_checkpoint, tmp_path):
     _tokenizer(VOCAB + 20).save_pretrained(d)
     with pytest.raises(CheckpointError, match=rf"tokenizer has 11\d tokens but the model.s vocabulary has {VOCAB}"):
         fisherjax.load_pretrained(d)
+
+
+# ---- configs real checkpoints ship are accepted as they are ------------------------------------
+
+REAL_CONFIGS = {
+    # original LLaMA (transformers 4.28 conversion): pad_token_id -1, no max_position_embeddings
+    "llama-1": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "bos_token_id": 0, "eos_token_id": 1,
+                "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 11008, "initializer_range": 0.02,
+                "max_sequence_length": 2048, "num_attention_heads": 32, "num_hidden_layers": 32, "pad_token_id": -1,
+                "rms_norm_eps": 1e-06, "torch_dtype": "float16", "use_cache": True, "vocab_size": 32000},
+    "llama-2": {"model_type": "llama", "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096,
+                "intermediate_size": 11008, "max_position_embeddings": 4096, "num_attention_heads": 32,
+                "num_hidden_layers": 32, "num_key_value_heads": 32, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+                "rope_scaling": None, "tie_word_embeddings": False, "vocab_size": 32000},
+    "llama-3.1": {"model_type": "llama", "attention_bias": False, "bos_token_id": 128000,
+                  "eos_token_id": [128001, 128008, 128009], "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+                  "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False,
+                  "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+                  "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                  "rope_theta": 500000.0, "tie_word_embeddings": False, "vocab_size": 128256},
+    "mistral-7b": {"model_type": "mistral", "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096,
+                   "intermediate_size": 14336, "max_position_embeddings": 32768, "num_attention_heads": 32,
+                   "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+                   "sliding_window": 4096, "tie_word_embeddings": False, "vocab_size": 32000},
+    "qwen2-0.5b": {"model_type": "qwen2", "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu",
+                   "hidden_size": 896, "intermediate_size": 4864, "max_position_embeddings": 131072,
+                   "max_window_layers": 24, "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+                   "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": True,
+                   "use_sliding_window": False, "vocab_size": 151936},
+    "qwen2.5-yarn": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14,
+                     "num_hidden_layers": 24, "num_key_value_heads": 2, "vocab_size": 151936, "rope_theta": 1000000.0,
+                     "max_position_embeddings": 32768, "sliding_window": None, "use_sliding_window": False,
+                     "rope_scaling": {"factor": 4.0, "original_max_position_embeddings": 32768, "type": "yarn"}},
+    "pythia-70m": {"model_type": "gpt_neox", "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "gelu", "hidden_size": 512,
+                   "intermediate_size": 2048, "layer_norm_eps": 1e-05, "max_position_embeddings": 2048,
+                   "num_attention_heads": 8, "num_hidden_layers": 6, "rotary_emb_base": 10000, "rotary_pct": 0.25,
+                   "tie_word_embeddings": False, "use_parallel_residual": True, "vocab_size": 50304},
+    "gpt2": {"model_type": "gpt2", "activation_function": "gelu_new", "bos_token_id": 50256, "eos_token_id": 50256,
+             "layer_norm_epsilon": 1e-05, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_inner": None, "n_layer": 12,
+             "n_positions": 1024, "scale_attn_weights": True, "summary_activation": None, "vocab_size": 50257},
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_CONFIGS))
+def test_configs_real_checkpoints_ship_are_accepted(name):
+    config = from_hf_dict(REAL_CONFIGS[name])
+    assert config.num_layers == REAL_CONFIGS[name].get("num_hidden_layers", REAL_CONFIGS[name].get("n_layer"))
+    if name == "llama-1":
+        assert config.pad_token_id is None and config.max_position_embeddings == 2048
+    if name == "llama-3.1":
+        assert config.rope.rope_type == "llama3" and dict(config.rope.scaling)["original_max_position_embeddings"] == 8192
+        assert config.eos_token_id == 128001 and config.kv_groups == 4
+    if name == "qwen2.5-yarn":
+        assert config.rope.rope_type == "yarn" and config.sliding_windows == (0,) * 24
+    if name == "pythia-70m":
+        assert config.rope.rotary_dim == 16 and config.rope.theta == 10000.0 and config.parallel_residual
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "qwen2", "gpt_neox"])
+def test_transformers_default_configs_are_accepted(kind):
+    import transformers as tf
+
+    classes = {"gpt2": tf.GPT2Config, "llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+               "gpt_neox": tf.GPTNeoXConfig}
+    from_hf_dict(classes[kind]().to_dict())
+    from_hf_dict(json.loads(classes[kind]().to_json_string(use_diff=True)) | {"model_type": kind})
+
+
+def test_supported_activations_equal_transformers_own():
+    """Every activation a config may name computes what transformers' ACT2FN computes."""
+    from transformers.activations import ACT2FN
+
+    from fisherjax.config import SUPPORTED_ACTIVATIONS
+    from fisherjax.models.common import activation
+
+    x = np.linspace(-6, 6, 97, dtype=np.float32)
+    for name in SUPPORTED_ACTIVATIONS:
+        expected = ACT2FN[name](torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(np.asarray(activation(name)(x)), expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# ---- weights: floating dtypes are cast, links stay inside the checkpoint ------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_floating_dtypes_are_accepted_and_cast(hf_checkpoint, tmp_path, dtype):
+    import copy
+
+    _, torch_model = hf_checkpoint("qwen2")
+    copy.deepcopy(torch_model).to(dtype).save_pretrained(tmp_path)
+    model = fisherjax.load_pretrained(tmp_path)
+    kernel = model.params["layers"]["self_attn"]["k_proj"]["kernel"]
+    assert kernel.dtype == np.float32
+    stored = torch_model.model.layers[1].self_attn.k_proj.weight.detach().to(dtype).to(torch.float32).numpy()
+    np.testing.assert_array_equal(np.asarray(kernel[1]), stored.T)
+
+
+def test_shards_in_a_subfolder_and_hub_cache_links_are_inside(hf_checkpoint, tmp_path):
+    """Shards named by a relative path below the directory load; so does a Hugging Face hub
+    snapshot, whose files are links into the hub's blobs/ folder."""
+    source, torch_model = hf_checkpoint("llama")
+    d = tmp_path / "sub"
+    (d / "weights").mkdir(parents=True)
+    shutil.copy(source / "config.json", d)
+    shutil.copy(source / "model.safetensors", d / "weights" / "all.safetensors")
+    from safetensors.numpy import load_file
+
+    names = sorted(load_file(source / "model.safetensors"))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "weights/all.safetensors" for k in names}}))
+    reference = fisherjax.load_pretrained(source)
+    np.testing.assert_array_equal(fisherjax.load_pretrained(d).params["embed"]["embedding"], reference.params["embed"]["embedding"])
+
+    hub = tmp_path / "hub" / "models--org--tiny"
+    snapshot, blobs = hub / "snapshots" / "0123abc", hub / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source / name, blobs / f"sha-{name}")
+        (snapshot / name).symlink_to(Path("..") / ".." / "blobs" / f"sha-{name}")
+    np.testing.assert_array_equal(fisherjax.load_pretrained(snapshot).params["embed"]["embedding"], reference.params["embed"]["embedding"])
+
+
+def test_mistral_sliding_window_defaults_follow_transformers():
+    """An absent sliding_window is transformers' default (4096); null means full attention."""
+    import transformers as tf
+
+    base = {"model_type": "mistral", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 16}
+    for raw in (base, base | {"sliding_window": None}, base | {"sliding_window": 5}):
+        reference = tf.MistralConfig(**{k: v for k, v in raw.items() if k != "model_type"}).sliding_window
+        assert from_hf_dict(raw).sliding_windows == (reference or 0,)

@@ -1,10 +1,15 @@
-"""The token loss and its hand-written VJP against plain autodiff of log-softmax."""
+"""The token loss and its hand-written VJP against plain autodiff of log-softmax; the labels that
+count (a target predicted from padding never does) in every path that computes a loss."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from fisherjax.grads import token_nll
+from conftest import tiny_config
+from fisherjax import Model, collect
+from fisherjax.data import IGNORE, Example, make_batch, predicted_labels
+from fisherjax.grads import per_sample_grads, sample_losses, site_grads, token_nll
 
 
 def reference_nll(logits, labels):
@@ -47,3 +52,63 @@ def test_vmapped_per_sample_gradient_and_low_precision_logits():
     half = jax.grad(lambda z: token_nll(z, labels).sum())(logits.astype(jnp.bfloat16))
     assert half.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(half, np.float32), jax.grad(lambda z: reference_nll(z, labels).sum())(logits), atol=2e-2)
+
+
+# --- targets predicted from padding never count, whoever built the batch -------------------------
+
+@pytest.fixture(scope="module")
+def model():
+    return Model.init(tiny_config("llama"), seed=0)
+
+
+def _hand_built_pair():
+    """A left-padded batch built by hand with labels on every real token (the first included) and
+    on padding, and the batch ``make_batch`` builds from the same samples."""
+    examples = [Example((5, 6, 7, 8), 0, 0), Example((9, 10), 0, 1), Example((11, 12, 13, 14, 15, 16), 2, 2)]
+    right = make_batch(examples, 4, 8, side="left")
+    labels = np.where(right.attention_mask == 1, right.input_ids, 17).astype(np.int32)  # 17: a label on padding
+    labels[2, 2:4] = IGNORE  # the prompt stays masked
+    labels[3] = IGNORE  # filler row
+    return right._replace(labels=labels), right
+
+
+def test_predicted_labels_drop_targets_of_padding():
+    hand, made = _hand_built_pair()
+    assert (hand.labels != made.labels).any()
+    np.testing.assert_array_equal(predicted_labels(hand.labels, hand.attention_mask), made.labels)
+    np.testing.assert_array_equal(jax.jit(predicted_labels)(hand.labels, hand.attention_mask), made.labels)
+
+
+def test_hand_built_left_padding_gives_the_corrected_losses_and_gradients(model):
+    hand, made = _hand_built_pair()
+    a = per_sample_grads(model, model.params, hand)
+    b = per_sample_grads(model, model.params, made)
+    np.testing.assert_array_equal(a.tokens, [3, 1, 4, 0])
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), a.grads, b.grads)
+    args = lambda x: (x.input_ids, x.attention_mask, x.labels)  # noqa: E731
+    for ours, ref in zip(sample_losses(model, model.params, *args(hand)), sample_losses(model, model.params, *args(made))):
+        np.testing.assert_allclose(ours, ref, rtol=1e-6)
+    sa, sb = site_grads(model, model.params, *args(hand)), site_grads(model, model.params, *args(made))
+    np.testing.assert_array_equal(sa.tokens, b.tokens)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), (sa.deltas, sa.losses), (sb.deltas, sb.losses))
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "true", "per_token"])
+def test_hand_built_left_padding_gives_the_corrected_fisher(model, fisher_type):
+    hand, made = _hand_built_pair()
+    run = lambda b: collect(  # noqa: E731
+        model, [b], task="t", progress=False, diagonal=True, fisher_type=fisher_type, key=jax.random.key(3),
+        keep_sample_grads=("layers/self_attn/q_proj/kernel",),
+    )
+    a, b = run(hand), run(made)
+    assert (a.n_samples, a.n_tokens) == (b.n_samples, b.n_tokens) == (3, 8)
+    np.testing.assert_allclose(a.total_loss, b.total_loss, rtol=1e-6)
+    close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-9)  # noqa: E731
+    jax.tree.map(close, a.group_fisher, b.group_fisher)
+    jax.tree.map(close, a.diagonal, b.diagonal)
+    jax.tree.map(close, a.sample_grads.grads, b.sample_grads.grads)
+    contributions = lambda f: {p: np.asarray(f.sample_grads.contributions[p]) for p in f.sample_grads.paths}  # noqa: E731
+    jax.tree.map(close, contributions(a), contributions(b))
+    np.testing.assert_array_equal(a.sample_grads.tokens, [3, 1, 4])

@@ -95,7 +95,7 @@ def head_pruning_experiment(
                 _masked_loss_sums(model, unit, params, jnp.asarray(keeps), batch.input_ids, batch.attention_mask, batch.labels),
                 np.float64,
             )
-            tokens += int(num_active_tokens(batch.labels).sum())
+            tokens += int(num_active_tokens(batch.labels, batch.attention_mask).sum())
         if tokens == 0:
             raise DataError(f"task {task!r} has no predicted tokens in its evaluation batches")
         losses = sums / tokens

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from fisherjax.data import IGNORE, Task, batches, load_task
+from fisherjax.data import IGNORE, Task, batches, load_task, predicted_labels
 from fisherjax.errors import DataError
 from fisherjax.grads import token_nll
 
@@ -78,7 +78,7 @@ def completion_scores(
 
 @jax.jit(static_argnums=0)
 def _score_batch(model, params, input_ids, attention_mask, labels):
-    return completion_scores(model.apply(params, input_ids, attention_mask), labels)
+    return completion_scores(model.apply(params, input_ids, attention_mask), predicted_labels(labels, attention_mask))
 
 
 def evaluate(model: Model, params: dict, task: Task | str, batch_size: int = 64) -> dict[str, float]:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fisherjax import backend
-from fisherjax.data import IGNORE, Batch
+from fisherjax.data import IGNORE, Batch, num_active_tokens, predicted_labels
 from fisherjax.fisher.accumulate import ema_init, ema_update, welford_init, welford_update
 from fisherjax.fisher.diagonal import diagonal_update, materialised_walk
 from fisherjax.fisher.groups import group_sizes, marginals_of, reduce_groups
@@ -127,6 +127,9 @@ def step_function(model, plan: StepPlan) -> Callable:
 
     def step(params, state, ids, mask, labels, sample_ids, key, position):
         batch, seq = ids.shape
+        # the labels that count, once: T_i, losses, the data cotangent, the true Fisher's draws and
+        # the per-token pullbacks all see them (a target predicted from padding never counts)
+        labels = predicted_labels(labels, mask)
         key = jax.random.fold_in(jax.random.fold_in(key, position[0]), position[1])
         taps = model.zero_taps(batch, seq)
 
@@ -135,7 +138,7 @@ def step_function(model, plan: StepPlan) -> Callable:
             return out.logits, out.recorded
 
         logits, pullback, recorded = jax.vjp(forward, taps, has_aux=True)
-        tokens = (labels[:, 1:] != IGNORE).sum(-1)
+        tokens = num_active_tokens(labels)
         losses = token_nll(logits, labels).sum(-1)
         cotangent = data_cotangent(logits, labels)
         deltas = pullback(cotangent)[0]

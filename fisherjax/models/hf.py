@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from fisherjax.config import DecoderConfig, read_hf_config
-from fisherjax.errors import CheckpointError, FisherjaxError
+from fisherjax.errors import CheckpointError, ConfigError, FisherjaxError, one_line
 from fisherjax.layout import flatten, layout_for, unflatten
 from fisherjax.models.decoder import Decoder
 from fisherjax.models.model import Model
@@ -100,12 +101,102 @@ def _to_hf(table: NameTable, path: str, array: np.ndarray) -> np.ndarray:
     return _to_flax(table, path, array)  # a transpose is its own inverse
 
 
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+"""Storage dtypes accepted for parameters (safetensors' names); each is cast to the requested
+dtype. Integers, booleans, complex and float8 (whose meaning needs scales stored beside it) are
+refused, naming the tensor: read as floats they would be silently wrong numbers."""
+
+SHOWN = 5
+"""Problems named in one error message before "and N more"."""
+
+
+def _listed(items: list[str], shown: int = SHOWN, sep: str = "; ") -> str:
+    """``a; b; c and N more``: the first ``shown`` items and how many were left out."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return sep.join(items[:shown]) + more
+
+
+def _inside(directory: Path, file: Path) -> bool:
+    """Whether ``file``, symlinks resolved, lies inside ``directory``.
+
+    A Hugging Face hub snapshot (``…/snapshots/<revision>/``) keeps its files as links into the
+    hub's ``blobs/`` folder beside it, so for such a directory that folder counts as inside.
+    """
+    roots = {directory.resolve()}
+    for d in (directory.absolute(), directory.resolve()):
+        if d.parent.name == "snapshots":
+            roots.add((d.parent.parent / "blobs").resolve())
+    target = file.resolve()
+    return any(target.is_relative_to(root) for root in roots)
+
+
+def _index_shards(index: Path, directory: Path) -> list[str]:
+    """The shard files a ``model.safetensors.index.json`` names, each checked to be a file inside
+    the checkpoint directory."""
+    try:
+        raw = json.loads(index.read_bytes().decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"{index}: not a readable safetensors index ({one_line(err, 200)}); fix or remove the file") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        got = "no weight_map" if not isinstance(raw, dict) or "weight_map" not in raw else f"weight_map={_show(weight_map)}"
+        raise CheckpointError(
+            f"{index}: not a valid safetensors index ({got}); it needs a non-empty object \"weight_map\" "
+            "mapping tensor names to shard files — fix or remove the file"
+        )
+    bad = [f"{k!r}: {_show(v)}" for k, v in weight_map.items() if not isinstance(v, str) or not v or "\0" in v]
+    if bad:
+        raise CheckpointError(f"{index}: weight_map values must be shard file names, got {_listed(bad, 3, ', ')}; fix the file")
+    files = sorted(set(weight_map.values()))
+    outside = [f if str((directory / f).resolve()) == f else f"{f} (resolves to {(directory / f).resolve()})"
+               for f in files if not _inside(directory, directory / f)]
+    if outside:
+        raise CheckpointError(
+            f"{index}: names shard(s) outside the checkpoint directory: {_listed(outside, 3, ', ')}; every shard must be a "
+            f"file inside {directory} — move it there and name it by its relative path"
+        )
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{index}: names shard(s) that do not exist: {_listed(missing, 3, ', ')}; restore them or fix the index"
+        )
+    return files
+
+
+def _show(value) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None), list, dict)) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _torch_error(file: Path, err: BaseException) -> str:
+    """One line for a ``torch.load(weights_only=True)`` failure, without PyTorch's advice to
+    retry with ``weights_only=False`` (which would run whatever the file holds)."""
+    text = str(err)
+    blocked = re.search(r"GLOBAL ([\w.]+)", text)
+    if blocked:
+        return (f"{file}: refused to unpickle: it asks to call {blocked.group(1)}, which plain weights never do "
+                "(the file may be malicious; nothing in it was run); do not use it, or convert trusted weights to safetensors")
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(boilerplate)]
+    if lines:
+        reason = lines[0]
+    elif isinstance(err, EOFError):
+        reason = "empty or truncated file"
+    else:
+        reason = type(err).__name__
+    return (f"{file}: cannot be read as PyTorch weights ({one_line(reason, 200)}); the file is corrupt or not a saved "
+            "state dict — re-download it, or convert the checkpoint to safetensors")
+
+
 class _TensorSource:
-    """Lazy access to every tensor of a checkpoint directory, across shards."""
+    """Lazy access to every tensor of a checkpoint directory, across shards.
+
+    Every weight file must lie inside the checkpoint directory once symlinks are resolved (see
+    :func:`_inside`), whether a sharded index names it or it is found there; a tensor stored in two
+    shards is an error.
+    """
 
     def __init__(self, directory: Path, allow_pickle: bool):
-        from safetensors import safe_open
-
         self.directory = directory
         self.location: dict[str, Path] = {}
         self._handles = {}
@@ -113,64 +204,133 @@ class _TensorSource:
         index = directory / "model.safetensors.index.json"
         single = directory / "model.safetensors"
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
-            files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not (directory / f).exists()]
-            if missing:
-                raise CheckpointError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}")
+            files = _index_shards(index, directory)
         elif single.exists():
             files = [single.name]
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
         if files:
-            for name in files:
-                file = directory / name
-                try:
-                    handle = safe_open(str(file), framework="numpy")
-                except Exception as err:  # safetensors raises its own error types for bad headers
-                    raise CheckpointError(f"{file}: cannot read safetensors file ({err})") from None
-                self._handles[file] = handle
-                for key in handle.keys():
-                    self.location[key] = file
+            self._open_safetensors([directory / name for name in files])
             return
         bins = sorted(directory.glob("pytorch_model*.bin"))
         if not bins:
-            raise CheckpointError(f"{directory}: no model.safetensors, sharded index or *.safetensors file found")
+            raise CheckpointError(
+                f"{directory}: no model.safetensors, sharded index or *.safetensors file found; "
+                "pass a Hugging Face checkpoint directory"
+            )
         if not allow_pickle:
             raise CheckpointError(
                 f"{bins[0]}: pickle-based weights are refused (they can run arbitrary code); convert the "
-                "checkpoint to safetensors or pass allow_pickle=True to load it with torch.load(weights_only=True)"
+                "checkpoint to safetensors, or pass --allow-pickle (allow_pickle=True in Python) to load it with "
+                "torch.load(weights_only=True)"
             )
+        self._load_torch(bins)
+
+    def _check_inside(self, file: Path) -> None:
+        if not _inside(self.directory, file):
+            raise CheckpointError(
+                f"{file}: links to {file.resolve()}, outside the checkpoint directory; weights are read only from "
+                f"inside {self.directory} — copy the file there"
+            )
+
+    def _add(self, key: str, file: Path) -> None:
+        if key in self.location and self.location[key] != file:
+            raise CheckpointError(
+                f"{self.directory}: tensor {key} is stored twice, in {self.location[key].name} and {file.name}; "
+                "remove one copy"
+            )
+        self.location[key] = file
+
+    def _open_safetensors(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        for file in files:
+            self._check_inside(file)
+            try:
+                handle = safe_open(str(file), framework="numpy")
+            except Exception as err:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(
+                    f"{file}: cannot read safetensors file ({one_line(err, 200)}); the file is damaged or truncated, "
+                    "re-download or re-export it"
+                ) from None
+            self._handles[file] = handle
+            for key in handle.keys():
+                self._add(key, file)
+
+    def _load_torch(self, bins: list[Path]) -> None:
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(f"{bins[0]}: reading .bin weights needs torch, which is not installed") from None
         self._torch_state = {}
         for file in bins:
+            self._check_inside(file)
             try:
-                import torch
-            except ImportError:
-                raise CheckpointError(f"{file}: reading .bin weights needs torch, which is not installed") from None
-            state = torch.load(file, map_location="cpu", weights_only=True)
+                state = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as err:  # pickle, zip and torch errors of every kind for a bad file
+                raise CheckpointError(_torch_error(file, err)) from None
+            if not isinstance(state, dict):
+                raise CheckpointError(
+                    f"{file}: holds a {type(state).__name__}, not a state dict of named tensors; save the model's "
+                    "state_dict(), or convert the checkpoint to safetensors"
+                )
+            odd = [f"{k!r} ({type(v).__name__})" for k, v in state.items()
+                   if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+            if odd:
+                raise CheckpointError(
+                    f"{file}: not a flat state dict of named tensors: {_listed(odd, 3, ', ')}; save the model's state_dict(), "
+                    "or convert the checkpoint to safetensors"
+                )
             for key, value in state.items():
-                self._torch_state[key] = value.float().numpy() if value.is_floating_point() else value.numpy()
-                self.location[key] = file
+                self._torch_state[key] = value
+                self._add(key, file)
 
     def keys(self) -> Iterator[str]:
         return iter(self.location)
 
-    def get(self, name: str) -> np.ndarray:
+    def dtype(self, name: str) -> str:
+        """The tensor's storage dtype in safetensors' naming (``F32``, ``BF16``, ``I32``, ``BOOL`` ...)."""
         if self._torch_state is not None:
-            return self._torch_state[name]
+            dtype = self._torch_state[name].dtype
+            return _TORCH_DTYPES.get(str(dtype), str(dtype).removeprefix("torch."))
+        return self._handles[self.location[name]].get_slice(name).get_dtype()
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as a numpy float array (bfloat16 widened to float32)."""
         file = self.location[name]
         try:
-            return self._handles[file].get_tensor(name)
+            if self._torch_state is not None:
+                return self._torch_state[name].float().numpy()
+            value = self._handles[file].get_tensor(name)
         except Exception as err:
-            raise CheckpointError(f"{file}: tensor {name!r} cannot be read, the file may be truncated ({err})") from None
+            raise CheckpointError(f"{file}: tensor {name!r} cannot be read, the file may be truncated ({one_line(err, 200)})") from None
+        return value if np.issubdtype(value.dtype, np.floating) else value.astype(np.float32)
 
     def shape(self, name: str) -> tuple[int, ...]:
         if self._torch_state is not None:
             return tuple(self._torch_state[name].shape)
         return tuple(self._handles[self.location[name]].get_slice(name).get_shape())
+
+
+_TORCH_DTYPES = {
+    "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float32": "F32", "torch.float64": "F64",
+    "torch.int8": "I8", "torch.int16": "I16", "torch.int32": "I32", "torch.int64": "I64", "torch.uint8": "U8",
+    "torch.bool": "BOOL", "torch.complex64": "C64",
+}
+"""torch dtypes in safetensors' naming, so a .bin and a .safetensors file get the same message."""
+
+
+def _checkpoint_layers(table: NameTable, keys) -> int:
+    """How many layers the checkpoint's tensor names cover (highest layer index + 1)."""
+    prefixes = tuple(f"{p}." for p in {table.layers, table.layers.split(".", 1)[-1]})
+    count = 0
+    for key in keys:
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                head = key[len(prefix):].split(".", 1)[0]
+                if head.isdigit():
+                    count = max(count, int(head) + 1)
+    return count
 
 
 def abstract_params(config: DecoderConfig) -> dict:
@@ -190,14 +350,18 @@ def load_pretrained(
 
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` (or a sharded
-        ``model.safetensors.index.json``), and tokenizer files when present.
-      dtype: parameter dtype (float32 by default, whatever the checkpoint stores).
-      allow_pickle: accept ``pytorch_model.bin`` (loaded with ``torch.load(weights_only=True)``).
+        ``model.safetensors.index.json`` whose shards lie inside the directory), and tokenizer
+        files when present.
+      dtype: parameter dtype (float32 by default); the checkpoint may store F32, F16, BF16 or F64.
+      allow_pickle: accept ``pytorch_model.bin`` (loaded with ``torch.load(weights_only=True)``,
+        which never runs code from the file).
       load_tokenizer: also load the tokenizer when the directory has one.
 
     Raises:
-      ConfigError: unknown architecture or unusable config.
-      CheckpointError: missing, truncated, unexpected, mis-shaped or non-finite tensors.
+      ConfigError: unknown architecture or a config.json with bad fields (all listed at once).
+      CheckpointError: missing, truncated, unexpected, mis-shaped, non-floating or non-finite
+        tensors; an index naming files outside the directory; unreadable pickles or tokenizers.
+      Every message is one line that starts with the file or directory it is about.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -206,11 +370,15 @@ def load_pretrained(
     table = NAME_TABLES[config.family]
     source = _TensorSource(directory, allow_pickle)
     expected = flatten(abstract_params(config))
-    flat, hf_names, problems, used = {}, {}, [], set()
+    flat, hf_names, problems, not_float, used = {}, {}, [], [], set()
+    have = _checkpoint_layers(table, source.keys())
+    if config.num_layers > have:
+        problems.append(f"config.json asks for {config.num_layers} layers, the checkpoint holds {have}")
+    scanned = range(min(config.num_layers, have + 1))  # one layer past the checkpoint's names its missing tensors
 
     for path_, abstract in expected.items():
         stacked = path_.startswith("layers/")
-        layers = range(config.num_layers) if stacked else [None]
+        layers = scanned if stacked else [None]
         pieces, names = [], []
         for layer in layers:
             candidates = _hf_candidates(table, path_, layer)
@@ -224,8 +392,11 @@ def load_pretrained(
             if _hf_shape(table, path_, source.shape(name)) != tuple(want):
                 problems.append(f"tensor {name} has shape {source.shape(name)}, config implies {_hf_shape(table, path_, want)}")
                 continue
+            if source.dtype(name) not in FLOAT_DTYPES:
+                not_float.append((name, source.dtype(name), source.location[name]))
+                continue
             pieces.append(_to_flax(table, path_, source.get(name)))
-        if len(pieces) == len(layers):
+        if len(pieces) == (config.num_layers if stacked else 1):
             value = np.stack(pieces) if stacked else pieces[0]
             flat[path_] = value
             hf_names[path_] = names
@@ -237,11 +408,25 @@ def load_pretrained(
         shown = ", ".join(unexpected[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
         problems.append(f"tensors the config does not account for: {shown}")
     if problems:
-        raise CheckpointError(f"{directory}: checkpoint and config.json disagree:\n  " + "\n  ".join(problems))
+        raise CheckpointError(
+            f"{directory}: checkpoint and config.json disagree ({len(problems)} problem{'s' * (len(problems) > 1)}): "
+            f"{_listed(problems)}; check that config.json belongs to these weights"
+        )
+    if not_float:
+        files = {file for _, _, file in not_float}
+        where = str(files.pop()) if len(files) == 1 else str(directory)
+        bad = [f"{name} is {dt}" + (f" (in {file.name})" if where == str(directory) else "") for name, dt, file in not_float]
+        raise CheckpointError(
+            f"{where}: parameters stored with a non-floating dtype: {_listed(bad, sep=', ')}; parameters must be "
+            f"{', '.join(FLOAT_DTYPES)} — the file is damaged or not these weights, re-export it with float tensors"
+        )
 
-    nonfinite = [p for p, v in flat.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+    nonfinite = [p for p, v in flat.items() if not np.isfinite(v).all()]
     if nonfinite:
-        raise CheckpointError(f"{directory}: NaN or inf in parameters: {', '.join(nonfinite)}")
+        raise CheckpointError(
+            f"{directory}: NaN or inf in parameters: {_listed(nonfinite, sep=', ')}; the weights are damaged or diverged, "
+            "re-download or re-export them"
+        )
 
     params = jax.tree.map(lambda v: jnp.asarray(v, dtype=dtype), unflatten(flat))
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(params=0))))
@@ -270,12 +455,31 @@ def _load_tokenizer(directory: Path, config: DecoderConfig):
 
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as err:  # transformers raises many types for broken tokenizer files
-        raise CheckpointError(f"{directory}: tokenizer files present but unreadable ({err})") from None
+        _blame_config(directory)
+        raise CheckpointError(
+            f"{directory}: tokenizer files present but transformers cannot load them ({one_line(err, 200)}); "
+            "fix or remove tokenizer.json / tokenizer_config.json"
+        ) from None
     if len(tokenizer) > config.vocab_size:
         raise CheckpointError(
-            f"{directory}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {config.vocab_size}"
+            f"{directory}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {config.vocab_size}; "
+            "the tokenizer files belong to another model, use the ones this model was trained with"
         )
     return tokenizer
+
+
+def _blame_config(directory: Path) -> None:
+    """transformers reads config.json while loading a tokenizer: when it is config.json that
+    transformers cannot read, say so instead of blaming the tokenizer files."""
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except Exception as err:  # as above: any failure here is config.json's
+        raise ConfigError(
+            f"{directory / 'config.json'}: transformers cannot read it ({one_line(err, 200)}), so the tokenizer cannot be "
+            "loaded either; fix the file"
+        ) from None
 
 
 def to_hf_tensors(model: Model, params: dict | None = None) -> dict[str, np.ndarray]:
