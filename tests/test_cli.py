@@ -31,6 +31,9 @@ def test_analyze_writes_the_output_directory(tiny_checkpoint, tmp_path, capsys):
     assert _analyze(tiny_checkpoint, out, "--phases", "fisher") == 0
     results = json.loads((out / "results.json").read_text())
     assert results["model"]["layers"] == 2 and results["model"]["kv_heads"] == 2
+    env = results["environment"]  # what the numbers were computed with
+    assert {"fisherjax", "jax", "jaxlib", "flax", "transformers", "numpy"} <= set(env["versions"]) and env["backend"] == "cpu"
+    assert env["devices"][0]["platform"] == "cpu" and (env["git"] is None or len(env["git"]["commit"]) == 40)
     assert results["fisher"]["add"]["samples"] == 12 and results["fisher"]["words"]["samples"] == 10
     assert 0 < results["fisher"]["add"]["loss_per_token"] < 10
     groups = np.load(out / "group_fisher.npz")
