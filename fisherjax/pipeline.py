@@ -139,7 +139,6 @@ def load_inputs(config: AnalysisConfig) -> tuple[Model, dict[str, Task]]:
         model_dir, task_files = Path(config.model), config.tasks
     if not task_files:
         raise DataError("no tasks given: pass --task NAME=FILE (at least one)")
-    outdir.check_task_names([n for n, _ in task_files])
     model = load_pretrained(model_dir, allow_pickle=config.allow_pickle)
     if model.tokenizer is None:
         raise DataError(f"{model_dir}: the checkpoint has no tokenizer files, so text tasks cannot be encoded")
@@ -447,14 +446,14 @@ def _version() -> str:
 
 
 def parse_task_args(values: Sequence[str]) -> tuple[tuple[str, Path], ...]:
-    """``["math=tasks/math.jsonl", ...]`` → ``(("math", Path(...)), ...)``; names checked
-    (:func:`fisherjax.outdir.check_task_name`)."""
+    """``["math=tasks/math.jsonl", ...]`` → ``(("math", Path(...)), ...)`` (the names are checked by
+    :class:`AnalysisConfig`)."""
     out = []
     for v in values:
         name, sep, file = v.partition("=")
         if not sep or not name or not file:
             raise DataError(f"--task expects NAME=FILE, got {v!r}")
-        out.append((outdir.check_task_name(name), Path(file)))
+        out.append((name, Path(file)))
     return tuple(out)
 
 

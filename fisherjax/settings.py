@@ -45,6 +45,14 @@ def with_overrides(options: T, overrides: Mapping) -> T:
     return dataclasses.replace(options, **overrides) if overrides else options
 
 
+class Options:
+    """Base of the option dataclasses: :meth:`replace` returns a copy with some fields changed."""
+
+    def replace(self, **changes):
+        """A copy with ``changes``; unknown names are a :class:`~fisherjax.errors.ConfigError`."""
+        return with_overrides(self, changes)
+
+
 def split_overrides(overrides: Mapping, *option_types: type) -> list[dict]:
     """Keyword overrides split by the options class whose field each names (first match wins);
     a name no class has is a ConfigError."""

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 

@@ -42,7 +42,6 @@ and per role, and the groups whose shares differ most.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Mapping, Sequence
 
 import jax

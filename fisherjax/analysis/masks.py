@@ -43,18 +43,17 @@ random pruning of the same number of heads.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, PyTree
+from jaxtyping import Array, Bool, PyTree
 
-from fisherjax.analysis._ranking import keep_highest, keep_highest_each, keep_matrix, pruned_count
+from fisherjax.analysis._ranking import keep_highest, keep_highest_each, keep_matrix, pruned_count  # noqa: F401 — the rule is part of masks' public face
 from fisherjax.analysis.importance import head_importance, spread_groups
 from fisherjax.settings import STATIC
-from fisherjax.errors import ConfigError, DataError, NumericalError
+from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.state import TaskFisher
 from fisherjax.layout import ModelLayout, Role, flatten, unflatten
 from fisherjax.settings import check_choice

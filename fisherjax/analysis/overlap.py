@@ -19,7 +19,7 @@ stack). :func:`merge_advice` turns ``J`` into advice with the original system's 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import jax
 import numpy as np

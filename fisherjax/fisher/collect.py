@@ -90,7 +90,7 @@ def collect(
     start_batch, saved = 0, None
     manager = progress_manager(checkpoint_dir) if checkpoint_dir is not None else None
     fingerprint = Fingerprint.of(task, options, params) if manager is not None else None
-    data = DataDigest()
+    data = DataDigest() if manager is not None else None
     if manager is not None and resume:
         restored = restore_progress(manager, state, fingerprint)
         if restored is not None:
@@ -114,7 +114,8 @@ def collect(
         batch_size = None
         for index, batch in enumerate(batches):
             batch_size = batch_size or batch.input_ids.shape[0]
-            data.update(batch)
+            if data is not None:  # only a checkpoint needs to know what it was made from
+                data.update(batch)
             if index < start_batch:
                 if index == start_batch - 1:
                     _check_resumed_data(saved, data, batch_size, checkpoint_dir, start_batch)
@@ -143,7 +144,7 @@ def collect(
     if manager is not None:
         manager.wait_until_finished()
         manager.close()
-    if data.batches < start_batch:
+    if data is not None and data.batches < start_batch:
         raise CheckpointError(f"{checkpoint_dir}: the checkpoint holds {start_batch} batches of task {task!r}, but the task now "
                               f"has only {data.batches}; resume with the same data, or use another checkpoint directory")
     if log.n_seen == 0 and log.n_skipped == 0:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fisherjax.errors import ConfigError
-from fisherjax.settings import check, check_choice, with_overrides
+from fisherjax.settings import Options, check, check_choice
 
 FISHER_TYPES = ("empirical", "true", "per_token")
 MODES = ("welford", "ema")
@@ -24,7 +24,7 @@ STORAGE_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np
 
 
 @dataclasses.dataclass(frozen=True)
-class CollectOptions:
+class CollectOptions(Options):
     """Options of :func:`fisherjax.collect`.
 
     Attributes:
@@ -81,9 +81,6 @@ class CollectOptions:
         check(self.memory_budget_bytes > 0, f"collect memory_budget_bytes must be > 0, got {self.memory_budget_bytes}")
         check(self.checkpoint_every >= 1, f"collect checkpoint_every must be ≥ 1, got {self.checkpoint_every}")
 
-    def replace(self, **changes) -> CollectOptions:
-        """A copy with ``changes``; unknown names are a :class:`ConfigError`."""
-        return with_overrides(self, changes)
 
 
 def kept_paths(layout, keep: bool | Sequence[str]) -> tuple[str, ...]:

@@ -11,10 +11,9 @@ import numpy as np
 from fisherjax.analysis import importance
 from fisherjax.errors import DataError
 from fisherjax.fisher.state import TaskFisher
-from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
+from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout, layer_name
 from fisherjax.report.base import Section
 from fisherjax.report.figures import new_figure
-from fisherjax.report.labels import layer_name
 
 
 def summary(

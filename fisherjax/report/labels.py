@@ -1,10 +1,8 @@
-"""How the report names layers on axes and in text (the names themselves are the layout's)."""
+"""How the report names layers on axes (their names in text are the layout's :func:`~fisherjax.layout.layer_name`)."""
 
 from __future__ import annotations
 
-from fisherjax.layout import OUTSIDE_LAYERS, OUTSIDE_LAYERS_NAME, layer_name
-
-__all__ = ["OUTSIDE_LAYERS_NAME", "layer_name", "short_layer_name"]
+from fisherjax.layout import OUTSIDE_LAYERS
 
 
 def short_layer_name(layer: int) -> str:

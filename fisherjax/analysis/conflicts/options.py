@@ -7,7 +7,7 @@ import math
 
 from fisherjax.analysis.conflicts.null import NULLS, TAILS
 from fisherjax.fisher.pool import FISHER_POOLS
-from fisherjax.settings import check, check_choice
+from fisherjax.settings import Options, check, check_choice
 
 __all__ = ["FDR_METHODS", "ORTHOGONAL_EFFECT", "REFERENCES", "SCOPES", "ConflictOptions"]
 
@@ -20,7 +20,7 @@ FDR_METHODS = ("bh", "by")
 
 
 @dataclasses.dataclass(frozen=True)
-class ConflictOptions:
+class ConflictOptions(Options):
     """How :func:`~fisherjax.analysis.conflicts.detect` tests the sample pairs of two tasks.
 
     Every value is checked here, once; ``detect(a, b, options=..., **overrides)`` takes an

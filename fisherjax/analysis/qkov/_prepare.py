@@ -119,11 +119,13 @@ def _pooled(score: ScoreOptions, a: SampleGrads, b: SampleGrads, names: tuple[st
 
 
 def fisher_views(
-    a: SampleGrads, b: SampleGrads, layout: ModelLayout, kinds: BlockKinds, score: ScoreOptions, names: tuple[str, str]
+    a: SampleGrads, b: SampleGrads, layout: ModelLayout, kinds: BlockKinds, score: ScoreOptions, names: tuple[str, str],
+    used: tuple[bool, bool],
 ) -> dict[str, np.ndarray]:
     """Head views ``{block/kind: [layer, *view]}`` of ``Î`` on the full tensors: each task's float32
-    mean of ``C``, pooled by :func:`fisherjax.fisher.pool.pool_fisher` (``fisher_pool``)."""
-    use_a, use_b = _pooled(score, a, b, names)
+    mean of ``C``, pooled by :func:`fisherjax.fisher.pool.pool_fisher` (``fisher_pool``); ``used``:
+    which tasks' Fisher enter it (:func:`_pooled`)."""
+    use_a, use_b = used
     paths = required_paths(layout, kinds)
     fisher = pool_fisher(score.fisher_pool, a.fisher(paths) if use_a else None, len(a), b.fisher(paths) if use_b else None, len(b))
     label = "+".join(name for use, name in zip((use_a, use_b), names) if use)
@@ -168,11 +170,12 @@ def prepare(task_a: TaskFisher | SampleGrads, task_b: TaskFisher | SampleGrads, 
     a_side = "grads" if score.variant == "signed" else "contributions"
     _check_paths(getattr(a, a_side), paths, a_side, name_a, score.include_bias)
     check_partner(b, name_b, paths, score)
-    for use, samples, name in zip(_pooled(score, a, b, (name_a, name_b)), (a, b), (name_a, name_b)):
+    used = _pooled(score, a, b, (name_a, name_b))
+    for use, samples, name in zip(used, (a, b), (name_a, name_b)):
         if use:
             _check_paths(samples.contributions, paths, "contributions", name, score.include_bias)
 
-    fisher = fisher_views(a, b, layout, kinds, score, (name_a, name_b))
+    fisher = fisher_views(a, b, layout, kinds, score, (name_a, name_b), used)
     weights, stats, sizes = {}, [], []
     power = 1.5 if score.variant == "natural" else 1.0
     kv = layout.kv_head_of

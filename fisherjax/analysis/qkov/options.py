@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from fisherjax.analysis.qkov._operands import PRECISIONS
 from fisherjax.fisher.pool import FISHER_POOLS
-from fisherjax.settings import check, check_choice, split_overrides, with_overrides
+from fisherjax.settings import Options, check, check_choice, split_overrides, with_overrides
 
 VARIANTS = ("unsigned", "signed", "symmetric", "natural")
 AGGREGATES = ("mean", "sum")
@@ -22,7 +22,7 @@ CONTRACTIONS = ("auto", "batched", "looped", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
-class ScoreOptions:
+class ScoreOptions(Options):
     """What the score is (the package docstring gives each formula).
 
     Attributes:
@@ -64,13 +64,10 @@ class ScoreOptions:
               f"qkov ridges must be ≥ 0, got ridge_lambda={self.ridge_lambda}, ridge_lambda_rel={self.ridge_lambda_rel}")
         check(self.min_fisher_samples >= 1, f"qkov min_fisher_samples must be ≥ 1, got {self.min_fisher_samples}")
 
-    def replace(self, **changes) -> ScoreOptions:
-        """A copy with ``changes``; unknown names are a :class:`~fisherjax.errors.ConfigError`."""
-        return with_overrides(self, changes)
 
 
 @dataclasses.dataclass(frozen=True)
-class KernelOptions:
+class KernelOptions(Options):
     """How the score is computed; these change the scores only by rounding.
 
     Attributes:
@@ -107,9 +104,6 @@ class KernelOptions:
               f"qkov workers must be ≥ 1 or None (the cores available), got {self.workers}")
         check(self.memory_budget_bytes > 0, f"qkov memory_budget_bytes must be > 0, got {self.memory_budget_bytes}")
 
-    def replace(self, **changes) -> KernelOptions:
-        """A copy with ``changes``; unknown names are a :class:`~fisherjax.errors.ConfigError`."""
-        return with_overrides(self, changes)
 
 
 def resolve(score: ScoreOptions | None, kernel: KernelOptions | None, overrides: Mapping) -> tuple[ScoreOptions, KernelOptions]:
