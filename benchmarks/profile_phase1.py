@@ -4,8 +4,9 @@ Prints milliseconds per batch for: the plain batched gradient; the forward + pul
 taps alone; the per-sample norms from the recorded sites alone (looped over (sample, layer)
 pieces and vmapped); the full step (group Fisher) with ghost norms chosen automatically (with the
 backend's default per-sample mapping and with one vmap), forced on and forced off; the step
-with attention contributions; and the step with the full diagonal, without and with them. Usage:
-python benchmarks/profile_phase1.py [--batch 16] [--seq 128] [--model gpt2-small|tiny]
+with attention contributions; and the step with the full diagonal (running sums looped or vmapped over
+samples, or a Welford state with its variance), without and with them. Usage:
+python benchmarks/profile_phase1.py [--batch 16] [--seq 128] [--model gpt2-small|tiny] [--only LABEL,...]
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def main():
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--model", default="gpt2-small")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--only", default=None, help="comma-separated labels to time (default: all)")
     args = p.parse_args()
+    wanted = None if args.only is None else set(args.only.split(","))
     model = build(args.model)
     rng = np.random.default_rng(0)
     ids = [jnp.asarray(rng.integers(0, model.config.vocab_size, (args.batch, args.seq)), jnp.int32) for _ in range(2)]
@@ -61,13 +64,20 @@ def main():
     key = jax.random.key(0)
     results = {}
 
+    def want(label):
+        return wanted is None or label in wanted
+
     grad = jax.jit(jax.grad(lambda p, i, m: sample_losses(model, p, i, m, i)[0].mean()))
-    results["batched_grad"] = per_batch_ms(grad, [(model.params, i, mask) for i in ids], args.repeats)
+    if want("batched_grad"):
+        results["batched_grad"] = per_batch_ms(grad, [(model.params, i, mask) for i in ids], args.repeats)
     taps = jax.jit(lambda p, i, m: site_grads(model, p, i, m, i).deltas)
-    results["forward_and_pullback_to_taps"] = per_batch_ms(taps, [(model.params, i, mask) for i in ids], args.repeats)
+    if want("forward_and_pullback_to_taps"):
+        results["forward_and_pullback_to_taps"] = per_batch_ms(taps, [(model.params, i, mask) for i in ids], args.repeats)
     sites = discover_sites(model.layout, site_names(model))
-    recorded = [jax.jit(lambda p, i, m: site_grads(model, p, i, m, i))(model.params, i, mask) for i in ids]
-    for label, loop in {"ghost_norms_alone_looped": True, "ghost_norms_alone_vmapped": False}.items():
+    norm_labels = [label for label in ("ghost_norms_alone_looped", "ghost_norms_alone_vmapped") if want(label)]
+    recorded = [jax.jit(lambda p, i, m: site_grads(model, p, i, m, i))(model.params, i, mask) for i in ids] if norm_labels else []
+    for label in norm_labels:
+        loop = label.endswith("looped")
         norms = jax.jit(
             lambda x, d, loop=loop: squared_marginals_from_sites(model.layout, sites, x, d, seq=args.seq, loop=loop)
         )
@@ -80,8 +90,12 @@ def main():
         "step_ghost_never": dict(ghost="never"),
         "step_attention_contributions": dict(keep_sample_grads=True, ghost="auto"),
         "step_diagonal": dict(ghost="auto", diagonal=True),
+        "step_diagonal_vmapped": dict(ghost="auto", diagonal=True, sample_loop=False),
+        "step_diagonal_variance": dict(ghost="auto", diagonal=True, diagonal_variance=True),
         "step_diagonal_and_attention_contributions": dict(keep_sample_grads=True, ghost="auto", diagonal=True),
     }.items():
+        if not want(label):
+            continue
         plan = make_plan(model.layout, CollectOptions(**options))
         step = compiled_step(model, plan)
         state = initial_state(model, plan)

@@ -31,7 +31,8 @@ def _host(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-_ARRAY_FIELDS = ("group_fisher", "group_sizes", "diagonal", "per_sample_groups", "sample_ids")
+_ARRAY_FIELDS = ("group_fisher", "group_sizes", "diagonal", "diagonal_variance", "per_sample_groups", "sample_ids", "losses", "tokens")
+"""Saved when present; a field a save lacks (``losses`` and ``tokens`` before they existed) loads as None."""
 _SCALAR_FIELDS = ("task", "n_samples", "n_skipped", "n_tokens", "total_loss", "fisher_type", "mode", "skipped_ids")
 
 

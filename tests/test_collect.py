@@ -214,6 +214,14 @@ def test_contribution_storage_budget_and_spill(model, task, tmp_path):
     assert isinstance(spilled.sample_grads.grads[q], np.memmap)
     np.testing.assert_array_equal(np.asarray(spilled.sample_grads.grads[q]), full.sample_grads.grads[q])
     np.testing.assert_array_equal(spilled.sample_grads.sample_ids, np.arange(12))
+    # .npy has no bfloat16: spilled bfloat16 gradients come back memory-mapped with their dtype and bits
+    spilled_half = collect(model, batches(task, 4), task="rand", keep_sample_grads=True, sample_grads_dtype="bfloat16",
+                           sample_grads_budget_bytes=1e3, spill_dir=tmp_path / "spill-half", progress=False)
+    g = spilled_half.sample_grads.grads[q]
+    assert isinstance(g.base, np.memmap) or isinstance(g, np.memmap)
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(g).view(np.uint16), np.asarray(half.sample_grads.grads[q]).view(np.uint16))
+    np.testing.assert_array_equal(spilled_half.sample_grads.contributions[q], half.sample_grads.contributions[q])
 
 
 RESUME_SCRIPT = textwrap.dedent(

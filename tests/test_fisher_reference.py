@@ -149,16 +149,31 @@ def test_looped_site_work_equals_vmapped(kind, ghost, reference, monkeypatch):
     assert _norm_weighted_error(looped, vmapped) <= 1e-6
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
-def test_diagonal_walked_in_small_pieces_equals_torch(kind, reference, hf_checkpoint, monkeypatch):
+DIAGONAL_VARIANTS = {  # (diagonal_variance, sample_loop): the CPU default, the GPU default, with Welford M2
+    "sums-looped": (False, True),
+    "sums-vmapped": (False, False),
+    "welford": (True, None),
+}
+
+
+@pytest.mark.parametrize(
+    "kind,variant",
+    [(k, v) if k == FAMILIES[0] or v == "sums-looped" else pytest.param(k, v, marks=pytest.mark.slow)
+     for k in FAMILIES for v in DIAGONAL_VARIANTS],
+)
+def test_diagonal_walked_in_small_pieces_equals_torch(kind, variant, reference, hf_checkpoint, monkeypatch):
     """The full diagonal accumulated a layer, 3 table rows or 3 unembedding columns at a time
-    (97 rows: a shorter last piece) still equals the diagonal of torch.func's gradients."""
+    (97 rows: a shorter last piece) still equals the diagonal of torch.func's gradients: as
+    running sums of ``g²/T`` formed sample by sample (CPU) or a piece of the batch at a time
+    (GPU), and as a Welford state with its M2."""
     from fisherjax.fisher import diagonal
 
     _, batch, ref, _ = reference(kind)
     monkeypatch.setattr(diagonal, "PIECE_BYTES", 2000)
+    monkeypatch.setattr(diagonal, "SAMPLE_PIECE_BYTES", 2000 // batch.input_ids.shape[0])
+    variance, loop = DIAGONAL_VARIANTS[variant]
     model = fisherjax.load_pretrained(hf_checkpoint(kind)[0])  # a new model: no cached step
-    pieces = collect(model, [batch], task="t", diagonal=True, progress=False)
+    pieces = collect(model, [batch], task="t", diagonal=True, diagonal_variance=variance, sample_loop=loop, progress=False)
     tokens = (batch.labels[:, 1:] != IGNORE).sum(-1).astype(np.float64)
     diagonals = {name: (g**2 / tokens.reshape((-1,) + (1,) * (g.ndim - 1))).mean(0) for name, g in ref.items()}
     scale = max(float(c.max()) for c in diagonals.values())
@@ -166,3 +181,12 @@ def test_diagonal_walked_in_small_pieces_equals_torch(kind, reference, hf_checkp
         path, layer, transposed = our_location(kind, name)
         ours = pieces.diagonal[path][layer] if layer is not None else pieces.diagonal[path]
         np.testing.assert_allclose(ours.T if transposed else ours, c, rtol=1e-4, atol=1e-6 * scale, err_msg=name)
+    if not variance:
+        assert pieces.diagonal_variance is None
+        return
+    contributions = {name: g**2 / tokens.reshape((-1,) + (1,) * (g.ndim - 1)) for name, g in ref.items()}
+    spread = max(float(c.var(0, ddof=1).max()) for c in contributions.values())
+    for name, c in contributions.items():
+        path, layer, transposed = our_location(kind, name)
+        ours = pieces.diagonal_variance[path][layer] if layer is not None else pieces.diagonal_variance[path]
+        np.testing.assert_allclose(ours.T if transposed else ours, c.var(0, ddof=1), rtol=1e-3, atol=1e-6 * spread, err_msg=name)

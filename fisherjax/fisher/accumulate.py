@@ -6,6 +6,10 @@ skipped samples drop out) are merged into the running state in one step. The sam
 partial states from several devices or resumed runs, and its result does not depend on sample
 order beyond rounding.
 
+Sum state ``(count, total)`` keeps only the running sum of per-sample values, for a mean that
+needs no variance (the full diagonal by default): one addition per value instead of Welford's
+deviations.
+
 EMA state ``(count, value)`` applies ``v ← d·v + (1 − d)·x`` per sample in order; the bias
 corrected estimate is ``v / (1 − d^count)``.
 """
@@ -119,6 +123,23 @@ def welford_interval(state: WelfordState, z: float = _Z95) -> tuple[PyTree, PyTr
     lo = jax.tree.map(lambda m, s: m - z * s, state.mean, se)
     hi = jax.tree.map(lambda m, s: m + z * s, state.mean, se)
     return lo, hi
+
+
+class SumState(NamedTuple):
+    """Running count and sum of a pytree of per-sample values (the mean is ``total / count``)."""
+
+    count: Float[Array, ""]
+    total: PyTree
+
+
+def sum_init(like: PyTree) -> SumState:
+    """Empty sums shaped like one sample of ``like`` (arrays or ShapeDtypeStructs)."""
+    return SumState(jnp.zeros((), _acc_dtype()), jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), _acc_dtype()), like))
+
+
+def sum_mean(state: SumState) -> PyTree:
+    """``total / count`` (zeros before any sample)."""
+    return jax.tree.map(lambda t: t / jnp.maximum(state.count, 1), state.total)
 
 
 def ema_init(like: PyTree, decay: float = 0.99) -> EMAState:

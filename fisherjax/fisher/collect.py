@@ -20,7 +20,7 @@ import numpy as np
 from fisherjax.backend import host_concatenate
 from fisherjax.data import Batch
 from fisherjax.errors import CheckpointError, ConfigError, DataError, FisherjaxError, NumericalError
-from fisherjax.fisher.accumulate import EMAState, WelfordState, ema_value, welford_interval
+from fisherjax.fisher.accumulate import EMAState, WelfordState, ema_value, sum_mean, welford_interval, welford_variance
 from fisherjax.fisher.groups import group_sizes
 from fisherjax.fisher.options import CollectOptions
 from fisherjax.settings import with_overrides
@@ -203,6 +203,7 @@ def _finish(model, task: str, plan: StepPlan, state: dict, log: CollectionLog, s
     group_fisher = jax.tree.map(lambda v: np.asarray(v, np.float32), group_fisher)
     sample_ids = _concat(log.sample_ids).astype(np.int64)
     tokens = _concat(log.tokens).astype(np.int64)
+    losses = None if log.losses is None else _concat(log.losses).astype(np.float64)
     per_sample = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *log.groups) if log.groups else None
     sample_grads = None
     if plan.keep:
@@ -213,7 +214,12 @@ def _finish(model, task: str, plan: StepPlan, state: dict, log: CollectionLog, s
             else:
                 kinds[kind] = {p: host_concatenate([k[kind][p] for k in log.kept]) for p in plan.keep}
         sample_grads = SampleGrads(sample_ids, tokens, kinds["grads"], kinds["contributions"])
-    diagonal = {p: np.asarray(v, np.float32) for p, v in host["diagonal"].mean.items()} if plan.diagonal else None
+    diagonal = variance = None
+    if plan.diagonal_variance:
+        diagonal = {p: np.asarray(v, np.float32) for p, v in host["diagonal"].mean.items()}
+        variance = {p: np.asarray(v, np.float32) for p, v in welford_variance(host["diagonal"]).items()}
+    elif plan.diagonal:
+        diagonal = {p: np.asarray(v, np.float32) for p, v in sum_mean(host["diagonal"]).items()}
     return TaskFisher(
         task=task,
         group_fisher=group_fisher,
@@ -225,9 +231,12 @@ def _finish(model, task: str, plan: StepPlan, state: dict, log: CollectionLog, s
         welford=welford,
         ema=ema,
         diagonal=diagonal,
+        diagonal_variance=variance,
         sample_grads=sample_grads,
         per_sample_groups=per_sample,
         sample_ids=sample_ids,
+        losses=losses,
+        tokens=tokens,
         fisher_type=plan.fisher_type,
         mode=plan.mode,
         skipped_ids=tuple(int(i) for i in log.skipped_ids),

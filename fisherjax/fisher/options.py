@@ -40,6 +40,9 @@ class CollectOptions(Options):
       sample_grads_budget_bytes: host memory they may take; beyond it an error, or with
         ``spill_dir`` they are written to disk and returned memory-mapped.
       diagonal: also accumulate the full diagonal Fisher of every parameter.
+      diagonal_variance: with ``diagonal``, also its per-element Welford variance across samples
+        (:attr:`TaskFisher.diagonal_welford`, for intervals); off, only the mean is accumulated,
+        which costs about half as much.
       ghost: ``"auto"`` chooses ghost norms per layer when cheaper; ``"always"`` / ``"never"`` force.
       keep_per_sample_groups: keep per-sample group values (for bootstrap intervals).
       remat: recompute each block in the backward pass (less memory, more time).
@@ -58,6 +61,7 @@ class CollectOptions(Options):
     sample_grads_dtype: str = "float32"
     sample_grads_budget_bytes: float = 8e9
     diagonal: bool = False
+    diagonal_variance: bool = False
     ghost: str = "auto"
     keep_per_sample_groups: bool = True
     remat: bool = False

@@ -1,8 +1,8 @@
 """What a running collection keeps on the host, and how it survives being killed.
 
-* :class:`CollectionLog`: the samples seen so far — ids, token counts, losses, per-sample group
-  values and kept gradients — an immutable record that :meth:`~CollectionLog.add` extends batch
-  by batch;
+* :class:`CollectionLog`: the samples seen so far — ids, token counts and losses, per-sample
+  group values and kept gradients — an immutable record that :meth:`~CollectionLog.add` extends
+  batch by batch;
 * :class:`Spill`: kept per-sample arrays written to disk batch by batch (``.npy``) and read back
   memory-mapped when they exceed their host-memory budget;
 * :func:`progress_manager`, :func:`save_progress`, :func:`restore_progress`: the accumulation
@@ -27,12 +27,17 @@ import numpy as np
 
 from fisherjax.data import Batch
 from fisherjax.errors import CheckpointError, ConfigError, FisherjaxError
-from fisherjax.fisher.accumulate import EMAState, WelfordState
+from fisherjax.fisher.accumulate import EMAState, SumState, WelfordState
 
 
 @dataclasses.dataclass(frozen=True)
 class CollectionLog:
-    """Host-side record of the samples seen so far (immutable; :meth:`add` returns a new one)."""
+    """Host-side record of the samples seen so far (immutable; :meth:`add` returns a new one).
+
+    ``sample_ids``, ``tokens`` (``T_i``) and ``losses`` (token-sum ``L_i``, float64) are per-batch
+    chunks of the kept samples (``T_i > 0``), aligned; ``losses`` is ``None`` once the log was
+    restored from a checkpoint that did not record them (written by an older fisherjax).
+    """
 
     n_seen: int = 0
     n_skipped: int = 0
@@ -41,6 +46,7 @@ class CollectionLog:
     skipped_ids: tuple[int, ...] = ()
     sample_ids: tuple[np.ndarray, ...] = ()
     tokens: tuple[np.ndarray, ...] = ()
+    losses: tuple[np.ndarray, ...] | None = ()
     groups: tuple[dict, ...] = ()
     kept: tuple[dict, ...] = ()
     kept_bytes: int = 0
@@ -48,6 +54,7 @@ class CollectionLog:
     def add(self, batch: Batch, tokens: np.ndarray, losses: np.ndarray, groups, kept, *, budget: float, spill, task: str) -> CollectionLog:
         """The log with one (micro-)batch's outputs added: samples with ``T_i > 0`` are kept, the
         others counted as skipped. Kept arrays beyond ``budget`` bytes go to ``spill`` or raise."""
+        losses = np.asarray(losses, np.float64)
         real = batch.sample_ids >= 0
         active = real & (tokens > 0)
         idx = np.flatnonzero(active)
@@ -73,10 +80,11 @@ class CollectionLog:
             n_seen=self.n_seen + len(idx),
             n_skipped=self.n_skipped + len(skipped),
             n_tokens=self.n_tokens + int(tokens[active].sum()),
-            total_loss=self.total_loss + float(np.asarray(losses, np.float64)[active].sum()),
+            total_loss=self.total_loss + float(losses[active].sum()),
             skipped_ids=self.skipped_ids + skipped,
             sample_ids=self.sample_ids + (batch.sample_ids[idx],),
             tokens=self.tokens + (tokens[idx],),
+            losses=None if self.losses is None else self.losses + (losses[idx],),
             groups=new_groups,
             kept=new_kept,
             kept_bytes=kept_bytes,
@@ -95,10 +103,15 @@ def _rows(values, idx: np.ndarray) -> np.ndarray:
 
 
 class Spill:
-    """Writes kept per-sample arrays batch by batch as ``.npy`` files and reads them memory-mapped."""
+    """Writes kept per-sample arrays batch by batch as ``.npy`` files and reads them memory-mapped.
+
+    ``.npy`` has no bfloat16: such arrays are written as their raw 16-bit words (``uint16``) and
+    viewed back as bfloat16 when read, so a spilled array has the dtype it was kept in.
+    """
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
+        self.dtypes: dict[str, np.dtype] = {}  # file name → dtype, for arrays .npy cannot describe
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -111,13 +124,21 @@ class Spill:
             out[kind] = {}
             for path, value in tree.items():
                 file = self.directory / f"{kind}.{path.replace('/', '.')}.{index:06d}.npy"
-                np.save(file, np.asarray(value))
+                np.save(file, self._storable(file, np.asarray(value)))
                 out[kind][path] = file
         return out
+
+    def _storable(self, file: Path, array: np.ndarray) -> np.ndarray:
+        """``array``, or its raw words when ``.npy`` cannot store its dtype (ml_dtypes' bfloat16)."""
+        if np.dtype(array.dtype).isbuiltin == 1:  # 2: a user-defined type such as bfloat16
+            return array
+        self.dtypes[file.name] = array.dtype
+        return array.view(f"u{array.dtype.itemsize}")
 
     def concatenate(self, files: Sequence[Path], name: str) -> np.ndarray:
         """One memory-mapped array of all chunks, copied chunk by chunk (bounded memory)."""
         chunks = [np.load(f, mmap_mode="r") for f in files]
+        dtype = self.dtypes.get(Path(files[0]).name)
         total = sum(c.shape[0] for c in chunks)
         out = np.lib.format.open_memmap(self.directory / f"{name}.npy", mode="w+", dtype=chunks[0].dtype, shape=(total, *chunks[0].shape[1:]))
         at = 0
@@ -127,7 +148,9 @@ class Spill:
         out.flush()
         for f in files:
             Path(f).unlink()
-        return np.load(self.directory / f"{name}.npy", mmap_mode="r")
+            self.dtypes.pop(Path(f).name, None)
+        whole = np.load(self.directory / f"{name}.npy", mmap_mode="r")
+        return whole if dtype is None else whole.view(dtype)
 
 
 # ---- what a checkpoint was made from ------------------------------------------------------------
@@ -217,6 +240,8 @@ def _state_to_tree(state: dict) -> dict:
             out[name] = {"count": np.asarray(value.count), "mean": _host(value.mean), "m2": _host(value.m2)}
         elif isinstance(value, EMAState):
             out[name] = {"count": np.asarray(value.count), "value": _host(value.value), "decay": np.asarray(value.decay)}
+        elif isinstance(value, SumState):
+            out[name] = {"count": np.asarray(value.count), "total": _host(value.total)}
         else:
             raise TypeError(f"cannot checkpoint state entry {name!r} of type {type(value).__name__}")
     return out
@@ -228,6 +253,8 @@ def _tree_to_state(tree: dict, like: dict) -> dict:
         t = tree[name]
         if isinstance(template, WelfordState):
             out[name] = WelfordState(t["count"], t["mean"], t["m2"])
+        elif isinstance(template, SumState):
+            out[name] = SumState(t["count"], t["total"])
         else:
             out[name] = EMAState(t["count"], t["value"], float(t["decay"]))
     return out
@@ -247,6 +274,8 @@ def save_progress(manager, batches_done: int, state: dict, log: CollectionLog, *
     if log.sample_ids:
         arrays["sample_ids"] = np.concatenate(log.sample_ids)
         arrays["tokens"] = np.concatenate(log.tokens)
+        if log.losses is not None:
+            arrays["losses"] = np.concatenate(log.losses)
     if log.groups:
         arrays["groups"] = jax.tree.map(lambda *xs: np.concatenate(xs), *log.groups)
     if log.kept and not log.spilled:
@@ -305,6 +334,8 @@ def restore_progress(manager, like_state: dict, fingerprint: Fingerprint) -> tup
         skipped_ids=tuple(meta["skipped_ids"]),
         sample_ids=(arrays["sample_ids"],) if "sample_ids" in arrays else (),
         tokens=(arrays["tokens"],) if "tokens" in arrays else (),
+        # a save with samples but no losses was written by an older fisherjax: they stay unknown
+        losses=(arrays["losses"],) if "losses" in arrays else (None if "sample_ids" in arrays else ()),
         groups=(arrays["groups"],) if "groups" in arrays else (),
         kept=kept,
         kept_bytes=meta["kept_bytes"],

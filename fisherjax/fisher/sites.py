@@ -224,14 +224,17 @@ class GradWalk(NamedTuple):
     """Per-sample gradients of one parameter, formed a piece at a time along one of its axes.
 
     ``grads(start, width)`` returns ``[batch, *piece]``: the parameter's per-sample gradients
-    restricted to ``start : start + width`` along ``axis`` (``width`` static, ``start`` may be
-    traced). Layer-stacked parameters are walked along their layer axis, embedding tables along
-    their rows, other kernels along their output columns.
+    restricted to ``start : start + width`` along ``axis``; ``sample(i, start, width)`` returns
+    sample ``i``'s piece alone (``[*piece]``), so a loop over samples can square and sum it while
+    it is still in cache (:func:`fisherjax.fisher.diagonal.square_sums`). ``width`` is static,
+    ``i`` and ``start`` may be traced. Layer-stacked parameters are walked along their layer
+    axis, embedding tables along their rows, other kernels along their output columns.
     """
 
     axis: int
     size: int
     grads: Callable[[Array, int], Array]
+    sample: Callable[[Array, Array, int], Array]
 
 
 def grad_walks(layout: ModelLayout, sites, inputs: dict, deltas: dict, *, loop: bool | None = None) -> dict[str, GradWalk]:
@@ -250,7 +253,12 @@ def grad_walks(layout: ModelLayout, sites, inputs: dict, deltas: dict, *, loop: 
         def grads(start, width):
             return mapped(*(jax.lax.dynamic_slice_in_dim(a, start, width, 0) for a in arrays))
 
-        return GradWalk(0, arrays[0].shape[0], grads)
+        def sample(i, start, width):
+            if width == 1:  # one layer: a plain product, no batched matmul
+                return fn(*(jax.lax.dynamic_index_in_dim(a, start, 0, keepdims=False)[i] for a in arrays))[None]
+            return jax.vmap(fn)(*(jax.lax.dynamic_slice_in_dim(a, start, width, 0)[:, i] for a in arrays))
+
+        return GradWalk(0, arrays[0].shape[0], grads, sample)
 
     def column_walk(axis, fn, whole: tuple, sliced: tuple) -> GradWalk:
         """Walk ``axis`` of a parameter of a non-layer site: each piece reads ``whole`` as they
@@ -260,7 +268,10 @@ def grad_walks(layout: ModelLayout, sites, inputs: dict, deltas: dict, *, loop: 
         def grads(start, width):
             return mapped(*whole, *(jax.lax.dynamic_slice_in_dim(a, start, width, a.ndim - 1) for a in sliced))
 
-        return GradWalk(axis, sliced[0].shape[-1], grads)
+        def sample(i, start, width):
+            return fn(*(a[i] for a in whole), *(jax.lax.dynamic_slice_in_dim(a[i], start, width, a.ndim - 2) for a in sliced))
+
+        return GradWalk(axis, sliced[0].shape[-1], grads, sample)
 
     for site in sites:
         x, d = _layer_site(inputs, site.name), _layer_site(deltas, site.name)
@@ -285,7 +296,8 @@ def grad_walks(layout: ModelLayout, sites, inputs: dict, deltas: dict, *, loop: 
             unembedded = tied is not None and tied.params["embedding"] == table
             h, e = (inputs[tied.name], deltas[tied.name]) if unembedded else (None, None)
             rows = layout.specs[table].shape[0]
-            walks[table] = GradWalk(0, rows, functools.partial(_table_rows, x, d, h, e, loop=loop))
+            walks[table] = GradWalk(0, rows, functools.partial(_table_rows, x, d, h, e, loop=loop),
+                                    functools.partial(_sample_table_rows, x, d, h, e))
     return walks
 
 
@@ -298,6 +310,14 @@ def _table_rows(ids, delta_in, h, e, start, width: int, *, loop: bool):
         return rows
     columns = jax.lax.dynamic_slice_in_dim(e, start, width, e.ndim - 1)
     return rows + over_samples(lambda h, e: unembed_grad(h, e).T, False, loop)(h, columns)
+
+
+def _sample_table_rows(ids, delta_in, h, e, i, start, width: int):
+    """Sample ``i``'s gradient of table rows ``start : start + width`` (see :func:`_table_rows`)."""
+    rows = embedding_grad(ids[i] - start, delta_in[i], width)
+    if h is None:
+        return rows
+    return rows + unembed_grad(h[i], jax.lax.dynamic_slice_in_dim(e[i], start, width, 1)).T
 
 
 def per_sample_grads_from_sites(

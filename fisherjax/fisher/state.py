@@ -180,10 +180,19 @@ class TaskFisher:
       ema: EMA state over the same values in ``ema`` mode (its bias-corrected value is
         ``group_fisher``).
       diagonal: ``{path: param-shaped}`` full diagonal Fisher ``Î = mean_i C_i`` when requested.
+      diagonal_variance: ``{path: param-shaped}`` sample variance (ddof 1) of ``C_i`` per element, when
+        collected with ``diagonal_variance=True`` (the standard error of ``Î`` is
+        ``sqrt(diagonal_variance / n_samples)``).
       sample_grads: per-sample ``g_i`` (and ``C_i``) of selected parameters when kept
         (:class:`SampleGrads`).
       per_sample_groups: ``{path: {group_type: [n, ..]}}`` per-sample group values (for bootstrap
         intervals), with ``sample_ids`` giving their order, when kept.
+      sample_ids: ``[n]`` int64 ids of the samples that entered the Fisher, in collection order.
+      losses: ``[n]`` float64 token-sum losses ``L_i = Σ_t −log p(y_{t+1} | x_≤t)`` of the data
+        labels, aligned with ``sample_ids`` (``Σ_i losses_i = total_loss``); tokens: ``[n]`` int64
+        ``T_i``, aligned likewise (``Σ_i tokens_i = n_tokens``). Always kept by
+        :func:`~fisherjax.fisher.collect.collect` (16 bytes a sample); ``None`` in a TaskFisher
+        built by hand or saved by an older fisherjax.
       n_samples: samples that entered the Fisher; n_skipped: samples with ``T_i = 0`` (no
         predicted token), whose ids are ``skipped_ids``.
       n_tokens: total active tokens; total_loss: sum of the token-sum losses of the kept samples
@@ -204,9 +213,12 @@ class TaskFisher:
     welford: WelfordState | None = None
     ema: EMAState | None = None
     diagonal: Mapping[str, np.ndarray] | None = None
+    diagonal_variance: Mapping[str, np.ndarray] | None = None
     sample_grads: SampleGrads | None = None
     per_sample_groups: GroupFisher | None = None
     sample_ids: np.ndarray | None = None
+    losses: np.ndarray | None = None
+    tokens: np.ndarray | None = None
     fisher_type: str = dataclasses.field(default="empirical", metadata=STATIC)
     mode: str = dataclasses.field(default="welford", metadata=STATIC)
     skipped_ids: tuple[int, ...] = dataclasses.field(default=(), metadata=STATIC)

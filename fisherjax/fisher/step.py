@@ -30,8 +30,8 @@ import numpy as np
 
 from fisherjax import backend
 from fisherjax.data import IGNORE, Batch, num_active_tokens, predicted_labels
-from fisherjax.fisher.accumulate import ema_init, ema_update, welford_init, welford_update
-from fisherjax.fisher.diagonal import diagonal_update, materialised_walk
+from fisherjax.fisher.accumulate import SumState, ema_init, ema_update, sample_sum, sum_init, welford_init, welford_update
+from fisherjax.fisher.diagonal import diagonal_update, materialised_walk, square_sums
 from fisherjax.fisher.groups import group_sizes, marginals_of, reduce_groups
 from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, kept_paths
 from fisherjax.settings import with_overrides
@@ -46,6 +46,7 @@ class StepPlan:
     materialise: tuple[str, ...]  # paths whose full per-sample gradients are formed
     keep: tuple[str, ...]  # paths whose g_i (and, unless derived, C_i) are returned
     diagonal: bool
+    diagonal_variance: bool
     fisher_type: str
     true_samples: int
     mode: str
@@ -64,6 +65,7 @@ def make_plan(layout, options: CollectOptions) -> StepPlan:
         materialise=tuple(layout.paths()) if options.diagonal and not empirical else keep,
         keep=keep,
         diagonal=options.diagonal,
+        diagonal_variance=options.diagonal and options.diagonal_variance,
         fisher_type=options.fisher_type,
         true_samples=options.true_samples,
         mode=options.mode,
@@ -94,12 +96,13 @@ def sample_labels(key, logits, labels):
 
 
 def initial_state(model, plan: StepPlan, ema_decay: float = 0.99) -> dict:
-    """The empty accumulation state: ``{"groups": Welford | EMA, "diagonal": Welford}``."""
+    """The empty accumulation state: ``{"groups": Welford | EMA, "diagonal": Sum | Welford}``."""
     layout = model.layout
     group_like = {p: {k: np.zeros(v.shape, np.float32) for k, v in group_sizes(layout, p).items()} for p in layout.paths()}
     state = {"groups": welford_init(group_like) if plan.mode == "welford" else ema_init(group_like, ema_decay)}
     if plan.diagonal:
-        state["diagonal"] = welford_init({p: np.zeros(layout.specs[p].shape, np.float32) for p in layout.paths()})
+        like = {p: np.zeros(layout.specs[p].shape, np.float32) for p in layout.paths()}
+        state["diagonal"] = welford_init(like) if plan.diagonal_variance else sum_init(like)
     return state
 
 
@@ -124,6 +127,22 @@ def step_function(model, plan: StepPlan) -> Callable:
         squares = {p: jnp.square(g) for p, g in grads.items()}
         marginals = squared_marginals_from_sites(layout, sites, recorded, deltas, seq=seq, ghost=plan.ghost, skip=mat, loop=loop)
         return grads, squares, marginals
+
+    def diagonal_step(diagonal, recorded, deltas, grads, contributions, inv_t, valid):
+        """The full diagonal's state after this batch (see :mod:`fisherjax.fisher.diagonal`)."""
+        if plan.fisher_type != "empirical":  # C_i averages squares over draws or positions: materialised above
+            if plan.diagonal_variance:
+                return welford_update(diagonal, contributions, valid)
+            total = {p: t + sample_sum(valid.astype(t.dtype), jnp.where(valid.reshape((-1,) + (1,) * t.ndim), contributions[p], 0.0))
+                     for p, t in diagonal.total.items()}
+            return SumState(diagonal.count + valid.astype(diagonal.count.dtype).sum(), total)
+        walks = grad_walks(layout, sites, recorded, deltas, loop=plan.sample_loop)
+        walks.update({p: materialised_walk(grads[p]) for p in plan.keep})
+        if plan.diagonal_variance:
+            return diagonal_update(diagonal, walks, inv_t, valid)
+        weights = jnp.where(valid, inv_t, 0.0)
+        return SumState(diagonal.count + valid.astype(diagonal.count.dtype).sum(),
+                        square_sums(diagonal.total, walks, weights, loop=plan.sample_loop))
 
     def step(params, state, ids, mask, labels, sample_ids, key, position):
         batch, seq = ids.shape
@@ -188,12 +207,8 @@ def step_function(model, plan: StepPlan) -> Callable:
             state = {**state, "groups": welford_update(state["groups"], groups, valid)}
         else:
             state = {**state, "groups": ema_update(state["groups"], groups, valid)}
-        if plan.diagonal and plan.fisher_type == "empirical":
-            walks = grad_walks(layout, sites, recorded, deltas, loop=plan.sample_loop)
-            walks.update({p: materialised_walk(grads[p]) for p in plan.keep})
-            state = {**state, "diagonal": diagonal_update(state["diagonal"], walks, inv_t, valid)}
-        elif plan.diagonal:  # C_i averages squares over draws or positions: materialised above
-            state = {**state, "diagonal": welford_update(state["diagonal"], contributions, valid)}
+        if plan.diagonal:
+            state = {**state, "diagonal": diagonal_step(state["diagonal"], recorded, deltas, grads, contributions, inv_t, valid)}
         storage = STORAGE_DTYPES[plan.storage]
         kept = {"grads": {p: grads[p].astype(storage) for p in plan.keep}}
         if plan.fisher_type != "empirical":  # otherwise C = g²/T is derived from the grads on the host
