@@ -66,9 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--spill-dir", type=Path, default=d.spill_dir,
                    help="write kept per-sample gradients beyond the budget to this directory (memory-mapped)")
     a.add_argument("--no-diagonal", action="store_true", help="skip the full per-parameter diagonal (no unstructured masks)")
+    a.add_argument("--diagonal-variance", action="store_true",
+                   help="also accumulate the per-element variance of the full diagonal (about twice its cost; saved with the Fisher state)")
     a.add_argument("--sparsity", type=float, action="append",
                    help=f"pruning sparsity level (repeat; default {' '.join(f'{s:g}' for s in d.sparsities)})")
     a.add_argument("--top-k", type=int, default=d.top_k, help=f"rows in the top-k tables (default {d.top_k})")
+    a.add_argument("--pruning-samples", type=int, default=d.pruning_samples, metavar="N",
+                   help="samples per task the head-pruning experiment evaluates, a fixed random subsample "
+                        f"(default {d.pruning_samples})")
     a.add_argument("--phases", default=",".join(d.phases), help=f"comma-separated phases to run (default: all of {','.join(d.phases)})")
     a.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
     a.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin weights (unsafe for untrusted files)")
@@ -84,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--qkov-contraction", choices=CONTRACTIONS, default=d.qkov_contraction,
                    help="how the QK-OV kernel evaluates a slice's contraction: auto (looped on CPU, batched elsewhere), "
                         f"batched, looped, or pallas (one pass over the inputs, a Triton kernel for GPUs; default {d.qkov_contraction})")
+    a.add_argument("--compilation-cache", type=Path, metavar="DIR",
+                   help="keep XLA compilations in DIR so the next run loads them "
+                        "(default: $XDG_CACHE_HOME/fisherjax/jax-cache, i.e. ~/.cache/fisherjax/jax-cache)")
+    a.add_argument("--no-compilation-cache", action="store_true",
+                   help="neither read nor write the compilation cache (also FISHERJAX_COMPILATION_CACHE=0)")
 
     i = sub.add_parser("info", help="describe a checkpoint: architecture, layers, heads, parameter counts",
                        description="Print the architecture, layers, heads, kv heads, head_dim and parameter counts.")
@@ -94,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _analyze(args) -> int:
+    from fisherjax import compilation_cache
     from fisherjax.pipeline import AnalysisConfig, analyze, parse_task_args
 
     if args.model is not None and not args.task:
@@ -111,8 +122,10 @@ def _analyze(args) -> int:
         sample_grads_budget_gb=args.sample_grads_budget_gb,
         spill_dir=args.spill_dir,
         diagonal=not args.no_diagonal,
+        diagonal_variance=args.diagonal_variance,
         sparsities=tuple(args.sparsity) if args.sparsity else AnalysisConfig.sparsities,
         top_k=args.top_k,
+        pruning_samples=args.pruning_samples,
         seed=args.seed,
         allow_pickle=args.allow_pickle,
         save_sample_grads=args.save_sample_grads,
@@ -122,6 +135,9 @@ def _analyze(args) -> int:
         overwrite=args.overwrite,
         truncate=args.truncate,
     )
+    cache = compilation_cache.requested_dir(args.compilation_cache, args.no_compilation_cache)
+    if cache is not None:
+        compilation_cache.enable(cache)
     results = analyze(config)
     out = Path(config.out).absolute()
     print(f"wrote {out}  ({results['seconds']} s)")

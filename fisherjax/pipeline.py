@@ -20,14 +20,13 @@ import json
 import platform
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from fisherjax import backend, io, outdir, report
+from fisherjax import backend, compilation_cache, io, outdir, report, telemetry
 from fisherjax.analysis import conflicts, experiments, masks, qkov
 from fisherjax.data import Batch, Task, batches, load_task
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
@@ -42,6 +41,7 @@ from fisherjax.report import importance as importance_report
 from fisherjax.report import masks as masks_report
 from fisherjax.report import natural as natural_report
 from fisherjax.report import qkov as qkov_report
+from fisherjax.report import timing as timing_report
 from fisherjax.settings import check
 
 
@@ -63,8 +63,9 @@ class AnalysisConfig:
     max_samples: int | None = None
     fisher_type: str = "empirical"
     mode: str = "welford"
-    sample_grads_dtype: str = "float32"
+    sample_grads_dtype: str = "bfloat16"
     diagonal: bool = True
+    diagonal_variance: bool = False
     sparsities: tuple[float, ...] = (0.5, 0.7, 0.9)
     top_k: int = 20
     seed: int = 0
@@ -75,6 +76,7 @@ class AnalysisConfig:
     progress: bool = True
     phases: tuple[str, ...] = ("fisher", "importance", "masks", "conflicts", "qkov", "natural")
     qkov_contraction: str = "auto"
+    pruning_samples: int = experiments.DEFAULT_SAMPLES
     overwrite: bool = False
     truncate: bool = False
 
@@ -84,6 +86,7 @@ class AnalysisConfig:
         check(self.max_length >= 2, f"max length must be ≥ 2 tokens (--max-length), got {self.max_length}")
         check(self.max_samples is None or self.max_samples >= 1, f"max samples must be ≥ 1 (--max-samples), got {self.max_samples}")
         check(self.top_k >= 0, f"top-k must be ≥ 0 (--top-k), got {self.top_k}")
+        check(self.pruning_samples >= 1, f"pruning samples must be ≥ 1 (--pruning-samples), got {self.pruning_samples}")
         check(0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63) (--seed), got {self.seed}")
         outdir.check_task_names([name for name, _ in self.tasks])
         check(self.sample_grads_budget_gb > 0,
@@ -106,6 +109,7 @@ class AnalysisConfig:
             sample_grads_dtype=self.sample_grads_dtype,
             sample_grads_budget_bytes=self.sample_grads_budget_gb * 1e9,
             diagonal=self.diagonal,
+            diagonal_variance=self.diagonal_variance,
         )
 
     def kernel_options(self):
@@ -198,13 +202,15 @@ def phase_importance(ctx: Context, out: Path) -> report.Section:
 
 def phase_masks(ctx: Context, out: Path) -> report.Section:
     """Phases 3 and 4: pruning masks at each sparsity, their overlap between tasks, merge advice,
-    and each task's loss after pruning half of each layer's heads by Fisher versus at random."""
+    and each task's loss after pruning half of each layer's heads by Fisher versus at random, on
+    ``pruning_samples`` samples of each task."""
     layout, config = ctx.model.layout, ctx.config
     with_diagonal = all(f.diagonal for f in ctx.fishers.values())
     parameter_masks = {n: masks.unstructured_masks(f, layout, config.sparsities) for n, f in ctx.fishers.items()} if with_diagonal else None
     head_masks = {n: [masks.structured_mask(f, layout, s, unit="head") for s in config.sparsities] for n, f in ctx.fishers.items()}
     experiment = experiments.head_pruning_experiment(
-        ctx.model, ctx.model.params, ctx.batches, ctx.fishers, sparsity=0.5, n_random=10, seed=config.seed, scope="layer"
+        ctx.model, ctx.model.params, ctx.batches, ctx.fishers, sparsity=0.5, n_random=10, seed=config.seed, scope="layer",
+        samples=config.pruning_samples,
     )
     return masks_report.section(
         ctx.fishers, layout, sparsities=config.sparsities, head_masks=head_masks, parameter_masks=parameter_masks, experiment=experiment
@@ -280,17 +286,20 @@ PHASES: dict[str, Callable[[Context, Path], report.Section]] = {
 # ---- driver ------------------------------------------------------------------------------------
 
 
-def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig, *, spill_root: Path | None = None) -> tuple[dict, dict]:
-    """Batches and Phase 1 Fisher (with attention gradients kept) of every task; kept gradients
-    beyond their budget spill to ``spill_root/<task>``."""
+def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig, *,
+                spill_root: Path | None = None) -> tuple[dict, dict, dict[str, telemetry.Stretch]]:
+    """Batches and Phase 1 Fisher (with attention gradients kept) of every task, and what each
+    task's collection cost (its :class:`~fisherjax.telemetry.Stretch`: the first task pays the
+    step's compilation); kept gradients beyond their budget spill to ``spill_root/<task>``."""
     all_batches = {
         name: list(batches(task, config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
         for name, task in tasks.items()
     }
     options = config.collect_options()
-    fishers = {}
+    fishers, stretches = {}, {}
     for name in tasks:
-        fishers[name] = collect(
+        fishers[name], stretches[name] = telemetry.measure(
+            collect,
             model,
             all_batches[name],
             task=name,
@@ -299,7 +308,7 @@ def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig, *,
             key=jax.random.key(config.seed),
             progress=config.progress,
         )
-    return all_batches, fishers
+    return all_batches, fishers, stretches
 
 
 def estimate_output_bytes(model: Model, task_sizes: dict[str, int], config: AnalysisConfig) -> tuple[float, float]:
@@ -342,6 +351,7 @@ def environment() -> dict:
         "platform": platform.platform(),
         "backend": backend.platform(),
         "devices": [{"kind": d.device_kind, "platform": d.platform} for d in devices],
+        "compilation_cache": compilation_cache.current(),
     }
 
 
@@ -371,19 +381,29 @@ def analyze(config: AnalysisConfig) -> dict:
     written into a staging directory that replaces the destination only when every phase
     succeeded, and kept gradients spilled to disk live in a private folder of the spill directory
     that is removed at the end, whatever happens.
+
+    What each stretch cost (loading, Phase 1's collection and each task's, every phase, the
+    figures; :mod:`fisherjax.telemetry`) goes into ``results.json["phases"]`` and the report's
+    "Where the time went".
     """
-    started = time.time()
+    with telemetry.running() as whole:
+        return _analyze(config, whole)
+
+
+def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
+    """:func:`analyze` inside the meter ``whole`` of the entire run."""
+    stretches: dict[str, telemetry.Stretch] = {}
     destination = Path(config.out).absolute()
     outdir.check_destination(destination, overwrite=config.overwrite)
     outdir.remove_stale_staging(destination)
-    model, tasks = load_inputs(config)
+    (model, tasks), stretches["load"] = telemetry.measure(load_inputs, config)
     output_bytes, spill_bytes = estimate_output_bytes(model, {n: len(t) for n, t in tasks.items()}, config)
     outdir.check_writable(destination, output_bytes, option="--out")
     if config.spill_dir is not None:
         outdir.check_writable(Path(config.spill_dir), spill_bytes, option="--spill-dir")
     with _private_spill(config.spill_dir) as spill_root:
         try:
-            all_batches, fishers = collect_all(model, tasks, config, spill_root=spill_root)
+            (all_batches, fishers, per_task), stretches["collect"] = telemetry.measure(collect_all, model, tasks, config, spill_root=spill_root)
         except OSError as err:
             if disk_errno(err):
                 raise disk_error(err, Path(config.spill_dir or destination), "--spill-dir") from None
@@ -400,8 +420,14 @@ def analyze(config: AnalysisConfig) -> dict:
                 "model": model_info(model),
                 "tasks": {name: {"file": task.source, "samples": len(task), **_truncation(task)} for name, task in tasks.items()},
             }
-            sections = [PHASES[phase](ctx, out) for phase in config.phase_order()]
-            header["seconds"] = round(time.time() - started, 1)
+            sections = []
+            for phase in config.phase_order():
+                section, stretches[phase] = telemetry.measure(PHASES[phase], ctx, out)
+                sections.append(section)
+            sections, stretches["report"] = telemetry.measure(report.save_figures, out, sections)
+            total = whole.stop()
+            sections.append(timing_report.section(stretches, per_task, total))
+            header["seconds"] = round(total.seconds, 1)
             heading = fisher_report.heading(header["model"], header["created"], header["machine"], header["seconds"])
             results = report.write(out, header, sections, heading=heading)
             outdir.write_marker(out, {"fisherjax": header["fisherjax"], "created": header["created"], "config": results["config"]})

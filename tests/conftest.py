@@ -16,6 +16,10 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The command line keeps a compilation cache in the user's cache directory: no test run of it (in
+# this process, where it would also switch JAX's cache for every later test, or in a subprocess,
+# which inherits this) writes there. tests/test_compilation_cache.py turns it on in a tmp folder.
+os.environ["FISHERJAX_COMPILATION_CACHE"] = "0"
 
 VOCAB = 97
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox")

@@ -35,6 +35,8 @@ def test_analyze_writes_the_output_directory(tiny_checkpoint, tmp_path, capsys):
     assert {"fisherjax", "jax", "jaxlib", "flax", "transformers", "numpy"} <= set(env["versions"]) and env["backend"] == "cpu"
     assert env["devices"][0]["platform"] == "cpu" and (env["git"] is None or len(env["git"]["commit"]) == 40)
     assert results["fisher"]["add"]["samples"] == 12 and results["fisher"]["words"]["samples"] == 10
+    assert list(results["phases"]) == ["load", "collect", "fisher", "report", "total"]  # what each stretch cost
+    assert set(results["phases"]["collect"]["tasks"]) == {"add", "words"}
     assert 0 < results["fisher"]["add"]["loss_per_token"] < 10
     groups = np.load(out / "group_fisher.npz")
     assert groups["add|layers/self_attn/k_proj/kernel|head"].shape == (2, 2)
@@ -147,6 +149,17 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
     for name in ("group_fisher.npz", "qkov.npz", "conflicts.json", "report.md"):
         assert (out / name).exists(), name
     assert len(list((out / "figures").glob("*.png"))) >= 11
+    # What each stretch cost (fisherjax.telemetry): loading, Phase 1 per task, every phase, the figures.
+    phases = results["phases"]
+    assert list(phases) == ["load", "collect", "fisher", "importance", "masks", "conflicts", "qkov", "natural", "report", "total"]
+    assert set(phases["collect"]["tasks"]) == {"math", "copy"}
+    for name, entry in [*phases.items(), *phases["collect"]["tasks"].items()]:
+        assert {"seconds", "peak_rss_gb", "device_peak_gb", "compilations", "compile_seconds", "cache_hits"} <= set(entry), name
+        assert entry["seconds"] >= 0 and entry["peak_rss_gb"] > 0, (name, entry)
+        assert (entry["device_peak_gb"] is None) == (results["environment"]["backend"] == "cpu"), (name, entry)  # XLA:CPU reports none
+    assert phases["collect"]["compilations"] >= 1 and phases["total"]["compilations"] >= phases["collect"]["compilations"]
+    assert phases["total"]["seconds"] >= sum(e["seconds"] for k, e in phases.items() if k != "total") - 0.1
+    assert "## Where the time went" in (out / "report.md").read_text()
     qkov = np.load(out / "qkov.npz")
     assert qkov["math|copy|scores"].shape == (4, 2, 128, 128, 4)
     assert json.loads((out / "conflicts.json").read_text())["pairs"]["math|copy"]["n_pairs"] == 128 * 128

@@ -52,11 +52,9 @@ def write(out: Path, header: Mapping[str, Any], sections: Sequence[Section], *, 
     out = Path(out)
     results = dict(header)
     lines = ["# fisherjax report", "", *heading]
-    for section in sections:
-        links = {name: save_figure(fig, out, name) for name, fig in section.figures.items()}
-        results[section.key] = {**section.json, "figures": list(links.values())} if links else section.json
-        body = [_link(line, links) for line in section.lines]
-        lines += [f"## {section.title}", "", *body, ""]
+    for section in save_figures(out, sections):
+        results[section.key] = section.json
+        lines += [f"## {section.title}", "", *section.lines, ""]
     results = jsonable(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     files = ["- `results.json` — every number above", "- `group_fisher.npz` — keys `task|param_path|group_type`",
@@ -64,6 +62,22 @@ def write(out: Path, header: Mapping[str, Any], sections: Sequence[Section], *, 
     files += [f"- `{extra}`" for extra in ("qkov.npz", "conflicts.json") if (out / extra).exists()]
     (out / "report.md").write_text("\n".join([*lines, "## Files", "", *files]) + "\n")
     return results
+
+
+def save_figures(out: Path, sections: Sequence[Section]) -> list[Section]:
+    """Save every section's figures as ``figures/NAME.png`` and return the sections without them:
+    each figure's ``{figure:NAME}`` replaced by its link and the links listed under ``"figures"``
+    in its ``json``. A section without figures is returned as it is, so :func:`write` may be
+    handed sections whose figures are already saved (a run then times the drawing apart)."""
+    saved = []
+    for section in sections:
+        if not section.figures:
+            saved.append(section)
+            continue
+        links = {name: save_figure(fig, out, name) for name, fig in section.figures.items()}
+        saved.append(section._replace(json={**section.json, "figures": list(links.values())},
+                                      lines=[_link(line, links) for line in section.lines], figures={}))
+    return saved
 
 
 def _link(line: str, links: Mapping[str, str]) -> str:

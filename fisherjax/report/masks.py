@@ -181,6 +181,22 @@ def _overlap_line(o: dict) -> str:
     return f"- sparsity {o['sparsity']:g}: Jaccard {o['jaccard']:.3f} — {o['advice']['text']}"
 
 
+def _samples_of(r: Mapping) -> str:
+    """``"32 of 64"``: the samples a task's head-pruning losses were measured on, of those with a
+    predicted token (results written before the subsample existed: all of them)."""
+    if "n_samples" not in r:
+        return "all"
+    return f"{r['n_samples']} of {r['n_eligible']}"
+
+
+def _subsample_words(experiment: Mapping) -> str:
+    """How the head-pruning experiment's samples were chosen, in words."""
+    per_task = "; ".join(f"{name}: {_samples_of(r)} samples" for name, r in experiment["tasks"].items())
+    limit = experiment.get("samples")
+    rule = "every sample" if limit is None else f"at most {limit} samples per task, drawn with seed {experiment['seed']}"
+    return f"{rule}; {per_task}"
+
+
 def section(
     fishers: Mapping[str, TaskFisher],
     layout: ModelLayout,
@@ -208,12 +224,13 @@ def section(
         figures["overlap_heads"] = overlap_figure(pair_overlaps)
         lines += ["![head-mask overlap]({figure:overlap_heads})", ""]
     if experiment is not None:
-        data["head_pruning"] = dict(experiment)
+        data["head_pruning"] = {**experiment, "subsample": _subsample_words(experiment)}
         scope = "each layer's" if experiment["scope"] == "layer" else "all"
         lines += [f"Loss per token after pruning {experiment['sparsity']:.0%} of {scope} heads (Fisher-guided vs "
-                  f"{experiment['n_random']} random draws of as many heads):", "",
-                  "| task | before | Fisher mask | random mean ± sd | random masks worse |", "|---|---|---|---|---|"]
+                  f"{experiment['n_random']} random draws of as many heads), on a fixed random subsample of each task "
+                  f"({_subsample_words(experiment)}):", "",
+                  "| task | samples | before | Fisher mask | random mean ± sd | random masks worse |", "|---|---|---|---|---|---|"]
         for name, r in experiment["tasks"].items():
-            lines.append(f"| {name} | {r['loss_before']:.4f} | {r['loss_fisher']:.4f} | {r['loss_random_mean']:.4f} ± {r['loss_random_sd']:.4f} "
-                         f"| {r['fraction_random_worse']:.0%} |")
+            lines.append(f"| {name} | {_samples_of(r)} | {r['loss_before']:.4f} | {r['loss_fisher']:.4f} "
+                         f"| {r['loss_random_mean']:.4f} ± {r['loss_random_sd']:.4f} | {r['fraction_random_worse']:.0%} |")
     return Section("masks", "Phases 3–4 — Pruning masks and their overlap", data, lines, figures)
