@@ -21,6 +21,7 @@ from scipy import stats
 from fisherjax import ConfigError, DataError, DecoderConfig, Model, NumericalError
 from fisherjax.analysis import conflicts as C
 from fisherjax.analysis.conflicts import _kernels as K  # private by purpose: the two group-dot paths
+from fisherjax.analysis.conflicts.gram import chunk_size_for
 from fisherjax.analysis.conflicts import projection as P
 from fisherjax.analysis.conflicts.sources import as_stream
 from fisherjax.config import RopeConfig
@@ -136,6 +137,22 @@ def test_cosines_match_numpy(gpt2, gpt2_task, chunk_size):
     np.testing.assert_array_equal(gram.sample_ids_b, b.sample_ids)
     # Groups partition the parameters: contributions add up to the cosine.
     chex.assert_trees_all_close(gram.group_contributions.sum(0), gram.cosines, atol=1e-5)
+
+
+def test_chunks_sized_by_a_memory_budget(gpt2, gpt2_task):
+    """Without a chunk size, a chunk holds what the budget allows: 2 sides × 2 float32 copies of a
+    sample's features (a budget of 3 samples' worth gives chunks of 3, and the same cosines)."""
+    a, b = halves(gpt2_task)
+    features = sum(int(np.prod(v.shape[1:])) for v in a.grads.values())
+    sa, sb = as_stream(a, "a"), as_stream(b, "b")
+    assert chunk_size_for(None, sa, sb, budget_bytes=3 * 16 * features) == 3
+    assert chunk_size_for(None, sa, sb, budget_bytes=1.0) == 1
+    assert chunk_size_for(None, sa, sb, budget_bytes=1e15) == max(len(a.sample_ids), len(b.sample_ids))
+    small = C.pairwise_cosines(a, b, layout=gpt2.layout, memory_budget_bytes=3 * 16 * features)
+    whole = C.pairwise_cosines(a, b, layout=gpt2.layout, chunk_size=64)
+    np.testing.assert_allclose(small.cosines, whole.cosines, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="memory_budget_bytes"):
+        C.ConflictOptions(memory_budget_bytes=0)
 
 
 def test_group_dots_mapped_over_groups_equal_the_batched_einsum(gpt2, gpt2_task):

@@ -10,6 +10,7 @@ continues from the last save with bitwise-identical results on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fisherjax.backend import host_concatenate
+from fisherjax.backend import host_empty
 from fisherjax.data import Batch
 from fisherjax.errors import CheckpointError, ConfigError, DataError, FisherjaxError, NumericalError
 from fisherjax.fisher.accumulate import EMAState, WelfordState, ema_value, sum_mean, welford_interval, welford_variance
@@ -156,7 +157,8 @@ def collect(
             f"task {task!r}: {log.n_skipped} sample(s) with no predicted tokens were skipped (ids {list(log.skipped_ids[:10])})",
             stacklevel=2,
         )
-    return _finish(model, task, plan, state, log, spill)
+    kept, log = list(log.kept), dataclasses.replace(log, kept=())
+    return _finish(model, task, plan, state, log, kept, spill)
 
 
 def _check_resumed_data(saved: dict, data: DataDigest, batch_size: int, checkpoint_dir, start_batch: int) -> None:
@@ -187,11 +189,33 @@ def _raise_if_nonfinite(finite: np.ndarray, sample_ids: np.ndarray, paths: list[
     raise NumericalError(f"task {task!r}: sample {int(sample_ids[row])} has NaN or inf in {where}")
 
 
+def _join_consuming(chunks: list[dict]) -> dict:
+    """``{kind: {path: rows of every chunk}}`` joined along the sample axis into
+    :func:`~fisherjax.backend.host_empty` arrays; each chunk is dropped from ``chunks`` once copied."""
+    first = chunks[0]
+    out = {kind: {p: host_empty((sum(len(c[kind][p]) for c in chunks), *v.shape[1:]), v.dtype) for p, v in tree.items()}
+           for kind, tree in first.items()}
+    at = 0
+    for i in range(len(chunks)):
+        chunk, chunks[i] = chunks[i], None
+        rows = 0
+        for kind, tree in chunk.items():
+            for p, v in tree.items():
+                out[kind][p][at : at + len(v)] = v
+                rows = len(v)
+        at += rows
+        del chunk
+    return out
+
+
 def _concat(parts) -> np.ndarray:
     return np.concatenate(parts, axis=0) if parts else np.zeros((0,))
 
 
-def _finish(model, task: str, plan: StepPlan, state: dict, log: CollectionLog, spill) -> TaskFisher:
+def _finish(model, task: str, plan: StepPlan, state: dict, log: CollectionLog, kept: list, spill) -> TaskFisher:
+    """The TaskFisher of a finished collection. ``kept``: the per-batch chunks of kept arrays (the
+    only reference to them: they are freed as they are joined, so joining needs one chunk of extra
+    memory, not a second copy of everything kept)."""
     layout = model.layout
     host = jax.tree.map(np.asarray, state)
     groups_state = host["groups"]
@@ -208,11 +232,11 @@ def _finish(model, task: str, plan: StepPlan, state: dict, log: CollectionLog, s
     sample_grads = None
     if plan.keep:
         kinds = {"contributions": None}
-        for kind in log.kept[0]:
-            if spill is not None:
-                kinds[kind] = {p: spill.concatenate([k[kind][p] for k in log.kept], f"{kind}.{p.replace('/', '.')}") for p in plan.keep}
-            else:
-                kinds[kind] = {p: host_concatenate([k[kind][p] for k in log.kept]) for p in plan.keep}
+        if spill is not None:
+            for kind in kept[0]:
+                kinds[kind] = {p: spill.concatenate([k[kind][p] for k in kept], f"{kind}.{p.replace('/', '.')}") for p in plan.keep}
+        else:
+            kinds.update(_join_consuming(kept))
         sample_grads = SampleGrads(sample_ids, tokens, kinds["grads"], kinds["contributions"])
     diagonal = variance = None
     if plan.diagonal_variance:

@@ -253,7 +253,7 @@ def _grams(a: Stream, b: Stream, external: Stream | None, grouping: Grouping, in
     group in the per-group scope. Each task is prepared (whitened, viewed) once when it fits a
     chunk."""
     per_group = options.scope == "groups"
-    size = chunk_size_for(options.chunk_size, *(s for s in (a, b, external) if s is not None))
+    size = chunk_size_for(options.chunk_size, *(s for s in (a, b, external) if s is not None), budget_bytes=options.memory_budget_bytes)
     chunks = {"a": prepared(a, grouping, inv_sqrt, size), "b": prepared(b, grouping, inv_sqrt, size)}
     if external is not None:
         chunks["reference"] = prepared(external, grouping, inv_sqrt, size)

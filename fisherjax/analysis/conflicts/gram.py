@@ -199,9 +199,19 @@ def gram_matrix(
     )
 
 
-def chunk_size_for(chunk_size: int, *streams: Stream) -> int:
-    """The chunk size used: ``chunk_size``, or the largest stored task when every task is stored
-    and smaller (no padding beyond the data)."""
+CHUNK_BUDGET_BYTES = 4e9
+"""Default memory of the two chunks a Gram holds at once (prepared float32 features)."""
+
+
+def chunk_size_for(chunk_size: int | None, *streams: Stream, budget_bytes: float = CHUNK_BUDGET_BYTES) -> int:
+    """The chunk size used: ``chunk_size`` — or, when None, as many samples as fit ``budget_bytes``
+    with one chunk per side and two float32 copies of a sample's features each (the stored
+    gradient read as float32 and its whitened, grouped view): ``budget / (2 · 2 · 4 · F)``, ``F`` the
+    features per sample — capped at the largest stored task when every task is stored (no padding
+    beyond the data). A fixed count would not do: 64 GPT-2-small samples are 7 GB of features."""
+    if chunk_size is None:
+        features = max(sum(math.prod(shape) for shape in s.shapes.values()) for s in streams)
+        chunk_size = max(1, int(budget_bytes // (16 * max(features, 1))))
     sizes = [s.size for s in streams if s.size is not None]
     return min(chunk_size, max(sizes)) if sizes and len(sizes) == len(streams) else chunk_size
 
@@ -218,9 +228,10 @@ def pairwise_cosines(
     layout: ModelLayout | None = None,
     fisher: Mapping[str, Any] | None = None,
     eps: float = 0.0,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     by_group: bool = True,
     progress: bool = False,
+    memory_budget_bytes: float = CHUNK_BUDGET_BYTES,
 ) -> Gram:
     """All-pairs dot products (and so cosines) of per-sample gradients, chunked.
 
@@ -232,7 +243,8 @@ def pairwise_cosines(
       grads_a, grads_b: sources (stored gradients or chunk streams, see :data:`~.sources.Source`).
       layout: the :class:`~fisherjax.layout.ModelLayout` for per-head groups (else one group per leaf).
       fisher: ``{path: param-shaped}`` diagonal Fisher to whiten with, and ``eps`` its damping.
-      chunk_size: samples per chunk (stored sources); a stream's chunks must not exceed it.
+      chunk_size: samples per chunk (stored sources); a stream's chunks must not exceed it. None:
+        from ``memory_budget_bytes`` (:func:`chunk_size_for`).
       by_group: also keep ``[G, n_a, n_b]`` per-group dot products.
       progress: show a progress bar over the chunk pairs.
     """
@@ -240,7 +252,7 @@ def pairwise_cosines(
     check_same_parameters([stream_a, stream_b])
     grouping = stream_a.grouping or grouping_for(stream_a.shapes, layout)
     inv_sqrt = inverse_sqrt(fisher, eps, stream_a) if fisher is not None else None
-    size = chunk_size_for(chunk_size, stream_a, stream_b)
+    size = chunk_size_for(chunk_size, stream_a, stream_b, budget_bytes=memory_budget_bytes)
     counts = [chunk_count(s, size) for s in (stream_a, stream_b)]
     total = None if None in counts else counts[0] * counts[1]
     with progress_bar(progress, total=total, desc=f"Gram {stream_a.name} × {stream_b.name}", unit="chunk pair") as bar:

@@ -53,7 +53,9 @@ class ConflictOptions(Options):
         cluster, clusters).
       filter_fraction: a sample that conflicts with at least this fraction of the other task is
         recommended for filtering, one with fewer conflicts for down-weighting.
-      chunk_size: samples per chunk; a chunk pair is the most that is on the device at once.
+      chunk_size: samples per chunk; a chunk pair is the most that is on the device at once. None:
+        as many as ``memory_budget_bytes`` holds (:func:`~.gram.chunk_size_for`).
+      memory_budget_bytes: memory of one chunk pair's prepared features when ``chunk_size`` is None.
       by_group: keep per-group scores (``[G, n_a, n_b]`` floats).
     """
 
@@ -72,7 +74,8 @@ class ConflictOptions(Options):
     top_groups: int = 3
     max_clusters: int = 20
     filter_fraction: float = 0.25
-    chunk_size: int = 64
+    chunk_size: int | None = None
+    memory_budget_bytes: float = 4e9
     by_group: bool = True
 
     def __post_init__(self):
@@ -91,5 +94,7 @@ class ConflictOptions(Options):
         check(0 <= self.filter_fraction <= 1, f"{owner} filter_fraction must lie in [0, 1], got {self.filter_fraction}")
         for name in ("top_k", "top_groups", "max_clusters"):
             check(int(getattr(self, name)) == getattr(self, name) and getattr(self, name) >= 0, f"{owner} {name} must be an integer >= 0, got {getattr(self, name)!r}")
-        check(int(self.chunk_size) == self.chunk_size and self.chunk_size >= 1, f"{owner} chunk_size must be a positive integer, got {self.chunk_size!r}")
+        check(self.chunk_size is None or (int(self.chunk_size) == self.chunk_size and self.chunk_size >= 1),
+              f"{owner} chunk_size must be a positive integer or None, got {self.chunk_size!r}")
+        check(self.memory_budget_bytes > 0, f"{owner} memory_budget_bytes must be > 0, got {self.memory_budget_bytes}")
         check(self.scope != "groups" or self.by_group, f"{owner} scope='groups' needs by_group=True")
