@@ -370,6 +370,31 @@ def test_stored_leaves_are_read_in_place_on_cpu(family):
     np.testing.assert_array_equal(in_place, copied)
 
 
+def test_bfloat16_leaves_are_tiled_with_the_scores_of_their_float32_values(family):
+    """bfloat16 storage (analyze's default) is not read in place — its float32 conversion would be a
+    copy of every sample — but tiled by the memory budget, with the scores of the same values
+    stored as float32 and read in place."""
+    import jax.numpy as jnp
+
+    from fisherjax.backend import host_concatenate
+
+    model, _, A, B = family("gpt2")
+    layout = model.layout
+    sources = _operands.leaf_sources(layout, _operands.block_kinds(layout, True))
+
+    def stored(c: SampleGrads, dtype) -> SampleGrads:
+        return SampleGrads(c.sample_ids, c.tokens, {p: host_concatenate([np.asarray(v).astype(jnp.bfloat16).astype(dtype)])
+                                                    for p, v in c.grads.items()}, None)
+
+    half_a, half_b, wide_a, wide_b = stored(A, jnp.bfloat16), stored(B, jnp.bfloat16), stored(A, np.float32), stored(B, np.float32)
+    assert not _tiles.in_place(half_a.grads, layout, sources) and _tiles.in_place(wide_a.grads, layout, sources)
+    floats_per_layer = sum(np.prod(np.shape(v)[2:]) for v in A.grads.values())
+    budget = 4 * 3 * floats_per_layer * 4
+    tiled = qkov.heatmap(half_a, half_b, layout, memory_budget_bytes=budget, **MIN, contraction="looped").scores
+    in_place = qkov.heatmap(wide_a, wide_b, layout, **MIN, contraction="looped").scores
+    _close(tiled, in_place, rtol=1e-5)
+
+
 @pytest.mark.parametrize("n_layers, workers", [(7, 3), (2, 5), (4, 4), (5, 1)])
 def test_layer_ranges_cover_every_layer_once_and_reassemble_in_order(n_layers, workers):
     ranges = _looped.layer_ranges(n_layers, workers)

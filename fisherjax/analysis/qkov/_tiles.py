@@ -96,9 +96,12 @@ def device_leaves(
 def in_place(store: Mapping[str, np.ndarray], layout: ModelLayout, sources: Mapping[str, tuple[str, ...]]) -> bool:
     """Whether the backend can read every stored leaf in place: layer-stacked and
     :func:`fisherjax.backend.reads_in_place` (a CPU and a C-contiguous, aligned host array, as
-    :func:`~fisherjax.collect` stores them). Then a tile of whole sample runs over all layers
-    costs no copy at all."""
-    return all(layout.spec(key).layered and backend.reads_in_place(store[key]) for key in sources)
+    :func:`~fisherjax.collect` stores them) float32 array. Then a tile of whole sample runs over all
+    layers costs no copy at all. A bfloat16 leaf is tiled instead: read in place, its conversion
+    to float32 became one float32 copy of every sample at once (QK-OV of 8 × 8 GPT-2-small samples
+    took 2.5 GB more than float32 storage; docs/DECISIONS.md), which tiles bound."""
+    return all(layout.spec(key).layered and backend.reads_in_place(store[key]) and np.dtype(store[key].dtype) == np.float32
+               for key in sources)
 
 
 class TileKernel(NamedTuple):
