@@ -126,7 +126,8 @@ def welford_interval(state: WelfordState, z: float = _Z95) -> tuple[PyTree, PyTr
 
 
 class SumState(NamedTuple):
-    """Running count and sum of a pytree of per-sample values (the mean is ``total / count``)."""
+    """Running count and sum of a pytree of per-sample values (the mean is ``total / count``, taken
+    on the host by :func:`fisherjax.collect`)."""
 
     count: Float[Array, ""]
     total: PyTree
@@ -135,11 +136,6 @@ class SumState(NamedTuple):
 def sum_init(like: PyTree) -> SumState:
     """Empty sums shaped like one sample of ``like`` (arrays or ShapeDtypeStructs)."""
     return SumState(jnp.zeros((), _acc_dtype()), jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), _acc_dtype()), like))
-
-
-def sum_mean(state: SumState) -> PyTree:
-    """``total / count`` (zeros before any sample)."""
-    return jax.tree.map(lambda t: t / jnp.maximum(state.count, 1), state.total)
 
 
 def ema_init(like: PyTree, decay: float = 0.99) -> EMAState:

@@ -21,7 +21,7 @@ import numpy as np
 from fisherjax.backend import host_empty
 from fisherjax.data import Batch
 from fisherjax.errors import CheckpointError, ConfigError, DataError, FisherjaxError, NumericalError
-from fisherjax.fisher.accumulate import EMAState, WelfordState, ema_value, sum_mean, welford_interval, welford_variance
+from fisherjax.fisher.accumulate import EMAState, WelfordState, ema_value, welford_interval, welford_variance
 from fisherjax.fisher.groups import group_sizes
 from fisherjax.fisher.options import CollectOptions
 from fisherjax.settings import with_overrides
@@ -243,7 +243,8 @@ def _finish(model, task: str, plan: StepPlan, state: dict, log: CollectionLog, k
         diagonal = {p: np.asarray(v, np.float32) for p, v in host["diagonal"].mean.items()}
         variance = {p: np.asarray(v, np.float32) for p, v in welford_variance(host["diagonal"]).items()}
     elif plan.diagonal:
-        diagonal = {p: np.asarray(v, np.float32) for p, v in sum_mean(host["diagonal"]).items()}
+        count = max(float(host["diagonal"].count), 1.0)  # sum_mean in numpy: no eager XLA op per leaf shape
+        diagonal = {p: (np.asarray(v, np.float32) / np.float32(count)).astype(np.float32) for p, v in host["diagonal"].total.items()}
     return TaskFisher(
         task=task,
         group_fisher=group_fisher,
