@@ -80,7 +80,8 @@ def square_sums(
 
 def _pieces(total, walk: GradWalk, width: int, add):
     """Apply ``add(total, start, width)`` over ``walk.size`` in pieces of ``width`` (the last one
-    narrower: every slice is added exactly once)."""
+    narrower: every slice is added exactly once); ``total`` is any carry (the Welford walk passes
+    ``(mean, m2)``)."""
     whole, rest = divmod(walk.size, width)
     if whole == 1 and rest == 0:
         return add(total, 0, width)
@@ -155,10 +156,4 @@ def _merge_walk(count, mean, m2, walk: GradWalk, width: int, inv_tokens, valid):
         merged = welford_merge(WelfordState(count, take(mean), take(m2)), welford_batch(values, valid))
         return put(mean, merged.mean), put(m2, merged.m2)
 
-    whole, rest = divmod(walk.size, width)
-    if whole == 1 and rest == 0:
-        return merge(0, width, mean, m2)
-    mean, m2 = jax.lax.fori_loop(0, whole, lambda k, carry: merge(k * width, width, *carry), (mean, m2))
-    if rest:
-        mean, m2 = merge(whole * width, rest, mean, m2)
-    return mean, m2
+    return _pieces((mean, m2), walk, width, lambda carry, start, width: merge(start, width, *carry))
