@@ -99,7 +99,7 @@ def main():
         plan = make_plan(model.layout, CollectOptions(**options))
         step = compiled_step(model, plan)
         state = initial_state(model, plan)
-        fn = lambda p, s, i: step(p, jax.tree.map(jnp.copy, s), i, mask, i, sample_ids, key, jnp.zeros(2, jnp.int32))  # noqa: E731
+        fn = lambda p, s, i: step(p, jax.tree.map(jnp.copy, s), i, mask, i, sample_ids, key)  # noqa: E731
         results[label] = per_batch_ms(fn, [(model.params, state, i) for i in ids], args.repeats)
     results = {k: round(v, 2) for k, v in results.items()}
     results["samples_per_s"] = {k: round(args.batch / v * 1e3, 1) for k, v in results.items() if isinstance(v, float)}

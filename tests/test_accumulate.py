@@ -133,3 +133,42 @@ class DiagonalTest(chex.TestCase):
             state = update(state, g, inv, valid)
             expected = acc.welford_update(expected, {"w": jnp.square(g) * inv[:, None, None]}, valid)
         chex.assert_trees_all_close(state, expected, rtol=1e-5, atol=1e-7)
+
+
+def _parts_then_all_reduce(init, update, like, values, valid, devices=4):
+    """Each of ``devices`` parts (contiguous rows) accumulated alone from an empty state, then
+    combined with the collectives of :func:`acc.all_reduce` (``vmap`` with an axis name runs them
+    without devices) and merged after ``init``."""
+    split = lambda x: x.reshape(devices, -1, *x.shape[1:])  # noqa: E731
+
+    def one(v, m):
+        return acc.all_reduce(update(acc.empty_like(init), v, m), "data")
+
+    combined = jax.vmap(one, axis_name="data")(jax.tree.map(split, values), split(valid))
+    return acc.merge(init, jax.tree.map(lambda x: x[0], combined))
+
+
+def test_parts_combined_across_devices_equal_one_update():
+    """Partial states of contiguous sample blocks, combined with collectives in device order and
+    merged into a running state, equal one update with every sample (Welford, sums, EMA); empty
+    parts (all rows invalid) are exact no-ops."""
+    rng = np.random.default_rng(3)
+    like = {"a": np.zeros((3, 2)), "b": np.zeros(4)}
+    (first, first_valid), (values, valid) = list(_batches(rng, 2, batch=12))
+    valid[3:6] = False  # the second device's part is empty
+    values, valid = jax.tree.map(jnp.asarray, values), jnp.asarray(valid)
+    first, first_valid = jax.tree.map(jnp.asarray, first), jnp.asarray(first_valid)
+
+    def sum_update(state, v, m):
+        w = m.astype(state.count.dtype)
+        return acc.SumState(state.count + w.sum(), jax.tree.map(lambda t, x: t + acc.sample_sum(w, jnp.where(m.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)), state.total, v))
+
+    for init, update in (
+        (acc.welford_init(like), acc.welford_update),
+        (acc.sum_init(like), sum_update),
+        (acc.ema_init(like, 0.9), acc.ema_update),
+    ):
+        running = update(init, first, first_valid)
+        expected = update(running, values, valid)
+        got = _parts_then_all_reduce(running, update, like, values, valid)
+        chex.assert_trees_all_close(jax.tree.map(np.asarray, got), jax.tree.map(np.asarray, expected), rtol=1e-5, atol=1e-6)

@@ -323,7 +323,7 @@ def test_the_step_traces_once_and_a_second_collection_compiles_nothing(model, ta
     state = initial_state(model, plan)
     for index, batch in enumerate(batches(task, 4)):  # 12 samples of ≤ 14 tokens: one bucket, three batches
         state, *_ = step(model.params, state, batch.input_ids, batch.attention_mask, batch.labels, batch.sample_ids,
-                         jax.random.key(0), np.array([index, 0], np.int32))
+                         jax.random.key(0))
     options = dict(task="rand", keep_sample_grads=True, diagonal=True, progress=False)
     first = collect(model, batches(task, 4), **options)
     with compilations() as compiled:

@@ -169,3 +169,57 @@ def ema_value(state: EMAState) -> PyTree:
     """Bias-corrected EMA ``v / (1 − d^count)`` (zeros before any sample)."""
     correction = 1 - state.decay**state.count
     return jax.tree.map(lambda v: jnp.where(state.count > 0, v / jnp.maximum(correction, 1e-30), 0.0), state.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Partial states: several devices (or runs) each accumulate their own samples, then combine
+# ---------------------------------------------------------------------------------------------
+
+State = WelfordState | SumState | EMAState
+
+
+def empty_like(state: State) -> State:
+    """A state of the same kind and shapes that has seen no sample (an EMA keeps its decay)."""
+    def zeros(tree):
+        return jax.tree.map(jnp.zeros_like, tree)
+
+    if isinstance(state, EMAState):
+        return EMAState(jnp.zeros_like(state.count), zeros(state.value), state.decay)
+    return type(state)(*(zeros(x) for x in state))
+
+
+def merge(a: State, b: State) -> State:
+    """The state of ``a``'s samples followed by ``b``'s.
+
+    Welford: Chan's merge (:func:`welford_merge`); sums: added; EMA: ``v = v_a·d^{n_b} + v_b``
+    (``b``'s samples come after ``a``'s, so ``a``'s value decays once per sample of ``b``).
+    """
+    if isinstance(a, WelfordState):
+        return welford_merge(a, b)
+    if isinstance(a, SumState):
+        return SumState(a.count + b.count, jax.tree.map(jnp.add, a.total, b.total))
+    d = a.decay
+    return EMAState(a.count + b.count, jax.tree.map(lambda va, vb: va * d**b.count + vb, a.value, b.value), d)
+
+
+def all_reduce(part: State, axis_name: str) -> State:
+    """Inside ``shard_map``: the state of every device's samples along ``axis_name``, device 0's
+    first, from each device's own partial state (collectives over the axis, no host round trip).
+
+    Welford, over devices ``k``: ``n = Σ n_k``, ``μ = Σ n_k μ_k / n``, ``M2 = Σ (M2_k + n_k (μ_k − μ)²)``
+    (Chan's merge of all parts at once). Sums: ``psum``. EMA: ``v = Σ_k d^{a_k} v_k`` with ``a_k``
+    the samples on the devices after ``k`` (an ``all_gather`` of the counts), so the result is the
+    EMA of the samples in the global order.
+    """
+    if isinstance(part, SumState):
+        return SumState(jax.lax.psum(part.count, axis_name), jax.lax.psum(part.total, axis_name))
+    if isinstance(part, WelfordState):
+        n = jax.lax.psum(part.count, axis_name)
+        share = part.count / jnp.maximum(n, 1)
+        mean = jax.lax.psum(jax.tree.map(lambda m: m * share, part.mean), axis_name)
+        m2 = jax.lax.psum(jax.tree.map(lambda q, mk, m: q + part.count * jnp.square(mk - m), part.m2, part.mean, mean), axis_name)
+        return WelfordState(n, mean, m2)
+    counts = jax.lax.all_gather(part.count, axis_name)
+    after = counts.sum() - jnp.cumsum(counts)[jax.lax.axis_index(axis_name)]
+    scale = part.decay**after
+    return EMAState(counts.sum(), jax.lax.psum(jax.tree.map(lambda v: v * scale, part.value), axis_name), part.decay)

@@ -38,6 +38,7 @@ from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.fisher.step import StepPlan, compiled_step, initial_state, make_plan, micro_batch_size, micro_batches
 from fisherjax.models.model import check_token_ids
 from fisherjax.progressbar import progress_bar
+from fisherjax.sharding import check_mesh, data_size, local_rows, place_params, process_sum, put_replicated, shard_rows
 
 
 def collect(
@@ -53,6 +54,7 @@ def collect(
     resume: bool = False,
     progress: bool = True,
     total: int | None = None,
+    mesh=None,
     **overrides,
 ) -> TaskFisher:
     """Collect the diagonal Fisher of one task, reduced to groups.
@@ -70,6 +72,14 @@ def collect(
         accumulated and continue.
       progress: show a progress bar (batches, with the samples seen and samples/s);
         ``total``: the number of batches when ``batches`` has no length.
+      mesh: a :class:`jax.sharding.Mesh` with axes ``("data",)`` or ``("data", "model")``
+        (:mod:`fisherjax.sharding`): each micro-batch's samples are split over ``"data"``
+        (``memory_budget_bytes`` is then per device), parameters replicated or sharded over
+        ``"model"``, and the states combined inside the step (:func:`~.step.sharded_step_function`).
+        The results equal those of one device up to float rounding. On a mesh over several
+        processes (``jax.distributed``) every process passes the same batches and places only its
+        devices' rows; the Fisher, its states and the counts are global, while the per-sample
+        arrays (sample ids, kept gradients, per-sample groups) are the process's own share.
 
     Raises:
       DataError: empty task, token ids outside the vocabulary.
@@ -79,30 +89,39 @@ def collect(
     options = with_overrides(options or CollectOptions(), overrides)
     if options.fisher_type == "true" and key is None:
         raise ConfigError("fisher_type='true' draws labels from the model: pass a PRNG key (key=jax.random.key(seed))")
+    mesh = check_mesh(mesh)
     params = model.params if params is None else params
+    manager = progress_manager(checkpoint_dir) if checkpoint_dir is not None else None
+    fingerprint = Fingerprint.of(task, options, params) if manager is not None else None
+    if mesh is not None:
+        params, key = place_params(params, mesh), put_replicated(key if key is not None else jax.random.key(0), mesh)
     layout = model.layout
     plan = make_plan(layout, options)
-    step = compiled_step(model, plan)
+    step = compiled_step(model, plan, mesh)
     key = key if key is not None else jax.random.key(0)
 
     state = initial_state(model, plan, options.ema_decay)
     group_like = state["groups"].mean if plan.mode == "welford" else state["groups"].value
     log = CollectionLog()
     start_batch, saved = 0, None
-    manager = progress_manager(checkpoint_dir) if checkpoint_dir is not None else None
-    fingerprint = Fingerprint.of(task, options, params) if manager is not None else None
     data = DataDigest() if manager is not None else None
     if manager is not None and resume:
         restored = restore_progress(manager, state, fingerprint)
         if restored is not None:
             state, log, start_batch, saved = restored
+    if mesh is not None:
+        state = put_replicated(state, mesh)
     spill = Spill(Path(spill_dir)) if spill_dir is not None else None
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)
 
     def settle(log: CollectionLog, pending) -> CollectionLog:
         micro, outputs = pending
-        groups, kept, scalars = jax.device_get(outputs)
+        if mesh is None:
+            groups, kept, scalars = jax.device_get(outputs)
+        else:  # this process's rows only (all of them on one host)
+            rows, (groups, kept, scalars) = local_rows(outputs)
+            micro = Batch(*(x[rows] for x in micro))
         losses, tokens, finite = scalars[:, 0], scalars[:, 1].astype(np.int64), scalars[:, 2:] > 0.5
         _raise_if_nonfinite(finite, micro.sample_ids, layout.paths(), task)
         groups = None if groups is None else _unpack(groups, group_like)
@@ -122,12 +141,11 @@ def collect(
                     _check_resumed_data(saved, data, batch_size, checkpoint_dir, start_batch)
                 continue
             check_token_ids(batch.input_ids, model.config.vocab_size)
-            chunk = micro_batch_size(model, plan, *batch.input_ids.shape, options.memory_budget_bytes)
-            for part, micro in enumerate(micro_batches(batch, chunk)):
-                state, groups, kept, scalars = step(
-                    params, state, micro.input_ids, micro.attention_mask, micro.labels, micro.sample_ids, key,
-                    np.array([index, part], np.int32),
-                )
+            devices = data_size(mesh)
+            chunk = devices * micro_batch_size(model, plan, *batch.input_ids.shape, options.memory_budget_bytes)
+            for micro in micro_batches(batch, chunk, devices):
+                inputs = tuple(micro) if mesh is None else tuple(shard_rows(x, mesh) for x in micro)
+                state, groups, kept, scalars = step(params, state, *inputs, key)
                 outputs = (groups if options.keep_per_sample_groups else None, kept if plan.keep else None, scalars)
                 for leaf in jax.tree.leaves(outputs):
                     leaf.copy_to_host_async()  # overlaps the transfer with the next step's compute
@@ -148,6 +166,9 @@ def collect(
     if data is not None and data.batches < start_batch:
         raise CheckpointError(f"{checkpoint_dir}: the checkpoint holds {start_batch} batches of task {task!r}, but the task now "
                               f"has only {data.batches}; resume with the same data, or use another checkpoint directory")
+    if jax.process_count() > 1 and mesh is not None:  # every process's samples count
+        totals = process_sum(np.array([log.n_seen, log.n_skipped, log.n_tokens, log.total_loss], np.float64))
+        log = dataclasses.replace(log, n_seen=int(totals[0]), n_skipped=int(totals[1]), n_tokens=int(totals[2]), total_loss=float(totals[3]))
     if log.n_seen == 0 and log.n_skipped == 0:
         raise DataError(f"task {task!r} has no samples")
     if log.n_seen == 0:

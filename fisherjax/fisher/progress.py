@@ -7,7 +7,8 @@
   memory-mapped when they exceed their host-memory budget;
 * :func:`progress_manager`, :func:`save_progress`, :func:`restore_progress`: the accumulation
   state and the log saved with an orbax ``CheckpointManager`` (atomic writes, the last two steps
-  kept), so ``collect(..., resume=True)`` continues after the last save with bitwise-identical
+  kept; in a multi-process run each process saves its own share,
+  :mod:`fisherjax.fisher.process_saves`), so ``collect(..., resume=True)`` continues after the last save with bitwise-identical
   numbers on CPU;
 * :class:`Fingerprint` and :class:`DataDigest`: what a checkpoint was made from — the task's
   name, the collection options, the parameters and every batch's sample ids and tokens — saved
@@ -28,6 +29,7 @@ import numpy as np
 from fisherjax.data import Batch
 from fisherjax.errors import CheckpointError, ConfigError, FisherjaxError
 from fisherjax.fisher.accumulate import EMAState, SumState, WelfordState
+from fisherjax.fisher.process_saves import ProcessSaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,11 +228,17 @@ class DataDigest:
 
 
 def progress_manager(directory: str | Path):
-    """A checkpoint manager for resumable collection (keeps the two most recent saves)."""
+    """A checkpoint manager for resumable collection (keeps the two most recent saves): orbax's
+    on one process; in a multi-process run each process's own saves of its share of the samples
+    (beside the global state) in ``directory/process-<index>``
+    (:class:`~fisherjax.fisher.process_saves.ProcessSaves`, whose docstring says why)."""
     import orbax.checkpoint as ocp
 
+    directory = Path(directory).absolute()
+    if jax.process_count() > 1:
+        return ProcessSaves(directory / f"process-{jax.process_index()}")
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    return ocp.CheckpointManager(directory, options=options)
 
 
 def _state_to_tree(state: dict) -> dict:
@@ -293,6 +301,9 @@ def save_progress(manager, batches_done: int, state: dict, log: CollectionLog, *
         "data": data.hexdigest(),
         "batch_size": batch_size,
     }
+    if isinstance(manager, ProcessSaves):
+        manager.save_arrays(batches_done, arrays, meta)
+        return
     manager.save(batches_done, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
 
@@ -310,10 +321,13 @@ def restore_progress(manager, like_state: dict, fingerprint: Fingerprint) -> tup
     if step is None:
         return None
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        if isinstance(manager, ProcessSaves):
+            arrays, meta = manager.restore_arrays(step)
+        else:
+            restored = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+            arrays, meta = restored["arrays"], restored["meta"]
     except Exception as err:  # orbax raises several types for damaged directories
         raise CheckpointError(f"{manager.directory}: cannot restore collection state at step {step} ({err})") from None
-    arrays, meta = restored["arrays"], restored["meta"]
     if "fingerprint" not in meta:
         raise CheckpointError(f"{manager.directory}: the checkpoint records no fingerprint of what it holds (an older "
                               "fisherjax wrote it); remove it to collect again")

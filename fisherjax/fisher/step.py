@@ -9,13 +9,17 @@ whose gradients are kept, and for the full diagonal one piece of a parameter at 
 (:mod:`fisherjax.fisher.diagonal`).
 
 Fisher variants (``fisher_type``): ``"empirical"`` (data labels); ``"true"`` (labels drawn from
-the model at every predicted position, ``C_i`` averaged over ``true_samples`` draws);
+the model at every predicted position, ``C_i`` averaged over ``true_samples`` draws, sample
+``i``'s draws from ``fold_in(key, sample_id_i)``, so they do not depend on batching, micro-batching
+or the mesh);
 ``"per_token"`` (``C_i = Σ_t ‖∇ℓ_{i,t}‖² / T_i``, one pullback per position). Kept signed
 gradients ``g_i`` are always those of the data labels.
 
 What is static about a run is a :class:`StepPlan` (hashable, part of the jit cache key);
-:func:`compiled_step` keeps one compiled step per (model, plan), so repeated collections with
-the same shapes compile nothing.
+:func:`compiled_step` keeps one compiled step per (model, plan, mesh), so repeated collections
+with the same shapes compile nothing. On a mesh (:mod:`fisherjax.sharding`) every device runs
+the same step on its share of the samples and the accumulation states are combined inside the
+step with collectives (:func:`sharded_step_function`).
 """
 
 from __future__ import annotations
@@ -30,13 +34,25 @@ import numpy as np
 
 from fisherjax import backend
 from fisherjax.data import IGNORE, Batch, num_active_tokens, predicted_labels
-from fisherjax.fisher.accumulate import SumState, ema_init, ema_update, sample_sum, sum_init, welford_init, welford_update
+from fisherjax.fisher.accumulate import (
+    SumState,
+    all_reduce,
+    ema_init,
+    ema_update,
+    empty_like,
+    merge,
+    sample_sum,
+    sum_init,
+    welford_init,
+    welford_update,
+)
 from fisherjax.fisher.diagonal import diagonal_update, materialised_walk, square_sums
 from fisherjax.fisher.groups import group_sizes, marginals_of, reduce_groups
 from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, kept_paths
 from fisherjax.settings import with_overrides
 from fisherjax.fisher.sites import discover_sites, grad_walks, per_sample_grads_from_sites, squared_marginals_from_sites
 from fisherjax.grads import token_nll
+from fisherjax.sharding import DATA, by_sample, replicated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +111,12 @@ def sample_labels(key, logits, labels):
     return jnp.concatenate([jnp.full_like(labels[:, :1], IGNORE), shifted], axis=1)
 
 
+def sample_labels_per_row(keys, logits, labels):
+    """:func:`sample_labels` with one key per row (``keys [batch]``): each sample's draws depend on
+    its own key only, not on the rows beside it."""
+    return jax.vmap(lambda k, z, y: sample_labels(k, z[None], y[None])[0])(keys, logits, labels)
+
+
 def initial_state(model, plan: StepPlan, ema_decay: float = 0.99) -> dict:
     """The empty accumulation state: ``{"groups": Welford | EMA, "diagonal": Sum | Welford}``."""
     layout = model.layout
@@ -107,11 +129,11 @@ def initial_state(model, plan: StepPlan, ema_decay: float = 0.99) -> dict:
 
 
 def step_function(model, plan: StepPlan) -> Callable:
-    """The pure per-batch step ``step(params, state, ids, mask, labels, sample_ids, key, position)
+    """The pure per-batch step ``step(params, state, ids, mask, labels, sample_ids, key)
     -> (state, packed_groups, kept, packed_scalars)`` (jit it, or use :func:`compiled_step`).
 
-    ``position`` ``[2]`` (batch index, micro-batch index) is folded into ``key`` for the true
-    Fisher's draws. ``packed_groups`` ``[batch, Σ groups]`` and ``packed_scalars`` ``[batch, 2 +
+    The true Fisher draws sample ``i``'s labels with ``fold_in(key, sample_ids[i])``.
+    ``packed_groups`` ``[batch, Σ groups]`` and ``packed_scalars`` ``[batch, 2 +
     parameters]`` (loss, ``T_i``, finite flags) are one array each, because a transfer per leaf
     would cost more than the step; ``kept`` is ``{"grads": {path: [batch, ...]}}`` (plus
     ``"contributions"`` unless they are derived from the gradients).
@@ -144,12 +166,11 @@ def step_function(model, plan: StepPlan) -> Callable:
         return SumState(diagonal.count + valid.astype(diagonal.count.dtype).sum(),
                         square_sums(diagonal.total, walks, weights, loop=plan.sample_loop))
 
-    def step(params, state, ids, mask, labels, sample_ids, key, position):
+    def step(params, state, ids, mask, labels, sample_ids, key):
         batch, seq = ids.shape
         # the labels that count, once: T_i, losses, the data cotangent, the true Fisher's draws and
         # the per-token pullbacks all see them (a target predicted from padding never counts)
         labels = predicted_labels(labels, mask)
-        key = jax.random.fold_in(jax.random.fold_in(key, position[0]), position[1])
         taps = model.zero_taps(batch, seq)
 
         def forward(taps):
@@ -166,8 +187,9 @@ def step_function(model, plan: StepPlan) -> Callable:
             grads, squares, marginals = squares_and_marginals(recorded, deltas, seq)
         else:
             if plan.fisher_type == "true":
-                keys = jax.random.split(key, plan.true_samples)
-                cotangent_of = lambda k: data_cotangent(logits, sample_labels(k, logits, labels))  # noqa: E731
+                row_keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i), plan.true_samples))(sample_ids)
+                keys = jnp.swapaxes(row_keys, 0, 1)  # [draws, batch]
+                cotangent_of = lambda k: data_cotangent(logits, sample_labels_per_row(k, logits, labels))  # noqa: E731
                 xs, scale = keys, 1.0 / plan.true_samples
             else:  # per_token: the cotangent of one position's loss at a time
                 cotangent_of = lambda t: jnp.where((jnp.arange(seq) == t)[None, :, None], cotangent, 0.0)  # noqa: E731
@@ -220,32 +242,70 @@ def step_function(model, plan: StepPlan) -> Callable:
     return step
 
 
+def sharded_step_function(model, plan: StepPlan, mesh) -> Callable:
+    """:func:`step_function` over a mesh: samples split over ``"data"``, one state for all.
+
+    ``jax.shard_map`` over the ``"data"`` axis (a ``"model"`` axis stays with the compiler, which
+    gathers parameters sharded over it): each device runs the single-device step on its rows,
+    starting from an empty state, and the partial states are combined in the global sample order
+    with collectives (:func:`~fisherjax.fisher.accumulate.all_reduce`) and merged into the running
+    state (:func:`~fisherjax.fisher.accumulate.merge`). The state, parameters and key are
+    replicated over ``"data"``; per-sample outputs stay split over it, in the single-device order.
+    The batch's rows must be a multiple of the ``"data"`` size (:func:`micro_batches` pads).
+    """
+    local = step_function(model, plan)
+    P = jax.sharding.PartitionSpec
+
+    def step(params, state, ids, mask, labels, sample_ids, key):
+        empty = jax.tree.map(empty_like, state, is_leaf=_is_state)
+        part, groups, kept, scalars = local(params, empty, ids, mask, labels, sample_ids, key)
+        state = {k: merge(state[k], all_reduce(part[k], DATA)) for k in state}
+        return state, groups, kept, scalars
+
+    rows = P(DATA)
+    return jax.shard_map(
+        step, mesh=mesh, axis_names={DATA},
+        in_specs=(P(), P(), rows, rows, rows, rows, P()),
+        out_specs=(P(), rows, rows, rows),
+        check_vma=False,  # the loops of the local step start from constants; the state out is a psum
+    )
+
+
+def _is_state(x) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compiled_step(model, plan: StepPlan):
-    """``jax.jit`` of :func:`step_function` (state donated), built once per (model, plan) so
-    repeated collections reuse its compilations."""
+def compiled_step(model, plan: StepPlan, mesh=None):
+    """``jax.jit`` of :func:`step_function` (or, on a mesh, :func:`sharded_step_function`) with
+    the state donated, built once per (model, plan, mesh) so repeated collections reuse its
+    compilations."""
     steps = _COMPILED.setdefault(model, {})
-    if plan not in steps:
-        steps[plan] = jax.jit(step_function(model, plan), donate_argnums=(1,))
-    return steps[plan]
+    if (plan, mesh) not in steps:
+        if mesh is None:
+            steps[plan, mesh] = jax.jit(step_function(model, plan), donate_argnums=(1,))
+        else:  # per-sample outputs split over "data" only (not also over "model"): whole rows per device
+            out = (replicated(mesh), by_sample(mesh), by_sample(mesh), by_sample(mesh))
+            steps[plan, mesh] = jax.jit(sharded_step_function(model, plan, mesh), donate_argnums=(1,), out_shardings=out)
+    return steps[plan, mesh]
 
 
-def lower_step(model, batch_size: int, seq_len: int, options: CollectOptions | None = None, **overrides):
+def lower_step(model, batch_size: int, seq_len: int, options: CollectOptions | None = None, *, mesh=None, **overrides):
     """The lowered per-batch step for abstract inputs, e.g. to read XLA's memory analysis.
 
     ``model.params`` may be ``jax.ShapeDtypeStruct`` leaves, so a 7B-parameter configuration can
     be checked without allocating weights: ``lower_step(...).compile().memory_analysis()``.
-    ``options`` / ``overrides`` as for :func:`fisherjax.collect`.
+    ``options`` / ``overrides`` as for :func:`fisherjax.collect`; with ``mesh`` the sharded step
+    (``batch_size`` is then the global batch, a multiple of the ``"data"`` size).
     """
     options = with_overrides(options or CollectOptions(), overrides)
     plan = make_plan(model.layout, options)
     state = jax.eval_shape(lambda: initial_state(model, plan, options.ema_decay))
     ints = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
     ids = jax.ShapeDtypeStruct((batch_size,), jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
-    position = jax.ShapeDtypeStruct((2,), jnp.int32)
-    return compiled_step(model, plan).lower(model.params, state, ints, ints, ints, ids, jax.random.key(0), position)
+    return compiled_step(model, plan, mesh).lower(model.params, state, ints, ints, ints, ids, jax.random.key(0))
 
 
 def micro_batch_size(model, plan: StepPlan, batch: int, seq: int, budget_bytes: float) -> int:
@@ -263,16 +323,20 @@ def micro_batch_size(model, plan: StepPlan, batch: int, seq: int, budget_bytes: 
     return int(max(1, min(batch, budget_bytes // max(per_sample, 1))))
 
 
-def micro_batches(batch: Batch, size: int):
-    """Split a batch into consecutive micro-batches of ``size`` rows (the last padded with filler)."""
+def micro_batches(batch: Batch, size: int, multiple: int = 1):
+    """Split a batch into consecutive micro-batches of ``size`` rows, each padded with filler
+    (sample id −1, labels ignored, no tokens) to ``size`` or, when the batch is smaller, to the
+    next multiple of ``multiple`` (a mesh's ``"data"`` size)."""
     n = batch.input_ids.shape[0]
-    if size >= n:
+    size = min(size, n)
+    width = -(-size // multiple) * multiple
+    if width == n:
         yield batch
         return
     for start in range(0, n, size):
         rows = np.arange(start, min(start + size, n))
         if np.all(batch.sample_ids[rows] < 0):
             continue
-        pad = size - len(rows)
+        pad = width - len(rows)
         take = lambda x, fill: np.concatenate([x[rows], np.full((pad, *x.shape[1:]), fill, x.dtype)])  # noqa: E731
         yield Batch(take(batch.input_ids, 0), take(batch.attention_mask, 0), take(batch.labels, IGNORE), take(batch.sample_ids, -1))
