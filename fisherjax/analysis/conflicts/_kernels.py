@@ -6,6 +6,12 @@ A chunk of per-sample gradients is whitened, viewed as group-major features
 per model and chunk size) and reduced to squared group norms in one jitted pass
 (:func:`prepare_chunk`); a chunk pair's dot products are one GEMM ``[c_a, D] · [D, c_b]`` per
 group (:func:`block_gram`).
+
+On a mesh the row side of a Gram is split over ``"data"`` (each chunk zero-padded to whole rows
+per device, prepared and multiplied under ``jax.shard_map``: :func:`sharded_prepare`,
+:func:`sharded_block_gram`) and the column side is replicated (its chunks prepared on every
+device); each device computes its rows against the whole column chunk, and only the dot products
+and norms (the summaries) come back.
 """
 
 from __future__ import annotations
@@ -16,13 +22,24 @@ from collections.abc import Callable, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
 from jaxtyping import Array, Float
 
 from fisherjax import backend
 from fisherjax.analysis.conflicts.sources import Grouping, Stream
 from fisherjax.errors import ConfigError, DataError, NumericalError
+from fisherjax.sharding import DATA, data_size, put_replicated, shard_rows
 
-__all__ = ["PreparedChunk", "block_gram", "prepare_chunk", "prepared", "prepared_chunks"]
+__all__ = [
+    "PreparedChunk",
+    "block_gram",
+    "prepare_chunk",
+    "prepared",
+    "prepared_chunks",
+    "rows_per_chunk",
+    "sharded_block_gram",
+    "sharded_prepare",
+]
 
 PreparedChunk = tuple[np.ndarray, dict[str, Array], np.ndarray, int]
 """``(sample_ids [c], features {key: [size, G_leaf, D]} padded to the chunk size, squared group
@@ -100,9 +117,65 @@ def prepare_chunk(grads, inv_sqrt, whitened_paths, views, members, n_groups, siz
     return bad, features, norms
 
 
-def prepared_chunks(stream: Stream, grouping: Grouping, inv_sqrt: Mapping[str, Array] | None, chunk_size: int) -> Iterator[PreparedChunk]:
+@functools.lru_cache(maxsize=16)
+def sharded_prepare(mesh: Mesh, whitened_paths, views, members, n_groups: int, rows: int):
+    """:func:`prepare_chunk` of a chunk whose ``rows`` samples (a multiple of the ``"data"``
+    size, zero rows after the real ones) are split over ``"data"``: each device whitens, views and
+    measures its ``rows / D`` samples; flags ``{path: [rows]}`` and features keep the split, norms
+    are ``[G, rows]`` split along the samples. ``inv_sqrt`` is replicated. Jitted once per mesh,
+    grouping and size."""
+    local = functools.partial(
+        prepare_chunk, whitened_paths=whitened_paths, views=views, members=members, n_groups=n_groups, size=rows // data_size(mesh)
+    )
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(DATA), P()), out_specs=(P(DATA), P(DATA), P(None, DATA)), check_vma=False)
+    return jax.jit(mapped)
+
+
+@functools.lru_cache(maxsize=16)
+def sharded_block_gram(mesh: Mesh, members, n_groups: int, by_group: bool, mapped: bool):
+    """:func:`block_gram` of a row chunk split over ``"data"`` and a replicated column chunk: each
+    device multiplies its rows with every column; the total ``[c_a, c_b]`` (and per group
+    ``[G, c_a, c_b]``) stays split along the rows until it is read. Jitted once per mesh and
+    grouping."""
+
+    def local(features_a, features_b):
+        total, grouped = _block_gram(features_a, features_b, members, n_groups, by_group, mapped)
+        return (total, grouped) if by_group else (total,)
+
+    out_specs = (P(DATA), P(None, DATA)) if by_group else (P(DATA),)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(DATA), P()), out_specs=out_specs, check_vma=False))
+
+
+def rows_per_chunk(stream: Stream, chunk_size: int, mesh: Mesh) -> int:
+    """Samples of one row chunk of ``stream`` on ``mesh`` (a multiple of the ``"data"`` size
+    ``D``): ``D · min(chunk_size, ceil(n / D))`` for a stored stream — every device holds at most
+    ``chunk_size`` rows, and a task that fits is one chunk with under ``D`` rows of padding — and
+    ``D · ceil(chunk_size / D)`` for a callable one, whose chunks of at most ``chunk_size`` are
+    padded to it."""
+    devices = data_size(mesh)
+    per_device = -(-chunk_size // devices) if stream.size is None else min(chunk_size, -(-stream.size // devices))
+    return devices * max(per_device, 1)
+
+
+def _padded_rows(x, rows: int) -> np.ndarray:
+    """``x`` ``[c, ...]`` on the host with zero rows up to ``rows``."""
+    x = np.asarray(x)
+    out = np.zeros((rows,) + x.shape[1:], x.dtype)
+    out[: len(x)] = x
+    return out
+
+
+def prepared_chunks(
+    stream: Stream, grouping: Grouping, inv_sqrt: Mapping[str, Array] | None, chunk_size: int, *, mesh: Mesh | None = None,
+    split: bool = False,
+) -> Iterator[PreparedChunk]:
     """Yields a :data:`PreparedChunk` per chunk of ``stream``, whitened with ``inv_sqrt``
     (``{path: (Î + ε)^{-1/2}}``, None: not whitened).
+
+    With a ``mesh``: ``split`` (the row side of a Gram) reads chunks of ``chunk_size`` samples (a
+    multiple of the ``"data"`` size, :func:`rows_per_chunk`), zero-pads each to it and splits it
+    over ``"data"`` (:func:`sharded_prepare`); otherwise (the column side) each chunk is replicated
+    on every device and prepared there.
 
     Raises:
       NumericalError: a NaN/inf gradient (naming the sample and parameter). DataError: a chunk
@@ -110,6 +183,8 @@ def prepared_chunks(stream: Stream, grouping: Grouping, inv_sqrt: Mapping[str, A
         ``chunk_size``.
     """
     paths = tuple(sorted(inv_sqrt)) if inv_sqrt else ()
+    if mesh is not None and inv_sqrt:
+        inv_sqrt = put_replicated(dict(inv_sqrt), mesh)
     for chunk in stream.chunks(chunk_size):
         if set(chunk.grads) != set(stream.shapes):
             raise DataError(f"task {stream.name!r}: a chunk holds gradients of {sorted(chunk.grads)}, expected {sorted(stream.shapes)}")
@@ -117,10 +192,18 @@ def prepared_chunks(stream: Stream, grouping: Grouping, inv_sqrt: Mapping[str, A
         c = len(ids)
         if c > chunk_size:
             raise ConfigError(f"task {stream.name!r}: a chunk of {c} samples exceeds chunk_size={chunk_size}")
-        grads = {p: jnp.asarray(g, jnp.float32) for p, g in chunk.grads.items()}
-        bad, features, norms = prepare_chunk(
-            grads, {p: inv_sqrt[p] for p in paths}, paths, grouping.views, grouping.static_members, len(grouping.index), chunk_size
-        )
+        statics = (paths, grouping.views, grouping.static_members, len(grouping.index))
+        weights = {p: inv_sqrt[p] for p in paths}
+        if mesh is not None and split:
+            grads = {p: shard_rows(_padded_rows(g, chunk_size), mesh) for p, g in chunk.grads.items()}
+            grads = {p: g.astype(jnp.float32) for p, g in grads.items()}
+            bad, features, norms = sharded_prepare(mesh, *statics, chunk_size)(grads, weights)
+        else:
+            if mesh is None:
+                grads = {p: jnp.asarray(g, jnp.float32) for p, g in chunk.grads.items()}
+            else:
+                grads = {p: g.astype(jnp.float32) for p, g in put_replicated(dict(chunk.grads), mesh).items()}
+            bad, features, norms = prepare_chunk(grads, weights, *statics, chunk_size)
         for path, flags in bad.items():
             flags = np.asarray(flags)
             if flags.any():
@@ -128,8 +211,12 @@ def prepared_chunks(stream: Stream, grouping: Grouping, inv_sqrt: Mapping[str, A
         yield ids, features, np.asarray(norms)[:, :c], c
 
 
-def prepared(stream: Stream, grouping: Grouping, inv_sqrt: Mapping[str, Array] | None, chunk_size: int) -> Callable[[], Iterator[PreparedChunk]]:
-    """A function returning a fresh iterator of :func:`prepared_chunks`.
+def prepared(
+    stream: Stream, grouping: Grouping, inv_sqrt: Mapping[str, Array] | None, chunk_size: int, *, mesh: Mesh | None = None,
+    split: bool = False,
+) -> Callable[[], Iterator[PreparedChunk]]:
+    """A function returning a fresh iterator of :func:`prepared_chunks` (``mesh``, ``split``: as
+    there).
 
     A stored stream that fits in one chunk (the usual case: ``n ≤ chunk_size``) is prepared once
     and its chunk kept, so the Grams :func:`~fisherjax.analysis.conflicts.detect` builds from it
@@ -137,12 +224,12 @@ def prepared(stream: Stream, grouping: Grouping, inv_sqrt: Mapping[str, Array] |
     one Gram already holds: one chunk of each side.
     """
     if stream.size is None or stream.size > chunk_size:
-        return lambda: prepared_chunks(stream, grouping, inv_sqrt, chunk_size)
+        return lambda: prepared_chunks(stream, grouping, inv_sqrt, chunk_size, mesh=mesh, split=split)
     kept: list = []
 
     def chunks():
         if not kept:
-            kept.extend(prepared_chunks(stream, grouping, inv_sqrt, chunk_size))
+            kept.extend(prepared_chunks(stream, grouping, inv_sqrt, chunk_size, mesh=mesh, split=split))
         return iter(kept)
 
     return chunks

@@ -26,11 +26,11 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Float
 
-from fisherjax.analysis.conflicts._kernels import prepared
 from fisherjax.analysis.conflicts.findings import ConflictCluster, ConflictPair, clusters, recommendations, top_pairs
-from fisherjax.analysis.conflicts.gram import Gram, chunk_count, chunk_size_for, damping, effect_sizes, gram_matrix, inverse_sqrt
+from fisherjax.analysis.conflicts.gram import Gram, chunk_count, chunk_size_for, damping, effect_sizes, gram_matrix, inverse_sqrt, split_sides
 from fisherjax.analysis.conflicts.null import conflict_pvalues
 from fisherjax.analysis.conflicts.options import ConflictOptions
 from fisherjax.analysis.conflicts.sources import GroupIndex, Grouping, Source, Stream, as_stream, check_same_parameters, grouping_for
@@ -39,6 +39,7 @@ from fisherjax.fisher.pool import pool_fisher, pool_weights
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 from fisherjax.progressbar import progress_bar
 from fisherjax.settings import with_overrides
+from fisherjax.sharding import check_mesh
 from fisherjax.stats import fdr_qvalues
 
 __all__ = ["ConflictReport", "detect", "head_map"]
@@ -138,6 +139,7 @@ def detect(
     reference_split: Source | None = None,
     names: tuple[str, str] | None = None,
     progress: bool = False,
+    mesh: Mesh | None = None,
     **overrides,
 ) -> ConflictReport:
     """Find the sample pairs of tasks A and B whose whitened gradients conflict.
@@ -159,17 +161,28 @@ def detect(
         disjoint samples), used instead of the within-task reference sides.
       names: task names for the report (default: from the sources).
       progress: show a progress bar over the Gram chunk pairs.
+      mesh: a :class:`jax.sharding.Mesh` with axes ``("data",)`` or ``("data", "model")``
+        (:func:`fisherjax.sharding.check_mesh`). Every Gram — A × B and the references A × A,
+        B × B, A × split — has its rows split over ``"data"`` in contiguous blocks and its column
+        chunks broadcast; the Fisher and damping are computed once on the host as without a mesh
+        and the whitening factors replicated, so the Grams differ only by float32 rounding. The
+        Grams (``[n_a, n_b]``, per group ``[G, n_a, n_b]``) are the summaries and are gathered;
+        p-values, FDR and findings run on the host as always. ``chunk_size`` and
+        ``memory_budget_bytes`` are per device. Callable (streamed) sources work chunk by chunk:
+        each of their chunks is zero-padded and split. A ``"model"`` axis replicates the work.
+        None (default): one device, as always.
 
     Raises:
       DataError: a task with fewer than two samples (or too few for the reference), different
         parameter sets, a zero gradient, a missing Fisher. NumericalError: NaN/inf gradients.
       ConfigError: a bad option value or unknown option name.
     """
+    mesh = check_mesh(mesh)
     options = _options(options, overrides)
     a, b, external = _read_sources(task_a, task_b, reference_split, names)
     grouping = a.grouping or grouping_for(a.shapes, layout)
     inv_sqrt, eps_used, whitened = _whitening(options, fisher, a, b)
-    cross, references = _grams(a, b, external, grouping, inv_sqrt, options, progress)
+    cross, references = _grams(a, b, external, grouping, inv_sqrt, options, progress, mesh)
     per_group = options.scope == "groups"
     scores = _nan_group_cosines(cross) if per_group else cross.cosines
     pvalues, null_cosines, null_group_cosines = _pvalues(scores, references, options)
@@ -247,28 +260,32 @@ def _pooled(fisher_pool: str, a: Stream, b: Stream) -> dict[str, np.ndarray]:
     return pool_fisher(fisher_pool, fisher_a, a.size, fisher_b, b.size)
 
 
-def _grams(a: Stream, b: Stream, external: Stream | None, grouping: Grouping, inv_sqrt, options: ConflictOptions, progress: bool):
+def _grams(
+    a: Stream, b: Stream, external: Stream | None, grouping: Grouping, inv_sqrt, options: ConflictOptions, progress: bool,
+    mesh: Mesh | None = None,
+):
     """Step 3: the A × B :class:`~.gram.Gram` (per group when ``by_group``) and the reference
     Grams ``{side: Gram}`` (``"a"``: A × A, ``"b"``: B × B, or ``"reference"``: A × split), per
     group in the per-group scope. Each task is prepared (whitened, viewed) once when it fits a
-    chunk."""
+    chunk — on a mesh once per role: split over ``"data"`` as rows, replicated as columns
+    (:func:`~.gram.split_sides`)."""
     per_group = options.scope == "groups"
     size = chunk_size_for(options.chunk_size, *(s for s in (a, b, external) if s is not None), budget_bytes=options.memory_budget_bytes)
-    chunks = {"a": prepared(a, grouping, inv_sqrt, size), "b": prepared(b, grouping, inv_sqrt, size)}
+    streams = {"a": a, "b": b} | ({"reference": external} if external is not None else {})
+    rows, columns, row_counts = split_sides(streams, grouping, inv_sqrt, size, mesh)
     if external is not None:
-        chunks["reference"] = prepared(external, grouping, inv_sqrt, size)
         pairs = [("a", "reference")]
     else:
         pairs = [(side, side) for side in ("a", "b") if options.reference in (side, "both")]
     counts = {"a": chunk_count(a, size), "b": chunk_count(b, size), "reference": external and chunk_count(external, size)}
     work = [("a", "b")] + pairs
-    total = None if any(counts[x] is None or counts[y] is None for x, y in work) else sum(counts[x] * counts[y] for x, y in work)
+    total = None if any(row_counts[x] is None or counts[y] is None for x, y in work) else sum(row_counts[x] * counts[y] for x, y in work)
     with progress_bar(progress, total=total, desc=f"conflicts {a.name} × {b.name}", unit="chunk pair") as bar:
-        cross = gram_matrix(chunks["a"], chunks["b"], grouping, options.by_group, bar)
+        cross = gram_matrix(rows["a"], columns["b"], grouping, options.by_group, bar, mesh=mesh)
         _check_sizes(cross, a.name, b.name)
         references = {}
         for x, y in pairs:
-            references[y] = gram_matrix(chunks[x], chunks[y], grouping, per_group, bar)
+            references[y] = gram_matrix(rows[x], columns[y], grouping, per_group, bar, mesh=mesh)
             if y == "reference":
                 _check_sizes(references[y], a.name, "reference")
     return cross, references

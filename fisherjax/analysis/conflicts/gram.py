@@ -17,6 +17,12 @@ gradients stream through in chunks and a chunk pair is the most that is ever on 
 Because groups partition the parameters, ``cos_ij = Σ_g ⟨g̃_i,g, g̃_j,g⟩ / (‖g̃_i‖ ‖g̃_j‖)``: the
 per-group *contributions* say which layer, block and head carry a conflict; per-group cosines
 are kept too.
+
+On a mesh (``mesh=``, :func:`fisherjax.sharding.check_mesh`) the rows of a Gram (task A's
+samples) are split over ``"data"`` in contiguous blocks and each column chunk (task B's) is
+broadcast to every device; each device computes its rows' dot products against the chunk, and
+the Gram — ``[n_a, n_b]``, per group ``[G, n_a, n_b]``, and the squared norms — is gathered to
+the host chunk pair by chunk pair, as without a mesh. A ``"model"`` axis replicates the work.
 """
 
 from __future__ import annotations
@@ -29,13 +35,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
-from fisherjax.analysis.conflicts._kernels import PreparedChunk, block_gram, prepared
+from fisherjax import backend
+from fisherjax.analysis.conflicts._kernels import PreparedChunk, block_gram, prepared, rows_per_chunk, sharded_block_gram
 from fisherjax.analysis.conflicts.sources import GroupIndex, Grouping, Source, Stream, as_stream, check_same_parameters, grouping_for
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.layout import ModelLayout
 from fisherjax.progressbar import progress_bar
+from fisherjax.sharding import check_mesh
 
 __all__ = [
     "Gram",
@@ -46,6 +55,7 @@ __all__ = [
     "gram_matrix",
     "inverse_sqrt",
     "pairwise_cosines",
+    "split_sides",
     "whiten",
 ]
 
@@ -162,11 +172,20 @@ def gram_matrix(
     grouping: Grouping,
     by_group: bool,
     bar=None,
+    mesh: Mesh | None = None,
 ) -> Gram:
     """The :class:`Gram` of two sides' prepared chunks (:func:`~._kernels.prepared`), one chunk
     pair at a time; ``bar`` (a :func:`fisherjax.progressbar.progress_bar`) advances once per
-    chunk pair."""
+    chunk pair. With a ``mesh``, ``chunks_a`` are split over ``"data"`` and ``chunks_b``
+    replicated (:func:`split_sides`), and each chunk pair is :func:`~._kernels.sharded_block_gram`."""
     members, n_groups = grouping.static_members, len(grouping.index)
+    pair_gram = block_gram
+    if mesh is not None:
+        sharded = sharded_block_gram(mesh, members, n_groups, by_group, backend.map_groups())
+
+        def pair_gram(feat_a, feat_b, members, n_groups, by_group):
+            out = sharded(feat_a, feat_b)
+            return out if by_group else (out[0], None)
     rows, group_rows, norms_a, norms_b, ids_a, ids_b = [], [], [], [], [], []
     for first_a, (sid_a, feat_a, norm_a, ca) in enumerate(chunks_a()):
         ids_a.append(sid_a)
@@ -176,7 +195,7 @@ def gram_matrix(
             if first_a == 0:
                 ids_b.append(sid_b)
                 norms_b.append(norm_b)
-            total, grouped = block_gram(feat_a, feat_b, members, n_groups, by_group)
+            total, grouped = pair_gram(feat_a, feat_b, members, n_groups, by_group)
             row.append(np.asarray(total, np.float64)[:ca, :cb])
             if by_group:
                 group_row.append(np.asarray(grouped)[:, :ca, :cb])
@@ -221,6 +240,26 @@ def chunk_count(stream: Stream, chunk_size: int) -> int | None:
     return None if stream.size is None else math.ceil(stream.size / chunk_size)
 
 
+def split_sides(
+    streams: Mapping[str, Stream], grouping: Grouping, inv_sqrt, chunk_size: int, mesh: Mesh | None
+) -> tuple[dict[str, Callable[[], Iterator[PreparedChunk]]], dict[str, Callable[[], Iterator[PreparedChunk]]], dict[str, int | None]]:
+    """``(rows, columns, row_chunks)``: each stream prepared as the row side of a Gram and as its
+    column side (:func:`~._kernels.prepared`), and how many row chunks it is read in (None for a
+    callable source). Without a mesh both sides are one prepared stream of ``chunk_size`` chunks;
+    on a mesh rows are split over ``"data"`` in chunks of :func:`~._kernels.rows_per_chunk` and
+    columns replicated in chunks of ``chunk_size``."""
+    if mesh is None:
+        both = {name: prepared(s, grouping, inv_sqrt, chunk_size) for name, s in streams.items()}
+        return both, both, {name: chunk_count(s, chunk_size) for name, s in streams.items()}
+    rows, columns, counts = {}, {}, {}
+    for name, s in streams.items():
+        size = rows_per_chunk(s, chunk_size, mesh)
+        rows[name] = prepared(s, grouping, inv_sqrt, size, mesh=mesh, split=True)
+        columns[name] = prepared(s, grouping, inv_sqrt, chunk_size, mesh=mesh)
+        counts[name] = chunk_count(s, size)
+    return rows, columns, counts
+
+
 def pairwise_cosines(
     grads_a: Source,
     grads_b: Source,
@@ -232,6 +271,7 @@ def pairwise_cosines(
     by_group: bool = True,
     progress: bool = False,
     memory_budget_bytes: float = CHUNK_BUDGET_BYTES,
+    mesh: Mesh | None = None,
 ) -> Gram:
     """All-pairs dot products (and so cosines) of per-sample gradients, chunked.
 
@@ -247,13 +287,18 @@ def pairwise_cosines(
         from ``memory_budget_bytes`` (:func:`chunk_size_for`).
       by_group: also keep ``[G, n_a, n_b]`` per-group dot products.
       progress: show a progress bar over the chunk pairs.
+      mesh: a :class:`jax.sharding.Mesh` with axes ``("data",)`` or ``("data", "model")``: A's
+        samples split over ``"data"``, B's chunks broadcast (see the module docstring;
+        ``chunk_size`` and the budget are then per device); the Gram is gathered. Callable
+        sources are handled chunk by chunk (each of A's chunks zero-padded and split).
     """
+    mesh = check_mesh(mesh)
     stream_a, stream_b = as_stream(grads_a, None, "A"), as_stream(grads_b, None, "B")
     check_same_parameters([stream_a, stream_b])
     grouping = stream_a.grouping or grouping_for(stream_a.shapes, layout)
     inv_sqrt = inverse_sqrt(fisher, eps, stream_a) if fisher is not None else None
     size = chunk_size_for(chunk_size, stream_a, stream_b, budget_bytes=memory_budget_bytes)
-    counts = [chunk_count(s, size) for s in (stream_a, stream_b)]
-    total = None if None in counts else counts[0] * counts[1]
+    rows, columns, counts = split_sides({"a": stream_a, "b": stream_b}, grouping, inv_sqrt, size, mesh)
+    total = None if None in (counts["a"], chunk_count(stream_b, size)) else counts["a"] * chunk_count(stream_b, size)
     with progress_bar(progress, total=total, desc=f"Gram {stream_a.name} × {stream_b.name}", unit="chunk pair") as bar:
-        return gram_matrix(prepared(stream_a, grouping, inv_sqrt, size), prepared(stream_b, grouping, inv_sqrt, size), grouping, by_group, bar)
+        return gram_matrix(rows["a"], columns["b"], grouping, by_group, bar, mesh=mesh)

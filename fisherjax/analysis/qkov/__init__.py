@@ -60,6 +60,12 @@ Samples with no active tokens (``T_i = 0``) carry no contribution: they are drop
 warning and never counted in ``Î``. A Fisher from fewer than ``min_fisher_samples`` samples is an
 error. An empty task B gives zero scores and a warning.
 
+Meshes. :func:`heatmap` and :func:`permutation_test` take ``mesh=`` (a ``("data",)`` or
+``("data", "model")`` :class:`jax.sharding.Mesh`): task A's samples are split over ``"data"``,
+task B's tiles and the weights broadcast, every device contracts its rows of A with all of B; the
+Fisher, ridges and ``s_j`` are the host's, as without a mesh. Only summaries are gathered unless
+the full scores are asked for (``gather_scores``; :class:`ShardedScores`).
+
 Statistics: :func:`permutation_test` (A-vs-B against A-vs-A', a held-out split of A, with
 Benjamini–Hochberg q-values) and :func:`bootstrap_layer_head_avg`. What a reader sees (summaries,
 figures, report lines) is in :mod:`fisherjax.report.qkov`.
@@ -76,7 +82,15 @@ from __future__ import annotations
 from fisherjax.analysis.qkov._tiles import tile_plan
 from fisherjax.analysis.qkov.interference import flops, heatmap, sample_pair, top_conflicts
 from fisherjax.analysis.qkov.options import AGGREGATES, CONTRACTIONS, NORMALIZE_GJ, VARIANTS, KernelOptions, ScoreOptions
-from fisherjax.analysis.qkov.results import BootstrapInterval, PermutationResult, QKOVResult, SliceDiagnostics, save_npz, to_arrays
+from fisherjax.analysis.qkov.results import (
+    BootstrapInterval,
+    PermutationResult,
+    QKOVResult,
+    ShardedScores,
+    SliceDiagnostics,
+    save_npz,
+    to_arrays,
+)
 from fisherjax.analysis.qkov.stats import bootstrap_layer_head_avg, heldout_split, permutation_test
 from fisherjax.fisher.pool import FISHER_POOLS
 from fisherjax.layout import ATTENTION_BLOCKS as BLOCKS
@@ -93,6 +107,7 @@ __all__ = [
     "PermutationResult",
     "QKOVResult",
     "ScoreOptions",
+    "ShardedScores",
     "SliceDiagnostics",
     "bootstrap_layer_head_avg",
     "flops",

@@ -7,6 +7,12 @@ device once per tile row / column (B's once per layer chunk when it fits in one 
 batched kernel turns them there into head-major operands, so the per-tile work is its GEMM
 alone; the looped and Pallas kernels read the leaves themselves, and when a CPU can read them in
 place (:func:`in_place`) the whole problem is one tile and nothing is copied.
+
+On a mesh (:func:`sharded_raw_scores`) the same tiles are cut per device: task A's samples are
+split over ``"data"`` in contiguous blocks (zero rows pad each block to whole tiles), task B's
+tile and the weights are replicated, and each tile is one ``jax.shard_map`` step in which every
+device contracts its rows of A with all of the tile's B (:func:`whole_tile`) and writes them into
+its block of a sharded output. Nothing is gathered here.
 """
 
 from __future__ import annotations
@@ -19,17 +25,19 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array
 
 from fisherjax import backend
-from fisherjax.analysis.qkov._batched import leaf_operand_jit, products_jit
-from fisherjax.analysis.qkov._looped import looped_tile
+from fisherjax.analysis.qkov._batched import leaf_operand, leaf_operand_jit, products, products_jit
+from fisherjax.analysis.qkov._looped import leaf_sums, looped_tile
 from fisherjax.analysis.qkov._operands import BlockKinds, Side, leaf_sources, side_of
 from fisherjax.analysis.qkov._pallas import pallas_tile, sample_chunk
 from fisherjax.analysis.qkov._prepare import Prepared
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 from fisherjax.progressbar import progress_bar
+from fisherjax.sharding import DATA, data_size, put_replicated, shard_rows
 
 
 def tile_plan(
@@ -205,5 +213,138 @@ def raw_scores(
                     li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
                     for block, value in tile.items():
                         out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji] = np.asarray(value)[:li, :ii, :ji]
+                    bar.update()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# On a mesh
+# ---------------------------------------------------------------------------------------------
+
+
+def whole_tile(
+    contraction: str, layout: ModelLayout, kinds: BlockKinds, transform_a: str, transform_b: str, kernel: KernelOptions
+) -> Callable[..., dict[str, Array]]:
+    """One tile of ``contraction`` as a single traceable function ``(leaves_a, scale_a, weights,
+    leaves_b, scale_b) -> {block: [layer, c_a, c_b, heads]}``: what each device of a mesh runs
+    on its rows of task A. The same sums as :func:`select_kernel`'s kernel, without its host
+    work: the looped kernel walks all blocks and layers in one computation (no thread pool: the
+    devices are the parallelism), the batched kernel builds both operands and multiplies them."""
+    statics = dict(layout=layout, kinds=kinds, transform_a=transform_a, transform_b=transform_b, precision=kernel.precision)
+    if contraction == "looped":
+        return functools.partial(leaf_sums, piece_floats=kernel.piece_floats, **statics)
+    if contraction == "pallas":
+        return functools.partial(pallas_tile, split_k=kernel.split_k, interpret=backend.pallas_interpret(), **statics)
+
+    def batched(leaves_a, scale_a, weights, leaves_b, scale_b):
+        side = functools.partial(leaf_operand, layout=layout, kinds=kinds, split_k=kernel.split_k)
+        return products(side(leaves_a, scale_a, weights, transform=transform_a), side(leaves_b, scale_b, None, transform=transform_b),
+                        precision=kernel.precision)
+
+    return batched
+
+
+@functools.lru_cache(maxsize=16)
+def sharded_step(
+    mesh: Mesh, contraction: str, layout: ModelLayout, kinds: BlockKinds, transform_a: str, transform_b: str, kernel: KernelOptions
+) -> Callable:
+    """``step(out, leaves_a, scale_a, weights, leaves_b, scale_b, at) -> out``, jitted once per
+    mesh and kernel: under ``shard_map`` every device computes :func:`whole_tile` of its rows of A
+    (``leaves_a``, ``scale_a`` split over ``"data"``) against the replicated B tile and weights, and
+    writes it into its block of ``out`` ``{block: [layer, n_pad, n_b_pad, heads]}`` (split over
+    ``"data"`` along the sample axis, donated) at the local offset ``at = (layer, row, column)``.
+    A ``"model"`` axis only replicates the work."""
+    whole = whole_tile(contraction, layout, kinds, transform_a, transform_b, kernel)
+
+    def step(out, leaves_a, scale_a, weights, leaves_b, scale_b, at):
+        tile = whole(leaves_a, scale_a, weights, leaves_b, scale_b)
+        return {block: jax.lax.dynamic_update_slice(value, tile[block].astype(value.dtype), (at[0], at[1], at[2], 0))
+                for block, value in out.items()}
+
+    rows = P(DATA)
+    mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(None, DATA), rows, rows, P(), P(), P(), P()), out_specs=P(None, DATA),
+                           check_vma=False)
+    return jax.jit(mapped, donate_argnums=0)
+
+
+def host_leaves(
+    store: Mapping[str, np.ndarray], layout: ModelLayout, sources: Mapping[str, tuple[str, ...]], positions: np.ndarray, layers: np.ndarray
+) -> dict[str, np.ndarray]:
+    """``{leaf key: [len(positions), layer, *shape]}`` on the host: the stored rows at ``positions``
+    of the selected layers (per-layer leaves stacked), zero where a position is −1 (padding)."""
+    real = positions >= 0
+    rows = positions[real]
+    out = {}
+    for key, paths in sources.items():
+        if layout.spec(key).layered:
+            value = _take(store[key], rows, layers)
+        else:
+            value = np.stack([np.asarray(store[paths[layer]])[rows] for layer in layers], axis=1)
+        padded = np.zeros((len(positions),) + value.shape[1:], value.dtype)
+        padded[real] = value
+        out[key] = padded
+    return out
+
+
+def _even_chunk(planned: int, n: int, fit: Callable[[int, int], int]) -> int:
+    """The chunk of ``n`` items in ``ceil(n / planned)`` tiles of equal size (``fit``: the
+    kernel's :attr:`TileKernel.sample_chunk` rule), so padding to whole tiles stays small."""
+    tiles = -(-n // max(planned, 1))
+    return fit(-(-n // tiles), n)
+
+
+def sharded_raw_scores(
+    prep: Prepared, layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, mesh: Mesh, *, progress: bool = False,
+    desc: str = "QK-OV",
+) -> dict[str, Array]:
+    """``{block: [layer_pad, n_pad, n_b_pad, heads]}`` slice sums of every sample pair and layer,
+    left on ``mesh`` with task A's rows split over ``"data"``.
+
+    Device ``k`` of ``D`` holds A's rows ``[k·n_loc, (k+1)·n_loc)`` (``n_pad = D·n_loc ≥ n_a``;
+    rows ``≥ n_a`` are zero and so are their sums). The tile plan is :func:`tile_plan` for one
+    device (``ceil(n_a / D)`` rows of A, all of B); each tile puts ``c_a`` rows per device of A
+    (split), ``c_b`` samples of B and the weights (replicated) on the mesh and runs one
+    :func:`sharded_step`. Layers and B are padded to whole tiles too (a repeated layer, zero
+    samples), for the caller to slice off.
+    """
+    a_side: Side = side_of(prep.a, "a", score.variant)
+    b_side: Side = side_of(prep.b, "b", score.variant)
+    sources = leaf_sources(layout, prep.kinds)
+    n_a, n_b, n_l = len(prep.a), len(prep.b), layout.num_layers
+    devices = data_size(mesh)
+    tiles = select_kernel(kernel, layout, prep.kinds, a_side.transform, b_side.transform)
+    floats_per_layer = sum(int(np.prod(w.shape[1:])) for w in prep.weights.values())
+    per_device = -(-n_a // devices)
+    c_a, c_b, c_l = tile_plan(per_device, n_b, n_l, floats_per_layer, kernel.memory_budget_bytes, copies=max(tiles.copies, 1))
+    c_a, c_b = _even_chunk(c_a, per_device, tiles.sample_chunk), _even_chunk(c_b, n_b, tiles.sample_chunk)
+    c_l = _even_chunk(c_l, n_l, lambda planned, n: planned)
+    n_loc, n_b_pad, n_l_pad = -(-per_device // c_a) * c_a, -(-n_b // c_b) * c_b, -(-n_l // c_l) * c_l
+    step = sharded_step(mesh, tiles.name, layout, prep.kinds, a_side.transform, b_side.transform, kernel)
+    out = {block: jnp.zeros((n_l_pad, devices * n_loc, n_b_pad, layout.heads_of(block)), jnp.float32,
+                            device=NamedSharding(mesh, P(None, DATA))) for block in ATTENTION_BLOCKS}
+
+    def padded(start: int, size: int, n: int) -> np.ndarray:
+        index = np.arange(start, start + size)
+        return np.where(index < n, index, -1)
+
+    def placed(side: Side, positions: np.ndarray, layers: np.ndarray, split: bool):
+        leaves = host_leaves(side.store, layout, sources, positions, layers)
+        scale = np.where(positions >= 0, side.scale[np.maximum(positions, 0)], 0).astype(np.float32)
+        return jax.tree.map(lambda x: shard_rows(x, mesh), (leaves, scale)) if split else put_replicated((leaves, scale), mesh)
+
+    layer_starts, a_starts, b_starts = range(0, n_l_pad, c_l), range(0, n_loc, c_a), range(0, n_b_pad, c_b)
+    with progress_bar(progress, total=len(layer_starts) * len(a_starts) * len(b_starts), desc=desc, unit="tile") as bar:
+        for l0 in layer_starts:
+            lsel = np.minimum(np.arange(l0, l0 + c_l), n_l - 1)
+            weights = put_replicated({k: w[lsel] for k, w in prep.weights.items()}, mesh)
+            b_cached = None
+            for i0 in a_starts:
+                # Device k's rows of this tile: k·n_loc + i0 + [0, c_a), padding past n_a.
+                rows = (np.arange(devices)[:, None] * n_loc + i0 + np.arange(c_a)).ravel()
+                leaves_a, scale_a = placed(a_side, np.where(rows < n_a, rows, -1), lsel, True)
+                for j0 in b_starts:
+                    if b_cached is None or len(b_starts) > 1:
+                        b_cached = placed(b_side, padded(j0, c_b, n_b), lsel, False)
+                    out = step(out, leaves_a, scale_a, weights, *b_cached, np.array([l0, i0, j0], np.int32))
                     bar.update()
     return out

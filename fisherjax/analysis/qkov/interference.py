@@ -7,16 +7,19 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from jax.sharding import Mesh
 
+from fisherjax.analysis.qkov import _scores
 from fisherjax.analysis.qkov._operands import block_kinds
 from fisherjax.analysis.qkov._prepare import prepare
 from fisherjax.analysis.qkov._scores import all_scores, finish
 from fisherjax.analysis.qkov._tiles import raw_scores
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions, resolve
-from fisherjax.analysis.qkov.results import QKOVResult
+from fisherjax.analysis.qkov.results import QKOVResult, ShardedScores
 from fisherjax.errors import DataError
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
+from fisherjax.sharding import check_mesh
 
 
 def heatmap(
@@ -27,6 +30,8 @@ def heatmap(
     score: ScoreOptions | None = None,
     kernel: KernelOptions | None = None,
     progress: bool = False,
+    mesh: Mesh | None = None,
+    gather_scores: bool = True,
     **overrides,
 ) -> QKOVResult:
     """QK-OV interference of task B on task A for every sample pair, layer, head and block.
@@ -41,18 +46,40 @@ def heatmap(
       score, kernel: :class:`ScoreOptions` / :class:`KernelOptions`; keyword ``overrides`` replace
         fields of either (``variant="signed"``, ``contraction="looped"``, ``memory_budget_bytes=1e9``).
       progress: a progress bar over the tiles.
+      mesh: a :class:`jax.sharding.Mesh` with axes ``("data",)`` or ``("data", "model")``
+        (:func:`fisherjax.sharding.check_mesh`). Task A's samples are split over ``"data"`` in
+        contiguous blocks (zero rows pad them to whole tiles), task B's tiles and the weights
+        ``1/(Î+λ)`` are broadcast, and every device contracts its rows of A with all of B in one
+        ``shard_map`` step per tile (``memory_budget_bytes`` is then per device). The Fisher,
+        ridges, diagnostics and ``s_j`` come from the whole tasks on the host exactly as without a
+        mesh, so the scores differ only by float32 rounding. A ``"model"`` axis replicates the
+        work (these are per-sample gradients of the attention parameters only). None (default):
+        one device, as always.
+      gather_scores: with a mesh, gather the full scores to the host (default). False: ``scores``
+        is a :class:`ShardedScores` left on the devices and ``layer_head_avg`` a sum over A's
+        rows across devices (float32); only ``[block, layer, head]`` summaries are gathered.
 
     Returns:
       :class:`QKOVResult` with ``scores [block, layer, n_a, n_b, head]``, ``layer_head_avg
       [block, layer, head]``, true sample ids and per-slice diagnostics.
     """
+    mesh = check_mesh(mesh)
     score, kernel = resolve(score, kernel, overrides)
     prep = prepare(task_a, task_b, layout, score)
     n_a, n_b = len(prep.a), len(prep.b)
     if n_b == 0:
         warnings.warn(f"qkov: task {prep.name_b!r} has no samples; its interference scores are all zero", stacklevel=2)
-    scores = all_scores(prep, layout, score, kernel, progress=progress, desc=f"QK-OV {prep.name_b} → {prep.name_a}")
-    avg = scores.mean(axis=(2, 3)) if n_a and n_b else np.zeros(scores.shape[:2] + scores.shape[-1:], np.float32)
+    desc = f"QK-OV {prep.name_b} → {prep.name_a}"
+    if mesh is not None and n_a and n_b:
+        padded = _scores.sharded_scores(prep, layout, score, kernel, mesh, progress=progress, desc=desc)
+        if gather_scores:
+            scores = np.asarray(padded)[:, :, :n_a]
+            avg = scores.mean(axis=(2, 3))
+        else:
+            scores, avg = ShardedScores(padded, n_a), _scores.pair_mean(padded, n_a, n_b)
+    else:
+        scores = all_scores(prep, layout, score, kernel, progress=progress, desc=desc)
+        avg = scores.mean(axis=(2, 3)) if n_a and n_b else np.zeros(scores.shape[:2] + scores.shape[-1:], np.float32)
     return QKOVResult(
         scores=scores,
         layer_head_avg=avg.astype(np.float32),
@@ -107,25 +134,33 @@ def top_conflicts(result: QKOVResult, k: int = 20) -> tuple[dict, ...]:
     signed variant), each a dict with the true sample ids of both tasks (``sample_a``,
     ``sample_b``), ``block``, ``layer``, ``head``, ``kv_head`` and ``score``. A K/V entry appears
     once per kv head (at its first query head), with ``query_heads`` listing the heads that read it.
+    Scores left on a mesh (:class:`ShardedScores`) are ranked on the devices, each its own rows,
+    and only the ``k`` best of each device are gathered.
     """
-    scores = np.asarray(result.scores)
-    if k <= 0 or scores.size == 0:
+    sharded = isinstance(result.scores, ShardedScores)
+    scores = result.scores if sharded else np.asarray(result.scores)
+    shape = tuple(scores.shape)
+    if k <= 0 or int(np.prod(shape)) == 0:
         return ()
     kv = np.asarray(result.kv_head_of)
     first_of_group = np.r_[True, kv[1:] != kv[:-1]]
-    candidate = np.ones(scores.shape[0:1] + (1, 1, 1) + scores.shape[-1:], bool)
+    candidate = np.ones(shape[0:1] + (1, 1, 1) + shape[-1:], bool)
     for n, block in enumerate(result.blocks):
         if block in ("k", "v"):
             candidate[n, ..., ~first_of_group] = False
     sign = -1.0 if result.options.variant == "signed" else 1.0
-    key = np.where(candidate, sign * scores, -np.inf).ravel()
-    k = min(k, int(candidate.sum()) * scores.shape[1] * scores.shape[2] * scores.shape[3])
-    top = np.argpartition(-key, k - 1)[:k]
-    top = top[np.argsort(-key[top], kind="stable")]
+    k = min(k, int(candidate.sum()) * shape[1] * shape[2] * shape[3])
+    if sharded:
+        top, values = _scores.top_entries(scores.padded, scores.n_a, candidate, sign, k)
+    else:
+        key = np.where(candidate, sign * scores, -np.inf).ravel()
+        top = np.argpartition(-key, k - 1)[:k]
+        top = top[np.argsort(-key[top], kind="stable")]
+        values = scores[np.unravel_index(top, shape)]
     ids_a, ids_b = np.asarray(result.sample_ids_a), np.asarray(result.sample_ids_b)
     out = []
-    for flat in top:
-        b, layer, i, j, h = np.unravel_index(flat, scores.shape)
+    for flat, value in zip(top, values):
+        b, layer, i, j, h = np.unravel_index(flat, shape)
         block = result.blocks[b]
         entry = {
             "block": block,
@@ -134,7 +169,7 @@ def top_conflicts(result: QKOVResult, k: int = 20) -> tuple[dict, ...]:
             "kv_head": int(kv[h]),
             "sample_a": int(ids_a[i]),
             "sample_b": int(ids_b[j]),
-            "score": float(scores[b, layer, i, j, h]),
+            "score": float(value),
         }
         if block in ("k", "v"):
             entry["query_heads"] = [int(q) for q in np.flatnonzero(kv == kv[h])]

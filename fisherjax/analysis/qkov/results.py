@@ -39,12 +39,51 @@ class SliceDiagnostics:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
+class ShardedScores:
+    """Scores a heatmap on a mesh left on its devices (``gather_scores=False``).
+
+    ``padded``: ``[block, layer, n_pad, n_b, head]`` float32 ``jax.Array`` with task A's rows split
+    over ``"data"`` in contiguous blocks (``n_pad`` a multiple of the ``"data"`` size; rows
+    ``≥ n_a`` are zero padding); ``n_a``: the real rows (static). Behaves as the scores
+    ``[block, layer, n_a, n_b, head]`` where that costs nothing (:attr:`shape`); ``np.asarray``
+    (and indexing) gathers them to the host, which is asking for the full scores.
+    :func:`~fisherjax.analysis.qkov.top_conflicts` and
+    :func:`~fisherjax.analysis.qkov.bootstrap_layer_head_avg` reduce them on the devices instead.
+    """
+
+    padded: Float[jax.Array, "block layer n_pad n_b heads"]
+    n_a: int = dataclasses.field(metadata=_STATIC)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        block, layers, _, n_b, heads = self.padded.shape
+        return (block, layers, self.n_a, n_b, heads)
+
+    @property
+    def ndim(self) -> int:
+        return 5
+
+    @property
+    def dtype(self):
+        return self.padded.dtype
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        gathered = np.asarray(self.padded)[:, :, : self.n_a]
+        return gathered if dtype is None else gathered.astype(dtype)
+
+    def __getitem__(self, index):
+        return np.asarray(self)[index]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
 class QKOVResult:
     """The interference of task B on task A per (block, layer, sample pair, head).
 
     Attributes:
       scores: ``[block, layer, n_a, n_b, head]`` float32, blocks in ``blocks`` order; K/V entries
-        of query head ``h`` are those of kv head ``kv_head_of[h]``.
+        of query head ``h`` are those of kv head ``kv_head_of[h]``. A :class:`ShardedScores`
+        when a heatmap on a mesh kept them on the devices (``gather_scores=False``).
       layer_head_avg: ``[block, layer, head]`` mean of ``scores`` over all sample pairs.
       sample_ids_a, sample_ids_b: ``[n_a]``, ``[n_b]`` true sample ids of the rows / columns.
       kv_head_of: ``[head]`` the kv head each query head reads.
@@ -55,7 +94,7 @@ class QKOVResult:
       blocks: the block names (all static).
     """
 
-    scores: Float[np.ndarray, "block layer n_a n_b heads"]
+    scores: Float[np.ndarray, "block layer n_a n_b heads"] | ShardedScores
     layer_head_avg: Float[np.ndarray, "block layer heads"]
     sample_ids_a: Int[np.ndarray, " n_a"]
     sample_ids_b: Int[np.ndarray, " n_b"]

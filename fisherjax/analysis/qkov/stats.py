@@ -5,15 +5,19 @@ Benjamini–Hochberg q-values over all distinct cells, and :func:`bootstrap_laye
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from fisherjax.analysis.qkov import _scores
 from fisherjax.analysis.qkov._prepare import prepare, task_samples, with_partner
 from fisherjax.analysis.qkov._scores import all_scores
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions, resolve
-from fisherjax.analysis.qkov.results import BootstrapInterval, PermutationResult, QKOVResult
+from fisherjax.analysis.qkov.results import BootstrapInterval, PermutationResult, QKOVResult, ShardedScores
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
+from fisherjax.sharding import check_mesh
 from fisherjax.stats import bootstrap_indices, fdr_qvalues, percentile_interval, permutation_pvalue
 
 
@@ -41,6 +45,7 @@ def permutation_test(
     score: ScoreOptions | None = None,
     kernel: KernelOptions | None = None,
     progress: bool = False,
+    mesh: Mesh | None = None,
     **overrides,
 ) -> PermutationResult:
     """Does task B interfere with task A on a (block, layer, head) more than A's own held-out samples?
@@ -54,7 +59,13 @@ def permutation_test(
     (scipy's Benjamini–Hochberg, or BY) over distinct cells (K/V once per kv head).
 
     ``progress``: a progress bar over the tiles of each of the two score computations.
+
+    ``mesh``: as for :func:`~fisherjax.analysis.qkov.heatmap` (A's samples split over ``"data"``,
+    the partner set broadcast, a ``"model"`` axis replicating the work); the scores stay on the
+    devices and only the column means ``[block, layer, n_b + n_held, head]`` — sums over A's rows
+    across devices, float32 — are gathered. The permutations run on the host as without a mesh.
     """
+    mesh = check_mesh(mesh)
     score, kernel = resolve(score, kernel, overrides)
     if score.fisher_pool != "A":
         raise ConfigError("qkov permutation_test compares B with A' against A's own Fisher: use fisher_pool='A'")
@@ -65,11 +76,15 @@ def permutation_test(
     b, held = with_b.b, with_held.b
     if not len(b) or not len(held):
         raise DataError("qkov permutation_test needs samples in both task B and the held-out split A'")
-    scores = [
-        all_scores(prep, layout, score, kernel, progress=progress, desc=f"QK-OV {prep.name_b} → {prep.name_a}")
-        for prep in (with_b, with_held)
-    ]
-    column_means = np.concatenate([s.astype(np.float64).mean(axis=2) for s in scores], axis=2)  # [block, layer, n_b + n_held, head]
+
+    def means_over_a(prep):  # [block, layer, n_partner, head] float64: m_j = mean_i M_ij
+        desc = f"QK-OV {prep.name_b} → {prep.name_a}"
+        if mesh is None:
+            return all_scores(prep, layout, score, kernel, progress=progress, desc=desc).astype(np.float64).mean(axis=2)
+        sums = _scores.column_sums(_scores.sharded_scores(prep, layout, score, kernel, mesh, progress=progress, desc=desc))
+        return np.asarray(sums, np.float64) / len(prep.a)
+
+    column_means = np.concatenate([means_over_a(prep) for prep in (with_b, with_held)], axis=2)  # [block, layer, n_b + n_held, head]
     is_b = np.r_[np.ones(len(b), bool), np.zeros(len(held), bool)]
 
     def contrast(labels):  # [..., n] bool -> weights giving mean over B minus mean over A'
@@ -107,8 +122,12 @@ def bootstrap_layer_head_avg(
     and takes ``Σ_ij u_ri v_rj M_ij / (n_a n_b)`` — two contractions, no loop over pairs; replicates
     go in chunks of ``chunk`` to bound memory. Indices from :func:`fisherjax.stats.bootstrap_indices`,
     intervals from :func:`fisherjax.stats.percentile_interval`.
+
+    Scores left on a mesh (:class:`~.results.ShardedScores`) are contracted on the devices
+    (float32; the sum over A's rows across devices), and only the replicates are gathered.
     """
-    scores = np.asarray(result.scores)
+    sharded = isinstance(result.scores, ShardedScores)
+    scores = result.scores if sharded else np.asarray(result.scores)
     n_a, n_b = scores.shape[2], scores.shape[3]
     if n_a == 0 or n_b == 0:
         zeros = np.zeros(np.shape(result.layer_head_avg), np.float64)
@@ -117,8 +136,14 @@ def bootstrap_layer_head_avg(
     v = _counts(bootstrap_indices(n_b, n_bootstrap, seed + 1), n_b) / n_b
     replicates = np.empty((n_bootstrap,) + np.shape(result.layer_head_avg))
     for r0 in range(0, n_bootstrap, chunk):
-        over_b = np.einsum("rj,klijh->rklih", v[r0 : r0 + chunk], scores, optimize=True)
-        replicates[r0 : r0 + chunk] = np.einsum("ri,rklih->rklh", u[r0 : r0 + chunk], over_b, optimize=True)
+        if sharded:
+            u_rows = np.zeros((len(u[r0 : r0 + chunk]), scores.padded.shape[2]), np.float32)  # zero weight on the padding
+            u_rows[:, :n_a] = u[r0 : r0 + chunk]
+            v_rows = jnp.asarray(v[r0 : r0 + chunk], jnp.float32)
+            replicates[r0 : r0 + chunk] = np.asarray(_scores.bootstrap_sums(u_rows, v_rows, scores.padded))
+        else:
+            over_b = np.einsum("rj,klijh->rklih", v[r0 : r0 + chunk], scores, optimize=True)
+            replicates[r0 : r0 + chunk] = np.einsum("ri,rklih->rklh", u[r0 : r0 + chunk], over_b, optimize=True)
     low, high = percentile_interval(replicates, level)
     return BootstrapInterval(low, high, level, n_bootstrap)
 
