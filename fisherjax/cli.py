@@ -100,6 +100,33 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model", type=Path, help="Hugging Face checkpoint directory")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     i.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin weights")
+
+    from fisherjax import plan as planning
+
+    p = sub.add_parser("plan", help="plan a production run from compiled memory analyses (config.json only, no weights)",
+                       description="Compile the Phase 1 step for abstract parameters (no weights, works on a CPU) and print its "
+                       "per-device memory, the storage of the kept per-sample gradients, the work and time of Phases 5-6, and a "
+                       "recommended mesh, micro-batch and storage dtype. Only the step's memory is compiled (XLA's memory analysis); a "
+                       "per-device figure with a \"model\" axis is marked DERIVED, and storage, work and time come from formulas.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="checkpoint directory (only its config.json is read)")
+    source.add_argument("--config", type=Path, help="a Hugging Face config.json file")
+    p.add_argument("--samples", type=int, required=True, help="samples per task")
+    p.add_argument("--tasks", type=int, default=planning.TASKS, help=f"tasks (default {planning.TASKS})")
+    p.add_argument("--seq-len", type=int, default=planning.SEQ_LEN, help=f"tokens per sample (default {planning.SEQ_LEN})")
+    p.add_argument("--devices", type=int, default=planning.DEVICES, help=f"devices (default {planning.DEVICES})")
+    p.add_argument("--device-memory", type=float, default=planning.DEVICE_MEMORY_GB, metavar="GB",
+                   help=f"memory per device, GB = 1e9 bytes (default {planning.DEVICE_MEMORY_GB:g})")
+    p.add_argument("--host-memory", type=float, default=planning.HOST_MEMORY_GB, metavar="GB",
+                   help=f"memory per host for the kept gradients (default {planning.HOST_MEMORY_GB:g})")
+    p.add_argument("--devices-per-host", type=int, default=planning.DEVICES_PER_HOST,
+                   help=f"devices per host (default {planning.DEVICES_PER_HOST})")
+    p.add_argument("--tflops", type=float, help=f"sustained TFLOP/s per device (default: assumed {planning.DEFAULT_TFLOPS:g})")
+    p.add_argument("--storage-dtype", choices=tuple(STORAGE_DTYPES), help="storage dtype of the kept gradients (default: recommended)")
+    p.add_argument("--fisher-type", choices=FISHER_TYPES, default=d.fisher_type, help=f"as for analyze (default {d.fisher_type})")
+    p.add_argument("--no-diagonal", action="store_true", help="as for analyze: no full diagonal in the step")
+    p.add_argument("--remat", action="store_true", help="recompute each block in the backward pass (less memory, more time)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
 
@@ -175,6 +202,38 @@ def _info(args) -> int:
     return 0
 
 
+PLAN_CHILD = "FISHERJAX_PLAN_DEVICES"
+"""Set in the environment of the process ``plan`` re-runs itself in with forced host devices."""
+
+
+def _plan(args) -> int:
+    import dataclasses
+    import os
+    import subprocess
+
+    import jax
+
+    from fisherjax import backend
+    from fisherjax import plan as planning
+
+    if args.devices > len(jax.devices()) and backend.is_cpu() and PLAN_CHILD not in os.environ:
+        # compile the sharded step on as many (host) devices as planned: a fresh process, because
+        # the device count is fixed when jax starts
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}".strip()
+        env = {**os.environ, "XLA_FLAGS": flags, PLAN_CHILD: str(args.devices), "JAX_PLATFORMS": "cpu"}
+        return subprocess.run([sys.executable, "-m", "fisherjax.cli", *args.argv], env=env, check=False).returncode
+
+    config = planning.read_config(args.model, args.config)
+    options = planning.default_options().replace(fisher_type=args.fisher_type, diagonal=not args.no_diagonal, remat=args.remat)
+    result = planning.plan(
+        config, samples=args.samples, seq_len=args.seq_len, devices=args.devices, device_memory_gb=args.device_memory,
+        tasks=args.tasks, throughput_tflops=args.tflops, host_memory_gb=args.host_memory,
+        devices_per_host=args.devices_per_host, storage_dtype=args.storage_dtype, options=options,
+    )
+    print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else planning.format_plan(result))
+    return 0
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -187,10 +246,11 @@ def main(argv=None) -> int:
     from fisherjax.errors import disk_errno, disk_error
 
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_background_logs()
     previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
     try:
-        return {"analyze": _analyze, "info": _info}[args.command](args)
+        return {"analyze": _analyze, "info": _info, "plan": _plan}[args.command](args)
     except FisherjaxError as err:
         print(f"fisherjax: error: {one_line(err)}", file=sys.stderr)
         return EXIT_INPUT_ERROR

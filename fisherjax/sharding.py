@@ -111,27 +111,34 @@ def padded_rows(n: int, mesh: Mesh | None) -> int:
     return -(-n // d) * d
 
 
-def run_mesh(devices: int | None = None, model: int = 1) -> Mesh | None:
-    """The mesh of a run over ``devices`` devices (``--devices``): None (one device, no mesh) for
-    1, or when ``devices`` is None and only one device exists; all devices when None."""
-    available = len(jax.devices())
-    if devices is None:
-        devices = available
-    if devices < 1:
-        raise ConfigError(f"--devices must be ≥ 1, got {devices}")
-    if devices > available:
-        raise ConfigError(f"--devices {devices}: only {available} device(s) are available ({backend.platform()})")
-    if devices % model:
-        raise ConfigError(f"--devices {devices} is not a multiple of the model axis size {model}")
-    if devices == 1:
+def run_mesh(count: int | None = None, model: int = 1, devices: Sequence | None = None) -> Mesh | None:
+    """The mesh of a run over ``count`` devices (``--devices``) of ``devices`` (default
+    ``jax.devices()``, every process's): None (one device, no mesh) for 1, or when ``count`` is
+    None and only one device exists; all of them when None."""
+    devices = list(jax.devices() if devices is None else devices)
+    available = len(devices)
+    count = available if count is None else count
+    if count < 1:
+        raise ConfigError(f"--devices must be ≥ 1, got {count}")
+    if count > available:
+        raise ConfigError(f"--devices {count}: only {available} device(s) are available ({backend.platform()})")
+    if count % model:
+        raise ConfigError(f"--devices {count} is not a multiple of the model axis size {model}")
+    if count == 1:
         return None
-    return make_mesh(devices // model, model)
+    return make_mesh(count // model, model, devices)
 
 
 def shard_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
     """A host array every process holds whole, as a global array split over ``"data"``: each
     process places only the rows of its own devices (works on one host and on several)."""
     return jax.make_array_from_callback(x.shape, by_sample(mesh), lambda index: x[index])
+
+
+def place(tree, shardings):
+    """``tree`` (the same on every process) placed leaf by leaf with ``shardings`` (a tree of
+    :class:`NamedSharding` like ``tree``), each process placing its own devices' pieces."""
+    return jax.tree.map(_put, tree, shardings)
 
 
 def put_replicated(tree, mesh: Mesh):
@@ -183,3 +190,27 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
         jax.distributed.initialize(coordinator, num_processes, process_id)
     except (RuntimeError, ValueError) as err:
         raise ConfigError(f"--coordinator {coordinator}: cannot join the multi-process run ({one_line(err)})") from None
+
+
+def gather_rows(tree):
+    """Arrays of which each process holds some rows (its share of the samples), joined on every
+    process in process order: ``[Σ_p n_p, ...]`` (the tree itself on one process). Shares may
+    differ in length: each is padded to the longest for ``process_allgather`` and cut back."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    leaves, treedef = jax.tree.flatten(tree)
+    if not leaves:
+        return tree
+    n = len(leaves[0])
+    counts = np.asarray(multihost_utils.process_allgather(np.array([n], np.int64))).reshape(-1)
+    longest = int(counts.max())
+    joined = []
+    for leaf in leaves:
+        x = np.asarray(leaf)
+        padded = np.zeros((longest, *x.shape[1:]), x.dtype)
+        padded[: len(x)] = x
+        every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(counts), longest, *x.shape[1:])
+        joined.append(np.concatenate([every[p, :c] for p, c in enumerate(counts)]))
+    return jax.tree.unflatten(treedef, joined)

@@ -35,10 +35,10 @@ from fisherjax.fisher.progress import (
     save_progress,
 )
 from fisherjax.fisher.state import SampleGrads, TaskFisher
-from fisherjax.fisher.step import StepPlan, compiled_step, initial_state, make_plan, micro_batch_size, micro_batches
+from fisherjax.fisher.step import StepPlan, compiled_step, initial_state, make_plan, micro_batch_size, micro_batches, state_shardings
 from fisherjax.models.model import check_token_ids
 from fisherjax.progressbar import progress_bar
-from fisherjax.sharding import check_mesh, data_size, local_rows, place_params, process_sum, put_replicated, shard_rows
+from fisherjax.sharding import check_mesh, data_size, local_rows, place, place_params, process_sum, put_replicated, shard_rows
 
 
 def collect(
@@ -110,7 +110,7 @@ def collect(
         if restored is not None:
             state, log, start_batch, saved = restored
     if mesh is not None:
-        state = put_replicated(state, mesh)
+        state = place(state, state_shardings(model, plan, mesh))
     spill = Spill(Path(spill_dir)) if spill_dir is not None else None
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)

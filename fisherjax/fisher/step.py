@@ -31,16 +31,16 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from fisherjax import backend
 from fisherjax.data import IGNORE, Batch, num_active_tokens, predicted_labels
 from fisherjax.fisher.accumulate import (
     SumState,
-    all_reduce,
+    combine,
+    device_start,
     ema_init,
     ema_update,
-    empty_like,
-    merge,
     sample_sum,
     sum_init,
     welford_init,
@@ -52,7 +52,7 @@ from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, kept_paths
 from fisherjax.settings import with_overrides
 from fisherjax.fisher.sites import discover_sites, grad_walks, per_sample_grads_from_sites, squared_marginals_from_sites
 from fisherjax.grads import token_nll
-from fisherjax.sharding import DATA, by_sample, replicated
+from fisherjax.sharding import DATA, by_sample, param_spec, replicated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,9 +247,10 @@ def sharded_step_function(model, plan: StepPlan, mesh) -> Callable:
 
     ``jax.shard_map`` over the ``"data"`` axis (a ``"model"`` axis stays with the compiler, which
     gathers parameters sharded over it): each device runs the single-device step on its rows,
-    starting from an empty state, and the partial states are combined in the global sample order
-    with collectives (:func:`~fisherjax.fisher.accumulate.all_reduce`) and merged into the running
-    state (:func:`~fisherjax.fisher.accumulate.merge`). The state, parameters and key are
+    starting from :func:`~fisherjax.fisher.accumulate.device_start` (empty, or for sums the
+    running sums on device 0 only, so no second copy of a model-sized diagonal is made), and the
+    partial states are combined in the global sample order with collectives and merged into the
+    running state (:func:`~fisherjax.fisher.accumulate.combine`). The state, parameters and key are
     replicated over ``"data"``; per-sample outputs stay split over it, in the single-device order.
     The batch's rows must be a multiple of the ``"data"`` size (:func:`micro_batches` pads).
     """
@@ -257,10 +258,10 @@ def sharded_step_function(model, plan: StepPlan, mesh) -> Callable:
     P = jax.sharding.PartitionSpec
 
     def step(params, state, ids, mask, labels, sample_ids, key):
-        empty = jax.tree.map(empty_like, state, is_leaf=_is_state)
-        part, groups, kept, scalars = local(params, empty, ids, mask, labels, sample_ids, key)
-        state = {k: merge(state[k], all_reduce(part[k], DATA)) for k in state}
-        return state, groups, kept, scalars
+        carries = jax.lax.axis_index(DATA) == 0
+        begun = {k: device_start(v, carries) for k, v in state.items()}
+        part, groups, kept, scalars = local(params, begun, ids, mask, labels, sample_ids, key)
+        return {k: combine(state[k], part[k], DATA) for k in state}, groups, kept, scalars
 
     rows = P(DATA)
     return jax.shard_map(
@@ -269,10 +270,6 @@ def sharded_step_function(model, plan: StepPlan, mesh) -> Callable:
         out_specs=(P(), rows, rows, rows),
         check_vma=False,  # the loops of the local step start from constants; the state out is a psum
     )
-
-
-def _is_state(x) -> bool:
-    return isinstance(x, tuple) and hasattr(x, "_fields")
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -287,9 +284,27 @@ def compiled_step(model, plan: StepPlan, mesh=None):
         if mesh is None:
             steps[plan, mesh] = jax.jit(step_function(model, plan), donate_argnums=(1,))
         else:  # per-sample outputs split over "data" only (not also over "model"): whole rows per device
-            out = (replicated(mesh), by_sample(mesh), by_sample(mesh), by_sample(mesh))
-            steps[plan, mesh] = jax.jit(sharded_step_function(model, plan, mesh), donate_argnums=(1,), out_shardings=out)
+            state, rows = state_shardings(model, plan, mesh), by_sample(mesh)
+            params = jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), mesh)), model.params)
+            steps[plan, mesh] = jax.jit(sharded_step_function(model, plan, mesh), donate_argnums=(1,),
+                                        in_shardings=(params, state, rows, rows, rows, rows, replicated(mesh)),
+                                        out_shardings=(state, rows, rows, rows))
     return steps[plan, mesh]
+
+
+def state_shardings(model, plan: StepPlan, mesh):
+    """Where the accumulation state lives on a mesh: the full diagonal's parameter-shaped leaves
+    split over ``"model"`` like the parameters (:func:`fisherjax.sharding.param_spec`: as large as
+    the model, it must not be whole on every device of a model group), everything else (counts,
+    group values) replicated."""
+    shapes = jax.eval_shape(lambda: initial_state(model, plan))
+
+    def where(key, tree):
+        if key != "diagonal":
+            return jax.tree.map(lambda _: replicated(mesh), tree)
+        return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, mesh)), tree)
+
+    return {key: where(key, tree) for key, tree in shapes.items()}
 
 
 def lower_step(model, batch_size: int, seq_len: int, options: CollectOptions | None = None, *, mesh=None, **overrides):

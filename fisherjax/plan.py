@@ -1,0 +1,526 @@
+"""Planning a production run before it starts: ``fisherjax plan``.
+
+From a ``config.json`` alone (no weights: parameters are ``jax.ShapeDtypeStruct`` leaves,
+:func:`abstract_model`) :func:`plan` answers, for ``samples`` per task, ``tasks`` tasks of
+``seq_len`` tokens on ``devices`` devices of ``device_memory_gb`` each:
+
+* **measured** — the per-device memory of the Phase 1 step, XLA's compiled memory analysis
+  (:func:`step_memory`) of the step ``analyze`` runs (its Phase 1 options, the accelerator's
+  one-``vmap`` code path), for every candidate micro-batch tried. With as many devices as planned
+  (a CPU gets them as forced host devices: the command line re-runs itself with
+  ``--xla_force_host_platform_device_count``) it is the *sharded* step compiled on each candidate
+  mesh, ``("data",)`` and, when that does not fit, ``("data", "model")`` — one device's program with
+  its collectives and partitioned matmuls (:attr:`Plan.sharded_step`);
+* **derived** — everything else, each from a formula stated where it is computed: when the mesh
+  cannot be compiled (fewer devices than planned), the per-device memory with parameters sharded
+  over a ``"model"`` axis (:func:`model_axis_bytes`; :attr:`Plan.model_axis_estimate`), the
+  storage of the kept per-sample gradients (:func:`kept_storage_bytes`), the work of Phases 5 and
+  6 (:func:`conflict_flops`, :func:`qkov_flops`), the bytes Phase 5 streams from that storage
+  (:func:`conflict_bytes_read`) and the time the work takes at an *assumed* throughput.
+
+Sizes are bytes; the command line prints GB = 10⁹ bytes. The compiled figures are those of the
+backend this process runs on (XLA:CPU on a workstation); an accelerator's compiler lays out
+temporaries differently (benchmarks/RESULTS.md compares the two for a 7B step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AbstractMesh
+
+from fisherjax import backend
+from fisherjax.analysis import qkov
+from fisherjax.analysis.conflicts import ConflictOptions
+from fisherjax.analysis.conflicts.gram import chunk_size_for
+from fisherjax.analysis.conflicts.sources import Stream
+from fisherjax.config import DecoderConfig, read_hf_config
+from fisherjax.errors import ConfigError
+from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, kept_paths
+from fisherjax.fisher.step import lower_step
+from fisherjax.layout import ModelLayout, flatten, layout_for
+from fisherjax.models.decoder import Decoder
+from fisherjax.models.hf import abstract_params
+from fisherjax.models.model import Model
+from fisherjax.pipeline import AnalysisConfig
+from fisherjax.settings import check
+from fisherjax.sharding import DATA, MODEL, data_size, make_mesh, param_spec
+
+GB = 1e9
+"""Bytes in a GB as the options and the printed plan count them."""
+
+SAFETY = 0.9
+"""Fraction of a device's (and a host's) memory a plan lets a run fill."""
+
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+"""Candidate micro-batches per device, tried in this order until one does not fit."""
+
+DEFAULT_TFLOPS = 100.0
+"""Assumed sustained throughput per device, TFLOP/s, when none is given: an 80 GB data-centre GPU
+on these GEMMs in bfloat16/TF32, well below its dense peak. An assumption, not a measurement."""
+
+SEQ_LEN = 512
+TASKS = 2
+DEVICES = 1
+DEVICE_MEMORY_GB = 80.0
+DEVICES_PER_HOST = 8
+HOST_MEMORY_GB = 256.0
+"""Defaults of :func:`plan` (and of ``fisherjax plan``'s options)."""
+
+HELDOUT = 0.5
+"""The held-out fraction of task A in Phase 6's permutation test (:func:`fisherjax.pipeline.phase_qkov`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """XLA's compiled memory analysis of one Phase 1 step, bytes per device.
+
+    ``total_bytes = argument + output + temp + generated_code − alias``: outputs that reuse a
+    donated argument's buffer (the accumulation state) are counted once.
+    """
+
+    micro_batch: int
+    argument_bytes: int
+    output_bytes: int
+    temp_bytes: int
+    alias_bytes: int
+    generated_code_bytes: int
+    total_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A production run's plan (see the module docstring for what is measured and what derived).
+
+    Attributes:
+      model_type, parameters, parameter_bytes, layers, hidden_size: the model (float32 parameters,
+        as :func:`fisherjax.models.load_pretrained` loads them).
+      samples, tasks, seq_len: the run: ``samples`` per task of ``seq_len`` tokens.
+      devices, device_memory_bytes, safety: the machine; a figure fits when ``≤ safety × memory``.
+      mesh: ``(data, model)`` sizes of the recommended mesh (``model == 1``: a ``("data",)`` mesh).
+      micro_batch, global_micro_batch: samples per device per step, and per step over the mesh
+        (``micro_batch × data``).
+      step: compiled memory of the step at ``micro_batch``; ``candidates`` every micro-batch compiled.
+      per_device_bytes: ``step.total_bytes``, or with a ``"model"`` axis :func:`model_axis_bytes`.
+      model_axis_estimate: ``per_device_bytes`` is derived (parameters sharded), not compiled.
+      sharded_step: the step compiled is the sharded one on the recommended mesh (as many devices
+        as planned were there to compile it); else the single-device step.
+      options: the Phase 1 options the step was compiled with.
+      kept_parameters, kept_copies, storage_dtype: parameters whose per-sample gradients are kept,
+        arrays kept per parameter (2 when ``C_i`` is kept beside ``g_i``), their storage dtype.
+      storage_bytes, storage_bytes_per_device, storage_bytes_per_host, hosts, host_memory_bytes,
+        spill: kept-gradient storage in all, per ``"data"`` shard, per host; whether it must spill
+        to disk (``--spill-dir``).
+      phase5_flops, phase6_flops, phase5_bytes_read, phase5_chunk: the work of Phases 5 and 6,
+        and what Phase 5 reads from the kept-gradient storage in chunks of ``phase5_chunk`` samples.
+      throughput_tflops, throughput_assumed, phase5_seconds, phase6_seconds: the time of that work
+        over all devices at that throughput per device (compute only, no I/O).
+      backend: the XLA backend that compiled the step; compile_seconds: time spent compiling.
+    """
+
+    model_type: str
+    parameters: int
+    parameter_bytes: int
+    layers: int
+    hidden_size: int
+    samples: int
+    tasks: int
+    seq_len: int
+    devices: int
+    device_memory_bytes: float
+    safety: float
+    mesh: tuple[int, int]
+    micro_batch: int
+    global_micro_batch: int
+    step: StepMemory
+    candidates: tuple[StepMemory, ...]
+    per_device_bytes: float
+    model_axis_estimate: bool
+    sharded_step: bool
+    options: CollectOptions
+    kept_parameters: int
+    kept_copies: int
+    storage_dtype: str
+    storage_bytes: float
+    storage_bytes_per_device: float
+    storage_bytes_per_host: float
+    hosts: int
+    host_memory_bytes: float
+    spill: bool
+    phase5_flops: float
+    phase6_flops: float
+    phase5_bytes_read: float
+    phase5_chunk: int
+    throughput_tflops: float
+    throughput_assumed: bool
+    phase5_seconds: float
+    phase6_seconds: float
+    backend: str
+    compile_seconds: float
+
+
+def read_config(model_dir: str | Path | None = None, config_file: str | Path | None = None) -> DecoderConfig:
+    """The :class:`DecoderConfig` of ``model_dir/config.json`` or of ``config_file`` (exactly one);
+    no weights are read.
+
+    Raises:
+      ConfigError: one line naming the directory or file: missing, not a directory / file,
+        unreadable, not JSON, or bad fields (:func:`fisherjax.config.read_hf_config`).
+    """
+    check((model_dir is None) != (config_file is None), "plan needs exactly one of --model DIR and --config FILE")
+    if model_dir is not None:
+        directory = Path(model_dir)
+        check(directory.is_dir(), f"{directory}: --model is not a directory (pass a checkpoint directory holding config.json)")
+        file = directory / "config.json"
+    else:
+        file = Path(config_file)
+        check(not file.is_dir(), f"{file}: --config is a directory; pass its config.json, or use --model DIR")
+    check(file.is_file(), f"{file}: no such file (--{'model' if model_dir is not None else 'config'})")
+    return read_hf_config(file)[0]
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_model(config: DecoderConfig) -> Model:
+    """A :class:`~fisherjax.models.model.Model` whose parameters are ``jax.ShapeDtypeStruct``
+    leaves: shapes and dtypes only, nothing allocated. One per config, so plans of the same model
+    share its compiled steps (:func:`fisherjax.fisher.step.compiled_step`)."""
+    params = abstract_params(config)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(params=0))))
+    return Model(config, params, layout_for(config, params), graphdef)
+
+
+def step_memory(model: Model, micro_batch: int, seq_len: int, options: CollectOptions, mesh=None) -> StepMemory:
+    """``lower_step(model, micro_batch, seq_len, options).compile().memory_analysis()`` as a
+    :class:`StepMemory` — with ``mesh``, of the sharded step (``micro_batch`` per ``"data"``
+    shard; XLA reports one device's program, collectives and partitioned matmuls included)."""
+    rows = micro_batch * data_size(mesh)
+    analysis = lower_step(model, rows, seq_len, options, mesh=mesh).compile().memory_analysis()
+    sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes", 0) or 0)
+             for name in ("argument", "output", "temp", "alias", "generated_code")}
+    total = sizes["argument"] + sizes["output"] + sizes["temp"] + sizes["generated_code"] - sizes["alias"]
+    return StepMemory(micro_batch, *(sizes[k] for k in ("argument", "output", "temp", "alias", "generated_code")), total)
+
+
+def parameter_bytes(model: Model) -> int:
+    """Bytes of all parameters (``Σ size × itemsize``)."""
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in flatten(model.params).values())
+
+
+def model_axis_bytes(model: Model, step: StepMemory, data: int, model_size: int) -> float:
+    """Derived per-device memory of ``step`` with parameters sharded over a ``"model"`` axis of
+    ``model_size`` devices (FSDP-style, :func:`fisherjax.sharding.param_spec`):
+
+        step.total − P + Σ_leaves P_leaf / s_leaf + P_layer + max P_outside
+
+    ``P`` all parameter bytes, ``s_leaf`` = ``model_size`` for a leaf the axis divides (1 for one
+    it does not), ``P_layer`` one layer's parameters and ``max P_outside`` the largest leaf outside
+    the layer stack — gathered whole while they are computed with. Activations, the accumulation
+    state and the kept gradients are assumed not to shrink (each device of a ``"model"`` group
+    runs the whole micro-batch), so the figure errs high.
+    """
+    mesh = AbstractMesh((data, model_size), (DATA, MODEL))
+    leaves = flatten(model.params)
+    nbytes = {p: math.prod(x.shape) * np.dtype(x.dtype).itemsize for p, x in leaves.items()}
+    sharded = sum(b / model_size if any(param_spec(leaves[p].shape, mesh)) else b for p, b in nbytes.items())
+    layer = sum(b for p, b in nbytes.items() if p.startswith("layers/")) / model.config.num_layers
+    outside = max((b for p, b in nbytes.items() if not p.startswith("layers/")), default=0)
+    return step.total_bytes - sum(nbytes.values()) + sharded + layer + outside
+
+
+def kept_parameters(layout: ModelLayout, options: CollectOptions) -> int:
+    """Parameters per sample whose gradients Phase 1 keeps (:func:`~fisherjax.fisher.options.kept_paths`)."""
+    return sum(math.prod(layout.spec(p).shape) for p in kept_paths(layout, options.keep_sample_grads))
+
+
+def kept_storage_bytes(samples: int, tasks: int, kept: int, copies: int, dtype: str) -> float:
+    """``samples × tasks × kept × copies × itemsize(dtype)``: the kept per-sample arrays."""
+    return float(samples) * tasks * kept * copies * np.dtype(STORAGE_DTYPES[dtype]).itemsize
+
+
+def conflict_flops(n: int, tasks: int, features: int, references: int) -> float:
+    """Phase 5's GEMM work: per unordered pair of tasks the cross Gram and ``references``
+    within-task Grams, each ``2 · n_a · n_b · F`` (``F`` features per sample: the kept gradients,
+    whose groups partition them, :mod:`fisherjax.analysis.conflicts.gram`):
+
+        C(tasks, 2) · (1 + references) · 2 · n² · F
+    """
+    return math.comb(tasks, 2) * (1 + references) * 2.0 * n * n * features
+
+
+def qkov_flops(n: int, tasks: int, layout: ModelLayout, include_bias: bool, min_samples: int) -> float:
+    """Phase 6's GEMM work: per ordered pair of tasks the heatmap and the permutation test's two
+    score arrays (fit half ``f`` of A against B and against the held-out half ``h``):
+
+        tasks · (tasks − 1) · [flops(n, n) + flops(f, n) + flops(f, h)]
+
+    with :func:`fisherjax.analysis.qkov.flops`, ``h = round(HELDOUT · n)``, ``f = n − h``; a pair is
+    skipped below ``min_samples`` (the test alone when ``f`` is), as ``analyze`` does.
+    """
+    if n < min_samples:
+        return 0.0
+    held = int(round(HELDOUT * n))
+    fit = n - held
+    per_pair = qkov.flops(n, n, layout, include_bias)
+    if fit >= min_samples:
+        per_pair += qkov.flops(fit, n, layout, include_bias) + qkov.flops(fit, held, layout, include_bias)
+    return tasks * (tasks - 1) * per_pair
+
+
+def conflict_bytes_read(n: int, tasks: int, features: int, references: int, dtype: str, chunk: int, data: int = 1) -> float:
+    """Bytes Phase 5 reads from the kept-gradient storage. A Gram of A × B reads A once and B once
+    per row chunk of A — ``data · c`` samples on a mesh, ``c`` per device — unless B fits one
+    chunk (then it is read once, :func:`~fisherjax.analysis.conflicts.gram.split_sides`):
+
+        C(tasks, 2) · (1 + references) · w · F · (n + ⌈n / (data · c)⌉ · n)   (c < n;  2 · n otherwise)
+
+    ``w`` the storage itemsize, ``F`` features per sample, ``c`` the chunk size."""
+    width = np.dtype(STORAGE_DTYPES[dtype]).itemsize
+    per_gram = 2 * n if chunk >= n else n + math.ceil(n / (data * chunk)) * n
+    return math.comb(tasks, 2) * (1 + references) * float(width) * features * per_gram
+
+
+def conflict_chunk(n: int, features: int, budget_bytes: float) -> int:
+    """Samples per Phase 5 chunk at ``budget_bytes`` (:func:`~fisherjax.analysis.conflicts.gram.chunk_size_for`)."""
+    stream = Stream("plan", lambda size: iter(()), {"kept": (features,)}, n, None, False, None)
+    return chunk_size_for(None, stream, stream, budget_bytes=budget_bytes)
+
+
+def default_options() -> CollectOptions:
+    """The Phase 1 options ``fisherjax analyze`` runs with (attention gradients kept)."""
+    return AnalysisConfig().collect_options()
+
+
+def plan(
+    config: DecoderConfig,
+    *,
+    samples: int,
+    seq_len: int = SEQ_LEN,
+    devices: int = DEVICES,
+    device_memory_gb: float = DEVICE_MEMORY_GB,
+    tasks: int = TASKS,
+    throughput_tflops: float | None = None,
+    host_memory_gb: float = HOST_MEMORY_GB,
+    devices_per_host: int = DEVICES_PER_HOST,
+    storage_dtype: str | None = None,
+    options: CollectOptions | None = None,
+    safety: float = SAFETY,
+) -> Plan:
+    """Plan a run of ``samples`` per task on ``devices`` devices (see the module docstring).
+
+    1. Storage dtype: ``storage_dtype``, or float32 when the kept gradients of a host fit
+       ``safety × host_memory_gb`` in float32, else bfloat16; ``spill`` when they do not fit in it.
+    2. Micro-batch: the candidates of :data:`MICRO_BATCHES` up to the samples of one ``"data"``
+       shard are compiled in order (each once) and the largest whose per-device memory fits
+       ``safety × device_memory_gb`` is kept; the search stops at the first that does not fit.
+    3. Mesh: ``(devices, 1)`` when micro-batch 1 fits with replicated parameters, else
+       ``(devices / m, m)`` for the smallest divisor ``m > 1`` of ``devices`` whose derived
+       :func:`model_axis_bytes` fits.
+
+    Args:
+      options: Phase 1 options (default: :func:`default_options`); without an explicit
+        ``sample_loop`` the step is compiled on the accelerator's path (one ``vmap``).
+      throughput_tflops: per device; None assumes :data:`DEFAULT_TFLOPS`.
+
+    Raises:
+      ConfigError: an option out of range (named), or nothing fits even with the parameters
+        sharded over every device.
+    """
+    check(isinstance(samples, int) and samples >= 1, f"samples per task must be ≥ 1 (--samples), got {samples}")
+    check(isinstance(tasks, int) and tasks >= 1, f"tasks must be ≥ 1 (--tasks), got {tasks}")
+    check(isinstance(devices, int) and devices >= 1, f"devices must be ≥ 1 (--devices), got {devices}")
+    check(isinstance(devices_per_host, int) and devices_per_host >= 1,
+          f"devices per host must be ≥ 1 (--devices-per-host), got {devices_per_host}")
+    check(isinstance(seq_len, int) and 2 <= seq_len <= config.max_position_embeddings,
+          f"sequence length must be in [2, {config.max_position_embeddings}] (--seq-len; the model's max_position_embeddings), got {seq_len}")
+    for name, flag, value in (("device memory", "--device-memory", device_memory_gb), ("host memory", "--host-memory", host_memory_gb)):
+        check(math.isfinite(value) and value > 0, f"{name} must be > 0 GB ({flag}), got {value}")
+    check(throughput_tflops is None or (math.isfinite(throughput_tflops) and throughput_tflops > 0),
+          f"throughput must be > 0 TFLOP/s (--tflops), got {throughput_tflops}")
+    check(0 < safety <= 1, f"safety must be in (0, 1], got {safety}")
+    check(storage_dtype is None or storage_dtype in STORAGE_DTYPES,
+          f"storage dtype must be one of {tuple(STORAGE_DTYPES)} (--storage-dtype), got {storage_dtype!r}")
+
+    model = abstract_model(config)
+    layout = model.layout
+    options = options or default_options()
+    kept = kept_parameters(layout, options)
+    copies = 1 if options.fisher_type == "empirical" else 2
+    hosts = math.ceil(devices / devices_per_host)
+
+    def per_host(dtype: str) -> float:  # samples spread evenly over the hosts
+        return kept_storage_bytes(math.ceil(samples / hosts), tasks, kept, copies, dtype)
+
+    host_limit = safety * host_memory_gb * GB
+    dtype = storage_dtype or ("float32" if per_host("float32") <= host_limit else "bfloat16")
+    options = options.replace(sample_grads_dtype=dtype, sample_loop=False if options.sample_loop is None else options.sample_loop)
+
+    limit = safety * device_memory_gb * GB
+    # with as many devices as planned (on a CPU: forced host devices, see `fisherjax plan`) the
+    # sharded step itself is compiled on each mesh; else the single-device step, and a "model"
+    # axis is derived from it
+    on_mesh = devices > 1 and len(jax.devices()) >= devices
+    compiled: dict[tuple[int, int, int], StepMemory] = {}
+    started = time.perf_counter()
+
+    def measured(mb: int, data: int, m: int) -> StepMemory:
+        key = (mb, data, m) if on_mesh else (mb, 1, 1)
+        if key not in compiled:
+            mesh = make_mesh(data, m, jax.devices()[:devices]) if on_mesh else None
+            compiled[key] = step_memory(model, mb, seq_len, options, mesh=mesh)
+        return compiled[key]
+
+    def per_device(step: StepMemory, data: int, m: int) -> float:
+        return step.total_bytes if m == 1 or on_mesh else model_axis_bytes(model, step, data, m)
+
+    chosen = None
+    for m in [1] + [m for m in range(2, devices + 1) if devices % m == 0]:
+        data = devices // m
+        best = None
+        for mb in (c for c in MICRO_BATCHES if c == 1 or c <= math.ceil(samples / data)):
+            if per_device(measured(mb, data, m), data, m) > limit:
+                break
+            best = mb
+        if best is not None:
+            chosen = (data, m, best, per_device(measured(best, data, m), data, m))
+            break
+    compile_seconds = time.perf_counter() - started
+    if chosen is None:
+        need = per_device(measured(1, 1, devices), 1, devices)
+        raise ConfigError(
+            f"nothing fits: micro-batch 1 needs {need / GB:.1f} GB per device"
+            f"{' even with the parameters sharded over all ' + str(devices) + ' devices' if devices > 1 else ''}, "
+            f"above {safety:g} × {device_memory_gb:g} GB (--device-memory); use more or larger devices, a shorter --seq-len, or --remat"
+        )
+    data, m, mb, per_device_bytes = chosen
+
+    conflicts = ConflictOptions()
+    references = {"both": 2}.get(conflicts.reference, 1)
+    chunk = conflict_chunk(samples, kept, conflicts.memory_budget_bytes)
+    score = qkov.ScoreOptions()
+    phase5 = conflict_flops(samples, tasks, kept, references)
+    phase6 = qkov_flops(samples, tasks, layout, score.include_bias, score.min_fisher_samples)
+    tflops = DEFAULT_TFLOPS if throughput_tflops is None else float(throughput_tflops)
+    rate = tflops * 1e12 * devices
+    return Plan(
+        model_type=config.model_type,
+        parameters=model.num_params,
+        parameter_bytes=parameter_bytes(model),
+        layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        samples=samples,
+        tasks=tasks,
+        seq_len=seq_len,
+        devices=devices,
+        device_memory_bytes=device_memory_gb * GB,
+        safety=safety,
+        mesh=(data, m),
+        micro_batch=mb,
+        global_micro_batch=mb * data,
+        step=measured(mb, data, m),
+        candidates=tuple(compiled[k] for k in sorted(compiled) if not on_mesh or k[1:] == (data, m)),
+        per_device_bytes=float(per_device_bytes),
+        model_axis_estimate=m > 1 and not on_mesh,
+        sharded_step=on_mesh,
+        options=options,
+        kept_parameters=kept,
+        kept_copies=copies,
+        storage_dtype=dtype,
+        storage_bytes=kept_storage_bytes(samples, tasks, kept, copies, dtype),
+        storage_bytes_per_device=kept_storage_bytes(math.ceil(samples / data), tasks, kept, copies, dtype),
+        storage_bytes_per_host=per_host(dtype),
+        hosts=hosts,
+        host_memory_bytes=host_memory_gb * GB,
+        spill=per_host(dtype) > host_limit,
+        phase5_flops=phase5,
+        phase6_flops=phase6,
+        phase5_bytes_read=conflict_bytes_read(samples, tasks, kept, references, dtype, chunk, data),
+        phase5_chunk=chunk,
+        throughput_tflops=tflops,
+        throughput_assumed=throughput_tflops is None,
+        phase5_seconds=phase5 / rate,
+        phase6_seconds=phase6 / rate,
+        backend=backend.platform(),
+        compile_seconds=round(compile_seconds, 1),
+    )
+
+
+def _bytes(x: float) -> str:
+    """Bytes in TB, GB, MB or kB, whichever is the largest below the value (GB = 10⁹ bytes)."""
+    return _scaled(x, (("TB", 1e12), ("GB", GB), ("MB", 1e6), ("kB", 1e3)))
+
+
+def _scaled(x: float, units) -> str:
+    for unit, size in units:
+        if abs(x) >= size:
+            return f"{x / size:,.1f} {unit}"
+    unit, size = units[-1]
+    return f"{x / size:,.1f} {unit}"
+
+
+COUNTS = (("B", 1e9), ("M", 1e6), ("k", 1e3), ("", 1))
+FLOPS = (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3), ("FLOP", 1))
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as a short table (what ``fisherjax plan`` prints)."""
+    limit = p.safety * p.device_memory_bytes
+    s = p.step
+    mesh = f"({p.mesh[0]},) over (\"data\",)" if p.mesh[1] == 1 else f"({p.mesh[0]}, {p.mesh[1]}) over (\"data\", \"model\")"
+    tried = ", ".join(f"{c.micro_batch}: {_bytes(c.total_bytes)}" for c in p.candidates)
+    assumed = " (assumed, pass --tflops)" if p.throughput_assumed else ""
+    rows = [
+        ("model", f"{p.model_type}, {_scaled(p.parameters, COUNTS)} parameters ({_bytes(p.parameter_bytes)} float32), "
+                  f"{p.layers} layers, d {p.hidden_size}"),
+        ("run", f"{p.tasks} tasks × {p.samples} samples, T = {p.seq_len}, {p.options.fisher_type} Fisher"
+                f"{', diagonal' if p.options.diagonal else ''}{', remat' if p.options.remat else ''}"),
+        ("devices", f"{p.devices} × {_bytes(p.device_memory_bytes)} (fits: ≤ {_bytes(limit)}), {p.hosts} host(s)"),
+        ("Phase 1 step / device", f"compiled by XLA:{p.backend}{' (sharded step on the mesh)' if p.sharded_step else ''} "
+                                  f"at micro-batch {s.micro_batch}: arguments {_bytes(s.argument_bytes)}, "
+                                  f"outputs {_bytes(s.output_bytes)}, temporaries {_bytes(s.temp_bytes)}, "
+                                  f"aliased −{_bytes(s.alias_bytes)} → total {_bytes(s.total_bytes)}"),
+        ("  micro-batches compiled", f"{tried} ({p.compile_seconds:g} s compiling)"),
+    ]
+    if p.model_axis_estimate:
+        rows.append(("  with \"model\" axis", f"{_bytes(p.per_device_bytes)} per device — DERIVED, not compiled "
+                                              f"(parameters sharded over {p.mesh[1]} devices)"))
+    rows += [
+        ("recommended mesh", mesh),
+        ("recommended micro-batch", f"{p.micro_batch} per device" + (" (per \"data\" shard)" if p.model_axis_estimate else "")
+                                    + f", {p.global_micro_batch} per step"),
+        ("kept gradients", f"{_scaled(p.kept_parameters, COUNTS)} parameters × {p.kept_copies} per sample, "
+                           f"{p.storage_dtype}: {_bytes(p.storage_bytes)} in all, {_bytes(p.storage_bytes_per_device)} per \"data\" shard, "
+                           f"{_bytes(p.storage_bytes_per_host)} per host"),
+        ("recommended storage", f"{p.storage_dtype}; " + (f"spill to disk (--spill-dir): a host holds {_bytes(p.safety * p.host_memory_bytes)} "
+                                                          f"of {_bytes(p.host_memory_bytes)}" if p.spill
+                                                          else f"fits host memory ({_bytes(p.host_memory_bytes)})")),
+        ("Phase 5 (conflicts)", f"{_scaled(p.phase5_flops, FLOPS)} ≈ {_duration(p.phase5_seconds)}; "
+                                f"reads {_bytes(p.phase5_bytes_read)} of kept gradients (chunk size {p.phase5_chunk})"),
+        ("Phase 6 (QK-OV)", f"{_scaled(p.phase6_flops, FLOPS)} ≈ {_duration(p.phase6_seconds)}"),
+        ("throughput", f"{p.throughput_tflops:g} TFLOP/s per device{assumed}, over {p.devices} device(s), compute only"),
+        ("measured / derived", "the Phase 1 step's memory is compiled"
+                               + ("" if p.sharded_step or p.devices == 1 else " (single-device step: fewer devices than planned)")
+                               + "; storage, work and time are derived (formulas: fisherjax/plan.py)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+__all__ = [
+    "Plan", "StepMemory", "abstract_model", "conflict_bytes_read", "conflict_chunk", "conflict_flops", "default_options",
+    "format_plan", "kept_parameters", "kept_storage_bytes", "model_axis_bytes", "parameter_bytes", "plan", "qkov_flops",
+    "read_config", "step_memory",
+]

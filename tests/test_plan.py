@@ -1,0 +1,172 @@
+"""``fisherjax plan``: compiled step memory, the micro-batch and mesh search, derived storage and
+work figures, and the command line (tiny configs written as config.json files)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from flax import nnx
+
+from fisherjax.analysis import qkov
+from fisherjax.cli import main
+from fisherjax.errors import ConfigError
+from fisherjax.fisher.step import lower_step
+from fisherjax.layout import flatten, layout_for
+from fisherjax.models.decoder import Decoder
+from fisherjax.models.hf import abstract_params
+from fisherjax.models.model import Model
+from fisherjax.plan import GB, abstract_model, conflict_bytes_read, format_plan, kept_parameters, plan, read_config
+
+TINY = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 97,
+    "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
+}
+WIDE = {**TINY, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 8, "num_key_value_heads": 4, "vocab_size": 16}
+"""Parameters dominate its step at T = 4, so sharding them over a "model" axis helps."""
+GPT2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4,
+        "n_positions": 64, "vocab_size": 97}
+SEQ = 512
+FIELDS = ("argument", "output", "temp", "alias", "generated_code")
+
+
+def _write(folder, raw):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder / "config.json"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return read_config(config_file=_write(tmp_path_factory.mktemp("tiny"), TINY))
+
+
+@pytest.fixture(scope="module")
+def base(tiny):
+    """Every candidate up to the 4 samples fits 80 GB: micro-batches 1, 2 and 4 are compiled."""
+    return plan(tiny, samples=4, seq_len=SEQ, devices=1, device_memory_gb=80)
+
+
+def test_the_step_memory_is_the_compiled_memory_analysis(tiny, base):
+    assert [c.micro_batch for c in base.candidates] == [1, 2, 4] and base.micro_batch == 4 and base.step == base.candidates[-1]
+    params = abstract_params(tiny)  # a model of its own, so nothing is shared with the plan's compilations
+    model = Model(tiny, params, layout_for(tiny, params), nnx.graphdef(nnx.eval_shape(lambda: Decoder(tiny, nnx.Rngs(params=0)))))
+    for step in (base.candidates[0], base.step):  # micro-batch 1 and the chosen one (4)
+        analysis = lower_step(model, step.micro_batch, SEQ, base.options).compile().memory_analysis()
+        got = [getattr(step, f"{f}_bytes") for f in FIELDS]
+        assert got == [int(getattr(analysis, f"{f}_size_in_bytes")) for f in FIELDS]
+        assert step.total_bytes == step.argument_bytes + step.output_bytes + step.temp_bytes + step.generated_code_bytes - step.alias_bytes
+    assert base.per_device_bytes == base.step.total_bytes and not base.model_axis_estimate and base.mesh == (1, 1)
+    assert base.options.keep_sample_grads is True and base.options.sample_loop is False
+
+
+def test_the_largest_micro_batch_that_fits_is_chosen(tiny, base):
+    totals = {c.micro_batch: c.total_bytes for c in base.candidates}
+    assert totals[1] < totals[2] < totals[4]
+    between = (totals[2] + totals[4]) / 2
+    p = plan(tiny, samples=4, seq_len=SEQ, device_memory_gb=between / GB, safety=1.0)
+    assert p.micro_batch == 2 and p.step.total_bytes == totals[2] and [c.micro_batch for c in p.candidates] == [1, 2, 4]
+    p = plan(tiny, samples=4, seq_len=SEQ, device_memory_gb=(totals[1] + totals[2]) / 2 / GB, safety=1.0)
+    assert p.micro_batch == 1 and [c.micro_batch for c in p.candidates] == [1, 2]  # the search stops at the first misfit
+
+
+def test_a_small_device_gets_a_model_axis_or_a_clear_error(tmp_path):
+    config = read_config(model_dir=_write(tmp_path / "wide", WIDE).parent)
+    fits = plan(config, samples=4, seq_len=4, devices=4, device_memory_gb=1)
+    step = fits.candidates[0]
+    leaves = {p: math.prod(x.shape) * 4 for p, x in flatten(abstract_model(config).params).items()}
+    layer = sum(b for p, b in leaves.items() if p.startswith("layers/")) / config.num_layers
+    outside = max(b for p, b in leaves.items() if not p.startswith("layers/"))
+    derived = {m: step.total_bytes - sum(leaves.values()) * (1 - 1 / m) + layer + outside for m in (2, 4)}
+    assert derived[4] < derived[2] < step.total_bytes
+
+    p = plan(config, samples=4, seq_len=4, devices=4, device_memory_gb=(derived[2] + step.total_bytes) / 2 / GB, safety=1.0)
+    assert p.mesh == (2, 2) and p.model_axis_estimate and p.micro_batch == 1 and p.global_micro_batch == 2
+    assert p.per_device_bytes == pytest.approx(derived[2]) and p.step == step
+    assert "DERIVED" in format_plan(p)
+    p = plan(config, samples=4, seq_len=4, devices=4, device_memory_gb=(derived[4] + derived[2]) / 2 / GB, safety=1.0)
+    assert p.mesh == (1, 4) and p.per_device_bytes == pytest.approx(derived[4])
+    with pytest.raises(ConfigError, match=r"nothing fits.*--device-memory"):
+        plan(config, samples=4, seq_len=4, devices=4, device_memory_gb=derived[4] / 2 / GB)
+
+
+def test_storage_and_work_are_the_formulas(tiny, base, tmp_path):
+    head_dim = TINY["hidden_size"] // TINY["num_attention_heads"]
+    q_o = 2 * TINY["hidden_size"] * TINY["num_attention_heads"] * head_dim
+    k_v = 2 * TINY["hidden_size"] * TINY["num_key_value_heads"] * head_dim
+    kept = TINY["num_hidden_layers"] * (q_o + k_v)
+    assert base.kept_parameters == kept and base.kept_copies == 1 and base.storage_dtype == "float32" and not base.spill
+    assert base.storage_bytes == 4 * 2 * kept * 4 == base.storage_bytes_per_device == base.storage_bytes_per_host
+    n, layout = 4, abstract_model(tiny).layout
+    assert base.phase5_flops == 1 * 3 * 2 * n * n * kept  # one pair of tasks: A × B, A × A, B × B
+    held = round(0.5 * n)
+    assert base.phase6_flops == 0  # below qkov's min_fisher_samples (8) Phase 6 is skipped, as analyze does
+    big = plan(tiny, samples=16, seq_len=SEQ, devices=4, device_memory_gb=80, throughput_tflops=2.0)
+    n, held = 16, 8
+    assert big.phase6_flops == 2 * (qkov.flops(n, n, layout) + qkov.flops(n - held, n, layout) + qkov.flops(n - held, held, layout)) > 0
+    assert big.phase6_seconds == big.phase6_flops / (2e12 * 4) and not big.throughput_assumed
+    assert big.storage_bytes_per_device == 4 * 2 * kept * 4 and big.global_micro_batch == 4 * big.micro_batch
+
+    # Phase 5's reads: A once, B once per row chunk of A (data × chunk samples) unless B fits one chunk
+    assert big.phase5_chunk == 16 and big.phase5_bytes_read == 1 * 3 * 4 * kept * 2 * 16
+    assert conflict_bytes_read(10, 3, features=5, references=2, dtype="bfloat16", chunk=2, data=2) == 3 * 3 * 2 * 5 * (10 + 3 * 10)
+
+    gpt2 = read_config(config_file=_write(tmp_path / "gpt2", GPT2))  # fused c_attn: kernel and bias kept, c_proj's bias not
+    d = GPT2["n_embd"]
+    assert kept_parameters(abstract_model(gpt2).layout, base.options) == GPT2["n_layer"] * (d * 3 * d + 3 * d + d * d)
+
+
+def test_bfloat16_storage_and_spilling_when_the_host_is_small(tiny, base):
+    float32 = 1 * 2 * base.kept_parameters * 4  # one sample per task, on one host
+    p = plan(tiny, samples=1, seq_len=SEQ, device_memory_gb=80, host_memory_gb=float32 * 0.75 / 0.9 / GB)
+    assert p.storage_dtype == "bfloat16" and not p.spill and p.storage_bytes == float32 / 2
+    assert p.options.sample_grads_dtype == "bfloat16" and [c.micro_batch for c in p.candidates] == [1]
+    p = plan(tiny, samples=1, seq_len=SEQ, device_memory_gb=80, host_memory_gb=float32 * 0.25 / 0.9 / GB)
+    assert p.storage_dtype == "bfloat16" and p.spill
+    assert "spill to disk" in format_plan(p)
+
+
+@pytest.mark.parametrize("changes, flag", [
+    (dict(samples=0), "--samples"), (dict(devices=0), "--devices"), (dict(device_memory_gb=0.0), "--device-memory"),
+    (dict(device_memory_gb=-1.0), "--device-memory"), (dict(seq_len=513), "--seq-len"), (dict(tasks=0), "--tasks"),
+    (dict(host_memory_gb=float("nan")), "--host-memory"), (dict(throughput_tflops=0.0), "--tflops"),
+])
+def test_bad_options_name_their_flag(tiny, changes, flag):
+    with pytest.raises(ConfigError, match=flag):
+        plan(tiny, **{"samples": 4, "seq_len": SEQ, **changes})
+
+
+def test_cli_prints_json(tmp_path, capfd):
+    """On a CPU with fewer devices than planned the command re-runs itself with forced host devices
+    and compiles the sharded step on the mesh (its output is the child's: capfd)."""
+    file = _write(tmp_path / "tiny", TINY)
+    assert main(["plan", "--config", str(file), "--samples", "8", "--devices", "4", "--device-memory", "1", "--json"]) == 0
+    out = json.loads(capfd.readouterr().out)
+    assert out["mesh"] == [4, 1] and out["micro_batch"] == 2 and out["global_micro_batch"] == 8
+    assert out["step"]["total_bytes"] <= 0.9e9 and out["model_axis_estimate"] is False and out["throughput_assumed"] is True
+    assert out["sharded_step"] is True
+    assert main(["plan", "--model", str(file.parent), "--samples", "8", "--devices", "4", "--device-memory", "1"]) == 0
+    text = capfd.readouterr().out
+    assert "recommended mesh" in text and "micro-batch" in text and "kept gradients" in text
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.json", "tiny"]  # plan writes nothing
+
+
+@pytest.mark.parametrize("case", ["missing file", "missing dir", "not json", "bad field", "samples"])
+def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
+    file = tmp_path / "config.json"
+    args = ["--config", str(file), "--samples", "8"]
+    if case == "missing dir":
+        args[:2] = ["--model", str(tmp_path / "nowhere")]
+    elif case == "not json":
+        file.write_text("{not json")
+    elif case == "bad field":
+        file.write_text(json.dumps({**TINY, "num_hidden_layers": 0}))
+    elif case == "samples":
+        file.write_text(json.dumps(TINY))
+        args[-1] = "0"
+    assert main(["plan", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fisherjax: error:")
+    assert ("--samples" if case == "samples" else str(tmp_path / "nowhere") if case == "missing dir" else str(file)) in err
