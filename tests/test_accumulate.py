@@ -136,16 +136,17 @@ class DiagonalTest(chex.TestCase):
 
 
 def _parts_then_all_reduce(init, update, like, values, valid, devices=4):
-    """Each of ``devices`` parts (contiguous rows) accumulated alone from an empty state, then
-    combined with the collectives of :func:`acc.all_reduce` (``vmap`` with an axis name runs them
-    without devices) and merged after ``init``."""
+    """Each of ``devices`` parts (contiguous rows) accumulated from :func:`acc.device_start`, then
+    combined with ``init`` by :func:`acc.combine` (``vmap`` with an axis name runs its collectives
+    without devices) — what the sharded step does."""
     split = lambda x: x.reshape(devices, -1, *x.shape[1:])  # noqa: E731
 
     def one(v, m):
-        return acc.all_reduce(update(acc.empty_like(init), v, m), "data")
+        local = update(acc.device_start(init, jax.lax.axis_index("data") == 0), v, m)
+        return acc.combine(init, local, "data")
 
     combined = jax.vmap(one, axis_name="data")(jax.tree.map(split, values), split(valid))
-    return acc.merge(init, jax.tree.map(lambda x: x[0], combined))
+    return jax.tree.map(lambda x: x[0], combined)
 
 
 def test_parts_combined_across_devices_equal_one_update():

@@ -223,3 +223,25 @@ def all_reduce(part: State, axis_name: str) -> State:
     after = counts.sum() - jnp.cumsum(counts)[jax.lax.axis_index(axis_name)]
     scale = part.decay**after
     return EMAState(counts.sum(), jax.lax.psum(jax.tree.map(lambda v: v * scale, part.value), axis_name), part.decay)
+
+
+def device_start(state: State, carries: Bool[Array, ""]) -> State:
+    """What one device of a mesh accumulates its own samples onto, inside ``shard_map``.
+
+    Sums: the running sums on the device that ``carries`` them, zeros on the others, so that
+    :func:`combine`'s ``psum`` adds the running sums once and the step needs no second copy of
+    them beside the state (the full diagonal is as large as the model). Welford and EMA: empty —
+    their parts are merged with the running state, not added to it.
+    """
+    if isinstance(state, SumState):
+        return jax.tree.map(lambda x: jnp.where(carries, x, jnp.zeros_like(x)), state)
+    return empty_like(state)
+
+
+def combine(state: State, local: State, axis_name: str) -> State:
+    """The running state after every device's samples, from each device's ``local`` state (begun
+    with :func:`device_start`): ``all_reduce(local)``, merged into ``state`` unless it is a sum
+    that already holds it."""
+    if isinstance(state, SumState):
+        return all_reduce(local, axis_name)
+    return merge(state, all_reduce(local, axis_name))
