@@ -94,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: $XDG_CACHE_HOME/fisherjax/jax-cache, i.e. ~/.cache/fisherjax/jax-cache)")
     a.add_argument("--no-compilation-cache", action="store_true",
                    help="neither read nor write the compilation cache (also FISHERJAX_COMPILATION_CACHE=0)")
+    a.add_argument("--devices", type=int, metavar="N",
+                   help="split each batch's samples over N devices (default: every device, when there are several)")
+    a.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="join a multi-process run (jax.distributed) through this coordinator; with --num-processes and "
+                        "--process-id, or JAX's cluster environment (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI). Phase 1 "
+                        "spans every process; process 0 runs the other phases on its devices and writes --out")
+    a.add_argument("--num-processes", type=int, metavar="P", help="processes in the multi-process run")
+    a.add_argument("--process-id", type=int, metavar="I", help="this process's index in the multi-process run (0 … P−1)")
 
     i = sub.add_parser("info", help="describe a checkpoint: architecture, layers, heads, parameter counts",
                        description="Print the architecture, layers, heads, kv heads, head_dim and parameter counts.")
@@ -136,6 +144,7 @@ def _analyze(args) -> int:
 
     if args.model is not None and not args.task:
         raise FisherjaxError("--model needs at least one --task NAME=FILE")
+    _join_distributed(args)
     config = AnalysisConfig(
         out=args.out,
         model=args.model,
@@ -161,17 +170,38 @@ def _analyze(args) -> int:
         qkov_contraction=args.qkov_contraction,
         overwrite=args.overwrite,
         truncate=args.truncate,
+        devices=args.devices,
     )
     cache = compilation_cache.requested_dir(args.compilation_cache, args.no_compilation_cache)
     if cache is not None:
         compilation_cache.enable(cache)
     results = analyze(config)
+    if "process" in results:
+        print(f"process {results['process']}: Phase 1 done; process 0 writes the outputs")
+        return 0
     out = Path(config.out).absolute()
     print(f"wrote {out}  ({results['seconds']} s)")
     for name, r in results["fisher"].items():
         print(f"  {name}: {r['samples']} samples, loss/token {r['loss_per_token']:.4f}")
     print(f"  report: {out / 'report.md'}")
     return 0
+
+
+def _join_distributed(args) -> None:
+    """``jax.distributed.initialize`` when the command line or the environment asks for several
+    processes (before anything starts a JAX backend)."""
+    import os
+
+    from fisherjax import sharding
+
+    flags = (args.coordinator, args.num_processes, args.process_id)
+    if all(f is None for f in flags) and "JAX_COORDINATOR_ADDRESS" not in os.environ:
+        return
+    if args.num_processes is not None and args.num_processes < 1:
+        raise FisherjaxError(f"--num-processes must be ≥ 1, got {args.num_processes}")
+    if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
+        raise FisherjaxError(f"--process-id must be in [0, --num-processes), got {args.process_id}")
+    sharding.initialize_distributed(*flags)
 
 
 def _info(args) -> int:

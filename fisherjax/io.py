@@ -25,6 +25,25 @@ def _ocp():
     return ocp
 
 
+def _checkpointer():
+    """An orbax ``Checkpointer`` of the ``arrays`` + ``meta`` items. In a multi-process run the
+    process that calls it writes or reads alone (it is its own primary host, no barrier with the
+    others): the outputs are process 0's, which holds every sample after Phase 1."""
+    ocp = _ocp()
+    import jax
+
+    if jax.process_count() == 1:
+        return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process-{me}")
+    handler = ocp.CompositeCheckpointHandler(
+        composite_options=ocp.CompositeOptions(multiprocessing_options=alone),
+        arrays=ocp.StandardCheckpointHandler(multiprocessing_options=alone),
+        meta=ocp.JsonCheckpointHandler(multiprocessing_options=alone),
+    )
+    return ocp.Checkpointer(handler, multiprocessing_options=alone)
+
+
 def _host(tree):
     import jax
 
@@ -62,7 +81,7 @@ def save_task_fisher(fisher: TaskFisher, directory: str | Path) -> Path:
     meta["skipped_ids"] = [int(i) for i in fisher.skipped_ids]
     meta["ema_decay"] = fisher.ema.decay if fisher.ema is not None else None
     try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+        with _checkpointer() as ckpt:
             ckpt.save(directory, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as err:  # tensorstore reports disk errors as ValueError with the OS error code
         number = disk_errno(err)
@@ -93,7 +112,7 @@ def load_task_fisher(directory: str | Path) -> TaskFisher:
         return CheckpointError(f"{directory}: not a usable saved Fisher state ({reason}); {remedy}, or collect it again")
 
     try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+        with _checkpointer() as ckpt:
             restored = ckpt.restore(directory, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
     except Exception as err:  # orbax, tensorstore and JSON errors of every kind for damaged or foreign files
         raise unusable(f"orbax cannot restore it: {type(err).__name__}: {err}") from None

@@ -25,14 +25,16 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
-from fisherjax import backend, compilation_cache, io, outdir, report, telemetry
+from fisherjax import backend, compilation_cache, io, outdir, report, sharding, telemetry
 from fisherjax.analysis import conflicts, experiments, masks, qkov
 from fisherjax.data import Batch, Task, batches, load_task
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
 from fisherjax.fisher.collect import collect
 from fisherjax.fisher.groups import group_sizes
 from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, attention_paths
+from fisherjax.fisher.shares import join_shares
 from fisherjax.fisher.state import TaskFisher
 from fisherjax.models import Model, load_pretrained
 from fisherjax.report import conflicts as conflicts_report
@@ -79,12 +81,14 @@ class AnalysisConfig:
     pruning_samples: int = experiments.DEFAULT_SAMPLES
     overwrite: bool = False
     truncate: bool = False
+    devices: int | None = None
 
     def __post_init__(self):
         """Reject bad options before anything is loaded or computed (one line each, exit code 2)."""
         check(self.batch_size >= 1, f"batch size must be ≥ 1 (--batch-size), got {self.batch_size}")
         check(self.max_length >= 2, f"max length must be ≥ 2 tokens (--max-length), got {self.max_length}")
         check(self.max_samples is None or self.max_samples >= 1, f"max samples must be ≥ 1 (--max-samples), got {self.max_samples}")
+        check(self.devices is None or self.devices >= 1, f"devices must be ≥ 1 (--devices), got {self.devices}")
         check(self.top_k >= 0, f"top-k must be ≥ 0 (--top-k), got {self.top_k}")
         check(self.pruning_samples >= 1, f"pruning samples must be ≥ 1 (--pruning-samples), got {self.pruning_samples}")
         check(0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63) (--seed), got {self.seed}")
@@ -130,6 +134,7 @@ class Context:
     tasks: dict[str, Task]
     batches: dict[str, list[Batch]]
     fishers: dict[str, TaskFisher]
+    mesh: Mesh | None = None
 
 
 def load_inputs(config: AnalysisConfig) -> tuple[Model, dict[str, Task]]:
@@ -228,7 +233,7 @@ def phase_conflicts(ctx: Context, out: Path) -> report.Section:
     for name_a, name_b in itertools.combinations(ctx.fishers, 2):
         reports[name_a, name_b] = conflicts.detect(
             ctx.fishers[name_a], ctx.fishers[name_b], layout=layout, scope="groups", top_k=config.top_k, names=(name_a, name_b),
-            progress=config.progress,
+            progress=config.progress, mesh=ctx.mesh,
         )
     section = conflicts_report.section(reports)
     (out / "conflicts.json").write_text(json.dumps(report.jsonable(section.json), indent=2))
@@ -254,7 +259,7 @@ def phase_qkov(ctx: Context, out: Path) -> report.Section:
         if n_a < needed:  # a quick run on a few samples still gets the other phases
             summaries[name_a, name_b] = {"skipped": f"{name_a} has {n_a} samples with active tokens; its Fisher needs at least {needed}"}
             continue
-        result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress)
+        result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress, mesh=ctx.mesh)
         arrays.update({f"{name_a}|{name_b}|{k}": v for k, v in qkov.to_arrays(result).items()})
         summary = qkov_report.summary(result, top_k=config.top_k)
         summary["kernel"] = dataclasses.asdict(kernel)
@@ -265,7 +270,7 @@ def phase_qkov(ctx: Context, out: Path) -> report.Section:
                                                       f"({len(fit)}) needs at least {needed} for a stable Fisher"}
         else:
             test = qkov.permutation_test(fit, fb, heldout, layout, n_permutations=1000, seed=config.seed, score=score, kernel=kernel,
-                                         progress=config.progress)
+                                         progress=config.progress, mesh=ctx.mesh)
             summary["permutation_test"] = qkov_report.permutation_summary(test, result)
         summaries[name_a, name_b], results[name_a, name_b] = summary, result
     np.savez(out / "qkov.npz", **arrays)
@@ -287,10 +292,11 @@ PHASES: dict[str, Callable[[Context, Path], report.Section]] = {
 
 
 def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig, *,
-                spill_root: Path | None = None) -> tuple[dict, dict, dict[str, telemetry.Stretch]]:
+                spill_root: Path | None = None, mesh: Mesh | None = None) -> tuple[dict, dict, dict[str, telemetry.Stretch]]:
     """Batches and Phase 1 Fisher (with attention gradients kept) of every task, and what each
     task's collection cost (its :class:`~fisherjax.telemetry.Stretch`: the first task pays the
-    step's compilation); kept gradients beyond their budget spill to ``spill_root/<task>``."""
+    step's compilation); kept gradients beyond their budget spill to ``spill_root/<task>``;
+    samples split over ``mesh`` when given (:mod:`fisherjax.sharding`)."""
     all_batches = {
         name: list(batches(task, config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
         for name, task in tasks.items()
@@ -307,6 +313,7 @@ def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig, *,
             spill_dir=None if spill_root is None else spill_root / name,
             key=jax.random.key(config.seed),
             progress=config.progress,
+            mesh=mesh,
         )
     return all_batches, fishers, stretches
 
@@ -394,27 +401,39 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
     """:func:`analyze` inside the meter ``whole`` of the entire run."""
     stretches: dict[str, telemetry.Stretch] = {}
     destination = Path(config.out).absolute()
-    outdir.check_destination(destination, overwrite=config.overwrite)
-    outdir.remove_stale_staging(destination)
+    writer = jax.process_index() == 0  # in a multi-process run only process 0 touches the output
+    if writer:
+        outdir.check_destination(destination, overwrite=config.overwrite)
+        outdir.remove_stale_staging(destination)
+    mesh = sharding.run_mesh(config.devices)
+    devices_used = sharding.data_size(mesh) * sharding.model_size(mesh)
     (model, tasks), stretches["load"] = telemetry.measure(load_inputs, config)
     output_bytes, spill_bytes = estimate_output_bytes(model, {n: len(t) for n, t in tasks.items()}, config)
-    outdir.check_writable(destination, output_bytes, option="--out")
+    if writer:
+        outdir.check_writable(destination, output_bytes, option="--out")
     if config.spill_dir is not None:
         outdir.check_writable(Path(config.spill_dir), spill_bytes, option="--spill-dir")
     with _private_spill(config.spill_dir) as spill_root:
         try:
-            (all_batches, fishers, per_task), stretches["collect"] = telemetry.measure(collect_all, model, tasks, config, spill_root=spill_root)
+            (all_batches, fishers, per_task), stretches["collect"] = telemetry.measure(collect_all, model, tasks, config, spill_root=spill_root,
+                                                                           mesh=mesh)
         except OSError as err:
             if disk_errno(err):
                 raise disk_error(err, Path(config.spill_dir or destination), "--spill-dir") from None
             raise
-        ctx = Context(config, model, tasks, all_batches, fishers)
+        if jax.process_count() > 1:  # Phase 1 spanned every process; the rest runs on process 0's devices
+            fishers = {name: join_shares(f, np.concatenate([b.sample_ids for b in all_batches[name]])) for name, f in fishers.items()}
+            if not writer:
+                return {"process": jax.process_index(), "fisher": {n: {"samples": f.n_samples} for n, f in fishers.items()}}
+            mesh = sharding.run_mesh(None, devices=jax.local_devices())
+        ctx = Context(config, model, tasks, all_batches, fishers, mesh)
         with outdir.staging(destination) as out:
             (out / "figures").mkdir()
             header = {
                 "fisherjax": _version(),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "machine": {"platform": platform.platform(), "jax_backend": backend.platform()},
+                "machine": {"platform": platform.platform(), "jax_backend": backend.platform(),
+                            "devices": devices_used, "processes": jax.process_count()},
                 "environment": environment(),
                 "config": dataclasses.asdict(config),
                 "model": model_info(model),

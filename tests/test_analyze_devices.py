@@ -1,0 +1,79 @@
+"""``fisherjax analyze`` beyond one device: ``--devices`` on four forced host devices, and two
+processes joined with ``--coordinator`` (each with two host devices), against one device."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_multihost import _free_port
+
+ARGS = ["--no-progress", "--max-samples", "24", "--phases", "fisher,conflicts,qkov", "--no-compilation-cache"]
+
+
+def _env(devices: int) -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _analyze(out: Path, devices: int, *extra: str, wait: bool = True):
+    proc = subprocess.Popen([sys.executable, "-m", "fisherjax.cli", "analyze", "--out", str(out), *ARGS, *extra], env=_env(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+def _same_outputs(a: Path, b: Path) -> None:
+    """The Fisher, the QK-OV scores and the conflict tests of two output directories agree."""
+    for name in ("group_fisher.npz", "qkov.npz"):
+        x, y = np.load(a / name), np.load(b / name)
+        assert sorted(x.files) == sorted(y.files)
+        for key in y.files:
+            if y[key].dtype.kind == "f":
+                np.testing.assert_allclose(x[key], y[key], rtol=2e-5, atol=1e-6 * float(np.abs(y[key]).max() + 1e-30), err_msg=key)
+            else:
+                np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+    ca, cb = (json.loads((d / "conflicts.json").read_text()) for d in (a, b))
+    assert json.dumps(ca, sort_keys=True).count("significant") == json.dumps(cb, sort_keys=True).count("significant")
+
+
+def test_devices_split_the_run_and_change_no_result(tmp_path):
+    _analyze(tmp_path / "four", 4)  # default: every device
+    _analyze(tmp_path / "one", 4, "--devices", "1")
+    four, one = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("four", "one"))
+    assert four["machine"]["devices"] == 4 and one["machine"]["devices"] == 1
+    _same_outputs(tmp_path / "four", tmp_path / "one")
+
+
+def test_more_devices_than_there_are_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fisherjax.cli", "analyze", "--out", str(tmp_path / "o"), "--devices", "3"],
+                          env=_env(2), capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--devices 3" in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_writes(tmp_path):
+    """Phase 1 over both processes' devices; process 0 runs the rest and writes --out, process 1
+    writes nothing."""
+    port = _free_port()
+    procs = [_analyze(tmp_path / "two", 2, "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i), wait=False)
+             for i in range(2)]
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-3000:]
+        outs.append(stdout)
+    assert "process 1: Phase 1 done" in outs[1] and "report" in outs[0]
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["machine"]["processes"] == 2
+    _analyze(tmp_path / "one", 1)
+    _same_outputs(tmp_path / "two", tmp_path / "one")
