@@ -70,8 +70,41 @@ def observe(model, mesh) -> dict:
     }
 
 
+def command_line_and_plan(directory: str, checkpoint: str) -> dict:
+    """``fisherjax analyze`` on every device (the default) and with ``--devices 1`` (Phase 1 only,
+    the demo), and ``fisherjax.plan`` on this 4-device machine: the sharded step compiled on its
+    recommended mesh, compared with the memory analysis of the same lowered step."""
+    import dataclasses
+
+    from fisherjax import plan as planning
+    from fisherjax.cli import main as cli
+    from fisherjax.sharding import make_mesh as mesh_of
+
+    found = {}
+    for name, extra in (("four", []), ("one", ["--devices", "1"])):
+        code = cli(["analyze", "--out", f"{directory}/{name}", "--no-progress", "--phases", "fisher", "--max-samples", "12",
+                    "--no-compilation-cache", *extra])
+        assert code == 0, code
+        found[f"devices_{name}"] = json.load(open(f"{directory}/{name}/results.json"))["machine"]["devices"]
+    groups = [dict(np.load(f"{directory}/{name}/group_fisher.npz")) for name in ("four", "one")]
+    found["cli_groups"] = rel(groups[0], groups[1])
+
+    config = planning.read_config(checkpoint)
+    plan = planning.plan(config, samples=8, seq_len=16, devices=4, device_memory_gb=1)
+    data, m = plan.mesh
+    options = dataclasses.replace(plan.options)
+    compiled = lower_step(planning.abstract_model(config), plan.micro_batch * data, 16, options, mesh=mesh_of(data, m)).compile()
+    analysis = compiled.memory_analysis()
+    found["plan_sharded"] = plan.sharded_step
+    found["plan_matches"] = plan.step.temp_bytes == analysis.temp_size_in_bytes and plan.step.argument_bytes == analysis.argument_size_in_bytes
+    return found
+
+
 def main(out_path: str, cases: list[str]) -> None:
     results = {}
+    if cases and cases[0].startswith("--cli="):
+        directory, _, checkpoint = cases.pop(0).removeprefix("--cli=").partition(",")
+        results["command line"] = command_line_and_plan(directory, checkpoint)
     for case in cases:
         directory, _, settings = case.rpartition(":")
         settings = set(filter(None, settings.split(",")))
@@ -87,7 +120,7 @@ def main(out_path: str, cases: list[str]) -> None:
         for shape in ((4,), (2, 2)):
             mesh = make_mesh(*shape)
             found[str(shape)] = compare(collect(model, data, mesh=mesh, **options), reference)
-            if not results:
+            if len(results) == ("command line" in results):  # the first case
                 found[str(shape)].update(observe(model, mesh))
         results[case] = found
     with open(out_path, "w") as f:

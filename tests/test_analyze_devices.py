@@ -1,5 +1,6 @@
 """``fisherjax analyze`` beyond one device: ``--devices`` on four forced host devices, and two
-processes joined with ``--coordinator`` (each with two host devices), against one device."""
+processes joined with ``--coordinator`` (each with two host devices), against one device (the
+fast check of ``--devices`` on Phase 1 runs inside tests/sharded_collect_check.py)."""
 
 from __future__ import annotations
 
@@ -45,11 +46,10 @@ def _same_outputs(a: Path, b: Path) -> None:
     assert json.dumps(ca, sort_keys=True).count("significant") == json.dumps(cb, sort_keys=True).count("significant")
 
 
+@pytest.mark.slow
 def test_devices_split_the_run_and_change_no_result(tmp_path):
     _analyze(tmp_path / "four", 4)  # default: every device
     _analyze(tmp_path / "one", 4, "--devices", "1")
-    four, one = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("four", "one"))
-    assert four["machine"]["devices"] == 4 and one["machine"]["devices"] == 1
     _same_outputs(tmp_path / "four", tmp_path / "one")
 
 

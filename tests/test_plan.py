@@ -138,16 +138,26 @@ def test_bad_options_name_their_flag(tiny, changes, flag):
         plan(tiny, **{"samples": 4, "seq_len": SEQ, **changes})
 
 
-def test_cli_prints_json(tmp_path, capfd):
+@pytest.mark.slow
+def test_cli_re_runs_itself_on_forced_host_devices(tmp_path, capfd):
     """On a CPU with fewer devices than planned the command re-runs itself with forced host devices
     and compiles the sharded step on the mesh (its output is the child's: capfd)."""
     file = _write(tmp_path / "tiny", TINY)
     assert main(["plan", "--config", str(file), "--samples", "8", "--devices", "4", "--device-memory", "1", "--json"]) == 0
     out = json.loads(capfd.readouterr().out)
-    assert out["mesh"] == [4, 1] and out["micro_batch"] == 2 and out["global_micro_batch"] == 8
+    assert out["mesh"] == [4, 1] and out["sharded_step"] is True
+
+
+def test_cli_prints_json(tmp_path, capfd):
+    """(On four devices a CPU re-runs the command on forced host devices: the slow test above, and
+    tests/sharded_collect_check.py for the plan on a mesh.)"""
+    file = _write(tmp_path / "tiny", TINY)
+    assert main(["plan", "--config", str(file), "--samples", "8", "--devices", "1", "--device-memory", "1", "--json"]) == 0
+    out = json.loads(capfd.readouterr().out)
+    assert out["mesh"] == [1, 1] and out["micro_batch"] == 8 and out["global_micro_batch"] == 8
     assert out["step"]["total_bytes"] <= 0.9e9 and out["model_axis_estimate"] is False and out["throughput_assumed"] is True
-    assert out["sharded_step"] is True
-    assert main(["plan", "--model", str(file.parent), "--samples", "8", "--devices", "4", "--device-memory", "1"]) == 0
+    assert out["sharded_step"] is False
+    assert main(["plan", "--model", str(file.parent), "--samples", "8", "--devices", "1", "--device-memory", "1"]) == 0
     text = capfd.readouterr().out
     assert "recommended mesh" in text and "micro-batch" in text and "kept gradients" in text
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.json", "tiny"]  # plan writes nothing

@@ -33,6 +33,8 @@ def _run(tmp_path, cases: list[str]) -> dict:
 
 def _check(results: dict, tolerance: float = TOLERANCE) -> None:
     for case, meshes in results.items():
+        if case == "command line":
+            continue
         assert set(meshes) == {"(4,)", "(2, 2)"}
         for mesh, found in meshes.items():
             errors = {k: v for k, v in found.items() if isinstance(v, float)}
@@ -46,12 +48,17 @@ def test_sharded_collect_equals_one_device(tmp_path, hf_checkpoint):
     diagonal, kept gradients: equal on (4,) and (2, 2); the compiled step runs on all four
     devices, each on its own rows, with an all-reduce."""
     directory, _ = hf_checkpoint("llama")
-    results = _run(tmp_path, [f"{directory}:variance"])
+    results = _run(tmp_path, [f"--cli={tmp_path},{directory}", f"{directory}:variance"])
     _check(results)
     for mesh, rows in (("(4,)", 2), ("(2, 2)", 4)):  # 8 rows over 4 or 2 data shards
         found = results[f"{directory}:variance"][mesh]
         assert found["devices"] == 4 and found["rows_per_device"] == rows and found["all_reduce"], found
     assert "diagonal_variance" in results[f"{directory}:variance"]["(4,)"]
+    # the command line: every device by default, --devices 1, the same Phase 1; the plan compiles
+    # the sharded step on its mesh and reports exactly that step's memory analysis
+    cli = results["command line"]
+    assert cli["devices_four"] == 4 and cli["devices_one"] == 1 and cli["cli_groups"] <= TOLERANCE, cli
+    assert cli["plan_sharded"] and cli["plan_matches"], cli
 
 
 @pytest.mark.slow
