@@ -6,6 +6,7 @@ norm-weighted relative differences of every result, and what the compiled sharde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -74,8 +75,6 @@ def command_line_and_plan(directory: str, checkpoint: str) -> dict:
     """``fisherjax analyze`` on every device (the default) and with ``--devices 1`` (Phase 1 only,
     the demo), and ``fisherjax.plan`` on this 4-device machine: the sharded step compiled on its
     recommended mesh, compared with the memory analysis of the same lowered step."""
-    import dataclasses
-
     from fisherjax import plan as planning
     from fisherjax.cli import main as cli
     from fisherjax.sharding import make_mesh as mesh_of
@@ -110,7 +109,11 @@ def main(out_path: str, cases: list[str]) -> None:
         settings = set(filter(None, settings.split(",")))
         model = load_pretrained(directory)
         # 11 samples in batches of 6: rows padded to 8 on 4 devices, and a filler row in the last batch
-        data = list(batches(random_task("t", 11, seed=len(results), min_len=6, max_len=12, prompt=2), 6))
+        task = random_task("t", 11, seed=len(results), min_len=6, max_len=12, prompt=2)
+        vocab = model.config.vocab_size  # the demo's characters are fewer than the tiny checkpoints' tokens
+        task = type(task)(task.name, tuple(dataclasses.replace(e, tokens=tuple(3 + (t - 3) % (vocab - 3) for t in e.tokens))
+                                           for e in task.examples))
+        data = list(batches(task, 6))
         options = dict(task="t", keep_sample_grads=True, diagonal=True, progress=False,
                        mode="ema" if "ema" in settings else "welford", diagonal_variance="variance" in settings)
         if "true" in settings:
