@@ -19,27 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fisherjax.layout import flatten, unflatten
+
 SEP = "|"
-"""Joins the keys of nested dicts into one ``.npz`` entry name."""
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{SEP}{key}" if prefix else str(key)
-        out.update(_flatten(value, name) if isinstance(value, dict) else {name: np.asarray(value)})
-    return out
-
-
-def _nest(flat: dict[str, np.ndarray]) -> dict:
-    out: dict = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split(SEP)
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
+"""Joins the keys of nested dicts into one ``.npz`` entry name (parameter paths hold ``/``)."""
 
 
 class ProcessSaves:
@@ -60,7 +43,7 @@ class ProcessSaves:
     def save_arrays(self, step: int, arrays: dict, meta: dict) -> None:
         """Write ``arrays`` (nested dicts of arrays) and ``meta`` (JSON) as ``step``, atomically.
         Dtypes numpy cannot name in a ``.npz`` (bfloat16) travel as their bits."""
-        flat = _flatten(arrays)
+        flat = {k: np.asarray(v) for k, v in flatten(arrays, SEP).items()}
         dtypes = {k: str(v.dtype) for k, v in flat.items() if v.dtype.kind == "V"}
         flat = {k: (v.view(f"u{v.dtype.itemsize}") if k in dtypes else v) for k, v in flat.items()}
         tmp = self.directory / f".{step}.tmp"
@@ -82,7 +65,7 @@ class ProcessSaves:
         with np.load(folder / "arrays.npz") as npz:
             flat = {k: npz[k] for k in npz.files}
         flat = {k: (v.view(np.dtype(saved["bits_of"][k])) if k in saved["bits_of"] else v) for k, v in flat.items()}
-        return _nest(flat), saved["meta"]
+        return unflatten(flat, SEP), saved["meta"]
 
     def wait_until_finished(self) -> None:
         """Writes are synchronous."""
