@@ -26,8 +26,9 @@ def test_a_stretch_sees_its_own_peak_and_not_the_one_before():
     if big.rss_scope != "stretch":
         pytest.skip("no /proc/self/statm here: peaks are the process's lifetime maximum")
     # The 200 MB block was resident during the first stretch (on top of what the process held
-    # when it started), and gone before the second one began.
-    assert big.peak_rss_bytes >= small.peak_rss_bytes + 190 * MB, (big, small)
+    # when it started), and gone before the second one began. The margin leaves room for what the
+    # process's other threads (XLA, orbax, earlier tests' pools) allocate in between: 10 MB was seen.
+    assert big.peak_rss_bytes >= small.peak_rss_bytes + 150 * MB, (big, small)
     entry = big.as_json()
     assert entry["peak_rss_gb"] >= 0.2 and "rss_scope" not in entry
     if backend.is_cpu():
