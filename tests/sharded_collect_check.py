@@ -123,7 +123,7 @@ def main(out_path: str, cases: list[str]) -> None:
         for shape in ((4,), (2, 2)):
             mesh = make_mesh(*shape)
             found[str(shape)] = compare(collect(model, data, mesh=mesh, **options), reference)
-            if len(results) == ("command line" in results):  # the first case
+            if len(results) == ("command line" in results) and shape == (4,):  # the first case, one mesh
                 found[str(shape)].update(observe(model, mesh))
         results[case] = found
     with open(out_path, "w") as f:
