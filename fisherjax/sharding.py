@@ -214,3 +214,14 @@ def gather_rows(tree):
         every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(counts), longest, *x.shape[1:])
         joined.append(np.concatenate([every[p, :c] for p, c in enumerate(counts)]))
     return jax.tree.unflatten(treedef, joined)
+
+
+def to_host(x) -> np.ndarray:
+    """A value on the host whole: ``np.asarray`` when this process holds all of it (one host, or
+    a replicated array), else ``process_allgather`` of the pieces every process holds (a
+    collective: every process of a multi-process run calls it at the same point)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

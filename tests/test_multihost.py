@@ -129,3 +129,23 @@ def test_process_saves_round_trip_and_keep_the_last_two(tmp_path):
     assert kept.dtype == jnp.bfloat16 and np.array_equal(kept.view(np.uint16), arrays["kept"]["grads"]["q/kernel"].view(np.uint16))
     np.testing.assert_array_equal(back["state"]["groups"]["mean"]["layers/attn"], arrays["state"]["groups"]["mean"]["layers/attn"])
     np.testing.assert_array_equal(back["sample_ids"], [4, 7])
+
+
+@pytest.mark.slow
+def test_pair_phases_over_two_processes_equal_one_device(tmp_path):
+    """QK-OV heatmap, conflicts.detect and the permutation test on a mesh over both processes'
+    devices (task A's rows split across the hosts, the results gathered with process_allgather)
+    equal the same phases on one device."""
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    script = Path(__file__).parent / "multihost_pairs_check.py"
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(i), str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    _finish(procs)
+    import json
+
+    for i in range(2):
+        found = json.loads((tmp_path / f"pairs-{i}.json").read_text())
+        assert found["devices"] == 4, found
+        assert max(found[k] for k in ("scores", "layer_head_avg", "cosines", "observed")) <= 1e-5, found
+        assert found["same_conflict_pvalues"] and found["same_permutation_pvalues"], found

@@ -28,7 +28,7 @@ from jaxtyping import Array, Float
 from fisherjax import backend
 from fisherjax.analysis.conflicts.sources import Grouping, Stream
 from fisherjax.errors import ConfigError, DataError, NumericalError
-from fisherjax.sharding import DATA, data_size, put_replicated, shard_rows
+from fisherjax.sharding import DATA, data_size, put_replicated, shard_rows, to_host
 
 __all__ = [
     "PreparedChunk",
@@ -205,10 +205,10 @@ def prepared_chunks(
                 grads = {p: g.astype(jnp.float32) for p, g in put_replicated(dict(chunk.grads), mesh).items()}
             bad, features, norms = prepare_chunk(grads, weights, *statics, chunk_size)
         for path, flags in bad.items():
-            flags = np.asarray(flags)
+            flags = to_host(flags)
             if flags.any():
                 raise NumericalError(f"task {stream.name!r}: gradient of sample {int(ids[np.argmax(flags)])} on {path!r} is NaN or inf")
-        yield ids, features, np.asarray(norms)[:, :c], c
+        yield ids, features, to_host(norms)[:, :c], c
 
 
 def prepared(

@@ -44,7 +44,7 @@ from fisherjax.analysis.conflicts.sources import GroupIndex, Grouping, Source, S
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.layout import ModelLayout
 from fisherjax.progressbar import progress_bar
-from fisherjax.sharding import check_mesh
+from fisherjax.sharding import check_mesh, to_host
 
 __all__ = [
     "Gram",
@@ -196,9 +196,9 @@ def gram_matrix(
                 ids_b.append(sid_b)
                 norms_b.append(norm_b)
             total, grouped = pair_gram(feat_a, feat_b, members, n_groups, by_group)
-            row.append(np.asarray(total, np.float64)[:ca, :cb])
+            row.append(to_host(total).astype(np.float64)[:ca, :cb])
             if by_group:
-                group_row.append(np.asarray(grouped)[:, :ca, :cb])
+                group_row.append(to_host(grouped)[:, :ca, :cb])
             if bar is not None:
                 bar.update(1)
         rows.append(np.concatenate(row, 1))

@@ -18,7 +18,7 @@ from fisherjax.analysis.qkov._tiles import raw_scores, sharded_raw_scores
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
 from fisherjax.errors import NumericalError
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
-from fisherjax.sharding import DATA
+from fisherjax.sharding import DATA, to_host
 
 
 def assemble(raw, scale_b, slice_sizes, kv, aggregate: str, xp=np):
@@ -93,7 +93,7 @@ def sharded_scores(
         raw, jnp.asarray(prep.scale_b), slice_sizes=tuple(int(s) for s in prep.slice_sizes), kv=tuple(int(g) for g in layout.kv_head_of),
         aggregate=score.aggregate, n_layers=layout.num_layers, n_b=len(prep.b), mesh=mesh,
     )
-    finite = np.asarray(finite)
+    finite = to_host(finite)
     if not finite.all():
         raise _non_finite(tuple(np.argwhere(~finite)[0]))
     return scores
@@ -107,7 +107,7 @@ def _pair_mean(scores, *, n_a, n_b):
 def pair_mean(scores: Array, n_a: int, n_b: int) -> Float[np.ndarray, "block layer heads"]:
     """``mean_{i,j} M_ij`` per cell of padded sharded scores (zero padding adds nothing): a sum over
     A's rows across devices (float32, as the host mean), gathered ``[block, layer, head]``."""
-    return np.asarray(_pair_mean(scores, n_a=n_a, n_b=n_b))
+    return to_host(_pair_mean(scores, n_a=n_a, n_b=n_b))
 
 
 column_sums = jax.jit(lambda scores: scores.sum(axis=2))
@@ -140,7 +140,7 @@ def top_entries(scores: Array, n_a: int, candidate: np.ndarray, sign: float, k: 
     n_loc = n_pad // devices
     per_device = min(k, block * layers * n_loc * n_b * heads)
     values, index = _local_top(mesh, per_device)(scores, jnp.asarray(candidate), jnp.float32(sign), jnp.int32(n_a))
-    values, index = np.asarray(values).reshape(devices, per_device), np.asarray(index).reshape(devices, per_device)
+    values, index = to_host(values).reshape(devices, per_device), to_host(index).reshape(devices, per_device)
     b, layer, i, j, h = np.unravel_index(index, (block, layers, n_loc, n_b, heads))
     i = i + np.arange(devices)[:, None] * n_loc
     found = np.isfinite(values)

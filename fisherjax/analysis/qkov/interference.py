@@ -19,7 +19,7 @@ from fisherjax.analysis.qkov.results import QKOVResult, ShardedScores
 from fisherjax.errors import DataError
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
-from fisherjax.sharding import check_mesh
+from fisherjax.sharding import check_mesh, to_host
 
 
 def heatmap(
@@ -73,7 +73,7 @@ def heatmap(
     if mesh is not None and n_a and n_b:
         padded = _scores.sharded_scores(prep, layout, score, kernel, mesh, progress=progress, desc=desc)
         if gather_scores:
-            scores = np.asarray(padded)[:, :, :n_a]
+            scores = to_host(padded)[:, :, :n_a]
             avg = scores.mean(axis=(2, 3))
         else:
             scores, avg = ShardedScores(padded, n_a), _scores.pair_mean(padded, n_a, n_b)

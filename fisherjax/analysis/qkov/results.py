@@ -15,6 +15,7 @@ from jaxtyping import Bool, Float, Int
 
 from fisherjax.analysis.qkov.options import ScoreOptions
 from fisherjax.layout import ATTENTION_BLOCKS
+from fisherjax.sharding import to_host
 
 _STATIC = dict(static=True)  # dataclass field metadata: pytree metadata, not a leaf
 
@@ -68,7 +69,7 @@ class ShardedScores:
         return self.padded.dtype
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        gathered = np.asarray(self.padded)[:, :, : self.n_a]
+        gathered = to_host(self.padded)[:, :, : self.n_a]
         return gathered if dtype is None else gathered.astype(dtype)
 
     def __getitem__(self, index):

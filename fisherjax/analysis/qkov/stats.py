@@ -17,7 +17,7 @@ from fisherjax.analysis.qkov.results import BootstrapInterval, PermutationResult
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
-from fisherjax.sharding import check_mesh
+from fisherjax.sharding import check_mesh, to_host
 from fisherjax.stats import bootstrap_indices, fdr_qvalues, percentile_interval, permutation_pvalue
 
 
@@ -82,7 +82,7 @@ def permutation_test(
         if mesh is None:
             return all_scores(prep, layout, score, kernel, progress=progress, desc=desc).astype(np.float64).mean(axis=2)
         sums = _scores.column_sums(_scores.sharded_scores(prep, layout, score, kernel, mesh, progress=progress, desc=desc))
-        return np.asarray(sums, np.float64) / len(prep.a)
+        return to_host(sums).astype(np.float64) / len(prep.a)
 
     column_means = np.concatenate([means_over_a(prep) for prep in (with_b, with_held)], axis=2)  # [block, layer, n_b + n_held, head]
     is_b = np.r_[np.ones(len(b), bool), np.zeros(len(held), bool)]
@@ -140,7 +140,7 @@ def bootstrap_layer_head_avg(
             u_rows = np.zeros((len(u[r0 : r0 + chunk]), scores.padded.shape[2]), np.float32)  # zero weight on the padding
             u_rows[:, :n_a] = u[r0 : r0 + chunk]
             v_rows = jnp.asarray(v[r0 : r0 + chunk], jnp.float32)
-            replicates[r0 : r0 + chunk] = np.asarray(_scores.bootstrap_sums(u_rows, v_rows, scores.padded))
+            replicates[r0 : r0 + chunk] = to_host(_scores.bootstrap_sums(u_rows, v_rows, scores.padded))
         else:
             over_b = np.einsum("rj,klijh->rklih", v[r0 : r0 + chunk], scores, optimize=True)
             replicates[r0 : r0 + chunk] = np.einsum("ri,rklih->rklh", u[r0 : r0 + chunk], over_b, optimize=True)
