@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--coordinator", metavar="HOST:PORT",
                    help="join a multi-process run (jax.distributed) through this coordinator; with --num-processes and "
                         "--process-id, or JAX's cluster environment (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI). Phase 1 "
-                        "spans every process; process 0 runs the other phases on its devices and writes --out")
+                        "and the pair phases span every process; process 0 runs the other phases and writes --out")
     a.add_argument("--num-processes", type=int, metavar="P", help="processes in the multi-process run")
     a.add_argument("--process-id", type=int, metavar="I", help="this process's index in the multi-process run (0 … P−1)")
 
@@ -177,7 +177,7 @@ def _analyze(args) -> int:
         compilation_cache.enable(cache)
     results = analyze(config)
     if "process" in results:
-        print(f"process {results['process']}: Phase 1 done; process 0 writes the outputs")
+        print(f"process {results['process']}: done (Phase 1 and the pair phases); process 0 writes the outputs")
         return 0
     out = Path(config.out).absolute()
     print(f"wrote {out}  ({results['seconds']} s)")

@@ -222,7 +222,7 @@ def phase_masks(ctx: Context, out: Path) -> report.Section:
     )
 
 
-def phase_conflicts(ctx: Context, out: Path) -> report.Section:
+def phase_conflicts(ctx: Context, out: Path | None) -> report.Section:
     """Phase 5: sample-level conflicts between every pair of tasks, per attention head.
 
     Fisher-whitened cosines of all cross-task sample pairs, tested per (block, layer, head) group
@@ -236,11 +236,12 @@ def phase_conflicts(ctx: Context, out: Path) -> report.Section:
             progress=config.progress, mesh=ctx.mesh,
         )
     section = conflicts_report.section(reports)
-    (out / "conflicts.json").write_text(json.dumps(report.jsonable(section.json), indent=2))
+    if out is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
+        (out / "conflicts.json").write_text(json.dumps(report.jsonable(section.json), indent=2))
     return section
 
 
-def phase_qkov(ctx: Context, out: Path) -> report.Section:
+def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
     """Phase 6: QK-OV interference of each task on each other task, per block, layer and head.
 
     For every ordered pair (A, B): the heatmap with Î from A, bootstrap intervals of its layer ×
@@ -273,7 +274,8 @@ def phase_qkov(ctx: Context, out: Path) -> report.Section:
                                          progress=config.progress, mesh=ctx.mesh)
             summary["permutation_test"] = qkov_report.permutation_summary(test, result)
         summaries[name_a, name_b], results[name_a, name_b] = summary, result
-    np.savez(out / "qkov.npz", **arrays)
+    if out is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
+        np.savez(out / "qkov.npz", **arrays)
     return qkov_report.section(summaries, results)
 
 
@@ -286,6 +288,10 @@ PHASES: dict[str, Callable[[Context, Path], report.Section]] = {
     "natural": lambda ctx, out: natural_report.section(ctx.fishers, ctx.model.layout),
 }
 """Phase name → phase function, in phase order (1, 2, 3–4, 5, 6, 7)."""
+
+SPANNING_PHASES = ("conflicts", "qkov")
+"""The phases after Phase 1 that run on the run's mesh, over every process of a multi-process run
+(the others read the Fisher alone and run on process 0)."""
 
 
 # ---- driver ------------------------------------------------------------------------------------
@@ -421,12 +427,14 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
             if disk_errno(err):
                 raise disk_error(err, Path(config.spill_dir or destination), "--spill-dir") from None
             raise
-        if jax.process_count() > 1:  # Phase 1 spanned every process; the rest runs on process 0's devices
+        if jax.process_count() > 1:  # every process holds every sample from here on
             fishers = {name: join_shares(f, np.concatenate([b.sample_ids for b in all_batches[name]])) for name, f in fishers.items()}
-            if not writer:
-                return {"process": jax.process_index(), "fisher": {n: {"samples": f.n_samples} for n, f in fishers.items()}}
-            mesh = sharding.run_mesh(None, devices=jax.local_devices())
         ctx = Context(config, model, tasks, all_batches, fishers, mesh)
+        if not writer:  # the pair phases span every process's devices; process 0 alone runs the others and writes
+            for phase in config.phase_order():
+                if phase in SPANNING_PHASES:
+                    PHASES[phase](ctx, None)
+            return {"process": jax.process_index(), "fisher": {n: {"samples": f.n_samples} for n, f in fishers.items()}}
         with outdir.staging(destination) as out:
             (out / "figures").mkdir()
             header = {

@@ -62,8 +62,8 @@ def test_more_devices_than_there_are_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_write_what_one_writes(tmp_path):
-    """Phase 1 over both processes' devices; process 0 runs the rest and writes --out, process 1
-    writes nothing."""
+    """Phase 1 and the pair phases over both processes' devices; process 0 runs the other phases
+    and writes --out, process 1 writes nothing."""
     port = _free_port()
     procs = [_analyze(tmp_path / "two", 2, "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i), wait=False)
              for i in range(2)]
@@ -72,7 +72,7 @@ def test_two_processes_write_what_one_writes(tmp_path):
         stdout, stderr = p.communicate(timeout=600)
         assert p.returncode == 0, stderr[-3000:]
         outs.append(stdout)
-    assert "process 1: Phase 1 done" in outs[1] and "report" in outs[0]
+    assert "process 1: done" in outs[1] and "report" in outs[0]
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["machine"]["processes"] == 2
     _analyze(tmp_path / "one", 1)
