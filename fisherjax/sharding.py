@@ -89,10 +89,16 @@ def param_spec(shape: Sequence[int], mesh: Mesh) -> P:
     return P()
 
 
+def param_shardings(tree, mesh: Mesh):
+    """A :class:`NamedSharding` per leaf of a parameter-shaped ``tree`` (the parameters, or the
+    full diagonal's state): :func:`param_spec` of its shape."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), mesh)), tree)
+
+
 def place_params(params, mesh: Mesh):
-    """``params`` on the mesh: replicated, or sharded over ``"model"`` (:func:`param_spec`); each
-    process places the pieces of its own devices from its host copy."""
-    return jax.tree.map(lambda x: _put(x, NamedSharding(mesh, param_spec(np.shape(x), mesh))), params)
+    """``params`` on the mesh: replicated, or sharded over ``"model"`` (:func:`param_shardings`);
+    each process places the pieces of its own devices from its host copy."""
+    return place(params, param_shardings(params, mesh))
 
 
 def _put(x, sharding: NamedSharding) -> jax.Array:
@@ -105,18 +111,19 @@ def _put(x, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def padded_rows(n: int, mesh: Mesh | None) -> int:
-    """``n`` rounded up to a multiple of the ``"data"`` size."""
-    d = data_size(mesh)
-    return -(-n // d) * d
+def pad_rows(x, rows: int) -> np.ndarray:
+    """``x`` ``[n, ...]`` on the host with zero rows after it up to ``rows``."""
+    x = np.asarray(x)
+    out = np.zeros((rows,) + x.shape[1:], x.dtype)
+    out[: len(x)] = x
+    return out
 
 
-def run_mesh(count: int | None = None, model: int = 1, devices: Sequence | None = None) -> Mesh | None:
-    """The mesh of a run over ``count`` devices (``--devices``) of ``devices`` (default
-    ``jax.devices()``, every process's): None (one device, no mesh) for 1, or when ``count`` is
-    None and only one device exists; all of them when None."""
-    devices = list(jax.devices() if devices is None else devices)
-    available = len(devices)
+def run_mesh(count: int | None = None, model: int = 1) -> Mesh | None:
+    """The mesh of a run over ``count`` devices (``--devices``) of ``jax.devices()`` (every
+    process's): None (one device, no mesh) for 1, or when ``count`` is None and only one device
+    exists; all of them when None."""
+    available = len(jax.devices())
     count = available if count is None else count
     if count < 1:
         raise ConfigError(f"--devices must be ≥ 1, got {count}")
@@ -126,7 +133,7 @@ def run_mesh(count: int | None = None, model: int = 1, devices: Sequence | None 
         raise ConfigError(f"--devices {count} is not a multiple of the model axis size {model}")
     if count == 1:
         return None
-    return make_mesh(count // model, model, devices)
+    return make_mesh(count // model, model)
 
 
 def shard_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -209,9 +216,7 @@ def gather_rows(tree):
     joined = []
     for leaf in leaves:
         x = np.asarray(leaf)
-        padded = np.zeros((longest, *x.shape[1:]), x.dtype)
-        padded[: len(x)] = x
-        every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(counts), longest, *x.shape[1:])
+        every = np.asarray(multihost_utils.process_allgather(pad_rows(x, longest))).reshape(len(counts), longest, *x.shape[1:])
         joined.append(np.concatenate([every[p, :c] for p, c in enumerate(counts)]))
     return jax.tree.unflatten(treedef, joined)
 

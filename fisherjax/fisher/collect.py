@@ -93,12 +93,13 @@ def collect(
     params = model.params if params is None else params
     manager = progress_manager(checkpoint_dir) if checkpoint_dir is not None else None
     fingerprint = Fingerprint.of(task, options, params) if manager is not None else None
+    key = key if key is not None else jax.random.key(0)
     if mesh is not None:
-        params, key = place_params(params, mesh), put_replicated(key if key is not None else jax.random.key(0), mesh)
+        params, key = place_params(params, mesh), put_replicated(key, mesh)
     layout = model.layout
     plan = make_plan(layout, options)
     step = compiled_step(model, plan, mesh)
-    key = key if key is not None else jax.random.key(0)
+    devices = data_size(mesh)
 
     state = initial_state(model, plan, options.ema_decay)
     group_like = state["groups"].mean if plan.mode == "welford" else state["groups"].value
@@ -141,7 +142,6 @@ def collect(
                     _check_resumed_data(saved, data, batch_size, checkpoint_dir, start_batch)
                 continue
             check_token_ids(batch.input_ids, model.config.vocab_size)
-            devices = data_size(mesh)
             chunk = devices * micro_batch_size(model, plan, *batch.input_ids.shape, options.memory_budget_bytes)
             for micro in micro_batches(batch, chunk, devices):
                 inputs = tuple(micro) if mesh is None else tuple(shard_rows(x, mesh) for x in micro)

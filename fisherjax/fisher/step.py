@@ -31,7 +31,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from fisherjax import backend
 from fisherjax.data import IGNORE, Batch, num_active_tokens, predicted_labels
@@ -52,7 +51,7 @@ from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, kept_paths
 from fisherjax.settings import with_overrides
 from fisherjax.fisher.sites import discover_sites, grad_walks, per_sample_grads_from_sites, squared_marginals_from_sites
 from fisherjax.grads import token_nll
-from fisherjax.sharding import DATA, by_sample, param_spec, replicated
+from fisherjax.sharding import DATA, by_sample, param_shardings, replicated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +284,7 @@ def compiled_step(model, plan: StepPlan, mesh=None):
             steps[plan, mesh] = jax.jit(step_function(model, plan), donate_argnums=(1,))
         else:  # per-sample outputs split over "data" only (not also over "model"): whole rows per device
             state, rows = state_shardings(model, plan, mesh), by_sample(mesh)
-            params = jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), mesh)), model.params)
+            params = param_shardings(model.params, mesh)
             steps[plan, mesh] = jax.jit(sharded_step_function(model, plan, mesh), donate_argnums=(1,),
                                         in_shardings=(params, state, rows, rows, rows, rows, replicated(mesh)),
                                         out_shardings=(state, rows, rows, rows))
@@ -300,9 +299,7 @@ def state_shardings(model, plan: StepPlan, mesh):
     shapes = jax.eval_shape(lambda: initial_state(model, plan))
 
     def where(key, tree):
-        if key != "diagonal":
-            return jax.tree.map(lambda _: replicated(mesh), tree)
-        return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, mesh)), tree)
+        return param_shardings(tree, mesh) if key == "diagonal" else jax.tree.map(lambda _: replicated(mesh), tree)
 
     return {key: where(key, tree) for key, tree in shapes.items()}
 

@@ -28,7 +28,7 @@ from jaxtyping import Array, Float
 from fisherjax import backend
 from fisherjax.analysis.conflicts.sources import Grouping, Stream
 from fisherjax.errors import ConfigError, DataError, NumericalError
-from fisherjax.sharding import DATA, data_size, put_replicated, shard_rows, to_host
+from fisherjax.sharding import DATA, data_size, pad_rows, put_replicated, shard_rows, to_host
 
 __all__ = [
     "PreparedChunk",
@@ -157,14 +157,6 @@ def rows_per_chunk(stream: Stream, chunk_size: int, mesh: Mesh) -> int:
     return devices * max(per_device, 1)
 
 
-def _padded_rows(x, rows: int) -> np.ndarray:
-    """``x`` ``[c, ...]`` on the host with zero rows up to ``rows``."""
-    x = np.asarray(x)
-    out = np.zeros((rows,) + x.shape[1:], x.dtype)
-    out[: len(x)] = x
-    return out
-
-
 def prepared_chunks(
     stream: Stream, grouping: Grouping, inv_sqrt: Mapping[str, Array] | None, chunk_size: int, *, mesh: Mesh | None = None,
     split: bool = False,
@@ -195,7 +187,7 @@ def prepared_chunks(
         statics = (paths, grouping.views, grouping.static_members, len(grouping.index))
         weights = {p: inv_sqrt[p] for p in paths}
         if mesh is not None and split:
-            grads = {p: shard_rows(_padded_rows(g, chunk_size), mesh) for p, g in chunk.grads.items()}
+            grads = {p: shard_rows(pad_rows(g, chunk_size), mesh) for p, g in chunk.grads.items()}
             grads = {p: g.astype(jnp.float32) for p, g in grads.items()}
             bad, features, norms = sharded_prepare(mesh, *statics, chunk_size)(grads, weights)
         else:
