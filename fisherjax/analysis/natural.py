@@ -16,10 +16,21 @@ the leaf's primary groups, so an MLP out kernel uses its output ``channel`` grou
   ``θ = Σ_k c_k F̃_k θ_k / Σ_k c_k F̃_k`` with ``F̃_k = max(F_k, floor)`` (the floor makes a
   parameter no model has Fisher for fall back to the ``c``-weighted mean) and optional model
   coefficients ``c_k``.
+
+With K-FAC (:mod:`fisherjax.curvature.kfac`; the dense kernels get ``F ≈ A ⊗ G``, every other leaf
+the diagonal ``F`` when given):
+
+* :func:`scale_by_kfac` — optax transformation ``u ← (A ⊗ G + λI)⁻¹ u`` per covered kernel (the
+  exact damped inverse in the Kronecker eigenbasis, EK-FAC's ``S + λ`` when refit),
+  ``u / (F + λ)`` elsewhere; optionally refreshing the factors from a ``batch=`` extra argument
+  every ``refresh_every`` steps as an exponential moving average (in its jittable state).
+* :func:`ewc_kfac_penalty` — ``Ω(θ) = λ/2 Σ_sites tr(Δᵀ A Δ G)`` (+ the diagonal term elsewhere);
+  :func:`ewc_kfac_regulariser` adds its gradient ``λ A Δ G`` like :func:`ewc_regulariser`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -30,6 +41,10 @@ import optax
 from jaxtyping import Array, Float, PyTree
 
 from fisherjax.analysis.importance import primary_group_types, spread_groups
+from fisherjax.curvature.factors import KFAC, KroneckerFactor
+from fisherjax.curvature.kfac import (
+    KFACEigen, batch_factor_sums, decompose, eigen_of, factors_of, kfac_inverse_product, kfac_vector_product,
+)
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.groups import group_sizes
 from fisherjax.fisher.state import TaskFisher
@@ -335,3 +350,147 @@ def merge_weights(
         np.array(layers), table[:, 0] / table[:, 3], table[:, 1] / table[:, 3], table[:, 2] / table[:, 3], table[:, 3].astype(np.int64),
         np.array([total[0] / total[3], total[1] / total[3], total[2] / total[3], total[3]]),
     )
+
+
+# ---- K-FAC: preconditioning and EWC -------------------------------------------------------------
+
+
+class ScaleByKFACState(NamedTuple):
+    """State of :func:`scale_by_kfac`: ``count`` (updates seen), ``factors`` (``{key: (A, G)}``,
+    the running factors; empty without refresh) and ``eigen`` (the eigenbasis the updates are
+    preconditioned in)."""
+
+    count: Array
+    factors: dict
+    eigen: KFACEigen
+
+
+def _eigen_of_factors(eigen: KFACEigen, factors: Mapping) -> KFACEigen:
+    """``eigen`` (its keys, counts and names) with every factor's eigendecomposition recomputed."""
+    fresh = {k: eigen_of(KroneckerFactor(*factors[k], e.kernel, e.bias, e.block)) for k, e in eigen.factors.items()}
+    return dataclasses.replace(eigen, factors=fresh)
+
+
+def scale_by_kfac(
+    kfac_or_eigen: KFAC | KFACEigen,
+    damping: float,
+    *,
+    diagonal: PyTree | None = None,
+    model=None,
+    refresh_every: int | None = None,
+    decay: float = 0.95,
+    layout: ModelLayout | None = None,
+    key: jax.Array | None = None,
+    true_samples: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+    """Optax transformation ``u ← (A ⊗ G + λI)⁻¹ u`` on every K-FAC-covered kernel (bias as its
+    last row; the exact inverse in the Kronecker eigenbasis,
+    :func:`~fisherjax.curvature.kfac.kfac_inverse_product`, EK-FAC's ``S + λ`` for a refit
+    eigendecomposition), ``u / (F_diag + λ)`` on the other leaves when ``diagonal`` is given,
+    else ``u / λ``: chain it before a learning rate, ``optax.chain(scale_by_kfac(kfac, 1e-3),
+    optax.sgd(lr))``.
+
+    Args:
+      kfac_or_eigen: a :class:`~fisherjax.curvature.factors.KFAC` (decomposed here) or its
+        :class:`~fisherjax.curvature.kfac.KFACEigen`.
+      damping: ``λ > 0``.
+      diagonal: per-parameter Fisher for the uncovered leaves (nested or flat, e.g.
+        :func:`parameter_fisher`).
+      model, refresh_every, decay: with both set, every ``refresh_every``-th update (steps
+        ``refresh_every``, ``2·refresh_every``, …, before preconditioning that step's update)
+        replaces the factors by ``decay · old + (1 − decay) · factors of the batch`` given as
+        ``update(..., params=params, batch=batch)`` (a :class:`~fisherjax.data.Batch`, at the
+        current params, the Fisher type of ``kfac_or_eigen``) and recomputes the
+        eigendecomposition. Both run inside the update (``jax.lax.cond``), so the update jits; a
+        batch in which no sample predicts a token leaves the factors as they were.
+      layout: the model's layout (default ``model.layout``); needed for fused QKV kernels.
+      key, true_samples: the true Fisher's draws on refresh (key folded with the step count).
+
+    Returns:
+      ``optax.GradientTransformationExtraArgs`` with :class:`ScaleByKFACState`.
+    """
+    if not damping > 0:
+        raise ConfigError(f"scale_by_kfac needs damping > 0 (it keeps (A⊗G + λI) invertible), got {damping}")
+    eigen = decompose(kfac_or_eigen) if isinstance(kfac_or_eigen, KFAC) else kfac_or_eigen
+    layout = layout if layout is not None else (model.layout if model is not None else None)
+    refresh = refresh_every is not None
+    if refresh:
+        if model is None:
+            raise ConfigError("scale_by_kfac refreshes factors from batches: pass model= along with refresh_every=")
+        if not (isinstance(refresh_every, int) and refresh_every >= 1):
+            raise ConfigError(f"scale_by_kfac refresh_every must be an integer ≥ 1, got {refresh_every!r}")
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"scale_by_kfac decay must be in [0, 1), got {decay}")
+        if eigen.refit:
+            raise ConfigError("scale_by_kfac cannot refresh EK-FAC scales (a refit needs its own pass): pass the K-FAC factors")
+        if eigen.fisher_type == "true" and key is None:
+            raise ConfigError("scale_by_kfac refreshes a true Fisher: pass a PRNG key (key=jax.random.key(seed))")
+    given = kfac_or_eigen if isinstance(kfac_or_eigen, KFAC) else factors_of(eigen)
+    start = {k: (f.inputs, f.outputs) for k, f in given.factors.items()} if refresh else {}
+    draw_key = key if key is not None else jax.random.key(0)
+
+    def init_fn(params):
+        del params
+        return ScaleByKFACState(jnp.zeros((), jnp.int32), start, eigen)
+
+    def refreshed(state: ScaleByKFACState, count, params, batch) -> tuple[dict, KFACEigen]:
+        def run(operand):
+            factors, _ = operand
+            sums = batch_factor_sums(model, params, *batch[:4], jax.random.fold_in(draw_key, count),
+                                     fisher_type=eigen.fisher_type, true_samples=true_samples)
+            n = sums.samples
+            new = {k: tuple(jnp.where(n > 0, decay * old + (1.0 - decay) * s / jnp.maximum(n, 1), old)
+                            for old, s in zip(factors[k], sums.factors[k])) for k in factors}
+            return new, _eigen_of_factors(eigen, new)
+
+        return jax.lax.cond(count % refresh_every == 0, run, lambda operand: operand, (state.factors, state.eigen))
+
+    def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+        del extra_args
+        count = state.count + 1
+        factors, current = state.factors, state.eigen
+        if refresh:
+            if params is None or batch is None:
+                raise ConfigError("scale_by_kfac with refresh_every needs update(updates, state, params, batch=batch)")
+            factors, current = refreshed(state, count, params, batch)
+        new = kfac_inverse_product(current, layout, updates, damping, diagonal)
+        return _as_tree_like(new, updates, "the preconditioned updates"), ScaleByKFACState(count, factors, current)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def ewc_kfac_penalty(
+    params: PyTree, anchor: PyTree, kfac: KFAC, lam: float, diagonal: PyTree | None = None, *, layout: ModelLayout | None = None
+) -> Float[Array, ""]:
+    """K-FAC EWC: ``Ω(θ) = λ/2 Σ_sites tr(Δ̄ᵀ A Δ̄ G)`` with ``Δ̄`` the kernel's ``θ − θ*`` (bias as
+    its last row, a fused QKV kernel per block), plus ``λ/2 Σ_k F_k Δ_k²`` on the uncovered leaves
+    when ``diagonal`` is given (a scalar; differentiable, jittable). ``∇Ω = λ (A Δ̄ G ⊕ F ⊙ Δ)``.
+    ``layout``: needed for fused QKV kernels.
+    """
+    anchor = _as_tree_like(anchor, params, "the anchor")
+    delta = flatten(jax.tree.map(lambda p, a: p - a, params, anchor))
+    product = kfac_vector_product(kfac, layout, delta, diagonal)
+    return 0.5 * lam * sum(jnp.vdot(delta[p], product[p]) for p in delta)
+
+
+def ewc_kfac_regulariser(
+    anchor: PyTree, kfac: KFAC, lam: float, diagonal: PyTree | None = None, *, layout: ModelLayout | None = None
+) -> optax.GradientTransformation:
+    """Optax transformation ``u ← u + λ (A Δ̄ G ⊕ F ⊙ Δ)``, ``Δ = θ − θ*``: the gradient of
+    :func:`ewc_kfac_penalty`, to put first in a chain like :func:`ewc_regulariser`. Its ``update``
+    needs ``params``."""
+    if lam < 0:
+        raise ConfigError(f"the EWC strength λ must be ≥ 0, got {lam}")
+
+    def init_fn(params):
+        _check_same_leaves(flatten(params), flatten(anchor), "parameters", "the anchor")
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ConfigError("ewc_kfac_regulariser needs params: call update(updates, state, params)")
+        a = _as_tree_like(anchor, params, "the anchor")
+        pull = _as_tree_like(kfac_vector_product(kfac, layout, jax.tree.map(lambda p, a_: p - a_, params, a), diagonal), updates, "the EWC gradient")
+        return jax.tree.map(lambda u, g: (u + lam * g).astype(u.dtype), updates, pull), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
