@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fisherjax.analysis.qkov import BootstrapInterval, PermutationResult, QKOVResult, top_conflicts
+from fisherjax.analysis.qkov import SIGNED_VARIANTS, BootstrapInterval, PermutationResult, QKOVResult, top_conflicts
 from fisherjax.report.base import Section
 from fisherjax.report.figures import new_figure
 
@@ -43,12 +43,12 @@ def summary(result: QKOVResult, *, top_k: int = 20) -> dict:
     Keys: ``task_a``, ``task_b``, ``n_a``, ``n_b``, ``dropped_a``, ``dropped_b`` (sample ids with
     no active tokens), ``options`` (the :class:`~fisherjax.analysis.qkov.ScoreOptions`),
     ``kv_head_of``, ``blocks`` (per block: ``layer_head_avg`` ``[layer][query head]``, the
-    ``strongest`` cell — most negative for the signed variant — its ``slice_size`` and the
+    ``strongest`` cell — most negative for the signed variants (signed, kfac) — its ``slice_size`` and the
     Fisher ``diagnostics`` per cell) and ``top_conflicts`` (the ``top_k`` strongest entries with
     true sample ids, :func:`~fisherjax.analysis.qkov.top_conflicts`).
     """
     blocks = {}
-    sign = -1.0 if result.options.variant == "signed" else 1.0
+    sign = -1.0 if result.options.variant in SIGNED_VARIANTS else 1.0
     avg_all = np.asarray(result.layer_head_avg)
     for n, block in enumerate(result.blocks):
         avg = avg_all[n]
@@ -108,7 +108,7 @@ def figures(result: QKOVResult) -> dict:
     out = {}
     kv = np.asarray(result.kv_head_of)
     first_of_group = np.r_[True, kv[1:] != kv[:-1]]
-    signed = result.options.variant == "signed"
+    signed = result.options.variant in SIGNED_VARIANTS
     n_a, n_b = np.shape(result.scores)[2:4]
     for n, block in enumerate(result.blocks):
         avg = np.asarray(result.layer_head_avg[n])

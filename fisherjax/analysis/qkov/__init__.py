@@ -38,6 +38,14 @@ scores only by rounding); entry points take both and/or keyword overrides of the
 * ``variant``: ``"unsigned"`` (above); ``"signed"`` ``g_i · g_j / (Î + λ)`` (negative: the tasks
   pull the head's parameters in opposite directions); ``"symmetric"`` ``sqrt(C_i C_j) / (Î + λ)``;
   ``"natural"`` (natural-gradient) ``C_i / (Î + λ) · |g_j| / sqrt(Î + λ)``; each times ``s_j``.
+  ``"kfac"`` (:mod:`.kronecker`) replaces the diagonal by task A's damped K-FAC block of the
+  slice, ``s_j · g_iᵀ (A_{ℓ,h} ⊗ G_{ℓ,h} + λI)⁻¹ g_j`` with ``λ = max(ridge_lambda,
+  ridge_lambda_rel · mean(diag A) · mean(diag G), ε)``, the factors passed as ``heatmap(...,
+  kfac={block: HeadFactors})`` (:func:`fisherjax.curvature.kfac.attention_factors`); its
+  diagnostics describe the block's eigenvalues, and it has no mesh yet. :data:`VARIANTS` are the
+  four computed from the tasks alone, :data:`CURVATURE_VARIANTS` those that take a curvature;
+  ``"signed"`` and ``"kfac"`` are signed (:data:`SIGNED_VARIANTS`: their strongest entries are
+  the most negative).
 * ``contraction`` (:class:`KernelOptions`): ``"batched"`` (whole head-major operands, one batched
   split-K GEMM; GPUs), ``"looped"`` (the contraction walked in cache-sized pieces, stored leaves
   read in place, blocks and layer ranges on a thread pool; CPUs), ``"pallas"`` (each head's strided
@@ -71,7 +79,7 @@ Benjamini–Hochberg q-values) and :func:`bootstrap_layer_head_avg`. What a read
 figures, report lines) is in :mod:`fisherjax.report.qkov`.
 
 Modules: :mod:`.options`, :mod:`.results`, :mod:`.interference` (heatmap, sample_pair,
-top_conflicts, flops), :mod:`.stats`; private by purpose: ``_prepare`` (inputs → Fisher views,
+top_conflicts, flops), :mod:`.kronecker` (the K-FAC variant), :mod:`.stats`; private by purpose: ``_prepare`` (inputs → Fisher views,
 weights, diagnostics), ``_operands`` (what every kernel shares), the kernels ``_batched``,
 ``_looped``, ``_pallas``, ``_tiles`` (the tile loop, which selects the kernel once) and
 ``_scores`` (sums → scores).
@@ -81,7 +89,16 @@ from __future__ import annotations
 
 from fisherjax.analysis.qkov._tiles import tile_plan
 from fisherjax.analysis.qkov.interference import flops, heatmap, sample_pair, top_conflicts
-from fisherjax.analysis.qkov.options import AGGREGATES, CONTRACTIONS, NORMALIZE_GJ, VARIANTS, KernelOptions, ScoreOptions
+from fisherjax.analysis.qkov.options import (
+    AGGREGATES,
+    CONTRACTIONS,
+    CURVATURE_VARIANTS,
+    NORMALIZE_GJ,
+    SIGNED_VARIANTS,
+    VARIANTS,
+    KernelOptions,
+    ScoreOptions,
+)
 from fisherjax.analysis.qkov.results import (
     BootstrapInterval,
     PermutationResult,
@@ -99,8 +116,10 @@ __all__ = [
     "AGGREGATES",
     "BLOCKS",
     "CONTRACTIONS",
+    "CURVATURE_VARIANTS",
     "FISHER_POOLS",
     "NORMALIZE_GJ",
+    "SIGNED_VARIANTS",
     "VARIANTS",
     "BootstrapInterval",
     "KernelOptions",

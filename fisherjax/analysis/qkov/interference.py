@@ -1,22 +1,25 @@
 """The public entry points of the score: :func:`heatmap` (every sample pair, layer, head and
 block), :func:`sample_pair` (one pair, layer and head), :func:`top_conflicts` (the strongest
-entries of a result) and :func:`flops` (the GEMM work of a heatmap)."""
+entries of a result) and :func:`flops` (the GEMM work of a heatmap). ``variant="kfac"`` is computed
+by :mod:`~fisherjax.analysis.qkov.kronecker` (its factors passed as ``kfac=``)."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 from jax.sharding import Mesh
 
-from fisherjax.analysis.qkov import _scores
+from fisherjax.analysis.qkov import _scores, kronecker
 from fisherjax.analysis.qkov._operands import block_kinds
 from fisherjax.analysis.qkov._prepare import prepare
 from fisherjax.analysis.qkov._scores import all_scores, finish
 from fisherjax.analysis.qkov._tiles import raw_scores
-from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions, resolve
+from fisherjax.analysis.qkov.options import SIGNED_VARIANTS, KernelOptions, ScoreOptions, resolve
 from fisherjax.analysis.qkov.results import QKOVResult, ShardedScores
-from fisherjax.errors import DataError
+from fisherjax.curvature.factors import HeadFactors
+from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 from fisherjax.sharding import check_mesh, to_host
@@ -32,6 +35,7 @@ def heatmap(
     progress: bool = False,
     mesh: Mesh | None = None,
     gather_scores: bool = True,
+    kfac: Mapping[str, HeadFactors] | None = None,
     **overrides,
 ) -> QKOVResult:
     """QK-OV interference of task B on task A for every sample pair, layer, head and block.
@@ -58,6 +62,10 @@ def heatmap(
       gather_scores: with a mesh, gather the full scores to the host (default). False: ``scores``
         is a :class:`ShardedScores` left on the devices and ``layer_head_avg`` a sum over A's
         rows across devices (float32); only ``[block, layer, head]`` summaries are gathered.
+      kfac: ``{block: HeadFactors}`` (:func:`fisherjax.curvature.kfac.attention_factors`), task A's
+        K-FAC factors: read by ``variant="kfac"`` and only there
+        (``M_ij = s_j · g_iᵀ (A ⊗ G + λI)⁻¹ g_j``, :mod:`~fisherjax.analysis.qkov.kronecker`; no
+        mesh yet).
 
     Returns:
       :class:`QKOVResult` with ``scores [block, layer, n_a, n_b, head]``, ``layer_head_avg
@@ -65,6 +73,11 @@ def heatmap(
     """
     mesh = check_mesh(mesh)
     score, kernel = resolve(score, kernel, overrides)
+    kronecker.check_request(score, kfac)
+    if score.variant == "kfac":
+        if mesh is not None:
+            raise ConfigError("qkov variant='kfac' with mesh= is not supported yet: call heatmap without a mesh")
+        return kronecker.heatmap(task_a, task_b, layout, kfac, score, kernel, progress=progress)
     prep = prepare(task_a, task_b, layout, score)
     n_a, n_b = len(prep.a), len(prep.b)
     if n_b == 0:
@@ -107,15 +120,21 @@ def sample_pair(
     *,
     score: ScoreOptions | None = None,
     kernel: KernelOptions | None = None,
+    kfac: Mapping[str, HeadFactors] | None = None,
     **overrides,
 ) -> dict[str, float]:
     """The four block scores ``{q, k, v, o: M^B_{ij,ℓ,h}}`` of one sample pair, layer and query head.
 
-    ``sample_a`` / ``sample_b`` are true sample ids. The Fisher, the ridges and ``s_j`` come from
-    the whole tasks exactly as in :func:`heatmap`; only the one pair and layer go through the kernel.
+    ``sample_a`` / ``sample_b`` are true sample ids. The Fisher (or ``kfac=``'s factors for
+    ``variant="kfac"``), the ridges and ``s_j`` come from the whole tasks exactly as in
+    :func:`heatmap`; only the one pair and layer go through the kernel.
     """
     score, kernel = resolve(score, kernel, overrides)
-    prep = prepare(task_a, task_b, layout, score)
+    kronecker.check_request(score, kfac)
+    if score.variant == "kfac":
+        prep = kronecker.prepare(task_a, task_b, layout, kfac, score)
+    else:
+        prep = prepare(task_a, task_b, layout, score)
     positions = []
     for ids, sample, name in ((prep.a.sample_ids, sample_a, prep.name_a), (prep.b.sample_ids, sample_b, prep.name_b)):
         found = np.flatnonzero(np.asarray(ids) == sample)
@@ -124,16 +143,21 @@ def sample_pair(
         positions.append(found[:1])
     if not 0 <= layer < layout.num_layers or not 0 <= head < layout.num_heads:
         raise DataError(f"qkov: layer {layer} / head {head} outside the model's {layout.num_layers} layers × {layout.num_heads} heads")
-    raw = raw_scores(prep, layout, score, kernel, positions[0], positions[1], np.array([layer]))
-    scores = finish(raw, prep, layout, score, positions[1])
+    if score.variant == "kfac":
+        raw = kronecker.slice_sums(prep, layout, kernel, positions[0], positions[1], np.array([layer]))
+        scores = kronecker.finish(raw, prep, layout, score, positions[1])
+    else:
+        raw = raw_scores(prep, layout, score, kernel, positions[0], positions[1], np.array([layer]))
+        scores = finish(raw, prep, layout, score, positions[1])
     return {block: float(scores[n, 0, 0, 0, head]) for n, block in enumerate(ATTENTION_BLOCKS)}
 
 
 def top_conflicts(result: QKOVResult, k: int = 20) -> tuple[dict, ...]:
     """The ``k`` strongest entries of ``result.scores`` (largest first; most negative first for the
-    signed variant), each a dict with the true sample ids of both tasks (``sample_a``,
-    ``sample_b``), ``block``, ``layer``, ``head``, ``kv_head`` and ``score``. A K/V entry appears
-    once per kv head (at its first query head), with ``query_heads`` listing the heads that read it.
+    signed variants, :data:`~.options.SIGNED_VARIANTS`), each a dict with the true sample ids of
+    both tasks (``sample_a``, ``sample_b``), ``block``, ``layer``, ``head``, ``kv_head`` and
+    ``score``. A K/V entry appears once per kv head (at its first query head), with
+    ``query_heads`` listing the heads that read it.
     Scores left on a mesh (:class:`ShardedScores`) are ranked on the devices, each its own rows,
     and only the ``k`` best of each device are gathered.
     """
@@ -148,7 +172,7 @@ def top_conflicts(result: QKOVResult, k: int = 20) -> tuple[dict, ...]:
     for n, block in enumerate(result.blocks):
         if block in ("k", "v"):
             candidate[n, ..., ~first_of_group] = False
-    sign = -1.0 if result.options.variant == "signed" else 1.0
+    sign = -1.0 if result.options.variant in SIGNED_VARIANTS else 1.0
     k = min(k, int(candidate.sum()) * shape[1] * shape[2] * shape[3])
     if sharded:
         top, values = _scores.top_entries(scores.padded, scores.n_a, candidate, sign, k)

@@ -16,6 +16,13 @@ from fisherjax.fisher.pool import FISHER_POOLS
 from fisherjax.settings import Options, check, check_choice, split_overrides, with_overrides
 
 VARIANTS = ("unsigned", "signed", "symmetric", "natural")
+"""The variants computed from the two tasks alone (their gradients and diagonal Fisher ``Î``)."""
+CURVATURE_VARIANTS = ("kfac",)
+"""The variants whose curvature is passed in (``heatmap(..., kfac=...)``) instead of taken from
+the tasks' diagonal Fisher; ``ScoreOptions.variant`` is one of ``VARIANTS + CURVATURE_VARIANTS``."""
+SIGNED_VARIANTS = ("signed", "kfac")
+"""The variants whose scores have a sign (negative: the tasks pull a head's parameters in opposite
+directions); their strongest entries are the most negative ones."""
 AGGREGATES = ("mean", "sum")
 NORMALIZE_GJ = ("none", "per_token_mean", "per_token_sum")
 CONTRACTIONS = ("auto", "batched", "looped", "pallas")
@@ -30,13 +37,17 @@ class ScoreOptions(Options):
         Fisher entry counts as numerically dead in the diagnostics.
       ridge_lambda: absolute ridge floor ``λ_min``.
       ridge_lambda_rel: relative ridge, times the slice's median Fisher:
-        ``λ = max(λ_min, λ_rel · median(Î_slice), ε)``.
+        ``λ = max(λ_min, λ_rel · median(Î_slice), ε)`` (``"kfac"``: times the mean of the K-FAC
+        block's diagonal, ``mean(diag A) · mean(diag G)``).
       aggregate: ``"mean"`` (divide by the slice size) or ``"sum"``.
       normalize_gj: the factor ``s_j`` of task B's sample ``j``: ``"none"`` (1: ``g_j`` as stored,
         token sums), ``"per_token_mean"`` (``1/T_j``) or ``"per_token_sum"`` (``1/Σ_{j'∈B} T_{j'}``).
       fisher_pool: whose Fisher ``Î`` is (:mod:`fisherjax.fisher.pool`): ``"A"``, ``"B"``,
-        ``"pooled"`` (``(Î_A + Î_B)/2``) or ``"pooled_by_count"``.
-      variant: ``"unsigned"``, ``"signed"``, ``"symmetric"`` or ``"natural"``.
+        ``"pooled"`` (``(Î_A + Î_B)/2``) or ``"pooled_by_count"``; ``"A"`` for ``"kfac"``,
+        whose curvature is the factors passed as ``kfac=``.
+      variant: ``"unsigned"``, ``"signed"``, ``"symmetric"``, ``"natural"`` or ``"kfac"`` (task A's
+        damped K-FAC block ``(A ⊗ G + λI)⁻¹`` between the signed gradients, passed as ``kfac=``;
+        :mod:`~fisherjax.analysis.qkov.kronecker`).
       include_bias: q/k/v biases belong to their head's slice.
       min_fisher_samples: fewest samples a Fisher may rest on.
     """
@@ -56,7 +67,7 @@ class ScoreOptions(Options):
             ("aggregate", AGGREGATES),
             ("normalize_gj", NORMALIZE_GJ),
             ("fisher_pool", FISHER_POOLS),
-            ("variant", VARIANTS),
+            ("variant", VARIANTS + CURVATURE_VARIANTS),
         ):
             check_choice("qkov", name, getattr(self, name), allowed)
         check(self.eps > 0, f"qkov eps must be > 0 (it keeps the denominator Î + λ positive), got {self.eps}")

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 from fisherjax.analysis.qkov import _scores
 from fisherjax.analysis.qkov._prepare import prepare, task_samples, with_partner
 from fisherjax.analysis.qkov._scores import all_scores
-from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions, resolve
+from fisherjax.analysis.qkov.options import CURVATURE_VARIANTS, KernelOptions, ScoreOptions, resolve
 from fisherjax.analysis.qkov.results import BootstrapInterval, PermutationResult, QKOVResult, ShardedScores
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.state import SampleGrads, TaskFisher
@@ -67,6 +67,9 @@ def permutation_test(
     """
     mesh = check_mesh(mesh)
     score, kernel = resolve(score, kernel, overrides)
+    if score.variant in CURVATURE_VARIANTS:
+        raise ConfigError(f"qkov permutation_test does not support variant={score.variant!r} yet: its null rests on the diagonal "
+                          "Fisher of A; use heatmap(..., variant='kfac', kfac=...) for the scores")
     if score.fisher_pool != "A":
         raise ConfigError("qkov permutation_test compares B with A' against A's own Fisher: use fisher_pool='A'")
     # Î is A's alone, so a column's scores do not depend on the other columns: A's Fisher once, then
