@@ -35,6 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     d = _defaults()
+    from fisherjax.pipeline import CURVATURE_AUTO_PARAMETERS
     parser = _Parser(
         prog="fisherjax",
         description="Where a language model stores a task, and where two tasks collide.",
@@ -94,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: $XDG_CACHE_HOME/fisherjax/jax-cache, i.e. ~/.cache/fisherjax/jax-cache)")
     a.add_argument("--no-compilation-cache", action="store_true",
                    help="neither read nor write the compilation cache (also FISHERJAX_COMPILATION_CACHE=0)")
+    a.add_argument("--curvature", action="store_true",
+                   help=f"compare the Fisher methods (diagonal, K-FAC, Lanczos, block spectra) also on a model of more than "
+                        f"{CURVATURE_AUTO_PARAMETERS // 1_000_000}M parameters (smaller ones get it by default; leave the phase "
+                        "'curvature' out of --phases to skip it)")
+    a.add_argument("--curvature-samples", type=int, default=d.curvature_samples, metavar="N",
+                   help=f"samples of the first task the method comparison runs on (default {d.curvature_samples})")
+    a.add_argument("--curvature-k", type=int, default=d.curvature_k, metavar="K",
+                   help=f"top eigenvalues per method in the comparison (default {d.curvature_k})")
     a.add_argument("--devices", type=int, metavar="N",
                    help="split each batch's samples over N devices (default: every device, when there are several)")
     a.add_argument("--coordinator", metavar="HOST:PORT",
@@ -171,6 +180,9 @@ def _analyze(args) -> int:
         overwrite=args.overwrite,
         truncate=args.truncate,
         devices=args.devices,
+        curvature=args.curvature,
+        curvature_samples=args.curvature_samples,
+        curvature_k=args.curvature_k,
     )
     cache = compilation_cache.requested_dir(args.compilation_cache, args.no_compilation_cache)
     if cache is not None:

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from fisherjax import backend, compilation_cache, io, outdir, report, sharding, telemetry
 from fisherjax.analysis import conflicts, experiments, masks, qkov
+from fisherjax.curvature import compare
 from fisherjax.data import Batch, Task, batches, load_task
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
 from fisherjax.fisher.collect import collect
@@ -38,6 +39,7 @@ from fisherjax.fisher.shares import join_shares
 from fisherjax.fisher.state import TaskFisher
 from fisherjax.models import Model, load_pretrained
 from fisherjax.report import conflicts as conflicts_report
+from fisherjax.report import curvature as curvature_report
 from fisherjax.report import fisher as fisher_report
 from fisherjax.report import importance as importance_report
 from fisherjax.report import masks as masks_report
@@ -76,12 +78,15 @@ class AnalysisConfig:
     sample_grads_budget_gb: float = 8.0
     spill_dir: Path | None = None
     progress: bool = True
-    phases: tuple[str, ...] = ("fisher", "importance", "masks", "conflicts", "qkov", "natural")
+    phases: tuple[str, ...] = ("fisher", "curvature", "importance", "masks", "conflicts", "qkov", "natural")
     qkov_contraction: str = "auto"
     pruning_samples: int = experiments.DEFAULT_SAMPLES
     overwrite: bool = False
     truncate: bool = False
     devices: int | None = None
+    curvature: bool = False
+    curvature_samples: int = 32
+    curvature_k: int = 10
 
     def __post_init__(self):
         """Reject bad options before anything is loaded or computed (one line each, exit code 2)."""
@@ -90,6 +95,8 @@ class AnalysisConfig:
         check(self.max_samples is None or self.max_samples >= 1, f"max samples must be ≥ 1 (--max-samples), got {self.max_samples}")
         check(self.devices is None or self.devices >= 1, f"devices must be ≥ 1 (--devices), got {self.devices}")
         check(self.top_k >= 0, f"top-k must be ≥ 0 (--top-k), got {self.top_k}")
+        check(self.curvature_samples >= 2, f"curvature samples must be ≥ 2 (--curvature-samples), got {self.curvature_samples}")
+        check(self.curvature_k >= 1, f"curvature k must be ≥ 1 (--curvature-k), got {self.curvature_k}")
         check(self.pruning_samples >= 1, f"pruning samples must be ≥ 1 (--pruning-samples), got {self.pruning_samples}")
         check(0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63) (--seed), got {self.seed}")
         outdir.check_task_names([name for name, _ in self.tasks])
@@ -199,6 +206,26 @@ def phase_fisher(ctx: Context, out: Path) -> report.Section:
     return fisher_report.section(ctx.fishers)
 
 
+CURVATURE_AUTO_PARAMETERS = 200_000_000
+"""Models up to this many parameters get the method comparison by default; larger ones with
+``--curvature`` (its Lanczos vectors are model-sized, several dozen of them)."""
+
+
+def phase_curvature(ctx: Context, out: Path) -> report.Section:
+    """Phase 1's method comparison (:func:`fisherjax.curvature.compare.compare_methods`) on the
+    first ``curvature_samples`` samples of the first task, on one device."""
+    config, model = ctx.config, ctx.model
+    if model.num_params > CURVATURE_AUTO_PARAMETERS and not config.curvature:
+        return curvature_report.skipped(f"the model has {model.num_params:,} parameters, more than {CURVATURE_AUTO_PARAMETERS:,}; "
+                                        "pass --curvature to compare the Fisher methods anyway")
+    name = next(iter(ctx.tasks))
+    task = ctx.tasks[name]
+    task = dataclasses.replace(task, examples=task.examples[: config.curvature_samples])
+    chosen = list(batches(task, config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
+    result = compare.compare_methods(model, chosen, k=config.curvature_k, seed=config.seed, progress=config.progress)
+    return curvature_report.section(result, name)
+
+
 def phase_importance(ctx: Context, out: Path) -> report.Section:
     """Phase 2: group and head importance per task (with bootstrap intervals of the heads), and
     how the tasks' rankings compare."""
@@ -281,13 +308,14 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
 
 PHASES: dict[str, Callable[[Context, Path], report.Section]] = {
     "fisher": phase_fisher,
+    "curvature": phase_curvature,
     "importance": phase_importance,
     "masks": phase_masks,
     "conflicts": phase_conflicts,
     "qkov": phase_qkov,
     "natural": lambda ctx, out: natural_report.section(ctx.fishers, ctx.model.layout),
 }
-"""Phase name → phase function, in phase order (1, 2, 3–4, 5, 6, 7)."""
+"""Phase name → phase function, in phase order (1, its method comparison, 2, 3–4, 5, 6, 7)."""
 
 SPANNING_PHASES = ("conflicts", "qkov")
 """The phases after Phase 1 that run on the run's mesh, over every process of a multi-process run

@@ -151,7 +151,7 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
     assert len(list((out / "figures").glob("*.png"))) >= 11
     # What each stretch cost (fisherjax.telemetry): loading, Phase 1 per task, every phase, the figures.
     phases = results["phases"]
-    assert list(phases) == ["load", "collect", "fisher", "importance", "masks", "conflicts", "qkov", "natural", "report", "total"]
+    assert list(phases) == ["load", "collect", "fisher", "curvature", "importance", "masks", "conflicts", "qkov", "natural", "report", "total"]
     assert set(phases["collect"]["tasks"]) == {"math", "copy"}
     for name, entry in [*phases.items(), *phases["collect"]["tasks"].items()]:
         assert {"seconds", "peak_rss_gb", "device_peak_gb", "compilations", "compile_seconds", "cache_hits"} <= set(entry), name

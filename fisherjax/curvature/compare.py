@@ -1,0 +1,232 @@
+"""The Fisher method comparison: diagonal, K-FAC, Lanczos top-k and per-head block spectra, side by
+side on the same samples (the original system's end of Phase 1).
+
+Every method is run on the same samples (``batches``) and measured with
+:func:`fisherjax.telemetry.measure` (wall time, peak resident and device memory). The exact
+empirical Fisher ``F = (1/n) Σ_i g_i g_iᵀ / T_i`` is never formed; it enters only through
+matrix-free products (:mod:`fisherjax.curvature.products`), which is what each approximation is
+checked against:
+
+* **diagonal** — ``D = diag(F) = Î`` (Phase 1's full diagonal, collected here on the same samples).
+  Eigenvalues: its entries.
+* **K-FAC** — ``A ⊗ G`` per dense site (:mod:`fisherjax.curvature.kfac`), ``Î`` on the parameters
+  it does not cover (norms, embeddings, unembedding). Eigenvalues: the products ``s_A s_G`` of
+  its factors' eigenvalues, and ``Î`` elsewhere.
+* **Lanczos** — the ``k`` largest eigenpairs of ``F`` itself (:func:`~fisherjax.curvature.lanczos.lanczos`):
+  the exact reference for the top of the spectrum.
+* **block spectra** — the exact spectrum of ``F`` restricted to each attention head's slice
+  (:mod:`fisherjax.curvature.blocks`), i.e. the block-diagonal Fisher of the heads.
+
+For each: the top-``k`` eigenvalues of the whole model and of the 10 slices with the largest
+exact top eigenvalue, the condition number of the damped matrix ``(λ_max + λ)/(λ_min + λ)``
+with ``λ = damping_rel · tr(F)/D`` (the mean eigenvalue, exact from ``Î``), the relative error
+``‖F̃ v − F v‖ / ‖F v‖`` on Gaussian probes ``v`` (diagonal and K-FAC), and the Rayleigh quotients
+``q_jᵀ F̃ q_j`` of the Lanczos vectors ``q_j`` over their Ritz values ``λ_j`` (1 is exact).
+
+Recommendation (:func:`recommend`): the approximation to precondition with is the diagonal unless
+K-FAC's probe error is below ``kfac_margin`` (0.75) times the diagonal's *and* its top eigenvalue
+is within a factor 2 of Lanczos's; Lanczos is the method for the top of the spectrum and block
+spectra for per-head curvature, both exact, so neither is a preconditioner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fisherjax import telemetry
+from fisherjax.curvature import blocks, kfac, lanczos, products
+from fisherjax.data import Batch
+from fisherjax.fisher.collect import collect
+from fisherjax.fisher.options import CollectOptions
+from fisherjax.layout import unflatten
+from fisherjax.settings import STATIC, check
+
+METHODS = ("diagonal", "kfac", "lanczos", "block_spectra")
+
+HOST_BASIS_BYTES = 2e9
+"""Above this a float64 host Lanczos basis would take, the basis is float32 on the device."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MethodResult:
+    """One method's row of the comparison (numpy arrays; ``None`` where a number has no meaning
+    for the method, with the reason in ``notes``).
+
+    ``top``: ``[k]`` largest eigenvalues of the whole model; ``blocks_top``: ``[blocks]`` largest
+    eigenvalue of each of the compared slices; ``probe_error``: mean relative error of ``F̃ v``;
+    ``rayleigh``: ``[k]`` ``q_jᵀ F̃ q_j / λ_j``.
+    """
+
+    top: np.ndarray
+    blocks_top: np.ndarray | None
+    condition: float | None = dataclasses.field(metadata=STATIC)
+    probe_error: float | None = dataclasses.field(metadata=STATIC)
+    rayleigh: np.ndarray | None
+    stretch: telemetry.Stretch = dataclasses.field(metadata=STATIC)
+    notes: str = dataclasses.field(default="", metadata=STATIC)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MethodComparison:
+    """The comparison: ``methods`` by name (:data:`METHODS`), the compared slices ``blocks``
+    (``(block, layer, head)``), the recommended method and the rule's reason."""
+
+    methods: dict[str, MethodResult]
+    blocks: tuple[tuple[str, int, int], ...] = dataclasses.field(metadata=STATIC)
+    n_samples: int = dataclasses.field(metadata=STATIC)
+    n_parameters: int = dataclasses.field(metadata=STATIC)
+    damping: float = dataclasses.field(metadata=STATIC)
+    recommended: str = dataclasses.field(metadata=STATIC)
+    reason: str = dataclasses.field(metadata=STATIC)
+    lanczos_residuals: np.ndarray | None = None
+
+
+def compare_methods(
+    model,
+    batches: Sequence[Batch],
+    *,
+    k: int = 10,
+    steps: int | None = None,
+    probes: int = 4,
+    count: int = 10,
+    damping_rel: float = 1e-3,
+    kfac_margin: float = 0.75,
+    seed: int = 0,
+    progress: bool = False,
+) -> MethodComparison:
+    """Run the four methods on ``batches`` and compare them (see the module docstring).
+
+    Args:
+      model: a :class:`~fisherjax.models.Model` (its own parameters are used).
+      batches: the samples every method sees (a list: it is read several times).
+      k: eigenvalues of the whole model per method; ``steps``: Lanczos steps (default: its own).
+      probes: Gaussian probes of the product error; count: slices compared per method.
+      damping_rel: ``λ = damping_rel · tr(F)/D`` in the condition numbers.
+      kfac_margin: K-FAC is recommended when its probe error is below this times the diagonal's.
+
+    Returns:
+      :class:`MethodComparison`.
+    """
+    check(k >= 1 and probes >= 1 and count >= 1, f"compare_methods: k, probes and count must be ≥ 1, got {k}, {probes}, {count}")
+    batches = list(batches)
+    layout, params = model.layout, model.params
+    key = jax.random.key(seed)
+    options = CollectOptions(keep_per_sample_groups=False)
+
+    # ---- the four methods, each measured ----------------------------------------------------
+    diag_fisher, diag_stretch = telemetry.measure(
+        collect, model, batches, task="compare", options=dataclasses.replace(options, diagonal=True), progress=progress)
+    diagonal = {p: np.asarray(v, np.float64) for p, v in diag_fisher.diagonal.items()}
+    n_params = sum(v.size for v in diagonal.values())
+    damping = damping_rel * sum(v.sum() for v in diagonal.values()) / n_params  # tr F / D = mean of Î
+
+    def run_kfac():
+        factors = kfac.kfac_factors(model, params, batches)
+        return factors, kfac.decompose(factors)
+
+    (factors, eigen), kfac_stretch = telemetry.measure(run_kfac)
+
+    operator = products.fisher_operator(model, params, batches, kind="empirical")
+    basis = np.float64 if 8 * operator.size * (steps or 3 * k + 10) <= HOST_BASIS_BYTES else np.float32
+    ritz, lanczos_stretch = telemetry.measure(
+        lanczos.lanczos, operator.matvec, operator.size, k, steps=steps, key=jax.random.fold_in(key, 1), dtype=basis)
+
+    def run_blocks():
+        kept = collect(model, batches, task="compare", options=dataclasses.replace(options, keep_sample_grads=True), progress=progress)
+        return blocks.block_spectra(kept, layout, top_k=k)
+
+    spectra, block_stretch = telemetry.measure(run_blocks)
+    chosen = blocks.largest_blocks(spectra, count=count)
+    block_ids = tuple((c.block, int(c.layer), int(c.head)) for c in chosen)
+
+    # ---- the approximations against exact products ----------------------------------------
+    diagonal_tree = unflatten(diagonal)
+    diag_flat = np.asarray(operator.ravel(diagonal_tree), np.float64)
+
+    def kfac_flat(v):
+        return np.asarray(operator.ravel(kfac.kfac_vector_product(factors, layout, operator.unravel(v), diagonal=diagonal_tree)), np.float64)
+
+    diag_err, kfac_err = [], []
+    for probe_key in jax.random.split(jax.random.fold_in(key, 2), probes):
+        v = jax.random.normal(probe_key, (operator.size,), jnp.float32)
+        exact = np.asarray(operator.matvec(v), np.float64)
+        norm = np.linalg.norm(exact)
+        diag_err.append(np.linalg.norm(diag_flat * np.asarray(v, np.float64) - exact) / norm)
+        kfac_err.append(np.linalg.norm(kfac_flat(v) - exact) / norm)
+    values = np.asarray(ritz.values, np.float64)
+    vectors = ritz.vectors
+    safe = np.where(values > 0, values, np.nan)
+    diag_rayleigh, kfac_rayleigh = [], []
+    for j in range(len(values)):
+        q = np.asarray(vectors[:, j], np.float64)
+        diag_rayleigh.append(float(np.square(q) @ diag_flat))
+        kfac_rayleigh.append(float(q @ kfac_flat(jnp.asarray(q, jnp.float32))))
+
+    # ---- spectra and condition numbers ------------------------------------------------------
+    covered = {p for f in factors.factors.values() for p in (f.kernel, f.bias) if p is not None}
+    kfac_all = np.concatenate([np.asarray(kfac.eigenvalues(eigen), np.float64).reshape(-1)]
+                              + [v.reshape(-1) for p, v in diagonal.items() if p not in covered])
+
+    def cond(smallest, largest):
+        return float((largest + damping) / (max(smallest, 0.0) + damping))
+
+    def slice_diagonal_max(block_id):
+        return float(np.max(np.asarray(products.restrict_head(layout, *block_id).project(diagonal_tree))))
+
+    block_top = np.asarray(spectra.top, np.float64).reshape(-1)
+    rank_deficient = operator.size > operator.n_samples
+    methods = {
+        "diagonal": MethodResult(
+            top=_top(diag_flat, k), blocks_top=np.array([slice_diagonal_max(b) for b in block_ids]),
+            condition=cond(diag_flat.min(), diag_flat.max()), probe_error=float(np.mean(diag_err)),
+            rayleigh=np.asarray(diag_rayleigh) / safe, stretch=diag_stretch),
+        "kfac": MethodResult(
+            top=_top(kfac_all, k), blocks_top=np.array([kfac.slice_top(eigen, layout, b) for b in block_ids]),
+            condition=cond(kfac_all.min(), kfac_all.max()), probe_error=float(np.mean(kfac_err)),
+            rayleigh=np.asarray(kfac_rayleigh) / safe, stretch=kfac_stretch,
+            notes="Î on the parameters K-FAC does not cover (norms, embeddings, unembedding)"),
+        "lanczos": MethodResult(
+            top=_pad(values, k), blocks_top=None, condition=cond(0.0, float(values.max())) if rank_deficient else None,
+            probe_error=0.0, rayleigh=np.ones(len(values)), stretch=lanczos_stretch,
+            notes=(f"exact top-{k} of F in {ritz.steps} products; F has rank ≤ n = {operator.n_samples} < D, so λ_min = 0"
+                   if rank_deficient else f"exact top-{k} of F in {ritz.steps} products")),
+        "block_spectra": MethodResult(
+            top=_top(block_top[np.isfinite(block_top)], k), blocks_top=np.array([c.lambda_max for c in chosen]),
+            condition=float(np.nanmedian(spectra.condition)), probe_error=None, rayleigh=None, stretch=block_stretch,
+            notes="exact within each attention head's slice (condition: median over slices); other parameters and "
+                  "cross-slice terms are not covered"),
+    }
+    recommended, reason = recommend(methods, kfac_margin)
+    return MethodComparison(methods, block_ids, operator.n_samples, n_params, float(damping), recommended, reason,
+                            np.asarray(ritz.residuals))
+
+
+def recommend(methods: dict[str, MethodResult], kfac_margin: float = 0.75) -> tuple[str, str]:
+    """The stated rule (module docstring): ``("kfac" | "diagonal", reason)``."""
+    d, kf, lz = methods["diagonal"], methods["kfac"], methods["lanczos"]
+    top_ratio = float(kf.top[0] / lz.top[0]) if lz.top[0] > 0 else np.nan
+    if kf.probe_error < kfac_margin * d.probe_error and 0.5 <= top_ratio <= 2.0:
+        return "kfac", (f"K-FAC's product error {kf.probe_error:.3g} is below {kfac_margin:g}× the diagonal's {d.probe_error:.3g} "
+                        f"and its top eigenvalue is {top_ratio:.2f}× Lanczos's")
+    return "diagonal", (f"K-FAC's product error {kf.probe_error:.3g} against the diagonal's {d.probe_error:.3g} "
+                        f"(K-FAC needs < {kfac_margin:g}×) and top eigenvalue {top_ratio:.2f}× Lanczos's (needs 0.5–2×): "
+                        "the diagonal is as good and cheaper")
+
+
+def _top(values: np.ndarray, k: int) -> np.ndarray:
+    values = np.asarray(values, np.float64).reshape(-1)
+    k_eff = min(k, values.size)
+    return _pad(np.sort(np.partition(values, values.size - k_eff)[values.size - k_eff:])[::-1], k)
+
+
+def _pad(values: np.ndarray, k: int) -> np.ndarray:
+    out = np.zeros(k)
+    out[: min(k, len(values))] = np.asarray(values, np.float64)[:k]
+    return out

@@ -1,0 +1,138 @@
+"""The Fisher method comparison against a dense empirical Fisher built in numpy float64 from
+``jax.vmap(jax.grad)`` per-sample gradients (:func:`fisherjax.grads.per_sample_grads`, the
+definition), and the ``curvature`` phase of ``fisherjax analyze``."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import padded_batch, tiny_config
+
+from fisherjax.curvature import compare
+from fisherjax.curvature.compare import MethodResult
+from fisherjax.data import IGNORE, Batch
+from fisherjax.grads import per_sample_grads
+from fisherjax.models import Model
+from fisherjax.telemetry import measure
+
+
+def _batches():
+    out = []
+    for seed in range(2):
+        ids, mask = padded_batch(np.random.default_rng(seed), [9, 5, 8, 3, 9, 7], 9, "right")
+        labels = np.where(mask == 1, ids, IGNORE).astype(np.int32)
+        labels[1, :2] = IGNORE  # a prompt
+        out.append(Batch(ids, mask, labels, np.arange(6) + 6 * seed))
+    return out
+
+
+@pytest.fixture(scope="module")
+def compared():
+    model = Model.init(tiny_config("gpt2", num_layers=1, intermediate_size=16), seed=3)
+    batches = _batches()
+    result = compare.compare_methods(model, batches, k=6, probes=2, count=4)
+    # the dense F: rows g_i / √(n T_i) of every parameter in ravel_pytree order (float64)
+    rows, tokens = [], []
+    for b in batches:
+        ps = per_sample_grads(model, model.params, b)
+        leaves = jax.tree.leaves(ps.grads)
+        rows.append(np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in leaves], axis=1))
+        tokens.append(np.asarray(ps.tokens))
+    g, t = np.concatenate(rows), np.concatenate(tokens)
+    g, t = g[t > 0], t[t > 0]
+    x = g / np.sqrt(len(t) * t)[:, None]
+    return model, result, x
+
+
+def test_whole_model_spectra_equal_the_dense_fisher(compared):
+    model, result, x = compared
+    n, d = x.shape
+    assert result.n_samples == n and result.n_parameters == d == model.num_params
+    exact = np.linalg.eigvalsh(x @ x.T)[::-1][:6]  # the non-zero spectrum of F = XᵀX
+    np.testing.assert_allclose(result.methods["lanczos"].top, exact, rtol=1e-4)
+    diag = np.square(x).sum(0)
+    np.testing.assert_allclose(result.methods["diagonal"].top, np.sort(diag)[::-1][:6], rtol=1e-4)
+    assert result.damping == pytest.approx(1e-3 * diag.mean(), rel=1e-4)
+    d_cond = (diag.max() + result.damping) / (diag.min() + result.damping)
+    assert result.methods["diagonal"].condition == pytest.approx(d_cond, rel=1e-3)
+    assert result.methods["lanczos"].condition == pytest.approx((exact[0] + result.damping) / result.damping, rel=1e-3)
+
+
+def test_blocks_and_approximations(compared):
+    model, result, x = compared
+    blocks_top = result.methods["block_spectra"].blocks_top
+    assert len(result.blocks) == 4 and np.all(np.diff(blocks_top) <= 0)
+    # each compared slice's λ_max is eigh of the dense slice block, and Î's slice maximum the diagonal method's
+    start, offset = {}, 0  # where each leaf starts in ravel_pytree order
+    for key, leaf in jax.tree_util.tree_leaves_with_path(model.params):
+        start["/".join(k.key for k in key)] = offset
+        offset += int(np.prod(leaf.shape))
+    kernel = "layers/attn/c_attn/kernel"
+    bias = "layers/attn/c_attn/bias"
+    d_model, hd = 32, 8
+    for j, (block, layer, head) in enumerate(result.blocks):
+        assert block in ("q", "k", "v") or block == "o"
+        if block == "o":
+            base = start["layers/attn/c_proj/kernel"]
+            rows = np.arange(head * hd, (head + 1) * hd)
+            cols = (rows[:, None] * d_model + np.arange(d_model)[None, :]).reshape(-1)
+            index = base + cols
+        else:
+            column = "qkv".index(block) * d_model + head * hd + np.arange(hd)  # GPT-2's [Q|K|V] columns
+            kernel_cols = (np.arange(d_model)[:, None] * 3 * d_model + column[None, :]).reshape(-1)
+            index = np.concatenate([start[kernel] + kernel_cols, start[bias] + column])
+        s = x[:, index]
+        assert blocks_top[j] == pytest.approx(np.linalg.eigvalsh(s @ s.T)[-1], rel=1e-4)
+        assert result.methods["diagonal"].blocks_top[j] == pytest.approx(np.square(s).sum(0).max(), rel=1e-4)
+    # Rayleigh quotients of an approximation never exceed its own largest eigenvalue / λ_j, and are positive
+    for name in ("diagonal", "kfac"):
+        m = result.methods[name]
+        assert np.all(m.rayleigh > 0) and np.all(m.rayleigh * result.methods["lanczos"].top <= m.top[0] * (1 + 1e-4))
+        assert 0 < m.probe_error < 10
+    assert result.recommended in ("diagonal", "kfac")
+    for m in result.methods.values():
+        assert m.stretch.seconds > 0
+
+
+def _row(top, error):
+    return MethodResult(np.asarray(top, float), None, 1.0, error, None, measure(lambda: None)[1])
+
+
+def test_recommendation_rule():
+    methods = {"diagonal": _row([1.0], 0.9), "lanczos": _row([2.0], 0.0), "block_spectra": _row([1.0], None)}
+    assert compare.recommend({**methods, "kfac": _row([1.5], 0.5)})[0] == "kfac"
+    assert compare.recommend({**methods, "kfac": _row([1.5], 0.8)})[0] == "diagonal"  # not 0.75× better
+    assert compare.recommend({**methods, "kfac": _row([0.5], 0.1)})[0] == "diagonal"  # top eigenvalue 0.25× Lanczos's
+
+
+def test_analyze_writes_the_method_comparison(cli_checkpoint, tmp_path, monkeypatch):
+    from fisherjax import pipeline
+    from fisherjax.cli import main
+
+    args = ["analyze", "--model", str(cli_checkpoint / "model"), "--task", f"add={cli_checkpoint / 'add.jsonl'}",
+            "--task", f"words={cli_checkpoint / 'words.txt'}",
+            "--no-progress", "--no-compilation-cache", "--phases", "fisher,curvature", "--curvature-samples", "12", "--curvature-k", "4"]
+    monkeypatch.setattr(pipeline, "CURVATURE_AUTO_PARAMETERS", 10)  # the model is above the limit: skipped by default ...
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    skipped = json.loads((tmp_path / "b" / "results.json").read_text())["method_comparison"]
+    assert "--curvature" in skipped["skipped"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--curvature"]) == 0  # ... and run with --curvature
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    section = results["method_comparison"]
+    assert section["samples"] == 12 and section["task"] == "add" and set(section["methods"]) == set(compare.METHODS)
+    assert len(section["methods"]["lanczos"]["top_eigenvalues"]) == 4 and section["recommended"] in ("diagonal", "kfac")
+    assert (tmp_path / "a" / section["figures"][0]).exists()
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "Fisher method comparison" in report and "| K-FAC |" in report and "Recommended:" in report
+    assert "curvature" in results["phases"]
+
+
+def test_bad_curvature_options_are_refused(capsys):
+    from fisherjax.cli import main
+
+    assert main(["analyze", "--curvature-samples", "1", "--out", "/nonexistent/never"]) == 2
+    assert "--curvature-samples" in capsys.readouterr().err
