@@ -5,12 +5,13 @@ and their overlap, sample-level conflict forensics and QK-OV interference, as pu
 
 The phases are importable from the top: ``fisherjax.collect`` (Phase 1), ``fisherjax.importance``
 (2), ``fisherjax.masks`` (3), ``fisherjax.overlap`` (4), ``fisherjax.conflicts`` (5),
-``fisherjax.qkov`` (6), ``fisherjax.natural`` (7), and ``fisherjax.data`` for task files.
+``fisherjax.qkov`` (6), ``fisherjax.natural`` (7), ``fisherjax.curvature`` (K-FAC, Lanczos,
+block spectra and the Fisher method comparison), and ``fisherjax.data`` for task files.
 ``fisherjax.enable_compilation_cache()`` keeps XLA compilations in the user's cache directory
 for the next session (the command line does it by default).
 """
 
-from fisherjax import data
+from fisherjax import curvature, data
 from fisherjax.analysis import conflicts, importance, masks, natural, overlap, qkov
 from fisherjax.compilation_cache import enable as enable_compilation_cache
 from fisherjax.config import DecoderConfig
@@ -37,6 +38,7 @@ __all__ = [
     "TaskFisher",
     "collect",
     "conflicts",
+    "curvature",
     "data",
     "enable_compilation_cache",
     "importance",

@@ -163,6 +163,12 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
     qkov = np.load(out / "qkov.npz")
     assert qkov["math|copy|scores"].shape == (4, 2, 128, 128, 4)
     assert json.loads((out / "conflicts.json").read_text())["pairs"]["math|copy"]["n_pairs"] == 128 * 128
+    # The Fisher method comparison on the first task's first 32 samples (tests/test_compare.py checks its numbers).
+    comparison = results["method_comparison"]
+    assert comparison["task"] == "math" and comparison["samples"] == 32 and comparison["recommended"] in ("diagonal", "kfac")
+    assert set(comparison["methods"]) == {"diagonal", "kfac", "lanczos", "block_spectra"}
+    assert len(comparison["methods"]["lanczos"]["top_eigenvalues"]) == 10 and (out / comparison["figures"][0]).exists()
+    assert "| K-FAC |" in (out / "report.md").read_text()
     # Pruning the least important half of each layer's heads must hurt each task less than
     # pruning as many random heads (shipped demo model, 10 random draws).
     for task, r in results["masks"]["head_pruning"]["tasks"].items():

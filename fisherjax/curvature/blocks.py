@@ -27,8 +27,8 @@ eigenvalues of the ``D × D`` block are those of the ``n × n`` Gram
 
 so ``F_S`` has rank ``≤ min(n, D)`` and ``tr K = tr F_S = Σ_{k∈S} Î_k``. Per layer chunk the stored
 leaves go to the device once; one einsum per (block, part) gives every layer's and head's Gram
-``[layer, heads, n, n]`` (float32, ``Precision.HIGHEST``), and ``jnp.linalg.eigvalsh`` (LAPACK /
-cuSOLVER's symmetric eigensolver) diagonalises all of them at once, in float64 (the ``O(n³)``
+``[layer, heads, n, n]`` (float32, ``Precision.HIGHEST``), and numpy's ``eigvalsh`` (LAPACK's
+symmetric eigensolver) diagonalises all of them at once on the host, in float64 (the ``O(n³)``
 solve is cheap beside the ``O(n² D)`` Gram, and float32 would cost small eigenvalues their
 relative accuracy: :func:`gram_eigenvalues`). Chunks of layers — and, when
 one layer does not fit, chunks of a leaf's contraction rows (``d_in`` of q/k/v kernels, ``d_out``
@@ -78,12 +78,14 @@ COPIES = 3
 the GEMM's operand."""
 
 GRAM_BYTES = 4 + 3 * 8
-"""Device bytes per Gram entry: the float32 accumulator, its float64 copy, the symmetrised matrix
-and the eigensolver's workspace."""
+"""Bytes per Gram entry: the float32 accumulator on the device; its float64 copy, the symmetrised
+matrix and the eigensolver's workspace on the host."""
 
-_EINSUM = {"kernel": "ilrhe,jlrhe->lhij", "o": "ilher,jlher->lhij", "bias": "ilhe,jlhe->lhij"}
-"""Gram of one part: q/k/v kernels ``[n, layer, rows, heads, head_dim]``, o kernels ``[n, layer,
-heads, head_dim, rows]``, biases ``[n, layer, heads, head_dim]`` (``rows``: the contraction axis)."""
+_HEAD_MAJOR = {"kernel": (1, 3, 0, 2, 4), "o": (1, 2, 0, 3, 4), "bias": (1, 2, 0, 3)}
+"""Axes that move one part's head view to ``[layer, heads, n, ...]``: q/k/v kernels ``[n, layer,
+rows, heads, head_dim]``, o kernels ``[n, layer, heads, head_dim, rows]``, biases ``[n, layer,
+heads, head_dim]`` (``rows``: the contraction axis). Moved explicitly, the Gram is one batched
+GEMM ``[layer, heads]`` of ``[n, s] × [s, n]``; on the unmoved views XLA:CPU chose a slower plan."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,38 +251,34 @@ def accumulate_grams(
         x = pieces[leaf.key].astype(jnp.float32)
         for block, kind in leaf.parts:
             index = layout.head_index(leaf.key, block)
-            if kind == "bias":
-                spec, view = _EINSUM["bias"], _heads_along(x, index, -1)
-            elif block == "o":
-                spec, view = _EINSUM["o"], _heads_along(x, index, -2)
-            else:
-                spec, view = _EINSUM["kernel"], _heads_along(x, index, -1)
-            out[block] = out[block] + jnp.einsum(spec, view, view, precision=jax.lax.Precision.HIGHEST)
+            part = "bias" if kind == "bias" else "o" if block == "o" else "kernel"
+            view = _heads_along(x, index, -2 if part == "o" else -1)
+            moved = jnp.transpose(view, _HEAD_MAJOR[part])
+            rows = moved.reshape(*moved.shape[:3], -1)  # [layer, heads, n, slice piece]
+            out[block] = out[block] + jnp.einsum("lhis,lhjs->lhij", rows, rows, precision=jax.lax.Precision.HIGHEST)
     return out
-
-
-@jax.jit
-def _eigenvalues64(
-    grams: dict[str, Float[Array, "layer heads n n"]], weights: Float[Array, " n"]
-) -> dict[str, tuple[Float[Array, "layer heads n"], Float[Array, "layer heads"]]]:
-    k = {block: gram.astype(weights.dtype) * weights[:, None] * weights[None, :] for block, gram in grams.items()}
-    k = {block: (m + jnp.swapaxes(m, -1, -2)) / 2 for block, m in k.items()}  # exactly symmetric
-    return {block: (jnp.linalg.eigvalsh(m)[..., ::-1], jnp.trace(m, axis1=-2, axis2=-1)) for block, m in k.items()}
 
 
 def gram_eigenvalues(
     grams: dict[str, Float[Array, "layer heads n n"]], weights: Float[np.ndarray, " n"]
-) -> dict[str, tuple[Float[Array, "layer heads n"], Float[Array, "layer heads"]]]:
+) -> dict[str, tuple[Float[np.ndarray, "layer heads n"], Float[np.ndarray, "layer heads"]]]:
     """``{block: (eigenvalues descending, trace)}`` of ``K = G ⊙ w wᵀ`` (``w_i = 1/√(n T_i)``), in
-    float64 on the device (``jax.enable_x64`` for this call only).
+    float64 on the host (numpy's LAPACK ``eigvalsh``, batched over layers and heads).
 
     The float32 Gram is exact to its own rounding (``≈ 1e-7`` relative to ``λ_max``), while a
     float32 eigensolver has an absolute error of order ``n·ε·λ_max``, a relative error of ``1e-5``
     on an eigenvalue ``5e-3 · λ_max`` of a six-sample Gram; the ``O(n³)`` solve is cheap beside
-    the ``O(n² D)`` Gram, so it runs in float64.
+    the ``O(n² D)`` Gram, so it runs in float64. On the host, not the device: XLA:CPU's float64
+    ``eigvalsh`` under ``jax.enable_x64`` hung on the second layer chunk of a GPT-2-small-sized
+    run (128 samples, 2 cores), and the Grams are small (``n × n`` per slice).
     """
-    with jax.enable_x64(True):
-        return _eigenvalues64(grams, jnp.asarray(np.asarray(weights, np.float64)))
+    w = np.asarray(weights, np.float64)
+    out = {}
+    for block, gram in grams.items():
+        k = np.asarray(gram, np.float64) * w[:, None] * w[None, :]
+        k = (k + np.swapaxes(k, -1, -2)) / 2  # exactly symmetric
+        out[block] = (np.linalg.eigvalsh(k)[..., ::-1], np.trace(k, axis1=-2, axis2=-1))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,10 +339,8 @@ def gram_spectra(
         for step in steps:
             pieces = {leaves[i].key: _piece(samples.grads, layout, leaves[i], slice(first, first + c_l), rows) for i, rows in step}
             grams = accumulate_grams(grams, pieces, layout=layout, leaves=tuple(leaves[i] for i, _ in step))
-        chunks.append(gram_eigenvalues(grams, weights))  # left on the device: the next chunk's copies overlap it
-    out = {
-        b: tuple(np.concatenate([np.asarray(chunk[b][j], np.float64) for chunk in chunks]) for j in (0, 1)) for b in used
-    }
+        chunks.append(gram_eigenvalues(grams, weights))
+    out = {b: tuple(np.concatenate([chunk[b][j] for chunk in chunks]) for j in (0, 1)) for b in used}
     return out, samples
 
 

@@ -17,7 +17,7 @@ from fisherjax.analysis.qkov._prepare import prepare
 from fisherjax.analysis.qkov._scores import all_scores, finish
 from fisherjax.analysis.qkov._tiles import raw_scores
 from fisherjax.analysis.qkov.options import SIGNED_VARIANTS, KernelOptions, ScoreOptions, resolve
-from fisherjax.analysis.qkov.results import QKOVResult, ShardedScores
+from fisherjax.analysis.qkov.results import QKOVResult, ShardedScores, result_of
 from fisherjax.curvature.factors import HeadFactors
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.state import SampleGrads, TaskFisher
@@ -93,20 +93,7 @@ def heatmap(
     else:
         scores = all_scores(prep, layout, score, kernel, progress=progress, desc=desc)
         avg = scores.mean(axis=(2, 3)) if n_a and n_b else np.zeros(scores.shape[:2] + scores.shape[-1:], np.float32)
-    return QKOVResult(
-        scores=scores,
-        layer_head_avg=avg.astype(np.float32),
-        sample_ids_a=np.asarray(prep.a.sample_ids),
-        sample_ids_b=np.asarray(prep.b.sample_ids),
-        kv_head_of=np.asarray(layout.kv_head_of),
-        slice_sizes=prep.slice_sizes,
-        diagnostics=prep.diagnostics,
-        options=score,
-        task_a=prep.name_a,
-        task_b=prep.name_b,
-        dropped_a=prep.dropped_a,
-        dropped_b=prep.dropped_b,
-    )
+    return result_of(prep, scores, avg, layout.kv_head_of, score)
 
 
 def sample_pair(

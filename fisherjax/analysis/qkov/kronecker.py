@@ -40,7 +40,7 @@ Both tasks' slices are rotated into the eigenbasis, ``g̃ = U_Aᵀ g U_G`` (two 
 ``M = Σ g̃_A ⊙ g̃_B`` is one einsum per block giving ``[layer, heads, n_a, n_b]``. Samples and
 layers are cut into tiles that fit ``memory_budget_bytes`` (:func:`~._tiles.tile_plan`); each
 sample is rotated once per layer chunk unless task B needs several tiles. Only the
-eigendecomposition is float64 (``jax.enable_x64`` around that one call; its results are cast to
+eigendecomposition is float64 (numpy's LAPACK on the host; its results are cast to
 float32): float32 eigenvalues carry an absolute error of about ``1e-7 · ‖A‖ · ‖G‖``, which next to
 a small ridge moved scores by 1–20 % on spectra spanning several decades (0.8 % at
 ``ridge_lambda_rel = 1e-3``); with float64 eigenvectors rounded to float32 the same scores agree
@@ -83,7 +83,7 @@ from fisherjax.analysis.qkov._prepare import active, partner, partner_scale, req
 from fisherjax.analysis.qkov._scores import assemble
 from fisherjax.analysis.qkov._tiles import device_leaves, tile_plan
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
-from fisherjax.analysis.qkov.results import QKOVResult, SliceDiagnostics
+from fisherjax.analysis.qkov.results import QKOVResult, SliceDiagnostics, result_of
 from fisherjax.curvature.factors import HeadFactors
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.state import SampleGrads, TaskFisher
@@ -201,13 +201,13 @@ def check_factors(kfac: Mapping[str, HeadFactors], layout: ModelLayout, kinds: B
 
 def _eigh(m: Float[Array, "... k k"]) -> tuple[Float[Array, "... k"], Float[Array, "... k k"], np.ndarray]:
     """Eigenvalues (clipped at 0) and eigenvectors of the symmetric part of ``m``, batched, computed
-    in float64 (``jax.enable_x64`` for this call only) and returned as float32; and the float64
-    mean of the diagonal ``[...]`` on the host."""
-    with jax.enable_x64(True):
-        m = jnp.asarray(m, jnp.float64)
-        s, u = jnp.linalg.eigh((m + jnp.swapaxes(m, -1, -2)) / 2)
-        mean_diag = np.asarray(jnp.diagonal(m, axis1=-2, axis2=-1).mean(-1))
-        return jnp.maximum(s, 0).astype(jnp.float32), u.astype(jnp.float32), mean_diag
+    in float64 on the host (numpy's LAPACK ``eigh``: XLA:CPU's float64 eigensolver under
+    ``jax.enable_x64`` hung on repeated calls in a large run, see :mod:`fisherjax.curvature.blocks`)
+    and returned as float32 device arrays; and the float64 mean of the diagonal ``[...]``."""
+    m = np.asarray(m, np.float64)
+    s, u = np.linalg.eigh((m + np.swapaxes(m, -1, -2)) / 2)
+    mean_diag = np.diagonal(m, axis1=-2, axis2=-1).mean(-1)
+    return jnp.asarray(np.maximum(s, 0), jnp.float32), jnp.asarray(u, jnp.float32), mean_diag
 
 
 def eigenbasis(factors: Mapping[str, tuple[Array, Array]], score: ScoreOptions) -> Curvature:
@@ -416,17 +416,4 @@ def heatmap(
                      desc=f"QK-OV kfac {prep.name_b} → {prep.name_a}")
     scores = finish(raw, prep, layout, score, b_pos)
     avg = scores.mean(axis=(2, 3)) if n_a and n_b else np.zeros(scores.shape[:2] + scores.shape[-1:], np.float32)
-    return QKOVResult(
-        scores=scores,
-        layer_head_avg=avg.astype(np.float32),
-        sample_ids_a=np.asarray(prep.a.sample_ids),
-        sample_ids_b=np.asarray(prep.b.sample_ids),
-        kv_head_of=np.asarray(layout.kv_head_of),
-        slice_sizes=prep.slice_sizes,
-        diagnostics=prep.diagnostics,
-        options=score,
-        task_a=prep.name_a,
-        task_b=prep.name_b,
-        dropped_a=prep.dropped_a,
-        dropped_b=prep.dropped_b,
-    )
+    return result_of(prep, scores, avg, layout.kv_head_of, score)

@@ -143,6 +143,25 @@ class BootstrapInterval:
     n_bootstrap: int = dataclasses.field(metadata=_STATIC)
 
 
+def result_of(prep, scores, avg, kv_head_of, score: ScoreOptions) -> QKOVResult:
+    """The :class:`QKOVResult` of a heatmap's prepared tasks (either kernel's ``Prepared``: the
+    tasks, their names and dropped ids, slice sizes and diagnostics), its scores and their pair mean."""
+    return QKOVResult(
+        scores=scores,
+        layer_head_avg=avg.astype(np.float32),
+        sample_ids_a=np.asarray(prep.a.sample_ids),
+        sample_ids_b=np.asarray(prep.b.sample_ids),
+        kv_head_of=np.asarray(kv_head_of),
+        slice_sizes=prep.slice_sizes,
+        diagnostics=prep.diagnostics,
+        options=score,
+        task_a=prep.name_a,
+        task_b=prep.name_b,
+        dropped_a=prep.dropped_a,
+        dropped_b=prep.dropped_b,
+    )
+
+
 def to_arrays(result: QKOVResult) -> dict[str, np.ndarray]:
     """The arrays of ``qkov.npz``: scores, layer_head_avg, block names, sample ids, kv map, slice
     sizes and the diagnostics (``fisher_min``, ``fisher_median``, ``fisher_max``,
