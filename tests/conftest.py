@@ -23,6 +23,10 @@ os.environ["FISHERJAX_COMPILATION_CACHE"] = "0"
 
 VOCAB = 97
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox")
+FAST_FAMILIES = [f if f in ("gpt2", "llama", "gpt_neox") else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+"""Every family, Mistral and Qwen2 marked slow: for a check whose default run must stay short, the
+three layouts that differ (GPT-2's fused [Q|K|V] with biases, Llama's GQA, NeoX's interleaved
+fused QKV) run by default; Mistral is Llama's layout and Qwen2 Llama's with q/k/v biases."""
 
 
 def hf_config(kind: str):

@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import FAMILIES, padded_batch
+from conftest import FAST_FAMILIES, padded_batch
 
 import fisherjax
 from fisherjax.curvature import blocks
@@ -187,7 +187,7 @@ def _check_against_dense(kind, spectra, layout, hf_grads, hf_diagonal, tokens, r
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("kind", FAST_FAMILIES)
 def test_block_route_equals_dense_eigh(kind, family):
     """For every (block, layer, head) of every family the Gram route's eigenvalues equal ``eigh`` of
     the dense ``D × D`` slice Fisher built in float64 from torch.func's per-sample gradients of the

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import FAMILIES, compilations, padded_batch
+from conftest import FAST_FAMILIES, compilations, padded_batch
 
 torch = pytest.importorskip("torch")
 
@@ -157,7 +157,7 @@ def _check_restricted(ref: Reference, restriction, mask: np.ndarray, seed: int =
     return _error(ref.to_hf(restriction.embed(y)), mask * ref.empirical(x))
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("kind", FAST_FAMILIES)
 def test_whole_model_product_equals_torch(kind, reference):
     ref = reference(kind)
     op = fisher_operator(ref.model, ref.model.params, ref.batches)
@@ -171,7 +171,7 @@ def test_whole_model_product_equals_torch(kind, reference):
     assert _error(ref.to_hf(tree), ref.empirical(x)) <= TOLERANCE
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("kind", FAST_FAMILIES)
 def test_restricted_product_equals_torch(kind, reference):
     """A whole leaf (the final norm's scale), one layer, block q of another, and one head of each of
     k, v and o, together (one compiled

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FAMILIES, padded_batch
+from conftest import FAST_FAMILIES, padded_batch
 
 torch = pytest.importorskip("torch")
 
@@ -166,7 +166,7 @@ def _check_against(kfac, ref, label):
     return max(errors)
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("kind", FAST_FAMILIES)
 def test_factors_equal_torch_hooks(kind, family):
     """Empirical factors over two batches (prompts, padding, a row with T = 0, a filler row)
     equal ``A = (1/n) Σ_i (1/R_i) Σ_t ā āᵀ`` and ``G = (1/n) Σ_i (1/T_i) Σ_t δ δᵀ`` from torch
