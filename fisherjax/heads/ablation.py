@@ -1,0 +1,122 @@
+"""Single-head ablation: a task's loss and exact-match accuracy with one head's output zeroed.
+
+Zeroing head ``h`` of layer ``l`` sets its gate ``ξ[l, h] = 0`` (see
+:mod:`fisherjax.heads.importance`): the rows of the O kernel that head ``h`` feeds,
+``W_O[l, h, :, :]`` in the layout's ``(o, kernel)`` view, are zeroed and the output bias kept.
+For every single head, and for the baseline (nothing zeroed), on the task's samples ``i``:
+
+    loss per token = Σ_i L_i / Σ_i T_i
+    accuracy       = (1/n) Σ_i exact_i,   exact_i = ∀t: argmax_v logits[i, t, v] = labels[i, t+1]
+
+over the predicted positions ``t`` (teacher-forced; a sample without predicted tokens is not
+exact) — :func:`fisherjax.demo.evaluate`'s definitions. The ``1 + layer·head`` gate settings of a
+batch run as one jitted ``lax.map`` over them, ``heads_per_pass`` settings vmapped at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from fisherjax.data import IGNORE, Batch, predicted_labels
+from fisherjax.errors import DataError
+from fisherjax.grads import chunk_size_for, token_nll
+from fisherjax.heads.importance import o_kernel_path
+from fisherjax.layout import ModelLayout, flatten, unflatten
+
+
+class HeadAblation(NamedTuple):
+    """A task's scores with each single head's output zeroed.
+
+    ``loss [layer, head]``, ``accuracy [layer, head]``: loss per token and exact-match accuracy
+    with that head zeroed; ``baseline_loss``, ``baseline_accuracy``: with none zeroed;
+    ``n_samples``: samples scored (filler rows excluded).
+    """
+
+    baseline_loss: float
+    baseline_accuracy: float
+    loss: np.ndarray
+    accuracy: np.ndarray
+    n_samples: int
+
+
+def single_head_gates(layout: ModelLayout) -> np.ndarray:
+    """``[1 + layer·head, layer, head]`` gates: all ones (the baseline), then head ``(l, h)``
+    zeroed at row ``1 + l·heads + h``."""
+    n = layout.num_layers * layout.num_heads
+    ablated = 1.0 - np.eye(n, dtype=np.float32).reshape(n, layout.num_layers, layout.num_heads)
+    return np.concatenate([np.ones((1, layout.num_layers, layout.num_heads), np.float32), ablated])
+
+
+def gate_heads(layout: ModelLayout, params, gate: Float[Array, "layer head"]):
+    """``params`` with each head's O-kernel rows multiplied by ``gate[layer, head]`` (bias kept)."""
+    flat = flatten(params)
+    path = o_kernel_path(layout)
+    view = layout.view(path, flat[path])  # [layer, heads, head_dim, d_out]
+    return unflatten({**flat, path: layout.unview(path, {"o": view * gate[:, :, None, None].astype(view.dtype)})})
+
+
+def exact_match(logits: Float[Array, "batch seq vocab"], labels: Int[Array, "batch seq"]) -> tuple[Array, Array, Array]:
+    """``(exact [batch], nll [batch], tokens [batch])`` of teacher-forced completions: ``exact_i``
+    when the argmax at every predicted position equals its label (False when ``T_i = 0``),
+    ``nll_i = L_i``, ``tokens_i = T_i`` (labels as given, with the one-token shift)."""
+    targets = labels[:, 1:]
+    valid = targets != IGNORE
+    tokens = valid.sum(-1)
+    hits = ((jnp.argmax(logits[:, :-1], axis=-1) == targets) & valid).sum(-1)
+    return (hits == tokens) & (tokens > 0), token_nll(logits, labels).sum(-1), tokens
+
+
+@jax.jit(static_argnums=(0, 7))
+def _ablation_sums(model, params, input_ids, attention_mask, labels, sample_ids, gates, heads_per_pass):
+    """``[settings, 3]``: Σ L_i, Σ T_i and Σ exact_i over the batch's real rows, per gate setting."""
+    labels = predicted_labels(labels, attention_mask)
+    real = sample_ids >= 0
+
+    def one(gate):
+        logits = model.apply(gate_heads(model.layout, params, gate), input_ids, attention_mask)
+        exact, nll, tokens = exact_match(logits, labels)
+        return jnp.stack([jnp.where(real, x, 0).sum().astype(jnp.float32) for x in (nll, tokens, exact)])
+
+    return jax.lax.map(one, gates, batch_size=heads_per_pass)
+
+
+def ablate_heads(
+    model, params, batches: Iterable[Batch], *, heads_per_pass: int | None = None, memory_budget_bytes: float = 2e9
+) -> HeadAblation:
+    """Loss per token and exact-match accuracy of a task with every single head zeroed in turn.
+
+    Args:
+      model: a :class:`~fisherjax.models.Model`.
+      params: its parameters.
+      batches: :class:`~fisherjax.data.Batch` es of the task; one jit per batch shape.
+      heads_per_pass: gate settings (heads, plus the baseline) evaluated at once, each holding
+        one forward pass of the batch; by default as many as fit ``memory_budget_bytes``
+        (estimated from the logits and the widest activations of a batch).
+
+    Returns:
+      :class:`HeadAblation` (sums kept in float64 across batches).
+    """
+    layout = model.layout
+    gates = single_head_gates(layout)
+    cfg = model.config
+    totals = np.zeros((gates.shape[0], 3))
+    rows = 0
+    for batch in batches:
+        b, seq = np.shape(batch.input_ids)
+        per_setting = 4.0 * b * seq * (3 * cfg.vocab_size + 4 * cfg.hidden_size + 2 * cfg.intermediate_size)
+        chunk = heads_per_pass or chunk_size_for(memory_budget_bytes, per_setting, gates.shape[0])
+        sums = _ablation_sums(model, params, batch.input_ids, batch.attention_mask, batch.labels, batch.sample_ids, gates, chunk)
+        totals += np.asarray(sums, np.float64)
+        rows += int((np.asarray(batch.sample_ids) >= 0).sum())
+    nll, tokens, exact = totals.T
+    if rows == 0 or tokens[0] == 0:
+        raise DataError("no sample with predicted tokens: head ablation needs at least one")
+    loss, accuracy = nll / tokens, exact / rows
+    shape = (layout.num_layers, layout.num_heads)
+    return HeadAblation(float(loss[0]), float(accuracy[0]), loss[1:].reshape(shape), accuracy[1:].reshape(shape), rows)
