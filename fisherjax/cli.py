@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"samples of the first task the method comparison runs on (default {d.curvature_samples})")
     a.add_argument("--curvature-k", type=int, default=d.curvature_k, metavar="K",
                    help=f"top eigenvalues per method in the comparison (default {d.curvature_k})")
+    a.add_argument("--head-samples", type=int, default=d.head_samples, metavar="N",
+                   help=f"samples of each task for head-mask importance and the single-head ablation table of the "
+                        f"'heads' phase (default {d.head_samples})")
     a.add_argument("--devices", type=int, metavar="N",
                    help="split each batch's samples over N devices (default: every device, when there are several)")
     a.add_argument("--coordinator", metavar="HOST:PORT",
@@ -183,6 +186,7 @@ def _analyze(args) -> int:
         curvature=args.curvature,
         curvature_samples=args.curvature_samples,
         curvature_k=args.curvature_k,
+        head_samples=args.head_samples,
     )
     cache = compilation_cache.requested_dir(args.compilation_cache, args.no_compilation_cache)
     if cache is not None:

@@ -3,7 +3,7 @@
 Each phase is a function ``phase(ctx, out) -> Section``: it reads the immutable :class:`Context`
 (model, tasks, batches, Phase 1 Fisher of every task), computes with the analysis modules,
 writes its arrays under ``out`` (``group_fisher.npz``, the orbax Fisher states, ``qkov.npz``,
-``conflicts.json``) and hands its results to :mod:`fisherjax.report`, which turns them into a
+``conflicts.json``, ``heads.json``) and hands its results to :mod:`fisherjax.report`, which turns them into a
 :class:`~fisherjax.report.Section` (``results.json`` section, figures, Markdown). Phases run in
 phase order whatever order ``--phases`` names them in. :func:`analyze` writes everything into a
 temporary directory next to the destination and moves it into place only when every phase has
@@ -27,8 +27,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from fisherjax import backend, compilation_cache, io, outdir, report, sharding, telemetry
-from fisherjax.analysis import conflicts, experiments, masks, qkov
+from fisherjax import backend, compilation_cache, heads, io, outdir, report, sharding, telemetry
+from fisherjax.analysis import conflicts, experiments, importance, masks, qkov
 from fisherjax.curvature import compare
 from fisherjax.data import Batch, Task, batches, load_task
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
@@ -41,6 +41,7 @@ from fisherjax.models import Model, load_pretrained
 from fisherjax.report import conflicts as conflicts_report
 from fisherjax.report import curvature as curvature_report
 from fisherjax.report import fisher as fisher_report
+from fisherjax.report import heads as heads_report
 from fisherjax.report import importance as importance_report
 from fisherjax.report import masks as masks_report
 from fisherjax.report import natural as natural_report
@@ -78,7 +79,7 @@ class AnalysisConfig:
     sample_grads_budget_gb: float = 8.0
     spill_dir: Path | None = None
     progress: bool = True
-    phases: tuple[str, ...] = ("fisher", "curvature", "importance", "masks", "conflicts", "qkov", "natural")
+    phases: tuple[str, ...] = ("fisher", "curvature", "heads", "importance", "masks", "conflicts", "qkov", "natural")
     qkov_contraction: str = "auto"
     pruning_samples: int = experiments.DEFAULT_SAMPLES
     overwrite: bool = False
@@ -87,6 +88,7 @@ class AnalysisConfig:
     curvature: bool = False
     curvature_samples: int = 32
     curvature_k: int = 10
+    head_samples: int = 64
 
     def __post_init__(self):
         """Reject bad options before anything is loaded or computed (one line each, exit code 2)."""
@@ -97,6 +99,7 @@ class AnalysisConfig:
         check(self.top_k >= 0, f"top-k must be ≥ 0 (--top-k), got {self.top_k}")
         check(self.curvature_samples >= 2, f"curvature samples must be ≥ 2 (--curvature-samples), got {self.curvature_samples}")
         check(self.curvature_k >= 1, f"curvature k must be ≥ 1 (--curvature-k), got {self.curvature_k}")
+        check(self.head_samples >= 1, f"head samples must be ≥ 1 (--head-samples), got {self.head_samples}")
         check(self.pruning_samples >= 1, f"pruning samples must be ≥ 1 (--pruning-samples), got {self.pruning_samples}")
         check(0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63) (--seed), got {self.seed}")
         outdir.check_task_names([name for name, _ in self.tasks])
@@ -142,6 +145,12 @@ class Context:
     batches: dict[str, list[Batch]]
     fishers: dict[str, TaskFisher]
     mesh: Mesh | None = None
+    heads: heads.HeadCategories | None = None
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """``[L, H]`` behavioural category of every head, when the ``heads`` phase runs."""
+        return None if self.heads is None else np.asarray(self.heads.labels)
 
 
 def load_inputs(config: AnalysisConfig) -> tuple[Model, dict[str, Task]]:
@@ -202,6 +211,9 @@ def phase_fisher(ctx: Context, out: Path) -> report.Section:
         arrays.update(fisher.flat_groups())
         state = fisher if ctx.config.save_sample_grads else dataclasses.replace(fisher, sample_grads=None)
         io.save_task_fisher(state, out / "fisher_state" / name)
+        if ctx.heads is not None:  # the original system's ``…/q_proj/kernel|induction_heads`` keys
+            by_category = importance.category_group_fisher(fisher, ctx.model.layout, ctx.labels)
+            arrays.update({f"{name}|{p}|{g}": v for p, groups in by_category.items() for g, v in groups.items()})
     np.savez(out / "group_fisher.npz", **arrays)
     return fisher_report.section(ctx.fishers)
 
@@ -226,10 +238,34 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
     return curvature_report.section(result, name)
 
 
+def head_task_batches(ctx: Context, name: str) -> list[Batch]:
+    """Batches of the first ``head_samples`` samples of a task (the ``heads`` phase's share)."""
+    model, task = ctx.model, ctx.tasks[name]
+    task = dataclasses.replace(task, examples=task.examples[: ctx.config.head_samples])
+    return list(batches(task, ctx.config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
+
+
+def phase_heads(ctx: Context, out: Path) -> report.Section:
+    """Behavioural head categories (computed before the phases, :func:`fisherjax.heads.categorise`),
+    and per task on its first ``head_samples`` samples: head-mask importance against the Fisher head
+    importance, and the single-head ablation table. Writes ``heads.json``."""
+    model, layout = ctx.model, ctx.model.layout
+    tasks = {}
+    for name, fisher in ctx.fishers.items():
+        chosen = head_task_batches(ctx, name)
+        tasks[name] = heads_report.task_summary(
+            heads.head_mask_importance(model, model.params, chosen), importance.head_importance(fisher, layout).head,
+            heads.ablate_heads(model, model.params, chosen), ctx.labels, top=ctx.config.top_k,
+        )
+    section = heads_report.section(ctx.heads, tasks)
+    (out / "heads.json").write_text(json.dumps(report.jsonable(section.json), indent=2))
+    return section
+
+
 def phase_importance(ctx: Context, out: Path) -> report.Section:
-    """Phase 2: group and head importance per task (with bootstrap intervals of the heads), and
-    how the tasks' rankings compare."""
-    return importance_report.section(ctx.fishers, ctx.model.layout, k=ctx.config.top_k, seed=ctx.config.seed)
+    """Phase 2: group and head importance per task (with bootstrap intervals of the heads and, with
+    the ``heads`` phase, their categories), and how the tasks' rankings compare."""
+    return importance_report.section(ctx.fishers, ctx.model.layout, k=ctx.config.top_k, seed=ctx.config.seed, labels=ctx.labels)
 
 
 def phase_masks(ctx: Context, out: Path) -> report.Section:
@@ -242,11 +278,28 @@ def phase_masks(ctx: Context, out: Path) -> report.Section:
     head_masks = {n: [masks.structured_mask(f, layout, s, unit="head") for s in config.sparsities] for n, f in ctx.fishers.items()}
     experiment = experiments.head_pruning_experiment(
         ctx.model, ctx.model.params, ctx.batches, ctx.fishers, sparsity=0.5, n_random=10, seed=config.seed, scope="layer",
-        samples=config.pruning_samples,
+        samples=config.pruning_samples, extra_masks=category_masks(layout, ctx.labels),
     )
     return masks_report.section(
-        ctx.fishers, layout, sparsities=config.sparsities, head_masks=head_masks, parameter_masks=parameter_masks, experiment=experiment
+        ctx.fishers, layout, sparsities=config.sparsities, head_masks=head_masks, parameter_masks=parameter_masks, experiment=experiment,
+        labels=ctx.labels,
     )
+
+
+KEEP_ONLY_CATEGORIES = ("induction",)
+"""Categories whose heads the masks phase also keeps alone (every other head pruned)."""
+
+
+def category_masks(layout, labels: np.ndarray | None) -> dict[str, np.ndarray] | None:
+    """``{"without <c>": keep, "only <c>": keep}`` head decisions by category for the head-pruning
+    experiment: every category's heads removed, and the heads of :data:`KEEP_ONLY_CATEGORIES` kept
+    alone (:func:`fisherjax.analysis.masks.category_mask`); None without categories."""
+    if labels is None:
+        return None
+    present = sorted(set(labels.ravel().tolist()))
+    chosen = {f"without {c}": masks.category_mask(layout, labels, [c], keep=False).keep["head"] for c in present}
+    chosen.update({f"only {c}": masks.category_mask(layout, labels, [c]).keep["head"] for c in KEEP_ONLY_CATEGORIES if c in present})
+    return chosen
 
 
 def phase_conflicts(ctx: Context, out: Path | None) -> report.Section:
@@ -262,7 +315,7 @@ def phase_conflicts(ctx: Context, out: Path | None) -> report.Section:
             ctx.fishers[name_a], ctx.fishers[name_b], layout=layout, scope="groups", top_k=config.top_k, names=(name_a, name_b),
             progress=config.progress, mesh=ctx.mesh,
         )
-    section = conflicts_report.section(reports)
+    section = conflicts_report.section(reports, ctx.labels, layout.kv_head_of)
     if out is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
         (out / "conflicts.json").write_text(json.dumps(report.jsonable(section.json), indent=2))
     return section
@@ -289,7 +342,7 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
             continue
         result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress, mesh=ctx.mesh)
         arrays.update({f"{name_a}|{name_b}|{k}": v for k, v in qkov.to_arrays(result).items()})
-        summary = qkov_report.summary(result, top_k=config.top_k)
+        summary = qkov_report.summary(result, top_k=config.top_k, labels=ctx.labels)
         summary["kernel"] = dataclasses.asdict(kernel)
         summary["bootstrap"] = qkov_report.bootstrap_summary(qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=config.seed))
         fit, heldout = qkov.heldout_split(fa, 0.5, seed=config.seed)
@@ -303,19 +356,20 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
         summaries[name_a, name_b], results[name_a, name_b] = summary, result
     if out is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
         np.savez(out / "qkov.npz", **arrays)
-    return qkov_report.section(summaries, results)
+    return qkov_report.section(summaries, results, ctx.labels)
 
 
 PHASES: dict[str, Callable[[Context, Path], report.Section]] = {
     "fisher": phase_fisher,
     "curvature": phase_curvature,
+    "heads": phase_heads,
     "importance": phase_importance,
     "masks": phase_masks,
     "conflicts": phase_conflicts,
     "qkov": phase_qkov,
     "natural": lambda ctx, out: natural_report.section(ctx.fishers, ctx.model.layout),
 }
-"""Phase name → phase function, in phase order (1, its method comparison, 2, 3–4, 5, 6, 7)."""
+"""Phase name → phase function, in phase order (1, its method comparison, head categories, 2, 3–4, 5, 6, 7)."""
 
 SPANNING_PHASES = ("conflicts", "qkov")
 """The phases after Phase 1 that run on the run's mesh, over every process of a multi-process run
@@ -458,6 +512,9 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
         if jax.process_count() > 1:  # every process holds every sample from here on
             fishers = {name: join_shares(f, np.concatenate([b.sample_ids for b in all_batches[name]])) for name, f in fishers.items()}
         ctx = Context(config, model, tasks, all_batches, fishers, mesh)
+        if writer and "heads" in config.phase_order():  # every later phase names heads by their category
+            categories, stretches["heads (categories)"] = telemetry.measure(heads.categorise, model, model.params, seed=config.seed)
+            ctx = dataclasses.replace(ctx, heads=categories)
         if not writer:  # the pair phases span every process's devices; process 0 alone runs the others and writes
             for phase in config.phase_order():
                 if phase in SPANNING_PHASES:

@@ -143,15 +143,16 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
     assert main(["analyze", "--no-progress"]) == 0
     out = tmp_path / "fisherjax-out"
     results = json.loads((out / "results.json").read_text())
-    for phase in ("fisher", "importance", "masks", "natural", "conflicts", "qkov"):
+    for phase in ("fisher", "heads", "importance", "masks", "natural", "conflicts", "qkov"):
         assert phase in results, phase
     assert set(results["fisher"]) == {"math", "copy"} and results["fisher"]["math"]["samples"] == 128
-    for name in ("group_fisher.npz", "qkov.npz", "conflicts.json", "report.md"):
+    for name in ("group_fisher.npz", "qkov.npz", "conflicts.json", "heads.json", "report.md"):
         assert (out / name).exists(), name
     assert len(list((out / "figures").glob("*.png"))) >= 11
     # What each stretch cost (fisherjax.telemetry): loading, Phase 1 per task, every phase, the figures.
     phases = results["phases"]
-    assert list(phases) == ["load", "collect", "fisher", "curvature", "importance", "masks", "conflicts", "qkov", "natural", "report", "total"]
+    assert list(phases) == ["load", "collect", "heads (categories)", "fisher", "curvature", "heads", "importance", "masks", "conflicts", "qkov",
+                            "natural", "report", "total"]
     assert set(phases["collect"]["tasks"]) == {"math", "copy"}
     for name, entry in [*phases.items(), *phases["collect"]["tasks"].items()]:
         assert {"seconds", "peak_rss_gb", "device_peak_gb", "compilations", "compile_seconds", "cache_hits"} <= set(entry), name
@@ -173,6 +174,21 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
     # pruning as many random heads (shipped demo model, 10 random draws).
     for task, r in results["masks"]["head_pruning"]["tasks"].items():
         assert r["loss_before"] < r["loss_fisher"] < r["loss_random_mean"], (task, r)
+    # Head categories (tests/test_heads.py checks the scores): heads.json, and every phase names them.
+    heads = json.loads((out / "heads.json").read_text())
+    assert heads == {k: v for k, v in results["heads"].items() if k != "figures"} and np.shape(heads["labels"]) == (2, 4) and set(heads["tasks"]) == {"math", "copy"}
+    labels = np.array(heads["labels"])
+    assert np.shape(heads["tasks"]["copy"]["ablation"]["accuracy"]) == (2, 4) and heads["tasks"]["copy"]["ablation"]["n_samples"] == 64
+    present = {f"{c}_heads" for c in labels.ravel()}
+    groups = np.load(out / "group_fisher.npz")
+    assert {k.split("|")[2] for k in groups.files if k.endswith("_heads")} == present
+    top = results["importance"]["tasks"]["copy"]["heads"]["top"][0]
+    assert top["category"] == labels[top["layer"], top["head"]]
+    assert set(results["masks"]["head_pruning"]["tasks"]["copy"]["loss_extra"]) >= {f"without {c}" for c in labels.ravel()}
+    strongest = results["qkov"]["pairs"]["math|copy"]["blocks"]["v"]["strongest"]
+    assert strongest["category"] == labels[strongest["layer"], strongest["head"]]
+    assert set(results["conflicts"]["pairs"]["math|copy"]["head_map"]["by_category"]["q"]) == set(labels.ravel())
+    assert "| category |" in (out / "report.md").read_text()
 
 
 def test_contribution_budget_and_spill_from_the_command_line(tiny_checkpoint, tmp_path, capsys):

@@ -193,6 +193,7 @@ def head_pruning_experiment(
     criterion: str = "fisher",
     samples: int | None = DEFAULT_SAMPLES,
     memory_budget_bytes: float = 1e9,
+    extra_masks: Mapping[str, np.ndarray] | None = None,
 ) -> dict:
     """Each task's loss before pruning, after Fisher-guided pruning and after random pruning, on a
     fixed subsample of the task.
@@ -224,6 +225,10 @@ def head_pruning_experiment(
       unit: ``head`` or ``kv_head``; scope: ``global`` or ``layer``; criterion: ``fisher`` or
         ``saliency`` (:func:`structured_mask`).
       samples: samples evaluated per task (≥ 1), or None for all of them.
+      extra_masks: ``{name: keep [L, units]}`` more head decisions evaluated on the same subsample
+        in the same passes — e.g. masks by behavioural category
+        (:func:`~fisherjax.analysis.masks.category_mask`'s ``keep``); each task's ``loss_extra``
+        maps their names to its loss.
       memory_budget_bytes: device memory a pass may use (:func:`pass_shape`). The default, 1 GB, is
         about one mask of 16 rows at 128 positions and a 50k vocabulary: the passes are bound by the
         unembedding's FLOPs, so more masks per pass bought no time on a CPU and took the run's peak
@@ -235,7 +240,8 @@ def head_pruning_experiment(
       ``loss_random_mean``, ``loss_random_sd`` (ddof 1), ``loss_random``, ``fraction_random_worse``
       (random masks that hurt more than the Fisher mask), ``pruned`` ``[[layer, head], ...]``,
       ``n_samples`` (samples evaluated), ``n_eligible`` (samples with a predicted token),
-      ``sample_ids`` (the subsample), ``n_tokens``; and ``cross[mask_task][eval_task]``, each
+      ``sample_ids`` (the subsample), ``n_tokens``, ``loss_extra`` (with ``extra_masks``); and
+      ``cross[mask_task][eval_task]``, each
       task's loss under every task's Fisher mask.
     """
     if unit not in ("head", "kv_head"):
@@ -254,7 +260,12 @@ def head_pruning_experiment(
     shape = fisher_masks[names[0]].keep[unit].shape
     rng = np.random.default_rng(seed)
     random_keep = keep_matrix(rng.random((n_random, *shape)), sparsity, scope, "random scores")
-    pruning = np.concatenate([np.stack([fisher_masks[t].keep[unit] for t in names]), random_keep])
+    extra = dict(extra_masks or {})
+    for name, keep in extra.items():
+        if np.shape(keep) != shape:
+            raise ConfigError(f"extra mask {name!r} has shape {np.shape(keep)}, the {unit} decisions are {shape}")
+    pruning = np.concatenate([np.stack([fisher_masks[t].keep[unit] for t in names]), random_keep,
+                              np.stack([np.asarray(k, bool) for k in extra.values()]) if extra else np.zeros((0, *shape), bool)])
 
     eligible, chosen, before, seq = {}, {}, {}, {}
     for task in names:
@@ -287,7 +298,8 @@ def head_pruning_experiment(
             source = "evaluated"
         else:
             source = "phase 1"
-        by_fisher, by_random = losses[: len(names)], losses[len(names) :]
+        by_fisher, by_random = losses[: len(names)], losses[len(names) : len(names) + n_random]
+        by_extra = losses[len(names) + n_random :]
         for mask_task, loss in zip(names, by_fisher, strict=True):
             cross[mask_task][task] = float(loss)
         own = float(by_fisher[names.index(task)])
@@ -305,6 +317,8 @@ def head_pruning_experiment(
             "sample_ids": chosen[task].sample_ids.tolist(),
             "n_tokens": tokens,
         }
+        if extra:
+            tasks[task]["loss_extra"] = {name: float(loss) for name, loss in zip(extra, by_extra, strict=True)}
     return {
         "unit": unit,
         "scope": scope,

@@ -522,3 +522,44 @@ def compare_tasks(
         for name in ("value", "global_share", "layer_share"):
             row.pop(name)
     return TaskComparison(a.task, b.task, by, len(share_a), float(rho), float(p), by_role, table_a, table_b, differences)
+
+
+# ---- heads by behaviour ---------------------------------------------------------------------
+
+
+def category_group_fisher(fisher: TaskFisher, layout: ModelLayout, labels: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Every attention leaf's head groups summed per behavioural category of the query heads.
+
+    ``labels`` ``[L, H]`` names each query head's category (:mod:`fisherjax.heads`). For a leaf
+    of block ``B`` and a category ``c``::
+
+        F_c[ℓ] = Σ_{h: label[ℓ, h] = c} F^B[ℓ, h]                 (q, o: query heads)
+        F_c[ℓ] = Σ_{h: label[ℓ, h] = c} F^B[ℓ, κ(h)] / G          (k, v: a kv head is shared
+                                                                    evenly by its G query heads)
+
+    and a fused QKV leaf adds its ``head_q``, ``head_k`` and ``head_v`` terms, so the categories of a
+    layer sum to the leaf's head Fisher of that layer. Returns ``{path: {"<c>_heads": [L]}}`` for
+    stacked leaves (``[]``-shaped for a per-layer leaf), the original system's
+    ``…/q_proj/kernel|induction_heads`` keys; only categories some head carries appear.
+    """
+    labels = np.asarray(labels)
+    if labels.shape != (layout.num_layers, layout.num_heads):
+        raise DataError(f"head labels have shape {labels.shape}, the model has {layout.num_layers} layers × {layout.num_heads} heads")
+    categories = sorted(set(labels.ravel().tolist()))
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for block, kind in layout.attention_blocks():
+        for path in layout.block_sources(block, kind):
+            spec = layout.spec(path)
+            key = f"head_{block}" if spec.role == Role.QKV else "head"
+            groups = fisher.group_fisher.get(path, {})
+            if key not in groups:
+                continue
+            values = np.asarray(groups[key], np.float64)  # [L, H_B] stacked, [H_B] per layer
+            rows = labels if spec.layered else labels[spec.layer]
+            if block in ("k", "v"):
+                values = values[..., layout.kv_head_of] / layout.kv_groups  # onto query heads
+            for category in categories:
+                total = np.where(rows == category, values, 0.0).sum(-1)
+                name = f"{category}_heads"
+                out.setdefault(path, {})[name] = out.get(path, {}).get(name, 0.0) + total
+    return out

@@ -308,6 +308,22 @@ def structured_mask(
     return Mask(mask_tree(layout, unit, keep), unit, scope, float(sparsity), keep, scores, fisher.task)
 
 
+def category_mask(layout: ModelLayout, labels: np.ndarray, categories: Sequence[str], *, keep: bool = True) -> Mask:
+    """A head mask from behavioural categories: ``keep=True`` keeps only the query heads whose label
+    (``labels`` ``[L, H]``, :mod:`fisherjax.heads`) is one of ``categories`` (e.g. only the
+    induction heads), ``keep=False`` prunes exactly those. K and V follow :func:`mask_tree`: a kv
+    head goes only when every query head reading it goes. ``scope`` is ``"category"`` and
+    ``target_sparsity`` the achieved head sparsity; ``scores`` are 1 on the chosen heads."""
+    labels = np.asarray(labels)
+    if labels.shape != (layout.num_layers, layout.num_heads):
+        raise ConfigError(f"head labels have shape {labels.shape}, the model has {layout.num_layers} layers × {layout.num_heads} heads")
+    chosen = np.isin(labels, list(categories))
+    head_keep = chosen if keep else ~chosen
+    sparsity = float((~head_keep).mean())
+    return Mask(mask_tree(layout, "head", {"head": head_keep}), "head", "category", sparsity, {"head": head_keep},
+                {"head": chosen.astype(np.float64)})
+
+
 def unstructured_mask(fisher: TaskFisher, layout: ModelLayout, sparsity: float, *, scope: str = "global") -> Mask:
     """Prune single parameters with the lowest diagonal Fisher ``Î`` (``fisher.diagonal``).
 

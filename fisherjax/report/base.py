@@ -59,7 +59,7 @@ def write(out: Path, header: Mapping[str, Any], sections: Sequence[Section], *, 
     (out / "results.json").write_text(json.dumps(results, indent=2))
     files = ["- `results.json` — every number above", "- `group_fisher.npz` — keys `task|param_path|group_type`",
              "- `fisher_state/<task>/` — orbax checkpoint of each task's Fisher state"]
-    files += [f"- `{extra}`" for extra in ("qkov.npz", "conflicts.json") if (out / extra).exists()]
+    files += [f"- `{extra}`" for extra in ("heads.json", "qkov.npz", "conflicts.json") if (out / extra).exists()]
     (out / "report.md").write_text("\n".join([*lines, "## Files", "", *files]) + "\n")
     return results
 

@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fisherjax.analysis.conflicts import ORTHOGONAL_EFFECT, ConflictPair, ConflictReport, head_map
+from fisherjax.report import categories
 from fisherjax.report.base import Section
 from fisherjax.report.figures import new_figure
 
@@ -24,7 +25,7 @@ TITLE = "Phase 5 — Sample conflicts"
 """The phase's heading in ``report.md``."""
 
 
-def summary(report: ConflictReport) -> dict:
+def summary(report: ConflictReport, labels: np.ndarray | None = None, kv_head_of: np.ndarray | None = None) -> dict:
     """The ``conflicts.json`` entry of one task pair (``pairs["A|B"]``), JSON-serialisable.
 
     Keys: ``task_a``, ``task_b``, ``n_samples_a``, ``n_samples_b``, ``n_pairs``,
@@ -33,7 +34,10 @@ def summary(report: ConflictReport) -> dict:
     sample ids, scores and the groups behind each), ``clusters``, ``head_map`` (``blocks``;
     ``values`` one ``[layers][heads of the block]`` list per block — k and v have ``kv_heads``
     columns under grouped-query attention — null where a head has no value; ``over``: what the
-    values average) and ``recommendations``.
+    values average) and ``recommendations``. With ``labels`` (``[L, H]`` head categories,
+    :mod:`fisherjax.heads`; ``kv_head_of`` names K/V heads by their query heads) every head group
+    label carries its category (``L1.q.h2 (induction)``) and ``head_map["by_category"]`` gives, per
+    block, the mean net conflict over the heads of each category.
     """
     cos = report.cosines
     maps = head_map(report)
@@ -45,7 +49,7 @@ def summary(report: ConflictReport) -> dict:
         f"test {settings['null']!r}{' with a generalized Pareto tail' if settings.get('tail') else ''}; "
         f"FDR by {settings['fdr_method'].upper()} over all tests; significant = q <= {settings['alpha']} and effect > {settings['min_effect_size']:.3f}."
     )
-    return dict(
+    entry = dict(
         task_a=report.task_a,
         task_b=report.task_b,
         n_samples_a=int(len(report.sample_ids_a)),
@@ -83,6 +87,19 @@ def summary(report: ConflictReport) -> dict:
         ),
         recommendations=_plain(report.recommendations),
     )
+    if labels is None:
+        return entry
+    name = lambda group: categories.name_group(group, labels, kv_head_of)  # noqa: E731
+    for pair in entry["top_pairs"]:
+        for group in pair["groups"]:
+            group["group"] = name(group["group"])
+    for cluster in entry["clusters"]:
+        for group in cluster["groups"]:
+            group["group"] = name(group["group"])
+    for hot in entry["recommendations"].get("hotspots", []):
+        hot["group"] = name(hot["group"])
+    entry["head_map"]["by_category"] = {block: categories.per_category(m, labels, block, kv_head_of) for block, m in maps.items()}
+    return entry
 
 
 def _plain(value):
@@ -94,7 +111,7 @@ def _plain(value):
     return value
 
 
-def figure(report: ConflictReport) -> Figure:
+def figure(report: ConflictReport, labels: np.ndarray | None = None, kv_head_of: np.ndarray | None = None) -> Figure:
     """A :class:`matplotlib.figure.Figure` (pyplot-free, :func:`fisherjax.report.figures.new_figure`):
     the histogram of the tested A × B cosines against the within-task null (significant pairs
     as a rug), and per attention block a layer × head map of mean net conflict
@@ -145,6 +162,10 @@ def figure(report: ConflictReport) -> Figure:
             axm.set_xlabel("kv head" if block in ("k", "v") and block_map.shape[1] < most_heads else "head")
             axm.set_xticks(range(block_map.shape[1]))
             axm.set_yticks(range(block_map.shape[0]))
+            if labels is not None:  # each cell names its head's category (a kv head: its first query head's)
+                kv = np.asarray(kv_head_of) if kv_head_of is not None else np.arange(labels.shape[1])
+                per_kv = block in ("k", "v") and block_map.shape[1] != labels.shape[1]
+                categories.annotate(axm, labels, np.array([np.flatnonzero(kv == j)[0] for j in range(block_map.shape[1])]) if per_kv else None)
             if b == 0:
                 axm.set_ylabel("layer")
             else:
@@ -168,13 +189,14 @@ def effect_words(effect: float) -> str:
     return f"≤ {ORTHOGONAL_EFFECT:.2f}: not pointing apart"
 
 
-def _pair_text(pair: ConflictPair) -> str:
+def _pair_text(pair: ConflictPair, name=str) -> str:
     text = f"cosine {pair.cosine:+.3f}, effect size {pair.effect_size:.3f} ({effect_words(pair.effect_size)}), q {pair.qvalue:.3g}"
-    groups = ", ".join(f"{label} ({contribution:+.3f})" for label, contribution, *_ in pair.groups[:3])
+    groups = ", ".join(f"{name(label)} ({contribution:+.3f})" for label, contribution, *_ in pair.groups[:3])
     return f"{text}; most of it from {groups}" if groups else text
 
 
-def markdown(report: ConflictReport, summary: Mapping, *, figure_link: str | None = None, top: int = 5) -> list[str]:
+def markdown(report: ConflictReport, summary: Mapping, *, figure_link: str | None = None, top: int = 5,
+             labels: np.ndarray | None = None, kv_head_of: np.ndarray | None = None) -> list[str]:
     """The lines of ``report.md`` for one task pair (the section heading, :data:`TITLE`, is the
     caller's): a headline with the number of pairs, significant (pair, head) conflicts and the
     median cross-task cosine; what an effect size means; the ``top`` strongest pairs with the
@@ -182,8 +204,11 @@ def markdown(report: ConflictReport, summary: Mapping, *, figure_link: str | Non
     ``figure`` is given (a path relative to the report, or a ``{figure:NAME}`` placeholder of a
     :class:`~fisherjax.report.Section`), the figure.
 
-    ``summary``: :func:`summary` of the same report (its recommendations are listed).
+    ``summary``: :func:`summary` of the same report (its recommendations are listed, and its
+    ``head_map["by_category"]`` as a table when present); ``labels`` / ``kv_head_of``: the heads'
+    categories, named next to every head group.
     """
+    name = (lambda group: categories.name_group(group, labels, kv_head_of)) if labels is not None else str  # noqa: E731
     name_a, name_b = report.task_a, report.task_b
     n_sig = int(np.sum(report.group_significant)) if report.group_significant is not None else report.n_significant
     unit = "(pair, head)" if report.group_significant is not None else "pair"
@@ -199,7 +224,7 @@ def markdown(report: ConflictReport, summary: Mapping, *, figure_link: str | Non
         "",
     ]
     for pair in report.top_pairs[:top]:
-        lines.append(f"- {name_a} sample {pair.sample_a} vs {name_b} sample {pair.sample_b}: " + _pair_text(pair))
+        lines.append(f"- {name_a} sample {pair.sample_a} vs {name_b} sample {pair.sample_b}: " + _pair_text(pair, name))
     advice = summary.get("recommendations", {})
     which = "mean cosine on the conflicting groups" if report.group_significant is not None else "mean cosine"
     for sample in advice.get("samples", [])[:top]:
@@ -208,21 +233,26 @@ def markdown(report: ConflictReport, summary: Mapping, *, figure_link: str | Non
                      f"in {sample.get('conflicts')} significant conflicts ({which} {sample.get('mean_conflict_cosine', float('nan')):.3f})")
     for hot in advice.get("hotspots", []):
         lines.append(f"- hotspot {hot['group']}: {100 * hot['share']:.0f} % of the conflict pull")
+    by_category = summary.get("head_map", {}).get("by_category")
+    if by_category:
+        lines += ["", "Mean net conflict per head category (positive = pulls the tasks apart):", "",
+                  *categories.category_table(by_category, what="block")]
     if figure_link is not None:
         lines += ["", f"![conflicts {name_a} vs {name_b}]({figure_link})"]
     lines.append("")
     return lines
 
 
-def section(reports: Mapping[tuple[str, str], ConflictReport]) -> Section:
+def section(reports: Mapping[tuple[str, str], ConflictReport], labels: np.ndarray | None = None,
+            kv_head_of: np.ndarray | None = None) -> Section:
     """Phase 5 as one :class:`~fisherjax.report.Section`: key ``"conflicts"``, json
     ``{"pairs": {"A|B": summary}}`` (the content of ``conflicts.json``), each pair's
     :func:`markdown` with its :func:`figure` (named :func:`figure_name`)."""
     pairs, lines, figures = {}, [], {}
     for (name_a, name_b), report in reports.items():
-        entry = summary(report)
+        entry = summary(report, labels, kv_head_of)
         pairs[f"{name_a}|{name_b}"] = entry
         name = figure_name(report)
-        figures[name] = figure(report)
-        lines += markdown(report, entry, figure_link=f"{{figure:{name}}}")
+        figures[name] = figure(report, labels, kv_head_of)
+        lines += markdown(report, entry, figure_link=f"{{figure:{name}}}", labels=labels, kv_head_of=kv_head_of)
     return Section("conflicts", TITLE, {"pairs": pairs}, lines, figures)

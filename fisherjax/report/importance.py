@@ -24,6 +24,7 @@ def summary(
     level: float = 0.95,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    labels: np.ndarray | None = None,
 ) -> dict:
     """The ``results.json["importance"]`` section.
 
@@ -31,7 +32,10 @@ def summary(
     and by layer share, head importance ``[L, H]`` / ``[L, H_kv]`` with per-block values and (when
     per-sample group values were kept) its percentile bootstrap interval
     (:func:`~fisherjax.analysis.importance.head_importance_intervals`), and the top-``k`` heads
-    with their share of the task's attention Fisher. Per pair of tasks:
+    with their share of the task's attention Fisher. With ``labels`` (``[L, H]`` behavioural
+    categories, :mod:`fisherjax.heads`) every top head carries its ``category`` and ``by_category``
+    gives each category's share of the task's attention Fisher (``Σ F_head`` over its heads). Per
+    pair of tasks:
     :func:`~fisherjax.analysis.importance.compare_tasks` overall and over attention heads.
     """
     fishers = _by_name(fishers)
@@ -52,6 +56,8 @@ def summary(
                    "share": float(head_share[layer, h])}
             if interval is not None:
                 row["interval"] = [float(interval[0][layer, h]), float(interval[1][layer, h])]
+            if labels is not None:
+                row["category"] = str(labels[layer, h])
             top.append(row)
         tasks[name] = {
             "total_fisher": float(table.value[table.primary].sum()),
@@ -75,6 +81,8 @@ def summary(
                 "top": top,
             },
         }
+        if labels is not None:
+            tasks[name]["heads"]["by_category"] = category_shares(head_share, labels)
     comparisons = {}
     for (name_a, fa), (name_b, fb) in itertools.combinations(fishers.items(), 2):
         overall = importance.compare_tasks(fa, fb, layout, k=k, intersect=True)
@@ -88,6 +96,12 @@ def summary(
             "most_different": overall.differences,
         }
     return {"tasks": tasks, "comparisons": comparisons}
+
+
+def category_shares(values: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """``{category: Σ values over its heads}`` for the categories some head carries, largest first."""
+    sums = {str(c): float(values[labels == c].sum()) for c in np.unique(labels)}
+    return dict(sorted(sums.items(), key=lambda kv: -kv[1]))
 
 
 def _by_name(fishers) -> dict[str, TaskFisher]:
@@ -130,18 +144,29 @@ def figure(heads: Sequence[importance.HeadImportance] | Mapping[str, importance.
     return fig
 
 
-def section(fishers: Mapping[str, TaskFisher], layout: ModelLayout, *, k: int = 10, seed: int = 0, rows: int = 5) -> Section:
-    """Phase 2: the summary, the head figure, the top heads of each task with their bootstrap
-    intervals, and the tasks' rank correlations."""
-    data = summary(fishers, layout, k=k, seed=seed)
+def section(fishers: Mapping[str, TaskFisher], layout: ModelLayout, *, k: int = 10, seed: int = 0, rows: int = 5,
+            labels: np.ndarray | None = None) -> Section:
+    """Phase 2: the summary, the head figure, the top heads of each task (with their category when
+    ``labels`` are given) and bootstrap intervals, each category's share, and the tasks' rank
+    correlations."""
+    data = summary(fishers, layout, k=k, seed=seed, labels=labels)
     heads = {name: importance.head_importance(f, layout) for name, f in fishers.items()}
+    category = labels is not None
     lines = ["![head importance]({figure:importance_heads})", "",
              "Most important heads (combined Q/K/V/O Fisher, as a share of the task's attention Fisher):", "",
-             "| task | layer | head | kv head | share | Fisher (95 % bootstrap interval) |", "|---|---|---|---|---|---|"]
+             "| task | layer | head | kv head |" + (" category |" if category else "") + " share | Fisher (95 % bootstrap interval) |",
+             "|---|---|---|---|" + ("---|" if category else "") + "---|---|"]
     for name, task in data["tasks"].items():
         for row in task["heads"]["top"][:rows]:
             interval = f" ({row['interval'][0]:.3g} – {row['interval'][1]:.3g})" if "interval" in row else ""
-            lines.append(f"| {name} | {row['layer']} | {row['head']} | {row['kv_head']} | {row['share']:.3f} | {row['value']:.3g}{interval} |")
+            named = f" {row['category']} |" if category else ""
+            lines.append(f"| {name} | {row['layer']} | {row['head']} | {row['kv_head']} |{named} {row['share']:.3f} | {row['value']:.3g}{interval} |")
+    if category:
+        lines += ["", "Share of each task's attention Fisher by head category:", "",
+                  "| task | " + " | ".join(sorted(np.unique(labels).tolist())) + " |", "|---|" + "---|" * len(np.unique(labels))]
+        for name, task in data["tasks"].items():
+            shares = task["heads"]["by_category"]
+            lines.append(f"| {name} | " + " | ".join(f"{shares[c]:.3f}" for c in sorted(shares)) + " |")
     for pair, c in data["comparisons"].items():
         lines += ["", f"Rank correlation of group importance, {pair.replace('|', ' vs ')}: Spearman "
                   f"{c['spearman']:.3f} over {c['n_groups']} groups (attention heads only: {c['attention_spearman']:.3f})."]

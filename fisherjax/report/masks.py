@@ -197,6 +197,12 @@ def _subsample_words(experiment: Mapping) -> str:
     return f"{rule}; {per_task}"
 
 
+def _category_counts(names) -> dict[str, int]:
+    """``{category: count}`` in sorted order."""
+    values, counts = np.unique(np.asarray(names, dtype=str), return_counts=True)
+    return {str(v): int(c) for v, c in zip(values, counts, strict=True)}
+
+
 def section(
     fishers: Mapping[str, TaskFisher],
     layout: ModelLayout,
@@ -205,9 +211,12 @@ def section(
     head_masks: Mapping[str, Sequence[Mask]],
     parameter_masks: Mapping[str, Sequence[Mask]] | None,
     experiment: Mapping | None,
+    labels: np.ndarray | None = None,
 ) -> Section:
     """Phases 3–4: every task's masks, the head (and parameter) mask overlaps with merge advice and
-    figure, and the head-pruning experiment's table (:mod:`fisherjax.analysis.experiments`)."""
+    figure, and the head-pruning experiment's table (:mod:`fisherjax.analysis.experiments`). With
+    ``labels`` (``[L, H]`` head categories, :mod:`fisherjax.heads`): how many heads of each category
+    each task's Fisher mask prunes, and the experiment's masks by category (its ``loss_extra``)."""
     data = {"masks": masks_summary(fishers, layout, sparsities=sparsities, parameter_masks=parameter_masks)}
     data["overlap"] = {"head": overlap_summary(head_masks, layout)}
     if parameter_masks is not None:
@@ -233,4 +242,19 @@ def section(
         for name, r in experiment["tasks"].items():
             lines.append(f"| {name} | {_samples_of(r)} | {r['loss_before']:.4f} | {r['loss_fisher']:.4f} "
                          f"| {r['loss_random_mean']:.4f} ± {r['loss_random_sd']:.4f} | {r['fraction_random_worse']:.0%} |")
+        if labels is not None and experiment.get("unit") == "head":
+            pruned = {name: _category_counts([labels[layer, head] for layer, head in r["pruned"]])
+                      for name, r in experiment["tasks"].items()}
+            data["head_pruning"]["pruned_by_category"] = pruned
+            every = _category_counts(labels.ravel())
+            lines += ["", "Heads the Fisher mask prunes, by category (of all heads of the category):", "",
+                      "| task | " + " | ".join(every) + " |", "|---|" + "---|" * len(every)]
+            lines += [f"| {name} | " + " | ".join(f"{counts.get(c, 0)} of {n}" for c, n in every.items()) + " |"
+                      for name, counts in pruned.items()]
+        extra = [name for name in next(iter(experiment["tasks"].values())).get("loss_extra", {})]
+        if extra:
+            lines += ["", "Loss per token with the heads of a category removed, or only them kept (same subsample):", "",
+                      "| task | before | " + " | ".join(extra) + " |", "|---|---|" + "---|" * len(extra)]
+            lines += [f"| {name} | {r['loss_before']:.4f} | " + " | ".join(f"{r['loss_extra'][e]:.4f}" for e in extra) + " |"
+                      for name, r in experiment["tasks"].items()]
     return Section("masks", "Phases 3–4 — Pruning masks and their overlap", data, lines, figures)

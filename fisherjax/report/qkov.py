@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fisherjax.analysis.qkov import SIGNED_VARIANTS, BootstrapInterval, PermutationResult, QKOVResult, top_conflicts
+from fisherjax.report import categories
 from fisherjax.report.base import Section
 from fisherjax.report.figures import new_figure
 
@@ -37,7 +38,7 @@ def _finite_list(x) -> list:
     return np.where(np.isfinite(x), x, 0.0).astype(float).tolist()
 
 
-def summary(result: QKOVResult, *, top_k: int = 20) -> dict:
+def summary(result: QKOVResult, *, top_k: int = 20, labels: np.ndarray | None = None) -> dict:
     """The ``results.json`` entry of one task pair (``qkov.pairs["A|B"]``), JSON-serialisable.
 
     Keys: ``task_a``, ``task_b``, ``n_a``, ``n_b``, ``dropped_a``, ``dropped_b`` (sample ids with
@@ -45,7 +46,10 @@ def summary(result: QKOVResult, *, top_k: int = 20) -> dict:
     ``kv_head_of``, ``blocks`` (per block: ``layer_head_avg`` ``[layer][query head]``, the
     ``strongest`` cell — most negative for the signed variants (signed, kfac) — its ``slice_size`` and the
     Fisher ``diagnostics`` per cell) and ``top_conflicts`` (the ``top_k`` strongest entries with
-    true sample ids, :func:`~fisherjax.analysis.qkov.top_conflicts`).
+    true sample ids, :func:`~fisherjax.analysis.qkov.top_conflicts`). With ``labels`` (``[L, H]``
+    head categories, :mod:`fisherjax.heads`) the strongest cells and top conflicts carry their
+    head's ``category`` and ``by_category`` gives, per block, the mean ``layer_head_avg`` over the
+    query heads of each category.
     """
     blocks = {}
     sign = -1.0 if result.options.variant in SIGNED_VARIANTS else 1.0
@@ -60,6 +64,14 @@ def summary(result: QKOVResult, *, top_k: int = 20) -> dict:
             "slice_size": int(result.slice_sizes[n]),
             "diagnostics": {name: _finite_list(np.asarray(value)[n]) for name, value in result.diagnostics.as_dict().items()},
         }
+        if labels is not None:
+            blocks[block]["strongest"]["category"] = categories.head_category(labels, int(layer), int(head))
+    top = [dict(c) for c in top_conflicts(result, top_k)]
+    named = {}
+    if labels is not None:
+        for row in top:
+            row["category"] = categories.head_category(labels, int(row["layer"]), int(row["head"]))
+        named["by_category"] = {block: categories.per_category(avg_all[n], labels) for n, block in enumerate(result.blocks)}
     return {
         "task_a": result.task_a,
         "task_b": result.task_b,
@@ -70,7 +82,8 @@ def summary(result: QKOVResult, *, top_k: int = 20) -> dict:
         "options": dataclasses.asdict(result.options),
         "kv_head_of": [int(g) for g in np.asarray(result.kv_head_of)],
         "blocks": blocks,
-        "top_conflicts": [dict(c) for c in top_conflicts(result, top_k)],
+        "top_conflicts": top,
+        **named,
     }
 
 
@@ -101,10 +114,11 @@ def permutation_summary(test: PermutationResult, result: QKOVResult) -> dict:
     }
 
 
-def figures(result: QKOVResult) -> dict:
+def figures(result: QKOVResult, labels: np.ndarray | None = None) -> dict:
     """``{block: Figure}`` (pyplot-free, :func:`fisherjax.report.figures.new_figure`): the layer ×
     head map of ``layer_head_avg`` per block — q and o over query heads, k and v over kv heads
-    (each kv head once) — diverging around 0 for the signed variant."""
+    (each kv head once) — diverging around 0 for the signed variant; with ``labels`` each cell
+    names its head's category (:func:`fisherjax.report.categories.annotate`)."""
     out = {}
     kv = np.asarray(result.kv_head_of)
     first_of_group = np.r_[True, kv[1:] != kv[:-1]]
@@ -131,6 +145,8 @@ def figures(result: QKOVResult) -> dict:
         what = f"{result.options.variant}, {result.options.aggregate}"
         ax.set_title(f"QK-OV {block.upper()}: {result.task_b} → {result.task_a}\n({what}, mean over {n_a}×{n_b} pairs)", fontsize=9)
         fig.colorbar(image, ax=ax, label="interference score")
+        if labels is not None:
+            categories.annotate(ax, labels, np.flatnonzero(first_of_group) if per_kv else None)
         out[block] = fig
     return out
 
@@ -168,10 +184,15 @@ def markdown(name_a: str, name_b: str, summary: Mapping, *, top: int = 5, figure
     lines = [f"**{name_b} → {name_a}** ({summary['n_a']} × {summary['n_b']} samples): {verdict}", ""]
     rows = summary.get("top_conflicts", [])[:top]
     if rows:
-        lines += ["| block | layer | head | kv head | sample A | sample B | score |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {t['block']} | {t['layer']} | {t['head']} | {t['kv_head']} | {t['sample_a']} | {t['sample_b']} | {t['score']:.4g} |"
-                  for t in rows]
+        named = "category" in rows[0]
+        lines += ["| block | layer | head | kv head |" + (" category |" if named else "") + " sample A | sample B | score |",
+                  "|---|---|---|---|" + ("---|" if named else "") + "---|---|---|"]
+        lines += [f"| {t['block']} | {t['layer']} | {t['head']} | {t['kv_head']} |" + (f" {t['category']} |" if named else "")
+                  + f" {t['sample_a']} | {t['sample_b']} | {t['score']:.4g} |" for t in rows]
         lines.append("")
+    if "by_category" in summary:
+        lines += ["Mean interference per head category:", "",
+                  *categories.category_table(summary["by_category"], what="block"), ""]
     if figure_links is None:
         figure_links = {block: f"{{figure:{figure_name(name_a, name_b, block)}}}" for block in summary.get("blocks", {})}
     lines += [f"![{name_b} → {name_a} {block}]({link})" for block, link in figure_links.items()]
@@ -179,12 +200,14 @@ def markdown(name_a: str, name_b: str, summary: Mapping, *, top: int = 5, figure
     return lines
 
 
-def section(summaries: Mapping[tuple[str, str], Mapping], results: Mapping[tuple[str, str], QKOVResult] | None = None) -> Section:
+def section(summaries: Mapping[tuple[str, str], Mapping], results: Mapping[tuple[str, str], QKOVResult] | None = None,
+            labels: np.ndarray | None = None) -> Section:
     """Phase 6 as one :class:`~fisherjax.report.Section`: key ``"qkov"``, json
     ``{"pairs": {"A|B": summary}}``, each pair's :func:`markdown` and, for the pairs in
     ``results``, its :func:`figures` named :func:`figure_name`.
 
-    ``summaries``: ``{(A, B): entry}`` in report order, each entry as :func:`markdown` takes it.
+    ``summaries``: ``{(A, B): entry}`` in report order, each entry as :func:`markdown` takes it;
+    ``labels``: the heads' categories, written into the figures.
     """
     pairs, lines, drawn = {}, [], {}
     for (name_a, name_b), entry in summaries.items():
@@ -193,6 +216,6 @@ def section(summaries: Mapping[tuple[str, str], Mapping], results: Mapping[tuple
         links = None if result is not None else {}
         lines += markdown(name_a, name_b, entry, figure_links=links)
         if result is not None:
-            for block, fig in figures(result).items():
+            for block, fig in figures(result, labels).items():
                 drawn[figure_name(name_a, name_b, block)] = fig
     return Section("qkov", TITLE, {"pairs": pairs}, lines, drawn)
