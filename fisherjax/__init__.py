@@ -6,12 +6,13 @@ and their overlap, sample-level conflict forensics and QK-OV interference, as pu
 The phases are importable from the top: ``fisherjax.collect`` (Phase 1), ``fisherjax.importance``
 (2), ``fisherjax.masks`` (3), ``fisherjax.overlap`` (4), ``fisherjax.conflicts`` (5),
 ``fisherjax.qkov`` (6), ``fisherjax.natural`` (7), ``fisherjax.curvature`` (K-FAC, Lanczos,
-block spectra and the Fisher method comparison), and ``fisherjax.data`` for task files.
+block spectra and the Fisher method comparison), ``fisherjax.heads`` (behavioural head categories,
+head-mask importance, single-head ablation), and ``fisherjax.data`` for task files.
 ``fisherjax.enable_compilation_cache()`` keeps XLA compilations in the user's cache directory
 for the next session (the command line does it by default).
 """
 
-from fisherjax import curvature, data
+from fisherjax import curvature, data, heads
 from fisherjax.analysis import conflicts, importance, masks, natural, overlap, qkov
 from fisherjax.compilation_cache import enable as enable_compilation_cache
 from fisherjax.config import DecoderConfig
@@ -41,6 +42,7 @@ __all__ = [
     "curvature",
     "data",
     "enable_compilation_cache",
+    "heads",
     "importance",
     "load_pretrained",
     "masks",

@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--head-samples", type=int, default=d.head_samples, metavar="N",
                    help=f"samples of each task for head-mask importance and the single-head ablation table of the "
                         f"'heads' phase (default {d.head_samples})")
+    a.add_argument("--ablation-heads", type=int, default=d.ablation_heads, metavar="N",
+                   help=f"heads of each task ablated one at a time in the 'heads' phase: those with the largest head-mask "
+                        f"importance, each costing a forward pass of the head samples; 0 turns the table off (default {d.ablation_heads})")
     a.add_argument("--devices", type=int, metavar="N",
                    help="split each batch's samples over N devices (default: every device, when there are several)")
     a.add_argument("--coordinator", metavar="HOST:PORT",
@@ -187,6 +190,7 @@ def _analyze(args) -> int:
         curvature_samples=args.curvature_samples,
         curvature_k=args.curvature_k,
         head_samples=args.head_samples,
+        ablation_heads=args.ablation_heads,
     )
     cache = compilation_cache.requested_dir(args.compilation_cache, args.no_compilation_cache)
     if cache is not None:

@@ -88,7 +88,8 @@ class AnalysisConfig:
     curvature: bool = False
     curvature_samples: int = 32
     curvature_k: int = 10
-    head_samples: int = 64
+    head_samples: int = 32
+    ablation_heads: int = 16
 
     def __post_init__(self):
         """Reject bad options before anything is loaded or computed (one line each, exit code 2)."""
@@ -100,6 +101,7 @@ class AnalysisConfig:
         check(self.curvature_samples >= 2, f"curvature samples must be ≥ 2 (--curvature-samples), got {self.curvature_samples}")
         check(self.curvature_k >= 1, f"curvature k must be ≥ 1 (--curvature-k), got {self.curvature_k}")
         check(self.head_samples >= 1, f"head samples must be ≥ 1 (--head-samples), got {self.head_samples}")
+        check(self.ablation_heads >= 0, f"ablation heads must be ≥ 0 (--ablation-heads), got {self.ablation_heads}")
         check(self.pruning_samples >= 1, f"pruning samples must be ≥ 1 (--pruning-samples), got {self.pruning_samples}")
         check(0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63) (--seed), got {self.seed}")
         outdir.check_task_names([name for name, _ in self.tasks])
@@ -248,15 +250,22 @@ def head_task_batches(ctx: Context, name: str) -> list[Batch]:
 def phase_heads(ctx: Context, out: Path) -> report.Section:
     """Behavioural head categories (computed before the phases, :func:`fisherjax.heads.categorise`),
     and per task on its first ``head_samples`` samples: head-mask importance against the Fisher head
-    importance, and the single-head ablation table. Writes ``heads.json``."""
+    importance, and the single-head ablation table of the ``ablation_heads`` heads with the largest
+    head-mask importance (every head when the model has no more; each costs a forward pass of
+    those samples). Writes ``heads.json``."""
     model, layout = ctx.model, ctx.model.layout
     tasks = {}
     for name, fisher in ctx.fishers.items():
         chosen = head_task_batches(ctx, name)
-        tasks[name] = heads_report.task_summary(
-            heads.head_mask_importance(model, model.params, chosen), importance.head_importance(fisher, layout).head,
-            heads.ablate_heads(model, model.params, chosen), ctx.labels, top=ctx.config.top_k,
-        )
+        gate = heads.head_mask_importance(model, model.params, chosen)
+        ablation = None
+        if ctx.config.ablation_heads:
+            top = np.argsort(-gate.mean_abs, axis=None, kind="stable")[: ctx.config.ablation_heads]
+            which = np.zeros(gate.mean_abs.shape, bool)
+            which.flat[top] = True
+            ablation = heads.ablate_heads(model, model.params, chosen, heads=which)
+        tasks[name] = heads_report.task_summary(gate, importance.head_importance(fisher, layout).head, ablation, ctx.labels,
+                                                top=ctx.config.top_k)
     section = heads_report.section(ctx.heads, tasks)
     (out / "heads.json").write_text(json.dumps(report.jsonable(section.json), indent=2))
     return section

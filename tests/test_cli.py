@@ -87,6 +87,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_checkpoint, tmp
         (["--max-samples", "0"], "max samples must be ≥ 1"),
         (["--sparsity", "1.5"], r"sparsity must be in \[0, 1\] \(--sparsity\), got 1.5"),
         (["--top-k", "-1"], "top-k must be ≥ 0"),
+        (["--head-samples", "0"], r"head samples must be ≥ 1 \(--head-samples\), got 0"),
+        (["--ablation-heads", "-1"], r"ablation heads must be ≥ 0 \(--ablation-heads\)"),
         (["--sample-grads-budget-gb", "0"], r"sample-gradient budget must be > 0 GB \(--sample-grads-budget-gb\)"),
         (["--contribution-budget-gb", "0"], "sample-gradient budget must be > 0 GB"),  # the flag's former name still works
         (["--contribution-budget-gb", "1e-6", "--spill-dir", "{file}"], "--spill-dir exists and is not a directory"),
@@ -178,7 +180,7 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
     heads = json.loads((out / "heads.json").read_text())
     assert heads == {k: v for k, v in results["heads"].items() if k != "figures"} and np.shape(heads["labels"]) == (2, 4) and set(heads["tasks"]) == {"math", "copy"}
     labels = np.array(heads["labels"])
-    assert np.shape(heads["tasks"]["copy"]["ablation"]["accuracy"]) == (2, 4) and heads["tasks"]["copy"]["ablation"]["n_samples"] == 64
+    assert np.shape(heads["tasks"]["copy"]["ablation"]["accuracy"]) == (2, 4) and heads["tasks"]["copy"]["ablation"]["n_samples"] == 32
     present = {f"{c}_heads" for c in labels.ravel()}
     groups = np.load(out / "group_fisher.npz")
     assert {k.split("|")[2] for k in groups.files if k.endswith("_heads")} == present

@@ -221,6 +221,13 @@ def test_single_head_ablation_equals_zero_gate(kind, reference):
     chunked = ablate_heads(model, model.params, batches(task, 4, side="left"), heads_per_pass=3)
     np.testing.assert_allclose(chunked.loss, result.loss, rtol=1e-6)
     np.testing.assert_array_equal(chunked.accuracy, result.accuracy)
+    some = np.zeros((layers, heads), bool)
+    some[0, 1] = some[1, 3] = True  # only these two heads: the same numbers there, NaN elsewhere
+    chosen = ablate_heads(model, model.params, batches(task, 4, side="left"), heads=some)
+    np.testing.assert_allclose(chosen.loss[some], result.loss[some], rtol=1e-6)
+    np.testing.assert_array_equal(chosen.accuracy[some], result.accuracy[some])
+    assert np.isnan(chosen.loss[~some]).all() and np.isnan(chosen.accuracy[~some]).all()
+    assert chosen.baseline_loss == pytest.approx(result.baseline_loss, rel=1e-6)
 
 
 def test_rank_correlation():

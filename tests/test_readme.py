@@ -18,5 +18,7 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     assert namespace["qkov"].scores.shape[2:4] == (128, 128)
     assert namespace["conflicts"].cosines.shape == (128, 128)
     assert namespace["heads"].head.shape == (2, 4)
+    assert namespace["categories"].labels.shape == (2, 4) and namespace["gates"].mean_abs.shape == (2, 4)
+    assert namespace["ablation"].accuracy.shape == (2, 4) and namespace["gates"].n_samples == 32
     assert namespace["kfac_qkov"].scores.shape[2:4] == (128, 128) and namespace["top"].values.shape == (5,)
     assert namespace["spectra"].top.shape[:3] == (4, 2, 4)

@@ -45,12 +45,17 @@ class HeadAblation(NamedTuple):
     n_samples: int
 
 
-def single_head_gates(layout: ModelLayout) -> np.ndarray:
-    """``[1 + layer·head, layer, head]`` gates: all ones (the baseline), then head ``(l, h)``
-    zeroed at row ``1 + l·heads + h``."""
+def single_head_gates(layout: ModelLayout, heads: np.ndarray | None = None) -> np.ndarray:
+    """``[1 + k, layer, head]`` gates: all ones (the baseline), then one setting per chosen head
+    with that head zeroed, in row-major (layer, head) order; ``heads`` ``[layer, head]`` bool picks
+    the ``k`` heads (default all ``layer·head``)."""
+    shape = (layout.num_layers, layout.num_heads)
+    chosen = np.ones(shape, bool) if heads is None else np.asarray(heads, bool)
+    if chosen.shape != shape:
+        raise ValueError(f"heads to ablate have shape {chosen.shape}, the model has {shape}")
     n = layout.num_layers * layout.num_heads
-    ablated = 1.0 - np.eye(n, dtype=np.float32).reshape(n, layout.num_layers, layout.num_heads)
-    return np.concatenate([np.ones((1, layout.num_layers, layout.num_heads), np.float32), ablated])
+    ablated = (1.0 - np.eye(n, dtype=np.float32).reshape(n, *shape))[chosen.ravel()]
+    return np.concatenate([np.ones((1, *shape), np.float32), ablated])
 
 
 def gate_heads(layout: ModelLayout, params, gate: Float[Array, "layer head"]):
@@ -87,7 +92,8 @@ def _ablation_sums(model, params, input_ids, attention_mask, labels, sample_ids,
 
 
 def ablate_heads(
-    model, params, batches: Iterable[Batch], *, heads_per_pass: int | None = None, memory_budget_bytes: float = 2e9
+    model, params, batches: Iterable[Batch], *, heads: np.ndarray | None = None, heads_per_pass: int | None = None,
+    memory_budget_bytes: float = 2e9,
 ) -> HeadAblation:
     """Loss per token and exact-match accuracy of a task with every single head zeroed in turn.
 
@@ -95,6 +101,8 @@ def ablate_heads(
       model: a :class:`~fisherjax.models.Model`.
       params: its parameters.
       batches: :class:`~fisherjax.data.Batch` es of the task; one jit per batch shape.
+      heads: ``[layer, head]`` bool, the heads to ablate (default all; each costs one forward pass
+        of every batch); the others get NaN.
       heads_per_pass: gate settings (heads, plus the baseline) evaluated at once, each holding
         one forward pass of the batch; by default as many as fit ``memory_budget_bytes``
         (estimated from the logits and the widest activations of a batch).
@@ -103,7 +111,7 @@ def ablate_heads(
       :class:`HeadAblation` (sums kept in float64 across batches).
     """
     layout = model.layout
-    gates = single_head_gates(layout)
+    gates = single_head_gates(layout, heads)
     cfg = model.config
     totals = np.zeros((gates.shape[0], 3))
     rows = 0
@@ -119,4 +127,7 @@ def ablate_heads(
         raise DataError("no sample with predicted tokens: head ablation needs at least one")
     loss, accuracy = nll / tokens, exact / rows
     shape = (layout.num_layers, layout.num_heads)
-    return HeadAblation(float(loss[0]), float(accuracy[0]), loss[1:].reshape(shape), accuracy[1:].reshape(shape), rows)
+    chosen = np.ones(shape, bool) if heads is None else np.asarray(heads, bool)
+    per_head = np.full((2, *shape), np.nan)
+    per_head[:, chosen] = np.stack([loss[1:], accuracy[1:]])
+    return HeadAblation(float(loss[0]), float(accuracy[0]), per_head[0], per_head[1], rows)

@@ -37,13 +37,14 @@ def task_summary(importance: heads.HeadMaskImportance, fisher_head: np.ndarray, 
     if ablation is not None:
         drop = ablation.baseline_accuracy - np.asarray(ablation.accuracy)
         rise = np.asarray(ablation.loss) - ablation.baseline_loss
-        order = np.lexsort((-rise.ravel(), -drop.ravel()))[:top]
+        ablated = np.flatnonzero(np.isfinite(drop.ravel()))  # heads not ablated (NaN) are not ranked
+        order = ablated[np.lexsort((-rise.ravel()[ablated], -drop.ravel()[ablated]))][:top]
         worst = []
         for flat in order:
             layer, head = np.unravel_index(int(flat), drop.shape)
             worst.append({"layer": int(layer), "head": int(head), "category": str(labels[layer, head]),
                           "accuracy": float(ablation.accuracy[layer, head]), "loss": float(ablation.loss[layer, head])})
-        entry["ablation"] = {"n_samples": ablation.n_samples, "baseline_accuracy": ablation.baseline_accuracy,
+        entry["ablation"] = {"n_samples": ablation.n_samples, "n_heads": int(np.isfinite(drop).sum()), "baseline_accuracy": ablation.baseline_accuracy,
                              "baseline_loss": ablation.baseline_loss, "accuracy": np.asarray(ablation.accuracy).tolist(),
                              "loss": np.asarray(ablation.loss).tolist(), "most_needed": worst}
     return entry
@@ -99,8 +100,9 @@ def section(cats: heads.HeadCategories, tasks: Mapping[str, dict]) -> Section:
                      f"Spearman {'n/a' if rho is None or not np.isfinite(rho) else f'{rho:.3f}'}.")
         ablation = entry.get("ablation")
         if ablation:
-            lines += ["", f"Heads {name} needs most (one head's output zeroed; baseline accuracy {ablation['baseline_accuracy']:.3f}, "
-                      f"loss {ablation['baseline_loss']:.4f}, {ablation['n_samples']} samples):", "",
+            lines += ["", f"Heads {name} needs most (one head's output zeroed, {ablation['n_heads']} heads with the largest head-mask "
+                      f"importance tried; baseline accuracy {ablation['baseline_accuracy']:.3f}, loss {ablation['baseline_loss']:.4f}, "
+                      f"{ablation['n_samples']} samples):", "",
                       "| layer | head | category | exact-match accuracy | loss per token |", "|---|---|---|---|---|"]
             lines += [f"| {r['layer']} | {r['head']} | {r['category']} | {r['accuracy']:.3f} | {r['loss']:.4f} |"
                       for r in ablation["most_needed"][:5]]
