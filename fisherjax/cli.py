@@ -106,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--head-samples", type=int, default=d.head_samples, metavar="N",
                    help=f"samples of each task for head-mask importance and the single-head ablation table of the "
                         f"'heads' phase (default {d.head_samples})")
+    a.add_argument("--probe-tokens", default=d.probe_tokens, metavar="TEXT",
+                   help="a text whose tokens the head probes draw from, e.g. an alphabet a toy model "
+                        "was trained on (default: every ordinary token; the demo: lowercase letters)")
+    a.add_argument("--probe-length", type=int, default=d.probe_length, metavar="N",
+                   help="tokens of each random probe segment, repeated once for the induction score (default 32; the demo 16)")
     a.add_argument("--ablation-heads", type=int, default=d.ablation_heads, metavar="N",
                    help=f"heads of each task ablated one at a time in the 'heads' phase: those with the largest head-mask "
                         f"importance, each costing a forward pass of the head samples; 0 turns the table off (default {d.ablation_heads})")
@@ -191,6 +196,8 @@ def _analyze(args) -> int:
         curvature_k=args.curvature_k,
         head_samples=args.head_samples,
         ablation_heads=args.ablation_heads,
+        probe_tokens=args.probe_tokens,
+        probe_length=args.probe_length,
     )
     cache = compilation_cache.requested_dir(args.compilation_cache, args.no_compilation_cache)
     if cache is not None:

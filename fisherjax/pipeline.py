@@ -89,6 +89,8 @@ class AnalysisConfig:
     curvature_samples: int = 32
     curvature_k: int = 10
     head_samples: int = 32
+    probe_tokens: str | None = None
+    probe_length: int | None = None
     ablation_heads: int = 16
 
     def __post_init__(self):
@@ -102,6 +104,9 @@ class AnalysisConfig:
         check(self.curvature_k >= 1, f"curvature k must be ≥ 1 (--curvature-k), got {self.curvature_k}")
         check(self.head_samples >= 1, f"head samples must be ≥ 1 (--head-samples), got {self.head_samples}")
         check(self.ablation_heads >= 0, f"ablation heads must be ≥ 0 (--ablation-heads), got {self.ablation_heads}")
+        check(self.probe_length is None or self.probe_length >= 2, f"probe length must be ≥ 2 (--probe-length), got {self.probe_length}")
+        check(self.probe_tokens is None or len(set(self.probe_tokens)) >= 2,
+              f"probe tokens must be a text of at least 2 distinct characters (--probe-tokens), got {self.probe_tokens!r}")
         check(self.pruning_samples >= 1, f"pruning samples must be ≥ 1 (--pruning-samples), got {self.pruning_samples}")
         check(0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63) (--seed), got {self.seed}")
         outdir.check_task_names([name for name, _ in self.tasks])
@@ -238,6 +243,23 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
     chosen = list(batches(task, config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
     result = compare.compare_methods(model, chosen, k=config.curvature_k, seed=config.seed, progress=config.progress)
     return curvature_report.section(result, name)
+
+
+def categorise_heads(model: Model, config: AnalysisConfig) -> heads.HeadCategories:
+    """:func:`fisherjax.heads.categorise` with the run's probes: the demo's own
+    (:func:`fisherjax.demo.probe_settings`) for the demo model, else every ordinary token at
+    length 32; ``--probe-tokens`` (the tokens of a text, without special tokens) and ``--probe-length``
+    override either."""
+    settings: dict = {}
+    if config.model is None:
+        from fisherjax import demo
+
+        settings = demo.probe_settings(model)
+    if config.probe_tokens is not None:
+        settings["tokens"] = np.asarray(model.tokenizer(config.probe_tokens, add_special_tokens=False)["input_ids"], np.int64)
+    if config.probe_length is not None:
+        settings["length"] = config.probe_length
+    return heads.categorise(model, model.params, seed=config.seed, **settings)
 
 
 def head_task_batches(ctx: Context, name: str) -> list[Batch]:
@@ -522,7 +544,7 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
             fishers = {name: join_shares(f, np.concatenate([b.sample_ids for b in all_batches[name]])) for name, f in fishers.items()}
         ctx = Context(config, model, tasks, all_batches, fishers, mesh)
         if writer and "heads" in config.phase_order():  # every later phase names heads by their category
-            categories, stretches["heads (categories)"] = telemetry.measure(heads.categorise, model, model.params, seed=config.seed)
+            categories, stretches["heads (categories)"] = telemetry.measure(categorise_heads, model, config)
             ctx = dataclasses.replace(ctx, heads=categories)
         if not writer:  # the pair phases span every process's devices; process 0 alone runs the others and writes
             for phase in config.phase_order():

@@ -62,7 +62,7 @@ def test_task_files_are_the_seeded_held_out_draws():
     seed = demo.recorded_metrics()["config"]["seed"]
     for offset, (name, path) in enumerate(demo.task_files().items()):
         records = read_jsonl(path)
-        assert records == generate(name, 128, seed=seed + offset)
+        assert records == generate(name, 128, seed=seed + offset, copy_lengths=tuple(demo.recorded_metrics()["config"]["copy_lengths"]))
         assert len({r["prompt"] for r in records}) == 128
     math, copy = read_jsonl(demo.task_files()["math"]), read_jsonl(demo.task_files()["copy"])
     assert all(int(r["completion"]) == sum(map(int, r["prompt"][:-1].split("+"))) for r in math)
@@ -148,3 +148,20 @@ def test_copy_uses_an_induction_head_that_math_does_not(model, tasks):
     best = scores["copy"][layer, head]
     assert best >= 0.45, scores  # uniform causal attention would give about 1/15
     assert best - scores["math"][layer, head] >= 0.3, scores
+
+
+def test_the_heads_labelled_induction_are_the_ones_copy_cannot_do_without(model, tasks):
+    """Issue 24's check of the whole chain on the shipped model: the heads ``categorise`` labels
+    induction (on the demo's probes) are exactly those whose single ablation takes ``copy`` below
+    0.5 — the largest drops — while zeroing any other head keeps it above 0.9, and the circuit's
+    previous-token head sits in an earlier layer."""
+    categories = fisherjax.heads.categorise(model, **demo.probe_settings(model))
+    induction = categories.labels == "induction"
+    assert induction.any(), categories.labels
+    ablation = fisherjax.heads.ablate_heads(model, model.params, batches(tasks["copy"], 64, buckets=demo.EVAL_BUCKETS))
+    assert ablation.baseline_accuracy == 1.0 and ablation.n_samples == 128
+    np.testing.assert_array_equal(ablation.accuracy < 0.5, induction)
+    assert (ablation.accuracy[~induction] > 0.9).all(), ablation.accuracy
+    assert ablation.accuracy[induction].max() < ablation.accuracy[~induction].min()
+    previous = np.argwhere(categories.labels == "previous_token")
+    assert previous.size and previous[:, 0].min() < np.argwhere(induction)[:, 0].min(), categories.labels

@@ -28,6 +28,14 @@ if TYPE_CHECKING:
 
 TASK_NAMES = ("math", "copy")
 EVAL_BUCKETS = (16, 32, 64)
+
+PROBE_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+"""The demo's heads are probed on the letters ``copy`` is made of: a toy model trained on a
+narrow alphabet runs its mechanisms there (on digits its induction head sees arithmetic)."""
+
+PROBE_LENGTH = 16
+"""Probe segments as long as the longest copy segment (``tasks.COPY_LENGTHS``), the positions the
+model was trained on."""
 _HERE = Path(__file__).resolve().parent
 
 
@@ -51,6 +59,13 @@ def load() -> Model:
 def load_tasks(tokenizer) -> dict[str, Task]:
     """Both shipped task files as :class:`~fisherjax.data.Task` (``fisherjax.data.load_task``)."""
     return {name: load_task(path, tokenizer, name=name) for name, path in task_files().items()}
+
+
+def probe_settings(model: Model) -> dict:
+    """``{"tokens", "length"}`` for :func:`fisherjax.heads.categorise` on the demo model:
+    :data:`PROBE_ALPHABET`'s token ids and :data:`PROBE_LENGTH`."""
+    ids = model.tokenizer(list(PROBE_ALPHABET), add_special_tokens=False)["input_ids"]
+    return {"tokens": np.asarray(ids).ravel(), "length": PROBE_LENGTH}
 
 
 def recorded_metrics() -> dict:

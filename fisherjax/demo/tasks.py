@@ -4,7 +4,7 @@
   then a uniform value with that many digits (1 digit: 0–9); prompt ``"a+b="``, completion the
   decimal sum (1–4 digits). Carries must be computed before the leading digits are written, so
   the model needs an arithmetic circuit.
-- ``copy``: a segment of 4–10 *distinct* lowercase letters (uniform length), then ``"|"``;
+- ``copy``: a segment of 6–16 *distinct* lowercase letters (uniform length), then ``"|"``;
   completion the same segment. Distinct letters make the next token a pure look-up — find the
   current letter in the first copy and read the one after it — which is what induction heads do.
 
@@ -14,6 +14,7 @@ prompts in ``exclude`` are dropped, so a training set can be made disjoint from 
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 from collections.abc import Callable, Iterable
@@ -24,7 +25,7 @@ import numpy as np
 from fisherjax.errors import DataError
 
 MAX_OPERAND_DIGITS = 3
-COPY_LENGTHS = (4, 10)
+COPY_LENGTHS = (6, 16)
 SEPARATOR = "|"
 LETTERS = np.array(list(string.ascii_lowercase))
 
@@ -36,8 +37,8 @@ def _math_draw(rng: np.random.Generator, n: int) -> list[dict]:
     return [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in operands.tolist()]
 
 
-def _copy_draw(rng: np.random.Generator, n: int) -> list[dict]:
-    lengths = rng.integers(COPY_LENGTHS[0], COPY_LENGTHS[1] + 1, size=n)
+def _copy_draw(rng: np.random.Generator, n: int, lengths: tuple[int, int] = COPY_LENGTHS) -> list[dict]:
+    lengths = rng.integers(lengths[0], lengths[1] + 1, size=n)
     # A random permutation of the alphabet per row; its first `length` letters are distinct.
     order = rng.permuted(np.tile(np.arange(len(LETTERS)), (n, 1)), axis=1)
     segments = ["".join(LETTERS[row[:length]]) for row, length in zip(order, lengths)]
@@ -47,19 +48,31 @@ def _copy_draw(rng: np.random.Generator, n: int) -> list[dict]:
 GENERATORS: dict[str, Callable[[np.random.Generator, int], list[dict]]] = {"math": _math_draw, "copy": _copy_draw}
 
 
-def generate(task: str, n: int, seed: int, *, exclude: Iterable[str] = (), distinct: bool = True) -> list[dict]:
+def generate(
+    task: str,
+    n: int,
+    seed: int,
+    *,
+    exclude: Iterable[str] = (),
+    distinct: bool = True,
+    copy_lengths: tuple[int, int] = COPY_LENGTHS,
+) -> list[dict]:
     """``n`` records of ``task`` whose prompts are not in ``exclude``; deterministic in ``seed``.
 
     With ``distinct`` every prompt occurs once (a held-out file); without it, prompts repeat at
     their natural rate (a training stream: 1-digit sums are common, there being only 100).
+    ``copy_lengths``: the (min, max) segment length of ``copy`` (at most 26, the letters being distinct).
     """
     if task not in GENERATORS:
         raise DataError(f"unknown demo task {task!r} (known: {', '.join(GENERATORS)})")
+    if not 1 <= copy_lengths[0] <= copy_lengths[1] <= len(LETTERS):
+        raise DataError(f"copy lengths {copy_lengths} must satisfy 1 ≤ min ≤ max ≤ {len(LETTERS)}")
+    draw = functools.partial(_copy_draw, lengths=copy_lengths) if task == "copy" else GENERATORS[task]
     rng = np.random.default_rng(seed)
     seen = set(exclude)
     records: list[dict] = []
     for _attempt in range(1000):
-        for record in GENERATORS[task](rng, max(2 * (n - len(records)), 64)):
+        for record in draw(rng, max(2 * (n - len(records)), 64)):
             if record["prompt"] not in seen:
                 if distinct:
                     seen.add(record["prompt"])

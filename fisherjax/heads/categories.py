@@ -168,6 +168,7 @@ def categorise(
     length: int = 32,
     n_tokens: int = 256,
     seed: int = 0,
+    tokens=None,
 ) -> HeadCategories:
     """Score and label every (layer, query head) of ``model``.
 
@@ -184,12 +185,15 @@ def categorise(
         ``2·length`` random tokens (plus BOS), shortened to the model's positions.
       n_tokens: probe tokens of the copying score.
       seed: seeds both probes and the copying tokens.
+      tokens: the token ids the default probes draw from (:func:`~fisherjax.heads.probes.probe_tokens`;
+        default every ordinary token). A toy model trained on a narrow alphabet — the shipped demo
+        copies lowercase letters — is probed on its own alphabet, where its mechanisms run.
     """
     params = model.params if params is None else params
-    repeated = _as_batches(induction_batches) or [induction_probe(model, n=n_probe, length=length, seed=seed)]
+    repeated = _as_batches(induction_batches) or [induction_probe(model, n=n_probe, length=length, seed=seed, tokens=tokens)]
     # Both default probes get one width (2·length + BOS, or what fits), so they share one compilation.
     width = repeated[0].input_ids.shape[1] - (bos_token(model) is not None) if induction_batches is None else 2 * length
-    plain = _as_batches(batches) or [random_probe(model, n=n_probe, length=width, seed=seed)]
+    plain = _as_batches(batches) or [random_probe(model, n=n_probe, length=width, seed=seed, tokens=tokens)]
     on_plain = _per_sample(model, params, plain)
     on_repeated = _per_sample(model, params, repeated)
     targets, tl, content = (mean_over_samples(s) for s in on_plain)

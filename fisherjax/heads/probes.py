@@ -45,10 +45,23 @@ def bos_token(model) -> int | None:
     return None if bos is None or not 0 <= int(bos) < model.config.vocab_size else int(bos)
 
 
-def random_probe(model, *, n: int = 16, length: int = 64, seed: int = 0) -> Batch:
-    """``n`` sequences ``[BOS] x_1 … x_length`` with ``x_i`` uniform over :func:`ordinary_tokens`
+def probe_tokens(model, tokens=None) -> np.ndarray:
+    """The ids a probe draws from: ``tokens`` (checked against the vocabulary; e.g. the tokens a
+    toy model was trained on) or, by default, :func:`ordinary_tokens`."""
+    if tokens is None:
+        return ordinary_tokens(model)
+    ids = np.unique(np.asarray(tokens, np.int64).ravel())
+    if ids.size < 2:
+        raise ConfigError(f"head probes need at least 2 distinct tokens, got {ids.size}")
+    if ids.min() < 0 or ids.max() >= model.config.vocab_size:
+        raise ConfigError(f"probe token ids must lie in [0, {model.config.vocab_size}), got {int(ids.min())}..{int(ids.max())}")
+    return ids
+
+
+def random_probe(model, *, n: int = 16, length: int = 64, seed: int = 0, tokens=None) -> Batch:
+    """``n`` sequences ``[BOS] x_1 … x_length`` with ``x_i`` uniform over :func:`probe_tokens`
     (independent, with replacement), no padding. Labels are the input ids."""
-    tokens = ordinary_tokens(model)
+    tokens = probe_tokens(model, tokens)
     bos = bos_token(model)
     length = _fit(model, length, copies=1, bos=bos)
     rng = np.random.default_rng([seed, 0])
@@ -57,14 +70,15 @@ def random_probe(model, *, n: int = 16, length: int = 64, seed: int = 0) -> Batc
     return Batch(ids, np.ones_like(ids), ids.copy(), np.arange(n, dtype=np.int64))
 
 
-def induction_probe(model, *, n: int = 16, length: int = 32, seed: int = 0) -> Batch:
+def induction_probe(model, *, n: int = 16, length: int = 32, seed: int = 0, tokens=None) -> Batch:
     """``n`` sequences ``[BOS] t_1 … t_L t_1 … t_L`` of random ordinary tokens, no padding.
 
     The ``L = length`` tokens of a sequence are distinct when the vocabulary has that many ordinary
     tokens (else drawn with replacement). Labels are the second copy from its second token on —
-    what an induction mechanism predicts — and :data:`~fisherjax.data.IGNORE` before.
+    what an induction mechanism predicts — and :data:`~fisherjax.data.IGNORE` before. ``tokens``:
+    the ids to draw from (:func:`probe_tokens`).
     """
-    tokens = ordinary_tokens(model)
+    tokens = probe_tokens(model, tokens)
     bos = bos_token(model)
     length = _fit(model, length, copies=2, bos=bos)
     rng = np.random.default_rng([seed, 1])
