@@ -1,6 +1,6 @@
 """``fisherjax analyze`` beyond one device: ``--devices`` on four forced host devices, and two
 processes joined with ``--coordinator`` (each with two host devices), against one device (the
-fast check of ``--devices`` on Phase 1 runs inside tests/sharded_collect_check.py)."""
+check of ``--devices`` on Phase 1 alone is the slow test of tests/test_sharded_collect.py)."""
 
 from __future__ import annotations
 

@@ -256,6 +256,7 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # three subprocesses; resume from the orbax progress is checked in-process by tests/test_experiments.py
 def test_killed_collection_resumes_to_identical_numbers(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(RESUME_SCRIPT.format(tests=str(Path(__file__).parent)))

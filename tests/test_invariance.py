@@ -51,7 +51,7 @@ def _collect(model, task: Task, batch_size: int, side: str):
         return collect(model, list(batches(task, batch_size, side=side, buckets=(SEQ,))), task=task.name, progress=False, diagonal=True)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def model(request):
     return Model.init(tiny_config(request.param), seed=0)
 

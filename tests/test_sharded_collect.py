@@ -45,30 +45,31 @@ def _check(results: dict, tolerance: float = TOLERANCE) -> None:
 
 def test_sharded_collect_equals_one_device(tmp_path, hf_checkpoint):
     """Llama-family checkpoint (grouped-query attention), Welford groups, the full diagonal's sums
-    and kept gradients (a Welford diagonal and EMA groups: the slow test below): equal on (4,) and (2, 2); the compiled step of (4,) runs on all four
-    devices, each on its own rows, with an all-reduce."""
+    and kept gradients (a Welford diagonal, EMA groups and the command line: the slow test below):
+    equal on (4,) and (2, 2); the compiled step of (4,) runs on all four devices, each on its own
+    rows, with an all-reduce."""
     directory, _ = hf_checkpoint("llama")
-    results = _run(tmp_path, [f"--cli={tmp_path},{directory}", f"{directory}:"])
+    results = _run(tmp_path, [f"{directory}:"])
     _check(results)
     found = results[f"{directory}:"]["(4,)"]  # 8 rows over 4 data shards
     assert found["devices"] == 4 and found["rows_per_device"] == 2 and found["all_reduce"], found
     assert "welford_m2" in results[f"{directory}:"]["(4,)"]
-    # the command line: every device by default, --devices 1, the same Phase 1; the plan compiles
-    # the sharded step on its mesh and reports exactly that step's memory analysis
-    cli = results["command line"]
-    assert cli["devices_four"] == 4 and cli["devices_one"] == 1 and cli["cli_groups"] <= TOLERANCE, cli
-    assert cli["plan_sharded"] and cli["plan_matches"], cli
 
 
 @pytest.mark.slow
 def test_sharded_collect_equals_one_device_every_family_and_setting(tmp_path, hf_checkpoint):
     """Every family, EMA groups, the true Fisher's draws (one key per sample, so the same on any
-    mesh), and the shipped demo model."""
+    mesh), the shipped demo model, and the command line (``--devices``, ``fisherjax plan``)."""
     from fisherjax import demo
 
     settings = {"gpt2": "ema", "llama": "true", "mistral": "", "qwen2": "true,variance", "gpt_neox": "ema,variance"}
     cases = [f"{hf_checkpoint(kind)[0]}:{settings[kind]}" for kind in FAMILIES]
-    results = _run(tmp_path, cases + [f"{demo.checkpoint_dir()}:"])
+    results = _run(tmp_path, [f"--cli={tmp_path},{hf_checkpoint('llama')[0]}", *cases, f"{demo.checkpoint_dir()}:"])
+    # the command line: every device by default, --devices 1, the same Phase 1; the plan compiles
+    # the sharded step on its mesh and reports exactly that step's memory analysis
+    cli = results["command line"]
+    assert cli["devices_four"] == 4 and cli["devices_one"] == 1 and cli["cli_groups"] <= TOLERANCE, cli
+    assert cli["plan_sharded"] and cli["plan_matches"], cli
     _check({k: v for k, v in results.items() if k in cases})
     # the trained demo model: float32 rounding of other GEMM shapes alone moves its results by
     # ~6e-6 (one device, batches of 2 against 8), and a "model" axis reorders sums once more
