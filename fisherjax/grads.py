@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from fisherjax.data import IGNORE, Batch, num_active_tokens, predicted_labels
 from fisherjax.layout import flatten, unflatten
@@ -73,6 +73,24 @@ def _position_nll_bwd(residuals, cotangent):
 
 
 _position_nll.defvjp(_position_nll_fwd, _position_nll_bwd)
+
+
+def completion_scores(
+    logits: Float[Array, "batch seq vocab"], labels: Int[Array, "batch seq"]
+) -> tuple[Bool[Array, " batch"], Float[Array, " batch"], Int[Array, " batch"], Int[Array, " batch"]]:
+    """Teacher-forced scores of every sample's completion (labels ≠ -100, one-token shift).
+
+    ``exact_i = ∀t ∈ completion: argmax_v logits[i, t, v] = labels[i, t+1]`` — equal to greedy
+    decoding of the completion, since each greedy step then conditions on the true prefix;
+    ``nll_i = Σ_t −log p(labels[i, t+1] | ≤ t)``; ``correct_i`` = matching tokens; ``tokens_i`` = ``T_i``.
+    Rows without completion tokens have ``exact = False``.
+    """
+    targets = labels[:, 1:]
+    valid = targets != IGNORE
+    hit = (jnp.argmax(logits[:, :-1], axis=-1) == targets) & valid
+    tokens = valid.sum(-1)
+    exact = (hit.sum(-1) == tokens) & (tokens > 0)
+    return exact, token_nll(logits, labels).sum(-1), hit.sum(-1), tokens
 
 
 def sample_losses(model, params, input_ids, attention_mask, labels) -> tuple[Float[Array, " batch"], Int[Array, " batch"]]:

@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
 
-from fisherjax.data import IGNORE, Task, batches, load_task, predicted_labels
+from fisherjax.data import Task, batches, load_task, predicted_labels
 from fisherjax.errors import DataError
-from fisherjax.grads import token_nll
+from fisherjax.grads import completion_scores
 
 if TYPE_CHECKING:
     from fisherjax.models import Model
@@ -73,24 +71,6 @@ def recorded_metrics() -> dict:
     return json.loads((checkpoint_dir() / "metrics.json").read_text())
 
 
-def completion_scores(
-    logits: Float[Array, "batch seq vocab"], labels: Int[Array, "batch seq"]
-) -> tuple[Bool[Array, " batch"], Float[Array, " batch"], Int[Array, " batch"], Int[Array, " batch"]]:
-    """Teacher-forced scores of every sample's completion (labels ≠ -100, one-token shift).
-
-    ``exact_i = ∀t ∈ completion: argmax_v logits[i, t, v] = labels[i, t+1]`` — equal to greedy
-    decoding of the completion, since each greedy step then conditions on the true prefix;
-    ``nll_i = Σ_t −log p(labels[i, t+1] | ≤ t)``; ``correct_i`` = matching tokens; ``tokens_i`` = ``T_i``.
-    Rows without completion tokens have ``exact = False``.
-    """
-    targets = labels[:, 1:]
-    valid = targets != IGNORE
-    hit = (jnp.argmax(logits[:, :-1], axis=-1) == targets) & valid
-    tokens = valid.sum(-1)
-    exact = (hit.sum(-1) == tokens) & (tokens > 0)
-    return exact, token_nll(logits, labels).sum(-1), hit.sum(-1), tokens
-
-
 @jax.jit(static_argnums=0)
 def _score_batch(model, params, input_ids, attention_mask, labels):
     return completion_scores(model.apply(params, input_ids, attention_mask), predicted_labels(labels, attention_mask))
@@ -107,7 +87,7 @@ def evaluate(model: Model, params: dict, task: Task | str, batch_size: int = 64)
 
     Returns:
       ``{"accuracy": mean_i exact_i, "loss_per_token": Σ_i nll_i / Σ_i T_i,
-      "token_accuracy": Σ_i correct_i / Σ_i T_i, "num_samples": n}`` (see :func:`completion_scores`).
+      "token_accuracy": Σ_i correct_i / Σ_i T_i, "num_samples": n}`` (see :func:`fisherjax.grads.completion_scores`).
     """
     if isinstance(task, str):
         if task not in TASK_NAMES:

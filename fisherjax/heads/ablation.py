@@ -9,7 +9,7 @@ For every single head, and for the baseline (nothing zeroed), on the task's samp
     accuracy       = (1/n) Σ_i exact_i,   exact_i = ∀t: argmax_v logits[i, t, v] = labels[i, t+1]
 
 over the predicted positions ``t`` (teacher-forced; a sample without predicted tokens is not
-exact) — :func:`fisherjax.demo.evaluate`'s definitions. The ``1 + layer·head`` gate settings of a
+exact) — :func:`fisherjax.grads.completion_scores`, as :func:`fisherjax.demo.evaluate` uses it. The ``1 + layer·head`` gate settings of a
 batch run as one jitted ``lax.map`` over them, ``heads_per_pass`` settings vmapped at a time.
 """
 
@@ -21,11 +21,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
-from fisherjax.data import IGNORE, Batch, predicted_labels
+from fisherjax.data import Batch, predicted_labels
 from fisherjax.errors import DataError
-from fisherjax.grads import chunk_size_for, token_nll
+from fisherjax.grads import chunk_size_for, completion_scores
 from fisherjax.heads.importance import o_kernel_path
 from fisherjax.layout import ModelLayout, flatten, unflatten
 
@@ -66,17 +66,6 @@ def gate_heads(layout: ModelLayout, params, gate: Float[Array, "layer head"]):
     return unflatten({**flat, path: layout.unview(path, {"o": view * gate[:, :, None, None].astype(view.dtype)})})
 
 
-def exact_match(logits: Float[Array, "batch seq vocab"], labels: Int[Array, "batch seq"]) -> tuple[Array, Array, Array]:
-    """``(exact [batch], nll [batch], tokens [batch])`` of teacher-forced completions: ``exact_i``
-    when the argmax at every predicted position equals its label (False when ``T_i = 0``),
-    ``nll_i = L_i``, ``tokens_i = T_i`` (labels as given, with the one-token shift)."""
-    targets = labels[:, 1:]
-    valid = targets != IGNORE
-    tokens = valid.sum(-1)
-    hits = ((jnp.argmax(logits[:, :-1], axis=-1) == targets) & valid).sum(-1)
-    return (hits == tokens) & (tokens > 0), token_nll(logits, labels).sum(-1), tokens
-
-
 @jax.jit(static_argnums=(0, 7))
 def _ablation_sums(model, params, input_ids, attention_mask, labels, sample_ids, gates, heads_per_pass):
     """``[settings, 3]``: Σ L_i, Σ T_i and Σ exact_i over the batch's real rows, per gate setting."""
@@ -85,7 +74,7 @@ def _ablation_sums(model, params, input_ids, attention_mask, labels, sample_ids,
 
     def one(gate):
         logits = model.apply(gate_heads(model.layout, params, gate), input_ids, attention_mask)
-        exact, nll, tokens = exact_match(logits, labels)
+        exact, nll, _, tokens = completion_scores(logits, labels)
         return jnp.stack([jnp.where(real, x, 0).sum().astype(jnp.float32) for x in (nll, tokens, exact)])
 
     return jax.lax.map(one, gates, batch_size=heads_per_pass)
