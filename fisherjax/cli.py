@@ -7,6 +7,7 @@ with code 2, without a traceback; nothing is written to the output directory in 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     d = _defaults()
+    from fisherjax.heads import Thresholds
     from fisherjax.pipeline import CURVATURE_AUTO_PARAMETERS
     parser = _Parser(
         prog="fisherjax",
@@ -111,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
                         "was trained on (default: every ordinary token; the demo: lowercase letters)")
     a.add_argument("--probe-length", type=int, default=d.probe_length, metavar="N",
                    help="tokens of each random probe segment, repeated once for the induction score (default 32; the demo 16)")
+    a.add_argument("--head-threshold", action="append", default=[], metavar="NAME=VALUE",
+                   help="change a threshold of the head categories (repeat); defaults: "
+                        + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(Thresholds()).items()))
     a.add_argument("--ablation-heads", type=int, default=d.ablation_heads, metavar="N",
                    help=f"heads of each task ablated one at a time in the 'heads' phase: those with the largest head-mask "
                         f"importance, each costing a forward pass of the head samples; 0 turns the table off (default {d.ablation_heads})")
@@ -160,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _analyze(args) -> int:
     from fisherjax import compilation_cache
-    from fisherjax.pipeline import AnalysisConfig, analyze, parse_task_args
+    from fisherjax.pipeline import AnalysisConfig, analyze, parse_task_args, parse_thresholds
 
     if args.model is not None and not args.task:
         raise FisherjaxError("--model needs at least one --task NAME=FILE")
@@ -169,6 +174,7 @@ def _analyze(args) -> int:
         out=args.out,
         model=args.model,
         tasks=parse_task_args(args.task),
+        head_thresholds=parse_thresholds(args.head_threshold),
         batch_size=args.batch_size,
         max_length=args.max_length,
         max_samples=args.max_samples,

@@ -90,6 +90,7 @@ class AnalysisConfig:
     curvature_k: int = 10
     head_samples: int = 32
     probe_tokens: str | None = None
+    head_thresholds: tuple[tuple[str, float], ...] = ()
     probe_length: int | None = None
     ablation_heads: int = 16
 
@@ -104,6 +105,10 @@ class AnalysisConfig:
         check(self.curvature_k >= 1, f"curvature k must be ≥ 1 (--curvature-k), got {self.curvature_k}")
         check(self.head_samples >= 1, f"head samples must be ≥ 1 (--head-samples), got {self.head_samples}")
         check(self.ablation_heads >= 0, f"ablation heads must be ≥ 0 (--ablation-heads), got {self.ablation_heads}")
+        known = [f.name for f in dataclasses.fields(heads.Thresholds)]
+        for name, value in self.head_thresholds:
+            check(name in known, f"unknown head threshold {name!r} (--head-threshold NAME=VALUE); known: {', '.join(known)}")
+            check(0.0 <= value <= 1.0, f"head threshold {name} must be in [0, 1] (--head-threshold), got {value}")
         check(self.probe_length is None or self.probe_length >= 2, f"probe length must be ≥ 2 (--probe-length), got {self.probe_length}")
         check(self.probe_tokens is None or len(set(self.probe_tokens)) >= 2,
               f"probe tokens must be a text of at least 2 distinct characters (--probe-tokens), got {self.probe_tokens!r}")
@@ -249,7 +254,8 @@ def categorise_heads(model: Model, config: AnalysisConfig) -> heads.HeadCategori
     """:func:`fisherjax.heads.categorise` with the run's probes: the demo's own
     (:func:`fisherjax.demo.probe_settings`) for the demo model, else every ordinary token at
     length 32; ``--probe-tokens`` (the tokens of a text, without special tokens) and ``--probe-length``
-    override either."""
+    override either; ``--head-threshold NAME=VALUE`` changes one of the
+    :class:`~fisherjax.heads.Thresholds` the labels use."""
     settings: dict = {}
     if config.model is None:
         from fisherjax import demo
@@ -259,7 +265,8 @@ def categorise_heads(model: Model, config: AnalysisConfig) -> heads.HeadCategori
         settings["tokens"] = np.asarray(model.tokenizer(config.probe_tokens, add_special_tokens=False)["input_ids"], np.int64)
     if config.probe_length is not None:
         settings["length"] = config.probe_length
-    return heads.categorise(model, model.params, seed=config.seed, **settings)
+    thresholds = dataclasses.replace(heads.Thresholds(), **dict(config.head_thresholds))
+    return heads.categorise(model, model.params, seed=config.seed, thresholds=thresholds, **settings)
 
 
 def head_task_batches(ctx: Context, name: str) -> list[Batch]:
@@ -614,6 +621,22 @@ def _version() -> str:
     return __version__
 
 
+def parse_thresholds(values: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    """``["induction=0.5", ...]`` → ``(("induction", 0.5), ...)`` (names and ranges are checked by
+    :class:`AnalysisConfig`)."""
+    out = []
+    for v in values:
+        name, sep, value = v.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not name or number is None:
+            raise ConfigError(f"--head-threshold expects NAME=NUMBER, got {v!r}")
+        out.append((name, number))
+    return tuple(out)
+
+
 def parse_task_args(values: Sequence[str]) -> tuple[tuple[str, Path], ...]:
     """``["math=tasks/math.jsonl", ...]`` → ``(("math", Path(...)), ...)`` (the names are checked by
     :class:`AnalysisConfig`)."""
@@ -626,4 +649,5 @@ def parse_task_args(values: Sequence[str]) -> tuple[tuple[str, Path], ...]:
     return tuple(out)
 
 
-__all__ = ["PHASES", "AnalysisConfig", "Context", "analyze", "collect_all", "load_inputs", "model_info", "parse_task_args"]
+__all__ = ["PHASES", "AnalysisConfig", "Context", "analyze", "collect_all", "load_inputs", "model_info", "parse_task_args",
+           "parse_thresholds"]

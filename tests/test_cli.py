@@ -89,6 +89,10 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_checkpoint, tmp
         (["--top-k", "-1"], "top-k must be ≥ 0"),
         (["--head-samples", "0"], r"head samples must be ≥ 1 \(--head-samples\), got 0"),
         (["--ablation-heads", "-1"], r"ablation heads must be ≥ 0 \(--ablation-heads\)"),
+        (["--head-threshold", "inductin=0.5"], r"unknown head threshold 'inductin' \(--head-threshold NAME=VALUE\); known: induction"),
+        (["--head-threshold", "induction=1.5"], r"head threshold induction must be in \[0, 1\] \(--head-threshold\), got 1.5"),
+        (["--head-threshold", "induction"], r"--head-threshold expects NAME=NUMBER, got 'induction'"),
+        (["--probe-length", "1"], r"probe length must be ≥ 2 \(--probe-length\)"),
         (["--sample-grads-budget-gb", "0"], r"sample-gradient budget must be > 0 GB \(--sample-grads-budget-gb\)"),
         (["--contribution-budget-gb", "0"], "sample-gradient budget must be > 0 GB"),  # the flag's former name still works
         (["--contribution-budget-gb", "1e-6", "--spill-dir", "{file}"], "--spill-dir exists and is not a directory"),

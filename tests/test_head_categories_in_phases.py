@@ -83,3 +83,24 @@ def test_report_helpers_name_heads_and_average_per_category():
     means = categories.per_category(kv_values, LABELS, "k", kv_head_of)
     assert means["induction"] == pytest.approx((1.0 + 5.0) / 2) and means["content"] == pytest.approx(3.0)
     assert means["positional"] == pytest.approx(5.0) and means["same_token"] is None
+
+
+def test_the_run_probes_the_demo_on_its_letters_and_takes_thresholds_from_the_command_line(tmp_path):
+    """``fisherjax analyze``'s categories: the demo's own probes by default (its induction head is
+    found), ``--probe-tokens`` / ``--probe-length`` / ``--head-threshold`` reach ``categorise``."""
+    from fisherjax import demo
+    from fisherjax.pipeline import AnalysisConfig, categorise_heads
+
+    model = demo.load()
+    default = categorise_heads(model, AnalysisConfig(out=tmp_path / "a"))
+    assert default.labels[1, 0] == "induction" and (default.labels == "induction").sum() == 1
+    strict = categorise_heads(model, AnalysisConfig(out=tmp_path / "b", head_thresholds=(("induction", 0.99),)))
+    assert strict.thresholds.induction == 0.99 and not (strict.labels == "induction").any()
+    np.testing.assert_array_equal(strict.scores.induction, default.scores.induction)
+    # every ordinary token at the library's default length: the demo's digits and operators hide its
+    # copy mechanism, which is why the demo is probed on letters
+    everything = categorise_heads(model, AnalysisConfig(out=tmp_path / "c", model=demo.checkpoint_dir(), probe_length=16))
+    assert everything.scores.induction[1, 0] < default.scores.induction[1, 0]
+    letters = categorise_heads(model, AnalysisConfig(out=tmp_path / "d", model=demo.checkpoint_dir(),
+                                                     probe_tokens="abcdefghijklmnopqrstuvwxyz", probe_length=16))
+    np.testing.assert_allclose(letters.scores.induction, default.scores.induction)
