@@ -247,7 +247,7 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
     task = dataclasses.replace(task, examples=task.examples[: config.curvature_samples])
     chosen = list(batches(task, config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
     result = compare.compare_methods(model, chosen, k=config.curvature_k, seed=config.seed, progress=config.progress)
-    return curvature_report.section(result, name)
+    return curvature_report.section(result, name, ctx.labels, model.layout.kv_head_of)
 
 
 def categorise_heads(model: Model, config: AnalysisConfig) -> heads.HeadCategories:

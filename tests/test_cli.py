@@ -195,6 +195,8 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
     assert strongest["category"] == labels[strongest["layer"], strongest["head"]]
     assert set(results["conflicts"]["pairs"]["math|copy"]["head_map"]["by_category"]["q"]) == set(labels.ravel())
     assert "| category |" in (out / "report.md").read_text()
+    first = comparison["blocks"][0]
+    assert first["category"] == labels[first["layer"], first["head"]] or first["block"] in ("k", "v")
 
 
 @pytest.mark.slow  # the spill itself: tests/test_collect.py and tests/test_refuse_cli.py; the refusal: the bad-options test above

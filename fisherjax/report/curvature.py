@@ -7,6 +7,7 @@ import numpy as np
 
 from fisherjax.curvature.compare import METHODS, MethodComparison
 from fisherjax.layout import layer_name
+from fisherjax.report import categories
 from fisherjax.report.base import Section
 from fisherjax.report.figures import new_figure
 
@@ -18,8 +19,9 @@ def _list(x):
     return None if x is None else np.asarray(x, np.float64).tolist()
 
 
-def summary(result: MethodComparison, task: str) -> dict:
-    """The ``results.json["method_comparison"]`` value."""
+def summary(result: MethodComparison, task: str, labels: np.ndarray | None = None, kv_head_of: np.ndarray | None = None) -> dict:
+    """The ``results.json["method_comparison"]`` value; with ``labels`` every listed block names
+    its head's category (:func:`fisherjax.report.categories.head_category`)."""
     methods = {}
     for name in METHODS:
         m = result.methods[name]
@@ -37,7 +39,9 @@ def summary(result: MethodComparison, task: str) -> dict:
         "samples": result.n_samples,
         "parameters": result.n_parameters,
         "damping": result.damping,
-        "blocks": [{"block": b, "layer": layer, "head": h} for b, layer, h in result.blocks],
+        "blocks": [{"block": b, "layer": layer, "head": h,
+                    **({} if labels is None else {"category": categories.head_category(labels, layer, h, b, kv_head_of)})}
+                   for b, layer, h in result.blocks],
         "lanczos_residuals": _list(result.lanczos_residuals),
         "methods": methods,
         "recommended": result.recommended,
@@ -52,9 +56,10 @@ def _fmt(x) -> str:
     return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3g}"
 
 
-def section(result: MethodComparison, task: str) -> Section:
-    """The comparison's section: a table, the recommendation and a figure of each method's top-k."""
-    data = summary(result, task)
+def section(result: MethodComparison, task: str, labels: np.ndarray | None = None, kv_head_of: np.ndarray | None = None) -> Section:
+    """The comparison's section: a table, the recommendation and a figure of each method's top-k;
+    with ``labels`` (``[L, H]`` head categories) the largest slices name their head's category."""
+    data = summary(result, task, labels, kv_head_of)
     lines = [
         f"On {result.n_samples} samples of {task} ({result.n_parameters:,} parameters), the empirical Fisher "
         "`F = (1/n) Σ g_i g_iᵀ / T_i` compared with its approximations through exact matrix-free products. "
@@ -71,7 +76,8 @@ def section(result: MethodComparison, task: str) -> Section:
     lines += ["", f"**Recommended: {LABELS[result.recommended]}** — {result.reason}.", ""]
     if result.blocks:
         b, layer, h = result.blocks[0]
-        lines.append(f"The slice with the largest curvature is {b.upper()} head {h} of {layer_name(layer)} "
+        named = "" if labels is None else f" ({data['blocks'][0]['category']})"
+        lines.append(f"The slice with the largest curvature is {b.upper()} head {h}{named} of {layer_name(layer)} "
                      f"(λ₁ = {_fmt(float(result.methods['block_spectra'].blocks_top[0]))}).")
     lines += ["", "{figure:method_comparison}"]
     return Section("method_comparison", TITLE, data, lines, {"method_comparison": _figure(result)})
