@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--model", type=Path, help="Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer)")
     a.add_argument("--task", action="append", default=[], metavar="NAME=FILE",
                    help="a task: .jsonl with 'text' or 'prompt'+'completion' per line, or .txt with one text per line (repeat)")
+    a.add_argument("--config", type=Path, metavar="FILE",
+                   help="TOML (.toml) or JSON file of AnalysisConfig fields (e.g. batch_size = 8); flags given here override it")
+    a.add_argument("--print-config", action="store_true", help="print the effective configuration as JSON (--config reads it) and exit")
     a.add_argument("--out", type=Path, default=d.out, help=f"output directory (default: ./{d.out})")
     a.add_argument("--batch-size", type=int, default=d.batch_size, help=f"samples per batch (default {d.batch_size})")
     a.add_argument("--max-length", type=int, default=d.max_length, help=f"truncate samples to this many tokens (default {d.max_length})")
@@ -160,16 +163,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-diagonal", action="store_true", help="as for analyze: no full diagonal in the step")
     p.add_argument("--remat", action="store_true", help="recompute each block in the backward pass (less memory, more time)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.analyze = a  # for _given_flags
     return parser
+
+
+FLAG_FIELDS = {"task": "tasks", "head_threshold": "head_thresholds", "no_diagonal": "diagonal", "sparsity": "sparsities",
+               "no_progress": "progress"}
+"""Command-line destinations whose AnalysisConfig field has another name (the others share theirs)."""
+
+
+def _given_flags(argv) -> set[str]:
+    """The AnalysisConfig fields whose flags appear on ``argv`` (parsed again with every default
+    replaced by a marker, so a flag given with its default value still counts)."""
+    parser = _parser()
+    unset = object()
+    parser.analyze.set_defaults(**{action.dest: unset for action in parser.analyze._actions if action.dest != "help"})
+    args = parser.parse_args(argv)
+    return {FLAG_FIELDS.get(dest, dest) for dest, value in vars(args).items() if value is not unset}
 
 
 def _analyze(args) -> int:
     from fisherjax import compilation_cache
     from fisherjax.pipeline import AnalysisConfig, analyze, parse_task_args, parse_thresholds
 
-    if args.model is not None and not args.task:
-        raise FisherjaxError("--model needs at least one --task NAME=FILE")
-    _join_distributed(args)
     config = AnalysisConfig(
         out=args.out,
         model=args.model,
@@ -205,6 +221,24 @@ def _analyze(args) -> int:
         probe_tokens=args.probe_tokens,
         probe_length=args.probe_length,
     )
+    if args.config is not None:
+        from fisherjax import config_file
+
+        from_file = config_file.read(args.config, AnalysisConfig)
+        try:
+            base = AnalysisConfig(**from_file)
+        except FisherjaxError as err:
+            raise type(err)(f"{args.config}: {one_line(err)}") from None
+        given = _given_flags(args.argv)
+        config = dataclasses.replace(base, **{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in given})
+    if args.print_config:
+        from fisherjax import config_file
+
+        print(config_file.dumps(config))
+        return 0
+    if config.model is not None and not config.tasks:
+        raise FisherjaxError("--model needs at least one --task NAME=FILE")
+    _join_distributed(args)
     cache = compilation_cache.requested_dir(args.compilation_cache, args.no_compilation_cache)
     if cache is not None:
         compilation_cache.enable(cache)
