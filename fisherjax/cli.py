@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from fisherjax.errors import FisherjaxError, one_line
-from fisherjax.analysis.qkov import CONTRACTIONS
+from fisherjax.analysis.qkov import AGGREGATES, CONTRACTIONS, FISHER_POOLS, NORMALIZE_GJ, VARIANTS
 from fisherjax.fisher.options import FISHER_TYPES, MODES, STORAGE_DTYPES
 
 EXIT_INPUT_ERROR = 2
@@ -95,6 +95,17 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--qkov-contraction", choices=CONTRACTIONS, default=d.qkov_contraction,
                    help="how the QK-OV kernel evaluates a slice's contraction: auto (looped on CPU, batched elsewhere), "
                         f"batched, looped, or pallas (one pass over the inputs, a Triton kernel for GPUs; default {d.qkov_contraction})")
+    a.add_argument("--qkov-variant", choices=VARIANTS, default=d.qkov_variant,
+                   help=f"QK-OV score: unsigned |g_j|, signed g_j, symmetric or natural (default {d.qkov_variant})")
+    a.add_argument("--qkov-fisher-pool", choices=FISHER_POOLS, default=d.qkov_fisher_pool,
+                   help=f"whose Fisher whitens the scores: task A's, B's, both (equal weights) or both by sample count "
+                        f"(default {d.qkov_fisher_pool})")
+    a.add_argument("--qkov-normalize-gj", choices=NORMALIZE_GJ, default=d.qkov_normalize_gj,
+                   help=f"divide task B's gradients by its token count (default {d.qkov_normalize_gj})")
+    a.add_argument("--qkov-aggregate", choices=AGGREGATES, default=d.qkov_aggregate,
+                   help=f"mean or sum over a slice's parameters (default {d.qkov_aggregate})")
+    a.add_argument("--qkov-ridge-rel", type=float, default=d.qkov_ridge_rel, metavar="R",
+                   help=f"ridge added to Î, relative to its mean (default {d.qkov_ridge_rel:g})")
     a.add_argument("--compilation-cache", type=Path, metavar="DIR",
                    help="keep XLA compilations in DIR so the next run loads them "
                         "(default: $XDG_CACHE_HOME/fisherjax/jax-cache, i.e. ~/.cache/fisherjax/jax-cache)")
@@ -210,6 +221,11 @@ def _analyze(args) -> int:
         progress=not args.no_progress,
         phases=tuple(p.strip() for p in args.phases.split(",") if p.strip()),
         qkov_contraction=args.qkov_contraction,
+        qkov_variant=args.qkov_variant,
+        qkov_fisher_pool=args.qkov_fisher_pool,
+        qkov_normalize_gj=args.qkov_normalize_gj,
+        qkov_aggregate=args.qkov_aggregate,
+        qkov_ridge_rel=args.qkov_ridge_rel,
         overwrite=args.overwrite,
         truncate=args.truncate,
         devices=args.devices,

@@ -81,6 +81,11 @@ class AnalysisConfig:
     progress: bool = True
     phases: tuple[str, ...] = ("fisher", "curvature", "heads", "importance", "masks", "conflicts", "qkov", "natural")
     qkov_contraction: str = "auto"
+    qkov_variant: str = qkov.ScoreOptions.variant
+    qkov_fisher_pool: str = qkov.ScoreOptions.fisher_pool
+    qkov_normalize_gj: str = qkov.ScoreOptions.normalize_gj
+    qkov_aggregate: str = qkov.ScoreOptions.aggregate
+    qkov_ridge_rel: float = qkov.ScoreOptions.ridge_lambda_rel
     pruning_samples: int = experiments.DEFAULT_SAMPLES
     overwrite: bool = False
     truncate: bool = False
@@ -123,8 +128,13 @@ class AnalysisConfig:
             check(0.0 <= s <= 1.0, f"sparsity must be in [0, 1] (--sparsity), got {s}")
         unknown = [p for p in self.phases if p not in PHASES]
         check(not unknown, f"unknown phase(s) {unknown} (--phases); available: {', '.join(PHASES)}")
+        check(self.qkov_variant not in qkov.CURVATURE_VARIANTS,
+              f"QK-OV variant {self.qkov_variant!r} needs K-FAC factors, which analyze does not pass yet (--qkov-variant); "
+              "use fisherjax.qkov.heatmap(..., variant='kfac', kfac=...) from Python")
+        check(self.qkov_ridge_rel >= 0, f"QK-OV relative ridge must be ≥ 0 (--qkov-ridge-rel), got {self.qkov_ridge_rel}")
         self.collect_options()
         self.kernel_options()
+        self.score_options()
 
     def collect_options(self) -> CollectOptions:
         """The Phase 1 options of this run (every task keeps its attention gradients)."""
@@ -141,6 +151,11 @@ class AnalysisConfig:
     def kernel_options(self):
         """The QK-OV kernel options of this run."""
         return qkov.KernelOptions(contraction=self.qkov_contraction)
+
+    def score_options(self):
+        """The QK-OV score options of this run (Phase 6's maths)."""
+        return qkov.ScoreOptions(variant=self.qkov_variant, fisher_pool=self.qkov_fisher_pool, normalize_gj=self.qkov_normalize_gj,
+                                 aggregate=self.qkov_aggregate, ridge_lambda_rel=self.qkov_ridge_rel)
 
     def phase_order(self) -> tuple[str, ...]:
         """The phases to run, Phase 1 first and the rest in phase order."""
@@ -369,7 +384,7 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
     ``A|B|array``).
     """
     layout, config = ctx.model.layout, ctx.config
-    score, kernel = qkov.ScoreOptions(), config.kernel_options()
+    score, kernel = config.score_options(), config.kernel_options()
     needed = score.min_fisher_samples
     arrays, summaries, results = {}, {}, {}
     for name_a, name_b in itertools.permutations(ctx.fishers, 2):

@@ -93,6 +93,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_checkpoint, tmp
         (["--head-threshold", "induction=1.5"], r"head threshold induction must be in \[0, 1\] \(--head-threshold\), got 1.5"),
         (["--head-threshold", "induction"], r"--head-threshold expects NAME=NUMBER, got 'induction'"),
         (["--probe-length", "1"], r"probe length must be ≥ 2 \(--probe-length\)"),
+        (["--qkov-ridge-rel", "-1"], r"QK-OV relative ridge must be ≥ 0 \(--qkov-ridge-rel\), got -1"),
         (["--sample-grads-budget-gb", "0"], r"sample-gradient budget must be > 0 GB \(--sample-grads-budget-gb\)"),
         (["--contribution-budget-gb", "0"], "sample-gradient budget must be > 0 GB"),  # the flag's former name still works
         (["--contribution-budget-gb", "1e-6", "--spill-dir", "{file}"], "--spill-dir exists and is not a directory"),
@@ -224,18 +225,25 @@ def test_tasks_too_small_for_qkov_are_skipped_with_the_reason(tiny_checkpoint, t
     assert "skipped: words has 4 samples" in (out / "report.md").read_text()
 
 
-def test_qkov_contraction_from_the_command_line(tiny_checkpoint, tmp_path, capsys):
-    """``--qkov-contraction`` reaches the heatmap: the Pallas kernel (interpret mode here) writes the
-    scores of the default kernel on the run's own saved Fisher states, up to rounding."""
+def test_qkov_options_from_the_command_line(tiny_checkpoint, tmp_path, capsys):
+    """``--qkov-contraction``, ``--qkov-variant``, ``--qkov-fisher-pool``, ``--qkov-normalize-gj``,
+    ``--qkov-aggregate`` and ``--qkov-ridge-rel`` reach the heatmap: the Pallas kernel (interpret mode
+    here) writes the scores the library's default kernel gives with the same score options on the
+    run's own saved Fisher states, up to rounding."""
     from fisherjax import io, load_pretrained, qkov
 
     out = tmp_path / "pallas"
-    assert _analyze(tiny_checkpoint, out, "--phases", "fisher,qkov", "--qkov-contraction", "pallas", "--save-sample-grads") == 0
-    options = json.loads((out / "results.json").read_text())["qkov"]["pairs"]["add|words"]["kernel"]
-    assert options["contraction"] == "pallas"
+    score = dict(variant="signed", fisher_pool="pooled", normalize_gj="per_token_mean", aggregate="sum", ridge_lambda_rel=0.01)
+    flags = ["--qkov-variant", "signed", "--qkov-fisher-pool", "pooled", "--qkov-normalize-gj", "per_token_mean",
+             "--qkov-aggregate", "sum", "--qkov-ridge-rel", "0.01"]
+    assert _analyze(tiny_checkpoint, out, "--phases", "fisher,qkov", "--qkov-contraction", "pallas", "--save-sample-grads", *flags) == 0
+    pair = json.loads((out / "results.json").read_text())["qkov"]["pairs"]["add|words"]
+    assert pair["kernel"]["contraction"] == "pallas" and {k: pair["options"][k] for k in score} == score
     add, words = (io.load_task_fisher(out / "fisher_state" / name) for name in ("add", "words"))
-    expected = qkov.heatmap(add, words, load_pretrained(tiny_checkpoint / "model").layout, progress=False).scores
-    np.testing.assert_allclose(np.load(out / "qkov.npz")["add|words|scores"], np.asarray(expected), rtol=1e-4, atol=1e-12)
+    expected = qkov.heatmap(add, words, load_pretrained(tiny_checkpoint / "model").layout, progress=False, **score).scores
+    found, expected = np.load(out / "qkov.npz")["add|words|scores"].astype(np.float64), np.asarray(expected, np.float64)
+    # signed sums cancel: compare over the whole array (a few entries differ by 2e-4 of themselves)
+    assert np.linalg.norm(found - expected) <= 1e-5 * np.linalg.norm(expected)
     with pytest.raises(SystemExit) as exit_info:
         _analyze(tiny_checkpoint, tmp_path / "bad", "--qkov-contraction", "tiled")
     assert exit_info.value.code == 2 and "invalid choice: 'tiled'" in capsys.readouterr().err
