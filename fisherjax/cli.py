@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from fisherjax.errors import FisherjaxError, one_line
+from fisherjax.analysis.conflicts import SCOPES as CONFLICT_SCOPES
 from fisherjax.analysis.qkov import AGGREGATES, CONTRACTIONS, FISHER_POOLS, NORMALIZE_GJ, VARIANTS
 from fisherjax.fisher.options import FISHER_TYPES, MODES, STORAGE_DTYPES
 
@@ -106,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"mean or sum over a slice's parameters (default {d.qkov_aggregate})")
     a.add_argument("--qkov-ridge-rel", type=float, default=d.qkov_ridge_rel, metavar="R",
                    help=f"ridge added to Î, relative to its mean (default {d.qkov_ridge_rel:g})")
+    a.add_argument("--conflict-scope", choices=CONFLICT_SCOPES, default=d.conflict_scope,
+                   help=f"Phase 5 tests each sample pair per attention-head group ('groups') or on the whole gradient "
+                        f"(default {d.conflict_scope})")
+    a.add_argument("--conflict-alpha", type=float, default=d.conflict_alpha, metavar="Q",
+                   help=f"false discovery rate of Phase 5's tests (default {d.conflict_alpha})")
     a.add_argument("--compilation-cache", type=Path, metavar="DIR",
                    help="keep XLA compilations in DIR so the next run loads them "
                         "(default: $XDG_CACHE_HOME/fisherjax/jax-cache, i.e. ~/.cache/fisherjax/jax-cache)")
@@ -226,6 +232,8 @@ def _analyze(args) -> int:
         qkov_normalize_gj=args.qkov_normalize_gj,
         qkov_aggregate=args.qkov_aggregate,
         qkov_ridge_rel=args.qkov_ridge_rel,
+        conflict_scope=args.conflict_scope,
+        conflict_alpha=args.conflict_alpha,
         overwrite=args.overwrite,
         truncate=args.truncate,
         devices=args.devices,

@@ -86,6 +86,8 @@ class AnalysisConfig:
     qkov_normalize_gj: str = qkov.ScoreOptions.normalize_gj
     qkov_aggregate: str = qkov.ScoreOptions.aggregate
     qkov_ridge_rel: float = qkov.ScoreOptions.ridge_lambda_rel
+    conflict_scope: str = "groups"
+    conflict_alpha: float = conflicts.ConflictOptions.alpha
     pruning_samples: int = experiments.DEFAULT_SAMPLES
     overwrite: bool = False
     truncate: bool = False
@@ -131,6 +133,9 @@ class AnalysisConfig:
         check(self.qkov_variant not in qkov.CURVATURE_VARIANTS,
               f"QK-OV variant {self.qkov_variant!r} needs K-FAC factors, which analyze does not pass yet (--qkov-variant); "
               "use fisherjax.qkov.heatmap(..., variant='kfac', kfac=...) from Python")
+        check(self.conflict_scope in conflicts.SCOPES,
+              f"conflict scope must be one of {', '.join(conflicts.SCOPES)} (--conflict-scope), got {self.conflict_scope!r}")
+        check(0 < self.conflict_alpha < 1, f"conflict alpha must lie in (0, 1) (--conflict-alpha), got {self.conflict_alpha}")
         check(self.qkov_ridge_rel >= 0, f"QK-OV relative ridge must be ≥ 0 (--qkov-ridge-rel), got {self.qkov_ridge_rel}")
         self.collect_options()
         self.kernel_options()
@@ -365,7 +370,8 @@ def phase_conflicts(ctx: Context, out: Path | None) -> report.Section:
     reports = {}
     for name_a, name_b in itertools.combinations(ctx.fishers, 2):
         reports[name_a, name_b] = conflicts.detect(
-            ctx.fishers[name_a], ctx.fishers[name_b], layout=layout, scope="groups", top_k=config.top_k, names=(name_a, name_b),
+            ctx.fishers[name_a], ctx.fishers[name_b], layout=layout, scope=config.conflict_scope, alpha=config.conflict_alpha,
+            top_k=config.top_k, names=(name_a, name_b),
             progress=config.progress, mesh=ctx.mesh,
         )
     section = conflicts_report.section(reports, ctx.labels, layout.kv_head_of)

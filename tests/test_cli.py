@@ -93,6 +93,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_checkpoint, tmp
         (["--head-threshold", "induction=1.5"], r"head threshold induction must be in \[0, 1\] \(--head-threshold\), got 1.5"),
         (["--head-threshold", "induction"], r"--head-threshold expects NAME=NUMBER, got 'induction'"),
         (["--probe-length", "1"], r"probe length must be ≥ 2 \(--probe-length\)"),
+        (["--conflict-alpha", "1.5"], r"conflict alpha must lie in \(0, 1\) \(--conflict-alpha\), got 1.5"),
         (["--qkov-ridge-rel", "-1"], r"QK-OV relative ridge must be ≥ 0 \(--qkov-ridge-rel\), got -1"),
         (["--sample-grads-budget-gb", "0"], r"sample-gradient budget must be > 0 GB \(--sample-grads-budget-gb\)"),
         (["--contribution-budget-gb", "0"], "sample-gradient budget must be > 0 GB"),  # the flag's former name still works
@@ -247,3 +248,11 @@ def test_qkov_options_from_the_command_line(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _analyze(tiny_checkpoint, tmp_path / "bad", "--qkov-contraction", "tiled")
     assert exit_info.value.code == 2 and "invalid choice: 'tiled'" in capsys.readouterr().err
+
+
+def test_conflict_options_from_the_command_line(tiny_checkpoint, tmp_path):
+    """``--conflict-scope`` and ``--conflict-alpha`` reach Phase 5 (its settings in conflicts.json)."""
+    out = tmp_path / "out"
+    assert _analyze(tiny_checkpoint, out, "--phases", "fisher,conflicts", "--conflict-scope", "overall", "--conflict-alpha", "0.2") == 0
+    settings = json.loads((out / "conflicts.json").read_text())["pairs"]["add|words"]["settings"]
+    assert settings["scope"] == "overall" and settings["alpha"] == 0.2
