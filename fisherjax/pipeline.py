@@ -250,6 +250,14 @@ def phase_fisher(ctx: Context, out: Path) -> report.Section:
     return fisher_report.section(ctx.fishers)
 
 
+def first_batches(ctx: Context, name: str, n: int) -> list[Batch]:
+    """Batches of the first ``n`` samples of a task, cut like Phase 1's (the share of the phases
+    that run on a fixed few samples: the method comparison, the ``heads`` phase)."""
+    model, task = ctx.model, ctx.tasks[name]
+    task = dataclasses.replace(task, examples=task.examples[:n])
+    return list(batches(task, ctx.config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
+
+
 CURVATURE_AUTO_PARAMETERS = 200_000_000
 """Models up to this many parameters get the method comparison by default; larger ones with
 ``--curvature`` (its Lanczos vectors are model-sized, several dozen of them)."""
@@ -263,9 +271,7 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
         return curvature_report.skipped(f"the model has {model.num_params:,} parameters, more than {CURVATURE_AUTO_PARAMETERS:,}; "
                                         "pass --curvature to compare the Fisher methods anyway")
     name = next(iter(ctx.tasks))
-    task = ctx.tasks[name]
-    task = dataclasses.replace(task, examples=task.examples[: config.curvature_samples])
-    chosen = list(batches(task, config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
+    chosen = first_batches(ctx, name, config.curvature_samples)
     result = compare.compare_methods(model, chosen, k=config.curvature_k, seed=config.seed, progress=config.progress)
     return curvature_report.section(result, name, ctx.labels, model.layout.kv_head_of)
 
@@ -289,11 +295,6 @@ def categorise_heads(model: Model, config: AnalysisConfig) -> heads.HeadCategori
     return heads.categorise(model, model.params, seed=config.seed, thresholds=thresholds, **settings)
 
 
-def head_task_batches(ctx: Context, name: str) -> list[Batch]:
-    """Batches of the first ``head_samples`` samples of a task (the ``heads`` phase's share)."""
-    model, task = ctx.model, ctx.tasks[name]
-    task = dataclasses.replace(task, examples=task.examples[: ctx.config.head_samples])
-    return list(batches(task, ctx.config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
 
 
 def phase_heads(ctx: Context, out: Path) -> report.Section:
@@ -305,7 +306,7 @@ def phase_heads(ctx: Context, out: Path) -> report.Section:
     model, layout = ctx.model, ctx.model.layout
     tasks = {}
     for name, fisher in ctx.fishers.items():
-        chosen = head_task_batches(ctx, name)
+        chosen = first_batches(ctx, name, ctx.config.head_samples)
         gate = heads.head_mask_importance(model, model.params, chosen)
         ablation = None
         if ctx.config.ablation_heads:

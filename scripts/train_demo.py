@@ -35,7 +35,7 @@ from fisherjax.demo import TASK_NAMES, evaluate
 from fisherjax.demo.tasks import COPY_LENGTHS, SEPARATOR, generate, write_jsonl
 from fisherjax.demo.tokenizer import save_tokenizer
 from fisherjax.grads import token_nll
-from fisherjax.layout import flatten, unflatten
+from fisherjax.heads.ablation import gate_heads
 from fisherjax.models import Model, load_pretrained, save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,15 +137,6 @@ def training_stream(args, tokenizer, held_out: dict[str, list[dict]]) -> Task:
     return Task("train", tuple(examples))
 
 
-def scale_heads(model: Model, params: dict, keep: jax.Array) -> dict:
-    """``params`` with each head's output scaled: o-projection rows of (layer l, head h) times ``keep[l, h]``."""
-    layout = model.layout
-    flat = flatten(params)
-    (path,) = layout.block_sources("o", "kernel")
-    flat[path] = layout.unview(path, {"o": layout.view(path, flat[path], "o") * keep[:, :, None, None]})
-    return unflatten(flat)
-
-
 def head_dropout_rates(layers: int, heads: int, earlier: float, last: float) -> np.ndarray:
     """``[layer, head]`` dropout probabilities: ``earlier`` in every layer but the last, ``last``
     for the last layer's heads 1 … H−1, 0 for its head 0."""
@@ -182,7 +173,7 @@ def make_train_step(
             keep = jnp.where((input_ids == routed_token).any(-1)[:, None, None], keep, 1.0)
 
         def one(keep_i, ids_i, mask_i):
-            return model.apply(scale_heads(model, params, keep_i), ids_i[None], mask_i[None])[0]
+            return model.apply(gate_heads(model.layout, params, keep_i), ids_i[None], mask_i[None])[0]
 
         return jax.vmap(one)(keep, input_ids, attention_mask)
 

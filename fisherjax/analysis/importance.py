@@ -558,8 +558,8 @@ def category_group_fisher(fisher: TaskFisher, layout: ModelLayout, labels: np.nd
             rows = labels if spec.layered else labels[spec.layer]
             if block in ("k", "v"):
                 values = values[..., layout.kv_head_of] / layout.kv_groups  # onto query heads
-            for category in categories:
-                total = np.where(rows == category, values, 0.0).sum(-1)
+            groups_of_path = out.setdefault(path, {})
+            for category in categories:  # a fused leaf adds its q, k and v terms
                 name = f"{category}_heads"
-                out.setdefault(path, {})[name] = out.get(path, {}).get(name, 0.0) + total
+                groups_of_path[name] = groups_of_path.get(name, 0.0) + np.where(rows == category, values, 0.0).sum(-1)
     return out

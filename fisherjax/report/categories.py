@@ -21,6 +21,12 @@ ABBREVIATIONS = {"induction": "ind", "previous_token": "prev", "same_token": "sa
 _GROUP = re.compile(r"^L(?P<layer>\d+)\.(?P<block>[qkvo])\.h(?P<head>\d+)$")
 
 
+def counts(names) -> dict[str, int]:
+    """``{category: how many}`` of a sequence or array of category names, in sorted order."""
+    values, n = np.unique(np.asarray(names, dtype=str), return_counts=True)
+    return {str(v): int(c) for v, c in zip(values, n, strict=True)}
+
+
 def head_category(labels: np.ndarray, layer: int, head: int, block: str = "q", kv_head_of: np.ndarray | None = None) -> str:
     """The category of a query head; for a K/V head (``block`` k or v, ``head`` a kv head) the
     distinct categories of its query heads joined by ``/``."""

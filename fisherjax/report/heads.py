@@ -83,8 +83,7 @@ def section(cats: heads.HeadCategories, tasks: Mapping[str, dict]) -> Section:
     labels = np.asarray(cats.labels)
     data = {**heads.to_json(cats), "tasks": dict(tasks)}
     fields = [f for f in cats.scores._fields if not f.endswith("_tl")]  # the TransformerLens-normalised copies stay in the JSON
-    counts = dict(zip(*np.unique(labels, return_counts=True), strict=True))
-    lines = ["Categories: " + ", ".join(f"{int(n)} {c}" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    lines = ["Categories: " + ", ".join(f"{n} {c}" for c, n in sorted(categories.counts(labels.ravel()).items(), key=lambda kv: -kv[1]))
              + f" (thresholds in `heads.json`; probes: {cats.n_probe} sequences).", "",
              "| layer | head | kv head | category | " + " | ".join(f.replace("_", " ") for f in fields) + " |",
              "|---|---|---|---|" + "---|" * len(fields)]

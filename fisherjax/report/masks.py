@@ -14,6 +14,7 @@ from fisherjax.analysis.masks import Mask
 from fisherjax.analysis.overlap import HIGH, LOW, MaskOverlap
 from fisherjax.errors import DataError
 from fisherjax.fisher.state import TaskFisher
+from fisherjax.report import categories
 from fisherjax.layout import ModelLayout, layer_name
 from fisherjax.report.base import Section
 from fisherjax.report.figures import new_figure
@@ -197,12 +198,6 @@ def _subsample_words(experiment: Mapping) -> str:
     return f"{rule}; {per_task}"
 
 
-def _category_counts(names) -> dict[str, int]:
-    """``{category: count}`` in sorted order."""
-    values, counts = np.unique(np.asarray(names, dtype=str), return_counts=True)
-    return {str(v): int(c) for v, c in zip(values, counts, strict=True)}
-
-
 def section(
     fishers: Mapping[str, TaskFisher],
     layout: ModelLayout,
@@ -243,15 +238,15 @@ def section(
             lines.append(f"| {name} | {_samples_of(r)} | {r['loss_before']:.4f} | {r['loss_fisher']:.4f} "
                          f"| {r['loss_random_mean']:.4f} ± {r['loss_random_sd']:.4f} | {r['fraction_random_worse']:.0%} |")
         if labels is not None and experiment.get("unit") == "head":
-            pruned = {name: _category_counts([labels[layer, head] for layer, head in r["pruned"]])
+            pruned = {name: categories.counts([labels[layer, head] for layer, head in r["pruned"]])
                       for name, r in experiment["tasks"].items()}
             data["head_pruning"]["pruned_by_category"] = pruned
-            every = _category_counts(labels.ravel())
+            every = categories.counts(labels.ravel())
             lines += ["", "Heads the Fisher mask prunes, by category (of all heads of the category):", "",
                       "| task | " + " | ".join(every) + " |", "|---|" + "---|" * len(every)]
             lines += [f"| {name} | " + " | ".join(f"{counts.get(c, 0)} of {n}" for c, n in every.items()) + " |"
                       for name, counts in pruned.items()]
-        extra = [name for name in next(iter(experiment["tasks"].values())).get("loss_extra", {})]
+        extra = list(next(iter(experiment["tasks"].values())).get("loss_extra", {}))
         if extra:
             lines += ["", "Loss per token with the heads of a category removed, or only them kept (same subsample):", "",
                       "| task | before | " + " | ".join(extra) + " |", "|---|---|" + "---|" * len(extra)]
