@@ -116,7 +116,7 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
     from fisherjax.cli import main
 
     args = ["analyze", "--model", str(cli_checkpoint / "model"), "--task", f"add={cli_checkpoint / 'add.jsonl'}",
-            "--no-progress", "--no-compilation-cache", "--phases", "fisher,curvature"]
+            "--no-progress", "--no-compilation-cache", "--phases", "fisher,curvature", "--max-samples", "6"]
     monkeypatch.setattr(pipeline, "CURVATURE_AUTO_PARAMETERS", 10)
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     skipped = json.loads((tmp_path / "b" / "results.json").read_text())["method_comparison"]

@@ -313,8 +313,8 @@ def _small_model(kind):
     return Model.init(tiny_config(kind, hidden_size=16, intermediate_size=24, head_dim=8, rope=RopeConfig(10000.0, 8) if kind != "gpt2" else None, **heads), seed=1)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox", pytest.param("llama", marks=pytest.mark.slow)])
-def test_products_equal_dense_kronecker(kind):
+@pytest.mark.parametrize("kind", ["gpt2", pytest.param("gpt_neox", marks=pytest.mark.slow), pytest.param("llama", marks=pytest.mark.slow)])
+def test_products_equal_dense_kronecker(kind):  # the products are layout-blind given factors; NeoX's factors: test_factors_equal_torch_hooks
     """``kfac_vector_product`` = ``kron(A, G) vec(W̄)`` and ``kfac_inverse_product`` =
     ``solve(kron(A, G) + λI, vec(W̄))`` per covered leaf (fused blocks, biases, GQA widths);
     uncovered leaves: zeros / ``v / λ`` / ``v / (diag + λ)``."""
