@@ -276,7 +276,8 @@ def torch_worker(args) -> None:
 
     transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
-    model = transformers.GPT2LMHeadModel.from_pretrained(args.model).eval()
+    device = torch.device(args.torch_device or "cpu")
+    model = transformers.GPT2LMHeadModel.from_pretrained(args.model).eval().to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     tokens = json.loads(Path(args.tokens_json).read_text())
     loaded = time.perf_counter()
@@ -285,7 +286,7 @@ def torch_worker(args) -> None:
         diag = [torch.zeros_like(p) for p in params]
         loss_sum, n_tokens = 0.0, 0
         for sample in samples:
-            ids = torch.tensor(sample, dtype=torch.long)[None]
+            ids = torch.tensor(sample, dtype=torch.long, device=device)[None]
             logits = model(ids).logits[0, :-1]
             loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
             model.zero_grad(set_to_none=False)  # zeroes the .grad buffers in place: no fresh allocation per sample
@@ -297,6 +298,8 @@ def torch_worker(args) -> None:
             loss_sum, n_tokens = loss_sum + loss.item(), n_tokens + t
         for d in diag:
             d.div_(len(samples))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         diagonals[task] = diag
         totals[task] = {"diag_sum": float(sum(d.double().sum() for d in diag)), "loss_sum": loss_sum, "n_tokens": n_tokens}
     done = time.perf_counter()
@@ -306,6 +309,7 @@ def torch_worker(args) -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "attn_implementation": model.config._attn_implementation,
         "totals": totals,
     }
@@ -359,7 +363,8 @@ def prepare(work: Path, shape: str, samples: int, tokens: int, seed: int) -> dic
 def torch_run(work: Path, inputs: dict, index: int) -> dict:
     result = work / f"torch-{index}.json"
     log = work / f"torch-{index}.log"
-    measured = run_child(worker_cmd("torch", "--model", inputs["model"], "--tokens-json", inputs["tokens_json"], "--result", result), log)
+    device = ("--torch-device", inputs["torch_device"]) if inputs.get("torch_device") else ()
+    measured = run_child(worker_cmd("torch", "--model", inputs["model"], "--tokens-json", inputs["tokens_json"], "--result", result, *device), log)
     return {**measured, **json.loads(result.read_text()), "log": log_lines(log)}
 
 
@@ -415,7 +420,17 @@ def machine() -> dict:
         "torch": _version("torch"),
         "transformers": _version("transformers"),
         "platform": platform.platform(),
+        "accelerator": _accelerator(),
     }
+
+
+def _accelerator() -> str | None:
+    """The GPU(s) ``nvidia-smi -L`` lists, or None (fisherjax runs on JAX's default backend)."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return "; ".join(line.split(" (UUID")[0] for line in listed.splitlines()) or None
 
 
 def _version(package: str) -> str:
@@ -441,11 +456,12 @@ def table(header: list[str], rows: list[list]) -> str:
 def heading(meta: dict, setup: dict) -> str:
     commit = setup.get("commit") or "?"
     return (
-        f"{meta['date']}, {meta['cpu']}, {meta['cores']} cores, {meta['memory_gb']} GB, jax {meta['jax']}, "
+        f"{meta['date']}, {meta['cpu']}, {meta['cores']} cores, {meta['memory_gb']} GB, "
+        f"{('accelerator ' + meta['accelerator'] + ', ') if meta.get('accelerator') else ''}jax {meta['jax']}, "
         f"torch {meta['torch']}, transformers {meta['transformers']}, fisherjax at {commit}. Random GPT-2-{setup['shape']} "
         f"({setup['shape_config']['n_layer']} layers, d={setup['shape_config']['n_embd']}, vocab 50257), demo character "
         f"tokenizer, tasks `a` and `b` of random text, {setup['mean_tokens']} tokens per sample on average; "
-        f"compilation cache: {setup['cache']}. `python3 {' '.join(setup['argv'])}`"
+        f"compilation cache: {setup['cache']}; torch loop on {setup.get('torch_device', 'cpu')}. `python3 {' '.join(setup['argv'])}`"
     )
 
 
@@ -538,6 +554,7 @@ def parse_args(argv=None):
     parser.set_defaults(cache="cold")
     parser.add_argument("--curve", help="comma-separated samples per task: fisherjax only, per-phase shares")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torch-device", help="device of the torch loop, e.g. cuda (default: cpu); fisherjax uses JAX's default backend")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (checkpoint, tasks, logs)")
     # worker processes (internal)
@@ -558,6 +575,7 @@ def main(argv=None) -> None:
     work = Path(tempfile.mkdtemp(prefix="fisherjax-e2e-"))
     try:
         inputs = prepare(work, shape, max(points) if points else args.samples, args.tokens, args.seed)
+        inputs["torch_device"] = args.torch_device
         supported = cache_flag_supported()
         if not supported:
             say("fisherjax analyze has no --compilation-cache option: runs get no cache option")
@@ -565,6 +583,7 @@ def main(argv=None) -> None:
         result = {"machine": machine(), "setup": {
             "shape": shape, "shape_config": SHAPES[shape], "samples": points or args.samples, "tokens": args.tokens,
             "mean_tokens": inputs["mean_tokens"], "repeats": args.repeats, "cache": fj.cache,
+            "torch_device": args.torch_device or "cpu",
             "argv": ["benchmarks/end_to_end.py", *(argv if argv is not None else sys.argv[1:])],
         }}
         if points:
