@@ -5,7 +5,10 @@ Loading follows the Flax checkpoint-loader pattern: the expected parameter shape
 memory-mapped) through one name table per family, and every problem — missing, unexpected,
 mis-shaped or non-finite tensors, unreadable files — is collected and reported in one error that
 names the file. PyTorch ``[out, in]`` Linear weights become Flax ``[in, out]`` kernels; GPT-2's
-Conv1D weights already are ``[in, out]``. Block parameters are stacked over layers.
+Conv1D weights already are ``[in, out]``. Block parameters are stacked over layers. Checkpoints of
+transformers 4.x's Flax classes (``flax_model.msgpack``, sharded or not, and Flax-named
+safetensors) are read through :mod:`fisherjax.models.flax_checkpoint`, which presents their
+tensors under these same PyTorch names and orientations.
 
 :func:`save_pretrained` writes the inverse mapping, so ``load → save → load`` is exact.
 """
@@ -27,6 +30,7 @@ from flax import nnx
 from fisherjax.config import DecoderConfig, read_hf_config
 from fisherjax.errors import CheckpointError, ConfigError, FisherjaxError, one_line
 from fisherjax.layout import flatten, layout_for, unflatten
+from fisherjax.models import flax_checkpoint
 from fisherjax.models.decoder import Decoder
 from fisherjax.models.model import Model
 
@@ -37,7 +41,8 @@ class NameTable:
 
     ``top`` maps our top-level module to candidate HF module names (first is what we write);
     ``layers`` is the HF name of the layer list; ``transpose`` says whether dense weights are
-    PyTorch Linear ``[out, in]`` (True) or Conv1D ``[in, out]`` (False); ``ignore`` lists buffers
+    PyTorch Linear ``[out, in]`` (True) or Conv1D ``[in, out]`` (False; an untied ``lm_head`` is a
+    Linear in every family); ``ignore`` lists buffers
     that old checkpoints carry and that are not parameters.
     """
 
@@ -91,10 +96,15 @@ def _hf_candidates(table: NameTable, path: str, layer: int | None) -> list[str]:
     return [f"{name}.{suffix}" for name in table.top[module]]
 
 
+def _transposed(table: NameTable, path: str) -> bool:
+    """Whether our kernel ``path`` is stored transposed in HF (PyTorch) naming: every ``Linear``
+    weight is ``[out, in]``; GPT-2's ``Conv1D`` blocks are ``[in, out]`` but its untied ``lm_head``
+    is a ``Linear``."""
+    return path.endswith("/kernel") and (table.transpose or path == "lm_head/kernel")
+
+
 def _to_flax(table: NameTable, path: str, tensor: np.ndarray) -> np.ndarray:
-    if path.endswith("/kernel") and table.transpose:
-        return tensor.T
-    return tensor
+    return tensor.T if _transposed(table, path) else tensor
 
 
 def _to_hf(table: NameTable, path: str, array: np.ndarray) -> np.ndarray:
@@ -130,18 +140,18 @@ def _inside(directory: Path, file: Path) -> bool:
     return any(target.is_relative_to(root) for root in roots)
 
 
-def _index_shards(index: Path, directory: Path) -> list[str]:
-    """The shard files a ``model.safetensors.index.json`` names, each checked to be a file inside
-    the checkpoint directory."""
+def _index_shards(index: Path, directory: Path, kind: str = "safetensors") -> list[str]:
+    """The shard files a ``model.safetensors.index.json`` (or, ``kind="Flax msgpack"``, a
+    ``flax_model.msgpack.index.json``) names, each checked to be a file inside the checkpoint directory."""
     try:
         raw = json.loads(index.read_bytes().decode("utf-8-sig"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise CheckpointError(f"{index}: not a readable safetensors index ({one_line(err, 200)}); fix or remove the file") from None
+        raise CheckpointError(f"{index}: not a readable {kind} index ({one_line(err, 200)}); fix or remove the file") from None
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         got = "no weight_map" if not isinstance(raw, dict) or "weight_map" not in raw else f"weight_map={_show(weight_map)}"
         raise CheckpointError(
-            f"{index}: not a valid safetensors index ({got}); it needs a non-empty object \"weight_map\" "
+            f"{index}: not a valid {kind} index ({got}); it needs a non-empty object \"weight_map\" "
             "mapping tensor names to shard files — fix or remove the file"
         )
     bad = [f"{k!r}: {_show(v)}" for k, v in weight_map.items() if not isinstance(v, str) or not v or "\0" in v]
@@ -189,20 +199,29 @@ def _torch_error(file: Path, err: BaseException) -> str:
 
 
 class _TensorSource:
-    """Lazy access to every tensor of a checkpoint directory, across shards.
+    """Lazy access to every tensor of a checkpoint directory, across shards, under PyTorch names.
 
     Every weight file must lie inside the checkpoint directory once symlinks are resolved (see
     :func:`_inside`), whether a sharded index names it or it is found there; a tensor stored in two
-    shards is an error.
+    shards is an error. Flax checkpoints (``flax_model.msgpack``, its sharded index, or Flax-named
+    safetensors) are renamed to PyTorch names and orientation by
+    :mod:`fisherjax.models.flax_checkpoint`; ``stored`` and ``flipped`` remember the file's own
+    name and whether the stored array is the transpose, so messages name what the file holds.
     """
 
     def __init__(self, directory: Path, allow_pickle: bool):
         self.directory = directory
         self.location: dict[str, Path] = {}
+        self.stored: dict[str, str] = {}
+        self.flipped: set[str] = set()
+        self.flax: str | None = None
         self._handles = {}
+        self._arrays: dict[Path, dict[str, np.ndarray]] = {}
         self._torch_state = None
         index = directory / "model.safetensors.index.json"
         single = directory / "model.safetensors"
+        flax_index = directory / flax_checkpoint.MSGPACK_INDEX
+        flax_single = directory / flax_checkpoint.MSGPACK
         if index.exists():
             files = _index_shards(index, directory)
         elif single.exists():
@@ -212,10 +231,19 @@ class _TensorSource:
         if files:
             self._open_safetensors([directory / name for name in files])
             return
+        if flax_index.exists():
+            self.flax = flax_index.name
+            self._open_msgpack([directory / name for name in _index_shards(flax_index, directory, "Flax msgpack")])
+            return
+        if flax_single.exists():
+            self.flax = flax_single.name
+            self._open_msgpack([flax_single])
+            return
         bins = sorted(directory.glob("pytorch_model*.bin"))
         if not bins:
             raise CheckpointError(
-                f"{directory}: no model.safetensors, sharded index or *.safetensors file found; "
+                f"{directory}: no model.safetensors, sharded index or *.safetensors file found (nor a Flax "
+                f"{flax_checkpoint.MSGPACK}); "
                 "pass a Hugging Face checkpoint directory"
             )
         if not allow_pickle:
@@ -226,6 +254,11 @@ class _TensorSource:
             )
         self._load_torch(bins)
 
+    @property
+    def kind(self) -> str:
+        """What the checkpoint is, for messages: ``checkpoint`` or ``Flax checkpoint (<file>)``."""
+        return f"Flax checkpoint ({self.flax})" if self.flax else "checkpoint"
+
     def _check_inside(self, file: Path) -> None:
         if not _inside(self.directory, file):
             raise CheckpointError(
@@ -233,29 +266,55 @@ class _TensorSource:
                 f"inside {self.directory} — copy the file there"
             )
 
-    def _add(self, key: str, file: Path) -> None:
-        if key in self.location and self.location[key] != file:
-            raise CheckpointError(
-                f"{self.directory}: tensor {key} is stored twice, in {self.location[key].name} and {file.name}; "
-                "remove one copy"
-            )
+    def _add(self, key: str, file: Path, stored: str | None = None, flipped: bool = False) -> None:
+        stored = stored or key
+        if key in self.location and (self.location[key], self.stored.get(key, key)) != (file, stored):
+            first, second = self.stored.get(key, key), stored
+            where = (f"in {self.location[key].name} and {file.name}" if self.location[key] != file
+                     else f"in {file.name}")
+            what = f"tensor {key} is stored twice, {where}" if first == second else \
+                f"tensors {first} and {second} both hold {key}, {where}"
+            raise CheckpointError(f"{self.directory}: {what}; remove one copy")
         self.location[key] = file
+        if stored != key:
+            self.stored[key] = stored
+        if flipped:
+            self.flipped.add(key)
 
     def _open_safetensors(self, files: list[Path]) -> None:
         from safetensors import safe_open
 
+        handles = {}
         for file in files:
             self._check_inside(file)
             try:
-                handle = safe_open(str(file), framework="numpy")
+                handles[file] = safe_open(str(file), framework="numpy")
             except Exception as err:  # safetensors raises its own error types for bad headers
                 raise CheckpointError(
                     f"{file}: cannot read safetensors file ({one_line(err, 200)}); the file is damaged or truncated, "
                     "re-download or re-export it"
                 ) from None
+        flax = [f for f, h in handles.items() if flax_checkpoint.is_flax_names(h.metadata(), h.keys())]
+        if flax:
+            self.flax = flax[0].name if len(handles) == 1 else f"Flax-named safetensors, {len(flax)} of {len(handles)} files"
+        for file, handle in handles.items():
             self._handles[file] = handle
             for key in handle.keys():
-                self._add(key, file)
+                if self.flax:
+                    ndim = len(handle.get_slice(key).get_shape())
+                    name, flipped = flax_checkpoint.hf_name(key, ndim)
+                    self._add(name, file, key, flipped)
+                else:
+                    self._add(key, file)
+
+    def _open_msgpack(self, files: list[Path]) -> None:
+        for file in files:
+            self._check_inside(file)
+            arrays = flax_checkpoint.read_msgpack(file)
+            self._arrays[file] = arrays
+            for key, value in arrays.items():
+                name, flipped = flax_checkpoint.hf_name(key, value.ndim)
+                self._add(name, file, key, flipped)
 
     def _load_torch(self, bins: list[Path]) -> None:
         try:
@@ -288,28 +347,46 @@ class _TensorSource:
     def keys(self) -> Iterator[str]:
         return iter(self.location)
 
+    def shown(self, name: str) -> str:
+        """The tensor's name as its file spells it (a Flax name for a Flax checkpoint)."""
+        return self.stored.get(name, name)
+
+    def shown_shape(self, name: str, shape) -> tuple[int, ...]:
+        """``shape`` (PyTorch orientation) as the file stores tensor ``name``."""
+        return tuple(reversed(shape)) if name in self.flipped else tuple(shape)
+
     def dtype(self, name: str) -> str:
         """The tensor's storage dtype in safetensors' naming (``F32``, ``BF16``, ``I32``, ``BOOL`` ...)."""
         if self._torch_state is not None:
             dtype = self._torch_state[name].dtype
             return _TORCH_DTYPES.get(str(dtype), str(dtype).removeprefix("torch."))
-        return self._handles[self.location[name]].get_slice(name).get_dtype()
+        file, stored = self.location[name], self.shown(name)
+        if file in self._arrays:
+            return flax_checkpoint.storage_dtype(self._arrays[file][stored])
+        return self._handles[file].get_slice(stored).get_dtype()
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as a numpy float array (bfloat16 widened to float32)."""
-        file = self.location[name]
+        """The tensor in PyTorch orientation as a numpy float array (bfloat16 widened to float32)."""
+        file, stored = self.location[name], self.shown(name)
         try:
             if self._torch_state is not None:
                 return self._torch_state[name].float().numpy()
-            value = self._handles[file].get_tensor(name)
+            value = self._arrays[file][stored] if file in self._arrays else self._handles[file].get_tensor(stored)
         except Exception as err:
-            raise CheckpointError(f"{file}: tensor {name!r} cannot be read, the file may be truncated ({one_line(err, 200)})") from None
-        return value if np.issubdtype(value.dtype, np.floating) else value.astype(np.float32)
+            raise CheckpointError(f"{file}: tensor {stored!r} cannot be read, the file may be truncated ({one_line(err, 200)})") from None
+        value = value if np.issubdtype(value.dtype, np.floating) else value.astype(np.float32)
+        return value.T if name in self.flipped else value
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape in PyTorch orientation."""
         if self._torch_state is not None:
             return tuple(self._torch_state[name].shape)
-        return tuple(self._handles[self.location[name]].get_slice(name).get_shape())
+        file, stored = self.location[name], self.shown(name)
+        if file in self._arrays:
+            stored_shape = self._arrays[file][stored].shape
+        else:
+            stored_shape = self._handles[file].get_slice(stored).get_shape()
+        return self.shown_shape(name, stored_shape)
 
 
 _TORCH_DTYPES = {
@@ -345,22 +422,30 @@ def load_pretrained(
     dtype=jnp.float32,
     allow_pickle: bool = False,
     load_tokenizer: bool = True,
+    tokenizer: str | Path | None = None,
 ) -> Model:
     """Load a Hugging Face checkpoint directory as a :class:`~fisherjax.models.model.Model`.
 
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` (or a sharded
-        ``model.safetensors.index.json`` whose shards lie inside the directory), and tokenizer
-        files when present.
+        ``model.safetensors.index.json`` whose shards lie inside the directory), or the
+        ``flax_model.msgpack`` (sharded: ``flax_model.msgpack.index.json``) or Flax-named
+        ``model.safetensors`` of transformers 4.x's Flax classes, and tokenizer files when present.
       dtype: parameter dtype (float32 by default); the checkpoint may store F32, F16, BF16 or F64.
       allow_pickle: accept ``pytorch_model.bin`` (loaded with ``torch.load(weights_only=True)``,
         which never runs code from the file).
       load_tokenizer: also load the tokenizer when the directory has one.
+      tokenizer: a directory of tokenizer files (``tokenizer.json``, ``tokenizer_config.json``,
+        ``vocab.json`` ...) to use instead of the checkpoint's own, e.g. for a checkpoint saved
+        without one; its vocabulary may not be larger than the model's.
 
     Raises:
       ConfigError: unknown architecture or a config.json with bad fields (all listed at once).
       CheckpointError: missing, truncated, unexpected, mis-shaped, non-floating or non-finite
-        tensors; an index naming files outside the directory; unreadable pickles or tokenizers.
+        tensors; an index naming files outside the directory; unreadable pickles, msgpack files
+        or tokenizers.
+      ConfigError: ``tokenizer`` is not a directory of tokenizer files transformers can load, or
+        its vocabulary is larger than the model's.
       Every message is one line that starts with the file or directory it is about.
     """
     directory = Path(path)
@@ -384,16 +469,21 @@ def load_pretrained(
             candidates = _hf_candidates(table, path_, layer)
             name = next((c for c in candidates if c in source.location), None)
             if name is None:
-                problems.append(f"missing tensor {candidates[0]} (for {path_})")
+                leaf = path_.rsplit("/", 1)[1]
+                shown = flax_checkpoint.flax_name(candidates[0], leaf, config.family) if source.flax else candidates[0]
+                problems.append(f"missing tensor {shown} (for {path_})")
                 continue
             used.add(name)
             names.append(name)
             want = abstract.shape[1:] if stacked else abstract.shape
             if _hf_shape(table, path_, source.shape(name)) != tuple(want):
-                problems.append(f"tensor {name} has shape {source.shape(name)}, config implies {_hf_shape(table, path_, want)}")
+                implied = source.shown_shape(name, _hf_shape(table, path_, want))
+                problems.append(
+                    f"tensor {source.shown(name)} has shape {source.shown_shape(name, source.shape(name))}, config implies {implied}"
+                )
                 continue
             if source.dtype(name) not in FLOAT_DTYPES:
-                not_float.append((name, source.dtype(name), source.location[name]))
+                not_float.append((source.shown(name), source.dtype(name), source.location[name]))
                 continue
             pieces.append(_to_flax(table, path_, source.get(name)))
         if len(pieces) == (config.num_layers if stacked else 1):
@@ -402,14 +492,16 @@ def load_pretrained(
             hf_names[path_] = names
     if config.tie_word_embeddings:
         used.update(c for c in ("lm_head.weight",) if c in source.location)
+        if source.flax and "embed/embedding" in flat:
+            problems.extend(_untied_flax_head(source, flat["embed/embedding"]))
     ignored = [k for k in source.keys() if k not in used and any(k.endswith(s) or s in k for s in table.ignore)]
-    unexpected = sorted(set(source.keys()) - used - set(ignored))
+    unexpected = sorted(source.shown(k) for k in set(source.keys()) - used - set(ignored))
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
         problems.append(f"tensors the config does not account for: {shown}")
     if problems:
         raise CheckpointError(
-            f"{directory}: checkpoint and config.json disagree ({len(problems)} problem{'s' * (len(problems) > 1)}): "
+            f"{directory}: {source.kind} and config.json disagree ({len(problems)} problem{'s' * (len(problems) > 1)}): "
             f"{_listed(problems)}; check that config.json belongs to these weights"
         )
     if not_float:
@@ -430,7 +522,10 @@ def load_pretrained(
 
     params = jax.tree.map(lambda v: jnp.asarray(v, dtype=dtype), unflatten(flat))
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(params=0))))
-    tokenizer = _load_tokenizer(directory, config) if load_tokenizer else None
+    if tokenizer is not None:
+        tokenizer = _borrowed_tokenizer(Path(tokenizer), config, directory)
+    elif load_tokenizer:
+        tokenizer = _load_tokenizer(directory, config)
     return Model(
         config=config,
         params=params,
@@ -443,12 +538,61 @@ def load_pretrained(
     )
 
 
+def _untied_flax_head(source: _TensorSource, embedding: np.ndarray) -> list[str]:
+    """The problem, if any, with a Flax checkpoint's ``lm_head`` when config.json ties it to the embedding.
+
+    transformers' Flax Llama and Mistral always compute logits with their own ``lm_head.kernel``,
+    whatever ``tie_word_embeddings`` says; reading the checkpoint as tied would then give other
+    logits than the model that wrote it. A head equal to the embedding's transpose is harmless.
+    """
+    name = "lm_head.weight"
+    if name not in source.location:
+        return []
+    if source.shape(name) == embedding.shape and np.array_equal(source.get(name), embedding):
+        return []
+    return [
+        f"config.json ties the output layer to the embedding (tie_word_embeddings), but the file holds its own "
+        f"{source.shown(name)}, which differs from it and is what transformers' Flax model computes logits with — set "
+        '"tie_word_embeddings": false in config.json'
+    ]
+
+
 def _hf_shape(table: NameTable, path: str, flax_shape) -> tuple[int, ...]:
-    return tuple(reversed(flax_shape)) if path.endswith("/kernel") and table.transpose else tuple(flax_shape)
+    return tuple(reversed(flax_shape)) if _transposed(table, path) else tuple(flax_shape)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+"""Files whose presence means a directory holds a tokenizer."""
+
+
+def _borrowed_tokenizer(directory: Path, config: DecoderConfig, model_dir: Path):
+    """The tokenizer of another directory, for a checkpoint that has none (or to replace its own)."""
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: the tokenizer to use (--tokenizer / tokenizer=) is not a directory; pass the directory holding tokenizer.json")
+    if not any((directory / f).exists() for f in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{directory}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) found for --tokenizer / tokenizer=; "
+            "pass a directory that holds a saved tokenizer"
+        )
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as err:  # transformers raises many types for broken tokenizer files
+        raise ConfigError(
+            f"{directory}: transformers cannot load the tokenizer given with --tokenizer / tokenizer= "
+            f"({one_line(err, 200)}); fix its files or pass another directory"
+        ) from None
+    if len(tokenizer) > config.vocab_size:
+        raise ConfigError(
+            f"{directory}: tokenizer has {len(tokenizer)} tokens but the model in {model_dir} has a vocabulary of "
+            f"{config.vocab_size}; its ids would fall outside the embedding — use a tokenizer made for this model"
+        )
+    return tokenizer
 
 
 def _load_tokenizer(directory: Path, config: DecoderConfig):
-    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+    if not any((directory / f).exists() for f in TOKENIZER_FILES[:3]):
         return None
     try:
         from transformers import AutoTokenizer
