@@ -17,6 +17,7 @@ from fisherjax.analysis import conflicts, importance, masks, natural, overlap, q
 from fisherjax.compilation_cache import enable as enable_compilation_cache
 from fisherjax.config import DecoderConfig
 from fisherjax.errors import CheckpointError, ConfigError, DataError, FisherjaxError, NumericalError
+from fisherjax.export import export_fisher, merge_checkpoints, prune_checkpoint, read_export
 from fisherjax.fisher import CollectOptions, SampleGrads, TaskFisher
 from fisherjax.fisher.collect import collect
 from fisherjax.layout import ModelLayout, Role
@@ -42,12 +43,16 @@ __all__ = [
     "curvature",
     "data",
     "enable_compilation_cache",
+    "export_fisher",
     "heads",
     "importance",
     "load_pretrained",
     "masks",
+    "merge_checkpoints",
     "natural",
     "overlap",
+    "prune_checkpoint",
     "qkov",
+    "read_export",
     "save_pretrained",
 ]
