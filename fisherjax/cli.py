@@ -14,6 +14,8 @@ from pathlib import Path
 
 from fisherjax.errors import FisherjaxError, one_line
 from fisherjax.analysis.conflicts import SCOPES as CONFLICT_SCOPES
+from fisherjax.analysis.masks import SCOPES as MASK_SCOPES
+from fisherjax.analysis.masks import STRUCTURED_UNITS as MASK_UNITS
 from fisherjax.analysis.qkov import AGGREGATES, CONTRACTIONS, FISHER_POOLS, NORMALIZE_GJ, VARIANTS
 from fisherjax.fisher.options import FISHER_TYPES, MODES, STORAGE_DTYPES
 
@@ -52,9 +54,15 @@ def _parser() -> argparse.ArgumentParser:
         "mask overlap, sample conflicts, QK-OV interference and Fisher-scaled updates. With no arguments it runs "
         "on the shipped demo model and its 'math' and 'copy' tasks.",
     )
-    a.add_argument("--model", type=Path, help="Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer)")
+    a.add_argument("--model", type=Path,
+                   help="Hugging Face checkpoint directory: config.json and model.safetensors (or transformers 4.x's Flax "
+                        "flax_model.msgpack), with tokenizer files unless --tokenizer gives them or the tasks are pre-tokenised")
+    a.add_argument("--tokenizer", type=Path, metavar="DIR",
+                   help="a directory of tokenizer files (tokenizer.json, tokenizer_config.json, ...) to encode the tasks with, "
+                        "for a checkpoint saved without them (default: the checkpoint's own)")
     a.add_argument("--task", action="append", default=[], metavar="NAME=FILE",
-                   help="a task: .jsonl with 'text' or 'prompt'+'completion' per line, or .txt with one text per line (repeat)")
+                   help="a task: .jsonl with 'text', 'prompt'+'completion', or pre-tokenised 'input_ids' (+ optional "
+                        "Hugging Face 'labels') per line, or .txt with one text per line (repeat)")
     a.add_argument("--config", type=Path, metavar="FILE",
                    help="TOML (.toml) or JSON file of AnalysisConfig fields (e.g. batch_size = 8); flags given here override it")
     a.add_argument("--print-config", action="store_true", help="print the effective configuration as JSON (--config reads it) and exit")
@@ -72,11 +80,22 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"host memory allowed for the kept per-sample gradients per task (default {d.sample_grads_budget_gb:g} GB)")
     a.add_argument("--spill-dir", type=Path, default=d.spill_dir,
                    help="write kept per-sample gradients beyond the budget to this directory (memory-mapped)")
+    a.add_argument("--checkpoint-dir", type=Path, default=d.checkpoint_dir, metavar="DIR",
+                   help="save Phase 1's progress of each task in DIR/<task> every --checkpoint-every batches (outside --out; "
+                        "not with --spill-dir)")
+    a.add_argument("--resume", action="store_true",
+                   help="continue Phase 1 from the saves in --checkpoint-dir (same model, tasks, batch size and options)")
+    a.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
+                   help=f"batches between two saves of --checkpoint-dir (default {d.checkpoint_every})")
     a.add_argument("--no-diagonal", action="store_true", help="skip the full per-parameter diagonal (no unstructured masks)")
     a.add_argument("--diagonal-variance", action="store_true",
                    help="also accumulate the per-element variance of the full diagonal (about twice its cost; saved with the Fisher state)")
     a.add_argument("--sparsity", type=float, action="append",
                    help=f"pruning sparsity level (repeat; default {' '.join(f'{s:g}' for s in d.sparsities)})")
+    a.add_argument("--mask-unit", action="append", choices=MASK_UNITS,
+                   help=f"structured unit the pruning masks remove (repeat; default {' '.join(d.mask_units)})")
+    a.add_argument("--mask-scope", choices=MASK_SCOPES, default=d.mask_scope,
+                   help=f"rank the mask units over the whole model (global) or within each layer (default {d.mask_scope})")
     a.add_argument("--top-k", type=int, default=d.top_k, help=f"rows in the top-k tables (default {d.top_k})")
     a.add_argument("--pruning-samples", type=int, default=d.pruning_samples, metavar="N",
                    help="samples per task the head-pruning experiment evaluates, a fixed random subsample "
@@ -180,20 +199,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-diagonal", action="store_true", help="as for analyze: no full diagonal in the step")
     p.add_argument("--remat", action="store_true", help="recompute each block in the backward pass (less memory, more time)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_export_commands(sub, d)
     parser.analyze = a  # for _given_flags
     return parser
 
 
 FLAG_FIELDS = {"task": "tasks", "head_threshold": "head_thresholds", "no_diagonal": "diagonal", "sparsity": "sparsities",
-               "no_progress": "progress"}
+               "no_progress": "progress", "mask_unit": "mask_units"}
 """Command-line destinations whose AnalysisConfig field has another name (the others share theirs)."""
+
+
+class _Unset(list):
+    """The marker of a flag not given; a list, so that an ``append`` flag can extend a copy of it."""
 
 
 def _given_flags(argv) -> set[str]:
     """The AnalysisConfig fields whose flags appear on ``argv`` (parsed again with every default
     replaced by a marker, so a flag given with its default value still counts)."""
     parser = _parser()
-    unset = object()
+    unset = _Unset()
     parser.analyze.set_defaults(**{action.dest: unset for action in parser.analyze._actions if action.dest != "help"})
     args = parser.parse_args(argv)
     return {FLAG_FIELDS.get(dest, dest) for dest, value in vars(args).items() if value is not unset}
@@ -203,9 +227,10 @@ def _analyze(args) -> int:
     from fisherjax import compilation_cache
     from fisherjax.pipeline import AnalysisConfig, analyze, parse_task_args, parse_thresholds
 
-    config = AnalysisConfig(
+    flags = dict(
         out=args.out,
         model=args.model,
+        tokenizer=args.tokenizer,
         tasks=parse_task_args(args.task),
         head_thresholds=parse_thresholds(args.head_threshold),
         batch_size=args.batch_size,
@@ -244,17 +269,27 @@ def _analyze(args) -> int:
         ablation_heads=args.ablation_heads,
         probe_tokens=args.probe_tokens,
         probe_length=args.probe_length,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
+        mask_units=tuple(args.mask_unit) if args.mask_unit else AnalysisConfig.mask_units,
+        mask_scope=args.mask_scope,
     )
-    if args.config is not None:
+    if args.config is None:
+        config = AnalysisConfig(**flags)
+    else:  # the file's fields, the flags given over them, checked together (some checks relate two fields)
         from fisherjax import config_file
 
         from_file = config_file.read(args.config, AnalysisConfig)
-        try:
-            base = AnalysisConfig(**from_file)
-        except FisherjaxError as err:
-            raise type(err)(f"{args.config}: {one_line(err)}") from None
         given = _given_flags(args.argv)
-        config = dataclasses.replace(base, **{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in given})
+        try:
+            config = AnalysisConfig(**{**from_file, **{k: v for k, v in flags.items() if k in given}})
+        except FisherjaxError:
+            try:
+                AnalysisConfig(**from_file)
+            except FisherjaxError as err:  # the file alone is wrong: name it
+                raise type(err)(f"{args.config}: {one_line(err)}") from None
+            raise
     if args.print_config:
         from fisherjax import config_file
 
@@ -355,6 +390,231 @@ def _plan(args) -> int:
     return 0
 
 
+# ---- export, merge, prune: results and checkpoints in Hugging Face names (fisherjax.export) ------
+
+
+def _add_export_commands(sub, d) -> None:
+    """The ``export``, ``merge`` and ``prune`` subparsers (``d``: AnalysisConfig, for defaults)."""
+    from fisherjax.analysis import masks as masking
+
+    e = sub.add_parser("export", help="write an analyze output's Fisher and masks as safetensors in Hugging Face names",
+                       description="Read OUT/fisher_state/ of a fisherjax analyze run and write, per task, TO/TASK/diagonal.safetensors "
+                       "(per-parameter diagonal Fisher, the checkpoint's own tensor names and shapes), group_fisher.safetensors and "
+                       "group_sizes.safetensors (keys HF_NAME|GROUP_TYPE, one layer each) and masks.safetensors (keys HF_NAME|UNIT@SPARSITY, "
+                       "uint8, 1 = keep).")
+    e.add_argument("--from", dest="source", type=Path, required=True, metavar="RUN", help="an output directory of fisherjax analyze")
+    e.add_argument("--to", type=Path, required=True, metavar="DIR", help="directory to write (one folder per task)")
+    e.add_argument("--model", type=Path, help="the analyzed checkpoint (default: the one RUN's fisherjax-output.json names)")
+    e.add_argument("--sparsity", type=float, action="append", help="sparsity of the exported masks (repeat; default: the run's)")
+    e.add_argument("--unit", action="append", choices=masking.UNITS,
+                   help="unit of the exported masks (repeat; default: the run's structured units, else head; parameter masks "
+                        "are as large as the model in uint8)")
+    e.add_argument("--scope", choices=masking.SCOPES, help="mask threshold over the model or per layer (default: the run's, else global)")
+    e.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin weights")
+    e.add_argument("--overwrite", action="store_true", help="replace --to even when fisherjax did not write it")
+
+    def collection(c, what: str) -> None:
+        c.add_argument("--model", type=Path, required=True, help=f"Hugging Face checkpoint directory ({what})")
+        c.add_argument("--task", action="append", default=[], metavar="NAME=FILE", help="a task file, .jsonl or .txt (repeat)")
+        c.add_argument("--tokenizer", type=Path, metavar="DIR", help="tokenizer files to encode the tasks with (default: the model's own)")
+        c.add_argument("--out", type=Path, required=True, help="directory of the Hugging Face checkpoint to write")
+        c.add_argument("--batch-size", type=int, default=d.batch_size, help=f"samples per batch (default {d.batch_size})")
+        c.add_argument("--max-length", type=int, default=d.max_length, help=f"truncate samples to this many tokens (default {d.max_length})")
+        c.add_argument("--max-samples", type=int, help="use at most this many samples per task (default: all)")
+        c.add_argument("--truncate", action="store_true", help="cut samples longer than the model's maximum positions")
+        c.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin weights (unsafe for untrusted files)")
+        c.add_argument("--no-progress", action="store_true", help="no progress bars")
+        c.add_argument("--overwrite", action="store_true", help="replace --out even when fisherjax did not write it")
+
+    m = sub.add_parser("merge", help="Fisher-weighted merge of finetuned models into one Hugging Face checkpoint",
+                       description="For each --finetuned NAME=DIR, the diagonal Fisher of --task NAME=FILE on that model; then "
+                       "theta = sum_k F_k theta_k / sum_k F_k, written to --out with the base model's config and tokenizer.")
+    collection(m, "the base: its config and tokenizer")
+    m.add_argument("--finetuned", action="append", default=[], metavar="NAME=DIR",
+                   help="a finetuned model, weighted by the Fisher of the task of the same NAME (repeat; at least two)")
+    m.add_argument("--floor", type=float, default=1e-8, help="lower bound of every Fisher value (default 1e-8)")
+    m.add_argument("--normalise", action="store_true", help="divide each model's Fisher by its sum first")
+
+    r = sub.add_parser("prune", help="zero the units with the lowest Fisher and write a Hugging Face checkpoint",
+                       description="The Fisher of the tasks (their mean, each task weighted equally), a mask at --sparsity by "
+                       "--unit, the pruned weights set to zero, written to --out.")
+    collection(r, "the model to prune")
+    r.add_argument("--sparsity", type=float, required=True, help="fraction of units to prune, in [0, 1]")
+    r.add_argument("--unit", choices=masking.UNITS, default="head", help="what to prune (default head)")
+    r.add_argument("--scope", choices=masking.SCOPES, default="global", help="one threshold over the model or one per layer (default global)")
+
+
+def _named_dirs(values, option: str) -> dict[str, Path]:
+    """``["a=dir", ...]`` → ``{"a": Path("dir")}``, names checked (:func:`fisherjax.outdir.check_task_names`)."""
+    from fisherjax.outdir import check_task_names
+
+    out = {}
+    for v in values:
+        name, sep, file = v.partition("=")
+        if not sep or not name or not file:
+            raise FisherjaxError(f"{option} expects NAME=PATH, got {v!r}")
+        out.setdefault(name, []).append(Path(file))
+    check_task_names([n for n, paths in out.items() for _ in paths], option=option)
+    return {n: paths[0] for n, paths in out.items()}
+
+
+def _output_checked(out: Path, inputs: dict[str, Path], *, overwrite: bool, option: str = "--out") -> Path:
+    """The output directory, absolute, after :func:`fisherjax.outdir.check_destination`; refused when it
+    is or contains one of the ``inputs`` (``{option: path}``): it is replaced whole."""
+    from fisherjax import outdir
+
+    destination = Path(out).absolute()
+    for given_option, given in inputs.items():
+        source = Path(given).absolute()
+        if source == destination or destination in source.parents:
+            raise FisherjaxError(f"{out}: {option} is or contains {given_option} {given}, which writing it would replace; "
+                                 "choose another directory")
+    outdir.check_destination(destination, overwrite=overwrite)
+    outdir.remove_stale_staging(destination)
+    return destination
+
+
+def _collection_tasks(args) -> dict[str, Path]:
+    """The ``--task`` files of ``merge`` / ``prune`` after checking the collection options."""
+    from fisherjax.settings import check
+
+    check(args.batch_size >= 1, f"batch size must be ≥ 1 (--batch-size), got {args.batch_size}")
+    check(args.max_length >= 2, f"max length must be ≥ 2 tokens (--max-length), got {args.max_length}")
+    check(args.max_samples is None or args.max_samples >= 1, f"max samples must be ≥ 1 (--max-samples), got {args.max_samples}")
+    if not args.task:
+        raise FisherjaxError(f"{args.command} needs at least one --task NAME=FILE")
+    return _named_dirs(args.task, "--task")
+
+
+def _load(directory: Path, args, *, tokenizer: bool):
+    """The checkpoint (with its tokenizer when asked; text tasks without one are refused by
+    :func:`fisherjax.data.load_task`, naming the line)."""
+    from fisherjax.models import load_pretrained
+
+    return load_pretrained(directory, allow_pickle=args.allow_pickle, load_tokenizer=tokenizer,
+                           tokenizer=args.tokenizer if tokenizer else None)
+
+
+def _task_fisher(model, params, name: str, file: Path, args, *, diagonal: bool):
+    """Phase 1 Fisher of the task file on ``params`` (``model``'s architecture and tokenizer)."""
+    from fisherjax.data import batches, load_task
+    from fisherjax.fisher.collect import collect
+
+    task = load_task(file, model.tokenizer, name=name, max_length=args.max_length,
+                     max_positions=model.config.max_position_embeddings, truncate=args.truncate, vocab_size=model.config.vocab_size)
+    if args.max_samples is not None:
+        task = dataclasses.replace(task, examples=task.examples[: args.max_samples])
+    chosen = list(batches(task, args.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
+    return collect(model, chosen, task=name, params=params, diagonal=diagonal, progress=not args.no_progress)
+
+
+def _written(destination: Path, args, write) -> None:
+    """``write(staging_dir)``, then the marker, then the staging directory moved to ``destination``."""
+    from fisherjax import __version__, outdir
+
+    with outdir.staging(destination) as staged:
+        write(staged)
+        outdir.write_marker(staged, {"fisherjax": __version__, "command": args.command, "argv": args.argv})
+
+
+def _export(args) -> int:
+    from fisherjax import io, outdir
+    from fisherjax.export import export_fisher, standard_masks
+    from fisherjax.settings import check
+
+    run = Path(args.source)
+    states = run / "fisher_state"
+    if not states.is_dir():
+        raise FisherjaxError(f"{run}: --from has no fisher_state/ folder; pass an output directory of fisherjax analyze (its 'fisher' phase)")
+    names = sorted(p.name for p in states.iterdir() if p.is_dir())
+    if not names:
+        raise FisherjaxError(f"{states}: no saved task Fisher; pass an output directory of fisherjax analyze")
+    recorded = {}
+    if outdir.is_fisherjax_output(run):
+        recorded = json.loads((run / outdir.MARKER).read_text()).get("config") or {}
+    if args.model is not None:
+        model_dir = args.model
+    elif not recorded:
+        raise FisherjaxError(f"{run}: no {outdir.MARKER} naming the analyzed model; pass --model DIR")
+    elif recorded.get("model") is None:
+        from fisherjax import demo
+
+        model_dir = demo.checkpoint_dir()
+    else:
+        model_dir = Path(recorded["model"])
+        if not model_dir.is_dir():
+            raise FisherjaxError(f"{model_dir}: the model {run} was analyzed with is not a directory here; pass --model DIR")
+    sparsities = tuple(args.sparsity or recorded.get("sparsities") or _defaults().sparsities)
+    for s in sparsities:
+        check(0.0 <= s <= 1.0, f"sparsity must be in [0, 1] (--sparsity), got {s}")
+    destination = _output_checked(args.to, {"--from": run, "the model": model_dir}, overwrite=args.overwrite, option="--to")
+    model = _load(Path(model_dir), args, tokenizer=False)
+    fishers = [io.load_task_fisher(states / name) for name in names]
+    units = args.unit or list(recorded.get("mask_units") or ["head"])
+    scope = args.scope or recorded.get("mask_scope") or "global"
+
+    def write(staged: Path) -> None:
+        for fisher in fishers:
+            export_fisher(model, fisher, staged, masks=standard_masks(fisher, model.layout, units, sparsities, scope=scope))
+
+    _written(destination, args, write)
+    print(f"wrote {destination}  (tasks {', '.join(f.task for f in fishers)}; masks {', '.join(units)} at "
+          f"{', '.join(f'{s:g}' for s in sparsities)})")
+    return 0
+
+
+def _merge(args) -> int:
+    from fisherjax.export import check_same_architecture, merge_checkpoints
+
+    tasks = _collection_tasks(args)
+    finetuned = _named_dirs(args.finetuned, "--finetuned")
+    for name in finetuned:
+        if name not in tasks:
+            raise FisherjaxError(f"--finetuned {name} has no --task {name}=FILE; each finetuned model is weighted by the Fisher "
+                                 "of the task of its name")
+    for name in tasks:
+        if name not in finetuned:
+            raise FisherjaxError(f"--task {name} has no --finetuned {name}=DIR; name each task after the model finetuned on it")
+    if len(finetuned) < 2:
+        raise FisherjaxError("merge needs at least two --finetuned NAME=DIR models")
+    if not args.floor > 0:
+        raise FisherjaxError(f"--floor must be > 0, got {args.floor}")
+    destination = _output_checked(args.out, {"--model": args.model, **{f"--finetuned {n}": d for n, d in finetuned.items()}},
+                                  overwrite=args.overwrite)
+    base = _load(args.model, args, tokenizer=True)
+    models = {}
+    for name, directory in finetuned.items():
+        models[name] = _load(directory, args, tokenizer=False)
+        check_same_architecture(base, models[name], f"{directory} (--finetuned {name})")
+    # every Fisher on the base's compiled step, with the finetuned parameters (one architecture)
+    fishers = {name: _task_fisher(base, models[name].params, name, tasks[name], args, diagonal=True) for name in finetuned}
+    _written(destination, args, lambda staged: merge_checkpoints(base, models, fishers, staged, floor=args.floor,
+                                                                 normalise=args.normalise))
+    print(f"wrote {destination}  (Fisher-weighted merge of {', '.join(finetuned)})")
+    return 0
+
+
+def _prune(args) -> int:
+    from fisherjax.export import prune_checkpoint
+    from fisherjax.settings import check
+
+    tasks = _collection_tasks(args)
+    check(0.0 <= args.sparsity <= 1.0, f"sparsity must be in [0, 1] (--sparsity), got {args.sparsity}")
+    destination = _output_checked(args.out, {"--model": args.model}, overwrite=args.overwrite)
+    model = _load(args.model, args, tokenizer=True)
+    fishers = [_task_fisher(model, model.params, name, file, args, diagonal=args.unit == "parameter") for name, file in tasks.items()]
+    result = {}
+
+    def write(staged: Path) -> None:
+        result["mask"] = prune_checkpoint(model, fishers, staged, sparsity=args.sparsity, unit=args.unit, scope=args.scope)[1]
+
+    _written(destination, args, write)
+    mask = result["mask"]
+    print(f"wrote {destination}  (pruned {mask.n_pruned} of {mask.n_units} {args.unit} units, "
+          f"{mask.param_sparsity:.1%} of the parameters)")
+    return 0
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -371,7 +631,7 @@ def main(argv=None) -> int:
     _quiet_background_logs()
     previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
     try:
-        return {"analyze": _analyze, "info": _info, "plan": _plan}[args.command](args)
+        return {"analyze": _analyze, "info": _info, "plan": _plan, "export": _export, "merge": _merge, "prune": _prune}[args.command](args)
     except FisherjaxError as err:
         print(f"fisherjax: error: {one_line(err)}", file=sys.stderr)
         return EXIT_INPUT_ERROR

@@ -2,8 +2,8 @@
 
 A task is a list of :class:`Example` (token ids, how many leading tokens are prompt, a stable
 sample id). Sources: a list of texts, a ``.jsonl`` file (field ``text``, or ``prompt`` +
-``completion`` with the prompt's labels masked), a ``.txt`` file (one text per line), or token
-arrays. Sample ids are the 0-based line numbers of the file (or list indices), so they survive
+``completion`` with the prompt's labels masked, or pre-tokenised ``input_ids`` with optional
+Hugging Face ``labels``), a ``.txt`` file (one text per line), or token arrays. Sample ids are the 0-based line numbers of the file (or list indices), so they survive
 filtering and reordering.
 
 Labels follow Hugging Face's convention: ``labels`` is aligned with ``input_ids`` and the loss
@@ -60,13 +60,16 @@ class Batch(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One sample: its tokens, the number of leading prompt tokens (not predicted), its id, and
-    whether its tokens were cut to a length limit (:func:`load_task`)."""
+    """One sample: its tokens, the number of leading prompt tokens (not predicted), its id,
+    whether its tokens were cut to a length limit (:func:`load_task`), and ``scored``: per token,
+    whether it is a target (a pre-tokenised sample's ``labels ≠ -100``), aligned with ``tokens``;
+    None means every token after the prompt. The first token is never a target either way."""
 
     tokens: tuple[int, ...]
     prompt_len: int
     sample_id: int
     truncated: bool = False
+    scored: tuple[bool, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,12 +197,76 @@ def task_from_texts(
     return Task(name, tuple(examples))
 
 
-def task_from_tokens(name: str, tokens: Sequence[Sequence[int]], *, prompt_lens: Sequence[int] | None = None) -> Task:
-    """A task from token id arrays (ids 0..n-1)."""
+def task_from_tokens(name: str, tokens: Sequence[Sequence[int]], *, prompt_lens: Sequence[int] | None = None,
+                     labels: Sequence[Sequence[int]] | None = None) -> Task:
+    """A task from token id arrays (ids 0..n-1); ``labels``: per sample, Hugging Face labels as
+    in a pre-tokenised task file (:func:`load_task`: the token id where scored, ``-100`` elsewhere)."""
     if len(tokens) == 0:
         raise DataError(f"task {name!r} is empty")
     prompt_lens = prompt_lens if prompt_lens is not None else [0] * len(tokens)
-    return Task(name, tuple(Example(tuple(int(t) for t in seq), int(p), i) for i, (seq, p) in enumerate(zip(tokens, prompt_lens))))
+    labels = labels if labels is not None else [None] * len(tokens)
+    examples = []
+    for i, (seq, p, lab) in enumerate(zip(tokens, prompt_lens, labels, strict=True)):
+        seq = [int(t) for t in seq]
+        scored = None if lab is None else tuple(scored_tokens(seq, list(lab), f"task {name!r}, sample {i}"))
+        examples.append(Example(tuple(seq), int(p), i, scored=scored))
+    return Task(name, tuple(examples))
+
+
+class MissingTokenizer(DataError):
+    """A text sample met without a tokenizer to encode it; ``where`` names its ``file:line``."""
+
+    def __init__(self, where: str):
+        self.where = where
+        super().__init__(f"{where}: a text sample, but there is no tokenizer to encode it; give pre-tokenised "
+                         "'input_ids' or a tokenizer")
+
+
+TEXT_FIELDS = ("text", "prompt", "completion")
+"""The fields of a text sample in a ``.jsonl`` task file (a pre-tokenised one has ``input_ids``)."""
+
+
+def _token_ids(value, where: str, vocab_size: int | None) -> list[int]:
+    """``input_ids`` of a line checked: a non-empty array of integer ids in the vocabulary."""
+    if not isinstance(value, list) or not value:
+        got = "an empty array" if value == [] else _json_type(value)
+        raise DataError(f"{where}: field 'input_ids' must be a non-empty array of integer token ids, got {got}")
+    for i, t in enumerate(value):
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise DataError(f"{where}: input_ids[{i}] is {json.dumps(t)}, not an integer token id")
+        if t < 0 or (vocab_size is not None and t >= vocab_size):
+            bound = f"0..{vocab_size - 1}" if vocab_size is not None else "≥ 0"
+            raise DataError(f"{where}: input_ids[{i}] = {t} is outside the model's vocabulary (ids {bound})")
+    return value
+
+
+def scored_tokens(ids: Sequence[int], labels, where: str) -> list[bool]:
+    """Which tokens Hugging Face ``labels`` score: ``labels[t] == ids[t]`` (scored) or ``-100`` (not).
+
+    The labels are aligned with the ids, unshifted (the model shifts: position ``t − 1`` predicts
+    ``labels[t]``), as ``labels = input_ids`` with ``-100`` masking in Hugging Face's causal LMs.
+    Any other value — a label shifted by one already, another token — is refused, since it would
+    silently score the wrong targets.
+    """
+    if not isinstance(labels, list):
+        raise DataError(f"{where}: field 'labels' must be an array of token ids or -100, got {_json_type(labels)}")
+    if len(labels) != len(ids):
+        raise DataError(f"{where}: 'labels' has {len(labels)} entries and 'input_ids' {len(ids)}; give one label per input id "
+                        "(the id itself where scored, -100 where not)")
+    for t, (label, token) in enumerate(zip(labels, ids)):
+        if isinstance(label, bool) or not isinstance(label, int) or label not in (token, IGNORE):
+            raise DataError(f"{where}: labels[{t}] is {json.dumps(label)} but input_ids[{t}] is {token}; a label is the input id "
+                            "(scored) or -100 (not scored), unshifted: the model shifts, as in Hugging Face's labels")
+    return [label != IGNORE for label in labels]
+
+
+def _token_record(record: dict, where: str, vocab_size: int | None) -> tuple[list[int], list[bool] | None]:
+    """A pre-tokenised line's ids and which of them are scored (None: every one after the first)."""
+    mixed = [k for k in TEXT_FIELDS if k in record]
+    if mixed:
+        raise DataError(f"{where}: a line holds pre-tokenised 'input_ids' or text fields, not both (it also has {mixed[0]!r})")
+    ids = _token_ids(record["input_ids"], where, vocab_size)
+    return ids, (scored_tokens(ids, record["labels"], where) if "labels" in record else None)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -224,11 +291,17 @@ def load_task(
     max_length: int | None = None,
     max_positions: int | None = None,
     truncate: bool = False,
+    vocab_size: int | None = None,
 ) -> Task:
     """Read a task file: ``.jsonl`` or ``.txt`` (suffix in any case); nothing else is accepted.
 
     ``.jsonl``: one JSON object per line with a ``text`` string, or ``prompt`` and ``completion``
-    strings (the prompt encoded with special tokens and not predicted, the completion without).
+    strings (the prompt encoded with special tokens and not predicted, the completion without), or
+    pre-tokenised ``input_ids`` (integer ids, used as they are: no special tokens are added) with
+    optional ``labels`` of the same length, Hugging Face's: the id where the token is scored,
+    ``-100`` where not (:func:`scored_tokens`; without ``labels`` every token after the first is
+    scored). A file holds text lines or pre-tokenised lines, not both. ``tokenizer`` may be None
+    when every line is pre-tokenised; ``vocab_size`` (the model's) bounds the ids.
     ``.txt``: one text per line. Lines are split at ``\\n`` only (``\\r\\n`` endings and a UTF-8
     BOM are accepted); blank lines are skipped; sample ids are 0-based line numbers.
 
@@ -242,7 +315,10 @@ def load_task(
     Raises:
       DataError: with a one-line message naming the file (and ``file:line``): a missing,
         unreadable or non-UTF-8 file; another suffix; malformed JSON, a line that is not an
-        object, a missing field, a field that is not a string; a NUL byte or another C0 control
+        object, a missing field, a field that is not a string; ``input_ids`` that are not a
+        non-empty array of integers in the vocabulary, ``labels`` of another length or with a value
+        other than the id or -100, a line with both ids and text, a file mixing the two kinds; a
+        text sample without a tokenizer (:class:`MissingTokenizer`); a NUL byte or another C0 control
         character (tab is allowed, and newline and carriage return inside JSON strings); a sample
         longer than ``max_positions`` without ``truncate``; a file with no samples.
       ConfigError: ``max_length`` or ``max_positions`` not a positive integer.
@@ -261,11 +337,13 @@ def load_task(
             "with 'text', or 'prompt' and 'completion') or .txt (one text per line)"
         )
     examples = []
+    first_of_kind: dict[bool, int] = {}  # pre-tokenised? → the first line of that kind
     for number, line in enumerate(_read_lines(path)):
         where = f"{path}:{number + 1}"
         _check_controls(line, _LINE_CONTROL, where, "the line", "tab")
         if not line.strip():
             continue
+        scored = None
         if suffix == ".jsonl":
             try:
                 record = json.loads(line)
@@ -273,18 +351,34 @@ def load_task(
                 raise DataError(f"{where}: malformed JSON ({err.msg}, column {err.colno}); write one JSON object per line") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {_json_type(record)}; write one object per line")
-            if "prompt" in record and "completion" in record:
+            tokenised = "input_ids" in record
+            other = first_of_kind.get(not tokenised)
+            if other is not None:
+                kinds = ("text", "pre-tokenised") if tokenised else ("pre-tokenised", "text")
+                raise DataError(f"{where}: a {kinds[1]} line in a file of {kinds[0]} lines (line {other}); a task file holds one kind")
+            first_of_kind.setdefault(tokenised, number + 1)
+            if not tokenised and "labels" in record:
+                raise DataError(f"{where}: field 'labels' goes with pre-tokenised 'input_ids' only")
+            if not tokenised and tokenizer is None:
+                raise MissingTokenizer(where)
+            if tokenised:
+                tokens, scored = _token_record(record, where, vocab_size)
+                prompt_len = 0
+            elif "prompt" in record and "completion" in record:
                 prompt = _encode(tokenizer, _string_field(record, "prompt", where), special=True)
                 completion = _encode(tokenizer, _string_field(record, "completion", where), special=False)
                 tokens, prompt_len = prompt + completion, len(prompt)
             elif "text" in record:
                 tokens, prompt_len = _encode(tokenizer, _string_field(record, "text", where), special=True), 0
             else:
-                raise DataError(f"{where}: needs a 'text' field or 'prompt' and 'completion' fields")
+                raise DataError(f"{where}: needs a 'text' field or 'prompt' and 'completion' fields (or pre-tokenised 'input_ids')")
         else:
+            if tokenizer is None:
+                raise MissingTokenizer(where)
             tokens, prompt_len = _encode(tokenizer, line, special=True), 0
         tokens, cut = _fit(tokens, where, max_length=max_length, max_positions=max_positions, truncate=truncate)
-        examples.append(Example(tuple(tokens), min(prompt_len, len(tokens)), number, cut))
+        scored = None if scored is None else tuple(scored[: len(tokens)])
+        examples.append(Example(tuple(tokens), min(prompt_len, len(tokens)), number, cut, scored))
     if not examples:
         raise DataError(f"{path}: task file is empty (no non-blank lines); add one sample per line")
     _warn_truncated(str(path), examples)
@@ -302,8 +396,9 @@ def bucket_length(length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
 def make_batch(examples: Sequence[Example], batch_size: int, seq_len: int, *, pad_id: int = 0, side: str = "right") -> Batch:
     """Pad examples to ``[batch_size, seq_len]``; rows beyond ``len(examples)`` are filler.
 
-    The labels of a sample are its tokens after the prompt, except its first token, which no real
-    token predicts: the labels are the same whichever ``side`` the padding is on.
+    The labels of a sample are its tokens after the prompt (or those :attr:`Example.scored` marks),
+    except its first token, which no real token predicts: the labels are the same whichever
+    ``side`` the padding is on.
     """
     if side not in ("left", "right"):
         raise ValueError("side must be 'left' or 'right'")
@@ -321,7 +416,10 @@ def make_batch(examples: Sequence[Example], batch_size: int, seq_len: int, *, pa
         first = max(ex.prompt_len, 1)
         ids[row, start : start + n] = ex.tokens
         mask[row, start : start + n] = 1
-        labels[row, start + first : start + n] = ex.tokens[first:]
+        if ex.scored is None:
+            labels[row, start + first : start + n] = ex.tokens[first:]
+        else:
+            labels[row, start + 1 : start + n] = np.where(ex.scored[1:], ex.tokens[1:], IGNORE)
         sample_ids[row] = ex.sample_id
     return Batch(ids, mask, labels, sample_ids)
 

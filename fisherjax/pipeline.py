@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from fisherjax import backend, compilation_cache, heads, io, outdir, report, sharding, telemetry
 from fisherjax.analysis import conflicts, experiments, importance, masks, qkov
 from fisherjax.curvature import compare
-from fisherjax.data import Batch, Task, batches, load_task
+from fisherjax.data import Batch, MissingTokenizer, Task, batches, load_task
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
 from fisherjax.fisher.collect import collect
 from fisherjax.fisher.groups import group_sizes
@@ -75,6 +75,7 @@ class AnalysisConfig:
     top_k: int = 20
     seed: int = 0
     allow_pickle: bool = False
+    tokenizer: Path | None = None
     save_sample_grads: bool = False
     sample_grads_budget_gb: float = 8.0
     spill_dir: Path | None = None
@@ -100,6 +101,11 @@ class AnalysisConfig:
     head_thresholds: tuple[tuple[str, float], ...] = ()
     probe_length: int | None = None
     ablation_heads: int = 16
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    checkpoint_every: int = CollectOptions.checkpoint_every
+    mask_units: tuple[str, ...] = ("head", "kv_head", "neuron")
+    mask_scope: str = "global"
 
     def __post_init__(self):
         """Reject bad options before anything is loaded or computed (one line each, exit code 2)."""
@@ -137,9 +143,34 @@ class AnalysisConfig:
               f"conflict scope must be one of {', '.join(conflicts.SCOPES)} (--conflict-scope), got {self.conflict_scope!r}")
         check(0 < self.conflict_alpha < 1, f"conflict alpha must lie in (0, 1) (--conflict-alpha), got {self.conflict_alpha}")
         check(self.qkov_ridge_rel >= 0, f"QK-OV relative ridge must be ≥ 0 (--qkov-ridge-rel), got {self.qkov_ridge_rel}")
+        self.check_checkpointing()
+        for unit in self.mask_units:
+            check(unit in masks.STRUCTURED_UNITS,
+                  f"mask unit must be one of {', '.join(masks.STRUCTURED_UNITS)} (--mask-unit), got {unit!r}")
+        check(len(set(self.mask_units)) == len(self.mask_units), f"mask units repeat (--mask-unit): {', '.join(self.mask_units)}")
+        check(self.mask_scope in masks.SCOPES, f"mask scope must be one of {', '.join(masks.SCOPES)} (--mask-scope), got {self.mask_scope!r}")
         self.collect_options()
         self.kernel_options()
         self.score_options()
+
+    def check_checkpointing(self) -> None:
+        """Phase 1's saves (``--checkpoint-dir``, ``--resume``, ``--checkpoint-every``): the folder lies
+        outside ``--out`` (which a run replaces as a whole) and no spill directory is asked for (its
+        spilled gradients are removed at the end of every run, so a save could not name them)."""
+        check(self.checkpoint_every >= 1, f"checkpoint every must be ≥ 1 batch (--checkpoint-every), got {self.checkpoint_every}")
+        check(not self.resume or self.checkpoint_dir is not None,
+              "--resume needs --checkpoint-dir DIR, the folder where the earlier run saved Phase 1's progress")
+        if self.checkpoint_dir is None:
+            return
+        where = Path(self.checkpoint_dir).absolute()
+        check(not where.exists() or where.is_dir(), f"{self.checkpoint_dir}: --checkpoint-dir exists and is not a directory")
+        out = Path(self.out).absolute()
+        check(not where.is_relative_to(out) and not out.is_relative_to(where),
+              f"{self.checkpoint_dir}: --checkpoint-dir must lie outside --out ({self.out}) and not contain it: each run replaces "
+              "--out as a whole")
+        check(self.spill_dir is None,
+              "--checkpoint-dir cannot be combined with --spill-dir: spilled gradients are removed at the end of each run, so a "
+              "resumed run could not read them; raise --sample-grads-budget-gb instead, or leave out --checkpoint-dir")
 
     def collect_options(self) -> CollectOptions:
         """The Phase 1 options of this run (every task keeps its attention gradients)."""
@@ -151,6 +182,7 @@ class AnalysisConfig:
             sample_grads_budget_bytes=self.sample_grads_budget_gb * 1e9,
             diagonal=self.diagonal,
             diagonal_variance=self.diagonal_variance,
+            checkpoint_every=self.checkpoint_every,
         )
 
     def kernel_options(self):
@@ -196,13 +228,16 @@ def load_inputs(config: AnalysisConfig) -> tuple[Model, dict[str, Task]]:
         model_dir, task_files = Path(config.model), config.tasks
     if not task_files:
         raise DataError("no tasks given: pass --task NAME=FILE (at least one)")
-    model = load_pretrained(model_dir, allow_pickle=config.allow_pickle)
-    if model.tokenizer is None:
-        raise DataError(f"{model_dir}: the checkpoint has no tokenizer files, so text tasks cannot be encoded")
+    model = load_pretrained(model_dir, allow_pickle=config.allow_pickle, tokenizer=config.tokenizer)
     tasks = {}
     for name, file in task_files:
-        task = load_task(file, model.tokenizer, name=name, max_length=config.max_length,
-                         max_positions=model.config.max_position_embeddings, truncate=config.truncate)
+        try:  # a checkpoint without a tokenizer runs pre-tokenised tasks ('input_ids' per line)
+            task = load_task(file, model.tokenizer, name=name, max_length=config.max_length,
+                             max_positions=model.config.max_position_embeddings, truncate=config.truncate,
+                             vocab_size=model.config.vocab_size)
+        except MissingTokenizer as err:
+            raise DataError(f"{model_dir}: the checkpoint has no tokenizer files, so text tasks cannot be encoded ({err.where} is "
+                            "text); give its tokenizer with --tokenizer DIR, or pre-tokenised 'input_ids' per line") from None
         if config.max_samples is not None:
             task = dataclasses.replace(task, examples=task.examples[: config.max_samples])
         tasks[name] = task
@@ -288,6 +323,8 @@ def categorise_heads(model: Model, config: AnalysisConfig) -> heads.HeadCategori
 
         settings = demo.probe_settings(model)
     if config.probe_tokens is not None:
+        if model.tokenizer is None:
+            raise ConfigError("--probe-tokens is a text, and the checkpoint has no tokenizer to encode it; leave it out")
         settings["tokens"] = np.asarray(model.tokenizer(config.probe_tokens, add_special_tokens=False)["input_ids"], np.int64)
     if config.probe_length is not None:
         settings["length"] = config.probe_length
@@ -328,20 +365,23 @@ def phase_importance(ctx: Context, out: Path) -> report.Section:
 
 
 def phase_masks(ctx: Context, out: Path) -> report.Section:
-    """Phases 3 and 4: pruning masks at each sparsity, their overlap between tasks, merge advice,
+    """Phases 3 and 4: pruning masks of every ``mask_units`` unit (and unstructured ones, with the
+    diagonal) at each sparsity, ranked at ``mask_scope``; their overlap between tasks, merge advice,
     and each task's loss after pruning half of each layer's heads by Fisher versus at random, on
     ``pruning_samples`` samples of each task."""
     layout, config = ctx.model.layout, ctx.config
     with_diagonal = all(f.diagonal for f in ctx.fishers.values())
-    parameter_masks = {n: masks.unstructured_masks(f, layout, config.sparsities) for n, f in ctx.fishers.items()} if with_diagonal else None
-    head_masks = {n: [masks.structured_mask(f, layout, s, unit="head") for s in config.sparsities] for n, f in ctx.fishers.items()}
+    parameter_masks = ({n: masks.unstructured_masks(f, layout, config.sparsities, scope=config.mask_scope) for n, f in ctx.fishers.items()}
+                       if with_diagonal else None)
+    unit_masks = {unit: {n: [masks.structured_mask(f, layout, s, unit=unit, scope=config.mask_scope) for s in config.sparsities]
+                         for n, f in ctx.fishers.items()} for unit in config.mask_units}
     experiment = experiments.head_pruning_experiment(
         ctx.model, ctx.model.params, ctx.batches, ctx.fishers, sparsity=0.5, n_random=10, seed=config.seed, scope="layer",
         samples=config.pruning_samples, extra_masks=category_masks(layout, ctx.labels),
     )
     return masks_report.section(
-        ctx.fishers, layout, sparsities=config.sparsities, head_masks=head_masks, parameter_masks=parameter_masks, experiment=experiment,
-        labels=ctx.labels,
+        ctx.fishers, layout, sparsities=config.sparsities, unit_masks=unit_masks, parameter_masks=parameter_masks, experiment=experiment,
+        labels=ctx.labels, scope=config.mask_scope,
     )
 
 
@@ -444,7 +484,8 @@ def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig, *,
     """Batches and Phase 1 Fisher (with attention gradients kept) of every task, and what each
     task's collection cost (its :class:`~fisherjax.telemetry.Stretch`: the first task pays the
     step's compilation); kept gradients beyond their budget spill to ``spill_root/<task>``;
-    samples split over ``mesh`` when given (:mod:`fisherjax.sharding`)."""
+    samples split over ``mesh`` when given (:mod:`fisherjax.sharding`); with ``checkpoint_dir``
+    each task's progress is saved in ``checkpoint_dir/<task>`` and, with ``resume``, continued."""
     all_batches = {
         name: list(batches(task, config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
         for name, task in tasks.items()
@@ -459,11 +500,39 @@ def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig, *,
             task=name,
             options=options,
             spill_dir=None if spill_root is None else spill_root / name,
+            checkpoint_dir=None if config.checkpoint_dir is None else Path(config.checkpoint_dir).absolute() / name,
+            resume=config.resume,
             key=jax.random.key(config.seed),
             progress=config.progress,
             mesh=mesh,
         )
     return all_batches, fishers, stretches
+
+
+def saved_batches(config: AnalysisConfig, names: Sequence[str]) -> dict[str, int]:
+    """Per task, the batches of Phase 1 its saves in ``checkpoint_dir/<task>`` hold (0: none), which
+    a ``resume`` skips; empty without ``checkpoint_dir``.
+
+    Raises:
+      ConfigError: saves there without ``resume`` (the run would write over them).
+    """
+    if config.checkpoint_dir is None:
+        return {}
+    from fisherjax.fisher.progress import progress_manager
+
+    found = {}
+    for name in names:
+        directory = Path(config.checkpoint_dir).absolute() / name
+        step = None
+        if directory.is_dir():
+            manager = progress_manager(directory)
+            step = manager.latest_step()
+            manager.close()
+        if step is not None and not config.resume:
+            raise ConfigError(f"{directory}: holds Phase 1's progress of task {name!r} (after batch {step}); pass --resume to "
+                              "continue it, or give an empty --checkpoint-dir")
+        found[name] = step or 0
+    return found
 
 
 def estimate_output_bytes(model: Model, task_sizes: dict[str, int], config: AnalysisConfig) -> tuple[float, float]:
@@ -556,6 +625,7 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
     mesh = sharding.run_mesh(config.devices)
     devices_used = sharding.data_size(mesh) * sharding.model_size(mesh)
     (model, tasks), stretches["load"] = telemetry.measure(load_inputs, config)
+    resumed = saved_batches(config, list(tasks))
     output_bytes, spill_bytes = estimate_output_bytes(model, {n: len(t) for n, t in tasks.items()}, config)
     if writer:
         outdir.check_writable(destination, output_bytes, option="--out")
@@ -590,7 +660,8 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
                 "environment": environment(),
                 "config": dataclasses.asdict(config),
                 "model": model_info(model),
-                "tasks": {name: {"file": task.source, "samples": len(task), **_truncation(task)} for name, task in tasks.items()},
+                "tasks": {name: {"file": task.source, "samples": len(task), **_truncation(task),
+                                 **({"resumed_batches": resumed[name]} if resumed else {})} for name, task in tasks.items()},
             }
             sections = []
             for phase in config.phase_order():

@@ -59,18 +59,24 @@ def masks_summary(
     criterion: str = "fisher",
     params: PyTree | None = None,
     parameter_masks: Mapping[str, Sequence[Mask]] | None = None,
+    structured_masks: Mapping[str, Mapping[str, Sequence[Mask]]] | None = None,
 ) -> dict:
     """Phase 3 section of ``results.json``: per task, unit and sparsity level, the achieved unit and
     parameter sparsity, per-layer and per-role pruned counts, the score threshold, and the pruned
     heads. Unstructured masks are added when the TaskFisher has a diagonal and ``unstructured``;
     pass ``parameter_masks`` (per task, one per sparsity) when they were already built — for a
-    diagonal of every parameter they are the expensive part. ``criterion`` / ``params`` as in
-    :func:`~fisherjax.analysis.masks.structured_mask`.
+    diagonal of every parameter they are the expensive part — and likewise ``structured_masks``
+    (``{unit: {task: one per sparsity}}``, which then replaces ``units``). ``criterion`` /
+    ``params`` as in :func:`~fisherjax.analysis.masks.structured_mask`.
     """
-    out: dict = {"sparsities": list(sparsities), "scope": scope, "criterion": criterion, "tasks": {}}
+    out: dict = {"sparsities": list(sparsities), "scope": scope, "criterion": criterion,
+                 "units": list(structured_masks if structured_masks is not None else units), "tasks": {}}
     for name, fisher in fishers.items():
         per_task = {}
-        for unit in units:
+        if structured_masks is not None:
+            per_task = {unit: {f"{s:g}": mask_summary(m, layout) for s, m in zip(sparsities, by_task[name], strict=True)}
+                        for unit, by_task in structured_masks.items()}
+        for unit in units if structured_masks is None else ():
             per_task[unit] = {
                 f"{s:g}": mask_summary(masks.structured_mask(fisher, layout, s, unit=unit, scope=scope, criterion=criterion, params=params), layout)
                 for s in sparsities
@@ -176,6 +182,17 @@ def overlap_figure(overlaps: Sequence[MaskOverlap] | MaskOverlap):
     return fig
 
 
+def _mask_table(summary: Mapping) -> list[str]:
+    """Markdown lines: every task's masks, one row per unit and sparsity (units and parameters pruned)."""
+    lines = [f"Pruning masks, units ranked {'over the whole model' if summary['scope'] == 'global' else 'within each layer'} "
+             "by their Fisher:", "", "| task | unit | target sparsity | units pruned | parameters pruned |", "|---|---|---|---|---|"]
+    for name, per_task in summary["tasks"].items():
+        for unit, by_level in per_task.items():
+            lines += [f"| {name} | {unit.replace('_', ' ')} | {level} | {m['n_pruned']} of {m['n_units']} | {m['param_sparsity']:.1%} |"
+                      for level, m in by_level.items()]
+    return [*lines, ""]
+
+
 def _overlap_line(o: dict) -> str:
     if o["advice"]["level"] == "none":
         return f"- sparsity {o['sparsity']:g}: {o['advice']['text']}"
@@ -203,20 +220,30 @@ def section(
     layout: ModelLayout,
     *,
     sparsities: Sequence[float],
-    head_masks: Mapping[str, Sequence[Mask]],
+    head_masks: Mapping[str, Sequence[Mask]] | None = None,
     parameter_masks: Mapping[str, Sequence[Mask]] | None,
     experiment: Mapping | None,
     labels: np.ndarray | None = None,
+    unit_masks: Mapping[str, Mapping[str, Sequence[Mask]]] | None = None,
+    scope: str = "global",
 ) -> Section:
-    """Phases 3–4: every task's masks, the head (and parameter) mask overlaps with merge advice and
-    figure, and the head-pruning experiment's table (:mod:`fisherjax.analysis.experiments`). With
-    ``labels`` (``[L, H]`` head categories, :mod:`fisherjax.heads`): how many heads of each category
-    each task's Fisher mask prunes, and the experiment's masks by category (its ``loss_extra``)."""
-    data = {"masks": masks_summary(fishers, layout, sparsities=sparsities, parameter_masks=parameter_masks)}
-    data["overlap"] = {"head": overlap_summary(head_masks, layout)}
+    """Phases 3–4: every task's masks of each structured unit (``unit_masks``: ``{unit: {task: one
+    mask per sparsity}}``, ranked at ``scope``; ``head_masks`` is short for ``{"head": head_masks}``)
+    and unstructured masks, their overlaps between tasks with merge advice, the overlap figure of
+    the first two tasks (head masks, else the first unit's), and the head-pruning experiment's table
+    (:mod:`fisherjax.analysis.experiments`). With ``labels`` (``[L, H]`` head categories,
+    :mod:`fisherjax.heads`): how many heads of each category each task's Fisher mask prunes, and the
+    experiment's masks by category (its ``loss_extra``)."""
+    if unit_masks is None:
+        if head_masks is None:
+            raise DataError("the masks section needs unit_masks (or head_masks)")
+        unit_masks = {"head": head_masks}
+    data = {"masks": masks_summary(fishers, layout, sparsities=sparsities, scope=scope, parameter_masks=parameter_masks,
+                                   structured_masks=unit_masks)}
+    data["overlap"] = {unit: overlap_summary(by_task, layout) for unit, by_task in unit_masks.items()}
     if parameter_masks is not None:
         data["overlap"]["parameter"] = overlap_summary(parameter_masks, layout)
-    lines, figures = [], {}
+    lines, figures = _mask_table(data["masks"]), {}
     for level, summary in data["overlap"].items():
         for pair, overlaps in summary["pairs"].items():
             lines += [f"**{pair.replace('|', ' vs ')}, {level} masks**", ""]
@@ -224,9 +251,12 @@ def section(
             lines.append("")
     if len(fishers) >= 2:
         names = list(fishers)[:2]
-        pair_overlaps = [overlap.mask_overlap(a, b, layout, names=(names[0], names[1])) for a, b in zip(head_masks[names[0]], head_masks[names[1]], strict=True)]
-        figures["overlap_heads"] = overlap_figure(pair_overlaps)
-        lines += ["![head-mask overlap]({figure:overlap_heads})", ""]
+        unit = "head" if "head" in unit_masks else next(iter(unit_masks))
+        drawn = unit_masks[unit]
+        pair_overlaps = [overlap.mask_overlap(a, b, layout, names=(names[0], names[1])) for a, b in zip(drawn[names[0]], drawn[names[1]], strict=True)]
+        key = f"overlap_{unit}s"
+        figures[key] = overlap_figure(pair_overlaps)
+        lines += [f"![{unit.replace('_', ' ')}-mask overlap]({{figure:{key}}})", ""]
     if experiment is not None:
         data["head_pruning"] = {**experiment, "subsample": _subsample_words(experiment)}
         scope = "each layer's" if experiment["scope"] == "layer" else "all"
