@@ -375,3 +375,22 @@ def test_resume_refuses_a_checkpoint_of_another_collection(model, task, tmp_path
     for kwargs, message in cases:
         with pytest.raises(CheckpointError, match=re.escape(message)):
             collect(model, kwargs.pop("batches"), resume=True, **common, **kwargs)
+
+
+def test_accelerator_host_copy_through_pinned_memory_gives_the_same_numbers(model, task, monkeypatch):
+    """On an accelerator the step's outputs reach the host through page-locked memory
+    (``backend.start_host_copy``); XLA:CPU has that memory kind too, so the path runs here."""
+    from fisherjax import backend
+
+    ref = collect(model, batches(task, 4), task="rand", keep_sample_grads=True, progress=False)
+    monkeypatch.setattr(backend, "is_cpu", lambda: False)
+    started = backend.start_host_copy({"x": jnp.arange(3.0)})
+    assert started["x"].sharding.memory_kind == backend.PINNED_HOST
+    np.testing.assert_array_equal(np.asarray(started["x"]), np.arange(3.0))
+    pinned = collect(model, batches(task, 4), task="rand", keep_sample_grads=True, progress=False)
+    np.testing.assert_array_equal(pinned.sample_ids, ref.sample_ids)
+    for path, g in ref.sample_grads.grads.items():
+        np.testing.assert_allclose(np.asarray(pinned.sample_grads.grads[path]), g, rtol=1e-5, atol=1e-7)
+    for path, groups in ref.group_fisher.items():
+        for kind, values in groups.items():
+            np.testing.assert_allclose(pinned.group_fisher[path][kind], values, rtol=1e-5, atol=1e-9)

@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fisherjax.backend import host_empty
+from fisherjax.backend import host_empty, start_host_copy
 from fisherjax.data import Batch
 from fisherjax.errors import CheckpointError, ConfigError, DataError, FisherjaxError, NumericalError
 from fisherjax.fisher.accumulate import EMAState, WelfordState, ema_value, welford_interval, welford_variance
@@ -146,9 +146,8 @@ def collect(
             for micro in micro_batches(batch, chunk, devices):
                 inputs = tuple(micro) if mesh is None else tuple(shard_rows(x, mesh) for x in micro)
                 state, groups, kept, scalars = step(params, state, *inputs, key)
-                outputs = (groups if options.keep_per_sample_groups else None, kept if plan.keep else None, scalars)
-                for leaf in jax.tree.leaves(outputs):
-                    leaf.copy_to_host_async()  # overlaps the transfer with the next step's compute
+                # the transfer overlaps the next step's compute
+                outputs = start_host_copy((groups if options.keep_per_sample_groups else None, kept if plan.keep else None, scalars))
                 if pending is not None:
                     log = settle(log, pending)
                 pending = (micro, outputs)
