@@ -69,9 +69,22 @@ def test_kernel_lowers_to_triton_for_every_layout(family):
 
 
 def test_tiles_are_the_largest_power_of_two_dividing_a_row():
-    assert _pallas.tile_chunk(24, 1) == 8 and _pallas.tile_chunk(768, 16) == 256 and _pallas.tile_chunk(80, 16) == 16
+    assert _pallas.tile_chunk(24, 1)[0] == 8 and _pallas.tile_chunk(768, 16)[0] == 256 and _pallas.tile_chunk(80, 16)[0] == 16
     with pytest.raises(ConfigError, match="factor 16"):  # Triton's smallest dot side
         _pallas.tile_chunk(24, 16)
+
+
+def test_pipelined_tiles_fit_shared_memory():
+    """64 + 64 float32 samples at chunk 256 and 3 stages asked an H200 for 396 KB of shared memory."""
+    limit = _pallas.SHARED_MEMORY_BYTES
+    for rows, itemsize in [(129, 4), (33, 4), (33, 2), (257, 4), (513, 4)]:
+        chunk, stages = _pallas.tile_chunk(768, 16, tile_rows=rows, itemsize=itemsize)
+        assert chunk >= 16 and stages * rows * chunk * itemsize <= limit
+        assert chunk == 256 or stages == 1 or 2 * stages * rows * chunk * itemsize > limit  # the widest that fits
+    assert _pallas.tile_chunk(768, 16, tile_rows=33, itemsize=2) == (256, 3)
+    assert _pallas.tile_chunk(768, 16, tile_rows=513, itemsize=4)[1] < _pallas.MAX_STAGES  # fewer stages before narrower than 16
+    with pytest.raises(ConfigError, match="shared memory"):
+        _pallas.tile_chunk(768, 16, tile_rows=4097, itemsize=4)
 
 
 @pytest.mark.parametrize("planned, n, expected", [(64, 64, 64), (100, 50, 64), (6, 6, 16), (3, 6, 16), (40, 100, 32), (64, 300, 64)])

@@ -12,8 +12,8 @@ are read once; nothing else is written but the ``[split, layer, head, c_a, c_b]`
 
 Written for Pallas' Triton backend (GPUs): the loaded tiles ``[c, chunk]`` must have power-of-two
 sides of at least 16 (:func:`sample_chunk` rounds the sample chunks; ``chunk`` is the largest
-power of two ≤ 256 dividing the slice's row length, :func:`tile_chunk`, so ``head_dim`` must have
-a power-of-two factor ≥ 16). Elsewhere it runs in Pallas' interpret mode
+power of two ≤ 256 dividing the slice's row length whose pipelined tiles fit a GPU's shared memory,
+:func:`tile_chunk`, so ``head_dim`` must have a power-of-two factor ≥ 16). Elsewhere it runs in Pallas' interpret mode
 (:func:`fisherjax.backend.pallas_interpret`): the same program evaluated by XLA, correct and slow.
 
 Per-sample factors are applied to the ``[c_a, c_b]`` results, not to the tiles:
@@ -41,6 +41,13 @@ MIN_TILE = 16
 """Triton's smallest dot operand side."""
 MAX_CHUNK = 256
 """The widest tile along a slice row."""
+SHARED_MEMORY_BYTES = 96 * 1024
+"""Shared memory one program's pipelined tiles may take. Triton keeps ``stages`` copies of a loop
+iteration's tiles (``[c_a, chunk]``, ``[c_b, chunk]`` and ``[chunk]``) in shared memory, and a block
+gets at most 227 KB on Hopper, 163 KB on an A100 and 96 KB on a V100: 64 + 64 samples at chunk 256
+in float32 with 3 stages asked for 396 KB and were refused on an H200."""
+MAX_STAGES = 3
+"""Triton's software-pipelining depth when the tiles fit (fewer when they do not)."""
 
 
 def sample_chunk(planned: int, n: int) -> int:
@@ -71,16 +78,29 @@ def head_blocks(layout: ModelLayout, path: str, block: str) -> tuple[int, int]:
     return stride, offset
 
 
-def tile_chunk(row_length: int, smallest: int) -> int:
-    """The largest power of two ≤ 256 that divides a slice row (the tile width); Triton needs at
-    least ``smallest`` = 16, interpret mode takes any."""
+def tile_chunk(row_length: int, smallest: int, *, tile_rows: int = 0, itemsize: int = 4) -> tuple[int, int]:
+    """``(chunk, stages)``: the tile width — the largest power of two ≤ 256 dividing a slice row,
+    at least ``smallest`` (Triton's 16; interpret mode takes any) — and the pipelining depth, such
+    that ``stages · tile_rows · chunk · itemsize ≤`` :data:`SHARED_MEMORY_BYTES` (``tile_rows =
+    c_a + c_b + 1`` rows are loaded per iteration; 0: no shared-memory limit, interpret mode).
+    The deepest pipeline is kept while its chunk stays ≥ ``smallest``."""
     chunk = min(MAX_CHUNK, row_length & -row_length)
     if chunk < smallest:
         raise ConfigError(
             f"qkov pallas: a slice row of {row_length} floats has no power-of-two tile ≥ {smallest} "
             "(head_dim needs a factor 16); use contraction='batched'"
         )
-    return chunk
+    if not tile_rows:
+        return chunk, MAX_STAGES
+    for stages in range(MAX_STAGES, 0, -1):
+        fits = SHARED_MEMORY_BYTES // (stages * tile_rows * itemsize)
+        width = min(chunk, 1 << (fits.bit_length() - 1)) if fits else 0
+        if width >= smallest:
+            return width, stages
+    raise ConfigError(
+        f"qkov pallas: {tile_rows - 1} samples per tile do not fit a GPU's shared memory even in {smallest}-wide tiles; "
+        "give a smaller memory budget (smaller sample chunks) or use contraction='batched'"
+    )
 
 
 def _slice_kernel(x_ref, w_ref, y_ref, out_ref, *, transform_a: str, transform_b: str, chunk: int, precision):
@@ -130,11 +150,14 @@ def _block_products(
         x_map = lambda l, h, s: (0, l, s, stride * h + offset)  # noqa: E731
         w_map = lambda l, h, s: (l, s, h)  # noqa: E731
     call_kwargs = {}
-    if not interpret:
+    if interpret:
+        chunk, _ = tile_chunk(cols, 1)
+    else:
         from jax.experimental.pallas import triton as pallas_triton  # GPU-only dependency
 
-        call_kwargs["compiler_params"] = pallas_triton.CompilerParams(num_warps=4, num_stages=3)
-    chunk = tile_chunk(cols, 1 if interpret else MIN_TILE)
+        itemsize = max(jnp.dtype(x.dtype).itemsize, jnp.dtype(y.dtype).itemsize, 4)  # tiles become float32 as they load
+        chunk, stages = tile_chunk(cols, MIN_TILE, tile_rows=c_a + c_b + 1, itemsize=itemsize)
+        call_kwargs["compiler_params"] = pallas_triton.CompilerParams(num_warps=4, num_stages=stages)
     partial = pl.pallas_call(
         functools.partial(_slice_kernel, transform_a=transform_a, transform_b=transform_b, chunk=chunk, precision=PRECISIONS[precision]),
         out_shape=jax.ShapeDtypeStruct((split, layers, heads, c_a, c_b), jnp.float32),
