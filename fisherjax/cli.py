@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_INPUT_ERROR, f"fisherjax: error: {message} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     d = _defaults()
     from fisherjax.heads import Thresholds
     from fisherjax.pipeline import CURVATURE_AUTO_PARAMETERS
@@ -216,7 +216,7 @@ class _Unset(list):
 def _given_flags(argv) -> set[str]:
     """The AnalysisConfig fields whose flags appear on ``argv`` (parsed again with every default
     replaced by a marker, so a flag given with its default value still counts)."""
-    parser = _parser()
+    parser = build_parser()
     unset = _Unset()
     parser.analyze.set_defaults(**{action.dest: unset for action in parser.analyze._actions if action.dest != "help"})
     args = parser.parse_args(argv)
@@ -626,7 +626,7 @@ def main(argv=None) -> int:
 
     from fisherjax.errors import disk_errno, disk_error
 
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_background_logs()
     previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None

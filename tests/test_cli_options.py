@@ -104,3 +104,60 @@ def test_the_new_fields_in_config_files_and_print_config(tmp_path):
     assert code == 2 and "bad.toml: mask_units must be a list, got 'head'" in err
     code, _, err = run_cli(["analyze", "--config", config, "--checkpoint-every", "0", "--print-config"])
     assert code == 2 and "run.toml" not in err and "(--checkpoint-every), got 0" in err  # the flag's fault, not the file's
+
+
+RUNTIME_FLAGS = {"config", "print_config", "compilation_cache", "no_compilation_cache", "coordinator", "num_processes", "process_id"}
+"""analyze's flags that choose how this process runs, not what it computes (not AnalysisConfig fields)."""
+
+ALONE = {"spill_dir": [], "resume": ["--checkpoint-dir", "saves"]}
+"""Flags that the others exclude (a spill directory with Phase 1 saves), given in separate runs with what they need."""
+
+
+def _non_default_flags(tmp_path) -> dict[str, list[str]]:
+    """``{dest: [flag, value]}``: every analyze flag that sets an AnalysisConfig field, each with a
+    value other than its default (a choice, a number, a path, a switch)."""
+    from fisherjax.cli import build_parser
+
+    flags = {}
+    for action in build_parser().analyze._actions:
+        if action.dest in RUNTIME_FLAGS or action.dest == "help" or not action.option_strings:
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # a switch
+            value = []
+        elif action.choices:
+            value = [next(c for c in action.choices if c != action.default and c != "kfac")]
+        else:
+            value = {"task": [f"t={tmp_path / 't.jsonl'}"], "head_threshold": ["induction=0.5"], "phases": ["fisher,masks"],
+                     "sparsity": ["0.25"], "conflict_alpha": ["0.25"], "qkov_ridge_rel": ["0.25"], "probe_tokens": ["xyz"]}.get(action.dest)
+            if value is None and action.type is int:
+                value = [str((action.default or 2) + 1)]
+            elif value is None and action.type is float:
+                value = ["3.5"]
+            elif value is None:  # a path
+                value = [str(tmp_path / action.dest)]
+        flags[action.dest] = [flag, *value]
+    return flags
+
+
+def test_every_analyze_flag_reaches_its_config_field(tmp_path):
+    """Each flag given a non-default value changes exactly the AnalysisConfig field it names, as
+    --print-config shows (the config that results.json records), and every field has a flag."""
+    import dataclasses
+
+    from fisherjax.cli import FLAG_FIELDS
+    from fisherjax.pipeline import AnalysisConfig
+
+    field = lambda dest: FLAG_FIELDS.get(dest, dest)  # noqa: E731
+    defaults = json.loads(run_cli(["analyze", "--print-config"])[1])
+    flags = _non_default_flags(tmp_path)
+    assert {field(d) for d in flags} == {f.name for f in dataclasses.fields(AnalysisConfig)}, "a field without a flag, or the reverse"
+    runs = [{d: v for d, v in flags.items() if d not in ALONE}] + [{d: flags[d]} for d in ALONE]
+    for run in runs:
+        extra = [a for d in run for a in ALONE.get(d, [])]
+        code, printed, err = run_cli(["analyze", *[a for v in run.values() for a in v], *extra, "--print-config"])
+        assert code == 0, err
+        given = json.loads(printed)
+        changed = {name for name in given if given[name] != defaults[name]}
+        expected = {field(d) for d in run} | ({"checkpoint_dir"} if extra else set())
+        assert changed == expected, (sorted(expected - changed), sorted(changed - expected))
