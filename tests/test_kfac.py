@@ -536,3 +536,17 @@ def test_factors_equal_kfac_jax(monkeypatch):
         theirs_a, theirs_g = (np.asarray(f.value) for f in block_state.factors)
         np.testing.assert_allclose(theirs_a, ours_a, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(theirs_g, ours_g / b, rtol=1e-5, atol=1e-7)
+
+
+def test_wide_factors_multiply_only_the_blocks_above_the_diagonal():
+    """``weighted_gram`` cuts a factor wider than two blocks and mirrors the blocks below the
+    diagonal: equal to the plain weighted product (float64 numpy) for uneven block edges too."""
+    from fisherjax.curvature.kfac import SYMMETRIC_BLOCK, weighted_gram
+
+    for d in (SYMMETRIC_BLOCK - 1, 2 * SYMMETRIC_BLOCK + 5, 9 * SYMMETRIC_BLOCK):
+        x = np.random.default_rng(d).standard_normal((2, 3, 4, d)).astype(np.float32)
+        w = np.random.default_rng(1).uniform(size=(3, 4)).astype(np.float32)
+        expected = np.einsum("lbti,bt,lbtj->lij", x.astype(np.float64), w.astype(np.float64), x.astype(np.float64))
+        found = np.asarray(weighted_gram(jnp.asarray(x), jnp.asarray(w)), np.float64)
+        assert found.shape == (2, d, d)
+        np.testing.assert_allclose(found, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
