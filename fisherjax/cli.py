@@ -16,7 +16,7 @@ from fisherjax.errors import FisherjaxError, one_line
 from fisherjax.analysis.conflicts import SCOPES as CONFLICT_SCOPES
 from fisherjax.analysis.masks import SCOPES as MASK_SCOPES
 from fisherjax.analysis.masks import STRUCTURED_UNITS as MASK_UNITS
-from fisherjax.analysis.qkov import AGGREGATES, CONTRACTIONS, FISHER_POOLS, NORMALIZE_GJ, VARIANTS
+from fisherjax.analysis.qkov import AGGREGATES, CONTRACTIONS, CURVATURE_VARIANTS, FISHER_POOLS, NORMALIZE_GJ, VARIANTS
 from fisherjax.fisher.options import FISHER_TYPES, MODES, STORAGE_DTYPES
 
 EXIT_INPUT_ERROR = 2
@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--qkov-contraction", choices=CONTRACTIONS, default=d.qkov_contraction,
                    help="how the QK-OV kernel evaluates a slice's contraction: auto (looped on CPU, batched elsewhere), "
                         f"batched, looped, or pallas (one pass over the inputs, a Triton kernel for GPUs; default {d.qkov_contraction})")
-    a.add_argument("--qkov-variant", choices=VARIANTS, default=d.qkov_variant,
-                   help=f"QK-OV score: unsigned |g_j|, signed g_j, symmetric or natural (default {d.qkov_variant})")
+    a.add_argument("--qkov-variant", choices=VARIANTS + CURVATURE_VARIANTS, default=d.qkov_variant,
+                   help=f"QK-OV score: unsigned |g_j|, signed g_j, symmetric, natural, or kfac (task A's damped K-FAC block "
+                        f"of each head instead of its diagonal Fisher; no permutation test) (default {d.qkov_variant})")
     a.add_argument("--qkov-fisher-pool", choices=FISHER_POOLS, default=d.qkov_fisher_pool,
                    help=f"whose Fisher whitens the scores: task A's, B's, both (equal weights) or both by sample count "
                         f"(default {d.qkov_fisher_pool})")

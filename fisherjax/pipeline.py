@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from fisherjax import backend, compilation_cache, heads, io, outdir, report, sharding, telemetry
 from fisherjax.analysis import conflicts, experiments, importance, masks, qkov
-from fisherjax.curvature import compare
+from fisherjax.curvature import compare, kfac
 from fisherjax.data import Batch, MissingTokenizer, Task, batches, load_task
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
 from fisherjax.fisher.collect import collect
@@ -136,9 +136,6 @@ class AnalysisConfig:
             check(0.0 <= s <= 1.0, f"sparsity must be in [0, 1] (--sparsity), got {s}")
         unknown = [p for p in self.phases if p not in PHASES]
         check(not unknown, f"unknown phase(s) {unknown} (--phases); available: {', '.join(PHASES)}")
-        check(self.qkov_variant not in qkov.CURVATURE_VARIANTS,
-              f"QK-OV variant {self.qkov_variant!r} needs K-FAC factors, which analyze does not pass yet (--qkov-variant); "
-              "use fisherjax.qkov.heatmap(..., variant='kfac', kfac=...) from Python")
         check(self.conflict_scope in conflicts.SCOPES,
               f"conflict scope must be one of {', '.join(conflicts.SCOPES)} (--conflict-scope), got {self.conflict_scope!r}")
         check(0 < self.conflict_alpha < 1, f"conflict alpha must lie in (0, 1) (--conflict-alpha), got {self.conflict_alpha}")
@@ -440,13 +437,20 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
         if n_a < needed:  # a quick run on a few samples still gets the other phases
             summaries[name_a, name_b] = {"skipped": f"{name_a} has {n_a} samples with active tokens; its Fisher needs at least {needed}"}
             continue
-        result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress, mesh=ctx.mesh)
+        if score.variant in qkov.CURVATURE_VARIANTS:  # on one device: the K-FAC variant takes no mesh yet
+            result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress,
+                                  kfac=attention_kfac(ctx, name_a))
+        else:
+            result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress, mesh=ctx.mesh)
         arrays.update({f"{name_a}|{name_b}|{k}": v for k, v in qkov.to_arrays(result).items()})
         summary = qkov_report.summary(result, top_k=config.top_k, labels=ctx.labels)
         summary["kernel"] = dataclasses.asdict(kernel)
         summary["bootstrap"] = qkov_report.bootstrap_summary(qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=config.seed))
         fit, heldout = qkov.heldout_split(fa, 0.5, seed=config.seed)
-        if len(fit) < needed:
+        if score.variant in qkov.CURVATURE_VARIANTS:
+            summary["permutation_test"] = {"skipped": f"the permutation test's null rests on the diagonal Fisher of {name_a}; "
+                                                      f"it does not take --qkov-variant {score.variant}"}
+        elif len(fit) < needed:
             summary["permutation_test"] = {"skipped": f"{name_a} has {len(fit) + len(heldout)} samples with active tokens; its fit half "
                                                       f"({len(fit)}) needs at least {needed} for a stable Fisher"}
         else:
@@ -457,6 +461,16 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
     if out is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
         np.savez(out / "qkov.npz", **arrays)
     return qkov_report.section(summaries, results, ctx.labels)
+
+
+def attention_kfac(ctx: Context, name: str) -> dict:
+    """Task ``name``'s K-FAC restricted to each attention head (``{block: HeadFactors}``,
+    :func:`fisherjax.curvature.kfac.attention_factors`) from its Phase 1 batches, with the run's
+    Fisher type (``per_token`` uses the empirical factors), for ``--qkov-variant kfac``."""
+    kind = "true" if ctx.config.fisher_type == "true" else "empirical"
+    factors = kfac.kfac_factors(ctx.model, ctx.model.params, ctx.batches[name], fisher_type=kind,
+                                key=jax.random.key(ctx.config.seed) if kind == "true" else None)
+    return kfac.attention_factors(factors, ctx.model.layout)
 
 
 PHASES: dict[str, Callable[[Context, Path], report.Section]] = {

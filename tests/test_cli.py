@@ -250,6 +250,27 @@ def test_qkov_options_from_the_command_line(tiny_checkpoint, tmp_path, capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'tiled'" in capsys.readouterr().err
 
 
+def test_kfac_qkov_variant_from_the_command_line(tiny_checkpoint, tmp_path):
+    """``--qkov-variant kfac``: analyze computes task A's K-FAC factors from its Phase 1 batches and
+    writes the scores ``qkov.heatmap(..., variant="kfac", kfac=...)`` gives; the permutation test,
+    whose null rests on the diagonal, is skipped with the reason."""
+    from fisherjax import io, load_pretrained, qkov
+    from fisherjax.curvature import kfac
+    from fisherjax.data import batches, load_task
+
+    out = tmp_path / "kfac"
+    assert _analyze(tiny_checkpoint, out, "--phases", "fisher,qkov", "--save-sample-grads", "--qkov-variant", "kfac") == 0
+    pair = json.loads((out / "results.json").read_text())["qkov"]["pairs"]["add|words"]
+    assert pair["options"]["variant"] == "kfac" and "diagonal Fisher" in pair["permutation_test"]["skipped"]
+    model = load_pretrained(tiny_checkpoint / "model")
+    add, words = (io.load_task_fisher(out / "fisher_state" / name) for name in ("add", "words"))
+    task = load_task(tiny_checkpoint / "add.jsonl", model.tokenizer, name="add")
+    factors = kfac.attention_factors(kfac.kfac_factors(model, model.params, list(batches(task, 8))), model.layout)
+    expected = np.asarray(qkov.heatmap(add, words, model.layout, variant="kfac", kfac=factors, progress=False).scores, np.float64)
+    found = np.load(out / "qkov.npz")["add|words|scores"].astype(np.float64)
+    assert np.linalg.norm(found - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
 def test_conflict_options_from_the_command_line(tiny_checkpoint, tmp_path):
     """``--conflict-scope`` and ``--conflict-alpha`` reach Phase 5 (its settings in conflicts.json)."""
     out = tmp_path / "out"

@@ -45,7 +45,7 @@ def test_a_toml_file_sets_the_fields_and_flags_override_it(tmp_path, capsys):
         ("e.json", "[1, 2]", "e.json: a --config file holds a table of AnalysisConfig fields, not list"),
         ("f.toml", 'tasks = ["math.jsonl"]', r"f.toml: tasks must be a list of \[str, Path\] pairs"),
         ("g.toml", "diagonal = 1", "g.toml: diagonal must be true or false, got 1"),
-        ("h.toml", 'qkov_variant = "kfac"', "h.toml: QK-OV variant 'kfac' needs K-FAC factors, which analyze does not pass yet"),
+        ("h.toml", 'qkov_variant = "diag"', "h.toml: qkov variant must be one of"),
     ],
 )
 def test_a_bad_file_is_one_line_naming_the_file_and_key_and_writes_nothing(tmp_path, capsys, name, text, message):
