@@ -249,3 +249,25 @@ def test_flax_names_are_recognised_without_metadata(tmp_path):
     without = fisherjax.load_pretrained(directory)
     for a, b in zip(fisherjax.layout.flatten(with_metadata.params).values(), fisherjax.layout.flatten(without.params).values()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_analyze_runs_on_a_flax_checkpoint(tmp_path):
+    """``fisherjax analyze --model`` on transformers 4.x's Flax Llama (no tokenizer files, so the
+    task is pre-tokenised with the reference's token ids): Phase 1's loss per token is the
+    cross-entropy of the Flax model's own logits."""
+    import json
+
+    from scipy.special import log_softmax
+
+    from fisherjax.cli import main
+
+    ref = np.load(FIXTURES / "llama_msgpack" / "reference.npz")
+    ids, logits = ref["input_ids"].astype(np.int64), ref["logits"].astype(np.float64)
+    task = tmp_path / "ids.jsonl"
+    task.write_text("".join(json.dumps({"input_ids": row.tolist()}) + "\n" for row in ids) * 4)  # 8 samples
+    out = tmp_path / "out"
+    assert main(["analyze", "--model", str(FIXTURES / "llama_msgpack"), "--task", f"ids={task}", "--out", str(out),
+                 "--phases", "fisher", "--no-progress", "--no-diagonal", "--batch-size", "4"]) == 0
+    found = json.loads((out / "results.json").read_text())["fisher"]["ids"]
+    nll = -np.take_along_axis(log_softmax(logits[:, :-1], axis=-1), ids[:, 1:, None], axis=-1)
+    assert found["samples"] == 8 and found["loss_per_token"] == pytest.approx(nll.mean(), rel=1e-4)
