@@ -105,6 +105,25 @@ def start_host_copy(tree):
     return tree
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the default device can still allocate: on an accelerator its allocator's limit
+    minus what is in use (``Device.memory_stats``), on a CPU the host's ``MemAvailable``
+    (``/proc/meminfo``, where the CPU backend's arrays live); None where neither is known."""
+    if not is_cpu():
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 PINNED_HOST = "pinned_host"
 """JAX's memory kind of page-locked host memory, which accelerators copy to by DMA."""
 

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from fisherjax import backend, compilation_cache, heads, io, outdir, report, sharding, telemetry
 from fisherjax.analysis import conflicts, experiments, importance, masks, qkov
-from fisherjax.curvature import compare, kfac
+from fisherjax.curvature import compare, kfac, lanczos
 from fisherjax.data import Batch, MissingTokenizer, Task, batches, load_task
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
 from fisherjax.fisher.collect import collect
@@ -290,6 +290,12 @@ def first_batches(ctx: Context, name: str, n: int) -> list[Batch]:
     return list(batches(task, ctx.config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
 
 
+CURVATURE_MEMORY_SHARE = 0.5
+"""The method comparison runs by default only when its Lanczos basis takes at most this share of
+the memory still free after Phase 1 (``backend.available_memory_bytes``): a GPT-2-small basis of
+30 float32 vectors is 15 GB, which with Phase 1's kept gradients ran a 24 GB CPU machine out of
+memory."""
+
 CURVATURE_AUTO_PARAMETERS = 200_000_000
 """Models up to this many parameters get the method comparison by default; larger ones with
 ``--curvature`` (its Lanczos vectors are model-sized, several dozen of them)."""
@@ -302,6 +308,13 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
     if model.num_params > CURVATURE_AUTO_PARAMETERS and not config.curvature:
         return curvature_report.skipped(f"the model has {model.num_params:,} parameters, more than {CURVATURE_AUTO_PARAMETERS:,}; "
                                         "pass --curvature to compare the Fisher methods anyway")
+    need, free = compare.basis_bytes(model.num_params, config.curvature_k), backend.available_memory_bytes()
+    if not config.curvature and free is not None and need > CURVATURE_MEMORY_SHARE * free:
+        steps = lanczos.default_steps(model.num_params, config.curvature_k)
+        return curvature_report.skipped(
+            f"its Lanczos basis ({steps} vectors of {model.num_params:,} parameters, {need / 1e9:.1f} GB) would take more than "
+            f"{CURVATURE_MEMORY_SHARE:.0%} of the memory still free ({free / 1e9:.1f} GB); pass --curvature to run it anyway, "
+            "or a smaller --curvature-k")
     name = next(iter(ctx.tasks))
     chosen = first_batches(ctx, name, config.curvature_samples)
     result = compare.compare_methods(model, chosen, k=config.curvature_k, seed=config.seed, progress=config.progress)

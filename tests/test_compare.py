@@ -5,6 +5,7 @@ definition), and the ``curvature`` phase of ``fisherjax analyze``."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -122,6 +123,13 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
     skipped = json.loads((tmp_path / "b" / "results.json").read_text())["method_comparison"]
     assert "--curvature" in skipped["skipped"]
     assert "Skipped:" in (tmp_path / "b" / "report.md").read_text()
+    # below the parameter limit, but its Lanczos basis would take more than half the free memory
+    monkeypatch.setattr(pipeline, "CURVATURE_AUTO_PARAMETERS", 10**12)
+    monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: 1000)
+    assert main([*args, "--out", str(tmp_path / "m")]) == 0
+    reason = json.loads((tmp_path / "m" / "results.json").read_text())["method_comparison"]["skipped"]
+    assert re.search(r"Lanczos basis \(30 vectors of [\d,]+ parameters, [\d.]+ GB\) would take more than 50% of the memory still "
+                     r"free \(0.0 GB\); pass --curvature", reason), reason
     calls = []
 
     def fake(model, batches, **kwargs):  # the comparison itself is checked above; here: --curvature makes it run

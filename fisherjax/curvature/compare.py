@@ -88,6 +88,19 @@ class MethodComparison:
     lanczos_residuals: np.ndarray | None = None
 
 
+def basis_dtype(size: int, k: int, steps: int | None = None):
+    """The Lanczos basis of the comparison: float64 on the host up to :data:`HOST_BASIS_BYTES`,
+    else float32 on the device."""
+    return np.float64 if 8 * size * (steps or lanczos.default_steps(size, k)) <= HOST_BASIS_BYTES else np.float32
+
+
+def basis_bytes(size: int, k: int, steps: int | None = None) -> int:
+    """Bytes of the comparison's Lanczos basis for a model of ``size`` parameters: ``steps ·
+    size · itemsize`` (the largest allocation of :func:`compare_methods`)."""
+    steps = steps or lanczos.default_steps(size, k)
+    return steps * size * np.dtype(basis_dtype(size, k, steps)).itemsize
+
+
 def compare_methods(
     model,
     batches: Sequence[Batch],
@@ -134,7 +147,7 @@ def compare_methods(
     (factors, eigen), kfac_stretch = telemetry.measure(run_kfac)
 
     operator = products.fisher_operator(model, params, batches, kind="empirical")
-    basis = np.float64 if 8 * operator.size * (steps or 3 * k + 10) <= HOST_BASIS_BYTES else np.float32
+    basis = basis_dtype(operator.size, k, steps)
     ritz, lanczos_stretch = telemetry.measure(
         lanczos.lanczos, operator.matvec, operator.size, k, steps=steps, key=jax.random.fold_in(key, 1), dtype=basis)
 

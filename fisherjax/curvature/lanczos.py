@@ -176,6 +176,11 @@ def _tridiagonal(matvec: Matvec, start, steps: int, basis: _Basis, tol: float | 
     return np.array(alphas), np.array(betas)
 
 
+def default_steps(size: int, k: int) -> int:
+    """Products :func:`lanczos` takes for ``k`` eigenpairs by default: ``min(size, max(2k + 10, 3k))``."""
+    return min(size, max(2 * k + 10, 3 * k))
+
+
 def lanczos(
     matvec: Matvec,
     size: int,
@@ -208,7 +213,7 @@ def lanczos(
     size, k = int(size), int(k)
     if not 1 <= k <= size:
         raise ConfigError(f"lanczos: k must be between 1 and size = {size}, got {k}")
-    steps = min(size, max(2 * k + 10, 3 * k)) if steps is None else int(steps)
+    steps = default_steps(size, k) if steps is None else int(steps)
     if not k <= steps <= size:
         raise ConfigError(f"lanczos: steps must be between k = {k} and size = {size}, got {steps}")
     basis = _Basis(size, steps + 1, dtype)
