@@ -226,6 +226,8 @@ def _given_flags(argv) -> set[str]:
 
 def _analyze(args) -> int:
     from fisherjax import compilation_cache
+
+    cache = compilation_cache.requested_dir(args.compilation_cache, args.no_compilation_cache)
     from fisherjax.pipeline import AnalysisConfig, analyze, parse_task_args, parse_thresholds
 
     flags = dict(
@@ -299,7 +301,6 @@ def _analyze(args) -> int:
     if config.model is not None and not config.tasks:
         raise FisherjaxError("--model needs at least one --task NAME=FILE")
     _join_distributed(args)
-    cache = compilation_cache.requested_dir(args.compilation_cache, args.no_compilation_cache)
     if cache is not None:
         compilation_cache.enable(cache)
     results = analyze(config)
@@ -616,6 +617,26 @@ def _prune(args) -> int:
     return 0
 
 
+def _place_matplotlib_cache(argv: list[str]) -> None:
+    """``analyze`` draws figures: matplotlib's font list and config folder go beside the compilation
+    cache the command line asks for, or to a temporary folder (``compilation_cache.place_matplotlib_cache``).
+    Decided from the two cache flags before the parser, whose defaults import the pipeline and with
+    it matplotlib; a bad cache setting is refused later, by ``analyze`` itself."""
+    if not argv or argv[0] != "analyze":
+        return
+    from fisherjax import compilation_cache
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--compilation-cache", type=Path)
+    pre.add_argument("--no-compilation-cache", action="store_true")
+    known, _ = pre.parse_known_args(argv[1:])
+    try:
+        cache = compilation_cache.requested_dir(known.compilation_cache, known.no_compilation_cache)
+    except FisherjaxError:
+        cache = None
+    compilation_cache.place_matplotlib_cache(cache)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -627,8 +648,10 @@ def main(argv=None) -> int:
 
     from fisherjax.errors import disk_errno, disk_error
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _place_matplotlib_cache(argv)
     args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = argv
     _quiet_background_logs()
     previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
     try:

@@ -10,6 +10,9 @@ loads the executables from disk (``$XDG_CACHE_HOME/fisherjax/jax-cache``, by def
 Python API never writes outside what it is asked to, so a notebook opts in with
 :func:`enable` (``fisherjax.enable_compilation_cache()``).
 
+matplotlib's font list and config folder go beside it (:func:`place_matplotlib_cache`), so a run
+writes nowhere else outside its output directory.
+
 The cache is process-wide JAX configuration, not a choice between CPU and accelerator code, so it
 lives here rather than in :mod:`fisherjax.backend`. A directory that cannot be written turns the
 cache off with one line on stderr, once; the run goes on without it.
@@ -77,6 +80,30 @@ def requested_dir(directory: Path | None, off: bool, environ: Mapping[str, str] 
         raise ConfigError(f"{ENVIRONMENT} must be 0 or 1, got {environ[ENVIRONMENT]!r} "
                           "(--compilation-cache DIR puts the cache elsewhere)")
     return default_dir(environ)
+
+
+MATPLOTLIB_ENV = "MPLCONFIGDIR"
+
+
+def place_matplotlib_cache(cache: Path | None, environ: dict = os.environ) -> Path | None:
+    """Keep matplotlib's own writes (its font list, its config folder; made at its first import,
+    under ``~/.cache/matplotlib`` and ``~/.config/matplotlib`` by default) in fisherjax's cache:
+    ``MPLCONFIGDIR`` is set to ``matplotlib`` beside the default compilation cache when that is the
+    cache in use, else to a temporary folder removed at exit, so a run writes nothing outside
+    ``--out`` and the cache it was allowed. A user's own ``MPLCONFIGDIR``, or matplotlib already
+    imported, is left alone (returns None). Call before anything imports matplotlib."""
+    if MATPLOTLIB_ENV in environ or "matplotlib" in sys.modules:
+        return None
+    if cache is not None and Path(cache) == default_dir(environ):
+        folder = Path(cache).parent / "matplotlib"
+    else:
+        import atexit
+        import shutil
+
+        folder = Path(tempfile.mkdtemp(prefix="fisherjax-matplotlib-"))
+        atexit.register(shutil.rmtree, folder, True)
+    environ[MATPLOTLIB_ENV] = str(folder)
+    return folder
 
 
 def enable(path: str | os.PathLike | None = None) -> Path | None:

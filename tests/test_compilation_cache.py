@@ -52,11 +52,17 @@ def test_the_command_line_writes_the_cache_and_a_second_run_loads_it(cli_checkpo
             assert main([a.replace("OUT", run) for a in argv]) == 0
             jax.clear_caches()
     """)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "FISHERJAX_COMPILATION_CACHE": "1", "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "FISHERJAX_COMPILATION_CACHE": "1", "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+           "HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path / "tmp")}
+    env.pop("MPLCONFIGDIR", None)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "tmp").mkdir()
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert any(cache.glob("*-cache")), sorted(p.name for p in cache.iterdir())
     assert not (tmp_path / "xdg" / "fisherjax").exists()  # --compilation-cache DIR: nothing in the default place
+    # matplotlib's font list and config folder went to a temporary folder, removed at exit, not under HOME
+    assert not any((tmp_path / "home").iterdir()) and not list((tmp_path / "tmp").glob("fisherjax-matplotlib-*"))
     cold, warm = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("cold", "warm"))
     assert cold["environment"]["compilation_cache"] == str(cache)
     assert cold["phases"]["total"]["compilations"] > 0 and cold["phases"]["total"]["cache_hits"] == 0
