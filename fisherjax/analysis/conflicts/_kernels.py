@@ -191,8 +191,8 @@ def prepared_chunks(
             grads = {p: g.astype(jnp.float32) for p, g in grads.items()}
             bad, features, norms = sharded_prepare(mesh, *statics, chunk_size)(grads, weights)
         else:
-            if mesh is None:
-                grads = {p: jnp.asarray(g, jnp.float32) for p, g in chunk.grads.items()}
+            if mesh is None:  # moved in their stored dtype, widened by XLA: numpy's bfloat16 casts run elementwise in Python's ml_dtypes
+                grads = {p: jnp.asarray(g).astype(jnp.float32) for p, g in chunk.grads.items()}
             else:
                 grads = {p: g.astype(jnp.float32) for p, g in put_replicated(dict(chunk.grads), mesh).items()}
             bad, features, norms = prepare_chunk(grads, weights, *statics, chunk_size)
