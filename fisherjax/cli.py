@@ -650,9 +650,9 @@ def main(argv=None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     _place_matplotlib_cache(argv)
+    _quiet_background_logs()  # before the parser, whose defaults import matplotlib
     args = build_parser().parse_args(argv)
     args.argv = argv
-    _quiet_background_logs()
     previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
     try:
         return {"analyze": _analyze, "info": _info, "plan": _plan, "export": _export, "merge": _merge, "prune": _prune}[args.command](args)
@@ -676,11 +676,14 @@ def _quiet_background_logs() -> None:
     """orbax reports a failed background write (a full disk) again from its own threads — absl and
     asyncio log records with tracebacks, and "Event loop is closed" from tensorstore callbacks that
     fire after orbax's loop has shut down — after the error has reached the caller; the command
-    line reports it once, itself. Any other uncaught exception keeps its traceback."""
+    line reports it once, itself. Any other uncaught exception keeps its traceback. matplotlib's
+    font manager warns when it cannot save its font list (the same full disk, or a read-only cache
+    folder); the list is only a cache, so that warning is dropped too (its errors stay)."""
     import logging
 
     for name in ("absl", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     original = sys.unraisablehook
 
     def unraisablehook(unraisable):
