@@ -90,9 +90,9 @@ def start_host_copy(tree):
 
     On a CPU the arrays already live in host memory and ``copy_to_host_async`` readies their numpy
     views. On an accelerator the leaves are put into page-locked host memory (JAX's memory kind
-    ``"pinned_host"``, same sharding): a DMA the runtime streams at the bus's speed, where the
-    pageable copy behind ``np.asarray`` of a device array moved about 0.5 GB/s on the H200 machine
-    (``benchmarks/RESULTS.md``). A backend without that memory kind keeps the pageable copy.
+    ``"pinned_host"``, same sharding): a DMA the runtime streams at the bus's speed, many times the
+    pageable copy behind ``np.asarray`` of a device array (``benchmarks/host_copy.py``, RESULTS.md).
+    A backend without that memory kind keeps the pageable copy.
     """
     leaves = jax.tree.leaves(tree)
     if not is_cpu() and leaves:

@@ -169,6 +169,10 @@ class AnalysisConfig:
               "--checkpoint-dir cannot be combined with --spill-dir: spilled gradients are removed at the end of each run, so a "
               "resumed run could not read them; raise --sample-grads-budget-gb instead, or leave out --checkpoint-dir")
 
+    def task_checkpoint_dir(self, name: str) -> Path | None:
+        """Where Phase 1's progress of task ``name`` is saved: ``checkpoint_dir/<name>``, absolute (None without one)."""
+        return None if self.checkpoint_dir is None else Path(self.checkpoint_dir).absolute() / name
+
     def collect_options(self) -> CollectOptions:
         """The Phase 1 options of this run (every task keeps its attention gradients)."""
         return CollectOptions(
@@ -443,24 +447,24 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
     layout, config = ctx.model.layout, ctx.config
     score, kernel = config.score_options(), config.kernel_options()
     needed = score.min_fisher_samples
-    arrays, summaries, results = {}, {}, {}
+    arrays, summaries, results, factors = {}, {}, {}, {}
     for name_a, name_b in itertools.permutations(ctx.fishers, 2):
         fa, fb = ctx.fishers[name_a], ctx.fishers[name_b]
         n_a = len(fa.sample_grads)
         if n_a < needed:  # a quick run on a few samples still gets the other phases
             summaries[name_a, name_b] = {"skipped": f"{name_a} has {n_a} samples with active tokens; its Fisher needs at least {needed}"}
             continue
-        if score.variant in qkov.CURVATURE_VARIANTS:  # on one device: the K-FAC variant takes no mesh yet
-            result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress,
-                                  kfac=attention_kfac(ctx, name_a))
-        else:
-            result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress, mesh=ctx.mesh)
+        curvature = score.variant in qkov.CURVATURE_VARIANTS  # task A's K-FAC, on one device: that variant takes no mesh yet
+        if curvature and name_a not in factors:
+            factors[name_a] = attention_kfac(ctx, name_a)
+        result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress,
+                              mesh=None if curvature else ctx.mesh, kfac=factors.get(name_a))
         arrays.update({f"{name_a}|{name_b}|{k}": v for k, v in qkov.to_arrays(result).items()})
         summary = qkov_report.summary(result, top_k=config.top_k, labels=ctx.labels)
         summary["kernel"] = dataclasses.asdict(kernel)
         summary["bootstrap"] = qkov_report.bootstrap_summary(qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=config.seed))
         fit, heldout = qkov.heldout_split(fa, 0.5, seed=config.seed)
-        if score.variant in qkov.CURVATURE_VARIANTS:
+        if curvature:
             summary["permutation_test"] = {"skipped": f"the permutation test's null rests on the diagonal Fisher of {name_a}; "
                                                       f"it does not take --qkov-variant {score.variant}"}
         elif len(fit) < needed:
@@ -527,7 +531,7 @@ def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig, *,
             task=name,
             options=options,
             spill_dir=None if spill_root is None else spill_root / name,
-            checkpoint_dir=None if config.checkpoint_dir is None else Path(config.checkpoint_dir).absolute() / name,
+            checkpoint_dir=config.task_checkpoint_dir(name),
             resume=config.resume,
             key=jax.random.key(config.seed),
             progress=config.progress,
@@ -549,7 +553,7 @@ def saved_batches(config: AnalysisConfig, names: Sequence[str]) -> dict[str, int
 
     found = {}
     for name in names:
-        directory = Path(config.checkpoint_dir).absolute() / name
+        directory = config.task_checkpoint_dir(name)
         step = None
         if directory.is_dir():
             manager = progress_manager(directory)
