@@ -26,6 +26,23 @@ os.environ["FISHERJAX_COMPILATION_CACHE"] = "0"
 # alike). Subprocesses inherit it unless they set XLA_FLAGS themselves.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# One JAX compilation cache for the whole test run, shared by the xdist workers and every
+# subprocess (they inherit these variables): many tests compile the same programs for the same
+# tiny checkpoints, and each compiles them once per run instead of once per process. It starts
+# empty (a temporary folder, made by the first process of the run and removed when it exits), so
+# no test depends on an earlier run. Tests of the command line's own cache switch it off or
+# point it elsewhere (tests/test_compilation_cache.py).
+if "FISHERJAX_TEST_JAX_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["FISHERJAX_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="fisherjax-test-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["FISHERJAX_TEST_JAX_CACHE"], True)
+TEST_JAX_CACHE = os.environ["FISHERJAX_TEST_JAX_CACHE"]
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", TEST_JAX_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 VOCAB = 97
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox")

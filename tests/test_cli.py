@@ -166,7 +166,9 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
         assert {"seconds", "peak_rss_gb", "device_peak_gb", "compilations", "compile_seconds", "cache_hits"} <= set(entry), name
         assert entry["seconds"] >= 0 and entry["peak_rss_gb"] > 0, (name, entry)
         assert (entry["device_peak_gb"] is None) == (results["environment"]["backend"] == "cpu"), (name, entry)  # XLA:CPU reports none
-    assert phases["collect"]["compilations"] >= 1 and phases["total"]["compilations"] >= phases["collect"]["compilations"]
+    # (an executable another test of this run compiled may come from the run's shared cache: a hit)
+    assert phases["collect"]["compilations"] + phases["collect"]["cache_hits"] >= 1
+    assert phases["total"]["compilations"] >= phases["collect"]["compilations"]
     assert phases["total"]["seconds"] >= sum(e["seconds"] for k, e in phases.items() if k != "total") - 0.1
     assert "## Where the time went" in (out / "report.md").read_text()
     qkov = np.load(out / "qkov.npz")

@@ -1,8 +1,10 @@
 """The persistent compilation cache: where it goes, the switches that turn it off, and a directory
 that cannot be written (fisherjax.compilation_cache, ``fisherjax analyze --compilation-cache``).
 
-No test here turns the cache on in the pytest process (JAX's cache is process-wide): the run that
-writes one is a subprocess, and conftest keeps ``FISHERJAX_COMPILATION_CACHE=0`` for the rest.
+No test here turns the command line's cache on in the pytest process (JAX's cache is
+process-wide): the run that writes one is a subprocess, and conftest keeps
+``FISHERJAX_COMPILATION_CACHE=0`` for the rest. The test run's own shared cache (conftest) is
+switched off around the tests that check the command line leaves JAX's cache off.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
 import pytest
+from conftest import TEST_JAX_CACHE
 from refusals import assert_refused, run_cli
+
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from fisherjax import compilation_cache
 
@@ -25,6 +31,20 @@ torch = pytest.importorskip("torch")  # cli_checkpoint is built with transformer
 def _argv(root: Path, out: Path, *extra) -> list:
     return ["analyze", "--model", root / "model", "--task", f"add={root / 'add.jsonl'}", "--out", out, "--no-progress",
             "--batch-size", "8", "--phases", "fisher", *extra]
+
+
+@pytest.fixture
+def no_test_cache():
+    """JAX's cache off in this process for one test (the run's shared cache back afterwards)."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
+    before = {name: getattr(jax.config, name) for name in names}
+    assert before["jax_compilation_cache_dir"] == TEST_JAX_CACHE
+    compilation_cache.disable()
+    yield
+    for name, value in before.items():  # exactly as before: the workers share one cache layout
+        jax.config.update(name, value)
+    jax_cache.reset_cache()
 
 
 def test_where_the_cache_goes_and_the_switches():
@@ -72,7 +92,7 @@ def test_the_command_line_writes_the_cache_and_a_second_run_loads_it(cli_checkpo
 
 
 @pytest.mark.parametrize("switch", ["--no-compilation-cache", "FISHERJAX_COMPILATION_CACHE=0"])
-def test_switched_off_nothing_is_written(cli_checkpoint, tmp_path, monkeypatch, switch):
+def test_switched_off_nothing_is_written(cli_checkpoint, tmp_path, monkeypatch, switch, no_test_cache):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     name, _, value = switch.partition("=")
     monkeypatch.setenv("FISHERJAX_COMPILATION_CACHE", value or "1")
@@ -83,7 +103,7 @@ def test_switched_off_nothing_is_written(cli_checkpoint, tmp_path, monkeypatch, 
     assert compilation_cache.current() is None
 
 
-def test_an_unwritable_cache_directory_warns_once_and_the_run_goes_on(cli_checkpoint, tmp_path):
+def test_an_unwritable_cache_directory_warns_once_and_the_run_goes_on(cli_checkpoint, tmp_path, no_test_cache):
     (tmp_path / "a_file").write_text("")
     cache = tmp_path / "a_file" / "cache"
     code, _, err = run_cli(_argv(cli_checkpoint, tmp_path / "out", "--compilation-cache", cache))
