@@ -21,6 +21,7 @@ from scipy import stats
 from fisherjax import ConfigError, DataError, DecoderConfig, Model, NumericalError
 from fisherjax.analysis import conflicts as C
 from fisherjax.analysis.conflicts import _kernels as K  # private by purpose: the two group-dot paths
+from fisherjax.analysis.conflicts import gram as G
 from fisherjax.analysis.conflicts.gram import chunk_size_for
 from fisherjax.analysis.conflicts import projection as P
 from fisherjax.analysis.conflicts.sources import as_stream
@@ -153,6 +154,49 @@ def test_chunks_sized_by_a_memory_budget(gpt2, gpt2_task):
     np.testing.assert_allclose(small.cosines, whole.cosines, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="memory_budget_bytes"):
         C.ConflictOptions(memory_budget_bytes=0)
+
+
+def test_stored_tasks_read_by_parameter_slice_equal_chunk_pairs(gpt2, gpt2_task):
+    """Stored tasks without a chunk size are read one parameter slice of every sample at a time:
+    a budget so small that every sliceable leaf is cut into one-index slices gives the chunk-pair
+    Grams (dot products, per-group dots and norms) and detect()'s report, whitened, with either
+    reference; the slices partition every leaf and cut it along an axis no head spans."""
+    a, b = halves(gpt2_task)
+    split = gpt2_task.select(np.arange(48, 72))
+    grouping = C.grouping_for(as_stream(a).shapes, gpt2.layout)
+    slices = G.parameter_slices(as_stream(a).shapes, grouping, 48, budget_bytes=1.0)
+    for path, shape in as_stream(a).shapes.items():
+        mine = [s for s in slices if s.path == path]
+        covered = np.zeros(shape, int)
+        for s in mine:
+            covered[(slice(None),) * (s.axis or 0) + (slice(s.start, s.stop),) if s.axis is not None else ...] += 1
+        assert (covered == 1).all(), path
+        assert len(mine) > 1 or "bias" in path and "c_attn" in path, (path, mine)  # every leaf but the head bias is cut
+        if "c_attn/kernel" in path:  # [L, d_in, 3d]: heads on the last axis, cut along d_in
+            assert {s.axis for s in mine} == {1}
+        if "c_proj/kernel" in path and "attn" in path:  # [L, d, d_out]: heads on rows, cut along the output axis
+            assert {s.axis for s in mine} == {2}
+    chunked = C.pairwise_cosines(a, b, layout=gpt2.layout, chunk_size=5)
+    sliced = C.pairwise_cosines(a, b, layout=gpt2.layout, memory_budget_bytes=1.0)
+    for field in ("dots", "sq_norms_a", "sq_norms_b", "group_dots", "group_sq_norms_a", "group_sq_norms_b"):
+        scale = np.abs(getattr(chunked, field)).max()
+        np.testing.assert_allclose(getattr(sliced, field), getattr(chunked, field), rtol=1e-5, atol=1e-6 * scale, err_msg=field)
+    chex.assert_trees_all_close(sliced.cosines, numpy_cosines(numpy_flat(a), numpy_flat(b)), atol=1e-5)
+    fisher = a.fisher()
+    for kwargs in (dict(reference="both"), dict(reference_split=split)):
+        r_chunked = C.detect(a, b, layout=gpt2.layout, fisher=fisher, chunk_size=7, **kwargs)
+        r_sliced = C.detect(a, b, layout=gpt2.layout, fisher=fisher, memory_budget_bytes=1.0, **kwargs)
+        chex.assert_trees_all_close(r_sliced.cosines, r_chunked.cosines, atol=1e-6)
+        # p-values are ranks among ~550 reference cosines: float32 summation order may move a tie by one rank
+        assert np.abs(r_sliced.pvalues - r_chunked.pvalues).max() <= 2 / 550 and (r_sliced.pvalues != r_chunked.pvalues).mean() < 0.01
+        for side in r_chunked.null_cosines:
+            chex.assert_trees_all_close(r_sliced.null_cosines[side], r_chunked.null_cosines[side], atol=1e-6)
+    # Per-slice dot products that do not fit the budget go in chunk pairs instead.
+    streams = {"a": as_stream(a), "b": as_stream(b)}
+    assert G.slices_fit(streams, (("a", "b", True),), grouping, 1e9)
+    assert not G.slices_fit(streams, (("a", "b", True),), grouping, 1.0)
+    assert not G.slices_fit({"a": as_stream(lambda: iter([C.GradChunk(a.sample_ids, a.grads)])), "b": streams["b"]},
+                            (("a", "b", True),), grouping, 1e9)
 
 
 def test_group_dots_mapped_over_groups_equal_the_batched_einsum(gpt2, gpt2_task):

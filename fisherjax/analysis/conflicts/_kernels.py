@@ -7,6 +7,11 @@ per model and chunk size) and reduced to squared group norms in one jitted pass
 (:func:`prepare_chunk`); a chunk pair's dot products are one GEMM ``[c_a, D] · [D, c_b]`` per
 group (:func:`block_gram`).
 
+A stored task can also be read one parameter *slice* at a time (:func:`slice_dots`): every
+sample's gradient of one slice of one leaf, for all tasks of the Grams at once, whitened, viewed
+group-major ``[G_leaf, n, D]`` and multiplied pair by pair. Each stored gradient is then read and
+whitened once, however many Grams and samples there are (:func:`~.gram.sliced_grams`).
+
 On a mesh the row side of a Gram is split over ``"data"`` (each chunk zero-padded to whole rows
 per device, prepared and multiplied under ``jax.shard_map``: :func:`sharded_prepare`,
 :func:`sharded_block_gram`) and the column side is replicated (its chunks prepared on every
@@ -39,6 +44,7 @@ __all__ = [
     "rows_per_chunk",
     "sharded_block_gram",
     "sharded_prepare",
+    "slice_dots",
 ]
 
 PreparedChunk = tuple[np.ndarray, dict[str, Array], np.ndarray, int]
@@ -72,6 +78,35 @@ def _block_gram(features_a, features_b, members, n_groups, by_group, mapped):
     for key, ids in members:
         grouped = grouped.at[np.array(ids)].add(leaf_dots(features_a[key], features_b[key]))
     return grouped.sum(0), grouped
+
+
+@functools.partial(jax.jit, static_argnames=("views", "pairs"))
+def slice_dots(parts, inv_sqrt, views, pairs):
+    """Dot products of one parameter slice, for several tasks and task pairs at once.
+
+    ``parts``: per task ``[n_s, *slice]`` (stored dtype, widened here); ``inv_sqrt``: ``[*slice]``
+    ``(Î + ε)^{-1/2}`` or None; ``views``: the slice's :class:`~.sources.FeatureView` values (a
+    fused QKV leaf has three), each giving features ``X_s [G_leaf, n_s, D]``; ``pairs``:
+    ``((s, t, grouped), ...)``.
+
+    Returns per task the nonfinite flags ``[n_s]`` and squared group norms ``{key: [G_leaf, n_s]}``,
+    and per pair ``X_s X_tᵀ`` per group ``{key: [G_leaf, n_s, n_t]}`` when ``grouped``, else its sum
+    over groups and keys ``[n_s, n_t]``.
+    """
+    hi = jax.lax.Precision.HIGHEST
+    bad, features = [], []
+    for x in parts:
+        bad.append(~jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1))
+        x = x.astype(jnp.float32)
+        if inv_sqrt is not None:
+            x = x * inv_sqrt
+        features.append({v.key: jnp.swapaxes(v.apply(x), 0, 1) for v in views})
+    norms = tuple({k: jnp.sum(jnp.square(f), -1) for k, f in feats.items()} for feats in features)
+    dots = []
+    for s, t, grouped in pairs:
+        per_key = {k: jnp.einsum("gcd,ged->gce", features[s][k], features[t][k], precision=hi) for k in features[s]}
+        dots.append(per_key if grouped else sum(d.sum(0) for d in per_key.values()))
+    return tuple(bad), norms, tuple(dots)
 
 
 def block_gram(

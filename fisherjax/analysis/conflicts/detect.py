@@ -30,7 +30,9 @@ from jax.sharding import Mesh
 from jaxtyping import Float
 
 from fisherjax.analysis.conflicts.findings import ConflictCluster, ConflictPair, clusters, recommendations, top_pairs
-from fisherjax.analysis.conflicts.gram import Gram, chunk_count, chunk_size_for, damping, effect_sizes, gram_matrix, inverse_sqrt, split_sides
+from fisherjax.analysis.conflicts.gram import (
+    Gram, chunk_count, chunk_size_for, damping, effect_sizes, gram_matrix, inverse_sqrt, parameter_slices, sliced_grams, slices_fit, split_sides,
+)
 from fisherjax.analysis.conflicts.null import conflict_pvalues
 from fisherjax.analysis.conflicts.options import ConflictOptions
 from fisherjax.analysis.conflicts.sources import GroupIndex, Grouping, Source, Stream, as_stream, check_same_parameters, grouping_for
@@ -270,13 +272,24 @@ def _grams(
     chunk — on a mesh once per role: split over ``"data"`` as rows, replicated as columns
     (:func:`~.gram.split_sides`)."""
     per_group = options.scope == "groups"
-    size = chunk_size_for(options.chunk_size, *(s for s in (a, b, external) if s is not None), budget_bytes=options.memory_budget_bytes)
     streams = {"a": a, "b": b} | ({"reference": external} if external is not None else {})
-    rows, columns, row_counts = split_sides(streams, grouping, inv_sqrt, size, mesh)
     if external is not None:
         pairs = [("a", "reference")]
     else:
         pairs = [(side, side) for side in ("a", "b") if options.reference in (side, "both")]
+    sliced = (("a", "b", options.by_group),) + tuple((x, y, per_group) for x, y in pairs)
+    budget = options.memory_budget_bytes
+    if mesh is None and options.chunk_size is None and slices_fit(streams, sliced, grouping, budget):
+        total = len(parameter_slices(a.shapes, grouping, sum(s.size for s in streams.values()), budget))
+        with progress_bar(progress, total=total, desc=f"conflicts {a.name} × {b.name}", unit="slice") as bar:
+            cross, *grams = sliced_grams(streams, sliced, grouping, inv_sqrt, budget, bar)
+        _check_sizes(cross, a.name, b.name)
+        references = {y: gram for (_, y), gram in zip(pairs, grams)}
+        if "reference" in references:
+            _check_sizes(references["reference"], a.name, "reference")
+        return cross, references
+    size = chunk_size_for(options.chunk_size, *(s for s in (a, b, external) if s is not None), budget_bytes=budget)
+    rows, columns, row_counts = split_sides(streams, grouping, inv_sqrt, size, mesh)
     counts = {"a": chunk_count(a, size), "b": chunk_count(b, size), "reference": external and chunk_count(external, size)}
     work = [("a", "b")] + pairs
     total = None if any(row_counts[x] is None or counts[y] is None for x, y in work) else sum(row_counts[x] * counts[y] for x, y in work)

@@ -18,6 +18,16 @@ Because groups partition the parameters, ``cos_ij = Σ_g ⟨g̃_i,g, g̃_j,g⟩ 
 per-group *contributions* say which layer, block and head carry a conflict; per-group cosines
 are kept too.
 
+Stored tasks (no mesh, no ``chunk_size``) are read the other way round, one parameter *slice*
+at a time (:func:`sliced_grams`): a Gram is a sum over parameters as much as over chunk pairs,
+and a slice of every sample of every task — the A × B Gram and the reference Grams together —
+fits where a chunk of samples of all parameters may not (64 GPT-2-small samples' attention
+gradients are 7 GB). Each gradient is then read, whitened and viewed once, where chunk pairs read
+each of B's chunks once per chunk of A and per Gram; the GEMMs are ``[n_a, D] · [D, n_b]``
+instead of chunk-sized slivers. Slices cut a leaf along an axis that no group spans (a q/k/v
+kernel's input axis, an o kernel's output axis, any axis of a per-layer leaf), so every slice
+holds all of the leaf's groups (:func:`parameter_slices`).
+
 On a mesh (``mesh=``, :func:`fisherjax.sharding.check_mesh`) the rows of a Gram (task A's
 samples) are split over ``"data"`` in contiguous blocks and each column chunk (task B's) is
 broadcast to every device; each device computes its rows' dot products against the chunk, and
@@ -39,8 +49,10 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 from fisherjax import backend
-from fisherjax.analysis.conflicts._kernels import PreparedChunk, block_gram, prepared, rows_per_chunk, sharded_block_gram
-from fisherjax.analysis.conflicts.sources import GroupIndex, Grouping, Source, Stream, as_stream, check_same_parameters, grouping_for
+from fisherjax.analysis.conflicts._kernels import PreparedChunk, block_gram, prepared, rows_per_chunk, sharded_block_gram, slice_dots
+from fisherjax.analysis.conflicts.sources import (
+    FeatureView, GroupIndex, Grouping, Source, Stream, as_stream, check_same_parameters, grouping_for,
+)
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.layout import ModelLayout
 from fisherjax.progressbar import progress_bar
@@ -48,6 +60,7 @@ from fisherjax.sharding import check_mesh, to_host
 
 __all__ = [
     "Gram",
+    "ParameterSlice",
     "chunk_count",
     "chunk_size_for",
     "damping",
@@ -55,6 +68,9 @@ __all__ = [
     "gram_matrix",
     "inverse_sqrt",
     "pairwise_cosines",
+    "parameter_slices",
+    "sliced_grams",
+    "slices_fit",
     "split_sides",
     "whiten",
 ]
@@ -260,6 +276,145 @@ def split_sides(
     return rows, columns, counts
 
 
+# ---------------------------------------------------------------------------------------------
+# Gram matrices of stored tasks, one parameter slice at a time
+# ---------------------------------------------------------------------------------------------
+
+SLICE_BYTES_PER_FEATURE = 12
+"""Device bytes per sample and feature of a slice: the stored gradient (at most float32), its
+whitened float32 copy and its group-major view."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterSlice:
+    """``stop - start`` indices of axis ``axis`` of leaf ``path``'s per-sample shape (``axis`` None:
+    the whole leaf)."""
+
+    path: str
+    axis: int | None = None
+    start: int = 0
+    stop: int = 0
+
+    def take(self, array, batched: bool = True):
+        """The slice of ``[n, *shape]`` (``batched``) or of ``shape``, contiguous for the transfer."""
+        if self.axis is None:
+            return array
+        index = (slice(None),) * (self.axis + int(batched)) + (slice(self.start, self.stop),)
+        part = array[index]
+        return np.ascontiguousarray(part) if isinstance(part, np.ndarray) else part
+
+
+def _free_axis(views: tuple[FeatureView, ...], shape: tuple[int, ...]) -> int | None:
+    """An axis of ``shape`` that no group of the ``views`` spans, so that slicing it keeps every
+    group whole: a q/k/v kernel's input axis, an o kernel's output axis, a pre-grouped feature's
+    last axis, a per-layer leaf's longest axis after the layer; None for head biases and scalars."""
+    kinds = {v.kind for v in views}
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    if kind == "in_heads":
+        return len(shape) - 2 if len(shape) >= 2 else None
+    if kind in ("out_heads", "features"):
+        return len(shape) - 1 if len(shape) >= 2 else None
+    if kind == "bias_heads":
+        return None
+    axes = range(1 if kind == "layered" else 0, len(shape))
+    return max(axes, key=lambda a: shape[a], default=None)
+
+
+def parameter_slices(
+    shapes: Mapping[str, tuple[int, ...]], grouping: Grouping, samples: int, budget_bytes: float,
+) -> tuple[ParameterSlice, ...]:
+    """The slices of every leaf such that ``samples`` samples of one slice take at most
+    ``budget_bytes`` on the device (:data:`SLICE_BYTES_PER_FEATURE` per feature), cutting the axis
+    :func:`_free_axis` names into equal parts where a count up to twice the least one divides it
+    (fewer distinct shapes to compile). A leaf without such an axis, or one index of it that is
+    already over the budget, is one slice or one index per slice: the least that can be read."""
+    most = max(1, int(budget_bytes // (SLICE_BYTES_PER_FEATURE * max(samples, 1))))
+    out = []
+    for path, shape in shapes.items():
+        size = math.prod(shape)
+        axis = _free_axis(grouping.views_of(path), shape)
+        if size <= most or axis is None:
+            out.append(ParameterSlice(path))
+            continue
+        length = shape[axis]
+        step = max(1, most // (size // length))
+        count = math.ceil(length / step)
+        even = next((c for c in range(count, 2 * count + 1) if length % c == 0), None)
+        step = length // even if even is not None else step
+        out.extend(ParameterSlice(path, axis, a, min(a + step, length)) for a in range(0, length, step))
+    return tuple(out)
+
+
+def slices_fit(streams: Mapping[str, Stream], pairs, grouping: Grouping, budget_bytes: float) -> bool:
+    """Whether :func:`sliced_grams` applies and its per-slice dot products fit ``budget_bytes``:
+    every stream stored, and one leaf's ``[G_leaf, n_s, n_t]`` float32 of every grouped pair under
+    the budget (thousands of samples with hundreds of groups per leaf go in chunk pairs)."""
+    if any(s.arrays is None or s.size is None for s in streams.values()):
+        return False
+    pair_entries = sum(streams[x].size * streams[y].size for x, y, grouped in pairs if grouped)
+    widest = max((sum(len(grouping.members[v.key]) for v in grouping.views_of(path)) for path in next(iter(streams.values())).shapes),
+                 default=0)
+    return 4 * widest * pair_entries <= budget_bytes
+
+
+def sliced_grams(
+    streams: Mapping[str, Stream],
+    pairs: tuple[tuple[str, str, bool], ...],
+    grouping: Grouping,
+    inv_sqrt: Mapping[str, Array] | None,
+    budget_bytes: float = CHUNK_BUDGET_BYTES,
+    bar=None,
+) -> list[Gram]:
+    """The :class:`Gram` of every pair ``(x, y, by_group)`` of stored ``streams``, all in one pass
+    over :func:`parameter_slices`: each slice of every task is read once, whitened with
+    ``inv_sqrt`` (``{path: (Î + ε)^{-1/2}}``, None: not whitened) and multiplied for every pair
+    (:func:`~._kernels.slice_dots`); the dot products add up over slices on the host. ``bar``
+    advances once per slice.
+
+    Raises:
+      NumericalError: a NaN/inf gradient (naming the task, sample and parameter).
+    """
+    names = list(streams)
+    sizes = {name: streams[name].size for name in names}
+    ids = {name: np.concatenate([np.asarray(c.sample_ids) for c in streams[name].chunks(sizes[name])]) for name in names}
+    n_groups, members = len(grouping.index), grouping.members
+    norms = {name: np.zeros((n_groups, sizes[name]), np.float32) for name in names}
+    totals = [np.zeros((sizes[x], sizes[y])) for x, y, _ in pairs]
+    grouped = [np.zeros((n_groups, sizes[x], sizes[y]), np.float32) if by_group else None for x, y, by_group in pairs]
+    static_pairs = tuple((names.index(x), names.index(y), bool(by_group)) for x, y, by_group in pairs)
+    weights = None if inv_sqrt is None else {p: np.asarray(w, np.float32) for p, w in inv_sqrt.items()}
+    first = streams[names[0]]
+    for piece in parameter_slices(first.shapes, grouping, sum(sizes.values()), budget_bytes):
+        parts = tuple(piece.take(streams[name].arrays[piece.path]) for name in names)
+        weight = None if weights is None or piece.path not in weights else piece.take(weights[piece.path], batched=False)
+        bad, piece_norms, dots = slice_dots(parts, weight, grouping.views_of(piece.path), static_pairs)
+        for name, flags in zip(names, bad):
+            flags = to_host(flags)
+            if flags.any():
+                raise NumericalError(f"task {streams[name].name!r}: gradient of sample {int(ids[name][np.argmax(flags)])} "
+                                     f"on {piece.path!r} is NaN or inf")
+        for name, by_key in zip(names, piece_norms):
+            for key, value in by_key.items():
+                norms[name][members[key]] += to_host(value)
+        for (_, _, by_group), piece_dots, total, group_dots in zip(pairs, dots, totals, grouped):
+            if not by_group:
+                total += to_host(piece_dots)
+                continue
+            for key, value in piece_dots.items():
+                value = to_host(value)
+                group_dots[members[key]] += value
+                total += value.sum(0, dtype=np.float64)
+        if bar is not None:
+            bar.update(1)
+    return [
+        Gram(ids[x], ids[y], total, norms[x].sum(0, dtype=np.float64), norms[y].sum(0, dtype=np.float64), grouping.index,
+             group_dots, norms[x] if by_group else None, norms[y] if by_group else None)
+        for (x, y, by_group), total, group_dots in zip(pairs, totals, grouped)
+    ]
+
+
 def pairwise_cosines(
     grads_a: Source,
     grads_b: Source,
@@ -284,7 +439,8 @@ def pairwise_cosines(
       layout: the :class:`~fisherjax.layout.ModelLayout` for per-head groups (else one group per leaf).
       fisher: ``{path: param-shaped}`` diagonal Fisher to whiten with, and ``eps`` its damping.
       chunk_size: samples per chunk (stored sources); a stream's chunks must not exceed it. None:
-        from ``memory_budget_bytes`` (:func:`chunk_size_for`).
+        stored sources are read by parameter slice (:func:`sliced_grams`) when the slices' dot
+        products fit ``memory_budget_bytes``, else in chunks sized from it (:func:`chunk_size_for`).
       by_group: also keep ``[G, n_a, n_b]`` per-group dot products.
       progress: show a progress bar over the chunk pairs.
       mesh: a :class:`jax.sharding.Mesh` with axes ``("data",)`` or ``("data", "model")``: A's
@@ -297,6 +453,11 @@ def pairwise_cosines(
     check_same_parameters([stream_a, stream_b])
     grouping = stream_a.grouping or grouping_for(stream_a.shapes, layout)
     inv_sqrt = inverse_sqrt(fisher, eps, stream_a) if fisher is not None else None
+    streams, pairs = {"a": stream_a, "b": stream_b}, (("a", "b", by_group),)
+    if mesh is None and chunk_size is None and slices_fit(streams, pairs, grouping, memory_budget_bytes):
+        total = len(parameter_slices(stream_a.shapes, grouping, stream_a.size + stream_b.size, memory_budget_bytes))
+        with progress_bar(progress, total=total, desc=f"Gram {stream_a.name} × {stream_b.name}", unit="slice") as bar:
+            return sliced_grams(streams, pairs, grouping, inv_sqrt, memory_budget_bytes, bar)[0]
     size = chunk_size_for(chunk_size, stream_a, stream_b, budget_bytes=memory_budget_bytes)
     rows, columns, counts = split_sides({"a": stream_a, "b": stream_b}, grouping, inv_sqrt, size, mesh)
     total = None if None in (counts["a"], chunk_count(stream_b, size)) else counts["a"] * chunk_count(stream_b, size)

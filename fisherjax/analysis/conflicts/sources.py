@@ -97,7 +97,8 @@ class FeatureView:
     ``kind``: ``"in_heads"`` (q/k/v kernel: ``index [H, hd]`` picks each head's columns of the
     output axis, features ``[.., H, d_in·hd]``), ``"bias_heads"`` (q/k/v bias, same ``index``),
     ``"out_heads"`` (o kernel: ``index`` picks each head's rows of the input axis), ``"layered"``
-    (one group per layer), ``"whole"`` (one group). ``index`` is
+    (one group per layer), ``"whole"`` (one group), ``"features"`` (already ``[n, G_leaf, D]``:
+    pre-grouped inputs). ``index`` is
     :meth:`~fisherjax.layout.ModelLayout.head_index` as a nested tuple, so a view is hashable and
     the jitted chunk preparation compiles once per model.
     """
@@ -130,6 +131,8 @@ class FeatureView:
             return v.reshape(c, -1, v.shape[-2] * v.shape[-1])
         if self.kind == "layered":
             return x.reshape(c, x.shape[1], -1)
+        if self.kind == "features":
+            return x
         return x.reshape(c, 1, -1)
 
 
@@ -149,6 +152,13 @@ class Grouping:
     index: GroupIndex
     members: Mapping[str, np.ndarray]
     views: tuple[FeatureView, ...] | None = None
+
+    def views_of(self, path: str) -> tuple[FeatureView, ...]:
+        """The views that read parameter ``path`` (a fused QKV leaf has one per block), or, for
+        pre-grouped inputs, the identity view of feature ``path``."""
+        if self.views is None:
+            return (FeatureView(path, path, None, "features"),)
+        return tuple(v for v in self.views if v.path == path)
 
     @functools.cached_property
     def static_members(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -317,6 +327,9 @@ class Stream:
       whitened: pre-grouped features were whitened when made.
       fisher: returns the task's own diagonal Fisher ``{path: param-shaped}``, None when the
         source has none (streams, projections).
+      arrays: the stored ``{path or feature key: [n, *shape]}`` a stored source reads from (None
+        for a callable source), so a Gram can read one parameter slice of every sample at once
+        (:func:`~.gram.sliced_grams`).
     """
 
     name: str
@@ -326,6 +339,7 @@ class Stream:
     grouping: Grouping | None
     whitened: bool
     fisher: Callable[[], dict[str, np.ndarray]] | None
+    arrays: Mapping[str, Any] | None = None
 
 
 def _stored_chunks(sample_ids, arrays):
@@ -362,11 +376,12 @@ def as_stream(source: Source, name: str | None = None, default: str = "task") ->
             raise DataError(f"task {name or default!r}: its SampleGrads hold no signed gradients")
         ids = np.asarray(source.sample_ids)
         shapes = {p: tuple(np.shape(g)[1:]) for p, g in source.grads.items()}
-        return Stream(name or default, _stored_chunks(ids, source.grads), shapes, len(ids), None, False, source.fisher)
+        return Stream(name or default, _stored_chunks(ids, source.grads), shapes, len(ids), None, False, source.fisher, source.grads)
     if isinstance(source, GroupedGrads):
         ids = np.asarray(source.sample_ids)
         shapes = {k: tuple(np.shape(v)[1:]) for k, v in source.features.items()}
-        return Stream(name or source.name, _stored_chunks(ids, source.features), shapes, len(ids), source.grouping, source.whitened, None)
+        return Stream(name or source.name, _stored_chunks(ids, source.features), shapes, len(ids), source.grouping, source.whitened, None,
+                      source.features)
     if callable(source):
         first = next(iter(source()), None)
         if first is None:
