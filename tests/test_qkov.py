@@ -393,6 +393,13 @@ def test_bfloat16_leaves_are_tiled_with_the_scores_of_their_float32_values(famil
     tiled = qkov.heatmap(half_a, half_b, layout, memory_budget_bytes=budget, **MIN, contraction="looped").scores
     in_place = qkov.heatmap(wide_a, wide_b, layout, **MIN, contraction="looped").scores
     _close(tiled, in_place, rtol=1e-5)
+    # The looped kernel reads each tile's bfloat16 leaves widened once (not piece by piece in its
+    # loop, a slow scalar conversion on XLA:CPU); float32 leaves are passed on as they are.
+    leaves = _tiles.device_leaves(half_a.grads, layout, sources, np.arange(4), np.arange(layout.num_layers))
+    widened, _ = _tiles.float32_leaves(leaves, None, None, "abs")
+    assert all(v.dtype == jnp.float32 for v in widened.values()) and all(v.dtype == jnp.bfloat16 for v in leaves.values())
+    wide = _tiles.device_leaves(wide_a.grads, layout, sources, np.arange(4), np.arange(layout.num_layers))
+    assert all(_tiles.float32_leaves(wide, None, None, "abs")[0][k] is v for k, v in wide.items())
 
 
 @pytest.mark.parametrize("n_layers, workers", [(7, 3), (2, 5), (4, 4), (5, 1)])

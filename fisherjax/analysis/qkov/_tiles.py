@@ -112,6 +112,19 @@ def in_place(store: Mapping[str, np.ndarray], layout: ModelLayout, sources: Mapp
                for key in sources)
 
 
+_widen = jax.jit(lambda x: x.astype(jnp.float32))
+
+
+def float32_leaves(leaves: Mapping[str, Array], scale, weights, transform):
+    """The looped kernel's operand: the tile's leaves as they are when float32 (read in place),
+    else widened to float32 in one pass per leaf (the one copy :func:`tile_plan` counts). Read
+    piece by piece inside the loop, bfloat16 leaves made each piece's conversion a slow scalar
+    loop on XLA:CPU: QK-OV of 64 × 64 samples of a 4-layer d = 768 GPT-2 took 28 s from
+    bfloat16 leaves against 1.8 s from float32 ones (benchmarks/RESULTS.md)."""
+    del weights, transform
+    return {k: v if v.dtype == jnp.float32 else _widen(v) for k, v in leaves.items()}, scale
+
+
 class TileKernel(NamedTuple):
     """The kernel of every tile of one heatmap, chosen once by :func:`select_kernel`."""
 
@@ -141,7 +154,7 @@ def select_kernel(kernel: KernelOptions, layout: ModelLayout, kinds: BlockKinds,
     if contraction == "looped":
         workers = kernel.workers if kernel.workers is not None else backend.available_cores()
         products = functools.partial(looped_tile, workers=workers, piece_floats=kernel.piece_floats, **statics)
-        return TileKernel("looped", 1, True, lambda planned, n: planned, leaves_as_they_are, lambda a, b, w: products(*a, w, *b))
+        return TileKernel("looped", 1, True, lambda planned, n: planned, float32_leaves, lambda a, b, w: products(*a, w, *b))
     if contraction == "pallas":
         interpret = backend.pallas_interpret()
         if interpret:
@@ -191,7 +204,9 @@ def raw_scores(
     if tiles.reads_in_place and in_place(a_side.store, layout, sources) and in_place(b_side.store, layout, sources):
         copies = 0
     c_a, c_b, c_l = tile_plan(n_a, n_b, n_l, floats_per_layer, kernel.memory_budget_bytes, copies=copies)
-    c_a, c_b = tiles.sample_chunk(c_a, n_a), tiles.sample_chunk(c_b, n_b)
+    # Equal tiles: a last tile padded with repeated positions is a host gather, not a slice.
+    c_a, c_b = _even_chunk(c_a, n_a, tiles.sample_chunk), _even_chunk(c_b, n_b, tiles.sample_chunk)
+    c_l = _even_chunk(c_l, n_l, lambda planned, n: planned)
 
     def operand(side: Side, positions, layer_index, weights):
         leaves = device_leaves(side.store, layout, sources, positions, layer_index)
