@@ -119,7 +119,8 @@ class Plan:
         spill: kept-gradient storage in all, per ``"data"`` shard, per host; whether it must spill
         to disk (``--spill-dir``).
       phase5_flops, phase6_flops, phase5_bytes_read, phase5_chunk: the work of Phases 5 and 6,
-        and what Phase 5 reads from the kept-gradient storage in chunks of ``phase5_chunk`` samples.
+        and what Phase 5 reads from the kept-gradient storage: by parameter slice on one device
+        (``phase5_chunk`` None), in chunks of ``phase5_chunk`` samples on a mesh.
       throughput_tflops, throughput_assumed, phase5_seconds, phase6_seconds: the time of that work
         over all devices at that throughput per device (compute only, no I/O).
       backend: the XLA backend that compiled the step; compile_seconds: time spent compiling.
@@ -157,7 +158,7 @@ class Plan:
     phase5_flops: float
     phase6_flops: float
     phase5_bytes_read: float
-    phase5_chunk: int
+    phase5_chunk: int | None
     throughput_tflops: float
     throughput_assumed: bool
     phase5_seconds: float
@@ -273,15 +274,23 @@ def qkov_flops(n: int, tasks: int, layout: ModelLayout, include_bias: bool, min_
     return tasks * (tasks - 1) * per_pair
 
 
-def conflict_bytes_read(n: int, tasks: int, features: int, references: int, dtype: str, chunk: int, data: int = 1) -> float:
-    """Bytes Phase 5 reads from the kept-gradient storage. A Gram of A × B reads A once and B once
-    per row chunk of A — ``data · c`` samples on a mesh, ``c`` per device — unless B fits one
-    chunk (then it is read once, :func:`~fisherjax.analysis.conflicts.gram.split_sides`):
+def conflict_bytes_read(n: int, tasks: int, features: int, references: int, dtype: str, chunk: int | None, data: int = 1) -> float:
+    """Bytes Phase 5 reads from the kept-gradient storage. On one device (``chunk`` None) the
+    Grams of a pair of tasks are built in one pass over parameter slices
+    (:func:`~fisherjax.analysis.conflicts.gram.sliced_grams`), which reads each task once:
+
+        C(tasks, 2) · w · F · 2n
+
+    On a mesh a Gram of A × B reads A once and B once per row chunk of A — ``data · c`` samples,
+    ``c`` per device — unless B fits one chunk (then it is read once,
+    :func:`~fisherjax.analysis.conflicts.gram.split_sides`):
 
         C(tasks, 2) · (1 + references) · w · F · (n + ⌈n / (data · c)⌉ · n)   (c < n;  2 · n otherwise)
 
     ``w`` the storage itemsize, ``F`` features per sample, ``c`` the chunk size."""
     width = np.dtype(STORAGE_DTYPES[dtype]).itemsize
+    if chunk is None:
+        return math.comb(tasks, 2) * float(width) * features * 2 * n
     per_gram = 2 * n if chunk >= n else n + math.ceil(n / (data * chunk)) * n
     return math.comb(tasks, 2) * (1 + references) * float(width) * features * per_gram
 
@@ -402,7 +411,7 @@ def plan(
 
     conflicts = ConflictOptions()
     references = {"both": 2}.get(conflicts.reference, 1)
-    chunk = conflict_chunk(samples, kept, conflicts.memory_budget_bytes)
+    chunk = conflict_chunk(samples, kept, conflicts.memory_budget_bytes) if data > 1 else None  # one device: parameter slices
     score = qkov.ScoreOptions()
     phase5 = conflict_flops(samples, tasks, kept, references)
     phase6 = qkov_flops(samples, tasks, layout, score.include_bias, score.min_fisher_samples)
@@ -508,7 +517,9 @@ def format_plan(p: Plan) -> str:
                                                           f"of {_bytes(p.host_memory_bytes)}" if p.spill
                                                           else f"fits host memory ({_bytes(p.host_memory_bytes)})")),
         ("Phase 5 (conflicts)", f"{_scaled(p.phase5_flops, FLOPS)} ≈ {_duration(p.phase5_seconds)}; "
-                                f"reads {_bytes(p.phase5_bytes_read)} of kept gradients (chunk size {p.phase5_chunk})"),
+                                f"reads {_bytes(p.phase5_bytes_read)} of kept gradients "
+                                + ("(by parameter slice: each task once per pair)" if p.phase5_chunk is None
+                                   else f"(chunk size {p.phase5_chunk})")),
         ("Phase 6 (QK-OV)", f"{_scaled(p.phase6_flops, FLOPS)} ≈ {_duration(p.phase6_seconds)}"),
         ("throughput", f"{p.throughput_tflops:g} TFLOP/s per device{assumed}, over {p.devices} device(s), compute only"),
         ("measured / derived", "the Phase 1 step's memory is compiled"

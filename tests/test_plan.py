@@ -109,7 +109,10 @@ def test_storage_and_work_are_the_formulas(tiny, base, tmp_path):
     assert big.phase6_seconds == big.phase6_flops / (2e12 * 4) and not big.throughput_assumed
     assert big.storage_bytes_per_device == 4 * 2 * kept * 4 and big.global_micro_batch == 4 * big.micro_batch
 
-    # Phase 5's reads: A once, B once per row chunk of A (data × chunk samples) unless B fits one chunk
+    # Phase 5's reads: on one device each task once per pair (parameter slices); on a mesh A once,
+    # B once per row chunk of A (data × chunk samples) unless B fits one chunk
+    assert base.phase5_chunk is None and base.phase5_bytes_read == 1 * 4 * kept * 2 * 4
+    assert conflict_bytes_read(10, 3, features=5, references=2, dtype="bfloat16", chunk=None) == 3 * 2 * 5 * 2 * 10
     assert big.phase5_chunk == 16 and big.phase5_bytes_read == 1 * 3 * 4 * kept * 2 * 16
     assert conflict_bytes_read(10, 3, features=5, references=2, dtype="bfloat16", chunk=2, data=2) == 3 * 3 * 2 * 5 * (10 + 3 * 10)
 
