@@ -70,8 +70,9 @@ def main() -> None:
     }
     half = stored.get("bfloat16")
     chunk = chunk_size_for(None, as_stream(half["a"]), as_stream(half["b"])) if half else None
+    collected = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(json.dumps(dict(machine=platform.node(), layers=args.layers, width=args.width, samples=args.samples, tokens=args.tokens,
-                          chunk_pairs_chunk=chunk)), flush=True)
+                          chunk_pairs_chunk=chunk, peak_rss_gb_after_collection=round(collected, 2))), flush=True)
     results = {}
     for repeat in range(args.repeats):
         for mode in modes:

@@ -295,7 +295,8 @@ def first_batches(ctx: Context, name: str, n: int) -> list[Batch]:
 
 
 CURVATURE_MEMORY_SHARE = 0.5
-"""The method comparison runs by default only when its Lanczos basis takes at most this share of
+"""The method comparison runs by default only when its largest allocation (the Lanczos basis or
+the per-sample gradients of its Gram route, ``compare.basis_bytes``) takes at most this share of
 the memory still free after Phase 1 (``backend.available_memory_bytes``): a GPT-2-small basis of
 30 float32 vectors is 15 GB, which with Phase 1's kept gradients ran a 24 GB CPU machine out of
 memory."""
@@ -312,15 +313,18 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
     if model.num_params > CURVATURE_AUTO_PARAMETERS and not config.curvature:
         return curvature_report.skipped(f"the model has {model.num_params:,} parameters, more than {CURVATURE_AUTO_PARAMETERS:,}; "
                                         "pass --curvature to compare the Fisher methods anyway")
-    need, free = compare.basis_bytes(model.num_params, config.curvature_k), backend.available_memory_bytes()
-    if not config.curvature and free is not None and need > CURVATURE_MEMORY_SHARE * free:
-        steps = lanczos.default_steps(model.num_params, config.curvature_k)
-        return curvature_report.skipped(
-            f"its Lanczos basis ({steps} vectors of {model.num_params:,} parameters, {need / 1e9:.1f} GB) would take more than "
-            f"{CURVATURE_MEMORY_SHARE:.0%} of the memory still free ({free / 1e9:.1f} GB); pass --curvature to run it anyway, "
-            "or a smaller --curvature-k")
     name = next(iter(ctx.tasks))
     chosen = first_batches(ctx, name, config.curvature_samples)
+    k, n = config.curvature_k, sum(int((np.asarray(b.sample_ids) >= 0).sum()) for b in chosen)
+    need, free = compare.basis_bytes(model.num_params, k, n=n), backend.available_memory_bytes()
+    if not config.curvature and free is not None and need > CURVATURE_MEMORY_SHARE * free:
+        gram = compare.from_gram(model.num_params, k, n)
+        what = (f"its {n} per-sample gradients ({model.num_params:,} parameters each" if gram
+                else f"its Lanczos basis ({lanczos.default_steps(model.num_params, k)} vectors of {model.num_params:,} parameters")
+        return curvature_report.skipped(
+            f"{what}, {need / 1e9:.1f} GB) would take more than "
+            f"{CURVATURE_MEMORY_SHARE:.0%} of the memory still free ({free / 1e9:.1f} GB); pass --curvature to run it anyway, "
+            f"or a smaller {'--curvature-samples' if gram else '--curvature-k'}")
     result = compare.compare_methods(model, chosen, k=config.curvature_k, seed=config.seed, progress=config.progress)
     return curvature_report.section(result, name, ctx.labels, model.layout.kv_head_of)
 

@@ -123,7 +123,7 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
     skipped = json.loads((tmp_path / "b" / "results.json").read_text())["method_comparison"]
     assert "--curvature" in skipped["skipped"]
     assert "Skipped:" in (tmp_path / "b" / "report.md").read_text()
-    # below the parameter limit, but its Lanczos basis would take more than half the free memory
+    # below the parameter limit, but its Lanczos basis (6 samples < k = 10: no Gram route) would take more than half the free memory
     monkeypatch.setattr(pipeline, "CURVATURE_AUTO_PARAMETERS", 10**12)
     monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: 1000)
     assert main([*args, "--out", str(tmp_path / "m")]) == 0
@@ -148,3 +148,29 @@ def test_bad_curvature_options_are_refused(capsys):
 
     assert main(["analyze", "--curvature-samples", "1", "--out", "/nonexistent/never"]) == 2
     assert "--curvature-samples" in capsys.readouterr().err
+
+
+def test_few_samples_take_the_exact_gram_route(compared):
+    """With no more samples than Lanczos steps the top of F comes from the n × n Gram of the
+    per-sample gradients: the pairs satisfy F v = λ v against the dense F, the vectors are
+    orthonormal, and the report says which route it took."""
+    from fisherjax.curvature import lowrank
+
+    model, result, x = compared
+    assert "Gram of the per-sample gradients" in result.methods["lanczos"].notes
+    eigen = lowrank.empirical_eigen(model, model.params, _batches(), 6)
+    dense = x.T @ x
+    v = np.asarray(eigen.vectors, np.float64)
+    np.testing.assert_allclose(eigen.values, np.linalg.eigvalsh(x @ x.T)[::-1][:6], rtol=1e-4)
+    np.testing.assert_allclose(dense @ v, v * eigen.values, atol=1e-4 * eigen.values[0])
+    np.testing.assert_allclose(v.T @ v, np.eye(6), atol=1e-4)
+    assert eigen.steps == len(x) and np.all(eigen.residuals <= 1e-4 * eigen.values[0])
+    with pytest.raises(ValueError, match="k must lie"):
+        lowrank.empirical_eigen(model, model.params, _batches(), len(x) + 1)
+    # more than twice as many samples as steps: Lanczos's products (Ritz values approach the top from below)
+    assert compare.from_gram(x.shape[1], 3, 12, steps=6) and not compare.from_gram(x.shape[1], 3, 12, steps=5)
+    assert not compare.from_gram(x.shape[1], 13, 12)  # k above the rank bound
+    lanczos_route = compare.compare_methods(model, _batches(), k=3, steps=5, probes=1, count=2)
+    assert "in 5 products" in lanczos_route.methods["lanczos"].notes
+    top = lanczos_route.methods["lanczos"].top[0]
+    assert 0.5 * eigen.values[0] <= top <= eigen.values[0] * (1 + 1e-5)  # its accuracy: tests/test_lanczos.py

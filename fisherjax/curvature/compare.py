@@ -13,7 +13,10 @@ checked against:
   it does not cover (norms, embeddings, unembedding). Eigenvalues: the products ``s_A s_G`` of
   its factors' eigenvalues, and ``Î`` elsewhere.
 * **Lanczos** — the ``k`` largest eigenpairs of ``F`` itself (:func:`~fisherjax.curvature.lanczos.lanczos`):
-  the exact reference for the top of the spectrum.
+  the exact reference for the top of the spectrum. ``F``'s rank is at most its samples ``n``;
+  when ``k ≤ n ≤ 2 · steps`` the same pairs come exactly from the ``n × n`` Gram of the per-sample gradients (:func:`~fisherjax.curvature.lowrank.empirical_eigen`),
+  one gradient pass instead of ``steps`` Fisher-vector products, in at most twice a float32
+  basis's memory (:func:`from_gram`). The report's notes say which.
 * **block spectra** — the exact spectrum of ``F`` restricted to each attention head's slice
   (:mod:`fisherjax.curvature.blocks`), i.e. the block-diagonal Fisher of the heads.
 
@@ -32,6 +35,7 @@ spectra for per-head curvature, both exact, so neither is a preconditioner.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -39,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fisherjax import telemetry
-from fisherjax.curvature import blocks, kfac, lanczos, products
+from fisherjax.curvature import blocks, kfac, lanczos, lowrank, products
 from fisherjax.data import Batch
 from fisherjax.fisher.collect import collect
 from fisherjax.fisher.options import CollectOptions
@@ -94,10 +98,23 @@ def basis_dtype(size: int, k: int, steps: int | None = None):
     return np.float64 if 8 * size * (steps or lanczos.default_steps(size, k)) <= HOST_BASIS_BYTES else np.float32
 
 
-def basis_bytes(size: int, k: int, steps: int | None = None) -> int:
-    """Bytes of the comparison's Lanczos basis for a model of ``size`` parameters: ``steps ·
-    size · itemsize`` (the largest allocation of :func:`compare_methods`)."""
+def from_gram(size: int, k: int, n: int, steps: int | None = None) -> bool:
+    """Whether the top of ``F`` over ``n`` samples comes from their ``n × n`` Gram
+    (:func:`~fisherjax.curvature.lowrank.empirical_eigen`) rather than Lanczos: ``k ≤ n ≤ 2 ·
+    steps``. The Gram is exact and costs one pass of per-sample gradients where Lanczos takes
+    ``steps`` Fisher-vector products; its float32 ``n × size`` gradients are at most twice a
+    float32 Lanczos basis (no more than a float64 one)."""
     steps = steps or lanczos.default_steps(size, k)
+    return k <= n <= 2 * steps
+
+
+def basis_bytes(size: int, k: int, steps: int | None = None, n: int | None = None) -> int:
+    """Bytes of the comparison's largest allocation for a model of ``size`` parameters: the
+    Lanczos basis ``steps · size · itemsize``, or with ``n`` samples that take the Gram route
+    (:func:`from_gram`) their float32 gradients ``n · size · 4``."""
+    steps = steps or lanczos.default_steps(size, k)
+    if n is not None and from_gram(size, k, n, steps):
+        return 4 * n * size
     return steps * size * np.dtype(basis_dtype(size, k, steps)).itemsize
 
 
@@ -147,9 +164,20 @@ def compare_methods(
     (factors, eigen), kfac_stretch = telemetry.measure(run_kfac)
 
     operator = products.fisher_operator(model, params, batches, kind="empirical")
-    basis = basis_dtype(operator.size, k, steps)
-    ritz, lanczos_stretch = telemetry.measure(
-        lanczos.lanczos, operator.matvec, operator.size, k, steps=steps, key=jax.random.fold_in(key, 1), dtype=basis)
+    exact_product = operator.matvec
+    if from_gram(operator.size, k, operator.n_samples, steps):  # rank ≤ n: the n × n Gram is exact and cheaper than the products
+        def gram_route():
+            g = lowrank.scaled_gradients(model, params, batches)
+            return g, lowrank.gram_eigen(g, k)
+
+        (scaled, ritz), lanczos_stretch = telemetry.measure(gram_route)
+        exact_product = functools.partial(lowrank.product, scaled)  # F v from the same gradients: exact, two GEMVs
+        how = f"from the {operator.n_samples} × {operator.n_samples} Gram of the per-sample gradients (one gradient pass, no products)"
+    else:
+        basis = basis_dtype(operator.size, k, steps)
+        ritz, lanczos_stretch = telemetry.measure(
+            lanczos.lanczos, operator.matvec, operator.size, k, steps=steps, key=jax.random.fold_in(key, 1), dtype=basis)
+        how = f"in {ritz.steps} products"
 
     def run_blocks():
         kept = collect(model, batches, task="compare", options=dataclasses.replace(options, keep_sample_grads=True), progress=progress)
@@ -169,7 +197,7 @@ def compare_methods(
     diag_err, kfac_err = [], []
     for probe_key in jax.random.split(jax.random.fold_in(key, 2), probes):
         v = jax.random.normal(probe_key, (operator.size,), jnp.float32)
-        exact = np.asarray(operator.matvec(v), np.float64)
+        exact = np.asarray(exact_product(v), np.float64)
         norm = np.linalg.norm(exact)
         diag_err.append(np.linalg.norm(diag_flat * np.asarray(v, np.float64) - exact) / norm)
         kfac_err.append(np.linalg.norm(kfac_flat(v) - exact) / norm)
@@ -208,8 +236,8 @@ def compare_methods(
         "lanczos": MethodResult(
             top=_pad(values, k), blocks_top=None, condition=cond(0.0, float(values.max())) if rank_deficient else None,
             probe_error=0.0, rayleigh=np.ones(len(values)), stretch=lanczos_stretch,
-            notes=(f"exact top-{k} of F in {ritz.steps} products; F has rank ≤ n = {operator.n_samples} < D, so λ_min = 0"
-                   if rank_deficient else f"exact top-{k} of F in {ritz.steps} products")),
+            notes=(f"exact top-{k} of F {how}; F has rank ≤ n = {operator.n_samples} < D, so λ_min = 0"
+                   if rank_deficient else f"exact top-{k} of F {how}")),
         "block_spectra": MethodResult(
             top=_top(block_top[np.isfinite(block_top)], k), blocks_top=np.array([c.lambda_max for c in chosen]),
             condition=float(np.nanmedian(spectra.condition)), probe_error=None, rayleigh=None, stretch=block_stretch,

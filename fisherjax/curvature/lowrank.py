@@ -1,0 +1,93 @@
+"""The exact top of an empirical Fisher of few samples, from their ``n × n`` Gram.
+
+Over the ``n`` samples with ``T_i > 0`` the empirical Fisher of :mod:`~fisherjax.curvature.products`
+is ``F = (1/n) Σ_i g_i g_iᵀ / T_i = G̃ᵀ G̃`` with rows ``g̃_i = g_i / sqrt(n T_i)`` (``G̃ [n, D]``).
+Its non-zero eigenvalues are those of the Gram ``K = G̃ G̃ᵀ [n, n]``, and for ``K u = λ u``
+(``‖u‖ = 1``, ``λ > 0``) the vector ``v = G̃ᵀ u / sqrt(λ)`` is a unit eigenvector of ``F``
+with ``F v = λ v``. So one pass of per-sample gradients gives every eigenpair of ``F`` exactly,
+where Lanczos takes ``steps`` Fisher-vector products, each a linearisation of the logits and its
+transpose over every sample (with a large vocabulary the ``[b, t, V]`` tangents make each product
+several gradients' worth). When ``n`` is at most the steps Lanczos would take, this route is
+both exact and cheaper, and it holds ``n`` vectors of ``D`` floats where Lanczos holds ``steps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from fisherjax.curvature.lanczos import Eigen
+from fisherjax.curvature.products import count_samples
+from fisherjax.data import Batch
+from fisherjax.errors import DataError
+from fisherjax.grads import per_sample_grads
+
+__all__ = ["empirical_eigen", "gram_eigen", "product", "scaled_gradients"]
+
+
+def scaled_gradients(model, params, batches: Sequence[Batch], *, memory_budget_bytes: float = 2e9) -> jax.Array:
+    """``G̃ [n, D]``: rows ``g_i / sqrt(n T_i)`` of the samples with ``T_i > 0``, in
+    ``jax.flatten_util.ravel_pytree`` order (the Fisher operator's), float32.
+
+    Raises:
+      DataError: no sample of the batches predicts a token.
+    """
+    n = count_samples(batches)
+    if n == 0:
+        raise DataError("no sample of the batches has a predicted token, so the Fisher is undefined")
+    rows = []
+    ravel = jax.vmap(lambda tree: ravel_pytree(tree)[0])
+    for batch in batches:
+        sample = per_sample_grads(model, params, batch, memory_budget_bytes=memory_budget_bytes)
+        t = np.asarray(sample.tokens)
+        keep = np.flatnonzero((t > 0) & (np.asarray(batch.sample_ids) >= 0))
+        if len(keep):  # scaled batch by batch: the rows and their concatenation are the only copies
+            scale = jnp.asarray(1.0 / np.sqrt(n * t[keep].astype(np.float64)), jnp.float32)
+            rows.append(ravel(sample.grads)[keep] * scale[:, None])
+        del sample
+    return jnp.concatenate(rows) if len(rows) > 1 else rows[0]
+
+
+def empirical_eigen(model, params, batches: Sequence[Batch], k: int, *, memory_budget_bytes: float = 2e9) -> Eigen:
+    """The ``k`` largest eigenpairs of the empirical Fisher of ``batches`` (module docstring):
+    :func:`gram_eigen` of their :func:`scaled_gradients`.
+
+    Raises:
+      ValueError: ``k > n``. DataError: no sample predicts a token.
+    """
+    return gram_eigen(scaled_gradients(model, params, batches, memory_budget_bytes=memory_budget_bytes), k)
+
+
+def product(g: jax.Array, v: jax.Array) -> jax.Array:
+    """``F v = G̃ᵀ (G̃ v)`` for ``F = G̃ᵀ G̃`` (``g`` ``[n, D]``, ``v`` ``[D]`` or ``[D, k]``): exact,
+    two GEMVs instead of a Fisher-vector product's linearisation."""
+    hi = jax.lax.Precision.HIGHEST
+    return jnp.dot(g.T, jnp.dot(g, v, precision=hi), precision=hi)
+
+
+def gram_eigen(g: jax.Array, k: int) -> Eigen:
+    """The ``k`` largest eigenpairs of ``F = G̃ᵀ G̃`` from the Gram ``G̃ G̃ᵀ`` (``g`` ``[n, D]``),
+    exact up to float32 rounding, as an :class:`~fisherjax.curvature.lanczos.Eigen` (``steps``:
+    the samples ``n``). ``k`` must not exceed ``n`` (the rank bound); ``residuals`` are the computed
+    ``‖F v_j − λ_j v_j‖``; an eigenvalue 0 (samples whose gradients are linearly dependent) gets a
+    zero vector.
+
+    Raises:
+      ValueError: ``k > n``.
+    """
+    n = g.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"empirical_eigen: k must lie in [1, n = {n}] (the rank of F is at most n), got {k}")
+    hi = jax.lax.Precision.HIGHEST
+    gram = np.asarray(jnp.dot(g, g.T, precision=hi), np.float64)
+    values, vectors = np.linalg.eigh((gram + gram.T) / 2)
+    values, vectors = np.maximum(values[::-1][:k], 0.0), vectors[:, ::-1][:, :k]
+    scale = np.where(values > 0, 1.0 / np.sqrt(np.where(values > 0, values, 1.0)), 0.0)
+    v = jnp.dot(g.T, jnp.asarray(vectors * scale, jnp.float32), precision=hi)  # [D, k]
+    fv = product(g, v)
+    residuals = np.asarray(jnp.linalg.norm(fv - v * jnp.asarray(values, jnp.float32), axis=0), np.float64)
+    return Eigen(values, v, residuals, n)
