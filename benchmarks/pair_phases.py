@@ -12,11 +12,13 @@ Then, interleaved ``--repeats`` times on the same stored gradients:
 * ``conflicts slices``: ``detect`` with the defaults (one pass over parameter slices);
 * ``conflicts chunks``: ``detect`` with ``chunk_size`` set to what the 4 GB budget gives chunk pairs
   (``gram.chunk_size_for``), the path taken before parameter slices;
+* ``conflicts float32``: ``detect`` by slices on float32 storage (bfloat16's error, issue 23 item 4);
 * ``qkov bfloat16`` / ``qkov float32``: ``heatmap`` with the defaults on each storage.
 
 Each line gives wall seconds and the process's peak RSS so far (``ru_maxrss``: it only grows, so
 run one mode per process with ``--only`` to attribute peaks). The first repeat includes
-compilation. Cosines and scores of the two paths are compared at the end.
+compilation. Cosines of the two Phase 5 paths, and each phase's bfloat16 results against float32
+storage, are compared at the end.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from fisherjax.config import DecoderConfig
 from fisherjax.data import batches, task_from_tokens
 from fisherjax.fisher.collect import collect
 
-MODES = ("conflicts slices", "conflicts chunks", "qkov bfloat16", "qkov float32")
+MODES = ("conflicts slices", "conflicts chunks", "conflicts float32", "qkov bfloat16", "qkov float32")
 
 
 def model_of(layers: int, width: int) -> Model:
@@ -62,7 +64,7 @@ def main() -> None:
     model = model_of(args.layers, args.width)
     rng = np.random.default_rng(0)
     tasks = {name: task_from_tokens(name, [rng.integers(3, 512, size=args.tokens).tolist() for _ in range(args.samples)]) for name in "ab"}
-    dtypes = sorted({"float32" if m == "qkov float32" else "bfloat16" for m in modes})
+    dtypes = sorted({"float32" if m.endswith("float32") else "bfloat16" for m in modes})
     stored = {
         dtype: {name: collect(model, batches(task, 16), task=name, keep_sample_grads=True, sample_grads_dtype=dtype, progress=False)
                 for name, task in tasks.items()}
@@ -78,7 +80,8 @@ def main() -> None:
         for mode in modes:
             start = time.perf_counter()
             if mode.startswith("conflicts"):
-                results[mode] = conflicts.detect(half["a"], half["b"], layout=model.layout, names=("a", "b"),
+                fishers = stored["float32"] if mode.endswith("float32") else half
+                results[mode] = conflicts.detect(fishers["a"], fishers["b"], layout=model.layout, names=("a", "b"),
                                                  chunk_size=chunk if mode.endswith("chunks") else None)
             else:
                 fishers = stored[mode.split()[1]]
@@ -89,9 +92,13 @@ def main() -> None:
     if {"conflicts slices", "conflicts chunks"} <= set(results):
         diff = np.abs(results["conflicts slices"].cosines - results["conflicts chunks"].cosines).max()
         print(json.dumps(dict(conflicts_max_cosine_difference=float(diff))))
+    if {"conflicts slices", "conflicts float32"} <= set(results):
+        a, b = results["conflicts slices"].cosines, results["conflicts float32"].cosines
+        print(json.dumps(dict(conflicts_bfloat16_max_cosine_difference=float(np.abs(a - b).max()),
+                              conflicts_bfloat16_relative_frobenius=float(np.linalg.norm(a - b) / np.linalg.norm(b)))))
     if {"qkov bfloat16", "qkov float32"} <= set(results):
         a, b = results["qkov bfloat16"].scores, results["qkov float32"].scores
-        print(json.dumps(dict(qkov_relative_frobenius=float(np.linalg.norm(a - b) / np.linalg.norm(b)))))
+        print(json.dumps(dict(qkov_bfloat16_relative_frobenius=float(np.linalg.norm(a - b) / np.linalg.norm(b)))))
 
 
 if __name__ == "__main__":

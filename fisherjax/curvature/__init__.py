@@ -5,6 +5,8 @@ diagonal is Phase 1's ``Î``, the Monte-Carlo true Fisher and the GGN):
   attention block or one head (:func:`fisher_operator`, :func:`fisher_vector_product`);
 * :mod:`.lanczos` — top-k eigenpairs (:func:`lanczos`), :func:`hutchinson_trace`,
   :func:`spectral_density` (stochastic Lanczos quadrature);
+* :mod:`.lowrank` — the exact eigenpairs of the empirical Fisher of few samples from their
+  ``n × n`` Gram (:func:`empirical_eigen`);
 * :mod:`.factors`, :mod:`.kfac` — K-FAC from the site recordings, its products, exact damped
   inverse and EK-FAC (:func:`kfac_factors`, :func:`decompose`, ...);
 * :mod:`.blocks` — the exact spectrum of every attention head's slice from kept gradients
@@ -15,7 +17,7 @@ Phase 7's ``scale_by_kfac`` and the K-FAC EWC penalty live in :mod:`fisherjax.an
 QK-OV's ``variant="kfac"`` in :mod:`fisherjax.analysis.qkov`.
 """
 
-from fisherjax.curvature import blocks, compare, factors, kfac, lanczos, products
+from fisherjax.curvature import blocks, compare, factors, kfac, lanczos, lowrank, products
 from fisherjax.curvature.blocks import BlockSpectra, block_spectra, largest_blocks, slice_spectrum
 from fisherjax.curvature.compare import MethodComparison, compare_methods
 from fisherjax.curvature.factors import KFAC, HeadFactors, KroneckerFactor
@@ -29,6 +31,7 @@ from fisherjax.curvature.kfac import (
 )
 from fisherjax.curvature.lanczos import Eigen, hutchinson_trace, spectral_density
 from fisherjax.curvature.lanczos import lanczos as lanczos_top_k
+from fisherjax.curvature.lowrank import empirical_eigen
 from fisherjax.curvature.products import (
     FisherOperator,
     Restriction,
@@ -43,8 +46,9 @@ from fisherjax.curvature.products import (
 
 __all__ = [
     "KFAC", "BlockSpectra", "Eigen", "FisherOperator", "HeadFactors", "KroneckerFactor", "MethodComparison", "Restriction",
-    "attention_factors", "block_spectra", "blocks", "compare", "compare_methods", "decompose", "factors", "fisher_operator",
+    "attention_factors", "block_spectra", "blocks", "compare", "compare_methods", "decompose", "empirical_eigen", "factors",
+    "fisher_operator",
     "fisher_vector_product", "hutchinson_trace", "kfac", "kfac_factors", "kfac_inverse_product", "kfac_vector_product",
-    "lanczos", "lanczos_top_k", "largest_blocks", "products", "refit_eigenvalues", "restrict_block", "restrict_head",
+    "lanczos", "lanczos_top_k", "largest_blocks", "lowrank", "products", "refit_eigenvalues", "restrict_block", "restrict_head",
     "restrict_layer", "restrict_paths", "restrict_union", "slice_spectrum", "spectral_density",
 ]
