@@ -30,8 +30,10 @@ __all__ = ["empirical_eigen", "gram_eigen", "product", "scaled_gradients"]
 
 
 def scaled_gradients(model, params, batches: Sequence[Batch], *, memory_budget_bytes: float = 2e9) -> jax.Array:
-    """``G̃ [n, D]``: rows ``g_i / sqrt(n T_i)`` of the samples with ``T_i > 0``, in
-    ``jax.flatten_util.ravel_pytree`` order (the Fisher operator's), float32.
+    """``G̃ [rows, D]``: ``g_i / sqrt(n T_i)`` for every row of the batches in
+    ``jax.flatten_util.ravel_pytree`` order (the Fisher operator's), float32, with zero rows where a
+    row is not one of the ``n`` samples (filler rows, rows without a predicted token), which change
+    neither ``F = G̃ᵀ G̃`` nor its non-zero eigenpairs. One compiled scaling per batch shape.
 
     Raises:
       DataError: no sample of the batches predicts a token.
@@ -40,16 +42,31 @@ def scaled_gradients(model, params, batches: Sequence[Batch], *, memory_budget_b
     if n == 0:
         raise DataError("no sample of the batches has a predicted token, so the Fisher is undefined")
     rows = []
-    ravel = jax.vmap(lambda tree: ravel_pytree(tree)[0])
     for batch in batches:
         sample = per_sample_grads(model, params, batch, memory_budget_bytes=memory_budget_bytes)
-        t = np.asarray(sample.tokens)
-        keep = np.flatnonzero((t > 0) & (np.asarray(batch.sample_ids) >= 0))
-        if len(keep):  # scaled batch by batch: the rows and their concatenation are the only copies
-            scale = jnp.asarray(1.0 / np.sqrt(n * t[keep].astype(np.float64)), jnp.float32)
-            rows.append(ravel(sample.grads)[keep] * scale[:, None])
+        t = np.asarray(sample.tokens, np.float64)
+        counted = (t > 0) & (np.asarray(batch.sample_ids) >= 0)
+        scale = np.where(counted, 1.0 / np.sqrt(n * np.maximum(t, 1.0)), 0.0).astype(np.float32)
+        rows.append(_scaled_rows(sample.grads, scale))  # batch by batch: the rows and their concatenation are the only copies
         del sample
     return jnp.concatenate(rows) if len(rows) > 1 else rows[0]
+
+
+@jax.jit
+def _scaled_rows(grads, scale):
+    return jax.vmap(lambda tree: ravel_pytree(tree)[0])(grads) * scale[:, None]
+
+
+@jax.jit
+def _gram(g):
+    return jnp.dot(g, g.T, precision=jax.lax.Precision.HIGHEST)
+
+
+@jax.jit
+def _pairs(g, coefficients, values):
+    """``v = G̃ᵀ c`` (unit eigenvectors for the scaled Gram eigenvectors ``c``) and ``‖F v − λ v‖``."""
+    v = jnp.dot(g.T, coefficients, precision=jax.lax.Precision.HIGHEST)
+    return v, jnp.linalg.norm(product(g, v) - v * values, axis=0)
 
 
 def empirical_eigen(model, params, batches: Sequence[Batch], k: int, *, memory_budget_bytes: float = 2e9) -> Eigen:
@@ -62,6 +79,7 @@ def empirical_eigen(model, params, batches: Sequence[Batch], k: int, *, memory_b
     return gram_eigen(scaled_gradients(model, params, batches, memory_budget_bytes=memory_budget_bytes), k)
 
 
+@jax.jit
 def product(g: jax.Array, v: jax.Array) -> jax.Array:
     """``F v = G̃ᵀ (G̃ v)`` for ``F = G̃ᵀ G̃`` (``g`` ``[n, D]``, ``v`` ``[D]`` or ``[D, k]``): exact,
     two GEMVs instead of a Fisher-vector product's linearisation."""
@@ -72,7 +90,7 @@ def product(g: jax.Array, v: jax.Array) -> jax.Array:
 def gram_eigen(g: jax.Array, k: int) -> Eigen:
     """The ``k`` largest eigenpairs of ``F = G̃ᵀ G̃`` from the Gram ``G̃ G̃ᵀ`` (``g`` ``[n, D]``),
     exact up to float32 rounding, as an :class:`~fisherjax.curvature.lanczos.Eigen` (``steps``:
-    the samples ``n``). ``k`` must not exceed ``n`` (the rank bound); ``residuals`` are the computed
+    the rows ``n`` of ``g``). ``k`` must not exceed ``n`` (the rank bound); ``residuals`` are the computed
     ``‖F v_j − λ_j v_j‖``; an eigenvalue 0 (samples whose gradients are linearly dependent) gets a
     zero vector.
 
@@ -82,12 +100,9 @@ def gram_eigen(g: jax.Array, k: int) -> Eigen:
     n = g.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"empirical_eigen: k must lie in [1, n = {n}] (the rank of F is at most n), got {k}")
-    hi = jax.lax.Precision.HIGHEST
-    gram = np.asarray(jnp.dot(g, g.T, precision=hi), np.float64)
+    gram = np.asarray(_gram(g), np.float64)
     values, vectors = np.linalg.eigh((gram + gram.T) / 2)
     values, vectors = np.maximum(values[::-1][:k], 0.0), vectors[:, ::-1][:, :k]
     scale = np.where(values > 0, 1.0 / np.sqrt(np.where(values > 0, values, 1.0)), 0.0)
-    v = jnp.dot(g.T, jnp.asarray(vectors * scale, jnp.float32), precision=hi)  # [D, k]
-    fv = product(g, v)
-    residuals = np.asarray(jnp.linalg.norm(fv - v * jnp.asarray(values, jnp.float32), axis=0), np.float64)
-    return Eigen(values, v, residuals, n)
+    v, residuals = _pairs(g, jnp.asarray(vectors * scale, jnp.float32), jnp.asarray(values, jnp.float32))
+    return Eigen(values, v, np.asarray(residuals, np.float64), n)
