@@ -14,9 +14,10 @@ checked against:
   its factors' eigenvalues, and ``Î`` elsewhere.
 * **Lanczos** — the ``k`` largest eigenpairs of ``F`` itself (:func:`~fisherjax.curvature.lanczos.lanczos`):
   the exact reference for the top of the spectrum. ``F``'s rank is at most its samples ``n``;
-  when ``k ≤ n ≤ 2 · steps`` the same pairs come exactly from the ``n × n`` Gram of the per-sample gradients (:func:`~fisherjax.curvature.lowrank.empirical_eigen`),
-  one gradient pass instead of ``steps`` Fisher-vector products, in at most twice a float32
-  basis's memory (:func:`from_gram`). The report's notes say which.
+  when ``k ≤ n ≤ 2 · steps`` the same pairs come exactly from the ``n × n`` Gram of the
+  per-sample gradients (:func:`~fisherjax.curvature.lowrank.empirical_eigen`): one gradient pass
+  instead of ``steps`` Fisher-vector products, in at most twice a float32 basis's memory
+  (:func:`from_gram`). The report's notes say which.
 * **block spectra** — the exact spectrum of ``F`` restricted to each attention head's slice
   (:mod:`fisherjax.curvature.blocks`), i.e. the block-diagonal Fisher of the heads.
 

@@ -63,6 +63,14 @@ def _gram(g):
 
 
 @jax.jit
+def product(g: jax.Array, v: jax.Array) -> jax.Array:
+    """``F v = G̃ᵀ (G̃ v)`` for ``F = G̃ᵀ G̃`` (``g`` ``[n, D]``, ``v`` ``[D]`` or ``[D, k]``): exact,
+    two GEMVs instead of a Fisher-vector product's linearisation."""
+    hi = jax.lax.Precision.HIGHEST
+    return jnp.dot(g.T, jnp.dot(g, v, precision=hi), precision=hi)
+
+
+@jax.jit
 def _pairs(g, coefficients, values):
     """``v = G̃ᵀ c`` (unit eigenvectors for the scaled Gram eigenvectors ``c``) and ``‖F v − λ v‖``."""
     v = jnp.dot(g.T, coefficients, precision=jax.lax.Precision.HIGHEST)
@@ -77,14 +85,6 @@ def empirical_eigen(model, params, batches: Sequence[Batch], k: int, *, memory_b
       ValueError: ``k > n``. DataError: no sample predicts a token.
     """
     return gram_eigen(scaled_gradients(model, params, batches, memory_budget_bytes=memory_budget_bytes), k)
-
-
-@jax.jit
-def product(g: jax.Array, v: jax.Array) -> jax.Array:
-    """``F v = G̃ᵀ (G̃ v)`` for ``F = G̃ᵀ G̃`` (``g`` ``[n, D]``, ``v`` ``[D]`` or ``[D, k]``): exact,
-    two GEMVs instead of a Fisher-vector product's linearisation."""
-    hi = jax.lax.Precision.HIGHEST
-    return jnp.dot(g.T, jnp.dot(g, v, precision=hi), precision=hi)
 
 
 def gram_eigen(g: jax.Array, k: int) -> Eigen:

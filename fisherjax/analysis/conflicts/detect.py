@@ -31,7 +31,7 @@ from jaxtyping import Float
 
 from fisherjax.analysis.conflicts.findings import ConflictCluster, ConflictPair, clusters, recommendations, top_pairs
 from fisherjax.analysis.conflicts.gram import (
-    Gram, chunk_count, chunk_size_for, damping, effect_sizes, gram_matrix, inverse_sqrt, parameter_slices, sliced_grams, slices_fit, split_sides,
+    Gram, chunk_count, chunk_size_for, damping, effect_sizes, gram_matrix, inverse_sqrt, sliced_grams, slices_fit, split_sides,
 )
 from fisherjax.analysis.conflicts.null import conflict_pvalues
 from fisherjax.analysis.conflicts.options import ConflictOptions
@@ -280,9 +280,7 @@ def _grams(
     sliced = (("a", "b", options.by_group),) + tuple((x, y, per_group) for x, y in pairs)
     budget = options.memory_budget_bytes
     if mesh is None and options.chunk_size is None and slices_fit(streams, sliced, grouping, budget):
-        total = len(parameter_slices(a.shapes, grouping, sum(s.size for s in streams.values()), budget))
-        with progress_bar(progress, total=total, desc=f"conflicts {a.name} × {b.name}", unit="slice") as bar:
-            cross, *grams = sliced_grams(streams, sliced, grouping, inv_sqrt, budget, bar)
+        cross, *grams = sliced_grams(streams, sliced, grouping, inv_sqrt, budget, progress, f"conflicts {a.name} × {b.name}")
         _check_sizes(cross, a.name, b.name)
         references = {y: gram for (_, y), gram in zip(pairs, grams)}
         if "reference" in references:

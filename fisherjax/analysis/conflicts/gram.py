@@ -365,13 +365,14 @@ def sliced_grams(
     grouping: Grouping,
     inv_sqrt: Mapping[str, Array] | None,
     budget_bytes: float = CHUNK_BUDGET_BYTES,
-    bar=None,
+    progress: bool = False,
+    desc: str = "Gram",
 ) -> list[Gram]:
     """The :class:`Gram` of every pair ``(x, y, by_group)`` of stored ``streams``, all in one pass
     over :func:`parameter_slices`: each slice of every task is read once, whitened with
     ``inv_sqrt`` (``{path: (Î + ε)^{-1/2}}``, None: not whitened) and multiplied for every pair
-    (:func:`~._kernels.slice_dots`); the dot products add up over slices on the host. ``bar``
-    advances once per slice.
+    (:func:`~._kernels.slice_dots`); the dot products add up over slices on the host.
+    ``progress``: a bar (``desc``) over the slices.
 
     Raises:
       NumericalError: a NaN/inf gradient (naming the task, sample and parameter).
@@ -385,28 +386,28 @@ def sliced_grams(
     grouped = [np.zeros((n_groups, sizes[x], sizes[y]), np.float32) if by_group else None for x, y, by_group in pairs]
     static_pairs = tuple((names.index(x), names.index(y), bool(by_group)) for x, y, by_group in pairs)
     weights = None if inv_sqrt is None else {p: np.asarray(w, np.float32) for p, w in inv_sqrt.items()}
-    first = streams[names[0]]
-    for piece in parameter_slices(first.shapes, grouping, sum(sizes.values()), budget_bytes):
-        parts = tuple(piece.take(streams[name].arrays[piece.path]) for name in names)
-        weight = None if weights is None or piece.path not in weights else piece.take(weights[piece.path], batched=False)
-        bad, piece_norms, dots = slice_dots(parts, weight, grouping.views_of(piece.path), static_pairs)
-        for name, flags in zip(names, bad):
-            flags = to_host(flags)
-            if flags.any():
-                raise NumericalError(f"task {streams[name].name!r}: gradient of sample {int(ids[name][np.argmax(flags)])} "
-                                     f"on {piece.path!r} is NaN or inf")
-        for name, by_key in zip(names, piece_norms):
-            for key, value in by_key.items():
-                norms[name][members[key]] += to_host(value)
-        for (_, _, by_group), piece_dots, total, group_dots in zip(pairs, dots, totals, grouped):
-            if not by_group:
-                total += to_host(piece_dots)
-                continue
-            for key, value in piece_dots.items():
-                value = to_host(value)
-                group_dots[members[key]] += value
-                total += value.sum(0, dtype=np.float64)
-        if bar is not None:
+    slices = parameter_slices(streams[names[0]].shapes, grouping, sum(sizes.values()), budget_bytes)
+    with progress_bar(progress, total=len(slices), desc=desc, unit="slice") as bar:
+        for piece in slices:
+            parts = tuple(piece.take(streams[name].arrays[piece.path]) for name in names)
+            weight = None if weights is None or piece.path not in weights else piece.take(weights[piece.path], batched=False)
+            bad, piece_norms, dots = slice_dots(parts, weight, grouping.views_of(piece.path), static_pairs)
+            for name, flags in zip(names, bad):
+                flags = to_host(flags)
+                if flags.any():
+                    raise NumericalError(f"task {streams[name].name!r}: gradient of sample {int(ids[name][np.argmax(flags)])} "
+                                         f"on {piece.path!r} is NaN or inf")
+            for name, by_key in zip(names, piece_norms):
+                for key, value in by_key.items():
+                    norms[name][members[key]] += to_host(value)
+            for (_, _, by_group), piece_dots, total, group_dots in zip(pairs, dots, totals, grouped):
+                if not by_group:
+                    total += to_host(piece_dots)
+                    continue
+                for key, value in piece_dots.items():
+                    value = to_host(value)
+                    group_dots[members[key]] += value
+                    total += value.sum(0, dtype=np.float64)
             bar.update(1)
     return [
         Gram(ids[x], ids[y], total, norms[x].sum(0, dtype=np.float64), norms[y].sum(0, dtype=np.float64), grouping.index,
@@ -455,9 +456,7 @@ def pairwise_cosines(
     inv_sqrt = inverse_sqrt(fisher, eps, stream_a) if fisher is not None else None
     streams, pairs = {"a": stream_a, "b": stream_b}, (("a", "b", by_group),)
     if mesh is None and chunk_size is None and slices_fit(streams, pairs, grouping, memory_budget_bytes):
-        total = len(parameter_slices(stream_a.shapes, grouping, stream_a.size + stream_b.size, memory_budget_bytes))
-        with progress_bar(progress, total=total, desc=f"Gram {stream_a.name} × {stream_b.name}", unit="slice") as bar:
-            return sliced_grams(streams, pairs, grouping, inv_sqrt, memory_budget_bytes, bar)[0]
+        return sliced_grams(streams, pairs, grouping, inv_sqrt, memory_budget_bytes, progress, f"Gram {stream_a.name} × {stream_b.name}")[0]
     size = chunk_size_for(chunk_size, stream_a, stream_b, budget_bytes=memory_budget_bytes)
     rows, columns, counts = split_sides({"a": stream_a, "b": stream_b}, grouping, inv_sqrt, size, mesh)
     total = None if None in (counts["a"], chunk_count(stream_b, size)) else counts["a"] * chunk_count(stream_b, size)

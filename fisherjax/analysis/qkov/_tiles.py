@@ -119,8 +119,7 @@ def float32_leaves(leaves: Mapping[str, Array], scale, weights, transform):
     """The looped kernel's operand: the tile's leaves as they are when float32 (read in place),
     else widened to float32 in one pass per leaf (the one copy :func:`tile_plan` counts). Read
     piece by piece inside the loop, bfloat16 leaves made each piece's conversion a slow scalar
-    loop on XLA:CPU: QK-OV of 64 × 64 samples of a 4-layer d = 768 GPT-2 took 28 s from
-    bfloat16 leaves against 1.8 s from float32 ones (benchmarks/RESULTS.md)."""
+    loop on XLA:CPU (measured in benchmarks/RESULTS.md, fifteenth session)."""
     del weights, transform
     return {k: v if v.dtype == jnp.float32 else _widen(v) for k, v in leaves.items()}, scale
 
