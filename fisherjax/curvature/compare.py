@@ -7,8 +7,9 @@ empirical Fisher ``F = (1/n) Σ_i g_i g_iᵀ / T_i`` is never formed; it enters 
 matrix-free products (:mod:`fisherjax.curvature.products`), which is what each approximation is
 checked against:
 
-* **diagonal** — ``D = diag(F) = Î`` (Phase 1's full diagonal, collected here on the same samples).
-  Eigenvalues: its entries.
+* **diagonal** — ``D = diag(F) = Î`` (Phase 1's full diagonal, collected here on the same samples
+  by one Phase 1 pass that also keeps the attention gradients the block spectra read; its time
+  includes keeping them). Eigenvalues: its entries.
 * **K-FAC** — ``A ⊗ G`` per dense site (:mod:`fisherjax.curvature.kfac`), ``Î`` on the parameters
   it does not cover (norms, embeddings, unembedding). Eigenvalues: the products ``s_A s_G`` of
   its factors' eigenvalues, and ``Î`` elsewhere.
@@ -19,7 +20,9 @@ checked against:
   instead of ``steps`` Fisher-vector products, in at most twice a float32 basis's memory
   (:func:`from_gram`). The report's notes say which.
 * **block spectra** — the exact spectrum of ``F`` restricted to each attention head's slice
-  (:mod:`fisherjax.curvature.blocks`), i.e. the block-diagonal Fisher of the heads.
+  (:mod:`fisherjax.curvature.blocks`), i.e. the block-diagonal Fisher of the heads, from the
+  attention gradients of the diagonal's pass (as Phase 1 keeps them): its time is the per-slice
+  Grams and their eigenvalues.
 
 For each: the top-``k`` eigenvalues of the whole model and of the 10 slices with the largest
 exact top eigenvalue, the condition number of the damped matrix ``(λ_max + λ)/(λ_min + λ)``
@@ -42,6 +45,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from fisherjax import telemetry
 from fisherjax.curvature import blocks, kfac, lanczos, lowrank, products
@@ -152,11 +156,20 @@ def compare_methods(
     options = CollectOptions(keep_per_sample_groups=False)
 
     # ---- the four methods, each measured ----------------------------------------------------
-    diag_fisher, diag_stretch = telemetry.measure(
-        collect, model, batches, task="compare", options=dataclasses.replace(options, diagonal=True), progress=progress)
-    diagonal = {p: np.asarray(v, np.float64) for p, v in diag_fisher.diagonal.items()}
+    # One Phase 1 pass gives the diagonal and the attention gradients the block spectra read; the
+    # block spectra are measured (and their gradients freed) before the Gram route allocates G̃.
+    def run_diagonal():
+        return collect(model, batches, task="compare", options=dataclasses.replace(options, diagonal=True, keep_sample_grads=True),
+                       progress=progress)
+
+    kept, diag_stretch = telemetry.measure(run_diagonal)
+    diagonal = {p: np.asarray(v, np.float64) for p, v in kept.diagonal.items()}
     n_params = sum(v.size for v in diagonal.values())
     damping = damping_rel * sum(v.sum() for v in diagonal.values()) / n_params  # tr F / D = mean of Î
+    spectra, block_stretch = telemetry.measure(blocks.block_spectra, kept, layout, top_k=k)
+    del kept
+    chosen = blocks.largest_blocks(spectra, count=count)
+    block_ids = tuple((c.block, int(c.layer), int(c.head)) for c in chosen)
 
     def run_kfac():
         factors = kfac.kfac_factors(model, params, batches)
@@ -179,37 +192,23 @@ def compare_methods(
         ritz, lanczos_stretch = telemetry.measure(
             lanczos.lanczos, operator.matvec, operator.size, k, steps=steps, key=jax.random.fold_in(key, 1), dtype=basis)
         how = f"in {ritz.steps} products"
-
-    def run_blocks():
-        kept = collect(model, batches, task="compare", options=dataclasses.replace(options, keep_sample_grads=True), progress=progress)
-        return blocks.block_spectra(kept, layout, top_k=k)
-
-    spectra, block_stretch = telemetry.measure(run_blocks)
-    chosen = blocks.largest_blocks(spectra, count=count)
-    block_ids = tuple((c.block, int(c.layer), int(c.head)) for c in chosen)
+        scaled = None
 
     # ---- the approximations against exact products ----------------------------------------
     diagonal_tree = unflatten(diagonal)
     diag_flat = np.asarray(operator.ravel(diagonal_tree), np.float64)
-
-    def kfac_flat(v):
-        return np.asarray(operator.ravel(kfac.kfac_vector_product(factors, layout, operator.unravel(v), diagonal=diagonal_tree)), np.float64)
+    diag_device = jnp.asarray(diag_flat, jnp.float32)
 
     diag_err, kfac_err = [], []
     for probe_key in jax.random.split(jax.random.fold_in(key, 2), probes):
         v = jax.random.normal(probe_key, (operator.size,), jnp.float32)
-        exact = np.asarray(exact_product(v), np.float64)
-        norm = np.linalg.norm(exact)
-        diag_err.append(np.linalg.norm(diag_flat * np.asarray(v, np.float64) - exact) / norm)
-        kfac_err.append(np.linalg.norm(kfac_flat(v) - exact) / norm)
+        errors = _probe_errors(factors, layout, params, diag_device, v, exact_product(v))
+        diag_err.append(float(errors[0]))
+        kfac_err.append(float(errors[1]))
+    del scaled, exact_product
     values = np.asarray(ritz.values, np.float64)
-    vectors = ritz.vectors
     safe = np.where(values > 0, values, np.nan)
-    diag_rayleigh, kfac_rayleigh = [], []
-    for j in range(len(values)):
-        q = np.asarray(vectors[:, j], np.float64)
-        diag_rayleigh.append(float(np.square(q) @ diag_flat))
-        kfac_rayleigh.append(float(q @ kfac_flat(jnp.asarray(q, jnp.float32))))
+    diag_rayleigh, kfac_rayleigh = (np.asarray(q, np.float64) for q in _quadratic_forms(factors, layout, params, diag_device, ritz.vectors))
 
     # ---- spectra and condition numbers ------------------------------------------------------
     covered = {p for f in factors.factors.values() for p in (f.kernel, f.bias) if p is not None}
@@ -228,11 +227,12 @@ def compare_methods(
         "diagonal": MethodResult(
             top=_top(diag_flat, k), blocks_top=np.array([slice_diagonal_max(b) for b in block_ids]),
             condition=cond(diag_flat.min(), diag_flat.max()), probe_error=float(np.mean(diag_err)),
-            rayleigh=np.asarray(diag_rayleigh) / safe, stretch=diag_stretch),
+            rayleigh=diag_rayleigh / safe, stretch=diag_stretch,
+            notes="one Phase 1 pass, which also keeps the attention gradients the block spectra read"),
         "kfac": MethodResult(
-            top=_top(kfac_all, k), blocks_top=np.array([kfac.slice_top(eigen, layout, b) for b in block_ids]),
+            top=_top(kfac_all, k), blocks_top=kfac.slice_tops(eigen, layout, block_ids),
             condition=cond(kfac_all.min(), kfac_all.max()), probe_error=float(np.mean(kfac_err)),
-            rayleigh=np.asarray(kfac_rayleigh) / safe, stretch=kfac_stretch,
+            rayleigh=kfac_rayleigh / safe, stretch=kfac_stretch,
             notes="Î on the parameters K-FAC does not cover (norms, embeddings, unembedding)"),
         "lanczos": MethodResult(
             top=_pad(values, k), blocks_top=None, condition=cond(0.0, float(values.max())) if rank_deficient else None,
@@ -243,11 +243,39 @@ def compare_methods(
             top=_top(block_top[np.isfinite(block_top)], k), blocks_top=np.array([c.lambda_max for c in chosen]),
             condition=float(np.nanmedian(spectra.condition)), probe_error=None, rayleigh=None, stretch=block_stretch,
             notes="exact within each attention head's slice (condition: median over slices); other parameters and "
-                  "cross-slice terms are not covered"),
+                  "cross-slice terms are not covered; from the attention gradients kept by the diagonal's pass"),
     }
     recommended, reason = recommend(methods, kfac_margin)
     return MethodComparison(methods, block_ids, operator.n_samples, n_params, float(damping), recommended, reason,
                             np.asarray(ritz.residuals))
+
+
+def _kfac_flat_product(factors, layout, like, diagonal, v):
+    """K-FAC's ``F̃ v`` on the operator's flat float32 vectors (``ravel_pytree`` order of ``like``),
+    with ``diagonal ⊙ v`` on the parameters K-FAC does not cover."""
+    unravel = ravel_pytree(like)[1]
+    product = kfac.kfac_vector_product(factors, layout, unravel(v.astype(jnp.float32)), diagonal=unravel(diagonal))
+    return ravel_pytree(product)[0].astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames="layout")
+def _probe_errors(factors, layout, like, diagonal, v, exact):
+    """``[2]``: ``‖D v − F v‖ / ‖F v‖`` and ``‖F̃_KFAC v − F v‖ / ‖F v‖`` for one probe ``v`` and
+    its exact product, on the device (one compiled program for every probe)."""
+    norm = jnp.linalg.norm(exact)
+    kfac_v = _kfac_flat_product(factors, layout, like, diagonal, v)
+    return jnp.stack([jnp.linalg.norm(diagonal * v - exact), jnp.linalg.norm(kfac_v - exact)]) / norm
+
+
+@functools.partial(jax.jit, static_argnames="layout")
+def _quadratic_forms(factors, layout, like, diagonal, vectors):
+    """``(qᵀ D q, qᵀ F̃_KFAC q)`` for every column ``q`` of ``vectors [D, k]``, each ``[k]``: the
+    Lanczos vectors' Rayleigh quotients under the two approximations, one column at a time."""
+    def one(q):
+        return jnp.stack([jnp.vdot(q * diagonal, q), jnp.vdot(q, _kfac_flat_product(factors, layout, like, diagonal, q))])
+
+    forms = jax.lax.map(one, vectors.T)
+    return forms[:, 0], forms[:, 1]
 
 
 def recommend(methods: dict[str, MethodResult], kfac_margin: float = 0.75) -> tuple[str, str]:

@@ -419,16 +419,27 @@ def slice_top(eigen: KFACEigen, layout: ModelLayout, block_id: tuple[str, int, i
     ``λ_max(A) λ_max(G_hh)`` (``A`` without its bias coordinate unless ``include_bias``), o
     ``λ_max(A_hh) λ_max(G)`` — a Kronecker product's eigenvalues are the products of its factors'
     (:func:`attention_factors` of :func:`factors_of`; EK-FAC scales are not per head)."""
-    block, layer, head = block_id
-    heads = attention_factors(factors_of(eigen), layout)[block]
-    a, g = heads.inputs[layer], heads.outputs[layer]
-    if block == "o":
-        a = a[head]
-    else:
-        g = g[head]
-        if heads.has_bias and not include_bias:
-            a = a[:-1, :-1]
-    return float(jnp.linalg.eigvalsh(a)[-1] * jnp.linalg.eigvalsh(g)[-1])
+    return float(slice_tops(eigen, layout, [block_id], include_bias)[0])
+
+
+def slice_tops(eigen: KFACEigen, layout: ModelLayout, block_ids, include_bias: bool = True) -> np.ndarray:
+    """:func:`slice_top` of every ``(block, layer, head)`` in ``block_ids``, ``[len(block_ids)]``
+    float64: the factors are rebuilt and split by head once, and each slice's two small symmetric
+    eigenproblems go to numpy's LAPACK (no compilation per factor shape)."""
+    heads = attention_factors(factors_of(eigen), layout)
+    host = {block: (np.asarray(h.inputs, np.float64), np.asarray(h.outputs, np.float64), h.has_bias) for block, h in heads.items()}
+    tops = []
+    for block, layer, head in block_ids:
+        inputs, outputs, has_bias = host[block]
+        a, g = inputs[layer], outputs[layer]
+        if block == "o":
+            a = a[head]
+        else:
+            g = g[head]
+            if has_bias and not include_bias:
+                a = a[:-1, :-1]
+        tops.append(np.linalg.eigvalsh(a)[-1] * np.linalg.eigvalsh(g)[-1])
+    return np.asarray(tops, np.float64)
 
 
 # ---- products ---------------------------------------------------------------------------------

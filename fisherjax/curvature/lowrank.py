@@ -13,6 +13,7 @@ both exact and cheaper, and it holds ``n`` vectors of ``D`` floats where Lanczos
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -33,7 +34,9 @@ def scaled_gradients(model, params, batches: Sequence[Batch], *, memory_budget_b
     """``G̃ [rows, D]``: ``g_i / sqrt(n T_i)`` for every row of the batches in
     ``jax.flatten_util.ravel_pytree`` order (the Fisher operator's), float32, with zero rows where a
     row is not one of the ``n`` samples (filler rows, rows without a predicted token), which change
-    neither ``F = G̃ᵀ G̃`` nor its non-zero eigenpairs. One compiled scaling per batch shape.
+    neither ``F = G̃ᵀ G̃`` nor its non-zero eigenpairs. ``G̃`` is allocated once and each batch's
+    rows are written into it in place (a donated buffer), so the only other copy alive is one
+    batch's gradients. One compiled update per batch shape.
 
     Raises:
       DataError: no sample of the batches predicts a token.
@@ -41,20 +44,25 @@ def scaled_gradients(model, params, batches: Sequence[Batch], *, memory_budget_b
     n = count_samples(batches)
     if n == 0:
         raise DataError("no sample of the batches has a predicted token, so the Fisher is undefined")
-    rows = []
+    size = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    g = jnp.zeros((sum(int(np.shape(b.input_ids)[0]) for b in batches), size), jnp.float32)
+    start = 0
     for batch in batches:
         sample = per_sample_grads(model, params, batch, memory_budget_bytes=memory_budget_bytes)
         t = np.asarray(sample.tokens, np.float64)
         counted = (t > 0) & (np.asarray(batch.sample_ids) >= 0)
         scale = np.where(counted, 1.0 / np.sqrt(n * np.maximum(t, 1.0)), 0.0).astype(np.float32)
-        rows.append(_scaled_rows(sample.grads, scale))  # batch by batch: the rows and their concatenation are the only copies
+        g = _write_rows(g, sample.grads, scale, start)
+        start += len(scale)
         del sample
-    return jnp.concatenate(rows) if len(rows) > 1 else rows[0]
+    return g
 
 
-@jax.jit
-def _scaled_rows(grads, scale):
-    return jax.vmap(lambda tree: ravel_pytree(tree)[0])(grads) * scale[:, None]
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(g, grads, scale, start):
+    """``g`` with rows ``start : start + b`` set to the raveled per-sample ``grads`` times ``scale``."""
+    rows = jax.vmap(lambda tree: ravel_pytree(tree)[0])(grads) * scale[:, None]
+    return jax.lax.dynamic_update_slice_in_dim(g, rows.astype(g.dtype), start, axis=0)
 
 
 @jax.jit
@@ -71,10 +79,12 @@ def product(g: jax.Array, v: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _pairs(g, coefficients, values):
-    """``v = G̃ᵀ c`` (unit eigenvectors for the scaled Gram eigenvectors ``c``) and ``‖F v − λ v‖``."""
-    v = jnp.dot(g.T, coefficients, precision=jax.lax.Precision.HIGHEST)
-    return v, jnp.linalg.norm(product(g, v) - v * values, axis=0)
+def _pairs(g, coefficients):
+    """``v = G̃ᵀ c`` (unit eigenvectors for the scaled Gram eigenvectors ``c``) and ``G̃ v``: two
+    reads of ``g``, from which :func:`gram_eigen` gets ``‖F v − λ v‖ = ‖G̃ᵀ (G̃ v − λ c)‖``."""
+    hi = jax.lax.Precision.HIGHEST
+    v = jnp.dot(g.T, coefficients, precision=hi)
+    return v, jnp.dot(g, v, precision=hi)
 
 
 def empirical_eigen(model, params, batches: Sequence[Batch], k: int, *, memory_budget_bytes: float = 2e9) -> Eigen:
@@ -91,7 +101,8 @@ def gram_eigen(g: jax.Array, k: int) -> Eigen:
     """The ``k`` largest eigenpairs of ``F = G̃ᵀ G̃`` from the Gram ``G̃ G̃ᵀ`` (``g`` ``[n, D]``),
     exact up to float32 rounding, as an :class:`~fisherjax.curvature.lanczos.Eigen` (``steps``:
     the rows ``n`` of ``g``). ``k`` must not exceed ``n`` (the rank bound); ``residuals`` are the computed
-    ``‖F v_j − λ_j v_j‖``; an eigenvalue 0 (samples whose gradients are linearly dependent) gets a
+    ``‖F v_j − λ_j v_j‖`` of the returned float32 vectors (two reads of ``g`` for the pairs, one for
+    the Gram; the norm comes from the Gram, :func:`_pairs`); an eigenvalue 0 (samples whose gradients are linearly dependent) gets a
     zero vector.
 
     Raises:
@@ -104,5 +115,8 @@ def gram_eigen(g: jax.Array, k: int) -> Eigen:
     values, vectors = np.linalg.eigh((gram + gram.T) / 2)
     values, vectors = np.maximum(values[::-1][:k], 0.0), vectors[:, ::-1][:, :k]
     scale = np.where(values > 0, 1.0 / np.sqrt(np.where(values > 0, values, 1.0)), 0.0)
-    v, residuals = _pairs(g, jnp.asarray(vectors * scale, jnp.float32), jnp.asarray(values, jnp.float32))
-    return Eigen(values, v, np.asarray(residuals, np.float64), n)
+    coefficients = vectors * scale
+    v, gv = _pairs(g, jnp.asarray(coefficients, jnp.float32))
+    misfit = np.asarray(gv, np.float64) - coefficients * values  # F v − λ v = G̃ᵀ misfit, so its norm² is misfitᵀ K misfit
+    residuals = np.sqrt(np.maximum(np.einsum("ik,ij,jk->k", misfit, gram, misfit), 0.0))
+    return Eigen(values, v, residuals, n)
