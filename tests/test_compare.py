@@ -8,6 +8,7 @@ import json
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -174,3 +175,17 @@ def test_few_samples_take_the_exact_gram_route(compared):
     assert "in 5 products" in lanczos_route.methods["lanczos"].notes
     top = lanczos_route.methods["lanczos"].top[0]
     assert 0.5 * eigen.values[0] <= top <= eigen.values[0] * (1 + 1e-5)  # its accuracy: tests/test_lanczos.py
+
+
+def test_gram_sums_column_slices(monkeypatch):
+    """The Gram is summed over column slices of G̃ (whole slices and a remainder): its eigenpairs
+    equal numpy's of the dense F = G̃ᵀ G̃, with honest residuals."""
+    from fisherjax.curvature import lowrank
+
+    monkeypatch.setattr(lowrank, "GRAM_COLUMNS", 1000)
+    g = np.random.default_rng(3).normal(size=(5, 2537)).astype(np.float32)  # 2 slices + 537 columns
+    eigen = lowrank.gram_eigen(jnp.asarray(g), 3)
+    values, vectors = np.linalg.eigh(g.astype(np.float64).T @ g)
+    np.testing.assert_allclose(eigen.values, values[::-1][:3], rtol=1e-5)
+    np.testing.assert_allclose(np.abs(np.sum(np.asarray(eigen.vectors) * vectors[:, ::-1][:, :3], axis=0)), 1.0, atol=1e-4)
+    assert np.all(eigen.residuals <= 1e-4 * eigen.values[0]) and np.all(eigen.residuals > 0)

@@ -30,13 +30,14 @@ from fisherjax.grads import per_sample_grads
 __all__ = ["empirical_eigen", "gram_eigen", "product", "scaled_gradients"]
 
 
-def scaled_gradients(model, params, batches: Sequence[Batch], *, memory_budget_bytes: float = 2e9) -> jax.Array:
+def scaled_gradients(model, params, batches: Sequence[Batch], *, memory_budget_bytes: float = 1e9) -> jax.Array:
     """``G̃ [rows, D]``: ``g_i / sqrt(n T_i)`` for every row of the batches in
     ``jax.flatten_util.ravel_pytree`` order (the Fisher operator's), float32, with zero rows where a
     row is not one of the ``n`` samples (filler rows, rows without a predicted token), which change
-    neither ``F = G̃ᵀ G̃`` nor its non-zero eigenpairs. ``G̃`` is allocated once and each batch's
-    rows are written into it in place (a donated buffer), so the only other copy alive is one
-    batch's gradients. One compiled update per batch shape.
+    neither ``F = G̃ᵀ G̃`` nor its non-zero eigenpairs. ``G̃`` is allocated once and the rows are
+    written into it in place (a donated buffer), a piece of a batch at a time: the largest divisor
+    of the batch whose :data:`PIECE_COPIES` model-sized rows fit ``memory_budget_bytes`` (one
+    compiled pass per piece shape), so what is alive besides ``G̃`` stays within the budget.
 
     Raises:
       DataError: no sample of the batches predicts a token.
@@ -48,14 +49,23 @@ def scaled_gradients(model, params, batches: Sequence[Batch], *, memory_budget_b
     g = jnp.zeros((sum(int(np.shape(b.input_ids)[0]) for b in batches), size), jnp.float32)
     start = 0
     for batch in batches:
-        sample = per_sample_grads(model, params, batch, memory_budget_bytes=memory_budget_bytes)
-        t = np.asarray(sample.tokens, np.float64)
-        counted = (t > 0) & (np.asarray(batch.sample_ids) >= 0)
-        scale = np.where(counted, 1.0 / np.sqrt(n * np.maximum(t, 1.0)), 0.0).astype(np.float32)
-        g = _write_rows(g, sample.grads, scale, start)
-        start += len(scale)
-        del sample
+        rows = len(batch.sample_ids)
+        piece = max((d for d in range(1, rows + 1) if rows % d == 0 and d * PIECE_COPIES * 4 * size <= memory_budget_bytes), default=1)
+        for first in range(0, rows, piece):
+            part = Batch(*(np.asarray(x)[first : first + piece] for x in batch))
+            sample = per_sample_grads(model, params, part, memory_budget_bytes=memory_budget_bytes)
+            t = np.asarray(sample.tokens, np.float64)
+            counted = (t > 0) & (np.asarray(part.sample_ids) >= 0)
+            scale = np.where(counted, 1.0 / np.sqrt(n * np.maximum(t, 1.0)), 0.0).astype(np.float32)
+            g = _write_rows(g, sample.grads, scale, start)
+            start += piece
+            del sample
     return g
+
+
+PIECE_COPIES = 3
+"""Model-sized float32 arrays per row that :func:`scaled_gradients` counts against its budget for
+a piece of a batch: the per-sample gradients, their raveled rows, and the gradient pass's own."""
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -65,9 +75,29 @@ def _write_rows(g, grads, scale, start):
     return jax.lax.dynamic_update_slice_in_dim(g, rows.astype(g.dtype), start, axis=0)
 
 
+GRAM_COLUMNS = 1 << 19
+"""Columns of ``G̃`` per step of :func:`_gram`."""
+
+
 @jax.jit
 def _gram(g):
-    return jnp.dot(g, g.T, precision=jax.lax.Precision.HIGHEST)
+    """``G̃ G̃ᵀ`` summed over column slices of ``G̃``: one ``dot(g, g.T)`` made XLA:CPU copy all of
+    ``G̃`` first (a second ``n × D`` array at the phase's peak); the slices cost the same time."""
+    hi = jax.lax.Precision.HIGHEST
+    n, d = g.shape
+    steps, rest = divmod(d, GRAM_COLUMNS)
+
+    def step(i, total):
+        x = jax.lax.dynamic_slice_in_dim(g, i * GRAM_COLUMNS, GRAM_COLUMNS, axis=1)
+        return total + jnp.dot(x, x.T, precision=hi)
+
+    total = jnp.zeros((n, n), jnp.float32)
+    if steps:
+        total = jax.lax.fori_loop(0, steps, step, total)
+    if rest:
+        x = g[:, steps * GRAM_COLUMNS :]
+        total = total + jnp.dot(x, x.T, precision=hi)
+    return total
 
 
 @jax.jit
