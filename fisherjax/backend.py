@@ -57,6 +57,14 @@ def sample_loop() -> bool:
     return is_cpu()
 
 
+def settings_per_pass(fits: int) -> int:
+    """Model settings (e.g. single-head ablations) a forward pass vmaps together, given how many
+    ``fits`` the memory budget: one on a CPU, where the batch's GEMMs already use every core and a
+    setting that runs alone starts at its own layer (:func:`fisherjax.heads.ablate_heads`), all
+    that fit on an accelerator, whose GEMMs want more rows than one batch gives."""
+    return 1 if is_cpu() else max(int(fits), 1)
+
+
 def qkov_contraction(choice: str = "auto") -> str:
     """The QK-OV kernel that ``choice`` selects: ``"auto"`` is ``"looped"`` on a CPU and
     ``"batched"`` elsewhere; any other choice is returned as it is."""

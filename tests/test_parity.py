@@ -39,6 +39,32 @@ def test_logits_match_hugging_face(kind, side, hf_checkpoint):
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
+def test_logits_from_any_layer_resume_the_pass(kind, hf_checkpoint):
+    """``residual_stream`` records every block's input; ``logits_from`` that input and layer gives
+    the HF logits, and with a later layer's parameters changed it equals the full pass of the
+    changed parameters (what single-head ablation relies on)."""
+    import jax
+
+    directory, torch_model = hf_checkpoint(kind)
+    model = fisherjax.load_pretrained(directory)
+    ids, mask = padded_batch(np.random.default_rng(4), lengths=[10, 6], seq=10, side="right")
+    stream, logits = model.residual_stream(model.params, ids, mask)
+    real = mask.astype(bool)
+    ref = torch_logits(torch_model, ids, mask)
+    assert stream.shape[:2] == (model.config.num_layers, 2)
+    changed = jax.tree.map(lambda x: x * 1.5, model.params)
+    layers = dict(changed)
+    layers["layers"] = jax.tree.map(lambda new, old: new.at[:1].set(old[:1]), changed["layers"], model.params["layers"])
+    layers = {k: (model.params[k] if k != "layers" else v) for k, v in layers.items()}  # only blocks ≥ 1 changed
+    for layer in range(model.config.num_layers):
+        resumed = np.asarray(model.logits_from(model.params, stream[layer], mask, layer))
+        assert np.abs(resumed[real] - ref[real]).max() <= 1e-4
+    full = np.asarray(model.apply(layers, ids, mask))
+    np.testing.assert_allclose(np.asarray(model.logits_from(layers, stream[1], mask, 1))[real], full[real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits)[real], ref[real], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_padding_side_does_not_change_real_logits(kind, hf_checkpoint):
     directory, _ = hf_checkpoint(kind)
     model = fisherjax.load_pretrained(directory)

@@ -9,8 +9,13 @@ For every single head, and for the baseline (nothing zeroed), on the task's samp
     accuracy       = (1/n) Σ_i exact_i,   exact_i = ∀t: argmax_v logits[i, t, v] = labels[i, t+1]
 
 over the predicted positions ``t`` (teacher-forced; a sample without predicted tokens is not
-exact) — :func:`fisherjax.grads.completion_scores`, as :func:`fisherjax.demo.evaluate` uses it. The ``1 + layer·head`` gate settings of a
-batch run as one jitted ``lax.map`` over them, ``heads_per_pass`` settings vmapped at a time.
+exact) — :func:`fisherjax.grads.completion_scores`, as :func:`fisherjax.demo.evaluate` uses it.
+
+A head zeroed in layer ``l`` changes nothing before block ``l``, so one plain pass records every
+block's input (:meth:`~fisherjax.models.Model.residual_stream`) and each setting runs only blocks
+``l …`` and the unembedding (:meth:`~fisherjax.models.Model.logits_from`): about half the blocks
+of a full pass on average. The settings of a batch run as one jitted ``lax.map`` over chunks of
+``heads_per_pass`` settings (vmapped), ordered by layer, each chunk from its first layer.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from fisherjax import backend
 from fisherjax.data import Batch, predicted_labels
 from fisherjax.errors import DataError
 from fisherjax.grads import chunk_size_for, completion_scores
@@ -66,18 +72,41 @@ def gate_heads(layout: ModelLayout, params, gate: Float[Array, "layer head"]):
     return unflatten({**flat, path: layout.unview(path, {"o": view * gate[:, :, None, None].astype(view.dtype)})})
 
 
-@jax.jit(static_argnums=(0, 7))
-def _ablation_sums(model, params, input_ids, attention_mask, labels, sample_ids, gates, heads_per_pass):
-    """``[settings, 3]``: Σ L_i, Σ T_i and Σ exact_i over the batch's real rows, per gate setting."""
+@jax.jit(static_argnums=(0, 8))
+def _ablation_sums(model, params, input_ids, attention_mask, labels, sample_ids, gates, starts, heads_per_pass):
+    """``[1 + settings, 3]``: Σ L_i, Σ T_i and Σ exact_i over the batch's real rows, for the plain
+    pass and then per gate setting. ``gates`` ``[chunks, heads_per_pass, layer, head]`` are ordered by
+    layer; chunk ``c`` starts from block ``starts[c]`` (its first setting's layer), whose input comes
+    from the plain pass: a head zeroed in layer ``l`` changes nothing before block ``l``."""
     labels = predicted_labels(labels, attention_mask)
     real = sample_ids >= 0
 
-    def one(gate):
-        logits = model.apply(gate_heads(model.layout, params, gate), input_ids, attention_mask)
+    def sums(logits):
         exact, nll, _, tokens = completion_scores(logits, labels)
         return jnp.stack([jnp.where(real, x, 0).sum().astype(jnp.float32) for x in (nll, tokens, exact)])
 
-    return jax.lax.map(one, gates, batch_size=heads_per_pass)
+    stream, logits = model.residual_stream(params, input_ids, attention_mask)
+
+    def chunk(settings):
+        gate, start = settings
+        x = jax.lax.dynamic_index_in_dim(stream, start, keepdims=False)
+        return jax.vmap(lambda g: sums(model.logits_from(gate_heads(model.layout, params, g), x, attention_mask, start)))(gate)
+
+    ablated = jax.lax.map(chunk, (gates, starts)).reshape(-1, 3)
+    return jnp.concatenate([sums(logits)[None], ablated])
+
+
+def _chunked_settings(gates: np.ndarray, layers: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """``gates`` ``[k, layer, head]`` (ordered by zeroed layer) as ``[chunks, chunk, layer, head]``,
+    the last chunk padded with all-ones settings (their sums are dropped), and each chunk's first
+    layer ``[chunks]``."""
+    k = len(gates)
+    chunks = max(-(-k // chunk), 1)
+    padded = np.ones((chunks * chunk, *gates.shape[1:]), np.float32)
+    padded[:k] = gates
+    first = np.zeros(chunks, np.int32)
+    first[: -(-k // chunk)] = layers[::chunk]
+    return padded.reshape(chunks, chunk, *gates.shape[1:]), first
 
 
 def ablate_heads(
@@ -92,24 +121,28 @@ def ablate_heads(
       batches: :class:`~fisherjax.data.Batch` es of the task; one jit per batch shape.
       heads: ``[layer, head]`` bool, the heads to ablate (default all; each costs one forward pass
         of every batch); the others get NaN.
-      heads_per_pass: gate settings (heads, plus the baseline) evaluated at once, each holding
-        one forward pass of the batch; by default as many as fit ``memory_budget_bytes``
-        (estimated from the logits and the widest activations of a batch).
+      heads_per_pass: gate settings evaluated at once, each holding one forward pass of the batch;
+        by default :func:`fisherjax.backend.settings_per_pass` of as many as fit
+        ``memory_budget_bytes`` (estimated from the logits and the widest activations of a batch):
+        one on a CPU.
 
     Returns:
       :class:`HeadAblation` (sums kept in float64 across batches).
     """
     layout = model.layout
     gates = single_head_gates(layout, heads)
+    layers = np.nonzero(gates[1:].min(axis=2) < 1)[1]  # each setting's zeroed layer, ascending (row-major order)
     cfg = model.config
     totals = np.zeros((gates.shape[0], 3))
     rows = 0
     for batch in batches:
         b, seq = np.shape(batch.input_ids)
         per_setting = 4.0 * b * seq * (3 * cfg.vocab_size + 4 * cfg.hidden_size + 2 * cfg.intermediate_size)
-        chunk = heads_per_pass or chunk_size_for(memory_budget_bytes, per_setting, gates.shape[0])
-        sums = _ablation_sums(model, params, batch.input_ids, batch.attention_mask, batch.labels, batch.sample_ids, gates, chunk)
-        totals += np.asarray(sums, np.float64)
+        chunk = heads_per_pass or backend.settings_per_pass(chunk_size_for(memory_budget_bytes, per_setting, max(len(layers), 1)))
+        chunked, starts = _chunked_settings(gates[1:], layers, chunk)
+        sums = _ablation_sums(model, params, batch.input_ids, batch.attention_mask, batch.labels, batch.sample_ids,
+                              chunked, starts, chunk)
+        totals += np.asarray(sums, np.float64)[: gates.shape[0]]
         rows += int((np.asarray(batch.sample_ids) >= 0).sum())
     nll, tokens, exact = totals.T
     if rows == 0 or tokens[0] == 0:

@@ -90,22 +90,11 @@ class Decoder(nnx.Module):
           return_attention: also return attention probabilities of every layer.
           remat: recompute each block in the backward pass instead of storing its activations.
         """
-        cfg = self.config
         probe = Probe(taps if taps is DISCOVER or taps is None else _top_level(taps))
-        positions = positions_from_mask(attention_mask)
+        positions, ctx, per_layer = self._context(attention_mask)
         x = probe("embed", self.embed, input_ids)
-        if cfg.rope is None:
+        if self.config.rope is None:
             x = x + probe("pos_embed", self.pos_embed, positions)
-            rope_tables = None
-        else:
-            inv_freq, rope_scale = cfg.rope.inverse_frequencies()
-            rope_tables = (jnp.asarray(inv_freq), rope_scale)
-        ctx = attention_context(attention_mask, positions, rope_tables)
-
-        per_layer = {
-            "scale": jnp.asarray(cfg.attention_scales, jnp.float32),
-            "window": jnp.asarray(cfg.sliding_windows, jnp.int32),
-        }
         layer_taps = None if taps is None or taps is DISCOVER else taps.get("layers")
         graphdef, layer_params = nnx.split(self.layers)
 
@@ -133,6 +122,59 @@ class Decoder(nnx.Module):
         if taps is DISCOVER:
             taps_created = {**probe.created, "layers": layer_created}
         return DecoderOutput(logits, attentions, recorded, taps_created)
+
+
+    def _context(self, attention_mask):
+        """``(positions, attention context, per-layer scalars)`` of a batch, shared by every pass."""
+        cfg = self.config
+        positions = positions_from_mask(attention_mask)
+        rope_tables = None
+        if cfg.rope is not None:
+            inv_freq, rope_scale = cfg.rope.inverse_frequencies()
+            rope_tables = (jnp.asarray(inv_freq), rope_scale)
+        per_layer = {
+            "scale": jnp.asarray(cfg.attention_scales, jnp.float32),
+            "window": jnp.asarray(cfg.sliding_windows, jnp.int32),
+        }
+        return positions, attention_context(attention_mask, positions, rope_tables), per_layer
+
+    def residual_stream(
+        self, input_ids: Int[Array, "batch seq"], attention_mask: Int[Array, "batch seq"]
+    ) -> tuple[Float[Array, "layer batch seq d"], Float[Array, "batch seq vocab"]]:
+        """The input of every layer's block ``x_l`` (``[layer, batch, seq, d]``) and the logits of a
+        plain pass: what :meth:`logits_from` starts from."""
+        positions, ctx, per_layer = self._context(attention_mask)
+        x = self.embed(input_ids)
+        if self.config.rope is None:
+            x = x + self.pos_embed(positions)
+        graphdef, layer_params = nnx.split(self.layers)
+
+        def block(carry, xs):
+            params, layer = xs
+            out, _ = nnx.merge(graphdef, params)(carry, ctx, layer, Probe(None))
+            return out, carry
+
+        x, inputs = jax.lax.scan(block, x, (layer_params, per_layer))
+        return inputs, self.lm_head(self.final_norm(x))
+
+    def logits_from(
+        self, x: Float[Array, "batch seq d"], attention_mask: Int[Array, "batch seq"], start
+    ) -> Float[Array, "batch seq vocab"]:
+        """Logits after blocks ``start … layer − 1`` on ``x``, the input of block ``start`` (a
+        traced index may be given: the blocks run in a ``fori_loop`` from it), then the final
+        norm and the unembedding. Equal to the full pass when ``x = x_start`` of
+        :meth:`residual_stream`; with other parameters from ``start`` on, the pass of those
+        parameters whose first ``start`` blocks are unchanged (what a single-head ablation needs)."""
+        _, ctx, per_layer = self._context(attention_mask)
+        graphdef, layer_params = nnx.split(self.layers)
+
+        def block(layer, carry):
+            params = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, layer, keepdims=False), layer_params)
+            scalars = {k: v[layer] for k, v in per_layer.items()}
+            return nnx.merge(graphdef, params)(carry, ctx, scalars, Probe(None))[0]
+
+        x = jax.lax.fori_loop(start, self.config.num_layers, block, x)
+        return self.lm_head(self.final_norm(x))
 
 
 def _top_level(taps: dict) -> dict:

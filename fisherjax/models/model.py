@@ -76,6 +76,19 @@ class Model:
         """Logits ``[batch, seq, vocab]``."""
         return self.forward(params, input_ids, attention_mask).logits
 
+    def residual_stream(self, params: Params, input_ids, attention_mask=None):
+        """``(x [layer, batch, seq, d], logits)``: every block's input and the logits
+        (:meth:`~fisherjax.models.decoder.Decoder.residual_stream`)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        check_token_ids(input_ids, self.config.vocab_size)
+        return nnx.merge(self.graphdef, params).residual_stream(input_ids, attention_mask)
+
+    def logits_from(self, params: Params, x, attention_mask, start) -> Float[Array, "batch seq vocab"]:
+        """Logits from block ``start`` on, given its input ``x``
+        (:meth:`~fisherjax.models.decoder.Decoder.logits_from`)."""
+        return nnx.merge(self.graphdef, params).logits_from(x, attention_mask, start)
+
     def attentions(self, params: Params, input_ids, attention_mask=None) -> Float[Array, "layer batch heads seq seq"]:
         """Attention probabilities of every layer."""
         return self.forward(params, input_ids, attention_mask, return_attention=True).attentions
