@@ -75,6 +75,16 @@ def _position_nll_bwd(residuals, cotangent):
 _position_nll.defvjp(_position_nll_fwd, _position_nll_bwd)
 
 
+def is_argmax(logits: Float[Array, "... vocab"], targets: Int[Array, "..."]) -> Bool[Array, "..."]:
+    """``argmax_v logits[..., v] == targets`` (the first index wins a tie, as in ``jnp.argmax``),
+    without the argmax: no index beats the target's logit, by being larger or equal and earlier.
+    Two plain reductions over the vocabulary instead of XLA's slower index-carrying one."""
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)
+    vocab = jnp.arange(logits.shape[-1])
+    beaten = (logits > picked) | ((logits == picked) & (vocab < targets[..., None]))
+    return ~beaten.any(axis=-1)
+
+
 def completion_scores(
     logits: Float[Array, "batch seq vocab"], labels: Int[Array, "batch seq"]
 ) -> tuple[Bool[Array, " batch"], Float[Array, " batch"], Int[Array, " batch"], Int[Array, " batch"]]:
@@ -87,7 +97,7 @@ def completion_scores(
     """
     targets = labels[:, 1:]
     valid = targets != IGNORE
-    hit = (jnp.argmax(logits[:, :-1], axis=-1) == targets) & valid
+    hit = is_argmax(logits[:, :-1], jnp.where(valid, targets, 0)) & valid
     tokens = valid.sum(-1)
     exact = (hit.sum(-1) == tokens) & (tokens > 0)
     return exact, token_nll(logits, labels).sum(-1), hit.sum(-1), tokens

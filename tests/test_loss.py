@@ -112,3 +112,23 @@ def test_hand_built_left_padding_gives_the_corrected_fisher(model, fisher_type):
     contributions = lambda f: {p: np.asarray(f.sample_grads.contributions[p]) for p in f.sample_grads.paths}  # noqa: E731
     jax.tree.map(close, contributions(a), contributions(b))
     np.testing.assert_array_equal(a.sample_grads.tokens, [3, 1, 4])
+
+
+def test_is_argmax_equals_argmax_with_ties():
+    """``is_argmax`` agrees with ``jnp.argmax == target`` everywhere, ties included (the first
+    index wins): random logits, and rows with the maximum repeated before and after the target."""
+    from fisherjax.grads import is_argmax
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 5, 11)).astype(np.float32)
+    logits[0, :, [2, 7]] = 9.0  # a tie between indices 2 and 7
+    logits[1, :, [0, 3, 10]] = 5.0
+    logits[2] = np.round(logits[2])  # many ties
+    targets = rng.integers(0, 11, size=(6, 5))
+    targets[0, :3], targets[0, 3:] = 2, 7
+    targets[1, :2], targets[1, 2:] = 3, 0
+    targets[3] = np.argmax(logits[3], -1)  # every position a hit
+    expected = np.argmax(logits, -1) == targets
+    got = np.asarray(is_argmax(jnp.asarray(logits), jnp.asarray(targets)))
+    np.testing.assert_array_equal(got, expected)
+    assert expected[0, :3].all() and not expected[0, 3:].any() and expected[3].all()
