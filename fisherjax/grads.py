@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
+from fisherjax import backend
 from fisherjax.data import IGNORE, Batch, num_active_tokens, predicted_labels
 from fisherjax.layout import flatten, unflatten
 
@@ -56,9 +57,22 @@ def _position_nll(logits: Float[Array, "b t v"], targets: Int[Array, "b t"]) -> 
     return _position_nll_fwd(logits, targets)[0]
 
 
+def logsumexp(x: Float[Array, "... vocab"]) -> Float[Array, "..."]:
+    """``log Σ_v exp(x_v)`` over the last axis, shifted by the (finite) maximum. Where
+    :func:`fisherjax.backend.vocabulary_sums_by_dot` says so, the exponentials are summed by a
+    float32 matrix-vector product instead of ``jax.nn.logsumexp``'s fused reduction (same value up
+    to float32 summation order)."""
+    if not backend.vocabulary_sums_by_dot():
+        return jax.nn.logsumexp(x, axis=-1)
+    top = jax.lax.stop_gradient(x.max(axis=-1, keepdims=True))
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    total = jnp.einsum("...v,v->...", jnp.exp(x - top), jnp.ones(x.shape[-1], x.dtype), precision=jax.lax.Precision.HIGHEST)
+    return top[..., 0] + jnp.log(total)
+
+
 def _position_nll_fwd(logits, targets):
     x = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(x, axis=-1)
+    lse = logsumexp(x)
     valid = targets != IGNORE
     picked = jnp.take_along_axis(x, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.where(valid, lse - picked, 0.0), (logits, lse, targets)

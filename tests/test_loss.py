@@ -132,3 +132,22 @@ def test_is_argmax_equals_argmax_with_ties():
     got = np.asarray(is_argmax(jnp.asarray(logits), jnp.asarray(targets)))
     np.testing.assert_array_equal(got, expected)
     assert expected[0, :3].all() and not expected[0, 3:].any() and expected[3].all()
+
+
+@pytest.mark.parametrize("by_dot", [True, False])
+def test_logsumexp_either_way(by_dot, monkeypatch):
+    """Both routes of ``grads.logsumexp`` equal float64 numpy: large and negative logits, ``-inf``
+    entries, and a row of ``-inf`` only (``-inf``, as ``jax.nn.logsumexp`` gives)."""
+    from fisherjax import backend
+    from fisherjax.grads import logsumexp
+
+    monkeypatch.setattr(backend, "vocabulary_sums_by_dot", lambda: by_dot)
+    x = np.random.default_rng(1).normal(scale=30.0, size=(3, 4, 257)).astype(np.float32)
+    x[0, 0, :100] = -np.inf
+    x[1, 2] = -np.inf
+    got = np.asarray(jax.jit(lambda v: logsumexp(v))(jnp.asarray(x)))  # a new function: traced with the patched route
+    with np.errstate(divide="ignore"):
+        top = np.max(x, -1, keepdims=True).astype(np.float64)
+        expected = np.where(np.isfinite(top[..., 0]), top[..., 0] + np.log(np.exp(x - np.where(np.isfinite(top), top, 0)).sum(-1)), -np.inf)
+    assert got[1, 2] == -np.inf
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
