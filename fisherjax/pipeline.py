@@ -325,7 +325,8 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
             f"{what}, {need / 1e9:.1f} GB) would take more than "
             f"{CURVATURE_MEMORY_SHARE:.0%} of the memory still free ({free / 1e9:.1f} GB); pass --curvature to run it anyway, "
             f"or a smaller {'--curvature-samples' if gram else '--curvature-k'}")
-    result = compare.compare_methods(model, chosen, k=config.curvature_k, seed=config.seed, progress=config.progress)
+    result = compare.compare_methods(model, chosen, k=config.curvature_k, seed=config.seed, progress=config.progress,
+                                     options=config.collect_options())  # Phase 1's compiled step, its storage
     return curvature_report.section(result, name, ctx.labels, model.layout.kv_head_of)
 
 

@@ -135,6 +135,7 @@ def compare_methods(
     kfac_margin: float = 0.75,
     seed: int = 0,
     progress: bool = False,
+    options: CollectOptions | None = None,
 ) -> MethodComparison:
     """Run the four methods on ``batches`` and compare them (see the module docstring).
 
@@ -145,6 +146,10 @@ def compare_methods(
       probes: Gaussian probes of the product error; count: slices compared per method.
       damping_rel: ``λ = damping_rel · tr(F)/D`` in the condition numbers.
       kfac_margin: K-FAC is recommended when its probe error is below this times the diagonal's.
+      options: Phase 1 options for the diagonal's pass (its empirical diagonal and kept attention
+        gradients are switched on, whatever they say): a run's own, as ``fisherjax analyze`` passes
+        them, make that pass its already compiled step, and the block spectra read gradients stored
+        as the run stores them (bfloat16 by default there; float32 without ``options``).
 
     Returns:
       :class:`MethodComparison`.
@@ -153,14 +158,14 @@ def compare_methods(
     batches = list(batches)
     layout, params = model.layout, model.params
     key = jax.random.key(seed)
-    options = CollectOptions(keep_per_sample_groups=False)
+    options = dataclasses.replace(options or CollectOptions(), fisher_type="empirical", diagonal=True, keep_sample_grads=True,
+                                  keep_per_sample_groups=False)
 
     # ---- the four methods, each measured ----------------------------------------------------
     # One Phase 1 pass gives the diagonal and the attention gradients the block spectra read; the
     # block spectra are measured (and their gradients freed) before the Gram route allocates G̃.
     def run_diagonal():
-        return collect(model, batches, task="compare", options=dataclasses.replace(options, diagonal=True, keep_sample_grads=True),
-                       progress=progress)
+        return collect(model, batches, task="compare", options=options, progress=progress)
 
     kept, diag_stretch = telemetry.measure(run_diagonal)
     diagonal = {p: np.asarray(v, np.float64) for p, v in kept.diagonal.items()}
