@@ -468,7 +468,7 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
         summary = qkov_report.summary(result, top_k=config.top_k, labels=ctx.labels)
         summary["kernel"] = dataclasses.asdict(kernel)
         summary["bootstrap"] = qkov_report.bootstrap_summary(qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=config.seed))
-        fit, heldout = qkov.heldout_split(fa, 0.5, seed=config.seed)
+        fit, heldout = qkov.heldout_rows(fa, 0.5, seed=config.seed)
         if curvature:
             summary["permutation_test"] = {"skipped": f"the permutation test's null rests on the diagonal Fisher of {name_a}; "
                                                       f"it does not take --qkov-variant {score.variant}"}
@@ -476,8 +476,8 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
             summary["permutation_test"] = {"skipped": f"{name_a} has {len(fit) + len(heldout)} samples with active tokens; its fit half "
                                                       f"({len(fit)}) needs at least {needed} for a stable Fisher"}
         else:
-            test = qkov.permutation_test(fit, fb, heldout, layout, n_permutations=1000, seed=config.seed, score=score, kernel=kernel,
-                                         progress=config.progress, mesh=ctx.mesh)
+            test = qkov.heldout_permutation_test(fa, fb, layout, fraction=0.5, split_seed=config.seed, n_permutations=1000,
+                                                 seed=config.seed, score=score, kernel=kernel, progress=config.progress, mesh=ctx.mesh)
             summary["permutation_test"] = qkov_report.permutation_summary(test, result)
         summaries[name_a, name_b], results[name_a, name_b] = summary, result
     if out is not None:  # None: a process of a multi-process run that computes with the others and writes nothing

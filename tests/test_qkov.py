@@ -757,6 +757,14 @@ def test_permutation_test_finds_planted_head_and_controls_the_rest(family):
     split = qkov.heldout_split(A, 0.25, seed=0)
     assert len(split[0]) == 15 and len(split[1]) == 5
     assert not set(split[0].sample_ids) & set(split[1].sample_ids)
+    # The split read in place (no copy of A) gives the test of the copied split, number for number.
+    copied = qkov.permutation_test(split[0], B, split[1], layout, n_permutations=200, seed=4, **MIN)
+    in_place = qkov.heldout_permutation_test(A, B, layout, fraction=0.25, split_seed=0, n_permutations=200, seed=4, **MIN)
+    np.testing.assert_array_equal(in_place.observed, copied.observed)
+    np.testing.assert_array_equal(in_place.pvalues, copied.pvalues)
+    fit, held = qkov.heldout_rows(A, 0.25, seed=0)
+    np.testing.assert_array_equal(A.sample_ids[fit], split[0].sample_ids)
+    np.testing.assert_array_equal(A.sample_ids[held], split[1].sample_ids)
 
 
 def test_bootstrap_matches_a_loop_over_replicates(family):

@@ -105,6 +105,8 @@ single = {
     "planted": conflicts.detect(la, lb, layout=llama, reference="a"),
     "chunked": conflicts.detect(A, B, layout=gpt2.layout, reference_split=H, chunk_size=3, null="normal"),
 }
+fit_a, held_a = qkov.heldout_split(A, 3 / 7, seed=2)
+single["perm_split"] = qkov.permutation_test(fit_a, B, held_a, gpt2.layout, n_permutations=300, seed=3, **MIN)
 single["gpt2_boot"] = qkov.bootstrap_layer_head_avg(single["gpt2"], n_bootstrap=64, seed=1, chunk=32)
 
 found = {}
@@ -137,6 +139,10 @@ for name, mesh in (("(4,)", make_mesh(4)), ("(2, 2)", make_mesh(2, 2))):
     f["perm_pvalues"] = same(perm.pvalues, single["perm"].pvalues)
     f["perm_qvalues"] = err(perm.qvalues, single["perm"].qvalues)
     f["perm_significant"] = same(perm.significant, single["perm"].significant)
+    # The same test on a held-out split of A read in place (rows of A mapped onto the devices).
+    split = qkov.heldout_permutation_test(A, B, gpt2.layout, fraction=3 / 7, split_seed=2, n_permutations=300, seed=3, mesh=mesh, **MIN)
+    f["perm_split_observed"] = err(split.observed, single["perm_split"].observed)
+    f["perm_split_pvalues"] = same(split.pvalues, single["perm_split"].pvalues)
     # Conflicts: per-group scope on real gradients; the planted conflict; chunks and a reference split.
     for key, kwargs, (a, b) in (("groups", dict(layout=gpt2.layout, scope="groups"), (A, B)),
                                 ("planted", dict(layout=llama, reference="a"), (la, lb)),

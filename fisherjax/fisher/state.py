@@ -66,15 +66,20 @@ class DerivedContributions(Mapping):
         return len(self._grads)
 
 
-def _mean_of_weighted_squares(g: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``mean_i w_i · g_i²`` over the leading axis, in float32, with one sample-sized scratch buffer."""
+def _mean_of_weighted_squares(g: np.ndarray, weights: np.ndarray, rows: np.ndarray | None = None, square: bool = True) -> np.ndarray:
+    """``mean_i w_i · g_i²`` (``w_i · g_i`` without ``square``) over the leading axis, or over the
+    positions ``rows``, in float32, with one sample-sized scratch buffer."""
     total = np.zeros(g.shape[1:], np.float32)
     scratch = np.empty_like(total)
-    for row, weight in zip(g, weights):
-        np.square(row, out=scratch, dtype=np.float32)
-        scratch *= weight
+    rows = range(len(g)) if rows is None else rows
+    for i in rows:
+        if square:
+            np.square(g[i], out=scratch, dtype=np.float32)
+        else:
+            scratch[...] = g[i]
+        scratch *= weights[i]
         total += scratch
-    return total / max(len(g), 1)
+    return total / max(len(rows), 1)
 
 
 @jax.tree_util.register_dataclass
@@ -150,9 +155,9 @@ class SampleGrads:
         }
         return cls(np.asarray(sample_ids)[keep], tokens[keep], {p: g.astype(dtype) for p, g in grads.items()}, contributions)
 
-    def fisher(self, paths: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Diagonal Fisher of the stored parameters (or of ``paths``) from these samples: mean of
-        ``C_i`` (float32).
+    def fisher(self, paths: Sequence[str] | None = None, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Diagonal Fisher of the stored parameters (or of ``paths``) from these samples (or from
+        those at positions ``rows``, read in place): mean of ``C_i`` (float32).
 
         Derived contributions are accumulated sample by sample (``Σ_i g_i² / T_i``) into one
         parameter-sized buffer, so no ``[n, ...]`` array of squares is ever allocated.
@@ -160,9 +165,11 @@ class SampleGrads:
         if paths is None:
             paths = list(self.grads) if self.derived else list(self.stored_contributions)
         if not self.derived:
-            return {p: np.mean(self.stored_contributions[p], axis=0, dtype=np.float32) for p in paths}
+            if rows is None:
+                return {p: np.mean(self.stored_contributions[p], axis=0, dtype=np.float32) for p in paths}
+            return {p: _mean_of_weighted_squares(self.stored_contributions[p], np.ones(len(self)), rows, square=False) for p in paths}
         inv_tokens = self.contributions.inv_tokens
-        return {p: _mean_of_weighted_squares(self.grads[p], inv_tokens) for p in paths}
+        return {p: _mean_of_weighted_squares(self.grads[p], inv_tokens, rows) for p in paths}
 
 
 @jax.tree_util.register_dataclass

@@ -108,7 +108,7 @@ from fisherjax.analysis.qkov.results import (
     save_npz,
     to_arrays,
 )
-from fisherjax.analysis.qkov.stats import bootstrap_layer_head_avg, heldout_split, permutation_test
+from fisherjax.analysis.qkov.stats import bootstrap_layer_head_avg, heldout_permutation_test, heldout_rows, heldout_split, permutation_test
 from fisherjax.fisher.pool import FISHER_POOLS
 from fisherjax.layout import ATTENTION_BLOCKS as BLOCKS
 
@@ -131,6 +131,8 @@ __all__ = [
     "bootstrap_layer_head_avg",
     "flops",
     "heatmap",
+    "heldout_permutation_test",
+    "heldout_rows",
     "heldout_split",
     "permutation_test",
     "sample_pair",

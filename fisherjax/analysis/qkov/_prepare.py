@@ -36,7 +36,22 @@ class Prepared(NamedTuple):
     slice_sizes: np.ndarray
     """``[block]`` parameters per slice."""
     scale_b: np.ndarray
-    """``[n_b]`` float32 factor ``s_j`` of task B's samples (``normalize_gj``)."""
+    """float32 factor ``s_j`` (``normalize_gj``) of every stored sample of task B, by position in
+    ``b`` (0 at positions not in :attr:`b_rows`)."""
+    a_rows: np.ndarray | None = None
+    """Positions in ``a`` of the samples scored and whose Fisher is used (None: all of them)."""
+    b_rows: np.ndarray | None = None
+    """Positions in ``b`` of the partner samples (None: all of them)."""
+
+    @property
+    def a_positions(self) -> np.ndarray:
+        """Positions in ``a``'s stored arrays of task A's samples, in order."""
+        return np.arange(len(self.a)) if self.a_rows is None else self.a_rows
+
+    @property
+    def b_positions(self) -> np.ndarray:
+        """Positions in ``b``'s stored arrays of task B's samples, in order."""
+        return np.arange(len(self.b)) if self.b_rows is None else self.b_rows
 
 
 def task_samples(task: TaskFisher | SampleGrads, default_name: str) -> tuple[SampleGrads, str]:
@@ -44,20 +59,24 @@ def task_samples(task: TaskFisher | SampleGrads, default_name: str) -> tuple[Sam
     return sample_grads_of(task, None if isinstance(task, TaskFisher) else default_name)
 
 
-def active(samples: SampleGrads, name: str) -> tuple[SampleGrads, tuple[int, ...]]:
+def active(samples: SampleGrads, name: str, rows: np.ndarray | None = None) -> tuple[SampleGrads, np.ndarray | None, tuple[int, ...]]:
     """Drop samples with ``T_i = 0`` (they carry no contribution), with a warning; returns the
-    kept samples and the dropped ids."""
+    samples, the positions kept (None: all; with ``rows``, those of ``rows`` kept, and the
+    samples are not copied) and the dropped ids."""
     tokens = np.asarray(samples.tokens)
-    keep = tokens > 0
+    chosen = np.arange(len(tokens)) if rows is None else np.asarray(rows)
+    keep = tokens[chosen] > 0
     if keep.all():
-        return samples, ()
-    dropped = tuple(int(s) for s in np.asarray(samples.sample_ids)[~keep])
+        return samples, rows, ()
+    dropped = tuple(int(s) for s in np.asarray(samples.sample_ids)[chosen[~keep]])
     warnings.warn(
         f"qkov: task {name!r} has {len(dropped)} sample(s) with no active tokens (T_i = 0); they carry no "
         f"contribution and are dropped (sample ids {list(dropped[:10])})",
         stacklevel=4,
     )
-    return samples.select(np.flatnonzero(keep)), dropped
+    if rows is not None:
+        return samples, chosen[keep], dropped
+    return samples.select(np.flatnonzero(keep)), None, dropped
 
 
 def required_paths(layout: ModelLayout, kinds: BlockKinds) -> list[str]:
@@ -99,10 +118,9 @@ def _ridge_shape(block: str, kind: str, ridge: np.ndarray) -> np.ndarray:
     return ridge[:, None, :, None]
 
 
-def _pooled(score: ScoreOptions, a: SampleGrads, b: SampleGrads, names: tuple[str, str]) -> tuple[bool, bool]:
-    """Whether task A's and task B's Fisher enter ``Î`` (weight > 0); each that does must have
-    samples, and together at least ``min_fisher_samples``."""
-    n_a, n_b = len(a), len(b)
+def _pooled(score: ScoreOptions, n_a: int, n_b: int, names: tuple[str, str]) -> tuple[bool, bool]:
+    """Whether task A's and task B's Fisher (of ``n_a`` and ``n_b`` samples) enter ``Î`` (weight
+    > 0); each that does must have samples, and together at least ``min_fisher_samples``."""
     weights = pool_weights(score.fisher_pool, n_a, n_b) if n_a + n_b else pool_weights(score.fisher_pool, 1, 1)
     used = (weights[0] > 0, weights[1] > 0)
     members = [(name, n) for use, name, n in zip(used, names, (n_a, n_b)) if use]
@@ -120,14 +138,17 @@ def _pooled(score: ScoreOptions, a: SampleGrads, b: SampleGrads, names: tuple[st
 
 def fisher_views(
     a: SampleGrads, b: SampleGrads, layout: ModelLayout, kinds: BlockKinds, score: ScoreOptions, names: tuple[str, str],
-    used: tuple[bool, bool],
+    used: tuple[bool, bool], rows: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
 ) -> dict[str, np.ndarray]:
     """Head views ``{block/kind: [layer, *view]}`` of ``Î`` on the full tensors: each task's float32
-    mean of ``C``, pooled by :func:`fisherjax.fisher.pool.pool_fisher` (``fisher_pool``); ``used``:
-    which tasks' Fisher enter it (:func:`_pooled`)."""
+    mean of ``C`` (over its ``rows``, None: all), pooled by
+    :func:`fisherjax.fisher.pool.pool_fisher` (``fisher_pool``); ``used``: which tasks' Fisher
+    enter it (:func:`_pooled`)."""
     use_a, use_b = used
     paths = required_paths(layout, kinds)
-    fisher = pool_fisher(score.fisher_pool, a.fisher(paths) if use_a else None, len(a), b.fisher(paths) if use_b else None, len(b))
+    n_a, n_b = (len(x) if r is None else len(r) for x, r in zip((a, b), rows))
+    fisher = pool_fisher(score.fisher_pool, a.fisher(paths, rows=rows[0]) if use_a else None, n_a,
+                         b.fisher(paths, rows=rows[1]) if use_b else None, n_b)
     label = "+".join(name for use, name in zip((use_a, use_b), names) if use)
     for p, value in fisher.items():
         if not np.isfinite(value).all():
@@ -135,11 +156,13 @@ def fisher_views(
     return _views(layout, fisher, kinds)
 
 
-def partner(task_b: TaskFisher | SampleGrads, default_name: str) -> tuple[SampleGrads, str, tuple[int, ...]]:
-    """Task B's samples with active tokens, its name and the dropped ids."""
+def partner(task_b: TaskFisher | SampleGrads, default_name: str, rows: np.ndarray | None = None
+            ) -> tuple[SampleGrads, np.ndarray | None, str, tuple[int, ...]]:
+    """Task B's samples with active tokens (of ``rows``, None: all), the positions kept, its name
+    and the dropped ids."""
     b, name_b = task_samples(task_b, default_name)
-    b, dropped_b = active(b, name_b)
-    return b, name_b, dropped_b
+    b, rows, dropped_b = active(b, name_b, rows)
+    return b, rows, name_b, dropped_b
 
 
 def check_partner(b: SampleGrads, name_b: str, paths: Sequence[str], score: ScoreOptions) -> None:
@@ -148,34 +171,42 @@ def check_partner(b: SampleGrads, name_b: str, paths: Sequence[str], score: Scor
     _check_paths(getattr(b, b_side), paths, b_side, name_b, score.include_bias)
 
 
-def partner_scale(b: SampleGrads, score: ScoreOptions) -> np.ndarray:
-    """``[n_b]`` float32 factor ``s_j`` of task B's samples, applied to the score in every variant:
-    1 (``"none"``), ``1/T_j`` (``"per_token_mean"``) or ``1/Σ_{j'∈B} T_{j'}`` (``"per_token_sum"``)."""
-    tokens = np.asarray(b.tokens, np.float64)
+def partner_scale(b: SampleGrads, score: ScoreOptions, rows: np.ndarray | None = None) -> np.ndarray:
+    """Float32 factor ``s_j`` of task B's samples (``rows``, None: all), by position in ``b`` (0
+    elsewhere), applied to the score in every variant: 1 (``"none"``), ``1/T_j``
+    (``"per_token_mean"``) or ``1/Σ_{j'∈B} T_{j'}`` (``"per_token_sum"``)."""
+    rows = np.arange(len(b)) if rows is None else np.asarray(rows)
+    tokens = np.asarray(b.tokens, np.float64)[rows]
+    scale = np.zeros(len(b), np.float32)
     if score.normalize_gj == "per_token_mean":
-        return (1.0 / tokens).astype(np.float32)
-    if score.normalize_gj == "per_token_sum":
-        return np.full(len(b), 1.0 / tokens.sum() if len(b) else 1.0, np.float32)
-    return np.ones(len(b), np.float32)
+        scale[rows] = 1.0 / tokens
+    elif score.normalize_gj == "per_token_sum":
+        scale[rows] = 1.0 / tokens.sum() if len(rows) else 1.0
+    else:
+        scale[rows] = 1.0
+    return scale
 
 
-def prepare(task_a: TaskFisher | SampleGrads, task_b: TaskFisher | SampleGrads, layout: ModelLayout, score: ScoreOptions) -> Prepared:
+def prepare(task_a: TaskFisher | SampleGrads, task_b: TaskFisher | SampleGrads, layout: ModelLayout, score: ScoreOptions,
+            a_rows: np.ndarray | None = None) -> Prepared:
     """Both tasks' samples with active tokens, checked for what the variant reads, and the Fisher's
-    weights, diagnostics and slice sizes."""
+    weights, diagnostics and slice sizes. ``a_rows``: score (and take the Fisher of) only these
+    positions of task A's stored samples, without copying them (a held-out split)."""
     a, name_a = task_samples(task_a, "A")
-    a, dropped_a = active(a, name_a)
-    b, name_b, dropped_b = partner(task_b, "B")
+    a, a_rows, dropped_a = active(a, name_a, a_rows)
+    b, b_rows, name_b, dropped_b = partner(task_b, "B")
     kinds = block_kinds(layout, score.include_bias)
     paths = required_paths(layout, kinds)
     a_side = "grads" if score.variant == "signed" else "contributions"
     _check_paths(getattr(a, a_side), paths, a_side, name_a, score.include_bias)
     check_partner(b, name_b, paths, score)
-    used = _pooled(score, a, b, (name_a, name_b))
+    n_a = len(a) if a_rows is None else len(a_rows)
+    used = _pooled(score, n_a, len(b), (name_a, name_b))
     for use, samples, name in zip(used, (a, b), (name_a, name_b)):
         if use:
             _check_paths(samples.contributions, paths, "contributions", name, score.include_bias)
 
-    fisher = fisher_views(a, b, layout, kinds, score, (name_a, name_b), used)
+    fisher = fisher_views(a, b, layout, kinds, score, (name_a, name_b), used, (a_rows, None))
     weights, stats, sizes = {}, [], []
     power = 1.5 if score.variant == "natural" else 1.0
     kv = layout.kv_head_of
@@ -193,14 +224,17 @@ def prepare(task_a: TaskFisher | SampleGrads, task_b: TaskFisher | SampleGrads, 
             denominator = fisher[slice_key(block, kind)] + _ridge_shape(block, kind, ridge)
             weights[slice_key(block, kind)] = (denominator ** -power).astype(np.float32)
     diagnostics = SliceDiagnostics(*(np.stack(column).astype(np.float64) for column in zip(*stats)))
-    return Prepared(a, b, name_a, name_b, dropped_a, dropped_b, kinds, weights, diagnostics, np.array(sizes), partner_scale(b, score))
+    return Prepared(a, b, name_a, name_b, dropped_a, dropped_b, kinds, weights, diagnostics, np.array(sizes), partner_scale(b, score),
+                    a_rows)
 
 
-def with_partner(prep: Prepared, task_b: TaskFisher | SampleGrads, layout: ModelLayout, score: ScoreOptions, default_name: str = "B") -> Prepared:
-    """``prep`` with another task B: valid as long as the Fisher is A's alone (``fisher_pool="A"``),
-    so A's Fisher, weights and diagnostics are computed once for several partner sets."""
+def with_partner(prep: Prepared, task_b: TaskFisher | SampleGrads, layout: ModelLayout, score: ScoreOptions, default_name: str = "B",
+                 b_rows: np.ndarray | None = None) -> Prepared:
+    """``prep`` with another task B (its positions ``b_rows``, None: all): valid as long as the
+    Fisher is A's alone (``fisher_pool="A"``), so A's Fisher, weights and diagnostics are computed
+    once for several partner sets."""
     if score.fisher_pool != "A":
         raise ConfigError("qkov: swapping task B keeps A's Fisher, which needs fisher_pool='A'")
-    b, name_b, dropped_b = partner(task_b, default_name)
+    b, b_rows, name_b, dropped_b = partner(task_b, default_name, b_rows)
     check_partner(b, name_b, required_paths(layout, prep.kinds), score)
-    return prep._replace(b=b, name_b=name_b, dropped_b=dropped_b, scale_b=partner_scale(b, score))
+    return prep._replace(b=b, name_b=name_b, dropped_b=dropped_b, scale_b=partner_scale(b, score, b_rows), b_rows=b_rows)

@@ -58,8 +58,9 @@ def finish(
 def all_scores(
     prep: Prepared, layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, *, progress: bool = False, desc: str = "QK-OV"
 ) -> Float[np.ndarray, "block layer n_a n_b heads"]:
-    """Scores of every sample pair and layer (:func:`~._tiles.raw_scores`, :func:`finish`)."""
-    a_pos, b_pos = np.arange(len(prep.a)), np.arange(len(prep.b))
+    """Scores of every sample pair and layer (:func:`~._tiles.raw_scores`, :func:`finish`), over
+    the prepared positions of both tasks."""
+    a_pos, b_pos = prep.a_positions, prep.b_positions
     raw = raw_scores(prep, layout, score, kernel, a_pos, b_pos, np.arange(layout.num_layers), progress=progress, desc=desc)
     return finish(raw, prep, layout, score, b_pos)
 
@@ -90,8 +91,8 @@ def sharded_scores(
     :class:`~fisherjax.errors.NumericalError`)."""
     raw = sharded_raw_scores(prep, layout, score, kernel, mesh, progress=progress, desc=desc)
     scores, finite = _finish_on_mesh(
-        raw, jnp.asarray(prep.scale_b), slice_sizes=tuple(int(s) for s in prep.slice_sizes), kv=tuple(int(g) for g in layout.kv_head_of),
-        aggregate=score.aggregate, n_layers=layout.num_layers, n_b=len(prep.b), mesh=mesh,
+        raw, jnp.asarray(prep.scale_b[prep.b_positions]), slice_sizes=tuple(int(s) for s in prep.slice_sizes),
+        kv=tuple(int(g) for g in layout.kv_head_of), aggregate=score.aggregate, n_layers=layout.num_layers, n_b=len(prep.b_positions), mesh=mesh,
     )
     finite = to_host(finite)
     if not finite.all():

@@ -324,7 +324,8 @@ def sharded_raw_scores(
     a_side: Side = side_of(prep.a, "a", score.variant)
     b_side: Side = side_of(prep.b, "b", score.variant)
     sources = leaf_sources(layout, prep.kinds)
-    n_a, n_b, n_l = len(prep.a), len(prep.b), layout.num_layers
+    a_positions, b_positions = prep.a_positions, prep.b_positions
+    n_a, n_b, n_l = len(a_positions), len(b_positions), layout.num_layers
     devices = data_size(mesh)
     tiles = select_kernel(kernel, layout, prep.kinds, a_side.transform, b_side.transform)
     floats_per_layer = sum(int(np.prod(w.shape[1:])) for w in prep.weights.values())
@@ -337,9 +338,9 @@ def sharded_raw_scores(
     out = {block: jnp.zeros((n_l_pad, devices * n_loc, n_b_pad, layout.heads_of(block)), jnp.float32,
                             device=NamedSharding(mesh, P(None, DATA))) for block in ATTENTION_BLOCKS}
 
-    def padded(start: int, size: int, n: int) -> np.ndarray:
+    def padded(start: int, size: int, positions: np.ndarray) -> np.ndarray:  # store positions, -1 past the end
         index = np.arange(start, start + size)
-        return np.where(index < n, index, -1)
+        return np.where(index < len(positions), positions[np.minimum(index, len(positions) - 1)], -1)
 
     def placed(side: Side, positions: np.ndarray, layers: np.ndarray, split: bool):
         leaves = host_leaves(side.store, layout, sources, positions, layers)
@@ -355,10 +356,11 @@ def sharded_raw_scores(
             for i0 in a_starts:
                 # Device k's rows of this tile: k·n_loc + i0 + [0, c_a), padding past n_a.
                 rows = (np.arange(devices)[:, None] * n_loc + i0 + np.arange(c_a)).ravel()
-                leaves_a, scale_a = placed(a_side, np.where(rows < n_a, rows, -1), lsel, True)
+                at = np.where(rows < n_a, a_positions[np.minimum(rows, n_a - 1)], -1)
+                leaves_a, scale_a = placed(a_side, at, lsel, True)
                 for j0 in b_starts:
                     if b_cached is None or len(b_starts) > 1:
-                        b_cached = placed(b_side, padded(j0, c_b, n_b), lsel, False)
+                        b_cached = placed(b_side, padded(j0, c_b, b_positions), lsel, False)
                     out = step(out, leaves_a, scale_a, weights, *b_cached, np.array([l0, i0, j0], np.int32))
                     bar.update()
     return out

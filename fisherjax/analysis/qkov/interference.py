@@ -79,7 +79,7 @@ def heatmap(
             raise ConfigError("qkov variant='kfac' with mesh= is not supported yet: call heatmap without a mesh")
         return kronecker.heatmap(task_a, task_b, layout, kfac, score, kernel, progress=progress)
     prep = prepare(task_a, task_b, layout, score)
-    n_a, n_b = len(prep.a), len(prep.b)
+    n_a, n_b = len(prep.a_positions), len(prep.b_positions)
     if n_b == 0:
         warnings.warn(f"qkov: task {prep.name_b!r} has no samples; its interference scores are all zero", stacklevel=2)
     desc = f"QK-OV {prep.name_b} → {prep.name_a}"

@@ -328,8 +328,8 @@ def prepare(
     slice sizes ``D`` and ``s_j``."""
     check_request(score, kfac)
     a, name_a = task_samples(task_a, "A")
-    a, dropped_a = active(a, name_a)
-    b, name_b, dropped_b = partner(task_b, "B")
+    a, _, dropped_a = active(a, name_a)
+    b, _, name_b, dropped_b = partner(task_b, "B")
     kinds = block_kinds(layout, score.include_bias)
     paths = required_paths(layout, kinds)
     for samples, name in ((a, name_a), (b, name_b)):

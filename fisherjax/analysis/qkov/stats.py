@@ -1,5 +1,6 @@
 """Statistics of the score: :func:`heldout_split`, :func:`permutation_test` (does A-vs-B
-interference on a (block, layer, head) exceed A-vs-A', a held-out split of A?) with
+interference on a (block, layer, head) exceed A-vs-A', a held-out split of A?) and
+:func:`heldout_permutation_test` (the same on a split read in place), with
 Benjamini–Hochberg q-values over all distinct cells, and :func:`bootstrap_layer_head_avg`
 (percentile intervals under resampling of both tasks' samples)."""
 
@@ -21,15 +22,25 @@ from fisherjax.sharding import check_mesh, to_host
 from fisherjax.stats import bootstrap_indices, fdr_qvalues, percentile_interval, permutation_pvalue
 
 
-def heldout_split(task: TaskFisher | SampleGrads, fraction: float = 0.5, seed: int = 0) -> tuple[SampleGrads, SampleGrads]:
-    """Split a task's samples at random into ``(A, A')`` with ``A'`` holding ``fraction`` of them."""
+def heldout_rows(task: TaskFisher | SampleGrads, fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(fit, held)`` of a random split of a task's stored samples, ``held`` holding
+    ``fraction`` of them (each sorted): the split of :func:`heldout_split` and
+    :func:`heldout_permutation_test`."""
     samples, name = task_samples(task, "A")
     n = len(samples)
     n_held = int(round(fraction * n))
     if not 0 < n_held < n:
         raise DataError(f"qkov: cannot hold out {fraction:.0%} of the {n} samples of task {name!r}")
     order = np.random.default_rng(seed).permutation(n)
-    return samples.select(np.sort(order[n_held:])), samples.select(np.sort(order[:n_held]))
+    return np.sort(order[n_held:]), np.sort(order[:n_held])
+
+
+def heldout_split(task: TaskFisher | SampleGrads, fraction: float = 0.5, seed: int = 0) -> tuple[SampleGrads, SampleGrads]:
+    """Split a task's samples at random into ``(A, A')`` with ``A'`` holding ``fraction`` of them
+    (copies; :func:`heldout_permutation_test` tests the same split without copying)."""
+    samples, _ = task_samples(task, "A")
+    fit, held = heldout_rows(task, fraction, seed)
+    return samples.select(fit), samples.select(held)
 
 
 def permutation_test(
@@ -65,19 +76,59 @@ def permutation_test(
     devices and only the column means ``[block, layer, n_b + n_held, head]`` — sums over A's rows
     across devices, float32 — are gathered. The permutations run on the host as without a mesh.
     """
-    mesh = check_mesh(mesh)
+    score, kernel = _permutation_options(score, kernel, overrides)
+    with_b = prepare(task_a, task_b, layout, score)
+    with_held = with_partner(with_b, task_a_heldout, layout, score, default_name=f"{with_b.name_a} (held out)")
+    return _permutation(with_b, with_held, layout, score, kernel, n_permutations=n_permutations, alpha=alpha, fdr_method=fdr_method,
+                        seed=seed, progress=progress, mesh=mesh)
+
+
+def heldout_permutation_test(
+    task_a: TaskFisher | SampleGrads,
+    task_b: TaskFisher | SampleGrads,
+    layout: ModelLayout,
+    *,
+    fraction: float = 0.5,
+    split_seed: int = 0,
+    n_permutations: int = 2000,
+    alpha: float = 0.05,
+    fdr_method: str = "bh",
+    seed: int = 0,
+    score: ScoreOptions | None = None,
+    kernel: KernelOptions | None = None,
+    progress: bool = False,
+    mesh: Mesh | None = None,
+    **overrides,
+) -> PermutationResult:
+    """:func:`permutation_test` of ``A``'s fit part against ``B`` and ``A``'s held-out part
+    ``A'`` (:func:`heldout_rows` with ``fraction``, ``split_seed``), reading both parts in place in
+    ``task_a``'s stored gradients: the same numbers as ``permutation_test(*heldout_split(...))``
+    without the copy of task A that split makes (all of a spilled task's gradients, in memory)."""
+    score, kernel = _permutation_options(score, kernel, overrides)
+    fit, held = heldout_rows(task_a, fraction, split_seed)
+    with_b = prepare(task_a, task_b, layout, score, a_rows=fit)
+    with_held = with_partner(with_b, task_a, layout, score, default_name=f"{with_b.name_a} (held out)", b_rows=held)
+    return _permutation(with_b, with_held, layout, score, kernel, n_permutations=n_permutations, alpha=alpha, fdr_method=fdr_method,
+                        seed=seed, progress=progress, mesh=mesh)
+
+
+def _permutation_options(score, kernel, overrides) -> tuple[ScoreOptions, KernelOptions]:
     score, kernel = resolve(score, kernel, overrides)
     if score.variant in CURVATURE_VARIANTS:
         raise ConfigError(f"qkov permutation_test does not support variant={score.variant!r} yet: its null rests on the diagonal "
                           "Fisher of A; use heatmap(..., variant='kfac', kfac=...) for the scores")
     if score.fisher_pool != "A":
         raise ConfigError("qkov permutation_test compares B with A' against A's own Fisher: use fisher_pool='A'")
-    # Î is A's alone, so a column's scores do not depend on the other columns: A's Fisher once, then
-    # one score array per partner set (not one over a host copy of B and A' joined).
-    with_b = prepare(task_a, task_b, layout, score)
-    with_held = with_partner(with_b, task_a_heldout, layout, score, default_name=f"{with_b.name_a} (held out)")
-    b, held = with_b.b, with_held.b
-    if not len(b) or not len(held):
+    return score, kernel
+
+
+def _permutation(with_b, with_held, layout, score, kernel, *, n_permutations, alpha, fdr_method, seed, progress, mesh) -> PermutationResult:
+    """The test of :func:`permutation_test` on task A prepared against B and against A' (Î is A's
+    alone, so a column's scores do not depend on the other columns: A's Fisher once, then one
+    score array per partner set, not one over a host copy of B and A' joined)."""
+    mesh = check_mesh(mesh)
+    n_b, n_held = len(with_b.b_positions), len(with_held.b_positions)
+    if not n_b or not n_held:
         raise DataError("qkov permutation_test needs samples in both task B and the held-out split A'")
 
     def means_over_a(prep):  # [block, layer, n_partner, head] float64: m_j = mean_i M_ij
@@ -85,10 +136,10 @@ def permutation_test(
         if mesh is None:
             return all_scores(prep, layout, score, kernel, progress=progress, desc=desc).astype(np.float64).mean(axis=2)
         sums = _scores.column_sums(_scores.sharded_scores(prep, layout, score, kernel, mesh, progress=progress, desc=desc))
-        return to_host(sums).astype(np.float64) / len(prep.a)
+        return to_host(sums).astype(np.float64) / len(prep.a_positions)
 
     column_means = np.concatenate([means_over_a(prep) for prep in (with_b, with_held)], axis=2)  # [block, layer, n_b + n_held, head]
-    is_b = np.r_[np.ones(len(b), bool), np.zeros(len(held), bool)]
+    is_b = np.r_[np.ones(n_b, bool), np.zeros(n_held, bool)]
 
     def contrast(labels):  # [..., n] bool -> weights giving mean over B minus mean over A'
         return labels / labels.sum(-1, keepdims=True) - ~labels / (~labels).sum(-1, keepdims=True)
