@@ -582,6 +582,16 @@ def test_inactive_samples_dropped_with_warning(family):
         result = qkov.heatmap(extra, B, model.layout, **MIN)
     assert result.dropped_a == (999,)
     _close(result.scores, qkov.heatmap(A, B, model.layout, **MIN).scores, rtol=1e-6)
+    # A split read in place drops the inactive row as the copied split does (stored contributions:
+    # the Fisher of the rows is a mean of C_i, not of g_i²/T_i).
+    for seed in (1, 2):
+        fit, held = qkov.heldout_split(extra, 0.4, seed=seed)
+        with pytest.warns(UserWarning, match="T_i = 0"):
+            copied = qkov.permutation_test(fit, B, held, model.layout, n_permutations=50, **MIN)
+        with pytest.warns(UserWarning, match="T_i = 0"):
+            in_place = qkov.heldout_permutation_test(extra, B, model.layout, fraction=0.4, split_seed=seed, n_permutations=50, **MIN)
+        _close(in_place.observed, copied.observed, rtol=1e-6)
+        np.testing.assert_array_equal(in_place.pvalues, copied.pvalues)
 
 
 def test_empty_task_b_gives_zeros(family):
