@@ -324,7 +324,10 @@ def test_streamed_chunks_equal_stored(gpt2, gpt2_task):
     r_stream = C.detect(stream(a, 4), stream(b, 5), layout=gpt2.layout, fisher=fisher, chunk_size=5, reference="a")
     r_stored = C.detect(a, b, layout=gpt2.layout, fisher=fisher, reference="a")
     chex.assert_trees_all_close(r_stream.cosines, r_stored.cosines, atol=1e-6)
-    chex.assert_trees_all_close(r_stream.pvalues, r_stored.pvalues, atol=1e-9)
+    # Empirical p-values count the null's float32 cosines beyond each test cosine; summed in another
+    # order, a test cosine within rounding of a null value may move by one count (1/556 here).
+    diff = np.abs(np.asarray(r_stream.pvalues) - np.asarray(r_stored.pvalues))
+    assert diff.max() <= 2e-3 and (diff > 1e-9).sum() <= 2, (diff.max(), int((diff > 1e-9).sum()))
     with pytest.raises(ConfigError, match="fisher="):
         C.detect(stream(a, 4), stream(b, 5), layout=gpt2.layout)
     with pytest.raises(ConfigError, match="fresh iterator"):
