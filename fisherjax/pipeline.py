@@ -315,7 +315,7 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
                                         "pass --curvature to compare the Fisher methods anyway")
     name = next(iter(ctx.tasks))
     chosen = first_batches(ctx, name, config.curvature_samples)
-    k, n = config.curvature_k, sum(int((np.asarray(b.sample_ids) >= 0).sum()) for b in chosen)
+    k, n = config.curvature_k, sum(b.num_real for b in chosen)
     need, free = compare.basis_bytes(model.num_params, k, n=n), backend.available_memory_bytes()
     if not config.curvature and free is not None and need > CURVATURE_MEMORY_SHARE * free:
         gram = compare.from_gram(model.num_params, k, n)

@@ -47,8 +47,7 @@ from fisherjax.curvature.products import (
 __all__ = [
     "KFAC", "BlockSpectra", "Eigen", "FisherOperator", "HeadFactors", "KroneckerFactor", "MethodComparison", "Restriction",
     "attention_factors", "block_spectra", "blocks", "compare", "compare_methods", "decompose", "empirical_eigen", "factors",
-    "fisher_operator",
-    "fisher_vector_product", "hutchinson_trace", "kfac", "kfac_factors", "kfac_inverse_product", "kfac_vector_product",
+    "fisher_operator", "fisher_vector_product", "hutchinson_trace", "kfac", "kfac_factors", "kfac_inverse_product", "kfac_vector_product",
     "lanczos", "lanczos_top_k", "largest_blocks", "lowrank", "products", "refit_eigenvalues", "restrict_block", "restrict_head",
     "restrict_layer", "restrict_paths", "restrict_union", "slice_spectrum", "spectral_density",
 ]

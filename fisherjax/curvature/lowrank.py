@@ -117,7 +117,7 @@ def _pairs(g, coefficients):
     return v, jnp.dot(g, v, precision=hi)
 
 
-def empirical_eigen(model, params, batches: Sequence[Batch], k: int, *, memory_budget_bytes: float = 2e9) -> Eigen:
+def empirical_eigen(model, params, batches: Sequence[Batch], k: int, *, memory_budget_bytes: float = 1e9) -> Eigen:
     """The ``k`` largest eigenpairs of the empirical Fisher of ``batches`` (module docstring):
     :func:`gram_eigen` of their :func:`scaled_gradients`.
 

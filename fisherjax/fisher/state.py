@@ -66,17 +66,18 @@ class DerivedContributions(Mapping):
         return len(self._grads)
 
 
-def _mean_of_weighted_squares(g: np.ndarray, weights: np.ndarray, rows: np.ndarray | None = None, square: bool = True) -> np.ndarray:
-    """``mean_i w_i · g_i²`` (``w_i · g_i`` without ``square``) over the leading axis, or over the
-    positions ``rows``, in float32, with one sample-sized scratch buffer."""
-    total = np.zeros(g.shape[1:], np.float32)
+def _weighted_row_mean(x: np.ndarray, weights: np.ndarray, rows: np.ndarray | None = None, square: bool = True) -> np.ndarray:
+    """``mean_i w_i · x_i²`` (``mean_i w_i · x_i`` without ``square``) over the leading axis, or
+    over the positions ``rows``, in float32, read row by row into one sample-sized scratch buffer
+    (no ``[n, ...]`` temporary, no copy of the selected rows)."""
+    total = np.zeros(x.shape[1:], np.float32)
     scratch = np.empty_like(total)
-    rows = range(len(g)) if rows is None else rows
+    rows = range(len(x)) if rows is None else rows
     for i in rows:
         if square:
-            np.square(g[i], out=scratch, dtype=np.float32)
+            np.square(x[i], out=scratch, dtype=np.float32)
         else:
-            scratch[...] = g[i]
+            scratch[...] = x[i]
         scratch *= weights[i]
         total += scratch
     return total / max(len(rows), 1)
@@ -167,9 +168,9 @@ class SampleGrads:
         if not self.derived:
             if rows is None:
                 return {p: np.mean(self.stored_contributions[p], axis=0, dtype=np.float32) for p in paths}
-            return {p: _mean_of_weighted_squares(self.stored_contributions[p], np.ones(len(self)), rows, square=False) for p in paths}
+            return {p: _weighted_row_mean(self.stored_contributions[p], np.ones(len(self)), rows, square=False) for p in paths}
         inv_tokens = self.contributions.inv_tokens
-        return {p: _mean_of_weighted_squares(self.grads[p], inv_tokens, rows) for p in paths}
+        return {p: _weighted_row_mean(self.grads[p], inv_tokens, rows) for p in paths}
 
 
 @jax.tree_util.register_dataclass

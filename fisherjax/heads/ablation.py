@@ -143,7 +143,7 @@ def ablate_heads(
         sums = _ablation_sums(model, params, batch.input_ids, batch.attention_mask, batch.labels, batch.sample_ids,
                               chunked, starts, chunk)
         totals += np.asarray(sums, np.float64)[: gates.shape[0]]
-        rows += int((np.asarray(batch.sample_ids) >= 0).sum())
+        rows += batch.num_real
     nll, tokens, exact = totals.T
     if rows == 0 or tokens[0] == 0:
         raise DataError("no sample with predicted tokens: head ablation needs at least one")

@@ -41,12 +41,14 @@ class DecoderOutput(NamedTuple):
     ``attentions``: ``[layer, batch, heads, seq, seq]`` when asked for, else None.
     ``recorded``: per site, the input its per-sample gradient needs (only with taps).
     ``taps``: the zero taps created in discovery mode (only with ``taps=DISCOVER``).
+    ``stream``: ``[layer, batch, seq, d]``, every block's input, when asked for, else None.
     """
 
     logits: Float[Array, "batch seq vocab"]
     attentions: Float[Array, "layer batch heads seq seq"] | None = None
     recorded: dict | None = None
     taps: dict | None = None
+    stream: Float[Array, "layer batch seq d"] | None = None
 
 
 class Decoder(nnx.Module):
@@ -79,6 +81,7 @@ class Decoder(nnx.Module):
         *,
         taps: dict | str | None = None,
         return_attention: bool = False,
+        return_stream: bool = False,
         remat: bool = False,
     ) -> DecoderOutput:
         """Logits of every position; padding never leaks into real positions.
@@ -88,6 +91,7 @@ class Decoder(nnx.Module):
           taps: None for a plain pass; a dict of zero arrays per site (``layers/...`` entries
             stacked over layers) to differentiate through; or ``DISCOVER`` to create them.
           return_attention: also return attention probabilities of every layer.
+          return_stream: also return every block's input (what :meth:`logits_from` resumes from).
           remat: recompute each block in the backward pass instead of storing its activations.
         """
         probe = Probe(taps if taps is DISCOVER or taps is None else _top_level(taps))
@@ -100,18 +104,20 @@ class Decoder(nnx.Module):
 
         def block(carry, xs):
             params, layer, tap = xs
+            inputs = carry
             layer_probe = probe.layer(tap) if taps is not None else Probe(None)
             carry, probs = nnx.merge(graphdef, params)(carry, ctx, layer, layer_probe)
             ys = (
                 probs if return_attention else None,
                 layer_probe.recorded or None,
                 layer_probe.created or None,
+                inputs if return_stream else None,
             )
             return carry, ys
 
         if remat:
             block = jax.checkpoint(block)
-        x, (attentions, layer_recorded, layer_created) = jax.lax.scan(
+        x, (attentions, layer_recorded, layer_created, stream) = jax.lax.scan(
             block, x, (layer_params, per_layer, layer_taps)
         )
         x = probe("final_norm", self.final_norm, x)
@@ -121,8 +127,7 @@ class Decoder(nnx.Module):
             recorded = {**probe.recorded, "layers": layer_recorded}
         if taps is DISCOVER:
             taps_created = {**probe.created, "layers": layer_created}
-        return DecoderOutput(logits, attentions, recorded, taps_created)
-
+        return DecoderOutput(logits, attentions, recorded, taps_created, stream)
 
     def _context(self, attention_mask):
         """``(positions, attention context, per-layer scalars)`` of a batch, shared by every pass."""
@@ -138,32 +143,13 @@ class Decoder(nnx.Module):
         }
         return positions, attention_context(attention_mask, positions, rope_tables), per_layer
 
-    def residual_stream(
-        self, input_ids: Int[Array, "batch seq"], attention_mask: Int[Array, "batch seq"]
-    ) -> tuple[Float[Array, "layer batch seq d"], Float[Array, "batch seq vocab"]]:
-        """The input of every layer's block ``x_l`` (``[layer, batch, seq, d]``) and the logits of a
-        plain pass: what :meth:`logits_from` starts from."""
-        positions, ctx, per_layer = self._context(attention_mask)
-        x = self.embed(input_ids)
-        if self.config.rope is None:
-            x = x + self.pos_embed(positions)
-        graphdef, layer_params = nnx.split(self.layers)
-
-        def block(carry, xs):
-            params, layer = xs
-            out, _ = nnx.merge(graphdef, params)(carry, ctx, layer, Probe(None))
-            return out, carry
-
-        x, inputs = jax.lax.scan(block, x, (layer_params, per_layer))
-        return inputs, self.lm_head(self.final_norm(x))
-
     def logits_from(
         self, x: Float[Array, "batch seq d"], attention_mask: Int[Array, "batch seq"], start
     ) -> Float[Array, "batch seq vocab"]:
         """Logits after blocks ``start … layer − 1`` on ``x``, the input of block ``start`` (a
         traced index may be given: the blocks run in a ``fori_loop`` from it), then the final
         norm and the unembedding. Equal to the full pass when ``x = x_start`` of
-        :meth:`residual_stream`; with other parameters from ``start`` on, the pass of those
+        :meth:`__call__`'s ``stream``; with other parameters from ``start`` on, the pass of those
         parameters whose first ``start`` blocks are unchanged (what a single-head ablation needs)."""
         _, ctx, per_layer = self._context(attention_mask)
         graphdef, layer_params = nnx.split(self.layers)

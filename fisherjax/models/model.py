@@ -58,6 +58,7 @@ class Model:
         *,
         taps: dict | None = None,
         return_attention: bool = False,
+        return_stream: bool = False,
         remat: bool = False,
     ) -> DecoderOutput:
         """The full forward pass; see :class:`~fisherjax.models.decoder.Decoder`."""
@@ -65,7 +66,7 @@ class Model:
             attention_mask = jnp.ones_like(input_ids)
         check_token_ids(input_ids, self.config.vocab_size)
         module = nnx.merge(self.graphdef, params)
-        return module(input_ids, attention_mask, taps=taps, return_attention=return_attention, remat=remat)
+        return module(input_ids, attention_mask, taps=taps, return_attention=return_attention, return_stream=return_stream, remat=remat)
 
     def apply(
         self,
@@ -77,12 +78,10 @@ class Model:
         return self.forward(params, input_ids, attention_mask).logits
 
     def residual_stream(self, params: Params, input_ids, attention_mask=None):
-        """``(x [layer, batch, seq, d], logits)``: every block's input and the logits
-        (:meth:`~fisherjax.models.decoder.Decoder.residual_stream`)."""
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
-        check_token_ids(input_ids, self.config.vocab_size)
-        return nnx.merge(self.graphdef, params).residual_stream(input_ids, attention_mask)
+        """``(x [layer, batch, seq, d], logits)``: every block's input and the logits of one plain
+        pass (the forward pass's ``stream``)."""
+        out = self.forward(params, input_ids, attention_mask, return_stream=True)
+        return out.stream, out.logits
 
     def logits_from(self, params: Params, x, attention_mask, start) -> Float[Array, "batch seq vocab"]:
         """Logits from block ``start`` on, given its input ``x``
