@@ -14,6 +14,9 @@ choice                           CPU                         GPU / TPU
 :func:`map_groups`               ``lax.map`` over groups     one batched ``einsum``
 :func:`reads_in_place`           aligned host arrays         never (device memory)
 :func:`start_host_copy`          ``copy_to_host_async``      into pinned host memory
+:func:`vocabulary_sums_by_dot`   a GEMV                      the fused reduction
+:func:`settings_per_pass`        one                         all that fit the budget
+:func:`scored_positions_per_chunk`  128 positions            1024 positions
 ===============================  ==========================  ==============================
 
 The reasons, with their measurements, are in ``docs/DECISIONS.md`` and
@@ -63,6 +66,14 @@ def vocabulary_sums_by_dot() -> bool:
     into it runs at about half the speed of the elementwise exponential and a GEMV; elsewhere the
     fused reduction, which never writes the exponentials."""
     return is_cpu()
+
+
+def scored_positions_per_chunk() -> int:
+    """Positions a forward-only score unembeds at a time (:func:`fisherjax.grads.hidden_scores`):
+    128 on a CPU, where a ``[128, vocab]`` logits tile and its reductions beat one
+    ``[batch, seq, vocab]`` pass over every position; 1024 elsewhere, where GEMMs want more rows
+    and the tile still bounds the logits' memory."""
+    return 128 if is_cpu() else 1024
 
 
 def settings_per_pass(fits: int) -> int:

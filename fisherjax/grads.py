@@ -117,6 +117,64 @@ def completion_scores(
     return exact, token_nll(logits, labels).sum(-1), hit.sum(-1), tokens
 
 
+def hidden_scores(
+    unembed, hidden: Float[Array, "batch seq d"], labels: Int[Array, "batch seq"], *, chunk: int | None = None,
+    matches: bool = True,
+) -> tuple[Bool[Array, " batch"], Float[Array, " batch"], Int[Array, " batch"], Int[Array, " batch"]]:
+    """:func:`completion_scores` of ``logits = unembed(hidden)``, unembedding only the predicted
+    positions, ``chunk`` at a time (default :func:`fisherjax.backend.scored_positions_per_chunk`).
+
+    The positions ``t`` with a label at ``t + 1`` are gathered in order into ``⌈P / chunk⌉``
+    tiles (``P`` of them; a ``fori_loop`` with that traced trip count), each tile's ``[chunk,
+    vocab]`` logits reduced to its tokens' ``−log p`` and exact-match flags, and these summed back
+    per sample. Padding and prompt positions are never unembedded and the ``[batch, seq, vocab]``
+    logits never exist. ``unembed`` maps ``[chunk, d]`` to ``[chunk, vocab]``; forward only (the
+    loop's dynamic trip count has no reverse-mode rule: differentiate :func:`sample_losses`).
+    ``matches=False`` skips the exact-match comparisons (``exact`` and ``correct`` are then 0), for
+    callers that read only the losses.
+    """
+    batch, seq = labels.shape
+    chunk = chunk or backend.scored_positions_per_chunk()
+    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], axis=1).reshape(-1)
+    valid = targets != IGNORE
+    count = valid.sum()
+    positions = batch * seq
+    padded = -(-positions // chunk) * chunk
+    order = jnp.argsort(~valid, stable=True)  # scored positions first, in order
+    order = jnp.concatenate([order, jnp.zeros(padded - positions, order.dtype)])
+    flat = hidden.reshape(positions, -1)
+
+    def tile(c, carry):
+        nll, hit = carry
+        rows = jax.lax.dynamic_slice_in_dim(order, c * chunk, chunk)
+        logits = unembed(flat[rows]).astype(jnp.float32)
+        picked = jnp.where(valid[rows], targets[rows], 0)
+        loss = logsumexp(logits) - jnp.take_along_axis(logits, picked[:, None], axis=-1)[:, 0]
+        nll = jax.lax.dynamic_update_slice_in_dim(nll, loss, c * chunk, 0)
+        if matches:
+            hit = jax.lax.dynamic_update_slice_in_dim(hit, is_argmax(logits, picked), c * chunk, 0)
+        return nll, hit
+
+    nll, hit = jax.lax.fori_loop(0, (count + chunk - 1) // chunk, tile, (jnp.zeros(padded), jnp.zeros(padded, bool)))
+    scored = jnp.arange(padded) < count
+    sample = order // seq
+    nll = jax.ops.segment_sum(jnp.where(scored, nll, 0.0), sample, batch)
+    correct = jax.ops.segment_sum((scored & hit).astype(jnp.int32), sample, batch)
+    tokens = valid.reshape(batch, seq).sum(-1)
+    return (correct == tokens) & (tokens > 0), nll, correct, tokens
+
+
+def forward_scores(
+    model, params, input_ids, attention_mask, labels, *, matches: bool = True
+) -> tuple[Bool[Array, " batch"], Float[Array, " batch"], Int[Array, " batch"], Int[Array, " batch"]]:
+    """``(exact_i, L_i, correct_i, T_i)`` of a batch (:func:`completion_scores`, only the labels
+    :func:`~fisherjax.data.predicted_labels` keeps) from one forward pass that unembeds only the
+    predicted positions (:func:`hidden_scores`, whose ``matches`` this passes on); forward only."""
+    labels = predicted_labels(labels, attention_mask)
+    hidden = model.hidden(params, input_ids, attention_mask)
+    return hidden_scores(lambda h: model.unembed(params, h), hidden, labels, matches=matches)
+
+
 def sample_losses(model, params, input_ids, attention_mask, labels) -> tuple[Float[Array, " batch"], Int[Array, " batch"]]:
     """Token-sum loss ``L_i`` and active-token count ``T_i`` of every sample of a batch (only the
     labels :func:`~fisherjax.data.predicted_labels` keeps)."""

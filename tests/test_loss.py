@@ -151,3 +151,80 @@ def test_logsumexp_either_way(by_dot, monkeypatch):
         expected = np.where(np.isfinite(top[..., 0]), top[..., 0] + np.log(np.exp(x - np.where(np.isfinite(top), top, 0)).sum(-1)), -np.inf)
     assert got[1, 2] == -np.inf
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+# --- scores that unembed only the predicted positions ---------------------------------------------
+
+
+def _reference_scores(logits, labels):
+    """float64 numpy: per sample ``(exact, Σ −log p, correct, T)`` over labels ≠ -100 at ``t + 1``,
+    with ``argmax`` (first index wins a tie) for a hit."""
+    logits = np.asarray(logits, np.float64)[:, :-1]
+    targets = np.asarray(labels)[:, 1:]
+    valid = targets != IGNORE
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, np.where(valid, targets, 0)[..., None], -1)[..., 0]
+    hit = (logits.argmax(-1) == targets) & valid
+    tokens = valid.sum(-1)
+    return (hit.sum(-1) == tokens) & (tokens > 0), np.where(valid, -picked, 0).sum(-1), hit.sum(-1), tokens
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 64])
+def test_hidden_scores_equal_the_scores_of_all_logits(chunk):
+    """``hidden_scores`` (tiles of ``chunk`` predicted positions) equals float64 numpy scores of the
+    full logits: right padding, a prompt, a hole, a row with nothing predicted, ties in the
+    vocabulary (two identical unembedding rows, the target the later one: never a hit), a trip
+    count that does not divide the positions, and under ``vmap`` (as the masks experiment runs it)."""
+    from fisherjax.grads import completion_scores, hidden_scores
+
+    rng = np.random.default_rng(5)
+    batch, seq, d, vocab = 4, 9, 6, 13
+    hidden = rng.normal(size=(batch, seq, d)).astype(np.float32)
+    unembedding = rng.normal(size=(d, vocab)).astype(np.float32)
+    unembedding[:, 9] = unembedding[:, 4]  # vocab 4 and 9 tie everywhere
+    labels = rng.integers(0, vocab, size=(batch, seq)).astype(np.int32)
+    labels[0, 6:] = IGNORE
+    labels[1, :4] = IGNORE  # prompt
+    labels[2, :] = IGNORE  # nothing predicted
+    labels[3, 5] = IGNORE
+    logits = hidden @ unembedding
+    labels[3, 1:] = logits[3, :-1].argmax(-1)  # every token a hit: exact
+    labels[3, 5] = IGNORE
+    labels[0, 3] = 9
+    hidden[0, 2] = unembedding[:, 9] * 10  # position 2 predicts a tie of 4 and 9, labelled 9: a miss
+    logits = hidden @ unembedding
+    unembed = lambda h: h @ jnp.asarray(unembedding)  # noqa: E731
+    expected = _reference_scores(logits, labels)
+    assert expected[0][3] and not expected[0][0] and expected[3][2] == 0
+    got = jax.jit(lambda h, y: hidden_scores(unembed, h, y, chunk=chunk))(jnp.asarray(hidden), jnp.asarray(labels))
+    for ours, ref in zip(got, expected):
+        np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-5)
+    losses_only = hidden_scores(unembed, jnp.asarray(hidden), jnp.asarray(labels), chunk=chunk, matches=False)
+    np.testing.assert_allclose(np.asarray(losses_only[1]), expected[1], rtol=1e-5, atol=1e-5)
+    dense = completion_scores(jnp.asarray(logits), jnp.asarray(labels))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(dense[0]))
+    scaled = jax.vmap(lambda s: hidden_scores(lambda h: unembed(h) * s, jnp.asarray(hidden), jnp.asarray(labels), chunk=chunk))(
+        jnp.asarray([1.0, 2.0])
+    )
+    np.testing.assert_allclose(np.asarray(scaled[1][1]), _reference_scores(logits * 2, labels)[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_forward_scores_equal_scores_of_the_full_pass(model, side):
+    """``forward_scores`` (final norm, then only the predicted positions unembedded) equals
+    ``completion_scores`` of ``Model.apply``'s logits, either padding side, filler row included;
+    ``hidden`` unembedded is ``apply``."""
+    from fisherjax.grads import completion_scores, forward_scores
+
+    examples = [Example((5, 6, 7, 8, 3), 0, 0), Example((9, 10), 0, 1), Example((11, 12, 13, 14, 15, 16), 2, 2)]
+    b = make_batch(examples, 4, 8, side=side)
+    ours = jax.jit(lambda p: forward_scores(model, p, b.input_ids, b.attention_mask, b.labels))(model.params)
+    logits = model.apply(model.params, b.input_ids, b.attention_mask)
+    ref = completion_scores(logits, predicted_labels(b.labels, b.attention_mask))
+    for x, y in zip(ours, ref):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(ours[3]), [4, 1, 4, 0])
+    real = b.attention_mask.astype(bool)
+    hidden = model.hidden(model.params, b.input_ids, b.attention_mask)
+    np.testing.assert_allclose(np.asarray(model.unembed(model.params, hidden))[real], np.asarray(logits)[real], rtol=1e-5, atol=1e-5)

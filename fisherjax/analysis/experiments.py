@@ -23,7 +23,7 @@ from fisherjax.data import IGNORE, Batch, bucket_length, num_active_tokens
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.options import attention_paths
 from fisherjax.fisher.state import TaskFisher
-from fisherjax.grads import sample_losses
+from fisherjax.grads import forward_scores
 from fisherjax.layout import flatten
 
 DEFAULT_SAMPLES = 32
@@ -164,14 +164,14 @@ def masked_loss_sums(model, params, head_keeps, input_ids, attention_mask, label
     over its samples, under each head decision ``head_keeps`` ``[m, L, units]`` → ``[m]`` float32.
 
     ``M`` is :func:`~fisherjax.analysis.masks.mask_tree` and ``L_i`` is
-    :func:`~fisherjax.grads.sample_losses`; ``masks_per_pass`` masks are evaluated in one
+    :func:`~fisherjax.grads.sample_losses`'s loss, computed by :func:`~fisherjax.grads.forward_scores`
+    (only the predicted positions unembedded); ``masks_per_pass`` masks are evaluated in one
     ``jax.vmap`` (``lax.map`` with ``batch_size``), so a pass holds that many masked copies of the
     attention parameters and ``masks_per_pass × batch`` rows of activations.
     """
     def one(keep):
         masked = apply_mask(params, mask_tree(model.layout, unit, {unit: keep}))
-        losses, _ = sample_losses(model, masked, input_ids, attention_mask, labels)
-        return losses.sum()
+        return forward_scores(model, masked, input_ids, attention_mask, labels, matches=False)[1].sum()
 
     return jax.lax.map(one, head_keeps, batch_size=min(masks_per_pass, head_keeps.shape[0]))
 

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from fisherjax.data import Task, batches, load_task, predicted_labels
+from fisherjax.data import Task, batches, load_task
 from fisherjax.errors import DataError
-from fisherjax.grads import completion_scores
+from fisherjax.grads import forward_scores
 
 if TYPE_CHECKING:
     from fisherjax.models import Model
@@ -73,7 +73,7 @@ def recorded_metrics() -> dict:
 
 @jax.jit(static_argnums=0)
 def _score_batch(model, params, input_ids, attention_mask, labels):
-    return completion_scores(model.apply(params, input_ids, attention_mask), predicted_labels(labels, attention_mask))
+    return forward_scores(model, params, input_ids, attention_mask, labels)
 
 
 def evaluate(model: Model, params: dict, task: Task | str, batch_size: int = 64) -> dict[str, float]:

@@ -9,11 +9,12 @@ For every single head, and for the baseline (nothing zeroed), on the task's samp
     accuracy       = (1/n) Σ_i exact_i,   exact_i = ∀t: argmax_v logits[i, t, v] = labels[i, t+1]
 
 over the predicted positions ``t`` (teacher-forced; a sample without predicted tokens is not
-exact) — :func:`fisherjax.grads.completion_scores`, as :func:`fisherjax.demo.evaluate` uses it.
+exact) — :func:`fisherjax.grads.completion_scores`, computed as :func:`fisherjax.demo.evaluate`
+does, unembedding only the predicted positions (:func:`fisherjax.grads.hidden_scores`).
 
 A head zeroed in layer ``l`` changes nothing before block ``l``, so one plain pass records every
 block's input (:meth:`~fisherjax.models.Model.residual_stream`) and each setting runs only blocks
-``l …`` and the unembedding (:meth:`~fisherjax.models.Model.logits_from`): about half the blocks
+``l …`` and the unembedding (:meth:`~fisherjax.models.Model.hidden_from`): about half the blocks
 of a full pass on average. The settings of a batch run as one jitted ``lax.map`` over chunks of
 ``heads_per_pass`` settings (vmapped), ordered by layer, each chunk from its first layer.
 """
@@ -31,7 +32,7 @@ from jaxtyping import Array, Float
 from fisherjax import backend
 from fisherjax.data import Batch, predicted_labels
 from fisherjax.errors import DataError
-from fisherjax.grads import chunk_size_for, completion_scores
+from fisherjax.grads import chunk_size_for, hidden_scores
 from fisherjax.heads.importance import o_kernel_path
 from fisherjax.layout import ModelLayout, flatten, unflatten
 
@@ -81,19 +82,24 @@ def _ablation_sums(model, params, input_ids, attention_mask, labels, sample_ids,
     labels = predicted_labels(labels, attention_mask)
     real = sample_ids >= 0
 
-    def sums(logits):
-        exact, nll, _, tokens = completion_scores(logits, labels)
+    def sums(p, hidden):
+        exact, nll, _, tokens = hidden_scores(lambda h: model.unembed(p, h), hidden, labels)
         return jnp.stack([jnp.where(real, x, 0).sum().astype(jnp.float32) for x in (nll, tokens, exact)])
 
-    stream, logits = model.residual_stream(params, input_ids, attention_mask)
+    stream, hidden = model.residual_stream(params, input_ids, attention_mask, unembed=False)
 
     def chunk(settings):
         gate, start = settings
         x = jax.lax.dynamic_index_in_dim(stream, start, keepdims=False)
-        return jax.vmap(lambda g: sums(model.logits_from(gate_heads(model.layout, params, g), x, attention_mask, start)))(gate)
+
+        def setting(g):
+            gated = gate_heads(model.layout, params, g)
+            return sums(gated, model.hidden_from(gated, x, attention_mask, start))
+
+        return jax.vmap(setting)(gate)
 
     ablated = jax.lax.map(chunk, (gates, starts)).reshape(-1, 3)
-    return jnp.concatenate([sums(logits)[None], ablated])
+    return jnp.concatenate([sums(params, hidden)[None], ablated])
 
 
 def _chunked_settings(gates: np.ndarray, layers: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:

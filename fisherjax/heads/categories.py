@@ -238,7 +238,7 @@ def _per_sample(model, params, batches):
 
 @jax.jit(static_argnums=0)
 def _batch_scores(model, params, input_ids, attention_mask):
-    attentions = model.forward(params, input_ids, attention_mask, return_attention=True).attentions
+    attentions = model.forward(params, input_ids, attention_mask, return_attention=True, unembed=False).attentions
     return (
         sample_scores(attentions, input_ids, attention_mask, normalize="targets"),
         sample_scores(attentions, input_ids, attention_mask, normalize="all"),

@@ -42,13 +42,16 @@ class DecoderOutput(NamedTuple):
     ``recorded``: per site, the input its per-sample gradient needs (only with taps).
     ``taps``: the zero taps created in discovery mode (only with ``taps=DISCOVER``).
     ``stream``: ``[layer, batch, seq, d]``, every block's input, when asked for, else None.
+    ``hidden``: ``[batch, seq, d]``, the final norm's output (what the unembedding multiplies).
+    ``logits`` is None for a pass with ``unembed=False``.
     """
 
-    logits: Float[Array, "batch seq vocab"]
+    logits: Float[Array, "batch seq vocab"] | None
     attentions: Float[Array, "layer batch heads seq seq"] | None = None
     recorded: dict | None = None
     taps: dict | None = None
     stream: Float[Array, "layer batch seq d"] | None = None
+    hidden: Float[Array, "batch seq d"] | None = None
 
 
 class Decoder(nnx.Module):
@@ -83,6 +86,7 @@ class Decoder(nnx.Module):
         return_attention: bool = False,
         return_stream: bool = False,
         remat: bool = False,
+        unembed: bool = True,
     ) -> DecoderOutput:
         """Logits of every position; padding never leaks into real positions.
 
@@ -93,6 +97,8 @@ class Decoder(nnx.Module):
           return_attention: also return attention probabilities of every layer.
           return_stream: also return every block's input (what :meth:`logits_from` resumes from).
           remat: recompute each block in the backward pass instead of storing its activations.
+          unembed: False stops at the final norm (``hidden``), for scores that unembed only the
+            predicted positions (:func:`fisherjax.grads.hidden_scores`).
         """
         probe = Probe(taps if taps is DISCOVER or taps is None else _top_level(taps))
         positions, ctx, per_layer = self._context(attention_mask)
@@ -121,13 +127,13 @@ class Decoder(nnx.Module):
             block, x, (layer_params, per_layer, layer_taps)
         )
         x = probe("final_norm", self.final_norm, x)
-        logits = probe("lm_head", self.lm_head, x)
+        logits = probe("lm_head", self.lm_head, x) if unembed else None
         recorded = taps_created = None
         if taps is not None:
             recorded = {**probe.recorded, "layers": layer_recorded}
         if taps is DISCOVER:
             taps_created = {**probe.created, "layers": layer_created}
-        return DecoderOutput(logits, attentions, recorded, taps_created, stream)
+        return DecoderOutput(logits, attentions, recorded, taps_created, stream, x)
 
     def _context(self, attention_mask):
         """``(positions, attention context, per-layer scalars)`` of a batch, shared by every pass."""
@@ -143,14 +149,18 @@ class Decoder(nnx.Module):
         }
         return positions, attention_context(attention_mask, positions, rope_tables), per_layer
 
-    def logits_from(
+    def unembed(self, h: Float[Array, "... d"]) -> Float[Array, "... vocab"]:
+        """Logits of final-norm outputs ``h`` (any leading axes)."""
+        return self.lm_head(h)
+
+    def hidden_from(
         self, x: Float[Array, "batch seq d"], attention_mask: Int[Array, "batch seq"], start
-    ) -> Float[Array, "batch seq vocab"]:
-        """Logits after blocks ``start … layer − 1`` on ``x``, the input of block ``start`` (a
-        traced index may be given: the blocks run in a ``fori_loop`` from it), then the final
-        norm and the unembedding. Equal to the full pass when ``x = x_start`` of
-        :meth:`__call__`'s ``stream``; with other parameters from ``start`` on, the pass of those
-        parameters whose first ``start`` blocks are unchanged (what a single-head ablation needs)."""
+    ) -> Float[Array, "batch seq d"]:
+        """The final norm's output after blocks ``start … layer − 1`` on ``x``, the input of block
+        ``start`` (a traced index may be given: the blocks run in a ``fori_loop`` from it). Equal
+        to the full pass's ``hidden`` when ``x = x_start`` of :meth:`__call__`'s ``stream``; with
+        other parameters from ``start`` on, the pass of those parameters whose first ``start``
+        blocks are unchanged (what a single-head ablation needs)."""
         _, ctx, per_layer = self._context(attention_mask)
         graphdef, layer_params = nnx.split(self.layers)
 
@@ -159,8 +169,13 @@ class Decoder(nnx.Module):
             scalars = {k: v[layer] for k, v in per_layer.items()}
             return nnx.merge(graphdef, params)(carry, ctx, scalars, Probe(None))[0]
 
-        x = jax.lax.fori_loop(start, self.config.num_layers, block, x)
-        return self.lm_head(self.final_norm(x))
+        return self.final_norm(jax.lax.fori_loop(start, self.config.num_layers, block, x))
+
+    def logits_from(
+        self, x: Float[Array, "batch seq d"], attention_mask: Int[Array, "batch seq"], start
+    ) -> Float[Array, "batch seq vocab"]:
+        """:meth:`hidden_from`, unembedded."""
+        return self.unembed(self.hidden_from(x, attention_mask, start))
 
 
 def _top_level(taps: dict) -> dict:

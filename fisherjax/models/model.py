@@ -60,13 +60,14 @@ class Model:
         return_attention: bool = False,
         return_stream: bool = False,
         remat: bool = False,
+        unembed: bool = True,
     ) -> DecoderOutput:
         """The full forward pass; see :class:`~fisherjax.models.decoder.Decoder`."""
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         check_token_ids(input_ids, self.config.vocab_size)
         module = nnx.merge(self.graphdef, params)
-        return module(input_ids, attention_mask, taps=taps, return_attention=return_attention, return_stream=return_stream, remat=remat)
+        return module(input_ids, attention_mask, taps=taps, return_attention=return_attention, return_stream=return_stream, remat=remat, unembed=unembed)
 
     def apply(
         self,
@@ -77,11 +78,24 @@ class Model:
         """Logits ``[batch, seq, vocab]``."""
         return self.forward(params, input_ids, attention_mask).logits
 
-    def residual_stream(self, params: Params, input_ids, attention_mask=None):
-        """``(x [layer, batch, seq, d], logits)``: every block's input and the logits of one plain
-        pass (the forward pass's ``stream``)."""
-        out = self.forward(params, input_ids, attention_mask, return_stream=True)
-        return out.stream, out.logits
+    def hidden(self, params: Params, input_ids, attention_mask=None) -> Float[Array, "batch seq d"]:
+        """The final norm's output ``[batch, seq, d]``: the forward pass without its unembedding."""
+        return self.forward(params, input_ids, attention_mask, unembed=False).hidden
+
+    def unembed(self, params: Params, h: Float[Array, "... d"]) -> Float[Array, "... vocab"]:
+        """Logits of final-norm outputs ``h`` (:meth:`~fisherjax.models.decoder.Decoder.unembed`)."""
+        return nnx.merge(self.graphdef, params).unembed(h)
+
+    def residual_stream(self, params: Params, input_ids, attention_mask=None, *, unembed: bool = True):
+        """``(x [layer, batch, seq, d], out)``: every block's input and, of the same plain pass, the
+        logits (or with ``unembed=False`` the final norm's output ``[batch, seq, d]``)."""
+        out = self.forward(params, input_ids, attention_mask, return_stream=True, unembed=unembed)
+        return out.stream, (out.logits if unembed else out.hidden)
+
+    def hidden_from(self, params: Params, x, attention_mask, start) -> Float[Array, "batch seq d"]:
+        """The final norm's output from block ``start`` on, given its input ``x``
+        (:meth:`~fisherjax.models.decoder.Decoder.hidden_from`)."""
+        return nnx.merge(self.graphdef, params).hidden_from(x, attention_mask, start)
 
     def logits_from(self, params: Params, x, attention_mask, start) -> Float[Array, "batch seq vocab"]:
         """Logits from block ``start`` on, given its input ``x``
