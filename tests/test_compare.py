@@ -189,3 +189,27 @@ def test_gram_sums_column_slices(monkeypatch):
     np.testing.assert_allclose(eigen.values, values[::-1][:3], rtol=1e-5)
     np.testing.assert_allclose(np.abs(np.sum(np.asarray(eigen.vectors) * vectors[:, ::-1][:, :3], axis=0)), 1.0, atol=1e-4)
     assert np.all(eigen.residuals <= 1e-4 * eigen.values[0]) and np.all(eigen.residuals > 0)
+
+
+def test_bfloat16_gradients_give_the_pairs_of_their_rounded_values(compared, monkeypatch):
+    """A bfloat16 ``G̃`` (how ``fisherjax analyze`` stores it) is read a float32 column slice at a
+    time: its Gram eigenpairs and products equal float64 numpy's of the rounded rows, and its
+    eigenvalues stay within 1e-2 of the float32 route's (rounding averages out in the Gram)."""
+    from fisherjax.curvature import lowrank
+
+    monkeypatch.setattr(lowrank, "GRAM_COLUMNS", 1000)
+    model, _, x = compared
+    g32 = lowrank.scaled_gradients(model, model.params, _batches())
+    g16 = lowrank.scaled_gradients(model, model.params, _batches(), dtype=jnp.bfloat16)
+    assert g16.dtype == lowrank.BFLOAT16_BITS and g16.shape == g32.shape and g16.nbytes * 2 == g32.nbytes
+    rounded = np.asarray(lowrank.decoded(g16), np.float64)
+    np.testing.assert_array_equal(rounded, np.asarray(g32.astype(jnp.bfloat16), np.float64))
+    eigen = lowrank.gram_eigen(g16, 4)
+    values, vectors = np.linalg.eigh(rounded @ rounded.T)
+    np.testing.assert_allclose(eigen.values, values[::-1][:4], rtol=1e-5)
+    v = np.asarray(eigen.vectors, np.float64)
+    np.testing.assert_allclose(rounded.T @ (rounded @ v), v * eigen.values, atol=1e-4 * eigen.values[0])
+    probe = np.random.default_rng(0).normal(size=(g16.shape[1], 2)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(lowrank.product(g16, jnp.asarray(probe))), rounded.T @ (rounded @ probe), rtol=1e-4,
+                               atol=1e-5 * np.abs(rounded.T @ (rounded @ probe)).max())
+    np.testing.assert_allclose(eigen.values, lowrank.gram_eigen(g32, 4).values, rtol=1e-2)

@@ -51,7 +51,7 @@ from fisherjax import telemetry
 from fisherjax.curvature import blocks, kfac, lanczos, lowrank, products
 from fisherjax.data import Batch
 from fisherjax.fisher.collect import collect
-from fisherjax.fisher.options import CollectOptions
+from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions
 from fisherjax.layout import unflatten
 from fisherjax.settings import STATIC, check
 
@@ -148,8 +148,9 @@ def compare_methods(
       kfac_margin: K-FAC is recommended when its probe error is below this times the diagonal's.
       options: Phase 1 options for the diagonal's pass (its empirical diagonal and kept attention
         gradients are switched on, whatever they say): a run's own, as ``fisherjax analyze`` passes
-        them, make that pass its already compiled step, and the block spectra read gradients stored
-        as the run stores them (bfloat16 by default there; float32 without ``options``).
+        them, make that pass its already compiled step, and the block spectra and the Gram route read
+        gradients stored as the run stores them (``sample_grads_dtype``: bfloat16 by default there,
+        half the memory; float32 without ``options``).
 
     Returns:
       :class:`MethodComparison`.
@@ -186,7 +187,7 @@ def compare_methods(
     exact_product = operator.matvec
     if from_gram(operator.size, k, operator.n_samples, steps):  # rank ≤ n: the n × n Gram is exact and cheaper than the products
         def gram_route():
-            g = lowrank.scaled_gradients(model, params, batches)
+            g = lowrank.scaled_gradients(model, params, batches, dtype=STORAGE_DTYPES[options.sample_grads_dtype])
             return g, lowrank.gram_eigen(g, k)
 
         (scaled, ritz), lanczos_stretch = telemetry.measure(gram_route)

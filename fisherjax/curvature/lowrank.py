@@ -19,7 +19,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from fisherjax.curvature.lanczos import Eigen
 from fisherjax.curvature.products import count_samples
@@ -27,17 +26,22 @@ from fisherjax.data import Batch
 from fisherjax.errors import DataError
 from fisherjax.grads import per_sample_grads
 
-__all__ = ["empirical_eigen", "gram_eigen", "product", "scaled_gradients"]
+__all__ = ["decoded", "empirical_eigen", "gram_eigen", "product", "scaled_gradients"]
 
 
-def scaled_gradients(model, params, batches: Sequence[Batch], *, memory_budget_bytes: float = 1e9) -> jax.Array:
+def scaled_gradients(model, params, batches: Sequence[Batch], *, memory_budget_bytes: float = 1e9, dtype=jnp.float32) -> jax.Array:
     """``G̃ [rows, D]``: ``g_i / sqrt(n T_i)`` for every row of the batches in
-    ``jax.flatten_util.ravel_pytree`` order (the Fisher operator's), float32, with zero rows where a
-    row is not one of the ``n`` samples (filler rows, rows without a predicted token), which change
-    neither ``F = G̃ᵀ G̃`` nor its non-zero eigenpairs. ``G̃`` is allocated once and the rows are
-    written into it in place (a donated buffer), a piece of a batch at a time: the largest divisor
-    of the batch whose :data:`PIECE_COPIES` model-sized rows fit ``memory_budget_bytes`` (one
-    compiled pass per piece shape), so what is alive besides ``G̃`` stays within the budget.
+    ``jax.flatten_util.ravel_pytree`` order (the Fisher operator's), stored as ``dtype`` (float32,
+    or bfloat16 kept as its uint16 bit patterns: see :func:`decoded`), with zero
+    rows where a row is not one of the ``n`` samples (filler rows, rows without a predicted token),
+    which change neither ``F = G̃ᵀ G̃`` nor its non-zero eigenpairs. ``G̃`` is allocated once and each
+    parameter's rows are written into its columns in place (a donated buffer), a piece of a batch
+    at a time: the largest divisor of the batch whose :data:`PIECE_COPIES` model-sized float32 rows
+    fit ``memory_budget_bytes`` (one compiled pass per piece shape), so what is alive besides ``G̃``
+    stays within the budget. Every product of this module reads ``G̃`` a column slice at a time in
+    float32, so a bfloat16 ``G̃`` (half the memory) costs no float32 copy of it. It is kept as bits
+    because XLA:CPU writes rows into a bfloat16 buffer by converting all of it to float32 and back,
+    where integer rows are written in place.
 
     Raises:
       DataError: no sample of the batches predicts a token.
@@ -46,7 +50,10 @@ def scaled_gradients(model, params, batches: Sequence[Batch], *, memory_budget_b
     if n == 0:
         raise DataError("no sample of the batches has a predicted token, so the Fisher is undefined")
     size = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-    g = jnp.zeros((sum(int(np.shape(b.input_ids)[0]) for b in batches), size), jnp.float32)
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"scaled_gradients stores float32 or bfloat16, not {jnp.dtype(dtype)}")
+    stored = BFLOAT16_BITS if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32
+    g = jnp.zeros((sum(int(np.shape(b.input_ids)[0]) for b in batches), size), stored)
     start = 0
     for batch in batches:
         rows = len(batch.sample_ids)
@@ -63,68 +70,110 @@ def scaled_gradients(model, params, batches: Sequence[Batch], *, memory_budget_b
     return g
 
 
-PIECE_COPIES = 3
+PIECE_COPIES = 2
 """Model-sized float32 arrays per row that :func:`scaled_gradients` counts against its budget for
-a piece of a batch: the per-sample gradients, their raveled rows, and the gradient pass's own."""
+a piece of a batch: the per-sample gradients and the gradient pass's own (each parameter's rows go
+straight into its columns of ``G̃``, without a raveled copy)."""
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _write_rows(g, grads, scale, start):
-    """``g`` with rows ``start : start + b`` set to the raveled per-sample ``grads`` times ``scale``."""
-    rows = jax.vmap(lambda tree: ravel_pytree(tree)[0])(grads) * scale[:, None]
-    return jax.lax.dynamic_update_slice_in_dim(g, rows.astype(g.dtype), start, axis=0)
+    """``g`` with rows ``start : start + b`` set to the per-sample ``grads`` times ``scale``, each
+    leaf into its own columns (``ravel_pytree`` order: the leaves' order, each raveled)."""
+    column = 0
+    for leaf in jax.tree.leaves(grads):
+        rows = leaf.reshape(leaf.shape[0], -1).astype(jnp.float32) * scale[:, None]
+        if g.dtype == BFLOAT16_BITS:
+            rows = jax.lax.bitcast_convert_type(rows.astype(jnp.bfloat16), BFLOAT16_BITS)  # rounded to nearest
+        g = jax.lax.dynamic_update_slice(g, rows, (start, column))
+        column += rows.shape[1]
+    return g
+
+
+BFLOAT16_BITS = jnp.uint16
+"""The dtype a bfloat16 ``G̃`` is kept in: its bit patterns (:func:`scaled_gradients`)."""
+
+
+def decoded(g: jax.Array) -> jax.Array:
+    """``G̃`` (or a slice of it) in float32: as it is, or from bfloat16 bit patterns by a 16-bit
+    shift into a float32's high half (exact; as fast as reading float32, where a bitcast to
+    bfloat16 and a conversion ran at half the speed on XLA:CPU)."""
+    if g.dtype == BFLOAT16_BITS:
+        return jax.lax.bitcast_convert_type(g.astype(jnp.uint32) << 16, jnp.float32)
+    return g.astype(jnp.float32)
 
 
 GRAM_COLUMNS = 1 << 19
-"""Columns of ``G̃`` per step of :func:`_gram`."""
+"""Columns of ``G̃`` per step of its products (:func:`_gram`, :func:`_times`, :func:`_transposed_times`)."""
+
+
+def _column_steps(g, step, carry):
+    """``carry`` through ``step(x, first, carry)`` over the column slices ``x = g[:, first : first +
+    w]`` (``w`` = :data:`GRAM_COLUMNS`, then the remainder) in float32. One ``dot`` over all of ``g``
+    made XLA:CPU copy ``G̃`` first (a second ``n × D`` array at the phase's peak), and a bfloat16
+    ``G̃`` would be decoded whole; the slices cost the same time."""
+    steps, rest = divmod(g.shape[1], GRAM_COLUMNS)
+    if steps:
+        def body(i, carry):
+            first = i * GRAM_COLUMNS
+            return step(decoded(jax.lax.dynamic_slice_in_dim(g, first, GRAM_COLUMNS, axis=1)), first, carry)
+
+        carry = jax.lax.fori_loop(0, steps, body, carry)
+    if rest:
+        carry = step(decoded(g[:, steps * GRAM_COLUMNS :]), steps * GRAM_COLUMNS, carry)
+    return carry
+
+
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @jax.jit
 def _gram(g):
-    """``G̃ G̃ᵀ`` summed over column slices of ``G̃``: one ``dot(g, g.T)`` made XLA:CPU copy all of
-    ``G̃`` first (a second ``n × D`` array at the phase's peak); the slices cost the same time."""
-    hi = jax.lax.Precision.HIGHEST
-    n, d = g.shape
-    steps, rest = divmod(d, GRAM_COLUMNS)
+    """``K = G̃ G̃ᵀ [n, n]``, float32."""
+    return _column_steps(g, lambda x, first, total: total + jnp.dot(x, x.T, precision=HIGHEST), jnp.zeros((g.shape[0],) * 2, jnp.float32))
 
-    def step(i, total):
-        x = jax.lax.dynamic_slice_in_dim(g, i * GRAM_COLUMNS, GRAM_COLUMNS, axis=1)
-        return total + jnp.dot(x, x.T, precision=hi)
 
-    total = jnp.zeros((n, n), jnp.float32)
-    if steps:
-        total = jax.lax.fori_loop(0, steps, step, total)
-    if rest:
-        x = g[:, steps * GRAM_COLUMNS :]
-        total = total + jnp.dot(x, x.T, precision=hi)
-    return total
+def _times(g, v):
+    """``G̃ v``: ``v`` ``[D]`` or ``[D, k]`` → ``[n]`` or ``[n, k]``."""
+    def step(x, first, total):
+        return total + jnp.dot(x, jax.lax.dynamic_slice_in_dim(v, first, x.shape[1]), precision=HIGHEST)
+
+    return _column_steps(g, step, jnp.zeros((g.shape[0], *v.shape[1:]), jnp.float32))
+
+
+def _transposed_times(g, c):
+    """``G̃ᵀ c``: ``c`` ``[n]`` or ``[n, k]`` → ``[D]`` or ``[D, k]``, each slice's rows written in place."""
+    def step(x, first, out):
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.dot(x.T, c, precision=HIGHEST), first, axis=0)
+
+    return _column_steps(g, step, jnp.zeros((g.shape[1], *c.shape[1:]), jnp.float32))
 
 
 @jax.jit
 def product(g: jax.Array, v: jax.Array) -> jax.Array:
-    """``F v = G̃ᵀ (G̃ v)`` for ``F = G̃ᵀ G̃`` (``g`` ``[n, D]``, ``v`` ``[D]`` or ``[D, k]``): exact,
-    two GEMVs instead of a Fisher-vector product's linearisation."""
-    hi = jax.lax.Precision.HIGHEST
-    return jnp.dot(g.T, jnp.dot(g, v, precision=hi), precision=hi)
+    """``F v = G̃ᵀ (G̃ v)`` for ``F = G̃ᵀ G̃`` (``g`` ``[n, D]`` from :func:`scaled_gradients`; ``v`` ``[D]`` or
+    ``[D, k]``): exact for the stored ``G̃``, two reads of it instead of a Fisher-vector product's
+    linearisation."""
+    return _transposed_times(g, _times(g, v.astype(jnp.float32)))
 
 
 @jax.jit
 def _pairs(g, coefficients):
     """``v = G̃ᵀ c`` (unit eigenvectors for the scaled Gram eigenvectors ``c``) and ``G̃ v``: two
     reads of ``g``, from which :func:`gram_eigen` gets ``‖F v − λ v‖ = ‖G̃ᵀ (G̃ v − λ c)‖``."""
-    hi = jax.lax.Precision.HIGHEST
-    v = jnp.dot(g.T, coefficients, precision=hi)
-    return v, jnp.dot(g, v, precision=hi)
+    v = _transposed_times(g, coefficients)
+    return v, _times(g, v)
 
 
-def empirical_eigen(model, params, batches: Sequence[Batch], k: int, *, memory_budget_bytes: float = 1e9) -> Eigen:
+def empirical_eigen(model, params, batches: Sequence[Batch], k: int, *, memory_budget_bytes: float = 1e9, dtype=jnp.float32) -> Eigen:
     """The ``k`` largest eigenpairs of the empirical Fisher of ``batches`` (module docstring):
-    :func:`gram_eigen` of their :func:`scaled_gradients`.
+    :func:`gram_eigen` of their :func:`scaled_gradients` stored as ``dtype`` (bfloat16: half the
+    memory, the eigenvalues those of the rounded gradients).
 
     Raises:
       ValueError: ``k > n``. DataError: no sample predicts a token.
     """
-    return gram_eigen(scaled_gradients(model, params, batches, memory_budget_bytes=memory_budget_bytes), k)
+    return gram_eigen(scaled_gradients(model, params, batches, memory_budget_bytes=memory_budget_bytes, dtype=dtype), k)
 
 
 def gram_eigen(g: jax.Array, k: int) -> Eigen:
