@@ -123,6 +123,12 @@ def basis_bytes(size: int, k: int, steps: int | None = None, n: int | None = Non
     return steps * size * np.dtype(basis_dtype(size, k, steps)).itemsize
 
 
+GRADIENT_BUDGET_BYTES = 0.25e9
+"""What the Gram route's per-sample gradient pieces may take beside ``G̃`` (``scaled_gradients``'s
+budget): one sample of a 16 M-parameter model at a time, which costs no time against larger pieces
+(the pass is bound by its GEMMs) and keeps the phase's peak near ``G̃`` itself."""
+
+
 def compare_methods(
     model,
     batches: Sequence[Batch],
@@ -185,26 +191,29 @@ def compare_methods(
 
     operator = products.fisher_operator(model, params, batches, kind="empirical")
     exact_product = operator.matvec
+    diagonal_tree = unflatten(diagonal)
+    diag_flat = np.asarray(operator.ravel(diagonal_tree), np.float64)
+    diag_device = jnp.asarray(diag_flat, jnp.float32)
     if from_gram(operator.size, k, operator.n_samples, steps):  # rank ≤ n: the n × n Gram is exact and cheaper than the products
         def gram_route():
-            g = lowrank.scaled_gradients(model, params, batches, dtype=STORAGE_DTYPES[options.sample_grads_dtype])
-            return g, lowrank.gram_eigen(g, k)
+            g = lowrank.scaled_gradients(model, params, batches, dtype=STORAGE_DTYPES[options.sample_grads_dtype], memory_budget_bytes=GRADIENT_BUDGET_BYTES)
+            return g, lowrank.gram_top(g, k)
 
-        (scaled, ritz), lanczos_stretch = telemetry.measure(gram_route)
-        exact_product = functools.partial(lowrank.product, scaled)  # F v from the same gradients: exact, two GEMVs
+        (scaled, (values, coefficients, residuals)), lanczos_stretch = telemetry.measure(gram_route)
+        exact_product = functools.partial(lowrank.product, scaled)  # F v from the same gradients: exact, two reads of G̃
+        # the eigenvectors' Rayleigh quotients, each vector G̃ᵀ c_j formed in turn: no [D, k] array beside G̃
+        forms = _gram_quadratic_forms(factors, layout, params, diag_device, scaled, jnp.asarray(coefficients, jnp.float32))
         how = f"from the {operator.n_samples} × {operator.n_samples} Gram of the per-sample gradients (one gradient pass, no products)"
     else:
         basis = basis_dtype(operator.size, k, steps)
         ritz, lanczos_stretch = telemetry.measure(
             lanczos.lanczos, operator.matvec, operator.size, k, steps=steps, key=jax.random.fold_in(key, 1), dtype=basis)
+        values, residuals = ritz.values, ritz.residuals
+        forms = _quadratic_forms(factors, layout, params, diag_device, jnp.asarray(ritz.vectors, jnp.float32))
         how = f"in {ritz.steps} products"
-        scaled = None
+        scaled = ritz = None
 
     # ---- the approximations against exact products ----------------------------------------
-    diagonal_tree = unflatten(diagonal)
-    diag_flat = np.asarray(operator.ravel(diagonal_tree), np.float64)
-    diag_device = jnp.asarray(diag_flat, jnp.float32)
-
     diag_err, kfac_err = [], []
     for probe_key in jax.random.split(jax.random.fold_in(key, 2), probes):
         v = jax.random.normal(probe_key, (operator.size,), jnp.float32)
@@ -212,9 +221,9 @@ def compare_methods(
         diag_err.append(float(errors[0]))
         kfac_err.append(float(errors[1]))
     del scaled, exact_product
-    values = np.asarray(ritz.values, np.float64)
+    values = np.asarray(values, np.float64)
     safe = np.where(values > 0, values, np.nan)
-    diag_rayleigh, kfac_rayleigh = (np.asarray(q, np.float64) for q in _quadratic_forms(factors, layout, params, diag_device, ritz.vectors))
+    diag_rayleigh, kfac_rayleigh = (np.asarray(q, np.float64) for q in forms)
 
     # ---- spectra and condition numbers ------------------------------------------------------
     covered = {p for f in factors.factors.values() for p in (f.kernel, f.bias) if p is not None}
@@ -253,7 +262,7 @@ def compare_methods(
     }
     recommended, reason = recommend(methods, kfac_margin)
     return MethodComparison(methods, block_ids, operator.n_samples, n_params, float(damping), recommended, reason,
-                            np.asarray(ritz.residuals))
+                            np.asarray(residuals))
 
 
 def _kfac_flat_product(factors, layout, like, diagonal, v):
@@ -273,14 +282,26 @@ def _probe_errors(factors, layout, like, diagonal, v, exact):
     return jnp.stack([jnp.linalg.norm(diagonal * v - exact), jnp.linalg.norm(kfac_v - exact)]) / norm
 
 
+def _forms(factors, layout, like, diagonal, q):
+    """``[2]``: ``(qᵀ D q, qᵀ F̃_KFAC q)`` of one flat vector ``q``."""
+    return jnp.stack([jnp.vdot(q * diagonal, q), jnp.vdot(q, _kfac_flat_product(factors, layout, like, diagonal, q))])
+
+
 @functools.partial(jax.jit, static_argnames="layout")
 def _quadratic_forms(factors, layout, like, diagonal, vectors):
     """``(qᵀ D q, qᵀ F̃_KFAC q)`` for every column ``q`` of ``vectors [D, k]``, each ``[k]``: the
-    Lanczos vectors' Rayleigh quotients under the two approximations, one column at a time."""
-    def one(q):
-        return jnp.stack([jnp.vdot(q * diagonal, q), jnp.vdot(q, _kfac_flat_product(factors, layout, like, diagonal, q))])
+    Lanczos vectors' Rayleigh quotients under the two approximations, one column at a time (taken
+    in place: a transpose would copy all ``k``)."""
+    forms = jax.lax.map(lambda j: _forms(factors, layout, like, diagonal, vectors[:, j]), jnp.arange(vectors.shape[1]))
+    return forms[:, 0], forms[:, 1]
 
-    forms = jax.lax.map(one, vectors.T)
+
+@functools.partial(jax.jit, static_argnames="layout")
+def _gram_quadratic_forms(factors, layout, like, diagonal, g, coefficients):
+    """:func:`_quadratic_forms` of the Gram route's eigenvectors ``q_j = G̃ᵀ c_j`` (``g`` ``[n, D]``,
+    ``coefficients`` ``[n, k]``), each formed in turn from ``G̃`` (:func:`~fisherjax.curvature.lowrank.
+    transposed_times`), so only one is alive."""
+    forms = jax.lax.map(lambda c: _forms(factors, layout, like, diagonal, lowrank.transposed_times(g, c)), coefficients.T)
     return forms[:, 0], forms[:, 1]
 
 

@@ -26,7 +26,7 @@ from fisherjax.data import Batch
 from fisherjax.errors import DataError
 from fisherjax.grads import per_sample_grads
 
-__all__ = ["decoded", "empirical_eigen", "gram_eigen", "product", "scaled_gradients"]
+__all__ = ["decoded", "empirical_eigen", "gram_eigen", "gram_top", "product", "scaled_gradients", "transposed_times"]
 
 
 def scaled_gradients(model, params, batches: Sequence[Batch], *, memory_budget_bytes: float = 1e9, dtype=jnp.float32) -> jax.Array:
@@ -158,11 +158,18 @@ def product(g: jax.Array, v: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _pairs(g, coefficients):
-    """``v = G̃ᵀ c`` (unit eigenvectors for the scaled Gram eigenvectors ``c``) and ``G̃ v``: two
-    reads of ``g``, from which :func:`gram_eigen` gets ``‖F v − λ v‖ = ‖G̃ᵀ (G̃ v − λ c)‖``."""
-    v = _transposed_times(g, coefficients)
-    return v, _times(g, v)
+def transposed_times(g: jax.Array, c: jax.Array) -> jax.Array:
+    """``G̃ᵀ c`` (``g`` ``[n, D]`` from :func:`scaled_gradients`, ``c`` ``[n]`` or ``[n, k]``):
+    the eigenvectors ``v = G̃ᵀ c`` of ``F`` for the scaled Gram eigenvectors ``c``, float32."""
+    return _transposed_times(g, c.astype(jnp.float32))
+
+
+@jax.jit
+def _products_of_combinations(g, coefficients):
+    """``[k, n]``: ``G̃ v_j`` with ``v_j = G̃ᵀ c_j`` for each column ``c_j`` of ``coefficients``
+    ``[n, k]``, one column at a time (one ``[D]`` vector alive): what :func:`gram_top` needs of
+    the float32 eigenvectors, ``‖F v − λ v‖ = ‖G̃ᵀ (G̃ v − λ c)‖``, without ``[D, k]`` of them."""
+    return jax.lax.map(lambda c: _times(g, _transposed_times(g, c)), coefficients.T)
 
 
 def empirical_eigen(model, params, batches: Sequence[Batch], k: int, *, memory_budget_bytes: float = 1e9, dtype=jnp.float32) -> Eigen:
@@ -176,16 +183,16 @@ def empirical_eigen(model, params, batches: Sequence[Batch], k: int, *, memory_b
     return gram_eigen(scaled_gradients(model, params, batches, memory_budget_bytes=memory_budget_bytes, dtype=dtype), k)
 
 
-def gram_eigen(g: jax.Array, k: int) -> Eigen:
-    """The ``k`` largest eigenpairs of ``F = G̃ᵀ G̃`` from the Gram ``G̃ G̃ᵀ`` (``g`` ``[n, D]``),
-    exact up to float32 rounding, as an :class:`~fisherjax.curvature.lanczos.Eigen` (``steps``:
-    the rows ``n`` of ``g``). ``k`` must not exceed ``n`` (the rank bound); ``residuals`` are the computed
-    ``‖F v_j − λ_j v_j‖`` of the returned float32 vectors (two reads of ``g`` for the pairs, one for
-    the Gram; the norm comes from the Gram, :func:`_pairs`); an eigenvalue 0 (samples whose gradients are linearly dependent) gets a
-    zero vector.
+def gram_top(g: jax.Array, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(values [k], coefficients [n, k], residuals [k])``: the ``k`` largest eigenvalues of
+    ``F = G̃ᵀ G̃`` from the Gram ``K = G̃ G̃ᵀ`` (``g`` ``[n, D]``), exact up to float32 rounding,
+    with ``v_j = G̃ᵀ coefficients[:, j]`` (:func:`transposed_times`) their unit eigenvectors and
+    ``residuals`` the computed ``‖F v_j − λ_j v_j‖`` of those float32 vectors (two reads of ``g``
+    per vector, one for the Gram; the norm comes from the Gram). No ``[D, k]`` array is formed. An
+    eigenvalue 0 (samples whose gradients are linearly dependent) gets zero coefficients.
 
     Raises:
-      ValueError: ``k > n``.
+      ValueError: ``k`` outside ``[1, n]`` (the rank bound).
     """
     n = g.shape[0]
     if not 1 <= k <= n:
@@ -195,7 +202,19 @@ def gram_eigen(g: jax.Array, k: int) -> Eigen:
     values, vectors = np.maximum(values[::-1][:k], 0.0), vectors[:, ::-1][:, :k]
     scale = np.where(values > 0, 1.0 / np.sqrt(np.where(values > 0, values, 1.0)), 0.0)
     coefficients = vectors * scale
-    v, gv = _pairs(g, jnp.asarray(coefficients, jnp.float32))
-    misfit = np.asarray(gv, np.float64) - coefficients * values  # F v − λ v = G̃ᵀ misfit, so its norm² is misfitᵀ K misfit
+    gv = np.asarray(_products_of_combinations(g, jnp.asarray(coefficients, jnp.float32)), np.float64).T
+    misfit = gv - coefficients * values  # F v − λ v = G̃ᵀ misfit, so its norm² is misfitᵀ K misfit
     residuals = np.sqrt(np.maximum(np.einsum("ik,ij,jk->k", misfit, gram, misfit), 0.0))
-    return Eigen(values, v, residuals, n)
+    return values, coefficients, residuals
+
+
+def gram_eigen(g: jax.Array, k: int) -> Eigen:
+    """The ``k`` largest eigenpairs of ``F = G̃ᵀ G̃`` (:func:`gram_top`) as an
+    :class:`~fisherjax.curvature.lanczos.Eigen` (``vectors`` ``[D, k]`` float32; ``steps``: the
+    rows ``n`` of ``g``).
+
+    Raises:
+      ValueError: ``k`` outside ``[1, n]``.
+    """
+    values, coefficients, residuals = gram_top(g, k)
+    return Eigen(values, transposed_times(g, jnp.asarray(coefficients, jnp.float32)), residuals, g.shape[0])
