@@ -330,15 +330,25 @@ def kfac_factors(
     totals = None
     for batch in batches:  # summed on the device: no transfer until the end
         sums = batch_factor_sums(model, params, *_batch_arrays(batch), key, fisher_type=fisher_type, true_samples=true_samples)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        totals = sums if totals is None else _tree_sum(totals, sums)
     samples, tokens = (0, 0) if totals is None else (int(totals.samples), int(totals.tokens))
     if not samples:
         raise DataError("kfac_factors: no sample of the batches predicts a token")
-    factors = {}
-    for fs in factor_sites(model):
-        a, g = totals.factors[fs.key]
-        factors[fs.key] = KroneckerFactor(a / samples, g / samples, fs.kernel, fs.bias, fs.block)
+    means = _divided(totals.factors, samples)  # a dict keyed like totals.factors; the order is factor_sites'
+    factors = {fs.key: KroneckerFactor(*means[fs.key], fs.kernel, fs.bias, fs.block) for fs in factor_sites(model)}
     return KFAC(factors, samples, tokens, fisher_type)
+
+
+@jax.jit
+def _tree_sum(a, b):
+    """``a + b`` leaf by leaf, one compiled program (an eager ``tree.map`` compiles one per shape)."""
+    return jax.tree.map(jnp.add, a, b)
+
+
+@jax.jit
+def _divided(tree, count):
+    """Every leaf of ``tree`` divided by ``count``, one compiled program."""
+    return jax.tree.map(lambda x: x / count, tree)
 
 
 # ---- eigendecomposition -----------------------------------------------------------------------
@@ -391,7 +401,8 @@ def eigen_of(factor: KroneckerFactor) -> KroneckerEigen:
 
 
 def decompose(kfac: KFAC) -> KFACEigen:
-    """Every factor's eigendecomposition (:func:`eigen_of`)."""
+    """Every factor's eigendecomposition (:func:`eigen_of`), one after another: jitted together,
+    XLA:CPU ran their LAPACK calls concurrently and the process hung (seventeenth session)."""
     return KFACEigen({k: eigen_of(f) for k, f in kfac.factors.items()}, kfac.n_samples, kfac.n_tokens, kfac.fisher_type)
 
 
