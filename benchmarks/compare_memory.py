@@ -1,0 +1,69 @@
+"""The method comparison's time and memory on the small model of the end-to-end benchmark's shape.
+
+``curvature.compare.compare_methods`` with ``fisherjax analyze``'s Phase 1 options (bfloat16 kept
+gradients, the run's compiled step) on a random 4-layer d = 256 GPT-2 with GPT-2's vocabulary
+(fisherjax's own initialisation, 16.6 M parameters) and 32 samples of 80–120 random tokens in
+batches of 16: the process's peak RSS (``/proc/self/status`` polled every 10 ms; the process
+starts at about 0.5 GB), the wall time, and each method's stretch (seconds, peak, compilations).
+
+Usage: python benchmarks/compare_memory.py [--samples 32] [--k 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import numpy as np
+
+from fisherjax.config import DecoderConfig
+from fisherjax.curvature import compare
+from fisherjax.data import batches, task_from_tokens
+from fisherjax.models import Model
+from fisherjax.pipeline import AnalysisConfig
+
+
+def rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--k", type=int, default=10)
+    args = parser.parse_args()
+    peak = [0.0]
+
+    def poll():
+        while True:
+            peak[0] = max(peak[0], rss_gb())
+            time.sleep(0.01)
+
+    threading.Thread(target=poll, daemon=True).start()
+    vocab, width = 50257, 256
+    config = DecoderConfig(
+        model_type="gpt2", family="gpt2", vocab_size=vocab, hidden_size=width, num_layers=4, num_heads=4, num_kv_heads=4,
+        head_dim=64, intermediate_size=4 * width, max_position_embeddings=256, norm_eps=1e-5, activation="gelu_new",
+        tie_word_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True,
+    )
+    model = Model.init(config, seed=0)
+    rng = np.random.default_rng(0)
+    task = task_from_tokens("t", [rng.integers(1, vocab, size=int(rng.integers(80, 121))).tolist() for _ in range(args.samples)])
+    chosen = list(batches(task, 16, pad_id=0, vocab_size=vocab))
+    start_rss = rss_gb()
+    start = time.time()
+    result = compare.compare_methods(model, chosen, k=args.k, options=AnalysisConfig().collect_options())
+    print(f"compare_methods: {time.time() - start:.1f} s, peak RSS {peak[0]:.2f} GB (process at {start_rss:.2f} GB before)")
+    print("| method | seconds | peak RSS GB | compilations |\n|---|---|---|---|")
+    for name, method in result.methods.items():
+        s = method.stretch
+        print(f"| {name} | {s.seconds:.1f} | {s.peak_rss_bytes / 1e9:.2f} | {s.compilations} |")
+
+
+if __name__ == "__main__":
+    main()
