@@ -149,7 +149,7 @@ def hidden_scores(
         rows = jax.lax.dynamic_slice_in_dim(order, c * chunk, chunk)
         logits = unembed(flat[rows]).astype(jnp.float32)
         picked = jnp.where(valid[rows], targets[rows], 0)
-        loss = logsumexp(logits) - jnp.take_along_axis(logits, picked[:, None], axis=-1)[:, 0]
+        loss = _position_nll(logits[None], jnp.where(valid[rows], picked, IGNORE)[None])[0]
         nll = jax.lax.dynamic_update_slice_in_dim(nll, loss, c * chunk, 0)
         if matches:
             hit = jax.lax.dynamic_update_slice_in_dim(hit, is_argmax(logits, picked), c * chunk, 0)

@@ -618,12 +618,13 @@ def refit_eigenvalues(
     totals, samples = None, 0
     for batch in batches:
         sums, count = batch_scale_sums(model, params, *_batch_arrays(batch), key, eigen, fisher_type=eigen.fisher_type, true_samples=true_samples)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        totals = sums if totals is None else _tree_sum(totals, sums)
         samples = samples + count
     samples = int(samples)
     if not samples:
         raise DataError("refit_eigenvalues: no sample of the batches predicts a token")
-    factors = {k: dataclasses.replace(e, scales=totals[k] / samples) for k, e in eigen.factors.items()}
+    scales = _divided(totals, samples)
+    factors = {k: dataclasses.replace(e, scales=scales[k]) for k, e in eigen.factors.items()}
     return dataclasses.replace(eigen, factors=factors, refit=True)
 
 
