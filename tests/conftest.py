@@ -24,8 +24,24 @@ os.environ["FISHERJAX_COMPILATION_CACHE"] = "0"
 # them faster (the default run 15 % shorter) and runs them no slower at these sizes; the numbers
 # checked do not depend on it (every comparison has a tolerance or compares two programs compiled
 # alike). Subprocesses inherit it unless they set XLA_FLAGS themselves.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# XLA:CPU's older elemental emitters for fusions (``--xla_cpu_use_fusion_emitters=false``) compile
+# the same programs in about half the backend time of its MLIR fusion emitters (tests/test_qkov.py +
+# tests/test_collect.py: 92 → 40 s of backend compilation, 157 → 95 s in all; benchmarks/RESULTS.md).
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """``XLA_FLAGS`` for this run's processes: the ones already set, the tests' compiler flags,
+    and ``devices`` forced host devices (for a subprocess that needs a mesh on a CPU)."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags += [f for f in TEST_XLA_FLAGS if f.split("=")[0] not in " ".join(flags)]
+    if devices is not None:
+        flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return " ".join(flags)
+
+
+os.environ["XLA_FLAGS"] = xla_flags()
 # One JAX compilation cache for the whole test run, shared by the xdist workers and every
 # subprocess (they inherit these variables): many tests compile the same programs for the same
 # tiny checkpoints, and each compiles them once per run instead of once per process. It starts

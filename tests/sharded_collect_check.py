@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"  # and the run's flags
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
