@@ -17,6 +17,7 @@ choice                           CPU                         GPU / TPU
 :func:`vocabulary_sums_by_dot`   a GEMV                      the fused reduction
 :func:`settings_per_pass`        one                         all that fit the budget
 :func:`scored_positions_per_chunk`  128 positions            1024 positions
+:func:`with_compiler_flags`      elemental fusion emitters   (XLA:CPU flag only)
 ===============================  ==========================  ==============================
 
 The reasons, with their measurements, are in ``docs/DECISIONS.md`` and
@@ -35,6 +36,27 @@ import numpy as np
 
 HOST_ALIGNMENT = 64
 """Byte alignment of the per-sample host arrays that XLA:CPU reads without copying."""
+
+
+CPU_COMPILER_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
+"""XLA:CPU flags the command line runs with: XLA:CPU's elemental emitters for fusions instead of
+its MLIR fusion emitters. They compile the same programs in about half the backend time and run
+them as fast (GPT-2-small Phase 1 step and scores within noise); a run on a small model is mostly
+compilation. Measurements in ``benchmarks/RESULTS.md``, the choice in ``docs/DECISIONS.md``."""
+
+
+def with_compiler_flags(xla_flags: str, flags: Sequence[str] = CPU_COMPILER_FLAGS) -> str:
+    """``xla_flags`` (an ``XLA_FLAGS`` value) with each of ``flags`` appended unless it already
+    sets that option: a user's own setting wins."""
+    given = {f.split("=", 1)[0] for f in xla_flags.split()}
+    return " ".join([*xla_flags.split(), *(f for f in flags if f.split("=", 1)[0] not in given)])
+
+
+def use_compiler_flags(environ=os.environ) -> None:
+    """Put :data:`CPU_COMPILER_FLAGS` into ``XLA_FLAGS``. XLA reads the variable once, when the
+    first backend starts: the command line calls this before it computes anything; in a notebook,
+    set ``XLA_FLAGS`` before the first computation instead."""
+    environ["XLA_FLAGS"] = with_compiler_flags(environ.get("XLA_FLAGS", ""))
 
 
 def platform() -> str:

@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import itertools
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -594,7 +595,7 @@ def estimate_output_bytes(model: Model, task_sizes: dict[str, int], config: Anal
 
 def environment() -> dict:
     """What a number was computed with: package versions, the git commit when fisherjax runs from a
-    checkout, the backend and its devices."""
+    checkout, the backend and its devices, the compilation cache and the XLA flags."""
     from importlib import metadata
 
     versions = {}
@@ -612,6 +613,7 @@ def environment() -> dict:
         "backend": backend.platform(),
         "devices": [{"kind": d.device_kind, "platform": d.platform} for d in devices],
         "compilation_cache": compilation_cache.current(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 

@@ -26,12 +26,16 @@ def _analyze(root, out, *extra):
                  "--task", f"words={root / 'words.txt'}", "--out", str(out), "--no-progress", "--batch-size", "8", *extra])
 
 
-def test_analyze_writes_the_output_directory(tiny_checkpoint, tmp_path, capsys):
+def test_analyze_writes_the_output_directory(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
+    # XLA reads its flags when the first backend starts (long before, in this process): the command
+    # line adds its XLA:CPU flags to the user's before that, and records what the run used.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
     assert _analyze(tiny_checkpoint, out, "--phases", "fisher") == 0
     results = json.loads((out / "results.json").read_text())
     assert results["model"]["layers"] == 2 and results["model"]["kv_heads"] == 2
     env = results["environment"]  # what the numbers were computed with
+    assert env["xla_flags"] == "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
     assert {"fisherjax", "jax", "jaxlib", "flax", "transformers", "numpy"} <= set(env["versions"]) and env["backend"] == "cpu"
     assert env["devices"][0]["platform"] == "cpu" and (env["git"] is None or len(env["git"]["commit"]) == 40)
     assert results["fisher"]["add"]["samples"] == 12 and results["fisher"]["words"]["samples"] == 10
@@ -279,3 +283,12 @@ def test_conflict_options_from_the_command_line(tiny_checkpoint, tmp_path):
     assert _analyze(tiny_checkpoint, out, "--phases", "fisher,conflicts", "--conflict-scope", "overall", "--conflict-alpha", "0.2") == 0
     settings = json.loads((out / "conflicts.json").read_text())["pairs"]["add|words"]["settings"]
     assert settings["scope"] == "overall" and settings["alpha"] == 0.2
+
+
+def test_compiler_flags_are_added_unless_the_user_set_them():
+    from fisherjax.backend import with_compiler_flags
+
+    assert with_compiler_flags("") == "--xla_cpu_use_fusion_emitters=false"
+    assert with_compiler_flags("--xla_cpu_use_fusion_emitters=true --a=1") == "--xla_cpu_use_fusion_emitters=true --a=1"
+    once = with_compiler_flags("--xla_force_host_platform_device_count=4")
+    assert with_compiler_flags(once) == once == "--xla_force_host_platform_device_count=4 --xla_cpu_use_fusion_emitters=false"
