@@ -156,6 +156,22 @@ def test_chunks_sized_by_a_memory_budget(gpt2, gpt2_task):
         C.ConflictOptions(memory_budget_bytes=0)
 
 
+def test_a_large_budget_still_reads_small_slices(gpt2, gpt2_task, monkeypatch):
+    """The memory budget decides whether the sliced route fits; a slice itself never takes more
+    than SLICE_BUDGET_BYTES (a wider one is no faster and only holds memory): with the cap at one
+    byte, a 4 GB budget reads one-index slices and gives the same Gram."""
+    a, b = halves(gpt2_task)
+    whole = C.pairwise_cosines(a, b, layout=gpt2.layout, memory_budget_bytes=4e9)
+    asked = []
+    original = G.parameter_slices
+    monkeypatch.setattr(G, "parameter_slices", lambda *args: asked.append(args[3]) or original(*args))
+    monkeypatch.setattr(G, "SLICE_BUDGET_BYTES", 1.0)
+    capped = C.pairwise_cosines(a, b, layout=gpt2.layout, memory_budget_bytes=4e9)
+    assert asked == [1.0]
+    for field in ("dots", "sq_norms_a", "sq_norms_b"):
+        np.testing.assert_allclose(getattr(capped, field), getattr(whole, field), rtol=1e-5, atol=1e-6 * np.abs(getattr(whole, field)).max())
+
+
 def test_stored_tasks_read_by_parameter_slice_equal_chunk_pairs(gpt2, gpt2_task):
     """Stored tasks without a chunk size are read one parameter slice of every sample at a time:
     a budget so small that every sliceable leaf is cut into one-index slices gives the chunk-pair

@@ -284,6 +284,13 @@ SLICE_BYTES_PER_FEATURE = 12
 """Device bytes per sample and feature of a slice: the stored gradient (at most float32), its
 whitened float32 copy and its group-major view."""
 
+SLICE_BUDGET_BYTES = 0.5e9
+"""The most one slice of :func:`sliced_grams` takes, whatever the memory budget: once a slice's
+GEMMs are a few hundred MB wide a larger slice is no faster, and it only holds memory next to the
+stored gradients (for 64 + 64 GPT-2-small samples, 4 GB slices were both slower and 3 GB larger
+than 0.5 GB ones: benchmarks/RESULTS.md). The budget still decides whether the dot products fit
+(:func:`slices_fit`) and the chunk size of the chunk-pair route."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ParameterSlice:
@@ -369,9 +376,10 @@ def sliced_grams(
     desc: str = "Gram",
 ) -> list[Gram]:
     """The :class:`Gram` of every pair ``(x, y, by_group)`` of stored ``streams``, all in one pass
-    over :func:`parameter_slices`: each slice of every task is read once, whitened with
-    ``inv_sqrt`` (``{path: (Î + ε)^{-1/2}}``, None: not whitened) and multiplied for every pair
-    (:func:`~._kernels.slice_dots`); the dot products add up over slices on the host.
+    over :func:`parameter_slices` (each within ``min(budget_bytes, SLICE_BUDGET_BYTES)``): each
+    slice of every task is read once, whitened with ``inv_sqrt`` (``{path: (Î + ε)^{-1/2}}``, None:
+    not whitened) and multiplied for every pair (:func:`~._kernels.slice_dots`); the dot products
+    add up over slices on the host.
     ``progress``: a bar (``desc``) over the slices.
 
     Raises:
@@ -386,7 +394,7 @@ def sliced_grams(
     grouped = [np.zeros((n_groups, sizes[x], sizes[y]), np.float32) if by_group else None for x, y, by_group in pairs]
     static_pairs = tuple((names.index(x), names.index(y), bool(by_group)) for x, y, by_group in pairs)
     weights = None if inv_sqrt is None else {p: np.asarray(w, np.float32) for p, w in inv_sqrt.items()}
-    slices = parameter_slices(streams[names[0]].shapes, grouping, sum(sizes.values()), budget_bytes)
+    slices = parameter_slices(streams[names[0]].shapes, grouping, sum(sizes.values()), min(budget_bytes, SLICE_BUDGET_BYTES))
     with progress_bar(progress, total=len(slices), desc=desc, unit="slice") as bar:
         for piece in slices:
             parts = tuple(piece.take(streams[name].arrays[piece.path]) for name in names)
