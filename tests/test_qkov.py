@@ -353,6 +353,21 @@ def test_sample_pair_and_tiling_agree_with_heatmap(family, compute):
     _close(tiled.scores, full.scores, rtol=1e-5)
 
 
+def test_a_looped_tile_never_exceeds_its_cap_whatever_the_budget(family, monkeypatch):
+    """The looped kernel walks a tile in cache-sized pieces, so its tiles are planned within
+    min(budget, LOOPED_TILE_BYTES); the batched kernel's within the budget; the scores agree."""
+    model, _, A, B = family("gpt2")
+    planned = []
+    original = _tiles.tile_plan
+    monkeypatch.setattr(_tiles, "tile_plan", lambda *args, **kw: planned.append(args[4]) or original(*args, **kw))
+    monkeypatch.setattr(_tiles, "LOOPED_TILE_BYTES", 5e4)
+    a, b = _misaligned(A), _misaligned(B)  # copied tile by tile, so the plan decides what is held
+    looped = qkov.heatmap(a, b, model.layout, contraction="looped", memory_budget_bytes=4e9, **MIN)
+    batched = qkov.heatmap(a, b, model.layout, contraction="batched", memory_budget_bytes=4e9, **MIN)
+    assert planned == [5e4, 4e9]
+    _close(looped.scores, batched.scores, rtol=1e-5)
+
+
 def test_stored_leaves_are_read_in_place_on_cpu(family):
     """Aligned, contiguous layer-stacked leaves (what ``collect`` and ``select`` produce) are used by
     the CPU kernel without a copy; misaligned ones are copied, with the same scores."""

@@ -124,6 +124,12 @@ def float32_leaves(leaves: Mapping[str, Array], scale, weights, transform):
     return {k: v if v.dtype == jnp.float32 else _widen(v) for k, v in leaves.items()}, scale
 
 
+LOOPED_TILE_BYTES = 1e9
+"""The most one tile of the looped kernel takes: it walks a tile in cache-sized pieces, so a larger
+tile is no faster and only holds memory next to the stored gradients (64 + 64 GPT-2-small samples:
+2 GB tiles as fast as 1 GB ones and 1.6 GB larger, benchmarks/RESULTS.md)."""
+
+
 class TileKernel(NamedTuple):
     """The kernel of every tile of one heatmap, chosen once by :func:`select_kernel`."""
 
@@ -139,6 +145,8 @@ class TileKernel(NamedTuple):
     """``(leaves, scale, weights or None, transform) ->`` what :attr:`products` takes for one side."""
     products: Callable[[Any, Any, dict], Mapping[str, Any]]
     """``(a_operand, b_operand, weights) -> {block: [layer, c_a, c_b, heads]}``."""
+    most_bytes: float = float("inf")
+    """The most a tile may take whatever the memory budget (:data:`LOOPED_TILE_BYTES`)."""
 
 
 def select_kernel(kernel: KernelOptions, layout: ModelLayout, kinds: BlockKinds, transform_a: str, transform_b: str) -> TileKernel:
@@ -153,7 +161,8 @@ def select_kernel(kernel: KernelOptions, layout: ModelLayout, kinds: BlockKinds,
     if contraction == "looped":
         workers = kernel.workers if kernel.workers is not None else backend.available_cores()
         products = functools.partial(looped_tile, workers=workers, piece_floats=kernel.piece_floats, **statics)
-        return TileKernel("looped", 1, True, lambda planned, n: planned, float32_leaves, lambda a, b, w: products(*a, w, *b))
+        return TileKernel("looped", 1, True, lambda planned, n: planned, float32_leaves, lambda a, b, w: products(*a, w, *b),
+                          LOOPED_TILE_BYTES)
     if contraction == "pallas":
         interpret = backend.pallas_interpret()
         if interpret:
@@ -202,7 +211,7 @@ def raw_scores(
     copies = tiles.copies
     if tiles.reads_in_place and in_place(a_side.store, layout, sources) and in_place(b_side.store, layout, sources):
         copies = 0
-    c_a, c_b, c_l = tile_plan(n_a, n_b, n_l, floats_per_layer, kernel.memory_budget_bytes, copies=copies)
+    c_a, c_b, c_l = tile_plan(n_a, n_b, n_l, floats_per_layer, min(kernel.memory_budget_bytes, tiles.most_bytes), copies=copies)
     # Equal tiles: a last tile padded with repeated positions is a host gather, not a slice.
     c_a, c_b = _even_chunk(c_a, n_a, tiles.sample_chunk), _even_chunk(c_b, n_b, tiles.sample_chunk)
     c_l = _even_chunk(c_l, n_l, lambda planned, n: planned)
@@ -330,7 +339,8 @@ def sharded_raw_scores(
     tiles = select_kernel(kernel, layout, prep.kinds, a_side.transform, b_side.transform)
     floats_per_layer = sum(int(np.prod(w.shape[1:])) for w in prep.weights.values())
     per_device = -(-n_a // devices)
-    c_a, c_b, c_l = tile_plan(per_device, n_b, n_l, floats_per_layer, kernel.memory_budget_bytes, copies=max(tiles.copies, 1))
+    c_a, c_b, c_l = tile_plan(per_device, n_b, n_l, floats_per_layer, min(kernel.memory_budget_bytes, tiles.most_bytes),
+                              copies=max(tiles.copies, 1))
     c_a, c_b = _even_chunk(c_a, per_device, tiles.sample_chunk), _even_chunk(c_b, n_b, tiles.sample_chunk)
     c_l = _even_chunk(c_l, n_l, lambda planned, n: planned)
     n_loc, n_b_pad, n_l_pad = -(-per_device // c_a) * c_a, -(-n_b // c_b) * c_b, -(-n_l // c_l) * c_l
