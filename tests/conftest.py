@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fisherjax.backend import CPU_COMPILER_FLAGS, with_compiler_flags
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The command line keeps a compilation cache in the user's cache directory: no test run of it (in
 # this process, where it would also switch JAX's cache for every later test, or in a subprocess,
@@ -24,21 +26,20 @@ os.environ["FISHERJAX_COMPILATION_CACHE"] = "0"
 # them faster (the default run 15 % shorter) and runs them no slower at these sizes; the numbers
 # checked do not depend on it (every comparison has a tolerance or compares two programs compiled
 # alike). Subprocesses inherit it unless they set XLA_FLAGS themselves.
-# XLA:CPU's older elemental emitters for fusions (``--xla_cpu_use_fusion_emitters=false``) compile
-# the same programs in about half the backend time of its MLIR fusion emitters (tests/test_qkov.py +
+# The command line's XLA:CPU flags (fisherjax.backend.CPU_COMPILER_FLAGS: the older elemental
+# fusion emitters) compile the same programs in about half the backend time (tests/test_qkov.py +
 # tests/test_collect.py: 92 → 40 s of backend compilation, 157 → 95 s in all; benchmarks/RESULTS.md).
-TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", *CPU_COMPILER_FLAGS)
 
 
 def xla_flags(devices: int | None = None) -> str:
-    """``XLA_FLAGS`` for this run's processes: the ones already set, the tests' compiler flags,
-    and ``devices`` forced host devices (for a subprocess that needs a mesh on a CPU)."""
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    flags += [f for f in TEST_XLA_FLAGS if f.split("=")[0] not in " ".join(flags)]
+    """``XLA_FLAGS`` for this run's processes: the ones already set, the tests' compiler flags
+    (where not set already), and ``devices`` forced host devices (for a subprocess that needs a
+    mesh on a CPU)."""
+    flags = with_compiler_flags(os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS)
     if devices is not None:
-        flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
-        flags.append(f"--xla_force_host_platform_device_count={devices}")
-    return " ".join(flags)
+        flags = with_compiler_flags(flags, (f"--xla_force_host_platform_device_count={devices}",))
+    return flags
 
 
 os.environ["XLA_FLAGS"] = xla_flags()
