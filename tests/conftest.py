@@ -30,19 +30,9 @@ os.environ["FISHERJAX_COMPILATION_CACHE"] = "0"
 # fusion emitters) compile the same programs in about half the backend time (tests/test_qkov.py +
 # tests/test_collect.py: 92 → 40 s of backend compilation, 157 → 95 s in all; benchmarks/RESULTS.md).
 TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", *CPU_COMPILER_FLAGS)
-
-
-def xla_flags(devices: int | None = None) -> str:
-    """``XLA_FLAGS`` for this run's processes: the ones already set, the tests' compiler flags
-    (where not set already), and ``devices`` forced host devices (for a subprocess that needs a
-    mesh on a CPU)."""
-    flags = with_compiler_flags(os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS)
-    if devices is not None:
-        flags = with_compiler_flags(flags, (f"--xla_force_host_platform_device_count={devices}",))
-    return flags
-
-
-os.environ["XLA_FLAGS"] = xla_flags()
+# Added to what is set already (a setting given there wins); the mesh and multi-host subprocesses
+# add their device count to these.
+os.environ["XLA_FLAGS"] = with_compiler_flags(os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS)
 # One JAX compilation cache for the whole test run, shared by the xdist workers and every
 # subprocess (they inherit these variables): many tests compile the same programs for the same
 # tiny checkpoints, and each compiles them once per run instead of once per process. It starts

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from conftest import abstract_layout, tiny_config, xla_flags
+from conftest import abstract_layout, tiny_config
 from fisherjax.analysis import conflicts, qkov
 from fisherjax.errors import ConfigError
 from fisherjax.fisher.state import SampleGrads
@@ -171,7 +171,7 @@ with open(sys.argv[1], "w") as out:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sharded_analysis") / "found.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(4)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # CHECK adds its four devices to the run's XLA_FLAGS
     proc = subprocess.run([sys.executable, "-c", CHECK, str(out)], env=env, cwd=Path(__file__).parent, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
