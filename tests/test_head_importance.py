@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import NamedTuple
 from unittest import mock
 
 import numpy as np
@@ -75,15 +76,18 @@ class GatedTorch:
         return hook
 
     @torch.no_grad()
-    def logits(self, ids):
+    def logits(self, ids, mask=None):
+        """``mask`` marks the real tokens (all of them when None). It is not ``ids != 0``: a greedy
+        completion may produce the pad token's id."""
+        mask = np.ones_like(ids) if mask is None else mask
         with mock.patch.object(torch.nn.functional, "softmax", _softmax_keeping_float64):
             ids = torch.tensor(ids, dtype=torch.long)
-            return self.model(ids, attention_mask=(ids != 0).long()).logits  # token ids ≥ 3, 0 pads
+            return self.model(ids, attention_mask=torch.tensor(mask, dtype=torch.long)).logits
 
-    def scores(self, ids, labels):
+    def scores(self, padded):
         """Per sample: ``L_i``, ``T_i``, exact match (right padding, labels shifted by one)."""
-        logits = self.logits(ids)[:, :-1]
-        target = torch.tensor(labels[:, 1:], dtype=torch.long)
+        logits = self.logits(padded.ids, padded.mask)[:, :-1]
+        target = torch.tensor(padded.labels[:, 1:], dtype=torch.long)
         valid = target != -100
         nll = -torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
         hits = (logits.argmax(-1) == target) | ~valid
@@ -115,19 +119,26 @@ def _samples(gated, seed=0):
     return tokens, prompts
 
 
-def _right_padded(tokens, prompts):
+class Padded(NamedTuple):
+    ids: np.ndarray  # [n, seq], 0 after each sample's tokens
+    mask: np.ndarray  # [n, seq], 1 on the sample's tokens
+    labels: np.ndarray  # [n, seq], -100 on the prompt and the padding
+
+
+def _right_padded(tokens, prompts) -> Padded:
     seq = max(map(len, tokens))
     ids = np.zeros((len(tokens), seq), np.int64)
     labels = np.full((len(tokens), seq), -100, np.int64)
     for i, (t, p) in enumerate(zip(tokens, prompts)):
         ids[i, : len(t)] = t
         labels[i, max(p, 1) : len(t)] = t[max(p, 1) :]
-    return ids, labels
+    mask = (np.arange(seq) < np.array([len(t) for t in tokens])[:, None]).astype(np.int64)
+    return Padded(ids, mask, labels)
 
 
 @pytest.fixture(scope="module")
 def reference(hf_checkpoint):
-    """Per family: (model, task, GatedTorch, right-padded ids and labels)."""
+    """Per family: (model, task, GatedTorch, the samples right-padded)."""
     cache = {}
 
     def make(kind):
@@ -136,23 +147,23 @@ def reference(hf_checkpoint):
             gated = GatedTorch(kind, torch_model)
             tokens, prompts = _samples(gated)
             task = task_from_tokens("t", tokens, prompt_lens=prompts)
-            cache[kind] = (fisherjax.load_pretrained(directory), task, gated, *_right_padded(tokens, prompts))
+            cache[kind] = (fisherjax.load_pretrained(directory), task, gated, _right_padded(tokens, prompts))
         return cache[kind]
 
     return make
 
 
-def _finite_differences(gated, ids, labels):
+def _finite_differences(gated, padded):
     """``[n, layer, head]`` central differences of ``ℓ_i = L_i / T_i`` in each ``ξ[l, h]``."""
     layers, heads = gated.xi.shape
-    _, tokens, _ = gated.scores(ids, labels)
-    out = np.zeros((ids.shape[0], layers, heads))
+    _, tokens, _ = gated.scores(padded)
+    out = np.zeros((padded.ids.shape[0], layers, heads))
     for layer in range(layers):
         for head in range(heads):
             sides = []
             for sign in (1, -1):
                 gated.xi[layer, head] = 1 + sign * EPS
-                sides.append(gated.scores(ids, labels)[0])
+                sides.append(gated.scores(padded)[0])
             gated.xi[layer, head] = 1.0
             out[:, layer, head] = (sides[0] - sides[1]) / (2 * EPS) / np.maximum(tokens, 1)
     return out, tokens
@@ -164,8 +175,8 @@ def _rel(ours, ref):
 
 @pytest.mark.parametrize("kind", FAST_FAMILIES)
 def test_head_mask_gradients_equal_finite_differences(kind, reference):
-    model, task, gated, ids, labels = reference(kind)
-    ref, tokens = _finite_differences(gated, ids, labels)
+    model, task, gated, padded = reference(kind)
+    ref, tokens = _finite_differences(gated, padded)
     counted = np.flatnonzero(tokens > 0)
     assert 3 not in counted
 
@@ -188,11 +199,11 @@ def test_head_mask_gradients_equal_finite_differences(kind, reference):
 
 @pytest.mark.parametrize("kind", FAST_FAMILIES)
 def test_single_head_ablation_equals_zero_gate(kind, reference):
-    model, task, gated, ids, labels = reference(kind)
+    model, task, gated, padded = reference(kind)
     layers, heads = gated.xi.shape
 
     def task_scores():
-        nll, tokens, exact = gated.scores(ids, labels)
+        nll, tokens, exact = gated.scores(padded)
         return nll.sum() / tokens.sum(), exact.mean()
 
     base_loss, base_accuracy = task_scores()
