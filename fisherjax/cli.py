@@ -17,7 +17,7 @@ from fisherjax.analysis.conflicts import SCOPES as CONFLICT_SCOPES
 from fisherjax.analysis.masks import SCOPES as MASK_SCOPES
 from fisherjax.analysis.masks import STRUCTURED_UNITS as MASK_UNITS
 from fisherjax.analysis.qkov import AGGREGATES, CONTRACTIONS, CURVATURE_VARIANTS, FISHER_POOLS, NORMALIZE_GJ, VARIANTS
-from fisherjax.fisher.options import FISHER_TYPES, MODES, STORAGE_DTYPES
+from fisherjax.fisher.options import FISHER_TYPES, MODES, SAMPLE_GRADS_FORMS, STORAGE_DTYPES
 
 EXIT_INPUT_ERROR = 2
 
@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--mode", choices=MODES, default=d.mode, help=f"accumulation (default {d.mode})")
     a.add_argument("--sample-grads-dtype", "--contribution-dtype", dest="sample_grads_dtype", choices=tuple(STORAGE_DTYPES),
                    default=d.sample_grads_dtype, help=f"storage dtype of the kept per-sample gradients (default {d.sample_grads_dtype})")
+    a.add_argument("--sample-grads-form", choices=SAMPLE_GRADS_FORMS, default=d.sample_grads_form,
+                   help="keep each attention kernel's per-sample gradients as they are, or as their token factors (inputs and "
+                        "output gradients, formed again where Phases 5 and 6 read them): 'auto' keeps factors where they are "
+                        f"smaller, i.e. for samples shorter than d_in*d_out/(d_in+d_out) tokens (default {d.sample_grads_form})")
     a.add_argument("--sample-grads-budget-gb", "--contribution-budget-gb", dest="sample_grads_budget_gb", type=float,
                    default=d.sample_grads_budget_gb,
                    help=f"host memory allowed for the kept per-sample gradients per task (default {d.sample_grads_budget_gb:g} GB)")
@@ -242,6 +246,7 @@ def _analyze(args) -> int:
         fisher_type=args.fisher_type,
         mode=args.mode,
         sample_grads_dtype=args.sample_grads_dtype,
+        sample_grads_form=args.sample_grads_form,
         sample_grads_budget_gb=args.sample_grads_budget_gb,
         spill_dir=args.spill_dir,
         diagonal=not args.no_diagonal,

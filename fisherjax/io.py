@@ -16,6 +16,7 @@ import numpy as np
 
 from fisherjax.errors import CheckpointError, disk_errno, one_line
 from fisherjax.fisher.accumulate import EMAState, WelfordState
+from fisherjax.fisher.factored import FactoredGrads
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 
 
@@ -72,8 +73,11 @@ def save_task_fisher(fisher: TaskFisher, directory: str | Path) -> Path:
         arrays["sample_grads"] = {
             "sample_ids": c.sample_ids,
             "tokens": c.tokens,
-            "grads": {k: np.asarray(v) for k, v in c.grads.items()},
+            "grads": {k: np.asarray(v) for k, v in c.grads.items() if not isinstance(v, FactoredGrads)},
         }
+        factors = {k: {"inputs": np.asarray(v.inputs), "deltas": np.asarray(v.deltas)} for k, v in c.grads.items() if isinstance(v, FactoredGrads)}
+        if factors:  # saved as kept, never formed
+            arrays["sample_grads"]["factors"] = factors
         if not c.derived:
             arrays["sample_grads"]["stored_contributions"] = {k: np.asarray(v) for k, v in c.stored_contributions.items()}
     arrays = _host(arrays)
@@ -134,7 +138,10 @@ def load_task_fisher(directory: str | Path) -> TaskFisher:
             fields["ema"] = EMAState(arrays["ema"]["count"], arrays["ema"]["value"], meta["ema_decay"])
         if "sample_grads" in arrays:
             c = arrays["sample_grads"]
-            fields["sample_grads"] = SampleGrads(c["sample_ids"], c["tokens"], c["grads"], c.get("stored_contributions"))
+            grads = dict(c.get("grads") or {})
+            grads.update({k: FactoredGrads(v["inputs"], v["deltas"]) for k, v in (c.get("factors") or {}).items()})
+            grads = {k: grads[k] for k in sorted(grads)}
+            fields["sample_grads"] = SampleGrads(c["sample_ids"], c["tokens"], grads, c.get("stored_contributions"))
         return TaskFisher(**fields)
     except (KeyError, TypeError, ValueError) as err:  # a field missing or of the wrong kind
         raise unusable(f"{type(err).__name__}: {err}") from None

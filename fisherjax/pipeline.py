@@ -35,7 +35,8 @@ from fisherjax.data import Batch, MissingTokenizer, Task, batches, load_task
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
 from fisherjax.fisher.collect import collect
 from fisherjax.fisher.groups import group_sizes
-from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, attention_paths
+from fisherjax.fisher.factored import smaller_as_factors
+from fisherjax.fisher.options import SAMPLE_GRADS_FORMS, STORAGE_DTYPES, CollectOptions, attention_paths
 from fisherjax.fisher.shares import join_shares
 from fisherjax.fisher.state import TaskFisher
 from fisherjax.models import Model, load_pretrained
@@ -48,7 +49,7 @@ from fisherjax.report import masks as masks_report
 from fisherjax.report import natural as natural_report
 from fisherjax.report import qkov as qkov_report
 from fisherjax.report import timing as timing_report
-from fisherjax.settings import check
+from fisherjax.settings import check, check_choice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,7 @@ class AnalysisConfig:
     fisher_type: str = "empirical"
     mode: str = "welford"
     sample_grads_dtype: str = "bfloat16"
+    sample_grads_form: str = "auto"
     diagonal: bool = True
     diagonal_variance: bool = False
     sparsities: tuple[float, ...] = (0.5, 0.7, 0.9)
@@ -129,6 +131,10 @@ class AnalysisConfig:
         check(self.pruning_samples >= 1, f"pruning samples must be ≥ 1 (--pruning-samples), got {self.pruning_samples}")
         check(0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63) (--seed), got {self.seed}")
         outdir.check_task_names([name for name, _ in self.tasks])
+        check_choice("analysis", "sample_grads_form (--sample-grads-form)", self.sample_grads_form, SAMPLE_GRADS_FORMS)
+        check(self.sample_grads_form != "factors" or self.fisher_type == "empirical",
+              f"--sample-grads-form factors needs --fisher-type empirical (the {self.fisher_type} Fisher keeps its own per-sample "
+              "contributions); use --sample-grads-form gradients or auto")
         check(self.sample_grads_budget_gb > 0,
               f"sample-gradient budget must be > 0 GB (--sample-grads-budget-gb), got {self.sample_grads_budget_gb}")
         check(self.spill_dir is None or not Path(self.spill_dir).exists() or Path(self.spill_dir).is_dir(),
@@ -174,12 +180,23 @@ class AnalysisConfig:
         """Where Phase 1's progress of task ``name`` is saved: ``checkpoint_dir/<name>``, absolute (None without one)."""
         return None if self.checkpoint_dir is None else Path(self.checkpoint_dir).absolute() / name
 
-    def collect_options(self) -> CollectOptions:
-        """The Phase 1 options of this run (every task keeps its attention gradients)."""
+    def collect_options(self, layout=None, seq: int | None = None) -> CollectOptions:
+        """The Phase 1 options of this run (every task keeps its attention gradients). How they
+        are kept (``sample_grads_form``): ``"gradients"``; ``"factors"``, every attention kernel
+        as its token factors (:mod:`fisherjax.fisher.factored`); ``"auto"``, as factors the
+        attention kernels whose factors at ``seq`` positions (the run's longest batch, with the
+        model's ``layout``) are smaller than their gradients, for the empirical Fisher."""
+        if self.sample_grads_form == "factors":
+            factors = True
+        elif self.sample_grads_form == "auto" and self.fisher_type == "empirical" and layout is not None and seq is not None:
+            factors = smaller_as_factors(layout, attention_paths(layout), seq)
+        else:
+            factors = False
         return CollectOptions(
             mode=self.mode,
             fisher_type=self.fisher_type,
             keep_sample_grads=True,
+            sample_grads_factors=factors,
             sample_grads_dtype=self.sample_grads_dtype,
             sample_grads_budget_bytes=self.sample_grads_budget_gb * 1e9,
             diagonal=self.diagonal,
@@ -287,6 +304,11 @@ def phase_fisher(ctx: Context, out: Path) -> report.Section:
     return fisher_report.section(ctx.fishers)
 
 
+def longest(task_batches: dict[str, list[Batch]]) -> int:
+    """The positions of the longest batch of any task (0 with none)."""
+    return max((b.input_ids.shape[1] for bs in task_batches.values() for b in bs), default=0)
+
+
 def first_batches(ctx: Context, name: str, n: int) -> list[Batch]:
     """Batches of the first ``n`` samples of a task, cut like Phase 1's (the share of the phases
     that run on a fixed few samples: the method comparison, the ``heads`` phase)."""
@@ -327,7 +349,7 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
             f"{CURVATURE_MEMORY_SHARE:.0%} of the memory still free ({free / 1e9:.1f} GB); pass --curvature to run it anyway, "
             f"or a smaller {'--curvature-samples' if gram else '--curvature-k'}")
     result = compare.compare_methods(model, chosen, k=config.curvature_k, seed=config.seed, progress=config.progress,
-                                     options=config.collect_options())  # Phase 1's compiled step, its storage
+                                     options=config.collect_options(model.layout, longest(ctx.batches)))  # Phase 1's compiled step
     return curvature_report.section(result, name, ctx.labels, model.layout.kv_head_of)
 
 
@@ -527,7 +549,7 @@ def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig, *,
         name: list(batches(task, config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
         for name, task in tasks.items()
     }
-    options = config.collect_options()
+    options = config.collect_options(model.layout, longest(all_batches))
     fishers, stretches = {}, {}
     for name in tasks:
         fishers[name], stretches[name] = telemetry.measure(

@@ -219,8 +219,8 @@ def _piece(store: Mapping[str, np.ndarray], layout: ModelLayout, leaf: Leaf, lay
     (a plain slice of the stored array; per-layer leaves stacked on the device)."""
     spec = layout.spec(leaf.key)
     cut = (Ellipsis,) if spec.kind == "bias" else (Ellipsis, slice(*rows)) if spec.role.value == "o" else (Ellipsis, slice(*rows), slice(None))
-    if spec.layered:
-        return jax.device_put(store[leaf.key][:, layers][cut])
+    if spec.layered:  # one read: a store formed on read (FactoredGrads) forms just this piece
+        return jax.device_put(store[leaf.key][(slice(None), layers, *cut)])
     return layout.stack_layers(list(leaf.paths[layers]), lambda p: jax.device_put(store[p][cut]), axis=1)
 
 

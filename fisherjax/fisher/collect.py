@@ -30,10 +30,12 @@ from fisherjax.fisher.progress import (
     DataDigest,
     Fingerprint,
     Spill,
+    joined_shape,
     progress_manager,
     restore_progress,
     save_progress,
 )
+from fisherjax.fisher.factored import FactoredGrads
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.fisher.step import StepPlan, compiled_step, initial_state, make_plan, micro_batch_size, micro_batches, state_shardings
 from fisherjax.models.model import check_token_ids
@@ -211,9 +213,10 @@ def _raise_if_nonfinite(finite: np.ndarray, sample_ids: np.ndarray, paths: list[
 
 def _join_consuming(chunks: list[dict]) -> dict:
     """``{kind: {path: rows of every chunk}}`` joined along the sample axis into
-    :func:`~fisherjax.backend.host_empty` arrays; each chunk is dropped from ``chunks`` once copied."""
+    :func:`~fisherjax.backend.host_empty` arrays (shorter chunks zero-padded to
+    :func:`~.progress.joined_shape`); each chunk is dropped from ``chunks`` once copied."""
     first = chunks[0]
-    out = {kind: {p: host_empty((sum(len(c[kind][p]) for c in chunks), *v.shape[1:]), v.dtype) for p, v in tree.items()}
+    out = {kind: {p: host_empty(joined_shape([c[kind][p] for c in chunks]), v.dtype) for p, v in tree.items()}
            for kind, tree in first.items()}
     at = 0
     for i in range(len(chunks)):
@@ -221,7 +224,10 @@ def _join_consuming(chunks: list[dict]) -> dict:
         rows = 0
         for kind, tree in chunk.items():
             for p, v in tree.items():
-                out[kind][p][at : at + len(v)] = v
+                target = out[kind][p][at : at + len(v)]
+                if target.shape[1:] != v.shape[1:]:
+                    target[...] = 0
+                target[(Ellipsis, *(slice(0, n) for n in v.shape[1:]))] = v
                 rows = len(v)
         at += rows
         del chunk
@@ -253,11 +259,13 @@ def _finish(model, task: str, plan: StepPlan, state: dict, log: CollectionLog, k
     if plan.keep:
         kinds = {"contributions": None}
         if spill is not None:
-            for kind in kept[0]:
-                kinds[kind] = {p: spill.concatenate([k[kind][p] for k in kept], f"{kind}.{p.replace('/', '.')}") for p in plan.keep}
+            for kind, tree in kept[0].items():
+                kinds[kind] = {p: spill.concatenate([k[kind][p] for k in kept], f"{kind}.{p.replace('/', '.')}") for p in tree}
         else:
             kinds.update(_join_consuming(kept))
-        sample_grads = SampleGrads(sample_ids, tokens, kinds["grads"], kinds["contributions"])
+        grads = dict(kinds["grads"])
+        grads.update({p: FactoredGrads(kinds["inputs"][p], kinds["deltas"][p]) for p in plan.factors})
+        sample_grads = SampleGrads(sample_ids, tokens, {p: grads[p] for p in plan.keep}, kinds["contributions"])
     diagonal = variance = None
     if plan.diagonal_variance:
         diagonal = {p: np.asarray(v, np.float32) for p, v in host["diagonal"].mean.items()}

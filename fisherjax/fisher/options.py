@@ -21,6 +21,8 @@ FISHER_TYPES = ("empirical", "true", "per_token")
 MODES = ("welford", "ema")
 GHOSTS = ("auto", "always", "never")
 STORAGE_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
+SAMPLE_GRADS_FORMS = ("auto", "gradients", "factors")
+"""How ``fisherjax analyze`` keeps the attention gradients (``AnalysisConfig.collect_options``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +38,13 @@ class CollectOptions(Options):
       keep_sample_grads: keep per-sample signed gradients ``g_i`` (and, for the true and per-token
         Fisher, their own ``C_i``) in :attr:`TaskFisher.sample_grads` — ``True`` for the attention
         Q/K/V/O parameters, or a sequence of parameter paths. Phases 5 and 6 read them.
-      sample_grads_dtype: their storage dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+      sample_grads_factors: keep these kept dense kernels' gradients as their token factors
+        ``(a, δ)`` instead (:mod:`fisherjax.fisher.factored`; read as
+        :class:`~fisherjax.fisher.factored.FactoredGrads`): ``True`` for every kept dense kernel,
+        or a sequence of kept kernel paths. Smaller when a sample's positions ``T < d_in·d_out /
+        (d_in + d_out)``; empirical Fisher only (the others store their own contributions).
+      sample_grads_dtype: their storage dtype (of the factors, with ``sample_grads_factors``):
+        ``"float32"``, ``"bfloat16"`` or ``"float16"``.
       sample_grads_budget_bytes: host memory they may take; beyond it an error, or with
         ``spill_dir`` they are written to disk and returned memory-mapped.
       diagonal: also accumulate the full diagonal Fisher of every parameter.
@@ -58,6 +66,7 @@ class CollectOptions(Options):
     fisher_type: str = "empirical"
     true_samples: int = 1
     keep_sample_grads: bool | tuple[str, ...] = False
+    sample_grads_factors: bool | tuple[str, ...] = False
     sample_grads_dtype: str = "float32"
     sample_grads_budget_bytes: float = 8e9
     diagonal: bool = False
@@ -70,8 +79,9 @@ class CollectOptions(Options):
     checkpoint_every: int = 10
 
     def __post_init__(self):
-        if not isinstance(self.keep_sample_grads, bool):
-            object.__setattr__(self, "keep_sample_grads", tuple(self.keep_sample_grads))
+        for name in ("keep_sample_grads", "sample_grads_factors"):
+            if not isinstance(getattr(self, name), bool):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         for name, allowed in (
             ("mode", MODES),
             ("fisher_type", FISHER_TYPES),
@@ -80,6 +90,9 @@ class CollectOptions(Options):
         ):
             check_choice("collect", name, getattr(self, name), allowed)
         check(0.0 < self.ema_decay < 1.0, f"collect ema_decay must be in (0, 1), got {self.ema_decay}")
+        check(not self.sample_grads_factors or self.fisher_type == "empirical",
+              f"collect sample_grads_factors needs fisher_type='empirical' (the {self.fisher_type} Fisher stores its own "
+              "per-sample contributions, which are not a product of factors); keep gradients instead")
         check(self.true_samples >= 1, f"collect true_samples must be ≥ 1, got {self.true_samples}")
         check(self.sample_grads_budget_bytes > 0, f"collect sample_grads_budget_bytes must be > 0, got {self.sample_grads_budget_bytes}")
         check(self.memory_budget_bytes > 0, f"collect memory_budget_bytes must be > 0, got {self.memory_budget_bytes}")
@@ -96,6 +109,19 @@ def kept_paths(layout, keep: bool | Sequence[str]) -> tuple[str, ...]:
     unknown = [p for p in paths if p not in layout.specs]
     if unknown:
         raise ConfigError(f"keep_sample_grads names parameters the model does not have: {unknown}")
+    return paths
+
+
+def factored_paths(layout, keep: Sequence[str], factors: bool | Sequence[str]) -> tuple[str, ...]:
+    """The kept paths stored as token factors: the kept dense kernels for ``True``, none for
+    ``False``, else the given paths (each must be a kept dense kernel)."""
+    dense = [p for p in keep if layout.spec(p).kind == "kernel"]
+    if factors is True:
+        return tuple(dense)
+    paths = tuple(factors or ())
+    wrong = [p for p in paths if p not in dense]
+    if wrong:
+        raise ConfigError(f"sample_grads_factors names {wrong}, which are not kept dense kernels (kept: {list(keep)})")
     return paths
 
 

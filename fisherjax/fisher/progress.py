@@ -138,14 +138,14 @@ class Spill:
         return array.view(f"u{array.dtype.itemsize}")
 
     def concatenate(self, files: Sequence[Path], name: str) -> np.ndarray:
-        """One memory-mapped array of all chunks, copied chunk by chunk (bounded memory)."""
+        """One memory-mapped array of all chunks, copied chunk by chunk (bounded memory); chunks
+        of fewer positions (factors of shorter batches) are padded with zeros (:func:`joined_shape`)."""
         chunks = [np.load(f, mmap_mode="r") for f in files]
         dtype = self.dtypes.get(Path(files[0]).name)
-        total = sum(c.shape[0] for c in chunks)
-        out = np.lib.format.open_memmap(self.directory / f"{name}.npy", mode="w+", dtype=chunks[0].dtype, shape=(total, *chunks[0].shape[1:]))
+        out = np.lib.format.open_memmap(self.directory / f"{name}.npy", mode="w+", dtype=chunks[0].dtype, shape=joined_shape(chunks))
         at = 0
-        for c in chunks:
-            out[at : at + c.shape[0]] = c
+        for c in chunks:  # a new file reads as zeros: the padding needs no writing
+            out[(slice(at, at + c.shape[0]), *(slice(0, n) for n in c.shape[1:]))] = c
             at += c.shape[0]
         out.flush()
         for f in files:
@@ -153,6 +153,25 @@ class Spill:
             self.dtypes.pop(Path(f).name, None)
         whole = np.load(self.directory / f"{name}.npy", mmap_mode="r")
         return whole if dtype is None else whole.view(dtype)
+
+
+def join_padded(chunks: Sequence[np.ndarray]) -> np.ndarray:
+    """``np.concatenate(chunks)`` along the first axis, shorter chunks zero-padded to :func:`joined_shape`."""
+    shape = joined_shape(chunks)
+    if all(c.shape[1:] == shape[1:] for c in chunks):
+        return np.concatenate(chunks)
+    out = np.zeros(shape, chunks[0].dtype)
+    at = 0
+    for c in chunks:
+        out[(slice(at, at + c.shape[0]), *(slice(0, n) for n in c.shape[1:]))] = c
+        at += c.shape[0]
+    return out
+
+
+def joined_shape(chunks: Sequence[np.ndarray]) -> tuple[int, ...]:
+    """The shape of chunks joined along their first axis: the sum of their rows, and the largest of
+    each other axis (kept factors of batches of different lengths differ in their positions axis)."""
+    return (sum(c.shape[0] for c in chunks), *(max(sizes) for sizes in zip(*(c.shape[1:] for c in chunks))))
 
 
 # ---- what a checkpoint was made from ------------------------------------------------------------
@@ -287,7 +306,7 @@ def save_progress(manager, batches_done: int, state: dict, log: CollectionLog, *
     if log.groups:
         arrays["groups"] = jax.tree.map(lambda *xs: np.concatenate(xs), *log.groups)
     if log.kept and not log.spilled:
-        arrays["kept"] = jax.tree.map(lambda *xs: np.concatenate(xs), *log.kept)
+        arrays["kept"] = jax.tree.map(lambda *xs: join_padded(xs), *log.kept)
     meta = {
         "batches_done": batches_done,
         "n_seen": log.n_seen,

@@ -216,7 +216,8 @@ def _tied_unembedding(sites) -> Site | None:
     return next((s for s in sites if s.kind == "unembed" and s.tied), None)
 
 
-def _layer_site(tree: dict, name: str):
+def layer_site(tree: dict, name: str):
+    """Site ``name``'s entry of a recording (``"layers/..."`` names live under ``tree["layers"]``)."""
     return tree["layers"][name[len("layers/") :]] if name.startswith("layers/") else tree[name]
 
 
@@ -274,7 +275,7 @@ def grad_walks(layout: ModelLayout, sites, inputs: dict, deltas: dict, *, loop: 
         return GradWalk(axis, sliced[0].shape[-1], grads, sample)
 
     for site in sites:
-        x, d = _layer_site(inputs, site.name), _layer_site(deltas, site.name)
+        x, d = layer_site(inputs, site.name), layer_site(deltas, site.name)
         p = site.params
         if site.layered:
             if site.kind == "dense":
@@ -389,7 +390,7 @@ def squared_marginals_from_sites(
             rows = layout.specs[p["embedding"]].shape[0]
             marginals[p["embedding"]] = lambda ids, d, rows=rows: (None, embedding_row_squares(ids, d, rows))
         if marginals:
-            x, d = _layer_site(inputs, site.name), _layer_site(deltas, site.name)
+            x, d = layer_site(inputs, site.name), layer_site(deltas, site.name)
             per_site = over_samples(lambda x, d: {k: f(x, d) for k, f in marginals.items()}, site.layered, loop)
             out.update(per_site(x, d))
     if tied_table is not None and tied_table not in skip:

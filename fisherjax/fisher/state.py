@@ -29,6 +29,7 @@ import numpy as np
 from fisherjax.backend import host_take
 from fisherjax.errors import DataError
 from fisherjax.fisher.accumulate import EMAState, WelfordState
+from fisherjax.fisher.factored import FactoredGrads
 from fisherjax.settings import STATIC
 
 
@@ -91,7 +92,8 @@ class SampleGrads:
     Attributes:
       sample_ids: ``[n]`` the task's sample ids (file line numbers), in stored order.
       tokens: ``[n]`` active tokens ``T_i`` of each sample.
-      grads: ``{path: [n, *param_shape]}`` signed token-sum gradients ``g_i``.
+      grads: ``{path: [n, *param_shape]}`` signed token-sum gradients ``g_i``: arrays, or
+        :class:`~fisherjax.fisher.factored.FactoredGrads` (kept as token factors, formed where read).
       stored_contributions: ``{path: [n, *param_shape]}`` contributions ``C_i`` when they are
         not a function of ``g_i`` (true and per-token Fisher average squares over several
         pullbacks); ``None`` for the empirical Fisher, whose ``C_i = g_i² / T_i`` is derived from
@@ -137,7 +139,8 @@ class SampleGrads:
     def select(self, index) -> SampleGrads:
         """The samples at positions ``index`` (an int array or slice)."""
         stored = None if self.derived else {p: host_take(v, index) for p, v in self.stored_contributions.items()}
-        return SampleGrads(self.sample_ids[index], self.tokens[index], {p: host_take(v, index) for p, v in self.grads.items()}, stored)
+        grads = {p: v.take_rows(index) if isinstance(v, FactoredGrads) else host_take(v, index) for p, v in self.grads.items()}
+        return SampleGrads(self.sample_ids[index], self.tokens[index], grads, stored)
 
     @classmethod
     def from_grads(cls, grads, tokens, sample_ids, *, dtype=np.float32) -> SampleGrads:

@@ -47,9 +47,9 @@ from fisherjax.fisher.accumulate import (
 )
 from fisherjax.fisher.diagonal import diagonal_update, materialised_walk, square_sums
 from fisherjax.fisher.groups import group_sizes, marginals_of, reduce_groups
-from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, kept_paths
+from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, factored_paths, kept_paths
 from fisherjax.settings import with_overrides
-from fisherjax.fisher.sites import discover_sites, grad_walks, per_sample_grads_from_sites, squared_marginals_from_sites
+from fisherjax.fisher.sites import discover_sites, grad_walks, layer_site, per_sample_grads_from_sites, squared_marginals_from_sites
 from fisherjax.grads import token_nll
 from fisherjax.sharding import DATA, by_sample, param_shardings, replicated
 
@@ -60,6 +60,7 @@ class StepPlan:
 
     materialise: tuple[str, ...]  # paths whose full per-sample gradients are formed
     keep: tuple[str, ...]  # paths whose g_i (and, unless derived, C_i) are returned
+    factors: tuple[str, ...]  # kept dense kernels returned as their sites' (a, δ) instead of g_i
     diagonal: bool
     diagonal_variance: bool
     fisher_type: str
@@ -74,11 +75,14 @@ class StepPlan:
 def make_plan(layout, options: CollectOptions) -> StepPlan:
     """The :class:`StepPlan` of ``options`` for a model's layout."""
     keep = kept_paths(layout, options.keep_sample_grads)
+    factors = factored_paths(layout, keep, options.sample_grads_factors)
     empirical = options.fisher_type == "empirical"
     return StepPlan(
-        # the empirical diagonal is walked piece by piece (fisher.diagonal), never materialised
-        materialise=tuple(layout.paths()) if options.diagonal and not empirical else keep,
+        # the empirical diagonal is walked piece by piece (fisher.diagonal), never materialised;
+        # nor are the kernels kept as factors (their group Fisher comes from the sites' marginals)
+        materialise=tuple(layout.paths()) if options.diagonal and not empirical else tuple(p for p in keep if p not in factors),
         keep=keep,
+        factors=factors,
         diagonal=options.diagonal,
         diagonal_variance=options.diagonal and options.diagonal_variance,
         fisher_type=options.fisher_type,
@@ -141,6 +145,13 @@ def step_function(model, plan: StepPlan) -> Callable:
     sites = discover_sites(layout, site_names(model))
     paths = layout.paths()
     mat = plan.materialise
+    site_of = {site.params.get("kernel"): site for site in sites if site.kind in ("dense", "unembed") and not site.tied}
+
+    def sample_first(tree, path):
+        """The recording of ``path``'s site with samples first: ``[batch, (layer,) seq, d]``."""
+        site = site_of[path]
+        x = layer_site(tree, site.name)
+        return jnp.moveaxis(x, 1, 0) if site.layered else x
 
     def squares_and_marginals(recorded, deltas, seq):
         loop = plan.sample_loop
@@ -158,7 +169,7 @@ def step_function(model, plan: StepPlan) -> Callable:
                      for p, t in diagonal.total.items()}
             return SumState(diagonal.count + valid.astype(diagonal.count.dtype).sum(), total)
         walks = grad_walks(layout, sites, recorded, deltas, loop=plan.sample_loop)
-        walks.update({p: materialised_walk(grads[p]) for p in plan.keep})
+        walks.update({p: materialised_walk(grads[p]) for p in plan.keep if p in grads})
         if plan.diagonal_variance:
             return diagonal_update(diagonal, walks, inv_t, valid)
         weights = jnp.where(valid, inv_t, 0.0)
@@ -231,7 +242,10 @@ def step_function(model, plan: StepPlan) -> Callable:
         if plan.diagonal:
             state = {**state, "diagonal": diagonal_step(state["diagonal"], recorded, deltas, grads, contributions, inv_t, valid)}
         storage = STORAGE_DTYPES[plan.storage]
-        kept = {"grads": {p: grads[p].astype(storage) for p in plan.keep}}
+        kept = {"grads": {p: grads[p].astype(storage) for p in plan.keep if p not in plan.factors}}
+        if plan.factors:
+            kept["inputs"], kept["deltas"] = ({p: sample_first(tree, p).astype(storage) for p in plan.factors}
+                                              for tree in (recorded, deltas))
         if plan.fisher_type != "empirical":  # otherwise C = g²/T is derived from the grads on the host
             kept["contributions"] = {p: contributions[p].astype(storage) for p in plan.keep}
         packed_groups = jnp.concatenate([v.reshape(batch, -1).astype(jnp.float32) for v in jax.tree.leaves(groups)], axis=1)
@@ -323,13 +337,15 @@ def lower_step(model, batch_size: int, seq_len: int, options: CollectOptions | N
 def micro_batch_size(model, plan: StepPlan, batch: int, seq: int, budget_bytes: float) -> int:
     """Samples per step so that per-sample arrays fit ``budget_bytes`` (at least 1, at most ``batch``).
 
-    Per sample: the materialised gradients (and their squares, and the stored copies when kept)
-    plus the activations a backward pass keeps, estimated as ``4 bytes × layers × seq ×
+    Per sample: the materialised gradients (and their squares), the kept copies (gradients, or
+    ``seq · (d_in + d_out)`` factors per layer) plus the activations a backward pass keeps, estimated as ``4 bytes × layers × seq ×
     (12·d_model + 3·d_ff)`` and the ``[seq, vocab]`` logits with their gradient.
     """
     cfg = model.config
     grads = sum(int(np.prod(model.layout.specs[p].shape)) for p in plan.materialise)
-    kept = sum(int(np.prod(model.layout.specs[p].shape)) for p in plan.keep)
+    shapes = {p: model.layout.specs[p].shape for p in plan.keep}
+    kept = sum(int(np.prod(shapes[p][:-2])) * seq * (shapes[p][-2] + shapes[p][-1]) if p in plan.factors else int(np.prod(shapes[p]))
+               for p in plan.keep)
     activations = cfg.num_layers * seq * (12 * cfg.hidden_size + 3 * cfg.intermediate_size) + 2 * seq * cfg.vocab_size
     per_sample = 4 * (2 * grads + 2 * kept + activations)
     return int(max(1, min(batch, budget_bytes // max(per_sample, 1))))

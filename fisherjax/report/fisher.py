@@ -7,7 +7,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fisherjax.fisher.state import TaskFisher
+from fisherjax.fisher.factored import FactoredGrads
+from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.report.base import Section
 
 
@@ -15,7 +16,8 @@ def summary(fishers: Mapping[str, TaskFisher]) -> dict:
     """The ``results.json["fisher"]`` section: per task its samples, skipped samples, tokens, loss
     per token, Fisher type, accumulation mode and the sum of every group value (``total_fisher``;
     a leaf with two views, such as an MLP out kernel's channels and neurons, counts in both — the
-    trace of the diagonal Fisher is Phase 2's ``total_fisher``)."""
+    trace of the diagonal Fisher is Phase 2's ``total_fisher``) and, with kept per-sample
+    gradients, how they are kept (:func:`kept_summary`)."""
     return {
         name: {
             "samples": f.n_samples,
@@ -26,9 +28,21 @@ def summary(fishers: Mapping[str, TaskFisher]) -> dict:
             "fisher_type": f.fisher_type,
             "mode": f.mode,
             "total_fisher": float(sum(float(np.sum(v)) for groups in f.group_fisher.values() for v in groups.values())),
+            **({"kept": kept_summary(f.sample_grads)} if f.sample_grads is not None else {}),
         }
         for name, f in fishers.items()
     }
+
+
+def kept_summary(kept: SampleGrads) -> dict:
+    """How a task's per-sample gradients are kept: the parameters kept as token factors and as
+    gradients, the bytes they take, and the bytes their gradients would take."""
+    factored = sorted(p for p, g in kept.grads.items() if isinstance(g, FactoredGrads))
+    stored = sum(g.stored_nbytes if isinstance(g, FactoredGrads) else int(np.asarray(g).nbytes) for g in kept.grads.values())
+    width = {p: g.inputs.dtype.itemsize if isinstance(g, FactoredGrads) else np.asarray(g).dtype.itemsize for p, g in kept.grads.items()}
+    as_gradients = sum(int(np.prod(g.shape)) * width[p] for p, g in kept.grads.items())
+    return {"as_factors": factored, "as_gradients": sorted(p for p in kept.grads if p not in factored), "bytes": int(stored),
+            "bytes_as_gradients": int(as_gradients)}
 
 
 def section(fishers: Mapping[str, TaskFisher]) -> Section:
@@ -36,6 +50,13 @@ def section(fishers: Mapping[str, TaskFisher]) -> Section:
     lines = ["| task | samples | skipped | tokens | loss / token | total group Fisher |", "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {r['samples']} | {r['skipped_samples']} | {r['tokens']} | {r['loss_per_token']:.4g} | {r['total_fisher']:.4g} |"
               for name, r in data.items()]
+    kept = {name: r["kept"] for name, r in data.items() if "kept" in r}
+    if kept:
+        lines += ["", "Kept per-sample attention gradients (Phases 5 and 6 read them): "
+                  + "; ".join(f"{name} {k['bytes'] / 1e6:.4g} MB" + (f", {len(k['as_factors'])} kernels as token factors "
+                                                                     f"({k['bytes_as_gradients'] / 1e6:.4g} MB as gradients)"
+                                                                     if k["as_factors"] else "")
+                              for name, k in kept.items()) + "."]
     return Section("fisher", "Phase 1 — Fisher information", data, lines)
 
 

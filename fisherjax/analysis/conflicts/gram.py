@@ -303,9 +303,11 @@ class ParameterSlice:
     stop: int = 0
 
     def take(self, array, batched: bool = True):
-        """The slice of ``[n, *shape]`` (``batched``) or of ``shape``, contiguous for the transfer."""
+        """The slice of ``[n, *shape]`` (``batched``) or of ``shape``, contiguous for the transfer
+        (read by indexing, so that a stored array read lazily, a memory map or
+        :class:`~fisherjax.fisher.factored.FactoredGrads`, is read here)."""
         if self.axis is None:
-            return array
+            return array[...]
         index = (slice(None),) * (self.axis + int(batched)) + (slice(self.start, self.stop),)
         part = array[index]
         return np.ascontiguousarray(part) if isinstance(part, np.ndarray) else part

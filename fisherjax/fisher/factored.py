@@ -1,0 +1,141 @@
+"""Per-sample gradients of dense kernels kept as their token factors, and formed where they are read.
+
+A dense kernel ``W [d_in, d_out]`` (``y_t = a_t W``) has the per-sample token-sum gradient
+
+    g_i = Σ_t a_{i,t} δ_{i,t}ᵀ = A_iᵀ Δ_i        A_i [T, d_in] (inputs), Δ_i [T, d_out] (output gradients)
+
+— the same ``(a, δ)`` pairs Phase 1's sites record. Keeping ``A_i`` and ``Δ_i`` takes
+``T · (d_in + d_out)`` numbers per sample instead of ``d_in · d_out``: smaller whenever
+``T < d_in · d_out / (d_in + d_out)`` (384 positions for a GPT-2-small attention kernel, whose
+gradients at 100 tokens are then a quarter of their dense size). Positions without a loss have
+``δ = 0`` and padding to a longer ``T`` adds zero rows, so neither changes ``g_i``.
+
+:class:`FactoredGrads` is what Phases 5 and 6 see in ``SampleGrads.grads``: a read-only array of
+shape ``[n, *lead, d_in, d_out]`` (``lead``: the layer axis of a stacked kernel) whose every read
+(``x[samples, layers]``, ``x[i]``, ``x[..., rows, :]``) forms just the gradients asked for, in float32,
+with one batched matmul (numpy's BLAS) over the selected factors. The whole array never exists
+unless it is asked for (``np.asarray``).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jaxtyping import Float
+
+
+def factors_are_smaller(seq: int, d_in: int, d_out: int) -> bool:
+    """Whether ``seq`` positions of factors, ``seq · (d_in + d_out)``, take less than ``d_in · d_out``."""
+    return seq * (d_in + d_out) < d_in * d_out
+
+
+def smaller_as_factors(layout, paths, seq: int) -> tuple[str, ...]:
+    """The dense kernels among ``paths`` whose factors at ``seq`` positions are smaller than their
+    gradients (:func:`factors_are_smaller`)."""
+    return tuple(p for p in paths if layout.spec(p).kind == "kernel" and factors_are_smaller(seq, *layout.spec(p).shape[-2:]))
+
+
+def _split_key(key, ndim: int) -> tuple[tuple, object, object]:
+    """``(lead key, row index, column index)`` of an index over ``[n, *lead, d_in, d_out]``."""
+    key = key if isinstance(key, tuple) else (key,)
+    if sum(k is Ellipsis for k in key) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    if any(k is None for k in key):
+        raise IndexError("FactoredGrads does not take np.newaxis in an index")
+    at = next((i for i, k in enumerate(key) if k is Ellipsis), None)
+    if at is not None:
+        fill = ndim - (len(key) - 1)
+        key = key[:at] + (slice(None),) * fill + key[at + 1 :]
+    if len(key) > ndim:
+        raise IndexError(f"too many indices for an array of {ndim} dimensions")
+    key = key + (slice(None),) * (ndim - len(key))
+    lead, rows, cols = key[:-2], key[-2], key[-1]
+    if (isinstance(rows, (list, np.ndarray)) or isinstance(cols, (list, np.ndarray))) and any(
+        isinstance(k, (list, np.ndarray)) for k in lead
+    ):
+        raise IndexError("FactoredGrads takes index arrays on the sample and layer axes or on the kernel axes, not both")
+    return lead, rows, cols
+
+
+def _last_axis(x: np.ndarray, index) -> tuple[np.ndarray, bool]:
+    """``x[..., index]`` with an integer kept as a length-1 axis; the flag says it was one."""
+    if isinstance(index, (int, np.integer)):
+        return x[..., int(index) : int(index) + 1 or None], True
+    return x[..., index], False
+
+
+@jax.tree_util.register_pytree_node_class
+class FactoredGrads:
+    """Per-sample gradients ``g_i = A_iᵀ Δ_i`` of one dense kernel, formed on read (module docstring).
+
+    A pytree whose leaves are the two factor arrays.
+
+    Args:
+      inputs: ``[n, *lead, T, d_in]`` the kernel's inputs ``a`` (any float dtype; padding rows zero
+        or not, their ``δ`` is zero).
+      deltas: ``[n, *lead, T, d_out]`` the loss's gradient at the kernel's output, ``δ``.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, inputs: Float[np.ndarray, "n *lead seq d_in"], deltas: Float[np.ndarray, "n *lead seq d_out"]):
+        if np.shape(inputs)[:-1] != np.shape(deltas)[:-1]:
+            raise ValueError(f"factors of different samples or positions: inputs {np.shape(inputs)}, deltas {np.shape(deltas)}")
+        self.inputs, self.deltas = inputs, deltas
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.inputs.shape[:-2], self.inputs.shape[-1], self.deltas.shape[-1])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the formed array (float32), as a dense array of this shape would report."""
+        return self.size * self.dtype.itemsize
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes the factors take."""
+        return int(self.inputs.nbytes + self.deltas.nbytes)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"FactoredGrads(shape={self.shape}, positions={self.inputs.shape[-2]}, factors {self.inputs.dtype})"
+
+    def __getitem__(self, key) -> np.ndarray:
+        """The gradients at ``key`` (numpy indexing over ``[n, *lead, d_in, d_out]``; index arrays
+        on the leading axes or on the kernel axes), formed in float32."""
+        lead, rows, cols = _split_key(key, self.ndim)
+        a, squeeze_rows = _last_axis(self.inputs[lead + (Ellipsis,)], rows)
+        d, squeeze_cols = _last_axis(self.deltas[lead + (Ellipsis,)], cols)
+        out = np.matmul(np.swapaxes(a.astype(np.float32, copy=False), -1, -2), d.astype(np.float32, copy=False))
+        if squeeze_rows or squeeze_cols:
+            out = out.reshape(out.shape[:-2] + (() if squeeze_rows else out.shape[-2:-1]) + (() if squeeze_cols else out.shape[-1:]))
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def tree_flatten(self):
+        return (self.inputs, self.deltas), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    def take_rows(self, index) -> FactoredGrads:
+        """The samples at ``index`` (an int array or a slice), still as factors."""
+        return FactoredGrads(self.inputs[index], self.deltas[index])
+
+    def astype(self, dtype, copy: bool = True) -> np.ndarray:
+        return np.asarray(self, dtype)

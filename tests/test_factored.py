@@ -1,0 +1,184 @@
+"""Kept gradients as token factors: reads form exactly the gradients asked for; a collection keeping
+factors (batches of different lengths, spilled, checkpointed, saved) gives the gradients and the
+Fisher a collection keeping gradients gives; the pair phases read them unchanged; ``analyze``
+chooses them where they are smaller."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import random_task, tiny_config
+from fisherjax import ConfigError, Model, io
+from fisherjax.analysis import conflicts, qkov
+from fisherjax.curvature import blocks
+from fisherjax.data import batches
+from fisherjax.fisher.collect import collect
+from fisherjax.fisher.factored import FactoredGrads, factors_are_smaller, smaller_as_factors
+from fisherjax.fisher.options import attention_paths
+from fisherjax.pipeline import AnalysisConfig
+
+
+def _random_factors(seed=0, n=5, layers=3, seq=7, d_in=4, d_out=6):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, layers, seq, d_in)).astype(np.float32)
+    d = rng.standard_normal((n, layers, seq, d_out)).astype(np.float32)
+    return FactoredGrads(a, d), np.einsum("nltr,nltc->nlrc", a.astype(np.float64), d.astype(np.float64))
+
+
+def test_reads_form_exactly_the_gradients_asked_for():
+    g, dense = _random_factors()
+    assert g.shape == dense.shape and g.ndim == 4 and len(g) == 5 and g.dtype == np.float32
+    assert g.stored_nbytes == 4 * 5 * 3 * 7 * (4 + 6) and g.nbytes == 4 * dense.size
+    samples, layers = np.array([4, 0, 2]), np.array([2, 1])
+    keys = [
+        (), 3, -1, slice(1, 4), (slice(None), 1), (slice(1, 3), slice(0, 2)), samples, (samples[:, None], layers[None, :]),
+        (samples, 1), (Ellipsis, slice(1, 3), slice(None)), (Ellipsis, 2), (Ellipsis, 1, slice(2, 5)), (0, Ellipsis, -1),
+        (slice(None), layers, Ellipsis, slice(0, 2), slice(None)), (Ellipsis, np.array([0, 3]), slice(None)), (1, 2, 3, 4),
+    ]
+    for key in keys:
+        np.testing.assert_allclose(g[key], dense[key], rtol=1e-5, atol=1e-5, err_msg=repr(key))
+        assert g[key].shape == dense[key].shape, key
+    np.testing.assert_allclose(np.asarray(g), dense, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g.take_rows(samples)[:, 1], dense[samples, 1], rtol=1e-5, atol=1e-5)
+    assert isinstance(g.take_rows(slice(1, 3)), FactoredGrads)
+    leaves, tree = jax.tree.flatten(g)
+    assert len(leaves) == 2 and isinstance(jax.tree.unflatten(tree, leaves), FactoredGrads)
+    with pytest.raises(IndexError, match="not both"):
+        g[samples, :, np.array([0, 1])]
+    with pytest.raises(IndexError, match="too many"):
+        g[0, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="different samples or positions"):
+        FactoredGrads(np.zeros((2, 3, 4)), np.zeros((2, 4, 4)))
+
+
+def test_factors_where_they_are_smaller():
+    assert factors_are_smaller(100, 768, 2304) and not factors_are_smaller(600, 768, 768)
+    assert factors_are_smaller(383, 768, 768) and not factors_are_smaller(384, 768, 768)  # d_in·d_out/(d_in+d_out) = 384
+    layout = Model.init(tiny_config("gpt2"), seed=0).layout  # d = 32: kernels [32, 96] (24) and [32, 32] (16)
+    kept = attention_paths(layout)
+    assert smaller_as_factors(layout, kept, 15) == ("layers/attn/c_attn/kernel", "layers/attn/c_proj/kernel")
+    assert smaller_as_factors(layout, kept, 20) == ("layers/attn/c_attn/kernel",)
+    assert smaller_as_factors(layout, kept, 24) == ()
+    config = AnalysisConfig()
+    assert config.sample_grads_form == "auto"
+    assert config.collect_options(layout, 20).sample_grads_factors == ("layers/attn/c_attn/kernel",)
+    assert config.collect_options().sample_grads_factors is False  # no lengths known: gradients
+    assert AnalysisConfig(fisher_type="true").collect_options(layout, 8).sample_grads_factors is False
+    assert AnalysisConfig(sample_grads_form="gradients").collect_options(layout, 8).sample_grads_factors is False
+    assert AnalysisConfig(sample_grads_form="factors").collect_options(layout, 500).sample_grads_factors is True
+    with pytest.raises(ConfigError, match="--sample-grads-form factors needs --fisher-type empirical"):
+        AnalysisConfig(sample_grads_form="factors", fisher_type="true")
+    with pytest.raises(ConfigError, match="sample_grads_form"):
+        AnalysisConfig(sample_grads_form="both")
+    with pytest.raises(ConfigError, match="empirical"):
+        collect(Model.init(tiny_config("gpt2"), seed=0), [], task="t", keep_sample_grads=True, sample_grads_factors=True,
+                fisher_type="per_token")
+    with pytest.raises(ConfigError, match="not kept dense kernels"):
+        collect(Model.init(tiny_config("gpt2"), seed=0), [], task="t", keep_sample_grads=True,
+                sample_grads_factors=("layers/attn/c_attn/bias",))
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def collected(request, tmp_path_factory):
+    """Per family: the model, its batches (three lengths) and Fisher kept as gradients and as factors
+    in float32 (in memory, spilled, and from a checkpoint), and as bfloat16 factors."""
+    model = Model.init(tiny_config(request.param), seed=0)
+    task = random_task("t", 14, seed=3, min_len=3, max_len=30, prompt=1)
+    data = list(batches(task, 4, buckets=(8, 16, 32)))
+    assert len({b.input_ids.shape[1] for b in data}) > 1  # chunks of different positions are joined
+    common = dict(task="t", keep_sample_grads=True, diagonal=True, progress=False)
+    tmp = tmp_path_factory.mktemp(f"factors-{request.param}")
+    out = {"grads": collect(model, data, **common),
+           "factors": collect(model, data, sample_grads_factors=True, **common),
+           "spilled": collect(model, data, sample_grads_factors=True, sample_grads_budget_bytes=1e3, spill_dir=tmp / "spill", **common),
+           "bf16": collect(model, data, sample_grads_factors=True, sample_grads_dtype="bfloat16", **common)}
+    collect(model, data[:2], sample_grads_factors=True, checkpoint_dir=tmp / "ckpt", checkpoint_every=1, **common)
+    out["resumed"] = collect(model, data, sample_grads_factors=True, checkpoint_dir=tmp / "ckpt", checkpoint_every=1, resume=True, **common)
+    return model, out
+
+
+def _rel(x, y):
+    return float(np.linalg.norm(np.asarray(x, np.float64) - np.asarray(y, np.float64)) / np.linalg.norm(np.asarray(y, np.float64)))
+
+
+def test_collected_factors_give_the_gradients_and_the_fisher(collected, tmp_path):
+    model, out = collected
+    reference = out["grads"]
+    for name in ("factors", "spilled", "resumed", "bf16"):
+        fisher = out[name]
+        tolerance = 1e-2 if name == "bf16" else 1e-5
+        kept = fisher.sample_grads
+        np.testing.assert_array_equal(kept.sample_ids, reference.sample_grads.sample_ids)
+        for p, g in reference.sample_grads.grads.items():
+            assert isinstance(kept.grads[p], FactoredGrads) == (model.layout.spec(p).kind == "kernel"), (name, p)
+            assert _rel(kept.grads[p], g) < tolerance, (name, p)
+        # norm-weighted over each parameter (GPT-2's key biases get rounding noise, not gradient)
+        for p in reference.group_fisher:
+            flat = lambda groups: np.concatenate([np.ravel(v) for _, v in sorted(groups.items())])  # noqa: E731
+            assert _rel(flat(fisher.group_fisher[p]), flat(reference.group_fisher[p])) < 1e-5, (name, p)
+            assert _rel(fisher.diagonal[p], reference.diagonal[p]) < 1e-5, (name, p)
+    factored = out["factors"].sample_grads
+    saved = io.load_task_fisher(io.save_task_fisher(out["factors"], tmp_path / "state"))  # saved as kept, never formed
+    for p, g in factored.grads.items():
+        assert type(saved.sample_grads.grads[p]) is type(g)
+        np.testing.assert_array_equal(np.asarray(saved.sample_grads.grads[p]), np.asarray(g))
+    selected = factored.select(np.array([3, 0]))
+    for p, g in factored.grads.items():
+        np.testing.assert_allclose(np.asarray(selected.grads[p]), np.asarray(g)[[3, 0]], rtol=1e-6)
+
+
+def test_pair_phases_read_factors_as_gradients(collected):
+    model, out = collected
+    halves = {name: (out[name].sample_grads.select(np.arange(6)), out[name].sample_grads.select(np.arange(6, 14)))
+              for name in ("grads", "factors", "bf16")}
+    for contraction in ("looped", "batched"):
+        scores = {name: qkov.heatmap(a, b, model.layout, contraction=contraction, min_fisher_samples=4).scores
+                  for name, (a, b) in halves.items()}
+        assert _rel(scores["factors"], scores["grads"]) < 1e-5, contraction
+        assert _rel(scores["bf16"], scores["grads"]) < 1e-2, contraction
+    spectra = {name: blocks.block_spectra(out[name], model.layout, top_k=3) for name in ("grads", "factors")}
+    np.testing.assert_allclose(spectra["factors"].top, spectra["grads"].top, rtol=1e-4, atol=1e-6 * np.nanmax(spectra["grads"].top))
+    a, b = halves["grads"]
+    fisher = a.fisher()
+    reports = {name: conflicts.detect(a, b, layout=model.layout, fisher=fisher) for name, (a, b) in halves.items()}
+    np.testing.assert_allclose(reports["factors"].cosines, reports["grads"].cosines, atol=1e-5)
+    np.testing.assert_allclose(reports["bf16"].cosines, reports["grads"].cosines, atol=1e-2)
+
+
+def test_analyze_keeps_factors_when_asked_and_its_results_do_not_change(cli_checkpoint, tmp_path):
+    """``--sample-grads-form factors`` against ``gradients`` on the same run (float32 storage): the
+    same QK-OV scores and conflict cosines; results.json and the report say how the gradients were
+    kept, and ``--save-sample-grads`` saves the factors."""
+    import json
+
+    from refusals import run_cli
+
+    results = {}
+    for form in ("gradients", "factors"):
+        out = tmp_path / form
+        code, _, err = run_cli(["analyze", "--model", cli_checkpoint / "model", "--task", f"add={cli_checkpoint / 'add.jsonl'}",
+                                "--task", f"words={cli_checkpoint / 'words.txt'}", "--out", out, "--no-progress", "--no-diagonal",
+                                "--phases", "fisher,conflicts,qkov", "--sample-grads-form", form, "--sample-grads-dtype", "float32",
+                                "--save-sample-grads"])
+        assert code == 0, err
+        results[form] = json.loads((out / "results.json").read_text())
+    kept = results["factors"]["fisher"]["add"]["kept"]
+    as_gradients = results["gradients"]["fisher"]["add"]["kept"]
+    assert len(kept["as_factors"]) == 4 and as_gradients["as_factors"] == []  # q, k, v and o kernels
+    assert kept["bytes_as_gradients"] == as_gradients["bytes"] == as_gradients["bytes_as_gradients"] != kept["bytes"]
+    assert "4 kernels as token factors" in (tmp_path / "factors" / "report.md").read_text()
+    saved = io.load_task_fisher(tmp_path / "factors" / "fisher_state" / "add").sample_grads
+    assert sum(isinstance(g, FactoredGrads) for g in saved.grads.values()) == 4
+    scores = {form: np.load(tmp_path / form / "qkov.npz") for form in results}
+    for key in scores["gradients"].files:
+        reference = scores["gradients"][key]
+        if reference.dtype.kind == "f" and np.any(reference):
+            assert _rel(scores["factors"][key], reference) < 1e-5, key
+        else:
+            np.testing.assert_array_equal(scores["factors"][key], reference, err_msg=key)
+    pairs = {form: results[form]["conflicts"]["pairs"]["add|words"] for form in results}
+    assert [p["sample_a"] for p in pairs["factors"]["top_pairs"]] == [p["sample_a"] for p in pairs["gradients"]["top_pairs"]]
+    np.testing.assert_allclose([p["cosine"] for p in pairs["factors"]["top_pairs"]], [p["cosine"] for p in pairs["gradients"]["top_pairs"]],
+                               atol=1e-5)
