@@ -122,9 +122,12 @@ def enable(path: str | os.PathLike | None = None) -> Path | None:
             _warned.add(str(directory))
             print(f"fisherjax: warning: compilation cache off: {directory} {problem}", file=sys.stderr)
         return None
+    limited = importlib.util.find_spec("filelock") is not None
+    if limited:
+        remove_unmanageable(directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES if importlib.util.find_spec("filelock") else -1)
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES if limited else -1)
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax_cache.reset_cache()  # JAX opens its cache once; a later call must switch it
@@ -147,6 +150,31 @@ def current() -> Path | None:
     return Path(directory) if directory and jax.config.jax_enable_compilation_cache else None
 
 
+def remove_unmanageable(directory: Path) -> list[str]:
+    """Remove the entries a size-limited JAX cache can no longer manage, and return their names.
+
+    JAX writes an entry as its executable (``KEY-cache``) and then its last-use time
+    (``KEY-atime``); a process killed between the two leaves an executable without a time, or
+    only part of one. Before each write JAX's eviction reads the time of every entry, so one such
+    entry fails every later write: a warning per compilation, and nothing cached again. Done
+    under JAX's own lock file (``.lockfile``, ``filelock``), so no run writing beside this one
+    is mid-entry.
+    """
+    import filelock
+
+    removed = []
+    try:
+        with filelock.FileLock(directory / ".lockfile", timeout=10):
+            for entry in directory.glob("*-cache"):
+                key = entry.name.removesuffix("-cache")
+                if not (directory / f"{key}-atime").exists():
+                    entry.unlink(missing_ok=True)
+                    removed.append(key)
+    except (OSError, filelock.Timeout):  # the cache stays as it is; JAX will say what fails
+        pass
+    return removed
+
+
 def _unwritable(directory: Path) -> str | None:
     """Why ``directory`` cannot hold the cache (it is created if missing), or None when a file can
     be created in it."""
@@ -160,4 +188,5 @@ def _unwritable(directory: Path) -> str | None:
     return None
 
 
-__all__ = ["ENVIRONMENT", "MAX_BYTES", "MIN_COMPILE_SECONDS", "current", "default_dir", "disable", "enable", "requested_dir"]
+__all__ = ["ENVIRONMENT", "MAX_BYTES", "MIN_COMPILE_SECONDS", "current", "default_dir", "disable", "enable", "remove_unmanageable",
+           "requested_dir"]

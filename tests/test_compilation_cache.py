@@ -118,3 +118,28 @@ def test_an_unwritable_cache_directory_warns_once_and_the_run_goes_on(cli_checkp
 def test_a_bad_environment_value_is_refused(cli_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("FISHERJAX_COMPILATION_CACHE", "maybe")
     assert_refused(_argv(cli_checkpoint, tmp_path / "out"), parent=tmp_path, names=r"FISHERJAX_COMPILATION_CACHE must be 0 or 1, got 'maybe'")
+
+
+def test_an_entry_left_by_a_killed_run_is_removed_and_the_cache_written_again(tmp_path):
+    """An executable without its access-time file (a process killed between JAX's two writes) made
+    every later write of JAX's size-limited cache fail with a warning; enable() removes it first."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "jit_step-dead-cache").write_bytes(b"part of an executable")
+    (cache / "jit_kept-1234-cache").write_bytes(b"an entry")
+    (cache / "jit_kept-1234-atime").write_bytes((1).to_bytes(8, "little"))
+    script = textwrap.dedent(f"""
+        import warnings
+        warnings.simplefilter("error")  # JAX reports a failed cache write as a warning
+        import jax, jax.numpy as jnp
+        from fisherjax import compilation_cache
+        compilation_cache.enable({str(cache)!r})
+        print(float(jax.jit(lambda x: jnp.sin(x) * 2)(1.0)))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""})
+    assert done.returncode == 0, done.stderr
+    names = {p.name for p in cache.iterdir()}
+    assert "jit_step-dead-cache" not in names and {"jit_kept-1234-cache", "jit_kept-1234-atime"} <= names
+    written = [n for n in names if n.startswith("jit__lambda") or n.startswith("jit_<lambda>")]
+    assert any(n.endswith("-cache") for n in written) and any(n.endswith("-atime") for n in written), names
+    assert compilation_cache.remove_unmanageable(cache) == []
