@@ -139,7 +139,8 @@ def step_function(model, plan: StepPlan) -> Callable:
     ``packed_groups`` ``[batch, Σ groups]`` and ``packed_scalars`` ``[batch, 2 +
     parameters]`` (loss, ``T_i``, finite flags) are one array each, because a transfer per leaf
     would cost more than the step; ``kept`` is ``{"grads": {path: [batch, ...]}}`` (plus
-    ``"contributions"`` unless they are derived from the gradients).
+    ``"contributions"`` unless they are derived from the gradients, and for the kernels kept as
+    factors ``"inputs"`` / ``"deltas"`` ``{path: [batch, (layer,) seq, d_in | d_out]}``).
     """
     layout = model.layout
     sites = discover_sites(layout, site_names(model))
@@ -338,8 +339,9 @@ def micro_batch_size(model, plan: StepPlan, batch: int, seq: int, budget_bytes: 
     """Samples per step so that per-sample arrays fit ``budget_bytes`` (at least 1, at most ``batch``).
 
     Per sample: the materialised gradients (and their squares), the kept copies (gradients, or
-    ``seq · (d_in + d_out)`` factors per layer) plus the activations a backward pass keeps, estimated as ``4 bytes × layers × seq ×
-    (12·d_model + 3·d_ff)`` and the ``[seq, vocab]`` logits with their gradient.
+    ``seq · (d_in + d_out)`` factors per layer) plus the activations a backward pass keeps,
+    estimated as ``4 bytes × layers × seq × (12·d_model + 3·d_ff)`` and the ``[seq, vocab]``
+    logits with their gradient.
     """
     cfg = model.config
     grads = sum(int(np.prod(model.layout.specs[p].shape)) for p in plan.materialise)
