@@ -27,7 +27,11 @@ def _random_factors(seed=0, n=5, layers=3, seq=7, d_in=4, d_out=6):
     return FactoredGrads(a, d), np.einsum("nltr,nltc->nlrc", a.astype(np.float64), d.astype(np.float64))
 
 
-def test_reads_form_exactly_the_gradients_asked_for():
+@pytest.mark.parametrize("widened_bytes", [64e6, 500])  # all pieces widened at once, or one at a time
+def test_reads_form_exactly_the_gradients_asked_for(widened_bytes, monkeypatch):
+    from fisherjax.fisher import factored
+
+    monkeypatch.setattr(factored, "WIDENED_BYTES", widened_bytes)
     g, dense = _random_factors()
     assert g.shape == dense.shape and g.ndim == 4 and len(g) == 5 and g.dtype == np.float32
     assert g.stored_nbytes == 4 * 5 * 3 * 7 * (4 + 6) and g.nbytes == 4 * dense.size

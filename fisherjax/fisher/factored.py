@@ -24,6 +24,11 @@ import numpy as np
 from jaxtyping import Float
 
 
+WIDENED_BYTES = 64e6
+"""A read widens its factors to float32 in groups of (sample, layer) pieces of at most this many
+bytes, so reading a slice of every sample holds one group's copy, not a float32 copy of them all."""
+
+
 def factors_are_smaller(seq: int, d_in: int, d_out: int) -> bool:
     """Whether ``seq`` positions of factors, ``seq · (d_in + d_out)``, take less than ``d_in · d_out``."""
     return seq * (d_in + d_out) < d_in * d_out
@@ -117,7 +122,14 @@ class FactoredGrads:
         lead, rows, cols = _split_key(key, self.ndim)
         a, squeeze_rows = _last_axis(self.inputs[lead + (Ellipsis,)], rows)
         d, squeeze_cols = _last_axis(self.deltas[lead + (Ellipsis,)], cols)
-        out = np.matmul(np.swapaxes(a.astype(np.float32, copy=False), -1, -2), d.astype(np.float32, copy=False))
+        shape = a.shape[:-2] + (a.shape[-1], d.shape[-1])
+        a, d = a.reshape(-1, *a.shape[-2:]), d.reshape(-1, *d.shape[-2:])
+        out = np.empty((len(a), *shape[-2:]), np.float32)
+        step = max(1, int(WIDENED_BYTES // max(4 * (a[0].size + d[0].size), 1)))
+        for i in range(0, len(a), step):  # float32 copies of a few factors at a time, not of all of them
+            np.matmul(np.swapaxes(a[i : i + step].astype(np.float32, copy=False), -1, -2), d[i : i + step].astype(np.float32, copy=False),
+                      out=out[i : i + step])
+        out = out.reshape(shape)
         if squeeze_rows or squeeze_cols:
             out = out.reshape(out.shape[:-2] + (() if squeeze_rows else out.shape[-2:-1]) + (() if squeeze_cols else out.shape[-1:]))
         return out
