@@ -11,6 +11,7 @@ Kronecker whitening fit. Calibration runs detection on many random half-splits o
 from __future__ import annotations
 
 import json
+import math
 
 import chex
 import jax
@@ -183,15 +184,16 @@ def test_stored_tasks_read_by_parameter_slice_equal_chunk_pairs(gpt2, gpt2_task)
     slices = G.parameter_slices(as_stream(a).shapes, grouping, 48, budget_bytes=1.0)
     for path, shape in as_stream(a).shapes.items():
         mine = [s for s in slices if s.path == path]
-        covered = np.zeros(shape, int)
-        for s in mine:
-            covered[(slice(None),) * (s.axis or 0) + (slice(s.start, s.stop),) if s.axis is not None else ...] += 1
-        assert (covered == 1).all(), path
+        index = np.arange(math.prod(shape)).reshape(shape)
+        covered = np.concatenate([s.take(index, batched=False).ravel() for s in mine])
+        np.testing.assert_array_equal(np.sort(covered), np.arange(index.size), err_msg=path)  # a partition of the leaf
         assert len(mine) > 1 or "bias" in path and "c_attn" in path, (path, mine)  # every leaf but the head bias is cut
-        if "c_attn/kernel" in path:  # [L, d_in, 3d]: heads on the last axis, cut along d_in
-            assert {s.axis for s in mine} == {1}
+        if "c_attn/kernel" in path:  # [L, d_in, 3d]: heads on the last axis, one layer at a time cut along d_in
+            assert {s.axis for s in mine} == {1} and {s.layers for s in mine} == {(l, l + 1) for l in range(shape[0])}
         if "c_proj/kernel" in path and "attn" in path:  # [L, d, d_out]: heads on rows, cut along the output axis
             assert {s.axis for s in mine} == {2}
+    members = np.arange(2 * 4)  # a layer-major leaf of 2 layers × 4 heads: its second layer's groups
+    np.testing.assert_array_equal(G.ParameterSlice("p", 1, 0, 3, layers=(1, 2)).groups(members, 2), [4, 5, 6, 7])
     chunked = C.pairwise_cosines(a, b, layout=gpt2.layout, chunk_size=5)
     sliced = C.pairwise_cosines(a, b, layout=gpt2.layout, memory_budget_bytes=1.0)
     for field in ("dots", "sq_norms_a", "sq_norms_b", "group_dots", "group_sq_norms_a", "group_sq_norms_b"):

@@ -295,22 +295,30 @@ than 0.5 GB ones: benchmarks/RESULTS.md). The budget still decides whether the d
 @dataclasses.dataclass(frozen=True)
 class ParameterSlice:
     """``stop - start`` indices of axis ``axis`` of leaf ``path``'s per-sample shape (``axis`` None:
-    the whole leaf)."""
+    the whole leaf), within its layers ``layers`` (a range of axis 0 of a layer-stacked leaf; None:
+    all of them)."""
 
     path: str
     axis: int | None = None
     start: int = 0
     stop: int = 0
+    layers: tuple[int, int] | None = None
 
     def take(self, array, batched: bool = True):
         """The slice of ``[n, *shape]`` (``batched``) or of ``shape``, contiguous for the transfer
-        (read by indexing, so that a stored array read lazily, a memory map or
-        :class:`~fisherjax.fisher.factored.FactoredGrads`, is read here)."""
-        if self.axis is None:
-            return array[...]
-        index = (slice(None),) * (self.axis + int(batched)) + (slice(self.start, self.stop),)
-        part = array[index]
+        (read by indexing in one go, so that a stored array read lazily, a memory map or
+        :class:`~fisherjax.fisher.factored.FactoredGrads`, reads just this slice)."""
+        index = [slice(None)] * (int(batched) + (self.axis + 1 if self.axis is not None else 1))
+        if self.layers is not None:
+            index[int(batched)] = slice(*self.layers)
+        if self.axis is not None:
+            index[int(batched) + self.axis] = slice(self.start, self.stop)
+        part = array[tuple(index)]
         return np.ascontiguousarray(part) if isinstance(part, np.ndarray) else part
+
+    def groups(self, members: np.ndarray, n_layers: int) -> np.ndarray:
+        """The leaf's group indices ``members`` (layer-major, ``n_layers`` layers) that this slice holds."""
+        return members if self.layers is None else members.reshape(n_layers, -1)[slice(*self.layers)].ravel()
 
 
 def _free_axis(views: tuple[FeatureView, ...], shape: tuple[int, ...]) -> int | None:
@@ -335,25 +343,50 @@ def parameter_slices(
     shapes: Mapping[str, tuple[int, ...]], grouping: Grouping, samples: int, budget_bytes: float,
 ) -> tuple[ParameterSlice, ...]:
     """The slices of every leaf such that ``samples`` samples of one slice take at most
-    ``budget_bytes`` on the device (:data:`SLICE_BYTES_PER_FEATURE` per feature), cutting the axis
-    :func:`_free_axis` names into equal parts where a count up to twice the least one divides it
-    (fewer distinct shapes to compile). A leaf without such an axis, or one index of it that is
-    already over the budget, is one slice or one index per slice: the least that can be read."""
+    ``budget_bytes`` on the device (:data:`SLICE_BYTES_PER_FEATURE` per feature): a layer-stacked
+    leaf with layer-major groups (:data:`LAYER_MAJOR_VIEWS`) whole layers at a time or, when one
+    layer is over the budget, one layer at a time cut along the axis :func:`_free_axis` names;
+    other leaves cut along that axis across all their layers; in equal parts (:func:`_even_step`).
+    A leaf without such an axis, or one index of it that is already over the budget, is one slice
+    or one index per slice: the least that can be read."""
     most = max(1, int(budget_bytes // (SLICE_BYTES_PER_FEATURE * max(samples, 1))))
     out = []
     for path, shape in shapes.items():
         size = math.prod(shape)
-        axis = _free_axis(grouping.views_of(path), shape)
+        views = grouping.views_of(path)
+        axis = _free_axis(views, shape)
         if size <= most or axis is None:
             out.append(ParameterSlice(path))
             continue
-        length = shape[axis]
-        step = max(1, most // (size // length))
-        count = math.ceil(length / step)
-        even = next((c for c in range(count, 2 * count + 1) if length % c == 0), None)
-        step = length // even if even is not None else step
-        out.extend(ParameterSlice(path, axis, a, min(a + step, length)) for a in range(0, length, step))
+        if axis >= 1 and len(shape) >= 3 and {v.kind for v in views} <= LAYER_MAJOR_VIEWS:
+            per_layer = size // shape[0]
+            if per_layer <= most:  # whole layers
+                step = _even_step(shape[0], most // per_layer)
+                out.extend(ParameterSlice(path, layers=(a, min(a + step, shape[0]))) for a in range(0, shape[0], step))
+                continue
+            step = _even_step(shape[axis], most // (per_layer // shape[axis]))
+            out.extend(ParameterSlice(path, axis, a, min(a + step, shape[axis]), layers=(layer, layer + 1))
+                       for layer in range(shape[0]) for a in range(0, shape[axis], step))
+            continue
+        step = _even_step(shape[axis], most // (size // shape[axis]))
+        out.extend(ParameterSlice(path, axis, a, min(a + step, shape[axis])) for a in range(0, shape[axis], step))
     return tuple(out)
+
+
+LAYER_MAJOR_VIEWS = {"in_heads", "out_heads", "layered"}
+"""Views of a layer-stacked leaf whose groups are layer-major: a range of layers holds whole groups,
+so :func:`parameter_slices` cuts such a leaf one layer (or a few whole layers) at a time before it
+cuts the free axis. A slice is then a few wide GEMMs rather than many thin ones, which is what
+re-forming kept token factors (:class:`~fisherjax.fisher.factored.FactoredGrads`) needs."""
+
+
+def _even_step(length: int, most: int) -> int:
+    """At most ``max(most, 1)`` indices per part, in equal parts where a count up to twice the
+    least one divides ``length`` (fewer distinct shapes to compile)."""
+    step = max(1, most)
+    count = math.ceil(length / step)
+    even = next((c for c in range(count, 2 * count + 1) if length % c == 0), None)
+    return length // even if even is not None else step
 
 
 def slices_fit(streams: Mapping[str, Stream], pairs, grouping: Grouping, budget_bytes: float) -> bool:
@@ -407,16 +440,17 @@ def sliced_grams(
                 if flags.any():
                     raise NumericalError(f"task {streams[name].name!r}: gradient of sample {int(ids[name][np.argmax(flags)])} "
                                          f"on {piece.path!r} is NaN or inf")
+            n_layers = streams[names[0]].shapes[piece.path][0]
             for name, by_key in zip(names, piece_norms):
                 for key, value in by_key.items():
-                    norms[name][members[key]] += to_host(value)
+                    norms[name][piece.groups(members[key], n_layers)] += to_host(value)
             for (_, _, by_group), piece_dots, total, group_dots in zip(pairs, dots, totals, grouped):
                 if not by_group:
                     total += to_host(piece_dots)
                     continue
                 for key, value in piece_dots.items():
                     value = to_host(value)
-                    group_dots[members[key]] += value
+                    group_dots[piece.groups(members[key], n_layers)] += value
                     total += value.sum(0, dtype=np.float64)
             bar.update(1)
     return [
