@@ -393,7 +393,7 @@ def slices_fit(streams: Mapping[str, Stream], pairs, grouping: Grouping, budget_
     """Whether :func:`sliced_grams` applies and its per-slice dot products fit ``budget_bytes``:
     every stream stored, and one leaf's ``[G_leaf, n_s, n_t]`` float32 of every grouped pair under
     the budget (thousands of samples with hundreds of groups per leaf go in chunk pairs)."""
-    if any(s.arrays is None or s.size is None for s in streams.values()):
+    if any(s.arrays is None or s.size is None or s.sample_ids is None for s in streams.values()):
         return False
     pair_entries = sum(streams[x].size * streams[y].size for x, y, grouped in pairs if grouped)
     widest = max((sum(len(grouping.members[v.key]) for v in grouping.views_of(path)) for path in next(iter(streams.values())).shapes),
@@ -422,7 +422,7 @@ def sliced_grams(
     """
     names = list(streams)
     sizes = {name: streams[name].size for name in names}
-    ids = {name: np.concatenate([np.asarray(c.sample_ids) for c in streams[name].chunks(sizes[name])]) for name in names}
+    ids = {name: np.asarray(streams[name].sample_ids) for name in names}
     n_groups, members = len(grouping.index), grouping.members
     norms = {name: np.zeros((n_groups, sizes[name]), np.float32) for name in names}
     totals = [np.zeros((sizes[x], sizes[y])) for x, y, _ in pairs]

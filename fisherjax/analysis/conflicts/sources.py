@@ -330,6 +330,8 @@ class Stream:
       arrays: the stored ``{path or feature key: [n, *shape]}`` a stored source reads from (None
         for a callable source), so a Gram can read one parameter slice of every sample at once
         (:func:`~.gram.sliced_grams`).
+      sample_ids: a stored source's ``[n]`` sample ids in stored order (None for a callable source),
+        known without reading a gradient.
     """
 
     name: str
@@ -340,6 +342,7 @@ class Stream:
     whitened: bool
     fisher: Callable[[], dict[str, np.ndarray]] | None
     arrays: Mapping[str, Any] | None = None
+    sample_ids: np.ndarray | None = None
 
 
 def _stored_chunks(sample_ids, arrays):
@@ -376,12 +379,12 @@ def as_stream(source: Source, name: str | None = None, default: str = "task") ->
             raise DataError(f"task {name or default!r}: its SampleGrads hold no signed gradients")
         ids = np.asarray(source.sample_ids)
         shapes = {p: tuple(np.shape(g)[1:]) for p, g in source.grads.items()}
-        return Stream(name or default, _stored_chunks(ids, source.grads), shapes, len(ids), None, False, source.fisher, source.grads)
+        return Stream(name or default, _stored_chunks(ids, source.grads), shapes, len(ids), None, False, source.fisher, source.grads, ids)
     if isinstance(source, GroupedGrads):
         ids = np.asarray(source.sample_ids)
         shapes = {k: tuple(np.shape(v)[1:]) for k, v in source.features.items()}
         return Stream(name or source.name, _stored_chunks(ids, source.features), shapes, len(ids), source.grouping, source.whitened, None,
-                      source.features)
+                      source.features, ids)
     if callable(source):
         first = next(iter(source()), None)
         if first is None:
