@@ -348,6 +348,10 @@ def test_sample_pair_and_tiling_agree_with_heatmap(family, compute):
     floats_per_layer = sum(np.prod(np.shape(v)[2:]) for v in A.contributions.values())
     budget = 4 * 3 * floats_per_layer * 4  # room for a handful of samples of one layer
     assert qkov.tile_plan(N_A, N_B, layout.num_layers, floats_per_layer, budget)[2] == 1
+    # B is one chunk, read once per layer chunk, when that still leaves room for 32 of A (GPT-2
+    # small's 2.36 M floats a layer, 1 GB, one copy: 104 samples and the weights fit); else both are cut
+    assert qkov.tile_plan(64, 64, 12, 2_360_000, 1e9, copies=1) == (40, 64, 1)
+    assert qkov.tile_plan(64, 90, 12, 2_360_000, 1e9, copies=1) == (52, 52, 1)
     # misaligned inputs are copied tile by tile, so the budget applies to looped contraction too
     tiled = qkov.heatmap(_misaligned(A), _misaligned(B), layout, memory_budget_bytes=budget, **MIN, **compute)
     _close(tiled.scores, full.scores, rtol=1e-5)

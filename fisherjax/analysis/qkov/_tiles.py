@@ -50,7 +50,10 @@ def tile_plan(
     kernel, whose pieces are small, and for the Pallas kernel, which reads the stored leaves
     themselves; none when the inputs are read in place, so everything is one tile) plus the
     weights. All layers are kept together as long as at least ``min(n, 32)`` samples of each task
-    fit; otherwise layers are split.
+    fit; otherwise layers are split. Task B is one chunk whenever that leaves room for
+    ``min(n_a, 32)`` of A's samples: B is then read once per layer chunk, not once per A chunk (a
+    store formed on read, :class:`~fisherjax.fisher.factored.FactoredGrads`, is formed that much
+    less often).
     """
     if copies == 0:
         return max(n_a, 1), max(n_b, 1), n_layers
@@ -59,6 +62,8 @@ def tile_plan(
     for c_l in range(n_layers, 0, -1):
         fit = int(memory_budget_bytes // (c_l * per_sample_layer) - 1)  # one slot for the weights
         if fit >= 2 * want or c_l == 1:
+            if n_b and fit - n_b >= min(n_a, want):
+                return max(1, min(n_a, fit - n_b)), n_b, c_l
             c_a = max(1, min(n_a, fit // 2 if n_b else fit))
             c_b = max(1, min(n_b, fit - c_a))
             return c_a, c_b, c_l
