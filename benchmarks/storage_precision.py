@@ -11,8 +11,12 @@ as ``fisherjax analyze`` does, and prints how far the bfloat16 results are from 
 * conflicts: the largest change of a whitened cosine (cosines lie in [−1, 1]), the relative error
   of the cosine matrix, and whether the same pairs are significant.
 
+With ``--factors`` the bfloat16 run keeps every attention kernel as its token factors
+(``sample_grads_factors=True``, :mod:`fisherjax.fisher.factored`), as ``fisherjax analyze`` does for
+short samples: the errors are then those of bfloat16 factors against float32 gradients.
+
 Usage: python benchmarks/storage_precision.py [--model DIR --task NAME=FILE ...] [--max-samples N]
-[--batch-size B] (default: the shipped demo model and tasks).
+[--batch-size B] [--factors] (default: the shipped demo model and tasks).
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--json", default=None)
+    p.add_argument("--factors", action="store_true", help="the bfloat16 run keeps the attention kernels as token factors")
     args = p.parse_args()
     if args.model is None:
         from fisherjax import demo
@@ -94,10 +99,11 @@ def main():
             fishers[dtype, name] = fisherjax.collect(
                 model, list(batches(task, args.batch_size, pad_id=model.config.pad_token_id or 0)), task=name,
                 keep_sample_grads=True, sample_grads_dtype=dtype, progress=False,
+                sample_grads_factors=args.factors and dtype == "bfloat16",
             )
             print(f"collected {name} ({dtype}) in {time.perf_counter() - started:.1f} s", flush=True)
     layout = model.layout
-    out = {"model": str(model_dir), "samples": {n: len(t) for n, t in tasks.items()}, "qkov": {}, "conflicts": {}}
+    out = {"model": str(model_dir), "samples": {n: len(t) for n, t in tasks.items()}, "factors": args.factors, "qkov": {}, "conflicts": {}}
     for a, b in itertools.permutations(tasks, 2):
         ref = qkov.heatmap(fishers["float32", a], fishers["float32", b], layout)
         low = qkov.heatmap(fishers["bfloat16", a], fishers["bfloat16", b], layout)

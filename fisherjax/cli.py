@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=d.sample_grads_dtype, help=f"storage dtype of the kept per-sample gradients (default {d.sample_grads_dtype})")
     a.add_argument("--sample-grads-form", choices=SAMPLE_GRADS_FORMS, default=d.sample_grads_form,
                    help="keep each attention kernel's per-sample gradients as they are, or as their token factors (inputs and "
-                        "output gradients, formed again where Phases 5 and 6 read them): 'auto' keeps factors where they are "
-                        f"smaller, i.e. for samples shorter than d_in*d_out/(d_in+d_out) tokens (default {d.sample_grads_form})")
+                        "output gradients, formed again where Phases 5 and 6 read them): 'auto' keeps factors where they take "
+                        f"at most half, i.e. for samples of at most d_in*d_out/(2(d_in+d_out)) tokens (default {d.sample_grads_form})")
     a.add_argument("--sample-grads-budget-gb", "--contribution-budget-gb", dest="sample_grads_budget_gb", type=float,
                    default=d.sample_grads_budget_gb,
                    help=f"host memory allowed for the kept per-sample gradients per task (default {d.sample_grads_budget_gb:g} GB)")

@@ -185,7 +185,8 @@ class AnalysisConfig:
         are kept (``sample_grads_form``): ``"gradients"``; ``"factors"``, every attention kernel
         as its token factors (:mod:`fisherjax.fisher.factored`); ``"auto"``, as factors the
         attention kernels whose factors at ``seq`` positions (the run's longest batch, with the
-        model's ``layout``) are smaller than their gradients, for the empirical Fisher."""
+        model's ``layout``) take at most half of their gradients, for the empirical Fisher
+        (:func:`~fisherjax.fisher.factored.factors_are_smaller`)."""
         if self.sample_grads_form == "factors":
             factors = True
         elif self.sample_grads_form == "auto" and self.fisher_type == "empirical" and layout is not None and seq is not None:

@@ -58,16 +58,17 @@ def test_reads_form_exactly_the_gradients_asked_for(widened_bytes, monkeypatch):
 
 
 def test_factors_where_they_are_smaller():
-    assert factors_are_smaller(100, 768, 2304) and not factors_are_smaller(600, 768, 768)
-    assert factors_are_smaller(383, 768, 768) and not factors_are_smaller(384, 768, 768)  # d_in·d_out/(d_in+d_out) = 384
-    layout = Model.init(tiny_config("gpt2"), seed=0).layout  # d = 32: kernels [32, 96] (24) and [32, 32] (16)
+    assert factors_are_smaller(128, 768, 2304) and factors_are_smaller(128, 768, 768)  # GPT-2 small: a quarter, a third
+    assert factors_are_smaller(192, 768, 768) and not factors_are_smaller(193, 768, 768)  # at most half: d_in·d_out/(2(d_in+d_out))
+    assert not factors_are_smaller(128, 256, 768)  # a d = 256 QKV at 128 positions: two thirds, not worth re-forming
+    layout = Model.init(tiny_config("gpt2"), seed=0).layout  # d = 32: kernels [32, 96] (at most 12) and [32, 32] (8)
     kept = attention_paths(layout)
-    assert smaller_as_factors(layout, kept, 15) == ("layers/attn/c_attn/kernel", "layers/attn/c_proj/kernel")
-    assert smaller_as_factors(layout, kept, 20) == ("layers/attn/c_attn/kernel",)
-    assert smaller_as_factors(layout, kept, 24) == ()
+    assert smaller_as_factors(layout, kept, 8) == ("layers/attn/c_attn/kernel", "layers/attn/c_proj/kernel")
+    assert smaller_as_factors(layout, kept, 10) == ("layers/attn/c_attn/kernel",)
+    assert smaller_as_factors(layout, kept, 13) == ()
     config = AnalysisConfig()
     assert config.sample_grads_form == "auto"
-    assert config.collect_options(layout, 20).sample_grads_factors == ("layers/attn/c_attn/kernel",)
+    assert config.collect_options(layout, 10).sample_grads_factors == ("layers/attn/c_attn/kernel",)
     assert config.collect_options().sample_grads_factors is False  # no lengths known: gradients
     assert AnalysisConfig(fisher_type="true").collect_options(layout, 8).sample_grads_factors is False
     assert AnalysisConfig(sample_grads_form="gradients").collect_options(layout, 8).sample_grads_factors is False

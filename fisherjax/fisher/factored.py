@@ -6,8 +6,8 @@ A dense kernel ``W [d_in, d_out]`` (``y_t = a_t W``) has the per-sample token-su
 
 — the same ``(a, δ)`` pairs Phase 1's sites record. Keeping ``A_i`` and ``Δ_i`` takes
 ``T · (d_in + d_out)`` numbers per sample instead of ``d_in · d_out``: smaller whenever
-``T < d_in · d_out / (d_in + d_out)`` (384 positions for a GPT-2-small attention kernel, whose
-gradients at 100 tokens are then a quarter of their dense size). Positions without a loss have
+``T < d_in · d_out / (d_in + d_out)`` (576 positions for GPT-2 small's fused QKV kernel, 384 for
+its output projection; at 128 positions their factors are a quarter and a third of the gradients). Positions without a loss have
 ``δ = 0`` and padding to a longer ``T`` adds zero rows, so neither changes ``g_i``.
 
 :class:`FactoredGrads` is what Phases 5 and 6 see in ``SampleGrads.grads``: a read-only array of
@@ -30,13 +30,17 @@ bytes, so reading a slice of every sample holds one group's copy, not a float32 
 
 
 def factors_are_smaller(seq: int, d_in: int, d_out: int) -> bool:
-    """Whether ``seq`` positions of factors, ``seq · (d_in + d_out)``, take less than ``d_in · d_out``."""
-    return seq * (d_in + d_out) < d_in * d_out
+    """Whether ``seq`` positions of factors, ``seq · (d_in + d_out)`` numbers, take at most half of
+    the gradient's ``d_in · d_out``. Half, not less: every read re-forms what it reads
+    (``2·seq·d_in·d_out`` flops a sample), which a saving of a few percent does not pay for (a
+    4-layer d = 256 run at 128 positions, whose QKV factors are two thirds of its gradients, spent
+    5 s more in QK-OV for 1 % less memory; RESULTS.md)."""
+    return 2 * seq * (d_in + d_out) <= d_in * d_out
 
 
 def smaller_as_factors(layout, paths, seq: int) -> tuple[str, ...]:
-    """The dense kernels among ``paths`` whose factors at ``seq`` positions are smaller than their
-    gradients (:func:`factors_are_smaller`)."""
+    """The dense kernels among ``paths`` whose factors at ``seq`` positions take at most half of
+    their gradients (:func:`factors_are_smaller`)."""
     return tuple(p for p in paths if layout.spec(p).kind == "kernel" and factors_are_smaller(seq, *layout.spec(p).shape[-2:]))
 
 
