@@ -118,6 +118,8 @@ def main(out_path: str, cases: list[str]) -> None:
                        mode="ema" if "ema" in settings else "welford", diagonal_variance="variance" in settings)
         if "true" in settings:
             options.update(fisher_type="true", true_samples=2, key=jax.random.key(4))
+        if "factors" in settings:  # kept kernels as token factors: sharded by sample like gradients
+            options.update(sample_grads_factors=True)
         reference = collect(model, data, **options)
         found = {}
         for shape in ((4,), (2, 2)):

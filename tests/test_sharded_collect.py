@@ -45,11 +45,11 @@ def _check(results: dict, tolerance: float = TOLERANCE) -> None:
 
 def test_sharded_collect_equals_one_device(tmp_path, hf_checkpoint):
     """Llama-family checkpoint (grouped-query attention), Welford groups, the full diagonal's sums
-    and kept gradients (a Welford diagonal, EMA groups and the command line: the slow test below):
-    equal on (4,) and (2, 2); the compiled step of (4,) runs on all four devices, each on its own
-    rows, with an all-reduce."""
+    and kept gradients, as gradients and as token factors (a Welford diagonal, EMA groups and the
+    command line: the slow test below): equal on (4,) and (2, 2); the compiled step of (4,) runs on
+    all four devices, each on its own rows, with an all-reduce."""
     directory, _ = hf_checkpoint("llama")
-    results = _run(tmp_path, [f"{directory}:"])
+    results = _run(tmp_path, [f"{directory}:", f"{directory}:factors"])
     _check(results)
     found = results[f"{directory}:"]["(4,)"]  # 8 rows over 4 data shards
     assert found["devices"] == 4 and found["rows_per_device"] == 2 and found["all_reduce"], found
@@ -62,7 +62,7 @@ def test_sharded_collect_equals_one_device_every_family_and_setting(tmp_path, hf
     mesh), the shipped demo model, and the command line (``--devices``, ``fisherjax plan``)."""
     from fisherjax import demo
 
-    settings = {"gpt2": "ema", "llama": "true", "mistral": "", "qwen2": "true,variance", "gpt_neox": "ema,variance"}
+    settings = {"gpt2": "ema,factors", "llama": "true", "mistral": "", "qwen2": "true,variance", "gpt_neox": "ema,variance"}
     cases = [f"{hf_checkpoint(kind)[0]}:{settings[kind]}" for kind in FAMILIES]
     results = _run(tmp_path, [f"--cli={tmp_path},{hf_checkpoint('llama')[0]}", *cases, f"{demo.checkpoint_dir()}:"])
     # the command line: every device by default, --devices 1, the same Phase 1; the plan compiles
