@@ -32,6 +32,7 @@ from fisherjax.fisher.progress import (
     Spill,
     joined_shape,
     progress_manager,
+    put_rows,
     restore_progress,
     save_progress,
 )
@@ -224,11 +225,7 @@ def _join_consuming(chunks: list[dict]) -> dict:
         rows = 0
         for kind, tree in chunk.items():
             for p, v in tree.items():
-                target = out[kind][p][at : at + len(v)]
-                if target.shape[1:] != v.shape[1:]:
-                    target[...] = 0
-                target[(Ellipsis, *(slice(0, n) for n in v.shape[1:]))] = v
-                rows = len(v)
+                rows = put_rows(out[kind][p], at, v, zero_rest=True)
         at += rows
         del chunk
     return out

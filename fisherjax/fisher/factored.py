@@ -126,17 +126,14 @@ class FactoredGrads:
         lead, rows, cols = _split_key(key, self.ndim)
         a, squeeze_rows = _last_axis(self.inputs[lead + (Ellipsis,)], rows)
         d, squeeze_cols = _last_axis(self.deltas[lead + (Ellipsis,)], cols)
-        shape = a.shape[:-2] + (a.shape[-1], d.shape[-1])
+        shape = a.shape[:-2] + (() if squeeze_rows else a.shape[-1:]) + (() if squeeze_cols else d.shape[-1:])
         a, d = a.reshape(-1, *a.shape[-2:]), d.reshape(-1, *d.shape[-2:])
-        out = np.empty((len(a), *shape[-2:]), np.float32)
+        out = np.empty((len(a), a.shape[-1], d.shape[-1]), np.float32)
         step = max(1, int(WIDENED_BYTES // max(4 * (a[0].size + d[0].size), 1)))
         for i in range(0, len(a), step):  # float32 copies of a few factors at a time, not of all of them
             np.matmul(np.swapaxes(a[i : i + step].astype(np.float32, copy=False), -1, -2), d[i : i + step].astype(np.float32, copy=False),
                       out=out[i : i + step])
-        out = out.reshape(shape)
-        if squeeze_rows or squeeze_cols:
-            out = out.reshape(out.shape[:-2] + (() if squeeze_rows else out.shape[-2:-1]) + (() if squeeze_cols else out.shape[-1:]))
-        return out
+        return out.reshape(shape)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[...]
@@ -152,6 +149,3 @@ class FactoredGrads:
     def take_rows(self, index) -> FactoredGrads:
         """The samples at ``index`` (an int array or a slice), still as factors."""
         return FactoredGrads(self.inputs[index], self.deltas[index])
-
-    def astype(self, dtype, copy: bool = True) -> np.ndarray:
-        return np.asarray(self, dtype)

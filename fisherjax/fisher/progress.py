@@ -145,8 +145,7 @@ class Spill:
         out = np.lib.format.open_memmap(self.directory / f"{name}.npy", mode="w+", dtype=chunks[0].dtype, shape=joined_shape(chunks))
         at = 0
         for c in chunks:  # a new file reads as zeros: the padding needs no writing
-            out[(slice(at, at + c.shape[0]), *(slice(0, n) for n in c.shape[1:]))] = c
-            at += c.shape[0]
+            at += put_rows(out, at, c)
         out.flush()
         for f in files:
             Path(f).unlink()
@@ -163,9 +162,19 @@ def join_padded(chunks: Sequence[np.ndarray]) -> np.ndarray:
     out = np.zeros(shape, chunks[0].dtype)
     at = 0
     for c in chunks:
-        out[(slice(at, at + c.shape[0]), *(slice(0, n) for n in c.shape[1:]))] = c
-        at += c.shape[0]
+        at += put_rows(out, at, c)
     return out
+
+
+def put_rows(out: np.ndarray, at: int, chunk: np.ndarray, *, zero_rest: bool = False) -> int:
+    """Write ``chunk`` into rows ``at : at + len(chunk)`` of ``out``, at the start of every other
+    axis (a chunk of fewer positions than ``out``); ``zero_rest``: zero the rest of those rows (an
+    uninitialised ``out``). Returns the rows written."""
+    rows = out[at : at + len(chunk)]
+    if zero_rest and rows.shape[1:] != chunk.shape[1:]:
+        rows[...] = 0
+    rows[(Ellipsis, *(slice(0, n) for n in chunk.shape[1:]))] = chunk
+    return len(chunk)
 
 
 def joined_shape(chunks: Sequence[np.ndarray]) -> tuple[int, ...]:
