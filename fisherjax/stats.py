@@ -1,4 +1,5 @@
-"""Multiple testing, permutation p-values and bootstrap intervals shared by the analysis phases.
+"""Multiple testing, permutation p-values, bootstrap intervals and pooled quantiles shared by the
+analysis phases.
 
 scipy does the statistics we do not want to re-derive: ``scipy.stats.false_discovery_control``
 gives Benjamini–Hochberg (``"bh"``) and Benjamini–Yekutieli (``"by"``) adjusted p-values.
@@ -74,3 +75,80 @@ def bootstrap_mean_interval(values, *, n_bootstrap: int = 1000, level: float = 0
     means = (counts / n) @ values.reshape(n, -1)
     lo, hi = percentile_interval(means, level)
     return lo.reshape(values.shape[1:]), hi.reshape(values.shape[1:])
+
+
+POOLED_CHUNK = 1 << 22
+"""Elements of an array :func:`pooled_quantiles` reads at a time: its temporaries stay a few tens of
+MB whatever the model's size."""
+
+
+def _ordered_keys(x: np.ndarray) -> np.ndarray:
+    """float32 values as uint32 keys in the same order (sign bit flipped for ≥ 0, all bits for < 0)."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31))
+
+
+def _key_value(key: int) -> float:
+    """The float32 value of an :func:`_ordered_keys` key."""
+    bits = key & 0x7FFFFFFF if key >> 31 else ~key & 0xFFFFFFFF
+    return float(np.array(bits, np.uint32).view(np.float32))
+
+
+def _chunks(arrays):
+    for a in arrays:
+        flat = np.asarray(a).reshape(-1)
+        for start in range(0, flat.size, POOLED_CHUNK):
+            yield _ordered_keys(flat[start : start + POOLED_CHUNK])
+
+
+def pooled_quantiles(arrays, q) -> np.ndarray:
+    """``np.quantile(concatenate(arrays), q)`` (its default ``"linear"`` method, in float64) of
+    finite float32 values held in many arrays, without joining them: the model-sized float64 copy
+    (and the copy ``np.quantile`` partitions) a 7B model's per-parameter Fisher would need is never
+    made.
+
+    The order statistics ``x_(r)`` that the interpolation reads are found exactly by a radix
+    selection on the values' order-preserving 32-bit keys: one pass counts the keys' high 16 bits,
+    a second the low 16 bits of the keys in the bins that hold a wanted rank; a key is a value, so
+    no sort is needed. Then, as numpy does: ``h = (n − 1)·q``, ``x_(⌊h⌋) + (h − ⌊h⌋)
+    (x_(⌊h⌋+1) − x_(⌊h⌋))`` (from the upper neighbour when ``h − ⌊h⌋ ≥ ½``).
+
+    Raises:
+      ValueError: no values, or a NaN or infinite one.
+    """
+    q = np.asarray(q, np.float64)
+    arrays = [a for a in arrays if np.size(a)]
+    n = sum(int(np.size(a)) for a in arrays)
+    if n == 0:
+        raise ValueError("pooled_quantiles: no values")
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise ValueError("pooled_quantiles: values must be finite")
+    virtual = (n - 1) * q  # numpy's linear method, with its rounding
+    below = np.floor(virtual)
+    gamma = virtual - below
+    last = virtual >= n - 1  # numpy takes the largest value for both neighbours there
+    lower = np.where(last, n - 1, below).astype(np.int64)
+    upper = np.where(last, n - 1, below + 1).astype(np.int64)
+    ranks = np.unique(np.concatenate([lower, upper]))
+
+    high = np.zeros(1 << 16, np.int64)
+    for keys in _chunks(arrays):
+        high += np.bincount(keys >> 16, minlength=1 << 16)
+    ends = np.cumsum(high)
+    bins = np.searchsorted(ends, ranks, side="right")  # the high bin holding each rank
+    wanted = np.unique(bins)
+    low = np.zeros((len(wanted), 1 << 16), np.int64)
+    for keys in _chunks(arrays):
+        top = keys >> 16
+        for i, b in enumerate(wanted.tolist()):
+            low[i] += np.bincount(keys[top == b] & 0xFFFF, minlength=1 << 16)
+    value = {}
+    for rank, b in zip(ranks.tolist(), bins.tolist(), strict=True):
+        i = int(np.searchsorted(wanted, b))
+        within = rank - (ends[b - 1] if b else 0)
+        value[rank] = _key_value((b << 16) | int(np.searchsorted(np.cumsum(low[i]), within, side="right")))
+    a = np.array([value[r] for r in lower.tolist()], np.float64)
+    b = np.array([value[r] for r in upper.tolist()], np.float64)
+    diff = b - a
+    return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+

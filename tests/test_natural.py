@@ -220,7 +220,10 @@ def test_per_group_fisher_spreads_group_means(layout):
         np.testing.assert_allclose(merged[k], expected, rtol=1e-4, atol=1e-6, err_msg=k)
 
 
-def test_summarize(layout):
+@pytest.mark.parametrize("tally_elements", [None, 7])  # 7: every leaf tallied in several column blocks
+def test_summarize(layout, tally_elements, monkeypatch):
+    if tally_elements:
+        monkeypatch.setattr(natural, "TALLY_ELEMENTS", tally_elements)
     fa = group_fisher_of(layout, random_tree(layout, 40, positive=True), "a")
     fb = group_fisher_of(layout, random_tree(layout, 41, positive=True), "b")
     from fisherjax.report import natural as natural_report
@@ -234,6 +237,9 @@ def test_summarize(layout):
     w = np.concatenate([(np.maximum(a[k], 1e-8) / (np.maximum(a[k], 1e-8) + np.maximum(b[k], 1e-8))).reshape(-1) for k in a])
     assert pair["mean_weight_a"] == pytest.approx(w.mean(), rel=1e-6)
     assert pair["fraction_dominated_by_a"] == pytest.approx((w > 0.9).mean())
+    joined = np.concatenate([np.asarray(v, np.float64).reshape(-1) for v in a.values()])
+    assert list(summary["tasks"]["a"]["quantiles"].values()) == np.quantile(joined, [0, 0.01, 0.5, 0.99, 1]).tolist()
+    assert summary["tasks"]["a"]["fraction_below_eps"] == (joined < 1e-8).mean()
     # Per layer, against weights labelled element by element (non-layer leaves are layer -1).
     label = np.concatenate([
         np.repeat(np.arange(a[k].shape[0]), a[k][0].size) if layout.spec(k).layered else np.full(a[k].size, -1) for k in a

@@ -326,21 +326,36 @@ class MergeWeights(NamedTuple):
     total: np.ndarray
 
 
+TALLY_ELEMENTS = 1 << 22
+"""Weights :func:`merge_weights` forms at a time."""
+
+
+def _weight_tallies(a, b, floor: float, dominance: float) -> np.ndarray:
+    """``[rows, 4]``: per row of ``w = F̃_A / (F̃_A + F̃_B)`` (float64), ``Σ w``, ``#{w > dominance}``,
+    ``#{w < 1 − dominance}`` and the count."""
+    xa = np.maximum(np.asarray(a, np.float64), floor)
+    xb = np.maximum(np.asarray(b, np.float64), floor)
+    w = xa / (xa + xb)
+    return np.stack([w.sum(1), (w > dominance).sum(1), (w < 1 - dominance).sum(1), np.full(len(w), w.shape[1])], 1)
+
+
 def merge_weights(
     fisher_a: Mapping[str, np.ndarray], fisher_b: Mapping[str, np.ndarray], layout: ModelLayout, *, floor: float = 1e-8, dominance: float = 0.9
 ) -> MergeWeights:
     """Per-layer statistics of the merge weight ``w_A = F̃_A / (F̃_A + F̃_B)``, ``F̃ = max(F, floor)``,
     of two flat per-parameter Fishers (``{path: param-shaped}``, the paths both have).
 
-    Tallied leaf row by leaf row (:meth:`~fisherjax.layout.ModelLayout.layer_rows`): no model-sized
+    Tallied leaf row by leaf row (:meth:`~fisherjax.layout.ModelLayout.layer_rows`), in float64 on
+    column blocks of at most :data:`TALLY_ELEMENTS` weights: no model-sized (or embedding-sized)
     array of weights or layer labels is ever built.
     """
     per_layer: dict[int, np.ndarray] = {}
     for path in (p for p in fisher_a if p in fisher_b):
-        xa = np.maximum(np.asarray(fisher_a[path], np.float64), floor)
-        xb = np.maximum(np.asarray(fisher_b[path], np.float64), floor)
-        rows, row_layers = layout.layer_rows(path, xa / (xa + xb))
-        tallies = np.stack([rows.sum(1), (rows > dominance).sum(1), (rows < 1 - dominance).sum(1), np.full(len(rows), rows.shape[1])], 1)
+        rows_a, row_layers = layout.layer_rows(path, np.asarray(fisher_a[path]))
+        rows_b, _ = layout.layer_rows(path, np.asarray(fisher_b[path]))
+        width = max(TALLY_ELEMENTS // len(rows_a), 1)
+        tallies = sum(_weight_tallies(rows_a[:, s : s + width], rows_b[:, s : s + width], floor, dominance)
+                      for s in range(0, rows_a.shape[1], width))
         for layer, tally in zip(row_layers.tolist(), tallies, strict=True):
             per_layer[layer] = per_layer.get(layer, 0) + tally
     layers = sorted(per_layer)

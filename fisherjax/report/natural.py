@@ -12,6 +12,7 @@ from fisherjax.analysis import natural
 from fisherjax.fisher.state import TaskFisher
 from fisherjax.layout import ModelLayout, flatten, layer_name
 from fisherjax.report.base import Section
+from fisherjax.stats import pooled_quantiles
 
 
 def summary(fishers: Mapping[str, TaskFisher], layout: ModelLayout, *, eps: float = 1e-8, floor: float = 1e-8, dominance: float = 0.9) -> dict:
@@ -25,11 +26,13 @@ def summary(fishers: Mapping[str, TaskFisher], layout: ModelLayout, *, eps: floa
     per_param = {name: flatten(natural.parameter_fisher(f, layout)) for name, f in fishers.items()}
     tasks = {}
     for name, flat in per_param.items():
-        values = np.concatenate([np.asarray(v, np.float64).reshape(-1) for v in flat.values()])
+        leaves = list(flat.values())
+        size = sum(int(np.size(v)) for v in leaves)
+        quantiles = pooled_quantiles(leaves, [0, 0.01, 0.5, 0.99, 1])  # no model-sized float64 copy
         tasks[name] = {
-            "n_parameters": int(values.size),
-            "quantiles": dict(zip(("0", "1", "50", "99", "100"), np.quantile(values, [0, 0.01, 0.5, 0.99, 1]).tolist(), strict=True)),
-            "fraction_below_eps": float((values < eps).mean()),
+            "n_parameters": size,
+            "quantiles": dict(zip(("0", "1", "50", "99", "100"), quantiles.tolist(), strict=True)),
+            "fraction_below_eps": sum(int(np.count_nonzero(np.asarray(v) < np.float64(eps))) for v in leaves) / size,
             "eps": eps,
         }
     pairs = {}
