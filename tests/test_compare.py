@@ -189,6 +189,11 @@ def test_gram_sums_column_slices(monkeypatch):
     np.testing.assert_allclose(eigen.values, values[::-1][:3], rtol=1e-5)
     np.testing.assert_allclose(np.abs(np.sum(np.asarray(eigen.vectors) * vectors[:, ::-1][:, :3], axis=0)), 1.0, atol=1e-4)
     assert np.all(eigen.residuals <= 1e-4 * eigen.values[0]) and np.all(eigen.residuals > 0)
+    # the residuals are those of the float32 vectors returned, ‖F v − λ v‖ (float64 here): both are
+    # float32 rounding, so they agree in size, not in digits
+    v = np.asarray(eigen.vectors, np.float64)
+    exact = np.linalg.norm(g.astype(np.float64).T @ (g.astype(np.float64) @ v) - v * eigen.values, axis=0)
+    assert np.all(eigen.residuals < 3 * exact) and np.all(eigen.residuals > exact / 3), (eigen.residuals, exact)
 
 
 def test_bfloat16_gradients_give_the_pairs_of_their_rounded_values(compared, monkeypatch):

@@ -175,9 +175,9 @@ def compare_methods(
         return collect(model, batches, task="compare", options=options, progress=progress)
 
     kept, diag_stretch = telemetry.measure(run_diagonal)
-    diagonal = {p: np.asarray(v, np.float64) for p, v in kept.diagonal.items()}
+    diagonal = {p: np.asarray(v, np.float32) for p, v in kept.diagonal.items()}  # as collected: no float64 copy
     n_params = sum(v.size for v in diagonal.values())
-    damping = damping_rel * sum(v.sum() for v in diagonal.values()) / n_params  # tr F / D = mean of Î
+    damping = damping_rel * sum(float(v.sum(dtype=np.float64)) for v in diagonal.values()) / n_params  # tr F / D = mean of Î
     spectra, block_stretch = telemetry.measure(blocks.block_spectra, kept, layout, top_k=k)
     del kept
     chosen = blocks.largest_blocks(spectra, count=count)
@@ -192,8 +192,7 @@ def compare_methods(
     operator = products.fisher_operator(model, params, batches, kind="empirical")
     exact_product = operator.matvec
     diagonal_tree = unflatten(diagonal)
-    diag_flat = np.asarray(operator.ravel(diagonal_tree), np.float64)
-    diag_device = jnp.asarray(diag_flat, jnp.float32)
+    diag_device = operator.ravel(diagonal_tree)
     if from_gram(operator.size, k, operator.n_samples, steps):  # rank ≤ n: the n × n Gram is exact and cheaper than the products
         def gram_route():
             g = lowrank.scaled_gradients(model, params, batches, dtype=STORAGE_DTYPES[options.sample_grads_dtype], memory_budget_bytes=GRADIENT_BUDGET_BYTES)
@@ -227,8 +226,7 @@ def compare_methods(
 
     # ---- spectra and condition numbers ------------------------------------------------------
     covered = {p for f in factors.factors.values() for p in (f.kernel, f.bias) if p is not None}
-    kfac_all = np.concatenate([np.asarray(kfac.eigenvalues(eigen), np.float64).reshape(-1)]
-                              + [v.reshape(-1) for p, v in diagonal.items() if p not in covered])
+    kfac_all = [np.asarray(kfac.eigenvalues(eigen), np.float64).reshape(-1)] + [v for p, v in diagonal.items() if p not in covered]
 
     def cond(smallest, largest):
         return float((largest + damping) / (max(smallest, 0.0) + damping))
@@ -240,13 +238,13 @@ def compare_methods(
     rank_deficient = operator.size > operator.n_samples
     methods = {
         "diagonal": MethodResult(
-            top=_top(diag_flat, k), blocks_top=np.array([slice_diagonal_max(b) for b in block_ids]),
-            condition=cond(diag_flat.min(), diag_flat.max()), probe_error=float(np.mean(diag_err)),
+            top=_top_of(diagonal.values(), k), blocks_top=np.array([slice_diagonal_max(b) for b in block_ids]),
+            condition=cond(*_extremes(diagonal.values())), probe_error=float(np.mean(diag_err)),
             rayleigh=diag_rayleigh / safe, stretch=diag_stretch,
             notes="one Phase 1 pass, which also keeps the attention gradients the block spectra read"),
         "kfac": MethodResult(
-            top=_top(kfac_all, k), blocks_top=kfac.slice_tops(eigen, layout, block_ids),
-            condition=cond(kfac_all.min(), kfac_all.max()), probe_error=float(np.mean(kfac_err)),
+            top=_top_of(kfac_all, k), blocks_top=kfac.slice_tops(eigen, layout, block_ids),
+            condition=cond(*_extremes(kfac_all)), probe_error=float(np.mean(kfac_err)),
             rayleigh=kfac_rayleigh / safe, stretch=kfac_stretch,
             notes="Î on the parameters K-FAC does not cover (norms, embeddings, unembedding)"),
         "lanczos": MethodResult(
@@ -321,6 +319,23 @@ def _top(values: np.ndarray, k: int) -> np.ndarray:
     values = np.asarray(values, np.float64).reshape(-1)
     k_eff = min(k, values.size)
     return _pad(np.sort(np.partition(values, values.size - k_eff)[values.size - k_eff:])[::-1], k)
+
+
+def _top_of(pieces, k: int) -> np.ndarray:
+    """:func:`_top` of the values of several arrays, each partitioned in its own dtype: no
+    model-sized float64 array."""
+    tops = []
+    for v in pieces:
+        v = np.asarray(v).reshape(-1)
+        if v.size:
+            tops.append(np.partition(v, v.size - min(k, v.size))[v.size - min(k, v.size):])
+    return _top(np.concatenate(tops), k)
+
+
+def _extremes(pieces) -> tuple[float, float]:
+    """``(min, max)`` over the values of several arrays."""
+    pieces = [np.asarray(v) for v in pieces if np.size(v)]
+    return float(min(v.min() for v in pieces)), float(max(v.max() for v in pieces))
 
 
 def _pad(values: np.ndarray, k: int) -> np.ndarray:

@@ -167,9 +167,14 @@ def transposed_times(g: jax.Array, c: jax.Array) -> jax.Array:
 @jax.jit
 def _products_of_combinations(g, coefficients):
     """``[k, n]``: ``G̃ v_j`` with ``v_j = G̃ᵀ c_j`` for each column ``c_j`` of ``coefficients``
-    ``[n, k]``, one column at a time (one ``[D]`` vector alive): what :func:`gram_top` needs of
-    the float32 eigenvectors, ``‖F v − λ v‖ = ‖G̃ᵀ (G̃ v − λ c)‖``, without ``[D, k]`` of them."""
-    return jax.lax.map(lambda c: _times(g, _transposed_times(g, c)), coefficients.T)
+    ``[n, k]``: what :func:`gram_top` needs of the float32 eigenvectors, ``‖F v − λ v‖ = ‖G̃ᵀ (G̃ v
+    − λ c)‖``. One pass over ``G̃``'s column slices ``x``: each slice of every ``v_j`` is formed in
+    float32 (``xᵀ C``, ``[w, k]``) and at once multiplied back (``x (xᵀ C)``), so neither ``[D, k]``
+    of them nor ``2k`` reads of ``G̃`` are needed."""
+    def step(x, first, total):
+        return total + jnp.dot(x, jnp.dot(x.T, coefficients, precision=HIGHEST), precision=HIGHEST)
+
+    return _column_steps(g, step, jnp.zeros((g.shape[0], coefficients.shape[1]), jnp.float32)).T
 
 
 def empirical_eigen(model, params, batches: Sequence[Batch], k: int, *, memory_budget_bytes: float = 1e9, dtype=jnp.float32) -> Eigen:
