@@ -173,7 +173,7 @@ def test_a_large_budget_still_reads_small_slices(gpt2, gpt2_task, monkeypatch):
         np.testing.assert_allclose(getattr(capped, field), getattr(whole, field), rtol=1e-5, atol=1e-6 * np.abs(getattr(whole, field)).max())
 
 
-def test_stored_tasks_read_by_parameter_slice_equal_chunk_pairs(gpt2, gpt2_task):
+def test_stored_tasks_read_by_parameter_slice_equal_chunk_pairs(gpt2, gpt2_task, monkeypatch):
     """Stored tasks without a chunk size are read one parameter slice of every sample at a time:
     a budget so small that every sliceable leaf is cut into one-index slices gives the chunk-pair
     Grams (dot products, per-group dots and norms) and detect()'s report, whitened, with either
@@ -195,7 +195,11 @@ def test_stored_tasks_read_by_parameter_slice_equal_chunk_pairs(gpt2, gpt2_task)
     members = np.arange(2 * 4)  # a layer-major leaf of 2 layers × 4 heads: its second layer's groups
     np.testing.assert_array_equal(G.ParameterSlice("p", 1, 0, 3, layers=(1, 2)).groups(members, 2), [4, 5, 6, 7])
     chunked = C.pairwise_cosines(a, b, layout=gpt2.layout, chunk_size=5)
-    sliced = C.pairwise_cosines(a, b, layout=gpt2.layout, memory_budget_bytes=1.0)
+    monkeypatch.setattr(G, "SLICE_BUDGET_BYTES", 1.0)  # every sliceable leaf in one-index slices; the dot products fit
+    read = []
+    monkeypatch.setattr(G, "slice_dots", lambda *args, f=G.slice_dots: read.append(1) or f(*args))
+    sliced = C.pairwise_cosines(a, b, layout=gpt2.layout)
+    assert len(read) == len(slices)  # it did go by slice (the one-index slices above)
     for field in ("dots", "sq_norms_a", "sq_norms_b", "group_dots", "group_sq_norms_a", "group_sq_norms_b"):
         scale = np.abs(getattr(chunked, field)).max()
         np.testing.assert_allclose(getattr(sliced, field), getattr(chunked, field), rtol=1e-5, atol=1e-6 * scale, err_msg=field)
@@ -203,16 +207,26 @@ def test_stored_tasks_read_by_parameter_slice_equal_chunk_pairs(gpt2, gpt2_task)
     fisher = a.fisher()
     for kwargs in (dict(reference="both"), dict(reference_split=split)):
         r_chunked = C.detect(a, b, layout=gpt2.layout, fisher=fisher, chunk_size=7, **kwargs)
-        r_sliced = C.detect(a, b, layout=gpt2.layout, fisher=fisher, memory_budget_bytes=1.0, **kwargs)
+        r_sliced = C.detect(a, b, layout=gpt2.layout, fisher=fisher, **kwargs)
         chex.assert_trees_all_close(r_sliced.cosines, r_chunked.cosines, atol=1e-6)
         # p-values are ranks among ~550 reference cosines: float32 summation order may move a tie by one rank
         assert np.abs(r_sliced.pvalues - r_chunked.pvalues).max() <= 2 / 550 and (r_sliced.pvalues != r_chunked.pvalues).mean() < 0.01
         for side in r_chunked.null_cosines:
             chex.assert_trees_all_close(r_sliced.null_cosines[side], r_chunked.null_cosines[side], atol=1e-6)
-    # Per-slice dot products that do not fit the budget go in chunk pairs instead.
+    # Per-slice dot products that do not fit the budget go in chunk pairs instead; a layer-major
+    # leaf needs room for one layer's groups only, which its slices then hold at most.
     streams = {"a": as_stream(a), "b": as_stream(b)}
     assert G.slices_fit(streams, (("a", "b", True),), grouping, 1e9)
     assert not G.slices_fit(streams, (("a", "b", True),), grouping, 1.0)
+    shapes, entries = streams["a"].shapes, streams["a"].size * streams["b"].size
+    per_layer = {p: G.leaf_groups(grouping, p) // shape[0] if G.layer_major(grouping.views_of(p), shape) else G.leaf_groups(grouping, p)
+                 for p, shape in shapes.items()}
+    least = 4 * entries * max(per_layer.values())
+    assert G.slices_fit(streams, (("a", "b", True),), grouping, least) and not G.slices_fit(streams, (("a", "b", True),), grouping, least - 1)
+    for piece in G.parameter_slices(shapes, grouping, streams["a"].size + streams["b"].size, 1e12, 4.0 * entries, least):
+        layers = shapes[piece.path][0] if piece.layers is None else piece.layers[1] - piece.layers[0]
+        groups = G.leaf_groups(grouping, piece.path) * layers // shapes[piece.path][0] if piece.layers else G.leaf_groups(grouping, piece.path)
+        assert 4 * entries * groups <= least, piece
     assert not G.slices_fit({"a": as_stream(lambda: iter([C.GradChunk(a.sample_ids, a.grads)])), "b": streams["b"]},
                             (("a", "b", True),), grouping, 1e9)
 

@@ -112,9 +112,29 @@ fit_a, held_a = qkov.heldout_split(A, 3 / 7, seed=2)
 single["perm_split"] = qkov.permutation_test(fit_a, B, held_a, gpt2.layout, n_permutations=300, seed=3, **MIN)
 single["gpt2_boot"] = qkov.bootstrap_layer_head_avg(single["gpt2"], n_bootstrap=64, seed=1, chunk=32)
 
+# Stored tasks are read a parameter slice at a time on a mesh too: record the devices each
+# sliced call's rows land on.
+sliced_calls = []
+_sharded_slice_dots = conflicts_gram.sharded_slice_dots
+
+
+def counted_slice_dots(*args):
+    run = _sharded_slice_dots(*args)
+
+    def counted(rows, columns, weight):
+        out = run(rows, columns, weight)
+        sliced_calls.append(min(len(x.sharding.device_set) for x in jax.tree.leaves(out)))
+        return out
+
+    return counted
+
+
+conflicts_gram.sharded_slice_dots = counted_slice_dots
+
 found = {}
 for name, mesh in (("(4,)", make_mesh(4)), ("(2, 2)", make_mesh(2, 2))):
     f = found[name] = {}
+    sliced_calls.clear()
     # QK-OV heatmap, gathered: the looped kernel (CPU default) on TaskFishers.
     got = qkov.heatmap(A, B, gpt2.layout, mesh=mesh, **MIN)
     f["gpt2_scores"] = entrywise(got.scores, single["gpt2"].scores)
@@ -171,6 +191,7 @@ for name, mesh in (("(4,)", make_mesh(4)), ("(2, 2)", make_mesh(2, 2))):
     features = next(iter(rows["a"]()))[1]
     f["gram_rows_devices"] = min(len(x.sharding.device_set) for x in features.values())
     f["gram_rows_per_device"] = sorted({s.data.shape[0] for x in features.values() for s in x.addressable_shards})
+    f["sliced_calls"], f["sliced_devices"] = len(sliced_calls), min(sliced_calls, default=0)
 
 with open(sys.argv[1], "w") as out:
     json.dump(found, out, indent=1)
@@ -206,6 +227,8 @@ def test_sharded_scores_and_gram_rows_are_on_all_four_devices(sharded):
     for mesh, f in sharded.items():
         # 7 samples of A padded to 8: two contiguous rows per "data" shard (replicated over "model").
         assert f["kept_devices"] == 4 and f["gram_rows_devices"] == 4, (mesh, f)
+        # stored tasks' Grams went slice by slice over all four devices (not chunk pairs)
+        assert f["sliced_calls"] > 0 and f["sliced_devices"] == 4, (mesh, f["sliced_calls"], f["sliced_devices"])
         data = 4 if mesh == "(4,)" else 2
         assert f["kept_rows"] == [[start, 8 // data] for start in range(0, 8, 8 // data)], (mesh, f["kept_rows"])
         assert f["gram_rows_per_device"] == [8 // data], (mesh, f["gram_rows_per_device"])

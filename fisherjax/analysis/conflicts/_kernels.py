@@ -44,6 +44,7 @@ __all__ = [
     "rows_per_chunk",
     "sharded_block_gram",
     "sharded_prepare",
+    "sharded_slice_dots",
     "slice_dots",
 ]
 
@@ -80,6 +81,22 @@ def _block_gram(features_a, features_b, members, n_groups, by_group, mapped):
     return grouped.sum(0), grouped
 
 
+def _slice_features(x, inv_sqrt, views):
+    """One task's slice ``[n_s, *slice]``: its nonfinite flags ``[n_s]`` and whitened group-major
+    features ``{key: [G_leaf, n_s, D]}``."""
+    bad = ~jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+    x = x.astype(jnp.float32)
+    if inv_sqrt is not None:
+        x = x * inv_sqrt
+    return bad, {v.key: jnp.swapaxes(v.apply(x), 0, 1) for v in views}
+
+
+def _slice_pair_dots(features_s, features_t, grouped: bool):
+    """``X_s X_tᵀ`` per group ``{key: [G_leaf, n_s, n_t]}`` (``grouped``), else summed ``[n_s, n_t]``."""
+    per_key = {k: jnp.einsum("gcd,ged->gce", features_s[k], features_t[k], precision=jax.lax.Precision.HIGHEST) for k in features_s}
+    return per_key if grouped else sum(d.sum(0) for d in per_key.values())
+
+
 @functools.partial(jax.jit, static_argnames=("views", "pairs"))
 def slice_dots(parts, inv_sqrt, views, pairs):
     """Dot products of one parameter slice, for several tasks and task pairs at once.
@@ -93,20 +110,35 @@ def slice_dots(parts, inv_sqrt, views, pairs):
     and per pair ``X_s X_tᵀ`` per group ``{key: [G_leaf, n_s, n_t]}`` when ``grouped``, else its sum
     over groups and keys ``[n_s, n_t]``.
     """
-    hi = jax.lax.Precision.HIGHEST
-    bad, features = [], []
-    for x in parts:
-        bad.append(~jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1))
-        x = x.astype(jnp.float32)
-        if inv_sqrt is not None:
-            x = x * inv_sqrt
-        features.append({v.key: jnp.swapaxes(v.apply(x), 0, 1) for v in views})
+    bad, features = zip(*(_slice_features(x, inv_sqrt, views) for x in parts))
     norms = tuple({k: jnp.sum(jnp.square(f), -1) for k, f in feats.items()} for feats in features)
-    dots = []
-    for s, t, grouped in pairs:
-        per_key = {k: jnp.einsum("gcd,ged->gce", features[s][k], features[t][k], precision=hi) for k in features[s]}
-        dots.append(per_key if grouped else sum(d.sum(0) for d in per_key.values()))
-    return tuple(bad), norms, tuple(dots)
+    return bad, norms, tuple(_slice_pair_dots(features[s], features[t], grouped) for s, t, grouped in pairs)
+
+
+@functools.lru_cache(maxsize=64)
+def sharded_slice_dots(mesh: Mesh, views, pairs, n_tasks: int):
+    """:func:`slice_dots` on a mesh: called with each task's slice twice, ``rows`` split over
+    ``"data"`` (zero rows padding it to a multiple of the ``"data"`` size) and ``columns``
+    replicated, each device multiplies its rows of task ``s`` with all of task ``t``. The flags,
+    norms and dot products stay split along the rows (``[n_s]``, ``{key: [G_leaf, n_s]}``, per pair
+    ``{key: [G_leaf, n_s, n_t]}`` or ``[n_s, n_t]``) until they are read. Jitted once per mesh,
+    slice views and pairs; a ``"model"`` axis replicates the work."""
+    used = sorted({t for _, t, _ in pairs})
+
+    def local(rows, columns, inv_sqrt):
+        bad, features = zip(*(_slice_features(x, inv_sqrt, views) for x in rows))
+        whole = {t: _slice_features(columns[t], inv_sqrt, views)[1] for t in used}
+        norms = tuple({k: jnp.sum(jnp.square(f), -1) for k, f in feats.items()} for feats in features)
+        return bad, norms, tuple(_slice_pair_dots(features[s], whole[t], grouped) for s, t, grouped in pairs)
+
+    keys = tuple(v.key for v in views)
+    tasks = range(n_tasks)
+    out_specs = (
+        tuple(P(DATA) for _ in tasks),
+        tuple({k: P(None, DATA) for k in keys} for _ in tasks),
+        tuple({k: P(None, DATA) for k in keys} if grouped else P(DATA) for _, _, grouped in pairs),
+    )
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(DATA), P(), P()), out_specs=out_specs, check_vma=False))
 
 
 def block_gram(

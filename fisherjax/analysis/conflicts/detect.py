@@ -165,8 +165,9 @@ def detect(
       progress: show a progress bar over the Gram chunk pairs.
       mesh: a :class:`jax.sharding.Mesh` with axes ``("data",)`` or ``("data", "model")``
         (:func:`fisherjax.sharding.check_mesh`). Every Gram — A × B and the references A × A,
-        B × B, A × split — has its rows split over ``"data"`` in contiguous blocks and its column
-        chunks broadcast; the Fisher and damping are computed once on the host as without a mesh
+        B × B, A × split — has its rows split over ``"data"`` in contiguous blocks and its columns
+        broadcast (stored tasks a parameter slice at a time, each gradient read once; others in
+        chunks); the Fisher and damping are computed once on the host as without a mesh
         and the whitening factors replicated, so the Grams differ only by float32 rounding. The
         Grams (``[n_a, n_b]``, per group ``[G, n_a, n_b]``) are the summaries and are gathered;
         p-values, FDR and findings run on the host as always. ``chunk_size`` and
@@ -268,9 +269,10 @@ def _grams(
 ):
     """Step 3: the A × B :class:`~.gram.Gram` (per group when ``by_group``) and the reference
     Grams ``{side: Gram}`` (``"a"``: A × A, ``"b"``: B × B, or ``"reference"``: A × split), per
-    group in the per-group scope. Each task is prepared (whitened, viewed) once when it fits a
-    chunk — on a mesh once per role: split over ``"data"`` as rows, replicated as columns
-    (:func:`~.gram.split_sides`)."""
+    group in the per-group scope. Stored tasks are read one parameter slice at a time, with or
+    without a mesh (:func:`~.gram.sliced_grams`); otherwise each task is prepared (whitened, viewed)
+    once when it fits a chunk — on a mesh once per role: split over ``"data"`` as rows, replicated
+    as columns (:func:`~.gram.split_sides`)."""
     per_group = options.scope == "groups"
     streams = {"a": a, "b": b} | ({"reference": external} if external is not None else {})
     if external is not None:
@@ -279,8 +281,8 @@ def _grams(
         pairs = [(side, side) for side in ("a", "b") if options.reference in (side, "both")]
     sliced = (("a", "b", options.by_group),) + tuple((x, y, per_group) for x, y in pairs)
     budget = options.memory_budget_bytes
-    if mesh is None and options.chunk_size is None and slices_fit(streams, sliced, grouping, budget):
-        cross, *grams = sliced_grams(streams, sliced, grouping, inv_sqrt, budget, progress, f"conflicts {a.name} × {b.name}")
+    if options.chunk_size is None and slices_fit(streams, sliced, grouping, budget):
+        cross, *grams = sliced_grams(streams, sliced, grouping, inv_sqrt, budget, progress, f"conflicts {a.name} × {b.name}", mesh=mesh)
         _check_sizes(cross, a.name, b.name)
         references = {y: gram for (_, y), gram in zip(pairs, grams)}
         if "reference" in references:

@@ -18,7 +18,7 @@ Because groups partition the parameters, ``cos_ij = Σ_g ⟨g̃_i,g, g̃_j,g⟩ 
 per-group *contributions* say which layer, block and head carry a conflict; per-group cosines
 are kept too.
 
-Stored tasks (no mesh, no ``chunk_size``) are read the other way round, one parameter *slice*
+Stored tasks (no ``chunk_size``) are read the other way round, one parameter *slice*
 at a time (:func:`sliced_grams`): a Gram is a sum over parameters as much as over chunk pairs,
 and a slice of every sample of every task — the A × B Gram and the reference Grams together —
 fits where a chunk of samples of all parameters may not (64 GPT-2-small samples' attention
@@ -29,10 +29,12 @@ kernel's input axis, an o kernel's output axis, any axis of a per-layer leaf), s
 holds all of the leaf's groups (:func:`parameter_slices`).
 
 On a mesh (``mesh=``, :func:`fisherjax.sharding.check_mesh`) the rows of a Gram (task A's
-samples) are split over ``"data"`` in contiguous blocks and each column chunk (task B's) is
-broadcast to every device; each device computes its rows' dot products against the chunk, and
-the Gram — ``[n_a, n_b]``, per group ``[G, n_a, n_b]``, and the squared norms — is gathered to
-the host chunk pair by chunk pair, as without a mesh. A ``"model"`` axis replicates the work.
+samples) are split over ``"data"`` in contiguous blocks and the columns (task B's samples) are
+broadcast to every device: a parameter slice of every task at a time for stored tasks (each
+stored gradient still read once), else chunk by chunk. Each device computes its rows' dot
+products against the columns, and the Gram — ``[n_a, n_b]``, per group ``[G, n_a, n_b]``, and
+the squared norms — is gathered to the host slice by slice (chunk pair by chunk pair), as
+without a mesh. A ``"model"`` axis replicates the work.
 """
 
 from __future__ import annotations
@@ -49,14 +51,16 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 from fisherjax import backend
-from fisherjax.analysis.conflicts._kernels import PreparedChunk, block_gram, prepared, rows_per_chunk, sharded_block_gram, slice_dots
+from fisherjax.analysis.conflicts._kernels import (
+    PreparedChunk, block_gram, prepared, rows_per_chunk, sharded_block_gram, sharded_slice_dots, slice_dots,
+)
 from fisherjax.analysis.conflicts.sources import (
     FeatureView, GroupIndex, Grouping, Source, Stream, as_stream, check_same_parameters, grouping_for,
 )
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.layout import ModelLayout
 from fisherjax.progressbar import progress_bar
-from fisherjax.sharding import check_mesh, to_host
+from fisherjax.sharding import check_mesh, data_size, pad_rows, put_replicated, shard_rows, to_host
 
 __all__ = [
     "Gram",
@@ -66,9 +70,13 @@ __all__ = [
     "damping",
     "effect_sizes",
     "gram_matrix",
+    "grouped_pair_entries",
     "inverse_sqrt",
+    "layer_major",
+    "leaf_groups",
     "pairwise_cosines",
     "parameter_slices",
+    "slice_dots_fit",
     "sliced_grams",
     "slices_fit",
     "split_sides",
@@ -341,6 +349,7 @@ def _free_axis(views: tuple[FeatureView, ...], shape: tuple[int, ...]) -> int | 
 
 def parameter_slices(
     shapes: Mapping[str, tuple[int, ...]], grouping: Grouping, samples: int, budget_bytes: float,
+    dot_bytes_per_group: float = 0.0, dots_budget_bytes: float = math.inf,
 ) -> tuple[ParameterSlice, ...]:
     """The slices of every leaf such that ``samples`` samples of one slice take at most
     ``budget_bytes`` on the device (:data:`SLICE_BYTES_PER_FEATURE` per feature): a layer-stacked
@@ -348,20 +357,26 @@ def parameter_slices(
     layer is over the budget, one layer at a time cut along the axis :func:`_free_axis` names;
     other leaves cut along that axis across all their layers; in equal parts (:func:`_even_step`).
     A leaf without such an axis, or one index of it that is already over the budget, is one slice
-    or one index per slice: the least that can be read."""
+    or one index per slice: the least that can be read. A slice of a layer-major leaf also holds at
+    most as many layers as keep its groups' dot products (``dot_bytes_per_group`` each) within
+    ``dots_budget_bytes``."""
     most = max(1, int(budget_bytes // (SLICE_BYTES_PER_FEATURE * max(samples, 1))))
     out = []
     for path, shape in shapes.items():
         size = math.prod(shape)
         views = grouping.views_of(path)
         axis = _free_axis(views, shape)
-        if size <= most or axis is None:
+        by_layer = layer_major(views, shape)
+        dots_fit = leaf_groups(grouping, path) * dot_bytes_per_group <= dots_budget_bytes
+        if (size <= most and (dots_fit or not by_layer)) or axis is None:
             out.append(ParameterSlice(path))
             continue
-        if axis >= 1 and len(shape) >= 3 and {v.kind for v in views} <= LAYER_MAJOR_VIEWS:
+        if by_layer:
             per_layer = size // shape[0]
+            layer_dots = leaf_groups(grouping, path) // shape[0] * dot_bytes_per_group
+            layers_by_dots = shape[0] if layer_dots <= 0 or math.isinf(dots_budget_bytes) else int(dots_budget_bytes // layer_dots)
             if per_layer <= most:  # whole layers
-                step = _even_step(shape[0], most // per_layer)
+                step = _even_step(shape[0], min(most // per_layer, max(layers_by_dots, 1)))
                 out.extend(ParameterSlice(path, layers=(a, min(a + step, shape[0]))) for a in range(0, shape[0], step))
                 continue
             step = _even_step(shape[axis], most // (per_layer // shape[axis]))
@@ -389,16 +404,41 @@ def _even_step(length: int, most: int) -> int:
     return length // even if even is not None else step
 
 
+def layer_major(views: tuple[FeatureView, ...], shape: tuple[int, ...]) -> bool:
+    """Whether a leaf is layer-stacked with layer-major groups, so a slice may hold one layer of it
+    (:data:`LAYER_MAJOR_VIEWS`)."""
+    axis = _free_axis(views, shape)
+    return axis is not None and axis >= 1 and len(shape) >= 3 and {v.kind for v in views} <= LAYER_MAJOR_VIEWS
+
+
+def leaf_groups(grouping: Grouping, path: str) -> int:
+    """The groups of leaf ``path`` (all its views')."""
+    return sum(len(grouping.members[v.key]) for v in grouping.views_of(path))
+
+
+def grouped_pair_entries(streams: Mapping[str, Stream], pairs) -> int:
+    """``Σ n_x · n_y`` over the grouped pairs: the float32 dot products a slice holds per group."""
+    return sum(streams[x].size * streams[y].size for x, y, grouped in pairs if grouped)
+
+
 def slices_fit(streams: Mapping[str, Stream], pairs, grouping: Grouping, budget_bytes: float) -> bool:
     """Whether :func:`sliced_grams` applies and its per-slice dot products fit ``budget_bytes``:
-    every stream stored, and one leaf's ``[G_leaf, n_s, n_t]`` float32 of every grouped pair under
-    the budget (thousands of samples with hundreds of groups per leaf go in chunk pairs)."""
+    every stream stored, and ``[G_s, n_s, n_t]`` float32 of every grouped pair under the budget for
+    the fewest groups ``G_s`` a slice of each leaf can hold — one layer's of a layer-major leaf
+    (:func:`parameter_slices` cuts those by layer to fit), all of any other leaf's (thousands of
+    samples with hundreds of groups per slice go in chunk pairs)."""
     if any(s.arrays is None or s.size is None or s.sample_ids is None for s in streams.values()):
         return False
-    pair_entries = sum(streams[x].size * streams[y].size for x, y, grouped in pairs if grouped)
-    widest = max((sum(len(grouping.members[v.key]) for v in grouping.views_of(path)) for path in next(iter(streams.values())).shapes),
-                 default=0)
-    return 4 * widest * pair_entries <= budget_bytes
+    return slice_dots_fit(next(iter(streams.values())).shapes, grouping, grouped_pair_entries(streams, pairs), budget_bytes)
+
+
+def slice_dots_fit(shapes: Mapping[str, tuple[int, ...]], grouping: Grouping, entries: int, budget_bytes: float) -> bool:
+    """Whether ``4 · G_s · entries`` bytes fit ``budget_bytes`` for the fewest groups ``G_s`` a
+    slice of each leaf of ``shapes`` can hold (:func:`slices_fit`; ``entries``:
+    :func:`grouped_pair_entries`)."""
+    least = max((leaf_groups(grouping, p) // (shape[0] if layer_major(grouping.views_of(p), shape) else 1)
+                 for p, shape in shapes.items()), default=0)
+    return 4 * least * entries <= budget_bytes
 
 
 def sliced_grams(
@@ -409,13 +449,16 @@ def sliced_grams(
     budget_bytes: float = CHUNK_BUDGET_BYTES,
     progress: bool = False,
     desc: str = "Gram",
+    mesh: Mesh | None = None,
 ) -> list[Gram]:
     """The :class:`Gram` of every pair ``(x, y, by_group)`` of stored ``streams``, all in one pass
     over :func:`parameter_slices` (each within ``min(budget_bytes, SLICE_BUDGET_BYTES)``): each
     slice of every task is read once, whitened with ``inv_sqrt`` (``{path: (Î + ε)^{-1/2}}``, None:
     not whitened) and multiplied for every pair (:func:`~._kernels.slice_dots`); the dot products
     add up over slices on the host.
-    ``progress``: a bar (``desc``) over the slices.
+    ``progress``: a bar (``desc``) over the slices. ``mesh``: each slice's rows split over
+    ``"data"`` and the slice replicated as the columns (:func:`~._kernels.sharded_slice_dots`):
+    still one read of every stored gradient, where chunk pairs would read B once per chunk of A.
 
     Raises:
       NumericalError: a NaN/inf gradient (naming the task, sample and parameter).
@@ -429,27 +472,35 @@ def sliced_grams(
     grouped = [np.zeros((n_groups, sizes[x], sizes[y]), np.float32) if by_group else None for x, y, by_group in pairs]
     static_pairs = tuple((names.index(x), names.index(y), bool(by_group)) for x, y, by_group in pairs)
     weights = None if inv_sqrt is None else {p: np.asarray(w, np.float32) for p, w in inv_sqrt.items()}
-    slices = parameter_slices(streams[names[0]].shapes, grouping, sum(sizes.values()), min(budget_bytes, SLICE_BUDGET_BYTES))
+    slices = parameter_slices(streams[names[0]].shapes, grouping, sum(sizes.values()), min(budget_bytes, SLICE_BUDGET_BYTES),
+                              4.0 * grouped_pair_entries(streams, pairs), budget_bytes)
+    padded = {name: -(-sizes[name] // data_size(mesh)) * data_size(mesh) for name in names} if mesh is not None else sizes
     with progress_bar(progress, total=len(slices), desc=desc, unit="slice") as bar:
         for piece in slices:
             parts = tuple(piece.take(streams[name].arrays[piece.path]) for name in names)
             weight = None if weights is None or piece.path not in weights else piece.take(weights[piece.path], batched=False)
-            bad, piece_norms, dots = slice_dots(parts, weight, grouping.views_of(piece.path), static_pairs)
+            views = grouping.views_of(piece.path)
+            if mesh is None:
+                bad, piece_norms, dots = slice_dots(parts, weight, views, static_pairs)
+            else:
+                rows = tuple(shard_rows(pad_rows(x, padded[name]), mesh) for name, x in zip(names, parts))
+                columns, weight = put_replicated((parts, weight), mesh)
+                bad, piece_norms, dots = sharded_slice_dots(mesh, views, static_pairs, len(names))(rows, columns, weight)
             for name, flags in zip(names, bad):
-                flags = to_host(flags)
+                flags = to_host(flags)[: sizes[name]]
                 if flags.any():
                     raise NumericalError(f"task {streams[name].name!r}: gradient of sample {int(ids[name][np.argmax(flags)])} "
                                          f"on {piece.path!r} is NaN or inf")
             n_layers = streams[names[0]].shapes[piece.path][0]
             for name, by_key in zip(names, piece_norms):
                 for key, value in by_key.items():
-                    norms[name][piece.groups(members[key], n_layers)] += to_host(value)
-            for (_, _, by_group), piece_dots, total, group_dots in zip(pairs, dots, totals, grouped):
+                    norms[name][piece.groups(members[key], n_layers)] += to_host(value)[:, : sizes[name]]
+            for (x, _, by_group), piece_dots, total, group_dots in zip(pairs, dots, totals, grouped):
                 if not by_group:
-                    total += to_host(piece_dots)
+                    total += to_host(piece_dots)[: sizes[x]]
                     continue
                 for key, value in piece_dots.items():
-                    value = to_host(value)
+                    value = to_host(value)[:, : sizes[x]]
                     group_dots[piece.groups(members[key], n_layers)] += value
                     total += value.sum(0, dtype=np.float64)
             bar.update(1)
@@ -499,8 +550,9 @@ def pairwise_cosines(
     grouping = stream_a.grouping or grouping_for(stream_a.shapes, layout)
     inv_sqrt = inverse_sqrt(fisher, eps, stream_a) if fisher is not None else None
     streams, pairs = {"a": stream_a, "b": stream_b}, (("a", "b", by_group),)
-    if mesh is None and chunk_size is None and slices_fit(streams, pairs, grouping, memory_budget_bytes):
-        return sliced_grams(streams, pairs, grouping, inv_sqrt, memory_budget_bytes, progress, f"Gram {stream_a.name} × {stream_b.name}")[0]
+    if chunk_size is None and slices_fit(streams, pairs, grouping, memory_budget_bytes):
+        return sliced_grams(streams, pairs, grouping, inv_sqrt, memory_budget_bytes, progress, f"Gram {stream_a.name} × {stream_b.name}",
+                            mesh=mesh)[0]
     size = chunk_size_for(chunk_size, stream_a, stream_b, budget_bytes=memory_budget_bytes)
     rows, columns, counts = split_sides({"a": stream_a, "b": stream_b}, grouping, inv_sqrt, size, mesh)
     total = None if None in (counts["a"], chunk_count(stream_b, size)) else counts["a"] * chunk_count(stream_b, size)
