@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tflops", type=float, help=f"sustained TFLOP/s per device (default: assumed {planning.DEFAULT_TFLOPS:g})")
     p.add_argument("--storage-dtype", choices=tuple(STORAGE_DTYPES), help="storage dtype of the kept gradients (default: recommended)")
     p.add_argument("--fisher-type", choices=FISHER_TYPES, default=d.fisher_type, help=f"as for analyze (default {d.fisher_type})")
+    p.add_argument("--sample-grads-form", choices=SAMPLE_GRADS_FORMS, default=d.sample_grads_form,
+                   help=f"as for analyze, at --seq-len: how the kept attention gradients are stored (default {d.sample_grads_form})")
     p.add_argument("--no-diagonal", action="store_true", help="as for analyze: no full diagonal in the step")
     p.add_argument("--remat", action="store_true", help="recompute each block in the backward pass (less memory, more time)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -392,6 +394,7 @@ def _plan(args) -> int:
         config, samples=args.samples, seq_len=args.seq_len, devices=args.devices, device_memory_gb=args.device_memory,
         tasks=args.tasks, throughput_tflops=args.tflops, host_memory_gb=args.host_memory,
         devices_per_host=args.devices_per_host, storage_dtype=args.storage_dtype, options=options,
+        sample_grads_form=args.sample_grads_form,
     )
     print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else planning.format_plan(result))
     return 0

@@ -39,11 +39,11 @@ from jax.sharding import AbstractMesh
 from fisherjax import backend
 from fisherjax.analysis import qkov
 from fisherjax.analysis.conflicts import ConflictOptions
-from fisherjax.analysis.conflicts.gram import chunk_size_for
-from fisherjax.analysis.conflicts.sources import Stream
+from fisherjax.analysis.conflicts.gram import chunk_size_for, slice_dots_fit
+from fisherjax.analysis.conflicts.sources import Stream, grouping_for
 from fisherjax.config import DecoderConfig, read_hf_config
 from fisherjax.errors import ConfigError
-from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, kept_paths
+from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, factored_paths, kept_paths
 from fisherjax.fisher.step import lower_step
 from fisherjax.layout import ModelLayout, flatten, layout_for
 from fisherjax.models.decoder import Decoder
@@ -113,14 +113,20 @@ class Plan:
       sharded_step: the step compiled is the sharded one on the recommended mesh (as many devices
         as planned were there to compile it); else the single-device step.
       options: the Phase 1 options the step was compiled with.
-      kept_parameters, kept_copies, storage_dtype: parameters whose per-sample gradients are kept,
-        arrays kept per parameter (2 when ``C_i`` is kept beside ``g_i``), their storage dtype.
+      kept_parameters, kept_values, factored, kept_copies, storage_dtype: parameters whose
+        per-sample gradients are kept, the numbers stored for them per sample
+        (:func:`kept_values`: fewer where ``factored`` kernels are kept as token factors), arrays
+        kept per number (2 when ``C_i`` is kept beside ``g_i``), their storage dtype.
       storage_bytes, storage_bytes_per_device, storage_bytes_per_host, hosts, host_memory_bytes,
         spill: kept-gradient storage in all, per ``"data"`` shard, per host; whether it must spill
         to disk (``--spill-dir``).
       phase5_flops, phase6_flops, phase5_bytes_read, phase5_chunk: the work of Phases 5 and 6,
-        and what Phase 5 reads from the kept-gradient storage: by parameter slice on one device
-        (``phase5_chunk`` None), in chunks of ``phase5_chunk`` samples on a mesh.
+        and what Phase 5 reads from the kept-gradient storage: by parameter slice, on one device or
+        a mesh (``phase5_chunk`` None, :func:`conflict_slices`), else in chunk pairs of
+        ``phase5_chunk`` samples.
+      phase5_reform_flops, phase6_reform_flops: the part of that work spent forming factored
+        kernels' gradients where they are read (:func:`reform_flops` per sample read,
+        :func:`conflict_sample_reads`, :func:`qkov_sample_reads`).
       throughput_tflops, throughput_assumed, phase5_seconds, phase6_seconds: the time of that work
         over all devices at that throughput per device (compute only, no I/O).
       backend: the XLA backend that compiled the step; compile_seconds: time spent compiling.
@@ -147,6 +153,8 @@ class Plan:
     sharded_step: bool
     options: CollectOptions
     kept_parameters: int
+    kept_values: int
+    factored: tuple[str, ...]
     kept_copies: int
     storage_dtype: str
     storage_bytes: float
@@ -157,6 +165,8 @@ class Plan:
     spill: bool
     phase5_flops: float
     phase6_flops: float
+    phase5_reform_flops: float
+    phase6_reform_flops: float
     phase5_bytes_read: float
     phase5_chunk: int | None
     throughput_tflops: float
@@ -240,8 +250,32 @@ def kept_parameters(layout: ModelLayout, options: CollectOptions) -> int:
     return sum(math.prod(layout.spec(p).shape) for p in kept_paths(layout, options.keep_sample_grads))
 
 
+def _factored(layout: ModelLayout, options: CollectOptions) -> tuple[str, ...]:
+    return factored_paths(layout, kept_paths(layout, options.keep_sample_grads), options.sample_grads_factors)
+
+
+def kept_values(layout: ModelLayout, options: CollectOptions, seq_len: int) -> int:
+    """Numbers Phase 1 stores per sample for its kept gradients: a kept leaf's parameters, or, for
+    a kernel ``[*lead, d_in, d_out]`` kept as token factors (:mod:`fisherjax.fisher.factored`),
+    ``lead · seq_len · (d_in + d_out)`` — its inputs and output gradients at ``seq_len`` positions."""
+    factored = set(_factored(layout, options))
+    total = 0
+    for path in kept_paths(layout, options.keep_sample_grads):
+        shape = layout.spec(path).shape
+        total += math.prod(shape[:-2]) * seq_len * (shape[-2] + shape[-1]) if path in factored else math.prod(shape)
+    return total
+
+
+def reform_flops(layout: ModelLayout, options: CollectOptions, seq_len: int) -> float:
+    """FLOPs of forming one sample's gradients of the kernels kept as token factors, each time a
+    phase reads them: ``Σ lead · 2 · seq_len · d_in · d_out`` (0 when none is factored)."""
+    return float(sum(math.prod(layout.spec(p).shape[:-2]) * 2 * seq_len * math.prod(layout.spec(p).shape[-2:])
+                     for p in _factored(layout, options)))
+
+
 def kept_storage_bytes(samples: int, tasks: int, kept: int, copies: int, dtype: str) -> float:
-    """``samples × tasks × kept × copies × itemsize(dtype)``: the kept per-sample arrays."""
+    """``samples × tasks × kept × copies × itemsize(dtype)``: the kept per-sample arrays (``kept``:
+    the numbers stored per sample, :func:`kept_values`)."""
     return float(samples) * tasks * kept * copies * np.dtype(STORAGE_DTYPES[dtype]).itemsize
 
 
@@ -274,25 +308,57 @@ def qkov_flops(n: int, tasks: int, layout: ModelLayout, include_bias: bool, min_
     return tasks * (tasks - 1) * per_pair
 
 
-def conflict_bytes_read(n: int, tasks: int, features: int, references: int, dtype: str, chunk: int | None, data: int = 1) -> float:
-    """Bytes Phase 5 reads from the kept-gradient storage. On one device (``chunk`` None) the
-    Grams of a pair of tasks are built in one pass over parameter slices
+def conflict_sample_reads(n: int, tasks: int, references: int, chunk: int | None, data: int = 1) -> float:
+    """Samples Phase 5 reads from the kept-gradient storage (a sample read once counts once). By
+    parameter slice (``chunk`` None, on one device or a mesh: :func:`conflict_slices`) the Grams of
+    a pair of tasks are built in one pass over the slices
     (:func:`~fisherjax.analysis.conflicts.gram.sliced_grams`), which reads each task once:
 
-        C(tasks, 2) · w · F · 2n
+        C(tasks, 2) · 2n
 
-    On a mesh a Gram of A × B reads A once and B once per row chunk of A — ``data · c`` samples,
-    ``c`` per device — unless B fits one chunk (then it is read once,
+    In chunk pairs a Gram of A × B reads A once and B once per row chunk of A — ``data · c``
+    samples, ``c`` per device — unless B fits one chunk (then it is read once,
     :func:`~fisherjax.analysis.conflicts.gram.split_sides`):
 
-        C(tasks, 2) · (1 + references) · w · F · (n + ⌈n / (data · c)⌉ · n)   (c < n;  2 · n otherwise)
-
-    ``w`` the storage itemsize, ``F`` features per sample, ``c`` the chunk size."""
-    width = np.dtype(STORAGE_DTYPES[dtype]).itemsize
+        C(tasks, 2) · (1 + references) · (n + ⌈n / (data · c)⌉ · n)   (c < n;  2 · n otherwise)
+    """
     if chunk is None:
-        return math.comb(tasks, 2) * float(width) * features * 2 * n
+        return math.comb(tasks, 2) * 2.0 * n
     per_gram = 2 * n if chunk >= n else n + math.ceil(n / (data * chunk)) * n
-    return math.comb(tasks, 2) * (1 + references) * float(width) * features * per_gram
+    return math.comb(tasks, 2) * (1 + references) * float(per_gram)
+
+
+def conflict_bytes_read(n: int, tasks: int, features: int, references: int, dtype: str, chunk: int | None, data: int = 1) -> float:
+    """Bytes Phase 5 reads from the kept-gradient storage: :func:`conflict_sample_reads` ``· w · F``,
+    ``w`` the storage itemsize, ``F`` the numbers stored per sample (:func:`kept_values`)."""
+    width = np.dtype(STORAGE_DTYPES[dtype]).itemsize
+    return conflict_sample_reads(n, tasks, references, chunk, data) * width * features
+
+
+def qkov_sample_reads(n: int, tasks: int, min_samples: int) -> float:
+    """Samples Phase 6 reads from the kept-gradient storage, at least: per score array of
+    :func:`qkov_flops` (``n_a × n_b``), A's samples twice (the Fisher of its kept samples, then its
+    tiles) and B's once (:func:`~fisherjax.analysis.qkov.tile_plan` reads B once per layer chunk
+    whenever B fits a tile beside 32 of A's samples; more often when it does not):
+
+        tasks · (tasks − 1) · [(2n + n) + (2f + n) + (2f + h)]
+    """
+    if n < min_samples:
+        return 0.0
+    held = int(round(HELDOUT * n))
+    fit = n - held
+    per_pair = 3 * n + ((2 * fit + n) + (2 * fit + held) if fit >= min_samples else 0)
+    return float(tasks * (tasks - 1) * per_pair)
+
+
+def conflict_slices(layout: ModelLayout, options: CollectOptions, n: int, conflicts: ConflictOptions) -> bool:
+    """Whether Phase 5 reads the kept gradients a parameter slice at a time (with or without a
+    mesh): its per-slice dot products of ``n`` samples a task fit the conflicts' memory budget
+    (:func:`~fisherjax.analysis.conflicts.gram.slices_fit`; grouped: A × B, and the references in
+    the per-group scope). Else it reads them in chunk pairs of samples."""
+    shapes = {p: layout.spec(p).shape for p in kept_paths(layout, options.keep_sample_grads)}
+    entries = n * n * (int(conflicts.by_group) + (2 if conflicts.scope == "groups" else 0))
+    return slice_dots_fit(shapes, grouping_for(shapes, layout), entries, conflicts.memory_budget_bytes)
 
 
 def conflict_chunk(n: int, features: int, budget_bytes: float) -> int:
@@ -301,9 +367,12 @@ def conflict_chunk(n: int, features: int, budget_bytes: float) -> int:
     return chunk_size_for(None, stream, stream, budget_bytes=budget_bytes)
 
 
-def default_options() -> CollectOptions:
-    """The Phase 1 options ``fisherjax analyze`` runs with (attention gradients kept)."""
-    return AnalysisConfig().collect_options()
+def default_options(layout: ModelLayout | None = None, seq_len: int | None = None, *, fisher_type: str = "empirical",
+                    sample_grads_form: str = "auto") -> CollectOptions:
+    """The Phase 1 options ``fisherjax analyze`` runs with (attention gradients kept; with ``layout``
+    and ``seq_len``, kept as ``--sample-grads-form`` keeps them at that length:
+    :meth:`~fisherjax.pipeline.AnalysisConfig.collect_options`)."""
+    return AnalysisConfig(fisher_type=fisher_type, sample_grads_form=sample_grads_form).collect_options(layout, seq_len)
 
 
 def plan(
@@ -319,6 +388,7 @@ def plan(
     devices_per_host: int = DEVICES_PER_HOST,
     storage_dtype: str | None = None,
     options: CollectOptions | None = None,
+    sample_grads_form: str | None = None,
     safety: float = SAFETY,
 ) -> Plan:
     """Plan a run of ``samples`` per task on ``devices`` devices (see the module docstring).
@@ -335,6 +405,10 @@ def plan(
     Args:
       options: Phase 1 options (default: :func:`default_options`); without an explicit
         ``sample_loop`` the step is compiled on the accelerator's path (one ``vmap``).
+      sample_grads_form: how the kept attention kernels are stored, as ``analyze
+        --sample-grads-form`` decides it at ``seq_len`` (``"auto"``: as token factors where they
+        take at most half of the gradients); None keeps ``options``' own (``"auto"`` without
+        ``options``). It sets the storage, the compiled step and the re-forming work of Phases 5–6.
       throughput_tflops: per device; None assumes :data:`DEFAULT_TFLOPS`.
 
     Raises:
@@ -358,13 +432,19 @@ def plan(
 
     model = abstract_model(config)
     layout = model.layout
-    options = options or default_options()
+    if options is None:
+        sample_grads_form = sample_grads_form or "auto"
+        options = default_options()
+    if sample_grads_form is not None:
+        options = options.replace(sample_grads_factors=default_options(
+            layout, seq_len, fisher_type=options.fisher_type, sample_grads_form=sample_grads_form).sample_grads_factors)
     kept = kept_parameters(layout, options)
+    stored = kept_values(layout, options, seq_len)
     copies = 1 if options.fisher_type == "empirical" else 2
     hosts = math.ceil(devices / devices_per_host)
 
     def per_host(dtype: str) -> float:  # samples spread evenly over the hosts
-        return kept_storage_bytes(math.ceil(samples / hosts), tasks, kept, copies, dtype)
+        return kept_storage_bytes(math.ceil(samples / hosts), tasks, stored, copies, dtype)
 
     host_limit = safety * host_memory_gb * GB
     dtype = storage_dtype or ("float32" if per_host("float32") <= host_limit else "bfloat16")
@@ -411,10 +491,13 @@ def plan(
 
     conflicts = ConflictOptions()
     references = {"both": 2}.get(conflicts.reference, 1)
-    chunk = conflict_chunk(samples, kept, conflicts.memory_budget_bytes) if data > 1 else None  # one device: parameter slices
+    chunk = None if conflict_slices(layout, options, samples, conflicts) else conflict_chunk(samples, kept, conflicts.memory_budget_bytes)
     score = qkov.ScoreOptions()
-    phase5 = conflict_flops(samples, tasks, kept, references)
-    phase6 = qkov_flops(samples, tasks, layout, score.include_bias, score.min_fisher_samples)
+    reform = reform_flops(layout, options, seq_len)
+    phase5_reform = conflict_sample_reads(samples, tasks, references, chunk, data) * reform
+    phase6_reform = qkov_sample_reads(samples, tasks, score.min_fisher_samples) * reform
+    phase5 = conflict_flops(samples, tasks, kept, references) + phase5_reform
+    phase6 = qkov_flops(samples, tasks, layout, score.include_bias, score.min_fisher_samples) + phase6_reform
     tflops = DEFAULT_TFLOPS if throughput_tflops is None else float(throughput_tflops)
     rate = tflops * 1e12 * devices
     return Plan(
@@ -439,17 +522,21 @@ def plan(
         sharded_step=on_mesh,
         options=options,
         kept_parameters=kept,
+        kept_values=stored,
+        factored=_factored(layout, options),
         kept_copies=copies,
         storage_dtype=dtype,
-        storage_bytes=kept_storage_bytes(samples, tasks, kept, copies, dtype),
-        storage_bytes_per_device=kept_storage_bytes(math.ceil(samples / data), tasks, kept, copies, dtype),
+        storage_bytes=kept_storage_bytes(samples, tasks, stored, copies, dtype),
+        storage_bytes_per_device=kept_storage_bytes(math.ceil(samples / data), tasks, stored, copies, dtype),
         storage_bytes_per_host=per_host(dtype),
         hosts=hosts,
         host_memory_bytes=host_memory_gb * GB,
         spill=per_host(dtype) > host_limit,
         phase5_flops=phase5,
         phase6_flops=phase6,
-        phase5_bytes_read=conflict_bytes_read(samples, tasks, kept, references, dtype, chunk, data),
+        phase5_reform_flops=phase5_reform,
+        phase6_reform_flops=phase6_reform,
+        phase5_bytes_read=conflict_bytes_read(samples, tasks, stored, references, dtype, chunk, data),
         phase5_chunk=chunk,
         throughput_tflops=tflops,
         throughput_assumed=throughput_tflops is None,
@@ -510,9 +597,11 @@ def format_plan(p: Plan) -> str:
         ("recommended mesh", mesh),
         ("recommended micro-batch", f"{p.micro_batch} per device" + (" (per \"data\" shard)" if p.model_axis_estimate else "")
                                     + f", {p.global_micro_batch} per step"),
-        ("kept gradients", f"{_scaled(p.kept_parameters, COUNTS)} parameters × {p.kept_copies} per sample, "
-                           f"{p.storage_dtype}: {_bytes(p.storage_bytes)} in all, {_bytes(p.storage_bytes_per_device)} per \"data\" shard, "
-                           f"{_bytes(p.storage_bytes_per_host)} per host"),
+        ("kept gradients", f"{_scaled(p.kept_parameters, COUNTS)} parameters per sample"
+                           + (f", {len(p.factored)} kernel(s) as token factors at T = {p.seq_len}: "
+                              f"{_scaled(p.kept_values, COUNTS)} numbers stored" if p.factored else "")
+                           + f" × {p.kept_copies}, {p.storage_dtype}: {_bytes(p.storage_bytes)} in all, "
+                           f"{_bytes(p.storage_bytes_per_device)} per \"data\" shard, {_bytes(p.storage_bytes_per_host)} per host"),
         ("recommended storage", f"{p.storage_dtype}; " + (f"spill to disk (--spill-dir): a host holds {_bytes(p.safety * p.host_memory_bytes)} "
                                                           f"of {_bytes(p.host_memory_bytes)}" if p.spill
                                                           else f"fits host memory ({_bytes(p.host_memory_bytes)})")),
@@ -520,7 +609,9 @@ def format_plan(p: Plan) -> str:
                                 f"reads {_bytes(p.phase5_bytes_read)} of kept gradients "
                                 + ("(by parameter slice: each task once per pair)" if p.phase5_chunk is None
                                    else f"(chunk size {p.phase5_chunk})")),
-        ("Phase 6 (QK-OV)", f"{_scaled(p.phase6_flops, FLOPS)} ≈ {_duration(p.phase6_seconds)}"),
+        ("Phase 6 (QK-OV)", f"{_scaled(p.phase6_flops, FLOPS)} ≈ {_duration(p.phase6_seconds)}"
+                            + (f" (forming factored gradients: {_scaled(p.phase5_reform_flops, FLOPS)} of Phase 5's, "
+                               f"{_scaled(p.phase6_reform_flops, FLOPS)} of Phase 6's)" if p.factored else "")),
         ("throughput", f"{p.throughput_tflops:g} TFLOP/s per device{assumed}, over {p.devices} device(s), compute only"),
         ("measured / derived", "the Phase 1 step's memory is compiled"
                                + ("" if p.sharded_step or p.devices == 1 else " (single-device step: fewer devices than planned)")
@@ -532,6 +623,6 @@ def format_plan(p: Plan) -> str:
 
 __all__ = [
     "Plan", "StepMemory", "abstract_model", "conflict_bytes_read", "conflict_chunk", "conflict_flops", "default_options",
-    "format_plan", "kept_parameters", "kept_storage_bytes", "model_axis_bytes", "parameter_bytes", "plan", "qkov_flops",
-    "read_config", "step_memory",
+    "conflict_sample_reads", "conflict_slices", "format_plan", "kept_parameters", "kept_storage_bytes", "kept_values", "model_axis_bytes",
+    "parameter_bytes", "plan", "qkov_flops", "qkov_sample_reads", "read_config", "reform_flops", "step_memory",
 ]

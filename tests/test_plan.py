@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from fisherjax.analysis import qkov
+from fisherjax.analysis.conflicts import ConflictOptions
 from fisherjax.cli import main
 from fisherjax.errors import ConfigError
 from fisherjax.fisher.step import lower_step
@@ -17,7 +18,11 @@ from fisherjax.layout import flatten, layout_for
 from fisherjax.models.decoder import Decoder
 from fisherjax.models.hf import abstract_params
 from fisherjax.models.model import Model
-from fisherjax.plan import GB, abstract_model, conflict_bytes_read, format_plan, kept_parameters, plan, read_config
+from fisherjax.fisher.options import kept_paths
+from fisherjax.plan import (
+    GB, abstract_model, conflict_bytes_read, conflict_sample_reads, conflict_slices, default_options, format_plan, kept_parameters, plan,
+    qkov_sample_reads, read_config,
+)
 
 TINY = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
@@ -109,16 +114,53 @@ def test_storage_and_work_are_the_formulas(tiny, base, tmp_path):
     assert big.phase6_seconds == big.phase6_flops / (2e12 * 4) and not big.throughput_assumed
     assert big.storage_bytes_per_device == 4 * 2 * kept * 4 and big.global_micro_batch == 4 * big.micro_batch
 
-    # Phase 5's reads: on one device each task once per pair (parameter slices); on a mesh A once,
-    # B once per row chunk of A (data × chunk samples) unless B fits one chunk
+    # Phase 5's reads: by parameter slice (on one device or a mesh) each task once per pair; in
+    # chunk pairs, when the slices' dot products do not fit, A once and B once per row chunk of A
+    # (data × chunk samples) unless B fits one chunk
     assert base.phase5_chunk is None and base.phase5_bytes_read == 1 * 4 * kept * 2 * 4
     assert conflict_bytes_read(10, 3, features=5, references=2, dtype="bfloat16", chunk=None) == 3 * 2 * 5 * 2 * 10
-    assert big.phase5_chunk == 16 and big.phase5_bytes_read == 1 * 3 * 4 * kept * 2 * 16
+    assert big.phase5_chunk is None and big.phase5_bytes_read == 1 * 4 * kept * 2 * 16
+    options = ConflictOptions()
+    assert conflict_slices(layout, base.options, 16, options)
+    many = math.isqrt(int(options.memory_budget_bytes // (4 * TINY["num_attention_heads"]))) + 1  # one layer's q groups × n² > budget
+    assert not conflict_slices(layout, base.options, many, options) and conflict_slices(layout, base.options, many - 1, options)
     assert conflict_bytes_read(10, 3, features=5, references=2, dtype="bfloat16", chunk=2, data=2) == 3 * 3 * 2 * 5 * (10 + 3 * 10)
 
     gpt2 = read_config(config_file=_write(tmp_path / "gpt2", GPT2))  # fused c_attn: kernel and bias kept, c_proj's bias not
     d = GPT2["n_embd"]
     assert kept_parameters(abstract_model(gpt2).layout, base.options) == GPT2["n_layer"] * (d * 3 * d + 3 * d + d * d)
+
+
+def test_kernels_kept_as_token_factors_change_storage_step_and_work(tiny):
+    """At T = 4 the tiny model's attention kernels are kept as token factors (analyze's ``auto``
+    rule): the plan stores ``L · T · (d_in + d_out)`` numbers per kernel, compiles the step that
+    returns factors, and adds the work of forming the gradients wherever Phases 5 and 6 read them."""
+    seq, n = 4, 16
+    factored = plan(tiny, samples=n, seq_len=seq, device_memory_gb=80, throughput_tflops=1.0)
+    grads = plan(tiny, samples=n, seq_len=seq, device_memory_gb=80, throughput_tflops=1.0, sample_grads_form="gradients")
+    layout = abstract_model(tiny).layout
+    kernels = [p for p in kept_paths(layout, True) if layout.spec(p).kind == "kernel"]
+    assert kernels and set(factored.factored) == set(kernels) == set(factored.options.sample_grads_factors) and grads.factored == ()
+    shapes = [layout.spec(p).shape for p in kernels]
+    values = sum(L * seq * (d_in + d_out) for L, d_in, d_out in shapes)
+    others = factored.kept_parameters - sum(math.prod(s) for s in shapes)  # biases stay gradients
+    assert factored.kept_values == values + others < factored.kept_parameters == grads.kept_parameters == grads.kept_values
+    assert factored.storage_bytes == n * 2 * factored.kept_values * 4 and grads.storage_bytes == n * 2 * grads.kept_values * 4
+    assert factored.step != grads.step  # a different compiled step (factors out, no per-sample kernel gradients)
+
+    reform = sum(L * 2 * seq * d_in * d_out for L, d_in, d_out in shapes)  # one sample's factored kernels formed once
+    assert factored.phase5_reform_flops == conflict_sample_reads(n, 2, 2, None) * reform == 2 * n * reform
+    assert factored.phase6_reform_flops == qkov_sample_reads(n, 2, 8) * reform == 2 * (3 * n + (2 * 8 + n) + (2 * 8 + 8)) * reform
+    assert factored.phase5_flops - factored.phase5_reform_flops == grads.phase5_flops and grads.phase5_reform_flops == 0
+    assert factored.phase6_flops - factored.phase6_reform_flops == grads.phase6_flops and grads.phase6_reform_flops == 0
+    assert factored.phase5_bytes_read == 2 * n * factored.kept_values * 4
+    assert "token factors" in format_plan(factored) and "token factors" not in format_plan(grads)
+
+    true_fisher = default_options().replace(fisher_type="true")  # keeps C_i beside g_i: never factors
+    assert plan(tiny, samples=4, seq_len=seq, device_memory_gb=80, options=true_fisher, sample_grads_form="auto").factored == ()
+    with pytest.raises(ConfigError, match="--sample-grads-form"):
+        plan(tiny, samples=4, seq_len=seq, device_memory_gb=80, options=true_fisher, sample_grads_form="factors")
+    assert qkov_sample_reads(7, 2, 8) == 0  # below min_fisher_samples Phase 6 is skipped
 
 
 def test_bfloat16_storage_and_spilling_when_the_host_is_small(tiny, base):
