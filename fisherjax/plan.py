@@ -605,13 +605,13 @@ def format_plan(p: Plan) -> str:
         ("recommended storage", f"{p.storage_dtype}; " + (f"spill to disk (--spill-dir): a host holds {_bytes(p.safety * p.host_memory_bytes)} "
                                                           f"of {_bytes(p.host_memory_bytes)}" if p.spill
                                                           else f"fits host memory ({_bytes(p.host_memory_bytes)})")),
-        ("Phase 5 (conflicts)", f"{_scaled(p.phase5_flops, FLOPS)} ≈ {_duration(p.phase5_seconds)}; "
-                                f"reads {_bytes(p.phase5_bytes_read)} of kept gradients "
+        ("Phase 5 (conflicts)", f"{_scaled(p.phase5_flops, FLOPS)} ≈ {_duration(p.phase5_seconds)}"
+                                + (f" ({_scaled(p.phase5_reform_flops, FLOPS)} of it forming factored gradients)" if p.factored else "")
+                                + f"; reads {_bytes(p.phase5_bytes_read)} of kept gradients "
                                 + ("(by parameter slice: each task once per pair)" if p.phase5_chunk is None
                                    else f"(chunk size {p.phase5_chunk})")),
         ("Phase 6 (QK-OV)", f"{_scaled(p.phase6_flops, FLOPS)} ≈ {_duration(p.phase6_seconds)}"
-                            + (f" (forming factored gradients: {_scaled(p.phase5_reform_flops, FLOPS)} of Phase 5's, "
-                               f"{_scaled(p.phase6_reform_flops, FLOPS)} of Phase 6's)" if p.factored else "")),
+                            + (f" ({_scaled(p.phase6_reform_flops, FLOPS)} of it forming factored gradients, at least)" if p.factored else "")),
         ("throughput", f"{p.throughput_tflops:g} TFLOP/s per device{assumed}, over {p.devices} device(s), compute only"),
         ("measured / derived", "the Phase 1 step's memory is compiled"
                                + ("" if p.sharded_step or p.devices == 1 else " (single-device step: fewer devices than planned)")
