@@ -101,36 +101,24 @@ def _chunks(arrays):
             yield _ordered_keys(flat[start : start + POOLED_CHUNK])
 
 
-def pooled_quantiles(arrays, q) -> np.ndarray:
-    """``np.quantile(concatenate(arrays), q)`` (its default ``"linear"`` method, in float64) of
-    finite float32 values held in many arrays, without joining them: the model-sized float64 copy
-    (and the copy ``np.quantile`` partitions) a 7B model's per-parameter Fisher would need is never
-    made.
-
-    The order statistics ``x_(r)`` that the interpolation reads are found exactly by a radix
-    selection on the values' order-preserving 32-bit keys: one pass counts the keys' high 16 bits,
-    a second the low 16 bits of the keys in the bins that hold a wanted rank; a key is a value, so
-    no sort is needed. Then, as numpy does: ``h = (n − 1)·q``, ``x_(⌊h⌋) + (h − ⌊h⌋)
-    (x_(⌊h⌋+1) − x_(⌊h⌋))`` (from the upper neighbour when ``h − ⌊h⌋ ≥ ½``).
+def pooled_order_statistics(arrays, ranks) -> dict[int, float]:
+    """``{r: x_(r)}``: the ``r``-th smallest (0-based) of the finite float32 values held in many
+    arrays, as if they were joined, without joining them (:func:`pooled_quantiles`' selection: the
+    keys' high 16 bits counted in one pass, their low 16 bits inside the bins holding a wanted rank
+    in a second; a key is a value, so nothing is sorted). Values are returned as Python floats.
 
     Raises:
-      ValueError: no values, or a NaN or infinite one.
+      ValueError: no values, a NaN or infinite one, or a rank outside ``[0, n)``.
     """
-    q = np.asarray(q, np.float64)
     arrays = [a for a in arrays if np.size(a)]
     n = sum(int(np.size(a)) for a in arrays)
     if n == 0:
-        raise ValueError("pooled_quantiles: no values")
+        raise ValueError("pooled order statistics: no values")
     if not all(np.isfinite(a).all() for a in arrays):
-        raise ValueError("pooled_quantiles: values must be finite")
-    virtual = (n - 1) * q  # numpy's linear method, with its rounding
-    below = np.floor(virtual)
-    gamma = virtual - below
-    last = virtual >= n - 1  # numpy takes the largest value for both neighbours there
-    lower = np.where(last, n - 1, below).astype(np.int64)
-    upper = np.where(last, n - 1, below + 1).astype(np.int64)
-    ranks = np.unique(np.concatenate([lower, upper]))
-
+        raise ValueError("pooled order statistics: values must be finite")
+    ranks = np.unique(np.asarray(list(ranks), np.int64))
+    if len(ranks) and (ranks[0] < 0 or ranks[-1] >= n):
+        raise ValueError(f"pooled order statistics: ranks must lie in [0, {n}), got {ranks.tolist()}")
     high = np.zeros(1 << 16, np.int64)
     for keys in _chunks(arrays):
         high += np.bincount(keys >> 16, minlength=1 << 16)
@@ -147,8 +135,37 @@ def pooled_quantiles(arrays, q) -> np.ndarray:
         i = int(np.searchsorted(wanted, b))
         within = rank - (ends[b - 1] if b else 0)
         value[rank] = _key_value((b << 16) | int(np.searchsorted(np.cumsum(low[i]), within, side="right")))
+    return value
+
+
+def pooled_quantiles(arrays, q) -> np.ndarray:
+    """``np.quantile(concatenate(arrays), q)`` (its default ``"linear"`` method, in float64) of
+    finite float32 values held in many arrays, without joining them: the model-sized float64 copy
+    (and the copy ``np.quantile`` partitions) a 7B model's per-parameter Fisher would need is never
+    made.
+
+    The order statistics ``x_(r)`` that the interpolation reads are found exactly
+    (:func:`pooled_order_statistics`). Then, as numpy does: ``h = (n − 1)·q``, ``x_(⌊h⌋) + (h − ⌊h⌋)
+    (x_(⌊h⌋+1) − x_(⌊h⌋))`` (from the upper neighbour when ``h − ⌊h⌋ ≥ ½``).
+
+    Raises:
+      ValueError: no values, or a NaN or infinite one.
+    """
+    q = np.asarray(q, np.float64)
+    n = sum(int(np.size(a)) for a in arrays)
+    if n == 0:
+        raise ValueError("pooled_quantiles: no values")
+    virtual = (n - 1) * q  # numpy's linear method, with its rounding
+    below = np.floor(virtual)
+    gamma = virtual - below
+    last = virtual >= n - 1  # numpy takes the largest value for both neighbours there
+    lower = np.where(last, n - 1, below).astype(np.int64)
+    upper = np.where(last, n - 1, below + 1).astype(np.int64)
+    try:
+        value = pooled_order_statistics(arrays, np.concatenate([lower, upper]))
+    except ValueError as err:
+        raise ValueError(str(err).replace("pooled order statistics", "pooled_quantiles")) from None
     a = np.array([value[r] for r in lower.tolist()], np.float64)
     b = np.array([value[r] for r in upper.tolist()], np.float64)
     diff = b - a
     return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
-

@@ -269,6 +269,32 @@ def test_unstructured_mask_exact(layouts):
         masks.unstructured_mask(no_diag, layout, 0.5)
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_float32_diagonals_are_ranked_leaf_by_leaf_as_if_joined(layouts, scope, monkeypatch):
+    """A float32 diagonal (as collect stores it) is ranked without joining its leaves: the masks
+    equal keep_highest_each on the joined scores — ties at the threshold (values on a grid of
+    quarters, and zeros) pruned earliest first in leaf order — at every level, in either scope."""
+    layout = layouts["gpt2"]
+    base = random_fisher(layout, "a", 5)
+    diagonal = {p: (np.round(np.asarray(v) * 4) / 4).astype(np.float32) for p, v in base.diagonal.items()}
+    fisher = TaskFisher("a", base.group_fisher, base.group_sizes, n_samples=8, diagonal=diagonal)
+    paths = [p for p in layout.specs if p in diagonal]
+    joined = np.concatenate([diagonal[p].reshape(-1) for p in paths])
+    labels = (np.concatenate([np.repeat(ids, rows.shape[1]) for rows, ids in (layout.layer_rows(p, diagonal[p]) for p in paths)])
+              if scope == "layer" else np.zeros(len(joined), np.int8))
+    sparsities = (0.0, 0.3, 0.5, 0.9, 1.0)
+    want = masks.keep_highest_each(joined, labels, sparsities)
+    monkeypatch.setattr(masks, "keep_highest_each", lambda *a, **k: pytest.fail("the joined route was taken"))
+    got = masks.unstructured_masks(fisher, layout, sparsities, scope=scope)
+    for level, expected in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.concatenate([level.keep[p].reshape(-1) for p in paths]), expected)
+        np.testing.assert_array_equal(np.concatenate([np.asarray(flatten(level.tree)[p]).reshape(-1) for p in paths]), expected)
+    flat = TaskFisher("a", base.group_fisher, base.group_sizes, n_samples=8,
+                      diagonal={p: np.zeros(v.shape, np.float32) for p, v in diagonal.items()})
+    with pytest.raises(NumericalError, match="all equal"):
+        masks.unstructured_masks(flat, layout, (0.5,), scope=scope)
+
+
 def test_saliency_criterion(layouts):
     layout = layouts["llama"]
     fisher = random_fisher(layout, "a", 9)

@@ -5,7 +5,8 @@ ties at the threshold broken by position (the earlier of two equal scores goes f
 group loses exactly its count. Two implementations give the same masks: one stable sort by
 (group, score) for small inputs (many small groups: random draws × layers × heads), and one
 ``np.partition`` per group with every level's k for large ones (a diagonal of every parameter),
-which is O(n) instead of a sort.
+which is O(n) instead of a sort. A diagonal held in many float32 leaves is ranked without joining
+them (:func:`pruned_pieces`): the thresholds by an exact pooled selection, the ties walked in order.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from fisherjax.errors import ConfigError, NumericalError
+from fisherjax.stats import pooled_order_statistics
 
 SELECTION_ABOVE = 1 << 20
 """Scores above which :func:`keep_highest_each` selects per group instead of sorting."""
@@ -128,6 +130,48 @@ def pruned_by_selection(scores: np.ndarray, groups: np.ndarray, sparsities: tupl
             else:
                 pruned[level, index[below]] = True
     return pruned, ()
+
+
+def pruned_pieces(pieces: Sequence[np.ndarray], sparsities: Sequence[float], *, what: str = "scores") -> list[list[np.ndarray]]:
+    """``[level][piece]`` pruned flags of one group whose finite float32 scores are held in
+    ``pieces`` (1-D, in the group's order), at every sparsity — the flags :func:`keep_highest_each`
+    gives the joined scores (every score below the k-th smallest ``t`` pruned, and of those equal to
+    ``t`` the earliest), without joining them: ``t`` by :func:`~fisherjax.stats.pooled_order_statistics`,
+    the ties counted piece by piece. Memory: the flags and a piece's comparison.
+
+    Raises:
+      ConfigError: a sparsity outside ``[0, 1]``.
+      NumericalError: scores that are all equal, and some level must split them.
+    """
+    for sparsity in sparsities:
+        if not 0.0 <= sparsity <= 1.0:
+            raise ConfigError(f"sparsity must be in [0, 1], got {sparsity}")
+    size = sum(int(p.size) for p in pieces)
+    ks = [int(pruned_count(s, size)) for s in sparsities]
+    splits = [k for k in ks if 0 < k < size]
+    if splits:
+        present = [p for p in pieces if p.size]
+        lo, hi = min(float(p.min()) for p in present), max(float(p.max()) for p in present)
+        if lo == hi:
+            raise NumericalError(f"{what} are all equal ({np.float32(lo)}) within a group of {size}; "
+                                 f"pruning {splits[0]} of them would be arbitrary (an all-zero Fisher has no ranking)")
+    thresholds = {r: np.float32(v) for r, v in pooled_order_statistics(pieces, {k - 1 for k in splits}).items()} if splits else {}
+    levels = []
+    for k in ks:
+        if k in (0, size):
+            levels.append([np.full(p.shape, k == size) for p in pieces])
+            continue
+        t = thresholds[k - 1]
+        flags = [p < t for p in pieces]
+        need = k - sum(int(np.count_nonzero(f)) for f in flags)
+        for p, f in zip(pieces, flags):
+            if need <= 0:
+                break
+            ties = np.flatnonzero(p == t)[:need]
+            f[ties] = True
+            need -= len(ties)
+        levels.append(flags)
+    return levels
 
 
 def grouped_positions(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

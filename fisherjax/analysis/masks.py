@@ -51,6 +51,7 @@ import numpy as np
 from jaxtyping import Array, Bool, PyTree
 
 from fisherjax.analysis._ranking import keep_highest, keep_highest_each, keep_matrix, pruned_count  # noqa: F401 — the rule is part of masks' public face
+from fisherjax.analysis._ranking import pruned_pieces
 from fisherjax.analysis.importance import head_importance, spread_groups
 from fisherjax.settings import STATIC
 from fisherjax.errors import ConfigError, DataError
@@ -354,19 +355,41 @@ def unstructured_masks(fisher: TaskFisher, layout: ModelLayout, sparsities: Sequ
     for p, v in values.items():
         if v.shape != layout.spec(p).shape:
             raise DataError(f"task {fisher.task!r}: diagonal Fisher {p} has shape {v.shape}, the parameter {layout.spec(p).shape}")
-    flat_scores = np.concatenate([v.reshape(-1) for v in values.values()])
-    if scope == "layer":
-        groups = np.concatenate([np.repeat(ids, rows.shape[1]) for rows, ids in (layout.layer_rows(p, v) for p, v in values.items())])
-    else:
-        groups = np.zeros(len(flat_scores), np.int8)
-    keep_levels = keep_highest_each(flat_scores, groups, sparsities, what=f"task {fisher.task!r} diagonal Fisher")
-    del flat_scores, groups
-    sizes = np.cumsum([v.size for v in values.values()])[:-1]
-    out = []
-    for sparsity, keep_flat in zip(sparsities, keep_levels, strict=True):
-        keep = {p: k.reshape(values[p].shape) for p, k in zip(paths, np.split(keep_flat, sizes), strict=True)}
-        out.append(Mask(mask_tree(layout, "parameter", keep), "parameter", scope, float(sparsity), keep, values, fisher.task))
-    return tuple(out)
+    what = f"task {fisher.task!r} diagonal Fisher"
+    if all(v.dtype == np.float32 and np.isfinite(v).all() for v in values.values()):
+        levels = _keep_by_pieces(layout, values, sparsities, scope, what)
+    else:  # another dtype, or NaN / inf (named, or ranked where infinite): the joined route
+        flat_scores = np.concatenate([v.reshape(-1) for v in values.values()])
+        if scope == "layer":
+            groups = np.concatenate([np.repeat(ids, rows.shape[1]) for rows, ids in (layout.layer_rows(p, v) for p, v in values.items())])
+        else:
+            groups = np.zeros(len(flat_scores), np.int8)
+        keep_levels = keep_highest_each(flat_scores, groups, sparsities, what=what)
+        del flat_scores, groups
+        sizes = np.cumsum([v.size for v in values.values()])[:-1]
+        levels = [{p: k.reshape(values[p].shape) for p, k in zip(paths, np.split(keep_flat, sizes), strict=True)} for keep_flat in keep_levels]
+    return tuple(Mask(mask_tree(layout, "parameter", keep), "parameter", scope, float(sparsity), keep, values, fisher.task)
+                 for sparsity, keep in zip(sparsities, levels, strict=True))
+
+
+def _keep_by_pieces(layout: ModelLayout, values: Mapping[str, np.ndarray], sparsities: Sequence[float], scope: str, what: str):
+    """``[level] {path: keep}`` of :func:`unstructured_masks` from float32 leaves without joining
+    them (:func:`~fisherjax.analysis._ranking.pruned_pieces`): one group of every leaf's values in
+    leaf order (``global``), or one per layer of each leaf's rows in that layer, the non-layer
+    leaves one more (``layer``) — the groups and orders of the joined route."""
+    keep = [{p: np.ones(v.shape, bool) for p, v in values.items()} for _ in sparsities]
+    groups: dict[int, list[tuple[str, int, np.ndarray]]] = {}
+    for path, value in values.items():
+        rows, ids = layout.layer_rows(path, value) if scope == "layer" else (value.reshape(1, -1), np.zeros(1, np.int64))
+        for index, (row, group) in enumerate(zip(rows, ids.tolist(), strict=True)):
+            groups.setdefault(group, []).append((path, index, row))
+    for members in groups.values():
+        pruned = pruned_pieces([row for _, _, row in members], sparsities, what=what)
+        for level, flags in zip(keep, pruned, strict=True):
+            for (path, index, _), flag in zip(members, flags, strict=True):
+                rows = level[path].reshape(1, -1) if scope != "layer" else layout.layer_rows(path, level[path])[0]
+                rows[index] = ~flag
+    return keep
 
 
 def apply_mask(params: PyTree, mask: Mask | PyTree) -> PyTree:
