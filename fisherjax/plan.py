@@ -351,13 +351,18 @@ def qkov_sample_reads(n: int, tasks: int, min_samples: int) -> float:
     return float(tasks * (tasks - 1) * per_pair)
 
 
+def reference_grams(conflicts: ConflictOptions) -> int:
+    """Within-task Grams Phase 5 builds beside A × B: A × A and B × B for ``reference="both"``, else one."""
+    return {"both": 2}.get(conflicts.reference, 1)
+
+
 def conflict_slices(layout: ModelLayout, options: CollectOptions, n: int, conflicts: ConflictOptions) -> bool:
     """Whether Phase 5 reads the kept gradients a parameter slice at a time (with or without a
     mesh): its per-slice dot products of ``n`` samples a task fit the conflicts' memory budget
     (:func:`~fisherjax.analysis.conflicts.gram.slices_fit`; grouped: A × B, and the references in
     the per-group scope). Else it reads them in chunk pairs of samples."""
     shapes = {p: layout.spec(p).shape for p in kept_paths(layout, options.keep_sample_grads)}
-    entries = n * n * (int(conflicts.by_group) + (2 if conflicts.scope == "groups" else 0))
+    entries = n * n * (int(conflicts.by_group) + (reference_grams(conflicts) if conflicts.scope == "groups" else 0))
     return slice_dots_fit(shapes, grouping_for(shapes, layout), entries, conflicts.memory_budget_bytes)
 
 
@@ -490,7 +495,7 @@ def plan(
     data, m, mb, per_device_bytes = chosen
 
     conflicts = ConflictOptions()
-    references = {"both": 2}.get(conflicts.reference, 1)
+    references = reference_grams(conflicts)
     chunk = None if conflict_slices(layout, options, samples, conflicts) else conflict_chunk(samples, kept, conflicts.memory_budget_bytes)
     score = qkov.ScoreOptions()
     reform = reform_flops(layout, options, seq_len)
@@ -624,5 +629,5 @@ def format_plan(p: Plan) -> str:
 __all__ = [
     "Plan", "StepMemory", "abstract_model", "conflict_bytes_read", "conflict_chunk", "conflict_flops", "default_options",
     "conflict_sample_reads", "conflict_slices", "format_plan", "kept_parameters", "kept_storage_bytes", "kept_values", "model_axis_bytes",
-    "parameter_bytes", "plan", "qkov_flops", "qkov_sample_reads", "read_config", "reform_flops", "step_memory",
+    "parameter_bytes", "plan", "qkov_flops", "qkov_sample_reads", "read_config", "reference_grams", "reform_flops", "step_memory",
 ]

@@ -153,18 +153,13 @@ def pooled_quantiles(arrays, q) -> np.ndarray:
     """
     q = np.asarray(q, np.float64)
     n = sum(int(np.size(a)) for a in arrays)
-    if n == 0:
-        raise ValueError("pooled_quantiles: no values")
     virtual = (n - 1) * q  # numpy's linear method, with its rounding
     below = np.floor(virtual)
     gamma = virtual - below
     last = virtual >= n - 1  # numpy takes the largest value for both neighbours there
     lower = np.where(last, n - 1, below).astype(np.int64)
     upper = np.where(last, n - 1, below + 1).astype(np.int64)
-    try:
-        value = pooled_order_statistics(arrays, np.concatenate([lower, upper]))
-    except ValueError as err:
-        raise ValueError(str(err).replace("pooled order statistics", "pooled_quantiles")) from None
+    value = pooled_order_statistics(arrays, np.concatenate([lower, upper]))  # no values: raised there, before any rank
     a = np.array([value[r] for r in lower.tolist()], np.float64)
     b = np.array([value[r] for r in upper.tolist()], np.float64)
     diff = b - a

@@ -59,9 +59,7 @@ def keep_highest_each(
       ConfigError: a sparsity outside ``[0, 1]``.
       NumericalError: NaN scores, or scores that are all equal in a group that some level must split.
     """
-    for sparsity in sparsities:
-        if not 0.0 <= sparsity <= 1.0:
-            raise ConfigError(f"sparsity must be in [0, 1], got {sparsity}")
+    _check_sparsities(sparsities)
     scores = np.asarray(scores).reshape(-1)
     if scores.dtype not in (np.float32, np.float64):
         scores = scores.astype(np.float64)
@@ -71,12 +69,20 @@ def keep_highest_each(
     prune = pruned_by_sorting if len(scores) <= SELECTION_ABOVE else pruned_by_selection
     pruned, flat = prune(scores, groups, tuple(sparsities))
     if flat:
-        value, size, k = flat
-        raise NumericalError(
-            f"{what} are all equal ({value}) within a group of {size}; "
-            f"pruning {k} of them would be arbitrary (an all-zero Fisher has no ranking)"
-        )
+        raise _all_equal(what, *flat)
     return ~pruned
+
+
+def _check_sparsities(sparsities: Sequence[float]) -> None:
+    for sparsity in sparsities:
+        if not 0.0 <= sparsity <= 1.0:
+            raise ConfigError(f"sparsity must be in [0, 1], got {sparsity}")
+
+
+def _all_equal(what: str, value, size: int, k: int) -> NumericalError:
+    """The refusal to split a group of ``size`` equal scores ``value`` by pruning ``k`` of them."""
+    return NumericalError(f"{what} are all equal ({value}) within a group of {size}; "
+                          f"pruning {k} of them would be arbitrary (an all-zero Fisher has no ranking)")
 
 
 def pruned_by_sorting(scores: np.ndarray, groups: np.ndarray, sparsities: tuple[float, ...]):
@@ -143,9 +149,7 @@ def pruned_pieces(pieces: Sequence[np.ndarray], sparsities: Sequence[float], *, 
       ConfigError: a sparsity outside ``[0, 1]``.
       NumericalError: scores that are all equal, and some level must split them.
     """
-    for sparsity in sparsities:
-        if not 0.0 <= sparsity <= 1.0:
-            raise ConfigError(f"sparsity must be in [0, 1], got {sparsity}")
+    _check_sparsities(sparsities)
     size = sum(int(p.size) for p in pieces)
     ks = [int(pruned_count(s, size)) for s in sparsities]
     splits = [k for k in ks if 0 < k < size]
@@ -153,8 +157,7 @@ def pruned_pieces(pieces: Sequence[np.ndarray], sparsities: Sequence[float], *, 
         present = [p for p in pieces if p.size]
         lo, hi = min(float(p.min()) for p in present), max(float(p.max()) for p in present)
         if lo == hi:
-            raise NumericalError(f"{what} are all equal ({np.float32(lo)}) within a group of {size}; "
-                                 f"pruning {splits[0]} of them would be arbitrary (an all-zero Fisher has no ranking)")
+            raise _all_equal(what, np.float32(lo), size, splits[0])
     thresholds = {r: np.float32(v) for r, v in pooled_order_statistics(pieces, {k - 1 for k in splits}).items()} if splits else {}
     levels = []
     for k in ks:

@@ -377,18 +377,20 @@ def _keep_by_pieces(layout: ModelLayout, values: Mapping[str, np.ndarray], spars
     them (:func:`~fisherjax.analysis._ranking.pruned_pieces`): one group of every leaf's values in
     leaf order (``global``), or one per layer of each leaf's rows in that layer, the non-layer
     leaves one more (``layer``) — the groups and orders of the joined route."""
+    def rows_of(path, x):  # a leaf as rows that each lie in one group, and the rows' groups
+        return layout.layer_rows(path, x) if scope == "layer" else (x.reshape(1, -1), np.zeros(1, np.int64))
+
     keep = [{p: np.ones(v.shape, bool) for p, v in values.items()} for _ in sparsities]
     groups: dict[int, list[tuple[str, int, np.ndarray]]] = {}
     for path, value in values.items():
-        rows, ids = layout.layer_rows(path, value) if scope == "layer" else (value.reshape(1, -1), np.zeros(1, np.int64))
+        rows, ids = rows_of(path, value)
         for index, (row, group) in enumerate(zip(rows, ids.tolist(), strict=True)):
             groups.setdefault(group, []).append((path, index, row))
     for members in groups.values():
         pruned = pruned_pieces([row for _, _, row in members], sparsities, what=what)
         for level, flags in zip(keep, pruned, strict=True):
             for (path, index, _), flag in zip(members, flags, strict=True):
-                rows = level[path].reshape(1, -1) if scope != "layer" else layout.layer_rows(path, level[path])[0]
-                rows[index] = ~flag
+                rows_of(path, level[path])[0][index] = ~flag
     return keep
 
 

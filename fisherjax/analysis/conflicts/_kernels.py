@@ -97,6 +97,16 @@ def _slice_pair_dots(features_s, features_t, grouped: bool):
     return per_key if grouped else sum(d.sum(0) for d in per_key.values())
 
 
+def _slice_outputs(rows, inv_sqrt, views, pairs, columns=None):
+    """Flags and norms of the ``rows`` of every task, and every pair's dots of task ``s``'s rows
+    with all of task ``t``: ``t``'s features from ``columns`` when given (a mesh's replicated
+    slice), else from ``rows`` themselves."""
+    bad, features = zip(*(_slice_features(x, inv_sqrt, views) for x in rows))
+    whole = features if columns is None else {t: _slice_features(columns[t], inv_sqrt, views)[1] for t in {t for _, t, _ in pairs}}
+    norms = tuple({k: jnp.sum(jnp.square(f), -1) for k, f in feats.items()} for feats in features)
+    return bad, norms, tuple(_slice_pair_dots(features[s], whole[t], grouped) for s, t, grouped in pairs)
+
+
 @functools.partial(jax.jit, static_argnames=("views", "pairs"))
 def slice_dots(parts, inv_sqrt, views, pairs):
     """Dot products of one parameter slice, for several tasks and task pairs at once.
@@ -110,9 +120,7 @@ def slice_dots(parts, inv_sqrt, views, pairs):
     and per pair ``X_s X_tᵀ`` per group ``{key: [G_leaf, n_s, n_t]}`` when ``grouped``, else its sum
     over groups and keys ``[n_s, n_t]``.
     """
-    bad, features = zip(*(_slice_features(x, inv_sqrt, views) for x in parts))
-    norms = tuple({k: jnp.sum(jnp.square(f), -1) for k, f in feats.items()} for feats in features)
-    return bad, norms, tuple(_slice_pair_dots(features[s], features[t], grouped) for s, t, grouped in pairs)
+    return _slice_outputs(parts, inv_sqrt, views, pairs)
 
 
 @functools.lru_cache(maxsize=64)
@@ -123,13 +131,9 @@ def sharded_slice_dots(mesh: Mesh, views, pairs, n_tasks: int):
     norms and dot products stay split along the rows (``[n_s]``, ``{key: [G_leaf, n_s]}``, per pair
     ``{key: [G_leaf, n_s, n_t]}`` or ``[n_s, n_t]``) until they are read. Jitted once per mesh,
     slice views and pairs; a ``"model"`` axis replicates the work."""
-    used = sorted({t for _, t, _ in pairs})
 
     def local(rows, columns, inv_sqrt):
-        bad, features = zip(*(_slice_features(x, inv_sqrt, views) for x in rows))
-        whole = {t: _slice_features(columns[t], inv_sqrt, views)[1] for t in used}
-        norms = tuple({k: jnp.sum(jnp.square(f), -1) for k, f in feats.items()} for feats in features)
-        return bad, norms, tuple(_slice_pair_dots(features[s], whole[t], grouped) for s, t, grouped in pairs)
+        return _slice_outputs(rows, inv_sqrt, views, pairs, columns)
 
     keys = tuple(v.key for v in views)
     tasks = range(n_tasks)

@@ -74,6 +74,7 @@ __all__ = [
     "inverse_sqrt",
     "layer_major",
     "leaf_groups",
+    "least_slice_groups",
     "pairwise_cosines",
     "parameter_slices",
     "slice_dots_fit",
@@ -373,7 +374,7 @@ def parameter_slices(
             continue
         if by_layer:
             per_layer = size // shape[0]
-            layer_dots = leaf_groups(grouping, path) // shape[0] * dot_bytes_per_group
+            layer_dots = least_slice_groups(grouping, path, shape) * dot_bytes_per_group
             layers_by_dots = shape[0] if layer_dots <= 0 or math.isinf(dots_budget_bytes) else int(dots_budget_bytes // layer_dots)
             if per_layer <= most:  # whole layers
                 step = _even_step(shape[0], min(most // per_layer, max(layers_by_dots, 1)))
@@ -416,6 +417,12 @@ def leaf_groups(grouping: Grouping, path: str) -> int:
     return sum(len(grouping.members[v.key]) for v in grouping.views_of(path))
 
 
+def least_slice_groups(grouping: Grouping, path: str, shape: tuple[int, ...]) -> int:
+    """The fewest groups a slice of leaf ``path`` holds: one layer's of a layer-major leaf
+    (:func:`layer_major`), all of any other leaf's."""
+    return leaf_groups(grouping, path) // (shape[0] if layer_major(grouping.views_of(path), shape) else 1)
+
+
 def grouped_pair_entries(streams: Mapping[str, Stream], pairs) -> int:
     """``Σ n_x · n_y`` over the grouped pairs: the float32 dot products a slice holds per group."""
     return sum(streams[x].size * streams[y].size for x, y, grouped in pairs if grouped)
@@ -436,8 +443,7 @@ def slice_dots_fit(shapes: Mapping[str, tuple[int, ...]], grouping: Grouping, en
     """Whether ``4 · G_s · entries`` bytes fit ``budget_bytes`` for the fewest groups ``G_s`` a
     slice of each leaf of ``shapes`` can hold (:func:`slices_fit`; ``entries``:
     :func:`grouped_pair_entries`)."""
-    least = max((leaf_groups(grouping, p) // (shape[0] if layer_major(grouping.views_of(p), shape) else 1)
-                 for p, shape in shapes.items()), default=0)
+    least = max((least_slice_groups(grouping, p, shape) for p, shape in shapes.items()), default=0)
     return 4 * least * entries <= budget_bytes
 
 
