@@ -27,11 +27,7 @@ def _random_factors(seed=0, n=5, layers=3, seq=7, d_in=4, d_out=6):
     return FactoredGrads(a, d), np.einsum("nltr,nltc->nlrc", a.astype(np.float64), d.astype(np.float64))
 
 
-@pytest.mark.parametrize("widened_bytes", [64e6, 500])  # all pieces widened at once, or one at a time
-def test_reads_form_exactly_the_gradients_asked_for(widened_bytes, monkeypatch):
-    from fisherjax.fisher import factored
-
-    monkeypatch.setattr(factored, "WIDENED_BYTES", widened_bytes)
+def test_reads_form_exactly_the_gradients_asked_for():
     g, dense = _random_factors()
     assert g.shape == dense.shape and g.ndim == 4 and len(g) == 5 and g.dtype == np.float32
     assert g.stored_nbytes == 4 * 5 * 3 * 7 * (4 + 6) and g.nbytes == 4 * dense.size
@@ -44,6 +40,12 @@ def test_reads_form_exactly_the_gradients_asked_for(widened_bytes, monkeypatch):
     for key in keys:
         np.testing.assert_allclose(g[key], dense[key], rtol=1e-5, atol=1e-5, err_msg=repr(key))
         assert g[key].shape == dense[key].shape, key
+        on_device = g.on_device(key)  # formed on the device, where the pair phases read it
+        assert isinstance(on_device, jax.Array) and on_device.dtype == np.float32 and on_device.shape == dense[key].shape, key
+        np.testing.assert_allclose(np.asarray(on_device), dense[key], rtol=1e-5, atol=1e-5, err_msg=repr(key))
+    read = g[1]
+    with pytest.raises(ValueError, match="read-only"):  # a read is the device's result, not a buffer to write in
+        read[0] = 0.0
     np.testing.assert_allclose(np.asarray(g), dense, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(g.take_rows(samples)[:, 1], dense[samples, 1], rtol=1e-5, atol=1e-5)
     assert isinstance(g.take_rows(slice(1, 3)), FactoredGrads)
@@ -55,6 +57,23 @@ def test_reads_form_exactly_the_gradients_asked_for(widened_bytes, monkeypatch):
         g[0, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="different samples or positions"):
         FactoredGrads(np.zeros((2, 3, 4)), np.zeros((2, 4, 4)))
+
+
+@pytest.mark.parametrize("factor_bytes", [256e6, 900])  # every sample in one group, or two per group (the last padded)
+def test_weighted_square_mean_sums_the_formed_squares(factor_bytes, monkeypatch):
+    from fisherjax.fisher import factored
+
+    monkeypatch.setattr(factored, "FACTOR_BYTES", factor_bytes)  # a sample's factors: 3 · 7 · 10 · 2 = 420 bytes
+    g, _ = _random_factors()
+    g = FactoredGrads(g.inputs.astype(jax.numpy.bfloat16), g.deltas.astype(jax.numpy.bfloat16))  # as analyze keeps them
+    dense = np.einsum("nltr,nltc->nlrc", g.inputs.astype(np.float64), g.deltas.astype(np.float64))
+    weights = np.array([0.5, 2.0, 1.0, 0.25, 3.0])
+    for rows in (None, np.array([4, 1, 3]), np.array([2])):
+        picked = np.arange(5) if rows is None else rows
+        expected = np.mean(weights[picked, None, None, None] * dense[picked] ** 2, axis=0)
+        got = g.weighted_square_mean(weights, rows)
+        assert got.dtype == np.float32 and got.shape == dense.shape[1:]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=repr(rows))
 
 
 def test_factors_where_they_are_smaller():

@@ -64,6 +64,7 @@ from jaxtyping import Array, Float, Int
 
 from fisherjax.analysis.qkov import _operands
 from fisherjax.errors import ConfigError, DataError
+from fisherjax.fisher.factored import read_on_device
 from fisherjax.fisher.state import SampleGrads, TaskFisher, sample_grads_of
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 from fisherjax.settings import STATIC
@@ -219,9 +220,9 @@ def _piece(store: Mapping[str, np.ndarray], layout: ModelLayout, leaf: Leaf, lay
     (a plain slice of the stored array; per-layer leaves stacked on the device)."""
     spec = layout.spec(leaf.key)
     cut = (Ellipsis,) if spec.kind == "bias" else (Ellipsis, slice(*rows)) if spec.role.value == "o" else (Ellipsis, slice(*rows), slice(None))
-    if spec.layered:  # one read: a store formed on read (FactoredGrads) forms just this piece
-        return jax.device_put(store[leaf.key][(slice(None), layers, *cut)])
-    return layout.stack_layers(list(leaf.paths[layers]), lambda p: jax.device_put(store[p][cut]), axis=1)
+    if spec.layered:  # one read: kept token factors (FactoredGrads) form just this piece, on the device
+        return read_on_device(store[leaf.key], (slice(None), layers, *cut))
+    return layout.stack_layers(list(leaf.paths[layers]), lambda p: read_on_device(store[p], cut), axis=1)
 
 
 # ---------------------------------------------------------------------------------------------

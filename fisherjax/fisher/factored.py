@@ -13,20 +13,35 @@ its output projection; at 128 positions their factors are a quarter and a third 
 :class:`FactoredGrads` is what Phases 5 and 6 see in ``SampleGrads.grads``: a read-only array of
 shape ``[n, *lead, d_in, d_out]`` (``lead``: the layer axis of a stacked kernel) whose every read
 (``x[samples, layers]``, ``x[i]``, ``x[..., rows, :]``) forms just the gradients asked for, in float32,
-with one batched matmul (numpy's BLAS) over the selected factors. The whole array never exists
-unless it is asked for (``np.asarray``).
+with one batched matmul over the selected factors. The whole array never exists unless it is asked
+for (``np.asarray``).
+
+Where they are formed. On the default device, by XLA (:func:`form`): only the selected factors
+(a quarter to a third of the gradients' bytes at GPT-2 small's 128 positions, in their stored dtype)
+travel there, and a phase that computes on the device takes the formed gradients where they are
+(:func:`read_on_device`) — on a GPU, forming on the host would put Phase 6's largest work (most of
+its flops at 7B, ``fisherjax plan``) on the CPU and send every formed gradient over the bus. A host
+read (``x[key]``) is the device's result as a read-only numpy array (on a CPU, the same memory). On
+a CPU, XLA's formation is also the steadier one: numpy's BLAS wrote into fresh arrays that numpy
+backs with transparent huge pages, whose allocation stalled for seconds at a time on a busy Linux
+host (docs/DECISIONS.md). The diagonal Fisher of the kept samples, ``mean_i w_i g_i²``, is summed
+on the device sample by sample (:meth:`FactoredGrads.weighted_square_mean`), one formed sample
+alive at a time.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Float
+from jaxtyping import Array, Float
 
 
-WIDENED_BYTES = 64e6
-"""A read widens its factors to float32 in groups of (sample, layer) pieces of at most this many
-bytes, so reading a slice of every sample holds one group's copy, not a float32 copy of them all."""
+FACTOR_BYTES = 256e6
+""":meth:`FactoredGrads.weighted_square_mean` moves the selected samples' factors to the device in
+groups of at most this many bytes (at least one sample each)."""
 
 
 def factors_are_smaller(seq: int, d_in: int, d_out: int) -> bool:
@@ -71,6 +86,28 @@ def _last_axis(x: np.ndarray, index) -> tuple[np.ndarray, bool]:
     if isinstance(index, (int, np.integer)):
         return x[..., int(index) : int(index) + 1 or None], True
     return x[..., index], False
+
+
+@functools.partial(jax.jit, static_argnames="shape")
+def form(inputs: Float[Array, "m seq d_in"], deltas: Float[Array, "m seq d_out"], shape: tuple[int, ...]) -> Float[Array, "..."]:
+    """``g_m = A_mᵀ Δ_m`` (``[m, d_in, d_out]`` float32, reshaped to ``shape``) for each of the ``m``
+    selected (sample, lead) pieces: products of the stored dtype's values accumulated in float32
+    (exact products for bfloat16 and float16 factors; float32 factors at full float32 precision, not
+    a GPU's TF32)."""
+    g = jnp.einsum("mti,mto->mio", inputs, deltas, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+    return g.reshape(shape)
+
+
+@jax.jit
+def _add_weighted_squares(total: Float[Array, "*lead d_in d_out"], inputs: Float[Array, "c *lead seq d_in"],
+                          deltas: Float[Array, "c *lead seq d_out"], weights: Float[Array, " c"]) -> Float[Array, "*lead d_in d_out"]:
+    """``total + Σ_c w_c g_c²`` with ``g_c = A_cᵀ Δ_c`` formed one sample at a time (a scan)."""
+    def one(acc, xs):
+        a, d, w = xs
+        g = jnp.einsum("...ti,...to->...io", a, d, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+        return acc + w * jnp.square(g), None
+
+    return jax.lax.scan(one, total, (inputs, deltas, weights))[0]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -120,20 +157,42 @@ class FactoredGrads:
     def __repr__(self) -> str:
         return f"FactoredGrads(shape={self.shape}, positions={self.inputs.shape[-2]}, factors {self.inputs.dtype})"
 
-    def __getitem__(self, key) -> np.ndarray:
-        """The gradients at ``key`` (numpy indexing over ``[n, *lead, d_in, d_out]``; index arrays
-        on the leading axes or on the kernel axes), formed in float32."""
+    def _selected(self, key) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+        """The factors ``key`` selects, as ``[m, T, d_in]`` and ``[m, T, d_out]`` host arrays, and
+        the shape of the gradients they form."""
         lead, rows, cols = _split_key(key, self.ndim)
         a, squeeze_rows = _last_axis(self.inputs[lead + (Ellipsis,)], rows)
         d, squeeze_cols = _last_axis(self.deltas[lead + (Ellipsis,)], cols)
         shape = a.shape[:-2] + (() if squeeze_rows else a.shape[-1:]) + (() if squeeze_cols else d.shape[-1:])
-        a, d = a.reshape(-1, *a.shape[-2:]), d.reshape(-1, *d.shape[-2:])
-        out = np.empty((len(a), a.shape[-1], d.shape[-1]), np.float32)
-        step = max(1, int(WIDENED_BYTES // max(4 * (a[0].size + d[0].size), 1)))
-        for i in range(0, len(a), step):  # float32 copies of a few factors at a time, not of all of them
-            np.matmul(np.swapaxes(a[i : i + step].astype(np.float32, copy=False), -1, -2), d[i : i + step].astype(np.float32, copy=False),
-                      out=out[i : i + step])
-        return out.reshape(shape)
+        return a.reshape(-1, *a.shape[-2:]), d.reshape(-1, *d.shape[-2:]), shape
+
+    def on_device(self, key=()) -> Float[Array, "..."]:
+        """The gradients at ``key`` (numpy indexing over ``[n, *lead, d_in, d_out]``; index arrays
+        on the leading axes or on the kernel axes), formed in float32 on the default device."""
+        a, d, shape = self._selected(key)
+        return form(jax.device_put(a), jax.device_put(d), shape)
+
+    def __getitem__(self, key) -> np.ndarray:
+        """:meth:`on_device`'s gradients at ``key`` as a read-only numpy array."""
+        return np.asarray(self.on_device(key))
+
+    def weighted_square_mean(self, weights: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """``(1/|R|) Σ_{i∈R} w_i g_i²`` over the samples ``rows`` (None: all), ``[*lead, d_in,
+        d_out]`` float32: summed on the device, one formed sample at a time, the factors moved in
+        groups of :data:`FACTOR_BYTES`."""
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows, np.int64)
+        weights = np.asarray(weights, np.float32)
+        per_sample = int(np.prod(self.inputs.shape[1:])) * self.inputs.itemsize + int(np.prod(self.deltas.shape[1:])) * self.deltas.itemsize
+        step = max(1, min(len(rows), int(FACTOR_BYTES // max(per_sample, 1))))
+        total = jnp.zeros(self.shape[1:], jnp.float32)
+        for start in range(0, len(rows), step):
+            index = rows[start : start + step]
+            w = weights[index]
+            if len(index) < step:  # the last group padded with weight-0 repeats: one shape, one compilation
+                w = np.concatenate([w, np.zeros(step - len(index), np.float32)])
+                index = np.concatenate([index, np.full(step - len(index), index[-1])])
+            total = _add_weighted_squares(total, jax.device_put(self.inputs[index]), jax.device_put(self.deltas[index]), jnp.asarray(w))
+        return np.asarray(total) / np.float32(max(len(rows), 1))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[...]
@@ -149,3 +208,9 @@ class FactoredGrads:
     def take_rows(self, index) -> FactoredGrads:
         """The samples at ``index`` (an int array or a slice), still as factors."""
         return FactoredGrads(self.inputs[index], self.deltas[index])
+
+
+def read_on_device(leaf, key, may_alias: bool | None = None) -> Array:
+    """``leaf[key]`` on the default device: formed there for :class:`FactoredGrads` (only the
+    factors travel), moved there for an array (``may_alias``: :func:`jax.device_put`'s)."""
+    return leaf.on_device(key) if isinstance(leaf, FactoredGrads) else jax.device_put(leaf[key], may_alias=may_alias)

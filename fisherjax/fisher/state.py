@@ -173,7 +173,8 @@ class SampleGrads:
                 return {p: np.mean(self.stored_contributions[p], axis=0, dtype=np.float32) for p in paths}
             return {p: _weighted_row_mean(self.stored_contributions[p], np.ones(len(self)), rows, square=False) for p in paths}
         inv_tokens = self.contributions.inv_tokens
-        return {p: _weighted_row_mean(self.grads[p], inv_tokens, rows) for p in paths}
+        return {p: g.weighted_square_mean(inv_tokens, rows) if isinstance(g := self.grads[p], FactoredGrads) else _weighted_row_mean(g, inv_tokens, rows)
+                for p in paths}
 
 
 @jax.tree_util.register_dataclass

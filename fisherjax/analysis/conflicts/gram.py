@@ -58,6 +58,7 @@ from fisherjax.analysis.conflicts.sources import (
     FeatureView, GroupIndex, Grouping, Source, Stream, as_stream, check_same_parameters, grouping_for,
 )
 from fisherjax.errors import ConfigError, DataError, NumericalError
+from fisherjax.fisher.factored import FactoredGrads
 from fisherjax.layout import ModelLayout
 from fisherjax.progressbar import progress_bar
 from fisherjax.sharding import check_mesh, data_size, pad_rows, put_replicated, shard_rows, to_host
@@ -322,7 +323,7 @@ class ParameterSlice:
             index[int(batched)] = slice(*self.layers)
         if self.axis is not None:
             index[int(batched) + self.axis] = slice(self.start, self.stop)
-        part = array[tuple(index)]
+        part = array.on_device(tuple(index)) if isinstance(array, FactoredGrads) else array[tuple(index)]  # factors: formed on the device
         return np.ascontiguousarray(part) if isinstance(part, np.ndarray) else part
 
     def groups(self, members: np.ndarray, n_layers: int) -> np.ndarray:

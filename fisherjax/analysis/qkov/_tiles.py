@@ -37,6 +37,7 @@ from fisherjax.analysis.qkov._prepare import Prepared
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 from fisherjax.progressbar import progress_bar
+from fisherjax.fisher.factored import read_on_device
 from fisherjax.sharding import DATA, data_size, put_replicated, shard_rows
 
 
@@ -74,11 +75,11 @@ def _is_run(index: np.ndarray) -> bool:
     return bool(len(index)) and bool(np.all(np.diff(index) == 1))
 
 
-def _take(x, samples: np.ndarray, layers: np.ndarray):
-    """``x[samples][:, layers]``, as a plain slice (no gather) when both index runs are contiguous."""
+def _rows_and_layers(samples: np.ndarray, layers: np.ndarray) -> tuple:
+    """The index of ``x[samples][:, layers]``: plain slices (no gather) when both index runs are contiguous."""
     if _is_run(samples) and _is_run(layers):
-        return x[samples[0] : samples[-1] + 1, layers[0] : layers[-1] + 1]
-    return x[samples[:, None], layers[None, :]]
+        return slice(samples[0], samples[-1] + 1), slice(layers[0], layers[-1] + 1)
+    return samples[:, None], layers[None, :]
 
 
 def _chunk_index(start: int, size: int, n: int) -> np.ndarray:
@@ -93,16 +94,17 @@ def device_leaves(
     """``{leaf key: [c, layer, *shape]}`` on the device for the selected samples and layers.
 
     Contiguous runs are moved as plain slices of the stored arrays (no host gather) and used in
-    place where the backend allows (:func:`in_place`); per-layer leaves are stacked on the device
+    place where the backend allows (:func:`in_place`); kept token factors are formed on the device
+    (:func:`~fisherjax.fisher.factored.read_on_device`); per-layer leaves are stacked on the device
     (:meth:`ModelLayout.stack_layers`).
     """
     out = {}
     rows = slice(samples[0], samples[-1] + 1) if _is_run(samples) else samples
     for key, paths in sources.items():
         if layout.spec(key).layered:
-            out[key] = jax.device_put(_take(store[key], samples, layers), may_alias=True)
+            out[key] = read_on_device(store[key], _rows_and_layers(samples, layers), may_alias=True)
         else:
-            out[key] = layout.stack_layers([paths[layer] for layer in layers], lambda p: jnp.asarray(store[p][rows]), axis=1)
+            out[key] = layout.stack_layers([paths[layer] for layer in layers], lambda p: read_on_device(store[p], rows), axis=1)
     return out
 
 
@@ -305,7 +307,7 @@ def host_leaves(
     out = {}
     for key, paths in sources.items():
         if layout.spec(key).layered:
-            value = _take(store[key], rows, layers)
+            value = store[key][_rows_and_layers(rows, layers)]
         else:
             value = np.stack([np.asarray(store[paths[layer]])[rows] for layer in layers], axis=1)
         padded = np.zeros((len(positions),) + value.shape[1:], value.dtype)
