@@ -6,7 +6,9 @@ On a GPT-2-small-shaped model with random weights (fisherjax's own initialisatio
   (a) plain batched ``jax.grad`` of the summed token loss at T = 128 — the unit;
   (b) ``kfac.kfac_factors`` of one batch (factor collection);
   (c) one empirical Fisher-vector product of one batch (``fisher_operator(...).matvec``);
-  interleaved round by round, medians reported as ratios to (a);
+  interleaved round by round, medians reported as ratios to (a); with ``--factor-precision P,Q``
+  (b) at each of those precisions of the factor sums (``kfac.FACTOR_PRECISIONS``), each also with
+  its factors' largest error against ``highest``'s, relative to that factor's largest entry;
   (d) Lanczos top-k on a smaller model of the same family (``--lanczos-shape``; a whole-model
       Lanczos basis of GPT-2 small holds 60 × 124 M floats, more than this machine has): the
       products it takes, and the Ritz residuals ``‖F y − θ y‖ / θ`` of the top k;
@@ -14,7 +16,8 @@ On a GPT-2-small-shaped model with random weights (fisherjax's own initialisatio
       ``qkov.heatmap`` of the same samples against themselves (both read the kept gradients,
       collected at T = ``--kept-seq``: neither depends on T).
 
-Usage: python benchmarks/curvature.py [--rounds 3] [--samples 128] [--skip-blocks] [--json FILE]
+Usage: python benchmarks/curvature.py [--rounds 3] [--samples 128] [--skip-blocks] [--factor-precision highest,bfloat16_3x]
+       [--json FILE]
 """
 
 from __future__ import annotations
@@ -60,14 +63,26 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def unit_ratios(model, batch, rounds: int) -> dict:
-    """(a), (b), (c) interleaved: each round times one call of each, after one warm-up call."""
+def factor_error(factors, reference) -> float:
+    """The largest ``max|F − F_ref| / max|F_ref|`` over every factor (``A`` and ``G``) of every site."""
+    worst = 0.0
+    for key, ref in reference.factors.items():
+        for mine, theirs in ((factors.factors[key].inputs, ref.inputs), (factors.factors[key].outputs, ref.outputs)):
+            theirs = np.asarray(theirs, np.float64)
+            worst = max(worst, float(np.abs(np.asarray(mine, np.float64) - theirs).max() / max(np.abs(theirs).max(), 1e-30)))
+    return worst
+
+
+def unit_ratios(model, batch, rounds: int, precisions: tuple[str, ...] = ("highest",)) -> dict:
+    """(a), (b) at each of ``precisions``, (c) interleaved: each round times one call of each, after
+    one warm-up call."""
     grad = jax.jit(jax.grad(lambda p, i, m, y: sample_losses(model, p, i, m, y)[0].sum()))
     operator = products.fisher_operator(model, model.params, [batch])
     v = jax.random.normal(jax.random.key(0), (operator.size,), jnp.float32)
+    name_of = {p: "kfac_factors" if p == "highest" else f"kfac_factors[{p}]" for p in precisions}
     calls = {
         "grad": lambda: grad(model.params, batch.input_ids, batch.attention_mask, batch.labels),
-        "kfac_factors": lambda: kfac.kfac_factors(model, model.params, [batch]),
+        **{name_of[p]: (lambda p=p: kfac.kfac_factors(model, model.params, [batch], precision=p)) for p in precisions},
         "fisher_vector_product": lambda: operator.matvec(v),
     }
     for fn in calls.values():
@@ -77,9 +92,13 @@ def unit_ratios(model, batch, rounds: int) -> dict:
         for name, fn in calls.items():
             times[name].append(seconds(fn))
     med = {name: statistics.median(t) for name, t in times.items()}
-    return {"seconds": med, "rounds": rounds,
-            "kfac_throughput_vs_grad": med["grad"] / med["kfac_factors"],
-            "fvp_cost_vs_grad": med["fisher_vector_product"] / med["grad"]}
+    out = {"seconds": med, "rounds": rounds, "fvp_cost_vs_grad": med["fisher_vector_product"] / med["grad"]}
+    reference = kfac.kfac_factors(model, model.params, [batch]) if len(precisions) > 1 else None
+    for p in precisions:
+        out["kfac_throughput_vs_grad" + ("" if p == "highest" else f"[{p}]")] = med["grad"] / med[name_of[p]]
+        if reference is not None and p != "highest":
+            out[f"kfac_factor_error[{p}]"] = factor_error(kfac.kfac_factors(model, model.params, [batch], precision=p), reference)
+    return out
 
 
 def lanczos_convergence(shape: dict, samples: int, seq: int, k: int, steps: int) -> dict:
@@ -118,6 +137,8 @@ def main() -> None:
     parser.add_argument("--lanczos-samples", type=int, default=128, help="more than the 60 steps, so F's rank does not end Lanczos early")
     parser.add_argument("--skip-blocks", action="store_true")
     parser.add_argument("--only", choices=("units", "lanczos", "blocks"), help="run one part")
+    parser.add_argument("--factor-precision", default="highest",
+                        help=f"comma-separated precisions of the K-FAC factor sums to time in (b), of {kfac.FACTOR_PRECISIONS}")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
 
@@ -126,7 +147,8 @@ def main() -> None:
     model = Model.init(gpt2_config(), seed=0)
     if args.only in (None, "units"):
         batch = random_batches(1, args.batch, args.seq, model.config.vocab_size)[0]
-        out["units"] = unit_ratios(model, batch, args.rounds)
+        precisions = tuple(dict.fromkeys(["highest", *args.factor_precision.split(",")]))
+        out["units"] = unit_ratios(model, batch, args.rounds, precisions)
         print(json.dumps(out["units"], indent=1), flush=True)
     if args.only in (None, "lanczos"):
         layers, width, heads, vocab = (int(x) for x in args.lanczos_shape.split(","))

@@ -19,7 +19,7 @@ run_part() {  # run_part NAME SECONDS
     phase6) timeout "$limit" python3 benchmarks/phase6.py --config gpt2-small --memory-budget 24e9 --split-k 32 \
               --pallas-split-k 8,32 --layer-chunk 12 --loop-samples 2 --repeats 2 ;;
     curvature) timeout "$limit" python3 benchmarks/curvature.py --rounds 3 --batch 16 --lanczos-shape 12,768,12,50257 \
-              --json "$OUT/curvature.json" ;;
+              --factor-precision highest,bfloat16_3x,tensorfloat32 --json "$OUT/curvature.json" ;;
     e2e) timeout "$limit" python3 benchmarks/end_to_end.py --shape small --samples 64 --torch-device cuda --json "$OUT/e2e.json" ;;
     e2e32) timeout "$limit" python3 benchmarks/end_to_end.py --shape small --samples 32 --torch-device cuda --keep \
               --json "$OUT/e2e32.json"

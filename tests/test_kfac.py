@@ -550,3 +550,29 @@ def test_wide_factors_multiply_only_the_blocks_above_the_diagonal():
         found = np.asarray(weighted_gram(jnp.asarray(x), jnp.asarray(w)), np.float64)
         assert found.shape == (2, d, d)
         np.testing.assert_allclose(found, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_factor_precision_is_an_option_of_the_factor_sums():
+    """``kfac_factors(precision=...)`` reaches every factor GEMM (the wide, blocked ones too): on a
+    CPU every precision it takes computes in float32, so the factors are the same; TF32, which
+    XLA:CPU lacks, and an unknown name are refused with the option named."""
+    from fisherjax.curvature.kfac import FACTOR_PRECISIONS, weighted_gram
+
+    model = _small_model("gpt2")
+    batch = _batch(3, [7, 9, 5])
+    reference = K.kfac_factors(model, model.params, [batch])
+    for precision in FACTOR_PRECISIONS:
+        if precision == "tensorfloat32":
+            with pytest.raises(ConfigError, match="'tensorfloat32' needs a GPU"):
+                K.kfac_factors(model, model.params, [batch], precision=precision)
+            continue
+        factors = K.kfac_factors(model, model.params, [batch], precision=precision)
+        for key, f in reference.factors.items():
+            np.testing.assert_allclose(factors.factors[key].inputs, f.inputs, rtol=1e-6, atol=1e-7, err_msg=f"{precision} {key}")
+            np.testing.assert_allclose(factors.factors[key].outputs, f.outputs, rtol=1e-6, atol=1e-7, err_msg=f"{precision} {key}")
+    x = np.random.default_rng(0).standard_normal((1, 2, 3, 800)).astype(np.float32)  # cut into blocks
+    w = np.ones((2, 3), np.float32)
+    np.testing.assert_allclose(weighted_gram(jnp.asarray(x), jnp.asarray(w), "bfloat16_3x"), weighted_gram(jnp.asarray(x), jnp.asarray(w)),
+                               rtol=1e-6, atol=1e-5)
+    with pytest.raises(ConfigError, match="kfac precision must be one of"):
+        K.kfac_factors(model, model.params, [batch], precision="fp8")

@@ -40,7 +40,11 @@ In the Kronecker eigenbasis (``A = U_A diag(s_A) U_Aᵀ``, ``G = U_G diag(s_G) U
 and EK-FAC (George et al. 2018) replaces ``s_A s_Gᵀ`` by the exact diagonal of ``F`` in that basis,
 ``S = (1/n) Σ_i (U_Aᵀ g_i U_G)² / T_i`` (:func:`refit_eigenvalues`).
 
-Every contraction runs at ``Precision.HIGHEST`` (float32 products, not TF32/bf16 passes on GPUs).
+Every contraction runs at ``Precision.HIGHEST`` (float32 products, not TF32/bf16 passes on GPUs),
+except the factors' own sums when :func:`kfac_factors` is given another ``precision`` (one of
+:data:`FACTOR_PRECISIONS`): the model's gradient pass itself runs at JAX's default precision, TF32
+on recent GPUs, where full float32 factor GEMMs cost several times the pass (``benchmarks/curvature.py
+--factor-precision`` measures both the time and the factors' error).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from fisherjax.curvature.factors import KFAC, HeadFactors, KroneckerFactor
 from fisherjax.data import IGNORE, predicted_labels
+from fisherjax import backend
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.sites import discover_sites
 from fisherjax.fisher.step import data_cotangent, sample_labels_per_row, site_names
@@ -65,6 +70,12 @@ from fisherjax.settings import STATIC, check_choice
 
 FISHER_TYPES = ("empirical", "true")
 HIGHEST = jax.lax.Precision.HIGHEST
+FACTOR_PRECISIONS = ("highest", "high", "default", "tensorfloat32", "bfloat16_3x")
+"""Precisions the factor sums take: :class:`jax.lax.Precision` names and the dot algorithms
+``"tensorfloat32"`` (``TF32_TF32_F32``) and ``"bfloat16_3x"`` (``BF16_BF16_F32_X3``, about float32
+accuracy on tensor cores); XLA:CPU computes every one of them but TF32, which it lacks, in float32."""
+_PRECISION_VALUES = {"highest": HIGHEST, "high": jax.lax.Precision.HIGH, "default": jax.lax.Precision.DEFAULT,
+                     "tensorfloat32": "TF32_TF32_F32", "bfloat16_3x": "BF16_BF16_F32_X3"}
 
 
 # ---- factors from recordings ------------------------------------------------------------------
@@ -81,8 +92,9 @@ SYMMETRIC_BLOCK = 384
 ``(k+1)/2k`` of the full product's work (9/16 for GPT-2's 3072-wide MLP factors)."""
 
 
-def weighted_gram(x: Float[Array, "*l b t d"], weights: Float[Array, "b t"]) -> Float[Array, "*l d d"]:
-    """``Σ_{b,t} w_{b,t} x_{b,t} x_{b,t}ᵀ`` (``[.., d, d]``; leading axes kept).
+def weighted_gram(x: Float[Array, "*l b t d"], weights: Float[Array, "b t"], precision: str = "highest") -> Float[Array, "*l d d"]:
+    """``Σ_{b,t} w_{b,t} x_{b,t} x_{b,t}ᵀ`` (``[.., d, d]``; leading axes kept; ``precision``: one of
+    :data:`FACTOR_PRECISIONS`).
 
     XLA has no symmetric rank-k update (BLAS' ``syrk``), so a wide factor is cut into blocks and
     each block below the diagonal is the transpose of one above it (:data:`SYMMETRIC_BLOCK`); the
@@ -92,24 +104,26 @@ def weighted_gram(x: Float[Array, "*l b t d"], weights: Float[Array, "b t"]) -> 
     xw = x * weights[..., None]
     d = x.shape[-1]
     k = min(8, d // SYMMETRIC_BLOCK)
+    check_choice("kfac", "precision", precision, FACTOR_PRECISIONS)
+    how = _PRECISION_VALUES[precision]
     if k < 2:
-        return jnp.einsum("...bti,...btj->...ij", xw, x, precision=HIGHEST)
+        return jnp.einsum("...bti,...btj->...ij", xw, x, precision=how)
     edges = [round(i * d / k) for i in range(k + 1)]
     cols = [x[..., lo:hi] for lo, hi in zip(edges, edges[1:])]
     rows = [xw[..., lo:hi] for lo, hi in zip(edges, edges[1:])]
-    upper = {(p, q): jnp.einsum("...bti,...btj->...ij", rows[p], cols[q], precision=HIGHEST) for p in range(k) for q in range(p, k)}
+    upper = {(p, q): jnp.einsum("...bti,...btj->...ij", rows[p], cols[q], precision=how) for p in range(k) for q in range(p, k)}
     block = lambda p, q: upper[p, q] if p <= q else jnp.swapaxes(upper[q, p], -1, -2)  # noqa: E731
     return jnp.concatenate([jnp.concatenate([block(p, q) for q in range(k)], axis=-1) for p in range(k)], axis=-2)
 
 
-def input_factor(a: Float[Array, "*l b t i"], weights: Float[Array, "b t"], bias: bool) -> Float[Array, "*l i1 i1"]:
+def input_factor(a: Float[Array, "*l b t i"], weights: Float[Array, "b t"], bias: bool, precision: str = "highest") -> Float[Array, "*l i1 i1"]:
     """``Σ_{b,t} w_{b,t} ā_{b,t} ā_{b,t}ᵀ`` (``[.., d_in(+1), d_in(+1)]``; leading axes kept)."""
-    return weighted_gram(with_bias_coordinate(a.astype(jnp.float32), bias), weights)
+    return weighted_gram(with_bias_coordinate(a.astype(jnp.float32), bias), weights, precision)
 
 
-def output_factor(delta: Float[Array, "*l b t o"], weights: Float[Array, "b t"]) -> Float[Array, "*l o o"]:
+def output_factor(delta: Float[Array, "*l b t o"], weights: Float[Array, "b t"], precision: str = "highest") -> Float[Array, "*l o o"]:
     """``Σ_{b,t} w_{b,t} δ_{b,t} δ_{b,t}ᵀ`` (``[.., d_out, d_out]``; leading axes kept)."""
-    return weighted_gram(delta, weights)
+    return weighted_gram(delta, weights, precision)
 
 
 def factors_from_recordings(
@@ -266,9 +280,10 @@ class FactorSums(NamedTuple):
     tokens: Array
 
 
-@functools.partial(jax.jit, static_argnames=("model", "fisher_type", "true_samples"))
-def batch_factor_sums(model, params, input_ids, attention_mask, labels, sample_ids, key, *, fisher_type: str, true_samples: int) -> FactorSums:
-    """:class:`FactorSums` of one batch (jitted once per model, batch shape and Fisher type).
+@functools.partial(jax.jit, static_argnames=("model", "fisher_type", "true_samples", "precision"))
+def batch_factor_sums(model, params, input_ids, attention_mask, labels, sample_ids, key, *, fisher_type: str, true_samples: int,
+                      precision: str = "highest") -> FactorSums:
+    """:class:`FactorSums` of one batch (jitted once per model, batch shape, Fisher type and precision).
 
     ``key`` is only read by the true Fisher (pass any key otherwise).
     """
@@ -278,10 +293,10 @@ def batch_factor_sums(model, params, input_ids, attention_mask, labels, sample_i
     inputs = {}
     for fs in sites:
         if fs.site not in inputs:
-            inputs[fs.site] = input_factor(_site_value(rec.inputs, fs.site), w.inputs, fs.bias is not None)
+            inputs[fs.site] = input_factor(_site_value(rec.inputs, fs.site), w.inputs, fs.bias is not None, precision)
 
     def output_grams(deltas):
-        return {fs.key: output_factor(_block_columns(_site_value(deltas, fs.site), fs.columns), w.outputs) for fs in sites}
+        return {fs.key: output_factor(_block_columns(_site_value(deltas, fs.site), fs.columns), w.outputs, precision) for fs in sites}
 
     grams = over_draws(output_grams, *label_draws(rec, sample_ids, key, fisher_type, true_samples), rec.pullback)
     factors = {fs.key: (inputs[fs.site], grams[fs.key]) for fs in sites}
@@ -308,7 +323,8 @@ def _checked_key(fisher_type: str, key, true_samples: int) -> Any:
 
 
 def kfac_factors(
-    model, params: PyTree, batches: Iterable, *, fisher_type: str = "empirical", key: jax.Array | None = None, true_samples: int = 1
+    model, params: PyTree, batches: Iterable, *, fisher_type: str = "empirical", key: jax.Array | None = None, true_samples: int = 1,
+    precision: str = "highest",
 ) -> KFAC:
     """K-FAC of every dense site of ``model`` over ``batches`` (see the module docstring).
 
@@ -318,6 +334,7 @@ def kfac_factors(
         one jitted accumulation per batch shape, summed over batches, normalised at the end.
       fisher_type: ``"empirical"`` (data labels) or ``"true"`` (labels drawn from the model,
         ``G`` averaged over ``true_samples`` draws; needs ``key``).
+      precision: of the factor sums (:data:`FACTOR_PRECISIONS`; the module docstring says why).
 
     Returns:
       :class:`~fisherjax.curvature.factors.KFAC` with ``A [layer, d_in(+1), d_in(+1)]`` and
@@ -327,9 +344,13 @@ def kfac_factors(
       DataError: no sample predicts a token.
     """
     key = _checked_key(fisher_type, key, true_samples)
+    check_choice("kfac", "precision", precision, FACTOR_PRECISIONS)
+    if precision == "tensorfloat32" and backend.is_cpu():
+        raise ConfigError("kfac precision 'tensorfloat32' needs a GPU (XLA:CPU has no TF32); use 'highest' there")
     totals = None
     for batch in batches:  # summed on the device: no transfer until the end
-        sums = batch_factor_sums(model, params, *_batch_arrays(batch), key, fisher_type=fisher_type, true_samples=true_samples)
+        sums = batch_factor_sums(model, params, *_batch_arrays(batch), key, fisher_type=fisher_type, true_samples=true_samples,
+                                 precision=precision)
         totals = sums if totals is None else _tree_sum(totals, sums)
     samples, tokens = (0, 0) if totals is None else (int(totals.samples), int(totals.tokens))
     if not samples:
