@@ -59,9 +59,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PyTree
 
+from fisherjax import backend
 from fisherjax.curvature.factors import KFAC, HeadFactors, KroneckerFactor
 from fisherjax.data import IGNORE, predicted_labels
-from fisherjax import backend
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.sites import discover_sites
 from fisherjax.fisher.step import data_cotangent, sample_labels_per_row, site_names

@@ -88,14 +88,18 @@ def _last_axis(x: np.ndarray, index) -> tuple[np.ndarray, bool]:
     return x[..., index], False
 
 
+def _formed(inputs: Float[Array, "... seq d_in"], deltas: Float[Array, "... seq d_out"]) -> Float[Array, "... d_in d_out"]:
+    """``Aᵀ Δ`` over the last two axes: products of the stored dtype's values accumulated in float32
+    (exact products for bfloat16 and float16 factors; float32 factors at full float32 precision, not
+    a GPU's TF32)."""
+    return jnp.einsum("...ti,...to->...io", inputs, deltas, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+
+
 @functools.partial(jax.jit, static_argnames="shape")
 def form(inputs: Float[Array, "m seq d_in"], deltas: Float[Array, "m seq d_out"], shape: tuple[int, ...]) -> Float[Array, "..."]:
     """``g_m = A_mᵀ Δ_m`` (``[m, d_in, d_out]`` float32, reshaped to ``shape``) for each of the ``m``
-    selected (sample, lead) pieces: products of the stored dtype's values accumulated in float32
-    (exact products for bfloat16 and float16 factors; float32 factors at full float32 precision, not
-    a GPU's TF32)."""
-    g = jnp.einsum("mti,mto->mio", inputs, deltas, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
-    return g.reshape(shape)
+    selected (sample, lead) pieces."""
+    return _formed(inputs, deltas).reshape(shape)
 
 
 @jax.jit
@@ -104,8 +108,7 @@ def _add_weighted_squares(total: Float[Array, "*lead d_in d_out"], inputs: Float
     """``total + Σ_c w_c g_c²`` with ``g_c = A_cᵀ Δ_c`` formed one sample at a time (a scan)."""
     def one(acc, xs):
         a, d, w = xs
-        g = jnp.einsum("...ti,...to->...io", a, d, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
-        return acc + w * jnp.square(g), None
+        return acc + w * jnp.square(_formed(a, d)), None
 
     return jax.lax.scan(one, total, (inputs, deltas, weights))[0]
 

@@ -35,9 +35,9 @@ from fisherjax.analysis.qkov._operands import BlockKinds, Side, leaf_sources, si
 from fisherjax.analysis.qkov._pallas import pallas_tile, sample_chunk
 from fisherjax.analysis.qkov._prepare import Prepared
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
+from fisherjax.fisher.factored import read_on_device
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 from fisherjax.progressbar import progress_bar
-from fisherjax.fisher.factored import read_on_device
 from fisherjax.sharding import DATA, data_size, put_replicated, shard_rows
 
 
