@@ -171,6 +171,33 @@ def test_pair_phases_read_factors_as_gradients(collected):
     np.testing.assert_allclose(reports["bf16"].cosines, reports["grads"].cosines, atol=1e-2)
 
 
+def test_qkov_of_a_task_takes_phase_1s_diagonal_over_the_same_samples(collected):
+    """A TaskFisher's heatmap weighs by Phase 1's own diagonal when it is the mean over exactly the
+    kept samples (no pass over them to form it again): the same scores as the kept samples' mean up
+    to their storage's rounding; the kept samples' mean otherwise (a held-out split of rows, a
+    diagonal of other samples)."""
+    import dataclasses
+
+    from fisherjax.analysis.qkov._prepare import stored_diagonal
+
+    model, out = collected
+    layout, options = model.layout, dict(min_fisher_samples=4)
+    reference = qkov.heatmap(out["grads"].sample_grads, out["grads"].sample_grads, layout, **options)
+    for name, tolerance in (("grads", 1e-5), ("factors", 1e-5), ("bf16", 1e-2)):
+        assert _rel(qkov.heatmap(out[name], out[name], layout, **options).scores, reference.scores) < tolerance, name
+    bf16 = out["bf16"]
+    from_diagonal = qkov.heatmap(bf16, bf16, layout, **options)
+    paths = list(bf16.sample_grads.grads)
+    assert stored_diagonal(bf16, bf16.sample_grads, paths, None) is not None
+    assert stored_diagonal(bf16, bf16.sample_grads, paths, np.arange(6)) is None  # a split takes its own rows' mean
+    assert stored_diagonal(bf16.sample_grads, bf16.sample_grads, paths, None) is None
+    other = bf16.sample_grads.select(np.arange(6))
+    assert stored_diagonal(bf16, other, paths, None) is None  # a diagonal of other samples
+    doubled = dataclasses.replace(bf16, diagonal={p: 2 * np.asarray(v) for p, v in bf16.diagonal.items()})
+    np.testing.assert_allclose(qkov.heatmap(doubled, bf16, layout, **options).diagnostics.fisher_median,
+                               2 * from_diagonal.diagnostics.fisher_median, rtol=1e-6)
+
+
 def test_analyze_keeps_factors_when_asked_and_its_results_do_not_change(cli_checkpoint, tmp_path):
     """``--sample-grads-form factors`` against ``gradients`` on the same run (float32 storage): the
     same QK-OV scores and conflict cosines; results.json and the report say how the gradients were

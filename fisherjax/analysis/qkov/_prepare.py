@@ -136,19 +136,37 @@ def _pooled(score: ScoreOptions, n_a: int, n_b: int, names: tuple[str, str]) -> 
     return used
 
 
+def stored_diagonal(task: TaskFisher | SampleGrads, samples: SampleGrads, paths: Sequence[str], rows: np.ndarray | None
+                    ) -> dict[str, np.ndarray] | None:
+    """A TaskFisher's own full diagonal ``Î`` of ``paths`` (float32), when it is the mean of ``C``
+    over exactly ``samples`` (all of them: ``rows`` None; every path covered; the same sample ids),
+    else None. Phase 1 computed it from the exact per-sample contributions; the mean over the kept
+    ones is the same up to their storage's rounding (bfloat16: about 1e-3 in the scores) and costs
+    a pass over them, which for kept token factors forms every gradient of the task once more."""
+    if rows is not None or not isinstance(task, TaskFisher) or task.diagonal is None or not all(p in task.diagonal for p in paths):
+        return None
+    if not np.array_equal(np.sort(np.asarray(task.sample_ids)), np.sort(np.asarray(samples.sample_ids))):
+        return None
+    return {p: np.asarray(task.diagonal[p], np.float32) for p in paths}
+
+
 def fisher_views(
     a: SampleGrads, b: SampleGrads, layout: ModelLayout, kinds: BlockKinds, score: ScoreOptions, names: tuple[str, str],
     used: tuple[bool, bool], rows: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+    stored: tuple[dict | None, dict | None] = (None, None),
 ) -> dict[str, np.ndarray]:
     """Head views ``{block/kind: [layer, *view]}`` of ``Î`` on the full tensors: each task's float32
-    mean of ``C`` (over its ``rows``, None: all), pooled by
-    :func:`fisherjax.fisher.pool.pool_fisher` (``fisher_pool``); ``used``: which tasks' Fisher
-    enter it (:func:`_pooled`)."""
+    mean of ``C`` (over its ``rows``, None: all) — its ``stored`` diagonal where given
+    (:func:`stored_diagonal`) — pooled by :func:`fisherjax.fisher.pool.pool_fisher`
+    (``fisher_pool``); ``used``: which tasks' Fisher enter it (:func:`_pooled`)."""
     use_a, use_b = used
     paths = required_paths(layout, kinds)
     n_a, n_b = (len(x) if r is None else len(r) for x, r in zip((a, b), rows))
-    fisher = pool_fisher(score.fisher_pool, a.fisher(paths, rows=rows[0]) if use_a else None, n_a,
-                         b.fisher(paths, rows=rows[1]) if use_b else None, n_b)
+
+    def mean_of(samples, use, row, kept):
+        return None if not use else kept if kept is not None else samples.fisher(paths, rows=row)
+
+    fisher = pool_fisher(score.fisher_pool, mean_of(a, use_a, rows[0], stored[0]), n_a, mean_of(b, use_b, rows[1], stored[1]), n_b)
     label = "+".join(name for use, name in zip((use_a, use_b), names) if use)
     for p, value in fisher.items():
         if not np.isfinite(value).all():
@@ -206,7 +224,8 @@ def prepare(task_a: TaskFisher | SampleGrads, task_b: TaskFisher | SampleGrads, 
         if use:
             _check_paths(samples.contributions, paths, "contributions", name, score.include_bias)
 
-    fisher = fisher_views(a, b, layout, kinds, score, (name_a, name_b), used, (a_rows, None))
+    stored = (stored_diagonal(task_a, a, paths, a_rows), stored_diagonal(task_b, b, paths, b_rows))
+    fisher = fisher_views(a, b, layout, kinds, score, (name_a, name_b), used, (a_rows, None), stored)
     weights, stats, sizes = {}, [], []
     power = 1.5 if score.variant == "natural" else 1.0
     kv = layout.kv_head_of
