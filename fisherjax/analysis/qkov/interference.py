@@ -45,7 +45,9 @@ def heatmap(
 
     Args:
       task_a, task_b: :class:`~fisherjax.fisher.TaskFisher` values with per-sample gradients of the
-        attention parameters (or :class:`~fisherjax.fisher.SampleGrads`).
+        attention parameters (or :class:`~fisherjax.fisher.SampleGrads`). A TaskFisher's ``Î`` is
+        its own full diagonal when that is the mean over exactly its kept samples, else (and for
+        SampleGrads) the mean of the kept samples' contributions.
       layout: the model's :class:`~fisherjax.layout.ModelLayout`; all head slicing goes through it.
       score, kernel: :class:`ScoreOptions` / :class:`KernelOptions`; keyword ``overrides`` replace
         fields of either (``variant="signed"``, ``contraction="looped"``, ``memory_budget_bytes=1e9``).
