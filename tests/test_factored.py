@@ -46,6 +46,7 @@ def test_reads_form_exactly_the_gradients_asked_for():
     read = g[1]
     with pytest.raises(ValueError, match="read-only"):  # a read is the device's result, not a buffer to write in
         read[0] = 0.0
+    assert np.array(g).flags.writeable and not np.asarray(g).flags.writeable  # numpy's copy=True gets a copy
     np.testing.assert_allclose(np.asarray(g), dense, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(g.take_rows(samples)[:, 1], dense[samples, 1], rtol=1e-5, atol=1e-5)
     assert isinstance(g.take_rows(slice(1, 3)), FactoredGrads)

@@ -198,8 +198,8 @@ class FactoredGrads:
         return np.asarray(total) / np.float32(max(len(rows), 1))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self[...]
-        return out if dtype is None else out.astype(dtype, copy=False)
+        out = self[...]  # read-only; numpy's copy=True asks for a writable array of one's own
+        return out.astype(dtype or out.dtype, copy=bool(copy))
 
     def tree_flatten(self):
         return (self.inputs, self.deltas), None
