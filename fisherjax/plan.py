@@ -335,19 +335,22 @@ def conflict_bytes_read(n: int, tasks: int, features: int, references: int, dtyp
     return conflict_sample_reads(n, tasks, references, chunk, data) * width * features
 
 
-def qkov_sample_reads(n: int, tasks: int, min_samples: int) -> float:
+def qkov_sample_reads(n: int, tasks: int, min_samples: int, diagonal: bool = True) -> float:
     """Samples Phase 6 reads from the kept-gradient storage, at least: per score array of
-    :func:`qkov_flops` (``n_a × n_b``), A's samples twice (the Fisher of its kept samples, then its
-    tiles) and B's once (:func:`~fisherjax.analysis.qkov.tile_plan` reads B once per layer chunk
-    whenever B fits a tile beside 32 of A's samples; more often when it does not):
+    :func:`qkov_flops` (``n_a × n_b``), A's tiles and B's once
+    (:func:`~fisherjax.analysis.qkov.tile_plan` reads B once per layer chunk whenever B fits a tile
+    beside 32 of A's samples; more often when it does not), and A's samples once more for the Fisher
+    of those kept samples — in the heatmap only without Phase 1's full ``diagonal`` (with it, the
+    heatmap weighs by that diagonal: ``_prepare.stored_diagonal``), in the permutation test's fit
+    half always:
 
-        tasks · (tasks − 1) · [(2n + n) + (2f + n) + (2f + h)]
+        tasks · (tasks − 1) · [(n + n + (n without the diagonal)) + (2f + n) + (2f + h)]
     """
     if n < min_samples:
         return 0.0
     held = int(round(HELDOUT * n))
     fit = n - held
-    per_pair = 3 * n + ((2 * fit + n) + (2 * fit + held) if fit >= min_samples else 0)
+    per_pair = (2 if diagonal else 3) * n + ((2 * fit + n) + (2 * fit + held) if fit >= min_samples else 0)
     return float(tasks * (tasks - 1) * per_pair)
 
 
@@ -500,7 +503,7 @@ def plan(
     score = qkov.ScoreOptions()
     reform = reform_flops(layout, options, seq_len)
     phase5_reform = conflict_sample_reads(samples, tasks, references, chunk, data) * reform
-    phase6_reform = qkov_sample_reads(samples, tasks, score.min_fisher_samples) * reform
+    phase6_reform = qkov_sample_reads(samples, tasks, score.min_fisher_samples, options.diagonal) * reform
     phase5 = conflict_flops(samples, tasks, kept, references) + phase5_reform
     phase6 = qkov_flops(samples, tasks, layout, score.include_bias, score.min_fisher_samples) + phase6_reform
     tflops = DEFAULT_TFLOPS if throughput_tflops is None else float(throughput_tflops)
