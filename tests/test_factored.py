@@ -15,7 +15,7 @@ from fisherjax.analysis import conflicts, qkov
 from fisherjax.curvature import blocks
 from fisherjax.data import batches
 from fisherjax.fisher.collect import collect
-from fisherjax.fisher.factored import FactoredGrads, factors_are_smaller, smaller_as_factors
+from fisherjax.fisher.factored import FactoredGrads, factors_are_smaller, read_on_device, smaller_as_factors
 from fisherjax.fisher.options import attention_paths
 from fisherjax.pipeline import AnalysisConfig
 
@@ -58,6 +58,37 @@ def test_reads_form_exactly_the_gradients_asked_for():
         g[0, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="different samples or positions"):
         FactoredGrads(np.zeros((2, 3, 4)), np.zeros((2, 4, 4)))
+
+
+def test_a_placed_read_forms_where_it_is_placed_with_zero_padding():
+    """What a mesh read asks for (tests/test_sharded_analysis.py places it over four devices): the
+    factors go where ``place`` puts them, and ``pad_to`` appends zero gradients."""
+    g, dense = _random_factors()
+    placed = []
+
+    def place(x):
+        placed.append((x.shape, x.dtype))
+        return jax.device_put(x)
+
+    samples, layers = np.array([4, 0, 2]), np.array([2, 1])
+    for key, want, pieces in (((samples[:, None], layers[None, :]), dense[samples][:, layers], 6 * 2), (slice(1, 3), dense[1:3], 6 * 3),
+                              (samples, dense[samples], 6 * 3)):
+        placed.clear()
+        got = np.asarray(read_on_device(g, key, place=place, pad_to=6))
+        assert placed == [((pieces, 7, 4), np.float32), ((pieces, 7, 6), np.float32)], key  # the factors travelled, padded
+        assert got.shape == (6,) + want.shape[1:], key
+        np.testing.assert_allclose(got[: len(want)], want, rtol=1e-5, atol=1e-5, err_msg=repr(key))
+        assert not got[len(want):].any(), key
+        # an array is read, padded and placed the same way
+        placed.clear()
+        got = np.asarray(read_on_device(dense.astype(np.float32), key, place=place, pad_to=6))
+        assert placed == [((6,) + want.shape[1:], np.float32)], key
+        np.testing.assert_array_equal(got[: len(want)], want.astype(np.float32))
+        assert not got[len(want):].any(), key
+    with pytest.raises(IndexError, match="sample axis"):
+        g.on_device((1, 2), pad_to=4)
+    with pytest.raises(ValueError):
+        g.on_device(samples, pad_to=2)
 
 
 @pytest.mark.parametrize("factor_bytes", [256e6, 900])  # every sample in one group, or two per group (the last padded)

@@ -43,6 +43,7 @@ from fisherjax.analysis import conflicts, qkov
 from fisherjax.analysis.conflicts import gram as conflicts_gram
 from fisherjax.analysis.conflicts.sources import as_stream, grouping_for
 from fisherjax.data import batches
+from fisherjax.fisher import factored
 from fisherjax.fisher.state import SampleGrads
 from fisherjax.sharding import make_mesh
 
@@ -111,6 +112,26 @@ single = {
 fit_a, held_a = qkov.heldout_split(A, 3 / 7, seed=2)
 single["perm_split"] = qkov.permutation_test(fit_a, B, held_a, gpt2.layout, n_permutations=300, seed=3, **MIN)
 single["gpt2_boot"] = qkov.bootstrap_layer_head_avg(single["gpt2"], n_bootstrap=64, seed=1, chunk=32)
+
+single["chunked4"] = conflicts.detect(A, B, layout=gpt2.layout, chunk_size=4)
+
+# Kept token factors are formed where the mesh places them: record where each formation ran, and
+# count reads that formed gradients for the host.
+formed_on, host_reads = [], []
+_form, _getitem = factored.form, factored.FactoredGrads.__getitem__
+
+
+def recording_form(inputs, deltas, shape):
+    formed_on.append((len(inputs.sharding.device_set), bool(inputs.sharding.is_fully_replicated)))
+    return _form(inputs, deltas, shape)
+
+
+def counted_getitem(self, key):
+    host_reads.append(key)
+    return _getitem(self, key)
+
+
+factored.form, factored.FactoredGrads.__getitem__ = recording_form, counted_getitem
 
 # Stored tasks are read a parameter slice at a time on a mesh too: record the devices each
 # sliced call's rows land on.
@@ -181,10 +202,17 @@ for name, mesh in (("(4,)", make_mesh(4)), ("(2, 2)", make_mesh(2, 2))):
     f["planted_found"] = int(single["planted"].n_significant)
     # against the gradients' results: formed in another order, so compared over the whole array
     # (GPT-2's key-bias groups are rounding noise, whose entries differ relatively by more)
+    formed_on.clear(), host_reads.clear()
     f["factors_scores"] = err(qkov.heatmap(FA, FB, gpt2.layout, mesh=mesh, **MIN).scores, single["gpt2"].scores)
     report = conflicts.detect(FA, FB, mesh=mesh, layout=gpt2.layout, scope="groups")
     f["factors_cosines"] = err(report.cosines, single["groups"].cosines)
     f["factors_group_dots"] = err(report.gram.group_dots, single["groups"].gram.group_dots)
+    report = conflicts.detect(FA, FB, mesh=mesh, layout=gpt2.layout, chunk_size=4)  # chunk by chunk, not slice by slice
+    f["factors_chunked_cosines"] = err(report.cosines, single["chunked4"].cosines)
+    # each device formed its own rows (split) or all of them (replicated): none on one device, none on the host
+    f["factors_formed"] = sorted({"split" if n == 4 and not whole else "replicated" if n == 4 else f"{n} device(s)"
+                                  for n, whole in formed_on})
+    f["factors_host_reads"] = len(host_reads)
     # The row side of a Gram is split over all four devices.
     stream = as_stream(A, None, "A")
     rows, _, _ = conflicts_gram.split_sides({"a": stream}, grouping_for(stream.shapes, gpt2.layout), None, 64, mesh)
@@ -218,7 +246,7 @@ def test_sharded_pair_phases_equal_one_device(sharded):
         assert max(v for k, v in errors.items() if k.endswith("pvalues")) <= 1e-6, (mesh, errors)
         flags = [k for k, v in f.items() if isinstance(v, bool)]
         assert {"gpt2_ids", "kept_shape", "kept_top", "llama_top", "perm_pvalues", "perm_significant", "planted_significant"} <= set(flags)
-        assert {"factors_scores", "factors_cosines", "factors_group_dots"} <= set(errors), (mesh, errors)
+        assert {"factors_scores", "factors_cosines", "factors_group_dots", "factors_chunked_cosines"} <= set(errors), (mesh, errors)
         assert all(f[k] for k in flags), (mesh, {k: f[k] for k in flags})
         assert f["planted_found"] > 0  # the planted conflict is found, and found the same on the mesh
 
@@ -232,6 +260,8 @@ def test_sharded_scores_and_gram_rows_are_on_all_four_devices(sharded):
         data = 4 if mesh == "(4,)" else 2
         assert f["kept_rows"] == [[start, 8 // data] for start in range(0, 8, 8 // data)], (mesh, f["kept_rows"])
         assert f["gram_rows_per_device"] == [8 // data], (mesh, f["gram_rows_per_device"])
+        # kept token factors were formed on the devices that read them, never on one device or for the host
+        assert f["factors_formed"] == ["replicated", "split"] and f["factors_host_reads"] == 0, (mesh, f["factors_formed"], f["factors_host_reads"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,17 +26,22 @@ a CPU, XLA's formation is also the steadier one: numpy's BLAS wrote into fresh a
 backs with transparent huge pages, whose allocation stalled for seconds at a time on a busy Linux
 host (docs/DECISIONS.md). The diagonal Fisher of the kept samples, ``mean_i w_i g_i²``, is summed
 on the device sample by sample (:meth:`FactoredGrads.weighted_square_mean`), one formed sample
-alive at a time.
+alive at a time. On a mesh the selected factors are placed as the gradients would be (split over
+``"data"``, or replicated) and formed there (:meth:`FactoredGrads.on_device`'s ``place``): each
+device forms the rows it reads.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
+
+from fisherjax.sharding import pad_rows
 
 
 FACTOR_BYTES = 256e6
@@ -86,6 +91,11 @@ def _last_axis(x: np.ndarray, index) -> tuple[np.ndarray, bool]:
     if isinstance(index, (int, np.integer)):
         return x[..., int(index) : int(index) + 1 or None], True
     return x[..., index], False
+
+
+def _padded(x: np.ndarray, rows: int) -> np.ndarray:
+    """``x`` with zero rows after it up to ``rows`` (:func:`~fisherjax.sharding.pad_rows`; ``x`` itself when it has them)."""
+    return x if len(x) == rows else pad_rows(x, rows)
 
 
 def _formed(inputs: Float[Array, "... seq d_in"], deltas: Float[Array, "... seq d_out"]) -> Float[Array, "... d_in d_out"]:
@@ -160,20 +170,31 @@ class FactoredGrads:
     def __repr__(self) -> str:
         return f"FactoredGrads(shape={self.shape}, positions={self.inputs.shape[-2]}, factors {self.inputs.dtype})"
 
-    def _selected(self, key) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    def _selected(self, key, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
         """The factors ``key`` selects, as ``[m, T, d_in]`` and ``[m, T, d_out]`` host arrays, and
-        the shape of the gradients they form."""
+        the shape of the gradients they form; ``pad_to``: zero factors appended along the first
+        selected axis up to this length (zero factors form zero gradients)."""
         lead, rows, cols = _split_key(key, self.ndim)
         a, squeeze_rows = _last_axis(self.inputs[lead + (Ellipsis,)], rows)
         d, squeeze_cols = _last_axis(self.deltas[lead + (Ellipsis,)], cols)
+        if pad_to is not None:
+            if a.ndim < 3:
+                raise IndexError("pad_to pads the first selected axis: the index must keep the sample axis")
+            a, d = _padded(a, pad_to), _padded(d, pad_to)
         shape = a.shape[:-2] + (() if squeeze_rows else a.shape[-1:]) + (() if squeeze_cols else d.shape[-1:])
         return a.reshape(-1, *a.shape[-2:]), d.reshape(-1, *d.shape[-2:]), shape
 
-    def on_device(self, key=()) -> Float[Array, "..."]:
+    def on_device(self, key=(), place: Callable[[np.ndarray], Array] | None = None, pad_to: int | None = None) -> Float[Array, "..."]:
         """The gradients at ``key`` (numpy indexing over ``[n, *lead, d_in, d_out]``; index arrays
-        on the leading axes or on the kernel axes), formed in float32 on the default device."""
-        a, d, shape = self._selected(key)
-        return form(jax.device_put(a), jax.device_put(d), shape)
+        on the leading axes or on the kernel axes), formed in float32 where ``place`` puts the
+        selected factors (a function of a host array; default :func:`jax.device_put`, the default
+        device). With a placement split over a mesh's ``"data"`` axis
+        (:func:`fisherjax.sharding.shard_rows`) each device forms its own rows; replicated, every
+        device forms all of them: either way no formed gradient crosses between host and devices.
+        ``pad_to``: zero rows after the selected ones up to this many (a tile's padding)."""
+        a, d, shape = self._selected(key, pad_to)
+        place = jax.device_put if place is None else place
+        return form(place(a), place(d), shape)
 
     def __getitem__(self, key) -> np.ndarray:
         """:meth:`on_device`'s gradients at ``key`` as a read-only numpy array."""
@@ -213,7 +234,16 @@ class FactoredGrads:
         return FactoredGrads(self.inputs[index], self.deltas[index])
 
 
-def read_on_device(leaf, key, may_alias: bool | None = None) -> Array:
-    """``leaf[key]`` on the default device: formed there for :class:`FactoredGrads` (only the
-    factors travel), moved there for an array (``may_alias``: :func:`jax.device_put`'s)."""
-    return leaf.on_device(key) if isinstance(leaf, FactoredGrads) else jax.device_put(leaf[key], may_alias=may_alias)
+def read_on_device(leaf, key, may_alias: bool | None = None, *, place: Callable[[np.ndarray], Array] | None = None,
+                   pad_to: int | None = None) -> Array:
+    """``leaf[key]`` on the default device, or where ``place`` puts a host array (a mesh placement):
+    formed there for :class:`FactoredGrads` (only the factors travel), moved there for an array
+    (``may_alias``: :func:`jax.device_put`'s, without ``place``). ``pad_to``: zero rows after the
+    selected ones up to this many."""
+    if isinstance(leaf, FactoredGrads):
+        return leaf.on_device(key, place, pad_to)
+    value = leaf[key]
+    if pad_to is not None:
+        value = _padded(np.asarray(value), pad_to)
+    return jax.device_put(value, may_alias=may_alias) if place is None else place(np.asarray(value))
+

@@ -33,7 +33,8 @@ from jaxtyping import Array, Float
 from fisherjax import backend
 from fisherjax.analysis.conflicts.sources import Grouping, Stream
 from fisherjax.errors import ConfigError, DataError, NumericalError
-from fisherjax.sharding import DATA, data_size, pad_rows, put_replicated, shard_rows, to_host
+from fisherjax.fisher.factored import read_on_device
+from fisherjax.sharding import DATA, data_size, put_replicated, shard_rows, to_host
 
 __all__ = [
     "PreparedChunk",
@@ -257,15 +258,15 @@ def prepared_chunks(
             raise ConfigError(f"task {stream.name!r}: a chunk of {c} samples exceeds chunk_size={chunk_size}")
         statics = (paths, grouping.views, grouping.static_members, len(grouping.index))
         weights = {p: inv_sqrt[p] for p in paths}
+        # moved in their stored dtype (kept factors: formed where they land) and widened by XLA:
+        # numpy's bfloat16 casts run elementwise in Python's ml_dtypes
         if mesh is not None and split:
-            grads = {p: shard_rows(pad_rows(g, chunk_size), mesh) for p, g in chunk.grads.items()}
-            grads = {p: g.astype(jnp.float32) for p, g in grads.items()}
+            grads = {p: read_on_device(g, (), place=functools.partial(shard_rows, mesh=mesh), pad_to=chunk_size).astype(jnp.float32)
+                     for p, g in chunk.grads.items()}
             bad, features, norms = sharded_prepare(mesh, *statics, chunk_size)(grads, weights)
         else:
-            if mesh is None:  # moved in their stored dtype, widened by XLA: numpy's bfloat16 casts run elementwise in Python's ml_dtypes
-                grads = {p: jnp.asarray(g).astype(jnp.float32) for p, g in chunk.grads.items()}
-            else:
-                grads = {p: g.astype(jnp.float32) for p, g in put_replicated(dict(chunk.grads), mesh).items()}
+            place = None if mesh is None else functools.partial(put_replicated, mesh=mesh)
+            grads = {p: read_on_device(g, (), place=place).astype(jnp.float32) for p, g in chunk.grads.items()}
             bad, features, norms = prepare_chunk(grads, weights, *statics, chunk_size)
         for path, flags in bad.items():
             flags = to_host(flags)

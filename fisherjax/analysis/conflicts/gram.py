@@ -40,6 +40,7 @@ without a mesh. A ``"model"`` axis replicates the work.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -58,7 +59,7 @@ from fisherjax.analysis.conflicts.sources import (
     FeatureView, GroupIndex, Grouping, Source, Stream, as_stream, check_same_parameters, grouping_for,
 )
 from fisherjax.errors import ConfigError, DataError, NumericalError
-from fisherjax.fisher.factored import FactoredGrads
+from fisherjax.fisher.factored import FactoredGrads, read_on_device
 from fisherjax.layout import ModelLayout
 from fisherjax.progressbar import progress_bar
 from fisherjax.sharding import check_mesh, data_size, pad_rows, put_replicated, shard_rows, to_host
@@ -314,17 +315,22 @@ class ParameterSlice:
     stop: int = 0
     layers: tuple[int, int] | None = None
 
-    def take(self, array, batched: bool = True):
+    def take(self, array, batched: bool = True, *, place: Callable[[np.ndarray], Array] | None = None, pad_to: int | None = None):
         """The slice of ``[n, *shape]`` (``batched``) or of ``shape``, contiguous for the transfer
         (read by indexing in one go, so that a stored array read lazily, a memory map or
-        :class:`~fisherjax.fisher.factored.FactoredGrads`, reads just this slice)."""
+        :class:`~fisherjax.fisher.factored.FactoredGrads`, reads just this slice). Kept token
+        factors are formed on the device, or with ``place`` (a mesh placement of a host array)
+        where it puts them; an array is then placed by it. ``pad_to``: zero rows after the ``n``
+        up to this many."""
         index = [slice(None)] * (int(batched) + (self.axis + 1 if self.axis is not None else 1))
         if self.layers is not None:
             index[int(batched)] = slice(*self.layers)
         if self.axis is not None:
             index[int(batched) + self.axis] = slice(self.start, self.stop)
-        part = array.on_device(tuple(index)) if isinstance(array, FactoredGrads) else array[tuple(index)]  # factors: formed on the device
-        return np.ascontiguousarray(part) if isinstance(part, np.ndarray) else part
+        if isinstance(array, FactoredGrads) or place is not None:
+            return read_on_device(array, tuple(index), place=place, pad_to=pad_to)
+        part = np.ascontiguousarray(array[tuple(index)])
+        return part if pad_to is None else pad_rows(part, pad_to)
 
     def groups(self, members: np.ndarray, n_layers: int) -> np.ndarray:
         """The leaf's group indices ``members`` (layer-major, ``n_layers`` layers) that this slice holds."""
@@ -482,17 +488,18 @@ def sliced_grams(
     slices = parameter_slices(streams[names[0]].shapes, grouping, sum(sizes.values()), min(budget_bytes, SLICE_BUDGET_BYTES),
                               4.0 * grouped_pair_entries(streams, pairs), budget_bytes)
     padded = {name: -(-sizes[name] // data_size(mesh)) * data_size(mesh) for name in names} if mesh is not None else sizes
+    split, replicate = (functools.partial(shard_rows, mesh=mesh), functools.partial(put_replicated, mesh=mesh)) if mesh is not None else (None, None)
     with progress_bar(progress, total=len(slices), desc=desc, unit="slice") as bar:
         for piece in slices:
-            parts = tuple(piece.take(streams[name].arrays[piece.path]) for name in names)
+            stored = tuple(streams[name].arrays[piece.path] for name in names)
             weight = None if weights is None or piece.path not in weights else piece.take(weights[piece.path], batched=False)
             views = grouping.views_of(piece.path)
             if mesh is None:
-                bad, piece_norms, dots = slice_dots(parts, weight, views, static_pairs)
-            else:
-                rows = tuple(shard_rows(pad_rows(x, padded[name]), mesh) for name, x in zip(names, parts))
-                columns, weight = put_replicated((parts, weight), mesh)
-                bad, piece_norms, dots = sharded_slice_dots(mesh, views, static_pairs, len(names))(rows, columns, weight)
+                bad, piece_norms, dots = slice_dots(tuple(piece.take(x) for x in stored), weight, views, static_pairs)
+            else:  # each device forms (kept factors) or receives its rows of every task, and all of them as columns
+                rows = tuple(piece.take(x, place=split, pad_to=padded[name]) for name, x in zip(names, stored))
+                columns = tuple(piece.take(x, place=replicate) for x in stored)
+                bad, piece_norms, dots = sharded_slice_dots(mesh, views, static_pairs, len(names))(rows, columns, replicate(weight))
             for name, flags in zip(names, bad):
                 flags = to_host(flags)[: sizes[name]]
                 if flags.any():

@@ -27,6 +27,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from fisherjax.errors import ConfigError, DataError
+from fisherjax.fisher.factored import FactoredGrads
 from fisherjax.fisher.state import SampleGrads, TaskFisher, sample_grads_of
 from fisherjax.layout import QKV_BLOCKS, ModelLayout, Role
 
@@ -346,9 +347,13 @@ class Stream:
 
 
 def _stored_chunks(sample_ids, arrays):
+    """Chunks of stored arrays; kept token factors stay factors (formed where the chunk is read)."""
+    def rows(v, index: slice):
+        return v.take_rows(index) if isinstance(v, FactoredGrads) else v[index]
+
     def chunks(size: int) -> Iterator[GradChunk]:
         for start in range(0, len(sample_ids), size):
-            yield GradChunk(sample_ids[start : start + size], {k: v[start : start + size] for k, v in arrays.items()})
+            yield GradChunk(sample_ids[start : start + size], {k: rows(v, slice(start, start + size)) for k, v in arrays.items()})
 
     return chunks
 

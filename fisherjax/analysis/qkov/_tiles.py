@@ -297,22 +297,25 @@ def sharded_step(
     return jax.jit(mapped, donate_argnums=0)
 
 
-def host_leaves(
-    store: Mapping[str, np.ndarray], layout: ModelLayout, sources: Mapping[str, tuple[str, ...]], positions: np.ndarray, layers: np.ndarray
-) -> dict[str, np.ndarray]:
-    """``{leaf key: [len(positions), layer, *shape]}`` on the host: the stored rows at ``positions``
-    of the selected layers (per-layer leaves stacked), zero where a position is −1 (padding)."""
-    real = positions >= 0
-    rows = positions[real]
+def mesh_leaves(
+    store: Mapping[str, np.ndarray], layout: ModelLayout, sources: Mapping[str, tuple[str, ...]], positions: np.ndarray, layers: np.ndarray,
+    place: Callable[[np.ndarray], Array],
+) -> dict[str, Array]:
+    """``{leaf key: [len(positions), layer, *shape]}`` where ``place`` puts a host array (split over
+    a mesh's ``"data"`` axis, or replicated): the stored rows at ``positions`` of the selected
+    layers (per-layer leaves stacked), zero rows where a position is −1 (padding, only at the end).
+    Kept token factors travel as factors and are formed where they land
+    (:func:`~fisherjax.fisher.factored.read_on_device`): each device forms its own rows."""
+    real = positions[positions >= 0]
+    if np.any(positions[len(real):] >= 0):
+        raise ValueError("mesh_leaves: padding positions (−1) must come after every real one")
     out = {}
     for key, paths in sources.items():
         if layout.spec(key).layered:
-            value = store[key][_rows_and_layers(rows, layers)]
+            out[key] = read_on_device(store[key], _rows_and_layers(real, layers), place=place, pad_to=len(positions))
         else:
-            value = np.stack([np.asarray(store[paths[layer]])[rows] for layer in layers], axis=1)
-        padded = np.zeros((len(positions),) + value.shape[1:], value.dtype)
-        padded[real] = value
-        out[key] = padded
+            out[key] = layout.stack_layers([paths[layer] for layer in layers],
+                                           lambda p: read_on_device(store[p], real, place=place, pad_to=len(positions)), axis=1)
     return out
 
 
@@ -360,9 +363,9 @@ def sharded_raw_scores(
         return np.where(index < len(positions), positions[np.minimum(index, len(positions) - 1)], -1)
 
     def placed(side: Side, positions: np.ndarray, layers: np.ndarray, split: bool):
-        leaves = host_leaves(side.store, layout, sources, positions, layers)
+        place = functools.partial(shard_rows, mesh=mesh) if split else functools.partial(put_replicated, mesh=mesh)
         scale = np.where(positions >= 0, side.scale[np.maximum(positions, 0)], 0).astype(np.float32)
-        return jax.tree.map(lambda x: shard_rows(x, mesh), (leaves, scale)) if split else put_replicated((leaves, scale), mesh)
+        return mesh_leaves(side.store, layout, sources, positions, layers, place), place(scale)
 
     layer_starts, a_starts, b_starts = range(0, n_l_pad, c_l), range(0, n_loc, c_a), range(0, n_b_pad, c_b)
     with progress_bar(progress, total=len(layer_starts) * len(a_starts) * len(b_starts), desc=desc, unit="tile") as bar:
