@@ -340,7 +340,7 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
     name = next(iter(ctx.tasks))
     chosen = first_batches(ctx, name, config.curvature_samples)
     k, n = config.curvature_k, sum(b.num_real for b in chosen)
-    need, free = compare.basis_bytes(model.num_params, k, n=n), backend.available_memory_bytes()
+    need, free = compare.basis_bytes(model.num_params, k, n=n, sample_grads_dtype=config.sample_grads_dtype), backend.available_memory_bytes()
     if not config.curvature and free is not None and need > CURVATURE_MEMORY_SHARE * free:
         gram = compare.from_gram(model.num_params, k, n)
         what = (f"its {n} per-sample gradients ({model.num_params:,} parameters each" if gram

@@ -177,6 +177,22 @@ def test_few_samples_take_the_exact_gram_route(compared):
     assert 0.5 * eigen.values[0] <= top <= eigen.values[0] * (1 + 1e-5)  # its accuracy: tests/test_lanczos.py
 
 
+def test_the_gram_route_stores_what_the_run_stores(compared):
+    """``G̃`` is kept in bfloat16 where the run keeps bfloat16 gradients, else in float32 (a float16
+    ``G̃`` would flush small entries): a run with float16 kept gradients gets the comparison (it
+    raised a ValueError), and the memory estimate counts the bytes the route allocates."""
+    from fisherjax.fisher.options import CollectOptions
+
+    model, result, _ = compared
+    assert compare.gram_dtype("bfloat16") == jnp.bfloat16
+    assert compare.gram_dtype("float16") == compare.gram_dtype("float32") == jnp.float32
+    size = 124_439_808
+    assert compare.basis_bytes(size, 10, n=32, sample_grads_dtype="bfloat16") == 32 * size * 2
+    assert compare.basis_bytes(size, 10, n=32, sample_grads_dtype="float16") == compare.basis_bytes(size, 10, n=32) == 32 * size * 4
+    half = compare.compare_methods(model, _batches(), k=6, probes=2, count=4, options=CollectOptions(sample_grads_dtype="float16"))
+    np.testing.assert_allclose(half.methods["lanczos"].top, result.methods["lanczos"].top, rtol=1e-5)
+
+
 def test_gram_sums_column_slices(monkeypatch):
     """The Gram is summed over column slices of G̃ (whole slices and a remainder): its eigenpairs
     equal numpy's of the dense F = G̃ᵀ G̃, with honest residuals."""

@@ -51,7 +51,7 @@ from fisherjax import telemetry
 from fisherjax.curvature import blocks, kfac, lanczos, lowrank, products
 from fisherjax.data import Batch
 from fisherjax.fisher.collect import collect
-from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions
+from fisherjax.fisher.options import CollectOptions
 from fisherjax.layout import unflatten
 from fisherjax.settings import STATIC, check
 
@@ -113,13 +113,21 @@ def from_gram(size: int, k: int, n: int, steps: int | None = None) -> bool:
     return k <= n <= 2 * steps
 
 
-def basis_bytes(size: int, k: int, steps: int | None = None, n: int | None = None) -> int:
+def gram_dtype(sample_grads_dtype: str = "float32"):
+    """The dtype the Gram route keeps ``G̃`` in for a run that stores its kept gradients as
+    ``sample_grads_dtype``: bfloat16 for bfloat16 (half the memory, float32's range), else
+    float32 — a float16 ``G̃`` would flush the small entries of ``g_i / sqrt(n T_i)`` to zero."""
+    return jnp.bfloat16 if sample_grads_dtype == "bfloat16" else jnp.float32
+
+
+def basis_bytes(size: int, k: int, steps: int | None = None, n: int | None = None, sample_grads_dtype: str = "float32") -> int:
     """Bytes of the comparison's largest allocation for a model of ``size`` parameters: the
     Lanczos basis ``steps · size · itemsize``, or with ``n`` samples that take the Gram route
-    (:func:`from_gram`) their float32 gradients ``n · size · 4``."""
+    (:func:`from_gram`) their gradients ``n · size · itemsize`` as :func:`gram_dtype` keeps them
+    for ``sample_grads_dtype``."""
     steps = steps or lanczos.default_steps(size, k)
     if n is not None and from_gram(size, k, n, steps):
-        return 4 * n * size
+        return n * size * jnp.dtype(gram_dtype(sample_grads_dtype)).itemsize
     return steps * size * np.dtype(basis_dtype(size, k, steps)).itemsize
 
 
@@ -156,7 +164,7 @@ def compare_methods(
         gradients are switched on, whatever they say): a run's own, as ``fisherjax analyze`` passes
         them, make that pass its already compiled step, and the block spectra and the Gram route read
         gradients stored as the run stores them (``sample_grads_dtype``: bfloat16 by default there,
-        half the memory; float32 without ``options``).
+        half the memory; float32 without ``options``; the Gram route's as :func:`gram_dtype`).
 
     Returns:
       :class:`MethodComparison`.
@@ -195,7 +203,7 @@ def compare_methods(
     diag_device = operator.ravel(diagonal_tree)
     if from_gram(operator.size, k, operator.n_samples, steps):  # rank ≤ n: the n × n Gram is exact and cheaper than the products
         def gram_route():
-            g = lowrank.scaled_gradients(model, params, batches, dtype=STORAGE_DTYPES[options.sample_grads_dtype], memory_budget_bytes=GRADIENT_BUDGET_BYTES)
+            g = lowrank.scaled_gradients(model, params, batches, dtype=gram_dtype(options.sample_grads_dtype), memory_budget_bytes=GRADIENT_BUDGET_BYTES)
             return g, lowrank.gram_top(g, k)
 
         (scaled, (values, coefficients, residuals)), lanczos_stretch = telemetry.measure(gram_route)
