@@ -147,6 +147,9 @@ class AnalysisConfig:
               f"conflict scope must be one of {', '.join(conflicts.SCOPES)} (--conflict-scope), got {self.conflict_scope!r}")
         check(0 < self.conflict_alpha < 1, f"conflict alpha must lie in (0, 1) (--conflict-alpha), got {self.conflict_alpha}")
         check(self.qkov_ridge_rel >= 0, f"QK-OV relative ridge must be ≥ 0 (--qkov-ridge-rel), got {self.qkov_ridge_rel}")
+        check(self.qkov_variant not in qkov.CURVATURE_VARIANTS or self.qkov_fisher_pool == "A",
+              f"--qkov-variant {self.qkov_variant} takes its curvature from task A's own K-FAC factors; --qkov-fisher-pool "
+              f"{self.qkov_fisher_pool} has no meaning there: leave it A")
         self.check_checkpointing()
         for unit in self.mask_units:
             check(unit in masks.STRUCTURED_UNITS,
@@ -451,14 +454,21 @@ def phase_conflicts(ctx: Context, out: Path | None) -> report.Section:
     against each task's own within-task cosines (BH FDR); writes ``conflicts.json``.
     """
     layout, config = ctx.model.layout, ctx.config
-    reports = {}
+    options = conflicts.ConflictOptions(scope=config.conflict_scope, alpha=config.conflict_alpha, top_k=config.top_k)
+    reports, skipped = {}, {}
     for name_a, name_b in itertools.combinations(ctx.fishers, 2):
+        short = [(name, len(ctx.fishers[name].sample_grads), options.samples_needed(side))
+                 for name, side in ((name_a, "a"), (name_b, "b"))]
+        short = [f"{name} has {n} samples with active tokens; its own cosines, the null it is tested against, need at least {need}"
+                 for name, n, need in short if n < need]
+        if short:  # a quick run on a few samples still gets the other phases
+            skipped[name_a, name_b] = "; ".join(short)
+            continue
         reports[name_a, name_b] = conflicts.detect(
-            ctx.fishers[name_a], ctx.fishers[name_b], layout=layout, scope=config.conflict_scope, alpha=config.conflict_alpha,
-            top_k=config.top_k, names=(name_a, name_b),
+            ctx.fishers[name_a], ctx.fishers[name_b], layout=layout, options=options, names=(name_a, name_b),
             progress=config.progress, mesh=ctx.mesh,
         )
-    section = conflicts_report.section(reports, ctx.labels, layout.kv_head_of)
+    section = conflicts_report.section(reports, ctx.labels, layout.kv_head_of, skipped=skipped)
     if out is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
         (out / "conflicts.json").write_text(json.dumps(report.jsonable(section.json), indent=2))
     return section

@@ -99,6 +99,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_checkpoint, tmp
         (["--probe-length", "1"], r"probe length must be ≥ 2 \(--probe-length\)"),
         (["--conflict-alpha", "1.5"], r"conflict alpha must lie in \(0, 1\) \(--conflict-alpha\), got 1.5"),
         (["--qkov-ridge-rel", "-1"], r"QK-OV relative ridge must be ≥ 0 \(--qkov-ridge-rel\), got -1"),
+        (["--qkov-variant", "kfac", "--qkov-fisher-pool", "pooled"], r"--qkov-variant kfac .*--qkov-fisher-pool pooled has no meaning"),
         (["--sample-grads-budget-gb", "0"], r"sample-gradient budget must be > 0 GB \(--sample-grads-budget-gb\)"),
         (["--contribution-budget-gb", "0"], "sample-gradient budget must be > 0 GB"),  # the flag's former name still works
         (["--contribution-budget-gb", "1e-6", "--spill-dir", "{file}"], "--spill-dir exists and is not a directory"),
@@ -224,12 +225,20 @@ def test_contribution_budget_and_spill_from_the_command_line(tiny_checkpoint, tm
     assert "permutation test skipped" in (tmp_path / "b" / "report.md").read_text()
 
 
-def test_tasks_too_small_for_qkov_are_skipped_with_the_reason(tiny_checkpoint, tmp_path):
+def test_tasks_too_small_for_qkov_or_conflicts_are_skipped_with_the_reason(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     assert _analyze(tiny_checkpoint, out, "--phases", "fisher,qkov", "--max-samples", "4") == 0
     pairs = json.loads((out / "results.json").read_text())["qkov"]["pairs"]
     assert pairs["add|words"] == {"skipped": "add has 4 samples with active tokens; its Fisher needs at least 8"}
     assert "skipped: words has 4 samples" in (out / "report.md").read_text()
+    # conflicts test each task against its own within-task cosines: 3 samples leave 2 per row, the pooled null needs 3
+    # (the run used to end there with exit code 2 and no output)
+    assert _analyze(tiny_checkpoint, tmp_path / "few", "--phases", "fisher,conflicts", "--max-samples", "3") == 0
+    pair = json.loads((tmp_path / "few" / "results.json").read_text())["conflicts"]["pairs"]["add|words"]
+    assert pair["skipped"].startswith("add has 3 samples with active tokens; its own cosines, the null it is tested against, need at least 4")
+    assert "**add × words**: skipped: add has 3 samples" in (tmp_path / "few" / "report.md").read_text()
+    assert _analyze(tiny_checkpoint, tmp_path / "four", "--phases", "fisher,conflicts", "--max-samples", "4") == 0
+    assert "n_significant" in json.loads((tmp_path / "four" / "results.json").read_text())["conflicts"]["pairs"]["add|words"]
 
 
 def test_qkov_options_from_the_command_line(tiny_checkpoint, tmp_path, capsys):

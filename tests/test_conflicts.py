@@ -416,6 +416,21 @@ def test_pvalues_match_loops(null, exclude_self):
         chex.assert_trees_all_close(stacked[1], got, atol=1e-12)
 
 
+@pytest.mark.parametrize("null, need", [("pooled", 3), ("normal", 2), ("row", 1)])
+def test_each_null_says_how_many_samples_a_task_needs(null, need):
+    """One fewer reference sample per row than the null needs is refused, with the reason; a task
+    that is its own reference needs one more (its diagonal is left out), which
+    ``ConflictOptions.samples_needed`` tells a caller before it computes anything."""
+    rng = np.random.default_rng(0)
+    with pytest.raises(DataError, match=f"needs at least {need} reference samples"):
+        C.conflict_pvalues(rng.normal(size=(need, 2)), rng.normal(size=(need, need)), exclude_self=True, null=null)
+    assert np.isfinite(C.conflict_pvalues(rng.normal(size=(need + 1, 2)), rng.normal(size=(need + 1, need + 1)) / 3,
+                                          exclude_self=True, null=null)).any()
+    for reference, (a, b) in {"both": (need + 1, need + 1), "a": (need + 1, 1), "b": (1, need + 1)}.items():
+        options = C.ConflictOptions(null=null, reference=reference)
+        assert (options.samples_needed("a"), options.samples_needed("b")) == (a, b), reference
+
+
 def test_reference_sides_and_external_split(gpt2, gpt2_task):
     """p-values of detect() against loops over numpy cosines, for each reference choice."""
     a, b = halves(gpt2_task)

@@ -244,11 +244,15 @@ def markdown(report: ConflictReport, summary: Mapping, *, figure_link: str | Non
 
 
 def section(reports: Mapping[tuple[str, str], ConflictReport], labels: np.ndarray | None = None,
-            kv_head_of: np.ndarray | None = None) -> Section:
+            kv_head_of: np.ndarray | None = None, skipped: Mapping[tuple[str, str], str] | None = None) -> Section:
     """Phase 5 as one :class:`~fisherjax.report.Section`: key ``"conflicts"``, json
     ``{"pairs": {"A|B": summary}}`` (the content of ``conflicts.json``), each pair's
-    :func:`markdown` with its :func:`figure` (named :func:`figure_name`)."""
+    :func:`markdown` with its :func:`figure` (named :func:`figure_name`); a pair in ``skipped``
+    gets ``{"skipped": reason}`` and one line saying why."""
     pairs, lines, figures = {}, [], {}
+    for (name_a, name_b), reason in (skipped or {}).items():
+        pairs[f"{name_a}|{name_b}"] = {"skipped": reason}
+        lines += [f"**{name_a} × {name_b}**: skipped: {reason}.", ""]
     for (name_a, name_b), report in reports.items():
         entry = summary(report, labels, kv_head_of)
         pairs[f"{name_a}|{name_b}"] = entry

@@ -47,13 +47,20 @@ from jaxtyping import Float
 from fisherjax.errors import DataError
 from fisherjax.settings import check_choice
 
-__all__ = ["NULLS", "TAILS", "conflict_pvalues"]
+__all__ = ["NULLS", "TAILS", "conflict_pvalues", "reference_samples_needed"]
 
 NULLS = ("pooled", "normal", "row")
 """The null tests (module docstring)."""
 
 TAILS = (None, "gpd")
 """The pooled null's far tail: purely empirical (None) or a generalized Pareto fit."""
+
+
+def reference_samples_needed(null: str) -> int:
+    """Reference samples per row the ``null`` needs: 1 for ``"row"``, 2 for ``"normal"`` (a
+    spread), 3 for ``"pooled"`` (a standardised cosine)."""
+    check_choice("conflict_pvalues", "null", null, NULLS)
+    return {"row": 1, "normal": 2, "pooled": 3}[null]
 
 
 def conflict_pvalues(
@@ -89,7 +96,7 @@ def conflict_pvalues(
             raise DataError("a within-task reference must be square")
         ref = ref[..., ~np.eye(n, dtype=bool)].reshape(*ref.shape[:-1], n - 1)
     m = ref.shape[-1]
-    need = {"row": 1, "normal": 2, "pooled": 3}[null]
+    need = reference_samples_needed(null)
     if m < need:
         raise DataError(
             f"the {null!r} null needs at least {need} reference samples per row, got {m}"

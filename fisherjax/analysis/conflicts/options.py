@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from fisherjax.analysis.conflicts.null import NULLS, TAILS
+from fisherjax.analysis.conflicts.null import NULLS, TAILS, reference_samples_needed
 from fisherjax.fisher.pool import FISHER_POOLS
 from fisherjax.settings import Options, check, check_choice
 
@@ -98,3 +98,10 @@ class ConflictOptions(Options):
               f"{owner} chunk_size must be a positive integer or None, got {self.chunk_size!r}")
         check(self.memory_budget_bytes > 0, f"{owner} memory_budget_bytes must be > 0, got {self.memory_budget_bytes}")
         check(self.scope != "groups" or self.by_group, f"{owner} scope='groups' needs by_group=True")
+
+    def samples_needed(self, side: str) -> int:
+        """Samples task ``side`` (``"a"`` or ``"b"``) needs: one more than the null's reference
+        samples per row (:func:`~.null.reference_samples_needed`) when its own within-task cosines
+        are a reference (``reference``), else 1. An external ``reference_split`` is not counted."""
+        check_choice(type(self).__name__, "side", side, ("a", "b"))
+        return reference_samples_needed(self.null) + 1 if self.reference in (side, "both") else 1
