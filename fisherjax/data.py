@@ -71,6 +71,14 @@ class Example:
     truncated: bool = False
     scored: tuple[bool, ...] | None = None
 
+    @property
+    def num_targets(self) -> int:
+        """Tokens the loss predicts: positions from ``max(prompt_len, 1)`` on, those ``scored``."""
+        first = max(self.prompt_len, 1)
+        if self.scored is None:
+            return max(len(self.tokens) - first, 0)
+        return sum(bool(x) for x in self.scored[first:])
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:

@@ -263,8 +263,21 @@ def load_inputs(config: AnalysisConfig) -> tuple[Model, dict[str, Task]]:
                             "text); give its tokenizer with --tokenizer DIR, or pre-tokenised 'input_ids' per line") from None
         if config.max_samples is not None:
             task = dataclasses.replace(task, examples=task.examples[: config.max_samples])
+        check_targets(task, config)
         tasks[name] = task
     return model, tasks
+
+
+def check_targets(task: Task, config: AnalysisConfig) -> None:
+    """Refuse a task none of whose samples has a token to predict (every token prompt or masked),
+    before any compute: naming the file, and ``--truncate`` when it cut the samples."""
+    if any(e.num_targets for e in task.examples):
+        return
+    cut = len(task.truncated)
+    hint = (f"; --truncate cut {cut} of them to --max-length {config.max_length} (or the model's positions): raise --max-length"
+            if cut else ": give each sample a completion, or labels other than -100")
+    raise DataError(f"{task.source}: none of the {len(task)} samples of task {task.name!r} has a token to predict "
+                    f"(every token is prompt or masked){hint}")
 
 
 def model_info(model: Model) -> dict:

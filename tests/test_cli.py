@@ -100,6 +100,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_checkpoint, tmp
         (["--conflict-alpha", "1.5"], r"conflict alpha must lie in \(0, 1\) \(--conflict-alpha\), got 1.5"),
         (["--qkov-ridge-rel", "-1"], r"QK-OV relative ridge must be ≥ 0 \(--qkov-ridge-rel\), got -1"),
         (["--qkov-variant", "kfac", "--qkov-fisher-pool", "pooled"], r"--qkov-variant kfac .*--qkov-fisher-pool pooled has no meaning"),
+        (["--max-length", "4", "--truncate"],  # the prompts fill the 4 positions: nothing left to predict, found before Phase 1
+         r"add.jsonl: none of the 12 samples of task 'add' has a token to predict .*--truncate cut 12 of them to --max-length 4"),
         (["--sample-grads-budget-gb", "0"], r"sample-gradient budget must be > 0 GB \(--sample-grads-budget-gb\)"),
         (["--contribution-budget-gb", "0"], "sample-gradient budget must be > 0 GB"),  # the flag's former name still works
         (["--contribution-budget-gb", "1e-6", "--spill-dir", "{file}"], "--spill-dir exists and is not a directory"),

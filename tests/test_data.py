@@ -185,3 +185,14 @@ def test_longer_than_the_model_is_refused_unless_truncating(tmp_path):
     assert load_task(f, CharTokenizer(), max_positions=21).truncated == ()
     with pytest.raises(ConfigError, match="max_positions must be a positive number"):
         load_task(f, CharTokenizer(), max_positions=0)
+
+
+def test_an_example_counts_the_tokens_its_loss_predicts():
+    """The first token is never predicted, nor the prompt; pre-tokenised ``labels`` (``scored``) pick the rest."""
+    from fisherjax.data import Example
+
+    assert Example((5, 6, 7, 8), prompt_len=0, sample_id=0).num_targets == 3
+    assert Example((5, 6, 7, 8), prompt_len=2, sample_id=0).num_targets == 2
+    assert Example((5, 6, 7, 8), prompt_len=4, sample_id=0).num_targets == 0
+    assert Example((5, 6, 7, 8), prompt_len=0, sample_id=0, scored=(True, False, True, True)).num_targets == 2
+    assert Example((5,), prompt_len=0, sample_id=0).num_targets == 0
