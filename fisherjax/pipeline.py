@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -335,11 +336,12 @@ def first_batches(ctx: Context, name: str, n: int) -> list[Batch]:
 
 
 CURVATURE_MEMORY_SHARE = 0.5
-"""The method comparison runs by default only when its largest allocation (the Lanczos basis or
-the per-sample gradients of its Gram route, ``compare.basis_bytes``) takes at most this share of
-the memory still free after Phase 1 (``backend.available_memory_bytes``): a GPT-2-small basis of
-30 float32 vectors is 15 GB, which with Phase 1's kept gradients ran a 24 GB CPU machine out of
-memory."""
+"""The method comparison runs by default only when its peak (the Lanczos basis or the per-sample
+gradients of its Gram route, K-FAC's factors and a few model-sized vectors: ``compare.peak_bytes``)
+takes at most this share of the memory still free after Phase 1
+(``backend.available_memory_bytes``): a GPT-2-small basis of 30 float32 vectors is 15 GB, which
+with Phase 1's kept gradients ran a 24 GB CPU machine out of memory. ``--curvature`` lifts the
+share to all of the free memory, not beyond."""
 
 CURVATURE_AUTO_PARAMETERS = 200_000_000
 """Models up to this many parameters get the method comparison by default; larger ones with
@@ -356,15 +358,26 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
     name = next(iter(ctx.tasks))
     chosen = first_batches(ctx, name, config.curvature_samples)
     k, n = config.curvature_k, sum(b.num_real for b in chosen)
-    need, free = compare.basis_bytes(model.num_params, k, n=n, sample_grads_dtype=config.sample_grads_dtype), backend.available_memory_bytes()
-    if not config.curvature and free is not None and need > CURVATURE_MEMORY_SHARE * free:
+    largest = compare.basis_bytes(model.num_params, k, n=n, sample_grads_dtype=config.sample_grads_dtype)
+    need = compare.peak_bytes(model, k, n=n, sample_grads_dtype=config.sample_grads_dtype)
+    free = backend.available_memory_bytes()
+    share = 1.0 if config.curvature else CURVATURE_MEMORY_SHARE  # --curvature: whatever is free, not more
+    if free is not None and need > share * free:
         gram = compare.from_gram(model.num_params, k, n)
-        what = (f"its {n} per-sample gradients ({model.num_params:,} parameters each" if gram
-                else f"its Lanczos basis ({lanczos.default_steps(model.num_params, k)} vectors of {model.num_params:,} parameters")
+        what = (f"its {n} per-sample gradients ({model.num_params:,} parameters each, {largest / 1e9:.1f} GB" if gram
+                else f"its Lanczos basis ({lanczos.default_steps(model.num_params, k)} vectors of {model.num_params:,} parameters, "
+                     f"{largest / 1e9:.1f} GB")
+        what += "; with K-FAC's factors and model-sized vectors"
+        smaller = "--curvature-samples" if gram else "--curvature-k"
+        if config.curvature:
+            reason = (f"{what}, {need / 1e9:.1f} GB) would take more than the memory still free ({free / 1e9:.1f} GB), even with "
+                      f"--curvature; pass a smaller {smaller}")
+            warnings.warn(f"method comparison skipped: {reason}", stacklevel=1)
+            return curvature_report.skipped(reason)
         return curvature_report.skipped(
             f"{what}, {need / 1e9:.1f} GB) would take more than "
             f"{CURVATURE_MEMORY_SHARE:.0%} of the memory still free ({free / 1e9:.1f} GB); pass --curvature to run it anyway, "
-            f"or a smaller {'--curvature-samples' if gram else '--curvature-k'}")
+            f"or a smaller {smaller}")
     result = compare.compare_methods(model, chosen, k=config.curvature_k, seed=config.seed, progress=config.progress,
                                      options=config.collect_options(model.layout, longest(ctx.batches)))  # Phase 1's compiled step
     return curvature_report.section(result, name, ctx.labels, model.layout.kv_head_of)

@@ -49,9 +49,10 @@ def _same_outputs(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_devices_split_the_run_and_change_no_result(tmp_path):
-    _analyze(tmp_path / "four", 4)  # default: every device
-    _analyze(tmp_path / "one", 4, "--devices", "1")
+@pytest.mark.parametrize("form", ["auto", "factors"])  # kept token factors are formed on the devices that read them
+def test_devices_split_the_run_and_change_no_result(tmp_path, form):
+    _analyze(tmp_path / "four", 4, "--sample-grads-form", form)  # default: every device
+    _analyze(tmp_path / "one", 4, "--devices", "1", "--sample-grads-form", form)
     _same_outputs(tmp_path / "four", tmp_path / "one")
 
 

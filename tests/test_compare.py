@@ -129,8 +129,8 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
     monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: 1000)
     assert main([*args, "--out", str(tmp_path / "m")]) == 0
     reason = json.loads((tmp_path / "m" / "results.json").read_text())["method_comparison"]["skipped"]
-    assert re.search(r"Lanczos basis \(30 vectors of [\d,]+ parameters, [\d.]+ GB\) would take more than 50% of the memory still "
-                     r"free \(0.0 GB\); pass --curvature", reason), reason
+    assert re.search(r"Lanczos basis \(30 vectors of [\d,]+ parameters, [\d.]+ GB; with K-FAC's factors and model-sized vectors, "
+                     r"[\d.]+ GB\) would take more than 50% of the memory still free \(0.0 GB\); pass --curvature", reason), reason
     calls = []
 
     def fake(model, batches, **kwargs):  # the comparison itself is checked above; here: --curvature makes it run
@@ -138,6 +138,13 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
         raise RuntimeError("ran")
 
     monkeypatch.setattr(pipeline.compare, "compare_methods", fake)
+    # --curvature asks for it whatever share of the free memory it takes, but not for more than is free
+    with pytest.warns(UserWarning, match="method comparison skipped"):
+        assert main([*args, "--out", str(tmp_path / "d"), "--curvature"]) == 0
+    reason = json.loads((tmp_path / "d" / "results.json").read_text())["method_comparison"]["skipped"]
+    assert "more than the memory still free (0.0 GB), even with --curvature; pass a smaller --curvature-k" in reason, reason
+    assert not calls
+    monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: 10**9)  # enough for it
     with pytest.raises(RuntimeError, match="ran"):
         main([*args, "--out", str(tmp_path / "c"), "--curvature", "--curvature-samples", "5", "--curvature-k", "3"])
     assert calls == [(5, 3)]

@@ -178,6 +178,8 @@ def test_factors_equal_torch_hooks(kind, family):
     tokens = sum(int(((b.labels[:, 1:] != IGNORE).sum(1) * (b.sample_ids >= 0)).sum()) for b in BATCHES)
     assert kfac.n_tokens == tokens
     _check_against(kfac, ref, kind)
+    # what the method comparison's memory rule counts for them (fisherjax.curvature.compare.peak_bytes)
+    assert K.factor_floats(model) == sum(f.inputs.size + f.outputs.size for f in kfac.factors.values())
 
 
 @pytest.mark.parametrize("kind", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])

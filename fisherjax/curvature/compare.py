@@ -131,6 +131,21 @@ def basis_bytes(size: int, k: int, steps: int | None = None, n: int | None = Non
     return steps * size * np.dtype(basis_dtype(size, k, steps)).itemsize
 
 
+MODEL_COPIES = 5
+"""Model-sized float32 arrays the comparison holds beside ``G̃`` (or the basis) and K-FAC: the
+diagonal as collected and raveled for the products, a probe ``v`` and its exact ``F v``, and the
+approximations' products of it. With K-FAC's factors and their eigenvectors, what GPT-2 small's
+comparison took above ``G̃`` in ``fisherjax analyze`` (RESULTS.md, twenty-second session)."""
+
+
+def peak_bytes(model, k: int, steps: int | None = None, n: int | None = None, sample_grads_dtype: str = "float32") -> int:
+    """Bytes the comparison of ``model`` holds at its peak: :func:`basis_bytes`, K-FAC's factors and
+    their eigendecompositions (``2 · 4 ·`` :func:`~fisherjax.curvature.kfac.factor_floats`) and
+    :data:`MODEL_COPIES` float32 copies of the model."""
+    size = int(model.num_params)
+    return basis_bytes(size, k, steps, n, sample_grads_dtype) + 8 * kfac.factor_floats(model) + 4 * MODEL_COPIES * size
+
+
 GRADIENT_BUDGET_BYTES = 0.25e9
 """What the Gram route's per-sample gradient pieces may take beside ``G̃`` (``scaled_gradients``'s
 budget): one sample of a 16 M-parameter model at a time, which costs no time against larger pieces

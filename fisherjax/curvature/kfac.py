@@ -205,6 +205,19 @@ def factor_sites(model) -> tuple[FactorSite, ...]:
     return tuple(out)
 
 
+def factor_floats(model) -> int:
+    """Floats the K-FAC factors of ``model`` take: over :func:`factor_sites`, ``layers · ((d_in +
+    bias)² + d_out²)`` (a fused QKV block's ``d_out`` its own columns)."""
+    total = 0
+    for site in factor_sites(model):
+        spec = model.layout.specs[site.kernel]
+        layers = spec.shape[0] if spec.layered else 1
+        d_in = spec.shape[-2] + (site.bias is not None)
+        d_out = len(site.columns) if site.columns is not None else spec.shape[-1]
+        total += layers * (d_in * d_in + d_out * d_out)
+    return total
+
+
 def factor_key(path: str, block: str | None) -> str:
     """The key of a kernel's factor in :attr:`KFAC.factors`: the path, or ``"path#q"`` for a block."""
     return path if block is None else f"{path}#{block}"
