@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", type=Path, help="a Hugging Face config.json file")
     p.add_argument("--samples", type=int, required=True, help="samples per task")
     p.add_argument("--tasks", type=int, default=planning.TASKS, help=f"tasks (default {planning.TASKS})")
-    p.add_argument("--seq-len", type=int, default=planning.SEQ_LEN, help=f"tokens per sample (default {planning.SEQ_LEN})")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per sample (default {planning.SEQ_LEN}, or the model's positions when it has fewer)")
     p.add_argument("--devices", type=int, default=planning.DEVICES, help=f"devices (default {planning.DEVICES})")
     p.add_argument("--device-memory", type=float, default=planning.DEVICE_MEMORY_GB, metavar="GB",
                    help=f"memory per device, GB = 1e9 bytes (default {planning.DEVICE_MEMORY_GB:g})")
@@ -562,6 +563,11 @@ def _export(args) -> int:
     fishers = [io.load_task_fisher(states / name) for name in names]
     units = args.unit or list(recorded.get("mask_units") or ["head"])
     scope = args.scope or recorded.get("mask_scope") or "global"
+    without = [f.task for f in fishers if f.diagonal is None]
+    if "parameter" in units and without:
+        raise FisherjaxError(f"{run}: --unit parameter needs the per-parameter diagonal Fisher, which the run did not keep for "
+                             f"task(s) {', '.join(without)} (analyzed with --no-diagonal); export a structured --unit, or analyze "
+                             "again without --no-diagonal")
 
     def write(staged: Path) -> None:
         for fisher in fishers:

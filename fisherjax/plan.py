@@ -387,7 +387,7 @@ def plan(
     config: DecoderConfig,
     *,
     samples: int,
-    seq_len: int = SEQ_LEN,
+    seq_len: int | None = None,
     devices: int = DEVICES,
     device_memory_gb: float = DEVICE_MEMORY_GB,
     tasks: int = TASKS,
@@ -428,6 +428,8 @@ def plan(
     check(isinstance(devices, int) and devices >= 1, f"devices must be ≥ 1 (--devices), got {devices}")
     check(isinstance(devices_per_host, int) and devices_per_host >= 1,
           f"devices per host must be ≥ 1 (--devices-per-host), got {devices_per_host}")
+    if seq_len is None:  # a model with fewer positions is planned at all of them
+        seq_len = min(SEQ_LEN, config.max_position_embeddings)
     check(isinstance(seq_len, int) and 2 <= seq_len <= config.max_position_embeddings,
           f"sequence length must be in [2, {config.max_position_embeddings}] (--seq-len; the model's max_position_embeddings), got {seq_len}")
     for name, flag, value in (("device memory", "--device-memory", device_memory_gb), ("host memory", "--host-memory", host_memory_gb)):

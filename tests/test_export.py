@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -216,6 +217,13 @@ def test_export_command_reads_an_analyze_output(tiny, tmp_path):
     # a second export replaces the first (the marker says fisherjax wrote it)
     assert run_cli(["export", "--from", run, "--to", tmp_path / "exported", "--unit", "neuron", "--sparsity", "0.25"])[0] == 0
     assert sorted(read_export(tmp_path / "exported" / "a").mask_info) == ["neuron@0.25"]
+    # a run without the per-parameter diagonal (analyze --no-diagonal) has no parameter masks: refused, naming both options
+    for name in "ab":
+        io.save_task_fisher(dataclasses.replace(tiny.fishers[name], diagonal=None, diagonal_variance=None), run / "no_diag" / "fisher_state" / name)
+    outdir.write_marker(run / "no_diag", {"fisherjax": fisherjax.__version__, "config": {"model": str(tiny.root / "base")}})
+    code, _, err = run_cli(["export", "--from", run / "no_diag", "--to", tmp_path / "nd", "--unit", "parameter"])
+    assert code == 2 and re.search(r"--unit parameter needs the per-parameter diagonal .* task\(s\) a, b \(analyzed with --no-diagonal\)", err), err
+    assert not (tmp_path / "nd").exists()
 
 
 # ---- merge and prune ----------------------------------------------------------------------------

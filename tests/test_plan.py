@@ -207,7 +207,11 @@ def test_cli_prints_json(tmp_path, capfd):
     assert main(["plan", "--model", str(file.parent), "--samples", "8", "--devices", "1", "--device-memory", "1"]) == 0
     text = capfd.readouterr().out
     assert "recommended mesh" in text and "micro-batch" in text and "kept gradients" in text
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.json", "tiny"]  # plan writes nothing
+    # without --seq-len a model with fewer than 512 positions is planned at all of them (it was refused)
+    small = _write(tmp_path / "gpt2", GPT2)
+    assert main(["plan", "--config", str(small), "--samples", "2", "--devices", "1", "--device-memory", "1", "--json"]) == 0
+    assert json.loads(capfd.readouterr().out)["seq_len"] == GPT2["n_positions"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.json", "config.json", "gpt2", "tiny"]  # plan writes nothing
 
 
 @pytest.mark.parametrize("case", ["missing file", "missing dir", "not json", "bad field", "samples"])
