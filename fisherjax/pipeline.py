@@ -519,11 +519,11 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
         if n_a < needed:  # a quick run on a few samples still gets the other phases
             summaries[name_a, name_b] = {"skipped": f"{name_a} has {n_a} samples with active tokens; its Fisher needs at least {needed}"}
             continue
-        curvature = score.variant in qkov.CURVATURE_VARIANTS  # task A's K-FAC, on one device: that variant takes no mesh yet
+        curvature = score.variant in qkov.CURVATURE_VARIANTS  # task A's K-FAC (its factors on one device, the heatmap on the mesh)
         if curvature and name_a not in factors:
             factors[name_a] = attention_kfac(ctx, name_a)
         result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress,
-                              mesh=None if curvature else ctx.mesh, kfac=factors.get(name_a))
+                              mesh=ctx.mesh, kfac=factors.get(name_a))
         arrays.update({f"{name_a}|{name_b}|{k}": v for k, v in qkov.to_arrays(result).items()})
         summary = qkov_report.summary(result, top_k=config.top_k, labels=ctx.labels)
         summary["kernel"] = dataclasses.asdict(kernel)

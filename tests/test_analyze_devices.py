@@ -34,14 +34,15 @@ def _analyze(out: Path, devices: int, *extra: str, wait: bool = True):
     return stdout
 
 
-def _same_outputs(a: Path, b: Path) -> None:
-    """The Fisher, the QK-OV scores and the conflict tests of two output directories agree."""
+def _same_outputs(a: Path, b: Path, floor: float = 1e-6) -> None:
+    """The Fisher, the QK-OV scores and the conflict tests of two output directories agree
+    (entrywise within 2e-5 relative or ``floor`` of the array's largest entry)."""
     for name in ("group_fisher.npz", "qkov.npz"):
         x, y = np.load(a / name), np.load(b / name)
         assert sorted(x.files) == sorted(y.files)
         for key in y.files:
             if y[key].dtype.kind == "f":
-                np.testing.assert_allclose(x[key], y[key], rtol=2e-5, atol=1e-6 * float(np.abs(y[key]).max() + 1e-30), err_msg=key)
+                np.testing.assert_allclose(x[key], y[key], rtol=2e-5, atol=floor * float(np.abs(y[key]).max() + 1e-30), err_msg=key)
             else:
                 np.testing.assert_array_equal(x[key], y[key], err_msg=key)
     ca, cb = (json.loads((d / "conflicts.json").read_text()) for d in (a, b))
@@ -49,11 +50,14 @@ def _same_outputs(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("form", ["auto", "factors"])  # kept token factors are formed on the devices that read them
-def test_devices_split_the_run_and_change_no_result(tmp_path, form):
-    _analyze(tmp_path / "four", 4, "--sample-grads-form", form)  # default: every device
-    _analyze(tmp_path / "one", 4, "--devices", "1", "--sample-grads-form", form)
-    _same_outputs(tmp_path / "four", tmp_path / "one")
+@pytest.mark.parametrize("options", [(), ("--sample-grads-form", "factors"), ("--sample-grads-form", "factors", "--qkov-variant", "kfac")],
+                         ids=["auto", "factors", "factors-kfac"])  # kept token factors are formed on the devices that read them
+def test_devices_split_the_run_and_change_no_result(tmp_path, options):
+    _analyze(tmp_path / "four", 4, *options)  # default: every device
+    _analyze(tmp_path / "one", 4, "--devices", "1", *options)
+    # the kfac variant divides the rotated gradients by s_in s_outᵀ + λ, which magnifies the float32
+    # rounding of gradients formed in another order (measured: 4e-6 of the largest score, 2e-6 in norm)
+    _same_outputs(tmp_path / "four", tmp_path / "one", floor=1e-5 if "kfac" in options else 1e-6)
 
 
 def test_more_devices_than_there_are_is_one_line_and_exit_2(tmp_path):

@@ -347,8 +347,9 @@ def test_refusals(family):
         qkov.sample_pair(A, B, layout, 100, 105, 0, 0, variant="kfac")
     with pytest.raises(ConfigError, match="fisher_pool"):
         qkov.heatmap(A, B, layout, variant="kfac", kfac=factors, fisher_pool="pooled")
-    with pytest.raises(ConfigError, match="not supported yet"):
-        qkov.heatmap(A, B, layout, variant="kfac", kfac=factors, mesh=jax.make_mesh((1,), ("data",)))
+    # a one-device mesh is the single-device path's numbers (four devices: tests/test_sharded_analysis.py)
+    one = qkov.heatmap(A, B, layout, variant="kfac", kfac=factors, mesh=jax.make_mesh((1,), ("data",)))
+    np.testing.assert_allclose(one.scores, qkov.heatmap(A, B, layout, variant="kfac", kfac=factors).scores, rtol=1e-6, atol=1e-12)
     with pytest.raises(ConfigError, match=r"kfac=.*\['o'\]"):
         qkov.heatmap(A, B, layout, variant="kfac", kfac={b: f for b, f in factors.items() if b != "o"})
     q = factors["q"]

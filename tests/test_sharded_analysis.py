@@ -42,6 +42,7 @@ from fisherjax import Model, collect
 from fisherjax.analysis import conflicts, qkov
 from fisherjax.analysis.conflicts import gram as conflicts_gram
 from fisherjax.analysis.conflicts.sources import as_stream, grouping_for
+from fisherjax.curvature import kfac as K
 from fisherjax.data import batches
 from fisherjax.fisher import factored
 from fisherjax.fisher.state import SampleGrads
@@ -114,6 +115,9 @@ single["perm_split"] = qkov.permutation_test(fit_a, B, held_a, gpt2.layout, n_pe
 single["gpt2_boot"] = qkov.bootstrap_layer_head_avg(single["gpt2"], n_bootstrap=64, seed=1, chunk=32)
 
 single["chunked4"] = conflicts.detect(A, B, layout=gpt2.layout, chunk_size=4)
+# QK-OV's kfac variant: task A's K-FAC factors restricted to the heads
+KF = K.attention_factors(K.kfac_factors(gpt2, gpt2.params, list(batches(random_task("a", 7, 1), 8))), gpt2.layout)
+single["kfac"] = qkov.heatmap(A, B, gpt2.layout, variant="kfac", kfac=KF, **MIN)
 
 # Kept token factors are formed where the mesh places them: record where each formation ran, and
 # count reads that formed gradients for the host.
@@ -177,6 +181,10 @@ for name, mesh in (("(4,)", make_mesh(4)), ("(2, 2)", make_mesh(2, 2))):
     f["llama_scores"] = entrywise(np.asarray(got.scores), single["llama"].scores)
     f["llama_avg"] = err(got.layer_head_avg, single["llama"].layer_head_avg)
     f["llama_top"] = top_keys(got) == top_keys(single["llama"])
+    # The kfac variant: A's rows of each tile split over the devices, its sums gathered tile by tile.
+    got = qkov.heatmap(A, B, gpt2.layout, mesh=mesh, variant="kfac", kfac=KF, **MIN)
+    f["kfac_scores"] = entrywise(got.scores, single["kfac"].scores)
+    f["kfac_avg"] = err(got.layer_head_avg, single["kfac"].layer_head_avg)
     # Permutation test: same seed, same permutations; only column means gathered.
     perm = qkov.permutation_test(A, B, H, gpt2.layout, n_permutations=300, seed=3, mesh=mesh, **MIN)
     f["perm_observed"] = err(perm.observed, single["perm"].observed)
@@ -207,6 +215,8 @@ for name, mesh in (("(4,)", make_mesh(4)), ("(2, 2)", make_mesh(2, 2))):
     report = conflicts.detect(FA, FB, mesh=mesh, layout=gpt2.layout, scope="groups")
     f["factors_cosines"] = err(report.cosines, single["groups"].cosines)
     f["factors_group_dots"] = err(report.gram.group_dots, single["groups"].gram.group_dots)
+    f["factors_kfac_scores"] = err(qkov.heatmap(FA, FB, gpt2.layout, mesh=mesh, variant="kfac", kfac=KF, **MIN).scores,
+                                   single["kfac"].scores)
     report = conflicts.detect(FA, FB, mesh=mesh, layout=gpt2.layout, chunk_size=4)  # chunk by chunk, not slice by slice
     f["factors_chunked_cosines"] = err(report.cosines, single["chunked4"].cosines)
     # each device formed its own rows (split) or all of them (replicated): none on one device, none on the host
@@ -246,7 +256,8 @@ def test_sharded_pair_phases_equal_one_device(sharded):
         assert max(v for k, v in errors.items() if k.endswith("pvalues")) <= 1e-6, (mesh, errors)
         flags = [k for k, v in f.items() if isinstance(v, bool)]
         assert {"gpt2_ids", "kept_shape", "kept_top", "llama_top", "perm_pvalues", "perm_significant", "planted_significant"} <= set(flags)
-        assert {"factors_scores", "factors_cosines", "factors_group_dots", "factors_chunked_cosines"} <= set(errors), (mesh, errors)
+        assert {"factors_scores", "factors_cosines", "factors_group_dots", "factors_chunked_cosines", "kfac_scores", "kfac_avg",
+                "factors_kfac_scores"} <= set(errors), (mesh, errors)
         assert all(f[k] for k in flags), (mesh, {k: f[k] for k in flags})
         assert f["planted_found"] > 0  # the planted conflict is found, and found the same on the mesh
 

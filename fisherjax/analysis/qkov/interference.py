@@ -19,7 +19,7 @@ from fisherjax.analysis.qkov._tiles import raw_scores
 from fisherjax.analysis.qkov.options import SIGNED_VARIANTS, KernelOptions, ScoreOptions, resolve
 from fisherjax.analysis.qkov.results import QKOVResult, ShardedScores, result_of
 from fisherjax.curvature.factors import HeadFactors
-from fisherjax.errors import ConfigError, DataError
+from fisherjax.errors import DataError
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 from fisherjax.sharding import check_mesh, to_host
@@ -66,8 +66,9 @@ def heatmap(
         rows across devices (float32); only ``[block, layer, head]`` summaries are gathered.
       kfac: ``{block: HeadFactors}`` (:func:`fisherjax.curvature.kfac.attention_factors`), task A's
         K-FAC factors: read by ``variant="kfac"`` and only there
-        (``M_ij = s_j · g_iᵀ (A ⊗ G + λI)⁻¹ g_j``, :mod:`~fisherjax.analysis.qkov.kronecker`; no
-        mesh yet).
+        (``M_ij = s_j · g_iᵀ (A ⊗ G + λI)⁻¹ g_j``, :mod:`~fisherjax.analysis.qkov.kronecker`; on a
+        mesh each tile's rows of A are split over ``"data"`` and its sums gathered, whatever
+        ``gather_scores`` says).
 
     Returns:
       :class:`QKOVResult` with ``scores [block, layer, n_a, n_b, head]``, ``layer_head_avg
@@ -76,10 +77,8 @@ def heatmap(
     mesh = check_mesh(mesh)
     score, kernel = resolve(score, kernel, overrides)
     kronecker.check_request(score, kfac)
-    if score.variant == "kfac":
-        if mesh is not None:
-            raise ConfigError("qkov variant='kfac' with mesh= is not supported yet: call heatmap without a mesh")
-        return kronecker.heatmap(task_a, task_b, layout, kfac, score, kernel, progress=progress)
+    if score.variant == "kfac":  # its scores come to the host tile by tile (gather_scores=False keeps nothing on the mesh)
+        return kronecker.heatmap(task_a, task_b, layout, kfac, score, kernel, progress=progress, mesh=mesh)
     prep = prepare(task_a, task_b, layout, score)
     n_a, n_b = len(prep.a_positions), len(prep.b_positions)
     if n_b == 0:

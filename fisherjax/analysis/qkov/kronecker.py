@@ -76,12 +76,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 from fisherjax.analysis.qkov._operands import PRECISIONS, BlockKinds, block_kinds, leaf_sources, views_of
 from fisherjax.analysis.qkov._prepare import active, partner, partner_scale, required_paths, task_samples
 from fisherjax.analysis.qkov._scores import assemble
-from fisherjax.analysis.qkov._tiles import device_leaves, tile_plan
+from fisherjax.analysis.qkov._tiles import device_leaves, mesh_leaves, tile_plan
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
 from fisherjax.analysis.qkov.results import QKOVResult, SliceDiagnostics, result_of
 from fisherjax.curvature.factors import HeadFactors
@@ -89,6 +90,7 @@ from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 from fisherjax.progressbar import progress_bar
+from fisherjax.sharding import data_size, put_replicated, shard_rows, to_host
 
 COPIES = 4
 """Float32 copies of a tile's gradients held at once (:func:`~._tiles.tile_plan`): the stored
@@ -348,22 +350,43 @@ def _chunk(start: int, size: int, n: int) -> np.ndarray:
 
 def slice_sums(
     prep: Prepared, layout: ModelLayout, kernel: KernelOptions, a_positions: np.ndarray, b_positions: np.ndarray, layers: np.ndarray, *,
-    progress: bool = False, desc: str = "QK-OV kfac",
+    progress: bool = False, desc: str = "QK-OV kfac", mesh: Mesh | None = None,
 ) -> dict[str, np.ndarray]:
     """``{block: [layer, n_a, n_b, H_b]}`` ``g_iᵀ (F̃ + λI)⁻¹ g_j`` (before ``s_j`` and the
     aggregation) for the selected samples and layers, tile by tile: per layer chunk the bases and
     denominators go to the device once, each A tile is rotated and weighted once, B's tile once
-    per layer chunk (once per A tile when B needs several tiles)."""
+    per layer chunk (once per A tile when B needs several tiles).
+
+    With a ``mesh`` an A tile holds ``c_a`` rows per device, split over ``"data"`` (zero rows pad
+    the last one), and B's tile, the bases and the denominators are replicated: each device
+    rotates its rows of A (kept factors formed there, :func:`~._tiles.mesh_leaves`) and multiplies
+    them with all of B; the tile's sums come to the host as on one device."""
     cur = prep.curvature
     sources = leaf_sources(layout, prep.kinds)
     n_a, n_b, n_l = len(a_positions), len(b_positions), len(layers)
     out = {block: np.zeros((n_l, n_a, n_b, layout.heads_of(block)), np.float32) for block in ATTENTION_BLOCKS}
     if n_a == 0 or n_b == 0 or n_l == 0:
         return out
+    devices = data_size(mesh)
     per_layer = sum(layout.heads_of(block) * int(prep.slice_sizes[n]) for n, block in enumerate(ATTENTION_BLOCKS))
-    c_a, c_b, c_l = tile_plan(n_a, n_b, n_l, per_layer, kernel.memory_budget_bytes, copies=COPIES)
+    c_a, c_b, c_l = tile_plan(-(-n_a // devices), n_b, n_l, per_layer, kernel.memory_budget_bytes, copies=COPIES)
+    rows = devices * c_a  # A's rows per tile: c_a on each device
     statics = dict(layout=layout, kinds=prep.kinds, precision=kernel.precision)
-    layer_starts, a_starts, b_starts = range(0, n_l, c_l), range(0, n_a, c_a), range(0, n_b, c_b)
+    if mesh is not None:
+        split, replicate = functools.partial(shard_rows, mesh=mesh), functools.partial(put_replicated, mesh=mesh)
+
+    def a_tile(i0: int, lsel: np.ndarray):
+        if mesh is None:
+            return device_leaves(prep.a.grads, layout, sources, a_positions[_chunk(i0, c_a, n_a)], lsel)
+        index = np.arange(i0, i0 + rows)
+        return mesh_leaves(prep.a.grads, layout, sources, np.where(index < n_a, a_positions[np.minimum(index, n_a - 1)], -1), lsel, split)
+
+    def b_tile(j0: int, lsel: np.ndarray):
+        positions = b_positions[_chunk(j0, c_b, n_b)]
+        return (device_leaves(prep.b.grads, layout, sources, positions, lsel) if mesh is None
+                else mesh_leaves(prep.b.grads, layout, sources, positions, lsel, replicate))
+
+    layer_starts, a_starts, b_starts = range(0, n_l, c_l), range(0, n_a, rows), range(0, n_b, c_b)
     with progress_bar(progress, total=len(layer_starts) * len(a_starts) * len(b_starts), desc=desc, unit="tile") as bar:
         for l0 in layer_starts:
             lsel = layers[_chunk(l0, c_l, n_l)]
@@ -371,18 +394,18 @@ def slice_sums(
             bases = {block: (cur.u_in[block][at], cur.u_out[block][at]) for block in ATTENTION_BLOCKS}
             weights = denominators({k: v[at] for k, v in cur.s_in.items()}, {k: v[at] for k, v in cur.s_out.items()},
                                    {k: jnp.asarray(v[lsel]) for k, v in cur.ridge.items()})
+            if mesh is not None:
+                bases, weights = replicate((bases, weights))
             b_cached = None
             for i0 in a_starts:
-                leaves_a = device_leaves(prep.a.grads, layout, sources, a_positions[_chunk(i0, c_a, n_a)], lsel)
-                rot_a = rotated_tile(leaves_a, bases, weights, **statics)
+                rot_a = rotated_tile(a_tile(i0, lsel), bases, weights, **statics)
                 for j0 in b_starts:
                     if b_cached is None or len(b_starts) > 1:
-                        leaves_b = device_leaves(prep.b.grads, layout, sources, b_positions[_chunk(j0, c_b, n_b)], lsel)
-                        b_cached = rotated_tile(leaves_b, bases, None, **statics)
+                        b_cached = rotated_tile(b_tile(j0, lsel), bases, None, **statics)
                     tile = tile_products(rot_a, b_cached, precision=kernel.precision)
-                    li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
+                    li, ii, ji = min(c_l, n_l - l0), min(rows, n_a - i0), min(c_b, n_b - j0)
                     for block, value in tile.items():
-                        out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji] = np.asarray(value)[:li, :ii, :ji]
+                        out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji] = to_host(value)[:li, :ii, :ji]
                     bar.update()
     return out
 
@@ -402,18 +425,19 @@ def finish(raw: Mapping[str, np.ndarray], prep: Prepared, layout: ModelLayout, s
 
 def heatmap(
     task_a: TaskFisher | SampleGrads, task_b: TaskFisher | SampleGrads, layout: ModelLayout, kfac: Mapping[str, HeadFactors] | None,
-    score: ScoreOptions, kernel: KernelOptions, *, progress: bool = False,
+    score: ScoreOptions, kernel: KernelOptions, *, progress: bool = False, mesh: Mesh | None = None,
 ) -> QKOVResult:
     """The :class:`~.results.QKOVResult` of ``M_ij = s_j · g_iᵀ (F̃ + λI)⁻¹ g_j`` (divided by
     ``D`` for ``aggregate="mean"``) for every sample pair, layer, head and block; what
-    :func:`fisherjax.analysis.qkov.heatmap` returns for ``variant="kfac"``."""
+    :func:`fisherjax.analysis.qkov.heatmap` returns for ``variant="kfac"`` (``mesh``: task A's
+    rows of every tile split over its ``"data"`` axis, :func:`slice_sums`)."""
     prep = prepare(task_a, task_b, layout, kfac, score)
     n_a, n_b = len(prep.a), len(prep.b)
     if n_b == 0:
         warnings.warn(f"qkov: task {prep.name_b!r} has no samples; its interference scores are all zero", stacklevel=3)
     a_pos, b_pos = np.arange(n_a), np.arange(n_b)
     raw = slice_sums(prep, layout, kernel, a_pos, b_pos, np.arange(layout.num_layers), progress=progress,
-                     desc=f"QK-OV kfac {prep.name_b} → {prep.name_a}")
+                     desc=f"QK-OV kfac {prep.name_b} → {prep.name_a}", mesh=mesh)
     scores = finish(raw, prep, layout, score, b_pos)
     avg = scores.mean(axis=(2, 3)) if n_a and n_b else np.zeros(scores.shape[:2] + scores.shape[-1:], np.float32)
     return result_of(prep, scores, avg, layout.kv_head_of, score)
