@@ -27,6 +27,7 @@ def main(out: str, process_id: int, port: int) -> None:
 
     from fisherjax import Model
     from fisherjax.analysis import conflicts, qkov
+    from fisherjax.curvature import kfac
     from fisherjax.data import batches
     from fisherjax.fisher.collect import collect
 
@@ -38,8 +39,15 @@ def main(out: str, process_id: int, port: int) -> None:
         fit, held = qkov.heldout_split(fa, 0.5, seed=0)
         reference = (qkov.heatmap(fa, fb, model.layout), conflicts.detect(fa, fb, layout=model.layout, scope="groups"),
                      qkov.permutation_test(fit, fb, held, model.layout, n_permutations=200))
+        # the same tasks with their kernels kept as token factors, and A's K-FAC for the kfac variant
+        ga, gb = (collect(model, batches(random_task(n, size, seed=k), 4), task=n, keep_sample_grads=True, sample_grads_factors=True,
+                          progress=False) for k, (n, size) in enumerate((("a", 17), ("b", 10))))
+        kf = kfac.attention_factors(kfac.kfac_factors(model, model.params, list(batches(random_task("a", 17, seed=0), 4))), model.layout)
+        kfac_reference = qkov.heatmap(fa, fb, model.layout, variant="kfac", kfac=kf)
     sharded = (qkov.heatmap(fa, fb, model.layout, mesh=mesh), conflicts.detect(fa, fb, layout=model.layout, scope="groups", mesh=mesh),
                qkov.permutation_test(fit, fb, held, model.layout, n_permutations=200, mesh=mesh))
+    factored = (qkov.heatmap(ga, gb, model.layout, mesh=mesh), conflicts.detect(ga, gb, layout=model.layout, scope="groups", mesh=mesh))
+    kfac_sharded = qkov.heatmap(ga, gb, model.layout, variant="kfac", kfac=kf, mesh=mesh)
 
     def rel(x, y):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -54,6 +62,10 @@ def main(out: str, process_id: int, port: int) -> None:
         "same_conflict_pvalues": bool(np.allclose(c2.pvalues, c1.pvalues, rtol=1e-6, atol=0)),
         "observed": rel(p2.observed, p1.observed),
         "same_permutation_pvalues": bool(np.array_equal(p2.pvalues, p1.pvalues)),
+        # kept factors formed on each process's devices, against the gradients on one device
+        "factors_scores": rel(factored[0].scores, h1.scores),
+        "factors_cosines": rel(factored[1].cosines, c1.cosines),
+        "kfac_scores": rel(kfac_sharded.scores, kfac_reference.scores),
     }
     with open(os.path.join(out, f"pairs-{process_id}.json"), "w") as f:
         json.dump(found, f)

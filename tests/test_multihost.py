@@ -135,7 +135,8 @@ def test_process_saves_round_trip_and_keep_the_last_two(tmp_path):
 def test_pair_phases_over_two_processes_equal_one_device(tmp_path):
     """QK-OV heatmap, conflicts.detect and the permutation test on a mesh over both processes'
     devices (task A's rows split across the hosts, the results gathered with process_allgather)
-    equal the same phases on one device."""
+    equal the same phases on one device; so do the heatmap and conflicts of kept token factors
+    (formed on each process's devices) and the kfac variant."""
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     script = Path(__file__).parent / "multihost_pairs_check.py"
@@ -147,5 +148,6 @@ def test_pair_phases_over_two_processes_equal_one_device(tmp_path):
     for i in range(2):
         found = json.loads((tmp_path / f"pairs-{i}.json").read_text())
         assert found["devices"] == 4, found
-        assert max(found[k] for k in ("scores", "layer_head_avg", "cosines", "observed")) <= 1e-5, found
+        assert max(found[k] for k in ("scores", "layer_head_avg", "cosines", "observed", "factors_scores", "factors_cosines",
+                                      "kfac_scores")) <= 1e-5, found
         assert found["same_conflict_pvalues"] and found["same_permutation_pvalues"], found
