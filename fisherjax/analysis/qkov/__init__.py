@@ -42,7 +42,7 @@ scores only by rounding); entry points take both and/or keyword overrides of the
   slice, ``s_j · g_iᵀ (A_{ℓ,h} ⊗ G_{ℓ,h} + λI)⁻¹ g_j`` with ``λ = max(ridge_lambda,
   ridge_lambda_rel · mean(diag A) · mean(diag G), ε)``, the factors passed as ``heatmap(...,
   kfac={block: HeadFactors})`` (:func:`fisherjax.curvature.kfac.attention_factors`); its
-  diagnostics describe the block's eigenvalues, and it has no mesh yet. :data:`VARIANTS` are the
+  diagnostics describe the block's eigenvalues, and on a mesh its scores are gathered tile by tile. :data:`VARIANTS` are the
   four computed from the tasks alone, :data:`CURVATURE_VARIANTS` those that take a curvature;
   ``"signed"`` and ``"kfac"`` are signed (:data:`SIGNED_VARIANTS`: their strongest entries are
   the most negative).

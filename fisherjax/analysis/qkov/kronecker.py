@@ -56,7 +56,8 @@ What differs from the diagonal variants, and how :class:`~.results.QKOVResult` i
   its eigenvalues ``s_A[r] · s_G[c]`` over the slice, ``share_below_eps`` the share of them
   below ``ε``, ``ridge`` the ``λ`` applied;
 * of :class:`~.options.KernelOptions` only ``precision`` and ``memory_budget_bytes`` are read;
-* no ``mesh=`` yet (a ConfigError).
+* on a ``mesh`` every tile's rows of A are split over ``"data"`` and its sums gathered to the
+  host (:func:`slice_sums`), so ``gather_scores=False`` keeps nothing on the devices.
 
 As in every variant, samples with no active tokens (``T_i = 0``) are dropped with a warning and
 an empty task B gives zero scores and a warning.
