@@ -412,6 +412,8 @@ def test_spectrum_helpers_equal_dense_eigenvalues(family):
                 g = np.asarray(f.outputs[layer], np.float64)[head * hd:(head + 1) * hd, head * hd:(head + 1) * hd]
             expected = np.linalg.eigvalsh(np.kron(a, g))[-1]
             np.testing.assert_allclose(K.slice_top(eigen, model.layout, (block, layer, head), include_bias=bias), expected, rtol=1e-4)
+            # from the factors themselves (what the method comparison passes), without the rebuild
+            np.testing.assert_allclose(K.slice_tops(kfac, model.layout, [(block, layer, head)], include_bias=bias), [expected], rtol=1e-4)
 
 
 # ---- EK-FAC -------------------------------------------------------------------------------------

@@ -266,7 +266,7 @@ def compare_methods(
             rayleigh=diag_rayleigh / safe, stretch=diag_stretch,
             notes="one Phase 1 pass, which also keeps the attention gradients the block spectra read"),
         "kfac": MethodResult(
-            top=_top_of(kfac_all, k), blocks_top=kfac.slice_tops(eigen, layout, block_ids),
+            top=_top_of(kfac_all, k), blocks_top=kfac.slice_tops(factors, layout, block_ids),
             condition=cond(*_extremes(kfac_all)), probe_error=float(np.mean(kfac_err)),
             rayleigh=kfac_rayleigh / safe, stretch=kfac_stretch,
             notes="Î on the parameters K-FAC does not cover (norms, embeddings, unembedding)"),

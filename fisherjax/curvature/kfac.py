@@ -467,11 +467,14 @@ def slice_top(eigen: KFACEigen, layout: ModelLayout, block_id: tuple[str, int, i
     return float(slice_tops(eigen, layout, [block_id], include_bias)[0])
 
 
-def slice_tops(eigen: KFACEigen, layout: ModelLayout, block_ids, include_bias: bool = True) -> np.ndarray:
+def slice_tops(curvature: KFAC | KFACEigen, layout: ModelLayout, block_ids, include_bias: bool = True) -> np.ndarray:
     """:func:`slice_top` of every ``(block, layer, head)`` in ``block_ids``, ``[len(block_ids)]``
-    float64: the factors are rebuilt and split by head once, and each slice's two small symmetric
-    eigenproblems go to numpy's LAPACK (no compilation per factor shape)."""
-    heads = attention_factors(factors_of(eigen), layout)
+    float64, from the factors themselves or from their eigendecomposition (rebuilt first,
+    :func:`factors_of`: with GPT-2's 3072-wide factors that is a second set of factors and a
+    cubic product each, which a caller holding the factors skips). The factors are split by head
+    once, and each slice's two small symmetric eigenproblems go to numpy's LAPACK (no compilation
+    per factor shape)."""
+    heads = attention_factors(factors_of(curvature) if isinstance(curvature, KFACEigen) else curvature, layout)
     host = {block: (np.asarray(h.inputs, np.float64), np.asarray(h.outputs, np.float64), h.has_bias) for block, h in heads.items()}
     tops = []
     for block, layer, head in block_ids:
