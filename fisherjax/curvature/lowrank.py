@@ -103,8 +103,11 @@ def decoded(g: jax.Array) -> jax.Array:
     return g.astype(jnp.float32)
 
 
-GRAM_COLUMNS = 1 << 19
-"""Columns of ``G̃`` per step of its products (:func:`_gram`, :func:`_times`, :func:`_transposed_times`)."""
+GRAM_COLUMNS = 1 << 15
+"""Columns of ``G̃`` per step of its products (:func:`_gram`, :func:`_times`, :func:`_transposed_times`):
+32 samples' decoded float32 slice is 4 MB and stays in cache between its decoding and its
+products; slices of ``2^19`` columns (64 MB) made the Gram of GPT-2 small's 32 gradients three
+times slower on this project's CPU (RESULTS.md, twenty-second session)."""
 
 
 def _column_steps(g, step, carry):
