@@ -59,7 +59,7 @@ from fisherjax.analysis.conflicts.sources import (
     FeatureView, GroupIndex, Grouping, Source, Stream, as_stream, check_same_parameters, grouping_for,
 )
 from fisherjax.errors import ConfigError, DataError, NumericalError
-from fisherjax.fisher.factored import FactoredGrads, read_on_device
+from fisherjax.fisher.factored import FactoredGrads
 from fisherjax.layout import ModelLayout
 from fisherjax.progressbar import progress_bar
 from fisherjax.sharding import check_mesh, data_size, pad_rows, put_replicated, shard_rows, to_host
@@ -319,18 +319,30 @@ class ParameterSlice:
         """The slice of ``[n, *shape]`` (``batched``) or of ``shape``, contiguous for the transfer
         (read by indexing in one go, so that a stored array read lazily, a memory map or
         :class:`~fisherjax.fisher.factored.FactoredGrads`, reads just this slice). Kept token
-        factors are formed on the device, or with ``place`` (a mesh placement of a host array)
-        where it puts them; an array is then placed by it. ``pad_to``: zero rows after the ``n``
-        up to this many."""
+        factors are formed on the device, or where ``place`` (a mesh placement of a host array)
+        puts them, with ``pad_to`` zero rows after the ``n``
+        (:meth:`~fisherjax.fisher.factored.FactoredGrads.on_device`); an array's slice is returned
+        on the host, for the caller to place."""
         index = [slice(None)] * (int(batched) + (self.axis + 1 if self.axis is not None else 1))
         if self.layers is not None:
             index[int(batched)] = slice(*self.layers)
         if self.axis is not None:
             index[int(batched) + self.axis] = slice(self.start, self.stop)
-        if isinstance(array, FactoredGrads) or place is not None:
-            return read_on_device(array, tuple(index), place=place, pad_to=pad_to)
-        part = np.ascontiguousarray(array[tuple(index)])
-        return part if pad_to is None else pad_rows(part, pad_to)
+        if isinstance(array, FactoredGrads):
+            return array.on_device(tuple(index), place, pad_to)
+        if place is not None or pad_to is not None:
+            raise ValueError("ParameterSlice.take places and pads kept token factors only; place an array's slice yourself")
+        return np.ascontiguousarray(array[tuple(index)])
+
+    def on_mesh(self, array, rows: int, split: Callable[[np.ndarray], Array], replicate: Callable[[np.ndarray], Array]) -> tuple[Array, Array]:
+        """The slice of one task on a mesh, twice: split over ``"data"`` (zero rows up to ``rows``)
+        and replicated. Kept token factors are formed on the devices (each its own rows, then all
+        of them); an array's slice is read once on the host (a memory map or spilled store: once
+        from disk) and placed twice."""
+        if isinstance(array, FactoredGrads):
+            return self.take(array, place=split, pad_to=rows), self.take(array, place=replicate)
+        part = self.take(array)
+        return split(pad_rows(part, rows)), replicate(part)
 
     def groups(self, members: np.ndarray, n_layers: int) -> np.ndarray:
         """The leaf's group indices ``members`` (layer-major, ``n_layers`` layers) that this slice holds."""
@@ -497,8 +509,7 @@ def sliced_grams(
             if mesh is None:
                 bad, piece_norms, dots = slice_dots(tuple(piece.take(x) for x in stored), weight, views, static_pairs)
             else:  # each device forms (kept factors) or receives its rows of every task, and all of them as columns
-                rows = tuple(piece.take(x, place=split, pad_to=padded[name]) for name, x in zip(names, stored))
-                columns = tuple(piece.take(x, place=replicate) for x in stored)
+                rows, columns = zip(*(piece.on_mesh(x, padded[name], split, replicate) for name, x in zip(names, stored)))
                 bad, piece_norms, dots = sharded_slice_dots(mesh, views, static_pairs, len(names))(rows, columns, replicate(weight))
             for name, flags in zip(names, bad):
                 flags = to_host(flags)[: sizes[name]]
