@@ -17,7 +17,8 @@ collectives); this module only names the layouts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -151,6 +152,13 @@ def place(tree, shardings):
 def put_replicated(tree, mesh: Mesh):
     """``tree`` (the same on every process) replicated on every device of the mesh."""
     return jax.tree.map(lambda x: _put(x, replicated(mesh)), tree)
+
+
+def placements(mesh: Mesh) -> tuple[Callable, Callable]:
+    """``(split, replicate)``: :func:`shard_rows` and :func:`put_replicated` on ``mesh``, as functions
+    of the host value alone (what :meth:`fisherjax.fisher.factored.FactoredGrads.on_device` and the
+    pair phases' tiles take as ``place``)."""
+    return functools.partial(shard_rows, mesh=mesh), functools.partial(put_replicated, mesh=mesh)
 
 
 def local_rows(tree) -> tuple[np.ndarray, object]:

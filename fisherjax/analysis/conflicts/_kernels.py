@@ -34,7 +34,7 @@ from fisherjax import backend
 from fisherjax.analysis.conflicts.sources import Grouping, Stream
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.factored import read_on_device
-from fisherjax.sharding import DATA, data_size, put_replicated, shard_rows, to_host
+from fisherjax.sharding import DATA, data_size, placements, put_replicated, to_host
 
 __all__ = [
     "PreparedChunk",
@@ -249,6 +249,7 @@ def prepared_chunks(
     paths = tuple(sorted(inv_sqrt)) if inv_sqrt else ()
     if mesh is not None and inv_sqrt:
         inv_sqrt = put_replicated(dict(inv_sqrt), mesh)
+    split_rows, replicate = placements(mesh) if mesh is not None else (None, None)
     for chunk in stream.chunks(chunk_size):
         if set(chunk.grads) != set(stream.shapes):
             raise DataError(f"task {stream.name!r}: a chunk holds gradients of {sorted(chunk.grads)}, expected {sorted(stream.shapes)}")
@@ -261,12 +262,11 @@ def prepared_chunks(
         # moved in their stored dtype (kept factors: formed where they land) and widened by XLA:
         # numpy's bfloat16 casts run elementwise in Python's ml_dtypes
         if mesh is not None and split:
-            grads = {p: read_on_device(g, (), place=functools.partial(shard_rows, mesh=mesh), pad_to=chunk_size).astype(jnp.float32)
+            grads = {p: read_on_device(g, (), place=split_rows, pad_to=chunk_size).astype(jnp.float32)
                      for p, g in chunk.grads.items()}
             bad, features, norms = sharded_prepare(mesh, *statics, chunk_size)(grads, weights)
         else:
-            place = None if mesh is None else functools.partial(put_replicated, mesh=mesh)
-            grads = {p: read_on_device(g, (), place=place).astype(jnp.float32) for p, g in chunk.grads.items()}
+            grads = {p: read_on_device(g, (), place=replicate).astype(jnp.float32) for p, g in chunk.grads.items()}
             bad, features, norms = prepare_chunk(grads, weights, *statics, chunk_size)
         for path, flags in bad.items():
             flags = to_host(flags)

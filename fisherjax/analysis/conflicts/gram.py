@@ -40,7 +40,6 @@ without a mesh. A ``"model"`` axis replicates the work.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -62,7 +61,7 @@ from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.factored import FactoredGrads
 from fisherjax.layout import ModelLayout
 from fisherjax.progressbar import progress_bar
-from fisherjax.sharding import check_mesh, data_size, pad_rows, put_replicated, shard_rows, to_host
+from fisherjax.sharding import check_mesh, data_size, pad_rows, placements, to_host
 
 __all__ = [
     "Gram",
@@ -500,7 +499,7 @@ def sliced_grams(
     slices = parameter_slices(streams[names[0]].shapes, grouping, sum(sizes.values()), min(budget_bytes, SLICE_BUDGET_BYTES),
                               4.0 * grouped_pair_entries(streams, pairs), budget_bytes)
     padded = {name: -(-sizes[name] // data_size(mesh)) * data_size(mesh) for name in names} if mesh is not None else sizes
-    split, replicate = (functools.partial(shard_rows, mesh=mesh), functools.partial(put_replicated, mesh=mesh)) if mesh is not None else (None, None)
+    split, replicate = placements(mesh) if mesh is not None else (None, None)
     with progress_bar(progress, total=len(slices), desc=desc, unit="slice") as bar:
         for piece in slices:
             stored = tuple(streams[name].arrays[piece.path] for name in names)

@@ -38,7 +38,7 @@ from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
 from fisherjax.fisher.factored import read_on_device
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 from fisherjax.progressbar import progress_bar
-from fisherjax.sharding import DATA, data_size, put_replicated, shard_rows
+from fisherjax.sharding import DATA, data_size, placements, put_replicated
 
 
 def tile_plan(
@@ -297,6 +297,11 @@ def sharded_step(
     return jax.jit(mapped, donate_argnums=0)
 
 
+def padded_positions(index: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """``positions[index]``, −1 (padding, for :func:`mesh_leaves`) where ``index`` runs past them."""
+    return np.where(index < len(positions), positions[np.minimum(index, len(positions) - 1)], -1)
+
+
 def mesh_leaves(
     store: Mapping[str, np.ndarray], layout: ModelLayout, sources: Mapping[str, tuple[str, ...]], positions: np.ndarray, layers: np.ndarray,
     place: Callable[[np.ndarray], Array],
@@ -358,12 +363,10 @@ def sharded_raw_scores(
     out = {block: jnp.zeros((n_l_pad, devices * n_loc, n_b_pad, layout.heads_of(block)), jnp.float32,
                             device=NamedSharding(mesh, P(None, DATA))) for block in ATTENTION_BLOCKS}
 
-    def padded(start: int, size: int, positions: np.ndarray) -> np.ndarray:  # store positions, -1 past the end
-        index = np.arange(start, start + size)
-        return np.where(index < len(positions), positions[np.minimum(index, len(positions) - 1)], -1)
+    split_rows, replicate = placements(mesh)
 
     def placed(side: Side, positions: np.ndarray, layers: np.ndarray, split: bool):
-        place = functools.partial(shard_rows, mesh=mesh) if split else functools.partial(put_replicated, mesh=mesh)
+        place = split_rows if split else replicate
         scale = np.where(positions >= 0, side.scale[np.maximum(positions, 0)], 0).astype(np.float32)
         return mesh_leaves(side.store, layout, sources, positions, layers, place), place(scale)
 
@@ -376,11 +379,10 @@ def sharded_raw_scores(
             for i0 in a_starts:
                 # Device k's rows of this tile: k·n_loc + i0 + [0, c_a), padding past n_a.
                 rows = (np.arange(devices)[:, None] * n_loc + i0 + np.arange(c_a)).ravel()
-                at = np.where(rows < n_a, a_positions[np.minimum(rows, n_a - 1)], -1)
-                leaves_a, scale_a = placed(a_side, at, lsel, True)
+                leaves_a, scale_a = placed(a_side, padded_positions(rows, a_positions), lsel, True)
                 for j0 in b_starts:
                     if b_cached is None or len(b_starts) > 1:
-                        b_cached = placed(b_side, padded(j0, c_b, b_positions), lsel, False)
+                        b_cached = placed(b_side, padded_positions(np.arange(j0, j0 + c_b), b_positions), lsel, False)
                     out = step(out, leaves_a, scale_a, weights, *b_cached, np.array([l0, i0, j0], np.int32))
                     bar.update()
     return out

@@ -83,7 +83,7 @@ from jaxtyping import Array, Float
 from fisherjax.analysis.qkov._operands import PRECISIONS, BlockKinds, block_kinds, leaf_sources, views_of
 from fisherjax.analysis.qkov._prepare import active, partner, partner_scale, required_paths, task_samples
 from fisherjax.analysis.qkov._scores import assemble
-from fisherjax.analysis.qkov._tiles import device_leaves, mesh_leaves, tile_plan
+from fisherjax.analysis.qkov._tiles import device_leaves, mesh_leaves, padded_positions, tile_plan
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
 from fisherjax.analysis.qkov.results import QKOVResult, SliceDiagnostics, result_of
 from fisherjax.curvature.factors import HeadFactors
@@ -91,7 +91,7 @@ from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 from fisherjax.progressbar import progress_bar
-from fisherjax.sharding import data_size, put_replicated, shard_rows, to_host
+from fisherjax.sharding import data_size, placements, to_host
 
 COPIES = 4
 """Float32 copies of a tile's gradients held at once (:func:`~._tiles.tile_plan`): the stored
@@ -374,13 +374,12 @@ def slice_sums(
     rows = devices * c_a  # A's rows per tile: c_a on each device
     statics = dict(layout=layout, kinds=prep.kinds, precision=kernel.precision)
     if mesh is not None:
-        split, replicate = functools.partial(shard_rows, mesh=mesh), functools.partial(put_replicated, mesh=mesh)
+        split, replicate = placements(mesh)
 
     def a_tile(i0: int, lsel: np.ndarray):
         if mesh is None:
             return device_leaves(prep.a.grads, layout, sources, a_positions[_chunk(i0, c_a, n_a)], lsel)
-        index = np.arange(i0, i0 + rows)
-        return mesh_leaves(prep.a.grads, layout, sources, np.where(index < n_a, a_positions[np.minimum(index, n_a - 1)], -1), lsel, split)
+        return mesh_leaves(prep.a.grads, layout, sources, padded_positions(np.arange(i0, i0 + rows), a_positions), lsel, split)
 
     def b_tile(j0: int, lsel: np.ndarray):
         positions = b_positions[_chunk(j0, c_b, n_b)]
