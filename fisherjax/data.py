@@ -393,6 +393,19 @@ def load_task(
     return Task(name, tuple(examples), str(path))
 
 
+def check_targets(task: Task, max_length: int | None = None) -> None:
+    """Refuse a task none of whose samples has a token to predict (every token prompt or masked),
+    before any compute: naming the file, and ``--max-length`` (``max_length``) when ``--truncate``
+    cut the samples. Called on the samples a command will use (after ``--max-samples``)."""
+    if any(e.num_targets for e in task.examples):
+        return
+    cut = len(task.truncated)
+    hint = (f"; --truncate cut {cut} of them to --max-length {max_length} (or the model's positions): raise --max-length"
+            if cut else ": give each sample a completion, or labels other than -100")
+    raise DataError(f"{task.source}: none of the {len(task)} samples of task {task.name!r} has a token to predict "
+                    f"(every token is prompt or masked){hint}")
+
+
 def bucket_length(length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
     """The smallest bucket ≥ ``length`` (or ``length`` itself beyond the largest bucket)."""
     for b in sorted(buckets):

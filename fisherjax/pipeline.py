@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 from fisherjax import backend, compilation_cache, heads, io, outdir, report, sharding, telemetry
 from fisherjax.analysis import conflicts, experiments, importance, masks, qkov
 from fisherjax.curvature import compare, kfac, lanczos
-from fisherjax.data import Batch, MissingTokenizer, Task, batches, load_task
+from fisherjax.data import Batch, MissingTokenizer, Task, batches, check_targets, load_task
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
 from fisherjax.fisher.collect import collect
 from fisherjax.fisher.groups import group_sizes
@@ -264,21 +264,9 @@ def load_inputs(config: AnalysisConfig) -> tuple[Model, dict[str, Task]]:
                             "text); give its tokenizer with --tokenizer DIR, or pre-tokenised 'input_ids' per line") from None
         if config.max_samples is not None:
             task = dataclasses.replace(task, examples=task.examples[: config.max_samples])
-        check_targets(task, config)
+        check_targets(task, config.max_length)
         tasks[name] = task
     return model, tasks
-
-
-def check_targets(task: Task, config: AnalysisConfig) -> None:
-    """Refuse a task none of whose samples has a token to predict (every token prompt or masked),
-    before any compute: naming the file, and ``--truncate`` when it cut the samples."""
-    if any(e.num_targets for e in task.examples):
-        return
-    cut = len(task.truncated)
-    hint = (f"; --truncate cut {cut} of them to --max-length {config.max_length} (or the model's positions): raise --max-length"
-            if cut else ": give each sample a completion, or labels other than -100")
-    raise DataError(f"{task.source}: none of the {len(task)} samples of task {task.name!r} has a token to predict "
-                    f"(every token is prompt or masked){hint}")
 
 
 def model_info(model: Model) -> dict:

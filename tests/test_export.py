@@ -310,6 +310,11 @@ def test_refusals(tiny, tmp_path):
     assert_refused(_base_cli(tiny, "merge", out, *finetuned, "--finetuned", f"a={root / 'ft_b'}"), parent=tmp_path,
                    names=r"repeated: a")
     assert_refused(_base_cli(tiny, "merge", root / "ft_a", *finetuned), parent=tmp_path, names=r"--out is or contains --finetuned a")
+    # prompts that fill --max-length leave nothing to predict: refused before any compute, as analyze refuses it
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps({"prompt": "abcdefgh", "completion": "ab"}) + "\n" for _ in range(4)))
+    assert_refused(["prune", "--model", str(root / "base"), "--task", f"a={tmp_path / 'long.jsonl'}", "--out", str(out), "--no-progress",
+                    "--sparsity", "0.5", "--max-length", "4", "--truncate"], parent=tmp_path,
+                   names=r"long.jsonl: none of the 4 samples of task 'a' has a token to predict .*--max-length 4")
     for bad in ("1.5", "-0.1"):
         assert_refused(_base_cli(tiny, "prune", out, "--sparsity", bad), parent=tmp_path, names=r"sparsity must be in \[0, 1\] \(--sparsity\)")
     assert_refused(_base_cli(tiny, "prune", out, "--sparsity", "half"), parent=tmp_path, names=r"--sparsity: invalid float value")
