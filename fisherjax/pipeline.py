@@ -34,7 +34,7 @@ from fisherjax.analysis import conflicts, experiments, importance, masks, qkov
 from fisherjax.curvature import compare, kfac, lanczos
 from fisherjax.data import Batch, MissingTokenizer, Task, batches, check_targets, load_task
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
-from fisherjax.fisher.collect import collect
+from fisherjax.fisher.collect import check_kept_budget, collect
 from fisherjax.fisher.groups import group_sizes
 from fisherjax.fisher.factored import smaller_as_factors
 from fisherjax.fisher.options import SAMPLE_GRADS_FORMS, STORAGE_DTYPES, CollectOptions, attention_paths
@@ -575,6 +575,9 @@ def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig, *,
         for name, task in tasks.items()
     }
     options = config.collect_options(model.layout, longest(all_batches))
+    if spill_root is None:  # every task's kept gradients fit, or the run stops before the first is collected
+        for name, task_batches in all_batches.items():
+            check_kept_budget(model, task_batches, options, task=name, mesh=mesh)
     fishers, stretches = {}, {}
     for name in tasks:
         fishers[name], stretches[name] = telemetry.measure(

@@ -44,7 +44,8 @@ from fisherjax.analysis.conflicts.sources import Stream, grouping_for
 from fisherjax.config import DecoderConfig, read_hf_config
 from fisherjax.errors import ConfigError
 from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, factored_paths, kept_paths
-from fisherjax.fisher.step import lower_step
+from fisherjax.fisher.step import kept_values as step_kept_values
+from fisherjax.fisher.step import lower_step, make_plan
 from fisherjax.layout import ModelLayout, flatten, layout_for
 from fisherjax.models.decoder import Decoder
 from fisherjax.models.hf import abstract_params
@@ -113,10 +114,10 @@ class Plan:
       sharded_step: the step compiled is the sharded one on the recommended mesh (as many devices
         as planned were there to compile it); else the single-device step.
       options: the Phase 1 options the step was compiled with.
-      kept_parameters, kept_values, factored, kept_copies, storage_dtype: parameters whose
-        per-sample gradients are kept, the numbers stored for them per sample
-        (:func:`kept_values`: fewer where ``factored`` kernels are kept as token factors), arrays
-        kept per number (2 when ``C_i`` is kept beside ``g_i``), their storage dtype.
+      kept_parameters, kept_values, factored, stored_values, storage_dtype: parameters whose
+        per-sample gradients are kept, the numbers kept for them per sample (:func:`kept_values`:
+        fewer where ``factored`` kernels are kept as token factors), the numbers stored per sample
+        (more when ``C_i`` is kept beside them), their storage dtype.
       storage_bytes, storage_bytes_per_device, storage_bytes_per_host, hosts, host_memory_bytes,
         spill: kept-gradient storage in all, per ``"data"`` shard, per host; whether it must spill
         to disk (``--spill-dir``).
@@ -155,7 +156,7 @@ class Plan:
     kept_parameters: int
     kept_values: int
     factored: tuple[str, ...]
-    kept_copies: int
+    stored_values: int
     storage_dtype: str
     storage_bytes: float
     storage_bytes_per_device: float
@@ -254,16 +255,13 @@ def _factored(layout: ModelLayout, options: CollectOptions) -> tuple[str, ...]:
     return factored_paths(layout, kept_paths(layout, options.keep_sample_grads), options.sample_grads_factors)
 
 
-def kept_values(layout: ModelLayout, options: CollectOptions, seq_len: int) -> int:
-    """Numbers Phase 1 stores per sample for its kept gradients: a kept leaf's parameters, or, for
-    a kernel ``[*lead, d_in, d_out]`` kept as token factors (:mod:`fisherjax.fisher.factored`),
-    ``lead · seq_len · (d_in + d_out)`` — its inputs and output gradients at ``seq_len`` positions."""
-    factored = set(_factored(layout, options))
-    total = 0
-    for path in kept_paths(layout, options.keep_sample_grads):
-        shape = layout.spec(path).shape
-        total += math.prod(shape[:-2]) * seq_len * (shape[-2] + shape[-1]) if path in factored else math.prod(shape)
-    return total
+def kept_values(layout: ModelLayout, options: CollectOptions, seq_len: int, *, contributions: bool = False) -> int:
+    """Numbers Phase 1 keeps per sample (:func:`fisherjax.fisher.step.kept_values`): a kept leaf's
+    parameters, or, for a kernel ``[*lead, d_in, d_out]`` kept as token factors
+    (:mod:`fisherjax.fisher.factored`), ``lead · seq_len · (d_in + d_out)`` — what Phases 5 and 6
+    read; with ``contributions``, also the dense ``C_i`` a Fisher other than the empirical keeps
+    beside them — what is stored."""
+    return step_kept_values(layout, make_plan(layout, options), seq_len, contributions=contributions)
 
 
 def reform_flops(layout: ModelLayout, options: CollectOptions, seq_len: int) -> float:
@@ -273,10 +271,10 @@ def reform_flops(layout: ModelLayout, options: CollectOptions, seq_len: int) -> 
                      for p in _factored(layout, options)))
 
 
-def kept_storage_bytes(samples: int, tasks: int, kept: int, copies: int, dtype: str) -> float:
-    """``samples × tasks × kept × copies × itemsize(dtype)``: the kept per-sample arrays (``kept``:
-    the numbers stored per sample, :func:`kept_values`)."""
-    return float(samples) * tasks * kept * copies * np.dtype(STORAGE_DTYPES[dtype]).itemsize
+def kept_storage_bytes(samples: int, tasks: int, stored: int, dtype: str) -> float:
+    """``samples × tasks × stored × itemsize(dtype)``: the kept per-sample arrays (``stored``: the
+    numbers stored per sample, :func:`kept_values` with ``contributions``)."""
+    return float(samples) * tasks * stored * np.dtype(STORAGE_DTYPES[dtype]).itemsize
 
 
 def conflict_flops(n: int, tasks: int, features: int, references: int) -> float:
@@ -449,12 +447,12 @@ def plan(
         options = options.replace(sample_grads_factors=default_options(
             layout, seq_len, fisher_type=options.fisher_type, sample_grads_form=sample_grads_form).sample_grads_factors)
     kept = kept_parameters(layout, options)
-    stored = kept_values(layout, options, seq_len)
-    copies = 1 if options.fisher_type == "empirical" else 2
+    read = kept_values(layout, options, seq_len)
+    stored = kept_values(layout, options, seq_len, contributions=True)
     hosts = math.ceil(devices / devices_per_host)
 
     def per_host(dtype: str) -> float:  # samples spread evenly over the hosts
-        return kept_storage_bytes(math.ceil(samples / hosts), tasks, stored, copies, dtype)
+        return kept_storage_bytes(math.ceil(samples / hosts), tasks, stored, dtype)
 
     host_limit = safety * host_memory_gb * GB
     dtype = storage_dtype or ("float32" if per_host("float32") <= host_limit else "bfloat16")
@@ -532,12 +530,12 @@ def plan(
         sharded_step=on_mesh,
         options=options,
         kept_parameters=kept,
-        kept_values=stored,
+        kept_values=read,
         factored=_factored(layout, options),
-        kept_copies=copies,
+        stored_values=stored,
         storage_dtype=dtype,
-        storage_bytes=kept_storage_bytes(samples, tasks, stored, copies, dtype),
-        storage_bytes_per_device=kept_storage_bytes(math.ceil(samples / data), tasks, stored, copies, dtype),
+        storage_bytes=kept_storage_bytes(samples, tasks, stored, dtype),
+        storage_bytes_per_device=kept_storage_bytes(math.ceil(samples / data), tasks, stored, dtype),
         storage_bytes_per_host=per_host(dtype),
         hosts=hosts,
         host_memory_bytes=host_memory_gb * GB,
@@ -546,7 +544,7 @@ def plan(
         phase6_flops=phase6,
         phase5_reform_flops=phase5_reform,
         phase6_reform_flops=phase6_reform,
-        phase5_bytes_read=conflict_bytes_read(samples, tasks, stored, references, dtype, chunk, data),
+        phase5_bytes_read=conflict_bytes_read(samples, tasks, read, references, dtype, chunk, data),
         phase5_chunk=chunk,
         throughput_tflops=tflops,
         throughput_assumed=throughput_tflops is None,
@@ -609,8 +607,10 @@ def format_plan(p: Plan) -> str:
                                     + f", {p.global_micro_batch} per step"),
         ("kept gradients", f"{_scaled(p.kept_parameters, COUNTS)} parameters per sample"
                            + (f", {len(p.factored)} kernel(s) as token factors at T = {p.seq_len}: "
-                              f"{_scaled(p.kept_values, COUNTS)} numbers stored" if p.factored else "")
-                           + f" × {p.kept_copies}, {p.storage_dtype}: {_bytes(p.storage_bytes)} in all, "
+                              f"{_scaled(p.kept_values, COUNTS)} numbers kept" if p.factored else "")
+                           + (f", {_scaled(p.stored_values, COUNTS)} stored with C_i = g_i²/T_i beside them"
+                              if p.stored_values != p.kept_values else "")
+                           + f", {p.storage_dtype}: {_bytes(p.storage_bytes)} in all, "
                            f"{_bytes(p.storage_bytes_per_device)} per \"data\" shard, {_bytes(p.storage_bytes_per_host)} per host"),
         ("recommended storage", f"{p.storage_dtype}; " + (f"spill to disk (--spill-dir): a host holds {_bytes(p.safety * p.host_memory_bytes)} "
                                                           f"of {_bytes(p.host_memory_bytes)}" if p.spill

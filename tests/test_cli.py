@@ -106,6 +106,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_checkpoint, tmp
         (["--contribution-budget-gb", "0"], "sample-gradient budget must be > 0 GB"),  # the flag's former name still works
         (["--contribution-budget-gb", "1e-6", "--spill-dir", "{file}"], "--spill-dir exists and is not a directory"),
         (["--contribution-budget-gb", "1e-6", "--spill-dir", "{file}/sub"], "--spill-dir is inside .*a_file, which is not a directory"),
+        (["--sample-grads-budget-gb", "1e-6"],  # found before Phase 1, not after a task's collection
+         r"task 'add': its 12 samples' kept per-sample gradients would take .* GB .*, which holds not one of them; .*--spill-dir"),
     ],
 )
 def test_bad_options_exit_2_with_one_line_and_write_nothing(tiny_checkpoint, tmp_path, capsys, options, message):

@@ -224,6 +224,32 @@ def test_contribution_storage_budget_and_spill(model, task, tmp_path):
     np.testing.assert_array_equal(spilled_half.sample_grads.contributions[q], half.sample_grads.contributions[q])
 
 
+
+@pytest.mark.parametrize("options", [
+    dict(sample_grads_factors=True),
+    dict(sample_grads_dtype="bfloat16"),
+    dict(fisher_type="true"),  # C_i kept beside g_i
+])
+def test_kept_bytes_are_what_collection_keeps_and_too_many_are_refused_first(model, task, options):
+    """:func:`kept_bytes` equals the bytes of the arrays a collection keeps (one bucket, so their
+    join adds no padding), and a budget below it is refused before the first step: the message
+    says how much, how many fit, and the way out; a budget of exactly it passes."""
+    from fisherjax.fisher.collect import kept_bytes
+    from fisherjax.fisher.options import CollectOptions
+
+    chosen = list(batches(task, 4, buckets=(16,)))
+    collected = CollectOptions(keep_sample_grads=True, **options)
+    need, rows = kept_bytes(model, chosen, collected)
+    kept = collect(model, chosen, task="rand", options=collected, key=jax.random.key(0), progress=False).sample_grads
+    arrays = [*kept.grads.values(), *(kept.stored_contributions or {}).values()]
+    held = sum(a.inputs.nbytes + a.deltas.nbytes if hasattr(a, "deltas") else np.asarray(a).nbytes for a in arrays)
+    assert need == held and rows.tolist() == [4, 4, 4]
+
+    with pytest.raises(ConfigError, match=r"task 'rand': its 12 samples' kept .* would take .* about 9 of them; .*--spill-dir"):
+        collect(model, chosen, task="rand", options=collected.replace(sample_grads_budget_bytes=need * 0.75), progress=False,
+                key=jax.random.key(0))  # the late refusal is a FisherjaxError "after N samples": this one comes first
+    collect(model, chosen, task="rand", options=collected.replace(sample_grads_budget_bytes=need), key=jax.random.key(0), progress=False)
+
 RESUME_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys

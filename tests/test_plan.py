@@ -102,7 +102,7 @@ def test_storage_and_work_are_the_formulas(tiny, base, tmp_path):
     q_o = 2 * TINY["hidden_size"] * TINY["num_attention_heads"] * head_dim
     k_v = 2 * TINY["hidden_size"] * TINY["num_key_value_heads"] * head_dim
     kept = TINY["num_hidden_layers"] * (q_o + k_v)
-    assert base.kept_parameters == kept and base.kept_copies == 1 and base.storage_dtype == "float32" and not base.spill
+    assert base.kept_parameters == kept and base.stored_values == base.kept_values == kept and base.storage_dtype == "float32" and not base.spill
     assert base.storage_bytes == 4 * 2 * kept * 4 == base.storage_bytes_per_device == base.storage_bytes_per_host
     n, layout = 4, abstract_model(tiny).layout
     assert base.phase5_flops == 1 * 3 * 2 * n * n * kept  # one pair of tasks: A × B, A × A, B × B
@@ -159,7 +159,9 @@ def test_kernels_kept_as_token_factors_change_storage_step_and_work(tiny):
     assert "token factors" in format_plan(factored) and "token factors" not in format_plan(grads)
 
     true_fisher = default_options().replace(fisher_type="true")  # keeps C_i beside g_i: never factors
-    assert plan(tiny, samples=4, seq_len=seq, device_memory_gb=80, options=true_fisher, sample_grads_form="auto").factored == ()
+    true_plan = plan(tiny, samples=4, seq_len=seq, device_memory_gb=80, options=true_fisher, sample_grads_form="auto")
+    assert true_plan.factored == () and true_plan.stored_values == 2 * true_plan.kept_values  # g_i and C_i
+    assert true_plan.storage_bytes == 4 * 2 * true_plan.stored_values * 4 and "C_i" in format_plan(true_plan)
     with pytest.raises(ConfigError, match="--sample-grads-form"):
         plan(tiny, samples=4, seq_len=seq, device_memory_gb=80, options=true_fisher, sample_grads_form="factors")
     assert qkov_sample_reads(7, 2, 8) == 0  # below min_fisher_samples Phase 6 is skipped

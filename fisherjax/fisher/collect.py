@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from fisherjax.backend import host_empty, start_host_copy
-from fisherjax.data import Batch
+from fisherjax.data import Batch, num_active_tokens
 from fisherjax.errors import CheckpointError, ConfigError, DataError, FisherjaxError, NumericalError
 from fisherjax.fisher.accumulate import EMAState, WelfordState, ema_value, welford_interval, welford_variance
 from fisherjax.fisher.groups import group_sizes
-from fisherjax.fisher.options import CollectOptions
+from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions
 from fisherjax.settings import with_overrides
 from fisherjax.fisher.progress import (
     CollectionLog,
@@ -38,7 +38,8 @@ from fisherjax.fisher.progress import (
 )
 from fisherjax.fisher.factored import FactoredGrads
 from fisherjax.fisher.state import SampleGrads, TaskFisher
-from fisherjax.fisher.step import StepPlan, compiled_step, initial_state, make_plan, micro_batch_size, micro_batches, state_shardings
+from fisherjax.fisher.step import (StepPlan, compiled_step, initial_state, kept_values, make_plan, micro_batch_size, micro_batches,
+                                   state_shardings)
 from fisherjax.models.model import check_token_ids
 from fisherjax.progressbar import progress_bar
 from fisherjax.sharding import check_mesh, data_size, local_rows, place, place_params, process_sum, put_replicated, shard_rows
@@ -116,6 +117,8 @@ def collect(
     if mesh is not None:
         state = place(state, state_shardings(model, plan, mesh))
     spill = Spill(Path(spill_dir)) if spill_dir is not None else None
+    if spill is None and isinstance(batches, Sequence):  # refused before the first step, not after hours of them
+        check_kept_budget(model, batches, options, task=task, mesh=mesh)
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)
 
@@ -182,6 +185,45 @@ def collect(
         )
     kept, log = list(log.kept), dataclasses.replace(log, kept=())
     return _finish(model, task, plan, state, log, kept, spill)
+
+
+def kept_bytes(model, batches: Iterable[Batch], options: CollectOptions) -> tuple[int, np.ndarray]:
+    """``(bytes, rows)``: the host memory Phase 1's kept per-sample arrays take for ``batches``
+    (each sample with a predicted token keeps :func:`~.step.kept_values` numbers at its batch's
+    length, in the storage dtype), and the samples each batch adds, in order. Exact: what
+    :class:`~.progress.CollectionLog` counts against ``sample_grads_budget_bytes`` as they arrive."""
+    plan = make_plan(model.layout, options)
+    if not plan.keep:
+        return 0, np.zeros(0, np.int64)
+    width = np.dtype(STORAGE_DTYPES[plan.storage]).itemsize
+    rows = np.array([int(((np.asarray(b.sample_ids) >= 0) & (num_active_tokens(b.labels, b.attention_mask) > 0)).sum()) for b in batches],
+                    np.int64)
+    per_row = np.array([kept_values(model.layout, plan, b.input_ids.shape[1]) * width for b in batches], np.int64)
+    return int((rows * per_row).sum()), rows
+
+
+def check_kept_budget(model, batches: Sequence[Batch], options: CollectOptions, *, task: str, mesh=None) -> None:
+    """Refuse, before any compute, a collection whose kept per-sample arrays (:func:`kept_bytes`;
+    this process's share on a mesh over several processes) would exceed
+    ``options.sample_grads_budget_bytes`` without a spill directory: naming the size, the samples
+    that fit and what to do.
+
+    Raises:
+      ConfigError: the budget is too small for the task.
+    """
+    need, rows = kept_bytes(model, batches, options)
+    share = jax.process_count() if mesh is not None else 1
+    budget = options.sample_grads_budget_bytes
+    if need / share <= budget:
+        return
+    fit = int(budget // (need / max(int(rows.sum()), 1) / share))
+    dtype = " or store them as bfloat16 (--sample-grads-dtype)" if options.sample_grads_dtype == "float32" else ""
+    raise ConfigError(
+        f"task {task!r}: its {int(rows.sum())} samples' kept per-sample gradients would take {need / share / 1e9:.3g} GB of host "
+        f"memory, more than the {budget / 1e9:.3g} GB allowed (--sample-grads-budget-gb, sample_grads_budget_bytes), which "
+        f"holds {f'about {fit}' if fit else 'not one'} of them; give a spill directory (--spill-dir, spill_dir=...) to keep them on disk, "
+        f"raise the budget, use fewer samples (--max-samples){dtype}"
+    )
 
 
 def _check_resumed_data(saved: dict, data: DataDigest, batch_size: int, checkpoint_dir, start_batch: int) -> None:

@@ -25,6 +25,7 @@ step with collectives (:func:`sharded_step_function`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import weakref
 from collections.abc import Callable
 
@@ -335,6 +336,20 @@ def lower_step(model, batch_size: int, seq_len: int, options: CollectOptions | N
     return compiled_step(model, plan, mesh).lower(model.params, state, ints, ints, ints, ids, jax.random.key(0))
 
 
+def kept_values(layout, plan: StepPlan, seq: int, *, contributions: bool = True) -> int:
+    """Numbers one sample's kept arrays hold at ``seq`` positions (what :func:`step_function`
+    returns under ``kept``): per kept leaf its parameters, or, for a kernel ``[*lead, d_in, d_out]``
+    kept as token factors, ``lead · seq · (d_in + d_out)`` (its inputs and output gradients); and,
+    with ``contributions`` unless the Fisher is empirical (where ``C_i = g_i² / T_i`` is derived on
+    the host), ``C_i`` of every kept leaf, dense."""
+    total = 0
+    for path in plan.keep:
+        shape = layout.spec(path).shape
+        total += math.prod(shape[:-2]) * seq * (shape[-2] + shape[-1]) if path in plan.factors else math.prod(shape)
+        total += math.prod(shape) if contributions and plan.fisher_type != "empirical" else 0
+    return total
+
+
 def micro_batch_size(model, plan: StepPlan, batch: int, seq: int, budget_bytes: float) -> int:
     """Samples per step so that per-sample arrays fit ``budget_bytes`` (at least 1, at most ``batch``).
 
@@ -345,9 +360,7 @@ def micro_batch_size(model, plan: StepPlan, batch: int, seq: int, budget_bytes: 
     """
     cfg = model.config
     grads = sum(int(np.prod(model.layout.specs[p].shape)) for p in plan.materialise)
-    shapes = {p: model.layout.specs[p].shape for p in plan.keep}
-    kept = sum(int(np.prod(shapes[p][:-2])) * seq * (shapes[p][-2] + shapes[p][-1]) if p in plan.factors else int(np.prod(shapes[p]))
-               for p in plan.keep)
+    kept = kept_values(model.layout, plan, seq)
     activations = cfg.num_layers * seq * (12 * cfg.hidden_size + 3 * cfg.intermediate_size) + 2 * seq * cfg.vocab_size
     per_sample = 4 * (2 * grads + 2 * kept + activations)
     return int(max(1, min(batch, budget_bytes // max(per_sample, 1))))
