@@ -163,6 +163,12 @@ def available_memory_bytes() -> int | None:
         if "bytes_limit" in stats:
             return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
         return None
+    return host_available_bytes()
+
+
+def host_available_bytes() -> int | None:
+    """Host memory still available (``MemAvailable`` of ``/proc/meminfo``): where numpy's arrays
+    and the CPU backend's live; None where it is not known."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from fisherjax.errors import FisherjaxError, one_line
-from fisherjax.analysis.conflicts import SCOPES as CONFLICT_SCOPES
 from fisherjax.analysis.masks import SCOPES as MASK_SCOPES
 from fisherjax.analysis.masks import STRUCTURED_UNITS as MASK_UNITS
 from fisherjax.analysis.qkov import AGGREGATES, CONTRACTIONS, CURVATURE_VARIANTS, FISHER_POOLS, NORMALIZE_GJ, VARIANTS
@@ -40,7 +39,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     d = _defaults()
     from fisherjax.heads import Thresholds
-    from fisherjax.pipeline import CURVATURE_AUTO_PARAMETERS
+    from fisherjax.pipeline import CONFLICT_SCOPES, CURVATURE_AUTO_PARAMETERS
     parser = _Parser(
         prog="fisherjax",
         description="Where a language model stores a task, and where two tasks collide.",
@@ -132,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--qkov-ridge-rel", type=float, default=d.qkov_ridge_rel, metavar="R",
                    help=f"ridge added to Î, relative to its mean (default {d.qkov_ridge_rel:g})")
     a.add_argument("--conflict-scope", choices=CONFLICT_SCOPES, default=d.conflict_scope,
-                   help=f"Phase 5 tests each sample pair per attention-head group ('groups') or on the whole gradient "
-                        f"(default {d.conflict_scope})")
+                   help="Phase 5 tests each sample pair per attention-head group ('groups'), on the whole gradient "
+                        "('overall'), or per group where those tests fit the host's memory ('auto', the default)")
     a.add_argument("--conflict-alpha", type=float, default=d.conflict_alpha, metavar="Q",
                    help=f"false discovery rate of Phase 5's tests (default {d.conflict_alpha})")
     a.add_argument("--compilation-cache", type=Path, metavar="DIR",

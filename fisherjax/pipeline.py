@@ -91,7 +91,7 @@ class AnalysisConfig:
     qkov_normalize_gj: str = qkov.ScoreOptions.normalize_gj
     qkov_aggregate: str = qkov.ScoreOptions.aggregate
     qkov_ridge_rel: float = qkov.ScoreOptions.ridge_lambda_rel
-    conflict_scope: str = "groups"
+    conflict_scope: str = "auto"
     conflict_alpha: float = conflicts.ConflictOptions.alpha
     pruning_samples: int = experiments.DEFAULT_SAMPLES
     overwrite: bool = False
@@ -144,8 +144,8 @@ class AnalysisConfig:
             check(0.0 <= s <= 1.0, f"sparsity must be in [0, 1] (--sparsity), got {s}")
         unknown = [p for p in self.phases if p not in PHASES]
         check(not unknown, f"unknown phase(s) {unknown} (--phases); available: {', '.join(PHASES)}")
-        check(self.conflict_scope in conflicts.SCOPES,
-              f"conflict scope must be one of {', '.join(conflicts.SCOPES)} (--conflict-scope), got {self.conflict_scope!r}")
+        check(self.conflict_scope in CONFLICT_SCOPES,
+              f"conflict scope must be one of {', '.join(CONFLICT_SCOPES)} (--conflict-scope), got {self.conflict_scope!r}")
         check(0 < self.conflict_alpha < 1, f"conflict alpha must lie in (0, 1) (--conflict-alpha), got {self.conflict_alpha}")
         check(self.qkov_ridge_rel >= 0, f"QK-OV relative ridge must be ≥ 0 (--qkov-ridge-rel), got {self.qkov_ridge_rel}")
         check(self.qkov_variant not in qkov.CURVATURE_VARIANTS or self.qkov_fisher_pool == "A",
@@ -461,28 +461,81 @@ def category_masks(layout, labels: np.ndarray | None) -> dict[str, np.ndarray] |
     return chosen
 
 
+CONFLICT_SCOPES = ("auto", *conflicts.SCOPES)
+"""``--conflict-scope``: ``auto`` (the default) tests per attention-head group where those tests
+fit the host's memory (:func:`conflict_scope`), else on the whole gradient."""
+
+CONFLICT_MEMORY_SHARE = 0.5
+"""``--conflict-scope auto`` tests per group when that takes at most this share of the host memory
+still available (``conflicts.group_scope_bytes``)."""
+
+
+def conflict_groups(layout) -> int:
+    """Phase 5's groups: the (block, layer, head) groups of the attention parameters it reads."""
+    shapes = {p: layout.spec(p).shape for p in attention_paths(layout)}
+    return len(conflicts.grouping_for(shapes, layout).index.is_head)
+
+
+def conflict_scope(scope: str, n_a: int, n_b: int, groups: int, available: float | None) -> tuple[str, str | None]:
+    """``(scope, why)``: the scope Phase 5 tests ``n_a`` × ``n_b`` samples in. ``auto``: per group
+    unless its tests (``conflicts.group_scope_bytes``) would take more than
+    :data:`CONFLICT_MEMORY_SHARE` of the ``available`` host bytes; then on the whole gradient, and
+    ``why`` says so. A scope given is kept."""
+    if scope != "auto":
+        return scope, None
+    need = conflicts.group_scope_bytes(n_a, n_b, groups)
+    if available is None or need <= CONFLICT_MEMORY_SHARE * available:  # None or inf: not known
+        return "groups", None
+    return "overall", (f"tested on the whole gradient, not per attention-head group: per-group tests of {n_a} × {n_b} samples over "
+                       f"{groups} groups would take about {need / 1e9:.1f} GB of the {available / 1e9:.1f} GB of host memory available "
+                       "(--conflict-scope groups asks for them; fewer samples, --max-samples, fit)")
+
+
+def check_conflict_scope(config: AnalysisConfig, layout, task_sizes: dict[str, int]) -> None:
+    """Refuse, before Phase 1, ``--conflict-scope groups`` on tasks whose per-group tests could not
+    fit even all the host memory available now (``conflicts.group_scope_bytes``); ``auto`` would
+    test them on the whole gradient instead (:func:`conflict_scope`)."""
+    if config.conflict_scope != "groups" or "conflicts" not in config.phases:
+        return
+    available, groups = backend.host_available_bytes(), conflict_groups(layout)
+    for (name_a, n_a), (name_b, n_b) in itertools.combinations(task_sizes.items(), 2):
+        need = conflicts.group_scope_bytes(n_a, n_b, groups)
+        check(available is None or need <= available,
+              f"--conflict-scope groups: per-group tests of tasks {name_a!r} × {name_b!r} ({n_a} × {n_b} samples, {groups} groups) "
+              f"would take about {need / 1e9:.1f} GB, more than the {(available or 0) / 1e9:.1f} GB of host memory available; use "
+              "--conflict-scope auto (per group where it fits) or overall, or fewer samples (--max-samples)")
+
+
 def phase_conflicts(ctx: Context, out: Path | None) -> report.Section:
     """Phase 5: sample-level conflicts between every pair of tasks, per attention head.
 
     Fisher-whitened cosines of all cross-task sample pairs, tested per (block, layer, head) group
-    against each task's own within-task cosines (BH FDR); writes ``conflicts.json``.
+    (or on the whole gradient: ``--conflict-scope``, :func:`conflict_scope`) against each task's own
+    within-task cosines (BH FDR); writes ``conflicts.json``.
     """
     layout, config = ctx.model.layout, ctx.config
-    options = conflicts.ConflictOptions(scope=config.conflict_scope, alpha=config.conflict_alpha, top_k=config.top_k)
-    reports, skipped = {}, {}
+    options = conflicts.ConflictOptions(alpha=config.conflict_alpha, top_k=config.top_k)
+    groups = conflict_groups(layout)
+    available = backend.host_available_bytes()  # every process of a multi-process run tests alike: the least of theirs
+    available = float(sharding.process_min(np.array([np.inf if available is None else available]))[0])
+    reports, skipped, notes = {}, {}, {}
     for name_a, name_b in itertools.combinations(ctx.fishers, 2):
-        short = [(name, len(ctx.fishers[name].sample_grads), options.samples_needed(side))
-                 for name, side in ((name_a, "a"), (name_b, "b"))]
+        n_a, n_b = (len(ctx.fishers[name].sample_grads) for name in (name_a, name_b))
         short = [f"{name} has {n} samples with active tokens; its own cosines, the null it is tested against, need at least {need}"
-                 for name, n, need in short if n < need]
+                 for name, n, need in ((name_a, n_a, options.samples_needed("a")), (name_b, n_b, options.samples_needed("b")))
+                 if n < need]
         if short:  # a quick run on a few samples still gets the other phases
             skipped[name_a, name_b] = "; ".join(short)
             continue
+        scope, why = conflict_scope(config.conflict_scope, n_a, n_b, groups, available)
+        if why:
+            notes[name_a, name_b] = why
+            warnings.warn(f"conflicts {name_a} × {name_b}: {why}", stacklevel=2)
         reports[name_a, name_b] = conflicts.detect(
-            ctx.fishers[name_a], ctx.fishers[name_b], layout=layout, options=options, names=(name_a, name_b),
+            ctx.fishers[name_a], ctx.fishers[name_b], layout=layout, options=dataclasses.replace(options, scope=scope), names=(name_a, name_b),
             progress=config.progress, mesh=ctx.mesh,
         )
-    section = conflicts_report.section(reports, ctx.labels, layout.kv_head_of, skipped=skipped)
+    section = conflicts_report.section(reports, ctx.labels, layout.kv_head_of, skipped=skipped, notes=notes)
     if out is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
         (out / "conflicts.json").write_text(json.dumps(report.jsonable(section.json), indent=2))
     return section
@@ -713,6 +766,7 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
     mesh = sharding.run_mesh(config.devices)
     devices_used = sharding.data_size(mesh) * sharding.model_size(mesh)
     (model, tasks), stretches["load"] = telemetry.measure(load_inputs, config)
+    check_conflict_scope(config, model.layout, {name: len(task) for name, task in tasks.items()})
     resumed = saved_batches(config, list(tasks))
     output_bytes, spill_bytes = estimate_output_bytes(model, {n: len(t) for n, t in tasks.items()}, config)
     if writer:

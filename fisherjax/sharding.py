@@ -195,6 +195,16 @@ def process_sum(values: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.asarray(values))).sum(0)
 
 
+def process_min(values: np.ndarray) -> np.ndarray:
+    """``values``' smallest over the processes of a multi-host run (itself on one host): a choice
+    every process must make alike."""
+    if jax.process_count() == 1:
+        return np.asarray(values)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values))).min(0)
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
     """Join a multi-process run (``jax.distributed.initialize``; arguments left None are read by
     JAX from the cluster environment: SLURM, Open MPI, Kubernetes, or

@@ -298,6 +298,40 @@ def test_conflict_options_from_the_command_line(tiny_checkpoint, tmp_path):
     assert settings["scope"] == "overall" and settings["alpha"] == 0.2
 
 
+def test_conflict_scope_auto_tests_per_group_only_where_the_tests_fit(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """``--conflict-scope auto`` (the default) tests per group when its tests fit half the host
+    memory available, else on the whole gradient, saying why in conflicts.json, the report and a
+    warning; ``groups`` asked for where they cannot fit at all is refused before Phase 1."""
+    from fisherjax import backend
+    from fisherjax.analysis import conflicts
+    from fisherjax.pipeline import conflict_scope
+
+    need = conflicts.group_scope_bytes(12, 10, 5)
+    assert need == conflicts.GROUP_TEST_BYTES * 5 * (12 * 10 + 144 + 100) > 0
+    assert conflict_scope("auto", 12, 10, 5, 2 * need) == ("groups", None)
+    assert conflict_scope("auto", 12, 10, 5, None) == ("groups", None)
+    scope, why = conflict_scope("auto", 12, 10, 5, 2 * need - 1)
+    assert scope == "overall" and "12 × 10 samples over 5 groups" in why and "--conflict-scope groups" in why
+    assert conflict_scope("groups", 12, 10, 5, 1.0) == ("groups", None)  # a scope given is kept (refused earlier: below)
+
+    monkeypatch.setattr(backend, "host_available_bytes", lambda: 1000)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="conflicts add × words: tested on the whole gradient"):
+        assert _analyze(tiny_checkpoint, out, "--phases", "fisher,conflicts") == 0
+    pair = json.loads((out / "conflicts.json").read_text())["pairs"]["add|words"]
+    assert pair["settings"]["scope"] == "overall" and "per-group tests of 12 × 10 samples" in pair["scope_note"]
+    assert "**add × words**: tested on the whole gradient" in (out / "report.md").read_text()
+
+    refused = tmp_path / "refused"
+    assert _analyze(tiny_checkpoint, refused, "--phases", "fisher,conflicts", "--conflict-scope", "groups") == 2
+    err = capsys.readouterr().err
+    assert re.search(r"--conflict-scope groups: per-group tests of tasks 'add' × 'words' \(12 × 10 samples, \d+ groups\) would take", err), err
+    assert "--conflict-scope auto" in err and not refused.exists()
+    monkeypatch.undo()
+    assert _analyze(tiny_checkpoint, tmp_path / "grouped", "--phases", "fisher,conflicts") == 0
+    assert json.loads((tmp_path / "grouped" / "conflicts.json").read_text())["pairs"]["add|words"]["settings"]["scope"] == "groups"
+
+
 def test_compiler_flags_are_added_unless_the_user_set_them():
     from fisherjax.backend import with_compiler_flags
 

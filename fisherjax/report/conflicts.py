@@ -244,17 +244,23 @@ def markdown(report: ConflictReport, summary: Mapping, *, figure_link: str | Non
 
 
 def section(reports: Mapping[tuple[str, str], ConflictReport], labels: np.ndarray | None = None,
-            kv_head_of: np.ndarray | None = None, skipped: Mapping[tuple[str, str], str] | None = None) -> Section:
+            kv_head_of: np.ndarray | None = None, skipped: Mapping[tuple[str, str], str] | None = None,
+            notes: Mapping[tuple[str, str], str] | None = None) -> Section:
     """Phase 5 as one :class:`~fisherjax.report.Section`: key ``"conflicts"``, json
     ``{"pairs": {"A|B": summary}}`` (the content of ``conflicts.json``), each pair's
     :func:`markdown` with its :func:`figure` (named :func:`figure_name`); a pair in ``skipped``
-    gets ``{"skipped": reason}`` and one line saying why."""
+    gets ``{"skipped": reason}`` and one line saying why, a pair in ``notes`` (why it was tested
+    as it was) ``"scope_note"`` and that line before its own."""
     pairs, lines, figures = {}, [], {}
     for (name_a, name_b), reason in (skipped or {}).items():
         pairs[f"{name_a}|{name_b}"] = {"skipped": reason}
         lines += [f"**{name_a} × {name_b}**: skipped: {reason}.", ""]
     for (name_a, name_b), report in reports.items():
         entry = summary(report, labels, kv_head_of)
+        note = (notes or {}).get((name_a, name_b))
+        if note:
+            entry["scope_note"] = note
+            lines += [f"**{name_a} × {name_b}**: {note}.", ""]
         pairs[f"{name_a}|{name_b}"] = entry
         name = figure_name(report)
         figures[name] = figure(report, labels, kv_head_of)

@@ -23,7 +23,7 @@ the ones above it:
 """
 
 from fisherjax.analysis.conflicts import projection
-from fisherjax.analysis.conflicts.detect import ConflictReport, detect, head_map
+from fisherjax.analysis.conflicts.detect import GROUP_TEST_BYTES, ConflictReport, detect, group_scope_bytes, head_map
 from fisherjax.analysis.conflicts.findings import ConflictCluster, ConflictPair
 from fisherjax.analysis.conflicts.gram import Gram, damping, effect_sizes, pairwise_cosines, whiten
 from fisherjax.analysis.conflicts.null import NULLS, conflict_pvalues
@@ -31,6 +31,7 @@ from fisherjax.analysis.conflicts.options import ORTHOGONAL_EFFECT, REFERENCES, 
 from fisherjax.analysis.conflicts.sources import GradChunk, GroupedGrads, GroupIndex, Grouping, Source, grouping_for
 
 __all__ = [
+    "GROUP_TEST_BYTES",
     "NULLS",
     "ORTHOGONAL_EFFECT",
     "REFERENCES",
@@ -49,6 +50,7 @@ __all__ = [
     "damping",
     "detect",
     "effect_sizes",
+    "group_scope_bytes",
     "grouping_for",
     "head_map",
     "pairwise_cosines",

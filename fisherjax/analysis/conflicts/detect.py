@@ -44,7 +44,7 @@ from fisherjax.settings import with_overrides
 from fisherjax.sharding import check_mesh
 from fisherjax.stats import fdr_qvalues
 
-__all__ = ["ConflictReport", "detect", "head_map"]
+__all__ = ["GROUP_TEST_BYTES", "ConflictReport", "detect", "group_scope_bytes", "head_map"]
 
 _STATIC = dict(static=True)
 
@@ -198,6 +198,21 @@ def detect(
         min_effect_size=options.min_effect_size,
     )
     return _report(a.name, b.name, cross, scores, significance, null_cosines, null_group_cosines, settings, options)
+
+
+GROUP_TEST_BYTES = 100
+"""Host bytes :func:`detect` holds at its peak per tested (group, pair) in the per-group scope:
+the group dot products (float32), their cosines, each reference side's p-values and the q-values
+(float64), the significance mask and the p-value tests' temporaries — measured (RESULTS.md,
+twenty-third session) on GPT-2-small's 576 attention-head groups."""
+
+
+def group_scope_bytes(n_a: int, n_b: int, groups: int) -> float:
+    """Host bytes of :func:`detect`'s per-group scope for ``n_a`` × ``n_b`` samples over ``groups``
+    groups, with both tasks as references: :data:`GROUP_TEST_BYTES` per (group, pair) of the A × B
+    Gram and of the A × A and B × B reference Grams, ``G · (n_a·n_b + n_a² + n_b²)``. The overall
+    scope holds ``[n_a, n_b]`` arrays and the group dot products only (float32, for the hotspots)."""
+    return GROUP_TEST_BYTES * groups * (n_a * n_b + n_a * n_a + n_b * n_b)
 
 
 # ---------------------------------------------------------------------------------------------
