@@ -416,6 +416,23 @@ def test_pvalues_match_loops(null, exclude_self):
         chex.assert_trees_all_close(stacked[1], got, atol=1e-12)
 
 
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_pooled_null_in_chunks_of_rows_is_the_same(monkeypatch, exclude_self):
+    """The pooled null's leave-one-out medians and p-values go a few rows at a time (``CHUNK_VALUES``):
+    p-values of groups and rows in chunks of one row equal those of all rows at once, and the loops."""
+    from fisherjax.analysis.conflicts import null
+
+    rng = np.random.default_rng(6)
+    n, m, r = 9, 7, 9 if exclude_self else 11
+    ref = np.tanh(rng.normal(0, 0.4, size=(3, n, r)) + rng.normal(0, 0.2, size=(3, n, 1)))
+    test = np.tanh(rng.normal(-0.2, 0.5, size=(3, n, m)))
+    whole = C.conflict_pvalues(test, ref, exclude_self=exclude_self)
+    monkeypatch.setattr(null, "CHUNK_VALUES", 1)
+    np.testing.assert_array_equal(C.conflict_pvalues(test, ref, exclude_self=exclude_self), whole)
+    chex.assert_trees_all_close(C.conflict_pvalues(test[0], ref[0], exclude_self=exclude_self),
+                                loop_pvalues(test[0], ref[0], "pooled", exclude_self), atol=1e-12)
+
+
 @pytest.mark.parametrize("null, need", [("pooled", 3), ("normal", 2), ("row", 1)])
 def test_each_null_says_how_many_samples_a_task_needs(null, need):
     """One fewer reference sample per row than the null needs is refused, with the reason; a task

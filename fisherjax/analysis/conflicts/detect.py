@@ -200,11 +200,11 @@ def detect(
     return _report(a.name, b.name, cross, scores, significance, null_cosines, null_group_cosines, settings, options)
 
 
-GROUP_TEST_BYTES = 100
+GROUP_TEST_BYTES = 48
 """Host bytes :func:`detect` holds at its peak per tested (group, pair) in the per-group scope:
 the group dot products (float32), their cosines, each reference side's p-values and the q-values
-(float64), the significance mask and the p-value tests' temporaries — measured (RESULTS.md,
-twenty-third session) on GPT-2-small's 576 attention-head groups."""
+(float64), the significance mask — measured 38–44 at 128–256 samples per task on GPT-2 small's
+576 attention-head groups (``benchmarks/conflict_tests.py``, RESULTS.md, twenty-third session)."""
 
 
 def group_scope_bytes(n_a: int, n_b: int, groups: int) -> float:

@@ -55,6 +55,13 @@ NULLS = ("pooled", "normal", "row")
 TAILS = (None, "gpd")
 """The pooled null's far tail: purely empirical (None) or a generalized Pareto fit."""
 
+CHUNK_VALUES = 1 << 20
+"""Values per chunk of rows where the pooled null works row by row: the leave-one-out medians
+(:func:`_leave_one_out_median_mad`, whose sorts hold about a dozen temporaries of up to three times
+a chunk: ~300 MB of float64 and int64) and the tested values' p-values (:func:`_pooled_pvalues`).
+All rows at once — every group and sample pair of a per-group test — were most of the tests' peak
+memory (RESULTS.md, twenty-third session)."""
+
 
 def reference_samples_needed(null: str) -> int:
     """Reference samples per row the ``null`` needs: 1 for ``"row"``, 2 for ``"normal"`` (a
@@ -120,17 +127,29 @@ def conflict_pvalues(
         center, scale = _median_mad(ref)
         spread = scale > 1e-12 * np.maximum(1.0, np.abs(center))
         tested &= spread[..., None]
-        z_test = (test - center[..., None]) / np.where(spread, scale, 1.0)[..., None]
         loo_center, loo_scale = _leave_one_out_median_mad(ref)
         keep = row_ok[..., None] & (loo_scale > 1e-12 * np.maximum(1.0, np.abs(loo_center)))
         z_null = np.sort(((ref - loo_center) / np.where(keep, loo_scale, 1.0))[keep])
         if z_null.size == 0:
             raise DataError("no reference sample has any spread of cosines (duplicated or collinear gradients)")
-        hits = _count_at_most(z_null, z_test.ravel()).reshape(z_test.shape)
-        p = (1.0 + hits) / (1.0 + z_null.size)
-        if tail == "gpd":
-            p = _gpd_tail(p, z_test, z_null, tail_size)
+        p = _pooled_pvalues(test, center, np.where(spread, scale, 1.0), z_null, tail_size if tail == "gpd" else None)
     return np.where(tested, p, np.nan)
+
+
+def _pooled_pvalues(test, center, scale, z_null, tail_size: int | None):
+    """``(1 + #{z_kl ≤ z_ij}) / (1 + N)`` with ``z_ij = (test_ij − center_i) / scale_i`` against the
+    sorted pooled null ``z_null [N]`` (and, with ``tail_size``, its generalized Pareto tail), rows
+    :data:`CHUNK_VALUES` values at a time: no test-sized temporaries beside the result."""
+    rows, cols = int(np.prod(test.shape[:-1])), test.shape[-1]
+    flat, center, scale = test.reshape(rows, cols), center.reshape(rows, 1), scale.reshape(rows, 1)
+    tail = _gpd_fit(z_null, tail_size) if tail_size is not None else None
+    p = np.empty((rows, cols))
+    step = max(1, CHUNK_VALUES // max(cols, 1))
+    for i in range(0, rows, step):
+        z = (flat[i : i + step] - center[i : i + step]) / scale[i : i + step]
+        part = (1.0 + _count_at_most(z_null, z.ravel()).reshape(z.shape)) / (1.0 + z_null.size)
+        p[i : i + step] = part if tail is None else _gpd_tail(part, z, z_null.size, *tail)
+    return p.reshape(test.shape)
 
 
 def _count_at_most(sorted_values: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -145,28 +164,37 @@ def _count_at_most(sorted_values: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return counts
 
 
-def _gpd_tail(p, z_test, z_null, tail_size: int):
-    """Replace p-values in the far lower tail by a generalized Pareto fit to the null's tail.
+def _gpd_fit(z_null, tail_size: int) -> tuple[int, float, float, float] | None:
+    """``(t, u, shape, scale)``: a generalized Pareto fit to the far lower tail of the sorted null.
 
     The ``t`` lowest null values lie below the threshold ``u`` (the next one); their excesses
     ``u − z`` are fitted by ``scipy.stats.genpareto`` (shape ≥ 0: a bounded fitted tail falls back
-    to the exponential, which is heavier and so conservative), and a test value below ``u`` gets
-    ``p = (t + 1) / (N + 1) · S(u − z)`` — Knijnenburg et al. (2009), "Fewer permutations, more
-    accurate P-values". Without it the empirical p-value cannot go below ``1 / (N + 1)``.
+    to the exponential, which is heavier and so conservative). None when the null has fewer than
+    200 values (``t < 20``): the empirical p-values are kept.
     """
     from scipy import stats
 
     t = min(tail_size, z_null.size // 10)
     if t < 20:
-        return p
+        return None
     threshold = z_null[t]
     excess = threshold - z_null[:t]
     shape, _, scale = stats.genpareto.fit(excess, floc=0.0)
     if shape < 0 or not np.isfinite(scale) or scale <= 0:
         shape, scale = 0.0, max(float(excess.mean()), 1e-12)
+    return t, float(threshold), float(shape), float(scale)
+
+
+def _gpd_tail(p, z_test, n_null: int, t: int, threshold: float, shape: float, scale: float):
+    """``p`` with the values of a test below the fitted threshold replaced by
+    ``(t + 1) / (N + 1) · S(u − z)`` (:func:`_gpd_fit`) — Knijnenburg et al. (2009), "Fewer
+    permutations, more accurate P-values". Without it the empirical p-value cannot go below
+    ``1 / (N + 1)``."""
+    from scipy import stats
+
     below = z_test < threshold
     survival = stats.genpareto.sf(np.where(below, threshold - z_test, 0.0), shape, loc=0.0, scale=scale)
-    return np.where(below, (t + 1.0) / (z_null.size + 1.0) * survival, p)
+    return np.where(below, (t + 1.0) / (n_null + 1.0) * survival, p)
 
 
 def _median_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -186,8 +214,17 @@ def _leave_one_out_median_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     From order statistics: without the element of rank ``r`` the k-th smallest is ``s[k]`` if
     ``k < r`` else ``s[k+1]``; the median takes at most three values per row (``r`` below,
     between or above the two middle positions), and for each the deviations are sorted once.
-    Costs ``O(m log m)`` per row instead of ``O(m² log m)``.
+    Costs ``O(m log m)`` per row instead of ``O(m² log m)``; rows go :data:`CHUNK_VALUES`
+    values at a time.
     """
+    rows = x.reshape(-1, x.shape[-1])
+    step = max(1, CHUNK_VALUES // max(x.shape[-1], 1))
+    parts = [_rows_leave_one_out_median_mad(rows[i : i + step]) for i in range(0, len(rows), step)]
+    return tuple(np.concatenate([part[k] for part in parts]).reshape(x.shape) for k in (0, 1))
+
+
+def _rows_leave_one_out_median_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_leave_one_out_median_mad` of the rows of ``x [rows, m]``, all at once."""
     m = x.shape[-1]
     lo, hi = (m - 2) // 2, (m - 1) // 2  # middle positions of m - 1 values
     order = np.argsort(x, -1)

@@ -1,0 +1,83 @@
+"""Phase 5's per-group tests against the samples per task: time and host memory (issue 23).
+
+``conflicts.detect`` in the per-group scope (``fisherjax analyze``'s when it fits: ``--conflict-scope
+auto``) on two tasks of synthetic float32 gradients of a 12-layer, 12-head attention with 8-wide
+heads: GPT-2 small's 576 (block, layer, head) groups over 446 k parameters, so the Grams cost
+next to nothing and what is measured is the tests — p-values of every (group, pair) against both
+within-task references (pooled null), q-values over all of them, the findings. Each sample count
+runs in a fresh process (its peak is its own). Prints, per count: seconds, the peak resident
+memory above the start, and that peak per (group, pair) of ``G · (n_a·n_b + n_a² + n_b²)`` — the
+rate ``conflicts.GROUP_TEST_BYTES`` states.
+
+Usage::
+
+    python3 benchmarks/conflict_tests.py --samples 64,128,256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (``VmRSS``)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def measure(n: int) -> dict:
+    """One count, in this process."""
+    import gc
+
+    import numpy as np
+
+    from fisherjax import telemetry
+    from fisherjax.analysis import conflicts
+    from fisherjax.config import DecoderConfig
+    from fisherjax.fisher.options import attention_paths
+    from fisherjax.fisher.state import SampleGrads
+    from fisherjax.layout import layout_for
+    from fisherjax.models.hf import abstract_params
+
+    config = DecoderConfig(model_type="gpt2", family="gpt2", vocab_size=64, hidden_size=96, num_layers=12, num_heads=12,
+                           num_kv_heads=12, head_dim=8, intermediate_size=96, max_position_embeddings=64, norm_eps=1e-5,
+                           activation="gelu_new", tie_word_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True, rope=None)
+    layout = layout_for(config, abstract_params(config))
+    paths = attention_paths(layout)
+
+    def task(seed: int) -> SampleGrads:
+        rng = np.random.default_rng(seed)
+        return SampleGrads(np.arange(n), np.full(n, 100), {p: rng.standard_normal((n, *layout.spec(p).shape), np.float32) for p in paths})
+
+    a, b = task(1), task(2)
+    fisher = {p: np.ones(layout.spec(p).shape, np.float32) for p in paths}
+    gc.collect()
+    start = resident_bytes()
+    report, stretch = telemetry.measure(conflicts.detect, a, b, layout=layout, fisher=fisher, scope="groups")
+    groups = len(report.groups.is_head)
+    extra = stretch.peak_rss_bytes - start
+    return {"samples": n, "groups": groups, "seconds": round(stretch.seconds, 1), "extra_peak_gb": round(extra / 1e9, 2),
+            "bytes_per_group_pair": round(extra / (groups * 3 * n * n)), "model_gb": round(conflicts.group_scope_bytes(n, n, groups) / 1e9, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", default="64,128,256", help="samples per task, comma-separated (default 64,128,256)")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        print(json.dumps(measure(args.worker)))
+        return
+    print("| samples per task | seconds | extra peak GB | bytes per (group, pair) | GROUP_TEST_BYTES model GB |")
+    print("|---|---|---|---|---|")
+    for n in (int(x) for x in args.samples.split(",")):
+        out = subprocess.run([sys.executable, __file__, "--worker", str(n)], capture_output=True, text=True, check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"| {n} | {row['seconds']} | {row['extra_peak_gb']} | {row['bytes_per_group_pair']} | {row['model_gb']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
