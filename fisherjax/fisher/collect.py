@@ -187,7 +187,7 @@ def collect(
     return _finish(model, task, plan, state, log, kept, spill)
 
 
-def kept_bytes(model, batches: Iterable[Batch], options: CollectOptions) -> tuple[int, np.ndarray]:
+def kept_bytes(model, batches: Sequence[Batch], options: CollectOptions) -> tuple[int, np.ndarray]:
     """``(bytes, rows)``: the host memory Phase 1's kept per-sample arrays take for ``batches``
     (each sample with a predicted token keeps :func:`~.step.kept_values` numbers at its batch's
     length, in the storage dtype), and the samples each batch adds, in order. Exact: what
@@ -196,7 +196,7 @@ def kept_bytes(model, batches: Iterable[Batch], options: CollectOptions) -> tupl
     if not plan.keep:
         return 0, np.zeros(0, np.int64)
     width = np.dtype(STORAGE_DTYPES[plan.storage]).itemsize
-    rows = np.array([int(((np.asarray(b.sample_ids) >= 0) & (num_active_tokens(b.labels, b.attention_mask) > 0)).sum()) for b in batches],
+    rows = np.array([((np.asarray(b.sample_ids) >= 0) & (num_active_tokens(b.labels, b.attention_mask) > 0)).sum() for b in batches],
                     np.int64)
     per_row = np.array([kept_values(model.layout, plan, b.input_ids.shape[1]) * width for b in batches], np.int64)
     return int((rows * per_row).sum()), rows
