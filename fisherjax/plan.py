@@ -38,7 +38,7 @@ from jax.sharding import AbstractMesh
 
 from fisherjax import backend
 from fisherjax.analysis import qkov
-from fisherjax.analysis.conflicts import ConflictOptions
+from fisherjax.analysis.conflicts import ConflictOptions, group_scope_bytes
 from fisherjax.analysis.conflicts.gram import chunk_size_for, slice_dots_fit
 from fisherjax.analysis.conflicts.sources import Stream, grouping_for
 from fisherjax.config import DecoderConfig, read_hf_config
@@ -50,7 +50,7 @@ from fisherjax.layout import ModelLayout, flatten, layout_for
 from fisherjax.models.decoder import Decoder
 from fisherjax.models.hf import abstract_params
 from fisherjax.models.model import Model
-from fisherjax.pipeline import AnalysisConfig
+from fisherjax.pipeline import AnalysisConfig, conflict_groups, conflict_scope
 from fisherjax.settings import check
 from fisherjax.sharding import DATA, MODEL, data_size, make_mesh, param_spec
 
@@ -125,6 +125,9 @@ class Plan:
         and what Phase 5 reads from the kept-gradient storage: by parameter slice, on one device or
         a mesh (``phase5_chunk`` None, :func:`conflict_slices`), else in chunk pairs of
         ``phase5_chunk`` samples.
+      phase5_group_bytes, phase5_scope: host memory of a pair's per-group conflict tests
+        (``conflicts.group_scope_bytes``) and the scope ``--conflict-scope auto`` takes with a
+        host's memory (:func:`fisherjax.pipeline.conflict_scope`).
       phase5_reform_flops, phase6_reform_flops: the part of that work spent forming factored
         kernels' gradients where they are read (:func:`reform_flops` per sample read,
         :func:`conflict_sample_reads`, :func:`qkov_sample_reads`).
@@ -170,6 +173,8 @@ class Plan:
     phase6_reform_flops: float
     phase5_bytes_read: float
     phase5_chunk: int | None
+    phase5_group_bytes: float
+    phase5_scope: str
     throughput_tflops: float
     throughput_assumed: bool
     phase5_seconds: float
@@ -505,6 +510,8 @@ def plan(
     phase5_reform = conflict_sample_reads(samples, tasks, references, chunk, data) * reform
     phase6_reform = qkov_sample_reads(samples, tasks, score.min_fisher_samples, options.diagonal) * reform
     phase5 = conflict_flops(samples, tasks, kept, references) + phase5_reform
+    groups = conflict_groups(layout)
+    phase5_scope = conflict_scope("auto", samples, samples, groups, host_memory_gb * GB)[0]
     phase6 = qkov_flops(samples, tasks, layout, score.include_bias, score.min_fisher_samples) + phase6_reform
     tflops = DEFAULT_TFLOPS if throughput_tflops is None else float(throughput_tflops)
     rate = tflops * 1e12 * devices
@@ -546,6 +553,8 @@ def plan(
         phase6_reform_flops=phase6_reform,
         phase5_bytes_read=conflict_bytes_read(samples, tasks, read, references, dtype, chunk, data),
         phase5_chunk=chunk,
+        phase5_group_bytes=group_scope_bytes(samples, samples, groups),
+        phase5_scope=phase5_scope,
         throughput_tflops=tflops,
         throughput_assumed=throughput_tflops is None,
         phase5_seconds=phase5 / rate,
@@ -619,7 +628,10 @@ def format_plan(p: Plan) -> str:
                                 + (f" ({_scaled(p.phase5_reform_flops, FLOPS)} of it forming factored gradients)" if p.factored else "")
                                 + f"; reads {_bytes(p.phase5_bytes_read)} of kept gradients "
                                 + ("(by parameter slice: each task once per pair)" if p.phase5_chunk is None
-                                   else f"(chunk size {p.phase5_chunk})")),
+                                   else f"(chunk size {p.phase5_chunk})")
+                                + f"; per-group tests hold {_bytes(p.phase5_group_bytes)} of host memory per pair: "
+                                + ("tested per head group" if p.phase5_scope == "groups"
+                                   else "tested on the whole gradient (--conflict-scope auto; fewer samples keep the groups)")),
         ("Phase 6 (QK-OV)", f"{_scaled(p.phase6_flops, FLOPS)} ≈ {_duration(p.phase6_seconds)}"
                             + (f" ({_scaled(p.phase6_reform_flops, FLOPS)} of it forming factored gradients, at least)" if p.factored else "")),
         ("throughput", f"{p.throughput_tflops:g} TFLOP/s per device{assumed}, over {p.devices} device(s), compute only"),

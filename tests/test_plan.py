@@ -177,6 +177,19 @@ def test_bfloat16_storage_and_spilling_when_the_host_is_small(tiny, base):
     assert "spill to disk" in format_plan(p)
 
 
+def test_conflict_tests_per_group_where_the_host_holds_them(tiny, base):
+    """The plan's Phase 5 says what a pair's per-group tests hold on the host and which scope
+    ``--conflict-scope auto`` takes with the host's memory (half of it for those tests)."""
+    from fisherjax.analysis.conflicts import group_scope_bytes
+    from fisherjax.pipeline import conflict_groups
+
+    n, groups = 4, conflict_groups(abstract_model(tiny).layout)
+    assert base.phase5_group_bytes == group_scope_bytes(n, n, groups) > 0 and base.phase5_scope == "groups"
+    assert "tested per head group" in format_plan(base)
+    small = plan(tiny, samples=n, seq_len=SEQ, device_memory_gb=80, host_memory_gb=1.9 * base.phase5_group_bytes / GB)
+    assert small.phase5_scope == "overall" and "tested on the whole gradient (--conflict-scope auto" in format_plan(small)
+
+
 @pytest.mark.parametrize("changes, flag", [
     (dict(samples=0), "--samples"), (dict(devices=0), "--devices"), (dict(device_memory_gb=0.0), "--device-memory"),
     (dict(device_memory_gb=-1.0), "--device-memory"), (dict(seq_len=513), "--seq-len"), (dict(tasks=0), "--tasks"),
