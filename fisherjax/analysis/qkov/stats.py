@@ -133,8 +133,8 @@ def _permutation(with_b, with_held, layout, score, kernel, *, n_permutations, al
 
     def means_over_a(prep):  # [block, layer, n_partner, head] float64: m_j = mean_i M_ij
         desc = f"QK-OV {prep.name_b} → {prep.name_a}"
-        if mesh is None:
-            return all_scores(prep, layout, score, kernel, progress=progress, desc=desc).astype(np.float64).mean(axis=2)
+        if mesh is None:  # averaged in float64 without a float64 copy of the scores
+            return all_scores(prep, layout, score, kernel, progress=progress, desc=desc).mean(axis=2, dtype=np.float64)
         sums = _scores.column_sums(_scores.sharded_scores(prep, layout, score, kernel, mesh, progress=progress, desc=desc))
         return to_host(sums).astype(np.float64) / len(prep.a_positions)
 
