@@ -532,8 +532,8 @@ def phase_conflicts(ctx: Context, out: Path | None) -> report.Section:
             notes[name_a, name_b] = why
             warnings.warn(f"conflicts {name_a} × {name_b}: {why}", stacklevel=2)
         reports[name_a, name_b] = conflicts.detect(
-            ctx.fishers[name_a], ctx.fishers[name_b], layout=layout, options=dataclasses.replace(options, scope=scope), names=(name_a, name_b),
-            progress=config.progress, mesh=ctx.mesh,
+            ctx.fishers[name_a], ctx.fishers[name_b], layout=layout, options=dataclasses.replace(options, scope=scope),
+            names=(name_a, name_b), progress=config.progress, mesh=ctx.mesh,
         )
     section = conflicts_report.section(reports, ctx.labels, layout.kv_head_of, skipped=skipped, notes=notes)
     if out is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
