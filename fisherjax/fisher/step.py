@@ -360,7 +360,7 @@ def micro_batch_size(model, plan: StepPlan, batch: int, seq: int, budget_bytes: 
     """
     cfg = model.config
     grads = sum(int(np.prod(model.layout.specs[p].shape)) for p in plan.materialise)
-    kept = kept_values(model.layout, plan, seq)
+    kept = kept_values(model.layout, plan, seq, contributions=False)  # C_i: the squares 2 · grads counts
     activations = cfg.num_layers * seq * (12 * cfg.hidden_size + 3 * cfg.intermediate_size) + 2 * seq * cfg.vocab_size
     per_sample = 4 * (2 * grads + 2 * kept + activations)
     return int(max(1, min(batch, budget_bytes // max(per_sample, 1))))
