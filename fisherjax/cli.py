@@ -695,12 +695,17 @@ def _quiet_background_logs() -> None:
     fire after orbax's loop has shut down — after the error has reached the caller; the command
     line reports it once, itself. Any other uncaught exception keeps its traceback. matplotlib's
     font manager warns when it cannot save its font list (the same full disk, or a read-only cache
-    folder); the list is only a cache, so that warning is dropped too (its errors stay)."""
+    folder); the list is only a cache, so that warning is dropped too (its errors stay). So is
+    JAX's warning that it could not write an entry of the compilation cache (a full disk, a file
+    size limit): the entry is compiled again next time, and a full disk under ``--out`` is the
+    run's own one line."""
     import logging
+    import warnings
 
     for name in ("absl", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry", category=UserWarning)
     original = sys.unraisablehook
 
     def unraisablehook(unraisable):

@@ -729,7 +729,10 @@ def _git_commit() -> dict | None:
         return None
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        # --no-optional-locks: status refreshes .git/index when it may, which writes outside --out (and under a
+        # file-size limit left a truncated index.lock that stopped every later git command)
+        dirty = subprocess.run(["git", "--no-optional-locks", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     if commit.returncode != 0:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -197,3 +198,5 @@ def test_a_disk_that_fills_up_while_writing_is_one_line_and_leaves_nothing(cli_c
     assert run.returncode == 2, run.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("fisherjax: error:") and "file grew beyond" in lines[0], run.stderr[-3000:]
     assert snapshot(parent) == before
+    # results.json's git commit is read without writing the checkout's index (a truncated lock stopped all later git commands)
+    assert not (Path(__file__).resolve().parent.parent / ".git" / "index.lock").exists()
