@@ -34,10 +34,10 @@ from fisherjax.analysis import conflicts, experiments, importance, masks, qkov
 from fisherjax.curvature import compare, kfac, lanczos
 from fisherjax.data import Batch, MissingTokenizer, Task, batches, check_targets, load_task
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
-from fisherjax.fisher.collect import check_kept_budget, collect
+from fisherjax.fisher.collect import check_kept_budget, collect, kept_bytes
 from fisherjax.fisher.groups import group_sizes
 from fisherjax.fisher.factored import smaller_as_factors
-from fisherjax.fisher.options import SAMPLE_GRADS_FORMS, STORAGE_DTYPES, CollectOptions, attention_paths
+from fisherjax.fisher.options import SAMPLE_GRADS_FORMS, CollectOptions, attention_paths
 from fisherjax.fisher.shares import join_shares
 from fisherjax.fisher.state import TaskFisher
 from fisherjax.models import Model, load_pretrained
@@ -616,23 +616,26 @@ SPANNING_PHASES = ("conflicts", "qkov")
 # ---- driver ------------------------------------------------------------------------------------
 
 
-def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig, *,
-                spill_root: Path | None = None, mesh: Mesh | None = None) -> tuple[dict, dict, dict[str, telemetry.Stretch]]:
-    """Batches and Phase 1 Fisher (with attention gradients kept) of every task, and what each
+def task_batches(model: Model, tasks: dict[str, Task], config: AnalysisConfig) -> dict[str, list[Batch]]:
+    """Every task's batches as Phase 1 reads them (``--batch-size`` rows, each padded to its
+    bucket); token ids outside the vocabulary are refused here, naming the file and sample."""
+    return {name: list(batches(task, config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
+            for name, task in tasks.items()}
+
+
+def collect_all(model: Model, all_batches: dict[str, list[Batch]], config: AnalysisConfig, *,
+                spill_root: Path | None = None, mesh: Mesh | None = None) -> tuple[dict, dict[str, telemetry.Stretch]]:
+    """Phase 1 Fisher (with attention gradients kept) of every task's batches, and what each
     task's collection cost (its :class:`~fisherjax.telemetry.Stretch`: the first task pays the
     step's compilation); kept gradients beyond their budget spill to ``spill_root/<task>``;
     samples split over ``mesh`` when given (:mod:`fisherjax.sharding`); with ``checkpoint_dir``
     each task's progress is saved in ``checkpoint_dir/<task>`` and, with ``resume``, continued."""
-    all_batches = {
-        name: list(batches(task, config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
-        for name, task in tasks.items()
-    }
     options = config.collect_options(model.layout, longest(all_batches))
     if spill_root is None:  # every task's kept gradients fit, or the run stops before the first is collected
-        for name, task_batches in all_batches.items():
-            check_kept_budget(model, task_batches, options, task=name, mesh=mesh)
+        for name, chosen in all_batches.items():
+            check_kept_budget(model, chosen, options, task=name, mesh=mesh)
     fishers, stretches = {}, {}
-    for name in tasks:
+    for name in all_batches:
         fishers[name], stretches[name] = telemetry.measure(
             collect,
             model,
@@ -646,7 +649,7 @@ def collect_all(model: Model, tasks: dict[str, Task], config: AnalysisConfig, *,
             progress=config.progress,
             mesh=mesh,
         )
-    return all_batches, fishers, stretches
+    return fishers, stretches
 
 
 def saved_batches(config: AnalysisConfig, names: Sequence[str]) -> dict[str, int]:
@@ -675,23 +678,23 @@ def saved_batches(config: AnalysisConfig, names: Sequence[str]) -> dict[str, int
     return found
 
 
-def estimate_output_bytes(model: Model, task_sizes: dict[str, int], config: AnalysisConfig) -> tuple[float, float]:
+def estimate_output_bytes(model: Model, all_batches: dict[str, list[Batch]], config: AnalysisConfig) -> tuple[float, float]:
     """``(output, spill)``: a generous estimate of the bytes the output directory and a spill
     directory will need. Output: per task the orbax state (group Fisher, its Welford state and
     per-sample values, the diagonal, and the kept gradients with ``--save-sample-grads``); per
-    ordered pair of tasks the QK-OV scores; figures and JSON. Spill: the kept attention gradients."""
+    ordered pair of tasks the QK-OV scores; figures and JSON. Spill: the kept attention gradients
+    or their token factors, as Phase 1 will keep them (:func:`~fisherjax.fisher.collect.kept_bytes`)."""
     layout = model.layout
     groups = sum(int(np.size(v)) for p in layout.paths() for v in group_sizes(layout, p).values())
-    attention = sum(int(np.prod(layout.spec(p).shape)) for p in attention_paths(layout))
-    width = np.dtype(STORAGE_DTYPES[config.sample_grads_dtype]).itemsize
+    options = config.collect_options(layout, longest(all_batches))
     output, spill = 50e6, 0.0
-    for n in task_sizes.values():
+    sizes = [sum(b.num_real for b in chosen) for chosen in all_batches.values()]
+    for n, chosen in zip(sizes, all_batches.values()):
         output += 4 * (4 * groups + n * groups + (model.num_params if config.diagonal else 0))
-        kept = n * attention * width
+        kept = kept_bytes(model, chosen, options)[0]
         spill += kept
         output += kept if config.save_sample_grads else 0
     if "qkov" in config.phases:
-        sizes = list(task_sizes.values())
         output += sum(4 * 4 * layout.num_layers * layout.num_heads * a * b for i, a in enumerate(sizes) for j, b in enumerate(sizes) if i != j)
     return 1.2 * output, 1.2 * spill
 
@@ -771,15 +774,16 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
     (model, tasks), stretches["load"] = telemetry.measure(load_inputs, config)
     check_conflict_scope(config, model.layout, {name: len(task) for name, task in tasks.items()})
     resumed = saved_batches(config, list(tasks))
-    output_bytes, spill_bytes = estimate_output_bytes(model, {n: len(t) for n, t in tasks.items()}, config)
+    all_batches = task_batches(model, tasks, config)
+    output_bytes, spill_bytes = estimate_output_bytes(model, all_batches, config)
     if writer:
         outdir.check_writable(destination, output_bytes, option="--out")
     if config.spill_dir is not None:
         outdir.check_writable(Path(config.spill_dir), spill_bytes, option="--spill-dir")
     with _private_spill(config.spill_dir) as spill_root:
         try:
-            (all_batches, fishers, per_task), stretches["collect"] = telemetry.measure(collect_all, model, tasks, config, spill_root=spill_root,
-                                                                           mesh=mesh)
+            (fishers, per_task), stretches["collect"] = telemetry.measure(collect_all, model, all_batches, config, spill_root=spill_root,
+                                                                          mesh=mesh)
         except OSError as err:
             if disk_errno(err):
                 raise disk_error(err, Path(config.spill_dir or destination), "--spill-dir") from None
@@ -888,4 +892,4 @@ def parse_task_args(values: Sequence[str]) -> tuple[tuple[str, Path], ...]:
 
 
 __all__ = ["PHASES", "AnalysisConfig", "Context", "analyze", "collect_all", "load_inputs", "model_info", "parse_task_args",
-           "parse_thresholds"]
+           "parse_thresholds", "task_batches"]

@@ -250,6 +250,24 @@ def test_kept_bytes_are_what_collection_keeps_and_too_many_are_refused_first(mod
                 key=jax.random.key(0))  # the late refusal is a FisherjaxError "after N samples": this one comes first
     collect(model, chosen, task="rand", options=collected.replace(sample_grads_budget_bytes=need), key=jax.random.key(0), progress=False)
 
+
+def test_the_spill_directory_is_asked_for_what_phase_1_will_keep(model, task):
+    """``analyze``'s disk check asks ``--spill-dir`` for the bytes Phase 1 keeps, in the form it
+    keeps them: gradients, or token factors (which at 16 positions of this tiny model are larger
+    than the gradients; on GPT-2 small at 128 positions a quarter of them), not always for every
+    kept kernel's full gradient."""
+    from fisherjax.fisher.collect import kept_bytes
+    from fisherjax.fisher.options import attention_paths
+    from fisherjax.pipeline import AnalysisConfig, estimate_output_bytes, longest, task_batches
+
+    gradients = len(task) * sum(np.prod(model.layout.spec(p).shape) for p in attention_paths(model.layout)) * 2  # bfloat16
+    for form in ("gradients", "factors"):
+        config = AnalysisConfig(sample_grads_form=form, batch_size=4)
+        chosen = task_batches(model, {"a": task, "b": task}, config)
+        kept = kept_bytes(model, chosen["a"], config.collect_options(model.layout, longest(chosen)))[0]
+        assert estimate_output_bytes(model, chosen, config)[1] == pytest.approx(1.2 * 2 * kept)
+        assert (kept == gradients) if form == "gradients" else (kept > gradients)
+
 RESUME_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
