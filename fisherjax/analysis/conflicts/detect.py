@@ -393,9 +393,12 @@ def _report(name_a, name_b, gram: Gram, scores, sig: _Significance, null_cosines
 
 def _nan_group_cosines(gram: Gram) -> np.ndarray:
     """Per-group cosines with NaN (untested) where either side's group gradient is zero."""
-    denom = np.sqrt(gram.group_sq_norms_a[:, :, None].astype(np.float64) * gram.group_sq_norms_b[:, None, :])
+    cosines = np.sqrt(gram.group_sq_norms_a[:, :, None].astype(np.float64) * gram.group_sq_norms_b[:, None, :])
+    untested = cosines <= 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, gram.group_dots / denom, np.nan)
+        np.divide(gram.group_dots, cosines, out=cosines)  # in place: one [G, n_a, n_b] float64 array, not three
+    cosines[untested] = np.nan
+    return cosines
 
 
 def _check_sizes(gram: Gram, name_a: str, name_b: str) -> None:

@@ -112,7 +112,8 @@ def conflict_pvalues(
     row_ok = np.isfinite(ref).all(-1)
     ref = np.where(row_ok[..., None], ref, 0.0)
     tested = np.isfinite(test) & row_ok[..., None]
-    test = np.where(tested, test, 0.0)
+    if null != "pooled":  # the pooled null's chunks read untested entries as they are: their p-values are masked below
+        test = np.where(tested, test, 0.0)
     if null == "row":
         p = _rank_pvalues(test, ref)
     elif null == "normal":
@@ -133,7 +134,9 @@ def conflict_pvalues(
         if z_null.size == 0:
             raise DataError("no reference sample has any spread of cosines (duplicated or collinear gradients)")
         p = _pooled_pvalues(test, center, np.where(spread, scale, 1.0), z_null, tail_size if tail == "gpd" else None)
-    return np.where(tested, p, np.nan)
+    p = np.asarray(p, np.float64)
+    p[~tested] = np.nan  # in place: no second test-sized array
+    return p
 
 
 def _pooled_pvalues(test, center, scale, z_null, tail_size: int | None):
