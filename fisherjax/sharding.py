@@ -188,21 +188,23 @@ def local_rows(tree) -> tuple[np.ndarray, object]:
 
 def process_sum(values: np.ndarray) -> np.ndarray:
     """``values`` summed over the processes of a multi-host run (itself on one host)."""
-    if jax.process_count() == 1:
-        return np.asarray(values)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(np.asarray(values))).sum(0)
+    return _every_process(values).sum(0)
 
 
 def process_min(values: np.ndarray) -> np.ndarray:
     """``values``' smallest over the processes of a multi-host run (itself on one host): a choice
     every process must make alike."""
+    return _every_process(values).min(0)
+
+
+def _every_process(values: np.ndarray) -> np.ndarray:
+    """``[processes, *shape]``: every process's ``values`` (``multihost_utils.process_allgather``;
+    on one host, its own with a leading axis of 1)."""
     if jax.process_count() == 1:
-        return np.asarray(values)
+        return np.asarray(values)[None]
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(np.asarray(values))).min(0)
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values)))
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
