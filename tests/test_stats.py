@@ -1,7 +1,9 @@
-"""fisherjax.stats.pooled_quantiles against numpy's quantile of the joined values."""
+"""fisherjax.stats against independent code: pooled_quantiles against numpy's quantile of the joined
+values, fdr_qvalues against scipy's false_discovery_control."""
 
 import numpy as np
 import pytest
+from scipy.stats import false_discovery_control
 
 from fisherjax import stats
 
@@ -36,3 +38,28 @@ def test_pooled_quantiles_of_one_value_and_bad_input():
         stats.pooled_quantiles([np.zeros((0, 3), np.float32)], [0.5])
     with pytest.raises(ValueError, match="finite"):
         stats.pooled_quantiles([np.float32([1.0, np.nan])], [0.5])
+
+
+@pytest.mark.parametrize("method", ["bh", "by"])
+@pytest.mark.parametrize("kind", ["uniform", "ties", "signal"])
+def test_fdr_qvalues_equal_scipy_with_nans_and_chunks(method, kind, monkeypatch):
+    # chunks of 7 p-values: the running minimum crosses many chunk borders
+    monkeypatch.setattr(stats, "FDR_CHUNK", 7)
+    rng = np.random.default_rng(len(kind))
+    p = {"uniform": rng.uniform(size=(3, 40, 50)), "ties": rng.integers(1, 6, size=(3, 40, 50)) / 6.0,
+         "signal": np.where(rng.uniform(size=(3, 40, 50)) < 0.1, rng.uniform(size=(3, 40, 50)) * 1e-5, rng.uniform(size=(3, 40, 50)))}[kind]
+    p[rng.uniform(size=p.shape) < 0.2] = np.nan
+    tested = ~np.isnan(p)
+    q = stats.fdr_qvalues(p, method)
+    assert q.shape == p.shape and np.isnan(q[~tested]).all()
+    np.testing.assert_array_equal(q[tested], false_discovery_control(p[tested], method=method))
+    np.testing.assert_array_equal(stats.fdr_qvalues(np.swapaxes(p, 0, 2), method), np.swapaxes(q, 0, 2))  # not contiguous
+
+
+def test_fdr_qvalues_refuse_what_is_not_a_p_value():
+    assert np.isnan(stats.fdr_qvalues(np.full(4, np.nan))).all()
+    for bad in (-0.1, 1.5, np.inf):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            stats.fdr_qvalues(np.array([0.2, bad, np.nan]))
+    with pytest.raises(ValueError, match="method"):
+        stats.fdr_qvalues(np.array([0.2]), "holm")
