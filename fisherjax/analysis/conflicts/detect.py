@@ -33,7 +33,7 @@ from fisherjax.analysis.conflicts.findings import ConflictCluster, ConflictPair,
 from fisherjax.analysis.conflicts.gram import (
     Gram, chunk_count, chunk_size_for, damping, effect_sizes, gram_matrix, inverse_sqrt, sliced_grams, slices_fit, split_sides,
 )
-from fisherjax.analysis.conflicts.null import conflict_pvalues
+from fisherjax.analysis.conflicts.null import CHUNK_VALUES, conflict_pvalues
 from fisherjax.analysis.conflicts.options import ConflictOptions
 from fisherjax.analysis.conflicts.sources import GroupIndex, Grouping, Source, Stream, as_stream, check_same_parameters, grouping_for
 from fisherjax.errors import ConfigError, DataError
@@ -200,11 +200,13 @@ def detect(
     return _report(a.name, b.name, cross, scores, significance, null_cosines, null_group_cosines, settings, options)
 
 
-GROUP_TEST_BYTES = 48
-"""Host bytes :func:`detect` holds at its peak per tested (group, pair) in the per-group scope:
-the group dot products (float32), their cosines, each reference side's p-values and the q-values
-(float64), the significance mask — measured 38–44 at 128–256 samples per task on GPT-2 small's
-576 attention-head groups (``benchmarks/conflict_tests.py``, RESULTS.md, twenty-third session)."""
+GROUP_TEST_BYTES = 24
+"""Host bytes :func:`detect` holds at its peak per tested (group, pair) in the per-group scope: the
+group dot products (float32) of the three Grams, the A × B cosines and p-values, and the reference
+side in hand (its cosines, null and p-values, float64) — measured 22–24 at 256–384 samples per
+task on GPT-2 small's 576 attention-head groups (``benchmarks/conflict_tests.py``, RESULTS.md,
+twenty-fourth session). At 128 per task the pooled null's chunk temporaries (about 0.3 GB,
+:data:`~.null.CHUNK_VALUES`) take it to 33; the scope's rule leaves half the memory free."""
 
 
 def group_scope_bytes(n_a: int, n_b: int, groups: int) -> float:
@@ -326,7 +328,7 @@ def _pvalues(scores, references: Mapping[str, Gram], options: ConflictOptions):
     per_group = options.scope == "groups"
     null_cosines: dict[str, np.ndarray] = {}
     null_group_cosines: dict[str, np.ndarray] | None = {} if per_group else None
-    pvalues = []
+    pvalues = None
     for side, ref in references.items():
         square = side != "reference"
         pairs = np.triu_indices(len(ref.sample_ids_a), 1) if square else (slice(None), slice(None))
@@ -337,8 +339,10 @@ def _pvalues(scores, references: Mapping[str, Gram], options: ConflictOptions):
             null_group_cosines[side] = ref_scores[(slice(None),) + pairs].reshape(len(ref_scores), -1)
         test = np.swapaxes(scores, -1, -2) if side == "b" else scores
         p = conflict_pvalues(test, ref_scores, exclude_self=square, null=options.null, tail=options.tail)
-        pvalues.append(np.swapaxes(p, -1, -2) if side == "b" else p)
-    pvalues = np.fmax.reduce(pvalues) if len(pvalues) > 1 else pvalues[0]
+        del ref_scores  # before the next side's: one side's reference cosines at a time
+        p = np.swapaxes(p, -1, -2) if side == "b" else p
+        pvalues = p if pvalues is None else np.fmax(pvalues, p, out=pvalues)  # valid under either null: the larger
+        del p
     return pvalues, null_cosines, null_group_cosines
 
 
@@ -359,9 +363,13 @@ def _significance(cross: Gram, scores, pvalues, options: ConflictOptions) -> _Si
     qvalues = fdr_qvalues(pvalues, options.fdr_method)
     effects = effect_sizes(cross.cosines)
     if options.scope != "groups":
-        significant = (np.nan_to_num(qvalues, nan=1.0) <= options.alpha) & (effects > options.min_effect_size)
+        significant = (qvalues <= options.alpha) & (effects > options.min_effect_size)  # NaN (untested): False
         return _Significance(effects, pvalues, qvalues, significant, None, None, None)
-    group_sig = (np.nan_to_num(qvalues, nan=1.0) <= options.alpha) & (effect_sizes(np.nan_to_num(scores, nan=1.0)) > options.min_effect_size)
+    group_sig = np.empty(scores.shape, bool)
+    step = max(1, CHUNK_VALUES // max(scores[0].size, 1))
+    for g in range(0, len(scores), step):  # a few groups at a time: no [G, n_a, n_b] float64 temporaries
+        block = slice(g, g + step)
+        group_sig[block] = (qvalues[block] <= options.alpha) & (effect_sizes(np.nan_to_num(scores[block], nan=1.0)) > options.min_effect_size)
     return _Significance(
         effects, np.fmin.reduce(pvalues, axis=0), np.fmin.reduce(qvalues, axis=0), group_sig.any(0), pvalues, qvalues, group_sig
     )
@@ -380,7 +388,7 @@ def _report(name_a, name_b, gram: Gram, scores, sig: _Significance, null_cosines
     top = top_pairs(gram, cosines, sig.effects, sig.pvalues, sig.qvalues, sig.significant, sig.group_sig, options.top_k, options.top_groups, sig.group_q)
     found = clusters(gram, cosines, sig.significant, sig.group_sig, options.max_clusters, options.top_groups)
     if sig.group_sig is not None:  # a pair's conflict strength: its most negative significant group cosine
-        pair_scores = np.nanmin(np.where(sig.group_sig, scores, np.inf), axis=0)
+        pair_scores = np.min(scores, axis=0, initial=np.inf, where=sig.group_sig)
     else:
         pair_scores = cosines
     advice = recommendations(gram, pair_scores, sig.significant, hotspots, options.filter_fraction)

@@ -56,11 +56,11 @@ TAILS = (None, "gpd")
 """The pooled null's far tail: purely empirical (None) or a generalized Pareto fit."""
 
 CHUNK_VALUES = 1 << 20
-"""Values per chunk of rows where the pooled null works row by row: the leave-one-out medians
-(:func:`_leave_one_out_median_mad`, whose sorts hold about a dozen temporaries of up to three times
-a chunk: ~300 MB of float64 and int64) and the tested values' p-values (:func:`_pooled_pvalues`).
-All rows at once — every group and sample pair of a per-group test — were most of the tests' peak
-memory (RESULTS.md, twenty-third session)."""
+"""Values per chunk where the pooled null works piece by piece: the reference rows, their
+leave-one-out medians (:func:`_leave_one_out_median_mad`, whose sorts hold about a dozen
+temporaries of up to three times a chunk: ~300 MB of float64 and int64) and the tested values'
+p-values (:func:`_pooled_pvalues`). All rows at once — every group and sample pair of a per-group
+test — were most of the tests' peak memory (RESULTS.md, twenty-third session)."""
 
 
 def reference_samples_needed(null: str) -> int:
@@ -98,25 +98,25 @@ def conflict_pvalues(
     n = test.shape[-2]
     if ref.shape[:-1] != test.shape[:-1]:
         raise DataError(f"reference cosines have shape {ref.shape}, the tested ones {test.shape}: rows must match")
-    if exclude_self:
-        if ref.shape[-1] != n:
-            raise DataError("a within-task reference must be square")
-        ref = ref[..., ~np.eye(n, dtype=bool)].reshape(*ref.shape[:-1], n - 1)
-    m = ref.shape[-1]
+    if exclude_self and ref.shape[-1] != n:
+        raise DataError("a within-task reference must be square")
+    m = ref.shape[-1] - exclude_self
     need = reference_samples_needed(null)
     if m < need:
         raise DataError(
             f"the {null!r} null needs at least {need} reference samples per row, got {m}"
             + (f" (a task with fewer than {need + 1} samples cannot be its own reference)" if exclude_self else "")
         )
-    row_ok = np.isfinite(ref).all(-1)
-    ref = np.where(row_ok[..., None], ref, 0.0)
+    if null == "pooled":
+        center, scale, usable, z_null = _pooled_null(ref, exclude_self)
+        return _pooled_pvalues(test, center, scale, usable, z_null, tail_size if tail == "gpd" else None)
+    ref, row_ok = _reference_rows(ref.reshape(-1, ref.shape[-1]), 0, exclude_self, n)
+    ref, row_ok = ref.reshape(*test.shape[:-1], m), row_ok.reshape(test.shape[:-1])
     tested = np.isfinite(test) & row_ok[..., None]
-    if null != "pooled":  # the pooled null's chunks read untested entries as they are: their p-values are masked below
-        test = np.where(tested, test, 0.0)
+    test = np.where(tested, test, 0.0)
     if null == "row":
         p = _rank_pvalues(test, ref)
-    elif null == "normal":
+    else:
         from scipy import stats
 
         mean, var = ref.mean(-1), ref.var(-1, ddof=1)
@@ -124,35 +124,91 @@ def conflict_pvalues(
         tested &= spread[..., None]
         t = (test - mean[..., None]) / np.sqrt(np.where(spread, var, 1.0) * (1 + 1 / m))[..., None]
         p = stats.t.cdf(t, df=m - 1)
-    else:
-        center, scale = _median_mad(ref)
-        spread = scale > 1e-12 * np.maximum(1.0, np.abs(center))
-        tested &= spread[..., None]
-        loo_center, loo_scale = _leave_one_out_median_mad(ref)
-        keep = row_ok[..., None] & (loo_scale > 1e-12 * np.maximum(1.0, np.abs(loo_center)))
-        z_null = np.sort(((ref - loo_center) / np.where(keep, loo_scale, 1.0))[keep])
-        if z_null.size == 0:
-            raise DataError("no reference sample has any spread of cosines (duplicated or collinear gradients)")
-        p = _pooled_pvalues(test, center, np.where(spread, scale, 1.0), z_null, tail_size if tail == "gpd" else None)
     p = np.asarray(p, np.float64)
-    p[~tested] = np.nan  # in place: no second test-sized array
+    p[~tested] = np.nan
     return p
 
 
-def _pooled_pvalues(test, center, scale, z_null, tail_size: int | None):
+def _reference_rows(rows, first: int, exclude_self: bool, n: int):
+    """``(values [k, m], finite [k])``: the reference rows ``rows [k, r]`` (flat rows ``first ...
+    first + k`` of the ``[..., n, r]`` reference) as float64, without their own sample's column when
+    ``exclude_self`` (row ``i`` of each group drops column ``i``), a row with a non-finite value
+    zeroed and marked."""
+    values = np.array(rows, np.float64)
+    if exclude_self:
+        own = (first + np.arange(len(values))) % n
+        values = values[np.arange(values.shape[1])[None, :] != own[:, None]].reshape(len(values), -1)
+    finite = np.isfinite(values).all(-1)
+    values[~finite] = 0.0
+    return values, finite
+
+
+def _pooled_null(ref, exclude_self: bool):
+    """The pooled null of ``ref [..., n, r]``: ``(center, scale, usable, z_null)``.
+
+    Per row ``[..., n]``: the median and MAD of its reference cosines, and whether the row can be
+    tested (finite, with spread); ``z_null [N]`` sorted: every usable row's standardised cosines
+    ``(ref_kl − med_k,−l) / mad_k,−l`` with the row's median and MAD recomputed without ``l``
+    (:func:`_leave_one_out_median_mad`). Rows go :data:`CHUNK_VALUES` values at a time into one
+    buffer sorted in place: the reference is never copied whole (with ``exclude_self`` it used to
+    be, twice, beside the leave-one-out statistics and the null: most of the tests' peak)."""
+    rows = ref.reshape(-1, ref.shape[-1])
+    n, m = ref.shape[-2], ref.shape[-1] - exclude_self
+    center, scale, usable = np.empty(len(rows)), np.empty(len(rows)), np.empty(len(rows), bool)
+    z_null = np.empty(len(rows) * m)
+    filled = 0
+    step = max(1, CHUNK_VALUES // max(m, 1))
+    for i in range(0, len(rows), step):
+        x, finite = _reference_rows(rows[i : i + step], i, exclude_self, n)
+        c, s = _median_mad(x)
+        center[i : i + step], scale[i : i + step] = c, s
+        usable[i : i + step] = finite & (s > 1e-12 * np.maximum(1.0, np.abs(c)))
+        loo_center, loo_scale = _leave_one_out_median_mad(x)
+        keep = finite[:, None] & (loo_scale > 1e-12 * np.maximum(1.0, np.abs(loo_center)))
+        z = ((x - loo_center) / np.where(keep, loo_scale, 1.0))[keep]
+        z_null[filled : filled + z.size] = z
+        filled += z.size
+    if filled == 0:
+        raise DataError("no reference sample has any spread of cosines (duplicated or collinear gradients)")
+    z_null = z_null[:filled]
+    z_null.sort()
+    shape = ref.shape[:-1]
+    return center.reshape(shape), np.where(usable, scale, 1.0).reshape(shape), usable.reshape(shape), z_null
+
+
+def _pooled_pvalues(test, center, scale, usable, z_null, tail_size: int | None):
     """``(1 + #{z_kl ≤ z_ij}) / (1 + N)`` with ``z_ij = (test_ij − center_i) / scale_i`` against the
-    sorted pooled null ``z_null [N]`` (and, with ``tail_size``, its generalized Pareto tail), rows
-    :data:`CHUNK_VALUES` values at a time: no test-sized temporaries beside the result."""
-    rows, cols = int(np.prod(test.shape[:-1])), test.shape[-1]
-    flat, center, scale = test.reshape(rows, cols), center.reshape(rows, 1), scale.reshape(rows, 1)
+    sorted pooled null ``z_null [N]`` (and, with ``tail_size``, its generalized Pareto tail); NaN
+    where the row is not ``usable`` or the test value is not finite. ``test [..., n, m]`` may be a
+    transposed view (:func:`~.detect.detect`'s B side): it is read :data:`CHUNK_VALUES` values at a
+    time, by groups or by rows of one group, and never copied whole."""
+    shape, (n, cols) = test.shape, test.shape[-2:]
+    test = test.reshape(-1, n, cols)  # merges leading axes only: a view of a transposed array too
+    center, scale, usable = (x.reshape(-1, n, 1) for x in (center, scale, usable))
     tail = _gpd_fit(z_null, tail_size) if tail_size is not None else None
-    p = np.empty((rows, cols))
-    step = max(1, CHUNK_VALUES // max(cols, 1))
-    for i in range(0, rows, step):
-        z = (flat[i : i + step] - center[i : i + step]) / scale[i : i + step]
+    p = np.empty(test.shape)
+    for block in _value_blocks(len(test), n, cols):
+        z = (test[block] - center[block]) / scale[block]
         part = (1.0 + _count_at_most(z_null, z.ravel()).reshape(z.shape)) / (1.0 + z_null.size)
-        p[i : i + step] = part if tail is None else _gpd_tail(part, z, z_null.size, *tail)
-    return p.reshape(test.shape)
+        if tail is not None:
+            part = _gpd_tail(part, z, z_null.size, *tail)
+        part[~(np.isfinite(z) & usable[block])] = np.nan
+        p[block] = part
+    return p.reshape(shape)
+
+
+def _value_blocks(groups: int, n: int, cols: int):
+    """Index tuples covering ``[groups, n, cols]`` about :data:`CHUNK_VALUES` values at a time:
+    whole groups when one fits, else rows of one group."""
+    if n * cols <= CHUNK_VALUES:
+        step = CHUNK_VALUES // max(n * cols, 1)
+        for g in range(0, groups, step):
+            yield (slice(g, g + step),)
+        return
+    step = max(1, CHUNK_VALUES // max(cols, 1))
+    for g in range(groups):
+        for r in range(0, n, step):
+            yield (slice(g, g + 1), slice(r, r + step))
 
 
 def _count_at_most(sorted_values: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -212,22 +268,14 @@ def _order_stat_without(sorted_rows, k: int, removed_rank):
 
 
 def _leave_one_out_median_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Median and MAD of each row of ``x [..., m]`` without its element ``l``, for every ``l``: ``[..., m]``.
+    """Median and MAD of each row of ``x [rows, m]`` without its element ``l``, for every ``l``: ``[rows, m]``.
 
     From order statistics: without the element of rank ``r`` the k-th smallest is ``s[k]`` if
     ``k < r`` else ``s[k+1]``; the median takes at most three values per row (``r`` below,
     between or above the two middle positions), and for each the deviations are sorted once.
-    Costs ``O(m log m)`` per row instead of ``O(m² log m)``; rows go :data:`CHUNK_VALUES`
-    values at a time.
+    Costs ``O(m log m)`` per row instead of ``O(m² log m)``; its sorts hold about a dozen
+    temporaries of up to three times ``x``, so callers pass :data:`CHUNK_VALUES` values at a time.
     """
-    rows = x.reshape(-1, x.shape[-1])
-    step = max(1, CHUNK_VALUES // max(x.shape[-1], 1))
-    parts = [_rows_leave_one_out_median_mad(rows[i : i + step]) for i in range(0, len(rows), step)]
-    return tuple(np.concatenate([part[k] for part in parts]).reshape(x.shape) for k in (0, 1))
-
-
-def _rows_leave_one_out_median_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_leave_one_out_median_mad` of the rows of ``x [rows, m]``, all at once."""
     m = x.shape[-1]
     lo, hi = (m - 2) // 2, (m - 1) // 2  # middle positions of m - 1 values
     order = np.argsort(x, -1)
