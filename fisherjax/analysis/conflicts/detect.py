@@ -205,8 +205,8 @@ GROUP_TEST_BYTES = 24
 group dot products (float32) of the three Grams, the A × B cosines and p-values, and the reference
 side in hand (its cosines, null and p-values, float64) — measured 22–24 at 256–384 samples per
 task on GPT-2 small's 576 attention-head groups (``benchmarks/conflict_tests.py``, RESULTS.md,
-twenty-fourth session). At 128 per task the pooled null's chunk temporaries (about 0.3 GB,
-:data:`~.null.CHUNK_VALUES`) take it to 33; the scope's rule leaves half the memory free."""
+twenty-fourth session). At 128 per task the pooled null's chunk temporaries (a few hundred MB,
+:data:`~.null.CHUNK_VALUES`) take it to 33–41; the scope's rule leaves half the memory free."""
 
 
 def group_scope_bytes(n_a: int, n_b: int, groups: int) -> float:

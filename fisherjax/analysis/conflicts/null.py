@@ -41,9 +41,14 @@ real model) and the power on planted conflicts.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import numpy as np
 from jaxtyping import Float
 
+from fisherjax.backend import available_cores
 from fisherjax.errors import DataError
 from fisherjax.settings import check_choice
 
@@ -56,11 +61,12 @@ TAILS = (None, "gpd")
 """The pooled null's far tail: purely empirical (None) or a generalized Pareto fit."""
 
 CHUNK_VALUES = 1 << 20
-"""Values per chunk where the pooled null works piece by piece: the reference rows, their
-leave-one-out medians (:func:`_leave_one_out_median_mad`, whose sorts hold about a dozen
-temporaries of up to three times a chunk: ~300 MB of float64 and int64) and the tested values'
-p-values (:func:`_pooled_pvalues`). All rows at once — every group and sample pair of a per-group
-test — were most of the tests' peak memory (RESULTS.md, twenty-third session)."""
+"""Values in flight (over all cores: :func:`chunk_values`) where the pooled null works piece by
+piece: the reference rows, their leave-one-out medians (:func:`_leave_one_out_median_mad`, whose
+sorts hold about a dozen temporaries of up to three times a chunk: ~300 MB of float64 and int64
+in all) and the tested values' p-values (:func:`_pooled_pvalues`). All rows at once — every group
+and sample pair of a per-group test — were most of the tests' peak memory (RESULTS.md,
+twenty-third session)."""
 
 
 def reference_samples_needed(null: str) -> int:
@@ -149,29 +155,32 @@ def _pooled_null(ref, exclude_self: bool):
     Per row ``[..., n]``: the median and MAD of its reference cosines, and whether the row can be
     tested (finite, with spread); ``z_null [N]`` sorted: every usable row's standardised cosines
     ``(ref_kl − med_k,−l) / mad_k,−l`` with the row's median and MAD recomputed without ``l``
-    (:func:`_leave_one_out_median_mad`). Rows go :data:`CHUNK_VALUES` values at a time into one
-    buffer sorted in place: the reference is never copied whole (with ``exclude_self`` it used to
-    be, twice, beside the leave-one-out statistics and the null: most of the tests' peak)."""
+    (:func:`_leave_one_out_median_mad`). Rows go :func:`chunk_values` values at a time, on every
+    core (:func:`on_host_cores`), into one buffer sorted in place: the reference is never copied
+    whole (with ``exclude_self`` it used to be, twice, beside the leave-one-out statistics and the
+    null: most of the tests' peak)."""
     rows = ref.reshape(-1, ref.shape[-1])
     n, m = ref.shape[-2], ref.shape[-1] - exclude_self
     center, scale, usable = np.empty(len(rows)), np.empty(len(rows)), np.empty(len(rows), bool)
-    z_null = np.empty(len(rows) * m)
-    filled = 0
-    step = max(1, CHUNK_VALUES // max(m, 1))
-    for i in range(0, len(rows), step):
+    z_null = np.empty(len(rows) * m)  # NaN where a value is left out: sorted last, then cut off
+    step = max(1, chunk_values() // max(m, 1))
+
+    def fill(i: int) -> None:
         x, finite = _reference_rows(rows[i : i + step], i, exclude_self, n)
         c, s = _median_mad(x)
         center[i : i + step], scale[i : i + step] = c, s
         usable[i : i + step] = finite & (s > 1e-12 * np.maximum(1.0, np.abs(c)))
         loo_center, loo_scale = _leave_one_out_median_mad(x)
         keep = finite[:, None] & (loo_scale > 1e-12 * np.maximum(1.0, np.abs(loo_center)))
-        z = ((x - loo_center) / np.where(keep, loo_scale, 1.0))[keep]
-        z_null[filled : filled + z.size] = z
-        filled += z.size
-    if filled == 0:
-        raise DataError("no reference sample has any spread of cosines (duplicated or collinear gradients)")
-    z_null = z_null[:filled]
+        z = (x - loo_center) / np.where(keep, loo_scale, 1.0)
+        z[~keep] = np.nan
+        z_null[i * m : i * m + z.size] = z.ravel()
+
+    on_host_cores(fill, range(0, len(rows), step))
     z_null.sort()
+    z_null = z_null[: np.searchsorted(z_null, np.nan)]
+    if z_null.size == 0:
+        raise DataError("no reference sample has any spread of cosines (duplicated or collinear gradients)")
     shape = ref.shape[:-1]
     return center.reshape(shape), np.where(usable, scale, 1.0).reshape(shape), usable.reshape(shape), z_null
 
@@ -180,35 +189,57 @@ def _pooled_pvalues(test, center, scale, usable, z_null, tail_size: int | None):
     """``(1 + #{z_kl ≤ z_ij}) / (1 + N)`` with ``z_ij = (test_ij − center_i) / scale_i`` against the
     sorted pooled null ``z_null [N]`` (and, with ``tail_size``, its generalized Pareto tail); NaN
     where the row is not ``usable`` or the test value is not finite. ``test [..., n, m]`` may be a
-    transposed view (:func:`~.detect.detect`'s B side): it is read :data:`CHUNK_VALUES` values at a
-    time, by groups or by rows of one group, and never copied whole."""
+    transposed view (:func:`~.detect.detect`'s B side): it is read :func:`chunk_values` values at a
+    time, by groups or by rows of one group, on every core, and never copied whole."""
     shape, (n, cols) = test.shape, test.shape[-2:]
     test = test.reshape(-1, n, cols)  # merges leading axes only: a view of a transposed array too
     center, scale, usable = (x.reshape(-1, n, 1) for x in (center, scale, usable))
     tail = _gpd_fit(z_null, tail_size) if tail_size is not None else None
     p = np.empty(test.shape)
-    for block in _value_blocks(len(test), n, cols):
+
+    def fill(block: tuple[slice, ...]) -> None:
         z = (test[block] - center[block]) / scale[block]
         part = (1.0 + _count_at_most(z_null, z.ravel()).reshape(z.shape)) / (1.0 + z_null.size)
         if tail is not None:
             part = _gpd_tail(part, z, z_null.size, *tail)
         part[~(np.isfinite(z) & usable[block])] = np.nan
         p[block] = part
+
+    on_host_cores(fill, _value_blocks(len(test), n, cols))
     return p.reshape(shape)
 
 
-def _value_blocks(groups: int, n: int, cols: int):
-    """Index tuples covering ``[groups, n, cols]`` about :data:`CHUNK_VALUES` values at a time:
+def _value_blocks(groups: int, n: int, cols: int) -> list[tuple[slice, ...]]:
+    """Index tuples covering ``[groups, n, cols]`` about :func:`chunk_values` values at a time:
     whole groups when one fits, else rows of one group."""
-    if n * cols <= CHUNK_VALUES:
-        step = CHUNK_VALUES // max(n * cols, 1)
-        for g in range(0, groups, step):
-            yield (slice(g, g + step),)
+    chunk = chunk_values()
+    if n * cols <= chunk:
+        step = chunk // max(n * cols, 1)
+        return [(slice(g, g + step),) for g in range(0, groups, step)]
+    step = max(1, chunk // max(cols, 1))
+    return [(slice(g, g + 1), slice(r, r + step)) for g in range(groups) for r in range(0, n, step)]
+
+
+def chunk_values() -> int:
+    """Values per chunk on each core: :data:`CHUNK_VALUES` shared by the cores
+    (:func:`fisherjax.backend.available_cores`), so the chunks in flight hold what one did."""
+    return max(1, CHUNK_VALUES // available_cores())
+
+
+def on_host_cores(work: Callable[[Any], None], pieces: Iterable) -> None:
+    """``work(piece)`` for every piece, on :func:`fisherjax.backend.available_cores` threads (the
+    standard library's ``ThreadPoolExecutor``): numpy's sorts, searches and arithmetic release the
+    GIL, so the pieces run side by side, each writing its own part of a shared output. An error
+    in a piece is raised here."""
+    pieces = list(pieces)
+    workers = min(available_cores(), len(pieces))
+    if workers <= 1:
+        for piece in pieces:
+            work(piece)
         return
-    step = max(1, CHUNK_VALUES // max(cols, 1))
-    for g in range(groups):
-        for r in range(0, n, step):
-            yield (slice(g, g + 1), slice(r, r + step))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(work, pieces):
+            pass
 
 
 def _count_at_most(sorted_values: np.ndarray, keys: np.ndarray) -> np.ndarray:
