@@ -21,7 +21,8 @@ choice                           CPU                         GPU / TPU
 ===============================  ==========================  ==============================
 
 The reasons, with their measurements, are in ``docs/DECISIONS.md`` and
-``benchmarks/RESULTS.md``. The host-memory helpers live here too: XLA:CPU uses a C-contiguous
+``benchmarks/RESULTS.md``. Host work in numpy goes to every core through :func:`on_host_cores`.
+The host-memory helpers live here too: XLA:CPU uses a C-contiguous
 numpy array in place (``jax.device_put(x, may_alias=True)``) only when its data starts on a
 :data:`HOST_ALIGNMENT` boundary, which numpy's allocator does not promise.
 """
@@ -29,7 +30,9 @@ numpy array in place (``jax.device_put(x, may_alias=True)``) only when its data 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import jax
 import numpy as np
@@ -131,6 +134,22 @@ def available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return os.cpu_count() or 1
+
+
+def on_host_cores(work: Callable[[Any], None], pieces: Iterable) -> None:
+    """``work(piece)`` for every piece, on :func:`available_cores` threads (the
+    standard library's ``ThreadPoolExecutor``): numpy's sorts, searches and arithmetic release the
+    GIL, so the pieces run side by side, each writing its own part of a shared output. An error
+    in a piece is raised here."""
+    pieces = list(pieces)
+    workers = min(available_cores(), len(pieces))
+    if workers <= 1:
+        for piece in pieces:
+            work(piece)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(work, pieces):
+            pass
 
 
 def start_host_copy(tree):

@@ -42,9 +42,15 @@ def test_pooled_quantiles_of_one_value_and_bad_input():
 
 @pytest.mark.parametrize("method", ["bh", "by"])
 @pytest.mark.parametrize("kind", ["uniform", "ties", "signal"])
-def test_fdr_qvalues_equal_scipy_with_nans_and_chunks(method, kind, monkeypatch):
-    # chunks of 7 p-values: the running minimum crosses many chunk borders
+@pytest.mark.parametrize("cores", [1, 3])
+def test_fdr_qvalues_equal_scipy_with_nans_and_chunks(method, kind, cores, monkeypatch):
+    # chunks of 7 p-values: the running minimum crosses many chunk borders, and with several
+    # cores the order is found by value ranges (stats.ascending_order)
+    from fisherjax import backend
+
     monkeypatch.setattr(stats, "FDR_CHUNK", 7)
+    monkeypatch.setattr(stats, "available_cores", lambda: cores)
+    monkeypatch.setattr(backend, "available_cores", lambda: cores)
     rng = np.random.default_rng(len(kind))
     p = {"uniform": rng.uniform(size=(3, 40, 50)), "ties": rng.integers(1, 6, size=(3, 40, 50)) / 6.0,
          "signal": np.where(rng.uniform(size=(3, 40, 50)) < 0.1, rng.uniform(size=(3, 40, 50)) * 1e-5, rng.uniform(size=(3, 40, 50)))}[kind]
@@ -63,3 +69,18 @@ def test_fdr_qvalues_refuse_what_is_not_a_p_value():
             stats.fdr_qvalues(np.array([0.2, bad, np.nan]))
     with pytest.raises(ValueError, match="method"):
         stats.fdr_qvalues(np.array([0.2]), "holm")
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "nans", "all nan", "one value"])
+def test_ascending_order_sorts_like_numpy_on_several_cores(kind, monkeypatch):
+    from fisherjax import backend
+
+    monkeypatch.setattr(stats, "FDR_CHUNK", 50)
+    monkeypatch.setattr(stats, "available_cores", lambda: 3)
+    monkeypatch.setattr(backend, "available_cores", lambda: 3)
+    rng = np.random.default_rng(3)
+    x = {"uniform": rng.uniform(size=2001), "ties": rng.integers(0, 4, 2001) / 4.0, "nans": np.where(rng.uniform(size=2001) < 0.4, np.nan, rng.normal(size=2001)),
+         "all nan": np.full(2001, np.nan), "one value": np.full(2001, 0.5)}[kind]
+    order = stats.ascending_order(x)
+    np.testing.assert_array_equal(np.sort(order), np.arange(x.size))  # a permutation
+    np.testing.assert_array_equal(x[order], np.sort(x))

@@ -41,14 +41,10 @@ real model) and the power on planted conflicts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
-
 import numpy as np
 from jaxtyping import Float
 
-from fisherjax.backend import available_cores
+from fisherjax.backend import available_cores, on_host_cores
 from fisherjax.errors import DataError
 from fisherjax.settings import check_choice
 
@@ -224,22 +220,6 @@ def chunk_values() -> int:
     """Values per chunk on each core: :data:`CHUNK_VALUES` shared by the cores
     (:func:`fisherjax.backend.available_cores`), so the chunks in flight hold what one did."""
     return max(1, CHUNK_VALUES // available_cores())
-
-
-def on_host_cores(work: Callable[[Any], None], pieces: Iterable) -> None:
-    """``work(piece)`` for every piece, on :func:`fisherjax.backend.available_cores` threads (the
-    standard library's ``ThreadPoolExecutor``): numpy's sorts, searches and arithmetic release the
-    GIL, so the pieces run side by side, each writing its own part of a shared output. An error
-    in a piece is raised here."""
-    pieces = list(pieces)
-    workers = min(available_cores(), len(pieces))
-    if workers <= 1:
-        for piece in pieces:
-            work(piece)
-        return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(work, pieces):
-            pass
 
 
 def _count_at_most(sorted_values: np.ndarray, keys: np.ndarray) -> np.ndarray:
