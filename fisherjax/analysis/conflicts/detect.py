@@ -401,7 +401,8 @@ def _report(name_a, name_b, gram: Gram, scores, sig: _Significance, null_cosines
 
 def _nan_group_cosines(gram: Gram) -> np.ndarray:
     """Per-group cosines with NaN (untested) where either side's group gradient is zero."""
-    cosines = np.sqrt(gram.group_sq_norms_a[:, :, None].astype(np.float64) * gram.group_sq_norms_b[:, None, :])
+    cosines = gram.group_sq_norms_a[:, :, None].astype(np.float64) * gram.group_sq_norms_b[:, None, :]
+    np.sqrt(cosines, out=cosines)
     untested = cosines <= 0
     with np.errstate(invalid="ignore", divide="ignore"):
         np.divide(gram.group_dots, cosines, out=cosines)  # in place: one [G, n_a, n_b] float64 array, not three
