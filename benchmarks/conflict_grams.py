@@ -2,13 +2,13 @@
 
 ``conflicts.detect`` in the per-group scope, as ``fisherjax analyze`` runs it at GPT-2 small's size
 when Phase 1 keeps the attention kernels as token factors: two tasks of ``--samples`` samples,
-GPT-2 small's attention (12 layers, QKV kernel 768 × 2304 and output kernel 768 × 768 as bfloat16
-factors at 128 positions, biases as arrays), random factors, a flat Fisher. The command line's
-XLA flags are applied. Each round prints the call's seconds and, summed over its parameter
-slices, the seconds spent forming the kept gradients (``fisher.factored.form``) and in the
-slices' whitening and dot products (``conflicts.gram.slice_dots``), each waited for; the rest is
-the tests and the host's reading of the slices. With the FLOPs of each part, the rates show how
-far each runs from the machine's GEMM rate (``benchmarks/factored_reads.py --part reads`` measures
+GPT-2 small's attention (``configs/gpt2-small.json``: 12 layers, QKV kernel 768 × 2304 and output
+kernel 768 × 768 as bfloat16 factors at 128 positions, biases as arrays), random factors, a flat
+Fisher. The command line's XLA flags are applied. Each round prints the call's seconds and, summed
+over its parameter slices, the seconds spent forming the kept gradients (``fisher.factored.form``)
+and in the slices' whitening and dot products (``conflicts.gram.slice_dots``), each waited for;
+the rest is the tests and the host's reading of the slices. With the FLOPs of each part, the rates
+show how far each runs from the machine's GEMM rate (``benchmarks/factored_reads.py --part reads`` measures
 formation alone).
 
 Usage::
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import time
+from pathlib import Path
 
 import jax
 import ml_dtypes
@@ -29,6 +30,26 @@ import numpy as np
 from fisherjax import backend
 
 SEQ = 128
+CONFIG = Path(__file__).parent / "configs" / "gpt2-small.json"
+
+
+def kept_factors(layout, paths, n: int, seed: int):
+    """A task's attention gradients as Phase 1 keeps them: ``[layers, d_in, d_out]`` kernels as
+    bfloat16 token factors at :data:`SEQ` positions, biases as float32 arrays; random values."""
+    from fisherjax.fisher.factored import FactoredGrads
+    from fisherjax.fisher.state import SampleGrads
+
+    rng = np.random.default_rng(seed)
+    grads = {}
+    for path in paths:
+        shape = layout.spec(path).shape
+        if len(shape) == 3:
+            inputs = rng.standard_normal((n, shape[0], SEQ, shape[1]), np.float32).astype(ml_dtypes.bfloat16)
+            deltas = rng.standard_normal((n, shape[0], SEQ, shape[2]), np.float32).astype(ml_dtypes.bfloat16)
+            grads[path] = FactoredGrads(inputs, deltas)
+        else:
+            grads[path] = rng.standard_normal((n, *shape), np.float32)
+    return SampleGrads(np.arange(n), np.full(n, 100), grads)
 
 
 def main() -> None:
@@ -38,36 +59,18 @@ def main() -> None:
     args = parser.parse_args()
     backend.use_compiler_flags()
     from fisherjax.analysis import conflicts
-    from fisherjax.config import DecoderConfig
-    from fisherjax.fisher.factored import FactoredGrads
+    from fisherjax.config import read_hf_config
     from fisherjax.fisher.options import attention_paths
-    from fisherjax.fisher.state import SampleGrads
     from fisherjax.layout import layout_for
     from fisherjax.models.hf import abstract_params
 
     gram = importlib.import_module("fisherjax.analysis.conflicts.gram")
     factored = importlib.import_module("fisherjax.fisher.factored")
-    config = DecoderConfig(model_type="gpt2", family="gpt2", vocab_size=64, hidden_size=768, num_layers=12, num_heads=12,
-                           num_kv_heads=12, head_dim=64, intermediate_size=3072, max_position_embeddings=SEQ, norm_eps=1e-5,
-                           activation="gelu_new", tie_word_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True, rope=None)
+    config, _ = read_hf_config(CONFIG)
     layout = layout_for(config, abstract_params(config))
     paths = attention_paths(layout)
+    a, b = (kept_factors(layout, paths, args.samples, seed) for seed in (1, 2))
     n = args.samples
-
-    def task(seed: int) -> SampleGrads:
-        rng = np.random.default_rng(seed)
-        grads = {}
-        for p in paths:
-            shape = layout.spec(p).shape
-            if len(shape) == 3:  # [layers, d_in, d_out]: a kernel, kept as factors
-                inputs = rng.standard_normal((n, shape[0], SEQ, shape[1]), np.float32).astype(ml_dtypes.bfloat16)
-                deltas = rng.standard_normal((n, shape[0], SEQ, shape[2]), np.float32).astype(ml_dtypes.bfloat16)
-                grads[p] = FactoredGrads(inputs, deltas)
-            else:
-                grads[p] = rng.standard_normal((n, *shape), np.float32)
-        return SampleGrads(np.arange(n), np.full(n, 100), grads)
-
-    a, b = task(1), task(2)
     fisher = {p: np.ones(layout.spec(p).shape, np.float32) for p in paths}
     kernel_params = sum(int(np.prod(layout.spec(p).shape)) for p in paths if len(layout.spec(p).shape) == 3)
     all_params = sum(int(np.prod(layout.spec(p).shape)) for p in paths)

@@ -101,7 +101,7 @@ def ascending_order(x: np.ndarray) -> np.ndarray:
             order[offsets[j, k] : ends[j, k]] = starts[k] + by_range[cut[j] : cut[j + 1]]
 
     on_host_cores(scattered, range(len(starts)))
-    del label
+    label = None  # freed before the ranges' sorts
 
     def sorted_range(j: int) -> None:
         lo, hi = offsets[j, 0], ends[j, -1]

@@ -285,7 +285,7 @@ def _leave_one_out_median_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ``k < r`` else ``s[k+1]``; the median takes at most three values per row (``r`` below,
     between or above the two middle positions), and for each the deviations are sorted once.
     Costs ``O(m log m)`` per row instead of ``O(m² log m)``; its sorts hold about a dozen
-    temporaries of up to three times ``x``, so callers pass :data:`CHUNK_VALUES` values at a time.
+    temporaries of up to three times ``x``, so callers pass :func:`chunk_values` values at a time.
     """
     m = x.shape[-1]
     lo, hi = (m - 2) // 2, (m - 1) // 2  # middle positions of m - 1 values
