@@ -8,8 +8,8 @@ Fisher. The command line's XLA flags are applied. Each round prints the call's s
 over its parameter slices, the seconds spent forming the kept gradients (``fisher.factored.form``)
 and in the slices' whitening and dot products (``conflicts.gram.slice_dots``), each waited for;
 the rest is the tests and the host's reading of the slices. With the FLOPs of each part, the rates
-show how far each runs from the machine's GEMM rate (``benchmarks/factored_reads.py --part reads`` measures
-formation alone).
+show how far each runs from the machine's GEMM rate (``benchmarks/factored_reads.py --part reads``
+measures formation alone).
 
 Usage::
 
