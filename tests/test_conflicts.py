@@ -416,10 +416,14 @@ def test_pvalues_match_loops(null, exclude_self):
         chex.assert_trees_all_close(stacked[1], got, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [1, 200])  # a value, or whole groups of 63 values, per piece
+@pytest.mark.parametrize("cores", [1, 3])
 @pytest.mark.parametrize("exclude_self", [True, False])
-def test_pooled_null_in_chunks_of_rows_is_the_same(monkeypatch, exclude_self):
-    """The pooled null's leave-one-out medians and p-values go a few rows at a time (``CHUNK_VALUES``):
-    p-values of groups and rows in chunks of one row equal those of all rows at once, and the loops."""
+def test_pooled_null_in_chunks_of_rows_is_the_same(monkeypatch, exclude_self, cores, chunk):
+    """The pooled null's leave-one-out medians and p-values go a few rows at a time (``CHUNK_VALUES``),
+    on every core: p-values of groups and rows in chunks of one row, on one or three threads, equal
+    those of all rows at once, and the loops; so do a transposed view's (detect's B side)."""
+    from fisherjax import backend
     from fisherjax.analysis.conflicts import null
 
     rng = np.random.default_rng(6)
@@ -427,8 +431,12 @@ def test_pooled_null_in_chunks_of_rows_is_the_same(monkeypatch, exclude_self):
     ref = np.tanh(rng.normal(0, 0.4, size=(3, n, r)) + rng.normal(0, 0.2, size=(3, n, 1)))
     test = np.tanh(rng.normal(-0.2, 0.5, size=(3, n, m)))
     whole = C.conflict_pvalues(test, ref, exclude_self=exclude_self)
-    monkeypatch.setattr(null, "CHUNK_VALUES", 1)
+    monkeypatch.setattr(null, "CHUNK_VALUES", chunk)
+    monkeypatch.setattr(null, "available_cores", lambda: cores)
+    monkeypatch.setattr(backend, "available_cores", lambda: cores)
     np.testing.assert_array_equal(C.conflict_pvalues(test, ref, exclude_self=exclude_self), whole)
+    transposed = np.swapaxes(np.ascontiguousarray(np.swapaxes(test, 1, 2)), 1, 2)
+    np.testing.assert_array_equal(C.conflict_pvalues(transposed, ref, exclude_self=exclude_self), whole)
     chex.assert_trees_all_close(C.conflict_pvalues(test[0], ref[0], exclude_self=exclude_self),
                                 loop_pvalues(test[0], ref[0], "pooled", exclude_self), atol=1e-12)
 
