@@ -516,26 +516,27 @@ def phase_conflicts(ctx: Context, out: Path | None) -> report.Section:
     layout, config = ctx.model.layout, ctx.config
     options = conflicts.ConflictOptions(alpha=config.conflict_alpha, top_k=config.top_k)
     groups = conflict_groups(layout)
-    available = backend.host_available_bytes()  # every process of a multi-process run tests alike: the least of theirs
-    available = float(sharding.process_min(np.array([np.inf if available is None else available]))[0])
-    reports, skipped, notes = {}, {}, {}
+    parts = []
     for name_a, name_b in itertools.combinations(ctx.fishers, 2):
         n_a, n_b = (len(ctx.fishers[name].sample_grads) for name in (name_a, name_b))
         short = [f"{name} has {n} samples with active tokens; its own cosines, the null it is tested against, need at least {need}"
                  for name, n, need in ((name_a, n_a, options.samples_needed("a")), (name_b, n_b, options.samples_needed("b")))
                  if n < need]
         if short:  # a quick run on a few samples still gets the other phases
-            skipped[name_a, name_b] = "; ".join(short)
+            parts.append(conflicts_report.pair_part(name_a, name_b, skipped="; ".join(short)))
             continue
+        available = backend.host_available_bytes()  # every process of a multi-process run tests alike: the least of theirs
+        available = float(sharding.process_min(np.array([np.inf if available is None else available]))[0])
         scope, why = conflict_scope(config.conflict_scope, n_a, n_b, groups, available)
         if why:
-            notes[name_a, name_b] = why
             warnings.warn(f"conflicts {name_a} × {name_b}: {why}", stacklevel=2)
-        reports[name_a, name_b] = conflicts.detect(
+        found = conflicts.detect(
             ctx.fishers[name_a], ctx.fishers[name_b], layout=layout, options=dataclasses.replace(options, scope=scope),
             names=(name_a, name_b), progress=config.progress, mesh=ctx.mesh,
         )
-    section = conflicts_report.section(reports, ctx.labels, layout.kv_head_of, skipped=skipped, notes=notes)
+        parts.append(conflicts_report.pair_part(name_a, name_b, found, note=why, labels=ctx.labels, kv_head_of=layout.kv_head_of))
+        del found  # one pair's [G, n_a, n_b] arrays at a time: the next pair's tests get their memory
+    section = conflicts_report.section_of(parts)
     if out is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
         (out / "conflicts.json").write_text(json.dumps(report.jsonable(section.json), indent=2))
     return section

@@ -332,6 +332,32 @@ def test_conflict_scope_auto_tests_per_group_only_where_the_tests_fit(tiny_check
     assert json.loads((tmp_path / "grouped" / "conflicts.json").read_text())["pairs"]["add|words"]["settings"]["scope"] == "groups"
 
 
+def test_conflicts_hold_one_pair_report_at_a_time(tiny_checkpoint, tmp_path, monkeypatch):
+    """With three tasks, Phase 5 turns each pair's report into its conflicts.json entry, lines and
+    figure before testing the next pair: no earlier pair's ``[G, n_a, n_b]`` arrays are alive
+    while a later pair is tested, and every pair is written."""
+    import gc
+    import weakref
+
+    from fisherjax.analysis import conflicts
+
+    detect, earlier = conflicts.detect, []
+
+    def watched(*args, **kwargs):
+        gc.collect()
+        assert all(ref() is None for ref in earlier), "an earlier pair's report is still alive"
+        found = detect(*args, **kwargs)
+        earlier.append(weakref.ref(found))
+        return found
+
+    monkeypatch.setattr(conflicts, "detect", watched)
+    out = tmp_path / "out"
+    assert _analyze(tiny_checkpoint, out, "--phases", "fisher,conflicts", "--task", f"again={tiny_checkpoint / 'add.jsonl'}") == 0
+    assert len(earlier) == 3
+    pairs = json.loads((out / "conflicts.json").read_text())["pairs"]
+    assert set(pairs) == {"add|words", "add|again", "words|again"} and all("top_pairs" in entry for entry in pairs.values())
+
+
 def test_compiler_flags_are_added_unless_the_user_set_them():
     from fisherjax.backend import with_compiler_flags
 

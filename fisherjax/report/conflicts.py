@@ -1,6 +1,7 @@
 """Phase 5 as a reader sees it: the ``conflicts.json`` entry of a task pair (:func:`summary`),
 its figure (:func:`figure`) and its lines of ``report.md`` (:func:`markdown`), all from a
-:class:`~fisherjax.analysis.conflicts.ConflictReport`; :func:`section` puts every pair together.
+:class:`~fisherjax.analysis.conflicts.ConflictReport` (:func:`pair_part`); :func:`section_of` puts
+every pair together.
 
 No number is computed here that the report does not already hold, except the descriptive
 statistics of the arrays (mean, spread and median of the cosines).
@@ -9,7 +10,8 @@ statistics of the arrays (mean, spread and median of the cosines).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -19,7 +21,7 @@ from fisherjax.report import categories
 from fisherjax.report.base import Section
 from fisherjax.report.figures import new_figure
 
-__all__ = ["TITLE", "effect_words", "figure", "figure_name", "markdown", "section", "summary"]
+__all__ = ["TITLE", "PairPart", "effect_words", "figure", "figure_name", "markdown", "pair_part", "section", "section_of", "summary"]
 
 TITLE = "Phase 5 — Sample conflicts"
 """The phase's heading in ``report.md``."""
@@ -243,26 +245,52 @@ def markdown(report: ConflictReport, summary: Mapping, *, figure_link: str | Non
     return lines
 
 
+class PairPart(NamedTuple):
+    """One task pair's share of the section: its ``conflicts.json`` entry under ``key``
+    (``"A|B"``), its ``report.md`` lines and its figures."""
+
+    key: str
+    entry: dict
+    lines: list[str]
+    figures: dict[str, Figure]
+
+
+def pair_part(name_a: str, name_b: str, report: ConflictReport | None = None, *, skipped: str | None = None,
+              note: str | None = None, labels: np.ndarray | None = None, kv_head_of: np.ndarray | None = None) -> PairPart:
+    """What a pair adds to the section: its :func:`summary` (with ``"scope_note"``: ``note``, why it
+    was tested as it was, and that line before its own), :func:`markdown` and :func:`figure`
+    (named :func:`figure_name`); a ``skipped`` pair gets ``{"skipped": reason}`` and one line
+    saying why. Made as soon as the pair's report exists, so the report (its ``[G, n_a, n_b]``
+    arrays) need not outlive it."""
+    key = f"{name_a}|{name_b}"
+    if skipped is not None:
+        return PairPart(key, {"skipped": skipped}, [f"**{name_a} × {name_b}**: skipped: {skipped}.", ""], {})
+    entry = summary(report, labels, kv_head_of)
+    lines = []
+    if note:
+        entry["scope_note"] = note
+        lines += [f"**{name_a} × {name_b}**: {note}.", ""]
+    name = figure_name(report)
+    lines += markdown(report, entry, figure_link=f"{{figure:{name}}}", labels=labels, kv_head_of=kv_head_of)
+    return PairPart(key, entry, lines, {name: figure(report, labels, kv_head_of)})
+
+
+def section_of(parts: Iterable[PairPart]) -> Section:
+    """Phase 5 as one :class:`~fisherjax.report.Section` from its pairs' :func:`pair_part`: key
+    ``"conflicts"``, json ``{"pairs": {"A|B": entry}}`` (the content of ``conflicts.json``), the
+    pairs' lines and figures in order."""
+    parts = list(parts)
+    lines = [line for part in parts for line in part.lines]
+    figures = {name: fig for part in parts for name, fig in part.figures.items()}
+    return Section("conflicts", TITLE, {"pairs": {part.key: part.entry for part in parts}}, lines, figures)
+
+
 def section(reports: Mapping[tuple[str, str], ConflictReport], labels: np.ndarray | None = None,
             kv_head_of: np.ndarray | None = None, skipped: Mapping[tuple[str, str], str] | None = None,
             notes: Mapping[tuple[str, str], str] | None = None) -> Section:
-    """Phase 5 as one :class:`~fisherjax.report.Section`: key ``"conflicts"``, json
-    ``{"pairs": {"A|B": summary}}`` (the content of ``conflicts.json``), each pair's
-    :func:`markdown` with its :func:`figure` (named :func:`figure_name`); a pair in ``skipped``
-    gets ``{"skipped": reason}`` and one line saying why, a pair in ``notes`` (why it was tested
-    as it was) ``"scope_note"`` and that line before its own."""
-    pairs, lines, figures = {}, [], {}
-    for (name_a, name_b), reason in (skipped or {}).items():
-        pairs[f"{name_a}|{name_b}"] = {"skipped": reason}
-        lines += [f"**{name_a} × {name_b}**: skipped: {reason}.", ""]
-    for (name_a, name_b), report in reports.items():
-        entry = summary(report, labels, kv_head_of)
-        note = (notes or {}).get((name_a, name_b))
-        if note:
-            entry["scope_note"] = note
-            lines += [f"**{name_a} × {name_b}**: {note}.", ""]
-        pairs[f"{name_a}|{name_b}"] = entry
-        name = figure_name(report)
-        figures[name] = figure(report, labels, kv_head_of)
-        lines += markdown(report, entry, figure_link=f"{{figure:{name}}}", labels=labels, kv_head_of=kv_head_of)
-    return Section("conflicts", TITLE, {"pairs": pairs}, lines, figures)
+    """:func:`section_of` the ``skipped`` pairs (``{(A, B): reason}``), then the ``reports`` with
+    their ``notes``."""
+    parts = [pair_part(a, b, skipped=reason) for (a, b), reason in (skipped or {}).items()]
+    parts += [pair_part(a, b, report, note=(notes or {}).get((a, b)), labels=labels, kv_head_of=kv_head_of)
+              for (a, b), report in reports.items()]
+    return section_of(parts)
