@@ -25,8 +25,11 @@ import re
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+
+import numpy as np
 
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
 
@@ -228,3 +231,25 @@ def _replace_directory(staging_path: Path, destination: Path) -> None:
 def write_marker(directory: Path, record: Mapping) -> None:
     """Write :data:`MARKER` (``record``: at least ``{"fisherjax": version}``) into ``directory``."""
     (Path(directory) / MARKER).write_text(json.dumps(dict(record), indent=2, default=str))
+
+
+class NpzWriter:
+    """A ``.npz`` file written one array at a time, so that a phase need not hold every array it
+    writes until its end: ``numpy.savez``'s format (a zip of ``.npy`` members, stored, zip64), each
+    member written by ``numpy.lib.format.write_array``; ``numpy.load`` reads it. A context manager
+    that closes the file."""
+
+    def __init__(self, path: Path):
+        self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+
+    def add(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write ``{name: array}`` as members ``name.npy``."""
+        for name, array in arrays.items():
+            with self._zip.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+    def __enter__(self) -> NpzWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._zip.close()

@@ -554,37 +554,39 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
     layout, config = ctx.model.layout, ctx.config
     score, kernel = config.score_options(), config.kernel_options()
     needed = score.min_fisher_samples
-    arrays, summaries, results, factors = {}, {}, {}, {}
-    for name_a, name_b in itertools.permutations(ctx.fishers, 2):
-        fa, fb = ctx.fishers[name_a], ctx.fishers[name_b]
-        n_a = len(fa.sample_grads)
-        if n_a < needed:  # a quick run on a few samples still gets the other phases
-            summaries[name_a, name_b] = {"skipped": f"{name_a} has {n_a} samples with active tokens; its Fisher needs at least {needed}"}
-            continue
-        curvature = score.variant in qkov.CURVATURE_VARIANTS  # task A's K-FAC (its factors on one device, the heatmap on the mesh)
-        if curvature and name_a not in factors:
-            factors[name_a] = attention_kfac(ctx, name_a)
-        result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress,
-                              mesh=ctx.mesh, kfac=factors.get(name_a))
-        arrays.update({f"{name_a}|{name_b}|{k}": v for k, v in qkov.to_arrays(result).items()})
-        summary = qkov_report.summary(result, top_k=config.top_k, labels=ctx.labels)
-        summary["kernel"] = dataclasses.asdict(kernel)
-        summary["bootstrap"] = qkov_report.bootstrap_summary(qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=config.seed))
-        fit, heldout = qkov.heldout_rows(fa, 0.5, seed=config.seed)
-        if curvature:
-            summary["permutation_test"] = {"skipped": f"the permutation test's null rests on the diagonal Fisher of {name_a}; "
-                                                      f"it does not take --qkov-variant {score.variant}"}
-        elif len(fit) < needed:
-            summary["permutation_test"] = {"skipped": f"{name_a} has {len(fit) + len(heldout)} samples with active tokens; its fit half "
-                                                      f"({len(fit)}) needs at least {needed} for a stable Fisher"}
-        else:
-            test = qkov.heldout_permutation_test(fa, fb, layout, fraction=0.5, split_seed=config.seed, n_permutations=1000,
-                                                 seed=config.seed, score=score, kernel=kernel, progress=config.progress, mesh=ctx.mesh)
-            summary["permutation_test"] = qkov_report.permutation_summary(test, result)
-        summaries[name_a, name_b], results[name_a, name_b] = summary, result
-    if out is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
-        np.savez(out / "qkov.npz", **arrays)
-    return qkov_report.section(summaries, results, ctx.labels)
+    summaries, drawn, factors = {}, {}, {}
+    with outdir.NpzWriter(out / "qkov.npz") if out is not None else contextlib.nullcontext() as arrays:
+        for name_a, name_b in itertools.permutations(ctx.fishers, 2):
+            fa, fb = ctx.fishers[name_a], ctx.fishers[name_b]
+            n_a = len(fa.sample_grads)
+            if n_a < needed:  # a quick run on a few samples still gets the other phases
+                summaries[name_a, name_b] = {"skipped": f"{name_a} has {n_a} samples with active tokens; its Fisher needs at least {needed}"}
+                continue
+            curvature = score.variant in qkov.CURVATURE_VARIANTS  # task A's K-FAC (its factors on one device, the heatmap on the mesh)
+            if curvature and name_a not in factors:
+                factors[name_a] = attention_kfac(ctx, name_a)
+            result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress,
+                                  mesh=ctx.mesh, kfac=factors.get(name_a))
+            if arrays is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
+                arrays.add({f"{name_a}|{name_b}|{k}": v for k, v in qkov.to_arrays(result).items()})
+            summary = qkov_report.summary(result, top_k=config.top_k, labels=ctx.labels)
+            summary["kernel"] = dataclasses.asdict(kernel)
+            summary["bootstrap"] = qkov_report.bootstrap_summary(qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=config.seed))
+            fit, heldout = qkov.heldout_rows(fa, 0.5, seed=config.seed)
+            if curvature:
+                summary["permutation_test"] = {"skipped": f"the permutation test's null rests on the diagonal Fisher of {name_a}; "
+                                                          f"it does not take --qkov-variant {score.variant}"}
+            elif len(fit) < needed:
+                summary["permutation_test"] = {"skipped": f"{name_a} has {len(fit) + len(heldout)} samples with active tokens; its fit "
+                                                          f"half ({len(fit)}) needs at least {needed} for a stable Fisher"}
+            else:
+                test = qkov.heldout_permutation_test(fa, fb, layout, fraction=0.5, split_seed=config.seed, n_permutations=1000,
+                                                     seed=config.seed, score=score, kernel=kernel, progress=config.progress, mesh=ctx.mesh)
+                summary["permutation_test"] = qkov_report.permutation_summary(test, result)
+                del test
+            summaries[name_a, name_b], drawn[name_a, name_b] = summary, qkov_report.figures(result, ctx.labels)
+            del result  # one ordered pair's [block, layer, n_a, n_b, head] scores at a time: written, summarised, drawn
+    return qkov_report.section(summaries, drawn)
 
 
 def attention_kfac(ctx: Context, name: str) -> dict:

@@ -332,30 +332,41 @@ def test_conflict_scope_auto_tests_per_group_only_where_the_tests_fit(tiny_check
     assert json.loads((tmp_path / "grouped" / "conflicts.json").read_text())["pairs"]["add|words"]["settings"]["scope"] == "groups"
 
 
-def test_conflicts_hold_one_pair_report_at_a_time(tiny_checkpoint, tmp_path, monkeypatch):
-    """With three tasks, Phase 5 turns each pair's report into its conflicts.json entry, lines and
-    figure before testing the next pair: no earlier pair's ``[G, n_a, n_b]`` arrays are alive
-    while a later pair is tested, and every pair is written."""
+def test_pair_phases_hold_one_pair_at_a_time(tiny_checkpoint, tmp_path, monkeypatch):
+    """With three tasks, Phases 5 and 6 turn each pair's result into its output (conflicts.json or
+    qkov.npz entries, report lines, figures) before computing the next pair's: no earlier pair's
+    ``[G, n_a, n_b]`` report or ``[block, layer, n_a, n_b, head]`` scores are alive while a later
+    pair is computed, and every pair is written."""
     import gc
     import weakref
 
-    from fisherjax.analysis import conflicts
+    from fisherjax.analysis import conflicts, qkov
 
-    detect, earlier = conflicts.detect, []
+    earlier = {"conflicts": [], "qkov": []}
 
-    def watched(*args, **kwargs):
-        gc.collect()
-        assert all(ref() is None for ref in earlier), "an earlier pair's report is still alive"
-        found = detect(*args, **kwargs)
-        earlier.append(weakref.ref(found))
-        return found
+    def watched(module, name):
+        compute = getattr(module, name)
 
-    monkeypatch.setattr(conflicts, "detect", watched)
+        def run(*args, **kwargs):
+            gc.collect()
+            assert all(ref() is None for ref in earlier[module.__name__.rsplit(".", 1)[-1]]), f"an earlier pair's {name} is still alive"
+            found = compute(*args, **kwargs)
+            earlier[module.__name__.rsplit(".", 1)[-1]].append(weakref.ref(found))
+            return found
+
+        monkeypatch.setattr(module, name, run)
+
+    watched(conflicts, "detect")
+    watched(qkov, "heatmap")
     out = tmp_path / "out"
-    assert _analyze(tiny_checkpoint, out, "--phases", "fisher,conflicts", "--task", f"again={tiny_checkpoint / 'add.jsonl'}") == 0
-    assert len(earlier) == 3
+    assert _analyze(tiny_checkpoint, out, "--phases", "fisher,conflicts,qkov", "--task", f"again={tiny_checkpoint / 'add.jsonl'}") == 0
+    assert (len(earlier["conflicts"]), len(earlier["qkov"])) == (3, 6)
     pairs = json.loads((out / "conflicts.json").read_text())["pairs"]
     assert set(pairs) == {"add|words", "add|again", "words|again"} and all("top_pairs" in entry for entry in pairs.values())
+    scores = np.load(out / "qkov.npz")
+    assert {key.rsplit("|", 1)[0] for key in scores.files} == {f"{a}|{b}" for a in ("add", "words", "again") for b in ("add", "words", "again") if a != b}
+    assert scores["add|again|scores"].shape[2:4] == (12, 12) and np.isfinite(scores["add|again|scores"]).all()
+    assert (out / "figures").is_dir() and "again" in (out / "report.md").read_text()
 
 
 def test_compiler_flags_are_added_unless_the_user_set_them():

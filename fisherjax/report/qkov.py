@@ -200,22 +200,19 @@ def markdown(name_a: str, name_b: str, summary: Mapping, *, top: int = 5, figure
     return lines
 
 
-def section(summaries: Mapping[tuple[str, str], Mapping], results: Mapping[tuple[str, str], QKOVResult] | None = None,
-            labels: np.ndarray | None = None) -> Section:
+def section(summaries: Mapping[tuple[str, str], Mapping], drawn: Mapping[tuple[str, str], Mapping] | None = None) -> Section:
     """Phase 6 as one :class:`~fisherjax.report.Section`: key ``"qkov"``, json
     ``{"pairs": {"A|B": summary}}``, each pair's :func:`markdown` and, for the pairs in
-    ``results``, its :func:`figures` named :func:`figure_name`.
+    ``drawn``, its :func:`figures` (``{block: Figure}``, drawn as soon as the pair's result
+    existed, so that its scores need not outlive it) named :func:`figure_name`.
 
-    ``summaries``: ``{(A, B): entry}`` in report order, each entry as :func:`markdown` takes it;
-    ``labels``: the heads' categories, written into the figures.
+    ``summaries``: ``{(A, B): entry}`` in report order, each entry as :func:`markdown` takes it.
     """
-    pairs, lines, drawn = {}, [], {}
+    pairs, lines, named = {}, [], {}
     for (name_a, name_b), entry in summaries.items():
         pairs[f"{name_a}|{name_b}"] = dict(entry)
-        result = (results or {}).get((name_a, name_b))
-        links = None if result is not None else {}
-        lines += markdown(name_a, name_b, entry, figure_links=links)
-        if result is not None:
-            for block, fig in figures(result, labels).items():
-                drawn[figure_name(name_a, name_b, block)] = fig
-    return Section("qkov", TITLE, {"pairs": pairs}, lines, drawn)
+        figs = (drawn or {}).get((name_a, name_b))
+        lines += markdown(name_a, name_b, entry, figure_links=None if figs is not None else {})
+        for block, fig in (figs or {}).items():
+            named[figure_name(name_a, name_b, block)] = fig
+    return Section("qkov", TITLE, {"pairs": pairs}, lines, named)
