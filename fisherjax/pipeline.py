@@ -336,36 +336,49 @@ CURVATURE_AUTO_PARAMETERS = 200_000_000
 ``--curvature`` (its Lanczos vectors are model-sized, several dozen of them)."""
 
 
+def curvature_skip(parameters: int, need: float, free: float | None, forced: bool) -> str | None:
+    """Why Phase 1's method comparison does not run, or None when it runs: ``"parameters"`` — the
+    model has more than :data:`CURVATURE_AUTO_PARAMETERS` and ``forced`` (``--curvature``) is off;
+    ``"memory"`` — its peak ``need`` (``compare.peak_bytes``) is more than the ``free`` bytes;
+    ``"share"`` — more than :data:`CURVATURE_MEMORY_SHARE` of them, not forced. ``free`` None: not
+    known, it runs."""
+    if parameters > CURVATURE_AUTO_PARAMETERS and not forced:
+        return "parameters"
+    if free is None or need <= (1.0 if forced else CURVATURE_MEMORY_SHARE) * free:
+        return None
+    return "memory" if need > free else "share"
+
+
 def phase_curvature(ctx: Context, out: Path) -> report.Section:
     """Phase 1's method comparison (:func:`fisherjax.curvature.compare.compare_methods`) on the
     first ``curvature_samples`` samples of the first task, on one device."""
     config, model = ctx.config, ctx.model
-    if model.num_params > CURVATURE_AUTO_PARAMETERS and not config.curvature:
-        return curvature_report.skipped(f"the model has {model.num_params:,} parameters, more than {CURVATURE_AUTO_PARAMETERS:,}; "
-                                        "pass --curvature to compare the Fisher methods anyway")
     name = next(iter(ctx.tasks))
     chosen = first_batches(ctx, name, config.curvature_samples)
     k, n = config.curvature_k, sum(b.num_real for b in chosen)
-    largest = compare.basis_bytes(model.num_params, k, n=n, sample_grads_dtype=config.sample_grads_dtype)
     need = compare.peak_bytes(model, k, n=n, sample_grads_dtype=config.sample_grads_dtype)
     free = backend.available_memory_bytes()
-    share = 1.0 if config.curvature else CURVATURE_MEMORY_SHARE  # --curvature: whatever is free, not more
-    if free is not None and need > share * free:
+    why = curvature_skip(model.num_params, need, free, config.curvature)
+    if why == "parameters":
+        return curvature_report.skipped(f"the model has {model.num_params:,} parameters, more than {CURVATURE_AUTO_PARAMETERS:,}; "
+                                        "pass --curvature to compare the Fisher methods anyway")
+    if why is not None:
+        largest = compare.basis_bytes(model.num_params, k, n=n, sample_grads_dtype=config.sample_grads_dtype)
         gram = compare.from_gram(model.num_params, k, n)
         what = (f"its {n} per-sample gradients ({model.num_params:,} parameters each, {largest / 1e9:.1f} GB" if gram
                 else f"its Lanczos basis ({lanczos.default_steps(model.num_params, k)} vectors of {model.num_params:,} parameters, "
                      f"{largest / 1e9:.1f} GB")
-        what += "; with K-FAC's factors and model-sized vectors"
+        what += f"; with K-FAC's factors and model-sized vectors, {need / 1e9:.1f} GB)"
         smaller = "--curvature-samples" if gram else "--curvature-k"
+        if why == "share":
+            return curvature_report.skipped(
+                f"{what} would take more than {CURVATURE_MEMORY_SHARE:.0%} of the memory still free ({free / 1e9:.1f} GB); "
+                f"pass --curvature to run it anyway, or a smaller {smaller}")
+        reason = (f"{what} would take more than the memory still free ({free / 1e9:.1f} GB)"
+                  f"{', even with --curvature' if config.curvature else ''}; pass a smaller {smaller}")
         if config.curvature:
-            reason = (f"{what}, {need / 1e9:.1f} GB) would take more than the memory still free ({free / 1e9:.1f} GB), even with "
-                      f"--curvature; pass a smaller {smaller}")
             warnings.warn(f"method comparison skipped: {reason}", stacklevel=1)
-            return curvature_report.skipped(reason)
-        return curvature_report.skipped(
-            f"{what}, {need / 1e9:.1f} GB) would take more than "
-            f"{CURVATURE_MEMORY_SHARE:.0%} of the memory still free ({free / 1e9:.1f} GB); pass --curvature to run it anyway, "
-            f"or a smaller {smaller}")
+        return curvature_report.skipped(reason)
     result = compare.compare_methods(model, chosen, k=config.curvature_k, seed=config.seed, progress=config.progress,
                                      options=config.collect_options(model.layout, longest(ctx.batches)))  # Phase 1's compiled step
     return curvature_report.section(result, name, ctx.labels, model.layout.kv_head_of)
@@ -424,6 +437,10 @@ def phase_importance(ctx: Context, out: Path) -> report.Section:
     return importance_report.section(ctx.fishers, ctx.model.layout, k=ctx.config.top_k, seed=ctx.config.seed, labels=ctx.labels)
 
 
+PRUNING_RANDOM_MASKS = 10
+"""Random head masks the masks phase's pruning experiment evaluates beside each task's Fisher mask."""
+
+
 def phase_masks(ctx: Context, out: Path) -> report.Section:
     """Phases 3 and 4: pruning masks of every ``mask_units`` unit (and unstructured ones, with the
     diagonal) at each sparsity, ranked at ``mask_scope``; their overlap between tasks, merge advice,
@@ -436,7 +453,7 @@ def phase_masks(ctx: Context, out: Path) -> report.Section:
     unit_masks = {unit: {n: [masks.structured_mask(f, layout, s, unit=unit, scope=config.mask_scope) for s in config.sparsities]
                          for n, f in ctx.fishers.items()} for unit in config.mask_units}
     experiment = experiments.head_pruning_experiment(
-        ctx.model, ctx.model.params, ctx.batches, ctx.fishers, sparsity=0.5, n_random=10, seed=config.seed, scope="layer",
+        ctx.model, ctx.model.params, ctx.batches, ctx.fishers, sparsity=0.5, n_random=PRUNING_RANDOM_MASKS, seed=config.seed, scope="layer",
         samples=config.pruning_samples, extra_masks=category_masks(layout, ctx.labels),
     )
     return masks_report.section(

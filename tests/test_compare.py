@@ -111,6 +111,20 @@ def test_recommendation_rule():
     assert compare.recommend({**methods, "kfac": _row([0.5], 0.1)})[0] == "diagonal"  # top eigenvalue 0.25× Lanczos's
 
 
+def test_the_comparison_runs_by_the_parameter_and_memory_rule():
+    from fisherjax.pipeline import CURVATURE_AUTO_PARAMETERS, curvature_skip
+
+    small, large = CURVATURE_AUTO_PARAMETERS, CURVATURE_AUTO_PARAMETERS + 1
+    assert curvature_skip(large, 1.0, 100.0, forced=False) == "parameters"
+    assert curvature_skip(large, 1.0, 100.0, forced=True) is None
+    assert curvature_skip(small, 50.0, 100.0, forced=False) is None  # half of what is free
+    assert curvature_skip(small, 51.0, 100.0, forced=False) == "share"
+    assert curvature_skip(small, 51.0, 100.0, forced=True) is None  # --curvature: all of it
+    assert curvature_skip(small, 101.0, 100.0, forced=False) == "memory"  # --curvature would not help either
+    assert curvature_skip(large, 101.0, 100.0, forced=True) == "memory"
+    assert curvature_skip(small, 10.0**15, None, forced=False) is None  # free memory not known
+
+
 def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, monkeypatch):
     """Models above the limit are skipped unless --curvature is given; the full section is checked on
     the demo by tests/test_cli.py, which runs every phase."""
@@ -126,11 +140,20 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
     assert "Skipped:" in (tmp_path / "b" / "report.md").read_text()
     # below the parameter limit, but its Lanczos basis (6 samples < k = 10: no Gram route) would take more than half the free memory
     monkeypatch.setattr(pipeline, "CURVATURE_AUTO_PARAMETERS", 10**12)
-    monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: 1000)
+    from fisherjax.models import load_pretrained
+
+    need = pipeline.compare.peak_bytes(load_pretrained(cli_checkpoint / "model"), 10, n=6, sample_grads_dtype="bfloat16")
+    monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: int(1.5 * need))
     assert main([*args, "--out", str(tmp_path / "m")]) == 0
     reason = json.loads((tmp_path / "m" / "results.json").read_text())["method_comparison"]["skipped"]
     assert re.search(r"Lanczos basis \(30 vectors of [\d,]+ parameters, [\d.]+ GB; with K-FAC's factors and model-sized vectors, "
-                     r"[\d.]+ GB\) would take more than 50% of the memory still free \(0.0 GB\); pass --curvature", reason), reason
+                     r"[\d.]+ GB\) would take more than 50% of the memory still free \([\d.]+ GB\); pass --curvature to run it anyway, "
+                     r"or a smaller --curvature-k", reason), reason
+    # more than all of it: --curvature would not help, and is not offered
+    monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: 1000)
+    assert main([*args, "--out", str(tmp_path / "n")]) == 0
+    reason = json.loads((tmp_path / "n" / "results.json").read_text())["method_comparison"]["skipped"]
+    assert reason.endswith("would take more than the memory still free (0.0 GB); pass a smaller --curvature-k"), reason
     calls = []
 
     def fake(model, batches, **kwargs):  # the comparison itself is checked above; here: --curvature makes it run
