@@ -14,9 +14,13 @@ From a ``config.json`` alone (no weights: parameters are ``jax.ShapeDtypeStruct`
 * **derived** — everything else, each from a formula stated where it is computed: when the mesh
   cannot be compiled (fewer devices than planned), the per-device memory with parameters sharded
   over a ``"model"`` axis (:func:`model_axis_bytes`; :attr:`Plan.model_axis_estimate`), the
-  storage of the kept per-sample gradients (:func:`kept_storage_bytes`), the work of Phases 5 and
-  6 (:func:`conflict_flops`, :func:`qkov_flops`), the bytes Phase 5 streams from that storage
-  (:func:`conflict_bytes_read`) and the time the work takes at an *assumed* throughput.
+  storage of the kept per-sample gradients (:func:`kept_storage_bytes`), every phase's work —
+  Phase 1 (:func:`collect_flops`, from one sample's :func:`forward_flops`), the method
+  comparison (:func:`curvature_flops`), the ``heads`` and masks phases (:func:`heads_flops`,
+  :func:`masks_flops`), Phases 5 and 6 (:func:`conflict_flops`, :func:`qkov_flops`) — the bytes
+  Phase 5 streams from that storage (:func:`conflict_bytes_read`), whether the method comparison
+  fits one device by ``analyze``'s rule (:func:`curvature_plan`) and the time the work takes at
+  an *assumed* throughput.
 
 Sizes are bytes; the command line prints GB = 10⁹ bytes. The compiled figures are those of the
 backend this process runs on (XLA:CPU on a workstation); an accelerator's compiler lays out
@@ -42,15 +46,20 @@ from fisherjax.analysis.conflicts import ConflictOptions, group_scope_bytes
 from fisherjax.analysis.conflicts.gram import chunk_size_for, slice_dots_fit
 from fisherjax.analysis.conflicts.sources import Stream, grouping_for
 from fisherjax.config import DecoderConfig, read_hf_config
+from fisherjax.curvature import compare, lanczos
 from fisherjax.errors import ConfigError
 from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, factored_paths, kept_paths
 from fisherjax.fisher.step import kept_values as step_kept_values
 from fisherjax.fisher.step import lower_step, make_plan
+from fisherjax.heads import CATEGORIES
 from fisherjax.layout import ModelLayout, flatten, layout_for
 from fisherjax.models.decoder import Decoder
 from fisherjax.models.hf import abstract_params
 from fisherjax.models.model import Model
-from fisherjax.pipeline import AnalysisConfig, conflict_groups, conflict_scope
+from fisherjax.pipeline import (
+    CURVATURE_AUTO_PARAMETERS, CURVATURE_MEMORY_SHARE, KEEP_ONLY_CATEGORIES, PRUNING_RANDOM_MASKS, AnalysisConfig, conflict_groups,
+    conflict_scope, curvature_skip,
+)
 from fisherjax.settings import check
 from fisherjax.sharding import DATA, MODEL, data_size, make_mesh, param_spec
 
@@ -134,6 +143,14 @@ class Plan:
       throughput_tflops, throughput_assumed, phase5_seconds, phase6_seconds: the time of that work
         over all devices at that throughput per device (compute only, no I/O).
       backend: the XLA backend that compiled the step; compile_seconds: time spent compiling.
+      forward: :class:`ForwardFlops` of one sample at ``seq_len``; phase1_flops, phase1_seconds:
+        Phase 1's work (:func:`collect_flops`) over all devices.
+      curvature: the method comparison's memory rule and work on one device (:class:`CurvaturePlan`).
+      heads_flops, heads_seconds: the ``heads`` phase (:func:`heads_flops`) at ``analyze``'s
+        defaults, on one device; masks, masks_flops, masks_seconds: the masks phase's pruning
+        experiment, at most ``masks`` masks (:func:`masks_flops`), on one device.
+      total_seconds: every phase's compute at the throughput (the comparison's only where the
+        default run takes it).
     """
 
     model_type: str
@@ -181,6 +198,16 @@ class Plan:
     phase6_seconds: float
     backend: str
     compile_seconds: float
+    forward: ForwardFlops
+    phase1_flops: float
+    phase1_seconds: float
+    curvature: CurvaturePlan
+    heads_flops: float
+    heads_seconds: float
+    masks: int
+    masks_flops: float
+    masks_seconds: float
+    total_seconds: float
 
 
 def read_config(model_dir: str | Path | None = None, config_file: str | Path | None = None) -> DecoderConfig:
@@ -274,6 +301,146 @@ def reform_flops(layout: ModelLayout, options: CollectOptions, seq_len: int) -> 
     phase reads them: ``Σ lead · 2 · seq_len · d_in · d_out`` (0 when none is factored)."""
     return float(sum(math.prod(layout.spec(p).shape[:-2]) * 2 * seq_len * math.prod(layout.spec(p).shape[-2:])
                      for p in _factored(layout, options)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardFlops:
+    """Matrix-product FLOPs (2 per multiply-add) of one forward pass of a ``seq_len``-token sequence:
+
+        layers      = 2 · T · Σ_k d_in · d_out        (the blocks' dense kernels k, every layer)
+        attention   = 4 · T² · heads · head_dim · L   (scores q·k and the mix p·v over every key:
+                                                       a causal mask skips no work)
+        unembedding = 2 · T · d · vocab
+
+    Norms, activations, softmax and the embedding lookup are elementwise and left out.
+    """
+
+    layers: float
+    attention: float
+    unembedding: float
+    total: float = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "total", self.layers + self.attention + self.unembedding)
+
+
+def forward_flops(layout: ModelLayout, seq_len: int) -> ForwardFlops:
+    """:class:`ForwardFlops` of ``layout``'s model at ``seq_len`` tokens, from its parameter shapes
+    (an untied ``lm_head`` or the tied embedding gives ``d · vocab``)."""
+    kernels = sum(math.prod(spec.shape) for path, spec in layout.specs.items() if spec.layered and path.endswith("/kernel"))
+    head = layout.specs.get("lm_head/kernel") or layout.specs["embed/embedding"]
+    attention = 4.0 * seq_len * seq_len * layout.num_heads * layout.head_dim * layout.num_layers
+    return ForwardFlops(2.0 * seq_len * kernels, attention, 2.0 * seq_len * math.prod(head.shape))
+
+
+COLLECT_FORWARDS = 3
+"""Forward passes' matrix products a sample costs in Phase 1, at least: the forward, the pullback
+to every layer's input, and the per-sample weight-gradient products of the full diagonal (ghost
+norms' ``T²`` terms and elementwise work are not counted)."""
+
+PRODUCT_GRADIENTS = 2
+"""Batched gradients one Fisher-vector product costs, at most (a jvp and a vjp; issue 20's
+bound is 2.5, measured 1.64 on a CPU: RESULTS.md)."""
+
+
+def collect_flops(forward: ForwardFlops, samples: int, tasks: int) -> float:
+    """Phase 1's work: ``COLLECT_FORWARDS · F · n · tasks`` (:data:`COLLECT_FORWARDS`)."""
+    return float(COLLECT_FORWARDS * forward.total * samples * tasks)
+
+
+def heads_flops(forward: ForwardFlops, layout: ModelLayout, tasks: int, samples: int, ablated: int) -> float:
+    """The ``heads`` phase's work on ``samples`` samples of each task (``--head-samples``): the
+    head-mask gradients (a forward and the pullback, ``2F``), the plain pass whose block inputs the
+    ablation resumes from (``F``), and ``ablated`` single-head settings (``--ablation-heads``, at
+    most every head), each resuming at its head's layer — half the blocks on average — and
+    unembedding:
+
+        tasks · samples · [3F + ablated · (layers/2 + attention/2 + unembedding)]
+
+    Half the blocks is the mean for heads spread evenly over the layers; heads of the first layers
+    cost up to all of them. The category probes (two batches of 16 short sequences) are left out."""
+    ablated = min(ablated, layout.num_layers * layout.num_heads)
+    setting = (forward.layers + forward.attention) / 2 + forward.unembedding
+    return float(tasks * samples * (3 * forward.total + ablated * setting))
+
+
+def masks_flops(forward: ForwardFlops, tasks: int, samples: int, masks: int) -> float:
+    """The masks phase's head-pruning experiment: ``tasks · samples · masks · F`` — each task's
+    subsample (``--pruning-samples``) under every mask (each task's Fisher mask, the random masks and
+    the behavioural categories' masks; the unpruned loss is Phase 1's)."""
+    return float(tasks * samples * masks * forward.total)
+
+
+def curvature_flops(forward: ForwardFlops, samples: int, parameters: int, k: int, probes: int = 4) -> float:
+    """The method comparison's work on ``samples`` samples of a model with ``parameters``
+    parameters: the diagonal's Phase 1 pass and K-FAC's factors (a gradient's work each,
+    ``3F`` a sample), then the top ``k`` either from the Gram route (one more gradient pass, the
+    ``n × n`` Gram ``2n²D``, and each probe's exact product from two reads of the gradients,
+    ``4nD``) or from Lanczos (``steps`` Fisher-vector products, and one per probe,
+    :data:`PRODUCT_GRADIENTS` gradients each):
+
+        Gram:     9F·n + 2n²·D + probes · 4n·D
+        Lanczos:  6F·n + (steps + probes) · 3 · PRODUCT_GRADIENTS · F·n
+    """
+    gradient = 3 * forward.total * samples
+    if compare.from_gram(parameters, k, samples):
+        return float(3 * gradient + 2.0 * samples * samples * parameters + probes * 4.0 * samples * parameters)
+    return float(2 * gradient + (lanczos.default_steps(parameters, k) + probes) * PRODUCT_GRADIENTS * gradient)
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvaturePlan:
+    """Phase 1's method comparison in a plan: ``analyze``'s rule
+    (:func:`fisherjax.pipeline.curvature_skip`) on one device whose free memory is the fitting
+    limit less the float32 parameters.
+
+    ``samples``, ``k``: its samples (``--curvature-samples``, at most a task's) and eigenvalues
+    (``--curvature-k``); ``gram``: the top comes from the Gram route, else from Lanczos;
+    ``peak_bytes``: ``compare.peak_bytes``; ``rest_bytes``: the part of it beside the gradients
+    or basis (K-FAC's factors, model-sized vectors); ``free_bytes``: what the device has for it;
+    ``skip``: why the default run skips it (None: it runs); ``forced_skip``: the same with
+    ``--curvature``; ``fit_samples``, ``fit_k``: the most samples, with as many eigenvalues as
+    possible up to ``k``, that fit with ``--curvature`` (0, 0: nothing fits: ``rest_bytes`` alone
+    does not); ``flops``, ``seconds``: :func:`curvature_flops` at the throughput.
+    """
+
+    samples: int
+    k: int
+    gram: bool
+    peak_bytes: float
+    rest_bytes: float
+    free_bytes: float
+    skip: str | None
+    forced_skip: str | None
+    fit_samples: int
+    fit_k: int
+    flops: float
+    seconds: float
+
+
+def curvature_plan(model: Model, forward: ForwardFlops, samples: int, free_bytes: float, rate: float, storage_dtype: str,
+                   config: AnalysisConfig | None = None) -> CurvaturePlan:
+    """:class:`CurvaturePlan` of ``model`` for tasks of ``samples`` samples, ``free_bytes`` on its
+    device and ``rate`` FLOP/s, with ``config``'s comparison settings (default: ``analyze``'s).
+
+    What fits: the most samples ``m ≤ n`` at the asked ``k``; failing that (fewer samples than
+    ``k`` take the Lanczos route, whose basis is larger) the most ``m ≤ min(n, k)`` with ``k = m``."""
+    config = config or AnalysisConfig()
+    k, n = config.curvature_k, min(config.curvature_samples, samples)
+    size = int(model.num_params)
+
+    def need(m: int, top: int = k) -> float:
+        return float(compare.peak_bytes(model, top, n=m, sample_grads_dtype=storage_dtype))
+
+    fit = next(((m, k) for m in range(n, 0, -1) if need(m) <= free_bytes), None)
+    fit = fit or next(((m, m) for m in range(min(n, k), 0, -1) if need(m, m) <= free_bytes), (0, 0))
+    flops = curvature_flops(forward, n, size, k)
+    return CurvaturePlan(
+        samples=n, k=k, gram=compare.from_gram(size, k, n), peak_bytes=need(n),
+        rest_bytes=need(n) - compare.basis_bytes(size, k, n=n, sample_grads_dtype=storage_dtype), free_bytes=float(free_bytes),
+        skip=curvature_skip(size, need(n), free_bytes, config.curvature), forced_skip=curvature_skip(size, need(n), free_bytes, True),
+        fit_samples=fit[0], fit_k=fit[1], flops=flops, seconds=flops / rate,
+    )
 
 
 def kept_storage_bytes(samples: int, tasks: int, stored: int, dtype: str) -> float:
@@ -515,6 +682,16 @@ def plan(
     phase6 = qkov_flops(samples, tasks, layout, score.include_bias, score.min_fisher_samples) + phase6_reform
     tflops = DEFAULT_TFLOPS if throughput_tflops is None else float(throughput_tflops)
     rate = tflops * 1e12 * devices
+    one_device = tflops * 1e12  # the comparison and the heads and masks phases run on one device
+    forward = forward_flops(layout, seq_len)
+    phase1 = collect_flops(forward, samples, tasks)
+    defaults = AnalysisConfig()
+    heads_work = heads_flops(forward, layout, tasks, min(defaults.head_samples, samples), defaults.ablation_heads)
+    mask_count = tasks + PRUNING_RANDOM_MASKS + len(CATEGORIES) + len(KEEP_ONLY_CATEGORIES)
+    masks_work = masks_flops(forward, tasks, min(defaults.pruning_samples, samples), mask_count)
+    comparison = curvature_plan(model, forward, samples, limit - parameter_bytes(model), one_device, dtype, defaults)
+    seconds = dict(phase1=phase1 / rate, heads=heads_work / one_device, masks=masks_work / one_device,
+                   phase5=phase5 / rate, phase6=phase6 / rate, curvature=comparison.seconds if comparison.skip is None else 0.0)
     return Plan(
         model_type=config.model_type,
         parameters=model.num_params,
@@ -557,10 +734,20 @@ def plan(
         phase5_scope=phase5_scope,
         throughput_tflops=tflops,
         throughput_assumed=throughput_tflops is None,
-        phase5_seconds=phase5 / rate,
-        phase6_seconds=phase6 / rate,
+        phase5_seconds=seconds["phase5"],
+        phase6_seconds=seconds["phase6"],
         backend=backend.platform(),
         compile_seconds=round(compile_seconds, 1),
+        forward=forward,
+        phase1_flops=phase1,
+        phase1_seconds=seconds["phase1"],
+        curvature=comparison,
+        heads_flops=heads_work,
+        heads_seconds=seconds["heads"],
+        masks=mask_count,
+        masks_flops=masks_work,
+        masks_seconds=seconds["masks"],
+        total_seconds=sum(seconds.values()),
     )
 
 
@@ -586,6 +773,30 @@ def _duration(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:,.1f} {unit}"
     return f"{seconds:.1f} s"
+
+
+def _curvature_line(c: CurvaturePlan, parameters: int) -> str:
+    """What the plan says of the method comparison: whether the default run and ``--curvature``
+    run it on one device, its peak against the memory free there, and what fits otherwise."""
+    route = f"{c.samples} samples, top {c.k} {'from their Gram' if c.gram else 'by Lanczos'}"
+    peak = f"peak {_bytes(c.peak_bytes)} of {_bytes(max(c.free_bytes, 0.0))} free on one device"
+    work = f"{_scaled(c.flops, FLOPS)} ≈ {_duration(c.seconds)}"
+    if c.forced_skip is None:
+        runs = f"{route}, {peak}; {work}"
+    elif c.fit_samples:
+        runs = (f"it does not fit ({route}, {peak}); --curvature-samples {c.fit_samples}"
+                + ("" if c.fit_k == c.k else f" --curvature-k {c.fit_k}") + " fits with --curvature")
+    else:
+        runs = (f"it does not fit ({route}, {peak}), with any number of samples: K-FAC's factors and the model-sized "
+                f"vectors alone take {_bytes(c.rest_bytes)}")
+    if c.skip is None:
+        return f"runs: {runs}"
+    if c.skip == "parameters":
+        return f"skipped by default ({_scaled(parameters, COUNTS)} parameters, more than {_scaled(CURVATURE_AUTO_PARAMETERS, COUNTS)}); with --curvature " + (
+            f"it runs: {runs}" if c.forced_skip is None else runs)
+    if c.skip == "share":
+        return f"skipped by default (its peak is more than {CURVATURE_MEMORY_SHARE:.0%} of the free memory); with --curvature it runs: {runs}"
+    return f"skipped: {runs}"
 
 
 def format_plan(p: Plan) -> str:
@@ -624,6 +835,13 @@ def format_plan(p: Plan) -> str:
         ("recommended storage", f"{p.storage_dtype}; " + (f"spill to disk (--spill-dir): a host holds {_bytes(p.safety * p.host_memory_bytes)} "
                                                           f"of {_bytes(p.host_memory_bytes)}" if p.spill
                                                           else f"fits host memory ({_bytes(p.host_memory_bytes)})")),
+        ("Phase 1 (collect)", f"{_scaled(p.phase1_flops, FLOPS)} ≈ {_duration(p.phase1_seconds)} (at least {COLLECT_FORWARDS} "
+                              f"forward passes' products a sample, one pass {_scaled(p.forward.total, FLOPS)})"),
+        ("method comparison", _curvature_line(p.curvature, p.parameters)),
+        ("heads phase", f"{_scaled(p.heads_flops, FLOPS)} ≈ {_duration(p.heads_seconds)} on one device (head-mask gradients "
+                        "and the single-head ablations, --head-samples and --ablation-heads at their defaults)"),
+        ("masks phase", f"{_scaled(p.masks_flops, FLOPS)} ≈ {_duration(p.masks_seconds)} on one device (the pruning "
+                        f"experiment: --pruning-samples under at most {p.masks} head masks a task)"),
         ("Phase 5 (conflicts)", f"{_scaled(p.phase5_flops, FLOPS)} ≈ {_duration(p.phase5_seconds)}"
                                 + (f" ({_scaled(p.phase5_reform_flops, FLOPS)} of it forming factored gradients)" if p.factored else "")
                                 + f"; reads {_bytes(p.phase5_bytes_read)} of kept gradients "
@@ -634,6 +852,8 @@ def format_plan(p: Plan) -> str:
                                    else "tested on the whole gradient (--conflict-scope auto; fewer samples keep the groups)")),
         ("Phase 6 (QK-OV)", f"{_scaled(p.phase6_flops, FLOPS)} ≈ {_duration(p.phase6_seconds)}"
                             + (f" ({_scaled(p.phase6_reform_flops, FLOPS)} of it forming factored gradients, at least)" if p.factored else "")),
+        ("total", f"≈ {_duration(p.total_seconds)} of compute"
+                  + ("" if p.curvature.skip is None else " (without the method comparison, which the default run skips)")),
         ("throughput", f"{p.throughput_tflops:g} TFLOP/s per device{assumed}, over {p.devices} device(s), compute only"),
         ("measured / derived", "the Phase 1 step's memory is compiled"
                                + ("" if p.sharded_step or p.devices == 1 else " (single-device step: fewer devices than planned)")
@@ -644,7 +864,8 @@ def format_plan(p: Plan) -> str:
 
 
 __all__ = [
-    "Plan", "StepMemory", "abstract_model", "conflict_bytes_read", "conflict_chunk", "conflict_flops", "default_options",
+    "CurvaturePlan", "ForwardFlops", "Plan", "StepMemory", "abstract_model", "collect_flops", "conflict_bytes_read", "conflict_chunk",
+    "conflict_flops", "curvature_flops", "curvature_plan", "default_options", "forward_flops", "heads_flops", "masks_flops",
     "conflict_sample_reads", "conflict_slices", "format_plan", "kept_parameters", "kept_storage_bytes", "kept_values", "model_axis_bytes",
     "parameter_bytes", "plan", "qkov_flops", "qkov_sample_reads", "read_config", "reference_grams", "reform_flops", "step_memory",
 ]

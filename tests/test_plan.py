@@ -3,6 +3,7 @@ work figures, and the command line (tiny configs written as config.json files)."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -20,9 +21,10 @@ from fisherjax.models.hf import abstract_params
 from fisherjax.models.model import Model
 from fisherjax.fisher.options import kept_paths
 from fisherjax.plan import (
-    GB, abstract_model, conflict_bytes_read, conflict_sample_reads, conflict_slices, default_options, format_plan, kept_parameters, plan,
-    qkov_sample_reads, read_config,
+    COLLECT_FORWARDS, GB, abstract_model, conflict_bytes_read, conflict_sample_reads, conflict_slices, curvature_flops, curvature_plan, default_options,
+    format_plan, forward_flops, heads_flops, kept_parameters, masks_flops, parameter_bytes, plan, qkov_sample_reads, read_config,
 )
+from conftest import FAST_FAMILIES
 
 TINY = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
@@ -188,6 +190,76 @@ def test_conflict_tests_per_group_where_the_host_holds_them(tiny, base):
     assert "tested per head group" in format_plan(base)
     small = plan(tiny, samples=n, seq_len=SEQ, device_memory_gb=80, host_memory_gb=1.9 * base.phase5_group_bytes / GB)
     assert small.phase5_scope == "overall" and "tested on the whole gradient (--conflict-scope auto" in format_plan(small)
+
+
+@pytest.mark.parametrize("kind", FAST_FAMILIES)
+def test_forward_flops_are_torchs_count_of_the_hf_forward(hf_checkpoint, kind):
+    """The plan's forward FLOPs equal torch's own count (``FlopCounterMode``: 2 per multiply-add of
+    every matrix product) of the Hugging Face model's eager forward pass, on every family."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    directory, model = hf_checkpoint(kind)
+    seq = 24
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=torch.arange(3, 3 + seq)[None] % model.config.vocab_size)
+    counted = forward_flops(abstract_model(read_config(model_dir=directory)).layout, seq)
+    assert counted.total == counter.get_total_flops() and min(counted.layers, counted.attention, counted.unembedding) > 0
+
+
+def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkeypatch):
+    """Phase 1, the heads and masks phases and the method comparison: the formulas at analyze's
+    defaults, their time at the throughput (Phase 1 over the devices, the others on one), the
+    total, and the comparison's memory rule (pipeline.curvature_skip) on one device."""
+    from fisherjax import pipeline
+    from fisherjax import plan as planning
+    from fisherjax.curvature import compare
+    from fisherjax.heads import CATEGORIES
+    from fisherjax.pipeline import AnalysisConfig
+
+    n, tasks, model = 4, 2, abstract_model(tiny)
+    layout, defaults = model.layout, AnalysisConfig()
+    f = forward_flops(layout, SEQ)
+    assert base.forward == f and base.phase1_flops == COLLECT_FORWARDS * f.total * n * tasks
+    heads = layout.num_layers * layout.num_heads  # the tiny model has fewer heads than --ablation-heads asks for
+    assert base.heads_flops == heads_flops(f, layout, tasks, n, defaults.ablation_heads) == tasks * n * (
+        3 * f.total + heads * ((f.layers + f.attention) / 2 + f.unembedding))
+    assert base.masks == tasks + 10 + len(CATEGORIES) + 1 and base.masks_flops == masks_flops(f, tasks, n, base.masks)
+    c = base.curvature
+    assert c.samples == n and c.k == defaults.curvature_k and not c.gram  # 4 samples < k: Lanczos
+    assert c.flops == curvature_flops(f, n, model.num_params, c.k) > 0
+    assert c.peak_bytes == compare.peak_bytes(model, c.k, n=n, sample_grads_dtype=base.storage_dtype)
+    assert c.free_bytes == 0.9 * 80 * GB - parameter_bytes(model) and c.skip is None and c.forced_skip is None
+    assert (c.fit_samples, c.fit_k) == (n, c.k)
+    rate = base.throughput_tflops * 1e12
+    assert base.phase1_seconds == base.phase1_flops / rate and base.heads_seconds == base.heads_flops / rate
+    assert base.total_seconds == pytest.approx(base.phase1_seconds + c.seconds + base.heads_seconds + base.masks_seconds
+                                               + base.phase5_seconds + base.phase6_seconds)
+    text = format_plan(base)
+    for line in ("Phase 1 (collect)", "method comparison         runs: 4 samples, top 10 by Lanczos", "heads phase", "masks phase", "total"):
+        assert line in text, line
+
+    # a device between the rest of the peak and the peak: skipped; --curvature fits fewer samples
+    rest, per_sample = c.rest_bytes, compare.basis_bytes(model.num_params, 2, n=2, sample_grads_dtype="float32") / 2
+    small = curvature_plan(model, f, n, rest + 2.5 * per_sample, rate, "float32")  # two samples' gradients fit, not three
+    assert small.skip == small.forced_skip == "memory" and (small.fit_samples, small.fit_k) == (2, 2)  # k = 2 ≤ 2 samples: Gram route
+    assert compare.peak_bytes(model, 2, n=2, sample_grads_dtype="float32") <= small.free_bytes
+    assert "--curvature-samples 2 --curvature-k 2 fits with --curvature" in format_plan(dataclasses.replace(base, curvature=small))
+    assert "method comparison         skipped: it does not fit" in format_plan(dataclasses.replace(base, curvature=small))
+    shared = curvature_plan(model, f, n, 1.5 * c.peak_bytes, rate, "float32")  # fits, but more than half of it
+    assert shared.skip == "share" and shared.forced_skip is None
+    assert "skipped by default (its peak is more than 50% of the free memory); with --curvature it runs: 4 samples" in format_plan(
+        dataclasses.replace(base, curvature=shared))
+    monkeypatch.setattr(pipeline, "CURVATURE_AUTO_PARAMETERS", 10)
+    monkeypatch.setattr(planning, "CURVATURE_AUTO_PARAMETERS", 10)
+    large = curvature_plan(model, f, n, c.free_bytes, rate, "float32")
+    assert large.skip == "parameters" and large.forced_skip is None
+    assert "skipped by default (" in format_plan(dataclasses.replace(base, curvature=large)) and "with --curvature it runs: 4 samples" in (
+        format_plan(dataclasses.replace(base, curvature=large)))
+    nothing = curvature_plan(model, f, n, 0.5 * rest, rate, "float32")
+    assert (nothing.fit_samples, nothing.fit_k) == (0, 0)
+    text = format_plan(dataclasses.replace(base, curvature=nothing))
+    assert "with any number of samples: K-FAC's factors and the model-sized vectors alone take" in text
 
 
 @pytest.mark.parametrize("changes, flag", [
