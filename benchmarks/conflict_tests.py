@@ -7,7 +7,9 @@ next to nothing and what is measured is the tests — p-values of every (group, 
 within-task references (pooled null), q-values over all of them, the findings. Each sample count
 runs in a fresh process (its peak is its own). Prints, per count: seconds, the peak resident
 memory above the start, and that peak per (group, pair) of ``G · (n_a·n_b + n_a² + n_b²)`` — the
-rate ``conflicts.GROUP_TEST_BYTES`` states.
+rate ``conflicts.GROUP_TEST_BYTES`` states — and the host core-seconds per (group, pair), seconds ×
+the cores the tests run on (``backend.available_cores``) over that count, and that over
+``log2(G · n_a · n_b)``: the rate ``conflicts.GROUP_TEST_CORE_SECONDS`` states.
 
 Usage::
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 
@@ -34,7 +37,7 @@ def measure(n: int) -> dict:
 
     import numpy as np
 
-    from fisherjax import telemetry
+    from fisherjax import backend, telemetry
     from fisherjax.analysis import conflicts
     from fisherjax.config import DecoderConfig
     from fisherjax.fisher.options import attention_paths
@@ -59,8 +62,11 @@ def measure(n: int) -> dict:
     report, stretch = telemetry.measure(conflicts.detect, a, b, layout=layout, fisher=fisher, scope="groups")
     groups = len(report.groups.is_head)
     extra = stretch.peak_rss_bytes - start
+    values = groups * 3 * n * n
     return {"samples": n, "groups": groups, "seconds": round(stretch.seconds, 1), "extra_peak_gb": round(extra / 1e9, 2),
-            "bytes_per_group_pair": round(extra / (groups * 3 * n * n)), "model_gb": round(conflicts.group_scope_bytes(n, n, groups) / 1e9, 2)}
+            "bytes_per_group_pair": round(extra / values), "model_gb": round(conflicts.group_scope_bytes(n, n, groups) / 1e9, 2),
+            "cores": backend.available_cores(), "core_us_per_group_pair": round(1e6 * stretch.seconds * backend.available_cores() / values, 3),
+            "core_us_per_doubling": round(1e6 * stretch.seconds * backend.available_cores() / values / math.log2(groups * n * n), 4)}
 
 
 def main() -> None:
@@ -71,12 +77,14 @@ def main() -> None:
     if args.worker is not None:
         print(json.dumps(measure(args.worker)))
         return
-    print("| samples per task | seconds | extra peak GB | bytes per (group, pair) | GROUP_TEST_BYTES model GB |")
-    print("|---|---|---|---|---|")
+    print("| samples per task | seconds | extra peak GB | bytes per (group, pair) | GROUP_TEST_BYTES model GB | cores | core-µs per (group, pair) "
+          "| per doubling of G·n_a·n_b |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in (int(x) for x in args.samples.split(",")):
         out = subprocess.run([sys.executable, __file__, "--worker", str(n)], capture_output=True, text=True, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {n} | {row['seconds']} | {row['extra_peak_gb']} | {row['bytes_per_group_pair']} | {row['model_gb']} |", flush=True)
+        print(f"| {n} | {row['seconds']} | {row['extra_peak_gb']} | {row['bytes_per_group_pair']} | {row['model_gb']} | {row['cores']} "
+              f"| {row['core_us_per_group_pair']} | {row['core_us_per_doubling']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from jax.sharding import AbstractMesh
 
 from fisherjax import backend
 from fisherjax.analysis import qkov
-from fisherjax.analysis.conflicts import ConflictOptions, group_scope_bytes
+from fisherjax.analysis.conflicts import ConflictOptions, group_scope_bytes, group_test_core_seconds, group_test_values
 from fisherjax.analysis.conflicts.gram import chunk_size_for, slice_dots_fit
 from fisherjax.analysis.conflicts.sources import Stream, grouping_for
 from fisherjax.config import DecoderConfig, read_hf_config
@@ -137,6 +137,10 @@ class Plan:
       phase5_group_bytes, phase5_scope: host memory of a pair's per-group conflict tests
         (``conflicts.group_scope_bytes``) and the scope ``--conflict-scope auto`` takes with a
         host's memory (:func:`fisherjax.pipeline.conflict_scope`).
+      phase5_test_values, phase5_test_core_seconds: the values Phase 5 tests on the host over all
+        pairs of tasks in that scope (``conflicts.group_test_values``, one group on the whole
+        gradient) and the host core-seconds they take (``conflicts.group_test_core_seconds``; the
+        tests use every core: divide by the host's).
       phase5_reform_flops, phase6_reform_flops: the part of that work spent forming factored
         kernels' gradients where they are read (:func:`reform_flops` per sample read,
         :func:`conflict_sample_reads`, :func:`qkov_sample_reads`).
@@ -192,6 +196,8 @@ class Plan:
     phase5_chunk: int | None
     phase5_group_bytes: float
     phase5_scope: str
+    phase5_test_values: int
+    phase5_test_core_seconds: float
     throughput_tflops: float
     throughput_assumed: bool
     phase5_seconds: float
@@ -679,6 +685,8 @@ def plan(
     phase5 = conflict_flops(samples, tasks, kept, references) + phase5_reform
     groups = conflict_groups(layout)
     phase5_scope = conflict_scope("auto", samples, samples, groups, host_memory_gb * GB)[0]
+    tested_groups = groups if phase5_scope == "groups" else 1
+    tested = math.comb(tasks, 2) * group_test_values(samples, samples, tested_groups)
     phase6 = qkov_flops(samples, tasks, layout, score.include_bias, score.min_fisher_samples) + phase6_reform
     tflops = DEFAULT_TFLOPS if throughput_tflops is None else float(throughput_tflops)
     rate = tflops * 1e12 * devices
@@ -732,6 +740,8 @@ def plan(
         phase5_chunk=chunk,
         phase5_group_bytes=group_scope_bytes(samples, samples, groups),
         phase5_scope=phase5_scope,
+        phase5_test_values=tested,
+        phase5_test_core_seconds=math.comb(tasks, 2) * group_test_core_seconds(samples, samples, tested_groups),
         throughput_tflops=tflops,
         throughput_assumed=throughput_tflops is None,
         phase5_seconds=seconds["phase5"],
@@ -849,11 +859,15 @@ def format_plan(p: Plan) -> str:
                                    else f"(chunk size {p.phase5_chunk})")
                                 + f"; per-group tests hold {_bytes(p.phase5_group_bytes)} of host memory per pair: "
                                 + ("tested per head group" if p.phase5_scope == "groups"
-                                   else "tested on the whole gradient (--conflict-scope auto; fewer samples keep the groups)")),
+                                   else "tested on the whole gradient (--conflict-scope auto; fewer samples keep the groups)")
+                                + f"; host tests of {_scaled(p.phase5_test_values, COUNTS)} values ≈ "
+                                  f"{_duration(p.phase5_test_core_seconds)} of one core's time"),
         ("Phase 6 (QK-OV)", f"{_scaled(p.phase6_flops, FLOPS)} ≈ {_duration(p.phase6_seconds)}"
                             + (f" ({_scaled(p.phase6_reform_flops, FLOPS)} of it forming factored gradients, at least)" if p.factored else "")),
-        ("total", f"≈ {_duration(p.total_seconds)} of compute"
-                  + ("" if p.curvature.skip is None else " (without the method comparison, which the default run skips)")),
+        ("total", f"≈ {_duration(p.total_seconds)} of device compute"
+                  + ("" if p.curvature.skip is None else " (without the method comparison, which the default run skips)")
+                  + f", and ≈ {_duration(p.phase5_test_core_seconds)} of one host core's time for Phase 5's tests "
+                    "(they use every core: divide by the host's)"),
         ("throughput", f"{p.throughput_tflops:g} TFLOP/s per device{assumed}, over {p.devices} device(s), compute only"),
         ("measured / derived", "the Phase 1 step's memory is compiled"
                                + ("" if p.sharded_step or p.devices == 1 else " (single-device step: fewer devices than planned)")

@@ -182,14 +182,21 @@ def test_bfloat16_storage_and_spilling_when_the_host_is_small(tiny, base):
 def test_conflict_tests_per_group_where_the_host_holds_them(tiny, base):
     """The plan's Phase 5 says what a pair's per-group tests hold on the host and which scope
     ``--conflict-scope auto`` takes with the host's memory (half of it for those tests)."""
-    from fisherjax.analysis.conflicts import group_scope_bytes
+    from fisherjax.analysis.conflicts import GROUP_TEST_CORE_SECONDS, group_scope_bytes
     from fisherjax.pipeline import conflict_groups
 
     n, groups = 4, conflict_groups(abstract_model(tiny).layout)
     assert base.phase5_group_bytes == group_scope_bytes(n, n, groups) > 0 and base.phase5_scope == "groups"
     assert "tested per head group" in format_plan(base)
+    # the host tests' time: every pair's tested values at the measured core-seconds each (one pair of two tasks here)
+    assert base.phase5_test_values == groups * 3 * n * n
+    assert base.phase5_test_core_seconds == pytest.approx(GROUP_TEST_CORE_SECONDS * groups * 3 * n * n * math.log2(groups * n * n))
+    assert f"host tests of {groups * 3 * n * n / 1e3:.1f} k values" in format_plan(base)
+    three = plan(tiny, samples=n, seq_len=SEQ, device_memory_gb=80, tasks=3)
+    assert three.phase5_test_values == 3 * base.phase5_test_values and three.phase5_test_core_seconds == 3 * base.phase5_test_core_seconds
     small = plan(tiny, samples=n, seq_len=SEQ, device_memory_gb=80, host_memory_gb=1.9 * base.phase5_group_bytes / GB)
     assert small.phase5_scope == "overall" and "tested on the whole gradient (--conflict-scope auto" in format_plan(small)
+    assert small.phase5_test_values == 3 * n * n  # one group: the whole gradient
 
 
 @pytest.mark.parametrize("kind", FAST_FAMILIES)

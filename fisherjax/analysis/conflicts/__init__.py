@@ -23,7 +23,10 @@ the ones above it:
 """
 
 from fisherjax.analysis.conflicts import projection
-from fisherjax.analysis.conflicts.detect import GROUP_TEST_BYTES, ConflictReport, detect, group_scope_bytes, head_map
+from fisherjax.analysis.conflicts.detect import (
+    GROUP_TEST_BYTES, GROUP_TEST_CORE_SECONDS, ConflictReport, detect, group_scope_bytes, group_test_core_seconds, group_test_values,
+    head_map,
+)
 from fisherjax.analysis.conflicts.findings import ConflictCluster, ConflictPair
 from fisherjax.analysis.conflicts.gram import Gram, damping, effect_sizes, pairwise_cosines, whiten
 from fisherjax.analysis.conflicts.null import NULLS, conflict_pvalues
@@ -32,6 +35,7 @@ from fisherjax.analysis.conflicts.sources import GradChunk, GroupedGrads, GroupI
 
 __all__ = [
     "GROUP_TEST_BYTES",
+    "GROUP_TEST_CORE_SECONDS",
     "NULLS",
     "ORTHOGONAL_EFFECT",
     "REFERENCES",
@@ -51,6 +55,8 @@ __all__ = [
     "detect",
     "effect_sizes",
     "group_scope_bytes",
+    "group_test_core_seconds",
+    "group_test_values",
     "grouping_for",
     "head_map",
     "pairwise_cosines",

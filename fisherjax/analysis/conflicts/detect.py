@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -44,7 +45,8 @@ from fisherjax.settings import with_overrides
 from fisherjax.sharding import check_mesh
 from fisherjax.stats import fdr_qvalues
 
-__all__ = ["GROUP_TEST_BYTES", "ConflictReport", "detect", "group_scope_bytes", "head_map"]
+__all__ = ["GROUP_TEST_BYTES", "GROUP_TEST_CORE_SECONDS", "ConflictReport", "detect", "group_scope_bytes", "group_test_core_seconds", "group_test_values",
+           "head_map"]
 
 _STATIC = dict(static=True)
 
@@ -209,12 +211,34 @@ twenty-fourth session). At 128 per task the pooled null's chunk temporaries (a f
 :data:`~.null.CHUNK_VALUES`) take it to 33–41; the scope's rule leaves half the memory free."""
 
 
+GROUP_TEST_CORE_SECONDS = 2.8e-8
+"""Host core-seconds :func:`detect`'s per-group scope spends per tested (group, pair) value and per
+doubling of its ``G · n_a · n_b`` A × B tests (they sort and search: :func:`group_test_core_seconds`),
+from its Grams to its report: seconds × the cores they run on (``backend.on_host_cores``), measured
+0.0252–0.0276 core-µs (0.59–0.73 core-µs a value) at 128–384 samples per task on GPT-2 small's 576
+groups (``benchmarks/conflict_tests.py``, RESULTS.md, twenty-fifth session); the largest is kept."""
+
+
+def group_test_values(n_a: int, n_b: int, groups: int) -> int:
+    """Tested (group, pair) values of :func:`detect`'s per-group scope for ``n_a`` × ``n_b``
+    samples over ``groups`` groups, with both tasks as references: the A × B Gram's and the A × A
+    and B × B reference Grams', ``G · (n_a·n_b + n_a² + n_b²)``."""
+    return groups * (n_a * n_b + n_a * n_a + n_b * n_b)
+
+
+def group_test_core_seconds(n_a: int, n_b: int, groups: int) -> float:
+    """Host core-seconds of :func:`detect`'s per-group tests, about
+    ``GROUP_TEST_CORE_SECONDS · values · log2(G · n_a · n_b)`` (:func:`group_test_values`); they run
+    on every core, so a host with ``c`` cores takes about this over ``c``. ``groups=1``: the whole
+    gradient's tests."""
+    return GROUP_TEST_CORE_SECONDS * group_test_values(n_a, n_b, groups) * math.log2(max(groups * n_a * n_b, 2))
+
+
 def group_scope_bytes(n_a: int, n_b: int, groups: int) -> float:
-    """Host bytes of :func:`detect`'s per-group scope for ``n_a`` × ``n_b`` samples over ``groups``
-    groups, with both tasks as references: :data:`GROUP_TEST_BYTES` per (group, pair) of the A × B
-    Gram and of the A × A and B × B reference Grams, ``G · (n_a·n_b + n_a² + n_b²)``. The overall
-    scope holds ``[n_a, n_b]`` arrays and the group dot products only (float32, for the hotspots)."""
-    return GROUP_TEST_BYTES * groups * (n_a * n_b + n_a * n_a + n_b * n_b)
+    """Host bytes of :func:`detect`'s per-group scope: :data:`GROUP_TEST_BYTES` per
+    :func:`group_test_values`. The overall scope holds ``[n_a, n_b]`` arrays and the group dot
+    products only (float32, for the hotspots)."""
+    return GROUP_TEST_BYTES * group_test_values(n_a, n_b, groups)
 
 
 # ---------------------------------------------------------------------------------------------
