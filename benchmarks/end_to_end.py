@@ -38,7 +38,8 @@ analyze --help`` lists no ``--compilation-cache`` option, runs get no cache opti
 and peak RSS when ``results.json`` has ``phases`` (else only the total).
 
 The output is a Markdown block for benchmarks/RESULTS.md on stdout (progress on stderr);
-``--json FILE`` also writes the raw numbers.
+``--json FILE`` also writes the raw numbers. Each fisherjax run's ``results.json`` is copied into
+the working directory as ``results-N.json`` (kept with ``--keep``, for ``benchmarks/work_floors.py``).
 
 Usage:
     python3 benchmarks/end_to_end.py                                  # GPT-2-small, 64 samples/task, 100 tokens
@@ -198,6 +199,7 @@ class Fisherjax:
         log = self.work / f"fisherjax-{self.count}.log"
         measured = run_child(cmd, log, env={k: v for k, v in os.environ.items() if k not in CACHE_ENV})
         results = json.loads((out / "results.json").read_text())
+        shutil.copyfile(out / "results.json", self.work / f"results-{self.count}.json")  # kept with --keep (benchmarks/work_floors.py reads it)
         run = {
             **measured,
             "cache": state,

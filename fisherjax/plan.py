@@ -802,10 +802,12 @@ def _curvature_line(c: CurvaturePlan, parameters: int) -> str:
     if c.skip is None:
         return f"runs: {runs}"
     if c.skip == "parameters":
-        return f"skipped by default ({_scaled(parameters, COUNTS)} parameters, more than {_scaled(CURVATURE_AUTO_PARAMETERS, COUNTS)}); with --curvature " + (
-            f"it runs: {runs}" if c.forced_skip is None else runs)
+        limit = _scaled(CURVATURE_AUTO_PARAMETERS, COUNTS)
+        return (f"skipped by default ({_scaled(parameters, COUNTS)} parameters, more than {limit}); with --curvature "
+                + (f"it runs: {runs}" if c.forced_skip is None else runs))
     if c.skip == "share":
-        return f"skipped by default (its peak is more than {CURVATURE_MEMORY_SHARE:.0%} of the free memory); with --curvature it runs: {runs}"
+        return (f"skipped by default (its peak is more than {CURVATURE_MEMORY_SHARE:.0%} of the free memory); "
+                f"with --curvature it runs: {runs}")
     return f"skipped: {runs}"
 
 

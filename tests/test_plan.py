@@ -21,8 +21,9 @@ from fisherjax.models.hf import abstract_params
 from fisherjax.models.model import Model
 from fisherjax.fisher.options import kept_paths
 from fisherjax.plan import (
-    COLLECT_FORWARDS, GB, abstract_model, conflict_bytes_read, conflict_sample_reads, conflict_slices, curvature_flops, curvature_plan, default_options,
-    format_plan, forward_flops, heads_flops, kept_parameters, masks_flops, parameter_bytes, plan, qkov_sample_reads, read_config,
+    COLLECT_FORWARDS, GB, abstract_model, conflict_bytes_read, conflict_sample_reads, conflict_slices, curvature_flops, curvature_plan,
+    default_options, format_plan, forward_flops, heads_flops, kept_parameters, masks_flops, parameter_bytes, plan, qkov_sample_reads,
+    read_config,
 )
 from conftest import FAST_FAMILIES
 

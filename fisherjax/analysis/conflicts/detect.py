@@ -45,8 +45,10 @@ from fisherjax.settings import with_overrides
 from fisherjax.sharding import check_mesh
 from fisherjax.stats import fdr_qvalues
 
-__all__ = ["GROUP_TEST_BYTES", "GROUP_TEST_CORE_SECONDS", "ConflictReport", "detect", "group_scope_bytes", "group_test_core_seconds", "group_test_values",
-           "head_map"]
+__all__ = [
+    "GROUP_TEST_BYTES", "GROUP_TEST_CORE_SECONDS", "ConflictReport", "detect", "group_scope_bytes", "group_test_core_seconds",
+    "group_test_values", "head_map",
+]
 
 _STATIC = dict(static=True)
 
