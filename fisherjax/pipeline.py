@@ -453,8 +453,8 @@ def phase_masks(ctx: Context, out: Path) -> report.Section:
     unit_masks = {unit: {n: [masks.structured_mask(f, layout, s, unit=unit, scope=config.mask_scope) for s in config.sparsities]
                          for n, f in ctx.fishers.items()} for unit in config.mask_units}
     experiment = experiments.head_pruning_experiment(
-        ctx.model, ctx.model.params, ctx.batches, ctx.fishers, sparsity=0.5, n_random=PRUNING_RANDOM_MASKS, seed=config.seed, scope="layer",
-        samples=config.pruning_samples, extra_masks=category_masks(layout, ctx.labels),
+        ctx.model, ctx.model.params, ctx.batches, ctx.fishers, sparsity=0.5, n_random=PRUNING_RANDOM_MASKS, seed=config.seed,
+        scope="layer", samples=config.pruning_samples, extra_masks=category_masks(layout, ctx.labels),
     )
     return masks_report.section(
         ctx.fishers, layout, sparsities=config.sparsities, unit_masks=unit_masks, parameter_masks=parameter_masks, experiment=experiment,

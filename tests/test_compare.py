@@ -130,6 +130,7 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
     the demo by tests/test_cli.py, which runs every phase."""
     from fisherjax import pipeline
     from fisherjax.cli import main
+    from fisherjax.models import load_pretrained
 
     args = ["analyze", "--model", str(cli_checkpoint / "model"), "--task", f"add={cli_checkpoint / 'add.jsonl'}",
             "--no-progress", "--no-compilation-cache", "--phases", "fisher,curvature", "--max-samples", "6"]
@@ -140,8 +141,6 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
     assert "Skipped:" in (tmp_path / "b" / "report.md").read_text()
     # below the parameter limit, but its Lanczos basis (6 samples < k = 10: no Gram route) would take more than half the free memory
     monkeypatch.setattr(pipeline, "CURVATURE_AUTO_PARAMETERS", 10**12)
-    from fisherjax.models import load_pretrained
-
     need = pipeline.compare.peak_bytes(load_pretrained(cli_checkpoint / "model"), 10, n=6, sample_grads_dtype="bfloat16")
     monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: int(1.5 * need))
     assert main([*args, "--out", str(tmp_path / "m")]) == 0
