@@ -775,6 +775,11 @@ def _scaled(x: float, units) -> str:
 
 
 COUNTS = (("B", 1e9), ("M", 1e6), ("k", 1e3), ("", 1))
+
+
+def _count(x: float) -> str:
+    """A count: ``1.7 B``, ``345.6 k``, or the integer below a thousand."""
+    return _scaled(x, COUNTS[:-1]) if x >= 1e3 else f"{int(x):,}"
 FLOPS = (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3), ("FLOP", 1))
 
 
@@ -788,7 +793,7 @@ def _duration(seconds: float) -> str:
 def _curvature_line(c: CurvaturePlan, parameters: int) -> str:
     """What the plan says of the method comparison: whether the default run and ``--curvature``
     run it on one device, its peak against the memory free there, and what fits otherwise."""
-    route = f"{c.samples} samples, top {c.k} {'from their Gram' if c.gram else 'by Lanczos'}"
+    route = f"{c.samples} sample{'s' * (c.samples != 1)}, top {c.k} {'from their Gram' if c.gram else 'by Lanczos'}"
     peak = f"peak {_bytes(c.peak_bytes)} of {_bytes(max(c.free_bytes, 0.0))} free on one device"
     work = f"{_scaled(c.flops, FLOPS)} ≈ {_duration(c.seconds)}"
     if c.forced_skip is None:
@@ -862,7 +867,7 @@ def format_plan(p: Plan) -> str:
                                 + f"; per-group tests hold {_bytes(p.phase5_group_bytes)} of host memory per pair: "
                                 + ("tested per head group" if p.phase5_scope == "groups"
                                    else "tested on the whole gradient (--conflict-scope auto; fewer samples keep the groups)")
-                                + f"; host tests of {_scaled(p.phase5_test_values, COUNTS)} values ≈ "
+                                + f"; host tests of {_count(p.phase5_test_values)} values ≈ "
                                   f"{_duration(p.phase5_test_core_seconds)} of one core's time"),
         ("Phase 6 (QK-OV)", f"{_scaled(p.phase6_flops, FLOPS)} ≈ {_duration(p.phase6_seconds)}"
                             + (f" ({_scaled(p.phase6_reform_flops, FLOPS)} of it forming factored gradients, at least)" if p.factored else "")),
