@@ -4,13 +4,14 @@
 # the Phase 1 / Phase 6 benchmarks, issue 20's curvature units with a whole-model GPT-2-small
 # Lanczos, the device-to-host copy routes, and kept token factors formed on the device (reads) and
 # read by one QK-OV ordered pair (qkovpair), Phase 5's Grams on kept factors and its host tests
-# (conflicts). Logs and JSON go to $OUT (default ./gpu-out).
+# (conflicts); e2e32 also sets each phase against its matrix-product floor (work_floors.py). Logs and
+# JSON go to $OUT (default ./gpu-out).
 # Usage: bash benchmarks/gpu.sh [PART[:SECONDS] ...]   (default: every part with its default limit)
 # Parts: hostcopy phase1 phase6 curvature e2e e2e32 reads qkovpair conflicts
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-declare -A LIMIT=([hostcopy]=40 [phase1]=70 [phase6]=90 [curvature]=120 [e2e]=230 [e2e32]=200 [reads]=40 [qkovpair]=120 [conflicts]=150)
+declare -A LIMIT=([hostcopy]=40 [phase1]=70 [phase6]=90 [curvature]=120 [e2e]=230 [e2e32]=260 [reads]=40 [qkovpair]=120 [conflicts]=150)
 run_part() {  # run_part NAME SECONDS
   local name=$1 limit=$2 t0
   t0=$(date +%s)
@@ -25,7 +26,11 @@ run_part() {  # run_part NAME SECONDS
     e2e) timeout "$limit" python3 benchmarks/end_to_end.py --shape small --samples 64 --torch-device cuda --json "$OUT/e2e.json" ;;
     e2e32) timeout "$limit" python3 benchmarks/end_to_end.py --shape small --samples 32 --torch-device cuda --keep \
               --json "$OUT/e2e32.json"
-           for f in /tmp/fisherjax-e2e-*/fisherjax-out-1/results.json; do [ -f "$f" ] && cp "$f" "$OUT/e2e32-results.json"; done ;;
+           work=$(ls -td /tmp/fisherjax-e2e-*/ 2>/dev/null | head -n 1)  # the run's kept working directory
+           if [ -n "$work" ] && [ -f "$work/results-1.json" ]; then
+             cp "$work/results-1.json" "$OUT/e2e32-results.json"
+             timeout 120 python3 benchmarks/work_floors.py --model "$work/gpt2-small" --results "$work/results-1.json" --seq-len 128
+           fi ;;
     reads) timeout "$limit" python3 benchmarks/factored_reads.py --part reads --samples 64 --rounds 3 ;;
     qkovpair) timeout "$limit" python3 benchmarks/factored_reads.py --part qkov --samples 64 --rounds 2 ;;
     conflicts) timeout "$limit" bash -c 'python3 benchmarks/conflict_grams.py --samples 128 --rounds 2 && python3 benchmarks/conflict_tests.py --samples 256' ;;
