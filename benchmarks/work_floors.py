@@ -2,7 +2,7 @@
 
 Reads a run's ``results.json`` (per-phase seconds, samples per task, the pruning experiment's
 masks) and its checkpoint's ``config.json``, counts each phase's matrix-product FLOPs with
-``fisherjax plan``'s formulas (:mod:`fisherjax.plan`: ``forward_flops`` and the phases' counts at
+``fisherjax plan``'s formulas (:mod:`fisherjax.work`, through :func:`fisherjax.plan.plan`, at
 the run's samples per task, tasks and ``--seq-len``, the length the batches were padded to; the
 masks phase with the run's own number of masks), measures this machine's float32 GEMM rate under
 XLA in the same process (two shapes of the model: a dense layer of 16 × T rows and a 128-row tile

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from fisherjax import backend, compilation_cache, heads, io, outdir, report, sharding, telemetry
+from fisherjax import backend, compilation_cache, heads, io, outdir, report, sharding, telemetry, work
 from fisherjax.analysis import conflicts, experiments, importance, masks, qkov
 from fisherjax.curvature import compare, kfac, lanczos
 from fisherjax.data import Batch, MissingTokenizer, Task, batches, check_targets, load_task
@@ -838,12 +838,29 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
                 sections.append(section)
             sections, stretches["report"] = telemetry.measure(report.save_figures, out, sections)
             total = whole.stop()
-            sections.append(timing_report.section(stretches, per_task, total))
+            sections.append(timing_report.section(stretches, per_task, total, phase_work(ctx, resumed)))
             header["seconds"] = round(total.seconds, 1)
             heading = fisher_report.heading(header["model"], header["created"], header["machine"], header["seconds"])
             results = report.write(out, header, sections, heading=heading)
             outdir.write_marker(out, {"fisherjax": header["fisherjax"], "created": header["created"], "config": results["config"]})
     return results
+
+
+def phase_work(ctx: Context, resumed) -> dict[str, float]:
+    """Matrix-product FLOPs of the stretches whose work :mod:`fisherjax.work` counts from the batches
+    as they ran: Phase 1's collection (``COLLECT_FORWARDS`` forwards a row, every task's batches;
+    left out of a resumed or multi-process run, whose batches this process did not all run) and the
+    ``heads`` phase (:func:`~fisherjax.work.heads_flops` a row of each task's first
+    ``head_samples``)."""
+    layout, config = ctx.model.layout, ctx.config
+    counted = {}
+    if not any(resumed.values()) and jax.process_count() == 1:
+        counted["collect"] = sum(work.batches_flops(layout, b, lambda f: work.COLLECT_FORWARDS * f.total) for b in ctx.batches.values())
+    if "heads" in config.phase_order():
+        ablated = config.ablation_heads
+        counted["heads"] = sum(work.batches_flops(layout, first_batches(ctx, name, config.head_samples),
+                                                  lambda f: work.heads_flops(f, layout, 1, 1, ablated)) for name in ctx.fishers)
+    return counted
 
 
 def _truncation(task: Task) -> dict:

@@ -15,9 +15,8 @@ From a ``config.json`` alone (no weights: parameters are ``jax.ShapeDtypeStruct`
   cannot be compiled (fewer devices than planned), the per-device memory with parameters sharded
   over a ``"model"`` axis (:func:`model_axis_bytes`; :attr:`Plan.model_axis_estimate`), the
   storage of the kept per-sample gradients (:func:`kept_storage_bytes`), every phase's work —
-  Phase 1 (:func:`collect_flops`, from one sample's :func:`forward_flops`), the method
-  comparison (:func:`curvature_flops`), the ``heads`` and masks phases (:func:`heads_flops`,
-  :func:`masks_flops`), Phases 5 and 6 (:func:`conflict_flops`, :func:`qkov_flops`) — the bytes
+  Phase 1, the method comparison, the ``heads`` and masks phases from one sample's forward FLOPs
+  (:mod:`fisherjax.work`), Phases 5 and 6 (:func:`conflict_flops`, :func:`qkov_flops`) — the bytes
   Phase 5 streams from that storage (:func:`conflict_bytes_read`), whether the method comparison
   fits one device by ``analyze``'s rule (:func:`curvature_plan`) and the time the work takes at
   an *assumed* throughput.
@@ -46,7 +45,7 @@ from fisherjax.analysis.conflicts import ConflictOptions, group_scope_bytes, gro
 from fisherjax.analysis.conflicts.gram import chunk_size_for, slice_dots_fit
 from fisherjax.analysis.conflicts.sources import Stream, grouping_for
 from fisherjax.config import DecoderConfig, read_hf_config
-from fisherjax.curvature import compare, lanczos
+from fisherjax.curvature import compare
 from fisherjax.errors import ConfigError
 from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, factored_paths, kept_paths
 from fisherjax.fisher.step import kept_values as step_kept_values
@@ -62,6 +61,9 @@ from fisherjax.pipeline import (
 )
 from fisherjax.settings import check
 from fisherjax.sharding import DATA, MODEL, data_size, make_mesh, param_spec
+from fisherjax.work import (
+    COLLECT_FORWARDS, ForwardFlops, collect_flops, curvature_flops, forward_flops, heads_flops, masks_flops,
+)
 
 GB = 1e9
 """Bytes in a GB as the options and the printed plan count them."""
@@ -147,12 +149,12 @@ class Plan:
       throughput_tflops, throughput_assumed, phase5_seconds, phase6_seconds: the time of that work
         over all devices at that throughput per device (compute only, no I/O).
       backend: the XLA backend that compiled the step; compile_seconds: time spent compiling.
-      forward: :class:`ForwardFlops` of one sample at ``seq_len``; phase1_flops, phase1_seconds:
-        Phase 1's work (:func:`collect_flops`) over all devices.
+      forward: ``work.ForwardFlops`` of one sample at ``seq_len``; phase1_flops, phase1_seconds:
+        Phase 1's work (``work.collect_flops``) over all devices.
       curvature: the method comparison's memory rule and work on one device (:class:`CurvaturePlan`).
-      heads_flops, heads_seconds: the ``heads`` phase (:func:`heads_flops`) at ``analyze``'s
+      heads_flops, heads_seconds: the ``heads`` phase (``work.heads_flops``) at ``analyze``'s
         defaults, on one device; masks, masks_flops, masks_seconds: the masks phase's pruning
-        experiment, at most ``masks`` masks (:func:`masks_flops`), on one device.
+        experiment, at most ``masks`` masks (``work.masks_flops``), on one device.
       total_seconds: every phase's compute at the throughput (the comparison's only where the
         default run takes it).
     """
@@ -310,91 +312,6 @@ def reform_flops(layout: ModelLayout, options: CollectOptions, seq_len: int) -> 
 
 
 @dataclasses.dataclass(frozen=True)
-class ForwardFlops:
-    """Matrix-product FLOPs (2 per multiply-add) of one forward pass of a ``seq_len``-token sequence:
-
-        layers      = 2 · T · Σ_k d_in · d_out        (the blocks' dense kernels k, every layer)
-        attention   = 4 · T² · heads · head_dim · L   (scores q·k and the mix p·v over every key:
-                                                       a causal mask skips no work)
-        unembedding = 2 · T · d · vocab
-
-    Norms, activations, softmax and the embedding lookup are elementwise and left out.
-    """
-
-    layers: float
-    attention: float
-    unembedding: float
-    total: float = dataclasses.field(init=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "total", self.layers + self.attention + self.unembedding)
-
-
-def forward_flops(layout: ModelLayout, seq_len: int) -> ForwardFlops:
-    """:class:`ForwardFlops` of ``layout``'s model at ``seq_len`` tokens, from its parameter shapes
-    (an untied ``lm_head`` or the tied embedding gives ``d · vocab``)."""
-    kernels = sum(math.prod(spec.shape) for path, spec in layout.specs.items() if spec.layered and path.endswith("/kernel"))
-    head = layout.specs.get("lm_head/kernel") or layout.specs["embed/embedding"]
-    attention = 4.0 * seq_len * seq_len * layout.num_heads * layout.head_dim * layout.num_layers
-    return ForwardFlops(2.0 * seq_len * kernels, attention, 2.0 * seq_len * math.prod(head.shape))
-
-
-COLLECT_FORWARDS = 3
-"""Forward passes' matrix products a sample costs in Phase 1, at least: the forward, the pullback
-to every layer's input, and the per-sample weight-gradient products of the full diagonal (ghost
-norms' ``T²`` terms and elementwise work are not counted)."""
-
-PRODUCT_GRADIENTS = 2
-"""Batched gradients one Fisher-vector product costs, at most (a jvp and a vjp; issue 20's
-bound is 2.5, measured 1.64 on a CPU: RESULTS.md)."""
-
-
-def collect_flops(forward: ForwardFlops, samples: int, tasks: int) -> float:
-    """Phase 1's work: ``COLLECT_FORWARDS · F · n · tasks`` (:data:`COLLECT_FORWARDS`)."""
-    return float(COLLECT_FORWARDS * forward.total * samples * tasks)
-
-
-def heads_flops(forward: ForwardFlops, layout: ModelLayout, tasks: int, samples: int, ablated: int) -> float:
-    """The ``heads`` phase's work on ``samples`` samples of each task (``--head-samples``): the
-    head-mask gradients (a forward and the pullback, ``2F``), the plain pass whose block inputs the
-    ablation resumes from (``F``), and ``ablated`` single-head settings (``--ablation-heads``, at
-    most every head), each resuming at its head's layer — half the blocks on average — and
-    unembedding:
-
-        tasks · samples · [3F + ablated · (layers/2 + attention/2 + unembedding)]
-
-    Half the blocks is the mean for heads spread evenly over the layers; heads of the first layers
-    cost up to all of them. The category probes (two batches of 16 short sequences) are left out."""
-    ablated = min(ablated, layout.num_layers * layout.num_heads)
-    setting = (forward.layers + forward.attention) / 2 + forward.unembedding
-    return float(tasks * samples * (3 * forward.total + ablated * setting))
-
-
-def masks_flops(forward: ForwardFlops, tasks: int, samples: int, masks: int) -> float:
-    """The masks phase's head-pruning experiment: ``tasks · samples · masks · F`` — each task's
-    subsample (``--pruning-samples``) under every mask (each task's Fisher mask, the random masks and
-    the behavioural categories' masks; the unpruned loss is Phase 1's)."""
-    return float(tasks * samples * masks * forward.total)
-
-
-def curvature_flops(forward: ForwardFlops, samples: int, parameters: int, k: int, probes: int = 4) -> float:
-    """The method comparison's work on ``samples`` samples of a model with ``parameters``
-    parameters: the diagonal's Phase 1 pass and K-FAC's factors (a gradient's work each,
-    ``3F`` a sample), then the top ``k`` either from the Gram route (one more gradient pass, the
-    ``n × n`` Gram ``2n²D``, and each probe's exact product from two reads of the gradients,
-    ``4nD``) or from Lanczos (``steps`` Fisher-vector products, and one per probe,
-    :data:`PRODUCT_GRADIENTS` gradients each):
-
-        Gram:     9F·n + 2n²·D + probes · 4n·D
-        Lanczos:  6F·n + (steps + probes) · 3 · PRODUCT_GRADIENTS · F·n
-    """
-    gradient = 3 * forward.total * samples
-    if compare.from_gram(parameters, k, samples):
-        return float(3 * gradient + 2.0 * samples * samples * parameters + probes * 4.0 * samples * parameters)
-    return float(2 * gradient + (lanczos.default_steps(parameters, k) + probes) * PRODUCT_GRADIENTS * gradient)
-
-
-@dataclasses.dataclass(frozen=True)
 class CurvaturePlan:
     """Phase 1's method comparison in a plan: ``analyze``'s rule
     (:func:`fisherjax.pipeline.curvature_skip`) on one device whose free memory is the fitting
@@ -407,7 +324,7 @@ class CurvaturePlan:
     ``skip``: why the default run skips it (None: it runs); ``forced_skip``: the same with
     ``--curvature``; ``fit_samples``, ``fit_k``: the most samples, with as many eigenvalues as
     possible up to ``k``, that fit with ``--curvature`` (0, 0: nothing fits: ``rest_bytes`` alone
-    does not); ``flops``, ``seconds``: :func:`curvature_flops` at the throughput.
+    does not); ``flops``, ``seconds``: ``work.curvature_flops`` at the throughput.
     """
 
     samples: int
@@ -885,8 +802,8 @@ def format_plan(p: Plan) -> str:
 
 
 __all__ = [
-    "CurvaturePlan", "ForwardFlops", "Plan", "StepMemory", "abstract_model", "collect_flops", "conflict_bytes_read", "conflict_chunk",
-    "conflict_flops", "curvature_flops", "curvature_plan", "default_options", "forward_flops", "heads_flops", "masks_flops",
+    "CurvaturePlan", "Plan", "StepMemory", "abstract_model", "conflict_bytes_read", "conflict_chunk", "conflict_flops", "curvature_plan",
+    "default_options",
     "conflict_sample_reads", "conflict_slices", "format_plan", "kept_parameters", "kept_storage_bytes", "kept_values", "model_axis_bytes",
     "parameter_bytes", "plan", "qkov_flops", "qkov_sample_reads", "read_config", "reference_grams", "reform_flops", "step_memory",
 ]

@@ -41,6 +41,19 @@ def test_analyze_writes_the_output_directory(tiny_checkpoint, tmp_path, capsys, 
     assert results["fisher"]["add"]["samples"] == 12 and results["fisher"]["words"]["samples"] == 10
     assert list(results["phases"]) == ["load", "collect", "fisher", "report", "total"]  # what each stretch cost
     assert set(results["phases"]["collect"]["tasks"]) == {"add", "words"}
+    # Phase 1's matrix products as the plan counts them (fisherjax.work), over the batches as they ran, and their rate
+    from fisherjax.pipeline import AnalysisConfig, load_inputs, task_batches
+    from fisherjax.work import COLLECT_FORWARDS, forward_flops
+
+    config = AnalysisConfig(model=tiny_checkpoint / "model", batch_size=8,
+                            tasks=(("add", tiny_checkpoint / "add.jsonl"), ("words", tiny_checkpoint / "words.txt")))
+    model, tasks = load_inputs(config)
+    shapes = [np.shape(b.input_ids) for batches in task_batches(model, tasks, config).values() for b in batches]
+    flops = sum(rows * COLLECT_FORWARDS * forward_flops(model.layout, length).total for rows, length in shapes)
+    collect = results["phases"]["collect"]
+    assert collect["work_tflop"] == pytest.approx(flops / 1e12) and collect["achieved_tflops"] * collect["seconds"] == pytest.approx(
+        flops / 1e12, rel=0.06)  # "seconds" is rounded to 0.01 s
+    assert "| stretch | seconds | TFLOP/s |" in (out / "report.md").read_text()
     assert 0 < results["fisher"]["add"]["loss_per_token"] < 10
     groups = np.load(out / "group_fisher.npz")
     assert groups["add|layers/self_attn/k_proj/kernel|head"].shape == (2, 2)
@@ -179,6 +192,8 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
     assert phases["collect"]["compilations"] + phases["collect"]["cache_hits"] >= 1
     assert phases["total"]["compilations"] >= phases["collect"]["compilations"]
     assert phases["total"]["seconds"] >= sum(e["seconds"] for k, e in phases.items() if k != "total") - 0.1
+    assert {k for k, e in phases.items() if "achieved_tflops" in e} == {"collect", "heads"}  # the stretches fisherjax.work counts
+    assert phases["heads"]["work_tflop"] > 0 and phases["heads"]["achieved_tflops"] > 0
     assert "## Where the time went" in (out / "report.md").read_text()
     qkov = np.load(out / "qkov.npz")
     assert qkov["math|copy|scores"].shape == (4, 2, 128, 128, 4)

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -21,10 +22,10 @@ from fisherjax.models.hf import abstract_params
 from fisherjax.models.model import Model
 from fisherjax.fisher.options import kept_paths
 from fisherjax.plan import (
-    COLLECT_FORWARDS, GB, abstract_model, conflict_bytes_read, conflict_sample_reads, conflict_slices, curvature_flops, curvature_plan,
-    default_options, format_plan, forward_flops, heads_flops, kept_parameters, masks_flops, parameter_bytes, plan, qkov_sample_reads,
-    read_config,
+    GB, abstract_model, conflict_bytes_read, conflict_sample_reads, conflict_slices, curvature_plan, default_options, format_plan,
+    kept_parameters, parameter_bytes, plan, qkov_sample_reads, read_config,
 )
+from fisherjax.work import COLLECT_FORWARDS, curvature_flops, forward_flops, heads_flops, masks_flops
 from conftest import FAST_FAMILIES
 
 TINY = {
@@ -213,6 +214,21 @@ def test_forward_flops_are_torchs_count_of_the_hf_forward(hf_checkpoint, kind):
         model(input_ids=torch.arange(3, 3 + seq)[None] % model.config.vocab_size)
     counted = forward_flops(abstract_model(read_config(model_dir=directory)).layout, seq)
     assert counted.total == counter.get_total_flops() and min(counted.layers, counted.attention, counted.unembedding) > 0
+
+
+def test_work_over_batches_and_without_ablations(tiny):
+    """``work.batches_flops`` counts every row of each batch at the batch's own length; the heads
+    phase without ablated heads runs no plain pass (the head-mask gradients only: 2F)."""
+    from types import SimpleNamespace
+
+    from fisherjax.work import batches_flops
+
+    layout = abstract_model(tiny).layout
+    batches = [SimpleNamespace(input_ids=np.zeros((8, 32), np.int32)), SimpleNamespace(input_ids=np.zeros((3, 64), np.int32))]
+    assert batches_flops(layout, batches, lambda f: f.total) == 8 * forward_flops(layout, 32).total + 3 * forward_flops(layout, 64).total
+    f = forward_flops(layout, 16)
+    assert heads_flops(f, layout, 2, 5, 0) == 2 * 5 * 2 * f.total
+    assert heads_flops(f, layout, 1, 1, 1) == 3 * f.total + (f.layers + f.attention) / 2 + f.unembedding
 
 
 def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkeypatch):

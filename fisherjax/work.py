@@ -1,0 +1,118 @@
+"""The matrix-product work of each phase of ``fisherjax analyze``: FLOPs (2 per multiply-add) from
+the model's parameter shapes and the phase's samples and lengths, with each count's formula in its
+docstring. These are floors — norms, activations, softmax, ghost norms and host-side work are not
+counted — used by ``fisherjax plan`` (:mod:`fisherjax.plan`) to estimate a run and by ``analyze``
+to report each phase's achieved rate against them (``results.json["phases"]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+
+import numpy as np
+
+from fisherjax.curvature import compare, lanczos
+from fisherjax.layout import ModelLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardFlops:
+    """Matrix-product FLOPs (2 per multiply-add) of one forward pass of a ``seq_len``-token sequence:
+
+        layers      = 2 · T · Σ_k d_in · d_out        (the blocks' dense kernels k, every layer)
+        attention   = 4 · T² · heads · head_dim · L   (scores q·k and the mix p·v over every key:
+                                                       a causal mask skips no work)
+        unembedding = 2 · T · d · vocab
+
+    Norms, activations, softmax and the embedding lookup are elementwise and left out.
+    """
+
+    layers: float
+    attention: float
+    unembedding: float
+    total: float = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "total", self.layers + self.attention + self.unembedding)
+
+
+def forward_flops(layout: ModelLayout, seq_len: int) -> ForwardFlops:
+    """:class:`ForwardFlops` of ``layout``'s model at ``seq_len`` tokens, from its parameter shapes
+    (an untied ``lm_head`` or the tied embedding gives ``d · vocab``)."""
+    kernels = sum(math.prod(spec.shape) for path, spec in layout.specs.items() if spec.layered and path.endswith("/kernel"))
+    head = layout.specs.get("lm_head/kernel") or layout.specs["embed/embedding"]
+    attention = 4.0 * seq_len * seq_len * layout.num_heads * layout.head_dim * layout.num_layers
+    return ForwardFlops(2.0 * seq_len * kernels, attention, 2.0 * seq_len * math.prod(head.shape))
+
+
+COLLECT_FORWARDS = 3
+"""Forward passes' matrix products a sample costs in Phase 1, at least: the forward, the pullback
+to every layer's input, and the per-sample weight-gradient products of the full diagonal (ghost
+norms' ``T²`` terms and elementwise work are not counted)."""
+
+PRODUCT_GRADIENTS = 2
+"""Batched gradients one Fisher-vector product costs, at most (a jvp and a vjp; issue 20's
+bound is 2.5, measured 1.64 on a CPU: RESULTS.md)."""
+
+
+def collect_flops(forward: ForwardFlops, samples: int, tasks: int) -> float:
+    """Phase 1's work: ``COLLECT_FORWARDS · F · n · tasks`` (:data:`COLLECT_FORWARDS`)."""
+    return float(COLLECT_FORWARDS * forward.total * samples * tasks)
+
+
+def heads_flops(forward: ForwardFlops, layout: ModelLayout, tasks: int, samples: int, ablated: int) -> float:
+    """The ``heads`` phase's work on ``samples`` samples of each task (``--head-samples``): the
+    head-mask gradients (a forward and the pullback, ``2F``), the plain pass whose block inputs the
+    ablation resumes from (``F``, only when a head is ablated), and ``ablated`` single-head
+    settings (``--ablation-heads``, at most every head), each resuming at its head's layer — half
+    the blocks on average — and unembedding:
+
+        tasks · samples · [2F + (F if ablated) + ablated · (layers/2 + attention/2 + unembedding)]
+
+    Half the blocks is the mean for heads spread evenly over the layers; heads of the first layers
+    cost up to all of them. The category probes (two batches of 16 short sequences) are left out."""
+    ablated = min(ablated, layout.num_layers * layout.num_heads)
+    setting = (forward.layers + forward.attention) / 2 + forward.unembedding
+    return float(tasks * samples * ((2 + (ablated > 0)) * forward.total + ablated * setting))
+
+
+def masks_flops(forward: ForwardFlops, tasks: int, samples: int, masks: int) -> float:
+    """The masks phase's head-pruning experiment: ``tasks · samples · masks · F`` — each task's
+    subsample (``--pruning-samples``) under every mask (each task's Fisher mask, the random masks and
+    the behavioural categories' masks; the unpruned loss is Phase 1's)."""
+    return float(tasks * samples * masks * forward.total)
+
+
+def curvature_flops(forward: ForwardFlops, samples: int, parameters: int, k: int, probes: int = 4) -> float:
+    """The method comparison's work on ``samples`` samples of a model with ``parameters``
+    parameters: the diagonal's Phase 1 pass and K-FAC's factors (a gradient's work each,
+    ``3F`` a sample), then the top ``k`` either from the Gram route (one more gradient pass, the
+    ``n × n`` Gram ``2n²D``, and each probe's exact product from two reads of the gradients,
+    ``4nD``) or from Lanczos (``steps`` Fisher-vector products, and one per probe,
+    :data:`PRODUCT_GRADIENTS` gradients each):
+
+        Gram:     9F·n + 2n²·D + probes · 4n·D
+        Lanczos:  6F·n + (steps + probes) · 3 · PRODUCT_GRADIENTS · F·n
+    """
+    gradient = 3 * forward.total * samples
+    if compare.from_gram(parameters, k, samples):
+        return float(3 * gradient + 2.0 * samples * samples * parameters + probes * 4.0 * samples * parameters)
+    return float(2 * gradient + (lanczos.default_steps(parameters, k) + probes) * PRODUCT_GRADIENTS * gradient)
+
+
+def batches_flops(layout: ModelLayout, batches: Iterable, per_sample) -> float:
+    """``Σ_b rows_b · per_sample(F(T_b))`` over batches as they run (filler rows are computed too):
+    ``per_sample`` maps one sample's :class:`ForwardFlops` at the batch's length ``T_b`` to its FLOPs."""
+    total = 0.0
+    for batch in batches:
+        rows, length = np.shape(batch.input_ids)
+        total += rows * per_sample(forward_flops(layout, int(length)))
+    return total
+
+
+__all__ = [
+    "COLLECT_FORWARDS", "PRODUCT_GRADIENTS", "ForwardFlops", "batches_flops", "collect_flops", "curvature_flops", "forward_flops",
+    "heads_flops", "masks_flops",
+]
