@@ -838,7 +838,9 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
                 sections.append(section)
             sections, stretches["report"] = telemetry.measure(report.save_figures, out, sections)
             total = whole.stop()
-            sections.append(timing_report.section(stretches, per_task, total, phase_work(ctx, resumed)))
+            masks_json = next((sec.json for sec in sections if sec.key == "masks"), {})
+            work_done = phase_work(ctx, resumed, masks_json.get("head_pruning"))
+            sections.append(timing_report.section(stretches, per_task, total, work_done))
             header["seconds"] = round(total.seconds, 1)
             heading = fisher_report.heading(header["model"], header["created"], header["machine"], header["seconds"])
             results = report.write(out, header, sections, heading=heading)
@@ -846,14 +848,18 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
     return results
 
 
-def phase_work(ctx: Context, resumed) -> dict[str, float]:
+def phase_work(ctx: Context, resumed, experiment: dict | None = None) -> dict[str, float]:
     """Matrix-product FLOPs of the stretches whose work :mod:`fisherjax.work` counts from the batches
     as they ran: Phase 1's collection (``COLLECT_FORWARDS`` forwards a row, every task's batches;
-    left out of a resumed or multi-process run, whose batches this process did not all run) and the
+    left out of a resumed or multi-process run, whose batches this process did not all run), the
     ``heads`` phase (:func:`~fisherjax.work.heads_flops` a row of each task's first
-    ``head_samples``)."""
+    ``head_samples``) and the masks phase's pruning experiment (a forward per gathered row and
+    mask, at the gathered length: ``experiment``, its result)."""
     layout, config = ctx.model.layout, ctx.config
     counted = {}
+    if experiment is not None:
+        counted["masks"] = sum(r["rows_evaluated"] * r["masks_evaluated"] * work.forward_flops(layout, r["length"]).total
+                               for r in experiment["tasks"].values())
     if not any(resumed.values()) and jax.process_count() == 1:
         counted["collect"] = sum(work.batches_flops(layout, b, lambda f: work.COLLECT_FORWARDS * f.total) for b in ctx.batches.values())
     if "heads" in config.phase_order():

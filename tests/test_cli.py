@@ -192,8 +192,19 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
     assert phases["collect"]["compilations"] + phases["collect"]["cache_hits"] >= 1
     assert phases["total"]["compilations"] >= phases["collect"]["compilations"]
     assert phases["total"]["seconds"] >= sum(e["seconds"] for k, e in phases.items() if k != "total") - 0.1
-    assert {k for k, e in phases.items() if "achieved_tflops" in e} == {"collect", "heads"}  # the stretches fisherjax.work counts
+    assert {k for k, e in phases.items() if "achieved_tflops" in e} == {"collect", "heads", "masks"}  # what fisherjax.work counts
     assert phases["heads"]["work_tflop"] > 0 and phases["heads"]["achieved_tflops"] > 0
+    from fisherjax import demo
+    from fisherjax.plan import abstract_model, read_config
+    from fisherjax.work import forward_flops
+
+    experiment = results["masks"]["head_pruning"]  # the pruning experiment: a forward per gathered row and mask
+    layout = abstract_model(read_config(model_dir=demo.checkpoint_dir())).layout
+    for r in experiment["tasks"].values():
+        assert r["masks_evaluated"] == 2 + experiment["n_random"] + len(r.get("loss_extra", {})) + (r["loss_before_from"] != "phase 1")
+        assert r["rows_evaluated"] % experiment["rows_per_batch"] == 0 and r["rows_evaluated"] >= r["n_samples"]
+    assert phases["masks"]["work_tflop"] == pytest.approx(sum(
+        r["rows_evaluated"] * r["masks_evaluated"] * forward_flops(layout, r["length"]).total for r in experiment["tasks"].values()) / 1e12)
     assert "## Where the time went" in (out / "report.md").read_text()
     qkov = np.load(out / "qkov.npz")
     assert qkov["math|copy|scores"].shape == (4, 2, 128, 128, 4)

@@ -240,7 +240,10 @@ def head_pruning_experiment(
       ``loss_random_mean``, ``loss_random_sd`` (ddof 1), ``loss_random``, ``fraction_random_worse``
       (random masks that hurt more than the Fisher mask), ``pruned`` ``[[layer, head], ...]``,
       ``n_samples`` (samples evaluated), ``n_eligible`` (samples with a predicted token),
-      ``sample_ids`` (the subsample), ``n_tokens``, ``loss_extra`` (with ``extra_masks``); and
+      ``sample_ids`` (the subsample), ``n_tokens``, ``loss_extra`` (with ``extra_masks``), and the
+      passes' shape: ``length`` (positions of the gathered batches), ``rows_evaluated`` (their rows,
+      filler included) and ``masks_evaluated`` (masks run on them, the unpruned model included when
+      evaluated); and
       ``cross[mask_task][eval_task]``, each
       task's loss under every task's Fisher mask.
     """
@@ -316,6 +319,9 @@ def head_pruning_experiment(
             "n_eligible": len(eligible[task].sample_ids),
             "sample_ids": chosen[task].sample_ids.tolist(),
             "n_tokens": tokens,
+            "length": int(seq[task]),
+            "rows_evaluated": -(-len(chosen[task].sample_ids) // rows_per_batch) * rows_per_batch,
+            "masks_evaluated": len(keeps),
         }
         if extra:
             tasks[task]["loss_extra"] = {name: float(loss) for name, loss in zip(extra, by_extra, strict=True)}
