@@ -478,6 +478,13 @@ def category_masks(layout, labels: np.ndarray | None) -> dict[str, np.ndarray] |
     return chosen
 
 
+def most_pruning_masks(tasks: int) -> int:
+    """The most masks the masks phase's pruning experiment evaluates on each of ``tasks`` tasks:
+    every task's Fisher mask, :data:`PRUNING_RANDOM_MASKS` random ones and :func:`category_masks`
+    with every category present (the unpruned loss is Phase 1's)."""
+    return tasks + PRUNING_RANDOM_MASKS + len(heads.CATEGORIES) + len(KEEP_ONLY_CATEGORIES)
+
+
 CONFLICT_SCOPES = ("auto", *conflicts.SCOPES)
 """``--conflict-scope``: ``auto`` (the default) tests per attention-head group where those tests
 fit the host's memory (:func:`conflict_scope`), else on the whole gradient."""

@@ -50,14 +50,13 @@ from fisherjax.errors import ConfigError
 from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, factored_paths, kept_paths
 from fisherjax.fisher.step import kept_values as step_kept_values
 from fisherjax.fisher.step import lower_step, make_plan
-from fisherjax.heads import CATEGORIES
 from fisherjax.layout import ModelLayout, flatten, layout_for
 from fisherjax.models.decoder import Decoder
 from fisherjax.models.hf import abstract_params
 from fisherjax.models.model import Model
 from fisherjax.pipeline import (
-    CURVATURE_AUTO_PARAMETERS, CURVATURE_MEMORY_SHARE, KEEP_ONLY_CATEGORIES, PRUNING_RANDOM_MASKS, AnalysisConfig, conflict_groups,
-    conflict_scope, curvature_skip,
+    CURVATURE_AUTO_PARAMETERS, CURVATURE_MEMORY_SHARE, AnalysisConfig, conflict_groups, conflict_scope, curvature_skip,
+    most_pruning_masks,
 )
 from fisherjax.settings import check
 from fisherjax.sharding import DATA, MODEL, data_size, make_mesh, param_spec
@@ -357,11 +356,11 @@ def curvature_plan(model: Model, forward: ForwardFlops, samples: int, free_bytes
 
     fit = next(((m, k) for m in range(n, 0, -1) if need(m) <= free_bytes), None)
     fit = fit or next(((m, m) for m in range(min(n, k), 0, -1) if need(m, m) <= free_bytes), (0, 0))
-    flops = curvature_flops(forward, n, size, k)
+    flops, peak = curvature_flops(forward, n, size, k), need(n)
     return CurvaturePlan(
-        samples=n, k=k, gram=compare.from_gram(size, k, n), peak_bytes=need(n),
-        rest_bytes=need(n) - compare.basis_bytes(size, k, n=n, sample_grads_dtype=storage_dtype), free_bytes=float(free_bytes),
-        skip=curvature_skip(size, need(n), free_bytes, config.curvature), forced_skip=curvature_skip(size, need(n), free_bytes, True),
+        samples=n, k=k, gram=compare.from_gram(size, k, n), peak_bytes=peak,
+        rest_bytes=peak - compare.basis_bytes(size, k, n=n, sample_grads_dtype=storage_dtype), free_bytes=float(free_bytes),
+        skip=curvature_skip(size, peak, free_bytes, config.curvature), forced_skip=curvature_skip(size, peak, free_bytes, True),
         fit_samples=fit[0], fit_k=fit[1], flops=flops, seconds=flops / rate,
     )
 
@@ -612,7 +611,7 @@ def plan(
     phase1 = collect_flops(forward, samples, tasks)
     defaults = AnalysisConfig()
     heads_work = heads_flops(forward, layout, tasks, min(defaults.head_samples, samples), defaults.ablation_heads)
-    mask_count = tasks + PRUNING_RANDOM_MASKS + len(CATEGORIES) + len(KEEP_ONLY_CATEGORIES)
+    mask_count = most_pruning_masks(tasks)
     masks_work = masks_flops(forward, tasks, min(defaults.pruning_samples, samples), mask_count)
     comparison = curvature_plan(model, forward, samples, limit - parameter_bytes(model), one_device, dtype, defaults)
     seconds = dict(phase1=phase1 / rate, heads=heads_work / one_device, masks=masks_work / one_device,
