@@ -1,12 +1,16 @@
-"""The method comparison's time and memory on the small model of the end-to-end benchmark's shape.
+"""The method comparison's time and memory on the end-to-end benchmark's model shapes.
 
 ``curvature.compare.compare_methods`` with ``fisherjax analyze``'s Phase 1 options (bfloat16 kept
-gradients, the run's compiled step) on a random 4-layer d = 256 GPT-2 with GPT-2's vocabulary
-(fisherjax's own initialisation, 16.6 M parameters) and 32 samples of 80–120 random tokens in
-batches of 16: the process's peak RSS (``/proc/self/status`` polled every 10 ms; the process
-starts at about 0.5 GB), the wall time, and each method's stretch (seconds, peak, compilations).
+gradients, the run's compiled step) on a random GPT-2 with GPT-2's vocabulary (fisherjax's own
+initialisation): ``--shape tiny``, 4 layers d = 256 (16.6 M parameters), or ``small``, GPT-2
+small's 12 layers d = 768 (124 M); 32 samples of 80–120 random tokens in batches of 16: the
+process's peak RSS (``/proc/self/status`` polled every 10 ms; the process starts at about 0.5 GB),
+the wall time, each method's stretch (seconds, peak, compilations) and the top eigenvalues. With
+``--slices S`` the comparison gets ``compare.rest_bytes`` and an ``S``-th of its gradients'
+bytes, so its Gram route sums over ``S`` column slices of them (run one process per setting to
+compare peaks).
 
-Usage: python benchmarks/compare_memory.py [--samples 32] [--k 10]
+Usage: python benchmarks/compare_memory.py [--shape tiny|small] [--samples 32] [--k 10] [--slices S]
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--shape", choices=("tiny", "small"), default="tiny")
+    parser.add_argument("--slices", type=int, default=1, help="give it memory for its gradients in this many column slices")
     args = parser.parse_args()
     peak = [0.0]
 
@@ -45,10 +51,11 @@ def main() -> None:
             time.sleep(0.01)
 
     threading.Thread(target=poll, daemon=True).start()
-    vocab, width = 50257, 256
+    vocab = 50257
+    width, layers, heads = (256, 4, 4) if args.shape == "tiny" else (768, 12, 12)
     config = DecoderConfig(
-        model_type="gpt2", family="gpt2", vocab_size=vocab, hidden_size=width, num_layers=4, num_heads=4, num_kv_heads=4,
-        head_dim=64, intermediate_size=4 * width, max_position_embeddings=256, norm_eps=1e-5, activation="gelu_new",
+        model_type="gpt2", family="gpt2", vocab_size=vocab, hidden_size=width, num_layers=layers, num_heads=heads,
+        num_kv_heads=heads, head_dim=64, intermediate_size=4 * width, max_position_embeddings=256, norm_eps=1e-5, activation="gelu_new",
         tie_word_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True,
     )
     model = Model.init(config, seed=0)
@@ -57,8 +64,21 @@ def main() -> None:
     chosen = list(batches(task, 16, pad_id=0, vocab_size=vocab))
     start_rss = rss_gb()
     start = time.time()
-    result = compare.compare_methods(model, chosen, k=args.k, options=AnalysisConfig().collect_options())
+    options = AnalysisConfig().collect_options()
+    memory = None
+    if args.slices > 1:
+        rows = sum(len(b.sample_ids) for b in chosen)
+        gradients = rows * model.num_params * np.dtype(compare.gram_dtype(options.sample_grads_dtype)).itemsize
+        memory = compare.rest_bytes(model) + gradients / args.slices + 2 * rows  # a column's slack for the rounding
+        print(f"memory_bytes {memory / 1e9:.2f} GB: {len(compare.gram_slices(model, rows, options.sample_grads_dtype, memory))} "
+              f"column slices of {gradients / 1e9:.2f} GB of gradients")
+    result = compare.compare_methods(model, chosen, k=args.k, options=options, memory_bytes=memory)
     print(f"compare_methods: {time.time() - start:.1f} s, peak RSS {peak[0]:.2f} GB (process at {start_rss:.2f} GB before)")
+    print(f"lanczos: {result.methods['lanczos'].notes}")
+    for name in ("lanczos", "kfac", "diagonal"):
+        m = result.methods[name]
+        print(f"{name} top {np.array2string(m.top[:4], precision=6)} probe error {m.probe_error} "
+              f"rayleigh {None if m.rayleigh is None else np.array2string(m.rayleigh[:3], precision=6)}")
     print("| method | seconds | peak RSS GB | compilations |\n|---|---|---|---|")
     for name, method in result.methods.items():
         s = method.stretch

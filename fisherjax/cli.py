@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--curvature", action="store_true",
                    help=f"compare the Fisher methods (diagonal, K-FAC, Lanczos, block spectra) also on a model of more than "
                         f"{CURVATURE_AUTO_PARAMETERS // 1_000_000}M parameters (smaller ones get it by default; leave the phase "
-                        "'curvature' out of --phases to skip it)")
+                        "'curvature' out of --phases to skip it), within all the free memory, its per-sample gradients in "
+                        "column slices where they do not fit whole")
     a.add_argument("--curvature-samples", type=int, default=d.curvature_samples, metavar="N",
                    help=f"samples of the first task the method comparison runs on (default {d.curvature_samples})")
     a.add_argument("--curvature-k", type=int, default=d.curvature_k, metavar="K",

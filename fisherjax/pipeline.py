@@ -336,34 +336,42 @@ CURVATURE_AUTO_PARAMETERS = 200_000_000
 ``--curvature`` (its Lanczos vectors are model-sized, several dozen of them)."""
 
 
-def curvature_skip(parameters: int, need: float, free: float | None, forced: bool) -> str | None:
+def curvature_skip(parameters: int, need: float, free: float | None, forced: bool, least: float | None = None) -> str | None:
     """Why Phase 1's method comparison does not run, or None when it runs: ``"parameters"`` — the
     model has more than :data:`CURVATURE_AUTO_PARAMETERS` and ``forced`` (``--curvature``) is off;
-    ``"memory"`` — its peak ``need`` (``compare.peak_bytes``) is more than the ``free`` bytes;
-    ``"share"`` — more than :data:`CURVATURE_MEMORY_SHARE` of them, not forced. ``free`` None: not
-    known, it runs."""
+    ``"memory"`` — even its ``least`` bytes (``compare.least_bytes``: ``G̃`` in column slices;
+    default ``need``) are more than the ``free`` bytes; ``"share"`` — not forced, its peak ``need``
+    with ``G̃`` whole (``compare.peak_bytes``) is more than :data:`CURVATURE_MEMORY_SHARE` of them,
+    and ``--curvature`` would run it. ``free`` None: not known, it runs. A default run holds
+    ``G̃`` whole, where the comparison costs one gradient pass; ``--curvature`` allows the sliced
+    route, a gradient pass per slice and two more per eigenvector."""
+    least = need if least is None else least
     if parameters > CURVATURE_AUTO_PARAMETERS and not forced:
         return "parameters"
-    if free is None or need <= (1.0 if forced else CURVATURE_MEMORY_SHARE) * free:
+    if free is None or (need if not forced else least) <= (1.0 if forced else CURVATURE_MEMORY_SHARE) * free:
         return None
-    return "memory" if need > free else "share"
+    return "memory" if least > free else "share"
 
 
 def phase_curvature(ctx: Context, out: Path) -> report.Section:
     """Phase 1's method comparison (:func:`fisherjax.curvature.compare.compare_methods`) on the
-    first ``curvature_samples`` samples of the first task, on one device."""
+    first ``curvature_samples`` samples of the first task, on one device: within
+    :data:`CURVATURE_MEMORY_SHARE` of the free memory with its gradients whole, or with
+    ``--curvature`` within all of it, in column slices of them where they do not fit
+    (:func:`curvature_skip`)."""
     config, model = ctx.config, ctx.model
     name = next(iter(ctx.tasks))
     chosen = first_batches(ctx, name, config.curvature_samples)
-    k, n = config.curvature_k, sum(b.num_real for b in chosen)
-    need = compare.peak_bytes(model, k, n=n, sample_grads_dtype=config.sample_grads_dtype)
+    k, n, dtype = config.curvature_k, sum(b.num_real for b in chosen), config.sample_grads_dtype
+    need = compare.peak_bytes(model, k, n=n, sample_grads_dtype=dtype)
+    least = compare.least_bytes(model, k, n=n, sample_grads_dtype=dtype)
     free = backend.available_memory_bytes()
-    why = curvature_skip(model.num_params, need, free, config.curvature)
+    why = curvature_skip(model.num_params, need, free, config.curvature, least)
     if why == "parameters":
         return curvature_report.skipped(f"the model has {model.num_params:,} parameters, more than {CURVATURE_AUTO_PARAMETERS:,}; "
                                         "pass --curvature to compare the Fisher methods anyway")
     if why is not None:
-        largest = compare.basis_bytes(model.num_params, k, n=n, sample_grads_dtype=config.sample_grads_dtype)
+        largest = compare.basis_bytes(model.num_params, k, n=n, sample_grads_dtype=dtype)
         gram = compare.from_gram(model.num_params, k, n)
         what = (f"its {n} per-sample gradients ({model.num_params:,} parameters each, {largest / 1e9:.1f} GB" if gram
                 else f"its Lanczos basis ({lanczos.default_steps(model.num_params, k)} vectors of {model.num_params:,} parameters, "
@@ -373,14 +381,18 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
         if why == "share":
             return curvature_report.skipped(
                 f"{what} would take more than {CURVATURE_MEMORY_SHARE:.0%} of the memory still free ({free / 1e9:.1f} GB); "
-                f"pass --curvature to run it anyway, or a smaller {smaller}")
-        reason = (f"{what} would take more than the memory still free ({free / 1e9:.1f} GB)"
+                f"pass --curvature to run it anyway{' (in column slices of the gradients)' if need > free else ''}, "
+                f"or a smaller {smaller}")
+        sliced = f" (at least {least / 1e9:.1f} GB in {compare.MAX_GRAM_SLICES} column slices of them)" if gram else ""
+        reason = (f"{what} would take more than the memory still free ({free / 1e9:.1f} GB){sliced}"
                   f"{', even with --curvature' if config.curvature else ''}; pass a smaller {smaller}")
         if config.curvature:
             warnings.warn(f"method comparison skipped: {reason}", stacklevel=1)
         return curvature_report.skipped(reason)
+    allowed = None if free is None else (free if config.curvature else CURVATURE_MEMORY_SHARE * free)
     result = compare.compare_methods(model, chosen, k=config.curvature_k, seed=config.seed, progress=config.progress,
-                                     options=config.collect_options(model.layout, longest(ctx.batches)))  # Phase 1's compiled step
+                                     options=config.collect_options(model.layout, longest(ctx.batches)),  # Phase 1's compiled step
+                                     memory_bytes=allowed)
     return curvature_report.section(result, name, ctx.labels, model.layout.kv_head_of)
 
 

@@ -318,22 +318,27 @@ class CurvaturePlan:
 
     ``samples``, ``k``: its samples (``--curvature-samples``, at most a task's) and eigenvalues
     (``--curvature-k``); ``gram``: the top comes from the Gram route, else from Lanczos;
-    ``peak_bytes``: ``compare.peak_bytes``; ``rest_bytes``: the part of it beside the gradients
-    or basis (K-FAC's factors, model-sized vectors); ``free_bytes``: what the device has for it;
-    ``skip``: why the default run skips it (None: it runs); ``forced_skip``: the same with
-    ``--curvature``; ``fit_samples``, ``fit_k``: the most samples, with as many eigenvalues as
-    possible up to ``k``, that fit with ``--curvature`` (0, 0: nothing fits: ``rest_bytes`` alone
-    does not); ``flops``, ``seconds``: ``work.curvature_flops`` at the throughput.
+    ``peak_bytes``: ``compare.peak_bytes`` (the gradients or basis whole); ``least_bytes``:
+    ``compare.least_bytes`` (the gradients in the most column slices); ``rest_bytes``: the part of
+    both beside the gradients or basis (K-FAC's factors, model-sized vectors); ``free_bytes``: what
+    the device has for it; ``skip``: why the default run skips it (None: it runs); ``forced_skip``:
+    the same with ``--curvature``; ``slices``: the column slices of the gradients in the run
+    described (the default run's when it runs, else ``--curvature``'s; 1: whole); ``fit_samples``,
+    ``fit_k``: the most samples, with as many eigenvalues as possible up to ``k``, that fit with
+    ``--curvature`` (0, 0: nothing fits: ``rest_bytes`` alone does not); ``flops``, ``seconds``:
+    ``work.curvature_flops`` of that run at the throughput.
     """
 
     samples: int
     k: int
     gram: bool
     peak_bytes: float
+    least_bytes: float
     rest_bytes: float
     free_bytes: float
     skip: str | None
     forced_skip: str | None
+    slices: int
     fit_samples: int
     fit_k: int
     flops: float
@@ -345,23 +350,30 @@ def curvature_plan(model: Model, forward: ForwardFlops, samples: int, free_bytes
     """:class:`CurvaturePlan` of ``model`` for tasks of ``samples`` samples, ``free_bytes`` on its
     device and ``rate`` FLOP/s, with ``config``'s comparison settings (default: ``analyze``'s).
 
-    What fits: the most samples ``m ≤ n`` at the asked ``k``; failing that (fewer samples than
-    ``k`` take the Lanczos route, whose basis is larger) the most ``m ≤ min(n, k)`` with ``k = m``."""
+    What fits with ``--curvature``: the most samples ``m ≤ n`` at the asked ``k``; failing that
+    (fewer samples than ``k`` take the Lanczos route, whose basis is larger) the most ``m ≤ min(n,
+    k)`` with ``k = m``."""
     config = config or AnalysisConfig()
     k, n = config.curvature_k, min(config.curvature_samples, samples)
     size = int(model.num_params)
 
-    def need(m: int, top: int = k) -> float:
-        return float(compare.peak_bytes(model, top, n=m, sample_grads_dtype=storage_dtype))
+    def least(m: int, top: int = k) -> float:
+        return float(compare.least_bytes(model, top, n=m, sample_grads_dtype=storage_dtype))
 
-    fit = next(((m, k) for m in range(n, 0, -1) if need(m) <= free_bytes), None)
-    fit = fit or next(((m, m) for m in range(min(n, k), 0, -1) if need(m, m) <= free_bytes), (0, 0))
-    flops, peak = curvature_flops(forward, n, size, k), need(n)
+    fit = next(((m, k) for m in range(n, 0, -1) if least(m) <= free_bytes), None)
+    fit = fit or next(((m, m) for m in range(min(n, k), 0, -1) if least(m, m) <= free_bytes), (0, 0))
+    peak = float(compare.peak_bytes(model, k, n=n, sample_grads_dtype=storage_dtype))
+    skip = curvature_skip(size, peak, free_bytes, config.curvature, least(n))
+    gram = compare.from_gram(size, k, n)
+    forced_skip = curvature_skip(size, peak, free_bytes, True, least(n))
+    slices = 1
+    if skip is not None and forced_skip is None and gram:  # the run described is --curvature's, within all the free memory
+        slices = len(compare.gram_slices(model, n, storage_dtype, free_bytes))
+    flops = curvature_flops(forward, n, size, k, slices=slices)
     return CurvaturePlan(
-        samples=n, k=k, gram=compare.from_gram(size, k, n), peak_bytes=peak,
-        rest_bytes=peak - compare.basis_bytes(size, k, n=n, sample_grads_dtype=storage_dtype), free_bytes=float(free_bytes),
-        skip=curvature_skip(size, peak, free_bytes, config.curvature), forced_skip=curvature_skip(size, peak, free_bytes, True),
-        fit_samples=fit[0], fit_k=fit[1], flops=flops, seconds=flops / rate,
+        samples=n, k=k, gram=gram, peak_bytes=peak, least_bytes=least(n), rest_bytes=float(compare.rest_bytes(model)),
+        free_bytes=float(free_bytes), skip=skip, forced_skip=forced_skip,
+        slices=slices, fit_samples=fit[0], fit_k=fit[1], flops=flops, seconds=flops / rate,
     )
 
 
@@ -711,11 +723,13 @@ def _curvature_line(c: CurvaturePlan, parameters: int) -> str:
     run it on one device, its peak against the memory free there, and what fits otherwise."""
     route = f"{c.samples} sample{'s' * (c.samples != 1)}, top {c.k} {'from their Gram' if c.gram else 'by Lanczos'}"
     peak = f"peak {_bytes(c.peak_bytes)} of {_bytes(max(c.free_bytes, 0.0))} free on one device"
+    if c.slices > 1:
+        peak += f", so their gradients in {c.slices} column slices (a gradient pass each)"
     work = f"{_scaled(c.flops, FLOPS)} ≈ {_duration(c.seconds)}"
     if c.forced_skip is None:
         runs = f"{route}, {peak}; {work}"
     elif c.fit_samples:
-        runs = (f"it does not fit ({route}, {peak}); --curvature-samples {c.fit_samples}"
+        runs = (f"it does not fit ({route}, {peak}; at least {_bytes(c.least_bytes)}); --curvature-samples {c.fit_samples}"
                 + ("" if c.fit_k == c.k else f" --curvature-k {c.fit_k}") + " fits with --curvature")
     else:
         runs = (f"it does not fit ({route}, {peak}), with any number of samples: K-FAC's factors and the model-sized "

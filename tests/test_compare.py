@@ -123,6 +123,12 @@ def test_the_comparison_runs_by_the_parameter_and_memory_rule():
     assert curvature_skip(small, 101.0, 100.0, forced=False) == "memory"  # --curvature would not help either
     assert curvature_skip(large, 101.0, 100.0, forced=True) == "memory"
     assert curvature_skip(small, 10.0**15, None, forced=False) is None  # free memory not known
+    # the Gram route in column slices needs only `least`: --curvature runs it, a default run does not
+    assert curvature_skip(small, 80.0, 100.0, forced=False, least=20.0) == "share"
+    assert curvature_skip(small, 150.0, 100.0, forced=False, least=20.0) == "share"
+    assert curvature_skip(small, 150.0, 100.0, forced=True, least=20.0) is None
+    assert curvature_skip(large, 150.0, 100.0, forced=True, least=101.0) == "memory"
+    assert curvature_skip(small, 150.0, 100.0, forced=False, least=101.0) == "memory"
 
 
 def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, monkeypatch):
@@ -171,6 +177,22 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
         main([*args, "--out", str(tmp_path / "c"), "--curvature", "--curvature-samples", "5", "--curvature-k", "3"])
     assert calls == [(5, 3)]
     assert not (tmp_path / "c").exists()  # a failed run leaves no output directory
+    # the Gram route (5 samples ≥ k = 3) with less free memory than its gradients whole: a default run
+    # skips it and offers --curvature, which runs it in column slices within all the free memory
+    model = load_pretrained(cli_checkpoint / "model")
+    whole = pipeline.compare.peak_bytes(model, 3, n=5, sample_grads_dtype="bfloat16")
+    least = pipeline.compare.least_bytes(model, 3, n=5, sample_grads_dtype="bfloat16")
+    free = (whole + least) // 2
+    monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: free)
+    small = [*args[:-2], "--max-samples", "5", "--curvature-samples", "5", "--curvature-k", "3"]
+    assert main([*small, "--out", str(tmp_path / "s")]) == 0
+    reason = json.loads((tmp_path / "s" / "results.json").read_text())["method_comparison"]["skipped"]
+    assert "pass --curvature to run it anyway (in column slices of the gradients), or a smaller --curvature-samples" in reason, reason
+    memory = []
+    monkeypatch.setattr(pipeline.compare, "compare_methods", lambda model, batches, **kw: memory.append(kw["memory_bytes"]) or fake(model, batches, **kw))
+    with pytest.raises(RuntimeError, match="ran"):
+        main([*small, "--out", str(tmp_path / "t"), "--curvature"])
+    assert memory == [free] and len(pipeline.compare.gram_slices(model, 5, "bfloat16", free)) > 1
 
 
 def test_bad_curvature_options_are_refused(capsys):
@@ -263,3 +285,69 @@ def test_bfloat16_gradients_give_the_pairs_of_their_rounded_values(compared, mon
     np.testing.assert_allclose(np.asarray(lowrank.product(g16, jnp.asarray(probe))), rounded.T @ (rounded @ probe), rtol=1e-4,
                                atol=1e-5 * np.abs(rounded.T @ (rounded @ probe)).max())
     np.testing.assert_allclose(eigen.values, lowrank.gram_eigen(g32, 4).values, rtol=1e-2)
+
+
+def test_the_gram_of_gradients_too_large_to_hold(compared):
+    """Without ``G̃`` whole: the Gram summed over column slices of it (slices that cut leaves) equals
+    the Gram of the whole ``G̃``, and each eigenvector ``G̃ᵀ c`` formed by one weighted gradient pass
+    equals the one read from ``G̃``."""
+    from fisherjax.curvature import lowrank
+
+    model, _, x = compared
+    batches = _batches()
+    size, rows = model.num_params, sum(len(b.sample_ids) for b in batches)
+    leaves = lowrank.leaf_columns(model.params)
+    assert leaves[0][1] == 0 and leaves[-1][2] == size and all(a[2] == b[1] for a, b in zip(leaves, leaves[1:]))
+    slices = lowrank.column_slices(size, rows, rows * 4 * (size // 3 + 7), 4)
+    assert len(slices) == 3 and slices[0][0] == 0 and slices[-1][1] == size
+    assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+    assert not any(lo in {start for _, start, _ in leaves} for lo, _ in slices[1:])  # the cuts fall inside leaves
+    assert lowrank.column_slices(size, rows, None, 4) == lowrank.column_slices(size, rows, rows * 4 * size, 4) == ((0, size),)
+    whole = lowrank.scaled_gradients(model, model.params, batches)
+    part = lowrank.scaled_gradients(model, model.params, batches, columns=slices[1])
+    expected = np.asarray(whole)[:, slices[1][0] : slices[1][1]]  # another compiled pass: equal up to rounding
+    np.testing.assert_allclose(np.asarray(part), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    gram = lowrank.sliced_gram(model, model.params, batches, slices)
+    dense = np.asarray(whole, np.float64)
+    np.testing.assert_allclose(gram, dense @ dense.T, rtol=1e-5, atol=1e-7 * np.abs(gram).max())
+    values, coefficients = lowrank.gram_pairs(gram, 4)
+    np.testing.assert_allclose(values, np.linalg.eigvalsh(x @ x.T)[::-1][:4], rtol=1e-4)
+    for j in range(2):
+        np.testing.assert_allclose(np.asarray(lowrank.combined_gradient(model, model.params, batches, coefficients[:, j])),
+                                   np.asarray(lowrank.transposed_times(whole, jnp.asarray(coefficients[:, j], jnp.float32))),
+                                   rtol=1e-4, atol=1e-5 * np.abs(coefficients[:, j]).max())
+
+
+def test_the_comparison_without_its_gradients_whole(compared):
+    """With too little memory for ``G̃`` whole the comparison sums its Gram over column slices, forms
+    each eigenvector by a weighted gradient pass and the probes' exact products by Fisher-vector
+    products: the same spectra, approximations' errors and Rayleigh quotients as with ``G̃`` held."""
+    model, result, x = compared
+    rows = sum(len(b.sample_ids) for b in _batches())
+    budget = compare.rest_bytes(model) + rows * 4 * (model.num_params // 3 + 7)
+    assert len(compare.gram_slices(model, rows, "float32", budget)) == 3
+    assert compare.gram_slices(model, rows, "float32", None) == ((0, model.num_params),)
+    assert compare.least_bytes(model, 6, n=len(x)) < compare.peak_bytes(model, 6, n=len(x))
+    sliced = compare.compare_methods(model, _batches(), k=6, probes=2, count=4, memory_bytes=budget)
+    assert "summed over 3 column slices" in sliced.methods["lanczos"].notes
+    np.testing.assert_allclose(sliced.methods["lanczos"].top, result.methods["lanczos"].top, rtol=1e-5)
+    assert np.all(sliced.lanczos_residuals <= 1e-4 * sliced.methods["lanczos"].top[0])
+    for name in ("diagonal", "kfac"):
+        ours, held = sliced.methods[name], result.methods[name]
+        np.testing.assert_allclose(ours.top, held.top, rtol=1e-5)
+        np.testing.assert_allclose(ours.rayleigh, held.rayleigh, rtol=1e-4)
+        assert ours.probe_error == pytest.approx(held.probe_error, rel=1e-4)
+        assert ours.condition == pytest.approx(held.condition, rel=1e-5)
+    assert sliced.recommended == result.recommended and sliced.blocks == result.blocks
+
+
+def test_too_little_memory_for_the_slices_is_refused(compared):
+    """Below ``least_bytes`` the comparison would cut its gradients into more than MAX_GRAM_SLICES
+    slices (one gradient pass each): refused with what to do, before any pass."""
+    from fisherjax.errors import ConfigError
+
+    model, _, _ = compared
+    with pytest.raises(ConfigError, match=r"need \d+ column slices in [\d.]+ GB, more than 32: give it more memory or fewer samples"):
+        compare.gram_slices(model, 12, "float32", compare.rest_bytes(model) + 100)
+    with pytest.raises(ConfigError, match="column slices"):
+        compare.compare_methods(model, _batches(), k=6, probes=1, count=2, memory_bytes=compare.rest_bytes(model) - 1)

@@ -377,7 +377,8 @@ def test_attention_factors_are_head_sub_blocks(family):
 
 
 def test_spectrum_helpers_equal_dense_eigenvalues(family):
-    """``eigenvalues`` are those of every ``kron(A, G)`` (numpy ``eigvalsh``); ``slice_top`` is
+    """``eigenvalues`` are those of every ``kron(A, G)`` (numpy ``eigvalsh``), and ``kronecker_top``
+    and ``kronecker_extremes`` their top and ends from ``factor_values``; ``slice_top`` is
     ``λ_max`` of the head slice's ``kron(A_S, G_hh)`` (q/k/v, bias row on or off) or
     ``kron(A_hh, G)`` (o), sliced here with plain index arithmetic; ``factors_of`` rebuilds A, G."""
     for kind in ("gpt2", "llama"):
@@ -396,6 +397,15 @@ def test_spectrum_helpers_equal_dense_eigenvalues(family):
                 dense = np.linalg.eigvalsh(np.kron(np.asarray(f.inputs[1], np.float64), np.asarray(f.outputs[1], np.float64)))
                 np.testing.assert_allclose(np.sort(values[start + size: start + 2 * size]), dense, rtol=1e-4, atol=1e-6 * dense.max())
             start += size * f.inputs.shape[0]
+        # the spectrum from the factors' eigenvalues alone (no eigenvectors, no [parameters] array of products)
+        spectra = K.factor_values(kfac)
+        assert set(spectra) == set(kfac.factors)
+        for key, (s_a, s_g) in spectra.items():
+            np.testing.assert_allclose(s_a, eigen.factors[key].input_values, rtol=1e-4, atol=1e-6 * s_a.max())
+            np.testing.assert_allclose(s_g, eigen.factors[key].output_values, rtol=1e-4, atol=1e-6 * s_g.max())
+        np.testing.assert_allclose(K.kronecker_top(spectra, 7), np.sort(values)[::-1][:7], rtol=1e-4)
+        assert K.kronecker_top(spectra, values.size + 5).size == values.size
+        np.testing.assert_allclose(K.kronecker_extremes(spectra), (values.min(), values.max()), rtol=1e-4, atol=1e-6 * values.max())
         cfg, hd = model.config, model.config.head_dim
         q_key = next(k for k in kfac.factors if re.search(r"(#q$|/q_proj/kernel$)", k))
         k_key = next(k for k in kfac.factors if re.search(r"(#k$|/k_proj/kernel$)", k))

@@ -263,13 +263,23 @@ def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkey
     for line in ("Phase 1 (collect)", "method comparison         runs: 4 samples, top 10 by Lanczos", "heads phase", "masks phase", "total"):
         assert line in text, line
 
-    # a device between the rest of the peak and the peak: skipped; --curvature fits fewer samples
+    # a device between the rest of the peak and the peak: skipped (Lanczos's basis is whole); with --curvature
+    # the Gram route (k ≤ samples) fits, its gradients in column slices
     rest, per_sample = c.rest_bytes, compare.basis_bytes(model.num_params, 2, n=2, sample_grads_dtype="float32") / 2
+    assert rest == compare.rest_bytes(model) and c.least_bytes == c.peak_bytes  # Lanczos: nothing to slice
     small = curvature_plan(model, f, n, rest + 2.5 * per_sample, rate, "float32")  # two samples' gradients fit, not three
-    assert small.skip == small.forced_skip == "memory" and (small.fit_samples, small.fit_k) == (2, 2)  # k = 2 ≤ 2 samples: Gram route
-    assert compare.peak_bytes(model, 2, n=2, sample_grads_dtype="float32") <= small.free_bytes
-    assert "--curvature-samples 2 --curvature-k 2 fits with --curvature" in format_plan(dataclasses.replace(base, curvature=small))
+    assert small.skip == small.forced_skip == "memory" and (small.fit_samples, small.fit_k) == (4, 4)  # k = 4 ≤ 4 samples: Gram route
+    assert compare.least_bytes(model, 4, n=4, sample_grads_dtype="float32") <= small.free_bytes
+    assert compare.peak_bytes(model, 4, n=4, sample_grads_dtype="float32") > small.free_bytes
+    assert "--curvature-samples 4 --curvature-k 4 fits with --curvature" in format_plan(dataclasses.replace(base, curvature=small))
     assert "method comparison         skipped: it does not fit" in format_plan(dataclasses.replace(base, curvature=small))
+    gram_config = dataclasses.replace(defaults, curvature_k=2)
+    sliced = curvature_plan(model, f, n, rest + 2.5 * per_sample, rate, "float32", gram_config)
+    assert sliced.gram and sliced.skip == "share" and sliced.forced_skip is None and sliced.least_bytes < sliced.free_bytes < sliced.peak_bytes
+    assert sliced.slices == len(compare.gram_slices(model, n, "float32", sliced.free_bytes)) == 2
+    assert sliced.flops == curvature_flops(f, n, model.num_params, 2, slices=2) > curvature_flops(f, n, model.num_params, 2)
+    assert "with --curvature it runs: 4 samples, top 2 from their Gram, peak" in format_plan(dataclasses.replace(base, curvature=sliced))
+    assert "so their gradients in 2 column slices (a gradient pass each)" in format_plan(dataclasses.replace(base, curvature=sliced))
     shared = curvature_plan(model, f, n, 1.5 * c.peak_bytes, rate, "float32")  # fits, but more than half of it
     assert shared.skip == "share" and shared.forced_skip is None
     assert "skipped by default (its peak is more than 50% of the free memory); with --curvature it runs: 4 samples" in format_plan(

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -50,6 +51,7 @@ from jax.flatten_util import ravel_pytree
 from fisherjax import telemetry
 from fisherjax.curvature import blocks, kfac, lanczos, lowrank, products
 from fisherjax.data import Batch
+from fisherjax.errors import ConfigError
 from fisherjax.fisher.collect import collect
 from fisherjax.fisher.options import CollectOptions
 from fisherjax.layout import unflatten
@@ -132,18 +134,56 @@ def basis_bytes(size: int, k: int, steps: int | None = None, n: int | None = Non
 
 
 MODEL_COPIES = 5
-"""Model-sized float32 arrays the comparison holds beside ``G̃`` (or the basis) and K-FAC: the
-diagonal as collected and raveled for the products, a probe ``v`` and its exact ``F v``, and the
-approximations' products of it. With K-FAC's factors and their eigenvectors, what GPT-2 small's
-comparison took above ``G̃`` in ``fisherjax analyze`` (RESULTS.md, twenty-second session)."""
+"""Model-sized float32 arrays the comparison holds beside ``G̃`` (or the basis) and K-FAC's factors:
+the diagonal as collected and raveled for the products, a probe ``v`` and its exact ``F v``, and
+the approximations' products of it. With K-FAC's factors and their eigenvectors, what GPT-2
+small's comparison took above ``G̃`` in ``fisherjax analyze`` (RESULTS.md, twenty-second session);
+the eigenvectors are no longer formed (:func:`fisherjax.curvature.kfac.factor_values`)."""
+
+
+def rest_bytes(model) -> int:
+    """Bytes the comparison of ``model`` holds beside ``G̃`` or the Lanczos basis: K-FAC's factors
+    (``4 ·`` :func:`~fisherjax.curvature.kfac.factor_floats`) and :data:`MODEL_COPIES` float32
+    copies of the model."""
+    return 4 * kfac.factor_floats(model) + 4 * MODEL_COPIES * int(model.num_params)
 
 
 def peak_bytes(model, k: int, steps: int | None = None, n: int | None = None, sample_grads_dtype: str = "float32") -> int:
-    """Bytes the comparison of ``model`` holds at its peak: :func:`basis_bytes`, K-FAC's factors and
-    their eigendecompositions (``2 · 4 ·`` :func:`~fisherjax.curvature.kfac.factor_floats`) and
-    :data:`MODEL_COPIES` float32 copies of the model."""
-    size = int(model.num_params)
-    return basis_bytes(size, k, steps, n, sample_grads_dtype) + 8 * kfac.factor_floats(model) + 4 * MODEL_COPIES * size
+    """Bytes the comparison of ``model`` holds at its peak with ``G̃`` (or the basis) whole:
+    :func:`basis_bytes` and :func:`rest_bytes`."""
+    return basis_bytes(int(model.num_params), k, steps, n, sample_grads_dtype) + rest_bytes(model)
+
+
+MAX_GRAM_SLICES = 32
+"""The most column slices the Gram route may cut ``G̃`` into when it is too large to hold
+(:func:`gram_slices`): each slice is one more pass of per-sample gradients over the samples, so
+beyond this many the comparison is a multiple of Phase 1's own work on them and is not run."""
+
+
+def least_bytes(model, k: int, steps: int | None = None, n: int | None = None, sample_grads_dtype: str = "float32") -> int:
+    """The least memory the comparison of ``model`` runs in: :func:`rest_bytes` and, on the Gram
+    route, one of :data:`MAX_GRAM_SLICES` column slices of ``G̃`` (the Lanczos basis is whole)."""
+    basis = basis_bytes(int(model.num_params), k, steps, n, sample_grads_dtype)
+    if n is not None and from_gram(int(model.num_params), k, n, steps):
+        basis = math.ceil(basis / MAX_GRAM_SLICES)
+    return basis + rest_bytes(model)
+
+
+def gram_slices(model, rows: int, sample_grads_dtype: str = "float32", memory_bytes: float | None = None) -> tuple[tuple[int, int], ...]:
+    """The column ranges the Gram route forms ``G̃ [rows, D]`` in (:func:`fisherjax.curvature.lowrank.
+    column_slices`) so that a slice and :func:`rest_bytes` fit ``memory_bytes`` (None: whole).
+
+    Raises:
+      ConfigError: that takes more than :data:`MAX_GRAM_SLICES` slices (the memory is below
+        :func:`least_bytes`).
+    """
+    size, itemsize = int(model.num_params), jnp.dtype(gram_dtype(sample_grads_dtype)).itemsize
+    budget = None if memory_bytes is None else max(memory_bytes - rest_bytes(model), 1.0)
+    count = lowrank.slice_count(size, rows, budget, itemsize)
+    if count > MAX_GRAM_SLICES:
+        raise ConfigError(f"the method comparison's {rows} per-sample gradients need {count} column slices in "
+                          f"{memory_bytes / 1e9:.1f} GB, more than {MAX_GRAM_SLICES}: give it more memory or fewer samples")
+    return lowrank.column_slices(size, rows, budget, itemsize)
 
 
 GRADIENT_BUDGET_BYTES = 0.25e9
@@ -165,6 +205,7 @@ def compare_methods(
     seed: int = 0,
     progress: bool = False,
     options: CollectOptions | None = None,
+    memory_bytes: float | None = None,
 ) -> MethodComparison:
     """Run the four methods on ``batches`` and compare them (see the module docstring).
 
@@ -180,9 +221,18 @@ def compare_methods(
         them, make that pass its already compiled step, and the block spectra and the Gram route read
         gradients stored as the run stores them (``sample_grads_dtype``: bfloat16 by default there,
         half the memory; float32 without ``options``; the Gram route's as :func:`gram_dtype`).
+      memory_bytes: what the comparison may hold on the device (None: no bound). Where the Gram
+        route's ``G̃`` and :func:`rest_bytes` would take more, the Gram is summed over column
+        slices of ``G̃`` (:func:`gram_slices`, one per-sample gradient pass each), its
+        eigenvectors formed by one weighted gradient pass each and the probes' exact products by
+        the Fisher-vector product: the same numbers, ``G̃`` never whole.
 
     Returns:
       :class:`MethodComparison`.
+
+    Raises:
+      ConfigError: bad ``k``, ``probes`` or ``count``; ``memory_bytes`` below :func:`least_bytes`
+        (refused before any pass).
     """
     check(k >= 1 and probes >= 1 and count >= 1, f"compare_methods: k, probes and count must be ≥ 1, got {k}, {probes}, {count}")
     batches = list(batches)
@@ -190,6 +240,10 @@ def compare_methods(
     key = jax.random.key(seed)
     options = dataclasses.replace(options or CollectOptions(), fisher_type="empirical", diagonal=True, keep_sample_grads=True,
                                   keep_per_sample_groups=False)
+
+    # rank ≤ n: the n × n Gram is exact and cheaper than the products; its gradients whole or in column slices
+    gram = from_gram(int(model.num_params), k, products.count_samples(batches), steps)
+    slices = gram_slices(model, sum(len(b.sample_ids) for b in batches), options.sample_grads_dtype, memory_bytes) if gram else ()
 
     # ---- the four methods, each measured ----------------------------------------------------
     # One Phase 1 pass gives the diagonal and the attention gradients the block spectra read; the
@@ -208,15 +262,27 @@ def compare_methods(
 
     def run_kfac():
         factors = kfac.kfac_factors(model, params, batches)
-        return factors, kfac.decompose(factors)
+        return factors, kfac.factor_values(factors)
 
-    (factors, eigen), kfac_stretch = telemetry.measure(run_kfac)
+    (factors, factor_values), kfac_stretch = telemetry.measure(run_kfac)
 
     operator = products.fisher_operator(model, params, batches, kind="empirical")
     exact_product = operator.matvec
     diagonal_tree = unflatten(diagonal)
     diag_device = operator.ravel(diagonal_tree)
-    if from_gram(operator.size, k, operator.n_samples, steps):  # rank ≤ n: the n × n Gram is exact and cheaper than the products
+    if len(slices) > 1:  # G̃ too large to hold: its Gram by column slices, the rest by gradient passes and products
+        def sliced_route():
+            k_gram = lowrank.sliced_gram(model, params, batches, slices, dtype=gram_dtype(options.sample_grads_dtype),
+                                         memory_budget_bytes=GRADIENT_BUDGET_BYTES)
+            return lowrank.gram_pairs(k_gram, k)
+
+        (values, coefficients), lanczos_stretch = telemetry.measure(sliced_route)
+        forms, residuals = _combination_forms(model, params, batches, factors, layout, diag_device, values, coefficients,
+                                              exact_product)
+        how = (f"from the {operator.n_samples} × {operator.n_samples} Gram of the per-sample gradients, summed over "
+               f"{len(slices)} column slices of them (a gradient pass each; the eigenvectors by {k} more, not timed)")
+        scaled = None
+    elif gram:
         def gram_route():
             g = lowrank.scaled_gradients(model, params, batches, dtype=gram_dtype(options.sample_grads_dtype), memory_budget_bytes=GRADIENT_BUDGET_BYTES)
             return g, lowrank.gram_top(g, k)
@@ -249,7 +315,12 @@ def compare_methods(
 
     # ---- spectra and condition numbers ------------------------------------------------------
     covered = {p for f in factors.factors.values() for p in (f.kernel, f.bias) if p is not None}
-    kfac_all = [np.asarray(kfac.eigenvalues(eigen), np.float64).reshape(-1)] + [v for p, v in diagonal.items() if p not in covered]
+    uncovered = [v for p, v in diagonal.items() if p not in covered]
+    kfac_low, kfac_high = kfac.kronecker_extremes(factor_values)
+    if uncovered:
+        low, high = _extremes(uncovered)
+        kfac_low, kfac_high = min(kfac_low, low), max(kfac_high, high)
+    kfac_top = _top_of([kfac.kronecker_top(factor_values, k), *uncovered], k)
 
     def cond(smallest, largest):
         return float((largest + damping) / (max(smallest, 0.0) + damping))
@@ -266,8 +337,8 @@ def compare_methods(
             rayleigh=diag_rayleigh / safe, stretch=diag_stretch,
             notes="one Phase 1 pass, which also keeps the attention gradients the block spectra read"),
         "kfac": MethodResult(
-            top=_top_of(kfac_all, k), blocks_top=kfac.slice_tops(factors, layout, block_ids),
-            condition=cond(*_extremes(kfac_all)), probe_error=float(np.mean(kfac_err)),
+            top=kfac_top, blocks_top=kfac.slice_tops(factors, layout, block_ids),
+            condition=cond(kfac_low, kfac_high), probe_error=float(np.mean(kfac_err)),
             rayleigh=kfac_rayleigh / safe, stretch=kfac_stretch,
             notes="Î on the parameters K-FAC does not cover (norms, embeddings, unembedding)"),
         "lanczos": MethodResult(
@@ -324,6 +395,22 @@ def _gram_quadratic_forms(factors, layout, like, diagonal, g, coefficients):
     transposed_times`), so only one is alive."""
     forms = jax.lax.map(lambda c: _forms(factors, layout, like, diagonal, lowrank.transposed_times(g, c)), coefficients.T)
     return forms[:, 0], forms[:, 1]
+
+
+def _combination_forms(model, params, batches, factors, layout, diagonal, values, coefficients, exact_product):
+    """The sliced Gram route's eigenvectors, each formed and dropped in turn: for ``q_j = G̃ᵀ c_j``
+    (:func:`~fisherjax.curvature.lowrank.combined_gradient`, one weighted gradient pass) its
+    ``(qᵀ D q, qᵀ F̃_KFAC q)`` and ``‖F q_j − λ_j q_j‖`` from the exact product. Returns ``(forms,
+    residuals)``: two ``[k]`` arrays and ``[k]``, as :func:`_quadratic_forms` and :func:`lowrank.gram_top`."""
+    diag_forms, kfac_forms, residuals = [], [], []
+    for j, value in enumerate(values):
+        q = lowrank.combined_gradient(model, params, batches, coefficients[:, j])
+        d_form, k_form = _quadratic_forms(factors, layout, params, diagonal, q[:, None])
+        diag_forms.append(float(d_form[0]))
+        kfac_forms.append(float(k_form[0]))
+        residuals.append(float(jnp.linalg.norm(exact_product(q) - value * q)))
+        del q
+    return (np.asarray(diag_forms), np.asarray(kfac_forms)), np.asarray(residuals)
 
 
 def recommend(methods: dict[str, MethodResult], kfac_margin: float = 0.75) -> tuple[str, str]:

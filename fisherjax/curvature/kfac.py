@@ -458,6 +458,45 @@ def eigenvalues(eigen: KFACEigen) -> Float[Array, " m"]:
     return jnp.concatenate([e.curvature.reshape(-1) for e in eigen.factors.values()])
 
 
+@jax.jit
+def _symmetric_values(x: Float[Array, "... d d"]) -> Float[Array, "... d"]:
+    """Eigenvalues of each ``d × d`` matrix of ``x``, clipped at 0, one matrix at a time
+    (``lax.map``): the eigenvectors LAPACK forms beside them live for one matrix, not a stack."""
+    flat = x.reshape(-1, *x.shape[-2:])
+    return jnp.maximum(jax.lax.map(jnp.linalg.eigvalsh, flat), 0.0).reshape(x.shape[:-1])
+
+
+def factor_values(kfac: KFAC) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{key: (s_A [(layer,) i], s_G [(layer,) o])}``: the eigenvalues of every factor (float64 on
+    the host), without their eigenvectors — what the K-FAC spectrum needs (a Kronecker product's
+    eigenvalues are ``s_A ⊗ s_G``) at the memory of the factors alone, where :func:`decompose`
+    doubles it. The factors go one after another (see :func:`decompose`)."""
+    return {k: (np.asarray(_symmetric_values(f.inputs), np.float64), np.asarray(_symmetric_values(f.outputs), np.float64))
+            for k, f in kfac.factors.items()}
+
+
+def kronecker_top(values: Mapping[str, tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
+    """The ``k`` largest eigenvalues of the block-diagonal K-FAC (fewer when it has fewer), from
+    :func:`factor_values`, largest first: the top ``k`` of each block's ``s_A ⊗ s_G`` are among the
+    products of the top ``k`` of ``s_A`` and of ``s_G`` (both non-negative), so no
+    parameter-sized array of products is formed."""
+    candidates = []
+    for s_a, s_g in values.values():
+        a = np.sort(s_a, axis=-1)[..., ::-1][..., :k]
+        g = np.sort(s_g, axis=-1)[..., ::-1][..., :k]
+        candidates.append((a[..., :, None] * g[..., None, :]).reshape(-1))
+    flat = np.concatenate(candidates)
+    return np.sort(flat)[::-1][:k]
+
+
+def kronecker_extremes(values: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """``(λ_min, λ_max)`` of the block-diagonal K-FAC from :func:`factor_values`: over its blocks,
+    ``min s_A · min s_G`` and ``max s_A · max s_G`` (non-negative factors' eigenvalues)."""
+    low = min(float(np.min(s_a.min(-1) * s_g.min(-1))) for s_a, s_g in values.values())
+    high = max(float(np.max(s_a.max(-1) * s_g.max(-1))) for s_a, s_g in values.values())
+    return low, high
+
+
 def slice_top(eigen: KFACEigen, layout: ModelLayout, block_id: tuple[str, int, int], include_bias: bool = True) -> float:
     """The largest eigenvalue of K-FAC restricted to one attention head's slice
     ``(block, layer, head)`` (the slices of :mod:`fisherjax.curvature.blocks`): q/k/v

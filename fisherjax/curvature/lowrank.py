@@ -14,30 +14,49 @@ both exact and cheaper, and it holds ``n`` vectors of ``D`` floats where Lanczos
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from fisherjax.curvature.lanczos import Eigen
 from fisherjax.curvature.products import count_samples
 from fisherjax.data import Batch
 from fisherjax.errors import DataError
-from fisherjax.grads import per_sample_grads
+from fisherjax.grads import per_sample_grads, sample_losses
 
-__all__ = ["decoded", "empirical_eigen", "gram_eigen", "gram_top", "product", "scaled_gradients", "transposed_times"]
+__all__ = [
+    "column_slices", "combined_gradient", "decoded", "empirical_eigen", "gram_eigen", "gram_pairs", "gram_top", "leaf_columns", "product",
+    "scaled_gradients", "slice_count", "sliced_gram", "transposed_times",
+]
 
 
-def scaled_gradients(model, params, batches: Sequence[Batch], *, memory_budget_bytes: float = 1e9, dtype=jnp.float32) -> jax.Array:
+def leaf_columns(params) -> tuple[tuple[str, int, int], ...]:
+    """``(path, start, stop)`` of every parameter leaf's columns in ``jax.flatten_util.ravel_pytree``
+    order (the Fisher operator's, ``G̃``'s), with :func:`fisherjax.layout.flatten`'s paths."""
+    out, start = [], 0
+    for key, leaf in jax.tree_util.tree_leaves_with_path(params):
+        size = int(np.size(leaf))
+        out.append(("/".join(str(getattr(k, "key", k)) for k in key), start, start + size))
+        start += size
+    return tuple(out)
+
+
+def scaled_gradients(model, params, batches: Sequence[Batch], *, columns: tuple[int, int] | None = None,
+                     memory_budget_bytes: float = 1e9, dtype=jnp.float32) -> jax.Array:
     """``G̃ [rows, D]``: ``g_i / sqrt(n T_i)`` for every row of the batches in
     ``jax.flatten_util.ravel_pytree`` order (the Fisher operator's), stored as ``dtype`` (float32,
     or bfloat16 kept as its uint16 bit patterns: see :func:`decoded`), with zero
     rows where a row is not one of the ``n`` samples (filler rows, rows without a predicted token),
-    which change neither ``F = G̃ᵀ G̃`` nor its non-zero eigenpairs. ``G̃`` is allocated once and each
+    which change neither ``F = G̃ᵀ G̃`` nor its non-zero eigenpairs; with ``columns = (lo, hi)``
+    only ``G̃[:, lo:hi]`` (:func:`sliced_gram`), from the per-sample gradients of the leaves those
+    columns cross (:func:`leaf_columns`). ``G̃`` is allocated once and each
     parameter's rows are written into its columns in place (a donated buffer), a piece of a batch
-    at a time: the largest divisor of the batch whose :data:`PIECE_COPIES` model-sized float32 rows
-    fit ``memory_budget_bytes`` (one compiled pass per piece shape), so what is alive besides ``G̃``
+    at a time: the largest divisor of the batch whose :data:`PIECE_COPIES` float32 rows of the
+    gradients formed fit ``memory_budget_bytes`` (one compiled pass per piece shape), so what is alive besides ``G̃``
     stays within the budget. Every product of this module reads ``G̃`` a column slice at a time in
     float32, so a bfloat16 ``G̃`` (half the memory) costs no float32 copy of it. It is kept as bits
     because XLA:CPU writes rows into a bfloat16 buffer by converting all of it to float32 and back,
@@ -49,45 +68,113 @@ def scaled_gradients(model, params, batches: Sequence[Batch], *, memory_budget_b
     n = count_samples(batches)
     if n == 0:
         raise DataError("no sample of the batches has a predicted token, so the Fisher is undefined")
-    size = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    leaves = leaf_columns(params)
+    lo, hi = columns if columns is not None else (0, leaves[-1][2])
+    crossed = tuple((path, max(lo, start) - start, min(hi, stop) - start) for path, start, stop in leaves if start < hi and stop > lo)
+    if not crossed:
+        raise ValueError(f"scaled_gradients: columns {columns} lie outside the model's {leaves[-1][2]} parameters")
+    formed = sum(stop - start for path, start, stop in leaves if start < hi and stop > lo)
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"scaled_gradients stores float32 or bfloat16, not {jnp.dtype(dtype)}")
     stored = BFLOAT16_BITS if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32
-    g = jnp.zeros((sum(int(np.shape(b.input_ids)[0]) for b in batches), size), stored)
+    g = jnp.zeros((sum(int(np.shape(b.input_ids)[0]) for b in batches), hi - lo), stored)
+    paths = [path for path, _, _ in crossed]
     start = 0
     for batch in batches:
         rows = len(batch.sample_ids)
-        piece = max((d for d in range(1, rows + 1) if rows % d == 0 and d * PIECE_COPIES * 4 * size <= memory_budget_bytes), default=1)
+        piece = max((d for d in range(1, rows + 1) if rows % d == 0 and d * PIECE_COPIES * 4 * formed <= memory_budget_bytes), default=1)
         for first in range(0, rows, piece):
             part = Batch(*(np.asarray(x)[first : first + piece] for x in batch))
-            sample = per_sample_grads(model, params, part, memory_budget_bytes=memory_budget_bytes)
+            sample = per_sample_grads(model, params, part, paths=paths, memory_budget_bytes=memory_budget_bytes)
             t = np.asarray(sample.tokens, np.float64)
             counted = (t > 0) & (np.asarray(part.sample_ids) >= 0)
             scale = np.where(counted, 1.0 / np.sqrt(n * np.maximum(t, 1.0)), 0.0).astype(np.float32)
-            g = _write_rows(g, sample.grads, scale, start)
+            g = _write_rows(g, sample.grads, scale, start, crossed)
             start += piece
             del sample
     return g
 
 
 PIECE_COPIES = 2
-"""Model-sized float32 arrays per row that :func:`scaled_gradients` counts against its budget for
-a piece of a batch: the per-sample gradients and the gradient pass's own (each parameter's rows go
-straight into its columns of ``G̃``, without a raveled copy)."""
+"""Float32 arrays of the gradients formed per row that :func:`scaled_gradients` counts against its
+budget for a piece of a batch: the per-sample gradients and the gradient pass's own (each
+parameter's rows go straight into its columns of ``G̃``, without a raveled copy)."""
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_rows(g, grads, scale, start):
-    """``g`` with rows ``start : start + b`` set to the per-sample ``grads`` times ``scale``, each
-    leaf into its own columns (``ravel_pytree`` order: the leaves' order, each raveled)."""
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=4)
+def _write_rows(g, grads, scale, start, crossed):
+    """``g`` with rows ``start : start + b`` set to the per-sample ``grads`` (flat ``{path: [b,
+    ...]}``) times ``scale``: each crossed leaf's raveled columns ``a : e`` (``crossed``: ``(path,
+    a, e)`` in column order) into its own columns."""
     column = 0
-    for leaf in jax.tree.leaves(grads):
-        rows = leaf.reshape(leaf.shape[0], -1).astype(jnp.float32) * scale[:, None]
+    for path, first, stop in crossed:
+        leaf = grads[path]
+        rows = leaf.reshape(leaf.shape[0], -1)[:, first:stop].astype(jnp.float32) * scale[:, None]
         if g.dtype == BFLOAT16_BITS:
             rows = jax.lax.bitcast_convert_type(rows.astype(jnp.bfloat16), BFLOAT16_BITS)  # rounded to nearest
         g = jax.lax.dynamic_update_slice(g, rows, (start, column))
         column += rows.shape[1]
     return g
+
+
+def slice_count(size: int, rows: int, budget_bytes: float | None, itemsize: int) -> int:
+    """How many column slices :func:`column_slices` cuts a ``[rows, size]`` ``G̃`` of ``itemsize``
+    bytes a value into so that each fits ``budget_bytes`` (1 when the budget is None or holds all
+    of it; a slice has at least one column)."""
+    if budget_bytes is None or rows * size * itemsize <= budget_bytes:
+        return 1
+    return math.ceil(size / max(1, int(budget_bytes // (rows * itemsize))))
+
+
+def column_slices(size: int, rows: int, budget_bytes: float | None, itemsize: int) -> tuple[tuple[int, int], ...]:
+    """``(lo, hi)`` column ranges of a ``[rows, size]`` ``G̃`` of ``itemsize`` bytes a value, as few
+    (:func:`slice_count`) and as even as fit ``budget_bytes`` each."""
+    width = math.ceil(size / slice_count(size, rows, budget_bytes, itemsize))
+    return tuple((lo, min(size, lo + width)) for lo in range(0, size, width))
+
+
+def sliced_gram(model, params, batches: Sequence[Batch], slices: Sequence[tuple[int, int]], *, memory_budget_bytes: float = 1e9,
+                dtype=jnp.float32) -> np.ndarray:
+    """``K = G̃ G̃ᵀ = Σ_s G̃_s G̃_sᵀ`` ``[rows, rows]`` (float64 on the host) over the column ranges
+    ``slices`` (:func:`column_slices`), one :func:`scaled_gradients` slice alive at a time: the
+    Gram of gradients too large to hold, at one per-sample gradient pass per slice (a leaf that
+    straddles slices is differentiated in each)."""
+    gram = None
+    for columns in slices:
+        g = scaled_gradients(model, params, batches, columns=columns, memory_budget_bytes=memory_budget_bytes, dtype=dtype)
+        part = np.asarray(_gram(g), np.float64)
+        del g
+        gram = part if gram is None else gram + part
+    return gram
+
+
+def combined_gradient(model, params, batches: Sequence[Batch], c) -> jax.Array:
+    """``G̃ᵀ c = Σ_i c_i g_i / sqrt(n T_i)`` ``[D]`` float32 (``c`` ``[rows]``, in ``G̃``'s row
+    order: the batches' rows in turn) without ``G̃``: per batch one gradient of the weighted loss
+    ``Σ_i c_i L_i / sqrt(n T_i)``, a batched gradient's work — the eigenvector ``G̃ᵀ c`` of a Gram
+    formed by :func:`sliced_gram`."""
+    n = count_samples(batches)
+    c = np.asarray(c, np.float64).reshape(-1)
+    total, start = None, 0
+    for batch in batches:
+        rows = len(batch.sample_ids)
+        part = _weighted_gradient(model, params, batch.input_ids, batch.attention_mask, batch.labels,
+                                  np.asarray(batch.sample_ids, np.int32), jnp.asarray(c[start : start + rows], jnp.float32), n)
+        total = part if total is None else total + part
+        start += rows
+    return total
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _weighted_gradient(model, params, ids, mask, labels, sample_ids, c, n):
+    """``Σ_i c_i g_i / sqrt(n T_i)`` over one batch, raveled float32 (rows without a sample id
+    or a predicted token weigh 0)."""
+    def loss(theta):
+        losses, tokens = sample_losses(model, theta, ids, mask, labels)
+        weights = jnp.where((tokens > 0) & (sample_ids >= 0), c / jnp.sqrt(n * jnp.maximum(tokens, 1).astype(jnp.float32)), 0.0)
+        return jnp.sum(weights * losses.astype(jnp.float32))
+
+    return ravel_pytree(jax.grad(loss)(params))[0].astype(jnp.float32)
 
 
 BFLOAT16_BITS = jnp.uint16
@@ -191,6 +278,24 @@ def empirical_eigen(model, params, batches: Sequence[Batch], k: int, *, memory_b
     return gram_eigen(scaled_gradients(model, params, batches, memory_budget_bytes=memory_budget_bytes, dtype=dtype), k)
 
 
+def gram_pairs(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(values [k], coefficients [n, k])`` from the Gram ``K = G̃ G̃ᵀ`` ``[n, n]`` (float64): the
+    ``k`` largest eigenvalues of ``F = G̃ᵀ G̃`` and the ``c_j = u_j / sqrt(λ_j)`` (``K u_j = λ_j
+    u_j``) whose ``G̃ᵀ c_j`` are their unit eigenvectors (module docstring); an eigenvalue 0 gets
+    zero coefficients.
+
+    Raises:
+      ValueError: ``k`` outside ``[1, n]`` (the rank bound).
+    """
+    n = gram.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"empirical_eigen: k must lie in [1, n = {n}] (the rank of F is at most n), got {k}")
+    values, vectors = np.linalg.eigh((gram + gram.T) / 2)
+    values, vectors = np.maximum(values[::-1][:k], 0.0), vectors[:, ::-1][:, :k]
+    scale = np.where(values > 0, 1.0 / np.sqrt(np.where(values > 0, values, 1.0)), 0.0)
+    return values, vectors * scale
+
+
 def gram_top(g: jax.Array, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(values [k], coefficients [n, k], residuals [k])``: the ``k`` largest eigenvalues of
     ``F = G̃ᵀ G̃`` from the Gram ``K = G̃ G̃ᵀ`` (``g`` ``[n, D]``), exact up to float32 rounding,
@@ -202,14 +307,8 @@ def gram_top(g: jax.Array, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Raises:
       ValueError: ``k`` outside ``[1, n]`` (the rank bound).
     """
-    n = g.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"empirical_eigen: k must lie in [1, n = {n}] (the rank of F is at most n), got {k}")
     gram = np.asarray(_gram(g), np.float64)
-    values, vectors = np.linalg.eigh((gram + gram.T) / 2)
-    values, vectors = np.maximum(values[::-1][:k], 0.0), vectors[:, ::-1][:, :k]
-    scale = np.where(values > 0, 1.0 / np.sqrt(np.where(values > 0, values, 1.0)), 0.0)
-    coefficients = vectors * scale
+    values, coefficients = gram_pairs(gram, k)
     gv = np.asarray(_products_of_combinations(g, jnp.asarray(coefficients, jnp.float32)), np.float64).T
     misfit = gv - coefficients * values  # F v − λ v = G̃ᵀ misfit, so its norm² is misfitᵀ K misfit
     residuals = np.sqrt(np.maximum(np.einsum("ik,ij,jk->k", misfit, gram, misfit), 0.0))
