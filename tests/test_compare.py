@@ -312,6 +312,9 @@ def test_the_gram_of_gradients_too_large_to_hold(compared):
     np.testing.assert_allclose(gram, dense @ dense.T, rtol=1e-5, atol=1e-7 * np.abs(gram).max())
     values, coefficients = lowrank.gram_pairs(gram, 4)
     np.testing.assert_allclose(values, np.linalg.eigvalsh(x @ x.T)[::-1][:4], rtol=1e-4)
+    probe = np.random.default_rng(5).normal(size=size).astype(np.float32)  # G̃ v by one JVP pass, without G̃
+    np.testing.assert_allclose(lowrank.gradients_times(model, model.params, batches, probe), dense @ probe, rtol=1e-4,
+                               atol=1e-5 * np.abs(dense @ probe).max())
     for j in range(2):
         np.testing.assert_allclose(np.asarray(lowrank.combined_gradient(model, model.params, batches, coefficients[:, j])),
                                    np.asarray(lowrank.transposed_times(whole, jnp.asarray(coefficients[:, j], jnp.float32))),

@@ -23,13 +23,13 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fisherjax.curvature.lanczos import Eigen
-from fisherjax.curvature.products import count_samples
-from fisherjax.data import Batch
+from fisherjax.curvature.products import count_samples, directional_derivatives
+from fisherjax.data import Batch, num_active_tokens
 from fisherjax.errors import DataError
 from fisherjax.grads import per_sample_grads, sample_losses
 
 __all__ = [
-    "column_slices", "combined_gradient", "decoded", "empirical_eigen", "gram_eigen", "gram_pairs", "gram_top", "leaf_columns", "product",
+    "column_slices", "combined_gradient", "decoded", "empirical_eigen", "gram_eigen", "gram_pairs", "gram_top", "gradients_times", "leaf_columns", "product",
     "scaled_gradients", "slice_count", "sliced_gram", "transposed_times",
 ]
 
@@ -163,6 +163,17 @@ def combined_gradient(model, params, batches: Sequence[Batch], c) -> jax.Array:
         total = part if total is None else total + part
         start += rows
     return total
+
+
+def gradients_times(model, params, batches: Sequence[Batch], v) -> np.ndarray:
+    """``G̃ v = (g_i · v / sqrt(n T_i))_i`` ``[rows]`` float64 (``v`` ``[D]`` in ravel order; 0 on
+    rows that are not samples) without ``G̃``: one JVP of the logits per batch
+    (:func:`~fisherjax.curvature.products.directional_derivatives`)."""
+    n = count_samples(batches)
+    u = directional_derivatives(model, params, batches, ravel_pytree(params)[1](jnp.asarray(v, jnp.float32)))
+    t = np.concatenate([np.asarray(num_active_tokens(b.labels, b.attention_mask), np.float64) for b in batches])
+    counted = (t > 0) & (np.concatenate([np.asarray(b.sample_ids) for b in batches]) >= 0)
+    return np.where(counted, u / np.sqrt(n * np.maximum(t, 1.0)), 0.0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7))

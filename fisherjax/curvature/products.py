@@ -271,13 +271,38 @@ def _targets(labels):
     return jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], axis=1)
 
 
-def _label_cotangent(p, jv, targets, weights):
-    """``c = r u w`` with ``r = (p − e_y)`` on predicted positions and ``u_i = Σ_t r · Jv``."""
+def _label_residual(p, targets):
+    """``r = p − e_y`` on predicted positions, 0 elsewhere: the token loss's gradient in the logits."""
     valid = (targets != IGNORE)[..., None]
     one_hot = targets[..., None] == jnp.arange(p.shape[-1])
-    r = jnp.where(valid, p - one_hot, 0.0)
+    return jnp.where(valid, p - one_hot, 0.0)
+
+
+def _label_cotangent(p, jv, targets, weights):
+    """``c = r u w`` with ``r = (p − e_y)`` on predicted positions and ``u_i = Σ_t r · Jv``."""
+    r = _label_residual(p, targets)
     u = jnp.einsum("btv,btv->b", r, jv)
     return r * (u * weights)[:, None, None]
+
+
+@jax.jit(static_argnames="model")
+def _batch_directional(model, params, tangent, ids, mask, labels):
+    """``[b]``: ``g_i · v = Σ_t r_{i,t} · (Jv)_{i,t}`` of every row, for ``v`` given as a
+    params-shaped ``tangent`` (the JVP half of an empirical product)."""
+    labels = predicted_labels(labels, mask)
+    tangent = jax.tree.map(lambda t, p: t.astype(p.dtype), tangent, params)
+    logits, jv = jax.jvp(lambda theta: model.apply(theta, ids, mask), (params,), (tangent,))
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.einsum("btv,btv->b", _label_residual(p, _targets(labels)), jv.astype(jnp.float32))
+
+
+def directional_derivatives(model, params: PyTree, batches: Sequence[Batch], tangent: PyTree) -> np.ndarray:
+    """``[rows]`` float64: ``g_i · v``, the derivative of each row's token-sum loss ``L_i`` along the
+    params-shaped ``tangent`` ``v``, for every row of the batches in turn (0 for a row without a
+    predicted token): one JVP of the logits per batch, half of a Fisher-vector product, and no
+    per-sample gradient."""
+    return np.concatenate([np.asarray(_batch_directional(model, params, tangent, b.input_ids, b.attention_mask, b.labels),
+                                      np.float64) for b in batches])
 
 
 @jax.jit(static_argnames=("model", "kind", "true_samples"), donate_argnames=("total",))
