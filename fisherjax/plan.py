@@ -322,8 +322,9 @@ class CurvaturePlan:
     ``compare.least_bytes`` (the gradients in the most column slices); ``rest_bytes``: the part of
     both beside the gradients or basis (K-FAC's factors, model-sized vectors); ``free_bytes``: what
     the device has for it; ``skip``: why the default run skips it (None: it runs); ``forced_skip``:
-    the same with ``--curvature``; ``slices``: the column slices of the gradients in the run
-    described (the default run's when it runs, else ``--curvature``'s; 1: whole); ``fit_samples``,
+    the same with ``--curvature``; ``slices``: the column slices the gradients are formed in and
+    not held, in the run described (the default run's when it runs, else ``--curvature``'s; 0:
+    held whole, :func:`~fisherjax.curvature.compare.gram_slices`); ``fit_samples``,
     ``fit_k``: the most samples, with as many eigenvalues as possible up to ``k``, that fit with
     ``--curvature`` (0, 0: nothing fits: ``rest_bytes`` alone does not); ``flops``, ``seconds``:
     ``work.curvature_flops`` of that run at the throughput.
@@ -366,9 +367,9 @@ def curvature_plan(model: Model, forward: ForwardFlops, samples: int, free_bytes
     skip = curvature_skip(size, peak, free_bytes, config.curvature, least(n))
     gram = compare.from_gram(size, k, n)
     forced_skip = curvature_skip(size, peak, free_bytes, True, least(n))
-    slices = 1
+    slices = 0
     if skip is not None and forced_skip is None and gram:  # the run described is --curvature's, within all the free memory
-        slices = len(compare.gram_slices(model, n, storage_dtype, free_bytes))
+        slices = len(compare.gram_slices(model, n, storage_dtype, free_bytes) or ())
     flops = curvature_flops(forward, n, size, k, slices=slices)
     return CurvaturePlan(
         samples=n, k=k, gram=gram, peak_bytes=peak, least_bytes=least(n), rest_bytes=float(compare.rest_bytes(model)),
@@ -723,8 +724,8 @@ def _curvature_line(c: CurvaturePlan, parameters: int) -> str:
     run it on one device, its peak against the memory free there, and what fits otherwise."""
     route = f"{c.samples} sample{'s' * (c.samples != 1)}, top {c.k} {'from their Gram' if c.gram else 'by Lanczos'}"
     peak = f"peak {_bytes(c.peak_bytes)} of {_bytes(max(c.free_bytes, 0.0))} free on one device"
-    if c.slices > 1:
-        peak += f", so their gradients in {c.slices} column slices (a gradient pass each)"
+    if c.slices:
+        peak += f", so their Gram in {c.slices} column slice{'s' * (c.slices != 1)} of the gradients (a gradient pass each)"
     work = f"{_scaled(c.flops, FLOPS)} ≈ {_duration(c.seconds)}"
     if c.forced_skip is None:
         runs = f"{route}, {peak}; {work}"

@@ -141,6 +141,7 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
     args = ["analyze", "--model", str(cli_checkpoint / "model"), "--task", f"add={cli_checkpoint / 'add.jsonl'}",
             "--no-progress", "--no-compilation-cache", "--phases", "fisher,curvature", "--max-samples", "6"]
     monkeypatch.setattr(pipeline, "CURVATURE_AUTO_PARAMETERS", 10)
+    real = pipeline.compare.compare_methods
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     skipped = json.loads((tmp_path / "b" / "results.json").read_text())["method_comparison"]
     assert "--curvature" in skipped["skipped"]
@@ -192,7 +193,11 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
     monkeypatch.setattr(pipeline.compare, "compare_methods", lambda model, batches, **kw: memory.append(kw["memory_bytes"]) or fake(model, batches, **kw))
     with pytest.raises(RuntimeError, match="ran"):
         main([*small, "--out", str(tmp_path / "t"), "--curvature"])
-    assert memory == [free] and len(pipeline.compare.gram_slices(model, 5, "bfloat16", free)) > 1
+    assert memory == [free] and pipeline.compare.gram_slices(model, 5, "bfloat16", free) is not None
+    monkeypatch.setattr(pipeline.compare, "compare_methods", real)  # and the comparison itself, in those slices
+    assert main([*small, "--out", str(tmp_path / "u"), "--curvature"]) == 0
+    section = json.loads((tmp_path / "u" / "results.json").read_text())["method_comparison"]
+    assert "skipped" not in section and "formed before K-FAC in" in json.dumps(section), section
 
 
 def test_bad_curvature_options_are_refused(capsys):
@@ -322,17 +327,20 @@ def test_the_gram_of_gradients_too_large_to_hold(compared):
 
 
 def test_the_comparison_without_its_gradients_whole(compared):
-    """With too little memory for ``G̃`` whole the comparison sums its Gram over column slices, forms
-    each eigenvector by a weighted gradient pass and the probes' exact products by Fisher-vector
-    products: the same spectra, approximations' errors and Rayleigh quotients as with ``G̃`` held."""
+    """With too little memory for ``G̃`` beside K-FAC the comparison forms the Gram first, over column
+    slices of ``G̃``, then each eigenvector by a weighted gradient pass and the probes' exact
+    products by Fisher-vector products: the same spectra, approximations' errors and Rayleigh
+    quotients as with ``G̃`` held."""
     model, result, x = compared
-    rows = sum(len(b.sample_ids) for b in _batches())
-    budget = compare.rest_bytes(model) + rows * 4 * (model.num_params // 3 + 7)
-    assert len(compare.gram_slices(model, rows, "float32", budget)) == 3
-    assert compare.gram_slices(model, rows, "float32", None) == ((0, model.num_params),)
-    assert compare.least_bytes(model, 6, n=len(x)) < compare.peak_bytes(model, 6, n=len(x))
+    rows, size = sum(len(b.sample_ids) for b in _batches()), model.num_params
+    assert compare.gram_slices(model, rows, "float32", None) is None
+    assert compare.gram_slices(model, rows, "float32", compare.peak_bytes(model, 6, n=rows)) is None  # held whole
+    budget = compare.rest_bytes(model)  # the least K-FAC's stage needs, after the Gram
+    slices = compare.gram_slices(model, rows, "float32", budget)
+    assert slices is not None and slices[0][0] == 0 and slices[-1][1] == size
+    assert compare.least_bytes(model, 6, n=len(x)) <= budget < compare.peak_bytes(model, 6, n=len(x))
     sliced = compare.compare_methods(model, _batches(), k=6, probes=2, count=4, memory_bytes=budget)
-    assert "summed over 3 column slices" in sliced.methods["lanczos"].notes
+    assert f"formed before K-FAC in {len(slices)} column slice" in sliced.methods["lanczos"].notes
     np.testing.assert_allclose(sliced.methods["lanczos"].top, result.methods["lanczos"].top, rtol=1e-5)
     assert np.all(sliced.lanczos_residuals <= 1e-4 * sliced.methods["lanczos"].top[0])
     for name in ("diagonal", "kfac"):
@@ -345,12 +353,16 @@ def test_the_comparison_without_its_gradients_whole(compared):
 
 
 def test_too_little_memory_for_the_slices_is_refused(compared):
-    """Below ``least_bytes`` the comparison would cut its gradients into more than MAX_GRAM_SLICES
-    slices (one gradient pass each): refused with what to do, before any pass."""
+    """Below ``least_bytes`` — K-FAC's factors and the model-sized vectors alone do not fit, or the
+    gradients would take more than MAX_GRAM_SLICES slices (a gradient pass each) — the comparison is
+    refused with what to do, before any pass."""
     from fisherjax.errors import ConfigError
 
     model, _, _ = compared
+    rest = compare.rest_bytes(model)
+    with pytest.raises(ConfigError, match=r"K-FAC factors and model-sized vectors take [\d.]+ GB, more than its [\d.]+ GB: give it more memory"):
+        compare.gram_slices(model, 12, "float32", rest - 1)
     with pytest.raises(ConfigError, match=r"need \d+ column slices in [\d.]+ GB, more than 32: give it more memory or fewer samples"):
-        compare.gram_slices(model, 12, "float32", compare.rest_bytes(model) + 100)
-    with pytest.raises(ConfigError, match="column slices"):
-        compare.compare_methods(model, _batches(), k=6, probes=1, count=2, memory_bytes=compare.rest_bytes(model) - 1)
+        compare.gram_slices(model, 10_000, "float32", rest)
+    with pytest.raises(ConfigError, match="give it more memory"):
+        compare.compare_methods(model, _batches(), k=6, probes=1, count=2, memory_bytes=rest - 1)

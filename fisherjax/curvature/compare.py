@@ -159,26 +159,42 @@ MAX_GRAM_SLICES = 32
 (:func:`gram_slices`): each slice is one more pass of per-sample gradients over the samples, so
 beyond this many the comparison is a multiple of Phase 1's own work on them and is not run."""
 
+SLICE_COPIES = 1
+"""Model-sized float32 arrays counted beside a column slice of ``G̃`` (:func:`gram_slices`): the
+slices are formed before K-FAC's factors and the model-sized vectors exist, so besides the slice
+there are only the per-sample gradient passes' own arrays, budgeted at
+:data:`GRADIENT_BUDGET_BYTES`; one model copy is the headroom kept for them."""
+
 
 def least_bytes(model, k: int, steps: int | None = None, n: int | None = None, sample_grads_dtype: str = "float32") -> int:
-    """The least memory the comparison of ``model`` runs in: :func:`rest_bytes` and, on the Gram
-    route, one of :data:`MAX_GRAM_SLICES` column slices of ``G̃`` (the Lanczos basis is whole)."""
-    basis = basis_bytes(int(model.num_params), k, steps, n, sample_grads_dtype)
-    if n is not None and from_gram(int(model.num_params), k, n, steps):
-        basis = math.ceil(basis / MAX_GRAM_SLICES)
-    return basis + rest_bytes(model)
+    """The least memory the comparison of ``model`` runs in: on the Gram route the larger of
+    :func:`rest_bytes` (K-FAC and the model-sized vectors, after the Gram) and one of
+    :data:`MAX_GRAM_SLICES` column slices of ``G̃`` with :data:`SLICE_COPIES` (before it); on the
+    Lanczos route :func:`peak_bytes` (its basis is whole)."""
+    size = int(model.num_params)
+    if n is not None and from_gram(size, k, n, steps):
+        slice_bytes = math.ceil(basis_bytes(size, k, steps, n, sample_grads_dtype) / MAX_GRAM_SLICES)
+        return max(rest_bytes(model), slice_bytes + 4 * SLICE_COPIES * size)
+    return peak_bytes(model, k, steps, n, sample_grads_dtype)
 
 
-def gram_slices(model, rows: int, sample_grads_dtype: str = "float32", memory_bytes: float | None = None) -> tuple[tuple[int, int], ...]:
-    """The column ranges the Gram route forms ``G̃ [rows, D]`` in (:func:`fisherjax.curvature.lowrank.
-    column_slices`) so that a slice and :func:`rest_bytes` fit ``memory_bytes`` (None: whole).
+def gram_slices(model, rows: int, sample_grads_dtype: str = "float32", memory_bytes: float | None = None) -> tuple[tuple[int, int], ...] | None:
+    """None where the Gram route's ``G̃ [rows, D]`` fits ``memory_bytes`` (None: always) whole beside
+    :func:`rest_bytes` and is held through the comparison; else the column ranges
+    (:func:`fisherjax.curvature.lowrank.column_slices`; one range when ``G̃`` fits alone) it is
+    formed in before the rest exists, each fitting ``memory_bytes`` with :data:`SLICE_COPIES`.
 
     Raises:
-      ConfigError: that takes more than :data:`MAX_GRAM_SLICES` slices (the memory is below
-        :func:`least_bytes`).
+      ConfigError: :func:`rest_bytes` alone is more than ``memory_bytes``, or the slices would be
+        more than :data:`MAX_GRAM_SLICES` (the memory is below :func:`least_bytes`).
     """
     size, itemsize = int(model.num_params), jnp.dtype(gram_dtype(sample_grads_dtype)).itemsize
-    budget = None if memory_bytes is None else max(memory_bytes - rest_bytes(model), 1.0)
+    if memory_bytes is None or rows * size * itemsize + rest_bytes(model) <= memory_bytes:
+        return None
+    if rest_bytes(model) > memory_bytes:
+        raise ConfigError(f"the method comparison's K-FAC factors and model-sized vectors take {rest_bytes(model) / 1e9:.1f} GB, "
+                          f"more than its {memory_bytes / 1e9:.1f} GB: give it more memory")
+    budget = max(memory_bytes - 4 * SLICE_COPIES * size, 1.0)
     count = lowrank.slice_count(size, rows, budget, itemsize)
     if count > MAX_GRAM_SLICES:
         raise ConfigError(f"the method comparison's {rows} per-sample gradients need {count} column slices in "
@@ -222,10 +238,11 @@ def compare_methods(
         gradients stored as the run stores them (``sample_grads_dtype``: bfloat16 by default there,
         half the memory; float32 without ``options``; the Gram route's as :func:`gram_dtype`).
       memory_bytes: what the comparison may hold on the device (None: no bound). Where the Gram
-        route's ``G̃`` and :func:`rest_bytes` would take more, the Gram is summed over column
-        slices of ``G̃`` (:func:`gram_slices`, one per-sample gradient pass each), its
-        eigenvectors formed by one weighted gradient pass each and the probes' exact products by
-        the Fisher-vector product: the same numbers, ``G̃`` never whole.
+        route's ``G̃`` and :func:`rest_bytes` would take more, the Gram is formed first, summed
+        over column slices of ``G̃`` (:func:`gram_slices`, one per-sample gradient pass each) and
+        each slice dropped before K-FAC's factors are formed; the eigenvectors are then formed by
+        a weighted gradient pass each and the probes' exact products by the Fisher-vector
+        product: the same numbers, ``G̃`` never held.
 
     Returns:
       :class:`MethodComparison`.
@@ -243,7 +260,7 @@ def compare_methods(
 
     # rank ≤ n: the n × n Gram is exact and cheaper than the products; its gradients whole or in column slices
     gram = from_gram(int(model.num_params), k, products.count_samples(batches), steps)
-    slices = gram_slices(model, sum(len(b.sample_ids) for b in batches), options.sample_grads_dtype, memory_bytes) if gram else ()
+    slices = gram_slices(model, sum(len(b.sample_ids) for b in batches), options.sample_grads_dtype, memory_bytes) if gram else None
 
     # ---- the four methods, each measured ----------------------------------------------------
     # One Phase 1 pass gives the diagonal and the attention gradients the block spectra read; the
@@ -260,6 +277,14 @@ def compare_methods(
     chosen = blocks.largest_blocks(spectra, count=count)
     block_ids = tuple((c.block, int(c.layer), int(c.head)) for c in chosen)
 
+    if slices is not None:  # G̃ too large to hold: its Gram by column slices, before K-FAC's factors take their memory
+        def sliced_route():
+            k_gram = lowrank.sliced_gram(model, params, batches, slices, dtype=gram_dtype(options.sample_grads_dtype),
+                                         memory_budget_bytes=GRADIENT_BUDGET_BYTES)
+            return k_gram, lowrank.gram_pairs(k_gram, k)
+
+        (k_gram, (values, coefficients)), lanczos_stretch = telemetry.measure(sliced_route)
+
     def run_kfac():
         factors = kfac.kfac_factors(model, params, batches)
         return factors, kfac.factor_values(factors)
@@ -270,17 +295,11 @@ def compare_methods(
     exact_product = operator.matvec
     diagonal_tree = unflatten(diagonal)
     diag_device = operator.ravel(diagonal_tree)
-    if len(slices) > 1:  # G̃ too large to hold: its Gram by column slices, the rest by gradient passes and products
-        def sliced_route():
-            k_gram = lowrank.sliced_gram(model, params, batches, slices, dtype=gram_dtype(options.sample_grads_dtype),
-                                         memory_budget_bytes=GRADIENT_BUDGET_BYTES)
-            return k_gram, lowrank.gram_pairs(k_gram, k)
-
-        (k_gram, (values, coefficients)), lanczos_stretch = telemetry.measure(sliced_route)
+    if slices is not None:  # the eigenvectors by gradient passes, the probes' exact products by Fisher-vector products
         forms, residuals = _combination_forms(model, params, batches, factors, layout, diag_device, values, coefficients, k_gram)
-        how = (f"from the {operator.n_samples} × {operator.n_samples} Gram of the per-sample gradients, summed over "
-               f"{len(slices)} column slices of them (a gradient pass each; the eigenvectors' checks by two more each, "
-               "not timed)")
+        how = (f"from the {operator.n_samples} × {operator.n_samples} Gram of the per-sample gradients, formed before K-FAC "
+               f"in {len(slices)} column slice{'s' * (len(slices) != 1)} of them (a gradient pass each; each eigenvector "
+               "then takes a gradient and a JVP pass, not timed)")
         scaled = None
     elif gram:
         def gram_route():
