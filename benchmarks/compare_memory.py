@@ -5,7 +5,8 @@ gradients, the run's compiled step) on a random GPT-2 with GPT-2's vocabulary (f
 initialisation): ``--shape tiny``, 4 layers d = 256 (16.6 M parameters), or ``small``, GPT-2
 small's 12 layers d = 768 (124 M); 32 samples of 80–120 random tokens in batches of 16: the
 process's peak RSS (``/proc/self/status`` polled every 10 ms; the process starts at about 0.5 GB),
-the wall time, each method's stretch (seconds, peak, compilations) and the top eigenvalues. With
+the wall time, each method's stretch (seconds, peaks of the host and, on an accelerator, the device,
+compilations) and the top eigenvalues. With
 ``--slices S`` the comparison gets ``compare.rest_bytes`` and an ``S``-th of its gradients'
 bytes, so its Gram route sums over ``S`` column slices of them (run one process per setting to
 compare peaks).
@@ -79,10 +80,11 @@ def main() -> None:
         m = result.methods[name]
         print(f"{name} top {np.array2string(m.top[:4], precision=6)} probe error {m.probe_error} "
               f"rayleigh {None if m.rayleigh is None else np.array2string(m.rayleigh[:3], precision=6)}")
-    print("| method | seconds | peak RSS GB | compilations |\n|---|---|---|---|")
+    print("| method | seconds | peak RSS GB | device peak GB | compilations |\n|---|---|---|---|---|")
     for name, method in result.methods.items():
         s = method.stretch
-        print(f"| {name} | {s.seconds:.1f} | {s.peak_rss_bytes / 1e9:.2f} | {s.compilations} |")
+        device = "—" if s.device_peak_bytes is None else f"{s.device_peak_bytes / 1e9:.2f} ({s.device_scope})"
+        print(f"| {name} | {s.seconds:.1f} | {s.peak_rss_bytes / 1e9:.2f} | {device} | {s.compilations} |")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,10 @@ class Batch(NamedTuple):
     def num_real(self) -> int:
         return int((self.sample_ids >= 0).sum())
 
+    def pieces(self, rows: int) -> list[Batch]:
+        """The batch cut into consecutive pieces of ``rows`` rows (the last one shorter), in order."""
+        return [Batch(*(np.asarray(x)[first : first + rows] for x in self)) for first in range(0, len(self.sample_ids), rows)]
+
 
 @dataclasses.dataclass(frozen=True)
 class Example:

@@ -198,6 +198,8 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
     assert main([*small, "--out", str(tmp_path / "u"), "--curvature"]) == 0
     section = json.loads((tmp_path / "u" / "results.json").read_text())["method_comparison"]
     assert "skipped" not in section and "formed before K-FAC in" in json.dumps(section), section
+    assert "Lanczos top-k: exact top-3 of F from the 5 × 5 Gram of the per-sample gradients, formed before K-FAC in" in (
+        (tmp_path / "u" / "report.md").read_text())
 
 
 def test_bad_curvature_options_are_refused(capsys):

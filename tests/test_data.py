@@ -11,6 +11,7 @@ import pytest
 from fisherjax import ConfigError, DataError
 from fisherjax.data import (
     IGNORE,
+    Batch,
     Example,
     batches,
     bucket_length,
@@ -196,3 +197,13 @@ def test_an_example_counts_the_tokens_its_loss_predicts():
     assert Example((5, 6, 7, 8), prompt_len=4, sample_id=0).num_targets == 0
     assert Example((5, 6, 7, 8), prompt_len=0, sample_id=0, scored=(True, False, True, True)).num_targets == 2
     assert Example((5,), prompt_len=0, sample_id=0).num_targets == 0
+
+
+def test_a_batch_cut_into_pieces_keeps_its_rows_in_order():
+    ids = np.arange(5 * 3, dtype=np.int32).reshape(5, 3)
+    batch = Batch(ids, np.ones_like(ids), ids + 1, np.array([4, 7, 9, -1, -1]))
+    pieces = batch.pieces(2)
+    assert [len(p.sample_ids) for p in pieces] == [2, 2, 1] and [p.num_real for p in pieces] == [2, 1, 0]
+    for field in range(4):
+        np.testing.assert_array_equal(np.concatenate([p[field] for p in pieces]), batch[field])
+    assert [p.sample_ids.tolist() for p in batch.pieces(5)] == [[4, 7, 9, -1, -1]]

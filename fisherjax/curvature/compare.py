@@ -242,7 +242,8 @@ def compare_methods(
         over column slices of ``G̃`` (:func:`gram_slices`, one per-sample gradient pass each) and
         each slice dropped before K-FAC's factors are formed; the eigenvectors are then formed by
         a weighted gradient pass each and the probes' exact products by the Fisher-vector
-        product: the same numbers, ``G̃`` never held.
+        product, a sample at a time (beside the factors, a pass's working memory is one
+        sample's): the same numbers, ``G̃`` never held.
 
     Returns:
       :class:`MethodComparison`.
@@ -295,11 +296,14 @@ def compare_methods(
     exact_product = operator.matvec
     diagonal_tree = unflatten(diagonal)
     diag_device = operator.ravel(diagonal_tree)
-    if slices is not None:  # the eigenvectors by gradient passes, the probes' exact products by Fisher-vector products
-        forms, residuals = _combination_forms(model, params, batches, factors, layout, diag_device, values, coefficients, k_gram)
+    if slices is not None:  # the eigenvectors by gradient passes, the probes' exact products by Fisher-vector products,
+        # a row at a time: beside K-FAC's factors and the model-sized vectors, a pass's working memory is one sample's
+        rows = [piece for batch in batches for piece in batch.pieces(1)]
+        exact_product = products.fisher_operator(model, params, rows, kind="empirical").matvec
+        forms, residuals = _combination_forms(model, params, rows, factors, layout, diag_device, values, coefficients, k_gram)
         how = (f"from the {operator.n_samples} × {operator.n_samples} Gram of the per-sample gradients, formed before K-FAC "
                f"in {len(slices)} column slice{'s' * (len(slices) != 1)} of them (a gradient pass each; each eigenvector "
-               "then takes a gradient and a JVP pass, not timed)")
+               "then takes a gradient and a JVP pass a sample at a time, not timed)")
         scaled = None
     elif gram:
         def gram_route():

@@ -83,8 +83,7 @@ def scaled_gradients(model, params, batches: Sequence[Batch], *, columns: tuple[
     for batch in batches:
         rows = len(batch.sample_ids)
         piece = max((d for d in range(1, rows + 1) if rows % d == 0 and d * PIECE_COPIES * 4 * formed <= memory_budget_bytes), default=1)
-        for first in range(0, rows, piece):
-            part = Batch(*(np.asarray(x)[first : first + piece] for x in batch))
+        for part in batch.pieces(piece):
             sample = per_sample_grads(model, params, part, paths=paths, memory_budget_bytes=memory_budget_bytes)
             t = np.asarray(sample.tokens, np.float64)
             counted = (t > 0) & (np.asarray(part.sample_ids) >= 0)

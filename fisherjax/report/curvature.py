@@ -73,7 +73,8 @@ def section(result: MethodComparison, task: str, labels: np.ndarray | None = Non
         rayleigh = None if m.rayleigh is None else float(m.rayleigh[0])
         lines.append(f"| {LABELS[name]} | {j['seconds']:.2f} | {_fmt(j['peak_rss_gb'])} | {_fmt(float(m.top[0]))} | "
                      f"{_fmt(m.condition)} | {_fmt(m.probe_error)} | {_fmt(rayleigh)} |")
-    lines += ["", f"**Recommended: {LABELS[result.recommended]}** — {result.reason}.", ""]
+    lines += ["", f"{LABELS['lanczos']}: {result.methods['lanczos'].notes}.", "",
+              f"**Recommended: {LABELS[result.recommended]}** — {result.reason}.", ""]
     if result.blocks:
         b, layer, h = result.blocks[0]
         named = "" if labels is None else f" ({data['blocks'][0]['category']})"
