@@ -344,7 +344,7 @@ def curvature_skip(parameters: int, need: float, free: float | None, forced: boo
     with ``G̃`` whole (``compare.peak_bytes``) is more than :data:`CURVATURE_MEMORY_SHARE` of them,
     and ``--curvature`` would run it. ``free`` None: not known, it runs. A default run holds
     ``G̃`` whole, where the comparison costs one gradient pass; ``--curvature`` allows the sliced
-    route, a gradient pass per slice and two more per eigenvector."""
+    route, a gradient pass per slice and two more passes per eigenvector."""
     least = need if least is None else least
     if parameters > CURVATURE_AUTO_PARAMETERS and not forced:
         return "parameters"
@@ -383,7 +383,7 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
                 f"{what} would take more than {CURVATURE_MEMORY_SHARE:.0%} of the memory still free ({free / 1e9:.1f} GB); "
                 f"pass --curvature to run it anyway{' (in column slices of the gradients)' if need > free else ''}, "
                 f"or a smaller {smaller}")
-        sliced = f" (at least {least / 1e9:.1f} GB in {compare.MAX_GRAM_SLICES} column slices of them)" if gram else ""
+        sliced = f" (at least {least / 1e9:.1f} GB with them formed in column slices)" if gram else ""
         reason = (f"{what} would take more than the memory still free ({free / 1e9:.1f} GB){sliced}"
                   f"{', even with --curvature' if config.curvature else ''}; pass a smaller {smaller}")
         if config.curvature:

@@ -363,16 +363,16 @@ def curvature_plan(model: Model, forward: ForwardFlops, samples: int, free_bytes
 
     fit = next(((m, k) for m in range(n, 0, -1) if least(m) <= free_bytes), None)
     fit = fit or next(((m, m) for m in range(min(n, k), 0, -1) if least(m, m) <= free_bytes), (0, 0))
-    peak = float(compare.peak_bytes(model, k, n=n, sample_grads_dtype=storage_dtype))
-    skip = curvature_skip(size, peak, free_bytes, config.curvature, least(n))
+    peak, lowest = float(compare.peak_bytes(model, k, n=n, sample_grads_dtype=storage_dtype)), least(n)
+    skip = curvature_skip(size, peak, free_bytes, config.curvature, lowest)
     gram = compare.from_gram(size, k, n)
-    forced_skip = curvature_skip(size, peak, free_bytes, True, least(n))
+    forced_skip = curvature_skip(size, peak, free_bytes, True, lowest)
     slices = 0
     if skip is not None and forced_skip is None and gram:  # the run described is --curvature's, within all the free memory
         slices = len(compare.gram_slices(model, n, storage_dtype, free_bytes) or ())
     flops = curvature_flops(forward, n, size, k, slices=slices)
     return CurvaturePlan(
-        samples=n, k=k, gram=gram, peak_bytes=peak, least_bytes=least(n), rest_bytes=float(compare.rest_bytes(model)),
+        samples=n, k=k, gram=gram, peak_bytes=peak, least_bytes=lowest, rest_bytes=float(compare.rest_bytes(model)),
         free_bytes=float(free_bytes), skip=skip, forced_skip=forced_skip,
         slices=slices, fit_samples=fit[0], fit_k=fit[1], flops=flops, seconds=flops / rate,
     )

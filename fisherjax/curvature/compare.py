@@ -18,7 +18,8 @@ checked against:
   when ``k ≤ n ≤ 2 · steps`` the same pairs come exactly from the ``n × n`` Gram of the
   per-sample gradients (:func:`~fisherjax.curvature.lowrank.empirical_eigen`): one gradient pass
   instead of ``steps`` Fisher-vector products, in at most twice a float32 basis's memory
-  (:func:`from_gram`). The report's notes say which.
+  (:func:`from_gram`); given too little memory to hold those gradients, the Gram is formed first
+  from column slices of them (:func:`gram_slices`). The report's notes say which.
 * **block spectra** — the exact spectrum of ``F`` restricted to each attention head's slice
   (:mod:`fisherjax.curvature.blocks`), i.e. the block-diagonal Fisher of the heads, from the
   attention gradients of the diagonal's pass (as Phase 1 keeps them): its time is the per-slice

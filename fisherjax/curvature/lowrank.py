@@ -9,6 +9,11 @@ where Lanczos takes ``steps`` Fisher-vector products, each a linearisation of th
 transpose over every sample (with a large vocabulary the ``[b, t, V]`` tangents make each product
 several gradients' worth). When ``n`` is at most the steps Lanczos would take, this route is
 both exact and cheaper, and it holds ``n`` vectors of ``D`` floats where Lanczos holds ``steps``.
+
+Where even ``G̃`` is too large to hold, the Gram is summed over column slices of it, one
+per-sample gradient pass each (:func:`sliced_gram`), and what the products of ``G̃`` gave comes
+from passes over the samples instead: ``G̃ᵀ c`` from one weighted gradient
+(:func:`combined_gradient`), ``G̃ v`` from one JVP of the logits (:func:`gradients_times`).
 """
 
 from __future__ import annotations
