@@ -92,8 +92,9 @@ def curvature_flops(forward: ForwardFlops, samples: int, parameters: int, k: int
     gradient pass, the ``n × n`` Gram ``2n²D``, and each probe's exact product from two reads of
     the gradients, ``4nD``), or formed in ``slices ≥ 1`` column slices of them and not held (a
     gradient pass per slice, then per eigenvector a weighted gradient and a JVP for its residual,
-    ``PRODUCT_GRADIENTS / 2`` gradients, and per probe an exact product), or from Lanczos (``steps`` Fisher-vector products, and one per probe); an
-    exact product is :data:`PRODUCT_GRADIENTS` gradients:
+    ``PRODUCT_GRADIENTS / 2`` gradients, and per probe an exact product), or from Lanczos
+    (``steps`` Fisher-vector products, and one per probe); an exact product is
+    :data:`PRODUCT_GRADIENTS` gradients:
 
         Gram:          9F·n + 2n²·D + probes · 4n·D
         Gram, sliced:  (6 + 3·slices)F·n + 2n²·D + (k · (1 + PRODUCT_GRADIENTS/2) + probes · PRODUCT_GRADIENTS) · 3F·n

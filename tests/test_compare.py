@@ -190,7 +190,11 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
     reason = json.loads((tmp_path / "s" / "results.json").read_text())["method_comparison"]["skipped"]
     assert "pass --curvature to run it anyway (in column slices of the gradients), or a smaller --curvature-samples" in reason, reason
     memory = []
-    monkeypatch.setattr(pipeline.compare, "compare_methods", lambda model, batches, **kw: memory.append(kw["memory_bytes"]) or fake(model, batches, **kw))
+    def recording(model, batches, **kwargs):
+        memory.append(kwargs["memory_bytes"])
+        return fake(model, batches, **kwargs)
+
+    monkeypatch.setattr(pipeline.compare, "compare_methods", recording)
     with pytest.raises(RuntimeError, match="ran"):
         main([*small, "--out", str(tmp_path / "t"), "--curvature"])
     assert memory == [free] and pipeline.compare.gram_slices(model, 5, "bfloat16", free) is not None
@@ -362,7 +366,7 @@ def test_too_little_memory_for_the_slices_is_refused(compared):
 
     model, _, _ = compared
     rest = compare.rest_bytes(model)
-    with pytest.raises(ConfigError, match=r"K-FAC factors and model-sized vectors take [\d.]+ GB, more than its [\d.]+ GB: give it more memory"):
+    with pytest.raises(ConfigError, match=r"factors and model-sized vectors take [\d.]+ GB, more than its [\d.]+ GB: give it more memory"):
         compare.gram_slices(model, 12, "float32", rest - 1)
     with pytest.raises(ConfigError, match=r"need \d+ column slices in [\d.]+ GB, more than 32: give it more memory or fewer samples"):
         compare.gram_slices(model, 10_000, "float32", rest)

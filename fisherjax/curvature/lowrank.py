@@ -34,8 +34,8 @@ from fisherjax.errors import DataError
 from fisherjax.grads import per_sample_grads, sample_losses
 
 __all__ = [
-    "column_slices", "combined_gradient", "decoded", "empirical_eigen", "gram_eigen", "gram_pairs", "gram_top", "gradients_times", "leaf_columns", "product",
-    "scaled_gradients", "slice_count", "sliced_gram", "transposed_times",
+    "column_slices", "combined_gradient", "decoded", "empirical_eigen", "gradients_times", "gram_eigen", "gram_pairs", "gram_top",
+    "leaf_columns", "product", "scaled_gradients", "slice_count", "sliced_gram", "transposed_times",
 ]
 
 
@@ -78,7 +78,8 @@ def scaled_gradients(model, params, batches: Sequence[Batch], *, columns: tuple[
     crossed = tuple((path, max(lo, start) - start, min(hi, stop) - start) for path, start, stop in leaves if start < hi and stop > lo)
     if not crossed:
         raise ValueError(f"scaled_gradients: columns {columns} lie outside the model's {leaves[-1][2]} parameters")
-    formed = sum(stop - start for path, start, stop in leaves if start < hi and stop > lo)
+    sizes = {path: stop - start for path, start, stop in leaves}
+    formed = sum(sizes[path] for path, _, _ in crossed)  # the crossed leaves' gradients are formed whole
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"scaled_gradients stores float32 or bfloat16, not {jnp.dtype(dtype)}")
     stored = BFLOAT16_BITS if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32
