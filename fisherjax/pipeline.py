@@ -363,8 +363,9 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
     name = next(iter(ctx.tasks))
     chosen = first_batches(ctx, name, config.curvature_samples)
     k, n, dtype = config.curvature_k, sum(b.num_real for b in chosen), config.sample_grads_dtype
-    need = compare.peak_bytes(model, k, n=n, sample_grads_dtype=dtype)
-    least = compare.least_bytes(model, k, n=n, sample_grads_dtype=dtype)
+    tokens, sample_tokens = compare.pass_tokens(chosen)
+    need = compare.peak_bytes(model, k, n=n, sample_grads_dtype=dtype, tokens=tokens)
+    least = compare.least_bytes(model, k, n=n, sample_grads_dtype=dtype, tokens=tokens, sample_tokens=sample_tokens)
     free = backend.available_memory_bytes()
     why = curvature_skip(model.num_params, need, free, config.curvature, least)
     if why == "parameters":

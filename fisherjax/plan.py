@@ -319,8 +319,8 @@ class CurvaturePlan:
     ``samples``, ``k``: its samples (``--curvature-samples``, at most a task's) and eigenvalues
     (``--curvature-k``); ``gram``: the top comes from the Gram route, else from Lanczos;
     ``peak_bytes``: ``compare.peak_bytes`` (the gradients or basis whole); ``least_bytes``:
-    ``compare.least_bytes`` (the gradients in the most column slices); ``rest_bytes``: the part of
-    both beside the gradients or basis (K-FAC's factors, model-sized vectors); ``free_bytes``: what
+    ``compare.least_bytes`` (the gradients in the most column slices); ``rest_bytes``: what the
+    least holds beside them (K-FAC's factors, model-sized vectors, a pass over one sample); ``free_bytes``: what
     the device has for it; ``skip``: why the default run skips it (None: it runs); ``forced_skip``:
     the same with ``--curvature``; ``slices``: the column slices the gradients are formed in and
     not held, in the run described (the default run's when it runs, else ``--curvature``'s; 0:
@@ -347,9 +347,10 @@ class CurvaturePlan:
 
 
 def curvature_plan(model: Model, forward: ForwardFlops, samples: int, free_bytes: float, rate: float, storage_dtype: str,
-                   config: AnalysisConfig | None = None) -> CurvaturePlan:
-    """:class:`CurvaturePlan` of ``model`` for tasks of ``samples`` samples, ``free_bytes`` on its
-    device and ``rate`` FLOP/s, with ``config``'s comparison settings (default: ``analyze``'s).
+                   config: AnalysisConfig | None = None, seq_len: int = 0) -> CurvaturePlan:
+    """:class:`CurvaturePlan` of ``model`` for tasks of ``samples`` samples of ``seq_len`` tokens,
+    ``free_bytes`` on its device and ``rate`` FLOP/s, with ``config``'s comparison settings (default:
+    ``analyze``'s; its passes go ``batch_size`` samples at a time with ``G̃`` held, one without).
 
     What fits with ``--curvature``: the most samples ``m ≤ n`` at the asked ``k``; failing that
     (fewer samples than ``k`` take the Lanczos route, whose basis is larger) the most ``m ≤ min(n,
@@ -358,21 +359,23 @@ def curvature_plan(model: Model, forward: ForwardFlops, samples: int, free_bytes
     k, n = config.curvature_k, min(config.curvature_samples, samples)
     size = int(model.num_params)
 
+    tokens = {"tokens": min(config.batch_size, n) * seq_len, "sample_tokens": seq_len}
+
     def least(m: int, top: int = k) -> float:
-        return float(compare.least_bytes(model, top, n=m, sample_grads_dtype=storage_dtype))
+        return float(compare.least_bytes(model, top, n=m, sample_grads_dtype=storage_dtype, **tokens))
 
     fit = next(((m, k) for m in range(n, 0, -1) if least(m) <= free_bytes), None)
     fit = fit or next(((m, m) for m in range(min(n, k), 0, -1) if least(m, m) <= free_bytes), (0, 0))
-    peak, lowest = float(compare.peak_bytes(model, k, n=n, sample_grads_dtype=storage_dtype)), least(n)
+    peak, lowest = float(compare.peak_bytes(model, k, n=n, sample_grads_dtype=storage_dtype, tokens=tokens["tokens"])), least(n)
     skip = curvature_skip(size, peak, free_bytes, config.curvature, lowest)
     gram = compare.from_gram(size, k, n)
     forced_skip = curvature_skip(size, peak, free_bytes, True, lowest)
     slices = 0
     if skip is not None and forced_skip is None and gram:  # the run described is --curvature's, within all the free memory
-        slices = len(compare.gram_slices(model, n, storage_dtype, free_bytes) or ())
+        slices = len(compare.gram_slices(model, n, storage_dtype, free_bytes, **tokens) or ())
     flops = curvature_flops(forward, n, size, k, slices=slices)
     return CurvaturePlan(
-        samples=n, k=k, gram=gram, peak_bytes=peak, least_bytes=lowest, rest_bytes=float(compare.rest_bytes(model)),
+        samples=n, k=k, gram=gram, peak_bytes=peak, least_bytes=lowest, rest_bytes=float(compare.rest_bytes(model, seq_len)),
         free_bytes=float(free_bytes), skip=skip, forced_skip=forced_skip,
         slices=slices, fit_samples=fit[0], fit_k=fit[1], flops=flops, seconds=flops / rate,
     )
@@ -626,7 +629,7 @@ def plan(
     heads_work = heads_flops(forward, layout, tasks, min(defaults.head_samples, samples), defaults.ablation_heads)
     mask_count = most_pruning_masks(tasks)
     masks_work = masks_flops(forward, tasks, min(defaults.pruning_samples, samples), mask_count)
-    comparison = curvature_plan(model, forward, samples, limit - parameter_bytes(model), one_device, dtype, defaults)
+    comparison = curvature_plan(model, forward, samples, limit - parameter_bytes(model), one_device, dtype, defaults, seq_len)
     seconds = dict(phase1=phase1 / rate, heads=heads_work / one_device, masks=masks_work / one_device,
                    phase5=phase5 / rate, phase6=phase6 / rate, curvature=comparison.seconds if comparison.skip is None else 0.0)
     return Plan(

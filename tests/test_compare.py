@@ -341,8 +341,12 @@ def test_the_comparison_without_its_gradients_whole(compared):
     rows, size = sum(len(b.sample_ids) for b in _batches()), model.num_params
     assert compare.gram_slices(model, rows, "float32", None) is None
     assert compare.gram_slices(model, rows, "float32", compare.peak_bytes(model, 6, n=rows)) is None  # held whole
-    budget = compare.rest_bytes(model)  # the least K-FAC's stage needs, after the Gram
-    slices = compare.gram_slices(model, rows, "float32", budget)
+    tokens, sample_tokens = compare.pass_tokens(_batches())
+    assert (tokens, sample_tokens) == (6 * 9, 9)
+    assert (compare.peak_bytes(model, 6, n=rows, tokens=tokens) - compare.peak_bytes(model, 6, n=rows)
+            == compare.working_bytes(model, tokens) == 4 * compare.WORKING_LOGITS * model.config.vocab_size * tokens)
+    budget = compare.rest_bytes(model, sample_tokens)  # the least K-FAC's stage needs, after the Gram, a sample at a time
+    slices = compare.gram_slices(model, rows, "float32", budget, tokens, sample_tokens)
     assert slices is not None and slices[0][0] == 0 and slices[-1][1] == size
     assert compare.least_bytes(model, 6, n=len(x)) <= budget < compare.peak_bytes(model, 6, n=len(x))
     sliced = compare.compare_methods(model, _batches(), k=6, probes=2, count=4, memory_bytes=budget)

@@ -252,7 +252,7 @@ def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkey
     c = base.curvature
     assert c.samples == n and c.k == defaults.curvature_k and not c.gram  # 4 samples < k: Lanczos
     assert c.flops == curvature_flops(f, n, model.num_params, c.k) > 0
-    assert c.peak_bytes == compare.peak_bytes(model, c.k, n=n, sample_grads_dtype=base.storage_dtype)
+    assert c.peak_bytes == compare.peak_bytes(model, c.k, n=n, sample_grads_dtype=base.storage_dtype, tokens=n * SEQ)
     assert c.free_bytes == 0.9 * 80 * GB - parameter_bytes(model) and c.skip is None and c.forced_skip is None
     assert (c.fit_samples, c.fit_k) == (n, c.k)
     rate = base.throughput_tflops * 1e12
@@ -266,32 +266,32 @@ def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkey
     # a device between the rest of the peak and the peak: skipped (Lanczos's basis is whole); with --curvature
     # the Gram route (k ≤ samples) fits, its gradients in column slices
     rest, per_sample = c.rest_bytes, compare.basis_bytes(model.num_params, 2, n=2, sample_grads_dtype="float32") / 2
-    assert rest == compare.rest_bytes(model) and c.least_bytes == c.peak_bytes  # Lanczos: nothing to slice
-    small = curvature_plan(model, f, n, rest + 2.5 * per_sample, rate, "float32")  # two samples' gradients fit, not three
+    assert rest == compare.rest_bytes(model, SEQ) and c.least_bytes == c.peak_bytes  # Lanczos: nothing to slice
+    small = curvature_plan(model, f, n, rest + 2.5 * per_sample, rate, "float32", None, SEQ)  # two samples' gradients fit, not three
     assert small.skip == small.forced_skip == "memory" and (small.fit_samples, small.fit_k) == (4, 4)  # k = 4 ≤ 4 samples: Gram route
-    assert compare.least_bytes(model, 4, n=4, sample_grads_dtype="float32") <= small.free_bytes
-    assert compare.peak_bytes(model, 4, n=4, sample_grads_dtype="float32") > small.free_bytes
+    assert compare.least_bytes(model, 4, n=4, sample_grads_dtype="float32", tokens=4 * SEQ, sample_tokens=SEQ) <= small.free_bytes
+    assert compare.peak_bytes(model, 4, n=4, sample_grads_dtype="float32", tokens=4 * SEQ) > small.free_bytes
     assert "--curvature-samples 4 --curvature-k 4 fits with --curvature" in format_plan(dataclasses.replace(base, curvature=small))
     assert "method comparison         skipped: it does not fit" in format_plan(dataclasses.replace(base, curvature=small))
     gram_config = dataclasses.replace(defaults, curvature_k=2)
-    sliced = curvature_plan(model, f, n, rest + 2.5 * per_sample, rate, "float32", gram_config)
+    sliced = curvature_plan(model, f, n, rest + 2.5 * per_sample, rate, "float32", gram_config, seq_len=SEQ)
     assert sliced.gram and sliced.skip == "share" and sliced.forced_skip is None
     assert sliced.least_bytes < sliced.free_bytes < sliced.peak_bytes
-    assert sliced.slices == len(compare.gram_slices(model, n, "float32", sliced.free_bytes)) >= 1 and c.slices == 0
+    assert sliced.slices == len(compare.gram_slices(model, n, "float32", sliced.free_bytes, n * SEQ, SEQ)) >= 1 and c.slices == 0
     assert sliced.flops == curvature_flops(f, n, model.num_params, 2, slices=sliced.slices) > curvature_flops(f, n, model.num_params, 2)
     assert "with --curvature it runs: 4 samples, top 2 from their Gram, peak" in format_plan(dataclasses.replace(base, curvature=sliced))
     assert f"so their Gram in {sliced.slices} column slice" in format_plan(dataclasses.replace(base, curvature=sliced))
-    shared = curvature_plan(model, f, n, 1.5 * c.peak_bytes, rate, "float32")  # fits, but more than half of it
+    shared = curvature_plan(model, f, n, 1.5 * c.peak_bytes, rate, "float32", None, SEQ)  # fits, but more than half of it
     assert shared.skip == "share" and shared.forced_skip is None
     assert "skipped by default (its peak is more than 50% of the free memory); with --curvature it runs: 4 samples" in format_plan(
         dataclasses.replace(base, curvature=shared))
     monkeypatch.setattr(pipeline, "CURVATURE_AUTO_PARAMETERS", 10)
     monkeypatch.setattr(planning, "CURVATURE_AUTO_PARAMETERS", 10)
-    large = curvature_plan(model, f, n, c.free_bytes, rate, "float32")
+    large = curvature_plan(model, f, n, c.free_bytes, rate, "float32", None, SEQ)
     assert large.skip == "parameters" and large.forced_skip is None
     assert "skipped by default (" in format_plan(dataclasses.replace(base, curvature=large)) and "with --curvature it runs: 4 samples" in (
         format_plan(dataclasses.replace(base, curvature=large)))
-    nothing = curvature_plan(model, f, n, 0.5 * rest, rate, "float32")
+    nothing = curvature_plan(model, f, n, 0.5 * rest, rate, "float32", None, SEQ)
     assert (nothing.fit_samples, nothing.fit_k) == (0, 0)
     text = format_plan(dataclasses.replace(base, curvature=nothing))
     assert "with any number of samples: K-FAC's factors and the model-sized vectors alone take" in text

@@ -142,17 +142,41 @@ small's comparison took above ``G̃`` in ``fisherjax analyze`` (RESULTS.md, twen
 the eigenvectors are no longer formed (:func:`fisherjax.curvature.kfac.factor_values`)."""
 
 
-def rest_bytes(model) -> int:
+WORKING_LOGITS = 3
+"""Logits-sized float32 arrays (``[tokens, vocabulary]``) counted for the working memory of a pass
+over ``tokens`` tokens at once: the logits, their softmax, and a tangent or cotangent of them.
+Measured with ``G̃`` held at batches of 16 × 80–120 tokens (RESULTS.md, twenty-sixth session):
+above ``G̃``, the factors and :data:`MODEL_COPIES`, GPT-2 small's comparison took 2.2 such arrays
+and the 4-layer model's 2.7 — memory that grows with the batch, not with the model."""
+
+
+def working_bytes(model, tokens: int) -> int:
+    """Bytes of a pass's working memory over ``tokens`` tokens at once: :data:`WORKING_LOGITS`
+    float32 ``[tokens, vocabulary]`` arrays."""
+    return 4 * WORKING_LOGITS * int(model.config.vocab_size) * int(tokens)
+
+
+def pass_tokens(batches: Sequence[Batch]) -> tuple[int, int]:
+    """``(batch, sample)``: the most tokens a pass holds at once when it goes a batch at a time
+    (the largest ``rows × length``) and a sample at a time (the longest length)."""
+    shapes = [np.shape(b.input_ids) for b in batches]
+    return max(r * t for r, t in shapes), max(t for _, t in shapes)
+
+
+def rest_bytes(model, tokens: int = 0) -> int:
     """Bytes the comparison of ``model`` holds beside ``G̃`` or the Lanczos basis: K-FAC's factors
-    (``4 ·`` :func:`~fisherjax.curvature.kfac.factor_floats`) and :data:`MODEL_COPIES` float32
-    copies of the model."""
-    return 4 * kfac.factor_floats(model) + 4 * MODEL_COPIES * int(model.num_params)
+    (``4 ·`` :func:`~fisherjax.curvature.kfac.factor_floats`), :data:`MODEL_COPIES` float32
+    copies of the model, and the working memory of passes over ``tokens`` tokens at once
+    (:func:`working_bytes`)."""
+    return 4 * kfac.factor_floats(model) + 4 * MODEL_COPIES * int(model.num_params) + working_bytes(model, tokens)
 
 
-def peak_bytes(model, k: int, steps: int | None = None, n: int | None = None, sample_grads_dtype: str = "float32") -> int:
-    """Bytes the comparison of ``model`` holds at its peak with ``G̃`` (or the basis) whole:
+def peak_bytes(model, k: int, steps: int | None = None, n: int | None = None, sample_grads_dtype: str = "float32",
+               tokens: int = 0) -> int:
+    """Bytes the comparison of ``model`` holds at its peak with ``G̃`` (or the basis) whole and its
+    passes over ``tokens`` tokens at once (the largest batch's, :func:`pass_tokens`):
     :func:`basis_bytes` and :func:`rest_bytes`."""
-    return basis_bytes(int(model.num_params), k, steps, n, sample_grads_dtype) + rest_bytes(model)
+    return basis_bytes(int(model.num_params), k, steps, n, sample_grads_dtype) + rest_bytes(model, tokens)
 
 
 MAX_GRAM_SLICES = 32
@@ -167,35 +191,41 @@ there are only the per-sample gradient passes' own arrays, budgeted at
 :data:`GRADIENT_BUDGET_BYTES`; one model copy is the headroom kept for them."""
 
 
-def least_bytes(model, k: int, steps: int | None = None, n: int | None = None, sample_grads_dtype: str = "float32") -> int:
-    """The least memory the comparison of ``model`` runs in: on the Gram route the larger of
+def least_bytes(model, k: int, steps: int | None = None, n: int | None = None, sample_grads_dtype: str = "float32",
+                tokens: int = 0, sample_tokens: int = 0) -> int:
+    """The least memory the comparison of ``model`` runs in: on the Gram route, with ``G̃`` not held
+    and every pass after the diagonal's going a sample at a time (``sample_tokens``), the larger of
     :func:`rest_bytes` (K-FAC and the model-sized vectors, after the Gram) and one of
     :data:`MAX_GRAM_SLICES` column slices of ``G̃`` with :data:`SLICE_COPIES` (before it); on the
-    Lanczos route :func:`peak_bytes` (its basis is whole)."""
+    Lanczos route :func:`peak_bytes` (its basis is whole; passes over ``tokens``)."""
     size = int(model.num_params)
     if n is not None and from_gram(size, k, n, steps):
         slice_bytes = math.ceil(basis_bytes(size, k, steps, n, sample_grads_dtype) / MAX_GRAM_SLICES)
-        return max(rest_bytes(model), slice_bytes + 4 * SLICE_COPIES * size)
-    return peak_bytes(model, k, steps, n, sample_grads_dtype)
+        stage = max(4 * kfac.factor_floats(model) + 4 * MODEL_COPIES * size, slice_bytes + 4 * SLICE_COPIES * size)
+        return stage + working_bytes(model, sample_tokens)
+    return peak_bytes(model, k, steps, n, sample_grads_dtype, tokens)
 
 
-def gram_slices(model, rows: int, sample_grads_dtype: str = "float32", memory_bytes: float | None = None) -> tuple[tuple[int, int], ...] | None:
+def gram_slices(model, rows: int, sample_grads_dtype: str = "float32", memory_bytes: float | None = None,
+                tokens: int = 0, sample_tokens: int = 0) -> tuple[tuple[int, int], ...] | None:
     """None where the Gram route's ``G̃ [rows, D]`` fits ``memory_bytes`` (None: always) whole beside
-    :func:`rest_bytes` and is held through the comparison; else the column ranges
-    (:func:`fisherjax.curvature.lowrank.column_slices`; one range when ``G̃`` fits alone) it is
-    formed in before the rest exists, each fitting ``memory_bytes`` with :data:`SLICE_COPIES`.
+    :func:`rest_bytes` with passes over ``tokens`` at once, and is held through the comparison;
+    else the column ranges (:func:`fisherjax.curvature.lowrank.column_slices`; one range when
+    ``G̃`` fits alone) it is formed in before the rest exists, each fitting ``memory_bytes`` with
+    :data:`SLICE_COPIES` and passes over ``sample_tokens`` (:func:`pass_tokens`).
 
     Raises:
       ConfigError: :func:`rest_bytes` alone is more than ``memory_bytes``, or the slices would be
         more than :data:`MAX_GRAM_SLICES` (the memory is below :func:`least_bytes`).
     """
     size, itemsize = int(model.num_params), jnp.dtype(gram_dtype(sample_grads_dtype)).itemsize
-    if memory_bytes is None or rows * size * itemsize + rest_bytes(model) <= memory_bytes:
+    if memory_bytes is None or rows * size * itemsize + rest_bytes(model, tokens) <= memory_bytes:
         return None
-    if rest_bytes(model) > memory_bytes:
-        raise ConfigError(f"the method comparison's K-FAC factors and model-sized vectors take {rest_bytes(model) / 1e9:.1f} GB, "
+    rest = rest_bytes(model, sample_tokens)
+    if rest > memory_bytes:
+        raise ConfigError(f"the method comparison's K-FAC factors and model-sized vectors take {rest / 1e9:.1f} GB, "
                           f"more than its {memory_bytes / 1e9:.1f} GB: give it more memory")
-    budget = max(memory_bytes - 4 * SLICE_COPIES * size, 1.0)
+    budget = max(memory_bytes - 4 * SLICE_COPIES * size - working_bytes(model, sample_tokens), 1.0)
     count = lowrank.slice_count(size, rows, budget, itemsize)
     if count > MAX_GRAM_SLICES:
         raise ConfigError(f"the method comparison's {rows} per-sample gradients need {count} column slices in "
@@ -243,7 +273,7 @@ def compare_methods(
         over column slices of ``G̃`` (:func:`gram_slices`, one per-sample gradient pass each) and
         each slice dropped before K-FAC's factors are formed; the eigenvectors are then formed by
         a weighted gradient pass each and the probes' exact products by the Fisher-vector
-        product, a sample at a time (beside the factors, a pass's working memory is one
+        product, and these and K-FAC's pass go a sample at a time (a pass's working memory is one
         sample's): the same numbers, ``G̃`` never held.
 
     Returns:
@@ -262,7 +292,12 @@ def compare_methods(
 
     # rank ≤ n: the n × n Gram is exact and cheaper than the products; its gradients whole or in column slices
     gram = from_gram(int(model.num_params), k, products.count_samples(batches), steps)
-    slices = gram_slices(model, sum(len(b.sample_ids) for b in batches), options.sample_grads_dtype, memory_bytes) if gram else None
+    slices = None
+    if gram:
+        slices = gram_slices(model, sum(len(b.sample_ids) for b in batches), options.sample_grads_dtype, memory_bytes,
+                             *pass_tokens(batches))
+    # without G̃ held every pass after the diagonal's goes a sample at a time, so its working memory is one sample's
+    rows = batches if slices is None else [piece for batch in batches for piece in batch.pieces(1)]
 
     # ---- the four methods, each measured ----------------------------------------------------
     # One Phase 1 pass gives the diagonal and the attention gradients the block spectra read; the
@@ -288,7 +323,7 @@ def compare_methods(
         (k_gram, (values, coefficients)), lanczos_stretch = telemetry.measure(sliced_route)
 
     def run_kfac():
-        factors = kfac.kfac_factors(model, params, batches)
+        factors = kfac.kfac_factors(model, params, rows)
         return factors, kfac.factor_values(factors)
 
     (factors, factor_values), kfac_stretch = telemetry.measure(run_kfac)
@@ -297,9 +332,7 @@ def compare_methods(
     exact_product = operator.matvec
     diagonal_tree = unflatten(diagonal)
     diag_device = operator.ravel(diagonal_tree)
-    if slices is not None:  # the eigenvectors by gradient passes, the probes' exact products by Fisher-vector products,
-        # a row at a time: beside K-FAC's factors and the model-sized vectors, a pass's working memory is one sample's
-        rows = [piece for batch in batches for piece in batch.pieces(1)]
+    if slices is not None:  # the eigenvectors by gradient passes, the probes' exact products by Fisher-vector products
         exact_product = products.fisher_operator(model, params, rows, kind="empirical").matvec
         forms, residuals = _combination_forms(model, params, rows, factors, layout, diag_device, values, coefficients, k_gram)
         how = (f"from the {operator.n_samples} × {operator.n_samples} Gram of the per-sample gradients, formed before K-FAC "
