@@ -7,9 +7,9 @@ small's 12 layers d = 768 (124 M); 32 samples of 80–120 random tokens in batch
 process's peak RSS (``/proc/self/status`` polled every 10 ms; the process starts at about 0.5 GB),
 the wall time, each method's stretch (seconds, peaks of the host and, on an accelerator, the device,
 compilations) and the top eigenvalues. With
-``--slices S`` the comparison gets ``compare.rest_bytes`` and an ``S``-th of its gradients'
-bytes, so its Gram route sums over ``S`` column slices of them (run one process per setting to
-compare peaks).
+``--slices S`` the comparison gets ``compare.rest_bytes`` (one sample's passes) and an ``S``-th of
+its gradients' bytes, so it does not hold them and forms its Gram from column slices of them
+(``compare.gram_slices`` says how many; run one process per setting to compare peaks).
 
 Usage: python benchmarks/compare_memory.py [--shape tiny|small] [--samples 32] [--k 10] [--slices S]
 """
@@ -70,9 +70,10 @@ def main() -> None:
     if args.slices > 1:
         rows = sum(len(b.sample_ids) for b in chosen)
         gradients = rows * model.num_params * np.dtype(compare.gram_dtype(options.sample_grads_dtype)).itemsize
-        memory = compare.rest_bytes(model) + gradients / args.slices + 2 * rows  # a column's slack for the rounding
-        print(f"memory_bytes {memory / 1e9:.2f} GB: {len(compare.gram_slices(model, rows, options.sample_grads_dtype, memory))} "
-              f"column slices of {gradients / 1e9:.2f} GB of gradients")
+        tokens = compare.pass_tokens(chosen)
+        memory = compare.rest_bytes(model, tokens[1]) + gradients / args.slices + 2 * rows  # a column's slack for the rounding
+        slices = compare.gram_slices(model, rows, options.sample_grads_dtype, memory, *tokens)
+        print(f"memory_bytes {memory / 1e9:.2f} GB: {len(slices or ())} column slices of {gradients / 1e9:.2f} GB of gradients")
     result = compare.compare_methods(model, chosen, k=args.k, options=options, memory_bytes=memory)
     print(f"compare_methods: {time.time() - start:.1f} s, peak RSS {peak[0]:.2f} GB (process at {start_rss:.2f} GB before)")
     print(f"lanczos: {result.methods['lanczos'].notes}")

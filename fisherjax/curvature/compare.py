@@ -137,9 +137,8 @@ def basis_bytes(size: int, k: int, steps: int | None = None, n: int | None = Non
 MODEL_COPIES = 5
 """Model-sized float32 arrays the comparison holds beside ``G̃`` (or the basis) and K-FAC's factors:
 the diagonal as collected and raveled for the products, a probe ``v`` and its exact ``F v``, and
-the approximations' products of it. With K-FAC's factors and their eigenvectors, what GPT-2
-small's comparison took above ``G̃`` in ``fisherjax analyze`` (RESULTS.md, twenty-second session);
-the eigenvectors are no longer formed (:func:`fisherjax.curvature.kfac.factor_values`)."""
+the approximations' products of it. With :data:`WORKING_LOGITS`, what GPT-2 small's comparison
+took above ``G̃`` and the factors (RESULTS.md, twenty-sixth session)."""
 
 
 WORKING_LOGITS = 3
