@@ -327,12 +327,11 @@ def compare_methods(
 
     (factors, factor_values), kfac_stretch = telemetry.measure(run_kfac)
 
-    operator = products.fisher_operator(model, params, batches, kind="empirical")
+    operator = products.fisher_operator(model, params, rows, kind="empirical")
     exact_product = operator.matvec
     diagonal_tree = unflatten(diagonal)
     diag_device = operator.ravel(diagonal_tree)
     if slices is not None:  # the eigenvectors by gradient passes, the probes' exact products by Fisher-vector products
-        exact_product = products.fisher_operator(model, params, rows, kind="empirical").matvec
         forms, residuals = _combination_forms(model, params, rows, factors, layout, diag_device, values, coefficients, k_gram)
         how = (f"from the {operator.n_samples} × {operator.n_samples} Gram of the per-sample gradients, formed before K-FAC "
                f"in {len(slices)} column slice{'s' * (len(slices) != 1)} of them (a gradient pass each; each eigenvector "
