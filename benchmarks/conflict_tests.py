@@ -62,7 +62,7 @@ def measure(n: int) -> dict:
     report, stretch = telemetry.measure(conflicts.detect, a, b, layout=layout, fisher=fisher, scope="groups")
     groups = len(report.groups.is_head)
     extra = stretch.peak_rss_bytes - start
-    values = groups * 3 * n * n
+    values = conflicts.group_test_values(n, n, groups)
     return {"samples": n, "groups": groups, "seconds": round(stretch.seconds, 1), "extra_peak_gb": round(extra / 1e9, 2),
             "bytes_per_group_pair": round(extra / values), "model_gb": round(conflicts.group_scope_bytes(n, n, groups) / 1e9, 2),
             "cores": backend.available_cores(), "core_us_per_group_pair": round(1e6 * stretch.seconds * backend.available_cores() / values, 3),

@@ -707,12 +707,12 @@ def _scaled(x: float, units) -> str:
 
 
 COUNTS = (("B", 1e9), ("M", 1e6), ("k", 1e3), ("", 1))
+FLOPS = (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3), ("FLOP", 1))
 
 
 def _count(x: float) -> str:
     """A count: ``1.7 B``, ``345.6 k``, or the integer below a thousand."""
     return _scaled(x, COUNTS[:-1]) if x >= 1e3 else f"{int(x):,}"
-FLOPS = (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3), ("FLOP", 1))
 
 
 def _duration(seconds: float) -> str:

@@ -200,7 +200,7 @@ def least_bytes(model, k: int, steps: int | None = None, n: int | None = None, s
     size = int(model.num_params)
     if n is not None and from_gram(size, k, n, steps):
         slice_bytes = math.ceil(basis_bytes(size, k, steps, n, sample_grads_dtype) / MAX_GRAM_SLICES)
-        stage = max(4 * kfac.factor_floats(model) + 4 * MODEL_COPIES * size, slice_bytes + 4 * SLICE_COPIES * size)
+        stage = max(rest_bytes(model), slice_bytes + 4 * SLICE_COPIES * size)
         return stage + working_bytes(model, sample_tokens)
     return peak_bytes(model, k, steps, n, sample_grads_dtype, tokens)
 
