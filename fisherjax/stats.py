@@ -12,7 +12,7 @@ import numpy as np
 from fisherjax.backend import available_cores, on_host_cores
 
 
-def fdr_qvalues(pvalues, method: str = "bh") -> np.ndarray:
+def fdr_qvalues(pvalues, method: str = "bh", *, tests: int | None = None, bound: float | None = None) -> np.ndarray:
     """Adjusted p-values (q-values) of any-shaped p-values; NaNs stay NaN and are not counted.
 
     ``method``: ``"bh"`` (Benjamini–Hochberg: independent or positively dependent tests) or
@@ -24,21 +24,32 @@ def fdr_qvalues(pvalues, method: str = "bh") -> np.ndarray:
     per-group conflict tests pass hundreds of millions. Here the sort order and the result are
     the only arrays of their size (the order is found on every core: :func:`ascending_order`); the
     running minimum goes from the largest p-values down, :data:`FDR_CHUNK` at a time.
+
+    ``tests`` and ``bound``: ``pvalues`` are only the tests with ``p ≤ bound`` of ``tests`` in all
+    (every other one's p-value is above ``bound``). Then ``m = tests``, and the q-values are exact
+    where they are ``≤ bound`` and NaN elsewhere (above ``bound``, not resolved): the terms
+    ``p_(j) · m / j`` of the tests left out all exceed ``bound``, so they set no q-value at or
+    below it. With ``bound = alpha`` every discovery and its q-value are the full procedure's.
     """
     if method not in ("bh", "by"):
         raise ValueError(f"method must be 'bh' or 'by', got {method!r}")
+    if (tests is None) != (bound is None):
+        raise ValueError("pass tests and bound together (the p-values at most bound of that many tests)")
     p = np.asarray(pvalues, dtype=np.float64)
     q = np.full(p.shape, np.nan)
     flat, out = p.reshape(-1), q.reshape(-1)
-    m = flat.size - int(np.count_nonzero(np.isnan(flat)))
-    if m == 0:
+    given = flat.size - int(np.count_nonzero(np.isnan(flat)))
+    m = given if tests is None else int(tests)
+    if given == 0:
         return q
-    if np.nanmin(flat) < 0 or np.nanmax(flat) > 1:
-        raise ValueError("p-values must lie in [0, 1]")
-    scale = float(np.sum(1 / np.arange(1, m + 1, dtype=np.float64))) if method == "by" else None
-    order = ascending_order(flat)  # NaNs last: the first m are the tested values, ascending
+    if np.nanmin(flat) < 0 or np.nanmax(flat) > (1 if bound is None else bound):
+        raise ValueError("p-values must lie in [0, 1]" if bound is None else f"p-values must lie in [0, {bound}]")
+    if m < given:
+        raise ValueError(f"{given} p-values given of {m} tests")
+    scale = harmonic_number(m) if method == "by" else None
+    order = ascending_order(flat)  # NaNs last: the first `given` are the tested values, ascending
     running = np.inf
-    for stop in range(m, 0, -FDR_CHUNK):
+    for stop in range(given, 0, -FDR_CHUNK):
         start = max(0, stop - FDR_CHUNK)
         taken = order[start:stop]
         values = flat[taken] * (m / np.arange(start + 1, stop + 1, dtype=np.float64))
@@ -48,7 +59,20 @@ def fdr_qvalues(pvalues, method: str = "bh") -> np.ndarray:
         np.minimum(values, running, out=values)
         running = values[0]
         out[taken] = np.clip(values, 0.0, 1.0)
+    if bound is not None:
+        q[q > bound] = np.nan
     return q
+
+
+def harmonic_number(m: int) -> float:
+    """``Σ_{i ≤ m} 1/i``: summed as scipy sums it up to ``2^24`` terms; beyond, ``ψ(m + 1) + γ``
+    (``scipy.special.digamma``), equal to float64 rounding, without an ``m``-long array (the
+    per-group tests count billions)."""
+    if m <= 1 << 24:
+        return float(np.sum(1 / np.arange(1, m + 1, dtype=np.float64)))
+    from scipy import special
+
+    return float(special.digamma(m + 1.0) + np.euler_gamma)
 
 
 FDR_CHUNK = 1 << 20

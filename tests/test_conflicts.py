@@ -441,6 +441,35 @@ def test_pooled_null_in_chunks_of_rows_is_the_same(monkeypatch, exclude_self, co
                                 loop_pvalues(test[0], ref[0], "pooled", exclude_self), atol=1e-12)
 
 
+@pytest.mark.parametrize("tail", [None, "gpd"])
+@pytest.mark.parametrize("cores", [1, 3])
+def test_pooled_null_kept_only_as_low_as_the_tests_need(monkeypatch, tail, cores):
+    """With ``resolve``, the pooled null keeps only its lowest values (partitioned as pieces come,
+    from several threads): every p-value ≤ resolve equals the whole null's, to the bit; any other
+    is the same or +inf (not resolved), and +inf only where the whole null's is above resolve."""
+    from fisherjax import backend
+    from fisherjax.analysis.conflicts import null
+
+    monkeypatch.setattr(null, "CHUNK_VALUES", 40)
+    monkeypatch.setattr(null, "available_cores", lambda: cores)
+    monkeypatch.setattr(backend, "available_cores", lambda: cores)
+    rng = np.random.default_rng(8)
+    g, n, m = 12, 40, 30
+    ref = np.tanh(rng.normal(0, 0.4, size=(g, n, n)) + rng.normal(0, 0.2, size=(g, n, 1)))
+    ref = (ref + np.swapaxes(ref, 1, 2)) / 2
+    test = np.tanh(rng.normal(-0.3, 0.5, size=(g, n, m)))
+    whole = C.conflict_pvalues(test, ref, exclude_self=True, tail=tail)
+    for resolve in (0.01, 0.05):
+        part = C.conflict_pvalues(test, ref, exclude_self=True, tail=tail, resolve=resolve)
+        low = whole <= resolve
+        assert low.any() and np.isinf(part).any()
+        np.testing.assert_array_equal(part[low], whole[low])
+        assert (whole[np.isinf(part)] > resolve).all()
+        same = np.isfinite(part)
+        np.testing.assert_array_equal(part[same], whole[same])
+        np.testing.assert_array_equal(np.isnan(part), np.isnan(whole))
+
+
 @pytest.mark.parametrize("null, need", [("pooled", 3), ("normal", 2), ("row", 1)])
 def test_each_null_says_how_many_samples_a_task_needs(null, need):
     """One fewer reference sample per row than the null needs is refused, with the reason; a task

@@ -62,6 +62,37 @@ def test_fdr_qvalues_equal_scipy_with_nans_and_chunks(method, kind, cores, monke
     np.testing.assert_array_equal(stats.fdr_qvalues(np.swapaxes(p, 0, 2), method), np.swapaxes(q, 0, 2))  # not contiguous
 
 
+@pytest.mark.parametrize("method", ["bh", "by"])
+@pytest.mark.parametrize("kind", ["uniform", "signal", "ties"])
+def test_fdr_qvalues_of_the_smallest_p_values_only(method, kind, monkeypatch):
+    """Given only the p-values ≤ bound of ``tests`` tests, the q-values ≤ bound are the full
+    procedure's, to the bit, and the rest NaN; so every discovery at alpha = bound is found."""
+    monkeypatch.setattr(stats, "FDR_CHUNK", 7)
+    rng = np.random.default_rng(3)
+    size = 4000
+    p = {"uniform": rng.uniform(size=size), "ties": rng.integers(1, 400, size=size) / 400.0,
+         "signal": np.where(rng.uniform(size=size) < 0.2, rng.uniform(size=size) * 1e-3, rng.uniform(size=size))}[kind]
+    for bound in (0.05, 0.2):
+        full = stats.fdr_qvalues(p, method)
+        small = p <= bound
+        q = stats.fdr_qvalues(p[small], method, tests=size, bound=bound)
+        resolved = ~np.isnan(q)
+        np.testing.assert_array_equal(resolved, full[small] <= bound)
+        np.testing.assert_array_equal(q[resolved], full[small][resolved])
+        assert (full[~small] > bound).all()
+    with pytest.raises(ValueError, match="together"):
+        stats.fdr_qvalues(p, tests=size)
+    with pytest.raises(ValueError, match=r"\[0, 0.05\]"):
+        stats.fdr_qvalues(np.array([0.01, 0.2]), tests=10, bound=0.05)
+
+
+def test_harmonic_number_without_an_array_of_its_length():
+    assert stats.harmonic_number(1) == 1.0
+    small = stats.harmonic_number(1 << 24)
+    np.testing.assert_allclose(stats.harmonic_number((1 << 24) + 1), small + 1 / ((1 << 24) + 1), rtol=1e-15)
+    np.testing.assert_allclose(stats.harmonic_number(4_000_000_000), np.log(4e9) + np.euler_gamma + 1 / 8e9, rtol=1e-15)
+
+
 def test_fdr_qvalues_refuse_what_is_not_a_p_value():
     assert np.isnan(stats.fdr_qvalues(np.full(4, np.nan))).all()
     for bad in (-0.1, 1.5, np.inf):

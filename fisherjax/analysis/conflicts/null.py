@@ -41,6 +41,11 @@ real model) and the power on planted conflicts.
 
 from __future__ import annotations
 
+import math
+import threading
+from collections.abc import Callable
+from typing import NamedTuple
+
 import numpy as np
 from jaxtyping import Float
 
@@ -48,7 +53,7 @@ from fisherjax.backend import available_cores, on_host_cores
 from fisherjax.errors import DataError
 from fisherjax.settings import check_choice
 
-__all__ = ["NULLS", "TAILS", "conflict_pvalues", "reference_samples_needed"]
+__all__ = ["NULLS", "TAILS", "PooledNull", "conflict_pvalues", "pooled_null", "pooled_pvalues", "reference_samples_needed"]
 
 NULLS = ("pooled", "normal", "row")
 """The null tests (module docstring)."""
@@ -60,7 +65,7 @@ CHUNK_VALUES = 1 << 20
 """Values in flight (over all cores: :func:`chunk_values`) where the pooled null works piece by
 piece: the reference rows, their leave-one-out medians (:func:`_leave_one_out_median_mad`, whose
 sorts hold about a dozen temporaries of up to three times a chunk: ~300 MB of float64 and int64
-in all) and the tested values' p-values (:func:`_pooled_pvalues`). All rows at once — every group
+in all) and the tested values' p-values (:func:`pooled_pvalues`). All rows at once — every group
 and sample pair of a per-group test — were most of the tests' peak memory (RESULTS.md,
 twenty-third session)."""
 
@@ -80,6 +85,7 @@ def conflict_pvalues(
     null: str = "pooled",
     tail: str | None = None,
     tail_size: int = 250,
+    resolve: float | None = None,
 ) -> Float[np.ndarray, "*groups n m"]:
     """One-sided p-values that ``test[..., i, j]`` is lower than row ``i``'s reference cosines.
 
@@ -91,7 +97,9 @@ def conflict_pvalues(
     (``null``, one of :data:`NULLS`) are described in the module docstring; ``tail="gpd"``
     extends the pooled null's far lower tail with a generalized Pareto fit, ``None`` (default)
     keeps it purely empirical. NaN test entries, and rows whose reference cosines are NaN or have
-    no spread (a zero or duplicated gradient), get NaN p-values (untested).
+    no spread (a zero or duplicated gradient), get NaN p-values (untested). ``resolve``: only
+    p-values up to it are needed; the pooled null then keeps only its lowest values
+    (:func:`pooled_null`) and a p-value above ``resolve`` may come back as ``+inf`` (not resolved).
     """
     check_choice("conflict_pvalues", "null", null, NULLS)
     check_choice("conflict_pvalues", "tail", tail, TAILS)
@@ -110,8 +118,11 @@ def conflict_pvalues(
             + (f" (a task with fewer than {need + 1} samples cannot be its own reference)" if exclude_self else "")
         )
     if null == "pooled":
-        center, scale, usable, z_null = _pooled_null(ref, exclude_self)
-        return _pooled_pvalues(test, center, scale, usable, z_null, tail_size if tail == "gpd" else None)
+        groups = ref.reshape(-1, *ref.shape[-2:])
+        pooled = pooled_null(lambda block: groups[block], groups.shape, exclude_self=exclude_self, resolve=resolve,
+                             tail_size=tail_size if tail == "gpd" else None)
+        shape = ref.shape[:-1]
+        return pooled_pvalues(test, *(x.reshape(shape) for x in (pooled.center, pooled.scale, pooled.usable)), pooled)
     ref, row_ok = _reference_rows(ref.reshape(-1, ref.shape[-1]), 0, exclude_self, n)
     ref, row_ok = ref.reshape(*test.shape[:-1], m), row_ok.reshape(test.shape[:-1])
     tested = np.isfinite(test) & row_ok[..., None]
@@ -145,59 +156,132 @@ def _reference_rows(rows, first: int, exclude_self: bool, n: int):
     return values, finite
 
 
-def _pooled_null(ref, exclude_self: bool):
-    """The pooled null of ``ref [..., n, r]``: ``(center, scale, usable, z_null)``.
+class PooledNull(NamedTuple):
+    """The pooled null of a reference ``[G, n, r]`` (:func:`pooled_null`).
 
-    Per row ``[..., n]``: the median and MAD of its reference cosines, and whether the row can be
-    tested (finite, with spread); ``z_null [N]`` sorted: every usable row's standardised cosines
-    ``(ref_kl − med_k,−l) / mad_k,−l`` with the row's median and MAD recomputed without ``l``
-    (:func:`_leave_one_out_median_mad`). Rows go :func:`chunk_values` values at a time, on every
-    core (:func:`on_host_cores`), into one buffer sorted in place: the reference is never copied
-    whole (with ``exclude_self`` it used to be, twice, beside the leave-one-out statistics and the
-    null: most of the tests' peak)."""
-    rows = ref.reshape(-1, ref.shape[-1])
-    n, m = ref.shape[-2], ref.shape[-1] - exclude_self
-    center, scale, usable = np.empty(len(rows)), np.empty(len(rows)), np.empty(len(rows), bool)
-    z_null = np.empty(len(rows) * m)  # NaN where a value is left out: sorted last, then cut off
+    Per row ``[G · n]`` (groups' rows in order): ``center`` and ``scale`` (median and MAD of the
+    row's reference cosines; scale 1 where unusable) and ``usable`` (finite, with spread).
+    ``lowest``: the smallest standardised null values, sorted — all ``size`` of them when
+    ``complete``; ``gpd``: the generalized Pareto fit of its far tail (:func:`_gpd_fit`) or None.
+    """
+
+    center: np.ndarray
+    scale: np.ndarray
+    usable: np.ndarray
+    lowest: np.ndarray
+    size: int
+    complete: bool
+    gpd: tuple[int, float, float, float] | None
+
+
+def pooled_null(
+    read: Callable[[slice], np.ndarray], shape: tuple[int, int, int], *, exclude_self: bool, resolve: float | None = None,
+    tail_size: int | None = None,
+) -> PooledNull:
+    """The pooled null of a reference of ``shape`` ``[G, n, r]``, read a few groups at a time
+    (``read(groups) → [g, n, r]`` cosines, e.g. formed from a Gram's dot products as they are read).
+
+    Every usable row's standardised cosines ``(ref_kl − med_k,−l) / mad_k,−l``, with the row's
+    median and MAD recomputed without ``l`` (:func:`_leave_one_out_median_mad`). Rows go
+    :func:`chunk_values` values at a time on every core (:func:`on_host_cores`). With ``resolve``
+    only the ``L = max(⌈resolve · (1 + N_max)⌉, t + 1)`` lowest values are kept (``N_max`` the
+    null's size before untested values are dropped, ``t`` the Pareto fit's size with
+    ``tail_size``): a p-value ``(1 + #{z_null ≤ z}) / (1 + N)`` is exact for every ``z`` below the
+    ``L``-th, and any other is at least ``(1 + L) / (1 + N) > resolve``. Without it the whole null
+    is kept, as a per-group test of hundreds of samples a task over hundreds of groups cannot
+    afford: ``G · n · r`` float64 values.
+    """
+    groups, n, r = shape
+    m = r - exclude_self
+    rows = groups * n
+    center, scale, usable = np.empty(rows), np.empty(rows), np.empty(rows, bool)
+    n_max = rows * m
+    keep = None
+    if resolve is not None:
+        keep = max(math.ceil(resolve * (1 + n_max)), (min(tail_size, n_max // 10) + 1) if tail_size is not None else 1)
+    lowest = _Lowest(n_max, keep)
     step = max(1, chunk_values() // max(m, 1))
+    per_read = max(1, available_cores() * chunk_values() // max(n * m, 1))
 
-    def fill(i: int) -> None:
-        x, finite = _reference_rows(rows[i : i + step], i, exclude_self, n)
-        c, s = _median_mad(x)
-        center[i : i + step], scale[i : i + step] = c, s
-        usable[i : i + step] = finite & (s > 1e-12 * np.maximum(1.0, np.abs(c)))
-        loo_center, loo_scale = _leave_one_out_median_mad(x)
-        keep = finite[:, None] & (loo_scale > 1e-12 * np.maximum(1.0, np.abs(loo_center)))
-        z = (x - loo_center) / np.where(keep, loo_scale, 1.0)
-        z[~keep] = np.nan
-        z_null[i * m : i * m + z.size] = z.ravel()
+    for g in range(0, groups, per_read):
+        block = np.asarray(read(slice(g, g + per_read)), np.float64)
+        flat = block.reshape(-1, block.shape[-1])
+        first = g * n
 
-    on_host_cores(fill, range(0, len(rows), step))
-    z_null.sort()
-    z_null = z_null[: np.searchsorted(z_null, np.nan)]
-    if z_null.size == 0:
+        def fill(i: int) -> None:
+            x, finite = _reference_rows(flat[i : i + step], i, exclude_self, n)
+            c, s = _median_mad(x)
+            at = slice(first + i, first + i + len(x))
+            center[at], scale[at] = c, s
+            usable[at] = finite & (s > 1e-12 * np.maximum(1.0, np.abs(c)))
+            loo_center, loo_scale = _leave_one_out_median_mad(x)
+            keep_values = finite[:, None] & (loo_scale > 1e-12 * np.maximum(1.0, np.abs(loo_center)))
+            z = (x - loo_center) / np.where(keep_values, loo_scale, 1.0)
+            lowest.add(z[keep_values])
+
+        on_host_cores(fill, range(0, len(flat), step))
+        del block, flat
+    values = lowest.result()
+    if lowest.size == 0:
         raise DataError("no reference sample has any spread of cosines (duplicated or collinear gradients)")
-    shape = ref.shape[:-1]
-    return center.reshape(shape), np.where(usable, scale, 1.0).reshape(shape), usable.reshape(shape), z_null
+    gpd = _gpd_fit(values, lowest.size, tail_size) if tail_size is not None else None
+    return PooledNull(center, np.where(usable, scale, 1.0), usable, values, lowest.size, lowest.complete, gpd)
 
 
-def _pooled_pvalues(test, center, scale, usable, z_null, tail_size: int | None):
+class _Lowest:
+    """The ``keep`` smallest of values added piece by piece (all of them for ``keep=None``), in a
+    buffer of twice that, partitioned down when it fills; pieces come from several threads."""
+
+    def __init__(self, capacity: int, keep: int | None):
+        self.keep = keep if keep is not None and 2 * keep < capacity else None
+        self.buffer = np.empty(capacity if self.keep is None else 2 * self.keep)
+        self.filled, self.size, self.complete = 0, 0, True
+        self.threshold = np.inf
+        self.lock = threading.Lock()
+
+    def add(self, values: np.ndarray) -> None:
+        with self.lock:
+            self.size += values.size
+            while values.size:
+                if self.keep is not None:
+                    values = values[values < self.threshold] if np.isfinite(self.threshold) else values
+                take = min(values.size, len(self.buffer) - self.filled)
+                self.buffer[self.filled : self.filled + take] = values[:take]
+                self.filled += take
+                values = values[take:]
+                if self.filled == len(self.buffer) and self.keep is not None:
+                    self.buffer.partition(self.keep - 1)
+                    self.filled, self.complete = self.keep, False
+                    self.threshold = self.buffer[self.keep - 1]
+
+    def result(self) -> np.ndarray:
+        """The kept values, sorted (the ``keep`` smallest once any was dropped)."""
+        values = self.buffer[: self.filled]
+        values.sort()
+        return values if self.complete else values[: self.keep]
+
+
+def pooled_pvalues(test, center, scale, usable, null: PooledNull):
     """``(1 + #{z_kl ≤ z_ij}) / (1 + N)`` with ``z_ij = (test_ij − center_i) / scale_i`` against the
-    sorted pooled null ``z_null [N]`` (and, with ``tail_size``, its generalized Pareto tail); NaN
-    where the row is not ``usable`` or the test value is not finite. ``test [..., n, m]`` may be a
-    transposed view (:func:`~.detect.detect`'s B side): it is read :func:`chunk_values` values at a
-    time, by groups or by rows of one group, on every core, and never copied whole."""
+    pooled null (:func:`pooled_null`; and its generalized Pareto tail where fitted); NaN where the
+    row is not ``usable`` or the test value is not finite; ``+inf`` where the null was kept only in
+    part and ``z_ij`` lies above what was kept (not resolved: above the null's ``resolve``).
+    ``test [..., n, m]`` may be a transposed view (:func:`~.detect.detect`'s B side): it is read
+    :func:`chunk_values` values at a time, by groups or by rows of one group, on every core, and
+    never copied whole; ``center``, ``scale`` and ``usable`` are ``[..., n]``."""
     shape, (n, cols) = test.shape, test.shape[-2:]
     test = test.reshape(-1, n, cols)  # merges leading axes only: a view of a transposed array too
-    center, scale, usable = (x.reshape(-1, n, 1) for x in (center, scale, usable))
-    tail = _gpd_fit(z_null, tail_size) if tail_size is not None else None
+    center, scale, usable = (np.asarray(x).reshape(-1, n, 1) for x in (center, scale, usable))
+    z_null = null.lowest
     p = np.empty(test.shape)
 
     def fill(block: tuple[slice, ...]) -> None:
         z = (test[block] - center[block]) / scale[block]
-        part = (1.0 + _count_at_most(z_null, z.ravel()).reshape(z.shape)) / (1.0 + z_null.size)
-        if tail is not None:
-            part = _gpd_tail(part, z, z_null.size, *tail)
+        part = (1.0 + _count_at_most(z_null, z.ravel()).reshape(z.shape)) / (1.0 + null.size)
+        if null.gpd is not None:
+            part = _gpd_tail(part, z, null.size, *null.gpd)
+        if not null.complete:
+            part[z >= z_null[-1]] = np.inf
         part[~(np.isfinite(z) & usable[block])] = np.nan
         p[block] = part
 
@@ -234,17 +318,18 @@ def _count_at_most(sorted_values: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return counts
 
 
-def _gpd_fit(z_null, tail_size: int) -> tuple[int, float, float, float] | None:
+def _gpd_fit(z_null, size: int, tail_size: int) -> tuple[int, float, float, float] | None:
     """``(t, u, shape, scale)``: a generalized Pareto fit to the far lower tail of the sorted null.
 
-    The ``t`` lowest null values lie below the threshold ``u`` (the next one); their excesses
+    The ``t`` lowest of the null's ``size`` values (``z_null``: its lowest, sorted) lie below the
+    threshold ``u`` (the next one); their excesses
     ``u − z`` are fitted by ``scipy.stats.genpareto`` (shape ≥ 0: a bounded fitted tail falls back
     to the exponential, which is heavier and so conservative). None when the null has fewer than
     200 values (``t < 20``): the empirical p-values are kept.
     """
     from scipy import stats
 
-    t = min(tail_size, z_null.size // 10)
+    t = min(tail_size, size // 10)
     if t < 20:
         return None
     threshold = z_null[t]
