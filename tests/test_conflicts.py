@@ -689,6 +689,63 @@ def test_planted_head_conflict_is_found(gpt2, gpt2_task):
     assert np.mean(false_props) <= 0.05 + 0.05, false_props
 
 
+@pytest.mark.parametrize("null, tail, fdr", [("pooled", None, "bh"), ("pooled", "gpd", "by"), ("normal", None, "bh")])
+def test_per_group_tests_keep_every_discovery_of_the_whole_procedure(gpt2, gpt2_task, monkeypatch, null, tail, fdr):
+    """The per-group scope goes a few groups at a time (here one), keeps the tests with p ≤ alpha
+    and the pooled null only down to alpha: its kept tests are exactly the whole procedure's
+    p ≤ alpha, with the same p-values, q-values ≤ alpha and discoveries, to the bit — the whole
+    procedure being every (group, pair) p-value at once (conflict_pvalues on [G, n_a, n_b]),
+    BH/BY over all of them, as detect did before."""
+    from fisherjax.analysis.conflicts import group_tests, null as null_module
+    from fisherjax.stats import fdr_qvalues
+
+    n = len(gpt2_task)
+    order = np.random.default_rng(7).permutation(n)
+    task = plant(gpt2_task, order[:8], order[n // 2 : n // 2 + 8], strength=4.0, seed=1)
+    a, b = task.select(order[: n // 2]), task.select(order[n // 2 :])
+    kwargs = dict(layout=gpt2.layout, whiten=False, null=null, tail=tail, fdr_method=fdr)
+    monkeypatch.setattr(null_module, "CHUNK_VALUES", 300)  # the null's pieces partitioned as they come
+    monkeypatch.setattr(group_tests, "GROUP_CHUNK_VALUES", 1)  # one group per step
+    report = C.detect(a, b, scope="groups", **kwargs)
+    tests = report.group_tests
+    sides = {side: C.detect(x, x, by_group=True, **kwargs).gram for side, x in (("a", a), ("b", b))}  # A × A, B × B
+
+    scores = report.gram.tested_group_cosines()
+    p_a = C.conflict_pvalues(scores, sides["a"].tested_group_cosines(), exclude_self=True, null=null, tail=tail)
+    p_b = np.swapaxes(C.conflict_pvalues(np.swapaxes(scores, 1, 2), sides["b"].tested_group_cosines(), exclude_self=True, null=null,
+                                         tail=tail), 1, 2)
+    p = np.fmax(p_a, p_b)
+    q = fdr_qvalues(p, fdr)
+    significant = (q <= 0.05) & (C.effect_sizes(np.nan_to_num(scores, nan=1.0)) > C.ORTHOGONAL_EFFECT)
+    assert (p <= 0.05).any() and (p > 0.05).any() and (significant.any() or null != "pooled")  # the normal null finds none here
+    np.testing.assert_array_equal(tests.index, np.flatnonzero(p <= 0.05))
+    assert tests.tested == np.count_nonzero(~np.isnan(p)) and tests.shape == p.shape
+    np.testing.assert_array_equal(tests.pvalues, p.ravel()[tests.index])
+    resolved = q.ravel()[tests.index] <= 0.05
+    np.testing.assert_array_equal(~np.isnan(tests.qvalues), resolved)
+    np.testing.assert_array_equal(tests.qvalues[resolved], q.ravel()[tests.index][resolved])
+    np.testing.assert_array_equal(tests.significant, significant.ravel()[tests.index])
+    assert tests.n_significant == significant.sum()
+    np.testing.assert_array_equal(report.significant, significant.any(0))
+    small_q = np.where(q <= 0.05, q, np.nan)
+    np.testing.assert_array_equal(report.qvalues, np.fmin.reduce(small_q, axis=0))
+    np.testing.assert_array_equal(report.pvalues, np.fmin.reduce(np.where(p <= 0.05, p, np.nan), axis=0))
+    i, j = np.nonzero(report.significant)
+    got_q, got_sig = tests.at_pairs(i, j)
+    np.testing.assert_array_equal(got_sig, significant[:, i, j])
+    np.testing.assert_array_equal(got_q, small_q[:, i, j])
+    weight = 1.0 / np.sqrt(np.outer(report.gram.sq_norms_a, report.gram.sq_norms_b))
+    hotspots = -np.einsum("gij,gij,ij->g", report.gram.group_dots, significant.astype(np.float32), weight.astype(np.float32), dtype=np.float64)
+    np.testing.assert_allclose(report.hotspots, hotspots, rtol=1e-12, atol=1e-15)
+    if significant.any():
+        hot = int(np.argmax(hotspots))
+        np.testing.assert_array_equal(tests.significant_map(hot), significant[hot])
+        hot_null = sides["a"].tested_group_cosines(slice(hot, hot + 1))[0]
+        np.testing.assert_array_equal(report.hot_null_cosines["a"], hot_null[np.triu_indices(len(hot_null), 1)])
+    else:
+        assert report.hot_null_cosines is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Report, JSON, figure
 # ---------------------------------------------------------------------------------------------

@@ -201,12 +201,16 @@ for name, mesh in (("(4,)", make_mesh(4)), ("(2, 2)", make_mesh(2, 2))):
                                 ("chunked", dict(layout=gpt2.layout, reference_split=H, chunk_size=3, null="normal"), (A, B))):
         report, want = conflicts.detect(a, b, mesh=mesh, **kwargs), single[key]
         f[f"{key}_cosines"] = entrywise(report.cosines, want.cosines)
-        f[f"{key}_pvalues"] = float(np.max(np.abs(report.pvalues - want.pvalues)))
+        # per group a pair's p-value is NaN where none of its groups is at most alpha: NaN in the same places
+        f[f"{key}_untested"] = same(np.isnan(report.pvalues), np.isnan(want.pvalues))
+        f[f"{key}_pvalues"] = float(np.nanmax(np.abs(report.pvalues - want.pvalues)))
         f[f"{key}_significant"] = same(report.significant, want.significant)
         f[f"{key}_ids"] = same(report.sample_ids_a, want.sample_ids_a) and same(report.sample_ids_b, want.sample_ids_b)
-        if want.group_pvalues is not None:
+        if want.group_tests is not None:
             f[f"{key}_group_dots"] = entrywise(report.gram.group_dots, want.gram.group_dots)
-            f[f"{key}_group_pvalues"] = float(np.max(np.abs(report.group_pvalues - want.group_pvalues)))
+            f[f"{key}_group_kept"] = same(report.group_tests.index, want.group_tests.index)
+            f[f"{key}_group_pvalues"] = (float(np.max(np.abs(report.group_tests.pvalues - want.group_tests.pvalues), initial=0.0))
+                                         if f[f"{key}_group_kept"] else float("inf"))
     f["planted_found"] = int(single["planted"].n_significant)
     # against the gradients' results: formed in another order, so compared over the whole array
     # (GPT-2's key-bias groups are rounding noise, whose entries differ relatively by more)

@@ -125,13 +125,13 @@ def figure(report: ConflictReport, labels: np.ndarray | None = None, kv_head_of:
     maps = head_map(report)
     label = "cosine"
     values, nulls, marked = report.cosines, dict(report.null_cosines), report.significant
-    if report.group_significant is not None and report.n_significant:
+    if report.group_tests is not None and report.n_significant:
         hot = int(np.argmax(report.hotspots))
         g = report.gram
         denom = np.sqrt(g.group_sq_norms_a[hot][:, None].astype(np.float64) * g.group_sq_norms_b[hot][None, :])
         values = np.divide(g.group_dots[hot], denom, out=np.zeros(denom.shape), where=denom > 0)
-        nulls = {k: v[hot] for k, v in report.null_group_cosines.items()}
-        marked = report.group_significant[hot]
+        nulls = dict(report.hot_null_cosines)
+        marked = report.group_tests.significant_map(hot)
         label = f"cosine on {report.groups.labels[hot]}"
     values = values.ravel()
     n_maps = len(maps)
@@ -212,8 +212,8 @@ def markdown(report: ConflictReport, summary: Mapping, *, figure_link: str | Non
     """
     name = (lambda group: categories.name_group(group, labels, kv_head_of)) if labels is not None else str  # noqa: E731
     name_a, name_b = report.task_a, report.task_b
-    n_sig = int(np.sum(report.group_significant)) if report.group_significant is not None else report.n_significant
-    unit = "(pair, head)" if report.group_significant is not None else "pair"
+    n_sig = report.group_tests.n_significant if report.group_tests is not None else report.n_significant
+    unit = "(pair, head)" if report.group_tests is not None else "pair"
     min_effect = report.settings.get("min_effect_size", ORTHOGONAL_EFFECT)
     lines = [
         f"**{name_a} vs {name_b}**: {report.cosines.size} sample pairs, {n_sig} significant {unit} "
@@ -228,7 +228,7 @@ def markdown(report: ConflictReport, summary: Mapping, *, figure_link: str | Non
     for pair in report.top_pairs[:top]:
         lines.append(f"- {name_a} sample {pair.sample_a} vs {name_b} sample {pair.sample_b}: " + _pair_text(pair, name))
     advice = summary.get("recommendations", {})
-    which = "mean cosine on the conflicting groups" if report.group_significant is not None else "mean cosine"
+    which = "mean cosine on the conflicting groups" if report.group_tests is not None else "mean cosine"
     for sample in advice.get("samples", [])[:top]:
         side = name_a if sample.get("task") == "a" else name_b
         lines.append(f"- {sample.get('action', 'review')} {side} sample {sample.get('sample_id')}: "

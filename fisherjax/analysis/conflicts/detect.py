@@ -6,7 +6,9 @@ is it more than noise.
 1. :func:`_read_sources` — the tasks (and an optional reference split) as :class:`~.sources.Stream` values;
 2. :func:`_whitening` — the Fisher that whitens (:mod:`fisherjax.fisher.pool`) and its damping;
 3. :func:`_grams` — the A × B Gram and the within-task reference Grams (:mod:`.gram`);
-4. :func:`_pvalues` — p-values of every (group-)pair against the reference (:mod:`.null`);
+4. :func:`_pvalues` — p-values of every pair against the reference (:mod:`.null`); per group,
+   :func:`~.group_tests.group_tests` tests every (group, pair) and keeps those that can be
+   discoveries;
 5. :func:`_significance` — q-values (Benjamini–Hochberg / –Yekutieli over all tests) and the
    conflicts: ``q ≤ alpha`` and effect size ``> min_effect_size``;
 6. :func:`_report` — top pairs, clusters, hotspots and recommendations (:mod:`.findings`) in a
@@ -34,7 +36,8 @@ from fisherjax.analysis.conflicts.findings import ConflictCluster, ConflictPair,
 from fisherjax.analysis.conflicts.gram import (
     Gram, chunk_count, chunk_size_for, damping, effect_sizes, gram_matrix, inverse_sqrt, sliced_grams, slices_fit, split_sides,
 )
-from fisherjax.analysis.conflicts.null import CHUNK_VALUES, conflict_pvalues
+from fisherjax.analysis.conflicts.group_tests import GroupTests, group_tests
+from fisherjax.analysis.conflicts.null import conflict_pvalues
 from fisherjax.analysis.conflicts.options import ConflictOptions
 from fisherjax.analysis.conflicts.sources import GroupIndex, Grouping, Source, Stream, as_stream, check_same_parameters, grouping_for
 from fisherjax.errors import ConfigError, DataError
@@ -88,12 +91,14 @@ class ConflictReport:
 
     Arrays are ``[n_a, n_b]`` over pairs (rows = A's samples in ``sample_ids_a`` order):
     ``cosines``, ``effect_sizes``, ``pvalues``, ``qvalues``, ``significant``. With
-    ``scope="groups"`` the tests are per (group, pair): ``group_pvalues``, ``group_qvalues``,
-    ``group_significant`` are ``[G, n_a, n_b]`` and the pair arrays hold the smallest p- and
-    q-value over groups, a pair being significant when any of its groups is. ``gram`` keeps the
-    dot products (per group too, when computed); ``null_cosines`` the distinct within-task
-    reference cosines per side (``{"a": [...], "b": [...]}`` or ``{"reference": [...]}``), and
-    ``null_group_cosines`` the same per group (``[G, pairs]``, per-group scope only).
+    ``scope="groups"`` the tests are per (group, pair) and ``group_tests`` keeps those with
+    ``p ≤ alpha`` (:class:`~.group_tests.GroupTests`: every discovery, with its p- and q-value;
+    the others have ``q > alpha``); the pair arrays then hold the smallest p- and q-value over
+    a pair's kept groups — NaN where it has none (every group above ``alpha``, or untested) — and
+    a pair is significant when any of its groups is. ``gram`` keeps the dot products (per group
+    too, when computed); ``null_cosines`` the distinct within-task reference cosines per side
+    (``{"a": [...], "b": [...]}`` or ``{"reference": [...]}``), and ``hot_null_cosines`` the same
+    on the hottest group (the largest ``hotspots``; per-group scope with a discovery only).
     ``hotspots [G]``: net conflict of each group over what was found,
     ``−Σ contribution_g`` over significant pairs (or significant group-pairs); positive = the
     group pulls them apart. ``settings``: what produced it (the options as applied: reference
@@ -120,10 +125,8 @@ class ConflictReport:
     clusters: tuple[ConflictCluster, ...]
     recommendations: Mapping[str, Any] = dataclasses.field(metadata=_STATIC)
     settings: Mapping[str, Any] = dataclasses.field(metadata=_STATIC)
-    group_pvalues: np.ndarray | None = None
-    group_qvalues: np.ndarray | None = None
-    group_significant: np.ndarray | None = None
-    null_group_cosines: Mapping[str, np.ndarray] | None = None
+    group_tests: GroupTests | None = None
+    hot_null_cosines: Mapping[str, np.ndarray] | None = None
     options: ConflictOptions | None = dataclasses.field(default=None, metadata=_STATIC)
 
     @property
@@ -190,10 +193,11 @@ def detect(
     grouping = a.grouping or grouping_for(a.shapes, layout)
     inv_sqrt, eps_used, whitened = _whitening(options, fisher, a, b)
     cross, references = _grams(a, b, external, grouping, inv_sqrt, options, progress, mesh)
-    per_group = options.scope == "groups"
-    scores = _nan_group_cosines(cross) if per_group else cross.cosines
-    pvalues, null_cosines, null_group_cosines = _pvalues(scores, references, options)
-    significance = _significance(cross, scores, pvalues, options)
+    null_cosines = _null_cosines(references)
+    if options.scope == "groups":
+        significance = _group_significance(cross, group_tests(cross, references, options))
+    else:
+        significance = _significance(cross, _pvalues(cross.cosines, references, options), options)
     whitened_with = None if not whitened or a.grouping is not None else "given" if fisher is not None else options.fisher_pool
     settings = dict(
         scope=options.scope, reference="external split" if external is not None else options.reference,
@@ -201,7 +205,7 @@ def detect(
         fisher_pool=whitened_with, eps=eps_used, alpha=options.alpha, fdr_method=options.fdr_method,
         min_effect_size=options.min_effect_size,
     )
-    return _report(a.name, b.name, cross, scores, significance, null_cosines, null_group_cosines, settings, options)
+    return _report(a.name, b.name, cross, references, significance, null_cosines, settings, options)
 
 
 GROUP_TEST_BYTES = 24
@@ -347,29 +351,27 @@ def _grams(
     return cross, references
 
 
+def _null_cosines(references: Mapping[str, Gram]) -> dict[str, np.ndarray]:
+    """The distinct reference cosines of each side (a square side's upper triangle), for the
+    figure and the summary."""
+    return {side: _distinct(ref.cosines, side) for side, ref in references.items()}
+
+
+def _distinct(cosines: np.ndarray, side: str) -> np.ndarray:
+    """``cosines [n, r]`` without repeats: a within-task side's upper triangle, all of a split's."""
+    return (cosines[np.triu_indices(len(cosines), 1)] if side != "reference" else cosines).ravel()
+
+
 def _pvalues(scores, references: Mapping[str, Gram], options: ConflictOptions):
-    """Step 4: p-values ``[n_a, n_b]`` (``[G, n_a, n_b]`` per group) of ``scores`` against each
-    reference Gram, the larger where both sides are used; and the distinct reference cosines
-    (and per-group cosines) kept for the figure."""
-    per_group = options.scope == "groups"
-    null_cosines: dict[str, np.ndarray] = {}
-    null_group_cosines: dict[str, np.ndarray] | None = {} if per_group else None
+    """Step 4 (overall scope): p-values ``[n_a, n_b]`` of ``scores`` against each reference
+    Gram's cosines, the larger where both sides are used."""
     pvalues = None
     for side, ref in references.items():
-        square = side != "reference"
-        pairs = np.triu_indices(len(ref.sample_ids_a), 1) if square else (slice(None), slice(None))
-        null_cosines[side] = ref.cosines[pairs].ravel()
-        ref_scores = ref.cosines
-        if per_group:
-            ref_scores = _nan_group_cosines(ref)
-            null_group_cosines[side] = ref_scores[(slice(None),) + pairs].reshape(len(ref_scores), -1)
-        test = np.swapaxes(scores, -1, -2) if side == "b" else scores
-        p = conflict_pvalues(test, ref_scores, exclude_self=square, null=options.null, tail=options.tail)
-        del ref_scores  # before the next side's: one side's reference cosines at a time
-        p = np.swapaxes(p, -1, -2) if side == "b" else p
-        pvalues = p if pvalues is None else np.fmax(pvalues, p, out=pvalues)  # valid under either null: the larger
-        del p
-    return pvalues, null_cosines, null_group_cosines
+        test = scores.T if side == "b" else scores
+        p = conflict_pvalues(test, ref.cosines, exclude_self=side != "reference", null=options.null, tail=options.tail)
+        p = p.T if side == "b" else p
+        pvalues = p if pvalues is None else np.fmax(pvalues, p)  # valid under either null: the larger
+    return pvalues
 
 
 class _Significance(NamedTuple):
@@ -377,63 +379,57 @@ class _Significance(NamedTuple):
     pvalues: np.ndarray
     qvalues: np.ndarray
     significant: np.ndarray
-    group_p: np.ndarray | None
-    group_q: np.ndarray | None
-    group_sig: np.ndarray | None
+    pair_scores: np.ndarray
+    group_tests: GroupTests | None
 
 
-def _significance(cross: Gram, scores, pvalues, options: ConflictOptions) -> _Significance:
-    """Step 5: q-values over all tests and the conflicts (``q ≤ alpha`` and effect size
-    ``> min_effect_size``); per group, a pair's p/q are the smallest over its groups and it is
-    significant when any group is."""
+def _significance(cross: Gram, pvalues, options: ConflictOptions) -> _Significance:
+    """Step 5 (overall scope): q-values over all tests and the conflicts (``q ≤ alpha`` and
+    effect size ``> min_effect_size``)."""
     qvalues = fdr_qvalues(pvalues, options.fdr_method)
     effects = effect_sizes(cross.cosines)
-    if options.scope != "groups":
-        significant = (qvalues <= options.alpha) & (effects > options.min_effect_size)  # NaN (untested): False
-        return _Significance(effects, pvalues, qvalues, significant, None, None, None)
-    group_sig = np.empty(scores.shape, bool)
-    step = max(1, CHUNK_VALUES // max(scores[0].size, 1))
-    for g in range(0, len(scores), step):  # a few groups at a time: no [G, n_a, n_b] float64 temporaries
-        block = slice(g, g + step)
-        group_sig[block] = (qvalues[block] <= options.alpha) & (effect_sizes(np.nan_to_num(scores[block], nan=1.0)) > options.min_effect_size)
+    significant = (qvalues <= options.alpha) & (effects > options.min_effect_size)  # NaN (untested): False
+    return _Significance(effects, pvalues, qvalues, significant, cross.cosines, None)
+
+
+def _group_significance(cross: Gram, tests: GroupTests) -> _Significance:
+    """Step 5 (per-group scope, the tests already made: :func:`~.group_tests.group_tests`): a
+    pair's p- and q-value are the smallest over its kept groups, it is significant when any
+    group is, and its conflict strength is its most negative significant group cosine."""
+    sig = tests.significant
+    g, i, j = tests.coordinates(sig)
+    cosines = cross.group_dots[g, i, j] / np.sqrt(cross.group_sq_norms_a[g, i].astype(np.float64) * cross.group_sq_norms_b[g, j])
     return _Significance(
-        effects, np.fmin.reduce(pvalues, axis=0), np.fmin.reduce(qvalues, axis=0), group_sig.any(0), pvalues, qvalues, group_sig
+        effect_sizes(cross.cosines), tests.per_pair(tests.pvalues), tests.per_pair(tests.qvalues),
+        tests.per_pair(np.ones(len(g)), sig, initial=0.0, reduce=np.maximum) > 0,
+        tests.per_pair(cosines, sig, initial=np.inf, reduce=np.minimum), tests,
     )
 
 
-def _report(name_a, name_b, gram: Gram, scores, sig: _Significance, null_cosines, null_group_cosines, settings, options) -> ConflictReport:
+def _report(name_a, name_b, gram: Gram, references: Mapping[str, Gram], sig: _Significance, null_cosines, settings,
+            options) -> ConflictReport:
     """Step 6: hotspots, top pairs, clusters and recommendations, in a :class:`ConflictReport`."""
-    hotspots = None
+    hotspots = hot_nulls = None
     if options.by_group:
         weight = 1.0 / np.sqrt(np.outer(gram.sq_norms_a, gram.sq_norms_b))
-        if sig.group_sig is not None:
-            hotspots = -np.einsum("gij,gij,ij->g", gram.group_dots, sig.group_sig.astype(np.float32), weight.astype(np.float32), dtype=np.float64)
+        if sig.group_tests is not None:
+            g, i, j = sig.group_tests.coordinates(sig.group_tests.significant)
+            pulls = gram.group_dots[g, i, j].astype(np.float64) * weight[i, j].astype(np.float32)
+            hotspots = -np.bincount(g, weights=pulls, minlength=len(gram.groups))
+            if len(g):
+                hot = int(np.argmax(hotspots))
+                hot_nulls = {side: _distinct(ref.tested_group_cosines(slice(hot, hot + 1))[0], side) for side, ref in references.items()}
         else:
             hotspots = -np.einsum("gij,ij->g", gram.group_dots, (sig.significant * weight).astype(np.float32), dtype=np.float64)
     cosines = gram.cosines
-    top = top_pairs(gram, cosines, sig.effects, sig.pvalues, sig.qvalues, sig.significant, sig.group_sig, options.top_k, options.top_groups, sig.group_q)
-    found = clusters(gram, cosines, sig.significant, sig.group_sig, options.max_clusters, options.top_groups)
-    if sig.group_sig is not None:  # a pair's conflict strength: its most negative significant group cosine
-        pair_scores = np.min(scores, axis=0, initial=np.inf, where=sig.group_sig)
-    else:
-        pair_scores = cosines
-    advice = recommendations(gram, pair_scores, sig.significant, hotspots, options.filter_fraction)
+    top = top_pairs(gram, cosines, sig.effects, sig.pvalues, sig.qvalues, sig.significant, sig.group_tests, options.top_k, options.top_groups)
+    found = clusters(gram, cosines, sig.significant, sig.group_tests, options.max_clusters, options.top_groups)
+    advice = recommendations(gram, sig.pair_scores, sig.significant, hotspots, options.filter_fraction)
     return ConflictReport(
         name_a, name_b, gram.sample_ids_a, gram.sample_ids_b, cosines, sig.effects, sig.pvalues, sig.qvalues,
         sig.significant, gram, null_cosines, hotspots, top, found, _FrozenMapping(advice), _FrozenMapping(settings),
-        sig.group_p, sig.group_q, sig.group_sig, null_group_cosines, options,
+        sig.group_tests, hot_nulls, options,
     )
-
-
-def _nan_group_cosines(gram: Gram) -> np.ndarray:
-    """Per-group cosines with NaN (untested) where either side's group gradient is zero."""
-    cosines = gram.group_sq_norms_a[:, :, None].astype(np.float64) * gram.group_sq_norms_b[:, None, :]
-    np.sqrt(cosines, out=cosines)
-    untested = cosines <= 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        np.divide(gram.group_dots, cosines, out=cosines)  # in place: one [G, n_a, n_b] float64 array, not three
-    cosines[untested] = np.nan
-    return cosines
 
 
 def _check_sizes(gram: Gram, name_a: str, name_b: str) -> None:

@@ -2,7 +2,7 @@
 recommendations, each read off a :class:`~.gram.Gram` and the significance arrays.
 
 Shapes: ``cosines``, ``effects``, ``pvalues``, ``qvalues``, ``significant`` are ``[n_a, n_b]``;
-``group_sig`` / ``group_q`` ``[G, n_a, n_b]`` (per-group scope only, else None).
+``group_tests`` the per-group scope's kept tests (:class:`~.group_tests.GroupTests`, else None).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 from jaxtyping import Float
 
 from fisherjax.analysis.conflicts.gram import Gram
+from fisherjax.analysis.conflicts.group_tests import GroupTests
 
 __all__ = ["ConflictCluster", "ConflictPair", "clusters", "pair_groups", "recommendations", "top_pairs"]
 
@@ -57,18 +58,22 @@ class ConflictCluster:
     groups: tuple[tuple[str, float], ...] = dataclasses.field(default=(), metadata=_STATIC)
 
 
-def pair_groups(gram: Gram, i, j, top_groups: int, group_q=None, group_sig=None) -> list[tuple]:
+def pair_groups(gram: Gram, i, j, top_groups: int, group_tests: GroupTests | None = None) -> list[tuple]:
     """Groups that pull pairs ``(i, j)`` apart: ``(label, contribution, group cosine, group q)``.
 
-    Ordered by most negative contribution (per-group scope: significant groups first)."""
+    Ordered by most negative contribution (per-group scope: significant groups first; q NaN
+    where above ``alpha`` or, in the overall scope, not tested per group)."""
     if gram.group_dots is None or len(i) == 0:
         return [()] * len(i)
     dots = gram.group_dots[:, i, j].astype(np.float64)  # [G, P]
     contrib = dots / np.sqrt(gram.sq_norms_a[i] * gram.sq_norms_b[j])[None]
     denom = np.sqrt(gram.group_sq_norms_a[:, i].astype(np.float64) * gram.group_sq_norms_b[:, j])
     group_cos = np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
-    q = group_q[:, i, j] if group_q is not None else np.full(dots.shape, np.nan)
-    first = ~group_sig[:, i, j] if group_sig is not None else np.zeros(dots.shape, bool)
+    if group_tests is not None:
+        q, sig = group_tests.at_pairs(i, j)
+    else:
+        q, sig = np.full(dots.shape, np.nan), np.ones(dots.shape, bool)
+    first = ~sig
     order = np.lexsort((contrib, first), axis=0)[:top_groups]  # [top, P]
     labels = np.array(gram.groups.labels, dtype=object)
     cols = np.arange(len(i))[None]
@@ -79,12 +84,13 @@ def pair_groups(gram: Gram, i, j, top_groups: int, group_q=None, group_sig=None)
     ]
 
 
-def top_pairs(gram: Gram, cosines, effects, pvalues, qvalues, significant, group_sig, top_k: int, top_groups: int, group_q=None) -> tuple[ConflictPair, ...]:
+def top_pairs(gram: Gram, cosines, effects, pvalues, qvalues, significant, group_tests: GroupTests | None, top_k: int,
+              top_groups: int) -> tuple[ConflictPair, ...]:
     """The ``top_k`` pairs: significant pairs first, strongest effect first; then the strongest
     of the rest."""
     order = np.lexsort((-effects.ravel(), ~significant.ravel()))[:top_k]
     i, j = np.unravel_index(order, cosines.shape)
-    groups = pair_groups(gram, i, j, top_groups, group_q, group_sig)
+    groups = pair_groups(gram, i, j, top_groups, group_tests)
     return tuple(
         ConflictPair(
             int(gram.sample_ids_a[a]), int(gram.sample_ids_b[b]), int(a), int(b), float(cosines[a, b]),
@@ -94,10 +100,10 @@ def top_pairs(gram: Gram, cosines, effects, pvalues, qvalues, significant, group
     )
 
 
-def clusters(gram: Gram, cosines, significant, group_sig, max_clusters: int, top_groups: int) -> tuple[ConflictCluster, ...]:
+def clusters(gram: Gram, cosines, significant, group_tests: GroupTests | None, max_clusters: int, top_groups: int) -> tuple[ConflictCluster, ...]:
     """Connected components of the bipartite graph A ∪ B whose edges are the significant pairs
     (``scipy.sparse.csgraph.connected_components``), largest first, with the groups that pull
-    each apart."""
+    each apart: every group of an edge, or per group, the edge's significant groups."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -112,11 +118,14 @@ def clusters(gram: Gram, cosines, significant, group_sig, max_clusters: int, top
     chosen = np.argsort(-sizes)[: min(max_clusters, int((sizes > 0).sum()))]
     label_names = np.array(gram.groups.labels, dtype=object)
     if gram.group_dots is not None:
-        contrib = gram.group_dots[:, i, j] / np.sqrt(gram.sq_norms_a[i] * gram.sq_norms_b[j])[None]
-        if group_sig is not None:
-            contrib = contrib * group_sig[:, i, j]
-        per_cluster = np.zeros((labels.max() + 1, contrib.shape[0]))
-        np.add.at(per_cluster, edge_label, -contrib.T)  # net pull apart per cluster and group
+        per_cluster = np.zeros((labels.max() + 1, len(gram.groups)))
+        if group_tests is not None:  # the significant (group, pair) tests, each on its pair's cluster
+            g, gi, gj = group_tests.coordinates(group_tests.significant)
+            contrib = gram.group_dots[g, gi, gj] / np.sqrt(gram.sq_norms_a[gi] * gram.sq_norms_b[gj])
+            np.add.at(per_cluster, (labels[gi], g), -contrib)
+        else:
+            contrib = gram.group_dots[:, i, j] / np.sqrt(gram.sq_norms_a[i] * gram.sq_norms_b[j])[None]
+            np.add.at(per_cluster, edge_label, -contrib.T)  # net pull apart per cluster and group
     out = []
     for c in chosen:
         on_edges = edge_label == c

@@ -191,6 +191,17 @@ class Gram:
         denom = np.sqrt(self.group_sq_norms_a[:, :, None] * self.group_sq_norms_b[:, None, :])
         return np.divide(self.group_dots, denom, out=np.zeros_like(self.group_dots), where=denom > 0)
 
+    def tested_group_cosines(self, groups: slice = slice(None)) -> Float[np.ndarray, "groups n_a n_b"]:
+        """:attr:`group_cosines` of ``groups`` in float64, NaN (untested) where either side's group
+        gradient is zero: what the per-group scope tests, a few groups at a time."""
+        cosines = self.group_sq_norms_a[groups, :, None].astype(np.float64) * self.group_sq_norms_b[groups, None, :]
+        np.sqrt(cosines, out=cosines)
+        untested = cosines <= 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            np.divide(self.group_dots[groups], cosines, out=cosines)  # in place: one float64 array, not three
+        cosines[untested] = np.nan
+        return cosines
+
 
 def gram_matrix(
     chunks_a: Callable[[], Iterator[PreparedChunk]],

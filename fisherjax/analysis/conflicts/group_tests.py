@@ -1,0 +1,150 @@
+"""The per-group scope's tests: every (group, pair) cosine against the same group's within-task
+cosines, a few groups at a time, with FDR over all ``G · n_a · n_b`` tests — and only the tests
+that can be discoveries kept.
+
+A per-group test of ``n_a × n_b`` pairs over ``G`` groups has ``G · n_a · n_b`` p-values: 576 M for
+GPT-2 small's attention heads at 1000 samples a task, 4 G for a 7B model's. Holding them, their
+q-values and the pooled null whole (``G · n²`` values a side) took about 24 bytes per tested value
+(RESULTS.md, twenty-fourth session): 41.5 GB for GPT-2 small at 1000 + 1000, 295 GB for Llama-7B.
+Discoveries need much less. Under Benjamini–Hochberg (or –Yekutieli) at level ``alpha`` a test
+with ``p > alpha`` has ``q > alpha``, so :func:`group_tests`
+
+1. forms the pooled null of each reference side a few groups at a time, keeping only its values
+   low enough to resolve p-values up to ``alpha`` (:func:`~.null.pooled_null` with ``resolve``);
+2. tests the cross-task cosines a few groups at a time and keeps the tests with ``p ≤ alpha``
+   (:class:`GroupTests`), counting every test;
+3. takes q-values over those of all the tests (:func:`fisherjax.stats.fdr_qvalues` with ``tests``
+   and ``bound``).
+
+Every p-value ``≤ alpha``, every q-value ``≤ alpha`` and every discovery equal the whole
+procedure's, to the bit (``tests/test_conflicts.py``). A test above ``alpha`` is only known to be
+there; its p-value is not resolved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+from fisherjax.analysis.conflicts.gram import Gram, effect_sizes
+from fisherjax.analysis.conflicts.null import CHUNK_VALUES, conflict_pvalues, pooled_null, pooled_pvalues
+from fisherjax.analysis.conflicts.options import ConflictOptions
+from fisherjax.stats import fdr_qvalues
+
+__all__ = ["GROUP_CHUNK_VALUES", "GroupTests", "group_tests"]
+
+_STATIC = dict(static=True)
+
+GROUP_CHUNK_VALUES = 8 * CHUNK_VALUES
+"""Tested (group, pair) values per step of :func:`group_tests` (whole groups, at least one): the
+step's float64 cosines, p-values and each side's p-values are arrays of this many values."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GroupTests:
+    """The per-group tests that can be discoveries: every tested (group, pair) with ``p ≤ alpha``.
+
+    ``index [K]``: flat positions in ``[G, n_a, n_b]`` (``shape``), ascending; ``pvalues [K]``;
+    ``qvalues [K]`` (Benjamini–Hochberg or –Yekutieli over all ``tested`` tests; NaN where above
+    ``alpha``); ``significant [K]`` (``q ≤ alpha`` and effect size ``> min_effect_size``). Every
+    other one of the ``tested`` tests has ``p > alpha``, so ``q > alpha``: not significant. A
+    pytree: the arrays are leaves, ``shape`` and ``tested`` static metadata.
+    """
+
+    index: np.ndarray
+    pvalues: np.ndarray
+    qvalues: np.ndarray
+    significant: np.ndarray
+    shape: tuple[int, int, int] = dataclasses.field(metadata=_STATIC)
+    tested: int = dataclasses.field(metadata=_STATIC)
+
+    @property
+    def n_significant(self) -> int:
+        return int(np.count_nonzero(self.significant))
+
+    def coordinates(self, which: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(group, i, j)`` of the kept tests ``which`` (a mask or slice of them)."""
+        return np.unravel_index(self.index[which], self.shape)
+
+    def at_pairs(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(q [G, P], significant [G, P])`` of every group at the pairs ``(i[p], j[p])``: NaN and
+        False where a test was not kept (``p > alpha``) or not tested."""
+        groups, n_a, n_b = self.shape
+        flat = np.arange(groups)[:, None] * (n_a * n_b) + (np.asarray(i) * n_b + np.asarray(j))[None]
+        if not len(self.index):
+            return np.full(flat.shape, np.nan), np.zeros(flat.shape, bool)
+        at = np.minimum(np.searchsorted(self.index, flat), len(self.index) - 1)
+        found = self.index[at] == flat
+        return np.where(found, self.qvalues[at], np.nan), found & self.significant[at]
+
+    def significant_map(self, group: int) -> np.ndarray:
+        """``[n_a, n_b]``: which pairs are significant on ``group``."""
+        _, n_a, n_b = self.shape
+        out = np.zeros(n_a * n_b, bool)
+        g, i, j = self.coordinates(self.significant)
+        out[(i * n_b + j)[g == group]] = True
+        return out.reshape(n_a, n_b)
+
+    def per_pair(self, values: np.ndarray, which: np.ndarray | slice = slice(None), initial: float = np.nan,
+                 reduce: np.ufunc = np.fmin) -> np.ndarray:
+        """``[n_a, n_b]``: ``reduce`` over groups of ``values`` (one per kept test ``which``), at
+        ``initial`` where a pair has none — e.g. a pair's smallest p-value over its groups."""
+        _, n_a, n_b = self.shape
+        out = np.full(n_a * n_b, initial, np.float64)
+        _, i, j = self.coordinates(which)
+        reduce.at(out, i * n_b + j, values)
+        return out.reshape(n_a, n_b)
+
+
+def group_tests(cross: Gram, references: Mapping[str, Gram], options: ConflictOptions) -> GroupTests:
+    """The per-group tests of ``cross``'s group cosines (:meth:`~.gram.Gram.tested_group_cosines`)
+    against each reference Gram's (``"a"``: A × A, ``"b"``: B × B, ``"reference"``: A × split), the
+    larger p-value where both sides are used, with ``options``' null, tail, ``alpha``, FDR method
+    and minimum effect size (module docstring for what is kept).
+
+    Holds the A × B Grams it is given, each side's pooled null down to ``alpha`` (about ``alpha``
+    of its ``G · n²`` values, float64), :data:`GROUP_CHUNK_VALUES` values of a step and the kept
+    tests (25 bytes each: ``alpha`` of the tests when none is a conflict)."""
+    groups, n_a, n_b = cross.group_dots.shape
+    alpha = options.alpha
+    tail_size = 250 if options.tail == "gpd" else None
+    nulls = {}
+    if options.null == "pooled":
+        for side, ref in references.items():
+            nulls[side] = pooled_null(ref.tested_group_cosines, ref.group_dots.shape, exclude_self=side != "reference",
+                                      resolve=alpha, tail_size=tail_size)
+    step = max(1, GROUP_CHUNK_VALUES // max(n_a * n_b, 1))
+    kept_index, kept_p, tested = [], [], 0
+    for first in range(0, groups, step):
+        block = slice(first, first + step)
+        scores = cross.tested_group_cosines(block)
+        p = None
+        for side, ref in references.items():
+            test = np.swapaxes(scores, -1, -2) if side == "b" else scores
+            if side in nulls:
+                rows = nulls[side]
+                width = ref.group_dots.shape[1]
+                per_row = [x.reshape(-1, width)[block] for x in (rows.center, rows.scale, rows.usable)]
+                side_p = pooled_pvalues(test, *per_row, rows)
+            else:
+                side_p = conflict_pvalues(test, ref.tested_group_cosines(block), exclude_self=side != "reference",
+                                          null=options.null, tail=options.tail)
+            side_p = np.swapaxes(side_p, -1, -2) if side == "b" else side_p
+            p = side_p if p is None else np.fmax(p, side_p, out=p)  # valid under either null: the larger
+            del side_p
+        tested += p.size - int(np.count_nonzero(np.isnan(p)))
+        small = np.flatnonzero(p <= alpha)  # NaN (untested) and +inf (above alpha, not resolved): not kept
+        kept_index.append(small + first * n_a * n_b)
+        kept_p.append(p.reshape(-1)[small])
+        del scores, p
+    index = np.concatenate(kept_index)
+    pvalues = np.concatenate(kept_p)
+    qvalues = fdr_qvalues(pvalues, options.fdr_method, tests=max(tested, 1), bound=alpha) if len(pvalues) else pvalues.copy()
+    g, i, j = np.unravel_index(index, (groups, n_a, n_b))
+    denom = np.sqrt(cross.group_sq_norms_a[g, i].astype(np.float64) * cross.group_sq_norms_b[g, j])
+    significant = (qvalues <= alpha) & (effect_sizes(cross.group_dots[g, i, j] / denom) > options.min_effect_size)
+    return GroupTests(index, pvalues, qvalues, significant, (groups, n_a, n_b), tested)
