@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 from pathlib import Path
 
 import jax
@@ -513,19 +514,34 @@ def conflict_groups(layout) -> int:
     return len(conflicts.grouping_for(shapes, layout).index.is_head)
 
 
-def conflict_scope(scope: str, n_a: int, n_b: int, groups: int, available: float | None) -> tuple[str, str | None]:
-    """``(scope, why)``: the scope Phase 5 tests ``n_a`` × ``n_b`` samples in. ``auto``: per group
-    unless its tests (``conflicts.group_scope_bytes``) would take more than
-    :data:`CONFLICT_MEMORY_SHARE` of the ``available`` host bytes; then on the whole gradient, and
-    ``why`` says so. A scope given is kept."""
+class ConflictScope(NamedTuple):
+    """Phase 5's scope for a task pair (:func:`conflict_scope`): ``scope``, ``why`` (a note where
+    ``auto`` chose the whole gradient) and ``max_kept`` (``ConflictOptions.max_kept_tests``)."""
+
+    scope: str
+    why: str | None
+    max_kept: int | None
+
+
+def conflict_scope(scope: str, n_a: int, n_b: int, groups: int, available: float | None, alpha: float = 0.05) -> ConflictScope:
+    """The scope Phase 5 tests ``n_a`` × ``n_b`` samples in. ``auto``: per group unless its tests
+    (``conflicts.group_scope_bytes``, with the share of tests kept that tasks which do not conflict
+    keep, twice over) would take more than :data:`CONFLICT_MEMORY_SHARE` of the ``available`` host
+    bytes; then on the whole gradient, and ``why`` says so. Per group, the tests kept are bounded by
+    that share (``conflicts.max_kept_tests``): tasks that conflict in many more of their tests are
+    tested on the whole gradient once past it, and the pair's settings say why. A scope given is
+    kept, unbounded."""
     if scope != "auto":
-        return scope, None
-    need = conflicts.group_scope_bytes(n_a, n_b, groups)
-    if available is None or need <= CONFLICT_MEMORY_SHARE * available:  # None or inf: not known
-        return "groups", None
-    return "overall", (f"tested on the whole gradient, not per attention-head group: per-group tests of {n_a} × {n_b} samples over "
-                       f"{groups} groups would take about {need / 1e9:.1f} GB of the {available / 1e9:.1f} GB of host memory available "
-                       "(--conflict-scope groups asks for them; fewer samples, --max-samples, fit)")
+        return ConflictScope(scope, None, None)
+    need = conflicts.group_scope_bytes(n_a, n_b, groups, alpha=alpha)
+    if available is None or not np.isfinite(available):  # not known
+        return ConflictScope("groups", None, None)
+    budget = CONFLICT_MEMORY_SHARE * available
+    if need <= budget:
+        return ConflictScope("groups", None, conflicts.max_kept_tests(n_a, n_b, groups, budget, alpha))
+    return ConflictScope("overall", (f"tested on the whole gradient, not per attention-head group: per-group tests of {n_a} × {n_b} samples "
+                                     f"over {groups} groups would take about {need / 1e9:.1f} GB of the {available / 1e9:.1f} GB of host "
+                                     "memory available (--conflict-scope groups asks for them; fewer samples, --max-samples, fit)"), None)
 
 
 def check_conflict_scope(config: AnalysisConfig, layout, task_sizes: dict[str, int]) -> None:
@@ -564,15 +580,17 @@ def phase_conflicts(ctx: Context, out: Path | None) -> report.Section:
             continue
         available = backend.host_available_bytes()  # every process of a multi-process run tests alike: the least of theirs
         available = float(sharding.process_min(np.array([np.inf if available is None else available]))[0])
-        scope, why = conflict_scope(config.conflict_scope, n_a, n_b, groups, available)
-        if why:
-            warnings.warn(f"conflicts {name_a} × {name_b}: {why}", stacklevel=2)
+        chosen = conflict_scope(config.conflict_scope, n_a, n_b, groups, available, options.alpha)
         found = conflicts.detect(
-            ctx.fishers[name_a], ctx.fishers[name_b], layout=layout, options=dataclasses.replace(options, scope=scope),
+            ctx.fishers[name_a], ctx.fishers[name_b], layout=layout,
+            options=dataclasses.replace(options, scope=chosen.scope, max_kept_tests=chosen.max_kept),
             names=(name_a, name_b), progress=config.progress, mesh=ctx.mesh,
         )
+        why = chosen.why or found.settings.get("scope_note")
+        if why:
+            warnings.warn(f"conflicts {name_a} × {name_b}: {why}", stacklevel=2)
         parts.append(conflicts_report.pair_part(name_a, name_b, found, note=why, labels=ctx.labels, kv_head_of=layout.kv_head_of))
-        del found  # one pair's [G, n_a, n_b] arrays at a time: the next pair's tests get their memory
+        del found  # one pair's Grams and kept tests at a time: the next pair's tests get their memory
     section = conflicts_report.section_of(parts)
     if out is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
         (out / "conflicts.json").write_text(json.dumps(report.jsonable(section.json), indent=2))

@@ -616,7 +616,7 @@ def plan(
     phase6_reform = qkov_sample_reads(samples, tasks, score.min_fisher_samples, options.diagonal) * reform
     phase5 = conflict_flops(samples, tasks, kept, references) + phase5_reform
     groups = conflict_groups(layout)
-    phase5_scope = conflict_scope("auto", samples, samples, groups, host_memory_gb * GB)[0]
+    phase5_scope = conflict_scope("auto", samples, samples, groups, host_memory_gb * GB).scope
     tested_groups = groups if phase5_scope == "groups" else 1
     tested = math.comb(tasks, 2) * group_test_values(samples, samples, tested_groups)
     phase6 = qkov_flops(samples, tasks, layout, score.include_bias, score.min_fisher_samples) + phase6_reform

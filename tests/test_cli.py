@@ -333,12 +333,15 @@ def test_conflict_scope_auto_tests_per_group_only_where_the_tests_fit(tiny_check
     from fisherjax.pipeline import conflict_scope
 
     need = conflicts.group_scope_bytes(12, 10, 5)
-    assert need == conflicts.GROUP_TEST_BYTES * 5 * (12 * 10 + 144 + 100) > 0
-    assert conflict_scope("auto", 12, 10, 5, 2 * need) == ("groups", None)
-    assert conflict_scope("auto", 12, 10, 5, None) == ("groups", None)
-    scope, why = conflict_scope("auto", 12, 10, 5, 2 * need - 1)
+    assert need == pytest.approx(conflicts.GROUP_GRAM_BYTES * 5 * (12 * 10 + 144 + 100) + conflicts.KEPT_TEST_BYTES * conflicts.KEPT_SHARE * 5 * 120
+                                 + conflicts.NULL_TAIL_BYTES * 0.05 * 5 * (144 + 100) + conflicts.GROUP_TEST_FIXED_BYTES)
+    # per group, the tests kept are bounded by the memory's share: the share counted, and more with more memory
+    assert conflict_scope("auto", 12, 10, 5, 2 * need) == ("groups", None, round(conflicts.KEPT_SHARE * 5 * 120))
+    assert conflict_scope("auto", 12, 10, 5, 4 * need).max_kept == conflicts.max_kept_tests(12, 10, 5, 2 * need) > 5 * 120
+    assert conflict_scope("auto", 12, 10, 5, None) == ("groups", None, None)
+    scope, why, _ = conflict_scope("auto", 12, 10, 5, 2 * need - 1)
     assert scope == "overall" and "12 × 10 samples over 5 groups" in why and "--conflict-scope groups" in why
-    assert conflict_scope("groups", 12, 10, 5, 1.0) == ("groups", None)  # a scope given is kept (refused earlier: below)
+    assert conflict_scope("groups", 12, 10, 5, 1.0) == ("groups", None, None)  # a scope given is kept (refused earlier: below)
 
     monkeypatch.setattr(backend, "host_available_bytes", lambda: 1000)
     out = tmp_path / "out"
@@ -356,6 +359,13 @@ def test_conflict_scope_auto_tests_per_group_only_where_the_tests_fit(tiny_check
     monkeypatch.undo()
     assert _analyze(tiny_checkpoint, tmp_path / "grouped", "--phases", "fisher,conflicts") == 0
     assert json.loads((tmp_path / "grouped" / "conflicts.json").read_text())["pairs"]["add|words"]["settings"]["scope"] == "groups"
+
+    # tasks keeping more tests than the memory's share allows: tested on the whole gradient after all, saying why
+    monkeypatch.setattr(conflicts, "max_kept_tests", lambda *args, **kwargs: 0)
+    with pytest.warns(UserWarning, match=r"conflicts add × words: tested on the whole gradient, not per group: \d+ of the \d+ \(group, pair\)"):
+        assert _analyze(tiny_checkpoint, tmp_path / "kept", "--phases", "fisher,conflicts") == 0
+    pair = json.loads((tmp_path / "kept" / "conflicts.json").read_text())["pairs"]["add|words"]
+    assert pair["settings"]["scope"] == "overall" and "more than the 0 the per-group tests may keep" in pair["scope_note"]
 
 
 def test_pair_phases_hold_one_pair_at_a_time(tiny_checkpoint, tmp_path, monkeypatch):

@@ -746,6 +746,25 @@ def test_per_group_tests_keep_every_discovery_of_the_whole_procedure(gpt2, gpt2_
         assert report.hot_null_cosines is None
 
 
+def test_per_group_tests_past_their_bound_test_the_whole_gradient(gpt2, gpt2_task):
+    """``max_kept_tests``: a pair whose tests with p ≤ alpha pass it is tested on the whole gradient,
+    exactly as ``scope="overall"`` would, and its settings say why; within it, per group."""
+    a, b = halves(gpt2_task)
+    kwargs = dict(layout=gpt2.layout, whiten=False)
+    grouped = C.detect(a, b, scope="groups", **kwargs)
+    kept = len(grouped.group_tests.index)
+    assert kept > 0 and C.detect(a, b, scope="groups", max_kept_tests=kept, **kwargs).group_tests.tested == grouped.group_tests.tested
+    bounded = C.detect(a, b, scope="groups", max_kept_tests=kept - 1, **kwargs)
+    overall = C.detect(a, b, scope="overall", **kwargs)
+    assert bounded.group_tests is None and bounded.settings["scope"] == "overall"
+    assert f"the {kept - 1} the per-group tests may keep" in bounded.settings["scope_note"]
+    np.testing.assert_array_equal(bounded.pvalues, overall.pvalues)
+    np.testing.assert_array_equal(bounded.significant, overall.significant)
+    np.testing.assert_array_equal(bounded.hotspots, overall.hotspots)
+    with pytest.raises(ConfigError, match="max_kept_tests"):
+        C.ConflictOptions(max_kept_tests=-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Report, JSON, figure
 # ---------------------------------------------------------------------------------------------

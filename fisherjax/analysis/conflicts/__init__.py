@@ -15,6 +15,8 @@ the ones above it:
 :mod:`.null`           :func:`conflict_pvalues`: the null hypothesis and its three tests
 :mod:`.projection`     Kronecker random projections for models too large for exact Grams
 :mod:`.options`        :class:`ConflictOptions`, checked once
+:mod:`.group_tests`    the per-group scope's tests a few groups at a time, keeping those that
+                       can be discoveries (:class:`~.group_tests.GroupTests`)
 :mod:`.findings`       top pairs, clusters, recommendations
 :mod:`.detect`         :func:`detect` as named steps, :class:`ConflictReport`, :func:`head_map`
 =====================  ====================================================================
@@ -24,18 +26,23 @@ the ones above it:
 
 from fisherjax.analysis.conflicts import projection
 from fisherjax.analysis.conflicts.detect import (
-    GROUP_TEST_BYTES, GROUP_TEST_CORE_SECONDS, ConflictReport, detect, group_scope_bytes, group_test_core_seconds, group_test_values,
-    head_map,
+    GROUP_GRAM_BYTES, GROUP_TEST_CORE_SECONDS, GROUP_TEST_FIXED_BYTES, KEPT_SHARE, KEPT_TEST_BYTES, NULL_TAIL_BYTES, ConflictReport,
+    detect, group_scope_bytes, group_test_core_seconds, group_test_values, head_map, max_kept_tests,
 )
 from fisherjax.analysis.conflicts.findings import ConflictCluster, ConflictPair
 from fisherjax.analysis.conflicts.gram import Gram, damping, effect_sizes, pairwise_cosines, whiten
+from fisherjax.analysis.conflicts.group_tests import GroupTests
 from fisherjax.analysis.conflicts.null import NULLS, conflict_pvalues
 from fisherjax.analysis.conflicts.options import ORTHOGONAL_EFFECT, REFERENCES, SCOPES, ConflictOptions
 from fisherjax.analysis.conflicts.sources import GradChunk, GroupedGrads, GroupIndex, Grouping, Source, grouping_for
 
 __all__ = [
-    "GROUP_TEST_BYTES",
+    "GROUP_GRAM_BYTES",
     "GROUP_TEST_CORE_SECONDS",
+    "GROUP_TEST_FIXED_BYTES",
+    "KEPT_SHARE",
+    "KEPT_TEST_BYTES",
+    "NULL_TAIL_BYTES",
     "NULLS",
     "ORTHOGONAL_EFFECT",
     "REFERENCES",
@@ -47,6 +54,7 @@ __all__ = [
     "GradChunk",
     "Gram",
     "GroupIndex",
+    "GroupTests",
     "GroupedGrads",
     "Grouping",
     "Source",
@@ -59,6 +67,7 @@ __all__ = [
     "group_test_values",
     "grouping_for",
     "head_map",
+    "max_kept_tests",
     "pairwise_cosines",
     "projection",
     "whiten",

@@ -36,7 +36,7 @@ from fisherjax.analysis.conflicts.findings import ConflictCluster, ConflictPair,
 from fisherjax.analysis.conflicts.gram import (
     Gram, chunk_count, chunk_size_for, damping, effect_sizes, gram_matrix, inverse_sqrt, sliced_grams, slices_fit, split_sides,
 )
-from fisherjax.analysis.conflicts.group_tests import GroupTests, group_tests
+from fisherjax.analysis.conflicts.group_tests import GroupTests, TooManyKept, group_tests
 from fisherjax.analysis.conflicts.null import conflict_pvalues
 from fisherjax.analysis.conflicts.options import ConflictOptions
 from fisherjax.analysis.conflicts.sources import GroupIndex, Grouping, Source, Stream, as_stream, check_same_parameters, grouping_for
@@ -49,8 +49,8 @@ from fisherjax.sharding import check_mesh
 from fisherjax.stats import fdr_qvalues
 
 __all__ = [
-    "GROUP_TEST_BYTES", "GROUP_TEST_CORE_SECONDS", "ConflictReport", "detect", "group_scope_bytes", "group_test_core_seconds",
-    "group_test_values", "head_map",
+    "GROUP_GRAM_BYTES", "GROUP_TEST_CORE_SECONDS", "GROUP_TEST_FIXED_BYTES", "KEPT_SHARE", "KEPT_TEST_BYTES", "NULL_TAIL_BYTES",
+    "ConflictReport", "detect", "group_scope_bytes", "group_test_core_seconds", "group_test_values", "head_map", "max_kept_tests",
 ]
 
 _STATIC = dict(static=True)
@@ -194,27 +194,50 @@ def detect(
     inv_sqrt, eps_used, whitened = _whitening(options, fisher, a, b)
     cross, references = _grams(a, b, external, grouping, inv_sqrt, options, progress, mesh)
     null_cosines = _null_cosines(references)
-    if options.scope == "groups":
-        significance = _group_significance(cross, group_tests(cross, references, options))
-    else:
+    scope, note = options.scope, None
+    if scope == "groups":
+        try:
+            significance = _group_significance(cross, group_tests(cross, references, options))
+        except TooManyKept as too_many:
+            scope, note = "overall", f"tested on the whole gradient, not per group: {too_many}"
+    if scope == "overall":
         significance = _significance(cross, _pvalues(cross.cosines, references, options), options)
     whitened_with = None if not whitened or a.grouping is not None else "given" if fisher is not None else options.fisher_pool
     settings = dict(
-        scope=options.scope, reference="external split" if external is not None else options.reference,
+        scope=scope, reference="external split" if external is not None else options.reference,
         null=options.null, tail=options.tail if options.null == "pooled" else None, whiten=whitened,
         fisher_pool=whitened_with, eps=eps_used, alpha=options.alpha, fdr_method=options.fdr_method,
-        min_effect_size=options.min_effect_size,
+        min_effect_size=options.min_effect_size, **({"scope_note": note} if note else {}),
     )
     return _report(a.name, b.name, cross, references, significance, null_cosines, settings, options)
 
 
-GROUP_TEST_BYTES = 24
-"""Host bytes :func:`detect` holds at its peak per tested (group, pair) in the per-group scope: the
-group dot products (float32) of the three Grams, the A × B cosines and p-values, and the reference
-side in hand (its cosines, null and p-values, float64) — measured 22–24 at 256–384 samples per
-task on GPT-2 small's 576 attention-head groups (``benchmarks/conflict_tests.py``, RESULTS.md,
-twenty-fourth session). At 128 per task the pooled null's chunk temporaries (a few hundred MB,
-:data:`~.null.CHUNK_VALUES`) take it to 33–41; the scope's rule leaves half the memory free."""
+GROUP_GRAM_BYTES = 4
+"""Host bytes per tested (group, pair) value of the three Grams in the per-group scope (A × B, A × A,
+B × B: :func:`group_test_values`): their float32 group dot products."""
+
+KEPT_TEST_BYTES = 48
+"""Host bytes per test the per-group scope keeps (``p ≤ alpha``: :class:`~.group_tests.GroupTests`)
+at its peak: index, cosine, p- and q-value, significance, and the q-values' sort order. Measured 41
+when every test of 256 + 256 samples over GPT-2 small's 576 groups is kept
+(``benchmarks/conflict_tests.py --shift 1``, RESULTS.md, twenty-seventh session)."""
+
+KEPT_SHARE = 0.1
+"""The share of the ``G · n_a · n_b`` tests :func:`group_scope_bytes` counts as kept by default:
+twice the ``alpha = 0.05`` that tasks which do not conflict keep (measured 0.038–0.044). Tasks that
+conflict more keep more, up to all; ``--conflict-scope auto`` bounds what a pair may keep
+(``ConflictOptions.max_kept_tests``, :func:`max_kept_tests`) and tests a pair past it on the whole
+gradient."""
+
+NULL_TAIL_BYTES = 16
+"""Host bytes per reference value and per unit of ``alpha`` of a side's pooled null kept down to
+``alpha`` (:func:`~.null.pooled_null`: float64 values in a buffer twice their number)."""
+
+GROUP_TEST_FIXED_BYTES = 1.1e9
+"""Host bytes of the per-group scope that do not grow with the samples: a step's float64 arrays
+(:data:`~.group_tests.GROUP_CHUNK_VALUES`), the pooled null's pieces (:data:`~.null.CHUNK_VALUES`),
+the threads' arenas and the Gram kernels — 0.9–1.1 GB above the rest at 128–512 samples a task
+(RESULTS.md, twenty-seventh session)."""
 
 
 GROUP_TEST_CORE_SECONDS = 2.8e-8
@@ -240,11 +263,21 @@ def group_test_core_seconds(n_a: int, n_b: int, groups: int) -> float:
     return GROUP_TEST_CORE_SECONDS * group_test_values(n_a, n_b, groups) * math.log2(max(groups * n_a * n_b, 2))
 
 
-def group_scope_bytes(n_a: int, n_b: int, groups: int) -> float:
-    """Host bytes of :func:`detect`'s per-group scope: :data:`GROUP_TEST_BYTES` per
-    :func:`group_test_values`. The overall scope holds ``[n_a, n_b]`` arrays and the group dot
-    products only (float32, for the hotspots)."""
-    return GROUP_TEST_BYTES * group_test_values(n_a, n_b, groups)
+def group_scope_bytes(n_a: int, n_b: int, groups: int, kept_share: float = KEPT_SHARE, alpha: float = 0.05) -> float:
+    """Host bytes of :func:`detect`'s per-group scope: the Grams (:data:`GROUP_GRAM_BYTES` per
+    :func:`group_test_values`), ``kept_share`` of the ``G · n_a · n_b`` tests kept
+    (:data:`KEPT_TEST_BYTES` each), each side's pooled null down to ``alpha``
+    (:data:`NULL_TAIL_BYTES`) and :data:`GROUP_TEST_FIXED_BYTES`. The overall scope holds
+    ``[n_a, n_b]`` arrays and the group dot products only (float32, for the hotspots)."""
+    return (GROUP_GRAM_BYTES * group_test_values(n_a, n_b, groups) + KEPT_TEST_BYTES * kept_share * groups * n_a * n_b
+            + NULL_TAIL_BYTES * alpha * groups * (n_a * n_a + n_b * n_b) + GROUP_TEST_FIXED_BYTES)
+
+
+def max_kept_tests(n_a: int, n_b: int, groups: int, budget_bytes: float, alpha: float = 0.05) -> int:
+    """The most tests the per-group scope can keep within ``budget_bytes`` (``ConflictOptions.
+    max_kept_tests``): what :func:`group_scope_bytes` leaves beside the Grams, nulls and fixed
+    bytes, at :data:`KEPT_TEST_BYTES` each; 0 where those alone take more."""
+    return max(0, int((budget_bytes - group_scope_bytes(n_a, n_b, groups, 0.0, alpha)) // KEPT_TEST_BYTES))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,14 +429,10 @@ def _group_significance(cross: Gram, tests: GroupTests) -> _Significance:
     """Step 5 (per-group scope, the tests already made: :func:`~.group_tests.group_tests`): a
     pair's p- and q-value are the smallest over its kept groups, it is significant when any
     group is, and its conflict strength is its most negative significant group cosine."""
-    sig = tests.significant
-    g, i, j = tests.coordinates(sig)
-    cosines = cross.group_dots[g, i, j] / np.sqrt(cross.group_sq_norms_a[g, i].astype(np.float64) * cross.group_sq_norms_b[g, j])
-    return _Significance(
-        effect_sizes(cross.cosines), tests.per_pair(tests.pvalues), tests.per_pair(tests.qvalues),
-        tests.per_pair(np.ones(len(g)), sig, initial=0.0, reduce=np.maximum) > 0,
-        tests.per_pair(cosines, sig, initial=np.inf, reduce=np.minimum), tests,
-    )
+    significant = tests.per_pair(tests.significant, initial=0.0, reduce=np.maximum) > 0
+    strength = tests.per_pair(tests.cosines, tests.significant, initial=np.inf, reduce=np.minimum)
+    return _Significance(effect_sizes(cross.cosines), tests.per_pair(tests.pvalues), tests.per_pair(tests.qvalues), significant,
+                         strength, tests)
 
 
 def _report(name_a, name_b, gram: Gram, references: Mapping[str, Gram], sig: _Significance, null_cosines, settings,
@@ -413,10 +442,11 @@ def _report(name_a, name_b, gram: Gram, references: Mapping[str, Gram], sig: _Si
     if options.by_group:
         weight = 1.0 / np.sqrt(np.outer(gram.sq_norms_a, gram.sq_norms_b))
         if sig.group_tests is not None:
-            g, i, j = sig.group_tests.coordinates(sig.group_tests.significant)
-            pulls = gram.group_dots[g, i, j].astype(np.float64) * weight[i, j].astype(np.float32)
-            hotspots = -np.bincount(g, weights=pulls, minlength=len(gram.groups))
-            if len(g):
+            hotspots = np.zeros(len(gram.groups))
+            for _, g, i, j in sig.group_tests.blocks(sig.group_tests.significant):
+                hotspots -= np.bincount(g, weights=gram.group_dots[g, i, j].astype(np.float64) * weight[i, j].astype(np.float32),
+                                        minlength=len(gram.groups))
+            if sig.group_tests.n_significant:
                 hot = int(np.argmax(hotspots))
                 hot_nulls = {side: _distinct(ref.tested_group_cosines(slice(hot, hot + 1))[0], side) for side, ref in references.items()}
         else:

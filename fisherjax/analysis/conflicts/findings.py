@@ -120,9 +120,9 @@ def clusters(gram: Gram, cosines, significant, group_tests: GroupTests | None, m
     if gram.group_dots is not None:
         per_cluster = np.zeros((labels.max() + 1, len(gram.groups)))
         if group_tests is not None:  # the significant (group, pair) tests, each on its pair's cluster
-            g, gi, gj = group_tests.coordinates(group_tests.significant)
-            contrib = gram.group_dots[g, gi, gj] / np.sqrt(gram.sq_norms_a[gi] * gram.sq_norms_b[gj])
-            np.add.at(per_cluster, (labels[gi], g), -contrib)
+            for _, g, gi, gj in group_tests.blocks(group_tests.significant):
+                contrib = gram.group_dots[g, gi, gj] / np.sqrt(gram.sq_norms_a[gi] * gram.sq_norms_b[gj])
+                np.add.at(per_cluster, (labels[gi], g), -contrib)
         else:
             contrib = gram.group_dots[:, i, j] / np.sqrt(gram.sq_norms_a[i] * gram.sq_norms_b[j])[None]
             np.add.at(per_cluster, edge_label, -contrib.T)  # net pull apart per cluster and group

@@ -34,7 +34,7 @@ from fisherjax.analysis.conflicts.null import CHUNK_VALUES, conflict_pvalues, po
 from fisherjax.analysis.conflicts.options import ConflictOptions
 from fisherjax.stats import fdr_qvalues
 
-__all__ = ["GROUP_CHUNK_VALUES", "GroupTests", "group_tests"]
+__all__ = ["GROUP_CHUNK_VALUES", "KEPT_CHUNK", "GroupTests", "TooManyKept", "group_tests"]
 
 _STATIC = dict(static=True)
 
@@ -42,20 +42,31 @@ GROUP_CHUNK_VALUES = 8 * CHUNK_VALUES
 """Tested (group, pair) values per step of :func:`group_tests` (whole groups, at least one): the
 step's float64 cosines, p-values and each side's p-values are arrays of this many values."""
 
+KEPT_CHUNK = 1 << 22
+"""Kept tests per block where their coordinates are needed (:meth:`GroupTests.blocks`): three int64
+arrays and a few float64 ones of this many values, not of every kept test — all of them, when the
+two tasks conflict everywhere."""
+
+
+class TooManyKept(Exception):
+    """More tests with ``p ≤ alpha`` than ``ConflictOptions.max_kept_tests``; says how many, of what."""
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class GroupTests:
     """The per-group tests that can be discoveries: every tested (group, pair) with ``p ≤ alpha``.
 
-    ``index [K]``: flat positions in ``[G, n_a, n_b]`` (``shape``), ascending; ``pvalues [K]``;
-    ``qvalues [K]`` (Benjamini–Hochberg or –Yekutieli over all ``tested`` tests; NaN where above
-    ``alpha``); ``significant [K]`` (``q ≤ alpha`` and effect size ``> min_effect_size``). Every
+    ``index [K]``: flat positions in ``[G, n_a, n_b]`` (``shape``), ascending; ``cosines [K]``:
+    the group cosines tested; ``pvalues [K]``; ``qvalues [K]`` (Benjamini–Hochberg or –Yekutieli
+    over all ``tested`` tests; NaN where above ``alpha``); ``significant [K]`` (``q ≤ alpha`` and
+    effect size ``> min_effect_size``). Every
     other one of the ``tested`` tests has ``p > alpha``, so ``q > alpha``: not significant. A
     pytree: the arrays are leaves, ``shape`` and ``tested`` static metadata.
     """
 
     index: np.ndarray
+    cosines: np.ndarray
     pvalues: np.ndarray
     qvalues: np.ndarray
     significant: np.ndarray
@@ -66,9 +77,14 @@ class GroupTests:
     def n_significant(self) -> int:
         return int(np.count_nonzero(self.significant))
 
-    def coordinates(self, which: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(group, i, j)`` of the kept tests ``which`` (a mask or slice of them)."""
-        return np.unravel_index(self.index[which], self.shape)
+    def blocks(self, which: np.ndarray | None = None):
+        """``(rows, group, i, j)`` of the kept tests (``which``: a mask over them, or all), a block of
+        :data:`KEPT_CHUNK` at a time: ``rows`` their positions among the kept tests."""
+        for start in range(0, len(self.index), KEPT_CHUNK):
+            rows = np.arange(start, min(start + KEPT_CHUNK, len(self.index)))
+            if which is not None:
+                rows = rows[which[rows]]
+            yield (rows, *np.unravel_index(self.index[rows], self.shape))
 
     def at_pairs(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(q [G, P], significant [G, P])`` of every group at the pairs ``(i[p], j[p])``: NaN and
@@ -84,19 +100,19 @@ class GroupTests:
     def significant_map(self, group: int) -> np.ndarray:
         """``[n_a, n_b]``: which pairs are significant on ``group``."""
         _, n_a, n_b = self.shape
+        lo, hi = np.searchsorted(self.index, [group * n_a * n_b, (group + 1) * n_a * n_b])
         out = np.zeros(n_a * n_b, bool)
-        g, i, j = self.coordinates(self.significant)
-        out[(i * n_b + j)[g == group]] = True
+        out[self.index[lo:hi][self.significant[lo:hi]] - group * n_a * n_b] = True
         return out.reshape(n_a, n_b)
 
-    def per_pair(self, values: np.ndarray, which: np.ndarray | slice = slice(None), initial: float = np.nan,
+    def per_pair(self, values: np.ndarray, which: np.ndarray | None = None, initial: float = np.nan,
                  reduce: np.ufunc = np.fmin) -> np.ndarray:
-        """``[n_a, n_b]``: ``reduce`` over groups of ``values`` (one per kept test ``which``), at
-        ``initial`` where a pair has none — e.g. a pair's smallest p-value over its groups."""
+        """``[n_a, n_b]``: ``reduce`` over groups of ``values [K]`` (one per kept test; ``which``
+        only), at ``initial`` where a pair has none — e.g. a pair's smallest p-value over its groups."""
         _, n_a, n_b = self.shape
         out = np.full(n_a * n_b, initial, np.float64)
-        _, i, j = self.coordinates(which)
-        reduce.at(out, i * n_b + j, values)
+        for rows, _, i, j in self.blocks(which):
+            reduce.at(out, i * n_b + j, values[rows])
         return out.reshape(n_a, n_b)
 
 
@@ -108,7 +124,11 @@ def group_tests(cross: Gram, references: Mapping[str, Gram], options: ConflictOp
 
     Holds the A × B Grams it is given, each side's pooled null down to ``alpha`` (about ``alpha``
     of its ``G · n²`` values, float64), :data:`GROUP_CHUNK_VALUES` values of a step and the kept
-    tests (25 bytes each: ``alpha`` of the tests when none is a conflict)."""
+    tests (``alpha`` of the tests when none is a conflict, all of them when every one is).
+
+    Raises:
+      TooManyKept: more than ``options.max_kept_tests`` tests with ``p ≤ alpha``.
+    """
     groups, n_a, n_b = cross.group_dots.shape
     alpha = options.alpha
     tail_size = 250 if options.tail == "gpd" else None
@@ -118,7 +138,7 @@ def group_tests(cross: Gram, references: Mapping[str, Gram], options: ConflictOp
             nulls[side] = pooled_null(ref.tested_group_cosines, ref.group_dots.shape, exclude_self=side != "reference",
                                       resolve=alpha, tail_size=tail_size)
     step = max(1, GROUP_CHUNK_VALUES // max(n_a * n_b, 1))
-    kept_index, kept_p, tested = [], [], 0
+    kept_index, kept_p, tested, kept = [], [], 0, 0
     for first in range(0, groups, step):
         block = slice(first, first + step)
         scores = cross.tested_group_cosines(block)
@@ -140,11 +160,20 @@ def group_tests(cross: Gram, references: Mapping[str, Gram], options: ConflictOp
         small = np.flatnonzero(p <= alpha)  # NaN (untested) and +inf (above alpha, not resolved): not kept
         kept_index.append(small + first * n_a * n_b)
         kept_p.append(p.reshape(-1)[small])
+        kept += len(small)
         del scores, p
+        if options.max_kept_tests is not None and kept > options.max_kept_tests:
+            done = min(first + step, groups)
+            raise TooManyKept(f"{kept} of the {tested} (group, pair) tests of the first {done} of {groups} groups have p ≤ {alpha}, "
+                              f"more than the {options.max_kept_tests} the per-group tests may keep in the memory available")
     index = np.concatenate(kept_index)
+    del kept_index
     pvalues = np.concatenate(kept_p)
+    del kept_p
     qvalues = fdr_qvalues(pvalues, options.fdr_method, tests=max(tested, 1), bound=alpha) if len(pvalues) else pvalues.copy()
-    g, i, j = np.unravel_index(index, (groups, n_a, n_b))
-    denom = np.sqrt(cross.group_sq_norms_a[g, i].astype(np.float64) * cross.group_sq_norms_b[g, j])
-    significant = (qvalues <= alpha) & (effect_sizes(cross.group_dots[g, i, j] / denom) > options.min_effect_size)
-    return GroupTests(index, pvalues, qvalues, significant, (groups, n_a, n_b), tested)
+    tests = GroupTests(index, np.empty(len(index)), pvalues, qvalues, np.empty(len(index), bool), (groups, n_a, n_b), tested)
+    for rows, g, i, j in tests.blocks():
+        cosines = cross.group_dots[g, i, j] / np.sqrt(cross.group_sq_norms_a[g, i].astype(np.float64) * cross.group_sq_norms_b[g, j])
+        tests.cosines[rows] = cosines
+        tests.significant[rows] = (qvalues[rows] <= alpha) & (effect_sizes(cosines) > options.min_effect_size)
+    return tests

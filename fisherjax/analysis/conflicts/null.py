@@ -220,7 +220,7 @@ def pooled_null(
             lowest.add(z[keep_values])
 
         on_host_cores(fill, range(0, len(flat), step))
-        del block, flat
+        block = flat = None  # before the next read (rebound, not deleted: fill reads flat)
     values = lowest.result()
     if lowest.size == 0:
         raise DataError("no reference sample has any spread of cosines (duplicated or collinear gradients)")

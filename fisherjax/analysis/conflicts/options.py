@@ -57,6 +57,10 @@ class ConflictOptions(Options):
         as many as ``memory_budget_bytes`` holds (:func:`~.gram.chunk_size_for`).
       memory_budget_bytes: memory of one chunk pair's prepared features when ``chunk_size`` is None.
       by_group: keep per-group scores (``[G, n_a, n_b]`` floats).
+      max_kept_tests: per-group scope: the most tests with ``p ≤ alpha`` kept
+        (:class:`~.group_tests.GroupTests`, about ``alpha`` of the ``G · n_a · n_b`` tests for
+        tasks that do not conflict, all of them for tasks that conflict everywhere); past it the
+        pair is tested on the whole gradient and ``settings["scope_note"]`` says why. None: no bound.
     """
 
     scope: str = "overall"
@@ -77,6 +81,7 @@ class ConflictOptions(Options):
     chunk_size: int | None = None
     memory_budget_bytes: float = 4e9
     by_group: bool = True
+    max_kept_tests: int | None = None
 
     def __post_init__(self):
         owner = type(self).__name__
@@ -98,6 +103,8 @@ class ConflictOptions(Options):
               f"{owner} chunk_size must be a positive integer or None, got {self.chunk_size!r}")
         check(self.memory_budget_bytes > 0, f"{owner} memory_budget_bytes must be > 0, got {self.memory_budget_bytes}")
         check(self.scope != "groups" or self.by_group, f"{owner} scope='groups' needs by_group=True")
+        check(self.max_kept_tests is None or (int(self.max_kept_tests) == self.max_kept_tests and self.max_kept_tests >= 0),
+              f"{owner} max_kept_tests must be an integer >= 0 or None, got {self.max_kept_tests!r}")
 
     def samples_needed(self, side: str) -> int:
         """Samples task ``side`` (``"a"`` or ``"b"``) needs: one more than the null's reference
