@@ -744,6 +744,8 @@ def test_per_group_tests_keep_every_discovery_of_the_whole_procedure(gpt2, gpt2_
         np.testing.assert_array_equal(report.hot_null_cosines["a"], hot_null[np.triu_indices(len(hot_null), 1)])
     else:
         assert report.hot_null_cosines is None
+    lines = R.markdown(report, R.summary(report))  # a pair whose every group has q > alpha says so
+    assert sum("q > 0.05 on every group" in line for line in lines) == len([p for p in report.top_pairs[:5] if np.isnan(p.qvalue)])
 
 
 def test_per_group_tests_past_their_bound_test_the_whole_gradient(gpt2, gpt2_task):

@@ -191,8 +191,9 @@ def effect_words(effect: float) -> str:
     return f"≤ {ORTHOGONAL_EFFECT:.2f}: not pointing apart"
 
 
-def _pair_text(pair: ConflictPair, name=str) -> str:
-    text = f"cosine {pair.cosine:+.3f}, effect size {pair.effect_size:.3f} ({effect_words(pair.effect_size)}), q {pair.qvalue:.3g}"
+def _pair_text(pair: ConflictPair, name=str, no_q: str = "untested") -> str:
+    q = f"q {pair.qvalue:.3g}" if np.isfinite(pair.qvalue) else f"q {no_q}"
+    text = f"cosine {pair.cosine:+.3f}, effect size {pair.effect_size:.3f} ({effect_words(pair.effect_size)}), {q}"
     groups = ", ".join(f"{name(label)} ({contribution:+.3f})" for label, contribution, *_ in pair.groups[:3])
     return f"{text}; most of it from {groups}" if groups else text
 
@@ -215,6 +216,8 @@ def markdown(report: ConflictReport, summary: Mapping, *, figure_link: str | Non
     n_sig = report.group_tests.n_significant if report.group_tests is not None else report.n_significant
     unit = "(pair, head)" if report.group_tests is not None else "pair"
     min_effect = report.settings.get("min_effect_size", ORTHOGONAL_EFFECT)
+    # per group, a q-value above alpha is not resolved: a pair without one has every group above it
+    no_q = f"> {report.settings.get('alpha', 0.05):g} on every group" if report.group_tests is not None else "untested"
     lines = [
         f"**{name_a} vs {name_b}**: {report.cosines.size} sample pairs, {n_sig} significant {unit} "
         f"conflicts at FDR {report.settings.get('alpha', 0.05)}; median cross-task cosine "
@@ -226,7 +229,8 @@ def markdown(report: ConflictReport, summary: Mapping, *, figure_link: str | Non
         "",
     ]
     for pair in report.top_pairs[:top]:
-        lines.append(f"- {name_a} sample {pair.sample_a} vs {name_b} sample {pair.sample_b}: " + _pair_text(pair, name))
+        lines.append(f"- {name_a} sample {pair.sample_a} vs {name_b} sample {pair.sample_b}: "
+                     + _pair_text(pair, name, no_q))
     advice = summary.get("recommendations", {})
     which = "mean cosine on the conflicting groups" if report.group_tests is not None else "mean cosine"
     for sample in advice.get("samples", [])[:top]:

@@ -103,7 +103,8 @@ class ConflictReport:
     ``−Σ contribution_g`` over significant pairs (or significant group-pairs); positive = the
     group pulls them apart. ``settings``: what produced it (the options as applied: reference
     ``"external split"``, ``fisher_pool`` ``"given"`` for an explicit Fisher, the damping ``eps``
-    used); ``options``: the :class:`~.options.ConflictOptions`.
+    used, ``scope`` ``"overall"`` with a ``scope_note`` where the per-group tests passed
+    ``max_kept_tests``); ``options``: the :class:`~.options.ConflictOptions`.
 
     A pytree: arrays, the Gram, pairs and clusters are leaves (or subtrees); task names,
     ``settings``, ``recommendations`` and ``options`` are static metadata.
@@ -218,8 +219,8 @@ B × B: :func:`group_test_values`): their float32 group dot products."""
 
 KEPT_TEST_BYTES = 48
 """Host bytes per test the per-group scope keeps (``p ≤ alpha``: :class:`~.group_tests.GroupTests`)
-at its peak: index, cosine, p- and q-value, significance, and the q-values' sort order. Measured 41
-when every test of 256 + 256 samples over GPT-2 small's 576 groups is kept
+at its peak: index, cosine, p- and q-value, significance, and the q-values' sort order. Measured
+41–46 when every test of 256 + 256 and 384 + 384 samples over GPT-2 small's 576 groups is kept
 (``benchmarks/conflict_tests.py --shift 1``, RESULTS.md, twenty-seventh session)."""
 
 KEPT_SHARE = 0.1
@@ -240,12 +241,13 @@ the threads' arenas and the Gram kernels — 0.9–1.1 GB above the rest at 128�
 (RESULTS.md, twenty-seventh session)."""
 
 
-GROUP_TEST_CORE_SECONDS = 2.8e-8
+GROUP_TEST_CORE_SECONDS = 2.6e-8
 """Host core-seconds :func:`detect`'s per-group scope spends per tested (group, pair) value and per
 doubling of its ``G · n_a · n_b`` A × B tests (they sort and search: :func:`group_test_core_seconds`),
 from its Grams to its report: seconds × the cores they run on (``backend.on_host_cores``), measured
-0.0252–0.0276 core-µs (0.59–0.73 core-µs a value) at 128–384 samples per task on GPT-2 small's 576
-groups (``benchmarks/conflict_tests.py``, RESULTS.md, twenty-fifth session); the largest is kept."""
+0.014–0.020 core-µs at 128–512 samples per task on GPT-2 small's 576 groups for tasks that do not
+conflict, 0.024–0.025 for tasks that conflict in every test (``benchmarks/conflict_tests.py
+[--shift 1]``, RESULTS.md, twenty-seventh session); the largest is kept."""
 
 
 def group_test_values(n_a: int, n_b: int, groups: int) -> int:
