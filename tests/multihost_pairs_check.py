@@ -59,7 +59,7 @@ def main(out: str, process_id: int, port: int) -> None:
         "scores": rel(h2.scores, h1.scores),
         "layer_head_avg": rel(h2.layer_head_avg, h1.layer_head_avg),
         "cosines": rel(c2.cosines, c1.cosines),
-        "same_conflict_pvalues": bool(np.allclose(c2.pvalues, c1.pvalues, rtol=1e-6, atol=0)),
+        "same_conflict_pvalues": bool(np.allclose(c2.pvalues, c1.pvalues, rtol=1e-6, atol=0, equal_nan=True)),  # NaN: no group p ≤ alpha
         "observed": rel(p2.observed, p1.observed),
         "same_permutation_pvalues": bool(np.array_equal(p2.pvalues, p1.pvalues)),
         # kept factors formed on each process's devices, against the gradients on one device
