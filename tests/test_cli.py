@@ -334,7 +334,12 @@ def test_conflict_scope_auto_tests_per_group_only_where_the_tests_fit(tiny_check
 
     need = conflicts.group_scope_bytes(12, 10, 5)
     assert need == pytest.approx(conflicts.GROUP_GRAM_BYTES * 5 * (12 * 10 + 144 + 100) + conflicts.KEPT_TEST_BYTES * conflicts.KEPT_SHARE * 5 * 120
-                                 + conflicts.NULL_TAIL_BYTES * 0.05 * 5 * (144 + 100) + conflicts.GROUP_TEST_FIXED_BYTES)
+                                 + conflicts.NULL_TAIL_BYTES * 0.05 * 5 * (144 + 100) + conflicts.GROUP_TEST_STEP_BYTES * 5 * (120 + 244))
+    # the steps' arrays stop growing: a large test counts them once
+    assert conflicts.group_scope_bytes(1000, 1000, 576) - conflicts.group_scope_bytes(1000, 1000, 576, 0.0) == pytest.approx(
+        conflicts.KEPT_TEST_BYTES * conflicts.KEPT_SHARE * 576e6)
+    assert conflicts.group_scope_bytes(1000, 1000, 576, 0.0) == pytest.approx(
+        conflicts.GROUP_GRAM_BYTES * 576 * 3e6 + conflicts.NULL_TAIL_BYTES * 0.05 * 576 * 2e6 + conflicts.GROUP_TEST_FIXED_BYTES)
     # per group, the tests kept are bounded by the memory's share: the share counted, and more with more memory
     assert conflict_scope("auto", 12, 10, 5, 2 * need) == ("groups", None, round(conflicts.KEPT_SHARE * 5 * 120))
     assert conflict_scope("auto", 12, 10, 5, 4 * need).max_kept == conflicts.max_kept_tests(12, 10, 5, 2 * need) > 5 * 120

@@ -779,6 +779,9 @@ def test_summary_is_json_with_true_sample_ids(gpt2, gpt2_task, tmp_path):
     report = C.detect(task.select(order[: n // 2]), task.select(order[n // 2 :]), layout=gpt2.layout, scope="groups", names=("math", "copy"))
     summary = json.loads(json.dumps(R.summary(report)))
     assert summary["task_a"] == "math" and summary["n_significant"] == report.n_significant > 0
+    tests = report.group_tests
+    assert summary["group_tests"] == dict(tested=tests.tested, kept=len(tests.index), significant=tests.n_significant)
+    assert tests.tested == report.cosines.size * len(report.groups) and 0 < tests.n_significant < len(tests.index) < tests.tested
     ids_a, ids_b = task.sample_ids[order[: n // 2]], task.sample_ids[order[n // 2 :]]
     for pair in summary["top_pairs"]:
         i, j = list(ids_a).index(pair["sample_a"]), list(ids_b).index(pair["sample_b"])

@@ -31,7 +31,8 @@ def summary(report: ConflictReport, labels: np.ndarray | None = None, kv_head_of
     """The ``conflicts.json`` entry of one task pair (``pairs["A|B"]``), JSON-serialisable.
 
     Keys: ``task_a``, ``task_b``, ``n_samples_a``, ``n_samples_b``, ``n_pairs``,
-    ``n_significant``, ``settings``, ``null`` (the null hypothesis in words), ``cosine`` (mean,
+    ``n_significant``, ``group_tests`` (per-group scope: ``tested``, ``kept`` with ``p ≤ alpha``,
+    ``significant`` (group, pair) tests), ``settings``, ``null`` (the null hypothesis in words), ``cosine`` (mean,
     std, min, max of the tested cosines and of each side's within-task null), ``top_pairs`` (true
     sample ids, scores and the groups behind each), ``clusters``, ``head_map`` (``blocks``;
     ``values`` one ``[layers][heads of the block]`` list per block — k and v have ``kv_heads``
@@ -89,6 +90,9 @@ def summary(report: ConflictReport, labels: np.ndarray | None = None, kv_head_of
         ),
         recommendations=_plain(report.recommendations),
     )
+    if report.group_tests is not None:  # per group: how many (group, pair) tests, how many kept (p ≤ alpha), how many conflicts
+        tests = report.group_tests
+        entry["group_tests"] = dict(tested=tests.tested, kept=int(len(tests.index)), significant=tests.n_significant)
     if labels is None:
         return entry
     name = lambda group: categories.name_group(group, labels, kv_head_of)  # noqa: E731

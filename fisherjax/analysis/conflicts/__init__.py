@@ -26,7 +26,7 @@ the ones above it:
 
 from fisherjax.analysis.conflicts import projection
 from fisherjax.analysis.conflicts.detect import (
-    GROUP_GRAM_BYTES, GROUP_TEST_CORE_SECONDS, GROUP_TEST_FIXED_BYTES, KEPT_SHARE, KEPT_TEST_BYTES, NULL_TAIL_BYTES, ConflictReport,
+    GROUP_GRAM_BYTES, GROUP_TEST_CORE_SECONDS, GROUP_TEST_FIXED_BYTES, GROUP_TEST_STEP_BYTES, KEPT_SHARE, KEPT_TEST_BYTES, NULL_TAIL_BYTES, ConflictReport,
     detect, group_scope_bytes, group_test_core_seconds, group_test_values, head_map, max_kept_tests,
 )
 from fisherjax.analysis.conflicts.findings import ConflictCluster, ConflictPair
@@ -40,6 +40,7 @@ __all__ = [
     "GROUP_GRAM_BYTES",
     "GROUP_TEST_CORE_SECONDS",
     "GROUP_TEST_FIXED_BYTES",
+    "GROUP_TEST_STEP_BYTES",
     "KEPT_SHARE",
     "KEPT_TEST_BYTES",
     "NULL_TAIL_BYTES",

@@ -49,7 +49,7 @@ from fisherjax.sharding import check_mesh
 from fisherjax.stats import fdr_qvalues
 
 __all__ = [
-    "GROUP_GRAM_BYTES", "GROUP_TEST_CORE_SECONDS", "GROUP_TEST_FIXED_BYTES", "KEPT_SHARE", "KEPT_TEST_BYTES", "NULL_TAIL_BYTES",
+    "GROUP_GRAM_BYTES", "GROUP_TEST_CORE_SECONDS", "GROUP_TEST_FIXED_BYTES", "GROUP_TEST_STEP_BYTES", "KEPT_SHARE", "KEPT_TEST_BYTES", "NULL_TAIL_BYTES",
     "ConflictReport", "detect", "group_scope_bytes", "group_test_core_seconds", "group_test_values", "head_map", "max_kept_tests",
 ]
 
@@ -235,10 +235,14 @@ NULL_TAIL_BYTES = 16
 ``alpha`` (:func:`~.null.pooled_null`: float64 values in a buffer twice their number)."""
 
 GROUP_TEST_FIXED_BYTES = 1.1e9
-"""Host bytes of the per-group scope that do not grow with the samples: a step's float64 arrays
+"""Host bytes of the per-group scope that stop growing with the samples: a step's float64 arrays
 (:data:`~.group_tests.GROUP_CHUNK_VALUES`), the pooled null's pieces (:data:`~.null.CHUNK_VALUES`),
 the threads' arenas and the Gram kernels — 0.9–1.1 GB above the rest at 128–512 samples a task
-(RESULTS.md, twenty-seventh session)."""
+(RESULTS.md, twenty-seventh session). Below that, :data:`GROUP_TEST_STEP_BYTES` per tested value."""
+
+GROUP_TEST_STEP_BYTES = 40
+"""Host bytes per tested value while the steps and pieces are not full (a few float64 arrays of
+every value): small tests hold :data:`GROUP_TEST_FIXED_BYTES` only once they have ~30 M values."""
 
 
 GROUP_TEST_CORE_SECONDS = 2.6e-8
@@ -269,10 +273,12 @@ def group_scope_bytes(n_a: int, n_b: int, groups: int, kept_share: float = KEPT_
     """Host bytes of :func:`detect`'s per-group scope: the Grams (:data:`GROUP_GRAM_BYTES` per
     :func:`group_test_values`), ``kept_share`` of the ``G · n_a · n_b`` tests kept
     (:data:`KEPT_TEST_BYTES` each), each side's pooled null down to ``alpha``
-    (:data:`NULL_TAIL_BYTES`) and :data:`GROUP_TEST_FIXED_BYTES`. The overall scope holds
+    (:data:`NULL_TAIL_BYTES`) and the steps' arrays (:data:`GROUP_TEST_STEP_BYTES` per value, at
+    most :data:`GROUP_TEST_FIXED_BYTES`). The overall scope holds
     ``[n_a, n_b]`` arrays and the group dot products only (float32, for the hotspots)."""
     return (GROUP_GRAM_BYTES * group_test_values(n_a, n_b, groups) + KEPT_TEST_BYTES * kept_share * groups * n_a * n_b
-            + NULL_TAIL_BYTES * alpha * groups * (n_a * n_a + n_b * n_b) + GROUP_TEST_FIXED_BYTES)
+            + NULL_TAIL_BYTES * alpha * groups * (n_a * n_a + n_b * n_b)
+            + min(GROUP_TEST_FIXED_BYTES, GROUP_TEST_STEP_BYTES * group_test_values(n_a, n_b, groups)))
 
 
 def max_kept_tests(n_a: int, n_b: int, groups: int, budget_bytes: float, alpha: float = 0.05) -> int:

@@ -34,7 +34,7 @@ from fisherjax.analysis.conflicts.null import CHUNK_VALUES, conflict_pvalues, po
 from fisherjax.analysis.conflicts.options import ConflictOptions
 from fisherjax.stats import fdr_qvalues
 
-__all__ = ["GROUP_CHUNK_VALUES", "KEPT_CHUNK", "GroupTests", "TooManyKept", "group_tests"]
+__all__ = ["GROUP_CHUNK_VALUES", "KEPT_CHUNK", "GroupTests", "TooManyKept", "group_tests", "kept_blocks"]
 
 _STATIC = dict(static=True)
 
@@ -78,13 +78,8 @@ class GroupTests:
         return int(np.count_nonzero(self.significant))
 
     def blocks(self, which: np.ndarray | None = None):
-        """``(rows, group, i, j)`` of the kept tests (``which``: a mask over them, or all), a block of
-        :data:`KEPT_CHUNK` at a time: ``rows`` their positions among the kept tests."""
-        for start in range(0, len(self.index), KEPT_CHUNK):
-            rows = np.arange(start, min(start + KEPT_CHUNK, len(self.index)))
-            if which is not None:
-                rows = rows[which[rows]]
-            yield (rows, *np.unravel_index(self.index[rows], self.shape))
+        """:func:`kept_blocks` of these tests."""
+        return kept_blocks(self.index, self.shape, which)
 
     def at_pairs(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(q [G, P], significant [G, P])`` of every group at the pairs ``(i[p], j[p])``: NaN and
@@ -114,6 +109,17 @@ class GroupTests:
         for rows, _, i, j in self.blocks(which):
             reduce.at(out, i * n_b + j, values[rows])
         return out.reshape(n_a, n_b)
+
+
+def kept_blocks(index: np.ndarray, shape: tuple[int, int, int], which: np.ndarray | None = None):
+    """``(rows, group, i, j)`` of the kept tests at flat positions ``index`` of ``shape`` (``which``:
+    a mask over them, or all), a block of :data:`KEPT_CHUNK` at a time: ``rows`` their positions
+    among the kept tests."""
+    for start in range(0, len(index), KEPT_CHUNK):
+        rows = np.arange(start, min(start + KEPT_CHUNK, len(index)))
+        if which is not None:
+            rows = rows[which[rows]]
+        yield (rows, *np.unravel_index(index[rows], shape))
 
 
 def group_tests(cross: Gram, references: Mapping[str, Gram], options: ConflictOptions) -> GroupTests:
@@ -146,10 +152,9 @@ def group_tests(cross: Gram, references: Mapping[str, Gram], options: ConflictOp
         for side, ref in references.items():
             test = np.swapaxes(scores, -1, -2) if side == "b" else scores
             if side in nulls:
-                rows = nulls[side]
-                width = ref.group_dots.shape[1]
-                per_row = [x.reshape(-1, width)[block] for x in (rows.center, rows.scale, rows.usable)]
-                side_p = pooled_pvalues(test, *per_row, rows)
+                pooled, width = nulls[side], ref.group_dots.shape[1]
+                per_row = [x.reshape(-1, width)[block] for x in (pooled.center, pooled.scale, pooled.usable)]
+                side_p = pooled_pvalues(test, *per_row, pooled)
             else:
                 side_p = conflict_pvalues(test, ref.tested_group_cosines(block), exclude_self=side != "reference",
                                           null=options.null, tail=options.tail)
@@ -170,10 +175,9 @@ def group_tests(cross: Gram, references: Mapping[str, Gram], options: ConflictOp
     del kept_index
     pvalues = np.concatenate(kept_p)
     del kept_p
-    qvalues = fdr_qvalues(pvalues, options.fdr_method, tests=max(tested, 1), bound=alpha) if len(pvalues) else pvalues.copy()
-    tests = GroupTests(index, np.empty(len(index)), pvalues, qvalues, np.empty(len(index), bool), (groups, n_a, n_b), tested)
-    for rows, g, i, j in tests.blocks():
-        cosines = cross.group_dots[g, i, j] / np.sqrt(cross.group_sq_norms_a[g, i].astype(np.float64) * cross.group_sq_norms_b[g, j])
-        tests.cosines[rows] = cosines
-        tests.significant[rows] = (qvalues[rows] <= alpha) & (effect_sizes(cosines) > options.min_effect_size)
-    return tests
+    qvalues = fdr_qvalues(pvalues, options.fdr_method, tests=tested, bound=alpha)
+    cosines, significant = np.empty(len(index)), np.empty(len(index), bool)
+    for rows, g, i, j in kept_blocks(index, (groups, n_a, n_b)):
+        cosines[rows] = cross.group_dots[g, i, j] / np.sqrt(cross.group_sq_norms_a[g, i].astype(np.float64) * cross.group_sq_norms_b[g, j])
+        significant[rows] = (qvalues[rows] <= alpha) & (effect_sizes(cosines[rows]) > options.min_effect_size)
+    return GroupTests(index, cosines, pvalues, qvalues, significant, (groups, n_a, n_b), tested)
