@@ -277,11 +277,11 @@ def pooled_pvalues(test, center, scale, usable, null: PooledNull):
 
     def fill(block: tuple[slice, ...]) -> None:
         z = (test[block] - center[block]) / scale[block]
-        part = (1.0 + _count_at_most(z_null, z.ravel()).reshape(z.shape)) / (1.0 + null.size)
+        resolved = np.isfinite(z) if null.complete else z < z_null[-1]  # only these are counted (sorted and searched)
+        part = np.full(z.shape, np.inf)
+        part[resolved] = (1.0 + _count_at_most(z_null, z[resolved])) / (1.0 + null.size)
         if null.gpd is not None:
             part = _gpd_tail(part, z, null.size, *null.gpd)
-        if not null.complete:
-            part[z >= z_null[-1]] = np.inf
         part[~(np.isfinite(z) & usable[block])] = np.nan
         p[block] = part
 
