@@ -363,6 +363,14 @@ def _order_stat_without(sorted_rows, k: int, removed_rank):
     return np.take_along_axis(sorted_rows, k + (k >= removed_rank), -1)
 
 
+def _inverse_permutation(order: np.ndarray) -> np.ndarray:
+    """The ranks ``np.argsort(order, -1)`` of permutations ``order`` along the last axis, by one
+    scatter (``O(m)`` a row) instead of a second sort."""
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(order.shape[-1]), order.shape), axis=-1)
+    return ranks
+
+
 def _leave_one_out_median_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Median and MAD of each row of ``x [rows, m]`` without its element ``l``, for every ``l``: ``[rows, m]``.
 
@@ -376,7 +384,7 @@ def _leave_one_out_median_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = (m - 2) // 2, (m - 1) // 2  # middle positions of m - 1 values
     order = np.argsort(x, -1)
     sorted_x = np.take_along_axis(x, order, -1)
-    rank = np.argsort(order, -1)
+    rank = _inverse_permutation(order)
     center = 0.5 * (_order_stat_without(sorted_x, lo, rank) + _order_stat_without(sorted_x, hi, rank))
     candidates = np.stack(
         [0.5 * (sorted_x[..., lo + 1] + sorted_x[..., hi + 1]), 0.5 * (sorted_x[..., lo] + sorted_x[..., hi + 1]), 0.5 * (sorted_x[..., lo] + sorted_x[..., hi])],
@@ -386,7 +394,7 @@ def _leave_one_out_median_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     deviation = np.abs(x[..., None, :] - candidates[..., :, None])  # [..., 3, m]
     dev_order = np.argsort(deviation, -1)
     sorted_dev = np.take_along_axis(deviation, dev_order, -1).reshape(*x.shape[:-1], 3 * m)
-    dev_rank = np.argsort(dev_order, -1).reshape(*x.shape[:-1], 3 * m)
+    dev_rank = _inverse_permutation(dev_order).reshape(*x.shape[:-1], 3 * m)
     base = which * m
     own_rank = np.take_along_axis(dev_rank, base + np.arange(m), -1)
     scale = 0.5 * (
