@@ -416,6 +416,19 @@ def test_pvalues_match_loops(null, exclude_self):
         chex.assert_trees_all_close(stacked[1], got, atol=1e-12)
 
 
+@pytest.mark.parametrize("r", [9, 10, 11, 12])
+def test_pooled_null_with_tied_cosines_matches_loops(r):
+    """Reference cosines on a coarse grid (many ties in every row; odd and even row lengths): the
+    leave-one-out medians and MADs, and so the pooled p-values, equal the loops' exactly."""
+    rng = np.random.default_rng(r)
+    n = 12
+    ref = np.round(rng.uniform(-1, 1, size=(n, r)) * 8) / 8
+    test = np.round(rng.uniform(-1, 1, size=(n, 5)) * 8) / 8
+    for exclude_self in (False,) + ((True,) if r == n else ()):
+        got = C.conflict_pvalues(test, ref, exclude_self=exclude_self)
+        np.testing.assert_array_equal(got, loop_pvalues(test, ref, "pooled", exclude_self))
+
+
 @pytest.mark.parametrize("chunk", [1, 200])  # a value, or whole groups of 63 values, per piece
 @pytest.mark.parametrize("cores", [1, 3])
 @pytest.mark.parametrize("exclude_self", [True, False])

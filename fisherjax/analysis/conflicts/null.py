@@ -358,48 +358,40 @@ def _median_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return center, np.median(np.abs(x - center[..., None]), -1)
 
 
-def _order_stat_without(sorted_rows, k: int, removed_rank):
-    """k-th smallest (0-based) of each sorted row once the element of rank ``removed_rank`` is gone."""
-    return np.take_along_axis(sorted_rows, k + (k >= removed_rank), -1)
-
-
-def _inverse_permutation(order: np.ndarray) -> np.ndarray:
-    """The ranks ``np.argsort(order, -1)`` of permutations ``order`` along the last axis, by one
-    scatter (``O(m)`` a row) instead of a second sort."""
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(order.shape[-1]), order.shape), axis=-1)
-    return ranks
+def _without_one(stats: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """The ``k``-th and ``k'``-th smallest of each row once an element of value ``removed`` is gone,
+    from the row's order statistics ``stats [..., 4] = (s[k], s[k+1], s[k'], s[k'+1])``: ``s[k+1]``
+    where ``removed ≤ s[k]``, else ``s[k]``. By value, not rank: where ``removed`` ties ``s[k]`` the
+    two agree (the tie runs to ``k + 1`` whenever the removed one ranks above ``k``), so either
+    rank of a tied element gives the same number. Returns ``[2, ...]``."""
+    low = np.where(removed <= stats[..., 0:1], stats[..., 1:2], stats[..., 0:1])
+    high = np.where(removed <= stats[..., 2:3], stats[..., 3:4], stats[..., 2:3])
+    return np.stack([low, high])
 
 
 def _leave_one_out_median_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Median and MAD of each row of ``x [rows, m]`` without its element ``l``, for every ``l``: ``[rows, m]``.
 
-    From order statistics: without the element of rank ``r`` the k-th smallest is ``s[k]`` if
-    ``k < r`` else ``s[k+1]``; the median takes at most three values per row (``r`` below,
-    between or above the two middle positions), and for each the deviations are sorted once.
-    Costs ``O(m log m)`` per row instead of ``O(m² log m)``; its sorts hold about a dozen
-    temporaries of up to three times ``x``, so callers pass :func:`chunk_values` values at a time.
+    From order statistics: the median of the ``m − 1`` others is ``(t[lo] + t[hi]) / 2`` with
+    ``lo, hi`` the middle positions of ``m − 1`` values and ``t[k]`` the ``k``-th smallest without
+    ``l`` (:func:`_without_one`, from ``s[lo], s[lo+1], s[hi], s[hi+1]`` of the row); so it takes at
+    most three values per row (``x_l`` at most ``s[lo]``, between, above ``s[hi]``), and for each the
+    MAD comes the same way from the same four order statistics of the deviations from it. Every
+    order statistic comes from ``np.partition`` (``O(m)`` a row, no sort); its temporaries are a
+    few times ``x``, so callers pass :func:`chunk_values` values at a time.
     """
     m = x.shape[-1]
     lo, hi = (m - 2) // 2, (m - 1) // 2  # middle positions of m - 1 values
-    order = np.argsort(x, -1)
-    sorted_x = np.take_along_axis(x, order, -1)
-    rank = _inverse_permutation(order)
-    center = 0.5 * (_order_stat_without(sorted_x, lo, rank) + _order_stat_without(sorted_x, hi, rank))
-    candidates = np.stack(
-        [0.5 * (sorted_x[..., lo + 1] + sorted_x[..., hi + 1]), 0.5 * (sorted_x[..., lo] + sorted_x[..., hi + 1]), 0.5 * (sorted_x[..., lo] + sorted_x[..., hi])],
-        -1,
-    )  # the median when the removed rank is ≤ lo, in (lo, hi], > hi
-    which = np.where(rank <= lo, 0, np.where(rank <= hi, 1, 2))
-    deviation = np.abs(x[..., None, :] - candidates[..., :, None])  # [..., 3, m]
-    dev_order = np.argsort(deviation, -1)
-    sorted_dev = np.take_along_axis(deviation, dev_order, -1).reshape(*x.shape[:-1], 3 * m)
-    dev_rank = _inverse_permutation(dev_order).reshape(*x.shape[:-1], 3 * m)
-    base = which * m
-    own_rank = np.take_along_axis(dev_rank, base + np.arange(m), -1)
-    scale = 0.5 * (
-        np.take_along_axis(sorted_dev, base + lo + (lo >= own_rank), -1) + np.take_along_axis(sorted_dev, base + hi + (hi >= own_rank), -1)
-    )
+    kth = [lo, lo + 1, hi, hi + 1]
+    s = np.partition(x, kth, -1)[..., kth]  # [rows, 4]
+    center = 0.5 * np.add(*_without_one(s[:, None, :], x[..., None])[..., 0])
+    candidates = np.stack([0.5 * (s[:, 1] + s[:, 3]), 0.5 * (s[:, 0] + s[:, 3]), 0.5 * (s[:, 0] + s[:, 2])], -1)
+    which = np.where(x <= s[:, 0:1], 0, np.where(x <= s[:, 2:3], 1, 2))  # the median without l is candidates[which]
+    deviation = np.abs(x[..., None, :] - candidates[..., :, None])  # [rows, 3, m]
+    d = np.partition(deviation, kth, -1)[..., kth]  # [rows, 3, 4]
+    own_stats = np.take_along_axis(d, which[..., None], 1)  # [rows, m, 4]: each l's candidate's statistics
+    own = np.take_along_axis(deviation, which[:, None, :], 1)[:, 0]  # [rows, m]: l's own deviation
+    scale = 0.5 * np.add(*_without_one(own_stats, own[..., None])[..., 0])
     return center, scale
 
 
