@@ -64,8 +64,8 @@ TAILS = (None, "gpd")
 CHUNK_VALUES = 1 << 20
 """Values in flight (over all cores: :func:`chunk_values`) where the pooled null works piece by
 piece: the reference rows, their leave-one-out medians (:func:`_leave_one_out_median_mad`, whose
-sorts hold about a dozen temporaries of up to three times a chunk: ~300 MB of float64 and int64
-in all) and the tested values' p-values (:func:`pooled_pvalues`). All rows at once — every group
+partitions hold a few temporaries of up to three times a chunk: a few hundred MB of float64 and
+int64 in all) and the tested values' p-values (:func:`pooled_pvalues`). All rows at once — every group
 and sample pair of a per-group test — were most of the tests' peak memory (RESULTS.md,
 twenty-third session)."""
 
