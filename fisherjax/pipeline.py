@@ -539,9 +539,10 @@ def conflict_scope(scope: str, n_a: int, n_b: int, groups: int, available: float
     budget = CONFLICT_MEMORY_SHARE * available
     if need <= budget:
         return ConflictScope("groups", None, conflicts.max_kept_tests(n_a, n_b, groups, budget, alpha))
-    return ConflictScope("overall", (f"tested on the whole gradient, not per attention-head group: per-group tests of {n_a} × {n_b} samples "
-                                     f"over {groups} groups would take about {need / 1e9:.1f} GB of the {available / 1e9:.1f} GB of host "
-                                     "memory available (--conflict-scope groups asks for them; fewer samples, --max-samples, fit)"), None)
+    why = (f"tested on the whole gradient, not per attention-head group: per-group tests of {n_a} × {n_b} samples over {groups} "
+           f"groups would take about {need / 1e9:.1f} GB of the {available / 1e9:.1f} GB of host memory available "
+           "(--conflict-scope groups asks for them; fewer samples, --max-samples, fit)")
+    return ConflictScope("overall", why, None)
 
 
 def check_conflict_scope(config: AnalysisConfig, layout, task_sizes: dict[str, int]) -> None:

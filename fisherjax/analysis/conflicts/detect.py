@@ -49,7 +49,8 @@ from fisherjax.sharding import check_mesh
 from fisherjax.stats import fdr_qvalues
 
 __all__ = [
-    "GROUP_GRAM_BYTES", "GROUP_TEST_CORE_SECONDS", "GROUP_TEST_FIXED_BYTES", "GROUP_TEST_STEP_BYTES", "KEPT_SHARE", "KEPT_TEST_BYTES", "NULL_TAIL_BYTES",
+    "GROUP_GRAM_BYTES", "GROUP_TEST_CORE_SECONDS", "GROUP_TEST_FIXED_BYTES", "GROUP_TEST_STEP_BYTES", "KEPT_SHARE", "KEPT_TEST_BYTES",
+    "NULL_TAIL_BYTES",
     "ConflictReport", "detect", "group_scope_bytes", "group_test_core_seconds", "group_test_values", "head_map", "max_kept_tests",
 ]
 
@@ -460,7 +461,8 @@ def _report(name_a, name_b, gram: Gram, references: Mapping[str, Gram], sig: _Si
         else:
             hotspots = -np.einsum("gij,ij->g", gram.group_dots, (sig.significant * weight).astype(np.float32), dtype=np.float64)
     cosines = gram.cosines
-    top = top_pairs(gram, cosines, sig.effects, sig.pvalues, sig.qvalues, sig.significant, sig.group_tests, options.top_k, options.top_groups)
+    top = top_pairs(gram, cosines, sig.effects, sig.pvalues, sig.qvalues, sig.significant, sig.group_tests, options.top_k,
+                    options.top_groups)
     found = clusters(gram, cosines, sig.significant, sig.group_tests, options.max_clusters, options.top_groups)
     advice = recommendations(gram, sig.pair_scores, sig.significant, hotspots, options.filter_fraction)
     return ConflictReport(

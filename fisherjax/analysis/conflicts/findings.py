@@ -100,7 +100,8 @@ def top_pairs(gram: Gram, cosines, effects, pvalues, qvalues, significant, group
     )
 
 
-def clusters(gram: Gram, cosines, significant, group_tests: GroupTests | None, max_clusters: int, top_groups: int) -> tuple[ConflictCluster, ...]:
+def clusters(gram: Gram, cosines, significant, group_tests: GroupTests | None, max_clusters: int,
+             top_groups: int) -> tuple[ConflictCluster, ...]:
     """Connected components of the bipartite graph A ∪ B whose edges are the significant pairs
     (``scipy.sparse.csgraph.connected_components``), largest first, with the groups that pull
     each apart: every group of an edge, or per group, the edge's significant groups."""
