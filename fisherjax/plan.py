@@ -41,7 +41,7 @@ from jax.sharding import AbstractMesh
 
 from fisherjax import backend
 from fisherjax.analysis import qkov
-from fisherjax.analysis.conflicts import ConflictOptions, group_scope_bytes, group_test_core_seconds, group_test_values
+from fisherjax.analysis.conflicts import KEPT_SHARE, ConflictOptions, group_scope_bytes, group_test_core_seconds, group_test_values
 from fisherjax.analysis.conflicts.gram import chunk_size_for, slice_dots_fit
 from fisherjax.analysis.conflicts.sources import Stream, grouping_for
 from fisherjax.config import DecoderConfig, read_hf_config
@@ -798,7 +798,8 @@ def format_plan(p: Plan) -> str:
                                 + f"; reads {_bytes(p.phase5_bytes_read)} of kept gradients "
                                 + ("(by parameter slice: each task once per pair)" if p.phase5_chunk is None
                                    else f"(chunk size {p.phase5_chunk})")
-                                + f"; per-group tests hold {_bytes(p.phase5_group_bytes)} of host memory per pair: "
+                                + f"; per-group tests hold {_bytes(p.phase5_group_bytes)} of host memory per pair "
+                                  f"(with {KEPT_SHARE:.0%} of their tests kept: p ≤ alpha): "
                                 + ("tested per head group" if p.phase5_scope == "groups"
                                    else "tested on the whole gradient (--conflict-scope auto; fewer samples keep the groups)")
                                 + f"; host tests of {_count(p.phase5_test_values)} values ≈ "

@@ -189,7 +189,7 @@ def test_conflict_tests_per_group_where_the_host_holds_them(tiny, base):
 
     n, groups = 4, conflict_groups(abstract_model(tiny).layout)
     assert base.phase5_group_bytes == group_scope_bytes(n, n, groups) > 0 and base.phase5_scope == "groups"
-    assert "tested per head group" in format_plan(base)
+    assert "tested per head group" in format_plan(base) and "(with 10% of their tests kept: p ≤ alpha)" in format_plan(base)
     # the host tests' time: every pair's tested values at the measured core-seconds each (one pair of two tasks here)
     assert base.phase5_test_values == groups * 3 * n * n
     assert base.phase5_test_core_seconds == pytest.approx(GROUP_TEST_CORE_SECONDS * groups * 3 * n * n * math.log2(groups * n * n))
