@@ -114,6 +114,13 @@ def flatten(tree: Params, sep: str = "/") -> dict[str, Any]:
     return out
 
 
+def leaf_paths(tree) -> list[str]:
+    """The :func:`flatten` paths of a nested dict's leaves in ``jax.tree.leaves`` order (the order
+    of ``jax.flatten_util.ravel_pytree``; :func:`flatten` keeps the dict's own)."""
+    keyed, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return ["/".join(str(getattr(k, "key", k)) for k in keys) for keys, _ in keyed]
+
+
 def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict:
     """``{"a/b/c": leaf}`` → nested dict (inverse of :func:`flatten`)."""
     out: dict = {}

@@ -48,7 +48,7 @@ from fisherjax.curvature.kfac import (
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.groups import group_sizes
 from fisherjax.fisher.state import TaskFisher
-from fisherjax.layout import ModelLayout, flatten, unflatten
+from fisherjax.layout import ModelLayout, flatten, leaf_paths, unflatten
 
 SOURCES = ("auto", "diagonal", "groups")
 
@@ -152,13 +152,7 @@ def _as_tree_like(tree: PyTree, reference: PyTree, name: str) -> PyTree:
     """``tree`` (flat or nested) restructured like ``reference`` after checking paths and shapes."""
     flat_tree, flat_ref = flatten(tree), flatten(reference)
     _check_same_leaves(flat_ref, flat_tree, "parameters", name)
-    return jax.tree.unflatten(jax.tree.structure(reference), [flat_tree[p] for p in _leaf_paths(reference)])
-
-
-def _leaf_paths(tree: PyTree) -> list[str]:
-    """Flat '/' paths of a nested dict in ``jax.tree.leaves`` order."""
-    paths, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return ["/".join(str(getattr(k, "key", k)) for k in keys) for keys, _ in paths]
+    return jax.tree.unflatten(jax.tree.structure(reference), [flat_tree[p] for p in leaf_paths(reference)])
 
 
 # ---- scale_by_fisher ----------------------------------------------------------------------

@@ -32,6 +32,7 @@ from fisherjax.curvature.products import count_samples, directional_derivatives
 from fisherjax.data import Batch, num_active_tokens
 from fisherjax.errors import DataError
 from fisherjax.grads import per_sample_grads, sample_losses
+from fisherjax.layout import leaf_paths
 
 __all__ = [
     "column_slices", "combined_gradient", "decoded", "empirical_eigen", "gradients_times", "gram_eigen", "gram_pairs", "gram_top",
@@ -41,11 +42,11 @@ __all__ = [
 
 def leaf_columns(params) -> tuple[tuple[str, int, int], ...]:
     """``(path, start, stop)`` of every parameter leaf's columns in ``jax.flatten_util.ravel_pytree``
-    order (the Fisher operator's, ``G̃``'s), with :func:`fisherjax.layout.flatten`'s paths."""
+    order (the Fisher operator's, ``G̃``'s), with :func:`fisherjax.layout.leaf_paths`."""
     out, start = [], 0
-    for key, leaf in jax.tree_util.tree_leaves_with_path(params):
+    for path, leaf in zip(leaf_paths(params), jax.tree.leaves(params), strict=True):
         size = int(np.size(leaf))
-        out.append(("/".join(str(getattr(k, "key", k)) for k in key), start, start + size))
+        out.append((path, start, start + size))
         start += size
     return tuple(out)
 
@@ -91,13 +92,19 @@ def scaled_gradients(model, params, batches: Sequence[Batch], *, columns: tuple[
         piece = max((d for d in range(1, rows + 1) if rows % d == 0 and d * PIECE_COPIES * 4 * formed <= memory_budget_bytes), default=1)
         for part in batch.pieces(piece):
             sample = per_sample_grads(model, params, part, paths=paths, memory_budget_bytes=memory_budget_bytes)
-            t = np.asarray(sample.tokens, np.float64)
-            counted = (t > 0) & (np.asarray(part.sample_ids) >= 0)
-            scale = np.where(counted, 1.0 / np.sqrt(n * np.maximum(t, 1.0)), 0.0).astype(np.float32)
+            counted, norms = _row_norms(sample.tokens, part.sample_ids, n)
+            scale = np.where(counted, 1.0 / norms, 0.0).astype(np.float32)
             g = _write_rows(g, sample.grads, scale, start, crossed)
             start += piece
             del sample
     return g
+
+
+def _row_norms(tokens, sample_ids, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(counted, sqrt(n T_i))`` for each row of ``G̃`` (float64): whether the row is one of the
+    ``n`` samples (not a filler row, and with a predicted token), and what its gradient is divided by."""
+    t = np.asarray(tokens, np.float64)
+    return (t > 0) & (np.asarray(sample_ids) >= 0), np.sqrt(n * np.maximum(t, 1.0))
 
 
 PIECE_COPIES = 2
@@ -176,9 +183,9 @@ def gradients_times(model, params, batches: Sequence[Batch], v) -> np.ndarray:
     (:func:`~fisherjax.curvature.products.directional_derivatives`)."""
     n = count_samples(batches)
     u = directional_derivatives(model, params, batches, ravel_pytree(params)[1](jnp.asarray(v, jnp.float32)))
-    t = np.concatenate([np.asarray(num_active_tokens(b.labels, b.attention_mask), np.float64) for b in batches])
-    counted = (t > 0) & (np.concatenate([np.asarray(b.sample_ids) for b in batches]) >= 0)
-    return np.where(counted, u / np.sqrt(n * np.maximum(t, 1.0)), 0.0)
+    tokens = np.concatenate([np.asarray(num_active_tokens(b.labels, b.attention_mask)) for b in batches])
+    counted, norms = _row_norms(tokens, np.concatenate([np.asarray(b.sample_ids) for b in batches]), n)
+    return np.where(counted, u / norms, 0.0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7))
