@@ -51,6 +51,7 @@ def measure(n: int, shift: float = 0.0) -> dict:
     from fisherjax.fisher.state import SampleGrads
     from fisherjax.layout import layout_for
     from fisherjax.models.hf import abstract_params
+    from fisherjax.pipeline import conflict_open_groups
 
     config = DecoderConfig(model_type="gpt2", family="gpt2", vocab_size=64, hidden_size=96, num_layers=12, num_heads=12,
                            num_kv_heads=12, head_dim=8, intermediate_size=96, max_position_embeddings=64, norm_eps=1e-5,
@@ -74,8 +75,10 @@ def measure(n: int, shift: float = 0.0) -> dict:
     extra = stretch.peak_rss_bytes - start
     values = conflicts.group_test_values(n, n, groups)
     kept = len(report.group_tests.index) / report.group_tests.tested
+    held = conflict_open_groups(layout, n, n)
     return {"samples": n, "groups": groups, "seconds": round(stretch.seconds, 1), "extra_peak_gb": round(extra / 1e9, 2),
-            "bytes_per_group_pair": round(extra / values), "model_gb": round(conflicts.group_scope_bytes(n, n, groups, kept) / 1e9, 2),
+            "bytes_per_group_pair": round(extra / values),
+            "model_gb": round(conflicts.group_scope_bytes(n, n, groups, kept, open_groups=held) / 1e9, 2),
             "cores": backend.available_cores(), "core_us_per_group_pair": round(1e6 * stretch.seconds * backend.available_cores() / values, 3),
             "core_us_per_doubling": round(1e6 * stretch.seconds * backend.available_cores() / values / math.log2(groups * n * n), 4),
             "kept": round(kept, 4), "significant": report.group_tests.n_significant}

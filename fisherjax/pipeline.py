@@ -514,6 +514,20 @@ def conflict_groups(layout) -> int:
     return len(conflicts.grouping_for(shapes, layout).index.is_head)
 
 
+def conflict_open_groups(layout, n_a: int, n_b: int, options: conflicts.ConflictOptions | None = None) -> int | None:
+    """The groups whose within-task dot products Phase 5 holds at once in the per-group scope, for
+    ``n_a`` and ``n_b`` kept samples (``conflicts.open_groups``: the references stream into their
+    pooled nulls as the parameter slices complete each group); None where they are held whole
+    (a null other than the pooled one)."""
+    options = options or conflicts.ConflictOptions()
+    if options.null != "pooled":
+        return None
+    shapes = {p: layout.spec(p).shape for p in attention_paths(layout)}
+    pairs = (("a", "b", True), ("a", "a", True), ("b", "b", True))
+    return conflicts.open_groups(shapes, conflicts.grouping_for(shapes, layout), {"a": n_a, "b": n_b}, pairs,
+                                 options.memory_budget_bytes)
+
+
 class ConflictScope(NamedTuple):
     """Phase 5's scope for a task pair (:func:`conflict_scope`): ``scope``, ``why`` (a note where
     ``auto`` chose the whole gradient) and ``max_kept`` (``ConflictOptions.max_kept_tests``)."""
@@ -523,22 +537,24 @@ class ConflictScope(NamedTuple):
     max_kept: int | None
 
 
-def conflict_scope(scope: str, n_a: int, n_b: int, groups: int, available: float | None, alpha: float = 0.05) -> ConflictScope:
+def conflict_scope(scope: str, n_a: int, n_b: int, groups: int, available: float | None, alpha: float = 0.05,
+                   open_groups: int | None = None) -> ConflictScope:
     """The scope Phase 5 tests ``n_a`` × ``n_b`` samples in. ``auto``: per group unless its tests
-    (``conflicts.group_scope_bytes``, with the share of tests kept that tasks which do not conflict
-    keep, twice over) would take more than :data:`CONFLICT_MEMORY_SHARE` of the ``available`` host
-    bytes; then on the whole gradient, and ``why`` says so. Per group, the tests kept are bounded by
-    that share (``conflicts.max_kept_tests``): tasks that conflict in many more of their tests are
-    tested on the whole gradient once past it, and the pair's settings say why. A scope given is
-    kept, unbounded."""
+    (``conflicts.group_scope_bytes`` with ``open_groups``: :func:`conflict_open_groups`; with the
+    share of tests kept that tasks which do not conflict keep, twice over) would take more than
+    :data:`CONFLICT_MEMORY_SHARE` of the ``available`` host bytes; then on the whole gradient, and
+    ``why`` says so. Per group, the tests kept are bounded by that share
+    (``conflicts.max_kept_tests``): tasks that conflict in many more of their tests are tested on
+    the whole gradient once past it, and the pair's settings say why. A scope given is kept,
+    unbounded."""
     if scope != "auto":
         return ConflictScope(scope, None, None)
-    need = conflicts.group_scope_bytes(n_a, n_b, groups, alpha=alpha)
+    need = conflicts.group_scope_bytes(n_a, n_b, groups, alpha=alpha, open_groups=open_groups)
     if available is None or not np.isfinite(available):  # not known
         return ConflictScope("groups", None, None)
     budget = CONFLICT_MEMORY_SHARE * available
     if need <= budget:
-        return ConflictScope("groups", None, conflicts.max_kept_tests(n_a, n_b, groups, budget, alpha))
+        return ConflictScope("groups", None, conflicts.max_kept_tests(n_a, n_b, groups, budget, alpha, open_groups))
     why = (f"tested on the whole gradient, not per attention-head group: per-group tests of {n_a} × {n_b} samples over {groups} "
            f"groups would take about {need / 1e9:.1f} GB of the {available / 1e9:.1f} GB of host memory available "
            "(--conflict-scope groups asks for them; fewer samples, --max-samples, fit)")
@@ -553,7 +569,7 @@ def check_conflict_scope(config: AnalysisConfig, layout, task_sizes: dict[str, i
         return
     available, groups = backend.host_available_bytes(), conflict_groups(layout)
     for (name_a, n_a), (name_b, n_b) in itertools.combinations(task_sizes.items(), 2):
-        need = conflicts.group_scope_bytes(n_a, n_b, groups)
+        need = conflicts.group_scope_bytes(n_a, n_b, groups, open_groups=conflict_open_groups(layout, n_a, n_b))
         check(available is None or need <= available,
               f"--conflict-scope groups: per-group tests of tasks {name_a!r} × {name_b!r} ({n_a} × {n_b} samples, {groups} groups) "
               f"would take about {need / 1e9:.1f} GB, more than the {(available or 0) / 1e9:.1f} GB of host memory available; use "
@@ -581,7 +597,8 @@ def phase_conflicts(ctx: Context, out: Path | None) -> report.Section:
             continue
         available = backend.host_available_bytes()  # every process of a multi-process run tests alike: the least of theirs
         available = float(sharding.process_min(np.array([np.inf if available is None else available]))[0])
-        chosen = conflict_scope(config.conflict_scope, n_a, n_b, groups, available, options.alpha)
+        chosen = conflict_scope(config.conflict_scope, n_a, n_b, groups, available, options.alpha,
+                                conflict_open_groups(layout, n_a, n_b, options))
         found = conflicts.detect(
             ctx.fishers[name_a], ctx.fishers[name_b], layout=layout,
             options=dataclasses.replace(options, scope=chosen.scope, max_kept_tests=chosen.max_kept),

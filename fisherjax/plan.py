@@ -55,7 +55,7 @@ from fisherjax.models.decoder import Decoder
 from fisherjax.models.hf import abstract_params
 from fisherjax.models.model import Model
 from fisherjax.pipeline import (
-    CURVATURE_AUTO_PARAMETERS, CURVATURE_MEMORY_SHARE, AnalysisConfig, conflict_groups, conflict_scope, curvature_skip,
+    CURVATURE_AUTO_PARAMETERS, CURVATURE_MEMORY_SHARE, AnalysisConfig, conflict_groups, conflict_open_groups, conflict_scope, curvature_skip,
     most_pruning_masks,
 )
 from fisherjax.settings import check
@@ -607,7 +607,10 @@ def plan(
         )
     data, m, mb, per_device_bytes = chosen
 
-    conflicts = ConflictOptions()
+    groups = conflict_groups(layout)
+    held = conflict_open_groups(layout, samples, samples)
+    phase5_scope = conflict_scope("auto", samples, samples, groups, host_memory_gb * GB, open_groups=held).scope
+    conflicts = ConflictOptions(scope=phase5_scope)  # the route and the reads of the scope analyze takes
     references = reference_grams(conflicts)
     chunk = None if conflict_slices(layout, options, samples, conflicts) else conflict_chunk(samples, kept, conflicts.memory_budget_bytes)
     score = qkov.ScoreOptions()
@@ -615,8 +618,6 @@ def plan(
     phase5_reform = conflict_sample_reads(samples, tasks, references, chunk, data) * reform
     phase6_reform = qkov_sample_reads(samples, tasks, score.min_fisher_samples, options.diagonal) * reform
     phase5 = conflict_flops(samples, tasks, kept, references) + phase5_reform
-    groups = conflict_groups(layout)
-    phase5_scope = conflict_scope("auto", samples, samples, groups, host_memory_gb * GB).scope
     tested_groups = groups if phase5_scope == "groups" else 1
     tested = math.comb(tasks, 2) * group_test_values(samples, samples, tested_groups)
     phase6 = qkov_flops(samples, tasks, layout, score.include_bias, score.min_fisher_samples) + phase6_reform
@@ -670,7 +671,7 @@ def plan(
         phase6_reform_flops=phase6_reform,
         phase5_bytes_read=conflict_bytes_read(samples, tasks, read, references, dtype, chunk, data),
         phase5_chunk=chunk,
-        phase5_group_bytes=group_scope_bytes(samples, samples, groups),
+        phase5_group_bytes=group_scope_bytes(samples, samples, groups, open_groups=held),
         phase5_scope=phase5_scope,
         phase5_test_values=tested,
         phase5_test_core_seconds=math.comb(tasks, 2) * group_test_core_seconds(samples, samples, tested_groups),

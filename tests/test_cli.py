@@ -344,6 +344,10 @@ def test_conflict_scope_auto_tests_per_group_only_where_the_tests_fit(tiny_check
     assert conflict_scope("auto", 12, 10, 5, 2 * need) == ("groups", None, round(conflicts.KEPT_SHARE * 5 * 120))
     assert conflict_scope("auto", 12, 10, 5, 4 * need).max_kept == conflicts.max_kept_tests(12, 10, 5, 2 * need) > 5 * 120
     assert conflict_scope("auto", 12, 10, 5, None) == ("groups", None, None)
+    # references streamed into their nulls: the within-task Grams of the groups held at once, and each side's figure sample
+    streamed = conflicts.group_scope_bytes(12, 10, 5, open_groups=2)
+    assert need - streamed == pytest.approx(conflicts.GROUP_GRAM_BYTES * 3 * 244 - conflicts.HOT_NULL_BYTES * 5 * (66 + 45))
+    assert conflict_scope("auto", 12, 10, 5, 2 * streamed, open_groups=2).scope == "groups"
     scope, why, _ = conflict_scope("auto", 12, 10, 5, 2 * need - 1)
     assert scope == "overall" and "12 × 10 samples over 5 groups" in why and "--conflict-scope groups" in why
     assert conflict_scope("groups", 12, 10, 5, 1.0) == ("groups", None, None)  # a scope given is kept (refused earlier: below)

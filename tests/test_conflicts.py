@@ -483,6 +483,81 @@ def test_pooled_null_kept_only_as_low_as_the_tests_need(monkeypatch, tail, cores
         np.testing.assert_array_equal(np.isnan(part), np.isnan(whole))
 
 
+@pytest.mark.parametrize("resolve, tail", [(None, None), (0.05, None), (0.05, 250)])
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_pooled_null_from_groups_in_any_order_is_the_same(monkeypatch, exclude_self, resolve, tail):
+    """NullBuilder takes a reference's groups in any order and pieces (as a Gram's parameter slices
+    complete them): shuffled, in uneven pieces, on three threads, its null equals pooled_null's
+    reading the groups in order — per-row statistics, kept values, size and Pareto fit, to the bit."""
+    from fisherjax import backend
+    from fisherjax.analysis.conflicts import null
+
+    monkeypatch.setattr(null, "CHUNK_VALUES", 50)
+    monkeypatch.setattr(null, "available_cores", lambda: 3)
+    monkeypatch.setattr(backend, "available_cores", lambda: 3)
+    rng = np.random.default_rng(11)
+    g, n = 9, 30
+    r = n if exclude_self else 25
+    ref = np.tanh(rng.normal(0, 0.4, size=(g, n, r)) + rng.normal(0, 0.2, size=(g, n, 1)))
+    ref[4, 3] = np.nan  # an untested row
+    whole = null.pooled_null(lambda block: ref[block], ref.shape, exclude_self=exclude_self, resolve=resolve, tail_size=tail)
+    builder = null.NullBuilder(ref.shape, exclude_self=exclude_self, resolve=resolve, tail_size=tail)
+    order = rng.permutation(g)
+    for part in np.split(order, [1, 4, 5]):
+        builder.add(part, ref[part])
+    built = builder.finish()
+    assert not built.complete if resolve else built.complete
+    for field in null.PooledNull._fields:
+        np.testing.assert_array_equal(getattr(built, field), getattr(whole, field), err_msg=field)
+
+
+def test_streamed_groups_of_sliced_grams_are_those_of_the_whole_gram(gpt2, gpt2_task, monkeypatch):
+    """A pair given a sink is streamed: each group's dot products and norms reach the sink once,
+    as its last slice is read, equal to the bit to the group dots the same slices give when held
+    whole; only the groups read in part are held (fewer than all, in one-index slices), and the
+    streamed Gram holds no group dot products. detect() streams its within-task references into
+    their pooled nulls this way: its per-group tests are those of the whole references."""
+    from fisherjax.analysis.conflicts import group_tests as GT
+    from fisherjax.analysis.conflicts.group_tests import ReferenceStream, group_tests
+
+    a, b = halves(gpt2_task)
+    streams = {"a": as_stream(a), "b": as_stream(b)}
+    grouping = C.grouping_for(streams["a"].shapes, gpt2.layout)
+    pairs = (("a", "b", True), ("a", "a", True), ("b", "b", True))
+    monkeypatch.setattr(G, "SLICE_BUDGET_BYTES", 1.0)  # one-index slices: each layer's groups close after many slices
+    whole = G.sliced_grams(streams, pairs, grouping, None)
+    seen = {}
+
+    def sink(groups, dots, sq_x, sq_y):
+        assert not set(groups.tolist()) & set(seen)
+        seen.update({int(g): (d, x, y) for g, d, x, y in zip(groups, dots, sq_x, sq_y)})
+
+    streamed = G.sliced_grams(streams, pairs, grouping, None, sinks=(None, sink, None))
+    assert sorted(seen) == list(range(len(grouping.index))) and streamed[1].group_dots is None
+    for g, (d, x, y) in seen.items():
+        np.testing.assert_array_equal(d, whole[1].group_dots[g])
+        np.testing.assert_array_equal(x, whole[1].group_sq_norms_a[g])
+        np.testing.assert_array_equal(y, whole[1].group_sq_norms_b[g])
+    for field in ("dots", "group_dots", "group_sq_norms_a"):
+        np.testing.assert_array_equal(getattr(streamed[0], field), getattr(whole[0], field))
+    np.testing.assert_array_equal(streamed[1].dots, whole[1].dots)
+    sizes = {k: v.size for k, v in streams.items()}
+    held = G.open_groups(streams["a"].shapes, grouping, sizes, pairs)
+    assert held == 3 * GPT2.num_heads  # one layer's q, k and v heads: the fused bias is read layer by layer, with its kernel
+    options = C.ConflictOptions(scope="groups")
+    fed = {side: ReferenceStream((len(grouping.index), sizes[side], sizes[side]), side, options) for side in ("a", "b")}
+    streamed = G.sliced_grams(streams, pairs, grouping, None, sinks=(None, fed["a"], fed["b"]))
+    tests = group_tests(streamed[0], {"a": streamed[1], "b": streamed[2]}, options, {s: f.null.finish() for s, f in fed.items()})
+    expected = group_tests(whole[0], {"a": whole[1], "b": whole[2]}, options)
+    assert len(expected.index) > 0
+    for field in ("index", "pvalues", "qvalues", "significant"):
+        np.testing.assert_array_equal(getattr(tests, field), getattr(expected, field), err_msg=field)
+    hot = int(expected.index[0] // (sizes["a"] * sizes["b"]))
+    spread = GT.distinct_positions(100, 100, True, 2048)  # more distinct cosines than the figure keeps: evenly spread
+    assert len(np.unique(spread)) == 2048 and spread[0] == 1 and spread[-1] == 100 * 99 - 1 and (spread % 100 > spread // 100).all()
+    np.testing.assert_array_equal(fed["a"].sample[hot], whole[1].tested_group_cosines(slice(hot, hot + 1))[0][np.triu_indices(24, 1)])
+
+
 @pytest.mark.parametrize("null, need", [("pooled", 3), ("normal", 2), ("row", 1)])
 def test_each_null_says_how_many_samples_a_task_needs(null, need):
     """One fewer reference sample per row than the null needs is refused, with the reason; a task

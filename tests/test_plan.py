@@ -185,10 +185,12 @@ def test_conflict_tests_per_group_where_the_host_holds_them(tiny, base):
     """The plan's Phase 5 says what a pair's per-group tests hold on the host and which scope
     ``--conflict-scope auto`` takes with the host's memory (half of it for those tests)."""
     from fisherjax.analysis.conflicts import GROUP_TEST_CORE_SECONDS, group_scope_bytes
-    from fisherjax.pipeline import conflict_groups
+    from fisherjax.pipeline import conflict_groups, conflict_open_groups
 
-    n, groups = 4, conflict_groups(abstract_model(tiny).layout)
-    assert base.phase5_group_bytes == group_scope_bytes(n, n, groups) > 0 and base.phase5_scope == "groups"
+    layout = abstract_model(tiny).layout
+    n, groups, held = 4, conflict_groups(layout), conflict_open_groups(layout, 4, 4)
+    assert 0 < held <= groups  # the within-task Grams stream into their nulls: only the groups read in part are held
+    assert base.phase5_group_bytes == group_scope_bytes(n, n, groups, open_groups=held) > 0 and base.phase5_scope == "groups"
     assert "tested per head group" in format_plan(base) and "(with 10% of their tests kept: p ≤ alpha)" in format_plan(base)
     # the host tests' time: every pair's tested values at the measured core-seconds each (one pair of two tasks here)
     assert base.phase5_test_values == groups * 3 * n * n

@@ -26,11 +26,11 @@ the ones above it:
 
 from fisherjax.analysis.conflicts import projection
 from fisherjax.analysis.conflicts.detect import (
-    GROUP_GRAM_BYTES, GROUP_TEST_CORE_SECONDS, GROUP_TEST_FIXED_BYTES, GROUP_TEST_STEP_BYTES, KEPT_SHARE, KEPT_TEST_BYTES,
-    NULL_TAIL_BYTES, ConflictReport, detect, group_scope_bytes, group_test_core_seconds, group_test_values, head_map, max_kept_tests,
+    GROUP_GRAM_BYTES, GROUP_TEST_CORE_SECONDS, GROUP_TEST_FIXED_BYTES, GROUP_TEST_STEP_BYTES, HOT_NULL_BYTES, KEPT_SHARE,
+    KEPT_TEST_BYTES, NULL_TAIL_BYTES, ConflictReport, detect, group_scope_bytes, group_test_core_seconds, group_test_values, head_map, max_kept_tests,
 )
 from fisherjax.analysis.conflicts.findings import ConflictCluster, ConflictPair
-from fisherjax.analysis.conflicts.gram import Gram, damping, effect_sizes, pairwise_cosines, whiten
+from fisherjax.analysis.conflicts.gram import Gram, damping, effect_sizes, open_groups, pairwise_cosines, whiten
 from fisherjax.analysis.conflicts.group_tests import GroupTests
 from fisherjax.analysis.conflicts.null import NULLS, conflict_pvalues
 from fisherjax.analysis.conflicts.options import ORTHOGONAL_EFFECT, REFERENCES, SCOPES, ConflictOptions
@@ -41,6 +41,7 @@ __all__ = [
     "GROUP_TEST_CORE_SECONDS",
     "GROUP_TEST_FIXED_BYTES",
     "GROUP_TEST_STEP_BYTES",
+    "HOT_NULL_BYTES",
     "KEPT_SHARE",
     "KEPT_TEST_BYTES",
     "NULL_TAIL_BYTES",
@@ -69,6 +70,7 @@ __all__ = [
     "grouping_for",
     "head_map",
     "max_kept_tests",
+    "open_groups",
     "pairwise_cosines",
     "projection",
     "whiten",

@@ -36,7 +36,9 @@ from fisherjax.analysis.conflicts.findings import ConflictCluster, ConflictPair,
 from fisherjax.analysis.conflicts.gram import (
     Gram, chunk_count, chunk_size_for, damping, effect_sizes, gram_matrix, inverse_sqrt, sliced_grams, slices_fit, split_sides,
 )
-from fisherjax.analysis.conflicts.group_tests import GroupTests, TooManyKept, group_tests
+from fisherjax.analysis.conflicts.group_tests import (
+    HOT_NULL_VALUES, GroupTests, ReferenceStream, TooManyKept, distinct_positions, group_tests,
+)
 from fisherjax.analysis.conflicts.null import conflict_pvalues
 from fisherjax.analysis.conflicts.options import ConflictOptions
 from fisherjax.analysis.conflicts.sources import GroupIndex, Grouping, Source, Stream, as_stream, check_same_parameters, grouping_for
@@ -49,8 +51,8 @@ from fisherjax.sharding import check_mesh
 from fisherjax.stats import fdr_qvalues
 
 __all__ = [
-    "GROUP_GRAM_BYTES", "GROUP_TEST_CORE_SECONDS", "GROUP_TEST_FIXED_BYTES", "GROUP_TEST_STEP_BYTES", "KEPT_SHARE", "KEPT_TEST_BYTES",
-    "NULL_TAIL_BYTES",
+    "GROUP_GRAM_BYTES", "GROUP_TEST_CORE_SECONDS", "GROUP_TEST_FIXED_BYTES", "GROUP_TEST_STEP_BYTES", "HOT_NULL_BYTES", "KEPT_SHARE",
+    "KEPT_TEST_BYTES", "NULL_TAIL_BYTES",
     "ConflictReport", "detect", "group_scope_bytes", "group_test_core_seconds", "group_test_values", "head_map", "max_kept_tests",
 ]
 
@@ -194,12 +196,13 @@ def detect(
     a, b, external = _read_sources(task_a, task_b, reference_split, names)
     grouping = a.grouping or grouping_for(a.shapes, layout)
     inv_sqrt, eps_used, whitened = _whitening(options, fisher, a, b)
-    cross, references = _grams(a, b, external, grouping, inv_sqrt, options, progress, mesh)
+    cross, references, streamed = _grams(a, b, external, grouping, inv_sqrt, options, progress, mesh)
     null_cosines = _null_cosines(references)
     scope, note = options.scope, None
     if scope == "groups":
         try:
-            significance = _group_significance(cross, group_tests(cross, references, options))
+            nulls = {side: stream.null.finish() for side, stream in streamed.items()}
+            significance = _group_significance(cross, group_tests(cross, references, options, nulls))
         except TooManyKept as too_many:
             scope, note = "overall", f"tested on the whole gradient, not per group: {too_many}"
     if scope == "overall":
@@ -211,12 +214,17 @@ def detect(
         fisher_pool=whitened_with, eps=eps_used, alpha=options.alpha, fdr_method=options.fdr_method,
         min_effect_size=options.min_effect_size, **({"scope_note": note} if note else {}),
     )
-    return _report(a.name, b.name, cross, references, significance, null_cosines, settings, options)
+    return _report(a.name, b.name, cross, references, streamed, significance, null_cosines, settings, options)
 
 
 GROUP_GRAM_BYTES = 4
-"""Host bytes per tested (group, pair) value of the three Grams in the per-group scope (A × B, A × A,
-B × B: :func:`group_test_values`): their float32 group dot products."""
+"""Host bytes per (group, pair) value of the per-group scope's Grams: float32 group dot products
+— the A × B Gram's for every group, the within-task Grams' for the groups held at once
+(:func:`group_scope_bytes`)."""
+
+HOT_NULL_BYTES = 8
+"""Host bytes per within-task cosine a streamed reference keeps for the figure
+(:data:`~.group_tests.HOT_NULL_VALUES` of each group, float64)."""
 
 KEPT_TEST_BYTES = 48
 """Host bytes per test the per-group scope keeps (``p ≤ alpha``: :class:`~.group_tests.GroupTests`)
@@ -270,23 +278,34 @@ def group_test_core_seconds(n_a: int, n_b: int, groups: int) -> float:
     return GROUP_TEST_CORE_SECONDS * group_test_values(n_a, n_b, groups) * math.log2(max(groups * n_a * n_b, 2))
 
 
-def group_scope_bytes(n_a: int, n_b: int, groups: int, kept_share: float = KEPT_SHARE, alpha: float = 0.05) -> float:
-    """Host bytes of :func:`detect`'s per-group scope: the Grams (:data:`GROUP_GRAM_BYTES` per
-    :func:`group_test_values`), ``kept_share`` of the ``G · n_a · n_b`` tests kept
-    (:data:`KEPT_TEST_BYTES` each), each side's pooled null down to ``alpha``
-    (:data:`NULL_TAIL_BYTES`) and the steps' arrays (:data:`GROUP_TEST_STEP_BYTES` per value, at
-    most :data:`GROUP_TEST_FIXED_BYTES`). The overall scope holds
-    ``[n_a, n_b]`` arrays and the group dot products only (float32, for the hotspots)."""
-    return (GROUP_GRAM_BYTES * group_test_values(n_a, n_b, groups) + KEPT_TEST_BYTES * kept_share * groups * n_a * n_b
-            + NULL_TAIL_BYTES * alpha * groups * (n_a * n_a + n_b * n_b)
+def group_scope_bytes(n_a: int, n_b: int, groups: int, kept_share: float = KEPT_SHARE, alpha: float = 0.05,
+                      open_groups: int | None = None) -> float:
+    """Host bytes of :func:`detect`'s per-group scope: the Grams (:data:`GROUP_GRAM_BYTES` per value:
+    the A × B Gram's ``G · n_a · n_b``; the within-task Grams' ``open_groups · (n_a² + n_b²)``),
+    ``kept_share`` of the ``G · n_a · n_b`` tests kept (:data:`KEPT_TEST_BYTES` each), each side's
+    pooled null down to ``alpha`` (:data:`NULL_TAIL_BYTES`) and the steps' arrays
+    (:data:`GROUP_TEST_STEP_BYTES` per value, at most :data:`GROUP_TEST_FIXED_BYTES`).
+    ``open_groups``: the groups whose within-task dot products are held at once where the
+    references stream into their nulls (stored tasks under the pooled null:
+    :func:`~.gram.open_groups`), each side then keeping :data:`HOT_NULL_BYTES` per cosine of its
+    figure's sample; None: all ``G`` held. The overall scope holds ``[n_a, n_b]`` arrays and the
+    group dot products only (float32, for the hotspots)."""
+    within = n_a * n_a + n_b * n_b
+    if open_groups is None:
+        references = GROUP_GRAM_BYTES * groups * within
+    else:
+        sample = sum(min(HOT_NULL_VALUES, n * (n - 1) // 2) for n in (n_a, n_b))
+        references = GROUP_GRAM_BYTES * min(open_groups, groups) * within + HOT_NULL_BYTES * groups * sample
+    return (GROUP_GRAM_BYTES * groups * n_a * n_b + references + KEPT_TEST_BYTES * kept_share * groups * n_a * n_b
+            + NULL_TAIL_BYTES * alpha * groups * within
             + min(GROUP_TEST_FIXED_BYTES, GROUP_TEST_STEP_BYTES * group_test_values(n_a, n_b, groups)))
 
 
-def max_kept_tests(n_a: int, n_b: int, groups: int, budget_bytes: float, alpha: float = 0.05) -> int:
+def max_kept_tests(n_a: int, n_b: int, groups: int, budget_bytes: float, alpha: float = 0.05, open_groups: int | None = None) -> int:
     """The most tests the per-group scope can keep within ``budget_bytes`` (``ConflictOptions.
     max_kept_tests``): what :func:`group_scope_bytes` leaves beside the Grams, nulls and fixed
     bytes, at :data:`KEPT_TEST_BYTES` each; 0 where those alone take more."""
-    return max(0, int((budget_bytes - group_scope_bytes(n_a, n_b, groups, 0.0, alpha)) // KEPT_TEST_BYTES))
+    return max(0, int((budget_bytes - group_scope_bytes(n_a, n_b, groups, 0.0, alpha, open_groups)) // KEPT_TEST_BYTES))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,13 +374,16 @@ def _pooled(fisher_pool: str, a: Stream, b: Stream) -> dict[str, np.ndarray]:
 def _grams(
     a: Stream, b: Stream, external: Stream | None, grouping: Grouping, inv_sqrt, options: ConflictOptions, progress: bool,
     mesh: Mesh | None = None,
-):
-    """Step 3: the A × B :class:`~.gram.Gram` (per group when ``by_group``) and the reference
-    Grams ``{side: Gram}`` (``"a"``: A × A, ``"b"``: B × B, or ``"reference"``: A × split), per
-    group in the per-group scope. Stored tasks are read one parameter slice at a time, with or
-    without a mesh (:func:`~.gram.sliced_grams`); otherwise each task is prepared (whitened, viewed)
-    once when it fits a chunk — on a mesh once per role: split over ``"data"`` as rows, replicated
-    as columns (:func:`~.gram.split_sides`)."""
+) -> tuple[Gram, dict[str, Gram], dict[str, ReferenceStream]]:
+    """Step 3: the A × B :class:`~.gram.Gram` (per group when ``by_group``), the reference Grams
+    ``{side: Gram}`` (``"a"``: A × A, ``"b"``: B × B, or ``"reference"``: A × split), per group in
+    the per-group scope, and the references streamed into their pooled nulls ``{side:
+    ReferenceStream}``. Stored tasks are read one parameter slice at a time, with or without a mesh
+    (:func:`~.gram.sliced_grams`), and under the pooled null each reference's groups go into its
+    :class:`~.group_tests.ReferenceStream` as their slices are read (that Gram keeps no group dot
+    products); otherwise each task is prepared (whitened, viewed) once when it fits a chunk — on a
+    mesh once per role: split over ``"data"`` as rows, replicated as columns
+    (:func:`~.gram.split_sides`)."""
     per_group = options.scope == "groups"
     streams = {"a": a, "b": b} | ({"reference": external} if external is not None else {})
     if external is not None:
@@ -371,12 +393,17 @@ def _grams(
     sliced = (("a", "b", options.by_group),) + tuple((x, y, per_group) for x, y in pairs)
     budget = options.memory_budget_bytes
     if options.chunk_size is None and slices_fit(streams, sliced, grouping, budget):
-        cross, *grams = sliced_grams(streams, sliced, grouping, inv_sqrt, budget, progress, f"conflicts {a.name} × {b.name}", mesh=mesh)
+        streamed = {}
+        if per_group and options.null == "pooled":
+            streamed = {y: ReferenceStream((len(grouping.index), streams[x].size, streams[y].size), y, options) for x, y in pairs}
+        sinks = (None,) + tuple(streamed.get(y) for _, y in pairs)
+        cross, *grams = sliced_grams(streams, sliced, grouping, inv_sqrt, budget, progress, f"conflicts {a.name} × {b.name}", mesh=mesh,
+                                     sinks=sinks)
         _check_sizes(cross, a.name, b.name)
         references = {y: gram for (_, y), gram in zip(pairs, grams)}
         if "reference" in references:
             _check_sizes(references["reference"], a.name, "reference")
-        return cross, references
+        return cross, references, streamed
     size = chunk_size_for(options.chunk_size, *(s for s in (a, b, external) if s is not None), budget_bytes=budget)
     rows, columns, row_counts = split_sides(streams, grouping, inv_sqrt, size, mesh)
     counts = {"a": chunk_count(a, size), "b": chunk_count(b, size), "reference": external and chunk_count(external, size)}
@@ -390,7 +417,7 @@ def _grams(
             references[y] = gram_matrix(rows[x], columns[y], grouping, per_group, bar, mesh=mesh)
             if y == "reference":
                 _check_sizes(references[y], a.name, "reference")
-    return cross, references
+    return cross, references, {}
 
 
 def _null_cosines(references: Mapping[str, Gram]) -> dict[str, np.ndarray]:
@@ -400,8 +427,9 @@ def _null_cosines(references: Mapping[str, Gram]) -> dict[str, np.ndarray]:
 
 
 def _distinct(cosines: np.ndarray, side: str) -> np.ndarray:
-    """``cosines [n, r]`` without repeats: a within-task side's upper triangle, all of a split's."""
-    return (cosines[np.triu_indices(len(cosines), 1)] if side != "reference" else cosines).ravel()
+    """``cosines [n, r]`` without repeats: a within-task side's upper triangle, all of a split's
+    (:func:`~.group_tests.distinct_positions`)."""
+    return cosines.ravel()[distinct_positions(*cosines.shape, side != "reference")]
 
 
 def _pvalues(scores, references: Mapping[str, Gram], options: ConflictOptions):
@@ -444,9 +472,11 @@ def _group_significance(cross: Gram, tests: GroupTests) -> _Significance:
                          strength, tests)
 
 
-def _report(name_a, name_b, gram: Gram, references: Mapping[str, Gram], sig: _Significance, null_cosines, settings,
-            options) -> ConflictReport:
-    """Step 6: hotspots, top pairs, clusters and recommendations, in a :class:`ConflictReport`."""
+def _report(name_a, name_b, gram: Gram, references: Mapping[str, Gram], streamed: Mapping[str, ReferenceStream], sig: _Significance,
+            null_cosines, settings, options) -> ConflictReport:
+    """Step 6: hotspots, top pairs, clusters and recommendations, in a :class:`ConflictReport`; the
+    hottest group's within-task cosines from its reference Gram, or the sample a streamed
+    reference kept of them (:data:`~.group_tests.HOT_NULL_VALUES`)."""
     hotspots = hot_nulls = None
     if options.by_group:
         weight = 1.0 / np.sqrt(np.outer(gram.sq_norms_a, gram.sq_norms_b))
@@ -457,7 +487,8 @@ def _report(name_a, name_b, gram: Gram, references: Mapping[str, Gram], sig: _Si
                                         minlength=len(gram.groups))
             if sig.group_tests.n_significant:
                 hot = int(np.argmax(hotspots))
-                hot_nulls = {side: _distinct(ref.tested_group_cosines(slice(hot, hot + 1))[0], side) for side, ref in references.items()}
+                hot_nulls = {side: streamed[side].sample[hot] if side in streamed else _distinct(ref.tested_group_cosines(slice(hot, hot + 1))[0], side)
+                             for side, ref in references.items()}
         else:
             hotspots = -np.einsum("gij,ij->g", gram.group_dots, (sig.significant * weight).astype(np.float32), dtype=np.float64)
     cosines = gram.cosines

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -65,23 +65,30 @@ from fisherjax.sharding import check_mesh, data_size, pad_rows, placements, to_h
 
 __all__ = [
     "Gram",
+    "GroupSchedule",
+    "GroupSink",
     "ParameterSlice",
     "chunk_count",
     "chunk_size_for",
     "damping",
     "effect_sizes",
     "gram_matrix",
+    "group_schedule",
     "grouped_pair_entries",
     "inverse_sqrt",
     "layer_major",
     "leaf_groups",
     "least_slice_groups",
+    "open_groups",
+    "pair_entries",
     "pairwise_cosines",
     "parameter_slices",
+    "slice_groups",
     "slice_dots_fit",
     "sliced_grams",
     "slices_fit",
     "split_sides",
+    "tested_cosines",
     "whiten",
 ]
 
@@ -193,14 +200,23 @@ class Gram:
 
     def tested_group_cosines(self, groups: slice = slice(None)) -> Float[np.ndarray, "groups n_a n_b"]:
         """:attr:`group_cosines` of ``groups`` in float64, NaN (untested) where either side's group
-        gradient is zero: what the per-group scope tests, a few groups at a time."""
-        cosines = self.group_sq_norms_a[groups, :, None].astype(np.float64) * self.group_sq_norms_b[groups, None, :]
-        np.sqrt(cosines, out=cosines)
-        untested = cosines <= 0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            np.divide(self.group_dots[groups], cosines, out=cosines)  # in place: one float64 array, not three
-        cosines[untested] = np.nan
-        return cosines
+        gradient is zero: what the per-group scope tests, a few groups at a time
+        (:func:`tested_cosines`)."""
+        return tested_cosines(self.group_dots[groups], self.group_sq_norms_a[groups], self.group_sq_norms_b[groups])
+
+
+def tested_cosines(
+    dots: Float[np.ndarray, "g n_a n_b"], sq_norms_a: Float[np.ndarray, "g n_a"], sq_norms_b: Float[np.ndarray, "g n_b"]
+) -> Float[np.ndarray, "g n_a n_b"]:
+    """``dots_gij / sqrt(sq_a_gi · sq_b_gj)`` in float64, NaN (untested) where either group
+    gradient is zero: the group cosines the per-group scope tests."""
+    cosines = sq_norms_a[:, :, None].astype(np.float64) * sq_norms_b[:, None, :]
+    np.sqrt(cosines, out=cosines)
+    untested = cosines <= 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        np.divide(dots, cosines, out=cosines)  # in place: one float64 array, not three
+    cosines[untested] = np.nan
+    return cosines
 
 
 def gram_matrix(
@@ -309,7 +325,9 @@ SLICE_BUDGET_BYTES = 0.5e9
 """The most one slice of :func:`sliced_grams` takes, whatever the memory budget: once a slice's
 GEMMs are a few hundred MB wide a larger slice is no faster, and it only holds memory next to the
 stored gradients (for 64 + 64 GPT-2-small samples, 4 GB slices were both slower and 3 GB larger
-than 0.5 GB ones: benchmarks/RESULTS.md). The budget still decides whether the dot products fit
+than 0.5 GB ones: benchmarks/RESULTS.md). It also bounds the dot products of the layers one slice
+may hold together, so that the groups read in part (:func:`group_schedule`) are one layer's once
+they are large. The budget still decides whether one layer's dot products fit
 (:func:`slices_fit`) and the chunk size of the chunk-pair route."""
 
 
@@ -389,7 +407,9 @@ def parameter_slices(
     A leaf without such an axis, or one index of it that is already over the budget, is one slice
     or one index per slice: the least that can be read. A slice of a layer-major leaf also holds at
     most as many layers as keep its groups' dot products (``dot_bytes_per_group`` each) within
-    ``dots_budget_bytes``."""
+    ``dots_budget_bytes``. Slices holding all layers come first, then layer by layer, the leaves of
+    a layer by their first group: a head group that a kernel and its bias share is complete once
+    both are read, before the next block's groups open (:func:`group_schedule`)."""
     most = max(1, int(budget_bytes // (SLICE_BYTES_PER_FEATURE * max(samples, 1))))
     out = []
     for path, shape in shapes.items():
@@ -398,14 +418,14 @@ def parameter_slices(
         axis = _free_axis(views, shape)
         by_layer = layer_major(views, shape)
         dots_fit = leaf_groups(grouping, path) * dot_bytes_per_group <= dots_budget_bytes
-        if (size <= most and (dots_fit or not by_layer)) or axis is None:
+        if (size <= most and (dots_fit or not by_layer)) or (axis is None and not by_layer):
             out.append(ParameterSlice(path))
             continue
         if by_layer:
             per_layer = size // shape[0]
             layer_dots = least_slice_groups(grouping, path, shape) * dot_bytes_per_group
             layers_by_dots = shape[0] if layer_dots <= 0 or math.isinf(dots_budget_bytes) else int(dots_budget_bytes // layer_dots)
-            if per_layer <= most:  # whole layers
+            if per_layer <= most or axis is None:  # whole layers (a head bias has no other axis to cut)
                 step = _even_step(shape[0], min(most // per_layer, max(layers_by_dots, 1)))
                 out.extend(ParameterSlice(path, layers=(a, min(a + step, shape[0]))) for a in range(0, shape[0], step))
                 continue
@@ -415,7 +435,12 @@ def parameter_slices(
             continue
         step = _even_step(shape[axis], most // (size // shape[axis]))
         out.extend(ParameterSlice(path, axis, a, min(a + step, shape[axis])) for a in range(0, shape[axis], step))
-    return tuple(out)
+
+    def order(piece: ParameterSlice) -> tuple[int, int]:
+        held = slice_groups(piece, grouping, shapes)
+        return -1 if piece.layers is None else piece.layers[0], int(held.min(initial=len(grouping.index)))
+
+    return tuple(sorted(out, key=order))  # stable: a leaf's slices stay in order
 
 
 LAYER_MAJOR_VIEWS = {"in_heads", "out_heads", "layered"}
@@ -436,9 +461,13 @@ def _even_step(length: int, most: int) -> int:
 
 def layer_major(views: tuple[FeatureView, ...], shape: tuple[int, ...]) -> bool:
     """Whether a leaf is layer-stacked with layer-major groups, so a slice may hold one layer of it
-    (:data:`LAYER_MAJOR_VIEWS`)."""
+    (:data:`LAYER_MAJOR_VIEWS`; a layer-stacked q/k/v bias ``[L, width]`` too, whose head groups are
+    its kernel's, though no axis of it can be cut within a layer)."""
+    kinds = {v.kind for v in views}
+    if kinds == {"bias_heads"}:
+        return len(shape) == 2
     axis = _free_axis(views, shape)
-    return axis is not None and axis >= 1 and len(shape) >= 3 and {v.kind for v in views} <= LAYER_MAJOR_VIEWS
+    return axis is not None and axis >= 1 and len(shape) >= 3 and kinds <= LAYER_MAJOR_VIEWS
 
 
 def leaf_groups(grouping: Grouping, path: str) -> int:
@@ -454,7 +483,12 @@ def least_slice_groups(grouping: Grouping, path: str, shape: tuple[int, ...]) ->
 
 def grouped_pair_entries(streams: Mapping[str, Stream], pairs) -> int:
     """``Σ n_x · n_y`` over the grouped pairs: the float32 dot products a slice holds per group."""
-    return sum(streams[x].size * streams[y].size for x, y, grouped in pairs if grouped)
+    return pair_entries({name: s.size for name, s in streams.items()}, pairs)
+
+
+def pair_entries(sizes: Mapping[str, int], pairs) -> int:
+    """``Σ n_x · n_y`` over the grouped pairs ``(x, y, by_group)`` of streams of ``sizes`` samples."""
+    return sum(sizes[x] * sizes[y] for x, y, grouped in pairs if grouped)
 
 
 def slices_fit(streams: Mapping[str, Stream], pairs, grouping: Grouping, budget_bytes: float) -> bool:
@@ -476,6 +510,70 @@ def slice_dots_fit(shapes: Mapping[str, tuple[int, ...]], grouping: Grouping, en
     return 4 * least * entries <= budget_bytes
 
 
+GroupSink = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+"""Where :func:`sliced_grams` hands a streamed pair's groups as their slices are all read:
+``sink(groups [g], dots [g, n_x, n_y], sq_norms_x [g, n_x], sq_norms_y [g, n_y])`` (float32
+copies, the sink's to keep or drop)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSchedule:
+    """When the groups of a sequence of :class:`ParameterSlice` are complete (:func:`group_schedule`).
+
+    ``closing[s]``: the groups whose last slice is ``s``; ``slot [G]``: each group's row in a buffer
+    of ``capacity`` rows that holds the groups read in part (a row is reused once its group closes);
+    ``capacity``: the most groups read in part at once."""
+
+    closing: tuple[np.ndarray, ...]
+    slot: np.ndarray
+    capacity: int
+
+
+def slice_groups(piece: ParameterSlice, grouping: Grouping, shapes: Mapping[str, tuple[int, ...]]) -> np.ndarray:
+    """The group indices ``piece`` holds, over all its leaf's views."""
+    n_layers = shapes[piece.path][0]
+    keys = [v.key for v in grouping.views_of(piece.path)]
+    return np.concatenate([piece.groups(grouping.members[k], n_layers) for k in keys] or [np.zeros(0, int)])
+
+
+def group_schedule(slices: tuple[ParameterSlice, ...], grouping: Grouping, shapes: Mapping[str, tuple[int, ...]]) -> GroupSchedule:
+    """The :class:`GroupSchedule` of ``slices`` read in order: a group opens at its first slice and
+    closes after its last; an opening group takes a row freed by a closed one, else a new row."""
+    n_groups = len(grouping.index)
+    touched = [slice_groups(piece, grouping, shapes) for piece in slices]
+    first, last = np.full(n_groups, len(slices)), np.full(n_groups, -1)
+    for s, groups in enumerate(touched):
+        first[groups] = np.minimum(first[groups], s)
+        last[groups] = s
+    slot, free, capacity = np.full(n_groups, -1), [], 0
+    for s, groups in enumerate(touched):
+        for g in groups[first[groups] == s]:  # setup over groups, once: not the hot path
+            if free:
+                slot[g] = free.pop()
+            else:
+                slot[g], capacity = capacity, capacity + 1
+        free.extend(sorted(slot[groups[last[groups] == s]], reverse=True))
+    closing = tuple(groups[last[groups] == s] for s, groups in enumerate(touched))
+    return GroupSchedule(closing, slot, capacity)
+
+
+def open_groups(shapes: Mapping[str, tuple[int, ...]], grouping: Grouping, sizes: Mapping[str, int], pairs,
+                budget_bytes: float = CHUNK_BUDGET_BYTES) -> int:
+    """The most groups :func:`sliced_grams` holds a streamed pair's dot products of at once, for
+    stored streams of ``sizes`` samples and ``pairs`` ``(x, y, by_group)``: the ``capacity`` of its
+    slices' :func:`group_schedule`; all the groups where the slices' dot products do not fit
+    ``budget_bytes`` (:func:`slice_dots_fit`: the Grams then go in chunk pairs, whole)."""
+    if not slice_dots_fit(shapes, grouping, pair_entries(sizes, pairs), budget_bytes):
+        return len(grouping.index)
+    return group_schedule(_slices_of(shapes, grouping, sizes, pairs, budget_bytes), grouping, shapes).capacity
+
+
+def _slices_of(shapes, grouping: Grouping, sizes: Mapping[str, int], pairs, budget_bytes: float) -> tuple[ParameterSlice, ...]:
+    """:func:`sliced_grams`' slices (:func:`parameter_slices` of every task's samples)."""
+    cap = min(budget_bytes, SLICE_BUDGET_BYTES)
+    return parameter_slices(shapes, grouping, sum(sizes.values()), cap, 4.0 * pair_entries(sizes, pairs), cap)
+
+
 def sliced_grams(
     streams: Mapping[str, Stream],
     pairs: tuple[tuple[str, str, bool], ...],
@@ -485,6 +583,7 @@ def sliced_grams(
     progress: bool = False,
     desc: str = "Gram",
     mesh: Mesh | None = None,
+    sinks: Sequence[GroupSink | None] | None = None,
 ) -> list[Gram]:
     """The :class:`Gram` of every pair ``(x, y, by_group)`` of stored ``streams``, all in one pass
     over :func:`parameter_slices` (each within ``min(budget_bytes, SLICE_BUDGET_BYTES)``): each
@@ -494,6 +593,11 @@ def sliced_grams(
     ``progress``: a bar (``desc``) over the slices. ``mesh``: each slice's rows split over
     ``"data"`` and the slice replicated as the columns (:func:`~._kernels.sharded_slice_dots`):
     still one read of every stored gradient, where chunk pairs would read B once per chunk of A.
+    ``sinks`` (one per pair, or None): a grouped pair with a :data:`GroupSink` is *streamed*: its
+    group dot products are held only while their groups are read in part (:func:`group_schedule`)
+    and handed to the sink as each group's last slice is read, so its ``[G, n_x, n_y]`` array is
+    never formed; its Gram has ``group_dots`` None (the group norms and the whole-gradient dot
+    products as always).
 
     Raises:
       NumericalError: a NaN/inf gradient (naming the task, sample and parameter).
@@ -501,18 +605,22 @@ def sliced_grams(
     names = list(streams)
     sizes = {name: streams[name].size for name in names}
     ids = {name: np.asarray(streams[name].sample_ids) for name in names}
+    sinks = tuple(sinks) if sinks is not None else (None,) * len(pairs)
+    shapes = streams[names[0]].shapes
     n_groups, members = len(grouping.index), grouping.members
+    slices = _slices_of(shapes, grouping, sizes, pairs, budget_bytes)
+    schedule = group_schedule(slices, grouping, shapes) if any(sinks) else None
     norms = {name: np.zeros((n_groups, sizes[name]), np.float32) for name in names}
     totals = [np.zeros((sizes[x], sizes[y])) for x, y, _ in pairs]
-    grouped = [np.zeros((n_groups, sizes[x], sizes[y]), np.float32) if by_group else None for x, y, by_group in pairs]
+    grouped = [None if not by_group else np.zeros((schedule.capacity if sink else n_groups, sizes[x], sizes[y]), np.float32)
+               for (x, y, by_group), sink in zip(pairs, sinks)]
+    rows_of = [schedule.slot if sink else None for sink in sinks]
     static_pairs = tuple((names.index(x), names.index(y), bool(by_group)) for x, y, by_group in pairs)
     weights = None if inv_sqrt is None else {p: np.asarray(w, np.float32) for p, w in inv_sqrt.items()}
-    slices = parameter_slices(streams[names[0]].shapes, grouping, sum(sizes.values()), min(budget_bytes, SLICE_BUDGET_BYTES),
-                              4.0 * grouped_pair_entries(streams, pairs), budget_bytes)
     padded = {name: -(-sizes[name] // data_size(mesh)) * data_size(mesh) for name in names} if mesh is not None else sizes
     split, replicate = placements(mesh) if mesh is not None else (None, None)
     with progress_bar(progress, total=len(slices), desc=desc, unit="slice") as bar:
-        for piece in slices:
+        for at, piece in enumerate(slices):
             stored = tuple(streams[name].arrays[piece.path] for name in names)
             weight = None if weights is None or piece.path not in weights else piece.take(weights[piece.path], batched=False)
             views = grouping.views_of(piece.path)
@@ -526,23 +634,30 @@ def sliced_grams(
                 if flags.any():
                     raise NumericalError(f"task {streams[name].name!r}: gradient of sample {int(ids[name][np.argmax(flags)])} "
                                          f"on {piece.path!r} is NaN or inf")
-            n_layers = streams[names[0]].shapes[piece.path][0]
+            n_layers = shapes[piece.path][0]
             for name, by_key in zip(names, piece_norms):
                 for key, value in by_key.items():
                     norms[name][piece.groups(members[key], n_layers)] += to_host(value)[:, : sizes[name]]
-            for (x, _, by_group), piece_dots, total, group_dots in zip(pairs, dots, totals, grouped):
+            for (x, _, by_group), piece_dots, total, group_dots, row_of in zip(pairs, dots, totals, grouped, rows_of):
                 if not by_group:
                     total += to_host(piece_dots)[: sizes[x]]
                     continue
                 for key, value in piece_dots.items():
                     value = to_host(value)[:, : sizes[x]]
-                    group_dots[piece.groups(members[key], n_layers)] += value
+                    held = piece.groups(members[key], n_layers)
+                    group_dots[held if row_of is None else row_of[held]] += value
                     total += value.sum(0, dtype=np.float64)
+            if schedule is not None and len(closed := schedule.closing[at]):
+                for (x, y, _), sink, group_dots in zip(pairs, sinks, grouped):
+                    if sink is not None:
+                        held = schedule.slot[closed]
+                        sink(closed, group_dots[held], norms[x][closed], norms[y][closed])
+                        group_dots[held] = 0.0  # the rows go to groups opened later
             bar.update(1)
     return [
         Gram(ids[x], ids[y], total, norms[x].sum(0, dtype=np.float64), norms[y].sum(0, dtype=np.float64), grouping.index,
-             group_dots, norms[x] if by_group else None, norms[y] if by_group else None)
-        for (x, y, by_group), total, group_dots in zip(pairs, totals, grouped)
+             None if sink is not None else group_dots, norms[x] if by_group else None, norms[y] if by_group else None)
+        for (x, y, by_group), total, group_dots, sink in zip(pairs, totals, grouped, sinks)
     ]
 
 

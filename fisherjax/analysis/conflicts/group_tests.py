@@ -29,12 +29,15 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from fisherjax.analysis.conflicts.gram import Gram, effect_sizes
-from fisherjax.analysis.conflicts.null import CHUNK_VALUES, conflict_pvalues, pooled_null, pooled_pvalues
+from fisherjax.analysis.conflicts.gram import Gram, effect_sizes, tested_cosines
+from fisherjax.analysis.conflicts.null import CHUNK_VALUES, NullBuilder, PooledNull, conflict_pvalues, pooled_null, pooled_pvalues
 from fisherjax.analysis.conflicts.options import ConflictOptions
 from fisherjax.stats import fdr_qvalues
 
-__all__ = ["GROUP_CHUNK_VALUES", "KEPT_CHUNK", "GroupTests", "TooManyKept", "group_tests", "kept_blocks"]
+__all__ = [
+    "GROUP_CHUNK_VALUES", "HOT_NULL_VALUES", "KEPT_CHUNK", "GroupTests", "ReferenceStream", "TooManyKept", "distinct_positions", "group_tests",
+    "kept_blocks",
+]
 
 _STATIC = dict(static=True)
 
@@ -46,6 +49,12 @@ KEPT_CHUNK = 1 << 22
 """Kept tests per block where their coordinates are needed (:meth:`GroupTests.blocks`): three int64
 arrays and a few float64 ones of this many values, not of every kept test — all of them, when the
 two tasks conflict everywhere."""
+
+
+HOT_NULL_VALUES = 2048
+"""Within-task cosines a streamed reference keeps of each group for the figure
+(:class:`ReferenceStream`): all of a group's distinct ones up to this many (64 samples a task
+have 2016), else this many spread evenly over them."""
 
 
 class TooManyKept(Exception):
@@ -122,11 +131,46 @@ def kept_blocks(index: np.ndarray, shape: tuple[int, int, int], which: np.ndarra
         yield (rows, *np.unravel_index(index[rows], shape))
 
 
-def group_tests(cross: Gram, references: Mapping[str, Gram], options: ConflictOptions) -> GroupTests:
+def distinct_positions(n: int, r: int, square: bool, most: int | None = None) -> np.ndarray:
+    """Flat positions in ``[n, r]`` of a reference's distinct cosines (a square, within-task side's
+    upper triangle; all of a split's), row by row — at most ``most`` of them, evenly spread."""
+    positions = np.flatnonzero(np.triu(np.ones((n, r), bool), 1)) if square else np.arange(n * r)
+    if most is not None and len(positions) > most:
+        positions = positions[np.linspace(0, len(positions) - 1, most).round().astype(np.int64)]
+    return positions
+
+
+class ReferenceStream:
+    """One reference side of the per-group tests, fed group by group as its Gram's slices are read
+    (a :data:`~.gram.GroupSink` for :func:`~.gram.sliced_grams`), so its ``[G, n, r]`` group dot
+    products are never held: each group's tested cosines (:func:`~.gram.tested_cosines`) go into its
+    pooled null (:class:`~.null.NullBuilder`, kept down to ``alpha``) and :data:`HOT_NULL_VALUES`
+    of its distinct ones are kept for the figure (``sample [G, ≤ HOT_NULL_VALUES]``, float64)."""
+
+    def __init__(self, shape: tuple[int, int, int], side: str, options: ConflictOptions):
+        groups, n, r = shape
+        self.null = NullBuilder(shape, exclude_self=side != "reference", resolve=options.alpha, tail_size=_tail_size(options))
+        self.positions = distinct_positions(n, r, side != "reference", HOT_NULL_VALUES)
+        self.sample = np.full((groups, len(self.positions)), np.nan)
+
+    def __call__(self, groups: np.ndarray, dots: np.ndarray, sq_norms_x: np.ndarray, sq_norms_y: np.ndarray) -> None:
+        cosines = tested_cosines(dots, sq_norms_x, sq_norms_y)
+        self.sample[groups] = cosines.reshape(len(groups), -1)[:, self.positions]
+        self.null.add(groups, cosines)
+
+
+def _tail_size(options: ConflictOptions) -> int | None:
+    """The Pareto tail's size the pooled null keeps room for (:func:`~.null.pooled_null`)."""
+    return 250 if options.tail == "gpd" else None
+
+
+def group_tests(cross: Gram, references: Mapping[str, Gram], options: ConflictOptions,
+                nulls: Mapping[str, PooledNull] | None = None) -> GroupTests:
     """The per-group tests of ``cross``'s group cosines (:meth:`~.gram.Gram.tested_group_cosines`)
     against each reference Gram's (``"a"``: A × A, ``"b"``: B × B, ``"reference"``: A × split), the
     larger p-value where both sides are used, with ``options``' null, tail, ``alpha``, FDR method
-    and minimum effect size (module docstring for what is kept).
+    and minimum effect size (module docstring for what is kept). ``nulls``: each side's pooled
+    null already built (:class:`ReferenceStream`), whose Gram then needs no group dot products.
 
     Holds the A × B Grams it is given, each side's pooled null down to ``alpha`` (about ``alpha``
     of its ``G · n²`` values, float64), :data:`GROUP_CHUNK_VALUES` values of a step and the kept
@@ -137,12 +181,12 @@ def group_tests(cross: Gram, references: Mapping[str, Gram], options: ConflictOp
     """
     groups, n_a, n_b = cross.group_dots.shape
     alpha = options.alpha
-    tail_size = 250 if options.tail == "gpd" else None
-    nulls = {}
+    nulls = dict(nulls or {})
     if options.null == "pooled":
         for side, ref in references.items():
-            nulls[side] = pooled_null(ref.tested_group_cosines, ref.group_dots.shape, exclude_self=side != "reference",
-                                      resolve=alpha, tail_size=tail_size)
+            if side not in nulls:
+                nulls[side] = pooled_null(ref.tested_group_cosines, ref.group_dots.shape, exclude_self=side != "reference",
+                                          resolve=alpha, tail_size=_tail_size(options))
     step = max(1, GROUP_CHUNK_VALUES // max(n_a * n_b, 1))
     kept_index, kept_p, tested, kept = [], [], 0, 0
     for first in range(0, groups, step):
@@ -152,7 +196,7 @@ def group_tests(cross: Gram, references: Mapping[str, Gram], options: ConflictOp
         for side, ref in references.items():
             test = np.swapaxes(scores, -1, -2) if side == "b" else scores
             if side in nulls:
-                pooled, width = nulls[side], ref.group_dots.shape[1]
+                pooled, width = nulls[side], ref.group_sq_norms_a.shape[1]
                 per_row = [x.reshape(-1, width)[block] for x in (pooled.center, pooled.scale, pooled.usable)]
                 side_p = pooled_pvalues(test, *per_row, pooled)
             else:

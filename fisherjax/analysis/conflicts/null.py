@@ -53,7 +53,7 @@ from fisherjax.backend import available_cores, on_host_cores
 from fisherjax.errors import DataError
 from fisherjax.settings import check_choice
 
-__all__ = ["NULLS", "TAILS", "PooledNull", "conflict_pvalues", "pooled_null", "pooled_pvalues", "reference_samples_needed"]
+__all__ = ["NULLS", "TAILS", "NullBuilder", "PooledNull", "conflict_pvalues", "pooled_null", "pooled_pvalues", "reference_samples_needed"]
 
 NULLS = ("pooled", "normal", "row")
 """The null tests (module docstring)."""
@@ -179,7 +179,22 @@ def pooled_null(
     tail_size: int | None = None,
 ) -> PooledNull:
     """The pooled null of a reference of ``shape`` ``[G, n, r]``, read a few groups at a time
-    (``read(groups) → [g, n, r]`` cosines, e.g. formed from a Gram's dot products as they are read).
+    (``read(groups) → [g, n, r]`` cosines, e.g. formed from a Gram's dot products as they are read):
+    :class:`NullBuilder` fed every group in order."""
+    groups, n, r = shape
+    builder = NullBuilder(shape, exclude_self=exclude_self, resolve=resolve, tail_size=tail_size)
+    per_read = max(1, available_cores() * chunk_values() // max(n * (r - exclude_self), 1))
+    for g in range(0, groups, per_read):
+        block = slice(g, min(g + per_read, groups))
+        builder.add(np.arange(block.start, block.stop), read(block))
+    return builder.finish()
+
+
+class NullBuilder:
+    """The pooled null of a reference ``[G, n, r]`` built from its groups in any order, as they
+    come (:meth:`add`), then :meth:`finish`: a :class:`PooledNull` equal to the bit whatever the
+    order — so a Gram's within-task groups can feed it as each group's parameter slices are read,
+    and never be held all at once.
 
     Every usable row's standardised cosines ``(ref_kl − med_k,−l) / mad_k,−l``, with the row's
     median and MAD recomputed without ``l`` (:func:`_leave_one_out_median_mad`). Rows go
@@ -189,43 +204,55 @@ def pooled_null(
     ``tail_size``): a p-value ``(1 + #{z_null ≤ z}) / (1 + N)`` is exact for every ``z`` below the
     ``L``-th, and any other is at least ``(1 + L) / (1 + N) > resolve``. Without it the whole null
     is kept, as a per-group test of hundreds of samples a task over hundreds of groups cannot
-    afford: ``G · n · r`` float64 values.
+    afford: ``G · n · r`` float64 values. Host state, filled in place from several threads (a
+    lock guards the kept values; each row's statistics have one writer).
     """
-    groups, n, r = shape
-    m = r - exclude_self
-    rows = groups * n
-    center, scale, usable = np.empty(rows), np.empty(rows), np.empty(rows, bool)
-    n_max = rows * m
-    keep = None
-    if resolve is not None:
-        keep = max(math.ceil(resolve * (1 + n_max)), (min(tail_size, n_max // 10) + 1) if tail_size is not None else 1)
-    lowest = _Lowest(n_max, keep)
-    step = max(1, chunk_values() // max(m, 1))
-    per_read = max(1, available_cores() * chunk_values() // max(n * m, 1))
 
-    for g in range(0, groups, per_read):
-        block = np.asarray(read(slice(g, g + per_read)), np.float64)
-        flat = block.reshape(-1, block.shape[-1])
-        first = g * n
+    def __init__(self, shape: tuple[int, int, int], *, exclude_self: bool, resolve: float | None = None,
+                 tail_size: int | None = None):
+        groups, n, r = shape
+        self.n, self.exclude_self, self.tail_size = n, exclude_self, tail_size
+        m = r - exclude_self
+        rows = groups * n
+        self.center, self.scale, self.usable = np.empty(rows), np.empty(rows), np.zeros(rows, bool)
+        n_max = rows * m
+        keep = None
+        if resolve is not None:
+            keep = max(math.ceil(resolve * (1 + n_max)), (min(tail_size, n_max // 10) + 1) if tail_size is not None else 1)
+        self.lowest = _Lowest(n_max, keep)
+        self.step = max(1, chunk_values() // max(m, 1))
+
+    def add(self, groups: np.ndarray, cosines: Float[np.ndarray, "g n r"]) -> None:
+        """Add the reference cosines of ``groups [g]`` (indices into ``G``, each added once)."""
+        n = self.n
+        flat = np.asarray(cosines, np.float64).reshape(-1, cosines.shape[-1])
+        rows = (np.asarray(groups)[:, None] * n + np.arange(n)).ravel()
 
         def fill(i: int) -> None:
-            x, finite = _reference_rows(flat[i : i + step], i, exclude_self, n)
+            x, finite = _reference_rows(flat[i : i + self.step], i, self.exclude_self, n)
             c, s = _median_mad(x)
-            at = slice(first + i, first + i + len(x))
-            center[at], scale[at] = c, s
-            usable[at] = finite & (s > 1e-12 * np.maximum(1.0, np.abs(c)))
+            at = rows[i : i + len(x)]
+            self.center[at], self.scale[at] = c, s
+            self.usable[at] = finite & (s > 1e-12 * np.maximum(1.0, np.abs(c)))
             loo_center, loo_scale = _leave_one_out_median_mad(x)
             keep_values = finite[:, None] & (loo_scale > 1e-12 * np.maximum(1.0, np.abs(loo_center)))
             z = (x - loo_center) / np.where(keep_values, loo_scale, 1.0)
-            lowest.add(z[keep_values])
+            self.lowest.add(z[keep_values])
 
-        on_host_cores(fill, range(0, len(flat), step))
-        block = flat = None  # before the next read (rebound, not deleted: fill reads flat)
-    values = lowest.result()
-    if lowest.size == 0:
-        raise DataError("no reference sample has any spread of cosines (duplicated or collinear gradients)")
-    gpd = _gpd_fit(values, lowest.size, tail_size) if tail_size is not None else None
-    return PooledNull(center, np.where(usable, scale, 1.0), usable, values, lowest.size, lowest.complete, gpd)
+        on_host_cores(fill, range(0, len(flat), self.step))
+
+    def finish(self) -> PooledNull:
+        """The :class:`PooledNull` of every group added (all ``G`` of them, once each).
+
+        Raises:
+          DataError: no row has any spread of cosines.
+        """
+        values = self.lowest.result()
+        if self.lowest.size == 0:
+            raise DataError("no reference sample has any spread of cosines (duplicated or collinear gradients)")
+        gpd = _gpd_fit(values, self.lowest.size, self.tail_size) if self.tail_size is not None else None
+        return PooledNull(self.center, np.where(self.usable, self.scale, 1.0), self.usable, values, self.lowest.size,
+                          self.lowest.complete, gpd)
 
 
 class _Lowest:
