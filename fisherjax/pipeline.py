@@ -895,7 +895,8 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
             sections, stretches["report"] = telemetry.measure(report.save_figures, out, sections)
             total = whole.stop()
             masks_json = next((sec.json for sec in sections if sec.key == "masks"), {})
-            work_done = phase_work(ctx, resumed, masks_json.get("head_pruning"))
+            heads_json = next((sec.json for sec in sections if sec.key == "heads"), {})
+            work_done = phase_work(ctx, resumed, masks_json.get("head_pruning"), heads_json.get("tasks"))
             sections.append(timing_report.section(stretches, per_task, total, work_done))
             header["seconds"] = round(total.seconds, 1)
             heading = fisher_report.heading(header["model"], header["created"], header["machine"], header["seconds"])
@@ -904,13 +905,15 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
     return results
 
 
-def phase_work(ctx: Context, resumed, experiment: dict | None = None) -> dict[str, float]:
+def phase_work(ctx: Context, resumed, experiment: dict | None = None, heads_tasks: dict | None = None) -> dict[str, float]:
     """Matrix-product FLOPs of the stretches whose work :mod:`fisherjax.work` counts from the batches
     as they ran: Phase 1's collection (``COLLECT_FORWARDS`` forwards a row, every task's batches;
     left out of a resumed or multi-process run, whose batches this process did not all run), the
     ``heads`` phase (:func:`~fisherjax.work.heads_flops` a row of each task's first
-    ``head_samples``) and the masks phase's pruning experiment (a forward per gathered row and
-    mask, at the gathered length: ``experiment``, its result)."""
+    ``head_samples``, each ablated head from its own layer: ``heads_tasks``, the phase's per-task
+    entries, whose ablation tables have a number where a head was ablated) and the masks phase's
+    pruning experiment (a forward per gathered row and mask, at the gathered length:
+    ``experiment``, its result)."""
     layout, config = ctx.model.layout, ctx.config
     counted = {}
     if experiment is not None:
@@ -919,9 +922,13 @@ def phase_work(ctx: Context, resumed, experiment: dict | None = None) -> dict[st
     if not any(resumed.values()) and jax.process_count() == 1:
         counted["collect"] = sum(work.batches_flops(layout, b, lambda f: work.COLLECT_FORWARDS * f.total) for b in ctx.batches.values())
     if "heads" in config.phase_order():
-        ablated = config.ablation_heads
-        counted["heads"] = sum(work.batches_flops(layout, first_batches(ctx, name, config.head_samples),
-                                                  lambda f: work.heads_flops(f, layout, 1, 1, ablated)) for name in ctx.fishers)
+        def per_row(name: str):
+            table = ((heads_tasks or {}).get(name) or {}).get("ablation")
+            layers = np.nonzero(np.isfinite(np.asarray(table["accuracy"], np.float64)))[0] if table else None
+            return lambda f: work.heads_flops(f, layout, 1, 1, config.ablation_heads if table is None else len(layers), layers)
+
+        counted["heads"] = sum(work.batches_flops(layout, first_batches(ctx, name, config.head_samples), per_row(name))
+                               for name in ctx.fishers)
     return counted
 
 

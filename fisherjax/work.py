@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -62,20 +62,28 @@ def collect_flops(forward: ForwardFlops, samples: int, tasks: int) -> float:
     return float(COLLECT_FORWARDS * forward.total * samples * tasks)
 
 
-def heads_flops(forward: ForwardFlops, layout: ModelLayout, tasks: int, samples: int, ablated: int) -> float:
+def heads_flops(forward: ForwardFlops, layout: ModelLayout, tasks: int, samples: int, ablated: int,
+                layers: Sequence[int] | None = None) -> float:
     """The ``heads`` phase's work on ``samples`` samples of each task (``--head-samples``): the
     head-mask gradients (a forward and the pullback, ``2F``), the plain pass whose block inputs the
     ablation resumes from (``F``, only when a head is ablated), and ``ablated`` single-head
-    settings (``--ablation-heads``, at most every head), each resuming at its head's layer — half
-    the blocks on average — and unembedding:
+    settings (``--ablation-heads``, at most every head), each resuming at its head's layer ``l``
+    of ``L`` — ``(L − l) / L`` of the blocks — and unembedding:
 
-        tasks · samples · [2F + (F if ablated) + ablated · (layers/2 + attention/2 + unembedding)]
+        tasks · samples · [2F + (F if ablated) + Σ_h ((L − l_h)/L · (layers + attention) + unembedding)]
 
-    Half the blocks is the mean for heads spread evenly over the layers; heads of the first layers
-    cost up to all of them. The category probes (two batches of 16 short sequences) are left out."""
-    ablated = min(ablated, layout.num_layers * layout.num_heads)
-    setting = (forward.layers + forward.attention) / 2 + forward.unembedding
-    return float(tasks * samples * ((2 + (ablated > 0)) * forward.total + ablated * setting))
+    ``layers``: each ablated head's layer, where known (``analyze`` reports the phase's work once it
+    has chosen them); None counts half the blocks each, the mean for heads spread evenly over the
+    layers — heads of the first layers cost up to all of them. The category probes (two batches of
+    16 short sequences) are left out."""
+    if layers is None:
+        ablated = min(ablated, layout.num_layers * layout.num_heads)
+        resumed = ablated / 2
+    else:
+        ablated = len(layers)
+        resumed = float(np.sum(layout.num_layers - np.asarray(layers, np.float64))) / layout.num_layers
+    settings = resumed * (forward.layers + forward.attention) + ablated * forward.unembedding
+    return float(tasks * samples * ((2 + (ablated > 0)) * forward.total + settings))
 
 
 def masks_flops(forward: ForwardFlops, tasks: int, samples: int, masks: int) -> float:

@@ -231,6 +231,11 @@ def test_work_over_batches_and_without_ablations(tiny):
     f = forward_flops(layout, 16)
     assert heads_flops(f, layout, 2, 5, 0) == 2 * 5 * 2 * f.total
     assert heads_flops(f, layout, 1, 1, 1) == 3 * f.total + (f.layers + f.attention) / 2 + f.unembedding
+    # where analyze knows the ablated heads' layers, each resumes from its own: a first-layer head costs every block
+    L = layout.num_layers
+    assert heads_flops(f, layout, 1, 1, 99, layers=[0, 0, L - 1]) == pytest.approx(
+        3 * f.total + (2 + 1 / L) * (f.layers + f.attention) + 3 * f.unembedding)
+    assert heads_flops(f, layout, 1, 1, 2, layers=[0, L - 1]) > heads_flops(f, layout, 1, 1, 2)  # (L + 1) / L blocks, not 1
 
 
 def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkeypatch):
