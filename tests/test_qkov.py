@@ -682,6 +682,29 @@ def test_top_conflicts_summary_and_figures(family, tmp_path):
     assert report_qkov.markdown("A", "B", {"skipped": "A is empty"}) == ["**B → A**: skipped: A is empty.", ""]
 
 
+@pytest.mark.parametrize("chunk", [1, 1 << 30])  # one (block, layer) slab at a time, or every score at once
+def test_top_conflicts_ranked_a_chunk_at_a_time_are_the_brute_force_ranking(family, monkeypatch, chunk):
+    """top_conflicts ranks the scores a chunk of slabs at a time and keeps each chunk's k best: the
+    same entries, in the same order, as sorting every candidate score; ties go to the lower position."""
+    from fisherjax.analysis.qkov import interference
+
+    model, _, A, B = family("llama")
+    result = qkov.heatmap(A, B, model.layout, **MIN)
+    scores = np.array(result.scores)
+    scores[1, 0, 2, 1, 0] = scores[0, 1, 0, 0, 3] = scores.max() + 1.0  # a tie at the top: the lower position first
+    result = dataclasses.replace(result, scores=scores)
+    monkeypatch.setattr(interference, "TOP_CHUNK_VALUES", chunk)
+    top = qkov.top_conflicts(result, k=9)
+    kv = np.asarray(result.kv_head_of)
+    first = np.r_[True, kv[1:] != kv[:-1]]
+    entries = [(float(scores[b, layer, i, j, h]), (b, layer, i, j, h)) for b, layer, i, j, h in np.ndindex(scores.shape)
+               if "qkvo"[b] in "qo" or first[h]]
+    expected = sorted(entries, key=lambda e: (-e[0], e[1]))[:9]
+    got = [(c["score"], ("qkvo".index(c["block"]), c["layer"], int(np.flatnonzero(result.sample_ids_a == c["sample_a"])[0]),
+                         int(np.flatnonzero(result.sample_ids_b == c["sample_b"])[0]), c["head"])) for c in top]
+    assert got == expected
+
+
 def test_flops_counts_every_attention_parameter(family):
     model, _, _, _ = family("qwen2")
     n_params = sum(np.prod(np.shape(v)) for p, v in flatten(model.params).items() if p in _attention_paths(model.layout))

@@ -82,7 +82,7 @@ from jaxtyping import Array, Float
 
 from fisherjax.analysis.qkov._operands import PRECISIONS, BlockKinds, block_kinds, leaf_sources, views_of
 from fisherjax.analysis.qkov._prepare import active, partner, partner_scale, required_paths, task_samples
-from fisherjax.analysis.qkov._scores import assemble
+from fisherjax.analysis.qkov._scores import assemble, first_non_finite
 from fisherjax.analysis.qkov._tiles import device_leaves, mesh_leaves, padded_positions, tile_plan
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
 from fisherjax.analysis.qkov.results import QKOVResult, SliceDiagnostics, result_of
@@ -416,8 +416,9 @@ def finish(raw: Mapping[str, np.ndarray], prep: Prepared, layout: ModelLayout, s
     ``aggregate="mean"``, K/V gathered to query heads (:func:`~._scores.assemble`); a non-finite
     score is a :class:`~fisherjax.errors.NumericalError`."""
     scores = assemble(raw, prep.scale_b[b_positions], prep.slice_sizes, layout.kv_head_of, score.aggregate)
-    if not np.isfinite(scores).all():
-        block, layer, _, _, head = np.argwhere(~np.isfinite(scores))[0]
+    bad = first_non_finite(scores)
+    if bad is not None:
+        block, layer, head = bad
         raise NumericalError(f"qkov: non-finite kfac score in block {ATTENTION_BLOCKS[block]}, layer {layer}, head {head}: the "
                              "gradients or the K-FAC factors contain NaN or inf")
     return scores

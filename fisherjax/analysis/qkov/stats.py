@@ -174,8 +174,11 @@ def bootstrap_layer_head_avg(
 
     Replicate ``r`` draws samples of A and of B with replacement (counts ``u_r [n_a]``, ``v_r [n_b]``)
     and takes ``Σ_ij u_ri v_rj M_ij / (n_a n_b)`` — two contractions, no loop over pairs; replicates
-    go in chunks of ``chunk`` to bound memory. Indices from :func:`fisherjax.stats.bootstrap_indices`,
-    intervals from :func:`fisherjax.stats.percentile_interval`.
+    go in chunks of ``chunk`` to bound memory. The sum over B is float32 GEMMs on the scores as they
+    lie (``[n_b, heads]`` per block, layer and row of A): a float64 contraction would have numpy
+    copy all the scores to float64 for every chunk — twice their size, 34 GB for Llama-7B at
+    1000 × 1000 samples. Indices from :func:`fisherjax.stats.bootstrap_indices`, intervals from
+    :func:`fisherjax.stats.percentile_interval`.
 
     Scores left on a mesh (:class:`~.results.ShardedScores`) are contracted on the devices
     (float32; the sum over A's rows across devices), and only the replicates are gathered.
@@ -195,9 +198,9 @@ def bootstrap_layer_head_avg(
             u_rows[:, :n_a] = u[r0 : r0 + chunk]
             v_rows = jnp.asarray(v[r0 : r0 + chunk], jnp.float32)
             replicates[r0 : r0 + chunk] = to_host(_scores.bootstrap_sums(u_rows, v_rows, scores.padded))
-        else:
-            over_b = np.einsum("rj,klijh->rklih", v[r0 : r0 + chunk], scores, optimize=True)
-            replicates[r0 : r0 + chunk] = np.einsum("ri,rklih->rklh", u[r0 : r0 + chunk], over_b, optimize=True)
+        else:  # B's weights into every (block, layer, row)'s [n_b, heads] in place: one small GEMM each, the scores never copied
+            over_b = np.matmul(v[r0 : r0 + chunk].astype(np.float32), scores)  # [block, layer, n_a, r, heads]
+            replicates[r0 : r0 + chunk] = np.einsum("ri,klirh->rklh", u[r0 : r0 + chunk], over_b, optimize=True)
     low, high = percentile_interval(replicates, level)
     return BootstrapInterval(low, high, level, n_bootstrap)
 
