@@ -145,6 +145,9 @@ class Plan:
       phase5_reform_flops, phase6_reform_flops: the part of that work spent forming factored
         kernels' gradients where they are read (:func:`reform_flops` per sample read,
         :func:`conflict_sample_reads`, :func:`qkov_sample_reads`).
+      phase6_scores_bytes, phase6_output_bytes: one ordered pair's QK-OV scores (``qkov.scores_bytes``:
+        the host holds them and their raw sums while they are formed, twice this) and all ordered
+        pairs' in ``qkov.npz``.
       throughput_tflops, throughput_assumed, phase5_seconds, phase6_seconds: the time of that work
         over all devices at that throughput per device (compute only, no I/O).
       backend: the XLA backend that compiled the step; compile_seconds: time spent compiling.
@@ -199,6 +202,8 @@ class Plan:
     phase5_scope: str
     phase5_test_values: int
     phase5_test_core_seconds: float
+    phase6_scores_bytes: float
+    phase6_output_bytes: float
     throughput_tflops: float
     throughput_assumed: bool
     phase5_seconds: float
@@ -675,6 +680,8 @@ def plan(
         phase5_scope=phase5_scope,
         phase5_test_values=tested,
         phase5_test_core_seconds=math.comb(tasks, 2) * group_test_core_seconds(samples, samples, tested_groups),
+        phase6_scores_bytes=float(qkov.scores_bytes(samples, samples, layout)),
+        phase6_output_bytes=float(tasks * (tasks - 1) * qkov.scores_bytes(samples, samples, layout)) if samples >= score.min_fisher_samples else 0.0,
         throughput_tflops=tflops,
         throughput_assumed=throughput_tflops is None,
         phase5_seconds=seconds["phase5"],
@@ -806,7 +813,9 @@ def format_plan(p: Plan) -> str:
                                 + f"; host tests of {_count(p.phase5_test_values)} values ≈ "
                                   f"{_duration(p.phase5_test_core_seconds)} of one core's time"),
         ("Phase 6 (QK-OV)", f"{_scaled(p.phase6_flops, FLOPS)} ≈ {_duration(p.phase6_seconds)}"
-                            + (f" ({_scaled(p.phase6_reform_flops, FLOPS)} of it forming factored gradients, at least)" if p.factored else "")),
+                            + (f" ({_scaled(p.phase6_reform_flops, FLOPS)} of it forming factored gradients, at least)" if p.factored else "")
+                            + f"; scores of {_bytes(p.phase6_scores_bytes)} per ordered pair (the host holds twice that while "
+                              f"forming them), {_bytes(p.phase6_output_bytes)} in qkov.npz"),
         ("total", f"≈ {_duration(p.total_seconds)} of device compute"
                   + ("" if p.curvature.skip is None else " (without the method comparison, which the default run skips)")
                   + f", and ≈ {_duration(p.phase5_test_core_seconds)} of one host core's time for Phase 5's tests "

@@ -198,6 +198,12 @@ def test_conflict_tests_per_group_where_the_host_holds_them(tiny, base):
     assert f"host tests of {groups * 3 * n * n / 1e3:.1f} k values" in format_plan(base)
     three = plan(tiny, samples=n, seq_len=SEQ, device_memory_gb=80, tasks=3)
     assert three.phase5_test_values == 3 * base.phase5_test_values and three.phase5_test_core_seconds == 3 * base.phase5_test_core_seconds
+    # Phase 6's scores: [block, layer, n_a, n_b, heads] float32 per ordered pair, all of them in qkov.npz
+    layout = abstract_model(tiny).layout
+    assert base.phase6_scores_bytes == 4 * 4 * layout.num_layers * n * n * layout.num_heads
+    assert base.phase6_output_bytes == 0.0 and "in qkov.npz" in format_plan(base)  # 4 samples: below the Fisher's minimum, no heatmap
+    eight = plan(tiny, samples=8, seq_len=SEQ, device_memory_gb=80, tasks=3)
+    assert eight.phase6_output_bytes == 6 * eight.phase6_scores_bytes == 6 * 4 * base.phase6_scores_bytes
     small = plan(tiny, samples=n, seq_len=SEQ, device_memory_gb=80, host_memory_gb=1.9 * base.phase5_group_bytes / GB)
     assert small.phase5_scope == "overall" and "tested on the whole gradient (--conflict-scope auto" in format_plan(small)
     assert small.phase5_test_values == 3 * n * n  # one group: the whole gradient

@@ -669,6 +669,7 @@ def test_top_conflicts_summary_and_figures(family, tmp_path):
     qkov.save_npz(result, tmp_path / "qkov.npz")
     with np.load(tmp_path / "qkov.npz") as saved:
         np.testing.assert_array_equal(saved["scores"], result.scores)
+    assert qkov.scores_bytes(N_A, N_B, model.layout) == result.scores.nbytes  # what fisherjax plan says they take
     figures = report_qkov.figures(result)
     assert sorted(figures) == ["k", "o", "q", "v"]
     assert figures["v"].axes[0].get_xlabel() == "kv head" and len(figures["v"].axes[0].get_xticks()) == 2  # 2 kv heads

@@ -88,7 +88,7 @@ weights, diagnostics), ``_operands`` (what every kernel shares), the kernels ``_
 from __future__ import annotations
 
 from fisherjax.analysis.qkov._tiles import tile_plan
-from fisherjax.analysis.qkov.interference import flops, heatmap, sample_pair, top_conflicts
+from fisherjax.analysis.qkov.interference import flops, heatmap, sample_pair, scores_bytes, top_conflicts
 from fisherjax.analysis.qkov.options import (
     AGGREGATES,
     CONTRACTIONS,
@@ -136,6 +136,7 @@ __all__ = [
     "heldout_split",
     "permutation_test",
     "sample_pair",
+    "scores_bytes",
     "save_npz",
     "tile_plan",
     "to_arrays",

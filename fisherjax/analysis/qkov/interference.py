@@ -214,6 +214,12 @@ def _top_entries(scores: np.ndarray, candidate: np.ndarray, sign: float, k: int)
     return top, scores.reshape(-1)[top]
 
 
+def scores_bytes(n_a: int, n_b: int, layout: ModelLayout) -> int:
+    """Bytes of one heatmap's scores: ``[block, layer, n_a, n_b, heads]`` float32 (what ``qkov.npz``
+    stores per ordered pair; the host holds them and, while they are formed, their raw sums)."""
+    return 4 * len(ATTENTION_BLOCKS) * layout.num_layers * n_a * n_b * layout.num_heads
+
+
 def flops(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool = True) -> float:
     """FLOPs of the GEMMs of one heatmap: ``2 · n_a · n_b · P_attn`` (``P_attn``: the parameters in
     all slices, K/V counted once per kv head)."""
