@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import itertools
 import json
+import math
 import os
 import platform
 import shutil
@@ -37,7 +38,7 @@ from fisherjax.data import Batch, MissingTokenizer, Task, batches, check_targets
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
 from fisherjax.fisher.collect import check_kept_budget, collect, kept_bytes
 from fisherjax.fisher.groups import group_sizes
-from fisherjax.fisher.factored import smaller_as_factors
+from fisherjax.fisher.factored import FactoredGrads, smaller_as_factors
 from fisherjax.fisher.options import SAMPLE_GRADS_FORMS, CollectOptions, attention_paths
 from fisherjax.fisher.shares import join_shares
 from fisherjax.fisher.state import TaskFisher
@@ -913,9 +914,9 @@ def phase_work(ctx: Context, resumed, experiment: dict | None = None, heads_task
     ``head_samples``, each ablated head from its own layer: ``heads_tasks``, the phase's per-task
     entries, whose ablation tables have a number where a head was ablated) and the masks phase's
     pruning experiment (a forward per gathered row and mask, at the gathered length:
-    ``experiment``, its result)."""
+    ``experiment``, its result), and the pair phases (:func:`pair_work`)."""
     layout, config = ctx.model.layout, ctx.config
-    counted = {}
+    counted = pair_work(ctx) if jax.process_count() == 1 else {}  # a process of several holds its share of the samples
     if experiment is not None:
         counted["masks"] = sum(r["rows_evaluated"] * r["masks_evaluated"] * work.forward_flops(layout, r["length"]).total
                                for r in experiment["tasks"].values())
@@ -930,6 +931,39 @@ def phase_work(ctx: Context, resumed, experiment: dict | None = None, heads_task
         counted["heads"] = sum(work.batches_flops(layout, first_batches(ctx, name, config.head_samples), per_row(name))
                                for name in ctx.fishers)
     return counted
+
+
+def pair_work(ctx: Context) -> dict[str, float]:
+    """Matrix-product FLOPs of the pair phases that ran, from the kept samples' counts and storage:
+    Phase 5 (``conflicts``: per pair with enough samples, :func:`fisherjax.work.conflict_pair_flops`
+    over the kept features, A × A and B × B beside A × B, and each task's kept token factors formed
+    once, as the sliced Grams read them) and Phase 6 (``qkov``: per ordered pair,
+    :func:`fisherjax.work.qkov_pair_flops` and the formations of its
+    :func:`fisherjax.work.qkov_pair_reads`). Floors, like the plan's: a run that reads a task more
+    often (chunk pairs, tiles that do not hold B) does more."""
+    phases = ctx.config.phase_order()
+    kept = {name: fisher.sample_grads for name, fisher in ctx.fishers.items()}
+    if not kept or any(grads is None for grads in kept.values()):
+        return {}
+    sizes = {name: len(grads) for name, grads in kept.items()}
+    features = max(sum(math.prod(np.shape(leaf)) for leaf in grads.grads.values()) for grads in kept.values())
+    reform = {name: work.reform_flops((leaf.shape, leaf.inputs.shape[-2]) for leaf in grads.grads.values()
+                                      if isinstance(leaf, FactoredGrads)) for name, grads in kept.items()}
+    counted = {"conflicts": 0.0, "qkov": 0.0}
+    if "conflicts" in phases:
+        options = conflicts.ConflictOptions()
+        for a, b in itertools.combinations(kept, 2):
+            if sizes[a] >= options.samples_needed("a") and sizes[b] >= options.samples_needed("b"):
+                counted["conflicts"] += (work.conflict_pair_flops(sizes[a], sizes[b], features, (sizes[a], sizes[b]))
+                                         + sizes[a] * reform[a] + sizes[b] * reform[b])
+    if "qkov" in phases:
+        score = ctx.config.score_options()
+        needed = score.min_fisher_samples
+        for a, b in itertools.permutations(kept, 2):
+            reads_a, reads_b = work.qkov_pair_reads(sizes[a], sizes[b], needed, ctx.fishers[a].diagonal is not None)
+            counted["qkov"] += (work.qkov_pair_flops(sizes[a], sizes[b], ctx.model.layout, score.include_bias, needed)
+                                + reads_a * reform[a] + reads_b * reform[b])
+    return {phase: flops for phase, flops in counted.items() if flops > 0}  # a phase that tested no pair has no rate
 
 
 def _truncation(task: Task) -> dict:

@@ -61,8 +61,10 @@ from fisherjax.pipeline import (
 from fisherjax.settings import check
 from fisherjax.sharding import DATA, MODEL, data_size, make_mesh, param_spec
 from fisherjax.work import (
-    COLLECT_FORWARDS, ForwardFlops, collect_flops, curvature_flops, forward_flops, heads_flops, masks_flops,
+    COLLECT_FORWARDS, ForwardFlops, collect_flops, conflict_pair_flops, curvature_flops, forward_flops, heads_flops, masks_flops,
+    qkov_pair_flops, qkov_pair_reads,
 )
+from fisherjax.work import reform_flops as work_reform_flops
 
 GB = 1e9
 """Bytes in a GB as the options and the printed plan count them."""
@@ -84,10 +86,6 @@ DEVICE_MEMORY_GB = 80.0
 DEVICES_PER_HOST = 8
 HOST_MEMORY_GB = 256.0
 """Defaults of :func:`plan` (and of ``fisherjax plan``'s options)."""
-
-HELDOUT = 0.5
-"""The held-out fraction of task A in Phase 6's permutation test (:func:`fisherjax.pipeline.phase_qkov`)."""
-
 
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
@@ -309,10 +307,9 @@ def kept_values(layout: ModelLayout, options: CollectOptions, seq_len: int, *, c
 
 
 def reform_flops(layout: ModelLayout, options: CollectOptions, seq_len: int) -> float:
-    """FLOPs of forming one sample's gradients of the kernels kept as token factors, each time a
-    phase reads them: ``Σ lead · 2 · seq_len · d_in · d_out`` (0 when none is factored)."""
-    return float(sum(math.prod(layout.spec(p).shape[:-2]) * 2 * seq_len * math.prod(layout.spec(p).shape[-2:])
-                     for p in _factored(layout, options)))
+    """FLOPs of forming one sample's gradients of the kernels kept as token factors at ``seq_len``
+    positions, each time a phase reads them (:func:`fisherjax.work.reform_flops`)."""
+    return work_reform_flops((layout.spec(p).shape, seq_len) for p in _factored(layout, options))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,32 +390,14 @@ def kept_storage_bytes(samples: int, tasks: int, stored: int, dtype: str) -> flo
 
 
 def conflict_flops(n: int, tasks: int, features: int, references: int) -> float:
-    """Phase 5's GEMM work: per unordered pair of tasks the cross Gram and ``references``
-    within-task Grams, each ``2 · n_a · n_b · F`` (``F`` features per sample: the kept gradients,
-    whose groups partition them, :mod:`fisherjax.analysis.conflicts.gram`):
-
-        C(tasks, 2) · (1 + references) · 2 · n² · F
-    """
-    return math.comb(tasks, 2) * (1 + references) * 2.0 * n * n * features
+    """Phase 5's GEMM work: per unordered pair of tasks :func:`fisherjax.work.conflict_pair_flops`
+    with ``references`` within-task Grams of ``n`` samples: ``C(tasks, 2) · (1 + references) · 2 · n² · F``."""
+    return math.comb(tasks, 2) * conflict_pair_flops(n, n, features, (n,) * references)
 
 
 def qkov_flops(n: int, tasks: int, layout: ModelLayout, include_bias: bool, min_samples: int) -> float:
-    """Phase 6's GEMM work: per ordered pair of tasks the heatmap and the permutation test's two
-    score arrays (fit half ``f`` of A against B and against the held-out half ``h``):
-
-        tasks · (tasks − 1) · [flops(n, n) + flops(f, n) + flops(f, h)]
-
-    with :func:`fisherjax.analysis.qkov.flops`, ``h = round(HELDOUT · n)``, ``f = n − h``; a pair is
-    skipped below ``min_samples`` (the test alone when ``f`` is), as ``analyze`` does.
-    """
-    if n < min_samples:
-        return 0.0
-    held = int(round(HELDOUT * n))
-    fit = n - held
-    per_pair = qkov.flops(n, n, layout, include_bias)
-    if fit >= min_samples:
-        per_pair += qkov.flops(fit, n, layout, include_bias) + qkov.flops(fit, held, layout, include_bias)
-    return tasks * (tasks - 1) * per_pair
+    """Phase 6's GEMM work: ``tasks · (tasks − 1)`` ordered pairs of :func:`fisherjax.work.qkov_pair_flops`."""
+    return tasks * (tasks - 1) * qkov_pair_flops(n, n, layout, include_bias, min_samples)
 
 
 def conflict_sample_reads(n: int, tasks: int, references: int, chunk: int | None, data: int = 1) -> float:
@@ -449,22 +428,9 @@ def conflict_bytes_read(n: int, tasks: int, features: int, references: int, dtyp
 
 
 def qkov_sample_reads(n: int, tasks: int, min_samples: int, diagonal: bool = True) -> float:
-    """Samples Phase 6 reads from the kept-gradient storage, at least: per score array of
-    :func:`qkov_flops` (``n_a × n_b``), A's tiles and B's once
-    (:func:`~fisherjax.analysis.qkov.tile_plan` reads B once per layer chunk whenever B fits a tile
-    beside 32 of A's samples; more often when it does not), and A's samples once more for the Fisher
-    of those kept samples — in the heatmap only without Phase 1's full ``diagonal`` (with it, the
-    heatmap weighs by that diagonal: ``_prepare.stored_diagonal``), in the permutation test's fit
-    half always:
-
-        tasks · (tasks − 1) · [(n + n + (n without the diagonal)) + (2f + n) + (2f + h)]
-    """
-    if n < min_samples:
-        return 0.0
-    held = int(round(HELDOUT * n))
-    fit = n - held
-    per_pair = (2 if diagonal else 3) * n + ((2 * fit + n) + (2 * fit + held) if fit >= min_samples else 0)
-    return float(tasks * (tasks - 1) * per_pair)
+    """Samples Phase 6 reads from the kept-gradient storage, at least: ``tasks · (tasks − 1)``
+    ordered pairs of :func:`fisherjax.work.qkov_pair_reads`."""
+    return float(tasks * (tasks - 1) * sum(qkov_pair_reads(n, n, min_samples, diagonal)))
 
 
 def reference_grams(conflicts: ConflictOptions) -> int:
@@ -681,7 +647,7 @@ def plan(
         phase5_test_values=tested,
         phase5_test_core_seconds=math.comb(tasks, 2) * group_test_core_seconds(samples, samples, tested_groups),
         phase6_scores_bytes=float(qkov.scores_bytes(samples, samples, layout)),
-        phase6_output_bytes=float(tasks * (tasks - 1) * qkov.scores_bytes(samples, samples, layout)) if samples >= score.min_fisher_samples else 0.0,
+        phase6_output_bytes=float(tasks * (tasks - 1) * qkov.scores_bytes(samples, samples, layout) * (samples >= score.min_fisher_samples)),
         throughput_tflops=tflops,
         throughput_assumed=throughput_tflops is None,
         phase5_seconds=seconds["phase5"],
@@ -813,7 +779,8 @@ def format_plan(p: Plan) -> str:
                                 + f"; host tests of {_count(p.phase5_test_values)} values ≈ "
                                   f"{_duration(p.phase5_test_core_seconds)} of one core's time"),
         ("Phase 6 (QK-OV)", f"{_scaled(p.phase6_flops, FLOPS)} ≈ {_duration(p.phase6_seconds)}"
-                            + (f" ({_scaled(p.phase6_reform_flops, FLOPS)} of it forming factored gradients, at least)" if p.factored else "")
+                            + (f" ({_scaled(p.phase6_reform_flops, FLOPS)} of it forming factored gradients, at least)"
+                               if p.factored else "")
                             + f"; scores of {_bytes(p.phase6_scores_bytes)} per ordered pair (the host holds twice that while "
                               f"forming them), {_bytes(p.phase6_output_bytes)} in qkov.npz"),
         ("total", f"≈ {_duration(p.total_seconds)} of device compute"

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from fisherjax.analysis import qkov
 from fisherjax.curvature import compare, lanczos
 from fisherjax.layout import ModelLayout
 
@@ -115,6 +116,65 @@ def curvature_flops(forward: ForwardFlops, samples: int, parameters: int, k: int
     if compare.from_gram(parameters, k, samples):
         return float(3 * gradient + gram + probes * 4.0 * samples * parameters)
     return float(2 * gradient + (lanczos.default_steps(parameters, k) + probes) * PRODUCT_GRADIENTS * gradient)
+
+
+HELDOUT = 0.5
+"""The held-out fraction of task A in Phase 6's permutation test (:func:`fisherjax.pipeline.phase_qkov`)."""
+
+
+def conflict_pair_flops(n_a: int, n_b: int, features: int, within: Sequence[int]) -> float:
+    """One task pair's Phase 5 GEMMs: the A × B Gram and a within-task Gram of each size in
+    ``within`` (``(n_a, n_b)`` for ``reference="both"``), each ``2 · n_x · n_y · F`` (``F`` features
+    per sample: the kept gradients, whose groups partition them,
+    :mod:`fisherjax.analysis.conflicts.gram`):
+
+        2F · (n_a · n_b + Σ_r n_r²)
+    """
+    return 2.0 * features * (n_a * n_b + sum(n * n for n in within))
+
+
+def qkov_pair_flops(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool, min_samples: int) -> float:
+    """One ordered pair's Phase 6 GEMMs: the heatmap and the permutation test's two score arrays
+    (fit half ``f`` of A against B and against the held-out half ``h``):
+
+        flops(n_a, n_b) + flops(f, n_b) + flops(f, h)
+
+    with :func:`fisherjax.analysis.qkov.flops`, ``h = round(HELDOUT · n_a)``, ``f = n_a − h``; nothing
+    below ``min_samples`` (the test alone when ``f`` is), as ``analyze`` skips them."""
+    if n_a < min_samples:
+        return 0.0
+    held = int(round(HELDOUT * n_a))
+    fit = n_a - held
+    work = qkov.flops(n_a, n_b, layout, include_bias)
+    if fit >= min_samples:
+        work += qkov.flops(fit, n_b, layout, include_bias) + qkov.flops(fit, held, layout, include_bias)
+    return work
+
+
+def qkov_pair_reads(n_a: int, n_b: int, min_samples: int, diagonal: bool = True) -> tuple[float, float]:
+    """Samples of A and of B one ordered pair of Phase 6 reads from the kept-gradient storage, at
+    least: per score array of :func:`qkov_pair_flops` A's tiles and B's once
+    (:func:`~fisherjax.analysis.qkov.tile_plan` reads B once per layer chunk whenever B fits a tile
+    beside 32 of A's samples; more often when it does not), and A's samples once more for the
+    Fisher of those kept samples — in the heatmap only without Phase 1's full ``diagonal`` (with
+    it, the heatmap weighs by that diagonal), in the permutation test's fit half always; the
+    held-out half ``h`` is A's:
+
+        A: (n_a + (n_a without the diagonal)) + 2f + (2f + h)        B: n_b + n_b
+    """
+    if n_a < min_samples:
+        return 0.0, 0.0
+    held = int(round(HELDOUT * n_a))
+    fit = n_a - held
+    tested = fit >= min_samples
+    return float((1 if diagonal else 2) * n_a + (4 * fit + held if tested else 0)), float(n_b * (2 if tested else 1))
+
+
+def reform_flops(factored: Iterable[tuple[tuple[int, ...], int]]) -> float:
+    """FLOPs of forming one sample's gradients of the kernels kept as token factors, each time a
+    phase reads them, from each kernel's ``(shape [*lead, d_in, d_out], T)`` (``T`` its stored
+    positions): ``Σ lead · 2 · T · d_in · d_out`` (0 when none is factored)."""
+    return float(sum(math.prod(shape[:-2]) * 2 * seq * math.prod(shape[-2:]) for shape, seq in factored))
 
 
 def batches_flops(layout: ModelLayout, batches: Iterable, per_sample) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -192,7 +193,8 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
     assert phases["collect"]["compilations"] + phases["collect"]["cache_hits"] >= 1
     assert phases["total"]["compilations"] >= phases["collect"]["compilations"]
     assert phases["total"]["seconds"] >= sum(e["seconds"] for k, e in phases.items() if k != "total") - 0.1
-    assert {k for k, e in phases.items() if "achieved_tflops" in e} == {"collect", "heads", "masks"}  # what fisherjax.work counts
+    rated = {"collect", "heads", "masks", "conflicts", "qkov"}  # what fisherjax.work counts
+    assert {k for k, e in phases.items() if "achieved_tflops" in e} == rated
     assert phases["heads"]["work_tflop"] > 0 and phases["heads"]["achieved_tflops"] > 0
     from fisherjax import demo
     from fisherjax.plan import abstract_model, read_config
@@ -205,6 +207,14 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
         assert r["rows_evaluated"] % experiment["rows_per_batch"] == 0 and r["rows_evaluated"] >= r["n_samples"]
     assert phases["masks"]["work_tflop"] == pytest.approx(sum(
         r["rows_evaluated"] * r["masks_evaluated"] * forward_flops(layout, r["length"]).total for r in experiment["tasks"].values()) / 1e12)
+    # the pair phases: their Grams' and score arrays' GEMMs over the kept attention gradients (and forming kept factors)
+    from fisherjax.fisher.options import attention_paths
+    from fisherjax.work import conflict_pair_flops, qkov_pair_flops
+
+    features = sum(math.prod(layout.spec(p).shape) for p in attention_paths(layout))
+    grams = conflict_pair_flops(128, 128, features, (128, 128))
+    assert grams == 2 * features * 3 * 128 * 128 and phases["conflicts"]["work_tflop"] >= grams / 1e12 * (1 - 1e-9)
+    assert phases["qkov"]["work_tflop"] >= 2 * qkov_pair_flops(128, 128, layout, True, 8) / 1e12 * (1 - 1e-9) > 0
     assert "## Where the time went" in (out / "report.md").read_text()
     qkov = np.load(out / "qkov.npz")
     assert qkov["math|copy|scores"].shape == (4, 2, 128, 128, 4)

@@ -552,6 +552,20 @@ def test_streamed_groups_of_sliced_grams_are_those_of_the_whole_gram(gpt2, gpt2_
     assert len(expected.index) > 0
     for field in ("index", "pvalues", "qvalues", "significant"):
         np.testing.assert_array_equal(getattr(tests, field), getattr(expected, field), err_msg=field)
+    # a held-out reference split streams the same way (A × split, no diagonal to leave out)
+    split = as_stream(gpt2_task.select(np.arange(48, 72)))
+    with_split = {"a": streams["a"], "b": streams["b"], "reference": split}
+    split_pairs = (("a", "b", True), ("a", "reference", True))
+    held = G.sliced_grams(with_split, split_pairs, grouping, None)
+    fed_split = ReferenceStream((len(grouping.index), 24, 24), "reference", options)
+    got = G.sliced_grams(with_split, split_pairs, grouping, None, sinks=(None, fed_split))
+    tests = group_tests(got[0], {"reference": got[1]}, options, {"reference": fed_split.null.finish()})
+    expected_split = group_tests(held[0], {"reference": held[1]}, options)
+    assert len(expected_split.index) > 0
+    for field in ("index", "pvalues", "qvalues", "significant"):
+        np.testing.assert_array_equal(getattr(tests, field), getattr(expected_split, field), err_msg=field)
+    with pytest.raises(ValueError, match="by_group=True"):
+        G.sliced_grams(streams, (("a", "b", False),), grouping, None, sinks=(sink,))
     hot = int(expected.index[0] // (sizes["a"] * sizes["b"]))
     spread = GT.distinct_positions(100, 100, True, 2048)  # more distinct cosines than the figure keeps: evenly spread
     assert len(np.unique(spread)) == 2048 and spread[0] == 1 and spread[-1] == 100 * 99 - 1 and (spread % 100 > spread // 100).all()

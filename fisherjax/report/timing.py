@@ -69,9 +69,9 @@ def section(stretches: Mapping[str, Stretch], tasks: Mapping[str, Stretch], tota
                   "(the process's peak so far)."]
     if rated:
         lines += ["", "TFLOP/s: the stretch's matrix products as `fisherjax plan` counts them (`fisherjax.work`: a floor, "
-                      "without norms, activations, softmax or host work) over its seconds. Phase 1 runs on every device "
-                      "and the heads and masks phases on one: per device, the figure `fisherjax plan --tflops` takes for a larger run "
-                      "on the same machine."]
+                      "without norms, activations, softmax or host work — Phase 5's tests are host work) over its seconds. "
+                      "Phase 1 and the pair phases run on every device and the heads and masks phases on one: per device, "
+                      "the figure `fisherjax plan --tflops` takes for a larger run on the same machine."]
     return Section("phases", "Where the time went", data, lines)
 
 

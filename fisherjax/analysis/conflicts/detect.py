@@ -487,8 +487,8 @@ def _report(name_a, name_b, gram: Gram, references: Mapping[str, Gram], streamed
                                         minlength=len(gram.groups))
             if sig.group_tests.n_significant:
                 hot = int(np.argmax(hotspots))
-                hot_nulls = {side: streamed[side].sample[hot] if side in streamed else _distinct(ref.tested_group_cosines(slice(hot, hot + 1))[0], side)
-                             for side, ref in references.items()}
+                hot_nulls = {side: streamed[side].sample[hot] if side in streamed
+                             else _distinct(ref.tested_group_cosines(slice(hot, hot + 1))[0], side) for side, ref in references.items()}
         else:
             hotspots = -np.einsum("gij,ij->g", gram.group_dots, (sig.significant * weight).astype(np.float32), dtype=np.float64)
     cosines = gram.cosines

@@ -606,6 +606,8 @@ def sliced_grams(
     sizes = {name: streams[name].size for name in names}
     ids = {name: np.asarray(streams[name].sample_ids) for name in names}
     sinks = tuple(sinks) if sinks is not None else (None,) * len(pairs)
+    if any(sink is not None and not by_group for (_, _, by_group), sink in zip(pairs, sinks)):
+        raise ValueError("sliced_grams streams per-group dot products only: give a sink to a pair with by_group=True")
     shapes = streams[names[0]].shapes
     n_groups, members = len(grouping.index), grouping.members
     slices = _slices_of(shapes, grouping, sizes, pairs, budget_bytes)

@@ -35,8 +35,8 @@ from fisherjax.analysis.conflicts.options import ConflictOptions
 from fisherjax.stats import fdr_qvalues
 
 __all__ = [
-    "GROUP_CHUNK_VALUES", "HOT_NULL_VALUES", "KEPT_CHUNK", "GroupTests", "ReferenceStream", "TooManyKept", "distinct_positions", "group_tests",
-    "kept_blocks",
+    "GROUP_CHUNK_VALUES", "HOT_NULL_VALUES", "KEPT_CHUNK", "GroupTests", "ReferenceStream", "TooManyKept", "distinct_positions",
+    "group_tests", "kept_blocks",
 ]
 
 _STATIC = dict(static=True)
