@@ -349,17 +349,23 @@ def test_the_comparison_without_its_gradients_whole(compared):
     slices = compare.gram_slices(model, rows, "float32", budget, tokens, sample_tokens)
     assert slices is not None and slices[0][0] == 0 and slices[-1][1] == size
     assert compare.least_bytes(model, 6, n=len(x)) <= budget < compare.peak_bytes(model, 6, n=len(x))
-    sliced = compare.compare_methods(model, _batches(), k=6, probes=2, count=4, memory_bytes=budget)
-    assert f"formed before K-FAC in {len(slices)} column slice" in sliced.methods["lanczos"].notes
-    np.testing.assert_allclose(sliced.methods["lanczos"].top, result.methods["lanczos"].top, rtol=1e-5)
-    assert np.all(sliced.lanczos_residuals <= 1e-4 * sliced.methods["lanczos"].top[0])
-    for name in ("diagonal", "kfac"):
-        ours, held = sliced.methods[name], result.methods[name]
-        np.testing.assert_allclose(ours.top, held.top, rtol=1e-5)
-        np.testing.assert_allclose(ours.rayleigh, held.rayleigh, rtol=1e-4)
-        assert ours.probe_error == pytest.approx(held.probe_error, rel=1e-4)
-        assert ours.condition == pytest.approx(held.condition, rel=1e-5)
-    assert sliced.recommended == result.recommended and sliced.blocks == result.blocks
+    # a sample at a time where only that fits; as many as the memory leaves room for (here 4 of a batch's 6)
+    roomier = compare.rest_bytes(model, 4 * sample_tokens)
+    assert compare.piece_rows(model, budget, _batches()) == 1 and compare.piece_rows(model, roomier, _batches()) == 4
+    assert compare.gram_slices(model, rows, "float32", roomier, tokens, sample_tokens) is not None
+    for memory, per_pass in ((budget, "1 sample at a time"), (roomier, "4 samples at a time")):
+        sliced = compare.compare_methods(model, _batches(), k=6, probes=2, count=4, memory_bytes=memory)
+        assert f"formed before K-FAC in {len(slices)} column slice" in sliced.methods["lanczos"].notes or memory != budget
+        assert per_pass in sliced.methods["lanczos"].notes
+        np.testing.assert_allclose(sliced.methods["lanczos"].top, result.methods["lanczos"].top, rtol=1e-5)
+        assert np.all(sliced.lanczos_residuals <= 1e-4 * sliced.methods["lanczos"].top[0])
+        for name in ("diagonal", "kfac"):
+            ours, held = sliced.methods[name], result.methods[name]
+            np.testing.assert_allclose(ours.top, held.top, rtol=1e-5)
+            np.testing.assert_allclose(ours.rayleigh, held.rayleigh, rtol=1e-4)
+            assert ours.probe_error == pytest.approx(held.probe_error, rel=1e-4)
+            assert ours.condition == pytest.approx(held.condition, rel=1e-5)
+        assert sliced.recommended == result.recommended and sliced.blocks == result.blocks
 
 
 def test_too_little_memory_for_the_slices_is_refused(compared):

@@ -232,6 +232,20 @@ def gram_slices(model, rows: int, sample_grads_dtype: str = "float32", memory_by
     return lowrank.column_slices(size, rows, budget, itemsize)
 
 
+def piece_rows(model, memory_bytes: float, batches: Sequence[Batch]) -> int:
+    """Samples a pass holds at once where ``G̃`` is not held (:func:`gram_slices`): the most rows,
+    a power of two up to a batch's, whose passes' working memory over the longest sample's length
+    (:func:`pass_tokens`) fits ``memory_bytes`` beside :func:`rest_bytes`; at least 1 — the least
+    the memory rule counts. A sample at a time always fits, but leaves an accelerator a
+    one-sample batch and costs time even on a CPU (RESULTS.md, twenty-sixth session)."""
+    batch_rows = max(len(b.sample_ids) for b in batches)
+    _, sample_tokens = pass_tokens(batches)
+    rows = 1
+    while 2 * rows <= batch_rows and rest_bytes(model, 2 * rows * sample_tokens) <= memory_bytes:
+        rows *= 2
+    return rows
+
+
 GRADIENT_BUDGET_BYTES = 0.25e9
 """What the Gram route's per-sample gradient pieces may take beside ``G̃`` (``scaled_gradients``'s
 budget): one sample of a 16 M-parameter model at a time, which costs no time against larger pieces
@@ -272,8 +286,8 @@ def compare_methods(
         over column slices of ``G̃`` (:func:`gram_slices`, one per-sample gradient pass each) and
         each slice dropped before K-FAC's factors are formed; the eigenvectors are then formed by
         a weighted gradient pass each and the probes' exact products by the Fisher-vector
-        product, and these and K-FAC's pass go a sample at a time (a pass's working memory is one
-        sample's): the same numbers, ``G̃`` never held.
+        product, and these and K-FAC's pass go :func:`piece_rows` samples at a time (as many as
+        their working memory leaves room for; one at least): the same numbers, ``G̃`` never held.
 
     Returns:
       :class:`MethodComparison`.
@@ -295,8 +309,9 @@ def compare_methods(
     if gram:
         slices = gram_slices(model, sum(len(b.sample_ids) for b in batches), options.sample_grads_dtype, memory_bytes,
                              *pass_tokens(batches))
-    # without G̃ held every pass after the diagonal's goes a sample at a time, so its working memory is one sample's
-    rows = batches if slices is None else [piece for batch in batches for piece in batch.pieces(1)]
+    # without G̃ held every pass after the diagonal's goes as few samples at a time as its working memory needs
+    per_pass = None if slices is None else piece_rows(model, memory_bytes, batches)
+    rows = batches if slices is None else [piece for batch in batches for piece in batch.pieces(per_pass)]
 
     # ---- the four methods, each measured ----------------------------------------------------
     # One Phase 1 pass gives the diagonal and the attention gradients the block spectra read; the
@@ -335,7 +350,7 @@ def compare_methods(
         forms, residuals = _combination_forms(model, params, rows, factors, layout, diag_device, values, coefficients, k_gram)
         how = (f"from the {operator.n_samples} × {operator.n_samples} Gram of the per-sample gradients, formed before K-FAC "
                f"in {len(slices)} column slice{'s' * (len(slices) != 1)} of them (a gradient pass each; each eigenvector "
-               "then takes a gradient and a JVP pass a sample at a time, not timed)")
+               f"then takes a gradient and a JVP pass, {per_pass} sample{'s' * (per_pass != 1)} at a time, not timed)")
         scaled = None
     elif gram:
         def gram_route():
