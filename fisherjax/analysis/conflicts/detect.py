@@ -101,7 +101,9 @@ class ConflictReport:
     a pair is significant when any of its groups is. ``gram`` keeps the dot products (per group
     too, when computed); ``null_cosines`` the distinct within-task reference cosines per side
     (``{"a": [...], "b": [...]}`` or ``{"reference": [...]}``), and ``hot_null_cosines`` the same
-    on the hottest group (the largest ``hotspots``; per-group scope with a discovery only).
+    on the hottest group (the largest ``hotspots``; per-group scope with a discovery only; at most
+    :data:`~.group_tests.HOT_NULL_VALUES` of them, evenly spread, where the references streamed
+    into their nulls).
     ``hotspots [G]``: net conflict of each group over what was found,
     ``−Σ contribution_g`` over significant pairs (or significant group-pairs); positive = the
     group pulls them apart. ``settings``: what produced it (the options as applied: reference
