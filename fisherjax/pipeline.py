@@ -509,10 +509,15 @@ CONFLICT_MEMORY_SHARE = 0.5
 still available (``conflicts.group_scope_bytes``)."""
 
 
+def _conflict_grouping(layout) -> tuple[dict[str, tuple[int, ...]], conflicts.Grouping]:
+    """The shapes of the attention parameters Phase 5 reads and their grouping."""
+    shapes = {p: layout.spec(p).shape for p in attention_paths(layout)}
+    return shapes, conflicts.grouping_for(shapes, layout)
+
+
 def conflict_groups(layout) -> int:
     """Phase 5's groups: the (block, layer, head) groups of the attention parameters it reads."""
-    shapes = {p: layout.spec(p).shape for p in attention_paths(layout)}
-    return len(conflicts.grouping_for(shapes, layout).index.is_head)
+    return len(_conflict_grouping(layout)[1].index.is_head)
 
 
 def conflict_open_groups(layout, n_a: int, n_b: int, options: conflicts.ConflictOptions | None = None) -> int | None:
@@ -523,10 +528,8 @@ def conflict_open_groups(layout, n_a: int, n_b: int, options: conflicts.Conflict
     options = options or conflicts.ConflictOptions()
     if options.null != "pooled":
         return None
-    shapes = {p: layout.spec(p).shape for p in attention_paths(layout)}
     pairs = (("a", "b", True), ("a", "a", True), ("b", "b", True))
-    return conflicts.open_groups(shapes, conflicts.grouping_for(shapes, layout), {"a": n_a, "b": n_b}, pairs,
-                                 options.memory_budget_bytes)
+    return conflicts.open_groups(*_conflict_grouping(layout), {"a": n_a, "b": n_b}, pairs, options.memory_budget_bytes)
 
 
 class ConflictScope(NamedTuple):

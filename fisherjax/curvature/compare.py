@@ -309,7 +309,7 @@ def compare_methods(
     if gram:
         slices = gram_slices(model, sum(len(b.sample_ids) for b in batches), options.sample_grads_dtype, memory_bytes,
                              *pass_tokens(batches))
-    # without G̃ held every pass after the diagonal's goes as few samples at a time as its working memory needs
+    # without G̃ held every pass after the diagonal's goes as many samples at a time as its working memory fits
     per_pass = None if slices is None else piece_rows(model, memory_bytes, batches)
     rows = batches if slices is None else [piece for batch in batches for piece in batch.pieces(per_pass)]
 

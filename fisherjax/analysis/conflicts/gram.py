@@ -616,7 +616,6 @@ def sliced_grams(
     totals = [np.zeros((sizes[x], sizes[y])) for x, y, _ in pairs]
     grouped = [None if not by_group else np.zeros((schedule.capacity if sink else n_groups, sizes[x], sizes[y]), np.float32)
                for (x, y, by_group), sink in zip(pairs, sinks)]
-    rows_of = [schedule.slot if sink else None for sink in sinks]
     static_pairs = tuple((names.index(x), names.index(y), bool(by_group)) for x, y, by_group in pairs)
     weights = None if inv_sqrt is None else {p: np.asarray(w, np.float32) for p, w in inv_sqrt.items()}
     padded = {name: -(-sizes[name] // data_size(mesh)) * data_size(mesh) for name in names} if mesh is not None else sizes
@@ -640,14 +639,14 @@ def sliced_grams(
             for name, by_key in zip(names, piece_norms):
                 for key, value in by_key.items():
                     norms[name][piece.groups(members[key], n_layers)] += to_host(value)[:, : sizes[name]]
-            for (x, _, by_group), piece_dots, total, group_dots, row_of in zip(pairs, dots, totals, grouped, rows_of):
+            for (x, _, by_group), piece_dots, total, group_dots, sink in zip(pairs, dots, totals, grouped, sinks):
                 if not by_group:
                     total += to_host(piece_dots)[: sizes[x]]
                     continue
                 for key, value in piece_dots.items():
                     value = to_host(value)[:, : sizes[x]]
                     held = piece.groups(members[key], n_layers)
-                    group_dots[held if row_of is None else row_of[held]] += value
+                    group_dots[held if sink is None else schedule.slot[held]] += value
                     total += value.sum(0, dtype=np.float64)
             if schedule is not None and len(closed := schedule.closing[at]):
                 for (x, y, _), sink, group_dots in zip(pairs, sinks, grouped):
