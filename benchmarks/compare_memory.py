@@ -9,9 +9,12 @@ the wall time, each method's stretch (seconds, peaks of the host and, on an acce
 compilations) and the top eigenvalues. With
 ``--slices S`` the comparison gets ``compare.rest_bytes`` (one sample's passes) and an ``S``-th of
 its gradients' bytes, so it does not hold them and forms its Gram from column slices of them
-(``compare.gram_slices`` says how many; run one process per setting to compare peaks).
+(``compare.gram_slices`` says how many), K-FAC's stage then in one group of parameters; with
+``--least`` it gets ``compare.least_bytes``, the least it runs in: the Gram in the most slices,
+K-FAC's stage in the most groups (``compare.stage_plan``) and every pass a sample at a time. Run
+one process per setting to compare peaks.
 
-Usage: python benchmarks/compare_memory.py [--shape tiny|small] [--samples 32] [--k 10] [--slices S]
+Usage: python benchmarks/compare_memory.py [--shape tiny|small] [--samples 32] [--k 10] [--slices S | --least]
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--shape", choices=("tiny", "small"), default="tiny")
     parser.add_argument("--slices", type=int, default=1, help="give it memory for its gradients in this many column slices")
+    parser.add_argument("--least", action="store_true", help="give it the least memory it runs in")
     args = parser.parse_args()
     peak = [0.0]
 
@@ -67,13 +71,18 @@ def main() -> None:
     start = time.time()
     options = AnalysisConfig().collect_options()
     memory = None
+    rows, tokens = sum(len(b.sample_ids) for b in chosen), compare.pass_tokens(chosen)
     if args.slices > 1:
-        rows = sum(len(b.sample_ids) for b in chosen)
         gradients = rows * model.num_params * np.dtype(compare.gram_dtype(options.sample_grads_dtype)).itemsize
-        tokens = compare.pass_tokens(chosen)
-        memory = compare.rest_bytes(model, tokens[1]) + gradients / args.slices + 2 * rows  # a column's slack for the rounding
+        memory = compare.rest_bytes(model, tokens[1], tokens[1]) + gradients / args.slices + 2 * rows  # a column's slack for the rounding
+    elif args.least:
+        memory = compare.least_bytes(model, args.k, n=rows, sample_grads_dtype=options.sample_grads_dtype, tokens=tokens[0],
+                                     sample_tokens=tokens[1])
+    if memory is not None:
         slices = compare.gram_slices(model, rows, options.sample_grads_dtype, memory, *tokens)
-        print(f"memory_bytes {memory / 1e9:.2f} GB: {len(slices or ())} column slices of {gradients / 1e9:.2f} GB of gradients")
+        per_pass, parts = compare.stage_plan(model, memory, max(len(b.sample_ids) for b in chosen), tokens[1])
+        print(f"memory_bytes {memory / 1e9:.2f} GB: {len(slices or ())} column slice(s) of the gradients, K-FAC's stage in "
+              f"{len(parts)} group(s), {per_pass} sample(s) a pass")
     result = compare.compare_methods(model, chosen, k=args.k, options=options, memory_bytes=memory)
     print(f"compare_methods: {time.time() - start:.1f} s, peak RSS {peak[0]:.2f} GB (process at {start_rss:.2f} GB before)")
     print(f"lanczos: {result.methods['lanczos'].notes}")

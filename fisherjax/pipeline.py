@@ -346,7 +346,8 @@ def curvature_skip(parameters: int, need: float, free: float | None, forced: boo
     with ``G̃`` whole (``compare.peak_bytes``) is more than :data:`CURVATURE_MEMORY_SHARE` of them,
     and ``--curvature`` would run it. ``free`` None: not known, it runs. A default run holds
     ``G̃`` whole, where the comparison costs one gradient pass; ``--curvature`` allows the sliced
-    route, a gradient pass per slice and two more passes per eigenvector."""
+    route, a gradient pass per slice and, in each of K-FAC's groups of parameters, a pass per
+    eigenvector and per probe."""
     least = need if least is None else least
     if parameters > CURVATURE_AUTO_PARAMETERS and not forced:
         return "parameters"
@@ -365,14 +366,14 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
     name = next(iter(ctx.tasks))
     chosen = first_batches(ctx, name, config.curvature_samples)
     k, n, dtype = config.curvature_k, sum(b.num_real for b in chosen), config.sample_grads_dtype
+    if curvature_skip(model.num_params, 0.0, None, config.curvature) == "parameters":  # before the rule compiles a pass
+        return curvature_report.skipped(f"the model has {model.num_params:,} parameters, more than {CURVATURE_AUTO_PARAMETERS:,}; "
+                                        "pass --curvature to compare the Fisher methods anyway")
     tokens, sample_tokens = compare.pass_tokens(chosen)
-    need = compare.peak_bytes(model, k, n=n, sample_grads_dtype=dtype, tokens=tokens)
+    need = compare.peak_bytes(model, k, n=n, sample_grads_dtype=dtype, tokens=tokens, seq_len=sample_tokens)
     least = compare.least_bytes(model, k, n=n, sample_grads_dtype=dtype, tokens=tokens, sample_tokens=sample_tokens)
     free = backend.available_memory_bytes()
     why = curvature_skip(model.num_params, need, free, config.curvature, least)
-    if why == "parameters":
-        return curvature_report.skipped(f"the model has {model.num_params:,} parameters, more than {CURVATURE_AUTO_PARAMETERS:,}; "
-                                        "pass --curvature to compare the Fisher methods anyway")
     if why is not None:
         largest = compare.basis_bytes(model.num_params, k, n=n, sample_grads_dtype=dtype)
         gram = compare.from_gram(model.num_params, k, n)

@@ -321,14 +321,18 @@ class CurvaturePlan:
     ``samples``, ``k``: its samples (``--curvature-samples``, at most a task's) and eigenvalues
     (``--curvature-k``); ``gram``: the top comes from the Gram route, else from Lanczos;
     ``peak_bytes``: ``compare.peak_bytes`` (the gradients or basis whole); ``least_bytes``:
-    ``compare.least_bytes`` (the gradients in the most column slices); ``rest_bytes``: what the
-    least holds beside them (K-FAC's factors, model-sized vectors, a pass over one sample); ``free_bytes``: what
+    ``compare.least_bytes`` (the gradients in the most column slices); ``stream_bytes``: what the
+    least holds beside them (``compare.stream_bytes``: K-FAC's stage by its smallest groups of
+    parameters, or one model-sized probe; and a pass over one sample); ``free_bytes``: what
     the device has for it; ``skip``: why the default run skips it (None: it runs); ``forced_skip``:
     the same with ``--curvature``; ``slices``: the column slices the gradients are formed in and
     not held, in the run described (the default run's when it runs, else ``--curvature``'s; 0:
-    held whole, :func:`~fisherjax.curvature.compare.gram_slices`); ``fit_samples``,
+    held whole, :func:`~fisherjax.curvature.compare.gram_slices`) and ``groups`` the groups of
+    parameters K-FAC's stage then goes by (:func:`~fisherjax.curvature.compare.stage_plan`; 0
+    with the gradients held), in ``factor_passes`` K-FAC passes (more than ``groups`` where a
+    group's factors go by ranges of layers); ``fit_samples``,
     ``fit_k``: the most samples, with as many eigenvalues as possible up to ``k``, that fit with
-    ``--curvature`` (0, 0: nothing fits: ``rest_bytes`` alone does not); ``flops``, ``seconds``:
+    ``--curvature`` (0, 0: nothing fits: ``stream_bytes`` alone does not); ``flops``, ``seconds``:
     ``work.curvature_flops`` of that run at the throughput.
     """
 
@@ -337,11 +341,13 @@ class CurvaturePlan:
     gram: bool
     peak_bytes: float
     least_bytes: float
-    rest_bytes: float
+    stream_bytes: float
     free_bytes: float
     skip: str | None
     forced_skip: str | None
     slices: int
+    groups: int
+    factor_passes: int
     fit_samples: int
     fit_k: int
     flops: float
@@ -368,18 +374,23 @@ def curvature_plan(model: Model, forward: ForwardFlops, samples: int, free_bytes
 
     fit = next(((m, k) for m in range(n, 0, -1) if least(m) <= free_bytes), None)
     fit = fit or next(((m, m) for m in range(min(n, k), 0, -1) if least(m, m) <= free_bytes), (0, 0))
-    peak, lowest = float(compare.peak_bytes(model, k, n=n, sample_grads_dtype=storage_dtype, tokens=tokens["tokens"])), least(n)
+    peak = float(compare.peak_bytes(model, k, n=n, sample_grads_dtype=storage_dtype, tokens=tokens["tokens"], seq_len=seq_len or None))
+    lowest = least(n)
     skip = curvature_skip(size, peak, free_bytes, config.curvature, lowest)
     gram = compare.from_gram(size, k, n)
     forced_skip = curvature_skip(size, peak, free_bytes, True, lowest)
-    slices = 0
+    slices = groups = factor_passes = 0
     if skip is not None and forced_skip is None and gram:  # the run described is --curvature's, within all the free memory
         slices = len(compare.gram_slices(model, n, storage_dtype, free_bytes, **tokens) or ())
-    flops = curvature_flops(forward, n, size, k, slices=slices)
+    if slices:
+        parts = compare.stage_plan(model, free_bytes, min(config.batch_size, n), seq_len)[1]
+        groups, factor_passes = len(parts), sum(len(g.ranges) or 1 for g in parts)
+    flops = curvature_flops(forward, n, size, k, slices=slices, groups=groups, factor_passes=factor_passes or None)
     return CurvaturePlan(
-        samples=n, k=k, gram=gram, peak_bytes=peak, least_bytes=lowest, rest_bytes=float(compare.rest_bytes(model, seq_len)),
+        samples=n, k=k, gram=gram, peak_bytes=peak, least_bytes=lowest,
+        stream_bytes=float(compare.stream_bytes(model) + compare.working_bytes(model, seq_len, seq_len)),
         free_bytes=float(free_bytes), skip=skip, forced_skip=forced_skip,
-        slices=slices, fit_samples=fit[0], fit_k=fit[1], flops=flops, seconds=flops / rate,
+        slices=slices, groups=groups, factor_passes=factor_passes, fit_samples=fit[0], fit_k=fit[1], flops=flops, seconds=flops / rate,
     )
 
 
@@ -702,7 +713,9 @@ def _curvature_line(c: CurvaturePlan, parameters: int) -> str:
     route = f"{c.samples} sample{'s' * (c.samples != 1)}, top {c.k} {'from their Gram' if c.gram else 'by Lanczos'}"
     peak = f"peak {_bytes(c.peak_bytes)} of {_bytes(max(c.free_bytes, 0.0))} free on one device"
     if c.slices:
-        peak += f", so their Gram in {c.slices} column slice{'s' * (c.slices != 1)} of the gradients (a gradient pass each)"
+        peak += (f", so their Gram in {c.slices} column slice{'s' * (c.slices != 1)} of the gradients (a gradient pass each) "
+                 f"and K-FAC's stage by {c.groups} group{'s' * (c.groups != 1)} of parameters"
+                 + (f" ({c.factor_passes} factor passes: the largest factors by ranges of layers)" if c.factor_passes > c.groups else ""))
     work = f"{_scaled(c.flops, FLOPS)} ≈ {_duration(c.seconds)}"
     if c.forced_skip is None:
         runs = f"{route}, {peak}; {work}"
@@ -710,8 +723,8 @@ def _curvature_line(c: CurvaturePlan, parameters: int) -> str:
         runs = (f"it does not fit ({route}, {peak}; at least {_bytes(c.least_bytes)}); --curvature-samples {c.fit_samples}"
                 + ("" if c.fit_k == c.k else f" --curvature-k {c.fit_k}") + " fits with --curvature")
     else:
-        runs = (f"it does not fit ({route}, {peak}), with any number of samples: K-FAC's factors and the model-sized "
-                f"vectors alone take {_bytes(c.rest_bytes)}")
+        runs = (f"it does not fit ({route}, {peak}), with any number of samples: K-FAC's stage alone takes "
+                f"{_bytes(c.stream_bytes)} (its largest group of factors and parameters, or one model-sized probe)")
     if c.skip is None:
         return f"runs: {runs}"
     if c.skip == "parameters":

@@ -39,7 +39,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,6 +92,26 @@ class Stretch:
         if self.device_peak_bytes is not None and self.device_scope != "stretch":
             entry["device_scope"] = self.device_scope
         return entry
+
+
+def total(stretches: Sequence[Stretch]) -> Stretch:
+    """One :class:`Stretch` for several apart (a method measured in pieces between others): the
+    seconds and compilations summed, the largest peaks with the widest of their scopes, the
+    compiled names' counts summed."""
+    def peak(values, scopes):
+        known = [(v, s) for v, s in zip(values, scopes) if v is not None]
+        if not known:
+            return None, scopes[0]
+        return max(v for v, _ in known), ("process" if any(s == "process" for _, s in known) else known[0][1])
+
+    rss, rss_scope = peak([s.peak_rss_bytes for s in stretches], [s.rss_scope for s in stretches])
+    device, device_scope = peak([s.device_peak_bytes for s in stretches], [s.device_scope for s in stretches])
+    compiled = collections.Counter()
+    for s in stretches:
+        compiled.update(dict(s.compiled))
+    return Stretch(sum(s.seconds for s in stretches), rss, rss_scope, device, device_scope,
+                   sum(s.compilations for s in stretches), sum(s.cache_hits for s in stretches),
+                   sum(s.compile_seconds for s in stretches), sum(s.trace_seconds for s in stretches), tuple(sorted(compiled.items(), key=lambda kv: (-kv[1], kv[0]))))
 
 
 def measure(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, Stretch]:
@@ -302,4 +322,4 @@ class Meter:
         return sampler
 
 
-__all__ = ["Meter", "Stretch", "measure", "open_stretches", "running"]
+__all__ = ["Meter", "Stretch", "measure", "open_stretches", "running", "total"]

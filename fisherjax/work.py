@@ -94,25 +94,28 @@ def masks_flops(forward: ForwardFlops, tasks: int, samples: int, masks: int) -> 
     return float(tasks * samples * masks * forward.total)
 
 
-def curvature_flops(forward: ForwardFlops, samples: int, parameters: int, k: int, probes: int = 4, slices: int = 0) -> float:
+def curvature_flops(forward: ForwardFlops, samples: int, parameters: int, k: int, probes: int = 4, slices: int = 0,
+                    groups: int = 1, factor_passes: int | None = None) -> float:
     """The method comparison's work on ``samples`` samples of a model with ``parameters``
     parameters: the diagonal's Phase 1 pass and K-FAC's factors (a gradient's work each,
     ``3F`` a sample), then the top ``k`` from the Gram route with its gradients whole (one more
     gradient pass, the ``n × n`` Gram ``2n²D``, and each probe's exact product from two reads of
     the gradients, ``4nD``), or formed in ``slices ≥ 1`` column slices of them and not held (a
-    gradient pass per slice, then per eigenvector a weighted gradient and a JVP for its residual,
-    ``PRODUCT_GRADIENTS / 2`` gradients, and per probe an exact product), or from Lanczos
-    (``steps`` Fisher-vector products, and one per probe); an exact product is
-    :data:`PRODUCT_GRADIENTS` gradients:
+    gradient pass per slice; then per probe one JVP of the whole probe, ``PRODUCT_GRADIENTS / 2``
+    gradients, and in each of K-FAC's ``groups`` a gradient pass per eigenvector and per probe,
+    with ``factor_passes`` K-FAC passes in all, default one a group), or from Lanczos (``steps`` Fisher-vector products, and one per
+    probe); an exact product is :data:`PRODUCT_GRADIENTS` gradients:
 
         Gram:          9F·n + 2n²·D + probes · 4n·D
-        Gram, sliced:  (6 + 3·slices)F·n + 2n²·D + (k · (1 + PRODUCT_GRADIENTS/2) + probes · PRODUCT_GRADIENTS) · 3F·n
+        Gram, sliced:  (3 + 3·slices + 3·factor_passes + 3·groups·(k + probes) + probes · 3 · PRODUCT_GRADIENTS/2)F·n + 2n²·D
         Lanczos:       6F·n + (steps + probes) · 3 · PRODUCT_GRADIENTS · F·n
     """
     gradient = 3 * forward.total * samples
     gram = 2.0 * samples * samples * parameters
     if compare.from_gram(parameters, k, samples) and slices:
-        return float((2 + slices) * gradient + gram + (k * (1 + PRODUCT_GRADIENTS / 2) + probes * PRODUCT_GRADIENTS) * gradient)
+        factor_passes = groups if factor_passes is None else factor_passes
+        passes = 1 + slices + factor_passes + groups * (k + probes) + probes * PRODUCT_GRADIENTS / 2
+        return float(passes * gradient + gram)
     if compare.from_gram(parameters, k, samples):
         return float(3 * gradient + gram + probes * 4.0 * samples * parameters)
     return float(2 * gradient + (lanczos.default_steps(parameters, k) + probes) * PRODUCT_GRADIENTS * gradient)

@@ -5,12 +5,14 @@ definition), and the ``curvature`` phase of ``fisherjax analyze``."""
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from conftest import padded_batch, tiny_config
 
@@ -18,6 +20,7 @@ from fisherjax.curvature import compare
 from fisherjax.curvature.compare import MethodResult
 from fisherjax.data import IGNORE, Batch
 from fisherjax.grads import per_sample_grads
+from fisherjax.layout import unflatten
 from fisherjax.models import Model
 from fisherjax.telemetry import measure
 
@@ -326,17 +329,24 @@ def test_the_gram_of_gradients_too_large_to_hold(compared):
     probe = np.random.default_rng(5).normal(size=size).astype(np.float32)  # G̃ v by one JVP pass, without G̃
     np.testing.assert_allclose(lowrank.gradients_times(model, model.params, batches, probe), dense @ probe, rtol=1e-4,
                                atol=1e-5 * np.abs(dense @ probe).max())
-    for j in range(2):
-        np.testing.assert_allclose(np.asarray(lowrank.combined_gradient(model, model.params, batches, coefficients[:, j])),
-                                   np.asarray(lowrank.transposed_times(whole, jnp.asarray(coefficients[:, j], jnp.float32))),
-                                   rtol=1e-4, atol=1e-5 * np.abs(coefficients[:, j]).max())
+    for j in range(2):  # every leaf raveled, and a group of leaves alone
+        expected = np.asarray(lowrank.transposed_times(whole, jnp.asarray(coefficients[:, j], jnp.float32)))
+        combined = lowrank.combined_gradient(model, model.params, batches, coefficients[:, j])
+        np.testing.assert_allclose(np.asarray(ravel_pytree(unflatten(combined))[0]), expected, rtol=1e-4,
+                                   atol=1e-5 * np.abs(coefficients[:, j]).max())
+        group = [leaves[1][0], leaves[-2][0]]
+        part = lowrank.combined_gradient(model, model.params, batches, coefficients[:, j], group)
+        assert sorted(part) == sorted(group)
+        for path, start, stop in (leaves[1], leaves[-2]):
+            np.testing.assert_allclose(np.asarray(part[path]).reshape(-1), expected[start:stop], rtol=1e-4,
+                                       atol=1e-5 * np.abs(coefficients[:, j]).max())
 
 
 def test_the_comparison_without_its_gradients_whole(compared):
     """With too little memory for ``G̃`` beside K-FAC the comparison forms the Gram first, over column
-    slices of ``G̃``, then each eigenvector by a weighted gradient pass and the probes' exact
-    products by Fisher-vector products: the same spectra, approximations' errors and Rayleigh
-    quotients as with ``G̃`` held."""
+    slices of ``G̃``, then K-FAC's stage by groups of parameters — its factors, the probes' exact
+    products and the eigenvectors by gradient passes restricted to each group: the same spectra,
+    approximations' errors and Rayleigh quotients as with ``G̃`` held, in one group or in many."""
     model, result, x = compared
     rows, size = sum(len(b.sample_ids) for b in _batches()), model.num_params
     assert compare.gram_slices(model, rows, "float32", None) is None
@@ -345,40 +355,148 @@ def test_the_comparison_without_its_gradients_whole(compared):
     assert (tokens, sample_tokens) == (6 * 9, 9)
     assert (compare.peak_bytes(model, 6, n=rows, tokens=tokens) - compare.peak_bytes(model, 6, n=rows)
             == compare.working_bytes(model, tokens) == 4 * compare.WORKING_LOGITS * model.config.vocab_size * tokens)
-    budget = compare.rest_bytes(model, sample_tokens)  # the least K-FAC's stage needs, after the Gram, a sample at a time
-    slices = compare.gram_slices(model, rows, "float32", budget, tokens, sample_tokens)
-    assert slices is not None and slices[0][0] == 0 and slices[-1][1] == size
-    assert compare.least_bytes(model, 6, n=len(x)) <= budget < compare.peak_bytes(model, 6, n=len(x))
-    # a sample at a time where only that fits; as many as the memory leaves room for (here 4 of a batch's 6)
-    roomier = compare.rest_bytes(model, 4 * sample_tokens)
-    assert compare.piece_rows(model, budget, _batches()) == 1 and compare.piece_rows(model, roomier, _batches()) == 4
-    assert compare.gram_slices(model, rows, "float32", roomier, tokens, sample_tokens) is not None
-    for memory, per_pass in ((budget, "1 sample at a time"), (roomier, "4 samples at a time")):
+    least = compare.least_bytes(model, 6, n=rows, sample_tokens=sample_tokens)  # a sample at a time, the most groups
+    roomy = compare.rest_bytes(model, 4 * sample_tokens)  # K-FAC and the vectors whole beside 4 samples' passes
+    assert least < roomy < compare.peak_bytes(model, 6, n=rows)
+    rows_least, many = compare.stage_plan(model, least, 6, sample_tokens)
+    rows_roomy, few = compare.stage_plan(model, roomy, 6, sample_tokens)
+    assert (rows_least, rows_roomy) == (1, 4) and len(few) == 1 and len(many) > 2
+    for memory, per_pass, parts in ((least, "1 sample at a time", many), (roomy, "4 samples at a time", few)):
+        slices = compare.gram_slices(model, rows, "float32", memory, tokens, sample_tokens)
+        assert slices is not None and slices[0][0] == 0 and slices[-1][1] == size
         sliced = compare.compare_methods(model, _batches(), k=6, probes=2, count=4, memory_bytes=memory)
-        assert f"formed before K-FAC in {len(slices)} column slice" in sliced.methods["lanczos"].notes or memory != budget
-        assert per_pass in sliced.methods["lanczos"].notes
+        notes = sliced.methods["lanczos"].notes
+        assert f"formed before K-FAC in {len(slices)} column slice" in notes and per_pass in notes
+        assert f"by {len(parts)} group{'s' * (len(parts) > 1)} of parameters" in notes
         np.testing.assert_allclose(sliced.methods["lanczos"].top, result.methods["lanczos"].top, rtol=1e-5)
         assert np.all(sliced.lanczos_residuals <= 1e-4 * sliced.methods["lanczos"].top[0])
         for name in ("diagonal", "kfac"):
             ours, held = sliced.methods[name], result.methods[name]
             np.testing.assert_allclose(ours.top, held.top, rtol=1e-5)
             np.testing.assert_allclose(ours.rayleigh, held.rayleigh, rtol=1e-4)
+            np.testing.assert_allclose(ours.blocks_top, held.blocks_top, rtol=1e-5)
             assert ours.probe_error == pytest.approx(held.probe_error, rel=1e-4)
             assert ours.condition == pytest.approx(held.condition, rel=1e-5)
         assert sliced.recommended == result.recommended and sliced.blocks == result.blocks
 
 
 def test_too_little_memory_for_the_slices_is_refused(compared):
-    """Below ``least_bytes`` — K-FAC's factors and the model-sized vectors alone do not fit, or the
+    """Below ``least_bytes`` — K-FAC's stage does not fit even by its smallest groups, or the
     gradients would take more than MAX_GRAM_SLICES slices (a gradient pass each) — the comparison is
     refused with what to do, before any pass."""
     from fisherjax.errors import ConfigError
 
     model, _, _ = compared
-    rest = compare.rest_bytes(model)
-    with pytest.raises(ConfigError, match=r"factors and model-sized vectors take [\d.]+ GB, more than its [\d.]+ GB: give it more memory"):
+    rest = compare.stream_bytes(model)
+    with pytest.raises(ConfigError, match=r"K-FAC stage takes at least [\d.]+ GB .*, more than its [\d.]+ GB: give it more memory"):
         compare.gram_slices(model, 12, "float32", rest - 1)
     with pytest.raises(ConfigError, match=r"need \d+ column slices in [\d.]+ GB, more than 32: give it more memory or fewer samples"):
         compare.gram_slices(model, 10_000, "float32", rest)
     with pytest.raises(ConfigError, match="give it more memory"):
         compare.compare_methods(model, _batches(), k=6, probes=1, count=2, memory_bytes=rest - 1)
+
+
+def test_parameter_groups_cover_every_leaf_once_with_its_factors():
+    """Units: each factored kernel with its bias and every factor on it (GPT-2's fused QKV: three),
+    every other leaf alone, each leaf once, their bytes the larger of the factor pass and the
+    products; packed in order into as few groups as fit a budget, refused where one unit does not."""
+    from fisherjax.curvature import groups, kfac
+    from fisherjax.errors import ConfigError
+    from fisherjax.layout import flatten, leaf_paths
+
+    for family in ("gpt2", "llama"):
+        model = Model.init(tiny_config(family, num_layers=2), seed=0)
+        units = groups.units(model)
+        paths = [p for u in units for p in u.paths]
+        assert sorted(paths) == sorted(leaf_paths(model.params)) and len(set(paths)) == len(paths)
+        sites = kfac.factor_sites(model)
+        assert sorted(k for u in units for k in u.keys) == sorted(s.key for s in sites)
+        sizes = {p: x.size for p, x in flatten(model.params).items()}
+        for u in units:
+            mine = [s for s in sites if s.key in u.keys]
+            assert all(s.kernel == u.paths[0] and (s.bias is None or s.bias in u.paths) for s in mine)
+            factors = 4 * kfac.factor_floats(model, u.keys) if u.keys else 0
+            assert (u.factor_bytes, u.leaf_bytes, u.layers) == (factors, 4 * sum(sizes[p] for p in u.paths), 2 if u.keys else None)
+            assert u.bytes == max(groups.FACTOR_PASS_COPIES * factors, factors + groups.GROUP_COPIES * u.leaf_bytes)
+            if u.keys:  # a layer at a time: half the factors held
+                half = u.by_ranges(2)
+                assert half.ranges == ((0, 1), (1, 2)) and half.held_factor_bytes == math.ceil(factors / 2) and half.bytes <= u.bytes
+        if family == "gpt2":
+            fused = next(u for u in units if u.paths[0].endswith("c_attn/kernel"))
+            assert [k.rsplit("#", 1)[1] for k in fused.keys] == ["q", "k", "v"] and fused.paths[1].endswith("c_attn/bias")
+        (whole,) = groups.parameter_groups(model, None)
+        assert whole.paths == tuple(paths) and whole.keys == tuple(k for u in units for k in u.keys) and not whole.ranges
+        assert whole.factor_bytes == sum(u.factor_bytes for u in units) and whole.leaf_bytes == sum(u.leaf_bytes for u in units)
+        least = groups.least_group_bytes(model)
+        packed = groups.parameter_groups(model, least)
+        assert [p for g in packed for p in g.paths] == paths and all(g.bytes <= least for g in packed) and 1 < len(packed) < len(units)
+        ranged = [g for g in packed if g.ranges]
+        whole_units = {u.paths: u for u in units}
+        assert ranged and all(g.keys == whole_units[g.paths].keys and g.bytes < whole_units[g.paths].bytes for g in ranged)
+        with pytest.raises(ConfigError, match=r"K-FAC factors and vectors of .* take [\d.]+ GB at least, more than the [\d.]+ GB left"):
+            groups.parameter_groups(model, least - 1)
+
+
+def test_a_groups_part_of_a_probe_and_its_factors_are_the_wholes():
+    """A probe drawn leaf by leaf: a group's part is the whole probe's leaves; K-FAC of some factors
+    alone equals those factors of the whole K-FAC; an unknown factor is refused."""
+    from fisherjax.curvature import groups, kfac
+    from fisherjax.errors import ConfigError
+
+    model = Model.init(tiny_config("llama", num_layers=2), seed=0)
+    key = jax.random.key(4)
+    whole = groups.probe(key, model.params)
+    part = groups.probe(key, model.params, ["layers/mlp/down_proj/kernel", "embed/embedding"])
+    assert sorted(part) == ["embed/embedding", "layers/mlp/down_proj/kernel"]
+    for p, x in part.items():
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(whole[p]))
+    assert float(np.std(np.concatenate([np.asarray(x).ravel() for x in whole.values()]))) == pytest.approx(1.0, abs=0.05)
+    full = kfac.kfac_factors(model, model.params, _batches())
+    keys = ("layers/self_attn/k_proj/kernel", "layers/mlp/up_proj/kernel")
+    some = kfac.kfac_factors(model, model.params, _batches(), keys=keys)
+    assert sorted(some.factors) == sorted(keys) and (some.n_samples, some.n_tokens) == (full.n_samples, full.n_tokens)
+    for k in keys:
+        for attr in ("inputs", "outputs"):
+            np.testing.assert_allclose(np.asarray(getattr(some.factors[k], attr)), np.asarray(getattr(full.factors[k], attr)),
+                                       rtol=1e-6, atol=1e-9)
+    with pytest.raises(ConfigError, match="are not factors of the model"):
+        kfac.kfac_factors(model, model.params, _batches(), keys=("layers/mlp/nothing",))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_grouped_stage_equals_the_held_one(family, monkeypatch):
+    """K-FAC's stage in groups — GPT-2's fused QKV and Llama's separate q/k/v/o with grouped-query
+    k/v — with the largest units' factors a layer at a time, kept on the host between the vector
+    passes: K-FAC's spectrum, slice tops, probe errors and Rayleigh quotients as with everything held."""
+    from fisherjax.curvature import groups
+
+    model = Model.init(tiny_config(family, num_layers=2), seed=1)
+    held = compare.compare_methods(model, _batches(), k=4, probes=2, count=6)
+    parts = groups.parameter_groups(model, groups.least_group_bytes(model))
+    assert len(parts) > 3 and any(g.ranges for g in parts)
+    _, sample_tokens = compare.pass_tokens(_batches())
+    least = compare.least_bytes(model, 4, n=12, sample_tokens=sample_tokens)
+    monkeypatch.setattr(compare, "stage_plan", lambda *args: (1, parts))
+    grouped = compare.compare_methods(model, _batches(), k=4, probes=2, count=6, memory_bytes=least)
+    assert f"by {len(parts)} groups of parameters" in grouped.methods["lanczos"].notes and grouped.blocks == held.blocks
+    kernels = {model.layout.block_sources(b, "kernel")[0] for b, _, _ in grouped.blocks}
+    assert len({i for i, g in enumerate(parts) for p in g.paths if p in kernels}) > 1  # the compared slices' factors in several groups
+    if family == "gpt2":  # the compared q/k/v slices' factors went a layer at a time
+        assert any(g.ranges and p in kernels for g in parts for p in g.paths)
+    for name in ("diagonal", "kfac"):
+        ours, theirs = grouped.methods[name], held.methods[name]
+        np.testing.assert_allclose(ours.top, theirs.top, rtol=1e-5)
+        np.testing.assert_allclose(ours.blocks_top, theirs.blocks_top, rtol=1e-5)
+        np.testing.assert_allclose(ours.rayleigh, theirs.rayleigh, rtol=1e-4)
+        assert ours.probe_error == pytest.approx(theirs.probe_error, rel=1e-4)
+        assert ours.condition == pytest.approx(theirs.condition, rel=1e-5)
+
+
+def test_stretches_measured_apart_add_up():
+    from fisherjax.telemetry import Stretch, total
+
+    a = Stretch(1.5, 100, "stretch", None, None, 2, 1, 0.5, 0.25, (("f", 2),))
+    b = Stretch(2.0, 300, "process", 7, "stretch", 1, 0, 0.25, 0.5, (("f", 1), ("g", 1)))
+    t = total([a, b])
+    assert (t.seconds, t.peak_rss_bytes, t.rss_scope, t.device_peak_bytes, t.device_scope) == (3.5, 300, "process", 7, "stretch")
+    assert (t.compilations, t.cache_hits, t.compile_seconds, t.trace_seconds, t.compiled) == (3, 1, 0.75, 0.75, (("f", 3), ("g", 1)))

@@ -250,7 +250,7 @@ def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkey
     total, and the comparison's memory rule (pipeline.curvature_skip) on one device."""
     from fisherjax import pipeline
     from fisherjax import plan as planning
-    from fisherjax.curvature import compare
+    from fisherjax.curvature import compare, lowrank
     from fisherjax.heads import CATEGORIES
     from fisherjax.pipeline import AnalysisConfig
 
@@ -265,7 +265,9 @@ def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkey
     c = base.curvature
     assert c.samples == n and c.k == defaults.curvature_k and not c.gram  # 4 samples < k: Lanczos
     assert c.flops == curvature_flops(f, n, model.num_params, c.k) > 0
-    assert c.peak_bytes == compare.peak_bytes(model, c.k, n=n, sample_grads_dtype=base.storage_dtype, tokens=n * SEQ)
+    assert c.peak_bytes == compare.peak_bytes(model, c.k, n=n, sample_grads_dtype=base.storage_dtype, tokens=n * SEQ, seq_len=SEQ)
+    # a pass's working memory counts what XLA says a sample's backward keeps, here more than the logits
+    assert compare.working_bytes(model, n * SEQ, SEQ) == n * lowrank.pass_temporaries(model, 1, SEQ) > compare.working_bytes(model, n * SEQ)
     assert c.free_bytes == 0.9 * 80 * GB - parameter_bytes(model) and c.skip is None and c.forced_skip is None
     assert (c.fit_samples, c.fit_k) == (n, c.k)
     rate = base.throughput_tflops * 1e12
@@ -278,12 +280,13 @@ def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkey
 
     # a device between the rest of the peak and the peak: skipped (Lanczos's basis is whole); with --curvature
     # the Gram route (k ≤ samples) fits, its gradients in column slices
-    rest, per_sample = c.rest_bytes, compare.basis_bytes(model.num_params, 2, n=2, sample_grads_dtype="float32") / 2
-    assert rest == compare.rest_bytes(model, SEQ) and c.least_bytes == c.peak_bytes  # Lanczos: nothing to slice
+    rest, per_sample = c.stream_bytes, compare.basis_bytes(model.num_params, 2, n=2, sample_grads_dtype="float32") / 2
+    assert rest == compare.stream_bytes(model) + compare.working_bytes(model, SEQ, SEQ) and c.least_bytes == c.peak_bytes  # Lanczos
+    rest = compare.rest_bytes(model, SEQ, SEQ)  # K-FAC and the vectors whole beside a sample's pass
     small = curvature_plan(model, f, n, rest + 2.5 * per_sample, rate, "float32", None, SEQ)  # two samples' gradients fit, not three
     assert small.skip == small.forced_skip == "memory" and (small.fit_samples, small.fit_k) == (4, 4)  # k = 4 ≤ 4 samples: Gram route
     assert compare.least_bytes(model, 4, n=4, sample_grads_dtype="float32", tokens=4 * SEQ, sample_tokens=SEQ) <= small.free_bytes
-    assert compare.peak_bytes(model, 4, n=4, sample_grads_dtype="float32", tokens=4 * SEQ) > small.free_bytes
+    assert compare.peak_bytes(model, 4, n=4, sample_grads_dtype="float32", tokens=4 * SEQ, seq_len=SEQ) > small.free_bytes
     assert "--curvature-samples 4 --curvature-k 4 fits with --curvature" in format_plan(dataclasses.replace(base, curvature=small))
     assert "method comparison         skipped: it does not fit" in format_plan(dataclasses.replace(base, curvature=small))
     gram_config = dataclasses.replace(defaults, curvature_k=2)
@@ -291,9 +294,13 @@ def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkey
     assert sliced.gram and sliced.skip == "share" and sliced.forced_skip is None
     assert sliced.least_bytes < sliced.free_bytes < sliced.peak_bytes
     assert sliced.slices == len(compare.gram_slices(model, n, "float32", sliced.free_bytes, n * SEQ, SEQ)) >= 1 and c.slices == 0
-    assert sliced.flops == curvature_flops(f, n, model.num_params, 2, slices=sliced.slices) > curvature_flops(f, n, model.num_params, 2)
+    parts = compare.stage_plan(model, sliced.free_bytes, n, SEQ)[1]
+    assert sliced.groups == len(parts) >= 1
+    assert sliced.flops == curvature_flops(f, n, model.num_params, 2, slices=sliced.slices, groups=sliced.groups,
+                                           factor_passes=sum(len(g.ranges) or 1 for g in parts)) > curvature_flops(f, n, model.num_params, 2)
     assert "with --curvature it runs: 4 samples, top 2 from their Gram, peak" in format_plan(dataclasses.replace(base, curvature=sliced))
-    assert f"so their Gram in {sliced.slices} column slice" in format_plan(dataclasses.replace(base, curvature=sliced))
+    assert (f"so their Gram in {sliced.slices} column slice{'s' * (sliced.slices > 1)} of the gradients (a gradient pass each) and K-FAC's "
+            f"stage by {sliced.groups} group") in format_plan(dataclasses.replace(base, curvature=sliced))
     shared = curvature_plan(model, f, n, 1.5 * c.peak_bytes, rate, "float32", None, SEQ)  # fits, but more than half of it
     assert shared.skip == "share" and shared.forced_skip is None
     assert "skipped by default (its peak is more than 50% of the free memory); with --curvature it runs: 4 samples" in format_plan(
@@ -304,10 +311,10 @@ def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkey
     assert large.skip == "parameters" and large.forced_skip is None
     assert "skipped by default (" in format_plan(dataclasses.replace(base, curvature=large)) and "with --curvature it runs: 4 samples" in (
         format_plan(dataclasses.replace(base, curvature=large)))
-    nothing = curvature_plan(model, f, n, 0.5 * rest, rate, "float32", None, SEQ)
+    nothing = curvature_plan(model, f, n, 0.5 * c.stream_bytes, rate, "float32", None, SEQ)
     assert (nothing.fit_samples, nothing.fit_k) == (0, 0)
     text = format_plan(dataclasses.replace(base, curvature=nothing))
-    assert "with any number of samples: K-FAC's factors and the model-sized vectors alone take" in text
+    assert "with any number of samples: K-FAC's stage alone takes" in text
 
 
 @pytest.mark.parametrize("changes, flag", [

@@ -19,7 +19,8 @@ checked against:
   per-sample gradients (:func:`~fisherjax.curvature.lowrank.empirical_eigen`): one gradient pass
   instead of ``steps`` Fisher-vector products, in at most twice a float32 basis's memory
   (:func:`from_gram`); given too little memory to hold those gradients, the Gram is formed first
-  from column slices of them (:func:`gram_slices`). The report's notes say which.
+  from column slices of them (:func:`gram_slices`), and K-FAC's stage then goes by groups of
+  parameters (:mod:`fisherjax.curvature.groups`). The report's notes say which.
 * **block spectra** — the exact spectrum of ``F`` restricted to each attention head's slice
   (:mod:`fisherjax.curvature.blocks`), i.e. the block-diagonal Fisher of the heads, from the
   attention gradients of the diagonal's pass (as Phase 1 keeps them): its time is the per-slice
@@ -50,7 +51,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fisherjax import telemetry
-from fisherjax.curvature import blocks, kfac, lanczos, lowrank, products
+from fisherjax.curvature import blocks, groups, kfac, lanczos, lowrank, products
 from fisherjax.data import Batch
 from fisherjax.errors import ConfigError
 from fisherjax.fisher.collect import collect
@@ -149,10 +150,18 @@ above ``G̃``, the factors and :data:`MODEL_COPIES`, GPT-2 small's comparison to
 and the 4-layer model's 2.7 — memory that grows with the batch, not with the model."""
 
 
-def working_bytes(model, tokens: int) -> int:
+def working_bytes(model, tokens: int, seq_len: int | None = None) -> int:
     """Bytes of a pass's working memory over ``tokens`` tokens at once: :data:`WORKING_LOGITS`
-    float32 ``[tokens, vocabulary]`` arrays."""
-    return 4 * WORKING_LOGITS * int(model.config.vocab_size) * int(tokens)
+    float32 ``[tokens, vocabulary]`` arrays, or with ``seq_len`` (the samples' length) the larger of
+    that and ``tokens / seq_len`` samples' backward temporaries as XLA reports them
+    (:func:`~fisherjax.curvature.lowrank.pass_temporaries` of one sample): the activations a
+    backward keeps outgrow the logits in long samples of wide models (DECISIONS.md, "A pass's
+    working memory from XLA")."""
+    logits = 4 * WORKING_LOGITS * int(model.config.vocab_size) * int(tokens)
+    if not seq_len or not tokens:
+        return logits
+    one = lowrank.pass_temporaries(model, 1, int(seq_len)) or 0
+    return max(logits, math.ceil(tokens / seq_len) * one)
 
 
 def pass_tokens(batches: Sequence[Batch]) -> tuple[int, int]:
@@ -162,20 +171,20 @@ def pass_tokens(batches: Sequence[Batch]) -> tuple[int, int]:
     return max(r * t for r, t in shapes), max(t for _, t in shapes)
 
 
-def rest_bytes(model, tokens: int = 0) -> int:
+def rest_bytes(model, tokens: int = 0, seq_len: int | None = None) -> int:
     """Bytes the comparison of ``model`` holds beside ``G̃`` or the Lanczos basis: K-FAC's factors
     (``4 ·`` :func:`~fisherjax.curvature.kfac.factor_floats`), :data:`MODEL_COPIES` float32
-    copies of the model, and the working memory of passes over ``tokens`` tokens at once
-    (:func:`working_bytes`)."""
-    return 4 * kfac.factor_floats(model) + 4 * MODEL_COPIES * int(model.num_params) + working_bytes(model, tokens)
+    copies of the model, and the working memory of passes over ``tokens`` tokens at once of
+    samples of ``seq_len`` (:func:`working_bytes`)."""
+    return 4 * kfac.factor_floats(model) + 4 * MODEL_COPIES * int(model.num_params) + working_bytes(model, tokens, seq_len)
 
 
 def peak_bytes(model, k: int, steps: int | None = None, n: int | None = None, sample_grads_dtype: str = "float32",
-               tokens: int = 0) -> int:
+               tokens: int = 0, seq_len: int | None = None) -> int:
     """Bytes the comparison of ``model`` holds at its peak with ``G̃`` (or the basis) whole and its
-    passes over ``tokens`` tokens at once (the largest batch's, :func:`pass_tokens`):
-    :func:`basis_bytes` and :func:`rest_bytes`."""
-    return basis_bytes(int(model.num_params), k, steps, n, sample_grads_dtype) + rest_bytes(model, tokens)
+    passes over ``tokens`` tokens at once (the largest batch's, :func:`pass_tokens`) of samples of
+    ``seq_len``: :func:`basis_bytes` and :func:`rest_bytes`."""
+    return basis_bytes(int(model.num_params), k, steps, n, sample_grads_dtype) + rest_bytes(model, tokens, seq_len)
 
 
 MAX_GRAM_SLICES = 32
@@ -190,19 +199,29 @@ there are only the per-sample gradient passes' own arrays, budgeted at
 :data:`GRADIENT_BUDGET_BYTES`; one model copy is the headroom kept for them."""
 
 
+def stream_bytes(model) -> int:
+    """Bytes the comparison holds at least, beside a pass's working memory, after a Gram formed in
+    column slices (:func:`gram_slices`), when K-FAC's stage goes by groups of parameters
+    (:mod:`fisherjax.curvature.groups`): the larger of its largest group
+    (:func:`~fisherjax.curvature.groups.least_group_bytes`: one kernel's factors and
+    :data:`~fisherjax.curvature.groups.GROUP_COPIES` copies of its leaves) and the one model-sized
+    float32 probe it differentiates along whole."""
+    return max(4 * int(model.num_params), groups.least_group_bytes(model))
+
+
 def least_bytes(model, k: int, steps: int | None = None, n: int | None = None, sample_grads_dtype: str = "float32",
                 tokens: int = 0, sample_tokens: int = 0) -> int:
     """The least memory the comparison of ``model`` runs in: on the Gram route, with ``G̃`` not held
     and every pass after the diagonal's going a sample at a time (``sample_tokens``), the larger of
-    :func:`rest_bytes` (K-FAC and the model-sized vectors, after the Gram) and one of
+    :func:`stream_bytes` (K-FAC's stage by groups, after the Gram) and one of
     :data:`MAX_GRAM_SLICES` column slices of ``G̃`` with :data:`SLICE_COPIES` (before it); on the
     Lanczos route :func:`peak_bytes` (its basis is whole; passes over ``tokens``)."""
     size = int(model.num_params)
     if n is not None and from_gram(size, k, n, steps):
         slice_bytes = math.ceil(basis_bytes(size, k, steps, n, sample_grads_dtype) / MAX_GRAM_SLICES)
-        stage = max(rest_bytes(model), slice_bytes + 4 * SLICE_COPIES * size)
-        return stage + working_bytes(model, sample_tokens)
-    return peak_bytes(model, k, steps, n, sample_grads_dtype, tokens)
+        stage = max(stream_bytes(model), slice_bytes + 4 * SLICE_COPIES * size)
+        return stage + working_bytes(model, sample_tokens, sample_tokens)
+    return peak_bytes(model, k, steps, n, sample_grads_dtype, tokens, sample_tokens or None)
 
 
 def gram_slices(model, rows: int, sample_grads_dtype: str = "float32", memory_bytes: float | None = None,
@@ -210,21 +229,23 @@ def gram_slices(model, rows: int, sample_grads_dtype: str = "float32", memory_by
     """None where the Gram route's ``G̃ [rows, D]`` fits ``memory_bytes`` (None: always) whole beside
     :func:`rest_bytes` with passes over ``tokens`` at once, and is held through the comparison;
     else the column ranges (:func:`fisherjax.curvature.lowrank.column_slices`; one range when
-    ``G̃`` fits alone) it is formed in before the rest exists, each fitting ``memory_bytes`` with
+    ``G̃`` fits alone) it is formed in before K-FAC's stage, each fitting ``memory_bytes`` with
     :data:`SLICE_COPIES` and passes over ``sample_tokens`` (:func:`pass_tokens`).
 
     Raises:
-      ConfigError: :func:`rest_bytes` alone is more than ``memory_bytes``, or the slices would be
-        more than :data:`MAX_GRAM_SLICES` (the memory is below :func:`least_bytes`).
+      ConfigError: :func:`stream_bytes` with a pass over ``sample_tokens`` is more than
+        ``memory_bytes``, or the slices would be more than :data:`MAX_GRAM_SLICES` (the memory is
+        below :func:`least_bytes`).
     """
     size, itemsize = int(model.num_params), jnp.dtype(gram_dtype(sample_grads_dtype)).itemsize
-    if memory_bytes is None or rows * size * itemsize + rest_bytes(model, tokens) <= memory_bytes:
+    if memory_bytes is None or rows * size * itemsize + rest_bytes(model, tokens, sample_tokens or None) <= memory_bytes:
         return None
-    rest = rest_bytes(model, sample_tokens)
-    if rest > memory_bytes:
-        raise ConfigError(f"the method comparison's K-FAC factors and model-sized vectors take {rest / 1e9:.1f} GB, "
-                          f"more than its {memory_bytes / 1e9:.1f} GB: give it more memory")
-    budget = max(memory_bytes - 4 * SLICE_COPIES * size - working_bytes(model, sample_tokens), 1.0)
+    least = stream_bytes(model) + working_bytes(model, sample_tokens, sample_tokens)
+    if least > memory_bytes:
+        raise ConfigError(f"the method comparison's K-FAC stage takes at least {least / 1e9:.1f} GB (its largest group of "
+                          f"factors and parameters, or one model-sized probe), more than its {memory_bytes / 1e9:.1f} GB: "
+                          "give it more memory")
+    budget = max(memory_bytes - 4 * SLICE_COPIES * size - working_bytes(model, sample_tokens, sample_tokens), 1.0)
     count = lowrank.slice_count(size, rows, budget, itemsize)
     if count > MAX_GRAM_SLICES:
         raise ConfigError(f"the method comparison's {rows} per-sample gradients need {count} column slices in "
@@ -232,18 +253,20 @@ def gram_slices(model, rows: int, sample_grads_dtype: str = "float32", memory_by
     return lowrank.column_slices(size, rows, budget, itemsize)
 
 
-def piece_rows(model, memory_bytes: float, batches: Sequence[Batch]) -> int:
-    """Samples a pass holds at once where ``G̃`` is not held (:func:`gram_slices`): the most rows,
-    a power of two up to a batch's, whose passes' working memory over the longest sample's length
-    (:func:`pass_tokens`) fits ``memory_bytes`` beside :func:`rest_bytes`; at least 1 — the least
-    the memory rule counts. A sample at a time always fits, but leaves an accelerator a
-    one-sample batch and costs time even on a CPU (RESULTS.md, twenty-sixth session)."""
-    batch_rows = max(len(b.sample_ids) for b in batches)
-    _, sample_tokens = pass_tokens(batches)
+def stage_plan(model, memory_bytes: float, batch_rows: int, sample_tokens: int) -> tuple[int, tuple[groups.ParameterGroup, ...]]:
+    """``(rows, groups)``: how K-FAC's stage goes where ``G̃`` is not held (:func:`gram_slices`).
+    First the fewest groups of parameters (:func:`~fisherjax.curvature.groups.parameter_groups`)
+    that fit ``memory_bytes`` beside one sample's pass — each group costs a pass per eigenvector
+    and per probe — then the most rows a pass takes beside the largest group (or the one whole
+    probe), a power of two up to a batch's ``batch_rows`` over ``sample_tokens`` tokens a sample
+    (the longest, :func:`pass_tokens`): a sample at a time leaves an accelerator a one-sample batch
+    and costs time even on a CPU (RESULTS.md, twenty-sixth session)."""
+    parts = groups.parameter_groups(model, memory_bytes - working_bytes(model, sample_tokens, sample_tokens))
+    held = max(4 * int(model.num_params), max(g.bytes for g in parts))
     rows = 1
-    while 2 * rows <= batch_rows and rest_bytes(model, 2 * rows * sample_tokens) <= memory_bytes:
+    while 2 * rows <= batch_rows and held + working_bytes(model, 2 * rows * sample_tokens, sample_tokens) <= memory_bytes:
         rows *= 2
-    return rows
+    return rows, parts
 
 
 GRADIENT_BUDGET_BYTES = 0.25e9
@@ -284,10 +307,11 @@ def compare_methods(
       memory_bytes: what the comparison may hold on the device (None: no bound). Where the Gram
         route's ``G̃`` and :func:`rest_bytes` would take more, the Gram is formed first, summed
         over column slices of ``G̃`` (:func:`gram_slices`, one per-sample gradient pass each) and
-        each slice dropped before K-FAC's factors are formed; the eigenvectors are then formed by
-        a weighted gradient pass each and the probes' exact products by the Fisher-vector
-        product, and these and K-FAC's pass go :func:`piece_rows` samples at a time (as many as
-        their working memory leaves room for; one at least): the same numbers, ``G̃`` never held.
+        each slice dropped before K-FAC's stage, which then goes by groups of parameters
+        (:func:`stage_plan`, as few as fit; :mod:`fisherjax.curvature.groups`): per group a
+        K-FAC pass of its factors and a weighted gradient pass of its leaves for each eigenvector
+        and probe, each pass as many samples at a time as the rest of the memory leaves room for
+        (one at least): the same numbers, neither ``G̃`` nor all of K-FAC's factors ever held.
 
     Returns:
       :class:`MethodComparison`.
@@ -310,7 +334,8 @@ def compare_methods(
         slices = gram_slices(model, sum(len(b.sample_ids) for b in batches), options.sample_grads_dtype, memory_bytes,
                              *pass_tokens(batches))
     # without G̃ held every pass after the diagonal's goes as many samples at a time as its working memory fits
-    per_pass = None if slices is None else piece_rows(model, memory_bytes, batches)
+    if slices is not None:
+        per_pass, parts = stage_plan(model, memory_bytes, max(len(b.sample_ids) for b in batches), pass_tokens(batches)[1])
     rows = batches if slices is None else [piece for batch in batches for piece in batch.pieces(per_pass)]
 
     # ---- the four methods, each measured ----------------------------------------------------
@@ -328,31 +353,91 @@ def compare_methods(
     chosen = blocks.largest_blocks(spectra, count=count)
     block_ids = tuple((c.block, int(c.layer), int(c.head)) for c in chosen)
 
-    if slices is not None:  # G̃ too large to hold: its Gram by column slices, before K-FAC's factors take their memory
+    n_samples, size = products.count_samples(batches), int(model.num_params)
+    probe_keys = jax.random.split(jax.random.fold_in(key, 2), probes)
+    if slices is None:
+        stage, values, residuals, how, lanczos_stretch = _held_route(model, batches, k, steps, key, probe_keys, diagonal, block_ids,
+                                                                     gram, options)
+    else:  # G̃ too large to hold: its Gram by column slices, then K-FAC's stage by groups of leaves
         def sliced_route():
             k_gram = lowrank.sliced_gram(model, params, batches, slices, dtype=gram_dtype(options.sample_grads_dtype),
                                          memory_budget_bytes=GRADIENT_BUDGET_BYTES)
             return k_gram, lowrank.gram_pairs(k_gram, k)
 
         (k_gram, (values, coefficients)), lanczos_stretch = telemetry.measure(sliced_route)
+        residuals = lowrank.residual_norms(k_gram, k_gram @ coefficients - coefficients * values)  # G̃ G̃ᵀ c = K c, in float64
+        stage = groups.grouped_kfac(model, params, rows, parts, diagonal, block_ids, probe_keys, coefficients)
+        how = (f"from the {n_samples} × {n_samples} Gram of the per-sample gradients, formed before K-FAC in {len(slices)} "
+               f"column slice{'s' * (len(slices) != 1)} of them (a gradient pass each; residuals of the Gram's float64 "
+               f"eigenpairs); K-FAC's factors, its products and the eigenvectors' Rayleigh quotients then by {len(parts)} "
+               f"group{'s' * (len(parts) != 1)} of parameters, a gradient pass per group for each eigenvector and probe, "
+               f"{per_pass} sample{'s' * (per_pass != 1)} at a time, not timed")
+
+    values = np.asarray(values, np.float64)
+    safe = np.where(values > 0, values, np.nan)
+
+    # ---- spectra and condition numbers ------------------------------------------------------
+    uncovered = [v for p, v in diagonal.items() if p not in stage.covered]
+    kfac_low, kfac_high = kfac.kronecker_extremes(stage.values)
+    if uncovered:
+        low, high = _extremes(uncovered)
+        kfac_low, kfac_high = min(kfac_low, low), max(kfac_high, high)
+    kfac_top = _top_of([kfac.kronecker_top(stage.values, k), *uncovered], k)
+
+    def cond(smallest, largest):
+        return float((largest + damping) / (max(smallest, 0.0) + damping))
+
+    diagonal_tree = unflatten(diagonal)
+
+    def slice_diagonal_max(block_id):
+        return float(np.max(np.asarray(products.restrict_head(layout, *block_id).project(diagonal_tree))))
+
+    block_top = np.asarray(spectra.top, np.float64).reshape(-1)
+    rank_deficient = size > n_samples
+    methods = {
+        "diagonal": MethodResult(
+            top=_top_of(diagonal.values(), k), blocks_top=np.array([slice_diagonal_max(b) for b in block_ids]),
+            condition=cond(*_extremes(diagonal.values())), probe_error=float(np.mean(stage.diagonal_errors)),
+            rayleigh=stage.diagonal_forms / safe, stretch=diag_stretch,
+            notes="one Phase 1 pass, which also keeps the attention gradients the block spectra read"),
+        "kfac": MethodResult(
+            top=kfac_top, blocks_top=stage.slice_tops,
+            condition=cond(kfac_low, kfac_high), probe_error=float(np.mean(stage.kfac_errors)),
+            rayleigh=stage.kfac_forms / safe, stretch=stage.stretch,
+            notes="Î on the parameters K-FAC does not cover (norms, embeddings, unembedding)"),
+        "lanczos": MethodResult(
+            top=_pad(values, k), blocks_top=None, condition=cond(0.0, float(values.max())) if rank_deficient else None,
+            probe_error=0.0, rayleigh=np.ones(len(values)), stretch=lanczos_stretch,
+            notes=(f"exact top-{k} of F {how}; F has rank ≤ n = {n_samples} < D, so λ_min = 0"
+                   if rank_deficient else f"exact top-{k} of F {how}")),
+        "block_spectra": MethodResult(
+            top=_top(block_top[np.isfinite(block_top)], k), blocks_top=np.array([c.lambda_max for c in chosen]),
+            condition=float(np.nanmedian(spectra.condition)), probe_error=None, rayleigh=None, stretch=block_stretch,
+            notes="exact within each attention head's slice (condition: median over slices); other parameters and "
+                  "cross-slice terms are not covered; from the attention gradients kept by the diagonal's pass"),
+    }
+    recommended, reason = recommend(methods, kfac_margin)
+    return MethodComparison(methods, block_ids, n_samples, n_params, float(damping), recommended, reason, np.asarray(residuals))
+
+
+def _held_route(model, batches, k, steps, key, probe_keys, diagonal, block_ids, gram, options):
+    """K-FAC, the top of ``F`` and the approximations' errors with everything held: ``G̃`` whole on
+    the Gram route, else the Lanczos basis; K-FAC's factors whole; the probes' exact products from
+    ``G̃`` (two reads) or by Fisher-vector products. Returns what :func:`compare_methods` reads:
+    ``(factor values, covered leaves, K-FAC's slice tops, the probes' errors of D and K-FAC, the
+    Rayleigh forms, the eigenvalues, their residuals, how they were found, Lanczos's stretch,
+    K-FAC's stretch)``."""
+    layout, params = model.layout, model.params
 
     def run_kfac():
-        factors = kfac.kfac_factors(model, params, rows)
+        factors = kfac.kfac_factors(model, params, batches)
         return factors, kfac.factor_values(factors)
 
     (factors, factor_values), kfac_stretch = telemetry.measure(run_kfac)
-
-    operator = products.fisher_operator(model, params, rows, kind="empirical")
+    operator = products.fisher_operator(model, params, batches, kind="empirical")
     exact_product = operator.matvec
-    diagonal_tree = unflatten(diagonal)
-    diag_device = operator.ravel(diagonal_tree)
-    if slices is not None:  # the eigenvectors by gradient passes, the probes' exact products by Fisher-vector products
-        forms, residuals = _combination_forms(model, params, rows, factors, layout, diag_device, values, coefficients, k_gram)
-        how = (f"from the {operator.n_samples} × {operator.n_samples} Gram of the per-sample gradients, formed before K-FAC "
-               f"in {len(slices)} column slice{'s' * (len(slices) != 1)} of them (a gradient pass each; each eigenvector "
-               f"then takes a gradient and a JVP pass, {per_pass} sample{'s' * (per_pass != 1)} at a time, not timed)")
-        scaled = None
-    elif gram:
+    diag_device = operator.ravel(unflatten(diagonal))
+    if gram:
         def gram_route():
             g = lowrank.scaled_gradients(model, params, batches, dtype=gram_dtype(options.sample_grads_dtype), memory_budget_bytes=GRADIENT_BUDGET_BYTES)
             return g, lowrank.gram_top(g, k)
@@ -371,60 +456,17 @@ def compare_methods(
         how = f"in {ritz.steps} products"
         scaled = ritz = None
 
-    # ---- the approximations against exact products ----------------------------------------
     diag_err, kfac_err = [], []
-    for probe_key in jax.random.split(jax.random.fold_in(key, 2), probes):
-        v = jax.random.normal(probe_key, (operator.size,), jnp.float32)
+    for probe_key in probe_keys:
+        v = operator.ravel(unflatten(groups.probe(probe_key, params)))
         errors = _probe_errors(factors, layout, params, diag_device, v, exact_product(v))
         diag_err.append(float(errors[0]))
         kfac_err.append(float(errors[1]))
     del scaled, exact_product
-    values = np.asarray(values, np.float64)
-    safe = np.where(values > 0, values, np.nan)
-    diag_rayleigh, kfac_rayleigh = (np.asarray(q, np.float64) for q in forms)
-
-    # ---- spectra and condition numbers ------------------------------------------------------
-    covered = {p for f in factors.factors.values() for p in (f.kernel, f.bias) if p is not None}
-    uncovered = [v for p, v in diagonal.items() if p not in covered]
-    kfac_low, kfac_high = kfac.kronecker_extremes(factor_values)
-    if uncovered:
-        low, high = _extremes(uncovered)
-        kfac_low, kfac_high = min(kfac_low, low), max(kfac_high, high)
-    kfac_top = _top_of([kfac.kronecker_top(factor_values, k), *uncovered], k)
-
-    def cond(smallest, largest):
-        return float((largest + damping) / (max(smallest, 0.0) + damping))
-
-    def slice_diagonal_max(block_id):
-        return float(np.max(np.asarray(products.restrict_head(layout, *block_id).project(diagonal_tree))))
-
-    block_top = np.asarray(spectra.top, np.float64).reshape(-1)
-    rank_deficient = operator.size > operator.n_samples
-    methods = {
-        "diagonal": MethodResult(
-            top=_top_of(diagonal.values(), k), blocks_top=np.array([slice_diagonal_max(b) for b in block_ids]),
-            condition=cond(*_extremes(diagonal.values())), probe_error=float(np.mean(diag_err)),
-            rayleigh=diag_rayleigh / safe, stretch=diag_stretch,
-            notes="one Phase 1 pass, which also keeps the attention gradients the block spectra read"),
-        "kfac": MethodResult(
-            top=kfac_top, blocks_top=kfac.slice_tops(factors, layout, block_ids),
-            condition=cond(kfac_low, kfac_high), probe_error=float(np.mean(kfac_err)),
-            rayleigh=kfac_rayleigh / safe, stretch=kfac_stretch,
-            notes="Î on the parameters K-FAC does not cover (norms, embeddings, unembedding)"),
-        "lanczos": MethodResult(
-            top=_pad(values, k), blocks_top=None, condition=cond(0.0, float(values.max())) if rank_deficient else None,
-            probe_error=0.0, rayleigh=np.ones(len(values)), stretch=lanczos_stretch,
-            notes=(f"exact top-{k} of F {how}; F has rank ≤ n = {operator.n_samples} < D, so λ_min = 0"
-                   if rank_deficient else f"exact top-{k} of F {how}")),
-        "block_spectra": MethodResult(
-            top=_top(block_top[np.isfinite(block_top)], k), blocks_top=np.array([c.lambda_max for c in chosen]),
-            condition=float(np.nanmedian(spectra.condition)), probe_error=None, rayleigh=None, stretch=block_stretch,
-            notes="exact within each attention head's slice (condition: median over slices); other parameters and "
-                  "cross-slice terms are not covered; from the attention gradients kept by the diagonal's pass"),
-    }
-    recommended, reason = recommend(methods, kfac_margin)
-    return MethodComparison(methods, block_ids, operator.n_samples, n_params, float(damping), recommended, reason,
-                            np.asarray(residuals))
+    covered = frozenset(p for f in factors.factors.values() for p in (f.kernel, f.bias) if p is not None)
+    stage = groups.KFACStage(factor_values, covered, kfac.slice_tops(factors, layout, block_ids), np.asarray(diag_err),
+                             np.asarray(kfac_err), *(np.asarray(q, np.float64) for q in forms), kfac_stretch)
+    return stage, values, residuals, how, lanczos_stretch
 
 
 def _kfac_flat_product(factors, layout, like, diagonal, v):
@@ -465,25 +507,6 @@ def _gram_quadratic_forms(factors, layout, like, diagonal, g, coefficients):
     transposed_times`), so only one is alive."""
     forms = jax.lax.map(lambda c: _forms(factors, layout, like, diagonal, lowrank.transposed_times(g, c)), coefficients.T)
     return forms[:, 0], forms[:, 1]
-
-
-def _combination_forms(model, params, batches, factors, layout, diagonal, values, coefficients, gram):
-    """The sliced Gram route's eigenvectors, each formed and dropped in turn: for ``q_j = G̃ᵀ c_j``
-    (:func:`~fisherjax.curvature.lowrank.combined_gradient`, one weighted gradient pass) its
-    ``(qᵀ D q, qᵀ F̃_KFAC q)`` and, as :func:`~fisherjax.curvature.lowrank.gram_top` has it for ``G̃``
-    held, the float32 vector's ``‖F q_j − λ_j q_j‖ = sqrt(mᵀ K m)`` with ``m = G̃ q_j − λ_j c_j``
-    (:func:`~fisherjax.curvature.lowrank.gradients_times`, one JVP pass; ``gram`` ``K``). Returns
-    ``(forms, residuals)``: two ``[k]`` arrays and ``[k]``."""
-    diag_forms, kfac_forms, residuals = [], [], []
-    for j, value in enumerate(values):
-        q = lowrank.combined_gradient(model, params, batches, coefficients[:, j])
-        d_form, k_form = _quadratic_forms(factors, layout, params, diagonal, q[:, None])
-        diag_forms.append(float(d_form[0]))
-        kfac_forms.append(float(k_form[0]))
-        misfit = lowrank.gradients_times(model, params, batches, q) - value * coefficients[:, j]
-        residuals.append(float(np.sqrt(max(misfit @ gram @ misfit, 0.0))))
-        del q
-    return (np.asarray(diag_forms), np.asarray(kfac_forms)), np.asarray(residuals)
 
 
 def recommend(methods: dict[str, MethodResult], kfac_margin: float = 0.75) -> tuple[str, str]:

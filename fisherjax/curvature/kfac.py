@@ -205,11 +205,27 @@ def factor_sites(model) -> tuple[FactorSite, ...]:
     return tuple(out)
 
 
-def factor_floats(model) -> int:
-    """Floats the K-FAC factors of ``model`` take: over :func:`factor_sites`, ``layers · ((d_in +
-    bias)² + d_out²)`` (a fused QKV block's ``d_out`` its own columns)."""
+def chosen_sites(model, keys: Iterable[str] | None = None) -> tuple[FactorSite, ...]:
+    """:func:`factor_sites` whose key is in ``keys`` (all of them for None), in forward order.
+
+    Raises:
+      ConfigError: a key that is no factor of the model.
+    """
+    sites = factor_sites(model)
+    if keys is None:
+        return sites
+    keys = set(keys)
+    unknown = sorted(keys - {fs.key for fs in sites})
+    if unknown:
+        raise ConfigError(f"kfac: {unknown} are not factors of the model (see kfac.factor_sites)")
+    return tuple(fs for fs in sites if fs.key in keys)
+
+
+def factor_floats(model, keys: Iterable[str] | None = None) -> int:
+    """Floats the K-FAC factors of ``model`` (those in ``keys``: :func:`chosen_sites`) take,
+    ``layers · ((d_in + bias)² + d_out²)`` each (a fused QKV block's ``d_out`` its own columns)."""
     total = 0
-    for site in factor_sites(model):
+    for site in chosen_sites(model, keys):
         spec = model.layout.specs[site.kernel]
         layers = spec.shape[0] if spec.layered else 1
         d_in = spec.shape[-2] + (site.bias is not None)
@@ -293,23 +309,30 @@ class FactorSums(NamedTuple):
     tokens: Array
 
 
-@functools.partial(jax.jit, static_argnames=("model", "fisher_type", "true_samples", "precision"))
+@functools.partial(jax.jit, static_argnames=("model", "fisher_type", "true_samples", "precision", "keys", "layers"))
 def batch_factor_sums(model, params, input_ids, attention_mask, labels, sample_ids, key, *, fisher_type: str, true_samples: int,
-                      precision: str = "highest") -> FactorSums:
-    """:class:`FactorSums` of one batch (jitted once per model, batch shape, Fisher type and precision).
+                      precision: str = "highest", keys: tuple[str, ...] | None = None,
+                      layers: tuple[int, int] | None = None) -> FactorSums:
+    """:class:`FactorSums` of one batch (jitted once per model, batch shape, Fisher type, precision,
+    factor keys and layers), of every factor or of those in ``keys``, over every layer or the
+    stacked layers ``lo ≤ l < hi`` of ``layers`` (a site outside the stacked layers whole).
 
     ``key`` is only read by the true Fisher (pass any key otherwise).
     """
     rec = record(model, params, input_ids, attention_mask, labels, sample_ids)
     w = rec.weights
-    sites = factor_sites(model)
+    sites = chosen_sites(model, keys)
     inputs = {}
+    def value(tree, name):
+        x = _site_value(tree, name)
+        return x[layers[0] : layers[1]] if layers is not None and name.startswith("layers/") else x
+
     for fs in sites:
         if fs.site not in inputs:
-            inputs[fs.site] = input_factor(_site_value(rec.inputs, fs.site), w.inputs, fs.bias is not None, precision)
+            inputs[fs.site] = input_factor(value(rec.inputs, fs.site), w.inputs, fs.bias is not None, precision)
 
     def output_grams(deltas):
-        return {fs.key: output_factor(_block_columns(_site_value(deltas, fs.site), fs.columns), w.outputs, precision) for fs in sites}
+        return {fs.key: output_factor(_block_columns(value(deltas, fs.site), fs.columns), w.outputs, precision) for fs in sites}
 
     grams = over_draws(output_grams, *label_draws(rec, sample_ids, key, fisher_type, true_samples), rec.pullback)
     factors = {fs.key: (inputs[fs.site], grams[fs.key]) for fs in sites}
@@ -337,9 +360,11 @@ def _checked_key(fisher_type: str, key, true_samples: int) -> Any:
 
 def kfac_factors(
     model, params: PyTree, batches: Iterable, *, fisher_type: str = "empirical", key: jax.Array | None = None, true_samples: int = 1,
-    precision: str = "highest",
+    precision: str = "highest", keys: Iterable[str] | None = None, layers: tuple[int, int] | None = None,
 ) -> KFAC:
-    """K-FAC of every dense site of ``model`` over ``batches`` (see the module docstring).
+    """K-FAC of every dense site of ``model`` over ``batches`` (see the module docstring), or of the
+    factors in ``keys`` alone (:func:`chosen_sites`) and of the stacked layers ``lo ≤ l < hi`` of
+    ``layers`` alone: the same forward and backward, fewer sums.
 
     Args:
       model: a :class:`~fisherjax.models.Model`; params: its parameters.
@@ -360,16 +385,18 @@ def kfac_factors(
     check_choice("kfac", "precision", precision, FACTOR_PRECISIONS)
     if precision == "tensorfloat32" and backend.is_cpu():
         raise ConfigError("kfac precision 'tensorfloat32' needs a GPU (XLA:CPU has no TF32); use 'highest' there")
+    sites = chosen_sites(model, keys)
+    keys = None if keys is None else tuple(fs.key for fs in sites)
     totals = None
     for batch in batches:  # summed on the device: no transfer until the end
         sums = batch_factor_sums(model, params, *_batch_arrays(batch), key, fisher_type=fisher_type, true_samples=true_samples,
-                                 precision=precision)
+                                 precision=precision, keys=keys, layers=None if layers is None else tuple(layers))
         totals = sums if totals is None else _tree_sum(totals, sums)
     samples, tokens = (0, 0) if totals is None else (int(totals.samples), int(totals.tokens))
     if not samples:
         raise DataError("kfac_factors: no sample of the batches predicts a token")
     means = _divided(totals.factors, samples)  # a dict keyed like totals.factors; the order is factor_sites'
-    factors = {fs.key: KroneckerFactor(*means[fs.key], fs.kernel, fs.bias, fs.block) for fs in factor_sites(model)}
+    factors = {fs.key: KroneckerFactor(*means[fs.key], fs.kernel, fs.bias, fs.block) for fs in sites}
     return KFAC(factors, samples, tokens, fisher_type)
 
 
@@ -511,9 +538,11 @@ def slice_tops(curvature: KFAC | KFACEigen, layout: ModelLayout, block_ids, incl
     float64, from the factors themselves or from their eigendecomposition (rebuilt first,
     :func:`factors_of`: with GPT-2's 3072-wide factors that is a second set of factors and a
     cubic product each, which a caller holding the factors skips). The factors are split by head
-    once, and each slice's two small symmetric eigenproblems go to numpy's LAPACK (no compilation
-    per factor shape)."""
-    heads = attention_factors(factors_of(curvature) if isinstance(curvature, KFACEigen) else curvature, layout)
+    once (only the blocks ``block_ids`` name, so ``curvature`` needs no other factor), and each
+    slice's two small symmetric eigenproblems go to numpy's LAPACK (no compilation per factor
+    shape)."""
+    blocks = {block for block, _, _ in block_ids}
+    heads = attention_factors(factors_of(curvature) if isinstance(curvature, KFACEigen) else curvature, layout, blocks)
     host = {block: (np.asarray(h.inputs, np.float64), np.asarray(h.outputs, np.float64), h.has_bias) for block, h in heads.items()}
     tops = []
     for block, layer, head in block_ids:
@@ -536,12 +565,12 @@ def _is_flat(tree) -> bool:
     return isinstance(tree, Mapping) and all(not isinstance(v, Mapping) for v in tree.values())
 
 
-def _kernel_matrix(layout: ModelLayout | None, flat: Mapping, kernel: str, bias: str | None, block: str | None):
+def _kernel_matrix(layout: ModelLayout | None, flat: Mapping, kernel: str, bias: str | None, block: str | None, per_layer: bool = False):
     """``W̄ [.., d_in(+1), d_out_block]``: the kernel (a fused block's columns) with the bias as
-    its last row."""
+    its last row (``per_layer``: leaves of any number of a stacked leaf's layers)."""
     w = flat[kernel]
     if block is not None:
-        view = layout.view(kernel, w, block)  # [.., d_in, heads, hd]
+        view = layout.view(kernel, w, block, per_layer=per_layer)  # [.., d_in, heads, hd]
         w = view.reshape(*view.shape[:-2], -1)
     if bias is None:
         return w
@@ -549,7 +578,7 @@ def _kernel_matrix(layout: ModelLayout | None, flat: Mapping, kernel: str, bias:
         raise DataError(f"the tree has the kernel {kernel} but not its bias {bias}")
     b = flat[bias]
     if block is not None:
-        b = layout.view(bias, b, block).reshape(*b.shape[:-1], -1)
+        b = layout.view(bias, b, block, per_layer=per_layer).reshape(*b.shape[:-1], -1)
     return jnp.concatenate([w, b[..., None, :]], axis=-2)
 
 
@@ -559,11 +588,13 @@ def map_covered(
     v: PyTree,
     covered: Callable[[Any, Array], Array],
     uncovered: Callable[[str, Array], Array],
+    per_layer: bool = False,
 ) -> PyTree:
     """``covered(factor, W̄)`` on every factor's ``W̄`` (:func:`_kernel_matrix`), written back into
     the kernel (and bias) leaves, ``uncovered(path, leaf)`` on every other leaf; the result has
     ``v``'s structure (nested or flat ``{path: array}``). Factors whose kernel ``v`` lacks are
-    skipped; a fused block needs ``layout``."""
+    skipped; a fused block needs ``layout``; ``per_layer``: ``v``'s stacked leaves hold a range of
+    the layers, as the factors do (:func:`kfac_factors` with ``layers``)."""
     flat = dict(flatten(v)) if not _is_flat(v) else dict(v)
     flat = {p: jnp.asarray(x) for p, x in flat.items()}
     out: dict[str, Array] = {}
@@ -573,7 +604,7 @@ def map_covered(
             continue
         if f.block is not None and layout is None:
             raise ConfigError(f"{f.kernel} is a fused QKV kernel: pass the model's layout to split its blocks")
-        result = covered(f, _kernel_matrix(layout, flat, f.kernel, f.bias, f.block)).astype(flat[f.kernel].dtype)
+        result = covered(f, _kernel_matrix(layout, flat, f.kernel, f.bias, f.block, per_layer)).astype(flat[f.kernel].dtype)
         w, b = (result[..., :-1, :], result[..., -1, :]) if f.bias is not None else (result, None)
         if f.block is None:
             out[f.kernel] = w
@@ -714,8 +745,9 @@ def head_diagonal_blocks(x: Float[Array, "... hd_total hd_total"], heads: int, h
     return jnp.moveaxis(jnp.diagonal(x, axis1=-4, axis2=-2), -1, -3)
 
 
-def attention_factors(kfac: KFAC, layout: ModelLayout) -> dict[str, HeadFactors]:
-    """K-FAC restricted to each attention head: ``{block: HeadFactors}`` for q/k/v/o.
+def attention_factors(kfac: KFAC, layout: ModelLayout, blocks: Iterable[str] = ("q", "k", "v", "o")) -> dict[str, HeadFactors]:
+    """K-FAC restricted to each attention head: ``{block: HeadFactors}`` for q/k/v/o (those in
+    ``blocks``).
 
     q/k/v: ``inputs`` = the site's ``A`` ``[layer, d_in(+1), d_in(+1)]`` (shared by the block's
     heads), ``outputs`` = each head's ``[head_dim, head_dim]`` sub-block of the block's ``G``,
@@ -726,7 +758,7 @@ def attention_factors(kfac: KFAC, layout: ModelLayout) -> dict[str, HeadFactors]
     """
     out = {}
     hd = layout.head_dim
-    for block in ("q", "k", "v", "o"):
+    for block in (b for b in ("q", "k", "v", "o") if b in set(blocks)):
         sources = layout.block_sources(block, "kernel")
         if not sources:
             continue

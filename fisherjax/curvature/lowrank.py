@@ -32,11 +32,11 @@ from fisherjax.curvature.products import count_samples, directional_derivatives
 from fisherjax.data import Batch, num_active_tokens
 from fisherjax.errors import DataError
 from fisherjax.grads import per_sample_grads, sample_losses
-from fisherjax.layout import leaf_paths
+from fisherjax.layout import flatten, leaf_paths, unflatten
 
 __all__ = [
     "column_slices", "combined_gradient", "decoded", "empirical_eigen", "gradients_times", "gram_eigen", "gram_pairs", "gram_top",
-    "leaf_columns", "product", "scaled_gradients", "slice_count", "sliced_gram", "transposed_times",
+    "leaf_columns", "pass_temporaries", "product", "residual_norms", "scaled_gradients", "slice_count", "sliced_gram", "transposed_times",
 ]
 
 
@@ -160,44 +160,72 @@ def sliced_gram(model, params, batches: Sequence[Batch], slices: Sequence[tuple[
     return gram
 
 
-def combined_gradient(model, params, batches: Sequence[Batch], c) -> jax.Array:
-    """``G̃ᵀ c = Σ_i c_i g_i / sqrt(n T_i)`` ``[D]`` float32 (``c`` ``[rows]``, in ``G̃``'s row
-    order: the batches' rows in turn) without ``G̃``: per batch one gradient of the weighted loss
-    ``Σ_i c_i L_i / sqrt(n T_i)``, a batched gradient's work — the eigenvector ``G̃ᵀ c`` of a Gram
-    formed by :func:`sliced_gram`."""
+def combined_gradient(model, params, batches: Sequence[Batch], c, paths: Sequence[str] | None = None) -> dict[str, jax.Array]:
+    """``G̃ᵀ c = Σ_i c_i g_i / sqrt(n T_i)`` on the leaves ``paths`` (every leaf for None), as flat
+    ``{path: float32 array}`` (``c`` ``[rows]``, in ``G̃``'s row order: the batches' rows in turn),
+    without ``G̃``: per batch one gradient of the weighted loss ``Σ_i c_i L_i / sqrt(n T_i)`` with
+    respect to those leaves alone (the others are constants, so no cotangent of theirs is formed),
+    added into the running sum in place — the eigenvector ``G̃ᵀ c`` of a Gram formed by
+    :func:`sliced_gram`, or its restriction to a group of leaves."""
     n = count_samples(batches)
     c = np.asarray(c, np.float64).reshape(-1)
+    paths = tuple(leaf_paths(params)) if paths is None else tuple(paths)
     total, start = None, 0
     for batch in batches:
         rows = len(batch.sample_ids)
-        part = _weighted_gradient(model, params, batch.input_ids, batch.attention_mask, batch.labels,
-                                  np.asarray(batch.sample_ids, np.int32), jnp.asarray(c[start : start + rows], jnp.float32), n)
-        total = part if total is None else total + part
+        total = _weighted_gradient(model, paths, params, batch.input_ids, batch.attention_mask, batch.labels,
+                                   np.asarray(batch.sample_ids, np.int32), jnp.asarray(c[start : start + rows], jnp.float32), n, total)
         start += rows
     return total
 
 
 def gradients_times(model, params, batches: Sequence[Batch], v) -> np.ndarray:
-    """``G̃ v = (g_i · v / sqrt(n T_i))_i`` ``[rows]`` float64 (``v`` ``[D]`` in ravel order; 0 on
-    rows that are not samples) without ``G̃``: one JVP of the logits per batch
+    """``G̃ v = (g_i · v / sqrt(n T_i))_i`` ``[rows]`` float64 (``v`` ``[D]`` in ravel order, or
+    params-shaped; 0 on rows that are not samples) without ``G̃``: one JVP of the logits per batch
     (:func:`~fisherjax.curvature.products.directional_derivatives`)."""
     n = count_samples(batches)
-    u = directional_derivatives(model, params, batches, ravel_pytree(params)[1](jnp.asarray(v, jnp.float32)))
+    tangent = ravel_pytree(params)[1](jnp.asarray(v, jnp.float32)) if isinstance(v, (np.ndarray, jax.Array)) else v
+    u = directional_derivatives(model, params, batches, tangent)
     tokens = np.concatenate([np.asarray(num_active_tokens(b.labels, b.attention_mask)) for b in batches])
     counted, norms = _row_norms(tokens, np.concatenate([np.asarray(b.sample_ids) for b in batches]), n)
     return np.where(counted, u / norms, 0.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7))
-def _weighted_gradient(model, params, ids, mask, labels, sample_ids, c, n):
-    """``Σ_i c_i g_i / sqrt(n T_i)`` over one batch, raveled float32 (rows without a sample id
-    or a predicted token weigh 0)."""
-    def loss(theta):
-        losses, tokens = sample_losses(model, theta, ids, mask, labels)
+@functools.partial(jax.jit, static_argnums=(0, 1, 8), donate_argnums=(9,))
+def _weighted_gradient(model, paths, params, ids, mask, labels, sample_ids, c, n, total):
+    """``total + Σ_i c_i g_i / sqrt(n T_i)`` over one batch on the leaves ``paths``, flat float32
+    (``total`` None on the first batch; rows without a sample id or a predicted token weigh 0)."""
+    flat = flatten(params)
+
+    def loss(chosen):
+        losses, tokens = sample_losses(model, unflatten({**flat, **chosen}), ids, mask, labels)
         weights = jnp.where((tokens > 0) & (sample_ids >= 0), c / jnp.sqrt(n * jnp.maximum(tokens, 1).astype(jnp.float32)), 0.0)
         return jnp.sum(weights * losses.astype(jnp.float32))
 
-    return ravel_pytree(jax.grad(loss)(params))[0].astype(jnp.float32)
+    grads = jax.grad(loss)({p: flat[p] for p in paths})
+    grads = {p: g.astype(jnp.float32) for p, g in grads.items()}
+    return grads if total is None else jax.tree.map(jnp.add, total, grads)
+
+
+@functools.lru_cache(maxsize=32)
+def pass_temporaries(model, rows: int, seq_len: int) -> int | None:
+    """XLA's temporaries (``memory_analysis().temp_size_in_bytes``, on the default backend) of one
+    weighted gradient pass (:func:`combined_gradient`) over ``rows × seq_len`` tokens that
+    differentiates the smallest leaf of the layers, so the backward goes through every layer: the
+    activations the backward keeps and the logits' working arrays, what a pass holds beside its
+    inputs and outputs. Compiled once per model and shape from the parameters' shapes (nothing is
+    allocated); None where the backend does not report it."""
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), model.params)
+    flat = flatten(params)
+    specs = model.layout.specs
+    layered = [p for p in flat if specs[p].layered or specs[p].layer == 0] or list(flat)  # the first layer's
+    path = min(layered, key=lambda p: math.prod(flat[p].shape))
+    ids = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32)
+    row = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    lowered = _weighted_gradient.lower(model, (path,), params, ids, ids, ids, row, jax.ShapeDtypeStruct((rows,), jnp.float32), 1, None)
+    analysis = lowered.compile().memory_analysis()
+    temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
+    return int(temp) if temp is not None else None
 
 
 BFLOAT16_BITS = jnp.uint16
@@ -333,9 +361,13 @@ def gram_top(g: jax.Array, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     gram = np.asarray(_gram(g), np.float64)
     values, coefficients = gram_pairs(gram, k)
     gv = np.asarray(_products_of_combinations(g, jnp.asarray(coefficients, jnp.float32)), np.float64).T
-    misfit = gv - coefficients * values  # F v − λ v = G̃ᵀ misfit, so its norm² is misfitᵀ K misfit
-    residuals = np.sqrt(np.maximum(np.einsum("ik,ij,jk->k", misfit, gram, misfit), 0.0))
-    return values, coefficients, residuals
+    return values, coefficients, residual_norms(gram, gv - coefficients * values)
+
+
+def residual_norms(gram: np.ndarray, misfit: np.ndarray) -> np.ndarray:
+    """``[k]``: ``‖F v_j − λ_j v_j‖ = sqrt(m_jᵀ K m_j)`` for ``v_j = G̃ᵀ c_j`` and the misfits
+    ``m_j = G̃ v_j − λ_j c_j`` (``misfit`` ``[n, k]``), since ``F v_j − λ_j v_j = G̃ᵀ m_j``."""
+    return np.sqrt(np.maximum(np.einsum("ik,ij,jk->k", misfit, gram, misfit), 0.0))
 
 
 def gram_eigen(g: jax.Array, k: int) -> Eigen:
