@@ -4,8 +4,9 @@ Compiles (for the parameters' shapes only: nothing is allocated) one weighted gr
 through every layer (``curvature.lowrank.pass_temporaries``) at ``rows × seq_len`` tokens and
 prints its temporaries beside the three logits-sized arrays ``compare.working_bytes`` counts
 without the samples' length; then, with ``--factors``, each unit's K-FAC factor pass
-(``curvature.kfac.batch_factor_sums`` with its keys, whole and one layer) at one sample: its
-factors, temporaries and what ``curvature.groups`` counts for it.
+(``curvature.kfac.batch_factor_sums`` with its keys, whole and one layer) and its gradient pass
+at one sample: what XLA says they hold and what ``curvature.groups`` with
+``compare.working_bytes`` counts for them (marked where the count is lower).
 
 Usage: python benchmarks/pass_memory.py CONFIG [CONFIG ...] [--seq-len 512] [--rows 1 4] [--factors]
 """
@@ -41,16 +42,24 @@ def main() -> None:
             continue
         ids = jax.ShapeDtypeStruct((1, args.seq_len), jnp.int32)
         row = jax.ShapeDtypeStruct((1,), jnp.int32)
+        working = compare.working_bytes(model, args.seq_len, args.seq_len)
         for unit in groups.units(model):
             if not unit.keys:
                 continue
             for layers in (None, (0, 1)):
                 analysis = kfac.batch_factor_sums.lower(model, model.params, ids, ids, ids, row, jax.random.key(0), fisher_type="empirical",
                                                         true_samples=1, keys=unit.keys, layers=layers).compile().memory_analysis()
-                counted = unit.by_ranges(unit.layers).bytes if layers else unit.bytes
-                print(f"  {unit.paths[0]} ({'one layer' if layers else 'all layers'}): factors {analysis.output_size_in_bytes / 1e9:.2f} GB, "
-                      f"temporaries {analysis.temp_size_in_bytes / 1e9:.2f} GB; the group counts {counted / 1e9:.2f} GB")
-
+                group = unit.by_ranges(unit.layers) if layers else unit
+                held = 2 * analysis.output_size_in_bytes + analysis.temp_size_in_bytes  # the batch's sums, the running sum, temporaries
+                print(f"  {unit.paths[0]} factor pass ({'one layer' if layers else 'all layers'}): factors "
+                      f"{analysis.output_size_in_bytes / 1e9:.2f} GB, temporaries {analysis.temp_size_in_bytes / 1e9:.2f} GB, held with "
+                      f"the running sum {held / 1e9:.2f} GB; counted {(group.bytes + working) / 1e9:.2f} GB"
+                      f"{'' if group.bytes + working >= held else '  UNDERCOUNTED'}")
+            analysis = lowrank.weighted_gradient_pass(model, unit.paths, 1, args.seq_len).compile().memory_analysis()
+            held = analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+            counted = groups.GROUP_COPIES * unit.leaf_bytes + working  # its gradient is one of the copies
+            print(f"  {unit.paths[0]} gradient pass: gradient {analysis.output_size_in_bytes / 1e9:.2f} GB, temporaries "
+                  f"{analysis.temp_size_in_bytes / 1e9:.2f} GB; counted {counted / 1e9:.2f} GB{'' if counted >= held else '  UNDERCOUNTED'}")
 
 if __name__ == "__main__":
     main()

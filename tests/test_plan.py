@@ -267,7 +267,8 @@ def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkey
     assert c.flops == curvature_flops(f, n, model.num_params, c.k) > 0
     assert c.peak_bytes == compare.peak_bytes(model, c.k, n=n, sample_grads_dtype=base.storage_dtype, tokens=n * SEQ, seq_len=SEQ)
     # a pass's working memory counts what XLA says a sample's backward keeps, here more than the logits
-    assert compare.working_bytes(model, n * SEQ, SEQ) == n * lowrank.pass_temporaries(model, 1, SEQ) > compare.working_bytes(model, n * SEQ)
+    one = lowrank.pass_temporaries(model, 1, SEQ)
+    assert compare.working_bytes(model, n * SEQ, SEQ) == math.ceil(compare.WORKING_MARGIN * n * one) > compare.working_bytes(model, n * SEQ)
     assert c.free_bytes == 0.9 * 80 * GB - parameter_bytes(model) and c.skip is None and c.forced_skip is None
     assert (c.fit_samples, c.fit_k) == (n, c.k)
     rate = base.throughput_tflops * 1e12

@@ -150,18 +150,26 @@ above ``G̃``, the factors and :data:`MODEL_COPIES`, GPT-2 small's comparison to
 and the 4-layer model's 2.7 — memory that grows with the batch, not with the model."""
 
 
+WORKING_MARGIN = 1.1
+"""XLA's temporaries of the smallest layered leaf's gradient pass times this are a pass's working
+memory in the rule: the comparison's other passes (K-FAC's factor passes, the gradients of the
+widest kernels) held up to 6 % more in XLA's memory analysis of GPT-2 small, Qwen2.5-1.5B and
+Llama-7B (``benchmarks/pass_memory.py``, RESULTS.md, twenty-ninth session)."""
+
+
 def working_bytes(model, tokens: int, seq_len: int | None = None) -> int:
     """Bytes of a pass's working memory over ``tokens`` tokens at once: :data:`WORKING_LOGITS`
     float32 ``[tokens, vocabulary]`` arrays, or with ``seq_len`` (the samples' length) the larger of
     that and ``tokens / seq_len`` samples' backward temporaries as XLA reports them
-    (:func:`~fisherjax.curvature.lowrank.pass_temporaries` of one sample): the activations a
+    (:func:`~fisherjax.curvature.lowrank.pass_temporaries` of one sample, times
+    :data:`WORKING_MARGIN`): the activations a
     backward keeps outgrow the logits in long samples of wide models (DECISIONS.md, "A pass's
     working memory from XLA")."""
     logits = 4 * WORKING_LOGITS * int(model.config.vocab_size) * int(tokens)
     if not seq_len or not tokens:
         return logits
     one = lowrank.pass_temporaries(model, 1, int(seq_len)) or 0
-    return max(logits, math.ceil(tokens / seq_len) * one)
+    return max(logits, math.ceil(WORKING_MARGIN * math.ceil(tokens / seq_len) * one))
 
 
 def pass_tokens(batches: Sequence[Batch]) -> tuple[int, int]:

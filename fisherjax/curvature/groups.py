@@ -45,11 +45,12 @@ GROUP_COPIES = 4
 eigenvector's), its exact product's and K-FAC's product of it (a product goes layer by layer, so
 its temporaries are one layer's)."""
 
-FACTOR_PASS_COPIES = 3
-"""Copies of a group's factors its K-FAC pass holds at its peak: the running sum over batches, the
-batch's sums, and the blocks of a factor's Gram before they are joined (XLA's memory analysis of
-Llama-7B's factor passes: temporaries of a gradient pass's activations and one more set of the
-factors; RESULTS.md, twenty-ninth session)."""
+FACTOR_PASS_COPIES = 4
+"""Copies of a group's factors its K-FAC pass holds at its peak beside a pass's working memory: the
+running sum over batches, the batch's sums, the blocks of a factor's Gram before they are joined,
+and the float32 copies of the recordings they are formed from, which grow with the factors
+(XLA's memory analysis of the factor passes of GPT-2 small, Qwen2.5-1.5B and Llama-7B:
+``benchmarks/pass_memory.py``, RESULTS.md, twenty-ninth session)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,7 @@ from fisherjax.layout import flatten, leaf_paths, unflatten
 __all__ = [
     "column_slices", "combined_gradient", "decoded", "empirical_eigen", "gradients_times", "gram_eigen", "gram_pairs", "gram_top",
     "leaf_columns", "pass_temporaries", "product", "residual_norms", "scaled_gradients", "slice_count", "sliced_gram", "transposed_times",
+    "weighted_gradient_pass",
 ]
 
 
@@ -207,6 +208,15 @@ def _weighted_gradient(model, paths, params, ids, mask, labels, sample_ids, c, n
     return grads if total is None else jax.tree.map(jnp.add, total, grads)
 
 
+def weighted_gradient_pass(model, paths: Sequence[str], rows: int, seq_len: int) -> jax.stages.Lowered:
+    """:func:`combined_gradient`'s per-batch program of the leaves ``paths``, lowered for ``rows ×
+    seq_len`` tokens from the parameters' shapes (nothing allocated), for XLA's memory analysis."""
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), model.params)
+    ids = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32)
+    row = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    return _weighted_gradient.lower(model, tuple(paths), params, ids, ids, ids, row, jax.ShapeDtypeStruct((rows,), jnp.float32), 1, None)
+
+
 @functools.lru_cache(maxsize=32)
 def pass_temporaries(model, rows: int, seq_len: int) -> int | None:
     """XLA's temporaries (``memory_analysis().temp_size_in_bytes``, on the default backend) of one
@@ -215,15 +225,10 @@ def pass_temporaries(model, rows: int, seq_len: int) -> int | None:
     activations the backward keeps and the logits' working arrays, what a pass holds beside its
     inputs and outputs. Compiled once per model and shape from the parameters' shapes (nothing is
     allocated); None where the backend does not report it."""
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), model.params)
-    flat = flatten(params)
-    specs = model.layout.specs
+    flat, specs = flatten(model.params), model.layout.specs
     layered = [p for p in flat if specs[p].layered or specs[p].layer == 0] or list(flat)  # the first layer's
-    path = min(layered, key=lambda p: math.prod(flat[p].shape))
-    ids = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32)
-    row = jax.ShapeDtypeStruct((rows,), jnp.int32)
-    lowered = _weighted_gradient.lower(model, (path,), params, ids, ids, ids, row, jax.ShapeDtypeStruct((rows,), jnp.float32), 1, None)
-    analysis = lowered.compile().memory_analysis()
+    path = min(layered, key=lambda p: math.prod(np.shape(flat[p])))
+    analysis = weighted_gradient_pass(model, (path,), rows, seq_len).compile().memory_analysis()
     temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
     return int(temp) if temp is not None else None
 
