@@ -205,6 +205,7 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
     assert main([*small, "--out", str(tmp_path / "u"), "--curvature"]) == 0
     section = json.loads((tmp_path / "u" / "results.json").read_text())["method_comparison"]
     assert "skipped" not in section and "formed before K-FAC in" in json.dumps(section), section
+    assert re.search(r"then by \d+ groups? of parameters", json.dumps(section)), section
     assert "Lanczos top-k: exact top-3 of F from the 5 × 5 Gram of the per-sample gradients, formed before K-FAC in" in (
         (tmp_path / "u" / "report.md").read_text())
 
@@ -342,6 +343,18 @@ def test_the_gram_of_gradients_too_large_to_hold(compared):
                                        atol=1e-5 * np.abs(coefficients[:, j]).max())
 
 
+def _same_approximations(ours, held):
+    """The diagonal's and K-FAC's rows of two comparisons agree to float32 rounding: spectrum, slice
+    tops, Rayleigh quotients, probe errors and condition numbers."""
+    for name in ("diagonal", "kfac"):
+        mine, theirs = ours.methods[name], held.methods[name]
+        np.testing.assert_allclose(mine.top, theirs.top, rtol=1e-5)
+        np.testing.assert_allclose(mine.blocks_top, theirs.blocks_top, rtol=1e-5)
+        np.testing.assert_allclose(mine.rayleigh, theirs.rayleigh, rtol=1e-4)
+        assert mine.probe_error == pytest.approx(theirs.probe_error, rel=1e-4)
+        assert mine.condition == pytest.approx(theirs.condition, rel=1e-5)
+
+
 def test_the_comparison_without_its_gradients_whole(compared):
     """With too little memory for ``G̃`` beside K-FAC the comparison forms the Gram first, over column
     slices of ``G̃``, then K-FAC's stage by groups of parameters — its factors, the probes' exact
@@ -370,13 +383,7 @@ def test_the_comparison_without_its_gradients_whole(compared):
         assert f"by {len(parts)} group{'s' * (len(parts) > 1)} of parameters" in notes
         np.testing.assert_allclose(sliced.methods["lanczos"].top, result.methods["lanczos"].top, rtol=1e-5)
         assert np.all(sliced.lanczos_residuals <= 1e-4 * sliced.methods["lanczos"].top[0])
-        for name in ("diagonal", "kfac"):
-            ours, held = sliced.methods[name], result.methods[name]
-            np.testing.assert_allclose(ours.top, held.top, rtol=1e-5)
-            np.testing.assert_allclose(ours.rayleigh, held.rayleigh, rtol=1e-4)
-            np.testing.assert_allclose(ours.blocks_top, held.blocks_top, rtol=1e-5)
-            assert ours.probe_error == pytest.approx(held.probe_error, rel=1e-4)
-            assert ours.condition == pytest.approx(held.condition, rel=1e-5)
+        _same_approximations(sliced, result)
         assert sliced.recommended == result.recommended and sliced.blocks == result.blocks
 
 
@@ -483,13 +490,7 @@ def test_the_grouped_stage_equals_the_held_one(family, monkeypatch):
     assert len({i for i, g in enumerate(parts) for p in g.paths if p in kernels}) > 1  # the compared slices' factors in several groups
     if family == "gpt2":  # the compared q/k/v slices' factors went a layer at a time
         assert any(g.ranges and p in kernels for g in parts for p in g.paths)
-    for name in ("diagonal", "kfac"):
-        ours, theirs = grouped.methods[name], held.methods[name]
-        np.testing.assert_allclose(ours.top, theirs.top, rtol=1e-5)
-        np.testing.assert_allclose(ours.blocks_top, theirs.blocks_top, rtol=1e-5)
-        np.testing.assert_allclose(ours.rayleigh, theirs.rayleigh, rtol=1e-4)
-        assert ours.probe_error == pytest.approx(theirs.probe_error, rel=1e-4)
-        assert ours.condition == pytest.approx(theirs.condition, rel=1e-5)
+    _same_approximations(grouped, held)
 
 
 def test_stretches_measured_apart_add_up():

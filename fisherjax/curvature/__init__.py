@@ -11,13 +11,15 @@ diagonal is Phase 1's ``Î``, the Monte-Carlo true Fisher and the GGN):
   inverse and EK-FAC (:func:`kfac_factors`, :func:`decompose`, ...);
 * :mod:`.blocks` — the exact spectrum of every attention head's slice from kept gradients
   (:func:`block_spectra`);
-* :mod:`.compare` — the four side by side on the same samples (:func:`compare_methods`).
+* :mod:`.compare` — the four side by side on the same samples (:func:`compare_methods`), and
+  :mod:`.groups` — its K-FAC stage by groups of parameters where the per-sample gradients are not
+  held.
 
 Phase 7's ``scale_by_kfac`` and the K-FAC EWC penalty live in :mod:`fisherjax.analysis.natural`,
 QK-OV's ``variant="kfac"`` in :mod:`fisherjax.analysis.qkov`.
 """
 
-from fisherjax.curvature import blocks, compare, factors, kfac, lanczos, lowrank, products
+from fisherjax.curvature import blocks, compare, factors, groups, kfac, lanczos, lowrank, products
 from fisherjax.curvature.blocks import BlockSpectra, block_spectra, largest_blocks, slice_spectrum
 from fisherjax.curvature.compare import MethodComparison, compare_methods
 from fisherjax.curvature.factors import KFAC, HeadFactors, KroneckerFactor
@@ -47,7 +49,7 @@ from fisherjax.curvature.products import (
 __all__ = [
     "KFAC", "BlockSpectra", "Eigen", "FisherOperator", "HeadFactors", "KroneckerFactor", "MethodComparison", "Restriction",
     "attention_factors", "block_spectra", "blocks", "compare", "compare_methods", "decompose", "empirical_eigen", "factors",
-    "fisher_operator", "fisher_vector_product", "hutchinson_trace", "kfac", "kfac_factors", "kfac_inverse_product", "kfac_vector_product",
+    "fisher_operator", "fisher_vector_product", "groups", "hutchinson_trace", "kfac", "kfac_factors", "kfac_inverse_product", "kfac_vector_product",
     "lanczos", "lanczos_top_k", "largest_blocks", "lowrank", "products", "refit_eigenvalues", "restrict_block", "restrict_head",
     "restrict_layer", "restrict_paths", "restrict_union", "slice_spectrum", "spectral_density",
 ]

@@ -19,8 +19,10 @@ and ``(F v)_g`` and ``q_g = (G̃ᵀ c)_g`` from one weighted gradient of the gro
 (:func:`~fisherjax.curvature.lowrank.combined_gradient`). Per group that is one K-FAC pass
 restricted to its factors (:func:`~fisherjax.curvature.kfac.kfac_factors` with ``keys``), then a
 gradient pass per probe and per eigenvector: ``groups · (1 + probes + k)`` passes in all, the same
-numbers as with everything held. The probes are drawn leaf by leaf (:func:`probe`), so a group's
-part of one is drawn again without the rest.
+numbers as with everything held. K-FAC is block-diagonal over layers too, so a kernel whose
+factors alone are too large forms them by ranges of its layers (``kfac_factors`` with ``layers``),
+each range's kept on the host between the vector passes. The probes are drawn leaf by leaf
+(:func:`probe`), so a group's part of one is drawn again without the rest.
 """
 
 from __future__ import annotations
