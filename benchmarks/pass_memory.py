@@ -4,8 +4,9 @@ Compiles (for the parameters' shapes only: nothing is allocated) one weighted gr
 through every layer (``curvature.lowrank.pass_temporaries``) at ``rows × seq_len`` tokens and
 prints its temporaries beside the three logits-sized arrays ``compare.working_bytes`` counts
 without the samples' length; then, with ``--factors``, each unit's K-FAC factor pass
-(``curvature.kfac.batch_factor_sums`` with its keys, whole and one layer) and its gradient pass
-at one sample: what XLA says they hold and what ``curvature.groups`` with
+(``curvature.kfac.batch_factor_sums`` with its keys, whole and one layer), its products
+(``curvature.groups.lowered_products``: whole, by two ranges of layers and a layer at a time) and
+its gradient pass at one sample: what XLA says they hold and what ``curvature.groups`` with
 ``compare.working_bytes`` counts for them (marked where the count is lower).
 
 Usage: python benchmarks/pass_memory.py CONFIG [CONFIG ...] [--seq-len 512] [--rows 1 4] [--factors]
@@ -55,6 +56,12 @@ def main() -> None:
                       f"{analysis.output_size_in_bytes / 1e9:.2f} GB, temporaries {analysis.temp_size_in_bytes / 1e9:.2f} GB, held with "
                       f"the running sum {held / 1e9:.2f} GB; counted {(group.bytes + working) / 1e9:.2f} GB"
                       f"{'' if group.bytes + working >= held else '  UNDERCOUNTED'}")
+            for group in (unit, unit.by_ranges(2), unit.by_ranges(unit.layers)):
+                analysis = groups.lowered_products(model, group).compile().memory_analysis()
+                held = analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+                print(f"  {unit.paths[0]} products ({len(group.ranges) or 1} range(s) of layers): factors, D, probe and exact product "
+                      f"{analysis.argument_size_in_bytes / 1e9:.2f} GB, temporaries {analysis.temp_size_in_bytes / 1e9:.2f} GB; counted "
+                      f"{group.bytes / 1e9:.2f} GB{'' if group.bytes >= held else '  UNDERCOUNTED'}")
             analysis = lowrank.weighted_gradient_pass(model, unit.paths, 1, args.seq_len).compile().memory_analysis()
             held = analysis.output_size_in_bytes + analysis.temp_size_in_bytes
             counted = groups.GROUP_COPIES * unit.leaf_bytes + working  # its gradient is one of the copies

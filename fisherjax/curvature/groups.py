@@ -38,6 +38,7 @@ import numpy as np
 
 from fisherjax import telemetry
 from fisherjax.curvature import kfac, lowrank
+from fisherjax.curvature.factors import KroneckerFactor
 from fisherjax.data import Batch
 from fisherjax.errors import ConfigError
 from fisherjax.layout import flatten, leaf_paths, unflatten
@@ -190,30 +191,62 @@ def _squares(tree) -> jax.Array:
     return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
 
 
-def _layers_of(trees, layers):
-    """Each flat tree's leaves cut to the stacked layers ``lo ≤ l < hi`` (as they are for None)."""
+def _over_layers(body, factors, trees, layers):
+    """``body(factors, *trees)`` — or with ``layers = (lo, hi)``, its sum over the stacked layers
+    ``lo ≤ l < hi``, each taken on layer ``l`` of the flat ``trees`` and layer ``l − lo`` of the
+    factors (which hold only that range), one layer at a time (``jax.lax.map``): no range of the
+    leaves is copied, and the temporaries are one layer's."""
     if layers is None:
-        return trees
-    return tuple({p: x[layers[0] : layers[1]] for p, x in tree.items()} for tree in trees)
+        return body(factors, *trees)
+
+    def one(layer):
+        cut = tuple({p: jax.lax.dynamic_index_in_dim(x, layer, keepdims=True) for p, x in tree.items()} for tree in trees)
+        held = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, layer - layers[0], keepdims=True), factors)
+        return body(held, *cut)
+
+    return jax.lax.map(one, jnp.arange(*layers)).sum(0)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "layers"))
 def _probe_sums(factors, layout, diagonal, v, exact, layers=None):
     """``[3]``: ``‖D_g v_g − (F v)_g‖²``, ``‖F̃_g v_g − (F v)_g‖²`` and ``‖(F v)_g‖²``, over the
     layers ``(lo, hi)`` the factors hold (all for None)."""
-    diagonal, v, exact = _layers_of((diagonal, v, exact), layers)
-    kv = _group_product(factors, layout, v, diagonal, layers is not None)
-    return jnp.stack([_squares(jax.tree.map(lambda d, x, f: d * x - f, diagonal, v, exact)),
-                      _squares(jax.tree.map(jnp.subtract, kv, exact)), _squares(exact)])
+    def body(factors, diagonal, v, exact):
+        kv = _group_product(factors, layout, v, diagonal, layers is not None)
+        return jnp.stack([_squares(jax.tree.map(lambda d, x, f: d * x - f, diagonal, v, exact)),
+                          _squares(jax.tree.map(jnp.subtract, kv, exact)), _squares(exact)])
+
+    return _over_layers(body, factors, (diagonal, v, exact), layers)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "layers"))
 def _form_sums(factors, layout, diagonal, q, layers=None):
     """``[2]``: ``q_gᵀ D_g q_g`` and ``q_gᵀ F̃_g q_g``, over the layers the factors hold."""
-    diagonal, q = _layers_of((diagonal, q), layers)
-    kq = _group_product(factors, layout, q, diagonal, layers is not None)
-    return jnp.stack([sum(jnp.vdot(d * x, x) for d, x in zip(jax.tree.leaves(diagonal), jax.tree.leaves(q))),
-                      sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(q), jax.tree.leaves(kq)))])
+    def body(factors, diagonal, q):
+        kq = _group_product(factors, layout, q, diagonal, layers is not None)
+        return jnp.stack([sum(jnp.vdot(d * x, x) for d, x in zip(jax.tree.leaves(diagonal), jax.tree.leaves(q))),
+                          sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(q), jax.tree.leaves(kq)))])
+
+    return _over_layers(body, factors, (diagonal, q), layers)
+
+
+def lowered_products(model, group: ParameterGroup) -> jax.stages.Lowered:
+    """The probes' product program of ``group`` (its first range of layers, if it has ranges),
+    lowered from the shapes of its leaves and factors (nothing allocated), for XLA's memory
+    analysis: what it holds is its arguments (the factors, ``D``, the probe and its exact product)
+    and its temporaries."""
+    layers = group.ranges[0] if group.ranges else None
+    sizes = {p: np.shape(x) for p, x in flatten(model.params).items()}
+    leaves = {p: jax.ShapeDtypeStruct(sizes[p], jnp.float32) for p in group.paths}
+    count = None if layers is None else layers[1] - layers[0]
+    factors = {}
+    for site in kfac.chosen_sites(model, group.keys):
+        shape = sizes[site.kernel]
+        d_in, d_out = shape[-2] + (site.bias is not None), len(site.columns) if site.columns is not None else shape[-1]
+        lead = shape[:-2] if count is None else (count,)
+        factors[site.key] = KroneckerFactor(jax.ShapeDtypeStruct((*lead, d_in, d_in), jnp.float32),
+                                            jax.ShapeDtypeStruct((*lead, d_out, d_out), jnp.float32), site.kernel, site.bias, site.block)
+    return _probe_sums.lower(factors, model.layout, leaves, leaves, leaves, layers)
 
 
 @dataclasses.dataclass(frozen=True)
