@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Sequence
 
 import jax
@@ -171,7 +172,8 @@ def combined_gradient(model, params, batches: Sequence[Batch], c, paths: Sequenc
     n = count_samples(batches)
     c = np.asarray(c, np.float64).reshape(-1)
     paths = tuple(leaf_paths(params)) if paths is None else tuple(paths)
-    total, start = None, 0
+    flat, start = flatten(params), 0
+    total = {p: jnp.zeros(np.shape(flat[p]), jnp.float32) for p in paths}  # one program for every batch
     for batch in batches:
         rows = len(batch.sample_ids)
         total = _weighted_gradient(model, paths, params, batch.input_ids, batch.attention_mask, batch.labels,
@@ -195,7 +197,7 @@ def gradients_times(model, params, batches: Sequence[Batch], v) -> np.ndarray:
 @functools.partial(jax.jit, static_argnums=(0, 1, 8), donate_argnums=(9,))
 def _weighted_gradient(model, paths, params, ids, mask, labels, sample_ids, c, n, total):
     """``total + Σ_i c_i g_i / sqrt(n T_i)`` over one batch on the leaves ``paths``, flat float32
-    (``total`` None on the first batch; rows without a sample id or a predicted token weigh 0)."""
+    (rows without a sample id or a predicted token weigh 0)."""
     flat = flatten(params)
 
     def loss(chosen):
@@ -204,8 +206,7 @@ def _weighted_gradient(model, paths, params, ids, mask, labels, sample_ids, c, n
         return jnp.sum(weights * losses.astype(jnp.float32))
 
     grads = jax.grad(loss)({p: flat[p] for p in paths})
-    grads = {p: g.astype(jnp.float32) for p, g in grads.items()}
-    return grads if total is None else jax.tree.map(jnp.add, total, grads)
+    return {p: total[p] + g.astype(jnp.float32) for p, g in grads.items()}
 
 
 def weighted_gradient_pass(model, paths: Sequence[str], rows: int, seq_len: int) -> jax.stages.Lowered:
@@ -214,10 +215,16 @@ def weighted_gradient_pass(model, paths: Sequence[str], rows: int, seq_len: int)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), model.params)
     ids = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32)
     row = jax.ShapeDtypeStruct((rows,), jnp.int32)
-    return _weighted_gradient.lower(model, tuple(paths), params, ids, ids, ids, row, jax.ShapeDtypeStruct((rows,), jnp.float32), 1, None)
+    flat = flatten(params)
+    total = {p: jax.ShapeDtypeStruct(flat[p].shape, jnp.float32) for p in paths}
+    return _weighted_gradient.lower(model, tuple(paths), params, ids, ids, ids, row, jax.ShapeDtypeStruct((rows,), jnp.float32), 1, total)
 
 
-@functools.lru_cache(maxsize=32)
+_TEMPORARIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+""":func:`pass_temporaries` already measured, per model (weakly held: a dropped model's parameters
+are not kept alive by it) and ``(rows, seq_len)``."""
+
+
 def pass_temporaries(model, rows: int, seq_len: int) -> int | None:
     """XLA's temporaries (``memory_analysis().temp_size_in_bytes``, on the default backend) of one
     weighted gradient pass (:func:`combined_gradient`) over ``rows × seq_len`` tokens that
@@ -225,6 +232,13 @@ def pass_temporaries(model, rows: int, seq_len: int) -> int | None:
     activations the backward keeps and the logits' working arrays, what a pass holds beside its
     inputs and outputs. Compiled once per model and shape from the parameters' shapes (nothing is
     allocated); None where the backend does not report it."""
+    known = _TEMPORARIES.setdefault(model, {})
+    if (rows, seq_len) not in known:
+        known[rows, seq_len] = _measured_temporaries(model, rows, seq_len)
+    return known[rows, seq_len]
+
+
+def _measured_temporaries(model, rows: int, seq_len: int) -> int | None:
     flat, specs = flatten(model.params), model.layout.specs
     layered = [p for p in flat if specs[p].layered or specs[p].layer == 0] or list(flat)  # the first layer's
     path = min(layered, key=lambda p: math.prod(np.shape(flat[p])))
