@@ -198,13 +198,23 @@ def process_min(values: np.ndarray) -> np.ndarray:
 
 
 def _every_process(values: np.ndarray) -> np.ndarray:
-    """``[processes, *shape]``: every process's ``values`` (``multihost_utils.process_allgather``;
-    on one host, its own with a leading axis of 1)."""
-    if jax.process_count() == 1:
-        return np.asarray(values)[None]
+    """``[processes, *shape]``: every process's ``values`` (:func:`_allgather`; on one host, its
+    own with a leading axis of 1)."""
+    values = np.ascontiguousarray(values)
+    return values[None] if jax.process_count() == 1 else _allgather(values)
+
+
+def _allgather(x: np.ndarray) -> np.ndarray:
+    """``multihost_utils.process_allgather`` of a host array, ``[processes, *shape]``, exactly:
+    64-bit values go as pairs of 32-bit words, since JAX without ``jax_enable_x64`` narrows int64 to
+    int32 (a host's memory in bytes wrapped negative) and float64 to float32."""
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(np.asarray(values)))
+    x = np.ascontiguousarray(x)
+    if x.dtype.itemsize != 8:
+        return np.asarray(multihost_utils.process_allgather(x))
+    words = np.asarray(multihost_utils.process_allgather(x.reshape(-1).view(np.uint32)))
+    return np.ascontiguousarray(words).view(x.dtype).reshape(jax.process_count(), *x.shape)
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
@@ -221,22 +231,19 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 
 def gather_rows(tree):
     """Arrays of which each process holds some rows (its share of the samples), joined on every
-    process in process order: ``[Σ_p n_p, ...]`` (the tree itself on one process). Shares may
-    differ in length: each is padded to the longest for ``process_allgather`` and cut back."""
+    process in process order: ``[Σ_p n_p, ...]`` (the tree itself on one process), exactly
+    (:func:`_allgather`). Shares may differ in length: each is padded to the longest and cut back."""
     if jax.process_count() == 1:
         return tree
-    from jax.experimental import multihost_utils
-
     leaves, treedef = jax.tree.flatten(tree)
     if not leaves:
         return tree
-    n = len(leaves[0])
-    counts = np.asarray(multihost_utils.process_allgather(np.array([n], np.int64))).reshape(-1)
+    counts = _allgather(np.array([len(leaves[0])], np.int64)).reshape(-1)
     longest = int(counts.max())
     joined = []
     for leaf in leaves:
         x = np.asarray(leaf)
-        every = np.asarray(multihost_utils.process_allgather(pad_rows(x, longest))).reshape(len(counts), longest, *x.shape[1:])
+        every = _allgather(pad_rows(x, longest)).reshape(len(counts), longest, *x.shape[1:])
         joined.append(np.concatenate([every[p, :c] for p, c in enumerate(counts)]))
     return jax.tree.unflatten(treedef, joined)
 

@@ -52,6 +52,11 @@ def main(mode: str, out: str, processes: int, process_id: int, port: int) -> Non
     arrays.update({"grads|" + k: np.asarray(v) for k, v in fisher.sample_grads.grads.items()})
     arrays["ids"] = fisher.sample_ids
     arrays["counts"] = np.array([fisher.n_samples, fisher.n_tokens, jax.process_count(), len(jax.devices())])
+    # 64-bit values across processes, exactly (JAX without x64 would narrow them to 32 bits)
+    arrays["least_bytes"] = sharding.process_min(np.array([5_000_000_000 + process_id, -process_id], np.int64))
+    arrays["summed"] = sharding.process_sum(np.array([2.0**40 + 0.5], np.float64))
+    arrays["gathered"] = sharding.gather_rows(np.arange(process_id, dtype=np.float64) + 2.0**40 + 0.5)  # process 0's share is empty
+    arrays["none"] = sharding.gather_rows(np.zeros(0, np.int64))  # every share empty (no skipped samples)
     np.savez(os.path.join(out, f"result-{process_id}.npz"), **arrays)
 
 

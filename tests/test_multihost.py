@@ -60,7 +60,7 @@ def _results(out: Path, processes: int) -> dict:
     parts = [np.load(out / f"result-{i}.npz") for i in range(processes)]
     for part in parts[1:]:
         for key in part.files:
-            if key.split("|")[0] in ("groups", "m2", "diagonal", "counts"):
+            if key.split("|")[0] in ("groups", "m2", "diagonal", "counts", "least_bytes", "summed", "gathered"):
                 np.testing.assert_array_equal(part[key], parts[0][key], err_msg=key)
     ids = np.concatenate([p["ids"] for p in parts])
     order = np.argsort(ids, kind="stable")
@@ -87,6 +87,9 @@ def test_two_processes_equal_one(tmp_path):
     _finish(_launch("straight", tmp_path / "two", 2))
     two = _results(tmp_path / "two", 2)
     assert list(two["counts"]) == [22, int(one["counts"][1]), 2, 4] and one["counts"][0] == 22
+    assert list(two["least_bytes"]) == [5_000_000_000, -1] and list(two["summed"]) == [2 * (2.0**40 + 0.5)]
+    assert list(one["least_bytes"]) == [5_000_000_000, 0] and list(one["summed"]) == [2.0**40 + 0.5]
+    assert list(two["gathered"]) == [2.0**40 + 0.5] and one["gathered"].shape == two["none"].shape == (0,)
     np.testing.assert_array_equal(two["ids"], one["ids"])
     shares = [np.load(tmp_path / "two" / f"result-{i}.npz")["ids"] for i in range(2)]
     assert all(0 < len(s) < 22 for s in shares) and not set(shares[0]) & set(shares[1])

@@ -341,10 +341,10 @@ def compare_methods(
     if gram:
         slices = gram_slices(model, sum(len(b.sample_ids) for b in batches), options.sample_grads_dtype, memory_bytes,
                              *pass_tokens(batches))
-    # without G̃ held every pass after the diagonal's goes as many samples at a time as its working memory fits
-    if slices is not None:
+    rows = batches
+    if slices is not None:  # K-FAC's stage by groups, its passes as many samples at a time as fit (refused here if none fit)
         per_pass, parts = stage_plan(model, memory_bytes, max(len(b.sample_ids) for b in batches), pass_tokens(batches)[1])
-    rows = batches if slices is None else [piece for batch in batches for piece in batch.pieces(per_pass)]
+        rows = [piece for batch in batches for piece in batch.pieces(per_pass)]
 
     # ---- the four methods, each measured ----------------------------------------------------
     # One Phase 1 pass gives the diagonal and the attention gradients the block spectra read; the
