@@ -210,10 +210,10 @@ there are only the per-sample gradient passes' own arrays, budgeted at
 def stream_bytes(model) -> int:
     """Bytes the comparison holds at least, beside a pass's working memory, after a Gram formed in
     column slices (:func:`gram_slices`), when K-FAC's stage goes by groups of parameters
-    (:mod:`fisherjax.curvature.groups`): the larger of its largest group
-    (:func:`~fisherjax.curvature.groups.least_group_bytes`: one kernel's factors and
-    :data:`~fisherjax.curvature.groups.GROUP_COPIES` copies of its leaves) and the one model-sized
-    float32 probe it differentiates along whole."""
+    (:mod:`fisherjax.curvature.groups`): the larger of its largest unit
+    (:func:`~fisherjax.curvature.groups.least_group_bytes`: one kernel's factors a layer at a time
+    and :data:`~fisherjax.curvature.groups.GROUP_COPIES` copies of its leaves) and the one
+    model-sized float32 probe it differentiates along whole."""
     return max(4 * int(model.num_params), groups.least_group_bytes(model))
 
 
