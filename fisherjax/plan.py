@@ -388,7 +388,7 @@ def curvature_plan(model: Model, forward: ForwardFlops, samples: int, free_bytes
     flops = curvature_flops(forward, n, size, k, slices=slices, groups=groups, factor_passes=factor_passes or None)
     return CurvaturePlan(
         samples=n, k=k, gram=gram, peak_bytes=peak, least_bytes=lowest,
-        stream_bytes=float(compare.stream_bytes(model) + compare.working_bytes(model, seq_len, seq_len)),
+        stream_bytes=float(compare.stream_bytes(model, seq_len)),
         free_bytes=float(free_bytes), skip=skip, forced_skip=forced_skip,
         slices=slices, groups=groups, factor_passes=factor_passes, fit_samples=fit[0], fit_k=fit[1], flops=flops, seconds=flops / rate,
     )
@@ -615,6 +615,7 @@ def plan(
     comparison = curvature_plan(model, forward, samples, limit - parameter_bytes(model), one_device, dtype, defaults, seq_len)
     seconds = dict(phase1=phase1 / rate, heads=heads_work / one_device, masks=masks_work / one_device,
                    phase5=phase5 / rate, phase6=phase6 / rate, curvature=comparison.seconds if comparison.skip is None else 0.0)
+    pair_scores = qkov.scores_bytes(samples, samples, layout)
     return Plan(
         model_type=config.model_type,
         parameters=model.num_params,
@@ -657,8 +658,8 @@ def plan(
         phase5_scope=phase5_scope,
         phase5_test_values=tested,
         phase5_test_core_seconds=math.comb(tasks, 2) * group_test_core_seconds(samples, samples, tested_groups),
-        phase6_scores_bytes=float(qkov.scores_bytes(samples, samples, layout)),
-        phase6_output_bytes=float(tasks * (tasks - 1) * qkov.scores_bytes(samples, samples, layout) * (samples >= score.min_fisher_samples)),
+        phase6_scores_bytes=float(pair_scores),
+        phase6_output_bytes=float(tasks * (tasks - 1) * pair_scores * (samples >= score.min_fisher_samples)),
         throughput_tflops=tflops,
         throughput_assumed=throughput_tflops is None,
         phase5_seconds=seconds["phase5"],

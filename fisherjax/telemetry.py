@@ -111,7 +111,12 @@ def total(stretches: Sequence[Stretch]) -> Stretch:
         compiled.update(dict(s.compiled))
     return Stretch(sum(s.seconds for s in stretches), rss, rss_scope, device, device_scope,
                    sum(s.compilations for s in stretches), sum(s.cache_hits for s in stretches),
-                   sum(s.compile_seconds for s in stretches), sum(s.trace_seconds for s in stretches), tuple(sorted(compiled.items(), key=lambda kv: (-kv[1], kv[0]))))
+                   sum(s.compile_seconds for s in stretches), sum(s.trace_seconds for s in stretches), _most_first(compiled))
+
+
+def _most_first(counts) -> tuple[tuple[str, int], ...]:
+    """``Stretch.compiled``: the names by count, most first, ties by name."""
+    return tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def measure(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, Stretch]:
@@ -298,7 +303,7 @@ class Meter:
             cache_hits=hits,
             compile_seconds=compile_seconds,
             trace_seconds=trace_seconds,
-            compiled=tuple(sorted(names.items(), key=lambda kv: (-kv[1], kv[0]))),
+            compiled=_most_first(names),
         )
 
     def abandon(self) -> None:

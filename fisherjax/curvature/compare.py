@@ -207,14 +207,16 @@ there are only the per-sample gradient passes' own arrays, budgeted at
 :data:`GRADIENT_BUDGET_BYTES`; one model copy is the headroom kept for them."""
 
 
-def stream_bytes(model) -> int:
-    """Bytes the comparison holds at least, beside a pass's working memory, after a Gram formed in
-    column slices (:func:`gram_slices`), when K-FAC's stage goes by groups of parameters
+def stream_bytes(model, sample_tokens: int = 0) -> int:
+    """Bytes the comparison holds at least, with a pass over one sample of ``sample_tokens`` tokens
+    (:func:`working_bytes`; none for 0), after a Gram formed in column slices
+    (:func:`gram_slices`), when K-FAC's stage goes by groups of parameters
     (:mod:`fisherjax.curvature.groups`): the larger of its largest unit
     (:func:`~fisherjax.curvature.groups.least_group_bytes`: one kernel's factors a layer at a time
     and :data:`~fisherjax.curvature.groups.GROUP_COPIES` copies of its leaves) and the one
     model-sized float32 probe it differentiates along whole."""
-    return max(4 * int(model.num_params), groups.least_group_bytes(model))
+    held = max(4 * int(model.num_params), groups.least_group_bytes(model))
+    return held + working_bytes(model, sample_tokens, sample_tokens or None)
 
 
 def least_bytes(model, k: int, steps: int | None = None, n: int | None = None, sample_grads_dtype: str = "float32",
@@ -241,14 +243,14 @@ def gram_slices(model, rows: int, sample_grads_dtype: str = "float32", memory_by
     :data:`SLICE_COPIES` and passes over ``sample_tokens`` (:func:`pass_tokens`).
 
     Raises:
-      ConfigError: :func:`stream_bytes` with a pass over ``sample_tokens`` is more than
+      ConfigError: :func:`stream_bytes` at ``sample_tokens`` is more than
         ``memory_bytes``, or the slices would be more than :data:`MAX_GRAM_SLICES` (the memory is
         below :func:`least_bytes`).
     """
     size, itemsize = int(model.num_params), jnp.dtype(gram_dtype(sample_grads_dtype)).itemsize
     if memory_bytes is None or rows * size * itemsize + rest_bytes(model, tokens, sample_tokens or None) <= memory_bytes:
         return None
-    least = stream_bytes(model) + working_bytes(model, sample_tokens, sample_tokens)
+    least = stream_bytes(model, sample_tokens)
     if least > memory_bytes:
         raise ConfigError(f"the method comparison's K-FAC stage takes at least {least / 1e9:.1f} GB (its largest group of "
                           f"factors and parameters, or one model-sized probe), more than its {memory_bytes / 1e9:.1f} GB: "

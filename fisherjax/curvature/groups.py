@@ -238,12 +238,10 @@ def lowered_products(model, group: ParameterGroup) -> jax.stages.Lowered:
     layers = group.ranges[0] if group.ranges else None
     sizes = {p: np.shape(x) for p, x in flatten(model.params).items()}
     leaves = {p: jax.ShapeDtypeStruct(sizes[p], jnp.float32) for p in group.paths}
-    count = None if layers is None else layers[1] - layers[0]
     factors = {}
     for site in kfac.chosen_sites(model, group.keys):
-        shape = sizes[site.kernel]
-        d_in, d_out = shape[-2] + (site.bias is not None), len(site.columns) if site.columns is not None else shape[-1]
-        lead = shape[:-2] if count is None else (count,)
+        stacked, d_in, d_out = kfac.factor_dims(model, site)
+        lead = () if stacked is None else ((stacked,) if layers is None else (layers[1] - layers[0],))
         factors[site.key] = KroneckerFactor(jax.ShapeDtypeStruct((*lead, d_in, d_in), jnp.float32),
                                             jax.ShapeDtypeStruct((*lead, d_out, d_out), jnp.float32), site.kernel, site.bias, site.block)
     return _probe_sums.lower(factors, model.layout, leaves, leaves, leaves, layers)

@@ -221,16 +221,22 @@ def chosen_sites(model, keys: Iterable[str] | None = None) -> tuple[FactorSite, 
     return tuple(fs for fs in sites if fs.key in keys)
 
 
+def factor_dims(model, site: FactorSite) -> tuple[int | None, int, int]:
+    """``(layers, d_in(+1), d_out)`` of one site's factors ``A [(layers,) i, i]``, ``G [(layers,) o,
+    o]``: the stacked layers (None for an unstacked leaf), the kernel's input width with the bias
+    coordinate, and its output width (a fused QKV block's own columns)."""
+    spec = model.layout.specs[site.kernel]
+    d_out = len(site.columns) if site.columns is not None else spec.shape[-1]
+    return (spec.shape[0] if spec.layered else None), spec.shape[-2] + (site.bias is not None), d_out
+
+
 def factor_floats(model, keys: Iterable[str] | None = None) -> int:
     """Floats the K-FAC factors of ``model`` (those in ``keys``: :func:`chosen_sites`) take,
-    ``layers · ((d_in + bias)² + d_out²)`` each (a fused QKV block's ``d_out`` its own columns)."""
+    ``layers · ((d_in + bias)² + d_out²)`` each (:func:`factor_dims`)."""
     total = 0
     for site in chosen_sites(model, keys):
-        spec = model.layout.specs[site.kernel]
-        layers = spec.shape[0] if spec.layered else 1
-        d_in = spec.shape[-2] + (site.bias is not None)
-        d_out = len(site.columns) if site.columns is not None else spec.shape[-1]
-        total += layers * (d_in * d_in + d_out * d_out)
+        layers, d_in, d_out = factor_dims(model, site)
+        total += (layers or 1) * (d_in * d_in + d_out * d_out)
     return total
 
 
