@@ -23,7 +23,7 @@ import platform
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 from pathlib import Path
 
@@ -627,44 +627,75 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
     head averages, and a permutation test of A-vs-B against A-vs-A' (A split in two halves, BH
     FDR across cells). A task whose Fisher would rest on fewer than ``min_fisher_samples``
     samples (or whose fit half would) is skipped with the reason. Writes ``qkov.npz`` (keys
-    ``A|B|array``).
+    ``A|B|array``). A pair of tasks is computed both ways at once (:func:`qkov_ways`), then each
+    direction is written, summarised and drawn before the next pair is computed.
     """
+    config = ctx.config
+    kernel = config.kernel_options()
+    summaries, drawn, factors = {}, {}, {}
+    with outdir.NpzWriter(out / "qkov.npz") if out is not None else contextlib.nullcontext() as arrays:
+        for name_a, name_b in itertools.combinations(ctx.fishers, 2):
+            for (a, b), (result, test) in zip(((name_a, name_b), (name_b, name_a)), qkov_ways(ctx, name_a, name_b, factors)):
+                if isinstance(result, str):  # a quick run on a few samples still gets the other phases
+                    summaries[a, b] = {"skipped": result}
+                    continue
+                if arrays is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
+                    arrays.add({f"{a}|{b}|{k}": v for k, v in qkov.to_arrays(result).items()})
+                summary = qkov_report.summary(result, top_k=config.top_k, labels=ctx.labels)
+                summary["kernel"] = dataclasses.asdict(kernel)
+                summary["bootstrap"] = qkov_report.bootstrap_summary(qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=config.seed))
+                summary["permutation_test"] = {"skipped": test} if isinstance(test, str) else qkov_report.permutation_summary(test, result)
+                summaries[a, b], drawn[a, b] = summary, qkov_report.figures(result, ctx.labels)
+                del result, test  # written, summarised, drawn
+    order = [pair for pair in itertools.permutations(ctx.fishers, 2) if pair in summaries]
+    return qkov_report.section({pair: summaries[pair] for pair in order}, {pair: drawn[pair] for pair in order if pair in drawn})
+
+
+def qkov_ways(ctx: Context, name_a: str, name_b: str, factors: dict) -> Iterator[tuple]:
+    """Phase 6 of a task pair, each ordered pair in turn (A ← B, then B ← A): ``(heatmap,
+    permutation test)``, where either may be the reason it was skipped instead.
+
+    On one device with a diagonal variant, :func:`fisherjax.analysis.qkov.both_ways` computes both
+    directions from one formation of each task's kept samples (or, where that does not fit, one
+    direction at a time); otherwise each direction is its own heatmap and test (task A's K-FAC for
+    ``--qkov-variant kfac``, kept in ``factors`` for the task's other pairs; the mesh's tiles),
+    holding one direction's scores at a time."""
     layout, config = ctx.model.layout, ctx.config
     score, kernel = config.score_options(), config.kernel_options()
     needed = score.min_fisher_samples
-    summaries, drawn, factors = {}, {}, {}
-    with outdir.NpzWriter(out / "qkov.npz") if out is not None else contextlib.nullcontext() as arrays:
-        for name_a, name_b in itertools.permutations(ctx.fishers, 2):
-            fa, fb = ctx.fishers[name_a], ctx.fishers[name_b]
-            n_a = len(fa.sample_grads)
-            if n_a < needed:  # a quick run on a few samples still gets the other phases
-                summaries[name_a, name_b] = {"skipped": f"{name_a} has {n_a} samples with active tokens; its Fisher needs at least {needed}"}
-                continue
-            curvature = score.variant in qkov.CURVATURE_VARIANTS  # task A's K-FAC (its factors on one device, the heatmap on the mesh)
-            if curvature and name_a not in factors:
-                factors[name_a] = attention_kfac(ctx, name_a)
-            result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress,
-                                  mesh=ctx.mesh, kfac=factors.get(name_a))
-            if arrays is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
-                arrays.add({f"{name_a}|{name_b}|{k}": v for k, v in qkov.to_arrays(result).items()})
-            summary = qkov_report.summary(result, top_k=config.top_k, labels=ctx.labels)
-            summary["kernel"] = dataclasses.asdict(kernel)
-            summary["bootstrap"] = qkov_report.bootstrap_summary(qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=config.seed))
-            fit, heldout = qkov.heldout_rows(fa, 0.5, seed=config.seed)
-            if curvature:
-                summary["permutation_test"] = {"skipped": f"the permutation test's null rests on the diagonal Fisher of {name_a}; "
-                                                          f"it does not take --qkov-variant {score.variant}"}
-            elif len(fit) < needed:
-                summary["permutation_test"] = {"skipped": f"{name_a} has {len(fit) + len(heldout)} samples with active tokens; its fit "
-                                                          f"half ({len(fit)}) needs at least {needed} for a stable Fisher"}
-            else:
-                test = qkov.heldout_permutation_test(fa, fb, layout, fraction=0.5, split_seed=config.seed, n_permutations=1000,
-                                                     seed=config.seed, score=score, kernel=kernel, progress=config.progress, mesh=ctx.mesh)
-                summary["permutation_test"] = qkov_report.permutation_summary(test, result)
-                del test
-            summaries[name_a, name_b], drawn[name_a, name_b] = summary, qkov_report.figures(result, ctx.labels)
-            del result  # one ordered pair's [block, layer, n_a, n_b, head] scores at a time: written, summarised, drawn
-    return qkov_report.section(summaries, drawn)
+    curvature = score.variant in qkov.CURVATURE_VARIANTS
+    skips, tested = {}, {}
+    for a in (name_a, name_b):
+        n = len(ctx.fishers[a].sample_grads)
+        if n < needed:
+            skips[a] = f"{a} has {n} samples with active tokens; its Fisher needs at least {needed}"
+        if curvature:
+            tested[a] = (f"the permutation test's null rests on the diagonal Fisher of {a}; it does not take --qkov-variant "
+                         f"{score.variant}")
+        elif not work.qkov_tested(n, needed):
+            fit = n - int(round(work.HELDOUT * n))
+            tested[a] = f"{a} has {n} samples with active tokens; its fit half ({fit}) needs at least {needed} for a stable Fisher"
+        else:
+            tested[a] = True
+    test_options = dict(fraction=work.HELDOUT, split_seed=config.seed, n_permutations=1000, seed=config.seed, score=score, kernel=kernel,
+                        progress=config.progress)
+    if ctx.mesh is None and not curvature and not skips:
+        ways = qkov.both_ways(ctx.fishers[name_a], ctx.fishers[name_b], layout, test=[tested[a] is True for a in (name_a, name_b)],
+                              **test_options)
+        for a, way in zip((name_a, name_b), ways):
+            yield way.heatmap, way.test if tested[a] is True else tested[a]
+        return
+    for a, b in ((name_a, name_b), (name_b, name_a)):
+        if a in skips:
+            yield skips[a], None
+            continue
+        fa, fb = ctx.fishers[a], ctx.fishers[b]
+        if curvature and a not in factors:  # task A's K-FAC (its factors on one device, the heatmap on the mesh)
+            factors[a] = attention_kfac(ctx, a)
+        result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress, mesh=ctx.mesh, kfac=factors.get(a))
+        test = tested[a] if tested[a] is not True else qkov.heldout_permutation_test(fa, fb, layout, mesh=ctx.mesh, **test_options)
+        yield result, test
+        del result, test
 
 
 def attention_kfac(ctx: Context, name: str) -> dict:
@@ -950,8 +981,8 @@ def pair_work(ctx: Context) -> dict[str, float]:
     if not kept or any(grads is None for grads in kept.values()):
         return {}
     sizes = {name: len(grads) for name, grads in kept.items()}
-    features = max(sum(math.prod(np.shape(leaf)) for leaf in grads.grads.values()) for grads in kept.values())
-    reform = {name: work.reform_flops((leaf.shape, leaf.inputs.shape[-2]) for leaf in grads.grads.values()
+    features = max(sum(math.prod(np.shape(leaf)[1:]) for leaf in grads.grads.values()) for grads in kept.values())  # a sample's
+    reform = {name: work.reform_flops((leaf.shape[1:], leaf.inputs.shape[-2]) for leaf in grads.grads.values()  # one sample's
                                       if isinstance(leaf, FactoredGrads)) for name, grads in kept.items()}
     counted = {"conflicts": 0.0, "qkov": 0.0}
     if "conflicts" in phases:
@@ -964,7 +995,11 @@ def pair_work(ctx: Context) -> dict[str, float]:
         score = ctx.config.score_options()
         needed = score.min_fisher_samples
         for a, b in itertools.permutations(kept, 2):
-            reads_a, reads_b = work.qkov_pair_reads(sizes[a], sizes[b], needed, ctx.fishers[a].diagonal is not None)
+            formed_once = (ctx.mesh is None and score.variant not in qkov.CURVATURE_VARIANTS and min(sizes[a], sizes[b]) >= needed
+                           and qkov.formed_once(sizes[a], sizes[b], ctx.model.layout, test=[work.qkov_tested(sizes[t], needed) for t in (a, b)],
+                                                stores_per_task=1 if all(kept[t].derived for t in (a, b)) else 2, score=score,
+                                                kernel=ctx.config.kernel_options()))
+            reads_a, reads_b = work.qkov_pair_reads(sizes[a], sizes[b], needed, ctx.fishers[a].diagonal is not None, formed_once)
             counted["qkov"] += (work.qkov_pair_flops(sizes[a], sizes[b], ctx.model.layout, score.include_bias, needed)
                                 + reads_a * reform[a] + reads_b * reform[b])
     return {phase: flops for phase, flops in counted.items() if flops > 0}  # a phase that tested no pair has no rate

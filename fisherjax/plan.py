@@ -62,7 +62,7 @@ from fisherjax.settings import check
 from fisherjax.sharding import DATA, MODEL, data_size, make_mesh, param_spec
 from fisherjax.work import (
     COLLECT_FORWARDS, ForwardFlops, collect_flops, conflict_pair_flops, curvature_flops, forward_flops, heads_flops, masks_flops,
-    qkov_pair_flops, qkov_pair_reads,
+    qkov_pair_flops, qkov_pair_reads, qkov_tested,
 )
 from fisherjax.work import reform_flops as work_reform_flops
 
@@ -438,10 +438,11 @@ def conflict_bytes_read(n: int, tasks: int, features: int, references: int, dtyp
     return conflict_sample_reads(n, tasks, references, chunk, data) * width * features
 
 
-def qkov_sample_reads(n: int, tasks: int, min_samples: int, diagonal: bool = True) -> float:
+def qkov_sample_reads(n: int, tasks: int, min_samples: int, diagonal: bool = True, formed_once: bool = False) -> float:
     """Samples Phase 6 reads from the kept-gradient storage, at least: ``tasks · (tasks − 1)``
-    ordered pairs of :func:`fisherjax.work.qkov_pair_reads`."""
-    return float(tasks * (tasks - 1) * sum(qkov_pair_reads(n, n, min_samples, diagonal)))
+    ordered pairs of :func:`fisherjax.work.qkov_pair_reads` (``formed_once``: each pair's two
+    directions computed together, :func:`fisherjax.analysis.qkov.formed_once`)."""
+    return float(tasks * (tasks - 1) * sum(qkov_pair_reads(n, n, min_samples, diagonal, formed_once)))
 
 
 def reference_grams(conflicts: ConflictOptions) -> int:
@@ -598,7 +599,10 @@ def plan(
     score = qkov.ScoreOptions()
     reform = reform_flops(layout, options, seq_len)
     phase5_reform = conflict_sample_reads(samples, tasks, references, chunk, data) * reform
-    phase6_reform = qkov_sample_reads(samples, tasks, score.min_fisher_samples, options.diagonal) * reform
+    qkov_tests = qkov_tested(samples, score.min_fisher_samples)
+    formed_once = devices == 1 and samples >= score.min_fisher_samples and qkov.formed_once(
+        samples, samples, layout, test=(qkov_tests, qkov_tests), stores_per_task=1 if options.fisher_type == "empirical" else 2, score=score)
+    phase6_reform = qkov_sample_reads(samples, tasks, score.min_fisher_samples, options.diagonal, formed_once) * reform
     phase5 = conflict_flops(samples, tasks, kept, references) + phase5_reform
     tested_groups = groups if phase5_scope == "groups" else 1
     tested = math.comb(tasks, 2) * group_test_values(samples, samples, tested_groups)

@@ -136,6 +136,14 @@ def conflict_pair_flops(n_a: int, n_b: int, features: int, within: Sequence[int]
     return 2.0 * features * (n_a * n_b + sum(n * n for n in within))
 
 
+def qkov_tested(n: int, needed: int) -> bool:
+    """Whether Phase 6 tests a task of ``n`` kept samples: its held-out split
+    (:func:`fisherjax.analysis.qkov.heldout_rows` at :data:`HELDOUT`) has both halves, and the fit
+    half's Fisher rests on at least ``needed`` samples."""
+    held = int(round(HELDOUT * n))
+    return 0 < held < n and n - held >= needed
+
+
 def qkov_pair_flops(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool, min_samples: int) -> float:
     """One ordered pair's Phase 6 GEMMs: the heatmap and the permutation test's two score arrays
     (fit half ``f`` of A against B and against the held-out half ``h``):
@@ -154,22 +162,31 @@ def qkov_pair_flops(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool,
     return work
 
 
-def qkov_pair_reads(n_a: int, n_b: int, min_samples: int, diagonal: bool = True) -> tuple[float, float]:
+def qkov_pair_reads(n_a: int, n_b: int, min_samples: int, diagonal: bool = True, formed_once: bool = False) -> tuple[float, float]:
     """Samples of A and of B one ordered pair of Phase 6 reads from the kept-gradient storage, at
-    least: per score array of :func:`qkov_pair_flops` A's tiles and B's once
-    (:func:`~fisherjax.analysis.qkov.tile_plan` reads B once per layer chunk whenever B fits a tile
-    beside 32 of A's samples; more often when it does not), and A's samples once more for the
-    Fisher of those kept samples — in the heatmap only without Phase 1's full ``diagonal`` (with
-    it, the heatmap weighs by that diagonal), in the permutation test's fit half always; the
-    held-out half ``h`` is A's:
+    least. A's samples are read once for the Fisher of those kept samples — in the heatmap only
+    without Phase 1's full ``diagonal`` (with it, the heatmap weighs by that diagonal), in the
+    permutation test's fit half always. Then:
 
-        A: (n_a + (n_a without the diagonal)) + 2f + (2f + h)        B: n_b + n_b
+    * ``formed_once`` (:func:`fisherjax.analysis.qkov.formed_once`: the pair's two directions
+      computed together by :func:`~fisherjax.analysis.qkov.both_ways`, which forms each sample
+      once for all six score arrays; this ordered pair counts A's):
+
+          A: n_a + (n_a without the diagonal) + f        B: 0
+
+    * else, per score array of :func:`qkov_pair_flops`, A's tiles and B's once
+      (:func:`~fisherjax.analysis.qkov.tile_plan` reads B once per layer chunk whenever B fits a
+      tile beside 32 of A's samples; more often when it does not), the held-out half ``h`` being A's:
+
+          A: (n_a + (n_a without the diagonal)) + 2f + (2f + h)        B: n_b + n_b
     """
     if n_a < min_samples:
         return 0.0, 0.0
     held = int(round(HELDOUT * n_a))
     fit = n_a - held
     tested = fit >= min_samples
+    if formed_once:
+        return float((1 if diagonal else 2) * n_a + (fit if tested else 0)), 0.0
     return float((1 if diagonal else 2) * n_a + (4 * fit + held if tested else 0)), float(n_b * (2 if tested else 1))
 
 

@@ -391,7 +391,8 @@ def test_pair_phases_hold_one_pair_at_a_time(tiny_checkpoint, tmp_path, monkeypa
     """With three tasks, Phases 5 and 6 turn each pair's result into its output (conflicts.json or
     qkov.npz entries, report lines, figures) before computing the next pair's: no earlier pair's
     ``[G, n_a, n_b]`` report or ``[block, layer, n_a, n_b, head]`` scores are alive while a later
-    pair is computed, and every pair is written."""
+    pair is computed (Phase 6 computes a pair's two directions together, ``qkov.both_ways``), and
+    every pair is written."""
     import gc
     import weakref
 
@@ -412,7 +413,16 @@ def test_pair_phases_hold_one_pair_at_a_time(tiny_checkpoint, tmp_path, monkeypa
         monkeypatch.setattr(module, name, run)
 
     watched(conflicts, "detect")
-    watched(qkov, "heatmap")
+    both_ways = qkov.both_ways
+
+    def ways(*args, **kwargs):
+        gc.collect()
+        assert all(ref() is None for ref in earlier["qkov"]), "an earlier pair's heatmap is still alive"
+        for way in both_ways(*args, **kwargs):
+            earlier["qkov"].append(weakref.ref(way.heatmap))
+            yield way
+
+    monkeypatch.setattr(qkov, "both_ways", ways)
     out = tmp_path / "out"
     assert _analyze(tiny_checkpoint, out, "--phases", "fisher,conflicts,qkov", "--task", f"again={tiny_checkpoint / 'add.jsonl'}") == 0
     assert (len(earlier["conflicts"]), len(earlier["qkov"])) == (3, 6)

@@ -254,6 +254,33 @@ def test_analyze_keeps_factors_when_asked_and_its_results_do_not_change(cli_chec
     assert "4 kernels as token factors" in (tmp_path / "factors" / "report.md").read_text()
     saved = io.load_task_fisher(tmp_path / "factors" / "fisher_state" / "add").sample_grads
     assert sum(isinstance(g, FactoredGrads) for g in saved.grads.values()) == 4
+    # The pair phases' work counts each read of a kept sample's factors as forming its gradients
+    # once: 2·T·d_in·d_out per layer and kernel of ONE sample (it once counted all of the task's).
+    from fisherjax.work import qkov_pair_reads, qkov_tested
+
+    kept = {name: io.load_task_fisher(tmp_path / "factors" / "fisher_state" / name).sample_grads for name in ("add", "words")}
+    sizes = {name: len(grads) for name, grads in kept.items()}
+    reform = {name: sum(2 * g.inputs.shape[1] * g.inputs.shape[2] * g.inputs.shape[3] * g.deltas.shape[3]  # [n, L, T, d]
+                        for g in grads.grads.values() if isinstance(g, FactoredGrads)) for name, grads in kept.items()}
+    extra = {phase: (results["factors"]["phases"][phase]["work_tflop"] - results["gradients"]["phases"][phase]["work_tflop"]) * 1e12
+             for phase in ("conflicts", "qkov")}
+    assert extra["conflicts"] == pytest.approx(sum(sizes[t] * reform[t] for t in kept), rel=1e-6)
+    import math
+
+    from fisherjax.plan import abstract_model, read_config
+    from fisherjax.work import conflict_pair_flops
+
+    layout = abstract_model(read_config(model_dir=cli_checkpoint / "model")).layout
+    features = sum(math.prod(layout.spec(p).shape) for p in attention_paths(layout))  # one sample's kept parameters
+    grams = conflict_pair_flops(sizes["add"], sizes["words"], features, (sizes["add"], sizes["words"]))
+    assert results["gradients"]["phases"]["conflicts"]["work_tflop"] * 1e12 == pytest.approx(grams, rel=1e-9)
+    # Phase 6 computes the pair both ways at once (qkov.both_ways): each task's samples formed once,
+    # its fit half once more for that half's Fisher, and (--no-diagonal) all of it for its own Fisher
+    assert qkov.formed_once(sizes["add"], sizes["words"], layout)
+    reads = [(a, b, qkov_pair_reads(sizes[a], sizes[b], 8, diagonal=False, formed_once=True)) for a, b in (("add", "words"), ("words", "add"))]
+    fit = {a: sizes[a] - round(sizes[a] / 2) if qkov_tested(sizes[a], 8) else 0 for a in sizes}  # 6 and 5 < 8: untested here
+    assert [r for _, _, r in reads] == [(2 * sizes[a] + fit[a], 0) for a, _, _ in reads]
+    assert extra["qkov"] == pytest.approx(sum(r_a * reform[a] + r_b * reform[b] for a, b, (r_a, r_b) in reads), rel=1e-6)
     scores = {form: np.load(tmp_path / form / "qkov.npz") for form in results}
     for key in scores["gradients"].files:
         reference = scores["gradients"][key]

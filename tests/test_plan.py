@@ -154,9 +154,17 @@ def test_kernels_kept_as_token_factors_change_storage_step_and_work(tiny):
 
     reform = sum(L * 2 * seq * d_in * d_out for L, d_in, d_out in shapes)  # one sample's factored kernels formed once
     assert factored.phase5_reform_flops == conflict_sample_reads(n, 2, 2, None) * reform == 2 * n * reform
-    assert factored.phase6_reform_flops == qkov_sample_reads(n, 2, 8) * reform == 2 * (2 * n + (2 * 8 + n) + (2 * 8 + 8)) * reform
+    # Phase 6 on one device computes a pair's two directions together (qkov.both_ways, which fits
+    # here): each task's samples formed once, and its fit half once more for that half's Fisher
+    assert qkov.formed_once(n, n, layout)
+    assert factored.phase6_reform_flops == qkov_sample_reads(n, 2, 8, formed_once=True) * reform == 2 * (n + 8) * reform
+    # read by separate heatmaps and tests, every score array forms what it reads
+    assert qkov_sample_reads(n, 2, 8) == 2 * (2 * n + (2 * 8 + n) + (2 * 8 + 8))
     # without Phase 1's full diagonal the heatmap forms A's kept samples once more for their Fisher
     assert qkov_sample_reads(n, 2, 8, diagonal=False) == 2 * (3 * n + (2 * 8 + n) + (2 * 8 + 8))
+    assert qkov_sample_reads(n, 2, 8, diagonal=False, formed_once=True) == 2 * (2 * n + 8)
+    # not even one layer of the shared pass fits: direction by direction
+    assert not qkov.formed_once(n, n, layout, kernel=qkov.KernelOptions(memory_budget_bytes=1e3))
     assert factored.phase5_flops - factored.phase5_reform_flops == grads.phase5_flops and grads.phase5_reform_flops == 0
     assert factored.phase6_flops - factored.phase6_reform_flops == grads.phase6_flops and grads.phase6_reform_flops == 0
     assert factored.phase5_bytes_read == 2 * n * factored.kept_values * 4

@@ -833,3 +833,63 @@ def test_bootstrap_matches_a_loop_over_replicates(family):
     np.testing.assert_allclose(interval.high, np.quantile(reps, 0.975, axis=0), rtol=1e-5)
     assert np.all(interval.low <= interval.high)
 
+
+
+def _factored(c: SampleGrads, seq: int = 5, seed: int = 0) -> SampleGrads:
+    """``c`` with its attention kernels kept as random token factors (formed on each read)."""
+    from fisherjax.fisher.factored import FactoredGrads
+
+    rng = np.random.default_rng(seed)
+    grads = dict(c.grads)
+    for path, g in c.grads.items():
+        if path.endswith("kernel"):
+            *lead, d_in, d_out = g.shape
+            grads[path] = FactoredGrads(rng.standard_normal((*lead, seq, d_in)).astype(np.float32),
+                                        rng.standard_normal((*lead, seq, d_out)).astype(np.float32) * 0.1)
+    return SampleGrads(c.sample_ids, c.tokens, grads)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("compute", [dict(contraction="looped", piece_floats=64, workers=2), dict(contraction="batched", split_k=4)],
+                         ids=["looped", "batched"])
+def test_both_ways_are_the_separate_calls_from_one_formation(family, kind, compute, monkeypatch):
+    """:func:`qkov.both_ways`: both heatmaps and both held-out permutation tests of a task pair, the
+    numbers of the four separate calls, while each kept sample's token factors are formed once per
+    layer chunk (the separate calls form them once per score array that reads them, and there are
+    six); with a memory budget too small for that pass, the separate calls themselves."""
+    from fisherjax.fisher.factored import FactoredGrads
+
+    model, _, A, B = family(kind)
+    layout = model.layout
+    A, B = _factored(A, seed=1), _factored(B, seed=2)
+    options = dict(min_fisher_samples=2, **compute)
+    formed = []
+    on_device = FactoredGrads.on_device
+
+    def counted(self, key=(), place=None, pad_to=None):
+        value = on_device(self, key, place, pad_to)
+        formed.append(value.shape[0] * value.shape[1])  # samples × layers formed
+        return value
+
+    monkeypatch.setattr(FactoredGrads, "on_device", counted)
+    kernels = sum(isinstance(g, FactoredGrads) for g in A.grads.values())
+    for budget, shared in ((2e9, True), (1e4, False)):
+        formed.clear()
+        ways = list(qkov.both_ways(A, B, layout, n_permutations=300, seed=3, split_seed=1, memory_budget_bytes=budget, **options))
+        if shared:
+            assert sum(formed) == kernels * (len(A) + len(B)) * layout.num_layers
+        else:
+            assert sum(formed) > 3 * kernels * (len(A) + len(B)) * layout.num_layers
+        for (a, b), way in zip(((A, B), (B, A)), ways):
+            alone = qkov.heatmap(a, b, layout, **options)
+            _close(way.heatmap.scores, alone.scores, rtol=1e-5)
+            _close(way.heatmap.layer_head_avg, alone.layer_head_avg, rtol=1e-5)
+            np.testing.assert_array_equal(way.heatmap.diagnostics.ridge, alone.diagnostics.ridge)
+            test = qkov.heldout_permutation_test(a, b, layout, fraction=0.5, split_seed=1, n_permutations=300, seed=3, **options)
+            _close(way.test.observed, test.observed, rtol=1e-5)
+            np.testing.assert_array_equal(way.test.pvalues, test.pvalues)
+    # A direction without its test, and the curvature variant refused.
+    ways = list(qkov.both_ways(A, B, layout, test=(False, True), n_permutations=50, **options))
+    assert ways[0].test is None and ways[1].test is not None
+    with pytest.raises(ConfigError, match="kfac"):
+        next(qkov.both_ways(A, B, layout, variant="kfac", **options))

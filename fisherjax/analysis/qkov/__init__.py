@@ -79,7 +79,8 @@ Benjamini–Hochberg q-values) and :func:`bootstrap_layer_head_avg`. What a read
 figures, report lines) is in :mod:`fisherjax.report.qkov`.
 
 Modules: :mod:`.options`, :mod:`.results`, :mod:`.interference` (heatmap, sample_pair,
-top_conflicts, flops), :mod:`.kronecker` (the K-FAC variant), :mod:`.stats`; private by purpose: ``_prepare`` (inputs → Fisher views,
+top_conflicts, flops), :mod:`.kronecker` (the K-FAC variant), :mod:`.stats`, :mod:`.pair` (a task
+pair's heatmaps and tests both ways from one formation of each task's samples); private by purpose: ``_prepare`` (inputs → Fisher views,
 weights, diagnostics), ``_operands`` (what every kernel shares), the kernels ``_batched``,
 ``_looped``, ``_pallas``, ``_tiles`` (the tile loop, which selects the kernel once) and
 ``_scores`` (sums → scores).
@@ -99,6 +100,7 @@ from fisherjax.analysis.qkov.options import (
     KernelOptions,
     ScoreOptions,
 )
+from fisherjax.analysis.qkov.pair import Way, both_ways, formed_once
 from fisherjax.analysis.qkov.results import (
     BootstrapInterval,
     PermutationResult,
@@ -128,8 +130,11 @@ __all__ = [
     "ScoreOptions",
     "ShardedScores",
     "SliceDiagnostics",
+    "Way",
+    "both_ways",
     "bootstrap_layer_head_avg",
     "flops",
+    "formed_once",
     "heatmap",
     "heldout_permutation_test",
     "heldout_rows",

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float
 
 from fisherjax.analysis.qkov._prepare import Prepared
-from fisherjax.analysis.qkov._tiles import raw_scores, sharded_raw_scores
+from fisherjax.analysis.qkov._tiles import Request, raw_scores, shared_raw_scores, sharded_raw_scores
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
 from fisherjax.errors import NumericalError
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
@@ -86,6 +86,18 @@ def all_scores(
     a_pos, b_pos = prep.a_positions, prep.b_positions
     raw = raw_scores(prep, layout, score, kernel, a_pos, b_pos, np.arange(layout.num_layers), progress=progress, desc=desc)
     return finish(raw, prep, layout, score, b_pos)
+
+
+def shared_scores(
+    requests: list[Request], layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, *, progress: bool = False, desc: str = "QK-OV"
+) -> list[Float[np.ndarray, "block layer n_a n_b heads"]] | None:
+    """Scores of each request (:func:`~._tiles.shared_raw_scores`: every stored sample formed once
+    per layer chunk for all of them, then :func:`finish`), or None where that pass does not fit
+    its memory budget."""
+    raws = shared_raw_scores(requests, layout, score, kernel, progress=progress, desc=desc)
+    if raws is None:
+        return None
+    return [finish(raws[n], r.prep, layout, score, r.b_positions) for n, r in enumerate(requests)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,6 +154,13 @@ class TileKernel(NamedTuple):
     """``(a_operand, b_operand, weights) -> {block: [layer, c_a, c_b, heads]}``."""
     most_bytes: float = float("inf")
     """The most a tile may take whatever the memory budget (:data:`LOOPED_TILE_BYTES`)."""
+    stored: Callable[[dict], dict] = lambda leaves: leaves
+    """What :func:`shared_raw_scores` keeps of a part's leaves for all its products (the looped
+    kernel's float32 leaves: a bfloat16 leaf widened once, not once per product)."""
+
+
+COPIES = {"looped": 1, "pallas": 1, "batched": 3}
+"""Float32 copies of a tile's inputs each kernel holds (:attr:`TileKernel.copies`)."""
 
 
 def select_kernel(kernel: KernelOptions, layout: ModelLayout, kinds: BlockKinds, transform_a: str, transform_b: str) -> TileKernel:
@@ -168,8 +175,8 @@ def select_kernel(kernel: KernelOptions, layout: ModelLayout, kinds: BlockKinds,
     if contraction == "looped":
         workers = kernel.workers if kernel.workers is not None else backend.available_cores()
         products = functools.partial(looped_tile, workers=workers, piece_floats=kernel.piece_floats, **statics)
-        return TileKernel("looped", 1, True, lambda planned, n: planned, float32_leaves, lambda a, b, w: products(*a, w, *b),
-                          LOOPED_TILE_BYTES)
+        return TileKernel("looped", COPIES["looped"], True, lambda planned, n: planned, float32_leaves, lambda a, b, w: products(*a, w, *b),
+                          LOOPED_TILE_BYTES, lambda leaves: float32_leaves(leaves, None, None, None)[0])
     if contraction == "pallas":
         interpret = backend.pallas_interpret()
         if interpret:
@@ -179,13 +186,13 @@ def select_kernel(kernel: KernelOptions, layout: ModelLayout, kinds: BlockKinds,
                 stacklevel=5,
             )
         products = functools.partial(pallas_tile, split_k=kernel.split_k, interpret=interpret, **statics)
-        return TileKernel("pallas", 1, True, sample_chunk, leaves_as_they_are, lambda a, b, w: products(*a, w, *b))
+        return TileKernel("pallas", COPIES["pallas"], True, sample_chunk, leaves_as_they_are, lambda a, b, w: products(*a, w, *b))
 
     def head_major_operand(leaves, scale, weights, transform):
         return leaf_operand_jit(leaves, scale, weights, layout=layout, kinds=kinds, transform=transform, split_k=kernel.split_k)
 
     return TileKernel(
-        "batched", 3, False, lambda planned, n: planned, head_major_operand, lambda a, b, w: products_jit(a, b, precision=kernel.precision)
+        "batched", COPIES["batched"], False, lambda planned, n: planned, head_major_operand, lambda a, b, w: products_jit(a, b, precision=kernel.precision)
     )
 
 
@@ -244,6 +251,127 @@ def raw_scores(
                     for block, value in tile.items():
                         out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji] = np.asarray(value)[:li, :ii, :ji]
                     bar.update()
+    return out
+
+
+class Request(NamedTuple):
+    """One score array of :func:`shared_raw_scores`: ``prep``'s weights and sides, over the samples
+    of task A at ``a_positions`` and of task B at ``b_positions`` (positions in ``prep.a`` /
+    ``prep.b``, sorted)."""
+
+    prep: Prepared
+    a_positions: np.ndarray
+    b_positions: np.ndarray
+
+
+def shared_scores_bytes(n_a: int, n_b: int, layout: ModelLayout) -> int:
+    """Bytes of one request's float32 sums ``{block: [layer, n_a, n_b, heads]}`` (query heads for
+    every block: the finished scores' size, an upper bound on the sums under grouped-query attention)."""
+    return 4 * layout.num_layers * n_a * n_b * layout.num_heads * len(ATTENTION_BLOCKS)
+
+
+def atoms(position_sets: list[np.ndarray]) -> list[np.ndarray]:
+    """The coarsest partition of the union of ``position_sets`` of which every set is a union of
+    parts (the positions grouped by which sets hold them), each part sorted: a heatmap's samples,
+    a held-out split's fit half and held half give two parts, the halves."""
+    universe = np.unique(np.concatenate(position_sets))
+    signature = np.stack([np.isin(universe, s) for s in position_sets], axis=1)
+    _, label = np.unique(signature, axis=0, return_inverse=True)
+    label = np.ravel(label)
+    return [universe[label == k] for k in range(int(label.max()) + 1)]
+
+
+def shared_layer_chunk(samples: int, weight_sets: int, floats_per_layer: int, copies: int, n_layers: int, scores_bytes: float,
+                       budget: float) -> int:
+    """Layers per chunk of :func:`shared_raw_scores`: the most (up to ``n_layers``) whose
+    ``samples`` stored samples on the device (``copies`` float32 copies each, :func:`tile_plan`'s
+    count) and ``weight_sets`` weight sets, ``floats_per_layer`` floats a layer each, fit
+    ``budget`` bytes:
+
+        ⌊budget / (4 · floats_per_layer · (copies · samples + weight_sets))⌋
+
+    0 where not even one layer fits, or where the requests' scores (``scores_bytes``, all held on
+    the host at once) take more than ``budget``."""
+    if scores_bytes > budget:
+        return 0
+    return min(n_layers, int(budget // (4 * max(floats_per_layer, 1) * (max(copies, 1) * samples + weight_sets))))
+
+
+def shared_raw_scores(
+    requests: list[Request], layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, *, progress: bool = False,
+    desc: str = "QK-OV",
+) -> list[dict[str, np.ndarray]] | None:
+    """:func:`raw_scores` of several requests over all layers — ``[{block: [layer, n_a, n_b,
+    heads]}]`` in their order — forming each stored sample once per layer chunk, where
+    :func:`raw_scores` reads a sample once per request (and a kept token factor is formed on each
+    read). A task pair's two heatmaps and two held-out permutation tests read each task's samples
+    in six score arrays; here each is formed once.
+
+    Every stored array the requests read (:func:`~._operands.side_of`) is cut into
+    :func:`atoms` of the positions its requests read; per layer chunk each atom is put on the device
+    once (:func:`device_leaves`), and each request is the products of its A atoms with its B atoms,
+    written into its rows and columns. The layer chunk is the most layers whose atoms, one weight
+    set per prepared Fisher and the kernel's working copies fit ``memory_budget_bytes``; ``None``
+    when not even one layer fits, or when the requests' scores together take more than that
+    budget on the host (then the caller reads request by request).
+    """
+    kinds = requests[0].prep.kinds
+    sources = leaf_sources(layout, kinds)
+    sides = [(side_of(r.prep.a, "a", score.variant), side_of(r.prep.b, "b", score.variant)) for r in requests]
+    stores: dict[int, tuple[Mapping, list[np.ndarray]]] = {}
+    for (a_side, b_side), r in zip(sides, requests):
+        for side, positions in ((a_side, r.a_positions), (b_side, r.b_positions)):
+            stores.setdefault(id(side.store), (side.store, []))[1].append(np.asarray(positions))
+    parts = {key: atoms(sets) for key, (_, sets) in stores.items()}
+    weight_sets = {id(r.prep.weights): r.prep.weights for r in requests}
+    n_l = layout.num_layers
+    floats_per_layer = sum(int(np.prod(w.shape[1:])) for w in requests[0].prep.weights.values())
+    tiles = select_kernel(kernel, layout, kinds, sides[0][0].transform, sides[0][1].transform)
+    scores_bytes = sum(shared_scores_bytes(len(r.a_positions), len(r.b_positions), layout) for r in requests)
+    c_l = shared_layer_chunk(sum(len(np.concatenate(p)) for p in parts.values()), len(weight_sets), floats_per_layer, tiles.copies, n_l,
+                             scores_bytes, kernel.memory_budget_bytes)
+    if c_l < 1 or any(not len(r.a_positions) or not len(r.b_positions) for r in requests):
+        return None
+    c_l = _even_chunk(c_l, n_l, lambda planned, n: planned)
+    out = [{block: np.zeros((n_l, len(r.a_positions), len(r.b_positions), layout.heads_of(block)), np.float32) for block in ATTENTION_BLOCKS}
+           for r in requests]
+
+    def inside(part, positions):  # the part's rows in a request's positions, when the part is one of its parts
+        at = np.searchsorted(positions, part)
+        return at if at.max() < len(positions) and np.array_equal(positions[at], part) else None
+
+    products = []  # (request, A's store, A's part, B's store, B's part, rows, columns)
+    for n, ((a_side, b_side), r) in enumerate(zip(sides, requests)):
+        for i, part_a in enumerate(parts[id(a_side.store)]):
+            rows = inside(part_a, r.a_positions)
+            for j, part_b in enumerate(parts[id(b_side.store)]):
+                cols = inside(part_b, r.b_positions)
+                if rows is not None and cols is not None:
+                    products.append((n, id(a_side.store), i, id(b_side.store), j, rows, cols))
+    layer_starts = range(0, n_l, c_l)
+    with progress_bar(progress, total=len(layer_starts) * len(products), desc=desc, unit="tile") as bar:
+        for l0 in layer_starts:
+            lsel = np.minimum(np.arange(l0, l0 + c_l), n_l - 1)
+            count = min(c_l, n_l - l0)
+            weights = {key: {k: jnp.asarray(w[lsel]) for k, w in ws.items()} for key, ws in weight_sets.items()}
+            leaves = {(key, i): tiles.stored(device_leaves(stores[key][0], layout, sources, part, lsel))
+                      for key, key_parts in parts.items() for i, part in enumerate(key_parts)}
+            b_operands = {}  # unweighted, so shared by every request that reads the part as task B
+
+            def operand(side: Side, store_key, part, weights_key):
+                scale = jnp.asarray(side.scale[parts[store_key][part]])
+                return tiles.operand(leaves[store_key, part], scale, None if weights_key is None else weights[weights_key], side.transform)
+
+            for n, a_key, i, b_key, j, rows, cols in products:
+                (a_side, b_side), w_key = sides[n], id(requests[n].prep.weights)
+                b_at = (b_key, j, b_side.transform, b_side.scale[parts[b_key][j]].tobytes())
+                if b_at not in b_operands:
+                    b_operands[b_at] = operand(b_side, b_key, j, None)
+                tile = tiles.products(operand(a_side, a_key, i, w_key), b_operands[b_at], weights[w_key])
+                for block, value in tile.items():
+                    out[n][block][l0 : l0 + count, rows[:, None], cols[None, :]] = np.asarray(value)[:count]
+                bar.update()
+            del leaves, b_operands
     return out
 
 

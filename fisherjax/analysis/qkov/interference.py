@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from fisherjax.analysis.qkov import _scores, kronecker
 from fisherjax.analysis.qkov._operands import block_kinds
-from fisherjax.analysis.qkov._prepare import prepare
+from fisherjax.analysis.qkov._prepare import Prepared, prepare
 from fisherjax.analysis.qkov._scores import all_scores, finish
 from fisherjax.analysis.qkov._tiles import raw_scores
 from fisherjax.analysis.qkov.options import SIGNED_VARIANTS, KernelOptions, ScoreOptions, resolve
@@ -91,9 +91,15 @@ def heatmap(
             avg = scores.mean(axis=(2, 3))
         else:
             scores, avg = ShardedScores(padded, n_a), _scores.pair_mean(padded, n_a, n_b)
-    else:
-        scores = all_scores(prep, layout, score, kernel, progress=progress, desc=desc)
-        avg = scores.mean(axis=(2, 3)) if n_a and n_b else np.zeros(scores.shape[:2] + scores.shape[-1:], np.float32)
+        return result_of(prep, scores, avg, layout.kv_head_of, score)
+    return result_from_scores(prep, all_scores(prep, layout, score, kernel, progress=progress, desc=desc), layout, score)
+
+
+def result_from_scores(prep: Prepared, scores: np.ndarray, layout: ModelLayout, score: ScoreOptions) -> QKOVResult:
+    """The :class:`QKOVResult` of a prepared heatmap and its host scores ``[block, layer, n_a, n_b,
+    head]``: ``layer_head_avg`` their mean over sample pairs (zero without pairs)."""
+    n_a, n_b = scores.shape[2:4]
+    avg = scores.mean(axis=(2, 3)) if n_a and n_b else np.zeros(scores.shape[:2] + scores.shape[-1:], np.float32)
     return result_of(prep, scores, avg, layout.kv_head_of, score)
 
 

@@ -76,7 +76,7 @@ def permutation_test(
     devices and only the column means ``[block, layer, n_b + n_held, head]`` — sums over A's rows
     across devices, float32 — are gathered. The permutations run on the host as without a mesh.
     """
-    score, kernel = _permutation_options(score, kernel, overrides)
+    score, kernel = permutation_options(score, kernel, overrides)
     with_b = prepare(task_a, task_b, layout, score)
     with_held = with_partner(with_b, task_a_heldout, layout, score, default_name=f"{with_b.name_a} (held out)")
     return _permutation(with_b, with_held, layout, score, kernel, n_permutations=n_permutations, alpha=alpha, fdr_method=fdr_method,
@@ -104,7 +104,7 @@ def heldout_permutation_test(
     ``A'`` (:func:`heldout_rows` with ``fraction``, ``split_seed``), reading both parts in place in
     ``task_a``'s stored gradients: the same numbers as ``permutation_test(*heldout_split(...))``
     without the copy of task A that split makes (all of a spilled task's gradients, in memory)."""
-    score, kernel = _permutation_options(score, kernel, overrides)
+    score, kernel = permutation_options(score, kernel, overrides)
     fit, held = heldout_rows(task_a, fraction, split_seed)
     with_b = prepare(task_a, task_b, layout, score, a_rows=fit)
     with_held = with_partner(with_b, task_a, layout, score, default_name=f"{with_b.name_a} (held out)", b_rows=held)
@@ -112,7 +112,7 @@ def heldout_permutation_test(
                         seed=seed, progress=progress, mesh=mesh)
 
 
-def _permutation_options(score, kernel, overrides) -> tuple[ScoreOptions, KernelOptions]:
+def permutation_options(score, kernel, overrides) -> tuple[ScoreOptions, KernelOptions]:
     score, kernel = resolve(score, kernel, overrides)
     if score.variant in CURVATURE_VARIANTS:
         raise ConfigError(f"qkov permutation_test does not support variant={score.variant!r} yet: its null rests on the diagonal "
@@ -127,9 +127,7 @@ def _permutation(with_b, with_held, layout, score, kernel, *, n_permutations, al
     alone, so a column's scores do not depend on the other columns: A's Fisher once, then one
     score array per partner set, not one over a host copy of B and A' joined)."""
     mesh = check_mesh(mesh)
-    n_b, n_held = len(with_b.b_positions), len(with_held.b_positions)
-    if not n_b or not n_held:
-        raise DataError("qkov permutation_test needs samples in both task B and the held-out split A'")
+    check_partners(with_b, with_held)
 
     def means_over_a(prep):  # [block, layer, n_partner, head] float64: m_j = mean_i M_ij
         desc = f"QK-OV {prep.name_b} → {prep.name_a}"
@@ -138,7 +136,22 @@ def _permutation(with_b, with_held, layout, score, kernel, *, n_permutations, al
         sums = _scores.column_sums(_scores.sharded_scores(prep, layout, score, kernel, mesh, progress=progress, desc=desc))
         return to_host(sums).astype(np.float64) / len(prep.a_positions)
 
-    column_means = np.concatenate([means_over_a(prep) for prep in (with_b, with_held)], axis=2)  # [block, layer, n_b + n_held, head]
+    return test_of_means(means_over_a(with_b), means_over_a(with_held), layout, n_permutations=n_permutations, alpha=alpha,
+                         fdr_method=fdr_method, seed=seed)
+
+
+def check_partners(with_b, with_held) -> None:
+    """The permutation test's partner sets, B and A', both have samples."""
+    if not len(with_b.b_positions) or not len(with_held.b_positions):
+        raise DataError("qkov permutation_test needs samples in both task B and the held-out split A'")
+
+
+def test_of_means(means_b: np.ndarray, means_held: np.ndarray, layout: ModelLayout, *, n_permutations: int, alpha: float, fdr_method: str,
+                  seed: int) -> PermutationResult:
+    """:func:`permutation_test` from the column means ``m_j = mean_{i∈A} M_ij`` ``[block, layer,
+    n_partner, head]`` (float64) of A against B (``means_b``) and against A' (``means_held``)."""
+    n_b, n_held = means_b.shape[2], means_held.shape[2]
+    column_means = np.concatenate([means_b, means_held], axis=2)  # [block, layer, n_b + n_held, head]
     is_b = np.r_[np.ones(n_b, bool), np.zeros(n_held, bool)]
 
     def contrast(labels):  # [..., n] bool -> weights giving mean over B minus mean over A'

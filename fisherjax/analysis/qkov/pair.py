@@ -1,0 +1,137 @@
+"""A task pair's Phase 6 both ways from one formation of each task's samples: :func:`both_ways`.
+
+For tasks A and B, ``analyze`` reads six score arrays — the heatmaps A ← B and B ← A, and per
+direction the held-out permutation test's fit half against the partner and against the held-out
+half — and :func:`~fisherjax.analysis.qkov.heatmap` and
+:func:`~fisherjax.analysis.qkov.heldout_permutation_test` read each task's stored samples once per
+array that holds them: about five times per sample. Where the samples are kept as token factors
+(:class:`~fisherjax.fisher.factored.FactoredGrads`) each read forms their gradients again, and
+forming was most of the phase's work. :func:`both_ways` computes the same arrays in one tile loop
+(:func:`~._scores.shared_scores`) that forms each sample once per layer chunk; where that pass does
+not fit the kernel's memory budget it makes those calls one after the other, so the numbers are
+the same either way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from fisherjax import backend
+from fisherjax.analysis.qkov._operands import block_kinds
+from fisherjax.analysis.qkov._prepare import prepare, required_paths, with_partner
+from fisherjax.analysis.qkov._scores import shared_scores
+from fisherjax.analysis.qkov._tiles import COPIES, Request, shared_layer_chunk, shared_scores_bytes
+from fisherjax.analysis.qkov.interference import heatmap, result_from_scores
+from fisherjax.analysis.qkov.options import CURVATURE_VARIANTS, KernelOptions, ScoreOptions, resolve
+from fisherjax.analysis.qkov.results import PermutationResult, QKOVResult
+from fisherjax.analysis.qkov.stats import check_partners, heldout_permutation_test, heldout_rows, permutation_options, test_of_means
+from fisherjax.errors import ConfigError
+from fisherjax.fisher.state import SampleGrads, TaskFisher
+from fisherjax.layout import ModelLayout
+
+
+class Way(NamedTuple):
+    """One direction of :func:`both_ways`: task B's interference on task A."""
+
+    heatmap: QKOVResult
+    """:func:`~fisherjax.analysis.qkov.heatmap` ``(A, B)``."""
+    test: PermutationResult | None
+    """:func:`~fisherjax.analysis.qkov.heldout_permutation_test` ``(A, B)``, where asked for."""
+
+
+def both_ways(
+    task_a: TaskFisher | SampleGrads,
+    task_b: TaskFisher | SampleGrads,
+    layout: ModelLayout,
+    *,
+    test: Sequence[bool] = (True, True),
+    fraction: float = 0.5,
+    split_seed: int = 0,
+    n_permutations: int = 2000,
+    alpha: float = 0.05,
+    fdr_method: str = "bh",
+    seed: int = 0,
+    score: ScoreOptions | None = None,
+    kernel: KernelOptions | None = None,
+    progress: bool = False,
+    **overrides,
+) -> Iterator[Way]:
+    """The heatmap of B on A and of A on B, each with its held-out permutation test where ``test``
+    says so (``(A ← B, B ← A)``): the :class:`Way` of A ← B, then that of B ← A.
+
+    The same values as ``heatmap(A, B)``, ``heldout_permutation_test(A, B, fraction=, split_seed=,
+    ...)`` and the same with A and B swapped (up to float32 summation order). Every array is
+    computed in one pass that forms each stored sample once per layer chunk
+    (:func:`~._scores.shared_scores`) when all of them fit the kernel's ``memory_budget_bytes``
+    (then both directions' scores are held at once); otherwise direction by direction, by those
+    calls, holding one direction's scores at a time. One device, diagonal variants only (the
+    variants :data:`~.options.CURVATURE_VARIANTS` have no permutation test, and a mesh splits
+    each array over its devices).
+    """
+    score, kernel = resolve(score, kernel, overrides)
+    if score.variant in CURVATURE_VARIANTS:
+        raise ConfigError(f"qkov both_ways reads diagonal variants; use heatmap(..., variant={score.variant!r}, kfac=...)")
+    tests = [bool(t) for t in test]
+    if any(tests):
+        score, kernel = permutation_options(score, kernel, {})
+    options = dict(n_permutations=n_permutations, alpha=alpha, fdr_method=fdr_method, seed=seed)
+    tasks = (task_a, task_b)
+    requests = []
+    for k in (0, 1):
+        a, b = tasks[k], tasks[1 - k]
+        prep = prepare(a, b, layout, score)
+        requests.append(Request(prep, prep.a_positions, prep.b_positions))
+        if tests[k]:
+            fit, held = heldout_rows(a, fraction, split_seed)
+            with_b = prepare(a, b, layout, score, a_rows=fit)
+            with_held = with_partner(with_b, a, layout, score, default_name=f"{with_b.name_a} (held out)", b_rows=held)
+            check_partners(with_b, with_held)
+            requests += [Request(p, p.a_positions, p.b_positions) for p in (with_b, with_held)]
+    scores = shared_scores(requests, layout, score, kernel, progress=progress,
+                           desc=f"QK-OV {requests[0].prep.name_a} ⇄ {requests[0].prep.name_b}")
+    if scores is None:  # direction by direction, one direction's scores at a time
+        for k in (0, 1):
+            a, b = tasks[k], tasks[1 - k]
+            result = heatmap(a, b, layout, score=score, kernel=kernel, progress=progress)
+            found = (heldout_permutation_test(a, b, layout, fraction=fraction, split_seed=split_seed, score=score, kernel=kernel,
+                                              progress=progress, **options) if tests[k] else None)
+            yield Way(result, found)
+        return
+    at = 0
+    for k in (0, 1):
+        result = result_from_scores(requests[at].prep, scores[at], layout, score)
+        found = None
+        if tests[k]:
+            means = [scores[at + m].mean(axis=2, dtype=np.float64) for m in (1, 2)]
+            found = test_of_means(*means, layout, **options)
+        at += 3 if tests[k] else 1
+        yield Way(result, found)
+
+
+def formed_once(
+    n_a: int, n_b: int, layout: ModelLayout, *, test: Sequence[bool] = (True, True), fraction: float = 0.5, stores_per_task: int = 1,
+    score: ScoreOptions | None = None, kernel: KernelOptions | None = None,
+) -> bool:
+    """Whether :func:`both_ways` of tasks of ``n_a`` and ``n_b`` samples (with active tokens) forms
+    each sample once, i.e. fits one layer of its shared pass in ``memory_budget_bytes``
+    (:func:`~._tiles.shared_layer_chunk`, the rule the pass itself applies): both tasks' samples
+    on the device (``stores_per_task`` stored arrays each: one where the contributions derive from
+    the gradients, the empirical Fisher; two where they are stored beside them), a weight set per
+    Fisher (each task's, each tested fit half's), and all six score arrays on the host."""
+    score, kernel = resolve(score, kernel, {})
+    kinds = block_kinds(layout, score.include_bias)
+    floats_per_layer = sum(math.prod(layout.spec(p).shape) for p in required_paths(layout, kinds)) // layout.num_layers
+    sizes = [(n_a, n_b), (n_b, n_a)]
+    for n, partner, tested in zip((n_a, n_b), (n_b, n_a), test):
+        held = int(round(fraction * n))
+        if tested:
+            sizes += [(n - held, partner), (n - held, held)]
+    scores = sum(shared_scores_bytes(x, y, layout) for x, y in sizes)
+    chunk = shared_layer_chunk(stores_per_task * (n_a + n_b), 2 + sum(bool(t) for t in test), floats_per_layer,
+                               COPIES[backend.qkov_contraction(kernel.contraction)],
+                               layout.num_layers, scores, kernel.memory_budget_bytes)
+    return chunk >= 1
