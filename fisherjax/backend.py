@@ -18,6 +18,7 @@ choice                           CPU                         GPU / TPU
 :func:`settings_per_pass`        one                         all that fit the budget
 :func:`scored_positions_per_chunk`  128 positions            1024 positions
 :func:`with_compiler_flags`      elemental fusion emitters   (XLA:CPU flag only)
+:func:`tile_budget_bytes`        the fixed default           a share of the free memory
 ===============================  ==========================  ==============================
 
 The reasons, with their measurements, are in ``docs/DECISIONS.md`` and
@@ -183,6 +184,24 @@ def available_memory_bytes() -> int | None:
             return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
         return None
     return host_available_bytes()
+
+
+DEVICE_TILE_SHARE = 0.5
+"""Share of an accelerator's free memory a pair phase's tiles may take by default
+(:func:`tile_budget_bytes`); the rest is left to XLA's temporaries and the arrays of the run."""
+
+
+def tile_budget_bytes(cpu_bytes: float) -> float:
+    """The memory a QK-OV tile may take when the options give none: ``cpu_bytes`` on a CPU (a
+    bound: the looped kernel walks its tile in cache-sized pieces, so more buys nothing and holds
+    host memory), and on an accelerator :data:`DEVICE_TILE_SHARE` of its free memory
+    (:func:`available_memory_bytes`), at least ``cpu_bytes``. A 2 GB tile holds one sample of a 7B
+    model's attention gradients per layer, so every tile would form task B's kept token factors
+    again: the accelerator's memory is what keeps a tile's samples many."""
+    if is_cpu():
+        return float(cpu_bytes)
+    free = available_memory_bytes()
+    return float(cpu_bytes) if free is None else max(float(cpu_bytes), DEVICE_TILE_SHARE * free)
 
 
 def host_available_bytes() -> int | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -642,7 +643,7 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
                 if arrays is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
                     arrays.add({f"{a}|{b}|{k}": v for k, v in qkov.to_arrays(result).items()})
                 summary = qkov_report.summary(result, top_k=config.top_k, labels=ctx.labels)
-                summary["kernel"] = dataclasses.asdict(kernel)
+                summary["kernel"] = dataclasses.asdict(kernel) | {"memory_budget_bytes": kernel.budget_bytes()}  # as the backend set it
                 summary["bootstrap"] = qkov_report.bootstrap_summary(qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=config.seed))
                 summary["permutation_test"] = {"skipped": test} if isinstance(test, str) else qkov_report.permutation_summary(test, result)
                 summaries[a, b], drawn[a, b] = summary, qkov_report.figures(result, ctx.labels)
@@ -992,14 +993,15 @@ def pair_work(ctx: Context) -> dict[str, float]:
                 counted["conflicts"] += (work.conflict_pair_flops(sizes[a], sizes[b], features, (sizes[a], sizes[b]))
                                          + sizes[a] * reform[a] + sizes[b] * reform[b])
     if "qkov" in phases:
-        score = ctx.config.score_options()
+        score, kernel, layout = ctx.config.score_options(), ctx.config.kernel_options(), ctx.model.layout
         needed = score.min_fisher_samples
         for a, b in itertools.permutations(kept, 2):
             formed_once = (ctx.mesh is None and score.variant not in qkov.CURVATURE_VARIANTS and min(sizes[a], sizes[b]) >= needed
-                           and qkov.formed_once(sizes[a], sizes[b], ctx.model.layout, test=[work.qkov_tested(sizes[t], needed) for t in (a, b)],
-                                                stores_per_task=1 if all(kept[t].derived for t in (a, b)) else 2, score=score,
-                                                kernel=ctx.config.kernel_options()))
-            reads_a, reads_b = work.qkov_pair_reads(sizes[a], sizes[b], needed, ctx.fishers[a].diagonal is not None, formed_once)
+                           and qkov.formed_once(sizes[a], sizes[b], layout, test=[work.qkov_tested(sizes[t], needed) for t in (a, b)],
+                                                stores_per_task=1 if all(kept[t].derived for t in (a, b)) else 2, score=score, kernel=kernel))
+            in_place = all(qkov.samples_in_place(kept[t], layout, score.include_bias) for t in (a, b))
+            reads = functools.partial(qkov.partner_reads, layout=layout, include_bias=score.include_bias, kernel=kernel, in_place=in_place)
+            reads_a, reads_b = work.qkov_pair_reads(sizes[a], sizes[b], needed, ctx.fishers[a].diagonal is not None, formed_once, reads)
             counted["qkov"] += (work.qkov_pair_flops(sizes[a], sizes[b], ctx.model.layout, score.include_bias, needed)
                                 + reads_a * reform[a] + reads_b * reform[b])
     return {phase: flops for phase, flops in counted.items() if flops > 0}  # a phase that tested no pair has no rate

@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -40,7 +41,9 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from fisherjax import backend
+from fisherjax.backend import DEVICE_TILE_SHARE
 from fisherjax.analysis import qkov
+from fisherjax.analysis.qkov.options import CPU_BUDGET_BYTES
 from fisherjax.analysis.conflicts import KEPT_SHARE, ConflictOptions, group_scope_bytes, group_test_core_seconds, group_test_values
 from fisherjax.analysis.conflicts.gram import chunk_size_for, slice_dots_fit
 from fisherjax.analysis.conflicts.sources import Stream, grouping_for
@@ -438,11 +441,22 @@ def conflict_bytes_read(n: int, tasks: int, features: int, references: int, dtyp
     return conflict_sample_reads(n, tasks, references, chunk, data) * width * features
 
 
-def qkov_sample_reads(n: int, tasks: int, min_samples: int, diagonal: bool = True, formed_once: bool = False) -> float:
-    """Samples Phase 6 reads from the kept-gradient storage, at least: ``tasks · (tasks − 1)``
-    ordered pairs of :func:`fisherjax.work.qkov_pair_reads` (``formed_once``: each pair's two
-    directions computed together, :func:`fisherjax.analysis.qkov.formed_once`)."""
-    return float(tasks * (tasks - 1) * sum(qkov_pair_reads(n, n, min_samples, diagonal, formed_once)))
+def qkov_sample_reads(n: int, tasks: int, min_samples: int, diagonal: bool = True, formed_once: bool = False,
+                      partner_reads: Callable[[int, int], int] = lambda n_x, n_y: 1) -> float:
+    """Samples Phase 6 reads from the kept-gradient storage: ``tasks · (tasks − 1)`` ordered pairs
+    of :func:`fisherjax.work.qkov_pair_reads` (``formed_once``: each pair's two directions
+    computed together, :func:`fisherjax.analysis.qkov.formed_once`; ``partner_reads``: how often a
+    score array reads its partner, :func:`fisherjax.analysis.qkov.partner_reads`, 1 by default)."""
+    return float(tasks * (tasks - 1) * sum(qkov_pair_reads(n, n, min_samples, diagonal, formed_once, partner_reads)))
+
+
+def qkov_kernel(device_memory_bytes: float, parameter_bytes: float) -> qkov.KernelOptions:
+    """The QK-OV kernel of a planned run on accelerators of ``device_memory_bytes`` each, holding
+    ``parameter_bytes`` of the model: the batched contraction (:func:`fisherjax.backend.qkov_contraction`
+    on a GPU or TPU) and the tile budget :func:`fisherjax.backend.tile_budget_bytes` gives there,
+    :data:`~fisherjax.backend.DEVICE_TILE_SHARE` of what the parameters leave of the fitting limit."""
+    free = max(SAFETY * device_memory_bytes - parameter_bytes, 0.0)
+    return qkov.KernelOptions(contraction="batched", memory_budget_bytes=max(CPU_BUDGET_BYTES, DEVICE_TILE_SHARE * free))
 
 
 def reference_grams(conflicts: ConflictOptions) -> int:
@@ -600,9 +614,12 @@ def plan(
     reform = reform_flops(layout, options, seq_len)
     phase5_reform = conflict_sample_reads(samples, tasks, references, chunk, data) * reform
     qkov_tests = qkov_tested(samples, score.min_fisher_samples)
+    tiles = qkov_kernel(device_memory_gb * GB, parameter_bytes(model) / m)  # the parameters as Phase 1 sharded them
     formed_once = devices == 1 and samples >= score.min_fisher_samples and qkov.formed_once(
-        samples, samples, layout, test=(qkov_tests, qkov_tests), stores_per_task=1 if options.fisher_type == "empirical" else 2, score=score)
-    phase6_reform = qkov_sample_reads(samples, tasks, score.min_fisher_samples, options.diagonal, formed_once) * reform
+        samples, samples, layout, test=(qkov_tests, qkov_tests), stores_per_task=1 if options.fisher_type == "empirical" else 2, score=score,
+        kernel=tiles)
+    partner = functools.partial(qkov.partner_reads, layout=layout, include_bias=score.include_bias, kernel=tiles)
+    phase6_reform = qkov_sample_reads(samples, tasks, score.min_fisher_samples, options.diagonal, formed_once, partner) * reform
     phase5 = conflict_flops(samples, tasks, kept, references) + phase5_reform
     tested_groups = groups if phase5_scope == "groups" else 1
     tested = math.comb(tasks, 2) * group_test_values(samples, samples, tested_groups)

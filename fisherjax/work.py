@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -162,11 +162,12 @@ def qkov_pair_flops(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool,
     return work
 
 
-def qkov_pair_reads(n_a: int, n_b: int, min_samples: int, diagonal: bool = True, formed_once: bool = False) -> tuple[float, float]:
-    """Samples of A and of B one ordered pair of Phase 6 reads from the kept-gradient storage, at
-    least. A's samples are read once for the Fisher of those kept samples — in the heatmap only
-    without Phase 1's full ``diagonal`` (with it, the heatmap weighs by that diagonal), in the
-    permutation test's fit half always. Then:
+def qkov_pair_reads(n_a: int, n_b: int, min_samples: int, diagonal: bool = True, formed_once: bool = False,
+                    partner_reads: Callable[[int, int], int] = lambda n_x, n_y: 1) -> tuple[float, float]:
+    """Samples of A and of B one ordered pair of Phase 6 reads from the kept-gradient storage. A's
+    samples are read once for the Fisher of those kept samples — in the heatmap only without Phase
+    1's full ``diagonal`` (with it, the heatmap weighs by that diagonal), in the permutation test's
+    fit half ``f`` always. Then:
 
     * ``formed_once`` (:func:`fisherjax.analysis.qkov.formed_once`: the pair's two directions
       computed together by :func:`~fisherjax.analysis.qkov.both_ways`, which forms each sample
@@ -174,20 +175,26 @@ def qkov_pair_reads(n_a: int, n_b: int, min_samples: int, diagonal: bool = True,
 
           A: n_a + (n_a without the diagonal) + f        B: 0
 
-    * else, per score array of :func:`qkov_pair_flops`, A's tiles and B's once
-      (:func:`~fisherjax.analysis.qkov.tile_plan` reads B once per layer chunk whenever B fits a
-      tile beside 32 of A's samples; more often when it does not), the held-out half ``h`` being A's:
+    * else each score array (:func:`qkov_pair_flops`: ``n_a × n_b``, ``f × n_b``, ``f × h`` with
+      the held-out half ``h`` of A as partner) reads its rows once and its partner ``r(x, y)``
+      times (``partner_reads``, :func:`fisherjax.analysis.qkov.partner_reads`: once when the
+      partner fits one tile, else once per chunk of rows; 1 by default, the least):
 
-          A: (n_a + (n_a without the diagonal)) + 2f + (2f + h)        B: n_b + n_b
+          A: n_a + (n_a without the diagonal) + 3f + h · r(f, h)        B: n_b · (r(n_a, n_b) + r(f, n_b))
+
+    the terms in ``f`` and ``h`` only where the test runs (``f ≥ min_samples``).
     """
     if n_a < min_samples:
         return 0.0, 0.0
     held = int(round(HELDOUT * n_a))
     fit = n_a - held
     tested = fit >= min_samples
+    own = (1 if diagonal else 2) * n_a
     if formed_once:
-        return float((1 if diagonal else 2) * n_a + (fit if tested else 0)), 0.0
-    return float((1 if diagonal else 2) * n_a + (4 * fit + held if tested else 0)), float(n_b * (2 if tested else 1))
+        return float(own + (fit if tested else 0)), 0.0
+    if not tested:
+        return float(own), float(n_b * partner_reads(n_a, n_b))
+    return float(own + 3 * fit + held * partner_reads(fit, held)), float(n_b * (partner_reads(n_a, n_b) + partner_reads(fit, n_b)))
 
 
 def reform_flops(factored: Iterable[tuple[tuple[int, ...], int]]) -> float:

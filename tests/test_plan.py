@@ -158,10 +158,12 @@ def test_kernels_kept_as_token_factors_change_storage_step_and_work(tiny):
     # here): each task's samples formed once, and its fit half once more for that half's Fisher
     assert qkov.formed_once(n, n, layout)
     assert factored.phase6_reform_flops == qkov_sample_reads(n, 2, 8, formed_once=True) * reform == 2 * (n + 8) * reform
-    # read by separate heatmaps and tests, every score array forms what it reads
-    assert qkov_sample_reads(n, 2, 8) == 2 * (2 * n + (2 * 8 + n) + (2 * 8 + 8))
+    # read by separate heatmaps and tests, every score array forms what it reads: A its rows (and
+    # the fit half once for that half's Fisher), the partner once per chunk of rows
+    assert qkov_sample_reads(n, 2, 8) == 2 * ((n + 3 * 8 + 8) + 2 * n)
+    assert qkov_sample_reads(n, 2, 8, partner_reads=lambda x, y: 3) == 2 * ((n + 3 * 8 + 3 * 8) + 2 * 3 * n)
     # without Phase 1's full diagonal the heatmap forms A's kept samples once more for their Fisher
-    assert qkov_sample_reads(n, 2, 8, diagonal=False) == 2 * (3 * n + (2 * 8 + n) + (2 * 8 + 8))
+    assert qkov_sample_reads(n, 2, 8, diagonal=False) == 2 * ((2 * n + 3 * 8 + 8) + 2 * n)
     assert qkov_sample_reads(n, 2, 8, diagonal=False, formed_once=True) == 2 * (2 * n + 8)
     # not even one layer of the shared pass fits: direction by direction
     assert not qkov.formed_once(n, n, layout, kernel=qkov.KernelOptions(memory_budget_bytes=1e3))

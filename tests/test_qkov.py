@@ -372,6 +372,24 @@ def test_a_looped_tile_never_exceeds_its_cap_whatever_the_budget(family, monkeyp
     _close(looped.scores, batched.scores, rtol=1e-5)
 
 
+def test_a_tiles_default_budget_is_the_backends(monkeypatch):
+    """Unset, a tile's budget is 2 GB on a CPU and half an accelerator's free memory (at least
+    2 GB): a 2 GB tile would hold one sample of a 7B model's attention per layer, and every tile
+    would form task B's token factors again. A budget given is kept as it is."""
+    from fisherjax import backend
+
+    options = qkov.KernelOptions()
+    assert options.memory_budget_bytes is None and options.budget_bytes() == 2e9  # this CPU
+    assert qkov.KernelOptions(memory_budget_bytes=5e8).budget_bytes() == 5e8
+    monkeypatch.setattr(backend, "is_cpu", lambda: False)
+    for free, budget in ((70e9, 35e9), (1e9, 2e9), (None, 2e9)):
+        monkeypatch.setattr(backend, "available_memory_bytes", lambda free=free: free)
+        assert options.budget_bytes() == budget
+    assert qkov.KernelOptions(memory_budget_bytes=5e8).budget_bytes() == 5e8
+    with pytest.raises(ConfigError, match="memory_budget_bytes"):
+        qkov.KernelOptions(memory_budget_bytes=0)
+
+
 def test_stored_leaves_are_read_in_place_on_cpu(family):
     """Aligned, contiguous layer-stacked leaves (what ``collect`` and ``select`` produce) are used by
     the CPU kernel without a copy; misaligned ones are copied, with the same scores."""
@@ -893,3 +911,38 @@ def test_both_ways_are_the_separate_calls_from_one_formation(family, kind, compu
     assert ways[0].test is None and ways[1].test is not None
     with pytest.raises(ConfigError, match="kfac"):
         next(qkov.both_ways(A, B, layout, variant="kfac", **options))
+
+
+@pytest.mark.parametrize("contraction", ["looped", "batched"])
+def test_partner_reads_count_the_formations_of_task_b(family, contraction, monkeypatch):
+    """:func:`qkov.partner_reads` says how often a score array forms its partner's kept token
+    factors (the work ``analyze`` and ``fisherjax plan`` count): once when task B fits one tile,
+    once per chunk of A when it does not — counted here on a heatmap's actual formations."""
+    from fisherjax.fisher.factored import FactoredGrads
+
+    model, _, A, B = family("gpt2")
+    layout = model.layout
+    A, B = _factored(A, seed=1), _factored(B, seed=2)
+    b_leaves = {id(g.inputs) for g in B.grads.values() if isinstance(g, FactoredGrads)}
+    formed = []
+    on_device = FactoredGrads.on_device
+
+    def counted(self, key=(), place=None, pad_to=None):
+        value = on_device(self, key, place, pad_to)
+        if id(self.inputs) in b_leaves:
+            formed.append(value.shape[0] * value.shape[1])  # samples × layers of B formed
+        return value
+
+    monkeypatch.setattr(FactoredGrads, "on_device", counted)
+    kernels = len(b_leaves)
+    per_sample_layer = 4 * sum(int(np.prod(layout.spec(p).shape)) for p in _attention_paths(layout)) // layout.num_layers
+    reads = set()
+    copies = {"looped": 1, "batched": 3}[contraction]  # float32 copies a tile holds per sample and layer
+    for budget in (1e9, 9 * copies * per_sample_layer, 5 * copies * per_sample_layer):  # B whole; A and B in chunks; smaller ones
+        options = dict(contraction=contraction, memory_budget_bytes=budget)
+        formed.clear()
+        qkov.heatmap(A, B, layout, **MIN, **options)
+        expected = qkov.partner_reads(len(A), len(B), layout, True, qkov.KernelOptions(**options))
+        assert sum(formed) == kernels * expected * len(B) * layout.num_layers, budget
+        reads.add(expected)
+    assert 1 in reads and max(reads) > 1

@@ -88,7 +88,7 @@ weights, diagnostics), ``_operands`` (what every kernel shares), the kernels ``_
 
 from __future__ import annotations
 
-from fisherjax.analysis.qkov._tiles import tile_plan
+from fisherjax.analysis.qkov._tiles import partner_reads, samples_in_place, tile_plan
 from fisherjax.analysis.qkov.interference import flops, heatmap, sample_pair, scores_bytes, top_conflicts
 from fisherjax.analysis.qkov.options import (
     AGGREGATES,
@@ -139,8 +139,10 @@ __all__ = [
     "heldout_permutation_test",
     "heldout_rows",
     "heldout_split",
+    "partner_reads",
     "permutation_test",
     "sample_pair",
+    "samples_in_place",
     "scores_bytes",
     "save_npz",
     "tile_plan",

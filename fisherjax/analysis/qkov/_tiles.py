@@ -31,9 +31,9 @@ from jaxtyping import Array
 from fisherjax import backend
 from fisherjax.analysis.qkov._batched import leaf_operand, leaf_operand_jit, products, products_jit
 from fisherjax.analysis.qkov._looped import leaf_sums, looped_tile
-from fisherjax.analysis.qkov._operands import BlockKinds, Side, leaf_sources, side_of
+from fisherjax.analysis.qkov._operands import BlockKinds, Side, block_kinds, leaf_sources, side_of
 from fisherjax.analysis.qkov._pallas import pallas_tile, sample_chunk
-from fisherjax.analysis.qkov._prepare import Prepared
+from fisherjax.analysis.qkov._prepare import Prepared, required_paths
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
 from fisherjax.fisher.factored import read_on_device
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
@@ -50,25 +50,59 @@ def tile_plan(
     for the batched kernel: input, head-major operand, slack for the GEMM; one for the looped
     kernel, whose pieces are small, and for the Pallas kernel, which reads the stored leaves
     themselves; none when the inputs are read in place, so everything is one tile) plus the
-    weights. All layers are kept together as long as at least ``min(n, 32)`` samples of each task
-    fit; otherwise layers are split. Task B is one chunk whenever that leaves room for
-    ``min(n_a, 32)`` of A's samples: B is then read once per layer chunk, not once per A chunk (a
-    store formed on read, :class:`~fisherjax.fisher.factored.FactoredGrads`, is formed that much
-    less often).
+    weights. Task B is one chunk, at the most layers that leave room beside it for ``min(n_a, 32)``
+    of A's samples, whenever some layer count does: B is then read once per layer chunk, not once
+    per A chunk (a store formed on read, :class:`~fisherjax.fisher.factored.FactoredGrads`, is
+    formed that much less often: at 1000 + 1000 samples of GPT-2 small in 36 GB, 20 times less
+    than tiles of all layers and 50 + 50 samples). Otherwise tiles are one layer deep and hold
+    equal chunks of both tasks, the most samples a tile can hold: B is read once per chunk of A,
+    so the fewer chunks of A the better (Qwen2.5-1.5B at 1000 + 1000 in 33 GB: 5 reads of B
+    where tiles of 7 layers read it 29 times).
     """
     if copies == 0:
         return max(n_a, 1), max(n_b, 1), n_layers
     per_sample_layer = copies * 4 * max(floats_per_layer, 1)
     want = max(1, min(max(n_a, n_b), 32))
+
+    def fit(c_l: int) -> int:  # samples a tile of c_l layers holds, one slot left for the weights
+        return int(memory_budget_bytes // (c_l * per_sample_layer) - 1)
+
     for c_l in range(n_layers, 0, -1):
-        fit = int(memory_budget_bytes // (c_l * per_sample_layer) - 1)  # one slot for the weights
-        if fit >= 2 * want or c_l == 1:
-            if n_b and fit - n_b >= min(n_a, want):
-                return max(1, min(n_a, fit - n_b)), n_b, c_l
-            c_a = max(1, min(n_a, fit // 2 if n_b else fit))
-            c_b = max(1, min(n_b, fit - c_a))
-            return c_a, c_b, c_l
-    raise AssertionError("unreachable")
+        if n_b and fit(c_l) - n_b >= min(n_a, want):
+            return max(1, min(n_a, fit(c_l) - n_b)), n_b, c_l
+    c_a = max(1, min(n_a, fit(1) // 2 if n_b else fit(1)))
+    return c_a, max(1, min(n_b, fit(1) - c_a)), 1
+
+
+def tile_chunks(n_a: int, n_b: int, n_layers: int, floats_per_layer: int, budget: float, copies: int,
+                fit: Callable[[int, int], int] = lambda planned, n: planned) -> tuple[int, int, int]:
+    """:func:`tile_plan`'s chunks made even: each the size of ``ceil(n / planned)`` equal tiles
+    (``fit``: the kernel's :attr:`TileKernel.sample_chunk` rule), so every tile has one shape and
+    a last tile padded with repeated positions is a slice, not a host gather."""
+    c_a, c_b, c_l = tile_plan(n_a, n_b, n_layers, floats_per_layer, budget, copies=copies)
+    return _even_chunk(c_a, n_a, fit), _even_chunk(c_b, n_b, fit), _even_chunk(c_l, n_layers, lambda planned, n: planned)
+
+
+def layer_floats(layout: ModelLayout, include_bias: bool) -> int:
+    """Parameters of one layer's slices (every kernel, q/k/v biases with ``include_bias``): what a
+    tile holds per sample and layer."""
+    paths = required_paths(layout, block_kinds(layout, include_bias))
+    return sum(int(np.prod(layout.spec(p).shape)) for p in paths) // layout.num_layers
+
+
+def partner_reads(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool, kernel: KernelOptions, in_place: bool = False) -> int:
+    """How often one score array of ``n_a × n_b`` samples (:func:`raw_scores`) reads task B's
+    stored samples: once when B is one tile's chunk (every chunk of A is multiplied with it), else
+    once per chunk of A — and a kept token factor is formed on each read. ``in_place``: the stored
+    samples are float32 gradients a CPU reads in place (then the whole problem is one tile)."""
+    contraction = backend.qkov_contraction(kernel.contraction)
+    if in_place and contraction != "batched":
+        return 1
+    floats = layer_floats(layout, include_bias)
+    budget = min(kernel.budget_bytes(), LOOPED_TILE_BYTES if contraction == "looped" else float("inf"))
+    c_a, c_b, _ = tile_chunks(n_a, n_b, layout.num_layers, floats, budget, COPIES[contraction],
+                              sample_chunk if contraction == "pallas" else (lambda planned, n: planned))
+    return 1 if c_b >= n_b else -(-n_a // c_a)
 
 
 def _is_run(index: np.ndarray) -> bool:
@@ -117,6 +151,12 @@ def in_place(store: Mapping[str, np.ndarray], layout: ModelLayout, sources: Mapp
     took 2.5 GB more than float32 storage; docs/DECISIONS.md), which tiles bound."""
     return all(layout.spec(key).layered and backend.reads_in_place(store[key]) and np.dtype(store[key].dtype) == np.float32
                for key in sources)
+
+
+def samples_in_place(samples, layout: ModelLayout, include_bias: bool) -> bool:
+    """Whether the backend reads every stored gradient of ``samples`` (a
+    :class:`~fisherjax.fisher.state.SampleGrads`) that the slices take in place (:func:`in_place`)."""
+    return in_place(samples.grads, layout, leaf_sources(layout, block_kinds(layout, include_bias)))
 
 
 _widen = jax.jit(lambda x: x.astype(jnp.float32))
@@ -225,10 +265,7 @@ def raw_scores(
     copies = tiles.copies
     if tiles.reads_in_place and in_place(a_side.store, layout, sources) and in_place(b_side.store, layout, sources):
         copies = 0
-    c_a, c_b, c_l = tile_plan(n_a, n_b, n_l, floats_per_layer, min(kernel.memory_budget_bytes, tiles.most_bytes), copies=copies)
-    # Equal tiles: a last tile padded with repeated positions is a host gather, not a slice.
-    c_a, c_b = _even_chunk(c_a, n_a, tiles.sample_chunk), _even_chunk(c_b, n_b, tiles.sample_chunk)
-    c_l = _even_chunk(c_l, n_l, lambda planned, n: planned)
+    c_a, c_b, c_l = tile_chunks(n_a, n_b, n_l, floats_per_layer, min(kernel.budget_bytes(), tiles.most_bytes), copies, tiles.sample_chunk)
 
     def operand(side: Side, positions, layer_index, weights):
         leaves = device_leaves(side.store, layout, sources, positions, layer_index)
@@ -329,7 +366,7 @@ def shared_raw_scores(
     tiles = select_kernel(kernel, layout, kinds, sides[0][0].transform, sides[0][1].transform)
     scores_bytes = sum(shared_scores_bytes(len(r.a_positions), len(r.b_positions), layout) for r in requests)
     c_l = shared_layer_chunk(sum(len(np.concatenate(p)) for p in parts.values()), len(weight_sets), floats_per_layer, tiles.copies, n_l,
-                             scores_bytes, kernel.memory_budget_bytes)
+                             scores_bytes, kernel.budget_bytes())
     if c_l < 1 or any(not len(r.a_positions) or not len(r.b_positions) for r in requests):
         return None
     c_l = _even_chunk(c_l, n_l, lambda planned, n: planned)
@@ -482,10 +519,8 @@ def sharded_raw_scores(
     tiles = select_kernel(kernel, layout, prep.kinds, a_side.transform, b_side.transform)
     floats_per_layer = sum(int(np.prod(w.shape[1:])) for w in prep.weights.values())
     per_device = -(-n_a // devices)
-    c_a, c_b, c_l = tile_plan(per_device, n_b, n_l, floats_per_layer, min(kernel.memory_budget_bytes, tiles.most_bytes),
-                              copies=max(tiles.copies, 1))
-    c_a, c_b = _even_chunk(c_a, per_device, tiles.sample_chunk), _even_chunk(c_b, n_b, tiles.sample_chunk)
-    c_l = _even_chunk(c_l, n_l, lambda planned, n: planned)
+    c_a, c_b, c_l = tile_chunks(per_device, n_b, n_l, floats_per_layer, min(kernel.budget_bytes(), tiles.most_bytes),
+                                max(tiles.copies, 1), tiles.sample_chunk)
     n_loc, n_b_pad, n_l_pad = -(-per_device // c_a) * c_a, -(-n_b // c_b) * c_b, -(-n_l // c_l) * c_l
     step = sharded_step(mesh, tiles.name, layout, prep.kinds, a_side.transform, b_side.transform, kernel)
     out = {block: jnp.zeros((n_l_pad, devices * n_loc, n_b_pad, layout.heads_of(block)), jnp.float32,

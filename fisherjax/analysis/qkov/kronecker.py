@@ -370,7 +370,7 @@ def slice_sums(
         return out
     devices = data_size(mesh)
     per_layer = sum(layout.heads_of(block) * int(prep.slice_sizes[n]) for n, block in enumerate(ATTENTION_BLOCKS))
-    c_a, c_b, c_l = tile_plan(-(-n_a // devices), n_b, n_l, per_layer, kernel.memory_budget_bytes, copies=COPIES)
+    c_a, c_b, c_l = tile_plan(-(-n_a // devices), n_b, n_l, per_layer, kernel.budget_bytes(), copies=COPIES)
     rows = devices * c_a  # A's rows per tile: c_a on each device
     statics = dict(layout=layout, kinds=prep.kinds, precision=kernel.precision)
     if mesh is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from fisherjax import backend
 from fisherjax.analysis.qkov._operands import PRECISIONS
 from fisherjax.fisher.pool import FISHER_POOLS
 from fisherjax.settings import Options, check, check_choice, split_overrides, with_overrides
@@ -77,6 +78,10 @@ class ScoreOptions(Options):
 
 
 
+CPU_BUDGET_BYTES = 2e9
+"""A tile's memory on a CPU when the options give none (:meth:`KernelOptions.budget_bytes`)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelOptions(Options):
     """How the score is computed; these change the scores only by rounding.
@@ -96,7 +101,8 @@ class KernelOptions(Options):
       workers: concurrent computations of the looped contraction (blocks × layer ranges);
         ``None``: :func:`fisherjax.backend.available_cores`.
       memory_budget_bytes: bound on the arrays one tile puts on the device
-        (:func:`~fisherjax.analysis.qkov.tile_plan`).
+        (:func:`~fisherjax.analysis.qkov.tile_plan`); ``None``: :data:`CPU_BUDGET_BYTES` on a CPU,
+        half the free memory of an accelerator (:func:`fisherjax.backend.tile_budget_bytes`).
     """
 
     precision: str = "highest"
@@ -104,7 +110,7 @@ class KernelOptions(Options):
     contraction: str = "auto"
     piece_floats: int = 2**19
     workers: int | None = None
-    memory_budget_bytes: float = 2e9
+    memory_budget_bytes: float | None = None
 
     def __post_init__(self):
         check_choice("qkov", "precision", self.precision, tuple(PRECISIONS))
@@ -113,7 +119,13 @@ class KernelOptions(Options):
               f"qkov split_k and piece_floats must be ≥ 1, got {self.split_k} and {self.piece_floats}")
         check(self.workers is None or self.workers >= 1,
               f"qkov workers must be ≥ 1 or None (the cores available), got {self.workers}")
-        check(self.memory_budget_bytes > 0, f"qkov memory_budget_bytes must be > 0, got {self.memory_budget_bytes}")
+        check(self.memory_budget_bytes is None or self.memory_budget_bytes > 0,
+              f"qkov memory_budget_bytes must be > 0 (or None: by the backend), got {self.memory_budget_bytes}")
+
+    def budget_bytes(self) -> float:
+        """:attr:`memory_budget_bytes`, or where it is None the backend's
+        (:func:`fisherjax.backend.tile_budget_bytes` of :data:`CPU_BUDGET_BYTES`)."""
+        return backend.tile_budget_bytes(CPU_BUDGET_BYTES) if self.memory_budget_bytes is None else float(self.memory_budget_bytes)
 
 
 

@@ -14,17 +14,15 @@ the same either way.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from fisherjax import backend
-from fisherjax.analysis.qkov._operands import block_kinds
-from fisherjax.analysis.qkov._prepare import prepare, required_paths, with_partner
+from fisherjax.analysis.qkov._prepare import prepare, with_partner
 from fisherjax.analysis.qkov._scores import shared_scores
-from fisherjax.analysis.qkov._tiles import COPIES, Request, shared_layer_chunk, shared_scores_bytes
+from fisherjax.analysis.qkov._tiles import COPIES, Request, layer_floats, shared_layer_chunk, shared_scores_bytes
 from fisherjax.analysis.qkov.interference import heatmap, result_from_scores
 from fisherjax.analysis.qkov.options import CURVATURE_VARIANTS, KernelOptions, ScoreOptions, resolve
 from fisherjax.analysis.qkov.results import PermutationResult, QKOVResult
@@ -123,8 +121,7 @@ def formed_once(
     the gradients, the empirical Fisher; two where they are stored beside them), a weight set per
     Fisher (each task's, each tested fit half's), and all six score arrays on the host."""
     score, kernel = resolve(score, kernel, {})
-    kinds = block_kinds(layout, score.include_bias)
-    floats_per_layer = sum(math.prod(layout.spec(p).shape) for p in required_paths(layout, kinds)) // layout.num_layers
+    floats_per_layer = layer_floats(layout, score.include_bias)
     sizes = [(n_a, n_b), (n_b, n_a)]
     for n, partner, tested in zip((n_a, n_b), (n_b, n_a), test):
         held = int(round(fraction * n))
@@ -133,5 +130,5 @@ def formed_once(
     scores = sum(shared_scores_bytes(x, y, layout) for x, y in sizes)
     chunk = shared_layer_chunk(stores_per_task * (n_a + n_b), 2 + sum(bool(t) for t in test), floats_per_layer,
                                COPIES[backend.qkov_contraction(kernel.contraction)],
-                               layout.num_layers, scores, kernel.memory_budget_bytes)
+                               layout.num_layers, scores, kernel.budget_bytes())
     return chunk >= 1
