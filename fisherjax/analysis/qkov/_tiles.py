@@ -31,7 +31,7 @@ from jaxtyping import Array
 from fisherjax import backend
 from fisherjax.analysis.qkov._batched import leaf_operand, leaf_operand_jit, products, products_jit
 from fisherjax.analysis.qkov._looped import leaf_sums, looped_tile
-from fisherjax.analysis.qkov._operands import BlockKinds, Side, block_kinds, leaf_sources, side_of
+from fisherjax.analysis.qkov._operands import BlockKinds, Side, block_kinds, leaf_sources, side_of, slice_key
 from fisherjax.analysis.qkov._pallas import pallas_tile, sample_chunk
 from fisherjax.analysis.qkov._prepare import Prepared, required_paths
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
@@ -83,26 +83,36 @@ def tile_chunks(n_a: int, n_b: int, n_layers: int, floats_per_layer: int, budget
     return _even_chunk(c_a, n_a, fit), _even_chunk(c_b, n_b, fit), _even_chunk(c_l, n_layers, lambda planned, n: planned)
 
 
-def layer_floats(layout: ModelLayout, include_bias: bool) -> int:
-    """Parameters of one layer's slices (every kernel, q/k/v biases with ``include_bias``): what a
-    tile holds per sample and layer."""
-    paths = required_paths(layout, block_kinds(layout, include_bias))
+def layer_floats(layout: ModelLayout, include_bias: bool, kinds: BlockKinds | None = None) -> int:
+    """Parameters of one layer's slices (every kernel, q/k/v biases with ``include_bias``; or of
+    the parts ``kinds``): what a tile holds per sample and layer."""
+    paths = required_paths(layout, block_kinds(layout, include_bias) if kinds is None else kinds)
     return sum(int(np.prod(layout.spec(p).shape)) for p in paths) // layout.num_layers
 
 
-def partner_reads(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool, kernel: KernelOptions, in_place: bool = False) -> int:
+def partner_reads(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool, kernel: KernelOptions, in_place: bool = False) -> float:
     """How often one score array of ``n_a × n_b`` samples (:func:`raw_scores`) reads task B's
-    stored samples: once when B is one tile's chunk (every chunk of A is multiplied with it), else
-    once per chunk of A — and a kept token factor is formed on each read. ``in_place``: the stored
-    samples are float32 gradients a CPU reads in place (then the whole problem is one tile)."""
+    stored samples — and forms its kept token factors: once when B is one tile's chunk (every
+    chunk of A is multiplied with it), else once per chunk of A, in each part of
+    :func:`plan_parts` (then the parts' reads weighted by their share of a layer's parameters).
+    ``in_place``: the stored samples are float32 gradients a CPU reads in place (one tile)."""
     contraction = backend.qkov_contraction(kernel.contraction)
     if in_place and contraction != "batched":
-        return 1
-    floats = layer_floats(layout, include_bias)
+        return 1.0
     budget = min(kernel.budget_bytes(), LOOPED_TILE_BYTES if contraction == "looped" else float("inf"))
-    c_a, c_b, _ = tile_chunks(n_a, n_b, layout.num_layers, floats, budget, COPIES[contraction],
-                              sample_chunk if contraction == "pallas" else (lambda planned, n: planned))
-    return 1 if c_b >= n_b else -(-n_a // c_a)
+    fit = sample_chunk if contraction == "pallas" else (lambda planned, n: planned)
+
+    def reads(kinds: BlockKinds | None) -> tuple[float, int]:
+        floats = layer_floats(layout, include_bias, kinds)
+        c_a, c_b, _ = tile_chunks(n_a, n_b, layout.num_layers, floats, budget, COPIES[contraction], fit)
+        return (1.0 if c_b >= n_b else float(-(-n_a // c_a))), floats
+
+    whole, _ = reads(None)
+    groups = leaf_groups(layout, block_kinds(layout, include_bias))
+    if whole == 1.0 or len(groups) == 1:
+        return whole
+    parts = [reads(kinds) for kinds in groups]
+    return sum(r * f for r, f in parts) / sum(f for _, f in parts)
 
 
 def _is_run(index: np.ndarray) -> bool:
@@ -236,6 +246,56 @@ def select_kernel(kernel: KernelOptions, layout: ModelLayout, kinds: BlockKinds,
     )
 
 
+def leaf_groups(layout: ModelLayout, kinds: BlockKinds) -> tuple[BlockKinds, ...]:
+    """The parts of ``kinds`` that share no stored leaf, in block order: each block's kernel and
+    bias, merged where they read one leaf (GPT-2's fused QKV kernel and bias: q, k and v together;
+    Llama's q, k, v and o apart)."""
+    groups: list[tuple[set, list]] = []  # (source paths, kinds)
+    for block in ATTENTION_BLOCKS:
+        parts = [(b, k) for b, k in kinds if b == block]
+        paths = {p for b, k in parts for p in layout.block_sources(b, k)}
+        for other in [g for g in groups if g[0] & paths]:
+            groups.remove(other)
+            paths |= other[0]
+            parts = other[1] + parts
+        if parts:
+            groups.append((paths, parts))
+    return tuple(tuple(parts) for _, parts in groups)
+
+
+class TilePlan(NamedTuple):
+    """The tiles of one part of :func:`raw_scores`."""
+
+    kinds: BlockKinds
+    tiles: TileKernel
+    chunks: tuple[int, int, int]
+    """``(c_a, c_b, c_l)``."""
+    b_whole: bool
+    """Whether task B is one chunk (read once per layer chunk)."""
+
+
+def plan_parts(prep: Prepared, layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, n_a: int, n_b: int, n_l: int
+               ) -> list[TilePlan]:
+    """The tiles of :func:`raw_scores`: one plan of all the slices' parts when task B is one chunk
+    of it (or the leaves are read in place), else a plan per :func:`leaf_groups` part, each of
+    whose tiles holds more samples than a whole layer's would, so B is read fewer times (and each
+    part forms only its own leaves)."""
+    a_side, b_side = side_of(prep.a, "a", score.variant), side_of(prep.b, "b", score.variant)
+
+    def plan(kinds: BlockKinds) -> TilePlan:
+        tiles = select_kernel(kernel, layout, kinds, a_side.transform, b_side.transform)
+        keys = {slice_key(*k) for k in kinds}
+        floats = sum(int(np.prod(w.shape[1:])) for key, w in prep.weights.items() if key in keys)
+        sources = leaf_sources(layout, kinds)
+        copies = 0 if tiles.reads_in_place and in_place(a_side.store, layout, sources) and in_place(b_side.store, layout, sources) else tiles.copies
+        chunks = tile_chunks(n_a, n_b, n_l, floats, min(kernel.budget_bytes(), tiles.most_bytes), copies, tiles.sample_chunk)
+        return TilePlan(kinds, tiles, chunks, chunks[1] >= n_b)
+
+    whole = plan(prep.kinds)
+    groups = leaf_groups(layout, prep.kinds)
+    return [whole] if whole.b_whole or len(groups) == 1 else [plan(kinds) for kinds in groups]
+
+
 def raw_scores(
     prep: Prepared,
     layout: ModelLayout,
@@ -249,45 +309,44 @@ def raw_scores(
     desc: str = "QK-OV",
 ) -> dict[str, np.ndarray]:
     """``{block: [layer, n_a, n_b, heads_of_block]}`` slice sums ``Σ_k a_ik b_jk`` (before the
-    partner factor and the aggregation) for the selected samples and layers, tile by tile.
+    partner factor and the aggregation) for the selected samples and layers, tile by tile, the
+    parts of :func:`plan_parts` one after another.
 
     ``progress``: a bar over the tiles (``desc``).
     """
     a_side: Side = side_of(prep.a, "a", score.variant)
     b_side: Side = side_of(prep.b, "b", score.variant)
-    sources = leaf_sources(layout, prep.kinds)
     n_a, n_b, n_l = len(a_positions), len(b_positions), len(layers)
     out = {block: np.zeros((n_l, n_a, n_b, layout.heads_of(block)), np.float32) for block in ATTENTION_BLOCKS}
     if n_a == 0 or n_b == 0:
         return out
-    tiles = select_kernel(kernel, layout, prep.kinds, a_side.transform, b_side.transform)
-    floats_per_layer = sum(int(np.prod(w.shape[1:])) for w in prep.weights.values())
-    copies = tiles.copies
-    if tiles.reads_in_place and in_place(a_side.store, layout, sources) and in_place(b_side.store, layout, sources):
-        copies = 0
-    c_a, c_b, c_l = tile_chunks(n_a, n_b, n_l, floats_per_layer, min(kernel.budget_bytes(), tiles.most_bytes), copies, tiles.sample_chunk)
-
-    def operand(side: Side, positions, layer_index, weights):
-        leaves = device_leaves(side.store, layout, sources, positions, layer_index)
-        return tiles.operand(leaves, jnp.asarray(side.scale[positions]), weights, side.transform)
-
-    layer_starts, a_starts, b_starts = range(0, n_l, c_l), range(0, n_a, c_a), range(0, n_b, c_b)
-    total = len(layer_starts) * len(a_starts) * len(b_starts)
+    parts = plan_parts(prep, layout, score, kernel, n_a, n_b, n_l)
+    total = sum(-(-n_l // c_l) * -(-n_a // c_a) * -(-n_b // c_b) for c_a, c_b, c_l in (part.chunks for part in parts))
     with progress_bar(progress, total=total, desc=desc, unit="tile") as bar:
-        for l0 in layer_starts:
-            lsel = layers[_chunk_index(l0, c_l, n_l)]
-            weights = {k: jnp.asarray(w[lsel]) for k, w in prep.weights.items()}
-            b_cached = None
-            for i0 in a_starts:
-                a_operand = operand(a_side, a_positions[_chunk_index(i0, c_a, n_a)], lsel, weights)
-                for j0 in b_starts:
-                    if b_cached is None or len(b_starts) > 1:
-                        b_cached = operand(b_side, b_positions[_chunk_index(j0, c_b, n_b)], lsel, None)
-                    tile = tiles.products(a_operand, b_cached, weights)
-                    li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
-                    for block, value in tile.items():
-                        out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji] = np.asarray(value)[:li, :ii, :ji]
-                    bar.update()
+        for part in parts:
+            tiles, (c_a, c_b, c_l) = part.tiles, part.chunks
+            sources = leaf_sources(layout, part.kinds)
+            keys = {slice_key(*k) for k in part.kinds}
+
+            def operand(side: Side, positions, layer_index, weights):
+                leaves = device_leaves(side.store, layout, sources, positions, layer_index)
+                return tiles.operand(leaves, jnp.asarray(side.scale[positions]), weights, side.transform)
+
+            layer_starts, a_starts, b_starts = range(0, n_l, c_l), range(0, n_a, c_a), range(0, n_b, c_b)
+            for l0 in layer_starts:
+                lsel = layers[_chunk_index(l0, c_l, n_l)]
+                weights = {k: jnp.asarray(w[lsel]) for k, w in prep.weights.items() if k in keys}
+                b_cached = None
+                for i0 in a_starts:
+                    a_operand = operand(a_side, a_positions[_chunk_index(i0, c_a, n_a)], lsel, weights)
+                    for j0 in b_starts:
+                        if b_cached is None or len(b_starts) > 1:
+                            b_cached = operand(b_side, b_positions[_chunk_index(j0, c_b, n_b)], lsel, None)
+                        tile = tiles.products(a_operand, b_cached, weights)
+                        li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
+                        for block, value in tile.items():
+                            out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji] = np.asarray(value)[:li, :ii, :ji]
+                        bar.update()
     return out
 
 
