@@ -906,6 +906,16 @@ def test_both_ways_are_the_separate_calls_from_one_formation(family, kind, compu
             test = qkov.heldout_permutation_test(a, b, layout, fraction=0.5, split_seed=1, n_permutations=300, seed=3, **options)
             _close(way.test.observed, test.observed, rtol=1e-5)
             np.testing.assert_array_equal(way.test.pvalues, test.pvalues)
+    # qkov.formed_once foretells the route; score arrays past the shared pass's host cap go direction
+    # by direction, whatever the tile budget.
+    kernel = qkov.KernelOptions(memory_budget_bytes=2e9, **compute)
+    assert qkov.formed_once(len(A), len(B), layout, kernel=kernel)
+    assert not qkov.formed_once(len(A), len(B), layout, kernel=qkov.KernelOptions(memory_budget_bytes=1e4, **compute))
+    monkeypatch.setattr(_tiles, "SHARED_SCORES_BYTES", 1.0)
+    assert not qkov.formed_once(len(A), len(B), layout, kernel=kernel)
+    formed.clear()
+    list(qkov.both_ways(A, B, layout, n_permutations=50, split_seed=1, memory_budget_bytes=2e9, **options))
+    assert sum(formed) > 3 * kernels * (len(A) + len(B)) * layout.num_layers
     # A direction without its test, and the curvature variant refused.
     ways = list(qkov.both_ways(A, B, layout, test=(False, True), n_permutations=50, **options))
     assert ways[0].test is None and ways[1].test is not None

@@ -377,6 +377,12 @@ def atoms(position_sets: list[np.ndarray]) -> list[np.ndarray]:
     return [universe[label == k] for k in range(int(label.max()) + 1)]
 
 
+SHARED_SCORES_BYTES = 2e9
+"""The most host memory the score arrays of one :func:`shared_raw_scores` pass take together
+(whatever an accelerator's tile budget): past it, a pair is scored one direction at a time, which
+holds one heatmap's scores at once (GPT-2 small: up to about 500 + 500 samples share the pass)."""
+
+
 def shared_layer_chunk(samples: int, weight_sets: int, floats_per_layer: int, copies: int, n_layers: int, scores_bytes: float,
                        budget: float) -> int:
     """Layers per chunk of :func:`shared_raw_scores`: the most (up to ``n_layers``) whose
@@ -387,8 +393,8 @@ def shared_layer_chunk(samples: int, weight_sets: int, floats_per_layer: int, co
         ⌊budget / (4 · floats_per_layer · (copies · samples + weight_sets))⌋
 
     0 where not even one layer fits, or where the requests' scores (``scores_bytes``, all held on
-    the host at once) take more than ``budget``."""
-    if scores_bytes > budget:
+    the host at once) take more than ``budget`` or :data:`SHARED_SCORES_BYTES`."""
+    if scores_bytes > min(budget, SHARED_SCORES_BYTES):
         return 0
     return min(n_layers, int(budget // (4 * max(floats_per_layer, 1) * (max(copies, 1) * samples + weight_sets))))
 

@@ -64,9 +64,10 @@ def both_ways(
     The same values as ``heatmap(A, B)``, ``heldout_permutation_test(A, B, fraction=, split_seed=,
     ...)`` and the same with A and B swapped (up to float32 summation order). Every array is
     computed in one pass that forms each stored sample once per layer chunk
-    (:func:`~._scores.shared_scores`) when all of them fit the kernel's ``memory_budget_bytes``
-    (then both directions' scores are held at once); otherwise direction by direction, by those
-    calls, holding one direction's scores at a time. One device, diagonal variants only (the
+    (:func:`~._scores.shared_scores`) when one layer of it fits the kernel's tile budget and all
+    six score arrays fit :data:`~._tiles.SHARED_SCORES_BYTES` on the host (then both directions'
+    scores are held at once; :func:`formed_once` says which); otherwise direction by direction, by
+    those calls, holding one direction's scores at a time. One device, diagonal variants only (the
     variants :data:`~.options.CURVATURE_VARIANTS` have no permutation test, and a mesh splits
     each array over its devices).
     """
@@ -115,11 +116,13 @@ def formed_once(
     score: ScoreOptions | None = None, kernel: KernelOptions | None = None,
 ) -> bool:
     """Whether :func:`both_ways` of tasks of ``n_a`` and ``n_b`` samples (with active tokens) forms
-    each sample once, i.e. fits one layer of its shared pass in ``memory_budget_bytes``
-    (:func:`~._tiles.shared_layer_chunk`, the rule the pass itself applies): both tasks' samples
+    each sample once, i.e. fits one layer of its shared pass in the tile budget
+    (:meth:`KernelOptions.budget_bytes`; :func:`~._tiles.shared_layer_chunk`, the rule the pass
+    itself applies): both tasks' samples
     on the device (``stores_per_task`` stored arrays each: one where the contributions derive from
     the gradients, the empirical Fisher; two where they are stored beside them), a weight set per
-    Fisher (each task's, each tested fit half's), and all six score arrays on the host."""
+    Fisher (each task's, each tested fit half's), and all six score arrays on the host within
+    :data:`~._tiles.SHARED_SCORES_BYTES`."""
     score, kernel = resolve(score, kernel, {})
     floats_per_layer = layer_floats(layout, score.include_bias)
     sizes = [(n_a, n_b), (n_b, n_a)]
