@@ -242,7 +242,8 @@ def select_kernel(kernel: KernelOptions, layout: ModelLayout, kinds: BlockKinds,
         return leaf_operand_jit(leaves, scale, weights, layout=layout, kinds=kinds, transform=transform, split_k=kernel.split_k)
 
     return TileKernel(
-        "batched", COPIES["batched"], False, lambda planned, n: planned, head_major_operand, lambda a, b, w: products_jit(a, b, precision=kernel.precision)
+        "batched", COPIES["batched"], False, lambda planned, n: planned, head_major_operand,
+        lambda a, b, w: products_jit(a, b, precision=kernel.precision),
     )
 
 
@@ -274,12 +275,13 @@ class TilePlan(NamedTuple):
     """Whether task B is one chunk (read once per layer chunk)."""
 
 
-def plan_parts(prep: Prepared, layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, n_a: int, n_b: int, n_l: int
-               ) -> list[TilePlan]:
-    """The tiles of :func:`raw_scores`: one plan of all the slices' parts when task B is one chunk
-    of it (or the leaves are read in place), else a plan per :func:`leaf_groups` part, each of
-    whose tiles holds more samples than a whole layer's would, so B is read fewer times (and each
-    part forms only its own leaves)."""
+def plan_parts(prep: Prepared, layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, n_a: int, n_b: int, n_l: int,
+               on_mesh: bool = False) -> list[TilePlan]:
+    """The tiles of :func:`raw_scores` (``on_mesh``: of :func:`sharded_raw_scores`, ``n_a`` a
+    device's rows, nothing read in place): one plan of all the slices' parts when task B is one
+    chunk of it (or the leaves are read in place), else a plan per :func:`leaf_groups` part, each
+    of whose tiles holds more samples than a whole layer's would, so B is read fewer times (and
+    each part forms only its own leaves)."""
     a_side, b_side = side_of(prep.a, "a", score.variant), side_of(prep.b, "b", score.variant)
 
     def plan(kinds: BlockKinds) -> TilePlan:
@@ -287,7 +289,9 @@ def plan_parts(prep: Prepared, layout: ModelLayout, score: ScoreOptions, kernel:
         keys = {slice_key(*k) for k in kinds}
         floats = sum(int(np.prod(w.shape[1:])) for key, w in prep.weights.items() if key in keys)
         sources = leaf_sources(layout, kinds)
-        copies = 0 if tiles.reads_in_place and in_place(a_side.store, layout, sources) and in_place(b_side.store, layout, sources) else tiles.copies
+        read_in_place = (not on_mesh and tiles.reads_in_place and in_place(a_side.store, layout, sources)
+                         and in_place(b_side.store, layout, sources))
+        copies = 0 if read_in_place else max(tiles.copies, 1 if on_mesh else 0)
         chunks = tile_chunks(n_a, n_b, n_l, floats, min(kernel.budget_bytes(), tiles.most_bytes), copies, tiles.sample_chunk)
         return TilePlan(kinds, tiles, chunks, chunks[1] >= n_b)
 
@@ -569,48 +573,56 @@ def sharded_raw_scores(
     left on ``mesh`` with task A's rows split over ``"data"``.
 
     Device ``k`` of ``D`` holds A's rows ``[k·n_loc, (k+1)·n_loc)`` (``n_pad = D·n_loc ≥ n_a``;
-    rows ``≥ n_a`` are zero and so are their sums). The tile plan is :func:`tile_plan` for one
-    device (``ceil(n_a / D)`` rows of A, all of B); each tile puts ``c_a`` rows per device of A
-    (split), ``c_b`` samples of B and the weights (replicated) on the mesh and runs one
-    :func:`sharded_step`. Layers and B are padded to whole tiles too (a repeated layer, zero
-    samples), for the caller to slice off.
+    rows ``≥ n_a`` are zero and so are their sums). The tiles are :func:`plan_parts`' for one
+    device (``ceil(n_a / D)`` rows of A, all of B; by parts where B is not one chunk), their row
+    chunks cut to divide ``n_loc``; each tile puts ``c_a`` rows per device of A (split), ``c_b``
+    samples of B and the weights (replicated) on the mesh and runs one :func:`sharded_step`.
+    Layers and B are padded to whole tiles too (a repeated layer, zero samples), for the caller to
+    slice off.
     """
     a_side: Side = side_of(prep.a, "a", score.variant)
     b_side: Side = side_of(prep.b, "b", score.variant)
-    sources = leaf_sources(layout, prep.kinds)
     a_positions, b_positions = prep.a_positions, prep.b_positions
     n_a, n_b, n_l = len(a_positions), len(b_positions), layout.num_layers
     devices = data_size(mesh)
-    tiles = select_kernel(kernel, layout, prep.kinds, a_side.transform, b_side.transform)
-    floats_per_layer = sum(int(np.prod(w.shape[1:])) for w in prep.weights.values())
     per_device = -(-n_a // devices)
-    c_a, c_b, c_l = tile_chunks(per_device, n_b, n_l, floats_per_layer, min(kernel.budget_bytes(), tiles.most_bytes),
-                                max(tiles.copies, 1), tiles.sample_chunk)
-    n_loc, n_b_pad, n_l_pad = -(-per_device // c_a) * c_a, -(-n_b // c_b) * c_b, -(-n_l // c_l) * c_l
-    step = sharded_step(mesh, tiles.name, layout, prep.kinds, a_side.transform, b_side.transform, kernel)
+    parts = plan_parts(prep, layout, score, kernel, per_device, n_b, n_l, on_mesh=True)
+    # One split of A's rows for every part (n_loc a device), which each part's row chunk divides:
+    # the largest one, within its plan and its kernel's rule, that does.
+    c_min = min(part.chunks[0] for part in parts)
+    n_loc = -(-per_device // c_min) * c_min
+    row_chunks = [max(d for d in range(c_min, part.chunks[0] + 1) if n_loc % d == 0 and part.tiles.sample_chunk(d, n_loc) == d)
+                  for part in parts]
+    n_b_pad = max(-(-n_b // c_b) * c_b for _, c_b, _ in (part.chunks for part in parts))
+    n_l_pad = max(-(-n_l // c_l) * c_l for _, _, c_l in (part.chunks for part in parts))
     out = {block: jnp.zeros((n_l_pad, devices * n_loc, n_b_pad, layout.heads_of(block)), jnp.float32,
                             device=NamedSharding(mesh, P(None, DATA))) for block in ATTENTION_BLOCKS}
-
     split_rows, replicate = placements(mesh)
+    total = sum(-(-n_l // part.chunks[2]) * (n_loc // c_a) * -(-n_b // part.chunks[1]) for part, c_a in zip(parts, row_chunks))
+    with progress_bar(progress, total=total, desc=desc, unit="tile") as bar:
+        for part, c_a in zip(parts, row_chunks):
+            (_, c_b, c_l), sources = part.chunks, leaf_sources(layout, part.kinds)
+            blocks = sorted({block for block, _ in part.kinds})
+            keys = {slice_key(*k) for k in part.kinds}
+            step = sharded_step(mesh, part.tiles.name, layout, part.kinds, a_side.transform, b_side.transform, kernel)
 
-    def placed(side: Side, positions: np.ndarray, layers: np.ndarray, split: bool):
-        place = split_rows if split else replicate
-        scale = np.where(positions >= 0, side.scale[np.maximum(positions, 0)], 0).astype(np.float32)
-        return mesh_leaves(side.store, layout, sources, positions, layers, place), place(scale)
+            def placed(side: Side, positions: np.ndarray, layers: np.ndarray, split: bool):
+                place = split_rows if split else replicate
+                scale = np.where(positions >= 0, side.scale[np.maximum(positions, 0)], 0).astype(np.float32)
+                return mesh_leaves(side.store, layout, sources, positions, layers, place), place(scale)
 
-    layer_starts, a_starts, b_starts = range(0, n_l_pad, c_l), range(0, n_loc, c_a), range(0, n_b_pad, c_b)
-    with progress_bar(progress, total=len(layer_starts) * len(a_starts) * len(b_starts), desc=desc, unit="tile") as bar:
-        for l0 in layer_starts:
-            lsel = np.minimum(np.arange(l0, l0 + c_l), n_l - 1)
-            weights = put_replicated({k: w[lsel] for k, w in prep.weights.items()}, mesh)
-            b_cached = None
-            for i0 in a_starts:
-                # Device k's rows of this tile: k·n_loc + i0 + [0, c_a), padding past n_a.
-                rows = (np.arange(devices)[:, None] * n_loc + i0 + np.arange(c_a)).ravel()
-                leaves_a, scale_a = placed(a_side, padded_positions(rows, a_positions), lsel, True)
-                for j0 in b_starts:
-                    if b_cached is None or len(b_starts) > 1:
-                        b_cached = placed(b_side, padded_positions(np.arange(j0, j0 + c_b), b_positions), lsel, False)
-                    out = step(out, leaves_a, scale_a, weights, *b_cached, np.array([l0, i0, j0], np.int32))
-                    bar.update()
+            for l0 in range(0, n_l, c_l):
+                lsel = np.minimum(np.arange(l0, l0 + c_l), n_l - 1)
+                weights = put_replicated({k: w[lsel] for k, w in prep.weights.items() if k in keys}, mesh)
+                b_cached = None
+                for i0 in range(0, n_loc, c_a):
+                    # Device k's rows of this tile: k·n_loc + i0 + [0, c_a), padding past n_a.
+                    rows = (np.arange(devices)[:, None] * n_loc + i0 + np.arange(c_a)).ravel()
+                    leaves_a, scale_a = placed(a_side, padded_positions(rows, a_positions), lsel, True)
+                    for j0 in range(0, n_b, c_b):
+                        if b_cached is None or n_b > c_b:
+                            b_cached = placed(b_side, padded_positions(np.arange(j0, j0 + c_b), b_positions), lsel, False)
+                        written = step({b: out[b] for b in blocks}, leaves_a, scale_a, weights, *b_cached, np.array([l0, i0, j0], np.int32))
+                        out.update(written)
+                        bar.update()
     return out

@@ -20,13 +20,13 @@ from typing import NamedTuple
 import numpy as np
 
 from fisherjax import backend
-from fisherjax.analysis.qkov._prepare import prepare, with_partner
-from fisherjax.analysis.qkov._scores import shared_scores
+from fisherjax.analysis.qkov._prepare import prepare, task_samples, with_partner
+from fisherjax.analysis.qkov._scores import all_scores, shared_scores
 from fisherjax.analysis.qkov._tiles import COPIES, Request, layer_floats, shared_layer_chunk, shared_scores_bytes
 from fisherjax.analysis.qkov.interference import heatmap, result_from_scores
 from fisherjax.analysis.qkov.options import CURVATURE_VARIANTS, KernelOptions, ScoreOptions, resolve
 from fisherjax.analysis.qkov.results import PermutationResult, QKOVResult
-from fisherjax.analysis.qkov.stats import check_partners, heldout_permutation_test, heldout_rows, permutation_options, test_of_means
+from fisherjax.analysis.qkov.stats import check_partners, heldout_permutation_test, heldout_rows, permutation_options, permutation_of_means
 from fisherjax.errors import ConfigError
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.layout import ModelLayout
@@ -79,6 +79,17 @@ def both_ways(
         score, kernel = permutation_options(score, kernel, {})
     options = dict(n_permutations=n_permutations, alpha=alpha, fdr_method=fdr_method, seed=seed)
     tasks = (task_a, task_b)
+    samples = [task_samples(task, name)[0] for task, name in zip(tasks, "AB")]
+    active = [int(np.count_nonzero(np.asarray(s.tokens) > 0)) for s in samples]
+    stores = 1 if all(s.derived for s in samples) else 2
+    if not formed_once(*active, layout, test=tests, fraction=fraction, stores_per_task=stores, score=score, kernel=kernel):
+        for k in (0, 1):  # direction by direction, each prepared when it runs: one direction's scores at a time
+            a, b = tasks[k], tasks[1 - k]
+            result = heatmap(a, b, layout, score=score, kernel=kernel, progress=progress)
+            found = (heldout_permutation_test(a, b, layout, fraction=fraction, split_seed=split_seed, score=score, kernel=kernel,
+                                              progress=progress, **options) if tests[k] else None)
+            yield Way(result, found)
+        return
     requests = []
     for k in (0, 1):
         a, b = tasks[k], tasks[1 - k]
@@ -90,23 +101,15 @@ def both_ways(
             with_held = with_partner(with_b, a, layout, score, default_name=f"{with_b.name_a} (held out)", b_rows=held)
             check_partners(with_b, with_held)
             requests += [Request(p, p.a_positions, p.b_positions) for p in (with_b, with_held)]
-    scores = shared_scores(requests, layout, score, kernel, progress=progress,
+    shared = shared_scores(requests, layout, score, kernel, progress=progress,
                            desc=f"QK-OV {requests[0].prep.name_a} ⇄ {requests[0].prep.name_b}")
-    if scores is None:  # direction by direction, one direction's scores at a time
-        for k in (0, 1):
-            a, b = tasks[k], tasks[1 - k]
-            result = heatmap(a, b, layout, score=score, kernel=kernel, progress=progress)
-            found = (heldout_permutation_test(a, b, layout, fraction=fraction, split_seed=split_seed, score=score, kernel=kernel,
-                                              progress=progress, **options) if tests[k] else None)
-            yield Way(result, found)
-        return
+    arrays = iter(shared) if shared is not None else (all_scores(r.prep, layout, score, kernel, progress=progress) for r in requests)
     at = 0
     for k in (0, 1):
-        result = result_from_scores(requests[at].prep, scores[at], layout, score)
+        result = result_from_scores(requests[at].prep, next(arrays), layout, score)
         found = None
         if tests[k]:
-            means = [scores[at + m].mean(axis=2, dtype=np.float64) for m in (1, 2)]
-            found = test_of_means(*means, layout, **options)
+            found = permutation_of_means(*(next(arrays).mean(axis=2, dtype=np.float64) for _ in range(2)), layout, **options)
         at += 3 if tests[k] else 1
         yield Way(result, found)
 

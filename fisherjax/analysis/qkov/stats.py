@@ -113,6 +113,8 @@ def heldout_permutation_test(
 
 
 def permutation_options(score, kernel, overrides) -> tuple[ScoreOptions, KernelOptions]:
+    """The options of a permutation test (:func:`~.options.resolve`), refusing what its null does
+    not take: a curvature variant, a Fisher other than A's."""
     score, kernel = resolve(score, kernel, overrides)
     if score.variant in CURVATURE_VARIANTS:
         raise ConfigError(f"qkov permutation_test does not support variant={score.variant!r} yet: its null rests on the diagonal "
@@ -136,7 +138,7 @@ def _permutation(with_b, with_held, layout, score, kernel, *, n_permutations, al
         sums = _scores.column_sums(_scores.sharded_scores(prep, layout, score, kernel, mesh, progress=progress, desc=desc))
         return to_host(sums).astype(np.float64) / len(prep.a_positions)
 
-    return test_of_means(means_over_a(with_b), means_over_a(with_held), layout, n_permutations=n_permutations, alpha=alpha,
+    return permutation_of_means(means_over_a(with_b), means_over_a(with_held), layout, n_permutations=n_permutations, alpha=alpha,
                          fdr_method=fdr_method, seed=seed)
 
 
@@ -146,8 +148,8 @@ def check_partners(with_b, with_held) -> None:
         raise DataError("qkov permutation_test needs samples in both task B and the held-out split A'")
 
 
-def test_of_means(means_b: np.ndarray, means_held: np.ndarray, layout: ModelLayout, *, n_permutations: int, alpha: float, fdr_method: str,
-                  seed: int) -> PermutationResult:
+def permutation_of_means(means_b: np.ndarray, means_held: np.ndarray, layout: ModelLayout, *, n_permutations: int, alpha: float,
+                         fdr_method: str, seed: int) -> PermutationResult:
     """:func:`permutation_test` from the column means ``m_j = mean_{i∈A} M_ij`` ``[block, layer,
     n_partner, head]`` (float64) of A against B (``means_b``) and against A' (``means_held``)."""
     n_b, n_held = means_b.shape[2], means_held.shape[2]
