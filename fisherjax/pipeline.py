@@ -680,7 +680,7 @@ def qkov_ways(ctx: Context, name_a: str, name_b: str, factors: dict) -> Iterator
             tested[a] = True
     test_options = dict(fraction=work.HELDOUT, split_seed=config.seed, n_permutations=1000, seed=config.seed, score=score, kernel=kernel,
                         progress=config.progress)
-    if ctx.mesh is None and not curvature and not skips:
+    if qkov_together(ctx, len(ctx.fishers[name_a].sample_grads), len(ctx.fishers[name_b].sample_grads)):
         ways = qkov.both_ways(ctx.fishers[name_a], ctx.fishers[name_b], layout, test=[tested[a] is True for a in (name_a, name_b)],
                               **test_options)
         for a, way in zip((name_a, name_b), ways):
@@ -697,6 +697,14 @@ def qkov_ways(ctx: Context, name_a: str, name_b: str, factors: dict) -> Iterator
         test = tested[a] if tested[a] is not True else qkov.heldout_permutation_test(fa, fb, layout, mesh=ctx.mesh, **test_options)
         yield result, test
         del result, test
+
+
+def qkov_together(ctx: Context, n_a: int, n_b: int) -> bool:
+    """Whether Phase 6 scores a pair of tasks of ``n_a`` and ``n_b`` kept samples with
+    :func:`fisherjax.analysis.qkov.both_ways` (which forms each sample once where it fits): on one
+    device, with a diagonal variant, both tasks with enough samples for their Fisher."""
+    score = ctx.config.score_options()
+    return ctx.mesh is None and score.variant not in qkov.CURVATURE_VARIANTS and min(n_a, n_b) >= score.min_fisher_samples
 
 
 def attention_kfac(ctx: Context, name: str) -> dict:
@@ -996,9 +1004,9 @@ def pair_work(ctx: Context) -> dict[str, float]:
         score, kernel, layout = ctx.config.score_options(), ctx.config.kernel_options(), ctx.model.layout
         needed = score.min_fisher_samples
         for a, b in itertools.permutations(kept, 2):
-            formed_once = (ctx.mesh is None and score.variant not in qkov.CURVATURE_VARIANTS and min(sizes[a], sizes[b]) >= needed
-                           and qkov.formed_once(sizes[a], sizes[b], layout, test=[work.qkov_tested(sizes[t], needed) for t in (a, b)],
-                                                stores_per_task=1 if all(kept[t].derived for t in (a, b)) else 2, score=score, kernel=kernel))
+            formed_once = qkov_together(ctx, sizes[a], sizes[b]) and qkov.formed_once(
+                sizes[a], sizes[b], layout, test=[work.qkov_tested(sizes[t], needed) for t in (a, b)],
+                stores_per_task=1 if all(kept[t].derived for t in (a, b)) else 2, score=score, kernel=kernel)
             in_place = all(qkov.samples_in_place(kept[t], layout, score.include_bias) for t in (a, b))
             reads = functools.partial(qkov.partner_reads, layout=layout, include_bias=score.include_bias, kernel=kernel, in_place=in_place)
             reads_a, reads_b = work.qkov_pair_reads(sizes[a], sizes[b], needed, ctx.fishers[a].diagonal is not None, formed_once, reads)

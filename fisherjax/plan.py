@@ -41,7 +41,6 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from fisherjax import backend
-from fisherjax.backend import DEVICE_TILE_SHARE
 from fisherjax.analysis import qkov
 from fisherjax.analysis.qkov.options import CPU_BUDGET_BYTES
 from fisherjax.analysis.conflicts import KEPT_SHARE, ConflictOptions, group_scope_bytes, group_test_core_seconds, group_test_values
@@ -456,7 +455,7 @@ def qkov_kernel(device_memory_bytes: float, parameter_bytes: float) -> qkov.Kern
     on a GPU or TPU) and the tile budget :func:`fisherjax.backend.tile_budget_bytes` gives there,
     :data:`~fisherjax.backend.DEVICE_TILE_SHARE` of what the parameters leave of the fitting limit."""
     free = max(SAFETY * device_memory_bytes - parameter_bytes, 0.0)
-    return qkov.KernelOptions(contraction="batched", memory_budget_bytes=max(CPU_BUDGET_BYTES, DEVICE_TILE_SHARE * free))
+    return qkov.KernelOptions(contraction="batched", memory_budget_bytes=max(CPU_BUDGET_BYTES, backend.DEVICE_TILE_SHARE * free))
 
 
 def reference_grams(conflicts: ConflictOptions) -> int:

@@ -53,11 +53,9 @@ def tile_plan(
     weights. Task B is one chunk, at the most layers that leave room beside it for ``min(n_a, 32)``
     of A's samples, whenever some layer count does: B is then read once per layer chunk, not once
     per A chunk (a store formed on read, :class:`~fisherjax.fisher.factored.FactoredGrads`, is
-    formed that much less often: at 1000 + 1000 samples of GPT-2 small in 36 GB, 20 times less
-    than tiles of all layers and 50 + 50 samples). Otherwise tiles are one layer deep and hold
-    equal chunks of both tasks, the most samples a tile can hold: B is read once per chunk of A,
-    so the fewer chunks of A the better (Qwen2.5-1.5B at 1000 + 1000 in 33 GB: 5 reads of B
-    where tiles of 7 layers read it 29 times).
+    formed that much less often). Otherwise tiles are one layer deep and hold equal chunks of both
+    tasks, the most samples a tile can hold: B is read once per chunk of A, so the fewer chunks of
+    A the better (docs/DECISIONS.md, "A tile's default budget is the backend's").
     """
     if copies == 0:
         return max(n_a, 1), max(n_b, 1), n_layers
@@ -90,29 +88,34 @@ def layer_floats(layout: ModelLayout, include_bias: bool, kinds: BlockKinds | No
     return sum(int(np.prod(layout.spec(p).shape)) for p in paths) // layout.num_layers
 
 
+def part_chunks(layout: ModelLayout, kinds: BlockKinds, n_a: int, n_b: int, n_layers: int, budget: float, copies: int,
+                fit: Callable[[int, int], int] = lambda planned, n: planned) -> list[tuple[BlockKinds, tuple[int, int, int]]]:
+    """The parts of the slices ``kinds`` tiled one after another, with their :func:`tile_chunks`:
+    all of them in one plan when task B is one chunk of it, else each :func:`leaf_groups` part in
+    its own, whose tiles hold more samples than a whole layer's would, so B is read fewer times
+    (and each part forms only its own leaves)."""
+    whole = tile_chunks(n_a, n_b, n_layers, layer_floats(layout, False, kinds), budget, copies, fit)
+    groups = leaf_groups(layout, kinds)
+    if whole[1] >= n_b or len(groups) == 1:
+        return [(kinds, whole)]
+    return [(group, tile_chunks(n_a, n_b, n_layers, layer_floats(layout, False, group), budget, copies, fit)) for group in groups]
+
+
 def partner_reads(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool, kernel: KernelOptions, in_place: bool = False) -> float:
     """How often one score array of ``n_a × n_b`` samples (:func:`raw_scores`) reads task B's
     stored samples — and forms its kept token factors: once when B is one tile's chunk (every
     chunk of A is multiplied with it), else once per chunk of A, in each part of
-    :func:`plan_parts` (then the parts' reads weighted by their share of a layer's parameters).
+    :func:`part_chunks` (the parts' reads weighted by their share of a layer's parameters).
     ``in_place``: the stored samples are float32 gradients a CPU reads in place (one tile)."""
     contraction = backend.qkov_contraction(kernel.contraction)
     if in_place and contraction != "batched":
         return 1.0
     budget = min(kernel.budget_bytes(), LOOPED_TILE_BYTES if contraction == "looped" else float("inf"))
     fit = sample_chunk if contraction == "pallas" else (lambda planned, n: planned)
-
-    def reads(kinds: BlockKinds | None) -> tuple[float, int]:
-        floats = layer_floats(layout, include_bias, kinds)
-        c_a, c_b, _ = tile_chunks(n_a, n_b, layout.num_layers, floats, budget, COPIES[contraction], fit)
-        return (1.0 if c_b >= n_b else float(-(-n_a // c_a))), floats
-
-    whole, _ = reads(None)
-    groups = leaf_groups(layout, block_kinds(layout, include_bias))
-    if whole == 1.0 or len(groups) == 1:
-        return whole
-    parts = [reads(kinds) for kinds in groups]
-    return sum(r * f for r, f in parts) / sum(f for _, f in parts)
+    parts = part_chunks(layout, block_kinds(layout, include_bias), n_a, n_b, layout.num_layers, budget, COPIES[contraction], fit)
+    shares = [layer_floats(layout, include_bias, kinds) for kinds, _ in parts]
+    reads = [1.0 if c_b >= n_b else float(-(-n_a // c_a)) for _, (c_a, c_b, _) in parts]
+    return sum(r * w for r, w in zip(reads, shares)) / sum(shares)
 
 
 def _is_run(index: np.ndarray) -> bool:
@@ -271,33 +274,23 @@ class TilePlan(NamedTuple):
     tiles: TileKernel
     chunks: tuple[int, int, int]
     """``(c_a, c_b, c_l)``."""
-    b_whole: bool
-    """Whether task B is one chunk (read once per layer chunk)."""
 
 
 def plan_parts(prep: Prepared, layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, n_a: int, n_b: int, n_l: int,
                on_mesh: bool = False) -> list[TilePlan]:
     """The tiles of :func:`raw_scores` (``on_mesh``: of :func:`sharded_raw_scores`, ``n_a`` a
-    device's rows, nothing read in place): one plan of all the slices' parts when task B is one
-    chunk of it (or the leaves are read in place), else a plan per :func:`leaf_groups` part, each
-    of whose tiles holds more samples than a whole layer's would, so B is read fewer times (and
-    each part forms only its own leaves)."""
+    device's rows, nothing read in place): :func:`part_chunks` of the slices within the kernel's
+    budget, each part with its kernel."""
     a_side, b_side = side_of(prep.a, "a", score.variant), side_of(prep.b, "b", score.variant)
-
-    def plan(kinds: BlockKinds) -> TilePlan:
-        tiles = select_kernel(kernel, layout, kinds, a_side.transform, b_side.transform)
-        keys = {slice_key(*k) for k in kinds}
-        floats = sum(int(np.prod(w.shape[1:])) for key, w in prep.weights.items() if key in keys)
-        sources = leaf_sources(layout, kinds)
-        read_in_place = (not on_mesh and tiles.reads_in_place and in_place(a_side.store, layout, sources)
-                         and in_place(b_side.store, layout, sources))
-        copies = 0 if read_in_place else max(tiles.copies, 1 if on_mesh else 0)
-        chunks = tile_chunks(n_a, n_b, n_l, floats, min(kernel.budget_bytes(), tiles.most_bytes), copies, tiles.sample_chunk)
-        return TilePlan(kinds, tiles, chunks, chunks[1] >= n_b)
-
-    whole = plan(prep.kinds)
-    groups = leaf_groups(layout, prep.kinds)
-    return [whole] if whole.b_whole or len(groups) == 1 else [plan(kinds) for kinds in groups]
+    tiles = select_kernel(kernel, layout, prep.kinds, a_side.transform, b_side.transform)
+    sources = leaf_sources(layout, prep.kinds)
+    read_in_place = (not on_mesh and tiles.reads_in_place and in_place(a_side.store, layout, sources)
+                     and in_place(b_side.store, layout, sources))
+    copies = 0 if read_in_place else max(tiles.copies, 1 if on_mesh else 0)
+    parts = part_chunks(layout, prep.kinds, n_a, n_b, n_l, min(kernel.budget_bytes(), tiles.most_bytes), copies, tiles.sample_chunk)
+    if len(parts) == 1:
+        return [TilePlan(prep.kinds, tiles, parts[0][1])]
+    return [TilePlan(kinds, select_kernel(kernel, layout, kinds, a_side.transform, b_side.transform), chunks) for kinds, chunks in parts]
 
 
 def raw_scores(
