@@ -50,8 +50,10 @@ scores only by rounding); entry points take both and/or keyword overrides of the
   split-K GEMM; GPUs), ``"looped"`` (the contraction walked in cache-sized pieces, stored leaves
   read in place, blocks and layer ranges on a thread pool; CPUs), ``"pallas"`` (each head's strided
   slice read inside the GEMM; a Triton kernel, interpreted elsewhere) or ``"auto"``
-  (:func:`fisherjax.backend.qkov_contraction`). Tiles over chunks of samples and layers keep each
-  step within ``memory_budget_bytes`` (:func:`tile_plan`).
+  (:func:`fisherjax.backend.qkov_contraction`). Tiles over chunks of samples and layers (and, where
+  task B is not one chunk, over the slices' parts that share no stored leaf) keep each step within
+  ``memory_budget_bytes`` (:func:`tile_plan`; unset, the backend's: 2 GB on a CPU, half an
+  accelerator's free memory). :func:`partner_reads` counts how often a score array reads task B.
 
 The original system's conventions. fisherjax follows the seed where it once departed from it:
 ``"per_token_sum"`` divides by task B's total active tokens (it once equalled ``"none"``); the

@@ -2,8 +2,11 @@
 and layers are cut into tiles that fit a memory budget, and how each tile's stored leaves reach
 the device (plain slices, read in place where the backend allows).
 
-Tiles are chunks of layers × chunks of A × chunks of B. Each side's stored leaves go to the
-device once per tile row / column (B's once per layer chunk when it fits in one chunk). The
+Tiles are chunks of layers × chunks of A × chunks of B, of all the slices' parts at once, or,
+where B is not one chunk, of each part that shares no stored leaf in turn (:func:`part_chunks`).
+Each side's stored leaves go to the device once per tile row / column (B's once per layer chunk
+when it fits in one chunk). :func:`shared_raw_scores` is the loop of several score arrays over
+the same samples, each sample put on the device once per layer chunk. The
 batched kernel turns them there into head-major operands, so the per-tile work is its GEMM
 alone; the looped and Pallas kernels read the leaves themselves, and when a CPU can read them in
 place (:func:`in_place`) the whole problem is one tile and nothing is copied.
