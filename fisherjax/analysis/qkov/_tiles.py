@@ -113,9 +113,9 @@ def partner_reads(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool, k
     contraction = backend.qkov_contraction(kernel.contraction)
     if in_place and contraction != "batched":
         return 1.0
-    budget = min(kernel.budget_bytes(), LOOPED_TILE_BYTES if contraction == "looped" else float("inf"))
-    fit = sample_chunk if contraction == "pallas" else (lambda planned, n: planned)
-    parts = part_chunks(layout, block_kinds(layout, include_bias), n_a, n_b, layout.num_layers, budget, COPIES[contraction], fit)
+    limits = tile_limits(contraction)
+    parts = part_chunks(layout, block_kinds(layout, include_bias), n_a, n_b, layout.num_layers,
+                        min(kernel.budget_bytes(), limits.most_bytes), limits.copies, limits.sample_chunk)
     shares = [layer_floats(layout, include_bias, kinds) for kinds, _ in parts]
     reads = [1.0 if c_b >= n_b else float(-(-n_a // c_a)) for _, (c_a, c_b, _) in parts]
     return sum(r * w for r, w in zip(reads, shares)) / sum(shares)
@@ -215,8 +215,28 @@ class TileKernel(NamedTuple):
     kernel's float32 leaves: a bfloat16 leaf widened once, not once per product)."""
 
 
-COPIES = {"looped": 1, "pallas": 1, "batched": 3}
-"""Float32 copies of a tile's inputs each kernel holds (:attr:`TileKernel.copies`)."""
+def _whole(planned: int, n: int) -> int:
+    return planned
+
+
+class TileLimits(NamedTuple):
+    """What a kernel's tiles may hold: :attr:`TileKernel.copies`, :attr:`~TileKernel.most_bytes`
+    and :attr:`~TileKernel.sample_chunk`."""
+
+    copies: int
+    most_bytes: float
+    sample_chunk: Callable[[int, int], int]
+
+
+def tile_limits(contraction: str) -> TileLimits:
+    """The :class:`TileLimits` of ``contraction`` (``"looped"``, ``"pallas"`` or ``"batched"``): what
+    :func:`select_kernel`'s kernel holds and what the counts (:func:`partner_reads`,
+    :func:`~fisherjax.analysis.qkov.formed_once`) assume, without building the kernel."""
+    return {
+        "looped": TileLimits(1, LOOPED_TILE_BYTES, _whole),
+        "pallas": TileLimits(1, float("inf"), sample_chunk),
+        "batched": TileLimits(3, float("inf"), _whole),
+    }[contraction]
 
 
 def select_kernel(kernel: KernelOptions, layout: ModelLayout, kinds: BlockKinds, transform_a: str, transform_b: str) -> TileKernel:
@@ -231,8 +251,9 @@ def select_kernel(kernel: KernelOptions, layout: ModelLayout, kinds: BlockKinds,
     if contraction == "looped":
         workers = kernel.workers if kernel.workers is not None else backend.available_cores()
         products = functools.partial(looped_tile, workers=workers, piece_floats=kernel.piece_floats, **statics)
-        return TileKernel("looped", COPIES["looped"], True, lambda planned, n: planned, float32_leaves, lambda a, b, w: products(*a, w, *b),
-                          LOOPED_TILE_BYTES, lambda leaves: float32_leaves(leaves, None, None, None)[0])
+        limits = tile_limits("looped")
+        return TileKernel("looped", limits.copies, True, limits.sample_chunk, float32_leaves, lambda a, b, w: products(*a, w, *b),
+                          limits.most_bytes, lambda leaves: float32_leaves(leaves, None, None, None)[0])
     if contraction == "pallas":
         interpret = backend.pallas_interpret()
         if interpret:
@@ -242,15 +263,16 @@ def select_kernel(kernel: KernelOptions, layout: ModelLayout, kinds: BlockKinds,
                 stacklevel=5,
             )
         products = functools.partial(pallas_tile, split_k=kernel.split_k, interpret=interpret, **statics)
-        return TileKernel("pallas", COPIES["pallas"], True, sample_chunk, leaves_as_they_are, lambda a, b, w: products(*a, w, *b))
+        limits = tile_limits("pallas")
+        return TileKernel("pallas", limits.copies, True, limits.sample_chunk, leaves_as_they_are, lambda a, b, w: products(*a, w, *b),
+                          limits.most_bytes)
 
     def head_major_operand(leaves, scale, weights, transform):
         return leaf_operand_jit(leaves, scale, weights, layout=layout, kinds=kinds, transform=transform, split_k=kernel.split_k)
 
-    return TileKernel(
-        "batched", COPIES["batched"], False, lambda planned, n: planned, head_major_operand,
-        lambda a, b, w: products_jit(a, b, precision=kernel.precision),
-    )
+    limits = tile_limits("batched")
+    return TileKernel("batched", limits.copies, False, limits.sample_chunk, head_major_operand,
+                      lambda a, b, w: products_jit(a, b, precision=kernel.precision), limits.most_bytes)
 
 
 def leaf_groups(layout: ModelLayout, kinds: BlockKinds) -> tuple[BlockKinds, ...]:
@@ -413,9 +435,10 @@ def shared_raw_scores(
     :func:`atoms` of the positions its requests read; per layer chunk each atom is put on the device
     once (:func:`device_leaves`), and each request is the products of its A atoms with its B atoms,
     written into its rows and columns. The layer chunk is the most layers whose atoms, one weight
-    set per prepared Fisher and the kernel's working copies fit ``memory_budget_bytes``; ``None``
-    when not even one layer fits, or when the requests' scores together take more than that
-    budget on the host (then the caller reads request by request).
+    set per prepared Fisher and the kernel's working copies fit the tile budget; ``None`` when not
+    even one layer fits, or when the requests' scores together take more than that budget or
+    :data:`SHARED_SCORES_BYTES` on the host (:func:`shared_layer_chunk`; then the caller reads
+    request by request).
     """
     kinds = requests[0].prep.kinds
     sources = leaf_sources(layout, kinds)
@@ -427,7 +450,7 @@ def shared_raw_scores(
     parts = {key: atoms(sets) for key, (_, sets) in stores.items()}
     weight_sets = {id(r.prep.weights): r.prep.weights for r in requests}
     n_l = layout.num_layers
-    floats_per_layer = sum(int(np.prod(w.shape[1:])) for w in requests[0].prep.weights.values())
+    floats_per_layer = layer_floats(layout, False, kinds)
     tiles = select_kernel(kernel, layout, kinds, sides[0][0].transform, sides[0][1].transform)
     scores_bytes = sum(shared_scores_bytes(len(r.a_positions), len(r.b_positions), layout) for r in requests)
     c_l = shared_layer_chunk(sum(len(np.concatenate(p)) for p in parts.values()), len(weight_sets), floats_per_layer, tiles.copies, n_l,

@@ -22,7 +22,7 @@ import numpy as np
 from fisherjax import backend
 from fisherjax.analysis.qkov._prepare import prepare, task_samples, with_partner
 from fisherjax.analysis.qkov._scores import all_scores, shared_scores
-from fisherjax.analysis.qkov._tiles import COPIES, Request, layer_floats, shared_layer_chunk, shared_scores_bytes
+from fisherjax.analysis.qkov._tiles import Request, layer_floats, shared_layer_chunk, shared_scores_bytes, tile_limits
 from fisherjax.analysis.qkov.interference import heatmap, result_from_scores
 from fisherjax.analysis.qkov.options import CURVATURE_VARIANTS, KernelOptions, ScoreOptions, resolve
 from fisherjax.analysis.qkov.results import PermutationResult, QKOVResult
@@ -121,11 +121,10 @@ def formed_once(
     """Whether :func:`both_ways` of tasks of ``n_a`` and ``n_b`` samples (with active tokens) forms
     each sample once, i.e. fits one layer of its shared pass in the tile budget
     (:meth:`KernelOptions.budget_bytes`; :func:`~._tiles.shared_layer_chunk`, the rule the pass
-    itself applies): both tasks' samples
-    on the device (``stores_per_task`` stored arrays each: one where the contributions derive from
-    the gradients, the empirical Fisher; two where they are stored beside them), a weight set per
-    Fisher (each task's, each tested fit half's), and all six score arrays on the host within
-    :data:`~._tiles.SHARED_SCORES_BYTES`."""
+    itself applies): both tasks' samples on the device (``stores_per_task`` stored arrays each:
+    one where the contributions derive from the gradients, the empirical Fisher; two where they
+    are stored beside them), a weight set per Fisher (each task's, each tested fit half's), and all
+    six score arrays on the host within :data:`~._tiles.SHARED_SCORES_BYTES`."""
     score, kernel = resolve(score, kernel, {})
     floats_per_layer = layer_floats(layout, score.include_bias)
     sizes = [(n_a, n_b), (n_b, n_a)]
@@ -135,6 +134,6 @@ def formed_once(
             sizes += [(n - held, partner), (n - held, held)]
     scores = sum(shared_scores_bytes(x, y, layout) for x, y in sizes)
     chunk = shared_layer_chunk(stores_per_task * (n_a + n_b), 2 + sum(bool(t) for t in test), floats_per_layer,
-                               COPIES[backend.qkov_contraction(kernel.contraction)],
+                               tile_limits(backend.qkov_contraction(kernel.contraction)).copies,
                                layout.num_layers, scores, kernel.budget_bytes())
     return chunk >= 1
