@@ -259,6 +259,47 @@ class ModelLayout:
             return np.asarray(self.input_heads(path, np.arange(width)))
         return np.asarray(self.output_heads(path, np.arange(spec.shape[-1]), block))
 
+    def leaf_head_axis(self, path: str) -> int | None:
+        """The axis of a leaf along which its heads sit, counted from the end: −1 for q/k/v
+        kernels and biases (fused QKV included), −2 for an O kernel; None for a leaf without heads."""
+        spec = self.spec(path)
+        if spec.role in (Role.Q, Role.K, Role.V, Role.QKV):
+            return -1
+        return -2 if spec.role == Role.O and spec.kind == "kernel" else None
+
+    def head_group(self, kv_heads: int) -> ModelLayout:
+        """The layout of ``kv_heads`` kv heads and the ``kv_heads · kv_groups`` query heads that read
+        them: every attention leaf's head axis cut to them, all else as it is. A group of heads
+        read out of this layout's leaves (:meth:`head_positions`) is viewed with it, so code that
+        works on whole layers works on a group of heads of a layer unchanged."""
+        if kv_heads < 1 or self.num_kv_heads % kv_heads:
+            raise ValueError(f"a head group needs a divisor of kv_heads={self.num_kv_heads}, got {kv_heads}")
+        if kv_heads == self.num_kv_heads:
+            return self
+        specs = {}
+        for path, spec in self.specs.items():
+            axis = self.leaf_head_axis(path)
+            shape = list(spec.shape)
+            if axis is not None:
+                shape[axis] = shape[axis] // self.num_kv_heads * kv_heads
+            specs[path] = dataclasses.replace(spec, shape=tuple(shape))
+        return dataclasses.replace(self, specs=specs, num_heads=kv_heads * self.kv_groups, num_kv_heads=kv_heads)
+
+    def head_positions(self, path: str, kv_start: int, kv_heads: int) -> np.ndarray:
+        """``[width]`` positions along the leaf's head axis (:meth:`leaf_head_axis`) of kv heads
+        ``kv_start … kv_start + kv_heads − 1`` and their query heads, in the order
+        :meth:`head_group` ``(kv_heads)`` views them: ``np.take(leaf, positions, axis)`` is that
+        group's leaf."""
+        spec, group = self.spec(path), self.head_group(kv_heads)
+        kv = slice(kv_start, kv_start + kv_heads)
+        q = slice(kv_start * self.kv_groups, (kv_start + kv_heads) * self.kv_groups)
+        if spec.role == Role.O:
+            return np.asarray(self.input_heads(path, np.arange(spec.shape[-2]))[q]).ravel()
+        width = np.arange(spec.shape[-1])
+        if spec.role == Role.QKV:
+            return np.asarray(group.unview(path, {b: self.output_heads(path, width, b)[q if b == "q" else kv] for b in QKV_BLOCKS}))
+        return np.asarray(self.output_heads(path, width)[q if spec.role == Role.Q else kv]).ravel()
+
     def stack_layers(self, paths: Sequence[str], value_of, axis: int = 0) -> Any:
         """Values of leaves that together cover the layers, with one layer axis: ``value_of(path)``
         of a single layer-stacked leaf as it is, or the per-layer leaves' values (``paths`` in

@@ -813,7 +813,8 @@ def format_plan(p: Plan) -> str:
                                 + f"; host tests of {_count(p.phase5_test_values)} values ≈ "
                                   f"{_duration(p.phase5_test_core_seconds)} of one core's time"),
         ("Phase 6 (QK-OV)", f"{_scaled(p.phase6_flops, FLOPS)} ≈ {_duration(p.phase6_seconds)}"
-                            + (f" ({_scaled(p.phase6_reform_flops, FLOPS)} of it forming factored gradients, at least)"
+                            + (f" ({_scaled(p.phase6_reform_flops, FLOPS)} of it forming factored gradients"
+                               f"{', at least: each device forms the tiles of task B it reads' if p.devices > 1 else ''})"
                                if p.factored else "")
                             + f"; scores of {_bytes(p.phase6_scores_bytes)} per ordered pair (the host holds twice that while "
                               f"forming them), {_bytes(p.phase6_output_bytes)} in qkov.npz"),

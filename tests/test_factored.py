@@ -91,6 +91,32 @@ def test_a_placed_read_forms_where_it_is_placed_with_zero_padding():
         g.on_device(samples, pad_to=2)
 
 
+def test_taken_columns_form_only_the_taken_part():
+    """``take(positions, axis)`` along ``d_in`` or ``d_out`` (a group of heads, QK-OV's tiles) is
+    ``np.take`` of the gradients at every read, shares the factor arrays, composes, and moves only
+    the taken columns of the factors."""
+    g, dense = _random_factors()
+    rows, cols = np.array([3, 0]), np.array([5, 1, 2])
+    taken = g.take(cols, -1).take(rows, -2)
+    want = np.take(np.take(dense, cols, -1), rows, -2)
+    assert taken.shape == want.shape and taken.inputs is g.inputs and taken.deltas is g.deltas
+    samples, layers = np.array([4, 0, 2]), np.array([2, 1])
+    for key in ((), (samples[:, None], layers[None, :]), slice(1, 4), (samples, 1), (Ellipsis, 1, slice(0, 2))):
+        np.testing.assert_allclose(taken[key], want[key], rtol=1e-5, atol=1e-5, err_msg=repr(key))
+    np.testing.assert_allclose(g.take(np.array([4, 2]), -1).take(np.array([1]), -1)[:], dense[..., [2]], rtol=1e-5, atol=1e-5)
+    placed = []
+    read_on_device(taken, slice(0, 2), place=lambda x: placed.append(x.shape) or jax.device_put(x))
+    assert placed == [(6, 7, 2), (6, 7, 3)]  # 2 samples × 3 layers of the taken columns only
+    np.testing.assert_allclose(taken.take_rows(samples)[:, 1], want[samples, 1], rtol=1e-5, atol=1e-5)
+    leaves, tree = jax.tree.flatten(taken)
+    np.testing.assert_allclose(jax.tree.unflatten(tree, leaves)[0], want[0], rtol=1e-5, atol=1e-5)
+    weights = np.array([0.5, 2.0, 1.0, 0.25, 3.0])
+    np.testing.assert_allclose(taken.weighted_square_mean(weights), np.mean(weights[:, None, None, None] * want ** 2, axis=0),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="kernel axis"):
+        g.take(cols, 0)
+
+
 @pytest.mark.parametrize("factor_bytes", [256e6, 900])  # every sample in one group, or two per group (the last padded)
 def test_weighted_square_mean_sums_the_formed_squares(factor_bytes, monkeypatch):
     from fisherjax.fisher import factored

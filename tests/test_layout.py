@@ -166,3 +166,36 @@ def test_view_unview_round_trip_for_every_attention_leaf(hf_checkpoint):
             else:
                 continue
             np.testing.assert_array_equal(layout.unview(path, blocks), flat[path], err_msg=path)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox", "llama"])
+def test_a_group_of_heads_taken_from_a_leaf_is_those_heads_views(kind):
+    """``np.take(leaf, head_positions(path, k, n), axis)``, viewed with ``head_group(n)``, is the
+    whole layout's view of kv heads ``k … k+n−1`` and their query heads: fused [Q|K|V] (GPT-2),
+    interleaved (NeoX) and grouped-query (Llama, two query heads per kv head) layouts alike."""
+    model = Model.init(tiny_config(kind), seed=0)  # four query heads; Llama's two kv heads
+    layout, flat = model.layout, {p: np.asarray(v) for p, v in flatten(model.params).items()}
+    g = layout.kv_groups
+    assert layout.head_group(layout.num_kv_heads) is layout
+    with pytest.raises(ValueError, match="divisor"):
+        layout.head_group(3)
+    checked = 0
+    for n in (1, layout.num_kv_heads // 2):
+        group = layout.head_group(n)
+        assert (group.num_heads, group.num_kv_heads) == (n * g, n)
+        for start in range(0, layout.num_kv_heads, n):
+            for path in layout.paths():
+                axis = layout.leaf_head_axis(path)
+                if axis is None:
+                    continue
+                taken = np.take(flat[path], layout.head_positions(path, start, n), axis=axis)
+                assert taken.shape == group.spec(path).shape
+                spec = layout.spec(path)
+                blocks = "qkv" if spec.role == Role.QKV else spec.role.value
+                for block in blocks:
+                    heads = slice(start, start + n) if block in "kv" else slice(start * g, (start + n) * g)
+                    whole = np.moveaxis(np.asarray(layout.view(path, flat[path], block)), layout.head_axis(block, spec.kind), 0)
+                    got = np.moveaxis(group.view(path, taken, block), layout.head_axis(block, spec.kind), 0)
+                    np.testing.assert_array_equal(got, whole[heads], err_msg=f"{path} {block} heads {heads}")
+                    checked += 1
+    assert checked > 0

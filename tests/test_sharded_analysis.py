@@ -103,6 +103,17 @@ la, lb = planted(llama, 11, 1, [1] * 11), planted(llama, 6, 2, [1, 1, 1, -1, -1,
 MIN = dict(min_fisher_samples=3)
 A, B, H = tasks["a"], tasks["b"], tasks["held"]
 LLAMA_FLOATS = sum(int(np.prod(llama.spec(p).shape)) for p in attention_paths(llama)) // llama.num_layers  # a sample's, a layer's
+GPT2_FLOATS = sum(int(np.prod(gpt2.layout.spec(p).shape)) for p in attention_paths(gpt2.layout)) // gpt2.layout.num_layers
+taken = []
+take = factored.FactoredGrads.take
+
+
+def counted_take(self, positions, axis):
+    taken.append(axis)
+    return take(self, positions, axis)
+
+
+factored.FactoredGrads.take = counted_take
 
 single = {
     "gpt2": qkov.heatmap(A, B, gpt2.layout, **MIN),
@@ -183,11 +194,17 @@ for name, mesh in (("(4,)", make_mesh(4)), ("(2, 2)", make_mesh(2, 2))):
     f["llama_scores"] = entrywise(np.asarray(got.scores), single["llama"].scores)
     f["llama_avg"] = err(got.layer_head_avg, single["llama"].layer_head_avg)
     f["llama_top"] = top_keys(got) == top_keys(single["llama"])
-    # Tiles too small for task B: by parts (q, k, v, o), the k and v parts' row chunks larger than
-    # q's and o's, all dividing a device's rows.
+    # Tiles too small for task B: by parts (q, k, v, o), each a kv head (and its two query heads)
+    # at a time, the k and v parts' row chunks larger than q's and o's, all dividing a device's rows.
     got = qkov.heatmap(la, lb, llama, mesh=mesh, gather_scores=False, contraction="batched", variant="signed", split_k=4,
-                       memory_budget_bytes=30 * LLAMA_FLOATS, **MIN)
+                       memory_budget_bytes=12 * LLAMA_FLOATS, **MIN)
     f["llama_parts_scores"] = entrywise(np.asarray(got.scores), single["llama"].scores)
+    # Kept token factors in groups of heads (GPT-2's fused QKV a head at a time, O two): each read
+    # takes its group's columns of the factors.
+    taken.clear()
+    got = qkov.heatmap(FA, FB, gpt2.layout, mesh=mesh, memory_budget_bytes=8 * GPT2_FLOATS, **MIN)
+    f["factors_heads_scores"] = err(got.scores, single["gpt2"].scores)
+    f["factors_heads_taken"] = len(taken)
     # The kfac variant: A's rows of each tile split over the devices, its sums gathered tile by tile.
     got = qkov.heatmap(A, B, gpt2.layout, mesh=mesh, variant="kfac", kfac=KF, **MIN)
     f["kfac_scores"] = entrywise(got.scores, single["kfac"].scores)
@@ -268,7 +285,8 @@ def test_sharded_pair_phases_equal_one_device(sharded):
         flags = [k for k, v in f.items() if isinstance(v, bool)]
         assert {"gpt2_ids", "kept_shape", "kept_top", "llama_top", "perm_pvalues", "perm_significant", "planted_significant"} <= set(flags)
         assert {"factors_scores", "factors_cosines", "factors_group_dots", "factors_chunked_cosines", "kfac_scores", "kfac_avg",
-                "factors_kfac_scores", "llama_parts_scores"} <= set(errors), (mesh, errors)
+                "factors_kfac_scores", "llama_parts_scores", "factors_heads_scores"} <= set(errors), (mesh, errors)
+        assert f["factors_heads_taken"] > 0
         assert all(f[k] for k in flags), (mesh, {k: f[k] for k in flags})
         assert f["planted_found"] > 0  # the planted conflict is found, and found the same on the mesh
 

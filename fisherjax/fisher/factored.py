@@ -137,14 +137,36 @@ class FactoredGrads:
 
     dtype = np.dtype(np.float32)
 
-    def __init__(self, inputs: Float[np.ndarray, "n *lead seq d_in"], deltas: Float[np.ndarray, "n *lead seq d_out"]):
+    def __init__(self, inputs: Float[np.ndarray, "n *lead seq d_in"], deltas: Float[np.ndarray, "n *lead seq d_out"],
+                 columns: tuple[np.ndarray | None, np.ndarray | None] = (None, None)):
         if np.shape(inputs)[:-1] != np.shape(deltas)[:-1]:
             raise ValueError(f"factors of different samples or positions: inputs {np.shape(inputs)}, deltas {np.shape(deltas)}")
         self.inputs, self.deltas = inputs, deltas
+        self.columns = tuple(None if c is None else np.asarray(c, np.int64) for c in columns)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (*self.inputs.shape[:-2], self.inputs.shape[-1], self.deltas.shape[-1])
+        widths = (len(c) if c is not None else f.shape[-1] for c, f in zip(self.columns, (self.inputs, self.deltas)))
+        return (*self.inputs.shape[:-2], *widths)
+
+    def take(self, positions: np.ndarray, axis: int) -> FactoredGrads:
+        """The gradients' ``np.take(g, positions, axis)`` along a kernel axis (−2: ``d_in``, −1:
+        ``d_out``), still as factors that share this one's arrays: each read takes those columns of
+        the selected samples' inputs or deltas, so it forms (and moves) only the gradients' taken
+        part — a group of heads of an attention kernel (:meth:`~fisherjax.layout.ModelLayout.head_positions`)."""
+        if axis not in (-2, -1):
+            raise ValueError(f"FactoredGrads.take takes along a kernel axis (-2 or -1), got {axis}")
+        columns = list(self.columns)
+        at = axis + 2
+        positions = np.asarray(positions, np.int64)
+        columns[at] = positions if columns[at] is None else columns[at][positions]
+        return FactoredGrads(self.inputs, self.deltas, tuple(columns))
+
+    def _factors(self, lead) -> tuple[np.ndarray, np.ndarray]:
+        """The inputs and deltas of the samples (and layers) ``lead`` selects, their taken columns only."""
+        a, d = self.inputs[lead + (Ellipsis,)], self.deltas[lead + (Ellipsis,)]
+        ca, cd = self.columns
+        return (a if ca is None else a[..., ca]), (d if cd is None else d[..., cd])
 
     @property
     def ndim(self) -> int:
@@ -175,8 +197,9 @@ class FactoredGrads:
         the shape of the gradients they form; ``pad_to``: zero factors appended along the first
         selected axis up to this length (zero factors form zero gradients)."""
         lead, rows, cols = _split_key(key, self.ndim)
-        a, squeeze_rows = _last_axis(self.inputs[lead + (Ellipsis,)], rows)
-        d, squeeze_cols = _last_axis(self.deltas[lead + (Ellipsis,)], cols)
+        a, d = self._factors(lead)
+        a, squeeze_rows = _last_axis(a, rows)
+        d, squeeze_cols = _last_axis(d, cols)
         if pad_to is not None:
             if a.ndim < 3:
                 raise IndexError("pad_to pads the first selected axis: the index must keep the sample axis")
@@ -206,7 +229,7 @@ class FactoredGrads:
         groups of :data:`FACTOR_BYTES`."""
         rows = np.arange(len(self)) if rows is None else np.asarray(rows, np.int64)
         weights = np.asarray(weights, np.float32)
-        per_sample = int(np.prod(self.inputs.shape[1:])) * self.inputs.itemsize + int(np.prod(self.deltas.shape[1:])) * self.deltas.itemsize
+        per_sample = int(np.prod(self.inputs.shape[1:-1])) * (self.shape[-2] * self.inputs.itemsize + self.shape[-1] * self.deltas.itemsize)
         step = max(1, min(len(rows), int(FACTOR_BYTES // max(per_sample, 1))))
         total = jnp.zeros(self.shape[1:], jnp.float32)
         for start in range(0, len(rows), step):
@@ -215,7 +238,8 @@ class FactoredGrads:
             if len(index) < step:  # the last group padded with weight-0 repeats: one shape, one compilation
                 w = np.concatenate([w, np.zeros(step - len(index), np.float32)])
                 index = np.concatenate([index, np.full(step - len(index), index[-1])])
-            total = _add_weighted_squares(total, jax.device_put(self.inputs[index]), jax.device_put(self.deltas[index]), jnp.asarray(w))
+            a, d = self._factors((index,))
+            total = _add_weighted_squares(total, jax.device_put(a), jax.device_put(d), jnp.asarray(w))
         return np.asarray(total) / np.float32(max(len(rows), 1))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
@@ -223,15 +247,15 @@ class FactoredGrads:
         return out.astype(dtype or out.dtype, copy=bool(copy))
 
     def tree_flatten(self):
-        return (self.inputs, self.deltas), None
+        return (self.inputs, self.deltas), tuple(None if c is None else tuple(c.tolist()) for c in self.columns)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children)
+        return cls(*children, aux)
 
     def take_rows(self, index) -> FactoredGrads:
         """The samples at ``index`` (an int array or a slice), still as factors."""
-        return FactoredGrads(self.inputs[index], self.deltas[index])
+        return FactoredGrads(self.inputs[index], self.deltas[index], self.columns)
 
 
 def read_on_device(leaf, key, may_alias: bool | None = None, *, place: Callable[[np.ndarray], Array] | None = None,

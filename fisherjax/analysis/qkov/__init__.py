@@ -51,7 +51,8 @@ scores only by rounding); entry points take both and/or keyword overrides of the
   read in place, blocks and layer ranges on a thread pool; CPUs), ``"pallas"`` (each head's strided
   slice read inside the GEMM; a Triton kernel, interpreted elsewhere) or ``"auto"``
   (:func:`fisherjax.backend.qkov_contraction`). Tiles over chunks of samples and layers (and, where
-  task B is not one chunk, over the slices' parts that share no stored leaf) keep each step within
+  task B is not one chunk, over the slices' parts that share no stored leaf, then over groups of
+  heads of a part) keep each step within
   ``memory_budget_bytes`` (:func:`tile_plan`; unset, the backend's: 2 GB on a CPU, half an
   accelerator's free memory). :func:`partner_reads` counts how often a score array reads task B.
 

@@ -3,7 +3,10 @@ and layers are cut into tiles that fit a memory budget, and how each tile's stor
 the device (plain slices, read in place where the backend allows).
 
 Tiles are chunks of layers × chunks of A × chunks of B, of all the slices' parts at once, or,
-where B is not one chunk, of each part that shares no stored leaf in turn (:func:`part_chunks`).
+where B is not one chunk, of each part that shares no stored leaf in turn (:func:`part_chunks`),
+and where B is still not one chunk of a part's layer, of a group of its heads at a time
+(:func:`head_cut`: the stored leaves read through the group's columns, the kernels run on the
+group's layout, :meth:`~fisherjax.layout.ModelLayout.head_group`).
 Each side's stored leaves go to the device once per tile row / column (B's once per layer chunk
 when it fits in one chunk). :func:`shared_raw_scores` is the loop of several score arrays over
 the same samples, each sample put on the device once per layer chunk. The
@@ -38,7 +41,7 @@ from fisherjax.analysis.qkov._operands import BlockKinds, Side, block_kinds, lea
 from fisherjax.analysis.qkov._pallas import pallas_tile, sample_chunk
 from fisherjax.analysis.qkov._prepare import Prepared, required_paths
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
-from fisherjax.fisher.factored import read_on_device
+from fisherjax.fisher.factored import FactoredGrads, read_on_device
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 from fisherjax.progressbar import progress_bar
 from fisherjax.sharding import DATA, data_size, placements, put_replicated
@@ -91,24 +94,52 @@ def layer_floats(layout: ModelLayout, include_bias: bool, kinds: BlockKinds | No
     return sum(int(np.prod(layout.spec(p).shape)) for p in paths) // layout.num_layers
 
 
+class PartChunks(NamedTuple):
+    """How one part of the slices is tiled (:func:`part_chunks`)."""
+
+    kinds: BlockKinds
+    chunks: tuple[int, int, int]
+    """:func:`tile_chunks`' ``(c_a, c_b, c_l)`` of one group of heads."""
+    kv_heads: int
+    """kv heads a tile holds, with their query heads (:meth:`ModelLayout.head_group`): all of them
+    unless the part is cut into groups of heads."""
+
+
 def part_chunks(layout: ModelLayout, kinds: BlockKinds, n_a: int, n_b: int, n_layers: int, budget: float, copies: int,
-                fit: Callable[[int, int], int] = lambda planned, n: planned) -> list[tuple[BlockKinds, tuple[int, int, int]]]:
+                fit: Callable[[int, int], int] = lambda planned, n: planned) -> list[PartChunks]:
     """The parts of the slices ``kinds`` tiled one after another, with their :func:`tile_chunks`:
     all of them in one plan when task B is one chunk of it, else each :func:`leaf_groups` part in
     its own, whose tiles hold more samples than a whole layer's would, so B is read fewer times
-    (and each part forms only its own leaves)."""
+    (and each part forms only its own leaves). Where B is still not one chunk of a part's layer,
+    the part's heads are cut into groups (:func:`head_cut`)."""
     whole = tile_chunks(n_a, n_b, n_layers, layer_floats(layout, False, kinds), budget, copies, fit)
-    groups = leaf_groups(layout, kinds)
-    if whole[1] >= n_b or len(groups) == 1:
-        return [(kinds, whole)]
-    return [(group, tile_chunks(n_a, n_b, n_layers, layer_floats(layout, False, group), budget, copies, fit)) for group in groups]
+    if whole[1] >= n_b:
+        return [PartChunks(kinds, whole, layout.num_kv_heads)]
+    return [PartChunks(group, *head_cut(layout, group, n_a, n_b, n_layers, budget, copies, fit)) for group in leaf_groups(layout, kinds)]
+
+
+def head_cut(layout: ModelLayout, kinds: BlockKinds, n_a: int, n_b: int, n_layers: int, budget: float, copies: int,
+             fit: Callable[[int, int], int]) -> tuple[tuple[int, int, int], int]:
+    """The :func:`tile_chunks` of the part ``kinds`` and the kv heads a tile holds: the most (a
+    divisor of ``kv_heads``, with their query heads) at which task B is one chunk, else one.
+
+    A group of heads of a layer is that share of the layer's parameters, so its tiles hold that
+    many times more samples; B is then read once per group of heads, and a read forms only the
+    group's part of each gradient: B is formed once in all, not once per chunk of A."""
+    floats, kv = layer_floats(layout, False, kinds), layout.num_kv_heads
+    for count in (d for d in range(kv, 0, -1) if kv % d == 0):
+        chunks = tile_chunks(n_a, n_b, n_layers, floats // kv * count, budget, copies, fit)
+        if chunks[1] >= n_b or count == 1:
+            return chunks, count
+    raise AssertionError("unreachable: one kv head always ends the search")
 
 
 def partner_reads(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool, kernel: KernelOptions, in_place: bool = False) -> float:
     """How often one score array of ``n_a × n_b`` samples (:func:`raw_scores`) reads task B's
     stored samples — and forms its kept token factors: once when B is one tile's chunk (every
     chunk of A is multiplied with it), else once per chunk of A, in each part of
-    :func:`part_chunks` (the parts' reads weighted by their share of a layer's parameters).
+    :func:`part_chunks` (the parts' reads weighted by their share of a layer's parameters; a part
+    cut into groups of heads reads each group's share of B that often).
     ``in_place``: the stored samples are float32 gradients a CPU reads in place (one tile)."""
     contraction = backend.qkov_contraction(kernel.contraction)
     if in_place and contraction != "batched":
@@ -116,8 +147,8 @@ def partner_reads(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool, k
     limits = tile_limits(contraction)
     parts = part_chunks(layout, block_kinds(layout, include_bias), n_a, n_b, layout.num_layers,
                         min(kernel.budget_bytes(), limits.most_bytes), limits.copies, limits.sample_chunk)
-    shares = [layer_floats(layout, include_bias, kinds) for kinds, _ in parts]
-    reads = [1.0 if c_b >= n_b else float(-(-n_a // c_a)) for _, (c_a, c_b, _) in parts]
+    shares = [layer_floats(layout, include_bias, part.kinds) for part in parts]
+    reads = [1.0 if c_b >= n_b else float(-(-n_a // c_a)) for c_a, c_b, _ in (part.chunks for part in parts)]
     return sum(r * w for r, w in zip(reads, shares)) / sum(shares)
 
 
@@ -297,8 +328,11 @@ class TilePlan(NamedTuple):
 
     kinds: BlockKinds
     tiles: TileKernel
+    """Its kernel, bound to the layout of :attr:`kv_heads` kv heads."""
     chunks: tuple[int, int, int]
     """``(c_a, c_b, c_l)``."""
+    kv_heads: int
+    """kv heads (with their query heads) a tile holds: :class:`PartChunks`' ."""
 
 
 def plan_parts(prep: Prepared, layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, n_a: int, n_b: int, n_l: int,
@@ -313,9 +347,71 @@ def plan_parts(prep: Prepared, layout: ModelLayout, score: ScoreOptions, kernel:
                      and in_place(b_side.store, layout, sources))
     copies = 0 if read_in_place else max(tiles.copies, 1 if on_mesh else 0)
     parts = part_chunks(layout, prep.kinds, n_a, n_b, n_l, min(kernel.budget_bytes(), tiles.most_bytes), copies, tiles.sample_chunk)
-    if len(parts) == 1:
-        return [TilePlan(prep.kinds, tiles, parts[0][1])]
-    return [TilePlan(kinds, select_kernel(kernel, layout, kinds, a_side.transform, b_side.transform), chunks) for kinds, chunks in parts]
+    if len(parts) == 1 and parts[0].kv_heads == layout.num_kv_heads:
+        return [TilePlan(prep.kinds, tiles, parts[0].chunks, parts[0].kv_heads)]
+    return [TilePlan(part.kinds, select_kernel(kernel, layout.head_group(part.kv_heads), part.kinds, a_side.transform, b_side.transform),
+                     part.chunks, part.kv_heads) for part in parts]
+
+
+class HeadGroup(NamedTuple):
+    """kv heads ``kv`` and the query heads ``q`` that read them: one group of a part cut by
+    :func:`head_cut`, viewed with :attr:`layout` (:meth:`ModelLayout.head_group`)."""
+
+    layout: ModelLayout
+    kv: slice
+    q: slice
+
+    def heads(self, block: str) -> slice:
+        """Where the group's heads of ``block`` sit along the whole model's head axis of that block."""
+        return self.kv if block in ("k", "v") else self.q
+
+
+def head_groups(layout: ModelLayout, kv_heads: int) -> list[HeadGroup]:
+    """The model's heads in groups of ``kv_heads`` kv heads (all of them: one group, ``layout``
+    itself)."""
+    group, g = layout.head_group(kv_heads), layout.kv_groups
+    return [HeadGroup(group, slice(k, k + kv_heads), slice(k * g, (k + kv_heads) * g)) for k in range(0, layout.num_kv_heads, kv_heads)]
+
+
+class TakenLeaf:
+    """A stored per-sample array read through ``np.take(·, positions, axis)`` along one of its
+    trailing axes, taken from what each read selects (``leaf[key]`` indexes the leading sample
+    and layer axes), so no copy of the whole array is ever made."""
+
+    def __init__(self, leaf, positions: np.ndarray, axis: int):
+        self.leaf, self.positions, self.axis = leaf, positions, axis
+        shape = list(np.shape(leaf))
+        shape[axis] = len(positions)
+        self.shape, self.dtype = tuple(shape), leaf.dtype
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.take(self.leaf[key], self.positions, axis=self.axis)
+
+
+def group_side(side: Side, layout: ModelLayout, sources: Mapping[str, tuple[str, ...]], group: HeadGroup) -> Side:
+    """``side`` whose stored leaves of ``sources`` are read as ``group``'s heads only
+    (:meth:`ModelLayout.head_positions`): kept token factors take the group's columns of their
+    factors (:meth:`~fisherjax.fisher.factored.FactoredGrads.take`), arrays are taken on read
+    (:class:`TakenLeaf`). The whole model's heads: ``side`` itself."""
+    if group.layout is layout:
+        return side
+    kv_start, kv_heads = group.kv.start, group.kv.stop - group.kv.start
+    store = dict(side.store)
+    for paths in sources.values():
+        for path in paths:
+            positions, axis = layout.head_positions(path, kv_start, kv_heads), layout.leaf_head_axis(path)
+            leaf = side.store[path]
+            store[path] = leaf.take(positions, axis) if isinstance(leaf, FactoredGrads) else TakenLeaf(leaf, positions, axis)
+    return side._replace(store=store)
+
+
+def group_weights(weights: Mapping[str, np.ndarray], layout: ModelLayout, kinds: BlockKinds, group: HeadGroup) -> dict[str, np.ndarray]:
+    """The ``kinds``' weights ``{block/kind: [layer, *view]}`` of ``group``'s heads."""
+    keys = [(slice_key(block, kind), block, kind) for block, kind in kinds]
+    if group.layout is layout:
+        return {key: weights[key] for key, _, _ in keys}
+    return {key: np.take(weights[key], np.arange(layout.heads_of(block))[group.heads(block)], axis=layout.head_axis(block, kind))
+            for key, block, kind in keys}
 
 
 def raw_scores(
@@ -343,31 +439,33 @@ def raw_scores(
     if n_a == 0 or n_b == 0:
         return out
     parts = plan_parts(prep, layout, score, kernel, n_a, n_b, n_l)
-    total = sum(-(-n_l // c_l) * -(-n_a // c_a) * -(-n_b // c_b) for c_a, c_b, c_l in (part.chunks for part in parts))
+    total = sum(-(-n_l // c_l) * -(-n_a // c_a) * -(-n_b // c_b) * layout.num_kv_heads // part.kv_heads
+                for part, (c_a, c_b, c_l) in ((part, part.chunks) for part in parts))
     with progress_bar(progress, total=total, desc=desc, unit="tile") as bar:
-        for part in parts:
+        for part, group in ((part, group) for part in parts for group in head_groups(layout, part.kv_heads)):
             tiles, (c_a, c_b, c_l) = part.tiles, part.chunks
             sources = leaf_sources(layout, part.kinds)
-            keys = {slice_key(*k) for k in part.kinds}
+            a_group, b_group = group_side(a_side, layout, sources, group), group_side(b_side, layout, sources, group)
+            group_w = group_weights(prep.weights, layout, part.kinds, group)
 
             def operand(side: Side, positions, layer_index, weights):
-                leaves = device_leaves(side.store, layout, sources, positions, layer_index)
+                leaves = device_leaves(side.store, group.layout, sources, positions, layer_index)
                 return tiles.operand(leaves, jnp.asarray(side.scale[positions]), weights, side.transform)
 
             layer_starts, a_starts, b_starts = range(0, n_l, c_l), range(0, n_a, c_a), range(0, n_b, c_b)
             for l0 in layer_starts:
                 lsel = layers[_chunk_index(l0, c_l, n_l)]
-                weights = {k: jnp.asarray(w[lsel]) for k, w in prep.weights.items() if k in keys}
+                weights = {k: jnp.asarray(w[lsel]) for k, w in group_w.items()}
                 b_cached = None
                 for i0 in a_starts:
-                    a_operand = operand(a_side, a_positions[_chunk_index(i0, c_a, n_a)], lsel, weights)
+                    a_operand = operand(a_group, a_positions[_chunk_index(i0, c_a, n_a)], lsel, weights)
                     for j0 in b_starts:
                         if b_cached is None or len(b_starts) > 1:
-                            b_cached = operand(b_side, b_positions[_chunk_index(j0, c_b, n_b)], lsel, None)
+                            b_cached = operand(b_group, b_positions[_chunk_index(j0, c_b, n_b)], lsel, None)
                         tile = tiles.products(a_operand, b_cached, weights)
                         li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
                         for block, value in tile.items():
-                            out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji] = np.asarray(value)[:li, :ii, :ji]
+                            out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji, group.heads(block)] = np.asarray(value)[:li, :ii, :ji]
                         bar.update()
     return out
 
@@ -535,13 +633,14 @@ def sharded_step(
     mesh and kernel: under ``shard_map`` every device computes :func:`whole_tile` of its rows of A
     (``leaves_a``, ``scale_a`` split over ``"data"``) against the replicated B tile and weights, and
     writes it into its block of ``out`` ``{block: [layer, n_pad, n_b_pad, heads]}`` (split over
-    ``"data"`` along the sample axis, donated) at the local offset ``at = (layer, row, column)``.
+    ``"data"`` along the sample axis, donated) at the local offset ``at = (layer, row, column,
+    query head, kv head)`` (the head of a group of heads, :func:`head_groups`).
     A ``"model"`` axis only replicates the work."""
     whole = whole_tile(contraction, layout, kinds, transform_a, transform_b, kernel)
 
     def step(out, leaves_a, scale_a, weights, leaves_b, scale_b, at):
         tile = whole(leaves_a, scale_a, weights, leaves_b, scale_b)
-        return {block: jax.lax.dynamic_update_slice(value, tile[block].astype(value.dtype), (at[0], at[1], at[2], 0))
+        return {block: jax.lax.dynamic_update_slice(value, tile[block].astype(value.dtype), (at[0], at[1], at[2], at[4 if block in "kv" else 3]))
                 for block, value in out.items()}
 
     rows = P(DATA)
@@ -617,31 +716,34 @@ def sharded_raw_scores(
     out = {block: jnp.zeros((n_l_pad, devices * n_loc, n_b_pad, layout.heads_of(block)), jnp.float32,
                             device=NamedSharding(mesh, P(None, DATA))) for block in ATTENTION_BLOCKS}
     split_rows, replicate = placements(mesh)
-    total = sum(-(-n_l // part.chunks[2]) * (n_loc // c_a) * -(-n_b // part.chunks[1]) for part, c_a in zip(parts, row_chunks))
+    total = sum(-(-n_l // part.chunks[2]) * (n_loc // c_a) * -(-n_b // part.chunks[1]) * layout.num_kv_heads // part.kv_heads
+                for part, c_a in zip(parts, row_chunks))
     with progress_bar(progress, total=total, desc=desc, unit="tile") as bar:
-        for part, c_a in zip(parts, row_chunks):
+        for (part, c_a), group in ((pc, group) for pc in zip(parts, row_chunks) for group in head_groups(layout, pc[0].kv_heads)):
             (_, c_b, c_l), sources = part.chunks, leaf_sources(layout, part.kinds)
             blocks = sorted({block for block, _ in part.kinds})
-            keys = {slice_key(*k) for k in part.kinds}
-            step = sharded_step(mesh, part.tiles.name, layout, part.kinds, a_side.transform, b_side.transform, kernel)
+            step = sharded_step(mesh, part.tiles.name, group.layout, part.kinds, a_side.transform, b_side.transform, kernel)
+            a_group, b_group = group_side(a_side, layout, sources, group), group_side(b_side, layout, sources, group)
+            group_w = group_weights(prep.weights, layout, part.kinds, group)
 
             def placed(side: Side, positions: np.ndarray, layers: np.ndarray, split: bool):
                 place = split_rows if split else replicate
                 scale = np.where(positions >= 0, side.scale[np.maximum(positions, 0)], 0).astype(np.float32)
-                return mesh_leaves(side.store, layout, sources, positions, layers, place), place(scale)
+                return mesh_leaves(side.store, group.layout, sources, positions, layers, place), place(scale)
 
             for l0 in range(0, n_l, c_l):
                 lsel = np.minimum(np.arange(l0, l0 + c_l), n_l - 1)
-                weights = put_replicated({k: w[lsel] for k, w in prep.weights.items() if k in keys}, mesh)
+                weights = put_replicated({k: w[lsel] for k, w in group_w.items()}, mesh)
                 b_cached = None
                 for i0 in range(0, n_loc, c_a):
                     # Device k's rows of this tile: k·n_loc + i0 + [0, c_a), padding past n_a.
                     rows = (np.arange(devices)[:, None] * n_loc + i0 + np.arange(c_a)).ravel()
-                    leaves_a, scale_a = placed(a_side, padded_positions(rows, a_positions), lsel, True)
+                    leaves_a, scale_a = placed(a_group, padded_positions(rows, a_positions), lsel, True)
                     for j0 in range(0, n_b, c_b):
                         if b_cached is None or n_b > c_b:
-                            b_cached = placed(b_side, padded_positions(np.arange(j0, j0 + c_b), b_positions), lsel, False)
-                        written = step({b: out[b] for b in blocks}, leaves_a, scale_a, weights, *b_cached, np.array([l0, i0, j0], np.int32))
+                            b_cached = placed(b_group, padded_positions(np.arange(j0, j0 + c_b), b_positions), lsel, False)
+                        at = np.array([l0, i0, j0, group.q.start, group.kv.start], np.int32)
+                        written = step({b: out[b] for b in blocks}, leaves_a, scale_a, weights, *b_cached, at)
                         out.update(written)
                         bar.update()
     return out
