@@ -204,6 +204,13 @@ def tile_budget_bytes(cpu_bytes: float) -> float:
     return float(cpu_bytes) if free is None else max(float(cpu_bytes), DEVICE_TILE_SHARE * free)
 
 
+def stages_reads() -> bool:
+    """Whether host data a phase reads several times is kept on the device between the reads: on
+    an accelerator, where every read crosses the bus (and, for spilled stores, the disk); not on a
+    CPU, whose device is the host, where a staged copy would only take more memory."""
+    return not is_cpu()
+
+
 def host_available_bytes() -> int | None:
     """Host memory still available (``MemAvailable`` of ``/proc/meminfo``): where numpy's arrays
     and the CPU backend's live; None where it is not known."""

@@ -1008,7 +1008,9 @@ def pair_work(ctx: Context) -> dict[str, float]:
                 sizes[a], sizes[b], layout, test=[work.qkov_tested(sizes[t], needed) for t in (a, b)],
                 stores_per_task=1 if all(kept[t].derived for t in (a, b)) else 2, score=score, kernel=kernel)
             in_place = all(qkov.samples_in_place(kept[t], layout, score.include_bias) for t in (a, b))
-            reads = functools.partial(qkov.partner_reads, layout=layout, include_bias=score.include_bias, kernel=kernel, in_place=in_place)
+            staged = qkov.stored_sample_layer_bytes([kept[t].grads for t in (a, b)], layout) if backend.stages_reads() else None
+            reads = functools.partial(qkov.partner_reads, layout=layout, include_bias=score.include_bias, kernel=kernel, in_place=in_place,
+                                      sample_layer_bytes=staged)
             reads_a, reads_b = work.qkov_pair_reads(sizes[a], sizes[b], needed, ctx.fishers[a].diagonal is not None, formed_once, reads)
             counted["qkov"] += (work.qkov_pair_flops(sizes[a], sizes[b], ctx.model.layout, score.include_bias, needed)
                                 + reads_a * reform[a] + reads_b * reform[b])

@@ -314,6 +314,20 @@ def reform_flops(layout: ModelLayout, options: CollectOptions, seq_len: int) -> 
     return work_reform_flops((layout.spec(p).shape, seq_len) for p in _factored(layout, options))
 
 
+def kept_sample_layer_bytes(layout: ModelLayout, options: CollectOptions, seq_len: int) -> Callable[[tuple[tuple[str, str], ...]], float]:
+    """``kinds -> bytes``: one kept sample of one layer of the QK-OV part ``kinds`` as the run
+    stores it (token factors at ``seq_len`` positions for a factored kernel, else the gradient, in
+    ``options.sample_grads_dtype``) — what a device stages for a part cut into groups of heads
+    (:func:`fisherjax.analysis.qkov.partner_reads`' ``sample_layer_bytes``)."""
+    factored, itemsize = set(_factored(layout, options)), jax.numpy.dtype(options.sample_grads_dtype).itemsize
+
+    def numbers(path: str) -> int:
+        shape = layout.spec(path).shape[1:]  # one layer of a layer-stacked leaf
+        return seq_len * (shape[-2] + shape[-1]) if path in factored else math.prod(shape)
+
+    return lambda kinds: float(itemsize * sum(numbers(p) for p in {layout.block_sources(b, k)[0] for b, k in kinds}))
+
+
 @dataclasses.dataclass(frozen=True)
 class CurvaturePlan:
     """Phase 1's method comparison in a plan: ``analyze``'s rule
@@ -617,7 +631,8 @@ def plan(
     formed_once = devices == 1 and samples >= score.min_fisher_samples and qkov.formed_once(
         samples, samples, layout, test=(qkov_tests, qkov_tests), stores_per_task=1 if options.fisher_type == "empirical" else 2, score=score,
         kernel=tiles)
-    partner = functools.partial(qkov.partner_reads, layout=layout, include_bias=score.include_bias, kernel=tiles)
+    partner = functools.partial(qkov.partner_reads, layout=layout, include_bias=score.include_bias, kernel=tiles,
+                                sample_layer_bytes=kept_sample_layer_bytes(layout, options, seq_len))
     phase6_reform = qkov_sample_reads(samples, tasks, score.min_fisher_samples, options.diagonal, formed_once, partner) * reform
     phase5 = conflict_flops(samples, tasks, kept, references) + phase5_reform
     tested_groups = groups if phase5_scope == "groups" else 1

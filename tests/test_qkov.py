@@ -925,47 +925,62 @@ def test_both_ways_are_the_separate_calls_from_one_formation(family, kind, compu
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt_neox"])
 @pytest.mark.parametrize("contraction", ["looped", "batched"])
-def test_partner_reads_count_the_formations_of_task_b(family, kind, contraction, monkeypatch):
+@pytest.mark.parametrize("staged", [False, True], ids=["host", "staged"])
+def test_partner_reads_count_the_formations_of_task_b(family, kind, contraction, staged, monkeypatch):
     """:func:`qkov.partner_reads` says how often a score array forms its partner's kept token
     factors (the work ``analyze`` and ``fisherjax plan`` count): once when task B fits one tile,
     else once per chunk of A in each part that shares no leaf (GPT-2 and NeoX: QKV, O; Llama: q, k,
     v, o), the parts weighted by their parameters; where a part's layer does not hold B whole, its
     heads are cut into groups (GPT-2 and NeoX's fused QKV, Llama's grouped kv heads with their
     query heads) and each read forms only its group's columns — counted here in FLOPs on a
-    heatmap's actual formations, and the scores are the whole tile's."""
+    heatmap's actual formations, and the scores are the whole tile's. ``staged`` (an
+    accelerator's way, :func:`fisherjax.backend.stages_reads`): a cut part's layer of both tasks'
+    stored samples goes to the device once and every group takes its columns there."""
+    from fisherjax import backend
     from fisherjax.fisher.factored import FactoredGrads
 
     model, _, A, B = family(kind)
     layout = model.layout
     A, B = _factored(A, seed=1), _factored(B, seed=2)
-    b_leaves = {id(g.inputs) for g in B.grads.values() if isinstance(g, FactoredGrads)}
-    formed, narrow = [], []
-    on_device = FactoredGrads.on_device
+    formed, narrow, moved = [], [], []
+    on_device, staged_read = FactoredGrads.on_device, FactoredGrads.staged
 
     def counted(self, key=(), place=None, pad_to=None):
         value = on_device(self, key, place, pad_to)
-        if id(self.inputs) in b_leaves:
+        if len(self) == len(B):  # B's stored samples, or their staged copy (A has more)
             formed.append(np.prod(value.shape))  # samples × layers × d_in × d_out of B formed
             narrow.append(self.shape[-2:] != (self.inputs.shape[-1], self.deltas.shape[-1]))  # a group of heads
         return value
 
+    def counted_staged(self, key=(), place=None):
+        value = staged_read(self, key, place)
+        moved.append(value.inputs.shape[:2])  # samples × layers staged
+        return value
+
     monkeypatch.setattr(FactoredGrads, "on_device", counted)
+    monkeypatch.setattr(FactoredGrads, "staged", counted_staged)
+    monkeypatch.setattr(backend, "stages_reads", lambda: staged)
+    assert len(A) != len(B)
     kernels = [p for p in _attention_paths(layout) if p.endswith("kernel")]
     per_sample = sum(np.prod(layout.spec(p).shape) for p in kernels)  # one sample's kernels, all layers
     per_sample_layer = 4 * per_sample // layout.num_layers  # bytes, kernels only: no biases below
     copies = {"looped": 1, "batched": 3}[contraction]  # float32 copies a tile holds per sample and layer
     options = dict(min_fisher_samples=3, include_bias=False)
     whole = qkov.heatmap(A, B, layout, **options)
-    reads, cut = set(), set()
-    # B whole in one tile; in each part's; in groups of heads (each part's); in chunks even at one kv head.
-    for share in (1e9, 9, 5, 2, 0.4):
+    stores = qkov.stored_sample_layer_bytes((A.grads, B.grads), layout) if staged else None
+    reads, cut, staging = set(), set(), set()
+    # B whole in one tile; in each part's; in groups of heads (each part's; staged where that does
+    # not read B more often); in chunks even at one kv head.
+    for share in (1e9, 9, 5, 3, 2.5, 2, 1, 0.4):
         budget = share * copies * per_sample_layer
         compute = dict(contraction=contraction, memory_budget_bytes=budget)
-        formed.clear(), narrow.clear()
+        formed.clear(), narrow.clear(), moved.clear()
         tiled = qkov.heatmap(A, B, layout, **options, **compute)
-        expected = qkov.partner_reads(len(A), len(B), layout, False, qkov.KernelOptions(**compute))
+        expected = qkov.partner_reads(len(A), len(B), layout, False, qkov.KernelOptions(**compute), sample_layer_bytes=stores)
         assert sum(formed) == pytest.approx(expected * len(B) * per_sample, rel=1e-9), budget
         _close(tiled.scores, whole.scores, rtol=1e-5)
         _close(tiled.layer_head_avg, whole.layer_head_avg, rtol=1e-5)
-        reads.add(expected), cut.add(any(narrow))
-    assert 1 in reads and max(reads) > 1 and cut == {False, True}
+        reads.add(expected), cut.add(any(narrow)), staging.add(bool(moved))
+        # staged: each stored sample of a layer moved once for all the groups of heads of its part
+        assert all(rows in (len(A), len(B)) and layers == 1 for rows, layers in moved), moved
+    assert 1 in reads and max(reads) > 1 and cut == {False, True} and staging == {False, staged}

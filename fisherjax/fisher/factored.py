@@ -219,6 +219,18 @@ class FactoredGrads:
         place = jax.device_put if place is None else place
         return form(place(a), place(d), shape)
 
+    def staged(self, key=(), place: Callable[[np.ndarray], Array] | None = None) -> FactoredGrads:
+        """The samples (and layers) ``key`` selects on the leading axes, still as factors (their
+        taken columns kept), moved where ``place`` puts them (default the default device): reads
+        of the result take their columns and form there, so reading it again — a group of heads
+        after another — moves nothing."""
+        lead, rows, cols = _split_key(key, self.ndim)
+        if not all(isinstance(k, slice) and k == slice(None) for k in (rows, cols)):
+            raise IndexError("FactoredGrads.staged selects samples and layers only, not kernel rows or columns")
+        place = jax.device_put if place is None else place
+        return FactoredGrads(place(np.asarray(self.inputs[lead + (Ellipsis,)])), place(np.asarray(self.deltas[lead + (Ellipsis,)])),
+                             self.columns)
+
     def __getitem__(self, key) -> np.ndarray:
         """:meth:`on_device`'s gradients at ``key`` as a read-only numpy array."""
         return np.asarray(self.on_device(key))

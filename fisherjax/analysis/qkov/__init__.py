@@ -91,7 +91,7 @@ weights, diagnostics), ``_operands`` (what every kernel shares), the kernels ``_
 
 from __future__ import annotations
 
-from fisherjax.analysis.qkov._tiles import partner_reads, samples_in_place, tile_plan
+from fisherjax.analysis.qkov._tiles import partner_reads, samples_in_place, stored_sample_layer_bytes, tile_plan
 from fisherjax.analysis.qkov.interference import flops, heatmap, sample_pair, scores_bytes, top_conflicts
 from fisherjax.analysis.qkov.options import (
     AGGREGATES,
@@ -143,6 +143,7 @@ __all__ = [
     "heldout_rows",
     "heldout_split",
     "partner_reads",
+    "stored_sample_layer_bytes",
     "permutation_test",
     "sample_pair",
     "samples_in_place",

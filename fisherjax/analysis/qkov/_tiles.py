@@ -103,19 +103,46 @@ class PartChunks(NamedTuple):
     kv_heads: int
     """kv heads a tile holds, with their query heads (:meth:`ModelLayout.head_group`): all of them
     unless the part is cut into groups of heads."""
+    staged: bool = False
+    """Whether each layer's stored samples of both tasks go to the device once for all the
+    groups of heads (:func:`staged_side`), where each group would read them again."""
+
+
+STAGED_SHARE = 0.5
+"""The most of a part's tile budget a layer of both tasks' stored samples, staged on the device
+for its groups of heads, may take (:func:`part_chunks`); the tiles get the rest."""
 
 
 def part_chunks(layout: ModelLayout, kinds: BlockKinds, n_a: int, n_b: int, n_layers: int, budget: float, copies: int,
-                fit: Callable[[int, int], int] = lambda planned, n: planned) -> list[PartChunks]:
+                fit: Callable[[int, int], int] = lambda planned, n: planned,
+                sample_layer_bytes: Callable[[BlockKinds], float] | None = None) -> list[PartChunks]:
     """The parts of the slices ``kinds`` tiled one after another, with their :func:`tile_chunks`:
     all of them in one plan when task B is one chunk of it, else each :func:`leaf_groups` part in
     its own, whose tiles hold more samples than a whole layer's would, so B is read fewer times
     (and each part forms only its own leaves). Where B is still not one chunk of a part's layer,
-    the part's heads are cut into groups (:func:`head_cut`)."""
+    the part's heads are cut into groups (:func:`head_cut`).
+
+    ``sample_layer_bytes(kinds)``: the bytes one stored sample of one layer of a part takes, when
+    stored samples may be staged on the device (:func:`fisherjax.backend.stages_reads`). A part cut
+    into groups then stages a layer of both tasks' samples at a time, when that takes at most
+    :data:`STAGED_SHARE` of the budget and its tiles, one layer deep, fit the rest without reading
+    B more often: each group takes its columns on the device, so every stored sample crosses the
+    bus once per score array, not once per group."""
     whole = tile_chunks(n_a, n_b, n_layers, layer_floats(layout, False, kinds), budget, copies, fit)
     if whole[1] >= n_b:
         return [PartChunks(kinds, whole, layout.num_kv_heads)]
-    return [PartChunks(group, *head_cut(layout, group, n_a, n_b, n_layers, budget, copies, fit)) for group in leaf_groups(layout, kinds)]
+    def partner_chunks(chunks: tuple[int, int, int]) -> int:  # how often a tile loop reads B
+        return 1 if chunks[1] >= n_b else -(-n_a // chunks[0])
+
+    parts = []
+    for group in leaf_groups(layout, kinds):
+        part = PartChunks(group, *head_cut(layout, group, n_a, n_b, n_layers, budget, copies, fit))
+        staged = 0.0 if sample_layer_bytes is None or part.kv_heads == layout.num_kv_heads else (n_a + n_b) * sample_layer_bytes(group)
+        if 0 < staged <= STAGED_SHARE * budget:
+            on_device = PartChunks(group, *head_cut(layout, group, n_a, n_b, 1, budget - staged, copies, fit), staged=True)
+            part = on_device if partner_chunks(on_device.chunks) <= partner_chunks(part.chunks) else part
+        parts.append(part)
+    return parts
 
 
 def head_cut(layout: ModelLayout, kinds: BlockKinds, n_a: int, n_b: int, n_layers: int, budget: float, copies: int,
@@ -134,19 +161,20 @@ def head_cut(layout: ModelLayout, kinds: BlockKinds, n_a: int, n_b: int, n_layer
     raise AssertionError("unreachable: one kv head always ends the search")
 
 
-def partner_reads(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool, kernel: KernelOptions, in_place: bool = False) -> float:
-    """How often one score array of ``n_a × n_b`` samples (:func:`raw_scores`) reads task B's
-    stored samples — and forms its kept token factors: once when B is one tile's chunk (every
-    chunk of A is multiplied with it), else once per chunk of A, in each part of
-    :func:`part_chunks` (the parts' reads weighted by their share of a layer's parameters; a part
-    cut into groups of heads reads each group's share of B that often).
-    ``in_place``: the stored samples are float32 gradients a CPU reads in place (one tile)."""
+def partner_reads(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool, kernel: KernelOptions, in_place: bool = False,
+                  sample_layer_bytes: Callable[[BlockKinds], float] | None = None) -> float:
+    """How often one score array of ``n_a × n_b`` samples (:func:`raw_scores`) forms task B's kept
+    token factors: once when B is one tile's chunk (every chunk of A is multiplied with it), else
+    once per chunk of A, in each part of :func:`part_chunks` (the parts' reads weighted by their
+    share of a layer's parameters; a part cut into groups of heads forms each group's share of B
+    that often). ``in_place``: the stored samples are float32 gradients a CPU reads in place (one
+    tile); ``sample_layer_bytes``: :func:`part_chunks`' (staging on the device)."""
     contraction = backend.qkov_contraction(kernel.contraction)
     if in_place and contraction != "batched":
         return 1.0
     limits = tile_limits(contraction)
     parts = part_chunks(layout, block_kinds(layout, include_bias), n_a, n_b, layout.num_layers,
-                        min(kernel.budget_bytes(), limits.most_bytes), limits.copies, limits.sample_chunk)
+                        min(kernel.budget_bytes(), limits.most_bytes), limits.copies, limits.sample_chunk, sample_layer_bytes)
     shares = [layer_floats(layout, include_bias, part.kinds) for part in parts]
     reads = [1.0 if c_b >= n_b else float(-(-n_a // c_a)) for c_a, c_b, _ in (part.chunks for part in parts)]
     return sum(r * w for r, w in zip(reads, shares)) / sum(shares)
@@ -332,7 +360,9 @@ class TilePlan(NamedTuple):
     chunks: tuple[int, int, int]
     """``(c_a, c_b, c_l)``."""
     kv_heads: int
-    """kv heads (with their query heads) a tile holds: :class:`PartChunks`' ."""
+    """kv heads (with their query heads) a tile holds: :class:`PartChunks`'."""
+    staged: bool = False
+    """:class:`PartChunks`'."""
 
 
 def plan_parts(prep: Prepared, layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, n_a: int, n_b: int, n_l: int,
@@ -346,11 +376,25 @@ def plan_parts(prep: Prepared, layout: ModelLayout, score: ScoreOptions, kernel:
     read_in_place = (not on_mesh and tiles.reads_in_place and in_place(a_side.store, layout, sources)
                      and in_place(b_side.store, layout, sources))
     copies = 0 if read_in_place else max(tiles.copies, 1 if on_mesh else 0)
-    parts = part_chunks(layout, prep.kinds, n_a, n_b, n_l, min(kernel.budget_bytes(), tiles.most_bytes), copies, tiles.sample_chunk)
+    stages = backend.stages_reads() and not on_mesh and all(layout.spec(key).layered for key in sources)
+    parts = part_chunks(layout, prep.kinds, n_a, n_b, n_l, min(kernel.budget_bytes(), tiles.most_bytes), copies, tiles.sample_chunk,
+                        stored_sample_layer_bytes((a_side.store, b_side.store), layout) if stages else None)
     if len(parts) == 1 and parts[0].kv_heads == layout.num_kv_heads:
         return [TilePlan(prep.kinds, tiles, parts[0].chunks, parts[0].kv_heads)]
     return [TilePlan(part.kinds, select_kernel(kernel, layout.head_group(part.kv_heads), part.kinds, a_side.transform, b_side.transform),
-                     part.chunks, part.kv_heads) for part in parts]
+                     part.chunks, part.kv_heads, part.staged) for part in parts]
+
+
+def stored_sample_layer_bytes(stores, layout: ModelLayout) -> Callable[[BlockKinds], float]:
+    """``kinds -> bytes``: what one stored sample of one layer of the part ``kinds`` takes, the
+    most of ``stores`` (layer-stacked leaves: kept token factors their positions' inputs and
+    deltas, arrays a layer's slice), as :func:`part_chunks` stages it."""
+    def leaf_bytes(leaf) -> float:
+        if isinstance(leaf, FactoredGrads):
+            return leaf.inputs.shape[-2] * (leaf.inputs.shape[-1] * leaf.inputs.itemsize + leaf.deltas.shape[-1] * leaf.deltas.itemsize)
+        return float(np.prod(leaf.shape[2:])) * np.dtype(leaf.dtype).itemsize
+
+    return lambda kinds: max(sum(leaf_bytes(store[key]) for key in leaf_sources(layout, kinds)) for store in stores)
 
 
 class HeadGroup(NamedTuple):
@@ -374,9 +418,10 @@ def head_groups(layout: ModelLayout, kv_heads: int) -> list[HeadGroup]:
 
 
 class TakenLeaf:
-    """A stored per-sample array read through ``np.take(·, positions, axis)`` along one of its
-    trailing axes, taken from what each read selects (``leaf[key]`` indexes the leading sample
-    and layer axes), so no copy of the whole array is ever made."""
+    """A stored per-sample array (numpy, or staged on the device) read through ``take(·,
+    positions, axis)`` along one of its trailing axes, taken from what each read selects
+    (``leaf[key]`` indexes the leading sample and layer axes), so no copy of the whole array is
+    ever made."""
 
     def __init__(self, leaf, positions: np.ndarray, axis: int):
         self.leaf, self.positions, self.axis = leaf, positions, axis
@@ -384,8 +429,20 @@ class TakenLeaf:
         shape[axis] = len(positions)
         self.shape, self.dtype = tuple(shape), leaf.dtype
 
-    def __getitem__(self, key) -> np.ndarray:
-        return np.take(self.leaf[key], self.positions, axis=self.axis)
+    def __getitem__(self, key):
+        selected = self.leaf[key]
+        return (jnp if isinstance(selected, jax.Array) else np).take(selected, self.positions, axis=self.axis)
+
+
+def staged_side(side: Side, layout: ModelLayout, sources: Mapping[str, tuple[str, ...]], positions: np.ndarray, layers: np.ndarray) -> Side:
+    """``side``'s stored samples at ``positions`` of ``layers`` (layer-stacked leaves of
+    ``sources``) on the device, kept token factors still as factors
+    (:meth:`~fisherjax.fisher.factored.FactoredGrads.staged`): read at positions ``0 … len − 1``
+    and layers ``0 … len(layers) − 1``, each group of heads takes its columns there."""
+    index = _rows_and_layers(positions, layers)
+    store = {key: side.store[key].staged(index) if isinstance(side.store[key], FactoredGrads) else jax.device_put(np.asarray(side.store[key][index]))
+             for key in sources}
+    return Side(store, side.transform, side.scale[positions])
 
 
 def group_side(side: Side, layout: ModelLayout, sources: Mapping[str, tuple[str, ...]], group: HeadGroup) -> Side:
@@ -442,31 +499,39 @@ def raw_scores(
     total = sum(-(-n_l // c_l) * -(-n_a // c_a) * -(-n_b // c_b) * layout.num_kv_heads // part.kv_heads
                 for part, (c_a, c_b, c_l) in ((part, part.chunks) for part in parts))
     with progress_bar(progress, total=total, desc=desc, unit="tile") as bar:
-        for part, group in ((part, group) for part in parts for group in head_groups(layout, part.kv_heads)):
+        for part in parts:
             tiles, (c_a, c_b, c_l) = part.tiles, part.chunks
             sources = leaf_sources(layout, part.kinds)
-            a_group, b_group = group_side(a_side, layout, sources, group), group_side(b_side, layout, sources, group)
-            group_w = group_weights(prep.weights, layout, part.kinds, group)
-
-            def operand(side: Side, positions, layer_index, weights):
-                leaves = device_leaves(side.store, group.layout, sources, positions, layer_index)
-                return tiles.operand(leaves, jnp.asarray(side.scale[positions]), weights, side.transform)
-
+            groups = [(group, group_weights(prep.weights, layout, part.kinds, group)) for group in head_groups(layout, part.kv_heads)]
             layer_starts, a_starts, b_starts = range(0, n_l, c_l), range(0, n_a, c_a), range(0, n_b, c_b)
             for l0 in layer_starts:
                 lsel = layers[_chunk_index(l0, c_l, n_l)]
-                weights = {k: jnp.asarray(w[lsel]) for k, w in group_w.items()}
-                b_cached = None
-                for i0 in a_starts:
-                    a_operand = operand(a_group, a_positions[_chunk_index(i0, c_a, n_a)], lsel, weights)
-                    for j0 in b_starts:
-                        if b_cached is None or len(b_starts) > 1:
-                            b_cached = operand(b_group, b_positions[_chunk_index(j0, c_b, n_b)], lsel, None)
-                        tile = tiles.products(a_operand, b_cached, weights)
-                        li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
-                        for block, value in tile.items():
-                            out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji, group.heads(block)] = np.asarray(value)[:li, :ii, :ji]
-                        bar.update()
+                if part.staged:  # this layer chunk's samples on the device once, for every group
+                    sides = (staged_side(a_side, layout, sources, a_positions, lsel), np.arange(n_a),
+                             staged_side(b_side, layout, sources, b_positions, lsel), np.arange(n_b), np.arange(len(lsel)))
+                else:
+                    sides = (a_side, a_positions, b_side, b_positions, lsel)
+                a_on, a_at, b_on, b_at, read_layers = sides
+                for group, group_w in groups:
+                    a_group, b_group = group_side(a_on, layout, sources, group), group_side(b_on, layout, sources, group)
+                    weights = {k: jnp.asarray(w[lsel]) for k, w in group_w.items()}
+
+                    def operand(side: Side, positions, weights, group=group):
+                        leaves = device_leaves(side.store, group.layout, sources, positions, read_layers)
+                        return tiles.operand(leaves, jnp.asarray(side.scale[positions]), weights, side.transform)
+
+                    b_cached = None
+                    for i0 in a_starts:
+                        a_operand = operand(a_group, a_at[_chunk_index(i0, c_a, n_a)], weights)
+                        for j0 in b_starts:
+                            if b_cached is None or len(b_starts) > 1:
+                                b_cached = operand(b_group, b_at[_chunk_index(j0, c_b, n_b)], None)
+                            tile = tiles.products(a_operand, b_cached, weights)
+                            li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
+                            for block, value in tile.items():
+                                out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji, group.heads(block)] = np.asarray(value)[:li, :ii, :ji]
+                            bar.update()
+                del sides, a_on, b_on
     return out
 
 
