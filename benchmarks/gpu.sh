@@ -6,14 +6,15 @@
 # read by one QK-OV ordered pair (qkovpair), Phase 5's Grams on kept factors and its host tests
 # (conflicts); e2e32 also sets each phase against its matrix-product floor (work_floors.py); compare
 # runs the method comparison on GPT-2 small with its gradients held and, given less memory, formed
-# in column slices before K-FAC (each stretch's peak: the passes' working memory). Logs and JSON go to
-# $OUT (default ./gpu-out).
+# in column slices before K-FAC (each stretch's peak: the passes' working memory); headgroups times a
+# Llama-7B-shaped QK-OV heatmap whose tiles are cut into groups of heads, staged on the device or
+# read from the host by every group. Logs and JSON go to $OUT (default ./gpu-out).
 # Usage: bash benchmarks/gpu.sh [PART[:SECONDS] ...]   (default: every part with its default limit)
-# Parts: hostcopy phase1 phase6 curvature e2e e2e32 reads qkovpair conflicts compare
+# Parts: hostcopy phase1 phase6 curvature e2e e2e32 reads qkovpair conflicts compare headgroups
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-declare -A LIMIT=([hostcopy]=40 [phase1]=70 [phase6]=90 [curvature]=120 [e2e]=230 [e2e32]=260 [reads]=40 [qkovpair]=120 [conflicts]=150 [compare]=240)
+declare -A LIMIT=([hostcopy]=40 [phase1]=70 [phase6]=90 [curvature]=120 [e2e]=230 [e2e32]=260 [reads]=40 [qkovpair]=120 [conflicts]=150 [compare]=240 [headgroups]=150)
 run_part() {  # run_part NAME SECONDS
   local name=$1 limit=$2 t0
   t0=$(date +%s)
@@ -36,6 +37,7 @@ run_part() {  # run_part NAME SECONDS
     reads) timeout "$limit" python3 benchmarks/factored_reads.py --part reads --samples 64 --rounds 3 ;;
     qkovpair) timeout "$limit" python3 benchmarks/factored_reads.py --part qkov --samples 64 --rounds 2 ;;
     conflicts) timeout "$limit" bash -c 'python3 benchmarks/conflict_grams.py --samples 128 --rounds 2 && python3 benchmarks/conflict_tests.py --samples 256' ;;
+    headgroups) timeout "$limit" python3 benchmarks/head_groups.py --samples 512 --layers 2 --rounds 2 ;;
     compare) timeout "$limit" bash -c 'python3 benchmarks/compare_memory.py --shape small && python3 benchmarks/compare_memory.py --shape small --slices 4' ;;
     *) echo "unknown part $name"; return ;;
   esac > "$OUT/$name.log" 2>&1
