@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="plan a production run from compiled memory analyses (config.json only, no weights)",
                        description="Compile the Phase 1 step for abstract parameters (no weights, works on a CPU) and print its "
                        "per-device memory, the storage of the kept per-sample gradients, every phase's work and its time at --tflops "
-                       "(with Phase 5's host tests in core-time), whether the method comparison fits one device, and a "
+                       "(with Phase 5's host tests in core-time, and what Phases 5 and 6 read of the kept gradients), whether the method "
+                       "comparison fits one device, and a "
                        "recommended mesh, micro-batch and storage dtype. Only the step's memory is compiled (XLA's memory analysis); a "
                        "per-device figure with a \"model\" axis is marked DERIVED, and storage, work and time come from formulas.")
     source = p.add_mutually_exclusive_group(required=True)

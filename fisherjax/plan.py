@@ -135,6 +135,8 @@ class Plan:
         and what Phase 5 reads from the kept-gradient storage: by parameter slice, on one device or
         a mesh (``phase5_chunk`` None, :func:`conflict_slices`), else in chunk pairs of
         ``phase5_chunk`` samples.
+      phase6_bytes_read: what Phase 6 reads from the kept-gradient storage, at least
+        (:func:`qkov_bytes_read`).
       phase5_group_bytes, phase5_scope: host memory of a pair's per-group conflict tests
         (``conflicts.group_scope_bytes``) and the scope ``--conflict-scope auto`` takes with a
         host's memory (:func:`fisherjax.pipeline.conflict_scope`).
@@ -197,6 +199,7 @@ class Plan:
     phase5_reform_flops: float
     phase6_reform_flops: float
     phase5_bytes_read: float
+    phase6_bytes_read: float
     phase5_chunk: int | None
     phase5_group_bytes: float
     phase5_scope: str
@@ -463,6 +466,16 @@ def qkov_sample_reads(n: int, tasks: int, min_samples: int, diagonal: bool = Tru
     return float(tasks * (tasks - 1) * sum(qkov_pair_reads(n, n, min_samples, diagonal, formed_once, partner_reads)))
 
 
+def qkov_bytes_read(sample_reads: float, layout: ModelLayout, include_bias: bool, sample_layer_bytes: Callable) -> float:
+    """Bytes Phase 6 reads from the kept-gradient storage, at least: its ``sample_reads``
+    (:func:`qkov_sample_reads`) times one sample's QK-OV slices as stored, every layer
+    (``sample_layer_bytes``, :func:`kept_sample_layer_bytes`). A part cut into groups of heads
+    and read from the host rereads the factor it does not cut once per group (an accelerator
+    stages it instead where that fits, ``qkov.partner_reads``): not counted."""
+    kinds = tuple((b, k) for b, k in layout.attention_blocks() if k == "kernel" or include_bias)
+    return sample_reads * layout.num_layers * sample_layer_bytes(kinds)
+
+
 def qkov_kernel(device_memory_bytes: float, parameter_bytes: float) -> qkov.KernelOptions:
     """The QK-OV kernel of a planned run on accelerators of ``device_memory_bytes`` each, holding
     ``parameter_bytes`` of the model: the batched contraction (:func:`fisherjax.backend.qkov_contraction`
@@ -631,9 +644,11 @@ def plan(
     formed_once = devices == 1 and samples >= score.min_fisher_samples and qkov.formed_once(
         samples, samples, layout, test=(qkov_tests, qkov_tests), stores_per_task=1 if options.fisher_type == "empirical" else 2, score=score,
         kernel=tiles)
+    stored_layer = kept_sample_layer_bytes(layout, options, seq_len)
     partner = functools.partial(qkov.partner_reads, layout=layout, include_bias=score.include_bias, kernel=tiles,
-                                sample_layer_bytes=kept_sample_layer_bytes(layout, options, seq_len))
-    phase6_reform = qkov_sample_reads(samples, tasks, score.min_fisher_samples, options.diagonal, formed_once, partner) * reform
+                                sample_layer_bytes=stored_layer)
+    phase6_reads = qkov_sample_reads(samples, tasks, score.min_fisher_samples, options.diagonal, formed_once, partner)
+    phase6_reform = phase6_reads * reform
     phase5 = conflict_flops(samples, tasks, kept, references) + phase5_reform
     tested_groups = groups if phase5_scope == "groups" else 1
     tested = math.comb(tasks, 2) * group_test_values(samples, samples, tested_groups)
@@ -688,6 +703,7 @@ def plan(
         phase5_reform_flops=phase5_reform,
         phase6_reform_flops=phase6_reform,
         phase5_bytes_read=conflict_bytes_read(samples, tasks, read, references, dtype, chunk, data),
+        phase6_bytes_read=qkov_bytes_read(phase6_reads, layout, score.include_bias, stored_layer),
         phase5_chunk=chunk,
         phase5_group_bytes=group_scope_bytes(samples, samples, groups, open_groups=held),
         phase5_scope=phase5_scope,
@@ -831,6 +847,8 @@ def format_plan(p: Plan) -> str:
                             + (f" ({_scaled(p.phase6_reform_flops, FLOPS)} of it forming factored gradients"
                                f"{', at least: each device forms the tiles of task B it reads' if p.devices > 1 else ''})"
                                if p.factored else "")
+                            + f"; reads {_bytes(p.phase6_bytes_read)} of kept gradients at least (each score array its samples "
+                              "once, its partner as often as it forms it)"
                             + f"; scores of {_bytes(p.phase6_scores_bytes)} per ordered pair (the host holds twice that while "
                               f"forming them), {_bytes(p.phase6_output_bytes)} in qkov.npz"),
         ("total", f"≈ {_duration(p.total_seconds)} of device compute"

@@ -170,6 +170,11 @@ def test_kernels_kept_as_token_factors_change_storage_step_and_work(tiny):
     assert factored.phase5_flops - factored.phase5_reform_flops == grads.phase5_flops and grads.phase5_reform_flops == 0
     assert factored.phase6_flops - factored.phase6_reform_flops == grads.phase6_flops and grads.phase6_reform_flops == 0
     assert factored.phase5_bytes_read == 2 * n * factored.kept_values * 4
+    # Phase 6 reads its slices as stored (kernels as factors, q/k/v biases as gradients) each time it forms them
+    biases = sum(math.prod(layout.spec(p).shape) for p in {layout.block_sources(b, k)[0] for b, k in layout.attention_blocks() if k == "bias"})
+    assert qkov.ScoreOptions().include_bias
+    assert factored.phase6_bytes_read == qkov_sample_reads(n, 2, 8, formed_once=True) * 4 * (values + biases)
+    assert grads.phase6_bytes_read == qkov_sample_reads(n, 2, 8, formed_once=True) * 4 * (sum(math.prod(s) for s in shapes) + biases)
     assert "token factors" in format_plan(factored) and "token factors" not in format_plan(grads)
 
     true_fisher = default_options().replace(fisher_type="true")  # keeps C_i beside g_i: never factors
