@@ -131,6 +131,7 @@ def part_chunks(layout: ModelLayout, kinds: BlockKinds, n_a: int, n_b: int, n_la
     whole = tile_chunks(n_a, n_b, n_layers, layer_floats(layout, False, kinds), budget, copies, fit)
     if whole[1] >= n_b:
         return [PartChunks(kinds, whole, layout.num_kv_heads)]
+
     def partner_chunks(chunks: tuple[int, int, int]) -> int:  # how often a tile loop reads B
         return 1 if chunks[1] >= n_b else -(-n_a // chunks[0])
 
@@ -498,40 +499,41 @@ def raw_scores(
     parts = plan_parts(prep, layout, score, kernel, n_a, n_b, n_l)
     total = sum(-(-n_l // c_l) * -(-n_a // c_a) * -(-n_b // c_b) * layout.num_kv_heads // part.kv_heads
                 for part, (c_a, c_b, c_l) in ((part, part.chunks) for part in parts))
+
+    def layer_chunk(part: TilePlan, lsel: np.ndarray, l0: int, bar) -> None:
+        """One layer chunk of a part, every group of heads: its tiles written into ``out``. A
+        staged part's samples go to the device here once and are dropped on return."""
+        tiles, (c_a, c_b, c_l) = part.tiles, part.chunks
+        sources = leaf_sources(layout, part.kinds)
+        if part.staged:
+            a_on, b_on = (staged_side(side, layout, sources, at, lsel) for side, at in ((a_side, a_positions), (b_side, b_positions)))
+            a_at, b_at, read_layers = np.arange(n_a), np.arange(n_b), np.arange(len(lsel))
+        else:
+            a_on, b_on, a_at, b_at, read_layers = a_side, b_side, a_positions, b_positions, lsel
+        for group in head_groups(layout, part.kv_heads):
+            a_group, b_group = group_side(a_on, layout, sources, group), group_side(b_on, layout, sources, group)
+            weights = {k: jnp.asarray(w[lsel]) for k, w in group_weights(prep.weights, layout, part.kinds, group).items()}
+
+            def operand(side: Side, positions, weights, group=group):
+                leaves = device_leaves(side.store, group.layout, sources, positions, read_layers)
+                return tiles.operand(leaves, jnp.asarray(side.scale[positions]), weights, side.transform)
+
+            b_starts, b_cached = range(0, n_b, c_b), None
+            for i0 in range(0, n_a, c_a):
+                a_operand = operand(a_group, a_at[_chunk_index(i0, c_a, n_a)], weights)
+                for j0 in b_starts:
+                    if b_cached is None or len(b_starts) > 1:
+                        b_cached = operand(b_group, b_at[_chunk_index(j0, c_b, n_b)], None)
+                    tile = tiles.products(a_operand, b_cached, weights)
+                    li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
+                    for block, value in tile.items():
+                        out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji, group.heads(block)] = np.asarray(value)[:li, :ii, :ji]
+                    bar.update()
+
     with progress_bar(progress, total=total, desc=desc, unit="tile") as bar:
         for part in parts:
-            tiles, (c_a, c_b, c_l) = part.tiles, part.chunks
-            sources = leaf_sources(layout, part.kinds)
-            groups = [(group, group_weights(prep.weights, layout, part.kinds, group)) for group in head_groups(layout, part.kv_heads)]
-            layer_starts, a_starts, b_starts = range(0, n_l, c_l), range(0, n_a, c_a), range(0, n_b, c_b)
-            for l0 in layer_starts:
-                lsel = layers[_chunk_index(l0, c_l, n_l)]
-                if part.staged:  # this layer chunk's samples on the device once, for every group
-                    sides = (staged_side(a_side, layout, sources, a_positions, lsel), np.arange(n_a),
-                             staged_side(b_side, layout, sources, b_positions, lsel), np.arange(n_b), np.arange(len(lsel)))
-                else:
-                    sides = (a_side, a_positions, b_side, b_positions, lsel)
-                a_on, a_at, b_on, b_at, read_layers = sides
-                for group, group_w in groups:
-                    a_group, b_group = group_side(a_on, layout, sources, group), group_side(b_on, layout, sources, group)
-                    weights = {k: jnp.asarray(w[lsel]) for k, w in group_w.items()}
-
-                    def operand(side: Side, positions, weights, group=group):
-                        leaves = device_leaves(side.store, group.layout, sources, positions, read_layers)
-                        return tiles.operand(leaves, jnp.asarray(side.scale[positions]), weights, side.transform)
-
-                    b_cached = None
-                    for i0 in a_starts:
-                        a_operand = operand(a_group, a_at[_chunk_index(i0, c_a, n_a)], weights)
-                        for j0 in b_starts:
-                            if b_cached is None or len(b_starts) > 1:
-                                b_cached = operand(b_group, b_at[_chunk_index(j0, c_b, n_b)], None)
-                            tile = tiles.products(a_operand, b_cached, weights)
-                            li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
-                            for block, value in tile.items():
-                                out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji, group.heads(block)] = np.asarray(value)[:li, :ii, :ji]
-                            bar.update()
-                del sides, a_on, b_on
+            for l0 in range(0, n_l, part.chunks[2]):
+                layer_chunk(part, layers[_chunk_index(l0, part.chunks[2], n_l)], l0, bar)
     return out
 
 
@@ -705,7 +707,7 @@ def sharded_step(
 
     def step(out, leaves_a, scale_a, weights, leaves_b, scale_b, at):
         tile = whole(leaves_a, scale_a, weights, leaves_b, scale_b)
-        return {block: jax.lax.dynamic_update_slice(value, tile[block].astype(value.dtype), (at[0], at[1], at[2], at[4 if block in "kv" else 3]))
+        return {block: jax.lax.dynamic_update_slice(value, tile[block].astype(value.dtype), (at[0], at[1], at[2], at[4 if block in ("k", "v") else 3]))
                 for block, value in out.items()}
 
     rows = P(DATA)
