@@ -5,8 +5,8 @@ the device (plain slices, read in place where the backend allows).
 Tiles are chunks of layers × chunks of A × chunks of B, of all the slices' parts at once, or,
 where B is not one chunk, of each part that shares no stored leaf in turn (:func:`part_chunks`),
 and where B is still not one chunk of a part's layer, of a group of its heads at a time
-(:func:`head_cut`: the stored leaves read through the group's columns, the kernels run on the
-group's layout, :meth:`~fisherjax.layout.ModelLayout.head_group`).
+(:func:`head_cut`; :mod:`._groups` reads the stored leaves through the group's columns, and the
+kernels run on the group's layout).
 Each side's stored leaves go to the device once per tile row / column (B's once per layer chunk
 when it fits in one chunk). :func:`shared_raw_scores` is the loop of several score arrays over
 the same samples, each sample put on the device once per layer chunk. The
@@ -36,8 +36,9 @@ from jaxtyping import Array
 
 from fisherjax import backend
 from fisherjax.analysis.qkov._batched import leaf_operand, leaf_operand_jit, products, products_jit
+from fisherjax.analysis.qkov._groups import group_side, group_weights, head_groups
 from fisherjax.analysis.qkov._looped import leaf_sums, looped_tile
-from fisherjax.analysis.qkov._operands import BlockKinds, Side, block_kinds, leaf_sources, side_of, slice_key
+from fisherjax.analysis.qkov._operands import BlockKinds, Side, block_kinds, leaf_sources, side_of
 from fisherjax.analysis.qkov._pallas import pallas_tile, sample_chunk
 from fisherjax.analysis.qkov._prepare import Prepared, required_paths
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
@@ -398,43 +399,6 @@ def stored_sample_layer_bytes(stores, layout: ModelLayout) -> Callable[[BlockKin
     return lambda kinds: max(sum(leaf_bytes(store[key]) for key in leaf_sources(layout, kinds)) for store in stores)
 
 
-class HeadGroup(NamedTuple):
-    """kv heads ``kv`` and the query heads ``q`` that read them: one group of a part cut by
-    :func:`head_cut`, viewed with :attr:`layout` (:meth:`ModelLayout.head_group`)."""
-
-    layout: ModelLayout
-    kv: slice
-    q: slice
-
-    def heads(self, block: str) -> slice:
-        """Where the group's heads of ``block`` sit along the whole model's head axis of that block."""
-        return self.kv if block in ("k", "v") else self.q
-
-
-def head_groups(layout: ModelLayout, kv_heads: int) -> list[HeadGroup]:
-    """The model's heads in groups of ``kv_heads`` kv heads (all of them: one group, ``layout``
-    itself)."""
-    group, g = layout.head_group(kv_heads), layout.kv_groups
-    return [HeadGroup(group, slice(k, k + kv_heads), slice(k * g, (k + kv_heads) * g)) for k in range(0, layout.num_kv_heads, kv_heads)]
-
-
-class TakenLeaf:
-    """A stored per-sample array (numpy, or staged on the device) read through ``take(·,
-    positions, axis)`` along one of its trailing axes, taken from what each read selects
-    (``leaf[key]`` indexes the leading sample and layer axes), so no copy of the whole array is
-    ever made."""
-
-    def __init__(self, leaf, positions: np.ndarray, axis: int):
-        self.leaf, self.positions, self.axis = leaf, positions, axis
-        shape = list(np.shape(leaf))
-        shape[axis] = len(positions)
-        self.shape, self.dtype = tuple(shape), leaf.dtype
-
-    def __getitem__(self, key):
-        selected = self.leaf[key]
-        return (jnp if isinstance(selected, jax.Array) else np).take(selected, self.positions, axis=self.axis)
-
-
 def staged_side(side: Side, layout: ModelLayout, sources: Mapping[str, tuple[str, ...]], positions: np.ndarray, layers: np.ndarray) -> Side:
     """``side``'s stored samples at ``positions`` of ``layers`` (layer-stacked leaves of
     ``sources``) on the device, kept token factors still as factors
@@ -444,32 +408,6 @@ def staged_side(side: Side, layout: ModelLayout, sources: Mapping[str, tuple[str
     store = {key: side.store[key].staged(index) if isinstance(side.store[key], FactoredGrads) else jax.device_put(np.asarray(side.store[key][index]))
              for key in sources}
     return Side(store, side.transform, side.scale[positions])
-
-
-def group_side(side: Side, layout: ModelLayout, sources: Mapping[str, tuple[str, ...]], group: HeadGroup) -> Side:
-    """``side`` whose stored leaves of ``sources`` are read as ``group``'s heads only
-    (:meth:`ModelLayout.head_positions`): kept token factors take the group's columns of their
-    factors (:meth:`~fisherjax.fisher.factored.FactoredGrads.take`), arrays are taken on read
-    (:class:`TakenLeaf`). The whole model's heads: ``side`` itself."""
-    if group.layout is layout:
-        return side
-    kv_start, kv_heads = group.kv.start, group.kv.stop - group.kv.start
-    store = dict(side.store)
-    for paths in sources.values():
-        for path in paths:
-            positions, axis = layout.head_positions(path, kv_start, kv_heads), layout.leaf_head_axis(path)
-            leaf = side.store[path]
-            store[path] = leaf.take(positions, axis) if isinstance(leaf, FactoredGrads) else TakenLeaf(leaf, positions, axis)
-    return side._replace(store=store)
-
-
-def group_weights(weights: Mapping[str, np.ndarray], layout: ModelLayout, kinds: BlockKinds, group: HeadGroup) -> dict[str, np.ndarray]:
-    """The ``kinds``' weights ``{block/kind: [layer, *view]}`` of ``group``'s heads."""
-    keys = [(slice_key(block, kind), block, kind) for block, kind in kinds]
-    if group.layout is layout:
-        return {key: weights[key] for key, _, _ in keys}
-    return {key: np.take(weights[key], np.arange(layout.heads_of(block))[group.heads(block)], axis=layout.head_axis(block, kind))
-            for key, block, kind in keys}
 
 
 def raw_scores(
