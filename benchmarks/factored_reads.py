@@ -11,12 +11,14 @@ Two parts, GPT-2-small shapes (12 layers, QKV kernel 768 × 2304, 128 positions,
   each call (``getrusage``), so that time the kernel spends on page faults shows.
 * ``--part qkov``: Phase 1 with kept factors on two tasks of ``--samples`` random token sequences of
   80–120 tokens (vocabulary 512: the unembedding is not what is measured), then ``--rounds`` rounds of
-  one ``qkov.heatmap`` and one ``qkov.heldout_permutation_test`` (1000 permutations), as
-  ``fisherjax analyze`` runs them for one ordered pair. Run it from a worktree of another commit
-  (``PYTHONPATH=WORKTREE``) to compare code.
+  one ``qkov.heatmap`` and one ``qkov.heldout_permutation_test`` (1000 permutations), the API's
+  calls for one ordered pair. Run it from a worktree of another commit (``PYTHONPATH=WORKTREE``)
+  to compare code.
+* ``--part ways``: the same Phase 1, then ``qkov.both_ways`` — both directions with their tests,
+  as ``fisherjax analyze`` scores the pair.
 
 Usage: python3 benchmarks/factored_reads.py --part reads [--samples 64] [--rounds 4]
-       python3 benchmarks/factored_reads.py --part qkov [--samples 64] [--rounds 2] [--save FILE.npz]
+       python3 benchmarks/factored_reads.py --part qkov|ways [--samples 64] [--rounds 2] [--save FILE.npz]
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def gpt2_small_attention(vocab: int = 512) -> Model:
     return Model.init(config, seed=0)
 
 
-def qkov_pair(samples: int, rounds: int, save: str | None) -> None:
+def qkov_pair(samples: int, rounds: int, save: str | None, both_ways: bool = False) -> None:
     model = gpt2_small_attention()
     rng = np.random.default_rng(0)
     options = CollectOptions(keep_sample_grads=True, sample_grads_factors=True, sample_grads_dtype="bfloat16", diagonal=True)
@@ -101,6 +103,15 @@ def qkov_pair(samples: int, rounds: int, save: str | None) -> None:
         fishers[name] = collect(model, task_batches, task=name, options=options, progress=False)
     print(f"Phase 1 of {samples} + {samples} samples, kept factors: {time.perf_counter() - start:.1f} s", flush=True)
     a, b = fishers["a"], fishers["b"]
+    if both_ways:  # the pair as analyze scores it
+        for r in range(rounds):
+            start = time.perf_counter()
+            ways = list(qkov.both_ways(a, b, model.layout, fraction=0.5, split_seed=0, n_permutations=1000, seed=0))
+            print(f"round {r + 1}: both ways (two heatmaps, two held-out tests) {time.perf_counter() - start:.1f} s, "
+                  f"formed once: {qkov.formed_once(len(a.sample_grads), len(b.sample_grads), model.layout)}", flush=True)
+        if save:
+            np.savez(save, **qkov.to_arrays(ways[0].heatmap), pvalues=ways[0].test.pvalues, observed=ways[0].test.observed)
+        return
     for r in range(rounds):
         start = time.perf_counter()
         result = qkov.heatmap(a, b, model.layout)
@@ -114,7 +125,7 @@ def qkov_pair(samples: int, rounds: int, save: str | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("reads", "qkov"), required=True)
+    parser.add_argument("--part", choices=("reads", "qkov", "ways"), required=True)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=None, help="default: 4 (reads), 2 (qkov)")
     parser.add_argument("--save", help="qkov: write the heatmap's arrays and the test's p-values here (to compare commits)")
@@ -122,7 +133,7 @@ def main() -> None:
     if args.part == "reads":
         reads(args.samples, args.rounds or 4)
     else:
-        qkov_pair(args.samples, args.rounds or 2, args.save)
+        qkov_pair(args.samples, args.rounds or 2, args.save, both_ways=args.part == "ways")
 
 
 if __name__ == "__main__":

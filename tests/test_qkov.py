@@ -886,16 +886,25 @@ def test_both_ways_are_the_separate_calls_from_one_formation(family, kind, compu
 
     def counted(self, key=(), place=None, pad_to=None):
         value = on_device(self, key, place, pad_to)
-        formed.append(value.shape[0] * value.shape[1])  # samples × layers formed
+        formed.append(value.size / (self.inputs.shape[-1] * self.deltas.shape[-1]))  # samples × layers formed (a share for a group of heads)
+        narrow.append(self.shape[-2:] != (self.inputs.shape[-1], self.deltas.shape[-1]))
         return value
 
     monkeypatch.setattr(FactoredGrads, "on_device", counted)
     kernels = sum(isinstance(g, FactoredGrads) for g in A.grads.values())
-    for budget, shared in ((2e9, True), (1e4, False)):
-        formed.clear()
+    # A budget that holds one kv head of the largest part's layer for both tasks' samples, not the
+    # whole layer: the shared pass goes part by part, a group of heads at a time.
+    copies = {"looped": 1, "batched": 3}[compute["contraction"]]
+    largest = max(sum(np.prod(layout.spec(p).shape[1:]) for p in {layout.block_sources(b, k)[0] for b, k in group})
+                  for group in _tiles.leaf_groups(layout, tuple(layout.attention_blocks())))
+    grouped = 4 * (copies * (len(A) + len(B)) + 4) * largest / layout.num_kv_heads
+    narrow = []
+    for budget, shared in ((2e9, True), (grouped, True), (1e4, False)):
+        formed.clear(), narrow.clear()
         ways = list(qkov.both_ways(A, B, layout, n_permutations=300, seed=3, split_seed=1, memory_budget_bytes=budget, **options))
-        if shared:
-            assert sum(formed) == kernels * (len(A) + len(B)) * layout.num_layers
+        if shared:  # each sample formed once: as many (sample, layer) pieces as kernels (groups of heads form a share of a piece)
+            assert sum(formed) == pytest.approx(kernels * (len(A) + len(B)) * layout.num_layers), budget
+            assert any(narrow) == (budget == grouped)
         else:
             assert sum(formed) > 3 * kernels * (len(A) + len(B)) * layout.num_layers
         for (a, b), way in zip(((A, B), (B, A)), ways):

@@ -18,7 +18,7 @@ from fisherjax.analysis.qkov._operands import BlockKinds, Side, slice_key
 from fisherjax.fisher.factored import FactoredGrads
 from fisherjax.layout import ModelLayout
 
-__all__ = ["HeadGroup", "TakenLeaf", "group_side", "group_weights", "head_groups"]
+__all__ = ["HeadGroup", "TakenLeaf", "group_side", "group_store", "group_weights", "head_groups"]
 
 
 class HeadGroup(NamedTuple):
@@ -58,21 +58,26 @@ class TakenLeaf:
         return (jnp if isinstance(selected, jax.Array) else np).take(selected, self.positions, axis=self.axis)
 
 
-def group_side(side: Side, layout: ModelLayout, sources: Mapping[str, tuple[str, ...]], group: HeadGroup) -> Side:
-    """``side`` whose stored leaves of ``sources`` are read as ``group``'s heads only
+def group_store(store: Mapping, layout: ModelLayout, sources: Mapping[str, tuple[str, ...]], group: HeadGroup) -> Mapping:
+    """``store`` whose leaves of ``sources`` are read as ``group``'s heads only
     (:meth:`ModelLayout.head_positions`): kept token factors take the group's columns of their
     factors (:meth:`~fisherjax.fisher.factored.FactoredGrads.take`), arrays are taken on read
-    (:class:`TakenLeaf`). The whole model's heads: ``side`` itself."""
+    (:class:`TakenLeaf`). The whole model's heads: ``store`` itself."""
     if group.layout is layout:
-        return side
+        return store
     kv_start, kv_heads = group.kv.start, group.kv.stop - group.kv.start
-    store = dict(side.store)
+    taken = dict(store)
     for paths in sources.values():
         for path in paths:
             positions, axis = layout.head_positions(path, kv_start, kv_heads), layout.leaf_head_axis(path)
-            leaf = side.store[path]
-            store[path] = leaf.take(positions, axis) if isinstance(leaf, FactoredGrads) else TakenLeaf(leaf, positions, axis)
-    return side._replace(store=store)
+            leaf = store[path]
+            taken[path] = leaf.take(positions, axis) if isinstance(leaf, FactoredGrads) else TakenLeaf(leaf, positions, axis)
+    return taken
+
+
+def group_side(side: Side, layout: ModelLayout, sources: Mapping[str, tuple[str, ...]], group: HeadGroup) -> Side:
+    """``side`` with its store read as ``group``'s heads (:func:`group_store`)."""
+    return side._replace(store=group_store(side.store, layout, sources, group))
 
 
 def group_weights(weights: Mapping[str, np.ndarray], layout: ModelLayout, kinds: BlockKinds, group: HeadGroup) -> dict[str, np.ndarray]:

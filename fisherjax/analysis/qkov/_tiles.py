@@ -36,7 +36,7 @@ from jaxtyping import Array
 
 from fisherjax import backend
 from fisherjax.analysis.qkov._batched import leaf_operand, leaf_operand_jit, products, products_jit
-from fisherjax.analysis.qkov._groups import group_side, group_weights, head_groups
+from fisherjax.analysis.qkov._groups import group_side, group_store, group_weights, head_groups
 from fisherjax.analysis.qkov._looped import leaf_sums, looped_tile
 from fisherjax.analysis.qkov._operands import BlockKinds, Side, block_kinds, leaf_sources, side_of
 from fisherjax.analysis.qkov._pallas import pallas_tile, sample_chunk
@@ -450,7 +450,7 @@ def raw_scores(
             a_on, b_on, a_at, b_at, read_layers = a_side, b_side, a_positions, b_positions, lsel
         for group in head_groups(layout, part.kv_heads):
             a_group, b_group = group_side(a_on, layout, sources, group), group_side(b_on, layout, sources, group)
-            weights = {k: jnp.asarray(w[lsel]) for k, w in group_weights(prep.weights, layout, part.kinds, group).items()}
+            weights = {k: jnp.asarray(w) for k, w in group_weights({k: w[lsel] for k, w in prep.weights.items()}, layout, part.kinds, group).items()}
 
             def operand(side: Side, positions, weights, group=group):
                 leaves = device_leaves(side.store, group.layout, sources, positions, read_layers)
@@ -524,27 +524,61 @@ def shared_layer_chunk(samples: int, weight_sets: int, floats_per_layer: int, co
     return min(n_layers, int(budget // (4 * max(floats_per_layer, 1) * (max(copies, 1) * samples + weight_sets))))
 
 
+class SharedPart(NamedTuple):
+    """One part of :func:`shared_raw_scores`' pass (:func:`shared_parts`)."""
+
+    kinds: BlockKinds
+    kv_heads: int
+    """kv heads (with their query heads) a group of the part holds: all of them unless cut."""
+    layers: int
+    """Layers per chunk."""
+
+
+def shared_parts(layout: ModelLayout, kinds: BlockKinds, samples: int, weight_sets: int, copies: int, scores_bytes: float,
+                 budget: float) -> list[SharedPart] | None:
+    """How :func:`shared_raw_scores` walks the slices ``kinds`` with ``samples`` stored samples on
+    the device at once: all the parts together in chunks of :func:`shared_layer_chunk` layers when
+    one layer fits, else each :func:`leaf_groups` part in turn, in the groups of the most kv heads
+    (a divisor of ``kv_heads``) of which one layer fits — each sample is still formed once, a
+    group's columns at a time. None where not even one kv head of a part's layer fits (or the
+    scores do not fit the host, :func:`shared_layer_chunk`)."""
+    n_l, kv = layout.num_layers, layout.num_kv_heads
+
+    def chunk(part: BlockKinds, count: int) -> int:
+        return shared_layer_chunk(samples, weight_sets, layer_floats(layout, False, part) // kv * count, copies, n_l, scores_bytes, budget)
+
+    if chunk(kinds, kv) >= 1:
+        return [SharedPart(kinds, kv, chunk(kinds, kv))]
+    parts = []
+    for group in leaf_groups(layout, kinds):
+        count = next((d for d in range(kv, 0, -1) if kv % d == 0 and chunk(group, d) >= 1), None)
+        if count is None:
+            return None
+        parts.append(SharedPart(group, count, chunk(group, count)))
+    return parts
+
+
 def shared_raw_scores(
     requests: list[Request], layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, *, progress: bool = False,
     desc: str = "QK-OV",
 ) -> list[dict[str, np.ndarray]] | None:
     """:func:`raw_scores` of several requests over all layers — ``[{block: [layer, n_a, n_b,
-    heads]}]`` in their order — forming each stored sample once per layer chunk, where
-    :func:`raw_scores` reads a sample once per request (and a kept token factor is formed on each
-    read). A task pair's two heatmaps and two held-out permutation tests read each task's samples
-    in six score arrays; here each is formed once.
+    heads]}]`` in their order — forming each stored sample once (per layer chunk, part and group
+    of heads: each a share of its columns), where :func:`raw_scores` reads a sample once per
+    request (and a kept token factor is formed on each read). A task pair's two heatmaps and two
+    held-out permutation tests read each task's samples in six score arrays; here each is formed
+    once.
 
     Every stored array the requests read (:func:`~._operands.side_of`) is cut into
     :func:`atoms` of the positions its requests read; per layer chunk each atom is put on the device
     once (:func:`device_leaves`), and each request is the products of its A atoms with its B atoms,
     written into its rows and columns. The layer chunk is the most layers whose atoms, one weight
-    set per prepared Fisher and the kernel's working copies fit the tile budget; ``None`` when not
-    even one layer fits, or when the requests' scores together take more than that budget or
-    :data:`SHARED_SCORES_BYTES` on the host (:func:`shared_layer_chunk`; then the caller reads
-    request by request).
+    set per prepared Fisher and the kernel's working copies fit the tile budget; where not even one
+    layer fits, the parts and groups of heads of :func:`shared_parts`. ``None`` when not even one
+    kv head of a part's layer fits, or when the requests' scores together take more than that
+    budget or :data:`SHARED_SCORES_BYTES` on the host (then the caller reads request by request).
     """
     kinds = requests[0].prep.kinds
-    sources = leaf_sources(layout, kinds)
     sides = [(side_of(r.prep.a, "a", score.variant), side_of(r.prep.b, "b", score.variant)) for r in requests]
     stores: dict[int, tuple[Mapping, list[np.ndarray]]] = {}
     for (a_side, b_side), r in zip(sides, requests):
@@ -553,14 +587,12 @@ def shared_raw_scores(
     parts = {key: atoms(sets) for key, (_, sets) in stores.items()}
     weight_sets = {id(r.prep.weights): r.prep.weights for r in requests}
     n_l = layout.num_layers
-    floats_per_layer = layer_floats(layout, False, kinds)
-    tiles = select_kernel(kernel, layout, kinds, sides[0][0].transform, sides[0][1].transform)
+    copies = select_kernel(kernel, layout, kinds, sides[0][0].transform, sides[0][1].transform).copies
     scores_bytes = sum(shared_scores_bytes(len(r.a_positions), len(r.b_positions), layout) for r in requests)
-    c_l = shared_layer_chunk(sum(len(np.concatenate(p)) for p in parts.values()), len(weight_sets), floats_per_layer, tiles.copies, n_l,
-                             scores_bytes, kernel.budget_bytes())
-    if c_l < 1 or any(not len(r.a_positions) or not len(r.b_positions) for r in requests):
+    plan = shared_parts(layout, kinds, sum(len(np.concatenate(p)) for p in parts.values()), len(weight_sets), copies, scores_bytes,
+                        kernel.budget_bytes())
+    if plan is None or any(not len(r.a_positions) or not len(r.b_positions) for r in requests):
         return None
-    c_l = _even_chunk(c_l, n_l, lambda planned, n: planned)
     out = [{block: np.zeros((n_l, len(r.a_positions), len(r.b_positions), layout.heads_of(block)), np.float32) for block in ATTENTION_BLOCKS}
            for r in requests]
 
@@ -576,30 +608,39 @@ def shared_raw_scores(
                 cols = inside(part_b, r.b_positions)
                 if rows is not None and cols is not None:
                     products.append((n, id(a_side.store), i, id(b_side.store), j, rows, cols))
-    layer_starts = range(0, n_l, c_l)
-    with progress_bar(progress, total=len(layer_starts) * len(products), desc=desc, unit="tile") as bar:
-        for l0 in layer_starts:
-            lsel = np.minimum(np.arange(l0, l0 + c_l), n_l - 1)
-            count = min(c_l, n_l - l0)
-            weights = {key: {k: jnp.asarray(w[lsel]) for k, w in ws.items()} for key, ws in weight_sets.items()}
-            leaves = {(key, i): tiles.stored(device_leaves(stores[key][0], layout, sources, part, lsel))
-                      for key, key_parts in parts.items() for i, part in enumerate(key_parts)}
-            b_operands = {}  # unweighted, so shared by every request that reads the part as task B
 
-            def operand(side: Side, store_key, part, weights_key):
-                scale = jnp.asarray(side.scale[parts[store_key][part]])
-                return tiles.operand(leaves[store_key, part], scale, None if weights_key is None else weights[weights_key], side.transform)
+    def layer_chunk(part: SharedPart, group, tiles: TileKernel, lsel: np.ndarray, l0: int, bar) -> None:
+        """One layer chunk of one group of heads of a part: every atom formed once, every product
+        written into its request's rows, columns and heads."""
+        sources, count = leaf_sources(layout, part.kinds), min(part.layers, n_l - l0)
+        weights = {key: {k: jnp.asarray(w) for k, w in group_weights({k: w[lsel] for k, w in ws.items()}, layout, part.kinds, group).items()}
+                   for key, ws in weight_sets.items()}
+        leaves = {(key, i): tiles.stored(device_leaves(group_store(stores[key][0], layout, sources, group), group.layout, sources, atom, lsel))
+                  for key, key_parts in parts.items() for i, atom in enumerate(key_parts)}
+        b_operands = {}  # unweighted, so shared by every request that reads the part as task B
 
-            for n, a_key, i, b_key, j, rows, cols in products:
-                (a_side, b_side), w_key = sides[n], id(requests[n].prep.weights)
-                b_at = (b_key, j, b_side.transform, b_side.scale[parts[b_key][j]].tobytes())
-                if b_at not in b_operands:
-                    b_operands[b_at] = operand(b_side, b_key, j, None)
-                tile = tiles.products(operand(a_side, a_key, i, w_key), b_operands[b_at], weights[w_key])
-                for block, value in tile.items():
-                    out[n][block][l0 : l0 + count, rows[:, None], cols[None, :]] = np.asarray(value)[:count]
-                bar.update()
-            del leaves, b_operands
+        def operand(side: Side, store_key, atom, weights_key):
+            scale = jnp.asarray(side.scale[parts[store_key][atom]])
+            return tiles.operand(leaves[store_key, atom], scale, None if weights_key is None else weights[weights_key], side.transform)
+
+        for n, a_key, i, b_key, j, rows, cols in products:
+            (a_side, b_side), w_key = sides[n], id(requests[n].prep.weights)
+            b_at = (b_key, j, b_side.transform, b_side.scale[parts[b_key][j]].tobytes())
+            if b_at not in b_operands:
+                b_operands[b_at] = operand(b_side, b_key, j, None)
+            tile = tiles.products(operand(a_side, a_key, i, w_key), b_operands[b_at], weights[w_key])
+            for block, value in tile.items():
+                out[n][block][l0 : l0 + count, rows[:, None], cols[None, :], group.heads(block)] = np.asarray(value)[:count]
+            bar.update()
+
+    plan = [part._replace(layers=_even_chunk(part.layers, n_l, lambda planned, n: planned)) for part in plan]
+    total = sum(-(-n_l // part.layers) * layout.num_kv_heads // part.kv_heads for part in plan) * len(products)
+    with progress_bar(progress, total=total, desc=desc, unit="tile") as bar:
+        for part in plan:
+            tiles = select_kernel(kernel, layout.head_group(part.kv_heads), part.kinds, sides[0][0].transform, sides[0][1].transform)
+            for group in head_groups(layout, part.kv_heads):
+                for l0 in range(0, n_l, part.layers):
+                    layer_chunk(part, group, tiles, np.minimum(np.arange(l0, l0 + part.layers), n_l - 1), l0, bar)
     return out
 
 

@@ -7,9 +7,9 @@ half — and :func:`~fisherjax.analysis.qkov.heatmap` and
 array that holds them: about five times per sample. Where the samples are kept as token factors
 (:class:`~fisherjax.fisher.factored.FactoredGrads`) each read forms their gradients again, and
 forming was most of the phase's work. :func:`both_ways` computes the same arrays in one tile loop
-(:func:`~._scores.shared_scores`) that forms each sample once per layer chunk; where that pass does
-not fit the kernel's memory budget it makes those calls one after the other, so the numbers are
-the same either way.
+(:func:`~._scores.shared_scores`) that forms each sample once; where that pass does
+not fit the kernel's memory budget, even a group of heads at a time, it makes those calls one
+after the other, so the numbers are the same either way.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import numpy as np
 from fisherjax import backend
 from fisherjax.analysis.qkov._prepare import prepare, task_samples, with_partner
 from fisherjax.analysis.qkov._scores import all_scores, shared_scores
-from fisherjax.analysis.qkov._tiles import Request, layer_floats, shared_layer_chunk, shared_scores_bytes, tile_limits
+from fisherjax.analysis.qkov._operands import block_kinds
+from fisherjax.analysis.qkov._tiles import Request, shared_parts, shared_scores_bytes, tile_limits
 from fisherjax.analysis.qkov.interference import heatmap, result_from_scores
 from fisherjax.analysis.qkov.options import CURVATURE_VARIANTS, KernelOptions, ScoreOptions, resolve
 from fisherjax.analysis.qkov.results import PermutationResult, QKOVResult
@@ -63,8 +64,8 @@ def both_ways(
 
     The same values as ``heatmap(A, B)``, ``heldout_permutation_test(A, B, fraction=, split_seed=,
     ...)`` and the same with A and B swapped (up to float32 summation order). Every array is
-    computed in one pass that forms each stored sample once per layer chunk
-    (:func:`~._scores.shared_scores`) when one layer of it fits the kernel's tile budget and all
+    computed in one pass that forms each stored sample once (:func:`~._scores.shared_scores`)
+    when one layer of it, or of a group of heads of each part, fits the kernel's tile budget and all
     six score arrays fit :data:`~._tiles.SHARED_SCORES_BYTES` on the host (then both directions'
     scores are held at once; :func:`formed_once` says which); otherwise direction by direction, by
     those calls, holding one direction's scores at a time. One device, diagonal variants only (the
@@ -119,21 +120,18 @@ def formed_once(
     score: ScoreOptions | None = None, kernel: KernelOptions | None = None,
 ) -> bool:
     """Whether :func:`both_ways` of tasks of ``n_a`` and ``n_b`` samples (with active tokens) forms
-    each sample once, i.e. fits one layer of its shared pass in the tile budget
-    (:meth:`KernelOptions.budget_bytes`; :func:`~._tiles.shared_layer_chunk`, the rule the pass
-    itself applies): both tasks' samples on the device (``stores_per_task`` stored arrays each:
+    each sample once, i.e. fits one layer of its shared pass — or of one group of heads of each
+    part of it — in the tile budget (:meth:`KernelOptions.budget_bytes`;
+    :func:`~._tiles.shared_parts`, the rule the pass itself applies): both tasks' samples on the device (``stores_per_task`` stored arrays each:
     one where the contributions derive from the gradients, the empirical Fisher; two where they
     are stored beside them), a weight set per Fisher (each task's, each tested fit half's), and all
     six score arrays on the host within :data:`~._tiles.SHARED_SCORES_BYTES`."""
     score, kernel = resolve(score, kernel, {})
-    floats_per_layer = layer_floats(layout, score.include_bias)
     sizes = [(n_a, n_b), (n_b, n_a)]
     for n, partner, tested in zip((n_a, n_b), (n_b, n_a), test):
         held = int(round(fraction * n))
         if tested:
             sizes += [(n - held, partner), (n - held, held)]
     scores = sum(shared_scores_bytes(x, y, layout) for x, y in sizes)
-    chunk = shared_layer_chunk(stores_per_task * (n_a + n_b), 2 + sum(bool(t) for t in test), floats_per_layer,
-                               tile_limits(backend.qkov_contraction(kernel.contraction)).copies,
-                               layout.num_layers, scores, kernel.budget_bytes())
-    return chunk >= 1
+    return shared_parts(layout, block_kinds(layout, score.include_bias), stores_per_task * (n_a + n_b), 2 + sum(bool(t) for t in test),
+                        tile_limits(backend.qkov_contraction(kernel.contraction)).copies, scores, kernel.budget_bytes()) is not None
