@@ -322,7 +322,7 @@ def kept_sample_layer_bytes(layout: ModelLayout, options: CollectOptions, seq_le
     stores it (token factors at ``seq_len`` positions for a factored kernel, else the gradient, in
     ``options.sample_grads_dtype``) — what a device stages for a part cut into groups of heads
     (:func:`fisherjax.analysis.qkov.partner_reads`' ``sample_layer_bytes``)."""
-    factored, itemsize = set(_factored(layout, options)), jax.numpy.dtype(options.sample_grads_dtype).itemsize
+    factored, itemsize = set(_factored(layout, options)), np.dtype(STORAGE_DTYPES[options.sample_grads_dtype]).itemsize
 
     def numbers(path: str) -> int:
         shape = layout.spec(path).shape[1:]  # one layer of a layer-stacked leaf
