@@ -132,19 +132,28 @@ def part_chunks(layout: ModelLayout, kinds: BlockKinds, n_a: int, n_b: int, n_la
     whole = tile_chunks(n_a, n_b, n_layers, layer_floats(layout, False, kinds), budget, copies, fit)
     if whole[1] >= n_b:
         return [PartChunks(kinds, whole, layout.num_kv_heads)]
-
-    def partner_chunks(chunks: tuple[int, int, int]) -> int:  # how often a tile loop reads B
-        return 1 if chunks[1] >= n_b else -(-n_a // chunks[0])
-
     parts = []
     for group in leaf_groups(layout, kinds):
         part = PartChunks(group, *head_cut(layout, group, n_a, n_b, n_layers, budget, copies, fit))
         staged = 0.0 if sample_layer_bytes is None or part.kv_heads == layout.num_kv_heads else (n_a + n_b) * sample_layer_bytes(group)
         if 0 < staged <= STAGED_SHARE * budget:
             on_device = PartChunks(group, *head_cut(layout, group, n_a, n_b, 1, budget - staged, copies, fit), staged=True)
-            part = on_device if partner_chunks(on_device.chunks) <= partner_chunks(part.chunks) else part
+            part = on_device if partner_passes(on_device.chunks, n_a, n_b) <= partner_passes(part.chunks, n_a, n_b) else part
         parts.append(part)
     return parts
+
+
+def partner_passes(chunks: tuple[int, int, int], n_a: int, n_b: int) -> int:
+    """How often a tile loop of ``chunks`` ``(c_a, c_b, c_l)`` reads task B's samples: once when B
+    is one chunk (every chunk of A is multiplied with it), else once per chunk of A."""
+    return 1 if chunks[1] >= n_b else -(-n_a // chunks[0])
+
+
+def most_kv_heads(layout: ModelLayout, fits: Callable[[int], bool]) -> int | None:
+    """The most kv heads in a group (a divisor of ``kv_heads``; their query heads come with them)
+    for which ``fits(count)``, or None where not even one does."""
+    kv = layout.num_kv_heads
+    return next((count for count in range(kv, 0, -1) if kv % count == 0 and fits(count)), None)
 
 
 def head_cut(layout: ModelLayout, kinds: BlockKinds, n_a: int, n_b: int, n_layers: int, budget: float, copies: int,
@@ -156,11 +165,12 @@ def head_cut(layout: ModelLayout, kinds: BlockKinds, n_a: int, n_b: int, n_layer
     many times more samples; B is then read once per group of heads, and a read forms only the
     group's part of each gradient: B is formed once in all, not once per chunk of A."""
     floats, kv = layer_floats(layout, False, kinds), layout.num_kv_heads
-    for count in (d for d in range(kv, 0, -1) if kv % d == 0):
-        chunks = tile_chunks(n_a, n_b, n_layers, floats // kv * count, budget, copies, fit)
-        if chunks[1] >= n_b or count == 1:
-            return chunks, count
-    raise AssertionError("unreachable: one kv head always ends the search")
+
+    def chunks(count: int) -> tuple[int, int, int]:
+        return tile_chunks(n_a, n_b, n_layers, floats // kv * count, budget, copies, fit)
+
+    count = most_kv_heads(layout, lambda count: chunks(count)[1] >= n_b) or 1
+    return chunks(count), count
 
 
 def partner_reads(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool, kernel: KernelOptions, in_place: bool = False,
@@ -178,7 +188,7 @@ def partner_reads(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool, k
     parts = part_chunks(layout, block_kinds(layout, include_bias), n_a, n_b, layout.num_layers,
                         min(kernel.budget_bytes(), limits.most_bytes), limits.copies, limits.sample_chunk, sample_layer_bytes)
     shares = [layer_floats(layout, include_bias, part.kinds) for part in parts]
-    reads = [1.0 if c_b >= n_b else float(-(-n_a // c_a)) for c_a, c_b, _ in (part.chunks for part in parts)]
+    reads = [float(partner_passes(part.chunks, n_a, n_b)) for part in parts]
     return sum(r * w for r, w in zip(reads, shares)) / sum(shares)
 
 
@@ -435,8 +445,8 @@ def raw_scores(
     if n_a == 0 or n_b == 0:
         return out
     parts = plan_parts(prep, layout, score, kernel, n_a, n_b, n_l)
-    total = sum(-(-n_l // c_l) * -(-n_a // c_a) * -(-n_b // c_b) * layout.num_kv_heads // part.kv_heads
-                for part, (c_a, c_b, c_l) in ((part, part.chunks) for part in parts))
+    total = sum(-(-n_l // part.chunks[2]) * -(-n_a // part.chunks[0]) * -(-n_b // part.chunks[1]) * layout.num_kv_heads // part.kv_heads
+                for part in parts)
 
     def layer_chunk(part: TilePlan, lsel: np.ndarray, l0: int, bar) -> None:
         """One layer chunk of a part, every group of heads: its tiles written into ``out``. A
@@ -551,7 +561,7 @@ def shared_parts(layout: ModelLayout, kinds: BlockKinds, samples: int, weight_se
         return [SharedPart(kinds, kv, chunk(kinds, kv))]
     parts = []
     for group in leaf_groups(layout, kinds):
-        count = next((d for d in range(kv, 0, -1) if kv % d == 0 and chunk(group, d) >= 1), None)
+        count = most_kv_heads(layout, lambda count, group=group: chunk(group, count) >= 1)
         if count is None:
             return None
         parts.append(SharedPart(group, count, chunk(group, count)))
@@ -587,7 +597,7 @@ def shared_raw_scores(
     parts = {key: atoms(sets) for key, (_, sets) in stores.items()}
     weight_sets = {id(r.prep.weights): r.prep.weights for r in requests}
     n_l = layout.num_layers
-    copies = select_kernel(kernel, layout, kinds, sides[0][0].transform, sides[0][1].transform).copies
+    copies = tile_limits(backend.qkov_contraction(kernel.contraction)).copies
     scores_bytes = sum(shared_scores_bytes(len(r.a_positions), len(r.b_positions), layout) for r in requests)
     plan = shared_parts(layout, kinds, sum(len(np.concatenate(p)) for p in parts.values()), len(weight_sets), copies, scores_bytes,
                         kernel.budget_bytes())
@@ -609,13 +619,14 @@ def shared_raw_scores(
                 if rows is not None and cols is not None:
                     products.append((n, id(a_side.store), i, id(b_side.store), j, rows, cols))
 
-    def layer_chunk(part: SharedPart, group, tiles: TileKernel, lsel: np.ndarray, l0: int, bar) -> None:
-        """One layer chunk of one group of heads of a part: every atom formed once, every product
+    def layer_chunk(part: SharedPart, group, group_stores: dict, tiles: TileKernel, lsel: np.ndarray, l0: int, bar) -> None:
+        """One layer chunk of one group of heads of a part (``group_stores``: each stored array
+        read as the group's, :func:`~._groups.group_store`): every atom formed once, every product
         written into its request's rows, columns and heads."""
         sources, count = leaf_sources(layout, part.kinds), min(part.layers, n_l - l0)
         weights = {key: {k: jnp.asarray(w) for k, w in group_weights({k: w[lsel] for k, w in ws.items()}, layout, part.kinds, group).items()}
                    for key, ws in weight_sets.items()}
-        leaves = {(key, i): tiles.stored(device_leaves(group_store(stores[key][0], layout, sources, group), group.layout, sources, atom, lsel))
+        leaves = {(key, i): tiles.stored(device_leaves(group_stores[key], group.layout, sources, atom, lsel))
                   for key, key_parts in parts.items() for i, atom in enumerate(key_parts)}
         b_operands = {}  # unweighted, so shared by every request that reads the part as task B
 
@@ -638,9 +649,11 @@ def shared_raw_scores(
     with progress_bar(progress, total=total, desc=desc, unit="tile") as bar:
         for part in plan:
             tiles = select_kernel(kernel, layout.head_group(part.kv_heads), part.kinds, sides[0][0].transform, sides[0][1].transform)
+            sources = leaf_sources(layout, part.kinds)
             for group in head_groups(layout, part.kv_heads):
+                group_stores = {key: group_store(store, layout, sources, group) for key, (store, _) in stores.items()}
                 for l0 in range(0, n_l, part.layers):
-                    layer_chunk(part, group, tiles, np.minimum(np.arange(l0, l0 + part.layers), n_l - 1), l0, bar)
+                    layer_chunk(part, group, group_stores, tiles, np.minimum(np.arange(l0, l0 + part.layers), n_l - 1), l0, bar)
     return out
 
 
