@@ -685,6 +685,7 @@ def qkov_ways(ctx: Context, name_a: str, name_b: str, factors: dict) -> Iterator
                               **test_options)
         for a, way in zip((name_a, name_b), ways):
             yield way.heatmap, way.test if tested[a] is True else tested[a]
+            del way  # written and summarised: B ← A is finished without A ← B held
         return
     for a, b in ((name_a, name_b), (name_b, name_a)):
         if a in skips:

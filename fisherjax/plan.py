@@ -641,9 +641,10 @@ def plan(
     phase5_reform = conflict_sample_reads(samples, tasks, references, chunk, data) * reform
     qkov_tests = qkov_tested(samples, score.min_fisher_samples)
     tiles = qkov_kernel(device_memory_gb * GB, parameter_bytes(model) / m)  # the parameters as Phase 1 sharded them
+    spilled = per_host(dtype) > host_limit  # on disk, read through the page cache; else held in the host's memory
     formed_once = devices == 1 and samples >= score.min_fisher_samples and qkov.formed_once(
-        samples, samples, layout, test=(qkov_tests, qkov_tests), stores_per_task=1 if options.fisher_type == "empirical" else 2, score=score,
-        kernel=tiles)
+        samples, samples, layout, test=(qkov_tests, qkov_tests), stores_per_task=1 if options.fisher_type == "empirical" else 2,
+        host_bytes=host_limit - (0.0 if spilled else per_host(dtype)), score=score, kernel=tiles)
     stored_layer = kept_sample_layer_bytes(layout, options, seq_len)
     partner = functools.partial(qkov.partner_reads, layout=layout, include_bias=score.include_bias, kernel=tiles,
                                 sample_layer_bytes=stored_layer)
@@ -697,7 +698,7 @@ def plan(
         storage_bytes_per_host=per_host(dtype),
         hosts=hosts,
         host_memory_bytes=host_memory_gb * GB,
-        spill=per_host(dtype) > host_limit,
+        spill=spilled,
         phase5_flops=phase5,
         phase6_flops=phase6,
         phase5_reform_flops=phase5_reform,

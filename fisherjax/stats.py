@@ -140,19 +140,28 @@ def permutation_pvalue(observed, null, *, alternative: str = "greater") -> np.nd
     """Monte-Carlo p-value ``(1 + #{null ≥ observed}) / (1 + n_null)`` along ``null``'s first axis.
 
     The +1 keeps p > 0 (Phipson & Smyth 2010), so the test is exact at its resolution.
-    ``alternative``: ``"greater"``, ``"less"`` or ``"two-sided"`` (by absolute value).
+    ``alternative``: ``"greater"``, ``"less"`` or ``"two-sided"`` (by absolute value). A null value
+    within :data:`TIE_RTOL` of the observed (relative) is a tie and counts, as
+    ``scipy.stats.permutation_test`` counts it: a relabelling that draws the observed labels again
+    gives the observed statistic up to the order of its sums, and whether it counted would
+    otherwise depend on that order (a score computed in tiles of another size).
     """
     observed = np.asarray(observed, dtype=np.float64)
     null = np.asarray(null, dtype=np.float64)
     if alternative == "greater":
-        hits = (null >= observed).sum(0)
+        hits = (null >= observed - TIE_RTOL * np.abs(observed)).sum(0)
     elif alternative == "less":
-        hits = (null <= observed).sum(0)
+        hits = (null <= observed + TIE_RTOL * np.abs(observed)).sum(0)
     elif alternative == "two-sided":
-        hits = (np.abs(null) >= np.abs(observed)).sum(0)
+        hits = (np.abs(null) >= np.abs(observed) * (1 - TIE_RTOL)).sum(0)
     else:
         raise ValueError(f"unknown alternative {alternative!r}")
     return (1.0 + hits) / (1.0 + null.shape[0])
+
+
+TIE_RTOL = 100 * np.finfo(np.float64).eps
+"""Relative distance within which :func:`permutation_pvalue` takes a null value for the observed
+one (scipy's choice for float64 statistics)."""
 
 
 def bootstrap_indices(n: int, n_bootstrap: int, seed: int = 0) -> np.ndarray:

@@ -915,15 +915,20 @@ def test_both_ways_are_the_separate_calls_from_one_formation(family, kind, compu
             test = qkov.heldout_permutation_test(a, b, layout, fraction=0.5, split_seed=1, n_permutations=300, seed=3, **options)
             _close(way.test.observed, test.observed, rtol=1e-5)
             np.testing.assert_array_equal(way.test.pvalues, test.pvalues)
-    # qkov.formed_once foretells the route; score arrays past the shared pass's host cap go direction
-    # by direction, whatever the tile budget.
+    # qkov.formed_once foretells the route. The pass holds both heatmaps' float32 sums and, for each
+    # test, float64 column sums of its partners (B and the held-out half): past the host's share of
+    # that, direction by direction, whatever the tile budget.
     kernel = qkov.KernelOptions(memory_budget_bytes=2e9, **compute)
     assert qkov.formed_once(len(A), len(B), layout, kernel=kernel)
     assert not qkov.formed_once(len(A), len(B), layout, kernel=qkov.KernelOptions(memory_budget_bytes=1e4, **compute))
-    monkeypatch.setattr(_tiles, "SHARED_SCORES_BYTES", 1.0)
-    assert not qkov.formed_once(len(A), len(B), layout, kernel=kernel)
+    cell = layout.num_layers * layout.num_heads * len(qkov.BLOCKS)
+    partners = len(B) + round(len(A) / 2) + len(A) + round(len(B) / 2)
+    sums = (2 * 4 * len(A) * len(B) + 8 * partners) * cell
+    assert qkov.formed_once(len(A), len(B), layout, host_bytes=sums / _tiles.SHARED_HOST_SHARE, kernel=kernel)
+    assert not qkov.formed_once(len(A), len(B), layout, host_bytes=(sums - 1) / _tiles.SHARED_HOST_SHARE, kernel=kernel)
     formed.clear()
-    list(qkov.both_ways(A, B, layout, n_permutations=50, split_seed=1, memory_budget_bytes=2e9, **options))
+    list(qkov.both_ways(A, B, layout, n_permutations=50, split_seed=1, host_bytes=(sums - 1) / _tiles.SHARED_HOST_SHARE,
+                        memory_budget_bytes=2e9, **options))
     assert sum(formed) > 3 * kernels * (len(A) + len(B)) * layout.num_layers
     # A direction without its test, and the curvature variant refused.
     ways = list(qkov.both_ways(A, B, layout, test=(False, True), n_permutations=50, **options))

@@ -1,6 +1,8 @@
 """fisherjax.stats against independent code: pooled_quantiles against numpy's quantile of the joined
 values, fdr_qvalues against scipy's false_discovery_control."""
 
+import math
+
 import numpy as np
 import pytest
 from scipy.stats import false_discovery_control
@@ -115,3 +117,19 @@ def test_ascending_order_sorts_like_numpy_on_several_cores(kind, monkeypatch):
     order = stats.ascending_order(x)
     np.testing.assert_array_equal(np.sort(order), np.arange(x.size))  # a permutation
     np.testing.assert_array_equal(x[order], np.sort(x))
+
+
+@pytest.mark.parametrize("alternative", ["greater", "less", "two-sided"])
+def test_permutation_pvalue_counts_a_tie_whatever_the_summation_order(alternative):
+    """A relabelling that draws the observed labels again gives the observed statistic summed in
+    another order: it is a tie and counts, whichever way the rounding fell (scipy's rule); a null
+    value that differs by more than rounding does not."""
+    rng = np.random.default_rng(0)
+    terms = rng.uniform(-1.0, 3.0, size=(200, 3)) * 10.0 ** rng.integers(-2, 3, size=(200, 3))
+    observed = terms.sum(0)  # one order
+    orders = [terms[::-1].sum(0), np.sort(terms, axis=0).sum(0), np.array([math.fsum(c) for c in terms.T])]
+    assert any((o != observed).any() for o in orders)  # the orders really round differently
+    shift = {"greater": -1e-9 * np.abs(observed), "less": 1e-9 * np.abs(observed), "two-sided": -1e-9 * observed}[alternative]
+    far = observed + shift  # beyond rounding, on the side that does not count
+    p = stats.permutation_pvalue(observed, np.stack(orders + [far]), alternative=alternative)
+    np.testing.assert_array_equal(p, np.full(3, 4 / 5))

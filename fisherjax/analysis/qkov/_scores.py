@@ -6,6 +6,7 @@ sums), which are all that is gathered."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -21,18 +22,21 @@ from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 from fisherjax.sharding import DATA, to_host
 
 
-def assemble(raw, scale_b, slice_sizes, kv, aggregate: str, xp=np):
+def assemble(raw, scale_b, slice_sizes, kv, aggregate: str, xp=np, dtype=np.float32):
     """``[block, layer, n_a, n_b, heads]``: per block ``raw[block] · s_j`` (``raw``: ``{block:
     [layer, n_a, n_b, heads_of_block]}``, ``scale_b``: ``[n_b]``), divided by the slice size for
     ``aggregate="mean"``, K/V gathered to query heads (``kv``); ``xp``: numpy or jax.numpy. On the
-    host each block is written in place into the float32 result, so the scores exist twice at most
-    (``raw`` and the result) rather than as a product, a quotient, a stack and its cast — a 7B
-    model's scores at 1000 × 1000 samples are 17 GB."""
+    host each block is written in place into the result (``dtype``; float32 unless column sums
+    are finished) and then dropped from ``raw``, which is consumed: the result's pages are taken
+    as it is written, so the sums and the scores are held together a block at a time, not twice
+    whole — a 7B model's scores at 1000 × 1000 samples are 17 GB, and a shared pass finishes two."""
     if xp is np:
         heads = raw[ATTENTION_BLOCKS[0]].shape[-1]
-        out = np.empty((len(ATTENTION_BLOCKS), *raw[ATTENTION_BLOCKS[0]].shape[:-1], heads), np.float32)
-        for n, block in enumerate(ATTENTION_BLOCKS):  # in raw's dtype, rounded to float32 once, as below
-            value = (raw[block][..., kv] if block in ("k", "v") else raw[block]) * scale_b[None, None, :, None]
+        out = np.empty((len(ATTENTION_BLOCKS), *raw[ATTENTION_BLOCKS[0]].shape[:-1], heads), dtype)
+        for n, block in enumerate(ATTENTION_BLOCKS):  # in raw's dtype, rounded to the result's once, as below
+            sums = raw.pop(block)
+            value = (sums[..., kv] if block in ("k", "v") else sums) * scale_b[None, None, :, None]
+            del sums
             if aggregate == "mean":
                 np.divide(value, np.float32(slice_sizes[n]), out=out[n], casting="same_kind")
             else:
@@ -56,12 +60,12 @@ def _non_finite(where: tuple[int, int, int]) -> NumericalError:
 
 
 def finish(
-    raw: dict[str, np.ndarray], prep: Prepared, layout: ModelLayout, score: ScoreOptions, b_positions: np.ndarray
+    raw: dict[str, np.ndarray], prep: Prepared, layout: ModelLayout, score: ScoreOptions, b_positions: np.ndarray, dtype=np.float32
 ) -> Float[np.ndarray, "block layer n_a n_b heads"]:
     """``M_ij = s_j · Σ_k a_ik b_jk`` (divided by the slice size for ``aggregate="mean"``), K/V
-    gathered to query heads (:func:`assemble`); a non-finite score is a
-    :class:`~fisherjax.errors.NumericalError`."""
-    scores = assemble(raw, prep.scale_b[b_positions], prep.slice_sizes, layout.kv_head_of, score.aggregate)
+    gathered to query heads (:func:`assemble`, which consumes ``raw``), in ``dtype``; a non-finite
+    score is a :class:`~fisherjax.errors.NumericalError`."""
+    scores = assemble(raw, prep.scale_b[b_positions], prep.slice_sizes, layout.kv_head_of, score.aggregate, dtype=dtype)
     bad = first_non_finite(scores)
     if bad is not None:
         raise _non_finite(bad)
@@ -89,15 +93,27 @@ def all_scores(
 
 
 def shared_scores(
-    requests: list[Request], layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, *, progress: bool = False, desc: str = "QK-OV"
-) -> list[Float[np.ndarray, "block layer n_a n_b heads"]] | None:
-    """Scores of each request (:func:`~._tiles.shared_raw_scores`: every stored sample formed once
-    per layer chunk for all of them, then :func:`finish`), or None where that pass does not fit
-    its memory budget."""
-    raws = shared_raw_scores(requests, layout, score, kernel, progress=progress, desc=desc)
+    requests: list[Request], layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, *, host_bytes: float | None,
+    progress: bool = False, desc: str = "QK-OV",
+) -> Iterator[Float[np.ndarray, "block layer n_a n_b heads"] | Float[np.ndarray, "block layer n_b heads"]] | None:
+    """Scores of each request in turn (:func:`~._tiles.shared_raw_scores`: every stored sample
+    formed once per layer chunk for all of them, then :func:`finish`, each request's sums dropped
+    as its scores are made) — for a :attr:`~._tiles.Request.columns` request the column means
+    ``m_j = mean_i M_ij`` ``[block, layer, n_b, head]`` (float64) — or None where that pass does
+    not fit its memory budget or ``host_bytes`` (:func:`~._tiles.shared_scores_fit`)."""
+    raws = shared_raw_scores(requests, layout, score, kernel, host_bytes=host_bytes, progress=progress, desc=desc)
     if raws is None:
         return None
-    return [finish(raws[n], r.prep, layout, score, r.b_positions) for n, r in enumerate(requests)]
+
+    def finished():
+        for n, r in enumerate(requests):
+            raw, raws[n] = raws[n], None
+            if r.columns:
+                yield finish(raw, r.prep, layout, score, r.b_positions, dtype=np.float64)[:, :, 0] / len(r.a_positions)
+            else:
+                yield finish(raw, r.prep, layout, score, r.b_positions)
+
+    return finished()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -488,17 +488,29 @@ def raw_scores(
 class Request(NamedTuple):
     """One score array of :func:`shared_raw_scores`: ``prep``'s weights and sides, over the samples
     of task A at ``a_positions`` and of task B at ``b_positions`` (positions in ``prep.a`` /
-    ``prep.b``, sorted)."""
+    ``prep.b``, sorted); with ``columns`` only each column's sum over A's rows ``Σ_i`` (all a
+    permutation test reads of its scores: the column means ``m_j = mean_i M_ij``)."""
 
     prep: Prepared
     a_positions: np.ndarray
     b_positions: np.ndarray
+    columns: bool = False
 
 
-def shared_scores_bytes(n_a: int, n_b: int, layout: ModelLayout) -> int:
-    """Bytes of one request's float32 sums ``{block: [layer, n_a, n_b, heads]}`` (query heads for
-    every block: the finished scores' size, an upper bound on the sums under grouped-query attention)."""
-    return 4 * layout.num_layers * n_a * n_b * layout.num_heads * len(ATTENTION_BLOCKS)
+def shared_scores_bytes(n_a: int, n_b: int, layout: ModelLayout, columns: bool = False) -> int:
+    """Bytes of one request's sums on the host: float32 ``{block: [layer, n_a, n_b, heads]}``, or
+    with ``columns`` float64 ``{block: [layer, 1, n_b, heads]}`` (query heads for every block: the
+    finished scores' size, an upper bound on the sums under grouped-query attention)."""
+    return (8 if columns else 4 * n_a) * layout.num_layers * n_b * layout.num_heads * len(ATTENTION_BLOCKS)
+
+
+def row_sums(tile) -> np.ndarray:
+    """``Σ_i`` over a tile's rows of A ``[layer, c_a, c_b, heads] -> [layer, c_b, heads]``, float64
+    on the host: an accelerator's tile is summed where it lies (float32), so only its column sums
+    cross the bus."""
+    if isinstance(tile, jax.Array):
+        return np.asarray(jnp.sum(tile, axis=1), np.float64)
+    return np.sum(tile, axis=1, dtype=np.float64)
 
 
 def atoms(position_sets: list[np.ndarray]) -> list[np.ndarray]:
@@ -512,25 +524,30 @@ def atoms(position_sets: list[np.ndarray]) -> list[np.ndarray]:
     return [universe[label == k] for k in range(int(label.max()) + 1)]
 
 
+SHARED_HOST_SHARE = 0.5
+"""The share of the host's available memory the sums of one :func:`shared_raw_scores` pass may
+take together (both heatmaps of a pair, held until the pass ends, and its tests' column sums):
+past it, a pair is scored one direction at a time, which holds one heatmap's scores (and, while
+finishing them, the sums they are made from)."""
+
 SHARED_SCORES_BYTES = 2e9
-"""The most host memory the score arrays of one :func:`shared_raw_scores` pass take together
-(whatever an accelerator's tile budget): past it, a pair is scored one direction at a time, which
-holds one heatmap's scores at once (GPT-2 small: up to about 500 + 500 samples share the pass)."""
+"""What the sums of one :func:`shared_raw_scores` pass may take where the host's available memory
+is not known."""
 
 
-def shared_layer_chunk(samples: int, weight_sets: int, floats_per_layer: int, copies: int, n_layers: int, scores_bytes: float,
-                       budget: float) -> int:
+def shared_scores_fit(scores_bytes: float, host_bytes: float | None) -> bool:
+    """Whether a shared pass's sums (``scores_bytes``) fit :data:`SHARED_HOST_SHARE` of
+    ``host_bytes``, the host memory available (:data:`SHARED_SCORES_BYTES` where None)."""
+    return scores_bytes <= (SHARED_SCORES_BYTES if host_bytes is None else SHARED_HOST_SHARE * host_bytes)
+
+
+def shared_layer_chunk(samples: int, weight_sets: int, floats_per_layer: int, copies: int, n_layers: int, budget: float) -> int:
     """Layers per chunk of :func:`shared_raw_scores`: the most (up to ``n_layers``) whose
     ``samples`` stored samples on the device (``copies`` float32 copies each, :func:`tile_plan`'s
     count) and ``weight_sets`` weight sets, ``floats_per_layer`` floats a layer each, fit
-    ``budget`` bytes:
+    ``budget`` bytes (0 where not even one layer does):
 
-        ⌊budget / (4 · floats_per_layer · (copies · samples + weight_sets))⌋
-
-    0 where not even one layer fits, or where the requests' scores (``scores_bytes``, all held on
-    the host at once) take more than ``budget`` or :data:`SHARED_SCORES_BYTES`."""
-    if scores_bytes > min(budget, SHARED_SCORES_BYTES):
-        return 0
+        ⌊budget / (4 · floats_per_layer · (copies · samples + weight_sets))⌋"""
     return min(n_layers, int(budget // (4 * max(floats_per_layer, 1) * (max(copies, 1) * samples + weight_sets))))
 
 
@@ -544,18 +561,20 @@ class SharedPart(NamedTuple):
     """Layers per chunk."""
 
 
-def shared_parts(layout: ModelLayout, kinds: BlockKinds, samples: int, weight_sets: int, copies: int, scores_bytes: float,
-                 budget: float) -> list[SharedPart] | None:
+def shared_parts(layout: ModelLayout, kinds: BlockKinds, samples: int, weight_sets: int, copies: int, budget: float,
+                 scores_bytes: float = 0.0, host_bytes: float | None = None) -> list[SharedPart] | None:
     """How :func:`shared_raw_scores` walks the slices ``kinds`` with ``samples`` stored samples on
     the device at once: all the parts together in chunks of :func:`shared_layer_chunk` layers when
     one layer fits, else each :func:`leaf_groups` part in turn, in the groups of the most kv heads
     (a divisor of ``kv_heads``) of which one layer fits — each sample is still formed once, a
-    group's columns at a time. None where not even one kv head of a part's layer fits (or the
-    scores do not fit the host, :func:`shared_layer_chunk`)."""
+    group's columns at a time. None where not even one kv head of a part's layer fits, or where
+    the pass's sums (``scores_bytes``) do not fit the host (:func:`shared_scores_fit`)."""
+    if not shared_scores_fit(scores_bytes, host_bytes):
+        return None
     n_l, kv = layout.num_layers, layout.num_kv_heads
 
     def chunk(part: BlockKinds, count: int) -> int:
-        return shared_layer_chunk(samples, weight_sets, layer_floats(layout, False, part) // kv * count, copies, n_l, scores_bytes, budget)
+        return shared_layer_chunk(samples, weight_sets, layer_floats(layout, False, part) // kv * count, copies, n_l, budget)
 
     if chunk(kinds, kv) >= 1:
         return [SharedPart(kinds, kv, chunk(kinds, kv))]
@@ -569,11 +588,12 @@ def shared_parts(layout: ModelLayout, kinds: BlockKinds, samples: int, weight_se
 
 
 def shared_raw_scores(
-    requests: list[Request], layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, *, progress: bool = False,
-    desc: str = "QK-OV",
+    requests: list[Request], layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, *, host_bytes: float | None,
+    progress: bool = False, desc: str = "QK-OV",
 ) -> list[dict[str, np.ndarray]] | None:
     """:func:`raw_scores` of several requests over all layers — ``[{block: [layer, n_a, n_b,
-    heads]}]`` in their order — forming each stored sample once (per layer chunk, part and group
+    heads]}]`` in their order, float32, or for a :attr:`Request.columns` request the sums over
+    its rows ``[layer, 1, n_b, heads]``, float64 (each tile's rows summed as it comes) — forming each stored sample once (per layer chunk, part and group
     of heads: each a share of its columns), where :func:`raw_scores` reads a sample once per
     request (and a kept token factor is formed on each read). A task pair's two heatmaps and two
     held-out permutation tests read each task's samples in six score arrays; here each is formed
@@ -582,11 +602,12 @@ def shared_raw_scores(
     Every stored array the requests read (:func:`~._operands.side_of`) is cut into
     :func:`atoms` of the positions its requests read; per layer chunk each atom is put on the device
     once (:func:`device_leaves`), and each request is the products of its A atoms with its B atoms,
-    written into its rows and columns. The layer chunk is the most layers whose atoms, one weight
+    written into its rows and columns (or added to its column sums). The layer chunk is the most layers whose atoms, one weight
     set per prepared Fisher and the kernel's working copies fit the tile budget; where not even one
     layer fits, the parts and groups of heads of :func:`shared_parts`. ``None`` when not even one
-    kv head of a part's layer fits, or when the requests' scores together take more than that
-    budget or :data:`SHARED_SCORES_BYTES` on the host (then the caller reads request by request).
+    kv head of a part's layer fits, or when the requests' sums together do not fit the host
+    memory ``host_bytes`` available (:func:`shared_scores_fit`; then the caller reads request by
+    request).
     """
     kinds = requests[0].prep.kinds
     sides = [(side_of(r.prep.a, "a", score.variant), side_of(r.prep.b, "b", score.variant)) for r in requests]
@@ -598,12 +619,13 @@ def shared_raw_scores(
     weight_sets = {id(r.prep.weights): r.prep.weights for r in requests}
     n_l = layout.num_layers
     copies = tile_limits(backend.qkov_contraction(kernel.contraction)).copies
-    scores_bytes = sum(shared_scores_bytes(len(r.a_positions), len(r.b_positions), layout) for r in requests)
-    plan = shared_parts(layout, kinds, sum(len(np.concatenate(p)) for p in parts.values()), len(weight_sets), copies, scores_bytes,
-                        kernel.budget_bytes())
+    scores_bytes = sum(shared_scores_bytes(len(r.a_positions), len(r.b_positions), layout, r.columns) for r in requests)
+    plan = shared_parts(layout, kinds, sum(len(np.concatenate(p)) for p in parts.values()), len(weight_sets), copies,
+                        kernel.budget_bytes(), scores_bytes, host_bytes)
     if plan is None or any(not len(r.a_positions) or not len(r.b_positions) for r in requests):
         return None
-    out = [{block: np.zeros((n_l, len(r.a_positions), len(r.b_positions), layout.heads_of(block)), np.float32) for block in ATTENTION_BLOCKS}
+    out = [{block: np.zeros((n_l, 1, len(r.b_positions), layout.heads_of(block)), np.float64) if r.columns
+            else np.zeros((n_l, len(r.a_positions), len(r.b_positions), layout.heads_of(block)), np.float32) for block in ATTENTION_BLOCKS}
            for r in requests]
 
     def inside(part, positions):  # the part's rows in a request's positions, when the part is one of its parts
@@ -641,7 +663,10 @@ def shared_raw_scores(
                 b_operands[b_at] = operand(b_side, b_key, j, None)
             tile = tiles.products(operand(a_side, a_key, i, w_key), b_operands[b_at], weights[w_key])
             for block, value in tile.items():
-                out[n][block][l0 : l0 + count, rows[:, None], cols[None, :], group.heads(block)] = np.asarray(value)[:count]
+                if requests[n].columns:
+                    out[n][block][l0 : l0 + count, 0, cols, group.heads(block)] += row_sums(value[:count])
+                else:
+                    out[n][block][l0 : l0 + count, rows[:, None], cols[None, :], group.heads(block)] = np.asarray(value)[:count]
             bar.update()
 
     plan = [part._replace(layers=_even_chunk(part.layers, n_l, lambda planned, n: planned)) for part in plan]

@@ -8,8 +8,8 @@ array that holds them: about five times per sample. Where the samples are kept a
 (:class:`~fisherjax.fisher.factored.FactoredGrads`) each read forms their gradients again, and
 forming was most of the phase's work. :func:`both_ways` computes the same arrays in one tile loop
 (:func:`~._scores.shared_scores`) that forms each sample once; where that pass does
-not fit the kernel's memory budget, even a group of heads at a time, it makes those calls one
-after the other, so the numbers are the same either way.
+not fit the kernel's memory budget, even a group of heads at a time, or its sums do not fit the
+host's memory, it makes those calls one after the other, so the numbers are the same either way.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def both_ways(
     test: Sequence[bool] = (True, True),
     fraction: float = 0.5,
     split_seed: int = 0,
+    host_bytes: float | None = None,
     n_permutations: int = 2000,
     alpha: float = 0.05,
     fdr_method: str = "bh",
@@ -65,10 +66,12 @@ def both_ways(
     The same values as ``heatmap(A, B)``, ``heldout_permutation_test(A, B, fraction=, split_seed=,
     ...)`` and the same with A and B swapped (up to float32 summation order). Every array is
     computed in one pass that forms each stored sample once (:func:`~._scores.shared_scores`)
-    when one layer of it, or of a group of heads of each part, fits the kernel's tile budget and all
-    six score arrays fit :data:`~._tiles.SHARED_SCORES_BYTES` on the host (then both directions'
-    scores are held at once; :func:`formed_once` says which); otherwise direction by direction, by
-    those calls, holding one direction's scores at a time. One device, diagonal variants only (the
+    when one layer of it, or of a group of heads of each part, fits the kernel's tile budget and
+    its sums fit :data:`~._tiles.SHARED_HOST_SHARE` of the host memory available (``host_bytes``;
+    None: ``MemAvailable`` now, :func:`fisherjax.backend.host_available_bytes`): both heatmaps'
+    sums, held at once, and the tests' column sums ``Σ_i M_ij`` (all a test reads of its scores).
+    :func:`formed_once` says which. Otherwise direction by direction, by those calls, holding one
+    direction's scores at a time. One device, diagonal variants only (the
     variants :data:`~.options.CURVATURE_VARIANTS` have no permutation test, and a mesh splits
     each array over its devices).
     """
@@ -83,7 +86,9 @@ def both_ways(
     samples = [task_samples(task, name)[0] for task, name in zip(tasks, "AB")]
     active = [int(np.count_nonzero(np.asarray(s.tokens) > 0)) for s in samples]
     stores = 1 if all(s.derived for s in samples) else 2
-    if not formed_once(*active, layout, test=tests, fraction=fraction, stores_per_task=stores, score=score, kernel=kernel):
+    host_bytes = backend.host_available_bytes() if host_bytes is None else host_bytes  # one reading for the choice and the pass
+    if not formed_once(*active, layout, test=tests, fraction=fraction, stores_per_task=stores, host_bytes=host_bytes, score=score,
+                       kernel=kernel):
         for k in (0, 1):  # direction by direction, each prepared when it runs: one direction's scores at a time
             a, b = tasks[k], tasks[1 - k]
             result = heatmap(a, b, layout, score=score, kernel=kernel, progress=progress)
@@ -101,37 +106,49 @@ def both_ways(
             with_b = prepare(a, b, layout, score, a_rows=fit)
             with_held = with_partner(with_b, a, layout, score, default_name=f"{with_b.name_a} (held out)", b_rows=held)
             check_partners(with_b, with_held)
-            requests += [Request(p, p.a_positions, p.b_positions) for p in (with_b, with_held)]
-    shared = shared_scores(requests, layout, score, kernel, progress=progress,
+            requests += [Request(p, p.a_positions, p.b_positions, columns=True) for p in (with_b, with_held)]
+    shared = shared_scores(requests, layout, score, kernel, host_bytes=host_bytes, progress=progress,
                            desc=f"QK-OV {requests[0].prep.name_a} ⇄ {requests[0].prep.name_b}")
-    arrays = iter(shared) if shared is not None else (all_scores(r.prep, layout, score, kernel, progress=progress) for r in requests)
+    arrays = shared if shared is not None else (column_means(r, layout, score, kernel, progress) for r in requests)
     at = 0
     for k in (0, 1):
         result = result_from_scores(requests[at].prep, next(arrays), layout, score)
-        found = None
-        if tests[k]:
-            found = permutation_of_means(*(next(arrays).mean(axis=2, dtype=np.float64) for _ in range(2)), layout, **options)
+        found = permutation_of_means(next(arrays), next(arrays), layout, **options) if tests[k] else None
         at += 3 if tests[k] else 1
         yield Way(result, found)
+        del result, found  # the caller's, once it has read them: the next direction is finished without them
+
+
+def column_means(request: Request, layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, progress: bool) -> np.ndarray:
+    """A request's scores read alone (:func:`~._scores.all_scores`), or for a
+    :attr:`~._tiles.Request.columns` request their column means ``mean_i M_ij`` ``[block, layer,
+    n_b, head]`` (float64): what :func:`~._scores.shared_scores` gives for it."""
+    scores = all_scores(request.prep, layout, score, kernel, progress=progress)
+    return scores.mean(axis=2, dtype=np.float64) if request.columns else scores
 
 
 def formed_once(
     n_a: int, n_b: int, layout: ModelLayout, *, test: Sequence[bool] = (True, True), fraction: float = 0.5, stores_per_task: int = 1,
-    score: ScoreOptions | None = None, kernel: KernelOptions | None = None,
+    host_bytes: float | None = None, score: ScoreOptions | None = None, kernel: KernelOptions | None = None,
 ) -> bool:
     """Whether :func:`both_ways` of tasks of ``n_a`` and ``n_b`` samples (with active tokens) forms
     each sample once, i.e. fits one layer of its shared pass — or of one group of heads of each
     part of it — in the tile budget (:meth:`KernelOptions.budget_bytes`;
     :func:`~._tiles.shared_parts`, the rule the pass itself applies): both tasks' samples on the device (``stores_per_task`` stored arrays each:
     one where the contributions derive from the gradients, the empirical Fisher; two where they
-    are stored beside them), a weight set per Fisher (each task's, each tested fit half's), and all
-    six score arrays on the host within :data:`~._tiles.SHARED_SCORES_BYTES`."""
+    are stored beside them), a weight set per Fisher (each task's, each tested fit half's), and
+    the pass's sums (both heatmaps', the tests' column sums) within
+    :data:`~._tiles.SHARED_HOST_SHARE` of ``host_bytes``, the host memory available (None:
+    ``MemAvailable`` now, :func:`fisherjax.backend.host_available_bytes`; where that is not known,
+    :data:`~._tiles.SHARED_SCORES_BYTES`)."""
     score, kernel = resolve(score, kernel, {})
-    sizes = [(n_a, n_b), (n_b, n_a)]
+    host_bytes = backend.host_available_bytes() if host_bytes is None else host_bytes
+    sizes = [(n_a, n_b, False), (n_b, n_a, False)]
     for n, partner, tested in zip((n_a, n_b), (n_b, n_a), test):
         held = int(round(fraction * n))
         if tested:
-            sizes += [(n - held, partner), (n - held, held)]
-    scores = sum(shared_scores_bytes(x, y, layout) for x, y in sizes)
+            sizes += [(n - held, partner, True), (n - held, held, True)]
+    scores = sum(shared_scores_bytes(x, y, layout, columns) for x, y, columns in sizes)
     return shared_parts(layout, block_kinds(layout, score.include_bias), stores_per_task * (n_a + n_b), 2 + sum(bool(t) for t in test),
-                        tile_limits(backend.qkov_contraction(kernel.contraction)).copies, scores, kernel.budget_bytes()) is not None
+                        tile_limits(backend.qkov_contraction(kernel.contraction)).copies, kernel.budget_bytes(), scores,
+                        host_bytes) is not None
