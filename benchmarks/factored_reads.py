@@ -15,10 +15,13 @@ Two parts, GPT-2-small shapes (12 layers, QKV kernel 768 × 2304, 128 positions,
   calls for one ordered pair. Run it from a worktree of another commit (``PYTHONPATH=WORKTREE``)
   to compare code.
 * ``--part ways``: the same Phase 1, then ``qkov.both_ways`` — both directions with their tests,
-  as ``fisherjax analyze`` scores the pair.
+  as ``fisherjax analyze`` scores the pair — by its shared pass and direction by direction
+  (``host_bytes=0``), interleaved, each with its wall time and the peak RSS during the call
+  (``fisherjax.telemetry``), and whether the two give the same numbers.
 
 Usage: python3 benchmarks/factored_reads.py --part reads [--samples 64] [--rounds 4]
-       python3 benchmarks/factored_reads.py --part qkov|ways [--samples 64] [--rounds 2] [--save FILE.npz]
+       python3 benchmarks/factored_reads.py --part qkov [--samples 64] [--rounds 2] [--save FILE.npz]
+       python3 benchmarks/factored_reads.py --part ways [--samples 64] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from fisherjax import Model
+from fisherjax import Model, telemetry
 from fisherjax.analysis import qkov
 from fisherjax.config import DecoderConfig
 from fisherjax.data import batches, task_from_tokens
@@ -103,14 +106,24 @@ def qkov_pair(samples: int, rounds: int, save: str | None, both_ways: bool = Fal
         fishers[name] = collect(model, task_batches, task=name, options=options, progress=False)
     print(f"Phase 1 of {samples} + {samples} samples, kept factors: {time.perf_counter() - start:.1f} s", flush=True)
     a, b = fishers["a"], fishers["b"]
-    if both_ways:  # the pair as analyze scores it
+    if both_ways:  # the pair as analyze scores it: the shared pass against direction by direction, interleaved
+        routes = {"shared pass": None, "by direction": 0.0}  # host_bytes=0 leaves the shared pass no room
         for r in range(rounds):
-            start = time.perf_counter()
-            ways = list(qkov.both_ways(a, b, model.layout, fraction=0.5, split_seed=0, n_permutations=1000, seed=0))
-            print(f"round {r + 1}: both ways (two heatmaps, two held-out tests) {time.perf_counter() - start:.1f} s, "
-                  f"formed once: {qkov.formed_once(len(a.sample_grads), len(b.sample_grads), model.layout)}", flush=True)
-        if save:
-            np.savez(save, **qkov.to_arrays(ways[0].heatmap), pvalues=ways[0].test.pvalues, observed=ways[0].test.observed)
+            found = {}
+            for route, host_bytes in routes.items():
+                found[route], stretch = telemetry.measure(
+                    lambda: list(qkov.both_ways(a, b, model.layout, fraction=0.5, split_seed=0, n_permutations=1000, seed=0,
+                                                host_bytes=host_bytes)))
+                print(f"round {r + 1}: both ways (two heatmaps, two held-out tests), {route}: {stretch.seconds:.1f} s, "
+                      f"peak RSS {stretch.peak_rss_bytes / 1e9:.2f} GB", flush=True)
+            shared, alone = found.values()
+            print("  largest relative difference of the heatmaps: "
+                  f"{max(float(np.abs(s.heatmap.scores - d.heatmap.scores).max() / np.abs(d.heatmap.scores).max()) for s, d in zip(shared, alone)):.1e}"
+                  f"; p-values that differ: {sum(int((s.test.pvalues != d.test.pvalues).sum()) for s, d in zip(shared, alone))} of "
+                  f"{sum(s.test.pvalues.size for s in shared)}, by at most "
+                  f"{max(float(np.abs(s.test.pvalues - d.test.pvalues).max()) for s, d in zip(shared, alone)) * 1001:.0f} / 1001", flush=True)
+            del found, shared, alone
+        print(f"formed once (host memory available now): {qkov.formed_once(len(a.sample_grads), len(b.sample_grads), model.layout)}")
         return
     for r in range(rounds):
         start = time.perf_counter()

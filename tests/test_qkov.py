@@ -799,7 +799,7 @@ def _synthetic(layout, n, seed, boost=None):
     return SampleGrads.from_grads(grads, tokens, np.arange(seed * 1000, seed * 1000 + n))
 
 
-def test_permutation_test_finds_planted_head_and_controls_the_rest(family):
+def test_permutation_test_finds_planted_head_and_controls_the_rest(family, monkeypatch):
     model, _, _, _ = family("llama")
     layout = model.layout
     H, Hkv, hd = _dims(layout)
@@ -814,6 +814,18 @@ def test_permutation_test_finds_planted_head_and_controls_the_rest(family):
                 - _reference(A, A_held, "llama", dims, layout.num_layers).mean(axis=(2, 3)))
     _close(test.observed, expected)
     assert test.significant[0, 1, 2] and test.observed[0, 1, 2] > 0
+    # The column means are summed over A's rows tile by tile, the scores never held: tiles of a few
+    # rows (the last padded with repeated rows, which must add nothing) give the same statistic.
+    summed = []
+    row_sums = _tiles.row_sums
+    monkeypatch.setattr(_tiles, "row_sums", lambda tile: summed.append(tile.shape[1]) or row_sums(tile))
+    monkeypatch.setattr(_tiles, "in_place", lambda *args: False)  # else one tile of all of A's rows
+    floats = _tiles.layer_floats(layout, False)
+    tiled = qkov.permutation_test(A, B, A_held, layout, n_permutations=500, memory_budget_bytes=4 * floats * 3 // 2, **MIN)
+    _close(tiled.observed, test.observed, rtol=1e-6)
+    np.testing.assert_array_equal(tiled.pvalues, test.pvalues)
+    assert len(A) % 7 and 6 in summed and 7 in summed  # chunks of 7 rows of A, the last one 6 and padded
+    monkeypatch.undo()
     others = np.ones_like(test.significant)
     others[0, 1, 2] = False
     assert test.significant[others].sum() <= 2

@@ -92,6 +92,24 @@ def all_scores(
     return finish(raw, prep, layout, score, b_pos)
 
 
+def column_means(
+    prep: Prepared, layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, *, progress: bool = False, desc: str = "QK-OV"
+) -> Float[np.ndarray, "block layer n_b heads"]:
+    """The column means ``m_j = mean_i M_ij`` over the prepared positions of both tasks (all a
+    permutation test reads of its scores): :func:`~._tiles.raw_scores` summed over A's rows tile
+    by tile, then :func:`finished_means` — the scores themselves are never held."""
+    a_pos, b_pos = prep.a_positions, prep.b_positions
+    raw = raw_scores(prep, layout, score, kernel, a_pos, b_pos, np.arange(layout.num_layers), columns=True, progress=progress, desc=desc)
+    return finished_means(raw, prep, layout, score, b_pos, len(a_pos))
+
+
+def finished_means(raw: dict[str, np.ndarray], prep: Prepared, layout: ModelLayout, score: ScoreOptions, b_positions: np.ndarray,
+                   n_a: int) -> Float[np.ndarray, "block layer n_b heads"]:
+    """``mean_i M_ij`` ``[block, layer, n_b, head]`` (float64) from the float64 sums over A's ``n_a``
+    rows ``{block: [layer, 1, n_b, heads_of_block]}``: :func:`finish` is linear in each column."""
+    return finish(raw, prep, layout, score, b_positions, dtype=np.float64)[:, :, 0] / n_a
+
+
 def shared_scores(
     requests: list[Request], layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, *, host_bytes: float | None,
     progress: bool = False, desc: str = "QK-OV",
@@ -109,7 +127,7 @@ def shared_scores(
         for n, r in enumerate(requests):
             raw, raws[n] = raws[n], None
             if r.columns:
-                yield finish(raw, r.prep, layout, score, r.b_positions, dtype=np.float64)[:, :, 0] / len(r.a_positions)
+                yield finished_means(raw, r.prep, layout, score, r.b_positions, len(r.a_positions))
             else:
                 yield finish(raw, r.prep, layout, score, r.b_positions)
 

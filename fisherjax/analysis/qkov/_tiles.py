@@ -429,19 +429,22 @@ def raw_scores(
     b_positions: np.ndarray,
     layers: np.ndarray,
     *,
+    columns: bool = False,
     progress: bool = False,
     desc: str = "QK-OV",
 ) -> dict[str, np.ndarray]:
     """``{block: [layer, n_a, n_b, heads_of_block]}`` slice sums ``Σ_k a_ik b_jk`` (before the
     partner factor and the aggregation) for the selected samples and layers, tile by tile, the
-    parts of :func:`plan_parts` one after another.
+    parts of :func:`plan_parts` one after another; with ``columns`` only their sums over A's rows
+    ``[layer, 1, n_b, heads_of_block]``, float64 (:func:`row_sums` of each tile as it comes).
 
     ``progress``: a bar over the tiles (``desc``).
     """
     a_side: Side = side_of(prep.a, "a", score.variant)
     b_side: Side = side_of(prep.b, "b", score.variant)
     n_a, n_b, n_l = len(a_positions), len(b_positions), len(layers)
-    out = {block: np.zeros((n_l, n_a, n_b, layout.heads_of(block)), np.float32) for block in ATTENTION_BLOCKS}
+    out = {block: np.zeros((n_l, 1, n_b, layout.heads_of(block)), np.float64) if columns
+           else np.zeros((n_l, n_a, n_b, layout.heads_of(block)), np.float32) for block in ATTENTION_BLOCKS}
     if n_a == 0 or n_b == 0:
         return out
     parts = plan_parts(prep, layout, score, kernel, n_a, n_b, n_l)
@@ -475,7 +478,10 @@ def raw_scores(
                     tile = tiles.products(a_operand, b_cached, weights)
                     li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
                     for block, value in tile.items():
-                        out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji, group.heads(block)] = np.asarray(value)[:li, :ii, :ji]
+                        if columns:
+                            out[block][l0 : l0 + li, 0, j0 : j0 + ji, group.heads(block)] += row_sums(value[:li, :ii, :ji])
+                        else:
+                            out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji, group.heads(block)] = np.asarray(value)[:li, :ii, :ji]
                     bar.update()
 
     with progress_bar(progress, total=total, desc=desc, unit="tile") as bar:

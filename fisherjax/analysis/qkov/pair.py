@@ -21,7 +21,7 @@ import numpy as np
 
 from fisherjax import backend
 from fisherjax.analysis.qkov._prepare import prepare, task_samples, with_partner
-from fisherjax.analysis.qkov._scores import all_scores, shared_scores
+from fisherjax.analysis.qkov._scores import all_scores, column_means, shared_scores
 from fisherjax.analysis.qkov._operands import block_kinds
 from fisherjax.analysis.qkov._tiles import Request, shared_parts, shared_scores_bytes, tile_limits
 from fisherjax.analysis.qkov.interference import heatmap, result_from_scores
@@ -109,7 +109,8 @@ def both_ways(
             requests += [Request(p, p.a_positions, p.b_positions, columns=True) for p in (with_b, with_held)]
     shared = shared_scores(requests, layout, score, kernel, host_bytes=host_bytes, progress=progress,
                            desc=f"QK-OV {requests[0].prep.name_a} ⇄ {requests[0].prep.name_b}")
-    arrays = shared if shared is not None else (column_means(r, layout, score, kernel, progress) for r in requests)
+    arrays = shared if shared is not None else (
+        (column_means if r.columns else all_scores)(r.prep, layout, score, kernel, progress=progress) for r in requests)
     at = 0
     for k in (0, 1):
         result = result_from_scores(requests[at].prep, next(arrays), layout, score)
@@ -117,14 +118,6 @@ def both_ways(
         at += 3 if tests[k] else 1
         yield Way(result, found)
         del result, found  # the caller's, once it has read them: the next direction is finished without them
-
-
-def column_means(request: Request, layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, progress: bool) -> np.ndarray:
-    """A request's scores read alone (:func:`~._scores.all_scores`), or for a
-    :attr:`~._tiles.Request.columns` request their column means ``mean_i M_ij`` ``[block, layer,
-    n_b, head]`` (float64): what :func:`~._scores.shared_scores` gives for it."""
-    scores = all_scores(request.prep, layout, score, kernel, progress=progress)
-    return scores.mean(axis=2, dtype=np.float64) if request.columns else scores
 
 
 def formed_once(

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from fisherjax.analysis.qkov import _scores
 from fisherjax.analysis.qkov._prepare import prepare, task_samples, with_partner
-from fisherjax.analysis.qkov._scores import all_scores
+from fisherjax.analysis.qkov._scores import column_means
 from fisherjax.analysis.qkov.options import CURVATURE_VARIANTS, KernelOptions, ScoreOptions, resolve
 from fisherjax.analysis.qkov.results import BootstrapInterval, PermutationResult, QKOVResult, ShardedScores
 from fisherjax.errors import ConfigError, DataError
@@ -133,8 +133,8 @@ def _permutation(with_b, with_held, layout, score, kernel, *, n_permutations, al
 
     def means_over_a(prep):  # [block, layer, n_partner, head] float64: m_j = mean_i M_ij
         desc = f"QK-OV {prep.name_b} → {prep.name_a}"
-        if mesh is None:  # averaged in float64 without a float64 copy of the scores
-            return all_scores(prep, layout, score, kernel, progress=progress, desc=desc).mean(axis=2, dtype=np.float64)
+        if mesh is None:  # summed over A's rows tile by tile, in float64: the scores are never held
+            return column_means(prep, layout, score, kernel, progress=progress, desc=desc)
         sums = _scores.column_sums(_scores.sharded_scores(prep, layout, score, kernel, mesh, progress=progress, desc=desc))
         return to_host(sums).astype(np.float64) / len(prep.a_positions)
 
