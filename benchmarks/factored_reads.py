@@ -27,6 +27,7 @@ Usage: python3 benchmarks/factored_reads.py --part reads [--samples 64] [--round
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -48,6 +49,12 @@ LAYERS, SEQ, D_IN, D_OUT = 12, 128, 768, 2304
 def usage() -> tuple[float, float]:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime, r.ru_stime
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def numpy_formed(inputs: np.ndarray, deltas: np.ndarray, group_bytes: float = 64e6) -> np.ndarray:
@@ -111,11 +118,12 @@ def qkov_pair(samples: int, rounds: int, save: str | None, both_ways: bool = Fal
         for r in range(rounds):
             found = {}
             for route, host_bytes in routes.items():
+                before = resident_bytes()
                 found[route], stretch = telemetry.measure(
                     lambda: list(qkov.both_ways(a, b, model.layout, fraction=0.5, split_seed=0, n_permutations=1000, seed=0,
                                                 host_bytes=host_bytes)))
                 print(f"round {r + 1}: both ways (two heatmaps, two held-out tests), {route}: {stretch.seconds:.1f} s, "
-                      f"peak RSS {stretch.peak_rss_bytes / 1e9:.2f} GB", flush=True)
+                      f"peak RSS {stretch.peak_rss_bytes / 1e9:.2f} GB ({before / 1e9:.2f} GB at its start)", flush=True)
             shared, alone = found.values()
             print("  largest relative difference of the heatmaps: "
                   f"{max(float(np.abs(s.heatmap.scores - d.heatmap.scores).max() / np.abs(d.heatmap.scores).max()) for s, d in zip(shared, alone)):.1e}"

@@ -636,7 +636,7 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
     summaries, drawn, factors = {}, {}, {}
     with outdir.NpzWriter(out / "qkov.npz") if out is not None else contextlib.nullcontext() as arrays:
         for name_a, name_b in itertools.combinations(ctx.fishers, 2):
-            for (a, b), (result, test) in zip(((name_a, name_b), (name_b, name_a)), qkov_ways(ctx, name_a, name_b, factors)):
+            for (a, b), (result, test, shared) in zip(((name_a, name_b), (name_b, name_a)), qkov_ways(ctx, name_a, name_b, factors)):
                 if isinstance(result, str):  # a quick run on a few samples still gets the other phases
                     summaries[a, b] = {"skipped": result}
                     continue
@@ -644,6 +644,7 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
                     arrays.add({f"{a}|{b}|{k}": v for k, v in qkov.to_arrays(result).items()})
                 summary = qkov_report.summary(result, top_k=config.top_k, labels=ctx.labels)
                 summary["kernel"] = dataclasses.asdict(kernel) | {"memory_budget_bytes": kernel.budget_bytes()}  # as the backend set it
+                summary["both_directions_in_one_pass"] = shared
                 summary["bootstrap"] = qkov_report.bootstrap_summary(qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=config.seed))
                 summary["permutation_test"] = {"skipped": test} if isinstance(test, str) else qkov_report.permutation_summary(test, result)
                 summaries[a, b], drawn[a, b] = summary, qkov_report.figures(result, ctx.labels)
@@ -654,7 +655,8 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
 
 def qkov_ways(ctx: Context, name_a: str, name_b: str, factors: dict) -> Iterator[tuple]:
     """Phase 6 of a task pair, each ordered pair in turn (A ← B, then B ← A): ``(heatmap,
-    permutation test)``, where either may be the reason it was skipped instead.
+    permutation test, shared)``, where either of the first two may be the reason it was skipped
+    instead, and ``shared`` says whether both directions came from one pass (:class:`qkov.Way`).
 
     On one device with a diagonal variant, :func:`fisherjax.analysis.qkov.both_ways` computes both
     directions from one formation of each task's kept samples (or, where that does not fit, one
@@ -684,19 +686,19 @@ def qkov_ways(ctx: Context, name_a: str, name_b: str, factors: dict) -> Iterator
         ways = qkov.both_ways(ctx.fishers[name_a], ctx.fishers[name_b], layout, test=[tested[a] is True for a in (name_a, name_b)],
                               **test_options)
         for a, way in zip((name_a, name_b), ways):
-            yield way.heatmap, way.test if tested[a] is True else tested[a]
+            yield way.heatmap, way.test if tested[a] is True else tested[a], way.shared
             del way  # written and summarised: B ← A is finished without A ← B held
         return
     for a, b in ((name_a, name_b), (name_b, name_a)):
         if a in skips:
-            yield skips[a], None
+            yield skips[a], None, False
             continue
         fa, fb = ctx.fishers[a], ctx.fishers[b]
         if curvature and a not in factors:  # task A's K-FAC (its factors on one device, the heatmap on the mesh)
             factors[a] = attention_kfac(ctx, a)
         result = qkov.heatmap(fa, fb, layout, score=score, kernel=kernel, progress=config.progress, mesh=ctx.mesh, kfac=factors.get(a))
         test = tested[a] if tested[a] is not True else qkov.heldout_permutation_test(fa, fb, layout, mesh=ctx.mesh, **test_options)
-        yield result, test
+        yield result, test, False
         del result, test
 
 

@@ -137,6 +137,9 @@ class Plan:
         ``phase5_chunk`` samples.
       phase6_bytes_read: what Phase 6 reads from the kept-gradient storage, at least
         (:func:`qkov_bytes_read`).
+      phase6_one_pass: whether a pair's two directions are scored in one pass that reads each
+        kept sample once (:func:`fisherjax.analysis.qkov.formed_once`, with the host's memory
+        less the kept gradients it holds).
       phase5_group_bytes, phase5_scope: host memory of a pair's per-group conflict tests
         (``conflicts.group_scope_bytes``) and the scope ``--conflict-scope auto`` takes with a
         host's memory (:func:`fisherjax.pipeline.conflict_scope`).
@@ -200,6 +203,7 @@ class Plan:
     phase6_reform_flops: float
     phase5_bytes_read: float
     phase6_bytes_read: float
+    phase6_one_pass: bool
     phase5_chunk: int | None
     phase5_group_bytes: float
     phase5_scope: str
@@ -705,6 +709,7 @@ def plan(
         phase6_reform_flops=phase6_reform,
         phase5_bytes_read=conflict_bytes_read(samples, tasks, read, references, dtype, chunk, data),
         phase6_bytes_read=qkov_bytes_read(phase6_reads, layout, score.include_bias, stored_layer),
+        phase6_one_pass=formed_once,
         phase5_chunk=chunk,
         phase5_group_bytes=group_scope_bytes(samples, samples, groups, open_groups=held),
         phase5_scope=phase5_scope,
@@ -848,8 +853,10 @@ def format_plan(p: Plan) -> str:
                             + (f" ({_scaled(p.phase6_reform_flops, FLOPS)} of it forming factored gradients"
                                f"{', at least: each device forms the tiles of task B it reads' if p.devices > 1 else ''})"
                                if p.factored else "")
-                            + f"; reads {_bytes(p.phase6_bytes_read)} of kept gradients at least (each score array its samples "
-                              "once, its partner as often as it forms it)"
+                            + f"; reads {_bytes(p.phase6_bytes_read)} of kept gradients at least "
+                            + ("(both directions of a pair in one pass: each sample once, a fit half once more for its Fisher)"
+                               if p.phase6_one_pass else "(one direction at a time: each score array its samples once, its partner as "
+                                                         "often as it forms it)")
                             + f"; scores of {_bytes(p.phase6_scores_bytes)} per ordered pair (the host holds twice that while "
                               f"forming them), {_bytes(p.phase6_output_bytes)} in qkov.npz"),
         ("total", f"≈ {_duration(p.total_seconds)} of device compute"

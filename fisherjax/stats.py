@@ -143,8 +143,8 @@ def permutation_pvalue(observed, null, *, alternative: str = "greater") -> np.nd
     ``alternative``: ``"greater"``, ``"less"`` or ``"two-sided"`` (by absolute value). A null value
     within :data:`TIE_RTOL` of the observed (relative) is a tie and counts, as
     ``scipy.stats.permutation_test`` counts it: a relabelling that draws the observed labels again
-    gives the observed statistic up to the order of its sums, and whether it counted would
-    otherwise depend on that order (a score computed in tiles of another size).
+    gives the observed statistic up to the order of its float64 sums, and whether it counted
+    would otherwise depend on that order.
     """
     observed = np.asarray(observed, dtype=np.float64)
     null = np.asarray(null, dtype=np.float64)

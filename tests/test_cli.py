@@ -295,6 +295,7 @@ def test_qkov_options_from_the_command_line(tiny_checkpoint, tmp_path, capsys):
     assert _analyze(tiny_checkpoint, out, "--phases", "fisher,qkov", "--qkov-contraction", "pallas", "--save-sample-grads", *flags) == 0
     pair = json.loads((out / "results.json").read_text())["qkov"]["pairs"]["add|words"]
     assert pair["kernel"]["contraction"] == "pallas" and {k: pair["options"][k] for k in score} == score
+    assert pair["both_directions_in_one_pass"] is True  # two small tasks on one device: the shared pass
     add, words = (io.load_task_fisher(out / "fisher_state" / name) for name in ("add", "words"))
     expected = qkov.heatmap(add, words, load_pretrained(tiny_checkpoint / "model").layout, progress=False, **score).scores
     found, expected = np.load(out / "qkov.npz")["add|words|scores"].astype(np.float64), np.asarray(expected, np.float64)
@@ -317,6 +318,7 @@ def test_kfac_qkov_variant_from_the_command_line(tiny_checkpoint, tmp_path):
     assert _analyze(tiny_checkpoint, out, "--phases", "fisher,qkov", "--save-sample-grads", "--qkov-variant", "kfac") == 0
     pair = json.loads((out / "results.json").read_text())["qkov"]["pairs"]["add|words"]
     assert pair["options"]["variant"] == "kfac" and "diagonal Fisher" in pair["permutation_test"]["skipped"]
+    assert pair["both_directions_in_one_pass"] is False  # K-FAC scores each direction with its own task's factors
     model = load_pretrained(tiny_checkpoint / "model")
     add, words = (io.load_task_fisher(out / "fisher_state" / name) for name in ("add", "words"))
     task = load_task(tiny_checkpoint / "add.jsonl", model.tokenizer, name="add")

@@ -914,6 +914,7 @@ def test_both_ways_are_the_separate_calls_from_one_formation(family, kind, compu
     for budget, shared in ((2e9, True), (grouped, True), (1e4, False)):
         formed.clear(), narrow.clear()
         ways = list(qkov.both_ways(A, B, layout, n_permutations=300, seed=3, split_seed=1, memory_budget_bytes=budget, **options))
+        assert all(way.shared == shared for way in ways)
         if shared:  # each sample formed once: as many (sample, layer) pieces as kernels (groups of heads form a share of a piece)
             assert sum(formed) == pytest.approx(kernels * (len(A) + len(B)) * layout.num_layers), budget
             assert any(narrow) == (budget == grouped)
@@ -939,8 +940,9 @@ def test_both_ways_are_the_separate_calls_from_one_formation(family, kind, compu
     assert qkov.formed_once(len(A), len(B), layout, host_bytes=sums / _tiles.SHARED_HOST_SHARE, kernel=kernel)
     assert not qkov.formed_once(len(A), len(B), layout, host_bytes=(sums - 1) / _tiles.SHARED_HOST_SHARE, kernel=kernel)
     formed.clear()
-    list(qkov.both_ways(A, B, layout, n_permutations=50, split_seed=1, host_bytes=(sums - 1) / _tiles.SHARED_HOST_SHARE,
-                        memory_budget_bytes=2e9, **options))
+    ways = list(qkov.both_ways(A, B, layout, n_permutations=50, split_seed=1, host_bytes=(sums - 1) / _tiles.SHARED_HOST_SHARE,
+                               memory_budget_bytes=2e9, **options))
+    assert not any(way.shared for way in ways)
     assert sum(formed) > 3 * kernels * (len(A) + len(B)) * layout.num_layers
     # A direction without its test, and the curvature variant refused.
     ways = list(qkov.both_ways(A, B, layout, test=(False, True), n_permutations=50, **options))

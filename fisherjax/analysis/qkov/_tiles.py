@@ -568,7 +568,7 @@ class SharedPart(NamedTuple):
 
 
 def shared_parts(layout: ModelLayout, kinds: BlockKinds, samples: int, weight_sets: int, copies: int, budget: float,
-                 scores_bytes: float = 0.0, host_bytes: float | None = None) -> list[SharedPart] | None:
+                 scores_bytes: float, host_bytes: float | None) -> list[SharedPart] | None:
     """How :func:`shared_raw_scores` walks the slices ``kinds`` with ``samples`` stored samples on
     the device at once: all the parts together in chunks of :func:`shared_layer_chunk` layers when
     one layer fits, else each :func:`leaf_groups` part in turn, in the groups of the most kv heads
@@ -599,18 +599,20 @@ def shared_raw_scores(
 ) -> list[dict[str, np.ndarray]] | None:
     """:func:`raw_scores` of several requests over all layers — ``[{block: [layer, n_a, n_b,
     heads]}]`` in their order, float32, or for a :attr:`Request.columns` request the sums over
-    its rows ``[layer, 1, n_b, heads]``, float64 (each tile's rows summed as it comes) — forming each stored sample once (per layer chunk, part and group
-    of heads: each a share of its columns), where :func:`raw_scores` reads a sample once per
-    request (and a kept token factor is formed on each read). A task pair's two heatmaps and two
+    its rows ``[layer, 1, n_b, heads]``, float64 (each tile's rows summed as it comes) — forming
+    each stored sample once (per layer chunk, part and group of heads: each a share of its
+    columns), where :func:`raw_scores` reads a sample once per request (and a kept token factor
+    is formed on each read). A task pair's two heatmaps and two
     held-out permutation tests read each task's samples in six score arrays; here each is formed
     once.
 
     Every stored array the requests read (:func:`~._operands.side_of`) is cut into
     :func:`atoms` of the positions its requests read; per layer chunk each atom is put on the device
     once (:func:`device_leaves`), and each request is the products of its A atoms with its B atoms,
-    written into its rows and columns (or added to its column sums). The layer chunk is the most layers whose atoms, one weight
-    set per prepared Fisher and the kernel's working copies fit the tile budget; where not even one
-    layer fits, the parts and groups of heads of :func:`shared_parts`. ``None`` when not even one
+    written into its rows and columns (or added to its column sums). The layer chunk is the most
+    layers whose atoms, one weight set per prepared Fisher and the kernel's working copies fit the
+    tile budget; where not even one layer fits, the parts and groups of heads of
+    :func:`shared_parts`. ``None`` when not even one
     kv head of a part's layer fits, or when the requests' sums together do not fit the host
     memory ``host_bytes`` available (:func:`shared_scores_fit`; then the caller reads request by
     request).

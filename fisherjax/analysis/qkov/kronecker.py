@@ -414,8 +414,7 @@ def finish(raw: dict[str, np.ndarray], prep: Prepared, layout: ModelLayout, scor
            b_positions: np.ndarray) -> Float[np.ndarray, "block layer n_a n_b heads"]:
     """``[block, layer, n_a, n_b, head]``: ``s_j`` applied, divided by ``D`` for
     ``aggregate="mean"``, K/V gathered to query heads (:func:`~._scores.assemble`, which consumes
-    ``raw``); a non-finite
-    score is a :class:`~fisherjax.errors.NumericalError`."""
+    ``raw``); a non-finite score is a :class:`~fisherjax.errors.NumericalError`."""
     scores = assemble(raw, prep.scale_b[b_positions], prep.slice_sizes, layout.kv_head_of, score.aggregate)
     bad = first_non_finite(scores)
     if bad is not None:

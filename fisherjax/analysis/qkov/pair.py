@@ -40,6 +40,9 @@ class Way(NamedTuple):
     """:func:`~fisherjax.analysis.qkov.heatmap` ``(A, B)``."""
     test: PermutationResult | None
     """:func:`~fisherjax.analysis.qkov.heldout_permutation_test` ``(A, B)``, where asked for."""
+    shared: bool = False
+    """Whether it came from the pass that forms each stored sample once for both directions
+    (:func:`formed_once`), not from the separate calls."""
 
 
 def both_ways(
@@ -94,7 +97,7 @@ def both_ways(
             result = heatmap(a, b, layout, score=score, kernel=kernel, progress=progress)
             found = (heldout_permutation_test(a, b, layout, fraction=fraction, split_seed=split_seed, score=score, kernel=kernel,
                                               progress=progress, **options) if tests[k] else None)
-            yield Way(result, found)
+            yield Way(result, found, shared=False)
         return
     requests = []
     for k in (0, 1):
@@ -116,7 +119,7 @@ def both_ways(
         result = result_from_scores(requests[at].prep, next(arrays), layout, score)
         found = permutation_of_means(next(arrays), next(arrays), layout, **options) if tests[k] else None
         at += 3 if tests[k] else 1
-        yield Way(result, found)
+        yield Way(result, found, shared=shared is not None)
         del result, found  # the caller's, once it has read them: the next direction is finished without them
 
 
