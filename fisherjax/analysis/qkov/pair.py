@@ -67,7 +67,9 @@ def both_ways(
     says so (``(A ← B, B ← A)``): the :class:`Way` of A ← B, then that of B ← A.
 
     The same values as ``heatmap(A, B)``, ``heldout_permutation_test(A, B, fraction=, split_seed=,
-    ...)`` and the same with A and B swapped (up to float32 summation order). Every array is
+    ...)`` and the same with A and B swapped, up to float32 summation order (a p-value can then
+    move by ``1 / (n_permutations + 1)`` where the observed statistic lies within that rounding
+    of a null value). Every array is
     computed in one pass that forms each stored sample once (:func:`~._scores.shared_scores`)
     when one layer of it, or of a group of heads of each part, fits the kernel's tile budget and
     its sums fit :data:`~._tiles.SHARED_HOST_SHARE` of the host memory available (``host_bytes``;
