@@ -272,10 +272,13 @@ def test_gram_sums_column_slices(monkeypatch):
     np.testing.assert_allclose(np.abs(np.sum(np.asarray(eigen.vectors) * vectors[:, ::-1][:, :3], axis=0)), 1.0, atol=1e-4)
     assert np.all(eigen.residuals <= 1e-4 * eigen.values[0]) and np.all(eigen.residuals > 0)
     # the residuals are those of the float32 vectors returned, ‖F v − λ v‖ (float64 here): both are
-    # float32 rounding, so they agree in size, not in digits
+    # float32 rounding, so they agree in size, not in digits. They never understate it; the computed
+    # one also carries the rounding of G̃ v in float32, a few ε₃₂ λ₁ (on an AVX2 CPU 1.2e-3 where
+    # the float64 residual was 3.0e-4, with ε₃₂ λ₁ = 3.3e-4)
     v = np.asarray(eigen.vectors, np.float64)
     exact = np.linalg.norm(g.astype(np.float64).T @ (g.astype(np.float64) @ v) - v * eigen.values, axis=0)
-    assert np.all(eigen.residuals < 3 * exact) and np.all(eigen.residuals > exact / 3), (eigen.residuals, exact)
+    rounding = 8 * np.finfo(np.float32).eps * eigen.values[0]
+    assert np.all(eigen.residuals < 3 * exact + rounding) and np.all(eigen.residuals > exact / 3), (eigen.residuals, exact)
 
 
 def test_bfloat16_gradients_give_the_pairs_of_their_rounded_values(compared, monkeypatch):
