@@ -857,8 +857,10 @@ def format_plan(p: Plan) -> str:
                             + ("(both directions of a pair in one pass: each sample once, a fit half once more for its Fisher)"
                                if p.phase6_one_pass else "(one direction at a time: each score array its samples once, its partner as "
                                                          "often as it forms it)")
-                            + f"; scores of {_bytes(p.phase6_scores_bytes)} per ordered pair (the host holds twice that while "
-                              f"forming them), {_bytes(p.phase6_output_bytes)} in qkov.npz"),
+                            + f"; scores of {_bytes(p.phase6_scores_bytes)} per ordered pair ("
+                            + ("the host holds both directions', twice that, and half of one again while finishing them"
+                               if p.phase6_one_pass else "the host holds one direction's, and half that again while finishing them")
+                            + f"), {_bytes(p.phase6_output_bytes)} in qkov.npz"),
         ("total", f"≈ {_duration(p.total_seconds)} of device compute"
                   + ("" if p.curvature.skip is None else " (without the method comparison, which the default run skips)")
                   + f", and ≈ {_duration(p.phase5_test_core_seconds)} of one host core's time for Phase 5's tests "

@@ -117,6 +117,7 @@ def test_storage_and_work_are_the_formulas(tiny, base, tmp_path):
     assert big.phase6_flops == 2 * (qkov.flops(n, n, layout) + qkov.flops(n - held, n, layout) + qkov.flops(n - held, held, layout)) > 0
     assert big.phase6_seconds == big.phase6_flops / (2e12 * 4) and not big.throughput_assumed
     assert not big.phase6_one_pass and "one direction at a time" in format_plan(big)  # a mesh scores each direction alone
+    assert "the host holds one direction's" in format_plan(big)
     assert big.storage_bytes_per_device == 4 * 2 * kept * 4 and big.global_micro_batch == 4 * big.micro_batch
 
     # Phase 5's reads: by parameter slice (on one device or a mesh) each task once per pair; in
@@ -159,6 +160,7 @@ def test_kernels_kept_as_token_factors_change_storage_step_and_work(tiny):
     # here): each task's samples formed once, and its fit half once more for that half's Fisher
     assert qkov.formed_once(n, n, layout)
     assert factored.phase6_one_pass and "both directions of a pair in one pass" in format_plan(factored)
+    assert "the host holds both directions', twice that, and half of one again" in format_plan(factored)
     assert factored.phase6_reform_flops == qkov_sample_reads(n, 2, 8, formed_once=True) * reform == 2 * (n + 8) * reform
     # read by separate heatmaps and tests, every score array forms what it reads: A its rows (and
     # the fit half once for that half's Fisher), the partner once per chunk of rows

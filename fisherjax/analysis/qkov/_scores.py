@@ -27,16 +27,18 @@ def assemble(raw, scale_b, slice_sizes, kv, aggregate: str, xp=np, dtype=np.floa
     [layer, n_a, n_b, heads_of_block]}``, ``scale_b``: ``[n_b]``), divided by the slice size for
     ``aggregate="mean"``, K/V gathered to query heads (``kv``); ``xp``: numpy or jax.numpy. On the
     host each block is written in place into the result (``dtype``; float32 unless column sums
-    are finished) and then dropped from ``raw``, which is consumed: the result's pages are taken
-    as it is written, so the sums and the scores are held together a block at a time, not twice
-    whole — a 7B model's scores at 1000 × 1000 samples are 17 GB, and a shared pass finishes two."""
+    are finished) and then dropped from ``raw``, which is consumed (Q and O are scaled in place):
+    the result's pages are taken as it is written, so finishing holds the scores and about half
+    that again (a block being gathered and written), where it held them twice and a block — a 7B
+    model's scores at 1000 × 1000 samples are 17 GB, and a shared pass finishes two."""
     if xp is np:
         heads = raw[ATTENTION_BLOCKS[0]].shape[-1]
         out = np.empty((len(ATTENTION_BLOCKS), *raw[ATTENTION_BLOCKS[0]].shape[:-1], heads), dtype)
         for n, block in enumerate(ATTENTION_BLOCKS):  # in raw's dtype, rounded to the result's once, as below
             sums = raw.pop(block)
-            value = (sums[..., kv] if block in ("k", "v") else sums) * scale_b[None, None, :, None]
+            value = sums[..., kv] if block in ("k", "v") else sums  # the gather copies; Q and O are scaled in place
             del sums
+            np.multiply(value, scale_b[None, None, :, None], out=value, casting="same_kind")
             if aggregate == "mean":
                 np.divide(value, np.float32(slice_sizes[n]), out=out[n], casting="same_kind")
             else:
