@@ -443,8 +443,7 @@ def raw_scores(
     a_side: Side = side_of(prep.a, "a", score.variant)
     b_side: Side = side_of(prep.b, "b", score.variant)
     n_a, n_b, n_l = len(a_positions), len(b_positions), len(layers)
-    out = {block: np.zeros((n_l, 1, n_b, layout.heads_of(block)), np.float64) if columns
-           else np.zeros((n_l, n_a, n_b, layout.heads_of(block)), np.float32) for block in ATTENTION_BLOCKS}
+    out = empty_sums(layout, n_l, n_a, n_b, columns)
     if n_a == 0 or n_b == 0:
         return out
     parts = plan_parts(prep, layout, score, kernel, n_a, n_b, n_l)
@@ -508,6 +507,14 @@ def shared_scores_bytes(n_a: int, n_b: int, layout: ModelLayout, columns: bool =
     with ``columns`` float64 ``{block: [layer, 1, n_b, heads]}`` (query heads for every block: the
     finished scores' size, an upper bound on the sums under grouped-query attention)."""
     return (8 if columns else 4 * n_a) * layout.num_layers * n_b * layout.num_heads * len(ATTENTION_BLOCKS)
+
+
+def empty_sums(layout: ModelLayout, n_l: int, n_a: int, n_b: int, columns: bool) -> dict[str, np.ndarray]:
+    """Zeroed slice sums of ``n_l`` layers: float32 ``{block: [layer, n_a, n_b, heads_of_block]}``,
+    or with ``columns`` their float64 sums over A's rows ``[layer, 1, n_b, heads_of_block]``
+    (:func:`shared_scores_bytes` bounds their size)."""
+    rows, dtype = (1, np.float64) if columns else (n_a, np.float32)
+    return {block: np.zeros((n_l, rows, n_b, layout.heads_of(block)), dtype) for block in ATTENTION_BLOCKS}
 
 
 def row_sums(tile) -> np.ndarray:
@@ -632,9 +639,7 @@ def shared_raw_scores(
                         kernel.budget_bytes(), scores_bytes, host_bytes)
     if plan is None or any(not len(r.a_positions) or not len(r.b_positions) for r in requests):
         return None
-    out = [{block: np.zeros((n_l, 1, len(r.b_positions), layout.heads_of(block)), np.float64) if r.columns
-            else np.zeros((n_l, len(r.a_positions), len(r.b_positions), layout.heads_of(block)), np.float32) for block in ATTENTION_BLOCKS}
-           for r in requests]
+    out = [empty_sums(layout, n_l, len(r.a_positions), len(r.b_positions), r.columns) for r in requests]
 
     def inside(part, positions):  # the part's rows in a request's positions, when the part is one of its parts
         at = np.searchsorted(positions, part)
