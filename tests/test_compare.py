@@ -134,34 +134,46 @@ def test_the_comparison_runs_by_the_parameter_and_memory_rule():
     assert curvature_skip(small, 150.0, 100.0, forced=False, least=101.0) == "memory"
 
 
+def _curvature_context(checkpoint, **options):
+    """What ``analyze --phases fisher,curvature`` on the ``add`` task reads in the curvature phase
+    (it reads no Phase 1 Fisher): the config, model, tasks and batches."""
+    from fisherjax import pipeline
+
+    config = pipeline.AnalysisConfig(model=checkpoint / "model", tasks=(("add", checkpoint / "add.jsonl"),), progress=False, **options)
+    model, tasks = pipeline.load_inputs(config)
+    return pipeline.Context(config, model, tasks, pipeline.task_batches(model, tasks, config), {})
+
+
 def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, monkeypatch):
-    """Models above the limit are skipped unless --curvature is given; the full section is checked on
-    the demo by tests/test_cli.py, which runs every phase."""
+    """Models above the limit are skipped unless --curvature is given, and so is a comparison that
+    would not fit the free memory, with the reason and what to pass; the full section is checked
+    on the demo by tests/test_cli.py, which runs every phase. The command line runs where it decides
+    (the parameter limit, --curvature); the memory rule's reasons are read from the phase itself."""
+    import dataclasses
+
     from fisherjax import pipeline
     from fisherjax.cli import main
-    from fisherjax.models import load_pretrained
 
     args = ["analyze", "--model", str(cli_checkpoint / "model"), "--task", f"add={cli_checkpoint / 'add.jsonl'}",
             "--no-progress", "--no-compilation-cache", "--phases", "fisher,curvature", "--max-samples", "6"]
     monkeypatch.setattr(pipeline, "CURVATURE_AUTO_PARAMETERS", 10)
-    real = pipeline.compare.compare_methods
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     skipped = json.loads((tmp_path / "b" / "results.json").read_text())["method_comparison"]
     assert "--curvature" in skipped["skipped"]
     assert "Skipped:" in (tmp_path / "b" / "report.md").read_text()
     # below the parameter limit, but its Lanczos basis (6 samples < k = 10: no Gram route) would take more than half the free memory
     monkeypatch.setattr(pipeline, "CURVATURE_AUTO_PARAMETERS", 10**12)
-    need = pipeline.compare.peak_bytes(load_pretrained(cli_checkpoint / "model"), 10, n=6, sample_grads_dtype="bfloat16")
+    ctx = _curvature_context(cli_checkpoint, max_samples=6)
+    forced = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, curvature=True))
+    need = pipeline.compare.peak_bytes(ctx.model, 10, n=6, sample_grads_dtype="bfloat16")
     monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: int(1.5 * need))
-    assert main([*args, "--out", str(tmp_path / "m")]) == 0
-    reason = json.loads((tmp_path / "m" / "results.json").read_text())["method_comparison"]["skipped"]
+    reason = pipeline.phase_curvature(ctx, tmp_path).json["skipped"]
     assert re.search(r"Lanczos basis \(30 vectors of [\d,]+ parameters, [\d.]+ GB; with K-FAC's factors and model-sized vectors, "
                      r"[\d.]+ GB\) would take more than 50% of the memory still free \([\d.]+ GB\); pass --curvature to run it anyway, "
                      r"or a smaller --curvature-k", reason), reason
     # more than all of it: --curvature would not help, and is not offered
     monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: 1000)
-    assert main([*args, "--out", str(tmp_path / "n")]) == 0
-    reason = json.loads((tmp_path / "n" / "results.json").read_text())["method_comparison"]["skipped"]
+    reason = pipeline.phase_curvature(ctx, tmp_path).json["skipped"]
     assert reason.endswith("would take more than the memory still free (0.0 GB); pass a smaller --curvature-k"), reason
     calls = []
 
@@ -172,8 +184,7 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
     monkeypatch.setattr(pipeline.compare, "compare_methods", fake)
     # --curvature asks for it whatever share of the free memory it takes, but not for more than is free
     with pytest.warns(UserWarning, match="method comparison skipped"):
-        assert main([*args, "--out", str(tmp_path / "d"), "--curvature"]) == 0
-    reason = json.loads((tmp_path / "d" / "results.json").read_text())["method_comparison"]["skipped"]
+        reason = pipeline.phase_curvature(forced, tmp_path).json["skipped"]
     assert "more than the memory still free (0.0 GB), even with --curvature; pass a smaller --curvature-k" in reason, reason
     assert not calls
     monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: 10**9)  # enough for it
@@ -183,26 +194,44 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
     assert not (tmp_path / "c").exists()  # a failed run leaves no output directory
     # the Gram route (5 samples ≥ k = 3) with less free memory than its gradients whole: a default run
     # skips it and offers --curvature, which runs it in column slices within all the free memory
-    model = load_pretrained(cli_checkpoint / "model")
+    model = ctx.model
     whole = pipeline.compare.peak_bytes(model, 3, n=5, sample_grads_dtype="bfloat16")
     least = pipeline.compare.least_bytes(model, 3, n=5, sample_grads_dtype="bfloat16")
     free = (whole + least) // 2
     monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: free)
-    small = [*args[:-2], "--max-samples", "5", "--curvature-samples", "5", "--curvature-k", "3"]
-    assert main([*small, "--out", str(tmp_path / "s")]) == 0
-    reason = json.loads((tmp_path / "s" / "results.json").read_text())["method_comparison"]["skipped"]
+    small = _curvature_context(cli_checkpoint, max_samples=5, curvature_samples=5, curvature_k=3)
+    reason = pipeline.phase_curvature(small, tmp_path).json["skipped"]
     assert "pass --curvature to run it anyway (in column slices of the gradients), or a smaller --curvature-samples" in reason, reason
     memory = []
+
     def recording(model, batches, **kwargs):
         memory.append(kwargs["memory_bytes"])
         return fake(model, batches, **kwargs)
 
     monkeypatch.setattr(pipeline.compare, "compare_methods", recording)
     with pytest.raises(RuntimeError, match="ran"):
-        main([*small, "--out", str(tmp_path / "t"), "--curvature"])
+        pipeline.phase_curvature(dataclasses.replace(small, config=dataclasses.replace(small.config, curvature=True)), tmp_path)
     assert memory == [free] and pipeline.compare.gram_slices(model, 5, "bfloat16", free) is not None
-    monkeypatch.setattr(pipeline.compare, "compare_methods", real)  # and the comparison itself, in those slices
-    assert main([*small, "--out", str(tmp_path / "u"), "--curvature"]) == 0
+
+
+# Slow: the comparison in column slices and groups of parameters is checked against the held one by
+# test_the_comparison_without_its_gradients_whole and test_the_grouped_stage_equals_the_held_one, and
+# the command line's memory (all the free memory with --curvature) by the test above.
+@pytest.mark.slow
+def test_the_command_line_runs_the_comparison_in_column_slices(cli_checkpoint, tmp_path, monkeypatch):
+    """``--curvature`` with less free memory than the Gram route's gradients whole: the run
+    compares the methods in column slices of them, then by groups of parameters, and says so."""
+    from fisherjax import pipeline
+    from fisherjax.cli import main
+    from fisherjax.models import load_pretrained
+
+    model = load_pretrained(cli_checkpoint / "model")
+    whole = pipeline.compare.peak_bytes(model, 3, n=5, sample_grads_dtype="bfloat16")
+    least = pipeline.compare.least_bytes(model, 3, n=5, sample_grads_dtype="bfloat16")
+    monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: (whole + least) // 2)
+    assert main(["analyze", "--model", str(cli_checkpoint / "model"), "--task", f"add={cli_checkpoint / 'add.jsonl'}", "--no-progress",
+                 "--no-compilation-cache", "--phases", "fisher,curvature", "--max-samples", "5", "--curvature-samples", "5",
+                 "--curvature-k", "3", "--out", str(tmp_path / "u"), "--curvature"]) == 0
     section = json.loads((tmp_path / "u" / "results.json").read_text())["method_comparison"]
     assert "skipped" not in section and "formed before K-FAC in" in json.dumps(section), section
     assert re.search(r"then by \d+ groups? of parameters", json.dumps(section)), section
@@ -482,7 +511,7 @@ def test_the_grouped_stage_equals_the_held_one(family, monkeypatch):
     passes: K-FAC's spectrum, slice tops, probe errors and Rayleigh quotients as with everything held."""
     from fisherjax.curvature import groups
 
-    model = Model.init(tiny_config(family, num_layers=2), seed=1)
+    model = Model.init(tiny_config(family, num_layers=2, intermediate_size=16), seed=1)
     held = compare.compare_methods(model, _batches(), k=4, probes=2, count=6)
     parts = groups.parameter_groups(model, groups.least_group_bytes(model))
     assert len(parts) > 3 and any(g.ranges for g in parts)
