@@ -145,20 +145,20 @@ def qkov_tested(n: int, needed: int) -> bool:
 
 
 def qkov_pair_flops(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool, min_samples: int) -> float:
-    """One ordered pair's Phase 6 GEMMs: the heatmap and the permutation test's two score arrays
-    (fit half ``f`` of A against B and against the held-out half ``h``):
+    """One ordered pair's Phase 6 GEMMs: the heatmap and the permutation test's two score rows (the
+    mean row of A's fit half ``f``, :func:`fisherjax.analysis.qkov.permutation_test`, against B and against
+    the held-out half ``h``):
 
-        flops(n_a, n_b) + flops(f, n_b) + flops(f, h)
+        flops(n_a, n_b) + flops(1, n_b) + flops(1, h)
 
     with :func:`fisherjax.analysis.qkov.flops`, ``h = round(HELDOUT · n_a)``, ``f = n_a − h``; nothing
     below ``min_samples`` (the test alone when ``f`` is), as ``analyze`` skips them."""
     if n_a < min_samples:
         return 0.0
     held = int(round(HELDOUT * n_a))
-    fit = n_a - held
     work = qkov.flops(n_a, n_b, layout, include_bias)
-    if fit >= min_samples:
-        work += qkov.flops(fit, n_b, layout, include_bias) + qkov.flops(fit, held, layout, include_bias)
+    if n_a - held >= min_samples:
+        work += qkov.flops(1, n_b, layout, include_bias) + qkov.flops(1, held, layout, include_bias)
     return work
 
 
@@ -167,7 +167,9 @@ def qkov_pair_reads(n_a: int, n_b: int, min_samples: int, diagonal: bool = True,
     """Samples of A and of B one ordered pair of Phase 6 reads from the kept-gradient storage. A's
     samples are read once for the Fisher of those kept samples — in the heatmap only without Phase
     1's full ``diagonal`` (with it, the heatmap weighs by that diagonal), in the permutation test's
-    fit half ``f`` always. Then:
+    fit half ``f`` always (that read is also the test's mean row,
+    :func:`fisherjax.analysis.qkov.permutation_test`, in the variants whose row is the Fisher, the
+    default; the signed and symmetric ones read ``f`` once more: not counted). Then:
 
     * ``formed_once`` (:func:`fisherjax.analysis.qkov.formed_once`: the pair's two directions
       computed together by :func:`~fisherjax.analysis.qkov.both_ways`, which forms each sample
@@ -175,12 +177,13 @@ def qkov_pair_reads(n_a: int, n_b: int, min_samples: int, diagonal: bool = True,
 
           A: n_a + (n_a without the diagonal) + f        B: 0
 
-    * else each score array (:func:`qkov_pair_flops`: ``n_a × n_b``, ``f × n_b``, ``f × h`` with
-      the held-out half ``h`` of A as partner) reads its rows once and its partner ``r(x, y)``
-      times (``partner_reads``, :func:`fisherjax.analysis.qkov.partner_reads`: once when the
-      partner fits one tile, else once per chunk of rows; 1 by default, the least):
+    * else the heatmap (``n_a × n_b``) reads its rows once and its partner ``r(n_a, n_b)`` times
+      (``partner_reads``, :func:`fisherjax.analysis.qkov.partner_reads`: once when the partner
+      fits one tile, else once per chunk of rows; 1 by default, the least), and the test's two
+      score rows (:func:`qkov_pair_flops`: the mean row against B and against the held-out half
+      ``h`` of A) read their partners once:
 
-          A: n_a + (n_a without the diagonal) + 3f + h · r(f, h)        B: n_b · (r(n_a, n_b) + r(f, n_b))
+          A: n_a + (n_a without the diagonal) + f + h        B: n_b · (r(n_a, n_b) + 1)
 
     the terms in ``f`` and ``h`` only where the test runs (``f ≥ min_samples``).
     """
@@ -194,7 +197,7 @@ def qkov_pair_reads(n_a: int, n_b: int, min_samples: int, diagonal: bool = True,
         return float(own + (fit if tested else 0)), 0.0
     if not tested:
         return float(own), float(n_b * partner_reads(n_a, n_b))
-    return float(own + 3 * fit + held * partner_reads(fit, held)), float(n_b * (partner_reads(n_a, n_b) + partner_reads(fit, n_b)))
+    return float(own + fit + held), float(n_b * (partner_reads(n_a, n_b) + 1))
 
 
 def reform_flops(factored: Iterable[tuple[tuple[int, ...], int]]) -> float:

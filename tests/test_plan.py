@@ -114,7 +114,8 @@ def test_storage_and_work_are_the_formulas(tiny, base, tmp_path):
     assert base.phase6_flops == 0  # below qkov's min_fisher_samples (8) Phase 6 is skipped, as analyze does
     big = plan(tiny, samples=16, seq_len=SEQ, devices=4, device_memory_gb=80, throughput_tflops=2.0)
     n, held = 16, 8
-    assert big.phase6_flops == 2 * (qkov.flops(n, n, layout) + qkov.flops(n - held, n, layout) + qkov.flops(n - held, held, layout)) > 0
+    # the heatmap, and the permutation test's mean row of the fit half against B and against the held-out half
+    assert big.phase6_flops == 2 * (qkov.flops(n, n, layout) + qkov.flops(1, n, layout) + qkov.flops(1, held, layout)) > 0
     assert big.phase6_seconds == big.phase6_flops / (2e12 * 4) and not big.throughput_assumed
     assert not big.phase6_one_pass and "one direction at a time" in format_plan(big)  # a mesh scores each direction alone
     assert "the host holds one direction's" in format_plan(big)
@@ -162,12 +163,13 @@ def test_kernels_kept_as_token_factors_change_storage_step_and_work(tiny):
     assert factored.phase6_one_pass and "both directions of a pair in one pass" in format_plan(factored)
     assert "the host holds both directions', twice that, and half of one again" in format_plan(factored)
     assert factored.phase6_reform_flops == qkov_sample_reads(n, 2, 8, formed_once=True) * reform == 2 * (n + 8) * reform
-    # read by separate heatmaps and tests, every score array forms what it reads: A its rows (and
-    # the fit half once for that half's Fisher), the partner once per chunk of rows
-    assert qkov_sample_reads(n, 2, 8) == 2 * ((n + 3 * 8 + 8) + 2 * n)
-    assert qkov_sample_reads(n, 2, 8, partner_reads=lambda x, y: 3) == 2 * ((n + 3 * 8 + 3 * 8) + 2 * 3 * n)
+    # read by separate heatmaps and tests, every score array forms what it reads: the heatmap A's
+    # rows and its partner once per chunk of rows; the test the fit half once (its Fisher, which is
+    # its mean row) and its mean row's partners, B and the held-out half, once
+    assert qkov_sample_reads(n, 2, 8) == 2 * ((n + 8 + 8) + 2 * n)
+    assert qkov_sample_reads(n, 2, 8, partner_reads=lambda x, y: 3) == 2 * ((n + 8 + 8) + (3 + 1) * n)
     # without Phase 1's full diagonal the heatmap forms A's kept samples once more for their Fisher
-    assert qkov_sample_reads(n, 2, 8, diagonal=False) == 2 * ((2 * n + 3 * 8 + 8) + 2 * n)
+    assert qkov_sample_reads(n, 2, 8, diagonal=False) == 2 * ((2 * n + 8 + 8) + 2 * n)
     assert qkov_sample_reads(n, 2, 8, diagonal=False, formed_once=True) == 2 * (2 * n + 8)
     # not even one layer of the shared pass fits: direction by direction
     assert not qkov.formed_once(n, n, layout, kernel=qkov.KernelOptions(memory_budget_bytes=1e3))

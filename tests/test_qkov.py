@@ -18,7 +18,7 @@ from conftest import FAMILIES, compilations, padded_batch
 
 import fisherjax
 from fisherjax.analysis import qkov
-from fisherjax.analysis.qkov import _batched, _looped, _operands, _prepare, _tiles
+from fisherjax.analysis.qkov import _batched, _looped, _operands, _prepare, _scores, _tiles
 from fisherjax.report import qkov as report_qkov
 from fisherjax.data import IGNORE, Batch
 from fisherjax.errors import ConfigError, DataError, NumericalError
@@ -814,18 +814,6 @@ def test_permutation_test_finds_planted_head_and_controls_the_rest(family, monke
                 - _reference(A, A_held, "llama", dims, layout.num_layers).mean(axis=(2, 3)))
     _close(test.observed, expected)
     assert test.significant[0, 1, 2] and test.observed[0, 1, 2] > 0
-    # The column means are summed over A's rows tile by tile, the scores never held: tiles of a few
-    # rows (the last padded with repeated rows, which must add nothing) give the same statistic.
-    summed = []
-    row_sums = _tiles.row_sums
-    monkeypatch.setattr(_tiles, "row_sums", lambda tile: summed.append(tile.shape[1]) or row_sums(tile))
-    monkeypatch.setattr(_tiles, "in_place", lambda *args: False)  # else one tile of all of A's rows
-    floats = _tiles.layer_floats(layout, False)
-    tiled = qkov.permutation_test(A, B, A_held, layout, n_permutations=500, memory_budget_bytes=4 * floats * 3 // 2, **MIN)
-    _close(tiled.observed, test.observed, rtol=1e-6)
-    np.testing.assert_array_equal(tiled.pvalues, test.pvalues)
-    assert len(A) % 7 and 6 in summed and 7 in summed  # chunks of 7 rows of A, the last one 6 and padded
-    monkeypatch.undo()
     others = np.ones_like(test.significant)
     others[0, 1, 2] = False
     assert test.significant[others].sum() <= 2
@@ -863,6 +851,36 @@ def test_bootstrap_matches_a_loop_over_replicates(family):
     np.testing.assert_allclose(interval.high, np.quantile(reps, 0.975, axis=0), rtol=1e-5)
     assert np.all(interval.low <= interval.high)
 
+
+
+# Every way a mean row is made: the Fisher itself (unsigned, natural), and each transform of a
+# stored array (signed: g, symmetric: |g|·√(1/T) derived, √C stored) or of formed token factors.
+@pytest.mark.parametrize("variant, store", [
+    ("unsigned", "derived"), ("natural", "stored"), ("signed", "stored"), ("signed", "factored"),
+    ("symmetric", "derived"), ("symmetric", "stored"), ("symmetric", "factored"),
+])
+def test_the_mean_row_scores_are_the_column_means(family, variant, store):
+    """A permutation test reads its scores' column means ``m_j = mean_i M_ij`` only, and a score is
+    linear in task A's factor, so the test scores one row, the mean of that factor over A's
+    samples (the fit half's rows, read in place): its scores are the heatmap's column means, for
+    every variant and however A's gradients are kept (contributions derived from them, stored
+    beside them, kernels as token factors)."""
+    model, _, A, B = family("gpt2")
+    layout = model.layout
+    if store == "derived":
+        A = SampleGrads(A.sample_ids, A.tokens, A.grads)
+    elif store == "factored":
+        A = _factored(SampleGrads(A.sample_ids, A.tokens, A.grads), seed=1)
+    assert A.derived == (store != "stored")
+    score = qkov.ScoreOptions(variant=variant, **MIN)
+    rows = np.array([0, 2, 3, 5])
+    whole = qkov.heatmap(A.select(rows), B, layout, score=score, contraction="batched")
+    prep = _prepare.prepare(A, B, layout, score, a_rows=rows, mean=True)
+    assert prep.mean_row and len(prep.a) == 1
+    np.testing.assert_array_equal(prep.weights["q/kernel"], _prepare.prepare(A.select(rows), B, layout, score).weights["q/kernel"])
+    for contraction in ("batched", "looped"):
+        got = _scores.all_scores(prep, layout, score, qkov.KernelOptions(contraction=contraction))[:, :, 0]
+        _close(got, whole.scores.mean(axis=2), rtol=1e-5)
 
 
 def _factored(c: SampleGrads, seq: int = 5, seed: int = 0) -> SampleGrads:
@@ -909,12 +927,13 @@ def test_both_ways_are_the_separate_calls_from_one_formation(family, kind, compu
 
     monkeypatch.setattr(FactoredGrads, "on_device", counted)
     kernels = sum(isinstance(g, FactoredGrads) for g in A.grads.values())
-    # A budget that holds one kv head of the largest part's layer for both tasks' samples, not the
-    # whole layer: the shared pass goes part by part, a group of heads at a time.
+    # A budget that holds one kv head of the largest part's layer for both tasks' samples and the
+    # tests' two mean rows, not the whole layer: the shared pass goes part by part, a group of heads
+    # at a time.
     copies = {"looped": 1, "batched": 3}[compute["contraction"]]
     largest = max(sum(np.prod(layout.spec(p).shape[1:]) for p in {layout.block_sources(b, k)[0] for b, k in group})
                   for group in _tiles.leaf_groups(layout, tuple(layout.attention_blocks())))
-    grouped = 4 * (copies * (len(A) + len(B)) + 4) * largest / layout.num_kv_heads
+    grouped = 4 * (copies * (len(A) + len(B) + 2) + 4) * largest / layout.num_kv_heads
     narrow = []
     for budget, shared in ((2e9, True), (grouped, True), (1e4, False)):
         formed.clear(), narrow.clear()
@@ -934,14 +953,14 @@ def test_both_ways_are_the_separate_calls_from_one_formation(family, kind, compu
             _close(way.test.observed, test.observed, rtol=1e-5)
             np.testing.assert_array_equal(way.test.pvalues, test.pvalues)
     # qkov.formed_once foretells the route. The pass holds both heatmaps' float32 sums and, for each
-    # test, float64 column sums of its partners (B and the held-out half): past the host's share of
+    # test, its mean row's against its partners (B and the held-out half): past the host's share of
     # that, direction by direction, whatever the tile budget.
     kernel = qkov.KernelOptions(memory_budget_bytes=2e9, **compute)
     assert qkov.formed_once(len(A), len(B), layout, kernel=kernel)
     assert not qkov.formed_once(len(A), len(B), layout, kernel=qkov.KernelOptions(memory_budget_bytes=1e4, **compute))
     cell = layout.num_layers * layout.num_heads * len(qkov.BLOCKS)
     partners = len(B) + round(len(A) / 2) + len(A) + round(len(B) / 2)
-    sums = (2 * 4 * len(A) * len(B) + 8 * partners) * cell
+    sums = (2 * 4 * len(A) * len(B) + 4 * partners) * cell
     assert qkov.formed_once(len(A), len(B), layout, host_bytes=sums / _tiles.SHARED_HOST_SHARE, kernel=kernel)
     assert not qkov.formed_once(len(A), len(B), layout, host_bytes=(sums - 1) / _tiles.SHARED_HOST_SHARE, kernel=kernel)
     formed.clear()

@@ -112,13 +112,17 @@ def form(inputs: Float[Array, "m seq d_in"], deltas: Float[Array, "m seq d_out"]
     return _formed(inputs, deltas).reshape(shape)
 
 
-@jax.jit
-def _add_weighted_squares(total: Float[Array, "*lead d_in d_out"], inputs: Float[Array, "c *lead seq d_in"],
-                          deltas: Float[Array, "c *lead seq d_out"], weights: Float[Array, " c"]) -> Float[Array, "*lead d_in d_out"]:
-    """``total + Σ_c w_c g_c²`` with ``g_c = A_cᵀ Δ_c`` formed one sample at a time (a scan)."""
+ROW_TRANSFORMS = {"identity": lambda x: x, "abs": jnp.abs, "square": jnp.square}
+"""Elementwise ``f`` of a formed gradient that :meth:`FactoredGrads.weighted_mean` averages."""
+
+
+@functools.partial(jax.jit, static_argnames="transform")
+def _add_weighted(total: Float[Array, "*lead d_in d_out"], inputs: Float[Array, "c *lead seq d_in"],
+                  deltas: Float[Array, "c *lead seq d_out"], weights: Float[Array, " c"], transform: str) -> Float[Array, "*lead d_in d_out"]:
+    """``total + Σ_c w_c f(g_c)`` with ``g_c = A_cᵀ Δ_c`` formed one sample at a time (a scan)."""
     def one(acc, xs):
         a, d, w = xs
-        return acc + w * jnp.square(_formed(a, d)), None
+        return acc + w * ROW_TRANSFORMS[transform](_formed(a, d)), None
 
     return jax.lax.scan(one, total, (inputs, deltas, weights))[0]
 
@@ -236,9 +240,14 @@ class FactoredGrads:
         return np.asarray(self.on_device(key))
 
     def weighted_square_mean(self, weights: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        """``(1/|R|) Σ_{i∈R} w_i g_i²`` over the samples ``rows`` (None: all), ``[*lead, d_in,
-        d_out]`` float32: summed on the device, one formed sample at a time, the factors moved in
-        groups of :data:`FACTOR_BYTES`."""
+        """``(1/|R|) Σ_{i∈R} w_i g_i²`` over the samples ``rows`` (None: all): :meth:`weighted_mean`
+        of the squares."""
+        return self.weighted_mean(weights, rows, "square")
+
+    def weighted_mean(self, weights: np.ndarray, rows: np.ndarray | None = None, transform: str = "identity") -> np.ndarray:
+        """``(1/|R|) Σ_{i∈R} w_i f(g_i)`` over the samples ``rows`` (None: all), ``f`` a
+        :data:`ROW_TRANSFORMS` entry, ``[*lead, d_in, d_out]`` float32: summed on the device, one
+        formed sample at a time, the factors moved in groups of :data:`FACTOR_BYTES`."""
         rows = np.arange(len(self)) if rows is None else np.asarray(rows, np.int64)
         weights = np.asarray(weights, np.float32)
         per_sample = int(np.prod(self.inputs.shape[1:-1])) * (self.shape[-2] * self.inputs.itemsize + self.shape[-1] * self.deltas.itemsize)
@@ -251,7 +260,7 @@ class FactoredGrads:
                 w = np.concatenate([w, np.zeros(step - len(index), np.float32)])
                 index = np.concatenate([index, np.full(step - len(index), index[-1])])
             a, d = self._factors((index,))
-            total = _add_weighted_squares(total, jax.device_put(a), jax.device_put(d), jnp.asarray(w))
+            total = _add_weighted(total, jax.device_put(a), jax.device_put(d), jnp.asarray(w), transform)
         return np.asarray(total) / np.float32(max(len(rows), 1))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:

@@ -67,18 +67,23 @@ class DerivedContributions(Mapping):
         return len(self._grads)
 
 
-def _weighted_row_mean(x: np.ndarray, weights: np.ndarray, rows: np.ndarray | None = None, square: bool = True) -> np.ndarray:
-    """``mean_i w_i · x_i²`` (``mean_i w_i · x_i`` without ``square``) over the leading axis, or
-    over the positions ``rows``, in float32, read row by row into one sample-sized scratch buffer
+ROW_TRANSFORMS = {"identity": None, "abs": np.abs, "square": np.square, "sqrt": np.sqrt}
+"""Elementwise ``f`` of a stored row that :func:`weighted_row_mean` averages."""
+
+
+def weighted_row_mean(x: np.ndarray, weights: np.ndarray, rows: np.ndarray | None = None, transform: str = "square") -> np.ndarray:
+    """``mean_i w_i · f(x_i)`` over the leading axis, or over the positions ``rows``, ``f`` a
+    :data:`ROW_TRANSFORMS` entry, in float32, read row by row into one sample-sized scratch buffer
     (no ``[n, ...]`` temporary, no copy of the selected rows)."""
     total = np.zeros(x.shape[1:], np.float32)
     scratch = np.empty_like(total)
     rows = range(len(x)) if rows is None else rows
+    f = ROW_TRANSFORMS[transform]
     for i in rows:
-        if square:
-            np.square(x[i], out=scratch, dtype=np.float32)
-        else:
+        if f is None:
             scratch[...] = x[i]
+        else:
+            f(x[i], out=scratch, dtype=np.float32)
         scratch *= weights[i]
         total += scratch
     return total / max(len(rows), 1)
@@ -171,9 +176,9 @@ class SampleGrads:
         if not self.derived:
             if rows is None:
                 return {p: np.mean(self.stored_contributions[p], axis=0, dtype=np.float32) for p in paths}
-            return {p: _weighted_row_mean(self.stored_contributions[p], np.ones(len(self)), rows, square=False) for p in paths}
+            return {p: weighted_row_mean(self.stored_contributions[p], np.ones(len(self)), rows, "identity") for p in paths}
         inv_tokens = self.contributions.inv_tokens
-        return {p: g.weighted_square_mean(inv_tokens, rows) if isinstance(g := self.grads[p], FactoredGrads) else _weighted_row_mean(g, inv_tokens, rows)
+        return {p: g.weighted_square_mean(inv_tokens, rows) if isinstance(g := self.grads[p], FactoredGrads) else weighted_row_mean(g, inv_tokens, rows)
                 for p in paths}
 
 

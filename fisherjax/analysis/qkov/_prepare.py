@@ -11,12 +11,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fisherjax.analysis.qkov._operands import BlockKinds, block_kinds, slice_key
+from fisherjax.analysis.qkov._operands import BlockKinds, Side, block_kinds, side_of, slice_key
 from fisherjax.analysis.qkov.options import ScoreOptions
 from fisherjax.analysis.qkov.results import SliceDiagnostics
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.pool import pool_fisher, pool_weights
-from fisherjax.fisher.state import SampleGrads, TaskFisher, sample_grads_of
+from fisherjax.fisher.factored import FactoredGrads
+from fisherjax.fisher.state import SampleGrads, TaskFisher, sample_grads_of, weighted_row_mean
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 
 
@@ -42,6 +43,9 @@ class Prepared(NamedTuple):
     """Positions in ``a`` of the samples scored and whose Fisher is used (None: all of them)."""
     b_rows: np.ndarray | None = None
     """Positions in ``b`` of the partner samples (None: all of them)."""
+    mean_row: bool = False
+    """Whether ``a`` is one row, the mean of task A's factor of the product over its samples
+    (:func:`mean_row`), read as it is."""
 
     @property
     def a_positions(self) -> np.ndarray:
@@ -150,15 +154,15 @@ def stored_diagonal(task: TaskFisher | SampleGrads, samples: SampleGrads, paths:
     return {p: np.asarray(task.diagonal[p], np.float32) for p in paths}
 
 
-def fisher_views(
+def pooled_fisher(
     a: SampleGrads, b: SampleGrads, layout: ModelLayout, kinds: BlockKinds, score: ScoreOptions, names: tuple[str, str],
     used: tuple[bool, bool], rows: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
     stored: tuple[dict | None, dict | None] = (None, None),
 ) -> dict[str, np.ndarray]:
-    """Head views ``{block/kind: [layer, *view]}`` of ``Î`` on the full tensors: each task's float32
-    mean of ``C`` (over its ``rows``, None: all) — its ``stored`` diagonal where given
-    (:func:`stored_diagonal`) — pooled by :func:`fisherjax.fisher.pool.pool_fisher`
-    (``fisher_pool``); ``used``: which tasks' Fisher enter it (:func:`_pooled`)."""
+    """``Î`` ``{path: full tensor}`` of the parts' paths: each task's float32 mean of ``C`` (over its
+    ``rows``, None: all) — its ``stored`` diagonal where given (:func:`stored_diagonal`) — pooled
+    by :func:`fisherjax.fisher.pool.pool_fisher` (``fisher_pool``); ``used``: which tasks' Fisher
+    enter it (:func:`_pooled`)."""
     use_a, use_b = used
     paths = required_paths(layout, kinds)
     n_a, n_b = (len(x) if r is None else len(r) for x, r in zip((a, b), rows))
@@ -171,7 +175,7 @@ def fisher_views(
     for p, value in fisher.items():
         if not np.isfinite(value).all():
             raise NumericalError(f"qkov: the contributions of {label!r} for {p!r} contain NaN or inf")
-    return _views(layout, fisher, kinds)
+    return fisher
 
 
 def partner(task_b: TaskFisher | SampleGrads, default_name: str, rows: np.ndarray | None = None
@@ -206,10 +210,11 @@ def partner_scale(b: SampleGrads, score: ScoreOptions, rows: np.ndarray | None =
 
 
 def prepare(task_a: TaskFisher | SampleGrads, task_b: TaskFisher | SampleGrads, layout: ModelLayout, score: ScoreOptions,
-            a_rows: np.ndarray | None = None) -> Prepared:
+            a_rows: np.ndarray | None = None, mean: bool = False) -> Prepared:
     """Both tasks' samples with active tokens, checked for what the variant reads, and the Fisher's
     weights, diagnostics and slice sizes. ``a_rows``: score (and take the Fisher of) only these
-    positions of task A's stored samples, without copying them (a held-out split)."""
+    positions of task A's stored samples, without copying them (a held-out split). ``mean``: task
+    A as its mean row (:func:`mean_row`), for a permutation test."""
     a, name_a = task_samples(task_a, "A")
     a, a_rows, dropped_a = active(a, name_a, a_rows)
     b, b_rows, name_b, dropped_b = partner(task_b, "B")
@@ -225,7 +230,8 @@ def prepare(task_a: TaskFisher | SampleGrads, task_b: TaskFisher | SampleGrads, 
             _check_paths(samples.contributions, paths, "contributions", name, score.include_bias)
 
     stored = (stored_diagonal(task_a, a, paths, a_rows), stored_diagonal(task_b, b, paths, b_rows))
-    fisher = fisher_views(a, b, layout, kinds, score, (name_a, name_b), used, (a_rows, None), stored)
+    pooled = pooled_fisher(a, b, layout, kinds, score, (name_a, name_b), used, (a_rows, None), stored)
+    fisher = _views(layout, pooled, kinds)
     weights, stats, sizes = {}, [], []
     power = 1.5 if score.variant == "natural" else 1.0
     kv = layout.kv_head_of
@@ -243,8 +249,45 @@ def prepare(task_a: TaskFisher | SampleGrads, task_b: TaskFisher | SampleGrads, 
             denominator = fisher[slice_key(block, kind)] + _ridge_shape(block, kind, ridge)
             weights[slice_key(block, kind)] = (denominator ** -power).astype(np.float32)
     diagnostics = SliceDiagnostics(*(np.stack(column).astype(np.float64) for column in zip(*stats)))
-    return Prepared(a, b, name_a, name_b, dropped_a, dropped_b, kinds, weights, diagnostics, np.array(sizes), partner_scale(b, score),
+    prep = Prepared(a, b, name_a, name_b, dropped_a, dropped_b, kinds, weights, diagnostics, np.array(sizes), partner_scale(b, score),
                     a_rows)
+    return mean_row(prep, pooled, layout, score) if mean else prep
+
+
+MEAN_OF_FISHER = ("unsigned", "natural")
+"""The variants whose task-A factor is ``C_i`` itself: the mean row of A's samples is then their
+Fisher, already computed for the weights."""
+
+
+def mean_row(prep: Prepared, fisher: dict[str, np.ndarray], layout: ModelLayout, score: ScoreOptions) -> Prepared:
+    """``prep`` with task A replaced by one row, ``ā = mean_i f(stored_i) · scale_i`` over A's
+    prepared samples (A's factor of the product, :func:`~._operands.side_of`; the mean of ``C_i``
+    — A's own ``fisher``, ``fisher_pool="A"`` — for :data:`MEAN_OF_FISHER`). A score is linear in
+    A's factor, so this row's scores are the column means ``mean_i M_ij`` exactly, up to float32
+    rounding: a permutation test reads nothing else of its scores, and gets them from two
+    ``1 × n_partner`` products instead of ``n_a × n_partner`` ones (:mod:`~.stats`). Where A's
+    Fisher is Phase 1's own diagonal (:func:`stored_diagonal`: all of a TaskFisher's samples) the
+    row is that mean of the exact contributions, not of their stored rounding."""
+    if score.fisher_pool != "A":
+        raise ConfigError("qkov: the mean row of task A is scored against A's own Fisher, which needs fisher_pool='A'")
+    paths = required_paths(layout, prep.kinds)
+    if score.variant in MEAN_OF_FISHER:
+        mean = {p: fisher[p] for p in paths}
+    else:
+        side = side_of(prep.a, "a", score.variant)
+        rows = prep.a_positions
+        mean = {p: x.weighted_mean(side.scale, rows, side.transform) if isinstance(x := side.store[p], FactoredGrads)
+                else weighted_row_mean(x, side.scale, rows, side.transform) for p in paths}
+    row = SampleGrads(np.array([-1]), np.ones(1, np.int64), {p: m[None] for p, m in mean.items()})
+    return prep._replace(a=row, a_rows=None, mean_row=True)
+
+
+def factor_a(prep: Prepared, variant: str) -> Side:
+    """Task A's factor of the product: :func:`~._operands.side_of` its stored samples, or the mean
+    row as it is (:func:`mean_row`)."""
+    if prep.mean_row:
+        return Side(prep.a.grads, "identity", np.ones(1, np.float32))
+    return side_of(prep.a, "a", variant)
 
 
 def with_partner(prep: Prepared, task_b: TaskFisher | SampleGrads, layout: ModelLayout, score: ScoreOptions, default_name: str = "B",

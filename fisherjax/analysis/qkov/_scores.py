@@ -22,19 +22,18 @@ from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 from fisherjax.sharding import DATA, to_host
 
 
-def assemble(raw, scale_b, slice_sizes, kv, aggregate: str, xp=np, dtype=np.float32):
+def assemble(raw, scale_b, slice_sizes, kv, aggregate: str, xp=np):
     """``[block, layer, n_a, n_b, heads]``: per block ``raw[block] · s_j`` (``raw``: ``{block:
     [layer, n_a, n_b, heads_of_block]}``, ``scale_b``: ``[n_b]``), divided by the slice size for
     ``aggregate="mean"``, K/V gathered to query heads (``kv``); ``xp``: numpy or jax.numpy. On the
-    host each block is written in place into the result (``dtype``; float32 unless column sums
-    are finished) and then dropped from ``raw``, which is consumed (Q and O are scaled in place):
+    host each block is written in place into the float32 result and then dropped from ``raw``, which is consumed (Q and O are scaled in place):
     the result's pages are taken as it is written, so finishing holds the scores and about half
     that again (a block being gathered and written), where it held them twice and a block — a 7B
     model's scores at 1000 × 1000 samples are 17 GB, and a shared pass finishes two."""
     if xp is np:
         heads = raw[ATTENTION_BLOCKS[0]].shape[-1]
-        out = np.empty((len(ATTENTION_BLOCKS), *raw[ATTENTION_BLOCKS[0]].shape[:-1], heads), dtype)
-        for n, block in enumerate(ATTENTION_BLOCKS):  # in raw's dtype, rounded to the result's once, as below
+        out = np.empty((len(ATTENTION_BLOCKS), *raw[ATTENTION_BLOCKS[0]].shape[:-1], heads), np.float32)
+        for n, block in enumerate(ATTENTION_BLOCKS):
             sums = raw.pop(block)
             value = sums[..., kv] if block in ("k", "v") else sums  # the gather copies; Q and O are scaled in place
             del sums
@@ -62,12 +61,12 @@ def _non_finite(where: tuple[int, int, int]) -> NumericalError:
 
 
 def finish(
-    raw: dict[str, np.ndarray], prep: Prepared, layout: ModelLayout, score: ScoreOptions, b_positions: np.ndarray, dtype=np.float32
+    raw: dict[str, np.ndarray], prep: Prepared, layout: ModelLayout, score: ScoreOptions, b_positions: np.ndarray
 ) -> Float[np.ndarray, "block layer n_a n_b heads"]:
     """``M_ij = s_j · Σ_k a_ik b_jk`` (divided by the slice size for ``aggregate="mean"``), K/V
-    gathered to query heads (:func:`assemble`, which consumes ``raw``), in ``dtype``; a non-finite
+    gathered to query heads (:func:`assemble`, which consumes ``raw``), float32; a non-finite
     score is a :class:`~fisherjax.errors.NumericalError`."""
-    scores = assemble(raw, prep.scale_b[b_positions], prep.slice_sizes, layout.kv_head_of, score.aggregate, dtype=dtype)
+    scores = assemble(raw, prep.scale_b[b_positions], prep.slice_sizes, layout.kv_head_of, score.aggregate)
     bad = first_non_finite(scores)
     if bad is not None:
         raise _non_finite(bad)
@@ -94,33 +93,14 @@ def all_scores(
     return finish(raw, prep, layout, score, b_pos)
 
 
-def column_means(
-    prep: Prepared, layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, *, progress: bool = False, desc: str = "QK-OV"
-) -> Float[np.ndarray, "block layer n_b heads"]:
-    """The column means ``m_j = mean_i M_ij`` over the prepared positions of both tasks (all a
-    permutation test reads of its scores): :func:`~._tiles.raw_scores` summed over A's rows tile
-    by tile, then :func:`finished_means` — the scores themselves are never held."""
-    a_pos, b_pos = prep.a_positions, prep.b_positions
-    raw = raw_scores(prep, layout, score, kernel, a_pos, b_pos, np.arange(layout.num_layers), columns=True, progress=progress, desc=desc)
-    return finished_means(raw, prep, layout, score, b_pos, len(a_pos))
-
-
-def finished_means(raw: dict[str, np.ndarray], prep: Prepared, layout: ModelLayout, score: ScoreOptions, b_positions: np.ndarray,
-                   n_a: int) -> Float[np.ndarray, "block layer n_b heads"]:
-    """``mean_i M_ij`` ``[block, layer, n_b, head]`` (float64) from the float64 sums over A's ``n_a``
-    rows ``{block: [layer, 1, n_b, heads_of_block]}``: :func:`finish` is linear in each column."""
-    return finish(raw, prep, layout, score, b_positions, dtype=np.float64)[:, :, 0] / n_a
-
-
 def shared_scores(
     requests: list[Request], layout: ModelLayout, score: ScoreOptions, kernel: KernelOptions, *, host_bytes: float | None,
     progress: bool = False, desc: str = "QK-OV",
-) -> Iterator[Float[np.ndarray, "block layer n_a n_b heads"] | Float[np.ndarray, "block layer n_b heads"]] | None:
+) -> Iterator[Float[np.ndarray, "block layer n_a n_b heads"]] | None:
     """Scores of each request in turn (:func:`~._tiles.shared_raw_scores`: every stored sample
     formed once per layer chunk for all of them, then :func:`finish`, each request's sums dropped
-    as its scores are made) — for a :attr:`~._tiles.Request.columns` request the column means
-    ``m_j = mean_i M_ij`` ``[block, layer, n_b, head]`` (float64) — or None where that pass does
-    not fit its memory budget or ``host_bytes`` (:func:`~._tiles.shared_scores_fit`)."""
+    as its scores are made), or None where that pass does not fit its memory budget or
+    ``host_bytes`` (:func:`~._tiles.shared_scores_fit`)."""
     raws = shared_raw_scores(requests, layout, score, kernel, host_bytes=host_bytes, progress=progress, desc=desc)
     if raws is None:
         return None
@@ -128,10 +108,7 @@ def shared_scores(
     def finished():
         for n, r in enumerate(requests):
             raw, raws[n] = raws[n], None
-            if r.columns:
-                yield finished_means(raw, r.prep, layout, score, r.b_positions, len(r.a_positions))
-            else:
-                yield finish(raw, r.prep, layout, score, r.b_positions)
+            yield finish(raw, r.prep, layout, score, r.b_positions)
 
     return finished()
 

@@ -40,7 +40,7 @@ from fisherjax.analysis.qkov._groups import group_side, group_store, group_weigh
 from fisherjax.analysis.qkov._looped import leaf_sums, looped_tile
 from fisherjax.analysis.qkov._operands import BlockKinds, Side, block_kinds, leaf_sources, side_of
 from fisherjax.analysis.qkov._pallas import pallas_tile, sample_chunk
-from fisherjax.analysis.qkov._prepare import Prepared, required_paths
+from fisherjax.analysis.qkov._prepare import Prepared, factor_a, required_paths
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
 from fisherjax.fisher.factored import FactoredGrads, read_on_device
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
@@ -382,7 +382,7 @@ def plan_parts(prep: Prepared, layout: ModelLayout, score: ScoreOptions, kernel:
     """The tiles of :func:`raw_scores` (``on_mesh``: of :func:`sharded_raw_scores`, ``n_a`` a
     device's rows, nothing read in place): :func:`part_chunks` of the slices within the kernel's
     budget, each part with its kernel."""
-    a_side, b_side = side_of(prep.a, "a", score.variant), side_of(prep.b, "b", score.variant)
+    a_side, b_side = factor_a(prep, score.variant), side_of(prep.b, "b", score.variant)
     tiles = select_kernel(kernel, layout, prep.kinds, a_side.transform, b_side.transform)
     sources = leaf_sources(layout, prep.kinds)
     read_in_place = (not on_mesh and tiles.reads_in_place and in_place(a_side.store, layout, sources)
@@ -429,21 +429,19 @@ def raw_scores(
     b_positions: np.ndarray,
     layers: np.ndarray,
     *,
-    columns: bool = False,
     progress: bool = False,
     desc: str = "QK-OV",
 ) -> dict[str, np.ndarray]:
     """``{block: [layer, n_a, n_b, heads_of_block]}`` slice sums ``Σ_k a_ik b_jk`` (before the
     partner factor and the aggregation) for the selected samples and layers, tile by tile, the
-    parts of :func:`plan_parts` one after another; with ``columns`` only their sums over A's rows
-    ``[layer, 1, n_b, heads_of_block]``, float64 (:func:`row_sums` of each tile as it comes).
+    parts of :func:`plan_parts` one after another.
 
     ``progress``: a bar over the tiles (``desc``).
     """
-    a_side: Side = side_of(prep.a, "a", score.variant)
+    a_side: Side = factor_a(prep, score.variant)
     b_side: Side = side_of(prep.b, "b", score.variant)
     n_a, n_b, n_l = len(a_positions), len(b_positions), len(layers)
-    out = empty_sums(layout, n_l, n_a, n_b, columns)
+    out = empty_sums(layout, n_l, n_a, n_b)
     if n_a == 0 or n_b == 0:
         return out
     parts = plan_parts(prep, layout, score, kernel, n_a, n_b, n_l)
@@ -477,10 +475,7 @@ def raw_scores(
                     tile = tiles.products(a_operand, b_cached, weights)
                     li, ii, ji = min(c_l, n_l - l0), min(c_a, n_a - i0), min(c_b, n_b - j0)
                     for block, value in tile.items():
-                        if columns:
-                            out[block][l0 : l0 + li, 0, j0 : j0 + ji, group.heads(block)] += row_sums(value[:li, :ii, :ji])
-                        else:
-                            out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji, group.heads(block)] = np.asarray(value)[:li, :ii, :ji]
+                        out[block][l0 : l0 + li, i0 : i0 + ii, j0 : j0 + ji, group.heads(block)] = np.asarray(value)[:li, :ii, :ji]
                     bar.update()
 
     with progress_bar(progress, total=total, desc=desc, unit="tile") as bar:
@@ -493,37 +488,24 @@ def raw_scores(
 class Request(NamedTuple):
     """One score array of :func:`shared_raw_scores`: ``prep``'s weights and sides, over the samples
     of task A at ``a_positions`` and of task B at ``b_positions`` (positions in ``prep.a`` /
-    ``prep.b``, sorted); with ``columns`` only each column's sum over A's rows ``Σ_i`` (all a
-    permutation test reads of its scores: the column means ``m_j = mean_i M_ij``)."""
+    ``prep.b``, sorted)."""
 
     prep: Prepared
     a_positions: np.ndarray
     b_positions: np.ndarray
-    columns: bool = False
 
 
-def shared_scores_bytes(n_a: int, n_b: int, layout: ModelLayout, columns: bool = False) -> int:
-    """Bytes of one request's sums on the host: float32 ``{block: [layer, n_a, n_b, heads]}``, or
-    with ``columns`` float64 ``{block: [layer, 1, n_b, heads]}`` (query heads for every block: the
-    finished scores' size, an upper bound on the sums under grouped-query attention)."""
-    return (8 if columns else 4 * n_a) * layout.num_layers * n_b * layout.num_heads * len(ATTENTION_BLOCKS)
+def shared_scores_bytes(n_a: int, n_b: int, layout: ModelLayout) -> int:
+    """Bytes of one request's sums on the host: float32 ``{block: [layer, n_a, n_b, heads]}``
+    (query heads for every block: the finished scores' size, an upper bound on the sums under
+    grouped-query attention)."""
+    return 4 * n_a * layout.num_layers * n_b * layout.num_heads * len(ATTENTION_BLOCKS)
 
 
-def empty_sums(layout: ModelLayout, n_l: int, n_a: int, n_b: int, columns: bool) -> dict[str, np.ndarray]:
-    """Zeroed slice sums of ``n_l`` layers: float32 ``{block: [layer, n_a, n_b, heads_of_block]}``,
-    or with ``columns`` their float64 sums over A's rows ``[layer, 1, n_b, heads_of_block]``
+def empty_sums(layout: ModelLayout, n_l: int, n_a: int, n_b: int) -> dict[str, np.ndarray]:
+    """Zeroed float32 slice sums of ``n_l`` layers ``{block: [layer, n_a, n_b, heads_of_block]}``
     (:func:`shared_scores_bytes` bounds their size)."""
-    rows, dtype = (1, np.float64) if columns else (n_a, np.float32)
-    return {block: np.zeros((n_l, rows, n_b, layout.heads_of(block)), dtype) for block in ATTENTION_BLOCKS}
-
-
-def row_sums(tile) -> np.ndarray:
-    """``Σ_i`` over a tile's rows of A ``[layer, c_a, c_b, heads] -> [layer, c_b, heads]``, float64
-    on the host: an accelerator's tile is summed where it lies (float32), so only its column sums
-    cross the bus."""
-    if isinstance(tile, jax.Array):
-        return np.asarray(jnp.sum(tile, axis=1), np.float64)
-    return np.sum(tile, axis=1, dtype=np.float64)
+    return {block: np.zeros((n_l, n_a, n_b, layout.heads_of(block)), np.float32) for block in ATTENTION_BLOCKS}
 
 
 def atoms(position_sets: list[np.ndarray]) -> list[np.ndarray]:
@@ -539,7 +521,7 @@ def atoms(position_sets: list[np.ndarray]) -> list[np.ndarray]:
 
 SHARED_HOST_SHARE = 0.5
 """The share of the host's available memory the sums of one :func:`shared_raw_scores` pass may
-take together (both heatmaps of a pair, held until the pass ends, and its tests' column sums):
+take together (both heatmaps of a pair, held until the pass ends, and its tests' mean rows'):
 past it, a pair is scored one direction at a time, which holds one heatmap's scores (and, while
 finishing them, the sums they are made from)."""
 
@@ -605,18 +587,18 @@ def shared_raw_scores(
     progress: bool = False, desc: str = "QK-OV",
 ) -> list[dict[str, np.ndarray]] | None:
     """:func:`raw_scores` of several requests over all layers — ``[{block: [layer, n_a, n_b,
-    heads]}]`` in their order, float32, or for a :attr:`Request.columns` request the sums over
-    its rows ``[layer, 1, n_b, heads]``, float64 (each tile's rows summed as it comes) — forming
-    each stored sample once (per layer chunk, part and group of heads: each a share of its
-    columns), where :func:`raw_scores` reads a sample once per request (and a kept token factor
-    is formed on each read). A task pair's two heatmaps and two
-    held-out permutation tests read each task's samples in six score arrays; here each is formed
-    once.
+    heads]}]`` in their order, float32 — forming each stored sample once (per layer chunk, part
+    and group of heads: each a share of its columns), where :func:`raw_scores` reads a sample
+    once per request (and a kept token factor is formed on each read). A task pair's two heatmaps
+    and two held-out permutation tests read each task's samples in six score arrays; here each is
+    formed once. Requests may read their sides with different transforms (a permutation test's
+    mean row is read as it is, :func:`~._prepare.mean_row`): each product takes the tile kernel
+    of its own.
 
     Every stored array the requests read (:func:`~._operands.side_of`) is cut into
     :func:`atoms` of the positions its requests read; per layer chunk each atom is put on the device
     once (:func:`device_leaves`), and each request is the products of its A atoms with its B atoms,
-    written into its rows and columns (or added to its column sums). The layer chunk is the most
+    written into its rows and columns. The layer chunk is the most
     layers whose atoms, one weight set per prepared Fisher and the kernel's working copies fit the
     tile budget; where not even one layer fits, the parts and groups of heads of
     :func:`shared_parts`. ``None`` when not even one
@@ -625,7 +607,7 @@ def shared_raw_scores(
     request).
     """
     kinds = requests[0].prep.kinds
-    sides = [(side_of(r.prep.a, "a", score.variant), side_of(r.prep.b, "b", score.variant)) for r in requests]
+    sides = [(factor_a(r.prep, score.variant), side_of(r.prep.b, "b", score.variant)) for r in requests]
     stores: dict[int, tuple[Mapping, list[np.ndarray]]] = {}
     for (a_side, b_side), r in zip(sides, requests):
         for side, positions in ((a_side, r.a_positions), (b_side, r.b_positions)):
@@ -634,12 +616,12 @@ def shared_raw_scores(
     weight_sets = {id(r.prep.weights): r.prep.weights for r in requests}
     n_l = layout.num_layers
     copies = tile_limits(backend.qkov_contraction(kernel.contraction)).copies
-    scores_bytes = sum(shared_scores_bytes(len(r.a_positions), len(r.b_positions), layout, r.columns) for r in requests)
+    scores_bytes = sum(shared_scores_bytes(len(r.a_positions), len(r.b_positions), layout) for r in requests)
     plan = shared_parts(layout, kinds, sum(len(np.concatenate(p)) for p in parts.values()), len(weight_sets), copies,
                         kernel.budget_bytes(), scores_bytes, host_bytes)
     if plan is None or any(not len(r.a_positions) or not len(r.b_positions) for r in requests):
         return None
-    out = [empty_sums(layout, n_l, len(r.a_positions), len(r.b_positions), r.columns) for r in requests]
+    out = [empty_sums(layout, n_l, len(r.a_positions), len(r.b_positions)) for r in requests]
 
     def inside(part, positions):  # the part's rows in a request's positions, when the part is one of its parts
         at = np.searchsorted(positions, part)
@@ -654,13 +636,15 @@ def shared_raw_scores(
                 if rows is not None and cols is not None:
                     products.append((n, id(a_side.store), i, id(b_side.store), j, rows, cols))
 
-    def layer_chunk(part: SharedPart, group, group_stores: dict, tiles: TileKernel, lsel: np.ndarray, l0: int, bar) -> None:
+    def layer_chunk(part: SharedPart, group, group_stores: dict, kernels: dict[tuple[str, str], TileKernel], lsel: np.ndarray, l0: int,
+                    bar) -> None:
         """One layer chunk of one group of heads of a part (``group_stores``: each stored array
         read as the group's, :func:`~._groups.group_store`): every atom formed once, every product
         written into its request's rows, columns and heads."""
         sources, count = leaf_sources(layout, part.kinds), min(part.layers, n_l - l0)
         weights = {key: {k: jnp.asarray(w) for k, w in group_weights({k: w[lsel] for k, w in ws.items()}, layout, part.kinds, group).items()}
                    for key, ws in weight_sets.items()}
+        tiles = next(iter(kernels.values()))  # how leaves are stored and operands built: the same for every transform
         leaves = {(key, i): tiles.stored(device_leaves(group_stores[key], group.layout, sources, atom, lsel))
                   for key, key_parts in parts.items() for i, atom in enumerate(key_parts)}
         b_operands = {}  # unweighted, so shared by every request that reads the part as task B
@@ -674,24 +658,22 @@ def shared_raw_scores(
             b_at = (b_key, j, b_side.transform, b_side.scale[parts[b_key][j]].tobytes())
             if b_at not in b_operands:
                 b_operands[b_at] = operand(b_side, b_key, j, None)
-            tile = tiles.products(operand(a_side, a_key, i, w_key), b_operands[b_at], weights[w_key])
+            tile = kernels[a_side.transform, b_side.transform].products(operand(a_side, a_key, i, w_key), b_operands[b_at], weights[w_key])
             for block, value in tile.items():
-                if requests[n].columns:
-                    out[n][block][l0 : l0 + count, 0, cols, group.heads(block)] += row_sums(value[:count])
-                else:
-                    out[n][block][l0 : l0 + count, rows[:, None], cols[None, :], group.heads(block)] = np.asarray(value)[:count]
+                out[n][block][l0 : l0 + count, rows[:, None], cols[None, :], group.heads(block)] = np.asarray(value)[:count]
             bar.update()
 
     plan = [part._replace(layers=_even_chunk(part.layers, n_l, lambda planned, n: planned)) for part in plan]
     total = sum(-(-n_l // part.layers) * layout.num_kv_heads // part.kv_heads for part in plan) * len(products)
     with progress_bar(progress, total=total, desc=desc, unit="tile") as bar:
         for part in plan:
-            tiles = select_kernel(kernel, layout.head_group(part.kv_heads), part.kinds, sides[0][0].transform, sides[0][1].transform)
+            kernels = {pair: select_kernel(kernel, layout.head_group(part.kv_heads), part.kinds, *pair)
+                       for pair in dict.fromkeys((a.transform, b.transform) for a, b in sides)}
             sources = leaf_sources(layout, part.kinds)
             for group in head_groups(layout, part.kv_heads):
                 group_stores = {key: group_store(store, layout, sources, group) for key, (store, _) in stores.items()}
                 for l0 in range(0, n_l, part.layers):
-                    layer_chunk(part, group, group_stores, tiles, np.minimum(np.arange(l0, l0 + part.layers), n_l - 1), l0, bar)
+                    layer_chunk(part, group, group_stores, kernels, np.minimum(np.arange(l0, l0 + part.layers), n_l - 1), l0, bar)
     return out
 
 
@@ -795,7 +777,7 @@ def sharded_raw_scores(
     Layers and B are padded to whole tiles too (a repeated layer, zero samples), for the caller to
     slice off.
     """
-    a_side: Side = side_of(prep.a, "a", score.variant)
+    a_side: Side = factor_a(prep, score.variant)
     b_side: Side = side_of(prep.b, "b", score.variant)
     a_positions, b_positions = prep.a_positions, prep.b_positions
     n_a, n_b, n_l = len(a_positions), len(b_positions), layout.num_layers

@@ -1,10 +1,10 @@
 """A task pair's Phase 6 both ways from one formation of each task's samples: :func:`both_ways`.
 
 For tasks A and B, ``analyze`` reads six score arrays — the heatmaps A ← B and B ← A, and per
-direction the held-out permutation test's fit half against the partner and against the held-out
-half — and :func:`~fisherjax.analysis.qkov.heatmap` and
-:func:`~fisherjax.analysis.qkov.heldout_permutation_test` read each task's stored samples once per
-array that holds them: about five times per sample. Where the samples are kept as token factors
+direction the held-out permutation test's mean row of the fit half (:func:`~._prepare.mean_row`)
+against the partner and against the held-out half — and :func:`~fisherjax.analysis.qkov.heatmap`
+and :func:`~fisherjax.analysis.qkov.heldout_permutation_test` read each task's stored samples once
+per array that holds them. Where the samples are kept as token factors
 (:class:`~fisherjax.fisher.factored.FactoredGrads`) each read forms their gradients again, and
 forming was most of the phase's work. :func:`both_ways` computes the same arrays in one tile loop
 (:func:`~._scores.shared_scores`) that forms each sample once; where that pass does
@@ -21,7 +21,7 @@ import numpy as np
 
 from fisherjax import backend
 from fisherjax.analysis.qkov._prepare import prepare, task_samples, with_partner
-from fisherjax.analysis.qkov._scores import all_scores, column_means, shared_scores
+from fisherjax.analysis.qkov._scores import all_scores, shared_scores
 from fisherjax.analysis.qkov._operands import block_kinds
 from fisherjax.analysis.qkov._tiles import Request, shared_parts, shared_scores_bytes, tile_limits
 from fisherjax.analysis.qkov.interference import heatmap, result_from_scores
@@ -74,7 +74,8 @@ def both_ways(
     when one layer of it, or of a group of heads of each part, fits the kernel's tile budget and
     its sums fit :data:`~._tiles.SHARED_HOST_SHARE` of the host memory available (``host_bytes``;
     None: ``MemAvailable`` now, :func:`fisherjax.backend.host_available_bytes`): both heatmaps'
-    sums, held at once, and the tests' column sums ``Σ_i M_ij`` (all a test reads of its scores).
+    sums, held at once, and the tests' mean rows' (:func:`~._prepare.mean_row`: all a test reads
+    of its scores are their column means).
     :func:`formed_once` says which. Otherwise direction by direction, by those calls, holding one
     direction's scores at a time. One device, diagonal variants only (the
     variants :data:`~.options.CURVATURE_VARIANTS` have no permutation test, and a mesh splits
@@ -108,18 +109,21 @@ def both_ways(
         requests.append(Request(prep, prep.a_positions, prep.b_positions))
         if tests[k]:
             fit, held = heldout_rows(a, fraction, split_seed)
-            with_b = prepare(a, b, layout, score, a_rows=fit)
+            with_b = prepare(a, b, layout, score, a_rows=fit, mean=True)
             with_held = with_partner(with_b, a, layout, score, default_name=f"{with_b.name_a} (held out)", b_rows=held)
             check_partners(with_b, with_held)
-            requests += [Request(p, p.a_positions, p.b_positions, columns=True) for p in (with_b, with_held)]
+            requests += [Request(p, p.a_positions, p.b_positions) for p in (with_b, with_held)]
     shared = shared_scores(requests, layout, score, kernel, host_bytes=host_bytes, progress=progress,
                            desc=f"QK-OV {requests[0].prep.name_a} ⇄ {requests[0].prep.name_b}")
-    arrays = shared if shared is not None else (
-        (column_means if r.columns else all_scores)(r.prep, layout, score, kernel, progress=progress) for r in requests)
+    arrays = shared if shared is not None else (all_scores(r.prep, layout, score, kernel, progress=progress) for r in requests)
+
+    def means():  # the mean row's scores: the column means m_j = mean_i M_ij (:func:`~._prepare.mean_row`)
+        return next(arrays)[:, :, 0].astype(np.float64)
+
     at = 0
     for k in (0, 1):
         result = result_from_scores(requests[at].prep, next(arrays), layout, score)
-        found = permutation_of_means(next(arrays), next(arrays), layout, **options) if tests[k] else None
+        found = permutation_of_means(means(), means(), layout, **options) if tests[k] else None
         at += 3 if tests[k] else 1
         yield Way(result, found, shared=shared is not None)
         del result, found  # the caller's, once it has read them: the next direction is finished without them
@@ -134,19 +138,20 @@ def formed_once(
     part of it — in the tile budget (:meth:`KernelOptions.budget_bytes`;
     :func:`~._tiles.shared_parts`, the rule the pass itself applies): both tasks' samples on the device (``stores_per_task`` stored arrays each:
     one where the contributions derive from the gradients, the empirical Fisher; two where they
-    are stored beside them), a weight set per Fisher (each task's, each tested fit half's), and
-    the pass's sums (both heatmaps', the tests' column sums) within
+    are stored beside them) and each tested fit half's mean row (:func:`~._prepare.mean_row`), a
+    weight set per Fisher (each task's, each tested fit half's), and the pass's sums (both
+    heatmaps', the mean rows') within
     :data:`~._tiles.SHARED_HOST_SHARE` of ``host_bytes``, the host memory available (None:
     ``MemAvailable`` now, :func:`fisherjax.backend.host_available_bytes`; where that is not known,
     :data:`~._tiles.SHARED_SCORES_BYTES`)."""
     score, kernel = resolve(score, kernel, {})
     host_bytes = backend.host_available_bytes() if host_bytes is None else host_bytes
-    sizes = [(n_a, n_b, False), (n_b, n_a, False)]
+    sizes = [(n_a, n_b), (n_b, n_a)]
     for n, partner, tested in zip((n_a, n_b), (n_b, n_a), test):
-        held = int(round(fraction * n))
-        if tested:
-            sizes += [(n - held, partner, True), (n - held, held, True)]
-    scores = sum(shared_scores_bytes(x, y, layout, columns) for x, y, columns in sizes)
-    return shared_parts(layout, block_kinds(layout, score.include_bias), stores_per_task * (n_a + n_b), 2 + sum(bool(t) for t in test),
+        if tested:  # the mean row of the fit half against the partner and against the held-out half
+            sizes += [(1, partner), (1, int(round(fraction * n)))]
+    scores = sum(shared_scores_bytes(x, y, layout) for x, y in sizes)
+    tests = sum(bool(t) for t in test)
+    return shared_parts(layout, block_kinds(layout, score.include_bias), stores_per_task * (n_a + n_b) + tests, 2 + tests,
                         tile_limits(backend.qkov_contraction(kernel.contraction)).copies, kernel.budget_bytes(), scores,
                         host_bytes) is not None

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from fisherjax.analysis.qkov import _scores
 from fisherjax.analysis.qkov._prepare import prepare, task_samples, with_partner
-from fisherjax.analysis.qkov._scores import column_means
+from fisherjax.analysis.qkov._scores import all_scores
 from fisherjax.analysis.qkov.options import CURVATURE_VARIANTS, KernelOptions, ScoreOptions, resolve
 from fisherjax.analysis.qkov.results import BootstrapInterval, PermutationResult, QKOVResult, ShardedScores
 from fisherjax.errors import ConfigError, DataError
@@ -71,13 +71,19 @@ def permutation_test(
 
     ``progress``: a progress bar over the tiles of each of the two score computations.
 
-    ``mesh``: as for :func:`~fisherjax.analysis.qkov.heatmap` (A's samples split over ``"data"``,
-    the partner set broadcast, a ``"model"`` axis replicating the work); the scores stay on the
-    devices and only the column means ``[block, layer, n_b + n_held, head]`` — sums over A's rows
-    across devices, float32 — are gathered. The permutations run on the host as without a mesh.
+    The column means are the scores of one row, the mean of A's factor of the product over its
+    samples (a score is linear in it: :func:`~._prepare.mean_row`), against B and against A': two
+    ``1 × n`` products, the same numbers as the means of the ``n_a × n`` scores up to float32
+    rounding, which can move a p-value by ``1 / (n_permutations + 1)`` where the observed statistic
+    lies that close to a null value.
+
+    ``mesh``: as for :func:`~fisherjax.analysis.qkov.heatmap` (the mean row split over
+    ``"data"``, the partner set broadcast, a ``"model"`` axis replicating the work); the column
+    means ``[block, layer, n_b + n_held, head]`` are gathered. The permutations run on the host as
+    without a mesh.
     """
     score, kernel = permutation_options(score, kernel, overrides)
-    with_b = prepare(task_a, task_b, layout, score)
+    with_b = prepare(task_a, task_b, layout, score, mean=True)
     with_held = with_partner(with_b, task_a_heldout, layout, score, default_name=f"{with_b.name_a} (held out)")
     return _permutation(with_b, with_held, layout, score, kernel, n_permutations=n_permutations, alpha=alpha, fdr_method=fdr_method,
                         seed=seed, progress=progress, mesh=mesh)
@@ -106,7 +112,7 @@ def heldout_permutation_test(
     without the copy of task A that split makes (all of a spilled task's gradients, in memory)."""
     score, kernel = permutation_options(score, kernel, overrides)
     fit, held = heldout_rows(task_a, fraction, split_seed)
-    with_b = prepare(task_a, task_b, layout, score, a_rows=fit)
+    with_b = prepare(task_a, task_b, layout, score, a_rows=fit, mean=True)
     with_held = with_partner(with_b, task_a, layout, score, default_name=f"{with_b.name_a} (held out)", b_rows=held)
     return _permutation(with_b, with_held, layout, score, kernel, n_permutations=n_permutations, alpha=alpha, fdr_method=fdr_method,
                         seed=seed, progress=progress, mesh=mesh)
@@ -125,18 +131,18 @@ def permutation_options(score, kernel, overrides) -> tuple[ScoreOptions, KernelO
 
 
 def _permutation(with_b, with_held, layout, score, kernel, *, n_permutations, alpha, fdr_method, seed, progress, mesh) -> PermutationResult:
-    """The test of :func:`permutation_test` on task A prepared against B and against A' (Î is A's
-    alone, so a column's scores do not depend on the other columns: A's Fisher once, then one
-    score array per partner set, not one over a host copy of B and A' joined)."""
+    """The test of :func:`permutation_test` on task A's mean row (:func:`~._prepare.mean_row`)
+    prepared against B and against A' (Î is A's alone, so a column's scores do not depend on the
+    other columns: A's Fisher once, then one score row per partner set)."""
     mesh = check_mesh(mesh)
     check_partners(with_b, with_held)
 
-    def means_over_a(prep):  # [block, layer, n_partner, head] float64: m_j = mean_i M_ij
+    def means_over_a(prep):  # [block, layer, n_partner, head] float64: m_j = mean_i M_ij, the mean row's scores
         desc = f"QK-OV {prep.name_b} → {prep.name_a}"
-        if mesh is None:  # summed over A's rows tile by tile, in float64: the scores are never held
-            return column_means(prep, layout, score, kernel, progress=progress, desc=desc)
+        if mesh is None:
+            return all_scores(prep, layout, score, kernel, progress=progress, desc=desc)[:, :, 0].astype(np.float64)
         sums = _scores.column_sums(_scores.sharded_scores(prep, layout, score, kernel, mesh, progress=progress, desc=desc))
-        return to_host(sums).astype(np.float64) / len(prep.a_positions)
+        return to_host(sums).astype(np.float64)  # the mean row and zero padding
 
     return permutation_of_means(means_over_a(with_b), means_over_a(with_held), layout, n_permutations=n_permutations, alpha=alpha,
                          fdr_method=fdr_method, seed=seed)
