@@ -1,6 +1,7 @@
 """From two tasks to what the tiles need: the samples with active tokens, the pooled Fisher's
 head views, the ridge weights ``1/(Î+λ)`` per part, the per-slice diagnostics and task B's
-per-sample factor ``s_j`` (``normalize_gj``). Computed once per heatmap.
+per-sample factor ``s_j`` (``normalize_gj``); for a permutation test, task A as one mean row
+(:func:`mean_row`). Computed once per heatmap.
 """
 
 from __future__ import annotations
