@@ -112,8 +112,10 @@ def form(inputs: Float[Array, "m seq d_in"], deltas: Float[Array, "m seq d_out"]
     return _formed(inputs, deltas).reshape(shape)
 
 
-ROW_TRANSFORMS = {"identity": lambda x: x, "abs": jnp.abs, "square": jnp.square}
-"""Elementwise ``f`` of a formed gradient that :meth:`FactoredGrads.weighted_mean` averages."""
+TRANSFORMS = {"identity": lambda x: x, "abs": jnp.abs, "sqrt": jnp.sqrt, "square": jnp.square}
+"""Elementwise ``f`` of a per-sample gradient: what :meth:`FactoredGrads.weighted_mean` averages
+of the formed ones, and how a stored per-sample array enters a QK-OV product
+(:mod:`fisherjax.analysis.qkov`)."""
 
 
 @functools.partial(jax.jit, static_argnames="transform")
@@ -122,7 +124,7 @@ def _add_weighted(total: Float[Array, "*lead d_in d_out"], inputs: Float[Array, 
     """``total + Σ_c w_c f(g_c)`` with ``g_c = A_cᵀ Δ_c`` formed one sample at a time (a scan)."""
     def one(acc, xs):
         a, d, w = xs
-        return acc + w * ROW_TRANSFORMS[transform](_formed(a, d)), None
+        return acc + w * TRANSFORMS[transform](_formed(a, d)), None
 
     return jax.lax.scan(one, total, (inputs, deltas, weights))[0]
 
@@ -246,7 +248,7 @@ class FactoredGrads:
 
     def weighted_mean(self, weights: np.ndarray, rows: np.ndarray | None = None, transform: str = "identity") -> np.ndarray:
         """``(1/|R|) Σ_{i∈R} w_i f(g_i)`` over the samples ``rows`` (None: all), ``f`` a
-        :data:`ROW_TRANSFORMS` entry, ``[*lead, d_in, d_out]`` float32: summed on the device, one
+        :data:`TRANSFORMS` entry, ``[*lead, d_in, d_out]`` float32: summed on the device, one
         formed sample at a time, the factors moved in groups of :data:`FACTOR_BYTES`."""
         rows = np.arange(len(self)) if rows is None else np.asarray(rows, np.int64)
         weights = np.asarray(weights, np.float32)

@@ -18,11 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from fisherjax.fisher.factored import TRANSFORMS
 from fisherjax.fisher.state import SampleGrads
 from fisherjax.layout import ModelLayout
 
-TRANSFORMS = {"identity": lambda x: x, "abs": jnp.abs, "sqrt": jnp.sqrt, "square": jnp.square}
-"""Elementwise ``f`` applied to a stored per-sample array before it enters a GEMM."""
 
 PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH, "default": jax.lax.Precision.DEFAULT}
 """GEMM precision by name (:attr:`~fisherjax.analysis.qkov.KernelOptions.precision`)."""
