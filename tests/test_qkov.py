@@ -799,7 +799,7 @@ def _synthetic(layout, n, seed, boost=None):
     return SampleGrads.from_grads(grads, tokens, np.arange(seed * 1000, seed * 1000 + n))
 
 
-def test_permutation_test_finds_planted_head_and_controls_the_rest(family, monkeypatch):
+def test_permutation_test_finds_planted_head_and_controls_the_rest(family):
     model, _, _, _ = family("llama")
     layout = model.layout
     H, Hkv, hd = _dims(layout)

@@ -26,10 +26,11 @@ def assemble(raw, scale_b, slice_sizes, kv, aggregate: str, xp=np):
     """``[block, layer, n_a, n_b, heads]``: per block ``raw[block] · s_j`` (``raw``: ``{block:
     [layer, n_a, n_b, heads_of_block]}``, ``scale_b``: ``[n_b]``), divided by the slice size for
     ``aggregate="mean"``, K/V gathered to query heads (``kv``); ``xp``: numpy or jax.numpy. On the
-    host each block is written in place into the float32 result and then dropped from ``raw``, which is consumed (Q and O are scaled in place):
-    the result's pages are taken as it is written, so finishing holds the scores and about half
-    that again (a block being gathered and written), where it held them twice and a block — a 7B
-    model's scores at 1000 × 1000 samples are 17 GB, and a shared pass finishes two."""
+    host each block is written in place into the float32 result and then dropped from ``raw``,
+    which is consumed (Q and O are scaled in place): the result's pages are taken as it is
+    written, so finishing holds the scores and about half that again (a block being gathered and
+    written), where it held them twice and a block — a 7B model's scores at 1000 × 1000 samples
+    are 17 GB, and a shared pass finishes two."""
     if xp is np:
         heads = raw[ATTENTION_BLOCKS[0]].shape[-1]
         out = np.empty((len(ATTENTION_BLOCKS), *raw[ATTENTION_BLOCKS[0]].shape[:-1], heads), np.float32)
