@@ -17,7 +17,7 @@ import numpy as np
 from fisherjax.errors import CheckpointError, disk_errno, one_line
 from fisherjax.fisher.accumulate import EMAState, WelfordState
 from fisherjax.fisher.factored import FactoredGrads
-from fisherjax.fisher.state import SampleGrads, TaskFisher
+from fisherjax.fisher.state import PartialDiagonal, SampleGrads, TaskFisher
 
 
 def _ocp():
@@ -68,6 +68,8 @@ def save_task_fisher(fisher: TaskFisher, directory: str | Path) -> Path:
         arrays["welford"] = {"count": np.asarray(fisher.welford.count), "mean": fisher.welford.mean, "m2": fisher.welford.m2}
     if fisher.ema is not None:
         arrays["ema"] = {"count": np.asarray(fisher.ema.count), "value": fisher.ema.value}
+    if fisher.partial_diagonal is not None:
+        arrays["partial_diagonal"] = {"sample_ids": fisher.partial_diagonal.sample_ids, "mean": dict(fisher.partial_diagonal.mean)}
     if fisher.sample_grads is not None:
         c = fisher.sample_grads
         arrays["sample_grads"] = {
@@ -136,6 +138,8 @@ def load_task_fisher(directory: str | Path) -> TaskFisher:
             fields["welford"] = WelfordState(w["count"], w["mean"], w["m2"])
         if "ema" in arrays:
             fields["ema"] = EMAState(arrays["ema"]["count"], arrays["ema"]["value"], meta["ema_decay"])
+        if "partial_diagonal" in arrays:
+            fields["partial_diagonal"] = PartialDiagonal(arrays["partial_diagonal"]["sample_ids"], arrays["partial_diagonal"]["mean"])
         if "sample_grads" in arrays:
             c = arrays["sample_grads"]
             grads = dict(c.get("grads") or {})
@@ -149,7 +153,7 @@ def load_task_fisher(directory: str | Path) -> TaskFisher:
 
 def _fields():  # keeps the field lists honest against the dataclass
     names = {f.name for f in dataclasses.fields(TaskFisher)}
-    covered = set(_ARRAY_FIELDS) | set(_SCALAR_FIELDS) | {"welford", "ema", "sample_grads"}
+    covered = set(_ARRAY_FIELDS) | set(_SCALAR_FIELDS) | {"welford", "ema", "sample_grads", "partial_diagonal"}
     assert names == covered, names ^ covered
 
 

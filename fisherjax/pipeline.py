@@ -37,7 +37,7 @@ from fisherjax.analysis import conflicts, experiments, importance, masks, qkov
 from fisherjax.curvature import compare, kfac, lanczos
 from fisherjax.data import Batch, MissingTokenizer, Task, batches, check_targets, load_task
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
-from fisherjax.fisher.collect import check_kept_budget, collect, kept_bytes
+from fisherjax.fisher.collect import check_kept_budget, collect, kept_bytes, seen_ids
 from fisherjax.fisher.groups import group_sizes
 from fisherjax.fisher.factored import FactoredGrads, smaller_as_factors
 from fisherjax.fisher.options import SAMPLE_GRADS_FORMS, CollectOptions, attention_paths
@@ -742,9 +742,60 @@ SPANNING_PHASES = ("conflicts", "qkov")
 
 def task_batches(model: Model, tasks: dict[str, Task], config: AnalysisConfig) -> dict[str, list[Batch]]:
     """Every task's batches as Phase 1 reads them (``--batch-size`` rows, each padded to its
-    bucket); token ids outside the vocabulary are refused here, naming the file and sample."""
-    return {name: list(batches(task, config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
-            for name, task in tasks.items()}
+    bucket); token ids outside the vocabulary are refused here, naming the file and sample.
+
+    A task that Phase 6 tests with a held-out split (:func:`fit_half_ids`) has its fit half's
+    samples first, then the others (each part in file order, its own batches): Phase 1 then
+    records that half's Fisher on the way (:func:`fit_prefix`), and Phase 6 reads none of its
+    samples for it — a third of its reads at 7B, and a task's only read of its fit half for all its
+    pairs. The split depends on the samples' ids alone (:func:`fisherjax.analysis.qkov.heldout_positions`),
+    so it is the same whichever order they are collected in."""
+    def of(task: Task) -> list[Batch]:
+        return list(batches(task, config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
+
+    ordered = {}
+    for name, task in tasks.items():
+        chosen = of(task)
+        fit = fit_half_ids(chosen, config, len(tasks))
+        if fit is not None:
+            first = set(fit.tolist())
+            ids = [e.sample_id for e in task.examples]
+            chosen = of(task.subset([i for i in ids if i in first])) + of(task.subset([i for i in ids if i not in first]))
+        ordered[name] = chosen
+    return ordered
+
+
+def fit_half_ids(task_batches: Sequence[Batch], config: AnalysisConfig, tasks: int) -> np.ndarray | None:
+    """Ids of the fit half of Phase 6's held-out test of a task with these batches (one of
+    ``tasks``): :func:`fisherjax.analysis.qkov.heldout_positions` at :data:`fisherjax.work.HELDOUT`
+    and the run's seed over the samples Phase 1 keeps (those with a predicted token). None where
+    that test has no use for Phase 1's record of it: no ``qkov`` phase or one task, a curvature
+    variant, no full diagonal (``--no-diagonal``), a fit half too small to be tested, or sample ids
+    that are not unique."""
+    score = config.score_options()
+    if "qkov" not in config.phase_order() or tasks < 2 or not config.diagonal or score.variant in qkov.CURVATURE_VARIANTS:
+        return None
+    ids = np.concatenate([seen_ids(b) for b in task_batches]) if task_batches else np.zeros(0, np.int64)
+    if not work.qkov_tested(len(ids), score.min_fisher_samples) or len(np.unique(ids)) != len(ids):
+        return None
+    fit, _ = qkov.heldout_positions(ids, work.HELDOUT, config.seed)
+    return ids[fit]
+
+
+def fit_prefix(task_batches: Sequence[Batch], config: AnalysisConfig, tasks: int) -> int | None:
+    """How many first batches hold exactly the fit half of a task (:func:`fit_half_ids`), as
+    :func:`task_batches` orders them; None where no prefix does, or the task is not tested."""
+    fit = fit_half_ids(task_batches, config, tasks)
+    if fit is None:
+        return None
+    wanted, seen = set(fit.tolist()), set()
+    for count, batch in enumerate(task_batches, start=1):
+        seen.update(seen_ids(batch).tolist())
+        if seen == wanted:
+            return count
+        if not seen <= wanted:
+            return None
+    return None
 
 
 def collect_all(model: Model, all_batches: dict[str, list[Batch]], config: AnalysisConfig, *,
@@ -753,7 +804,9 @@ def collect_all(model: Model, all_batches: dict[str, list[Batch]], config: Analy
     task's collection cost (its :class:`~fisherjax.telemetry.Stretch`: the first task pays the
     step's compilation); kept gradients beyond their budget spill to ``spill_root/<task>``;
     samples split over ``mesh`` when given (:mod:`fisherjax.sharding`); with ``checkpoint_dir``
-    each task's progress is saved in ``checkpoint_dir/<task>`` and, with ``resume``, continued."""
+    each task's progress is saved in ``checkpoint_dir/<task>`` and, with ``resume``, continued.
+    Where a task's batches hold the fit half of Phase 6's held-out test first (:func:`fit_prefix`),
+    its attention parameters' Fisher over that half is recorded too (``TaskFisher.partial_diagonal``)."""
     options = config.collect_options(model.layout, longest(all_batches))
     if spill_root is None:  # every task's kept gradients fit, or the run stops before the first is collected
         for name, chosen in all_batches.items():
@@ -772,6 +825,8 @@ def collect_all(model: Model, all_batches: dict[str, list[Batch]], config: Analy
             key=jax.random.key(config.seed),
             progress=config.progress,
             mesh=mesh,
+            prefix_batches=fit_prefix(all_batches[name], config, len(all_batches)),
+            prefix_paths=attention_paths(model.layout),
         )
     return fishers, stretches
 
@@ -1014,7 +1069,8 @@ def pair_work(ctx: Context) -> dict[str, float]:
             staged = qkov.stored_sample_layer_bytes([kept[t].grads for t in (a, b)], layout) if backend.stages_reads() else None
             reads = functools.partial(qkov.partner_reads, layout=layout, include_bias=score.include_bias, kernel=kernel, in_place=in_place,
                                       sample_layer_bytes=staged)
-            reads_a, reads_b = work.qkov_pair_reads(sizes[a], sizes[b], needed, ctx.fishers[a].diagonal is not None, formed_once, reads)
+            reads_a, reads_b = work.qkov_pair_reads(sizes[a], sizes[b], needed, ctx.fishers[a].diagonal is not None, formed_once, reads,
+                                                    fit_diagonal=ctx.fishers[a].partial_diagonal is not None)
             counted["qkov"] += (work.qkov_pair_flops(sizes[a], sizes[b], ctx.model.layout, score.include_bias, needed)
                                 + reads_a * reform[a] + reads_b * reform[b])
     return {phase: flops for phase, flops in counted.items() if flops > 0}  # a phase that tested no pair has no rate

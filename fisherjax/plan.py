@@ -854,7 +854,9 @@ def format_plan(p: Plan) -> str:
                                f"{', at least: each device forms the tiles of task B it reads' if p.devices > 1 else ''})"
                                if p.factored else "")
                             + f"; reads {_bytes(p.phase6_bytes_read)} of kept gradients at least "
-                            + ("(both directions of a pair in one pass: each sample once, a fit half once more for its Fisher)"
+                            + ("(both directions of a pair in one pass: each sample once"
+                               + ("; the fit halves' Fisher recorded by Phase 1, which collects them first)" if p.options.diagonal
+                                  else ", a fit half once more for its Fisher)")
                                if p.phase6_one_pass else "(one direction at a time: each score array its samples once, its partner as "
                                                          "often as it forms it)")
                             + f"; scores of {_bytes(p.phase6_scores_bytes)} per ordered pair ("

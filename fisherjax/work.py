@@ -163,19 +163,22 @@ def qkov_pair_flops(n_a: int, n_b: int, layout: ModelLayout, include_bias: bool,
 
 
 def qkov_pair_reads(n_a: int, n_b: int, min_samples: int, diagonal: bool = True, formed_once: bool = False,
-                    partner_reads: Callable[[int, int], int] = lambda n_x, n_y: 1) -> tuple[float, float]:
+                    partner_reads: Callable[[int, int], int] = lambda n_x, n_y: 1, fit_diagonal: bool | None = None
+                    ) -> tuple[float, float]:
     """Samples of A and of B one ordered pair of Phase 6 reads from the kept-gradient storage. A's
     samples are read once for the Fisher of those kept samples — in the heatmap only without Phase
     1's full ``diagonal`` (with it, the heatmap weighs by that diagonal), in the permutation test's
-    fit half ``f`` always (that read is also the test's mean row,
-    :func:`fisherjax.analysis.qkov.permutation_test`, in the variants whose row is the Fisher, the
-    default; the signed and symmetric ones read ``f`` once more: not counted). Then:
+    fit half ``f`` only without Phase 1's record of that half's diagonal (``fit_diagonal``; None:
+    as ``diagonal``, which is what ``analyze`` does, collecting the fit half first:
+    :func:`fisherjax.pipeline.task_batches`). That Fisher is also the test's mean row
+    (:func:`fisherjax.analysis.qkov.permutation_test`) in the variants whose row is the Fisher, the
+    default; the signed and symmetric ones read ``f`` for their row: not counted. Then:
 
     * ``formed_once`` (:func:`fisherjax.analysis.qkov.formed_once`: the pair's two directions
       computed together by :func:`~fisherjax.analysis.qkov.both_ways`, which forms each sample
       once for all six score arrays; this ordered pair counts A's):
 
-          A: n_a + (n_a without the diagonal) + f        B: 0
+          A: n_a + (n_a without the diagonal) + (f without the fit half's)        B: 0
 
     * else the heatmap (``n_a × n_b``) reads its rows once and its partner ``r(n_a, n_b)`` times
       (``partner_reads``, :func:`fisherjax.analysis.qkov.partner_reads`: once when the partner
@@ -183,7 +186,7 @@ def qkov_pair_reads(n_a: int, n_b: int, min_samples: int, diagonal: bool = True,
       score rows (:func:`qkov_pair_flops`: the mean row against B and against the held-out half
       ``h`` of A) read their partners once:
 
-          A: n_a + (n_a without the diagonal) + f + h        B: n_b · (r(n_a, n_b) + 1)
+          A: n_a + (n_a without the diagonal) + (f without the fit half's) + h        B: n_b · (r(n_a, n_b) + 1)
 
     the terms in ``f`` and ``h`` only where the test runs (``f ≥ min_samples``).
     """
@@ -193,11 +196,12 @@ def qkov_pair_reads(n_a: int, n_b: int, min_samples: int, diagonal: bool = True,
     fit = n_a - held
     tested = fit >= min_samples
     own = (1 if diagonal else 2) * n_a
+    fit_read = 0 if (diagonal if fit_diagonal is None else fit_diagonal) else fit
     if formed_once:
-        return float(own + (fit if tested else 0)), 0.0
+        return float(own + (fit_read if tested else 0)), 0.0
     if not tested:
         return float(own), float(n_b * partner_reads(n_a, n_b))
-    return float(own + fit + held), float(n_b * (partner_reads(n_a, n_b) + 1))
+    return float(own + fit_read + held), float(n_b * (partner_reads(n_a, n_b) + 1))
 
 
 def reform_flops(factored: Iterable[tuple[tuple[int, ...], int]]) -> float:

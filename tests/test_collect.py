@@ -268,6 +268,38 @@ def test_the_spill_directory_is_asked_for_what_phase_1_will_keep(model, task):
         assert estimate_output_bytes(model, chosen, config)[1] == pytest.approx(1.2 * 2 * kept)
         assert (kept == gradients) if form == "gradients" else (kept > gradients)
 
+def test_the_diagonal_over_the_first_batches_is_recorded_on_the_way(model, task, tmp_path):
+    """``prefix_batches``: the full diagonal's mean over the first batches' samples, read from the
+    running state, equals a collection of those batches alone — in the sum and the Welford state,
+    for every path or a few, for all the batches, and from a run resumed exactly there; a run
+    resumed after them records none, and a run without the diagonal refuses it."""
+    from fisherjax.fisher.options import attention_paths
+
+    data = list(batches(task, 4))
+    assert len(data) == 3
+    paths = attention_paths(model.layout)
+    for variance in (False, True):
+        common = dict(task="rand", diagonal=True, diagonal_variance=variance, progress=False)
+        for k, chosen in ((1, None), (2, paths), (3, None)):
+            reference = collect(model, data[:k], **common)
+            partial = collect(model, data, prefix_batches=k, prefix_paths=chosen, **common).partial_diagonal
+            np.testing.assert_array_equal(partial.sample_ids, reference.sample_ids)
+            assert sorted(partial.mean) == sorted(chosen or reference.diagonal)
+            for p, value in partial.mean.items():
+                assert value.dtype == np.float32
+                np.testing.assert_allclose(value, reference.diagonal[p], rtol=2e-6, atol=1e-12 * np.abs(reference.diagonal[p]).max())
+    common = dict(task="rand", diagonal=True, progress=False, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1)
+    collect(model, data[:2], **common)
+    resumed = collect(model, data, resume=True, prefix_batches=2, **common)
+    reference = collect(model, data[:2], task="rand", diagonal=True, progress=False)
+    for p, value in resumed.partial_diagonal.mean.items():
+        np.testing.assert_allclose(value, reference.diagonal[p], rtol=2e-6, atol=1e-12 * np.abs(reference.diagonal[p]).max())
+    assert collect(model, data, resume=True, prefix_batches=1, **common).partial_diagonal is None
+    assert collect(model, data, task="rand", diagonal=True, progress=False).partial_diagonal is None
+    with pytest.raises(ConfigError, match="prefix_batches=2 .* diagonal=True"):
+        collect(model, data, task="rand", diagonal=False, prefix_batches=2, progress=False)
+
+
 RESUME_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys

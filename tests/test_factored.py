@@ -256,6 +256,68 @@ def test_qkov_of_a_task_takes_phase_1s_diagonal_over_the_same_samples(collected)
                                2 * from_diagonal.diagnostics.fisher_median, rtol=1e-6)
 
 
+def test_analyze_collects_a_tested_fit_half_first_and_phase_6_takes_its_fisher_from_phase_1(tmp_path):
+    """``analyze`` orders a task that Phase 6 tests so that the held-out test's fit half comes
+    first, and Phase 1 records that half's Fisher: the split is the one the test draws (by sample
+    id, whatever the order), the record equals the kept samples' mean over the fit half (float32:
+    to rounding), the test takes its weights and mean row from it (a doubled record doubles the
+    row) and gives the result of the kept samples' mean; nothing is reordered where nothing is
+    tested. The record is saved with the rest of the Fisher."""
+    import dataclasses
+
+    from fisherjax import work
+    from fisherjax.analysis.qkov._prepare import prepare, stored_diagonal
+    from fisherjax.pipeline import collect_all, fit_prefix, task_batches
+
+    model = Model.init(tiny_config("gpt2"), seed=0)
+    tasks = {"a": random_task("a", 21, seed=5, min_len=3, max_len=20, prompt=1), "b": random_task("b", 18, seed=6, min_len=3, max_len=20)}
+    config = AnalysisConfig(batch_size=4, sample_grads_dtype="float32", sample_grads_form="gradients", progress=False, seed=3)
+    ordered = task_batches(model, tasks, config)
+    plain = {name: list(batches(task, 4)) for name, task in tasks.items()}
+    assert [fit_prefix(plain[name], config, 2) for name in tasks] == [None, None]  # file order: the fit half is not first
+    prefixes = [fit_prefix(ordered[name], config, 2) for name in tasks]
+    assert prefixes == [3, 3]  # 11 and 9 samples of the fit halves
+    fishers, _ = collect_all(model, ordered, config)
+    in_file_order, _ = collect_all(model, plain, config)
+    paths = attention_paths(model.layout)
+    score = qkov.ScoreOptions(min_fisher_samples=config.score_options().min_fisher_samples)
+    for name, fisher in fishers.items():
+        fit, _ = qkov.heldout_rows(fisher, work.HELDOUT, config.seed)
+        kept = fisher.sample_grads
+        fit_ids = np.sort(kept.sample_ids[fit])
+        same, _ = qkov.heldout_rows(in_file_order[name], work.HELDOUT, config.seed)
+        np.testing.assert_array_equal(np.sort(in_file_order[name].sample_grads.sample_ids[same]), fit_ids)  # one split, either order
+        np.testing.assert_array_equal(np.sort(fisher.partial_diagonal.sample_ids), fit_ids)
+        assert sorted(fisher.partial_diagonal.mean) == paths
+        recorded = stored_diagonal(fisher, kept, paths, fit)
+        mean = kept.fisher(paths, rows=fit)
+        for p in paths:
+            assert _rel(recorded[p], mean[p]) < 1e-5, (name, p)
+        row = prepare(fisher, fishers["b" if name == "a" else "a"], model.layout, score, a_rows=fit, mean=True).a.grads
+        doubled = dataclasses.replace(fisher, partial_diagonal=fisher.partial_diagonal._replace(
+            mean={p: 2 * v for p, v in fisher.partial_diagonal.mean.items()}))
+        twice = prepare(doubled, fishers["b" if name == "a" else "a"], model.layout, score, a_rows=fit, mean=True).a.grads
+        for p in paths:
+            np.testing.assert_array_equal(row[p][0], fisher.partial_diagonal.mean[p])
+            np.testing.assert_array_equal(twice[p][0], 2 * fisher.partial_diagonal.mean[p])
+    without = {name: dataclasses.replace(f, partial_diagonal=None) for name, f in fishers.items()}
+    options = dict(fraction=work.HELDOUT, split_seed=config.seed, n_permutations=200, seed=0, min_fisher_samples=score.min_fisher_samples)
+    ours = list(qkov.both_ways(fishers["a"], fishers["b"], model.layout, **options))
+    theirs = list(qkov.both_ways(without["a"], without["b"], model.layout, **options))
+    for x, y in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(x.heatmap.scores, y.heatmap.scores)
+        assert _rel(x.test.observed, y.test.observed) < 1e-5
+        np.testing.assert_allclose(x.test.pvalues, y.test.pvalues, atol=2 / 201)
+    saved = io.load_task_fisher(io.save_task_fisher(fishers["a"], tmp_path / "state")).partial_diagonal
+    np.testing.assert_array_equal(saved.sample_ids, fishers["a"].partial_diagonal.sample_ids)
+    for p in paths:
+        np.testing.assert_array_equal(saved.mean[p], fishers["a"].partial_diagonal.mean[p])
+    untested = dataclasses.replace(config, phases=("fisher", "conflicts"))
+    for name, task in tasks.items():
+        np.testing.assert_array_equal(np.concatenate([b.sample_ids for b in task_batches(model, tasks, untested)[name]]),
+                                      np.concatenate([b.sample_ids for b in plain[name]]))
+
+
 def test_analyze_keeps_factors_when_asked_and_its_results_do_not_change(cli_checkpoint, tmp_path):
     """``--sample-grads-form factors`` against ``gradients`` on the same run (float32 storage): the
     same QK-OV scores and conflict cosines; results.json and the report say how the gradients were

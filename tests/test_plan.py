@@ -25,7 +25,7 @@ from fisherjax.plan import (
     GB, abstract_model, conflict_bytes_read, conflict_sample_reads, conflict_slices, curvature_plan, default_options, format_plan,
     kept_parameters, parameter_bytes, plan, qkov_sample_reads, read_config,
 )
-from fisherjax.work import COLLECT_FORWARDS, curvature_flops, forward_flops, heads_flops, masks_flops
+from fisherjax.work import COLLECT_FORWARDS, curvature_flops, forward_flops, heads_flops, masks_flops, qkov_pair_reads
 from conftest import FAST_FAMILIES
 
 TINY = {
@@ -158,16 +158,20 @@ def test_kernels_kept_as_token_factors_change_storage_step_and_work(tiny):
     reform = sum(L * 2 * seq * d_in * d_out for L, d_in, d_out in shapes)  # one sample's factored kernels formed once
     assert factored.phase5_reform_flops == conflict_sample_reads(n, 2, 2, None) * reform == 2 * n * reform
     # Phase 6 on one device computes a pair's two directions together (qkov.both_ways, which fits
-    # here): each task's samples formed once, and its fit half once more for that half's Fisher
+    # here): each task's samples formed once; the test's fit half's Fisher (its mean row) is Phase
+    # 1's record (analyze collects that half first), and without the record the half is formed again
     assert qkov.formed_once(n, n, layout)
     assert factored.phase6_one_pass and "both directions of a pair in one pass" in format_plan(factored)
+    assert "the fit halves' Fisher recorded by Phase 1" in format_plan(factored)
     assert "the host holds both directions', twice that, and half of one again" in format_plan(factored)
-    assert factored.phase6_reform_flops == qkov_sample_reads(n, 2, 8, formed_once=True) * reform == 2 * (n + 8) * reform
+    assert factored.phase6_reform_flops == qkov_sample_reads(n, 2, 8, formed_once=True) * reform == 2 * n * reform
+    assert sum(qkov_pair_reads(n, n, 8, formed_once=True, fit_diagonal=False)) == n + 8
     # read by separate heatmaps and tests, every score array forms what it reads: the heatmap A's
-    # rows and its partner once per chunk of rows; the test the fit half once (its Fisher, which is
-    # its mean row) and its mean row's partners, B and the held-out half, once
-    assert qkov_sample_reads(n, 2, 8) == 2 * ((n + 8 + 8) + 2 * n)
-    assert qkov_sample_reads(n, 2, 8, partner_reads=lambda x, y: 3) == 2 * ((n + 8 + 8) + (3 + 1) * n)
+    # rows and its partner once per chunk of rows; the test its mean row's partners, B and the
+    # held-out half, once (and its fit half once without Phase 1's record of its Fisher)
+    assert qkov_sample_reads(n, 2, 8) == 2 * ((n + 8) + 2 * n)
+    assert sum(qkov_pair_reads(n, n, 8, fit_diagonal=False)) == (n + 8 + 8) + 2 * n
+    assert qkov_sample_reads(n, 2, 8, partner_reads=lambda x, y: 3) == 2 * ((n + 8) + (3 + 1) * n)
     # without Phase 1's full diagonal the heatmap forms A's kept samples once more for their Fisher
     assert qkov_sample_reads(n, 2, 8, diagonal=False) == 2 * ((2 * n + 8 + 8) + 2 * n)
     assert qkov_sample_reads(n, 2, 8, diagonal=False, formed_once=True) == 2 * (2 * n + 8)

@@ -73,15 +73,17 @@ def choose_subsample(rows: Rows, size: int | None, *, seed: int, task: str) -> R
     """``size`` of ``rows`` drawn without replacement, kept in batch order (all of them when there
     are no more than ``size``, or ``size`` is None).
 
-    The draw is ``numpy.random.default_rng([seed, crc32(task)]).choice(n, size)``: the same seed,
-    task name and rows give the same subsample, and a task's subsample does not depend on the
-    other tasks.
+    The draw is ``numpy.random.default_rng([seed, crc32(task)]).choice(n, size)`` over the rows
+    taken in the order of their sample ids: the same seed, task name and samples give the same
+    subsample, whatever order the batches hold them in (``analyze`` may collect a task's Phase 6
+    fit half first), and a task's subsample does not depend on the other tasks.
     """
     n = len(rows.sample_ids)
     if size is None or n <= size:
         return rows
     rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
-    return rows.take(np.sort(rng.choice(n, size, replace=False)))
+    by_id = np.argsort(rows.sample_ids, kind="stable")
+    return rows.take(np.sort(by_id[rng.choice(n, size, replace=False)]))
 
 
 def gather_rows(task_batches: Sequence[Batch], rows: Rows, rows_per_batch: int, seq_len: int) -> list[Batch]:

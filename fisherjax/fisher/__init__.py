@@ -15,12 +15,13 @@ from fisherjax.fisher.accumulate import (
     welford_variance,
 )
 from fisherjax.fisher.options import CollectOptions
-from fisherjax.fisher.state import GroupFisher, SampleGrads, TaskFisher, sample_grads_of
+from fisherjax.fisher.state import GroupFisher, PartialDiagonal, SampleGrads, TaskFisher, sample_grads_of
 
 __all__ = [
     "CollectOptions",
     "EMAState",
     "GroupFisher",
+    "PartialDiagonal",
     "SampleGrads",
     "TaskFisher",
     "WelfordState",

@@ -37,7 +37,7 @@ from fisherjax.fisher.progress import (
     save_progress,
 )
 from fisherjax.fisher.factored import FactoredGrads
-from fisherjax.fisher.state import SampleGrads, TaskFisher
+from fisherjax.fisher.state import PartialDiagonal, SampleGrads, TaskFisher
 from fisherjax.fisher.step import (StepPlan, compiled_step, initial_state, kept_values, make_plan, micro_batch_size, micro_batches,
                                    state_shardings)
 from fisherjax.models.model import check_token_ids
@@ -59,6 +59,8 @@ def collect(
     progress: bool = True,
     total: int | None = None,
     mesh=None,
+    prefix_batches: int | None = None,
+    prefix_paths: Sequence[str] | None = None,
     **overrides,
 ) -> TaskFisher:
     """Collect the diagonal Fisher of one task, reduced to groups.
@@ -84,6 +86,11 @@ def collect(
         processes (``jax.distributed``) every process passes the same batches and places only its
         devices' rows; the Fisher, its states and the counts are global, while the per-sample
         arrays (sample ids, kept gradients, per-sample groups) are the process's own share.
+      prefix_batches, prefix_paths: also record the full diagonal's mean over the samples of the
+        first ``prefix_batches`` batches (all of them, if there are fewer), of ``prefix_paths``
+        (None: every path), as ``TaskFisher.partial_diagonal``
+        (:class:`~fisherjax.fisher.state.PartialDiagonal`): the accumulated state read once, when
+        it holds exactly those batches. A run resumed after them records none.
 
     Raises:
       DataError: empty task, token ids outside the vocabulary.
@@ -105,6 +112,9 @@ def collect(
     step = compiled_step(model, plan, mesh)
     devices = data_size(mesh)
 
+    if prefix_batches is not None and (not plan.diagonal or prefix_batches < 1):
+        raise ConfigError(f"collect: prefix_batches={prefix_batches} records the full diagonal over the first batches; it needs "
+                          "diagonal=True and at least one batch")
     state = initial_state(model, plan, options.ema_decay)
     group_like = state["groups"].mean if plan.mode == "welford" else state["groups"].value
     log = CollectionLog()
@@ -136,10 +146,15 @@ def collect(
 
     pending = None  # (micro-batch, outputs) of the last step, still being copied to the host
     dispatched = log.n_seen + log.n_skipped
+    prefix_ids, partial, index = [], None, -1
     with progress_bar(progress, total=total, desc=f"Fisher[{task}]", unit="batch") as bar:
         bar.update(start_batch)
         batch_size = None
         for index, batch in enumerate(batches):
+            if index == prefix_batches and index >= start_batch:  # the state holds exactly the prefix's batches
+                partial = partial_diagonal(state, plan, prefix_ids, prefix_paths)
+            if prefix_batches is not None and index < prefix_batches:
+                prefix_ids.append(seen_ids(batch))
             batch_size = batch_size or batch.input_ids.shape[0]
             if data is not None:  # only a checkpoint needs to know what it was made from
                 data.update(batch)
@@ -165,6 +180,8 @@ def collect(
             bar.set_postfix(samples=dispatched)
         if pending is not None:
             log = settle(log, pending)
+        if prefix_batches is not None and start_batch <= index + 1 <= prefix_batches:  # the prefix is every batch
+            partial = partial_diagonal(state, plan, prefix_ids, prefix_paths)
     if manager is not None:
         manager.wait_until_finished()
         manager.close()
@@ -184,7 +201,30 @@ def collect(
             stacklevel=2,
         )
     kept, log = list(log.kept), dataclasses.replace(log, kept=())
-    return _finish(model, task, plan, state, log, kept, spill)
+    return dataclasses.replace(_finish(model, task, plan, state, log, kept, spill), partial_diagonal=partial)
+
+
+def seen_ids(batch: Batch) -> np.ndarray:
+    """int64 ids of a batch's samples that enter the Fisher: real rows with ``T_i ≥ 1``."""
+    tokens = np.asarray(num_active_tokens(np.asarray(batch.labels), np.asarray(batch.attention_mask)))
+    ids = np.asarray(batch.sample_ids, np.int64)
+    return ids[(ids >= 0) & (tokens > 0)]
+
+
+def diagonal_mean(diagonal, paths: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """``{path: float32 mean of C_i}`` of the full diagonal's accumulated state (a Welford state's
+    mean, or a sum state's ``total / count``, taken in numpy: no eager XLA op per leaf shape),
+    read from the device leaf by leaf (``paths``; None: all)."""
+    if isinstance(diagonal, WelfordState):
+        return {p: np.asarray(v, np.float32) for p, v in diagonal.mean.items() if paths is None or p in paths}
+    count = np.float32(max(float(np.asarray(diagonal.count)), 1.0))
+    return {p: (np.asarray(v, np.float32) / count).astype(np.float32) for p, v in diagonal.total.items() if paths is None or p in paths}
+
+
+def partial_diagonal(state: dict, plan: StepPlan, ids: list[np.ndarray], paths: Sequence[str] | None) -> PartialDiagonal:
+    """The :class:`~fisherjax.fisher.state.PartialDiagonal` of the samples ``ids`` (per batch) that
+    ``state`` has accumulated, copied to the host now (the next step donates the state)."""
+    return PartialDiagonal(np.concatenate(ids) if ids else np.zeros(0, np.int64), diagonal_mean(state["diagonal"], paths))
 
 
 def kept_bytes(model, batches: Sequence[Batch], options: CollectOptions) -> tuple[int, np.ndarray]:
@@ -306,12 +346,10 @@ def _finish(model, task: str, plan: StepPlan, state: dict, log: CollectionLog, k
         grads.update({p: FactoredGrads(kinds["inputs"][p], kinds["deltas"][p]) for p in plan.factors})
         sample_grads = SampleGrads(sample_ids, tokens, {p: grads[p] for p in plan.keep}, kinds["contributions"])
     diagonal = variance = None
+    if plan.diagonal:
+        diagonal = diagonal_mean(host["diagonal"])
     if plan.diagonal_variance:
-        diagonal = {p: np.asarray(v, np.float32) for p, v in host["diagonal"].mean.items()}
         variance = {p: np.asarray(v, np.float32) for p, v in welford_variance(host["diagonal"]).items()}
-    elif plan.diagonal:
-        count = max(float(host["diagonal"].count), 1.0)  # sum_mean in numpy: no eager XLA op per leaf shape
-        diagonal = {p: (np.asarray(v, np.float32) / np.float32(count)).astype(np.float32) for p, v in host["diagonal"].total.items()}
     return TaskFisher(
         task=task,
         group_fisher=group_fisher,

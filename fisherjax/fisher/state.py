@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -182,6 +183,18 @@ class SampleGrads:
                 for p in paths}
 
 
+class PartialDiagonal(NamedTuple):
+    """The full diagonal Fisher over a subset of a task's samples, ``mean_{i∈S} C_i``: what
+    :func:`~fisherjax.fisher.collect.collect` records after the batches that hold the subset
+    (``prefix_batches``), so a later step that needs that subset's Fisher — Phase 6's held-out
+    test, its fit half — reads no sample for it."""
+
+    sample_ids: np.ndarray
+    """``[k]`` int64 ids of the samples of ``S`` (those with ``T_i ≥ 1``), in collection order."""
+    mean: Mapping[str, np.ndarray]
+    """``{path: param-shaped}`` float32 ``mean_{i∈S} C_i`` of the recorded paths."""
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TaskFisher:
@@ -200,6 +213,8 @@ class TaskFisher:
       diagonal_variance: ``{path: param-shaped}`` sample variance (ddof 1) of ``C_i`` per element, when
         collected with ``diagonal_variance=True`` (the standard error of ``Î`` is
         ``sqrt(diagonal_variance / n_samples)``).
+      partial_diagonal: the diagonal over the samples of the first batches (:class:`PartialDiagonal`),
+        when collected with ``prefix_batches``.
       sample_grads: per-sample ``g_i`` (and ``C_i``) of selected parameters when kept
         (:class:`SampleGrads`).
       per_sample_groups: ``{path: {group_type: [n, ..]}}`` per-sample group values (for bootstrap
@@ -239,6 +254,7 @@ class TaskFisher:
     fisher_type: str = dataclasses.field(default="empirical", metadata=STATIC)
     mode: str = dataclasses.field(default="welford", metadata=STATIC)
     skipped_ids: tuple[int, ...] = dataclasses.field(default=(), metadata=STATIC)
+    partial_diagonal: PartialDiagonal | None = None
 
     @property
     def loss_per_token(self) -> float:

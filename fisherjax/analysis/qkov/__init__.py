@@ -113,7 +113,8 @@ from fisherjax.analysis.qkov.results import (
     save_npz,
     to_arrays,
 )
-from fisherjax.analysis.qkov.stats import bootstrap_layer_head_avg, heldout_permutation_test, heldout_rows, heldout_split, permutation_test
+from fisherjax.analysis.qkov.stats import (bootstrap_layer_head_avg, heldout_permutation_test, heldout_positions, heldout_rows, heldout_split,
+                                           permutation_test)
 from fisherjax.fisher.pool import FISHER_POOLS
 from fisherjax.layout import ATTENTION_BLOCKS as BLOCKS
 
@@ -140,6 +141,7 @@ __all__ = [
     "formed_once",
     "heatmap",
     "heldout_permutation_test",
+    "heldout_positions",
     "heldout_rows",
     "heldout_split",
     "partner_reads",

@@ -143,16 +143,21 @@ def _pooled(score: ScoreOptions, n_a: int, n_b: int, names: tuple[str, str]) -> 
 
 def stored_diagonal(task: TaskFisher | SampleGrads, samples: SampleGrads, paths: Sequence[str], rows: np.ndarray | None
                     ) -> dict[str, np.ndarray] | None:
-    """A TaskFisher's own full diagonal ``Î`` of ``paths`` (float32), when it is the mean of ``C``
-    over exactly ``samples`` (all of them: ``rows`` None; every path covered; the same sample ids),
-    else None. Phase 1 computed it from the exact per-sample contributions; the mean over the kept
-    ones is the same up to their storage's rounding (bfloat16: about 1e-3 in the scores) and costs
-    a pass over them, which for kept token factors forms every gradient of the task once more."""
-    if rows is not None or not isinstance(task, TaskFisher) or task.diagonal is None or not all(p in task.diagonal for p in paths):
+    """A TaskFisher's own diagonal ``Î`` of ``paths`` (float32) where it is the mean of ``C`` over
+    exactly the samples at ``rows`` of ``samples`` (None: all of them) — its full diagonal, or its
+    :class:`~fisherjax.fisher.state.PartialDiagonal` (the fit half of a held-out test, recorded by
+    Phase 1) — with every path covered; else None. Phase 1 computed it from the exact per-sample
+    contributions; the mean over the kept ones is the same up to their storage's rounding
+    (bfloat16: about 1e-3 in the scores) and costs a pass over them, which for kept token factors
+    forms every gradient of those samples once more."""
+    if not isinstance(task, TaskFisher):
         return None
-    if not np.array_equal(np.sort(np.asarray(task.sample_ids)), np.sort(np.asarray(samples.sample_ids))):
-        return None
-    return {p: np.asarray(task.diagonal[p], np.float32) for p in paths}
+    ids = np.sort(np.asarray(samples.sample_ids) if rows is None else np.asarray(samples.sample_ids)[rows])
+    for own, diagonal in ((task.sample_ids, task.diagonal), task.partial_diagonal or (None, None)):
+        if (diagonal is not None and all(p in diagonal for p in paths) and own is not None
+                and np.array_equal(np.sort(np.asarray(own)), ids)):
+            return {p: np.asarray(diagonal[p], np.float32) for p in paths}
+    return None
 
 
 def pooled_fisher(
@@ -267,8 +272,8 @@ def mean_row(prep: Prepared, fisher: dict[str, np.ndarray], layout: ModelLayout,
     A's factor, so this row's scores are the column means ``mean_i M_ij`` exactly, up to float32
     rounding: a permutation test reads nothing else of its scores, and gets them from two
     ``1 × n_partner`` products instead of ``n_a × n_partner`` ones (:mod:`~.stats`). Where A's
-    Fisher is Phase 1's own diagonal (:func:`stored_diagonal`: all of a TaskFisher's samples) the
-    row is that mean of the exact contributions, not of their stored rounding."""
+    Fisher is Phase 1's own (:func:`stored_diagonal`: a fit half that Phase 1 collected first) the
+    row is that mean of the exact contributions, not of their stored rounding, and reads no sample."""
     if score.fisher_pool != "A":
         raise ConfigError("qkov: the mean row of task A is scored against A's own Fisher, which needs fisher_pool='A'")
     paths = required_paths(layout, prep.kinds)

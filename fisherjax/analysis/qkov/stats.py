@@ -25,13 +25,23 @@ from fisherjax.stats import bootstrap_indices, fdr_qvalues, percentile_interval,
 def heldout_rows(task: TaskFisher | SampleGrads, fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Positions ``(fit, held)`` of a random split of a task's stored samples, ``held`` holding
     ``fraction`` of them (each sorted): the split of :func:`heldout_split` and
-    :func:`heldout_permutation_test`."""
+    :func:`heldout_permutation_test` (:func:`heldout_positions` of their sample ids)."""
     samples, name = task_samples(task, "A")
-    n = len(samples)
+    return heldout_positions(samples.sample_ids, fraction, seed, name)
+
+
+def heldout_positions(sample_ids: np.ndarray, fraction: float = 0.5, seed: int = 0, name: str = "A") -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(fit, held)`` in ``sample_ids`` of a random split, ``held`` holding
+    ``round(fraction · n)`` of the ``n`` samples (each sorted): ``numpy.random.default_rng(seed)``
+    permutes the samples taken in the order of their ids, so the split depends on which samples a
+    task has, not on the order they are stored in (``analyze`` collects a tested task's fit half
+    first, and knows that half before Phase 1 from the ids alone)."""
+    ids = np.asarray(sample_ids)
+    n = len(ids)
     n_held = int(round(fraction * n))
     if not 0 < n_held < n:
         raise DataError(f"qkov: cannot hold out {fraction:.0%} of the {n} samples of task {name!r}")
-    order = np.random.default_rng(seed).permutation(n)
+    order = np.argsort(ids, kind="stable")[np.random.default_rng(seed).permutation(n)]
     return np.sort(order[n_held:]), np.sort(order[:n_held])
 
 
