@@ -18,15 +18,21 @@ Two parts, GPT-2-small shapes (12 layers, QKV kernel 768 × 2304, 128 positions,
   as ``fisherjax analyze`` scores the pair — by its shared pass and direction by direction
   (``host_bytes=0``), interleaved, each with its wall time and the peak RSS during the call
   (``fisherjax.telemetry``), and whether the two give the same numbers.
+* ``--part fit``: Phase 1 as ``fisherjax analyze`` runs it (``pipeline.task_batches`` and
+  ``collect_all``: each task's held-out fit half collected first, its Fisher recorded on the way),
+  then ``qkov.both_ways`` with that record and without it (``partial_diagonal=None``: the fit
+  halves read for their Fisher), interleaved, with wall time, peak RSS and whether they agree.
 
 Usage: python3 benchmarks/factored_reads.py --part reads [--samples 64] [--rounds 4]
        python3 benchmarks/factored_reads.py --part qkov [--samples 64] [--rounds 2] [--save FILE.npz]
        python3 benchmarks/factored_reads.py --part ways [--samples 64] [--rounds 2]
+       python3 benchmarks/factored_reads.py --part fit [--samples 64] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import time
@@ -42,6 +48,7 @@ from fisherjax.data import batches, task_from_tokens
 from fisherjax.fisher.collect import collect
 from fisherjax.fisher.factored import FactoredGrads
 from fisherjax.fisher.options import CollectOptions
+from fisherjax.pipeline import AnalysisConfig, collect_all, task_batches
 
 LAYERS, SEQ, D_IN, D_OUT = 12, 128, 768, 2304
 
@@ -144,15 +151,47 @@ def qkov_pair(samples: int, rounds: int, save: str | None, both_ways: bool = Fal
         np.savez(save, **qkov.to_arrays(result), pvalues=test.pvalues, observed=test.observed)
 
 
+def fit_first(samples: int, rounds: int) -> None:
+    """``--part fit`` (module docstring)."""
+    model = gpt2_small_attention()
+    rng = np.random.default_rng(0)
+    tasks = {name: task_from_tokens(name, [rng.integers(1, 512, size=int(rng.integers(80, 120))).tolist() for _ in range(samples)])
+             for name in "ab"}
+    config = AnalysisConfig(batch_size=8, sample_grads_form="factors", sample_grads_dtype="bfloat16", seed=0, progress=False)
+    start = time.perf_counter()
+    fishers, _ = collect_all(model, task_batches(model, tasks, config), config)
+    print(f"Phase 1 of {samples} + {samples} samples, kept factors, fit halves first: {time.perf_counter() - start:.1f} s", flush=True)
+    recorded = [f.partial_diagonal is not None for f in fishers.values()]
+    print(f"fit halves' Fisher recorded by Phase 1: {recorded}", flush=True)
+    cases = {"recorded": fishers, "read": {n: dataclasses.replace(f, partial_diagonal=None) for n, f in fishers.items()}}
+    for r in range(rounds):
+        found = {}
+        for case, pair in sorted(cases.items(), reverse=bool(r % 2)):  # alternating which runs first
+            found[case], stretch = telemetry.measure(
+                lambda: list(qkov.both_ways(pair["a"], pair["b"], model.layout, fraction=0.5, split_seed=config.seed, n_permutations=1000,
+                                            seed=0)))
+            print(f"round {r + 1}: both ways, fit halves' Fisher {case}: {stretch.seconds:.1f} s, peak RSS "
+                  f"{stretch.peak_rss_bytes / 1e9:.2f} GB (shared pass: {found[case][0].shared})", flush=True)
+        ours, theirs = found["recorded"], found["read"]
+        print("  heatmaps equal: "
+              f"{all(np.array_equal(x.heatmap.scores, y.heatmap.scores) for x, y in zip(ours, theirs))}; observed statistic within "
+              f"{max(float(np.linalg.norm(x.test.observed - y.test.observed) / np.linalg.norm(y.test.observed)) for x, y in zip(ours, theirs)):.1e}"
+              f" (norm-relative); p-values that differ: {sum(int((x.test.pvalues != y.test.pvalues).sum()) for x, y in zip(ours, theirs))}"
+              f" of {sum(x.test.pvalues.size for x in ours)}", flush=True)
+        del found, ours, theirs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("reads", "qkov", "ways"), required=True)
+    parser.add_argument("--part", choices=("reads", "qkov", "ways", "fit"), required=True)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=None, help="default: 4 (reads), 2 (qkov)")
     parser.add_argument("--save", help="qkov: write the heatmap's arrays and the test's p-values here (to compare commits)")
     args = parser.parse_args()
     if args.part == "reads":
         reads(args.samples, args.rounds or 4)
+    elif args.part == "fit":
+        fit_first(args.samples, args.rounds or 2)
     else:
         qkov_pair(args.samples, args.rounds or 2, args.save, both_ways=args.part == "ways")
 
