@@ -100,6 +100,9 @@ def collect(
     options = with_overrides(options or CollectOptions(), overrides)
     if options.fisher_type == "true" and key is None:
         raise ConfigError("fisher_type='true' draws labels from the model: pass a PRNG key (key=jax.random.key(seed))")
+    if prefix_batches is not None and (not options.diagonal or prefix_batches < 1):
+        raise ConfigError(f"collect: prefix_batches={prefix_batches} records the full diagonal over the first batches; it needs "
+                          "diagonal=True and at least one batch")
     mesh = check_mesh(mesh)
     params = model.params if params is None else params
     manager = progress_manager(checkpoint_dir) if checkpoint_dir is not None else None
@@ -112,9 +115,6 @@ def collect(
     step = compiled_step(model, plan, mesh)
     devices = data_size(mesh)
 
-    if prefix_batches is not None and (not plan.diagonal or prefix_batches < 1):
-        raise ConfigError(f"collect: prefix_batches={prefix_batches} records the full diagonal over the first batches; it needs "
-                          "diagonal=True and at least one batch")
     state = initial_state(model, plan, options.ema_decay)
     group_like = state["groups"].mean if plan.mode == "welford" else state["groups"].value
     log = CollectionLog()
