@@ -429,6 +429,25 @@ def test_pooled_null_with_tied_cosines_matches_loops(r):
         np.testing.assert_array_equal(got, loop_pvalues(test, ref, "pooled", exclude_self))
 
 
+@pytest.mark.parametrize("m", [3, 4, 5, 6, 7, 8, 31, 64])
+def test_leave_one_out_medians_and_mads_from_one_sort_are_the_loops(m):
+    """Every row's median and MAD, and every element's leave-one-out median and MAD, read off one
+    sort of the row, equal ``np.median`` / ``np.delete`` loops to the bit: continuous values, a
+    coarse grid (ties everywhere), and constant rows (no spread)."""
+    from fisherjax.analysis.conflicts.null import median_mad_leave_one_out
+
+    rng = np.random.default_rng(m)
+    x = np.concatenate([rng.standard_normal((6, m)), np.round(rng.standard_normal((6, m)) * 2) / 2, np.full((2, m), 0.25)])
+    center, scale, loo_center, loo_scale = median_mad_leave_one_out(x)
+    for i, row in enumerate(x):
+        med = np.median(row)
+        assert center[i] == med and scale[i] == np.median(np.abs(row - med)), i
+        for l in range(m):
+            rest = np.delete(row, l)
+            med = np.median(rest)
+            assert loo_center[i, l] == med and loo_scale[i, l] == np.median(np.abs(rest - med)), (i, l)
+
+
 @pytest.mark.parametrize("chunk", [1, 200])  # a value, or whole groups of 63 values, per piece
 @pytest.mark.parametrize("cores", [1, 3])
 @pytest.mark.parametrize("exclude_self", [True, False])

@@ -63,9 +63,8 @@ TAILS = (None, "gpd")
 
 CHUNK_VALUES = 1 << 20
 """Values in flight (over all cores: :func:`chunk_values`) where the pooled null works piece by
-piece: the reference rows, their leave-one-out medians (:func:`_leave_one_out_median_mad`, whose
-partitions hold a few temporaries of up to three times a chunk: a few hundred MB of float64 and
-int64 in all) and the tested values' p-values (:func:`pooled_pvalues`). All rows at once — every group
+piece: the reference rows, their leave-one-out medians (:func:`median_mad_leave_one_out`,
+whose temporaries are a few times a chunk: a few hundred MB of float64 and int64 in all) and the tested values' p-values (:func:`pooled_pvalues`). All rows at once — every group
 and sample pair of a per-group test — were most of the tests' peak memory (RESULTS.md,
 twenty-third session)."""
 
@@ -197,7 +196,7 @@ class NullBuilder:
     and never be held all at once.
 
     Every usable row's standardised cosines ``(ref_kl − med_k,−l) / mad_k,−l``, with the row's
-    median and MAD recomputed without ``l`` (:func:`_leave_one_out_median_mad`). Rows go
+    median and MAD recomputed without ``l`` (:func:`median_mad_leave_one_out`). Rows go
     :func:`chunk_values` values at a time on every core (:func:`on_host_cores`). With ``resolve``
     only the ``L = max(⌈resolve · (1 + N_max)⌉, t + 1)`` lowest values are kept (``N_max`` the
     null's size before untested values are dropped, ``t`` the Pareto fit's size with
@@ -230,11 +229,10 @@ class NullBuilder:
 
         def fill(i: int) -> None:
             x, finite = _reference_rows(flat[i : i + self.step], i, self.exclude_self, n)
-            c, s = _median_mad(x)
+            c, s, loo_center, loo_scale = median_mad_leave_one_out(x)
             at = rows[i : i + len(x)]
             self.center[at], self.scale[at] = c, s
             self.usable[at] = finite & (s > 1e-12 * np.maximum(1.0, np.abs(c)))
-            loo_center, loo_scale = _leave_one_out_median_mad(x)
             keep_values = finite[:, None] & (loo_scale > 1e-12 * np.maximum(1.0, np.abs(loo_center)))
             z = (x - loo_center) / np.where(keep_values, loo_scale, 1.0)
             self.lowest.add(z[keep_values])
@@ -379,47 +377,62 @@ def _gpd_tail(p, z_test, n_null: int, t: int, threshold: float, shape: float, sc
     return np.where(below, (t + 1.0) / (n_null + 1.0) * survival, p)
 
 
-def _median_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Median and median absolute deviation along the last axis."""
-    center = np.median(x, -1)
-    return center, np.median(np.abs(x - center[..., None]), -1)
+def _deviation_order_statistics(y: np.ndarray, c: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k``-th and ``(k+1)``-th smallest (0-based) of ``|y_l − c|`` in each row of sorted
+    ``y [rows, m]`` about ``c [rows]``: ``([rows], [rows])``; the second is ``inf`` where ``k + 1 = m``.
+
+    The ``K = k + 1`` smallest deviations of a sorted row are a window ``y[a … a + K − 1]``: the
+    first ``a`` where the element leaving, ``y[a]``, is no farther from ``c`` than the one entering,
+    ``y[a + K]`` (``2c − y[a] − y[a + K]`` does not increase with ``a``, so a bisection over
+    ``a`` finds it in ``log2 m`` steps of one value a row). The ``k``-th is the farther of the
+    window's ends, the next the nearer of its neighbours. Deviations are ``|y_l − c|`` as
+    computed elementwise, so the values are those a partition of them gives, to the bit."""
+    rows, m = y.shape
+    r = np.arange(rows)
+    size = k + 1
+    lo, hi = np.zeros(rows, np.intp), np.full(rows, m - size, np.intp)
+    while np.any(lo < hi):
+        mid = (lo + hi) // 2
+        entering = np.where(mid + size < m, y[r, np.minimum(mid + size, m - 1)] - c, np.inf)
+        stop = (c - y[r, mid]) <= entering
+        hi, lo = np.where(stop, mid, hi), np.where(stop, lo, mid + 1)
+    kth = np.maximum(np.abs(y[r, lo] - c), np.abs(y[r, lo + k] - c))
+    before = np.where(lo > 0, np.abs(y[r, np.maximum(lo - 1, 0)] - c), np.inf)
+    after = np.where(lo + size < m, np.abs(y[r, np.minimum(lo + size, m - 1)] - c), np.inf)
+    return kth, np.minimum(before, after)
 
 
-def _without_one(stats: np.ndarray, removed: np.ndarray) -> np.ndarray:
-    """The ``k``-th and ``k'``-th smallest of each row once an element of value ``removed`` is gone,
-    from the row's order statistics ``stats [..., 4] = (s[k], s[k+1], s[k'], s[k'+1])``: ``s[k+1]``
-    where ``removed ≤ s[k]``, else ``s[k]``. By value, not rank: where ``removed`` ties ``s[k]`` the
-    two agree (the tie runs to ``k + 1`` whenever the removed one ranks above ``k``), so either
-    rank of a tied element gives the same number. Returns ``[2, ...]``."""
-    low = np.where(removed <= stats[..., 0:1], stats[..., 1:2], stats[..., 0:1])
-    high = np.where(removed <= stats[..., 2:3], stats[..., 3:4], stats[..., 2:3])
-    return np.stack([low, high])
+def median_mad_leave_one_out(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Median and MAD of each row of ``x [rows, m]`` (``[rows]`` each), and the median and MAD of
+    each row without its element ``l``, for every ``l`` (``[rows, m]`` each), from one sort of the
+    rows (numpy's vectorised sort: several times faster than the selections, ``np.partition`` and
+    ``np.median``, it replaced).
 
-
-def _leave_one_out_median_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Median and MAD of each row of ``x [rows, m]`` without its element ``l``, for every ``l``: ``[rows, m]``.
-
-    From order statistics: the median of the ``m − 1`` others is ``(t[lo] + t[hi]) / 2`` with
-    ``lo, hi`` the middle positions of ``m − 1`` values and ``t[k]`` the ``k``-th smallest without
-    ``l`` (:func:`_without_one`, from ``s[lo], s[lo+1], s[hi], s[hi+1]`` of the row); so it takes at
-    most three values per row (``x_l`` at most ``s[lo]``, between, above ``s[hi]``), and for each the
-    MAD comes the same way from the same four order statistics of the deviations from it. Every
-    order statistic comes from ``np.partition`` (``O(m)`` a row, no sort); its temporaries are a
-    few times ``x``, so callers pass :func:`chunk_values` values at a time.
-    """
-    m = x.shape[-1]
-    lo, hi = (m - 2) // 2, (m - 1) // 2  # middle positions of m - 1 values
-    kth = [lo, lo + 1, hi, hi + 1]
-    s = np.partition(x, kth, -1)[..., kth]  # [rows, 4]
-    center = 0.5 * np.add(*_without_one(s[:, None, :], x[..., None])[..., 0])
-    candidates = np.stack([0.5 * (s[:, 1] + s[:, 3]), 0.5 * (s[:, 0] + s[:, 3]), 0.5 * (s[:, 0] + s[:, 2])], -1)
-    which = np.where(x <= s[:, 0:1], 0, np.where(x <= s[:, 2:3], 1, 2))  # the median without l is candidates[which]
-    deviation = np.abs(x[..., None, :] - candidates[..., :, None])  # [rows, 3, m]
-    d = np.partition(deviation, kth, -1)[..., kth]  # [rows, 3, 4]
-    own_stats = np.take_along_axis(d, which[..., None], 1)  # [rows, m, 4]: each l's candidate's statistics
-    own = np.take_along_axis(deviation, which[:, None, :], 1)[:, 0]  # [rows, m]: l's own deviation
-    scale = 0.5 * np.add(*_without_one(own_stats, own[..., None])[..., 0])
-    return center, scale
+    Without ``l`` the median is ``(t[lo] + t[hi]) / 2`` with ``lo, hi`` the middle positions of
+    ``m − 1`` values and ``t[k]`` the ``k``-th smallest without ``l``: ``s[k+1]`` where
+    ``x_l ≤ s[k]``, else ``s[k]`` (``s`` the sorted row; by value, so a tie gives the same number
+    whichever of the tied elements goes). So it takes one of three values a row — ``x_l ≤ s[lo]``,
+    between, above ``s[hi]`` — and for each the MAD comes the same way from the order statistics
+    ``d[lo], d[lo+1], d[hi], d[hi+1]`` of the deviations from it, which
+    :func:`_deviation_order_statistics` reads off the sorted row. Equal to the bit to a median
+    and MAD of the ``m − 1`` values taken by selection (``tests/test_conflicts.py``)."""
+    rows, m = x.shape
+    y = np.sort(x, -1)
+    middle = ((m - 1) // 2, m // 2)
+    center = y[:, middle[0]] if middle[0] == middle[1] else 0.5 * (y[:, middle[0]] + y[:, middle[1]])
+    d = _deviation_order_statistics(y, center, middle[0])
+    scale = d[0] if middle[0] == middle[1] else 0.5 * (d[0] + d[1])
+    lo, hi = (m - 2) // 2, (m - 1) // 2
+    s0, s1, s2, s3 = y[:, lo], y[:, lo + 1], y[:, hi], y[:, hi + 1]
+    table = []  # per candidate centre w: [centre, d[lo], d[lo+1], d[hi], d[hi+1]], each [rows]
+    for candidate in (0.5 * (s1 + s3), 0.5 * (s0 + s3), 0.5 * (s0 + s2)):
+        low = _deviation_order_statistics(y, candidate, lo)
+        table.append((candidate, *low, *(low if hi == lo else _deviation_order_statistics(y, candidate, hi))))
+    which = (x > s0[:, None]).astype(np.intp) + (x > s2[:, None]) + 3 * np.arange(rows)[:, None]  # l's candidate, flat
+    loo_center, d_lo, d_lo1, d_hi, d_hi1 = (np.stack(column, -1).ravel()[which] for column in zip(*table))
+    own = np.abs(x - loo_center)
+    loo_scale = 0.5 * (np.where(own <= d_lo, d_lo1, d_lo) + np.where(own <= d_hi, d_hi1, d_hi))
+    return center, scale, loo_center, loo_scale
 
 
 def _rank_pvalues(test, ref):
