@@ -260,9 +260,9 @@ GROUP_TEST_CORE_SECONDS = 2.2e-8
 """Host core-seconds :func:`detect`'s per-group scope spends per tested (group, pair) value and per
 doubling of its ``G · n_a · n_b`` A × B tests (they sort and search: :func:`group_test_core_seconds`),
 from its Grams to its report: seconds × the cores they run on (``backend.on_host_cores``), measured
-0.009–0.016 core-µs at 128–1000 samples per task on GPT-2 small's 576 groups for tasks that do not
-conflict, 0.021 for tasks that conflict in every test (``benchmarks/conflict_tests.py [--shift 1]``,
-RESULTS.md, twenty-seventh session); the largest is kept."""
+0.005–0.009 core-µs at 256–1000 samples per task on GPT-2 small's 576 groups for tasks that do not
+conflict, 0.019–0.021 for tasks that conflict in every test (``benchmarks/conflict_tests.py [--shift
+1]``, RESULTS.md, twenty-seventh and thirty-fourth sessions); the largest is kept."""
 
 
 def group_test_values(n_a: int, n_b: int, groups: int) -> int:
