@@ -675,6 +675,9 @@ def qkov_ways(ctx: Context, name_a: str, name_b: str, factors: dict) -> Iterator
         if curvature:
             tested[a] = (f"the permutation test's null rests on the diagonal Fisher of {a}; it does not take --qkov-variant "
                          f"{score.variant}")
+        elif score.fisher_pool != "A":
+            tested[a] = (f"the permutation test weighs A against A' by the Fisher of {a} alone; it does not take "
+                         f"--qkov-fisher-pool {score.fisher_pool}")
         elif not work.qkov_tested(n, needed):
             fit = n - int(round(work.HELDOUT * n))
             tested[a] = f"{a} has {n} samples with active tokens; its fit half ({fit}) needs at least {needed} for a stable Fisher"
@@ -769,11 +772,12 @@ def fit_half_ids(task_batches: Sequence[Batch], config: AnalysisConfig, tasks: i
     """Ids of the fit half of Phase 6's held-out test of a task with these batches (one of
     ``tasks``): :func:`fisherjax.analysis.qkov.heldout_positions` at :data:`fisherjax.work.HELDOUT`
     and the run's seed over the samples Phase 1 keeps (those with a predicted token). None where
-    that test has no use for Phase 1's record of it: no ``qkov`` phase or one task, a curvature
-    variant, no full diagonal (``--no-diagonal``), a fit half too small to be tested, or sample ids
-    that are not unique."""
+    that test has no use for Phase 1's record of it: no ``qkov`` phase or one task, no test (a
+    curvature variant, a Fisher pooled over both tasks), no full diagonal (``--no-diagonal``), a fit
+    half too small to be tested, or sample ids that are not unique."""
     score = config.score_options()
-    if "qkov" not in config.phase_order() or tasks < 2 or not config.diagonal or score.variant in qkov.CURVATURE_VARIANTS:
+    if ("qkov" not in config.phase_order() or tasks < 2 or not config.diagonal or score.variant in qkov.CURVATURE_VARIANTS
+            or score.fisher_pool != "A"):
         return None
     ids = np.concatenate([seen_ids(b) for b in task_batches]) if task_batches else np.zeros(0, np.int64)
     if not work.qkov_tested(len(ids), score.min_fisher_samples) or len(np.unique(ids)) != len(ids):

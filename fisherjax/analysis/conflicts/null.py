@@ -63,10 +63,10 @@ TAILS = (None, "gpd")
 
 CHUNK_VALUES = 1 << 20
 """Values in flight (over all cores: :func:`chunk_values`) where the pooled null works piece by
-piece: the reference rows, their leave-one-out medians (:func:`median_mad_leave_one_out`,
-whose temporaries are a few times a chunk: a few hundred MB of float64 and int64 in all) and the tested values' p-values (:func:`pooled_pvalues`). All rows at once — every group
-and sample pair of a per-group test — were most of the tests' peak memory (RESULTS.md,
-twenty-third session)."""
+piece: the reference rows, their leave-one-out medians (:func:`median_mad_leave_one_out`, whose
+temporaries are a few times a chunk: a few hundred MB of float64 and int64 in all) and the tested
+values' p-values (:func:`pooled_pvalues`). All rows at once — every group and sample pair of a
+per-group test — were most of the tests' peak memory (RESULTS.md, twenty-third session)."""
 
 
 def reference_samples_needed(null: str) -> int:
@@ -391,11 +391,10 @@ def _deviation_order_statistics(y: np.ndarray, c: np.ndarray, k: int) -> tuple[n
     r = np.arange(rows)
     size = k + 1
     lo, hi = np.zeros(rows, np.intp), np.full(rows, m - size, np.intp)
-    while np.any(lo < hi):
-        mid = (lo + hi) // 2
-        entering = np.where(mid + size < m, y[r, np.minimum(mid + size, m - 1)] - c, np.inf)
-        stop = (c - y[r, mid]) <= entering
-        hi, lo = np.where(stop, mid, hi), np.where(stop, lo, mid + 1)
+    while np.any(active := lo < hi):
+        mid = (lo + hi) // 2  # < m − size where active; rows already settled read a clamped index, unused
+        stop = (c - y[r, mid]) <= (y[r, np.minimum(mid + size, m - 1)] - c)
+        hi, lo = np.where(active & stop, mid, hi), np.where(active & ~stop, mid + 1, lo)
     kth = np.maximum(np.abs(y[r, lo] - c), np.abs(y[r, lo + k] - c))
     before = np.where(lo > 0, np.abs(y[r, np.maximum(lo - 1, 0)] - c), np.inf)
     after = np.where(lo + size < m, np.abs(y[r, np.minimum(lo + size, m - 1)] - c), np.inf)
@@ -405,8 +404,8 @@ def _deviation_order_statistics(y: np.ndarray, c: np.ndarray, k: int) -> tuple[n
 def median_mad_leave_one_out(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Median and MAD of each row of ``x [rows, m]`` (``[rows]`` each), and the median and MAD of
     each row without its element ``l``, for every ``l`` (``[rows, m]`` each), from one sort of the
-    rows (numpy's vectorised sort: several times faster than the selections, ``np.partition`` and
-    ``np.median``, it replaced).
+    rows: numpy's vectorised sort of a row costs less than one multi-``kth`` ``np.partition`` of
+    it, and serves every order statistic below.
 
     Without ``l`` the median is ``(t[lo] + t[hi]) / 2`` with ``lo, hi`` the middle positions of
     ``m − 1`` values and ``t[k]`` the ``k``-th smallest without ``l``: ``s[k+1]`` where
