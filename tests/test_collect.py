@@ -278,16 +278,15 @@ def test_the_diagonal_over_the_first_batches_is_recorded_on_the_way(model, task,
     data = list(batches(task, 4))
     assert len(data) == 3
     paths = attention_paths(model.layout)
-    for variance in (False, True):
+    for variance, k, chosen in ((False, 1, None), (False, 2, paths), (False, 3, None), (True, 2, paths)):
         common = dict(task="rand", diagonal=True, diagonal_variance=variance, progress=False)
-        for k, chosen in ((1, None), (2, paths), (3, None)):
-            reference = collect(model, data[:k], **common)
-            partial = collect(model, data, prefix_batches=k, prefix_paths=chosen, **common).partial_diagonal
-            np.testing.assert_array_equal(partial.sample_ids, reference.sample_ids)
-            assert sorted(partial.mean) == sorted(chosen or reference.diagonal)
-            for p, value in partial.mean.items():
-                assert value.dtype == np.float32
-                np.testing.assert_allclose(value, reference.diagonal[p], rtol=2e-6, atol=1e-12 * np.abs(reference.diagonal[p]).max())
+        reference = collect(model, data[:k], **common)
+        partial = collect(model, data, prefix_batches=k, prefix_paths=chosen, **common).partial_diagonal
+        np.testing.assert_array_equal(partial.sample_ids, reference.sample_ids)
+        assert sorted(partial.mean) == sorted(chosen or reference.diagonal)
+        for p, value in partial.mean.items():
+            assert value.dtype == np.float32
+            np.testing.assert_allclose(value, reference.diagonal[p], rtol=2e-6, atol=1e-12 * np.abs(reference.diagonal[p]).max())
     common = dict(task="rand", diagonal=True, progress=False, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1)
     collect(model, data[:2], **common)
     resumed = collect(model, data, resume=True, prefix_batches=2, **common)
