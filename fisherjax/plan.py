@@ -145,8 +145,9 @@ class Plan:
         host's memory (:func:`fisherjax.pipeline.conflict_scope`).
       phase5_test_values, phase5_test_core_seconds: the values Phase 5 tests on the host over all
         pairs of tasks in that scope (``conflicts.group_test_values``, one group on the whole
-        gradient) and the host core-seconds they take (``conflicts.group_test_core_seconds``; the
-        tests use every core: divide by the host's).
+        gradient) and the host core-seconds they take where every test conflicts
+        (``conflicts.group_test_core_seconds``; the tests use every core: divide by the host's);
+        phase5_test_core_seconds_independent: the same for tasks that do not conflict.
       phase5_reform_flops, phase6_reform_flops: the part of that work spent forming factored
         kernels' gradients where they are read (:func:`reform_flops` per sample read,
         :func:`conflict_sample_reads`, :func:`qkov_sample_reads`).
@@ -209,6 +210,7 @@ class Plan:
     phase5_scope: str
     phase5_test_values: int
     phase5_test_core_seconds: float
+    phase5_test_core_seconds_independent: float
     phase6_scores_bytes: float
     phase6_output_bytes: float
     throughput_tflops: float
@@ -715,6 +717,7 @@ def plan(
         phase5_scope=phase5_scope,
         phase5_test_values=tested,
         phase5_test_core_seconds=math.comb(tasks, 2) * group_test_core_seconds(samples, samples, tested_groups),
+        phase5_test_core_seconds_independent=math.comb(tasks, 2) * group_test_core_seconds(samples, samples, tested_groups, False),
         phase6_scores_bytes=float(pair_scores),
         phase6_output_bytes=float(tasks * (tasks - 1) * pair_scores * (samples >= score.min_fisher_samples)),
         throughput_tflops=tflops,
@@ -795,6 +798,13 @@ def _curvature_line(c: CurvaturePlan, parameters: int) -> str:
     return f"skipped: {runs}"
 
 
+def _host_tests(p: Plan) -> str:
+    """Phase 5's host tests in one core's time, from tasks that do not conflict to tasks that
+    conflict in every test."""
+    return (f"{_duration(p.phase5_test_core_seconds_independent)} (tasks that do not conflict) to "
+            f"{_duration(p.phase5_test_core_seconds)} (conflicting in every test) of one core's time")
+
+
 def format_plan(p: Plan) -> str:
     """The plan as a short table (what ``fisherjax plan`` prints)."""
     limit = p.safety * p.device_memory_bytes
@@ -847,8 +857,7 @@ def format_plan(p: Plan) -> str:
                                   f"(with {KEPT_SHARE:.0%} of their tests kept: p ≤ alpha): "
                                 + ("tested per head group" if p.phase5_scope == "groups"
                                    else "tested on the whole gradient (--conflict-scope auto; fewer samples keep the groups)")
-                                + f"; host tests of {_count(p.phase5_test_values)} values ≈ "
-                                  f"{_duration(p.phase5_test_core_seconds)} of one core's time"),
+                                + f"; host tests of {_count(p.phase5_test_values)} values ≈ {_host_tests(p)}"),
         ("Phase 6 (QK-OV)", f"{_scaled(p.phase6_flops, FLOPS)} ≈ {_duration(p.phase6_seconds)}"
                             + (f" ({_scaled(p.phase6_reform_flops, FLOPS)} of it forming factored gradients"
                                f"{', at least: each device forms the tiles of task B it reads' if p.devices > 1 else ''})"
@@ -865,8 +874,7 @@ def format_plan(p: Plan) -> str:
                             + f"), {_bytes(p.phase6_output_bytes)} in qkov.npz"),
         ("total", f"≈ {_duration(p.total_seconds)} of device compute"
                   + ("" if p.curvature.skip is None else " (without the method comparison, which the default run skips)")
-                  + f", and ≈ {_duration(p.phase5_test_core_seconds)} of one host core's time for Phase 5's tests "
-                    "(they use every core: divide by the host's)"),
+                  + f", and ≈ {_host_tests(p)} for Phase 5's tests (they use every core: divide by the host's)"),
         ("throughput", f"{p.throughput_tflops:g} TFLOP/s per device{assumed}, over {p.devices} device(s), compute only"),
         ("measured / derived", "the Phase 1 step's memory is compiled"
                                + ("" if p.sharded_step or p.devices == 1 else " (single-device step: fewer devices than planned)")

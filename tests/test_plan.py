@@ -209,7 +209,7 @@ def test_bfloat16_storage_and_spilling_when_the_host_is_small(tiny, base):
 def test_conflict_tests_per_group_where_the_host_holds_them(tiny, base):
     """The plan's Phase 5 says what a pair's per-group tests hold on the host and which scope
     ``--conflict-scope auto`` takes with the host's memory (half of it for those tests)."""
-    from fisherjax.analysis.conflicts import GROUP_TEST_CORE_SECONDS, group_scope_bytes
+    from fisherjax.analysis.conflicts import GROUP_TEST_CORE_SECONDS, GROUP_TEST_CORE_SECONDS_INDEPENDENT, group_scope_bytes
     from fisherjax.pipeline import conflict_groups, conflict_open_groups
 
     layout = abstract_model(tiny).layout
@@ -220,6 +220,11 @@ def test_conflict_tests_per_group_where_the_host_holds_them(tiny, base):
     # the host tests' time: every pair's tested values at the measured core-seconds each (one pair of two tasks here)
     assert base.phase5_test_values == groups * 3 * n * n
     assert base.phase5_test_core_seconds == pytest.approx(GROUP_TEST_CORE_SECONDS * groups * 3 * n * n * math.log2(groups * n * n))
+    # ... where every test conflicts (all kept); tasks that do not conflict take the lower measured rate
+    assert base.phase5_test_core_seconds_independent == pytest.approx(
+        GROUP_TEST_CORE_SECONDS_INDEPENDENT * groups * 3 * n * n * math.log2(groups * n * n))
+    assert GROUP_TEST_CORE_SECONDS_INDEPENDENT < GROUP_TEST_CORE_SECONDS
+    assert "(tasks that do not conflict) to" in format_plan(base) and "(conflicting in every test) of one core's time" in format_plan(base)
     assert f"host tests of {groups * 3 * n * n / 1e3:.1f} k values" in format_plan(base)
     three = plan(tiny, samples=n, seq_len=SEQ, device_memory_gb=80, tasks=3)
     assert three.phase5_test_values == 3 * base.phase5_test_values and three.phase5_test_core_seconds == 3 * base.phase5_test_core_seconds

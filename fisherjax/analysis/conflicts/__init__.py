@@ -26,7 +26,7 @@ the ones above it:
 
 from fisherjax.analysis.conflicts import projection
 from fisherjax.analysis.conflicts.detect import (
-    GROUP_GRAM_BYTES, GROUP_TEST_CORE_SECONDS, GROUP_TEST_FIXED_BYTES, GROUP_TEST_STEP_BYTES, HOT_NULL_BYTES, KEPT_SHARE,
+    GROUP_GRAM_BYTES, GROUP_TEST_CORE_SECONDS, GROUP_TEST_CORE_SECONDS_INDEPENDENT, GROUP_TEST_FIXED_BYTES, GROUP_TEST_STEP_BYTES, HOT_NULL_BYTES, KEPT_SHARE,
     KEPT_TEST_BYTES, NULL_TAIL_BYTES, ConflictReport, detect, group_scope_bytes, group_test_core_seconds, group_test_values, head_map,
     max_kept_tests,
 )
@@ -40,6 +40,7 @@ from fisherjax.analysis.conflicts.sources import GradChunk, GroupedGrads, GroupI
 __all__ = [
     "GROUP_GRAM_BYTES",
     "GROUP_TEST_CORE_SECONDS",
+    "GROUP_TEST_CORE_SECONDS_INDEPENDENT",
     "GROUP_TEST_FIXED_BYTES",
     "GROUP_TEST_STEP_BYTES",
     "HOT_NULL_BYTES",

@@ -51,7 +51,7 @@ from fisherjax.sharding import check_mesh
 from fisherjax.stats import fdr_qvalues
 
 __all__ = [
-    "GROUP_GRAM_BYTES", "GROUP_TEST_CORE_SECONDS", "GROUP_TEST_FIXED_BYTES", "GROUP_TEST_STEP_BYTES", "HOT_NULL_BYTES", "KEPT_SHARE",
+    "GROUP_GRAM_BYTES", "GROUP_TEST_CORE_SECONDS", "GROUP_TEST_CORE_SECONDS_INDEPENDENT", "GROUP_TEST_FIXED_BYTES", "GROUP_TEST_STEP_BYTES", "HOT_NULL_BYTES", "KEPT_SHARE",
     "KEPT_TEST_BYTES", "NULL_TAIL_BYTES",
     "ConflictReport", "detect", "group_scope_bytes", "group_test_core_seconds", "group_test_values", "head_map", "max_kept_tests",
 ]
@@ -264,6 +264,10 @@ from its Grams to its report: seconds × the cores they run on (``backend.on_hos
 conflict, 0.019–0.021 for tasks that conflict in every test (``benchmarks/conflict_tests.py [--shift
 1]``, RESULTS.md, twenty-seventh and thirty-fourth sessions); the largest is kept."""
 
+GROUP_TEST_CORE_SECONDS_INDEPENDENT = 9e-9
+"""The same rate for tasks that do not conflict (about ``alpha`` of the tests kept): the largest
+measured at 256–1000 samples per task in the thirty-fourth session (0.0089 core-µs at 256)."""
+
 
 def group_test_values(n_a: int, n_b: int, groups: int) -> int:
     """Tested (group, pair) values of :func:`detect`'s per-group scope for ``n_a`` × ``n_b``
@@ -272,12 +276,15 @@ def group_test_values(n_a: int, n_b: int, groups: int) -> int:
     return groups * (n_a * n_b + n_a * n_a + n_b * n_b)
 
 
-def group_test_core_seconds(n_a: int, n_b: int, groups: int) -> float:
+def group_test_core_seconds(n_a: int, n_b: int, groups: int, conflicting: bool = True) -> float:
     """Host core-seconds of :func:`detect`'s per-group tests, about
-    ``GROUP_TEST_CORE_SECONDS · values · log2(G · n_a · n_b)`` (:func:`group_test_values`); they run
-    on every core, so a host with ``c`` cores takes about this over ``c``. ``groups=1``: the whole
-    gradient's tests."""
-    return GROUP_TEST_CORE_SECONDS * group_test_values(n_a, n_b, groups) * math.log2(max(groups * n_a * n_b, 2))
+    ``rate · values · log2(G · n_a · n_b)`` (:func:`group_test_values`), ``rate``
+    :data:`GROUP_TEST_CORE_SECONDS` where every test conflicts (the most: every test is kept),
+    :data:`GROUP_TEST_CORE_SECONDS_INDEPENDENT` where the tasks do not (``conflicting=False``);
+    they run on every core, so a host with ``c`` cores takes about this over ``c``. ``groups=1``:
+    the whole gradient's tests."""
+    rate = GROUP_TEST_CORE_SECONDS if conflicting else GROUP_TEST_CORE_SECONDS_INDEPENDENT
+    return rate * group_test_values(n_a, n_b, groups) * math.log2(max(groups * n_a * n_b, 2))
 
 
 def group_scope_bytes(n_a: int, n_b: int, groups: int, kept_share: float = KEPT_SHARE, alpha: float = 0.05,
