@@ -26,9 +26,9 @@ the ones above it:
 
 from fisherjax.analysis.conflicts import projection
 from fisherjax.analysis.conflicts.detect import (
-    GROUP_GRAM_BYTES, GROUP_TEST_CORE_SECONDS, GROUP_TEST_CORE_SECONDS_INDEPENDENT, GROUP_TEST_FIXED_BYTES, GROUP_TEST_STEP_BYTES, HOT_NULL_BYTES, KEPT_SHARE,
-    KEPT_TEST_BYTES, NULL_TAIL_BYTES, ConflictReport, detect, group_scope_bytes, group_test_core_seconds, group_test_values, head_map,
-    max_kept_tests,
+    GROUP_GRAM_BYTES, GROUP_TEST_CORE_SECONDS, GROUP_TEST_CORE_SECONDS_INDEPENDENT, GROUP_TEST_FIXED_BYTES, GROUP_TEST_STEP_BYTES,
+    HOT_NULL_BYTES, KEPT_SHARE, KEPT_TEST_BYTES, NULL_TAIL_BYTES, ConflictReport, detect, group_scope_bytes, group_test_core_seconds,
+    group_test_values, head_map, max_kept_tests,
 )
 from fisherjax.analysis.conflicts.findings import ConflictCluster, ConflictPair
 from fisherjax.analysis.conflicts.gram import Gram, damping, effect_sizes, open_groups, pairwise_cosines, whiten

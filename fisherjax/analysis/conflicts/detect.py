@@ -51,8 +51,8 @@ from fisherjax.sharding import check_mesh
 from fisherjax.stats import fdr_qvalues
 
 __all__ = [
-    "GROUP_GRAM_BYTES", "GROUP_TEST_CORE_SECONDS", "GROUP_TEST_CORE_SECONDS_INDEPENDENT", "GROUP_TEST_FIXED_BYTES", "GROUP_TEST_STEP_BYTES", "HOT_NULL_BYTES", "KEPT_SHARE",
-    "KEPT_TEST_BYTES", "NULL_TAIL_BYTES",
+    "GROUP_GRAM_BYTES", "GROUP_TEST_CORE_SECONDS", "GROUP_TEST_CORE_SECONDS_INDEPENDENT", "GROUP_TEST_FIXED_BYTES",
+    "GROUP_TEST_STEP_BYTES", "HOT_NULL_BYTES", "KEPT_SHARE", "KEPT_TEST_BYTES", "NULL_TAIL_BYTES",
     "ConflictReport", "detect", "group_scope_bytes", "group_test_core_seconds", "group_test_values", "head_map", "max_kept_tests",
 ]
 
