@@ -261,7 +261,7 @@ def test_analyze_collects_a_tested_fit_half_first_and_phase_6_takes_its_fisher_f
     first, and Phase 1 records that half's Fisher: the split is the one the test draws (by sample
     id, whatever the order), the record equals the kept samples' mean over the fit half (float32:
     to rounding), the test takes its weights and mean row from it (a doubled record doubles the
-    row) and gives the result of the kept samples' mean; nothing is reordered where nothing is
+    row); nothing is reordered where nothing is
     tested. The record is saved with the rest of the Fisher. With a Fisher pooled over both tasks
     Phase 6 gives the heatmaps and skips the test with the reason (it once stopped the run)."""
     import dataclasses
@@ -302,14 +302,6 @@ def test_analyze_collects_a_tested_fit_half_first_and_phase_6_takes_its_fisher_f
         for p in paths:
             np.testing.assert_array_equal(row[p][0], fisher.partial_diagonal.mean[p])
             np.testing.assert_array_equal(twice[p][0], 2 * fisher.partial_diagonal.mean[p])
-    without = {name: dataclasses.replace(f, partial_diagonal=None) for name, f in fishers.items()}
-    options = dict(fraction=work.HELDOUT, split_seed=config.seed, n_permutations=200, seed=0, min_fisher_samples=score.min_fisher_samples)
-    ours = list(qkov.both_ways(fishers["a"], fishers["b"], model.layout, **options))
-    theirs = list(qkov.both_ways(without["a"], without["b"], model.layout, **options))
-    for x, y in zip(ours, theirs, strict=True):
-        np.testing.assert_array_equal(x.heatmap.scores, y.heatmap.scores)
-        assert _rel(x.test.observed, y.test.observed) < 1e-5
-        np.testing.assert_allclose(x.test.pvalues, y.test.pvalues, atol=2 / 201)
     saved = io.load_task_fisher(io.save_task_fisher(fishers["a"], tmp_path / "state")).partial_diagonal
     np.testing.assert_array_equal(saved.sample_ids, fishers["a"].partial_diagonal.sample_ids)
     for p in paths:
