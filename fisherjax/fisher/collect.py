@@ -152,7 +152,7 @@ def collect(
         batch_size = None
         for index, batch in enumerate(batches):
             if index == prefix_batches and index >= start_batch:  # the state holds exactly the prefix's batches
-                partial = partial_diagonal(state, plan, prefix_ids, prefix_paths)
+                partial = partial_diagonal(state, prefix_ids, prefix_paths)
             if prefix_batches is not None and index < prefix_batches:
                 prefix_ids.append(seen_ids(batch))
             batch_size = batch_size or batch.input_ids.shape[0]
@@ -181,7 +181,7 @@ def collect(
         if pending is not None:
             log = settle(log, pending)
         if prefix_batches is not None and start_batch <= index + 1 <= prefix_batches:  # the prefix is every batch
-            partial = partial_diagonal(state, plan, prefix_ids, prefix_paths)
+            partial = partial_diagonal(state, prefix_ids, prefix_paths)
     if manager is not None:
         manager.wait_until_finished()
         manager.close()
@@ -221,7 +221,7 @@ def diagonal_mean(diagonal, paths: Sequence[str] | None = None) -> dict[str, np.
     return {p: (np.asarray(v, np.float32) / count).astype(np.float32) for p, v in diagonal.total.items() if paths is None or p in paths}
 
 
-def partial_diagonal(state: dict, plan: StepPlan, ids: list[np.ndarray], paths: Sequence[str] | None) -> PartialDiagonal:
+def partial_diagonal(state: dict, ids: list[np.ndarray], paths: Sequence[str] | None) -> PartialDiagonal:
     """The :class:`~fisherjax.fisher.state.PartialDiagonal` of the samples ``ids`` (per batch) that
     ``state`` has accumulated, copied to the host now (the next step donates the state)."""
     return PartialDiagonal(np.concatenate(ids) if ids else np.zeros(0, np.int64), diagonal_mean(state["diagonal"], paths))
