@@ -22,7 +22,7 @@ import dataclasses
 import json
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -416,6 +416,38 @@ def bucket_length(length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
         if b >= length:
             return b
     return length
+
+
+def run_buckets(tasks: Iterable[Task], batch_size: int, buckets: Sequence[int] = DEFAULT_BUCKETS, *,
+                row_cost: Callable[[int], float] = float, free: float = 0.0) -> tuple[int, ...]:
+    """The lengths a run pads its batches to (``batches(..., buckets=run_buckets(...))``): each
+    batch's own bucket, except that a length ``L`` held by ``n_L`` batches (with those of the
+    smaller lengths folded into it) is folded into the next larger length in use, ``L'``, when the
+    work that adds is at most one batch's at ``L'``, or at most ``free``:
+    ``n_L · B · (c(L') − c(L)) ≤ max(B · c(L'), free)``, ``B = batch_size``, ``c = row_cost`` (a
+    row's work at a length; by default its positions, with ``free`` 0).
+
+    Every length is a shape that every phase reading the batches compiles, and XLA takes many
+    times longer to compile a step than to run it, so one more step at a shape compiled anyway is
+    the cheaper side of the trade; ``free`` is work cheaper than any compilation (on a small model
+    a batch's work is far below its compile time). A length is folded only into a larger one in
+    use, so the longest batch, and with it the memory of the largest step, stay as they were.
+    ``tasks``: the run's tasks in the order of their batches (consecutive ``batch_size`` samples,
+    as :func:`batches` cuts them)."""
+    counts: dict[int, int] = {}
+    for task in tasks:
+        for start in range(0, len(task), batch_size):
+            longest = max(max(len(ex.tokens) for ex in task.examples[start : start + batch_size]), 1)
+            length = bucket_length(longest, buckets)
+            counts[length] = counts.get(length, 0) + 1
+    lengths, kept, carried = sorted(counts), [], 0
+    for length, larger in zip(lengths, lengths[1:] + [None]):
+        held = counts[length] + carried
+        folds = larger is not None and held * batch_size * (row_cost(larger) - row_cost(length)) <= max(batch_size * row_cost(larger), free)
+        carried = held if folds else 0
+        if not folds:
+            kept.append(length)
+    return tuple(kept)
 
 
 def make_batch(examples: Sequence[Example], batch_size: int, seq_len: int, *, pad_id: int = 0, side: str = "right") -> Batch:

@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 from fisherjax import backend, compilation_cache, heads, io, outdir, report, sharding, telemetry, work
 from fisherjax.analysis import conflicts, experiments, importance, masks, qkov
 from fisherjax.curvature import compare, kfac, lanczos
-from fisherjax.data import Batch, MissingTokenizer, Task, batches, check_targets, load_task
+from fisherjax.data import DEFAULT_BUCKETS, Batch, MissingTokenizer, Task, batches, check_targets, load_task, run_buckets
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
 from fisherjax.fisher.collect import check_kept_budget, collect, kept_bytes, seen_ids
 from fisherjax.fisher.groups import group_sizes
@@ -319,11 +319,14 @@ def longest(task_batches: dict[str, list[Batch]]) -> int:
 
 
 def first_batches(ctx: Context, name: str, n: int) -> list[Batch]:
-    """Batches of the first ``n`` samples of a task, cut like Phase 1's (the share of the phases
-    that run on a fixed few samples: the method comparison, the ``heads`` phase)."""
+    """Batches of the first ``n`` samples of a task, cut like Phase 1's and padded to the lengths
+    its batches have (so they compile no other shape): the share of the phases that run on a fixed
+    few samples, the method comparison and the ``heads`` phase."""
     model, task = ctx.model, ctx.tasks[name]
     task = dataclasses.replace(task, examples=task.examples[:n])
-    return list(batches(task, ctx.config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
+    lengths = sorted({b.input_ids.shape[1] for bs in ctx.batches.values() for b in bs}) or DEFAULT_BUCKETS
+    return list(batches(task, ctx.config.batch_size, buckets=lengths, pad_id=model.config.pad_token_id or 0,
+                        vocab_size=model.config.vocab_size))
 
 
 CURVATURE_MEMORY_SHARE = 0.5
@@ -743,9 +746,16 @@ SPANNING_PHASES = ("conflicts", "qkov")
 # ---- driver ------------------------------------------------------------------------------------
 
 
+FOLD_FREE_FLOPS = 1e11
+"""Phase 1 work below which :func:`task_batches` pads batches to a longer length already in use
+rather than compile another (``fisherjax.data.run_buckets``' ``free``): about a second of a 2-core
+CPU, and less than XLA takes to compile a step at any size (the demo's smallest, 3.6 s there)."""
+
+
 def task_batches(model: Model, tasks: dict[str, Task], config: AnalysisConfig) -> dict[str, list[Batch]]:
     """Every task's batches as Phase 1 reads them (``--batch-size`` rows, each padded to its
-    bucket); token ids outside the vocabulary are refused here, naming the file and sample.
+    bucket, the run's buckets fewer where that saves compiling a shape: :func:`fisherjax.data.run_buckets`);
+    token ids outside the vocabulary are refused here, naming the file and sample.
 
     A task that Phase 6 tests with a held-out split (:func:`fit_half_ids`) has its fit half's
     samples first, then the others (each part in file order, its own batches): Phase 1 then
@@ -753,19 +763,23 @@ def task_batches(model: Model, tasks: dict[str, Task], config: AnalysisConfig) -
     samples for it — a third of its reads at 7B, and a task's only read of its fit half for all its
     pairs. The split depends on the samples' ids alone (:func:`fisherjax.analysis.qkov.heldout_positions`),
     so it is the same whichever order they are collected in."""
-    def of(task: Task) -> list[Batch]:
-        return list(batches(task, config.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
+    def of(task: Task, lengths: Sequence[int] = DEFAULT_BUCKETS) -> list[Batch]:
+        return list(batches(task, config.batch_size, buckets=lengths, pad_id=model.config.pad_token_id or 0,
+                            vocab_size=model.config.vocab_size))
 
-    ordered = {}
+    parts = {}
     for name, task in tasks.items():
-        chosen = of(task)
-        fit = fit_half_ids(chosen, config, len(tasks))
+        fit = fit_half_ids(of(task), config, len(tasks))
+        parts[name] = (task,)
         if fit is not None:
             first = set(fit.tolist())
             ids = [e.sample_id for e in task.examples]
-            chosen = of(task.subset([i for i in ids if i in first])) + of(task.subset([i for i in ids if i not in first]))
-        ordered[name] = chosen
-    return ordered
+            parts[name] = (task.subset([i for i in ids if i in first]), task.subset([i for i in ids if i not in first]))
+    def row_flops(length: int) -> float:
+        return work.COLLECT_FORWARDS * work.forward_flops(model.layout, length).total
+
+    lengths = run_buckets([part for both in parts.values() for part in both], config.batch_size, row_cost=row_flops, free=FOLD_FREE_FLOPS)
+    return {name: [b for part in both for b in of(part, lengths)] for name, both in parts.items()}
 
 
 def fit_half_ids(task_batches: Sequence[Batch], config: AnalysisConfig, tasks: int) -> np.ndarray | None:

@@ -192,6 +192,12 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
     # (an executable another test of this run compiled may come from the run's shared cache: a hit)
     assert phases["collect"]["compilations"] + phases["collect"]["cache_hits"] >= 1
     assert phases["total"]["compilations"] >= phases["collect"]["compilations"]
+    # one padded length for every batch of the run: the math task's at 16 positions and the copy
+    # task's at 32 cost less padded to 64 than compiling the step, and every later phase, twice more
+    from fisherjax.pipeline import AnalysisConfig, load_inputs, task_batches
+
+    config = AnalysisConfig()
+    assert {np.shape(b.input_ids) for bs in task_batches(*load_inputs(config), config).values() for b in bs} == {(16, 64)}
     assert phases["total"]["seconds"] >= sum(e["seconds"] for k, e in phases.items() if k != "total") - 0.1
     rated = {"collect", "heads", "masks", "conflicts", "qkov"}  # what fisherjax.work counts
     assert {k for k, e in phases.items() if "achieved_tflops" in e} == rated

@@ -19,6 +19,7 @@ from fisherjax.data import (
     make_batch,
     num_active_tokens,
     predicted_labels,
+    run_buckets,
     task_from_texts,
     task_from_tokens,
 )
@@ -59,6 +60,35 @@ def test_left_padding_and_buckets():
     np.testing.assert_array_equal(left[0].input_ids[0, -3:], [5, 6, 7])
     np.testing.assert_array_equal(left[0].attention_mask[0], [0] * 5 + [1] * 3)
     assert bucket_length(17) == 32 and bucket_length(10_000, (16, 32)) == 10_000
+
+
+def _lengths(*sizes):
+    """A task of samples of these token counts (ids 3, 4, ...)."""
+    return task_from_tokens("t", [list(range(3, 3 + n)) for n in sizes])
+
+
+def test_a_run_folds_a_length_into_the_next_when_that_adds_at_most_one_batch_of_positions():
+    # one batch at 16 beside three at 64: 48 positions more ≤ 64, so one length, 64
+    assert run_buckets([_lengths(10, 50, 60, 40)], 1) == (64,)
+    # eight batches at 16 would add 8 · 48 = 384 positions > 64: both lengths stay
+    assert run_buckets([_lengths(*[10] * 8, 50)], 1) == (16, 64)
+    # folded batches count at the length they join: 16 → 32 (16 ≤ 32), then 32 → 64 with two (2 · 32
+    # ≤ 64) but not with three (96); lengths of every task count together, the largest is never
+    # folded, and batches are cut as batches() cuts them
+    assert run_buckets([_lengths(10, 20), _lengths(60)], 1) == (64,)
+    assert run_buckets([_lengths(10, 20, 20), _lengths(60)], 1) == (32, 64) == run_buckets([_lengths(10, 20, 20, 60)], 1)
+    assert run_buckets([_lengths(10, 20, 20, 25, 60)], 2) == (64,)  # batches [10, 20] [20, 25] [60]: 2 · 32 ≤ 64
+    assert run_buckets([_lengths(9000)], 1) == (9000,)  # beyond the largest bucket: the length itself
+    # the work of a row at a length (2 · (64² − 32²) > 64², where 2 · 32 ≤ 64), and work up to `free` folds whatever it adds
+    assert run_buckets([_lengths(*[10] * 8, 50)], 1, row_cost=lambda n: n * n) == (16, 64)  # 8 · (64² − 16²) > 64²
+    assert run_buckets([_lengths(20, 20, 50)], 1) == (64,) != run_buckets([_lengths(20, 20, 50)], 1, row_cost=lambda n: n * n)
+    assert run_buckets([_lengths(*[10] * 8, 50)], 1, free=384) == (64,) != run_buckets([_lengths(*[10] * 8, 50)], 1, free=383)
+    # every batch is padded to the smallest kept length at least its own bucket: none gets longer
+    # than the longest batch, and lengths not kept are never used
+    task = _lengths(10, 20, 20, 25, 30, 30, 60, 5, 3)
+    kept = run_buckets([task], 2)
+    shapes = [b.input_ids.shape[1] for b in batches(task, 2, buckets=kept)]
+    assert kept == (32, 64) and shapes == [32, 32, 32, 64, 32] and set(shapes) == set(kept)
 
 
 def test_texts_and_txt_files(tmp_path):
