@@ -1,7 +1,7 @@
 """Sharded pair phases: ``mesh=`` on ``qkov.heatmap``, ``qkov.permutation_test`` and
 ``conflicts.detect`` / ``pairwise_cosines`` equals one device.
 
-The meshes (4,) ``("data",)`` and (2, 2) ``("data", "model")`` need four devices, which a CPU only
+The meshes (2, 2) ``("data", "model")`` and (slow) (4,) ``("data",)`` need four devices, which a CPU only
 has when ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` is set before jax is imported: the
 comparisons run in one subprocess (:data:`CHECK`, tasks built once) that writes what it found as
 JSON. A bad mesh, and a one-device mesh, are checked in this process.
@@ -174,7 +174,7 @@ def counted_slice_dots(*args):
 conflicts_gram.sharded_slice_dots = counted_slice_dots
 
 found = {}
-for name, mesh in (("(4,)", make_mesh(4)), ("(2, 2)", make_mesh(2, 2))):
+for name, mesh in ((name, {"(4,)": make_mesh(4), "(2, 2)": make_mesh(2, 2)}[name]) for name in sys.argv[2:]):
     f = found[name] = {}
     sliced_calls.clear()
     # QK-OV heatmap, gathered: the looped kernel (CPU default) on TaskFishers.
@@ -268,18 +268,21 @@ with open(sys.argv[1], "w") as out:
 '''
 
 
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory) -> dict:
+# The (2, 2) mesh by default: it splits the rows over "data" and the parameters over "model"; the
+# (4,) mesh (rows alone, two a device) is slow, its checks the same.
+@pytest.fixture(scope="module", params=["(2, 2)", pytest.param("(4,)", marks=pytest.mark.slow)])
+def sharded(request, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sharded_analysis") / "found.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # CHECK adds its four devices to the run's XLA_FLAGS
-    proc = subprocess.run([sys.executable, "-c", CHECK, str(out)], env=env, cwd=Path(__file__).parent, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, "-c", CHECK, str(out), request.param], env=env, cwd=Path(__file__).parent,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    found = json.loads(out.read_text())
+    assert set(found) == {request.param}
+    return found
 
 
 def test_sharded_pair_phases_equal_one_device(sharded):
-    assert set(sharded) == {"(4,)", "(2, 2)"}
     for mesh, f in sharded.items():
         errors = {k: v for k, v in f.items() if isinstance(v, float)}
         close = {k: v for k, v in errors.items() if not k.endswith("pvalues")}
