@@ -510,7 +510,7 @@ def _load(directory: Path, args, *, tokenizer: bool):
 
 def _task_fisher(model, params, name: str, file: Path, args, *, diagonal: bool):
     """Phase 1 Fisher of the task file on ``params`` (``model``'s architecture and tokenizer)."""
-    from fisherjax.data import batches, check_targets, load_task, run_buckets
+    from fisherjax.data import batches, check_targets, load_task
     from fisherjax.fisher.collect import collect
 
     task = load_task(file, model.tokenizer, name=name, max_length=args.max_length,
@@ -518,8 +518,7 @@ def _task_fisher(model, params, name: str, file: Path, args, *, diagonal: bool):
     if args.max_samples is not None:
         task = dataclasses.replace(task, examples=task.examples[: args.max_samples])
     check_targets(task, args.max_length)
-    chosen = list(batches(task, args.batch_size, buckets=run_buckets([task], args.batch_size), pad_id=model.config.pad_token_id or 0,
-                          vocab_size=model.config.vocab_size))
+    chosen = list(batches(task, args.batch_size, pad_id=model.config.pad_token_id or 0, vocab_size=model.config.vocab_size))
     return collect(model, chosen, task=name, params=params, diagonal=diagonal, progress=not args.no_progress)
 
 

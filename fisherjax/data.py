@@ -485,12 +485,16 @@ def batches(
     task: Task,
     batch_size: int,
     *,
-    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    buckets: Sequence[int] | None = None,
     pad_id: int = 0,
     side: str = "right",
     vocab_size: int | None = None,
 ) -> Iterator[Batch]:
     """Consecutive batches of a task, each padded to its bucket length and to ``batch_size``.
+
+    ``buckets``: the lengths a batch may be padded to (the smallest one at least its longest
+    sample); None for :func:`run_buckets` of this task alone — :data:`DEFAULT_BUCKETS`, with a
+    length few batches hold folded into the next (a compiled shape fewer).
 
     When ``vocab_size`` is given, token ids outside it raise :class:`DataError` naming the file
     and sample.
@@ -505,10 +509,11 @@ def batches(
                     f"{task.source}: sample {ex.sample_id} has token id {bad}, outside the model's vocabulary "
                     f"(size {vocab_size})"
                 )
+    lengths = run_buckets([task], batch_size) if buckets is None else buckets
     for start in range(0, len(task), batch_size):
         chunk = task.examples[start : start + batch_size]
         longest = max(max(len(ex.tokens) for ex in chunk), 1)
-        yield make_batch(chunk, batch_size, bucket_length(longest, buckets), pad_id=pad_id, side=side)
+        yield make_batch(chunk, batch_size, bucket_length(longest, lengths), pad_id=pad_id, side=side)
 
 
 def predicted_labels(labels, attention_mask):
