@@ -163,18 +163,10 @@ def probe(key: jax.Array, params, paths: Sequence[str] | None = None) -> dict[st
     """A standard Gaussian probe as flat float32 ``{path: array}`` on the leaves ``paths`` (all for
     None): leaf ``i`` of the ravel order is drawn from ``fold_in(key, i)``, so any group's part of
     the same probe is drawn without the rest."""
-    shapes = {p: tuple(np.shape(x)) for p, x in flatten(params).items()}
+    shapes = {p: np.shape(x) for p, x in flatten(params).items()}
     index = {p: i for i, p in enumerate(leaf_paths(params))}
     paths = tuple(index) if paths is None else tuple(paths)
-    drawn = _normals(key, np.asarray([index[p] for p in paths], np.uint32), tuple(shapes[p] for p in paths))
-    return dict(zip(paths, drawn))
-
-
-@functools.partial(jax.jit, static_argnames="shapes")
-def _normals(key: jax.Array, indices: jax.Array, shapes: tuple[tuple[int, ...], ...]) -> tuple[jax.Array, ...]:
-    """``normal(fold_in(key, indices[j]), shapes[j])`` for every ``j``, in one program: drawn one
-    leaf at a time outside ``jit``, each leaf shape was a compilation of its own."""
-    return tuple(jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) for i, shape in zip(indices, shapes))
+    return {p: jax.random.normal(jax.random.fold_in(key, index[p]), shapes[p], jnp.float32) for p in paths}
 
 
 def _layerwise_product(factor, w):
