@@ -502,9 +502,12 @@ def test_a_groups_part_of_a_probe_and_its_factors_are_the_wholes():
         kfac.kfac_factors(model, model.params, _batches(), keys=("layers/mlp/nothing",))
 
 
-# Llama's case is slow: GPT-2's covers the grouped stage's numbers (layer ranges of its fused QKV)
-# and test_parameter_groups_cover_every_leaf_once_with_its_factors covers Llama's groups.
-@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
+# Slow: the default run covers the grouped stage's numbers on GPT-2 with many groups, one sample a
+# pass (test_the_comparison_without_its_gradients_whole) and the groups themselves, a layer range
+# at a time too (test_parameter_groups_cover_every_leaf_once_with_its_factors); this checks the
+# numbers of layer ranges (GPT-2's fused QKV) and of Llama's separate q/k/v/o with grouped-query k/v.
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_the_grouped_stage_equals_the_held_one(family, monkeypatch):
     """K-FAC's stage in groups — GPT-2's fused QKV and Llama's separate q/k/v/o with grouped-query
     k/v — with the largest units' factors a layer at a time, kept on the host between the vector
