@@ -23,7 +23,7 @@ from fisherjax.models.model import Model
 from fisherjax.fisher.options import kept_paths
 from fisherjax.plan import (
     GB, abstract_model, conflict_bytes_read, conflict_sample_reads, conflict_slices, curvature_plan, default_options, format_plan,
-    kept_parameters, parameter_bytes, plan, qkov_sample_reads, read_config,
+    kept_parameters, largest_fitting, parameter_bytes, plan, qkov_sample_reads, read_config,
 )
 from fisherjax.work import COLLECT_FORWARDS, curvature_flops, forward_flops, heads_flops, masks_flops, qkov_pair_reads
 from conftest import FAST_FAMILIES
@@ -188,12 +188,44 @@ def test_kernels_kept_as_token_factors_change_storage_step_and_work(tiny):
     assert "token factors" in format_plan(factored) and "token factors" not in format_plan(grads)
 
     true_fisher = default_options().replace(fisher_type="true")  # keeps C_i beside g_i: never factors
-    true_plan = plan(tiny, samples=4, seq_len=seq, device_memory_gb=80, options=true_fisher, sample_grads_form="auto")
+    true_plan = plan(tiny, samples=1, seq_len=seq, device_memory_gb=80, options=true_fisher, sample_grads_form="auto")  # one step compiled
     assert true_plan.factored == () and true_plan.stored_values == 2 * true_plan.kept_values  # g_i and C_i
-    assert true_plan.storage_bytes == 4 * 2 * true_plan.stored_values * 4 and "C_i" in format_plan(true_plan)
+    assert true_plan.storage_bytes == 1 * 2 * true_plan.stored_values * 4 and "C_i" in format_plan(true_plan)
     with pytest.raises(ConfigError, match="--sample-grads-form"):
         plan(tiny, samples=4, seq_len=seq, device_memory_gb=80, options=true_fisher, sample_grads_form="factors")
     assert qkov_sample_reads(7, 2, 8) == 0  # below min_fisher_samples Phase 6 is skipped
+
+
+def test_the_micro_batch_search_measures_few_steps_and_finds_what_trying_each_in_turn_finds():
+    candidates = [1, 2, 4, 8, 16, 32, 64]
+
+    def search(memory, limit):
+        measured = []
+        found = largest_fitting(candidates, lambda c: measured.append(c) or memory(c), limit)
+        return found, measured
+
+    def in_turn(memory, limit):  # every candidate in order until one does not fit
+        best = None
+        for c in candidates:
+            if memory(c) > limit:
+                break
+            best = c
+        return best
+
+    line = lambda c: 10.0 + 3.0 * c  # noqa: E731
+    assert search(line, 1e9) == (64, [1, 2, 64])  # everything fits: the largest, confirmed
+    assert search(line, 14.0) == (1, [1, 2])  # as at 7B: micro-batch 2 does not fit
+    assert search(line, 5.0) == (None, [1])
+    assert search(line, 10.0 + 3.0 * 20) == (16, [1, 2, 16, 32])  # the predicted one fits, the next does not
+    bent = lambda c: 10.0 + 3.0 * c + 0.5 * c * c  # noqa: E731 — grows faster than the line: walks down
+    assert search(bent, bent(8))[0] == 8 == in_turn(bent, bent(8))
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # any memory that grows with the micro-batch: the same answer as in turn
+        steps = np.cumsum(rng.exponential(1.0, len(candidates)) * rng.uniform(0, 2, len(candidates)) ** 2)
+        memory = dict(zip(candidates, steps)).__getitem__
+        limit = float(rng.uniform(0, steps[-1] * 1.1))
+        found, measured = search(memory, limit)
+        assert found == in_turn(memory, limit) and len(measured) == len(set(measured))
 
 
 def test_bfloat16_storage_and_spilling_when_the_host_is_small(tiny, base):
