@@ -320,8 +320,10 @@ def longest(task_batches: dict[str, list[Batch]]) -> int:
 
 def first_batches(ctx: Context, name: str, n: int) -> list[Batch]:
     """Batches of the first ``n`` samples of a task, cut like Phase 1's and padded to the lengths
-    its batches have (so they compile no other shape): the share of the phases that run on a fixed
-    few samples, the method comparison and the ``heads`` phase."""
+    its batches have: the share of the phases that run on a fixed few samples, the method
+    comparison and the ``heads`` phase. They compile no other shape (the comparison calls Phase 1's
+    step too), where padding a few samples to their own lengths would compile the phase's programs,
+    and the step, once more."""
     model, task = ctx.model, ctx.tasks[name]
     task = dataclasses.replace(task, examples=task.examples[:n])
     lengths = sorted({b.input_ids.shape[1] for bs in ctx.batches.values() for b in bs}) or DEFAULT_BUCKETS
@@ -775,6 +777,7 @@ def task_batches(model: Model, tasks: dict[str, Task], config: AnalysisConfig) -
             first = set(fit.tolist())
             ids = [e.sample_id for e in task.examples]
             parts[name] = (task.subset([i for i in ids if i in first]), task.subset([i for i in ids if i not in first]))
+
     def row_flops(length: int) -> float:
         return work.COLLECT_FORWARDS * work.forward_flops(model.layout, length).total
 
