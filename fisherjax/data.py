@@ -418,6 +418,14 @@ def bucket_length(length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
     return length
 
 
+def batch_chunks(task: Task, batch_size: int) -> Iterator[tuple[tuple[Example, ...], int]]:
+    """``(examples, longest)`` of each batch as :func:`batches` cuts a task: consecutive
+    ``batch_size`` samples and the token count of the longest (at least 1)."""
+    for start in range(0, len(task), batch_size):
+        chunk = task.examples[start : start + batch_size]
+        yield chunk, max(max(len(ex.tokens) for ex in chunk), 1)
+
+
 def run_buckets(tasks: Iterable[Task], batch_size: int, buckets: Sequence[int] = DEFAULT_BUCKETS, *,
                 row_cost: Callable[[int], float] = float, free: float = 0.0) -> tuple[int, ...]:
     """The lengths a run pads its batches to (``batches(..., buckets=run_buckets(...))``): each
@@ -436,8 +444,7 @@ def run_buckets(tasks: Iterable[Task], batch_size: int, buckets: Sequence[int] =
     as :func:`batches` cuts them)."""
     counts: dict[int, int] = {}
     for task in tasks:
-        for start in range(0, len(task), batch_size):
-            longest = max(max(len(ex.tokens) for ex in task.examples[start : start + batch_size]), 1)
+        for _, longest in batch_chunks(task, batch_size):
             length = bucket_length(longest, buckets)
             counts[length] = counts.get(length, 0) + 1
     lengths, kept, carried = sorted(counts), [], 0
@@ -510,9 +517,7 @@ def batches(
                     f"(size {vocab_size})"
                 )
     lengths = run_buckets([task], batch_size) if buckets is None else buckets
-    for start in range(0, len(task), batch_size):
-        chunk = task.examples[start : start + batch_size]
-        longest = max(max(len(ex.tokens) for ex in chunk), 1)
+    for chunk, longest in batch_chunks(task, batch_size):
         yield make_batch(chunk, batch_size, bucket_length(longest, lengths), pad_id=pad_id, side=side)
 
 
