@@ -156,7 +156,8 @@ class Plan:
         pairs' in ``qkov.npz``.
       throughput_tflops, throughput_assumed, phase5_seconds, phase6_seconds: the time of that work
         over all devices at that throughput per device (compute only, no I/O).
-      backend: the XLA backend that compiled the step; compile_seconds: time spent compiling.
+      backend: the XLA backend that compiled the step; compile_seconds: time spent compiling (steps an
+        earlier plan of the model in this process compiled are not compiled again: :func:`step_memory`).
       forward: ``work.ForwardFlops`` of one sample at ``seq_len``; phase1_flops, phase1_seconds:
         Phase 1's work (``work.collect_flops``) over all devices.
       curvature: the method comparison's memory rule and work on one device (:class:`CurvaturePlan`).
@@ -261,12 +262,16 @@ def abstract_model(config: DecoderConfig) -> Model:
     return Model(config, params, layout_for(config, params), graphdef)
 
 
-def step_memory(model: Model, micro_batch: int, seq_len: int, options: CollectOptions, mesh=None) -> StepMemory:
-    """``lower_step(model, micro_batch, seq_len, options).compile().memory_analysis()`` as a
-    :class:`StepMemory` — with ``mesh``, of the sharded step (``micro_batch`` per ``"data"``
-    shard; XLA reports one device's program, collectives and partitioned matmuls included)."""
+@functools.lru_cache(maxsize=64)
+def step_memory(config: DecoderConfig, micro_batch: int, seq_len: int, options: CollectOptions, mesh=None) -> StepMemory:
+    """``lower_step(abstract_model(config), micro_batch, seq_len, options).compile().memory_analysis()``
+    as a :class:`StepMemory` — with ``mesh``, of the sharded step (``micro_batch`` per ``"data"``
+    shard; XLA reports one device's program, collectives and partitioned matmuls included).
+
+    Kept per arguments (``functools.lru_cache``): plans of one model in one process — a notebook
+    trying sample counts, devices or memories — compile each step once, not once per plan."""
     rows = micro_batch * data_size(mesh)
-    analysis = lower_step(model, rows, seq_len, options, mesh=mesh).compile().memory_analysis()
+    analysis = lower_step(abstract_model(config), rows, seq_len, options, mesh=mesh).compile().memory_analysis()
     sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes", 0) or 0)
              for name in ("argument", "output", "temp", "alias", "generated_code")}
     total = sizes["argument"] + sizes["output"] + sizes["temp"] + sizes["generated_code"] - sizes["alias"]
@@ -644,7 +649,7 @@ def plan(
         key = (mb, data, m) if on_mesh else (mb, 1, 1)
         if key not in compiled:
             mesh = make_mesh(data, m, jax.devices()[:devices]) if on_mesh else None
-            compiled[key] = step_memory(model, mb, seq_len, options, mesh=mesh)
+            compiled[key] = step_memory(config, mb, seq_len, options, mesh=mesh)
         return compiled[key]
 
     def per_device(step: StepMemory, data: int, m: int) -> float:

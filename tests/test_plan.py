@@ -23,7 +23,7 @@ from fisherjax.models.model import Model
 from fisherjax.fisher.options import kept_paths
 from fisherjax.plan import (
     GB, abstract_model, conflict_bytes_read, conflict_sample_reads, conflict_slices, curvature_plan, default_options, format_plan,
-    kept_parameters, largest_fitting, parameter_bytes, plan, qkov_sample_reads, read_config,
+    kept_parameters, largest_fitting, parameter_bytes, plan, qkov_sample_reads, read_config, step_memory,
 )
 from fisherjax.work import COLLECT_FORWARDS, curvature_flops, forward_flops, heads_flops, masks_flops, qkov_pair_reads
 from conftest import FAST_FAMILIES
@@ -75,8 +75,10 @@ def test_the_largest_micro_batch_that_fits_is_chosen(tiny, base):
     totals = {c.micro_batch: c.total_bytes for c in base.candidates}
     assert totals[1] < totals[2] < totals[4]
     between = (totals[2] + totals[4]) / 2
+    misses = step_memory.cache_info().misses
     p = plan(tiny, samples=4, seq_len=SEQ, device_memory_gb=between / GB, safety=1.0)
     assert p.micro_batch == 2 and p.step.total_bytes == totals[2] and [c.micro_batch for c in p.candidates] == [1, 2, 4]
+    assert step_memory.cache_info().misses == misses  # the steps base compiled: not compiled again
     p = plan(tiny, samples=4, seq_len=SEQ, device_memory_gb=(totals[1] + totals[2]) / 2 / GB, safety=1.0)
     assert p.micro_batch == 1 and [c.micro_batch for c in p.candidates] == [1, 2]  # the search stops at the first misfit
 
