@@ -387,7 +387,10 @@ def _same_approximations(ours, held):
         assert mine.condition == pytest.approx(theirs.condition, rel=1e-5)
 
 
-def test_the_comparison_without_its_gradients_whole(compared):
+# The least memory (a sample a pass, the most groups) by default; "roomy" (one group, four samples a
+# pass: the column slices and the grouped passes of the least case, with wider passes) is slow.
+@pytest.mark.parametrize("case", ["least", pytest.param("roomy", marks=pytest.mark.slow)])
+def test_the_comparison_without_its_gradients_whole(compared, case):
     """With too little memory for ``G̃`` beside K-FAC the comparison forms the Gram first, over column
     slices of ``G̃``, then K-FAC's stage by groups of parameters — its factors, the probes' exact
     products and the eigenvectors by gradient passes restricted to each group: the same spectra,
@@ -406,17 +409,17 @@ def test_the_comparison_without_its_gradients_whole(compared):
     rows_least, many = compare.stage_plan(model, least, 6, sample_tokens)
     rows_roomy, few = compare.stage_plan(model, roomy, 6, sample_tokens)
     assert (rows_least, rows_roomy) == (1, 4) and len(few) == 1 and len(many) > 2
-    for memory, per_pass, parts in ((least, "1 sample at a time", many), (roomy, "4 samples at a time", few)):
-        slices = compare.gram_slices(model, rows, "float32", memory, tokens, sample_tokens)
-        assert slices is not None and slices[0][0] == 0 and slices[-1][1] == size
-        sliced = compare.compare_methods(model, _batches(), k=6, probes=2, count=4, memory_bytes=memory)
-        notes = sliced.methods["lanczos"].notes
-        assert f"formed before K-FAC in {len(slices)} column slice" in notes and per_pass in notes
-        assert f"by {len(parts)} group{'s' * (len(parts) > 1)} of parameters" in notes
-        np.testing.assert_allclose(sliced.methods["lanczos"].top, result.methods["lanczos"].top, rtol=1e-5)
-        assert np.all(sliced.lanczos_residuals <= 1e-4 * sliced.methods["lanczos"].top[0])
-        _same_approximations(sliced, result)
-        assert sliced.recommended == result.recommended and sliced.blocks == result.blocks
+    memory, per_pass, parts = {"least": (least, "1 sample at a time", many), "roomy": (roomy, "4 samples at a time", few)}[case]
+    slices = compare.gram_slices(model, rows, "float32", memory, tokens, sample_tokens)
+    assert slices is not None and slices[0][0] == 0 and slices[-1][1] == size
+    sliced = compare.compare_methods(model, _batches(), k=6, probes=2, count=4, memory_bytes=memory)
+    notes = sliced.methods["lanczos"].notes
+    assert f"formed before K-FAC in {len(slices)} column slice" in notes and per_pass in notes
+    assert f"by {len(parts)} group{'s' * (len(parts) > 1)} of parameters" in notes
+    np.testing.assert_allclose(sliced.methods["lanczos"].top, result.methods["lanczos"].top, rtol=1e-5)
+    assert np.all(sliced.lanczos_residuals <= 1e-4 * sliced.methods["lanczos"].top[0])
+    _same_approximations(sliced, result)
+    assert sliced.recommended == result.recommended and sliced.blocks == result.blocks
 
 
 def test_too_little_memory_for_the_slices_is_refused(compared):

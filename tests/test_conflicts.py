@@ -473,8 +473,9 @@ def test_pooled_null_in_chunks_of_rows_is_the_same(monkeypatch, exclude_self, co
                                 loop_pvalues(test[0], ref[0], "pooled", exclude_self), atol=1e-12)
 
 
-@pytest.mark.parametrize("tail", [None, "gpd"])
-@pytest.mark.parametrize("cores", [1, 3])
+# Each tail and each thread count by default, one combination each (the other two are slow).
+@pytest.mark.parametrize("tail, cores", [(None, 1), ("gpd", 3), pytest.param(None, 3, marks=pytest.mark.slow),
+                                         pytest.param("gpd", 1, marks=pytest.mark.slow)])
 def test_pooled_null_kept_only_as_low_as_the_tests_need(monkeypatch, tail, cores):
     """With ``resolve``, the pooled null keeps only its lowest values (partitioned as pieces come,
     from several threads): every p-value ≤ resolve equals the whole null's, to the bit; any other
@@ -810,7 +811,10 @@ def test_planted_head_conflict_is_found(gpt2, gpt2_task):
     assert np.mean(false_props) <= 0.05 + 0.05, false_props
 
 
-@pytest.mark.parametrize("null, tail, fdr", [("pooled", None, "bh"), ("pooled", "gpd", "by"), ("normal", None, "bh")])
+# The pooled null with the GPD tail and BY is slow: the tail's kept values are checked by
+# test_pooled_null_kept_only_as_low_as_the_tests_need, BY by test_qvalues_are_scipy_bh_and_by.
+@pytest.mark.parametrize("null, tail, fdr", [("pooled", None, "bh"), pytest.param("pooled", "gpd", "by", marks=pytest.mark.slow),
+                                             ("normal", None, "bh")])
 def test_per_group_tests_keep_every_discovery_of_the_whole_procedure(gpt2, gpt2_task, monkeypatch, null, tail, fdr):
     """The per-group scope goes a few groups at a time (here one), keeps the tests with p ≤ alpha
     and the pooled null only down to alpha: its kept tests are exactly the whole procedure's
