@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
-from scipy import stats
 
 from fisherjax.data import Batch
 from fisherjax.errors import ConfigError, DataError
@@ -135,6 +134,8 @@ def rank_correlation(a, b) -> float:
         raise ValueError(f"rank_correlation needs equal shapes, got {np.shape(a)} and {np.shape(b)}")
     if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
+    from scipy import stats  # here, not at import: scipy.stats takes most of a second to import
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
         return float(stats.spearmanr(x, y)[0])
