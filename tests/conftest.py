@@ -51,6 +51,30 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", TEST_JAX_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
+LONGEST_FIRST = (
+    "test_qkov.py", "test_cli.py", "test_factored.py", "test_collect.py", "test_compare.py", "test_plan.py", "test_conflicts.py",
+    "test_fisher_reference.py", "test_kfac.py", "test_compilation_cache.py", "test_sharded_analysis.py", "test_readme.py",
+    "test_heads.py", "test_loss.py", "test_sharded_collect.py", "test_multihost.py", "test_refuse_cli.py",
+)
+"""The test files whose default tests take longest, longest first (measured: benchmarks/RESULTS.md,
+thirty-sixth session). The two xdist workers take whole files in collection order; xdist's own
+order (most tests first) left files of one or two long tests (the README example, the multi-host
+and sharded checks) to the end, where one worker ran them while the other had nothing left."""
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The files of :data:`LONGEST_FIRST` first, in its order; the others after them, most tests first."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.path.name] = counts.get(item.path.name, 0) + 1
+
+    def rank(item) -> tuple:
+        name = item.path.name
+        return (LONGEST_FIRST.index(name), 0, "") if name in LONGEST_FIRST else (len(LONGEST_FIRST), -counts[name], name)
+
+    items.sort(key=rank)
+
+
 VOCAB = 97
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox")
 FAST_FAMILIES = [f if f in ("gpt2", "llama", "gpt_neox") else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
