@@ -165,19 +165,22 @@ def test_factors_where_they_are_smaller():
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def collected(request, tmp_path_factory):
     """Per family: the model, its batches (three lengths) and Fisher kept as gradients and as factors
-    in float32 (in memory, spilled, and from a checkpoint), and as bfloat16 factors."""
+    in float32; for GPT-2 also spilled, from a checkpoint, and as bfloat16 factors (how factors are
+    stored, spilled and resumed does not depend on the layout: Llama's q/k/v/o with grouped-query
+    k/v are checked in memory)."""
     model = Model.init(tiny_config(request.param), seed=0)
     task = random_task("t", 14, seed=3, min_len=3, max_len=30, prompt=1)
     data = list(batches(task, 4, buckets=(8, 16, 32)))
     assert len({b.input_ids.shape[1] for b in data}) > 1  # chunks of different positions are joined
     common = dict(task="t", keep_sample_grads=True, diagonal=True, progress=False)
     tmp = tmp_path_factory.mktemp(f"factors-{request.param}")
-    out = {"grads": collect(model, data, **common),
-           "factors": collect(model, data, sample_grads_factors=True, **common),
-           "spilled": collect(model, data, sample_grads_factors=True, sample_grads_budget_bytes=1e3, spill_dir=tmp / "spill", **common),
-           "bf16": collect(model, data, sample_grads_factors=True, sample_grads_dtype="bfloat16", **common)}
-    collect(model, data[:2], sample_grads_factors=True, checkpoint_dir=tmp / "ckpt", checkpoint_every=1, **common)
-    out["resumed"] = collect(model, data, sample_grads_factors=True, checkpoint_dir=tmp / "ckpt", checkpoint_every=1, resume=True, **common)
+    out = {"grads": collect(model, data, **common), "factors": collect(model, data, sample_grads_factors=True, **common)}
+    if request.param == "gpt2":
+        out["spilled"] = collect(model, data, sample_grads_factors=True, sample_grads_budget_bytes=1e3, spill_dir=tmp / "spill", **common)
+        out["bf16"] = collect(model, data, sample_grads_factors=True, sample_grads_dtype="bfloat16", **common)
+        collect(model, data[:2], sample_grads_factors=True, checkpoint_dir=tmp / "ckpt", checkpoint_every=1, **common)
+        out["resumed"] = collect(model, data, sample_grads_factors=True, checkpoint_dir=tmp / "ckpt", checkpoint_every=1, resume=True,
+                                 **common)
     return model, out
 
 
@@ -188,7 +191,7 @@ def _rel(x, y):
 def test_collected_factors_give_the_gradients_and_the_fisher(collected, tmp_path):
     model, out = collected
     reference = out["grads"]
-    for name in ("factors", "spilled", "resumed", "bf16"):
+    for name in (name for name in ("factors", "spilled", "resumed", "bf16") if name in out):
         fisher = out[name]
         tolerance = 1e-2 if name == "bf16" else 1e-5
         kept = fisher.sample_grads
@@ -214,21 +217,23 @@ def test_collected_factors_give_the_gradients_and_the_fisher(collected, tmp_path
 def test_pair_phases_read_factors_as_gradients(collected):
     model, out = collected
     halves = {name: (out[name].sample_grads.select(np.arange(6)), out[name].sample_grads.select(np.arange(6, 14)))
-              for name in ("grads", "factors", "bf16")}
+              for name in ("grads", "factors", "bf16") if name in out}
     for contraction in ("looped", "batched"):
         scores = {name: qkov.heatmap(a, b, model.layout, contraction=contraction, min_fisher_samples=4).scores
                   for name, (a, b) in halves.items()}
         assert _rel(scores["factors"], scores["grads"]) < 1e-5, contraction
-        assert _rel(scores["bf16"], scores["grads"]) < 1e-2, contraction
+        assert "bf16" not in scores or _rel(scores["bf16"], scores["grads"]) < 1e-2, contraction
     spectra = {name: blocks.block_spectra(out[name], model.layout, top_k=3) for name in ("grads", "factors")}
     np.testing.assert_allclose(spectra["factors"].top, spectra["grads"].top, rtol=1e-4, atol=1e-6 * np.nanmax(spectra["grads"].top))
     a, b = halves["grads"]
     fisher = a.fisher()
     reports = {name: conflicts.detect(a, b, layout=model.layout, fisher=fisher) for name, (a, b) in halves.items()}
     np.testing.assert_allclose(reports["factors"].cosines, reports["grads"].cosines, atol=1e-5)
-    np.testing.assert_allclose(reports["bf16"].cosines, reports["grads"].cosines, atol=1e-2)
+    if "bf16" in reports:
+        np.testing.assert_allclose(reports["bf16"].cosines, reports["grads"].cosines, atol=1e-2)
 
 
+@pytest.mark.parametrize("collected", ["gpt2"], indirect=True)  # bfloat16 factors: GPT-2's fixture keeps them
 def test_qkov_of_a_task_takes_phase_1s_diagonal_over_the_same_samples(collected):
     """A TaskFisher's heatmap weighs by Phase 1's own diagonal when it is the mean over exactly the
     kept samples (no pass over them to form it again): the same scores as the kept samples' mean up
