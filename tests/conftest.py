@@ -8,6 +8,7 @@ and GPT-NeoX's partial rotary with interleaved fused QKV.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from pathlib import Path
@@ -64,9 +65,7 @@ and sharded checks) to the end, where one worker ran them while the other had no
 
 def pytest_collection_modifyitems(items) -> None:
     """The files of :data:`LONGEST_FIRST` first, in its order; the others after them, most tests first."""
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item.path.name] = counts.get(item.path.name, 0) + 1
+    counts = collections.Counter(item.path.name for item in items)
 
     def rank(item) -> tuple:
         name = item.path.name
