@@ -26,6 +26,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 from fisherjax import backend
 from fisherjax.data import IGNORE, Batch, num_active_tokens, predicted_labels
 from fisherjax.layout import flatten, unflatten
+from fisherjax.models.model import model_jit
 
 
 class PerSample(NamedTuple):
@@ -230,7 +231,7 @@ def per_sample_grads(
     return PerSample(grads if paths is not None else unflatten(grads), losses, tokens)
 
 
-@jax.jit(static_argnums=(0, 6))
+@model_jit(static_argnums=(0, 6))
 def _per_sample_grads(model, chosen, rest, input_ids, attention_mask, labels, chunk_size):
     def loss(selected, ids, mask, lab):
         full = unflatten({**rest, **selected})

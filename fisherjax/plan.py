@@ -1,7 +1,7 @@
 """Planning a production run before it starts: ``fisherjax plan``.
 
 From a ``config.json`` alone (no weights: parameters are ``jax.ShapeDtypeStruct`` leaves,
-:func:`abstract_model`) :func:`plan` answers, for ``samples`` per task, ``tasks`` tasks of
+:meth:`Model.abstract <fisherjax.models.model.Model.abstract>`) :func:`plan` answers, for ``samples`` per task, ``tasks`` tasks of
 ``seq_len`` tokens on ``devices`` devices of ``device_memory_gb`` each:
 
 * **measured** — the per-device memory of the Phase 1 step, XLA's compiled memory analysis
@@ -37,7 +37,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import AbstractMesh
 
 from fisherjax import backend
@@ -52,9 +51,7 @@ from fisherjax.errors import ConfigError
 from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, factored_paths, kept_paths
 from fisherjax.fisher.step import kept_values as step_kept_values
 from fisherjax.fisher.step import lower_step, make_plan
-from fisherjax.layout import ModelLayout, flatten, layout_for
-from fisherjax.models.decoder import Decoder
-from fisherjax.models.hf import abstract_params
+from fisherjax.layout import ModelLayout, flatten
 from fisherjax.models.model import Model
 from fisherjax.pipeline import (
     CURVATURE_AUTO_PARAMETERS, CURVATURE_MEMORY_SHARE, AnalysisConfig, conflict_groups, conflict_open_groups, conflict_scope, curvature_skip,
@@ -252,26 +249,16 @@ def read_config(model_dir: str | Path | None = None, config_file: str | Path | N
     return read_hf_config(file)[0]
 
 
-@functools.lru_cache(maxsize=8)
-def abstract_model(config: DecoderConfig) -> Model:
-    """A :class:`~fisherjax.models.model.Model` whose parameters are ``jax.ShapeDtypeStruct``
-    leaves: shapes and dtypes only, nothing allocated. One per config, so plans of the same model
-    share its compiled steps (:func:`fisherjax.fisher.step.compiled_step`)."""
-    params = abstract_params(config)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(params=0))))
-    return Model(config, params, layout_for(config, params), graphdef)
-
-
 @functools.lru_cache(maxsize=64)
 def step_memory(config: DecoderConfig, micro_batch: int, seq_len: int, options: CollectOptions, mesh=None) -> StepMemory:
-    """``lower_step(abstract_model(config), micro_batch, seq_len, options).compile().memory_analysis()``
+    """``lower_step(Model.abstract(config), micro_batch, seq_len, options).compile().memory_analysis()``
     as a :class:`StepMemory` — with ``mesh``, of the sharded step (``micro_batch`` per ``"data"``
     shard; XLA reports one device's program, collectives and partitioned matmuls included).
 
     Kept per arguments (``functools.lru_cache``): plans of one model in one process — a notebook
     trying sample counts, devices or memories — compile each step once, not once per plan."""
     rows = micro_batch * data_size(mesh)
-    analysis = lower_step(abstract_model(config), rows, seq_len, options, mesh=mesh).compile().memory_analysis()
+    analysis = lower_step(Model.abstract(config), rows, seq_len, options, mesh=mesh).compile().memory_analysis()
     sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes", 0) or 0)
              for name in ("argument", "output", "temp", "alias", "generated_code")}
     total = sizes["argument"] + sizes["output"] + sizes["temp"] + sizes["generated_code"] - sizes["alias"]
@@ -617,7 +604,7 @@ def plan(
     check(storage_dtype is None or storage_dtype in STORAGE_DTYPES,
           f"storage dtype must be one of {tuple(STORAGE_DTYPES)} (--storage-dtype), got {storage_dtype!r}")
 
-    model = abstract_model(config)
+    model = Model.abstract(config)
     layout = model.layout
     if options is None:
         sample_grads_form = sample_grads_form or "auto"
@@ -922,7 +909,7 @@ def format_plan(p: Plan) -> str:
 
 
 __all__ = [
-    "CurvaturePlan", "Plan", "StepMemory", "abstract_model", "conflict_bytes_read", "conflict_chunk", "conflict_flops", "curvature_plan",
+    "CurvaturePlan", "Plan", "StepMemory", "conflict_bytes_read", "conflict_chunk", "conflict_flops", "curvature_plan",
     "default_options",
     "conflict_sample_reads", "conflict_slices", "format_plan", "kept_parameters", "kept_storage_bytes", "kept_values", "model_axis_bytes",
     "parameter_bytes", "plan", "qkov_flops", "qkov_sample_reads", "read_config", "reference_grams", "reform_flops", "step_memory",

@@ -23,7 +23,7 @@ from conftest import random_task  # noqa: E402
 from fisherjax.data import batches  # noqa: E402
 from fisherjax.fisher.collect import collect  # noqa: E402
 from fisherjax.fisher.step import lower_step  # noqa: E402
-from fisherjax.models import load_pretrained  # noqa: E402
+from fisherjax.models import Model, load_pretrained  # noqa: E402
 from fisherjax.sharding import make_mesh  # noqa: E402
 
 
@@ -92,7 +92,7 @@ def command_line_and_plan(directory: str, checkpoint: str) -> dict:
     plan = planning.plan(config, samples=8, seq_len=16, devices=4, device_memory_gb=1)
     data, m = plan.mesh
     options = dataclasses.replace(plan.options)
-    compiled = lower_step(planning.abstract_model(config), plan.micro_batch * data, 16, options, mesh=mesh_of(data, m)).compile()
+    compiled = lower_step(Model.abstract(config), plan.micro_batch * data, 16, options, mesh=mesh_of(data, m)).compile()
     analysis = compiled.memory_analysis()
     found["plan_sharded"] = plan.sharded_step
     found["plan_matches"] = plan.step.temp_bytes == analysis.temp_size_in_bytes and plan.step.argument_bytes == analysis.argument_size_in_bytes

@@ -203,11 +203,12 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
     assert {k for k, e in phases.items() if "achieved_tflops" in e} == rated
     assert phases["heads"]["work_tflop"] > 0 and phases["heads"]["achieved_tflops"] > 0
     from fisherjax import demo
-    from fisherjax.plan import abstract_model, read_config
+    from fisherjax.models.model import Model
+    from fisherjax.plan import read_config
     from fisherjax.work import forward_flops
 
     experiment = results["masks"]["head_pruning"]  # the pruning experiment: a forward per gathered row and mask
-    layout = abstract_model(read_config(model_dir=demo.checkpoint_dir())).layout
+    layout = Model.abstract(read_config(model_dir=demo.checkpoint_dir())).layout
     for r in experiment["tasks"].values():
         assert r["masks_evaluated"] == 2 + experiment["n_random"] + len(r.get("loss_extra", {})) + (r["loss_before_from"] != "phase 1")
         assert r["rows_evaluated"] % experiment["rows_per_batch"] == 0 and r["rows_evaluated"] >= r["n_samples"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import gc
 import re
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import jax
@@ -21,7 +23,7 @@ from fisherjax.backend import HOST_ALIGNMENT
 from fisherjax.fisher.collect import collect, group_intervals
 from fisherjax.fisher.step import sample_labels
 from fisherjax.fisher.groups import groups_of_elementwise
-from fisherjax.grads import per_sample_grads, token_nll
+from fisherjax.grads import per_sample_grads, sample_losses, token_nll
 from fisherjax.layout import flatten, unflatten
 
 
@@ -406,6 +408,27 @@ def test_the_step_traces_once_and_a_second_collection_compiles_nothing(model, ta
         again = collect(model, batches(task, 4), **options)
     assert compiled.count == 0
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, again.group_fisher), jax.tree.map(np.asarray, first.group_fisher))
+    # A model loaded again (equal signature, other weights) shares the step and gets its own numbers;
+    # the shared step holds no weights, so they go when the model goes.
+    other = model.replace(params=jax.tree.map(lambda x: 1.5 * x, model.params))
+    assert other.signature == model.signature and other.signature is not model.signature
+    with compilations() as compiled:
+        scaled = collect(other, batches(task, 4), **options)
+    assert compiled.count == 0
+    for path, groups in scaled.group_fisher.items():
+        for kind, value in groups.items():
+            assert not np.allclose(value, first.group_fisher[path][kind], rtol=1e-3), (path, kind)
+    batch = next(iter(batches(task, 4)))
+    per_sample_grads(model, model.params, batch)
+    with compilations() as compiled:  # a function jitted with the model static (fisherjax.models.model_jit)
+        grads = per_sample_grads(other, other.params, batch).grads
+    assert compiled.count == 0
+    reference = jax.grad(lambda p: sample_losses(other, p, *(x[:1] for x in batch[:3]))[0][0])(other.params)
+    chex.assert_trees_all_close(jax.tree.map(lambda g: g[0], grads), reference, rtol=1e-3, atol=1e-6)
+    leaf = weakref.ref(jax.tree.leaves(other.params)[0])
+    del other
+    gc.collect()
+    assert leaf() is None
 
 
 def test_task_fisher_is_a_pytree_that_jit_and_tree_map_take(model, task):

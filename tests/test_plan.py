@@ -9,20 +9,17 @@ import math
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from fisherjax.analysis import qkov
 from fisherjax.analysis.conflicts import ConflictOptions
 from fisherjax.cli import main
 from fisherjax.errors import ConfigError
 from fisherjax.fisher.step import lower_step
-from fisherjax.layout import flatten, layout_for
-from fisherjax.models.decoder import Decoder
-from fisherjax.models.hf import abstract_params
+from fisherjax.layout import flatten
 from fisherjax.models.model import Model
 from fisherjax.fisher.options import kept_paths
 from fisherjax.plan import (
-    GB, abstract_model, conflict_bytes_read, conflict_sample_reads, conflict_slices, curvature_plan, default_options, format_plan,
+    GB, conflict_bytes_read, conflict_sample_reads, conflict_slices, curvature_plan, default_options, format_plan,
     kept_parameters, largest_fitting, parameter_bytes, plan, qkov_sample_reads, read_config, step_memory,
 )
 from fisherjax.work import COLLECT_FORWARDS, curvature_flops, forward_flops, heads_flops, masks_flops, qkov_pair_reads
@@ -60,8 +57,7 @@ def base(tiny):
 
 def test_the_step_memory_is_the_compiled_memory_analysis(tiny, base):
     assert [c.micro_batch for c in base.candidates] == [1, 2, 4] and base.micro_batch == 4 and base.step == base.candidates[-1]
-    params = abstract_params(tiny)  # a model of its own, so nothing is shared with the plan's compilations
-    model = Model(tiny, params, layout_for(tiny, params), nnx.graphdef(nnx.eval_shape(lambda: Decoder(tiny, nnx.Rngs(params=0)))))
+    model = Model.abstract(tiny)
     for step in (base.candidates[0], base.step):  # micro-batch 1 and the chosen one (4)
         analysis = lower_step(model, step.micro_batch, SEQ, base.options).compile().memory_analysis()
         got = [getattr(step, f"{f}_bytes") for f in FIELDS]
@@ -87,7 +83,7 @@ def test_a_small_device_gets_a_model_axis_or_a_clear_error(tmp_path):
     config = read_config(model_dir=_write(tmp_path / "wide", WIDE).parent)
     fits = plan(config, samples=4, seq_len=4, devices=4, device_memory_gb=1)
     step = fits.candidates[0]
-    leaves = {p: math.prod(x.shape) * 4 for p, x in flatten(abstract_model(config).params).items()}
+    leaves = {p: math.prod(x.shape) * 4 for p, x in flatten(Model.abstract(config).params).items()}
     layer = sum(b for p, b in leaves.items() if p.startswith("layers/")) / config.num_layers
     outside = max(b for p, b in leaves.items() if not p.startswith("layers/"))
     derived = {m: step.total_bytes - sum(leaves.values()) * (1 - 1 / m) + layer + outside for m in (2, 4)}
@@ -110,7 +106,7 @@ def test_storage_and_work_are_the_formulas(tiny, base, tmp_path):
     kept = TINY["num_hidden_layers"] * (q_o + k_v)
     assert base.kept_parameters == kept and base.stored_values == base.kept_values == kept and base.storage_dtype == "float32" and not base.spill
     assert base.storage_bytes == 4 * 2 * kept * 4 == base.storage_bytes_per_device == base.storage_bytes_per_host
-    n, layout = 4, abstract_model(tiny).layout
+    n, layout = 4, Model.abstract(tiny).layout
     assert base.phase5_flops == 1 * 3 * 2 * n * n * kept  # one pair of tasks: A × B, A × A, B × B
     held = round(0.5 * n)
     assert base.phase6_flops == 0  # below qkov's min_fisher_samples (8) Phase 6 is skipped, as analyze does
@@ -137,7 +133,7 @@ def test_storage_and_work_are_the_formulas(tiny, base, tmp_path):
 
     gpt2 = read_config(config_file=_write(tmp_path / "gpt2", GPT2))  # fused c_attn: kernel and bias kept, c_proj's bias not
     d = GPT2["n_embd"]
-    assert kept_parameters(abstract_model(gpt2).layout, base.options) == GPT2["n_layer"] * (d * 3 * d + 3 * d + d * d)
+    assert kept_parameters(Model.abstract(gpt2).layout, base.options) == GPT2["n_layer"] * (d * 3 * d + 3 * d + d * d)
 
 
 def test_kernels_kept_as_token_factors_change_storage_step_and_work(tiny):
@@ -147,7 +143,7 @@ def test_kernels_kept_as_token_factors_change_storage_step_and_work(tiny):
     seq, n = 4, 16
     factored = plan(tiny, samples=n, seq_len=seq, device_memory_gb=80, throughput_tflops=1.0)
     grads = plan(tiny, samples=n, seq_len=seq, device_memory_gb=80, throughput_tflops=1.0, sample_grads_form="gradients")
-    layout = abstract_model(tiny).layout
+    layout = Model.abstract(tiny).layout
     kernels = [p for p in kept_paths(layout, True) if layout.spec(p).kind == "kernel"]
     assert kernels and set(factored.factored) == set(kernels) == set(factored.options.sample_grads_factors) and grads.factored == ()
     shapes = [layout.spec(p).shape for p in kernels]
@@ -246,7 +242,7 @@ def test_conflict_tests_per_group_where_the_host_holds_them(tiny, base):
     from fisherjax.analysis.conflicts import GROUP_TEST_CORE_SECONDS, GROUP_TEST_CORE_SECONDS_INDEPENDENT, group_scope_bytes
     from fisherjax.pipeline import conflict_groups, conflict_open_groups
 
-    layout = abstract_model(tiny).layout
+    layout = Model.abstract(tiny).layout
     n, groups, held = 4, conflict_groups(layout), conflict_open_groups(layout, 4, 4)
     assert 0 < held <= groups  # the within-task Grams stream into their nulls: only the groups read in part are held
     assert base.phase5_group_bytes == group_scope_bytes(n, n, groups, open_groups=held) > 0 and base.phase5_scope == "groups"
@@ -263,7 +259,7 @@ def test_conflict_tests_per_group_where_the_host_holds_them(tiny, base):
     three = plan(tiny, samples=n, seq_len=SEQ, device_memory_gb=80, tasks=3)
     assert three.phase5_test_values == 3 * base.phase5_test_values and three.phase5_test_core_seconds == 3 * base.phase5_test_core_seconds
     # Phase 6's scores: [block, layer, n_a, n_b, heads] float32 per ordered pair, all of them in qkov.npz
-    layout = abstract_model(tiny).layout
+    layout = Model.abstract(tiny).layout
     assert base.phase6_scores_bytes == 4 * 4 * layout.num_layers * n * n * layout.num_heads
     assert base.phase6_output_bytes == 0.0 and "in qkov.npz" in format_plan(base)  # 4 samples: below the Fisher's minimum, no heatmap
     eight = plan(tiny, samples=8, seq_len=SEQ, device_memory_gb=80, tasks=3)
@@ -284,7 +280,7 @@ def test_forward_flops_are_torchs_count_of_the_hf_forward(hf_checkpoint, kind):
     seq = 24
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(input_ids=torch.arange(3, 3 + seq)[None] % model.config.vocab_size)
-    counted = forward_flops(abstract_model(read_config(model_dir=directory)).layout, seq)
+    counted = forward_flops(Model.abstract(read_config(model_dir=directory)).layout, seq)
     assert counted.total == counter.get_total_flops() and min(counted.layers, counted.attention, counted.unembedding) > 0
 
 
@@ -295,7 +291,7 @@ def test_work_over_batches_and_without_ablations(tiny):
 
     from fisherjax.work import batches_flops
 
-    layout = abstract_model(tiny).layout
+    layout = Model.abstract(tiny).layout
     batches = [SimpleNamespace(input_ids=np.zeros((8, 32), np.int32)), SimpleNamespace(input_ids=np.zeros((3, 64), np.int32))]
     assert batches_flops(layout, batches, lambda f: f.total) == 8 * forward_flops(layout, 32).total + 3 * forward_flops(layout, 64).total
     f = forward_flops(layout, 16)
@@ -318,7 +314,7 @@ def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkey
     from fisherjax.heads import CATEGORIES
     from fisherjax.pipeline import AnalysisConfig
 
-    n, tasks, model = 4, 2, abstract_model(tiny)
+    n, tasks, model = 4, 2, Model.abstract(tiny)
     layout, defaults = model.layout, AnalysisConfig()
     f = forward_flops(layout, SEQ)
     assert base.forward == f and base.phase1_flops == COLLECT_FORWARDS * f.total * n * tasks

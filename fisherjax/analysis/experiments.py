@@ -9,7 +9,6 @@ them, and evaluates several masks per forward pass (:func:`masked_loss_sums`).
 
 from __future__ import annotations
 
-import functools
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -25,6 +24,7 @@ from fisherjax.fisher.options import attention_paths
 from fisherjax.fisher.state import TaskFisher
 from fisherjax.grads import forward_scores
 from fisherjax.layout import flatten
+from fisherjax.models.model import model_jit
 
 DEFAULT_SAMPLES = 32
 """Samples per task the head-pruning experiment evaluates by default."""
@@ -160,7 +160,7 @@ def pass_shape(model, params, n_samples: int, n_masks: int, seq: int, budget_byt
     return rows, masks
 
 
-@functools.partial(jax.jit, static_argnames=("model", "unit", "masks_per_pass"))
+@model_jit(static_argnames=("model", "unit", "masks_per_pass"))
 def masked_loss_sums(model, params, head_keeps, input_ids, attention_mask, labels, *, unit: str = "head", masks_per_pass: int = 1):
     """``S_m = Σ_i L_i(θ ⊙ M(keep_m))`` for every mask ``m``: token-sum losses of a batch summed
     over its samples, under each head decision ``head_keeps`` ``[m, L, units]`` → ``[m]`` float32.

@@ -50,7 +50,6 @@ on recent GPUs, where full float32 factor GEMMs cost several times the pass (``b
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -66,6 +65,7 @@ from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.sites import discover_sites
 from fisherjax.fisher.step import data_cotangent, sample_labels_per_row, site_names
 from fisherjax.layout import ModelLayout, Role, flatten, unflatten
+from fisherjax.models.model import model_jit
 from fisherjax.settings import STATIC, check_choice
 
 FISHER_TYPES = ("empirical", "true")
@@ -315,7 +315,7 @@ class FactorSums(NamedTuple):
     tokens: Array
 
 
-@functools.partial(jax.jit, static_argnames=("model", "fisher_type", "true_samples", "precision", "keys", "layers"))
+@model_jit(static_argnames=("model", "fisher_type", "true_samples", "precision", "keys", "layers"))
 def batch_factor_sums(model, params, input_ids, attention_mask, labels, sample_ids, key, *, fisher_type: str, true_samples: int,
                       precision: str = "highest", keys: tuple[str, ...] | None = None,
                       layers: tuple[int, int] | None = None) -> FactorSums:
@@ -686,7 +686,7 @@ def kfac_inverse_product(eigen: KFACEigen, layout: ModelLayout | None, v: PyTree
 # ---- EK-FAC -------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("model", "fisher_type", "true_samples"))
+@model_jit(static_argnames=("model", "fisher_type", "true_samples"))
 def batch_scale_sums(model, params, input_ids, attention_mask, labels, sample_ids, key, eigen: KFACEigen, *,
                      fisher_type: str, true_samples: int) -> tuple[dict, Array]:
     """``({key: Σ_i (1/T_i) mean_draws (U_Aᵀ ḡ_i U_G)²}, samples that count)`` of one batch (rows

@@ -34,6 +34,7 @@ from fisherjax.data import Batch, num_active_tokens
 from fisherjax.errors import DataError
 from fisherjax.grads import per_sample_grads, sample_losses
 from fisherjax.layout import flatten, leaf_paths, unflatten
+from fisherjax.models.model import model_jit
 
 __all__ = [
     "column_slices", "combined_gradient", "decoded", "empirical_eigen", "gradients_times", "gram_eigen", "gram_pairs", "gram_top",
@@ -194,7 +195,7 @@ def gradients_times(model, params, batches: Sequence[Batch], v) -> np.ndarray:
     return np.where(counted, u / norms, 0.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 8), donate_argnums=(9,))
+@model_jit(static_argnums=(0, 1, 8), donate_argnums=(9,))
 def _weighted_gradient(model, paths, params, ids, mask, labels, sample_ids, c, n, total):
     """``total + Σ_i c_i g_i / sqrt(n T_i)`` over one batch on the leaves ``paths``, flat float32
     (rows without a sample id or a predicted token weigh 0)."""

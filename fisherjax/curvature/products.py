@@ -57,6 +57,7 @@ from fisherjax.data import IGNORE, Batch, num_active_tokens, predicted_labels
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.step import sample_labels_per_row
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout, flatten, layer_name, unflatten
+from fisherjax.models.model import model_jit
 from fisherjax.settings import STATIC, check, check_choice
 
 FISHER_KINDS = ("empirical", "true", "ggn")
@@ -285,7 +286,7 @@ def _label_cotangent(p, jv, targets, weights):
     return r * (u * weights)[:, None, None]
 
 
-@jax.jit(static_argnames="model")
+@model_jit(static_argnames="model")
 def _batch_directional(model, params, tangent, ids, mask, labels):
     """``[b]``: ``g_i · v = Σ_t r_{i,t} · (Jv)_{i,t}`` of every row, for ``v`` given as a
     params-shaped ``tangent`` (the JVP half of an empirical product)."""
@@ -305,7 +306,7 @@ def directional_derivatives(model, params: PyTree, batches: Sequence[Batch], tan
                                       np.float64) for b in batches])
 
 
-@jax.jit(static_argnames=("model", "kind", "true_samples"), donate_argnames=("total",))
+@model_jit(static_argnames=("model", "kind", "true_samples"), donate_argnames=("total",))
 def _batch_product(model, kind: str, true_samples: int, params, tangent, ids, mask, labels, sample_ids, key, total):
     """``total + Σ_i (1/T_i) [g_i g_iᵀ, or its expectation] v`` over one batch (params-shaped, float32;
     not yet divided by ``n``), for ``v`` given as a params-shaped ``tangent``."""

@@ -16,8 +16,8 @@ or the mesh);
 gradients ``g_i`` are always those of the data labels.
 
 What is static about a run is a :class:`StepPlan` (hashable, part of the jit cache key);
-:func:`compiled_step` keeps one compiled step per (model, plan, mesh), so repeated collections
-with the same shapes compile nothing. On a mesh (:mod:`fisherjax.sharding`) every device runs
+:func:`compiled_step` keeps one compiled step per (model signature, plan, mesh), so repeated
+collections with the same shapes compile nothing. On a mesh (:mod:`fisherjax.sharding`) every device runs
 the same step on its share of the samples and the accumulation states are combined inside the
 step with collectives (:func:`sharded_step_function`).
 """
@@ -25,8 +25,8 @@ step with collectives (:func:`sharded_step_function`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import weakref
 from collections.abc import Callable
 
 import jax
@@ -287,24 +287,26 @@ def sharded_step_function(model, plan: StepPlan, mesh) -> Callable:
     )
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def compiled_step(model, plan: StepPlan, mesh=None):
     """``jax.jit`` of :func:`step_function` (or, on a mesh, :func:`sharded_step_function`) with
-    the state donated, built once per (model, plan, mesh) so repeated collections reuse its
-    compilations."""
-    steps = _COMPILED.setdefault(model, {})
-    if (plan, mesh) not in steps:
-        if mesh is None:
-            steps[plan, mesh] = jax.jit(step_function(model, plan), donate_argnums=(1,))
-        else:  # per-sample outputs split over "data" only (not also over "model"): whole rows per device
-            state, rows = state_shardings(model, plan, mesh), by_sample(mesh)
-            params = param_shardings(model.params, mesh)
-            steps[plan, mesh] = jax.jit(sharded_step_function(model, plan, mesh), donate_argnums=(1,),
-                                        in_shardings=(params, state, rows, rows, rows, rows, replicated(mesh)),
-                                        out_shardings=(state, rows, rows, rows))
-    return steps[plan, mesh]
+    the state donated, built once per (model signature, plan, mesh): repeated collections — of
+    one model, or of models loaded again from the same checkpoint — reuse its traces and
+    compilations. The step is built from the model's :attr:`~fisherjax.models.model.Model.static`
+    stand-in, so the cache holds no weights."""
+    return _compiled_step(model.static, plan, mesh)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_step(model, plan: StepPlan, mesh):
+    """:func:`compiled_step` of a static model (``functools.lru_cache``)."""
+    if mesh is None:
+        return jax.jit(step_function(model, plan), donate_argnums=(1,))
+    # per-sample outputs split over "data" only (not also over "model"): whole rows per device
+    state, rows = state_shardings(model, plan, mesh), by_sample(mesh)
+    params = param_shardings(model.params, mesh)
+    return jax.jit(sharded_step_function(model, plan, mesh), donate_argnums=(1,),
+                   in_shardings=(params, state, rows, rows, rows, rows, replicated(mesh)),
+                   out_shardings=(state, rows, rows, rows))
 
 
 def state_shardings(model, plan: StepPlan, mesh):

@@ -35,6 +35,7 @@ from fisherjax.errors import DataError
 from fisherjax.grads import chunk_size_for, hidden_scores
 from fisherjax.heads.importance import o_kernel_path
 from fisherjax.layout import ModelLayout, flatten, unflatten
+from fisherjax.models.model import model_jit
 
 
 class HeadAblation(NamedTuple):
@@ -73,7 +74,7 @@ def gate_heads(layout: ModelLayout, params, gate: Float[Array, "layer head"]):
     return unflatten({**flat, path: layout.unview(path, {"o": view * gate[:, :, None, None].astype(view.dtype)})})
 
 
-@jax.jit(static_argnums=(0, 8))
+@model_jit(static_argnums=(0, 8))
 def _ablation_sums(model, params, input_ids, attention_mask, labels, sample_ids, gates, starts, heads_per_pass):
     """``[1 + settings, 3]``: Σ L_i, Σ T_i and Σ exact_i over the batch's real rows, for the plain
     pass and then per gate setting. ``gates`` ``[chunks, heads_per_pass, layer, head]`` are ordered by

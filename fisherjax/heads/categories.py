@@ -34,6 +34,7 @@ from fisherjax.heads.copying import copying_scores
 from fisherjax.heads.patterns import mean_over_samples, positional_sample_scores, sample_scores
 from fisherjax.heads.probes import bos_token, induction_probe, random_probe
 from fisherjax.models import check_token_ids
+from fisherjax.models.model import model_jit
 
 CATEGORIES = ("induction", "previous_token", "same_token", "positional", "content", "mixed")
 
@@ -236,7 +237,7 @@ def _per_sample(model, params, batches):
     return jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *parts)
 
 
-@jax.jit(static_argnums=0)
+@model_jit(static_argnums=0)
 def _batch_scores(model, params, input_ids, attention_mask):
     attentions = model.forward(params, input_ids, attention_mask, return_attention=True, unembed=False).attentions
     return (

@@ -33,6 +33,7 @@ from fisherjax.data import Batch
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.grads import site_grads
 from fisherjax.layout import ModelLayout, Role, flatten
+from fisherjax.models.model import model_jit
 
 LAYERS_SITE = "layers/"
 """Prefix of the site names (and parameter paths) inside the decoder's stacked layers."""
@@ -73,7 +74,7 @@ def o_kernel_path(layout: ModelLayout) -> str:
     return paths[0]
 
 
-@jax.jit(static_argnums=0)
+@model_jit(static_argnums=0)
 def head_mask_grads(
     model, params, input_ids: Int[Array, "batch seq"], attention_mask: Int[Array, "batch seq"], labels: Int[Array, "batch seq"]
 ) -> tuple[Float[Array, "batch layer head"], Int[Array, " batch"]]:

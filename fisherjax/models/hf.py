@@ -25,14 +25,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from fisherjax.config import DecoderConfig, read_hf_config
 from fisherjax.errors import CheckpointError, ConfigError, FisherjaxError, one_line
 from fisherjax.layout import flatten, layout_for, unflatten
 from fisherjax.models import flax_checkpoint
-from fisherjax.models.decoder import Decoder
-from fisherjax.models.model import Model
+from fisherjax.models.model import Model, abstract_decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,9 +409,9 @@ def _checkpoint_layers(table: NameTable, keys) -> int:
 
 
 def abstract_params(config: DecoderConfig) -> dict:
-    """Parameter shapes of a decoder, without allocating it."""
-    abstract = nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(params=0)))
-    return nnx.to_pure_dict(nnx.state(abstract))
+    """Parameter shapes of a decoder, without allocating it: a copy of
+    :func:`~fisherjax.models.model.abstract_decoder`'s, the caller's to change."""
+    return jax.tree.map(lambda leaf: leaf, abstract_decoder(config)[1])
 
 
 def load_pretrained(
@@ -521,7 +519,7 @@ def load_pretrained(
         )
 
     params = jax.tree.map(lambda v: jnp.asarray(v, dtype=dtype), unflatten(flat))
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(params=0))))
+    graphdef = abstract_decoder(config)[0]
     if tokenizer is not None:
         tokenizer = _borrowed_tokenizer(Path(tokenizer), config, directory)
     elif load_tokenizer:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,6 +44,13 @@ class Model:
     hf_config: dict | None = None
     source: str | None = None
     hf_names: dict | None = None
+
+    @classmethod
+    def abstract(cls, config: DecoderConfig) -> Model:
+        """A model of ``config`` whose parameters are ``jax.ShapeDtypeStruct`` leaves (float32):
+        shapes only, nothing allocated (:func:`abstract_decoder`)."""
+        graphdef, params = abstract_decoder(config)
+        return cls(config, params, layout_for(config, params), graphdef)
 
     @classmethod
     def init(cls, config: DecoderConfig, seed: int = 0, *, tokenizer=None, hf_config=None) -> Model:
@@ -106,11 +115,26 @@ class Model:
         """Attention probabilities of every layer."""
         return self.forward(params, input_ids, attention_mask, return_attention=True).attentions
 
+    @functools.cached_property
+    def signature(self) -> ModelSignature:
+        """What traced code sees of this model (:class:`ModelSignature`): a cache key for
+        programs that take the parameters as arguments."""
+        leaves, treedef = jax.tree.flatten(self.params)
+        avals = tuple((tuple(np.shape(x)), np.dtype(x.dtype)) for x in leaves)
+        return ModelSignature(self.config, self.graphdef, self.layout, treedef, avals)
+
+    @property
+    def static(self) -> Model:
+        """This model as a static argument of ``jax.jit`` (:func:`model_jit`): the abstract model
+        of its signature (:func:`static_model`), one object per signature and holding no weights.
+        A model loaded again hits the caches of the functions jitted for the first, and those
+        caches keep no weights alive."""
+        return static_model(self.signature)
+
     def tap_shapes(self, batch: int, seq: int) -> dict:
-        """Shapes of the zero taps a forward pass with ``taps=`` expects, per site."""
-        ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-        out = jax.eval_shape(lambda p, i: self.forward(p, i, taps=DISCOVER), self.params, ids)
-        return out.taps
+        """Shapes of the zero taps a forward pass with ``taps=`` expects, per site
+        (kept per signature and shape: :func:`tap_shapes`)."""
+        return tap_shapes(self.signature, batch, seq)
 
     def zero_taps(self, batch: int, seq: int, dtype=jnp.float32) -> dict:
         return jax.tree.map(lambda s: jnp.zeros(s.shape, dtype), self.tap_shapes(batch, seq))
@@ -121,6 +145,71 @@ class Model:
     @property
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSignature:
+    """A model without its weights: architecture, module structure, layout, and the parameters'
+    tree, shapes and dtypes. Two models with equal signatures trace to the same programs when
+    their parameters are arguments, so it keys what is built once per model
+    (:func:`tap_shapes`, :func:`fisherjax.fisher.step.compiled_step`) without holding the weights."""
+
+    config: DecoderConfig
+    graphdef: Any
+    layout: ModelLayout
+    treedef: Any
+    avals: tuple
+
+    def model(self) -> Model:
+        """A :class:`Model` of this signature with ``jax.ShapeDtypeStruct`` parameters."""
+        params = jax.tree.unflatten(self.treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in self.avals])
+        return Model(self.config, params, self.layout, self.graphdef)
+
+
+@functools.lru_cache(maxsize=32)
+def abstract_decoder(config: DecoderConfig) -> tuple[Any, dict]:
+    """``(graphdef, params)`` of a :class:`~fisherjax.models.decoder.Decoder` of ``config``, the
+    parameters ``jax.ShapeDtypeStruct`` leaves: Flax's ``nnx.eval_shape`` of its construction,
+    traced once per config (``functools.lru_cache``). Callers get the cached tree: copy it before
+    changing it."""
+    abstract = nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(params=0)))
+    return nnx.graphdef(abstract), nnx.to_pure_dict(nnx.state(abstract))
+
+
+@functools.lru_cache(maxsize=32)
+def static_model(signature: ModelSignature) -> Model:
+    """The one abstract :class:`Model` of ``signature`` (``functools.lru_cache``): what
+    :attr:`Model.static` hands to ``jax.jit``, whose static arguments are hashed by identity."""
+    return signature.model()
+
+
+def model_jit(fun: Callable | None = None, **jit_options) -> Callable:
+    """``jax.jit(fun, **jit_options)`` for a ``fun`` whose first argument is a :class:`Model`,
+    static in ``jit_options``: every call (and ``.lower``) passes the model's :attr:`Model.static`
+    in its place. Traced code reaches the weights only through the parameters it is given;
+    reading the static model's ``params`` gives shapes, not numbers. Usable as
+    ``@model_jit(static_argnums=0)``."""
+    if fun is None:
+        return functools.partial(model_jit, **jit_options)
+    jitted = jax.jit(fun, **jit_options)
+
+    @functools.wraps(fun)
+    def call(model: Model, *args, **kwargs):
+        return jitted(model.static, *args, **kwargs)
+
+    call.lower = lambda model, *args, **kwargs: jitted.lower(model.static, *args, **kwargs)
+    return call
+
+
+@functools.lru_cache(maxsize=256)
+def tap_shapes(signature: ModelSignature, batch: int, seq: int) -> dict:
+    """``{site: jax.ShapeDtypeStruct}``: the zero taps a forward pass of a model of ``signature``
+    with ``taps=`` expects, for ``[batch, seq]`` token ids — ``jax.eval_shape`` of that pass, traced
+    once per (signature, batch, seq) (``functools.lru_cache``): the Phase 1 step, the K-FAC
+    factors and every site listing ask for it, often inside traces of their own."""
+    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    model = static_model(signature)
+    return jax.eval_shape(lambda p, i: model.forward(p, i, taps=DISCOVER), model.params, ids).taps
 
 
 def check_token_ids(input_ids, vocab_size: int) -> None:

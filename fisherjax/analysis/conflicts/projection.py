@@ -44,7 +44,6 @@ cosines. For small leaves, :func:`project_grads` projects exactly whitened gradi
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -59,6 +58,7 @@ from fisherjax.data import Batch
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.grads import site_grads
 from fisherjax.layout import ModelLayout, Role
+from fisherjax.models.model import model_jit
 
 __all__ = [
     "ATTENTION_ROLES",
@@ -269,7 +269,7 @@ def _project_factors(a, delta, in_index, out_index, r_in, r_out):
     return p.reshape(p.shape[0], p.shape[1] * p.shape[2], -1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "plan"))
+@model_jit(static_argnames=("model", "plan"))
 def _project_batch(model, params, input_ids, attention_mask, labels, factors, plan):
     sites = site_grads(model, params, input_ids, attention_mask, labels)
     out = {}
