@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from fisherjax.curvature import compare, groups, kfac, lowrank
-from fisherjax.plan import abstract_model, read_config
+from fisherjax.models.model import Model
+from fisherjax.plan import read_config
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--factors", action="store_true", help="also each unit's K-FAC factor pass")
     args = parser.parse_args()
     for file in args.configs:
-        model = abstract_model(read_config(config_file=file))
+        model = Model.abstract(read_config(config_file=file))
         for rows in args.rows:
             start = time.time()
             temp = lowrank.pass_temporaries(model, rows, args.seq_len)

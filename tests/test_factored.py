@@ -358,10 +358,11 @@ def test_analyze_keeps_factors_when_asked_and_its_results_do_not_change(cli_chec
     assert extra["conflicts"] == pytest.approx(sum(sizes[t] * reform[t] for t in kept), rel=1e-6)
     import math
 
-    from fisherjax.plan import abstract_model, read_config
+    from fisherjax.models.model import Model
+    from fisherjax.plan import read_config
     from fisherjax.work import conflict_pair_flops
 
-    layout = abstract_model(read_config(model_dir=cli_checkpoint / "model")).layout
+    layout = Model.abstract(read_config(model_dir=cli_checkpoint / "model")).layout
     features = sum(math.prod(layout.spec(p).shape) for p in attention_paths(layout))  # one sample's kept parameters
     grams = conflict_pair_flops(sizes["add"], sizes["words"], features, (sizes["add"], sizes["words"]))
     assert results["gradients"]["phases"]["conflicts"]["work_tflop"] * 1e12 == pytest.approx(grams, rel=1e-9)
