@@ -126,7 +126,8 @@ class Model:
     @property
     def static(self) -> Model:
         """This model as a static argument of ``jax.jit`` (:func:`model_jit`): the abstract model
-        of its signature (:func:`static_model`), one object per signature and holding no weights.
+        of its signature (:func:`static_model`), one object per signature (of the 32 last used)
+        and holding no weights.
         A model loaded again hits the caches of the functions jitted for the first, and those
         caches keep no weights alive."""
         return static_model(self.signature)
