@@ -161,6 +161,14 @@ class ModelSignature:
     treedef: Any
     avals: tuple
 
+    def __hash__(self) -> int:
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        """Hashed once: every call of a :func:`model_jit` function looks its model's signature up."""
+        return hash((self.config, self.graphdef, self.layout, self.treedef, self.avals))
+
     def model(self) -> Model:
         """A :class:`Model` of this signature with ``jax.ShapeDtypeStruct`` parameters."""
         params = jax.tree.unflatten(self.treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in self.avals])
