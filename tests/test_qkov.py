@@ -455,7 +455,9 @@ def test_layer_ranges_cover_every_layer_once_and_reassemble_in_order(n_layers, w
     out = _looped.in_parallel(work, kinds, n_layers, workers, cost={"q": 4, "k": 1, "o": 2}.get)
     for block in "qko":
         np.testing.assert_array_equal(out[block][:, 0], np.arange(n_layers) * 10 + "qkvo".index(block))
-    if workers > 1:  # one computation per block and range, each given only its block's kinds
+    if workers > 1 and n_layers >= workers:  # one computation per range, every block in it
+        assert sorted((p, f) for p, f, _ in calls) == sorted((kinds, f) for f, _ in ranges)
+    elif workers > 1:  # fewer layers than workers: one per block and range, each given only its block's kinds
         assert sorted((p, f) for p, f, _ in calls) == sorted((tuple(x for x in kinds if x[0] == b), f) for b in "qko" for f, _ in ranges)
 
 

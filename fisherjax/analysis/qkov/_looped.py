@@ -5,9 +5,10 @@ pass that writes whole head-major operands costs more than the GEMMs: on XLA:CPU
 buffers fault page by page and transposing copies run far below memory bandwidth. A
 ``fori_loop`` per kernel walks pieces of about ``piece_floats`` floats per side; each piece is
 weighted, made a GEMM operand while it is in cache, multiplied and added to its slice's sum. The
-stored leaves are read as they are (in place on a CPU when aligned), and the (block, layer range)
-computations run on a thread pool (:func:`in_parallel`), because XLA:CPU runs a GEMM with a small
-``c_a × c_b`` output on about one core and the computations of one thread one after another.
+stored leaves are read as they are (in place on a CPU when aligned), and the layer ranges (with
+fewer layers than threads, each block's) run on a thread pool (:func:`in_parallel`), because
+XLA:CPU runs a GEMM with a small ``c_a × c_b`` output on about one core and the computations of
+one thread one after another.
 Measurements: ``docs/DECISIONS.md`` (Phase 6) and ``benchmarks/RESULTS.md``.
 """
 
@@ -152,7 +153,7 @@ LEAF_SUMS_STATIC = ("layout", "kinds", "n_layers", "transform_a", "transform_b",
 """The static arguments of :func:`leaf_sums`."""
 
 leaf_sums_jit = jax.jit(leaf_sums, static_argnames=LEAF_SUMS_STATIC)
-""":func:`leaf_sums`, jitted (one compilation per block and layer-range length)."""
+""":func:`leaf_sums`, jitted (one compilation per set of blocks and layer-range length)."""
 
 
 def layer_ranges(n_layers: int, parts: int) -> list[tuple[int, int]]:
@@ -171,27 +172,34 @@ def in_parallel(
     workers: int,
     cost: Callable[[str], float] = lambda block: 1.0,
 ) -> dict[str, np.ndarray]:
-    """``{block: [n_layers, c_a, c_b, heads]}``: ``work(block_kinds, first_layer, count)`` for every
-    block and layer range, as ``workers`` concurrent computations.
+    """``{block: [n_layers, c_a, c_b, heads]}``: ``work(block_kinds, first_layer, count)`` over every
+    block and layer, as ``workers`` concurrent computations.
 
     A second core only helps when a second thread runs a computation of its own (see the module
-    docstring), so each block is cut into ``workers`` layer ranges and the pieces are handed to a
-    thread pool (the standard library's ``ThreadPoolExecutor``), largest ``cost`` first so the
-    pool ends evenly.
+    docstring), so the work is cut into computations handed to a thread pool (the standard
+    library's ``ThreadPoolExecutor``): where every worker gets layers (``n_layers ≥ workers``),
+    one computation per :func:`layer_ranges` range, every block in it — the ranges are the same
+    work to within a layer, and a tile is at most two programs to compile (one per range length)
+    instead of two per block; with fewer layers, each block is cut into layer ranges, largest
+    ``cost`` first so the pool ends evenly.
     """
     if workers <= 1:
         return {block: np.asarray(value) for block, value in work(kinds, 0, n_layers).items()}
     blocks = {block: tuple(p for p in kinds if p[0] == block) for block, _ in kinds}
     ranges = layer_ranges(n_layers, workers)
-    units = sorted(((block, first, count) for block in blocks for first, count in ranges), key=lambda u: cost(u[0]) * u[2], reverse=True)
+    if n_layers >= workers:
+        units = [(kinds, first, count) for first, count in ranges]  # largest ranges first
+    else:
+        units = sorted(((blocks[block], first, count) for block in blocks for first, count in ranges),
+                       key=lambda u: cost(u[0][0][0]) * u[2], reverse=True)
 
     def run(unit):
-        block, first, count = unit
-        return unit, np.asarray(work(blocks[block], first, count)[block])  # waits for it on this thread
+        part, first, count = unit
+        return [((block, first), np.asarray(value)) for block, value in work(part, first, count).items()]  # waits on this thread
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        parts = dict(pool.map(run, units))
-    return {block: np.concatenate([parts[block, first, count] for first, count in ranges]) for block in blocks}
+        parts = dict(pair for pairs in pool.map(run, units) for pair in pairs)
+    return {block: np.concatenate([parts[block, first] for first, _ in ranges]) for block in blocks}
 
 
 def looped_tile(
@@ -199,8 +207,8 @@ def looped_tile(
     layout: ModelLayout, kinds: BlockKinds, workers: int, transform_a: str, transform_b: str, piece_floats: int, precision: str,
 ) -> dict[str, np.ndarray]:
     """Looped contraction of one tile (``weights``: ``{block/kind: [layer, *view]}``): the
-    (block, layer range) computations of :func:`leaf_sums_jit`, run by :func:`in_parallel` with
-    each block's cost its number of weights."""
+    computations of :func:`leaf_sums_jit` that :func:`in_parallel` runs, each block's cost its
+    number of weights."""
     cost = {block: sum(int(np.prod(w.shape[1:])) for key, w in weights.items() if key.startswith(block + "/")) for block in ATTENTION_BLOCKS}
 
     def work(block_kinds, first, count):

@@ -98,8 +98,8 @@ class KernelOptions(Options):
         inputs; a Triton kernel, interpreted off a GPU), or ``"auto"``
         (:func:`fisherjax.backend.qkov_contraction`).
       piece_floats: floats per side of one piece of the looped contraction.
-      workers: concurrent computations of the looped contraction (blocks × layer ranges);
-        ``None``: :func:`fisherjax.backend.available_cores`.
+      workers: concurrent computations of the looped contraction (its tiles' layer ranges, or each
+        block's where a tile has fewer layers); ``None``: :func:`fisherjax.backend.available_cores`.
       memory_budget_bytes: bound on the arrays one tile puts on the device
         (:func:`~fisherjax.analysis.qkov.tile_plan`); ``None``: :data:`CPU_BUDGET_BYTES` on a CPU,
         half the free memory of an accelerator (:func:`fisherjax.backend.tile_budget_bytes`).
