@@ -190,8 +190,9 @@ def in_parallel(
     if n_layers >= workers:
         units = [(kinds, first, count) for first, count in ranges]  # largest ranges first
     else:
-        units = sorted(((blocks[block], first, count) for block in blocks for first, count in ranges),
-                       key=lambda u: cost(u[0][0][0]) * u[2], reverse=True)
+        by_cost = sorted(((block, first, count) for block in blocks for first, count in ranges),
+                         key=lambda u: cost(u[0]) * u[2], reverse=True)
+        units = [(blocks[block], first, count) for block, first, count in by_cost]
 
     def run(unit):
         part, first, count = unit
