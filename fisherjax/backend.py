@@ -19,6 +19,7 @@ choice                           CPU                         GPU / TPU
 :func:`scored_positions_per_chunk`  128 positions            1024 positions
 :func:`with_compiler_flags`      elemental fusion emitters   (XLA:CPU flag only)
 :func:`tile_budget_bytes`        the fixed default           a share of the free memory
+:func:`buffers_on_host`          freed memory reused         (device memory: unchanged)
 ===============================  ==========================  ==============================
 
 The reasons, with their measurements, are in ``docs/DECISIONS.md`` and
@@ -209,6 +210,13 @@ def stages_reads() -> bool:
     an accelerator, where every read crosses the bus (and, for spilled stores, the disk); not on a
     CPU, whose device is the host, where a staged copy would only take more memory."""
     return not is_cpu()
+
+
+def buffers_on_host() -> bool:
+    """Whether XLA's buffers are host memory from ``malloc``, so that the pair phases run inside
+    :func:`fisherjax.allocator.reusing_freed_memory` (on a CPU; an accelerator's buffers are its
+    own memory)."""
+    return is_cpu()
 
 
 def host_available_bytes() -> int | None:

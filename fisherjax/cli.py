@@ -665,9 +665,10 @@ def main(argv=None) -> int:
 
     from fisherjax.errors import disk_errno, disk_error
 
-    from fisherjax import backend
+    from fisherjax import allocator, backend
 
     backend.use_compiler_flags()  # before any computation starts XLA
+    allocator.use_one_arena()  # before XLA starts its threads: see fisherjax.allocator
     argv = list(sys.argv[1:] if argv is None else argv)
     _place_matplotlib_cache(argv)
     _quiet_background_logs()  # before the parser, whose defaults import matplotlib

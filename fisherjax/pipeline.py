@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from fisherjax import backend, compilation_cache, heads, io, outdir, report, sharding, telemetry, work
+from fisherjax import allocator, backend, compilation_cache, heads, io, outdir, report, sharding, telemetry, work
 from fisherjax.analysis import conflicts, experiments, importance, masks, qkov
 from fisherjax.curvature import compare, kfac, lanczos
 from fisherjax.data import DEFAULT_BUCKETS, Batch, MissingTokenizer, Task, batches, check_targets, load_task, run_buckets
@@ -744,6 +744,21 @@ SPANNING_PHASES = ("conflicts", "qkov")
 """The phases after Phase 1 that run on the run's mesh, over every process of a multi-process run
 (the others read the Fisher alone and run on process 0)."""
 
+REUSING_PHASES = ("conflicts", "qkov")
+"""The phases run inside :func:`fisherjax.allocator.reusing_freed_memory` where XLA's buffers are
+host memory (:func:`fisherjax.backend.buffers_on_host`): slice by slice and layer by layer they
+form kept samples' gradients into large arrays that live for one step, so each step would
+otherwise fault in fresh pages (measured in ``benchmarks/RESULTS.md``; the heads and masks phases
+gained nothing from it, and Phase 1 fragments the heap: ``docs/DECISIONS.md``)."""
+
+
+def run_phase(phase: str, ctx: Context, out: Path | None) -> report.Section:
+    """``PHASES[phase](ctx, out)``, inside :func:`fisherjax.allocator.reusing_freed_memory` for the
+    :data:`REUSING_PHASES` on a CPU."""
+    reusing = phase in REUSING_PHASES and backend.buffers_on_host()
+    with allocator.reusing_freed_memory() if reusing else contextlib.nullcontext():
+        return PHASES[phase](ctx, out)
+
 
 # ---- driver ------------------------------------------------------------------------------------
 
@@ -997,7 +1012,7 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
         if not writer:  # the pair phases span every process's devices; process 0 alone runs the others and writes
             for phase in config.phase_order():
                 if phase in SPANNING_PHASES:
-                    PHASES[phase](ctx, None)
+                    run_phase(phase, ctx, None)
             return {"process": jax.process_index(), "fisher": {n: {"samples": f.n_samples} for n, f in fishers.items()}}
         with outdir.staging(destination) as out:
             (out / "figures").mkdir()
@@ -1014,7 +1029,7 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
             }
             sections = []
             for phase in config.phase_order():
-                section, stretches[phase] = telemetry.measure(PHASES[phase], ctx, out)
+                section, stretches[phase] = telemetry.measure(run_phase, phase, ctx, out)
                 sections.append(section)
             sections, stretches["report"] = telemetry.measure(report.save_figures, out, sections)
             total = whole.stop()
