@@ -18,6 +18,7 @@ choice                           CPU                         GPU / TPU
 :func:`settings_per_pass`        one                         all that fit the budget
 :func:`scored_positions_per_chunk`  128 positions            1024 positions
 :func:`with_compiler_flags`      elemental fusion emitters   (XLA:CPU flag only)
+:data:`LOOPED_COMPILER_OPTIONS`  MLIR fusion emitters        (XLA:CPU option only)
 :func:`tile_budget_bytes`        the fixed default           a share of the free memory
 :func:`buffers_on_host`          freed memory reused         (device memory: unchanged)
 ===============================  ==========================  ==============================
@@ -48,6 +49,14 @@ CPU_COMPILER_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
 its MLIR fusion emitters. They compile the same programs in about half the backend time and run
 them as fast (GPT-2-small Phase 1 step and scores within noise); a run on a small model is mostly
 compilation. Measurements in ``benchmarks/RESULTS.md``, the choice in ``docs/DECISIONS.md``."""
+
+
+LOOPED_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": True}
+"""XLA options of the computations that walk a contraction in cache-sized pieces (the looped QK-OV
+kernel), given to their ``jax.jit(..., compiler_options=...)``: XLA:CPU's MLIR fusion emitters,
+whatever :data:`CPU_COMPILER_FLAGS` sets for the process. With the elemental emitters the looped
+kernel's pieces run much slower, where the other programs measured run as fast or faster
+(``benchmarks/RESULTS.md``, thirty-ninth session). Other backends ignore the option."""
 
 
 def with_compiler_flags(xla_flags: str, flags: Sequence[str] = CPU_COMPILER_FLAGS) -> str:

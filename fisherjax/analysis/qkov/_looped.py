@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
+from fisherjax import backend
 from fisherjax.analysis.qkov._operands import PRECISIONS, BlockKinds, head_major, per_block, slice_key, views_of, weighted
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 
@@ -152,8 +153,9 @@ def leaf_sums(
 LEAF_SUMS_STATIC = ("layout", "kinds", "n_layers", "transform_a", "transform_b", "piece_floats", "precision")
 """The static arguments of :func:`leaf_sums`."""
 
-leaf_sums_jit = jax.jit(leaf_sums, static_argnames=LEAF_SUMS_STATIC)
-""":func:`leaf_sums`, jitted (one compilation per set of blocks and layer-range length)."""
+leaf_sums_jit = jax.jit(leaf_sums, static_argnames=LEAF_SUMS_STATIC, compiler_options=backend.LOOPED_COMPILER_OPTIONS)
+""":func:`leaf_sums`, jitted (one compilation per set of blocks and layer-range length) with
+:data:`fisherjax.backend.LOOPED_COMPILER_OPTIONS`."""
 
 
 def layer_ranges(n_layers: int, parts: int) -> list[tuple[int, int]]:

@@ -725,7 +725,8 @@ def sharded_step(
     rows = P(DATA)
     mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(None, DATA), rows, rows, P(), P(), P(), P()), out_specs=P(None, DATA),
                            check_vma=False)
-    return jax.jit(mapped, donate_argnums=0)
+    options = backend.LOOPED_COMPILER_OPTIONS if contraction == "looped" else None
+    return jax.jit(mapped, donate_argnums=0, compiler_options=options)
 
 
 def padded_positions(index: np.ndarray, positions: np.ndarray) -> np.ndarray:
