@@ -18,7 +18,7 @@ choice                           CPU                         GPU / TPU
 :func:`settings_per_pass`        one                         all that fit the budget
 :func:`scored_positions_per_chunk`  128 positions            1024 positions
 :func:`with_compiler_flags`      elemental fusion emitters   (XLA:CPU flag only)
-:data:`LOOPED_COMPILER_OPTIONS`  MLIR fusion emitters        (XLA:CPU option only)
+:func:`looped_compiler_options`  MLIR fusion emitters        (XLA:CPU option only)
 :func:`tile_budget_bytes`        the fixed default           a share of the free memory
 :func:`buffers_on_host`          freed memory reused         (device memory: unchanged)
 ===============================  ==========================  ==============================
@@ -51,12 +51,21 @@ them as fast (GPT-2-small Phase 1 step and scores within noise); a run on a smal
 compilation. Measurements in ``benchmarks/RESULTS.md``, the choice in ``docs/DECISIONS.md``."""
 
 
-LOOPED_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": True}
-"""XLA options of the computations that walk a contraction in cache-sized pieces (the looped QK-OV
-kernel), given to their ``jax.jit(..., compiler_options=...)``: XLA:CPU's MLIR fusion emitters,
-whatever :data:`CPU_COMPILER_FLAGS` sets for the process. With the elemental emitters the looped
-kernel's pieces run much slower, where the other programs measured run as fast or faster
-(``benchmarks/RESULTS.md``, thirty-ninth session). Other backends ignore the option."""
+def looped_compiler_options(xla_flags: str) -> dict[str, bool] | None:
+    """XLA options of the computations that walk a contraction in cache-sized pieces (the looped
+    QK-OV kernel), for their ``jax.jit(..., compiler_options=...)``: XLA:CPU's MLIR fusion
+    emitters, whatever :data:`CPU_COMPILER_FLAGS` sets for the process — with the elemental
+    emitters the looped kernel's pieces run much slower, where the other programs measured run as
+    fast or faster (``benchmarks/RESULTS.md``, thirty-ninth session). None where ``xla_flags``
+    already sets the option: a user's own setting wins, as in :func:`with_compiler_flags` (the
+    tests set it, for compile time). Other backends ignore the option."""
+    given = {f.split("=", 1)[0] for f in xla_flags.split()}
+    return None if "--xla_cpu_use_fusion_emitters" in given else {"xla_cpu_use_fusion_emitters": True}
+
+
+LOOPED_COMPILER_OPTIONS = looped_compiler_options(os.environ.get("XLA_FLAGS", ""))
+""":func:`looped_compiler_options` of ``XLA_FLAGS`` as fisherjax is imported: before the command
+line adds :data:`CPU_COMPILER_FLAGS`, so its own flag does not count as the user's."""
 
 
 def with_compiler_flags(xla_flags: str, flags: Sequence[str] = CPU_COMPILER_FLAGS) -> str:

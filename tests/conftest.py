@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fisherjax.backend import CPU_COMPILER_FLAGS, with_compiler_flags
-
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The command line keeps a compilation cache in the user's cache directory: no test run of it (in
 # this process, where it would also switch JAX's cache for every later test, or in a subprocess,
@@ -30,10 +28,20 @@ os.environ["FISHERJAX_COMPILATION_CACHE"] = "0"
 # The command line's XLA:CPU flags (fisherjax.backend.CPU_COMPILER_FLAGS: the older elemental
 # fusion emitters) compile the same programs in about half the backend time (tests/test_qkov.py +
 # tests/test_collect.py: 92 → 40 s of backend compilation, 157 → 95 s in all; benchmarks/RESULTS.md).
-TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", *CPU_COMPILER_FLAGS)
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 # Added to what is set already (a setting given there wins); the mesh and multi-host subprocesses
-# add their device count to these.
-os.environ["XLA_FLAGS"] = with_compiler_flags(os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS)
+# add their device count to these. Set before fisherjax is imported: the looped QK-OV kernel keeps
+# the fusion emitters unless XLA_FLAGS sets them as fisherjax is imported (backend.looped_compiler_options);
+# here they are the tests' setting for every program, for compile time.
+_given = os.environ.get("XLA_FLAGS", "").split()
+_names = {f.split("=", 1)[0] for f in _given}
+os.environ["XLA_FLAGS"] = " ".join([*_given, *(f for f in TEST_XLA_FLAGS if f.split("=", 1)[0] not in _names)])
+
+from fisherjax.backend import CPU_COMPILER_FLAGS, with_compiler_flags  # noqa: E402
+
+assert set(CPU_COMPILER_FLAGS) <= set(TEST_XLA_FLAGS)  # the command line's flags, and what with_compiler_flags would give:
+assert with_compiler_flags(os.environ["XLA_FLAGS"], TEST_XLA_FLAGS) == os.environ["XLA_FLAGS"]
+
 # One JAX compilation cache for the whole test run, shared by the xdist workers and every
 # subprocess (they inherit these variables): many tests compile the same programs for the same
 # tiny checkpoints, and each compiles them once per run instead of once per process. It starts

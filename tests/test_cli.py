@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -453,3 +454,18 @@ def test_compiler_flags_are_added_unless_the_user_set_them():
     assert with_compiler_flags("--xla_cpu_use_fusion_emitters=true --a=1") == "--xla_cpu_use_fusion_emitters=true --a=1"
     once = with_compiler_flags("--xla_force_host_platform_device_count=4")
     assert with_compiler_flags(once) == once == "--xla_force_host_platform_device_count=4 --xla_cpu_use_fusion_emitters=false"
+
+
+def test_the_looped_kernel_keeps_the_fusion_emitters_unless_the_user_set_them():
+    from fisherjax import backend
+
+    assert backend.looped_compiler_options("") == {"xla_cpu_use_fusion_emitters": True}
+    assert backend.looped_compiler_options("--xla_backend_optimization_level=0") == {"xla_cpu_use_fusion_emitters": True}
+    assert backend.looped_compiler_options("--a=1 --xla_cpu_use_fusion_emitters=false") is None
+    assert backend.LOOPED_COMPILER_OPTIONS is None  # conftest's XLA_FLAGS set the option: the tests keep it
+    # the command line's own flag, added after import, is not the user's: its kernel keeps the fusion emitters
+    code = ("from fisherjax import backend; backend.use_compiler_flags(); import os; "
+            "print(backend.LOOPED_COMPILER_OPTIONS, os.environ['XLA_FLAGS'])")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "{'xla_cpu_use_fusion_emitters': True} --xla_cpu_use_fusion_emitters=false"
