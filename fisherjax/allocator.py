@@ -76,7 +76,8 @@ def use_one_arena() -> bool:
 @contextlib.contextmanager
 def reusing_freed_memory() -> Iterator[bool]:
     """Large blocks from the heap and freed memory kept for reuse while inside; glibc's defaults and
-    ``malloc_trim(0)`` after. Yields whether the settings were changed."""
+    ``malloc_trim(0)`` after. Yields whether the settings were changed. Not reentrant: a scope
+    inside another restores the defaults as it ends (``analyze`` runs one phase in it at a time)."""
     libc = glibc()
     changed = bool(libc is not None and libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, LARGEST_TRIM_THRESHOLD))
     try:
