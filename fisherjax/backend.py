@@ -44,11 +44,19 @@ HOST_ALIGNMENT = 64
 """Byte alignment of the per-sample host arrays that XLA:CPU reads without copying."""
 
 
-CPU_COMPILER_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
+FUSION_EMITTERS = "xla_cpu_use_fusion_emitters"
+"""The XLA:CPU option that picks the MLIR fusion emitters (true) or the elemental ones (false)."""
+
+CPU_COMPILER_FLAGS = (f"--{FUSION_EMITTERS}=false",)
 """XLA:CPU flags the command line runs with: XLA:CPU's elemental emitters for fusions instead of
 its MLIR fusion emitters. They compile the same programs in about half the backend time and run
 them as fast (GPT-2-small Phase 1 step and scores within noise); a run on a small model is mostly
 compilation. Measurements in ``benchmarks/RESULTS.md``, the choice in ``docs/DECISIONS.md``."""
+
+
+def flag_names(xla_flags: str) -> set[str]:
+    """The options an ``XLA_FLAGS`` value sets (``--name`` of each ``--name=value``)."""
+    return {f.split("=", 1)[0] for f in xla_flags.split()}
 
 
 def looped_compiler_options(xla_flags: str) -> dict[str, bool] | None:
@@ -59,8 +67,7 @@ def looped_compiler_options(xla_flags: str) -> dict[str, bool] | None:
     fast or faster (``benchmarks/RESULTS.md``, thirty-ninth session). None where ``xla_flags``
     already sets the option: a user's own setting wins, as in :func:`with_compiler_flags` (the
     tests set it, for compile time). Other backends ignore the option."""
-    given = {f.split("=", 1)[0] for f in xla_flags.split()}
-    return None if "--xla_cpu_use_fusion_emitters" in given else {"xla_cpu_use_fusion_emitters": True}
+    return None if f"--{FUSION_EMITTERS}" in flag_names(xla_flags) else {FUSION_EMITTERS: True}
 
 
 LOOPED_COMPILER_OPTIONS = looped_compiler_options(os.environ.get("XLA_FLAGS", ""))
@@ -71,7 +78,7 @@ line adds :data:`CPU_COMPILER_FLAGS`, so its own flag does not count as the user
 def with_compiler_flags(xla_flags: str, flags: Sequence[str] = CPU_COMPILER_FLAGS) -> str:
     """``xla_flags`` (an ``XLA_FLAGS`` value) with each of ``flags`` appended unless it already
     sets that option: a user's own setting wins."""
-    given = {f.split("=", 1)[0] for f in xla_flags.split()}
+    given = flag_names(xla_flags)
     return " ".join([*xla_flags.split(), *(f for f in flags if f.split("=", 1)[0] not in given)])
 
 
