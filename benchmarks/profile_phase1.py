@@ -93,6 +93,9 @@ def main():
         "step_diagonal_vmapped": dict(ghost="auto", diagonal=True, sample_loop=False),
         "step_diagonal_variance": dict(ghost="auto", diagonal=True, diagonal_variance=True),
         "step_diagonal_and_attention_contributions": dict(keep_sample_grads=True, ghost="auto", diagonal=True),
+        "step_analyze": dict(keep_sample_grads=True, sample_grads_factors=True, sample_grads_dtype="bfloat16", ghost="auto",
+                             diagonal=True),
+        "step_kept_factors": dict(keep_sample_grads=True, sample_grads_factors=True, sample_grads_dtype="bfloat16", ghost="auto"),
     }.items():
         if not want(label):
             continue

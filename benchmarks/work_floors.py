@@ -10,7 +10,8 @@ XLA in the same process (two shapes of the model: a dense layer of 16 × T rows 
 of the unembedding; the larger rate is kept, so the floors are lower bounds), and prints per phase:
 seconds, floor TFLOP, achieved GFLOP/s, the floor's seconds at the measured rate, and measured /
 floor. With ``--torch-seconds``, also the whole run's floor against issue 23's target (3 × the
-torch loop).
+torch loop), and the counted work over the loop's own (Phase 1's work, which the loop does): the
+ratio the run would have at the loop's own rate.
 
 Phases without a matrix-product count (loading, Phase 7, importance, the report, the categories'
 probes) are one "other" row.
@@ -119,6 +120,12 @@ def main() -> None:
         print(f"\nThe counted phases' floor at this rate is {floor_total:.0f} s: {floor_total / t:.2f}× the torch loop's {t:g} s; "
               f"with the other stretches as measured, {floor_total + other:.0f} s: {(floor_total + other) / t:.2f}× "
               f"(issue 23's target: ≤ 3×, {3 * t:.0f} s, for the whole run).")
+        if "collect" in work:  # the loop does Phase 1's work: the forward, the pullback and the per-sample products
+            loop_rate = work["collect"] / t
+            print(f"The torch loop does Phase 1's work ({work['collect'] / 1e12:.2f} TFLOP) at {loop_rate / 1e9:.0f} GFLOP/s; the counted "
+                  f"phases' work is {sum(work.values()) / work['collect']:.2f}× that, so at the loop's own rate they alone would take "
+                  f"{sum(work.values()) / loop_rate:.0f} s, {sum(work.values()) / work['collect']:.2f}× the loop "
+                  f"(fisherjax's whole run: {total / t:.2f}×).")
 
 
 if __name__ == "__main__":

@@ -161,12 +161,15 @@ def parameter_groups(model, budget_bytes: float | None) -> tuple[ParameterGroup,
 
 def probe(key: jax.Array, params, paths: Sequence[str] | None = None) -> dict[str, jax.Array]:
     """A standard Gaussian probe as flat float32 ``{path: array}`` on the leaves ``paths`` (all for
-    None): leaf ``i`` of the ravel order is drawn from ``fold_in(key, i)``, so any group's part of
-    the same probe is drawn without the rest."""
+    None): leaf ``i`` of the ravel order is drawn by numpy's generator seeded with ``key``'s words
+    and ``i``, so any group's part of the same probe is drawn without the rest. numpy draws it
+    because ``jax.random`` compiles a program for every leaf shape, and a probe is drawn only a
+    few times a run."""
     shapes = {p: np.shape(x) for p, x in flatten(params).items()}
     index = {p: i for i, p in enumerate(leaf_paths(params))}
     paths = tuple(index) if paths is None else tuple(paths)
-    return {p: jax.random.normal(jax.random.fold_in(key, index[p]), shapes[p], jnp.float32) for p in paths}
+    words = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key).ravel().tolist()
+    return {p: jnp.asarray(np.random.default_rng([*words, index[p]]).standard_normal(shapes[p], np.float32)) for p in paths}
 
 
 def _layerwise_product(factor, w):
