@@ -90,31 +90,7 @@ def _last_axis(x: np.ndarray, index) -> tuple[np.ndarray, bool]:
     """``x[..., index]`` with an integer kept as a length-1 axis; the flag says it was one."""
     if isinstance(index, (int, np.integer)):
         return x[..., int(index) : int(index) + 1 or None], True
-    return _take_last(x, index), False
-
-
-MAX_COPIED_RUNS = 16
-"""The most runs of consecutive positions :func:`_take_last` copies one by one."""
-
-
-def _take_last(x: np.ndarray, index) -> np.ndarray:
-    """``x[..., index]``, a new array: where ``index`` is a 1-D array of at most
-    :data:`MAX_COPIED_RUNS` runs of consecutive non-negative positions (a group of heads' columns
-    is one run each of its q, k and v columns), the runs copied one after another. numpy's
-    indexing with an array on the last axis gathers element by element: for GPT-2-small head
-    groups 3.6–8× slower than copying the runs (``benchmarks/RESULTS.md``, fortieth session)."""
-    if isinstance(index, slice):
-        return x[..., index]
-    positions = np.asarray(index)
-    if positions.ndim != 1 or not len(positions) or positions.dtype.kind not in "iu" or positions.min() < 0:
-        return x[..., index]
-    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
-    if len(breaks) >= MAX_COPIED_RUNS:
-        return x[..., index]
-    starts, stops = positions[np.r_[0, breaks]], positions[np.r_[breaks - 1, len(positions) - 1]] + 1
-    if stops[-1] > x.shape[-1]:
-        return x[..., index]  # numpy's own IndexError
-    return np.concatenate([x[..., a:b] for a, b in zip(starts.tolist(), stops.tolist())], axis=-1)
+    return x[..., index], False
 
 
 def _padded(x: np.ndarray, rows: int) -> np.ndarray:
@@ -196,7 +172,7 @@ class FactoredGrads:
         """The inputs and deltas of the samples (and layers) ``lead`` selects, their taken columns only."""
         a, d = self.inputs[lead + (Ellipsis,)], self.deltas[lead + (Ellipsis,)]
         ca, cd = self.columns
-        return (a if ca is None else _take_last(a, ca)), (d if cd is None else _take_last(d, cd))
+        return (a if ca is None else a[..., ca]), (d if cd is None else d[..., cd])
 
     @property
     def ndim(self) -> int:
