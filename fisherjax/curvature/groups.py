@@ -159,17 +159,31 @@ def parameter_groups(model, budget_bytes: float | None) -> tuple[ParameterGroup,
     return tuple(out)
 
 
+PROBE_CHUNK = 1 << 20
+"""Values :func:`probe` draws at a time: every leaf is drawn in chunks of this size, so
+``jax.random`` compiles one program for all of them, not one per leaf shape."""
+
+
+@jax.jit
+def _probe_chunk(key: jax.Array, leaf: jax.Array, chunk: jax.Array) -> jax.Array:
+    return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, leaf), chunk), (PROBE_CHUNK,), jnp.float32)
+
+
 def probe(key: jax.Array, params, paths: Sequence[str] | None = None) -> dict[str, jax.Array]:
     """A standard Gaussian probe as flat float32 ``{path: array}`` on the leaves ``paths`` (all for
-    None): leaf ``i`` of the ravel order is drawn by numpy's generator seeded with ``key``'s words
-    and ``i``, so any group's part of the same probe is drawn without the rest. numpy draws it
-    because ``jax.random`` compiles a program for every leaf shape, and a probe is drawn only a
-    few times a run."""
+    None): chunk ``j`` of leaf ``i`` of the ravel order (:data:`PROBE_CHUNK` values, the last one
+    cut) is drawn from ``fold_in(fold_in(key, i), j)``, so any group's part of the same probe is
+    drawn without the rest, on the device, by one compiled program."""
     shapes = {p: np.shape(x) for p, x in flatten(params).items()}
     index = {p: i for i, p in enumerate(leaf_paths(params))}
     paths = tuple(index) if paths is None else tuple(paths)
-    words = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key).ravel().tolist()
-    return {p: jnp.asarray(np.random.default_rng([*words, index[p]]).standard_normal(shapes[p], np.float32)) for p in paths}
+
+    def leaf(p):
+        size = math.prod(shapes[p])
+        chunks = [_probe_chunk(key, index[p], j) for j in range(max(-(-size // PROBE_CHUNK), 1))]
+        return (chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks))[:size].reshape(shapes[p])
+
+    return {p: leaf(p) for p in paths}
 
 
 def _layerwise_product(factor, w):
