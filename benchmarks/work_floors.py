@@ -121,11 +121,10 @@ def main() -> None:
               f"with the other stretches as measured, {floor_total + other:.0f} s: {(floor_total + other) / t:.2f}× "
               f"(issue 23's target: ≤ 3×, {3 * t:.0f} s, for the whole run).")
         if "collect" in work:  # the loop does Phase 1's work: the forward, the pullback and the per-sample products
-            loop_rate = work["collect"] / t
-            print(f"The torch loop does Phase 1's work ({work['collect'] / 1e12:.2f} TFLOP) at {loop_rate / 1e9:.0f} GFLOP/s; the counted "
-                  f"phases' work is {sum(work.values()) / work['collect']:.2f}× that, so at the loop's own rate they alone would take "
-                  f"{sum(work.values()) / loop_rate:.0f} s, {sum(work.values()) / work['collect']:.2f}× the loop "
-                  f"(fisherjax's whole run: {total / t:.2f}×).")
+            times_loop = sum(work.values()) / work["collect"]  # the run's work over the loop's: its time at the loop's rate, in loops
+            print(f"The torch loop does Phase 1's work ({work['collect'] / 1e12:.2f} TFLOP) at {work['collect'] / t / 1e9:.0f} GFLOP/s; "
+                  f"the counted phases' work is {times_loop:.2f}× that, so at the loop's own rate they alone would take "
+                  f"{times_loop * t:.0f} s, {times_loop:.2f}× the loop (fisherjax's whole run: {total / t:.2f}×).")
 
 
 if __name__ == "__main__":
