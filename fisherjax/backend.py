@@ -40,6 +40,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from fisherjax.host_memory import available_bytes as host_available_bytes
+
 HOST_ALIGNMENT = 64
 """Byte alignment of the per-sample host arrays that XLA:CPU reads without copying."""
 
@@ -202,8 +204,9 @@ def start_host_copy(tree):
 
 def available_memory_bytes() -> int | None:
     """Memory the default device can still allocate: on an accelerator its allocator's limit
-    minus what is in use (``Device.memory_stats``), on a CPU the host's ``MemAvailable``
-    (``/proc/meminfo``, where the CPU backend's arrays live); None where neither is known."""
+    minus what is in use (``Device.memory_stats``), on a CPU the host memory this process may
+    still take (:func:`fisherjax.host_memory.available_bytes`: ``MemAvailable``, or less under
+    a cgroup's limit; where the CPU backend's arrays live); None where neither is known."""
     if not is_cpu():
         stats = jax.devices()[0].memory_stats() or {}
         if "bytes_limit" in stats:
@@ -242,19 +245,6 @@ def buffers_on_host() -> bool:
     :func:`fisherjax.allocator.reusing_freed_memory` (on a CPU; an accelerator's buffers are its
     own memory)."""
     return is_cpu()
-
-
-def host_available_bytes() -> int | None:
-    """Host memory still available (``MemAvailable`` of ``/proc/meminfo``): where numpy's arrays
-    and the CPU backend's live; None where it is not known."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 PINNED_HOST = "pinned_host"

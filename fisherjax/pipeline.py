@@ -32,12 +32,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from fisherjax import allocator, backend, compilation_cache, heads, io, outdir, report, sharding, telemetry, work
+from fisherjax import allocator, backend, compilation_cache, heads, host_memory, io, outdir, report, sharding, telemetry, work
 from fisherjax.analysis import conflicts, experiments, importance, masks, qkov
 from fisherjax.curvature import compare, kfac, lanczos
 from fisherjax.data import DEFAULT_BUCKETS, Batch, MissingTokenizer, Task, batches, check_targets, load_task, run_buckets
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
-from fisherjax.fisher.collect import check_kept_budget, collect, kept_bytes, seen_ids
+from fisherjax.fisher.collect import check_kept_budget, collect, kept_bytes, seen_ids, step_memory, step_shapes
 from fisherjax.fisher.groups import group_sizes
 from fisherjax.fisher.factored import FactoredGrads, smaller_as_factors
 from fisherjax.fisher.options import SAMPLE_GRADS_FORMS, CollectOptions, attention_paths
@@ -844,9 +844,6 @@ def collect_all(model: Model, all_batches: dict[str, list[Batch]], config: Analy
     Where a task's batches hold the fit half of Phase 6's held-out test first (:func:`fit_prefix`),
     its attention parameters' Fisher over that half is recorded too (``TaskFisher.partial_diagonal``)."""
     options = config.collect_options(model.layout, longest(all_batches))
-    if spill_root is None:  # every task's kept gradients fit, or the run stops before the first is collected
-        for name, chosen in all_batches.items():
-            check_kept_budget(model, chosen, options, task=name, mesh=mesh)
     fishers, stretches = {}, {}
     for name in all_batches:
         fishers[name], stretches[name] = telemetry.measure(
@@ -865,6 +862,89 @@ def collect_all(model: Model, all_batches: dict[str, list[Batch]], config: Analy
             prefix_paths=attention_paths(model.layout),
         )
     return fishers, stretches
+
+
+def check_phase1_memory(model: Model, all_batches: dict[str, list[Batch]], config: AnalysisConfig, mesh: Mesh | None = None) -> None:
+    """Refuse, before anything is computed or created, a Phase 1 that cannot hold what it keeps:
+    a task whose kept per-sample arrays exceed ``--sample-grads-budget-gb`` without a spill
+    directory (:func:`~fisherjax.fisher.collect.check_kept_budget`), or a run that would take more
+    host memory than this process may (:func:`check_host_memory`)."""
+    options, spill = config.collect_options(model.layout, longest(all_batches)), config.spill_dir is not None
+    if not spill:
+        for name, chosen in all_batches.items():
+            check_kept_budget(model, chosen, options, task=name, mesh=mesh)
+    check_host_memory(phase1_host_bytes(model, all_batches, options, spill=spill, mesh=mesh), host_memory.available_bytes(),
+                      host_memory.limited_by_cgroup(), spill=spill)
+
+
+HOST_MEMORY_SHARE = 0.9
+"""Share of the host memory available before Phase 1 that Phase 1 may take
+(:func:`check_host_memory`); the rest is left to the allocator's fragmentation. The later
+phases size their own work by what is available when they start."""
+
+
+class Phase1Memory(NamedTuple):
+    """Host bytes Phase 1 adds to what the process holds when it starts (:func:`phase1_host_bytes`):
+    ``kept`` (every task's kept per-sample arrays held in memory, of ``samples`` samples in
+    ``tasks`` tasks) and ``step`` (its largest step's memory, ``shape`` = (rows, positions))."""
+
+    kept: float
+    samples: int
+    tasks: int
+    step: float
+    shape: tuple[int, int]
+
+
+def phase1_host_bytes(model: Model, all_batches: dict[str, list[Batch]], options: CollectOptions, *, spill: bool,
+                      mesh: Mesh | None = None) -> Phase1Memory:
+    """What Phase 1 will add to this process's host memory. ``kept``: every task's kept arrays
+    (:func:`~fisherjax.fisher.collect.kept_bytes`; with a spill directory at most
+    ``sample_grads_budget_bytes`` a task stay in memory), all of them, as every process holds
+    every sample after Phase 1. ``step``: where XLA's buffers are host memory (a CPU), the memory
+    of Phase 1's largest step (:func:`~fisherjax.fisher.collect.step_memory`, the program the
+    collection then runs without compiling it again) on each of this process's devices, less
+    the parameters the process holds already; 0 on an accelerator, whose step lives in its own memory."""
+    kept, samples = 0.0, 0
+    for chosen in all_batches.values():
+        need, rows = kept_bytes(model, chosen, options)
+        kept += min(need, options.sample_grads_budget_bytes) if spill else need
+        samples += int(rows.sum())
+    shapes = set().union(*(step_shapes(model, chosen, options, sharding.data_size(mesh)) for chosen in all_batches.values()))
+    shape = max(shapes, key=lambda s: (s[0] * s[1], s[1]), default=(0, 0))
+    step = 0.0
+    if backend.buffers_on_host() and shape[0]:
+        devices = len(mesh.local_devices) if mesh is not None else 1
+        held = sum(leaf.nbytes for leaf in jax.tree.leaves(model.params))
+        step = max(step_memory(model, *shape, options, mesh).total_bytes * devices - held, 0)
+    return Phase1Memory(kept, samples, len(all_batches), step, shape)
+
+
+def check_host_memory(need: Phase1Memory, available: float | None, cgroup: bool, *, spill: bool) -> None:
+    """Refuse, before Phase 1, a run whose Phase 1 would take more than :data:`HOST_MEMORY_SHARE`
+    of the host memory ``available`` to this process (``cgroup``: the bound is its memory
+    cgroup's limit, as under Slurm or in a container, not the machine's): a process past it is
+    killed by the kernel, late and without a word. Names what would take it and what fits."""
+    if available is None:
+        return
+    room = HOST_MEMORY_SHARE * available
+    if need.kept + need.step <= room:
+        return
+    where = "under its memory cgroup's limit" if cgroup else "on this machine (MemAvailable)"
+    what = f"{need.kept / 1e9:.1f} GB of kept per-sample gradients for {need.samples} samples of {need.tasks} task(s)"
+    if need.step:
+        what += f" and {need.step / 1e9:.1f} GB for its largest step ({need.shape[0]} rows × {need.shape[1]} positions)"
+    left = room - need.step
+    if left <= 0.05 * room:
+        fix = "use a smaller --batch-size, or a machine (or job) with more memory"
+    else:
+        per_sample = need.kept / max(need.samples, 1)
+        fits = int(left // per_sample // max(need.tasks, 1)) if per_sample else 0
+        budget = f"{math.floor(left / max(need.tasks, 1) / 1e7) / 100:g}"  # GB, rounded down: it must fit
+        fix = (f"use --sample-grads-budget-gb {budget} with --spill-dir to keep the rest on disk"
+               if spill else f"give a spill directory (--spill-dir DIR --sample-grads-budget-gb {budget}) to keep the rest on disk")
+        fix += f", or at most {fits} samples per task (--max-samples {fits})" if fits else ""
+    raise ConfigError(f"host memory: Phase 1 would take about {(need.kept + need.step) / 1e9:.1f} GB ({what}), more than "
+                      f"{HOST_MEMORY_SHARE:.0%} of the {available / 1e9:.1f} GB this process may still take {where}; {fix}")
 
 
 def saved_batches(config: AnalysisConfig, names: Sequence[str]) -> dict[str, int]:
@@ -995,6 +1075,7 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
         outdir.check_writable(destination, output_bytes, option="--out")
     if config.spill_dir is not None:
         outdir.check_writable(Path(config.spill_dir), spill_bytes, option="--spill-dir")
+    check_phase1_memory(model, all_batches, config, mesh)
     with _private_spill(config.spill_dir) as spill_root:
         try:
             (fishers, per_task), stretches["collect"] = telemetry.measure(collect_all, model, all_batches, config, spill_root=spill_root,

@@ -50,7 +50,7 @@ from fisherjax.curvature import compare
 from fisherjax.errors import ConfigError
 from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, factored_paths, kept_paths
 from fisherjax.fisher.step import kept_values as step_kept_values
-from fisherjax.fisher.step import lower_step, make_plan
+from fisherjax.fisher.step import StepMemory, lower_step, make_plan
 from fisherjax.layout import ModelLayout, flatten
 from fisherjax.models.model import Model
 from fisherjax.pipeline import (
@@ -85,23 +85,6 @@ DEVICE_MEMORY_GB = 80.0
 DEVICES_PER_HOST = 8
 HOST_MEMORY_GB = 256.0
 """Defaults of :func:`plan` (and of ``fisherjax plan``'s options)."""
-
-@dataclasses.dataclass(frozen=True)
-class StepMemory:
-    """XLA's compiled memory analysis of one Phase 1 step, bytes per device.
-
-    ``total_bytes = argument + output + temp + generated_code − alias``: outputs that reuse a
-    donated argument's buffer (the accumulation state) are counted once.
-    """
-
-    micro_batch: int
-    argument_bytes: int
-    output_bytes: int
-    temp_bytes: int
-    alias_bytes: int
-    generated_code_bytes: int
-    total_bytes: int
-
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -258,11 +241,7 @@ def step_memory(config: DecoderConfig, micro_batch: int, seq_len: int, options: 
     Kept per arguments (``functools.lru_cache``): plans of one model in one process — a notebook
     trying sample counts, devices or memories — compile each step once, not once per plan."""
     rows = micro_batch * data_size(mesh)
-    analysis = lower_step(Model.abstract(config), rows, seq_len, options, mesh=mesh).compile().memory_analysis()
-    sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes", 0) or 0)
-             for name in ("argument", "output", "temp", "alias", "generated_code")}
-    total = sizes["argument"] + sizes["output"] + sizes["temp"] + sizes["generated_code"] - sizes["alias"]
-    return StepMemory(micro_batch, *(sizes[k] for k in ("argument", "output", "temp", "alias", "generated_code")), total)
+    return StepMemory.of(micro_batch, lower_step(Model.abstract(config), rows, seq_len, options, mesh=mesh).compile())
 
 
 def largest_fitting(candidates: list[int], bytes_at: Callable[[int], float], limit: float) -> int | None:

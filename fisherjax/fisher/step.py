@@ -338,6 +338,33 @@ def lower_step(model, batch_size: int, seq_len: int, options: CollectOptions | N
     return compiled_step(model, plan, mesh).lower(model.params, state, ints, ints, ints, ids, jax.random.key(0))
 
 
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """XLA's compiled memory analysis of one Phase 1 step, bytes per device.
+
+    ``total_bytes = argument + output + temp + generated_code − alias``: outputs that reuse a
+    donated argument's buffer (the accumulation state) are counted once.
+    """
+
+    micro_batch: int
+    argument_bytes: int
+    output_bytes: int
+    temp_bytes: int
+    alias_bytes: int
+    generated_code_bytes: int
+    total_bytes: int
+
+    @classmethod
+    def of(cls, micro_batch: int, compiled) -> StepMemory:
+        """The figures of a compiled step (``lower_step(...).compile()``) at ``micro_batch`` rows
+        per device."""
+        analysis = compiled.memory_analysis()
+        names = ("argument", "output", "temp", "alias", "generated_code")
+        sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes", 0) or 0) for name in names}
+        total = sizes["argument"] + sizes["output"] + sizes["temp"] + sizes["generated_code"] - sizes["alias"]
+        return cls(micro_batch, *(sizes[k] for k in names), total)
+
+
 def kept_values(layout, plan: StepPlan, seq: int, *, contributions: bool = True) -> int:
     """Numbers one sample's kept arrays hold at ``seq`` positions (what :func:`step_function`
     returns under ``kept``): per kept leaf its parameters, or, for a kernel ``[*lead, d_in, d_out]``

@@ -73,7 +73,7 @@ def both_ways(
     computed in one pass that forms each stored sample once (:func:`~._scores.shared_scores`)
     when one layer of it, or of a group of heads of each part, fits the kernel's tile budget and
     its sums fit :data:`~._tiles.SHARED_HOST_SHARE` of the host memory available (``host_bytes``;
-    None: ``MemAvailable`` now, :func:`fisherjax.backend.host_available_bytes`): both heatmaps'
+    None: what the host has available now, :func:`fisherjax.backend.host_available_bytes`): both heatmaps'
     sums, held at once, and the tests' mean rows' (:func:`~._prepare.mean_row`: all a test reads
     of its scores are their column means).
     :func:`formed_once` says which. Otherwise direction by direction, by those calls, holding one
@@ -142,7 +142,7 @@ def formed_once(
     weight set per Fisher (each task's, each tested fit half's), and the pass's sums (both
     heatmaps', the mean rows') within
     :data:`~._tiles.SHARED_HOST_SHARE` of ``host_bytes``, the host memory available (None:
-    ``MemAvailable`` now, :func:`fisherjax.backend.host_available_bytes`; where that is not known,
+    what the host has available now, :func:`fisherjax.backend.host_available_bytes`; where that is not known,
     :data:`~._tiles.SHARED_SCORES_BYTES`)."""
     score, kernel = resolve(score, kernel, {})
     host_bytes = backend.host_available_bytes() if host_bytes is None else host_bytes
