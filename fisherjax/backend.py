@@ -19,7 +19,8 @@ choice                           CPU                         GPU / TPU
 :func:`scored_positions_per_chunk`  128 positions            1024 positions
 :func:`with_compiler_flags`      elemental fusion emitters   (XLA:CPU flag only)
 :func:`looped_compiler_options`  MLIR fusion emitters        (XLA:CPU option only)
-:func:`tile_budget_bytes`        the fixed default           a share of the free memory
+:func:`tile_budget_bytes`        the default, less if tight  a share of the free memory
+:func:`host_work_budget`         a share of the host's       the default
 :func:`buffers_on_host`          freed memory reused         (device memory: unchanged)
 ===============================  ==========================  ==============================
 
@@ -219,16 +220,33 @@ DEVICE_TILE_SHARE = 0.5
 """Share of an accelerator's free memory a pair phase's tiles may take by default
 (:func:`tile_budget_bytes`); the rest is left to XLA's temporaries and the arrays of the run."""
 
+HOST_WORK_SHARE = 0.25
+"""Share of the host memory available when a pair phase starts that its working arrays may take
+on a CPU, where they are host memory (:func:`host_work_budget`)."""
+
+
+def host_work_budget(default: float, available: float | None = None) -> float:
+    """The memory a pair phase's working arrays (QK-OV's tiles, Phase 5's parameter slices) may
+    take: on a CPU, ``default`` or :data:`HOST_WORK_SHARE` of the host memory ``available``
+    (None: now, :func:`host_available_bytes`, under a memory cgroup's limit too), whichever is
+    less: a run whose kept gradients fill most of a job's memory works in smaller pieces instead
+    of being killed; on an accelerator ``default`` (device memory, not the host's)."""
+    if not is_cpu():
+        return float(default)
+    free = host_available_bytes() if available is None else available
+    return float(default) if free is None or not np.isfinite(free) else min(float(default), HOST_WORK_SHARE * free)
+
 
 def tile_budget_bytes(cpu_bytes: float) -> float:
-    """The memory a QK-OV tile may take when the options give none: ``cpu_bytes`` on a CPU (a
+    """The memory a QK-OV tile may take when the options give none: on a CPU ``cpu_bytes`` (a
     bound: the looped kernel walks its tile in cache-sized pieces, so more buys nothing and holds
-    host memory), and on an accelerator :data:`DEVICE_TILE_SHARE` of its free memory
-    (:func:`available_memory_bytes`), at least ``cpu_bytes``. A 2 GB tile holds one sample of a 7B
-    model's attention gradients per layer, so every tile would form task B's kept token factors
-    again: the accelerator's memory is what keeps a tile's samples many."""
+    host memory) or less where the host has little left (:func:`host_work_budget`), and on an
+    accelerator :data:`DEVICE_TILE_SHARE` of its free memory (:func:`available_memory_bytes`),
+    at least ``cpu_bytes``. A 2 GB tile holds one sample of a 7B model's attention gradients per
+    layer, so every tile would form task B's kept token factors again: the accelerator's memory
+    is what keeps a tile's samples many."""
     if is_cpu():
-        return float(cpu_bytes)
+        return host_work_budget(cpu_bytes)
     free = available_memory_bytes()
     return float(cpu_bytes) if free is None else max(float(cpu_bytes), DEVICE_TILE_SHARE * free)
 

@@ -608,11 +608,12 @@ def phase_conflicts(ctx: Context, out: Path | None) -> report.Section:
             continue
         available = backend.host_available_bytes()  # every process of a multi-process run tests alike: the least of theirs
         available = float(sharding.process_min(np.array([np.inf if available is None else available]))[0])
+        budget = dataclasses.replace(options, memory_budget_bytes=backend.host_work_budget(options.memory_budget_bytes, available))
         chosen = conflict_scope(config.conflict_scope, n_a, n_b, groups, available, options.alpha,
-                                conflict_open_groups(layout, n_a, n_b, options))
+                                conflict_open_groups(layout, n_a, n_b, budget))
         found = conflicts.detect(
             ctx.fishers[name_a], ctx.fishers[name_b], layout=layout,
-            options=dataclasses.replace(options, scope=chosen.scope, max_kept_tests=chosen.max_kept),
+            options=dataclasses.replace(budget, scope=chosen.scope, max_kept_tests=chosen.max_kept),
             names=(name_a, name_b), progress=config.progress, mesh=ctx.mesh,
         )
         why = chosen.why or found.settings.get("scope_note")
@@ -637,18 +638,18 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
     direction is written, summarised and drawn before the next pair is computed.
     """
     config = ctx.config
-    kernel = config.kernel_options()
     summaries, drawn, factors = {}, {}, {}
     with outdir.NpzWriter(out / "qkov.npz") if out is not None else contextlib.nullcontext() as arrays:
         for name_a, name_b in itertools.combinations(ctx.fishers, 2):
-            for (a, b), (result, test, shared) in zip(((name_a, name_b), (name_b, name_a)), qkov_ways(ctx, name_a, name_b, factors)):
+            kernel = pair_kernel(config)
+            for (a, b), (result, test, shared) in zip(((name_a, name_b), (name_b, name_a)), qkov_ways(ctx, name_a, name_b, factors, kernel)):
                 if isinstance(result, str):  # a quick run on a few samples still gets the other phases
                     summaries[a, b] = {"skipped": result}
                     continue
                 if arrays is not None:  # None: a process of a multi-process run that computes with the others and writes nothing
                     arrays.add({f"{a}|{b}|{k}": v for k, v in qkov.to_arrays(result).items()})
                 summary = qkov_report.summary(result, top_k=config.top_k, labels=ctx.labels)
-                summary["kernel"] = dataclasses.asdict(kernel) | {"memory_budget_bytes": kernel.budget_bytes()}  # as the backend set it
+                summary["kernel"] = dataclasses.asdict(kernel)  # the tile budget as the pair's scoring read it
                 summary["both_directions_in_one_pass"] = shared
                 summary["bootstrap"] = qkov_report.bootstrap_summary(qkov.bootstrap_layer_head_avg(result, n_bootstrap=200, seed=config.seed))
                 summary["permutation_test"] = {"skipped": test} if isinstance(test, str) else qkov_report.permutation_summary(test, result)
@@ -658,7 +659,17 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
     return qkov_report.section({pair: summaries[pair] for pair in order}, {pair: drawn[pair] for pair in order if pair in drawn})
 
 
-def qkov_ways(ctx: Context, name_a: str, name_b: str, factors: dict) -> Iterator[tuple]:
+def pair_kernel(config: AnalysisConfig) -> qkov.KernelOptions:
+    """The run's QK-OV kernel options with the tile budget fixed as a pair of tasks starts
+    (:meth:`~fisherjax.analysis.qkov.KernelOptions.budget_bytes`: the backend's, on a CPU less
+    where the host has little memory left; the least of every process's), so that every choice
+    the pair's scoring makes reads one budget, not the memory left as it goes."""
+    kernel = config.kernel_options()
+    budget = float(sharding.process_min(np.array([kernel.budget_bytes()]))[0])  # every process of a run tiles alike
+    return dataclasses.replace(kernel, memory_budget_bytes=budget)
+
+
+def qkov_ways(ctx: Context, name_a: str, name_b: str, factors: dict, kernel: qkov.KernelOptions | None = None) -> Iterator[tuple]:
     """Phase 6 of a task pair, each ordered pair in turn (A ← B, then B ← A): ``(heatmap,
     permutation test, shared)``, where either of the first two may be the reason it was skipped
     instead, and ``shared`` says whether both directions came from one pass (:class:`qkov.Way`).
@@ -667,9 +678,9 @@ def qkov_ways(ctx: Context, name_a: str, name_b: str, factors: dict) -> Iterator
     directions from one formation of each task's kept samples (or, where that does not fit, one
     direction at a time); otherwise each direction is its own heatmap and test (task A's K-FAC for
     ``--qkov-variant kfac``, kept in ``factors`` for the task's other pairs; the mesh's tiles),
-    holding one direction's scores at a time."""
+    holding one direction's scores at a time. ``kernel``: :func:`pair_kernel` where None."""
     layout, config = ctx.model.layout, ctx.config
-    score, kernel = config.score_options(), config.kernel_options()
+    score, kernel = config.score_options(), kernel or pair_kernel(config)
     needed = score.min_fisher_samples
     curvature = score.variant in qkov.CURVATURE_VARIANTS
     skips, tested = {}, {}

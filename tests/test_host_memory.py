@@ -167,3 +167,40 @@ def test_analyze_under_a_tight_cgroup_stops_before_phase_1_and_writes_nothing(cl
     cgroup(cgroups / "job", {"memory.current": 0})
     code, _, err = run_cli(argv)
     assert code == 0, err
+
+
+def test_pair_phases_work_in_smaller_pieces_when_the_host_has_little_left(cli_checkpoint, tmp_path, monkeypatch):
+    """Phase 5's parameter slices and Phase 6's tiles take at most a share of the host memory left
+    (on a CPU): with 1 MB left, the budgets results.json records shrink to 250 kB, and every
+    number is the one a run with room computes."""
+    import json
+
+    import numpy as np
+
+    from fisherjax import backend
+    from refusals import run_cli
+
+    argv = ["analyze", "--model", cli_checkpoint / "model", "--no-progress", "--phases", "fisher,conflicts,qkov", "--conflict-scope",
+            "overall", "--task", f"add={cli_checkpoint / 'add.jsonl'}", "--task", f"words={cli_checkpoint / 'words.txt'}"]
+    code, _, err = run_cli([*argv, "--out", tmp_path / "roomy"])
+    assert code == 0, err
+    monkeypatch.setattr(backend, "host_available_bytes", lambda: 10**6)
+    assert backend.host_work_budget(4e9) == 2.5e5 and backend.host_work_budget(4e9, float("inf")) == 4e9
+    assert backend.host_work_budget(1e5, 8e6) == 1e5  # never more than the default
+    code, _, err = run_cli([*argv, "--out", tmp_path / "tight"])
+    assert code == 0, err
+    roomy, tight = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("roomy", "tight"))
+    assert roomy["qkov"]["pairs"]["add|words"]["kernel"]["memory_budget_bytes"] == 2e9
+    assert tight["qkov"]["pairs"]["add|words"]["kernel"]["memory_budget_bytes"] == 2.5e5
+    with np.load(tmp_path / "roomy" / "qkov.npz") as r, np.load(tmp_path / "tight" / "qkov.npz") as t:
+        assert sorted(r.files) == sorted(t.files)
+        for key in r.files:
+            if r[key].dtype.kind in "fc":
+                np.testing.assert_allclose(t[key], r[key], rtol=1e-5, atol=1e-7, err_msg=key)
+            else:
+                np.testing.assert_array_equal(t[key], r[key], err_msg=key)
+    pair_r, pair_t = (json.loads((tmp_path / run / "conflicts.json").read_text())["pairs"]["add|words"] for run in ("roomy", "tight"))
+    assert pair_r["settings"] == pair_t["settings"] and pair_r["settings"]["scope"] == "overall"
+    for stat in ("mean", "std", "min", "max"):
+        np.testing.assert_allclose(pair_t["cosine"][stat], pair_r["cosine"][stat], rtol=1e-5, atol=1e-7)
+    assert [(p["sample_a"], p["sample_b"]) for p in pair_t["top_pairs"]] == [(p["sample_a"], p["sample_b"]) for p in pair_r["top_pairs"]]
