@@ -642,7 +642,8 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
     with outdir.NpzWriter(out / "qkov.npz") if out is not None else contextlib.nullcontext() as arrays:
         for name_a, name_b in itertools.combinations(ctx.fishers, 2):
             kernel = pair_kernel(config)
-            for (a, b), (result, test, shared) in zip(((name_a, name_b), (name_b, name_a)), qkov_ways(ctx, name_a, name_b, factors, kernel)):
+            ways = qkov_ways(ctx, name_a, name_b, factors, kernel)
+            for (a, b), (result, test, shared) in zip(((name_a, name_b), (name_b, name_a)), ways):
                 if isinstance(result, str):  # a quick run on a few samples still gets the other phases
                     summaries[a, b] = {"skipped": result}
                     continue
