@@ -764,10 +764,19 @@ otherwise fault in fresh pages (measured in ``benchmarks/RESULTS.md``; the heads
 gained nothing from it, and Phase 1 fragments the heap: ``docs/DECISIONS.md``)."""
 
 
+REUSE_ROOM_BYTES = 8e9
+"""Host memory that must be available when one of the :data:`REUSING_PHASES` starts for it to keep
+freed memory (:func:`run_phase`). Kept memory grows to about the phase's largest working set
+(Phase 5's 4 GB slices, a 2 GB QK-OV tile, their temporaries), which a run near its memory limit
+cannot spare: GPT-2 small at 256 + 256 in a 15 GB cgroup was killed in a pair phase with it and
+finished without it (RESULTS, forty-first session)."""
+
+
 def run_phase(phase: str, ctx: Context, out: Path | None) -> report.Section:
     """``PHASES[phase](ctx, out)``, inside :func:`fisherjax.allocator.reusing_freed_memory` for the
-    :data:`REUSING_PHASES` on a CPU."""
-    reusing = phase in REUSING_PHASES and backend.buffers_on_host()
+    :data:`REUSING_PHASES` on a CPU with at least :data:`REUSE_ROOM_BYTES` of host memory available."""
+    available = backend.host_available_bytes() if phase in REUSING_PHASES else None
+    reusing = phase in REUSING_PHASES and backend.buffers_on_host() and (available is None or available >= REUSE_ROOM_BYTES)
     with allocator.reusing_freed_memory() if reusing else contextlib.nullcontext():
         return PHASES[phase](ctx, out)
 

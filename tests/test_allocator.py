@@ -84,15 +84,24 @@ def test_the_switch_and_a_users_own_settings_leave_glibc_alone(monkeypatch, sett
 
 
 @pytest.mark.usefixtures("glibc")
-def test_the_pair_phases_run_inside_the_scope_on_a_cpu(monkeypatch):
+def test_the_pair_phases_run_inside_the_scope_on_a_cpu_with_room(monkeypatch):
     from fisherjax import backend, pipeline
 
     assert backend.buffers_on_host()  # the tests' backend is the CPU
+    monkeypatch.setattr(backend, "host_available_bytes", lambda: 2 * pipeline.REUSE_ROOM_BYTES)
     seen = {}
     for phase in pipeline.PHASES:
         monkeypatch.setitem(pipeline.PHASES, phase, lambda ctx, out, phase=phase: seen.setdefault(phase, maps_a_large_block()))
         pipeline.run_phase(phase, None, None)
     assert {phase for phase, mapped in seen.items() if not mapped} == set(pipeline.REUSING_PHASES) == {"conflicts", "qkov"}
+    monkeypatch.setattr(backend, "host_available_bytes", lambda: pipeline.REUSE_ROOM_BYTES - 1)  # near a memory limit: not kept
+    seen.clear()
+    pipeline.run_phase("qkov", None, None)
+    assert seen == {"qkov": True}
+    monkeypatch.setattr(backend, "host_available_bytes", lambda: None)  # not known: kept, as before
+    seen.clear()
+    pipeline.run_phase("qkov", None, None)
+    assert seen == {"qkov": False}
     monkeypatch.setattr(backend, "buffers_on_host", lambda: False)  # an accelerator's buffers are its own
     seen.clear()
     pipeline.run_phase("qkov", None, None)
