@@ -608,12 +608,12 @@ def phase_conflicts(ctx: Context, out: Path | None) -> report.Section:
             continue
         available = backend.host_available_bytes()  # every process of a multi-process run tests alike: the least of theirs
         available = float(sharding.process_min(np.array([np.inf if available is None else available]))[0])
-        budget = dataclasses.replace(options, memory_budget_bytes=backend.host_work_budget(options.memory_budget_bytes, available))
+        sized = dataclasses.replace(options, memory_budget_bytes=backend.host_work_budget(options.memory_budget_bytes, available))
         chosen = conflict_scope(config.conflict_scope, n_a, n_b, groups, available, options.alpha,
-                                conflict_open_groups(layout, n_a, n_b, budget))
+                                conflict_open_groups(layout, n_a, n_b, sized))
         found = conflicts.detect(
             ctx.fishers[name_a], ctx.fishers[name_b], layout=layout,
-            options=dataclasses.replace(budget, scope=chosen.scope, max_kept_tests=chosen.max_kept),
+            options=dataclasses.replace(sized, scope=chosen.scope, max_kept_tests=chosen.max_kept),
             names=(name_a, name_b), progress=config.progress, mesh=ctx.mesh,
         )
         why = chosen.why or found.settings.get("scope_note")
@@ -889,13 +889,16 @@ def check_phase1_memory(model: Model, all_batches: dict[str, list[Batch]], confi
     """Refuse, before anything is computed or created, a Phase 1 that cannot hold what it keeps:
     a task whose kept per-sample arrays exceed ``--sample-grads-budget-gb`` without a spill
     directory (:func:`~fisherjax.fisher.collect.check_kept_budget`), or a run that would take more
-    host memory than this process may (:func:`check_host_memory`)."""
+    host memory than this process may (:func:`check_host_memory`; the least available over the
+    processes of a multi-process run, which must all go on or all stop)."""
     options, spill = config.collect_options(model.layout, longest(all_batches)), config.spill_dir is not None
     if not spill:
         for name, chosen in all_batches.items():
             check_kept_budget(model, chosen, options, task=name, mesh=mesh)
-    check_host_memory(phase1_host_bytes(model, all_batches, options, spill=spill, mesh=mesh), host_memory.available_bytes(),
-                      host_memory.limited_by_cgroup(), spill=spill)
+    available = host_memory.available_bytes()  # every process of a multi-process run decides alike: the least of theirs
+    available = float(sharding.process_min(np.array([np.inf if available is None else available]))[0])
+    check_host_memory(phase1_host_bytes(model, all_batches, options, spill=spill, mesh=mesh),
+                      available if np.isfinite(available) else None, host_memory.limited_by_cgroup(), spill=spill)
 
 
 HOST_MEMORY_SHARE = 0.9
