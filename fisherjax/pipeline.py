@@ -37,7 +37,8 @@ from fisherjax.analysis import conflicts, experiments, importance, masks, qkov
 from fisherjax.curvature import compare, kfac, lanczos
 from fisherjax.data import DEFAULT_BUCKETS, Batch, MissingTokenizer, Task, batches, check_targets, load_task, run_buckets
 from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
-from fisherjax.fisher.collect import check_kept_budget, collect, kept_bytes, seen_ids, step_memory, step_shapes
+from fisherjax.fisher.collect import check_kept_budget, collect, kept_bytes, seen_ids, step_shapes
+from fisherjax.fisher.step import step_memory
 from fisherjax.fisher.groups import group_sizes
 from fisherjax.fisher.factored import FactoredGrads, smaller_as_factors
 from fisherjax.fisher.options import SAMPLE_GRADS_FORMS, CollectOptions, attention_paths
@@ -925,7 +926,7 @@ def phase1_host_bytes(model: Model, all_batches: dict[str, list[Batch]], options
     (:func:`~fisherjax.fisher.collect.kept_bytes`; with a spill directory at most
     ``sample_grads_budget_bytes`` a task stay in memory), all of them, as every process holds
     every sample after Phase 1. ``step``: where XLA's buffers are host memory (a CPU), the memory
-    of Phase 1's largest step (:func:`~fisherjax.fisher.collect.step_memory`, the program the
+    of Phase 1's largest step (:func:`~fisherjax.fisher.step.step_memory`, the program the
     collection then runs without compiling it again) on each of this process's devices, less
     the parameters the process holds already; 0 on an accelerator, whose step lives in its own memory."""
     kept, samples = 0.0, 0
@@ -938,8 +939,7 @@ def phase1_host_bytes(model: Model, all_batches: dict[str, list[Batch]], options
     step = 0.0
     if backend.buffers_on_host() and shape[0]:
         devices = len(mesh.local_devices) if mesh is not None else 1
-        held = sum(leaf.nbytes for leaf in jax.tree.leaves(model.params))
-        step = max(step_memory(model, *shape, options, mesh).total_bytes * devices - held, 0)
+        step = max(step_memory(model, *shape, options, mesh).total_bytes * devices - model.parameter_bytes, 0)
     return Phase1Memory(kept, samples, len(all_batches), step, shape)
 
 

@@ -50,7 +50,8 @@ from fisherjax.curvature import compare
 from fisherjax.errors import ConfigError
 from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, factored_paths, kept_paths
 from fisherjax.fisher.step import kept_values as step_kept_values
-from fisherjax.fisher.step import StepMemory, lower_step, make_plan
+from fisherjax.fisher.step import StepMemory, make_plan
+from fisherjax.fisher.step import step_memory as analysed_step
 from fisherjax.layout import ModelLayout, flatten
 from fisherjax.models.model import Model
 from fisherjax.pipeline import (
@@ -240,8 +241,7 @@ def step_memory(config: DecoderConfig, micro_batch: int, seq_len: int, options: 
 
     Kept per arguments (``functools.lru_cache``): plans of one model in one process — a notebook
     trying sample counts, devices or memories — compile each step once, not once per plan."""
-    rows = micro_batch * data_size(mesh)
-    return StepMemory.of(micro_batch, lower_step(Model.abstract(config), rows, seq_len, options, mesh=mesh).compile())
+    return analysed_step(Model.abstract(config), micro_batch * data_size(mesh), seq_len, options, mesh)
 
 
 def largest_fitting(candidates: list[int], bytes_at: Callable[[int], float], limit: float) -> int | None:
@@ -276,11 +276,6 @@ def largest_fitting(candidates: list[int], bytes_at: Callable[[int], float], lim
         while not fits(index):
             index -= 1
     return candidates[index]
-
-
-def parameter_bytes(model: Model) -> int:
-    """Bytes of all parameters (``Σ size × itemsize``)."""
-    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in flatten(model.params).values())
 
 
 def model_axis_bytes(model: Model, step: StepMemory, data: int, model_size: int) -> float:
@@ -649,7 +644,7 @@ def plan(
     reform = reform_flops(layout, options, seq_len)
     phase5_reform = conflict_sample_reads(samples, tasks, references, chunk, data) * reform
     qkov_tests = qkov_tested(samples, score.min_fisher_samples)
-    tiles = qkov_kernel(device_memory_gb * GB, parameter_bytes(model) / m)  # the parameters as Phase 1 sharded them
+    tiles = qkov_kernel(device_memory_gb * GB, model.parameter_bytes / m)  # the parameters as Phase 1 sharded them
     spilled = per_host(dtype) > host_limit  # on disk, read through the page cache; else held in the host's memory
     formed_once = devices == 1 and samples >= score.min_fisher_samples and qkov.formed_once(
         samples, samples, layout, test=(qkov_tests, qkov_tests), stores_per_task=1 if options.fisher_type == "empirical" else 2,
@@ -672,14 +667,14 @@ def plan(
     heads_work = heads_flops(forward, layout, tasks, min(defaults.head_samples, samples), defaults.ablation_heads)
     mask_count = most_pruning_masks(tasks)
     masks_work = masks_flops(forward, tasks, min(defaults.pruning_samples, samples), mask_count)
-    comparison = curvature_plan(model, forward, samples, limit - parameter_bytes(model), one_device, dtype, defaults, seq_len)
+    comparison = curvature_plan(model, forward, samples, limit - model.parameter_bytes, one_device, dtype, defaults, seq_len)
     seconds = dict(phase1=phase1 / rate, heads=heads_work / one_device, masks=masks_work / one_device,
                    phase5=phase5 / rate, phase6=phase6 / rate, curvature=comparison.seconds if comparison.skip is None else 0.0)
     pair_scores = qkov.scores_bytes(samples, samples, layout)
     return Plan(
         model_type=config.model_type,
         parameters=model.num_params,
-        parameter_bytes=parameter_bytes(model),
+        parameter_bytes=model.parameter_bytes,
         layers=config.num_layers,
         hidden_size=config.hidden_size,
         samples=samples,
@@ -891,5 +886,5 @@ __all__ = [
     "CurvaturePlan", "Plan", "StepMemory", "conflict_bytes_read", "conflict_chunk", "conflict_flops", "curvature_plan",
     "default_options",
     "conflict_sample_reads", "conflict_slices", "format_plan", "kept_parameters", "kept_storage_bytes", "kept_values", "model_axis_bytes",
-    "parameter_bytes", "plan", "qkov_flops", "qkov_sample_reads", "read_config", "reference_grams", "reform_flops", "step_memory",
+    "plan", "qkov_flops", "qkov_sample_reads", "read_config", "reference_grams", "reform_flops", "step_memory",
 ]

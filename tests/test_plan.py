@@ -20,7 +20,7 @@ from fisherjax.models.model import Model
 from fisherjax.fisher.options import kept_paths
 from fisherjax.plan import (
     GB, conflict_bytes_read, conflict_sample_reads, conflict_slices, curvature_plan, default_options, format_plan,
-    kept_parameters, largest_fitting, parameter_bytes, plan, qkov_sample_reads, read_config, step_memory,
+    kept_parameters, largest_fitting, plan, qkov_sample_reads, read_config, step_memory,
 )
 from fisherjax.work import COLLECT_FORWARDS, curvature_flops, forward_flops, heads_flops, masks_flops, qkov_pair_reads
 from conftest import FAST_FAMILIES
@@ -329,7 +329,7 @@ def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkey
     # a pass's working memory counts what XLA says a sample's backward keeps, here more than the logits
     one = lowrank.pass_temporaries(model, 1, SEQ)
     assert compare.working_bytes(model, n * SEQ, SEQ) == math.ceil(compare.WORKING_MARGIN * n * one) > compare.working_bytes(model, n * SEQ)
-    assert c.free_bytes == 0.9 * 80 * GB - parameter_bytes(model) and c.skip is None and c.forced_skip is None
+    assert c.free_bytes == 0.9 * 80 * GB - model.parameter_bytes and c.skip is None and c.forced_skip is None
     assert (c.fit_samples, c.fit_k) == (n, c.k)
     rate = base.throughput_tflops * 1e12
     assert base.phase1_seconds == base.phase1_flops / rate and base.heads_seconds == base.heads_flops / rate

@@ -38,8 +38,8 @@ from fisherjax.fisher.progress import (
 )
 from fisherjax.fisher.factored import FactoredGrads
 from fisherjax.fisher.state import PartialDiagonal, SampleGrads, TaskFisher
-from fisherjax.fisher.step import (StepMemory, StepPlan, compiled_step, initial_state, kept_values, lower_step, make_plan, micro_batch_size,
-                                   micro_batches, state_shardings)
+from fisherjax.fisher.step import (StepPlan, compiled_step, initial_state, kept_values, make_plan, micro_batch_size, micro_batches,
+                                   state_shardings, step_rows)
 from fisherjax.models.model import check_token_ids
 from fisherjax.progressbar import progress_bar
 from fisherjax.sharding import check_mesh, data_size, local_rows, place, place_params, process_sum, put_replicated, shard_rows
@@ -244,22 +244,14 @@ def kept_bytes(model, batches: Sequence[Batch], options: CollectOptions) -> tupl
 
 def step_shapes(model, batches: Sequence[Batch], options: CollectOptions, devices: int = 1) -> set[tuple[int, int]]:
     """The ``(rows, positions)`` of every step :func:`collect` runs over ``batches``: each batch
-    cut into micro-batches of ``devices`` × :func:`~.step.micro_batch_size` rows, padded as
-    :func:`~.step.micro_batches` pads them."""
+    cut into micro-batches of ``devices`` × :func:`~.step.micro_batch_size` rows, each step
+    :func:`~.step.step_rows` wide, as :func:`~.step.micro_batches` pads them."""
     plan = make_plan(model.layout, options)
     shapes = set()
     for batch in batches:
         rows, seq = batch.input_ids.shape
-        size = min(devices * micro_batch_size(model, plan, rows, seq, options.memory_budget_bytes), rows)
-        shapes.add((-(-size // devices) * devices, seq))
+        shapes.add((step_rows(rows, devices * micro_batch_size(model, plan, rows, seq, options.memory_budget_bytes), devices), seq))
     return shapes
-
-
-def step_memory(model, rows: int, seq: int, options: CollectOptions, mesh=None) -> StepMemory:
-    """XLA's memory analysis of the step :func:`collect` runs on ``rows`` × ``seq`` inputs (per
-    device of ``mesh``). Compiling it here costs nothing more: the program is the one the
-    collection's first step of that shape would compile, and JAX keeps it for that call."""
-    return StepMemory.of(rows // data_size(mesh), lower_step(model, rows, seq, options, mesh=mesh).compile())
 
 
 def check_kept_budget(model, batches: Sequence[Batch], options: CollectOptions, *, task: str, mesh=None) -> None:

@@ -52,7 +52,7 @@ from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, factored_pa
 from fisherjax.settings import with_overrides
 from fisherjax.fisher.sites import discover_sites, grad_walks, layer_site, per_sample_grads_from_sites, squared_marginals_from_sites
 from fisherjax.grads import token_nll
-from fisherjax.sharding import DATA, by_sample, param_shardings, replicated
+from fisherjax.sharding import DATA, by_sample, data_size, param_shardings, replicated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,15 +354,19 @@ class StepMemory:
     generated_code_bytes: int
     total_bytes: int
 
-    @classmethod
-    def of(cls, micro_batch: int, compiled) -> StepMemory:
-        """The figures of a compiled step (``lower_step(...).compile()``) at ``micro_batch`` rows
-        per device."""
-        analysis = compiled.memory_analysis()
-        names = ("argument", "output", "temp", "alias", "generated_code")
-        sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes", 0) or 0) for name in names}
-        total = sizes["argument"] + sizes["output"] + sizes["temp"] + sizes["generated_code"] - sizes["alias"]
-        return cls(micro_batch, *(sizes[k] for k in names), total)
+
+
+def step_memory(model, rows: int, seq_len: int, options: CollectOptions | None = None, mesh=None) -> StepMemory:
+    """XLA's memory analysis of the step :func:`fisherjax.collect` runs on ``rows`` × ``seq_len``
+    inputs (``lower_step(...).compile().memory_analysis()``; on a mesh one device's program, at
+    ``rows`` / its ``"data"`` size rows). For a concrete model compiling it costs nothing more:
+    the program is the one the collection's first step of that shape would compile, and JAX
+    keeps it for that call."""
+    analysis = lower_step(model, rows, seq_len, options, mesh=mesh).compile().memory_analysis()
+    names = ("argument", "output", "temp", "alias", "generated_code")
+    sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes", 0) or 0) for name in names}
+    total = sizes["argument"] + sizes["output"] + sizes["temp"] + sizes["generated_code"] - sizes["alias"]
+    return StepMemory(rows // data_size(mesh), *(sizes[k] for k in names), total)
 
 
 def kept_values(layout, plan: StepPlan, seq: int, *, contributions: bool = True) -> int:
@@ -395,13 +399,18 @@ def micro_batch_size(model, plan: StepPlan, batch: int, seq: int, budget_bytes: 
     return int(max(1, min(batch, budget_bytes // max(per_sample, 1))))
 
 
+def step_rows(n: int, size: int, multiple: int = 1) -> int:
+    """Rows of every step :func:`micro_batches` cuts a batch of ``n`` rows into: ``size`` (at most
+    ``n``) rounded up to a multiple of ``multiple``."""
+    return -(-min(size, n) // multiple) * multiple
+
+
 def micro_batches(batch: Batch, size: int, multiple: int = 1):
     """Split a batch into consecutive micro-batches of ``size`` rows, each padded with filler
     (sample id −1, labels ignored, no tokens) to ``size`` or, when the batch is smaller, to the
     next multiple of ``multiple`` (a mesh's ``"data"`` size)."""
     n = batch.input_ids.shape[0]
-    size = min(size, n)
-    width = -(-size // multiple) * multiple
+    size, width = min(size, n), step_rows(n, size, multiple)
     if width == n:
         yield batch
         return

@@ -147,6 +147,11 @@ class Model:
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
 
+    @property
+    def parameter_bytes(self) -> int:
+        """Bytes of all parameters (``Σ size × itemsize``; abstract parameters too)."""
+        return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(self.params))
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSignature:
