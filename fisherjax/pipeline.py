@@ -1099,7 +1099,7 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
         outdir.check_writable(destination, output_bytes, option="--out")
     if config.spill_dir is not None:
         outdir.check_writable(Path(config.spill_dir), spill_bytes, option="--spill-dir")
-    check_phase1_memory(model, all_batches, config, mesh)
+    _, stretches["memory check"] = telemetry.measure(check_phase1_memory, model, all_batches, config, mesh)
     with _private_spill(config.spill_dir) as spill_root:
         try:
             (fishers, per_task), stretches["collect"] = telemetry.measure(collect_all, model, all_batches, config, spill_root=spill_root,

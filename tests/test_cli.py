@@ -41,7 +41,7 @@ def test_analyze_writes_the_output_directory(tiny_checkpoint, tmp_path, capsys, 
     assert {"fisherjax", "jax", "jaxlib", "flax", "transformers", "numpy"} <= set(env["versions"]) and env["backend"] == "cpu"
     assert env["devices"][0]["platform"] == "cpu" and (env["git"] is None or len(env["git"]["commit"]) == 40)
     assert results["fisher"]["add"]["samples"] == 12 and results["fisher"]["words"]["samples"] == 10
-    assert list(results["phases"]) == ["load", "collect", "fisher", "report", "total"]  # what each stretch cost
+    assert list(results["phases"]) == ["load", "memory check", "collect", "fisher", "report", "total"]  # what each stretch cost
     assert set(results["phases"]["collect"]["tasks"]) == {"add", "words"}
     # Phase 1's matrix products as the plan counts them (fisherjax.work), over the batches as they ran, and their rate
     from fisherjax.pipeline import AnalysisConfig, load_inputs, task_batches
@@ -183,8 +183,8 @@ def test_analyze_without_arguments_runs_every_phase_on_the_demo(tmp_path, monkey
     assert len(list((out / "figures").glob("*.png"))) >= 11
     # What each stretch cost (fisherjax.telemetry): loading, Phase 1 per task, every phase, the figures.
     phases = results["phases"]
-    assert list(phases) == ["load", "collect", "heads (categories)", "fisher", "curvature", "heads", "importance", "masks", "conflicts", "qkov",
-                            "natural", "report", "total"]
+    assert list(phases) == ["load", "memory check", "collect", "heads (categories)", "fisher", "curvature", "heads", "importance", "masks",
+                            "conflicts", "qkov", "natural", "report", "total"]
     assert set(phases["collect"]["tasks"]) == {"math", "copy"}
     for name, entry in [*phases.items(), *phases["collect"]["tasks"].items()]:
         assert {"seconds", "peak_rss_gb", "device_peak_gb", "compilations", "compile_seconds", "cache_hits"} <= set(entry), name

@@ -10,6 +10,7 @@ from fisherjax.telemetry import Stretch
 
 LABELS = {
     "load": "load model and tasks",
+    "memory check": "Phase 1 — memory check (compiles its largest step)",
     "collect": "Phase 1 — collect",
     "fisher": "Phase 1 — save states",
     "importance": "Phase 2 — importance",
