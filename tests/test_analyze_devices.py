@@ -34,30 +34,45 @@ def _analyze(out: Path, devices: int, *extra: str, wait: bool = True):
     return stdout
 
 
-def _same_outputs(a: Path, b: Path, floor: float = 1e-6) -> None:
-    """The Fisher, the QK-OV scores and the conflict tests of two output directories agree
-    (entrywise within 2e-5 relative or ``floor`` of the array's largest entry)."""
+def _same_outputs(a: Path, b: Path, floor: float = 1e-6, slice_rtol: float | None = None) -> None:
+    """The Fisher, the QK-OV scores and the conflict tests of two output directories agree:
+    entrywise within 2e-5 relative or ``floor`` of the array's largest entry, except that with
+    ``slice_rtol`` every heatmap (``…|scores``, ``[block, layer, n_a, n_b, head]``) is compared
+    per (block, layer, head) slice in norm, ``‖x − y‖ ≤ slice_rtol · ‖y‖``."""
     for name in ("group_fisher.npz", "qkov.npz"):
         x, y = np.load(a / name), np.load(b / name)
         assert sorted(x.files) == sorted(y.files)
         for key in y.files:
-            if y[key].dtype.kind == "f":
-                np.testing.assert_allclose(x[key], y[key], rtol=2e-5, atol=floor * float(np.abs(y[key]).max() + 1e-30), err_msg=key)
-            else:
+            if y[key].dtype.kind != "f":
                 np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+            elif slice_rtol is not None and key.endswith("|scores"):
+                diff, ref = (np.linalg.norm(np.asarray(v, np.float64), axis=(2, 3)) for v in (x[key] - y[key], y[key]))
+                assert np.all(diff <= slice_rtol * ref), (key, float(np.max(diff / np.maximum(ref, 1e-300))))
+            else:
+                np.testing.assert_allclose(x[key], y[key], rtol=2e-5, atol=floor * float(np.abs(y[key]).max() + 1e-30), err_msg=key)
     ca, cb = (json.loads((d / "conflicts.json").read_text()) for d in (a, b))
     assert json.dumps(ca, sort_keys=True).count("significant") == json.dumps(cb, sort_keys=True).count("significant")
 
 
+# kept token factors are formed on the devices that read them, so in another order than on one
+# device: in float32 storage that moves a score by float32 rounding; in bfloat16 storage (the
+# default) it can round a stored factor to the neighbouring bfloat16 value (2⁻⁸ apart), which moved
+# single scores by up to 3e-4 relative and a (block, layer, head) heatmap by up to 3.1e-5 in norm
+# (forty-second session, Intel Xeon). The kfac variant divides the rotated gradients by
+# s_in s_outᵀ + λ with the seed's ridge of 1e-8, up to 5e8 times below the demo's largest
+# eigenvalue: its heatmaps moved by up to 3.6e-4 in norm (7.4e-3 in float32 storage), its signed
+# layer and head means by up to 2.1e-5 of the largest.
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [(), ("--sample-grads-form", "factors"), ("--sample-grads-form", "factors", "--qkov-variant", "kfac")],
-                         ids=["auto", "factors", "factors-kfac"])  # kept token factors are formed on the devices that read them
-def test_devices_split_the_run_and_change_no_result(tmp_path, options):
+@pytest.mark.parametrize("options, tolerance", [
+    ((), {}),
+    (("--sample-grads-form", "factors", "--sample-grads-dtype", "float32"), {}),
+    (("--sample-grads-form", "factors"), {"slice_rtol": 2e-4}),
+    (("--sample-grads-form", "factors", "--qkov-variant", "kfac"), {"slice_rtol": 3e-3, "floor": 1e-4}),
+], ids=["auto", "factors-float32", "factors", "factors-kfac"])
+def test_devices_split_the_run_and_change_no_result(tmp_path, options, tolerance):
     _analyze(tmp_path / "four", 4, *options)  # default: every device
     _analyze(tmp_path / "one", 4, "--devices", "1", *options)
-    # the kfac variant divides the rotated gradients by s_in s_outᵀ + λ, which magnifies the float32
-    # rounding of gradients formed in another order (measured: 4e-6 of the largest score, 2e-6 in norm)
-    _same_outputs(tmp_path / "four", tmp_path / "one", floor=1e-5 if "kfac" in options else 1e-6)
+    _same_outputs(tmp_path / "four", tmp_path / "one", **tolerance)
 
 
 def test_more_devices_than_there_are_is_one_line_and_exit_2(tmp_path):
