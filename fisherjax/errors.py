@@ -42,6 +42,13 @@ def one_line(text, limit: int | None = None) -> str:
     return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is XLA's report that an allocation failed (``RESOURCE_EXHAUSTED``: a device
+    out of memory, or on a CPU a host allocation refused): a run too large for its machine at the
+    options given, which the command line reports in one line rather than as a crash."""
+    return type(err).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in str(err)
+
+
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG})
 """``OSError`` numbers a user's disk causes: full, read-only, not permitted, over quota, file too large."""
 

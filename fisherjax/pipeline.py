@@ -36,7 +36,7 @@ from fisherjax import allocator, backend, compilation_cache, heads, host_memory,
 from fisherjax.analysis import conflicts, experiments, importance, masks, qkov
 from fisherjax.curvature import compare, kfac, lanczos
 from fisherjax.data import DEFAULT_BUCKETS, Batch, MissingTokenizer, Task, batches, check_targets, load_task, run_buckets
-from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error
+from fisherjax.errors import ConfigError, DataError, disk_errno, disk_error, one_line, out_of_memory
 from fisherjax.fisher.collect import check_kept_budget, collect, kept_bytes, seen_ids, step_shapes
 from fisherjax.fisher.step import step_memory
 from fisherjax.fisher.groups import group_sizes
@@ -775,11 +775,44 @@ finished without it (RESULTS, forty-first session)."""
 
 def run_phase(phase: str, ctx: Context, out: Path | None) -> report.Section:
     """``PHASES[phase](ctx, out)``, inside :func:`fisherjax.allocator.reusing_freed_memory` for the
-    :data:`REUSING_PHASES` on a CPU with at least :data:`REUSE_ROOM_BYTES` of host memory available."""
+    :data:`REUSING_PHASES` on a CPU with at least :data:`REUSE_ROOM_BYTES` of host memory available,
+    and with XLA's out-of-memory error as one line (:func:`naming_memory`)."""
     available = backend.host_available_bytes() if phase in REUSING_PHASES else None
     reusing = phase in REUSING_PHASES and backend.buffers_on_host() and (available is None or available >= REUSE_ROOM_BYTES)
-    with allocator.reusing_freed_memory() if reusing else contextlib.nullcontext():
+    with naming_memory(phase), allocator.reusing_freed_memory() if reusing else contextlib.nullcontext():
         return PHASES[phase](ctx, out)
+
+
+MEMORY_FIXES = {
+    "load": "the model's parameters do not fit this device: use one with more memory",
+    "collect": "use a smaller --batch-size or --max-length, or split each batch over more devices (--devices)",
+    "heads (categories)": "use a smaller --probe-length, or leave heads out of --phases",
+    "curvature": "use fewer --curvature-samples or a smaller --curvature-k, or leave curvature out of --phases",
+    "heads": "use fewer --head-samples or --ablation-heads, or leave heads out of --phases",
+    "masks": "use fewer --pruning-samples, or leave masks out of --phases",
+    "conflicts": "use fewer samples (--max-samples) or --conflict-scope overall, or leave conflicts out of --phases",
+    "qkov": "use fewer samples (--max-samples), or leave qkov out of --phases",
+}
+"""What to change when a stage of a run runs out of memory (:func:`naming_memory`), by stage."""
+
+
+@contextlib.contextmanager
+def naming_memory(stage: str):
+    """Within ``stage``, XLA's out-of-memory error (:func:`fisherjax.errors.out_of_memory`: on an
+    accelerator the usual end of a run too large for its device) becomes a :class:`ConfigError`
+    that names the stage, the device, XLA's own line and what to change (:data:`MEMORY_FIXES`):
+    the command line prints one line and exits with code 2, and the output directory is not
+    written."""
+    try:
+        yield
+    except Exception as err:
+        if not out_of_memory(err):
+            raise
+        device = jax.devices()[0]
+        where = device.platform + ("" if device.device_kind.lower() == device.platform else f" ({device.device_kind})")
+        fix = MEMORY_FIXES.get(stage, f"use fewer samples (--max-samples), or leave {stage} out of --phases")
+        raise ConfigError(f"out of memory on {where} in the {stage} phase: {one_line(str(err).splitlines()[0], 200).rstrip('.')}; "
+                          f"{fix}") from err
 
 
 # ---- driver ------------------------------------------------------------------------------------
@@ -1090,7 +1123,8 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
         outdir.remove_stale_staging(destination)
     mesh = sharding.run_mesh(config.devices)
     devices_used = sharding.data_size(mesh) * sharding.model_size(mesh)
-    (model, tasks), stretches["load"] = telemetry.measure(load_inputs, config)
+    with naming_memory("load"):
+        (model, tasks), stretches["load"] = telemetry.measure(load_inputs, config)
     check_conflict_scope(config, model.layout, {name: len(task) for name, task in tasks.items()})
     resumed = saved_batches(config, list(tasks))
     all_batches = task_batches(model, tasks, config)
@@ -1102,8 +1136,9 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
     _, stretches["memory check"] = telemetry.measure(check_phase1_memory, model, all_batches, config, mesh)
     with _private_spill(config.spill_dir) as spill_root:
         try:
-            (fishers, per_task), stretches["collect"] = telemetry.measure(collect_all, model, all_batches, config, spill_root=spill_root,
-                                                                          mesh=mesh)
+            with naming_memory("collect"):
+                (fishers, per_task), stretches["collect"] = telemetry.measure(collect_all, model, all_batches, config,
+                                                                              spill_root=spill_root, mesh=mesh)
         except OSError as err:
             if disk_errno(err):
                 raise disk_error(err, Path(config.spill_dir or destination), "--spill-dir") from None
@@ -1112,7 +1147,8 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
             fishers = {name: join_shares(f, np.concatenate([b.sample_ids for b in all_batches[name]])) for name, f in fishers.items()}
         ctx = Context(config, model, tasks, all_batches, fishers, mesh)
         if writer and "heads" in config.phase_order():  # every later phase names heads by their category
-            categories, stretches["heads (categories)"] = telemetry.measure(categorise_heads, model, config)
+            with naming_memory("heads (categories)"):
+                categories, stretches["heads (categories)"] = telemetry.measure(categorise_heads, model, config)
             ctx = dataclasses.replace(ctx, heads=categories)
         if not writer:  # the pair phases span every process's devices; process 0 alone runs the others and writes
             for phase in config.phase_order():

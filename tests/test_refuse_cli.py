@@ -200,3 +200,29 @@ def test_a_disk_that_fills_up_while_writing_is_one_line_and_leaves_nothing(cli_c
     assert snapshot(parent) == before
     # results.json's git commit is read without writing the checkout's index (a truncated lock stopped all later git commands)
     assert not (Path(__file__).resolve().parent.parent / ".git" / "index.lock").exists()
+
+
+def _exhausted(*args, **kwargs):
+    """What a phase meets on a device too small for it: XLA's own RESOURCE_EXHAUSTED error, here
+    from an allocation no machine has (400 TB)."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.jit(lambda: jnp.ones((10**7, 10**7), jnp.float32))().block_until_ready()
+
+
+@pytest.mark.parametrize("stage, names", [("collect", r"in the collect phase: RESOURCE_EXHAUSTED: .*; use a smaller --batch-size"),
+                                          ("masks", r"in the masks phase: RESOURCE_EXHAUSTED: .*; use fewer --pruning-samples")])
+def test_a_run_out_of_memory_is_one_line_naming_the_phase_and_what_to_change(cli_checkpoint, where, monkeypatch, stage, names):
+    """XLA's out-of-memory error in a phase (an accelerator's usual end of a run too large for it)
+    is one line naming the phase, the device and what to change; exit 2, nothing left next to --out."""
+    from fisherjax import pipeline
+
+    if stage == "collect":
+        monkeypatch.setattr(pipeline, "collect_all", _exhausted)
+    else:
+        monkeypatch.setitem(pipeline.PHASES, stage, _exhausted)
+    parent, out = where
+    argv = _analyze(cli_checkpoint, out)
+    argv[argv.index("--phases") + 1] = f"fisher,{stage}" if stage != "collect" else "fisher"
+    assert_refused(argv, parent=parent, names=r"^fisherjax: error: out of memory on cpu " + names)
