@@ -373,3 +373,22 @@ def test_refusals(family):
     partial = SampleGrads.from_grads({p: g for p, g in B.grads.items() if p != GPT2[2]}, B.tokens, B.sample_ids)
     with pytest.raises(DataError, match="grads"):
         qkov.heatmap(A, partial, layout, variant="kfac", kfac=factors)
+
+
+def test_the_report_says_where_the_damping_is_far_below_the_spectrum(family):
+    """Factors spanning seven decades at the default ridge (``λ = 1e-6 · mean(diag A) · mean(diag
+    G)``, the largest eigenvalue 100): every slice is below ``LOW_DAMPING``, and the pair's report
+    lines say so, with the count and the smallest ratio; identity factors with ``ridge_lambda_rel =
+    1e-3`` (``λ`` = 1e-3 of the largest eigenvalue) get no such line."""
+    layout, A, B = family("llama")
+    factors = make_factors(layout, seed=6, bias=False, make=seven_decades)
+    steep = report_qkov.summary(qkov.heatmap(A, B, layout, variant="kfac", kfac=factors))
+    slices = sum(np.size(b["diagnostics"]["ridge"]) for b in steep["blocks"].values())
+    smallest = min(float(np.min(np.divide(b["diagnostics"]["ridge"], b["diagnostics"]["fisher_max"]))) for b in steep["blocks"].values())
+    line = report_qkov.low_damping("A", steep)
+    assert smallest < 1e-6 and line is not None
+    assert line.startswith(f"In {slices} of {slices} (block, layer, head) slices") and f"(down to {smallest:.0e})" in line, line
+    assert line in report_qkov.markdown("A", "B", steep)
+    flat = report_qkov.summary(qkov.heatmap(A, B, layout, variant="kfac", kfac=identity_factors(layout, False), ridge_lambda_rel=1e-3))
+    assert report_qkov.low_damping("A", flat) is None
+    assert not any("damping" in text for text in report_qkov.markdown("A", "B", flat))

@@ -24,6 +24,7 @@ __all__ = [
     "bootstrap_summary",
     "figure_name",
     "figures",
+    "low_damping",
     "markdown",
     "permutation_summary",
     "section",
@@ -159,6 +160,29 @@ def figure_name(name_a: str, name_b: str, block: str) -> str:
     return f"qkov_{safe(name_b)}_on_{safe(name_a)}_{block}"
 
 
+LOW_DAMPING = 1e-6
+"""A K-FAC slice whose damping ``λ`` is below this share of its largest eigenvalue gets a line in
+the report (:func:`low_damping`): on the demo such slices' scores came for the most part from
+directions of near-zero curvature, and float32 computed them to 1e-4–1e-2 (benchmarks/kfac_accuracy.py)."""
+
+
+def low_damping(name_a: str, summary: Mapping) -> str | None:
+    """For a ``variant="kfac"`` pair, the line saying in how many (block, layer, head) slices the
+    damping ``λ`` (``diagnostics.ridge``) is below :data:`LOW_DAMPING` of the largest eigenvalue of
+    task A's K-FAC block (``diagnostics.fisher_max``); None for other variants or where none is."""
+    if summary.get("options", {}).get("variant") != "kfac" or not summary.get("blocks"):
+        return None
+    ridge, top = (np.concatenate([np.ravel(b["diagnostics"][key]) for b in summary["blocks"].values()]) for key in ("ridge", "fisher_max"))
+    ratio = np.divide(ridge, top, out=np.full(ridge.shape, np.inf), where=top > 0)
+    low = ratio < LOW_DAMPING
+    if not low.any():
+        return None
+    return (f"In {int(low.sum())} of {low.size} (block, layer, head) slices the damping λ is below {LOW_DAMPING:g} of the largest "
+            f"eigenvalue of {name_a}'s K-FAC block (down to {ratio.min():.0e}): their scores come mostly from directions of "
+            "near-zero curvature, weighted by up to 1/λ, so the damping (`--qkov-ridge-rel`) sets their size, and float32 "
+            "computes them only to 1e-4–1e-2 of a slice's norm (docs/DECISIONS.md, QK-OV kfac).")
+
+
 def markdown(name_a: str, name_b: str, summary: Mapping, *, top: int = 5, figure_links: Mapping[str, str] | None = None) -> list[str]:
     """The lines of ``report.md`` for the pair "B on A" (the section heading, :data:`TITLE`, is the
     caller's).
@@ -182,6 +206,9 @@ def markdown(name_a: str, name_b: str, summary: Mapping, *, top: int = 5, figure
         verdict = (f"{len(test['significant_cells'])} (block, layer, head) cells interfere more than {name_a}'s own "
                    f"held-out half (BH q ≤ {test.get('alpha', 0.05):g}).")
     lines = [f"**{name_b} → {name_a}** ({summary['n_a']} × {summary['n_b']} samples): {verdict}", ""]
+    damping = low_damping(name_a, summary)
+    if damping is not None:
+        lines += [damping, ""]
     rows = summary.get("top_conflicts", [])[:top]
     if rows:
         named = "category" in rows[0]
