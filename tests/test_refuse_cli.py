@@ -1,5 +1,6 @@
 """Bad command lines, task names and output locations: exit code 2, one line naming the option or
-path, and nothing written or deleted next to --out — the run never reaches the collection."""
+path, and nothing written or deleted next to --out — the run never reaches the collection; and
+runs that meet a full disk or run out of memory on the way end the same way."""
 
 from __future__ import annotations
 
