@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"empirical (data labels), true (labels sampled from the model) or per_token (default {d.fisher_type})")
     a.add_argument("--mode", choices=MODES, default=d.mode, help=f"accumulation (default {d.mode})")
     a.add_argument("--sample-grads-dtype", "--contribution-dtype", dest="sample_grads_dtype", choices=tuple(STORAGE_DTYPES),
-                   default=d.sample_grads_dtype, help=f"storage dtype of the kept per-sample gradients (default {d.sample_grads_dtype})")
+                   default=d.sample_grads_dtype, help="storage dtype of the kept per-sample gradients (default bfloat16; float32 with "
+                   "--qkov-variant kfac, whose scores bfloat16's rounding can decide)")
     a.add_argument("--sample-grads-form", choices=SAMPLE_GRADS_FORMS, default=d.sample_grads_form,
                    help="keep each attention kernel's per-sample gradients as they are, or as their token factors (inputs and "
                         "output gradients, formed again where Phases 5 and 6 read them): 'auto' keeps factors where they take "

@@ -57,6 +57,17 @@ from fisherjax.report import timing as timing_report
 from fisherjax.settings import check, check_choice
 
 
+def default_storage(variant: str) -> str:
+    """The kept gradients' storage dtype where ``--sample-grads-dtype`` is not given: bfloat16
+    (within 1e-2 of float32 storage for the diagonal variants), float32 for a variant that takes
+    a curvature (``kfac``). There the damping can sit far below the factors' spectrum, and
+    bfloat16's rounding of the kept token factors puts components into task A's directions of
+    near-zero curvature that ``1/λ`` then magnifies: on the demo the math → copy kfac heatmaps of
+    bfloat16 storage were off float32 storage's by up to 124 times per slice (RESULTS, forty-second
+    session)."""
+    return "float32" if variant in qkov.CURVATURE_VARIANTS else "bfloat16"
+
+
 @dataclasses.dataclass(frozen=True)
 class AnalysisConfig:
     """Everything ``fisherjax analyze`` can be told; the command line's defaults are these.
@@ -75,7 +86,7 @@ class AnalysisConfig:
     max_samples: int | None = None
     fisher_type: str = "empirical"
     mode: str = "welford"
-    sample_grads_dtype: str = "bfloat16"
+    sample_grads_dtype: str | None = None  # None: default_storage(qkov_variant), resolved when the config is made
     sample_grads_form: str = "auto"
     diagonal: bool = True
     diagonal_variance: bool = False
@@ -116,7 +127,10 @@ class AnalysisConfig:
     mask_scope: str = "global"
 
     def __post_init__(self):
-        """Reject bad options before anything is loaded or computed (one line each, exit code 2)."""
+        """Reject bad options before anything is loaded or computed (one line each, exit code 2);
+        an unset ``sample_grads_dtype`` becomes :func:`default_storage` of the QK-OV variant."""
+        if self.sample_grads_dtype is None:
+            object.__setattr__(self, "sample_grads_dtype", default_storage(self.qkov_variant))
         check(self.batch_size >= 1, f"batch size must be ≥ 1 (--batch-size), got {self.batch_size}")
         check(self.max_length >= 2, f"max length must be ≥ 2 tokens (--max-length), got {self.max_length}")
         check(self.max_samples is None or self.max_samples >= 1, f"max samples must be ≥ 1 (--max-samples), got {self.max_samples}")
@@ -639,6 +653,10 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
     direction is written, summarised and drawn before the next pair is computed.
     """
     config = ctx.config
+    if config.qkov_variant in qkov.CURVATURE_VARIANTS and config.sample_grads_dtype != "float32":
+        warnings.warn(f"qkov --qkov-variant {config.qkov_variant} on {config.sample_grads_dtype} kept gradients: where the damping "
+                      "is far below the K-FAC spectrum (report.md names those slices), their rounding can decide the scores; "
+                      "keep float32 (--sample-grads-dtype float32, the default for this variant)", stacklevel=2)
     summaries, drawn, factors = {}, {}, {}
     with outdir.NpzWriter(out / "qkov.npz") if out is not None else contextlib.nullcontext() as arrays:
         for name_a, name_b in itertools.combinations(ctx.fishers, 2):

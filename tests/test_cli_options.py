@@ -161,3 +161,31 @@ def test_every_analyze_flag_reaches_its_config_field(tmp_path):
         changed = {name for name in given if given[name] != defaults[name]}
         expected = {field(d) for d in run} | ({"checkpoint_dir"} if extra else set())
         assert changed == expected, (sorted(expected - changed), sorted(changed - expected))
+
+
+def test_the_kfac_variant_keeps_float32_gradients_unless_told_otherwise(cli_checkpoint, tmp_path):
+    """Unset, the kept gradients' storage is bfloat16, and float32 with --qkov-variant kfac (whose
+    scores bfloat16's rounding can decide where the damping is far below the K-FAC spectrum);
+    --sample-grads-dtype bfloat16 with kfac is kept as asked and warned about when Phase 6 runs."""
+    import warnings
+
+    from fisherjax.pipeline import AnalysisConfig, default_storage
+
+    def dtype(*flags):
+        code, printed, err = run_cli(["analyze", *flags, "--print-config"])
+        assert code == 0, err
+        return json.loads(printed)["sample_grads_dtype"]
+
+    assert dtype() == "bfloat16" and dtype("--qkov-variant", "kfac") == "float32"
+    assert dtype("--qkov-variant", "kfac", "--sample-grads-dtype", "bfloat16") == "bfloat16"
+    assert AnalysisConfig(qkov_variant="kfac").sample_grads_dtype == default_storage("kfac") == "float32"
+    argv = ["analyze", "--model", cli_checkpoint / "model", "--no-progress", "--phases", "fisher,qkov", "--qkov-variant", "kfac",
+            "--task", f"add={cli_checkpoint / 'add.jsonl'}", "--task", f"words={cli_checkpoint / 'words.txt'}"]
+    for extra, warned in (([], False), (["--sample-grads-dtype", "bfloat16"], True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code, _, err = run_cli([*argv, *extra, "--out", tmp_path / f"out{len(extra)}"])
+        assert code == 0, err
+        assert any("on bfloat16 kept gradients" in str(w.message) for w in caught) == warned
+        assert json.loads((tmp_path / f"out{len(extra)}" / "results.json").read_text())["config"]["sample_grads_dtype"] == (
+            "bfloat16" if warned else "float32")
