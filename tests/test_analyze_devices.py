@@ -59,15 +59,16 @@ def _same_outputs(a: Path, b: Path, floor: float = 1e-6, slice_rtol: float | Non
 # default) it can round a stored factor to the neighbouring bfloat16 value (2⁻⁸ apart), which moved
 # single scores by up to 3e-4 relative and a (block, layer, head) heatmap by up to 3.1e-5 in norm
 # (forty-second session, Intel Xeon). The kfac variant divides the rotated gradients by
-# s_in s_outᵀ + λ with the seed's ridge of 1e-8, up to 5e8 times below the demo's largest
-# eigenvalue: its heatmaps moved by up to 3.6e-4 in norm (7.4e-3 in float32 storage), its signed
-# layer and head means by up to 2.1e-5 of the largest.
+# s_in s_outᵀ + λ: at the seed's ridge of 1e-8, 1e-9 of the demo's math task's largest eigenvalue,
+# float32 computes its heatmaps only to about 1e-2 and the split moved them by 7.4e-3 in norm
+# (benchmarks/kfac_accuracy.py; report.md flags such slices), so the split is checked where the
+# damping is 1e-6 of the spectrum (--qkov-ridge-rel 1e-3): 2.1e-4 in norm there.
 @pytest.mark.slow
 @pytest.mark.parametrize("options, tolerance", [
     ((), {}),
     (("--sample-grads-form", "factors", "--sample-grads-dtype", "float32"), {}),
     (("--sample-grads-form", "factors"), {"slice_rtol": 2e-4}),
-    (("--sample-grads-form", "factors", "--qkov-variant", "kfac"), {"slice_rtol": 3e-3, "floor": 1e-4}),
+    (("--sample-grads-form", "factors", "--qkov-variant", "kfac", "--qkov-ridge-rel", "1e-3"), {"slice_rtol": 2e-3, "floor": 1e-4}),
 ], ids=["auto", "factors-float32", "factors", "factors-kfac"])
 def test_devices_split_the_run_and_change_no_result(tmp_path, options, tolerance):
     _analyze(tmp_path / "four", 4, *options)  # default: every device
