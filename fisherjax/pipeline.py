@@ -653,10 +653,6 @@ def phase_qkov(ctx: Context, out: Path | None) -> report.Section:
     direction is written, summarised and drawn before the next pair is computed.
     """
     config = ctx.config
-    if config.qkov_variant in qkov.CURVATURE_VARIANTS and config.sample_grads_dtype != "float32":
-        warnings.warn(f"qkov --qkov-variant {config.qkov_variant} on {config.sample_grads_dtype} kept gradients: where the damping "
-                      "is far below the K-FAC spectrum (report.md names those slices), their rounding can decide the scores; "
-                      "keep float32 (--sample-grads-dtype float32, the default for this variant)", stacklevel=2)
     summaries, drawn, factors = {}, {}, {}
     with outdir.NpzWriter(out / "qkov.npz") if out is not None else contextlib.nullcontext() as arrays:
         for name_a, name_b in itertools.combinations(ctx.fishers, 2):

@@ -166,7 +166,7 @@ def test_every_analyze_flag_reaches_its_config_field(tmp_path):
 def test_the_kfac_variant_keeps_float32_gradients_unless_told_otherwise(cli_checkpoint, tmp_path):
     """Unset, the kept gradients' storage is bfloat16, and float32 with --qkov-variant kfac (whose
     scores bfloat16's rounding can decide where the damping is far below the K-FAC spectrum);
-    --sample-grads-dtype bfloat16 with kfac is kept as asked and warned about when Phase 6 runs."""
+    --sample-grads-dtype bfloat16 with kfac is kept as asked and warned about when its heatmap is prepared."""
     import warnings
 
     from fisherjax.pipeline import AnalysisConfig, default_storage
@@ -186,6 +186,6 @@ def test_the_kfac_variant_keeps_float32_gradients_unless_told_otherwise(cli_chec
             warnings.simplefilter("always")
             code, _, err = run_cli([*argv, *extra, "--out", tmp_path / f"out{len(extra)}"])
         assert code == 0, err
-        assert any("on bfloat16 kept gradients" in str(w.message) for w in caught) == warned
+        assert any("keeps its gradients in bfloat16" in str(w.message) for w in caught) == warned
         assert json.loads((tmp_path / f"out{len(extra)}" / "results.json").read_text())["config"]["sample_grads_dtype"] == (
             "bfloat16" if warned else "float32")

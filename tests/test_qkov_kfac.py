@@ -392,3 +392,20 @@ def test_the_report_says_where_the_damping_is_far_below_the_spectrum(family):
     flat = report_qkov.summary(qkov.heatmap(A, B, layout, variant="kfac", kfac=identity_factors(layout, False), ridge_lambda_rel=1e-3))
     assert report_qkov.low_damping("A", flat) is None
     assert not any("damping" in text for text in report_qkov.markdown("A", "B", flat))
+
+
+def test_gradients_kept_below_float32_are_warned_about(family):
+    """A task whose kept gradients are bfloat16 gets a warning naming it (their rounding can decide
+    the scores of slices damped far below the spectrum); float32 ones none."""
+    import warnings
+
+    import ml_dtypes
+
+    layout, A, B = family("llama")
+    factors = make_factors(layout, seed=7, bias=False)
+    rounded = SampleGrads.from_grads(B.grads, B.tokens, B.sample_ids, dtype=ml_dtypes.bfloat16)
+    with pytest.warns(UserWarning, match=r"qkov kfac: task 'B' keeps its gradients in bfloat16"):
+        qkov.heatmap(A, rounded, layout, variant="kfac", kfac=factors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qkov.heatmap(A, B, layout, variant="kfac", kfac=factors)
