@@ -10,7 +10,7 @@ eigenvalue ``s_A[r] · s_G[c]`` is below ``1e-6`` of the slice's largest (``‖M
 the damping is far below the spectrum those directions, weighted by up to ``1/λ``, carry the score
 and magnify the rounding.
 
-Usage: python3 benchmarks/kfac_accuracy.py [--samples 24] [--storage bfloat16] [--ridge-rel 1e-6]
+Usage: python3 benchmarks/kfac_accuracy.py [--samples 24] [--storage float32] [--ridge-rel 1e-6]
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def block_sums(block: str, ga, gb, factors, ridge, rounded: bool):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=24, help="samples per task (the device-split test's 24 by default)")
-    parser.add_argument("--storage", default="bfloat16", choices=("float32", "bfloat16"), help="kept gradients' dtype")
+    parser.add_argument("--storage", default="float32", choices=("float32", "bfloat16"),
+                        help="kept gradients' dtype (default float32, what analyze keeps for the kfac variant)")
     parser.add_argument("--ridge-rel", type=float, default=ScoreOptions.ridge_lambda_rel, help="--qkov-ridge-rel")
     args = parser.parse_args()
     config = AnalysisConfig(max_samples=args.samples, progress=False, phases=("fisher", "qkov"), sample_grads_form="factors",
