@@ -621,8 +621,7 @@ def phase_conflicts(ctx: Context, out: Path | None) -> report.Section:
         if short:  # a quick run on a few samples still gets the other phases
             parts.append(conflicts_report.pair_part(name_a, name_b, skipped="; ".join(short)))
             continue
-        available = backend.host_available_bytes()  # every process of a multi-process run tests alike: the least of theirs
-        available = float(sharding.process_min(np.array([np.inf if available is None else available]))[0])
+        available = sharding.least_over_processes(backend.host_available_bytes())  # every process tests alike
         sized = dataclasses.replace(options, memory_budget_bytes=backend.host_work_budget(options.memory_budget_bytes, available))
         chosen = conflict_scope(config.conflict_scope, n_a, n_b, groups, available, options.alpha,
                                 conflict_open_groups(layout, n_a, n_b, sized))
@@ -681,7 +680,7 @@ def pair_kernel(config: AnalysisConfig) -> qkov.KernelOptions:
     where the host has little memory left; the least of every process's), so that every choice
     the pair's scoring makes reads one budget, not the memory left as it goes."""
     kernel = config.kernel_options()
-    budget = float(sharding.process_min(np.array([kernel.budget_bytes()]))[0])  # every process of a run tiles alike
+    budget = sharding.least_over_processes(kernel.budget_bytes())  # every process of a run tiles alike
     return dataclasses.replace(kernel, memory_budget_bytes=budget)
 
 
@@ -943,8 +942,7 @@ def check_phase1_memory(model: Model, all_batches: dict[str, list[Batch]], confi
     if not spill:
         for name, chosen in all_batches.items():
             check_kept_budget(model, chosen, options, task=name, mesh=mesh)
-    available = host_memory.available_bytes()  # every process of a multi-process run decides alike: the least of theirs
-    available = float(sharding.process_min(np.array([np.inf if available is None else available]))[0])
+    available = sharding.least_over_processes(host_memory.available_bytes())  # every process decides alike
     check_host_memory(phase1_host_bytes(model, all_batches, options, spill=spill, mesh=mesh),
                       available if np.isfinite(available) else None, host_memory.limited_by_cgroup(), spill=spill)
 

@@ -197,6 +197,12 @@ def process_min(values: np.ndarray) -> np.ndarray:
     return _every_process(values).min(0)
 
 
+def least_over_processes(value: float | None) -> float:
+    """One number's smallest over the processes of a multi-host run (:func:`process_min`), with
+    None (not known here) counting as infinite: a bound every process must apply alike."""
+    return float(process_min(np.array([np.inf if value is None else value], np.float64))[0])
+
+
 def _every_process(values: np.ndarray) -> np.ndarray:
     """``[processes, *shape]``: every process's ``values`` (:func:`_allgather`; on one host, its
     own with a leading axis of 1)."""

@@ -355,7 +355,6 @@ class StepMemory:
     total_bytes: int
 
 
-
 def step_memory(model, rows: int, seq_len: int, options: CollectOptions | None = None, mesh=None) -> StepMemory:
     """XLA's memory analysis of the step :func:`fisherjax.collect` runs on ``rows`` × ``seq_len``
     inputs (``lower_step(...).compile().memory_analysis()``; on a mesh one device's program, at
