@@ -1,11 +1,18 @@
 """glibc's allocator settings (:mod:`fisherjax.allocator`): inside ``reusing_freed_memory`` a large
 block comes from the heap, not from a mapping of its own, and outside it glibc's defaults are
 back; the switch and a user's own settings leave glibc alone; the pair phases of ``analyze`` run
-inside it on a CPU."""
+inside it on a CPU. Each check runs in a Python process of its own (:func:`in_a_fresh_process`):
+glibc's heap is the process's, and earlier tests of a pytest worker (``analyze`` runs inside the
+scope) leave free chunks of many MB below live blocks, which serve a probe's block without any
+mapping."""
 
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,21 +41,21 @@ def mapped_bytes() -> int:
     return mallinfo().hblkhd
 
 
-def large_block() -> int:
-    """Bytes of a block that no free chunk of the heap can hold: :data:`BLOCK` beyond all the heap's
-    free bytes. Earlier tests of the same process (an ``analyze`` run inside the scope) can leave a
-    free chunk of many MB below a live block, which a smaller request would reuse without mapping
-    or growing anything; this one glibc must map, or take from the heap's top."""
-    return BLOCK + mallinfo().fordblks
-
-
 def maps_a_large_block() -> bool:
-    size = large_block()
     before = mapped_bytes()
-    block = np.ones(size // 8)
-    mapped = mapped_bytes() - before >= size // 8 * 8
+    block = np.ones(BLOCK // 8)
+    mapped = mapped_bytes() - before >= BLOCK
     del block
     return mapped
+
+
+def in_a_fresh_process(check: str, *args) -> None:
+    """Run ``check(*args)`` of this module in a new Python process (this process's environment, as
+    the :func:`glibc` fixture left it) and fail with its output where it fails."""
+    run = subprocess.run([sys.executable, "-c", f"import test_allocator; test_allocator.{check}(*{args!r})"],
+                         cwd=Path(__file__).parent, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 @pytest.fixture
@@ -65,54 +72,65 @@ def glibc(monkeypatch):
 
 @pytest.mark.usefixtures("glibc")
 def test_large_blocks_come_from_the_heap_inside_the_scope_only():
+    in_a_fresh_process("check_large_blocks")
+
+
+def check_large_blocks() -> None:
     assert maps_a_large_block()  # glibc's default
     with allocator.reusing_freed_memory() as changed:
         assert changed and not maps_a_large_block()
-        size = large_block()
-        block = np.ones(size // 8)
+        block = np.ones(BLOCK // 8)
         kept = mallinfo().fordblks  # free bytes in the heap
         del block  # freed memory is kept for the next block, not returned
         held = mallinfo().fordblks
-        assert held > kept + size // 2
+        assert held > kept + BLOCK // 2
     assert maps_a_large_block()  # the defaults are back
-    assert mallinfo().fordblks < held - size // 2  # and malloc_trim gave the freed block back
+    assert mallinfo().fordblks < held - BLOCK // 2  # and malloc_trim gave the freed block back
 
 
 @pytest.mark.parametrize("setting", [(allocator.ENVIRONMENT, "0"), ("MALLOC_MMAP_MAX_", "65536"),
                                      ("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")])
 @pytest.mark.usefixtures("glibc")
-def test_the_switch_and_a_users_own_settings_leave_glibc_alone(monkeypatch, setting):
-    monkeypatch.setenv(*setting)
+def test_the_switch_and_a_users_own_settings_leave_glibc_alone(setting):
+    in_a_fresh_process("check_settings_left_alone", setting)
+
+
+def check_settings_left_alone(setting: tuple[str, str]) -> None:
+    os.environ[setting[0]] = setting[1]
     allocator.glibc.cache_clear()
     assert allocator.glibc() is None and not allocator.use_one_arena()
     with allocator.reusing_freed_memory() as changed:
         assert not changed and maps_a_large_block()
-    monkeypatch.delenv(setting[0])
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX512F")  # tunables of something else: not the allocator's
+    del os.environ[setting[0]]
+    os.environ["GLIBC_TUNABLES"] = "glibc.cpu.hwcaps=-AVX512F"  # tunables of something else: not the allocator's
     allocator.glibc.cache_clear()
     assert allocator.glibc() is not None
 
 
 @pytest.mark.usefixtures("glibc")
-def test_the_pair_phases_run_inside_the_scope_on_a_cpu_with_room(monkeypatch):
+def test_the_pair_phases_run_inside_the_scope_on_a_cpu_with_room():
+    in_a_fresh_process("check_pair_phases")
+
+
+def check_pair_phases() -> None:
     from fisherjax import backend, pipeline
 
     assert backend.buffers_on_host()  # the tests' backend is the CPU
-    monkeypatch.setattr(backend, "host_available_bytes", lambda: 2 * pipeline.REUSE_ROOM_BYTES)
+    backend.host_available_bytes = lambda: 2 * pipeline.REUSE_ROOM_BYTES
     seen = {}
     for phase in pipeline.PHASES:
-        monkeypatch.setitem(pipeline.PHASES, phase, lambda ctx, out, phase=phase: seen.setdefault(phase, maps_a_large_block()))
+        pipeline.PHASES[phase] = lambda ctx, out, phase=phase: seen.setdefault(phase, maps_a_large_block())
         pipeline.run_phase(phase, None, None)
     assert {phase for phase, mapped in seen.items() if not mapped} == set(pipeline.REUSING_PHASES) == {"conflicts", "qkov"}
-    monkeypatch.setattr(backend, "host_available_bytes", lambda: pipeline.REUSE_ROOM_BYTES - 1)  # near a memory limit: not kept
+    backend.host_available_bytes = lambda: pipeline.REUSE_ROOM_BYTES - 1  # near a memory limit: not kept
     seen.clear()
     pipeline.run_phase("qkov", None, None)
     assert seen == {"qkov": True}
-    monkeypatch.setattr(backend, "host_available_bytes", lambda: None)  # not known: kept, as before
+    backend.host_available_bytes = lambda: None  # not known: kept, as before
     seen.clear()
     pipeline.run_phase("qkov", None, None)
     assert seen == {"qkov": False}
-    monkeypatch.setattr(backend, "buffers_on_host", lambda: False)  # an accelerator's buffers are its own
+    backend.buffers_on_host = lambda: False  # an accelerator's buffers are its own
     seen.clear()
     pipeline.run_phase("qkov", None, None)
     assert seen == {"qkov": True}
