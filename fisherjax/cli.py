@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compile the Phase 1 step for abstract parameters (no weights, works on a CPU) and print its "
                        "per-device memory, the storage of the kept per-sample gradients, every phase's work and its time at --tflops "
                        "(with Phase 5's host tests in core-time, and what Phases 5 and 6 read of the kept gradients), whether the method "
-                       "comparison fits one device, and a "
-                       "recommended mesh, micro-batch and storage dtype. Only the step's memory is compiled (XLA's memory analysis); a "
+                       "comparison fits one device, a recommended mesh and micro-batch, and whether the kept gradients fit the "
+                       "host or must spill. Only the step's memory is compiled (XLA's memory analysis); a "
                        "per-device figure with a \"model\" axis is marked DERIVED, and storage, work and time come from formulas.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="checkpoint directory (only its config.json is read)")
@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices-per-host", type=int, default=planning.DEVICES_PER_HOST,
                    help=f"devices per host (default {planning.DEVICES_PER_HOST})")
     p.add_argument("--tflops", type=float, help=f"sustained TFLOP/s per device (default: assumed {planning.DEFAULT_TFLOPS:g})")
-    p.add_argument("--storage-dtype", choices=tuple(STORAGE_DTYPES), help="storage dtype of the kept gradients (default: recommended)")
+    p.add_argument("--sample-grads-dtype", "--storage-dtype", dest="storage_dtype", choices=tuple(STORAGE_DTYPES),
+                   help="as for analyze: storage dtype of the kept per-sample gradients (default analyze's: bfloat16; pass float32 "
+                        "to plan a --qkov-variant kfac run)")
     p.add_argument("--fisher-type", choices=FISHER_TYPES, default=d.fisher_type, help=f"as for analyze (default {d.fisher_type})")
     p.add_argument("--sample-grads-form", choices=SAMPLE_GRADS_FORMS, default=d.sample_grads_form,
                    help=f"as for analyze, at --seq-len: how the kept attention gradients are stored (default {d.sample_grads_form})")

@@ -56,7 +56,7 @@ from fisherjax.layout import ModelLayout, flatten
 from fisherjax.models.model import Model
 from fisherjax.pipeline import (
     CURVATURE_AUTO_PARAMETERS, CURVATURE_MEMORY_SHARE, AnalysisConfig, conflict_groups, conflict_open_groups, conflict_scope, curvature_skip,
-    most_pruning_masks,
+    default_storage, most_pruning_masks,
 )
 from fisherjax.settings import check
 from fisherjax.sharding import DATA, MODEL, data_size, make_mesh, param_spec
@@ -109,6 +109,9 @@ class Plan:
         per-sample gradients are kept, the numbers kept for them per sample (:func:`kept_values`:
         fewer where ``factored`` kernels are kept as token factors), the numbers stored per sample
         (more when ``C_i`` is kept beside them), their storage dtype.
+      storage_given: the storage dtype was asked for; else it is ``analyze``'s default.
+      float32_bytes_per_host: a host's share stored in float32 (what ``--qkov-variant kfac``
+        keeps by default), for the choice the plan prints beside a narrower default.
       storage_bytes, storage_bytes_per_device, storage_bytes_per_host, hosts, host_memory_bytes,
         spill: kept-gradient storage in all, per ``"data"`` shard, per host; whether it must spill
         to disk (``--spill-dir``).
@@ -174,6 +177,8 @@ class Plan:
     factored: tuple[str, ...]
     stored_values: int
     storage_dtype: str
+    storage_given: bool
+    float32_bytes_per_host: float
     storage_bytes: float
     storage_bytes_per_device: float
     storage_bytes_per_host: float
@@ -538,8 +543,10 @@ def plan(
 ) -> Plan:
     """Plan a run of ``samples`` per task on ``devices`` devices (see the module docstring).
 
-    1. Storage dtype: ``storage_dtype``, or float32 when the kept gradients of a host fit
-       ``safety × host_memory_gb`` in float32, else bfloat16; ``spill`` when they do not fit in it.
+    1. Storage dtype: ``storage_dtype``, or what ``analyze`` keeps when ``--sample-grads-dtype``
+       is not given (:func:`~fisherjax.pipeline.default_storage` of the default variant: bfloat16),
+       so that the plan's storage, routes and reads are the default run's; ``spill`` when a host's
+       share does not fit ``safety × host_memory_gb``.
     2. Micro-batch: of the candidates of :data:`MICRO_BATCHES` up to the samples of one
        ``"data"`` shard, the largest whose per-device memory fits ``safety × device_memory_gb``,
        found by :func:`largest_fitting` (each step compiled once; the next candidate's compiled
@@ -576,7 +583,7 @@ def plan(
           f"throughput must be > 0 TFLOP/s (--tflops), got {throughput_tflops}")
     check(0 < safety <= 1, f"safety must be in (0, 1], got {safety}")
     check(storage_dtype is None or storage_dtype in STORAGE_DTYPES,
-          f"storage dtype must be one of {tuple(STORAGE_DTYPES)} (--storage-dtype), got {storage_dtype!r}")
+          f"storage dtype must be one of {tuple(STORAGE_DTYPES)} (--sample-grads-dtype), got {storage_dtype!r}")
 
     model = Model.abstract(config)
     layout = model.layout
@@ -595,7 +602,7 @@ def plan(
         return kept_storage_bytes(math.ceil(samples / hosts), tasks, stored, dtype)
 
     host_limit = safety * host_memory_gb * GB
-    dtype = storage_dtype or ("float32" if per_host("float32") <= host_limit else "bfloat16")
+    dtype = storage_dtype or default_storage(AnalysisConfig().qkov_variant)
     options = options.replace(sample_grads_dtype=dtype, sample_loop=False if options.sample_loop is None else options.sample_loop)
 
     limit = safety * device_memory_gb * GB
@@ -697,6 +704,8 @@ def plan(
         factored=_factored(layout, options),
         stored_values=stored,
         storage_dtype=dtype,
+        storage_given=storage_dtype is not None,
+        float32_bytes_per_host=per_host("float32"),
         storage_bytes=kept_storage_bytes(samples, tasks, stored, dtype),
         storage_bytes_per_device=kept_storage_bytes(math.ceil(samples / data), tasks, stored, dtype),
         storage_bytes_per_host=per_host(dtype),
@@ -803,6 +812,23 @@ def _host_tests(p: Plan) -> str:
             f"{_duration(p.phase5_test_core_seconds)} (conflicting in every test) of one core's time")
 
 
+def _storage_line(p: Plan) -> str:
+    """The storage dtype, where it comes from and whether a host holds it; beside analyze's
+    bfloat16 default, what float32 would take."""
+    room = p.safety * p.host_memory_bytes
+
+    def fits(per_host: float) -> str:
+        return (f"spill to disk (--spill-dir): a host holds {_bytes(room)} of {_bytes(p.host_memory_bytes)}" if per_host > room
+                else f"fits host memory ({_bytes(p.host_memory_bytes)})")
+
+    source = "as given" if p.storage_given else "analyze's default"
+    line = f"{p.storage_dtype} ({source}); {fits(p.storage_bytes_per_host)}"
+    if p.storage_dtype != "float32":
+        line += (f"; float32 (--sample-grads-dtype float32, kept by default with --qkov-variant kfac): "
+                 f"{_bytes(p.float32_bytes_per_host)} per host, {fits(p.float32_bytes_per_host)}")
+    return line
+
+
 def format_plan(p: Plan) -> str:
     """The plan as a short table (what ``fisherjax plan`` prints)."""
     limit = p.safety * p.device_memory_bytes
@@ -836,9 +862,7 @@ def format_plan(p: Plan) -> str:
                               if p.stored_values != p.kept_values else "")
                            + f", {p.storage_dtype}: {_bytes(p.storage_bytes)} in all, "
                            f"{_bytes(p.storage_bytes_per_device)} per \"data\" shard, {_bytes(p.storage_bytes_per_host)} per host"),
-        ("recommended storage", f"{p.storage_dtype}; " + (f"spill to disk (--spill-dir): a host holds {_bytes(p.safety * p.host_memory_bytes)} "
-                                                          f"of {_bytes(p.host_memory_bytes)}" if p.spill
-                                                          else f"fits host memory ({_bytes(p.host_memory_bytes)})")),
+        ("storage", _storage_line(p)),
         ("Phase 1 (collect)", f"{_scaled(p.phase1_flops, FLOPS)} ≈ {_duration(p.phase1_seconds)} (at least {COLLECT_FORWARDS} "
                               f"forward passes' products a sample, one pass {_scaled(p.forward.total, FLOPS)})"),
         ("method comparison", _curvature_line(p.curvature, p.parameters)),

@@ -35,6 +35,8 @@ WIDE = {**TINY, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers"
 GPT2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4,
         "n_positions": 64, "vocab_size": 97}
 SEQ = 512
+W = 2
+"""Bytes per kept number: analyze's default storage, bfloat16, which the plan takes unless told."""
 FIELDS = ("argument", "output", "temp", "alias", "generated_code")
 
 
@@ -104,8 +106,9 @@ def test_storage_and_work_are_the_formulas(tiny, base, tmp_path):
     q_o = 2 * TINY["hidden_size"] * TINY["num_attention_heads"] * head_dim
     k_v = 2 * TINY["hidden_size"] * TINY["num_key_value_heads"] * head_dim
     kept = TINY["num_hidden_layers"] * (q_o + k_v)
-    assert base.kept_parameters == kept and base.stored_values == base.kept_values == kept and base.storage_dtype == "float32" and not base.spill
-    assert base.storage_bytes == 4 * 2 * kept * 4 == base.storage_bytes_per_device == base.storage_bytes_per_host
+    assert base.kept_parameters == kept and base.stored_values == base.kept_values == kept
+    assert base.storage_dtype == "bfloat16" and not base.spill
+    assert base.storage_bytes == 4 * 2 * kept * W == base.storage_bytes_per_device == base.storage_bytes_per_host
     n, layout = 4, Model.abstract(tiny).layout
     assert base.phase5_flops == 1 * 3 * 2 * n * n * kept  # one pair of tasks: A × B, A × A, B × B
     held = round(0.5 * n)
@@ -117,14 +120,14 @@ def test_storage_and_work_are_the_formulas(tiny, base, tmp_path):
     assert big.phase6_seconds == big.phase6_flops / (2e12 * 4) and not big.throughput_assumed
     assert not big.phase6_one_pass and "one direction at a time" in format_plan(big)  # a mesh scores each direction alone
     assert "the host holds one direction's" in format_plan(big)
-    assert big.storage_bytes_per_device == 4 * 2 * kept * 4 and big.global_micro_batch == 4 * big.micro_batch
+    assert big.storage_bytes_per_device == 4 * 2 * kept * W and big.global_micro_batch == 4 * big.micro_batch
 
     # Phase 5's reads: by parameter slice (on one device or a mesh) each task once per pair; in
     # chunk pairs, when the slices' dot products do not fit, A once and B once per row chunk of A
     # (data × chunk samples) unless B fits one chunk
-    assert base.phase5_chunk is None and base.phase5_bytes_read == 1 * 4 * kept * 2 * 4
+    assert base.phase5_chunk is None and base.phase5_bytes_read == 1 * W * kept * 2 * 4
     assert conflict_bytes_read(10, 3, features=5, references=2, dtype="bfloat16", chunk=None) == 3 * 2 * 5 * 2 * 10
-    assert big.phase5_chunk is None and big.phase5_bytes_read == 1 * 4 * kept * 2 * 16
+    assert big.phase5_chunk is None and big.phase5_bytes_read == 1 * W * kept * 2 * 16
     options = ConflictOptions()
     assert conflict_slices(layout, base.options, 16, options)
     many = math.isqrt(int(options.memory_budget_bytes // (4 * TINY["num_attention_heads"]))) + 1  # one layer's q groups × n² > budget
@@ -150,7 +153,7 @@ def test_kernels_kept_as_token_factors_change_storage_step_and_work(tiny):
     values = sum(L * seq * (d_in + d_out) for L, d_in, d_out in shapes)
     others = factored.kept_parameters - sum(math.prod(s) for s in shapes)  # biases stay gradients
     assert factored.kept_values == values + others < factored.kept_parameters == grads.kept_parameters == grads.kept_values
-    assert factored.storage_bytes == n * 2 * factored.kept_values * 4 and grads.storage_bytes == n * 2 * grads.kept_values * 4
+    assert factored.storage_bytes == n * 2 * factored.kept_values * W and grads.storage_bytes == n * 2 * grads.kept_values * W
     assert factored.step != grads.step  # a different compiled step (factors out, no per-sample kernel gradients)
 
     reform = sum(L * 2 * seq * d_in * d_out for L, d_in, d_out in shapes)  # one sample's factored kernels formed once
@@ -177,18 +180,18 @@ def test_kernels_kept_as_token_factors_change_storage_step_and_work(tiny):
     assert not qkov.formed_once(n, n, layout, kernel=qkov.KernelOptions(memory_budget_bytes=1e3))
     assert factored.phase5_flops - factored.phase5_reform_flops == grads.phase5_flops and grads.phase5_reform_flops == 0
     assert factored.phase6_flops - factored.phase6_reform_flops == grads.phase6_flops and grads.phase6_reform_flops == 0
-    assert factored.phase5_bytes_read == 2 * n * factored.kept_values * 4
+    assert factored.phase5_bytes_read == 2 * n * factored.kept_values * W
     # Phase 6 reads its slices as stored (kernels as factors, q/k/v biases as gradients) each time it forms them
     biases = sum(math.prod(layout.spec(p).shape) for p in {layout.block_sources(b, k)[0] for b, k in layout.attention_blocks() if k == "bias"})
     assert qkov.ScoreOptions().include_bias
-    assert factored.phase6_bytes_read == qkov_sample_reads(n, 2, 8, formed_once=True) * 4 * (values + biases)
-    assert grads.phase6_bytes_read == qkov_sample_reads(n, 2, 8, formed_once=True) * 4 * (sum(math.prod(s) for s in shapes) + biases)
+    assert factored.phase6_bytes_read == qkov_sample_reads(n, 2, 8, formed_once=True) * W * (values + biases)
+    assert grads.phase6_bytes_read == qkov_sample_reads(n, 2, 8, formed_once=True) * W * (sum(math.prod(s) for s in shapes) + biases)
     assert "token factors" in format_plan(factored) and "token factors" not in format_plan(grads)
 
     true_fisher = default_options().replace(fisher_type="true")  # keeps C_i beside g_i: never factors
     true_plan = plan(tiny, samples=1, seq_len=seq, device_memory_gb=80, options=true_fisher, sample_grads_form="auto")  # one step compiled
     assert true_plan.factored == () and true_plan.stored_values == 2 * true_plan.kept_values  # g_i and C_i
-    assert true_plan.storage_bytes == 1 * 2 * true_plan.stored_values * 4 and "C_i" in format_plan(true_plan)
+    assert true_plan.storage_bytes == 1 * 2 * true_plan.stored_values * W and "C_i" in format_plan(true_plan)
     with pytest.raises(ConfigError, match="--sample-grads-form"):
         plan(tiny, samples=4, seq_len=seq, device_memory_gb=80, options=true_fisher, sample_grads_form="factors")
     assert qkov_sample_reads(7, 2, 8) == 0  # below min_fisher_samples Phase 6 is skipped
@@ -226,14 +229,26 @@ def test_the_micro_batch_search_measures_few_steps_and_finds_what_trying_each_in
         assert found == in_turn(memory, limit) and len(measured) == len(set(measured))
 
 
-def test_bfloat16_storage_and_spilling_when_the_host_is_small(tiny, base):
+def test_storage_is_analyzes_and_spills_when_the_host_is_small(tiny, base):
+    """Unless told, the plan keeps what ``analyze`` keeps (bfloat16), on a large host as on a small
+    one; beside it, the line says what float32 (a kfac run's default) would take and whether it fits."""
     float32 = 1 * 2 * base.kept_parameters * 4  # one sample per task, on one host
     p = plan(tiny, samples=1, seq_len=SEQ, device_memory_gb=80, host_memory_gb=float32 * 0.75 / 0.9 / GB)
-    assert p.storage_dtype == "bfloat16" and not p.spill and p.storage_bytes == float32 / 2
+    assert p.storage_dtype == "bfloat16" and not p.spill and p.storage_bytes == float32 / 2 and not p.storage_given
     assert p.options.sample_grads_dtype == "bfloat16" and [c.micro_batch for c in p.candidates] == [1]
+    assert p.float32_bytes_per_host == float32
+    line = next(row for row in format_plan(p).splitlines() if row.startswith("storage "))
+    assert "bfloat16 (analyze's default); fits host memory" in line
+    beside = line.split("; float32 (--sample-grads-dtype float32, kept by default with --qkov-variant kfac): ")[1]
+    assert beside.split(" per host, ")[1].startswith("spill to disk (--spill-dir)")
+    roomy = plan(tiny, samples=1, seq_len=SEQ, device_memory_gb=80, host_memory_gb=float32 * 4 / GB)
+    assert roomy.storage_dtype == "bfloat16" and not roomy.spill
+    given = plan(tiny, samples=1, seq_len=SEQ, device_memory_gb=80, host_memory_gb=float32 * 0.75 / 0.9 / GB, storage_dtype="float32")
+    assert given.storage_dtype == given.options.sample_grads_dtype == "float32" and given.storage_given and given.spill
+    assert given.storage_bytes == float32 and "float32 (as given); spill to disk" in format_plan(given)
     p = plan(tiny, samples=1, seq_len=SEQ, device_memory_gb=80, host_memory_gb=float32 * 0.25 / 0.9 / GB)
     assert p.storage_dtype == "bfloat16" and p.spill
-    assert "spill to disk" in format_plan(p)
+    assert "bfloat16 (analyze's default); spill to disk" in format_plan(p)
 
 
 def test_conflict_tests_per_group_where_the_host_holds_them(tiny, base):
@@ -410,6 +425,12 @@ def test_cli_prints_json(tmp_path, capfd):
     assert main(["plan", "--model", str(file.parent), "--samples", "8", "--devices", "1", "--device-memory", "1"]) == 0
     text = capfd.readouterr().out
     assert "recommended mesh" in text and "micro-batch" in text and "kept gradients" in text
+    assert "bfloat16 (analyze's default)" in text
+    for flag in ("--sample-grads-dtype", "--storage-dtype"):  # analyze's name, and the plan's older one
+        args = ["--config", str(file), "--samples", "8", "--devices", "1", "--device-memory", "1", flag, "float32", "--json"]
+        assert main(["plan", *args]) == 0
+        out = json.loads(capfd.readouterr().out)
+        assert out["storage_dtype"] == "float32" and out["storage_given"] is True
     # without --seq-len a model with fewer than 512 positions is planned at all of them (it was refused)
     small = _write(tmp_path / "gpt2", GPT2)
     assert main(["plan", "--config", str(small), "--samples", "2", "--devices", "1", "--device-memory", "1", "--json"]) == 0
