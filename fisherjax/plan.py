@@ -361,8 +361,8 @@ class CurvaturePlan:
     parameters K-FAC's stage then goes by (:func:`~fisherjax.curvature.compare.stage_plan`; 0
     with the gradients held), in ``factor_passes`` K-FAC passes (more than ``groups`` where a
     group's factors go by ranges of layers); ``fit_samples``,
-    ``fit_k``: the most samples, with as many eigenvalues as possible up to ``k``, that fit with
-    ``--curvature`` (0, 0: nothing fits: ``stream_bytes`` alone does not); ``flops``, ``seconds``:
+    ``fit_k``: the most samples that fit with ``--curvature``, and ``k`` (0, 0: nothing fits:
+    ``stream_bytes`` alone does not); ``flops``, ``seconds``:
     ``work.curvature_flops`` of that run at the throughput.
     """
 
@@ -390,20 +390,18 @@ def curvature_plan(model: Model, forward: ForwardFlops, samples: int, free_bytes
     ``free_bytes`` on its device and ``rate`` FLOP/s, with ``config``'s comparison settings (default:
     ``analyze``'s; its passes go ``batch_size`` samples at a time with ``G̃`` held, one without).
 
-    What fits with ``--curvature``: the most samples ``m ≤ n`` at the asked ``k``; failing that
-    (fewer samples than ``k`` take the Lanczos route, whose basis is larger) the most ``m ≤ min(n,
-    k)`` with ``k = m``."""
+    What fits with ``--curvature``: the most samples ``m ≤ n`` at the asked ``k`` (fewer samples
+    than ``k`` take the Gram route too, whose memory does not depend on ``k``)."""
     config = config or AnalysisConfig()
     k, n = config.curvature_k, min(config.curvature_samples, samples)
     size = int(model.num_params)
 
     tokens = {"tokens": min(config.batch_size, n) * seq_len, "sample_tokens": seq_len}
 
-    def least(m: int, top: int = k) -> float:
-        return float(compare.least_bytes(model, top, n=m, sample_grads_dtype=storage_dtype, **tokens))
+    def least(m: int) -> float:
+        return float(compare.least_bytes(model, k, n=m, sample_grads_dtype=storage_dtype, **tokens))
 
-    fit = next(((m, k) for m in range(n, 0, -1) if least(m) <= free_bytes), None)
-    fit = fit or next(((m, m) for m in range(min(n, k), 0, -1) if least(m, m) <= free_bytes), (0, 0))
+    fit = next(((m, k) for m in range(n, 0, -1) if least(m) <= free_bytes), (0, 0))
     peak = float(compare.peak_bytes(model, k, n=n, sample_grads_dtype=storage_dtype, tokens=tokens["tokens"], seq_len=seq_len or None))
     lowest = least(n)
     skip = curvature_skip(size, peak, free_bytes, config.curvature, lowest)

@@ -161,10 +161,18 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
     skipped = json.loads((tmp_path / "b" / "results.json").read_text())["method_comparison"]
     assert "--curvature" in skipped["skipped"]
     assert "Skipped:" in (tmp_path / "b" / "report.md").read_text()
-    # below the parameter limit, but its Lanczos basis (6 samples < k = 10: no Gram route) would take more than half the free memory
+    # below the parameter limit, but its 6 per-sample gradients (fewer than k = 10: the Gram route, exact) would take
+    # more than half the free memory
     monkeypatch.setattr(pipeline, "CURVATURE_AUTO_PARAMETERS", 10**12)
     ctx = _curvature_context(cli_checkpoint, max_samples=6)
     forced = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, curvature=True))
+    need = pipeline.compare.peak_bytes(ctx.model, 10, n=6, sample_grads_dtype="bfloat16")
+    monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: int(1.5 * need))
+    reason = pipeline.phase_curvature(ctx, tmp_path).json["skipped"]
+    assert reason.startswith("its 6 per-sample gradients (") and "--curvature to run it anyway (in column slices" in reason, reason
+    # the Lanczos route's reasons (more samples than twice its steps take it; this checkpoint has 12, so it is forced here)
+    gram_rule = pipeline.compare.from_gram
+    monkeypatch.setattr(pipeline.compare, "from_gram", lambda *args, **kwargs: False)
     need = pipeline.compare.peak_bytes(ctx.model, 10, n=6, sample_grads_dtype="bfloat16")
     monkeypatch.setattr(pipeline.backend, "available_memory_bytes", lambda: int(1.5 * need))
     reason = pipeline.phase_curvature(ctx, tmp_path).json["skipped"]
@@ -192,7 +200,8 @@ def test_analyze_skips_the_comparison_above_the_limit(cli_checkpoint, tmp_path, 
         main([*args, "--out", str(tmp_path / "c"), "--curvature", "--curvature-samples", "5", "--curvature-k", "3"])
     assert calls == [(5, 3)]
     assert not (tmp_path / "c").exists()  # a failed run leaves no output directory
-    # the Gram route (5 samples ≥ k = 3) with less free memory than its gradients whole: a default run
+    monkeypatch.setattr(pipeline.compare, "from_gram", gram_rule)
+    # the Gram route (5 samples, k = 3) with less free memory than its gradients whole: a default run
     # skips it and offers --curvature, which runs it in column slices within all the free memory
     model = ctx.model
     whole = pipeline.compare.peak_bytes(model, 3, n=5, sample_grads_dtype="bfloat16")
@@ -265,11 +274,31 @@ def test_few_samples_take_the_exact_gram_route(compared):
         lowrank.empirical_eigen(model, model.params, _batches(), len(x) + 1)
     # more than twice as many samples as steps: Lanczos's products (Ritz values approach the top from below)
     assert compare.from_gram(x.shape[1], 3, 12, steps=6) and not compare.from_gram(x.shape[1], 3, 12, steps=5)
-    assert not compare.from_gram(x.shape[1], 13, 12)  # k above the rank bound
     lanczos_route = compare.compare_methods(model, _batches(), k=3, steps=5, probes=1, count=2)
     assert "in 5 products" in lanczos_route.methods["lanczos"].notes
     top = lanczos_route.methods["lanczos"].top[0]
     assert 0.5 * eigen.values[0] <= top <= eigen.values[0] * (1 + 1e-5)  # its accuracy: tests/test_lanczos.py
+
+
+def test_more_eigenvalues_than_samples_come_from_the_gram(compared):
+    """``k`` above the rank bound ``n``: the top ``k`` of ``F`` are the Gram's ``n`` and ``k − n``
+    zeros, exact, with no Fisher-vector products (a quick run on a few samples took Lanczos's
+    products and basis, slower and larger than a run on many); the zeros' Rayleigh ratios are
+    undefined (NaN), as for an eigenvalue 0 on either route."""
+    model, _, x = compared
+    n = len(x)
+    assert compare.from_gram(x.shape[1], n + 1, n)
+    many = compare.compare_methods(model, _batches(), k=n + 3, probes=1, count=2)
+    lanczos = many.methods["lanczos"]
+    assert "Gram of the per-sample gradients (one gradient pass, no products)" in lanczos.notes
+    assert lanczos.notes.endswith(f"so λ_min = 0 and the last 3 of the top {n + 3} are 0")
+    exact = np.linalg.eigvalsh(np.asarray(x, np.float64) @ np.asarray(x, np.float64).T)[::-1]
+    np.testing.assert_allclose(lanczos.top[:n], exact, rtol=1e-4)
+    assert np.all(lanczos.top[n:] == 0) and len(lanczos.top) == n + 3
+    assert len(many.lanczos_residuals) == n + 3 and np.all(many.lanczos_residuals[n:] == 0)
+    for method in ("diagonal", "kfac"):
+        ratios = many.methods[method].rayleigh
+        assert len(ratios) == n + 3 and np.all(np.isfinite(ratios[:n])) and np.all(np.isnan(ratios[n:]))
 
 
 def test_the_gram_route_stores_what_the_run_stores(compared):

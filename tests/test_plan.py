@@ -22,6 +22,7 @@ from fisherjax.plan import (
     GB, conflict_bytes_read, conflict_sample_reads, conflict_slices, curvature_plan, default_options, format_plan,
     kept_parameters, largest_fitting, plan, qkov_sample_reads, read_config, step_memory,
 )
+from fisherjax.curvature.lanczos import default_steps as lanczos_steps
 from fisherjax.work import COLLECT_FORWARDS, curvature_flops, forward_flops, heads_flops, masks_flops, qkov_pair_reads
 from conftest import FAST_FAMILIES
 
@@ -338,7 +339,7 @@ def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkey
         3 * f.total + heads * ((f.layers + f.attention) / 2 + f.unembedding))
     assert base.masks == tasks + 10 + len(CATEGORIES) + 1 and base.masks_flops == masks_flops(f, tasks, n, base.masks)
     c = base.curvature
-    assert c.samples == n and c.k == defaults.curvature_k and not c.gram  # 4 samples < k: Lanczos
+    assert c.samples == n and c.k == defaults.curvature_k and c.gram  # 4 samples < k: the Gram's 4 and zeros, exact
     assert c.flops == curvature_flops(f, n, model.num_params, c.k) > 0
     assert c.peak_bytes == compare.peak_bytes(model, c.k, n=n, sample_grads_dtype=base.storage_dtype, tokens=n * SEQ, seq_len=SEQ)
     # a pass's working memory counts what XLA says a sample's backward keeps, here more than the logits
@@ -351,20 +352,28 @@ def test_every_phase_has_its_work_and_the_comparison_its_rule(tiny, base, monkey
     assert base.total_seconds == pytest.approx(base.phase1_seconds + c.seconds + base.heads_seconds + base.masks_seconds
                                                + base.phase5_seconds + base.phase6_seconds)
     text = format_plan(base)
-    for line in ("Phase 1 (collect)", "method comparison         runs: 4 samples, top 10 by Lanczos", "heads phase", "masks phase", "total"):
+    for line in ("Phase 1 (collect)", "method comparison         runs: 4 samples, top 10 from their Gram", "heads phase", "masks phase",
+                 "total"):
         assert line in text, line
 
-    # a device between the rest of the peak and the peak: skipped (Lanczos's basis is whole); with --curvature
-    # the Gram route (k ≤ samples) fits, its gradients in column slices
-    rest, per_sample = c.stream_bytes, compare.basis_bytes(model.num_params, 2, n=2, sample_grads_dtype="float32") / 2
-    assert rest == compare.stream_bytes(model) + compare.working_bytes(model, SEQ, SEQ) and c.least_bytes == c.peak_bytes  # Lanczos
-    rest = compare.rest_bytes(model, SEQ, SEQ)  # K-FAC and the vectors whole beside a sample's pass
-    small = curvature_plan(model, f, n, rest + 2.5 * per_sample, rate, "float32", None, SEQ)  # two samples' gradients fit, not three
-    assert small.skip == small.forced_skip == "memory" and (small.fit_samples, small.fit_k) == (4, 4)  # k = 4 ≤ 4 samples: Gram route
-    assert compare.least_bytes(model, 4, n=4, sample_grads_dtype="float32", tokens=4 * SEQ, sample_tokens=SEQ) <= small.free_bytes
-    assert compare.peak_bytes(model, 4, n=4, sample_grads_dtype="float32", tokens=4 * SEQ, seq_len=SEQ) > small.free_bytes
-    assert "--curvature-samples 4 --curvature-k 4 fits with --curvature" in format_plan(dataclasses.replace(base, curvature=small))
+    # more samples than twice Lanczos's steps: its products, its basis whole (least = peak)
+    one, many = dataclasses.replace(defaults, curvature_k=1), 2 * lanczos_steps(model.num_params, 1) + 1
+    products = curvature_plan(model, f, many, c.free_bytes, rate, "float32", one, SEQ)
+    assert not products.gram and products.least_bytes == products.peak_bytes and products.samples == many
+    assert "top 1 by Lanczos" in format_plan(dataclasses.replace(base, curvature=products))
+    # a device that cannot hold Lanczos's basis: the most samples whose Gram route fits (2 · steps) run with --curvature
+    fewer = compare.least_bytes(model, 1, n=many - 1, sample_grads_dtype="float32", tokens=min(defaults.batch_size, many) * SEQ,
+                                sample_tokens=SEQ)
+    small = curvature_plan(model, f, many, (fewer + products.least_bytes) / 2, rate, "float32", one, SEQ)
+    assert small.skip == small.forced_skip == "memory" and (small.fit_samples, small.fit_k) == (many - 1, 1)
+    assert f"--curvature-samples {many - 1} fits with --curvature" in format_plan(dataclasses.replace(base, curvature=small))
     assert "method comparison         skipped: it does not fit" in format_plan(dataclasses.replace(base, curvature=small))
+
+    # a device between the rest of the peak and the peak: skipped (G̃ whole does not fit); with --curvature
+    # the Gram route fits, its gradients in column slices
+    rest, per_sample = c.stream_bytes, compare.basis_bytes(model.num_params, 2, n=2, sample_grads_dtype="float32") / 2
+    assert rest == compare.stream_bytes(model) + compare.working_bytes(model, SEQ, SEQ) and c.least_bytes < c.peak_bytes
+    rest = compare.rest_bytes(model, SEQ, SEQ)  # K-FAC and the vectors whole beside a sample's pass
     gram_config = dataclasses.replace(defaults, curvature_k=2)
     sliced = curvature_plan(model, f, n, rest + 2.5 * per_sample, rate, "float32", gram_config, seq_len=SEQ)
     assert sliced.gram and sliced.skip == "share" and sliced.forced_skip is None

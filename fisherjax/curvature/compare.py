@@ -15,7 +15,7 @@ checked against:
   its factors' eigenvalues, and ``Î`` elsewhere.
 * **Lanczos** — the ``k`` largest eigenpairs of ``F`` itself (:func:`~fisherjax.curvature.lanczos.lanczos`):
   the exact reference for the top of the spectrum. ``F``'s rank is at most its samples ``n``;
-  when ``k ≤ n ≤ 2 · steps`` the same pairs come exactly from the ``n × n`` Gram of the
+  when ``n ≤ 2 · steps`` the same pairs come exactly from the ``n × n`` Gram of the
   per-sample gradients (:func:`~fisherjax.curvature.lowrank.empirical_eigen`): one gradient pass
   instead of ``steps`` Fisher-vector products, in at most twice a float32 basis's memory
   (:func:`from_gram`); given too little memory to hold those gradients, the Gram is formed first
@@ -109,12 +109,27 @@ def basis_dtype(size: int, k: int, steps: int | None = None):
 
 def from_gram(size: int, k: int, n: int, steps: int | None = None) -> bool:
     """Whether the top of ``F`` over ``n`` samples comes from their ``n × n`` Gram
-    (:func:`~fisherjax.curvature.lowrank.empirical_eigen`) rather than Lanczos: ``k ≤ n ≤ 2 ·
-    steps``. The Gram is exact and costs one pass of per-sample gradients where Lanczos takes
-    ``steps`` Fisher-vector products; its float32 ``n × size`` gradients are at most twice a
-    float32 Lanczos basis (no more than a float64 one)."""
+    (:func:`~fisherjax.curvature.lowrank.empirical_eigen`) rather than Lanczos: ``n ≤ 2 · steps``.
+    The Gram is exact and costs one pass of per-sample gradients where Lanczos takes ``steps``
+    Fisher-vector products; its float32 ``n × size`` gradients are at most twice a float32 Lanczos
+    basis (no more than a float64 one). Fewer samples than ``k`` take it too: ``F``'s rank is at
+    most ``n``, so its top ``k`` are the Gram's ``n`` and ``k − n`` zeros (:func:`padded_pairs`),
+    which Lanczos reaches only after its Fisher-vector products, in a basis of model-sized vectors:
+    a quick run on a few samples took longer and more memory than one on many."""
     steps = steps or lanczos.default_steps(size, k)
-    return k <= n <= 2 * steps
+    return n <= 2 * steps
+
+
+def padded_pairs(k: int, values: np.ndarray, coefficients: np.ndarray, residuals: np.ndarray | None = None):
+    """The Gram route's ``min(k, n)`` pairs (``values [m]``, ``coefficients [n, m]``, ``residuals
+    [m]``) padded to ``k``: past ``F``'s rank bound each is eigenvalue 0 with zero coefficients and
+    residual 0, as :func:`~fisherjax.curvature.lowrank.gram_pairs` gives an eigenvalue 0."""
+    extra = k - len(values)
+    if extra <= 0:
+        return values, coefficients, residuals
+    pad = functools.partial(np.pad, mode="constant")
+    return (pad(values, (0, extra)), pad(coefficients, ((0, 0), (0, extra))),
+            None if residuals is None else pad(residuals, (0, extra)))
 
 
 def gram_dtype(sample_grads_dtype: str = "float32"):
@@ -372,7 +387,7 @@ def compare_methods(
         def sliced_route():
             k_gram = lowrank.sliced_gram(model, params, batches, slices, dtype=gram_dtype(options.sample_grads_dtype),
                                          memory_budget_bytes=GRADIENT_BUDGET_BYTES)
-            return k_gram, lowrank.gram_pairs(k_gram, k)
+            return k_gram, padded_pairs(k, *lowrank.gram_pairs(k_gram, min(k, n_samples)))[:2]
 
         (k_gram, (values, coefficients)), lanczos_stretch = telemetry.measure(sliced_route)
         residuals = lowrank.residual_norms(k_gram, k_gram @ coefficients - coefficients * values)  # G̃ G̃ᵀ c = K c, in float64
@@ -419,6 +434,7 @@ def compare_methods(
             top=_pad(values, k), blocks_top=None, condition=cond(0.0, float(values.max())) if rank_deficient else None,
             probe_error=0.0, rayleigh=np.ones(len(values)), stretch=lanczos_stretch,
             notes=(f"exact top-{k} of F {how}; F has rank ≤ n = {n_samples} < D, so λ_min = 0"
+                   + (f" and the last {k - n_samples} of the top {k} are 0" if k > n_samples else "")
                    if rank_deficient else f"exact top-{k} of F {how}")),
         "block_spectra": MethodResult(
             top=_top(block_top[np.isfinite(block_top)], k), blocks_top=np.array([c.lambda_max for c in chosen]),
@@ -450,7 +466,7 @@ def _held_route(model, batches, k, steps, key, probe_keys, diagonal, block_ids, 
     if gram:
         def gram_route():
             g = lowrank.scaled_gradients(model, params, batches, dtype=gram_dtype(options.sample_grads_dtype), memory_budget_bytes=GRADIENT_BUDGET_BYTES)
-            return g, lowrank.gram_top(g, k)
+            return g, padded_pairs(k, *lowrank.gram_top(g, min(k, operator.n_samples)))
 
         (scaled, (values, coefficients, residuals)), lanczos_stretch = telemetry.measure(gram_route)
         exact_product = functools.partial(lowrank.product, scaled)  # F v from the same gradients: exact, two reads of G̃
