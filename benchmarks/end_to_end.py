@@ -3,15 +3,15 @@
 What is compared, on the same weights and the same samples:
 
 * **fisherjax**: ``python3 -m fisherjax.cli analyze`` with its default options (all phases,
-  ``--no-progress``) on a GPT-2-shaped checkpoint with random weights, written by transformers'
-  PyTorch ``GPT2LMHeadModel.save_pretrained`` (safetensors) with the demo's character tokenizer,
+  ``--no-progress``) on a GPT-2- or Llama-shaped checkpoint (:data:`SHAPES`) with random weights,
+  written by transformers' PyTorch ``save_pretrained`` (safetensors) with the demo's character tokenizer,
   and two tasks (``a``, ``b``) of ``--samples`` texts of about ``--tokens`` tokens each (random
   text over the tokenizer's characters, ``text`` field, lengths 0.8–1.2 × ``--tokens``; the
-  copied ``tokenizer_config.json`` says ``n_positions`` instead of the demo model's 64, which made
+  copied ``tokenizer_config.json`` says the model's positions instead of the demo model's 64, which made
   transformers warn about every longer sample; ``--max-length`` is given only for samples longer
   than its default, which fisherjax would cut and torch not).
-* **torch**: what the original system's Phase 1 does, and only that: Hugging Face's
-  ``GPT2LMHeadModel`` loaded from the same checkpoint, one forward and backward pass per sample of
+* **torch**: what the original system's Phase 1 does, and only that: Hugging Face's model
+  (``AutoModelForCausalLM``) loaded from the same checkpoint, one forward and backward pass per sample of
   its token-sum loss over the predicted tokens (the tokens ``fisherjax.data.load_task`` gives,
   targets = the next real token, no padding), ``diag += g**2 / T_i`` per parameter, then ``/ n``;
   each task's diagonal is kept, as a Phase 1 keeps its result.
@@ -47,6 +47,7 @@ Usage:
     python3 benchmarks/end_to_end.py --warm --repeats 2               # compilation cache reused
     python3 benchmarks/end_to_end.py --curve 32,64,128,256            # fisherjax only, tiny shape by default
     python3 benchmarks/end_to_end.py --shape tiny --samples 8 --tokens 40 --repeats 1   # a quick try
+    python3 benchmarks/end_to_end.py --shape smollm                  # the Llama family at GPT-2 small's size
 """
 
 from __future__ import annotations
@@ -73,9 +74,14 @@ DEMO_CHECKPOINT = REPO / "fisherjax" / "demo" / "checkpoint"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TASKS = ("a", "b")
 SHAPES = {
-    "small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
-    "tiny": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=50257, n_positions=1024),
+    "small": dict(model_type="gpt2", n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+    "tiny": dict(model_type="gpt2", n_layer=4, n_embd=256, n_head=4, vocab_size=50257, n_positions=1024),
+    # SmolLM-135M's shape: the Llama family (RMSNorm, RoPE, grouped-query attention, gated MLP) at
+    # GPT-2 small's size, with 30 layers, 9 query heads over 3 kv heads and tied embeddings
+    "smollm": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                   num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True),
 }
+"""Checkpoint shapes: ``model_type`` and the Hugging Face config's fields (transformers' ``AutoConfig.for_model``)."""
 GB = 1e9
 POLL_S = 0.01
 PHASE1 = "collect"
@@ -85,6 +91,22 @@ ANALYZE_MAX_LENGTH = 256
 """``fisherjax analyze --max-length``'s default: longer samples get the option (fisherjax would cut them, torch not)."""
 CACHE_ENV = ("FISHERJAX_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")
 """Taken out of the fisherjax runs' environment: the cache is what this script's options say."""
+
+
+def hf_config(shape: str):
+    """The shape's Hugging Face config (imports transformers: call it in a worker)."""
+    import transformers
+
+    fields = dict(SHAPES[shape])
+    return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def describe(shape: str) -> str:
+    """``gpt2-small (12 layers, d = 768, vocab 50257)`` from :data:`SHAPES` alone."""
+    f = SHAPES[shape]
+    layers, d = f.get("n_layer", f.get("num_hidden_layers")), f.get("n_embd", f.get("hidden_size"))
+    heads = f"{f['num_attention_heads']} / {f['num_key_value_heads']} kv heads, " if "num_key_value_heads" in f else ""
+    return f"{f['model_type']}-{shape} ({layers} layers, d = {d}, {heads}vocab {f['vocab_size']})"
 
 
 # ---- child processes ----------------------------------------------------------------------------
@@ -247,13 +269,14 @@ def prepare_worker(args) -> None:
 
     model_dir, data = Path(args.model), Path(args.data)
     torch.manual_seed(args.seed)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPES[args.shape])).eval().save_pretrained(model_dir)
+    config = hf_config(args.shape)
+    transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(model_dir)
     for name in TOKENIZER_FILES:
         shutil.copy(DEMO_CHECKPOINT / name, model_dir / name)
-    # The demo tokenizer says 64 positions (its model's); this checkpoint has n_positions.
+    # The demo tokenizer says 64 positions (its model's); this checkpoint has max_position_embeddings.
     config_path = model_dir / "tokenizer_config.json"
     tok_config = json.loads(config_path.read_text())
-    tok_config["model_max_length"] = SHAPES[args.shape]["n_positions"]
+    tok_config["model_max_length"] = config.max_position_embeddings
     config_path.write_text(json.dumps(tok_config, indent=2))
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
@@ -279,7 +302,7 @@ def torch_worker(args) -> None:
     transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     device = torch.device(args.torch_device or "cpu")
-    model = transformers.GPT2LMHeadModel.from_pretrained(args.model).eval().to(device)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model).eval().to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     tokens = json.loads(Path(args.tokens_json).read_text())
     loaded = time.perf_counter()
@@ -346,10 +369,10 @@ WORKERS = {"prepare": prepare_worker, "torch": torch_worker, "check": check_work
 
 
 def prepare(work: Path, shape: str, samples: int, tokens: int, seed: int) -> dict:
-    model, data = work / f"gpt2-{shape}", work / "tasks"
+    model, data = work / f"{SHAPES[shape]['model_type']}-{shape}", work / "tasks"
     model.mkdir()
     data.mkdir()
-    say(f"writing a random GPT-2-{shape} checkpoint and two tasks of {samples} samples to {work}")
+    say(f"writing a random {SHAPES[shape]['model_type']}-{shape} checkpoint and two tasks of {samples} samples to {work}")
     run_child(worker_cmd("prepare", "--model", model, "--data", data, "--shape", shape, "--samples", samples,
                          "--tokens", tokens, "--seed", seed), work / "prepare.log")
     lengths = [len(s) for task in json.loads((data / "tokens.json").read_text()).values() for s in task]
@@ -460,8 +483,7 @@ def heading(meta: dict, setup: dict) -> str:
     return (
         f"{meta['date']}, {meta['cpu']}, {meta['cores']} cores, {meta['memory_gb']} GB, "
         f"{('accelerator ' + meta['accelerator'] + ', ') if meta.get('accelerator') else ''}jax {meta['jax']}, "
-        f"torch {meta['torch']}, transformers {meta['transformers']}, fisherjax at {commit}. Random GPT-2-{setup['shape']} "
-        f"({setup['shape_config']['n_layer']} layers, d={setup['shape_config']['n_embd']}, vocab 50257), demo character "
+        f"torch {meta['torch']}, transformers {meta['transformers']}, fisherjax at {commit}. Random {setup['shape_name']}, demo character "
         f"tokenizer, tasks `a` and `b` of random text, {setup['mean_tokens']} tokens per sample on average; "
         f"compilation cache: {setup['cache']}; torch loop on {setup.get('torch_device', 'cpu')}. `python3 {' '.join(setup['argv'])}`"
     )
@@ -583,7 +605,8 @@ def main(argv=None) -> None:
             say("fisherjax analyze has no --compilation-cache option: runs get no cache option")
         fj = Fisherjax(work, inputs, args.cache, supported)
         result = {"machine": machine(), "setup": {
-            "shape": shape, "shape_config": SHAPES[shape], "samples": points or args.samples, "tokens": args.tokens,
+            "shape": shape, "shape_config": SHAPES[shape], "shape_name": describe(shape), "samples": points or args.samples,
+            "tokens": args.tokens,
             "mean_tokens": inputs["mean_tokens"], "repeats": args.repeats, "cache": fj.cache,
             "torch_device": args.torch_device or "cpu",
             "argv": ["benchmarks/end_to_end.py", *(argv if argv is not None else sys.argv[1:])],

@@ -6,7 +6,7 @@ pieces and vmapped); the full step (group Fisher) with ghost norms chosen automa
 backend's default per-sample mapping and with one vmap), forced on and forced off; the step
 with attention contributions; and the step with the full diagonal (running sums looped or vmapped over
 samples, or a Welford state with its variance), without and with them. Usage:
-python benchmarks/profile_phase1.py [--batch 16] [--seq 128] [--model gpt2-small|tiny] [--only LABEL,...]
+python benchmarks/profile_phase1.py [--batch 16] [--seq 128] [--model gpt2-small|smollm-135m|tiny] [--only LABEL,...]
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ def build(name: str):
 
     if name == "gpt2-small":
         hf = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+    elif name == "smollm-135m":  # a Llama-family model of GPT-2 small's size: 30 layers, 9 query / 3 kv heads, tied
+        hf = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
     else:
         hf = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=500, n_positions=256)
     return Model.init(from_hf_dict(hf.to_dict()), seed=0)
