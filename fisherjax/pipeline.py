@@ -800,8 +800,9 @@ MEMORY_FIXES = {
     "load": "the model's parameters do not fit this device: use one with more memory",
     "collect": "use a smaller --batch-size or --max-length, or split each batch over more devices (--devices)",
     "heads (categories)": "use a smaller --probe-length, or leave heads out of --phases",
-    "curvature": "use fewer --curvature-samples or a smaller --curvature-k, or leave curvature out of --phases",
-    "heads": "use fewer --head-samples or --ablation-heads, or leave heads out of --phases",
+    "curvature": "use a smaller --batch-size (its passes go a batch at a time), fewer --curvature-samples or a smaller "
+                 "--curvature-k, or leave curvature out of --phases",
+    "heads": "use a smaller --batch-size (its head-mask gradients and ablations go a batch at a time), or leave heads out of --phases",
     "masks": "use fewer --pruning-samples, or leave masks out of --phases",
     "conflicts": "use fewer samples (--max-samples) or --conflict-scope overall, or leave conflicts out of --phases",
     "qkov": "use fewer samples (--max-samples), or leave qkov out of --phases",

@@ -224,7 +224,9 @@ OUT_OF_MEMORY = textwrap.dedent(
 
 
 @pytest.mark.parametrize("stage, names", [("collect", r"in the collect phase: RESOURCE_EXHAUSTED: .*; use a smaller --batch-size"),
-                                          ("masks", r"in the masks phase: RESOURCE_EXHAUSTED: .*; use fewer --pruning-samples")])
+                                          ("masks", r"in the masks phase: RESOURCE_EXHAUSTED: .*; use fewer --pruning-samples"),
+                                          # its passes go a batch at a time: fewer --head-samples would not help
+                                          ("heads", r"in the heads phase: RESOURCE_EXHAUSTED: .*; use a smaller --batch-size")])
 def test_a_run_out_of_memory_is_one_line_naming_the_phase_and_what_to_change(cli_checkpoint, where, tmp_path, stage, names):
     """XLA's out-of-memory error in a phase (an accelerator's usual end of a run too large for it)
     is one line naming the phase, the device and what to change; exit 2, nothing left next to
