@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--mode", choices=MODES, default=d.mode, help=f"accumulation (default {d.mode})")
     a.add_argument("--sample-grads-dtype", "--contribution-dtype", dest="sample_grads_dtype", choices=tuple(STORAGE_DTYPES),
                    default=d.sample_grads_dtype, help="storage dtype of the kept per-sample gradients (default bfloat16; float32 with "
-                   "--qkov-variant kfac, whose scores bfloat16's rounding can decide)")
+                   "the signed --qkov-variant signed and kfac, whose scores bfloat16's rounding moves more)")
     a.add_argument("--sample-grads-form", choices=SAMPLE_GRADS_FORMS, default=d.sample_grads_form,
                    help="keep each attention kernel's per-sample gradients as they are, or as their token factors (inputs and "
                         "output gradients, formed again where Phases 5 and 6 read them): 'auto' keeps factors where they take "
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tflops", type=float, help=f"sustained TFLOP/s per device (default: assumed {planning.DEFAULT_TFLOPS:g})")
     p.add_argument("--sample-grads-dtype", "--storage-dtype", dest="storage_dtype", choices=tuple(STORAGE_DTYPES),
                    help="as for analyze: storage dtype of the kept per-sample gradients (default analyze's: bfloat16; pass float32 "
-                        "to plan a --qkov-variant kfac run)")
+                        "to plan a --qkov-variant signed or kfac run)")
     p.add_argument("--fisher-type", choices=FISHER_TYPES, default=d.fisher_type, help=f"as for analyze (default {d.fisher_type})")
     p.add_argument("--sample-grads-form", choices=SAMPLE_GRADS_FORMS, default=d.sample_grads_form,
                    help=f"as for analyze, at --seq-len: how the kept attention gradients are stored (default {d.sample_grads_form})")

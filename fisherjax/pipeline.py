@@ -58,14 +58,15 @@ from fisherjax.settings import check, check_choice
 
 
 def default_storage(variant: str) -> str:
-    """The kept gradients' storage dtype where ``--sample-grads-dtype`` is not given: bfloat16
-    (within 1e-2 of float32 storage for the diagonal variants), float32 for a variant that takes
-    a curvature (``kfac``). There the damping can sit far below the factors' spectrum, and
-    bfloat16's rounding of the kept token factors puts components into task A's directions of
-    near-zero curvature that ``1/λ`` then magnifies: on the demo the math → copy kfac heatmaps of
-    bfloat16 storage were off float32 storage's by up to 124 times per slice (RESULTS, forty-second
-    session)."""
-    return "float32" if variant in qkov.CURVATURE_VARIANTS else "bfloat16"
+    """The kept gradients' storage dtype where ``--sample-grads-dtype`` is not given: bfloat16 for
+    the unsigned variants (within 1e-2 of float32 storage), float32 for the signed ones
+    (:data:`~fisherjax.analysis.qkov.SIGNED_VARIANTS`). A signed score sums ``g_i · g_j`` terms of
+    either sign, so bfloat16's relative rounding of each comes back multiplied by the cancellation:
+    with kept token factors the signed math → copy heatmap of the demo moved by 1.1e-2 as a whole
+    (forty-third session). With a curvature (``kfac``) it is worse: the damping can sit far below
+    the factors' spectrum, and the rounding puts components into task A's directions of near-zero
+    curvature that ``1/λ`` then magnifies, up to 124 times a slice's norm (forty-second session)."""
+    return "float32" if variant in qkov.SIGNED_VARIANTS else "bfloat16"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -110,8 +110,8 @@ class Plan:
         fewer where ``factored`` kernels are kept as token factors), the numbers stored per sample
         (more when ``C_i`` is kept beside them), their storage dtype.
       storage_given: the storage dtype was asked for; else it is ``analyze``'s default.
-      float32_bytes_per_host: a host's share stored in float32 (what ``--qkov-variant kfac``
-        keeps by default), for the choice the plan prints beside a narrower default.
+      float32_bytes_per_host: a host's share stored in float32 (what the signed variants,
+        ``--qkov-variant signed`` and ``kfac``, keep by default), for the choice the plan prints beside a narrower default.
       storage_bytes, storage_bytes_per_device, storage_bytes_per_host, hosts, host_memory_bytes,
         spill: kept-gradient storage in all, per ``"data"`` shard, per host; whether it must spill
         to disk (``--spill-dir``).
@@ -822,7 +822,7 @@ def _storage_line(p: Plan) -> str:
     source = "as given" if p.storage_given else "analyze's default"
     line = f"{p.storage_dtype} ({source}); {fits(p.storage_bytes_per_host)}"
     if p.storage_dtype != "float32":
-        line += (f"; float32 (--sample-grads-dtype float32, kept by default with --qkov-variant kfac): "
+        line += (f"; float32 (--sample-grads-dtype float32, kept by default with --qkov-variant signed or kfac): "
                  f"{_bytes(p.float32_bytes_per_host)} per host, {fits(p.float32_bytes_per_host)}")
     return line
 

@@ -164,8 +164,9 @@ def test_every_analyze_flag_reaches_its_config_field(tmp_path):
 
 
 def test_the_kfac_variant_keeps_float32_gradients_unless_told_otherwise(cli_checkpoint, tmp_path):
-    """Unset, the kept gradients' storage is bfloat16, and float32 with --qkov-variant kfac (whose
-    scores bfloat16's rounding can decide where the damping is far below the K-FAC spectrum);
+    """Unset, the kept gradients' storage is bfloat16, and float32 with the signed variants: kfac
+    (whose scores bfloat16's rounding can decide where the damping is far below the K-FAC
+    spectrum) and signed (its sums of either sign magnify the rounding);
     --sample-grads-dtype bfloat16 with kfac is kept as asked and warned about when its heatmap is prepared."""
     import warnings
 
@@ -176,7 +177,8 @@ def test_the_kfac_variant_keeps_float32_gradients_unless_told_otherwise(cli_chec
         assert code == 0, err
         return json.loads(printed)["sample_grads_dtype"]
 
-    assert dtype() == "bfloat16" and dtype("--qkov-variant", "kfac") == "float32"
+    assert dtype() == "bfloat16" and dtype("--qkov-variant", "kfac") == "float32" == dtype("--qkov-variant", "signed")
+    assert dtype("--qkov-variant", "symmetric") == dtype("--qkov-variant", "natural") == "bfloat16"
     assert dtype("--qkov-variant", "kfac", "--sample-grads-dtype", "bfloat16") == "bfloat16"
     assert AnalysisConfig(qkov_variant="kfac").sample_grads_dtype == default_storage("kfac") == "float32"
     argv = ["analyze", "--model", cli_checkpoint / "model", "--no-progress", "--phases", "fisher,qkov", "--qkov-variant", "kfac",

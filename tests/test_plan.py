@@ -240,7 +240,7 @@ def test_storage_is_analyzes_and_spills_when_the_host_is_small(tiny, base):
     assert p.float32_bytes_per_host == float32
     line = next(row for row in format_plan(p).splitlines() if row.startswith("storage "))
     assert "bfloat16 (analyze's default); fits host memory" in line
-    beside = line.split("; float32 (--sample-grads-dtype float32, kept by default with --qkov-variant kfac): ")[1]
+    beside = line.split("; float32 (--sample-grads-dtype float32, kept by default with --qkov-variant signed or kfac): ")[1]
     assert beside.split(" per host, ")[1].startswith("spill to disk (--spill-dir)")
     roomy = plan(tiny, samples=1, seq_len=SEQ, device_memory_gb=80, host_memory_gb=float32 * 4 / GB)
     assert roomy.storage_dtype == "bfloat16" and not roomy.spill
