@@ -21,8 +21,12 @@ def new_figure(**kwargs) -> Figure:
 
 
 def save_figure(fig: Figure, out: Path, name: str) -> str:
-    """Save under ``out/figures/name.png``; returns the relative path for the report."""
+    """Save under ``out/figures/name.png``; returns the relative path for the report.
+
+    The figure's own canvas, no ``bbox_inches="tight"``: :func:`new_figure`'s constrained layout
+    already fits titles, colour bars and legends outside the axes inside it, and the tight box
+    would draw every figure twice (once to measure it), the text of its cell labels included."""
     path = Path(out) / "figures" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     return f"figures/{name}.png"
