@@ -394,18 +394,21 @@ def test_the_report_says_where_the_damping_is_far_below_the_spectrum(family):
     assert not any("damping" in text for text in report_qkov.markdown("A", "B", flat))
 
 
-def test_gradients_kept_below_float32_are_warned_about(family):
-    """A task whose kept gradients are bfloat16 gets a warning naming it (their rounding can decide
-    the scores of slices damped far below the spectrum); float32 ones none."""
+@pytest.mark.parametrize("variant", ["kfac", "signed"])
+def test_gradients_kept_below_float32_are_warned_about(family, variant):
+    """In the signed variants a task whose kept gradients are bfloat16 gets a warning naming it
+    (their rounding can decide the scores of slices damped far below the spectrum; the signed
+    terms cancel and magnify it); float32 ones none, and the unsigned variant none."""
     import warnings
 
     import ml_dtypes
 
     layout, A, B = family("llama")
-    factors = make_factors(layout, seed=7, bias=False)
+    opts = {"kfac": make_factors(layout, seed=7, bias=False)} if variant == "kfac" else {"min_fisher_samples": 1}
     rounded = SampleGrads.from_grads(B.grads, B.tokens, B.sample_ids, dtype=ml_dtypes.bfloat16)
-    with pytest.warns(UserWarning, match=r"qkov kfac: task 'B' keeps its gradients in bfloat16"):
-        qkov.heatmap(A, rounded, layout, variant="kfac", kfac=factors)
+    with pytest.warns(UserWarning, match=rf"qkov {variant}: task 'B' keeps its gradients in bfloat16"):
+        qkov.heatmap(A, rounded, layout, variant=variant, **opts)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        qkov.heatmap(A, B, layout, variant="kfac", kfac=factors)
+        qkov.heatmap(A, B, layout, variant=variant, **opts)
+        qkov.heatmap(A, rounded, layout, variant="unsigned", min_fisher_samples=1)

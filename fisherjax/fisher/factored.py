@@ -192,6 +192,11 @@ class FactoredGrads:
         """Bytes the factors take."""
         return int(self.inputs.nbytes + self.deltas.nbytes)
 
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """The dtype the factors are kept in (what is formed is float32: :attr:`dtype`)."""
+        return np.dtype(self.inputs.dtype)
+
     def __len__(self) -> int:
         return self.shape[0]
 
@@ -279,6 +284,12 @@ class FactoredGrads:
     def take_rows(self, index) -> FactoredGrads:
         """The samples at ``index`` (an int array or a slice), still as factors."""
         return FactoredGrads(self.inputs[index], self.deltas[index], self.columns)
+
+
+def stored_dtype(kept) -> np.dtype:
+    """The dtype a kept leaf's numbers are stored in: a :class:`FactoredGrads`' factors', an
+    array's (or memory map's) own."""
+    return kept.stored_dtype if isinstance(kept, FactoredGrads) else np.dtype(kept.dtype)
 
 
 def read_on_device(leaf, key, may_alias: bool | None = None, *, place: Callable[[np.ndarray], Array] | None = None,

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fisherjax.fisher.factored import FactoredGrads
+from fisherjax.fisher.factored import FactoredGrads, stored_dtype
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.report.base import Section
 
@@ -37,15 +37,10 @@ def summary(fishers: Mapping[str, TaskFisher]) -> dict:
 def kept_summary(kept: SampleGrads) -> dict:
     """How a task's per-sample gradients are kept: the parameters kept as token factors and as
     gradients, the bytes they take, and the bytes their gradients would take."""
-    factored, stored, as_gradients = [], 0, 0
-    for p, g in kept.grads.items():
-        if isinstance(g, FactoredGrads):
-            factored.append(p)
-            stored, itemsize = stored + g.stored_nbytes, g.inputs.dtype.itemsize
-        else:
-            stored, itemsize = stored + int(np.asarray(g).nbytes), np.asarray(g).dtype.itemsize
-        as_gradients += int(np.prod(g.shape)) * itemsize
-    return {"as_factors": sorted(factored), "as_gradients": sorted(p for p in kept.grads if p not in factored), "bytes": stored,
+    factored = sorted(p for p, g in kept.grads.items() if isinstance(g, FactoredGrads))
+    stored = sum(g.stored_nbytes if isinstance(g, FactoredGrads) else int(g.nbytes) for g in kept.grads.values())
+    as_gradients = sum(int(np.prod(g.shape)) * stored_dtype(g).itemsize for g in kept.grads.values())
+    return {"as_factors": factored, "as_gradients": sorted(p for p in kept.grads if p not in factored), "bytes": stored,
             "bytes_as_gradients": as_gradients}
 
 

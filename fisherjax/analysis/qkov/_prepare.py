@@ -17,7 +17,7 @@ from fisherjax.analysis.qkov.options import ScoreOptions
 from fisherjax.analysis.qkov.results import SliceDiagnostics
 from fisherjax.errors import ConfigError, DataError, NumericalError
 from fisherjax.fisher.pool import pool_fisher, pool_weights
-from fisherjax.fisher.factored import FactoredGrads
+from fisherjax.fisher.factored import FactoredGrads, stored_dtype
 from fisherjax.fisher.state import SampleGrads, TaskFisher, sample_grads_of, weighted_row_mean
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 
@@ -199,6 +199,25 @@ def check_partner(b: SampleGrads, name_b: str, paths: Sequence[str], score: Scor
     _check_paths(getattr(b, b_side), paths, b_side, name_b, score.include_bias)
 
 
+ROUNDING_HARMS = {
+    "signed": "its terms of either sign cancel, which magnifies their rounding (a whole heatmap 1e-2 off float32 storage's on "
+              "the demo)",
+    "kfac": "where the damping is far below the K-FAC spectrum their rounding can decide the scores",
+}
+"""What rounding the kept gradients below float32 does to each variant that warns of it (the signed
+ones, which keep float32 by default in ``analyze``; measurements: benchmarks/RESULTS.md)."""
+
+
+def warn_if_rounded(samples: SampleGrads, name: str, paths: Sequence[str], variant: str) -> None:
+    """Warn where a task's kept gradients (or token factors) that ``variant`` reads are stored
+    below float32 and :data:`ROUNDING_HARMS` says what that does to it: bfloat16 keeps 8 bits, so
+    each gradient moves by about 2⁻⁹ of its norm in every direction."""
+    rounded = sorted({str(d) for d in (stored_dtype(samples.grads[p]) for p in paths) if d.itemsize < 4})
+    if rounded and variant in ROUNDING_HARMS:
+        warnings.warn(f"qkov {variant}: task {name!r} keeps its gradients in {', '.join(rounded)}; {ROUNDING_HARMS[variant]}: keep "
+                      "float32 (--sample-grads-dtype float32, CollectOptions(sample_grads_dtype='float32'))", stacklevel=4)
+
+
 def partner_scale(b: SampleGrads, score: ScoreOptions, rows: np.ndarray | None = None) -> np.ndarray:
     """Float32 factor ``s_j`` of task B's samples (``rows``, None: all), by position in ``b`` (0
     elsewhere), applied to the score in every variant: 1 (``"none"``), ``1/T_j``
@@ -229,6 +248,9 @@ def prepare(task_a: TaskFisher | SampleGrads, task_b: TaskFisher | SampleGrads, 
     a_side = "grads" if score.variant == "signed" else "contributions"
     _check_paths(getattr(a, a_side), paths, a_side, name_a, score.include_bias)
     check_partner(b, name_b, paths, score)
+    if score.variant == "signed":  # both sides read g
+        for samples, name in ((a, name_a), (b, name_b)):
+            warn_if_rounded(samples, name, paths, score.variant)
     n_a = len(a) if a_rows is None else len(a_rows)
     used = _pooled(score, n_a, len(b), (name_a, name_b))
     for use, samples, name in zip(used, (a, b), (name_a, name_b)):

@@ -81,14 +81,13 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 from fisherjax.analysis.qkov._operands import PRECISIONS, BlockKinds, block_kinds, leaf_sources, views_of
-from fisherjax.analysis.qkov._prepare import active, partner, partner_scale, required_paths, task_samples
+from fisherjax.analysis.qkov._prepare import active, partner, partner_scale, required_paths, task_samples, warn_if_rounded
 from fisherjax.analysis.qkov._scores import assemble, first_non_finite
 from fisherjax.analysis.qkov._tiles import device_leaves, mesh_leaves, padded_positions, tile_plan
 from fisherjax.analysis.qkov.options import KernelOptions, ScoreOptions
 from fisherjax.analysis.qkov.results import QKOVResult, SliceDiagnostics, result_of
 from fisherjax.curvature.factors import HeadFactors
 from fisherjax.errors import ConfigError, DataError, NumericalError
-from fisherjax.fisher.factored import FactoredGrads
 from fisherjax.fisher.state import SampleGrads, TaskFisher
 from fisherjax.layout import ATTENTION_BLOCKS, ModelLayout
 from fisherjax.progressbar import progress_bar
@@ -323,20 +322,6 @@ def _check_grads(samples: SampleGrads, name: str, paths, include_bias: bool) -> 
                         f"gradients of both tasks (keep_sample_grads=True){hint}")
 
 
-def _warn_if_rounded(samples: SampleGrads, name: str, paths) -> None:
-    """Warn where a task's kept gradients (or token factors) are stored below float32: their
-    rounding moves each gradient by about 2⁻⁹ of its norm in every direction of the eigenbasis,
-    also where ``A ⊗ G`` is near zero and ``1/λ`` magnifies it; on the demo that decided the
-    scores of the slices whose damping was far below the spectrum (benchmarks/RESULTS.md)."""
-    leaves = [samples.grads[p] for p in paths]
-    stored = {np.dtype(x.inputs.dtype if isinstance(x, FactoredGrads) else x.dtype) for x in leaves}
-    rounded = sorted(str(d) for d in stored if d.itemsize < 4)
-    if rounded:
-        warnings.warn(f"qkov kfac: task {name!r} keeps its gradients in {', '.join(rounded)}; where the damping is far below the "
-                      "K-FAC spectrum their rounding can decide the scores: keep float32 (--sample-grads-dtype float32, "
-                      "CollectOptions(sample_grads_dtype='float32'))", stacklevel=4)
-
-
 def prepare(
     task_a: TaskFisher | SampleGrads, task_b: TaskFisher | SampleGrads, layout: ModelLayout, kfac: Mapping[str, HeadFactors] | None,
     score: ScoreOptions,
@@ -352,7 +337,7 @@ def prepare(
     paths = required_paths(layout, kinds)
     for samples, name in ((a, name_a), (b, name_b)):
         _check_grads(samples, name, paths, score.include_bias)
-        _warn_if_rounded(samples, name, paths)
+        warn_if_rounded(samples, name, paths, "kfac")
     factors = check_factors(kfac, layout, kinds)
     curvature = eigenbasis(factors, score)
     sizes = np.array([int(curvature.s_in[block].shape[-1] * curvature.s_out[block].shape[-1]) for block in ATTENTION_BLOCKS])
