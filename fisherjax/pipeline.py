@@ -1191,12 +1191,27 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
             masks_json = next((sec.json for sec in sections if sec.key == "masks"), {})
             heads_json = next((sec.json for sec in sections if sec.key == "heads"), {})
             work_done = phase_work(ctx, resumed, masks_json.get("head_pruning"), heads_json.get("tasks"))
-            sections.append(timing_report.section(stretches, per_task, total, work_done))
+            sections.append(timing_report.section(stretches, per_task, total, work_done, cost_levers(config)))
             header["seconds"] = round(total.seconds, 1)
             heading = fisher_report.heading(header["model"], header["created"], header["machine"], header["seconds"])
             results = report.write(out, header, sections, heading=heading)
             outdir.write_marker(out, {"fisherjax": header["fisherjax"], "created": header["created"], "config": results["config"]})
     return results
+
+
+def cost_levers(config: AnalysisConfig) -> dict[str, str]:
+    """What sets the cost of each stretch whose cost an option sets, in those options at their
+    values in ``config`` (:func:`fisherjax.report.timing.section` names them under its table)."""
+    return {
+        "collect": "a gradient pass of every sample of every task (--max-samples)",
+        "curvature": (f"--curvature-samples {config.curvature_samples} and --curvature-k {config.curvature_k}; "
+                      "leave `curvature` out of --phases to skip it"),
+        "heads": (f"--head-samples {config.head_samples} a task, each ablated head a forward pass of them "
+                  f"(--ablation-heads {config.ablation_heads}; 0 skips the ablation table)"),
+        "masks": f"--pruning-samples {config.pruning_samples} a task, a forward pass of them per head mask tried",
+        "conflicts": "the n_A · n_B sample pairs (--max-samples)",
+        "qkov": "the n_A · n_B sample pairs (--max-samples)",
+    }
 
 
 def phase_work(ctx: Context, resumed, experiment: dict | None = None, heads_tasks: dict | None = None) -> dict[str, float]:

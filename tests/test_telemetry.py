@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fisherjax import backend, telemetry
+from fisherjax.pipeline import AnalysisConfig, cost_levers
 from fisherjax.report import timing
 
 MB = 1_000_000
@@ -110,3 +111,17 @@ def test_where_the_time_went_table():
     gpu = {"load": _stretch(1.0, 5e8, device=2e9, device_scope="stretch"), "report": _stretch(0.5, 5e8, device=2e9, device_scope="process")}
     lines = timing.section(gpu, {}, _stretch(2.0, 5e8, device=2e9, device_scope="stretch")).lines
     assert "device peak GB" in lines[0] and "| ≤ 2.00 |" in lines[3]
+
+
+def test_the_longest_stretches_name_what_sets_their_cost():
+    """Under the table, the three longest stretches an option's value sets, longest first, with
+    those options at the run's values; every lever names a stretch that a run has."""
+    levers = cost_levers(AnalysisConfig(ablation_heads=8))
+    assert set(levers) <= {"collect", *AnalysisConfig().phase_order()}
+    stretches = {"load": _stretch(20.0, 5e8), "heads": _stretch(9.0, 1e9), "collect": _stretch(4.0, 1e9), "masks": _stretch(6.0, 1e9),
+                 "qkov": _stretch(2.0, 1e9)}
+    lines = timing.section(stretches, {}, _stretch(41.0, 1e9), levers=levers).lines
+    named = [text for text in lines[lines.index("The longest stretches, and what sets their cost:"):] if text.startswith("- ")]
+    assert [text.split(" (")[0] for text in named] == ["- heads", "- Phases 3–4 — masks", "- Phase 1 — collect"]
+    assert named[0].startswith("- heads (9.0 s): ") and "--ablation-heads 8" in named[0] and "--pruning-samples 32" in named[1]
+    assert not any("what sets their cost" in text for text in timing.section(stretches, {}, _stretch(41.0, 1e9)).lines)

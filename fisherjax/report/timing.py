@@ -40,12 +40,18 @@ def summary(stretches: Mapping[str, Stretch], tasks: Mapping[str, Stretch], tota
     return data
 
 
+LONGEST = 3
+"""Stretches named, longest first, with what sets their cost under the table (``levers``)."""
+
+
 def section(stretches: Mapping[str, Stretch], tasks: Mapping[str, Stretch], total: Stretch,
-            work: Mapping[str, float] | None = None) -> Section:
+            work: Mapping[str, float] | None = None, levers: Mapping[str, str] | None = None) -> Section:
     """The "Where the time went" table: a row per stretch (per task under Phase 1's collection),
     and the total. A device column appears where the backend reports device memory; a peak that
     is the process's so far, not the stretch's own, is marked ≤. With ``work`` (FLOPs by stretch),
-    a column of the TFLOP/s each of those stretches achieved against its count."""
+    a column of the TFLOP/s each of those stretches achieved against its count. With ``levers``
+    (``{stretch: what sets its cost}``, the options a user turns), a line naming the
+    :data:`LONGEST` longest of those stretches and their levers: what to change for a faster run."""
     data = summary(stretches, tasks, total, work)
     device = any(s.device_peak_bytes is not None for s in (*stretches.values(), total))
     rated = {name: data[name]["achieved_tflops"] for name in (work or {}) if name in data}
@@ -68,6 +74,10 @@ def section(stretches: Mapping[str, Stretch], tasks: Mapping[str, Stretch], tota
     lines += ["", "Compilations are XLA compilations; executables loaded from the persistent compilation cache are "
                   "cache hits (their loading counts in compile s). Peaks are the stretch's own unless marked ≤ "
                   "(the process's peak so far)."]
+    costly = sorted((name for name in stretches if name in (levers or {})), key=lambda name: -stretches[name].seconds)[:LONGEST]
+    if costly:
+        lines += ["", "The longest stretches, and what sets their cost:", ""]
+        lines += [f"- {LABELS.get(name, name)} ({stretches[name].seconds:.1f} s): {levers[name]}" for name in costly]
     if rated:
         lines += ["", "TFLOP/s: the stretch's matrix products as `fisherjax plan` counts them (`fisherjax.work`: a floor, "
                       "without norms, activations, softmax or host work — Phase 5's tests are host work) over its seconds. "
@@ -82,4 +92,4 @@ def _peak(n: int | None, scope: str | None) -> str:
     return f"{'≤ ' if scope != 'stretch' else ''}{n / 1e9:.2f}"
 
 
-__all__ = ["LABELS", "section", "summary"]
+__all__ = ["LABELS", "LONGEST", "section", "summary"]
