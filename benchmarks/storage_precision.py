@@ -12,11 +12,13 @@ as ``fisherjax analyze`` does, and prints how far the bfloat16 results are from 
   of the cosine matrix, and whether the same pairs are significant.
 
 With ``--factors`` the bfloat16 run keeps every attention kernel as its token factors
-(``sample_grads_factors=True``, :mod:`fisherjax.fisher.factored`), as ``fisherjax analyze`` does for
-short samples: the errors are then those of bfloat16 factors against float32 gradients.
+(``sample_grads_factors=True``, :mod:`fisherjax.fisher.factored`); with ``--auto`` the kernels
+``fisherjax analyze``'s default (``--sample-grads-form auto``) keeps as factors at the batches'
+longest length (:func:`fisherjax.fisher.factored.smaller_as_factors`): the errors are then those of
+bfloat16 factors against float32 gradients.
 
 Usage: python benchmarks/storage_precision.py [--model DIR --task NAME=FILE ...] [--max-samples N]
-[--batch-size B] [--factors] (default: the shipped demo model and tasks).
+[--batch-size B] [--factors | --auto] (default: the shipped demo model and tasks).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import numpy as np
 import fisherjax
 from fisherjax.analysis import conflicts, qkov
 from fisherjax.data import batches, load_task
+from fisherjax.fisher.factored import smaller_as_factors
+from fisherjax.fisher.options import attention_paths
 
 
 def relative(a: np.ndarray, b: np.ndarray) -> float:
@@ -79,7 +83,9 @@ def main():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--json", default=None)
-    p.add_argument("--factors", action="store_true", help="the bfloat16 run keeps the attention kernels as token factors")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--factors", action="store_true", help="the bfloat16 run keeps the attention kernels as token factors")
+    form.add_argument("--auto", action="store_true", help="the bfloat16 run keeps as factors the kernels analyze's default does")
     args = p.parse_args()
     if args.model is None:
         from fisherjax import demo
@@ -93,17 +99,22 @@ def main():
         task = load_task(file, model.tokenizer, name=name, max_length=args.max_length)
         tasks[name] = task if args.max_samples is None else dataclasses.replace(task, examples=task.examples[: args.max_samples])
     fishers = {}
+    task_batches = {name: list(batches(task, args.batch_size, pad_id=model.config.pad_token_id or 0)) for name, task in tasks.items()}
+    factors = args.factors
+    if args.auto:
+        longest = max(b.input_ids.shape[1] for bs in task_batches.values() for b in bs)
+        factors = smaller_as_factors(model.layout, attention_paths(model.layout), longest)
+        print(f"bfloat16 run keeps as factors: {', '.join(factors) or 'none'}", flush=True)
     for dtype in ("float32", "bfloat16"):
-        for name, task in tasks.items():
+        for name in tasks:
             started = time.perf_counter()
             fishers[dtype, name] = fisherjax.collect(
-                model, list(batches(task, args.batch_size, pad_id=model.config.pad_token_id or 0)), task=name,
-                keep_sample_grads=True, sample_grads_dtype=dtype, progress=False,
-                sample_grads_factors=args.factors and dtype == "bfloat16",
+                model, task_batches[name], task=name, keep_sample_grads=True, sample_grads_dtype=dtype, progress=False,
+                sample_grads_factors=factors if dtype == "bfloat16" else False,
             )
             print(f"collected {name} ({dtype}) in {time.perf_counter() - started:.1f} s", flush=True)
     layout = model.layout
-    out = {"model": str(model_dir), "samples": {n: len(t) for n, t in tasks.items()}, "factors": args.factors, "qkov": {}, "conflicts": {}}
+    out = {"model": str(model_dir), "samples": {n: len(t) for n, t in tasks.items()}, "factors": factors, "qkov": {}, "conflicts": {}}
     for a, b in itertools.permutations(tasks, 2):
         ref = qkov.heatmap(fishers["float32", a], fishers["float32", b], layout)
         low = qkov.heatmap(fishers["bfloat16", a], fishers["bfloat16", b], layout)
