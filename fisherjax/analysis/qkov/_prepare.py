@@ -212,8 +212,10 @@ def warn_if_rounded(samples: SampleGrads, name: str, paths: Sequence[str], varia
     """Warn where a task's kept gradients (or token factors) that ``variant`` reads are stored
     below float32 and :data:`ROUNDING_HARMS` says what that does to it: bfloat16 keeps 8 bits, so
     each gradient moves by about 2⁻⁹ of its norm in every direction."""
+    if variant not in ROUNDING_HARMS:
+        return
     rounded = sorted({str(d) for d in (stored_dtype(samples.grads[p]) for p in paths) if d.itemsize < 4})
-    if rounded and variant in ROUNDING_HARMS:
+    if rounded:
         warnings.warn(f"qkov {variant}: task {name!r} keeps its gradients in {', '.join(rounded)}; {ROUNDING_HARMS[variant]}: keep "
                       "float32 (--sample-grads-dtype float32, CollectOptions(sample_grads_dtype='float32'))", stacklevel=4)
 
@@ -248,9 +250,8 @@ def prepare(task_a: TaskFisher | SampleGrads, task_b: TaskFisher | SampleGrads, 
     a_side = "grads" if score.variant == "signed" else "contributions"
     _check_paths(getattr(a, a_side), paths, a_side, name_a, score.include_bias)
     check_partner(b, name_b, paths, score)
-    if score.variant == "signed":  # both sides read g
-        for samples, name in ((a, name_a), (b, name_b)):
-            warn_if_rounded(samples, name, paths, score.variant)
+    for samples, name in ((a, name_a), (b, name_b)):  # the signed variant reads g on both sides
+        warn_if_rounded(samples, name, paths, score.variant)
     n_a = len(a) if a_rows is None else len(a_rows)
     used = _pooled(score, n_a, len(b), (name_a, name_b))
     for use, samples, name in zip(used, (a, b), (name_a, name_b)):
