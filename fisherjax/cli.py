@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--mode", choices=MODES, default=d.mode, help=f"accumulation (default {d.mode})")
     a.add_argument("--sample-grads-dtype", "--contribution-dtype", dest="sample_grads_dtype", choices=tuple(STORAGE_DTYPES),
                    default=d.sample_grads_dtype, help="storage dtype of the kept per-sample gradients (default bfloat16; float32 with "
-                   "the signed --qkov-variant signed and kfac, whose scores bfloat16's rounding moves more)")
+                   "--qkov-variant signed or kfac, whose scores bfloat16's rounding moves more)")
     a.add_argument("--sample-grads-form", choices=SAMPLE_GRADS_FORMS, default=d.sample_grads_form,
                    help="keep each attention kernel's per-sample gradients as they are, or as their token factors (inputs and "
                         "output gradients, formed again where Phases 5 and 6 read them): 'auto' keeps factors where they take "
