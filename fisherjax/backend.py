@@ -16,6 +16,7 @@ choice                           CPU                         GPU / TPU
 :func:`start_host_copy`          ``copy_to_host_async``      into pinned host memory
 :func:`vocabulary_sums_by_dot`   a GEMV                      the fused reduction
 :func:`settings_per_pass`        one                         all that fit the budget
+:func:`rows_per_pass`            at most a run's batch       all that fit the budget
 :func:`scored_positions_per_chunk`  128 positions            1024 positions
 :func:`with_compiler_flags`      elemental fusion emitters   (XLA:CPU flag only)
 :func:`looped_compiler_options`  MLIR fusion emitters        (XLA:CPU option only)
@@ -137,6 +138,13 @@ def settings_per_pass(fits: int) -> int:
     setting that runs alone starts at its own layer (:func:`fisherjax.heads.ablate_heads`), all
     that fit on an accelerator, whose GEMMs want more rows than one batch gives."""
     return 1 if is_cpu() else max(int(fits), 1)
+
+
+def rows_per_pass(fits: int, batch_rows: int) -> int:
+    """Samples a forward-only pass takes at once (the head-pruning experiment's), given how many
+    ``fits`` the memory budget: on a CPU at most ``batch_rows`` (a batch of the run's, whose GEMMs
+    already use every core: larger passes ran slower there), all that fit on an accelerator."""
+    return max(1, min(int(fits), int(batch_rows))) if is_cpu() else max(int(fits), 1)
 
 
 def qkov_contraction(choice: str = "auto") -> str:

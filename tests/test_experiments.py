@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import compilations, random_task, tiny_config
-from fisherjax import Model
+from fisherjax import Model, backend
 from fisherjax.analysis import experiments, masks
 from fisherjax.data import batches, task_from_tokens
 from fisherjax.errors import ConfigError
@@ -143,10 +143,10 @@ def test_loss_before_from_phase_one_equals_the_unmasked_evaluation(model, collec
         np.testing.assert_allclose(r["loss_before"], reference_loss(model, model.params, tasks[name], ids), rtol=1e-5)
 
 
-def test_batched_masks_give_the_losses_of_one_mask_at_a_time(model, collected):
+def test_batched_masks_give_the_losses_of_one_mask_at_a_time(model, collected, monkeypatch):
     """``masked_loss_sums`` with 1, 3 (a remainder) or all 7 masks per pass against a plain loop of
     ``sample_losses`` on ``apply_mask``-ed parameters; and the experiment's Fisher-mask losses
-    against the same reference, at any memory budget."""
+    against the same reference, at any memory budget and in a CPU's or an accelerator's pass shape."""
     tasks, task_batches, fishers = collected
     rng = np.random.default_rng(0)
     keeps = rng.random((7, 2, 4)) > 0.4
@@ -156,7 +156,11 @@ def test_batched_masks_give_the_losses_of_one_mask_at_a_time(model, collected):
         sums = experiments.masked_loss_sums(model, model.params, keeps, b.input_ids, b.attention_mask, b.labels, masks_per_pass=per_pass)
         np.testing.assert_allclose(np.asarray(sums), reference, rtol=1e-5)
     result = experiments.head_pruning_experiment(model, model.params, task_batches, fishers, n_random=3, seed=0, samples=5)
-    assert result["masks_per_pass"] == 5  # 2 Fisher masks + 3 random ones in one pass
+    assert result["masks_per_pass"] == 1 and result["rows_per_batch"] == 3  # a CPU: one mask, 5 rows in batches of ≤ 4
+    with monkeypatch.context() as accelerator:
+        accelerator.setattr(backend, "is_cpu", lambda: False)
+        wide = experiments.head_pruning_experiment(model, model.params, task_batches, fishers, n_random=3, seed=0, samples=5)
+    assert wide["masks_per_pass"] == 5 and wide["rows_per_batch"] == 5  # 2 Fisher masks + 3 random ones, every row
     tight = experiments.head_pruning_experiment(model, model.params, task_batches, fishers, n_random=3, seed=0, samples=5,
                                                 memory_budget_bytes=1.0)
     assert tight["masks_per_pass"] == 1 and tight["rows_per_batch"] == 1
@@ -167,6 +171,7 @@ def test_batched_masks_give_the_losses_of_one_mask_at_a_time(model, collected):
         np.testing.assert_allclose(r["loss_fisher"], reference_loss(model, masked_params(model, keep), tasks[name], r["sample_ids"]), rtol=1e-5)
         for key in ("loss_before", "loss_fisher", "loss_random"):
             np.testing.assert_allclose(tight["tasks"][name][key], r[key], rtol=1e-5)
+            np.testing.assert_allclose(wide["tasks"][name][key], r[key], rtol=1e-5)
     report = masks_report.section(fishers, model.layout, sparsities=(0.5,), parameter_masks=None, experiment=result,
                                   head_masks={t: [masks.structured_mask(f, model.layout, 0.5)] for t, f in fishers.items()})
     assert "a: 5 of 10 samples; b: 5 of 12 samples" in report.json["head_pruning"]["subsample"]

@@ -228,3 +228,22 @@ def test_forward_scores_equal_scores_of_the_full_pass(model, side):
     real = b.attention_mask.astype(bool)
     hidden = model.hidden(model.params, b.input_ids, b.attention_mask)
     np.testing.assert_allclose(np.asarray(model.unembed(model.params, hidden))[real], np.asarray(logits)[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_scoring_bytes_bound_the_compiled_forward_scores(family):
+    """``scoring_bytes`` is at least XLA's temporaries of a compiled ``forward_scores`` pass and at
+    most twice them, for a vocabulary small or large beside the activations: the logits count once
+    a pass, not once a row (which would take 4 · rows · seq · vocab bytes)."""
+    from fisherjax.grads import forward_scores, scoring_bytes
+
+    seq = 64
+    for vocab in (512, 4096):
+        config = tiny_config(family, vocab_size=vocab)
+        model = Model.abstract(config)
+        for rows in (2, 8, 32):
+            ids = jax.ShapeDtypeStruct((rows, seq), jnp.int32)
+            scores = jax.jit(lambda p, i, m, y: forward_scores(model, p, i, m, y, matches=False)[1])
+            temporaries = scores.lower(model.params, ids, ids, ids).compile().memory_analysis().temp_size_in_bytes
+            estimate = scoring_bytes(config, rows, seq)
+            assert temporaries <= estimate <= 2 * temporaries, (vocab, rows, temporaries, estimate)

@@ -17,12 +17,13 @@ import jax
 import numpy as np
 from jaxtyping import PyTree
 
+from fisherjax import backend
 from fisherjax.analysis.masks import apply_mask, keep_matrix, mask_tree, structured_mask
 from fisherjax.data import IGNORE, Batch, bucket_length, num_active_tokens
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.options import attention_paths
 from fisherjax.fisher.state import TaskFisher
-from fisherjax.grads import forward_scores
+from fisherjax.grads import forward_scores, scoring_bytes
 from fisherjax.layout import flatten
 from fisherjax.models.model import model_jit
 
@@ -135,29 +136,25 @@ def phase1_loss(fisher: TaskFisher, rows: Rows) -> float | None:
 # ---- many masks per pass --------------------------------------------------------------------------
 
 
-def forward_bytes_per_row(config, seq: int) -> int:
-    """Device memory of one sample's forward pass and loss, an estimate:
-    ``4 · seq · (2·vocab + 8·d_model + 2·d_ff + heads·seq)`` bytes (logits and their float32 loss,
-    one layer's activations and attention scores)."""
-    return 4 * seq * (2 * config.vocab_size + 8 * config.hidden_size + 2 * config.intermediate_size + config.num_heads * seq)
-
-
-def pass_shape(model, params, n_samples: int, n_masks: int, seq: int, budget_bytes: float) -> tuple[int, int]:
+def pass_shape(model, params, n_samples: int, n_masks: int, seq: int, budget_bytes: float, batch_rows: int) -> tuple[int, int]:
     """``(rows_per_batch, masks_per_pass)`` for evaluating ``n_masks`` masks on ``n_samples``
     samples of ``seq`` positions within ``budget_bytes``.
 
-    A pass holds ``masks_per_pass × (rows_per_batch · forward_bytes_per_row + A)`` bytes, ``A``
-    the bytes of one masked copy of the attention parameters. Rows: the samples in as few batches
-    as fit the budget at one mask per pass, split evenly (``⌈n / ⌈n / fit⌉⌉``); masks: as many as
-    then fit (at least 1, at most ``n_masks``).
+    A pass holds ``masks_per_pass × (scoring_bytes(rows_per_batch, seq) + A)`` bytes
+    (:func:`~fisherjax.grads.scoring_bytes`), ``A`` the bytes of one masked copy of the attention
+    parameters. Rows: as many as fit the budget at one mask per pass, on a CPU at most
+    ``batch_rows`` (:func:`fisherjax.backend.rows_per_pass`), the samples then split evenly in as
+    few batches (``⌈n / ⌈n / fit⌉⌉``); masks: :func:`fisherjax.backend.settings_per_pass` of as
+    many as then fit (at least 1, at most ``n_masks``).
     """
-    per_row = forward_bytes_per_row(model.config, seq)
+    config = model.config
     flat = flatten(params)
     attention = sum(int(np.size(flat[p])) * np.dtype(flat[p].dtype).itemsize for p in attention_paths(model.layout))
-    fit = max(1, int((budget_bytes - attention) // per_row))
+    fixed = scoring_bytes(config, 0, seq) + attention
+    per_row = scoring_bytes(config, 1, seq) - scoring_bytes(config, 0, seq)
+    fit = backend.rows_per_pass(max(1, int((budget_bytes - fixed) // per_row)), batch_rows)
     rows = -(-n_samples // -(-n_samples // fit))
-    masks = int(max(1, min(n_masks, budget_bytes // (rows * per_row + attention))))
-    return rows, masks
+    return rows, backend.settings_per_pass(min(n_masks, budget_bytes // (rows * per_row + fixed)))
 
 
 @model_jit(static_argnames=("model", "unit", "masks_per_pass"))
@@ -231,10 +228,10 @@ def head_pruning_experiment(
         in the same passes — e.g. masks by behavioural category
         (:func:`~fisherjax.analysis.masks.category_mask`'s ``keep``); each task's ``loss_extra``
         maps their names to its loss.
-      memory_budget_bytes: device memory a pass may use (:func:`pass_shape`). The default, 1 GB, is
-        about one mask of 16 rows at 128 positions and a 50k vocabulary: the passes are bound by the
-        unembedding's FLOPs, so more masks per pass bought no time on a CPU and took the run's peak
-        memory (4 GB budget: 4.8 GB peak for a 4-layer d=256 model, RESULTS.md).
+      memory_budget_bytes: device memory a pass may use (:func:`pass_shape`). The default, 1 GB,
+        holds one mask of a hundred rows of GPT-2 small at 128 positions; on a CPU a pass takes
+        one mask and at most a batch of ``task_batches``' rows whatever the budget, since more
+        bought no time there and took the run's peak memory (RESULTS.md).
 
     Returns:
       JSON-ready dict: ``n_units``, ``n_pruned``, ``samples``, ``rows_per_batch``,
@@ -283,7 +280,8 @@ def head_pruning_experiment(
         seq[task] = min(bucket_length(int(chosen[task].span.max())), widest)
     n_masks = len(pruning) + any(b is None for b in before.values())
     rows_per_batch, masks_per_pass = pass_shape(
-        model, params, max(len(c.sample_ids) for c in chosen.values()), n_masks, max(seq.values()), memory_budget_bytes
+        model, params, max(len(c.sample_ids) for c in chosen.values()), n_masks, max(seq.values()), memory_budget_bytes,
+        max(np.shape(b.input_ids)[0] for t in names for b in task_batches[t]),
     )
 
     tasks, cross = {}, {t: {} for t in names}

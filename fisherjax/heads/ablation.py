@@ -32,7 +32,7 @@ from jaxtyping import Array, Float
 from fisherjax import backend
 from fisherjax.data import Batch, predicted_labels
 from fisherjax.errors import DataError
-from fisherjax.grads import chunk_size_for, hidden_scores
+from fisherjax.grads import chunk_size_for, hidden_scores, scoring_bytes
 from fisherjax.heads.importance import o_kernel_path
 from fisherjax.layout import ModelLayout, flatten, unflatten
 from fisherjax.models.model import model_jit
@@ -130,7 +130,7 @@ def ablate_heads(
         of every batch); the others get NaN.
       heads_per_pass: gate settings evaluated at once, each holding one forward pass of the batch;
         by default :func:`fisherjax.backend.settings_per_pass` of as many as fit
-        ``memory_budget_bytes`` (estimated from the logits and the widest activations of a batch):
+        ``memory_budget_bytes`` (each a :func:`~fisherjax.grads.scoring_bytes` pass of the batch):
         one on a CPU.
 
     Returns:
@@ -144,7 +144,7 @@ def ablate_heads(
     rows = 0
     for batch in batches:
         b, seq = np.shape(batch.input_ids)
-        per_setting = 4.0 * b * seq * (3 * cfg.vocab_size + 4 * cfg.hidden_size + 2 * cfg.intermediate_size)
+        per_setting = scoring_bytes(cfg, b, seq)
         chunk = heads_per_pass or backend.settings_per_pass(chunk_size_for(memory_budget_bytes, per_setting, max(len(layers), 1)))
         chunked, starts = _chunked_settings(gates[1:], layers, chunk)
         sums = _ablation_sums(model, params, batch.input_ids, batch.attention_mask, batch.labels, batch.sample_ids,
