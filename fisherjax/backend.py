@@ -5,25 +5,25 @@ XLA:CPU (small pieces that stay in cache, read host memory in place, run on seve
 Every such choice asks this module, so a reader finds all of them here and a test can see them
 side by side:
 
-===============================  ==========================  ==============================
-choice                           CPU                         GPU / TPU
-===============================  ==========================  ==============================
-:func:`sample_loop`              loop over (sample, layer)   one ``vmap``
-:func:`qkov_contraction`         ``"looped"``                ``"batched"``
-:func:`pallas_interpret`         interpret mode              Triton (GPU) / interpret (TPU)
-:func:`map_groups`               ``lax.map`` over groups     one batched ``einsum``
-:func:`reads_in_place`           aligned host arrays         never (device memory)
-:func:`start_host_copy`          ``copy_to_host_async``      into pinned host memory
-:func:`vocabulary_sums_by_dot`   a GEMV                      the fused reduction
-:func:`settings_per_pass`        one                         all that fit the budget
-:func:`rows_per_pass`            at most a run's batch       all that fit the budget
-:func:`scored_positions_per_chunk`  128 positions            1024 positions
-:func:`with_compiler_flags`      elemental fusion emitters   (XLA:CPU flag only)
-:func:`looped_compiler_options`  MLIR fusion emitters        (XLA:CPU option only)
-:func:`tile_budget_bytes`        the default, less if tight  a share of the free memory
-:func:`host_work_budget`         a share of the host's       the default
-:func:`buffers_on_host`          freed memory reused         (device memory: unchanged)
-===============================  ==========================  ==============================
+==================================  ==========================  ==============================
+choice                              CPU                         GPU / TPU
+==================================  ==========================  ==============================
+:func:`sample_loop`                 loop over (sample, layer)   one ``vmap``
+:func:`qkov_contraction`            ``"looped"``                ``"batched"``
+:func:`pallas_interpret`            interpret mode              Triton (GPU) / interpret (TPU)
+:func:`map_groups`                  ``lax.map`` over groups     one batched ``einsum``
+:func:`reads_in_place`              aligned host arrays         never (device memory)
+:func:`start_host_copy`             ``copy_to_host_async``      into pinned host memory
+:func:`vocabulary_sums_by_dot`      a GEMV                      the fused reduction
+:func:`settings_per_pass`           one                         all that fit the budget
+:func:`rows_per_pass`               at most a run's batch       all that fit the budget
+:func:`scored_positions_per_chunk`  128 positions               1024 positions
+:func:`with_compiler_flags`         elemental fusion emitters   (XLA:CPU flag only)
+:func:`looped_compiler_options`     MLIR fusion emitters        (XLA:CPU option only)
+:func:`working_budget_bytes`        the default, less if tight  a share of the free memory
+:func:`host_work_budget`            a share of the host's       the default
+:func:`buffers_on_host`             freed memory reused         (device memory: unchanged)
+==================================  ==========================  ==============================
 
 The reasons, with their measurements, are in ``docs/DECISIONS.md`` and
 ``benchmarks/RESULTS.md``. Host work in numpy goes to every core through :func:`on_host_cores`.
@@ -224,9 +224,10 @@ def available_memory_bytes() -> int | None:
     return host_available_bytes()
 
 
-DEVICE_TILE_SHARE = 0.5
-"""Share of an accelerator's free memory a pair phase's tiles may take by default
-(:func:`tile_budget_bytes`); the rest is left to XLA's temporaries and the arrays of the run."""
+DEVICE_WORKING_SHARE = 0.5
+"""Share of an accelerator's free memory a phase's working pieces (a pair phase's tiles, a
+forward-only pass) may take by default (:func:`working_budget_bytes`); the rest is left to XLA's
+temporaries and the arrays of the run."""
 
 HOST_WORK_SHARE = 0.25
 """Share of the host memory available when a pair phase starts that its working arrays may take
@@ -245,18 +246,21 @@ def host_work_budget(default: float, available: float | None = None) -> float:
     return float(default) if free is None or not np.isfinite(free) else min(float(default), HOST_WORK_SHARE * free)
 
 
-def tile_budget_bytes(cpu_bytes: float) -> float:
-    """The memory a QK-OV tile may take when the options give none: on a CPU ``cpu_bytes`` (a
-    bound: the looped kernel walks its tile in cache-sized pieces, so more buys nothing and holds
-    host memory) or less where the host has little left (:func:`host_work_budget`), and on an
-    accelerator :data:`DEVICE_TILE_SHARE` of its free memory (:func:`available_memory_bytes`),
-    at least ``cpu_bytes``. A 2 GB tile holds one sample of a 7B model's attention gradients per
-    layer, so every tile would form task B's kept token factors again: the accelerator's memory
-    is what keeps a tile's samples many."""
+def working_budget_bytes(cpu_bytes: float) -> float:
+    """The memory a piece of work may take when its options give none — a QK-OV tile, a
+    forward-only pass of the head-pruning experiment or of the single-head ablation: on a CPU
+    ``cpu_bytes`` (a bound: the looped kernel walks its tile in cache-sized pieces and a forward
+    pass takes one mask and a batch of rows there, so more buys nothing and holds host memory)
+    or less where the host has little left (:func:`host_work_budget`), and on an accelerator
+    :data:`DEVICE_WORKING_SHARE` of its free memory (:func:`available_memory_bytes`), at least
+    ``cpu_bytes``. A 2 GB tile holds one sample of a 7B model's attention gradients per layer, so
+    every tile would form task B's kept token factors again, and 1 GB holds less than one masked
+    copy of its attention parameters: the accelerator's memory is what keeps a piece's samples
+    and masks many."""
     if is_cpu():
         return host_work_budget(cpu_bytes)
     free = available_memory_bytes()
-    return float(cpu_bytes) if free is None else max(float(cpu_bytes), DEVICE_TILE_SHARE * free)
+    return float(cpu_bytes) if free is None else max(float(cpu_bytes), DEVICE_WORKING_SHARE * free)
 
 
 def stages_reads() -> bool:

@@ -176,6 +176,12 @@ def forward_scores(
     return hidden_scores(lambda h: model.unembed(params, h), hidden, labels, matches=matches)
 
 
+SCORING_BUDGET_BYTES = 1e9
+"""What forward-only scoring passes (the head-pruning experiment's, the single-head ablation's) may
+hold on a CPU, and at least on an accelerator (:func:`fisherjax.backend.working_budget_bytes`):
+one mask of a hundred rows of GPT-2 small at 128 positions (:func:`scoring_bytes`)."""
+
+
 def scoring_bytes(config, rows: int, seq: int) -> int:
     """Device memory of one :func:`forward_scores` pass over ``[rows, seq]``, an estimate:
     ``4 · rows · seq · (8·d_model + 2·d_ff + 2·heads·seq)`` (one layer's activations, attention

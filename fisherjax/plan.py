@@ -488,10 +488,10 @@ def qkov_bytes_read(sample_reads: float, layout: ModelLayout, include_bias: bool
 def qkov_kernel(device_memory_bytes: float, parameter_bytes: float) -> qkov.KernelOptions:
     """The QK-OV kernel of a planned run on accelerators of ``device_memory_bytes`` each, holding
     ``parameter_bytes`` of the model: the batched contraction (:func:`fisherjax.backend.qkov_contraction`
-    on a GPU or TPU) and the tile budget :func:`fisherjax.backend.tile_budget_bytes` gives there,
-    :data:`~fisherjax.backend.DEVICE_TILE_SHARE` of what the parameters leave of the fitting limit."""
+    on a GPU or TPU) and the tile budget :func:`fisherjax.backend.working_budget_bytes` gives there,
+    :data:`~fisherjax.backend.DEVICE_WORKING_SHARE` of what the parameters leave of the fitting limit."""
     free = max(SAFETY * device_memory_bytes - parameter_bytes, 0.0)
-    return qkov.KernelOptions(contraction="batched", memory_budget_bytes=max(CPU_BUDGET_BYTES, backend.DEVICE_TILE_SHARE * free))
+    return qkov.KernelOptions(contraction="batched", memory_budget_bytes=max(CPU_BUDGET_BYTES, backend.DEVICE_WORKING_SHARE * free))
 
 
 def reference_grams(conflicts: ConflictOptions) -> int:

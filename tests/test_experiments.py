@@ -226,3 +226,29 @@ def test_gathered_rows_are_the_samples_right_padded_to_the_trimmed_length():
         expected = make_batch([task.examples[i] for i in (2, 3, 8)], 4, 16)
         for field in ("input_ids", "attention_mask", "labels", "sample_ids"):
             np.testing.assert_array_equal(np.concatenate([getattr(b, field) for b in gathered]), getattr(expected, field), err_msg=field)
+
+
+def test_an_accelerator_sizes_the_scoring_passes_by_its_free_memory(model, collected, monkeypatch):
+    """Without a memory budget, the head-pruning experiment's and the single-head ablation's passes
+    may take half an accelerator's free memory (``backend.working_budget_bytes``), and
+    ``SCORING_BUDGET_BYTES`` (or less, on a host short of memory) on a CPU."""
+    from fisherjax.grads import SCORING_BUDGET_BYTES
+    from fisherjax.heads import ablation
+
+    tasks, task_batches, fishers = collected
+    budgets = []
+    shape, chunk = experiments.pass_shape, ablation.chunk_size_for
+    monkeypatch.setattr(experiments, "pass_shape", lambda *args: budgets.append(args[5]) or shape(*args))
+    monkeypatch.setattr(ablation, "chunk_size_for", lambda budget, *args: budgets.append(budget) or chunk(budget, *args))
+
+    def run():
+        experiments.head_pruning_experiment(model, model.params, task_batches, fishers, n_random=3, samples=5)
+        ablation.ablate_heads(model, model.params, task_batches["b"][:1])
+
+    run()
+    on_cpu = backend.working_budget_bytes(SCORING_BUDGET_BYTES)
+    assert 0 < on_cpu <= SCORING_BUDGET_BYTES
+    monkeypatch.setattr(backend, "is_cpu", lambda: False)
+    monkeypatch.setattr(backend, "available_memory_bytes", lambda: 64e9)
+    run()
+    assert budgets == [on_cpu, on_cpu, 32e9, 32e9]

@@ -23,7 +23,7 @@ from fisherjax.data import IGNORE, Batch, bucket_length, num_active_tokens
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.options import attention_paths
 from fisherjax.fisher.state import TaskFisher
-from fisherjax.grads import forward_scores, scoring_bytes
+from fisherjax.grads import SCORING_BUDGET_BYTES, forward_scores, scoring_bytes
 from fisherjax.layout import flatten
 from fisherjax.models.model import model_jit
 
@@ -191,7 +191,7 @@ def head_pruning_experiment(
     scope: str = "global",
     criterion: str = "fisher",
     samples: int | None = DEFAULT_SAMPLES,
-    memory_budget_bytes: float = 1e9,
+    memory_budget_bytes: float | None = None,
     extra_masks: Mapping[str, np.ndarray] | None = None,
 ) -> dict:
     """Each task's loss before pruning, after Fisher-guided pruning and after random pruning, on a
@@ -228,10 +228,11 @@ def head_pruning_experiment(
         in the same passes — e.g. masks by behavioural category
         (:func:`~fisherjax.analysis.masks.category_mask`'s ``keep``); each task's ``loss_extra``
         maps their names to its loss.
-      memory_budget_bytes: device memory a pass may use (:func:`pass_shape`). The default, 1 GB,
-        holds one mask of a hundred rows of GPT-2 small at 128 positions; on a CPU a pass takes
-        one mask and at most a batch of ``task_batches``' rows whatever the budget, since more
-        bought no time there and took the run's peak memory (RESULTS.md).
+      memory_budget_bytes: device memory a pass may use (:func:`pass_shape`); None:
+        :func:`fisherjax.backend.working_budget_bytes` of :data:`~fisherjax.grads.SCORING_BUDGET_BYTES`, half the free
+        memory of an accelerator. On a CPU a pass takes one mask and at most a batch of
+        ``task_batches``' rows whatever the budget, since more bought no time there and took the
+        run's peak memory (RESULTS.md).
 
     Returns:
       JSON-ready dict: ``n_units``, ``n_pruned``, ``samples``, ``rows_per_batch``,
@@ -279,8 +280,9 @@ def head_pruning_experiment(
         widest = max(np.shape(b.input_ids)[1] for b in task_batches[task])
         seq[task] = min(bucket_length(int(chosen[task].span.max())), widest)
     n_masks = len(pruning) + any(b is None for b in before.values())
+    budget = backend.working_budget_bytes(SCORING_BUDGET_BYTES) if memory_budget_bytes is None else memory_budget_bytes
     rows_per_batch, masks_per_pass = pass_shape(
-        model, params, max(len(c.sample_ids) for c in chosen.values()), n_masks, max(seq.values()), memory_budget_bytes,
+        model, params, max(len(c.sample_ids) for c in chosen.values()), n_masks, max(seq.values()), budget,
         max(np.shape(b.input_ids)[0] for t in names for b in task_batches[t]),
     )
 

@@ -32,7 +32,7 @@ from jaxtyping import Array, Float
 from fisherjax import backend
 from fisherjax.data import Batch, predicted_labels
 from fisherjax.errors import DataError
-from fisherjax.grads import chunk_size_for, hidden_scores, scoring_bytes
+from fisherjax.grads import SCORING_BUDGET_BYTES, chunk_size_for, hidden_scores, scoring_bytes
 from fisherjax.heads.importance import o_kernel_path
 from fisherjax.layout import ModelLayout, flatten, unflatten
 from fisherjax.models.model import model_jit
@@ -118,7 +118,7 @@ def _chunked_settings(gates: np.ndarray, layers: np.ndarray, chunk: int) -> tupl
 
 def ablate_heads(
     model, params, batches: Iterable[Batch], *, heads: np.ndarray | None = None, heads_per_pass: int | None = None,
-    memory_budget_bytes: float = 2e9,
+    memory_budget_bytes: float | None = None,
 ) -> HeadAblation:
     """Loss per token and exact-match accuracy of a task with every single head zeroed in turn.
 
@@ -130,8 +130,10 @@ def ablate_heads(
         of every batch); the others get NaN.
       heads_per_pass: gate settings evaluated at once, each holding one forward pass of the batch;
         by default :func:`fisherjax.backend.settings_per_pass` of as many as fit
-        ``memory_budget_bytes`` (each a :func:`~fisherjax.grads.scoring_bytes` pass of the batch):
-        one on a CPU.
+        ``memory_budget_bytes`` (each a :func:`~fisherjax.grads.scoring_bytes` pass of the batch;
+        None: :func:`fisherjax.backend.working_budget_bytes` of
+        :data:`~fisherjax.grads.SCORING_BUDGET_BYTES`, half the free memory of an accelerator): one
+        on a CPU.
 
     Returns:
       :class:`HeadAblation` (sums kept in float64 across batches).
@@ -142,10 +144,11 @@ def ablate_heads(
     cfg = model.config
     totals = np.zeros((gates.shape[0], 3))
     rows = 0
+    budget = backend.working_budget_bytes(SCORING_BUDGET_BYTES) if memory_budget_bytes is None else memory_budget_bytes
     for batch in batches:
         b, seq = np.shape(batch.input_ids)
         per_setting = scoring_bytes(cfg, b, seq)
-        chunk = heads_per_pass or backend.settings_per_pass(chunk_size_for(memory_budget_bytes, per_setting, max(len(layers), 1)))
+        chunk = heads_per_pass or backend.settings_per_pass(chunk_size_for(budget, per_setting, max(len(layers), 1)))
         chunked, starts = _chunked_settings(gates[1:], layers, chunk)
         sums = _ablation_sums(model, params, batch.input_ids, batch.attention_mask, batch.labels, batch.sample_ids,
                               chunked, starts, chunk)

@@ -102,7 +102,7 @@ class KernelOptions(Options):
         block's where a tile has fewer layers); ``None``: :func:`fisherjax.backend.available_cores`.
       memory_budget_bytes: bound on the arrays one tile puts on the device
         (:func:`~fisherjax.analysis.qkov.tile_plan`); ``None``: :data:`CPU_BUDGET_BYTES` on a CPU,
-        half the free memory of an accelerator (:func:`fisherjax.backend.tile_budget_bytes`).
+        half the free memory of an accelerator (:func:`fisherjax.backend.working_budget_bytes`).
     """
 
     precision: str = "highest"
@@ -124,8 +124,8 @@ class KernelOptions(Options):
 
     def budget_bytes(self) -> float:
         """:attr:`memory_budget_bytes`, or where it is None the backend's
-        (:func:`fisherjax.backend.tile_budget_bytes` of :data:`CPU_BUDGET_BYTES`)."""
-        return backend.tile_budget_bytes(CPU_BUDGET_BYTES) if self.memory_budget_bytes is None else float(self.memory_budget_bytes)
+        (:func:`fisherjax.backend.working_budget_bytes` of :data:`CPU_BUDGET_BYTES`)."""
+        return backend.working_budget_bytes(CPU_BUDGET_BYTES) if self.memory_budget_bytes is None else float(self.memory_budget_bytes)
 
 
 
