@@ -185,9 +185,9 @@ one mask of a hundred rows of GPT-2 small at 128 positions (:func:`scoring_bytes
 def scoring_bytes(config, rows: int, seq: int) -> int:
     """Device memory of one :func:`forward_scores` pass over ``[rows, seq]``, an estimate:
     ``4 · rows · seq · (8·d_model + 2·d_ff + 2·heads·seq)`` (one layer's activations, attention
-    scores and probabilities) plus ``8 · chunk · vocab`` (one tile of float32 logits and their reductions, ``chunk``
-    = :func:`fisherjax.backend.scored_positions_per_chunk`): the ``[rows, seq, vocab]`` logits
-    never exist, so the vocabulary counts once per pass, not per row."""
+    scores and probabilities) plus ``8 · chunk · vocab`` (one tile of float32 logits and their
+    reductions, ``chunk`` = :func:`fisherjax.backend.scored_positions_per_chunk`): the ``[rows,
+    seq, vocab]`` logits never exist, so the vocabulary counts once a pass, not once a row."""
     per_row = 4 * seq * (8 * config.hidden_size + 2 * config.intermediate_size + 2 * config.num_heads * seq)
     return rows * per_row + 8 * backend.scored_positions_per_chunk() * config.vocab_size
 

@@ -229,10 +229,10 @@ def head_pruning_experiment(
         (:func:`~fisherjax.analysis.masks.category_mask`'s ``keep``); each task's ``loss_extra``
         maps their names to its loss.
       memory_budget_bytes: device memory a pass may use (:func:`pass_shape`); None:
-        :func:`fisherjax.backend.working_budget_bytes` of :data:`~fisherjax.grads.SCORING_BUDGET_BYTES`, half the free
-        memory of an accelerator. On a CPU a pass takes one mask and at most a batch of
-        ``task_batches``' rows whatever the budget, since more bought no time there and took the
-        run's peak memory (RESULTS.md).
+        :func:`fisherjax.backend.working_budget_bytes` of
+        :data:`~fisherjax.grads.SCORING_BUDGET_BYTES`, half the free memory of an accelerator. On a
+        CPU a pass takes one mask and at most a batch of ``task_batches``' rows whatever the
+        budget, since more bought no time there and took the run's peak memory (RESULTS.md).
 
     Returns:
       JSON-ready dict: ``n_units``, ``n_pruned``, ``samples``, ``rows_per_batch``,
