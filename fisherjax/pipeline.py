@@ -392,10 +392,13 @@ def phase_curvature(ctx: Context, out: Path) -> report.Section:
         return curvature_report.skipped(f"the model has {model.num_params:,} parameters, more than {CURVATURE_AUTO_PARAMETERS:,}; "
                                         "pass --curvature to compare the Fisher methods anyway")
     tokens, sample_tokens = compare.pass_tokens(chosen)
-    need = compare.peak_bytes(model, k, n=n, sample_grads_dtype=dtype, tokens=tokens, seq_len=sample_tokens)
-    least = compare.least_bytes(model, k, n=n, sample_grads_dtype=dtype, tokens=tokens, sample_tokens=sample_tokens)
     free = backend.available_memory_bytes()
-    why = curvature_skip(model.num_params, need, free, config.curvature, least)
+    surely = compare.peak_bytes(model, k, n=n, sample_grads_dtype=dtype, tokens=tokens, seq_len=sample_tokens, bound=True)
+    why = curvature_skip(model.num_params, surely, free, config.curvature)  # runs at the bound: no pass compiled to measure it
+    if why is not None:
+        need = compare.peak_bytes(model, k, n=n, sample_grads_dtype=dtype, tokens=tokens, seq_len=sample_tokens)
+        least = compare.least_bytes(model, k, n=n, sample_grads_dtype=dtype, tokens=tokens, sample_tokens=sample_tokens)
+        why = curvature_skip(model.num_params, need, free, config.curvature, least)
     if why is not None:
         largest = compare.basis_bytes(model.num_params, k, n=n, sample_grads_dtype=dtype)
         gram = compare.from_gram(model.num_params, k, n)

@@ -464,3 +464,24 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("fisherjax: error:")
     assert ("--samples" if case == "samples" else str(tmp_path / "nowhere") if case == "missing dir" else str(file)) in err
+
+
+@pytest.mark.parametrize("family", FAST_FAMILIES)
+def test_the_temporaries_bound_is_above_what_xla_says(family, monkeypatch):
+    """``lowrank.temporaries_bound`` is at least XLA's temporaries of a sample's gradient pass
+    (``lowrank.pass_temporaries``), short and long, and a comparison that fits at the bound is
+    held whole without a pass compiled to measure it."""
+    from conftest import tiny_config
+    from fisherjax.curvature import compare, lowrank
+
+    model = Model.abstract(tiny_config(family, vocab_size=300, max_position_embeddings=128))
+    for seq in (16, 128):
+        assert lowrank.pass_temporaries(model, 1, seq) <= lowrank.temporaries_bound(model, 1, seq)
+    other = Model.abstract(tiny_config(family, vocab_size=301, max_position_embeddings=128))  # nothing measured for it yet
+    measured, original = [], lowrank.pass_temporaries
+    monkeypatch.setattr(lowrank, "pass_temporaries", lambda *args: measured.append(args) or original(*args))
+    bound = compare.peak_bytes(other, 4, n=8, tokens=8 * 64, seq_len=64, bound=True)
+    assert not measured and bound >= compare.peak_bytes(other, 4, n=8, tokens=8 * 64, seq_len=64)
+    measured.clear()
+    assert compare.gram_slices(other, 8, "float32", bound, 8 * 64, 64) is None and not measured  # fits at the bound
+    assert compare.gram_slices(other, 8, "float32", bound - 1, 8 * 64, 64) is None and measured  # measured, and fits

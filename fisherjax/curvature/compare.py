@@ -172,18 +172,20 @@ widest kernels) held up to 6 % more in XLA's memory analysis of GPT-2 small, Qwe
 Llama-7B (``benchmarks/pass_memory.py``, RESULTS.md, twenty-ninth session)."""
 
 
-def working_bytes(model, tokens: int, seq_len: int | None = None) -> int:
+def working_bytes(model, tokens: int, seq_len: int | None = None, *, bound: bool = False) -> int:
     """Bytes of a pass's working memory over ``tokens`` tokens at once: :data:`WORKING_LOGITS`
     float32 ``[tokens, vocabulary]`` arrays, or with ``seq_len`` (the samples' length) the larger of
     that and ``tokens / seq_len`` samples' backward temporaries as XLA reports them
     (:func:`~fisherjax.curvature.lowrank.pass_temporaries` of one sample, times
     :data:`WORKING_MARGIN`): the activations a
     backward keeps outgrow the logits in long samples of wide models (DECISIONS.md, "A pass's
-    working memory from XLA")."""
+    working memory from XLA"). ``bound``: the temporaries' upper bound instead
+    (:func:`~fisherjax.curvature.lowrank.temporaries_bound`), for a rule that needs no more than
+    "fits": nothing is compiled."""
     logits = 4 * WORKING_LOGITS * int(model.config.vocab_size) * int(tokens)
     if not seq_len or not tokens:
         return logits
-    one = lowrank.pass_temporaries(model, 1, int(seq_len)) or 0
+    one = (lowrank.temporaries_bound if bound else lowrank.pass_temporaries)(model, 1, int(seq_len)) or 0
     return max(logits, math.ceil(WORKING_MARGIN * math.ceil(tokens / seq_len) * one))
 
 
@@ -194,20 +196,22 @@ def pass_tokens(batches: Sequence[Batch]) -> tuple[int, int]:
     return max(r * t for r, t in shapes), max(t for _, t in shapes)
 
 
-def rest_bytes(model, tokens: int = 0, seq_len: int | None = None) -> int:
+def rest_bytes(model, tokens: int = 0, seq_len: int | None = None, *, bound: bool = False) -> int:
     """Bytes the comparison of ``model`` holds beside ``G̃`` or the Lanczos basis: K-FAC's factors
     (``4 ·`` :func:`~fisherjax.curvature.kfac.factor_floats`), :data:`MODEL_COPIES` float32
     copies of the model, and the working memory of passes over ``tokens`` tokens at once of
-    samples of ``seq_len`` (:func:`working_bytes`)."""
-    return 4 * kfac.factor_floats(model) + 4 * MODEL_COPIES * int(model.num_params) + working_bytes(model, tokens, seq_len)
+    samples of ``seq_len`` (:func:`working_bytes`, whose ``bound`` this passes on)."""
+    return (4 * kfac.factor_floats(model) + 4 * MODEL_COPIES * int(model.num_params)
+            + working_bytes(model, tokens, seq_len, bound=bound))
 
 
 def peak_bytes(model, k: int, steps: int | None = None, n: int | None = None, sample_grads_dtype: str = "float32",
-               tokens: int = 0, seq_len: int | None = None) -> int:
+               tokens: int = 0, seq_len: int | None = None, *, bound: bool = False) -> int:
     """Bytes the comparison of ``model`` holds at its peak with ``G̃`` (or the basis) whole and its
     passes over ``tokens`` tokens at once (the largest batch's, :func:`pass_tokens`) of samples of
-    ``seq_len``: :func:`basis_bytes` and :func:`rest_bytes`."""
-    return basis_bytes(int(model.num_params), k, steps, n, sample_grads_dtype) + rest_bytes(model, tokens, seq_len)
+    ``seq_len``: :func:`basis_bytes` and :func:`rest_bytes` (with ``bound``, an upper bound that
+    compiles nothing)."""
+    return basis_bytes(int(model.num_params), k, steps, n, sample_grads_dtype) + rest_bytes(model, tokens, seq_len, bound=bound)
 
 
 MAX_GRAM_SLICES = 32
@@ -263,7 +267,8 @@ def gram_slices(model, rows: int, sample_grads_dtype: str = "float32", memory_by
         below :func:`least_bytes`).
     """
     size, itemsize = int(model.num_params), jnp.dtype(gram_dtype(sample_grads_dtype)).itemsize
-    if memory_bytes is None or rows * size * itemsize + rest_bytes(model, tokens, sample_tokens or None) <= memory_bytes:
+    held = rows * size * itemsize  # fits at the bound, else measured (a pass compiled for XLA's figure)
+    if memory_bytes is None or any(held + rest_bytes(model, tokens, sample_tokens or None, bound=b) <= memory_bytes for b in (True, False)):
         return None
     least = stream_bytes(model, sample_tokens)
     if least > memory_bytes:

@@ -239,6 +239,19 @@ def pass_temporaries(model, rows: int, seq_len: int) -> int | None:
     return known[rows, seq_len]
 
 
+def temporaries_bound(model, rows: int, seq_len: int) -> int:
+    """An upper bound of :func:`pass_temporaries` without compiling anything:
+    ``8 · rows · seq_len · (L · (20·d + 4·d_ff + 3·heads·seq_len) + 4·vocab)`` bytes, twice a
+    float32 count of what a backward keeps a token (every layer's norms, projections, attention
+    probabilities and MLP activations, and the logits' working arrays). XLA's figure was 2.2–4.8×
+    below it for the 4-layer d = 256 benchmark model, GPT-2 small, Qwen2.5-1.5B and Llama-7B at
+    128 and 512 positions (``benchmarks/pass_memory.py``, RESULTS.md): a rule that fits at the
+    bound fits, and needs no pass compiled to say so."""
+    cfg = model.config
+    layer = 20 * cfg.hidden_size + 4 * cfg.intermediate_size + 3 * cfg.num_heads * seq_len
+    return 8 * rows * seq_len * (cfg.num_layers * layer + 4 * cfg.vocab_size)
+
+
 def _measured_temporaries(model, rows: int, seq_len: int) -> int | None:
     flat, specs = flatten(model.params), model.layout.specs
     layered = [p for p in flat if specs[p].layered or specs[p].layer == 0] or list(flat)  # the first layer's
