@@ -243,7 +243,7 @@ def temporaries_bound(model, rows: int, seq_len: int) -> int:
     """An upper bound of :func:`pass_temporaries` without compiling anything:
     ``8 · rows · seq_len · (L · (20·d + 4·d_ff + 3·heads·seq_len) + 4·vocab)`` bytes, twice a
     float32 count of what a backward keeps a token (every layer's norms, projections, attention
-    probabilities and MLP activations, and the logits' working arrays). XLA's figure was 2.2–4.8×
+    probabilities and MLP activations, and the logits' working arrays). XLA's figure was 2.3–4.8×
     below it for the 4-layer d = 256 benchmark model, GPT-2 small, Qwen2.5-1.5B and Llama-7B at
     128 and 512 positions (``benchmarks/pass_memory.py``, RESULTS.md): a rule that fits at the
     bound fits, and needs no pass compiled to say so."""
