@@ -394,11 +394,12 @@ def test_the_report_says_where_the_damping_is_far_below_the_spectrum(family):
     assert not any("damping" in text for text in report_qkov.markdown("A", "B", flat))
 
 
-@pytest.mark.parametrize("variant", ["kfac", "signed"])
+@pytest.mark.parametrize("variant", qkov.SIGNED_VARIANTS)
 def test_gradients_kept_below_float32_are_warned_about(family, variant):
-    """In the signed variants a task whose kept gradients are bfloat16 gets a warning naming it
-    (their rounding can decide the scores of slices damped far below the spectrum; the signed
-    terms cancel and magnify it); float32 ones none, and the unsigned variant none."""
+    """In every signed variant (``qkov.SIGNED_VARIANTS``, which ``analyze`` stores in float32 by
+    default: a new one is tested here too) a task whose kept gradients are bfloat16 gets a warning
+    naming it (their rounding can decide the scores of slices damped far below the spectrum; the
+    signed terms cancel and magnify it); float32 ones none, and the unsigned variant none."""
     import warnings
 
     import ml_dtypes
