@@ -1,7 +1,7 @@
 """A plain batched gradient against the same loss with the unembedding and cross-entropy in
 checkpointed chunks of positions (issue 23: a lead, not yet in the library).
 
-On a model whose vocabulary dominates (the 4-layer d = 256 benchmark model, 50257 tokens), a
+On a model whose vocabulary weighs (the 4-layer d = 256 benchmark model, 50257 tokens), a
 gradient pass writes and reads its ``[tokens, vocab]`` float32 logits and their cotangent several
 times; taking the unembedding and ``−log p`` a chunk of positions at a time under
 ``jax.checkpoint`` (the backward recomputes a chunk's logits) never holds them whole. Prints the
@@ -11,7 +11,7 @@ batches of 16 × 128 (rounds alternating), and of other chunk sizes.
 Usage::
 
     python3 benchmarks/end_to_end.py --shape tiny --samples 64 --keep    # builds WORK/gpt2-tiny, WORK/tasks
-    python3 benchmarks/chunked_loss.py --work WORK
+    python3 benchmarks/chunked_loss.py --work WORK            # --shape small for end_to_end.py --shape small's
 """
 
 from __future__ import annotations
@@ -51,11 +51,12 @@ def chunked_loss(model, params, ids, mask, labels, chunk: int = 256):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", required=True, help="end_to_end.py's kept directory (gpt2-tiny/, tasks/a.jsonl)")
+    parser.add_argument("--work", required=True, help="end_to_end.py's kept directory (its checkpoint, tasks/a.jsonl)")
+    parser.add_argument("--shape", default="tiny", help="the checkpoint end_to_end.py wrote there: gpt2-SHAPE/")
     parser.add_argument("--chunks", default="256,128,512,1024")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    model = load_pretrained(os.path.join(args.work, "gpt2-tiny"))
+    model = load_pretrained(os.path.join(args.work, f"gpt2-{args.shape}"))
     task = load_task(os.path.join(args.work, "tasks", "a.jsonl"), model.tokenizer, name="a")
     pieces = list(batches(task.subset(list(range(32))), 16))
 
