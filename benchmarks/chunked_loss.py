@@ -1,8 +1,8 @@
 """A plain batched gradient against the same loss with the unembedding and cross-entropy in
 checkpointed chunks of positions (issue 23: a lead, not yet in the library).
 
-On a model whose vocabulary weighs (the 4-layer d = 256 benchmark model, 50257 tokens), a
-gradient pass writes and reads its ``[tokens, vocab]`` float32 logits and their cotangent several
+On a model with a large vocabulary beside its width (the 4-layer d = 256 benchmark model, 50257
+tokens; GPT-2 small too), a gradient pass writes and reads its ``[tokens, vocab]`` float32 logits and their cotangent several
 times; taking the unembedding and ``−log p`` a chunk of positions at a time under
 ``jax.checkpoint`` (the backward recomputes a chunk's logits) never holds them whole. Prints the
 two gradients' relative difference over the whole pytree, then the seconds of each for two
@@ -11,7 +11,7 @@ batches of 16 × 128 (rounds alternating), and of other chunk sizes.
 Usage::
 
     python3 benchmarks/end_to_end.py --shape tiny --samples 64 --keep    # builds WORK/gpt2-tiny, WORK/tasks
-    python3 benchmarks/chunked_loss.py --work WORK            # --shape small for end_to_end.py --shape small's
+    python3 benchmarks/chunked_loss.py --work WORK            # --shape small: end_to_end.py --shape small's WORK
 """
 
 from __future__ import annotations
