@@ -2,8 +2,8 @@
 checkpointed chunks of positions (issue 23: a lead, not yet in the library).
 
 On a model with a large vocabulary beside its width (the 4-layer d = 256 benchmark model, 50257
-tokens; GPT-2 small too), a gradient pass writes and reads its ``[tokens, vocab]`` float32 logits and their cotangent several
-times; taking the unembedding and ``−log p`` a chunk of positions at a time under
+tokens; GPT-2 small too), a gradient pass writes and reads its ``[tokens, vocab]`` float32 logits
+and their cotangent several times; taking the unembedding and ``−log p`` a chunk of positions at a time under
 ``jax.checkpoint`` (the backward recomputes a chunk's logits) never holds them whole. Prints the
 two gradients' relative difference over the whole pytree, then the seconds of each for two
 batches of 16 × 128 (rounds alternating), and of other chunk sizes.
