@@ -399,17 +399,22 @@ def micro_batch_size(model, plan: StepPlan, batch: int, seq: int, budget_bytes: 
 
 
 def step_rows(n: int, size: int, multiple: int = 1) -> int:
-    """Rows of every step :func:`micro_batches` cuts a batch of ``n`` rows into: ``size`` (at most
-    ``n``) rounded up to a multiple of ``multiple``."""
-    return -(-min(size, n) // multiple) * multiple
+    """Rows of every step :func:`micro_batches` cuts a batch of ``n`` rows into: the ``⌈n / size⌉``
+    steps that at most ``size`` rows a step need, as even as they can be (``⌈n / steps⌉`` rows,
+    16 rows at 9 a step going as 8 + 8, not 9 + 7 padded to 9), rounded up to a multiple of
+    ``multiple``."""
+    steps = -(-n // max(1, min(size, n)))
+    even = -(-n // steps)
+    return -(-even // multiple) * multiple
 
 
 def micro_batches(batch: Batch, size: int, multiple: int = 1):
-    """Split a batch into consecutive micro-batches of ``size`` rows, each padded with filler
-    (sample id −1, labels ignored, no tokens) to ``size`` or, when the batch is smaller, to the
-    next multiple of ``multiple`` (a mesh's ``"data"`` size)."""
+    """Split a batch into consecutive micro-batches of :func:`step_rows` rows (at most ``size``,
+    unless ``multiple`` rounds them up), the last one padded with filler (sample id −1, labels
+    ignored, no tokens) to the same width, as is a batch smaller than ``multiple`` (a mesh's
+    ``"data"`` size)."""
     n = batch.input_ids.shape[0]
-    size, width = min(size, n), step_rows(n, size, multiple)
+    size = width = step_rows(n, size, multiple)
     if width == n:
         yield batch
         return
