@@ -418,6 +418,13 @@ def bucket_length(length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
     return length
 
 
+def even_rows(n: int, most: int) -> int:
+    """Rows of each of the fewest batches of at most ``most`` rows that hold ``n`` rows, as even
+    as they can be, ``⌈n / ⌈n / most⌉⌉``: 16 rows at most 9 a batch go as 8 + 8, not as 9 and 7
+    padded to 9."""
+    return -(-n // -(-n // max(1, min(most, n))))
+
+
 def batch_chunks(task: Task, batch_size: int) -> Iterator[tuple[tuple[Example, ...], int]]:
     """``(examples, longest)`` of each batch as :func:`batches` cuts a task: consecutive
     ``batch_size`` samples and the token count of the longest (at least 1)."""

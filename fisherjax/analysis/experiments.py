@@ -19,7 +19,7 @@ from jaxtyping import PyTree
 
 from fisherjax import backend
 from fisherjax.analysis.masks import apply_mask, keep_matrix, mask_tree, structured_mask
-from fisherjax.data import IGNORE, Batch, bucket_length, num_active_tokens
+from fisherjax.data import IGNORE, Batch, bucket_length, even_rows, num_active_tokens
 from fisherjax.errors import ConfigError, DataError
 from fisherjax.fisher.options import attention_paths
 from fisherjax.fisher.state import TaskFisher
@@ -144,7 +144,7 @@ def pass_shape(model, params, n_samples: int, n_masks: int, seq: int, budget_byt
     (:func:`~fisherjax.grads.scoring_bytes`), ``A`` the bytes of one masked copy of the attention
     parameters. Rows: as many as fit the budget at one mask per pass, on a CPU at most
     ``batch_rows`` (:func:`fisherjax.backend.rows_per_pass`), the samples then split evenly in as
-    few batches (``⌈n / ⌈n / fit⌉⌉``); masks: :func:`fisherjax.backend.settings_per_pass` of as
+    few batches (:func:`fisherjax.data.even_rows`); masks: :func:`fisherjax.backend.settings_per_pass` of as
     many as then fit (at least 1, at most ``n_masks``).
     """
     config = model.config
@@ -153,7 +153,7 @@ def pass_shape(model, params, n_samples: int, n_masks: int, seq: int, budget_byt
     fixed = scoring_bytes(config, 0, seq) + attention
     per_row = scoring_bytes(config, 1, seq) - scoring_bytes(config, 0, seq)
     fit = backend.rows_per_pass(max(1, int((budget_bytes - fixed) // per_row)), batch_rows)
-    rows = -(-n_samples // -(-n_samples // fit))
+    rows = even_rows(n_samples, fit)
     return rows, backend.settings_per_pass(min(n_masks, budget_bytes // (rows * per_row + fixed)))
 
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fisherjax import backend
-from fisherjax.data import IGNORE, Batch, num_active_tokens, predicted_labels
+from fisherjax.data import IGNORE, Batch, even_rows, num_active_tokens, predicted_labels
 from fisherjax.fisher.accumulate import (
     SumState,
     combine,
@@ -399,13 +399,10 @@ def micro_batch_size(model, plan: StepPlan, batch: int, seq: int, budget_bytes: 
 
 
 def step_rows(n: int, size: int, multiple: int = 1) -> int:
-    """Rows of every step :func:`micro_batches` cuts a batch of ``n`` rows into: the ``⌈n / size⌉``
-    steps that at most ``size`` rows a step need, as even as they can be (``⌈n / steps⌉`` rows,
-    16 rows at 9 a step going as 8 + 8, not 9 + 7 padded to 9), rounded up to a multiple of
-    ``multiple``."""
-    steps = -(-n // max(1, min(size, n)))
-    even = -(-n // steps)
-    return -(-even // multiple) * multiple
+    """Rows of every step :func:`micro_batches` cuts a batch of ``n`` rows into: the fewest steps
+    of at most ``size`` rows, made even (:func:`fisherjax.data.even_rows`), rounded up to a
+    multiple of ``multiple``."""
+    return -(-even_rows(n, size) // multiple) * multiple
 
 
 def micro_batches(batch: Batch, size: int, multiple: int = 1):
