@@ -984,7 +984,7 @@ def phase1_host_bytes(model: Model, all_batches: dict[str, list[Batch]], options
         need, rows = kept_bytes(model, chosen, options)
         kept += min(need, options.sample_grads_budget_bytes) if spill else need
         samples += int(rows.sum())
-    shapes = set().union(*(step_shapes(model, chosen, options, sharding.data_size(mesh)) for chosen in all_batches.values()))
+    shapes = set().union(*(step_shapes(model, chosen, options, mesh) for chosen in all_batches.values()))
     shape = max(shapes, key=lambda s: (s[0] * s[1], s[1]), default=(0, 0))
     step = 0.0
     if backend.buffers_on_host() and shape[0]:

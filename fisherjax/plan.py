@@ -50,7 +50,7 @@ from fisherjax.curvature import compare
 from fisherjax.errors import ConfigError
 from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, factored_paths, kept_paths
 from fisherjax.fisher.step import kept_values as step_kept_values
-from fisherjax.fisher.step import StepMemory, make_plan
+from fisherjax.fisher.step import MICRO_BATCHES, StepMemory, largest_fitting, make_plan
 from fisherjax.fisher.step import step_memory as analysed_step
 from fisherjax.layout import ModelLayout, flatten
 from fisherjax.models.model import Model
@@ -71,9 +71,6 @@ GB = 1e9
 
 SAFETY = 0.9
 """Fraction of a device's (and a host's) memory a plan lets a run fill."""
-
-MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-"""Candidate micro-batches per device; :func:`largest_fitting` finds the largest that fits."""
 
 DEFAULT_TFLOPS = 100.0
 """Assumed sustained throughput per device, TFLOP/s, when none is given: an 80 GB data-centre GPU
@@ -247,40 +244,6 @@ def step_memory(config: DecoderConfig, micro_batch: int, seq_len: int, options: 
     Kept per arguments (``functools.lru_cache``): plans of one model in one process — a notebook
     trying sample counts, devices or memories — compile each step once, not once per plan."""
     return analysed_step(Model.abstract(config), micro_batch * data_size(mesh), seq_len, options, mesh)
-
-
-def largest_fitting(candidates: list[int], bytes_at: Callable[[int], float], limit: float) -> int | None:
-    """The largest of the ascending ``candidates`` whose ``bytes_at`` is at most ``limit`` (None
-    when the first's is not), measuring few of them: each measurement compiles a step.
-
-    A step's memory grows with its micro-batch, close to a line (parameters, plus activations and
-    kept gradients per sample). The first two candidates are measured; the line through them
-    predicts the largest that fits, which is measured, then its neighbours, upwards while they fit
-    or downwards until one does. The answer is always measured to fit, and the next candidate
-    measured not to (or there is none): what trying every candidate in order until one does not
-    fit finds, where memory grows with the micro-batch, in 2 to 4 compilations while it stays near
-    the line, rather than one per candidate (a small model at 64 samples a device compiled 7)."""
-    measured: dict[int, float] = {}
-
-    def fits(index: int) -> bool:
-        if index not in measured:
-            measured[index] = bytes_at(candidates[index])
-        return measured[index] <= limit
-
-    if not candidates or not fits(0):
-        return None
-    if len(candidates) == 1 or not fits(1):
-        return candidates[0]
-    slope = (measured[1] - measured[0]) / (candidates[1] - candidates[0])
-    predicted = [i for i, c in enumerate(candidates) if i >= 1 and measured[0] + slope * (c - candidates[0]) <= limit]
-    index = predicted[-1] if predicted else 1
-    if fits(index):
-        while index + 1 < len(candidates) and fits(index + 1):
-            index += 1
-    else:
-        while not fits(index):
-            index -= 1
-    return candidates[index]
 
 
 def model_axis_bytes(model: Model, step: StepMemory, data: int, model_size: int) -> float:

@@ -371,6 +371,39 @@ def test_memory_budget_splits_batches_into_micro_batches(model, task):
     np.testing.assert_allclose(split.sample_grads.grads[q], whole.sample_grads.grads[q], rtol=1e-4, atol=1e-7)
 
 
+def test_an_accelerator_takes_the_largest_micro_batch_whose_compiled_step_fits(model, task, monkeypatch):
+    """On an accelerator the micro-batch is not the CPU's 4 GB estimate (which holds a 1.5B model
+    at T = 512 to one sample a step) but the largest candidate whose compiled step, with the
+    previous step's outputs and without the resident parameters, fits 90 % of the free memory."""
+    from fisherjax import backend
+    from fisherjax.fisher.collect import step_shapes
+    from fisherjax.fisher.options import CollectOptions
+    from fisherjax.fisher.step import DEVICE_STEP_SHARE, fitting_micro_batch, micro_batch, step_memory
+
+    options = CollectOptions(keep_sample_grads=True, diagonal=True)
+
+    def need(rows):
+        step = step_memory(model, rows, 16, options)
+        return step.total_bytes + step.output_bytes - step.alias_bytes - model.parameter_bytes
+
+    assert need(1) < need(2) < need(4) < need(8)
+    between = (need(2) + need(4)) / 2 / DEVICE_STEP_SHARE
+    assert fitting_micro_batch(model.static, options, 8, 16, None, between) == 2
+    assert fitting_micro_batch(model.static, options, 8, 16, None, 1e15) == 8
+    assert fitting_micro_batch(model.static, options, 6, 16, None, 1e15) == 6  # the batch's own rows are a candidate
+    assert fitting_micro_batch(model.static, options, 8, 16, None, 1.0) == 1
+
+    data = list(batches(task, 8, buckets=(16,)))
+    cpu = collect(model, data, task="rand", options=options, progress=False)
+    monkeypatch.setattr(backend, "is_cpu", lambda: False)
+    monkeypatch.setattr(backend, "available_memory_bytes", lambda: between)
+    assert micro_batch(model, options, 8, 16) == 2 and step_shapes(model, data, options) == {(2, 16)}
+    assert micro_batch(model, CollectOptions(keep_sample_grads=True, diagonal=True, memory_budget_bytes=1e15), 8, 16) == 8
+    split = collect(model, data, task="rand", options=options, progress=False)
+    _assert_groups_close(split.group_fisher, cpu.group_fisher, rtol=1e-5)
+    np.testing.assert_array_equal(split.sample_grads.sample_ids, cpu.sample_grads.sample_ids)
+
+
 def test_derived_contributions_are_not_computed_to_build_or_select(monkeypatch):
     """The empirical Fisher's ``C = g²/T`` is derived on access; building, validating and selecting
     a :class:`SampleGrads` must not compute it (it did, for every parameter, on every build)."""

@@ -20,8 +20,9 @@ from fisherjax.models.model import Model
 from fisherjax.fisher.options import kept_paths
 from fisherjax.plan import (
     GB, conflict_bytes_read, conflict_sample_reads, conflict_slices, curvature_plan, default_options, format_plan,
-    kept_parameters, largest_fitting, plan, qkov_sample_reads, read_config, step_memory,
+    kept_parameters, plan, qkov_sample_reads, read_config, step_memory,
 )
+from fisherjax.fisher.step import largest_fitting
 from fisherjax.curvature.lanczos import default_steps as lanczos_steps
 from fisherjax.work import COLLECT_FORWARDS, curvature_flops, forward_flops, heads_flops, masks_flops, qkov_pair_reads
 from conftest import FAST_FAMILIES

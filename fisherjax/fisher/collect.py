@@ -38,7 +38,7 @@ from fisherjax.fisher.progress import (
 )
 from fisherjax.fisher.factored import FactoredGrads
 from fisherjax.fisher.state import PartialDiagonal, SampleGrads, TaskFisher
-from fisherjax.fisher.step import (StepPlan, compiled_step, initial_state, kept_values, make_plan, micro_batch_size, micro_batches,
+from fisherjax.fisher.step import (StepPlan, compiled_step, initial_state, kept_values, make_plan, micro_batch, micro_batches,
                                    state_shardings, step_rows)
 from fisherjax.models.model import check_token_ids
 from fisherjax.progressbar import progress_bar
@@ -163,7 +163,7 @@ def collect(
                     _check_resumed_data(saved, data, batch_size, checkpoint_dir, start_batch)
                 continue
             check_token_ids(batch.input_ids, model.config.vocab_size)
-            chunk = devices * micro_batch_size(model, plan, *batch.input_ids.shape, options.memory_budget_bytes)
+            chunk = devices * micro_batch(model, options, *batch.input_ids.shape, mesh)
             for micro in micro_batches(batch, chunk, devices):
                 inputs = tuple(micro) if mesh is None else tuple(shard_rows(x, mesh) for x in micro)
                 state, groups, kept, scalars = step(params, state, *inputs, key)
@@ -242,15 +242,15 @@ def kept_bytes(model, batches: Sequence[Batch], options: CollectOptions) -> tupl
     return int((rows * per_row).sum()), rows
 
 
-def step_shapes(model, batches: Sequence[Batch], options: CollectOptions, devices: int = 1) -> set[tuple[int, int]]:
-    """The ``(rows, positions)`` of every step :func:`collect` runs over ``batches``: each batch
-    cut into micro-batches of ``devices`` × :func:`~.step.micro_batch_size` rows, each step
-    :func:`~.step.step_rows` wide, as :func:`~.step.micro_batches` pads them."""
-    plan = make_plan(model.layout, options)
+def step_shapes(model, batches: Sequence[Batch], options: CollectOptions, mesh=None) -> set[tuple[int, int]]:
+    """The ``(rows, positions)`` of every step :func:`collect` runs over ``batches`` (on ``mesh``):
+    each batch cut into micro-batches of the ``"data"`` size × :func:`~.step.micro_batch` rows,
+    each step :func:`~.step.step_rows` wide, as :func:`~.step.micro_batches` pads them."""
+    devices = data_size(mesh)
     shapes = set()
     for batch in batches:
         rows, seq = batch.input_ids.shape
-        shapes.add((step_rows(rows, devices * micro_batch_size(model, plan, rows, seq, options.memory_budget_bytes), devices), seq))
+        shapes.add((step_rows(rows, devices * micro_batch(model, options, rows, seq, mesh), devices), seq))
     return shapes
 
 

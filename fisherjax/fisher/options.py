@@ -56,8 +56,11 @@ class CollectOptions(Options):
       remat: recompute each block in the backward pass (less memory, more time).
       sample_loop: per-sample work from the sites as a loop over (sample, layer) pieces instead of
         one vmap; ``None``: :func:`fisherjax.backend.sample_loop`. Same numbers either way.
-      memory_budget_bytes: device memory one step may use for per-sample arrays; larger batches
-        run as micro-batches (:func:`fisherjax.fisher.step.micro_batch_size`).
+      memory_budget_bytes: device memory one step may use for per-sample arrays, by
+        :func:`fisherjax.fisher.step.micro_batch_size`'s estimate; larger batches run as
+        micro-batches. None (the default): :func:`fisherjax.fisher.step.micro_batch`'s choice
+        (4 GB by that estimate on a CPU; on an accelerator the largest micro-batch whose compiled
+        step fits its free memory).
       checkpoint_every: with a checkpoint directory, save the state every this many batches.
     """
 
@@ -75,7 +78,7 @@ class CollectOptions(Options):
     keep_per_sample_groups: bool = True
     remat: bool = False
     sample_loop: bool | None = None
-    memory_budget_bytes: float = 4e9
+    memory_budget_bytes: float | None = None
     checkpoint_every: int = 10
 
     def __post_init__(self):
@@ -95,7 +98,8 @@ class CollectOptions(Options):
               "per-sample contributions, which are not a product of factors); keep gradients instead")
         check(self.true_samples >= 1, f"collect true_samples must be ≥ 1, got {self.true_samples}")
         check(self.sample_grads_budget_bytes > 0, f"collect sample_grads_budget_bytes must be > 0, got {self.sample_grads_budget_bytes}")
-        check(self.memory_budget_bytes > 0, f"collect memory_budget_bytes must be > 0, got {self.memory_budget_bytes}")
+        check(self.memory_budget_bytes is None or self.memory_budget_bytes > 0,
+              f"collect memory_budget_bytes must be > 0 (or None: the backend's choice), got {self.memory_budget_bytes}")
         check(self.checkpoint_every >= 1, f"collect checkpoint_every must be ≥ 1, got {self.checkpoint_every}")
 
 
