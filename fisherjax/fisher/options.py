@@ -59,7 +59,7 @@ class CollectOptions(Options):
       memory_budget_bytes: device memory one step may use for per-sample arrays, by
         :func:`fisherjax.fisher.step.micro_batch_size`'s estimate; larger batches run as
         micro-batches. None (the default): :func:`fisherjax.fisher.step.micro_batch`'s choice
-        (4 GB by that estimate on a CPU; on an accelerator the largest micro-batch whose compiled
+        (2 GB by that estimate on a CPU; on an accelerator the largest micro-batch whose compiled
         step fits its free memory).
       checkpoint_every: with a checkpoint directory, save the state every this many batches.
     """

@@ -398,8 +398,11 @@ def micro_batch_size(model, plan: StepPlan, batch: int, seq: int, budget_bytes: 
     return int(max(1, min(batch, budget_bytes // max(per_sample, 1))))
 
 
-STEP_BUDGET_BYTES = 4e9
-"""Per-sample arrays a Phase 1 step may hold on a CPU by :func:`micro_batch_size`'s estimate."""
+STEP_BUDGET_BYTES = 2e9
+"""Per-sample arrays a Phase 1 step may hold on a CPU by :func:`micro_batch_size`'s estimate. Not
+more: there a step's GEMMs use every core at a few rows already, and larger steps ran no faster
+(slower on a 30-layer model) while they held more memory (``benchmarks/RESULTS.md``, forty-sixth
+session)."""
 
 DEVICE_STEP_SHARE = 0.9
 """Share of an accelerator's free memory Phase 1's compiled step may fill (:func:`micro_batch`;
