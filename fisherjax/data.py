@@ -425,6 +425,32 @@ def even_rows(n: int, most: int) -> int:
     return -(-n // -(-n // max(1, min(most, n))))
 
 
+def micro_batch_rows(n: int, size: int, multiple: int = 1) -> int:
+    """Rows of every micro-batch :func:`micro_batches` cuts a batch of ``n`` rows into: the fewest
+    of at most ``size`` rows, made even (:func:`even_rows`), rounded up to a multiple of
+    ``multiple``."""
+    return -(-even_rows(n, size) // multiple) * multiple
+
+
+def micro_batches(batch: Batch, size: int, multiple: int = 1) -> Iterator[Batch]:
+    """Split a batch into consecutive micro-batches of :func:`micro_batch_rows` rows (at most
+    ``size``, unless ``multiple`` rounds them up), the last one padded with filler (sample id −1,
+    labels ignored, no tokens) to the same width, as is a batch smaller than ``multiple`` (a
+    mesh's ``"data"`` size); micro-batches of filler alone are left out."""
+    n = batch.input_ids.shape[0]
+    width = micro_batch_rows(n, size, multiple)
+    if width == n:
+        yield batch
+        return
+    for start in range(0, n, width):
+        rows = np.arange(start, min(start + width, n))
+        if np.all(batch.sample_ids[rows] < 0):
+            continue
+        pad = width - len(rows)
+        take = lambda x, fill: np.concatenate([x[rows], np.full((pad, *x.shape[1:]), fill, x.dtype)])  # noqa: E731
+        yield Batch(take(batch.input_ids, 0), take(batch.attention_mask, 0), take(batch.labels, IGNORE), take(batch.sample_ids, -1))
+
+
 def batch_chunks(task: Task, batch_size: int) -> Iterator[tuple[tuple[Example, ...], int]]:
     """``(examples, longest)`` of each batch as :func:`batches` cuts a task: consecutive
     ``batch_size`` samples and the token count of the longest (at least 1)."""

@@ -192,6 +192,21 @@ def scoring_bytes(config, rows: int, seq: int) -> int:
     return rows * per_row + 8 * backend.scored_positions_per_chunk() * config.vocab_size
 
 
+BACKWARD_BUDGET_BYTES = 2e9
+"""What a batched backward pass outside Phase 1 (the head-mask gradients) may hold on a CPU, and
+at least on an accelerator (:func:`fisherjax.backend.working_budget_bytes`), by
+:func:`backward_bytes`: more rows a pass only hold more memory there (Phase 1's step measured
+the same, :data:`fisherjax.fisher.step.STEP_BUDGET_BYTES`)."""
+
+
+def backward_bytes(config, rows: int, seq: int) -> int:
+    """Device memory of a batched backward pass over ``[rows, seq]``, an estimate: ``4 · rows ·
+    seq · (layers · (12·d_model + 3·d_ff) + 2·vocab)`` (the activations every layer keeps for the
+    pullback, and the float32 ``[seq, vocab]`` logits with their gradient)."""
+    per_position = config.num_layers * (12 * config.hidden_size + 3 * config.intermediate_size) + 2 * config.vocab_size
+    return 4 * rows * seq * per_position
+
+
 def sample_losses(model, params, input_ids, attention_mask, labels) -> tuple[Float[Array, " batch"], Int[Array, " batch"]]:
     """Token-sum loss ``L_i`` and active-token count ``T_i`` of every sample of a batch (only the
     labels :func:`~fisherjax.data.predicted_labels` keeps)."""

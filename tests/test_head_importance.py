@@ -25,6 +25,7 @@ torch = pytest.importorskip("torch")
 
 import fisherjax  # noqa: E402
 from fisherjax.data import batches, task_from_tokens  # noqa: E402
+from fisherjax.grads import backward_bytes  # noqa: E402
 from fisherjax.heads.ablation import ablate_heads  # noqa: E402
 from fisherjax.heads.importance import head_mask_grads, head_mask_importance, rank_correlation  # noqa: E402
 
@@ -195,6 +196,16 @@ def test_head_mask_gradients_equal_finite_differences(kind, reference):
     assert importance.mean_abs.shape == importance.mean.shape == gated.xi.shape
     assert _rel(importance.mean_abs, np.abs(ref[counted]).mean(0)) < 1e-4
     assert _rel(importance.mean, ref[counted].mean(0)) < 1e-4
+
+    # a budget of 3 rows a pass: each batch of 4 as 2 + 2, the same numbers
+    seq = next(batches(task, 4, side="left")).input_ids.shape[1]
+    with mock.patch("fisherjax.heads.importance.head_mask_grads", wraps=head_mask_grads) as passes:
+        split = head_mask_importance(model, model.params, batches(task, 4, side="left"),
+                                     memory_budget_bytes=backward_bytes(model.config, 3, seq))
+    assert [c.args[2].shape[0] for c in passes.call_args_list] == [2, 2, 2, 2]
+    np.testing.assert_array_equal(split.sample_ids, importance.sample_ids)
+    np.testing.assert_allclose(split.mean_abs, importance.mean_abs, rtol=1e-5)
+    np.testing.assert_allclose(split.mean, importance.mean, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("kind", FAST_FAMILIES)

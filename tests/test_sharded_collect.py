@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import FAMILIES, random_task
-from fisherjax.data import batches
+from fisherjax.data import batches, micro_batch_rows, micro_batches
 from fisherjax.errors import ConfigError
 from fisherjax.fisher.collect import collect
-from fisherjax.fisher.step import micro_batches, step_rows
 
 CHECK = Path(__file__).parent / "sharded_collect_check.py"
 TOLERANCE = 1e-5  # ‖sharded − single‖ / ‖single‖ over each result's pytree
@@ -103,8 +102,8 @@ def test_a_batch_split_by_the_memory_budget_goes_in_even_steps():
     computed for nothing); at most 7 a step, as 6 + 6 + 4 padded to 6 (not 7 + 7 + 2 padded to 7)."""
     batch = next(batches(random_task("t", 16), 16))
     assert [list(p.sample_ids) for p in micro_batches(batch, 9)] == [list(range(8)), list(range(8, 16))]
-    assert step_rows(16, 9) == 8
+    assert micro_batch_rows(16, 9) == 8
     parts = list(micro_batches(batch, 7))
-    assert [p.input_ids.shape[0] for p in parts] == [6, 6, 6] == [step_rows(16, 7)] * 3
+    assert [p.input_ids.shape[0] for p in parts] == [6, 6, 6] == [micro_batch_rows(16, 7)] * 3
     assert list(parts[-1].sample_ids) == [12, 13, 14, 15, -1, -1]
     assert [list(p.sample_ids) for p in micro_batches(batch, 16)] == [list(range(16))]

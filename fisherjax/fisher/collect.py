@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from fisherjax.backend import host_empty, start_host_copy
-from fisherjax.data import Batch, num_active_tokens
+from fisherjax.data import Batch, micro_batch_rows, micro_batches, num_active_tokens
 from fisherjax.errors import CheckpointError, ConfigError, DataError, FisherjaxError, NumericalError
 from fisherjax.fisher.accumulate import EMAState, WelfordState, ema_value, welford_interval, welford_variance
 from fisherjax.fisher.groups import group_sizes
@@ -38,8 +38,7 @@ from fisherjax.fisher.progress import (
 )
 from fisherjax.fisher.factored import FactoredGrads
 from fisherjax.fisher.state import PartialDiagonal, SampleGrads, TaskFisher
-from fisherjax.fisher.step import (StepPlan, compiled_step, initial_state, kept_values, make_plan, micro_batch, micro_batches,
-                                   state_shardings, step_rows)
+from fisherjax.fisher.step import StepPlan, compiled_step, initial_state, kept_values, make_plan, micro_batch, state_shardings
 from fisherjax.models.model import check_token_ids
 from fisherjax.progressbar import progress_bar
 from fisherjax.sharding import check_mesh, data_size, local_rows, place, place_params, process_sum, put_replicated, shard_rows
@@ -245,12 +244,12 @@ def kept_bytes(model, batches: Sequence[Batch], options: CollectOptions) -> tupl
 def step_shapes(model, batches: Sequence[Batch], options: CollectOptions, mesh=None) -> set[tuple[int, int]]:
     """The ``(rows, positions)`` of every step :func:`collect` runs over ``batches`` (on ``mesh``):
     each batch cut into micro-batches of the ``"data"`` size × :func:`~.step.micro_batch` rows,
-    each step :func:`~.step.step_rows` wide, as :func:`~.step.micro_batches` pads them."""
+    each step :func:`~fisherjax.data.micro_batch_rows` wide, as :func:`~fisherjax.data.micro_batches` pads them."""
     devices = data_size(mesh)
     shapes = set()
     for batch in batches:
         rows, seq = batch.input_ids.shape
-        shapes.add((step_rows(rows, devices * micro_batch(model, options, rows, seq, mesh), devices), seq))
+        shapes.add((micro_batch_rows(rows, devices * micro_batch(model, options, rows, seq, mesh), devices), seq))
     return shapes
 
 

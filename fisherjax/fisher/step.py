@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fisherjax import backend
-from fisherjax.data import IGNORE, Batch, even_rows, num_active_tokens, predicted_labels
+from fisherjax.data import IGNORE, num_active_tokens, predicted_labels
 from fisherjax.fisher.accumulate import (
     SumState,
     combine,
@@ -51,7 +51,7 @@ from fisherjax.fisher.groups import group_sizes, marginals_of, reduce_groups
 from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, factored_paths, kept_paths
 from fisherjax.settings import with_overrides
 from fisherjax.fisher.sites import discover_sites, grad_walks, layer_site, per_sample_grads_from_sites, squared_marginals_from_sites
-from fisherjax.grads import token_nll
+from fisherjax.grads import backward_bytes, token_nll
 from fisherjax.sharding import DATA, MODEL, by_sample, data_size, param_shardings, replicated
 
 
@@ -267,7 +267,7 @@ def sharded_step_function(model, plan: StepPlan, mesh) -> Callable:
     partial states are combined in the global sample order with collectives and merged into the
     running state (:func:`~fisherjax.fisher.accumulate.combine`). The state, parameters and key are
     replicated over ``"data"``; per-sample outputs stay split over it, in the single-device order.
-    The batch's rows must be a multiple of the ``"data"`` size (:func:`micro_batches` pads).
+    The batch's rows must be a multiple of the ``"data"`` size (:func:`fisherjax.data.micro_batches` pads).
     """
     local = step_function(model, plan)
     P = jax.sharding.PartitionSpec
@@ -386,15 +386,12 @@ def micro_batch_size(model, plan: StepPlan, batch: int, seq: int, budget_bytes: 
     """Samples per step so that per-sample arrays fit ``budget_bytes`` (at least 1, at most ``batch``).
 
     Per sample: the materialised gradients (and their squares), the kept copies (gradients, or
-    ``seq · (d_in + d_out)`` factors per layer) plus the activations a backward pass keeps,
-    estimated as ``4 bytes × layers × seq × (12·d_model + 3·d_ff)`` and the ``[seq, vocab]``
-    logits with their gradient.
+    ``seq · (d_in + d_out)`` factors per layer) plus what a backward pass keeps
+    (:func:`fisherjax.grads.backward_bytes`).
     """
-    cfg = model.config
     grads = sum(int(np.prod(model.layout.specs[p].shape)) for p in plan.materialise)
     kept = kept_values(model.layout, plan, seq, contributions=False)  # C_i: the squares 2 · grads counts
-    activations = cfg.num_layers * seq * (12 * cfg.hidden_size + 3 * cfg.intermediate_size) + 2 * seq * cfg.vocab_size
-    per_sample = 4 * (2 * grads + 2 * kept + activations)
+    per_sample = 4 * (2 * grads + 2 * kept) + backward_bytes(model.config, 1, seq)
     return int(max(1, min(batch, budget_bytes // max(per_sample, 1))))
 
 
@@ -488,30 +485,3 @@ def largest_fitting(candidates: list[int], bytes_at: Callable[[int], float], lim
         while not fits(index):
             index -= 1
     return candidates[index]
-
-
-
-def step_rows(n: int, size: int, multiple: int = 1) -> int:
-    """Rows of every step :func:`micro_batches` cuts a batch of ``n`` rows into: the fewest steps
-    of at most ``size`` rows, made even (:func:`fisherjax.data.even_rows`), rounded up to a
-    multiple of ``multiple``."""
-    return -(-even_rows(n, size) // multiple) * multiple
-
-
-def micro_batches(batch: Batch, size: int, multiple: int = 1):
-    """Split a batch into consecutive micro-batches of :func:`step_rows` rows (at most ``size``,
-    unless ``multiple`` rounds them up), the last one padded with filler (sample id −1, labels
-    ignored, no tokens) to the same width, as is a batch smaller than ``multiple`` (a mesh's
-    ``"data"`` size)."""
-    n = batch.input_ids.shape[0]
-    size = width = step_rows(n, size, multiple)
-    if width == n:
-        yield batch
-        return
-    for start in range(0, n, size):
-        rows = np.arange(start, min(start + size, n))
-        if np.all(batch.sample_ids[rows] < 0):
-            continue
-        pad = width - len(rows)
-        take = lambda x, fill: np.concatenate([x[rows], np.full((pad, *x.shape[1:]), fill, x.dtype)])  # noqa: E731
-        yield Batch(take(batch.input_ids, 0), take(batch.attention_mask, 0), take(batch.labels, IGNORE), take(batch.sample_ids, -1))

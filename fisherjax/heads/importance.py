@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from fisherjax.data import Batch
+from fisherjax import backend
+from fisherjax.data import Batch, micro_batches
 from fisherjax.errors import ConfigError, DataError
-from fisherjax.grads import site_grads
+from fisherjax.grads import BACKWARD_BUDGET_BYTES, backward_bytes, site_grads
 from fisherjax.layout import ModelLayout, Role, flatten
 from fisherjax.models.model import model_jit
 
@@ -96,28 +97,35 @@ def head_mask_grads(
     return total * inv_t[:, None, None], tokens
 
 
-def head_mask_importance(model, params, batches: Iterable[Batch]) -> HeadMaskImportance:
+def head_mask_importance(model, params, batches: Iterable[Batch], *, memory_budget_bytes: float | None = None) -> HeadMaskImportance:
     """Head-mask importance ``I_h = E_i |∂ℓ_i/∂ξ_h|`` of a task (Michel et al. 2019).
 
     Args:
       model: a :class:`~fisherjax.models.Model`.
       params: its parameters.
       batches: :class:`~fisherjax.data.Batch` es of the task (e.g. :func:`fisherjax.data.batches`);
-        one jitted pass each, compiled once per batch shape.
+        one jitted backward pass each, compiled once per shape, or several where a batch's pass
+        would hold more than ``memory_budget_bytes`` (:func:`fisherjax.grads.backward_bytes`;
+        default :func:`fisherjax.backend.working_budget_bytes` of
+        :data:`fisherjax.grads.BACKWARD_BUDGET_BYTES`): the batch is then cut into even
+        micro-batches (:func:`fisherjax.data.micro_batches`).
 
     Returns:
       :class:`HeadMaskImportance` over the samples with predicted tokens (sums kept in float64).
     """
     layout = model.layout
+    budget = backend.working_budget_bytes(BACKWARD_BUDGET_BYTES) if memory_budget_bytes is None else memory_budget_bytes
     shape = (layout.num_layers, layout.num_heads)
     sums = GateSums(np.zeros((), np.int64), np.zeros(shape), np.zeros(shape))
     seen = []
-    for batch in batches:
-        grads, tokens = head_mask_grads(model, params, batch.input_ids, batch.attention_mask, batch.labels)
-        valid = (np.asarray(batch.sample_ids) >= 0) & (np.asarray(tokens) > 0)
-        kept = np.asarray(grads, np.float64)[valid]
-        sums = jax.tree.map(np.add, sums, GateSums(valid.sum(), np.abs(kept).sum(0), kept.sum(0)))
-        seen.append(np.asarray(batch.sample_ids)[valid])
+    for whole in batches:
+        rows = max(1, int(budget // backward_bytes(model.config, 1, whole.input_ids.shape[1])))
+        for batch in micro_batches(whole, rows):
+            grads, tokens = head_mask_grads(model, params, batch.input_ids, batch.attention_mask, batch.labels)
+            valid = (np.asarray(batch.sample_ids) >= 0) & (np.asarray(tokens) > 0)
+            kept = np.asarray(grads, np.float64)[valid]
+            sums = jax.tree.map(np.add, sums, GateSums(valid.sum(), np.abs(kept).sum(0), kept.sum(0)))
+            seen.append(np.asarray(batch.sample_ids)[valid])
     n = int(sums.count)
     if n == 0:
         raise DataError("no sample with predicted tokens: head-mask importance needs at least one")
