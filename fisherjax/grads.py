@@ -193,10 +193,11 @@ def scoring_bytes(config, rows: int, seq: int) -> int:
 
 
 BACKWARD_BUDGET_BYTES = 2e9
-"""What a batched backward pass outside Phase 1 (the head-mask gradients) may hold on a CPU, and
-at least on an accelerator (:func:`fisherjax.backend.working_budget_bytes`), by
-:func:`backward_bytes`: more rows a pass only hold more memory there (Phase 1's step measured
-the same, :data:`fisherjax.fisher.step.STEP_BUDGET_BYTES`)."""
+"""What a batched backward pass outside Phase 1 (the head-mask gradients) may hold by
+:func:`backward_bytes`: this on a CPU, at least this on an accelerator
+(:func:`fisherjax.backend.working_budget_bytes`). Not more on a CPU, where a pass's GEMMs use every
+core at a few rows and more rows only hold more memory (as for Phase 1's step,
+:data:`fisherjax.fisher.step.STEP_BUDGET_BYTES`)."""
 
 
 def backward_bytes(config, rows: int, seq: int) -> int:
