@@ -73,6 +73,20 @@ def use_one_arena() -> bool:
     return bool(libc is not None and libc.mallopt(M_ARENA_MAX, 1))
 
 
+def return_free_memory() -> bool:
+    """Give the heap's free pages back to the system (``malloc_trim(0)``); whether it could.
+
+    A phase's freed temporaries stay in the heap, between the blocks it kept (Phase 1's kept
+    gradients grow among its steps' temporaries), where glibc returns only the free memory at the
+    heap's top. The next phase's large blocks are mapped afresh rather than fitted into those
+    holes, so the holes add to its peak. ``analyze`` calls this after every phase."""
+    libc = glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
 @contextlib.contextmanager
 def reusing_freed_memory() -> Iterator[bool]:
     """Large blocks from the heap and freed memory kept for reuse while inside; glibc's defaults and

@@ -793,11 +793,16 @@ finished without it (RESULTS, forty-first session)."""
 def run_phase(phase: str, ctx: Context, out: Path | None) -> report.Section:
     """``PHASES[phase](ctx, out)``, inside :func:`fisherjax.allocator.reusing_freed_memory` for the
     :data:`REUSING_PHASES` on a CPU with at least :data:`REUSE_ROOM_BYTES` of host memory available,
-    and with XLA's out-of-memory error as one line (:func:`naming_memory`)."""
+    with XLA's out-of-memory error as one line (:func:`naming_memory`), and the heap's free pages
+    given back after it (:func:`fisherjax.allocator.return_free_memory`; ``analyze`` does the same
+    after Phase 1)."""
     available = backend.host_available_bytes() if phase in REUSING_PHASES else None
     reusing = phase in REUSING_PHASES and backend.buffers_on_host() and (available is None or available >= REUSE_ROOM_BYTES)
-    with naming_memory(phase), allocator.reusing_freed_memory() if reusing else contextlib.nullcontext():
-        return PHASES[phase](ctx, out)
+    try:
+        with naming_memory(phase), allocator.reusing_freed_memory() if reusing else contextlib.nullcontext():
+            return PHASES[phase](ctx, out)
+    finally:
+        allocator.return_free_memory()
 
 
 MEMORY_FIXES = {
@@ -1156,6 +1161,7 @@ def _analyze(config: AnalysisConfig, whole: telemetry.Meter) -> dict:
             with naming_memory("collect"):
                 (fishers, per_task), stretches["collect"] = telemetry.measure(collect_all, model, all_batches, config,
                                                                               spill_root=spill_root, mesh=mesh)
+            allocator.return_free_memory()
         except OSError as err:
             if disk_errno(err):
                 raise disk_error(err, Path(config.spill_dir or destination), "--spill-dir") from None

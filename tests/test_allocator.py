@@ -1,7 +1,7 @@
 """glibc's allocator settings (:mod:`fisherjax.allocator`): inside ``reusing_freed_memory`` a large
 block comes from the heap, not from a mapping of its own, and outside it glibc's defaults are
 back; the switch and a user's own settings leave glibc alone; the pair phases of ``analyze`` run
-inside it on a CPU. Each check runs in a Python process of its own (:func:`in_a_fresh_process`):
+inside it on a CPU; after a phase the heap's free pages are given back. Each check runs in a Python process of its own (:func:`in_a_fresh_process`):
 glibc's heap is the process's, and earlier tests of a pytest worker (``analyze`` runs inside the
 scope) leave free chunks of many MB below live blocks, which serve a probe's block without any
 mapping."""
@@ -134,3 +134,27 @@ def check_pair_phases() -> None:
     seen.clear()
     pipeline.run_phase("qkov", None, None)
     assert seen == {"qkov": True}
+
+
+@pytest.mark.usefixtures("glibc")
+def test_a_phase_gives_the_heaps_free_pages_back():
+    in_a_fresh_process("check_free_pages_given_back")
+
+
+def resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_free_pages_given_back() -> None:
+    from fisherjax import pipeline
+
+    libc = allocator.glibc()
+    libc.mallopt(allocator.M_MMAP_MAX, 0)  # the block from the heap, then a live block above it
+    hole, above = np.ones(BLOCK // 8), np.ones(2**17)
+    libc.mallopt(allocator.M_MMAP_MAX, allocator.DEFAULT_MMAP_MAX)
+    del hole  # free, below a live block: glibc keeps its pages
+    before = resident_bytes()
+    pipeline.PHASES["heads"] = lambda ctx, out: None  # a phase outside the pair phases' scope
+    pipeline.run_phase("heads", None, None)
+    assert resident_bytes() < before - BLOCK // 2
+    del above
