@@ -50,7 +50,7 @@ from fisherjax.curvature import compare
 from fisherjax.errors import ConfigError
 from fisherjax.fisher.options import STORAGE_DTYPES, CollectOptions, factored_paths, kept_paths
 from fisherjax.fisher.step import kept_values as step_kept_values
-from fisherjax.fisher.step import MICRO_BATCHES, StepMemory, largest_fitting, make_plan
+from fisherjax.fisher.step import DEVICE_STEP_SHARE, MICRO_BATCHES, StepMemory, largest_fitting, make_plan
 from fisherjax.fisher.step import step_memory as analysed_step
 from fisherjax.layout import ModelLayout, flatten
 from fisherjax.models.model import Model
@@ -69,8 +69,10 @@ from fisherjax.work import reform_flops as work_reform_flops
 GB = 1e9
 """Bytes in a GB as the options and the printed plan count them."""
 
-SAFETY = 0.9
-"""Fraction of a device's (and a host's) memory a plan lets a run fill."""
+SAFETY = DEVICE_STEP_SHARE
+"""Fraction of a device's (and a host's) memory a plan lets a run fill: the share of its free
+memory ``analyze``'s Phase 1 step may fill on an accelerator, so that the plan's micro-batch is the
+one the run picks."""
 
 DEFAULT_TFLOPS = 100.0
 """Assumed sustained throughput per device, TFLOP/s, when none is given: an 80 GB data-centre GPU

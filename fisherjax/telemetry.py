@@ -151,7 +151,7 @@ def _gb(n: int | None) -> float | None:
 # ---- host memory -------------------------------------------------------------------------------
 
 
-def _resident() -> int | None:
+def resident_bytes() -> int | None:
     """The resident size of this process now, in bytes, or None where ``/proc`` does not give it."""
     try:
         return int(_PROC_STATM.read_text().split()[1]) * resource.getpagesize()
@@ -171,7 +171,7 @@ class _Sampler:
 
     def run(self) -> None:
         while not self.done.wait(SAMPLE_SECONDS):
-            rss = _resident()
+            rss = resident_bytes()
             if rss is None:
                 return
             for meter in list(self.meters):
@@ -248,7 +248,7 @@ class Meter:
 
     def __init__(self):
         self.started = time.perf_counter()
-        self.peak_rss: int | None = _resident()
+        self.peak_rss: int | None = resident_bytes()
         self.device_start: int | None = None
         self.tally_start = None
         self.stopped = False
@@ -279,7 +279,7 @@ class Meter:
         seconds = time.perf_counter() - self.started
         with self._lock:
             tally = self._tally.snapshot()
-            rss = _resident()
+            rss = resident_bytes()
             if rss is not None and self.peak_rss is not None:
                 peak_rss, rss_scope = max(self.peak_rss, rss), "stretch"
             else:

@@ -141,12 +141,9 @@ def test_a_phase_gives_the_heaps_free_pages_back():
     in_a_fresh_process("check_free_pages_given_back")
 
 
-def resident_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def check_free_pages_given_back() -> None:
     from fisherjax import pipeline
+    from fisherjax.telemetry import resident_bytes
 
     libc = allocator.glibc()
     libc.mallopt(allocator.M_MMAP_MAX, 0)  # the block from the heap, then a live block above it

@@ -403,7 +403,7 @@ session)."""
 
 DEVICE_STEP_SHARE = 0.9
 """Share of an accelerator's free memory Phase 1's compiled step may fill (:func:`micro_batch`;
-``fisherjax plan`` lets a run fill the same share of a device's memory)."""
+``fisherjax plan``'s ``SAFETY`` is this share)."""
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 """Candidate micro-batches per device; :func:`largest_fitting` finds the largest that fits."""
